@@ -1,0 +1,246 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/dps"
+)
+
+// dpsClient reaches the provisioning service API of the installation in
+// --data-dir, as an operator's tool would: over HTTPS with the owner policy.
+func dpsClient(cmd *cobra.Command) (*azclient.Client, error) {
+	site, err := loadSite(cmd)
+	if err != nil {
+		return nil, err
+	}
+	roots, err := x509.SystemCertPool()
+	if err != nil {
+		roots = x509.NewCertPool()
+	}
+	if pem, err := os.ReadFile(site.CACertificate); err == nil {
+		roots.AppendCertsFromPEM(pem)
+	}
+	return azclient.New(site.ProvisioningServiceConnectionString, site.ServiceEndpoint, "2021-10-01",
+		&tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+}
+
+// enrollmentFlags are the flags create and update share.
+type enrollmentFlags struct {
+	attType, ek, srk, deviceID, tags, props, status, primary, secondary, hub string
+	edge                                                                     bool
+}
+
+func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.attType, "attestation-type", "", "tpm or symmetrickey")
+	if individual {
+		fl.StringVar(&f.ek, "endorsement-key", "", "TPM endorsement key (base64 TPM2B_PUBLIC, from `iotedge tpm provision-info`)")
+		fl.StringVar(&f.srk, "storage-root-key", "", "TPM storage root key (optional)")
+		fl.StringVar(&f.deviceID, "device-id", "", "device ID in the hub (default: the registration ID)")
+	}
+	fl.BoolVar(&f.edge, "edge-enabled", false, "the device is an IoT Edge device")
+	fl.StringVar(&f.tags, "initial-twin-tags", "", `initial twin tags as JSON, e.g. '{"environment":"prod"}'`)
+	fl.StringVar(&f.props, "initial-twin-properties", "", "initial desired properties as JSON")
+	fl.StringVar(&f.status, "provisioning-status", "", "enabled or disabled")
+	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key (default: generated)")
+	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key (default: generated)")
+	fl.StringVar(&f.hub, "iot-hub-host-name", "", "assign to this linked hub (static allocation)")
+}
+
+// apply copies the flags the user set onto the enrollment's fields.
+func (f *enrollmentFlags) apply(cmd *cobra.Command, att *dps.Attestation, deviceID *string, caps **dps.Capabilities,
+	twin **dps.InitialTwin, status, hub *string) error {
+	changed := cmd.Flags().Changed
+	if changed("attestation-type") {
+		switch strings.ToLower(f.attType) {
+		case "tpm":
+			*att = dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{}}
+		case "symmetrickey":
+			*att = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
+		default:
+			return fmt.Errorf("--attestation-type %q: use tpm or symmetrickey", f.attType)
+		}
+	}
+	if changed("endorsement-key") || changed("storage-root-key") {
+		if att.TPM == nil {
+			return fmt.Errorf("--endorsement-key needs --attestation-type tpm")
+		}
+		if changed("endorsement-key") {
+			att.TPM.EndorsementKey = f.ek
+		}
+		if changed("storage-root-key") {
+			att.TPM.StorageRootKey = f.srk
+		}
+	}
+	if changed("primary-key") || changed("secondary-key") {
+		if att.SymmetricKey == nil {
+			return fmt.Errorf("--primary-key and --secondary-key need --attestation-type symmetrickey")
+		}
+		if changed("primary-key") {
+			att.SymmetricKey.PrimaryKey = f.primary
+		}
+		if changed("secondary-key") {
+			att.SymmetricKey.SecondaryKey = f.secondary
+		}
+	}
+	if changed("device-id") {
+		*deviceID = f.deviceID
+	}
+	if changed("edge-enabled") {
+		*caps = &dps.Capabilities{IoTEdge: f.edge}
+	}
+	if changed("initial-twin-tags") || changed("initial-twin-properties") {
+		if *twin == nil {
+			*twin = &dps.InitialTwin{}
+		}
+		if changed("initial-twin-tags") {
+			if !json.Valid([]byte(f.tags)) {
+				return fmt.Errorf("--initial-twin-tags is not valid JSON: write an object such as '{\"environment\":\"prod\"}'")
+			}
+			(*twin).Tags = json.RawMessage(f.tags)
+		}
+		if changed("initial-twin-properties") {
+			if !json.Valid([]byte(f.props)) {
+				return fmt.Errorf("--initial-twin-properties is not valid JSON")
+			}
+			(*twin).Properties = &dps.InitialTwinDesired{Desired: json.RawMessage(f.props)}
+		}
+	}
+	if changed("provisioning-status") {
+		*status = f.status
+	}
+	if changed("iot-hub-host-name") {
+		*hub = f.hub
+	}
+	return nil
+}
+
+func enrollmentCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "enrollment", Short: "Manage individual enrollments (as `az iot dps enrollment`)"}
+	var regID string
+	idFlag := func(c *cobra.Command) {
+		c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
+		_ = c.MarkFlagRequired("registration-id")
+	}
+	put := func(use, short string, update bool) *cobra.Command {
+		var f enrollmentFlags
+		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+			client, err := dpsClient(cmd)
+			if err != nil {
+				return err
+			}
+			path := "/enrollments/" + url.PathEscape(regID)
+			e := &dps.Enrollment{RegistrationID: regID}
+			if update {
+				if err := client.Do(cmd.Context(), "GET", path, "", nil, e); err != nil {
+					return err
+				}
+				e.RegistrationState = nil
+			} else if !cmd.Flags().Changed("attestation-type") {
+				return fmt.Errorf("--attestation-type is required: tpm or symmetrickey")
+			}
+			if err := f.apply(cmd, &e.Attestation, &e.DeviceID, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName); err != nil {
+				return err
+			}
+			var out dps.Enrollment
+			if err := client.Do(cmd.Context(), "PUT", path, e.ETag, e, &out); err != nil {
+				return err
+			}
+			return showEnrollment(cmd, &out)
+		}}
+		idFlag(c)
+		f.register(c, true)
+		return c
+	}
+	show := &cobra.Command{Use: "show", Short: "Show an enrollment and its registration state", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		var e dps.Enrollment
+		if err := client.Do(cmd.Context(), "GET", "/enrollments/"+url.PathEscape(regID), "", nil, &e); err != nil {
+			return err
+		}
+		return showEnrollment(cmd, &e)
+	}}
+	idFlag(show)
+	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		return client.Do(cmd.Context(), "DELETE", "/enrollments/"+url.PathEscape(regID), "", nil, nil)
+	}}
+	idFlag(del)
+	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		all, err := queryAll[dps.Enrollment](cmd, client, "/enrollments/query")
+		if err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(all))
+		for _, e := range all {
+			rows = append(rows, []string{e.RegistrationID, orDash(e.DeviceID), e.Attestation.Type, strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge), e.ProvisioningStatus})
+		}
+		return renderTable(cmd, all, []string{"REGISTRATION ID", "DEVICE ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
+	}}
+	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd)
+	return cmd
+}
+
+func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
+	reg := &dps.RegistrationState{Status: dps.StatusUnassigned}
+	if e.RegistrationState != nil {
+		reg = e.RegistrationState
+	}
+	tags := "{}"
+	if e.InitialTwin != nil && len(e.InitialTwin.Tags) > 0 {
+		tags = string(e.InitialTwin.Tags)
+	}
+	return render(cmd, e, [][2]string{
+		{"Registration ID", e.RegistrationID},
+		{"Device ID", orDash(e.DeviceID)},
+		{"Attestation", e.Attestation.Type},
+		{"IoT Edge", strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge)},
+		{"Provisioning status", e.ProvisioningStatus},
+		{"Initial twin tags", tags},
+		{"Registration status", reg.Status},
+		{"Assigned device ID", orDash(reg.DeviceID)},
+		{"Assigned hub", orDash(reg.AssignedHub)},
+		{"Error", orDash(reg.ErrorMessage)},
+	})
+}
+
+// queryAll follows continuation tokens to the end.
+func queryAll[T any](cmd *cobra.Command, c *azclient.Client, path string) ([]*T, error) {
+	var all []*T
+	cont := ""
+	for {
+		var page []*T
+		h := map[string]string{"x-ms-max-item-count": "1000"}
+		if cont != "" {
+			h["x-ms-continuation"] = cont
+		}
+		resp, err := c.DoHeaders(cmd.Context(), "POST", path, "", h, map[string]string{"query": "*"}, &page)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, page...)
+		if cont = resp.Get("x-ms-continuation"); cont == "" {
+			return all, nil
+		}
+	}
+}

@@ -1,0 +1,154 @@
+package main
+
+import (
+	"fmt"
+	"net/url"
+	"strconv"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/dps"
+)
+
+func groupCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "enrollment-group", Short: "Manage enrollment groups (as `az iot dps enrollment-group`)"}
+	var groupID string
+	idFlag := func(c *cobra.Command) {
+		c.Flags().StringVar(&groupID, "group-id", "", "the enrollment group's ID")
+		_ = c.MarkFlagRequired("group-id")
+	}
+	put := func(use, short string, update bool) *cobra.Command {
+		var f enrollmentFlags
+		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+			client, err := dpsClient(cmd)
+			if err != nil {
+				return err
+			}
+			path := "/enrollmentGroups/" + url.PathEscape(groupID)
+			g := &dps.EnrollmentGroup{EnrollmentGroupID: groupID}
+			if update {
+				if err := client.Do(cmd.Context(), "GET", path, "", nil, g); err != nil {
+					return err
+				}
+			} else if !cmd.Flags().Changed("attestation-type") {
+				g.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
+			}
+			var unused string
+			if err := f.apply(cmd, &g.Attestation, &unused, &g.Capabilities, &g.InitialTwin, &g.ProvisioningStatus, &g.IoTHubHostName); err != nil {
+				return err
+			}
+			var out dps.EnrollmentGroup
+			if err := client.Do(cmd.Context(), "PUT", path, g.ETag, g, &out); err != nil {
+				return err
+			}
+			return showGroup(cmd, &out)
+		}}
+		idFlag(c)
+		f.register(c, false)
+		return c
+	}
+	show := &cobra.Command{Use: "show", Short: "Show an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		var g dps.EnrollmentGroup
+		if err := client.Do(cmd.Context(), "GET", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil, &g); err != nil {
+			return err
+		}
+		return showGroup(cmd, &g)
+	}}
+	idFlag(show)
+	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		return client.Do(cmd.Context(), "DELETE", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil, nil)
+	}}
+	idFlag(del)
+	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		all, err := queryAll[dps.EnrollmentGroup](cmd, client, "/enrollmentGroups/query")
+		if err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(all))
+		for _, g := range all {
+			rows = append(rows, []string{g.EnrollmentGroupID, g.Attestation.Type, strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge), g.ProvisioningStatus})
+		}
+		return renderTable(cmd, all, []string{"GROUP ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
+	}}
+	cmd.AddCommand(put("create", "Create a symmetric-key enrollment group", false), put("update", "Change an enrollment group", true), show, del, listCmd)
+	return cmd
+}
+
+func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
+	key := "-"
+	if g.Attestation.SymmetricKey != nil {
+		key = g.Attestation.SymmetricKey.PrimaryKey
+	}
+	return render(cmd, g, [][2]string{
+		{"Group ID", g.EnrollmentGroupID},
+		{"Attestation", g.Attestation.Type},
+		{"Primary key", key},
+		{"IoT Edge", strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge)},
+		{"Provisioning status", g.ProvisioningStatus},
+	})
+}
+
+func registrationCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "registration", Short: "Show device registration records"}
+	var regID, groupID string
+	show := &cobra.Command{Use: "show", Short: "Show a device's registration", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		var r dps.RegistrationState
+		if err := client.Do(cmd.Context(), "GET", "/registrations/"+url.PathEscape(regID), "", nil, &r); err != nil {
+			return err
+		}
+		return render(cmd, &r, [][2]string{
+			{"Registration ID", r.RegistrationID}, {"Status", r.Status}, {"Substatus", orDash(r.Substatus)},
+			{"Device ID", orDash(r.DeviceID)}, {"Assigned hub", orDash(r.AssignedHub)},
+			{"Last updated", fmt.Sprint(r.LastUpdatedDateTimeUtc)}, {"Error", orDash(r.ErrorMessage)},
+		})
+	}}
+	show.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
+	_ = show.MarkFlagRequired("registration-id")
+	del := &cobra.Command{Use: "delete", Short: "Delete a device's registration record", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		return client.Do(cmd.Context(), "DELETE", "/registrations/"+url.PathEscape(regID), "", nil, nil)
+	}}
+	del.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
+	_ = del.MarkFlagRequired("registration-id")
+	listCmd := &cobra.Command{Use: "list", Short: "List registrations (of one group with --group-id)", RunE: func(cmd *cobra.Command, _ []string) error {
+		client, err := dpsClient(cmd)
+		if err != nil {
+			return err
+		}
+		gid := groupID
+		if gid == "" {
+			gid = "*"
+		}
+		all, err := queryAll[dps.RegistrationState](cmd, client, "/registrations/"+url.PathEscape(gid)+"/query")
+		if err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(all))
+		for _, r := range all {
+			rows = append(rows, []string{r.RegistrationID, r.Status, orDash(r.DeviceID), orDash(r.AssignedHub)})
+		}
+		return renderTable(cmd, all, []string{"REGISTRATION ID", "STATUS", "DEVICE ID", "ASSIGNED HUB"}, rows)
+	}}
+	listCmd.Flags().StringVar(&groupID, "group-id", "", "only this enrollment group's devices")
+	cmd.AddCommand(show, del, listCmd)
+	return cmd
+}

@@ -1,0 +1,81 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// siteInfo is what a device or operator needs to use this installation.
+type siteInfo struct {
+	IDScope                             string `json:"idScope"`
+	ProvisioningHost                    string `json:"provisioningHost"`
+	ProvisioningServiceConnectionString string `json:"provisioningServiceConnectionString"`
+	HubHostName                         string `json:"hubHostName"`
+	HubConnectionString                 string `json:"hubConnectionString"`
+	CACertificate                       string `json:"caCertificate"`
+	ServiceEndpoint                     string `json:"serviceEndpoint"`
+}
+
+// loadSite reads the installation in dataDir, as left by `serve`.
+func loadSite(cmd *cobra.Command) (*siteInfo, error) {
+	dir, _ := cmd.Flags().GetString("data-dir")
+	raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
+	if err != nil {
+		return nil, fmt.Errorf("no Hatchery installation in %s (%v): start `hatchery serve --data-dir %s` first", dir, err, dir)
+	}
+	var ep endpoint
+	if err := json.Unmarshal(raw, &ep); err != nil {
+		return nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
+	}
+	st, err := store.OpenSQLite(filepath.Join(dir, "hatchery.db"))
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	d, err := dps.Open(cmd.Context(), st, nil, ep.HostName)
+	if err != nil {
+		return nil, err
+	}
+	h, err := hub.Open(cmd.Context(), st, ep.HostName)
+	if err != nil {
+		return nil, err
+	}
+	return &siteInfo{
+		IDScope:                             d.IDScope(),
+		ProvisioningHost:                    ep.url(),
+		ProvisioningServiceConnectionString: d.OwnerConnectionString(),
+		HubHostName:                         h.Host(),
+		HubConnectionString:                 h.OwnerConnectionString(),
+		CACertificate:                       ep.CACert,
+		ServiceEndpoint:                     ep.url(),
+	}, nil
+}
+
+func infoCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "info",
+		Short: "Print the ID scope, endpoints, connection strings and CA certificate path",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			info, err := loadSite(cmd)
+			if err != nil {
+				return err
+			}
+			return render(cmd, info, [][2]string{
+				{"ID scope", info.IDScope},
+				{"Provisioning endpoint (global_endpoint)", info.ProvisioningHost},
+				{"Provisioning service connection string", info.ProvisioningServiceConnectionString},
+				{"Hub host name", info.HubHostName},
+				{"Hub connection string", info.HubConnectionString},
+				{"CA certificate (trust_bundle_cert)", info.CACertificate},
+			})
+		},
+	}
+}

@@ -1,0 +1,36 @@
+// Command hatchery runs the provisioning service and IoT hub (`serve`) and
+// is the operator's CLI for them.
+package main
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/spf13/cobra"
+)
+
+func main() {
+	root := &cobra.Command{
+		Use:           "hatchery",
+		Short:         "Provision IoT edge devices with TPM attestation, on your own infrastructure",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+	}
+	root.PersistentFlags().String("data-dir", defaultDataDir(), "directory holding the database, TLS material and settings")
+	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
+	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd())
+	if err := root.Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+func defaultDataDir() string {
+	if d := os.Getenv("HATCHERY_DATA_DIR"); d != "" {
+		return d
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return home + "/.local/share/hatchery"
+	}
+	return "hatchery-data"
+}

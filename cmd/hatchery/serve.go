@@ -1,0 +1,151 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubclient"
+	"github.com/hatchery/hatchery/internal/pki"
+	"github.com/hatchery/hatchery/internal/server"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// endpointFile records where `serve` listens, for `info` and the CLI.
+const endpointFile = "endpoint.json"
+
+type endpoint struct {
+	HostName  string `json:"hostName"`
+	HTTPSPort int    `json:"httpsPort"`
+	CACert    string `json:"caCertificate"`
+}
+
+func (e endpoint) url() string {
+	if e.HTTPSPort == 443 {
+		return "https://" + e.HostName
+	}
+	return "https://" + e.HostName + ":" + strconv.Itoa(e.HTTPSPort)
+}
+
+func serveCmd() *cobra.Command {
+	var host, listen, certFile, keyFile, logLevel string
+	var port int
+	cmd := &cobra.Command{
+		Use:   "serve",
+		Short: "Run the provisioning service and the IoT hub",
+		Long: "Runs the Device Provisioning Service and the IoT hub on one HTTPS port.\n" +
+			"On first start it creates the data directory, a local CA and a server certificate\n" +
+			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			dir, _ := cmd.Flags().GetString("data-dir")
+			var level slog.Level
+			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
+			}
+			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
+			return serve(cmd.Context(), dir, host, listen, port, certFile, keyFile)
+		},
+	}
+	h, _ := os.Hostname()
+	cmd.Flags().StringVar(&host, "hostname", h, "host name devices and SDKs use for the provisioning service and the hub")
+	cmd.Flags().IntVar(&port, "https-port", 443, "HTTPS port (the Azure SDKs expect 443)")
+	cmd.Flags().StringVar(&listen, "listen", "", "address to listen on (default: all addresses)")
+	cmd.Flags().StringVar(&certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
+	cmd.Flags().StringVar(&keyFile, "tls-key", "", "server key PEM, with --tls-cert")
+	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	return cmd
+}
+
+func serve(ctx context.Context, dir, host, listen string, port int, certFile, keyFile string) error {
+	if host == "" {
+		return errors.New("--hostname is empty: give the name devices will use to reach this server")
+	}
+	if (certFile == "") != (keyFile == "") {
+		return errors.New("--tls-cert and --tls-key go together")
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("creating data directory: %w", err)
+	}
+	files := pki.FilesIn(dir)
+	if err := pki.Ensure(files, []string{host, "localhost", "127.0.0.1", "::1"}); err != nil {
+		return err
+	}
+	if certFile == "" {
+		certFile, keyFile = files.ServerCert, files.ServerKey
+	}
+	tlsConfig, err := pki.ServerTLS(certFile, keyFile)
+	if err != nil {
+		return err
+	}
+	st, err := store.OpenSQLite(filepath.Join(dir, "hatchery.db"))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+
+	roots, err := x509.SystemCertPool()
+	if err != nil {
+		roots = x509.NewCertPool()
+	}
+	if caPEM, err := os.ReadFile(files.CACert); err == nil {
+		roots.AppendCertsFromPEM(caPEM)
+	}
+	hubSvc, err := hub.Open(ctx, st, host)
+	if err != nil {
+		return err
+	}
+	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: host, MinVersion: tls.VersionTLS12}}
+	dpsSvc, err := dps.Open(ctx, st, registry, host)
+	if err != nil {
+		return err
+	}
+	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
+		return err
+	} else if len(hubs) == 0 {
+		// The hub in this process is linked by default, reached over loopback.
+		if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: host, ConnectionString: hubSvc.OwnerConnectionString(),
+			Endpoint: "https://127.0.0.1:" + strconv.Itoa(port), AllocationWeight: 1, ApplyAllocationPolicy: true}); err != nil {
+			return err
+		}
+	}
+	ep, _ := json.MarshalIndent(endpoint{HostName: host, HTTPSPort: port, CACert: files.CACert}, "", "  ")
+	if err := os.WriteFile(filepath.Join(dir, endpointFile), ep, 0o644); err != nil {
+		return err
+	}
+
+	ln, err := net.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(port)))
+	if err != nil {
+		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
+	}
+	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
+		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(shut)
+	}()
+	slog.Info("hatchery serving", "https", ln.Addr().String(), "hostname", host, "idScope", dpsSvc.IDScope(), "dataDir", dir)
+	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}

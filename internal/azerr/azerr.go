@@ -1,0 +1,90 @@
+// Package azerr carries protocol errors from the domain services to the HTTP
+// handlers in the shape Azure clients parse: a numeric errorCode whose first
+// three digits are the HTTP status, and a message that says what to do.
+package azerr
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+)
+
+// Error is a failure a client is told about.
+type Error struct {
+	Code    int    // e.g. 404201; Code/1000 is the HTTP status
+	Name    string // IoT Hub's error name, e.g. "DeviceNotFound"
+	Message string
+	// RetryAfter, when set, is sent as the Retry-After header.
+	RetryAfter time.Duration
+}
+
+func (e *Error) Error() string { return e.Message }
+
+// Status is the HTTP status of the error.
+func (e *Error) Status() int { return e.Code / 1000 }
+
+// New makes an error with a formatted message.
+func New(code int, name, format string, args ...any) *Error {
+	return &Error{Code: code, Name: name, Message: fmt.Sprintf(format, args...)}
+}
+
+// Common errors.
+func BadRequest(format string, args ...any) *Error {
+	return New(400004, "ArgumentInvalid", format, args...)
+}
+func Unauthorized(format string, args ...any) *Error {
+	return New(401002, "IotHubUnauthorizedAccess", format, args...)
+}
+func NotFound(name, format string, args ...any) *Error {
+	return New(404001, name, format, args...)
+}
+func Conflict(name, format string, args ...any) *Error {
+	return New(409001, name, format, args...)
+}
+func PreconditionFailed(format string, args ...any) *Error {
+	return New(412002, "PreconditionFailed", format, args...)
+}
+
+// As returns err as an *Error, wrapping unknown errors as internal ones
+// without exposing their text.
+func As(err error) *Error {
+	var e *Error
+	if errors.As(err, &e) {
+		return e
+	}
+	return New(500001, "ServerError", "internal server error")
+}
+
+// WriteDPS writes err in the Device Provisioning Service shape.
+func WriteDPS(w http.ResponseWriter, err error, trackingID string) {
+	e := As(err)
+	write(w, e, map[string]any{
+		"errorCode":    e.Code,
+		"trackingId":   trackingID,
+		"message":      e.Message,
+		"timestampUtc": time.Now().UTC().Format(time.RFC3339Nano),
+	})
+}
+
+// WriteHub writes err in the IoT Hub shape ("ErrorCode:Name;message").
+func WriteHub(w http.ResponseWriter, err error, trackingID string) {
+	e := As(err)
+	write(w, e, map[string]any{
+		"Message":          "ErrorCode:" + e.Name + ";" + e.Message,
+		"ExceptionMessage": "Tracking ID:" + trackingID + "-TimeStamp:" + time.Now().UTC().Format("01/02/2006 15:04:05"),
+		"errorCode":        e.Code,
+		"message":          e.Message,
+	})
+}
+
+func write(w http.ResponseWriter, e *Error, body map[string]any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(int(e.RetryAfter.Seconds()+0.999)))
+	}
+	w.WriteHeader(e.Status())
+	_ = json.NewEncoder(w).Encode(body)
+}

@@ -1,0 +1,298 @@
+package dps
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// enrollmentDefaults fills what Azure fills and validates the rest. The
+// fields both kinds share are passed by pointer so one check serves both.
+func (s *Service) enrollmentDefaults(att *Attestation, status *string, repro **ReprovisionPolicy, alloc *string, caps **Capabilities, twin *InitialTwin) error {
+	switch *status {
+	case "":
+		*status = "enabled"
+	case "enabled", "disabled":
+	default:
+		return azerr.BadRequest("provisioningStatus %q is not valid: use \"enabled\" or \"disabled\"", *status)
+	}
+	if *repro == nil {
+		*repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
+	}
+	switch *alloc {
+	case "":
+		*alloc = "hashed"
+	case "hashed", "static", "geoLatency", "custom":
+	default:
+		return azerr.BadRequest("allocationPolicy %q is not valid: use hashed, static, geoLatency or custom", *alloc)
+	}
+	if *caps == nil {
+		*caps = &Capabilities{}
+	}
+	if twin != nil {
+		if err := checkObject("initialTwin.tags", twin.Tags); err != nil {
+			return err
+		}
+		if twin.Properties != nil {
+			if err := checkObject("initialTwin.properties.desired", twin.Properties.Desired); err != nil {
+				return err
+			}
+		}
+	}
+	switch att.Type {
+	case AttestationSymmetricKey:
+		if att.SymmetricKey == nil {
+			att.SymmetricKey = &SymmetricKeyAttestation{}
+		}
+		k := att.SymmetricKey
+		if k.PrimaryKey == "" {
+			k.PrimaryKey = s.newKey()
+		}
+		if k.SecondaryKey == "" {
+			k.SecondaryKey = s.newKey()
+		}
+		if err := checkKey("attestation.symmetricKey.primaryKey", k.PrimaryKey); err != nil {
+			return err
+		}
+		return checkKey("attestation.symmetricKey.secondaryKey", k.SecondaryKey)
+	case AttestationTPM:
+		if att.TPM == nil || att.TPM.EndorsementKey == "" {
+			return azerr.BadRequest("attestation.tpm.endorsementKey is required for a TPM enrollment: " +
+				"read it on the device with `iotedge tpm provision-info`")
+		}
+		if _, err := decodeEK("attestation.tpm.endorsementKey", att.TPM.EndorsementKey); err != nil {
+			return err
+		}
+		if att.TPM.StorageRootKey != "" {
+			if _, err := decodeEK("attestation.tpm.storageRootKey", att.TPM.StorageRootKey); err != nil {
+				return err
+			}
+		}
+		return nil
+	case AttestationX509:
+		return azerr.BadRequest("X.509 attestation is not supported by this service yet: use tpm or symmetricKey")
+	case "":
+		return azerr.BadRequest("attestation.type is required: tpm, symmetricKey or x509")
+	}
+	return azerr.BadRequest("attestation.type %q is not valid: use tpm, symmetricKey or x509", att.Type)
+}
+
+// checkObject accepts an absent value, null or a JSON object.
+func checkObject(field string, raw json.RawMessage) error {
+	t := strings.TrimSpace(string(raw))
+	if t == "" || t == "null" || strings.HasPrefix(t, "{") {
+		return nil
+	}
+	return azerr.BadRequest("%s must be a JSON object", field)
+}
+
+// PutEnrollment creates or replaces an individual enrollment. ifMatch is the
+// If-Match header; the body's etag is used when the header is absent, as
+// the service SDKs send it there.
+func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
+	id, err := NormalizeID("registration ID", id)
+	if err != nil {
+		return nil, err
+	}
+	if e.RegistrationID != "" && !strings.EqualFold(e.RegistrationID, id) {
+		return nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", e.RegistrationID, id)
+	}
+	e.RegistrationID = id
+	if err := s.enrollmentDefaults(&e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
+		return nil, err
+	}
+	if ifMatch == "" {
+		ifMatch = e.ETag
+	}
+	now := s.Now().UTC()
+	e.RegistrationState, e.LastUpdatedDateTimeUtc = nil, &now
+	if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
+		return nil, err
+	} else if old != nil {
+		e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+	} else {
+		e.CreatedDateTimeUtc = &now
+	}
+	e.ETag = ""
+	body, _ := json.Marshal(e)
+	d, err := s.store.Put(ctx, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, ifMatch)
+	if err != nil {
+		return nil, storeErr(err, "enrollment "+id)
+	}
+	e.ETag = d.ETag
+	return e, nil
+}
+
+// GetEnrollment returns an enrollment with its registration state.
+func (s *Service) GetEnrollment(ctx context.Context, id string) (*Enrollment, error) {
+	id, err := NormalizeID("registration ID", id)
+	if err != nil {
+		return nil, err
+	}
+	e, etag, err := get[Enrollment](ctx, s.store, kindEnrollment, id,
+		azerr.New(404201, "NotFound", "no enrollment with registration ID %q: create one with `hatchery enrollment create`", id))
+	if err != nil {
+		return nil, err
+	}
+	e.ETag = etag
+	if r, retag, err := get[RegistrationState](ctx, s.store, kindRegistration, id, nil); err == nil && r != nil {
+		r.ETag, r.TPM = retag, nil
+		e.RegistrationState = r
+	}
+	return e, nil
+}
+
+// DeleteEnrollment removes an enrollment (and so the device's right to register).
+func (s *Service) DeleteEnrollment(ctx context.Context, id, ifMatch string) error {
+	id, err := NormalizeID("registration ID", id)
+	if err != nil {
+		return err
+	}
+	return storeErr(s.store.Delete(ctx, kindEnrollment, id, ifMatch), "enrollment "+id)
+}
+
+// ListEnrollments pages through individual enrollments in ID order.
+func (s *Service) ListEnrollments(ctx context.Context, after string, limit int) ([]*Enrollment, string, error) {
+	return list[Enrollment](ctx, s.store, kindEnrollment, after, limit, func(e *Enrollment, etag string) { e.ETag = etag })
+}
+
+// PutGroup creates or replaces an enrollment group.
+func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *EnrollmentGroup) (*EnrollmentGroup, error) {
+	id, err := NormalizeID("enrollment group ID", id)
+	if err != nil {
+		return nil, err
+	}
+	if g.EnrollmentGroupID != "" && !strings.EqualFold(g.EnrollmentGroupID, id) {
+		return nil, azerr.BadRequest("enrollmentGroupId %q in the body differs from %q in the URL", g.EnrollmentGroupID, id)
+	}
+	g.EnrollmentGroupID = id
+	if g.Attestation.Type == AttestationTPM {
+		return nil, azerr.BadRequest("enrollment group %q: TPM attestation works with individual enrollments only; "+
+			"create one enrollment per device with its endorsement key, or use a symmetricKey group", id)
+	}
+	if err := s.enrollmentDefaults(&g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
+		return nil, err
+	}
+	if ifMatch == "" {
+		ifMatch = g.ETag
+	}
+	now := s.Now().UTC()
+	g.LastUpdatedDateTimeUtc = &now
+	if old, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id, nil); err != nil {
+		return nil, err
+	} else if old != nil {
+		g.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+	} else {
+		g.CreatedDateTimeUtc = &now
+	}
+	g.ETag = ""
+	body, _ := json.Marshal(g)
+	d, err := s.store.Put(ctx, store.Doc{Kind: kindGroup, ID: id, Body: body}, ifMatch)
+	if err != nil {
+		return nil, storeErr(err, "enrollment group "+id)
+	}
+	g.ETag = d.ETag
+	return g, nil
+}
+
+// GetGroup returns an enrollment group.
+func (s *Service) GetGroup(ctx context.Context, id string) (*EnrollmentGroup, error) {
+	id, err := NormalizeID("enrollment group ID", id)
+	if err != nil {
+		return nil, err
+	}
+	g, etag, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id,
+		azerr.New(404201, "NotFound", "no enrollment group %q: create one with `hatchery enrollment-group create`", id))
+	if err != nil {
+		return nil, err
+	}
+	g.ETag = etag
+	return g, nil
+}
+
+// DeleteGroup removes an enrollment group.
+func (s *Service) DeleteGroup(ctx context.Context, id, ifMatch string) error {
+	id, err := NormalizeID("enrollment group ID", id)
+	if err != nil {
+		return err
+	}
+	return storeErr(s.store.Delete(ctx, kindGroup, id, ifMatch), "enrollment group "+id)
+}
+
+// ListGroups pages through enrollment groups.
+func (s *Service) ListGroups(ctx context.Context, after string, limit int) ([]*EnrollmentGroup, string, error) {
+	return list[EnrollmentGroup](ctx, s.store, kindGroup, after, limit, func(g *EnrollmentGroup, etag string) { g.ETag = etag })
+}
+
+// GetRegistration returns a device's registration record.
+func (s *Service) GetRegistration(ctx context.Context, id string) (*RegistrationState, error) {
+	id, err := NormalizeID("registration ID", id)
+	if err != nil {
+		return nil, err
+	}
+	r, etag, err := get[RegistrationState](ctx, s.store, kindRegistration, id,
+		azerr.New(404201, "NotFound", "device %q has not registered", id))
+	if err != nil {
+		return nil, err
+	}
+	r.ETag, r.TPM = etag, nil // the activation blob is for the device only
+	return r, nil
+}
+
+// DeleteRegistration forgets a device's registration record.
+func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) error {
+	id, err := NormalizeID("registration ID", id)
+	if err != nil {
+		return err
+	}
+	return storeErr(s.store.Delete(ctx, kindRegistration, id, ifMatch), "registration "+id)
+}
+
+// ListRegistrations pages through registration records; groupID "" or "*" means all.
+func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, limit int) ([]*RegistrationState, string, error) {
+	var out []*RegistrationState
+	for {
+		page, next, err := list[RegistrationState](ctx, s.store, kindRegistration, after, limit, func(r *RegistrationState, etag string) { r.ETag, r.TPM = etag, nil })
+		if err != nil {
+			return nil, "", err
+		}
+		for _, r := range page {
+			if groupID == "" || groupID == "*" || strings.EqualFold(r.EnrollmentGroupID, groupID) {
+				out = append(out, r)
+			}
+		}
+		if next == "" || len(out) >= limit {
+			return out, next, nil
+		}
+		after = next
+	}
+}
+
+// list decodes one page of documents; the continuation is the last ID.
+func list[T any](ctx context.Context, st store.Store, kind, after string, limit int, setETag func(*T, string)) ([]*T, string, error) {
+	if limit <= 0 || limit > 1000 {
+		limit = 1000
+	}
+	docs, err := st.List(ctx, kind, after, limit)
+	if err != nil {
+		return nil, "", err
+	}
+	out := make([]*T, 0, len(docs))
+	for _, d := range docs {
+		v := new(T)
+		if err := json.Unmarshal(d.Body, v); err != nil {
+			return nil, "", errors.New("stored " + kind + " " + d.ID + " is corrupt")
+		}
+		setETag(v, d.ETag)
+		out = append(out, v)
+	}
+	next := ""
+	if len(docs) == limit {
+		next = docs[len(docs)-1].ID
+	}
+	return out, next, nil
+}

@@ -1,0 +1,416 @@
+package dps
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"io"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// RegisterRequest is a device's registration PUT.
+type RegisterRequest struct {
+	IDScope        string
+	RegistrationID string
+	Authorization  string
+	Body           []byte
+}
+
+type registerBody struct {
+	RegistrationID string `json:"registrationId"`
+	TPM            *struct {
+		EndorsementKey string `json:"endorsementKey"`
+		StorageRootKey string `json:"storageRootKey"`
+	} `json:"tpm"`
+	Payload json.RawMessage `json:"payload"`
+}
+
+// challenge is a pending TPM challenge: the key the device must sign with.
+type challenge struct {
+	Key            string    `json:"key"`
+	EndorsementKey string    `json:"endorsementKey"`
+	StorageRootKey string    `json:"storageRootKey"`
+	Expires        time.Time `json:"expires"`
+}
+
+// attestation is what authentication found: the enrollment (or group) the
+// device belongs to, and for TPM devices the challenge it answered.
+type attestation struct {
+	enrollment *Enrollment
+	group      *EnrollmentGroup
+	deviceKey  string // symmetric-key devices: the key they proved
+	challenge  *challenge
+}
+
+func (a *attestation) status() string {
+	if a.group != nil {
+		return a.group.ProvisioningStatus
+	}
+	return a.enrollment.ProvisioningStatus
+}
+
+// Register handles a device's registration request. It answers with a TPM
+// challenge (returned as *Challenge, for a 401) or an operation (202).
+func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation, *Challenge, error) {
+	regID, err := s.checkScope(req.IDScope, req.RegistrationID)
+	if err != nil {
+		return nil, nil, err
+	}
+	var body registerBody
+	if len(strings.TrimSpace(string(req.Body))) > 0 {
+		if err := json.Unmarshal(req.Body, &body); err != nil {
+			return nil, nil, azerr.BadRequest("request body is not valid JSON: %v", err)
+		}
+	}
+	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, regID) {
+		return nil, nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", body.RegistrationID, regID)
+	}
+	if req.Authorization == "" {
+		ch, err := s.challenge(ctx, regID, &body)
+		return nil, ch, err
+	}
+	att, err := s.authenticate(ctx, req.IDScope, regID, req.Authorization)
+	if err != nil {
+		return nil, nil, err
+	}
+	if att.status() == "disabled" {
+		return nil, nil, azerr.Unauthorized("the enrollment of %q is disabled: enable it with "+
+			"`hatchery enrollment update --registration-id %s --provisioning-status enabled`", regID, regID)
+	}
+	op, err := s.assign(ctx, regID, att, body.Payload)
+	if err != nil {
+		return nil, nil, err
+	}
+	// The device polls for the result, as the protocol requires of it.
+	return &Operation{OperationID: op.OperationID, Status: StatusAssigning,
+		RegistrationState: &RegistrationState{RegistrationID: regID, Status: StatusAssigning}}, nil, nil
+}
+
+// OperationStatus answers a device polling its operation.
+func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID, authorization string) (*Operation, error) {
+	regID, err := s.checkScope(scope, regID)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.authenticate(ctx, scope, regID, authorization); err != nil {
+		return nil, err
+	}
+	op, _, err := get[Operation](ctx, s.store, kindOperation, opID, azerr.New(404201, "NotFound", "no operation %q", opID))
+	if err != nil {
+		return nil, err
+	}
+	if op.RegistrationState == nil || op.RegistrationState.RegistrationID != regID {
+		return nil, azerr.New(404201, "NotFound", "no operation %q for registration %q", opID, regID)
+	}
+	return op, nil
+}
+
+// DeviceRegistrationStatus answers a device asking for its registration record.
+func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID, authorization string) (*RegistrationState, error) {
+	regID, err := s.checkScope(scope, regID)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := s.authenticate(ctx, scope, regID, authorization); err != nil {
+		return nil, err
+	}
+	r, etag, err := get[RegistrationState](ctx, s.store, kindRegistration, regID,
+		azerr.New(404201, "NotFound", "device %q has not registered yet", regID))
+	if err != nil {
+		return nil, err
+	}
+	r.ETag = etag
+	return r, nil
+}
+
+func (s *Service) checkScope(scope, regID string) (string, error) {
+	if !strings.EqualFold(scope, s.settings.IDScope) {
+		return "", azerr.New(404201, "NotFound", "ID scope %q is not this service's (%s): check id_scope in the device configuration", scope, s.settings.IDScope)
+	}
+	return NormalizeID("registration ID", regID)
+}
+
+// unauthorized is the answer for unknown devices and bad credentials alike,
+// so that callers cannot probe which registration IDs are enrolled.
+func unauthorized(regID string, why string) error {
+	return azerr.Unauthorized("registration %q is not authorized: %s", regID, why)
+}
+
+// challenge answers a TPM device's unauthenticated PUT with an activation
+// blob wrapping a fresh key, kept in the store so any replica can verify it.
+func (s *Service) challenge(ctx context.Context, regID string, body *registerBody) (*Challenge, error) {
+	if body.TPM == nil || body.TPM.EndorsementKey == "" {
+		return nil, unauthorized(regID, "no SharedAccessSignature in the Authorization header")
+	}
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, unauthorized(regID, "no TPM enrollment has this registration ID"))
+	if err != nil {
+		return nil, err
+	}
+	if e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil {
+		return nil, unauthorized(regID, "the enrollment does not use TPM attestation")
+	}
+	ek, err := decodeEK("tpm.endorsementKey", body.TPM.EndorsementKey)
+	if err != nil {
+		return nil, err
+	}
+	srk, err := decodeEK("tpm.storageRootKey", body.TPM.StorageRootKey)
+	if err != nil {
+		return nil, err
+	}
+	enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
+	if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
+		return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
+	}
+	key := s.newKey()
+	blob, err := s.activationBlob(ek, srk, key)
+	if err != nil {
+		return nil, err
+	}
+	c := challenge{Key: key, EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
+		Expires: s.Now().Add(s.ChallengeTTL)}
+	doc, _ := json.Marshal(c)
+	if _, err := s.store.Put(ctx, store.Doc{Kind: kindChallenge, ID: regID, Body: doc}, ""); err != nil {
+		return nil, err
+	}
+	return &Challenge{Message: "Unauthorized", AuthenticationKey: base64.StdEncoding.EncodeToString(blob), KeyName: "registration"}, nil
+}
+
+func (s *Service) activationBlob(ek, srk []byte, keyB64 string) ([]byte, error) {
+	key, _ := base64.StdEncoding.DecodeString(keyB64)
+	blob, err := attest.ActivationBlob(ek, srk, key, s.Rand)
+	if err != nil {
+		return nil, azerr.BadRequest("cannot wrap a key to this TPM: %v", err)
+	}
+	return blob, nil
+}
+
+// authenticate verifies a device's SAS token against its enrollment: the
+// pending challenge key for TPM, the enrollment's or derived key otherwise.
+func (s *Service) authenticate(ctx context.Context, scope, regID, header string) (*attestation, error) {
+	if header == "" {
+		return nil, unauthorized(regID, "no SharedAccessSignature in the Authorization header")
+	}
+	tok, err := sas.Parse(header)
+	if err != nil {
+		return nil, unauthorized(regID, err.Error())
+	}
+	if want := scope + "/registrations/" + regID; !tok.AudienceIs(want) {
+		return nil, unauthorized(regID, fmt.Sprintf("the token is for %q, not %q", tok.Audience, want))
+	}
+	now := s.Now()
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
+	if err != nil {
+		return nil, err
+	}
+	if e != nil {
+		switch e.Attestation.Type {
+		case AttestationTPM:
+			c, _, err := get[challenge](ctx, s.store, kindChallenge, regID, nil)
+			if err != nil {
+				return nil, err
+			}
+			if c == nil || now.After(c.Expires) {
+				return nil, unauthorized(regID, "no TPM challenge is pending: send the registration without Authorization first")
+			}
+			if err := tok.Verify(now, sas.Keys(c.Key)...); err != nil {
+				return nil, unauthorized(regID, err.Error())
+			}
+			return &attestation{enrollment: e, challenge: c}, nil
+		case AttestationSymmetricKey:
+			k := e.Attestation.SymmetricKey
+			if err := tok.Verify(now, sas.Keys(k.PrimaryKey, k.SecondaryKey)...); err != nil {
+				return nil, unauthorized(regID, err.Error())
+			}
+			return &attestation{enrollment: e}, nil
+		}
+		return nil, unauthorized(regID, "the enrollment's attestation is not supported")
+	}
+	return s.authenticateGroup(ctx, regID, tok, now)
+}
+
+// authenticateGroup finds the symmetric-key group whose derived key signed tok.
+func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.Token, now time.Time) (*attestation, error) {
+	after := ""
+	var lastErr error = errors.New("no enrollment or enrollment group matches")
+	for {
+		groups, next, err := s.ListGroups(ctx, after, 1000)
+		if err != nil {
+			return nil, err
+		}
+		for _, g := range groups {
+			if g.Attestation.Type != AttestationSymmetricKey || g.Attestation.SymmetricKey == nil {
+				continue
+			}
+			k := g.Attestation.SymmetricKey
+			var derived [][]byte
+			for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
+				derived = append(derived, sas.DeriveDeviceKey(gk, regID))
+			}
+			err := tok.Verify(now, derived...)
+			if err == nil {
+				return &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0])}, nil
+			}
+			if errors.Is(err, sas.ErrExpired) {
+				lastErr = err
+			}
+		}
+		if next == "" {
+			return nil, unauthorized(regID, lastErr.Error())
+		}
+		after = next
+	}
+}
+
+// assign allocates the device to a hub, creates or updates it there, and
+// records the registration and its operation.
+func (s *Service) assign(ctx context.Context, regID string, att *attestation, payload json.RawMessage) (*Operation, error) {
+	now := s.Now().UTC()
+	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now,
+		Payload: payload, Substatus: "initialAssignment"}
+	prev, _, err := get[RegistrationState](ctx, s.store, kindRegistration, regID, nil)
+	if err != nil {
+		return nil, err
+	}
+	if prev != nil && prev.CreatedDateTimeUtc != nil {
+		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
+	}
+
+	dev := HubDevice{DeviceID: regID}
+	var caps *Capabilities
+	var twin *InitialTwin
+	var hubChoice []string
+	var static string
+	if e := att.enrollment; e != nil {
+		if e.DeviceID != "" {
+			dev.DeviceID = e.DeviceID
+		}
+		caps, twin, hubChoice, static = e.Capabilities, e.InitialTwin, e.IoTHubs, e.IoTHubHostName
+	} else {
+		g := att.group
+		state.EnrollmentGroupID = g.EnrollmentGroupID
+		caps, twin, hubChoice, static = g.Capabilities, g.InitialTwin, g.IoTHubs, g.IoTHubHostName
+	}
+	dev.IoTEdge = caps != nil && caps.IoTEdge
+	if twin != nil {
+		dev.Tags = twin.Tags
+		if twin.Properties != nil {
+			dev.Desired = twin.Properties.Desired
+		}
+	}
+
+	switch {
+	case att.challenge != nil:
+		// A fresh hub key, delivered wrapped to this TPM: it never exists
+		// outside the TPM on the device.
+		dev.PrimaryKey, dev.SecondaryKey = s.newKey(), s.newKey()
+		ek, _ := base64.StdEncoding.DecodeString(att.challenge.EndorsementKey)
+		srk, _ := base64.StdEncoding.DecodeString(att.challenge.StorageRootKey)
+		blob, err := s.activationBlob(ek, srk, dev.PrimaryKey)
+		if err != nil {
+			return nil, err
+		}
+		state.TPM = &TPMResult{AuthenticationKey: base64.StdEncoding.EncodeToString(blob)}
+	case att.group != nil:
+		dev.PrimaryKey = att.deviceKey
+		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}
+	default:
+		k := att.enrollment.Attestation.SymmetricKey
+		dev.PrimaryKey, dev.SecondaryKey = k.PrimaryKey, k.SecondaryKey
+		state.SymmetricKey = &SymKeyResult{RegistrationID: regID}
+	}
+
+	hub, err := s.pickHub(ctx, dev.DeviceID, hubChoice, static)
+	if err == nil {
+		err = s.registry.UpsertDevice(ctx, *hub, dev)
+	}
+	if err != nil {
+		slog.Warn("assignment failed", "registrationId", regID, "error", err)
+		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
+		state.ErrorCode = azerr.As(err).Code
+		state.ErrorMessage = "assigning the device to a hub failed: " + err.Error()
+	} else {
+		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
+	}
+	body, _ := json.Marshal(state)
+	d, err := s.store.Put(ctx, store.Doc{Kind: kindRegistration, ID: regID, Body: body}, "")
+	if err != nil {
+		return nil, err
+	}
+	state.ETag = d.ETag
+	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
+	opBody, _ := json.Marshal(op)
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindOperation, ID: op.OperationID, Body: opBody}); err != nil {
+		return nil, err
+	}
+	return op, nil
+}
+
+func (s *Service) operationID() string {
+	var b [16]byte
+	_, _ = io.ReadFull(s.Rand, b[:])
+	return "5." + hex.EncodeToString(b[:8]) + "." + hex.EncodeToString(b[8:])
+}
+
+// LinkedHubs lists the hubs devices can be assigned to.
+func (s *Service) LinkedHubs(ctx context.Context) ([]*LinkedHub, error) {
+	hubs, _, err := list[LinkedHub](ctx, s.store, kindLinkedHub, "", 1000, func(*LinkedHub, string) {})
+	return hubs, err
+}
+
+// LinkHub adds or replaces a linked hub.
+func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
+	cs, err := sas.ParseConnectionString(h.ConnectionString)
+	if err != nil {
+		return azerr.BadRequest("linked hub %s: %v", h.HostName, err)
+	}
+	if h.HostName == "" {
+		h.HostName = cs.HostName
+	}
+	body, _ := json.Marshal(h)
+	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
+	return err
+}
+
+// pickHub applies the allocation: the static hub if named, else a stable
+// hash of the device ID over the candidate hubs, so retries land on the
+// same hub.
+func (s *Service) pickHub(ctx context.Context, deviceID string, choice []string, static string) (*LinkedHub, error) {
+	hubs, err := s.LinkedHubs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var cands []*LinkedHub
+	for _, h := range hubs {
+		switch {
+		case static != "":
+			if strings.EqualFold(h.HostName, static) {
+				cands = append(cands, h)
+			}
+		case len(choice) > 0:
+			for _, c := range choice {
+				if strings.EqualFold(h.HostName, c) {
+					cands = append(cands, h)
+				}
+			}
+		case h.ApplyAllocationPolicy:
+			cands = append(cands, h)
+		}
+	}
+	if len(cands) == 0 {
+		return nil, azerr.New(400209, "NoLinkedHub", "no linked IoT hub fits the enrollment: link one with `hatchery hub link` or fix iotHubHostName/iotHubs")
+	}
+	h := fnv.New32a()
+	h.Write([]byte(deviceID))
+	return cands[int(h.Sum32()%uint32(len(cands)))], nil
+}

@@ -1,0 +1,169 @@
+package dps
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// Document kinds in the store.
+const (
+	kindEnrollment   = "dps.enrollment"
+	kindGroup        = "dps.enrollmentGroup"
+	kindRegistration = "dps.registration"
+	kindOperation    = "dps.operation"
+	kindChallenge    = "dps.challenge"
+	kindLinkedHub    = "dps.linkedHub"
+	kindSettings     = "dps.settings"
+)
+
+// Registry writes devices into a linked hub through its registry API.
+type Registry interface {
+	UpsertDevice(ctx context.Context, hub LinkedHub, d HubDevice) error
+}
+
+// Settings are the service's identity: ID scope and access policies.
+type Settings struct {
+	IDScope  string       `json:"idScope"`
+	Policies []sas.Policy `json:"policies"`
+}
+
+// Service is the provisioning service.
+type Service struct {
+	store    store.Store
+	registry Registry
+	host     string
+	settings Settings
+	// Now and Rand are replaceable for tests.
+	Now  func() time.Time
+	Rand io.Reader
+	// ChallengeTTL bounds how long a TPM challenge key authenticates a device.
+	ChallengeTTL time.Duration
+}
+
+// Open loads the service's settings from st, creating an ID scope and the
+// provisioningserviceowner policy on first start.
+func Open(ctx context.Context, st store.Store, registry Registry, host string) (*Service, error) {
+	s := &Service{store: st, registry: registry, host: host, Now: time.Now, Rand: rand.Reader, ChallengeTTL: time.Hour}
+	d, err := st.Get(ctx, kindSettings, "service")
+	if errors.Is(err, store.ErrNotFound) {
+		var b [4]byte
+		_, _ = rand.Read(b[:])
+		s.settings = Settings{
+			IDScope:  "0ne" + strings.ToUpper(hex.EncodeToString(b[:])),
+			Policies: []sas.Policy{sas.NewPolicy("provisioningserviceowner", "ServiceConfig, DeviceConnect, EnrollmentWrite")},
+		}
+		body, _ := json.Marshal(s.settings)
+		if _, err := st.Create(ctx, store.Doc{Kind: kindSettings, ID: "service", Body: body}); err != nil && !errors.Is(err, store.ErrExists) {
+			return nil, err
+		}
+		d, err = st.Get(ctx, kindSettings, "service") // another replica may have won the race
+	}
+	if err != nil {
+		return nil, fmt.Errorf("loading provisioning service settings: %w", err)
+	}
+	if err := json.Unmarshal(d.Body, &s.settings); err != nil {
+		return nil, fmt.Errorf("provisioning service settings are corrupt: %w", err)
+	}
+	return s, nil
+}
+
+// IDScope is the scope devices put in their configuration.
+func (s *Service) IDScope() string { return s.settings.IDScope }
+
+// Host is the service's host name.
+func (s *Service) Host() string { return s.host }
+
+// OwnerConnectionString is the provisioningserviceowner connection string.
+func (s *Service) OwnerConnectionString() string {
+	p := s.settings.Policies[0]
+	return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey
+}
+
+// AuthorizeService checks a service-API Authorization header.
+func (s *Service) AuthorizeService(header string) error {
+	if _, err := sas.AuthorizeService(header, s.host, s.settings.Policies, s.Now()); err != nil {
+		return azerr.Unauthorized("%v", err)
+	}
+	return nil
+}
+
+var registrationIDPattern = regexp.MustCompile(`^[a-z0-9\-._:]{1,128}$`)
+
+// NormalizeID checks a registration or group ID and lowercases it: IDs are
+// case-insensitive.
+func NormalizeID(what, id string) (string, error) {
+	l := strings.ToLower(id)
+	if !registrationIDPattern.MatchString(l) {
+		return "", azerr.New(400208, "ArgumentInvalid",
+			"%s %q is not valid: use 1 to 128 characters of a-z, 0-9, '-', '.', '_' and ':'", what, id)
+	}
+	return l, nil
+}
+
+// get reads and decodes a document; ErrNotFound becomes the given error.
+func get[T any](ctx context.Context, st store.Store, kind, id string, notFound error) (*T, string, error) {
+	d, err := st.Get(ctx, kind, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, "", notFound
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	v := new(T)
+	if err := json.Unmarshal(d.Body, v); err != nil {
+		return nil, "", fmt.Errorf("stored %s %q is corrupt: %w", kind, id, err)
+	}
+	return v, d.ETag, nil
+}
+
+// storeErr maps a conditional-write failure to the protocol's error.
+func storeErr(err error, what string) error {
+	switch {
+	case errors.Is(err, store.ErrPrecondition):
+		return azerr.PreconditionFailed("%s was changed since the etag in If-Match: read it again and retry", what)
+	case errors.Is(err, store.ErrNotFound):
+		return azerr.New(404201, "NotFound", "%s does not exist", what)
+	}
+	return err
+}
+
+func (s *Service) newKey() string {
+	var b [32]byte
+	_, _ = io.ReadFull(s.Rand, b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// checkKey validates a base64 symmetric key, as Azure does: 16 to 64 bytes.
+func checkKey(field, k string) error {
+	b, err := base64.StdEncoding.DecodeString(k)
+	if err != nil || len(b) < 16 || len(b) > 64 {
+		return azerr.BadRequest("%s must be a base64 key of 16 to 64 bytes", field)
+	}
+	return nil
+}
+
+func decodeEK(field, b64 string) ([]byte, error) {
+	raw, err := base64.StdEncoding.DecodeString(b64)
+	if err != nil {
+		return nil, azerr.BadRequest("%s is not base64: %v", field, err)
+	}
+	if _, err := attest.ParsePublic(raw); err != nil {
+		return nil, azerr.BadRequest("%s is not a TPM2B_PUBLIC of an RSA-2048 storage key: %v "+
+			"(send the base64 of what `tpm2_readpublic -c 0x81010001 -o ek.pub` writes)", field, err)
+	}
+	return raw, nil
+}

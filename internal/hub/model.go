@@ -1,0 +1,98 @@
+// Package hub is the IoT hub: the device registry, device twins and the
+// device-to-cloud event stream. It knows nothing of HTTP or MQTT; the
+// protocol front ends in internal/server call it.
+package hub
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// Device is a device identity, in the registry API's JSON shape.
+type Device struct {
+	DeviceID                   string         `json:"deviceId"`
+	GenerationID               string         `json:"generationId"`
+	ETag                       string         `json:"etag"`
+	ConnectionState            string         `json:"connectionState"`
+	Status                     string         `json:"status"`
+	StatusReason               *string        `json:"statusReason"`
+	ConnectionStateUpdatedTime time.Time      `json:"connectionStateUpdatedTime"`
+	StatusUpdatedTime          time.Time      `json:"statusUpdatedTime"`
+	LastActivityTime           time.Time      `json:"lastActivityTime"`
+	CloudToDeviceMessageCount  int            `json:"cloudToDeviceMessageCount"`
+	Authentication             Authentication `json:"authentication"`
+	Capabilities               Capabilities   `json:"capabilities"`
+}
+
+// Authentication is how a device proves itself to the hub.
+type Authentication struct {
+	Type           string         `json:"type"`
+	SymmetricKey   SymmetricKey   `json:"symmetricKey"`
+	X509Thumbprint X509Thumbprint `json:"x509Thumbprint"`
+}
+
+// SymmetricKey holds base64 device keys.
+type SymmetricKey struct {
+	PrimaryKey   string `json:"primaryKey"`
+	SecondaryKey string `json:"secondaryKey"`
+}
+
+// X509Thumbprint holds certificate thumbprints (hex SHA-1 or SHA-256).
+type X509Thumbprint struct {
+	PrimaryThumbprint   *string `json:"primaryThumbprint"`
+	SecondaryThumbprint *string `json:"secondaryThumbprint"`
+}
+
+// Capabilities of a device.
+type Capabilities struct {
+	IoTEdge bool `json:"iotEdge"`
+}
+
+// Twin is a device twin in the twin API's JSON shape.
+type Twin struct {
+	DeviceID                  string          `json:"deviceId"`
+	ETag                      string          `json:"etag"`
+	DeviceETag                string          `json:"deviceEtag"`
+	Status                    string          `json:"status"`
+	StatusUpdateTime          time.Time       `json:"statusUpdateTime"`
+	ConnectionState           string          `json:"connectionState"`
+	LastActivityTime          time.Time       `json:"lastActivityTime"`
+	CloudToDeviceMessageCount int             `json:"cloudToDeviceMessageCount"`
+	AuthenticationType        string          `json:"authenticationType"`
+	X509Thumbprint            X509Thumbprint  `json:"x509Thumbprint"`
+	Version                   int64           `json:"version"`
+	Tags                      json.RawMessage `json:"tags"`
+	Properties                TwinProperties  `json:"properties"`
+	Capabilities              Capabilities    `json:"capabilities"`
+}
+
+// TwinProperties are the desired and reported property documents, each
+// with its $version and $metadata.
+type TwinProperties struct {
+	Desired  json.RawMessage `json:"desired"`
+	Reported json.RawMessage `json:"reported"`
+}
+
+// TwinPatch is a PATCH or PUT body of the twin API.
+type TwinPatch struct {
+	Tags       map[string]any `json:"tags"`
+	Properties *struct {
+		Desired map[string]any `json:"desired"`
+	} `json:"properties"`
+}
+
+// record is how a device is stored: identity and twin in one document so
+// that they change together.
+type record struct {
+	Device          Device         `json:"device"`
+	DeviceETag      string         `json:"deviceEtag"`
+	TwinETag        string         `json:"twinEtag"`
+	TwinVersion     int64          `json:"twinVersion"`
+	Tags            map[string]any `json:"tags"`
+	Desired         map[string]any `json:"desired"`
+	DesiredVersion  int64          `json:"desiredVersion"`
+	DesiredUpdated  time.Time      `json:"desiredUpdated"`
+	Reported        map[string]any `json:"reported"`
+	ReportedVersion int64          `json:"reportedVersion"`
+	ReportedUpdated time.Time      `json:"reportedUpdated"`
+}

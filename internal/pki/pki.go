@@ -1,0 +1,173 @@
+// Package pki keeps the local certificate authority of a self-hosted install:
+// a CA created on first start, and a server certificate it signs for the
+// names devices and SDKs use.
+package pki
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+)
+
+// Files are the PEM files of a data directory's TLS material.
+type Files struct {
+	CACert, CAKey, ServerCert, ServerKey string
+}
+
+// FilesIn names the files under dir/tls.
+func FilesIn(dir string) Files {
+	d := filepath.Join(dir, "tls")
+	return Files{
+		CACert:     filepath.Join(d, "ca.pem"),
+		CAKey:      filepath.Join(d, "ca-key.pem"),
+		ServerCert: filepath.Join(d, "server.pem"),
+		ServerKey:  filepath.Join(d, "server-key.pem"),
+	}
+}
+
+// Ensure creates the CA if absent, and a server certificate if absent, if
+// it does not cover every name in hosts, or if it expires within 30 days.
+func Ensure(f Files, hosts []string) error {
+	if err := os.MkdirAll(filepath.Dir(f.CACert), 0o700); err != nil {
+		return err
+	}
+	ca, caKey, err := loadPair(f.CACert, f.CAKey)
+	if errors.Is(err, os.ErrNotExist) {
+		ca, caKey, err = newCA(f)
+	}
+	if err != nil {
+		return fmt.Errorf("local CA in %s: %w", filepath.Dir(f.CACert), err)
+	}
+	if cert, _, err := loadPair(f.ServerCert, f.ServerKey); err == nil && covers(cert, hosts) &&
+		time.Until(cert.NotAfter) > 30*24*time.Hour {
+		return nil
+	}
+	return newServerCert(f, ca, caKey, hosts)
+}
+
+func covers(cert *x509.Certificate, hosts []string) bool {
+	for _, h := range hosts {
+		if cert.VerifyHostname(h) != nil {
+			return false
+		}
+	}
+	return true
+}
+
+func newCA(f Files) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial(),
+		Subject:               pkix.Name{CommonName: "Hatchery local CA", Organization: []string{"Hatchery"}},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().AddDate(20, 0, 0),
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := writePair(f.CACert, f.CAKey, der, key); err != nil {
+		return nil, nil, err
+	}
+	cert, err := x509.ParseCertificate(der)
+	return cert, key, err
+}
+
+func newServerCert(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, hosts []string) error {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial(),
+		Subject:      pkix.Name{CommonName: hosts[0], Organization: []string{"Hatchery"}},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().AddDate(1, 0, 0),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+	}
+	for _, h := range hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else if !slices.Contains(tmpl.DNSNames, h) {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
+	if err != nil {
+		return err
+	}
+	return writePair(f.ServerCert, f.ServerKey, der, key)
+}
+
+// ServerTLS loads the server certificate with its CA chain.
+func ServerTLS(certFile, keyFile string) (*tls.Config, error) {
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading TLS certificate %s: %w", certFile, err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}, nil
+}
+
+// Pool reads a PEM bundle into a certificate pool.
+func Pool(file string) (*x509.CertPool, error) {
+	pemBytes, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	if !pool.AppendCertsFromPEM(pemBytes) {
+		return nil, fmt.Errorf("%s holds no PEM certificate", file)
+	}
+	return pool, nil
+}
+
+func serial() *big.Int {
+	n, _ := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	return n
+}
+
+func writePair(certFile, keyFile string, der []byte, key *ecdsa.PrivateKey) error {
+	keyDER, err := x509.MarshalECPrivateKey(key)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+		return err
+	}
+	return os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+}
+
+func loadPair(certFile, keyFile string) (*x509.Certificate, *ecdsa.PrivateKey, error) {
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		if _, statErr := os.Stat(certFile); errors.Is(statErr, os.ErrNotExist) {
+			return nil, nil, statErr
+		}
+		return nil, nil, err
+	}
+	key, ok := pair.PrivateKey.(*ecdsa.PrivateKey)
+	if !ok {
+		return nil, nil, fmt.Errorf("%s is not an ECDSA key", keyFile)
+	}
+	cert, err := x509.ParseCertificate(pair.Certificate[0])
+	return cert, key, err
+}

@@ -1,0 +1,75 @@
+package sas
+
+import (
+	"encoding/base64"
+	"fmt"
+	"strings"
+)
+
+// ConnectionString is an Azure IoT connection string:
+// HostName=...;SharedAccessKeyName=...;SharedAccessKey=... for a service
+// policy, or HostName=...;DeviceId=...;SharedAccessKey=... for a device.
+type ConnectionString struct {
+	HostName string
+	KeyName  string
+	DeviceID string
+	ModuleID string
+	Key      []byte
+}
+
+// ParseConnectionString parses and checks a connection string.
+func ParseConnectionString(s string) (*ConnectionString, error) {
+	cs := &ConnectionString{}
+	for _, part := range strings.Split(strings.TrimSpace(s), ";") {
+		if part == "" {
+			continue
+		}
+		k, v, ok := strings.Cut(part, "=")
+		if !ok {
+			return nil, fmt.Errorf("connection string part %q is not Key=Value", part)
+		}
+		switch strings.ToLower(k) {
+		case "hostname":
+			cs.HostName = v
+		case "sharedaccesskeyname":
+			cs.KeyName = v
+		case "deviceid":
+			cs.DeviceID = v
+		case "moduleid":
+			cs.ModuleID = v
+		case "sharedaccesskey":
+			key, err := base64.StdEncoding.DecodeString(v)
+			if err != nil {
+				return nil, fmt.Errorf("connection string SharedAccessKey is not base64: %v", err)
+			}
+			cs.Key = key
+		}
+	}
+	if cs.HostName == "" {
+		return nil, fmt.Errorf("connection string has no HostName")
+	}
+	if len(cs.Key) == 0 {
+		return nil, fmt.Errorf("connection string has no SharedAccessKey")
+	}
+	if cs.KeyName == "" && cs.DeviceID == "" {
+		return nil, fmt.Errorf("connection string names neither a SharedAccessKeyName nor a DeviceId")
+	}
+	return cs, nil
+}
+
+// String renders the connection string in the usual field order.
+func (c *ConnectionString) String() string {
+	var b strings.Builder
+	b.WriteString("HostName=" + c.HostName)
+	if c.DeviceID != "" {
+		b.WriteString(";DeviceId=" + c.DeviceID)
+	}
+	if c.ModuleID != "" {
+		b.WriteString(";ModuleId=" + c.ModuleID)
+	}
+	if c.KeyName != "" {
+		b.WriteString(";SharedAccessKeyName=" + c.KeyName)
+	}
+	b.WriteString(";SharedAccessKey=" + base64.StdEncoding.EncodeToString(c.Key))
+	return b.String()
+}

@@ -1,0 +1,322 @@
+package server
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"io"
+	"maps"
+	"net/http"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
+)
+
+var ctx = context.Background()
+
+func (e *env) putEnrollment(en *dps.Enrollment) *dps.Enrollment {
+	e.t.Helper()
+	var out dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/"+en.RegistrationID, "", en, &out); err != nil {
+		e.t.Fatal(err)
+	}
+	return &out
+}
+
+// raw sends a request and decodes the JSON answer.
+func (e *env) raw(method, path, auth string, body string) (int, map[string]any) {
+	e.t.Helper()
+	req, _ := http.NewRequest(method, e.ts.URL+path, strings.NewReader(body))
+	if auth != "" {
+		req.Header.Set("Authorization", auth)
+	}
+	resp, err := e.ts.Client().Do(req)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	data, _ := io.ReadAll(resp.Body)
+	var m map[string]any
+	_ = json.Unmarshal(data, &m)
+	return resp.StatusCode, m
+}
+
+func TestSymmetricKeyEnrollmentProvisionsEdgeDevice(t *testing.T) {
+	e := newEnv(t)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "Edge-01", DeviceID: "edge-device-01",
+		Attestation:  dps.Attestation{Type: dps.AttestationSymmetricKey},
+		Capabilities: &dps.Capabilities{IoTEdge: true},
+		InitialTwin:  &dps.InitialTwin{Tags: json.RawMessage(`{"environment":"prod","site":{"floor":2}}`)}})
+	if en.RegistrationID != "edge-01" || en.Attestation.SymmetricKey.PrimaryKey == "" || en.ETag == "" {
+		t.Fatalf("enrollment %+v", en)
+	}
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	dev := e.device("edge-01")
+	dev.Payload = json.RawMessage(`{"model":"gateway"}`)
+	res, err := dev.RegisterSymmetricKey(ctx, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != "assigned" || res.DeviceID != "edge-device-01" || res.AssignedHub != host || string(res.Payload) != `{"model":"gateway"}` {
+		t.Fatalf("result %+v", res)
+	}
+	// The hub has the device with the enrollment's keys, edge capability and tags.
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/edge-device-01", "", nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	if !d.Capabilities.IoTEdge || d.Authentication.SymmetricKey.PrimaryKey != en.Attestation.SymmetricKey.PrimaryKey {
+		t.Fatalf("hub device %+v", d)
+	}
+	var tw hub.Twin
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/edge-device-01", "", nil, &tw); err != nil {
+		t.Fatal(err)
+	}
+	if string(tw.Tags) != `{"environment":"prod","site":{"floor":2}}` {
+		t.Fatalf("twin tags %s", tw.Tags)
+	}
+	// The enrollment shows "assigned" and the device ID, as the seed documents say.
+	var got dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "GET", "/enrollments/edge-01", "", nil, &got); err != nil {
+		t.Fatal(err)
+	}
+	if got.RegistrationState == nil || got.RegistrationState.Status != "assigned" || got.RegistrationState.DeviceID != "edge-device-01" {
+		t.Fatalf("registration state %+v", got.RegistrationState)
+	}
+	// The device's own token works against the hub for that device only.
+	tok := sas.Build(key, host+"/devices/edge-device-01", "", time.Now().Add(time.Minute))
+	if st, body := e.raw("POST", "/devices/edge-device-01/messages/events?api-version=2020-09-30", tok, `{"t":1}`); st != 204 {
+		t.Fatalf("telemetry: %d %v", st, body)
+	}
+	if st, _ := e.raw("POST", "/devices/other/messages/events?api-version=2020-09-30", tok, `{}`); st != 401 {
+		t.Fatalf("telemetry as another device: %d", st)
+	}
+	if evs, _ := e.hub.Events(ctx, "edge-device-01", 0, 10); len(evs) != 1 || string(evs[0].Body) != `{"t":1}` {
+		t.Fatalf("events %+v", evs)
+	}
+}
+
+func TestGroupDerivedKey(t *testing.T) {
+	e := newEnv(t)
+	var g dps.EnrollmentGroup
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line-3", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}, &g); err != nil {
+		t.Fatal(err)
+	}
+	gk, _ := base64.StdEncoding.DecodeString(g.Attestation.SymmetricKey.SecondaryKey)
+	res, err := e.device("sensor-17").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.DeviceID != "sensor-17" || res.EnrollmentGroupID != "line-3" {
+		t.Fatalf("%+v", res)
+	}
+	regs, _, err := e.dps.ListRegistrations(ctx, "line-3", "", 10)
+	if err != nil || len(regs) != 1 {
+		t.Fatalf("group registrations %v %v", regs, err)
+	}
+	// A key derived for another registration ID does not pass.
+	if _, err := e.device("sensor-18").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err == nil {
+		t.Fatal("key of sensor-17 registered sensor-18")
+	}
+}
+
+// wantError checks an Azure-shaped error answer.
+func wantError(t *testing.T, status int, body map[string]any, wantStatus int, wantMsg string) {
+	t.Helper()
+	code, _ := body["errorCode"].(float64)
+	msg, _ := body["message"].(string)
+	if status != wantStatus || int(code)/1000 != wantStatus || !strings.Contains(msg, wantMsg) || body["trackingId"] == nil {
+		t.Fatalf("got %d %v; want %d with message containing %q", status, body, wantStatus, wantMsg)
+	}
+}
+
+func TestBadInputChangesNothing(t *testing.T) {
+	e := newEnv(t)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "dev-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "dev-off", ProvisioningStatus: "disabled", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey,
+		SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: en.Attestation.SymmetricKey.PrimaryKey}}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	scope := e.dps.IDScope()
+	reg := func(id string) string {
+		return "/" + scope + "/registrations/" + id + "/register?api-version=2019-03-31"
+	}
+	tok := func(id string, k []byte, exp time.Duration) string {
+		return sas.Build(k, scope+"/registrations/"+id, "registration", time.Now().Add(exp))
+	}
+	owner := func() string {
+		p := e.dps.OwnerConnectionString()
+		cs, _ := sas.ParseConnectionString(p)
+		return sas.Build(cs.Key, host, cs.KeyName, time.Now().Add(time.Minute))
+	}()
+	before := e.counts()
+
+	cases := []struct {
+		name, method, path, auth, body string
+		status                         int
+		msg                            string
+	}{
+		{"unknown registration", "PUT", reg("nobody"), tok("nobody", key, time.Minute), `{"registrationId":"nobody"}`, 401, "not authorized"},
+		{"disabled enrollment", "PUT", reg("dev-off"), tok("dev-off", key, time.Minute), `{"registrationId":"dev-off"}`, 401, "disabled"},
+		{"wrong key", "PUT", reg("dev-1"), tok("dev-1", []byte("0123456789abcdef0123456789abcdef"), time.Minute), `{}`, 401, "signature does not match"},
+		{"expired token", "PUT", reg("dev-1"), tok("dev-1", key, -time.Minute), `{}`, 401, "expired"},
+		{"token for another registration", "PUT", reg("dev-1"), tok("dev-off", key, time.Minute), `{}`, 401, "is for"},
+		{"malformed token", "PUT", reg("dev-1"), "SharedAccessSignature sr=x&se=1", `{}`, 401, "no sig"},
+		{"no token, no TPM", "PUT", reg("dev-1"), "", `{}`, 401, "no SharedAccessSignature"},
+		{"truncated JSON", "PUT", reg("dev-1"), tok("dev-1", key, time.Minute), `{"registrationId":"dev-`, 400, "not valid JSON"},
+		{"bad registration ID", "PUT", reg("UPPER%20space"), tok("x", key, time.Minute), `{}`, 400, "not valid"},
+		{"no api-version", "PUT", "/" + scope + "/registrations/dev-1/register", tok("dev-1", key, time.Minute), `{}`, 400, "api-version"},
+		{"wrong scope", "PUT", "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", tok("dev-1", key, time.Minute), `{}`, 404, "no API"},
+		{"TPM group", "PUT", "/enrollmentGroups/g1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAAA"}}}`, 400, "individual enrollments only"},
+		{"malformed EK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAEC"}}}`, 400, "endorsementKey is not a TPM2B_PUBLIC"},
+		{"EK not base64", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"!!"}}}`, 400, "not base64"},
+		{"malformed SRK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"` + testEK(t) + `","storageRootKey":"AAAA"}}}`, 400, "storageRootKey"},
+		{"wrong field type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":5}}`, 400, "wrong type"},
+		{"no attestation", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{}`, 400, "attestation.type is required"},
+		{"short key", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAA"}}}`, 400, "16 to 64 bytes"},
+		{"tags not an object", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"initialTwin":{"tags":[1]}}`, 400, "JSON object"},
+		{"no service token", "GET", "/enrollments/dev-1?api-version=2021-10-01", "", ``, 401, "no Authorization"},
+		{"device token on service API", "GET", "/enrollments/dev-1?api-version=2021-10-01", tok("dev-1", key, time.Minute), ``, 401, "is for another resource"},
+		{"unknown enrollment", "GET", "/enrollments/ghost?api-version=2021-10-01", owner, ``, 404, "no enrollment"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			st, body := e.raw(c.method, c.path, c.auth, c.body)
+			if c.name == "wrong scope" { // the catch-all has no trackingId requirement differences
+				if st != 404 {
+					t.Fatalf("got %d %v", st, body)
+				}
+				return
+			}
+			wantError(t, st, body, c.status, c.msg)
+		})
+	}
+	if after := e.counts(); !maps.Equal(before, after) {
+		t.Fatalf("bad input changed the store: %v -> %v", before, after)
+	}
+}
+
+func TestIfMatch(t *testing.T) {
+	e := newEnv(t)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "dev-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	stale := en.ETag
+	en.DeviceID = "renamed"
+	var upd dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/dev-1", en.ETag, en, &upd); err != nil {
+		t.Fatal(err)
+	}
+	en.DeviceID = "again"
+	err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/dev-1", stale, en, nil)
+	var ae *azerr.Error
+	if !errors.As(err, &ae) || ae.Status() != 412 {
+		t.Fatalf("stale etag: %v", err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/dev-1", stale, nil, nil); !errors.As(err, &ae) || ae.Status() != 412 {
+		t.Fatalf("stale delete: %v", err)
+	}
+	got, _ := e.dps.GetEnrollment(ctx, "dev-1")
+	if got.DeviceID != "renamed" {
+		t.Fatalf("stale write landed: %q", got.DeviceID)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/dev-1", upd.ETag, nil, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestQueryPaging(t *testing.T) {
+	e := newEnv(t)
+	for _, id := range []string{"a", "b", "c", "d", "e"} {
+		e.putEnrollment(&dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	}
+	var ids []string
+	cont := ""
+	for pages := 0; ; pages++ {
+		var page []dps.Enrollment
+		h := map[string]string{"x-ms-max-item-count": "2", "x-ms-continuation": cont}
+		hdr, err := e.dpsAPI.DoHeaders(ctx, "POST", "/enrollments/query", "", h, map[string]string{"query": "*"}, &page)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, p := range page {
+			ids = append(ids, p.RegistrationID)
+		}
+		if cont = hdr.Get("x-ms-continuation"); cont == "" || pages > 5 {
+			break
+		}
+	}
+	if strings.Join(ids, ",") != "a,b,c,d,e" {
+		t.Fatalf("paged ids %v", ids)
+	}
+}
+
+// The hub's registry refuses what the hosted one refuses.
+func TestHubRegistry(t *testing.T) {
+	e := newEnv(t)
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "", map[string]any{"deviceId": "d1"}, &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Authentication.Type != "sas" || d.Authentication.SymmetricKey.PrimaryKey == "" || d.Status != "enabled" {
+		t.Fatalf("%+v", d)
+	}
+	err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "", map[string]any{"deviceId": "d1"}, nil)
+	if ae := azerr.As(err); ae.Status() != 409 {
+		t.Fatalf("duplicate create: %v", err)
+	}
+	var tw hub.Twin
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "", map[string]any{"tags": map[string]any{"a": 1, "b": map[string]any{"c": 2}}}, &tw); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", tw.ETag, map[string]any{"tags": map[string]any{"a": nil, "b": map[string]any{"d": 3}}}, &tw); err != nil {
+		t.Fatal(err)
+	}
+	if string(tw.Tags) != `{"b":{"c":2,"d":3}}` {
+		t.Fatalf("merged tags %s", tw.Tags)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "stale", map[string]any{"tags": map[string]any{"x": 1}}, nil); azerr.As(err).Status() != 412 {
+		t.Fatalf("stale twin patch: %v", err)
+	}
+	for _, id := range []string{"bad/id", strings.Repeat("x", 129)} {
+		st, _ := e.raw("GET", "/devices/"+id+"?api-version=2021-04-12", "", "")
+		if st < 400 {
+			t.Fatalf("%q: %d", id, st)
+		}
+	}
+}
+
+// A restarted server (a new process on the same database) continues a
+// device's flow: the operation it started is still there.
+func TestRestartKeepsOperations(t *testing.T) {
+	db := t.TempDir() + "/h.db"
+	e1 := newEnvAt(t, db)
+	en := e1.putEnrollment(&dps.Enrollment{RegistrationID: "dev-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	tok := sas.Build(key, e1.dps.IDScope()+"/registrations/dev-1", "registration", time.Now().Add(time.Minute))
+	st, body := e1.raw("PUT", "/"+e1.dps.IDScope()+"/registrations/dev-1/register?api-version=2019-03-31", tok, `{"registrationId":"dev-1"}`)
+	if st != 202 || body["status"] != "assigning" {
+		t.Fatalf("register: %d %v", st, body)
+	}
+	opID := body["operationId"].(string)
+	e1.ts.Close()
+	e2 := newEnvAt(t, db)
+	st, body = e2.raw("GET", "/"+e2.dps.IDScope()+"/registrations/dev-1/operations/"+opID+"?api-version=2019-03-31", tok, "")
+	if st != 200 || body["status"] != "assigned" {
+		t.Fatalf("poll after restart: %d %v", st, body)
+	}
+}
+
+// testEK is a real EK TPM2B_PUBLIC read from a TPM once.
+func testEK(t *testing.T) string {
+	b, err := os.ReadFile("../attest/testdata/ek.pub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return base64.StdEncoding.EncodeToString(b)
+}

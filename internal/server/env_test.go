@@ -1,0 +1,88 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubclient"
+	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+const host = "hatchery.test"
+
+// env is a running server on loopback with a real SQLite store.
+type env struct {
+	t      *testing.T
+	ts     *httptest.Server
+	st     *store.SQLite
+	dps    *dps.Service
+	hub    *hub.Service
+	tls    *tls.Config
+	dpsAPI *azclient.Client
+	hubAPI *azclient.Client
+}
+
+func newEnv(t *testing.T) *env {
+	return newEnvAt(t, filepath.Join(t.TempDir(), "h.db"))
+}
+
+func newEnvAt(t *testing.T, dbPath string) *env {
+	t.Helper()
+	ctx := context.Background()
+	st, err := store.OpenSQLite(dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	e := &env{t: t, st: st}
+	e.ts = httptest.NewUnstartedServer(nil)
+	e.ts.StartTLS()
+	t.Cleanup(e.ts.Close)
+	e.tls = e.ts.Client().Transport.(*http.Transport).TLSClientConfig
+	if e.hub, err = hub.Open(ctx, st, host); err != nil {
+		t.Fatal(err)
+	}
+	if e.dps, err = dps.Open(ctx, st, &hubclient.Pool{TLS: e.tls}, host); err != nil {
+		t.Fatal(err)
+	}
+	if hubs, _ := e.dps.LinkedHubs(ctx); len(hubs) == 0 {
+		if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: host, ConnectionString: e.hub.OwnerConnectionString(),
+			Endpoint: e.ts.URL, ApplyAllocationPolicy: true}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.ts.Config.Handler = New(e.dps, e.hub)
+	if e.dpsAPI, err = azclient.New(e.dps.OwnerConnectionString(), e.ts.URL, "2021-10-01", e.tls); err != nil {
+		t.Fatal(err)
+	}
+	if e.hubAPI, err = azclient.New(e.hub.OwnerConnectionString(), e.ts.URL, "2021-04-12", e.tls); err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) device(regID string) *provisioning.Client {
+	return &provisioning.Client{Endpoint: e.ts.URL, IDScope: e.dps.IDScope(), RegistrationID: regID,
+		HTTP: e.ts.Client(), MaxPolls: 5}
+}
+
+// counts snapshots how many documents of each kind are stored.
+func (e *env) counts() map[string]int {
+	out := map[string]int{}
+	for _, k := range []string{"dps.enrollment", "dps.enrollmentGroup", "dps.registration", "dps.operation", "dps.challenge", "hub.device"} {
+		n, err := e.st.Count(context.Background(), k)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		out[k] = n
+	}
+	return out
+}

@@ -1,0 +1,122 @@
+// Package server is the HTTPS front end: it maps the Azure DPS and IoT Hub
+// REST APIs onto the dps and hub services, which hold the logic.
+package server
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"regexp"
+	"strconv"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+)
+
+// maxBody bounds request bodies; enrollments and twins are far smaller.
+const maxBody = 1 << 20
+
+// New returns the handler serving both APIs on one port, as the Azure SDKs
+// hard-code 443 for both.
+func New(d *dps.Service, h *hub.Service) http.Handler {
+	mux := http.NewServeMux()
+	a := &api{dps: d, hub: h}
+	a.routesDPS(mux)
+	a.routesHub(mux)
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
+			r.Method, r.URL.Path, d.IDScope()), trackingID())
+	})
+	return logRequests(mux)
+}
+
+type api struct {
+	dps *dps.Service
+	hub *hub.Service
+}
+
+var apiVersionPattern = regexp.MustCompile(`^\d{4}-\d{2}-\d{2}(-preview)?$`)
+
+// checkAPIVersion requires an api-version, as the hosted services do; any
+// dated version is served, since clients in the wild send many.
+func checkAPIVersion(r *http.Request) error {
+	v := r.URL.Query().Get("api-version")
+	if v == "" {
+		return azerr.BadRequest("the api-version query parameter is required, e.g. ?api-version=2021-10-01")
+	}
+	if !apiVersionPattern.MatchString(v) {
+		return azerr.BadRequest("api-version %q is not a version: use a date such as 2021-10-01", v)
+	}
+	return nil
+}
+
+// readJSON decodes a bounded JSON body into v.
+func readJSON(r *http.Request, v any) error {
+	body, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var syn *json.SyntaxError
+		var typ *json.UnmarshalTypeError
+		switch {
+		case errors.As(err, &syn):
+			return azerr.BadRequest("request body is not valid JSON at byte %d: %v", syn.Offset, err)
+		case errors.As(err, &typ):
+			return azerr.BadRequest("request body field %q has the wrong type: expected %s, got JSON %s", typ.Field, typ.Type, typ.Value)
+		}
+		return azerr.BadRequest("request body is not valid JSON: %v", err)
+	}
+	return nil
+}
+
+func readBody(r *http.Request) ([]byte, error) {
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return nil, azerr.New(413001, "MessageTooLarge", "request body is larger than %d bytes", maxBody)
+		}
+		return nil, azerr.BadRequest("reading request body: %v", err)
+	}
+	return body, nil
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json; charset=utf-8")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func trackingID() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
+// statusRecorder remembers the status for the access log.
+type statusRecorder struct {
+	http.ResponseWriter
+	status int
+}
+
+func (s *statusRecorder) WriteHeader(code int) {
+	s.status = code
+	s.ResponseWriter.WriteHeader(code)
+}
+
+// logRequests logs method, path and status; never headers, which carry tokens.
+func logRequests(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		start := time.Now()
+		rec := &statusRecorder{ResponseWriter: w, status: 200}
+		next.ServeHTTP(rec, r)
+		slog.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "ms", strconv.FormatInt(time.Since(start).Milliseconds(), 10))
+	})
+}

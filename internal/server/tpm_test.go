@@ -1,0 +1,92 @@
+package server
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/testutil"
+	"github.com/hatchery/hatchery/internal/tpm"
+)
+
+// Hatchery's own device-side TPM client provisions against the service on
+// a real TPM (swtpm): challenge, activation, signed registration, hub key.
+func TestTPMRegistrationWithGoClient(t *testing.T) {
+	e := newEnv(t)
+	dev, err := tpm.Open(testutil.StartSWTPM(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	ek, err := dev.EndorsementKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	regID := tpm.RegistrationID(ek)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, DeviceID: "tpm-edge-1",
+		Attestation:  dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}},
+		Capabilities: &dps.Capabilities{IoTEdge: true},
+		InitialTwin:  &dps.InitialTwin{Tags: json.RawMessage(`{"environment":"prod"}`)}})
+
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	res, err := e.device(regID).RegisterTPM(ctx, dev, handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != "assigned" || res.DeviceID != "tpm-edge-1" || res.AssignedHub != host {
+		t.Fatalf("result %+v", res)
+	}
+	// The hub key now lives in the TPM: a token it signs is accepted for
+	// this device, and the hub holds the same key.
+	sign := func(data []byte) ([]byte, error) { return dev.HMAC(handle, data) }
+	tok, err := sas.BuildSigned(sign, host+"/devices/tpm-edge-1", "", time.Now().Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st, body := e.raw("POST", "/devices/tpm-edge-1/messages/events?api-version=2020-09-30", tok, `{"hello":"tpm"}`); st != 204 {
+		t.Fatalf("TPM-signed telemetry: %d %v", st, body)
+	}
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/tpm-edge-1", "", nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	if !d.Capabilities.IoTEdge {
+		t.Fatal("device is not edge-enabled")
+	}
+	// The service API never returns the activation blob.
+	reg, err := e.dps.GetRegistration(ctx, regID)
+	if err != nil || reg.TPM != nil || reg.Status != "assigned" {
+		t.Fatalf("registration record %+v %v", reg, err)
+	}
+	// A second registration issues a new hub key; the old token stops working.
+	if _, err := e.device(regID).RegisterTPM(ctx, dev, handle); err != nil {
+		t.Fatal(err)
+	}
+	if st, _ := e.raw("POST", "/devices/tpm-edge-1/messages/events?api-version=2020-09-30", tok, `{}`); st != 401 {
+		t.Fatalf("old hub key still accepted: %d", st)
+	}
+}
+
+// A TPM whose EK is not the enrolled one gets no challenge.
+func TestTPMWrongEndorsementKey(t *testing.T) {
+	e := newEnv(t)
+	dev, err := tpm.Open(testutil.StartSWTPM(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "tpm-x",
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: testEK(t)}}})
+	before := e.counts()
+	_, err = e.device("tpm-x").RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
+	if err == nil {
+		t.Fatal("registered with another EK")
+	}
+	if after := e.counts(); after["dps.challenge"] != before["dps.challenge"] {
+		t.Fatal("a challenge was stored for a foreign EK")
+	}
+}

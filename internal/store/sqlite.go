@@ -1,0 +1,199 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	_ "modernc.org/sqlite" // registers the pure-Go "sqlite" driver
+)
+
+// SQLite is the embedded default store: one file in the data directory.
+type SQLite struct {
+	db *sql.DB
+}
+
+const schema = `
+CREATE TABLE IF NOT EXISTS docs (
+	kind    TEXT NOT NULL,
+	id      TEXT NOT NULL,
+	etag    TEXT NOT NULL,
+	body    BLOB NOT NULL,
+	updated INTEGER NOT NULL,
+	PRIMARY KEY (kind, id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+	seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+	device_id  TEXT NOT NULL,
+	module_id  TEXT NOT NULL,
+	properties TEXT NOT NULL,
+	body       BLOB NOT NULL,
+	enqueued   INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
+`
+
+// OpenSQLite opens (creating if needed) the database file at path.
+func OpenSQLite(path string) (*SQLite, error) {
+	q := url.Values{}
+	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+		q.Add("_pragma", p)
+	}
+	q.Set("_txlock", "immediate")
+	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	if err != nil {
+		return nil, err
+	}
+	if _, err := db.Exec(schema); err != nil {
+		db.Close()
+		return nil, fmt.Errorf("opening database %s: %w", path, err)
+	}
+	return &SQLite{db: db}, nil
+}
+
+func (s *SQLite) Close() error { return s.db.Close() }
+
+func (s *SQLite) Get(ctx context.Context, kind, id string) (Doc, error) {
+	d := Doc{Kind: kind, ID: id}
+	var updated int64
+	err := s.db.QueryRowContext(ctx, `SELECT etag, body, updated FROM docs WHERE kind=? AND id=?`, kind, id).
+		Scan(&d.ETag, &d.Body, &updated)
+	if errors.Is(err, sql.ErrNoRows) {
+		return d, ErrNotFound
+	}
+	d.Updated = time.UnixMilli(updated)
+	return d, err
+}
+
+func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
+	d.ETag, d.Updated = NewETag(), time.Now()
+	_, err := s.db.ExecContext(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)`,
+		d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
+	if err != nil && strings.Contains(err.Error(), "UNIQUE constraint") {
+		return d, ErrExists
+	}
+	return d, err
+}
+
+func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
+	d.ETag, d.Updated = NewETag(), time.Now()
+	var res sql.Result
+	var err error
+	switch ifMatch {
+	case "":
+		res, err = s.db.ExecContext(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)
+			ON CONFLICT (kind, id) DO UPDATE SET etag=excluded.etag, body=excluded.body, updated=excluded.updated`,
+			d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
+	case "*":
+		res, err = s.db.ExecContext(ctx, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=?`,
+			d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID)
+	default:
+		res, err = s.db.ExecContext(ctx, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=? AND etag=?`,
+			d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID, ifMatch)
+	}
+	if err != nil {
+		return d, err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return d, s.missOrMismatch(ctx, d.Kind, d.ID)
+	}
+	return d, nil
+}
+
+func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	var res sql.Result
+	var err error
+	if ifMatch == "" || ifMatch == "*" {
+		res, err = s.db.ExecContext(ctx, `DELETE FROM docs WHERE kind=? AND id=?`, kind, id)
+	} else {
+		res, err = s.db.ExecContext(ctx, `DELETE FROM docs WHERE kind=? AND id=? AND etag=?`, kind, id, ifMatch)
+	}
+	if err != nil {
+		return err
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return s.missOrMismatch(ctx, kind, id)
+	}
+	return nil
+}
+
+// missOrMismatch tells why a conditional write touched no row.
+func (s *SQLite) missOrMismatch(ctx context.Context, kind, id string) error {
+	if _, err := s.Get(ctx, kind, id); errors.Is(err, ErrNotFound) {
+		return ErrNotFound
+	}
+	return ErrPrecondition
+}
+
+func (s *SQLite) List(ctx context.Context, kind, after string, limit int) ([]Doc, error) {
+	rows, err := s.db.QueryContext(ctx, `SELECT id, etag, body, updated FROM docs WHERE kind=? AND id>? ORDER BY id LIMIT ?`,
+		kind, after, limit)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Doc
+	for rows.Next() {
+		d := Doc{Kind: kind}
+		var updated int64
+		if err := rows.Scan(&d.ID, &d.ETag, &d.Body, &updated); err != nil {
+			return nil, err
+		}
+		d.Updated = time.UnixMilli(updated)
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+func (s *SQLite) Count(ctx context.Context, kind string) (int, error) {
+	var n int
+	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM docs WHERE kind=?`, kind).Scan(&n)
+	return n, err
+}
+
+func (s *SQLite) AppendEvent(ctx context.Context, e Event) (int64, error) {
+	props, err := json.Marshal(e.Properties)
+	if err != nil {
+		return 0, err
+	}
+	res, err := s.db.ExecContext(ctx, `INSERT INTO events (device_id, module_id, properties, body, enqueued) VALUES (?,?,?,?,?)`,
+		e.DeviceID, e.ModuleID, string(props), e.Body, e.Enqueued.UnixMilli())
+	if err != nil {
+		return 0, err
+	}
+	return res.LastInsertId()
+}
+
+func (s *SQLite) Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error) {
+	q := `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE seq>? ORDER BY seq LIMIT ?`
+	args := []any{after, limit}
+	if deviceID != "" {
+		q = `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE device_id=? AND seq>? ORDER BY seq LIMIT ?`
+		args = append([]any{deviceID}, args...)
+	}
+	rows, err := s.db.QueryContext(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var props string
+		var enq int64
+		if err := rows.Scan(&e.Seq, &e.DeviceID, &e.ModuleID, &props, &e.Body, &enq); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(props), &e.Properties); err != nil {
+			return nil, err
+		}
+		e.Enqueued = time.UnixMilli(enq)
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}

@@ -1,0 +1,66 @@
+// Package store persists Hatchery's state as JSON documents keyed by kind
+// and ID, each with an etag for optimistic concurrency. The domain packages
+// own the shapes; the store only guarantees atomic, conditional writes, so
+// that every request a replica may see next is answered from here.
+package store
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"errors"
+	"time"
+)
+
+// Errors the domain packages map to protocol answers.
+var (
+	ErrNotFound     = errors.New("not found")
+	ErrExists       = errors.New("already exists")
+	ErrPrecondition = errors.New("etag does not match")
+)
+
+// Doc is one stored document.
+type Doc struct {
+	Kind    string
+	ID      string
+	ETag    string
+	Body    []byte
+	Updated time.Time
+}
+
+// Event is one message of the durable device-to-cloud stream.
+type Event struct {
+	Seq        int64
+	DeviceID   string
+	ModuleID   string
+	Properties map[string]string
+	Body       []byte
+	Enqueued   time.Time
+}
+
+// Store is what the domain services need of persistence.
+type Store interface {
+	Get(ctx context.Context, kind, id string) (Doc, error)
+	// Create stores a new document; ErrExists if the ID is taken.
+	Create(ctx context.Context, d Doc) (Doc, error)
+	// Put writes d. ifMatch "" writes unconditionally (creating if need be);
+	// "*" requires the document to exist; any other value must equal its etag.
+	Put(ctx context.Context, d Doc, ifMatch string) (Doc, error)
+	// Delete removes a document under the same ifMatch rules as Put.
+	Delete(ctx context.Context, kind, id, ifMatch string) error
+	// List returns up to limit documents of kind with IDs after `after`, in ID order.
+	List(ctx context.Context, kind, after string, limit int) ([]Doc, error)
+	// Count returns how many documents of kind there are.
+	Count(ctx context.Context, kind string) (int, error)
+	AppendEvent(ctx context.Context, e Event) (int64, error)
+	// Events returns events with Seq > after, oldest first; deviceID "" means all.
+	Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error)
+	Close() error
+}
+
+// NewETag returns a fresh opaque etag.
+func NewETag() string {
+	var b [9]byte
+	_, _ = rand.Read(b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
