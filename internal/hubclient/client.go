@@ -97,19 +97,20 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	dev := &hub.Device{DeviceID: d.DeviceID, Status: "enabled",
 		Authentication: hub.Authentication{Type: "sas", SymmetricKey: hub.SymmetricKey{PrimaryKey: d.PrimaryKey, SecondaryKey: d.SecondaryKey}},
 		Capabilities:   hub.Capabilities{IoTEdge: d.IoTEdge}}
-	existing, err := c.GetDevice(ctx, d.DeviceID)
-	if err == nil {
+	// Most registrations are of new devices: try to create first.
+	if _, err := c.PutDevice(ctx, dev, ""); err != nil {
+		if azerr.As(err).Status() != http.StatusConflict {
+			return err
+		}
+		existing, err := c.GetDevice(ctx, d.DeviceID)
+		if err != nil {
+			return err
+		}
 		dev.Status, dev.StatusReason = existing.Status, existing.StatusReason
 		if dev.Authentication.SymmetricKey.SecondaryKey == "" {
 			dev.Authentication.SymmetricKey.SecondaryKey = existing.Authentication.SymmetricKey.SecondaryKey
 		}
 		_, err = c.PutDevice(ctx, dev, "*")
-		return err
-	}
-	if azerr.As(err).Status() != http.StatusNotFound {
-		return err
-	}
-	if _, err := c.PutDevice(ctx, dev, ""); err != nil {
 		return err
 	}
 	if len(d.Tags) == 0 && len(d.Desired) == 0 {

@@ -20,7 +20,7 @@ const host = "hatchery.test"
 
 // env is a running server on loopback with a real SQLite store.
 type env struct {
-	t      *testing.T
+	t      testing.TB
 	ts     *httptest.Server
 	st     *store.SQLite
 	dps    *dps.Service
@@ -30,11 +30,11 @@ type env struct {
 	hubAPI *azclient.Client
 }
 
-func newEnv(t *testing.T) *env {
+func newEnv(t testing.TB) *env {
 	return newEnvAt(t, filepath.Join(t.TempDir(), "h.db"))
 }
 
-func newEnvAt(t *testing.T, dbPath string) *env {
+func newEnvAt(t testing.TB, dbPath string) *env {
 	t.Helper()
 	ctx := context.Background()
 	st, err := store.OpenSQLite(dbPath)

@@ -16,6 +16,8 @@ import (
 // SQLite is the embedded default store: one file in the data directory.
 type SQLite struct {
 	db *sql.DB
+	// Statements are prepared once: parsing SQL costs more than running it.
+	get, insert, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
 }
 
 const schema = `
@@ -53,7 +55,29 @@ func OpenSQLite(path string) (*SQLite, error) {
 		db.Close()
 		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}
-	return &SQLite{db: db}, nil
+	s := &SQLite{db: db}
+	for _, p := range []struct {
+		stmt **sql.Stmt
+		sql  string
+	}{
+		{&s.get, `SELECT etag, body, updated FROM docs WHERE kind=? AND id=?`},
+		{&s.insert, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)`},
+		{&s.upsert, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)
+			ON CONFLICT (kind, id) DO UPDATE SET etag=excluded.etag, body=excluded.body, updated=excluded.updated`},
+		{&s.update, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=?`},
+		{&s.updateIf, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=? AND etag=?`},
+		{&s.del, `DELETE FROM docs WHERE kind=? AND id=?`},
+		{&s.delIf, `DELETE FROM docs WHERE kind=? AND id=? AND etag=?`},
+		{&s.list, `SELECT id, etag, body, updated FROM docs WHERE kind=? AND id>? ORDER BY id LIMIT ?`},
+		{&s.count, `SELECT count(*) FROM docs WHERE kind=?`},
+		{&s.appendEvent, `INSERT INTO events (device_id, module_id, properties, body, enqueued) VALUES (?,?,?,?,?)`},
+	} {
+		if *p.stmt, err = db.Prepare(p.sql); err != nil {
+			db.Close()
+			return nil, fmt.Errorf("preparing %q: %w", p.sql, err)
+		}
+	}
+	return s, nil
 }
 
 func (s *SQLite) Close() error { return s.db.Close() }
@@ -61,7 +85,7 @@ func (s *SQLite) Close() error { return s.db.Close() }
 func (s *SQLite) Get(ctx context.Context, kind, id string) (Doc, error) {
 	d := Doc{Kind: kind, ID: id}
 	var updated int64
-	err := s.db.QueryRowContext(ctx, `SELECT etag, body, updated FROM docs WHERE kind=? AND id=?`, kind, id).
+	err := s.get.QueryRowContext(ctx, kind, id).
 		Scan(&d.ETag, &d.Body, &updated)
 	if errors.Is(err, sql.ErrNoRows) {
 		return d, ErrNotFound
@@ -72,8 +96,7 @@ func (s *SQLite) Get(ctx context.Context, kind, id string) (Doc, error) {
 
 func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
 	d.ETag, d.Updated = NewETag(), time.Now()
-	_, err := s.db.ExecContext(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)`,
-		d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
+	_, err := s.insert.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
 	if err != nil && strings.Contains(err.Error(), "UNIQUE constraint") {
 		return d, ErrExists
 	}
@@ -86,15 +109,11 @@ func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
 	var err error
 	switch ifMatch {
 	case "":
-		res, err = s.db.ExecContext(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)
-			ON CONFLICT (kind, id) DO UPDATE SET etag=excluded.etag, body=excluded.body, updated=excluded.updated`,
-			d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
+		res, err = s.upsert.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
 	case "*":
-		res, err = s.db.ExecContext(ctx, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=?`,
-			d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID)
+		res, err = s.update.ExecContext(ctx, d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID)
 	default:
-		res, err = s.db.ExecContext(ctx, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=? AND etag=?`,
-			d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID, ifMatch)
+		res, err = s.updateIf.ExecContext(ctx, d.ETag, d.Body, d.Updated.UnixMilli(), d.Kind, d.ID, ifMatch)
 	}
 	if err != nil {
 		return d, err
@@ -109,9 +128,9 @@ func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
 	var res sql.Result
 	var err error
 	if ifMatch == "" || ifMatch == "*" {
-		res, err = s.db.ExecContext(ctx, `DELETE FROM docs WHERE kind=? AND id=?`, kind, id)
+		res, err = s.del.ExecContext(ctx, kind, id)
 	} else {
-		res, err = s.db.ExecContext(ctx, `DELETE FROM docs WHERE kind=? AND id=? AND etag=?`, kind, id, ifMatch)
+		res, err = s.delIf.ExecContext(ctx, kind, id, ifMatch)
 	}
 	if err != nil {
 		return err
@@ -131,8 +150,7 @@ func (s *SQLite) missOrMismatch(ctx context.Context, kind, id string) error {
 }
 
 func (s *SQLite) List(ctx context.Context, kind, after string, limit int) ([]Doc, error) {
-	rows, err := s.db.QueryContext(ctx, `SELECT id, etag, body, updated FROM docs WHERE kind=? AND id>? ORDER BY id LIMIT ?`,
-		kind, after, limit)
+	rows, err := s.list.QueryContext(ctx, kind, after, limit)
 	if err != nil {
 		return nil, err
 	}
@@ -152,7 +170,7 @@ func (s *SQLite) List(ctx context.Context, kind, after string, limit int) ([]Doc
 
 func (s *SQLite) Count(ctx context.Context, kind string) (int, error) {
 	var n int
-	err := s.db.QueryRowContext(ctx, `SELECT count(*) FROM docs WHERE kind=?`, kind).Scan(&n)
+	err := s.count.QueryRowContext(ctx, kind).Scan(&n)
 	return n, err
 }
 
@@ -161,8 +179,7 @@ func (s *SQLite) AppendEvent(ctx context.Context, e Event) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	res, err := s.db.ExecContext(ctx, `INSERT INTO events (device_id, module_id, properties, body, enqueued) VALUES (?,?,?,?,?)`,
-		e.DeviceID, e.ModuleID, string(props), e.Body, e.Enqueued.UnixMilli())
+	res, err := s.appendEvent.ExecContext(ctx, e.DeviceID, e.ModuleID, string(props), e.Body, e.Enqueued.UnixMilli())
 	if err != nil {
 		return 0, err
 	}

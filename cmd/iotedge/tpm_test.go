@@ -1,0 +1,136 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/base32"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/testutil"
+)
+
+// iotedge runs the CLI in-process and returns its standard output.
+func iotedge(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	var out bytes.Buffer
+	cmd := newRootCmd()
+	cmd.SetArgs(args)
+	cmd.SetOut(&out)
+	cmd.SetErr(&out)
+	err := cmd.Execute()
+	return out.String(), err
+}
+
+func runProvisionInfo(t *testing.T, tcti string, flags ...string) string {
+	t.Helper()
+	out, err := iotedge(t, append([]string{"tpm", "provision-info", "--tcti", tcti}, flags...)...)
+	if err != nil {
+		t.Fatalf("iotedge tpm provision-info: %v\n%s", err, out)
+	}
+	return out
+}
+
+// seedScript runs shared/seeds/tpm-provision-info.sh against tcti in a
+// scratch directory (it writes ek.pub there) and returns its output.
+func seedScript(t *testing.T, tcti string) string {
+	t.Helper()
+	testutil.Require(t, "tpm2_createek", "tpm2-tools")
+	cmd := exec.Command("sh", filepath.Join(testutil.SeedsDir(t), "tpm-provision-info.sh"))
+	cmd.Dir = t.TempDir()
+	// USER=root keeps the script from calling sudo: swtpm needs no privilege.
+	cmd.Env = append(os.Environ(), "TPM2TOOLS_TCTI="+tcti, "USER=root")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	// The script's last command, `rm ek.pub srk.ctx`, fails when the EK
+	// existed (no srk.ctx): its exit status says nothing, its output does.
+	if _, exited := err.(*exec.ExitError); err != nil && !exited || len(out) == 0 {
+		t.Fatalf("seed script: %v\n%s", err, stderr.Bytes())
+	}
+	return string(out)
+}
+
+func TestProvisionInfoMatchesSeedScript(t *testing.T) {
+	t.Run("native first", func(t *testing.T) {
+		tcti := testutil.StartSWTPM(t)
+		native := runProvisionInfo(t, tcti) // creates the EK and SRK
+		if script := seedScript(t, tcti); script != native {
+			t.Errorf("seed script printed\n%s\nafter iotedge printed\n%s", script, native)
+		}
+		if !strings.HasPrefix(native, "Gathering the registration information...\n\nRegistration Id:\n") {
+			t.Errorf("unexpected output:\n%s", native)
+		}
+		checkFormats(t, tcti, native)
+	})
+	t.Run("script first", func(t *testing.T) {
+		tcti := testutil.StartSWTPM(t)
+		script := seedScript(t, tcti) // creates the EK with tpm2_createek
+		if native := runProvisionInfo(t, tcti); native != script {
+			t.Errorf("iotedge printed\n%s\nafter the seed script printed\n%s", native, script)
+		}
+	})
+}
+
+// checkFormats checks --output json and --legacy-registration-id against
+// the text output.
+func checkFormats(t *testing.T, tcti, text string) {
+	lines := strings.Split(text, "\n")
+	id, key := lines[3], lines[6]
+	ek, err := base64.StdEncoding.DecodeString(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(ek)
+	legacy := strings.ToLower(strings.TrimRight(base32.StdEncoding.EncodeToString(sum[:]), "="))
+	if len(legacy) != 52 || len(id) != 64 {
+		t.Errorf("IDs %q and %q: want 64 and 52 characters", id, legacy)
+	}
+	if got := strings.Split(runProvisionInfo(t, tcti, "--legacy-registration-id"), "\n")[3]; got != legacy {
+		t.Errorf("legacy registration ID %q, want %q", got, legacy)
+	}
+
+	var info map[string]string
+	out := runProvisionInfo(t, tcti, "--output", "json")
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatalf("--output json: %v\n%s", err, out)
+	}
+	if len(info) != 2 || info["registrationId"] != id || info["endorsementKey"] != key {
+		t.Errorf("--output json printed %s", out)
+	}
+}
+
+func TestProvisionInfoTCTIFromEnvironment(t *testing.T) {
+	tcti := testutil.StartSWTPM(t)
+	want := runProvisionInfo(t, tcti)
+	t.Setenv("TPM2TOOLS_TCTI", tcti)
+	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want {
+		t.Errorf("with TPM2TOOLS_TCTI: %v\n%s", err, got)
+	}
+	// The flag wins over the environment.
+	if _, err := iotedge(t, "tpm", "provision-info", "--tcti", "device:/nonexistent"); err == nil ||
+		!strings.Contains(err.Error(), "/nonexistent: no such device") {
+		t.Errorf("--tcti did not override TPM2TOOLS_TCTI: %v", err)
+	}
+}
+
+func TestProvisionInfoErrors(t *testing.T) {
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--output", "yaml"}, `--output "yaml": want text or json`},
+		{[]string{"--tcti", "tabrmd"}, "accepted forms"},
+		{[]string{"extra"}, "unknown command"},
+	} {
+		_, err := iotedge(t, append([]string{"tpm", "provision-info"}, tc.args...)...)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%v: got %v, want an error containing %q", tc.args, err, tc.want)
+		}
+	}
+}

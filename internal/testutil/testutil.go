@@ -1,0 +1,191 @@
+// Package testutil holds helpers for tests that run real tools: they fail
+// under CI=true when a tool is missing, and skip on a developer's machine.
+package testutil
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Require checks that command is on PATH. When it is missing the test
+// fails under CI=true and is skipped otherwise; hint names the Debian
+// package that provides it.
+func Require(t testing.TB, command, hint string) {
+	t.Helper()
+	if _, err := exec.LookPath(command); err == nil {
+		return
+	}
+	missing(t, "%s is not on PATH: install the Debian package %s (apt-get install %s)", command, hint, hint)
+}
+
+// missing fails the test under CI=true, where every dependency must be
+// installed, and skips it elsewhere.
+func missing(t testing.TB, format string, args ...any) {
+	t.Helper()
+	if os.Getenv("CI") == "true" {
+		t.Fatalf(format, args...)
+	} else {
+		t.Skipf(format, args...)
+	}
+}
+
+// SeedsDir returns the directory of the seed documents: $HATCHERY_SEEDS, or
+// shared/seeds beside the repository. When it is missing the test fails
+// under CI=true and is skipped otherwise.
+func SeedsDir(t testing.TB) string {
+	t.Helper()
+	dir := os.Getenv("HATCHERY_SEEDS")
+	if dir == "" {
+		root, err := os.Getwd()
+		for err == nil {
+			if _, serr := os.Stat(filepath.Join(root, "go.mod")); serr == nil {
+				break
+			}
+			if parent := filepath.Dir(root); parent != root {
+				root = parent
+			} else {
+				err = errors.New("no go.mod above the test's directory")
+			}
+		}
+		if err != nil {
+			t.Fatalf("finding the repository root: %v", err)
+		}
+		dir = filepath.Join(root, "..", "shared", "seeds")
+	}
+	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
+		missing(t, "seed documents not found at %s: set HATCHERY_SEEDS to their directory", dir)
+	}
+	return dir
+}
+
+// Run runs cmd and returns its standard output; when it fails, the test
+// fails with the command line and everything the command printed.
+func Run(t testing.TB, cmd *exec.Cmd) []byte {
+	t.Helper()
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatalf("%s: %v\n%s%s", strings.Join(cmd.Args, " "), err, out, stderr.Bytes())
+	}
+	return out
+}
+
+// StartSWTPM starts a fresh swtpm (TPM 2.0, already started up) on free
+// loopback ports N and N+1, stops it when the test ends, and returns the
+// TCTI string "swtpm:host=127.0.0.1,port=N" that tpm2-tools and tpm.Open
+// both accept.
+func StartSWTPM(t testing.TB) string {
+	t.Helper()
+	Require(t, "swtpm", "swtpm")
+	state := t.TempDir()
+	// Another process may take the ports between our probe and swtpm's
+	// bind; then swtpm exits and we try other ports.
+	var lastErr error
+	for range 5 {
+		port := freePortPair(t)
+		var stderr bytes.Buffer
+		cmd := exec.Command("swtpm", "socket", "--tpm2",
+			"--server", "type=tcp,port="+strconv.Itoa(port),
+			"--ctrl", "type=tcp,port="+strconv.Itoa(port+1),
+			"--flags", "not-need-init,startup-clear",
+			"--tpmstate", "dir="+state)
+		cmd.Stdout, cmd.Stderr = &stderr, &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatalf("starting swtpm: %v", err)
+		}
+		exited := make(chan error, 1)
+		go func() { exited <- cmd.Wait() }()
+		if lastErr = waitAnswer(port, exited); lastErr == nil {
+			t.Cleanup(func() { stop(t, cmd, exited) })
+			return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
+		}
+		cmd.Process.Kill()
+		<-exited
+		lastErr = fmt.Errorf("%v; swtpm said: %s", lastErr, stderr.Bytes())
+	}
+	t.Fatalf("swtpm did not start: %v", lastErr)
+	return ""
+}
+
+// ListenPair listens on two adjacent free TCP ports N and N+1 of 127.0.0.1,
+// the layout of simulators whose control port follows the command port.
+// The listeners are closed when the test ends.
+func ListenPair(t testing.TB) (n, n1 net.Listener) {
+	t.Helper()
+	for range 100 {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatalf("finding a free port: %v", err)
+		}
+		port := l.Addr().(*net.TCPAddr).Port
+		if l1, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port+1))); err == nil {
+			t.Cleanup(func() { l.Close(); l1.Close() })
+			return l, l1
+		}
+		l.Close()
+	}
+	t.Fatal("found no two adjacent free ports on 127.0.0.1")
+	return nil, nil
+}
+
+// freePortPair returns a port N such that N and N+1 were both free a moment ago.
+func freePortPair(t testing.TB) int {
+	t.Helper()
+	l, l1 := ListenPair(t)
+	l.Close()
+	l1.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// waitAnswer waits until swtpm answers a TPM2_GetRandom on its data port.
+func waitAnswer(port int, exited <-chan error) error {
+	getRandom := []byte{0x80, 0x01, 0, 0, 0, 0x0c, 0, 0, 0x01, 0x7b, 0, 8}
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		select {
+		case err := <-exited:
+			return fmt.Errorf("swtpm exited: %v", err)
+		default:
+		}
+		if conn, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			conn.SetDeadline(time.Now().Add(5 * time.Second))
+			rsp := make([]byte, 10)
+			_, err = conn.Write(getRandom)
+			if err == nil {
+				_, err = conn.Read(rsp)
+			}
+			conn.Close()
+			if err == nil && rsp[0] == 0x80 {
+				return nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no answer on %s within 10s", addr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// stop ends swtpm with SIGTERM, and kills it if it lingers.
+func stop(t testing.TB, cmd *exec.Cmd, exited <-chan error) {
+	cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-exited:
+	case <-time.After(5 * time.Second):
+		t.Logf("swtpm (pid %d) ignored SIGTERM; killing it", cmd.Process.Pid)
+		cmd.Process.Kill()
+		<-exited
+	}
+}

@@ -1,0 +1,315 @@
+// Package tpm is the device side of TPM 2.0 attestation: it reaches the TPM
+// through a tpm2-tss TCTI string, provisions the endorsement and storage
+// root keys, imports the activation blob of the provisioning service and
+// signs with the imported identity key (shared/PROTOCOL.md §1).
+package tpm
+
+import (
+	"crypto/sha256"
+	"encoding/base32"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/google/go-tpm/tpm2/transport"
+)
+
+const (
+	EKHandle            = 0x81010001
+	SRKHandle           = 0x81000001
+	DefaultAuthKeyIndex = 0x100
+)
+
+// IdentityHandle is the persistent handle of the identity (HMAC) key for
+// the config's auth_key_index.
+func IdentityHandle(authKeyIndex uint32) uint32 { return 0x81000000 + authKeyIndex }
+
+// maxBuffer is TPM2B_MAX_BUFFER's capacity on PC-client TPMs; longer HMAC
+// input goes through a sequence.
+const maxBuffer = 1024
+
+// Device is an open TPM. Its methods are safe for concurrent use; each runs
+// its TPM commands without interleaving with the others.
+type Device struct {
+	mu  sync.Mutex
+	tpm transport.TPMCloser
+}
+
+// Open parses a tpm2-tss TCTI string ("" or "device" for /dev/tpmrm0,
+// "device:PATH", "swtpm:host=H,port=P", "mssim:host=H,port=P") and connects.
+func Open(tcti string) (*Device, error) {
+	c, err := parseTCTI(tcti)
+	if err != nil {
+		return nil, err
+	}
+	t, err := c.open()
+	if err != nil {
+		return nil, err
+	}
+	return &Device{tpm: t}, nil
+}
+
+func (d *Device) Close() error { return d.tpm.Close() }
+
+// EndorsementKey returns the EK's TPM2B_PUBLIC (what `tpm2_readpublic -c
+// 0x81010001 -o ek.pub` writes). Like the seed script, it creates and
+// persists the EK and the SRK when there is no EK yet.
+func (d *Device) EndorsementKey() ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pub, created, err := d.primary(tpm2.TPMRHEndorsement, tpm2.RSAEKTemplate, EKHandle)
+	if err != nil {
+		return nil, fail("endorsement key", err)
+	}
+	if created {
+		if _, _, err := d.primary(tpm2.TPMRHOwner, tpm2.RSASRKTemplate, SRKHandle); err != nil {
+			return nil, fail("storage root key", err)
+		}
+	}
+	return pub, nil
+}
+
+// StorageRootKey returns the SRK's TPM2B_PUBLIC, creating and persisting the
+// SRK under the owner hierarchy when absent.
+func (d *Device) StorageRootKey() ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pub, _, err := d.primary(tpm2.TPMRHOwner, tpm2.RSASRKTemplate, SRKHandle)
+	return pub, fail("storage root key", err)
+}
+
+// primary returns the public area of the key persisted at handle, first
+// creating it from template in hierarchy when the handle is empty, and
+// whether it did. go-tpm's
+// templates are the TCG ones of PROTOCOL.md §1 (RSA-2048, AES-128-CFB,
+// 256-byte zero unique), the same tpm2_createek uses.
+func (d *Device) primary(hierarchy tpm2.TPMHandle, template tpm2.TPMTPublic, handle uint32) ([]byte, bool, error) {
+	pub, _, err := d.readPublic(handle)
+	if !errors.Is(err, tpm2.TPMRCHandle) {
+		return pub, false, err
+	}
+	created, err := tpm2.CreatePrimary{
+		PrimaryHandle: tpm2.AuthHandle{Handle: hierarchy, Auth: tpm2.PasswordAuth(nil)},
+		InPublic:      tpm2.New2B(template),
+	}.Execute(d.tpm)
+	if err != nil {
+		return nil, false, fmt.Errorf("creating the key: %w", err)
+	}
+	defer d.flush(created.ObjectHandle)
+	if err := d.persist(tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}, handle); err != nil {
+		return nil, false, err
+	}
+	return sized(created.OutPublic.Bytes()), true, nil
+}
+
+// readPublic returns the TPM2B_PUBLIC and Name of the object at handle.
+func (d *Device) readPublic(handle uint32) ([]byte, tpm2.TPM2BName, error) {
+	rsp, err := tpm2.ReadPublic{ObjectHandle: tpm2.TPMHandle(handle)}.Execute(d.tpm)
+	if err != nil {
+		return nil, tpm2.TPM2BName{}, fmt.Errorf("reading the public key at 0x%08x: %w", handle, err)
+	}
+	return sized(rsp.OutPublic.Bytes()), rsp.Name, nil
+}
+
+// persist makes the loaded object persistent at handle.
+func (d *Device) persist(obj tpm2.NamedHandle, handle uint32) error {
+	_, err := tpm2.EvictControl{
+		Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
+		ObjectHandle:     obj,
+		PersistentHandle: tpm2.TPMHandle(handle),
+	}.Execute(d.tpm)
+	if err != nil {
+		return fmt.Errorf("persisting the key at 0x%08x: %w", handle, err)
+	}
+	return nil
+}
+
+// flush frees a transient object; a failure only costs a slot until the
+// next TPM reset, so it is ignored.
+func (d *Device) flush(h tpm2.TPMHandle) {
+	tpm2.FlushContext{FlushHandle: h}.Execute(d.tpm)
+}
+
+// ImportActivationBlob activates the provisioning service's challenge
+// (PROTOCOL.md §1 "Activating the challenge", blob layout §2): it recovers
+// the inner wrap key with the EK and SRK, imports the HMAC key under the
+// SRK and persists it at handle, replacing what was there.
+func (d *Device) ImportActivationBlob(blob []byte, handle uint32) error {
+	// Guard the keys this package provisions: evicting one would change
+	// the device's identity for good.
+	if handle == EKHandle || handle == SRKHandle || handle>>24 != 0x81 {
+		return fmt.Errorf("identity key handle 0x%08x: want a persistent handle 0x81xxxxxx other than the EK's and the SRK's", handle)
+	}
+	p, err := splitBlob(blob)
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return fail("activating the challenge", d.importBlob(p, handle))
+}
+
+func (d *Device) importBlob(p blobParts, handle uint32) error {
+	_, ekName, err := d.readPublic(EKHandle)
+	if err != nil {
+		return err
+	}
+	_, srkName, err := d.readPublic(SRKHandle)
+	if err != nil {
+		return err
+	}
+	srk := tpm2.AuthHandle{Handle: SRKHandle, Name: srkName, Auth: tpm2.PasswordAuth(nil)}
+	// The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT).
+	policy := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(t transport.TPM, s tpm2.TPMISHPolicy, nonce tpm2.TPM2BNonce) error {
+		_, err := tpm2.PolicySecret{
+			AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+			PolicySession: s,
+			NonceTPM:      nonce,
+		}.Execute(t)
+		return err
+	})
+	act, err := tpm2.ActivateCredential{
+		ActivateHandle: srk,
+		KeyHandle:      tpm2.AuthHandle{Handle: EKHandle, Name: ekName, Auth: policy},
+		CredentialBlob: tpm2.TPM2BIDObject{Buffer: p.credential},
+		Secret:         tpm2.TPM2BEncryptedSecret{Buffer: p.secret},
+	}.Execute(d.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_ActivateCredential (was the blob made for this TPM's EK and SRK?): %w", err)
+	}
+	public := tpm2.BytesAs2B[tpm2.TPMTPublic](p.public)
+	imp, err := tpm2.Import{
+		ParentHandle:  srk,
+		EncryptionKey: tpm2.TPM2BData{Buffer: act.CertInfo.Buffer},
+		ObjectPublic:  public,
+		Duplicate:     tpm2.TPM2BPrivate{Buffer: p.duplicate},
+		InSymSeed:     tpm2.TPM2BEncryptedSecret{Buffer: p.seed},
+		Symmetric: tpm2.TPMTSymDef{
+			Algorithm: tpm2.TPMAlgAES,
+			KeyBits:   tpm2.NewTPMUSymKeyBits(tpm2.TPMAlgAES, tpm2.TPMKeyBits(128)),
+			Mode:      tpm2.NewTPMUSymMode(tpm2.TPMAlgAES, tpm2.TPMAlgCFB),
+		},
+	}.Execute(d.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_Import: %w", err)
+	}
+	loaded, err := tpm2.Load{ParentHandle: srk, InPrivate: imp.OutPrivate, InPublic: public}.Execute(d.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_Load: %w", err)
+	}
+	defer d.flush(loaded.ObjectHandle)
+	// The handle may be empty (first provisioning): only then does this fail.
+	if _, name, err := d.readPublic(handle); err == nil {
+		d.persist(tpm2.NamedHandle{Handle: tpm2.TPMHandle(handle), Name: name}, handle)
+	}
+	return d.persist(tpm2.NamedHandle{Handle: loaded.ObjectHandle, Name: loaded.Name}, handle)
+}
+
+// HMAC returns TPM2_HMAC(SHA-256) of data with the persistent key at handle.
+// Data longer than one TPM buffer (1024 bytes) goes through an HMAC sequence.
+func (d *Device) HMAC(handle uint32, data []byte) ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	sum, err := d.hmac(handle, data)
+	return sum, fail(fmt.Sprintf("signing with the identity key at 0x%08x", handle), err)
+}
+
+func (d *Device) hmac(handle uint32, data []byte) ([]byte, error) {
+	_, name, err := d.readPublic(handle)
+	if err != nil {
+		return nil, err
+	}
+	key := tpm2.AuthHandle{Handle: tpm2.TPMHandle(handle), Name: name, Auth: tpm2.PasswordAuth(nil)}
+	if len(data) <= maxBuffer {
+		rsp, err := tpm2.Hmac{Handle: key, Buffer: tpm2.TPM2BMaxBuffer{Buffer: data}, HashAlg: tpm2.TPMAlgSHA256}.Execute(d.tpm)
+		if err != nil {
+			return nil, fmt.Errorf("TPM2_HMAC: %w", err)
+		}
+		return rsp.OutHMAC.Buffer, nil
+	}
+	start, err := tpm2.HmacStart{Handle: key, HashAlg: tpm2.TPMAlgSHA256}.Execute(d.tpm)
+	if err != nil {
+		return nil, fmt.Errorf("TPM2_HMAC_Start: %w", err)
+	}
+	seq := tpm2.AuthHandle{Handle: start.SequenceHandle, Auth: tpm2.PasswordAuth(nil)}
+	for len(data) > maxBuffer {
+		if _, err := (tpm2.SequenceUpdate{SequenceHandle: seq, Buffer: tpm2.TPM2BMaxBuffer{Buffer: data[:maxBuffer]}}).Execute(d.tpm); err != nil {
+			d.flush(start.SequenceHandle)
+			return nil, fmt.Errorf("TPM2_SequenceUpdate: %w", err)
+		}
+		data = data[maxBuffer:]
+	}
+	rsp, err := tpm2.SequenceComplete{SequenceHandle: seq, Buffer: tpm2.TPM2BMaxBuffer{Buffer: data}, Hierarchy: tpm2.TPMRHNull}.Execute(d.tpm)
+	if err != nil {
+		d.flush(start.SequenceHandle)
+		return nil, fmt.Errorf("TPM2_SequenceComplete: %w", err)
+	}
+	return rsp.Result.Buffer, nil
+}
+
+// blobParts are the parts A..E of an activation blob (PROTOCOL.md §2),
+// without their size prefixes except public, which TPM2_Import takes as the
+// TPMT_PUBLIC inside E.
+type blobParts struct {
+	credential, secret, duplicate, seed, public []byte
+}
+
+// splitBlob splits an activation blob into its TPM2B parts. The trailing
+// TPM2B_DATA (F) is optional here: devices must accept what any service sends.
+func splitBlob(blob []byte) (blobParts, error) {
+	names := [...]string{"credential blob", "credential secret", "duplicate", "symmetric seed", "public area", "URI data"}
+	var parts [len(names)][]byte
+	rest := blob
+	for i, name := range names {
+		if i == len(names)-1 && len(rest) == 0 {
+			break
+		}
+		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
+			return blobParts{}, fmt.Errorf("activation blob: %s (part %c) truncated at byte %d of %d", name, 'A'+i, len(blob)-len(rest), len(blob))
+		}
+		n := 2 + int(binary.BigEndian.Uint16(rest))
+		parts[i], rest = rest[2:n], rest[n:]
+	}
+	if len(rest) != 0 {
+		return blobParts{}, fmt.Errorf("activation blob: %d unexpected bytes after the URI data", len(rest))
+	}
+	return blobParts{parts[0], parts[1], parts[2], parts[3], parts[4]}, nil
+}
+
+// RegistrationID is the registration ID of the seed script: lowercase hex of
+// SHA-256 over the EK's TPM2B_PUBLIC, size prefix included.
+func RegistrationID(ekPub []byte) string {
+	sum := sha256.Sum256(ekPub)
+	return hex.EncodeToString(sum[:])
+}
+
+// LegacyRegistrationID is the registration ID of the C SDK's
+// tpm_device_provision and of the Node SDK: the same digest in RFC 4648
+// base32, lowercased, without padding.
+func LegacyRegistrationID(ekPub []byte) string {
+	sum := sha256.Sum256(ekPub)
+	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
+}
+
+// sized prefixes b with its u16 size, making a TPM2B.
+func sized(b []byte) []byte {
+	return append(binary.BigEndian.AppendUint16(make([]byte, 0, 2+len(b)), uint16(len(b))), b...)
+}
+
+// fail says what failed, and names the dictionary-attack lockout, which a
+// user cannot guess from the TPM's answer alone.
+func fail(what string, err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, tpm2.TPMRCLockout):
+		return fmt.Errorf("%s: the TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT) after too many failed authorizations: "+
+			"wait for the lockout to expire, or clear it with `tpm2_dictionarylockout --clear-lockout`: %w", what, err)
+	default:
+		return fmt.Errorf("%s: %w", what, err)
+	}
+}

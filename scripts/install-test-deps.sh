@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the test suite needs: swtpm and tpm2-tools (Debian) and the
+# official Azure IoT Node SDKs (npm, from test/interop/package-lock.json).
+# Without root or apt it says what is missing; tests needing it then skip
+# locally and fail under CI=true.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools; do
+  command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
+done
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  need+=(nodejs npm)
+fi
+if [ ${#need[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing ${need[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  else
+    echo "missing: ${need[*]} (install them: sudo apt-get install ${need[*]})" >&2
+  fi
+fi
+
+if command -v npm >/dev/null 2>&1 && [ -f test/interop/package-lock.json ] && [ ! -d test/interop/node_modules ]; then
+  (cd test/interop && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi
