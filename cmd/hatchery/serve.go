@@ -134,7 +134,9 @@ func serve(ctx context.Context, dir, host, listen string, port int, certFile, ke
 		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
 	}
 	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
-		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute}
+		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		// TLS handshake failures (port probes, untrusting clients) are noise at info level.
+		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	go func() {

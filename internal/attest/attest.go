@@ -34,7 +34,7 @@ func ParsePublic(tpm2bPublic []byte) (*tpm2.TPMTPublic, error) {
 	if pub.NameAlg != tpm2.TPMAlgSHA256 {
 		return nil, fmt.Errorf("nameAlg 0x%04x, want SHA-256 (0x000b)", uint16(pub.NameAlg))
 	}
-	rsaParms, _ := pub.Parameters.RSADetail()
+	rsaParms, _ := pub.Parameters.RSADetail() // parseRSA checked the type
 	if rsaParms.KeyBits != 2048 {
 		return nil, fmt.Errorf("RSA key size %d bits, want 2048", rsaParms.KeyBits)
 	}
@@ -44,10 +44,9 @@ func ParsePublic(tpm2bPublic []byte) (*tpm2.TPMTPublic, error) {
 	if rsaParms.Scheme.Scheme != tpm2.TPMAlgNull {
 		return nil, fmt.Errorf("RSA scheme 0x%04x, want NULL as for any storage key", uint16(rsaParms.Scheme.Scheme))
 	}
-	sym := rsaParms.Symmetric
-	bits, _ := sym.KeyBits.AES()
-	mode, _ := sym.Mode.AES()
-	if sym.Algorithm != tpm2.TPMAlgAES || *bits != 128 || *mode != tpm2.TPMAlgCFB {
+	bits, errBits := rsaParms.Symmetric.KeyBits.AES()
+	mode, errMode := rsaParms.Symmetric.Mode.AES()
+	if errBits != nil || errMode != nil || *bits != 128 || *mode != tpm2.TPMAlgCFB {
 		return nil, errors.New("symmetric parameters are not AES-128-CFB")
 	}
 	return pub, nil
@@ -128,11 +127,10 @@ func SameKey(a, b []byte) (bool, error) {
 
 // Part sizes of the activation blob, from PROTOCOL.md §2.
 const (
-	nameSize      = 2 + sha256.Size // TPM2B_NAME contents: nameAlg ‖ digest
-	innerKeySize  = 16              // AES-128, the only size clients accept
-	seedValueSize = 32              // TPMT_SENSITIVE.seedValue; other sizes fail with TPM_RC_KEY_SIZE
-	secretSize    = 256             // RSA-2048 OAEP ciphertext
-	maxKeySize    = 64              // an HMAC-SHA-256 key no longer than the hash block
+	innerKeySize  = 16  // AES-128, the only size clients accept
+	seedValueSize = 32  // TPMT_SENSITIVE.seedValue; other sizes fail with TPM_RC_KEY_SIZE
+	secretSize    = 256 // RSA-2048 OAEP ciphertext
+	maxKeySize    = 64  // an HMAC-SHA-256 key no longer than the hash block
 )
 
 // idKeyPublicPrefix is the new key's TPMT_PUBLIC up to its unique field:

@@ -165,7 +165,8 @@ func openSWTPM(c tcti) (transport.TPMCloser, error) {
 	if err != nil {
 		return nil, err
 	}
-	return s, data.Close()
+	data.Close()
+	return s, nil
 }
 
 func (s swtpm) dial(port int) (net.Conn, error) { return dial(s.c, port) }

@@ -84,9 +84,9 @@ func (d *Device) StorageRootKey() ([]byte, error) {
 
 // primary returns the public area of the key persisted at handle, first
 // creating it from template in hierarchy when the handle is empty, and
-// whether it did. go-tpm's
-// templates are the TCG ones of PROTOCOL.md §1 (RSA-2048, AES-128-CFB,
-// 256-byte zero unique), the same tpm2_createek uses.
+// whether it did. go-tpm's templates are the TCG ones of PROTOCOL.md §1
+// (RSA-2048, AES-128-CFB, 256 zero bytes of unique), which tpm2_createek
+// uses too: the same TPM gives the same EK either way.
 func (d *Device) primary(hierarchy tpm2.TPMHandle, template tpm2.TPMTPublic, handle uint32) ([]byte, bool, error) {
 	pub, _, err := d.readPublic(handle)
 	if !errors.Is(err, tpm2.TPMRCHandle) {
@@ -100,7 +100,7 @@ func (d *Device) primary(hierarchy tpm2.TPMHandle, template tpm2.TPMTPublic, han
 		return nil, false, fmt.Errorf("creating the key: %w", err)
 	}
 	defer d.flush(created.ObjectHandle)
-	if err := d.persist(tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}, handle); err != nil {
+	if err := d.evictControl(tpm2.NamedHandle{Handle: created.ObjectHandle, Name: created.Name}, handle); err != nil {
 		return nil, false, err
 	}
 	return sized(created.OutPublic.Bytes()), true, nil
@@ -115,15 +115,16 @@ func (d *Device) readPublic(handle uint32) ([]byte, tpm2.TPM2BName, error) {
 	return sized(rsp.OutPublic.Bytes()), rsp.Name, nil
 }
 
-// persist makes the loaded object persistent at handle.
-func (d *Device) persist(obj tpm2.NamedHandle, handle uint32) error {
+// evictControl makes the loaded object obj persistent at handle or, when
+// obj is the persistent object at handle, evicts it.
+func (d *Device) evictControl(obj tpm2.NamedHandle, handle uint32) error {
 	_, err := tpm2.EvictControl{
 		Auth:             tpm2.AuthHandle{Handle: tpm2.TPMRHOwner, Auth: tpm2.PasswordAuth(nil)},
 		ObjectHandle:     obj,
 		PersistentHandle: tpm2.TPMHandle(handle),
 	}.Execute(d.tpm)
 	if err != nil {
-		return fmt.Errorf("persisting the key at 0x%08x: %w", handle, err)
+		return fmt.Errorf("TPM2_EvictControl at 0x%08x: %w", handle, err)
 	}
 	return nil
 }
@@ -202,11 +203,11 @@ func (d *Device) importBlob(p blobParts, handle uint32) error {
 		return fmt.Errorf("TPM2_Load: %w", err)
 	}
 	defer d.flush(loaded.ObjectHandle)
-	// The handle may be empty (first provisioning): only then does this fail.
+	// Evict the old key, if any: the handle is empty on first provisioning.
 	if _, name, err := d.readPublic(handle); err == nil {
-		d.persist(tpm2.NamedHandle{Handle: tpm2.TPMHandle(handle), Name: name}, handle)
+		d.evictControl(tpm2.NamedHandle{Handle: tpm2.TPMHandle(handle), Name: name}, handle)
 	}
-	return d.persist(tpm2.NamedHandle{Handle: loaded.ObjectHandle, Name: loaded.Name}, handle)
+	return d.evictControl(tpm2.NamedHandle{Handle: loaded.ObjectHandle, Name: loaded.Name}, handle)
 }
 
 // HMAC returns TPM2_HMAC(SHA-256) of data with the persistent key at handle.

@@ -1,0 +1,149 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// cli runs the built binary the way an operator does.
+type cli struct {
+	t       *testing.T
+	bin     string
+	dataDir string
+}
+
+func (c *cli) run(args ...string) (string, error) {
+	c.t.Helper()
+	cmd := exec.Command(c.bin, append(args, "--data-dir", c.dataDir)...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	err := cmd.Run()
+	return out.String(), err
+}
+
+func (c *cli) ok(args ...string) string {
+	c.t.Helper()
+	out, err := c.run(args...)
+	if err != nil {
+		c.t.Fatalf("hatchery %s: %v\n%s", strings.Join(args, " "), err, out)
+	}
+	return out
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func startServe(t *testing.T) *cli {
+	t.Helper()
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	if out, err := exec.Command("go", "build", "-o", c.bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	port := freePort(t)
+	var log bytes.Buffer
+	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port))
+	srv.Stdout, srv.Stderr = &log, &log
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = srv.Process.Signal(syscall.SIGTERM)
+		_ = srv.Wait()
+		if t.Failed() {
+			t.Logf("server log:\n%s", log.String())
+		}
+	})
+	for deadline := time.Now().Add(20 * time.Second); ; {
+		if conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port)); err == nil {
+			conn.Close()
+			if _, err := os.Stat(filepath.Join(c.dataDir, endpointFile)); err == nil {
+				return c
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server did not start:\n%s", log.String())
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestOperatorCLI(t *testing.T) {
+	c := startServe(t)
+	var info siteInfo
+	if err := json.Unmarshal([]byte(c.ok("info", "--output", "json")), &info); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(info.IDScope, "0ne") || info.HubHostName != "localhost" || !strings.Contains(info.ProvisioningServiceConnectionString, "SharedAccessKeyName=provisioningserviceowner") ||
+		!strings.Contains(info.HubConnectionString, "SharedAccessKeyName=iothubowner") || !strings.HasPrefix(info.ProvisioningHost, "https://localhost:") {
+		t.Fatalf("info %+v", info)
+	}
+	if _, err := os.Stat(info.CACertificate); err != nil {
+		t.Fatalf("CA certificate: %v", err)
+	}
+
+	out := c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "Dev-1",
+		"--device-id", "edge-1", "--edge-enabled", "--initial-twin-tags", `{"environment":"prod"}`)
+	for _, want := range []string{"dev-1", "edge-1", "symmetricKey", "IoT Edge:             true", `{"environment":"prod"}`, "unassigned"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("create output lacks %q:\n%s", want, out)
+		}
+	}
+	if out := c.ok("enrollment", "update", "--registration-id", "dev-1", "--provisioning-status", "disabled"); !strings.Contains(out, "disabled") {
+		t.Errorf("update: %s", out)
+	}
+	list := c.ok("enrollment", "list")
+	if !strings.Contains(list, "REGISTRATION ID") || !strings.Contains(list, "dev-1") {
+		t.Errorf("list: %s", list)
+	}
+	var listed []map[string]any
+	if err := json.Unmarshal([]byte(c.ok("enrollment", "list", "-o", "json")), &listed); err != nil || len(listed) != 1 {
+		t.Fatalf("list json: %v %v", listed, err)
+	}
+	if out := c.ok("enrollment-group", "create", "--group-id", "line-3", "--initial-twin-tags", `{"line":3}`); !strings.Contains(out, "symmetricKey") {
+		t.Errorf("group create: %s", out)
+	}
+	if out := c.ok("enrollment-group", "list"); !strings.Contains(out, "line-3") {
+		t.Errorf("group list: %s", out)
+	}
+	c.ok("enrollment-group", "delete", "--group-id", "line-3")
+	if out := c.ok("registration", "list"); !strings.Contains(out, "REGISTRATION ID") {
+		t.Errorf("registration list: %s", out)
+	}
+
+	// Mistakes get errors that say what to do, and exit non-zero.
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"enrollment", "show", "--registration-id", "ghost"}, "no enrollment with registration ID"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--initial-twin-tags", "{bad"}, "not valid JSON"},
+		{[]string{"enrollment", "create", "--registration-id", "x"}, "--attestation-type is required"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "tpm", "--endorsement-key", "AAAA"}, "endorsementKey is not a TPM2B_PUBLIC"},
+		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "tpm"}, "individual enrollments only"},
+	} {
+		out, err := c.run(tc.args...)
+		if err == nil || !strings.Contains(out, tc.want) {
+			t.Errorf("hatchery %s: err=%v, output %q; want an error containing %q", strings.Join(tc.args, " "), err, out, tc.want)
+		}
+	}
+	c.ok("enrollment", "delete", "--registration-id", "dev-1")
+	empty := &cli{t: t, bin: c.bin, dataDir: t.TempDir()}
+	if out, err := empty.run("info"); err == nil || !strings.Contains(out, "hatchery serve") {
+		t.Errorf("info without an installation: %v %s", err, out)
+	}
+}
