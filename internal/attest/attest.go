@@ -14,7 +14,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"math/big"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -22,92 +21,31 @@ import (
 // ParsePublic parses a TPM2B_PUBLIC (size prefix included) that must hold an
 // RSA-2048 restricted decryption key with SHA-256 nameAlg and AES-128-CFB
 // symmetric parameters: an EK or SRK in the form PROTOCOL.md §1 describes.
-func ParsePublic(tpm2bPublic []byte) (*tpm2.TPMTPublic, error) {
+func ParsePublic(tpm2bPublic []byte) (*Public, error) {
 	pub, err := parseRSA(tpm2bPublic)
 	if err != nil {
 		return nil, err
 	}
-	a := pub.ObjectAttributes
-	if !a.Restricted || !a.Decrypt || a.SignEncrypt {
+	a := pub.Attributes
+	if a&attrRestr == 0 || a&attrDecrypt == 0 || a&attrSign != 0 {
 		return nil, errors.New("not a restricted decryption key (want attributes restricted|decrypt, not sign)")
 	}
-	if pub.NameAlg != tpm2.TPMAlgSHA256 {
-		return nil, fmt.Errorf("nameAlg 0x%04x, want SHA-256 (0x000b)", uint16(pub.NameAlg))
+	if pub.NameAlg != algSHA256 {
+		return nil, fmt.Errorf("nameAlg 0x%04x, want SHA-256 (0x000b)", pub.NameAlg)
 	}
-	rsaParms, _ := pub.Parameters.RSADetail() // parseRSA checked the type
-	if rsaParms.KeyBits != 2048 {
-		return nil, fmt.Errorf("RSA key size %d bits, want 2048", rsaParms.KeyBits)
+	if pub.KeyBits != 2048 {
+		return nil, fmt.Errorf("RSA key size %d bits, want 2048", pub.KeyBits)
 	}
-	if n, _ := pub.Unique.RSA(); len(n.Buffer) != 256 {
-		return nil, fmt.Errorf("RSA modulus of %d bytes, want 256", len(n.Buffer))
+	if len(pub.Modulus) != 256 {
+		return nil, fmt.Errorf("RSA modulus of %d bytes, want 256", len(pub.Modulus))
 	}
-	if rsaParms.Scheme.Scheme != tpm2.TPMAlgNull {
-		return nil, fmt.Errorf("RSA scheme 0x%04x, want NULL as for any storage key", uint16(rsaParms.Scheme.Scheme))
+	if pub.Scheme != algNull {
+		return nil, fmt.Errorf("RSA scheme 0x%04x, want NULL as for any storage key", pub.Scheme)
 	}
-	bits, errBits := rsaParms.Symmetric.KeyBits.AES()
-	mode, errMode := rsaParms.Symmetric.Mode.AES()
-	if errBits != nil || errMode != nil || *bits != 128 || *mode != tpm2.TPMAlgCFB {
+	if pub.SymAlg != algAES || pub.SymKeyBits != 128 || pub.SymMode != algCFB {
 		return nil, errors.New("symmetric parameters are not AES-128-CFB")
 	}
 	return pub, nil
-}
-
-// parseRSA parses a TPM2B_PUBLIC that must be exactly one RSA TPMT_PUBLIC.
-func parseRSA(b []byte) (*tpm2.TPMTPublic, error) {
-	if len(b) < 2 {
-		return nil, fmt.Errorf("TPM2B_PUBLIC of %d bytes is too short", len(b))
-	}
-	if size := int(binary.BigEndian.Uint16(b)); size != len(b)-2 {
-		return nil, fmt.Errorf("TPM2B_PUBLIC size %d but %d bytes follow", size, len(b)-2)
-	}
-	// Check the type first: go-tpm's error for another type's fields
-	// would not say what is wrong.
-	if len(b) < 4 {
-		return nil, errors.New("TPMT_PUBLIC is empty")
-	}
-	if typ := binary.BigEndian.Uint16(b[2:]); typ != uint16(tpm2.TPMAlgRSA) {
-		return nil, fmt.Errorf("key type 0x%04x, want RSA (0x0001)", typ)
-	}
-	pub, err := tpm2.Unmarshal[tpm2.TPMTPublic](b[2:])
-	if err != nil {
-		return nil, fmt.Errorf("TPMT_PUBLIC: %w", err)
-	}
-	// go-tpm ignores trailing bytes, so count what it read.
-	if n := rsaPublicSize(pub); n != len(b)-2 {
-		return nil, fmt.Errorf("TPMT_PUBLIC is %d bytes but the TPM2B_PUBLIC holds %d", n, len(b)-2)
-	}
-	return pub, nil
-}
-
-// rsaPublicSize is the encoded size of an RSA TPMT_PUBLIC; it saves
-// re-encoding the key with go-tpm's reflection, which would double the cost
-// of a parse. FuzzParsePublic checks it against tpm2.Marshal.
-func rsaPublicSize(pub *tpm2.TPMTPublic) int {
-	parms, _ := pub.Parameters.RSADetail()
-	n, _ := pub.Unique.RSA()
-	size := 2 + 2 + 4 + 2 + len(pub.AuthPolicy.Buffer) + 2 + 2 + 2 + 4 + 2 + len(n.Buffer)
-	switch parms.Symmetric.Algorithm {
-	case tpm2.TPMAlgNull:
-	case tpm2.TPMAlgXOR:
-		size += 2 // hashAlg; XOR has no mode
-	default:
-		size += 4 // keyBits, mode
-	}
-	if s := parms.Scheme.Scheme; s != tpm2.TPMAlgNull && s != tpm2.TPMAlgRSAES {
-		size += 2 // hashAlg
-	}
-	return size
-}
-
-// rsaKey is the RSA public key of a parsed TPMT_PUBLIC of type RSA.
-func rsaKey(pub *tpm2.TPMTPublic) *rsa.PublicKey {
-	parms, _ := pub.Parameters.RSADetail()
-	n, _ := pub.Unique.RSA()
-	e := int(parms.Exponent)
-	if e == 0 {
-		e = 65537 // the TPM's encoding of the default exponent
-	}
-	return &rsa.PublicKey{N: new(big.Int).SetBytes(n.Buffer), E: e}
 }
 
 // SameKey reports whether two TPM2B_PUBLIC encodings carry the same RSA
@@ -121,7 +59,7 @@ func SameKey(a, b []byte) (bool, error) {
 	if err != nil {
 		return false, fmt.Errorf("second key: %w", err)
 	}
-	ka, kb := rsaKey(pa), rsaKey(pb)
+	ka, kb := pa.Key(), pb.Key()
 	return ka.E == kb.E && ka.N.Cmp(kb.N) == 0, nil
 }
 
@@ -209,12 +147,12 @@ func ActivationBlob(ekPub, srkPub, key []byte, rnd io.Reader) ([]byte, error) {
 	// A, B: MakeCredential of the inner key to the EK, bound to Name(SRK).
 	credential := [2 + innerKeySize]byte{0, innerKeySize}
 	copy(credential[2:], innerKey)
-	blob, err = seal(blob, rnd, rsaKey(ek), "IDENTITY\x00", seedE, srkName, credential[:])
+	blob, err = seal(blob, rnd, ek.Key(), "IDENTITY\x00", seedE, srkName, credential[:])
 	if err != nil {
 		return nil, fmt.Errorf("endorsement key: %w", err)
 	}
 	// C, D: outer duplication wrap of the inner-wrapped sensitive to the SRK.
-	if blob, err = seal(blob, rnd, rsaKey(srk), "DUPLICATE\x00", seedS, idName, inner); err != nil {
+	if blob, err = seal(blob, rnd, srk.Key(), "DUPLICATE\x00", seedS, idName, inner); err != nil {
 		return nil, fmt.Errorf("storage root key: %w", err)
 	}
 	// E, F.
