@@ -7,7 +7,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -110,18 +109,7 @@ func TestSameKey(t *testing.T) {
 	}
 }
 
-// parts splits an activation blob into its TPM2B parts, size prefixes kept.
-func parts(t testing.TB, blob []byte) [][]byte {
-	var p [][]byte
-	for rest := blob; len(rest) > 0; {
-		if len(rest) < 2 || 2+int(binary.BigEndian.Uint16(rest)) > len(rest) {
-			t.Fatalf("activation blob: truncated part %c", 'A'+len(p))
-		}
-		n := 2 + int(binary.BigEndian.Uint16(rest))
-		p, rest = append(p, rest[:n]), rest[n:]
-	}
-	return p
-}
+func parts(t testing.TB, blob []byte) [][]byte { return testutil.BlobParts(t, blob) }
 
 func TestActivationBlobLayout(t *testing.T) {
 	blob, err := ActivationBlob(fixture(t, "ek.pub"), fixture(t, "srk.pub"), make([]byte, 32), rand.Reader)
@@ -184,51 +172,15 @@ func TestActivationBlobErrors(t *testing.T) {
 // what devices do with the blob (PROTOCOL.md §1) against swtpm, with keys
 // that tpm2-tools made.
 func TestActivationBlobTPM2Tools(t *testing.T) {
-	testutil.Require(t, "tpm2_createek", "tpm2-tools")
-	t.Setenv("TPM2TOOLS_TCTI", testutil.StartSWTPM(t))
-	dir := t.TempDir()
-	path := func(name string) string { return filepath.Join(dir, name) }
-	tool := func(args ...string) { t.Helper(); testutil.Run(t, exec.Command(args[0], args[1:]...)) }
-	tool("tpm2_createek", "-c", "0x81010001", "-G", "rsa", "-u", path("ek.pub"))
-	tool("tpm2_createprimary", "-Q", "-C", "o", "-c", path("srk.ctx"),
-		"-a", "restricted|decrypt|fixedtpm|fixedparent|sensitivedataorigin|userwithauth|noda")
-	tool("tpm2_evictcontrol", "-Q", "-C", "o", "-c", path("srk.ctx"), "0x81000001")
-	tool("tpm2_flushcontext", "-t")
-	tool("tpm2_readpublic", "-Q", "-c", "0x81000001", "-o", path("srk.pub"))
-	ek, _ := os.ReadFile(path("ek.pub"))
-	srk, _ := os.ReadFile(path("srk.pub"))
-
+	tools := testutil.NewTPM2Tools(t, testutil.StartSWTPM(t))
+	ek, srk := tools.CreateKeys()
 	for i, key := range [][]byte{bytes.Repeat([]byte{0x5a}, 32), []byte("a key of 64 bytes, the HMAC-SHA-256 block size, the longest one.")} {
 		blob, err := ActivationBlob(ek, srk, key, rand.Reader)
 		if err != nil {
 			t.Fatal(err)
 		}
-		p := parts(t, blob)
-		write := func(name string, b ...[]byte) {
-			if err := os.WriteFile(path(name), bytes.Join(b, nil), 0o600); err != nil {
-				t.Fatal(err)
-			}
-		}
-		// tpm2_makecredential's file format: magic, version, A, B.
-		write("cred", []byte{0xba, 0xdc, 0xc0, 0xde, 0, 0, 0, 1}, p[0], p[1])
-		write("dup", p[2])
-		write("seed", p[3])
-		write("key.pub", p[4])
 		data := bytes.Repeat([]byte("registration\n"), 10*(i+1))
-		write("data", data)
-
-		tool("tpm2_startauthsession", "--policy-session", "-S", path("session.ctx"))
-		tool("tpm2_policysecret", "-Q", "-S", path("session.ctx"), "-c", "e")
-		tool("tpm2_activatecredential", "-Q", "-c", "0x81000001", "-C", "0x81010001",
-			"-i", path("cred"), "-o", path("inner"), "-P", "session:"+path("session.ctx"))
-		tool("tpm2_flushcontext", path("session.ctx"))
-		tool("tpm2_import", "-Q", "-C", "0x81000001", "-u", path("key.pub"), "-i", path("dup"),
-			"-s", path("seed"), "-k", path("inner"), "-r", path("key.priv"))
-		tool("tpm2_load", "-Q", "-C", "0x81000001", "-u", path("key.pub"), "-r", path("key.priv"), "-c", path("key.ctx"))
-		tool("tpm2_hmac", "-c", path("key.ctx"), "-g", "sha256", "-o", path("hmac"), path("data"))
-		tool("tpm2_flushcontext", "-t")
-
-		got, _ := os.ReadFile(path("hmac"))
+		got := tools.HMAC(tools.Activate(blob), data)
 		mac := hmac.New(sha256.New, key)
 		mac.Write(data)
 		if want := mac.Sum(nil); !bytes.Equal(got, want) {
