@@ -8,9 +8,12 @@ import (
 	"time"
 )
 
-// Device is a device identity, in the registry API's JSON shape.
+// Device is a device identity, in the registry API's JSON shape; a module
+// identity has the same shape with moduleId set.
 type Device struct {
 	DeviceID                   string         `json:"deviceId"`
+	ModuleID                   string         `json:"moduleId,omitempty"`
+	ManagedBy                  string         `json:"managedBy,omitempty"`
 	GenerationID               string         `json:"generationId"`
 	ETag                       string         `json:"etag"`
 	ConnectionState            string         `json:"connectionState"`
@@ -51,6 +54,7 @@ type Capabilities struct {
 // Twin is a device twin in the twin API's JSON shape.
 type Twin struct {
 	DeviceID                  string          `json:"deviceId"`
+	ModuleID                  string          `json:"moduleId,omitempty"`
 	ETag                      string          `json:"etag"`
 	DeviceETag                string          `json:"deviceEtag"`
 	Status                    string          `json:"status"`

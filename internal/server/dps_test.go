@@ -283,6 +283,36 @@ func TestHubRegistry(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "stale", map[string]any{"tags": map[string]any{"x": 1}}, nil); azerr.As(err).Status() != 412 {
 		t.Fatalf("stale twin patch: %v", err)
 	}
+	// An edge device gets its $edgeAgent and $edgeHub modules; module twins work like device twins.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/edge1", "", map[string]any{"capabilities": map[string]any{"iotEdge": true}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var mods []hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/edge1/modules", "", nil, &mods); err != nil {
+		t.Fatal(err)
+	}
+	if len(mods) != 2 || mods[0].ModuleID != "$edgeAgent" || mods[1].ModuleID != "$edgeHub" || mods[0].ManagedBy != "iotEdge" {
+		t.Fatalf("edge modules %+v", mods)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge1/modules/$edgeAgent", "", map[string]any{"properties": map[string]any{"desired": map[string]any{"schemaVersion": "1.1"}}}, &tw); err != nil {
+		t.Fatal(err)
+	}
+	if tw.ModuleID != "$edgeAgent" || !strings.Contains(string(tw.Properties.Desired), `"schemaVersion":"1.1"`) {
+		t.Fatalf("module twin %+v %s", tw, tw.Properties.Desired)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/edge1/modules/nope", "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Fatalf("missing module twin: %v", err)
+	}
+	if err := e.hubAPI.Do(ctx, "DELETE", "/devices/edge1", "*", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if n, _ := e.st.Count(ctx, "hub.module"); n != 0 {
+		t.Fatalf("%d modules left after deleting their device", n)
+	}
+	// A method to a device that is not connected fails as in the hosted hub.
+	if err := e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "reboot"}, nil); azerr.As(err).Status() != 404 || !strings.Contains(err.Error(), "not connected") {
+		t.Fatalf("method to offline device: %v", err)
+	}
 	for _, id := range []string{"bad/id", strings.Repeat("x", 129)} {
 		st, _ := e.raw("GET", "/devices/"+id+"?api-version=2021-04-12", "", "")
 		if st < 400 {

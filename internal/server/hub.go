@@ -18,17 +18,26 @@ func (a *api) routesHub(mux *http.ServeMux) {
 			return h(w, r)
 		}))
 	}
-	service("PUT /devices/{id}", a.putDevice)
-	service("GET /devices/{id}", a.getDevice)
-	service("DELETE /devices/{id}", a.deleteDevice)
+	for _, prefix := range []string{"/devices/{id}", "/devices/{id}/modules/{mid}"} {
+		service("PUT "+prefix, a.putIdentity)
+		service("GET "+prefix, a.getIdentity)
+		service("DELETE "+prefix, a.deleteIdentity)
+	}
 	service("GET /devices", a.listDevices)
-	service("GET /twins/{id}", a.getTwin)
-	service("PATCH /twins/{id}", a.updateTwin(false))
-	service("PUT /twins/{id}", a.updateTwin(true))
+	service("GET /devices/{id}/modules", a.listModules)
+	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
+		service("GET "+prefix, a.getTwin)
+		service("PATCH "+prefix, a.updateTwin(false))
+		service("PUT "+prefix, a.updateTwin(true))
+		service("POST "+prefix+"/methods", a.invokeMethod)
+	}
 
 	// Device-facing HTTPS: telemetry, authenticated with the device's own token.
 	mux.HandleFunc("POST /devices/{id}/messages/events", a.hubHandler(a.deviceEvent))
+	mux.HandleFunc("POST /devices/{id}/modules/{mid}/messages/events", a.hubHandler(a.deviceEvent))
 }
+
+func ref(r *http.Request) hub.Ref { return hub.Ref{Device: r.PathValue("id"), Module: r.PathValue("mid")} }
 
 func (a *api) hubHandler(h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -42,12 +51,12 @@ func (a *api) hubHandler(h func(http.ResponseWriter, *http.Request) error) http.
 	}
 }
 
-func (a *api) putDevice(w http.ResponseWriter, r *http.Request) error {
+func (a *api) putIdentity(w http.ResponseWriter, r *http.Request) error {
 	var d hub.Device
 	if err := readJSON(r, &d); err != nil {
 		return err
 	}
-	out, err := a.hub.CreateOrUpdateDevice(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &d)
+	out, err := a.hub.PutIdentity(r.Context(), ref(r), r.Header.Get("If-Match"), &d)
 	if err != nil {
 		return err
 	}
@@ -55,8 +64,8 @@ func (a *api) putDevice(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (a *api) getDevice(w http.ResponseWriter, r *http.Request) error {
-	d, err := a.hub.GetDevice(r.Context(), r.PathValue("id"))
+func (a *api) getIdentity(w http.ResponseWriter, r *http.Request) error {
+	d, err := a.hub.GetIdentity(r.Context(), ref(r))
 	if err != nil {
 		return err
 	}
@@ -64,11 +73,33 @@ func (a *api) getDevice(w http.ResponseWriter, r *http.Request) error {
 	return nil
 }
 
-func (a *api) deleteDevice(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteDevice(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+func (a *api) deleteIdentity(w http.ResponseWriter, r *http.Request) error {
+	if err := a.hub.DeleteIdentity(r.Context(), ref(r), r.Header.Get("If-Match")); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (a *api) listModules(w http.ResponseWriter, r *http.Request) error {
+	ms, err := a.hub.ListModules(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, ms)
+	return nil
+}
+
+func (a *api) invokeMethod(w http.ResponseWriter, r *http.Request) error {
+	var req hub.MethodRequest
+	if err := readJSON(r, &req); err != nil {
+		return err
+	}
+	res, err := a.hub.InvokeMethod(r.Context(), ref(r), &req)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, res)
 	return nil
 }
 
@@ -90,7 +121,7 @@ func (a *api) listDevices(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) getTwin(w http.ResponseWriter, r *http.Request) error {
-	t, err := a.hub.GetTwin(r.Context(), r.PathValue("id"))
+	t, err := a.hub.GetTwin(r.Context(), ref(r))
 	if err != nil {
 		return err
 	}
@@ -104,7 +135,7 @@ func (a *api) updateTwin(replace bool) func(http.ResponseWriter, *http.Request) 
 		if err := readJSON(r, &p); err != nil {
 			return err
 		}
-		t, err := a.hub.UpdateTwin(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &p, replace)
+		t, err := a.hub.UpdateTwin(r.Context(), ref(r), r.Header.Get("If-Match"), &p, replace)
 		if err != nil {
 			return err
 		}
@@ -116,7 +147,7 @@ func (a *api) updateTwin(replace bool) func(http.ResponseWriter, *http.Request) 
 // deviceEvent accepts telemetry over HTTPS. Application properties travel
 // as iothub-app-* headers, as the SDKs' HTTP transports send them.
 func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
-	id := r.PathValue("id")
+	id := ref(r)
 	if err := a.hub.AuthenticateDevice(r.Context(), id, r.Header.Get("Authorization")); err != nil {
 		return err
 	}

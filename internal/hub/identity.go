@@ -1,0 +1,339 @@
+package hub
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/base64"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"regexp"
+	"strings"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+const (
+	kindDevice = "hub.device"
+	kindModule = "hub.module"
+)
+
+// Ref names a device, or a module of a device.
+type Ref struct{ Device, Module string }
+
+func (r Ref) String() string {
+	if r.Module == "" {
+		return r.Device
+	}
+	return r.Device + "/" + r.Module
+}
+
+func (r Ref) kind() string {
+	if r.Module == "" {
+		return kindDevice
+	}
+	return kindModule
+}
+
+// id is the document ID; '/' appears in neither device nor module IDs.
+func (r Ref) id() string { return r.String() }
+
+var idPattern = regexp.MustCompile(`^[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}$`)
+
+func (r Ref) check() error {
+	if !idPattern.MatchString(r.Device) {
+		return azerr.New(400012, "ArgumentInvalid", "device ID %q is not valid: use 1 to 128 letters, digits or -.+%%_#*?!(),:=@$'", r.Device)
+	}
+	if r.Module != "" && !idPattern.MatchString(r.Module) {
+		return azerr.New(400012, "ArgumentInvalid", "module ID %q is not valid: use 1 to 128 letters, digits or -.+%%_#*?!(),:=@$'", r.Module)
+	}
+	return nil
+}
+
+func (r Ref) notFound() error {
+	if r.Module == "" {
+		return azerr.New(404001, "DeviceNotFound", "device %q is not registered in this hub", r.Device)
+	}
+	return azerr.New(404010, "ModuleNotFound", "module %q of device %q is not registered in this hub", r.Module, r.Device)
+}
+
+func (s *Service) load(ctx context.Context, r Ref) (*record, string, error) {
+	if err := r.check(); err != nil {
+		return nil, "", err
+	}
+	d, err := s.store.Get(ctx, r.kind(), r.id())
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, "", r.notFound()
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	rec := &record{}
+	if err := json.Unmarshal(d.Body, rec); err != nil {
+		return nil, "", fmt.Errorf("stored %s is corrupt: %w", r, err)
+	}
+	return rec, d.ETag, nil
+}
+
+// update reads, changes and writes a record, retrying when a concurrent
+// writer got there first; listeners hear of the change afterwards.
+func (s *Service) update(ctx context.Context, r Ref, change func(*record) error) (*record, error) {
+	for range 16 {
+		rec, etag, err := s.load(ctx, r)
+		if err != nil {
+			return nil, err
+		}
+		if err := change(rec); err != nil {
+			return nil, err
+		}
+		body, _ := json.Marshal(rec)
+		_, err = s.store.Put(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}, etag)
+		if errors.Is(err, store.ErrPrecondition) {
+			continue
+		}
+		if err == nil {
+			s.changed(ctx, r)
+		}
+		return rec, err
+	}
+	return nil, azerr.New(409002, "PreconditionFailed", "%s is being changed concurrently: retry", r)
+}
+
+func newETag() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+func generationID() string {
+	var b [8]byte
+	_, _ = rand.Read(b[:])
+	return fmt.Sprintf("%018d", binary.BigEndian.Uint64(b[:])%1e18)
+}
+
+func matches(ifMatch, etag string) bool {
+	return ifMatch == "" || ifMatch == "*" || strings.Trim(ifMatch, `"`) == etag
+}
+
+// PutIdentity is PUT /devices/{id} or /devices/{id}/modules/{m}: without
+// If-Match it creates (409 if it exists); with If-Match it updates.
+func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *Device) (*Device, error) {
+	if err := r.check(); err != nil {
+		return nil, err
+	}
+	if in.DeviceID != "" && in.DeviceID != r.Device {
+		return nil, azerr.BadRequest("deviceId %q in the body differs from %q in the URL", in.DeviceID, r.Device)
+	}
+	if in.ModuleID != "" && in.ModuleID != r.Module {
+		return nil, azerr.BadRequest("moduleId %q in the body differs from %q in the URL", in.ModuleID, r.Module)
+	}
+	if err := normalizeIdentity(in, r.Module != ""); err != nil {
+		return nil, err
+	}
+	now := s.Now().UTC()
+	if ifMatch == "" {
+		if r.Module != "" {
+			if _, _, err := s.load(ctx, Ref{Device: r.Device}); err != nil {
+				return nil, err
+			}
+		}
+		rec := &record{Device: *in, DeviceETag: newETag(), TwinETag: newETag(), TwinVersion: 1,
+			Tags: map[string]any{}, Desired: map[string]any{}, Reported: map[string]any{},
+			DesiredVersion: 1, ReportedVersion: 1, DesiredUpdated: now, ReportedUpdated: now}
+		rec.Device.DeviceID, rec.Device.ModuleID, rec.Device.GenerationID = r.Device, r.Module, generationID()
+		rec.Device.ConnectionState, rec.Device.StatusUpdatedTime = "Disconnected", now
+		body, _ := json.Marshal(rec)
+		if _, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}); err != nil {
+			if errors.Is(err, store.ErrExists) {
+				name := "DeviceAlreadyExists"
+				if r.Module != "" {
+					name = "ModuleAlreadyExistsOnDevice"
+				}
+				return nil, azerr.Conflict(name, "%s already exists: update it with If-Match", r)
+			}
+			return nil, err
+		}
+		if r.Module == "" && in.Capabilities.IoTEdge {
+			if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
+				return nil, err
+			}
+		}
+		s.changed(ctx, r)
+		return rec.identityView(), nil
+	}
+	rec, err := s.update(ctx, r, func(rec *record) error {
+		if !matches(ifMatch, rec.DeviceETag) {
+			return azerr.PreconditionFailed("%s was changed since etag %s: read it again", r, ifMatch)
+		}
+		if rec.Device.Status != in.Status {
+			rec.Device.StatusUpdatedTime = now
+		}
+		rec.Device.Status, rec.Device.StatusReason = in.Status, in.StatusReason
+		rec.Device.Authentication, rec.Device.Capabilities = in.Authentication, in.Capabilities
+		if in.ManagedBy != "" {
+			rec.Device.ManagedBy = in.ManagedBy
+		}
+		rec.DeviceETag = newETag()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if r.Module == "" && in.Capabilities.IoTEdge {
+		if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
+			return nil, err
+		}
+	}
+	return rec.identityView(), nil
+}
+
+// ensureEdgeModules gives an IoT Edge device its $edgeAgent and $edgeHub
+// module identities, as the hosted hub does.
+func (s *Service) ensureEdgeModules(ctx context.Context, device string) error {
+	for _, m := range []string{"$edgeAgent", "$edgeHub"} {
+		_, err := s.PutIdentity(ctx, Ref{device, m}, "", &Device{ManagedBy: "iotEdge"})
+		if err != nil && azerr.As(err).Status() != 409 {
+			return err
+		}
+	}
+	return nil
+}
+
+// normalizeIdentity fills defaults and checks keys, as the hosted registry does.
+func normalizeIdentity(d *Device, module bool) error {
+	switch d.Status {
+	case "":
+		d.Status = "enabled"
+	case "enabled", "disabled":
+		if module && d.Status == "disabled" {
+			return azerr.BadRequest("modules have no status: disable the device instead")
+		}
+	default:
+		return azerr.BadRequest("status %q is not valid: use enabled or disabled", d.Status)
+	}
+	a := &d.Authentication
+	switch a.Type {
+	case "", "sas":
+		a.Type = "sas"
+		if a.SymmetricKey.PrimaryKey == "" {
+			a.SymmetricKey.PrimaryKey = sas.NewKey()
+		}
+		if a.SymmetricKey.SecondaryKey == "" {
+			a.SymmetricKey.SecondaryKey = sas.NewKey()
+		}
+		for name, k := range map[string]string{"primaryKey": a.SymmetricKey.PrimaryKey, "secondaryKey": a.SymmetricKey.SecondaryKey} {
+			if b, err := base64.StdEncoding.DecodeString(k); err != nil || len(b) < 16 || len(b) > 64 {
+				return azerr.BadRequest("authentication.symmetricKey.%s must be a base64 key of 16 to 64 bytes", name)
+			}
+		}
+	case "selfSigned", "certificateAuthority", "none":
+	default:
+		return azerr.BadRequest("authentication.type %q is not valid: use sas, selfSigned, certificateAuthority or none", a.Type)
+	}
+	return nil
+}
+
+func (r *record) identityView() *Device {
+	d := r.Device
+	d.ETag = r.DeviceETag
+	return &d
+}
+
+// GetIdentity returns a device or module identity.
+func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
+	rec, _, err := s.load(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return rec.identityView(), nil
+}
+
+// DeleteIdentity removes a device (with its modules) or a module.
+func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
+	rec, etag, err := s.load(ctx, r)
+	if err != nil {
+		return err
+	}
+	if !matches(ifMatch, rec.DeviceETag) {
+		return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
+	}
+	if r.Module == "" {
+		mods, err := s.ListModules(ctx, r.Device)
+		if err != nil {
+			return err
+		}
+		for _, m := range mods {
+			if err := s.store.Delete(ctx, kindModule, Ref{r.Device, m.ModuleID}.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+				return err
+			}
+		}
+	}
+	if err := s.store.Delete(ctx, r.kind(), r.id(), etag); err != nil {
+		if errors.Is(err, store.ErrPrecondition) {
+			return azerr.PreconditionFailed("%s changed while being deleted: retry", r)
+		}
+		return err
+	}
+	s.changed(ctx, r)
+	return nil
+}
+
+// ListDevices returns up to top devices.
+func (s *Service) ListDevices(ctx context.Context, top int) ([]*Device, error) {
+	if top <= 0 || top > 1000 {
+		top = 1000
+	}
+	recs, _, err := s.scan(ctx, kindDevice, "", "", top)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Device, len(recs))
+	for i, r := range recs {
+		out[i] = r.identityView()
+	}
+	return out, nil
+}
+
+// ListModules returns a device's module identities.
+func (s *Service) ListModules(ctx context.Context, device string) ([]*Device, error) {
+	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
+		return nil, err
+	}
+	recs, _, err := s.scan(ctx, kindModule, device+"/", device+"/", 1000)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Device, len(recs))
+	for i, r := range recs {
+		out[i] = r.identityView()
+	}
+	return out, nil
+}
+
+// scan decodes up to limit records of kind with IDs after `after` that
+// start with prefix; it returns the ID to continue after ("" at the end).
+func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit int) ([]*record, string, error) {
+	docs, err := s.store.List(ctx, kind, after, limit)
+	if err != nil {
+		return nil, "", err
+	}
+	var out []*record
+	for _, d := range docs {
+		if !strings.HasPrefix(d.ID, prefix) {
+			return out, "", nil
+		}
+		rec := &record{}
+		if err := json.Unmarshal(d.Body, rec); err != nil {
+			return nil, "", fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
+		}
+		out = append(out, rec)
+	}
+	next := ""
+	if len(docs) == limit {
+		next = docs[len(docs)-1].ID
+	}
+	return out, next, nil
+}

@@ -1,0 +1,87 @@
+package hub
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+)
+
+// MethodHandler delivers a direct method to a connected device and waits
+// for its answer.
+type MethodHandler func(ctx context.Context, name string, payload json.RawMessage) (status int, response json.RawMessage, err error)
+
+// MethodRequest is the body of POST /twins/{id}/methods.
+type MethodRequest struct {
+	MethodName               string          `json:"methodName"`
+	Payload                  json.RawMessage `json:"payload"`
+	ResponseTimeoutInSeconds int             `json:"responseTimeoutInSeconds"`
+	ConnectTimeoutInSeconds  int             `json:"connectTimeoutInSeconds"`
+}
+
+// MethodResult is the answer of a direct method.
+type MethodResult struct {
+	Status  int             `json:"status"`
+	Payload json.RawMessage `json:"payload"`
+}
+
+// ServeMethods registers the connection that answers r's direct methods;
+// the returned cancel unregisters it (only if it is still the current one).
+func (s *Service) ServeMethods(r Ref, h MethodHandler) (cancel func()) {
+	reg := &h
+	s.mu.Lock()
+	s.methods[r] = reg
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if s.methods[r] == reg {
+			delete(s.methods, r)
+		}
+	}
+}
+
+// InvokeMethod calls a direct method on a connected device or module.
+func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (*MethodResult, error) {
+	if req.MethodName == "" {
+		return nil, azerr.BadRequest("methodName is required")
+	}
+	if len(req.MethodName) > 128 {
+		return nil, azerr.BadRequest("methodName is longer than 128 characters")
+	}
+	if _, _, err := s.load(ctx, r); err != nil {
+		return nil, err
+	}
+	timeout := time.Duration(req.ResponseTimeoutInSeconds) * time.Second
+	switch {
+	case req.ResponseTimeoutInSeconds == 0:
+		timeout = 30 * time.Second
+	case req.ResponseTimeoutInSeconds < 5 || req.ResponseTimeoutInSeconds > 300:
+		return nil, azerr.BadRequest("responseTimeoutInSeconds must be between 5 and 300")
+	}
+	s.mu.Lock()
+	reg := s.methods[r]
+	s.mu.Unlock()
+	if reg == nil {
+		return nil, azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
+	}
+	payload := req.Payload
+	if len(payload) == 0 {
+		payload = json.RawMessage("null")
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	status, resp, err := (*reg)(ctx, req.MethodName, payload)
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil, azerr.New(504101, "GatewayTimeout", "%s did not answer method %q within %s", r, req.MethodName, timeout)
+	}
+	if err != nil {
+		return nil, azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
+	}
+	if len(resp) == 0 {
+		resp = json.RawMessage("null")
+	}
+	return &MethodResult{Status: status, Payload: resp}, nil
+}

@@ -1,0 +1,188 @@
+package hub
+
+import (
+	"context"
+	"encoding/json"
+	"maps"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+)
+
+// GetTwin returns a device or module twin.
+func (s *Service) GetTwin(ctx context.Context, r Ref) (*Twin, error) {
+	rec, _, err := s.load(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return rec.twinView(), nil
+}
+
+// UpdateTwin is PATCH (merge) or PUT (replace) of tags and desired
+// properties by the back end. Connected devices hear of desired changes.
+func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *TwinPatch, replace bool) (*Twin, error) {
+	now := s.Now().UTC()
+	var notify map[string]any
+	rec, err := s.update(ctx, r, func(rec *record) error {
+		notify = nil
+		if !matches(ifMatch, rec.TwinETag) {
+			return azerr.PreconditionFailed("twin of %s was changed since etag %s: read it again", r, ifMatch)
+		}
+		if replace {
+			rec.Tags = map[string]any{}
+		}
+		mergePatch(rec.Tags, p.Tags)
+		if p.Properties != nil && (p.Properties.Desired != nil || replace) {
+			desired := withoutMeta(p.Properties.Desired)
+			if replace {
+				rec.Desired = map[string]any{}
+			}
+			mergePatch(rec.Desired, desired)
+			rec.DesiredVersion++
+			rec.DesiredUpdated = now
+			notify = desired
+			if replace {
+				notify = maps.Clone(rec.Desired)
+			}
+		}
+		rec.TwinVersion++
+		rec.TwinETag = newETag()
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	if notify != nil {
+		s.notifyDesired(r, notify, rec.DesiredVersion)
+	}
+	return rec.twinView(), nil
+}
+
+// UpdateReported merges a device's reported-properties patch and returns
+// the new reported version.
+func (s *Service) UpdateReported(ctx context.Context, r Ref, patch map[string]any) (int64, error) {
+	now := s.Now().UTC()
+	rec, err := s.update(ctx, r, func(rec *record) error {
+		mergePatch(rec.Reported, withoutMeta(patch))
+		rec.ReportedVersion++
+		rec.ReportedUpdated = now
+		rec.TwinVersion++
+		rec.TwinETag = newETag()
+		return nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	return rec.ReportedVersion, nil
+}
+
+// DeviceTwinDocument is the twin as a device sees it: desired and reported.
+func (s *Service) DeviceTwinDocument(ctx context.Context, r Ref) ([]byte, error) {
+	t, err := s.GetTwin(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return json.Marshal(t.Properties)
+}
+
+// watcher receives desired-property patches.
+type watcher struct{ f func(patch []byte) }
+
+// WatchDesired calls f with each desired-property patch of r (the patch
+// with its $version, as the device protocol sends it) until cancel.
+func (s *Service) WatchDesired(r Ref, f func(patch []byte)) (cancel func()) {
+	w := &watcher{f: f}
+	s.mu.Lock()
+	s.watchers[r] = append(s.watchers[r], w)
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		ws := s.watchers[r]
+		for i, x := range ws {
+			if x == w {
+				ws = append(ws[:i:i], ws[i+1:]...)
+				break
+			}
+		}
+		if len(ws) == 0 {
+			delete(s.watchers, r)
+		} else {
+			s.watchers[r] = ws
+		}
+	}
+}
+
+func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
+	s.mu.Lock()
+	ws := s.watchers[r]
+	s.mu.Unlock()
+	if len(ws) == 0 {
+		return
+	}
+	m := maps.Clone(patch)
+	if m == nil {
+		m = map[string]any{}
+	}
+	m["$version"] = version
+	body, _ := json.Marshal(m)
+	for _, w := range ws {
+		w.f(body)
+	}
+}
+
+// withoutMeta drops the read-only $version and $metadata a client may echo back.
+func withoutMeta(m map[string]any) map[string]any {
+	out := maps.Clone(m)
+	delete(out, "$version")
+	delete(out, "$metadata")
+	return out
+}
+
+// mergePatch applies a JSON merge patch (RFC 7386): null removes a key.
+func mergePatch(dst, patch map[string]any) {
+	for k, v := range patch {
+		switch pv := v.(type) {
+		case nil:
+			delete(dst, k)
+		case map[string]any:
+			sub, ok := dst[k].(map[string]any)
+			if !ok {
+				sub = map[string]any{}
+			}
+			mergePatch(sub, pv)
+			dst[k] = sub
+		default:
+			dst[k] = v
+		}
+	}
+}
+
+func (r *record) twinView() *Twin {
+	props := func(doc map[string]any, version int64, updated time.Time) json.RawMessage {
+		m := maps.Clone(doc)
+		if m == nil {
+			m = map[string]any{}
+		}
+		m["$version"] = version
+		m["$metadata"] = map[string]any{"$lastUpdated": updated}
+		b, _ := json.Marshal(m)
+		return b
+	}
+	tags, _ := json.Marshal(r.Tags)
+	if r.Tags == nil {
+		tags = []byte("{}")
+	}
+	return &Twin{
+		DeviceID: r.Device.DeviceID, ModuleID: r.Device.ModuleID, ETag: r.TwinETag, DeviceETag: r.DeviceETag,
+		Status: r.Device.Status, StatusUpdateTime: r.Device.StatusUpdatedTime,
+		ConnectionState: r.Device.ConnectionState, LastActivityTime: r.Device.LastActivityTime,
+		CloudToDeviceMessageCount: r.Device.CloudToDeviceMessageCount,
+		AuthenticationType:        r.Device.Authentication.Type, X509Thumbprint: r.Device.Authentication.X509Thumbprint,
+		Version: r.TwinVersion, Tags: tags, Capabilities: r.Device.Capabilities,
+		Properties: TwinProperties{
+			Desired:  props(r.Desired, r.DesiredVersion, r.DesiredUpdated),
+			Reported: props(r.Reported, r.ReportedVersion, r.ReportedUpdated),
+		},
+	}
+}
