@@ -27,15 +27,17 @@ type Service struct {
 	settings Settings
 	Now      func() time.Time
 
-	mu       sync.Mutex
-	watchers map[Ref][]*watcher                 // desired-property subscribers
-	methods  map[Ref]*MethodHandler             // the connection answering each device's methods
-	after    []func(ctx context.Context, r Ref) // called after a device's twin or identity changed
+	desiredWatchers watchers[Ref, func(patch []byte)]
+	c2dWatchers     watchers[string, func()]
+
+	mu      sync.Mutex
+	methods map[Ref]*MethodHandler             // the connection answering each device's methods
+	after   []func(ctx context.Context, r Ref) // called after a device's twin or identity changed
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
-	s := &Service{store: st, host: host, Now: time.Now, watchers: map[Ref][]*watcher{}, methods: map[Ref]*MethodHandler{}}
+	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}}
 	d, err := st.Get(ctx, kindSettings, "hub")
 	if errors.Is(err, store.ErrNotFound) {
 		body, _ := json.Marshal(Settings{Policies: []sas.Policy{

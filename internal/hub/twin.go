@@ -85,38 +85,14 @@ func (s *Service) DeviceTwinDocument(ctx context.Context, r Ref) ([]byte, error)
 	return json.Marshal(t.Properties)
 }
 
-// watcher receives desired-property patches.
-type watcher struct{ f func(patch []byte) }
-
 // WatchDesired calls f with each desired-property patch of r (the patch
 // with its $version, as the device protocol sends it) until cancel.
 func (s *Service) WatchDesired(r Ref, f func(patch []byte)) (cancel func()) {
-	w := &watcher{f: f}
-	s.mu.Lock()
-	s.watchers[r] = append(s.watchers[r], w)
-	s.mu.Unlock()
-	return func() {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		ws := s.watchers[r]
-		for i, x := range ws {
-			if x == w {
-				ws = append(ws[:i:i], ws[i+1:]...)
-				break
-			}
-		}
-		if len(ws) == 0 {
-			delete(s.watchers, r)
-		} else {
-			s.watchers[r] = ws
-		}
-	}
+	return s.desiredWatchers.add(r, f)
 }
 
 func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
-	s.mu.Lock()
-	ws := s.watchers[r]
-	s.mu.Unlock()
+	ws := s.desiredWatchers.get(r)
 	if len(ws) == 0 {
 		return
 	}
@@ -126,8 +102,8 @@ func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
 	}
 	m["$version"] = version
 	body, _ := json.Marshal(m)
-	for _, w := range ws {
-		w.f(body)
+	for _, f := range ws {
+		(*f)(body)
 	}
 }
 
