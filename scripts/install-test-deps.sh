@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs: swtpm and tpm2-tools (Debian) and the
-# official Azure IoT Node SDKs (npm, from test/interop/package-lock.json).
+# Installs what the test suite needs: swtpm and tpm2-tools (Debian), the Moby
+# engine (Debian's docker.io, started here when not running) and the official
+# Azure IoT Node SDKs (npm, from test/interop/package-lock.json).
 # Without root or apt it says what is missing; tests needing it then skip
 # locally and fail under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools; do
+for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
@@ -25,4 +26,15 @@ fi
 
 if command -v npm >/dev/null 2>&1 && [ -f test/interop/package-lock.json ] && [ ! -d test/interop/node_modules ]; then
   (cd test/interop && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+fi
+
+# The engine: started in the background when its socket does not answer.
+if command -v dockerd >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && ! docker version >/dev/null 2>&1; then
+  mkdir -p /var/log
+  nohup dockerd --host unix:///var/run/docker.sock >/var/log/hatchery-test-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker version >/dev/null 2>&1 && break
+    sleep 0.5
+  done
+  docker version >/dev/null 2>&1 || echo "dockerd did not start: see /var/log/hatchery-test-dockerd.log" >&2
 fi

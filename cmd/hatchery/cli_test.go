@@ -147,3 +147,58 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("info without an installation: %v %s", err, out)
 	}
 }
+
+func TestHubCLI(t *testing.T) {
+	c := startServe(t)
+	if out := c.ok("device", "create", "--device-id", "edge-1", "--edge-enabled"); !strings.Contains(out, "IoT Edge:          true") {
+		t.Errorf("device create: %s", out)
+	}
+	c.ok("twin", "update", "--device-id", "edge-1", "--tags", `{"environment":"prod"}`)
+	if out := c.ok("twin", "show", "--device-id", "edge-1"); !strings.Contains(out, `"environment": "prod"`) {
+		t.Errorf("twin show: %s", out)
+	}
+	manifest := filepath.Join(t.TempDir(), "manifest.json")
+	_ = os.WriteFile(manifest, []byte(`{"content":{"modulesContent":{
+		"$edgeAgent":{"properties.desired":{"schemaVersion":"1.1","runtime":{"type":"docker","settings":{}},"systemModules":{},
+			"modules":{"sensor":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"sensor:1"}}}}},
+		"$edgeHub":{"properties.desired":{"schemaVersion":"1.1","routes":{}}}}}}`), 0o644)
+	out := c.ok("deployment", "create", "--deployment-id", "prod-sensor", "--content", manifest,
+		"--target-condition", "tags.environment='prod'", "--priority", "10")
+	if !strings.Contains(out, "Targeted:             1") || !strings.Contains(out, "Applied:              1") {
+		t.Errorf("deployment create: %s", out)
+	}
+	if out := c.ok("deployment", "list"); !strings.Contains(out, "prod-sensor") {
+		t.Errorf("deployment list: %s", out)
+	}
+	if out := c.ok("twin", "show", "--device-id", "edge-1", "--module-id", "$edgeAgent"); !strings.Contains(out, "sensor:1") {
+		t.Errorf("$edgeAgent twin: %s", out)
+	}
+	c.ok("edge", "set-modules", "--device-id", "edge-1", "--content", manifest)
+	if out := c.ok("device", "disable", "--device-id", "edge-1"); !strings.Contains(out, "disabled") {
+		t.Errorf("disable: %s", out)
+	}
+	if out := c.ok("device", "list"); !strings.Contains(out, "edge-1") || !strings.Contains(out, "disabled") {
+		t.Errorf("device list: %s", out)
+	}
+	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--data", `{"hello":1}`, "--props", "a=1"); !strings.Contains(out, "Message ID") {
+		t.Errorf("c2d send: %s", out)
+	}
+	c.ok("events", "tail")
+	for _, tc := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"twin", "update", "--device-id", "edge-1", "--tags", "[1]"}, "not a JSON object"},
+		{[]string{"deployment", "create", "--deployment-id", "x", "--content", manifest, "--target-condition", "tags.a ="}, "targetCondition"},
+		{[]string{"deployment", "create", "--deployment-id", "x", "--content", "/nonexistent.json", "--target-condition", "*"}, "no such file"},
+		{[]string{"method", "invoke", "--device-id", "edge-1", "--method-name", "ping"}, "not connected"},
+		{[]string{"device", "show", "--device-id", "ghost"}, "not registered"},
+	} {
+		out, err := c.run(tc.args...)
+		if err == nil || !strings.Contains(out, tc.want) {
+			t.Errorf("hatchery %s: err=%v, output %q; want an error containing %q", strings.Join(tc.args, " "), err, out, tc.want)
+		}
+	}
+	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
+	c.ok("device", "delete", "--device-id", "edge-1")
+}

@@ -19,6 +19,15 @@ import (
 // dpsClient reaches the provisioning service API of the installation in
 // --data-dir, as an operator's tool would: over HTTPS with the owner policy.
 func dpsClient(cmd *cobra.Command) (*azclient.Client, error) {
+	return siteClient(cmd, func(s *siteInfo) string { return s.ProvisioningServiceConnectionString }, "2021-10-01")
+}
+
+// hubClient reaches the hub's service API with the iothubowner policy.
+func hubClient(cmd *cobra.Command) (*azclient.Client, error) {
+	return siteClient(cmd, func(s *siteInfo) string { return s.HubConnectionString }, "2021-04-12")
+}
+
+func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersion string) (*azclient.Client, error) {
 	site, err := loadSite(cmd)
 	if err != nil {
 		return nil, err
@@ -30,8 +39,7 @@ func dpsClient(cmd *cobra.Command) (*azclient.Client, error) {
 	if pem, err := os.ReadFile(site.CACertificate); err == nil {
 		roots.AppendCertsFromPEM(pem)
 	}
-	return azclient.New(site.ProvisioningServiceConnectionString, site.ServiceEndpoint, "2021-10-01",
-		&tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+	return azclient.New(connString(site), site.ServiceEndpoint, apiVersion, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
 }
 
 // enrollmentFlags are the flags create and update share.

@@ -18,7 +18,8 @@ func main() {
 	}
 	root.PersistentFlags().String("data-dir", defaultDataDir(), "directory holding the database, TLS material and settings")
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
-	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd())
+	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
+		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)

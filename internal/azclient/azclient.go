@@ -110,3 +110,28 @@ func (c *Client) DoHeaders(ctx context.Context, method, path, ifMatch string, he
 	}
 	return resp.Header, nil
 }
+
+// Stream sends a GET and returns the open response body, for answers that
+// stream (the event stream).
+func (c *Client) Stream(ctx context.Context, path string) (io.ReadCloser, error) {
+	sep := "?"
+	if strings.Contains(path, "?") {
+		sep = "&"
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, c.endpoint+path+sep+"api-version="+c.apiVersion, nil)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", sas.Build(c.cs.Key, c.cs.HostName, c.cs.KeyName, time.Now().Add(24*time.Hour)))
+	streaming := &http.Client{Transport: c.http.Transport} // no overall timeout: the stream may stay open
+	resp, err := streaming.Do(req)
+	if err != nil {
+		return nil, azerr.New(503001, "Unreachable", "%s is unreachable: %v", c.cs.HostName, err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		data, _ := io.ReadAll(io.LimitReader(resp.Body, 64<<10))
+		return nil, azerr.New(resp.StatusCode*1000, "ServiceError", "GET %s: %s (HTTP %d)", path, strings.TrimSpace(string(data)), resp.StatusCode)
+	}
+	return resp.Body, nil
+}

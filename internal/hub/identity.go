@@ -79,7 +79,7 @@ func (s *Service) load(ctx context.Context, r Ref) (*record, string, error) {
 }
 
 // update reads, changes and writes a record, retrying when a concurrent
-// writer got there first; listeners hear of the change afterwards.
+// writer got there first.
 func (s *Service) update(ctx context.Context, r Ref, change func(*record) error) (*record, error) {
 	for range 16 {
 		rec, etag, err := s.load(ctx, r)
@@ -93,9 +93,6 @@ func (s *Service) update(ctx context.Context, r Ref, change func(*record) error)
 		_, err = s.store.Put(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}, etag)
 		if errors.Is(err, store.ErrPrecondition) {
 			continue
-		}
-		if err == nil {
-			s.changed(ctx, r)
 		}
 		return rec, err
 	}
@@ -160,8 +157,8 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
 				return nil, err
 			}
+			s.reapply(ctx, r)
 		}
-		s.changed(ctx, r)
 		return rec.identityView(), nil
 	}
 	rec, err := s.update(ctx, r, func(rec *record) error {
@@ -186,6 +183,7 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
 			return nil, err
 		}
+		s.reapply(ctx, r)
 	}
 	return rec.identityView(), nil
 }
@@ -277,7 +275,6 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		}
 		return err
 	}
-	s.changed(ctx, r)
 	return nil
 }
 

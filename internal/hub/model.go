@@ -68,6 +68,8 @@ type Twin struct {
 	Tags                      json.RawMessage `json:"tags"`
 	Properties                TwinProperties  `json:"properties"`
 	Capabilities              Capabilities    `json:"capabilities"`
+	// Configurations says which deployments target or apply to the device.
+	Configurations map[string]ConfigStatus `json:"configurations,omitempty"`
 }
 
 // TwinProperties are the desired and reported property documents, each
@@ -80,9 +82,12 @@ type TwinProperties struct {
 // TwinPatch is a PATCH or PUT body of the twin API.
 type TwinPatch struct {
 	Tags       map[string]any `json:"tags"`
-	Properties *struct {
-		Desired map[string]any `json:"desired"`
-	} `json:"properties"`
+	Properties *DesiredPatch  `json:"properties"`
+}
+
+// DesiredPatch holds desired properties to merge or set.
+type DesiredPatch struct {
+	Desired map[string]any `json:"desired"`
 }
 
 // record is how a device is stored: identity and twin in one document so
@@ -99,4 +104,15 @@ type record struct {
 	Reported        map[string]any `json:"reported"`
 	ReportedVersion int64          `json:"reportedVersion"`
 	ReportedUpdated time.Time      `json:"reportedUpdated"`
+	// Configurations are the deployments targeting the device.
+	Configurations map[string]ConfigStatus `json:"configurations,omitempty"`
+}
+
+// DesiredVersion reads $version from the desired document.
+func (p TwinProperties) DesiredVersion() int64 {
+	var v struct {
+		Version int64 `json:"$version"`
+	}
+	_ = json.Unmarshal(p.Desired, &v)
+	return v.Version
 }

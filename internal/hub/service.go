@@ -31,8 +31,7 @@ type Service struct {
 	c2dWatchers     watchers[string, func()]
 
 	mu      sync.Mutex
-	methods map[Ref]*MethodHandler             // the connection answering each device's methods
-	after   []func(ctx context.Context, r Ref) // called after a device's twin or identity changed
+	methods map[Ref]*MethodHandler // the connection answering each device's methods
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
@@ -74,23 +73,6 @@ func (s *Service) AuthorizeService(header string) error {
 		return azerr.Unauthorized("%v", err)
 	}
 	return nil
-}
-
-// OnChange registers f to run after any device's or module's identity or
-// twin changes (deployments re-evaluate their targets this way).
-func (s *Service) OnChange(f func(ctx context.Context, r Ref)) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.after = append(s.after, f)
-}
-
-func (s *Service) changed(ctx context.Context, r Ref) {
-	s.mu.Lock()
-	after := s.after
-	s.mu.Unlock()
-	for _, f := range after {
-		f(ctx, r)
-	}
 }
 
 // AuthenticateDevice checks a device's (or module's) SAS token: the token's

@@ -55,6 +55,9 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 	if notify != nil {
 		s.notifyDesired(r, notify, rec.DesiredVersion)
 	}
+	if r.Module == "" && (p.Tags != nil || replace) {
+		s.reapply(ctx, r) // the device may now match other deployments
+	}
 	return rec.twinView(), nil
 }
 
@@ -155,7 +158,7 @@ func (r *record) twinView() *Twin {
 		ConnectionState: r.Device.ConnectionState, LastActivityTime: r.Device.LastActivityTime,
 		CloudToDeviceMessageCount: r.Device.CloudToDeviceMessageCount,
 		AuthenticationType:        r.Device.Authentication.Type, X509Thumbprint: r.Device.Authentication.X509Thumbprint,
-		Version: r.TwinVersion, Tags: tags, Capabilities: r.Device.Capabilities,
+		Version: r.TwinVersion, Tags: tags, Capabilities: r.Device.Capabilities, Configurations: r.Configurations,
 		Properties: TwinProperties{
 			Desired:  props(r.Desired, r.DesiredVersion, r.DesiredUpdated),
 			Reported: props(r.Reported, r.ReportedVersion, r.ReportedUpdated),

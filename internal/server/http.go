@@ -29,6 +29,7 @@ func New(d *dps.Service, h *hub.Service) http.Handler {
 	a := &api{dps: d, hub: h}
 	a.routesDPS(mux)
 	a.routesHub(mux)
+	a.routesDeployments(mux)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
 			r.Method, r.URL.Path, d.IDScope()), trackingID())

@@ -1,22 +1,20 @@
 package server
 
 import (
+	"encoding/json"
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
 	service := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
-		mux.HandleFunc(pattern, a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
-			if err := a.hub.AuthorizeService(r.Header.Get("Authorization")); err != nil {
-				return err
-			}
-			return h(w, r)
-		}))
+		mux.HandleFunc(pattern, a.hubService(h))
 	}
 	for _, prefix := range []string{"/devices/{id}", "/devices/{id}/modules/{mid}"} {
 		service("PUT "+prefix, a.putIdentity)
@@ -37,7 +35,19 @@ func (a *api) routesHub(mux *http.ServeMux) {
 	mux.HandleFunc("POST /devices/{id}/modules/{mid}/messages/events", a.hubHandler(a.deviceEvent))
 }
 
-func ref(r *http.Request) hub.Ref { return hub.Ref{Device: r.PathValue("id"), Module: r.PathValue("mid")} }
+func ref(r *http.Request) hub.Ref {
+	return hub.Ref{Device: r.PathValue("id"), Module: r.PathValue("mid")}
+}
+
+// hubService wraps a service-API handler: it requires a hub policy token.
+func (a *api) hubService(h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
+	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
+		if err := a.hub.AuthorizeService(r.Header.Get("Authorization")); err != nil {
+			return err
+		}
+		return h(w, r)
+	})
+}
 
 func (a *api) hubHandler(h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
@@ -169,4 +179,194 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
+}
+
+func (a *api) routesDeployments(mux *http.ServeMux) {
+	service := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
+		mux.HandleFunc(pattern, a.hubService(h))
+	}
+	service("PUT /configurations/{id}", a.putConfiguration)
+	service("GET /configurations/{id}", a.getConfiguration)
+	service("DELETE /configurations/{id}", a.deleteConfiguration)
+	service("GET /configurations", a.listConfigurations)
+	service("POST /devices/{id}/applyConfigurationContent", a.applyContent)
+	service("POST /devices/query", a.queryTwins)
+	service("POST /devices/{id}/messages/deviceBound", a.sendC2D)
+	service("GET /events", a.events)
+}
+
+func (a *api) putConfiguration(w http.ResponseWriter, r *http.Request) error {
+	var c hub.Configuration
+	if err := readJSON(r, &c); err != nil {
+		return err
+	}
+	out, err := a.hub.PutConfiguration(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &c)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (a *api) getConfiguration(w http.ResponseWriter, r *http.Request) error {
+	c, err := a.hub.GetConfiguration(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, c)
+	return nil
+}
+
+func (a *api) deleteConfiguration(w http.ResponseWriter, r *http.Request) error {
+	if err := a.hub.DeleteConfiguration(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+func (a *api) listConfigurations(w http.ResponseWriter, r *http.Request) error {
+	cs, err := a.hub.ListConfigurations(r.Context())
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, cs)
+	return nil
+}
+
+func (a *api) applyContent(w http.ResponseWriter, r *http.Request) error {
+	var c hub.ConfigContent
+	if err := readJSON(r, &c); err != nil {
+		return err
+	}
+	if err := a.hub.ApplyContent(r.Context(), r.PathValue("id"), &c); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// queryTwins is POST /devices/query; paging as the service SDKs expect it,
+// with x-ms-max-item-count and an opaque x-ms-continuation.
+func (a *api) queryTwins(w http.ResponseWriter, r *http.Request) error {
+	var q struct {
+		Query string `json:"query"`
+	}
+	if err := readJSON(r, &q); err != nil {
+		return err
+	}
+	limit := 100
+	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n <= 0 {
+			return azerr.BadRequest("x-ms-max-item-count %q must be a positive number", v)
+		}
+		limit = min(n, 1000)
+	}
+	offset := 0
+	if c := r.Header.Get("x-ms-continuation"); c != "" {
+		n, err := strconv.Atoi(c)
+		if err != nil || n < 0 {
+			return azerr.BadRequest("x-ms-continuation %q is not a token this hub issued", c)
+		}
+		offset = n
+	}
+	rows, next, err := a.hub.Query(r.Context(), q.Query, offset, limit)
+	if err != nil {
+		return err
+	}
+	if next > 0 {
+		w.Header().Set("x-ms-continuation", strconv.Itoa(next))
+	}
+	w.Header().Set("x-ms-item-type", "Twin")
+	if rows == nil {
+		rows = []map[string]any{}
+	}
+	writeJSON(w, http.StatusOK, rows)
+	return nil
+}
+
+// sendC2D queues a cloud-to-device message (the hosted hub takes these
+// over AMQP; Hatchery also takes them here). Application properties come
+// as iothub-app-* headers, as on the device side.
+func (a *api) sendC2D(w http.ResponseWriter, r *http.Request) error {
+	body, err := readBody(r)
+	if err != nil {
+		return err
+	}
+	props := map[string]string{}
+	for k, v := range r.Header {
+		if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok && len(v) > 0 {
+			props[name] = v[0]
+		}
+	}
+	if id := r.Header.Get("iothub-messageid"); id != "" {
+		props["messageId"] = id
+	}
+	m, err := a.hub.SendC2D(r.Context(), r.PathValue("id"), props, body)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusAccepted, map[string]string{"messageId": m.MessageID})
+	return nil
+}
+
+// events streams the durable device-to-cloud stream as JSON lines:
+// GET /events?device=D&after=SEQ[&follow=true]. With follow the answer
+// stays open and new events are sent as they are stored.
+func (a *api) events(w http.ResponseWriter, r *http.Request) error {
+	q := r.URL.Query()
+	var after int64
+	if v := q.Get("after"); v != "" {
+		n, err := strconv.ParseInt(v, 10, 64)
+		if err != nil || n < 0 {
+			return azerr.BadRequest("after %q must be an event sequence number", v)
+		}
+		after = n
+	}
+	follow := q.Get("follow") == "true"
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	flusher, _ := w.(http.Flusher)
+	for {
+		evs, err := a.hub.Events(r.Context(), q.Get("device"), after, 500)
+		if err != nil {
+			return err
+		}
+		for _, e := range evs {
+			after = e.Seq
+			if err := enc.Encode(eventJSON(e)); err != nil {
+				return nil // the reader went away
+			}
+		}
+		if flusher != nil {
+			flusher.Flush()
+		}
+		if len(evs) == 500 {
+			continue
+		}
+		if !follow {
+			return nil
+		}
+		select {
+		case <-r.Context().Done():
+			return nil
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// eventJSON is an event as the stream shows it; bodies that are JSON stay
+// JSON, others are base64.
+func eventJSON(e store.Event) map[string]any {
+	m := map[string]any{"sequenceNumber": e.Seq, "deviceId": e.DeviceID, "enqueuedTime": e.Enqueued.UTC(), "properties": e.Properties}
+	if e.ModuleID != "" {
+		m["moduleId"] = e.ModuleID
+	}
+	if json.Valid(e.Body) {
+		m["body"] = json.RawMessage(e.Body)
+	} else {
+		m["bodyBase64"] = e.Body
+	}
+	return m
 }

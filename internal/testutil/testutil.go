@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -123,12 +124,14 @@ func StartSWTPM(t testing.TB) string {
 // The listeners are closed when the test ends.
 func ListenPair(t testing.TB) (n, n1 net.Listener) {
 	t.Helper()
-	for range 100 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	// Ports below Linux's ephemeral range (32768 up), so that outgoing
+	// connections, of which a load test may leave thousands, never hold them.
+	for range 200 {
+		port := 10000 + rand.IntN(22000)
+		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 		if err != nil {
-			t.Fatalf("finding a free port: %v", err)
+			continue
 		}
-		port := l.Addr().(*net.TCPAddr).Port
 		if l1, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port+1))); err == nil {
 			t.Cleanup(func() { l.Close(); l1.Close() })
 			return l, l1

@@ -13,7 +13,7 @@ type tokKind uint8
 
 const (
 	tEOF    tokKind = iota
-	tIdent          // identifier or keyword, as written
+	tIdent          // identifier or keyword as written, or the name in .[[name]]
 	tString         // quoted string; text is the decoded value
 	tNumber         // unsigned number; num is its value, text its source
 	tOp             // operator or punctuation
@@ -149,6 +149,20 @@ func lex(src string) ([]token, *Error) {
 			}
 			toks = append(toks, token{kind: tString, text: s, pos: i})
 			i = next
+		case c == '.' && strings.HasPrefix(src[i+1:], "[["):
+			// .[[name]] quotes a property name with any characters but
+			// "]]", as metric queries do with configuration IDs:
+			// configurations.[[my-config]].status.
+			end := strings.Index(src[i+3:], "]]")
+			if end < 0 {
+				return nil, errorAt(src, i+1, "'[[' is not closed: expected ']]' after the property name")
+			}
+			if end == 0 {
+				return nil, errorAt(src, i+1, "'[[]]' names no property")
+			}
+			toks = append(toks, token{kind: tOp, text: ".", pos: i},
+				token{kind: tIdent, text: src[i+3 : i+3+end], pos: i + 1})
+			i += 3 + end + 2
 		default:
 			op := ""
 			if i+1 < len(src) {

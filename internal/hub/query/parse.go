@@ -58,8 +58,6 @@ type parser struct {
 	i     int
 	depth int
 	paths []*path // every path parsed, for stripping the collection prefix
-	// inSelect is set while parsing a SELECT item, where aggregates are
-	// allowed at the top.
 }
 
 func newParser(src string) (*parser, *Error) {
@@ -83,7 +81,7 @@ func (p *parser) next() token {
 	return t
 }
 
-// prevDesc names the token before the current one, for "after X".
+// after names the token before the current one, for "expected X after Y".
 func (p *parser) after() string {
 	if p.i == 0 {
 		return ""
@@ -104,10 +102,16 @@ func (p *parser) expected(what string) *Error {
 	return p.errHere("expected %s%s but found %s", what, p.after(), p.peek().describe())
 }
 
-func (p *parser) enter() *Error {
+// expectedCloser reports a missing delimiter or separator.
+func (p *parser) expectedCloser(what string) *Error {
+	return p.errHere("expected %s but found %s", what, p.peek().describe())
+}
+
+// enter starts a nested construct opened by the token at pos.
+func (p *parser) enter(pos int) *Error {
 	p.depth++
 	if p.depth > MaxDepth {
-		return p.errHere("expression is nested too deeply (the limit is %d levels)", MaxDepth)
+		return errorAt(p.src, pos, "expression is nested too deeply (the limit is %d levels)", MaxDepth)
 	}
 	return nil
 }
@@ -214,8 +218,7 @@ func (p *parser) parseNot() (node, *Error) {
 	if !p.peek().is("NOT") {
 		return p.parseComparison()
 	}
-	p.i++
-	if err := p.enter(); err != nil {
+	if err := p.enter(p.next().pos); err != nil {
 		return nil, err
 	}
 	x, err := p.parseNot()
@@ -235,14 +238,14 @@ func (p *parser) parseComparison() (node, *Error) {
 	}
 	t := p.peek()
 	var x node
-	switch {
-	case t.kind == tOp && cmpOps[t.text] != opEq || t.isOp("="):
+	switch op, isCmp := cmpOps[t.text]; {
+	case t.kind == tOp && isCmp:
 		p.i++
 		r, err := p.parseAdditive()
 		if err != nil {
 			return nil, err
 		}
-		x = &cmpNode{op: cmpOps[t.text], l: l, r: r}
+		x = &cmpNode{op: op, l: l, r: r}
 	case t.is("IN"), t.is("NIN"), t.is("NOT") && p.toks[p.i+1].is("IN"):
 		neg := t.is("NIN") || t.is("NOT")
 		if t.is("NOT") {
@@ -259,7 +262,7 @@ func (p *parser) parseComparison() (node, *Error) {
 	default:
 		return l, nil
 	}
-	if t := p.peek(); t.kind == tOp && (cmpOps[t.text] != opEq || t.text == "=") || t.is("IN") || t.is("NIN") {
+	if _, isCmp := cmpOps[p.peek().text]; p.peek().kind == tOp && isCmp || p.peek().is("IN") || p.peek().is("NIN") {
 		return nil, p.errHere("comparisons cannot be chained: combine them with AND, or parenthesize one")
 	}
 	return x, nil
@@ -287,7 +290,7 @@ func (p *parser) parseList() ([]any, *Error) {
 	if !t.isOp("[") && !t.isOp("(") {
 		return nil, p.expected("a list such as ['a', 'b']")
 	}
-	v, err := p.parseConst()
+	v, err := p.parseConst(true)
 	if err != nil {
 		return nil, err
 	}
@@ -295,9 +298,9 @@ func (p *parser) parseList() ([]any, *Error) {
 }
 
 // parseConst reads a constant: a string, a number (possibly negative),
-// true, false, null, or a list of constants in brackets (or, for IN lists,
-// parentheses).
-func (p *parser) parseConst() (any, *Error) {
+// true, false, null, or a list of constants in brackets (or, with parens,
+// in parentheses).
+func (p *parser) parseConst(parens bool) (any, *Error) {
 	t := p.peek()
 	switch {
 	case t.kind == tString:
@@ -318,19 +321,19 @@ func (p *parser) parseConst() (any, *Error) {
 	case t.is("NULL"):
 		p.i++
 		return nil, nil
-	case t.isOp("[") || t.isOp("("):
+	case t.isOp("[") || parens && t.isOp("("):
 		closer := "]"
 		if t.text == "(" {
 			closer = ")"
 		}
 		p.i++
-		if err := p.enter(); err != nil {
+		if err := p.enter(t.pos); err != nil {
 			return nil, err
 		}
 		list := []any{}
 		if !p.op(closer) {
 			for {
-				v, err := p.parseConst()
+				v, err := p.parseConst(false)
 				if err != nil {
 					return nil, err
 				}
@@ -339,7 +342,7 @@ func (p *parser) parseConst() (any, *Error) {
 					break
 				}
 				if !p.op(",") {
-					return nil, p.expected(fmt.Sprintf("',' or '%s' in the list opened at column %d", closer, p.column(t.pos)))
+					return nil, p.expectedCloser(fmt.Sprintf("',' or '%s' in the list opened at column %d", closer, p.column(t.pos)))
 				}
 			}
 		}
@@ -387,8 +390,7 @@ func (p *parser) parseUnary() (node, *Error) {
 	if !p.peek().isOp("-") {
 		return p.parsePrimary()
 	}
-	p.i++
-	if err := p.enter(); err != nil {
+	if err := p.enter(p.next().pos); err != nil {
 		return nil, err
 	}
 	x, err := p.parseUnary()
@@ -434,7 +436,7 @@ func (p *parser) parsePrimary() (node, *Error) {
 		switch t.text {
 		case "(":
 			p.i++
-			if err := p.enter(); err != nil {
+			if err := p.enter(t.pos); err != nil {
 				return nil, err
 			}
 			x, err := p.parseOr()
@@ -442,12 +444,12 @@ func (p *parser) parsePrimary() (node, *Error) {
 				return nil, err
 			}
 			if !p.op(")") {
-				return nil, p.expected(fmt.Sprintf("')' to close the '(' at column %d", p.column(t.pos)))
+				return nil, p.expectedCloser(fmt.Sprintf("')' to close the '(' at column %d", p.column(t.pos)))
 			}
 			p.leave()
 			return x, nil
 		case "[":
-			v, err := p.parseConst()
+			v, err := p.parseConst(false)
 			if err != nil {
 				return nil, err
 			}
@@ -469,7 +471,7 @@ func (p *parser) parseCall() (node, *Error) {
 		return nil, errorAt(p.src, t.pos, "%s() is an aggregate: it can only be a whole item of the SELECT list", fn.name)
 	}
 	p.i++ // (
-	if err := p.enter(); err != nil {
+	if err := p.enter(t.pos); err != nil {
 		return nil, err
 	}
 	var args []node
@@ -484,7 +486,7 @@ func (p *parser) parseCall() (node, *Error) {
 				break
 			}
 			if !p.op(",") {
-				return nil, p.expected(fmt.Sprintf("',' or ')' in the arguments of %s", fn.name))
+				return nil, p.expectedCloser(fmt.Sprintf("',' or ')' in the arguments of %s", fn.name))
 			}
 		}
 	}
@@ -549,7 +551,7 @@ func (p *parser) parsePath() (node, *Error) {
 			}
 			p.i++
 			if !p.op("]") {
-				return nil, p.expected(fmt.Sprintf("']' to close the '[' at column %d", p.column(t.pos)))
+				return nil, p.expectedCloser(fmt.Sprintf("']' to close the '[' at column %d", p.column(t.pos)))
 			}
 		default:
 			p.paths = append(p.paths, x)

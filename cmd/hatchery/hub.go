@@ -1,0 +1,408 @@
+package main
+
+import (
+	"bufio"
+	"encoding/json"
+	"fmt"
+	"net/url"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/hub"
+)
+
+// identityPath is the registry path of a device or one of its modules.
+func identityPath(prefix, device, module string) string {
+	p := prefix + url.PathEscape(device)
+	if module != "" {
+		p += "/modules/" + url.PathEscape(module)
+	}
+	return p
+}
+
+// jsonFlag parses a JSON object given on the command line.
+func jsonFlag(name, value string) (map[string]any, error) {
+	var m map[string]any
+	if err := json.Unmarshal([]byte(value), &m); err != nil {
+		return nil, fmt.Errorf("--%s is not a JSON object (%v): write it like '{\"environment\":\"prod\"}'", name, err)
+	}
+	return m, nil
+}
+
+func deviceCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "device", Short: "Manage device identities in the hub (as `az iot hub device-identity`)"}
+	var id string
+	var edge bool
+	idFlag := func(c *cobra.Command) {
+		c.Flags().StringVar(&id, "device-id", "", "the device's ID")
+		_ = c.MarkFlagRequired("device-id")
+	}
+	show := func(cmd *cobra.Command, d *hub.Device) error {
+		return render(cmd, d, [][2]string{
+			{"Device ID", d.DeviceID}, {"Status", d.Status}, {"IoT Edge", strconv.FormatBool(d.Capabilities.IoTEdge)},
+			{"Authentication", d.Authentication.Type}, {"Connection state", d.ConnectionState},
+			{"Primary key", d.Authentication.SymmetricKey.PrimaryKey},
+		})
+	}
+	create := &cobra.Command{Use: "create", Short: "Create a device with generated keys", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var d hub.Device
+		if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "", hub.Device{DeviceID: id, Capabilities: hub.Capabilities{IoTEdge: edge}}, &d); err != nil {
+			return err
+		}
+		return show(cmd, &d)
+	}}
+	idFlag(create)
+	create.Flags().BoolVar(&edge, "edge-enabled", false, "the device is an IoT Edge device")
+	get := &cobra.Command{Use: "show", Short: "Show a device", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var d hub.Device
+		if err := c.Do(cmd.Context(), "GET", identityPath("/devices/", id, ""), "", nil, &d); err != nil {
+			return err
+		}
+		return show(cmd, &d)
+	}}
+	idFlag(get)
+	del := &cobra.Command{Use: "delete", Short: "Delete a device and its modules", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		return c.Do(cmd.Context(), "DELETE", identityPath("/devices/", id, ""), "*", nil, nil)
+	}}
+	idFlag(del)
+	setStatus := func(use, status, short string) *cobra.Command {
+		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+			c, err := hubClient(cmd)
+			if err != nil {
+				return err
+			}
+			var d hub.Device
+			if err := c.Do(cmd.Context(), "GET", identityPath("/devices/", id, ""), "", nil, &d); err != nil {
+				return err
+			}
+			d.Status = status
+			if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "*", d, &d); err != nil {
+				return err
+			}
+			return show(cmd, &d)
+		}}
+		idFlag(c)
+		return c
+	}
+	list := &cobra.Command{Use: "list", Short: "List devices", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var ds []hub.Device
+		if err := c.Do(cmd.Context(), "GET", "/devices?top=1000", "", nil, &ds); err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(ds))
+		for _, d := range ds {
+			rows = append(rows, []string{d.DeviceID, d.Status, strconv.FormatBool(d.Capabilities.IoTEdge), d.ConnectionState})
+		}
+		return renderTable(cmd, ds, []string{"DEVICE ID", "STATUS", "EDGE", "CONNECTION"}, rows)
+	}}
+	cmd.AddCommand(create, get, del, list,
+		setStatus("disable", "disabled", "Disable a device: it can no longer connect"),
+		setStatus("enable", "enabled", "Enable a device"))
+	return cmd
+}
+
+func twinCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "twin", Short: "Show and update device and module twins (as `az iot hub device-twin`)"}
+	var id, module, tags, desired string
+	flags := func(c *cobra.Command) {
+		c.Flags().StringVar(&id, "device-id", "", "the device's ID")
+		c.Flags().StringVar(&module, "module-id", "", "a module of the device")
+		_ = c.MarkFlagRequired("device-id")
+	}
+	show := &cobra.Command{Use: "show", Short: "Show a twin", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var t json.RawMessage
+		if err := c.Do(cmd.Context(), "GET", identityPath("/twins/", id, module), "", nil, &t); err != nil {
+			return err
+		}
+		return printJSON(t)
+	}}
+	flags(show)
+	update := &cobra.Command{Use: "update", Short: "Merge tags and desired properties into a twin", RunE: func(cmd *cobra.Command, _ []string) error {
+		patch := map[string]any{}
+		if cmd.Flags().Changed("tags") {
+			m, err := jsonFlag("tags", tags)
+			if err != nil {
+				return err
+			}
+			patch["tags"] = m
+		}
+		if cmd.Flags().Changed("desired") {
+			m, err := jsonFlag("desired", desired)
+			if err != nil {
+				return err
+			}
+			patch["properties"] = map[string]any{"desired": m}
+		}
+		if len(patch) == 0 {
+			return fmt.Errorf("nothing to update: give --tags and/or --desired")
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var t json.RawMessage
+		if err := c.Do(cmd.Context(), "PATCH", identityPath("/twins/", id, module), "*", patch, &t); err != nil {
+			return err
+		}
+		return printJSON(t)
+	}}
+	flags(update)
+	update.Flags().StringVar(&tags, "tags", "", `tags to merge, as JSON ('{"environment":"prod"}'; null removes a tag)`)
+	update.Flags().StringVar(&desired, "desired", "", "desired properties to merge, as JSON")
+	cmd.AddCommand(show, update)
+	return cmd
+}
+
+func methodCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "method", Short: "Invoke direct methods"}
+	var id, module, name, payload string
+	var timeout int
+	invoke := &cobra.Command{Use: "invoke", Short: "Invoke a direct method on a connected device or module", RunE: func(cmd *cobra.Command, _ []string) error {
+		if !json.Valid([]byte(payload)) {
+			return fmt.Errorf("--payload is not valid JSON")
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var res hub.MethodResult
+		req := hub.MethodRequest{MethodName: name, Payload: json.RawMessage(payload), ResponseTimeoutInSeconds: timeout}
+		if err := c.Do(cmd.Context(), "POST", identityPath("/twins/", id, module)+"/methods", "", req, &res); err != nil {
+			return err
+		}
+		return render(cmd, res, [][2]string{{"Status", strconv.Itoa(res.Status)}, {"Payload", string(res.Payload)}})
+	}}
+	invoke.Flags().StringVar(&id, "device-id", "", "the device's ID")
+	invoke.Flags().StringVar(&module, "module-id", "", "a module of the device")
+	invoke.Flags().StringVar(&name, "method-name", "", "the method")
+	invoke.Flags().StringVar(&payload, "payload", "{}", "the method's payload, as JSON")
+	invoke.Flags().IntVar(&timeout, "timeout", 30, "seconds to wait for the answer (5 to 300)")
+	_ = invoke.MarkFlagRequired("device-id")
+	_ = invoke.MarkFlagRequired("method-name")
+	cmd.AddCommand(invoke)
+	return cmd
+}
+
+// readManifest reads a deployment manifest file: {"content": {"modulesContent": …}}
+// as `az` writes it, or just {"modulesContent": …}.
+func readManifest(path string) (*hub.ConfigContent, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var wrapped struct {
+		Content *hub.ConfigContent `json:"content"`
+		hub.ConfigContent
+	}
+	if err := json.Unmarshal(data, &wrapped); err != nil {
+		return nil, fmt.Errorf("%s is not a deployment manifest (%v): it holds {\"modulesContent\": {\"$edgeAgent\": …}}", path, err)
+	}
+	if wrapped.Content != nil {
+		return wrapped.Content, nil
+	}
+	if len(wrapped.ModulesContent) == 0 {
+		return nil, fmt.Errorf("%s has no modulesContent: a manifest sets at least $edgeAgent and $edgeHub", path)
+	}
+	return &wrapped.ConfigContent, nil
+}
+
+func deploymentCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "deployment", Short: "Deploy modules to edge devices at scale (as `az iot edge deployment`)"}
+	var id, content, target string
+	var priority int
+	var layered bool
+	idFlag := func(c *cobra.Command) {
+		c.Flags().StringVar(&id, "deployment-id", "", "the deployment's ID")
+		_ = c.MarkFlagRequired("deployment-id")
+	}
+	showOne := func(cmd *cobra.Command, c *hub.Configuration) error {
+		m := c.SystemMetrics.Results
+		return render(cmd, c, [][2]string{
+			{"Deployment ID", c.ID}, {"Target condition", c.TargetCondition}, {"Priority", strconv.Itoa(c.Priority)},
+			{"Targeted", strconv.FormatInt(m["targetedCount"], 10)}, {"Applied", strconv.FormatInt(m["appliedCount"], 10)},
+			{"Reported successful", strconv.FormatInt(m["reportedSuccessfulCount"], 10)},
+			{"Reported failed", strconv.FormatInt(m["reportedFailedCount"], 10)},
+		})
+	}
+	create := &cobra.Command{Use: "create", Short: "Create a deployment", RunE: func(cmd *cobra.Command, _ []string) error {
+		mc, err := readManifest(content)
+		if err != nil {
+			return err
+		}
+		if layered {
+			for mod, entries := range mc.ModulesContent {
+				if _, ok := entries["properties.desired"]; ok {
+					return fmt.Errorf("--layered: module %s sets the whole properties.desired; a layered deployment sets paths such as \"properties.desired.modules.mymodule\"", mod)
+				}
+			}
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out hub.Configuration
+		if err := c.Do(cmd.Context(), "PUT", "/configurations/"+url.PathEscape(id), "",
+			hub.Configuration{ID: id, Content: *mc, TargetCondition: target, Priority: priority}, &out); err != nil {
+			return err
+		}
+		return showOne(cmd, &out)
+	}}
+	idFlag(create)
+	create.Flags().StringVar(&content, "content", "", "the deployment manifest (JSON file)")
+	create.Flags().StringVar(&target, "target-condition", "", `which edge devices it targets, e.g. "tags.environment='prod'"`)
+	create.Flags().IntVar(&priority, "priority", 0, "higher wins when deployments overlap")
+	create.Flags().BoolVar(&layered, "layered", false, "a layered deployment, added on top of the base one")
+	_ = create.MarkFlagRequired("content")
+	_ = create.MarkFlagRequired("target-condition")
+	show := &cobra.Command{Use: "show", Short: "Show a deployment and its metrics", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out hub.Configuration
+		if err := c.Do(cmd.Context(), "GET", "/configurations/"+url.PathEscape(id), "", nil, &out); err != nil {
+			return err
+		}
+		return showOne(cmd, &out)
+	}}
+	idFlag(show)
+	del := &cobra.Command{Use: "delete", Short: "Delete a deployment", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		return c.Do(cmd.Context(), "DELETE", "/configurations/"+url.PathEscape(id), "*", nil, nil)
+	}}
+	idFlag(del)
+	list := &cobra.Command{Use: "list", Short: "List deployments with their metrics", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var cs []hub.Configuration
+		if err := c.Do(cmd.Context(), "GET", "/configurations", "", nil, &cs); err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(cs))
+		for _, c := range cs {
+			m := c.SystemMetrics.Results
+			rows = append(rows, []string{c.ID, strconv.Itoa(c.Priority), c.TargetCondition,
+				strconv.FormatInt(m["targetedCount"], 10), strconv.FormatInt(m["appliedCount"], 10),
+				strconv.FormatInt(m["reportedSuccessfulCount"], 10), strconv.FormatInt(m["reportedFailedCount"], 10)})
+		}
+		return renderTable(cmd, cs, []string{"DEPLOYMENT", "PRIORITY", "TARGET", "TARGETED", "APPLIED", "SUCCESSFUL", "FAILED"}, rows)
+	}}
+	cmd.AddCommand(create, show, del, list)
+	return cmd
+}
+
+func edgeCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "edge", Short: "Manage IoT Edge devices (as `az iot edge`)"}
+	var id, content string
+	set := &cobra.Command{Use: "set-modules", Short: "Apply a deployment manifest to one edge device", RunE: func(cmd *cobra.Command, _ []string) error {
+		mc, err := readManifest(content)
+		if err != nil {
+			return err
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		return c.Do(cmd.Context(), "POST", "/devices/"+url.PathEscape(id)+"/applyConfigurationContent", "", mc, nil)
+	}}
+	set.Flags().StringVar(&id, "device-id", "", "the edge device")
+	set.Flags().StringVar(&content, "content", "", "the deployment manifest (JSON file)")
+	_ = set.MarkFlagRequired("device-id")
+	_ = set.MarkFlagRequired("content")
+	cmd.AddCommand(set)
+	return cmd
+}
+
+func eventsCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "events", Short: "Read the device-to-cloud event stream"}
+	var device string
+	var follow bool
+	tail := &cobra.Command{Use: "tail", Short: "Print events as JSON lines, oldest first", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		q := url.Values{}
+		if device != "" {
+			q.Set("device", device)
+		}
+		if follow {
+			q.Set("follow", "true")
+		}
+		body, err := c.Stream(cmd.Context(), "/events?"+q.Encode())
+		if err != nil {
+			return err
+		}
+		defer body.Close()
+		sc := bufio.NewScanner(body)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			fmt.Println(sc.Text())
+		}
+		return sc.Err()
+	}}
+	tail.Flags().StringVar(&device, "device", "", "only this device's events")
+	tail.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
+	cmd.AddCommand(tail)
+	return cmd
+}
+
+func c2dCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "c2d", Short: "Send cloud-to-device messages"}
+	var id, data, props string
+	send := &cobra.Command{Use: "send", Short: "Queue a message for a device", RunE: func(cmd *cobra.Command, _ []string) error {
+		headers := map[string]string{}
+		if props != "" {
+			for _, kv := range strings.Split(props, ";") {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok {
+					return fmt.Errorf("--props %q: write key=value pairs separated by ';'", props)
+				}
+				headers["iothub-app-"+k] = v
+			}
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out map[string]string
+		if _, err := c.DoHeaders(cmd.Context(), "POST", "/devices/"+url.PathEscape(id)+"/messages/deviceBound", "", headers, json.RawMessage(data), &out); err != nil {
+			return err
+		}
+		return render(cmd, out, [][2]string{{"Message ID", out["messageId"]}})
+	}}
+	send.Flags().StringVar(&id, "device-id", "", "the device")
+	send.Flags().StringVar(&data, "data", "{}", "the message body (JSON)")
+	send.Flags().StringVar(&props, "props", "", "application properties, key=value;key2=value2")
+	_ = send.MarkFlagRequired("device-id")
+	cmd.AddCommand(send)
+	return cmd
+}

@@ -1,0 +1,599 @@
+package hub
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"regexp"
+	"slices"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/hub/query"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+const kindConfiguration = "hub.configuration"
+
+// Configuration is an automatic deployment, in the IoT Hub configurations
+// API's JSON shape.
+type Configuration struct {
+	ID                 string            `json:"id"`
+	SchemaVersion      string            `json:"schemaVersion,omitempty"`
+	Labels             map[string]string `json:"labels,omitempty"`
+	Content            ConfigContent     `json:"content"`
+	TargetCondition    string            `json:"targetCondition"`
+	CreatedTimeUtc     time.Time         `json:"createdTimeUtc"`
+	LastUpdatedTimeUtc time.Time         `json:"lastUpdatedTimeUtc"`
+	Priority           int               `json:"priority"`
+	SystemMetrics      Metrics           `json:"systemMetrics"`
+	Metrics            Metrics           `json:"metrics"`
+	ETag               string            `json:"etag"`
+}
+
+// ConfigContent is what a deployment sets: modulesContent maps a module
+// ID to {"properties.desired": {...}} (a base deployment) or to
+// {"properties.desired.<path>": value, ...} (a layered one).
+type ConfigContent struct {
+	ModulesContent map[string]map[string]json.RawMessage `json:"modulesContent,omitempty"`
+	DeviceContent  map[string]json.RawMessage            `json:"deviceContent,omitempty"`
+}
+
+// Metrics are named queries and their counts.
+type Metrics struct {
+	Queries map[string]string `json:"queries"`
+	Results map[string]int64  `json:"results"`
+}
+
+// ConfigStatus is a deployment's state on one device, kept in its twin.
+type ConfigStatus struct {
+	Status string `json:"status"` // Targeted or Applied
+}
+
+var configIDPattern = regexp.MustCompile(`^[a-z0-9\-:+%_#*?!(),=@;$']{1,128}$`)
+
+// layered reports whether a deployment is layered: it sets paths below
+// properties.desired rather than whole documents.
+func (c *Configuration) layered() bool {
+	for _, m := range c.Content.ModulesContent {
+		for k := range m {
+			if k != "properties.desired" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// checkContent validates a deployment's content: each module's entries are
+// "properties.desired" or "properties.desired.<path>", never both kinds in
+// one deployment, and a base deployment carries $edgeAgent and $edgeHub.
+func checkContent(c *ConfigContent, layered bool) error {
+	if len(c.ModulesContent) == 0 {
+		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
+	}
+	for mod, entries := range c.ModulesContent {
+		if !idPattern.MatchString(mod) {
+			return azerr.BadRequest("content.modulesContent: %q is not a module ID", mod)
+		}
+		for k, v := range entries {
+			if k != "properties.desired" && !strings.HasPrefix(k, "properties.desired.") {
+				return azerr.BadRequest("content.modulesContent.%s: key %q must be \"properties.desired\" or start with \"properties.desired.\"", mod, k)
+			}
+			if k == "properties.desired" && !bytes.HasPrefix(bytes.TrimSpace(v), []byte("{")) {
+				return azerr.BadRequest("content.modulesContent.%s.properties.desired must be a JSON object", mod)
+			}
+		}
+	}
+	if !layered {
+		for _, m := range []string{"$edgeAgent", "$edgeHub"} {
+			if _, ok := c.ModulesContent[m]["properties.desired"]; !ok {
+				return azerr.BadRequest("content.modulesContent.%s.properties.desired is required in a base deployment (or make every entry a \"properties.desired.<path>\" for a layered one)", m)
+			}
+		}
+	}
+	return nil
+}
+
+// PutConfiguration creates or replaces a deployment and applies it.
+func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *Configuration) (*Configuration, error) {
+	if !configIDPattern.MatchString(id) {
+		return nil, azerr.BadRequest("configuration ID %q is not valid: use 1 to 128 lowercase letters, digits or -:+%%_#*?!(),=@;$'", id)
+	}
+	if c.ID != "" && c.ID != id {
+		return nil, azerr.BadRequest("id %q in the body differs from %q in the URL", c.ID, id)
+	}
+	c.ID = id
+	if c.TargetCondition == "" {
+		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every edge device)")
+	}
+	if _, err := query.ParseCondition(c.TargetCondition); err != nil {
+		return nil, azerr.BadRequest("targetCondition: %v", err)
+	}
+	if err := checkContent(&c.Content, c.layered()); err != nil {
+		return nil, err
+	}
+	for name, q := range c.Metrics.Queries {
+		if _, err := query.Parse(q); err != nil {
+			return nil, azerr.BadRequest("metrics.queries.%s: %v", name, err)
+		}
+	}
+	now := s.Now().UTC()
+	old, etag, err := s.loadConfiguration(ctx, id)
+	switch {
+	case err == nil:
+		if ifMatch == "" {
+			return nil, azerr.Conflict("ConfigurationAlreadyExists", "configuration %q already exists: update it with If-Match", id)
+		}
+		if !matches(ifMatch, old.ETag) {
+			return nil, azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
+		}
+		// Azure allows only priority, labels and metrics to change.
+		if old.TargetCondition != c.TargetCondition || !jsonEqual(old.Content, c.Content) {
+			return nil, azerr.BadRequest("a deployment's content and target condition cannot change: create a new deployment with a higher priority")
+		}
+		c.CreatedTimeUtc = old.CreatedTimeUtc
+	case azerr.As(err).Status() == 404:
+		c.CreatedTimeUtc, etag = now, ""
+	default:
+		return nil, err
+	}
+	c.LastUpdatedTimeUtc, c.ETag = now, newETag()
+	c.SystemMetrics, c.Metrics.Results = Metrics{}, nil
+	body, _ := json.Marshal(c)
+	doc := store.Doc{Kind: kindConfiguration, ID: id, Body: body}
+	if etag == "" {
+		_, err = s.store.Create(ctx, doc)
+	} else {
+		_, err = s.store.Put(ctx, doc, etag)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if err := s.applyAll(ctx); err != nil {
+		return nil, err
+	}
+	return s.GetConfiguration(ctx, id)
+}
+
+func jsonEqual(a, b any) bool {
+	ja, _ := json.Marshal(a)
+	jb, _ := json.Marshal(b)
+	return bytes.Equal(ja, jb)
+}
+
+func (s *Service) loadConfiguration(ctx context.Context, id string) (*Configuration, string, error) {
+	d, err := s.store.Get(ctx, kindConfiguration, id)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, "", azerr.New(404001, "ConfigurationNotFound", "no configuration %q", id)
+	}
+	if err != nil {
+		return nil, "", err
+	}
+	c := &Configuration{}
+	if err := json.Unmarshal(d.Body, c); err != nil {
+		return nil, "", fmt.Errorf("stored configuration %q is corrupt: %w", id, err)
+	}
+	return c, d.ETag, nil
+}
+
+// GetConfiguration returns a deployment with its metrics counted now.
+func (s *Service) GetConfiguration(ctx context.Context, id string) (*Configuration, error) {
+	c, _, err := s.loadConfiguration(ctx, id)
+	if err != nil {
+		return nil, err
+	}
+	return c, s.countMetrics(ctx, []*Configuration{c})
+}
+
+// ListConfigurations returns every deployment with its metrics.
+func (s *Service) ListConfigurations(ctx context.Context) ([]*Configuration, error) {
+	cs, err := s.configurations(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return cs, s.countMetrics(ctx, cs)
+}
+
+// DeleteConfiguration removes a deployment; devices fall back to what else targets them.
+func (s *Service) DeleteConfiguration(ctx context.Context, id, ifMatch string) error {
+	c, etag, err := s.loadConfiguration(ctx, id)
+	if err != nil {
+		return err
+	}
+	if !matches(ifMatch, c.ETag) {
+		return azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
+	}
+	if err := s.store.Delete(ctx, kindConfiguration, id, etag); err != nil {
+		return err
+	}
+	return s.applyAll(ctx)
+}
+
+// target is a deployment with its condition parsed once.
+type target struct {
+	*Configuration
+	cond *query.Condition
+}
+
+// targets loads every deployment ready for matching.
+func (s *Service) targets(ctx context.Context) ([]target, error) {
+	cs, err := s.configurations(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]target, 0, len(cs))
+	for _, c := range cs {
+		cond, err := query.ParseCondition(c.TargetCondition)
+		if err != nil {
+			slog.Warn("deployment has an unusable target condition", "deployment", c.ID, "error", err)
+			continue
+		}
+		out = append(out, target{c, cond})
+	}
+	return out, nil
+}
+
+func (s *Service) configurations(ctx context.Context) ([]*Configuration, error) {
+	docs, err := s.store.List(ctx, kindConfiguration, "", 1000)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]*Configuration, 0, len(docs))
+	for _, d := range docs {
+		c := &Configuration{}
+		if err := json.Unmarshal(d.Body, c); err != nil {
+			return nil, fmt.Errorf("stored configuration %q is corrupt: %w", d.ID, err)
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// twinDoc is the twin as queries see it.
+func (r *record) twinDoc() map[string]any {
+	cfg := map[string]any{}
+	for k, v := range r.Configurations {
+		cfg[k] = map[string]any{"status": v.Status}
+	}
+	doc := map[string]any{
+		"deviceId": r.Device.DeviceID, "status": r.Device.Status, "connectionState": r.Device.ConnectionState,
+		"etag": r.TwinETag, "version": float64(r.TwinVersion),
+		"tags":           r.Tags,
+		"properties":     map[string]any{"desired": withVersion(r.Desired, r.DesiredVersion), "reported": withVersion(r.Reported, r.ReportedVersion)},
+		"capabilities":   map[string]any{"iotEdge": r.Device.Capabilities.IoTEdge},
+		"configurations": cfg,
+	}
+	if r.Device.ModuleID != "" {
+		doc["moduleId"] = r.Device.ModuleID
+	}
+	return doc
+}
+
+func withVersion(m map[string]any, v int64) map[string]any {
+	out := maps.Clone(m)
+	if out == nil {
+		out = map[string]any{}
+	}
+	out["$version"] = float64(v)
+	return out
+}
+
+// applyAll re-evaluates every edge device against the deployments.
+func (s *Service) applyAll(ctx context.Context) error {
+	cs, err := s.targets(ctx)
+	if err != nil {
+		return err
+	}
+	for after := ""; ; {
+		recs, next, err := s.scan(ctx, kindDevice, "", after, 500)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			if r.Device.Capabilities.IoTEdge {
+				if err := s.applyTo(ctx, r, cs); err != nil {
+					return err
+				}
+			}
+		}
+		if next == "" {
+			return nil
+		}
+		after = next
+	}
+}
+
+// reapply re-evaluates one device after its identity or twin changed.
+func (s *Service) reapply(ctx context.Context, r Ref) {
+	if r.Module != "" {
+		return
+	}
+	rec, _, err := s.load(ctx, r)
+	if err != nil || !rec.Device.Capabilities.IoTEdge {
+		return
+	}
+	cs, err := s.targets(ctx)
+	if err == nil {
+		err = s.applyTo(ctx, rec, cs)
+	}
+	if err != nil {
+		slog.Warn("applying deployments failed", "device", r.Device, "error", err)
+	}
+}
+
+// applyTo computes what the deployments targeting one edge device give it
+// — the highest-priority base deployment (ties: the newest) with every
+// matching layered one on top, in priority order — and writes the module
+// twins' desired properties where they differ.
+func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
+	doc := rec.twinDoc()
+	var base *Configuration
+	var layers []*Configuration
+	status := map[string]ConfigStatus{}
+	for _, t := range ts {
+		c := t.Configuration
+		if !t.cond.Match(doc) {
+			continue
+		}
+		status[c.ID] = ConfigStatus{Status: "Targeted"}
+		if c.layered() {
+			layers = append(layers, c)
+		} else if base == nil || c.Priority > base.Priority || (c.Priority == base.Priority && c.CreatedTimeUtc.After(base.CreatedTimeUtc)) {
+			base = c
+		}
+	}
+	desired := map[string]map[string]any{}
+	if base != nil {
+		status[base.ID] = ConfigStatus{Status: "Applied"}
+		for mod, entries := range base.Content.ModulesContent {
+			var m map[string]any
+			if err := json.Unmarshal(entries["properties.desired"], &m); err != nil {
+				return fmt.Errorf("deployment %s, module %s: %w", base.ID, mod, err)
+			}
+			desired[mod] = m
+		}
+		sort.SliceStable(layers, func(i, j int) bool { return layers[i].Priority < layers[j].Priority })
+		for _, l := range layers {
+			status[l.ID] = ConfigStatus{Status: "Applied"}
+			for mod, entries := range l.Content.ModulesContent {
+				if desired[mod] == nil {
+					desired[mod] = map[string]any{}
+				}
+				for _, k := range slices.Sorted(maps.Keys(entries)) {
+					var v any
+					if err := json.Unmarshal(entries[k], &v); err != nil {
+						return fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
+					}
+					setPath(desired[mod], strings.Split(strings.TrimPrefix(strings.TrimPrefix(k, "properties.desired"), "."), "."), v)
+				}
+			}
+		}
+	}
+	dev := Ref{Device: rec.Device.DeviceID}
+	if !maps.Equal(status, rec.Configurations) {
+		if _, err := s.update(ctx, dev, func(r *record) error { r.Configurations = status; return nil }); err != nil {
+			return err
+		}
+	}
+	for _, mod := range slices.Sorted(maps.Keys(desired)) {
+		m := Ref{Device: dev.Device, Module: mod}
+		if _, err := s.GetIdentity(ctx, m); azerr.As(err).Status() == 404 {
+			if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
+				return err
+			}
+		}
+		cur, _, err := s.load(ctx, m)
+		if err != nil {
+			return err
+		}
+		if jsonEqual(cur.Desired, desired[mod]) {
+			continue
+		}
+		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// setPath sets doc[a][b]... = v, creating objects on the way.
+func setPath(doc map[string]any, path []string, v any) {
+	if len(path) == 1 && path[0] == "" {
+		if m, ok := v.(map[string]any); ok {
+			maps.Copy(doc, m)
+		}
+		return
+	}
+	for _, p := range path[:len(path)-1] {
+		sub, ok := doc[p].(map[string]any)
+		if !ok {
+			sub = map[string]any{}
+			doc[p] = sub
+		}
+		doc = sub
+	}
+	doc[path[len(path)-1]] = v
+}
+
+// countMetrics fills the system metrics and runs the custom metric queries.
+func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
+	type counts struct{ targeted, applied, ok, failed int64 }
+	n := make([]counts, len(cs))
+	var modules []map[string]any
+	for after := ""; ; {
+		recs, next, err := s.scan(ctx, kindDevice, "", after, 500)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			for i, c := range cs {
+				st, ok := r.Configurations[c.ID]
+				if !ok {
+					continue
+				}
+				n[i].targeted++
+				if st.Status != "Applied" {
+					continue
+				}
+				n[i].applied++
+				agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
+				if err != nil {
+					continue
+				}
+				code, _ := lookup(agent.Reported, "lastDesiredStatus", "code").(float64)
+				ver, _ := agent.Reported["lastDesiredVersion"].(float64)
+				switch {
+				case int64(ver) != agent.DesiredVersion:
+				case code == 200:
+					n[i].ok++
+				case code >= 400:
+					n[i].failed++
+				}
+			}
+		}
+		if next == "" {
+			break
+		}
+		after = next
+	}
+	for i, c := range cs {
+		c.SystemMetrics = Metrics{
+			Queries: map[string]string{
+				"targetedCount":           "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true AND " + c.TargetCondition,
+				"appliedCount":            "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied'",
+				"reportedSuccessfulCount": "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied' AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code = 200",
+				"reportedFailedCount":     "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied' AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code != 200",
+			},
+			Results: map[string]int64{"targetedCount": n[i].targeted, "appliedCount": n[i].applied,
+				"reportedSuccessfulCount": n[i].ok, "reportedFailedCount": n[i].failed},
+		}
+		if len(c.Metrics.Queries) > 0 {
+			if modules == nil {
+				var err error
+				if modules, err = s.allDocs(ctx, kindModule); err != nil {
+					return err
+				}
+			}
+			c.Metrics.Results = map[string]int64{}
+			for name, q := range c.Metrics.Queries {
+				c.Metrics.Results[name] = s.countQuery(ctx, q, modules)
+			}
+		}
+	}
+	return nil
+}
+
+// countQuery counts the rows of a custom metric query.
+func (s *Service) countQuery(ctx context.Context, q string, modules []map[string]any) int64 {
+	parsed, err := query.Parse(q)
+	if err != nil {
+		return 0
+	}
+	docs := modules
+	if parsed.From == query.Devices {
+		if docs, err = s.allDocs(ctx, kindDevice); err != nil {
+			return 0
+		}
+	}
+	rows, err := parsed.Run(docs)
+	if err != nil {
+		return 0
+	}
+	return int64(len(rows))
+}
+
+// allDocs returns every twin of a kind as queries see it.
+func (s *Service) allDocs(ctx context.Context, kind string) ([]map[string]any, error) {
+	var out []map[string]any
+	for after := ""; ; {
+		recs, next, err := s.scan(ctx, kind, "", after, 1000)
+		if err != nil {
+			return nil, err
+		}
+		for _, r := range recs {
+			out = append(out, r.twinDoc())
+		}
+		if next == "" {
+			return out, nil
+		}
+		after = next
+	}
+}
+
+func lookup(m map[string]any, path ...string) any {
+	var v any = m
+	for _, p := range path {
+		mm, ok := v.(map[string]any)
+		if !ok {
+			return nil
+		}
+		v = mm[p]
+	}
+	return v
+}
+
+// ApplyContent sets one edge device's module twins directly, as
+// `az iot edge set-modules` does; deployments may later override it.
+func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigContent) error {
+	if err := checkContent(c, false); err != nil {
+		return err
+	}
+	rec, _, err := s.load(ctx, Ref{Device: device})
+	if err != nil {
+		return err
+	}
+	if !rec.Device.Capabilities.IoTEdge {
+		return azerr.BadRequest("device %q is not an IoT Edge device: create it with capabilities.iotEdge = true", device)
+	}
+	for _, mod := range slices.Sorted(maps.Keys(c.ModulesContent)) {
+		var desired map[string]any
+		if err := json.Unmarshal(c.ModulesContent[mod]["properties.desired"], &desired); err != nil {
+			return azerr.BadRequest("modulesContent.%s.properties.desired: %v", mod, err)
+		}
+		m := Ref{Device: device, Module: mod}
+		if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
+			return err
+		}
+		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired}}, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// Query runs an IoT Hub query over device or module twins, returning one
+// page of rows from offset and the offset of the next page (0 at the end).
+func (s *Service) Query(ctx context.Context, q string, offset, limit int) ([]map[string]any, int, error) {
+	parsed, err := query.Parse(q)
+	if err != nil {
+		return nil, 0, azerr.BadRequest("%v", err)
+	}
+	kind := kindDevice
+	if parsed.From == query.Modules {
+		kind = kindModule
+	}
+	docs, err := s.allDocs(ctx, kind)
+	if err != nil {
+		return nil, 0, err
+	}
+	rows, err := parsed.Run(docs)
+	if err != nil {
+		return nil, 0, azerr.BadRequest("%v", err)
+	}
+	if offset > len(rows) {
+		offset = len(rows)
+	}
+	end := min(offset+limit, len(rows))
+	next := end
+	if end == len(rows) {
+		next = 0
+	}
+	return rows[offset:end], next, nil
+}

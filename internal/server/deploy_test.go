@@ -1,0 +1,151 @@
+package server
+
+import (
+	"encoding/json"
+	"strings"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/hub"
+)
+
+func manifest(image string) map[string]any {
+	return map[string]any{"modulesContent": map[string]any{
+		"$edgeAgent": map[string]any{"properties.desired": map[string]any{
+			"schemaVersion": "1.1",
+			"runtime":       map[string]any{"type": "docker", "settings": map[string]any{}},
+			"systemModules": map[string]any{},
+			"modules": map[string]any{"sensor": map[string]any{"type": "docker", "status": "running", "restartPolicy": "always",
+				"settings": map[string]any{"image": image}}},
+		}},
+		"$edgeHub": map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.1", "routes": map[string]any{}}},
+		"sensor":   map[string]any{"properties.desired": map[string]any{"interval": 5}},
+	}}
+}
+
+func (e *env) agentImage(device string) string {
+	e.t.Helper()
+	var tw hub.Twin
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/"+device+"/modules/$edgeAgent", "", nil, &tw); err != nil {
+		e.t.Fatal(err)
+	}
+	var d struct {
+		Modules map[string]struct {
+			Settings struct{ Image string } `json:"settings"`
+		} `json:"modules"`
+	}
+	_ = json.Unmarshal(tw.Properties.Desired, &d)
+	return d.Modules["sensor"].Settings.Image
+}
+
+func TestDeploymentsTargetTags(t *testing.T) {
+	e := newEnv(t)
+	for id, env := range map[string]string{"edge-a": "prod", "edge-b": "prod", "edge-c": "test"} {
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id, "", map[string]any{"capabilities": map[string]any{"iotEdge": true}}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.hubAPI.Do(ctx, "PATCH", "/twins/"+id, "", map[string]any{"tags": map[string]any{"environment": env}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// A plain device is never targeted.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/plain", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	dep := map[string]any{"content": manifest("sensor:1"), "targetCondition": "tags.environment='prod'", "priority": 10}
+	var c hub.Configuration
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/prod-sensor", "", dep, &c); err != nil {
+		t.Fatal(err)
+	}
+	if c.SystemMetrics.Results["targetedCount"] != 2 || c.SystemMetrics.Results["appliedCount"] != 2 {
+		t.Fatalf("metrics %+v", c.SystemMetrics.Results)
+	}
+	if e.agentImage("edge-a") != "sensor:1" || e.agentImage("edge-b") != "sensor:1" || e.agentImage("edge-c") != "" {
+		t.Fatalf("images a=%q b=%q c=%q", e.agentImage("edge-a"), e.agentImage("edge-b"), e.agentImage("edge-c"))
+	}
+	var mt hub.Twin
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/edge-a/modules/sensor", "", nil, &mt); err != nil || !strings.Contains(string(mt.Properties.Desired), `"interval":5`) {
+		t.Fatalf("custom module twin: %v %s", err, mt.Properties.Desired)
+	}
+
+	// A higher-priority deployment wins; a layered one adds to the base.
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/prod-sensor-2", "", map[string]any{"content": manifest("sensor:2"),
+		"targetCondition": "tags.environment='prod'", "priority": 20}, nil); err != nil {
+		t.Fatal(err)
+	}
+	layer := map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{
+		"properties.desired.modules.extra": map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "extra:1"}}}}}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/extra-layer", "", map[string]any{"content": layer, "targetCondition": "tags.environment='prod'", "priority": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge-a") != "sensor:2" {
+		t.Fatalf("priority: %q", e.agentImage("edge-a"))
+	}
+	var tw hub.Twin
+	_ = e.hubAPI.Do(ctx, "GET", "/twins/edge-a/modules/$edgeAgent", "", nil, &tw)
+	if !strings.Contains(string(tw.Properties.Desired), `"extra:1"`) || !strings.Contains(string(tw.Properties.Desired), `"sensor:2"`) {
+		t.Fatalf("layered: %s", tw.Properties.Desired)
+	}
+
+	// Changing tags moves a device between deployments.
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge-c", "", map[string]any{"tags": map[string]any{"environment": "prod"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge-a", "", map[string]any{"tags": map[string]any{"environment": "test"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge-c") != "sensor:2" {
+		t.Fatalf("edge-c after joining prod: %q", e.agentImage("edge-c"))
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/prod-sensor-2", "", nil, &c); err != nil || c.SystemMetrics.Results["appliedCount"] != 2 {
+		t.Fatalf("metrics after moves: %v %+v", err, c.SystemMetrics.Results)
+	}
+	// The edge agent's report counts as success.
+	if _, err := e.hub.UpdateReported(ctx, hub.Ref{Device: "edge-b", Module: "$edgeAgent"}, map[string]any{
+		"lastDesiredVersion": float64(mustTwin(t, e, "edge-b", "$edgeAgent").Properties.DesiredVersion()), "lastDesiredStatus": map[string]any{"code": 200}}); err != nil {
+		t.Fatal(err)
+	}
+	_ = e.hubAPI.Do(ctx, "GET", "/configurations/prod-sensor-2", "", nil, &c)
+	if c.SystemMetrics.Results["reportedSuccessfulCount"] != 1 {
+		t.Fatalf("reported successful: %+v", c.SystemMetrics.Results)
+	}
+
+	// The query API sees the same twins.
+	var rows []map[string]any
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": "SELECT deviceId FROM devices WHERE tags.environment = 'prod'"}, &rows); err != nil {
+		t.Fatal(err)
+	}
+	if len(rows) != 2 {
+		t.Fatalf("query rows %v", rows)
+	}
+
+	// Bad deployments are refused with what to fix, and change nothing.
+	for _, tc := range []struct {
+		body map[string]any
+		want string
+	}{
+		{map[string]any{"content": manifest("x"), "targetCondition": "tags.environment = "}, "targetCondition"},
+		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
+		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
+		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
+	} {
+		err := e.hubAPI.Do(ctx, "PUT", "/configurations/bad", "", tc.body, nil)
+		if ae := azerr.As(err); ae.Status() != 400 || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("bad deployment: %v, want 400 with %q", err, tc.want)
+		}
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/bad", "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Fatalf("bad deployment stored: %v", err)
+	}
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": "SELECT * FROM devices WHERE ("}, nil); azerr.As(err).Status() != 400 {
+		t.Fatalf("malformed query: %v", err)
+	}
+}
+
+func mustTwin(t *testing.T, e *env, device, module string) *hub.Twin {
+	tw, err := e.hub.GetTwin(ctx, hub.Ref{Device: device, Module: module})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return tw
+}
