@@ -43,6 +43,13 @@ type tcti struct {
 
 func (c tcti) addr(port int) string { return net.JoinHostPort(c.host, strconv.Itoa(port)) }
 
+// CheckTCTI reports whether s is a TCTI string Open accepts, with an error
+// that lists the accepted forms.
+func CheckTCTI(s string) error {
+	_, err := parseTCTI(s)
+	return err
+}
+
 // parseTCTI parses the TCTI strings that tpm2-tools accept via -T or
 // TPM2TOOLS_TCTI, with tpm2-tss's defaults for missing fields.
 func parseTCTI(s string) (tcti, error) {
