@@ -56,7 +56,8 @@ func startServe(t *testing.T) *cli {
 	}
 	port := freePort(t)
 	var log bytes.Buffer
-	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port))
+	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port),
+		"--mqtt-port", strconv.Itoa(freePort(t)))
 	srv.Stdout, srv.Stderr = &log, &log
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)

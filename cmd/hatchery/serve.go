@@ -22,6 +22,7 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
+	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/server"
 	"github.com/hatchery/hatchery/internal/store"
@@ -45,7 +46,7 @@ func (e endpoint) url() string {
 
 func serveCmd() *cobra.Command {
 	var host, listen, certFile, keyFile, logLevel string
-	var port int
+	var port, mqttPort int
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the provisioning service and the IoT hub",
@@ -59,12 +60,13 @@ func serveCmd() *cobra.Command {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
-			return serve(cmd.Context(), dir, host, listen, port, certFile, keyFile)
+			return serve(cmd.Context(), dir, host, listen, port, mqttPort, certFile, keyFile)
 		},
 	}
 	h, _ := os.Hostname()
 	cmd.Flags().StringVar(&host, "hostname", h, "host name devices and SDKs use for the provisioning service and the hub")
 	cmd.Flags().IntVar(&port, "https-port", 443, "HTTPS port (the Azure SDKs expect 443)")
+	cmd.Flags().IntVar(&mqttPort, "mqtt-port", 8883, "MQTT over TLS port of the hub's device endpoint (the Azure SDKs expect 8883)")
 	cmd.Flags().StringVar(&listen, "listen", "", "address to listen on (default: all addresses)")
 	cmd.Flags().StringVar(&certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&keyFile, "tls-key", "", "server key PEM, with --tls-cert")
@@ -72,7 +74,7 @@ func serveCmd() *cobra.Command {
 	return cmd
 }
 
-func serve(ctx context.Context, dir, host, listen string, port int, certFile, keyFile string) error {
+func serve(ctx context.Context, dir, host, listen string, port, mqttPort int, certFile, keyFile string) error {
 	if host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
 	}
@@ -133,6 +135,17 @@ func serve(ctx context.Context, dir, host, listen string, port int, certFile, ke
 	if err != nil {
 		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
 	}
+	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), tlsConfig)
+	if err != nil {
+		ln.Close()
+		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", mqttPort, err)
+	}
+	devices := &mqtt.Server{Handler: server.NewDeviceEndpoint(hubSvc), Logger: slog.Default()}
+	go func() {
+		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {
+			slog.Error("mqtt endpoint stopped", "error", err)
+		}
+	}()
 	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
 		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
 		// TLS handshake failures (port probes, untrusting clients) are noise at info level.
@@ -143,9 +156,10 @@ func serve(ctx context.Context, dir, host, listen string, port int, certFile, ke
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		_ = devices.Close()
 		_ = srv.Shutdown(shut)
 	}()
-	slog.Info("hatchery serving", "https", ln.Addr().String(), "hostname", host, "idScope", dpsSvc.IDScope(), "dataDir", dir)
+	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", host, "idScope", dpsSvc.IDScope(), "dataDir", dir)
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"regexp"
 	"strings"
 
@@ -333,4 +334,19 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 		next = docs[len(docs)-1].ID
 	}
 	return out, next, nil
+}
+
+// SetConnected records a device's or module's connection state.
+func (s *Service) SetConnected(ctx context.Context, r Ref, connected bool) {
+	now := s.Now().UTC()
+	state := "Disconnected"
+	if connected {
+		state = "Connected"
+	}
+	if _, err := s.update(ctx, r, func(rec *record) error {
+		rec.Device.ConnectionState, rec.Device.ConnectionStateUpdatedTime, rec.Device.LastActivityTime = state, now, now
+		return nil
+	}); err != nil {
+		slog.Warn("recording connection state", "identity", r.String(), "error", err)
+	}
 }

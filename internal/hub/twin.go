@@ -79,13 +79,14 @@ func (s *Service) UpdateReported(ctx context.Context, r Ref, patch map[string]an
 	return rec.ReportedVersion, nil
 }
 
-// DeviceTwinDocument is the twin as a device sees it: desired and reported.
+// DeviceTwinDocument is the twin as a device sees it: desired and reported,
+// each with its $version.
 func (s *Service) DeviceTwinDocument(ctx context.Context, r Ref) ([]byte, error) {
-	t, err := s.GetTwin(ctx, r)
+	rec, _, err := s.load(ctx, r)
 	if err != nil {
 		return nil, err
 	}
-	return json.Marshal(t.Properties)
+	return json.Marshal(map[string]any{"desired": withVersion(rec.Desired, rec.DesiredVersion), "reported": withVersion(rec.Reported, rec.ReportedVersion)})
 }
 
 // WatchDesired calls f with each desired-property patch of r (the patch

@@ -2,12 +2,14 @@ package server
 
 import (
 	"encoding/base64"
+	"errors"
 	"encoding/json"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
@@ -88,5 +90,53 @@ func TestTPMWrongEndorsementKey(t *testing.T) {
 	}
 	if after := e.counts(); after["dps.challenge"] != before["dps.challenge"] {
 		t.Fatal("a challenge was stored for a foreign EK")
+	}
+}
+
+// A TPM device provisioned through DPS connects over MQTT with tokens its
+// TPM signs, and is refused once the operator disables it.
+func TestTPMDeviceConnectsOverMQTT(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	dev, err := tpm.Open(testutil.StartSWTPM(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	ek, err := dev.EndorsementKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	regID := tpm.RegistrationID(ek)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, DeviceID: "tpm-mqtt",
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	if _, err := e.device(regID).RegisterTPM(ctx, dev, handle); err != nil {
+		t.Fatal(err)
+	}
+	tlsConf := e.tls.Clone()
+	tlsConf.ServerName = "example.com"
+	opts := hubdevice.Options{Host: host, Addr: addr, DeviceID: "tpm-mqtt", TLS: tlsConf,
+		Sign: func(aud string, exp time.Time) (string, error) {
+			return sas.BuildSigned(func(data []byte) ([]byte, error) { return dev.HMAC(handle, data) }, aud, "", exp)
+		}}
+	c, err := hubdevice.Dial(ctx, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.SendEvent(ctx, []byte(`{"from":"tpm"}`), nil); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/tpm-mqtt", "", nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	d.Status = "disabled"
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/tpm-mqtt", "*", d, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := hubdevice.Dial(ctx, opts); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("disabled TPM device: %v", err)
 	}
 }

@@ -1,0 +1,704 @@
+package mqtt
+
+import (
+	"bufio"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"os"
+	"runtime/debug"
+	"strings"
+	"sync"
+	"time"
+)
+
+// Handler gives the server its application semantics (for Hatchery, those of
+// Azure IoT Hub). For each connection the server calls the Handler methods
+// one at a time, in packet order; they may call Send. A panic in a method
+// closes that connection only.
+type Handler interface {
+	// Authenticate is called for CONNECT; return 0 to accept, or a CONNACK
+	// return code (e.g. 5 not authorized, 4 bad username/password, 2
+	// identifier rejected). It may attach per-connection state with
+	// c.SetValue. An invalid code refuses with 5.
+	Authenticate(c *Conn, p *Connect) byte
+	// Published is called for each PUBLISH from the client. The server sends
+	// the PUBACK of a QoS 1 message only after Published returns nil; an error
+	// closes the connection (the server logs it and passes it to Closed).
+	// p.Payload is not reused by the server.
+	Published(c *Conn, p *Publish) error
+	// Subscribe decides each topic filter: granted QoS (0/1) or 0x80 failure.
+	// The server never grants more than the requested QoS nor more than 1.
+	Subscribe(c *Conn, filter string, qos byte) byte
+	// Unsubscribe is called for each filter of an UNSUBSCRIBE.
+	Unsubscribe(c *Conn, filter string)
+	// Closed is called once, when a connection that Authenticate accepted
+	// (returned 0 for) ends: err is nil after DISCONNECT, else why it ended.
+	Closed(c *Conn, err error)
+}
+
+// Errors of the server and its connections.
+var (
+	ErrServerClosed        = errors.New("mqtt: server closed")
+	ErrConnClosed          = errors.New("mqtt: connection closed")
+	ErrNotSubscribed       = errors.New("mqtt: client has no subscription matching the topic")
+	ErrTooManyInflight     = errors.New("mqtt: all 65535 packet identifiers await PUBACK")
+	ErrProtocolViolation   = errors.New("mqtt: protocol violation")
+	ErrKeepAliveTimeout    = errors.New("mqtt: no packet from the client within 1.5 times its keepalive")
+	ErrConnectTimeout      = errors.New("mqtt: no CONNECT within the connect timeout")
+	errHandshakeIncomplete = errors.New("mqtt: connection ended before CONNECT")
+)
+
+// Defaults of Server fields left zero.
+const (
+	DefaultConnectTimeout = 10 * time.Second
+	DefaultWriteTimeout   = 10 * time.Second
+	readBufferSize        = 1024
+)
+
+// Server accepts MQTT 3.1.1 connections and hands their packets to Handler.
+// It implements QoS 0 and 1 only: a QoS 2 or retained PUBLISH from a client
+// closes the connection, QoS 2 subscriptions are granted QoS 1, and every
+// session is clean (CONNACK's session present is always 0).
+type Server struct {
+	Handler        Handler
+	MaxPacketSize  int           // default DefaultMaxPacketSize (256 KiB + 8 KiB)
+	ConnectTimeout time.Duration // TLS handshake plus CONNECT; default 10 s
+	WriteTimeout   time.Duration // per packet write; a client slower than this is closed; default 10 s
+	Logger         *slog.Logger  // default slog.Default()
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[*Conn]struct{}
+	wg        sync.WaitGroup
+}
+
+func (s *Server) maxPacketSize() int {
+	if s.MaxPacketSize > 0 {
+		return s.MaxPacketSize
+	}
+	return DefaultMaxPacketSize
+}
+
+func (s *Server) connectTimeout() time.Duration {
+	if s.ConnectTimeout > 0 {
+		return s.ConnectTimeout
+	}
+	return DefaultConnectTimeout
+}
+
+func (s *Server) writeTimeout() time.Duration {
+	if s.WriteTimeout > 0 {
+		return s.WriteTimeout
+	}
+	return DefaultWriteTimeout
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+// Serve accepts connections on l (typically from tls.NewListener) until Close
+// and then returns ErrServerClosed. Serve may be called for several listeners.
+func (s *Server) Serve(l net.Listener) error {
+	if s.Handler == nil {
+		return errors.New("mqtt: Server.Handler is nil")
+	}
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		l.Close()
+		return ErrServerClosed
+	}
+	if s.listeners == nil {
+		s.listeners = make(map[net.Listener]struct{})
+		s.conns = make(map[*Conn]struct{})
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+
+	var delay time.Duration
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of file descriptors and the like: back off as net/http does.
+			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+			s.logger().Warn("mqtt: accept failed; retrying", "err", err, "retry_in", delay)
+			time.Sleep(delay)
+			continue
+		}
+		delay = 0
+		c := newConn(s, nc)
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			nc.Close()
+			continue
+		}
+		s.conns[c] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go c.serve()
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+// Close closes the listeners and all connections, then waits until every
+// connection's goroutine has finished (and Handler.Closed has returned), so it
+// must not be called from a Handler method.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	var ls []net.Listener
+	for l := range s.listeners {
+		ls = append(ls, l)
+	}
+	cs := make([]*Conn, 0, len(s.conns))
+	for c := range s.conns {
+		cs = append(cs, c)
+	}
+	s.mu.Unlock()
+	var errs []error
+	for _, l := range ls {
+		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	for _, c := range cs {
+		c.closeWith(ErrServerClosed)
+	}
+	s.wg.Wait()
+	return errors.Join(errs...)
+}
+
+// Conn is one client connection.
+type Conn struct {
+	srv         *Server
+	nc          net.Conn  // what packets are read from and written to
+	raw         net.Conn  // the TCP connection under nc, closed without a TLS alert
+	tc          *tls.Conn // nil without TLS
+	clientID    string    // set before Authenticate, then immutable
+	readTimeout time.Duration
+	accepted    bool
+
+	// Used only by the reading goroutine. br is borrowed from readerPool
+	// while packets are buffered and returned when the connection idles.
+	br    *bufio.Reader
+	first [1]byte
+
+	wmu sync.Mutex // serializes writes
+
+	mu       sync.Mutex // guards the fields below
+	closed   bool
+	closeErr error
+	subs     []subscription
+	inflight map[uint16]func(error) // QoS 1 packets sent, awaiting PUBACK
+	nextID   uint16
+	value    any
+}
+
+type subscription struct {
+	filter string
+	qos    byte
+}
+
+var readerPool = sync.Pool{New: func() any { return bufio.NewReaderSize(nil, readBufferSize) }}
+
+func newConn(s *Server, nc net.Conn) *Conn {
+	c := &Conn{srv: s, nc: nc, raw: nc}
+	if tc, ok := nc.(*tls.Conn); ok {
+		c.tc = tc
+		c.raw = tc.NetConn()
+	}
+	return c
+}
+
+// ClientID returns the client identifier of CONNECT (for Azure IoT Hub the
+// device ID, or "device/module").
+func (c *Conn) ClientID() string { return c.clientID }
+
+// RemoteAddr returns the client's address.
+func (c *Conn) RemoteAddr() net.Addr { return c.raw.RemoteAddr() }
+
+// TLS returns the TLS connection state (with the client's certificates for
+// X.509 authentication), or nil when the connection is not TLS.
+func (c *Conn) TLS() *tls.ConnectionState {
+	if c.tc == nil {
+		return nil
+	}
+	cs := c.tc.ConnectionState()
+	return &cs
+}
+
+// SetValue attaches v to the connection.
+func (c *Conn) SetValue(v any) {
+	c.mu.Lock()
+	c.value = v
+	c.mu.Unlock()
+}
+
+// Value returns what SetValue attached.
+func (c *Conn) Value() any {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.value
+}
+
+// Close closes the connection; Handler.Closed then receives ErrConnClosed.
+func (c *Conn) Close() { c.closeWith(ErrConnClosed) }
+
+// Subscribed reports whether the client has a subscription matching topic.
+func (c *Conn) Subscribed(topic string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.grantedLocked(topic)
+	return ok
+}
+
+// grantedLocked returns the highest QoS granted to a filter matching topic.
+func (c *Conn) grantedLocked(topic string) (byte, bool) {
+	var qos byte
+	found := false
+	for _, s := range c.subs {
+		if MatchTopic(s.filter, topic) {
+			found = true
+			qos = max(qos, s.qos)
+		}
+	}
+	return qos, found
+}
+
+// Send publishes to the client if it has a matching subscription (else it
+// returns ErrNotSubscribed) at QoS min(qos, granted QoS, 1). For QoS 1 it
+// assigns a packet identifier and calls onAck (which may be nil) with nil
+// when the PUBACK arrives, or with an error wrapping ErrConnClosed when the
+// connection ends first; a message delivered at QoS 0 calls onAck(nil) before
+// Send returns. onAck is called exactly once if and only if Send returns nil,
+// and never while Send's locks are held.
+//
+// Send is safe for concurrent use. A write that does not finish within the
+// server's WriteTimeout closes the connection.
+func (c *Conn) Send(topic string, payload []byte, qos byte, onAck func(error)) error {
+	if err := ValidateTopicName(topic); err != nil {
+		return fmt.Errorf("mqtt: topic %s: %w", quote(topic), err)
+	}
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return ErrConnClosed
+	}
+	granted, ok := c.grantedLocked(topic)
+	if !ok {
+		c.mu.Unlock()
+		return ErrNotSubscribed
+	}
+	qos = min(qos, granted, 1)
+	var id uint16
+	if qos == 1 {
+		var err error
+		if id, err = c.allocIDLocked(onAck); err != nil {
+			c.mu.Unlock()
+			return err
+		}
+	}
+	c.mu.Unlock()
+
+	p := Publish{Topic: topic, Payload: payload, QoS: qos, PacketID: id}
+	if err := c.write(&p); err != nil {
+		if qos == 1 {
+			c.mu.Lock()
+			_, mine := c.inflight[id]
+			delete(c.inflight, id)
+			c.mu.Unlock()
+			if !mine {
+				// The connection's shutdown already reported the failure to onAck.
+				return nil
+			}
+		}
+		return err
+	}
+	if qos == 0 && onAck != nil {
+		onAck(nil)
+	}
+	return nil
+}
+
+func (c *Conn) allocIDLocked(onAck func(error)) (uint16, error) {
+	if c.inflight == nil {
+		c.inflight = make(map[uint16]func(error))
+	}
+	if len(c.inflight) >= 65535 {
+		return 0, ErrTooManyInflight
+	}
+	for {
+		c.nextID++
+		if c.nextID == 0 {
+			c.nextID = 1
+		}
+		if _, used := c.inflight[c.nextID]; !used {
+			c.inflight[c.nextID] = onAck
+			return c.nextID, nil
+		}
+	}
+}
+
+// write encodes p into a pooled buffer and writes it under the write lock
+// with the write deadline. A failed write closes the connection.
+func (c *Conn) write(p Packet) error {
+	bp := getBuf()
+	b, err := p.Encode((*bp)[:0])
+	if err != nil {
+		putBuf(bp, b)
+		return err
+	}
+	c.wmu.Lock()
+	c.nc.SetWriteDeadline(time.Now().Add(c.srv.writeTimeout()))
+	_, err = c.nc.Write(b)
+	c.wmu.Unlock()
+	putBuf(bp, b)
+	if err != nil {
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			err = fmt.Errorf("mqtt: writing %s: client did not read for %s: %w", p.Type(), c.srv.writeTimeout(), err)
+		} else {
+			err = fmt.Errorf("mqtt: writing %s: %w", p.Type(), err)
+		}
+		c.closeWith(err)
+		return err
+	}
+	return nil
+}
+
+// closeWith closes the connection, recording why if it is the first reason.
+// It closes the TCP connection directly, since sending a TLS close_notify
+// could block behind a stalled writer; the connection's goroutine then
+// finishes.
+func (c *Conn) closeWith(reason error) {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return
+	}
+	c.closed = true
+	c.closeErr = reason
+	c.mu.Unlock()
+	c.raw.Close()
+}
+
+// serve runs the TLS handshake and the CONNECT exchange, then hands the
+// connection to a new goroutine for reading packets. The handshake and
+// Authenticate grow a goroutine's stack well past what a parked reader needs;
+// starting afresh leaves an idle connection with a small stack at once
+// instead of after several garbage collections.
+func (c *Conn) serve() {
+	if err := c.guard(c.connect); err != nil {
+		c.finish(err)
+		return
+	}
+	go c.readLoop()
+}
+
+func (c *Conn) readLoop() { c.finish(c.guard(c.loop)) }
+
+// guard runs f, turning a panic (in a Handler method, say) into an error so
+// that one bad connection cannot take the others down.
+func (c *Conn) guard(f func() error) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.srv.logger().Error("mqtt: panic serving connection", "client_id", c.clientID,
+				"remote", c.RemoteAddr().String(), "panic", r, "stack", string(debug.Stack()))
+			err = fmt.Errorf("%w: %v", errPanic, r)
+		}
+	}()
+	return f()
+}
+
+// finish closes the connection, fails the messages awaiting PUBACK and calls
+// Handler.Closed.
+func (c *Conn) finish(err error) {
+	s := c.srv
+	defer s.wg.Done()
+	c.mu.Lock()
+	ending := !c.closed // the connection ends on its own: no one else closed it
+	if ending {
+		c.closed, c.closeErr = true, err
+	}
+	c.mu.Unlock()
+	if ending && c.tc != nil {
+		// End TLS politely with close_notify (crypto/tls bounds it to 5 s).
+		c.tc.Close()
+	} else if ending {
+		c.raw.Close()
+	}
+	c.releaseReader()
+
+	c.mu.Lock()
+	reason := c.closeErr
+	inflight := c.inflight
+	c.inflight = nil
+	c.mu.Unlock()
+	if len(inflight) > 0 {
+		ackErr := ErrConnClosed
+		if reason != nil && reason != ErrConnClosed {
+			ackErr = fmt.Errorf("%w: %w", ErrConnClosed, reason)
+		}
+		for _, onAck := range inflight {
+			if onAck != nil {
+				c.protect("onAck", func() { onAck(ackErr) })
+			}
+		}
+	}
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+
+	c.logClose(reason)
+	if c.accepted {
+		c.protect("Closed", func() { s.Handler.Closed(c, reason) })
+	}
+}
+
+// protect runs a callback, turning a panic into a log entry.
+func (c *Conn) protect(what string, f func()) {
+	defer func() {
+		if r := recover(); r != nil {
+			c.srv.logger().Error("mqtt: panic in "+what, "client_id", c.clientID,
+				"remote", c.RemoteAddr().String(), "panic", r, "stack", string(debug.Stack()))
+		}
+	}()
+	f()
+}
+
+func (c *Conn) logClose(reason error) {
+	log := c.srv.logger()
+	attrs := []any{"client_id", c.clientID, "remote", c.RemoteAddr().String()}
+	switch {
+	case reason == nil:
+		log.Debug("mqtt: client disconnected", attrs...)
+	case errors.Is(reason, ErrServerClosed), errors.Is(reason, ErrConnClosed):
+		log.Debug("mqtt: connection closed", append(attrs, "reason", reason)...)
+	case errors.Is(reason, ErrMalformed), errors.Is(reason, ErrPacketTooLarge),
+		errors.Is(reason, ErrProtocolViolation), errors.Is(reason, ErrKeepAliveTimeout),
+		errors.Is(reason, ErrUnacceptableProtocolVersion), errors.Is(reason, errRefused):
+		log.Info("mqtt: connection closed", append(attrs, "reason", reason)...)
+	case errors.Is(reason, errHandler), errors.Is(reason, errPanic):
+		log.Warn("mqtt: connection closed", append(attrs, "reason", reason)...)
+	default: // network errors, TLS handshake failures, scanners
+		log.Debug("mqtt: connection closed", append(attrs, "reason", reason)...)
+	}
+}
+
+var (
+	errRefused = errors.New("mqtt: connection refused")
+	errHandler = errors.New("mqtt: handler")
+	errPanic   = errors.New("mqtt: panic")
+)
+
+func violation(format string, args ...any) error {
+	return fmt.Errorf("%w: %s", ErrProtocolViolation, fmt.Sprintf(format, args...))
+}
+
+// loop reads and handles packets until the connection ends; it returns nil
+// after DISCONNECT.
+func (c *Conn) loop() error {
+	for {
+		p, err := c.readPacket()
+		if err != nil {
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return fmt.Errorf("%w (%s)", ErrKeepAliveTimeout, c.readTimeout)
+			}
+			return err
+		}
+		if err := c.handle(p); err != nil {
+			return err
+		}
+		if _, ok := p.(*Disconnect); ok {
+			return nil
+		}
+	}
+}
+
+// connect runs the TLS handshake and the CONNECT exchange under the connect
+// timeout.
+func (c *Conn) connect() error {
+	s := c.srv
+	timeout := s.connectTimeout()
+	c.nc.SetDeadline(time.Now().Add(timeout))
+	if c.tc != nil {
+		if err := c.tc.Handshake(); err != nil {
+			return fmt.Errorf("mqtt: TLS handshake: %w", err)
+		}
+	}
+	p, err := c.readPacket()
+	if err != nil {
+		switch {
+		case errors.Is(err, ErrUnacceptableProtocolVersion):
+			c.write(&Connack{ReturnCode: RefusedProtocolVersion})
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return fmt.Errorf("%w (%s)", ErrConnectTimeout, timeout)
+		case err == io.EOF:
+			return errHandshakeIncomplete
+		}
+		return err
+	}
+	cp, ok := p.(*Connect)
+	if !ok {
+		return violation("%s before CONNECT", p.Type())
+	}
+	c.clientID = cp.ClientID
+	if cp.KeepAlive > 0 {
+		c.readTimeout = time.Duration(cp.KeepAlive) * 1500 * time.Millisecond
+	}
+	code := s.Handler.Authenticate(c, cp)
+	if code > RefusedNotAuthorized {
+		s.logger().Error("mqtt: Handler.Authenticate returned an invalid CONNACK code; refusing with 5",
+			"code", code, "client_id", c.clientID)
+		code = RefusedNotAuthorized
+	}
+	c.accepted = code == Accepted // from here on Closed must be called
+	if err := c.write(&Connack{ReturnCode: code}); err != nil {
+		return err
+	}
+	if code != Accepted {
+		return fmt.Errorf("%w: CONNACK return code %d", errRefused, code)
+	}
+	c.nc.SetReadDeadline(time.Time{})
+	return nil
+}
+
+// readPacket reads the next packet. While the connection idles it holds no
+// read buffer: it waits for the packet's first byte with a one-byte read and
+// then borrows a bufio.Reader until the buffered bytes are used up.
+func (c *Conn) readPacket() (Packet, error) {
+	max := c.srv.maxPacketSize()
+	if c.br != nil && c.br.Buffered() > 0 {
+		return ReadPacket(c.br, max)
+	}
+	c.releaseReader()
+	if c.accepted && c.readTimeout > 0 {
+		c.nc.SetReadDeadline(time.Now().Add(c.readTimeout))
+	}
+	if _, err := io.ReadFull(c.nc, c.first[:]); err != nil {
+		return nil, err
+	}
+	c.br = readerPool.Get().(*bufio.Reader)
+	c.br.Reset(c.nc)
+	return readPacket(c.first[0], c.br, max)
+}
+
+func (c *Conn) releaseReader() {
+	if c.br != nil {
+		c.br.Reset(nil)
+		readerPool.Put(c.br)
+		c.br = nil
+	}
+}
+
+// handle acts on one packet after CONNECT.
+func (c *Conn) handle(p Packet) error {
+	h := c.srv.Handler
+	switch p := p.(type) {
+	case *Publish:
+		if p.QoS > 1 {
+			return violation("PUBLISH to %s with QoS %d: only QoS 0 and 1 are supported", quote(p.Topic), p.QoS)
+		}
+		if p.Retain {
+			return violation("PUBLISH to %s with RETAIN: retained messages are not supported", quote(p.Topic))
+		}
+		if err := h.Published(c, p); err != nil {
+			return fmt.Errorf("%w: PUBLISH to %s: %w", errHandler, quote(p.Topic), err)
+		}
+		if p.QoS == 1 {
+			return c.write(&Puback{PacketID: p.PacketID})
+		}
+	case *Puback:
+		c.mu.Lock()
+		onAck, ok := c.inflight[p.PacketID]
+		delete(c.inflight, p.PacketID)
+		c.mu.Unlock()
+		if ok && onAck != nil {
+			onAck(nil)
+		}
+		// A PUBACK for an unknown identifier is ignored, as a late duplicate.
+	case *Subscribe:
+		codes := make([]byte, len(p.Subscriptions))
+		for i, sub := range p.Subscriptions {
+			g := h.Subscribe(c, sub.Filter, sub.QoS)
+			switch {
+			case g == SubscribeFailure:
+			case g <= 2:
+				g = min(g, sub.QoS, 1)
+			default:
+				c.srv.logger().Error("mqtt: Handler.Subscribe returned an invalid code; refusing the filter",
+					"code", g, "client_id", c.clientID, "filter", sub.Filter)
+				g = SubscribeFailure
+			}
+			codes[i] = g
+			if g != SubscribeFailure {
+				c.subscribe(sub.Filter, g)
+			}
+		}
+		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: codes})
+	case *Unsubscribe:
+		for _, f := range p.Filters {
+			h.Unsubscribe(c, f)
+			c.unsubscribe(f)
+		}
+		return c.write(&Unsuback{PacketID: p.PacketID})
+	case *Pingreq:
+		return c.write(&Pingresp{})
+	case *Disconnect:
+	case *Connect:
+		return violation("second CONNECT")
+	default:
+		return violation("%s from a client", p.Type())
+	}
+	return nil
+}
+
+// subscribe adds or replaces (section 3.8.4) a subscription.
+func (c *Conn) subscribe(filter string, qos byte) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.subs {
+		if c.subs[i].filter == filter {
+			c.subs[i].qos = qos
+			return
+		}
+	}
+	// Clone: the filter aliases the SUBSCRIBE packet, which may be large.
+	c.subs = append(c.subs, subscription{filter: strings.Clone(filter), qos: qos})
+}
+
+func (c *Conn) unsubscribe(filter string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.subs {
+		if c.subs[i].filter == filter {
+			c.subs = append(c.subs[:i], c.subs[i+1:]...)
+			return
+		}
+	}
+}

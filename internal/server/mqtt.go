@@ -1,0 +1,303 @@
+package server
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/mqtt"
+)
+
+// DeviceEndpoint is the hub's MQTT front end: it maps the Azure IoT Hub
+// device topics onto the hub service and keeps one connection per identity.
+type DeviceEndpoint struct {
+	hub *hub.Service
+
+	mu       sync.Mutex
+	sessions map[hub.Ref]*mqtt.Conn
+}
+
+// NewDeviceEndpoint returns the mqtt.Handler of the hub's device endpoint.
+func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
+	return &DeviceEndpoint{hub: h, sessions: map[hub.Ref]*mqtt.Conn{}}
+}
+
+// session is what a connection is allowed to do and what it listens to.
+type session struct {
+	ref       hub.Ref
+	deliverMu sync.Mutex // one C2D delivery at a time
+	mu        sync.Mutex
+	cancels   []func()
+	methods   map[string]chan methodAnswer // by $rid
+	nextRID   atomic.Uint64
+}
+
+type methodAnswer struct {
+	status  int
+	payload json.RawMessage
+}
+
+func (s *session) onClose(f func()) {
+	s.mu.Lock()
+	s.cancels = append(s.cancels, f)
+	s.mu.Unlock()
+}
+
+func sess(c *mqtt.Conn) *session { s, _ := c.Value().(*session); return s }
+
+// parseUsername reads "{hub}/{device}/?api-version=…" or
+// "{hub}/{device}/{module}/?api-version=…".
+func parseUsername(u string) (host string, r hub.Ref, ok bool) {
+	path, _, _ := strings.Cut(u, "?")
+	parts := strings.Split(strings.TrimSuffix(path, "/"), "/")
+	switch {
+	case len(parts) == 2:
+		return parts[0], hub.Ref{Device: parts[1]}, true
+	case len(parts) == 3 && strings.HasPrefix(parts[2], "api-version="):
+		return parts[0], hub.Ref{Device: parts[1]}, true // some clients omit the '?'
+	case len(parts) == 3:
+		return parts[0], hub.Ref{Device: parts[1], Module: parts[2]}, true
+	}
+	return "", hub.Ref{}, false
+}
+
+// Authenticate accepts a device whose username names it on this hub, whose
+// client ID matches, and whose password is a valid SAS token for it. Every
+// refusal is "not authorized", the code edge devices reprovision on.
+func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
+	host, r, ok := parseUsername(p.Username)
+	if !ok || !strings.EqualFold(host, d.hub.Host()) || p.ClientID != r.String() {
+		slog.Info("mqtt connection refused", "clientId", p.ClientID, "reason", "username must be {hub}/{deviceId}/?api-version=… with the client ID the device ID")
+		return mqtt.RefusedNotAuthorized
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.hub.AuthenticateDevice(ctx, r, string(p.Password)); err != nil {
+		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
+		return mqtt.RefusedNotAuthorized
+	}
+	c.SetValue(&session{ref: r, methods: map[string]chan methodAnswer{}})
+	d.mu.Lock()
+	old := d.sessions[r]
+	d.sessions[r] = c
+	d.mu.Unlock()
+	if old != nil {
+		old.Close() // as the hosted hub: a new connection replaces the old one
+	}
+	d.hub.SetConnected(ctx, r, true)
+	return mqtt.Accepted
+}
+
+// Closed releases what the connection listened to.
+func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
+	s := sess(c)
+	if s == nil {
+		return
+	}
+	s.mu.Lock()
+	cancels := s.cancels
+	s.cancels = nil
+	s.mu.Unlock()
+	for _, f := range cancels {
+		f()
+	}
+	d.mu.Lock()
+	current := d.sessions[s.ref] == c
+	if current {
+		delete(d.sessions, s.ref)
+	}
+	d.mu.Unlock()
+	if current {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		d.hub.SetConnected(ctx, s.ref, false)
+	}
+}
+
+// own is the topic prefix of the connection's identity.
+func (s *session) own() string {
+	if s.ref.Module == "" {
+		return "devices/" + s.ref.Device + "/"
+	}
+	return "devices/" + s.ref.Device + "/modules/" + s.ref.Module + "/"
+}
+
+var errTopic = errors.New("topic is not one a device may publish to")
+
+// Published handles telemetry, twin requests and method answers. Anything
+// else, including another device's topics, closes the connection, as the
+// hosted hub does.
+func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
+	s := sess(c)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	switch {
+	case strings.HasPrefix(p.Topic, s.own()+"messages/events/") || p.Topic+"/" == s.own()+"messages/events/":
+		bag := strings.TrimPrefix(strings.TrimPrefix(p.Topic, s.own()+"messages/events"), "/")
+		props, err := url.ParseQuery(bag)
+		if err != nil {
+			return fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
+		}
+		flat := make(map[string]string, len(props))
+		for k, v := range props {
+			flat[k] = v[0]
+		}
+		_, err = d.hub.SendEvent(ctx, s.ref, flat, p.Payload)
+		return err
+	case strings.HasPrefix(p.Topic, "$iothub/twin/GET/"):
+		rid := ridOf(p.Topic)
+		doc, err := d.hub.DeviceTwinDocument(ctx, s.ref)
+		if err != nil {
+			return d.reply(c, "$iothub/twin/res/500/?$rid="+rid, nil)
+		}
+		return d.reply(c, "$iothub/twin/res/200/?$rid="+rid, doc)
+	case strings.HasPrefix(p.Topic, "$iothub/twin/PATCH/properties/reported/"):
+		rid := ridOf(p.Topic)
+		var patch map[string]any
+		if err := json.Unmarshal(p.Payload, &patch); err != nil || patch == nil {
+			return d.reply(c, "$iothub/twin/res/400/?$rid="+rid, nil)
+		}
+		v, err := d.hub.UpdateReported(ctx, s.ref, patch)
+		if err != nil {
+			return d.reply(c, "$iothub/twin/res/500/?$rid="+rid, nil)
+		}
+		return d.reply(c, "$iothub/twin/res/204/?$rid="+rid+"&$version="+strconv.FormatInt(v, 10), nil)
+	case strings.HasPrefix(p.Topic, "$iothub/methods/res/"):
+		statusText, _, _ := strings.Cut(strings.TrimPrefix(p.Topic, "$iothub/methods/res/"), "/")
+		status, err := strconv.Atoi(statusText)
+		if err != nil {
+			return fmt.Errorf("method response status %q is not a number", statusText)
+		}
+		rid := ridOf(p.Topic)
+		s.mu.Lock()
+		ch := s.methods[rid]
+		delete(s.methods, rid)
+		s.mu.Unlock()
+		if ch != nil {
+			ch <- methodAnswer{status: status, payload: json.RawMessage(p.Payload)}
+		}
+		return nil
+	}
+	return fmt.Errorf("%w: %q (a device publishes to %smessages/events/ and $iothub/ topics)", errTopic, p.Topic, s.own())
+}
+
+// reply sends a response topic; the device subscribed to $iothub/twin/res/#.
+func (d *DeviceEndpoint) reply(c *mqtt.Conn, topic string, body []byte) error {
+	if err := c.Send(topic, body, 0, nil); err != nil && !errors.Is(err, mqtt.ErrNotSubscribed) {
+		return err
+	}
+	return nil
+}
+
+// ridOf reads the $rid of a request topic.
+func ridOf(topic string) string {
+	_, q, _ := strings.Cut(topic, "?")
+	v, _ := url.ParseQuery(q)
+	return v.Get("$rid")
+}
+
+// Subscribe grants the device's own topics and starts what each implies.
+func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
+	s := sess(c)
+	switch filter {
+	case "$iothub/twin/res/#":
+		return min(qos, 1)
+	case "$iothub/twin/PATCH/properties/desired/#":
+		s.onClose(d.hub.WatchDesired(s.ref, func(patch []byte) {
+			v := struct {
+				Version int64 `json:"$version"`
+			}{}
+			_ = json.Unmarshal(patch, &v)
+			_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
+		}))
+		return min(qos, 1)
+	case "$iothub/methods/POST/#":
+		s.onClose(d.hub.ServeMethods(s.ref, func(ctx context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
+			return d.callMethod(ctx, c, s, name, payload)
+		}))
+		return 0
+	case s.own() + "messages/devicebound/#":
+		if s.ref.Module != "" {
+			break
+		}
+		deliver := func() { go d.deliverC2D(c, s) }
+		s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
+		deliver() // what waited while the device was away
+		return 1
+	}
+	slog.Info("mqtt subscription refused", "identity", s.ref.String(), "filter", filter)
+	return mqtt.SubscribeFailure
+}
+
+// Unsubscribe needs nothing: watchers end with the connection.
+func (d *DeviceEndpoint) Unsubscribe(*mqtt.Conn, string) {}
+
+func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *session, name string, payload json.RawMessage) (int, json.RawMessage, error) {
+	rid := strconv.FormatUint(s.nextRID.Add(1), 16)
+	ch := make(chan methodAnswer, 1)
+	s.mu.Lock()
+	s.methods[rid] = ch
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.methods, rid)
+		s.mu.Unlock()
+	}()
+	if err := c.Send("$iothub/methods/POST/"+url.PathEscape(name)+"/?$rid="+rid, payload, 0, nil); err != nil {
+		return 0, nil, err
+	}
+	select {
+	case a := <-ch:
+		return a.status, a.payload, nil
+	case <-ctx.Done():
+		return 0, nil, ctx.Err()
+	}
+}
+
+// deliverC2D sends the device's pending messages at QoS 1; each is removed
+// from the queue when the device acknowledges it.
+func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	msgs, err := d.hub.PendingC2D(ctx, s.ref.Device)
+	if err != nil {
+		slog.Warn("reading cloud-to-device messages", "device", s.ref.Device, "error", err)
+		return
+	}
+	s.deliverMu.Lock()
+	defer s.deliverMu.Unlock()
+	for _, m := range msgs {
+		bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + s.ref.Device + "/messages/deviceBound"}}
+		for k, v := range m.Properties {
+			if k != "messageId" {
+				bag.Set(k, v)
+			}
+		}
+		id := m.ID
+		send := func() error {
+			return c.Send(s.own()+"messages/devicebound/"+bag.Encode(), m.Body, 1, func(err error) {
+				if err == nil {
+					_ = d.hub.CompleteC2D(context.Background(), id)
+				}
+			})
+		}
+		// The subscription is recorded just after Subscribe returns.
+		err := send()
+		for i := 0; errors.Is(err, mqtt.ErrNotSubscribed) && i < 20; i++ {
+			time.Sleep(5 * time.Millisecond)
+			err = send()
+		}
+		if err != nil {
+			return
+		}
+	}
+}

@@ -1,0 +1,212 @@
+package server
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/sas"
+)
+
+// startMQTT serves the hub's device endpoint on loopback.
+func (e *env) startMQTT() string {
+	e.t.Helper()
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", e.ts.TLS)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	srv := &mqtt.Server{Handler: NewDeviceEndpoint(e.hub)}
+	go func() { _ = srv.Serve(ln) }()
+	e.t.Cleanup(func() { _ = srv.Close() })
+	return ln.Addr().String()
+}
+
+func (e *env) dial(addr, device, module, keyB64 string) (*hubdevice.Client, error) {
+	key, _ := base64.StdEncoding.DecodeString(keyB64)
+	tlsConf := e.tls.Clone()
+	tlsConf.ServerName = "example.com" // the test server's certificate
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: device, ModuleID: module, TLS: tlsConf,
+		Sign: func(aud string, exp time.Time) (string, error) { return sas.Build(key, aud, "", exp), nil }})
+}
+
+func (e *env) newDevice(id string, edge bool) *hub.Device {
+	e.t.Helper()
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id, "", map[string]any{"capabilities": map[string]any{"iotEdge": edge}}, &d); err != nil {
+		e.t.Fatal(err)
+	}
+	return &d
+}
+
+func within[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(10 * time.Second):
+		t.Fatalf("no %s within 10 s", what)
+	}
+	var zero T
+	return zero
+}
+
+func TestMQTTDeviceEndpoint(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if got, _ := e.hub.GetIdentity(ctx, hub.Ref{Device: "d1"}); got.ConnectionState != "Connected" {
+		t.Fatalf("connection state %q", got.ConnectionState)
+	}
+
+	// Telemetry lands in the event stream with its properties.
+	if err := c.SendEvent(ctx, []byte(`{"temp":21}`), url.Values{"alert": {"no"}, "$.ct": {"application/json"}}); err != nil {
+		t.Fatal(err)
+	}
+	evs, _ := e.hub.Events(ctx, "d1", 0, 10)
+	if len(evs) != 1 || evs[0].Properties["alert"] != "no" || string(evs[0].Body) != `{"temp":21}` {
+		t.Fatalf("events %+v", evs)
+	}
+
+	// Reported properties, and the twin as the device reads it.
+	if v, err := c.PatchReported(ctx, map[string]any{"firmware": "1.2"}); err != nil || v != 2 {
+		t.Fatalf("patch reported: %v %v", v, err)
+	}
+	tw, err := c.GetTwin(ctx)
+	if err != nil || !strings.Contains(string(tw.Reported), `"firmware":"1.2"`) {
+		t.Fatalf("twin %s %v", tw.Reported, err)
+	}
+
+	// A desired change reaches the connected device.
+	desired := make(chan []byte, 1)
+	if err := c.OnDesired(ctx, func(p []byte) { desired <- p }); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "", map[string]any{"properties": map[string]any{"desired": map[string]any{"interval": 10}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if p := within(t, desired, "desired patch"); string(p) != `{"$version":2,"interval":10}` {
+		t.Fatalf("desired patch %s", p)
+	}
+
+	// A direct method round trip.
+	if err := c.OnMethod(ctx, func(name string, payload []byte) (int, []byte) {
+		return 200, []byte(`{"echo":` + string(payload) + `,"method":"` + name + `"}`)
+	}); err != nil {
+		t.Fatal(err)
+	}
+	var res hub.MethodResult
+	if err := e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "ping", "payload": map[string]any{"n": 1}, "responseTimeoutInSeconds": 10}, &res); err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
+		t.Fatalf("method result %+v %s", res, res.Payload)
+	}
+
+	// Cloud-to-device: queued, delivered, acknowledged, removed.
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"k": "v"}, []byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	c2d := make(chan url.Values, 1)
+	if err := c.OnC2D(ctx, func(props url.Values, body []byte) {
+		if string(body) == "hello" {
+			c2d <- props
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if props := within(t, c2d, "cloud-to-device message"); props.Get("k") != "v" || props.Get("$.mid") == "" {
+		t.Fatalf("c2d props %v", props)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if pending, _ := e.hub.PendingC2D(ctx, "d1"); len(pending) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("acknowledged message still queued")
+		}
+	}
+}
+
+func TestMQTTRefusals(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	e.newDevice("d2", false)
+	other := base64.StdEncoding.EncodeToString([]byte("0123456789abcdef0123456789abcdef"))
+	if _, err := e.dial(addr, "d1", "", other); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("wrong key: %v", err)
+	}
+	if _, err := e.dial(addr, "ghost", "", other); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("unknown device: %v", err)
+	}
+	// Publishing to another device's topic ends the connection.
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Publish("devices/d2/messages/events/", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	within(t, c.Done(), "disconnect after foreign topic")
+	if evs, _ := e.hub.Events(ctx, "d2", 0, 10); len(evs) != 0 {
+		t.Fatal("event stored for another device")
+	}
+	// A disabled device is refused: the signal to reprovision.
+	d.Status = "disabled"
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "*", d, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("disabled device: %v", err)
+	}
+}
+
+// Modules connect with their own identity and see their module twin.
+func TestMQTTModuleTwin(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	e.newDevice("edge1", true)
+	agent, err := e.hub.GetIdentity(ctx, hub.Ref{Device: "edge1", Module: "$edgeAgent"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge1/modules/$edgeAgent", "", map[string]any{"properties": map[string]any{"desired": map[string]any{"schemaVersion": "1.1"}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.dial(addr, "edge1", "$edgeAgent", agent.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	tw, err := c.GetTwin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var desired map[string]any
+	_ = json.Unmarshal(tw.Desired, &desired)
+	if desired["schemaVersion"] != "1.1" {
+		t.Fatalf("module twin %s", tw.Desired)
+	}
+	if _, err := c.PatchReported(ctx, map[string]any{"lastDesiredStatus": map[string]any{"code": 200}}); err != nil {
+		t.Fatal(err)
+	}
+	if mt := mustTwin(t, e, "edge1", "$edgeAgent"); !strings.Contains(string(mt.Properties.Reported), `"code":200`) {
+		t.Fatalf("module reported %s", mt.Properties.Reported)
+	}
+}
