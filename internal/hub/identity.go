@@ -112,8 +112,11 @@ func generationID() string {
 	return fmt.Sprintf("%018d", binary.BigEndian.Uint64(b[:])%1e18)
 }
 
+// matches applies If-Match: empty or * (quoted or not, as the SDKs send it)
+// matches anything.
 func matches(ifMatch, etag string) bool {
-	return ifMatch == "" || ifMatch == "*" || strings.Trim(ifMatch, `"`) == etag
+	m := strings.Trim(ifMatch, `"`)
+	return m == "" || m == "*" || m == etag
 }
 
 // PutIdentity is PUT /devices/{id} or /devices/{id}/modules/{m}: without

@@ -109,7 +109,7 @@ func (a *api) putEnrollment(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &e); err != nil {
 		return err
 	}
-	out, err := a.dps.PutEnrollment(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &e)
+	out, err := a.dps.PutEnrollment(r.Context(), r.PathValue("id"), ifMatch(r), &e)
 	if err != nil {
 		return err
 	}
@@ -127,7 +127,7 @@ func (a *api) getEnrollment(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deleteEnrollment(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteEnrollment(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+	if err := a.dps.DeleteEnrollment(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -148,7 +148,7 @@ func (a *api) putGroup(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &g); err != nil {
 		return err
 	}
-	out, err := a.dps.PutGroup(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &g)
+	out, err := a.dps.PutGroup(r.Context(), r.PathValue("id"), ifMatch(r), &g)
 	if err != nil {
 		return err
 	}
@@ -166,7 +166,7 @@ func (a *api) getGroup(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deleteGroup(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteGroup(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+	if err := a.dps.DeleteGroup(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -192,7 +192,7 @@ func (a *api) getRegistration(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deleteRegistration(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteRegistration(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+	if err := a.dps.DeleteRegistration(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"regexp"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -121,3 +122,7 @@ func logRequests(next http.Handler) http.Handler {
 		slog.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "ms", strconv.FormatInt(time.Since(start).Milliseconds(), 10))
 	})
 }
+
+// ifMatch reads If-Match without the quotes some SDKs put around etags
+// and around the * wildcard.
+func ifMatch(r *http.Request) string { return strings.Trim(r.Header.Get("If-Match"), `"`) }

@@ -66,7 +66,7 @@ func (a *api) putIdentity(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &d); err != nil {
 		return err
 	}
-	out, err := a.hub.PutIdentity(r.Context(), ref(r), r.Header.Get("If-Match"), &d)
+	out, err := a.hub.PutIdentity(r.Context(), ref(r), ifMatch(r), &d)
 	if err != nil {
 		return err
 	}
@@ -84,7 +84,7 @@ func (a *api) getIdentity(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deleteIdentity(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteIdentity(r.Context(), ref(r), r.Header.Get("If-Match")); err != nil {
+	if err := a.hub.DeleteIdentity(r.Context(), ref(r), ifMatch(r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
@@ -145,7 +145,7 @@ func (a *api) updateTwin(replace bool) func(http.ResponseWriter, *http.Request) 
 		if err := readJSON(r, &p); err != nil {
 			return err
 		}
-		t, err := a.hub.UpdateTwin(r.Context(), ref(r), r.Header.Get("If-Match"), &p, replace)
+		t, err := a.hub.UpdateTwin(r.Context(), ref(r), ifMatch(r), &p, replace)
 		if err != nil {
 			return err
 		}
@@ -200,7 +200,7 @@ func (a *api) putConfiguration(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &c); err != nil {
 		return err
 	}
-	out, err := a.hub.PutConfiguration(r.Context(), r.PathValue("id"), r.Header.Get("If-Match"), &c)
+	out, err := a.hub.PutConfiguration(r.Context(), r.PathValue("id"), ifMatch(r), &c)
 	if err != nil {
 		return err
 	}
@@ -218,7 +218,7 @@ func (a *api) getConfiguration(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deleteConfiguration(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteConfiguration(r.Context(), r.PathValue("id"), r.Header.Get("If-Match")); err != nil {
+	if err := a.hub.DeleteConfiguration(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
 		return err
 	}
 	w.WriteHeader(http.StatusNoContent)

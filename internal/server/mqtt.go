@@ -283,8 +283,10 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 			}
 		}
 		id := m.ID
+		// Percent-encoding throughout: '+' for a space is a wildcard in MQTT.
+		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
 		send := func() error {
-			return c.Send(s.own()+"messages/devicebound/"+bag.Encode(), m.Body, 1, func(err error) {
+			return c.Send(topic, m.Body, 1, func(err error) {
 				if err == nil {
 					_ = d.hub.CompleteC2D(context.Background(), id)
 				}
@@ -297,6 +299,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 			err = send()
 		}
 		if err != nil {
+			slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 			return
 		}
 	}

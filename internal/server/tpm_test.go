@@ -2,8 +2,8 @@ package server
 
 import (
 	"encoding/base64"
-	"errors"
 	"encoding/json"
+	"errors"
 	"testing"
 	"time"
 
