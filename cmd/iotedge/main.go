@@ -20,6 +20,7 @@ func newRootCmd() *cobra.Command {
 		Short:        "Manage the IoT Edge runtime on this device",
 		SilenceUsage: true, // errors here are about the device, not the command line
 	}
-	root.AddCommand(newTPMCmd())
+	root.AddCommand(newTPMCmd(), newConfigCmd(), newSystemCmd(), newListCmd(), newLogsCmd(), newRestartCmd(),
+		newCheckCmd(), newSupportBundleCmd(), newVersionCmd())
 	return root
 }

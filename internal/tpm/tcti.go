@@ -100,13 +100,39 @@ func parseTCTI(s string) (tcti, error) {
 
 // open connects the transport the TCTI names.
 func (c tcti) open() (transport.TPMCloser, error) {
+	var t transport.TPMCloser
+	var err error
 	switch c.kind {
 	case "device":
-		return openDevice(c.path)
+		t, err = openDevice(c.path)
 	case "swtpm":
-		return openSWTPM(c)
+		t, err = openSWTPM(c)
 	default:
-		return openMSSim(c)
+		t, err = openMSSim(c)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return retrying{t}, nil
+}
+
+// retrying sends a command again when the TPM answers with a warning that
+// asks for it (TPM_RC_RETRY, TPM_RC_YIELDED, TPM_RC_TESTING), as tpm2-tss
+// does: a busy TPM answers so, and the same command then succeeds.
+type retrying struct{ transport.TPMCloser }
+
+func (r retrying) Send(cmd []byte) ([]byte, error) {
+	for attempt := 0; ; attempt++ {
+		rsp, err := r.TPMCloser.Send(cmd)
+		if err != nil || len(rsp) < 10 || attempt == 20 {
+			return rsp, err
+		}
+		switch binary.BigEndian.Uint32(rsp[6:10]) {
+		case 0x922, 0x908, 0x90a: // RETRY, YIELDED, TESTING
+			time.Sleep(time.Duration(attempt+1) * 10 * time.Millisecond)
+		default:
+			return rsp, nil
+		}
 	}
 }
 

@@ -1,0 +1,180 @@
+// Command aziot-tpmd is the only process that opens the TPM: it runs as
+// user aziottpm, whom the udev rule
+//
+//	KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="aziottpm", MODE="0660"
+//
+// grants /dev/tpmrm0, and serves the edge daemon (user iotedge) over a
+// Unix socket (internal/tpmservice).
+//
+//	aziot-tpmd [--tcti T] [--auth-key-index N] [--socket /run/aziot/tpmd.sock]
+//	           [--group iotedge] [--config /etc/aziot/config.toml] [--user aziottpm]
+//
+// Under systemd, run it with User=aziottpm (and SupplementaryGroups=iotedge,
+// so that it may give the socket to that group). --user is for other init
+// systems: started as root, it drops to that user once the TPM is open and
+// the socket exists.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strconv"
+	"syscall"
+
+	"github.com/hatchery/hatchery/internal/tpm"
+	"github.com/hatchery/hatchery/internal/tpmservice"
+	"github.com/pelletier/go-toml/v2"
+)
+
+func main() {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, os.Args[1:], os.Stderr); err != nil {
+		slog.Error(err.Error())
+		os.Exit(1)
+	}
+}
+
+// settings are what the daemon runs with.
+type settings struct {
+	tcti, socket, group, config, user, logLevel string
+	authKeyIndex                                uint32
+}
+
+func parseArgs(args []string, stderr io.Writer) (settings, error) {
+	s := settings{authKeyIndex: tpm.DefaultAuthKeyIndex}
+	flags := flag.NewFlagSet("aziot-tpmd", flag.ContinueOnError)
+	flags.SetOutput(stderr)
+	flags.StringVar(&s.tcti, "tcti", "device", `TPM as a tpm2-tss TCTI string: "device", "device:/dev/tpm0", "swtpm:host=H,port=P" or "mssim:host=H,port=P"; overrides [tpm] tcti of --config`)
+	flags.Func("auth-key-index", "the identity key persists at 0x81000000 + N; overrides [tpm] auth_key_index of --config (default 0x100)", func(v string) error {
+		n, err := strconv.ParseUint(v, 0, 32)
+		if err != nil {
+			return fmt.Errorf("%q is not a number", v)
+		}
+		s.authKeyIndex = uint32(n)
+		return nil
+	})
+	flags.StringVar(&s.socket, "socket", tpmservice.DefaultSocket, "Unix socket to serve on")
+	flags.StringVar(&s.group, "group", "iotedge", `group given the socket, whose members may use the TPM ("" to keep the service's own)`)
+	flags.StringVar(&s.config, "config", "/etc/aziot/config.toml", "config file whose [tpm] table sets tcti and auth_key_index; flags override it; ignored when absent")
+	flags.StringVar(&s.user, "user", "", "when started as root: user to run as once the TPM is open and the socket exists (systemd's User= is the usual way)")
+	flags.StringVar(&s.logLevel, "log-level", "info", "debug, info, warn or error")
+	if err := flags.Parse(args); err != nil {
+		return s, err
+	}
+	if flags.NArg() > 0 {
+		return s, fmt.Errorf("unexpected arguments %q", flags.Args())
+	}
+	set := map[string]bool{}
+	flags.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	c, err := readConfig(s.config)
+	if err != nil {
+		return s, err
+	}
+	if c.TCTI != nil && !set["tcti"] {
+		s.tcti = *c.TCTI
+	}
+	if c.AuthKeyIndex != nil && !set["auth-key-index"] {
+		s.authKeyIndex = uint32(*c.AuthKeyIndex)
+	}
+	// The persistent range is 0x81000000-0x817FFFFF; the EK and SRK are
+	// refused too, since replacing them changes the device's identity.
+	if h := tpm.IdentityHandle(s.authKeyIndex); s.authKeyIndex > 0x7FFFFF || h == tpm.EKHandle || h == tpm.SRKHandle {
+		return s, fmt.Errorf("auth_key_index 0x%x: want 0 to 0x7fffff, other than 0x1 (the SRK) and 0x10001 (the EK)", s.authKeyIndex)
+	}
+	return s, nil
+}
+
+// tpmTable is the [tpm] table of config.toml; the rest of the file is
+// the edge daemon's business.
+type tpmTable struct {
+	TCTI         *string   `toml:"tcti"`
+	AuthKeyIndex *keyIndex `toml:"auth_key_index"`
+}
+
+// keyIndex takes auth_key_index as an integer (0x100) or, as Azure's
+// documentation writes it, a string ("0x00_01_00").
+type keyIndex uint32
+
+func (k *keyIndex) UnmarshalText(b []byte) error {
+	n, err := strconv.ParseUint(string(b), 0, 32)
+	if err != nil {
+		return fmt.Errorf("auth_key_index %q is not a number", b)
+	}
+	*k = keyIndex(n)
+	return nil
+}
+
+// readConfig returns the [tpm] table of path, empty when path is absent.
+func readConfig(path string) (tpmTable, error) {
+	var c struct {
+		TPM tpmTable `toml:"tpm"`
+	}
+	b, err := os.ReadFile(path)
+	switch {
+	case path == "" || errors.Is(err, fs.ErrNotExist):
+		return c.TPM, nil
+	case errors.Is(err, fs.ErrPermission):
+		return c.TPM, fmt.Errorf("config %s: permission denied: make it readable by this service's user, or pass --tcti and --auth-key-index with --config ''", path)
+	case err != nil:
+		return c.TPM, fmt.Errorf("config: %w", err)
+	}
+	if err := toml.Unmarshal(b, &c); err != nil {
+		if de, ok := errors.AsType[*toml.DecodeError](err); ok {
+			row, col := de.Position()
+			return c.TPM, fmt.Errorf("config %s:%d:%d: %w", path, row, col, err)
+		}
+		return c.TPM, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c.TPM, nil
+}
+
+func run(ctx context.Context, args []string, stderr io.Writer) error {
+	s, err := parseArgs(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(s.logLevel)); err != nil {
+		return fmt.Errorf("--log-level: %w", err)
+	}
+	slog.SetDefault(slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})))
+
+	dev, err := tpm.Open(s.tcti)
+	if err != nil {
+		return err
+	}
+	defer dev.Close()
+	// Fail now rather than at the first request when the TPM does not
+	// answer; this also provisions the EK and SRK as the seed script does.
+	ek, err := dev.EndorsementKey()
+	if err != nil {
+		return err
+	}
+	l, err := tpmservice.Listen(s.socket, s.group)
+	if err != nil {
+		return err
+	}
+	if s.user != "" {
+		if err := dropPrivileges(s.user); err != nil {
+			l.Close()
+			return err
+		}
+	}
+	slog.Info("aziot-tpmd serving", "socket", s.socket, "tcti", s.tcti,
+		"identityHandle", fmt.Sprintf("0x%08x", tpm.IdentityHandle(s.authKeyIndex)),
+		"registrationId", tpm.RegistrationID(ek), "uid", os.Getuid())
+	err = tpmservice.ServeListener(ctx, l, tpmservice.NewServer(dev, s.authKeyIndex))
+	slog.Info("aziot-tpmd stopped")
+	return err
+}

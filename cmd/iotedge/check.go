@@ -1,0 +1,267 @@
+package main
+
+import (
+	"archive/zip"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"regexp"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/tpm"
+	"github.com/hatchery/hatchery/internal/tpmservice"
+)
+
+// checkResult is one line of `iotedge check`.
+type checkResult struct {
+	ID      string `json:"id"`
+	Name    string `json:"name"`
+	Result  string `json:"result"` // ok, warning, error, skipped
+	Details string `json:"details,omitempty"`
+}
+
+// outcome is a check's result and what to do about it.
+type outcome struct{ result, details string }
+
+// runChecks diagnoses what the runtime depends on, each check on its own.
+func runChecks(ctx context.Context) []checkResult {
+	var out []checkResult
+	add := func(id, name string, o outcome) {
+		out = append(out, checkResult{ID: id, Name: name, Result: o.result, Details: o.details})
+	}
+	path := configPath()
+	cfg, ws, err := config.Load(path)
+	switch {
+	case err != nil:
+		add("config-toml-well-formed", "config.toml is well-formed", outcome{"error", err.Error()})
+	case len(ws) > 0:
+		msg := ""
+		for _, w := range ws {
+			msg += w.String() + "\n"
+		}
+		add("config-toml-well-formed", "config.toml is well-formed", outcome{"warning", msg})
+	default:
+		add("config-toml-well-formed", "config.toml is well-formed", outcome{"ok", ""})
+	}
+	if cfg == nil {
+		cfg = config.Default()
+	}
+	roots, _ := x509.SystemCertPool()
+	if roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if cfg.TrustBundleCert != "" {
+		pem, err := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
+		if err != nil || !roots.AppendCertsFromPEM(pem) {
+			add("trust-bundle", "trust bundle is readable", outcome{"error", fmt.Sprintf("trust_bundle_cert %s: %v", cfg.TrustBundleCert, err)})
+		}
+	}
+
+	if cfg.Provisioning.Attestation.Method == config.MethodTPM {
+		add("tpm", "TPM is reachable and permissions are right", checkTPM(cfg))
+	} else {
+		add("tpm", "TPM is reachable and permissions are right", outcome{"skipped", "the device does not use TPM attestation"})
+	}
+
+	if cfg.Provisioning.Source == config.SourceDPS {
+		u, err := url.Parse(cfg.Provisioning.GlobalEndpoint)
+		if err != nil {
+			add("dps-connectivity", "DPS endpoint is reachable over TLS", outcome{"error", err.Error()})
+		} else {
+			add("dps-connectivity", "DPS endpoint is reachable over TLS", tlsReach(ctx, u.Host, "443", roots))
+			add("clock", "the clock is in step with the provisioning service", checkClock(ctx, u, roots))
+		}
+	}
+	hub := ""
+	if c, err := mgmtClient(); err == nil {
+		if st, err := c.Status(ctx); err == nil {
+			hub = st.HubAddress
+		} else {
+			add("daemon", "the IoT Edge daemon is running", outcome{"error", err.Error()})
+		}
+	}
+	if hub == "" {
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS (8883)", outcome{"skipped", "the device has no hub yet"})
+	} else {
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS (8883)", tlsReach(ctx, hub, "8883", roots))
+	}
+	if e, err := moby.New(cfg.MobyRuntime.URI); err != nil {
+		add("container-engine", "container engine is reachable", outcome{"error", err.Error()})
+	} else if err := e.Ping(ctx); err != nil {
+		add("container-engine", "container engine is reachable", outcome{"error", err.Error()})
+	} else {
+		add("container-engine", "container engine is reachable", outcome{"ok", ""})
+	}
+	return out
+}
+
+func checkTPM(cfg *config.Config) outcome {
+	if _, err := os.Stat(tpmservice.DefaultSocket); err == nil {
+		if _, err := tpmservice.Dial(tpmservice.DefaultSocket).EndorsementKey(); err != nil {
+			return outcome{"error", err.Error()}
+		}
+		return outcome{"ok", "through aziot-tpmd"}
+	}
+	dev, err := tpm.Open(cfg.TPM.TCTI)
+	if err != nil {
+		return outcome{"error", err.Error()}
+	}
+	defer dev.Close()
+	if _, err := dev.EndorsementKey(); err != nil {
+		return outcome{"error", err.Error()}
+	}
+	return outcome{"ok", ""}
+}
+
+func tlsReach(ctx context.Context, host, port string, roots *x509.CertPool) outcome {
+	h, p, err := net.SplitHostPort(host)
+	if err != nil {
+		h, p = host, port
+	}
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: &tls.Config{RootCAs: roots, ServerName: h}}
+	conn, err := d.DialContext(ctx, "tcp", net.JoinHostPort(h, p))
+	if err != nil {
+		return outcome{"error", fmt.Sprintf("%s:%s: %v (check the network, the host name, and that trust_bundle_cert holds the server's CA)", h, p, err)}
+	}
+	conn.Close()
+	return outcome{"ok", ""}
+}
+
+// checkClock compares the local clock with the provisioning service's
+// Date header: tokens fail when they differ by minutes.
+func checkClock(ctx context.Context, u *url.URL, roots *x509.CertPool) outcome {
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots}}}
+	req, _ := http.NewRequestWithContext(ctx, "GET", u.String(), nil)
+	resp, err := client.Do(req)
+	if err != nil {
+		return outcome{"skipped", "the provisioning service did not answer"}
+	}
+	resp.Body.Close()
+	t, err := http.ParseTime(resp.Header.Get("Date"))
+	if err != nil {
+		return outcome{"skipped", "the provisioning service sent no Date"}
+	}
+	if skew := time.Since(t); skew > 5*time.Minute || skew < -5*time.Minute {
+		return outcome{"error", fmt.Sprintf("the clock is %s off the provisioning service's: set it (e.g. with timedatectl set-ntp true)", skew.Round(time.Second))}
+	}
+	return outcome{"ok", ""}
+}
+
+func newCheckCmd() *cobra.Command {
+	var output string
+	c := &cobra.Command{Use: "check", Short: "Diagnose configuration and connectivity", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
+			defer cancel()
+			results := runChecks(ctx)
+			failed := 0
+			for _, r := range results {
+				if r.Result == "error" {
+					failed++
+				}
+			}
+			if output == "json" {
+				if err := printJSON(cmd.OutOrStdout(), map[string]any{"checks": results, "errors": failed}); err != nil {
+					return err
+				}
+			} else {
+				for _, r := range results {
+					mark := map[string]string{"ok": "√", "warning": "‼", "error": "×", "skipped": "-"}[r.Result]
+					fmt.Fprintf(cmd.OutOrStdout(), "%s %s - %s\n", mark, r.Name, r.Result)
+					if r.Details != "" {
+						fmt.Fprintf(cmd.OutOrStdout(), "    %s\n", r.Details)
+					}
+				}
+			}
+			if failed > 0 {
+				return fmt.Errorf("%d check(s) failed", failed)
+			}
+			return nil
+		}}
+	c.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	return c
+}
+
+// secrets in a config.toml that a support bundle must not carry.
+var secretPattern = regexp.MustCompile(`(?m)^(\s*(value|connection_string|password)\s*=\s*).*$`)
+
+func newSupportBundleCmd() *cobra.Command {
+	var out string
+	c := &cobra.Command{Use: "support-bundle", Short: "Collect configuration, status, checks and logs into a zip file", Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			f, err := os.Create(out)
+			if err != nil {
+				return err
+			}
+			defer f.Close()
+			z := zip.NewWriter(f)
+			put := func(name string, write func(io.Writer) error) {
+				w, err := z.Create(name)
+				if err == nil {
+					if err := write(w); err != nil {
+						fmt.Fprintf(w, "\nerror: %v\n", err)
+					}
+				}
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
+			defer cancel()
+			put("config.toml", func(w io.Writer) error {
+				b, err := os.ReadFile(configPath())
+				if err != nil {
+					return err
+				}
+				_, err = w.Write(secretPattern.ReplaceAll(b, []byte(`${1}"<redacted>"`)))
+				return err
+			})
+			put("check.json", func(w io.Writer) error { return printJSON(w, runChecks(ctx)) })
+			client, err := mgmtClient()
+			if err == nil {
+				put("status.json", func(w io.Writer) error {
+					st, err := client.Status(ctx)
+					if err != nil {
+						return err
+					}
+					return printJSON(w, st)
+				})
+				put("logs/iotedged.log", func(w io.Writer) error {
+					body, err := client.Logs(ctx, "5000", false)
+					if err != nil {
+						return err
+					}
+					defer body.Close()
+					_, err = io.Copy(w, body)
+					return err
+				})
+				if ms, err := client.Modules(ctx); err == nil {
+					for _, m := range ms {
+						put("logs/"+m.Name+".log", func(w io.Writer) error {
+							body, err := client.ModuleLogs(ctx, m.Name, "1000", "", false)
+							if err != nil {
+								return err
+							}
+							defer body.Close()
+							_, err = io.Copy(w, body)
+							return err
+						})
+					}
+				}
+			}
+			if err := z.Close(); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "Wrote %s\n", out)
+			return nil
+		}}
+	c.Flags().StringVarP(&out, "output", "o", "support_bundle.zip", "the zip file to write")
+	return c
+}

@@ -1,0 +1,153 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/edge/config"
+)
+
+func newConfigCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "config", Short: "Manage the runtime's configuration (/etc/aziot/config.toml)"}
+	cmd.AddCommand(newConfigApplyCmd(), newConfigImportCmd(), newConfigMPCmd())
+	return cmd
+}
+
+// printWarnings shows what the parser noticed, and errors with their lines.
+func printWarnings(ws []config.Warning) {
+	for _, w := range ws {
+		fmt.Fprintln(os.Stderr, "warning:", w.String())
+	}
+}
+
+func newConfigApplyCmd() *cobra.Command {
+	var file string
+	c := &cobra.Command{
+		Use:   "apply",
+		Short: "Check the configuration and (re)start the runtime with it",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return errors.New("this command must run as root: sudo iotedge config apply")
+			}
+			target := configPath()
+			if file == "" {
+				file = target
+			}
+			_, ws, err := config.Load(file)
+			printWarnings(ws)
+			if err != nil {
+				return err
+			}
+			if abs, _ := filepath.Abs(file); abs != absPath(target) {
+				data, err := os.ReadFile(file)
+				if err != nil {
+					return err
+				}
+				if err := os.WriteFile(target, data, 0o600); err != nil {
+					return fmt.Errorf("installing %s as %s: %w", file, target, err)
+				}
+			}
+			if underSystemd() {
+				fmt.Println("Restarting the IoT Edge services...")
+				if err := systemctl(append([]string{"enable", "--now"}, services...)...); err != nil {
+					return err
+				}
+				if err := systemctl(append([]string{"restart"}, services...)...); err != nil {
+					return err
+				}
+			} else {
+				client, err := mgmtClient()
+				if err != nil {
+					return err
+				}
+				ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
+				defer cancel()
+				if err := client.Reload(ctx); err != nil {
+					return fmt.Errorf("the configuration is valid but the daemon did not take it: %w", err)
+				}
+			}
+			fmt.Println("Done. Check the runtime with `iotedge system status`.")
+			return nil
+		},
+	}
+	c.Flags().StringVarP(&file, "config-file", "c", "", "the configuration to apply (default /etc/aziot/config.toml)")
+	return c
+}
+
+// writeNew writes a generated config.toml, refusing to overwrite.
+func writeNew(path string, cfg *config.Config, force bool) error {
+	if _, err := os.Stat(path); err == nil && !force {
+		return fmt.Errorf("%s exists: pass --force to overwrite it", path)
+	}
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return err
+	}
+	if err := os.WriteFile(path, cfg.TOML(), 0o600); err != nil {
+		return err
+	}
+	fmt.Printf("Wrote %s. Apply it with `sudo iotedge config apply`.\n", path)
+	return nil
+}
+
+func newConfigImportCmd() *cobra.Command {
+	var in, out string
+	var force bool
+	c := &cobra.Command{
+		Use:   "import",
+		Short: "Convert an IoT Edge 1.1 config.yaml into config.toml",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			data, err := os.ReadFile(in)
+			if err != nil {
+				return err
+			}
+			cfg, ws, err := config.ParseLegacyYAML(in, data)
+			printWarnings(ws)
+			if err != nil {
+				return err
+			}
+			return writeNew(out, cfg, force)
+		},
+	}
+	c.Flags().StringVarP(&in, "config-file", "i", "/etc/iotedge/config.yaml", "the 1.1 configuration to import")
+	c.Flags().StringVarP(&out, "out-config-file", "o", configPath(), "where to write config.toml")
+	c.Flags().BoolVar(&force, "force", false, "overwrite an existing config.toml")
+	return c
+}
+
+func newConfigMPCmd() *cobra.Command {
+	var cs, out string
+	var force bool
+	c := &cobra.Command{
+		Use:   "mp",
+		Short: "Write a config.toml for manual provisioning with a device connection string",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg, err := config.FromConnectionString(cs)
+			if err != nil {
+				return err
+			}
+			return writeNew(out, cfg, force)
+		},
+	}
+	c.Flags().StringVarP(&cs, "connection-string", "c", "", "the device connection string")
+	c.Flags().StringVarP(&out, "out-config-file", "o", configPath(), "where to write config.toml")
+	c.Flags().BoolVar(&force, "force", false, "overwrite an existing config.toml")
+	_ = c.MarkFlagRequired("connection-string")
+	return c
+}
+
+func absPath(p string) string {
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	return a
+}

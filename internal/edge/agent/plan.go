@@ -1,0 +1,238 @@
+package agent
+
+import (
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+// Kind is what an Action does.
+type Kind string
+
+const (
+	Create   Kind = "create"   // make the container (not started)
+	Start    Kind = "start"    // start it
+	Stop     Kind = "stop"     // stop it, keeping the container
+	Remove   Kind = "remove"   // stop and remove it
+	Recreate Kind = "recreate" // stop, remove and create it anew
+)
+
+// Action is one step of a reconcile.
+type Action struct {
+	Kind   Kind
+	Name   string
+	Module *Module // the desired module; nil for Remove
+	// Restart is, for a Start that restartPolicy asks for, which
+	// consecutive restart it is (1, 2, ...); 0 for other starts.
+	Restart int
+	Reason  string
+}
+
+func (a Action) String() string { return fmt.Sprintf("%s %s: %s", a.Kind, a.Name, a.Reason) }
+
+// History is what the agent remembers of a module between reconciles,
+// which the engine does not keep.
+type History struct {
+	// Restarts counts consecutive restarts by restartPolicy: the n of the
+	// backoff. It goes back to 0 once the module has run HealthyRun.
+	Restarts    int
+	LastStart   time.Time // the agent's last start attempt, on its clock
+	LastRestart time.Time
+	Err         string // the last failure applying the module; "" after success
+}
+
+// Restart timing, as Azure IoT Edge's agent does it.
+const (
+	BackoffBase = 10 * time.Second
+	BackoffMax  = 300 * time.Second
+	HealthyRun  = 10 * time.Minute
+)
+
+// Backoff is the wait before restart n+1, after n consecutive restarts:
+// 10 s × 2^n, at most 300 s.
+func Backoff(n int) time.Duration {
+	if n >= 5 { // 10 s × 2^5 > 300 s; also keeps the shift from overflowing
+		return BackoffMax
+	}
+	return min(BackoffBase<<n, BackoffMax)
+}
+
+// Values of a module's reported runtimeStatus.
+const (
+	RuntimeUnknown = "unknown"
+	RuntimeBackoff = "backoff"
+	RuntimeRunning = "running"
+	RuntimeStopped = "stopped"
+	RuntimeFailed  = "failed"
+)
+
+// Plan returns the actions that bring the engine's containers (current:
+// this agent's only) to the desired manifest at time now: removals first,
+// then each module in startup order. It changes nothing; the caller
+// records starts and restarts in hist. A nil manifest plans nothing.
+func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*History, now time.Time) []Action {
+	if desired == nil {
+		return nil
+	}
+	var acts []Action
+	cur := map[string]moby.ModuleState{}
+	current = slices.Clone(current)
+	slices.SortFunc(current, func(a, b moby.ModuleState) int { return strings.Compare(a.Name, b.Name) })
+	for _, st := range current {
+		if _, ok := desired.Modules[st.Name]; !ok {
+			acts = append(acts, Action{Kind: Remove, Name: st.Name, Reason: "not in the deployment"})
+			continue
+		}
+		cur[st.Name] = st
+	}
+	for _, m := range desired.Ordered() {
+		st, ok := cur[m.Name]
+		acts = append(acts, planModule(m, st, ok, hist[m.Name], now)...)
+	}
+	return acts
+}
+
+func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now time.Time) []Action {
+	act := func(k Kind, reason string) Action { return Action{Kind: k, Name: m.Name, Module: m, Reason: reason} }
+	var acts []Action
+	switch {
+	case !exists:
+		acts = append(acts, act(Create, "new module"))
+	case st.ConfigHash != m.ConfigHash():
+		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
+	case st.State == "dead":
+		acts = append(acts, act(Recreate, "the engine marked its container dead"))
+	case m.Status == StatusStopped:
+		if active(st.State) {
+			return []Action{act(Stop, "status is stopped")}
+		}
+		return nil
+	case neverStarted(st):
+		return []Action{act(Start, "status is running")}
+	default:
+		return restart(m, st, h, now)
+	}
+	if m.Status == StatusRunning {
+		acts = append(acts, act(Start, "status is running"))
+	}
+	return acts
+}
+
+// restart applies restartPolicy to a module that has run.
+func restart(m *Module, st moby.ModuleState, h *History, now time.Time) []Action {
+	if !wantsRestart(m.RestartPolicy, st) {
+		return nil
+	}
+	n := 0
+	if h != nil && !ranLong(st, now) {
+		n = h.Restarts
+	}
+	// The wait runs from the later of the exit and the agent's last
+	// attempt (a start that failed leaves no exit time).
+	from := st.FinishedAt
+	if st.State == "running" { // unhealthy
+		from = st.StartedAt
+	}
+	if h != nil && h.LastStart.After(from) {
+		from = h.LastStart
+	}
+	if now.Before(from.Add(Backoff(n))) {
+		return nil
+	}
+	start := Action{Kind: Start, Name: m.Name, Module: m, Restart: n + 1,
+		Reason: fmt.Sprintf("restartPolicy %s: restart %d, as it %s", m.RestartPolicy, n+1, cause(st))}
+	if st.State == "running" {
+		return []Action{{Kind: Stop, Name: m.Name, Module: m, Reason: "unhealthy; restartPolicy on-unhealthy"}, start}
+	}
+	return []Action{start}
+}
+
+// wantsRestart says whether restartPolicy restarts a module in state st.
+func wantsRestart(policy string, st moby.ModuleState) bool {
+	switch {
+	case st.State == "running":
+		return policy == OnUnhealthy && st.Health == "unhealthy"
+	case st.State == "exited", st.State == "created" && !neverStarted(st):
+	default:
+		return false
+	}
+	switch policy {
+	case Always, OnUnhealthy:
+		return true
+	case OnFailure:
+		return failed(st)
+	}
+	return false
+}
+
+// Status is a module's reported runtimeStatus and a description of it; st
+// is nil when the module has no container.
+func Status(m *Module, st *moby.ModuleState, h *History) (status, description string) {
+	desc := func(s string) string {
+		if h != nil && h.Err != "" {
+			return h.Err
+		}
+		return s
+	}
+	switch {
+	case st == nil && h != nil && h.Err != "":
+		return RuntimeFailed, h.Err
+	case st == nil:
+		return RuntimeUnknown, "no container yet"
+	case st.State == "running" && st.Health == "unhealthy":
+		return RuntimeRunning, desc("running, unhealthy")
+	case st.State == "running":
+		return RuntimeRunning, desc("running")
+	case st.State == "dead":
+		return RuntimeFailed, desc("the engine marked its container dead")
+	case neverStarted(*st):
+		return RuntimeStopped, desc("created, not started")
+	case st.State != "exited" && st.State != "created":
+		return RuntimeUnknown, desc("its container is " + st.State)
+	case m.Status == StatusStopped:
+		return RuntimeStopped, desc("stopped")
+	case wantsRestart(m.RestartPolicy, *st):
+		return RuntimeBackoff, desc(fmt.Sprintf("it %s; restartPolicy %s restarts it", cause(*st), m.RestartPolicy))
+	case failed(*st):
+		return RuntimeFailed, desc("it " + cause(*st))
+	}
+	return RuntimeStopped, desc("it " + cause(*st))
+}
+
+// neverStarted: a container just created (a failed start leaves "created"
+// too, but with an exit code or error).
+func neverStarted(st moby.ModuleState) bool {
+	return st.State == "created" && st.StartedAt.IsZero() && !failed(st)
+}
+
+func failed(st moby.ModuleState) bool { return st.ExitCode != 0 || st.Error != "" }
+
+func active(state string) bool {
+	return state == "running" || state == "restarting" || state == "paused"
+}
+
+// ranLong: the module's last run lasted HealthyRun, which ends a run of
+// restarts.
+func ranLong(st moby.ModuleState, now time.Time) bool {
+	if st.StartedAt.IsZero() {
+		return false
+	}
+	end := st.FinishedAt
+	if st.State == "running" || end.Before(st.StartedAt) {
+		end = now
+	}
+	return end.Sub(st.StartedAt) >= HealthyRun
+}
+
+func cause(st moby.ModuleState) string {
+	if st.Error != "" {
+		return "failed to start: " + st.Error
+	}
+	if st.State == "running" {
+		return "is unhealthy"
+	}
+	return fmt.Sprintf("exited with code %d", st.ExitCode)
+}

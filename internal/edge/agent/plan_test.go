@@ -1,0 +1,188 @@
+package agent
+
+import (
+	"encoding/json"
+	"fmt"
+	"maps"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+var t0 = time.Date(2025, 1, 1, 12, 0, 0, 0, time.UTC)
+
+func mod(name, status, policy string, order uint32) *Module {
+	return &Module{Name: name, Type: "docker", Status: status, RestartPolicy: policy, ImagePullPolicy: PullOnCreate,
+		StartupOrder: order, Image: "img:1", Env: map[string]string{}}
+}
+
+func manifest(mods ...*Module) *Manifest {
+	m := &Manifest{SchemaVersion: "1.1", Version: 3, Runtime: Runtime{Type: "docker"}, Modules: map[string]*Module{}}
+	for _, x := range mods {
+		m.Modules[x.Name] = x
+	}
+	return m
+}
+
+// exited is the state of m's container after a run from started to finished.
+func exited(m *Module, code int, started, finished time.Time) moby.ModuleState {
+	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "exited", ExitCode: code, StartedAt: started, FinishedAt: finished, ConfigHash: m.ConfigHash()}
+}
+
+func running(m *Module, started time.Time) moby.ModuleState {
+	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "running", StartedAt: started, ConfigHash: m.ConfigHash()}
+}
+
+func with(s moby.ModuleState, f func(*moby.ModuleState)) moby.ModuleState {
+	f(&s)
+	return s
+}
+
+func changed(m *Module, f func(*Module)) *Module {
+	c := *m
+	c.Env = maps.Clone(m.Env)
+	f(&c)
+	return &c
+}
+
+func actions(acts []Action) string {
+	var s []string
+	for _, a := range acts {
+		x := string(a.Kind) + " " + a.Name
+		if a.Restart > 0 {
+			x += fmt.Sprintf(" #%d", a.Restart)
+		}
+		s = append(s, x)
+	}
+	return strings.Join(s, ", ")
+}
+
+func TestBackoff(t *testing.T) {
+	want := []time.Duration{10, 20, 40, 80, 160, 300, 300, 300}
+	for n, w := range want {
+		if got := Backoff(n); got != w*time.Second {
+			t.Errorf("Backoff(%d) = %v, want %v", n, got, w*time.Second)
+		}
+	}
+	if Backoff(1000) != BackoffMax {
+		t.Error("Backoff(1000) overflows")
+	}
+}
+
+func TestPlan(t *testing.T) {
+	a := mod("a", StatusRunning, Always, 1)
+	never := mod("never", StatusRunning, Never, 1)
+	onFailure := mod("onfail", StatusRunning, OnFailure, 1)
+	unhealthy := mod("unhealthy", StatusRunning, OnUnhealthy, 1)
+	stopped := mod("stopped", StatusStopped, Always, 1)
+	failedStart := func(m *Module) moby.ModuleState {
+		return moby.ModuleState{Name: m.Name, State: "created", ExitCode: 127, Error: `exec: "/x": no such file`, ConfigHash: m.ConfigHash()}
+	}
+	for _, tc := range []struct {
+		name    string
+		desired *Manifest
+		current []moby.ModuleState
+		hist    map[string]*History
+		now     time.Time
+		want    string // the actions
+		status  string // runtimeStatus of the first desired module, when set
+	}{
+		{name: "nil manifest", current: []moby.ModuleState{running(a, t0)}, want: ""},
+		{name: "new running", desired: manifest(a), want: "create a, start a", status: RuntimeUnknown},
+		{name: "new stopped", desired: manifest(stopped), want: "create stopped"},
+		{name: "up to date", desired: manifest(a), current: []moby.ModuleState{running(a, t0)}, want: "", status: RuntimeRunning},
+		{name: "image changed", desired: manifest(changed(a, func(m *Module) { m.Image = "img:2" })), current: []moby.ModuleState{running(a, t0)},
+			want: "recreate a, start a"},
+		{name: "env changed", desired: manifest(changed(a, func(m *Module) { m.Env["X"] = "1" })), current: []moby.ModuleState{running(a, t0)},
+			want: "recreate a, start a"},
+		{name: "createOptions changed", desired: manifest(changed(a, func(m *Module) { m.CreateOptions = json.RawMessage(`{"Cmd":["x"]}`) })),
+			current: []moby.ModuleState{running(a, t0)}, want: "recreate a, start a"},
+		{name: "policy changed only", desired: manifest(changed(a, func(m *Module) { m.RestartPolicy = Never; m.Version = "2" })),
+			current: []moby.ModuleState{running(a, t0)}, want: ""},
+		{name: "stopped changed", desired: manifest(changed(stopped, func(m *Module) { m.Image = "img:2" })), current: []moby.ModuleState{running(stopped, t0)},
+			want: "recreate stopped"},
+		{name: "dead", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.State = "dead" })},
+			want: "recreate a, start a", status: RuntimeFailed},
+		{name: "removed", desired: manifest(a), current: []moby.ModuleState{running(never, t0), running(a, t0), running(onFailure, t0)},
+			want: "remove never, remove onfail"},
+		{name: "removed before created", desired: manifest(a), current: []moby.ModuleState{running(never, t0)}, want: "remove never, create a, start a"},
+		{name: "startup order", desired: manifest(mod("z", StatusRunning, Always, 0), mod("b", StatusRunning, Always, 2), mod("a", StatusRunning, Always, 2),
+			mod("c", StatusStopped, Always, 1), mod("d", StatusRunning, Always, DefaultStartupOrder)),
+			want: "create z, start z, create c, create a, start a, create b, start b, create d, start d"},
+		{name: "stop", desired: manifest(stopped), current: []moby.ModuleState{running(stopped, t0)}, want: "stop stopped", status: RuntimeRunning},
+		{name: "stays stopped", desired: manifest(stopped), current: []moby.ModuleState{exited(stopped, 1, t0, t0)}, now: t0.Add(time.Hour), want: "", status: RuntimeStopped},
+		{name: "first start", desired: manifest(a), current: []moby.ModuleState{{Name: "a", State: "created", ConfigHash: a.ConfigHash()}}, want: "start a", status: RuntimeStopped},
+
+		{name: "never, failed", desired: manifest(never), current: []moby.ModuleState{exited(never, 1, t0, t0)}, now: t0.Add(time.Hour), want: "", status: RuntimeFailed},
+		{name: "never, done", desired: manifest(never), current: []moby.ModuleState{exited(never, 0, t0, t0)}, now: t0.Add(time.Hour), want: "", status: RuntimeStopped},
+		{name: "never, failed start", desired: manifest(never), current: []moby.ModuleState{failedStart(never)}, now: t0.Add(time.Hour), want: "", status: RuntimeFailed},
+		{name: "on-failure, waiting", desired: manifest(onFailure), current: []moby.ModuleState{exited(onFailure, 1, t0.Add(-time.Second), t0)},
+			now: t0.Add(10*time.Second - 1), want: "", status: RuntimeBackoff},
+		{name: "on-failure, restart", desired: manifest(onFailure), current: []moby.ModuleState{exited(onFailure, 1, t0.Add(-time.Second), t0)},
+			now: t0.Add(10 * time.Second), want: "start onfail #1", status: RuntimeBackoff},
+		{name: "on-failure, crash", desired: manifest(onFailure), current: []moby.ModuleState{exited(onFailure, 2, t0, t0)}, now: t0.Add(time.Minute), want: "start onfail #1"},
+		{name: "on-failure, done", desired: manifest(onFailure), current: []moby.ModuleState{exited(onFailure, 0, t0, t0)}, now: t0.Add(time.Hour), want: "", status: RuntimeStopped},
+		{name: "on-failure, failed start", desired: manifest(onFailure), current: []moby.ModuleState{failedStart(onFailure)},
+			hist: map[string]*History{"onfail": {LastStart: t0}}, now: t0.Add(10 * time.Second), want: "start onfail #1", status: RuntimeBackoff},
+		{name: "always, exit 0", desired: manifest(a), current: []moby.ModuleState{exited(a, 0, t0, t0)}, now: t0.Add(10 * time.Second), want: "start a #1", status: RuntimeBackoff},
+		{name: "backoff 4th, waiting", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0, t0)},
+			hist: map[string]*History{"a": {Restarts: 3, LastStart: t0}}, now: t0.Add(80*time.Second - 1), want: ""},
+		{name: "backoff 4th", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0, t0)},
+			hist: map[string]*History{"a": {Restarts: 3, LastStart: t0}}, now: t0.Add(80 * time.Second), want: "start a #4"},
+		{name: "backoff cap, waiting", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0, t0)},
+			hist: map[string]*History{"a": {Restarts: 12}}, now: t0.Add(300*time.Second - 1), want: ""},
+		{name: "backoff cap", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0, t0)},
+			hist: map[string]*History{"a": {Restarts: 12}}, now: t0.Add(300 * time.Second), want: "start a #13"},
+		{name: "backoff from a later start attempt", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0, t0)},
+			hist: map[string]*History{"a": {Restarts: 1, LastStart: t0.Add(5 * time.Second)}}, now: t0.Add(25*time.Second - 1), want: ""},
+		{name: "reset after a long run", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0.Add(-HealthyRun), t0)},
+			hist: map[string]*History{"a": {Restarts: 9}}, now: t0.Add(10 * time.Second), want: "start a #1"},
+		{name: "no reset after a shorter run", desired: manifest(a), current: []moby.ModuleState{exited(a, 1, t0.Add(-HealthyRun+time.Second), t0)},
+			hist: map[string]*History{"a": {Restarts: 9}}, now: t0.Add(10 * time.Second), want: ""},
+		{name: "on-unhealthy, unhealthy", desired: manifest(unhealthy), current: []moby.ModuleState{with(running(unhealthy, t0), func(s *moby.ModuleState) { s.Health = "unhealthy" })},
+			now: t0.Add(time.Minute), want: "stop unhealthy, start unhealthy #1", status: RuntimeRunning},
+		{name: "on-unhealthy, healthy", desired: manifest(unhealthy), current: []moby.ModuleState{with(running(unhealthy, t0), func(s *moby.ModuleState) { s.Health = "healthy" })},
+			now: t0.Add(time.Minute), want: ""},
+		{name: "on-unhealthy, exited", desired: manifest(unhealthy), current: []moby.ModuleState{exited(unhealthy, 0, t0, t0)}, now: t0.Add(time.Minute), want: "start unhealthy #1"},
+		{name: "always ignores health", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Health = "unhealthy" })},
+			now: t0.Add(time.Minute), want: ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel() // Plan must only read its arguments: -race checks it
+			if got := actions(Plan(tc.desired, tc.current, tc.hist, tc.now)); got != tc.want {
+				t.Errorf("Plan = %q, want %q", got, tc.want)
+			}
+			if tc.status == "" {
+				return
+			}
+			m := tc.desired.Ordered()[0]
+			var st *moby.ModuleState
+			for i := range tc.current {
+				if tc.current[i].Name == m.Name {
+					st = &tc.current[i]
+				}
+			}
+			if got, desc := Status(m, st, tc.hist[m.Name]); got != tc.status {
+				t.Errorf("Status = %s (%s), want %s", got, desc, tc.status)
+			}
+		})
+	}
+}
+
+// Plan leaves its inputs alone.
+func TestPlanPure(t *testing.T) {
+	a := mod("a", StatusRunning, Always, 1)
+	current := []moby.ModuleState{{Name: "old", State: "running"}, exited(a, 1, t0, t0)} // unsorted
+	hist := map[string]*History{"a": {Restarts: 2, LastStart: t0}}
+	before := fmt.Sprint(current, *hist["a"])
+	for range 2 {
+		if got := actions(Plan(manifest(a), current, hist, t0.Add(time.Hour))); got != "remove old, start a #3" {
+			t.Fatalf("Plan = %q", got)
+		}
+	}
+	if after := fmt.Sprint(current, *hist["a"]); after != before {
+		t.Errorf("Plan changed its arguments:\n%s\n%s", before, after)
+	}
+}

@@ -1,0 +1,219 @@
+package agent
+
+import (
+	"cmp"
+	"context"
+	"errors"
+	"log/slog"
+	"maps"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+// Engine is what the reconciler needs of the container engine; *moby.Engine
+// has it.
+type Engine interface {
+	EnsureNetwork(ctx context.Context, name string) error
+	List(ctx context.Context) ([]moby.ModuleState, error)
+	Create(ctx context.Context, s moby.ModuleSpec) error
+	Start(ctx context.Context, name string) error
+	Stop(ctx context.Context, name string, timeout time.Duration) error
+	Remove(ctx context.Context, name string) error
+}
+
+// Reconciler brings the engine to a manifest, one Apply at a time. Call
+// Apply whenever the manifest changes and periodically (every few
+// seconds), which is when exited modules get restarted.
+type Reconciler struct {
+	Engine      Engine
+	Now         func() time.Time // nil: time.Now; tests move it to skip backoffs
+	Network     string           // "": moby.DefaultNetwork
+	StopTimeout time.Duration    // before a stop kills; 0: 10 s
+	Log         *slog.Logger     // nil: slog.Default()
+
+	mu   sync.Mutex
+	hist map[string]*History
+}
+
+// Apply plans and carries out the changes that bring the engine to m, and
+// returns the $edgeAgent reported properties afterwards. A module whose
+// action fails is left for the next Apply; the others go on. The error
+// joins the failures, and the report then has code 500.
+func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.hist == nil {
+		r.hist = map[string]*History{}
+	}
+	if m == nil { // no deployment yet: leave the engine alone
+		return Reported(nil, nil, r.hist, nil), nil
+	}
+	now := r.now()
+	network := cmp.Or(r.Network, moby.DefaultNetwork)
+	if err := r.Engine.EnsureNetwork(ctx, network); err != nil {
+		return Reported(m, nil, r.hist, err), err
+	}
+	current, err := r.Engine.List(ctx)
+	if err != nil {
+		return Reported(m, nil, r.hist, err), err
+	}
+
+	var errs []error
+	failed := map[string]bool{}
+	for _, a := range Plan(m, current, r.hist, now) {
+		if failed[a.Name] {
+			continue // its later steps depend on the failed one
+		}
+		r.log().Info("reconcile", "action", string(a.Kind), "module", a.Name, "reason", a.Reason)
+		if err := r.do(ctx, m, a, network, now); err != nil {
+			r.log().Error("reconcile", "action", string(a.Kind), "module", a.Name, "err", err)
+			failed[a.Name] = true
+			errs = append(errs, err)
+			if a.Kind != Remove {
+				r.history(a.Name).Err = err.Error()
+			}
+		} else if h := r.hist[a.Name]; h != nil {
+			h.Err = ""
+		}
+	}
+
+	current, err = r.Engine.List(ctx)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, st := range current {
+		if h := r.hist[st.Name]; h != nil && ranLong(st, now) {
+			h.Restarts = 0
+		}
+	}
+	for name := range r.hist {
+		if _, ok := m.Modules[name]; !ok {
+			delete(r.hist, name)
+		}
+	}
+	err = errors.Join(errs...)
+	return Reported(m, current, r.hist, err), err
+}
+
+// Report returns the reported properties for the modules of m as they run
+// now, without changing anything; err is as for Reported. It is for
+// reporting a rejected desired document while m, the last good manifest,
+// keeps running.
+func (r *Reconciler) Report(ctx context.Context, m *Manifest, err error) map[string]any {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	current, lerr := r.Engine.List(ctx)
+	if lerr != nil && err == nil {
+		err = lerr
+	}
+	return Reported(m, current, r.hist, err)
+}
+
+func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network string, now time.Time) error {
+	e := r.Engine
+	switch a.Kind {
+	case Create:
+		r.hist[a.Name] = &History{}
+		return e.Create(ctx, r.spec(m, a.Module, network))
+	case Recreate:
+		r.hist[a.Name] = &History{} // a new container starts a new history
+		if err := e.Stop(ctx, a.Name, r.stopTimeout()); err != nil && !errors.Is(err, moby.ErrNotFound) {
+			return err
+		}
+		if err := e.Remove(ctx, a.Name); err != nil && !errors.Is(err, moby.ErrNotFound) {
+			return err
+		}
+		return e.Create(ctx, r.spec(m, a.Module, network))
+	case Start:
+		// Recorded before the attempt: a start that fails waits out the
+		// backoff too.
+		h := r.history(a.Name)
+		h.LastStart = now
+		if a.Restart > 0 {
+			h.Restarts, h.LastRestart = a.Restart, now
+		}
+		return e.Start(ctx, a.Name)
+	case Stop:
+		return e.Stop(ctx, a.Name, r.stopTimeout())
+	case Remove:
+		delete(r.hist, a.Name)
+		// Stop first so the module gets its SIGTERM and grace time.
+		if err := e.Stop(ctx, a.Name, r.stopTimeout()); err != nil && !errors.Is(err, moby.ErrNotFound) {
+			return err
+		}
+		return e.Remove(ctx, a.Name)
+	}
+	return nil
+}
+
+// spec is the container of module mod of manifest m.
+func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleSpec {
+	return moby.ModuleSpec{
+		Name:          mod.Name,
+		Image:         mod.Image,
+		CreateOptions: mod.CreateOptions,
+		Env:           mod.Env,
+		Network:       network,
+		PullPolicy:    mod.ImagePullPolicy,
+		Auth:          registryAuth(m.Runtime.RegistryCredentials, mod.Image),
+		ConfigHash:    mod.ConfigHash(),
+	}
+}
+
+// registryAuth picks the credentials whose address is the image's registry.
+func registryAuth(creds map[string]RegistryCredential, image string) *moby.RegistryAuth {
+	reg := moby.Registry(image)
+	for _, name := range slices.Sorted(maps.Keys(creds)) {
+		c := creds[name]
+		if registryHost(c.Address) == reg {
+			return &moby.RegistryAuth{Username: c.Username, Password: c.Password, Address: c.Address}
+		}
+	}
+	return nil
+}
+
+// registryHost reduces a credential's address (which users write as a
+// host, a URL or Docker Hub's index URL) to the host Registry returns.
+func registryHost(addr string) string {
+	addr = strings.TrimPrefix(strings.TrimPrefix(addr, "https://"), "http://")
+	addr, _, _ = strings.Cut(addr, "/")
+	switch addr {
+	case "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com":
+		return "docker.io"
+	}
+	return addr
+}
+
+func (r *Reconciler) history(name string) *History {
+	h := r.hist[name]
+	if h == nil {
+		h = &History{}
+		r.hist[name] = h
+	}
+	return h
+}
+
+func (r *Reconciler) now() time.Time {
+	if r.Now != nil {
+		return r.Now()
+	}
+	return time.Now()
+}
+
+func (r *Reconciler) stopTimeout() time.Duration {
+	if r.StopTimeout > 0 {
+		return r.StopTimeout
+	}
+	return 10 * time.Second
+}
+
+func (r *Reconciler) log() *slog.Logger {
+	if r.Log != nil {
+		return r.Log
+	}
+	return slog.Default()
+}

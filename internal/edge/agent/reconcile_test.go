@@ -1,0 +1,250 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+// fakeEngine keeps containers in memory and records the calls made.
+type fakeEngine struct {
+	mu         sync.Mutex
+	now        func() time.Time
+	containers map[string]*moby.ModuleState
+	specs      map[string]moby.ModuleSpec
+	fail       map[string]error // "create c" → the error that call returns
+	calls      []string
+}
+
+func newFakeEngine(now func() time.Time) *fakeEngine {
+	return &fakeEngine{now: now, containers: map[string]*moby.ModuleState{}, specs: map[string]moby.ModuleSpec{}, fail: map[string]error{}}
+}
+
+func (f *fakeEngine) record(call string) error {
+	f.calls = append(f.calls, call)
+	return f.fail[call]
+}
+
+func (f *fakeEngine) EnsureNetwork(_ context.Context, name string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.record("network " + name)
+}
+
+func (f *fakeEngine) List(context.Context) ([]moby.ModuleState, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []moby.ModuleState
+	for _, c := range f.containers {
+		out = append(out, *c)
+	}
+	slices.SortFunc(out, func(a, b moby.ModuleState) int { return strings.Compare(a.Name, b.Name) })
+	return out, nil
+}
+
+func (f *fakeEngine) Create(_ context.Context, s moby.ModuleSpec) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record("create " + s.Name); err != nil {
+		return err
+	}
+	if f.containers[s.Name] != nil {
+		return fmt.Errorf("conflict: %s exists", s.Name)
+	}
+	f.containers[s.Name] = &moby.ModuleState{Name: s.Name, Image: s.Image, State: "created", ConfigHash: s.ConfigHash}
+	f.specs[s.Name] = s
+	return nil
+}
+
+func (f *fakeEngine) op(call, name string, change func(*moby.ModuleState)) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err := f.record(call + " " + name); err != nil {
+		return err
+	}
+	c := f.containers[name]
+	if c == nil {
+		return fmt.Errorf("%s: %w", name, moby.ErrNotFound)
+	}
+	change(c)
+	return nil
+}
+
+func (f *fakeEngine) Start(_ context.Context, name string) error {
+	return f.op("start", name, func(c *moby.ModuleState) {
+		if c.State != "running" {
+			c.State, c.StartedAt, c.ExitCode = "running", f.now(), 0
+		}
+	})
+}
+
+func (f *fakeEngine) Stop(_ context.Context, name string, _ time.Duration) error {
+	return f.op("stop", name, func(c *moby.ModuleState) {
+		if c.State == "running" {
+			c.State, c.FinishedAt = "exited", f.now()
+		}
+	})
+}
+
+func (f *fakeEngine) Remove(_ context.Context, name string) error {
+	return f.op("remove", name, func(*moby.ModuleState) { delete(f.containers, name) })
+}
+
+// exit makes the module's process exit with code.
+func (f *fakeEngine) exit(name string, code int) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	c := f.containers[name]
+	c.State, c.ExitCode, c.FinishedAt = "exited", code, f.now()
+}
+
+func (f *fakeEngine) takeCalls() string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	s := strings.Join(f.calls, ", ")
+	f.calls = nil
+	return s
+}
+
+// reportedModule digs modules.<name> out of a report, through JSON as a
+// twin would carry it.
+func reportedModule(t *testing.T, rep map[string]any, name string) map[string]any {
+	t.Helper()
+	b, err := json.Marshal(rep)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var doc struct{ Modules map[string]map[string]any }
+	json.Unmarshal(b, &doc)
+	return doc.Modules[name]
+}
+
+func TestReconciler(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+
+	a := mod("a", StatusRunning, Always, 2)
+	b := mod("b", StatusRunning, OnFailure, 1)
+	b.Image = "myacr.azurecr.io/b:1"
+	m := manifest(a, b)
+	m.Runtime.RegistryCredentials = map[string]RegistryCredential{
+		"hub": {Username: "u1", Password: "p1", Address: "https://index.docker.io/v1/"},
+		"acr": {Username: "u2", Password: "p2", Address: "myacr.azurecr.io"},
+	}
+
+	rep, err := r.Apply(ctx, m)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, create b, start b, create a, start a" {
+		t.Errorf("calls: %s", got)
+	}
+	if auth := fe.specs["b"].Auth; auth == nil || auth.Username != "u2" {
+		t.Errorf("b's registry credentials: %+v", auth)
+	}
+	if auth := fe.specs["a"].Auth; auth == nil || auth.Username != "u1" {
+		t.Errorf("a (a Docker Hub image) got credentials %+v, want Docker Hub's", auth)
+	}
+	if rep["lastDesiredVersion"] != int64(3) || rep["lastDesiredStatus"].(map[string]any)["code"] != 200 {
+		t.Errorf("report: %v", rep)
+	}
+	if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeRunning || got["restartCount"] != 0.0 || got["lastStartTimeUtc"] != "2025-01-01T12:00:00Z" ||
+		got["settings"].(map[string]any)["image"] != "img:1" || got["status"] != "running" || got["restartPolicy"] != "always" {
+		t.Errorf("module a reported: %v", got)
+	}
+
+	// b fails: it waits 10 s, then is restarted; the next wait is 20 s.
+	fe.exit("b", 1)
+	clock = clock.Add(9 * time.Second)
+	rep, _ = r.Apply(ctx, m)
+	if got := reportedModule(t, rep, "b"); got["runtimeStatus"] != RuntimeBackoff || got["exitCode"] != 1.0 || fe.takeCalls() != "network azure-iot-edge" {
+		t.Errorf("b during backoff: %v", got)
+	}
+	clock = clock.Add(time.Second)
+	rep, _ = r.Apply(ctx, m)
+	if got := reportedModule(t, rep, "b"); got["runtimeStatus"] != RuntimeRunning || got["restartCount"] != 1.0 || got["lastRestartTimeUtc"] != "2025-01-01T12:00:10Z" {
+		t.Errorf("b after its restart: %v", got)
+	}
+	fe.exit("b", 1)
+	clock = clock.Add(19 * time.Second)
+	r.Apply(ctx, m)
+	clock = clock.Add(time.Second)
+	rep, _ = r.Apply(ctx, m)
+	if got := fe.takeCalls(); !strings.HasSuffix(got, "start b") || reportedModule(t, rep, "b")["restartCount"] != 2.0 {
+		t.Errorf("second restart: calls %s, report %v", got, reportedModule(t, rep, "b"))
+	}
+
+	// A module that cannot be created is reported failed, and the others
+	// carry on; it is retried on the next Apply.
+	c := mod("c", StatusRunning, Always, 0)
+	m = manifest(a, b, c)
+	fe.fail["create c"] = errors.New("module c: pulling image img:1 from registry docker.io: no route")
+	rep, err = r.Apply(ctx, m)
+	if err == nil || rep["lastDesiredStatus"].(map[string]any)["code"] != 500 {
+		t.Errorf("failed create: %v, %v", err, rep["lastDesiredStatus"])
+	}
+	if got := reportedModule(t, rep, "c"); got["runtimeStatus"] != RuntimeFailed || !strings.Contains(got["statusDescription"].(string), "no route") {
+		t.Errorf("c: %v", got)
+	}
+	delete(fe.fail, "create c")
+	rep, err = r.Apply(ctx, m)
+	if got := reportedModule(t, rep, "c"); err != nil || got["runtimeStatus"] != RuntimeRunning || got["statusDescription"] != "running" {
+		t.Errorf("c retried: %v, %v", err, got)
+	}
+	fe.takeCalls()
+
+	// Taken out of the deployment: stopped, removed, forgotten.
+	m = manifest(a, c)
+	rep, err = r.Apply(ctx, m)
+	if got := fe.takeCalls(); err != nil || got != "network azure-iot-edge, stop b, remove b" {
+		t.Errorf("removing b: %v; calls %s", err, got)
+	}
+	if reportedModule(t, rep, "b") != nil || r.hist["b"] != nil {
+		t.Errorf("b is still reported or remembered")
+	}
+
+	// A rejected document is reported against its own $version, with the
+	// modules of the manifest still applied.
+	_, perr := ParseManifest([]byte(`{"$version": 9, "schemaVersion": "1.5"}`))
+	rep = r.Report(ctx, m, perr)
+	if st := rep["lastDesiredStatus"].(map[string]any); rep["lastDesiredVersion"] != int64(9) || st["code"] != 412 || !strings.Contains(st["description"].(string), "1.5") {
+		t.Errorf("rejected document: %v", rep)
+	}
+	if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeRunning {
+		t.Errorf("module a in the report of a rejected document: %v", got)
+	}
+}
+
+func TestReportedShape(t *testing.T) {
+	rep := Reported(nil, nil, nil, nil)
+	if rep["lastDesiredStatus"].(map[string]any)["code"] != 417 {
+		t.Errorf("no deployment: %v", rep)
+	}
+	b, _ := json.Marshal(Reported(&Manifest{SchemaVersion: "1.1", Version: 5, SystemModules: map[string]*Module{
+		"edgeAgent": {Name: "edgeAgent", Image: "agent:1"}, "edgeHub": {Name: "edgeHub", Image: "hub:1", Status: "running", RestartPolicy: "always"},
+	}, Runtime: Runtime{RegistryCredentials: map[string]RegistryCredential{"r": {"u", "secret-password", "r.io"}}}}, nil, nil, nil))
+	var doc map[string]any
+	json.Unmarshal(b, &doc)
+	for _, key := range []string{"schemaVersion", "version", "lastDesiredVersion", "lastDesiredStatus", "runtime", "systemModules", "modules"} {
+		if _, ok := doc[key]; !ok {
+			t.Errorf("report lacks %s: %s", key, b)
+		}
+	}
+	if strings.Contains(string(b), "secret-password") {
+		t.Errorf("report leaks registry credentials: %s", b)
+	}
+	if !strings.Contains(string(b), `"platform":{"architecture":`) || !strings.Contains(string(b), `"edgeAgent":{"runtimeStatus":"running"`) {
+		t.Errorf("report: %s", b)
+	}
+}

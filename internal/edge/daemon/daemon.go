@@ -1,0 +1,547 @@
+// Package daemon is the edge runtime's daemon: it reads config.toml,
+// provisions the device, runs the edge agent (the $edgeAgent twin
+// reconciled onto the Moby engine), serves modules their workload API
+// and the CLI its management API.
+package daemon
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/agent"
+	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/edge/identity"
+	"github.com/hatchery/hatchery/internal/edge/mgmt"
+	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/tpm"
+	"github.com/hatchery/hatchery/internal/tpmservice"
+)
+
+// Options locate the daemon's files.
+type Options struct {
+	ConfigPath string // /etc/aziot/config.toml
+	StateDir   string // identity backup, last manifest
+	RunDir     string // management and workload sockets
+	// TPMSocket is aziot-tpmd's socket; empty opens the TPM in this process.
+	TPMSocket string
+	Logs      *LogBuffer
+	Level     *slog.LevelVar
+	// HubPort overrides the hub's MQTT port (8883), for tests.
+	HubPort int
+}
+
+// Daemon is the running runtime.
+type Daemon struct {
+	opts Options
+
+	mu       sync.Mutex
+	status   mgmt.Status
+	modules  []mgmt.Module
+	engine   *moby.Engine
+	reloadCh chan struct{}
+	reprovCh chan struct{}
+	stopCh   chan struct{}
+	workload *workload
+}
+
+// New makes a daemon.
+func New(o Options) *Daemon {
+	d := &Daemon{opts: o, reloadCh: make(chan struct{}, 1), reprovCh: make(chan struct{}, 1), stopCh: make(chan struct{}, 1)}
+	d.status = mgmt.Status{State: "starting", Since: time.Now().UTC(), ConfigPath: o.ConfigPath,
+		Services: []mgmt.Service{{Name: "iotedged", Status: "running"}}}
+	return d
+}
+
+func (d *Daemon) setStatus(f func(s *mgmt.Status)) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	f(&d.status)
+}
+
+// signal wakes a loop without blocking.
+func signal(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
+	}
+}
+
+// errReload ends a cycle so that the configuration is read again.
+var errReload = errors.New("configuration reload requested")
+
+// Run serves until ctx ends or Stop is requested.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := os.MkdirAll(d.opts.RunDir, 0o755); err != nil {
+		return err
+	}
+	mgmtLn, err := listenUnix(filepath.Join(d.opts.RunDir, "mgmt.sock"), 0o660)
+	if err != nil {
+		return err
+	}
+	srv := &http.Server{Handler: d.mgmtHandler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(mgmtLn) }()
+	defer srv.Close()
+	d.workload = newWorkload(filepath.Join(d.opts.RunDir, "workload"))
+	defer d.workload.close()
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-d.stopCh:
+			cancel()
+		case <-ctx.Done():
+		}
+	}()
+	for ctx.Err() == nil {
+		err := d.cycle(ctx)
+		switch {
+		case ctx.Err() != nil:
+		case errors.Is(err, errReload):
+			slog.Info("reloading the configuration", "path", d.opts.ConfigPath)
+		case err != nil:
+			slog.Error("the runtime cannot start", "error", err)
+			d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "failed: "+err.Error(), time.Now().UTC() })
+			select { // wait for a fix, or retry a little later
+			case <-ctx.Done():
+			case <-d.reloadCh:
+			case <-time.After(30 * time.Second):
+			}
+		}
+	}
+	return nil
+}
+
+// cycle runs the runtime with one reading of the configuration.
+func (d *Daemon) cycle(ctx context.Context) error {
+	cfg, warnings, err := config.Load(d.opts.ConfigPath)
+	var ws []string
+	for _, w := range warnings {
+		slog.Warn("config", "warning", w.String())
+		ws = append(ws, w.String())
+	}
+	d.setStatus(func(s *mgmt.Status) {
+		s.Warnings, s.ConfigError = ws, ""
+		if err != nil {
+			s.ConfigError = err.Error()
+		}
+	})
+	if err != nil {
+		d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "config error", time.Now().UTC() })
+		slog.Error("configuration is not valid: fix it and run `iotedge config apply`", "error", err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.reloadCh:
+			return errReload
+		}
+	}
+	if cfg.Provisioning.Source == config.SourceNone || cfg.Provisioning.Source == "" {
+		d.setStatus(func(s *mgmt.Status) {
+			s.State, s.Since, s.Provisioning = "not configured", time.Now().UTC(), mgmt.Provisioning{Source: "none"}
+		})
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-d.reloadCh:
+			return errReload
+		}
+	}
+
+	engine, err := moby.New(cfg.MobyRuntime.URI)
+	if err != nil {
+		return fmt.Errorf("moby_runtime.uri: %w", err)
+	}
+	d.mu.Lock()
+	d.engine = engine
+	d.mu.Unlock()
+	d.checkEngine(ctx)
+
+	httpClient, tlsConf, err := trust(cfg)
+	if err != nil {
+		return err
+	}
+	ids := &identity.Manager{Config: cfg, StateDir: d.opts.StateDir, HTTP: httpClient}
+	if cfg.Provisioning.Source == config.SourceDPS && cfg.Provisioning.Attestation.Method == config.MethodTPM {
+		t, closeTPM, err := d.openTPM(cfg)
+		d.setStatus(func(s *mgmt.Status) { s.TPM = conn(err) })
+		if err != nil {
+			return err
+		}
+		defer closeTPM()
+		ids.TPM = t
+	}
+
+	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "provisioning", time.Now().UTC() })
+	dev, err := d.provision(ctx, ids, ids.Start)
+	if err != nil {
+		return err
+	}
+	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
+	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
+	a.devP.Store(dev)
+	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network}
+	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
+	d.workload.configure(a.signModule, a.moduleResource, bundle)
+	return a.run(ctx)
+}
+
+// provision obtains the identity with get (Start or Provision), retrying
+// while it fails with no backup to fall back on.
+func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(context.Context) (*identity.Device, error)) (*identity.Device, error) {
+	for wait := 5 * time.Second; ; wait = min(wait*2, 2*time.Minute) {
+		dev, err := get(ctx)
+		p := mgmt.Provisioning{Source: string(ids.Config.Provisioning.Source)}
+		if dev != nil {
+			p.Method, p.HubHostName, p.DeviceID, p.Provisioned = dev.Method, dev.HubHostName, dev.DeviceID, dev.Provisioned
+		}
+		if err != nil {
+			p.Error = err.Error()
+			p.FromBackup = dev != nil
+			slog.Error("provisioning", "error", err)
+		} else {
+			slog.Info("provisioned", "hub", dev.HubHostName, "deviceId", dev.DeviceID, "method", dev.Method)
+		}
+		d.setStatus(func(s *mgmt.Status) { s.Provisioning = p })
+		if dev != nil {
+			return dev, nil
+		}
+		d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "provisioning failed", time.Now().UTC() })
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-d.reloadCh:
+			return nil, errReload
+		case <-d.reprovCh:
+		case <-time.After(wait):
+		}
+	}
+}
+
+// openTPM reaches the TPM through aziot-tpmd, or directly when no socket
+// is configured.
+func (d *Daemon) openTPM(cfg *config.Config) (provisioning.TPM, func(), error) {
+	if d.opts.TPMSocket != "" {
+		return tpmservice.Dial(d.opts.TPMSocket), func() {}, nil
+	}
+	dev, err := tpm.Open(cfg.TPM.TCTI)
+	if err != nil {
+		return nil, nil, fmt.Errorf("opening the TPM (tpm.tcti %q): %w", cfg.TPM.TCTI, err)
+	}
+	return dev, func() { dev.Close() }, nil
+}
+
+func (d *Daemon) checkEngine(ctx context.Context) {
+	d.mu.Lock()
+	e := d.engine
+	d.mu.Unlock()
+	if e == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	err := e.Ping(ctx)
+	d.setStatus(func(s *mgmt.Status) {
+		if s.Engine.OK != (err == nil) {
+			s.Engine.Since = time.Now().UTC()
+		}
+		s.Engine.OK, s.Engine.Error = err == nil, errText(err)
+	})
+}
+
+func conn(err error) mgmt.Connection {
+	return mgmt.Connection{OK: err == nil, Error: errText(err), Since: time.Now().UTC()}
+}
+
+func errText(err error) string {
+	if err == nil {
+		return ""
+	}
+	return err.Error()
+}
+
+// trust builds the TLS settings devices use: the system roots plus
+// trust_bundle_cert.
+func trust(cfg *config.Config) (*http.Client, *tls.Config, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil {
+		roots = x509.NewCertPool()
+	}
+	if cfg.TrustBundleCert != "" {
+		path := config.FilePath(cfg.TrustBundleCert)
+		pem, err := os.ReadFile(path)
+		if err != nil {
+			return nil, nil, fmt.Errorf("trust_bundle_cert: %w", err)
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, nil, fmt.Errorf("trust_bundle_cert %s holds no PEM certificate", path)
+		}
+	}
+	tlsConf := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = tlsConf
+	return &http.Client{Transport: tr, Timeout: time.Minute}, tlsConf, nil
+}
+
+// runner is the agent with one identity.
+type runner struct {
+	d    *Daemon
+	cfg  *config.Config
+	ids  *identity.Manager
+	devP atomic.Pointer[identity.Device] // read by workload requests too
+	rec  *agent.Reconciler
+	tls  *tls.Config
+
+	manifest *agent.Manifest
+	reported []byte // last report sent
+}
+
+const manifestFile = "manifest.json"
+
+// run reconciles the modules, from the hub's twin when connected and from
+// the last manifest when not, so modules keep running offline.
+func (a *runner) run(ctx context.Context) error {
+	if raw, err := os.ReadFile(filepath.Join(a.d.opts.StateDir, manifestFile)); err == nil {
+		if m, err := agent.ParseManifest(raw); err == nil {
+			a.manifest = m
+		}
+	}
+	kick := make(chan struct{}, 1)
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
+	var client *hubdevice.Client
+	var clientDone <-chan struct{}
+	retry := time.After(0)
+	backoff := time.Second
+	defer func() {
+		if client != nil {
+			client.Close()
+		}
+	}()
+	for {
+		a.apply(ctx, client)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-a.d.reloadCh:
+			return errReload
+		case <-a.d.reprovCh:
+			if client != nil {
+				client.Close()
+				client, clientDone = nil, nil
+			}
+			if err := a.reprovision(ctx); err != nil {
+				return err
+			}
+			retry = time.After(0)
+		case <-tick.C:
+			a.d.checkEngine(ctx)
+		case <-kick:
+			if client != nil {
+				a.fetch(ctx, client)
+			}
+		case <-clientDone:
+			slog.Warn("lost the connection to the hub", "error", client.Err())
+			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", client.Err())) })
+			client, clientDone = nil, nil
+			retry = time.After(backoff)
+		case <-retry:
+			retry = nil
+			c, err := a.connect(ctx, kick)
+			if errors.Is(err, hubdevice.ErrNotAuthorized) && a.cfg.Provisioning.Source == config.SourceDPS &&
+				a.cfg.AutoReprovisioningMode == config.Dynamic {
+				slog.Warn("the hub refused the device's identity: provisioning again", "deviceId", a.dev().DeviceID)
+				if err := a.reprovision(ctx); err != nil {
+					return err
+				}
+				retry = time.After(0)
+				continue
+			}
+			if err != nil {
+				slog.Warn("cannot reach the hub; modules keep running", "hub", a.dev().HubHostName, "error", err)
+				a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(err) })
+				retry = time.After(backoff)
+				backoff = min(backoff*2, time.Minute)
+				continue
+			}
+			backoff = time.Second
+			client, clientDone = c, c.Done()
+			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
+			a.reported = nil // report afresh on each connection
+			a.fetch(ctx, client)
+		}
+	}
+}
+
+// connect opens the $edgeAgent session and subscribes to desired changes.
+func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Client, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	port := cmp.Or(a.d.opts.HubPort, 8883)
+	a.d.setStatus(func(s *mgmt.Status) { s.HubAddress = net.JoinHostPort(a.dev().HubHostName, strconv.Itoa(port)) })
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: a.dev().HubHostName, Port: port,
+		DeviceID: a.dev().DeviceID, ModuleID: "$edgeAgent", TLS: a.tls,
+		Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.OnDesired(ctx, func([]byte) { signal(kick) }); err != nil {
+		c.Close()
+		return nil, err
+	}
+	slog.Info("connected to the hub", "hub", a.dev().HubHostName, "deviceId", a.dev().DeviceID)
+	return c, nil
+}
+
+// fetch reads the $edgeAgent twin's desired properties as the manifest.
+func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	tw, err := c.GetTwin(ctx)
+	if err != nil {
+		slog.Warn("reading the $edgeAgent twin", "error", err)
+		return
+	}
+	m, err := agent.ParseManifest(tw.Desired)
+	var me *agent.Error
+	if errors.As(err, &me) && me.Code == 417 {
+		slog.Info("no deployment targets this device yet")
+		a.report(ctx, c, agent.Reported(nil, nil, nil, nil))
+		return
+	}
+	if err != nil {
+		slog.Error("the deployment manifest is not valid", "error", err)
+		a.report(ctx, c, agent.Reported(nil, nil, nil, err))
+		return
+	}
+	a.manifest = m
+	_ = os.MkdirAll(a.d.opts.StateDir, 0o700)
+	_ = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), tw.Desired, 0o600)
+}
+
+// apply reconciles and reports what changed.
+func (a *runner) apply(ctx context.Context, c *hubdevice.Client) {
+	reported, err := a.rec.Apply(ctx, a.manifest)
+	if err != nil {
+		slog.Warn("applying the deployment", "error", err)
+	}
+	a.d.setModules(reported)
+	if c != nil {
+		a.report(ctx, c, reported)
+	}
+}
+
+// report sends the reported properties when they changed; modules that
+// left the manifest are set to null so they leave the twin too.
+func (a *runner) report(ctx context.Context, c *hubdevice.Client, rep map[string]any) {
+	body, _ := json.Marshal(rep)
+	if bytes.Equal(body, a.reported) {
+		return
+	}
+	patch := rep
+	if a.reported != nil {
+		var prev map[string]any
+		_ = json.Unmarshal(a.reported, &prev)
+		if mods, ok := prev["modules"].(map[string]any); ok {
+			now, _ := rep["modules"].(map[string]any)
+			for name := range mods {
+				if _, still := now[name]; !still && now != nil {
+					now[name] = nil
+				}
+			}
+		}
+	}
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if _, err := c.PatchReported(ctx, patch); err != nil {
+		slog.Warn("reporting to the hub", "error", err)
+		return
+	}
+	a.reported = body
+}
+
+// reprovision runs DPS again; if the identity changed, the modules are
+// recreated under the new one.
+func (a *runner) reprovision(ctx context.Context) error {
+	old := *a.dev()
+	dev, err := a.d.provision(ctx, a.ids, a.ids.Provision)
+	if err != nil {
+		return err
+	}
+	a.devP.Store(dev)
+	if dev.HubHostName != old.HubHostName || dev.DeviceID != old.DeviceID {
+		slog.Info("the device's identity changed: recreating its modules", "hub", dev.HubHostName, "deviceId", dev.DeviceID)
+		if _, err := a.rec.Apply(ctx, &agent.Manifest{Modules: map[string]*agent.Module{}}); err != nil {
+			slog.Warn("removing the old identity's modules", "error", err)
+		}
+		a.manifest = nil
+		_ = os.Remove(filepath.Join(a.d.opts.StateDir, manifestFile))
+	}
+	return nil
+}
+
+// setModules keeps the rows of `iotedge list` from a report.
+func (d *Daemon) setModules(rep map[string]any) {
+	var rows []mgmt.Module
+	mods, _ := rep["modules"].(map[string]any)
+	for name, v := range mods {
+		m, _ := v.(map[string]any)
+		image, _ := m["settings"].(map[string]any)["image"].(string)
+		status, _ := m["runtimeStatus"].(string)
+		desc, _ := m["statusDescription"].(string)
+		rows = append(rows, mgmt.Module{Name: name, Status: status, Description: desc, Config: image})
+	}
+	status, _ := rep["lastDesiredStatus"].(map[string]any)
+	code, _ := status["code"].(int)
+	desc, _ := status["description"].(string)
+	version, _ := rep["lastDesiredVersion"].(int64)
+	d.mu.Lock()
+	d.modules = rows
+	d.status.Deployment = mgmt.Deployment{Version: version, Code: code, Description: desc}
+	d.mu.Unlock()
+}
+
+func (a *runner) dev() *identity.Device { return a.devP.Load() }
+
+// moduleEnv is what the Azure IoT SDKs' ModuleClient.fromEnvironment reads.
+// With no local edge hub, modules reach the hub itself.
+func (a *runner) moduleEnv(module string) map[string]string {
+	return map[string]string{
+		"IOTEDGE_IOTHUBHOSTNAME":     a.dev().HubHostName,
+		"IOTEDGE_GATEWAYHOSTNAME":    a.dev().HubHostName,
+		"IOTEDGE_DEVICEID":           a.dev().DeviceID,
+		"IOTEDGE_MODULEID":           module,
+		"IOTEDGE_MODULEGENERATIONID": "1",
+		"IOTEDGE_WORKLOADURI":        "unix://" + workloadInContainer,
+		"IOTEDGE_APIVERSION":         workloadAPIVersion,
+		"IOTEDGE_AUTHSCHEME":         "sasToken",
+	}
+}
+
+// moduleResource is the audience of a module's hub tokens.
+func (a *runner) moduleResource(module string) string {
+	return a.dev().HubHostName + "/devices/" + a.dev().DeviceID + "/modules/" + module
+}
+
+// signModule signs a module's token with the device's key (inside the TPM
+// for TPM devices); the hub accepts device keys for the device's modules.
+func (a *runner) signModule(_ string, data []byte) ([]byte, error) {
+	return a.ids.Signer(a.dev())(data)
+}

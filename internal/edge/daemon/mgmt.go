@@ -1,0 +1,138 @@
+package daemon
+
+import (
+	"cmp"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/mgmt"
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+// mgmtHandler is the management API the iotedge CLI calls.
+func (d *Daemon) mgmtHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
+		d.mu.Lock()
+		s := d.status
+		d.mu.Unlock()
+		writeJSON(w, s)
+	})
+	mux.HandleFunc("GET /modules", func(w http.ResponseWriter, r *http.Request) {
+		d.mu.Lock()
+		ms := slices.Clone(d.modules)
+		d.mu.Unlock()
+		slices.SortFunc(ms, func(a, b mgmt.Module) int { return cmp.Compare(a.Name, b.Name) })
+		if ms == nil {
+			ms = []mgmt.Module{}
+		}
+		writeJSON(w, ms)
+	})
+	mux.HandleFunc("POST /modules/{name}/restart", func(w http.ResponseWriter, r *http.Request) {
+		e, err := d.moduleEngine(r.PathValue("name"))
+		if err == nil {
+			if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
+				err = e.Start(r.Context(), r.PathValue("name"))
+			}
+		}
+		if err != nil {
+			writeError(w, http.StatusInternalServerError, err)
+			return
+		}
+		slog.Info("module restarted on request", "module", r.PathValue("name"))
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("GET /modules/{name}/logs", func(w http.ResponseWriter, r *http.Request) {
+		e, err := d.moduleEngine(r.PathValue("name"))
+		if err != nil {
+			writeError(w, http.StatusNotFound, err)
+			return
+		}
+		q := r.URL.Query()
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		out := flushWriter{w}
+		if err := e.Logs(r.Context(), r.PathValue("name"), moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
+			Since: q.Get("since"), Follow: q.Get("follow") == "true"}, out); err != nil {
+			fmt.Fprintf(w, "error: %v\n", err)
+		}
+	})
+	mux.HandleFunc("GET /logs", func(w http.ResponseWriter, r *http.Request) {
+		tail, err := strconv.Atoi(cmp.Or(r.URL.Query().Get("tail"), "200"))
+		if err != nil || tail < 0 {
+			writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines"))
+			return
+		}
+		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+		var seq uint64
+		for {
+			lines, next, more := d.opts.Logs.Since(seq, tail)
+			for _, l := range lines {
+				fmt.Fprintln(w, l)
+			}
+			if f, ok := w.(http.Flusher); ok {
+				f.Flush()
+			}
+			seq = next
+			if r.URL.Query().Get("follow") != "true" {
+				return
+			}
+			select { // (seq 0 means nothing was written: the next read takes it all)
+			case <-r.Context().Done():
+				return
+			case <-more:
+			}
+		}
+	})
+	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, r *http.Request) {
+		signal(d.reloadCh)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /reprovision", func(w http.ResponseWriter, r *http.Request) {
+		signal(d.reprovCh)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("POST /stop", func(w http.ResponseWriter, r *http.Request) {
+		signal(d.stopCh)
+		w.WriteHeader(http.StatusNoContent)
+	})
+	mux.HandleFunc("PUT /log-level", func(w http.ResponseWriter, r *http.Request) {
+		var req struct{ Level string }
+		var lvl slog.Level
+		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || lvl.UnmarshalText([]byte(strings.ToLower(req.Level))) != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use debug, info, warn or error", req.Level))
+			return
+		}
+		d.opts.Level.Set(lvl)
+		slog.Info("log level changed", "level", lvl.String())
+		w.WriteHeader(http.StatusNoContent)
+	})
+	return mux
+}
+
+// moduleEngine returns the engine if name is one of the agent's modules.
+func (d *Daemon) moduleEngine(name string) (*moby.Engine, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !slices.ContainsFunc(d.modules, func(m mgmt.Module) bool { return m.Name == name }) || d.engine == nil {
+		return nil, fmt.Errorf("no module %q: `iotedge list` shows the modules", name)
+	}
+	return d.engine, nil
+}
+
+// flushWriter flushes after each write, for following logs.
+type flushWriter struct{ w http.ResponseWriter }
+
+func (f flushWriter) Write(p []byte) (int, error) {
+	n, err := f.w.Write(p)
+	if fl, ok := f.w.(http.Flusher); ok {
+		fl.Flush()
+	}
+	return n, err
+}

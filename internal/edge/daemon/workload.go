@@ -1,0 +1,208 @@
+package daemon
+
+import (
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/agent"
+	"github.com/hatchery/hatchery/internal/edge/moby"
+)
+
+// Where modules find the workload API inside their container.
+const (
+	workloadInContainer = "/var/run/iotedge/workload.sock"
+	workloadAPIVersion  = "2019-01-30"
+)
+
+// workload serves each module its own socket of the workload API, so a
+// module can only ask for its own tokens: the socket it talks to names it.
+type workload struct {
+	dir string
+
+	mu      sync.Mutex
+	servers map[string]*http.Server
+	signer  func(module string, data []byte) ([]byte, error)
+	bundle  []byte
+	prefix  func(module string) string // the resource a module's tokens are for
+}
+
+func newWorkload(dir string) *workload {
+	return &workload{dir: dir, servers: map[string]*http.Server{}}
+}
+
+// configure sets how tokens are signed and what the trust bundle is; it
+// changes with each identity.
+func (w *workload) configure(signer func(string, []byte) ([]byte, error), prefix func(string) string, bundle []byte) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.signer, w.prefix, w.bundle = signer, prefix, bundle
+}
+
+// socket returns the host path of module's socket, serving it if new.
+func (w *workload) socket(module string) (string, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	dir := filepath.Join(w.dir, module)
+	path := filepath.Join(dir, "workload.sock")
+	if _, ok := w.servers[module]; ok {
+		return dir, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	ln, err := listenUnix(path, 0o666) // the module's user inside the container may be anyone
+	if err != nil {
+		return "", err
+	}
+	srv := &http.Server{Handler: w.handler(module), ReadHeaderTimeout: 10 * time.Second}
+	w.servers[module] = srv
+	go func() { _ = srv.Serve(ln) }()
+	return dir, nil
+}
+
+func (w *workload) close() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	for _, s := range w.servers {
+		_ = s.Close()
+	}
+	w.servers = map[string]*http.Server{}
+}
+
+func (w *workload) handler(module string) http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /modules/{module}/genid/{genid}/sign", func(rw http.ResponseWriter, r *http.Request) {
+		if r.PathValue("module") != module {
+			writeError(rw, http.StatusForbidden, fmt.Errorf("this socket belongs to module %q", module))
+			return
+		}
+		var req struct {
+			KeyID string `json:"keyId"`
+			Algo  string `json:"algo"`
+			Data  string `json:"data"`
+		}
+		if err := json.NewDecoder(http.MaxBytesReader(rw, r.Body, 64<<10)).Decode(&req); err != nil {
+			writeError(rw, http.StatusBadRequest, fmt.Errorf("request body: %w", err))
+			return
+		}
+		if req.Algo != "" && req.Algo != "HMACSHA256" {
+			writeError(rw, http.StatusBadRequest, fmt.Errorf("algo %q: only HMACSHA256 is supported", req.Algo))
+			return
+		}
+		data, err := base64.StdEncoding.DecodeString(req.Data)
+		if err != nil {
+			writeError(rw, http.StatusBadRequest, errors.New("data is not base64"))
+			return
+		}
+		w.mu.Lock()
+		sign, prefix := w.signer, w.prefix
+		w.mu.Unlock()
+		if sign == nil {
+			writeError(rw, http.StatusServiceUnavailable, errors.New("the device is not provisioned yet"))
+			return
+		}
+		// Only tokens for the module's own identity: "{resource}\n{expiry}".
+		aud, _, _ := strings.Cut(string(data), "\n")
+		if dec, err := url.QueryUnescape(aud); err != nil || !strings.EqualFold(dec, prefix(module)) {
+			writeError(rw, http.StatusForbidden, fmt.Errorf("module %q may only sign tokens for %s", module, prefix(module)))
+			return
+		}
+		digest, err := sign(module, data)
+		if err != nil {
+			writeError(rw, http.StatusInternalServerError, err)
+			return
+		}
+		writeJSON(rw, map[string]string{"digest": base64.StdEncoding.EncodeToString(digest)})
+	})
+	mux.HandleFunc("GET /trust-bundle", func(rw http.ResponseWriter, r *http.Request) {
+		w.mu.Lock()
+		b := w.bundle
+		w.mu.Unlock()
+		writeJSON(rw, map[string]string{"certificate": string(b)})
+	})
+	return mux
+}
+
+// decorated gives modules what the Azure IoT SDKs expect of the runtime:
+// IOTEDGE_* variables and the workload socket.
+type decorated struct {
+	agent.Engine
+	w   *workload
+	env func(module string) map[string]string
+}
+
+func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {
+	dir, err := e.w.socket(s.Name)
+	if err != nil {
+		return fmt.Errorf("workload socket for %s: %w", s.Name, err)
+	}
+	env := maps.Clone(s.Env)
+	if env == nil {
+		env = map[string]string{}
+	}
+	for k, v := range e.env(s.Name) {
+		if _, set := env[k]; !set {
+			env[k] = v
+		}
+	}
+	s.Env = env
+	opts := map[string]any{}
+	if len(s.CreateOptions) > 0 {
+		if err := json.Unmarshal(s.CreateOptions, &opts); err != nil {
+			return fmt.Errorf("module %s createOptions: %w", s.Name, err)
+		}
+	}
+	hc, _ := opts["HostConfig"].(map[string]any)
+	if hc == nil {
+		hc = map[string]any{}
+	}
+	binds, _ := hc["Binds"].([]any)
+	hc["Binds"] = append(binds, dir+":"+filepath.Dir(workloadInContainer))
+	opts["HostConfig"] = hc
+	if s.CreateOptions, err = json.Marshal(opts); err != nil {
+		return err
+	}
+	return e.Engine.Create(ctx, s)
+}
+
+// listenUnix listens on a fresh socket file with the given mode.
+func listenUnix(path string, mode os.FileMode) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	_ = os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listening on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, mode); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func writeError(w http.ResponseWriter, status int, err error) {
+	slog.Debug("api error", "status", status, "error", err)
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"message": err.Error()})
+}

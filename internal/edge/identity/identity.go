@@ -1,0 +1,218 @@
+// Package identity gives the edge runtime its IoT hub identity: it
+// provisions through DPS (TPM or symmetric key) or takes a manual one,
+// keeps the result as a backup so the device starts when DPS is
+// unreachable, and signs hub tokens — inside the TPM for TPM devices.
+package identity
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/tpm"
+)
+
+// Device is a provisioned identity.
+type Device struct {
+	HubHostName string    `json:"hubHostName"`
+	DeviceID    string    `json:"deviceId"`
+	Method      string    `json:"method"`        // tpm or sas
+	Key         string    `json:"key,omitempty"` // base64 hub key of sas devices; TPM keys stay in the TPM
+	Provisioned time.Time `json:"provisioned"`
+	// ConfigHash ties the backup to the provisioning settings it came from.
+	ConfigHash string `json:"configHash"`
+}
+
+// Manager provisions and remembers the device's identity.
+type Manager struct {
+	Config   *config.Config
+	StateDir string           // the backup lives here
+	TPM      provisioning.TPM // the TPM (or the aziot-tpmd client) for tpm attestation
+	HTTP     *http.Client     // trusts the provisioning service's CA
+}
+
+const backupFile = "device_info.json"
+
+// configHash identifies the provisioning settings: a change means the
+// backup no longer applies.
+func configHash(c *config.Config) string {
+	b, _ := json.Marshal(struct {
+		P config.Provisioning
+		K config.KeyIndex
+	}{c.Provisioning, c.TPM.AuthKeyIndex})
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:8])
+}
+
+// Backup returns the cached identity if it belongs to the current settings.
+func (m *Manager) Backup() (*Device, error) {
+	b, err := os.ReadFile(filepath.Join(m.StateDir, backupFile))
+	if err != nil {
+		return nil, err
+	}
+	d := &Device{}
+	if err := json.Unmarshal(b, d); err != nil {
+		return nil, fmt.Errorf("the identity backup %s is corrupt: %w", filepath.Join(m.StateDir, backupFile), err)
+	}
+	if d.ConfigHash != configHash(m.Config) {
+		return nil, errors.New("the provisioning settings changed since the backup was made")
+	}
+	return d, nil
+}
+
+func (m *Manager) save(d *Device) error {
+	if err := os.MkdirAll(m.StateDir, 0o700); err != nil {
+		return err
+	}
+	b, _ := json.MarshalIndent(d, "", "  ")
+	tmp := filepath.Join(m.StateDir, backupFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(m.StateDir, backupFile))
+}
+
+// Start returns the identity to run with at startup, following
+// auto_reprovisioning_mode: AlwaysOnStartup provisions every time (falling
+// back to the backup when DPS is unreachable); the other modes use the
+// backup when there is one.
+func (m *Manager) Start(ctx context.Context) (*Device, error) {
+	backup, backupErr := m.Backup()
+	if backupErr == nil && m.Config.AutoReprovisioningMode != config.AlwaysOnStartup {
+		return backup, nil
+	}
+	d, err := m.Provision(ctx)
+	if err != nil && backupErr == nil {
+		return backup, fmt.Errorf("provisioning failed, running from the identity backup: %w", err)
+	}
+	return d, err
+}
+
+// Provision obtains a fresh identity and saves it as the backup.
+func (m *Manager) Provision(ctx context.Context) (*Device, error) {
+	p := m.Config.Provisioning
+	d := &Device{Provisioned: time.Now().UTC(), ConfigHash: configHash(m.Config)}
+	switch p.Source {
+	case config.SourceManual:
+		if err := m.manual(d); err != nil {
+			return nil, err
+		}
+	case config.SourceDPS:
+		if err := m.dps(ctx, d); err != nil {
+			return nil, err
+		}
+	default:
+		return nil, errors.New("provisioning is not configured: set [provisioning] in /etc/aziot/config.toml and run `iotedge config apply`")
+	}
+	return d, m.save(d)
+}
+
+func (m *Manager) manual(d *Device) error {
+	p := m.Config.Provisioning
+	if p.ConnectionString != "" {
+		cs, err := sas.ParseConnectionString(p.ConnectionString)
+		if err != nil {
+			return fmt.Errorf("provisioning.connection_string: %w", err)
+		}
+		d.HubHostName, d.DeviceID, d.Method, d.Key = cs.HostName, cs.DeviceID, "sas", base64.StdEncoding.EncodeToString(cs.Key)
+		return nil
+	}
+	if p.Authentication.Method != config.MethodSAS {
+		return fmt.Errorf("manual provisioning with %q authentication is not supported yet: use sas", p.Authentication.Method)
+	}
+	key, err := readKey(p.Authentication.DeviceIDPK)
+	if err != nil {
+		return fmt.Errorf("provisioning.authentication.device_id_pk: %w", err)
+	}
+	d.HubHostName, d.DeviceID, d.Method, d.Key = p.IoTHubHostname, p.DeviceID, "sas", base64.StdEncoding.EncodeToString(key)
+	return nil
+}
+
+func readKey(k config.SymmetricKey) ([]byte, error) {
+	v := k.Value
+	if k.URI != "" {
+		b, err := os.ReadFile(config.FilePath(k.URI))
+		if err != nil {
+			return nil, err
+		}
+		v = string(b)
+	}
+	key, err := base64.StdEncoding.DecodeString(strings.TrimSpace(v))
+	if err != nil {
+		return nil, fmt.Errorf("the key is not base64: %w", err)
+	}
+	return key, nil
+}
+
+func (m *Manager) dps(ctx context.Context, d *Device) error {
+	p := m.Config.Provisioning
+	client := &provisioning.Client{Endpoint: p.GlobalEndpoint, IDScope: p.IDScope,
+		RegistrationID: p.Attestation.RegistrationID, HTTP: m.HTTP}
+	if p.Payload.URI != "" {
+		b, err := os.ReadFile(config.FilePath(p.Payload.URI))
+		if err != nil {
+			return fmt.Errorf("provisioning.payload: %w", err)
+		}
+		if !json.Valid(b) {
+			return fmt.Errorf("provisioning.payload: %s is not JSON", p.Payload.URI)
+		}
+		client.Payload = b
+	}
+	switch p.Attestation.Method {
+	case config.MethodTPM:
+		if m.TPM == nil {
+			return errors.New("TPM attestation needs the TPM service (aziot-tpmd)")
+		}
+		rs, err := client.RegisterTPM(ctx, m.TPM, tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex)))
+		if err != nil {
+			return err
+		}
+		d.HubHostName, d.DeviceID, d.Method = rs.AssignedHub, rs.DeviceID, "tpm"
+	case config.MethodSymmetricKey:
+		key, err := readKey(p.Attestation.SymmetricKey)
+		if err != nil {
+			return fmt.Errorf("provisioning.attestation.symmetric_key: %w", err)
+		}
+		rs, err := client.RegisterSymmetricKey(ctx, key)
+		if err != nil {
+			return err
+		}
+		d.HubHostName, d.DeviceID, d.Method, d.Key = rs.AssignedHub, rs.DeviceID, "sas", base64.StdEncoding.EncodeToString(key)
+	default:
+		return fmt.Errorf("DPS attestation %q is not supported yet: use tpm or symmetric_key", p.Attestation.Method)
+	}
+	return nil
+}
+
+// Signer signs hub tokens for d: in the TPM for TPM devices, with the key
+// otherwise.
+func (m *Manager) Signer(d *Device) func(data []byte) ([]byte, error) {
+	if d.Method == "tpm" {
+		handle := tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex))
+		return func(data []byte) ([]byte, error) { return m.TPM.HMAC(handle, data) }
+	}
+	key, _ := base64.StdEncoding.DecodeString(d.Key)
+	return func(data []byte) ([]byte, error) {
+		mac := hmac.New(sha256.New, key)
+		mac.Write(data)
+		return mac.Sum(nil), nil
+	}
+}
+
+// Token signs a SAS token for audience.
+func (m *Manager) Token(d *Device, audience string, expiry time.Time) (string, error) {
+	return sas.BuildSigned(m.Signer(d), audience, "", expiry)
+}

@@ -1,0 +1,249 @@
+// Package tpmservice lets processes that may not open the TPM use it
+// through aziot-tpmd, a small service that alone runs as the user the udev
+// rule grants the TPM device to (aziottpm). The protocol is HTTP/1.1 with
+// JSON bodies over a Unix socket, so curl --unix-socket can debug it:
+//
+//	GET  /endorsement-key  → {"endorsementKey": b64 TPM2B_PUBLIC, "registrationId": hex}
+//	GET  /storage-root-key → {"storageRootKey": b64 TPM2B_PUBLIC}
+//	POST /import {"blob": b64}  → {}  (into the identity handle only)
+//	POST /sign   {"data": b64}  → {"digest": b64 HMAC-SHA256}
+//
+// Errors are {"message": "..."} with a meaningful status code. /import and
+// /sign take an optional "handle", which must be the service's identity
+// handle: callers can never reach another key.
+package tpmservice
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/google/go-tpm/tpm2"
+	"github.com/hatchery/hatchery/internal/tpm"
+)
+
+// maxBody bounds request bodies: an activation blob is under 1 KiB and a
+// SAS string-to-sign a few hundred bytes.
+const maxBody = 64 << 10
+
+// TPM is what the service needs of the TPM; *tpm.Device has it.
+type TPM interface {
+	EndorsementKey() ([]byte, error)
+	StorageRootKey() ([]byte, error)
+	ImportActivationBlob(blob []byte, handle uint32) error
+	HMAC(handle uint32, data []byte) ([]byte, error)
+}
+
+// Wire types, shared with the Client. []byte fields travel as base64.
+type (
+	endorsementKeyResponse struct {
+		EndorsementKey []byte `json:"endorsementKey"`
+		RegistrationID string `json:"registrationId"`
+	}
+	storageRootKeyResponse struct {
+		StorageRootKey []byte `json:"storageRootKey"`
+	}
+	importRequest struct {
+		Blob   []byte  `json:"blob"`
+		Handle *uint32 `json:"handle,omitempty"` // absent: the identity handle
+	}
+	signRequest struct {
+		Data   []byte  `json:"data"`
+		Handle *uint32 `json:"handle,omitempty"` // absent: the identity handle
+	}
+	signResponse struct {
+		Digest []byte `json:"digest"`
+	}
+	errorResponse struct {
+		Message string `json:"message"`
+	}
+)
+
+type server struct {
+	// mu runs one TPM operation at a time whatever TPM implementation is
+	// behind: an activation is several commands that must not interleave.
+	mu     sync.Mutex
+	dev    TPM
+	handle uint32
+	log    *slog.Logger
+}
+
+// NewServer serves dev, importing and signing only with the identity key at
+// tpm.IdentityHandle(authKeyIndex). It logs to slog.Default(), never key
+// material or signed data.
+func NewServer(dev TPM, authKeyIndex uint32) http.Handler {
+	s := &server{dev: dev, handle: tpm.IdentityHandle(authKeyIndex), log: slog.Default()}
+	mux := http.NewServeMux()
+	mux.Handle("/endorsement-key", s.route(http.MethodGet, s.endorsementKey))
+	mux.Handle("/storage-root-key", s.route(http.MethodGet, s.storageRootKey))
+	mux.Handle("/import", s.route(http.MethodPost, s.importBlob))
+	mux.Handle("/sign", s.route(http.MethodPost, s.sign))
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		writeJSON(w, http.StatusNotFound, errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /storage-root-key, /import and /sign", r.URL.Path)})
+	})
+	return mux
+}
+
+// httpError is an error with the status code that describes it.
+type httpError struct {
+	status int
+	err    error
+}
+
+func (e *httpError) Error() string { return e.err.Error() }
+
+func statusError(status int, format string, args ...any) error {
+	return &httpError{status, fmt.Errorf(format, args...)}
+}
+
+// route checks the method, runs fn and writes its answer or error as JSON.
+func (s *server) route(method string, fn func(*http.Request) (any, error)) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method != method {
+			w.Header().Set("Allow", method)
+			writeJSON(w, http.StatusMethodNotAllowed, errorResponse{fmt.Sprintf("%s %s: use %s", r.Method, r.URL.Path, method)})
+			return
+		}
+		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
+		start := time.Now()
+		v, err := fn(r)
+		if err != nil {
+			status := http.StatusInternalServerError
+			if he, ok := errors.AsType[*httpError](err); ok {
+				status = he.status
+			}
+			s.log.Warn("request failed", "path", r.URL.Path, "status", status, "error", err.Error())
+			writeJSON(w, status, errorResponse{err.Error()})
+			return
+		}
+		s.log.Debug("request", "path", r.URL.Path, "duration", time.Since(start))
+		writeJSON(w, http.StatusOK, v)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	json.NewEncoder(w).Encode(v)
+}
+
+func (s *server) endorsementKey(*http.Request) (any, error) {
+	s.mu.Lock()
+	ek, err := s.dev.EndorsementKey()
+	s.mu.Unlock()
+	if err != nil {
+		return nil, tpmError(err, 0)
+	}
+	return endorsementKeyResponse{ek, tpm.RegistrationID(ek)}, nil
+}
+
+func (s *server) storageRootKey(*http.Request) (any, error) {
+	s.mu.Lock()
+	srk, err := s.dev.StorageRootKey()
+	s.mu.Unlock()
+	if err != nil {
+		return nil, tpmError(err, 0)
+	}
+	return storageRootKeyResponse{srk}, nil
+}
+
+func (s *server) importBlob(r *http.Request) (any, error) {
+	var req importRequest
+	if err := decode(r, &req); err != nil {
+		return nil, err
+	}
+	if err := s.checkHandle(req.Handle); err != nil {
+		return nil, err
+	}
+	if err := checkBlob(req.Blob); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	err := s.dev.ImportActivationBlob(req.Blob, s.handle)
+	s.mu.Unlock()
+	if err != nil {
+		return nil, tpmError(err, http.StatusUnprocessableEntity)
+	}
+	s.log.Info("imported the identity key", "handle", fmt.Sprintf("0x%08x", s.handle))
+	return struct{}{}, nil
+}
+
+func (s *server) sign(r *http.Request) (any, error) {
+	var req signRequest
+	if err := decode(r, &req); err != nil {
+		return nil, err
+	}
+	if err := s.checkHandle(req.Handle); err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	digest, err := s.dev.HMAC(s.handle, req.Data)
+	s.mu.Unlock()
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return nil, statusError(http.StatusConflict, "no identity key at 0x%08x yet: the device has not been provisioned (%w)", s.handle, err)
+	}
+	if err != nil {
+		return nil, tpmError(err, 0)
+	}
+	return signResponse{digest}, nil
+}
+
+func (s *server) checkHandle(h *uint32) error {
+	if h != nil && *h != s.handle {
+		return statusError(http.StatusForbidden, "handle 0x%08x refused: aziot-tpmd uses only the identity key at 0x%08x (auth_key_index 0x%x)",
+			*h, s.handle, s.handle-tpm.IdentityHandle(0))
+	}
+	return nil
+}
+
+// decode reads a JSON request body, saying when it is too large.
+func decode(r *http.Request, v any) error {
+	err := json.NewDecoder(r.Body).Decode(v)
+	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		return statusError(http.StatusRequestEntityTooLarge, "request body larger than %d bytes", maxBody)
+	}
+	if err != nil {
+		return statusError(http.StatusBadRequest, "request body: %w", err)
+	}
+	return nil
+}
+
+// checkBlob rejects what cannot be an activation blob (five or six TPM2B
+// parts, PROTOCOL.md §2) before it takes the TPM: malformed input is the
+// caller's fault (400), unlike what the TPM refuses (422).
+func checkBlob(blob []byte) error {
+	parts := 0
+	for rest := blob; len(rest) > 0; parts++ {
+		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
+			return statusError(http.StatusBadRequest, "activation blob: part %c truncated at byte %d of %d", 'A'+parts, len(blob)-len(rest), len(blob))
+		}
+		rest = rest[2+int(binary.BigEndian.Uint16(rest)):]
+	}
+	if parts != 5 && parts != 6 {
+		return statusError(http.StatusBadRequest, "activation blob: %d parts, want 5 or 6 (A to E, and F optionally)", parts)
+	}
+	return nil
+}
+
+// tpmError gives err the status that tells the caller what to do: retry
+// later when the TPM is busy or locked out (its warnings), fix the input
+// when the TPM refused it (refused, if nonzero), else report a fault (500).
+// The message is the tpm package's, which names lockout and its remedy.
+func tpmError(err error, refused int) error {
+	var rc tpm2.TPMRC
+	switch {
+	case !errors.As(err, &rc):
+		return err // I/O with the TPM: 500
+	case rc.IsWarning():
+		return &httpError{http.StatusServiceUnavailable, err}
+	case refused != 0:
+		return &httpError{refused, err}
+	default:
+		return err
+	}
+}

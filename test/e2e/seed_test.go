@@ -1,0 +1,122 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby/mobytest"
+)
+
+// TestSeedFlow is the seed documents' walkthrough with Hatchery in place
+// of the cloud: read the TPM's registration information with the seed's
+// script, enroll it, fill config.toml from the template, apply it, and
+// watch the device provision, connect and run what a deployment targeting
+// its tags asks for.
+func TestSeedFlow(t *testing.T) {
+	requireTools(t)
+	engine := mobytest.New(t)
+	image := engine.Image("")
+	s := startSite(t)
+	d := newDevice(t, s)
+
+	// 1. The TPM's registration ID and endorsement key, with the seed's script.
+	regID, ek := provisionInfo(t, d.tcti)
+
+	// 2. The individual enrollment, as `az iot dps enrollment create`.
+	out := s.hatchery("enrollment", "create", "--attestation-type", "tpm", "--registration-id", regID,
+		"--endorsement-key", ek, "--device-id", "seed-device", "--edge-enabled", "--initial-twin-tags", `{"environment":"prod"}`)
+	if !strings.Contains(out, "unassigned") {
+		t.Fatalf("new enrollment:\n%s", out)
+	}
+
+	// 3. The runtime, config.toml from the template, `iotedge config apply`.
+	d.startServices()
+	d.writeConfig(d.configFromTemplate(regID))
+	if out := d.mustIotedge("config", "apply"); !strings.Contains(out, "Done") {
+		t.Fatalf("config apply:\n%s", out)
+	}
+	eventually(t, 60*time.Second, func() string {
+		out, _ := d.iotedge("system", "status")
+		if !strings.Contains(out, "Hub:          connected") {
+			return "system status says:\n" + out
+		}
+		return ""
+	})
+	status := d.mustIotedge("system", "status")
+	for _, want := range []string{"iotedged", "Running", "seed-device on hub localhost, provisioned by dps/tpm"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("system status lacks %q:\n%s", want, status)
+		}
+	}
+
+	// 4. The enrollment shows "assigned" and the device ID.
+	out = s.hatchery("enrollment", "show", "--registration-id", regID)
+	if !strings.Contains(out, "assigned") || !strings.Contains(out, "seed-device") || strings.Contains(out, "unassigned") {
+		t.Fatalf("enrollment after provisioning:\n%s", out)
+	}
+
+	// 5. A deployment targeting the device's tags puts a module on it.
+	manifest := filepath.Join(t.TempDir(), "deployment.json")
+	writeManifest(t, manifest, map[string]any{"sensor": module(image, "always", "-print", "sensor started")})
+	s.hatchery("deployment", "create", "--deployment-id", "prod-sensors", "--content", manifest,
+		"--target-condition", "tags.environment='prod'", "--priority", "10")
+	eventually(t, 60*time.Second, func() string {
+		out, _ := d.iotedge("list")
+		if len(grep(out, "sensor", "running", image)) == 0 {
+			return "iotedge list says:\n" + out
+		}
+		return ""
+	})
+	eventually(t, 30*time.Second, func() string {
+		out := s.hatchery("deployment", "show", "--deployment-id", "prod-sensors", "--output", "json")
+		var c struct {
+			SystemMetrics struct{ Results map[string]int } `json:"systemMetrics"`
+		}
+		_ = json.Unmarshal([]byte(out), &c)
+		if c.SystemMetrics.Results["reportedSuccessfulCount"] != 1 {
+			return "deployment metrics: " + out
+		}
+		return ""
+	})
+	if out := d.mustIotedge("logs", "sensor"); !strings.Contains(out, "sensor started") {
+		t.Errorf("iotedge logs sensor:\n%s", out)
+	}
+	if out := d.mustIotedge("system", "logs"); !strings.Contains(out, "connected to the hub") {
+		t.Errorf("iotedge system logs:\n%s", out)
+	}
+	if out, err := d.iotedge("check"); err != nil {
+		t.Errorf("iotedge check: %v\n%s", err, out)
+	}
+}
+
+// module is a deployment manifest entry running the test image.
+func module(image, restartPolicy string, args ...string) map[string]any {
+	opts, _ := json.Marshal(map[string]any{"Cmd": args})
+	return map[string]any{"type": "docker", "status": "running", "restartPolicy": restartPolicy, "version": "1.0",
+		"settings": map[string]any{"image": image, "createOptions": string(opts)}}
+}
+
+func writeManifest(t *testing.T, path string, modules map[string]any) {
+	m := map[string]any{"modulesContent": map[string]any{
+		"$edgeAgent": map[string]any{"properties.desired": map[string]any{
+			"schemaVersion": "1.1",
+			"runtime":       map[string]any{"type": "docker", "settings": map[string]any{"minDockerVersion": "v1.25"}},
+			"systemModules": map[string]any{
+				"edgeAgent": map[string]any{"type": "docker", "settings": map[string]any{"image": "mcr.microsoft.com/azureiotedge-agent:1.5"}},
+				"edgeHub": map[string]any{"type": "docker", "status": "running", "restartPolicy": "always",
+					"settings": map[string]any{"image": "mcr.microsoft.com/azureiotedge-hub:1.5"}},
+			},
+			"modules": modules,
+		}},
+		"$edgeHub": map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.1", "routes": map[string]any{},
+			"storeAndForwardConfiguration": map[string]any{"timeToLiveSecs": 7200}}},
+	}}
+	b, _ := json.MarshalIndent(m, "", "  ")
+	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
