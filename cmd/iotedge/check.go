@@ -18,7 +18,6 @@ import (
 
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/edge/moby"
-	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
@@ -68,7 +67,7 @@ func runChecks(ctx context.Context) []checkResult {
 	}
 
 	if cfg.Provisioning.Attestation.Method == config.MethodTPM {
-		add("tpm", "TPM is reachable and permissions are right", checkTPM(cfg))
+		add("tpm", "TPM is reachable and permissions are right", checkTPM())
 	} else {
 		add("tpm", "TPM is reachable and permissions are right", outcome{"skipped", "the device does not use TPM attestation"})
 	}
@@ -105,19 +104,11 @@ func runChecks(ctx context.Context) []checkResult {
 	return out
 }
 
-func checkTPM(cfg *config.Config) outcome {
-	if _, err := os.Stat(tpmservice.DefaultSocket); err == nil {
-		if _, err := tpmservice.Dial(tpmservice.DefaultSocket).EndorsementKey(); err != nil {
-			return outcome{"error", err.Error()}
-		}
-		return outcome{"ok", "through aziot-tpmd"}
-	}
-	dev, err := tpm.Open(cfg.TPM.TCTI)
-	if err != nil {
-		return outcome{"error", err.Error()}
-	}
-	defer dev.Close()
-	if _, err := dev.EndorsementKey(); err != nil {
+// checkTPM asks aziot-tpmd, the only process that opens the TPM, for the
+// endorsement key: that proves the service runs, can open the TPM, and
+// that the CLI's user may talk to it.
+func checkTPM() outcome {
+	if _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); err != nil {
 		return outcome{"error", err.Error()}
 	}
 	return outcome{"ok", ""}

@@ -6,6 +6,7 @@ import (
 	"os/exec"
 
 	"github.com/hatchery/hatchery/internal/edge/mgmt"
+	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
 // Paths of an installed runtime; the environment overrides them, which is
@@ -13,6 +14,8 @@ import (
 func configPath() string {
 	return cmp.Or(os.Getenv("IOTEDGE_CONFIG"), "/etc/aziot/config.toml")
 }
+
+func tpmSocket() string { return cmp.Or(os.Getenv("IOTEDGE_TPM_SOCKET"), tpmservice.DefaultSocket) }
 
 func mgmtURI() string { return cmp.Or(os.Getenv("IOTEDGE_HOST"), "unix://"+mgmt.DefaultSocket) }
 

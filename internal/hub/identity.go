@@ -165,10 +165,13 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		}
 		return rec.identityView(), nil
 	}
+	revoked := false
 	rec, err := s.update(ctx, r, func(rec *record) error {
 		if !matches(ifMatch, rec.DeviceETag) {
 			return azerr.PreconditionFailed("%s was changed since etag %s: read it again", r, ifMatch)
 		}
+		revoked = in.Status == "disabled" && rec.Device.Status != "disabled" ||
+			in.Authentication.SymmetricKey != rec.Device.Authentication.SymmetricKey
 		if rec.Device.Status != in.Status {
 			rec.Device.StatusUpdatedTime = now
 		}
@@ -182,6 +185,9 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 	})
 	if err != nil {
 		return nil, err
+	}
+	if revoked && r.Module == "" {
+		s.revoke(r.Device)
 	}
 	if r.Module == "" && in.Capabilities.IoTEdge {
 		if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
@@ -278,6 +284,9 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 			return azerr.PreconditionFailed("%s changed while being deleted: retry", r)
 		}
 		return err
+	}
+	if r.Module == "" {
+		s.revoke(r.Device)
 	}
 	return nil
 }

@@ -29,6 +29,7 @@ type Service struct {
 
 	desiredWatchers watchers[Ref, func(patch []byte)]
 	c2dWatchers     watchers[string, func()]
+	revoked         watchers[string, func()] // per device: its access ended (disabled, deleted, keys changed)
 
 	mu      sync.Mutex
 	methods map[Ref]*MethodHandler // the connection answering each device's methods
@@ -129,4 +130,14 @@ func (s *Service) SendEvent(ctx context.Context, r Ref, props map[string]string,
 // Events reads the event stream.
 func (s *Service) Events(ctx context.Context, deviceID string, after int64, limit int) ([]store.Event, error) {
 	return s.store.Events(ctx, deviceID, after, limit)
+}
+
+// OnRevoked calls f when device's access ends — it is disabled or deleted,
+// or its keys change — so connections authenticated before are closed.
+func (s *Service) OnRevoked(device string, f func()) (cancel func()) { return s.revoked.add(device, f) }
+
+func (s *Service) revoke(device string) {
+	for _, f := range s.revoked.get(device) {
+		(*f)()
+	}
 }

@@ -85,7 +85,10 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		return mqtt.RefusedNotAuthorized
 	}
-	c.SetValue(&session{ref: r, methods: map[string]chan methodAnswer{}})
+	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
+	c.SetValue(sess)
+	// A device disabled or deleted while connected is cut off, as in the hosted hub.
+	sess.onClose(d.hub.OnRevoked(r.Device, func() { go c.Close() }))
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c

@@ -210,3 +210,19 @@ func TestMQTTModuleTwin(t *testing.T) {
 		t.Fatalf("module reported %s", mt.Properties.Reported)
 	}
 }
+
+// Disabling a connected device ends its connection.
+func TestMQTTDisableDisconnects(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Status = "disabled"
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "*", d, nil); err != nil {
+		t.Fatal(err)
+	}
+	within(t, c.Done(), "disconnect of the disabled device")
+}

@@ -8,6 +8,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/edge/moby/mobytest"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
@@ -22,13 +24,24 @@ type device struct {
 	tpmd       *proc
 	daemon     *proc
 	site       *site
+	owner      string // the label of this device's containers on the shared engine
+}
+
+// removeContainers removes what the device's runtime left on the engine.
+func (d *device) removeContainers() {
+	out, _ := run(d.t, nil, "docker", "ps", "-aq", "--filter", "label="+moby.OwnerLabel+"="+d.owner)
+	if ids := strings.Fields(out); len(ids) > 0 {
+		_, _ = run(d.t, nil, append([]string{"docker", "rm", "-f"}, ids...)...)
+	}
 }
 
 func newDevice(t *testing.T, s *site) *device {
-	d := &device{t: t, tcti: testutil.StartSWTPM(t), dir: t.TempDir(), site: s}
+	d := &device{t: t, tcti: testutil.StartSWTPM(t), dir: t.TempDir(), site: s, owner: "e2e-" + mobytest.ID()}
+	t.Cleanup(d.removeContainers)
 	d.configPath = filepath.Join(d.dir, "etc", "config.toml")
 	_ = os.MkdirAll(filepath.Dir(d.configPath), 0o755)
-	d.env = []string{"IOTEDGE_CONFIG=" + d.configPath, "IOTEDGE_HOST=unix://" + filepath.Join(d.dir, "run", "mgmt.sock"), "IOTEDGE_NO_SYSTEMD=1"}
+	d.env = []string{"IOTEDGE_CONFIG=" + d.configPath, "IOTEDGE_HOST=unix://" + filepath.Join(d.dir, "run", "mgmt.sock"), "IOTEDGE_NO_SYSTEMD=1",
+		"IOTEDGE_TPM_SOCKET=" + filepath.Join(d.dir, "tpmd.sock")}
 	return d
 }
 
@@ -44,9 +57,15 @@ func (d *device) startServices() {
 		}
 		return ""
 	})
-	d.daemon = start(t, "iotedged", nil, bin(t, "iotedged"), "--config", d.configPath,
+	d.startDaemon()
+}
+
+// startDaemon starts iotedged and waits for its management socket.
+func (d *device) startDaemon() {
+	t := d.t
+	d.daemon = start(t, "iotedged", nil, bin(t, "iotedged"), "--config", d.configPath, "--engine-owner", d.owner,
 		"--state-dir", filepath.Join(d.dir, "state"), "--run-dir", filepath.Join(d.dir, "run"),
-		"--tpm-socket", socket, "--hub-port", strconv.Itoa(d.site.mqtt))
+		"--tpm-socket", filepath.Join(d.dir, "tpmd.sock"), "--hub-port", strconv.Itoa(d.site.mqtt))
 	eventually(t, 10*time.Second, func() string {
 		if _, err := os.Stat(filepath.Join(d.dir, "run", "mgmt.sock")); err != nil {
 			return "iotedged has not created its management socket"

@@ -45,6 +45,9 @@ type Options struct {
 	Level     *slog.LevelVar
 	// HubPort overrides the hub's MQTT port (8883), for tests.
 	HubPort int
+	// EngineOwner labels the containers this daemon owns (default "agent");
+	// two runtimes sharing one engine need different owners.
+	EngineOwner string
 }
 
 // Daemon is the running runtime.
@@ -168,6 +171,9 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	engine, err := moby.New(cfg.MobyRuntime.URI)
 	if err != nil {
 		return fmt.Errorf("moby_runtime.uri: %w", err)
+	}
+	if d.opts.EngineOwner != "" {
+		engine.Owner = d.opts.EngineOwner
 	}
 	d.mu.Lock()
 	d.engine = engine
@@ -365,18 +371,17 @@ func (a *runner) run(ctx context.Context) error {
 		case <-retry:
 			retry = nil
 			c, err := a.connect(ctx, kick)
-			if errors.Is(err, hubdevice.ErrNotAuthorized) && a.cfg.Provisioning.Source == config.SourceDPS &&
-				a.cfg.AutoReprovisioningMode == config.Dynamic {
-				slog.Warn("the hub refused the device's identity: provisioning again", "deviceId", a.dev().DeviceID)
-				if err := a.reprovision(ctx); err != nil {
-					return err
-				}
-				retry = time.After(0)
-				continue
-			}
 			if err != nil {
-				slog.Warn("cannot reach the hub; modules keep running", "hub", a.dev().HubHostName, "error", err)
+				slog.Warn("cannot connect to the hub; modules keep running", "hub", a.dev().HubHostName, "error", err)
 				a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(err) })
+				if errors.Is(err, hubdevice.ErrNotAuthorized) && a.cfg.Provisioning.Source == config.SourceDPS &&
+					a.cfg.AutoReprovisioningMode == config.Dynamic {
+					// The device may have been disabled or moved to another hub.
+					slog.Warn("the hub refused the device's identity: provisioning again", "deviceId", a.dev().DeviceID)
+					if err := a.reprovision(ctx); err != nil {
+						return err
+					}
+				}
 				retry = time.After(backoff)
 				backoff = min(backoff*2, time.Minute)
 				continue
@@ -427,8 +432,10 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 		return
 	}
 	if err != nil {
+		// Report the error and keep running the last good deployment.
 		slog.Error("the deployment manifest is not valid", "error", err)
-		a.report(ctx, c, agent.Reported(nil, nil, nil, err))
+		rep := a.rec.Report(ctx, a.manifest, err)
+		a.report(ctx, c, rep)
 		return
 	}
 	a.manifest = m

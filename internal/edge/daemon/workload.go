@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -161,7 +162,9 @@ func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {
 	s.Env = env
 	opts := map[string]any{}
 	if len(s.CreateOptions) > 0 {
-		if err := json.Unmarshal(s.CreateOptions, &opts); err != nil {
+		dec := json.NewDecoder(bytes.NewReader(s.CreateOptions))
+		dec.UseNumber() // Memory, NanoCpus and the like must keep every digit
+		if err := dec.Decode(&opts); err != nil {
 			return fmt.Errorf("module %s createOptions: %w", s.Name, err)
 		}
 	}

@@ -185,7 +185,7 @@ func TestExitCodes(t *testing.T) {
 			t.Errorf("Cmd %s: %+v, want exit code %d", cmd, s, want)
 		}
 	}
-	// The engine env var route: MODBIN_EXIT from the deployment's env.
+	// The exit code can come from the deployment's env too (MODBIN_EXIT).
 	name := "exit-env-" + mobytest.ID()
 	if err := e.Create(ctx, moby.ModuleSpec{Name: name, Image: image, Env: map[string]string{"MODBIN_EXIT": "7"}}); err != nil {
 		t.Fatal(err)

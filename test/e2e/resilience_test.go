@@ -1,0 +1,206 @@
+package e2e
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/moby/mobytest"
+)
+
+// provisioned is a device enrolled, configured from the template and
+// connected; mode sets auto_reprovisioning_mode when not empty.
+func provisioned(t *testing.T, mode string) (*site, *device, string) {
+	requireTools(t)
+	s := startSite(t)
+	d := newDevice(t, s)
+	regID, ek := provisionInfo(t, d.tcti)
+	s.hatchery("enrollment", "create", "--attestation-type", "tpm", "--registration-id", regID,
+		"--endorsement-key", ek, "--device-id", "edge-1", "--edge-enabled", "--initial-twin-tags", `{"environment":"prod"}`)
+	d.startServices()
+	cfg := d.configFromTemplate(regID)
+	if mode != "" {
+		cfg = `auto_reprovisioning_mode = "` + mode + "\"\n" + cfg
+	}
+	d.writeConfig(cfg)
+	d.mustIotedge("config", "apply")
+	d.waitStatus("Hub:          connected")
+	return s, d, regID
+}
+
+func (d *device) waitStatus(want string) {
+	d.t.Helper()
+	eventually(d.t, 60*time.Second, func() string {
+		out, _ := d.iotedge("system", "status")
+		if !strings.Contains(out, want) {
+			return "system status lacks " + want + ":\n" + out
+		}
+		return ""
+	})
+}
+
+func (d *device) waitModule(words ...string) {
+	d.t.Helper()
+	eventually(d.t, 60*time.Second, func() string {
+		out, _ := d.iotedge("list")
+		if len(grep(out, words...)) == 0 {
+			return "iotedge list has no line with " + strings.Join(words, ", ") + ":\n" + out
+		}
+		return ""
+	})
+}
+
+func deploy(t *testing.T, s *site, id string, priority string, modules map[string]any) {
+	manifest := filepath.Join(t.TempDir(), id+".json")
+	writeManifest(t, manifest, modules)
+	s.hatchery("deployment", "create", "--deployment-id", id, "--content", manifest,
+		"--target-condition", "tags.environment='prod'", "--priority", priority)
+}
+
+// Disabled in the hub, the device is cut off, provisions again, keeps its
+// modules running, and comes back when enabled.
+func TestReprovisionAfterDisable(t *testing.T) {
+	image := mobytest.New(t).Image("")
+	s, d, _ := provisioned(t, "")
+	deploy(t, s, "base", "10", map[string]any{"sensor": module(image, "always")})
+	d.waitModule("sensor", "running")
+
+	s.hatchery("device", "disable", "--device-id", "edge-1")
+	d.waitStatus("not authorized")
+	eventually(t, 30*time.Second, func() string {
+		out, _ := d.iotedge("system", "logs")
+		if !strings.Contains(out, "provisioning again") {
+			return "system logs do not show the reprovisioning:\n" + out
+		}
+		return ""
+	})
+	d.waitModule("sensor", "running") // what ran keeps running
+
+	s.hatchery("device", "enable", "--device-id", "edge-1")
+	d.waitStatus("Hub:          connected")
+	d.waitModule("sensor", "running")
+}
+
+// With DPS and the hub down at a restart, the device starts from its
+// identity backup and runs its last deployment; it reconnects when they
+// come back.
+func TestStartsFromBackupWhenDPSIsDown(t *testing.T) {
+	image := mobytest.New(t).Image("")
+	s, d, _ := provisioned(t, "AlwaysOnStartup")
+	deploy(t, s, "base", "10", map[string]any{"sensor": module(image, "always")})
+	d.waitModule("sensor", "running")
+
+	s.proc.stop()
+	d.daemon.stop()
+	_ = os.Remove(filepath.Join(d.dir, "run", "mgmt.sock"))
+	d.startDaemon()
+	d.waitStatus("from the identity backup")
+	d.waitModule("sensor", "running")
+
+	s.start()
+	d.waitStatus("Hub:          connected")
+}
+
+// A crashing module restarts with backoff; a module left out of the
+// deployment is removed.
+func TestModuleRestartAndRemoval(t *testing.T) {
+	image := mobytest.New(t).Image("")
+	s, d, _ := provisioned(t, "")
+	deploy(t, s, "base", "10", map[string]any{
+		"steady":  module(image, "always"),
+		"crasher": module(image, "on-failure", "-exit", "3", "-after", "200ms"),
+	})
+	d.waitModule("steady", "running")
+	eventually(t, 60*time.Second, func() string {
+		out := s.hatchery("twin", "show", "--device-id", "edge-1", "--module-id", "$edgeAgent")
+		var tw struct {
+			Properties struct {
+				Reported struct {
+					Modules map[string]struct {
+						RestartCount int `json:"restartCount"`
+						ExitCode     int `json:"exitCode"`
+					} `json:"modules"`
+				} `json:"reported"`
+			} `json:"properties"`
+		}
+		_ = json.Unmarshal([]byte(out), &tw)
+		if m := tw.Properties.Reported.Modules["crasher"]; m.RestartCount < 1 || m.ExitCode != 3 {
+			return "crasher has not been restarted after exiting with 3"
+		}
+		return ""
+	})
+	deploy(t, s, "without-crasher", "20", map[string]any{"steady": module(image, "always")})
+	eventually(t, 60*time.Second, func() string {
+		out, _ := d.iotedge("list")
+		if strings.Contains(out, "crasher") {
+			return "crasher is still listed:\n" + out
+		}
+		if out, _ := run(t, nil, "docker", "ps", "-a", "--filter", "name=^crasher$", "--format", "{{.Names}}"); strings.TrimSpace(out) != "" {
+			return "the crasher container still exists"
+		}
+		return ""
+	})
+}
+
+// A 1.1 config.yaml, imported, provisions the same way.
+func TestLegacyConfigImport(t *testing.T) {
+	requireTools(t)
+	s := startSite(t)
+	d := newDevice(t, s)
+	regID, ek := provisionInfo(t, d.tcti)
+	s.hatchery("enrollment", "create", "--attestation-type", "tpm", "--registration-id", regID,
+		"--endorsement-key", ek, "--device-id", "legacy-1", "--edge-enabled")
+	yaml := filepath.Join(d.dir, "config.yaml")
+	if err := os.WriteFile(yaml, []byte(`provisioning:
+  source: "dps"
+  global_endpoint: "`+s.Endpoint+`"
+  scope_id: "`+s.IDScope+`"
+  attestation:
+    method: "tpm"
+    registration_id: "`+regID+`"
+  always_reprovision_on_startup: true
+  dynamic_reprovisioning: false
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d.mustIotedge("config", "import", "-i", yaml, "-o", d.configPath)
+	if out, err := d.iotedge("config", "import", "-i", yaml, "-o", d.configPath); err == nil || !strings.Contains(out, "--force") {
+		t.Fatalf("import over an existing config.toml: %v\n%s", err, out)
+	}
+	imported, _ := os.ReadFile(d.configPath)
+	if !strings.Contains(string(imported), `auto_reprovisioning_mode = "AlwaysOnStartup"`) {
+		t.Fatalf("imported config:\n%s", imported)
+	}
+	// What 1.1 did not have: the CA to trust and the TPM to use.
+	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + "\"\n" + string(imported) + "\n[tpm]\ntcti = \"" + d.tcti + "\"\n")
+	d.startServices()
+	d.mustIotedge("config", "apply")
+	d.waitStatus("legacy-1 on hub localhost")
+}
+
+// Mistakes get clear messages, and the runtime keeps what runs.
+func TestBadInputKeepsTheRuntime(t *testing.T) {
+	_, d, _ := provisioned(t, "")
+	good, _ := os.ReadFile(d.configPath)
+	d.writeConfig(strings.Replace(string(good), "\nmethod = \"tpm\"", "\nmethod = tpm", 1))
+	out, err := d.iotedge("config", "apply")
+	if err == nil || !strings.Contains(out, `must be quoted: method = "tpm"`) {
+		t.Fatalf("apply of an unquoted enum: %v\n%s", err, out)
+	}
+	d.writeConfig("[provisioning]\nsource = \"dps\"\nscope_id = \"x\"\n")
+	if out, err := d.iotedge("config", "apply"); err == nil || !strings.Contains(out, "id_scope") {
+		t.Fatalf("apply with scope_id: %v\n%s", err, out)
+	}
+	d.waitStatus("Hub:          connected") // the daemon kept its configuration
+	d.writeConfig(string(good))
+
+	// The TPM service gone: check says so.
+	d.tpmd.stop()
+	out, err = d.iotedge("check")
+	if err == nil || !strings.Contains(out, "aziot-tpmd is not running") {
+		t.Fatalf("check without the TPM service: %v\n%s", err, out)
+	}
+}
