@@ -382,13 +382,11 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			return err
 		}
 	}
+	if err := s.ensureModules(ctx, dev.Device, desired); err != nil {
+		return err
+	}
 	for _, mod := range slices.Sorted(maps.Keys(desired)) {
 		m := Ref{Device: dev.Device, Module: mod}
-		if _, err := s.GetIdentity(ctx, m); azerr.As(err).Status() == 404 {
-			if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
-				return err
-			}
-		}
 		cur, _, err := s.load(ctx, m)
 		if err != nil {
 			return err
@@ -397,6 +395,26 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			continue
 		}
 		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// ensureModules gives an edge device an identity for each module its
+// deployment names — those with module twin content and those the
+// $edgeAgent manifest runs — as the hosted runtime creates them.
+func (s *Service) ensureModules(ctx context.Context, device string, desired map[string]map[string]any) error {
+	names := slices.Collect(maps.Keys(desired))
+	if mods, ok := desired["$edgeAgent"]["modules"].(map[string]any); ok {
+		names = append(names, slices.Collect(maps.Keys(mods))...)
+	}
+	for _, mod := range names {
+		m := Ref{Device: device, Module: mod}
+		if _, err := s.GetIdentity(ctx, m); azerr.As(err).Status() != 404 {
+			continue
+		}
+		if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
 			return err
 		}
 	}
@@ -552,16 +570,19 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 	if !rec.Device.Capabilities.IoTEdge {
 		return azerr.BadRequest("device %q is not an IoT Edge device: create it with capabilities.iotEdge = true", device)
 	}
-	for _, mod := range slices.Sorted(maps.Keys(c.ModulesContent)) {
-		var desired map[string]any
-		if err := json.Unmarshal(c.ModulesContent[mod]["properties.desired"], &desired); err != nil {
+	desired := map[string]map[string]any{}
+	for mod, entries := range c.ModulesContent {
+		var d map[string]any
+		if err := json.Unmarshal(entries["properties.desired"], &d); err != nil {
 			return azerr.BadRequest("modulesContent.%s.properties.desired: %v", mod, err)
 		}
-		m := Ref{Device: device, Module: mod}
-		if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
-			return err
-		}
-		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired}}, true); err != nil {
+		desired[mod] = d
+	}
+	if err := s.ensureModules(ctx, device, desired); err != nil {
+		return err
+	}
+	for _, mod := range slices.Sorted(maps.Keys(desired)) {
+		if _, err := s.UpdateTwin(ctx, Ref{Device: device, Module: mod}, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
 			return err
 		}
 	}

@@ -19,7 +19,8 @@ type SQLite struct {
 	db *sql.DB
 	// Statements are prepared once: parsing SQL costs more than running it.
 	get, insert, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
-	events                                                                  eventQueue
+
+	events eventQueue // appends waiting for the group commit
 }
 
 const schema = `
@@ -194,7 +195,11 @@ func (s *SQLite) AppendEvent(ctx context.Context, e Event) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	p := &pendingEvent{ctx: ctx, args: []any{e.DeviceID, e.ModuleID, string(props), e.Body, e.Enqueued.UnixMilli()}, done: make(chan struct{})}
+	body := e.Body
+	if body == nil {
+		body = []byte{} // an empty message; the column is NOT NULL
+	}
+	p := &pendingEvent{ctx: ctx, args: []any{e.DeviceID, e.ModuleID, string(props), body, e.Enqueued.UnixMilli()}, done: make(chan struct{})}
 	if err := s.events.add(p, s.writeEvents); err != nil {
 		return 0, err
 	}
@@ -295,15 +300,17 @@ func (s *SQLite) writeEvents(batch []*pendingEvent) {
 	err := s.insertEvents(live)
 	if err != nil && len(live) > 1 {
 		for _, p := range live {
-			if err := s.insertEvents([]*pendingEvent{p}); err != nil {
-				p.err = err
-			}
-			close(p.done)
+			p.err = s.insertEvents([]*pendingEvent{p})
 		}
-		return
+	} else {
+		for _, p := range live {
+			p.err = err
+		}
 	}
 	for _, p := range live {
-		p.err = err
+		if p.err != nil {
+			p.seq = 0
+		}
 		close(p.done)
 	}
 }
@@ -315,7 +322,7 @@ func (s *SQLite) insertEvents(ps []*pendingEvent) error {
 	if err != nil {
 		return err
 	}
-	defer tx.Rollback() //nolint:errcheck // a no-op after Commit
+	defer tx.Rollback() // a no-op after Commit
 	stmt := tx.StmtContext(ctx, s.appendEvent)
 	for _, p := range ps {
 		res, err := stmt.ExecContext(ctx, p.args...)

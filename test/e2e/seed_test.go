@@ -1,14 +1,24 @@
 package e2e
 
 import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
 	"encoding/json"
+	"net"
+	"net/http"
+	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/moby/mobytest"
+	"github.com/hatchery/hatchery/internal/hubdevice"
 )
 
 // TestSeedFlow is the seed documents' walkthrough with Hatchery in place
@@ -117,6 +127,70 @@ func writeManifest(t *testing.T, path string, modules map[string]any) {
 	}}
 	b, _ := json.MarshalIndent(m, "", "  ")
 	if err := os.WriteFile(path, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Modules get the environment the Azure IoT SDKs read, and a workload
+// socket of their own that signs tokens for their identity only; the hub
+// accepts those tokens.
+func TestModuleIdentityThroughWorkloadAPI(t *testing.T) {
+	image := mobytest.New(t).Image("")
+	s, d, _ := provisioned(t, "")
+	deploy(t, s, "base", "10", map[string]any{
+		"reader": module(image, "always", "-env", "IOTEDGE_DEVICEID,IOTEDGE_MODULEID,IOTEDGE_IOTHUBHOSTNAME,IOTEDGE_WORKLOADURI,IOTEDGE_AUTHSCHEME"),
+	})
+	d.waitModule("reader", "running")
+	out := d.mustIotedge("logs", "reader")
+	for _, want := range []string{"IOTEDGE_DEVICEID=edge-1", "IOTEDGE_MODULEID=reader", "IOTEDGE_IOTHUBHOSTNAME=localhost",
+		"IOTEDGE_WORKLOADURI=unix:///var/run/iotedge/workload.sock", "IOTEDGE_AUTHSCHEME=sasToken"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("module environment lacks %s:\n%s", want, out)
+		}
+	}
+
+	// What ModuleClient.fromEnvironment does: sign "{resource}\n{expiry}"
+	// through the workload socket, then connect as the module.
+	socket := filepath.Join(d.dir, "run", "workload", "reader", "workload.sock")
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	}}}
+	sign := func(module, resource string) (int, string) {
+		se := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+		sr := url.QueryEscape(resource)
+		body, _ := json.Marshal(map[string]string{"keyId": "primary", "algo": "HMACSHA256", "data": base64.StdEncoding.EncodeToString([]byte(sr + "\n" + se))})
+		resp, err := client.Post("http://workload/modules/"+module+"/genid/1/sign?api-version=2019-01-30", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		var r struct{ Digest string }
+		_ = json.NewDecoder(resp.Body).Decode(&r)
+		return resp.StatusCode, "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(r.Digest) + "&se=" + se
+	}
+	if st, _ := sign("reader", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
+		t.Fatalf("signing another module's token: HTTP %d", st)
+	}
+	if st, _ := sign("other", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
+		t.Fatalf("asking the reader's socket for another module: HTTP %d", st)
+	}
+	st, token := sign("reader", "localhost/devices/edge-1/modules/reader")
+	if st != http.StatusOK {
+		t.Fatalf("signing the module's own token: HTTP %d", st)
+	}
+	ca, _ := os.ReadFile(s.CA)
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(ca)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: "localhost", Port: s.mqtt, DeviceID: "edge-1", ModuleID: "reader",
+		TLS:  &tls.Config{RootCAs: roots},
+		Sign: func(string, time.Time) (string, error) { return token, nil }})
+	if err != nil {
+		t.Fatalf("the hub refused the module's token: %v", err)
+	}
+	defer c.Close()
+	if err := c.SendEvent(ctx, []byte(`{"from":"reader"}`), nil); err != nil {
 		t.Fatal(err)
 	}
 }
