@@ -16,7 +16,7 @@ import (
 // device is an edge device: a TPM (swtpm), aziot-tpmd and iotedged, run
 // without systemd, with the CLI pointed at them.
 type device struct {
-	t          *testing.T
+	t          testing.TB
 	tcti       string
 	dir        string
 	configPath string
@@ -35,7 +35,7 @@ func (d *device) removeContainers() {
 	}
 }
 
-func newDevice(t *testing.T, s *site) *device {
+func newDevice(t testing.TB, s *site) *device {
 	d := &device{t: t, tcti: testutil.StartSWTPM(t), dir: t.TempDir(), site: s, owner: "e2e-" + mobytest.ID()}
 	t.Cleanup(d.removeContainers)
 	d.configPath = filepath.Join(d.dir, "etc", "config.toml")

@@ -31,7 +31,7 @@ var (
 )
 
 // bin builds the project's commands once per test run.
-func bin(t *testing.T, name string) string {
+func bin(t testing.TB, name string) string {
 	t.Helper()
 	binOnce.Do(func() {
 		binDir, binErr = os.MkdirTemp("", "hatchery-e2e-bin-")
@@ -77,7 +77,7 @@ func (s *syncBuffer) String() string {
 }
 
 // start runs a command in the background until the test ends.
-func start(t *testing.T, name string, env []string, args ...string) *proc {
+func start(t testing.TB, name string, env []string, args ...string) *proc {
 	t.Helper()
 	p := &proc{name: name, out: &syncBuffer{}}
 	p.cmd = exec.Command(args[0], args[1:]...)
@@ -111,7 +111,7 @@ func (p *proc) stop() {
 }
 
 // run runs a command to completion.
-func run(t *testing.T, env []string, args ...string) (string, error) {
+func run(t testing.TB, env []string, args ...string) (string, error) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
@@ -121,7 +121,7 @@ func run(t *testing.T, env []string, args ...string) (string, error) {
 	return string(out), err
 }
 
-func must(t *testing.T, env []string, args ...string) string {
+func must(t testing.TB, env []string, args ...string) string {
 	t.Helper()
 	out, err := run(t, env, args...)
 	if err != nil {
@@ -132,7 +132,7 @@ func must(t *testing.T, env []string, args ...string) string {
 
 // eventually polls f until it returns "" (done) or the time is up; f
 // returns what it is still waiting for.
-func eventually(t *testing.T, timeout time.Duration, f func() string) {
+func eventually(t testing.TB, timeout time.Duration, f func() string) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
@@ -147,7 +147,7 @@ func eventually(t *testing.T, timeout time.Duration, f func() string) {
 	}
 }
 
-func freePort(t *testing.T) int {
+func freePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -158,7 +158,7 @@ func freePort(t *testing.T) int {
 
 // site is a running `hatchery serve`.
 type site struct {
-	t        *testing.T
+	t        testing.TB
 	dataDir  string
 	https    int
 	mqtt     int
@@ -168,7 +168,7 @@ type site struct {
 	CA       string `json:"caCertificate"`
 }
 
-func startSite(t *testing.T) *site {
+func startSite(t testing.TB) *site {
 	s := &site{t: t, dataDir: t.TempDir(), https: freePort(t), mqtt: freePort(t)}
 	s.start()
 	if err := json.Unmarshal([]byte(s.hatchery("info", "--output", "json")), s); err != nil {
@@ -196,7 +196,7 @@ func (s *site) hatchery(args ...string) string {
 }
 
 // requireTools fails (CI) or skips when a real part is missing.
-func requireTools(t *testing.T) {
+func requireTools(t testing.TB) {
 	testutil.Require(t, "swtpm", "swtpm")
 	testutil.Require(t, "tpm2_createek", "tpm2-tools")
 	testutil.Require(t, "dockerd", "docker.io")
@@ -210,7 +210,7 @@ func requireTools(t *testing.T) {
 
 // provisionInfo runs the seed documents' script through tpm2-tools and
 // reads what it prints.
-func provisionInfo(t *testing.T, tcti string) (regID, ek string) {
+func provisionInfo(t testing.TB, tcti string) (regID, ek string) {
 	script := filepath.Join(testutil.SeedsDir(t), "tpm-provision-info.sh")
 	cmd := exec.Command("sh", script)
 	cmd.Dir = t.TempDir()

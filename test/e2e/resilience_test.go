@@ -13,7 +13,7 @@ import (
 
 // provisioned is a device enrolled, configured from the template and
 // connected; mode sets auto_reprovisioning_mode when not empty.
-func provisioned(t *testing.T, mode string) (*site, *device, string) {
+func provisioned(t testing.TB, mode string) (*site, *device, string) {
 	requireTools(t)
 	s := startSite(t)
 	d := newDevice(t, s)
@@ -53,7 +53,7 @@ func (d *device) waitModule(words ...string) {
 	})
 }
 
-func deploy(t *testing.T, s *site, id string, priority string, modules map[string]any) {
+func deploy(t testing.TB, s *site, id string, priority string, modules map[string]any) {
 	manifest := filepath.Join(t.TempDir(), id+".json")
 	writeManifest(t, manifest, modules)
 	s.hatchery("deployment", "create", "--deployment-id", id, "--content", manifest,

@@ -110,7 +110,7 @@ func module(image, restartPolicy string, args ...string) map[string]any {
 		"settings": map[string]any{"image": image, "createOptions": string(opts)}}
 }
 
-func writeManifest(t *testing.T, path string, modules map[string]any) {
+func writeManifest(t testing.TB, path string, modules map[string]any) {
 	m := map[string]any{"modulesContent": map[string]any{
 		"$edgeAgent": map[string]any{"properties.desired": map[string]any{
 			"schemaVersion": "1.1",
