@@ -204,3 +204,58 @@ func TestBadInputKeepsTheRuntime(t *testing.T) {
 		t.Fatalf("check without the TPM service: %v\n%s", err, out)
 	}
 }
+
+// Symmetric-key attestation through DPS, and manual provisioning with a
+// device connection string (`iotedge config mp`), bring devices up too.
+func TestSymmetricKeyAndManualProvisioning(t *testing.T) {
+	requireTools(t)
+	s := startSite(t)
+	out := s.hatchery("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "sym-1",
+		"--edge-enabled", "--output", "json")
+	var e struct {
+		Attestation struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"attestation"`
+	}
+	if err := json.Unmarshal([]byte(out), &e); err != nil {
+		t.Fatal(err)
+	}
+	d := newDevice(t, s)
+	d.startServices()
+	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + `"
+
+[provisioning]
+source = "dps"
+global_endpoint = "` + s.Endpoint + `"
+id_scope = "` + s.IDScope + `"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "sym-1"
+symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }
+`)
+	d.mustIotedge("config", "apply")
+	d.waitStatus("sym-1 on hub localhost, provisioned by dps/sas")
+	d.waitStatus("Hub:          connected")
+
+	// Manual: a device created in the hub, its connection string.
+	out = s.hatchery("device", "create", "--device-id", "manual-1", "--edge-enabled", "--output", "json")
+	var dev struct {
+		Authentication struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"authentication"`
+	}
+	if err := json.Unmarshal([]byte(out), &dev); err != nil {
+		t.Fatal(err)
+	}
+	cs := "HostName=localhost;DeviceId=manual-1;SharedAccessKey=" + dev.Authentication.SymmetricKey.PrimaryKey
+	if err := os.Remove(d.configPath); err != nil {
+		t.Fatal(err)
+	}
+	d.mustIotedge("config", "mp", "-c", cs, "-o", d.configPath)
+	mp, _ := os.ReadFile(d.configPath)
+	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + "\"\n" + string(mp))
+	d.mustIotedge("config", "apply")
+	d.waitStatus("manual-1 on hub localhost, provisioned by manual/sas")
+	d.waitStatus("Hub:          connected")
+}
