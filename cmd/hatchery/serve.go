@@ -135,7 +135,11 @@ func serve(ctx context.Context, dir, host, listen string, port, mqttPort int, ce
 	if err != nil {
 		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
 	}
-	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), tlsConfig)
+	// Devices with X.509 identities present client certificates; the hub,
+	// not the TLS layer, decides whether they are trusted.
+	mqttTLS := tlsConfig.Clone()
+	mqttTLS.ClientAuth = tls.RequestClientCert
+	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), mqttTLS)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", mqttPort, err)

@@ -237,7 +237,19 @@ func normalizeIdentity(d *Device, module bool) error {
 				return azerr.BadRequest("authentication.symmetricKey.%s must be a base64 key of 16 to 64 bytes", name)
 			}
 		}
-	case "selfSigned", "certificateAuthority", "none":
+	case "selfSigned":
+		for name, tp := range map[string]*string{"primaryThumbprint": a.X509Thumbprint.PrimaryThumbprint, "secondaryThumbprint": a.X509Thumbprint.SecondaryThumbprint} {
+			if tp == nil || *tp == "" {
+				if name == "primaryThumbprint" {
+					return azerr.BadRequest("authentication.x509Thumbprint.primaryThumbprint is required for a selfSigned device: the SHA-1 or SHA-256 of its certificate, in hex")
+				}
+				continue
+			}
+			if h := strings.ReplaceAll(*tp, ":", ""); (len(h) != 40 && len(h) != 64) || strings.Trim(strings.ToLower(h), "0123456789abcdef") != "" {
+				return azerr.BadRequest("authentication.x509Thumbprint.%s %q is not a SHA-1 or SHA-256 thumbprint in hex", name, *tp)
+			}
+		}
+	case "certificateAuthority", "none":
 	default:
 		return azerr.BadRequest("authentication.type %q is not valid: use sas, selfSigned, certificateAuthority or none", a.Type)
 	}

@@ -40,7 +40,8 @@ type Options struct {
 	TLS       *tls.Config
 	KeepAlive time.Duration // default 60 s
 	// Sign returns a SAS token for audience, valid until expiry; for a TPM
-	// device it signs inside the TPM.
+	// device it signs inside the TPM. Nil for a device that authenticates
+	// with the client certificate in TLS.
 	Sign          func(audience string, expiry time.Time) (string, error)
 	TokenLifetime time.Duration // default 1 h
 }
@@ -90,9 +91,12 @@ func Dial(ctx context.Context, o Options) (*Client, error) {
 	if o.ModuleID != "" {
 		aud += "/modules/" + o.ModuleID
 	}
-	token, err := o.Sign(aud, time.Now().Add(o.TokenLifetime))
-	if err != nil {
-		return nil, fmt.Errorf("signing the hub token: %w", err)
+	var token string
+	if o.Sign != nil {
+		var err error
+		if token, err = o.Sign(aud, time.Now().Add(o.TokenLifetime)); err != nil {
+			return nil, fmt.Errorf("signing the hub token: %w", err)
+		}
 	}
 	tlsConf := o.TLS.Clone()
 	if tlsConf == nil {
@@ -114,7 +118,7 @@ func Dial(ctx context.Context, o Options) (*Client, error) {
 		twin: map[string]chan response{}, subs: map[string]func(*mqtt.Publish){}, done: make(chan struct{})}
 	connect := &mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: uint16(o.KeepAlive / time.Second),
 		ClientID: o.clientID(), HasUsername: true, Username: o.Host + "/" + o.clientID() + "/?api-version=" + APIVersion,
-		HasPassword: true, Password: []byte(token)}
+		HasPassword: token != "", Password: []byte(token)}
 	if dl, ok := ctx.Deadline(); ok {
 		_ = conn.SetDeadline(dl)
 	} else {

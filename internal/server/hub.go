@@ -193,6 +193,9 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service("POST /devices/query", a.queryTwins)
 	service("POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service("GET /events", a.events)
+	service("PUT /certificates/{name}", a.putCertificate)
+	service("GET /certificates/{name}", a.getCertificate)
+	service("DELETE /certificates/{name}", a.deleteCertificate)
 }
 
 func (a *api) putConfiguration(w http.ResponseWriter, r *http.Request) error {
@@ -369,4 +372,34 @@ func eventJSON(e store.Event) map[string]any {
 		m["bodyBase64"] = e.Body
 	}
 	return m
+}
+
+func (a *api) putCertificate(w http.ResponseWriter, r *http.Request) error {
+	var c hub.Certificate
+	if err := readJSON(r, &c); err != nil {
+		return err
+	}
+	out, err := a.hub.PutCertificate(r.Context(), r.PathValue("name"), &c)
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, out)
+	return nil
+}
+
+func (a *api) getCertificate(w http.ResponseWriter, r *http.Request) error {
+	c, err := a.hub.GetCertificate(r.Context(), r.PathValue("name"))
+	if err != nil {
+		return err
+	}
+	writeJSON(w, http.StatusOK, c)
+	return nil
+}
+
+func (a *api) deleteCertificate(w http.ResponseWriter, r *http.Request) error {
+	if err := a.hub.DeleteCertificate(r.Context(), r.PathValue("name")); err != nil {
+		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
 }

@@ -81,7 +81,13 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := d.hub.AuthenticateDevice(ctx, r, string(p.Password)); err != nil {
+	var err error
+	if len(p.Password) == 0 && c.TLS() != nil {
+		err = d.hub.AuthenticateX509(ctx, r, c.TLS().PeerCertificates)
+	} else {
+		err = d.hub.AuthenticateDevice(ctx, r, string(p.Password))
+	}
+	if err != nil {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		return mqtt.RefusedNotAuthorized
 	}

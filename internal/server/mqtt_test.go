@@ -2,15 +2,25 @@ package server
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
+	"math/big"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/mqtt"
@@ -20,7 +30,9 @@ import (
 // startMQTT serves the hub's device endpoint on loopback.
 func (e *env) startMQTT() string {
 	e.t.Helper()
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", e.ts.TLS)
+	conf := e.ts.TLS.Clone()
+	conf.ClientAuth = tls.RequestClientCert
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", conf)
 	if err != nil {
 		e.t.Fatal(err)
 	}
@@ -225,4 +237,88 @@ func TestMQTTDisableDisconnects(t *testing.T) {
 		t.Fatal(err)
 	}
 	within(t, c.Done(), "disconnect of the disabled device")
+}
+
+// newCert makes a certificate for cn signed by parent (self-signed when nil).
+func newCert(t *testing.T, cn string, isCA bool, parent *tls.Certificate) tls.Certificate {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
+	if isCA {
+		tmpl.IsCA, tmpl.BasicConstraintsValid, tmpl.KeyUsage = true, true, x509.KeyUsageCertSign
+	}
+	signer, signerKey := tmpl, any(key)
+	if parent != nil {
+		signer, signerKey = parent.Leaf, parent.PrivateKey
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, _ := x509.ParseCertificate(der)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
+}
+
+func (e *env) dialCert(addr, device string, cert tls.Certificate) (*hubdevice.Client, error) {
+	conf := e.tls.Clone()
+	conf.ServerName = "example.com"
+	conf.Certificates = []tls.Certificate{cert}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: device, TLS: conf})
+}
+
+// X.509 devices: by registered thumbprint, or by a chain to a verified CA.
+func TestMQTTX509Devices(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+
+	self := newCert(t, "self-1", false, nil)
+	sum := sha256.Sum256(self.Leaf.Raw)
+	tp := hex.EncodeToString(sum[:])
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/self-1", "", map[string]any{"authentication": map[string]any{
+		"type": "selfSigned", "x509Thumbprint": map[string]any{"primaryThumbprint": strings.ToUpper(tp)}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c, err := e.dialCert(addr, "self-1", self)
+	if err != nil {
+		t.Fatalf("self-signed device: %v", err)
+	}
+	c.Close()
+	if _, err := e.dialCert(addr, "self-1", newCert(t, "self-1", false, nil)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("another certificate with the same CN: %v", err)
+	}
+
+	ca := newCert(t, "Fleet CA", true, nil)
+	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Leaf.Raw})
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/ca-1", "", map[string]any{"authentication": map[string]any{"type": "certificateAuthority"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	devCert := newCert(t, "ca-1", false, &ca)
+	// Until the CA is uploaded and verified, the device is refused.
+	if _, err := e.dialCert(addr, "ca-1", devCert); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("CA not yet trusted: %v", err)
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/certificates/fleet", "", map[string]any{"properties": map[string]any{"certificate": string(caPEM), "isVerified": true}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	c, err = e.dialCert(addr, "ca-1", devCert)
+	if err != nil {
+		t.Fatalf("CA-signed device: %v", err)
+	}
+	c.Close()
+	// A certificate from the CA for another CN does not pass as ca-1.
+	if _, err := e.dialCert(addr, "ca-1", newCert(t, "someone-else", false, &ca)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+		t.Fatalf("wrong CN: %v", err)
+	}
+	// Bad input to the registry.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/bad-tp", "", map[string]any{"authentication": map[string]any{
+		"type": "selfSigned", "x509Thumbprint": map[string]any{"primaryThumbprint": "xyz"}}}, nil); azerr.As(err).Status() != 400 {
+		t.Fatalf("bad thumbprint: %v", err)
+	}
+	leafPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: self.Leaf.Raw})
+	if err := e.hubAPI.Do(ctx, "PUT", "/certificates/leaf", "", map[string]any{"properties": map[string]any{"certificate": string(leafPEM)}}, nil); azerr.As(err).Status() != 400 {
+		t.Fatalf("a leaf as CA: %v", err)
+	}
 }

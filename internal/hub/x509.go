@@ -1,0 +1,187 @@
+package hub
+
+import (
+	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"encoding/pem"
+	"errors"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+const kindCertificate = "hub.certificate"
+
+// Certificate is a CA certificate devices' certificates may chain to, in
+// the shape of IoT Hub's certificate descriptions.
+type Certificate struct {
+	Name       string                `json:"name"`
+	ETag       string                `json:"etag"`
+	Properties CertificateProperties `json:"properties"`
+}
+
+// CertificateProperties describe the certificate; only verified ones
+// (proof of possession done, or vouched for by the operator) authenticate devices.
+type CertificateProperties struct {
+	Subject     string    `json:"subject"`
+	Expiry      time.Time `json:"expiry"`
+	Thumbprint  string    `json:"thumbprint"`
+	IsVerified  bool      `json:"isVerified"`
+	Created     time.Time `json:"created"`
+	Updated     time.Time `json:"updated"`
+	Certificate string    `json:"certificate"` // PEM
+}
+
+// parseCertificate reads a PEM or base64 DER certificate.
+func parseCertificate(s string) (*x509.Certificate, error) {
+	der := []byte(nil)
+	if b, _ := pem.Decode([]byte(s)); b != nil {
+		der = b.Bytes
+	} else if raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s)); err == nil {
+		der = raw
+	}
+	if der == nil {
+		return nil, errors.New("not a PEM or base64 DER certificate")
+	}
+	return x509.ParseCertificate(der)
+}
+
+// PutCertificate stores a CA certificate.
+func (s *Service) PutCertificate(ctx context.Context, name string, c *Certificate) (*Certificate, error) {
+	if !idPattern.MatchString(name) {
+		return nil, azerr.BadRequest("certificate name %q is not valid: use 1 to 128 letters, digits or -._", name)
+	}
+	cert, err := parseCertificate(c.Properties.Certificate)
+	if err != nil {
+		return nil, azerr.BadRequest("properties.certificate: %v", err)
+	}
+	if !cert.IsCA {
+		return nil, azerr.BadRequest("properties.certificate is not a CA certificate (basicConstraints CA:TRUE): devices' certificates must chain to a CA")
+	}
+	now := s.Now().UTC()
+	sum := sha1.Sum(cert.Raw)
+	out := &Certificate{Name: name, ETag: newETag(), Properties: CertificateProperties{
+		Subject: cert.Subject.String(), Expiry: cert.NotAfter, Thumbprint: strings.ToUpper(hex.EncodeToString(sum[:])),
+		IsVerified: c.Properties.IsVerified, Created: now, Updated: now,
+		Certificate: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})),
+	}}
+	body, _ := json.Marshal(out)
+	if _, err := s.store.Put(ctx, store.Doc{Kind: kindCertificate, ID: name, Body: body}, ""); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// GetCertificate returns a stored CA certificate.
+func (s *Service) GetCertificate(ctx context.Context, name string) (*Certificate, error) {
+	d, err := s.store.Get(ctx, kindCertificate, name)
+	if errors.Is(err, store.ErrNotFound) {
+		return nil, azerr.NotFound("CertificateNotFound", "no certificate %q", name)
+	}
+	if err != nil {
+		return nil, err
+	}
+	c := &Certificate{}
+	return c, json.Unmarshal(d.Body, c)
+}
+
+// DeleteCertificate removes a CA certificate.
+func (s *Service) DeleteCertificate(ctx context.Context, name string) error {
+	if err := s.store.Delete(ctx, kindCertificate, name, ""); errors.Is(err, store.ErrNotFound) {
+		return azerr.NotFound("CertificateNotFound", "no certificate %q", name)
+	} else {
+		return err
+	}
+}
+
+// verifiedCAs is the pool of verified CA certificates.
+func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
+	docs, err := s.store.List(ctx, kindCertificate, "", 1000)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, d := range docs {
+		c := &Certificate{}
+		if json.Unmarshal(d.Body, c) == nil && c.Properties.IsVerified {
+			pool.AppendCertsFromPEM([]byte(c.Properties.Certificate))
+		}
+	}
+	return pool, nil
+}
+
+// thumbprints returns the SHA-1 and SHA-256 thumbprints of a certificate,
+// hex, as IoT Hub compares them (case-insensitively).
+func thumbprints(c *x509.Certificate) []string {
+	s1, s256 := sha1.Sum(c.Raw), sha256.Sum256(c.Raw)
+	return []string{hex.EncodeToString(s1[:]), hex.EncodeToString(s256[:])}
+}
+
+// AuthenticateX509 checks a device's TLS client certificate chain: a
+// selfSigned device by its registered thumbprints, a certificateAuthority
+// device by a chain to a verified CA with the device ID as subject CN.
+func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Certificate) error {
+	if len(chain) == 0 {
+		return azerr.Unauthorized("no client certificate and no SAS token")
+	}
+	dev, _, err := s.load(ctx, Ref{Device: r.Device})
+	if err != nil {
+		if azerr.As(err).Status() == 404 {
+			return azerr.Unauthorized("device %q is not registered in this hub", r.Device)
+		}
+		return err
+	}
+	id := dev
+	if r.Module != "" {
+		if id, _, err = s.load(ctx, r); err != nil {
+			return azerr.Unauthorized("module %s is not registered in this hub", r)
+		}
+	}
+	leaf := chain[0]
+	now := s.Now()
+	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+		return azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
+	}
+	auth := id.Device.Authentication
+	switch auth.Type {
+	case "selfSigned":
+		ok := false
+		for _, want := range []*string{auth.X509Thumbprint.PrimaryThumbprint, auth.X509Thumbprint.SecondaryThumbprint} {
+			for _, got := range thumbprints(leaf) {
+				ok = ok || (want != nil && strings.EqualFold(strings.ReplaceAll(*want, ":", ""), got))
+			}
+		}
+		if !ok {
+			return azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
+		}
+	case "certificateAuthority":
+		roots, err := s.verifiedCAs(ctx)
+		if err != nil {
+			return err
+		}
+		inter := x509.NewCertPool()
+		for _, c := range chain[1:] {
+			inter.AddCert(c)
+		}
+		if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+			return azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
+		}
+		if leaf.Subject.CommonName != r.String() && leaf.Subject.CommonName != r.Device {
+			return azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
+		}
+	default:
+		return azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
+	}
+	if dev.Device.Status != "enabled" {
+		return azerr.Unauthorized("device %q is disabled", r.Device)
+	}
+	return nil
+}
