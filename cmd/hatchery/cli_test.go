@@ -194,11 +194,18 @@ func TestHubCLI(t *testing.T) {
 		{[]string{"deployment", "create", "--deployment-id", "x", "--content", "/nonexistent.json", "--target-condition", "*"}, "no such file"},
 		{[]string{"method", "invoke", "--device-id", "edge-1", "--method-name", "ping"}, "not connected"},
 		{[]string{"device", "show", "--device-id", "ghost"}, "not registered"},
+		{[]string{"device", "create", "--device-id", "x", "--auth-method", "x509_thumbprint", "--primary-thumbprint", "nothex"}, "not a SHA-1 or SHA-256"},
+		{[]string{"device", "create", "--device-id", "x", "--auth-method", "password"}, "--auth-method"},
+		{[]string{"certificate", "create", "--name", "c", "--path", manifest}, "not a PEM"},
 	} {
 		out, err := c.run(tc.args...)
 		if err == nil || !strings.Contains(out, tc.want) {
 			t.Errorf("hatchery %s: err=%v, output %q; want an error containing %q", strings.Join(tc.args, " "), err, out, tc.want)
 		}
+	}
+	if out := c.ok("device", "create", "--device-id", "x509-1", "--auth-method", "x509_thumbprint",
+		"--primary-thumbprint", strings.Repeat("ab", 32)); !strings.Contains(out, "selfSigned") {
+		t.Errorf("x509 device: %s", out)
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
 	c.ok("device", "delete", "--device-id", "edge-1")

@@ -34,7 +34,7 @@ func jsonFlag(name, value string) (map[string]any, error) {
 
 func deviceCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "device", Short: "Manage device identities in the hub (as `az iot hub device-identity`)"}
-	var id string
+	var id, authMethod, primaryTP, secondaryTP string
 	var edge bool
 	idFlag := func(c *cobra.Command) {
 		c.Flags().StringVar(&id, "device-id", "", "the device's ID")
@@ -52,14 +52,28 @@ func deviceCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
+		in := hub.Device{DeviceID: id, Capabilities: hub.Capabilities{IoTEdge: edge}}
+		switch authMethod {
+		case "shared_private_key":
+		case "x509_thumbprint":
+			in.Authentication.Type = "selfSigned"
+			in.Authentication.X509Thumbprint = hub.X509Thumbprint{PrimaryThumbprint: &primaryTP, SecondaryThumbprint: &secondaryTP}
+		case "x509_ca":
+			in.Authentication.Type = "certificateAuthority"
+		default:
+			return fmt.Errorf("--auth-method %q: use shared_private_key, x509_thumbprint or x509_ca", authMethod)
+		}
 		var d hub.Device
-		if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "", hub.Device{DeviceID: id, Capabilities: hub.Capabilities{IoTEdge: edge}}, &d); err != nil {
+		if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "", in, &d); err != nil {
 			return err
 		}
 		return show(cmd, &d)
 	}}
 	idFlag(create)
 	create.Flags().BoolVar(&edge, "edge-enabled", false, "the device is an IoT Edge device")
+	create.Flags().StringVar(&authMethod, "auth-method", "shared_private_key", "shared_private_key, x509_thumbprint or x509_ca")
+	create.Flags().StringVar(&primaryTP, "primary-thumbprint", "", "with x509_thumbprint: the SHA-1 or SHA-256 thumbprint of the device's certificate")
+	create.Flags().StringVar(&secondaryTP, "secondary-thumbprint", "", "with x509_thumbprint: a second thumbprint")
 	get := &cobra.Command{Use: "show", Short: "Show a device", RunE: func(cmd *cobra.Command, _ []string) error {
 		c, err := hubClient(cmd)
 		if err != nil {
@@ -404,5 +418,62 @@ func c2dCmd() *cobra.Command {
 	send.Flags().StringVar(&props, "props", "", "application properties, key=value;key2=value2")
 	_ = send.MarkFlagRequired("device-id")
 	cmd.AddCommand(send)
+	return cmd
+}
+
+func certificateCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "certificate", Short: "Manage the CA certificates X.509 devices chain to"}
+	var name, path string
+	var verified bool
+	nameFlag := func(c *cobra.Command) {
+		c.Flags().StringVar(&name, "name", "", "the certificate's name")
+		_ = c.MarkFlagRequired("name")
+	}
+	show := func(cmd *cobra.Command, c *hub.Certificate) error {
+		return render(cmd, c, [][2]string{{"Name", c.Name}, {"Subject", c.Properties.Subject},
+			{"Thumbprint", c.Properties.Thumbprint}, {"Verified", strconv.FormatBool(c.Properties.IsVerified)},
+			{"Expires", c.Properties.Expiry.Format("2006-01-02")}})
+	}
+	create := &cobra.Command{Use: "create", Short: "Upload a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
+		pem, err := os.ReadFile(path)
+		if err != nil {
+			return err
+		}
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out hub.Certificate
+		in := hub.Certificate{Properties: hub.CertificateProperties{Certificate: string(pem), IsVerified: verified}}
+		if err := c.Do(cmd.Context(), "PUT", "/certificates/"+url.PathEscape(name), "", in, &out); err != nil {
+			return err
+		}
+		return show(cmd, &out)
+	}}
+	nameFlag(create)
+	create.Flags().StringVar(&path, "path", "", "the CA certificate (PEM)")
+	create.Flags().BoolVar(&verified, "verified", false, "trust it for device authentication (you vouch that you hold its key)")
+	_ = create.MarkFlagRequired("path")
+	get := &cobra.Command{Use: "show", Short: "Show a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out hub.Certificate
+		if err := c.Do(cmd.Context(), "GET", "/certificates/"+url.PathEscape(name), "", nil, &out); err != nil {
+			return err
+		}
+		return show(cmd, &out)
+	}}
+	nameFlag(get)
+	del := &cobra.Command{Use: "delete", Short: "Delete a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		return c.Do(cmd.Context(), "DELETE", "/certificates/"+url.PathEscape(name), "", nil, nil)
+	}}
+	nameFlag(del)
+	cmd.AddCommand(create, get, del)
 	return cmd
 }

@@ -19,7 +19,7 @@ func main() {
 	root.PersistentFlags().String("data-dir", defaultDataDir(), "directory holding the database, TLS material and settings")
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
-		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd())
+		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
