@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -14,7 +15,7 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 	// The device API is registered under the literal ID scope: a wildcard
 	// first segment would clash with /registrations/{id}/query.
 	scope := "/" + a.dps.IDScope()
-	device := func(method, path string, h func(http.ResponseWriter, *http.Request) error) {
+	device := func(method, path string, h handler) {
 		mux.HandleFunc(method+" "+scope+path, a.dpsHandler(false, h))
 		if lower := strings.ToLower(scope); lower != scope {
 			mux.HandleFunc(method+" "+lower+path, a.dpsHandler(false, h))
@@ -24,27 +25,47 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 	device("GET", "/registrations/{regId}/operations/{opId}", a.operationStatus)
 	device("POST", "/registrations/{regId}", a.deviceRegistrationStatus)
 
-	service := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
-		mux.HandleFunc(pattern, a.dpsHandler(true, h))
-	}
-	service("PUT /enrollments/{id}", a.putEnrollment)
-	service("GET /enrollments/{id}", a.getEnrollment)
-	service("DELETE /enrollments/{id}", a.deleteEnrollment)
-	service("POST /enrollments/{id}/attestationmechanism", a.enrollmentAttestation)
-	service("POST /enrollments/query", a.queryEnrollments)
-	service("PUT /enrollmentGroups/{id}", a.putGroup)
-	service("GET /enrollmentGroups/{id}", a.getGroup)
-	service("DELETE /enrollmentGroups/{id}", a.deleteGroup)
-	service("POST /enrollmentGroups/{id}/attestationmechanism", a.groupAttestation)
-	service("POST /enrollmentGroups/query", a.queryGroups)
-	service("GET /registrations/{id}", a.getRegistration)
-	service("DELETE /registrations/{id}", a.deleteRegistration)
-	service("POST /registrations/{id}/query", a.queryRegistrations)
+	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.dpsHandler(true, h)) }
+	d := a.dps
+	id := func(r *http.Request) string { return r.PathValue("id") }
+	service("PUT /enrollments/{id}", withBody(func(r *http.Request, e *dps.Enrollment) (any, error) {
+		return d.PutEnrollment(r.Context(), id(r), ifMatch(r), e)
+	}))
+	service("GET /enrollments/{id}", reply(func(r *http.Request) (any, error) { return d.GetEnrollment(r.Context(), id(r)) }))
+	service("DELETE /enrollments/{id}", noContent(func(r *http.Request) error { return d.DeleteEnrollment(r.Context(), id(r), ifMatch(r)) }))
+	service("POST /enrollments/{id}/attestationmechanism", reply(func(r *http.Request) (any, error) {
+		e, err := d.GetEnrollment(r.Context(), id(r))
+		if err != nil {
+			return nil, err
+		}
+		return e.Attestation, nil
+	}))
+	service("POST /enrollments/query", query("Enrollment", d.ListEnrollments))
+	service("PUT /enrollmentGroups/{id}", withBody(func(r *http.Request, g *dps.EnrollmentGroup) (any, error) {
+		return d.PutGroup(r.Context(), id(r), ifMatch(r), g)
+	}))
+	service("GET /enrollmentGroups/{id}", reply(func(r *http.Request) (any, error) { return d.GetGroup(r.Context(), id(r)) }))
+	service("DELETE /enrollmentGroups/{id}", noContent(func(r *http.Request) error { return d.DeleteGroup(r.Context(), id(r), ifMatch(r)) }))
+	service("POST /enrollmentGroups/{id}/attestationmechanism", reply(func(r *http.Request) (any, error) {
+		g, err := d.GetGroup(r.Context(), id(r))
+		if err != nil {
+			return nil, err
+		}
+		return g.Attestation, nil
+	}))
+	service("POST /enrollmentGroups/query", query("EnrollmentGroup", d.ListGroups))
+	service("GET /registrations/{id}", reply(func(r *http.Request) (any, error) { return d.GetRegistration(r.Context(), id(r)) }))
+	service("DELETE /registrations/{id}", noContent(func(r *http.Request) error { return d.DeleteRegistration(r.Context(), id(r), ifMatch(r)) }))
+	service("POST /registrations/{id}/query", func(w http.ResponseWriter, r *http.Request) error {
+		return query("DeviceRegistration", func(ctx context.Context, after string, limit int) ([]*dps.RegistrationState, string, error) {
+			return d.ListRegistrations(ctx, id(r), after, limit)
+		})(w, r)
+	})
 }
 
 // dpsHandler checks api-version (and, for the service API, the policy
 // token) and writes errors in the DPS shape.
-func (a *api) dpsHandler(serviceAPI bool, h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
+func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		err := checkAPIVersion(r)
 		if err == nil && serviceAPI {
@@ -104,101 +125,6 @@ func (a *api) deviceRegistrationStatus(w http.ResponseWriter, r *http.Request) e
 	return nil
 }
 
-func (a *api) putEnrollment(w http.ResponseWriter, r *http.Request) error {
-	var e dps.Enrollment
-	if err := readJSON(r, &e); err != nil {
-		return err
-	}
-	out, err := a.dps.PutEnrollment(r.Context(), r.PathValue("id"), ifMatch(r), &e)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (a *api) getEnrollment(w http.ResponseWriter, r *http.Request) error {
-	e, err := a.dps.GetEnrollment(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, e)
-	return nil
-}
-
-func (a *api) deleteEnrollment(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteEnrollment(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (a *api) enrollmentAttestation(w http.ResponseWriter, r *http.Request) error {
-	e, err := a.dps.GetEnrollment(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, e.Attestation)
-	return nil
-}
-
-func (a *api) putGroup(w http.ResponseWriter, r *http.Request) error {
-	var g dps.EnrollmentGroup
-	if err := readJSON(r, &g); err != nil {
-		return err
-	}
-	out, err := a.dps.PutGroup(r.Context(), r.PathValue("id"), ifMatch(r), &g)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (a *api) getGroup(w http.ResponseWriter, r *http.Request) error {
-	g, err := a.dps.GetGroup(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, g)
-	return nil
-}
-
-func (a *api) deleteGroup(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteGroup(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (a *api) groupAttestation(w http.ResponseWriter, r *http.Request) error {
-	g, err := a.dps.GetGroup(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, g.Attestation)
-	return nil
-}
-
-func (a *api) getRegistration(w http.ResponseWriter, r *http.Request) error {
-	st, err := a.dps.GetRegistration(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, st)
-	return nil
-}
-
-func (a *api) deleteRegistration(w http.ResponseWriter, r *http.Request) error {
-	if err := a.dps.DeleteRegistration(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
 // querySpec reads the query body ({"query": "*"}) and the paging headers.
 func querySpec(r *http.Request) (after string, limit int, err error) {
 	var q struct {
@@ -225,52 +151,26 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	return r.Header.Get("x-ms-continuation"), limit, nil
 }
 
-func writePage[T any](w http.ResponseWriter, itemType string, items []*T, next string) {
-	if next != "" {
-		w.Header().Set("x-ms-continuation", next)
+// query answers a query endpoint: one page of list, with the continuation
+// token and item type headers the service SDKs read.
+func query[T any](itemType string, list func(ctx context.Context, after string, limit int) ([]*T, string, error)) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		after, limit, err := querySpec(r)
+		if err != nil {
+			return err
+		}
+		items, next, err := list(r.Context(), after, limit)
+		if err != nil {
+			return err
+		}
+		if next != "" {
+			w.Header().Set("x-ms-continuation", next)
+		}
+		w.Header().Set("x-ms-item-type", itemType)
+		if items == nil {
+			items = []*T{}
+		}
+		writeJSON(w, http.StatusOK, items)
+		return nil
 	}
-	w.Header().Set("x-ms-item-type", itemType)
-	if items == nil {
-		items = []*T{}
-	}
-	writeJSON(w, http.StatusOK, items)
-}
-
-func (a *api) queryEnrollments(w http.ResponseWriter, r *http.Request) error {
-	after, limit, err := querySpec(r)
-	if err != nil {
-		return err
-	}
-	items, next, err := a.dps.ListEnrollments(r.Context(), after, limit)
-	if err != nil {
-		return err
-	}
-	writePage(w, "Enrollment", items, next)
-	return nil
-}
-
-func (a *api) queryGroups(w http.ResponseWriter, r *http.Request) error {
-	after, limit, err := querySpec(r)
-	if err != nil {
-		return err
-	}
-	items, next, err := a.dps.ListGroups(r.Context(), after, limit)
-	if err != nil {
-		return err
-	}
-	writePage(w, "EnrollmentGroup", items, next)
-	return nil
-}
-
-func (a *api) queryRegistrations(w http.ResponseWriter, r *http.Request) error {
-	after, limit, err := querySpec(r)
-	if err != nil {
-		return err
-	}
-	items, next, err := a.dps.ListRegistrations(r.Context(), r.PathValue("id"), after, limit)
-	if err != nil {
-		return err
-	}
-	writePage(w, "DeviceRegistration", items, next)
-	return nil
 }

@@ -126,3 +126,50 @@ func logRequests(next http.Handler) http.Handler {
 // ifMatch reads If-Match without the quotes some SDKs put around etags
 // and around the * wildcard.
 func ifMatch(r *http.Request) string { return strings.Trim(r.Header.Get("If-Match"), `"`) }
+
+// handler is an API handler; its error is written in the API's shape.
+type handler = func(http.ResponseWriter, *http.Request) error
+
+// Most calls take a JSON body or none and answer JSON or nothing; these
+// adapters leave each handler just the call to its service.
+
+// withBody decodes the body into a T for f and writes f's answer (204 when nil).
+func withBody[T any](f func(r *http.Request, in *T) (any, error)) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		var in T
+		if err := readJSON(r, &in); err != nil {
+			return err
+		}
+		out, err := f(r, &in)
+		if err != nil {
+			return err
+		}
+		answer(w, out)
+		return nil
+	}
+}
+
+// reply writes f's answer (204 when nil).
+func reply(f func(r *http.Request) (any, error)) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		out, err := f(r)
+		if err != nil {
+			return err
+		}
+		answer(w, out)
+		return nil
+	}
+}
+
+// noContent answers 204 when f succeeds.
+func noContent(f func(r *http.Request) error) handler {
+	return reply(func(r *http.Request) (any, error) { return nil, f(r) })
+}
+
+func answer(w http.ResponseWriter, out any) {
+	if out == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
+	writeJSON(w, http.StatusOK, out)
+}

@@ -13,21 +13,27 @@ import (
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
-	service := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
-		mux.HandleFunc(pattern, a.hubService(h))
-	}
+	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(h)) }
+	h := a.hub
 	for _, prefix := range []string{"/devices/{id}", "/devices/{id}/modules/{mid}"} {
-		service("PUT "+prefix, a.putIdentity)
-		service("GET "+prefix, a.getIdentity)
-		service("DELETE "+prefix, a.deleteIdentity)
+		service("PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
+			return h.PutIdentity(r.Context(), ref(r), ifMatch(r), d)
+		}))
+		service("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetIdentity(r.Context(), ref(r)) }))
+		service("DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
 	}
 	service("GET /devices", a.listDevices)
-	service("GET /devices/{id}/modules", a.listModules)
+	service("GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
-		service("GET "+prefix, a.getTwin)
-		service("PATCH "+prefix, a.updateTwin(false))
-		service("PUT "+prefix, a.updateTwin(true))
-		service("POST "+prefix+"/methods", a.invokeMethod)
+		service("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))
+		for method, replace := range map[string]bool{"PATCH": false, "PUT": true} {
+			service(method+" "+prefix, withBody(func(r *http.Request, p *hub.TwinPatch) (any, error) {
+				return h.UpdateTwin(r.Context(), ref(r), ifMatch(r), p, replace)
+			}))
+		}
+		service("POST "+prefix+"/methods", withBody(func(r *http.Request, m *hub.MethodRequest) (any, error) {
+			return h.InvokeMethod(r.Context(), ref(r), m)
+		}))
 	}
 
 	// Device-facing HTTPS: telemetry, authenticated with the device's own token.
@@ -40,7 +46,7 @@ func ref(r *http.Request) hub.Ref {
 }
 
 // hubService wraps a service-API handler: it requires a hub policy token.
-func (a *api) hubService(h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
+func (a *api) hubService(h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
 		if err := a.hub.AuthorizeService(r.Header.Get("Authorization")); err != nil {
 			return err
@@ -49,7 +55,7 @@ func (a *api) hubService(h func(http.ResponseWriter, *http.Request) error) http.
 	})
 }
 
-func (a *api) hubHandler(h func(http.ResponseWriter, *http.Request) error) http.HandlerFunc {
+func (a *api) hubHandler(h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		err := checkAPIVersion(r)
 		if err == nil {
@@ -59,58 +65,6 @@ func (a *api) hubHandler(h func(http.ResponseWriter, *http.Request) error) http.
 			azerr.WriteHub(w, err, trackingID())
 		}
 	}
-}
-
-func (a *api) putIdentity(w http.ResponseWriter, r *http.Request) error {
-	var d hub.Device
-	if err := readJSON(r, &d); err != nil {
-		return err
-	}
-	out, err := a.hub.PutIdentity(r.Context(), ref(r), ifMatch(r), &d)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (a *api) getIdentity(w http.ResponseWriter, r *http.Request) error {
-	d, err := a.hub.GetIdentity(r.Context(), ref(r))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, d)
-	return nil
-}
-
-func (a *api) deleteIdentity(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteIdentity(r.Context(), ref(r), ifMatch(r)); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (a *api) listModules(w http.ResponseWriter, r *http.Request) error {
-	ms, err := a.hub.ListModules(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, ms)
-	return nil
-}
-
-func (a *api) invokeMethod(w http.ResponseWriter, r *http.Request) error {
-	var req hub.MethodRequest
-	if err := readJSON(r, &req); err != nil {
-		return err
-	}
-	res, err := a.hub.InvokeMethod(r.Context(), ref(r), &req)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, res)
-	return nil
 }
 
 func (a *api) listDevices(w http.ResponseWriter, r *http.Request) error {
@@ -128,30 +82,6 @@ func (a *api) listDevices(w http.ResponseWriter, r *http.Request) error {
 	}
 	writeJSON(w, http.StatusOK, ds)
 	return nil
-}
-
-func (a *api) getTwin(w http.ResponseWriter, r *http.Request) error {
-	t, err := a.hub.GetTwin(r.Context(), ref(r))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, t)
-	return nil
-}
-
-func (a *api) updateTwin(replace bool) func(http.ResponseWriter, *http.Request) error {
-	return func(w http.ResponseWriter, r *http.Request) error {
-		var p hub.TwinPatch
-		if err := readJSON(r, &p); err != nil {
-			return err
-		}
-		t, err := a.hub.UpdateTwin(r.Context(), ref(r), ifMatch(r), &p, replace)
-		if err != nil {
-			return err
-		}
-		writeJSON(w, http.StatusOK, t)
-		return nil
-	}
 }
 
 // deviceEvent accepts telemetry over HTTPS. Application properties travel
@@ -182,71 +112,27 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) routesDeployments(mux *http.ServeMux) {
-	service := func(pattern string, h func(http.ResponseWriter, *http.Request) error) {
-		mux.HandleFunc(pattern, a.hubService(h))
-	}
-	service("PUT /configurations/{id}", a.putConfiguration)
-	service("GET /configurations/{id}", a.getConfiguration)
-	service("DELETE /configurations/{id}", a.deleteConfiguration)
-	service("GET /configurations", a.listConfigurations)
-	service("POST /devices/{id}/applyConfigurationContent", a.applyContent)
+	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(h)) }
+	h := a.hub
+	id := func(r *http.Request) string { return r.PathValue("id") }
+	service("PUT /configurations/{id}", withBody(func(r *http.Request, c *hub.Configuration) (any, error) {
+		return h.PutConfiguration(r.Context(), id(r), ifMatch(r), c)
+	}))
+	service("GET /configurations/{id}", reply(func(r *http.Request) (any, error) { return h.GetConfiguration(r.Context(), id(r)) }))
+	service("DELETE /configurations/{id}", noContent(func(r *http.Request) error { return h.DeleteConfiguration(r.Context(), id(r), ifMatch(r)) }))
+	service("GET /configurations", reply(func(r *http.Request) (any, error) { return h.ListConfigurations(r.Context()) }))
+	service("POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
+		return nil, h.ApplyContent(r.Context(), id(r), c)
+	}))
 	service("POST /devices/query", a.queryTwins)
 	service("POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service("GET /events", a.events)
-	service("PUT /certificates/{name}", a.putCertificate)
-	service("GET /certificates/{name}", a.getCertificate)
-	service("DELETE /certificates/{name}", a.deleteCertificate)
-}
-
-func (a *api) putConfiguration(w http.ResponseWriter, r *http.Request) error {
-	var c hub.Configuration
-	if err := readJSON(r, &c); err != nil {
-		return err
-	}
-	out, err := a.hub.PutConfiguration(r.Context(), r.PathValue("id"), ifMatch(r), &c)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (a *api) getConfiguration(w http.ResponseWriter, r *http.Request) error {
-	c, err := a.hub.GetConfiguration(r.Context(), r.PathValue("id"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, c)
-	return nil
-}
-
-func (a *api) deleteConfiguration(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteConfiguration(r.Context(), r.PathValue("id"), ifMatch(r)); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
-}
-
-func (a *api) listConfigurations(w http.ResponseWriter, r *http.Request) error {
-	cs, err := a.hub.ListConfigurations(r.Context())
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, cs)
-	return nil
-}
-
-func (a *api) applyContent(w http.ResponseWriter, r *http.Request) error {
-	var c hub.ConfigContent
-	if err := readJSON(r, &c); err != nil {
-		return err
-	}
-	if err := a.hub.ApplyContent(r.Context(), r.PathValue("id"), &c); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
+	name := func(r *http.Request) string { return r.PathValue("name") }
+	service("PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
+		return h.PutCertificate(r.Context(), name(r), c)
+	}))
+	service("GET /certificates/{name}", reply(func(r *http.Request) (any, error) { return h.GetCertificate(r.Context(), name(r)) }))
+	service("DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
 }
 
 // queryTwins is POST /devices/query; paging as the service SDKs expect it,
@@ -372,34 +258,4 @@ func eventJSON(e store.Event) map[string]any {
 		m["bodyBase64"] = e.Body
 	}
 	return m
-}
-
-func (a *api) putCertificate(w http.ResponseWriter, r *http.Request) error {
-	var c hub.Certificate
-	if err := readJSON(r, &c); err != nil {
-		return err
-	}
-	out, err := a.hub.PutCertificate(r.Context(), r.PathValue("name"), &c)
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, out)
-	return nil
-}
-
-func (a *api) getCertificate(w http.ResponseWriter, r *http.Request) error {
-	c, err := a.hub.GetCertificate(r.Context(), r.PathValue("name"))
-	if err != nil {
-		return err
-	}
-	writeJSON(w, http.StatusOK, c)
-	return nil
-}
-
-func (a *api) deleteCertificate(w http.ResponseWriter, r *http.Request) error {
-	if err := a.hub.DeleteCertificate(r.Context(), r.PathValue("name")); err != nil {
-		return err
-	}
-	w.WriteHeader(http.StatusNoContent)
-	return nil
 }
