@@ -58,25 +58,16 @@ type Service struct {
 // provisioningserviceowner policy on first start.
 func Open(ctx context.Context, st store.Store, registry Registry, host string) (*Service, error) {
 	s := &Service{store: st, registry: registry, host: host, Now: time.Now, Rand: rand.Reader, ChallengeTTL: time.Hour}
-	d, err := st.Get(ctx, kindSettings, "service")
-	if errors.Is(err, store.ErrNotFound) {
+	err := store.LoadOrCreate(ctx, st, kindSettings, "service", func() any {
 		var b [4]byte
 		_, _ = rand.Read(b[:])
-		s.settings = Settings{
+		return Settings{
 			IDScope:  "0ne" + strings.ToUpper(hex.EncodeToString(b[:])),
 			Policies: []sas.Policy{sas.NewPolicy("provisioningserviceowner", "ServiceConfig, DeviceConnect, EnrollmentWrite")},
 		}
-		body, _ := json.Marshal(s.settings)
-		if _, err := st.Create(ctx, store.Doc{Kind: kindSettings, ID: "service", Body: body}); err != nil && !errors.Is(err, store.ErrExists) {
-			return nil, err
-		}
-		d, err = st.Get(ctx, kindSettings, "service") // another replica may have won the race
-	}
+	}, &s.settings)
 	if err != nil {
 		return nil, fmt.Errorf("loading provisioning service settings: %w", err)
-	}
-	if err := json.Unmarshal(d.Body, &s.settings); err != nil {
-		return nil, fmt.Errorf("provisioning service settings are corrupt: %w", err)
 	}
 	return s, nil
 }

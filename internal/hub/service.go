@@ -2,8 +2,6 @@ package hub
 
 import (
 	"context"
-	"encoding/json"
-	"errors"
 	"fmt"
 	"sync"
 	"time"
@@ -38,23 +36,15 @@ type Service struct {
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}}
-	d, err := st.Get(ctx, kindSettings, "hub")
-	if errors.Is(err, store.ErrNotFound) {
-		body, _ := json.Marshal(Settings{Policies: []sas.Policy{
+	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
+		return Settings{Policies: []sas.Policy{
 			sas.NewPolicy("iothubowner", "RegistryWrite, ServiceConnect, DeviceConnect"),
 			sas.NewPolicy("service", "ServiceConnect"),
 			sas.NewPolicy("registryReadWrite", "RegistryWrite"),
-		}})
-		if _, err := st.Create(ctx, store.Doc{Kind: kindSettings, ID: "hub", Body: body}); err != nil && !errors.Is(err, store.ErrExists) {
-			return nil, err
-		}
-		d, err = st.Get(ctx, kindSettings, "hub")
-	}
+		}}
+	}, &s.settings)
 	if err != nil {
 		return nil, fmt.Errorf("loading hub settings: %w", err)
-	}
-	if err := json.Unmarshal(d.Body, &s.settings); err != nil {
-		return nil, fmt.Errorf("hub settings are corrupt: %w", err)
 	}
 	return s, nil
 }
@@ -91,24 +81,12 @@ func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) e
 	if !tok.AudienceIs(want) {
 		return azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
 	}
-	dev, _, err := s.load(ctx, Ref{Device: r.Device})
+	dev, id, err := s.connecting(ctx, r)
 	if err != nil {
-		if azerr.As(err).Status() == 404 {
-			return azerr.Unauthorized("device %q is not registered in this hub", r.Device)
-		}
 		return err
 	}
-	id := dev
-	if r.Module != "" {
-		// A module authenticates with its own keys, or with the device's
-		// (a device-scoped token, as the edge runtime's modules use).
-		if id, _, err = s.load(ctx, r); err != nil {
-			if azerr.As(err).Status() == 404 {
-				return azerr.Unauthorized("module %q is not registered in this hub", r)
-			}
-			return err
-		}
-	}
+	// A module authenticates with its own keys, or with the device's (a
+	// device-scoped token, as the edge runtime's modules use).
 	keys := sas.Keys(id.Device.Authentication.SymmetricKey.PrimaryKey, id.Device.Authentication.SymmetricKey.SecondaryKey)
 	if r.Module != "" {
 		keys = append(keys, sas.Keys(dev.Device.Authentication.SymmetricKey.PrimaryKey, dev.Device.Authentication.SymmetricKey.SecondaryKey)...)
@@ -116,8 +94,34 @@ func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) e
 	if err := tok.Verify(s.Now(), keys...); err != nil {
 		return azerr.Unauthorized("%s: %v", r, err)
 	}
+	return enabled(dev)
+}
+
+// connecting loads what an identity connecting as r authenticates against:
+// its device and, for a module, the module. Unknown ones are refused like
+// bad credentials.
+func (s *Service) connecting(ctx context.Context, r Ref) (dev, id *record, err error) {
+	if dev, _, err = s.load(ctx, Ref{Device: r.Device}); err != nil {
+		if azerr.As(err).Status() == 404 {
+			return nil, nil, azerr.Unauthorized("device %q is not registered in this hub", r.Device)
+		}
+		return nil, nil, err
+	}
+	if r.Module == "" {
+		return dev, dev, nil
+	}
+	if id, _, err = s.load(ctx, r); err != nil {
+		if azerr.As(err).Status() == 404 {
+			return nil, nil, azerr.Unauthorized("module %s is not registered in this hub", r)
+		}
+		return nil, nil, err
+	}
+	return dev, id, nil
+}
+
+func enabled(dev *record) error {
 	if dev.Device.Status != "enabled" {
-		return azerr.Unauthorized("device %q is disabled", r.Device)
+		return azerr.Unauthorized("device %q is disabled", dev.Device.DeviceID)
 	}
 	return nil
 }

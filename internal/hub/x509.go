@@ -131,18 +131,9 @@ func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Cer
 	if len(chain) == 0 {
 		return azerr.Unauthorized("no client certificate and no SAS token")
 	}
-	dev, _, err := s.load(ctx, Ref{Device: r.Device})
+	dev, id, err := s.connecting(ctx, r)
 	if err != nil {
-		if azerr.As(err).Status() == 404 {
-			return azerr.Unauthorized("device %q is not registered in this hub", r.Device)
-		}
 		return err
-	}
-	id := dev
-	if r.Module != "" {
-		if id, _, err = s.load(ctx, r); err != nil {
-			return azerr.Unauthorized("module %s is not registered in this hub", r)
-		}
 	}
 	leaf := chain[0]
 	now := s.Now()
@@ -180,8 +171,5 @@ func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Cer
 	default:
 		return azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
 	}
-	if dev.Device.Status != "enabled" {
-		return azerr.Unauthorized("device %q is disabled", r.Device)
-	}
-	return nil
+	return enabled(dev)
 }

@@ -8,7 +8,9 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
 )
 
@@ -63,4 +65,30 @@ func NewETag() string {
 	var b [9]byte
 	_, _ = rand.Read(b[:])
 	return base64.StdEncoding.EncodeToString(b[:])
+}
+
+// LoadOrCreate decodes the JSON document kind/id into v, storing initial()
+// first when there is none. Replicas starting together agree on one
+// document: the first create wins and the others read it.
+func LoadOrCreate(ctx context.Context, st Store, kind, id string, initial func() any, v any) error {
+	d, err := st.Get(ctx, kind, id)
+	if errors.Is(err, ErrNotFound) {
+		body, err := json.Marshal(initial())
+		if err != nil {
+			return err
+		}
+		if _, err := st.Create(ctx, Doc{Kind: kind, ID: id, Body: body}); err != nil && !errors.Is(err, ErrExists) {
+			return err
+		}
+		d, err = st.Get(ctx, kind, id)
+		if err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(d.Body, v); err != nil {
+		return fmt.Errorf("stored %s %q is corrupt: %w", kind, id, err)
+	}
+	return nil
 }
