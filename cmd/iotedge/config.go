@@ -5,7 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -53,6 +55,9 @@ func newConfigApplyCmd() *cobra.Command {
 				if err := os.WriteFile(target, data, 0o600); err != nil {
 					return fmt.Errorf("installing %s as %s: %w", file, target, err)
 				}
+			}
+			if err := shareWithServices(target); err != nil {
+				return err
 			}
 			if underSystemd() {
 				fmt.Println("Restarting the IoT Edge services...")
@@ -150,4 +155,19 @@ func absPath(p string) string {
 		return p
 	}
 	return a
+}
+
+// shareWithServices lets the runtime's services read the configuration:
+// they run as users of group iotedge; others may not read it, as it can
+// hold keys.
+func shareWithServices(path string) error {
+	g, err := user.LookupGroup("iotedge")
+	if err != nil {
+		return nil // no service accounts on this machine: root runs everything
+	}
+	gid, _ := strconv.Atoi(g.Gid)
+	if err := os.Chown(path, 0, gid); err != nil {
+		return fmt.Errorf("giving %s to group iotedge: %w", path, err)
+	}
+	return os.Chmod(path, 0o640)
 }
