@@ -27,6 +27,28 @@ func hubClient(cmd *cobra.Command) (*azclient.Client, error) {
 	return siteClient(cmd, func(s *siteInfo) string { return s.HubConnectionString }, "2021-04-12")
 }
 
+// service is how a command reaches one of the installation's services.
+type service func(*cobra.Command) (*azclient.Client, error)
+
+// call sends one request and decodes the answer into a T.
+func call[T any](cmd *cobra.Command, svc service, method, path, ifMatch string, in any) (*T, error) {
+	c, err := svc(cmd)
+	if err != nil {
+		return nil, err
+	}
+	out := new(T)
+	return out, c.Do(cmd.Context(), method, path, ifMatch, in, out)
+}
+
+// send sends one request whose answer does not matter.
+func send(cmd *cobra.Command, svc service, method, path, ifMatch string, in any) error {
+	c, err := svc(cmd)
+	if err != nil {
+		return err
+	}
+	return c.Do(cmd.Context(), method, path, ifMatch, in, nil)
+}
+
 func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersion string) (*azclient.Client, error) {
 	site, err := loadSite(cmd)
 	if err != nil {
@@ -171,31 +193,19 @@ func enrollmentCmd() *cobra.Command {
 		return c
 	}
 	show := &cobra.Command{Use: "show", Short: "Show an enrollment and its registration state", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
+		e, err := call[dps.Enrollment](cmd, dpsClient, "GET", "/enrollments/"+url.PathEscape(regID), "", nil)
 		if err != nil {
 			return err
 		}
-		var e dps.Enrollment
-		if err := client.Do(cmd.Context(), "GET", "/enrollments/"+url.PathEscape(regID), "", nil, &e); err != nil {
-			return err
-		}
-		return showEnrollment(cmd, &e)
+		return showEnrollment(cmd, e)
 	}}
 	idFlag(show)
 	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
-		return client.Do(cmd.Context(), "DELETE", "/enrollments/"+url.PathEscape(regID), "", nil, nil)
+		return send(cmd, dpsClient, "DELETE", "/enrollments/"+url.PathEscape(regID), "", nil)
 	}}
 	idFlag(del)
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
-		all, err := queryAll[dps.Enrollment](cmd, client, "/enrollments/query")
+		all, err := queryAll[dps.Enrollment](cmd, dpsClient, "/enrollments/query")
 		if err != nil {
 			return err
 		}
@@ -233,7 +243,11 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 }
 
 // queryAll follows continuation tokens to the end.
-func queryAll[T any](cmd *cobra.Command, c *azclient.Client, path string) ([]*T, error) {
+func queryAll[T any](cmd *cobra.Command, svc service, path string) ([]*T, error) {
+	c, err := svc(cmd)
+	if err != nil {
+		return nil, err
+	}
 	var all []*T
 	cont := ""
 	for {

@@ -48,31 +48,19 @@ func groupCmd() *cobra.Command {
 		return c
 	}
 	show := &cobra.Command{Use: "show", Short: "Show an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
+		g, err := call[dps.EnrollmentGroup](cmd, dpsClient, "GET", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil)
 		if err != nil {
 			return err
 		}
-		var g dps.EnrollmentGroup
-		if err := client.Do(cmd.Context(), "GET", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil, &g); err != nil {
-			return err
-		}
-		return showGroup(cmd, &g)
+		return showGroup(cmd, g)
 	}}
 	idFlag(show)
 	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
-		return client.Do(cmd.Context(), "DELETE", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil, nil)
+		return send(cmd, dpsClient, "DELETE", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil)
 	}}
 	idFlag(del)
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
-		all, err := queryAll[dps.EnrollmentGroup](cmd, client, "/enrollmentGroups/query")
+		all, err := queryAll[dps.EnrollmentGroup](cmd, dpsClient, "/enrollmentGroups/query")
 		if err != nil {
 			return err
 		}
@@ -104,15 +92,11 @@ func registrationCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "registration", Short: "Show device registration records"}
 	var regID, groupID string
 	show := &cobra.Command{Use: "show", Short: "Show a device's registration", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
+		r, err := call[dps.RegistrationState](cmd, dpsClient, "GET", "/registrations/"+url.PathEscape(regID), "", nil)
 		if err != nil {
 			return err
 		}
-		var r dps.RegistrationState
-		if err := client.Do(cmd.Context(), "GET", "/registrations/"+url.PathEscape(regID), "", nil, &r); err != nil {
-			return err
-		}
-		return render(cmd, &r, [][2]string{
+		return render(cmd, r, [][2]string{
 			{"Registration ID", r.RegistrationID}, {"Status", r.Status}, {"Substatus", orDash(r.Substatus)},
 			{"Device ID", orDash(r.DeviceID)}, {"Assigned hub", orDash(r.AssignedHub)},
 			{"Last updated", fmt.Sprint(r.LastUpdatedDateTimeUtc)}, {"Error", orDash(r.ErrorMessage)},
@@ -121,24 +105,16 @@ func registrationCmd() *cobra.Command {
 	show.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
 	_ = show.MarkFlagRequired("registration-id")
 	del := &cobra.Command{Use: "delete", Short: "Delete a device's registration record", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
-		return client.Do(cmd.Context(), "DELETE", "/registrations/"+url.PathEscape(regID), "", nil, nil)
+		return send(cmd, dpsClient, "DELETE", "/registrations/"+url.PathEscape(regID), "", nil)
 	}}
 	del.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
 	_ = del.MarkFlagRequired("registration-id")
 	listCmd := &cobra.Command{Use: "list", Short: "List registrations (of one group with --group-id)", RunE: func(cmd *cobra.Command, _ []string) error {
-		client, err := dpsClient(cmd)
-		if err != nil {
-			return err
-		}
 		gid := groupID
 		if gid == "" {
 			gid = "*"
 		}
-		all, err := queryAll[dps.RegistrationState](cmd, client, "/registrations/"+url.PathEscape(gid)+"/query")
+		all, err := queryAll[dps.RegistrationState](cmd, dpsClient, "/registrations/"+url.PathEscape(gid)+"/query")
 		if err != nil {
 			return err
 		}

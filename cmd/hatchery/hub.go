@@ -48,10 +48,6 @@ func deviceCmd() *cobra.Command {
 		})
 	}
 	create := &cobra.Command{Use: "create", Short: "Create a device with generated keys", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
-		if err != nil {
-			return err
-		}
 		in := hub.Device{DeviceID: id, Capabilities: hub.Capabilities{IoTEdge: edge}}
 		switch authMethod {
 		case "shared_private_key":
@@ -63,11 +59,11 @@ func deviceCmd() *cobra.Command {
 		default:
 			return fmt.Errorf("--auth-method %q: use shared_private_key, x509_thumbprint or x509_ca", authMethod)
 		}
-		var d hub.Device
-		if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "", in, &d); err != nil {
+		d, err := call[hub.Device](cmd, hubClient, "PUT", identityPath("/devices/", id, ""), "", in)
+		if err != nil {
 			return err
 		}
-		return show(cmd, &d)
+		return show(cmd, d)
 	}}
 	idFlag(create)
 	create.Flags().BoolVar(&edge, "edge-enabled", false, "the device is an IoT Edge device")
@@ -75,55 +71,39 @@ func deviceCmd() *cobra.Command {
 	create.Flags().StringVar(&primaryTP, "primary-thumbprint", "", "with x509_thumbprint: the SHA-1 or SHA-256 thumbprint of the device's certificate")
 	create.Flags().StringVar(&secondaryTP, "secondary-thumbprint", "", "with x509_thumbprint: a second thumbprint")
 	get := &cobra.Command{Use: "show", Short: "Show a device", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		d, err := call[hub.Device](cmd, hubClient, "GET", identityPath("/devices/", id, ""), "", nil)
 		if err != nil {
 			return err
 		}
-		var d hub.Device
-		if err := c.Do(cmd.Context(), "GET", identityPath("/devices/", id, ""), "", nil, &d); err != nil {
-			return err
-		}
-		return show(cmd, &d)
+		return show(cmd, d)
 	}}
 	idFlag(get)
 	del := &cobra.Command{Use: "delete", Short: "Delete a device and its modules", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
-		if err != nil {
-			return err
-		}
-		return c.Do(cmd.Context(), "DELETE", identityPath("/devices/", id, ""), "*", nil, nil)
+		return send(cmd, hubClient, "DELETE", identityPath("/devices/", id, ""), "*", nil)
 	}}
 	idFlag(del)
 	setStatus := func(use, status, short string) *cobra.Command {
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			c, err := hubClient(cmd)
+			d, err := call[hub.Device](cmd, hubClient, "GET", identityPath("/devices/", id, ""), "", nil)
 			if err != nil {
 				return err
 			}
-			var d hub.Device
-			if err := c.Do(cmd.Context(), "GET", identityPath("/devices/", id, ""), "", nil, &d); err != nil {
-				return err
-			}
 			d.Status = status
-			if err := c.Do(cmd.Context(), "PUT", identityPath("/devices/", id, ""), "*", d, &d); err != nil {
+			if d, err = call[hub.Device](cmd, hubClient, "PUT", identityPath("/devices/", id, ""), "*", d); err != nil {
 				return err
 			}
-			return show(cmd, &d)
+			return show(cmd, d)
 		}}
 		idFlag(c)
 		return c
 	}
 	list := &cobra.Command{Use: "list", Short: "List devices", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		ds, err := call[[]hub.Device](cmd, hubClient, "GET", "/devices?top=1000", "", nil)
 		if err != nil {
 			return err
 		}
-		var ds []hub.Device
-		if err := c.Do(cmd.Context(), "GET", "/devices?top=1000", "", nil, &ds); err != nil {
-			return err
-		}
-		rows := make([][]string, 0, len(ds))
-		for _, d := range ds {
+		rows := make([][]string, 0, len(*ds))
+		for _, d := range *ds {
 			rows = append(rows, []string{d.DeviceID, d.Status, strconv.FormatBool(d.Capabilities.IoTEdge), d.ConnectionState})
 		}
 		return renderTable(cmd, ds, []string{"DEVICE ID", "STATUS", "EDGE", "CONNECTION"}, rows)
@@ -143,12 +123,8 @@ func twinCmd() *cobra.Command {
 		_ = c.MarkFlagRequired("device-id")
 	}
 	show := &cobra.Command{Use: "show", Short: "Show a twin", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		t, err := call[json.RawMessage](cmd, hubClient, "GET", identityPath("/twins/", id, module), "", nil)
 		if err != nil {
-			return err
-		}
-		var t json.RawMessage
-		if err := c.Do(cmd.Context(), "GET", identityPath("/twins/", id, module), "", nil, &t); err != nil {
 			return err
 		}
 		return printJSON(t)
@@ -173,12 +149,8 @@ func twinCmd() *cobra.Command {
 		if len(patch) == 0 {
 			return fmt.Errorf("nothing to update: give --tags and/or --desired")
 		}
-		c, err := hubClient(cmd)
+		t, err := call[json.RawMessage](cmd, hubClient, "PATCH", identityPath("/twins/", id, module), "*", patch)
 		if err != nil {
-			return err
-		}
-		var t json.RawMessage
-		if err := c.Do(cmd.Context(), "PATCH", identityPath("/twins/", id, module), "*", patch, &t); err != nil {
 			return err
 		}
 		return printJSON(t)
@@ -273,16 +245,12 @@ func deploymentCmd() *cobra.Command {
 				}
 			}
 		}
-		c, err := hubClient(cmd)
+		out, err := call[hub.Configuration](cmd, hubClient, "PUT", "/configurations/"+url.PathEscape(id), "",
+			hub.Configuration{ID: id, Content: *mc, TargetCondition: target, Priority: priority})
 		if err != nil {
 			return err
 		}
-		var out hub.Configuration
-		if err := c.Do(cmd.Context(), "PUT", "/configurations/"+url.PathEscape(id), "",
-			hub.Configuration{ID: id, Content: *mc, TargetCondition: target, Priority: priority}, &out); err != nil {
-			return err
-		}
-		return showOne(cmd, &out)
+		return showOne(cmd, out)
 	}}
 	idFlag(create)
 	create.Flags().StringVar(&content, "content", "", "the deployment manifest (JSON file)")
@@ -292,36 +260,24 @@ func deploymentCmd() *cobra.Command {
 	_ = create.MarkFlagRequired("content")
 	_ = create.MarkFlagRequired("target-condition")
 	show := &cobra.Command{Use: "show", Short: "Show a deployment and its metrics", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		out, err := call[hub.Configuration](cmd, hubClient, "GET", "/configurations/"+url.PathEscape(id), "", nil)
 		if err != nil {
 			return err
 		}
-		var out hub.Configuration
-		if err := c.Do(cmd.Context(), "GET", "/configurations/"+url.PathEscape(id), "", nil, &out); err != nil {
-			return err
-		}
-		return showOne(cmd, &out)
+		return showOne(cmd, out)
 	}}
 	idFlag(show)
 	del := &cobra.Command{Use: "delete", Short: "Delete a deployment", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
-		if err != nil {
-			return err
-		}
-		return c.Do(cmd.Context(), "DELETE", "/configurations/"+url.PathEscape(id), "*", nil, nil)
+		return send(cmd, hubClient, "DELETE", "/configurations/"+url.PathEscape(id), "*", nil)
 	}}
 	idFlag(del)
 	list := &cobra.Command{Use: "list", Short: "List deployments with their metrics", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		cs, err := call[[]hub.Configuration](cmd, hubClient, "GET", "/configurations", "", nil)
 		if err != nil {
 			return err
 		}
-		var cs []hub.Configuration
-		if err := c.Do(cmd.Context(), "GET", "/configurations", "", nil, &cs); err != nil {
-			return err
-		}
-		rows := make([][]string, 0, len(cs))
-		for _, c := range cs {
+		rows := make([][]string, 0, len(*cs))
+		for _, c := range *cs {
 			m := c.SystemMetrics.Results
 			rows = append(rows, []string{c.ID, strconv.Itoa(c.Priority), c.TargetCondition,
 				strconv.FormatInt(m["targetedCount"], 10), strconv.FormatInt(m["appliedCount"], 10),
@@ -341,11 +297,7 @@ func edgeCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		c, err := hubClient(cmd)
-		if err != nil {
-			return err
-		}
-		return c.Do(cmd.Context(), "POST", "/devices/"+url.PathEscape(id)+"/applyConfigurationContent", "", mc, nil)
+		return send(cmd, hubClient, "POST", "/devices/"+url.PathEscape(id)+"/applyConfigurationContent", "", mc)
 	}}
 	set.Flags().StringVar(&id, "device-id", "", "the edge device")
 	set.Flags().StringVar(&content, "content", "", "the deployment manifest (JSON file)")
@@ -439,39 +391,27 @@ func certificateCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
-		c, err := hubClient(cmd)
+		in := hub.Certificate{Properties: hub.CertificateProperties{Certificate: string(pem), IsVerified: verified}}
+		out, err := call[hub.Certificate](cmd, hubClient, "PUT", "/certificates/"+url.PathEscape(name), "", in)
 		if err != nil {
 			return err
 		}
-		var out hub.Certificate
-		in := hub.Certificate{Properties: hub.CertificateProperties{Certificate: string(pem), IsVerified: verified}}
-		if err := c.Do(cmd.Context(), "PUT", "/certificates/"+url.PathEscape(name), "", in, &out); err != nil {
-			return err
-		}
-		return show(cmd, &out)
+		return show(cmd, out)
 	}}
 	nameFlag(create)
 	create.Flags().StringVar(&path, "path", "", "the CA certificate (PEM)")
 	create.Flags().BoolVar(&verified, "verified", false, "trust it for device authentication (you vouch that you hold its key)")
 	_ = create.MarkFlagRequired("path")
 	get := &cobra.Command{Use: "show", Short: "Show a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
+		out, err := call[hub.Certificate](cmd, hubClient, "GET", "/certificates/"+url.PathEscape(name), "", nil)
 		if err != nil {
 			return err
 		}
-		var out hub.Certificate
-		if err := c.Do(cmd.Context(), "GET", "/certificates/"+url.PathEscape(name), "", nil, &out); err != nil {
-			return err
-		}
-		return show(cmd, &out)
+		return show(cmd, out)
 	}}
 	nameFlag(get)
 	del := &cobra.Command{Use: "delete", Short: "Delete a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
-		c, err := hubClient(cmd)
-		if err != nil {
-			return err
-		}
-		return c.Do(cmd.Context(), "DELETE", "/certificates/"+url.PathEscape(name), "", nil, nil)
+		return send(cmd, hubClient, "DELETE", "/certificates/"+url.PathEscape(name), "", nil)
 	}}
 	nameFlag(del)
 	cmd.AddCommand(create, get, del)
