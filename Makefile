@@ -32,3 +32,10 @@ $(STATICCHECK):
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
+
+# The device runtime as a Debian package (dist/hatchery-iotedge_*.deb):
+# binaries, systemd units, udev rule, config template, users and groups.
+# VERSION=... overrides the version; see packaging/README.md.
+.PHONY: deb
+deb:
+	VERSION='$(VERSION)' GO='$(GO)' ./scripts/build-deb.sh dist

@@ -61,7 +61,7 @@ func newConfigApplyCmd() *cobra.Command {
 			}
 			if underSystemd() {
 				fmt.Println("Restarting the IoT Edge services...")
-				if err := systemctl(append([]string{"enable", "--now"}, services...)...); err != nil {
+				if err := systemctl(append([]string{"enable"}, services...)...); err != nil {
 					return err
 				}
 				if err := systemctl(append([]string{"restart"}, services...)...); err != nil {

@@ -30,7 +30,7 @@ func underSystemd() bool {
 	if os.Getenv("IOTEDGE_NO_SYSTEMD") != "" {
 		return false
 	}
-	if _, err := os.Stat("/run/systemd/system"); err != nil {
+	if _, err := os.Stat(cmp.Or(os.Getenv("IOTEDGE_SYSTEMD_DIR"), "/run/systemd/system")); err != nil {
 		return false
 	}
 	return exec.Command("systemctl", "cat", "iotedged.service").Run() == nil

@@ -7,6 +7,27 @@ package dps
 import (
 	"encoding/json"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/dpsapi"
+)
+
+// The registration API's types are shared with device-side clients, which
+// must not pull in the service.
+type (
+	RegistrationState = dpsapi.RegistrationState
+	TPMResult         = dpsapi.TPMResult
+	SymKeyResult      = dpsapi.SymKeyResult
+	Operation         = dpsapi.Operation
+	Challenge         = dpsapi.Challenge
+)
+
+// Registration states.
+const (
+	StatusUnassigned = dpsapi.StatusUnassigned
+	StatusAssigning  = dpsapi.StatusAssigning
+	StatusAssigned   = dpsapi.StatusAssigned
+	StatusFailed     = dpsapi.StatusFailed
+	StatusDisabled   = dpsapi.StatusDisabled
 )
 
 // Attestation types, as spelled on the wire.
@@ -14,15 +35,6 @@ const (
 	AttestationTPM          = "tpm"
 	AttestationSymmetricKey = "symmetricKey"
 	AttestationX509         = "x509"
-)
-
-// Registration states.
-const (
-	StatusUnassigned = "unassigned"
-	StatusAssigning  = "assigning"
-	StatusAssigned   = "assigned"
-	StatusFailed     = "failed"
-	StatusDisabled   = "disabled"
 )
 
 // Enrollment is an individual enrollment, in the service API's JSON shape.
@@ -107,50 +119,6 @@ type ReprovisionPolicy struct {
 type CustomAllocationDefinition struct {
 	WebhookURL string `json:"webhookUrl"`
 	APIVersion string `json:"apiVersion"`
-}
-
-// RegistrationState is the record of a device's latest registration.
-type RegistrationState struct {
-	RegistrationID         string          `json:"registrationId"`
-	CreatedDateTimeUtc     *time.Time      `json:"createdDateTimeUtc,omitempty"`
-	AssignedHub            string          `json:"assignedHub,omitempty"`
-	DeviceID               string          `json:"deviceId,omitempty"`
-	Status                 string          `json:"status"`
-	Substatus              string          `json:"substatus,omitempty"`
-	ErrorCode              int             `json:"errorCode,omitempty"`
-	ErrorMessage           string          `json:"errorMessage,omitempty"`
-	LastUpdatedDateTimeUtc *time.Time      `json:"lastUpdatedDateTimeUtc,omitempty"`
-	ETag                   string          `json:"etag,omitempty"`
-	GenerationID           string          `json:"generationId,omitempty"`
-	EnrollmentGroupID      string          `json:"enrollmentGroupId,omitempty"`
-	Payload                json.RawMessage `json:"payload,omitempty"`
-	TPM                    *TPMResult      `json:"tpm,omitempty"`
-	SymmetricKey           *SymKeyResult   `json:"symmetricKey,omitempty"`
-}
-
-// TPMResult carries the activation blob that wraps the device's hub key.
-type TPMResult struct {
-	AuthenticationKey string `json:"authenticationKey"`
-}
-
-// SymKeyResult names what the device authenticated against.
-type SymKeyResult struct {
-	RegistrationID    string `json:"registrationId"`
-	EnrollmentGroupID string `json:"enrollmentGroupId,omitempty"`
-}
-
-// Operation is an asynchronous registration, polled by the device.
-type Operation struct {
-	OperationID       string             `json:"operationId"`
-	Status            string             `json:"status"`
-	RegistrationState *RegistrationState `json:"registrationState,omitempty"`
-}
-
-// Challenge is the 401 answer to a TPM device's first request.
-type Challenge struct {
-	Message           string `json:"message"`
-	AuthenticationKey string `json:"authenticationKey"`
-	KeyName           string `json:"keyName"`
 }
 
 // LinkedHub is an IoT hub the service allocates devices to, reached

@@ -19,7 +19,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/dpsapi"
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
@@ -28,7 +28,7 @@ const APIVersion = "2021-06-01"
 
 // Client registers one device.
 type Client struct {
-	// Endpoint is the global endpoint, e.g. https://dps.example (port optional).
+	// Endpoint is the global endpoint, e.g. https://dpsapi.example (port optional).
 	Endpoint       string
 	IDScope        string
 	RegistrationID string
@@ -64,7 +64,7 @@ func (e *Error) Error() string {
 type signer func(data []byte) ([]byte, error)
 
 // RegisterSymmetricKey registers a device that proves itself with key.
-func (c *Client) RegisterSymmetricKey(ctx context.Context, key []byte) (*dps.RegistrationState, error) {
+func (c *Client) RegisterSymmetricKey(ctx context.Context, key []byte) (*dpsapi.RegistrationState, error) {
 	return c.registerSigned(ctx, func(data []byte) ([]byte, error) { return hmacSHA256(key, data), nil }, nil)
 }
 
@@ -72,7 +72,7 @@ func (c *Client) RegisterSymmetricKey(ctx context.Context, key []byte) (*dps.Reg
 // importing the activation blob at handle, signs with the imported key,
 // and on success imports the hub key the result carries into the same
 // handle, so that hub tokens are signed inside the TPM too.
-func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dps.RegistrationState, error) {
+func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dpsapi.RegistrationState, error) {
 	ek, err := t.EndorsementKey()
 	if err != nil {
 		return nil, err
@@ -92,7 +92,7 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dps.Re
 	if status != http.StatusUnauthorized {
 		return nil, c.refusal(status, body, "expected a 401 TPM challenge")
 	}
-	var ch dps.Challenge
+	var ch dpsapi.Challenge
 	if err := json.Unmarshal(body, &ch); err != nil || ch.AuthenticationKey == "" {
 		return nil, c.refusal(status, body, "the 401 answer carries no authenticationKey")
 	}
@@ -122,7 +122,7 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dps.Re
 }
 
 // registerSigned sends the authenticated registration and polls it to the end.
-func (c *Client) registerSigned(ctx context.Context, sign signer, tpmBody map[string]string) (*dps.RegistrationState, error) {
+func (c *Client) registerSigned(ctx context.Context, sign signer, tpmBody map[string]string) (*dpsapi.RegistrationState, error) {
 	auth, err := c.token(sign)
 	if err != nil {
 		return nil, err
@@ -139,15 +139,15 @@ func (c *Client) registerSigned(ctx context.Context, sign signer, tpmBody map[st
 		if status != http.StatusOK && status != http.StatusAccepted {
 			return nil, c.refusal(status, body, "")
 		}
-		var op dps.Operation
+		var op dpsapi.Operation
 		if err := json.Unmarshal(body, &op); err != nil {
 			return nil, fmt.Errorf("registration answer is not JSON: %w", err)
 		}
-		if op.Status != dps.StatusAssigning && op.Status != dps.StatusUnassigned {
+		if op.Status != dpsapi.StatusAssigning && op.Status != dpsapi.StatusUnassigned {
 			if op.RegistrationState == nil {
 				return nil, errors.New("registration result has no registrationState")
 			}
-			if op.Status != dps.StatusAssigned {
+			if op.Status != dpsapi.StatusAssigned {
 				rs := op.RegistrationState
 				return rs, &Error{Status: status, ErrorCode: rs.ErrorCode, Message: "registration " + op.Status + ": " + rs.ErrorMessage}
 			}

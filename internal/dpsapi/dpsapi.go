@@ -1,0 +1,61 @@
+// Package dpsapi holds the types of the DPS device registration API that
+// both the service and device-side clients use.
+package dpsapi
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// Registration states.
+const (
+	StatusUnassigned = "unassigned"
+	StatusAssigning  = "assigning"
+	StatusAssigned   = "assigned"
+	StatusFailed     = "failed"
+	StatusDisabled   = "disabled"
+)
+
+// RegistrationState is the record of a device's latest registration.
+type RegistrationState struct {
+	RegistrationID         string          `json:"registrationId"`
+	CreatedDateTimeUtc     *time.Time      `json:"createdDateTimeUtc,omitempty"`
+	AssignedHub            string          `json:"assignedHub,omitempty"`
+	DeviceID               string          `json:"deviceId,omitempty"`
+	Status                 string          `json:"status"`
+	Substatus              string          `json:"substatus,omitempty"`
+	ErrorCode              int             `json:"errorCode,omitempty"`
+	ErrorMessage           string          `json:"errorMessage,omitempty"`
+	LastUpdatedDateTimeUtc *time.Time      `json:"lastUpdatedDateTimeUtc,omitempty"`
+	ETag                   string          `json:"etag,omitempty"`
+	GenerationID           string          `json:"generationId,omitempty"`
+	EnrollmentGroupID      string          `json:"enrollmentGroupId,omitempty"`
+	Payload                json.RawMessage `json:"payload,omitempty"`
+	TPM                    *TPMResult      `json:"tpm,omitempty"`
+	SymmetricKey           *SymKeyResult   `json:"symmetricKey,omitempty"`
+}
+
+// TPMResult carries the activation blob that wraps the device's hub key.
+type TPMResult struct {
+	AuthenticationKey string `json:"authenticationKey"`
+}
+
+// SymKeyResult names what the device authenticated against.
+type SymKeyResult struct {
+	RegistrationID    string `json:"registrationId"`
+	EnrollmentGroupID string `json:"enrollmentGroupId,omitempty"`
+}
+
+// Operation is an asynchronous registration, polled by the device.
+type Operation struct {
+	OperationID       string             `json:"operationId"`
+	Status            string             `json:"status"`
+	RegistrationState *RegistrationState `json:"registrationState,omitempty"`
+}
+
+// Challenge is the 401 answer to a TPM device's first request.
+type Challenge struct {
+	Message           string `json:"message"`
+	AuthenticationKey string `json:"authenticationKey"`
+	KeyName           string `json:"keyName"`
+}

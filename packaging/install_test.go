@@ -1,0 +1,471 @@
+package packaging
+
+// The package installed for real, without touching this machine: dpkg runs
+// in a chroot on an overlay of / (writes land in a scratch directory) in a
+// private mount namespace. TestInstallWithoutSystemd runs the maintainer
+// scripts as on a machine without systemd; TestSeedFlowUnderSystemd boots
+// systemd in its own namespaces (pid, mount, network: only loopback) on
+// such an overlay and runs the seed's steps against the installed units:
+// a swtpm TPM, a Hatchery service, `iotedge config apply`, `system status`
+// and `system logs`, an upgrade, `system stop` and a purge.
+// Both need root (mount, chroot, namespaces).
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
+)
+
+// overlaySetup mounts an overlay of / at $w/root, with $w/upper taking the
+// writes, and copies the package there as /hatchery-test/pkg.deb. It runs
+// in a private mount namespace: the mounts vanish with it.
+const overlaySetup = `set -eu
+w=$1
+mount --make-rprivate /
+mkdir -p "$w/upper" "$w/work" "$w/root"
+mount -t overlay overlay -o "lowerdir=/,upperdir=$w/upper,workdir=$w/work" "$w/root"
+r=$w/root
+mkdir -p "$r/hatchery-test"
+cp "$w/pkg.deb" "$r/hatchery-test/pkg.deb"
+if [ -f "$w/hatchery" ]; then cp "$w/hatchery" "$r/hatchery-test/hatchery"; fi
+mount -t proc proc "$r/proc"
+mount -t tmpfs -o mode=0755 tmpfs "$r/run"
+`
+
+// requireRoot skips, or fails under CI=true, without root.
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		missing(t, "installing the package in a scratch root needs root (mount, chroot): run the tests as root")
+	}
+	for _, c := range []string{"unshare", "chroot", "nsenter"} {
+		testutil.Require(t, c, "util-linux")
+	}
+}
+
+// scratch returns a directory for an overlay, with the package in it.
+func scratch(t *testing.T) string {
+	t.Helper()
+	w, err := os.MkdirTemp(debDir, "overlay")
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(buildDeb(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(w, "pkg.deb"), b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// keyValues parses the key=value lines of out.
+func keyValues(out []byte) map[string]string {
+	kv := map[string]string{}
+	sc := bufio.NewScanner(bytes.NewReader(out))
+	for sc.Scan() {
+		if k, v, ok := strings.Cut(sc.Text(), "="); ok && !strings.ContainsAny(k, " \t") {
+			kv[k] = v
+		}
+	}
+	return kv
+}
+
+func TestInstallWithoutSystemd(t *testing.T) {
+	requireRoot(t)
+	w := scratch(t)
+	hostUsers, _ := os.ReadFile("/etc/passwd")
+	steps := `set -eu
+cd /hatchery-test
+pkg() { dpkg --force-depends "$@" >>dpkg.log 2>&1 || { echo "dpkg $*: failed"; cat dpkg.log; exit 1; }; }
+st() { stat -c '%U:%G:%a' "$1" 2>/dev/null || echo absent; }
+pkg -i pkg.deb
+echo "user.iotedge=$(getent passwd iotedge | cut -d: -f6,7)"
+echo "user.aziottpm=$(getent passwd aziottpm | cut -d: -f6,7)"
+echo "groups.iotedge=$(id -nG iotedge)"
+echo "groups.aziottpm=$(id -nG aziottpm)"
+echo "stat.etc=$(st /etc/aziot)"
+echo "stat.template=$(st /etc/aziot/config.toml.edge.template)"
+echo "stat.state=$(st /var/lib/aziot/edged)"
+echo "stat.udev=$(st /lib/udev/rules.d/70-hatchery-aziottpm.rules)"
+# The seed's step, and state a daemon running as root left: the next
+# configure (here a reinstall) gives both to the services.
+cp /etc/aziot/config.toml.edge.template /etc/aziot/config.toml
+touch /var/lib/aziot/edged/device_info.json
+pkg -i pkg.deb
+echo "reinstall.users=$(grep -c -E '^(iotedge|aziottpm):' /etc/passwd)"
+echo "stat.config=$(st /etc/aziot/config.toml)"
+echo "stat.backup=$(st /var/lib/aziot/edged/device_info.json)"
+pkg -r hatchery-iotedge
+echo "removed.bin=$(st /usr/bin/iotedge)"
+echo "removed.template=$(st /etc/aziot/config.toml.edge.template)"
+echo "removed.state=$(st /var/lib/aziot/edged)"
+pkg -P hatchery-iotedge
+echo "purged.template=$(st /etc/aziot/config.toml.edge.template)"
+echo "purged.config=$(st /etc/aziot/config.toml)"
+echo "purged.state=$(st /var/lib/aziot)"
+echo "purged.user=$(getent passwd iotedge >/dev/null && echo kept || echo gone)"
+`
+	if err := os.WriteFile(filepath.Join(w, "steps.sh"), []byte(steps), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	script := overlaySetup + `mount --rbind /dev "$r/dev"
+cp "$w/steps.sh" "$r/hatchery-test/steps.sh"
+exec chroot "$r" /bin/sh /hatchery-test/steps.sh
+`
+	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", w).CombinedOutput()
+	if err != nil {
+		if bytes.Contains(out, []byte("mount")) && !bytes.Contains(out, []byte("dpkg")) {
+			missing(t, "cannot mount an overlay of / here: %v\n%s", err, out)
+		}
+		t.Fatalf("install in an overlay: %v\n%s", err, out)
+	}
+	got := keyValues(out)
+	for k, want := range map[string]string{
+		"user.iotedge":     "/nonexistent:/usr/sbin/nologin",
+		"user.aziottpm":    "/nonexistent:/usr/sbin/nologin",
+		"groups.aziottpm":  "aziottpm",
+		"stat.etc":         "root:root:755",
+		"stat.template":    "root:root:644",
+		"stat.state":       "iotedge:iotedge:700",
+		"stat.udev":        "root:root:644",
+		"reinstall.users":  "2",
+		"stat.config":      "root:iotedge:640",
+		"stat.backup":      "iotedge:iotedge:644",
+		"removed.bin":      "absent",
+		"removed.template": "root:root:644", // a conffile stays until purge
+		"removed.state":    "iotedge:iotedge:700",
+		"purged.template":  "absent",
+		"purged.config":    "absent",
+		"purged.state":     "absent",
+		"purged.user":      "kept",
+	} {
+		if got[k] != want {
+			t.Errorf("%s: %q, want %q", k, got[k], want)
+		}
+	}
+	// iotedge is in group docker when the group exists.
+	wantGroups := "iotedge"
+	if _, err := exec.Command("getent", "group", "docker").Output(); err == nil {
+		wantGroups = "iotedge docker"
+	}
+	if got["groups.iotedge"] != wantGroups {
+		t.Errorf("groups of iotedge: %q, want %q", got["groups.iotedge"], wantGroups)
+	}
+	if t.Failed() {
+		t.Logf("output:\n%s", out)
+	}
+	if after, _ := os.ReadFile("/etc/passwd"); !bytes.Equal(after, hostUsers) {
+		t.Error("the machine's /etc/passwd changed")
+	}
+}
+
+// bootedSystemd is systemd running as PID 1 of its own namespaces, on an
+// overlay root with the package installed.
+type bootedSystemd struct {
+	t   *testing.T
+	pid int // systemd's PID as this machine sees it
+}
+
+// run runs a shell script inside, as root, and returns what it printed.
+func (s *bootedSystemd) run(script string) (string, error) {
+	cmd := exec.Command("nsenter", "-t", fmt.Sprint(s.pid), "-m", "-u", "-i", "-n", "-p", "-C", "-r", "-w",
+		"/bin/sh", "-c", script)
+	cmd.Env = []string{"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "LANG=C.UTF-8"}
+	out, err := cmd.CombinedOutput()
+	return string(out), err
+}
+
+func (s *bootedSystemd) must(script string) string {
+	s.t.Helper()
+	out, err := s.run(script)
+	if err != nil {
+		s.t.Fatalf("%s: %v\n%s", script, err, out)
+	}
+	return out
+}
+
+// eventually runs script until it succeeds and prints want, for timeout.
+func (s *bootedSystemd) eventually(script, want string, timeout time.Duration) string {
+	s.t.Helper()
+	deadline := time.Now().Add(timeout)
+	for {
+		out, err := s.run(script)
+		if err == nil && strings.Contains(out, want) {
+			return out
+		}
+		if time.Now().After(deadline) {
+			s.t.Fatalf("%s: after %v: %v\n%s\nwant %q in it", script, timeout, err, out, want)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+}
+
+// cgroup2Root is where the unified cgroup hierarchy is mounted.
+func cgroup2Root() string {
+	b, _ := os.ReadFile("/proc/self/mounts")
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 2 && f[2] == "cgroup2" {
+			return f[1]
+		}
+	}
+	return ""
+}
+
+func bootSystemd(t *testing.T, w string, dockerSock bool) *bootedSystemd {
+	t.Helper()
+	systemd := "/lib/systemd/systemd"
+	if _, err := os.Stat(systemd); err != nil {
+		missing(t, "%s is missing: install the Debian package systemd", systemd)
+	}
+	cgRoot := cgroup2Root()
+	if cgRoot == "" {
+		missing(t, "no cgroup2 hierarchy is mounted: systemd cannot run in a namespace here")
+	}
+	// systemd gets a cgroup of its own, which its cgroup namespace makes
+	// its root.
+	cg := filepath.Join(cgRoot, fmt.Sprintf("hatchery-deb-test-%d", os.Getpid()))
+	if err := os.Mkdir(cg, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	bind := ""
+	if dockerSock {
+		bind = `touch "$r/run/docker.sock"; mount --bind /run/docker.sock "$r/run/docker.sock"` + "\n"
+	}
+	inner := overlaySetup + `mount -t sysfs sysfs "$r/sys"
+mount -t cgroup2 cgroup2 "$r/sys/fs/cgroup"
+mount -t tmpfs -o mode=0755 tmpfs "$r/dev"
+for d in null zero full random urandom tty; do touch "$r/dev/$d"; mount --bind "/dev/$d" "$r/dev/$d"; done
+mkdir "$r/dev/pts" "$r/dev/shm"
+mount -t devpts -o newinstance,ptmxmode=0666 devpts "$r/dev/pts"
+ln -s pts/ptmx "$r/dev/ptmx"; ln -s /proc/self/fd "$r/dev/fd"
+` + bind + `ip link set lo up 2>/dev/null || true
+echo hatchery-test >"$r/etc/hostname"
+chroot "$r" dpkg --force-depends -i /hatchery-test/pkg.deb >"$w/dpkg.log" 2>&1 || { cat "$w/dpkg.log"; exit 1; }
+# Only what the test needs starts: journald. Docker's units are masked (the
+# machine's engine, when it runs, is bound in above).
+cat >"$r/etc/systemd/system/hatchery-test.target" <<EOF
+[Unit]
+Description=Hatchery package test
+Wants=systemd-journald.service
+EOF
+for u in docker.service docker.socket containerd.service; do ln -sf /dev/null "$r/etc/systemd/system/$u"; done
+exec chroot "$r" /usr/bin/env container=hatchery-test ` + systemd + ` --system --unit=hatchery-test.target --show-status=0 --log-target=journal-or-kmsg
+`
+	cmd := exec.Command("sh", "-c", `echo $$ >"$1/cgroup.procs" && shift && exec unshare --pid --fork --mount --net --uts --ipc --cgroup --propagation private sh -c "$@"`,
+		"sh", cg, inner, "sh", w)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	s := &bootedSystemd{t: t}
+	t.Cleanup(func() {
+		if s.pid != 0 && t.Failed() {
+			journal, _ := s.run("journalctl --no-pager -n 100")
+			t.Logf("the journal's last lines:\n%s", journal)
+		}
+		if s.pid != 0 {
+			_, _ = s.run("systemctl poweroff")
+			select {
+			case <-exited:
+			case <-time.After(15 * time.Second):
+				_ = syscall.Kill(s.pid, syscall.SIGKILL)
+				<-exited
+			}
+		} else {
+			_ = cmd.Process.Kill()
+			<-exited
+		}
+		// The cgroups systemd made are empty now; the deepest go first.
+		var dirs []string
+		_ = filepath.WalkDir(cg, func(p string, d os.DirEntry, err error) error {
+			if err == nil && d.IsDir() {
+				dirs = append(dirs, p)
+			}
+			return nil
+		})
+		for i := len(dirs) - 1; i >= 0; i-- {
+			_ = os.Remove(dirs[i])
+		}
+	})
+
+	// systemd is the child of unshare, whose PID is cmd's.
+	deadline := time.Now().Add(30 * time.Second)
+	for s.pid == 0 {
+		select {
+		case err := <-exited:
+			exited <- err
+			if strings.Contains(out.String(), "mount") {
+				missing(t, "cannot boot systemd in namespaces here: %v\n%s", err, out.String())
+			}
+			t.Fatalf("systemd did not start: %v\n%s", err, out.String())
+		default:
+		}
+		children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", cmd.Process.Pid, cmd.Process.Pid))
+		if f := strings.Fields(string(children)); len(f) > 0 {
+			var pid int
+			fmt.Sscan(f[0], &pid)
+			if exe, _ := os.Readlink(fmt.Sprintf("/proc/%d/exe", pid)); strings.HasSuffix(exe, "/systemd") {
+				s.pid = pid
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("systemd did not start in 30s:\n%s", out.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	s.eventually("systemctl is-system-running | grep -E '^(running|degraded)$'", "", 60*time.Second)
+	return s
+}
+
+// dockerAnswers reports whether the machine's Moby engine answers.
+func dockerAnswers() bool {
+	c, err := net.DialTimeout("unix", "/run/docker.sock", time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	fmt.Fprint(c, "GET /_ping HTTP/1.0\r\n\r\n")
+	b := make([]byte, 64)
+	n, _ := c.Read(b)
+	return bytes.Contains(b[:n], []byte(" 200 "))
+}
+
+func TestSeedFlowUnderSystemd(t *testing.T) {
+	requireRoot(t)
+	testutil.Require(t, "swtpm", "swtpm")
+	w := scratch(t)
+	testutil.Run(t, exec.Command("go", "build", "-o", filepath.Join(w, "hatchery"), filepath.Join(repoRoot(t), "cmd", "hatchery")))
+	engine := dockerAnswers()
+	s := bootSystemd(t, w, engine)
+
+	// A TPM and a Hatchery service, on the namespace's loopback.
+	const tcti = "swtpm:host=127.0.0.1,port=2321"
+	const hatchery = "/hatchery-test/hatchery --data-dir /var/lib/hatchery-test"
+	s.must(`mkdir -p /var/lib/swtpm-test
+systemd-run --quiet --unit=swtpm-test swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-test \
+  --server type=tcp,port=2321,bindaddr=127.0.0.1 --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 \
+  --flags not-need-init,startup-clear
+systemd-run --quiet --unit=hatchery-serve ` + hatchery + ` serve --hostname localhost`)
+
+	// The seed: the TPM's registration ID and EK, then the enrollment.
+	var info struct{ RegistrationID, EndorsementKey string }
+	out := s.eventually("iotedge tpm provision-info --output json --tcti "+tcti, "registrationId", 30*time.Second)
+	if err := json.Unmarshal([]byte(out), &info); err != nil {
+		t.Fatalf("provision-info: %v\n%s", err, out)
+	}
+	s.eventually(hatchery+" enrollment list", "", 30*time.Second)
+	s.must(fmt.Sprintf("%s enrollment create --attestation-type tpm --registration-id %s --endorsement-key %s --device-id edge-lab-01 --edge-enabled",
+		hatchery, info.RegistrationID, info.EndorsementKey))
+	var svc struct{ IDScope, ProvisioningHost, CACertificate string }
+	if err := json.Unmarshal([]byte(s.must(hatchery+" info --output json")), &svc); err != nil {
+		t.Fatal(err)
+	}
+
+	// The device: the template, the DPS-TPM block, config apply.
+	s.must(fmt.Sprintf(`cp %s /etc/aziot/hatchery-ca.pem
+cp /etc/aziot/config.toml.edge.template /etc/aziot/config.toml
+cat >>/etc/aziot/config.toml <<EOF
+trust_bundle_cert = "file:///etc/aziot/hatchery-ca.pem"
+
+[provisioning]
+source = "dps"
+global_endpoint = "%s"
+id_scope = "%s"
+
+[provisioning.attestation]
+method = "tpm"
+registration_id = "%s"
+
+[tpm]
+tcti = "%s"
+EOF`, svc.CACertificate, svc.ProvisioningHost, svc.IDScope, info.RegistrationID, tcti))
+	if out := s.must("iotedge config apply"); !strings.Contains(out, "Restarting the IoT Edge services") {
+		t.Errorf("config apply did not take the systemd path:\n%s", out)
+	}
+	status := s.eventually("iotedge system status", "Device:       edge-lab-01", 60*time.Second)
+	for _, want := range []string{"aziot-tpmd    Running", "iotedged      Running", "provisioned by dps/tpm", "Hub:          connected"} {
+		if !strings.Contains(status, want) {
+			t.Errorf("system status lacks %q:\n%s", want, status)
+		}
+	}
+	if engine && !strings.Contains(status, "Engine:       reachable") {
+		t.Errorf("the engine answers on /run/docker.sock, but not to iotedged (SupplementaryGroups=docker):\n%s", status)
+	}
+	logs := s.must("iotedge system logs --tail 200")
+	for _, want := range []string{"aziot-tpmd serving", "msg=provisioned", "Started iotedged.service"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("system logs (the journal) lacks %q:\n%s", want, logs)
+		}
+	}
+
+	// Who runs what, and who may connect.
+	got := keyValues([]byte(s.must(`st() { stat -c '%U:%G:%a' "$1"; }
+echo "tpmd.user=$(stat -c %U /proc/$(systemctl show -p MainPID --value aziot-tpmd))"
+echo "edged.user=$(stat -c %U /proc/$(systemctl show -p MainPID --value iotedged))"
+echo "tpmd.sock=$(st /run/aziot/tpmd.sock)"
+echo "mgmt.sock=$(st /var/run/iotedge/mgmt.sock)"
+echo "state=$(st /var/lib/aziot/edged)"
+echo "config=$(st /etc/aziot/config.toml)"
+echo "enabled=$(systemctl is-enabled aziot-tpmd iotedged | tr '\n' ' ')"
+setpriv --reuid nobody --regid nogroup --groups "$(getent group iotedge | cut -d: -f3)" iotedge list >/dev/null 2>&1 && echo member=ok || echo member=refused
+setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>&1 && echo other=ok || echo other=refused
+`)))
+	for k, want := range map[string]string{
+		"tpmd.user":  "aziottpm",
+		"edged.user": "iotedge",
+		"tpmd.sock":  "aziottpm:iotedge:660",
+		"mgmt.sock":  "iotedge:iotedge:660",
+		"state":      "iotedge:iotedge:700",
+		"enabled":    "enabled enabled ",
+		"member":     "ok",
+		"other":      "refused",
+	} {
+		if got[k] != want {
+			t.Errorf("%s: %q, want %q", k, got[k], want)
+		}
+	}
+	t.Logf("/etc/aziot/config.toml after config apply: %s", got["config"])
+
+	// An upgrade restarts the running services.
+	pids := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged")
+	s.must("dpkg --force-depends -i /hatchery-test/pkg.deb")
+	s.eventually("systemctl is-active aziot-tpmd iotedged", "active\nactive", 20*time.Second)
+	if after := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged"); after == pids {
+		t.Errorf("the upgrade did not restart the services: main PIDs %q", strings.Fields(after))
+	}
+
+	s.must("iotedge system stop")
+	if out, _ := s.run("systemctl is-active aziot-tpmd iotedged"); out != "inactive\ninactive\n" {
+		t.Errorf("after system stop: %q", out)
+	}
+
+	// A purge removes the units, their enablement and the state.
+	s.must("dpkg -P hatchery-iotedge")
+	got = keyValues([]byte(s.must(`systemctl cat iotedged.service >/dev/null 2>&1 && echo unit=present || echo unit=gone
+ls /etc/systemd/system/multi-user.target.wants/ | grep -q -E 'aziot-tpmd|iotedged' && echo links=present || echo links=gone
+test -e /var/lib/aziot && echo state=present || echo state=gone
+`)))
+	for k, want := range map[string]string{"unit": "gone", "links": "gone", "state": "gone"} {
+		if got[k] != want {
+			t.Errorf("after purge, %s: %q, want %q", k, got[k], want)
+		}
+	}
+}
