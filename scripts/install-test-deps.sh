@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the test suite needs: swtpm and tpm2-tools (Debian), the Moby
-# engine (Debian's docker.io, started here when not running) and the official
+# engine (Debian's docker.io, started here when not running), PostgreSQL
+# (the tests start their own clusters) and the official
 # Azure IoT Node SDKs (npm, from test/interop/package-lock.json).
 # Without root or apt it says what is missing; tests needing it then skip
 # locally and fail under CI=true.
@@ -11,6 +12,7 @@ need=()
 for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   need+=(nodejs npm)
 fi

@@ -35,7 +35,8 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 	if err := json.Unmarshal(raw, &ep); err != nil {
 		return nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
-	st, err := store.OpenSQLite(filepath.Join(dir, "hatchery.db"))
+	database, _ := cmd.Flags().GetString("database")
+	st, err := store.Open(cmd.Context(), database, dir)
 	if err != nil {
 		return nil, err
 	}

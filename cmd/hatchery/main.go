@@ -18,6 +18,8 @@ func main() {
 	}
 	root.PersistentFlags().String("data-dir", defaultDataDir(), "directory holding the database, TLS material and settings")
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
+	root.PersistentFlags().String("database", os.Getenv("HATCHERY_DATABASE"),
+		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: SQLite hatchery.db in --data-dir)")
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
 		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd())
 	if err := root.Execute(); err != nil {

@@ -55,12 +55,13 @@ func serveCmd() *cobra.Command {
 			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			dir, _ := cmd.Flags().GetString("data-dir")
+			database, _ := cmd.Flags().GetString("database")
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
-			return serve(cmd.Context(), dir, host, listen, port, mqttPort, certFile, keyFile)
+			return serve(cmd.Context(), dir, database, host, listen, port, mqttPort, certFile, keyFile)
 		},
 	}
 	h, _ := os.Hostname()
@@ -74,7 +75,7 @@ func serveCmd() *cobra.Command {
 	return cmd
 }
 
-func serve(ctx context.Context, dir, host, listen string, port, mqttPort int, certFile, keyFile string) error {
+func serve(ctx context.Context, dir, database, host, listen string, port, mqttPort int, certFile, keyFile string) error {
 	if host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
 	}
@@ -95,7 +96,7 @@ func serve(ctx context.Context, dir, host, listen string, port, mqttPort int, ce
 	if err != nil {
 		return err
 	}
-	st, err := store.OpenSQLite(filepath.Join(dir, "hatchery.db"))
+	st, err := store.Open(ctx, database, dir)
 	if err != nil {
 		return err
 	}

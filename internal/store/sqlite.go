@@ -54,7 +54,7 @@ func OpenSQLite(path string) (*SQLite, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, err := db.Exec(schema); err != nil {
+	if err := migrateSQLite(context.Background(), db); err != nil {
 		db.Close()
 		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}

@@ -2,11 +2,10 @@ package store
 
 import (
 	"context"
-	"errors"
+	"database/sql"
+	"os"
 	"path/filepath"
-	"sync"
 	"testing"
-	"time"
 )
 
 func open(t *testing.T) *SQLite {
@@ -18,96 +17,75 @@ func open(t *testing.T) *SQLite {
 	return s
 }
 
-func TestDocLifecycle(t *testing.T) {
+// sqliteBackend gives the conformance suite a new database file per test.
+var sqliteBackend = backend{
+	name:  "sqlite",
+	newDB: func(tb testing.TB) string { return filepath.Join(tb.TempDir(), "h.db") },
+	exec: func(tb testing.TB, path, query string) {
+		tb.Helper()
+		db, err := sql.Open("sqlite", path)
+		if err != nil {
+			tb.Fatal(err)
+		}
+		defer db.Close()
+		if _, err := db.Exec(query); err != nil {
+			tb.Fatalf("%s: %v", query, err)
+		}
+	},
+}
+
+func TestSQLite(t *testing.T) {
+	runConformance(t, sqliteBackend)
+}
+
+// Open chooses SQLite for an empty DSN (the data directory's file), a
+// sqlite: URL or a path, and refuses what it cannot tell.
+func TestOpenSQLite(t *testing.T) {
 	ctx := context.Background()
-	s := open(t)
-	d, err := s.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{"v":1}`)})
+	dir := t.TempDir()
+	for _, dsn := range []string{"", "sqlite:" + filepath.Join(dir, "a.db"), "sqlite://" + filepath.Join(dir, "b.db"), filepath.Join(dir, "c.db")} {
+		s, err := Open(ctx, dsn, dir)
+		if err != nil {
+			t.Fatalf("Open(%q): %v", dsn, err)
+		}
+		if _, ok := s.(*SQLite); !ok {
+			t.Errorf("Open(%q) gave a %T", dsn, s)
+		}
+		s.Close()
+	}
+	for _, f := range []string{DefaultSQLiteFile, "a.db", "b.db", "c.db"} {
+		if _, err := os.Stat(filepath.Join(dir, f)); err != nil {
+			t.Errorf("no database file: %v", err)
+		}
+	}
+	for _, dsn := range []string{"mysql://u:secret@h/db", "host=db dbname=hatchery", "sqlite:"} {
+		s, err := Open(ctx, dsn, dir)
+		if err == nil {
+			s.Close()
+			t.Errorf("Open(%q) succeeded", dsn)
+			continue
+		}
+		if s != nil {
+			t.Errorf("Open(%q) failed but returned a store", dsn)
+		}
+		t.Logf("Open(%q): %v", dsn, err)
+	}
+}
+
+// A database made before schema versions existed is adopted as version 1.
+func TestSQLiteUnversionedDatabase(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "h.db")
+	sqliteBackend.exec(t, path, schema+`INSERT INTO docs VALUES ('k', 'a', 'e', x'7b7d', 0);`)
+	s, err := OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := s.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}); !errors.Is(err, ErrExists) {
-		t.Fatalf("duplicate create: %v", err)
+	defer s.Close()
+	if d, err := s.Get(context.Background(), "k", "a"); err != nil || d.ETag != "e" {
+		t.Fatalf("the document written before versioning: %+v %v", d, err)
 	}
-	if _, err := s.Put(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{"v":2}`)}, "stale"); !errors.Is(err, ErrPrecondition) {
-		t.Fatalf("stale etag: %v", err)
-	}
-	if _, err := s.Put(ctx, Doc{Kind: "k", ID: "zz", Body: []byte(`{}`)}, "*"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("put * on missing: %v", err)
-	}
-	d2, err := s.Put(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{"v":2}`)}, d.ETag)
-	if err != nil || d2.ETag == d.ETag {
-		t.Fatalf("conditional put: %v %q", err, d2.ETag)
-	}
-	got, err := s.Get(ctx, "k", "a")
-	if err != nil || string(got.Body) != `{"v":2}` || got.ETag != d2.ETag {
-		t.Fatalf("get: %+v %v", got, err)
-	}
-	if _, err := s.Put(ctx, Doc{Kind: "k", ID: "b", Body: []byte(`{}`)}, ""); err != nil {
-		t.Fatal(err)
-	}
-	list, _ := s.List(ctx, "k", "", 10)
-	if len(list) != 2 || list[0].ID != "a" || list[1].ID != "b" {
-		t.Fatalf("list: %+v", list)
-	}
-	if page, _ := s.List(ctx, "k", "a", 10); len(page) != 1 || page[0].ID != "b" {
-		t.Fatalf("list after a: %+v", page)
-	}
-	if n, _ := s.Count(ctx, "k"); n != 2 {
-		t.Fatalf("count %d", n)
-	}
-	if err := s.Delete(ctx, "k", "a", "stale"); !errors.Is(err, ErrPrecondition) {
-		t.Fatalf("delete stale: %v", err)
-	}
-	if err := s.Delete(ctx, "k", "a", d2.ETag); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.Get(ctx, "k", "a"); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("after delete: %v", err)
-	}
-	if err := s.Delete(ctx, "k", "a", ""); !errors.Is(err, ErrNotFound) {
-		t.Fatalf("delete missing: %v", err)
-	}
-}
-
-// Concurrent creates of one ID: exactly one wins.
-func TestCreateRace(t *testing.T) {
-	s := open(t)
-	var wg sync.WaitGroup
-	var mu sync.Mutex
-	wins := 0
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if _, err := s.Create(context.Background(), Doc{Kind: "k", ID: "x", Body: []byte(`{}`)}); err == nil {
-				mu.Lock()
-				wins++
-				mu.Unlock()
-			} else if !errors.Is(err, ErrExists) {
-				t.Error(err)
-			}
-		}()
-	}
-	wg.Wait()
-	if wins != 1 {
-		t.Fatalf("%d creates won", wins)
-	}
-}
-
-func TestEvents(t *testing.T) {
-	ctx := context.Background()
-	s := open(t)
-	for i, dev := range []string{"d1", "d2", "d1"} {
-		if _, err := s.AppendEvent(ctx, Event{DeviceID: dev, Properties: map[string]string{"i": string(rune('0' + i))}, Body: []byte("x"), Enqueued: time.Now()}); err != nil {
-			t.Fatal(err)
-		}
-	}
-	all, _ := s.Events(ctx, "", 0, 10)
-	d1, _ := s.Events(ctx, "d1", 0, 10)
-	if len(all) != 3 || len(d1) != 2 || d1[1].Properties["i"] != "2" {
-		t.Fatalf("all=%+v d1=%+v", all, d1)
-	}
-	if rest, _ := s.Events(ctx, "", all[0].Seq, 10); len(rest) != 2 {
-		t.Fatalf("after: %+v", rest)
+	var v int
+	if err := s.db.QueryRow(`SELECT max(version) FROM schema_version`).Scan(&v); err != nil || v != len(sqliteMigrations) {
+		t.Fatalf("schema version %d (%v), want %d", v, err, len(sqliteMigrations))
 	}
 }

@@ -1,0 +1,142 @@
+package store
+
+import (
+	"context"
+	"database/sql"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Schema migrations: one ordered list of SQL scripts per backend. Element i
+// brings the schema from version i to version i+1, and the schema_version
+// table holds one row per version applied. Open applies what is missing in
+// one transaction, so a database is always at one version or the next, never
+// half-way. Released migrations are never edited: a change of schema is a new
+// element at the end of both lists.
+//
+// Migration 1 is the schema the stores had before versioning. It is written
+// with IF NOT EXISTS, so a database created before schema_version existed is
+// adopted as version 1 without change.
+var (
+	sqliteMigrations = []string{
+		schema, // sqlite.go
+	}
+	postgresMigrations = []string{
+		`CREATE TABLE IF NOT EXISTS docs (
+			kind    text COLLATE "C" NOT NULL,
+			id      text COLLATE "C" NOT NULL,
+			etag    text NOT NULL,
+			body    bytea NOT NULL,
+			updated timestamptz NOT NULL,
+			PRIMARY KEY (kind, id)
+		);
+		CREATE TABLE IF NOT EXISTS events (
+			seq        bigserial PRIMARY KEY,
+			device_id  text NOT NULL,
+			module_id  text NOT NULL,
+			properties text NOT NULL,
+			body       bytea NOT NULL,
+			enqueued   timestamptz NOT NULL
+		);
+		CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);`,
+	}
+)
+
+// Column choices on PostgreSQL, for the same answers as SQLite:
+//   - kind and id compare byte by byte (COLLATE "C", as SQLite's BINARY), so
+//     List's order and its `after` cursor do not depend on the server's
+//     locale, and a prefix such as "device/" bounds a range.
+//   - bodies are bytea, not jsonb: the store hands back the bytes it was
+//     given (jsonb would reorder keys, drop whitespace and duplicate keys).
+//   - properties are the JSON text SQLite keeps: jsonb refuses "\u0000",
+//     which a device may legitimately send in a property value.
+
+// postgresMigrationLock is the advisory lock key that serializes migrations
+// of one database between processes: "hatchery" in ASCII.
+const postgresMigrationLock int64 = 0x6861746368657279
+
+// pendingMigrations returns the versions after current that this build
+// knows, or an error if the database is newer than this build.
+func pendingMigrations(backend string, current int, migrations []string) ([]int, error) {
+	if current > len(migrations) {
+		return nil, fmt.Errorf("the %s database has schema version %d, newer than this hatchery knows (%d): run a newer hatchery against it", backend, current, len(migrations))
+	}
+	var out []int
+	for v := current + 1; v <= len(migrations); v++ {
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// migrateSQLite brings the SQLite database up to date. The transaction
+// begins IMMEDIATE (the DSN's _txlock), taking SQLite's write lock first: a
+// second process opening the same file waits for it (busy_timeout), then
+// finds the migrations applied.
+func migrateSQLite(ctx context.Context, db *sql.DB) error {
+	tx, err := db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback() // a no-op after Commit
+	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
+		version INTEGER PRIMARY KEY,
+		applied INTEGER NOT NULL
+	)`); err != nil {
+		return err
+	}
+	var current int
+	if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
+		return err
+	}
+	pending, err := pendingMigrations("SQLite", current, sqliteMigrations)
+	if err != nil || len(pending) == 0 {
+		return err
+	}
+	for _, v := range pending {
+		if _, err := tx.ExecContext(ctx, sqliteMigrations[v-1]); err != nil {
+			return fmt.Errorf("schema migration %d: %w", v, err)
+		}
+		if _, err := tx.ExecContext(ctx, `INSERT INTO schema_version (version, applied) VALUES (?, ?)`, v, time.Now().UnixMilli()); err != nil {
+			return err
+		}
+	}
+	return tx.Commit()
+}
+
+// migratePostgres brings the PostgreSQL database up to date. Replicas may
+// start together: a transaction-scoped advisory lock lets one migrate while
+// the others wait, then find nothing left to do. DDL is transactional on
+// PostgreSQL, so a failed migration leaves the previous version intact.
+func migratePostgres(ctx context.Context, pool *pgxpool.Pool) error {
+	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, postgresMigrationLock); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
+			version integer PRIMARY KEY,
+			applied timestamptz NOT NULL DEFAULT now()
+		)`); err != nil {
+			return err
+		}
+		var current int
+		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
+			return err
+		}
+		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations)
+		if err != nil {
+			return err
+		}
+		for _, v := range pending {
+			if _, err := tx.Exec(ctx, postgresMigrations[v-1]); err != nil {
+				return fmt.Errorf("schema migration %d: %w", v, err)
+			}
+			if _, err := tx.Exec(ctx, `INSERT INTO schema_version (version) VALUES ($1)`, v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}

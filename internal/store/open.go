@@ -1,0 +1,66 @@
+package store
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"strings"
+)
+
+// DefaultSQLiteFile is the database file in the data directory when no
+// database is named.
+const DefaultSQLiteFile = "hatchery.db"
+
+// Open opens the store named by dsn, as given to `hatchery serve --database`:
+//
+//   - "" — SQLite, the file hatchery.db in dataDir;
+//   - postgres://... or postgresql://... — PostgreSQL, shared by replicas;
+//   - sqlite:PATH, sqlite://PATH or a plain file path — SQLite at PATH
+//     (relative to the working directory).
+//
+// Either way the schema is brought up to date before Open returns.
+func Open(ctx context.Context, dsn, dataDir string) (Store, error) {
+	switch {
+	case dsn == "":
+		return openSQLitePath(filepath.Join(dataDir, DefaultSQLiteFile))
+	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+		p, err := OpenPostgres(ctx, dsn)
+		if err != nil {
+			return nil, err // not a nil *Postgres in a non-nil Store
+		}
+		return p, nil
+	case strings.HasPrefix(dsn, "sqlite://"):
+		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite://"))
+	case strings.HasPrefix(dsn, "sqlite:"):
+		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite:"))
+	case strings.Contains(dsn, "://"):
+		scheme, _, _ := strings.Cut(dsn, "://")
+		return nil, fmt.Errorf("database URL scheme %q is not supported: give a postgres:// URL or a SQLite file path", scheme)
+	case looksLikeKeywordDSN(dsn):
+		return nil, fmt.Errorf("database: this looks like a PostgreSQL keyword/value connection string: give it as a URL, postgres://user:password@host:5432/dbname")
+	default:
+		return openSQLitePath(dsn)
+	}
+}
+
+func openSQLitePath(path string) (Store, error) {
+	if path == "" {
+		return nil, fmt.Errorf("database: the SQLite URL names no file: give sqlite:/path/to/hatchery.db")
+	}
+	s, err := OpenSQLite(path)
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// looksLikeKeywordDSN tells "host=db dbname=hatchery" from a file path, so
+// that it is not taken for the name of a new SQLite file.
+func looksLikeKeywordDSN(dsn string) bool {
+	for _, kw := range []string{"host=", "dbname=", "user=", "password=", "sslmode="} {
+		if strings.HasPrefix(dsn, kw) || strings.Contains(dsn, " "+kw) {
+			return true
+		}
+	}
+	return false
+}

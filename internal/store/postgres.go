@@ -1,0 +1,384 @@
+package store
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+	"github.com/jackc/pgx/v5/pgxpool"
+)
+
+// Postgres is the store shared by several `hatchery serve` replicas. It
+// answers exactly as SQLite does; what differs is that other processes
+// write to the same tables, so every conditional write is one statement
+// whose WHERE clause is the condition, and row locks do the rest.
+//
+// It talks to the server through pgxpool directly rather than database/sql:
+// the pool prepares and caches each statement per connection by itself,
+// bytea and timestamptz map to []byte and time.Time without adapters, and a
+// batch of inserts travels in one round trip.
+type Postgres struct {
+	pool *pgxpool.Pool
+
+	mu      sync.Mutex
+	queue   []*pgAppend // appends waiting for the writer
+	writing bool        // the writer goroutine runs
+	closed  bool
+	writer  sync.WaitGroup
+}
+
+// defaultPostgresConns is the pool size unless the URL sets pool_max_conns:
+// pgxpool's own default (the number of CPUs, at least 4) is too few for a
+// server whose every request waits on the database.
+const defaultPostgresConns = 16
+
+// OpenPostgres connects to the database at url (postgres://user:pass@host/db?...)
+// and brings its schema up to date. pgx's URL parameters apply
+// (sslmode, pool_max_conns, default_query_exec_mode=exec behind PgBouncer, ...).
+func OpenPostgres(ctx context.Context, dsn string) (*Postgres, error) {
+	where := redactDSN(dsn)
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		return nil, fmt.Errorf("database URL %s: %w", where, err)
+	}
+	if !strings.Contains(dsn, "pool_max_conns") {
+		cfg.MaxConns = max(cfg.MaxConns, defaultPostgresConns)
+	}
+	pool, err := pgxpool.NewWithConfig(ctx, cfg)
+	if err != nil {
+		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)
+	}
+	if err := pool.Ping(ctx); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)
+	}
+	if err := migratePostgres(ctx, pool); err != nil {
+		pool.Close()
+		return nil, fmt.Errorf("opening database %s: %w", where, err)
+	}
+	return &Postgres{pool: pool}, nil
+}
+
+// redactDSN is the URL without its password, for error messages.
+func redactDSN(dsn string) string {
+	u, err := url.Parse(dsn)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	return u.Redacted()
+}
+
+// Close waits for appends already queued to be committed, then closes the pool.
+func (p *Postgres) Close() error {
+	p.mu.Lock()
+	p.closed = true
+	p.mu.Unlock()
+	p.writer.Wait()
+	p.pool.Close()
+	return nil
+}
+
+// limitArg maps a limit to its LIMIT parameter: SQLite reads a negative
+// LIMIT as none, PostgreSQL refuses it but reads NULL as none.
+func limitArg(limit int) any {
+	if limit < 0 {
+		return nil
+	}
+	return limit
+}
+
+func (p *Postgres) Get(ctx context.Context, kind, id string) (Doc, error) {
+	d := Doc{Kind: kind, ID: id}
+	err := p.pool.QueryRow(ctx, `SELECT etag, body, updated FROM docs WHERE kind=$1 AND id=$2`, kind, id).
+		Scan(&d.ETag, &d.Body, &d.Updated)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return d, ErrNotFound
+	}
+	return d, err
+}
+
+// Create inserts unless the key is taken. Concurrent creates of one key, from
+// any number of processes, meet at the primary key: the first insert to
+// commit wins, the others wait for it and then insert nothing.
+func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
+	d.ETag, d.Updated = NewETag(), time.Now()
+	tag, err := p.pool.Exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
+		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
+	if err != nil {
+		return d, err
+	}
+	if tag.RowsAffected() == 0 {
+		return d, ErrExists
+	}
+	return d, nil
+}
+
+// The conditional writes are single statements whose WHERE clause is the
+// condition. Two writers holding one etag cannot both succeed: the second
+// UPDATE waits for the first's row lock, rechecks the row as committed and
+// finds another etag.
+const (
+	pgUpsert = `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
+		ON CONFLICT (kind, id) DO UPDATE SET etag=excluded.etag, body=excluded.body, updated=excluded.updated`
+	pgUpdate   = `UPDATE docs SET etag=$3, body=$4, updated=$5 WHERE kind=$1 AND id=$2`
+	pgUpdateIf = `UPDATE docs SET etag=$3, body=$4, updated=$5 WHERE kind=$1 AND id=$2 AND etag=$6`
+	pgDelete   = `DELETE FROM docs WHERE kind=$1 AND id=$2`
+	pgDeleteIf = `DELETE FROM docs WHERE kind=$1 AND id=$2 AND etag=$3`
+)
+
+func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
+	d.ETag, d.Updated = NewETag(), time.Now()
+	var tag pgconn.CommandTag
+	var err error
+	switch ifMatch {
+	case "":
+		tag, err = p.pool.Exec(ctx, pgUpsert, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
+	case "*":
+		tag, err = p.pool.Exec(ctx, pgUpdate, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
+	default:
+		tag, err = p.pool.Exec(ctx, pgUpdateIf, d.Kind, d.ID, d.ETag, d.Body, d.Updated, ifMatch)
+	}
+	if err != nil {
+		return d, err
+	}
+	if tag.RowsAffected() == 0 {
+		return d, p.missOrMismatch(ctx, d.Kind, d.ID)
+	}
+	return d, nil
+}
+
+func (p *Postgres) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	var tag pgconn.CommandTag
+	var err error
+	if ifMatch == "" || ifMatch == "*" {
+		tag, err = p.pool.Exec(ctx, pgDelete, kind, id)
+	} else {
+		tag, err = p.pool.Exec(ctx, pgDeleteIf, kind, id, ifMatch)
+	}
+	if err != nil {
+		return err
+	}
+	if tag.RowsAffected() == 0 {
+		return p.missOrMismatch(ctx, kind, id)
+	}
+	return nil
+}
+
+// missOrMismatch tells why a conditional write touched no row. It reads
+// after the write, as SQLite does: a document deleted meanwhile by another
+// replica is reported missing, not as a mismatch.
+func (p *Postgres) missOrMismatch(ctx context.Context, kind, id string) error {
+	var one int
+	err := p.pool.QueryRow(ctx, `SELECT 1 FROM docs WHERE kind=$1 AND id=$2`, kind, id).Scan(&one)
+	switch {
+	case errors.Is(err, pgx.ErrNoRows):
+		return ErrNotFound
+	case err != nil:
+		return err
+	}
+	return ErrPrecondition
+}
+
+func (p *Postgres) List(ctx context.Context, kind, after string, limit int) ([]Doc, error) {
+	rows, err := p.pool.Query(ctx, `SELECT id, etag, body, updated FROM docs WHERE kind=$1 AND id>$2 ORDER BY id LIMIT $3`,
+		kind, after, limitArg(limit))
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Doc
+	for rows.Next() {
+		d := Doc{Kind: kind}
+		if err := rows.Scan(&d.ID, &d.ETag, &d.Body, &d.Updated); err != nil {
+			return nil, err
+		}
+		out = append(out, d)
+	}
+	return out, rows.Err()
+}
+
+func (p *Postgres) Count(ctx context.Context, kind string) (int, error) {
+	var n int
+	err := p.pool.QueryRow(ctx, `SELECT count(*) FROM docs WHERE kind=$1`, kind).Scan(&n)
+	return n, err
+}
+
+// pgAppend is one queued append; seq and err are set before done closes.
+type pgAppend struct {
+	ctx        context.Context
+	deviceID   string
+	moduleID   string
+	properties string
+	body       []byte
+	enqueued   time.Time
+	seq        int64
+	err        error
+	done       chan struct{}
+}
+
+// pgMaxEventBatch bounds one transaction, and so how long it holds the
+// events table against the other replicas.
+const pgMaxEventBatch = 1000
+
+// AppendEvent stores e and returns its sequence number once it is committed.
+//
+// Sequence numbers are handed out in commit order, across all replicas: each
+// transaction appending events first locks the events table against other
+// appends (readers are not blocked), so a reader that has seen sequence
+// number n will never later see a smaller one appear. Without that, a
+// bigserial taken by a transaction that commits late would be skipped by a
+// consumer reading with Events(after) as its cursor.
+//
+// As on SQLite, concurrent appends in one process share a transaction (group
+// commit): callers queue their events, one writer goroutine inserts all that
+// is queued in one transaction and answers each caller with its own number.
+// Batches grow with load; there is no timer. If ctx ends before the commit
+// the caller gets ctx.Err(), but the event may still be stored.
+func (p *Postgres) AppendEvent(ctx context.Context, e Event) (int64, error) {
+	props, err := json.Marshal(e.Properties)
+	if err != nil {
+		return 0, err
+	}
+	body := e.Body
+	if body == nil {
+		body = []byte{} // an empty message; the column is NOT NULL
+	}
+	a := &pgAppend{ctx: ctx, deviceID: e.DeviceID, moduleID: e.ModuleID, properties: string(props),
+		body: body, enqueued: e.Enqueued, done: make(chan struct{})}
+	p.mu.Lock()
+	if p.closed {
+		p.mu.Unlock()
+		return 0, errStoreClosed
+	}
+	p.queue = append(p.queue, a)
+	if !p.writing {
+		p.writing = true
+		p.writer.Add(1)
+		go p.writeQueued()
+	}
+	p.mu.Unlock()
+	select {
+	case <-a.done:
+		return a.seq, a.err
+	case <-ctx.Done():
+		return 0, ctx.Err()
+	}
+}
+
+// writeQueued writes batches until the queue is empty.
+func (p *Postgres) writeQueued() {
+	defer p.writer.Done()
+	for {
+		p.mu.Lock()
+		batch := p.queue
+		if len(batch) == 0 {
+			p.writing = false
+			p.mu.Unlock()
+			return
+		}
+		if len(batch) > pgMaxEventBatch {
+			p.queue = append([]*pgAppend(nil), batch[pgMaxEventBatch:]...)
+			batch = batch[:pgMaxEventBatch]
+		} else {
+			p.queue = nil
+		}
+		p.mu.Unlock()
+		p.writeBatch(batch)
+	}
+}
+
+// writeBatch commits a batch and answers each caller. If the server refuses
+// the batch, each event is retried in its own transaction, so that only a
+// bad one fails; if the server cannot be reached, all fail at once.
+func (p *Postgres) writeBatch(batch []*pgAppend) {
+	live := batch[:0:0]
+	for _, a := range batch {
+		if a.err = a.ctx.Err(); a.err != nil {
+			close(a.done) // the caller gave up: do not store it
+			continue
+		}
+		live = append(live, a)
+	}
+	if len(live) == 0 {
+		return
+	}
+	err := p.insertEvents(live)
+	var refused *pgconn.PgError // the server refused a statement, not a lost connection
+	if errors.As(err, &refused) && len(live) > 1 {
+		for _, a := range live {
+			a.err = p.insertEvents([]*pgAppend{a})
+		}
+	} else {
+		for _, a := range live {
+			a.err = err
+		}
+	}
+	for _, a := range live {
+		if a.err != nil {
+			a.seq = 0
+		}
+		close(a.done)
+	}
+}
+
+// insertEvents inserts the events in one transaction, in order, and sets
+// their seq. The inserts travel as one pipelined batch.
+func (p *Postgres) insertEvents(as []*pgAppend) error {
+	ctx := context.Background() // the batch is not any one caller's
+	return pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
+		// The lock is its own statement, before the batch: pgx prepares a
+		// batch's statements before running any, and preparing the INSERT
+		// takes a lock on events that would then be held while waiting for
+		// this one, deadlocking two replicas.
+		if _, err := tx.Exec(ctx, `LOCK TABLE events IN EXCLUSIVE MODE`); err != nil {
+			return err
+		}
+		b := &pgx.Batch{}
+		for _, a := range as {
+			b.Queue(`INSERT INTO events (device_id, module_id, properties, body, enqueued) VALUES ($1,$2,$3,$4,$5) RETURNING seq`,
+				a.deviceID, a.moduleID, a.properties, a.body, a.enqueued)
+		}
+		br := tx.SendBatch(ctx, b)
+		for _, a := range as {
+			if err := br.QueryRow().Scan(&a.seq); err != nil {
+				br.Close()
+				return err
+			}
+		}
+		return br.Close()
+	})
+}
+
+func (p *Postgres) Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error) {
+	q := `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE seq>$1 ORDER BY seq LIMIT $2`
+	args := []any{after, limitArg(limit)}
+	if deviceID != "" {
+		q = `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE device_id=$3 AND seq>$1 ORDER BY seq LIMIT $2`
+		args = append(args, deviceID)
+	}
+	rows, err := p.pool.Query(ctx, q, args...)
+	if err != nil {
+		return nil, err
+	}
+	defer rows.Close()
+	var out []Event
+	for rows.Next() {
+		var e Event
+		var props string
+		if err := rows.Scan(&e.Seq, &e.DeviceID, &e.ModuleID, &props, &e.Body, &e.Enqueued); err != nil {
+			return nil, err
+		}
+		if err := json.Unmarshal([]byte(props), &e.Properties); err != nil {
+			return nil, err
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}
