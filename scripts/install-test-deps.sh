@@ -9,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io; do
+for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io docker-registry:docker-registry htpasswd:apache2-utils; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)
