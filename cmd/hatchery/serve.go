@@ -145,7 +145,7 @@ func serve(ctx context.Context, dir, database, host, listen string, port, mqttPo
 		ln.Close()
 		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", mqttPort, err)
 	}
-	devices := &mqtt.Server{Handler: server.NewDeviceEndpoint(hubSvc), Logger: slog.Default()}
+	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
 	go func() {
 		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {
 			slog.Error("mqtt endpoint stopped", "error", err)

@@ -21,6 +21,9 @@ import (
 // device topics onto the hub service and keeps one connection per identity.
 type DeviceEndpoint struct {
 	hub *hub.Service
+	// dpsEP serves DPS registrations over MQTT on the same listener
+	// (dpsmqtt.go); nil when the endpoint was made without DPS.
+	dpsEP *dpsEndpoint
 
 	mu       sync.Mutex
 	sessions map[hub.Ref]*mqtt.Conn
@@ -74,6 +77,9 @@ func parseUsername(u string) (host string, r hub.Ref, ok bool) {
 // client ID matches, and whose password is a valid SAS token for it. Every
 // refusal is "not authorized", the code edge devices reprovision on.
 func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
+	if d.isDPSConnect(p) { // DPS registration session ({idScope}/registrations/{id}/…): dpsmqtt.go
+		return d.authenticateDPS(c, p)
+	}
 	host, r, ok := parseUsername(p.Username)
 	if !ok || !strings.EqualFold(host, d.hub.Host()) || p.ClientID != r.String() {
 		slog.Info("mqtt connection refused", "clientId", p.ClientID, "reason", "username must be {hub}/{deviceId}/?api-version=… with the client ID the device ID")
@@ -146,6 +152,9 @@ var errTopic = errors.New("topic is not one a device may publish to")
 // else, including another device's topics, closes the connection, as the
 // hosted hub does.
 func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
+	if ds := dpsSess(c); ds != nil { // DPS registration session: dpsmqtt.go
+		return d.publishedDPS(c, ds, p)
+	}
 	s := sess(c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -216,6 +225,9 @@ func ridOf(topic string) string {
 
 // Subscribe grants the device's own topics and starts what each implies.
 func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
+	if ds := dpsSess(c); ds != nil { // DPS registration session: dpsmqtt.go
+		return d.subscribeDPS(c, ds, filter, qos)
+	}
 	s := sess(c)
 	switch filter {
 	case "$iothub/twin/res/#":

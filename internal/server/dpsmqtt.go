@@ -1,0 +1,239 @@
+package server
+
+// Device registration over MQTT: the Device Provisioning Service's MQTT
+// device API, served on the hub's MQTT listener (port 8883). The Python and
+// Embedded C SDKs register only this way.
+//
+//	CONNECT   username  {idScope}/registrations/{registrationId}/api-version=…&ClientVersion=…
+//	          client ID {registrationId}
+//	          password  SAS token, sr={idScope}/registrations/{registrationId}, skn=registration
+//	SUBSCRIBE $dps/registrations/res/#
+//	PUBLISH   $dps/registrations/PUT/iotdps-register/?$rid={rid}
+//	          body {"registrationId": "...", "payload": <any JSON>}
+//	PUBLISH   $dps/registrations/GET/iotdps-get-operationstatus/?$rid={rid}&operationId={id}
+//	replies   $dps/registrations/res/{status}/?$rid={rid}[&retry-after={seconds}]
+//	          202 + the operation while assigning, 200 once done, else the DPS error body.
+//
+// Only symmetric-key attestation (individual and group-derived) is served:
+// the token is checked at CONNECT and, through dps.Service, again with every
+// request, exactly as the HTTPS API checks its Authorization header.
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/mqtt"
+)
+
+const (
+	dpsResponseFilter = "$dps/registrations/res/#"
+	dpsResponsePrefix = "$dps/registrations/res/"
+	dpsRegisterTopic  = "$dps/registrations/PUT/iotdps-register/"
+	dpsStatusTopic    = "$dps/registrations/GET/iotdps-get-operationstatus/"
+	// dpsRetryAfter is the polling interval the replies suggest, in seconds
+	// (the hosted service says 3). The Node SDK waits retry-after × 1000 ms;
+	// Python and Embedded C read the same query parameter.
+	dpsRetryAfter = 1
+	// dpsNoCredentialsGrace bounds how long a session without a SAS token
+	// stays open: long enough to be told why it cannot register.
+	dpsNoCredentialsGrace = 30 * time.Second
+)
+
+// dpsEndpoint serves DPS registration sessions on the device endpoint.
+type dpsEndpoint struct {
+	svc *dps.Service
+}
+
+// dpsSession is the state of a registration connection.
+type dpsSession struct {
+	regID string // from the username, as the device spelled it
+	auth  string // the CONNECT password (a SAS token); "" when the device sent none
+	x509  bool   // the device presented a client certificate
+}
+
+// NewDeviceEndpointWithDPS returns the device endpoint that also accepts
+// registration sessions of the provisioning service p on the same listener.
+func NewDeviceEndpointWithDPS(h *hub.Service, p *dps.Service) *DeviceEndpoint {
+	d := NewDeviceEndpoint(h)
+	d.dpsEP = &dpsEndpoint{svc: p}
+	return d
+}
+
+func dpsSess(c *mqtt.Conn) *dpsSession { s, _ := c.Value().(*dpsSession); return s }
+
+// parseDPSUsername reads "{idScope}/registrations/{registrationId}/…".
+func parseDPSUsername(u string) (scope, regID string, ok bool) {
+	parts := strings.SplitN(u, "/", 4)
+	if len(parts) < 3 || !strings.EqualFold(parts[1], "registrations") || parts[0] == "" || parts[2] == "" {
+		return "", "", false
+	}
+	return parts[0], parts[2], true
+}
+
+// isDPSConnect reports whether a CONNECT is a registration session: its
+// username has the DPS shape and does not name this hub (a device called
+// "registrations" with a module keeps its hub session).
+func (d *DeviceEndpoint) isDPSConnect(p *mqtt.Connect) bool {
+	if d.dpsEP == nil {
+		return false
+	}
+	host, _, ok := parseDPSUsername(p.Username)
+	return ok && !strings.EqualFold(host, d.hub.Host())
+}
+
+// authenticateDPS accepts a registration session. A SAS token is verified
+// now, so a wrong key is refused with CONNACK 5 ("not authorized", which the
+// SDKs report as an authorization failure). A session without a password
+// (X.509 devices) is accepted so that its requests can be answered with an
+// error that says why: this service has no X.509 attestation.
+func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
+	svc := d.dpsEP.svc
+	scope, regID, _ := parseDPSUsername(p.Username)
+	refuse := func(reason string) byte {
+		slog.Info("dps mqtt connection refused", "registrationId", regID, "clientId", p.ClientID, "reason", reason)
+		return mqtt.RefusedNotAuthorized
+	}
+	if !strings.EqualFold(scope, svc.IDScope()) {
+		return refuse(fmt.Sprintf("ID scope %q is not this service's (%s): check id_scope in the device configuration", scope, svc.IDScope()))
+	}
+	if !strings.EqualFold(p.ClientID, regID) {
+		return refuse(fmt.Sprintf("the client ID must be the registration ID %q of the username", regID))
+	}
+	s := &dpsSession{regID: regID, auth: string(p.Password), x509: c.TLS() != nil && len(c.TLS().PeerCertificates) > 0}
+	if s.auth == "" {
+		slog.Info("dps mqtt session without a SAS token; its requests will be refused", "registrationId", regID, "x509", s.x509)
+		time.AfterFunc(dpsNoCredentialsGrace, c.Close)
+		c.SetValue(s)
+		return mqtt.Accepted
+	}
+	// DeviceRegistrationStatus authenticates the token as Register does; a
+	// device that has not registered yet authenticates and then gets 404.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if _, err := svc.DeviceRegistrationStatus(ctx, scope, regID, s.auth); err != nil {
+		e := azerr.As(err)
+		switch {
+		case e.Status() == 404:
+		case e.Status() >= 500:
+			slog.Warn("dps mqtt connection refused: authentication failed", "registrationId", regID, "error", err)
+			return mqtt.RefusedServerUnavailable
+		default:
+			return refuse(e.Message)
+		}
+	}
+	c.SetValue(s)
+	return mqtt.Accepted
+}
+
+// subscribeDPS grants the response topic and nothing else.
+func (d *DeviceEndpoint) subscribeDPS(_ *mqtt.Conn, s *dpsSession, filter string, qos byte) byte {
+	if filter == dpsResponseFilter {
+		return min(qos, 1)
+	}
+	slog.Info("dps mqtt subscription refused", "registrationId", s.regID, "filter", filter,
+		"reason", "a registration session subscribes to "+dpsResponseFilter+" only")
+	return mqtt.SubscribeFailure
+}
+
+// publishedDPS answers the two requests of a registration session. Any
+// other topic (the hub's included) is an error, which closes the connection.
+func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publish) error {
+	svc := d.dpsEP.svc
+	var register bool
+	switch {
+	case strings.HasPrefix(p.Topic, dpsRegisterTopic):
+		register = true
+	case strings.HasPrefix(p.Topic, dpsStatusTopic):
+	default:
+		return fmt.Errorf("%w: %q (a registration session publishes to %s and %s only)", errTopic, p.Topic, dpsRegisterTopic, dpsStatusTopic)
+	}
+	_, rawQuery, _ := strings.Cut(p.Topic, "?")
+	q, _ := url.ParseQuery(rawQuery)
+	rid := rawParam(rawQuery, "$rid")
+	if s.auth == "" {
+		why := "no SAS token in the MQTT password"
+		if s.x509 {
+			why = "X.509 attestation is not supported by this provisioning service"
+		}
+		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: %s: "+
+			"use a symmetric-key enrollment and send its SAS token (sr={idScope}/registrations/{registrationId}, skn=registration) as the password", s.regID, why))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if register {
+		op, ch, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,
+			Authorization: s.auth, Body: p.Payload})
+		if err == nil && ch != nil {
+			err = azerr.Unauthorized("registration %q is not authorized: TPM attestation is not supported over MQTT: register over HTTPS", s.regID)
+		}
+		if err != nil {
+			return d.replyDPSError(c, rid, err)
+		}
+		return d.replyDPS(c, 202, rid, true, op)
+	}
+	opID := q.Get("operationId")
+	if opID == "" {
+		return d.replyDPSError(c, rid, azerr.BadRequest("the operation status request has no operationId in its topic"))
+	}
+	op, err := svc.OperationStatus(ctx, svc.IDScope(), s.regID, opID, s.auth)
+	if err != nil {
+		return d.replyDPSError(c, rid, err)
+	}
+	if op.Status == dps.StatusAssigning {
+		return d.replyDPS(c, 202, rid, true, op)
+	}
+	return d.replyDPS(c, 200, rid, false, op)
+}
+
+// rawParam returns a query parameter as the client wrote it, so that the
+// reply echoes the request ID byte for byte (a client may match it as text).
+func rawParam(rawQuery, name string) string {
+	for _, kv := range strings.Split(rawQuery, "&") {
+		if k, v, _ := strings.Cut(kv, "="); k == name {
+			return v
+		}
+	}
+	return ""
+}
+
+// replyDPS sends a response to the device's $dps/registrations/res/# subscription.
+func (d *DeviceEndpoint) replyDPS(c *mqtt.Conn, status int, rid string, retry bool, v any) error {
+	topic := dpsResponsePrefix + strconv.Itoa(status) + "/?$rid=" + rid
+	if retry {
+		topic += "&retry-after=" + strconv.Itoa(dpsRetryAfter)
+	}
+	body, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return d.reply(c, topic, body)
+}
+
+// replyDPSError sends err in the shape of azerr.WriteDPS, with the HTTP
+// status in the topic; throttling adds retry-after as the Retry-After header.
+func (d *DeviceEndpoint) replyDPSError(c *mqtt.Conn, rid string, err error) error {
+	e := azerr.As(err)
+	if e.Status() >= 500 {
+		slog.Warn("dps mqtt request failed", "clientId", c.ClientID(), "error", err)
+	}
+	topic := dpsResponsePrefix + strconv.Itoa(e.Status()) + "/?$rid=" + rid
+	if e.RetryAfter > 0 {
+		topic += "&retry-after=" + strconv.Itoa(int(e.RetryAfter.Seconds()+0.999))
+	}
+	body, _ := json.Marshal(map[string]any{
+		"errorCode":    e.Code,
+		"trackingId":   trackingID(),
+		"message":      e.Message,
+		"timestampUtc": time.Now().UTC().Format(time.RFC3339Nano),
+	})
+	return d.reply(c, topic, body)
+}

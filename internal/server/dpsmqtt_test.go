@@ -1,0 +1,358 @@
+package server
+
+import (
+	"bufio"
+	"crypto/tls"
+	"encoding/base64"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/url"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/sas"
+)
+
+// startDPSMQTT serves the device endpoint with DPS registrations on loopback.
+func (e *env) startDPSMQTT() string {
+	e.t.Helper()
+	conf := e.ts.TLS.Clone()
+	conf.ClientAuth = tls.RequestClientCert
+	ln, err := tls.Listen("tcp", "127.0.0.1:0", conf)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	srv := &mqtt.Server{Handler: NewDeviceEndpointWithDPS(e.hub, e.dps)}
+	go func() { _ = srv.Serve(ln) }()
+	e.t.Cleanup(func() { _ = srv.Close() })
+	return ln.Addr().String()
+}
+
+// dpsClient is a minimal registration client on the raw MQTT codec, doing
+// what the SDKs' MQTT provisioning transports do.
+type dpsClient struct {
+	t      *testing.T
+	conn   net.Conn
+	rd     *bufio.Reader
+	nextID uint16
+}
+
+// dpsReply is a $dps/registrations/res/{status}/?… message.
+type dpsReply struct {
+	status int
+	query  url.Values
+	body   map[string]any
+}
+
+// dialDPS connects as a registration; code is the CONNACK return code.
+func (e *env) dialDPS(t *testing.T, addr, username, clientID, password string, cert *tls.Certificate) (*dpsClient, byte) {
+	t.Helper()
+	conf := e.tls.Clone()
+	conf.ServerName = "example.com" // the test server's certificate
+	if cert != nil {
+		conf.Certificates = []tls.Certificate{*cert}
+	}
+	conn, err := tls.DialWithDialer(&net.Dialer{Timeout: 10 * time.Second}, "tcp", addr, conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	c := &dpsClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
+	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: clientID,
+		HasUsername: true, Username: username, HasPassword: password != "", Password: []byte(password)})
+	ack, ok := c.read().(*mqtt.Connack)
+	if !ok {
+		t.Fatal("no CONNACK")
+	}
+	return c, ack.ReturnCode
+}
+
+func (c *dpsClient) write(p mqtt.Packet) {
+	c.t.Helper()
+	b, err := p.Encode(nil)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	_ = c.conn.SetWriteDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.conn.Write(b); err != nil {
+		c.t.Fatal(err)
+	}
+}
+
+// read returns the next packet; a closed connection fails the test.
+func (c *dpsClient) read() mqtt.Packet {
+	c.t.Helper()
+	p, err := c.tryRead()
+	if err != nil {
+		c.t.Fatalf("reading from the server: %v", err)
+	}
+	return p
+}
+
+func (c *dpsClient) tryRead() (mqtt.Packet, error) {
+	_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	return mqtt.ReadPacket(c.rd, mqtt.DefaultMaxPacketSize)
+}
+
+func (c *dpsClient) id() uint16 { c.nextID++; return c.nextID }
+
+func (c *dpsClient) subscribe(filter string) byte {
+	c.t.Helper()
+	id := c.id()
+	c.write(&mqtt.Subscribe{PacketID: id, Subscriptions: []mqtt.Subscription{{Filter: filter, QoS: 1}}})
+	for {
+		if ack, ok := c.read().(*mqtt.Suback); ok && ack.PacketID == id {
+			return ack.ReturnCodes[0]
+		}
+	}
+}
+
+func (c *dpsClient) publish(topic string, body []byte) {
+	c.t.Helper()
+	c.write(&mqtt.Publish{QoS: 1, PacketID: c.id(), Topic: topic, Payload: body})
+}
+
+// request publishes at QoS 1 and returns the reply carrying the same $rid.
+func (c *dpsClient) request(topic, rid string, body []byte) dpsReply {
+	c.t.Helper()
+	c.publish(topic, body)
+	for {
+		p, ok := c.read().(*mqtt.Publish)
+		if !ok {
+			continue // the PUBACK
+		}
+		if p.QoS == 1 {
+			c.write(&mqtt.Puback{PacketID: p.PacketID})
+		}
+		rest, found := strings.CutPrefix(p.Topic, "$dps/registrations/res/")
+		statusText, rawQuery, _ := strings.Cut(rest, "/?")
+		status, err := strconv.Atoi(statusText)
+		if !found || err != nil {
+			c.t.Fatalf("reply on topic %q", p.Topic)
+		}
+		q, _ := url.ParseQuery(rawQuery)
+		if q.Get("$rid") != rid {
+			continue
+		}
+		r := dpsReply{status: status, query: q}
+		if err := json.Unmarshal(p.Payload, &r.body); err != nil {
+			c.t.Fatalf("reply %s is not a JSON object: %v", p.Payload, err)
+		}
+		return r
+	}
+}
+
+func (c *dpsClient) register(rid string, body string) dpsReply {
+	return c.request("$dps/registrations/PUT/iotdps-register/?$rid="+rid, rid, []byte(body))
+}
+
+func (c *dpsClient) poll(rid, opID string) dpsReply {
+	return c.request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid="+rid+"&operationId="+url.QueryEscape(opID), rid, []byte(" "))
+}
+
+// closed waits for the server to end the connection.
+func (c *dpsClient) closed() bool {
+	for {
+		if _, err := c.tryRead(); err != nil {
+			var ne net.Error
+			return !errors.As(err, &ne) || !ne.Timeout()
+		}
+	}
+}
+
+func dpsUsername(scope, regID string) string {
+	return scope + "/registrations/" + regID + "/api-version=2019-03-31&ClientVersion=" + url.QueryEscape("hatchery-test/1.0")
+}
+
+func dpsToken(scope, regID string, key []byte) string {
+	return sas.Build(key, scope+"/registrations/"+regID, "registration", time.Now().Add(time.Hour))
+}
+
+// registerOverMQTT runs a whole registration as the SDKs do and returns the
+// final registration state.
+func (e *env) registerOverMQTT(t *testing.T, addr, regID string, key []byte, payload string) map[string]any {
+	t.Helper()
+	scope := e.dps.IDScope()
+	c, code := e.dialDPS(t, addr, dpsUsername(scope, regID), regID, dpsToken(scope, regID, key), nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	if g := c.subscribe("$dps/registrations/res/#"); g != 1 {
+		t.Fatalf("SUBACK %#x", g)
+	}
+	r := c.register("1", `{"registrationId":"`+regID+`","payload":`+payload+`}`)
+	if r.status != 202 || r.query.Get("retry-after") != "1" || r.body["status"] != "assigning" || r.body["operationId"] == "" {
+		t.Fatalf("register reply %d %v %v", r.status, r.query, r.body)
+	}
+	opID, _ := r.body["operationId"].(string)
+	for i := 2; ; i++ {
+		r = c.poll(strconv.Itoa(i), opID)
+		if r.status != 202 {
+			break
+		}
+		if i > 10 {
+			t.Fatal("still assigning after 10 polls")
+		}
+	}
+	if r.status != 200 || r.body["status"] != "assigned" || r.body["operationId"] != opID {
+		t.Fatalf("poll reply %d %v", r.status, r.body)
+	}
+	state, _ := r.body["registrationState"].(map[string]any)
+	if state == nil {
+		t.Fatalf("no registrationState in %v", r.body)
+	}
+	c.write(&mqtt.Disconnect{})
+	return state
+}
+
+func TestDPSOverMQTTRegisters(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+
+	// An individual symmetric-key enrollment.
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "mqtt-01", DeviceID: "mqtt-device-01",
+		Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	st := e.registerOverMQTT(t, addr, "mqtt-01", key, `{"model":"m1"}`)
+	if st["status"] != "assigned" || st["assignedHub"] != host || st["deviceId"] != "mqtt-device-01" ||
+		st["registrationId"] != "mqtt-01" {
+		t.Fatalf("registration state %v", st)
+	}
+	if p, _ := json.Marshal(st["payload"]); string(p) != `{"model":"m1"}` {
+		t.Fatalf("payload %s", p)
+	}
+	// The device then connects to the hub on the same listener.
+	hc, err := e.dial(addr, "mqtt-device-01", "", en.Attestation.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatalf("hub connection of the provisioned device: %v", err)
+	}
+	if err := hc.SendEvent(ctx, []byte(`{"n":1}`), nil); err != nil {
+		t.Fatal(err)
+	}
+	hc.Close()
+
+	// A device of a symmetric-key group, with its derived key.
+	var g dps.EnrollmentGroup
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/mqtt-line", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}, &g); err != nil {
+		t.Fatal(err)
+	}
+	gk, _ := base64.StdEncoding.DecodeString(g.Attestation.SymmetricKey.PrimaryKey)
+	devKey := sas.DeriveDeviceKey(gk, "sensor-9")
+	st = e.registerOverMQTT(t, addr, "sensor-9", devKey, `null`)
+	if st["status"] != "assigned" || st["deviceId"] != "sensor-9" || st["assignedHub"] != host {
+		t.Fatalf("group registration state %v", st)
+	}
+	hc, err = e.dial(addr, "sensor-9", "", base64.StdEncoding.EncodeToString(devKey))
+	if err != nil {
+		t.Fatalf("hub connection of the group device: %v", err)
+	}
+	hc.Close()
+}
+
+func TestDPSOverMQTTRefusals(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	scope := e.dps.IDScope()
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "mqtt-02", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	other := []byte("0123456789abcdef0123456789abcdef")
+
+	// Refused at CONNECT with 5, "not authorized".
+	for _, tc := range []struct{ what, username, clientID, password string }{
+		{"wrong key", dpsUsername(scope, "mqtt-02"), "mqtt-02", dpsToken(scope, "mqtt-02", other)},
+		{"unknown registration", dpsUsername(scope, "ghost"), "ghost", dpsToken(scope, "ghost", other)},
+		{"token for another registration", dpsUsername(scope, "mqtt-02"), "mqtt-02", dpsToken(scope, "mqtt-03", key)},
+		{"another ID scope", dpsUsername("0ne00000000", "mqtt-02"), "mqtt-02", dpsToken("0ne00000000", "mqtt-02", key)},
+		{"client ID not the registration ID", dpsUsername(scope, "mqtt-02"), "someone-else", dpsToken(scope, "mqtt-02", key)},
+	} {
+		if _, code := e.dialDPS(t, addr, tc.username, tc.clientID, tc.password, nil); code != mqtt.RefusedNotAuthorized {
+			t.Errorf("%s: CONNACK %d, want 5", tc.what, code)
+		}
+	}
+	// The ID scope is case-insensitive.
+	if _, code := e.dialDPS(t, addr, dpsUsername(strings.ToLower(scope), "mqtt-02"), "mqtt-02", dpsToken(scope, "mqtt-02", key), nil); code != mqtt.Accepted {
+		t.Errorf("lower-case ID scope: CONNACK %d", code)
+	}
+
+	// A session only subscribes to the response topic.
+	c, code := e.dialDPS(t, addr, dpsUsername(scope, "mqtt-02"), "mqtt-02", dpsToken(scope, "mqtt-02", key), nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	if g := c.subscribe("$iothub/twin/res/#"); g != mqtt.SubscribeFailure {
+		t.Errorf("hub subscription granted %#x", g)
+	}
+	if g := c.subscribe("$dps/registrations/res/#"); g != 1 {
+		t.Fatalf("SUBACK %#x", g)
+	}
+	// Errors come back in the DPS shape on the response topic.
+	r := c.poll("a", "5.0000000000000000.0000000000000000")
+	if r.status != 404 || r.body["errorCode"] != float64(404201) || r.body["trackingId"] == "" || r.body["timestampUtc"] == "" {
+		t.Fatalf("unknown operation: %d %v", r.status, r.body)
+	}
+	r = c.register("b", `{"registrationId":"not-me"}`)
+	if r.status != 400 || r.body["errorCode"] != float64(400004) {
+		t.Fatalf("other registrationId in the body: %d %v", r.status, r.body)
+	}
+	// A disabled enrollment: the session authenticated, the registration is refused.
+	en.ProvisioningStatus = "disabled"
+	e.putEnrollment(en)
+	r = c.register("c", `{"registrationId":"mqtt-02"}`)
+	if msg, _ := r.body["message"].(string); r.status != 401 || r.body["errorCode"] != float64(401002) || !strings.Contains(msg, "disabled") {
+		t.Fatalf("disabled enrollment: %d %v", r.status, r.body)
+	}
+	// Publishing to a hub topic ends the session.
+	c.publish("devices/mqtt-02/messages/events/", []byte("{}"))
+	if !c.closed() {
+		t.Fatal("connection still open after publishing to a hub topic")
+	}
+
+	// X.509 devices (no password) are told that this service cannot attest them.
+	cert := newCert(t, "x509-dev", false, nil)
+	c, code = e.dialDPS(t, addr, dpsUsername(scope, "x509-dev"), "x509-dev", "", &cert)
+	if code != mqtt.Accepted {
+		t.Fatalf("X.509 session: CONNACK %d", code)
+	}
+	c.subscribe("$dps/registrations/res/#")
+	r = c.register("d", `{"registrationId":"x509-dev"}`)
+	if msg, _ := r.body["message"].(string); r.status != 401 || !strings.Contains(msg, "X.509 attestation is not supported") {
+		t.Fatalf("X.509 registration: %d %v", r.status, r.body)
+	}
+	if n := e.counts()["dps.registration"]; n != 0 {
+		t.Fatalf("%d registrations stored by refused requests", n)
+	}
+}
+
+// A device whose username has the DPS shape but names the hub stays a hub
+// device (one named "registrations", connecting as a module).
+func TestDPSUsernameDispatch(t *testing.T) {
+	for _, tc := range []struct {
+		u         string
+		scope, id string
+		ok        bool
+	}{
+		{"0ne0001/registrations/dev-1/api-version=2019-03-31&ClientVersion=x", "0ne0001", "dev-1", true},
+		{"0ne0001/Registrations/dev-1", "0ne0001", "dev-1", true},
+		{"hub.example/dev-1/?api-version=2021-04-12", "", "", false},
+		{"0ne0001/registrations//api-version=1", "", "", false},
+	} {
+		scope, id, ok := parseDPSUsername(tc.u)
+		if scope != tc.scope || id != tc.id || ok != tc.ok {
+			t.Errorf("parseDPSUsername(%q) = %q %q %v", tc.u, scope, id, ok)
+		}
+	}
+	e := newEnv(t)
+	d := NewDeviceEndpointWithDPS(e.hub, e.dps)
+	if d.isDPSConnect(&mqtt.Connect{Username: host + "/registrations/m1/?api-version=2021-04-12"}) {
+		t.Error("a hub module session taken for DPS")
+	}
+	if !d.isDPSConnect(&mqtt.Connect{Username: dpsUsername(e.dps.IDScope(), "r1")}) {
+		t.Error("a DPS session not recognized")
+	}
+}
