@@ -39,7 +39,8 @@ func bin(t testing.TB, name string) string {
 			return
 		}
 		for _, c := range []string{"hatchery", "iotedge", "iotedged", "aziot-tpmd"} {
-			out, err := exec.Command("go", "build", "-o", filepath.Join(binDir, c), "../../cmd/"+c).CombinedOutput()
+			// Built as the package builds them (scripts/build-deb.sh), so measurements are of what ships.
+			out, err := exec.Command("go", "build", "-trimpath", "-ldflags=-s -w", "-o", filepath.Join(binDir, c), "../../cmd/"+c).CombinedOutput()
 			if err != nil {
 				binErr = fmt.Errorf("go build %s: %v\n%s", c, err, out)
 				return
