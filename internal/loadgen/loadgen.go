@@ -16,7 +16,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"database/sql"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -25,22 +24,28 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
-	_ "modernc.org/sqlite" // reads the event count from the hub's database
-
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // Registry is the hub's service REST API (an *azclient.Client).
 type Registry interface {
 	Do(ctx context.Context, method, path, ifMatch string, in, out any) error
 	Stream(ctx context.Context, path string) (io.ReadCloser, error)
+}
+
+// EventReader reads the hub's durable event stream from its store (a
+// store.Store opened beside the server).
+type EventReader interface {
+	Events(ctx context.Context, deviceID string, after int64, limit int) ([]store.Event, error)
 }
 
 // Process is a started worker: commands go to In, reports come from Out.
@@ -50,6 +55,7 @@ type Process struct {
 	Out  io.Reader
 	Wait func() error
 	Kill func() // ends a worker that does not exit when asked
+	Pid  int    // the worker's process ID, for its CPU time (0: in this process)
 }
 
 // Config is one benchmark run.
@@ -71,8 +77,8 @@ type Config struct {
 	CloseRate            float64       // disconnections/s at the end, over all workers (0: all at once)
 	X25519Only           bool          // clients offer only X25519, not Go's default X25519MLKEM768 hybrid
 
-	ServerPID int    // the server process, for RSS and CPU (0: not measured)
-	DBPath    string // the hub's SQLite database, read for the stored event count ("": not counted)
+	ServerPID int         // the server process, for RSS and CPU (0: not measured)
+	Events    EventReader // the hub's store, where the telemetry is counted (nil: not counted)
 
 	Telemetry    time.Duration // length of the telemetry phase (0: skipped)
 	Rate         float64       // telemetry messages/s over all connections (0: as fast as acknowledged)
@@ -100,8 +106,10 @@ type Result struct {
 	Fanout    *FanoutResult    `json:"fanout,omitempty"`
 	// FanoutUnderLoad is desired patches sent during the telemetry phase.
 	FanoutUnderLoad *FanoutResult `json:"fanoutUnderLoad,omitempty"`
-	Dropped         int           `json:"droppedConnections"` // connections the server ended during the run
-	Deleted         int           `json:"deletedDevices,omitempty"`
+	// Dropped is connections that had ended unasked by the end of the
+	// telemetry phase.
+	Dropped int `json:"droppedConnections"`
+	Deleted int `json:"deletedDevices,omitempty"`
 }
 
 // ProvisionResult counts the registry work.
@@ -120,20 +128,22 @@ type ConnectResult struct {
 	Seconds     float64  `json:"seconds"`
 	PerSecond   float64  `json:"perSecond"`
 	Errors      []string `json:"errors,omitempty"`
-	// ServerCPUSeconds is the server's user+system CPU during the phase.
-	ServerCPUSeconds float64 `json:"serverCpuSeconds,omitempty"`
+	CPU         *CPU     `json:"cpu,omitempty"`
 }
 
 // MemoryResult is the server's resident memory around the connection phase.
 type MemoryResult struct {
-	ServerPID         int     `json:"serverPid"`
-	OpenFilesLimit    int     `json:"serverOpenFilesLimit,omitempty"`
-	BeforeKiB         int64   `json:"rssBeforeKiB"`
-	ConnectedKiB      int64   `json:"rssConnectedKiB"` // right after the last connection
-	SettledKiB        int64   `json:"rssSettledKiB"`   // after Settle
-	SettleSeconds     float64 `json:"settleSeconds"`
-	PerConnectionKiB  float64 `json:"kibPerConnection"` // (settled − before) / established
-	AfterTelemetryKiB int64   `json:"rssAfterTelemetryKiB,omitempty"`
+	ServerPID        int     `json:"serverPid"`
+	OpenFilesLimit   int     `json:"serverOpenFilesLimit,omitempty"`
+	BeforeKiB        int64   `json:"rssBeforeKiB"`
+	ConnectedKiB     int64   `json:"rssConnectedKiB"` // right after the last connection
+	SettledKiB       int64   `json:"rssSettledKiB"`   // after Settle
+	SettleSeconds    float64 `json:"settleSeconds"`
+	PerConnectionKiB float64 `json:"kibPerConnection"` // (settled − before) / established
+	// PerConnectionConnectedKiB is (connected − before) / established: with
+	// the garbage of the connection burst not yet collected.
+	PerConnectionConnectedKiB float64 `json:"kibPerConnectionConnected"`
+	AfterTelemetryKiB         int64   `json:"rssAfterTelemetryKiB,omitempty"`
 }
 
 // TelemetryResult is the telemetry phase.
@@ -147,12 +157,17 @@ type TelemetryResult struct {
 	PerSecond   float64  `json:"perSecond"` // Acked / Seconds
 	Latency     Latency  `json:"ackLatency"`
 	Errors      []string `json:"errors,omitempty"`
-	// Stored counts the phase's events in the events table (-1: not counted);
+	// Stored counts the phase's events in the store (-1: not counted);
 	// StoredStream counts them in the event stream API (-1: not read).
-	Stored           int64   `json:"stored"`
-	StoredStream     int64   `json:"storedStream"`
-	Missing          int64   `json:"missing"` // acknowledged but not stored: must be 0
-	ServerCPUSeconds float64 `json:"serverCpuSeconds,omitempty"`
+	Stored       int64 `json:"stored"`
+	StoredStream int64 `json:"storedStream"`
+	Missing      int64 `json:"missing"` // acknowledged but not stored: must be 0
+	CPU          *CPU  `json:"cpu,omitempty"`
+	// ServerDiskWriteBytes is what the server caused to be written to
+	// storage during the phase (/proc/PID/io write_bytes): the database's
+	// WAL and checkpoints.
+	ServerDiskWriteBytes      int64   `json:"serverDiskWriteBytes,omitempty"`
+	ServerDiskBytesPerMessage float64 `json:"serverDiskBytesPerMessage,omitempty"`
 	// ServerCPUPerMessageUS is server CPU per acknowledged message, in µs.
 	ServerCPUPerMessageUS float64 `json:"serverCpuPerMessageUs,omitempty"`
 }
@@ -227,13 +242,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		r.log("server pid %d: RSS %s KiB before connecting", cfg.ServerPID, thousands(res.Memory.BeforeKiB))
 	}
-	cpu0 := r.serverCPU()
+	cpu0 := r.cpuNow()
 	if res.Connect, err = r.connect(ctx); err != nil {
 		return res, err
 	}
 	res.Workers = len(r.procs)
+	res.Connect.CPU = r.cpuSince(cpu0)
 	if cfg.ServerPID > 0 {
-		res.Connect.ServerCPUSeconds = r.serverCPU() - cpu0
 		m := res.Memory
 		m.ConnectedKiB, _ = RSSKiB(cfg.ServerPID)
 		r.log("RSS %s KiB with %s connections; idling %s", thousands(m.ConnectedKiB), thousands(int64(res.Connect.Established)), cfg.Settle)
@@ -242,8 +257,9 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 		m.SettledKiB, _ = RSSKiB(cfg.ServerPID)
 		m.SettleSeconds = cfg.Settle.Seconds()
-		if res.Connect.Established > 0 {
-			m.PerConnectionKiB = float64(m.SettledKiB-m.BeforeKiB) / float64(res.Connect.Established)
+		if n := float64(res.Connect.Established); n > 0 {
+			m.PerConnectionKiB = float64(m.SettledKiB-m.BeforeKiB) / n
+			m.PerConnectionConnectedKiB = float64(m.ConnectedKiB-m.BeforeKiB) / n
 		}
 		r.log("RSS %s KiB after %s idle: %.1f KiB per connection", thousands(m.SettledKiB), cfg.Settle, m.PerConnectionKiB)
 	}
@@ -259,6 +275,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		}
 	}
 	if cfg.FanoutSamples > 0 {
+		r.warm(ctx, cfg.FanoutConcurrency)
 		r.log("fan-out: %d desired-property patches on idle connections, %d at a time", cfg.FanoutSamples, cfg.FanoutConcurrency)
 		f := r.fanout(ctx, cfg.FanoutSamples, cfg.FanoutConcurrency, 0)
 		res.Fanout = &f
@@ -459,15 +476,10 @@ func (r *runner) read(w int, out io.Reader) {
 func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *FanoutResult, error) {
 	d := r.cfg.Telemetry
 	res := &TelemetryResult{Connections: conns, TargetRate: r.cfg.Rate, Stored: -1, StoredStream: -1}
-	var db *sql.DB
 	var seqBefore int64
-	if r.cfg.DBPath != "" {
+	if r.cfg.Events != nil {
 		var err error
-		if db, err = openReadOnly(r.cfg.DBPath); err != nil {
-			return nil, nil, err
-		}
-		defer db.Close()
-		if err := db.QueryRowContext(ctx, `SELECT coalesce(max(seq), 0) FROM events`).Scan(&seqBefore); err != nil {
+		if seqBefore, err = lastSeq(ctx, r.cfg.Events); err != nil {
 			return nil, nil, fmt.Errorf("reading the event stream's last sequence number: %w", err)
 		}
 	}
@@ -476,7 +488,11 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		rate = fmt.Sprintf("%.0f messages/s in total", r.cfg.Rate)
 	}
 	r.log("telemetry: QoS 1 from %s connections for %s, %s", thousands(int64(conns)), d, rate)
-	cpu0 := r.serverCPU()
+	if r.cfg.FanoutUnderLoad > 0 {
+		r.warm(ctx, 16)
+	}
+	cpu0 := r.cpuNow()
+	io0, ioErr := WriteBytes(r.cfg.ServerPID)
 	for w, enc := range r.encs {
 		share := 0.0
 		if r.cfg.Rate > 0 {
@@ -496,7 +512,8 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 			if sleep(ctx, d/10) != nil {
 				return
 			}
-			f := r.fanout(ctx, n, 1, d*8/10/time.Duration(n))
+			// Patches start on schedule, not after the previous one arrived.
+			f := r.fanout(ctx, n, 16, d*8/10/time.Duration(n))
 			underLoad = &f
 		}()
 	}
@@ -505,15 +522,29 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 	var first, last time.Time
 	got := 0
 	timeout := time.After(d + 2*time.Minute)
+	progress := make([]int64, len(r.procs))
+	tick := time.NewTicker(5 * time.Second)
+	defer tick.Stop()
 	for got < len(r.procs) {
 		select {
 		case <-ctx.Done():
 			return nil, nil, ctx.Err()
+		case <-tick.C:
+			var n int64
+			for _, a := range progress {
+				n += a
+			}
+			el := time.Since(start)
+			r.log("  %2.0f s of %s: %s acknowledged (%.0f/s)", el.Seconds(), d, thousands(n), float64(n)/el.Seconds())
 		case <-timeout:
 			return nil, nil, fmt.Errorf("telemetry: %d of %d workers reported within %s", got, len(r.procs), d+2*time.Minute)
 		case t := <-r.reports:
 			if t.eof != nil {
 				return nil, nil, fmt.Errorf("worker %d ended during telemetry: %w", t.w, t.eof)
+			}
+			if t.r.Type == "telemetry-progress" {
+				progress[t.w] = t.r.Acked
+				continue
 			}
 			if t.r.Type != "telemetry" {
 				continue
@@ -539,18 +570,31 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 			}
 		}
 	}
-	res.ServerCPUSeconds = r.serverCPU() - cpu0
+	res.CPU = r.cpuSince(cpu0)
+	if io1, err := WriteBytes(r.cfg.ServerPID); err == nil && ioErr == nil {
+		res.ServerDiskWriteBytes = io1 - io0
+	}
 	res.Seconds = last.Sub(first).Seconds()
 	if res.Seconds <= 0 {
 		res.Seconds = time.Since(start).Seconds()
 	}
 	res.PerSecond = float64(res.Acked) / res.Seconds
 	res.Latency = hist.Summary()
-	if total := res.Acked + res.AckedLate; total > 0 && res.ServerCPUSeconds > 0 {
-		res.ServerCPUPerMessageUS = res.ServerCPUSeconds * 1e6 / float64(total)
+	if total := res.Acked + res.AckedLate; total > 0 && res.CPU != nil && res.CPU.Server > 0 {
+		res.ServerCPUPerMessageUS = res.CPU.Server * 1e6 / float64(total)
+	}
+	if total := res.Acked + res.AckedLate; total > 0 {
+		res.ServerDiskBytesPerMessage = float64(res.ServerDiskWriteBytes) / float64(total)
 	}
 	r.log("telemetry: %s acknowledged in %.1f s = %.0f messages/s (+%s in flight at the end, %d failed); ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms",
 		thousands(res.Acked), res.Seconds, res.PerSecond, thousands(res.AckedLate), res.Failed, res.Latency.P50, res.Latency.P99, res.Latency.Max)
+	if res.ServerDiskWriteBytes > 0 {
+		r.log("  server storage writes: %s MiB, %.0f bytes per message", thousands(res.ServerDiskWriteBytes>>20), res.ServerDiskBytesPerMessage)
+	}
+	if c := res.CPU; c != nil {
+		r.log("  CPU over %.1f s × %d cores: server %.1f s, load generator %.1f s, other processes %.1f s, idle %.1f s",
+			c.Wall, c.Cores, c.Server, c.Loadgen, c.Other, c.Idle)
+	}
 	for _, e := range res.Errors {
 		r.log("  send error: %s", e)
 	}
@@ -562,14 +606,15 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		}
 	}
 	acked := res.Acked + res.AckedLate
-	if db != nil {
-		err := db.QueryRowContext(ctx, `SELECT count(*) FROM events WHERE seq > ? AND json_extract(properties, '$.benchRun') = ?`,
-			seqBefore, r.run).Scan(&res.Stored)
+	if r.cfg.Events != nil {
+		t0 := time.Now()
+		n, err := r.countStored(ctx, seqBefore)
 		if err != nil {
 			return res, underLoad, fmt.Errorf("counting the stored events: %w", err)
 		}
+		res.Stored = n
 		res.Missing = max(acked-res.Stored, 0)
-		r.log("events table: %s of the run's messages stored (%s acknowledged)", thousands(res.Stored), thousands(acked))
+		r.log("store: %s of the run's messages stored (%s acknowledged), counted in %.1f s", thousands(res.Stored), thousands(acked), time.Since(t0).Seconds())
 		if r.cfg.VerifyStream {
 			t0 := time.Now()
 			n, err := r.countStream(ctx, seqBefore)
@@ -577,13 +622,73 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 				return res, underLoad, err
 			}
 			res.StoredStream = n
-			r.log("event stream: %s of the run's messages read back in %.1f s", thousands(n), time.Since(t0).Seconds())
+			r.log("event stream API: %s of the run's messages read back in %.1f s", thousands(n), time.Since(t0).Seconds())
+			if n != res.Stored {
+				r.log("ERROR: the event stream API shows %s of the run's messages, the store %s", thousands(n), thousands(res.Stored))
+			}
 		}
 		if res.Missing > 0 {
-			r.log("ERROR: %d acknowledged messages are not in the events table", res.Missing)
+			r.log("ERROR: %d acknowledged messages are not in the store", res.Missing)
 		}
 	}
 	return res, underLoad, nil
+}
+
+// lastSeq finds the last sequence number of the event stream with
+// O(log n) reads: Events after x is empty exactly when x is at least the
+// last. Sequence numbers may have gaps.
+func lastSeq(ctx context.Context, ev EventReader) (int64, error) {
+	after := func(x int64) (bool, error) {
+		evs, err := ev.Events(ctx, "", x, 1)
+		return len(evs) > 0, err
+	}
+	lo, hi := int64(0), int64(1) // events after lo; none after hi (once found)
+	for {
+		more, err := after(hi)
+		if err != nil {
+			return 0, err
+		}
+		if !more {
+			break
+		}
+		lo, hi = hi, hi*2
+	}
+	if more, err := after(lo); err != nil || !more {
+		return lo, err
+	}
+	for hi-lo > 1 { // events after lo, none after hi
+		mid := lo + (hi-lo)/2
+		more, err := after(mid)
+		if err != nil {
+			return 0, err
+		}
+		if more {
+			lo = mid
+		} else {
+			hi = mid
+		}
+	}
+	return hi, nil
+}
+
+// countStored counts the run's events in the store after seq after.
+func (r *runner) countStored(ctx context.Context, after int64) (int64, error) {
+	var n int64
+	for {
+		evs, err := r.cfg.Events.Events(ctx, "", after, 5000)
+		if err != nil {
+			return n, err
+		}
+		for _, e := range evs {
+			if e.Properties["benchRun"] == r.run {
+				n++
+			}
+			after = e.Seq
+		}
+		if len(evs) < 5000 {
+			return n, nil
+		}
+	}
 }
 
 // countStream reads the event stream from after and counts the run's events.
@@ -676,6 +781,16 @@ func (r *runner) fanout(ctx context.Context, n, concurrency int, pace time.Durat
 	return res
 }
 
+// warm opens n connections to the REST API (n reads at once), so that the
+// timed patches do not pay for TLS handshakes.
+func (r *runner) warm(ctx context.Context, n int) {
+	var wg sync.WaitGroup
+	for _, id := range r.sample(n) {
+		wg.Go(func() { _ = r.cfg.Registry.Do(ctx, http.MethodGet, "/twins/"+url.PathEscape(id), "", nil, nil) })
+	}
+	wg.Wait()
+}
+
 // sample picks up to n connected devices spread over the whole range.
 func (r *runner) sample(n int) []string {
 	var ids []string
@@ -694,12 +809,17 @@ func (r *runner) sample(n int) []string {
 }
 
 // stopWorkers closes the workers' input, which makes them disconnect and
-// exit, and waits for them; a worker still running after 60 s is killed.
+// exit, and waits for them; a worker still running a minute after its
+// disconnections should have ended is killed.
 func (r *runner) stopWorkers() {
 	if len(r.procs) == 0 {
 		return
 	}
 	r.log("disconnecting and stopping %d workers", len(r.procs))
+	grace := 60 * time.Second
+	if r.cfg.CloseRate > 0 {
+		grace += time.Duration(float64(r.cfg.Devices) / r.cfg.CloseRate * float64(time.Second))
+	}
 	var wg sync.WaitGroup
 	for _, p := range r.procs {
 		p.In.Close()
@@ -708,7 +828,7 @@ func (r *runner) stopWorkers() {
 			go func() { _ = p.Wait(); close(done) }()
 			select {
 			case <-done:
-			case <-time.After(60 * time.Second):
+			case <-time.After(grace):
 				p.Kill()
 				<-done
 			}
@@ -760,13 +880,75 @@ func (r *runner) cleanup(ctx context.Context) int {
 	return int(deleted.Load())
 }
 
-// serverCPU is the server's user+system CPU time in seconds (0 if unknown).
-func (r *runner) serverCPU() float64 {
-	if r.cfg.ServerPID <= 0 {
-		return 0
+// CPU is the processor time spent during a phase, in seconds. The load
+// generator shares the machine with the server; Other is everything else
+// running meanwhile, which should be near zero for a clean measurement.
+type CPU struct {
+	Wall    float64 `json:"wallSeconds"`
+	Cores   int     `json:"cores"`
+	Server  float64 `json:"serverSeconds"`
+	Loadgen float64 `json:"loadgenSeconds"` // the coordinator and its workers
+	Other   float64 `json:"otherSeconds"`
+	Idle    float64 `json:"idleSeconds"`
+}
+
+type cpuSnap struct {
+	at                  time.Time
+	busy, idle          float64
+	server, loadgen     float64
+	serverOK, machineOK bool
+}
+
+func (r *runner) cpuNow() cpuSnap {
+	s := cpuSnap{at: time.Now()}
+	s.busy, s.idle, s.machineOK = machineCPU()
+	if r.cfg.ServerPID > 0 {
+		var err error
+		s.server, err = CPUSeconds(r.cfg.ServerPID)
+		s.serverOK = err == nil
 	}
-	s, _ := CPUSeconds(r.cfg.ServerPID)
+	s.loadgen, _ = CPUSeconds(os.Getpid())
+	for _, p := range r.procs {
+		if p.Pid > 0 {
+			c, _ := CPUSeconds(p.Pid)
+			s.loadgen += c
+		}
+	}
 	return s
+}
+
+// cpuSince is the CPU spent since s0 (nil if the machine's is unknown).
+func (r *runner) cpuSince(s0 cpuSnap) *CPU {
+	s1 := r.cpuNow()
+	if !s0.machineOK || !s1.machineOK {
+		return nil
+	}
+	c := &CPU{Wall: s1.at.Sub(s0.at).Seconds(), Cores: runtime.NumCPU(), Loadgen: s1.loadgen - s0.loadgen, Idle: s1.idle - s0.idle}
+	if s0.serverOK && s1.serverOK {
+		c.Server = s1.server - s0.server
+	}
+	c.Other = max(s1.busy-s0.busy-c.Server-c.Loadgen, 0)
+	return c
+}
+
+// machineCPU reads the machine's busy and idle CPU seconds from /proc/stat.
+func machineCPU() (busy, idle float64, ok bool) {
+	data, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return 0, 0, false
+	}
+	line, _, _ := strings.Cut(string(data), "\n")
+	f := strings.Fields(line) // cpu user nice system idle iowait irq softirq steal …
+	if len(f) < 9 || f[0] != "cpu" {
+		return 0, 0, false
+	}
+	v := make([]float64, 9)
+	for i := 1; i < 9; i++ {
+		v[i], _ = strconv.ParseFloat(f[i], 64)
+	}
+	busy = v[1] + v[2] + v[3] + v[6] + v[7] + v[8]
+	idle = v[4] + v[5]
+	return busy / 100, idle / 100, true // USER_HZ is 100 on Linux
 }
 
 // CPUSeconds reads a process's user+system CPU time from /proc.
@@ -789,22 +971,6 @@ func CPUSeconds(pid int) (float64, error) {
 		return 0, fmt.Errorf("/proc/%d/stat is unreadable", pid)
 	}
 	return (utime + stime) / 100, nil // USER_HZ is 100 on Linux
-}
-
-// openReadOnly opens the hub's database for reading beside the server.
-func openReadOnly(path string) (*sql.DB, error) {
-	q := url.Values{}
-	q.Set("mode", "ro")
-	q.Add("_pragma", "busy_timeout(10000)")
-	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
-	if err != nil {
-		return nil, err
-	}
-	if err := db.Ping(); err != nil {
-		db.Close()
-		return nil, fmt.Errorf("opening %s: %w", path, err)
-	}
-	return db, nil
 }
 
 // every runs f each period until the returned stop is called.

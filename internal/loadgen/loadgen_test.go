@@ -70,7 +70,7 @@ func TestRun(t *testing.T) {
 		Devices: 50, PerWorker: 20, Prefix: "lg-",
 		HubHost: host, MQTTAddr: ln.Addr().String(), CAPEM: caPEM, Registry: registry, KeySeed: []byte("seed"),
 		ProvisionConcurrency: 8, ConnectConcurrency: 8, KeepAlive: time.Minute,
-		ServerPID: os.Getpid(), DBPath: dbPath,
+		ServerPID: os.Getpid(), Events: st,
 		Telemetry: time.Second, VerifyStream: true,
 		FanoutSamples: 20, FanoutConcurrency: 2, FanoutUnderLoad: 5,
 		Log:   t.Logf,
@@ -152,6 +152,31 @@ func TestThousands(t *testing.T) {
 	for n, want := range map[int64]string{0: "0", 999: "999", 1000: "1,000", 19000: "19,000", 1234567: "1,234,567", -2500: "-2,500"} {
 		if got := thousands(n); got != want {
 			t.Errorf("thousands(%d) = %q", n, got)
+		}
+	}
+}
+
+// fakeEvents is a stream whose sequence numbers are the given ones.
+type fakeEvents []int64
+
+func (f fakeEvents) Events(_ context.Context, _ string, after int64, limit int) ([]store.Event, error) {
+	var out []store.Event
+	for _, s := range f {
+		if s > after && len(out) < limit {
+			out = append(out, store.Event{Seq: s})
+		}
+	}
+	return out, nil
+}
+
+func TestLastSeq(t *testing.T) {
+	for _, seqs := range [][]int64{nil, {1}, {1, 2, 3}, {5}, {1, 2, 1000}, {7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17}, {1 << 40}} {
+		want := int64(0)
+		if len(seqs) > 0 {
+			want = seqs[len(seqs)-1]
+		}
+		if got, err := lastSeq(context.Background(), fakeEvents(seqs)); err != nil || got != want {
+			t.Errorf("lastSeq(%v) = %d, %v; want %d", seqs, got, err, want)
 		}
 	}
 }

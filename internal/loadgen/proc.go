@@ -93,3 +93,21 @@ func FindListener(port int) (pid int, cmdline string, err error) {
 	}
 	return 0, "", fmt.Errorf("a socket listens on TCP port %d but its process is not readable (another user's?): pass --server-pid", port)
 }
+
+// WriteBytes reads the bytes a process has caused to be written to storage
+// (write_bytes of /proc/PID/io).
+func WriteBytes(pid int) (int64, error) {
+	if pid <= 0 {
+		return 0, fmt.Errorf("no process")
+	}
+	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(data), "\n") {
+		if v, ok := strings.CutPrefix(line, "write_bytes:"); ok {
+			return strconv.ParseInt(strings.TrimSpace(v), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/io has no write_bytes", pid)
+}

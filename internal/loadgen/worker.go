@@ -47,7 +47,7 @@ type command struct {
 
 // report is a line a worker writes.
 type report struct {
-	Type string `json:"type"` // progress, connected, telemetry, desired
+	Type string `json:"type"` // progress, connected, telemetry-progress, telemetry, desired
 
 	Connected     int      `json:"connected,omitempty"`
 	Failed        int      `json:"failed,omitempty"`
@@ -302,6 +302,20 @@ func (w *worker) telemetry(ctx context.Context, d time.Duration, rate float64) {
 	props := url.Values{"$.ct": {"application/json"}, "$.ce": {"utf-8"}, "benchRun": {w.cfg.Run}}
 	start := time.Now()
 	deadline := start.Add(d)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		t := time.NewTicker(time.Second)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				w.send(report{Type: "telemetry-progress", Acked: acked.Load(), SendFail: failed.Load()})
+			}
+		}
+	}()
 	var wg sync.WaitGroup
 	for _, c := range live {
 		wg.Go(func() {
