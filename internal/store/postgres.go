@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"net/url"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -25,13 +24,8 @@ import (
 // bytea and timestamptz map to []byte and time.Time without adapters, and a
 // batch of inserts travels in one round trip.
 type Postgres struct {
-	pool *pgxpool.Pool
-
-	mu      sync.Mutex
-	queue   []*pgAppend // appends waiting for the writer
-	writing bool        // the writer goroutine runs
-	closed  bool
-	writer  sync.WaitGroup
+	pool   *pgxpool.Pool
+	events *eventBatcher // appends waiting for the group commit
 }
 
 // defaultPostgresConns is the pool size unless the URL sets pool_max_conns:
@@ -63,7 +57,12 @@ func OpenPostgres(ctx context.Context, dsn string) (*Postgres, error) {
 		pool.Close()
 		return nil, fmt.Errorf("opening database %s: %w", where, err)
 	}
-	return &Postgres{pool: pool}, nil
+	p := &Postgres{pool: pool}
+	p.events = &eventBatcher{max: pgMaxEventBatch, insert: p.insertEvents, retrySingly: func(err error) bool {
+		var refused *pgconn.PgError // the server refused a statement: not a lost connection
+		return errors.As(err, &refused)
+	}}
+	return p, nil
 }
 
 // redactDSN is the URL without its password, for error messages.
@@ -77,10 +76,7 @@ func redactDSN(dsn string) string {
 
 // Close waits for appends already queued to be committed, then closes the pool.
 func (p *Postgres) Close() error {
-	p.mu.Lock()
-	p.closed = true
-	p.mu.Unlock()
-	p.writer.Wait()
+	p.events.close()
 	p.pool.Close()
 	return nil
 }
@@ -210,19 +206,6 @@ func (p *Postgres) Count(ctx context.Context, kind string) (int, error) {
 	return n, err
 }
 
-// pgAppend is one queued append; seq and err are set before done closes.
-type pgAppend struct {
-	ctx        context.Context
-	deviceID   string
-	moduleID   string
-	properties string
-	body       []byte
-	enqueued   time.Time
-	seq        int64
-	err        error
-	done       chan struct{}
-}
-
 // pgMaxEventBatch bounds one transaction, and so how long it holds the
 // events table against the other replicas.
 const pgMaxEventBatch = 1000
@@ -236,101 +219,15 @@ const pgMaxEventBatch = 1000
 // bigserial taken by a transaction that commits late would be skipped by a
 // consumer reading with Events(after) as its cursor.
 //
-// As on SQLite, concurrent appends in one process share a transaction (group
-// commit): callers queue their events, one writer goroutine inserts all that
-// is queued in one transaction and answers each caller with its own number.
-// Batches grow with load; there is no timer. If ctx ends before the commit
-// the caller gets ctx.Err(), but the event may still be stored.
+// As on SQLite, concurrent appends in one process share a transaction
+// (group commit, see eventBatcher).
 func (p *Postgres) AppendEvent(ctx context.Context, e Event) (int64, error) {
-	props, err := json.Marshal(e.Properties)
-	if err != nil {
-		return 0, err
-	}
-	body := e.Body
-	if body == nil {
-		body = []byte{} // an empty message; the column is NOT NULL
-	}
-	a := &pgAppend{ctx: ctx, deviceID: e.DeviceID, moduleID: e.ModuleID, properties: string(props),
-		body: body, enqueued: e.Enqueued, done: make(chan struct{})}
-	p.mu.Lock()
-	if p.closed {
-		p.mu.Unlock()
-		return 0, errStoreClosed
-	}
-	p.queue = append(p.queue, a)
-	if !p.writing {
-		p.writing = true
-		p.writer.Add(1)
-		go p.writeQueued()
-	}
-	p.mu.Unlock()
-	select {
-	case <-a.done:
-		return a.seq, a.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
-}
-
-// writeQueued writes batches until the queue is empty.
-func (p *Postgres) writeQueued() {
-	defer p.writer.Done()
-	for {
-		p.mu.Lock()
-		batch := p.queue
-		if len(batch) == 0 {
-			p.writing = false
-			p.mu.Unlock()
-			return
-		}
-		if len(batch) > pgMaxEventBatch {
-			p.queue = append([]*pgAppend(nil), batch[pgMaxEventBatch:]...)
-			batch = batch[:pgMaxEventBatch]
-		} else {
-			p.queue = nil
-		}
-		p.mu.Unlock()
-		p.writeBatch(batch)
-	}
-}
-
-// writeBatch commits a batch and answers each caller. If the server refuses
-// the batch, each event is retried in its own transaction, so that only a
-// bad one fails; if the server cannot be reached, all fail at once.
-func (p *Postgres) writeBatch(batch []*pgAppend) {
-	live := batch[:0:0]
-	for _, a := range batch {
-		if a.err = a.ctx.Err(); a.err != nil {
-			close(a.done) // the caller gave up: do not store it
-			continue
-		}
-		live = append(live, a)
-	}
-	if len(live) == 0 {
-		return
-	}
-	err := p.insertEvents(live)
-	var refused *pgconn.PgError // the server refused a statement, not a lost connection
-	if errors.As(err, &refused) && len(live) > 1 {
-		for _, a := range live {
-			a.err = p.insertEvents([]*pgAppend{a})
-		}
-	} else {
-		for _, a := range live {
-			a.err = err
-		}
-	}
-	for _, a := range live {
-		if a.err != nil {
-			a.seq = 0
-		}
-		close(a.done)
-	}
+	return p.events.append(ctx, e)
 }
 
 // insertEvents inserts the events in one transaction, in order, and sets
 // their seq. The inserts travel as one pipelined batch.
-func (p *Postgres) insertEvents(as []*pgAppend) error {
+func (p *Postgres) insertEvents(as []*pendingEvent) error {
 	ctx := context.Background() // the batch is not any one caller's
 	return pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
 		// The lock is its own statement, before the batch: pgx prepares a
@@ -343,7 +240,7 @@ func (p *Postgres) insertEvents(as []*pgAppend) error {
 		b := &pgx.Batch{}
 		for _, a := range as {
 			b.Queue(`INSERT INTO events (device_id, module_id, properties, body, enqueued) VALUES ($1,$2,$3,$4,$5) RETURNING seq`,
-				a.deviceID, a.moduleID, a.properties, a.body, a.enqueued)
+				a.DeviceID, a.ModuleID, a.props, a.Body, a.Enqueued)
 		}
 		br := tx.SendBatch(ctx, b)
 		for _, a := range as {

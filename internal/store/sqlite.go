@@ -20,7 +20,7 @@ type SQLite struct {
 	// Statements are prepared once: parsing SQL costs more than running it.
 	get, insert, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
 
-	events eventQueue // appends waiting for the group commit
+	events *eventBatcher // appends waiting for the group commit
 	// wmu is held by this process's writes (documents and event batches)
 	// while they run. SQLite allows one writer at a time and makes the others
 	// poll, sleeping up to 100 ms between tries; against the event writer's
@@ -69,6 +69,8 @@ func OpenSQLite(path string) (*SQLite, error) {
 		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}
 	s := &SQLite{db: db}
+	// SQLite refuses an event only for its own content: retry alone each time.
+	s.events = &eventBatcher{max: maxEventBatch, insert: s.insertEvents, retrySingly: func(error) bool { return true }}
 	for _, p := range []struct {
 		stmt **sql.Stmt
 		sql  string
@@ -197,140 +199,16 @@ func (s *SQLite) Count(ctx context.Context, kind string) (int, error) {
 	return n, err
 }
 
-// AppendEvent stores e and returns its sequence number once the event is
-// committed. Concurrent appends share one transaction (group commit): each
-// caller queues its event and waits; a single writer goroutine takes
-// everything queued, inserts it in one transaction, commits and answers
-// every caller with its own sequence number. There is no timer: an append
-// arriving while nothing is being written is committed at once, and appends
-// arriving during a commit form the next batch, so batches grow with load.
-// Sequence numbers follow queue order. If ctx ends before the commit the
-// caller gets ctx.Err(), but the event may still be stored (at least once).
+// AppendEvent stores e and returns its sequence number once it is
+// committed; concurrent appends share a transaction (see eventBatcher).
 func (s *SQLite) AppendEvent(ctx context.Context, e Event) (int64, error) {
-	props, err := json.Marshal(e.Properties)
-	if err != nil {
-		return 0, err
-	}
-	body := e.Body
-	if body == nil {
-		body = []byte{} // an empty message; the column is NOT NULL
-	}
-	p := &pendingEvent{ctx: ctx, args: []any{e.DeviceID, e.ModuleID, string(props), body, e.Enqueued.UnixMilli()}, done: make(chan struct{})}
-	if err := s.events.add(p, s.writeEvents); err != nil {
-		return 0, err
-	}
-	select {
-	case <-p.done:
-		return p.seq, p.err
-	case <-ctx.Done():
-		return 0, ctx.Err()
-	}
+	return s.events.append(ctx, e)
 }
 
 // maxEventBatch bounds one transaction, so that the write lock is not held
 // for long against the document writes waiting behind it (a few ms with
 // 19,000 devices, where each insert touches its own index page).
 const maxEventBatch = 250
-
-var errStoreClosed = errors.New("store: closed")
-
-// pendingEvent is one queued append; seq and err are set before done closes.
-type pendingEvent struct {
-	ctx  context.Context
-	args []any
-	seq  int64
-	err  error
-	done chan struct{}
-}
-
-// eventQueue holds appends waiting for the writer. The writer goroutine runs
-// only while there is something to write.
-type eventQueue struct {
-	mu      sync.Mutex
-	queue   []*pendingEvent
-	writing bool
-	closed  bool
-	idle    sync.WaitGroup // the writer, while it runs
-}
-
-// add queues p and starts the writer if it is not running.
-func (q *eventQueue) add(p *pendingEvent, write func([]*pendingEvent)) error {
-	q.mu.Lock()
-	defer q.mu.Unlock()
-	if q.closed {
-		return errStoreClosed
-	}
-	q.queue = append(q.queue, p)
-	if !q.writing {
-		q.writing = true
-		q.idle.Add(1)
-		go q.run(write)
-	}
-	return nil
-}
-
-// run hands batches to write until the queue is empty.
-func (q *eventQueue) run(write func([]*pendingEvent)) {
-	defer q.idle.Done()
-	for {
-		q.mu.Lock()
-		batch := q.queue
-		if len(batch) == 0 {
-			q.writing = false
-			q.mu.Unlock()
-			return
-		}
-		if len(batch) > maxEventBatch {
-			q.queue = append([]*pendingEvent(nil), batch[maxEventBatch:]...)
-			batch = batch[:maxEventBatch]
-		} else {
-			q.queue = nil
-		}
-		q.mu.Unlock()
-		write(batch)
-	}
-}
-
-// close refuses new appends and waits until the queued ones are written.
-func (q *eventQueue) close() {
-	q.mu.Lock()
-	q.closed = true
-	q.mu.Unlock()
-	q.idle.Wait()
-}
-
-// writeEvents commits a batch in one transaction and answers each caller.
-// If an insert fails, the batch is rolled back and each event is retried in
-// its own transaction, so that only the bad one fails.
-func (s *SQLite) writeEvents(batch []*pendingEvent) {
-	live := batch[:0:0]
-	for _, p := range batch {
-		if p.err = p.ctx.Err(); p.err != nil {
-			close(p.done) // the caller gave up: do not store it
-			continue
-		}
-		live = append(live, p)
-	}
-	if len(live) == 0 {
-		return
-	}
-	err := s.insertEvents(live)
-	if err != nil && len(live) > 1 {
-		for _, p := range live {
-			p.err = s.insertEvents([]*pendingEvent{p})
-		}
-	} else {
-		for _, p := range live {
-			p.err = err
-		}
-	}
-	for _, p := range live {
-		if p.err != nil {
-			p.seq = 0
-		}
-		close(p.done)
-	}
-}
 
 // insertEvents inserts the events in one transaction and sets their seq.
 func (s *SQLite) insertEvents(ps []*pendingEvent) error {
@@ -344,7 +222,7 @@ func (s *SQLite) insertEvents(ps []*pendingEvent) error {
 	defer tx.Rollback() // a no-op after Commit
 	stmt := tx.StmtContext(ctx, s.appendEvent)
 	for _, p := range ps {
-		res, err := stmt.ExecContext(ctx, p.args...)
+		res, err := stmt.ExecContext(ctx, p.DeviceID, p.ModuleID, p.props, p.Body, p.Enqueued.UnixMilli())
 		if err != nil {
 			return err
 		}
