@@ -165,28 +165,20 @@ func enrollmentCmd() *cobra.Command {
 	put := func(use, short string, update bool) *cobra.Command {
 		var f enrollmentFlags
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			client, err := dpsClient(cmd)
+			out, err := putEnrollment(cmd, "/enrollments/"+url.PathEscape(regID), update, &dps.Enrollment{RegistrationID: regID},
+				func(e *dps.Enrollment) string { return e.ETag },
+				func(e *dps.Enrollment) error {
+					if update {
+						e.RegistrationState = nil // read-only
+					} else if !cmd.Flags().Changed("attestation-type") {
+						return fmt.Errorf("--attestation-type is required: tpm or symmetrickey")
+					}
+					return f.apply(cmd, &e.Attestation, &e.DeviceID, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName)
+				})
 			if err != nil {
 				return err
 			}
-			path := "/enrollments/" + url.PathEscape(regID)
-			e := &dps.Enrollment{RegistrationID: regID}
-			if update {
-				if err := client.Do(cmd.Context(), "GET", path, "", nil, e); err != nil {
-					return err
-				}
-				e.RegistrationState = nil
-			} else if !cmd.Flags().Changed("attestation-type") {
-				return fmt.Errorf("--attestation-type is required: tpm or symmetrickey")
-			}
-			if err := f.apply(cmd, &e.Attestation, &e.DeviceID, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName); err != nil {
-				return err
-			}
-			var out dps.Enrollment
-			if err := client.Do(cmd.Context(), "PUT", path, e.ETag, e, &out); err != nil {
-				return err
-			}
-			return showEnrollment(cmd, &out)
+			return showEnrollment(cmd, out)
 		}}
 		idFlag(c)
 		f.register(c, true)
@@ -240,6 +232,23 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
 	})
+}
+
+// putEnrollment creates or updates an enrollment or group at path: an update
+// starts from the stored one, edit applies the flags, and the PUT carries
+// the etag read, so a concurrent change is refused rather than overwritten.
+func putEnrollment[T any](cmd *cobra.Command, path string, update bool, fresh *T, etag func(*T) string, edit func(*T) error) (*T, error) {
+	v := fresh
+	if update {
+		var err error
+		if v, err = call[T](cmd, dpsClient, "GET", path, "", nil); err != nil {
+			return nil, err
+		}
+	}
+	if err := edit(v); err != nil {
+		return nil, err
+	}
+	return call[T](cmd, dpsClient, "PUT", path, etag(v), v)
 }
 
 // queryAll follows continuation tokens to the end.

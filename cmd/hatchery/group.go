@@ -20,28 +20,19 @@ func groupCmd() *cobra.Command {
 	put := func(use, short string, update bool) *cobra.Command {
 		var f enrollmentFlags
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			client, err := dpsClient(cmd)
+			out, err := putEnrollment(cmd, "/enrollmentGroups/"+url.PathEscape(groupID), update, &dps.EnrollmentGroup{EnrollmentGroupID: groupID},
+				func(g *dps.EnrollmentGroup) string { return g.ETag },
+				func(g *dps.EnrollmentGroup) error {
+					if !update && !cmd.Flags().Changed("attestation-type") {
+						g.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
+					}
+					var noDeviceID string // groups have none
+					return f.apply(cmd, &g.Attestation, &noDeviceID, &g.Capabilities, &g.InitialTwin, &g.ProvisioningStatus, &g.IoTHubHostName)
+				})
 			if err != nil {
 				return err
 			}
-			path := "/enrollmentGroups/" + url.PathEscape(groupID)
-			g := &dps.EnrollmentGroup{EnrollmentGroupID: groupID}
-			if update {
-				if err := client.Do(cmd.Context(), "GET", path, "", nil, g); err != nil {
-					return err
-				}
-			} else if !cmd.Flags().Changed("attestation-type") {
-				g.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
-			}
-			var unused string
-			if err := f.apply(cmd, &g.Attestation, &unused, &g.Capabilities, &g.InitialTwin, &g.ProvisioningStatus, &g.IoTHubHostName); err != nil {
-				return err
-			}
-			var out dps.EnrollmentGroup
-			if err := client.Do(cmd.Context(), "PUT", path, g.ETag, g, &out); err != nil {
-				return err
-			}
-			return showGroup(cmd, &out)
+			return showGroup(cmd, out)
 		}}
 		idFlag(c)
 		f.register(c, false)
