@@ -2,14 +2,15 @@
 # Installs what the test suite needs: swtpm and tpm2-tools (Debian), the Moby
 # engine (Debian's docker.io, started here when not running), PostgreSQL
 # (the tests start their own clusters) and the official
-# Azure IoT Node SDKs (npm, from test/interop/package-lock.json).
+# Azure IoT Node SDKs (npm, from test/interop/package-lock.json), with
+# openssl to make the X.509 devices' certificates they use.
 # Without root or apt it says what is missing; tests needing it then skip
 # locally and fail under CI=true.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io docker-registry:docker-registry htpasswd:apache2-utils; do
+for pair in swtpm:swtpm swtpm_setup:swtpm-tools tpm2_createek:tpm2-tools dockerd:docker.io docker-registry:docker-registry htpasswd:apache2-utils openssl:openssl; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need+=(postgresql)

@@ -2,7 +2,14 @@ package main
 
 import (
 	"bytes"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/json"
+	"encoding/pem"
+	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -126,6 +133,24 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("registration list: %s", out)
 	}
 
+	// X.509: a device certificate individually, a CA inline or by name for a group.
+	ca, caKey := testCert(t, "Fleet CA", nil, nil)
+	dev, _ := testCert(t, "cam-1", ca, caKey)
+	dir := t.TempDir()
+	caPath, devPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "dev.pem")
+	writePEM(t, caPath, ca)
+	writePEM(t, devPath, dev)
+	if out := c.ok("enrollment", "create", "--registration-id", "cam-1", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") {
+		t.Errorf("x509 enrollment: %s", out)
+	}
+	if out := c.ok("enrollment-group", "create", "--group-id", "cams", "--attestation-type", "x509", "--certificate-path", caPath); !strings.Contains(out, "CN=Fleet CA") {
+		t.Errorf("x509 group: %s", out)
+	}
+	c.ok("certificate", "create", "--name", "fleet-ca", "--path", caPath, "--verified")
+	if out := c.ok("enrollment-group", "create", "--group-id", "cams-2", "--attestation-type", "x509", "--ca-name", "fleet-ca"); !strings.Contains(out, "fleet-ca") {
+		t.Errorf("x509 group by CA name: %s", out)
+	}
+
 	// Mistakes get errors that say what to do, and exit non-zero.
 	for _, tc := range []struct {
 		args []string
@@ -136,6 +161,10 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"enrollment", "create", "--registration-id", "x"}, "--attestation-type is required"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "tpm", "--endorsement-key", "AAAA"}, "endorsementKey is not a TPM2B_PUBLIC"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "tpm"}, "individual enrollments only"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--certificate-path", devPath}, "need --attestation-type x509"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "x509", "--certificate-path", caPath + ".missing"}, "no such file"},
+		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--certificate-path", devPath}, "not a CA certificate"},
+		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--ca-name", "ghost"}, "no certificate \"ghost\""},
 	} {
 		out, err := c.run(tc.args...)
 		if err == nil || !strings.Contains(out, tc.want) {
@@ -209,4 +238,29 @@ func TestHubCLI(t *testing.T) {
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
 	c.ok("device", "delete", "--device-id", "edge-1")
+}
+
+// testCert makes a P-256 certificate for cn, a CA when parent is nil.
+func testCert(t *testing.T, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
+	t.Helper()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	if parent == nil {
+		tmpl.IsCA, tmpl.BasicConstraintsValid, tmpl.KeyUsage = true, true, x509.KeyUsageCertSign
+		parent, parentKey = tmpl, key
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return c, key
+}
+
+func writePEM(t *testing.T, path string, c *x509.Certificate) {
+	t.Helper()
+	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
 }

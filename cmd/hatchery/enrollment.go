@@ -67,12 +67,22 @@ func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersio
 // enrollmentFlags are the flags create and update share.
 type enrollmentFlags struct {
 	attType, ek, srk, deviceID, tags, props, status, primary, secondary, hub string
-	edge                                                                     bool
+	certPath, secondaryCertPath, caName, secondaryCAName                     string
+	edge, individual                                                         bool
 }
 
 func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
+	f.individual = individual
 	fl := cmd.Flags()
-	fl.StringVar(&f.attType, "attestation-type", "", "tpm or symmetrickey")
+	fl.StringVar(&f.attType, "attestation-type", "", "tpm, symmetrickey or x509")
+	what := "the device's certificate (PEM)"
+	if !individual {
+		what = "the CA certificate (PEM) that signs the devices' certificates"
+		fl.StringVar(&f.caName, "ca-name", "", "x509: a verified CA certificate uploaded with `hatchery certificate create`, instead of --certificate-path")
+		fl.StringVar(&f.secondaryCAName, "secondary-ca-name", "", "x509: a second verified CA certificate")
+	}
+	fl.StringVar(&f.certPath, "certificate-path", "", "x509: "+what)
+	fl.StringVar(&f.secondaryCertPath, "secondary-certificate-path", "", "x509: a second certificate, to roll over to")
 	if individual {
 		fl.StringVar(&f.ek, "endorsement-key", "", "TPM endorsement key (base64 TPM2B_PUBLIC, from `iotedge tpm provision-info`)")
 		fl.StringVar(&f.srk, "storage-root-key", "", "TPM storage root key (optional)")
@@ -97,9 +107,14 @@ func (f *enrollmentFlags) apply(cmd *cobra.Command, att *dps.Attestation, device
 			*att = dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{}}
 		case "symmetrickey":
 			*att = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
+		case "x509":
+			*att = dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{}}
 		default:
-			return fmt.Errorf("--attestation-type %q: use tpm or symmetrickey", f.attType)
+			return fmt.Errorf("--attestation-type %q: use tpm, symmetrickey or x509", f.attType)
 		}
+	}
+	if err := f.applyX509(changed, att); err != nil {
+		return err
 	}
 	if changed("endorsement-key") || changed("storage-root-key") {
 		if att.TPM == nil {
@@ -155,6 +170,47 @@ func (f *enrollmentFlags) apply(cmd *cobra.Command, att *dps.Attestation, device
 	return nil
 }
 
+// applyX509 sets the certificates an X.509 enrollment trusts: the device's
+// own for an individual enrollment, CA certificates (inline or by name)
+// for a group.
+func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestation) error {
+	paths, names := changed("certificate-path") || changed("secondary-certificate-path"), changed("ca-name") || changed("secondary-ca-name")
+	if !paths && !names {
+		return nil
+	}
+	if att.Type != dps.AttestationX509 || att.X509 == nil {
+		return fmt.Errorf("--certificate-path and --ca-name need --attestation-type x509")
+	}
+	if names {
+		if paths {
+			return fmt.Errorf("give --certificate-path or --ca-name, not both")
+		}
+		att.X509.SigningCertificates = nil
+		att.X509.CAReferences = &dps.X509CAReferences{Primary: f.caName, Secondary: f.secondaryCAName}
+		return nil
+	}
+	certs := &dps.X509Certificates{}
+	for _, p := range []struct {
+		path string
+		to   **dps.X509CertificateWithInfo
+	}{{f.certPath, &certs.Primary}, {f.secondaryCertPath, &certs.Secondary}} {
+		if p.path == "" {
+			continue
+		}
+		pem, err := os.ReadFile(p.path)
+		if err != nil {
+			return err
+		}
+		*p.to = &dps.X509CertificateWithInfo{Certificate: string(pem)}
+	}
+	if f.individual {
+		att.X509.ClientCertificates = certs
+	} else {
+		att.X509.SigningCertificates, att.X509.CAReferences = certs, nil
+	}
+	return nil
+}
+
 func enrollmentCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "enrollment", Short: "Manage individual enrollments (as `az iot dps enrollment`)"}
 	var regID string
@@ -171,7 +227,7 @@ func enrollmentCmd() *cobra.Command {
 					if update {
 						e.RegistrationState = nil // read-only
 					} else if !cmd.Flags().Changed("attestation-type") {
-						return fmt.Errorf("--attestation-type is required: tpm or symmetrickey")
+						return fmt.Errorf("--attestation-type is required: tpm, symmetrickey or x509")
 					}
 					return f.apply(cmd, &e.Attestation, &e.DeviceID, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName)
 				})
@@ -224,6 +280,7 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"Registration ID", e.RegistrationID},
 		{"Device ID", orDash(e.DeviceID)},
 		{"Attestation", e.Attestation.Type},
+		credentialRow(e.Attestation),
 		{"IoT Edge", strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge)},
 		{"Provisioning status", e.ProvisioningStatus},
 		{"Initial twin tags", tags},
@@ -232,6 +289,27 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
 	})
+}
+
+// credentialRow shows what a device proves itself with: the primary key,
+// or the primary certificate (a group's CA) by subject and thumbprint.
+func credentialRow(a dps.Attestation) [2]string {
+	switch {
+	case a.SymmetricKey != nil:
+		return [2]string{"Primary key", a.SymmetricKey.PrimaryKey}
+	case a.TPM != nil:
+		return [2]string{"Endorsement key", a.TPM.EndorsementKey[:min(len(a.TPM.EndorsementKey), 24)] + "…"}
+	case a.X509 != nil:
+		for _, cs := range []*dps.X509Certificates{a.X509.ClientCertificates, a.X509.SigningCertificates} {
+			if cs != nil && cs.Primary != nil && cs.Primary.Info != nil {
+				return [2]string{"Certificate", cs.Primary.Info.SubjectName + " (SHA-256 " + cs.Primary.Info.SHA256Thumbprint + ")"}
+			}
+		}
+		if a.X509.CAReferences != nil {
+			return [2]string{"CA certificate", a.X509.CAReferences.Primary}
+		}
+	}
+	return [2]string{"Credential", "-"}
 }
 
 // putEnrollment creates or updates an enrollment or group at path: an update

@@ -66,14 +66,10 @@ func groupCmd() *cobra.Command {
 }
 
 func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
-	key := "-"
-	if g.Attestation.SymmetricKey != nil {
-		key = g.Attestation.SymmetricKey.PrimaryKey
-	}
 	return render(cmd, g, [][2]string{
 		{"Group ID", g.EnrollmentGroupID},
 		{"Attestation", g.Attestation.Type},
-		{"Primary key", key},
+		credentialRow(g.Attestation),
 		{"IoT Edge", strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge)},
 		{"Provisioning status", g.ProvisioningStatus},
 	})

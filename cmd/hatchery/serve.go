@@ -96,6 +96,9 @@ func serve(ctx context.Context, dir, database, host, listen string, port, mqttPo
 	if err != nil {
 		return err
 	}
+	// Devices with X.509 identities present client certificates on both
+	// ports; the services, not the TLS layer, decide whether to trust them.
+	tlsConfig.ClientAuth = tls.RequestClientCert
 	st, err := store.Open(ctx, database, dir)
 	if err != nil {
 		return err
@@ -118,6 +121,8 @@ func serve(ctx context.Context, dir, database, host, listen string, port, mqttPo
 	if err != nil {
 		return err
 	}
+	// One set of CA certificates serves both: X.509 groups may reference them.
+	dpsSvc.CAs = hubSvc
 	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
 		return err
 	} else if len(hubs) == 0 {
@@ -136,11 +141,7 @@ func serve(ctx context.Context, dir, database, host, listen string, port, mqttPo
 	if err != nil {
 		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
 	}
-	// Devices with X.509 identities present client certificates; the hub,
-	// not the TLS layer, decides whether they are trusted.
-	mqttTLS := tlsConfig.Clone()
-	mqttTLS.ClientAuth = tls.RequestClientCert
-	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), mqttTLS)
+	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), tlsConfig)
 	if err != nil {
 		ln.Close()
 		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", mqttPort, err)

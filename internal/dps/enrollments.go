@@ -12,7 +12,7 @@ import (
 
 // enrollmentDefaults fills what Azure fills and validates the rest. The
 // fields both kinds share are passed by pointer so one check serves both.
-func (s *Service) enrollmentDefaults(att *Attestation, status *string, repro **ReprovisionPolicy, alloc *string, caps **Capabilities, twin *InitialTwin) error {
+func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attestation, status *string, repro **ReprovisionPolicy, alloc *string, caps **Capabilities, twin *InitialTwin) error {
 	switch *status {
 	case "":
 		*status = "enabled"
@@ -74,7 +74,10 @@ func (s *Service) enrollmentDefaults(att *Attestation, status *string, repro **R
 		}
 		return nil
 	case AttestationX509:
-		return azerr.BadRequest("X.509 attestation is not supported by this service yet: use tpm or symmetricKey")
+		if att.X509 == nil {
+			att.X509 = &X509Attestation{}
+		}
+		return s.checkX509(ctx, att.X509, group)
 	case "":
 		return azerr.BadRequest("attestation.type is required: tpm, symmetricKey or x509")
 	}
@@ -102,7 +105,7 @@ func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 		return nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", e.RegistrationID, id)
 	}
 	e.RegistrationID = id
-	if err := s.enrollmentDefaults(&e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
+	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
 		return nil, err
 	}
 	if ifMatch == "" {
@@ -174,7 +177,7 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 		return nil, azerr.BadRequest("enrollment group %q: TPM attestation works with individual enrollments only; "+
 			"create one enrollment per device with its endorsement key, or use a symmetricKey group", id)
 	}
-	if err := s.enrollmentDefaults(&g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
+	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
 		return nil, err
 	}
 	if ifMatch == "" {

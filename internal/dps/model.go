@@ -14,11 +14,13 @@ import (
 // The registration API's types are shared with device-side clients, which
 // must not pull in the service.
 type (
-	RegistrationState = dpsapi.RegistrationState
-	TPMResult         = dpsapi.TPMResult
-	SymKeyResult      = dpsapi.SymKeyResult
-	Operation         = dpsapi.Operation
-	Challenge         = dpsapi.Challenge
+	RegistrationState   = dpsapi.RegistrationState
+	TPMResult           = dpsapi.TPMResult
+	SymKeyResult        = dpsapi.SymKeyResult
+	Operation           = dpsapi.Operation
+	Challenge           = dpsapi.Challenge
+	X509Result          = dpsapi.X509Result
+	X509CertificateInfo = dpsapi.X509CertificateInfo
 )
 
 // Registration states.
@@ -77,7 +79,7 @@ type EnrollmentGroup struct {
 type Attestation struct {
 	Type         string                   `json:"type"`
 	TPM          *TPMAttestation          `json:"tpm,omitempty"`
-	X509         json.RawMessage          `json:"x509,omitempty"`
+	X509         *X509Attestation         `json:"x509,omitempty"`
 	SymmetricKey *SymmetricKeyAttestation `json:"symmetricKey,omitempty"`
 }
 
@@ -132,11 +134,13 @@ type LinkedHub struct {
 	ApplyAllocationPolicy bool   `json:"applyAllocationPolicy"`
 }
 
-// HubDevice is what assignment writes into a hub.
+// HubDevice is what assignment writes into a hub: a device authenticating
+// with a key (TPM, symmetric key) or with its certificate (X.509).
 type HubDevice struct {
 	DeviceID     string
 	PrimaryKey   string // base64
 	SecondaryKey string // base64
+	Thumbprint   string // hex SHA-256 of an X.509 device's certificate
 	IoTEdge      bool
 	Tags         json.RawMessage
 	Desired      json.RawMessage

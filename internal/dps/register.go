@@ -2,6 +2,7 @@ package dps
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -19,12 +20,20 @@ import (
 	"github.com/hatchery/hatchery/internal/store"
 )
 
+// Credentials are what a device proves itself with: a SAS token in the
+// Authorization header (TPM, symmetric key) or its TLS client certificate
+// chain (X.509), leaf first.
+type Credentials struct {
+	Authorization string
+	Certificates  []*x509.Certificate
+}
+
 // RegisterRequest is a device's registration PUT.
 type RegisterRequest struct {
 	IDScope        string
 	RegistrationID string
-	Authorization  string
-	Body           []byte
+	Credentials
+	Body []byte
 }
 
 type registerBody struct {
@@ -51,6 +60,8 @@ type attestation struct {
 	group      *EnrollmentGroup
 	deviceKey  string // symmetric-key devices: the key they proved
 	challenge  *challenge
+	// X.509 devices: their certificate, and for group members the CA it chained to.
+	certificate, signer *x509.Certificate
 }
 
 func (a *attestation) status() string {
@@ -76,11 +87,11 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, regID) {
 		return nil, nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", body.RegistrationID, regID)
 	}
-	if req.Authorization == "" {
+	if req.Authorization == "" && len(req.Certificates) == 0 {
 		ch, err := s.challenge(ctx, regID, &body)
 		return nil, ch, err
 	}
-	att, err := s.authenticate(ctx, req.IDScope, regID, req.Authorization)
+	att, err := s.authenticate(ctx, req.IDScope, regID, req.Credentials)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -98,12 +109,12 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 }
 
 // OperationStatus answers a device polling its operation.
-func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID, authorization string) (*Operation, error) {
+func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string, cred Credentials) (*Operation, error) {
 	regID, err := s.checkScope(scope, regID)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.authenticate(ctx, scope, regID, authorization); err != nil {
+	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
 		return nil, err
 	}
 	op, _, err := get[Operation](ctx, s.store, kindOperation, opID, azerr.New(404201, "NotFound", "no operation %q", opID))
@@ -117,12 +128,12 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID, autho
 }
 
 // DeviceRegistrationStatus answers a device asking for its registration record.
-func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID, authorization string) (*RegistrationState, error) {
+func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID string, cred Credentials) (*RegistrationState, error) {
 	regID, err := s.checkScope(scope, regID)
 	if err != nil {
 		return nil, err
 	}
-	if _, err := s.authenticate(ctx, scope, regID, authorization); err != nil {
+	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
 		return nil, err
 	}
 	r, etag, err := get[RegistrationState](ctx, s.store, kindRegistration, regID,
@@ -195,13 +206,21 @@ func (s *Service) activationBlob(ek, srk []byte, keyB64 string) ([]byte, error) 
 	return blob, nil
 }
 
-// authenticate verifies a device's SAS token against its enrollment: the
-// pending challenge key for TPM, the enrollment's or derived key otherwise.
-func (s *Service) authenticate(ctx context.Context, scope, regID, header string) (*attestation, error) {
-	if header == "" {
-		return nil, unauthorized(regID, "no SharedAccessSignature in the Authorization header")
+// authenticate verifies a device's credentials against its enrollment: for
+// SAS tokens the pending challenge key (TPM) or the enrollment's or derived
+// key (symmetric key); else its certificate (X.509).
+func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Credentials) (*attestation, error) {
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
+	if err != nil {
+		return nil, err
 	}
-	tok, err := sas.Parse(header)
+	if cred.Authorization == "" && len(cred.Certificates) > 0 {
+		return s.authenticateX509(ctx, regID, e, cred.Certificates)
+	}
+	if cred.Authorization == "" {
+		return nil, unauthorized(regID, "no SharedAccessSignature in the Authorization header and no client certificate")
+	}
+	tok, err := sas.Parse(cred.Authorization)
 	if err != nil {
 		return nil, unauthorized(regID, err.Error())
 	}
@@ -209,10 +228,6 @@ func (s *Service) authenticate(ctx context.Context, scope, regID, header string)
 		return nil, unauthorized(regID, fmt.Sprintf("the token is for %q, not %q", tok.Audience, want))
 	}
 	now := s.Now()
-	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
-	if err != nil {
-		return nil, err
-	}
 	if e != nil {
 		switch e.Attestation.Type {
 		case AttestationTPM:
@@ -241,32 +256,51 @@ func (s *Service) authenticate(ctx context.Context, scope, regID, header string)
 
 // authenticateGroup finds the symmetric-key group whose derived key signed tok.
 func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.Token, now time.Time) (*attestation, error) {
-	after := ""
 	var lastErr error = errors.New("no enrollment or enrollment group matches")
+	var found *attestation
+	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+		if g.Attestation.Type != AttestationSymmetricKey || g.Attestation.SymmetricKey == nil {
+			return true
+		}
+		k := g.Attestation.SymmetricKey
+		var derived [][]byte
+		for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
+			derived = append(derived, sas.DeriveDeviceKey(gk, regID))
+		}
+		err := tok.Verify(now, derived...)
+		if err == nil {
+			found = &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0])}
+			return false
+		}
+		if errors.Is(err, sas.ErrExpired) {
+			lastErr = err
+		}
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	if found == nil {
+		return nil, unauthorized(regID, lastErr.Error())
+	}
+	return found, nil
+}
+
+// eachGroup calls f with every enrollment group until f returns false.
+func (s *Service) eachGroup(ctx context.Context, f func(*EnrollmentGroup) bool) error {
+	after := ""
 	for {
 		groups, next, err := s.ListGroups(ctx, after, 1000)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		for _, g := range groups {
-			if g.Attestation.Type != AttestationSymmetricKey || g.Attestation.SymmetricKey == nil {
-				continue
-			}
-			k := g.Attestation.SymmetricKey
-			var derived [][]byte
-			for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
-				derived = append(derived, sas.DeriveDeviceKey(gk, regID))
-			}
-			err := tok.Verify(now, derived...)
-			if err == nil {
-				return &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0])}, nil
-			}
-			if errors.Is(err, sas.ErrExpired) {
-				lastErr = err
+			if !f(g) {
+				return nil
 			}
 		}
 		if next == "" {
-			return nil, unauthorized(regID, lastErr.Error())
+			return nil
 		}
 		after = next
 	}
@@ -321,6 +355,16 @@ func (s *Service) assign(ctx context.Context, regID string, att *attestation, pa
 			return nil, err
 		}
 		state.TPM = &TPMResult{AuthenticationKey: base64.StdEncoding.EncodeToString(blob)}
+	case att.certificate != nil:
+		// The hub authenticates the device by this very certificate, so a
+		// device must register again when it renews it.
+		info := CertificateInfo(att.certificate)
+		dev.Thumbprint = info.SHA256Thumbprint
+		state.X509 = &X509Result{CertificateInfo: info}
+		if att.group != nil {
+			state.X509.EnrollmentGroupID = att.group.EnrollmentGroupID
+			state.X509.SigningCertificateInfo = CertificateInfo(att.signer)
+		}
 	case att.group != nil:
 		dev.PrimaryKey = att.deviceKey
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}

@@ -52,6 +52,9 @@ type Service struct {
 	Rand io.Reader
 	// ChallengeTTL bounds how long a TPM challenge key authenticates a device.
 	ChallengeTTL time.Duration
+	// CAs resolves X.509 groups' caReferences; nil allows only inline
+	// signingCertificates.
+	CAs CAStore
 }
 
 // Open loads the service's settings from st, creating an ID scope and the

@@ -33,6 +33,7 @@ type RegistrationState struct {
 	Payload                json.RawMessage `json:"payload,omitempty"`
 	TPM                    *TPMResult      `json:"tpm,omitempty"`
 	SymmetricKey           *SymKeyResult   `json:"symmetricKey,omitempty"`
+	X509                   *X509Result     `json:"x509,omitempty"`
 }
 
 // TPMResult carries the activation blob that wraps the device's hub key.
@@ -44,6 +45,26 @@ type TPMResult struct {
 type SymKeyResult struct {
 	RegistrationID    string `json:"registrationId"`
 	EnrollmentGroupID string `json:"enrollmentGroupId,omitempty"`
+}
+
+// X509Result describes the certificate a device authenticated with and,
+// for group members, the CA it chained to.
+type X509Result struct {
+	CertificateInfo        *X509CertificateInfo `json:"certificateInfo,omitempty"`
+	EnrollmentGroupID      string               `json:"enrollmentGroupId,omitempty"`
+	SigningCertificateInfo *X509CertificateInfo `json:"signingCertificateInfo,omitempty"`
+}
+
+// X509CertificateInfo describes a certificate, in the service API's shape.
+type X509CertificateInfo struct {
+	SubjectName      string    `json:"subjectName"`
+	SHA1Thumbprint   string    `json:"sha1Thumbprint"`
+	SHA256Thumbprint string    `json:"sha256Thumbprint"`
+	IssuerName       string    `json:"issuerName"`
+	NotBeforeUtc     time.Time `json:"notBeforeUtc"`
+	NotAfterUtc      time.Time `json:"notAfterUtc"`
+	SerialNumber     string    `json:"serialNumber"`
+	Version          int       `json:"version"`
 }
 
 // Operation is an asynchronous registration, polled by the device.

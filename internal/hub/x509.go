@@ -101,6 +101,18 @@ func (s *Service) DeleteCertificate(ctx context.Context, name string) error {
 	}
 }
 
+// VerifiedCA returns the named CA certificate if it is verified.
+func (s *Service) VerifiedCA(ctx context.Context, name string) (*x509.Certificate, error) {
+	c, err := s.GetCertificate(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	if !c.Properties.IsVerified {
+		return nil, azerr.BadRequest("CA certificate %q is not verified: upload it again with `hatchery certificate create --name %s --path CA.pem --verified`", name, name)
+	}
+	return parseCertificate(c.Properties.Certificate)
+}
+
 // verifiedCAs is the pool of verified CA certificates.
 func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
 	docs, err := s.store.List(ctx, kindCertificate, "", 1000)

@@ -94,9 +94,11 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	if err != nil {
 		return err
 	}
-	dev := &hub.Device{DeviceID: d.DeviceID, Status: "enabled",
-		Authentication: hub.Authentication{Type: "sas", SymmetricKey: hub.SymmetricKey{PrimaryKey: d.PrimaryKey, SecondaryKey: d.SecondaryKey}},
-		Capabilities:   hub.Capabilities{IoTEdge: d.IoTEdge}}
+	auth := hub.Authentication{Type: "sas", SymmetricKey: hub.SymmetricKey{PrimaryKey: d.PrimaryKey, SecondaryKey: d.SecondaryKey}}
+	if d.Thumbprint != "" {
+		auth = hub.Authentication{Type: "selfSigned", X509Thumbprint: hub.X509Thumbprint{PrimaryThumbprint: &d.Thumbprint}}
+	}
+	dev := &hub.Device{DeviceID: d.DeviceID, Status: "enabled", Authentication: auth, Capabilities: hub.Capabilities{IoTEdge: d.IoTEdge}}
 	// Most registrations are of new devices: try to create first.
 	if _, err := c.PutDevice(ctx, dev, ""); err != nil {
 		if azerr.As(err).Status() != http.StatusConflict {
@@ -107,7 +109,7 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 			return err
 		}
 		dev.Status, dev.StatusReason = existing.Status, existing.StatusReason
-		if dev.Authentication.SymmetricKey.SecondaryKey == "" {
+		if auth.Type == "sas" && dev.Authentication.SymmetricKey.SecondaryKey == "" && existing.Authentication.Type == "sas" {
 			dev.Authentication.SymmetricKey.SecondaryKey = existing.Authentication.SymmetricKey.SecondaryKey
 		}
 		_, err = c.PutDevice(ctx, dev, "*")

@@ -1,5 +1,5 @@
 // Package provisioning is the device side of the DPS registration API: it
-// registers a device with a TPM or a symmetric key against any
+// registers a device with a TPM, a symmetric key or an X.509 certificate against any
 // DPS-compatible service and returns the hub assignment.
 package provisioning
 
@@ -68,6 +68,13 @@ func (c *Client) RegisterSymmetricKey(ctx context.Context, key []byte) (*dpsapi.
 	return c.registerSigned(ctx, func(data []byte) ([]byte, error) { return hmacSHA256(key, data), nil }, nil)
 }
 
+// RegisterX509 registers a device that proves itself with its TLS client
+// certificate, which c.HTTP must present; its subject CN is the
+// registration ID.
+func (c *Client) RegisterX509(ctx context.Context) (*dpsapi.RegistrationState, error) {
+	return c.registerSigned(ctx, nil, nil)
+}
+
 // RegisterTPM registers a TPM device: it answers the service's challenge by
 // importing the activation blob at handle, signs with the imported key,
 // and on success imports the hub key the result carries into the same
@@ -121,11 +128,15 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dpsapi
 	return state, nil
 }
 
-// registerSigned sends the authenticated registration and polls it to the end.
+// registerSigned sends the authenticated registration and polls it to the
+// end; without a signer the TLS client certificate authenticates it.
 func (c *Client) registerSigned(ctx context.Context, sign signer, tpmBody map[string]string) (*dpsapi.RegistrationState, error) {
-	auth, err := c.token(sign)
-	if err != nil {
-		return nil, err
+	auth := ""
+	if sign != nil {
+		var err error
+		if auth, err = c.token(sign); err != nil {
+			return nil, err
+		}
 	}
 	status, body, hdr, err := c.send(ctx, http.MethodPut, c.path("/register"), auth, c.body(tpmBody))
 	if err != nil {

@@ -80,6 +80,16 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 	}
 }
 
+// deviceCredentials are the SAS token and the TLS client certificate chain
+// (which the TLS layer requests but leaves to the service to trust).
+func deviceCredentials(r *http.Request) dps.Credentials {
+	c := dps.Credentials{Authorization: r.Header.Get("Authorization")}
+	if r.TLS != nil {
+		c.Certificates = r.TLS.PeerCertificates
+	}
+	return c
+}
+
 func (a *api) register(w http.ResponseWriter, r *http.Request) error {
 	body, err := readBody(r)
 	if err != nil {
@@ -87,7 +97,7 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) error {
 	}
 	op, ch, err := a.dps.Register(r.Context(), dps.RegisterRequest{
 		IDScope: a.dps.IDScope(), RegistrationID: r.PathValue("regId"),
-		Authorization: r.Header.Get("Authorization"), Body: body,
+		Credentials: deviceCredentials(r), Body: body,
 	})
 	if err != nil {
 		return err
@@ -103,7 +113,7 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) operationStatus(w http.ResponseWriter, r *http.Request) error {
-	op, err := a.dps.OperationStatus(r.Context(), a.dps.IDScope(), r.PathValue("regId"), r.PathValue("opId"), r.Header.Get("Authorization"))
+	op, err := a.dps.OperationStatus(r.Context(), a.dps.IDScope(), r.PathValue("regId"), r.PathValue("opId"), deviceCredentials(r))
 	if err != nil {
 		return err
 	}
@@ -117,7 +127,7 @@ func (a *api) operationStatus(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) deviceRegistrationStatus(w http.ResponseWriter, r *http.Request) error {
-	st, err := a.dps.DeviceRegistrationStatus(r.Context(), a.dps.IDScope(), r.PathValue("regId"), r.Header.Get("Authorization"))
+	st, err := a.dps.DeviceRegistrationStatus(r.Context(), a.dps.IDScope(), r.PathValue("regId"), deviceCredentials(r))
 	if err != nil {
 		return err
 	}

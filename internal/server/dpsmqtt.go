@@ -43,7 +43,7 @@ const (
 	// (the hosted service says 3). The Node SDK waits retry-after × 1000 ms;
 	// Python and Embedded C read the same query parameter.
 	dpsRetryAfter = 1
-	// dpsNoCredentialsGrace bounds how long a session without a SAS token
+	// dpsNoCredentialsGrace bounds how long a session without credentials
 	// stays open: long enough to be told why it cannot register.
 	dpsNoCredentialsGrace = 30 * time.Second
 )
@@ -56,8 +56,9 @@ type dpsEndpoint struct {
 // dpsSession is the state of a registration connection.
 type dpsSession struct {
 	regID string // from the username, as the device spelled it
-	auth  string // the CONNECT password (a SAS token); "" when the device sent none
-	x509  bool   // the device presented a client certificate
+	// cred is the CONNECT password (a SAS token) or the TLS client
+	// certificate chain; empty when the device sent neither.
+	cred dps.Credentials
 }
 
 // NewDeviceEndpointWithDPS returns the device endpoint that also accepts
@@ -90,11 +91,11 @@ func (d *DeviceEndpoint) isDPSConnect(p *mqtt.Connect) bool {
 	return ok && !strings.EqualFold(host, d.hub.Host())
 }
 
-// authenticateDPS accepts a registration session. A SAS token is verified
-// now, so a wrong key is refused with CONNACK 5 ("not authorized", which the
-// SDKs report as an authorization failure). A session without a password
-// (X.509 devices) is accepted so that its requests can be answered with an
-// error that says why: this service has no X.509 attestation.
+// authenticateDPS accepts a registration session. A SAS token or client
+// certificate is verified now, so a wrong one is refused with CONNACK 5
+// ("not authorized", which the SDKs report as an authorization failure). A
+// session with neither is accepted so that its requests can be answered
+// with an error that says what to send.
 func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	svc := d.dpsEP.svc
 	scope, regID, _ := parseDPSUsername(p.Username)
@@ -108,9 +109,12 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if !strings.EqualFold(p.ClientID, regID) {
 		return refuse(fmt.Sprintf("the client ID must be the registration ID %q of the username", regID))
 	}
-	s := &dpsSession{regID: regID, auth: string(p.Password), x509: c.TLS() != nil && len(c.TLS().PeerCertificates) > 0}
-	if s.auth == "" {
-		slog.Info("dps mqtt session without a SAS token; its requests will be refused", "registrationId", regID, "x509", s.x509)
+	s := &dpsSession{regID: regID, cred: dps.Credentials{Authorization: string(p.Password)}}
+	if c.TLS() != nil {
+		s.cred.Certificates = c.TLS().PeerCertificates
+	}
+	if s.unauthenticated() {
+		slog.Info("dps mqtt session without a SAS token or client certificate; its requests will be refused", "registrationId", regID)
 		time.AfterFunc(dpsNoCredentialsGrace, c.Close)
 		c.SetValue(s)
 		return mqtt.Accepted
@@ -119,7 +123,7 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	// device that has not registered yet authenticates and then gets 404.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := svc.DeviceRegistrationStatus(ctx, scope, regID, s.auth); err != nil {
+	if _, err := svc.DeviceRegistrationStatus(ctx, scope, regID, s.cred); err != nil {
 		e := azerr.As(err)
 		switch {
 		case e.Status() == 404:
@@ -132,6 +136,10 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	c.SetValue(s)
 	return mqtt.Accepted
+}
+
+func (s *dpsSession) unauthenticated() bool {
+	return s.cred.Authorization == "" && len(s.cred.Certificates) == 0
 }
 
 // subscribeDPS grants the response topic and nothing else.
@@ -159,19 +167,15 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	_, rawQuery, _ := strings.Cut(p.Topic, "?")
 	q, _ := url.ParseQuery(rawQuery)
 	rid := rawParam(rawQuery, "$rid")
-	if s.auth == "" {
-		why := "no SAS token in the MQTT password"
-		if s.x509 {
-			why = "X.509 attestation is not supported by this provisioning service"
-		}
-		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: %s: "+
-			"use a symmetric-key enrollment and send its SAS token (sr={idScope}/registrations/{registrationId}, skn=registration) as the password", s.regID, why))
+	if s.unauthenticated() {
+		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: no SAS token in the MQTT password and no TLS client certificate: "+
+			"send a SAS token (sr={idScope}/registrations/{registrationId}, skn=registration) as the password, or connect with the device's X.509 certificate", s.regID))
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if register {
 		op, ch, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,
-			Authorization: s.auth, Body: p.Payload})
+			Credentials: s.cred, Body: p.Payload})
 		if err == nil && ch != nil {
 			err = azerr.Unauthorized("registration %q is not authorized: TPM attestation is not supported over MQTT: register over HTTPS", s.regID)
 		}
@@ -184,7 +188,7 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	if opID == "" {
 		return d.replyDPSError(c, rid, azerr.BadRequest("the operation status request has no operationId in its topic"))
 	}
-	op, err := svc.OperationStatus(ctx, svc.IDScope(), s.regID, opID, s.auth)
+	op, err := svc.OperationStatus(ctx, svc.IDScope(), s.regID, opID, s.cred)
 	if err != nil {
 		return d.replyDPSError(c, rid, err)
 	}

@@ -173,12 +173,16 @@ func dpsToken(scope, regID string, key []byte) string {
 	return sas.Build(key, scope+"/registrations/"+regID, "registration", time.Now().Add(time.Hour))
 }
 
-// registerOverMQTT runs a whole registration as the SDKs do and returns the
-// final registration state.
-func (e *env) registerOverMQTT(t *testing.T, addr, regID string, key []byte, payload string) map[string]any {
+// registerOverMQTT runs a whole registration as the SDKs do, with a key or
+// a client certificate, and returns the final registration state.
+func (e *env) registerOverMQTT(t *testing.T, addr, regID string, key []byte, cert *tls.Certificate, payload string) map[string]any {
 	t.Helper()
 	scope := e.dps.IDScope()
-	c, code := e.dialDPS(t, addr, dpsUsername(scope, regID), regID, dpsToken(scope, regID, key), nil)
+	password := ""
+	if key != nil {
+		password = dpsToken(scope, regID, key)
+	}
+	c, code := e.dialDPS(t, addr, dpsUsername(scope, regID), regID, password, cert)
 	if code != mqtt.Accepted {
 		t.Fatalf("CONNACK %d", code)
 	}
@@ -218,7 +222,7 @@ func TestDPSOverMQTTRegisters(t *testing.T) {
 	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "mqtt-01", DeviceID: "mqtt-device-01",
 		Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
 	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
-	st := e.registerOverMQTT(t, addr, "mqtt-01", key, `{"model":"m1"}`)
+	st := e.registerOverMQTT(t, addr, "mqtt-01", key, nil, `{"model":"m1"}`)
 	if st["status"] != "assigned" || st["assignedHub"] != host || st["deviceId"] != "mqtt-device-01" ||
 		st["registrationId"] != "mqtt-01" {
 		t.Fatalf("registration state %v", st)
@@ -244,7 +248,7 @@ func TestDPSOverMQTTRegisters(t *testing.T) {
 	}
 	gk, _ := base64.StdEncoding.DecodeString(g.Attestation.SymmetricKey.PrimaryKey)
 	devKey := sas.DeriveDeviceKey(gk, "sensor-9")
-	st = e.registerOverMQTT(t, addr, "sensor-9", devKey, `null`)
+	st = e.registerOverMQTT(t, addr, "sensor-9", devKey, nil, `null`)
 	if st["status"] != "assigned" || st["deviceId"] != "sensor-9" || st["assignedHub"] != host {
 		t.Fatalf("group registration state %v", st)
 	}
@@ -313,16 +317,20 @@ func TestDPSOverMQTTRefusals(t *testing.T) {
 		t.Fatal("connection still open after publishing to a hub topic")
 	}
 
-	// X.509 devices (no password) are told that this service cannot attest them.
+	// An X.509 device nobody enrolled is refused at CONNECT; a session with
+	// neither token nor certificate is told what to send.
 	cert := newCert(t, "x509-dev", false, nil)
-	c, code = e.dialDPS(t, addr, dpsUsername(scope, "x509-dev"), "x509-dev", "", &cert)
+	if _, code := e.dialDPS(t, addr, dpsUsername(scope, "x509-dev"), "x509-dev", "", &cert); code != mqtt.RefusedNotAuthorized {
+		t.Fatalf("unenrolled X.509 device: CONNACK %d", code)
+	}
+	c, code = e.dialDPS(t, addr, dpsUsername(scope, "mqtt-02"), "mqtt-02", "", nil)
 	if code != mqtt.Accepted {
-		t.Fatalf("X.509 session: CONNACK %d", code)
+		t.Fatalf("session without credentials: CONNACK %d", code)
 	}
 	c.subscribe("$dps/registrations/res/#")
-	r = c.register("d", `{"registrationId":"x509-dev"}`)
-	if msg, _ := r.body["message"].(string); r.status != 401 || !strings.Contains(msg, "X.509 attestation is not supported") {
-		t.Fatalf("X.509 registration: %d %v", r.status, r.body)
+	r = c.register("d", `{"registrationId":"mqtt-02"}`)
+	if msg, _ := r.body["message"].(string); r.status != 401 || !strings.Contains(msg, "no SAS token in the MQTT password and no TLS client certificate") {
+		t.Fatalf("registration without credentials: %d %v", r.status, r.body)
 	}
 	if n := e.counts()["dps.registration"]; n != 0 {
 		t.Fatalf("%d registrations stored by refused requests", n)

@@ -44,6 +44,7 @@ func newEnvAt(t testing.TB, dbPath string) *env {
 	t.Cleanup(func() { st.Close() })
 	e := &env{t: t, st: st}
 	e.ts = httptest.NewUnstartedServer(nil)
+	e.ts.TLS = &tls.Config{ClientAuth: tls.RequestClientCert} // as hatchery serve: X.509 devices
 	e.ts.StartTLS()
 	t.Cleanup(e.ts.Close)
 	e.tls = e.ts.Client().Transport.(*http.Transport).TLSClientConfig
@@ -53,6 +54,7 @@ func newEnvAt(t testing.TB, dbPath string) *env {
 	if e.dps, err = dps.Open(ctx, st, &hubclient.Pool{TLS: e.tls}, host); err != nil {
 		t.Fatal(err)
 	}
+	e.dps.CAs = e.hub
 	if hubs, _ := e.dps.LinkedHubs(ctx); len(hubs) == 0 {
 		if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: host, ConnectionString: e.hub.OwnerConnectionString(),
 			Endpoint: e.ts.URL, ApplyAllocationPolicy: true}); err != nil {

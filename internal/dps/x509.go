@@ -1,0 +1,258 @@
+package dps
+
+import (
+	"context"
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/subtle"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+)
+
+// X509Attestation is an enrollment's certificates: an individual
+// enrollment names the device's own certificate, a group the CA
+// certificates its devices' certificates chain to (given inline or as
+// references to CA certificates registered with `hatchery certificate`).
+type X509Attestation struct {
+	ClientCertificates  *X509Certificates `json:"clientCertificates,omitempty"`
+	SigningCertificates *X509Certificates `json:"signingCertificates,omitempty"`
+	CAReferences        *X509CAReferences `json:"caReferences,omitempty"`
+}
+
+// X509Certificates is a primary and an optional secondary certificate, so
+// that one can be rolled while the other still works.
+type X509Certificates struct {
+	Primary   *X509CertificateWithInfo `json:"primary,omitempty"`
+	Secondary *X509CertificateWithInfo `json:"secondary,omitempty"`
+}
+
+// X509CertificateWithInfo is a certificate (PEM, or base64 of PEM or DER, as
+// the service SDKs and the CLI send it) and what the service read from it.
+type X509CertificateWithInfo struct {
+	Certificate string               `json:"certificate,omitempty"`
+	Info        *X509CertificateInfo `json:"info,omitempty"`
+}
+
+// X509CAReferences name registered CA certificates.
+type X509CAReferences struct {
+	Primary   string `json:"primary,omitempty"`
+	Secondary string `json:"secondary,omitempty"`
+}
+
+// CAStore resolves caReferences to CA certificates that have been
+// verified (proof of possession, or vouched for by the operator).
+type CAStore interface {
+	VerifiedCA(ctx context.Context, name string) (*x509.Certificate, error)
+}
+
+// ParseCertificate reads a certificate as clients send it: PEM, base64 of
+// PEM, or base64 of DER.
+func ParseCertificate(s string) (*x509.Certificate, error) {
+	s = strings.TrimSpace(s)
+	if !strings.HasPrefix(s, "-----") {
+		raw, err := base64.StdEncoding.DecodeString(s)
+		if err != nil {
+			return nil, errors.New("not a PEM certificate nor base64: give the PEM file's contents")
+		}
+		if c, err := x509.ParseCertificate(raw); err == nil {
+			return c, nil
+		}
+		s = string(raw)
+	}
+	b, _ := pem.Decode([]byte(s))
+	if b == nil || b.Type != "CERTIFICATE" {
+		return nil, errors.New("no PEM CERTIFICATE block: give the certificate file's contents (-----BEGIN CERTIFICATE-----)")
+	}
+	c, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("the certificate does not parse: %v", err)
+	}
+	return c, nil
+}
+
+// CertificateInfo describes c.
+func CertificateInfo(c *x509.Certificate) *X509CertificateInfo {
+	s1, s256 := sha1.Sum(c.Raw), sha256.Sum256(c.Raw)
+	return &X509CertificateInfo{
+		SubjectName: c.Subject.String(), IssuerName: c.Issuer.String(),
+		SHA1Thumbprint: strings.ToUpper(hex.EncodeToString(s1[:])), SHA256Thumbprint: strings.ToUpper(hex.EncodeToString(s256[:])),
+		NotBeforeUtc: c.NotBefore.UTC(), NotAfterUtc: c.NotAfter.UTC(),
+		SerialNumber: strings.ToUpper(c.SerialNumber.Text(16)), Version: c.Version,
+	}
+}
+
+// checkX509 validates an enrollment's certificates and fills in their info.
+// Individual enrollments hold device certificates, groups CA certificates.
+func (s *Service) checkX509(ctx context.Context, a *X509Attestation, group bool) error {
+	if a == nil {
+		a = &X509Attestation{}
+	}
+	if !group {
+		if a.ClientCertificates == nil || a.SigningCertificates != nil || a.CAReferences != nil {
+			return azerr.BadRequest("attestation.x509 of an individual enrollment takes clientCertificates (the device's certificate), " +
+				"not signingCertificates or caReferences: those belong to enrollment groups")
+		}
+		return fillCertificates("attestation.x509.clientCertificates", a.ClientCertificates, false)
+	}
+	switch {
+	case a.ClientCertificates != nil:
+		return azerr.BadRequest("attestation.x509 of an enrollment group takes signingCertificates (CA certificates) or caReferences, " +
+			"not clientCertificates: enroll a single device's certificate with an individual enrollment")
+	case a.SigningCertificates != nil && a.CAReferences != nil:
+		return azerr.BadRequest("attestation.x509 takes signingCertificates or caReferences, not both")
+	case a.SigningCertificates != nil:
+		return fillCertificates("attestation.x509.signingCertificates", a.SigningCertificates, true)
+	case a.CAReferences != nil && a.CAReferences.Primary != "":
+		for _, name := range []string{a.CAReferences.Primary, a.CAReferences.Secondary} {
+			if name == "" {
+				continue
+			}
+			if s.CAs == nil {
+				return azerr.BadRequest("attestation.x509.caReferences: this service has no CA certificate store: give signingCertificates instead")
+			}
+			if _, err := s.CAs.VerifiedCA(ctx, name); err != nil {
+				return azerr.BadRequest("attestation.x509.caReferences: %v", err)
+			}
+		}
+		return nil
+	}
+	return azerr.BadRequest("attestation.x509 of an enrollment group needs signingCertificates.primary.certificate " +
+		"(the PEM of the root or intermediate CA that signs the devices' certificates) or caReferences.primary")
+}
+
+func fillCertificates(field string, cs *X509Certificates, ca bool) error {
+	if cs.Primary == nil || cs.Primary.Certificate == "" {
+		return azerr.BadRequest("%s.primary.certificate is required: the certificate's PEM", field)
+	}
+	for name, c := range map[string]*X509CertificateWithInfo{"primary": cs.Primary, "secondary": cs.Secondary} {
+		if c == nil {
+			continue
+		}
+		if c.Certificate == "" {
+			return azerr.BadRequest("%s.%s.certificate is empty: give the certificate's PEM or leave %s out", field, name, name)
+		}
+		cert, err := ParseCertificate(c.Certificate)
+		if err != nil {
+			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
+		}
+		if ca && !cert.IsCA {
+			return azerr.BadRequest("%s.%s.certificate is not a CA certificate (basicConstraints CA:TRUE): "+
+				"a group trusts the CA that signs its devices' certificates", field, name)
+		}
+		c.Info = CertificateInfo(cert)
+	}
+	return nil
+}
+
+// certificates returns the parsed certificates of a primary/secondary pair.
+func (cs *X509Certificates) certificates() []*x509.Certificate {
+	var out []*x509.Certificate
+	if cs == nil {
+		return nil
+	}
+	for _, c := range []*X509CertificateWithInfo{cs.Primary, cs.Secondary} {
+		if c == nil {
+			continue
+		}
+		if cert, err := ParseCertificate(c.Certificate); err == nil {
+			out = append(out, cert)
+		}
+	}
+	return out
+}
+
+// x509Identity checks what a device's certificate says about it: the
+// registration ID is its subject CN (or a DNS name, which some SDKs
+// prefer), and it must be valid now.
+func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
+	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
+		return unauthorized(regID, fmt.Sprintf("the client certificate is valid from %s to %s, not now",
+			leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339)))
+	}
+	if strings.EqualFold(leaf.Subject.CommonName, regID) {
+		return nil
+	}
+	for _, n := range leaf.DNSNames {
+		if strings.EqualFold(n, regID) {
+			return nil
+		}
+	}
+	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN", leaf.Subject.CommonName))
+}
+
+// authenticateX509 finds the enrollment that trusts the device's TLS client
+// certificate chain: its individual enrollment by the certificate itself,
+// else the first X.509 group whose CA the chain leads to.
+func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollment, chain []*x509.Certificate) (*attestation, error) {
+	leaf, now := chain[0], s.Now()
+	if err := x509Identity(regID, leaf, now); err != nil {
+		return nil, err
+	}
+	if e != nil {
+		if e.Attestation.Type != AttestationX509 || e.Attestation.X509 == nil {
+			return nil, unauthorized(regID, "the device presented a certificate but its enrollment uses "+e.Attestation.Type+" attestation")
+		}
+		for _, c := range e.Attestation.X509.ClientCertificates.certificates() {
+			if subtle.ConstantTimeCompare(c.Raw, leaf.Raw) == 1 {
+				return &attestation{enrollment: e, certificate: leaf}, nil
+			}
+		}
+		return nil, unauthorized(regID, "the client certificate is not the one enrolled (compare sha256 thumbprints with `hatchery enrollment show`)")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range chain[1:] {
+		inter.AddCert(c)
+	}
+	var groups []*EnrollmentGroup
+	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+		if g.Attestation.Type == AttestationX509 && g.Attestation.X509 != nil {
+			groups = append(groups, g)
+		}
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	for _, g := range groups {
+		roots, anchors := x509.NewCertPool(), s.groupCAs(ctx, g.Attestation.X509)
+		for _, ca := range anchors {
+			roots.AddCert(ca)
+		}
+		chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+		if err == nil {
+			return &attestation{group: g, certificate: leaf, signer: chains[0][len(chains[0])-1]}, nil
+		}
+	}
+	return nil, unauthorized(regID, "no individual enrollment has this registration ID and the client certificate "+
+		"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
+}
+
+// groupCAs returns the CA certificates a group trusts.
+func (s *Service) groupCAs(ctx context.Context, a *X509Attestation) []*x509.Certificate {
+	if a.SigningCertificates != nil {
+		return a.SigningCertificates.certificates()
+	}
+	var out []*x509.Certificate
+	if a.CAReferences != nil && s.CAs != nil {
+		for _, name := range []string{a.CAReferences.Primary, a.CAReferences.Secondary} {
+			if name == "" {
+				continue
+			}
+			// A reference to a CA that has since been removed or
+			// unverified no longer authenticates anyone.
+			if ca, err := s.CAs.VerifiedCA(ctx, name); err == nil {
+				out = append(out, ca)
+			}
+		}
+	}
+	return out
+}

@@ -1,0 +1,235 @@
+package server
+
+import (
+	"crypto/tls"
+	"encoding/pem"
+	"errors"
+	"maps"
+	"net/http"
+	"strings"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/provisioning"
+)
+
+func certPEM(c tls.Certificate) string {
+	return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Leaf.Raw}))
+}
+
+// withChain returns leaf presenting the given intermediates after it.
+func withChain(leaf tls.Certificate, inter ...tls.Certificate) tls.Certificate {
+	for _, c := range inter {
+		leaf.Certificate = append(leaf.Certificate, c.Leaf.Raw)
+	}
+	return leaf
+}
+
+// x509Device is a registration client presenting cert over TLS.
+func (e *env) x509Device(regID string, cert tls.Certificate) *provisioning.Client {
+	conf := e.tls.Clone()
+	conf.Certificates = []tls.Certificate{cert}
+	c := e.device(regID)
+	c.HTTP = &http.Client{Transport: &http.Transport{TLSClientConfig: conf}}
+	return c
+}
+
+func TestX509IndividualEnrollment(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	cert := newCert(t, "cam-01", false, nil)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "cam-01", Capabilities: &dps.Capabilities{IoTEdge: true},
+		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(cert)}}}}})
+	info := en.Attestation.X509.ClientCertificates.Primary.Info
+	if info == nil || info.SubjectName != "CN=cam-01" || len(info.SHA256Thumbprint) != 64 {
+		t.Fatalf("certificate info %+v", info)
+	}
+
+	res, err := e.x509Device("cam-01", cert).RegisterX509(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != "assigned" || res.DeviceID != "cam-01" || res.X509 == nil || res.X509.CertificateInfo.SHA256Thumbprint != info.SHA256Thumbprint {
+		t.Fatalf("result %+v", res)
+	}
+	// The hub knows the device by this certificate, and it connects with it.
+	var d hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/cam-01", "", nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	if d.Authentication.Type != "selfSigned" || d.Authentication.X509Thumbprint.PrimaryThumbprint == nil || !d.Capabilities.IoTEdge {
+		t.Fatalf("hub device %+v", d)
+	}
+	hc, err := e.dialCert(addr, "cam-01", cert)
+	if err != nil {
+		t.Fatalf("hub connection with the enrolled certificate: %v", err)
+	}
+	hc.Close()
+
+	// Another key under the same name, a certificate for another name, no
+	// certificate at all: all refused, and nothing stored.
+	before := e.counts()
+	for _, tc := range []struct {
+		what, regID string
+		cert        tls.Certificate
+		want        string
+	}{
+		{"another certificate with the same CN", "cam-01", newCert(t, "cam-01", false, nil), "not the one enrolled"},
+		{"registration ID other than the CN", "cam-01", newCert(t, "cam-02", false, nil), "subject CN is \"cam-02\""},
+		{"no enrollment", "cam-09", newCert(t, "cam-09", false, nil), "does not chain"},
+	} {
+		_, err := e.x509Device(tc.regID, tc.cert).RegisterX509(ctx)
+		var pe *provisioning.Error
+		if !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, tc.want) {
+			t.Errorf("%s: %v", tc.what, err)
+		}
+	}
+	if _, err := e.device("cam-01").RegisterX509(ctx); err == nil {
+		t.Error("registered with no certificate")
+	}
+	if after := e.counts(); !maps.Equal(before, after) {
+		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
+	}
+}
+
+func TestX509GroupEnrollment(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	root := newCert(t, "Fleet Root", true, nil)
+	inter := newCert(t, "Fleet Intermediate", true, &root)
+	var g dps.EnrollmentGroup
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(root)}}}},
+		InitialTwin: &dps.InitialTwin{Tags: []byte(`{"fleet":"x509"}`)}}, &g); err != nil {
+		t.Fatal(err)
+	}
+
+	// A device whose certificate the intermediate signed, sending the chain.
+	leaf := withChain(newCert(t, "node-7", false, &inter), inter)
+	res, err := e.x509Device("node-7", leaf).RegisterX509(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.EnrollmentGroupID != "fleet" || res.X509 == nil || res.X509.EnrollmentGroupID != "fleet" ||
+		res.X509.SigningCertificateInfo == nil || res.X509.SigningCertificateInfo.SubjectName != "CN=Fleet Root" {
+		t.Fatalf("result %+v %+v", res, res.X509)
+	}
+	if tw := mustTwin(t, e, "node-7", ""); string(tw.Tags) != `{"fleet":"x509"}` {
+		t.Fatalf("twin tags %s", tw.Tags)
+	}
+	hc, err := e.dialCert(addr, "node-7", leaf)
+	if err != nil {
+		t.Fatalf("hub connection of the group device: %v", err)
+	}
+	hc.Close()
+
+	// Over MQTT too, as the Python and Embedded C SDKs register.
+	mqttLeaf := withChain(newCert(t, "node-8", false, &inter), inter)
+	if st := e.registerOverMQTT(t, addr, "node-8", nil, &mqttLeaf, `null`); st["deviceId"] != "node-8" || st["status"] != "assigned" {
+		t.Fatalf("MQTT registration state %v", st)
+	}
+
+	// Without the intermediate in the chain, or from another CA: refused.
+	other := newCert(t, "Other CA", true, nil)
+	for what, c := range map[string]tls.Certificate{
+		"chain without the intermediate": newCert(t, "node-9", false, &inter),
+		"another CA":                     newCert(t, "node-9", false, &other),
+	} {
+		if _, err := e.x509Device("node-9", c).RegisterX509(ctx); azerrStatus(err) != 401 {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	// A disabled group refuses its devices.
+	g.ProvisioningStatus = "disabled"
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &g, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.x509Device("node-7", leaf).RegisterX509(ctx); azerrStatus(err) != 401 {
+		t.Errorf("disabled group: %v", err)
+	}
+}
+
+// A group may reference a CA certificate registered with the service, which
+// must be verified to be trusted.
+func TestX509GroupCAReference(t *testing.T) {
+	e := newEnv(t)
+	ca := newCert(t, "Line CA", true, nil)
+	put := func(verified bool) {
+		if err := e.hubAPI.Do(ctx, "PUT", "/certificates/line-ca", "", &hub.Certificate{Properties: hub.CertificateProperties{
+			Certificate: certPEM(ca), IsVerified: verified}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	group := &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{CAReferences: &dps.X509CAReferences{Primary: "line-ca"}}}}
+	put(false)
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line", "", group, nil); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "not verified") {
+		t.Fatalf("reference to an unverified CA: %v", err)
+	}
+	put(true)
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line", "", group, nil); err != nil {
+		t.Fatal(err)
+	}
+	dev := newCert(t, "line-dev-1", false, &ca)
+	if _, err := e.x509Device("line-dev-1", dev).RegisterX509(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Once the CA is deleted, the reference trusts nobody.
+	if err := e.hubAPI.Do(ctx, "DELETE", "/certificates/line-ca", "*", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.x509Device("line-dev-1", dev).RegisterX509(ctx); azerrStatus(err) != 401 {
+		t.Fatalf("CA deleted: %v", err)
+	}
+}
+
+func TestX509EnrollmentBadInput(t *testing.T) {
+	e := newEnv(t)
+	leaf := newCert(t, "dev", false, nil)
+	ca := newCert(t, "CA", true, nil)
+	certs := func(pemText string) *dps.X509Certificates {
+		return &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: pemText}}
+	}
+	before := e.counts()
+	for _, tc := range []struct {
+		what string
+		path string
+		body any
+		want string
+	}{
+		{"individual with a signing certificate", "/enrollments/dev", &dps.Enrollment{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{SigningCertificates: certs(certPEM(ca))}}}, "takes clientCertificates"},
+		{"individual without certificates", "/enrollments/dev", &dps.Enrollment{Attestation: dps.Attestation{Type: "x509"}}, "takes clientCertificates"},
+		{"garbage certificate", "/enrollments/dev", &dps.Enrollment{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{ClientCertificates: certs("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")}}}, "does not parse"},
+		{"not base64 nor PEM", "/enrollments/dev", &dps.Enrollment{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{ClientCertificates: certs("hello")}}}, "not a PEM certificate"},
+		{"group with a leaf as CA", "/enrollmentGroups/g", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{SigningCertificates: certs(certPEM(leaf))}}}, "not a CA certificate"},
+		{"group with client certificates", "/enrollmentGroups/g", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{ClientCertificates: certs(certPEM(leaf))}}}, "not clientCertificates"},
+		{"group referencing an unknown CA", "/enrollmentGroups/g", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: "x509",
+			X509: &dps.X509Attestation{CAReferences: &dps.X509CAReferences{Primary: "nope"}}}}, "no certificate \"nope\""},
+	} {
+		err := e.dpsAPI.Do(ctx, "PUT", tc.path, "", tc.body, nil)
+		if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v (want 400 with %q)", tc.what, err, tc.want)
+		}
+	}
+	if after := e.counts(); !maps.Equal(before, after) {
+		t.Fatalf("refused enrollments changed the store: %v → %v", before, after)
+	}
+}
+
+// azerrStatus is the HTTP status of a refused registration (0 if none).
+func azerrStatus(err error) int {
+	var pe *provisioning.Error
+	if errors.As(err, &pe) {
+		return pe.Status
+	}
+	return 0
+}
