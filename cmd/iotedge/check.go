@@ -72,6 +72,10 @@ func runChecks(ctx context.Context) []checkResult {
 		add("tpm", "TPM is reachable and permissions are right", outcome{"skipped", "the device does not use TPM attestation"})
 	}
 
+	if cert, key, ok := identityFiles(cfg); ok {
+		add("identity-certificate", "the device's identity certificate and key load and are valid", checkIdentityCert(cert, key, time.Now()))
+	}
+
 	if cfg.Provisioning.Source == config.SourceDPS {
 		u, err := url.Parse(cfg.Provisioning.GlobalEndpoint)
 		if err != nil {
@@ -102,6 +106,37 @@ func runChecks(ctx context.Context) []checkResult {
 		add("container-engine", "container engine is reachable", outcome{"ok", ""})
 	}
 	return out
+}
+
+// identityFiles are the X.509 identity of the configuration, if it has one.
+func identityFiles(cfg *config.Config) (cert, key string, ok bool) {
+	p := cfg.Provisioning
+	switch {
+	case p.Source == config.SourceDPS && p.Attestation.Method == config.MethodX509:
+		return p.Attestation.IdentityCert, p.Attestation.IdentityPK, true
+	case p.Source == config.SourceManual && p.Authentication.Method == config.MethodX509:
+		return p.Authentication.IdentityCert, p.Authentication.IdentityPK, true
+	}
+	return "", "", false
+}
+
+// checkIdentityCert loads the pair and warns a week before it expires, as
+// an expired identity certificate cuts the device off.
+func checkIdentityCert(certURI, keyURI string, now time.Time) outcome {
+	pair, err := tls.LoadX509KeyPair(config.FilePath(certURI), config.FilePath(keyURI))
+	if err != nil {
+		return outcome{"error", fmt.Sprintf("identity_cert %s and identity_pk %s: %v", certURI, keyURI, err)}
+	}
+	leaf := pair.Leaf
+	switch {
+	case now.Before(leaf.NotBefore):
+		return outcome{"error", fmt.Sprintf("the identity certificate is not valid until %s: check the clock", leaf.NotBefore.UTC().Format(time.RFC3339))}
+	case now.After(leaf.NotAfter):
+		return outcome{"error", fmt.Sprintf("the identity certificate expired on %s: renew it", leaf.NotAfter.UTC().Format(time.RFC3339))}
+	case now.Add(7 * 24 * time.Hour).After(leaf.NotAfter):
+		return outcome{"warning", fmt.Sprintf("the identity certificate expires on %s: renew it soon", leaf.NotAfter.UTC().Format(time.RFC3339))}
+	}
+	return outcome{"ok", ""}
 }
 
 // checkTPM asks aziot-tpmd, the only process that opens the TPM, for the

@@ -24,6 +24,7 @@ func main() {
 	flag.StringVar(&o.RunDir, "run-dir", "/var/run/iotedge", "where the management and workload sockets are created")
 	flag.StringVar(&o.TPMSocket, "tpm-socket", "/run/aziot/tpmd.sock", `aziot-tpmd's socket; "" opens the TPM in this process`)
 	flag.IntVar(&o.HubPort, "hub-port", 8883, "the hub's MQTT port")
+	flag.IntVar(&o.HubHTTPSPort, "hub-https-port", 443, "the hub's HTTPS port (X.509 devices read their modules' identities there)")
 	flag.StringVar(&o.EngineOwner, "engine-owner", "agent", "the owner label of this runtime's containers")
 	flag.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()

@@ -1,5 +1,6 @@
 // Package azclient calls Azure-style service REST APIs (DPS, IoT Hub)
-// authenticated with a shared access policy's connection string.
+// authenticated with a shared access policy's connection string, or as a
+// device (its token or client certificate) for the device-scope APIs.
 package azclient
 
 import (
@@ -19,10 +20,13 @@ import (
 
 // Client calls one service.
 type Client struct {
-	cs         *sas.ConnectionString
+	host       string
 	endpoint   string
 	apiVersion string
 	http       *http.Client
+	// token returns the Authorization header for a token valid for at
+	// least life; "" sends none (a client certificate authenticates).
+	token func(life time.Duration) (string, error)
 }
 
 // New makes a client for the service of connString; endpoint overrides
@@ -35,18 +39,46 @@ func New(connString, endpoint, apiVersion string, tlsConfig *tls.Config) (*Clien
 	if cs.KeyName == "" {
 		return nil, fmt.Errorf("connection string for %s names no SharedAccessKeyName: use a shared access policy's connection string", cs.HostName)
 	}
+	return newClient(cs.HostName, endpoint, apiVersion, tlsConfig, func(life time.Duration) (string, error) {
+		return sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(life)), nil
+	}), nil
+}
+
+// NewDevice makes a client acting as a device: token signs its tokens
+// (audience {host}/devices/{id}), or, when nil, the client certificate in
+// tlsConfig authenticates it.
+func NewDevice(host, endpoint, apiVersion string, tlsConfig *tls.Config, token func(life time.Duration) (string, error)) *Client {
+	if token == nil {
+		token = func(time.Duration) (string, error) { return "", nil }
+	}
+	return newClient(host, endpoint, apiVersion, tlsConfig, token)
+}
+
+func newClient(host, endpoint, apiVersion string, tlsConfig *tls.Config, token func(time.Duration) (string, error)) *Client {
 	if endpoint == "" {
-		endpoint = "https://" + cs.HostName
+		endpoint = "https://" + host
 	}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
 	tr.TLSClientConfig = tlsConfig
 	tr.MaxIdleConnsPerHost = 64
-	return &Client{cs: cs, endpoint: strings.TrimSuffix(endpoint, "/"), apiVersion: apiVersion,
-		http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}, nil
+	return &Client{host: host, endpoint: strings.TrimSuffix(endpoint, "/"), apiVersion: apiVersion, token: token,
+		http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
 }
 
-// HostName is the service's host name from the connection string.
-func (c *Client) HostName() string { return c.cs.HostName }
+// HostName is the service's host name.
+func (c *Client) HostName() string { return c.host }
+
+// authorize sets the Authorization header, if the client uses tokens.
+func (c *Client) authorize(req *http.Request, life time.Duration) error {
+	tok, err := c.token(life)
+	if err != nil {
+		return err
+	}
+	if tok != "" {
+		req.Header.Set("Authorization", tok)
+	}
+	return nil
+}
 
 // Do sends one request; a non-2xx answer becomes an *azerr.Error carrying
 // the service's message.
@@ -73,7 +105,9 @@ func (c *Client) DoHeaders(ctx context.Context, method, path, ifMatch string, he
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", sas.Build(c.cs.Key, c.cs.HostName, c.cs.KeyName, time.Now().Add(time.Hour)))
+	if err := c.authorize(req, time.Hour); err != nil {
+		return nil, err
+	}
 	req.Header.Set("Content-Type", "application/json")
 	if ifMatch != "" {
 		req.Header.Set("If-Match", ifMatch)
@@ -83,7 +117,7 @@ func (c *Client) DoHeaders(ctx context.Context, method, path, ifMatch string, he
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		return nil, azerr.New(503001, "Unreachable", "%s is unreachable: %v", c.cs.HostName, err)
+		return nil, azerr.New(503001, "Unreachable", "%s is unreachable: %v", c.host, err)
 	}
 	defer resp.Body.Close()
 	data, _ := io.ReadAll(io.LimitReader(resp.Body, 16<<20))
@@ -122,11 +156,13 @@ func (c *Client) Stream(ctx context.Context, path string) (io.ReadCloser, error)
 	if err != nil {
 		return nil, err
 	}
-	req.Header.Set("Authorization", sas.Build(c.cs.Key, c.cs.HostName, c.cs.KeyName, time.Now().Add(24*time.Hour)))
+	if err := c.authorize(req, 24*time.Hour); err != nil {
+		return nil, err
+	}
 	streaming := &http.Client{Transport: c.http.Transport} // no overall timeout: the stream may stay open
 	resp, err := streaming.Do(req)
 	if err != nil {
-		return nil, azerr.New(503001, "Unreachable", "%s is unreachable: %v", c.cs.HostName, err)
+		return nil, azerr.New(503001, "Unreachable", "%s is unreachable: %v", c.host, err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()

@@ -2,6 +2,7 @@ package hub
 
 import (
 	"context"
+	"crypto/x509"
 	"fmt"
 	"sync"
 	"time"
@@ -95,6 +96,31 @@ func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) e
 		return azerr.Unauthorized("%s: %v", r, err)
 	}
 	return enabled(dev)
+}
+
+// AuthorizeEdgeDevice checks that an IoT Edge device, with its own SAS
+// token or client certificate, manages identities under itself: the
+// device-scope registry API the edge runtime creates and reads its
+// modules' identities with.
+func (s *Service) AuthorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
+	r := Ref{Device: device}
+	var err error
+	if token == "" && len(chain) > 0 {
+		err = s.AuthenticateX509(ctx, r, chain)
+	} else {
+		err = s.AuthenticateDevice(ctx, r, token)
+	}
+	if err != nil {
+		return err
+	}
+	dev, _, err := s.load(ctx, r)
+	if err != nil {
+		return err
+	}
+	if !dev.Device.Capabilities.IoTEdge {
+		return azerr.Unauthorized("device %q is not an IoT Edge device: only edge devices manage their module identities", device)
+	}
+	return nil
 }
 
 // connecting loads what an identity connecting as r authenticates against:

@@ -152,7 +152,13 @@ func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Cer
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
 	}
+	// A module without a certificate of its own is authenticated by its
+	// device's, as device keys authenticate modules (edge runtimes of
+	// X.509 devices connect their agent this way).
 	auth := id.Device.Authentication
+	if auth.Type != "selfSigned" && auth.Type != "certificateAuthority" {
+		auth = dev.Device.Authentication
+	}
 	switch auth.Type {
 	case "selfSigned":
 		ok := false

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"crypto/x509"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -9,21 +10,24 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
 	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(h)) }
 	h := a.hub
-	for _, prefix := range []string{"/devices/{id}", "/devices/{id}/modules/{mid}"} {
-		service("PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
+	// Module identities are also managed by their edge device itself.
+	edgeScope := func(pattern string, hd handler) { mux.HandleFunc(pattern, a.hubServiceOrEdgeDevice(hd)) }
+	for prefix, route := range map[string]func(string, handler){"/devices/{id}": service, "/devices/{id}/modules/{mid}": edgeScope} {
+		route("PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
 			return h.PutIdentity(r.Context(), ref(r), ifMatch(r), d)
 		}))
-		service("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetIdentity(r.Context(), ref(r)) }))
-		service("DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
+		route("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetIdentity(r.Context(), ref(r)) }))
+		route("DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
 	}
 	service("GET /devices", a.listDevices)
-	service("GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
+	edgeScope("GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
 		service("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))
 		for method, replace := range map[string]bool{"PATCH": false, "PUT": true} {
@@ -49,6 +53,29 @@ func ref(r *http.Request) hub.Ref {
 func (a *api) hubService(h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
 		if err := a.hub.AuthorizeService(r.Header.Get("Authorization")); err != nil {
+			return err
+		}
+		return h(w, r)
+	})
+}
+
+// hubServiceOrEdgeDevice admits a hub policy token (one naming its policy
+// with skn) or the edge device of the path, by its own token or client
+// certificate.
+func (a *api) hubServiceOrEdgeDevice(h handler) http.HandlerFunc {
+	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
+		header := r.Header.Get("Authorization")
+		var err error
+		if tok, perr := sas.Parse(header); perr == nil && tok.KeyName != "" {
+			err = a.hub.AuthorizeService(header)
+		} else {
+			var chain []*x509.Certificate
+			if r.TLS != nil {
+				chain = r.TLS.PeerCertificates
+			}
+			err = a.hub.AuthorizeEdgeDevice(r.Context(), r.PathValue("id"), header, chain)
+		}
+		if err != nil {
 			return err
 		}
 		return h(w, r)

@@ -260,13 +260,13 @@ func newCert(t *testing.T, cn string, isCA bool, parent *tls.Certificate) tls.Ce
 	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
 }
 
-func (e *env) dialCert(addr, device string, cert tls.Certificate) (*hubdevice.Client, error) {
+func (e *env) dialCert(addr, device, module string, cert tls.Certificate) (*hubdevice.Client, error) {
 	conf := e.tls.Clone()
 	conf.ServerName = "example.com"
 	conf.Certificates = []tls.Certificate{cert}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	return hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: device, TLS: conf})
+	return hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: device, ModuleID: module, TLS: conf})
 }
 
 // X.509 devices: by registered thumbprint, or by a chain to a verified CA.
@@ -281,12 +281,12 @@ func TestMQTTX509Devices(t *testing.T) {
 		"type": "selfSigned", "x509Thumbprint": map[string]any{"primaryThumbprint": strings.ToUpper(tp)}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	c, err := e.dialCert(addr, "self-1", self)
+	c, err := e.dialCert(addr, "self-1", "", self)
 	if err != nil {
 		t.Fatalf("self-signed device: %v", err)
 	}
 	c.Close()
-	if _, err := e.dialCert(addr, "self-1", newCert(t, "self-1", false, nil)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+	if _, err := e.dialCert(addr, "self-1", "", newCert(t, "self-1", false, nil)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("another certificate with the same CN: %v", err)
 	}
 
@@ -297,19 +297,19 @@ func TestMQTTX509Devices(t *testing.T) {
 	}
 	devCert := newCert(t, "ca-1", false, &ca)
 	// Until the CA is uploaded and verified, the device is refused.
-	if _, err := e.dialCert(addr, "ca-1", devCert); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+	if _, err := e.dialCert(addr, "ca-1", "", devCert); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("CA not yet trusted: %v", err)
 	}
 	if err := e.hubAPI.Do(ctx, "PUT", "/certificates/fleet", "", map[string]any{"properties": map[string]any{"certificate": string(caPEM), "isVerified": true}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	c, err = e.dialCert(addr, "ca-1", devCert)
+	c, err = e.dialCert(addr, "ca-1", "", devCert)
 	if err != nil {
 		t.Fatalf("CA-signed device: %v", err)
 	}
 	c.Close()
 	// A certificate from the CA for another CN does not pass as ca-1.
-	if _, err := e.dialCert(addr, "ca-1", newCert(t, "someone-else", false, &ca)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+	if _, err := e.dialCert(addr, "ca-1", "", newCert(t, "someone-else", false, &ca)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("wrong CN: %v", err)
 	}
 	// Bad input to the registry.

@@ -63,7 +63,7 @@ func TestX509IndividualEnrollment(t *testing.T) {
 	if d.Authentication.Type != "selfSigned" || d.Authentication.X509Thumbprint.PrimaryThumbprint == nil || !d.Capabilities.IoTEdge {
 		t.Fatalf("hub device %+v", d)
 	}
-	hc, err := e.dialCert(addr, "cam-01", cert)
+	hc, err := e.dialCert(addr, "cam-01", "", cert)
 	if err != nil {
 		t.Fatalf("hub connection with the enrolled certificate: %v", err)
 	}
@@ -121,7 +121,7 @@ func TestX509GroupEnrollment(t *testing.T) {
 	if tw := mustTwin(t, e, "node-7", ""); string(tw.Tags) != `{"fleet":"x509"}` {
 		t.Fatalf("twin tags %s", tw.Tags)
 	}
-	hc, err := e.dialCert(addr, "node-7", leaf)
+	hc, err := e.dialCert(addr, "node-7", "", leaf)
 	if err != nil {
 		t.Fatalf("hub connection of the group device: %v", err)
 	}

@@ -65,7 +65,7 @@ func (d *device) startDaemon() {
 	t := d.t
 	d.daemon = start(t, "iotedged", nil, bin(t, "iotedged"), "--config", d.configPath, "--engine-owner", d.owner,
 		"--state-dir", filepath.Join(d.dir, "state"), "--run-dir", filepath.Join(d.dir, "run"),
-		"--tpm-socket", filepath.Join(d.dir, "tpmd.sock"), "--hub-port", strconv.Itoa(d.site.mqtt))
+		"--tpm-socket", filepath.Join(d.dir, "tpmd.sock"), "--hub-port", strconv.Itoa(d.site.mqtt), "--hub-https-port", strconv.Itoa(d.site.https))
 	eventually(t, 10*time.Second, func() string {
 		if _, err := os.Stat(filepath.Join(d.dir, "run", "mgmt.sock")); err != nil {
 			return "iotedged has not created its management socket"
@@ -114,6 +114,20 @@ func (d *device) configFromTemplate(regID string) string {
 	replace("# [tpm]\n", "[tpm]\n", "")
 	replace(`# tcti = "device"`, `tcti = "`+d.tcti+`"`, "\n[tpm]\n")
 	return text
+}
+
+// dpsConfig is a config.toml provisioning through the site's DPS with the
+// given [provisioning.attestation] lines.
+func (d *device) dpsConfig(attestation string) string {
+	return `trust_bundle_cert = "file://` + d.site.CA + `"
+
+[provisioning]
+source = "dps"
+global_endpoint = "` + d.site.Endpoint + `"
+id_scope = "` + d.site.IDScope + `"
+
+[provisioning.attestation]
+` + attestation + "\n"
 }
 
 func (d *device) writeConfig(text string) {

@@ -222,18 +222,9 @@ func TestSymmetricKeyAndManualProvisioning(t *testing.T) {
 	}
 	d := newDevice(t, s)
 	d.startServices()
-	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + `"
-
-[provisioning]
-source = "dps"
-global_endpoint = "` + s.Endpoint + `"
-id_scope = "` + s.IDScope + `"
-
-[provisioning.attestation]
-method = "symmetric_key"
+	d.writeConfig(d.dpsConfig(`method = "symmetric_key"
 registration_id = "sym-1"
-symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }
-`)
+symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }`))
 	d.mustIotedge("config", "apply")
 	d.waitStatus("sym-1 on hub localhost, provisioned by dps/sas")
 	d.waitStatus("Hub:          connected")

@@ -149,48 +149,58 @@ func TestModuleIdentityThroughWorkloadAPI(t *testing.T) {
 		}
 	}
 
-	// What ModuleClient.fromEnvironment does: sign "{resource}\n{expiry}"
-	// through the workload socket, then connect as the module.
-	socket := filepath.Join(d.dir, "run", "workload", "reader", "workload.sock")
-	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
-	}}}
-	sign := func(module, resource string) (int, string) {
-		se := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
-		sr := url.QueryEscape(resource)
-		body, _ := json.Marshal(map[string]string{"keyId": "primary", "algo": "HMACSHA256", "data": base64.StdEncoding.EncodeToString([]byte(sr + "\n" + se))})
-		resp, err := client.Post("http://workload/modules/"+module+"/genid/1/sign?api-version=2019-01-30", "application/json", bytes.NewReader(body))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		var r struct{ Digest string }
-		_ = json.NewDecoder(resp.Body).Decode(&r)
-		return resp.StatusCode, "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(r.Digest) + "&se=" + se
-	}
-	if st, _ := sign("reader", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
+	if st, _ := d.workloadToken("reader", "reader", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
 		t.Fatalf("signing another module's token: HTTP %d", st)
 	}
-	if st, _ := sign("other", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
+	if st, _ := d.workloadToken("reader", "other", "localhost/devices/edge-1/modules/other"); st != http.StatusForbidden {
 		t.Fatalf("asking the reader's socket for another module: HTTP %d", st)
 	}
-	st, token := sign("reader", "localhost/devices/edge-1/modules/reader")
+	st, token := d.workloadToken("reader", "reader", "localhost/devices/edge-1/modules/reader")
 	if st != http.StatusOK {
 		t.Fatalf("signing the module's own token: HTTP %d", st)
 	}
+	s.sendAsModule("edge-1", "reader", token)
+}
+
+// workloadToken does what ModuleClient.fromEnvironment does: it asks the
+// workload socket of socketOf to sign "{resource}\n{expiry}" for module. It
+// returns the HTTP status and the token.
+func (d *device) workloadToken(socketOf, module, resource string) (int, string) {
+	t := d.t
+	socket := filepath.Join(d.dir, "run", "workload", socketOf, "workload.sock")
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", socket)
+	}}}
+	se := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	sr := url.QueryEscape(resource)
+	body, _ := json.Marshal(map[string]string{"keyId": "primary", "algo": "HMACSHA256", "data": base64.StdEncoding.EncodeToString([]byte(sr + "\n" + se))})
+	resp, err := client.Post("http://workload/modules/"+module+"/genid/1/sign?api-version=2019-01-30", "application/json", bytes.NewReader(body))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var r struct{ Digest string }
+	_ = json.NewDecoder(resp.Body).Decode(&r)
+	return resp.StatusCode, "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(r.Digest) + "&se=" + se
+}
+
+// sendAsModule connects to the hub as a module with token and sends a message.
+func (s *site) sendAsModule(device, module, token string) {
+	t := s.t
+	t.Helper()
 	ca, _ := os.ReadFile(s.CA)
 	roots := x509.NewCertPool()
 	roots.AppendCertsFromPEM(ca)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: "localhost", Port: s.mqtt, DeviceID: "edge-1", ModuleID: "reader",
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: "localhost", Port: s.mqtt, DeviceID: device, ModuleID: module,
 		TLS:  &tls.Config{RootCAs: roots},
 		Sign: func(string, time.Time) (string, error) { return token, nil }})
 	if err != nil {
 		t.Fatalf("the hub refused the module's token: %v", err)
 	}
 	defer c.Close()
-	if err := c.SendEvent(ctx, []byte(`{"from":"reader"}`), nil); err != nil {
+	if err := c.SendEvent(ctx, []byte(`{"from":"`+module+`"}`), nil); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -43,8 +43,9 @@ type Options struct {
 	TPMSocket string
 	Logs      *LogBuffer
 	Level     *slog.LevelVar
-	// HubPort overrides the hub's MQTT port (8883), for tests.
-	HubPort int
+	// HubPort and HubHTTPSPort override the hub's MQTT (8883) and HTTPS
+	// (443) ports, for tests.
+	HubPort, HubHTTPSPort int
 	// EngineOwner labels the containers this daemon owns (default "agent");
 	// two runtimes sharing one engine need different owners.
 	EngineOwner string
@@ -203,6 +204,7 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
+	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
 	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
@@ -314,6 +316,8 @@ type runner struct {
 	devP atomic.Pointer[identity.Device] // read by workload requests too
 	rec  *agent.Reconciler
 	tls  *tls.Config
+	// modKeys are the module keys of an X.509 device.
+	modKeys *moduleKeys
 
 	manifest *agent.Manifest
 	reported []byte // last report sent
@@ -401,9 +405,17 @@ func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Cl
 	defer cancel()
 	port := cmp.Or(a.d.opts.HubPort, 8883)
 	a.d.setStatus(func(s *mgmt.Status) { s.HubAddress = net.JoinHostPort(a.dev().HubHostName, strconv.Itoa(port)) })
-	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: a.dev().HubHostName, Port: port,
-		DeviceID: a.dev().DeviceID, ModuleID: "$edgeAgent", TLS: a.tls,
-		Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }})
+	o := hubdevice.Options{Host: a.dev().HubHostName, Port: port, DeviceID: a.dev().DeviceID, ModuleID: "$edgeAgent", TLS: a.tls,
+		Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }}
+	if a.dev().Method == "x509" {
+		// The device's certificate authenticates its agent.
+		tlsConf, err := a.deviceTLS()
+		if err != nil {
+			return nil, err
+		}
+		o.TLS, o.Sign = tlsConf, nil
+	}
+	c, err := hubdevice.Dial(ctx, o)
 	if err != nil {
 		return nil, err
 	}
@@ -548,7 +560,11 @@ func (a *runner) moduleResource(module string) string {
 }
 
 // signModule signs a module's token with the device's key (inside the TPM
-// for TPM devices); the hub accepts device keys for the device's modules.
-func (a *runner) signModule(_ string, data []byte) ([]byte, error) {
+// for TPM devices), which the hub accepts for the device's modules; an
+// X.509 device has no key, so its modules sign with their own.
+func (a *runner) signModule(module string, data []byte) ([]byte, error) {
+	if a.dev().Method == "x509" {
+		return a.modKeys.sign(module, data)
+	}
 	return a.ids.Signer(a.dev())(data)
 }

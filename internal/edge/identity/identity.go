@@ -1,13 +1,15 @@
 // Package identity gives the edge runtime its IoT hub identity: it
-// provisions through DPS (TPM or symmetric key) or takes a manual one,
-// keeps the result as a backup so the device starts when DPS is
-// unreachable, and signs hub tokens — inside the TPM for TPM devices.
+// provisions through DPS (TPM, symmetric key or X.509) or takes a manual
+// one, keeps the result as a backup so the device starts when DPS is
+// unreachable, and signs hub tokens — inside the TPM for TPM devices —
+// or hands out the X.509 device's client certificate.
 package identity
 
 import (
 	"context"
 	"crypto/hmac"
 	"crypto/sha256"
+	"crypto/tls"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
@@ -27,10 +29,14 @@ import (
 
 // Device is a provisioned identity.
 type Device struct {
-	HubHostName string    `json:"hubHostName"`
-	DeviceID    string    `json:"deviceId"`
-	Method      string    `json:"method"`        // tpm or sas
-	Key         string    `json:"key,omitempty"` // base64 hub key of sas devices; TPM keys stay in the TPM
+	HubHostName string `json:"hubHostName"`
+	DeviceID    string `json:"deviceId"`
+	Method      string `json:"method"`        // tpm, sas or x509
+	Key         string `json:"key,omitempty"` // base64 hub key of sas devices; TPM keys stay in the TPM
+	// CertFile and KeyFile are an x509 device's certificate and key (PEM
+	// files, named by identity_cert and identity_pk).
+	CertFile    string    `json:"certFile,omitempty"`
+	KeyFile     string    `json:"keyFile,omitempty"`
 	Provisioned time.Time `json:"provisioned"`
 	// ConfigHash ties the backup to the provisioning settings it came from.
 	ConfigHash string `json:"configHash"`
@@ -130,8 +136,12 @@ func (m *Manager) manual(d *Device) error {
 		d.HubHostName, d.DeviceID, d.Method, d.Key = cs.HostName, cs.DeviceID, "sas", base64.StdEncoding.EncodeToString(cs.Key)
 		return nil
 	}
-	if p.Authentication.Method != config.MethodSAS {
-		return fmt.Errorf("manual provisioning with %q authentication is not supported yet: use sas", p.Authentication.Method)
+	if p.Authentication.Method == config.MethodX509 {
+		if _, err := d.useCertificate(p.Authentication.IdentityCert, p.Authentication.IdentityPK, "provisioning.authentication"); err != nil {
+			return err
+		}
+		d.HubHostName, d.DeviceID = p.IoTHubHostname, p.DeviceID
+		return nil
 	}
 	key, err := readKey(p.Authentication.DeviceIDPK)
 	if err != nil {
@@ -191,16 +201,79 @@ func (m *Manager) dps(ctx context.Context, d *Device) error {
 			return err
 		}
 		d.HubHostName, d.DeviceID, d.Method, d.Key = rs.AssignedHub, rs.DeviceID, "sas", base64.StdEncoding.EncodeToString(key)
+	case config.MethodX509:
+		cert, err := d.useCertificate(p.Attestation.IdentityCert, p.Attestation.IdentityPK, "provisioning.attestation")
+		if err != nil {
+			return err
+		}
+		if client.RegistrationID == "" {
+			client.RegistrationID = cert.Leaf.Subject.CommonName
+		}
+		client.HTTP = withCertificate(m.HTTP, cert)
+		rs, err := client.RegisterX509(ctx)
+		if err != nil {
+			return err
+		}
+		d.HubHostName, d.DeviceID = rs.AssignedHub, rs.DeviceID
 	default:
-		return fmt.Errorf("DPS attestation %q is not supported yet: use tpm or symmetric_key", p.Attestation.Method)
+		return fmt.Errorf("DPS attestation %q is not supported: use tpm, symmetric_key or x509", p.Attestation.Method)
 	}
 	return nil
 }
 
+// useCertificate makes d an x509 device with the certificate and key the
+// configuration names (at is the table, for errors), checking they load.
+func (d *Device) useCertificate(certURI, keyURI, at string) (*tls.Certificate, error) {
+	d.Method, d.CertFile, d.KeyFile = "x509", config.FilePath(certURI), config.FilePath(keyURI)
+	cert, err := d.ClientCertificate()
+	if err != nil {
+		return nil, fmt.Errorf("%s.identity_cert and identity_pk: %w", at, err)
+	}
+	return cert, nil
+}
+
+// ClientCertificate loads an x509 device's certificate and key. It is read
+// at each use, so that a renewed certificate is picked up.
+func (d *Device) ClientCertificate() (*tls.Certificate, error) {
+	if d.Method != "x509" {
+		return nil, fmt.Errorf("device %s authenticates with %s, not a certificate", d.DeviceID, d.Method)
+	}
+	cert, err := tls.LoadX509KeyPair(d.CertFile, d.KeyFile)
+	if err != nil {
+		return nil, fmt.Errorf("loading the identity certificate %s and key %s: %w", d.CertFile, d.KeyFile, err)
+	}
+	return &cert, nil
+}
+
+// withCertificate returns a copy of c that presents cert to servers.
+func withCertificate(c *http.Client, cert *tls.Certificate) *http.Client {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	out := &http.Client{Timeout: time.Minute}
+	if c != nil {
+		if t, ok := c.Transport.(*http.Transport); ok {
+			tr = t.Clone()
+		}
+		out.Timeout = c.Timeout
+	}
+	conf := &tls.Config{MinVersion: tls.VersionTLS12}
+	if tr.TLSClientConfig != nil {
+		conf = tr.TLSClientConfig.Clone()
+	}
+	conf.Certificates = []tls.Certificate{*cert}
+	tr.TLSClientConfig = conf
+	out.Transport = tr
+	return out
+}
+
 // Signer signs hub tokens for d: in the TPM for TPM devices, with the key
-// otherwise.
+// of sas devices; x509 devices have no key and sign nothing.
 func (m *Manager) Signer(d *Device) func(data []byte) ([]byte, error) {
-	if d.Method == "tpm" {
+	switch d.Method {
+	case "x509":
+		return func([]byte) ([]byte, error) {
+			return nil, fmt.Errorf("device %s authenticates with its certificate and has no key to sign with", d.DeviceID)
+		}
+	case "tpm":
 		handle := tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex))
 		return func(data []byte) ([]byte, error) { return m.TPM.HMAC(handle, data) }
 	}

@@ -1,0 +1,48 @@
+package main
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestCheckIdentityCert(t *testing.T) {
+	dir := t.TempDir()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	notAfter := time.Date(2030, 1, 31, 0, 0, 0, 0, time.UTC)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "dev"},
+		NotBefore: notAfter.Add(-365 * 24 * time.Hour), NotAfter: notAfter}
+	der, _ := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
+	cert, pk := filepath.Join(dir, "dev.pem"), filepath.Join(dir, "dev.key")
+	_ = os.WriteFile(cert, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600)
+	_ = os.WriteFile(pk, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}), 0o600)
+
+	for _, tc := range []struct {
+		what       string
+		cert, key  string
+		now        time.Time
+		result, in string
+	}{
+		{"valid", "file://" + cert, "file://" + pk, notAfter.Add(-30 * 24 * time.Hour), "ok", ""},
+		{"expiring within a week", cert, pk, notAfter.Add(-48 * time.Hour), "warning", "expires on 2030-01-31"},
+		{"expired", cert, pk, notAfter.Add(time.Hour), "error", "expired on 2030-01-31"},
+		{"not yet valid", cert, pk, notAfter.Add(-400 * 24 * time.Hour), "error", "check the clock"},
+		{"missing key", cert, pk + ".missing", notAfter.Add(-30 * 24 * time.Hour), "error", "identity_pk"},
+		{"key of another certificate", cert, cert, notAfter.Add(-30 * 24 * time.Hour), "error", "identity_cert"},
+	} {
+		got := checkIdentityCert(tc.cert, tc.key, tc.now)
+		if got.result != tc.result || !strings.Contains(got.details, tc.in) {
+			t.Errorf("%s: %+v, want %s with %q", tc.what, got, tc.result, tc.in)
+		}
+	}
+}
