@@ -1,15 +1,12 @@
 package tpmservice
 
 import (
-	"bytes"
-	"context"
+	"bufio"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"io/fs"
 	"net"
-	"net/http"
 	"time"
 )
 
@@ -17,27 +14,14 @@ import (
 // *tpm.Device, so it serves as a provisioning.TPM.
 type Client struct {
 	socket string
-	http   *http.Client
 }
 
 // Dial returns a client of the service at socketPath. It connects per
 // request, so a service started later is found then.
-func Dial(socketPath string) *Client {
-	d := net.Dialer{Timeout: 5 * time.Second}
-	return &Client{
-		socket: socketPath,
-		http: &http.Client{
-			Transport: &http.Transport{
-				DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-					return d.DialContext(ctx, "unix", socketPath)
-				},
-				MaxIdleConns: 1,
-			},
-			// Above the service's own bound on one TPM operation.
-			Timeout: 150 * time.Second,
-		},
-	}
-}
+func Dial(socketPath string) *Client { return &Client{socket: socketPath} }
+
+// callTimeout is above the service's own bound on one TPM operation.
+const callTimeout = 150 * time.Second
 
 // Error is a request the service answered with an error.
 type Error struct {
@@ -50,51 +34,42 @@ func (e *Error) Error() string { return "aziot-tpmd: " + e.Message }
 // EndorsementKey returns the EK's TPM2B_PUBLIC.
 func (c *Client) EndorsementKey() ([]byte, error) {
 	var rsp endorsementKeyResponse
-	err := c.do(http.MethodGet, "/endorsement-key", nil, &rsp)
+	err := c.do("GET", "/endorsement-key", nil, &rsp)
 	return rsp.EndorsementKey, err
 }
 
 // StorageRootKey returns the SRK's TPM2B_PUBLIC.
 func (c *Client) StorageRootKey() ([]byte, error) {
 	var rsp storageRootKeyResponse
-	err := c.do(http.MethodGet, "/storage-root-key", nil, &rsp)
+	err := c.do("GET", "/storage-root-key", nil, &rsp)
 	return rsp.StorageRootKey, err
 }
 
 // ImportActivationBlob has the service activate blob into its identity
 // key; handle must be the service's identity handle.
 func (c *Client) ImportActivationBlob(blob []byte, handle uint32) error {
-	return c.do(http.MethodPost, "/import", importRequest{Blob: blob, Handle: &handle}, &struct{}{})
+	return c.do("POST", "/import", importRequest{Blob: blob, Handle: &handle}, &struct{}{})
 }
 
 // HMAC returns HMAC-SHA256 of data with the service's identity key;
 // handle must be the service's identity handle.
 func (c *Client) HMAC(handle uint32, data []byte) ([]byte, error) {
 	var rsp signResponse
-	if err := c.do(http.MethodPost, "/sign", signRequest{Data: data, Handle: &handle}, &rsp); err != nil {
+	if err := c.do("POST", "/sign", signRequest{Data: data, Handle: &handle}, &rsp); err != nil {
 		return nil, err
 	}
 	return rsp.Digest, nil
 }
 
 func (c *Client) do(method, path string, body, out any) error {
-	var r io.Reader
+	var b []byte
 	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
+		var err error
+		if b, err = json.Marshal(body); err != nil {
 			return err
 		}
-		r = bytes.NewReader(b)
 	}
-	// The host is ignored: the transport dials the socket.
-	req, err := http.NewRequest(method, "http://aziot-tpmd"+path, r)
-	if err != nil {
-		return err
-	}
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	rsp, err := c.http.Do(req)
+	conn, err := net.DialTimeout("unix", c.socket, 5*time.Second)
 	switch {
 	case err != nil && isNotRunning(err):
 		return fmt.Errorf("aziot-tpmd is not running: start it with `systemctl start aziot-tpmd` (socket %s)", c.socket)
@@ -103,19 +78,24 @@ func (c *Client) do(method, path string, body, out any) error {
 	case err != nil:
 		return fmt.Errorf("aziot-tpmd (socket %s): %w", c.socket, err)
 	}
-	defer rsp.Body.Close()
-	b, err := io.ReadAll(io.LimitReader(rsp.Body, 1<<20))
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(callTimeout))
+	req := fmt.Appendf(nil, "%s %s HTTP/1.1\r\nHost: aziot-tpmd\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n", method, path, len(b))
+	if _, err := conn.Write(append(req, b...)); err != nil {
+		return fmt.Errorf("aziot-tpmd (socket %s): %w", c.socket, err)
+	}
+	status, answer, err := readResponse(bufio.NewReader(conn))
 	if err != nil {
 		return fmt.Errorf("aziot-tpmd (socket %s): reading the answer to %s: %w", c.socket, path, err)
 	}
-	if rsp.StatusCode != http.StatusOK {
+	if status != 200 {
 		var e errorResponse
-		if json.Unmarshal(b, &e) != nil || e.Message == "" {
-			return fmt.Errorf("aziot-tpmd (socket %s): %s %s: unexpected answer HTTP %d", c.socket, method, path, rsp.StatusCode)
+		if json.Unmarshal(answer, &e) != nil || e.Message == "" {
+			return fmt.Errorf("aziot-tpmd (socket %s): %s %s: unexpected answer HTTP %d", c.socket, method, path, status)
 		}
-		return &Error{Status: rsp.StatusCode, Message: e.Message}
+		return &Error{Status: status, Message: e.Message}
 	}
-	if err := json.Unmarshal(b, out); err != nil {
+	if err := json.Unmarshal(answer, out); err != nil {
 		return fmt.Errorf("aziot-tpmd (socket %s): %s %s: bad answer: %w", c.socket, method, path, err)
 	}
 	return nil

@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"net"
-	"net/http"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -19,13 +18,13 @@ import (
 // DefaultSocket is where aziot-tpmd listens and clients look for it.
 const DefaultSocket = "/run/aziot/tpmd.sock"
 
-// Serve listens on socketPath as Listen does and serves h until ctx is done.
-func Serve(ctx context.Context, socketPath string, h http.Handler, group string) error {
+// Serve listens on socketPath as Listen does and serves s until ctx is done.
+func Serve(ctx context.Context, socketPath string, s *Server, group string) error {
 	l, err := Listen(socketPath, group)
 	if err != nil {
 		return err
 	}
-	return ServeListener(ctx, l, h)
+	return ServeListener(ctx, l, s)
 }
 
 // Listen creates the Unix socket socketPath, replacing a stale one, with
@@ -123,43 +122,6 @@ func (l *unixListener) Close() error {
 	// replaces the stale socket anyway.
 	if rerr := os.Remove(l.path); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
 		slog.Debug("socket not removed", "socket", l.path, "error", rerr)
-	}
-	return err
-}
-
-// ServeListener serves h on l until ctx is done, then lets requests in
-// flight finish for a few seconds and closes l.
-func ServeListener(ctx context.Context, l net.Listener, h http.Handler) error {
-	srv := &http.Server{
-		Handler:           h,
-		ReadHeaderTimeout: 10 * time.Second,
-		ReadTimeout:       30 * time.Second,
-		// A TPM operation may take a minute when a simulator is slow (the
-		// tpm package's network timeout).
-		WriteTimeout: 2 * time.Minute,
-		IdleTimeout:  5 * time.Minute,
-		ErrorLog:     slog.NewLogLogger(slog.Default().Handler(), slog.LevelWarn),
-	}
-	stopped := make(chan struct{}) // Serve returned
-	shutDown := make(chan struct{})
-	go func() {
-		defer close(shutDown)
-		select {
-		case <-ctx.Done():
-		case <-stopped:
-			return
-		}
-		sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		if srv.Shutdown(sctx) != nil {
-			srv.Close()
-		}
-	}()
-	err := srv.Serve(l) // closes l whatever happens
-	close(stopped)
-	<-shutDown
-	if errors.Is(err, http.ErrServerClosed) {
-		return nil
 	}
 	return err
 }

@@ -19,7 +19,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"sync"
 	"time"
 
@@ -64,29 +63,34 @@ type (
 	}
 )
 
-type server struct {
+// Server answers the service's requests.
+type Server struct {
 	// mu runs one TPM operation at a time whatever TPM implementation is
 	// behind: an activation is several commands that must not interleave.
 	mu     sync.Mutex
 	dev    TPM
 	handle uint32
 	log    *slog.Logger
+	routes map[string]route
+}
+
+type route struct {
+	method string
+	fn     func(body []byte) (any, error)
 }
 
 // NewServer serves dev, importing and signing only with the identity key at
 // tpm.IdentityHandle(authKeyIndex). It logs to slog.Default(), never key
 // material or signed data.
-func NewServer(dev TPM, authKeyIndex uint32) http.Handler {
-	s := &server{dev: dev, handle: tpm.IdentityHandle(authKeyIndex), log: slog.Default()}
-	mux := http.NewServeMux()
-	mux.Handle("/endorsement-key", s.route(http.MethodGet, s.endorsementKey))
-	mux.Handle("/storage-root-key", s.route(http.MethodGet, s.storageRootKey))
-	mux.Handle("/import", s.route(http.MethodPost, s.importBlob))
-	mux.Handle("/sign", s.route(http.MethodPost, s.sign))
-	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeJSON(w, http.StatusNotFound, errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /storage-root-key, /import and /sign", r.URL.Path)})
-	})
-	return mux
+func NewServer(dev TPM, authKeyIndex uint32) *Server {
+	s := &Server{dev: dev, handle: tpm.IdentityHandle(authKeyIndex), log: slog.Default()}
+	s.routes = map[string]route{
+		"/endorsement-key":  {"GET", s.endorsementKey},
+		"/storage-root-key": {"GET", s.storageRootKey},
+		"/import":           {"POST", s.importBlob},
+		"/sign":             {"POST", s.sign},
+	}
+	return s
 }
 
 // httpError is an error with the status code that describes it.
@@ -101,38 +105,31 @@ func statusError(status int, format string, args ...any) error {
 	return &httpError{status, fmt.Errorf(format, args...)}
 }
 
-// route checks the method, runs fn and writes its answer or error as JSON.
-func (s *server) route(method string, fn func(*http.Request) (any, error)) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.Method != method {
-			w.Header().Set("Allow", method)
-			writeJSON(w, http.StatusMethodNotAllowed, errorResponse{fmt.Sprintf("%s %s: use %s", r.Method, r.URL.Path, method)})
-			return
+// answer routes a request, checks its method, runs it and shapes its
+// answer or error.
+func (s *Server) answer(r *request) response {
+	rt, ok := s.routes[r.path]
+	if !ok {
+		return response{status: 404, v: errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /storage-root-key, /import and /sign", r.path)}}
+	}
+	if r.method != rt.method {
+		return response{status: 405, allow: rt.method, v: errorResponse{fmt.Sprintf("%s %s: use %s", r.method, r.path, rt.method)}}
+	}
+	start := time.Now()
+	v, err := rt.fn(r.body)
+	if err != nil {
+		status := 500
+		if he, ok := errors.AsType[*httpError](err); ok {
+			status = he.status
 		}
-		r.Body = http.MaxBytesReader(w, r.Body, maxBody)
-		start := time.Now()
-		v, err := fn(r)
-		if err != nil {
-			status := http.StatusInternalServerError
-			if he, ok := errors.AsType[*httpError](err); ok {
-				status = he.status
-			}
-			s.log.Warn("request failed", "path", r.URL.Path, "status", status, "error", err.Error())
-			writeJSON(w, status, errorResponse{err.Error()})
-			return
-		}
-		s.log.Debug("request", "path", r.URL.Path, "duration", time.Since(start))
-		writeJSON(w, http.StatusOK, v)
-	})
+		s.log.Warn("request failed", "path", r.path, "status", status, "error", err.Error())
+		return response{status: status, v: errorResponse{err.Error()}}
+	}
+	s.log.Debug("request", "path", r.path, "duration", time.Since(start))
+	return response{status: 200, v: v}
 }
 
-func writeJSON(w http.ResponseWriter, status int, v any) {
-	w.Header().Set("Content-Type", "application/json")
-	w.WriteHeader(status)
-	json.NewEncoder(w).Encode(v)
-}
-
-func (s *server) endorsementKey(*http.Request) (any, error) {
+func (s *Server) endorsementKey([]byte) (any, error) {
 	s.mu.Lock()
 	ek, err := s.dev.EndorsementKey()
 	s.mu.Unlock()
@@ -142,7 +139,7 @@ func (s *server) endorsementKey(*http.Request) (any, error) {
 	return endorsementKeyResponse{ek, tpm.RegistrationID(ek)}, nil
 }
 
-func (s *server) storageRootKey(*http.Request) (any, error) {
+func (s *Server) storageRootKey([]byte) (any, error) {
 	s.mu.Lock()
 	srk, err := s.dev.StorageRootKey()
 	s.mu.Unlock()
@@ -152,9 +149,9 @@ func (s *server) storageRootKey(*http.Request) (any, error) {
 	return storageRootKeyResponse{srk}, nil
 }
 
-func (s *server) importBlob(r *http.Request) (any, error) {
+func (s *Server) importBlob(body []byte) (any, error) {
 	var req importRequest
-	if err := decode(r, &req); err != nil {
+	if err := decode(body, &req); err != nil {
 		return nil, err
 	}
 	if err := s.checkHandle(req.Handle); err != nil {
@@ -167,15 +164,15 @@ func (s *server) importBlob(r *http.Request) (any, error) {
 	err := s.dev.ImportActivationBlob(req.Blob, s.handle)
 	s.mu.Unlock()
 	if err != nil {
-		return nil, tpmError(err, http.StatusUnprocessableEntity)
+		return nil, tpmError(err, 422)
 	}
 	s.log.Info("imported the identity key", "handle", fmt.Sprintf("0x%08x", s.handle))
 	return struct{}{}, nil
 }
 
-func (s *server) sign(r *http.Request) (any, error) {
+func (s *Server) sign(body []byte) (any, error) {
 	var req signRequest
-	if err := decode(r, &req); err != nil {
+	if err := decode(body, &req); err != nil {
 		return nil, err
 	}
 	if err := s.checkHandle(req.Handle); err != nil {
@@ -185,7 +182,7 @@ func (s *server) sign(r *http.Request) (any, error) {
 	digest, err := s.dev.HMAC(s.handle, req.Data)
 	s.mu.Unlock()
 	if errors.Is(err, tpm2.TPMRCHandle) {
-		return nil, statusError(http.StatusConflict, "no identity key at 0x%08x yet: the device has not been provisioned (%w)", s.handle, err)
+		return nil, statusError(409, "no identity key at 0x%08x yet: the device has not been provisioned (%w)", s.handle, err)
 	}
 	if err != nil {
 		return nil, tpmError(err, 0)
@@ -193,22 +190,18 @@ func (s *server) sign(r *http.Request) (any, error) {
 	return signResponse{digest}, nil
 }
 
-func (s *server) checkHandle(h *uint32) error {
+func (s *Server) checkHandle(h *uint32) error {
 	if h != nil && *h != s.handle {
-		return statusError(http.StatusForbidden, "handle 0x%08x refused: aziot-tpmd uses only the identity key at 0x%08x (auth_key_index 0x%x)",
+		return statusError(403, "handle 0x%08x refused: aziot-tpmd uses only the identity key at 0x%08x (auth_key_index 0x%x)",
 			*h, s.handle, s.handle-tpm.IdentityHandle(0))
 	}
 	return nil
 }
 
-// decode reads a JSON request body, saying when it is too large.
-func decode(r *http.Request, v any) error {
-	err := json.NewDecoder(r.Body).Decode(v)
-	if _, ok := errors.AsType[*http.MaxBytesError](err); ok {
-		return statusError(http.StatusRequestEntityTooLarge, "request body larger than %d bytes", maxBody)
-	}
-	if err != nil {
-		return statusError(http.StatusBadRequest, "request body: %w", err)
+// decode reads a JSON request body (its size is bounded when read).
+func decode(body []byte, v any) error {
+	if err := json.Unmarshal(body, v); err != nil {
+		return statusError(400, "request body: %w", err)
 	}
 	return nil
 }
@@ -220,12 +213,12 @@ func checkBlob(blob []byte) error {
 	parts := 0
 	for rest := blob; len(rest) > 0; parts++ {
 		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
-			return statusError(http.StatusBadRequest, "activation blob: part %c truncated at byte %d of %d", 'A'+parts, len(blob)-len(rest), len(blob))
+			return statusError(400, "activation blob: part %c truncated at byte %d of %d", 'A'+parts, len(blob)-len(rest), len(blob))
 		}
 		rest = rest[2+int(binary.BigEndian.Uint16(rest)):]
 	}
 	if parts != 5 && parts != 6 {
-		return statusError(http.StatusBadRequest, "activation blob: %d parts, want 5 or 6 (A to E, and F optionally)", parts)
+		return statusError(400, "activation blob: %d parts, want 5 or 6 (A to E, and F optionally)", parts)
 	}
 	return nil
 }
@@ -240,7 +233,7 @@ func tpmError(err error, refused int) error {
 	case !errors.As(err, &rc):
 		return err // I/O with the TPM: 500
 	case rc.IsWarning():
-		return &httpError{http.StatusServiceUnavailable, err}
+		return &httpError{503, err}
 	case refused != 0:
 		return &httpError{refused, err}
 	default:
