@@ -151,6 +151,18 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("x509 group by CA name: %s", out)
 	}
 
+	// Linked hubs: the server's own is linked; its settings change in place.
+	if out := c.ok("hub", "link", "--hostname", "localhost", "--allocation-weight", "3", "--latency", "10.0.0.0/8=20"); !strings.Contains(out, "10.0.0.0/8=20ms") {
+		t.Errorf("hub link: %s", out)
+	}
+	if out := c.ok("hub", "list"); len(grepLines(out, "localhost", "3", "true", "10.0.0.0/8=20ms")) != 1 {
+		t.Errorf("hub list: %s", out)
+	}
+	if out := c.ok("enrollment", "create", "--registration-id", "pinned", "--attestation-type", "symmetrickey", "--allocation-policy", "static",
+		"--iot-hub-host-name", "localhost", "--reprovision-policy", "never", "-o", "json"); !strings.Contains(out, `"updateHubAssignment": false`) {
+		t.Errorf("enrollment with allocation flags: %s", out)
+	}
+
 	// Mistakes get errors that say what to do, and exit non-zero.
 	for _, tc := range []struct {
 		args []string
@@ -165,6 +177,11 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "x509", "--certificate-path", caPath + ".missing"}, "no such file"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--certificate-path", devPath}, "not a CA certificate"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--ca-name", "ghost"}, "no certificate \"ghost\""},
+		{[]string{"hub", "unlink", "--hostname", "ghost.example"}, "no linked hub"},
+		{[]string{"hub", "link", "--hostname", "ghost.example", "--allocation-weight", "2"}, "is not linked"},
+		{[]string{"hub", "link", "--hostname", "localhost", "--latency", "10.0.0.0=5"}, "CIDR"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--reprovision-policy", "sometimes"}, "use reprovisionandmigratedata"},
+		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--allocation-policy", "custom"}, "needs customAllocationDefinition.webhookUrl"},
 	} {
 		out, err := c.run(tc.args...)
 		if err == nil || !strings.Contains(out, tc.want) {
@@ -263,4 +280,19 @@ func writePEM(t *testing.T, path string, c *x509.Certificate) {
 	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// grepLines returns the lines of out holding every word.
+func grepLines(out string, words ...string) []string {
+	var found []string
+	for _, l := range strings.Split(out, "\n") {
+		all := true
+		for _, w := range words {
+			all = all && strings.Contains(l, w)
+		}
+		if all {
+			found = append(found, l)
+		}
+	}
+	return found
 }

@@ -68,7 +68,37 @@ func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersio
 type enrollmentFlags struct {
 	attType, ek, srk, deviceID, tags, props, status, primary, secondary, hub string
 	certPath, secondaryCertPath, caName, secondaryCAName                     string
+	policy, webhook, webhookAPI, repro                                       string
+	hubs                                                                     []string
 	edge, individual                                                         bool
+}
+
+// shared are the fields individual enrollments and groups have in common.
+type shared struct {
+	att                 *dps.Attestation
+	caps                **dps.Capabilities
+	twin                **dps.InitialTwin
+	status, hub, policy *string
+	hubs                *[]string
+	custom              **dps.CustomAllocationDefinition
+	repro               **dps.ReprovisionPolicy
+}
+
+func enrollmentShared(e *dps.Enrollment) shared {
+	return shared{&e.Attestation, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName,
+		&e.AllocationPolicy, &e.IoTHubs, &e.CustomAllocationDefinition, &e.ReprovisionPolicy}
+}
+
+func groupShared(g *dps.EnrollmentGroup) shared {
+	return shared{&g.Attestation, &g.Capabilities, &g.InitialTwin, &g.ProvisioningStatus, &g.IoTHubHostName,
+		&g.AllocationPolicy, &g.IoTHubs, &g.CustomAllocationDefinition, &g.ReprovisionPolicy}
+}
+
+// reprovisionPolicies are the CLI's names for reprovisionPolicy settings, as az's.
+var reprovisionPolicies = map[string]dps.ReprovisionPolicy{
+	"reprovisionandmigratedata": {UpdateHubAssignment: true, MigrateDeviceData: true},
+	"reprovisionandresetdata":   {UpdateHubAssignment: true, MigrateDeviceData: false},
+	"never":                     {UpdateHubAssignment: false, MigrateDeviceData: false},
 }
 
 func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
@@ -95,12 +125,17 @@ func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
 	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key (default: generated)")
 	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key (default: generated)")
 	fl.StringVar(&f.hub, "iot-hub-host-name", "", "assign to this linked hub (static allocation)")
+	fl.StringVar(&f.policy, "allocation-policy", "", "hashed, static, geoLatency or custom")
+	fl.StringSliceVar(&f.hubs, "iot-hubs", nil, "the linked hubs to allocate among (default: those that apply allocation policies)")
+	fl.StringVar(&f.webhook, "webhook-url", "", "custom allocation: the webhook asked which hub to use")
+	fl.StringVar(&f.webhookAPI, "api-version", "2021-10-01", "custom allocation: the API version sent to the webhook")
+	fl.StringVar(&f.repro, "reprovision-policy", "", "when a device registers again: reprovisionandmigratedata, reprovisionandresetdata or never")
 }
 
 // apply copies the flags the user set onto the enrollment's fields.
-func (f *enrollmentFlags) apply(cmd *cobra.Command, att *dps.Attestation, deviceID *string, caps **dps.Capabilities,
-	twin **dps.InitialTwin, status, hub *string) error {
+func (f *enrollmentFlags) apply(cmd *cobra.Command, sh shared, deviceID *string) error {
 	changed := cmd.Flags().Changed
+	att, caps, twin := sh.att, sh.caps, sh.twin
 	if changed("attestation-type") {
 		switch strings.ToLower(f.attType) {
 		case "tpm":
@@ -162,10 +197,26 @@ func (f *enrollmentFlags) apply(cmd *cobra.Command, att *dps.Attestation, device
 		}
 	}
 	if changed("provisioning-status") {
-		*status = f.status
+		*sh.status = f.status
 	}
 	if changed("iot-hub-host-name") {
-		*hub = f.hub
+		*sh.hub = f.hub
+	}
+	if changed("allocation-policy") {
+		*sh.policy = f.policy
+	}
+	if changed("iot-hubs") {
+		*sh.hubs = f.hubs
+	}
+	if changed("webhook-url") || changed("api-version") {
+		*sh.custom = &dps.CustomAllocationDefinition{WebhookURL: f.webhook, APIVersion: f.webhookAPI}
+	}
+	if changed("reprovision-policy") {
+		p, ok := reprovisionPolicies[strings.ToLower(f.repro)]
+		if !ok {
+			return fmt.Errorf("--reprovision-policy %q: use reprovisionandmigratedata, reprovisionandresetdata or never", f.repro)
+		}
+		*sh.repro = &p
 	}
 	return nil
 }
@@ -229,7 +280,7 @@ func enrollmentCmd() *cobra.Command {
 					} else if !cmd.Flags().Changed("attestation-type") {
 						return fmt.Errorf("--attestation-type is required: tpm, symmetrickey or x509")
 					}
-					return f.apply(cmd, &e.Attestation, &e.DeviceID, &e.Capabilities, &e.InitialTwin, &e.ProvisioningStatus, &e.IoTHubHostName)
+					return f.apply(cmd, enrollmentShared(e), &e.DeviceID)
 				})
 			if err != nil {
 				return err
@@ -284,11 +335,24 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"IoT Edge", strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge)},
 		{"Provisioning status", e.ProvisioningStatus},
 		{"Initial twin tags", tags},
+		{"Allocation", allocationText(e.AllocationPolicy, e.IoTHubHostName, e.IoTHubs)},
 		{"Registration status", reg.Status},
+		{"Substatus", orDash(reg.Substatus)},
 		{"Assigned device ID", orDash(reg.DeviceID)},
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
 	})
+}
+
+// allocationText describes the allocation policy and the hubs it uses.
+func allocationText(policy, static string, hubs []string) string {
+	switch {
+	case policy == dps.PolicyStatic && static != "":
+		return policy + " to " + static
+	case len(hubs) > 0:
+		return policy + " among " + strings.Join(hubs, ", ")
+	}
+	return policy + " among the linked hubs"
 }
 
 // credentialRow shows what a device proves itself with: the primary key,

@@ -27,7 +27,7 @@ func groupCmd() *cobra.Command {
 						g.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{}}
 					}
 					var noDeviceID string // groups have none
-					return f.apply(cmd, &g.Attestation, &noDeviceID, &g.Capabilities, &g.InitialTwin, &g.ProvisioningStatus, &g.IoTHubHostName)
+					return f.apply(cmd, groupShared(g), &noDeviceID)
 				})
 			if err != nil {
 				return err
@@ -72,6 +72,7 @@ func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
 		credentialRow(g.Attestation),
 		{"IoT Edge", strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge)},
 		{"Provisioning status", g.ProvisioningStatus},
+		{"Allocation", allocationText(g.AllocationPolicy, g.IoTHubHostName, g.IoTHubs)},
 	})
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net/url"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -84,6 +85,23 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 	return azerr.BadRequest("attestation.type %q is not valid: use tpm, symmetricKey or x509", att.Type)
 }
 
+// checkAllocation checks that the policy has what it needs: static a hub
+// to assign to, custom a webhook to ask.
+func checkAllocation(policy string, hubs []string, static string, custom *CustomAllocationDefinition) error {
+	switch {
+	case policy == PolicyStatic && static == "" && len(hubs) != 1:
+		return azerr.BadRequest("allocationPolicy static needs the hub: set iotHubHostName (or exactly one iotHubs entry)")
+	case policy == PolicyCustom && (custom == nil || custom.WebhookURL == ""):
+		return azerr.BadRequest("allocationPolicy custom needs customAllocationDefinition.webhookUrl: the URL the service asks which hub to use")
+	case custom != nil && custom.WebhookURL != "":
+		u, err := url.Parse(custom.WebhookURL)
+		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+			return azerr.BadRequest("customAllocationDefinition.webhookUrl %q is not an http(s) URL", custom.WebhookURL)
+		}
+	}
+	return nil
+}
+
 // checkObject accepts an absent value, null or a JSON object.
 func checkObject(field string, raw json.RawMessage) error {
 	t := strings.TrimSpace(string(raw))
@@ -106,6 +124,9 @@ func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	}
 	e.RegistrationID = id
 	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
+		return nil, err
+	}
+	if err := checkAllocation(e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
 	if ifMatch == "" {
@@ -178,6 +199,9 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 			"create one enrollment per device with its endorsement key, or use a symmetricKey group", id)
 	}
 	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
+		return nil, err
+	}
+	if err := checkAllocation(g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
 	if ifMatch == "" {

@@ -132,6 +132,9 @@ type LinkedHub struct {
 	Endpoint              string `json:"endpoint,omitempty"`
 	AllocationWeight      int    `json:"allocationWeight,omitempty"`
 	ApplyAllocationPolicy bool   `json:"applyAllocationPolicy"`
+	// LatencyMs is the geoLatency table: the latency from devices in each
+	// network (CIDR) to this hub.
+	LatencyMs map[string]int `json:"latencyMs,omitempty"`
 }
 
 // HubDevice is what assignment writes into a hub: a device authenticating

@@ -8,9 +8,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"hash/fnv"
 	"io"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -34,6 +34,8 @@ type RegisterRequest struct {
 	RegistrationID string
 	Credentials
 	Body []byte
+	// Addr is the device's network address, for geoLatency allocation.
+	Addr netip.Addr
 }
 
 type registerBody struct {
@@ -99,7 +101,7 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 		return nil, nil, azerr.Unauthorized("the enrollment of %q is disabled: enable it with "+
 			"`hatchery enrollment update --registration-id %s --provisioning-status enabled`", regID, regID)
 	}
-	op, err := s.assign(ctx, regID, att, body.Payload)
+	op, err := s.assign(ctx, req, regID, att, body.Payload)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -306,12 +308,12 @@ func (s *Service) eachGroup(ctx context.Context, f func(*EnrollmentGroup) bool) 
 	}
 }
 
-// assign allocates the device to a hub, creates or updates it there, and
-// records the registration and its operation.
-func (s *Service) assign(ctx context.Context, regID string, att *attestation, payload json.RawMessage) (*Operation, error) {
+// assign allocates the device to a hub, creates or updates it there
+// following the reprovisioning policy, and records the registration and
+// its operation.
+func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string, att *attestation, payload json.RawMessage) (*Operation, error) {
 	now := s.Now().UTC()
-	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now,
-		Payload: payload, Substatus: "initialAssignment"}
+	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now, Payload: payload}
 	prev, _, err := get[RegistrationState](ctx, s.store, kindRegistration, regID, nil)
 	if err != nil {
 		return nil, err
@@ -319,29 +321,34 @@ func (s *Service) assign(ctx context.Context, regID string, att *attestation, pa
 	if prev != nil && prev.CreatedDateTimeUtc != nil {
 		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
 	}
+	if prev != nil && prev.Status != StatusAssigned {
+		prev = nil // nothing to reprovision from
+	}
 
 	dev := HubDevice{DeviceID: regID}
-	var caps *Capabilities
-	var twin *InitialTwin
-	var hubChoice []string
-	var static string
+	var (
+		caps   *Capabilities
+		twin   *InitialTwin
+		repro  *ReprovisionPolicy
+		alloc  = allocation{runtime: deviceRuntimeContext{RegistrationID: regID, Payload: payload}, addr: req.Addr}
+		enroll any
+	)
 	if e := att.enrollment; e != nil {
 		if e.DeviceID != "" {
 			dev.DeviceID = e.DeviceID
 		}
-		caps, twin, hubChoice, static = e.Capabilities, e.InitialTwin, e.IoTHubs, e.IoTHubHostName
+		caps, twin, repro = e.Capabilities, e.InitialTwin, e.ReprovisionPolicy
+		alloc.policy, alloc.hubs, alloc.static, alloc.webhook = e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition
+		alloc.enrollmentField, enroll = "individualEnrollment", e
 	} else {
 		g := att.group
 		state.EnrollmentGroupID = g.EnrollmentGroupID
-		caps, twin, hubChoice, static = g.Capabilities, g.InitialTwin, g.IoTHubs, g.IoTHubHostName
+		caps, twin, repro = g.Capabilities, g.InitialTwin, g.ReprovisionPolicy
+		alloc.policy, alloc.hubs, alloc.static, alloc.webhook = g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition
+		alloc.enrollmentField, enroll = "enrollmentGroup", g
 	}
+	alloc.enrollment, alloc.deviceID = enroll, dev.DeviceID
 	dev.IoTEdge = caps != nil && caps.IoTEdge
-	if twin != nil {
-		dev.Tags = twin.Tags
-		if twin.Properties != nil {
-			dev.Desired = twin.Properties.Desired
-		}
-	}
 
 	switch {
 	case att.challenge != nil:
@@ -355,6 +362,7 @@ func (s *Service) assign(ctx context.Context, regID string, att *attestation, pa
 			return nil, err
 		}
 		state.TPM = &TPMResult{AuthenticationKey: base64.StdEncoding.EncodeToString(blob)}
+		alloc.runtime.TPM = &TPMAttestation{EndorsementKey: att.challenge.EndorsementKey, StorageRootKey: att.challenge.StorageRootKey}
 	case att.certificate != nil:
 		// The hub authenticates the device by this very certificate, so a
 		// device must register again when it renews it.
@@ -365,19 +373,22 @@ func (s *Service) assign(ctx context.Context, regID string, att *attestation, pa
 			state.X509.EnrollmentGroupID = att.group.EnrollmentGroupID
 			state.X509.SigningCertificateInfo = CertificateInfo(att.signer)
 		}
+		alloc.runtime.X509, _ = json.Marshal(state.X509)
 	case att.group != nil:
 		dev.PrimaryKey = att.deviceKey
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}
+		alloc.runtime.SymmetricKey, _ = json.Marshal(state.SymmetricKey)
 	default:
 		k := att.enrollment.Attestation.SymmetricKey
 		dev.PrimaryKey, dev.SecondaryKey = k.PrimaryKey, k.SecondaryKey
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID}
+		alloc.runtime.SymmetricKey, _ = json.Marshal(state.SymmetricKey)
+	}
+	if prev != nil {
+		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.AssignedHub, prev.DeviceID
 	}
 
-	hub, err := s.pickHub(ctx, dev.DeviceID, hubChoice, static)
-	if err == nil {
-		err = s.registry.UpsertDevice(ctx, *hub, dev)
-	}
+	hub, err := s.place(ctx, alloc, prev, repro, twin, &dev, state)
 	if err != nil {
 		slog.Warn("assignment failed", "registrationId", regID, "error", err)
 		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
@@ -398,6 +409,81 @@ func (s *Service) assign(ctx context.Context, regID string, att *attestation, pa
 		return nil, err
 	}
 	return op, nil
+}
+
+// place chooses the device's hub and writes the device there. A device
+// registering again follows the enrollment's reprovisionPolicy:
+// updateHubAssignment false keeps it on its hub; otherwise it goes where
+// the allocation says and its twin is carried over (migrateDeviceData) or
+// reset to the initial twin. state.Substatus records which happened.
+func (s *Service) place(ctx context.Context, alloc allocation, prev *RegistrationState, repro *ReprovisionPolicy,
+	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, error) {
+	if repro == nil {
+		repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
+	}
+	var prevHub *LinkedHub
+	if prev != nil {
+		hubs, err := s.LinkedHubs(ctx)
+		if err != nil {
+			return nil, err
+		}
+		for _, h := range hubs {
+			if strings.EqualFold(h.HostName, prev.AssignedHub) {
+				prevHub = h
+			}
+		}
+	}
+	if prevHub != nil && !repro.UpdateHubAssignment {
+		state.Substatus = "reprovisionedToInitialAssignment"
+		return prevHub, s.registry.UpsertDevice(ctx, *prevHub, *dev)
+	}
+	placed, err := s.allocate(ctx, alloc)
+	if err != nil {
+		return nil, err
+	}
+	if placed.twin != nil {
+		twin = placed.twin // the webhook's choice
+	}
+	if placed.payload != nil {
+		state.Payload = placed.payload
+	}
+	if twin != nil {
+		dev.Tags = twin.Tags
+		if twin.Properties != nil {
+			dev.Desired = twin.Properties.Desired
+		}
+	}
+	hub := placed.hub
+	if prevHub == nil {
+		state.Substatus = "initialAssignment"
+		return hub, s.registry.UpsertDevice(ctx, *hub, *dev)
+	}
+	// Registering again: the device may exist on the new hub already, so
+	// its twin is set explicitly — the old one, or the initial one.
+	keep := twin
+	state.Substatus = "deviceDataReset"
+	if repro.MigrateDeviceData {
+		state.Substatus = "deviceDataMigrated"
+		old, err := s.registry.ReadTwin(ctx, *prevHub, prev.DeviceID)
+		if err != nil {
+			slog.Warn("reading the twin to migrate failed; the device starts from its initial twin",
+				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "error", err)
+			state.Substatus = "deviceDataReset"
+		} else {
+			keep = old
+		}
+	}
+	if err := s.registry.UpsertDevice(ctx, *hub, *dev); err != nil {
+		return nil, err
+	}
+	sameDevice := strings.EqualFold(hub.HostName, prevHub.HostName) && dev.DeviceID == prev.DeviceID
+	if sameDevice && state.Substatus == "deviceDataMigrated" {
+		return hub, nil // the data is where it was
+	}
+	if keep == nil {
+		keep = &InitialTwin{}
+	}
+	return hub, s.registry.ReplaceTwin(ctx, *hub, dev.DeviceID, keep)
 }
 
 func (s *Service) operationID() string {
@@ -424,37 +510,4 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 	body, _ := json.Marshal(h)
 	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
 	return err
-}
-
-// pickHub applies the allocation: the static hub if named, else a stable
-// hash of the device ID over the candidate hubs, so retries land on the
-// same hub.
-func (s *Service) pickHub(ctx context.Context, deviceID string, choice []string, static string) (*LinkedHub, error) {
-	hubs, err := s.LinkedHubs(ctx)
-	if err != nil {
-		return nil, err
-	}
-	var cands []*LinkedHub
-	for _, h := range hubs {
-		switch {
-		case static != "":
-			if strings.EqualFold(h.HostName, static) {
-				cands = append(cands, h)
-			}
-		case len(choice) > 0:
-			for _, c := range choice {
-				if strings.EqualFold(h.HostName, c) {
-					cands = append(cands, h)
-				}
-			}
-		case h.ApplyAllocationPolicy:
-			cands = append(cands, h)
-		}
-	}
-	if len(cands) == 0 {
-		return nil, azerr.New(400209, "NoLinkedHub", "no linked IoT hub fits the enrollment: link one with `hatchery hub link` or fix iotHubHostName/iotHubs")
-	}
-	h := fnv.New32a()
-	h.Write([]byte(deviceID))
-	return cands[int(h.Sum32()%uint32(len(cands)))], nil
 }

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/http"
 	"regexp"
 	"strings"
 	"time"
@@ -32,7 +33,13 @@ const (
 
 // Registry writes devices into a linked hub through its registry API.
 type Registry interface {
+	// UpsertDevice creates the device with its initial twin, or updates
+	// the credentials and capabilities of an existing one.
 	UpsertDevice(ctx context.Context, hub LinkedHub, d HubDevice) error
+	// ReadTwin returns a device's tags and desired properties.
+	ReadTwin(ctx context.Context, hub LinkedHub, deviceID string) (*InitialTwin, error)
+	// ReplaceTwin sets a device's tags and desired properties to t's.
+	ReplaceTwin(ctx context.Context, hub LinkedHub, deviceID string, t *InitialTwin) error
 }
 
 // Settings are the service's identity: ID scope and access policies.
@@ -55,6 +62,10 @@ type Service struct {
 	// CAs resolves X.509 groups' caReferences; nil allows only inline
 	// signingCertificates.
 	CAs CAStore
+	// Webhooks calls custom allocation webhooks (default http.DefaultClient),
+	// each bounded by WebhookTimeout (default 10 s: the device is polling).
+	Webhooks       *http.Client
+	WebhookTimeout time.Duration
 }
 
 // Open loads the service's settings from st, creating an ID scope and the

@@ -6,6 +6,7 @@ package hubclient
 import (
 	"context"
 	"crypto/tls"
+	"encoding/json"
 	"net/http"
 	"net/url"
 	"sync"
@@ -127,4 +128,38 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	}
 	_, err = c.PatchTwin(ctx, d.DeviceID, patch)
 	return err
+}
+
+// ReadTwin returns a device's tags and desired properties.
+func (p *Pool) ReadTwin(ctx context.Context, h dps.LinkedHub, deviceID string) (*dps.InitialTwin, error) {
+	c, err := p.client(h)
+	if err != nil {
+		return nil, err
+	}
+	t, err := c.GetTwin(ctx, deviceID)
+	if err != nil {
+		return nil, err
+	}
+	return &dps.InitialTwin{Tags: t.Tags, Properties: &dps.InitialTwinDesired{Desired: t.Properties.Desired}}, nil
+}
+
+// ReplaceTwin sets a device's tags and desired properties to t's (the
+// registry drops $metadata and $version from what it is given).
+func (p *Pool) ReplaceTwin(ctx context.Context, h dps.LinkedHub, deviceID string, t *dps.InitialTwin) error {
+	c, err := p.client(h)
+	if err != nil {
+		return err
+	}
+	body := map[string]any{"tags": orEmpty(t.Tags), "properties": map[string]any{"desired": json.RawMessage("{}")}}
+	if t.Properties != nil {
+		body["properties"] = map[string]any{"desired": orEmpty(t.Properties.Desired)}
+	}
+	return c.do(ctx, http.MethodPut, "/twins/"+url.PathEscape(deviceID), "*", body, nil)
+}
+
+func orEmpty(raw json.RawMessage) json.RawMessage {
+	if len(raw) == 0 || string(raw) == "null" {
+		return json.RawMessage("{}")
+	}
+	return raw
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"net/http"
+	"net/netip"
 	"strconv"
 	"strings"
 
@@ -54,6 +55,24 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		return g.Attestation, nil
 	}))
 	service("POST /enrollmentGroups/query", query("EnrollmentGroup", d.ListGroups))
+	// Linked hubs are managed in Azure's resource manager; here they are
+	// part of the service API, under the same policy.
+	service("PUT /linkedHubs/{id}", withBody(func(r *http.Request, h *dps.LinkedHub) (any, error) {
+		out, err := d.PutLinkedHub(r.Context(), id(r), h)
+		if err != nil {
+			return nil, err
+		}
+		return redacted(out), nil
+	}))
+	service("GET /linkedHubs", reply(func(r *http.Request) (any, error) {
+		hubs, err := d.LinkedHubs(r.Context())
+		out := make([]*dps.LinkedHub, 0, len(hubs))
+		for _, h := range hubs {
+			out = append(out, redacted(h))
+		}
+		return out, err
+	}))
+	service("DELETE /linkedHubs/{id}", noContent(func(r *http.Request) error { return d.UnlinkHub(r.Context(), id(r)) }))
 	service("GET /registrations/{id}", reply(func(r *http.Request) (any, error) { return d.GetRegistration(r.Context(), id(r)) }))
 	service("DELETE /registrations/{id}", noContent(func(r *http.Request) error { return d.DeleteRegistration(r.Context(), id(r), ifMatch(r)) }))
 	service("POST /registrations/{id}/query", func(w http.ResponseWriter, r *http.Request) error {
@@ -80,6 +99,24 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 	}
 }
 
+// redacted is a linked hub as the API shows it: without its key.
+func redacted(h *dps.LinkedHub) *dps.LinkedHub {
+	c := *h
+	if i := strings.Index(strings.ToLower(c.ConnectionString), "sharedaccesskey="); i >= 0 {
+		c.ConnectionString = c.ConnectionString[:i] + "SharedAccessKey=" + dps.HiddenKey
+	}
+	return &c
+}
+
+// deviceAddr is the client's address, for geoLatency allocation.
+func deviceAddr(remote string) netip.Addr {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		return netip.Addr{}
+	}
+	return ap.Addr()
+}
+
 // deviceCredentials are the SAS token and the TLS client certificate chain
 // (which the TLS layer requests but leaves to the service to trust).
 func deviceCredentials(r *http.Request) dps.Credentials {
@@ -97,7 +134,7 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) error {
 	}
 	op, ch, err := a.dps.Register(r.Context(), dps.RegisterRequest{
 		IDScope: a.dps.IDScope(), RegistrationID: r.PathValue("regId"),
-		Credentials: deviceCredentials(r), Body: body,
+		Credentials: deviceCredentials(r), Body: body, Addr: deviceAddr(r.RemoteAddr),
 	})
 	if err != nil {
 		return err

@@ -175,7 +175,7 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	defer cancel()
 	if register {
 		op, ch, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,
-			Credentials: s.cred, Body: p.Payload})
+			Credentials: s.cred, Body: p.Payload, Addr: deviceAddr(c.RemoteAddr().String())})
 		if err == nil && ch != nil {
 			err = azerr.Unauthorized("registration %q is not authorized: TPM attestation is not supported over MQTT: register over HTTPS", s.regID)
 		}

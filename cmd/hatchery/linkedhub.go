@@ -1,0 +1,104 @@
+package main
+
+import (
+	"fmt"
+	"net/url"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/dps"
+)
+
+// hubCmd manages the hubs the provisioning service assigns devices to (as
+// `az iot dps linked-hub`).
+func hubCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "hub", Short: "Link the IoT hubs devices are assigned to (as `az iot dps linked-hub`)"}
+	var host, connString, endpoint string
+	var weight int
+	var apply bool
+	var latency map[string]string
+	link := &cobra.Command{Use: "link", Short: "Link a hub, or change a linked one", RunE: func(cmd *cobra.Command, _ []string) error {
+		changed := cmd.Flags().Changed
+		h := &dps.LinkedHub{HostName: host, ConnectionString: connString, AllocationWeight: 1, ApplyAllocationPolicy: true}
+		if !changed("connection-string") {
+			// Changing a linked hub: start from its settings (the service
+			// keeps its key).
+			hubs, err := call[[]*dps.LinkedHub](cmd, dpsClient, "GET", "/linkedHubs", "", nil)
+			if err != nil {
+				return err
+			}
+			h = nil
+			for _, old := range *hubs {
+				if strings.EqualFold(old.HostName, host) {
+					h = old
+				}
+			}
+			if h == nil {
+				return fmt.Errorf("hub %s is not linked: link it with --connection-string", host)
+			}
+		}
+		if changed("endpoint") {
+			h.Endpoint = endpoint
+		}
+		if changed("allocation-weight") {
+			h.AllocationWeight = weight
+		}
+		if changed("apply-allocation-policy") {
+			h.ApplyAllocationPolicy = apply
+		}
+		if changed("latency") {
+			h.LatencyMs = map[string]int{}
+			for network, v := range latency {
+				ms, err := strconv.Atoi(strings.TrimSuffix(v, "ms"))
+				if err != nil {
+					return fmt.Errorf("--latency %s=%s: give milliseconds, e.g. 10.1.0.0/16=20", network, v)
+				}
+				h.LatencyMs[network] = ms
+			}
+		}
+		out, err := call[dps.LinkedHub](cmd, dpsClient, "PUT", "/linkedHubs/"+url.PathEscape(host), "", h)
+		if err != nil {
+			return err
+		}
+		return renderHubs(cmd, []*dps.LinkedHub{out})
+	}}
+	link.Flags().StringVar(&host, "hostname", "", "the hub's host name, as devices reach it")
+	link.Flags().StringVar(&connString, "connection-string", "", "the hub's registry connection string (iothubowner or a policy with RegistryWrite); omit to change a linked hub's settings")
+	link.Flags().StringVar(&endpoint, "endpoint", "", "the registry's URL when not https://HOSTNAME (another port)")
+	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation")
+	link.Flags().BoolVar(&apply, "apply-allocation-policy", true, "allocate to this hub devices whose enrollment names no hubs")
+	link.Flags().StringToStringVar(&latency, "latency", nil, "geoLatency table: NETWORK=MS pairs, the latency from devices in each network to this hub, e.g. 10.1.0.0/16=20")
+	_ = link.MarkFlagRequired("hostname")
+
+	unlink := &cobra.Command{Use: "unlink", Short: "Unlink a hub (its devices stay there)", RunE: func(cmd *cobra.Command, _ []string) error {
+		return send(cmd, dpsClient, "DELETE", "/linkedHubs/"+url.PathEscape(host), "", nil)
+	}}
+	unlink.Flags().StringVar(&host, "hostname", "", "the linked hub's host name")
+	_ = unlink.MarkFlagRequired("hostname")
+
+	list := &cobra.Command{Use: "list", Short: "List the linked hubs", RunE: func(cmd *cobra.Command, _ []string) error {
+		hubs, err := call[[]*dps.LinkedHub](cmd, dpsClient, "GET", "/linkedHubs", "", nil)
+		if err != nil {
+			return err
+		}
+		return renderHubs(cmd, *hubs)
+	}}
+	cmd.AddCommand(link, unlink, list)
+	return cmd
+}
+
+func renderHubs(cmd *cobra.Command, hubs []*dps.LinkedHub) error {
+	rows := make([][]string, 0, len(hubs))
+	for _, h := range hubs {
+		var lat []string
+		for network, ms := range h.LatencyMs {
+			lat = append(lat, network+"="+strconv.Itoa(ms)+"ms")
+		}
+		sort.Strings(lat)
+		rows = append(rows, []string{h.HostName, strconv.Itoa(max(h.AllocationWeight, 1)), strconv.FormatBool(h.ApplyAllocationPolicy), orDash(strings.Join(lat, ","))})
+	}
+	return renderTable(cmd, hubs, []string{"HOST NAME", "WEIGHT", "APPLY ALLOCATION", "LATENCY"}, rows)
+}

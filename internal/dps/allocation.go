@@ -1,0 +1,292 @@
+package dps
+
+import (
+	"bytes"
+	"cmp"
+	"context"
+	"encoding/json"
+	"errors"
+	"hash/fnv"
+	"io"
+	"math"
+	"net/http"
+	"net/netip"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// Allocation policies, as spelled on the wire.
+const (
+	PolicyHashed     = "hashed"
+	PolicyStatic     = "static"
+	PolicyGeoLatency = "geoLatency"
+	PolicyCustom     = "custom"
+)
+
+// allocation is what choosing a hub for one registration needs.
+type allocation struct {
+	policy  string
+	hubs    []string // the enrollment's iotHubs; empty: the linked hubs that apply allocation policies
+	static  string   // the enrollment's iotHubHostName
+	webhook *CustomAllocationDefinition
+	// For the custom webhook: the enrollment as stored, and the device.
+	enrollment      any
+	enrollmentField string // individualEnrollment or enrollmentGroup
+	runtime         deviceRuntimeContext
+	deviceID        string
+	addr            netip.Addr // the device's address, for geoLatency
+}
+
+// allocated is the outcome: the hub and, from a custom webhook, the
+// initial twin and payload it chose.
+type allocated struct {
+	hub     *LinkedHub
+	twin    *InitialTwin
+	payload json.RawMessage
+}
+
+// allocate chooses the hub for a registration by the enrollment's policy.
+func (s *Service) allocate(ctx context.Context, a allocation) (*allocated, error) {
+	cands, err := s.candidates(ctx, a)
+	if err != nil {
+		return nil, err
+	}
+	switch a.policy {
+	case PolicyStatic:
+		if len(cands) != 1 {
+			return nil, azerr.New(400209, "NoLinkedHub", "static allocation needs exactly one hub: set iotHubHostName (or a single iotHubs entry) to a linked hub")
+		}
+		return &allocated{hub: cands[0]}, nil
+	case PolicyGeoLatency:
+		return &allocated{hub: weightedHash(a.deviceID, nearest(cands, a.addr))}, nil
+	case PolicyCustom:
+		return s.custom(ctx, a, cands)
+	}
+	return &allocated{hub: weightedHash(a.deviceID, cands)}, nil
+}
+
+// candidates are the linked hubs the enrollment may use.
+func (s *Service) candidates(ctx context.Context, a allocation) ([]*LinkedHub, error) {
+	hubs, err := s.LinkedHubs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	named := a.hubs
+	if a.policy == PolicyStatic && a.static != "" {
+		named = []string{a.static}
+	}
+	var out []*LinkedHub
+	for _, h := range hubs {
+		switch {
+		case len(named) > 0:
+			for _, n := range named {
+				if strings.EqualFold(h.HostName, n) {
+					out = append(out, h)
+				}
+			}
+		case h.ApplyAllocationPolicy:
+			out = append(out, h)
+		}
+	}
+	if len(out) == 0 {
+		return nil, azerr.New(400209, "NoLinkedHub", "no linked IoT hub fits the enrollment: link one with `hatchery hub link` or fix iotHubHostName/iotHubs")
+	}
+	return out, nil
+}
+
+// weightedHash spreads devices over hubs in proportion to their allocation
+// weights (rendezvous hashing), so a device's retries land on the same hub
+// and adding a hub moves only the devices it takes.
+func weightedHash(deviceID string, hubs []*LinkedHub) *LinkedHub {
+	var best *LinkedHub
+	bestScore := math.Inf(-1)
+	for _, h := range hubs {
+		f := fnv.New64a()
+		f.Write([]byte(deviceID))
+		f.Write([]byte{0})
+		f.Write([]byte(strings.ToLower(h.HostName)))
+		u := (float64(mix(f.Sum64())>>11) + 0.5) / (1 << 53) // uniform in (0, 1)
+		score := -float64(max(h.AllocationWeight, 1)) / math.Log(u)
+		if score > bestScore {
+			best, bestScore = h, score
+		}
+	}
+	return best
+}
+
+// mix spreads FNV's output over all 64 bits (the splitmix64 finalizer):
+// names differing in their last byte otherwise share their high bits.
+func mix(x uint64) uint64 {
+	x ^= x >> 30
+	x *= 0xbf58476d1ce4e5b9
+	x ^= x >> 27
+	x *= 0x94d049bb133111eb
+	return x ^ x>>31
+}
+
+// nearest keeps the hubs with the lowest configured latency to addr: each
+// hub's latency is that of its most specific network containing addr.
+// Without a known address or any matching entry, all hubs stay.
+func nearest(hubs []*LinkedHub, addr netip.Addr) []*LinkedHub {
+	if !addr.IsValid() {
+		return hubs
+	}
+	var out []*LinkedHub
+	best := math.MaxInt
+	for _, h := range hubs {
+		ms, ok := h.latencyTo(addr)
+		switch {
+		case !ok:
+		case ms < best:
+			out, best = []*LinkedHub{h}, ms
+		case ms == best:
+			out = append(out, h)
+		}
+	}
+	if len(out) == 0 {
+		return hubs
+	}
+	return out
+}
+
+func (h *LinkedHub) latencyTo(addr netip.Addr) (int, bool) {
+	bits, ms, found := -1, 0, false
+	for network, lat := range h.LatencyMs {
+		p, err := netip.ParsePrefix(network)
+		if err == nil && p.Contains(addr.Unmap()) && p.Bits() > bits {
+			bits, ms, found = p.Bits(), lat, true
+		}
+	}
+	return ms, found
+}
+
+// deviceRuntimeContext is the device as the custom allocation webhook sees it.
+type deviceRuntimeContext struct {
+	RegistrationID        string          `json:"registrationId"`
+	CurrentIoTHubHostName string          `json:"currentIotHubHostName,omitempty"`
+	CurrentDeviceID       string          `json:"currentDeviceId,omitempty"`
+	TPM                   *TPMAttestation `json:"tpm,omitempty"`
+	X509                  json.RawMessage `json:"x509,omitempty"`
+	SymmetricKey          json.RawMessage `json:"symmetricKey,omitempty"`
+	Payload               json.RawMessage `json:"payload,omitempty"`
+}
+
+// custom asks the enrollment's webhook which hub to use (PROTOCOL.md §4).
+func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) (*allocated, error) {
+	if a.webhook == nil || a.webhook.WebhookURL == "" {
+		return nil, azerr.BadRequest("custom allocation needs customAllocationDefinition.webhookUrl on the enrollment")
+	}
+	names := make([]string, len(cands))
+	for i, h := range cands {
+		names[i] = h.HostName
+	}
+	body, _ := json.Marshal(map[string]any{
+		a.enrollmentField:      a.enrollment,
+		"deviceRuntimeContext": a.runtime,
+		"linkedHubs":           names,
+	})
+	fail := func(format string, args ...any) error {
+		return azerr.New(400207, "CustomAllocationFailed", "custom allocation webhook %s: "+format, append([]any{a.webhook.WebhookURL}, args...)...)
+	}
+	timeout := cmp.Or(s.WebhookTimeout, 10*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.webhook.WebhookURL, bytes.NewReader(body))
+	if err != nil {
+		return nil, fail("%v", err)
+	}
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := s.webhookClient().Do(req)
+	if errors.Is(err, context.DeadlineExceeded) {
+		return nil, fail("no answer within %s", timeout)
+	}
+	if err != nil {
+		return nil, fail("%v", err)
+	}
+	defer resp.Body.Close()
+	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
+	if err != nil {
+		return nil, fail("reading the answer: %v", err)
+	}
+	if resp.StatusCode/100 != 2 {
+		return nil, fail("answered HTTP %d: %.200s", resp.StatusCode, raw)
+	}
+	var out struct {
+		IoTHubHostName string          `json:"iotHubHostName"`
+		InitialTwin    *InitialTwin    `json:"initialTwin"`
+		Payload        json.RawMessage `json:"payload"`
+	}
+	if err := json.Unmarshal(raw, &out); err != nil {
+		return nil, fail(`the answer is not JSON of the shape {"iotHubHostName": "...", "initialTwin": {...}, "payload": ...}: %v`, err)
+	}
+	if out.IoTHubHostName == "" {
+		return nil, fail("the answer names no iotHubHostName")
+	}
+	for _, h := range cands {
+		if strings.EqualFold(h.HostName, out.IoTHubHostName) {
+			if out.InitialTwin != nil {
+				if err := checkObject("initialTwin.tags", out.InitialTwin.Tags); err != nil {
+					return nil, fail("%v", err)
+				}
+			}
+			return &allocated{hub: h, twin: out.InitialTwin, payload: out.Payload}, nil
+		}
+	}
+	return nil, fail("it chose %q, which is not among the enrollment's linked hubs %v", out.IoTHubHostName, names)
+}
+
+func (s *Service) webhookClient() *http.Client {
+	if s.Webhooks != nil {
+		return s.Webhooks
+	}
+	return http.DefaultClient
+}
+
+// HiddenKey stands for a linked hub's key in what the API shows; a PUT
+// that sends it back keeps the stored key.
+const HiddenKey = "<hidden>"
+
+// PutLinkedHub links a hub, or changes one, checking its settings.
+func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (*LinkedHub, error) {
+	if h.HostName == "" {
+		h.HostName = host
+	}
+	if strings.HasSuffix(h.ConnectionString, "SharedAccessKey="+HiddenKey) {
+		old, _, err := get[LinkedHub](ctx, s.store, kindLinkedHub, strings.ToLower(host),
+			azerr.BadRequest("linked hub %s: give its connectionString with the key", host))
+		if err != nil {
+			return nil, err
+		}
+		h.ConnectionString = old.ConnectionString
+	}
+	if !strings.EqualFold(h.HostName, host) {
+		return nil, azerr.BadRequest("hostName %q in the body differs from %q in the URL", h.HostName, host)
+	}
+	if h.AllocationWeight < 0 || h.AllocationWeight > 1000 {
+		return nil, azerr.BadRequest("allocationWeight %d: use 0 to 1000 (0 counts as 1)", h.AllocationWeight)
+	}
+	for network, ms := range h.LatencyMs {
+		if _, err := netip.ParsePrefix(network); err != nil {
+			return nil, azerr.BadRequest("latencyMs: %q is not a network in CIDR form such as 10.1.0.0/16", network)
+		}
+		if ms < 0 {
+			return nil, azerr.BadRequest("latencyMs[%q] = %d: latencies are not negative", network, ms)
+		}
+	}
+	if err := s.LinkHub(ctx, *h); err != nil {
+		return nil, err
+	}
+	return h, nil
+}
+
+// UnlinkHub removes a linked hub; devices already there stay.
+func (s *Service) UnlinkHub(ctx context.Context, host string) error {
+	err := s.store.Delete(ctx, kindLinkedHub, strings.ToLower(host), "")
+	if errors.Is(err, store.ErrNotFound) {
+		return azerr.New(404201, "NotFound", "no linked hub %q: `hatchery hub list` shows them", host)
+	}
+	return err
+}

@@ -1,0 +1,245 @@
+package server
+
+import (
+	"encoding/base64"
+	"encoding/json"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubclient"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// secondHub is another hub on its own server and database, as another
+// `hatchery serve` would be, linked to e's provisioning service.
+func (e *env) secondHub(t *testing.T, name string) *azclient.Client {
+	t.Helper()
+	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hub2.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	h, err := hub.Open(ctx, st, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := dps.Open(ctx, st, &hubclient.Pool{}, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewTLSServer(New(d, h))
+	t.Cleanup(ts.Close)
+	if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: name, ConnectionString: h.OwnerConnectionString(), Endpoint: ts.URL,
+		ApplyAllocationPolicy: false}); err != nil {
+		t.Fatal(err)
+	}
+	c, err := azclient.New(h.OwnerConnectionString(), ts.URL, "2021-04-12", e.tls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// updateLinkedHub changes a linked hub through the API, as `hatchery hub
+// link` does: read, edit, write back (the key stays hidden).
+func (e *env) updateLinkedHub(t *testing.T, name string, edit func(*dps.LinkedHub)) {
+	t.Helper()
+	var hubs []*dps.LinkedHub
+	if err := e.dpsAPI.Do(ctx, "GET", "/linkedHubs", "", nil, &hubs); err != nil {
+		t.Fatal(err)
+	}
+	for _, h := range hubs {
+		if h.HostName == name {
+			edit(h)
+			if err := e.dpsAPI.Do(ctx, "PUT", "/linkedHubs/"+name, "", h, nil); err != nil {
+				t.Fatal(err)
+			}
+			return
+		}
+	}
+	t.Fatalf("%s is not linked", name)
+}
+
+// symDevice enrolls regID with a symmetric key and returns a function that
+// registers it.
+func (e *env) symDevice(t *testing.T, en *dps.Enrollment) func() (*dps.RegistrationState, error) {
+	t.Helper()
+	en.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey}
+	out := e.putEnrollment(en)
+	key, _ := base64.StdEncoding.DecodeString(out.Attestation.SymmetricKey.PrimaryKey)
+	return func() (*dps.RegistrationState, error) {
+		return e.device(en.RegistrationID).RegisterSymmetricKey(ctx, key)
+	}
+}
+
+func TestStaticAndGeoLatencyAllocation(t *testing.T) {
+	e := newEnv(t)
+	hub2 := e.secondHub(t, "hub2.test")
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "static-1", AllocationPolicy: dps.PolicyStatic, IoTHubHostName: "hub2.test"})
+	if res, err := register(); err != nil || res.AssignedHub != "hub2.test" {
+		t.Fatalf("static: %+v %v", res, err)
+	}
+	if err := hub2.Do(ctx, "GET", "/devices/static-1", "", nil, nil); err != nil {
+		t.Fatalf("device not on hub2: %v", err)
+	}
+
+	// The test client is on loopback: hub2 is configured nearer to it.
+	e.updateLinkedHub(t, "hub2.test", func(h *dps.LinkedHub) {
+		h.ApplyAllocationPolicy, h.LatencyMs = true, map[string]int{"127.0.0.0/8": 5}
+	})
+	e.updateLinkedHub(t, host, func(h *dps.LinkedHub) { h.LatencyMs = map[string]int{"127.0.0.1/32": 40} })
+	var hubs []*dps.LinkedHub
+	if err := e.dpsAPI.Do(ctx, "GET", "/linkedHubs", "", nil, &hubs); err != nil || len(hubs) != 2 {
+		t.Fatalf("linked hubs %v %v", hubs, err)
+	}
+	for _, h := range hubs {
+		if strings.Contains(h.ConnectionString, "SharedAccessKey=") && !strings.HasSuffix(h.ConnectionString, dps.HiddenKey) {
+			t.Fatalf("the API shows a hub's key: %s", h.ConnectionString)
+		}
+	}
+	for _, id := range []string{"geo-1", "geo-2", "geo-3"} {
+		res, err := e.symDevice(t, &dps.Enrollment{RegistrationID: id, AllocationPolicy: dps.PolicyGeoLatency})()
+		if err != nil || res.AssignedHub != "hub2.test" {
+			t.Fatalf("geoLatency %s: %+v %v", id, res, err)
+		}
+	}
+	// Bad settings are refused.
+	for what, body := range map[string]*dps.LinkedHub{
+		"bad network": {ConnectionString: "HostName=x;SharedAccessKeyName=p;SharedAccessKey=" + dps.HiddenKey, LatencyMs: map[string]int{"10.0.0.0": 3}},
+		"bad weight":  {ConnectionString: "HostName=x;SharedAccessKeyName=p;SharedAccessKey=" + dps.HiddenKey, AllocationWeight: -2},
+		"no conn str": {},
+	} {
+		if err := e.dpsAPI.Do(ctx, "PUT", "/linkedHubs/hub2.test", "", body, nil); err == nil {
+			t.Errorf("%s accepted", what)
+		}
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/linkedHubs/ghost.test", "", &dps.LinkedHub{
+		ConnectionString: "HostName=ghost.test;SharedAccessKeyName=p;SharedAccessKey=" + dps.HiddenKey}, nil); err == nil {
+		t.Error("a new hub without its key accepted")
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/s2", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey},
+		AllocationPolicy: dps.PolicyStatic}, nil); err == nil || !strings.Contains(err.Error(), "static needs the hub") {
+		t.Errorf("static without a hub: %v", err)
+	}
+}
+
+func TestCustomAllocationWebhook(t *testing.T) {
+	e := newEnv(t)
+	e.secondHub(t, "hub2.test")
+	e.dps.WebhookTimeout = time.Second
+	var got map[string]any
+	answer := `{"iotHubHostName":"hub2.test","initialTwin":{"tags":{"chosenBy":"webhook"}},"payload":{"greeting":"hi"}}`
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, _ := io.ReadAll(r.Body)
+		_ = json.Unmarshal(body, &got)
+		switch answer {
+		case "slow":
+			time.Sleep(2 * time.Second)
+		case "500":
+			http.Error(w, "boom", 500)
+		default:
+			_, _ = io.WriteString(w, answer)
+		}
+	}))
+	defer hook.Close()
+
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "custom-1", AllocationPolicy: dps.PolicyCustom,
+		IoTHubs:                    []string{host, "hub2.test"},
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"}})
+	res, err := register()
+	if err != nil || res.AssignedHub != "hub2.test" || string(res.Payload) != `{"greeting":"hi"}` {
+		t.Fatalf("custom: %+v %v", res, err)
+	}
+	rc, _ := got["deviceRuntimeContext"].(map[string]any)
+	if rc["registrationId"] != "custom-1" || got["individualEnrollment"] == nil || len(got["linkedHubs"].([]any)) != 2 {
+		t.Fatalf("webhook request %v", got)
+	}
+	// On re-registration the webhook learns where the device is.
+	for _, tc := range []struct{ answer, want string }{
+		{`{"iotHubHostName":"elsewhere.test"}`, "not among the enrollment's linked hubs"},
+		{`not json`, "is not JSON"},
+		{`{}`, "names no iotHubHostName"},
+		{"500", "answered HTTP 500"},
+		{"slow", "no answer within 1s"},
+	} {
+		answer = tc.answer
+		res, err := register()
+		if err == nil || res == nil || res.Status != "failed" || !strings.Contains(res.ErrorMessage, tc.want) || res.ErrorCode != 400207 {
+			t.Errorf("webhook answering %s: %+v %v", tc.answer, res, err)
+		}
+	}
+	if rc, _ := got["deviceRuntimeContext"].(map[string]any); rc["currentIotHubHostName"] != nil {
+		t.Logf("after a failed registration there is no current hub: %v", rc)
+	}
+}
+
+// A device registering again follows the reprovision policy.
+func TestReprovisionPolicies(t *testing.T) {
+	e := newEnv(t)
+	hub2 := e.secondHub(t, "hub2.test")
+	initial := &dps.InitialTwin{Tags: json.RawMessage(`{"stage":"initial"}`)}
+	en := &dps.Enrollment{RegistrationID: "mover", AllocationPolicy: dps.PolicyStatic, IoTHubHostName: host, InitialTwin: initial}
+	register := e.symDevice(t, en)
+	if res, err := register(); err != nil || res.Substatus != "initialAssignment" || res.AssignedHub != host {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	setTags := func(c *azclient.Client, tags string) {
+		t.Helper()
+		if err := c.Do(ctx, "PATCH", "/twins/mover", "", map[string]any{"tags": json.RawMessage(tags)}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tagsOn := func(c *azclient.Client) string {
+		t.Helper()
+		var tw hub.Twin
+		if err := c.Do(ctx, "GET", "/twins/mover", "", nil, &tw); err != nil {
+			t.Fatal(err)
+		}
+		return string(tw.Tags)
+	}
+	setTags(e.hubAPI, `{"stage":"field","site":"b7"}`)
+
+	move := func(to string, policy *dps.ReprovisionPolicy) *dps.RegistrationState {
+		t.Helper()
+		cur, err := e.dps.GetEnrollment(ctx, "mover")
+		if err != nil {
+			t.Fatal(err)
+		}
+		cur.IoTHubHostName, cur.ReprovisionPolicy, cur.RegistrationState = to, policy, nil
+		e.putEnrollment(cur)
+		res, err := register()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res
+	}
+	// Migrate: to hub2 with the twin as it was on the first hub.
+	res := move("hub2.test", &dps.ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true})
+	if res.AssignedHub != "hub2.test" || res.Substatus != "deviceDataMigrated" {
+		t.Fatalf("migrate: %+v", res)
+	}
+	if got := tagsOn(hub2); got != `{"site":"b7","stage":"field"}` {
+		t.Fatalf("migrated tags %s", got)
+	}
+	// Never: stays on hub2 whatever the allocation says now.
+	if res := move(host, &dps.ReprovisionPolicy{}); res.AssignedHub != "hub2.test" || res.Substatus != "reprovisionedToInitialAssignment" {
+		t.Fatalf("never: %+v", res)
+	}
+	// Reset: back to the first hub, with the initial twin although the device was there before.
+	setTags(hub2, `{"stage":"changed on hub2"}`)
+	res = move(host, &dps.ReprovisionPolicy{UpdateHubAssignment: true})
+	if res.AssignedHub != host || res.Substatus != "deviceDataReset" {
+		t.Fatalf("reset: %+v", res)
+	}
+	if got := tagsOn(e.hubAPI); got != `{"stage":"initial"}` {
+		t.Fatalf("reset tags %s", got)
+	}
+}
