@@ -163,6 +163,29 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("enrollment with allocation flags: %s", out)
 	}
 
+	// Import: readable rows go in; the others are listed with their line.
+	csvPath := filepath.Join(dir, "fleet.csv")
+	_ = os.WriteFile(csvPath, []byte("registrationId,attestation,iotEdge,tags\n"+
+		"imp-1,symmetricKey,true,\"{\"\"site\"\":\"\"b7\"\"}\"\n"+
+		"imp-2,,false,\n"+
+		"imp-3,fingerprint,,\n"+
+		"cam-1,symmetricKey,,\n"+
+		"imp-4,symmetricKey,maybe,\n"), 0o644)
+	out, err := c.run("enrollment", "import", "--file", csvPath)
+	for _, want := range []string{"imported 2 of 5", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already", "line 6: iotEdge \"maybe\""} {
+		if err == nil || !strings.Contains(out, want) {
+			t.Errorf("import output lacks %q (err %v):\n%s", want, err, out)
+		}
+	}
+	if out := c.ok("enrollment", "show", "--registration-id", "imp-1"); !strings.Contains(out, `{"site":"b7"}`) {
+		t.Errorf("imported enrollment: %s", out)
+	}
+	jsonPath := filepath.Join(dir, "fleet.json")
+	_ = os.WriteFile(jsonPath, []byte(`[{"registrationId":"imp-1","attestation":{"type":"symmetricKey"}},{"registrationId":"imp-5","attestation":{"type":"symmetricKey"}}]`), 0o644)
+	if out := c.ok("enrollment", "import", "--file", jsonPath, "--mode", "update", "--batch", "1"); !strings.Contains(out, "imported 2 of 2") {
+		t.Errorf("JSON import: %s", out)
+	}
+
 	// Mistakes get errors that say what to do, and exit non-zero.
 	for _, tc := range []struct {
 		args []string

@@ -314,7 +314,7 @@ func enrollmentCmd() *cobra.Command {
 		}
 		return renderTable(cmd, all, []string{"REGISTRATION ID", "DEVICE ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
 	}}
-	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd)
+	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd, importCmd())
 	return cmd
 }
 

@@ -115,6 +115,11 @@ func checkObject(field string, raw json.RawMessage) error {
 // If-Match header; the body's etag is used when the header is absent, as
 // the service SDKs send it there.
 func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
+	return s.putEnrollment(ctx, id, ifMatch, false, e)
+}
+
+// putEnrollment writes e; create refuses to replace an existing one.
+func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create bool, e *Enrollment) (*Enrollment, error) {
 	id, err := NormalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
@@ -133,17 +138,26 @@ func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 		ifMatch = e.ETag
 	}
 	now := s.Now().UTC()
-	e.RegistrationState, e.LastUpdatedDateTimeUtc = nil, &now
-	if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
-		return nil, err
-	} else if old != nil {
-		e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
-	} else {
-		e.CreatedDateTimeUtc = &now
+	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
+	if !create {
+		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
+			return nil, err
+		} else if old != nil {
+			e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+		}
 	}
 	e.ETag = ""
 	body, _ := json.Marshal(e)
-	d, err := s.store.Put(ctx, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, ifMatch)
+	doc := store.Doc{Kind: kindEnrollment, ID: id, Body: body}
+	var d store.Doc
+	if create {
+		d, err = s.store.Create(ctx, doc)
+	} else {
+		d, err = s.store.Put(ctx, doc, ifMatch)
+	}
+	if errors.Is(err, store.ErrExists) {
+		return nil, azerr.New(409203, "Conflict", "enrollment %s exists already: use mode update to replace it", id)
+	}
 	if err != nil {
 		return nil, storeErr(err, "enrollment "+id)
 	}

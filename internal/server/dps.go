@@ -42,6 +42,22 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		return e.Attestation, nil
 	}))
 	service("POST /enrollments/query", query("Enrollment", d.ListEnrollments))
+	bulk := func(w http.ResponseWriter, r *http.Request) error {
+		var op dps.BulkOperation
+		// Up to dps.MaxBulk enrollments with certificates or endorsement keys.
+		if err := readJSONMax(r, &op, 64<<20); err != nil {
+			return err
+		}
+		res, err := d.Bulk(r.Context(), &op)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, res)
+		return nil
+	}
+	// The Node service SDK posts to /enrollments/ with the slash.
+	service("POST /enrollments", bulk)
+	service("POST /enrollments/{$}", bulk)
 	service("PUT /enrollmentGroups/{id}", withBody(func(r *http.Request, g *dps.EnrollmentGroup) (any, error) {
 		return d.PutGroup(r.Context(), id(r), ifMatch(r), g)
 	}))

@@ -59,8 +59,11 @@ func checkAPIVersion(r *http.Request) error {
 }
 
 // readJSON decodes a bounded JSON body into v.
-func readJSON(r *http.Request, v any) error {
-	body, err := readBody(r)
+func readJSON(r *http.Request, v any) error { return readJSONMax(r, v, maxBody) }
+
+// readJSONMax is readJSON with another bound, for bulk operations.
+func readJSONMax(r *http.Request, v any, limit int64) error {
+	body, err := readBodyMax(r, limit)
 	if err != nil {
 		return err
 	}
@@ -78,12 +81,14 @@ func readJSON(r *http.Request, v any) error {
 	return nil
 }
 
-func readBody(r *http.Request) ([]byte, error) {
-	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, maxBody))
+func readBody(r *http.Request) ([]byte, error) { return readBodyMax(r, maxBody) }
+
+func readBodyMax(r *http.Request, limit int64) ([]byte, error) {
+	body, err := io.ReadAll(http.MaxBytesReader(nil, r.Body, limit))
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return nil, azerr.New(413001, "MessageTooLarge", "request body is larger than %d bytes", maxBody)
+			return nil, azerr.New(413001, "MessageTooLarge", "request body is larger than %d bytes", limit)
 		}
 		return nil, azerr.BadRequest("reading request body: %v", err)
 	}

@@ -219,6 +219,28 @@ describe('enrollments through azure-iot-provisioning-service', () => {
     assert.ok(ids.includes(groupId), `group ${groupId} missing from query: ${ids}`);
   });
 
+  it('creates and deletes enrollments in bulk, reporting the ones that fail', { timeout: TEST_MS }, async () => {
+    const ids = [0, 1, 2].map((i) => `interop-bulk-${i}-${suffix}`);
+    // The SDK's promise form of this call never settles (it answers only a
+    // callback), so the test uses the callback form.
+    const bulk = (op) => new Promise((resolve, reject) =>
+      svc.runBulkEnrollmentOperation(op, (err, result) => (err ? reject(err) : resolve({ responseBody: result }))));
+    const enrollment = (registrationId) => ({ registrationId, attestation: { type: 'symmetricKey', symmetricKey: { primaryKey: h.randomKey(), secondaryKey: h.randomKey() } } });
+    const { responseBody: created } = await call('runBulkEnrollmentOperation(create)', () =>
+      bulk({ mode: 'create', enrollments: ids.map(enrollment) }));
+    assert.equal(created.isSuccessful, true, JSON.stringify(created));
+    const { responseBody: again } = await call('runBulkEnrollmentOperation(create existing)', () =>
+      bulk({ mode: 'create', enrollments: [enrollment(ids[0])] }));
+    assert.equal(again.isSuccessful, false);
+    assert.equal(again.errors.length, 1);
+    assert.equal(again.errors[0].registrationId, ids[0]);
+    assert.equal(again.errors[0].errorCode, 409203);
+    const { responseBody: deleted } = await call('runBulkEnrollmentOperation(delete)', () =>
+      bulk({ mode: 'delete', enrollments: ids.map(enrollment) }));
+    assert.equal(deleted.isSuccessful, true, JSON.stringify(deleted));
+    await mustRefuse('getIndividualEnrollment of a bulk-deleted enrollment', () => svc.getIndividualEnrollment(ids[1]), 404);
+  });
+
   it('deletes the TPM enrollment: a stale etag is refused, the current one works', { timeout: TEST_MS }, async () => {
     const created = need('tpm', 'create TPM enrollment');
     await mustRefuse('deleteIndividualEnrollment with a wrong etag', () =>

@@ -1,0 +1,262 @@
+package main
+
+import (
+	"bytes"
+	"encoding/csv"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/dps"
+)
+
+// importRow is one enrollment of an import file, or why its line is unusable.
+type importRow struct {
+	line int // 1-based line (CSV) or element (JSON) number
+	e    *dps.Enrollment
+	err  error
+}
+
+func importCmd() *cobra.Command {
+	var file, mode string
+	var batch int
+	c := &cobra.Command{
+		Use:   "import",
+		Short: "Create or update many individual enrollments from a CSV or JSON file",
+		Long: `Reads enrollments from --file and sends them with the bulk API, --batch at a time.
+
+A JSON file is an array of enrollments in the service API's shape (as
+` + "`hatchery enrollment show -o json`" + ` prints them). A CSV file has a header row naming
+its columns, in any order:
+
+  registrationId (required), deviceId, attestation (tpm, symmetricKey or x509),
+  endorsementKey, storageRootKey, primaryKey, secondaryKey, certificate (a PEM file),
+  iotEdge (true/false), tags (JSON object), provisioningStatus, iotHubHostName,
+  allocationPolicy
+
+Rows that cannot be read or that the service refuses are listed with their line and
+the reason; the others are imported.`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rows, err := readImport(file)
+			if err != nil {
+				return err
+			}
+			return runImport(cmd, rows, mode, batch)
+		},
+	}
+	c.Flags().StringVar(&file, "file", "", "the CSV or JSON file")
+	c.Flags().StringVar(&mode, "mode", "create", "create (refuse existing ones) or update (create or replace)")
+	c.Flags().IntVar(&batch, "batch", 1000, "enrollments per bulk request (at most 10000)")
+	_ = c.MarkFlagRequired("file")
+	return c
+}
+
+func readImport(path string) ([]importRow, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	if strings.EqualFold(filepath.Ext(path), ".json") || bytes.HasPrefix(bytes.TrimSpace(data), []byte("[")) {
+		return readImportJSON(data)
+	}
+	return readImportCSV(data, filepath.Dir(path))
+}
+
+func readImportJSON(data []byte) ([]importRow, error) {
+	var raw []json.RawMessage
+	if err := json.Unmarshal(data, &raw); err != nil {
+		return nil, fmt.Errorf("the JSON file is not an array of enrollments: %w", err)
+	}
+	rows := make([]importRow, len(raw))
+	for i, r := range raw {
+		e := &dps.Enrollment{}
+		rows[i] = importRow{line: i + 1, e: e}
+		if err := json.Unmarshal(r, e); err != nil {
+			rows[i].err = fmt.Errorf("not an enrollment: %v", err)
+		}
+	}
+	return rows, nil
+}
+
+var csvColumns = []string{"registrationid", "deviceid", "attestation", "endorsementkey", "storagerootkey", "primarykey",
+	"secondarykey", "certificate", "iotedge", "tags", "provisioningstatus", "iothubhostname", "allocationpolicy"}
+
+func readImportCSV(data []byte, dir string) ([]importRow, error) {
+	r := csv.NewReader(bytes.NewReader(data))
+	r.FieldsPerRecord = -1
+	header, err := r.Read()
+	if err != nil {
+		return nil, fmt.Errorf("the CSV file has no header row: %w", err)
+	}
+	col := map[string]int{}
+	for i, h := range header {
+		name := strings.ToLower(strings.TrimSpace(h))
+		known := false
+		for _, c := range csvColumns {
+			known = known || c == name
+		}
+		if !known {
+			return nil, fmt.Errorf("CSV column %q is not known: use %s", h, strings.Join(csvColumns, ", "))
+		}
+		col[name] = i
+	}
+	if _, ok := col["registrationid"]; !ok {
+		return nil, errors.New("the CSV file has no registrationId column")
+	}
+	var rows []importRow
+	for {
+		rec, err := r.Read()
+		if errors.Is(err, io.EOF) {
+			return rows, nil
+		}
+		line, _ := r.FieldPos(0)
+		if err != nil {
+			rows = append(rows, importRow{line: line, err: err})
+			continue
+		}
+		get := func(name string) string {
+			if i, ok := col[name]; ok && i < len(rec) {
+				return strings.TrimSpace(rec[i])
+			}
+			return ""
+		}
+		e, err := csvEnrollment(get, dir)
+		rows = append(rows, importRow{line: line, e: e, err: err})
+	}
+}
+
+// csvEnrollment builds an enrollment from a CSV row's fields.
+func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error) {
+	e := &dps.Enrollment{RegistrationID: get("registrationid"), DeviceID: get("deviceid"),
+		ProvisioningStatus: get("provisioningstatus"), IoTHubHostName: get("iothubhostname"), AllocationPolicy: get("allocationpolicy")}
+	switch strings.ToLower(get("attestation")) {
+	case "tpm":
+		e.Attestation = dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: get("endorsementkey"), StorageRootKey: get("storagerootkey")}}
+	case "symmetrickey", "":
+		e.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey, SymmetricKey: &dps.SymmetricKeyAttestation{PrimaryKey: get("primarykey"), SecondaryKey: get("secondarykey")}}
+	case "x509":
+		cert := get("certificate")
+		if !strings.HasPrefix(cert, "-----") && cert != "" {
+			path := cert
+			if !filepath.IsAbs(path) {
+				path = filepath.Join(dir, path)
+			}
+			pem, err := os.ReadFile(path)
+			if err != nil {
+				return nil, fmt.Errorf("certificate: %w", err)
+			}
+			cert = string(pem)
+		}
+		e.Attestation = dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: cert}}}}
+	default:
+		return nil, fmt.Errorf("attestation %q: use tpm, symmetricKey or x509", get("attestation"))
+	}
+	if v := get("iotedge"); v != "" {
+		edge, err := strconv.ParseBool(v)
+		if err != nil {
+			return nil, fmt.Errorf("iotEdge %q: use true or false", v)
+		}
+		e.Capabilities = &dps.Capabilities{IoTEdge: edge}
+	}
+	if v := get("tags"); v != "" {
+		if !json.Valid([]byte(v)) || !strings.HasPrefix(v, "{") {
+			return nil, fmt.Errorf(`tags %q is not a JSON object such as {"environment":"prod"}`, v)
+		}
+		e.InitialTwin = &dps.InitialTwin{Tags: json.RawMessage(v)}
+	}
+	return e, nil
+}
+
+// runImport sends the readable rows in batches, drawing progress on
+// stderr, and reports every row that failed.
+func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) error {
+	switch mode {
+	case dps.BulkCreate, dps.BulkUpdate:
+	default:
+		return fmt.Errorf("--mode %q: use create or update", mode)
+	}
+	if batch < 1 || batch > dps.MaxBulk {
+		return fmt.Errorf("--batch %d: use 1 to %d", batch, dps.MaxBulk)
+	}
+	var failures []string
+	lineOf := map[string]int{}
+	var send []*dps.Enrollment
+	for _, r := range rows {
+		if r.err != nil {
+			failures = append(failures, fmt.Sprintf("line %d: %v", r.line, r.err))
+			continue
+		}
+		lineOf[strings.ToLower(r.e.RegistrationID)] = r.line
+		send = append(send, r.e)
+	}
+	progress := newProgress(cmd.ErrOrStderr(), len(send))
+	imported := 0
+	for start := 0; start < len(send); start += batch {
+		chunk := send[start:min(start+batch, len(send))]
+		res, err := call[dps.BulkResult](cmd, dpsClient, "POST", "/enrollments", "", &dps.BulkOperation{Mode: mode, Enrollments: chunk})
+		if err != nil {
+			progress.done()
+			return fmt.Errorf("after %d of %d enrollments: %w", imported, len(send), err)
+		}
+		imported += len(chunk) - len(res.Errors)
+		for _, f := range res.Errors {
+			failures = append(failures, fmt.Sprintf("line %d (%s): %s", lineOf[strings.ToLower(f.RegistrationID)], f.RegistrationID, f.ErrorStatus))
+		}
+		progress.add(len(chunk))
+	}
+	progress.done()
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
+	if len(failures) > 0 {
+		fmt.Fprintf(out, "%d failed:\n", len(failures))
+		for _, f := range failures {
+			fmt.Fprintln(out, "  "+f)
+		}
+		return fmt.Errorf("%d of %d enrollments were not imported", len(failures), len(rows))
+	}
+	return nil
+}
+
+// progress draws a one-line progress bar.
+type progress struct {
+	w          io.Writer
+	total, n   int
+	start      time.Time
+	lastRedraw time.Time
+}
+
+func newProgress(w io.Writer, total int) *progress {
+	p := &progress{w: w, total: total, start: time.Now()}
+	p.draw()
+	return p
+}
+
+func (p *progress) add(n int) {
+	p.n += n
+	if time.Since(p.lastRedraw) > 100*time.Millisecond || p.n == p.total {
+		p.draw()
+	}
+}
+
+func (p *progress) draw() {
+	p.lastRedraw = time.Now()
+	const width = 30
+	frac := 1.0
+	if p.total > 0 {
+		frac = float64(p.n) / float64(p.total)
+	}
+	bar := strings.Repeat("=", int(frac*width)) + strings.Repeat(" ", width-int(frac*width))
+	rate := float64(p.n) / max(time.Since(p.start).Seconds(), 1e-3)
+	fmt.Fprintf(p.w, "\r[%s] %d/%d %3.0f%% %.0f/s", bar, p.n, p.total, frac*100, rate)
+}
+
+func (p *progress) done() { fmt.Fprintln(p.w) }
