@@ -163,6 +163,29 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("enrollment with allocation flags: %s", out)
 	}
 
+	// Key rotation replaces one key and keeps the other.
+	keys := func(args ...string) (string, string) {
+		var e struct {
+			Attestation struct {
+				SymmetricKey struct{ PrimaryKey, SecondaryKey string } `json:"symmetricKey"`
+			} `json:"attestation"`
+		}
+		if err := json.Unmarshal([]byte(c.ok(append(args, "-o", "json")...)), &e); err != nil {
+			t.Fatal(err)
+		}
+		return e.Attestation.SymmetricKey.PrimaryKey, e.Attestation.SymmetricKey.SecondaryKey
+	}
+	p1, s1 := keys("enrollment", "show", "--registration-id", "pinned")
+	p2, s2 := keys("enrollment", "rotate-keys", "--registration-id", "pinned", "--key", "secondary")
+	if p2 != p1 || s2 == s1 || s2 == "" {
+		t.Errorf("rotating the secondary key: %s %s → %s %s", p1, s1, p2, s2)
+	}
+	gp1, gs1 := keys("enrollment-group", "create", "--group-id", "rot")
+	gp2, gs2 := keys("enrollment-group", "rotate-keys", "--group-id", "rot", "--key", "primary")
+	if gp2 == gp1 || gp2 == "" || gs2 != gs1 {
+		t.Errorf("rotating the group's primary key: %s %s → %s %s", gp1, gs1, gp2, gs2)
+	}
+
 	// Import: readable rows go in; the others are listed with their line.
 	csvPath := filepath.Join(dir, "fleet.csv")
 	_ = os.WriteFile(csvPath, []byte("registrationId,attestation,iotEdge,tags\n"+
@@ -201,6 +224,8 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--certificate-path", devPath}, "not a CA certificate"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--ca-name", "ghost"}, "no certificate \"ghost\""},
 		{[]string{"hub", "unlink", "--hostname", "ghost.example"}, "no linked hub"},
+		{[]string{"enrollment", "rotate-keys", "--registration-id", "cam-1", "--key", "primary"}, "only symmetric keys rotate"},
+		{[]string{"enrollment", "rotate-keys", "--registration-id", "pinned", "--key", "both"}, "use primary or secondary"},
 		{[]string{"hub", "link", "--hostname", "ghost.example", "--allocation-weight", "2"}, "is not linked"},
 		{[]string{"hub", "link", "--hostname", "localhost", "--latency", "10.0.0.0=5"}, "CIDR"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--reprovision-policy", "sometimes"}, "use reprovisionandmigratedata"},

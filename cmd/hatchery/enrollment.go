@@ -314,7 +314,16 @@ func enrollmentCmd() *cobra.Command {
 		}
 		return renderTable(cmd, all, []string{"REGISTRATION ID", "DEVICE ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
 	}}
-	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd, importCmd())
+	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd, importCmd(),
+		rotateCmd(idFlag, func(cmd *cobra.Command, which string) error {
+			out, err := putEnrollment(cmd, "/enrollments/"+url.PathEscape(regID), true, &dps.Enrollment{},
+				func(e *dps.Enrollment) string { return e.ETag },
+				func(e *dps.Enrollment) error { e.RegistrationState = nil; return regenerate(&e.Attestation, which) })
+			if err != nil {
+				return err
+			}
+			return showEnrollment(cmd, out)
+		}))
 	return cmd
 }
 
@@ -342,6 +351,36 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
 	})
+}
+
+// rotateCmd is `rotate-keys`: one symmetric key replaced by a fresh one
+// while the other keeps working, so devices move over without downtime.
+func rotateCmd(idFlag func(*cobra.Command), rotate func(cmd *cobra.Command, which string) error) *cobra.Command {
+	var which string
+	c := &cobra.Command{Use: "rotate-keys", Short: "Replace the primary or the secondary symmetric key with a new one",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if which != "primary" && which != "secondary" {
+				return fmt.Errorf("--key %q: use primary or secondary", which)
+			}
+			return rotate(cmd, which)
+		}}
+	idFlag(c)
+	c.Flags().StringVar(&which, "key", "", "primary or secondary")
+	_ = c.MarkFlagRequired("key")
+	return c
+}
+
+// regenerate empties one key, which the service then generates afresh.
+func regenerate(a *dps.Attestation, which string) error {
+	if a.SymmetricKey == nil {
+		return fmt.Errorf("the enrollment uses %s attestation: only symmetric keys rotate", a.Type)
+	}
+	if which == "primary" {
+		a.SymmetricKey.PrimaryKey = ""
+	} else {
+		a.SymmetricKey.SecondaryKey = ""
+	}
+	return nil
 }
 
 // allocationText describes the allocation policy and the hubs it uses.

@@ -61,7 +61,16 @@ func groupCmd() *cobra.Command {
 		}
 		return renderTable(cmd, all, []string{"GROUP ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
 	}}
-	cmd.AddCommand(put("create", "Create a symmetric-key enrollment group", false), put("update", "Change an enrollment group", true), show, del, listCmd)
+	cmd.AddCommand(put("create", "Create a symmetric-key enrollment group", false), put("update", "Change an enrollment group", true), show, del, listCmd,
+		rotateCmd(idFlag, func(cmd *cobra.Command, which string) error {
+			out, err := putEnrollment(cmd, "/enrollmentGroups/"+url.PathEscape(groupID), true, &dps.EnrollmentGroup{},
+				func(g *dps.EnrollmentGroup) string { return g.ETag },
+				func(g *dps.EnrollmentGroup) error { return regenerate(&g.Attestation, which) })
+			if err != nil {
+				return err
+			}
+			return showGroup(cmd, out)
+		}))
 	return cmd
 }
 
