@@ -44,9 +44,17 @@ func (e endpoint) url() string {
 	return "https://" + e.HostName + ":" + strconv.Itoa(e.HTTPSPort)
 }
 
+// serveOptions are serve's flags.
+type serveOptions struct {
+	dir, database, host, listen, certFile, keyFile string
+	port, mqttPort                                 int
+	registrationRate, deviceRate                   float64
+	deviceBurst                                    int
+}
+
 func serveCmd() *cobra.Command {
-	var host, listen, certFile, keyFile, logLevel string
-	var port, mqttPort int
+	var o serveOptions
+	var logLevel string
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the provisioning service and the IoT hub",
@@ -54,28 +62,32 @@ func serveCmd() *cobra.Command {
 			"On first start it creates the data directory, a local CA and a server certificate\n" +
 			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			dir, _ := cmd.Flags().GetString("data-dir")
-			database, _ := cmd.Flags().GetString("database")
+			o.dir, _ = cmd.Flags().GetString("data-dir")
+			o.database, _ = cmd.Flags().GetString("database")
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)
 			}
 			slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: level})))
-			return serve(cmd.Context(), dir, database, host, listen, port, mqttPort, certFile, keyFile)
+			return serve(cmd.Context(), o)
 		},
 	}
 	h, _ := os.Hostname()
-	cmd.Flags().StringVar(&host, "hostname", h, "host name devices and SDKs use for the provisioning service and the hub")
-	cmd.Flags().IntVar(&port, "https-port", 443, "HTTPS port (the Azure SDKs expect 443)")
-	cmd.Flags().IntVar(&mqttPort, "mqtt-port", 8883, "MQTT over TLS port of the hub's device endpoint (the Azure SDKs expect 8883)")
-	cmd.Flags().StringVar(&listen, "listen", "", "address to listen on (default: all addresses)")
-	cmd.Flags().StringVar(&certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
-	cmd.Flags().StringVar(&keyFile, "tls-key", "", "server key PEM, with --tls-cert")
+	cmd.Flags().StringVar(&o.host, "hostname", h, "host name devices and SDKs use for the provisioning service and the hub")
+	cmd.Flags().IntVar(&o.port, "https-port", 443, "HTTPS port (the Azure SDKs expect 443)")
+	cmd.Flags().IntVar(&o.mqttPort, "mqtt-port", 8883, "MQTT over TLS port of the hub's device endpoint (the Azure SDKs expect 8883)")
+	cmd.Flags().StringVar(&o.listen, "listen", "", "address to listen on (default: all addresses)")
+	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
+	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
+	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
+	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
 	return cmd
 }
 
-func serve(ctx context.Context, dir, database, host, listen string, port, mqttPort int, certFile, keyFile string) error {
+func serve(ctx context.Context, o serveOptions) error {
+	dir, database, host, listen, certFile, keyFile, port, mqttPort := o.dir, o.database, o.host, o.listen, o.certFile, o.keyFile, o.port, o.mqttPort
 	if host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
 	}
@@ -123,6 +135,7 @@ func serve(ctx context.Context, dir, database, host, listen string, port, mqttPo
 	}
 	// One set of CA certificates serves both: X.509 groups may reference them.
 	dpsSvc.CAs = hubSvc
+	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
 	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
 		return err
 	} else if len(hubs) == 0 {

@@ -80,6 +80,9 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := s.Throttle.registration(s.Now()); err != nil {
+		return nil, nil, err
+	}
 	var body registerBody
 	if len(strings.TrimSpace(string(req.Body))) > 0 {
 		if err := json.Unmarshal(req.Body, &body); err != nil {
@@ -95,6 +98,9 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 	}
 	att, err := s.authenticate(ctx, req.IDScope, regID, req.Credentials)
 	if err != nil {
+		return nil, nil, err
+	}
+	if err := s.Throttle.device(regID, s.Now()); err != nil {
 		return nil, nil, err
 	}
 	if att.status() == "disabled" {
@@ -119,6 +125,9 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
 		return nil, err
 	}
+	if err := s.Throttle.device(regID, s.Now()); err != nil {
+		return nil, err
+	}
 	op, _, err := get[Operation](ctx, s.store, kindOperation, opID, azerr.New(404201, "NotFound", "no operation %q", opID))
 	if err != nil {
 		return nil, err
@@ -129,6 +138,18 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	return op, nil
 }
 
+// AuthenticateDevice checks a device's credentials, as its requests will
+// be checked, without counting against its request allowance: for sessions
+// (MQTT) that authenticate once and then send requests.
+func (s *Service) AuthenticateDevice(ctx context.Context, scope, regID string, cred Credentials) error {
+	regID, err := s.checkScope(scope, regID)
+	if err != nil {
+		return err
+	}
+	_, err = s.authenticate(ctx, scope, regID, cred)
+	return err
+}
+
 // DeviceRegistrationStatus answers a device asking for its registration record.
 func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID string, cred Credentials) (*RegistrationState, error) {
 	regID, err := s.checkScope(scope, regID)
@@ -136,6 +157,9 @@ func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID str
 		return nil, err
 	}
 	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
+		return nil, err
+	}
+	if err := s.Throttle.device(regID, s.Now()); err != nil {
 		return nil, err
 	}
 	r, etag, err := get[RegistrationState](ctx, s.store, kindRegistration, regID,

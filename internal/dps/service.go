@@ -62,6 +62,8 @@ type Service struct {
 	// CAs resolves X.509 groups' caReferences; nil allows only inline
 	// signingCertificates.
 	CAs CAStore
+	// Throttle limits device traffic; nil is no limit.
+	Throttle *Throttle
 	// Webhooks calls custom allocation webhooks (default http.DefaultClient),
 	// each bounded by WebhookTimeout (default 10 s: the device is polling).
 	Webhooks       *http.Client

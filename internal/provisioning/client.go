@@ -208,7 +208,27 @@ func (c *Client) token(sign signer) (string, error) {
 	return sas.BuildSigned(sign, c.IDScope+"/registrations/"+c.RegistrationID, "registration", time.Now().Add(life))
 }
 
+// send sends one request, waiting out throttling: a 429 is retried after
+// its Retry-After, as the SDKs do.
 func (c *Client) send(ctx context.Context, method, path, auth string, body []byte) (int, []byte, http.Header, error) {
+	for attempt := 1; ; attempt++ {
+		status, data, hdr, err := c.sendOnce(ctx, method, path, auth, body)
+		if err != nil || status != http.StatusTooManyRequests || attempt == 10 {
+			return status, data, hdr, err
+		}
+		wait := time.Second
+		if s, err := strconv.Atoi(hdr.Get("Retry-After")); err == nil && s > 0 && s <= 60 {
+			wait = time.Duration(s) * time.Second
+		}
+		select {
+		case <-ctx.Done():
+			return 0, nil, nil, ctx.Err()
+		case <-time.After(wait):
+		}
+	}
+}
+
+func (c *Client) sendOnce(ctx context.Context, method, path, auth string, body []byte) (int, []byte, http.Header, error) {
 	var rd io.Reader
 	if body != nil {
 		rd = bytes.NewReader(body)

@@ -119,20 +119,14 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 		c.SetValue(s)
 		return mqtt.Accepted
 	}
-	// DeviceRegistrationStatus authenticates the token as Register does; a
-	// device that has not registered yet authenticates and then gets 404.
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if _, err := svc.DeviceRegistrationStatus(ctx, scope, regID, s.cred); err != nil {
-		e := azerr.As(err)
-		switch {
-		case e.Status() == 404:
-		case e.Status() >= 500:
+	if err := svc.AuthenticateDevice(ctx, scope, regID, s.cred); err != nil {
+		if e := azerr.As(err); e.Status() >= 500 {
 			slog.Warn("dps mqtt connection refused: authentication failed", "registrationId", regID, "error", err)
 			return mqtt.RefusedServerUnavailable
-		default:
-			return refuse(e.Message)
 		}
+		return refuse(azerr.As(err).Message)
 	}
 	c.SetValue(s)
 	return mqtt.Accepted

@@ -1,0 +1,69 @@
+package server
+
+import (
+	"net/http"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/sas"
+)
+
+// Past its burst a device is told to retry later, with Retry-After; the
+// device client waits and succeeds.
+func TestThrottledDevice(t *testing.T) {
+	e := newEnv(t)
+	e.dps.Throttle = dps.NewThrottle(0, 1, 3)
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "busy-1"})
+	if _, err := register(); err != nil {
+		t.Fatal(err)
+	}
+	en, _ := e.dps.GetEnrollment(ctx, "busy-1")
+	key := mustBase64(t, en.Attestation.SymmetricKey.PrimaryKey)
+	tok := sas.Build(key, e.dps.IDScope()+"/registrations/busy-1", "registration", time.Now().Add(time.Minute))
+	path := "/" + e.dps.IDScope() + "/registrations/busy-1?api-version=2019-03-31"
+	throttled := 0
+	for range 6 {
+		st, body := e.raw("POST", path, tok, "")
+		if st == 429 {
+			throttled++
+			if body["errorCode"] != float64(429001) {
+				t.Fatalf("429 body %v", body)
+			}
+		}
+	}
+	if throttled == 0 {
+		t.Fatal("six requests at once were all admitted")
+	}
+	req, _ := http.NewRequest("POST", e.ts.URL+path, nil)
+	req.Header.Set("Authorization", tok)
+	resp, err := e.ts.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 429 || resp.Header.Get("Retry-After") != "1" {
+		t.Fatalf("still throttled: HTTP %d, Retry-After %q", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+	// Another device is not slowed down, and the busy one gets through by waiting.
+	if _, err := e.symDevice(t, &dps.Enrollment{RegistrationID: "calm-1"})(); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	if _, err := register(); err != nil {
+		t.Fatalf("the throttled device did not get through: %v", err)
+	}
+	t.Logf("the throttled device registered after %s", time.Since(start).Round(time.Millisecond))
+
+	// The global rate: registrations beyond it are refused at once.
+	e.dps.Throttle = dps.NewThrottle(1, 0, 1)
+	regPath := "/" + e.dps.IDScope() + "/registrations/busy-1/register?api-version=2019-03-31"
+	codes := map[int]int{}
+	for range 3 {
+		st, _ := e.raw("PUT", regPath, tok, `{"registrationId":"busy-1"}`)
+		codes[st]++
+	}
+	if codes[429] == 0 || codes[202] == 0 {
+		t.Fatalf("three registrations in an instant at 1/s: %v", codes)
+	}
+}
