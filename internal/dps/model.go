@@ -32,6 +32,15 @@ const (
 	StatusDisabled   = dpsapi.StatusDisabled
 )
 
+// Polling intervals suggested to devices (Retry-After, in seconds). A
+// registration is assigned before its PUT is answered, so the device may
+// ask for the result at once; an operation still assigning is asked again
+// a second later.
+const (
+	PollNow   = 0
+	PollLater = 1
+)
+
 // Attestation types, as spelled on the wire.
 const (
 	AttestationTPM          = "tpm"

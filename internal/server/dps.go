@@ -159,7 +159,8 @@ func (a *api) register(w http.ResponseWriter, r *http.Request) error {
 		writeJSON(w, http.StatusUnauthorized, ch)
 		return nil
 	}
-	w.Header().Set("Retry-After", "1")
+	// The assignment is done by now: the device may poll at once.
+	w.Header().Set("Retry-After", strconv.Itoa(dps.PollNow))
 	w.Header().Set("Location", r.URL.Path[:strings.LastIndex(r.URL.Path, "/register")]+"/operations/"+op.OperationID)
 	writeJSON(w, http.StatusAccepted, op)
 	return nil
@@ -173,7 +174,7 @@ func (a *api) operationStatus(w http.ResponseWriter, r *http.Request) error {
 	status := http.StatusOK
 	if op.Status == dps.StatusAssigning {
 		status = http.StatusAccepted
-		w.Header().Set("Retry-After", "1")
+		w.Header().Set("Retry-After", strconv.Itoa(dps.PollLater))
 	}
 	writeJSON(w, status, op)
 	return nil

@@ -39,10 +39,6 @@ const (
 	dpsResponsePrefix = "$dps/registrations/res/"
 	dpsRegisterTopic  = "$dps/registrations/PUT/iotdps-register/"
 	dpsStatusTopic    = "$dps/registrations/GET/iotdps-get-operationstatus/"
-	// dpsRetryAfter is the polling interval the replies suggest, in seconds
-	// (the hosted service says 3). The Node SDK waits retry-after × 1000 ms;
-	// Python and Embedded C read the same query parameter.
-	dpsRetryAfter = 1
 	// dpsNoCredentialsGrace bounds how long a session without credentials
 	// stays open: long enough to be told why it cannot register.
 	dpsNoCredentialsGrace = 30 * time.Second
@@ -176,7 +172,7 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 		if err != nil {
 			return d.replyDPSError(c, rid, err)
 		}
-		return d.replyDPS(c, 202, rid, true, op)
+		return d.replyDPS(c, 202, rid, dps.PollNow, op)
 	}
 	opID := q.Get("operationId")
 	if opID == "" {
@@ -187,9 +183,9 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 		return d.replyDPSError(c, rid, err)
 	}
 	if op.Status == dps.StatusAssigning {
-		return d.replyDPS(c, 202, rid, true, op)
+		return d.replyDPS(c, 202, rid, dps.PollLater, op)
 	}
-	return d.replyDPS(c, 200, rid, false, op)
+	return d.replyDPS(c, 200, rid, -1, op)
 }
 
 // rawParam returns a query parameter as the client wrote it, so that the
@@ -204,10 +200,11 @@ func rawParam(rawQuery, name string) string {
 }
 
 // replyDPS sends a response to the device's $dps/registrations/res/# subscription.
-func (d *DeviceEndpoint) replyDPS(c *mqtt.Conn, status int, rid string, retry bool, v any) error {
+// retryAfter < 0 sends none.
+func (d *DeviceEndpoint) replyDPS(c *mqtt.Conn, status int, rid string, retryAfter int, v any) error {
 	topic := dpsResponsePrefix + strconv.Itoa(status) + "/?$rid=" + rid
-	if retry {
-		topic += "&retry-after=" + strconv.Itoa(dpsRetryAfter)
+	if retryAfter >= 0 {
+		topic += "&retry-after=" + strconv.Itoa(retryAfter)
 	}
 	body, err := json.Marshal(v)
 	if err != nil {

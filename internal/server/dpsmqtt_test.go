@@ -190,7 +190,7 @@ func (e *env) registerOverMQTT(t *testing.T, addr, regID string, key []byte, cer
 		t.Fatalf("SUBACK %#x", g)
 	}
 	r := c.register("1", `{"registrationId":"`+regID+`","payload":`+payload+`}`)
-	if r.status != 202 || r.query.Get("retry-after") != "1" || r.body["status"] != "assigning" || r.body["operationId"] == "" {
+	if r.status != 202 || r.query.Get("retry-after") != "0" || r.body["status"] != "assigning" || r.body["operationId"] == "" {
 		t.Fatalf("register reply %d %v %v", r.status, r.query, r.body)
 	}
 	opID, _ := r.body["operationId"].(string)
