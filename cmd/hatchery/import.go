@@ -11,11 +11,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/progress"
 )
 
 // importRow is one enrollment of an import file, or why its line is unusable.
@@ -198,22 +198,22 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		lineOf[strings.ToLower(r.e.RegistrationID)] = r.line
 		send = append(send, r.e)
 	}
-	progress := newProgress(cmd.ErrOrStderr(), len(send))
+	bar := progress.New(cmd.ErrOrStderr(), "importing", len(send))
 	imported := 0
 	for start := 0; start < len(send); start += batch {
 		chunk := send[start:min(start+batch, len(send))]
 		res, err := call[dps.BulkResult](cmd, dpsClient, "POST", "/enrollments", "", &dps.BulkOperation{Mode: mode, Enrollments: chunk})
 		if err != nil {
-			progress.done()
+			bar.Done()
 			return fmt.Errorf("after %d of %d enrollments: %w", imported, len(send), err)
 		}
 		imported += len(chunk) - len(res.Errors)
 		for _, f := range res.Errors {
 			failures = append(failures, fmt.Sprintf("line %d (%s): %s", lineOf[strings.ToLower(f.RegistrationID)], f.RegistrationID, f.ErrorStatus))
 		}
-		progress.add(len(chunk))
+		bar.Add(len(chunk))
 	}
-	progress.done()
+	bar.Done()
 	out := cmd.OutOrStdout()
 	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
 	if len(failures) > 0 {
@@ -225,38 +225,3 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 	}
 	return nil
 }
-
-// progress draws a one-line progress bar.
-type progress struct {
-	w          io.Writer
-	total, n   int
-	start      time.Time
-	lastRedraw time.Time
-}
-
-func newProgress(w io.Writer, total int) *progress {
-	p := &progress{w: w, total: total, start: time.Now()}
-	p.draw()
-	return p
-}
-
-func (p *progress) add(n int) {
-	p.n += n
-	if time.Since(p.lastRedraw) > 100*time.Millisecond || p.n == p.total {
-		p.draw()
-	}
-}
-
-func (p *progress) draw() {
-	p.lastRedraw = time.Now()
-	const width = 30
-	frac := 1.0
-	if p.total > 0 {
-		frac = float64(p.n) / float64(p.total)
-	}
-	bar := strings.Repeat("=", int(frac*width)) + strings.Repeat(" ", width-int(frac*width))
-	rate := float64(p.n) / max(time.Since(p.start).Seconds(), 1e-3)
-	fmt.Fprintf(p.w, "\r[%s] %d/%d %3.0f%% %.0f/s", bar, p.n, p.total, frac*100, rate)
-}
-
-func (p *progress) done() { fmt.Fprintln(p.w) }

@@ -21,7 +21,7 @@ func main() {
 	root.PersistentFlags().String("database", os.Getenv("HATCHERY_DATABASE"),
 		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: SQLite hatchery.db in --data-dir)")
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
-		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), benchCmd())
+		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), fleetCmd(), benchCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)

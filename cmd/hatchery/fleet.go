@@ -1,0 +1,222 @@
+package main
+
+import (
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"os/signal"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+
+	"github.com/spf13/cobra"
+
+	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/loadgen"
+)
+
+func fleetCmd() *cobra.Command {
+	cmd := &cobra.Command{Use: "fleet", Short: "Simulate fleets of devices against a running Hatchery"}
+	cmd.AddCommand(fleetSimulateCmd())
+	return cmd
+}
+
+func fleetSimulateCmd() *cobra.Command {
+	var o struct {
+		devices, concurrency, keyPool, mqttPort int
+		attestation, prefix                     string
+		replicas                                []string
+		serverPIDs                              []int
+		skipEnroll, connect                     bool
+	}
+	cmd := &cobra.Command{
+		Use:   "simulate",
+		Short: "Enroll and provision many simulated devices, and measure it",
+		Long: `Simulates --devices devices of the installation in --data-dir, served by a
+running ` + "`hatchery serve`" + ` on this machine:
+
+  1. enrolls them with the bulk API (sim-0, sim-1, …; skip with --skip-enroll);
+  2. provisions them, --concurrency at a time, each over its own new TLS
+     connection, as real devices do: TPM devices with a software TPM doing the
+     device half of the attestation (two credential activations, four RSA-2048
+     private-key operations), symmetric-key devices with their keys;
+  3. optionally (--connect) connects each device to its hub over MQTT.
+
+It reports registrations per second, latency percentiles, failures by kind and
+the CPU milliseconds per registration of the server (from its own accounting in
+/proc) and of the simulator. RSA key generation is slow, so TPM devices share
+--key-pool endorsement/storage key pairs; the server's work is the same.
+--replicas spreads devices over several servers on one database.`,
+		Example: `  hatchery fleet simulate --data-dir /tmp/hb --devices 10000 --attestation tpm
+  hatchery fleet simulate --data-dir /tmp/hb --devices 100000 --concurrency 256 -o json`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			site, err := loadSite(cmd)
+			if err != nil {
+				return err
+			}
+			att := map[string]string{"tpm": dps.AttestationTPM, "symmetrickey": dps.AttestationSymmetricKey}[strings.ToLower(o.attestation)]
+			if att == "" {
+				return fmt.Errorf("--attestation %q: use tpm or symmetrickey", o.attestation)
+			}
+			pem, err := os.ReadFile(site.CACertificate)
+			if err != nil {
+				return fmt.Errorf("reading the CA certificate: %w", err)
+			}
+			roots := x509.NewCertPool()
+			roots.AppendCertsFromPEM(pem)
+			ep, err := url.Parse(site.ServiceEndpoint)
+			if err != nil {
+				return err
+			}
+			// Loopback, whatever name the installation serves.
+			tlsConf := &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}
+			endpoints := o.replicas
+			if len(endpoints) == 0 {
+				endpoints = []string{"https://" + net.JoinHostPort("127.0.0.1", portOf(ep))}
+			}
+			pids := o.serverPIDs
+			if len(pids) == 0 {
+				for _, e := range endpoints {
+					u, err := url.Parse(e)
+					if err != nil {
+						return fmt.Errorf("--replicas %q: %w", e, err)
+					}
+					if pid, _, err := loadgen.FindListener(mustAtoi(portOf(u))); err == nil {
+						pids = append(pids, pid)
+					}
+				}
+			}
+			svc, err := azclient.New(site.ProvisioningServiceConnectionString, endpoints[0], "2021-10-01", tlsConf.Clone())
+			if err != nil {
+				return err
+			}
+			results := make([]*loadgen.FleetResult, 0, len(endpoints))
+			// One simulator run per replica, devices split between them, at once.
+			type outcome struct {
+				r   *loadgen.FleetResult
+				err error
+			}
+			done := make(chan outcome, len(endpoints))
+			per := (o.devices + len(endpoints) - 1) / len(endpoints)
+			for i, e := range endpoints {
+				n := min(per, o.devices-i*per)
+				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
+					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
+					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
+					Connect: o.connect, HubPort: o.mqttPort}
+				if i == 0 {
+					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
+				}
+				go func() {
+					r, err := loadgen.Fleet(ctx, cfg)
+					done <- outcome{r, err}
+				}()
+			}
+			for range endpoints {
+				out := <-done
+				if out.err != nil {
+					return out.err
+				}
+				results = append(results, out.r)
+			}
+			return renderFleet(cmd, merge(results))
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&o.devices, "devices", 1000, "how many devices")
+	f.StringVar(&o.attestation, "attestation", "symmetrickey", "tpm or symmetrickey")
+	f.IntVar(&o.concurrency, "concurrency", 64, "devices registering at once")
+	f.IntVar(&o.keyPool, "key-pool", 64, "TPM: endorsement/storage key pairs shared among the devices")
+	f.StringVar(&o.prefix, "prefix", "sim-", "registration ID prefix")
+	f.BoolVar(&o.skipEnroll, "skip-enroll", false, "the devices are enrolled already (by a run with the same --prefix)")
+	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
+	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect")
+	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
+	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
+	return cmd
+}
+
+func portOf(u *url.URL) string {
+	if p := u.Port(); p != "" {
+		return p
+	}
+	return "443"
+}
+
+func mustAtoi(s string) int { n, _ := strconv.Atoi(s); return n }
+
+// merge adds up the runs against several replicas; the first carries the
+// server CPU of all of them.
+func merge(rs []*loadgen.FleetResult) *loadgen.FleetResult {
+	m := *rs[0]
+	m.Errors = map[string]int{}
+	var secs float64
+	for i, r := range rs {
+		for k, v := range r.Errors {
+			m.Errors[k] += v
+		}
+		secs = max(secs, r.Seconds)
+		if i > 0 {
+			m.Devices += r.Devices
+			m.Provisioned += r.Provisioned
+			m.Connected += r.Connected
+			m.Concurrency += r.Concurrency
+			m.Latency.Max = max(m.Latency.Max, r.Latency.Max)
+			m.Latency.P99 = max(m.Latency.P99, r.Latency.P99) // the worst replica's
+		}
+	}
+	if len(rs) > 1 {
+		m.SimCPUPerReg = rs[0].SimCPUPerReg // one process: its CPU covers every run
+		m.ServerCPUPerReg = rs[0].ServerCPUPerReg * float64(rs[0].Provisioned) / float64(max(m.Provisioned, 1))
+	}
+	m.Seconds = secs
+	m.PerSecond = float64(m.Provisioned) / secs
+	return &m
+}
+
+func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
+	rows := [][2]string{
+		{"Devices", fmt.Sprintf("%d %s, %d at a time", r.Devices, r.Attestation, r.Concurrency)},
+		{"Enrollments in the service", strconv.Itoa(r.Enrolled)},
+		{"Provisioned", fmt.Sprintf("%d in %.1f s: %.0f registrations/s", r.Provisioned, r.Seconds, r.PerSecond)},
+		{"Latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
+		{"Server CPU per registration", orDash(msText(r.ServerCPUPerReg))},
+		{"Simulator CPU per registration", msText(r.SimCPUPerReg)},
+	}
+	if r.EnrollPerS > 0 {
+		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
+	}
+	if r.Connected > 0 {
+		rows = append(rows, [2]string{"Connected to the hub", strconv.Itoa(r.Connected)})
+	}
+	kinds := make([]string, 0, len(r.Errors))
+	for k := range r.Errors {
+		kinds = append(kinds, k)
+	}
+	sort.Strings(kinds)
+	for _, k := range kinds {
+		rows = append(rows, [2]string{"Failed: " + k, strconv.Itoa(r.Errors[k])})
+	}
+	if err := render(cmd, r, rows); err != nil {
+		return err
+	}
+	if failed := r.Devices - r.Provisioned; failed > 0 {
+		return errors.New(strconv.Itoa(failed) + " devices were not provisioned")
+	}
+	return nil
+}
+
+func msText(ms float64) string {
+	if ms <= 0 {
+		return ""
+	}
+	return fmt.Sprintf("%.3f ms", ms)
+}

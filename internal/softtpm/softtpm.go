@@ -1,0 +1,230 @@
+// Package softtpm is a TPM in software for simulated devices: the device
+// half of PROTOCOL.md §1–2 — endorsement and storage root keys, credential
+// activation, import of the duplicated HMAC key, HMAC — with the keys in
+// memory. It checks every integrity value a real TPM checks, so a blob it
+// accepts is one a TPM would accept too.
+package softtpm
+
+import (
+	"crypto"
+	"crypto/aes"
+	"crypto/cipher"
+	"crypto/hmac"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/google/go-tpm/tpm2"
+)
+
+// Keys are a device's endorsement and storage root keys. Generating an
+// RSA-2048 pair takes tens of milliseconds, so a simulator may share a
+// pool of them among devices; the service's work per device is the same.
+type Keys struct {
+	ek, srk       *rsa.PrivateKey
+	ekPub, srkPub []byte // TPM2B_PUBLIC
+}
+
+// Object attributes of the EK (the TCG default template) and the SRK.
+const (
+	ekAttributes  = 0x000300b2 // fixedTPM|fixedParent|sensitiveDataOrigin|adminWithPolicy|restricted|decrypt
+	srkAttributes = 0x00030472 // fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA|restricted|decrypt
+)
+
+// ekPolicy is the TCG default EK's authPolicy (PolicySecret of the endorsement hierarchy).
+var ekPolicy = []byte{
+	0x83, 0x71, 0x97, 0x67, 0x44, 0x84, 0xb3, 0xf8, 0x1a, 0x90, 0xcc, 0x8d, 0x46, 0xa5, 0xd7, 0x24,
+	0xfd, 0x52, 0xd7, 0x6e, 0x06, 0x52, 0x0b, 0x64, 0xf2, 0xa1, 0xda, 0x1b, 0x33, 0x14, 0x69, 0xaa,
+}
+
+// NewKeys generates an EK and an SRK.
+func NewKeys() (*Keys, error) {
+	ek, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, err
+	}
+	srk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		return nil, err
+	}
+	return &Keys{ek: ek, srk: srk, ekPub: public(ek, ekAttributes, ekPolicy), srkPub: public(srk, srkAttributes, nil)}, nil
+}
+
+// public encodes a TPM2B_PUBLIC of an RSA-2048 restricted decryption key
+// with AES-128-CFB symmetric parameters, as TPMs create EKs and SRKs.
+func public(k *rsa.PrivateKey, attrs uint32, policy []byte) []byte {
+	b := []byte{0, 0}         // size, filled in below
+	b = append(b, 0x00, 0x01) // TPM_ALG_RSA
+	b = append(b, 0x00, 0x0b) // nameAlg SHA-256
+	b = binary.BigEndian.AppendUint32(b, attrs)
+	b = binary.BigEndian.AppendUint16(b, uint16(len(policy)))
+	b = append(b, policy...)
+	b = append(b, 0x00, 0x06, 0x00, 0x80, 0x00, 0x43) // AES, 128 bits, CFB
+	b = append(b, 0x00, 0x10)                         // scheme NULL
+	b = append(b, 0x08, 0x00)                         // 2048 bits
+	b = append(b, 0, 0, 0, 0)                         // default exponent
+	mod := k.N.FillBytes(make([]byte, 256))
+	b = binary.BigEndian.AppendUint16(b, uint16(len(mod)))
+	b = append(b, mod...)
+	binary.BigEndian.PutUint16(b, uint16(len(b)-2))
+	return b
+}
+
+// TPM is one device's TPM.
+type TPM struct {
+	keys *Keys
+	mu   sync.Mutex
+	hmac map[uint32][]byte // imported keys by persistent handle
+}
+
+// New returns a TPM with keys.
+func New(keys *Keys) *TPM { return &TPM{keys: keys, hmac: map[uint32][]byte{}} }
+
+// EndorsementKey returns the EK's TPM2B_PUBLIC.
+func (t *TPM) EndorsementKey() ([]byte, error) { return t.keys.ekPub, nil }
+
+// StorageRootKey returns the SRK's TPM2B_PUBLIC.
+func (t *TPM) StorageRootKey() ([]byte, error) { return t.keys.srkPub, nil }
+
+// HMAC signs data with the key imported at handle.
+func (t *TPM) HMAC(handle uint32, data []byte) ([]byte, error) {
+	t.mu.Lock()
+	key, ok := t.hmac[handle]
+	t.mu.Unlock()
+	if !ok {
+		return nil, fmt.Errorf("no key at handle 0x%08x: %w", handle, tpm2.TPMRCHandle)
+	}
+	m := hmac.New(sha256.New, key)
+	m.Write(data)
+	return m.Sum(nil), nil
+}
+
+// ImportActivationBlob activates the credential (parts A, B) with the EK,
+// bound to the SRK's Name, and imports the duplicated key (C, D, E) under
+// the SRK with the credential as its inner wrapping key, at handle.
+func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
+	parts, err := split(blob)
+	if err != nil {
+		return err
+	}
+	credBlob, secretE, dup, secretS, pub := parts[0], parts[1], parts[2], parts[3], parts[4]
+
+	cred, err := unseal(t.keys.ek, "IDENTITY\x00", secretE, credBlob, name(t.keys.srkPub[2:]))
+	if err != nil {
+		return fmt.Errorf("activating the credential: %w", err)
+	}
+	if len(cred) != 2+16 || binary.BigEndian.Uint16(cred) != 16 {
+		return errors.New("activating the credential: not an AES-128 key")
+	}
+	innerKey := cred[2:]
+
+	idName := name(pub)
+	inner, err := unseal(t.keys.srk, "DUPLICATE\x00", secretS, dup, idName)
+	if err != nil {
+		return fmt.Errorf("importing the key: %w", err)
+	}
+	cfbDecrypt(innerKey, inner)
+	// inner = TPM2B_DIGEST(SHA-256(sensitive2B ‖ Name)) ‖ sensitive2B
+	if len(inner) < 2+sha256.Size || binary.BigEndian.Uint16(inner) != sha256.Size {
+		return fmt.Errorf("importing the key: inner wrap: %w", tpm2.TPMRCIntegrity)
+	}
+	sensitive := inner[2+sha256.Size:]
+	h := sha256.New()
+	h.Write(sensitive)
+	h.Write(idName)
+	if subtle.ConstantTimeCompare(h.Sum(nil), inner[2:2+sha256.Size]) != 1 {
+		return fmt.Errorf("importing the key: inner integrity: %w", tpm2.TPMRCIntegrity)
+	}
+	key, err := hmacKey(sensitive)
+	if err != nil {
+		return fmt.Errorf("importing the key: %w", err)
+	}
+	t.mu.Lock()
+	t.hmac[handle] = key
+	t.mu.Unlock()
+	return nil
+}
+
+// split reads the blob's five or six TPM2B parts.
+func split(blob []byte) ([][]byte, error) {
+	var parts [][]byte
+	for rest := blob; len(rest) > 0; {
+		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
+			return nil, fmt.Errorf("activation blob: part %c truncated", 'A'+len(parts))
+		}
+		n := int(binary.BigEndian.Uint16(rest))
+		parts = append(parts, rest[2:2+n])
+		rest = rest[2+n:]
+	}
+	if len(parts) != 5 && len(parts) != 6 {
+		return nil, fmt.Errorf("activation blob: %d parts, want 5 or 6", len(parts))
+	}
+	return parts, nil
+}
+
+// unseal undoes attest's seal: the seed from secret with k, then the HMAC
+// over the encrypted part and name, then the AES-CFB decryption.
+func unseal(k *rsa.PrivateKey, label string, secret, sealed, objName []byte) ([]byte, error) {
+	seed, err := rsa.DecryptOAEP(sha256.New(), nil, k, secret, []byte(label))
+	if err != nil {
+		return nil, fmt.Errorf("decrypting the seed: %w", tpm2.TPMRCValue)
+	}
+	if len(sealed) < 2+sha256.Size || binary.BigEndian.Uint16(sealed) != sha256.Size {
+		return nil, fmt.Errorf("no integrity HMAC: %w", tpm2.TPMRCSize)
+	}
+	mac, enc := sealed[2:2+sha256.Size], append([]byte(nil), sealed[2+sha256.Size:]...)
+	h := hmac.New(sha256.New, tpm2.KDFa(crypto.SHA256, seed, "INTEGRITY", nil, nil, 256))
+	h.Write(enc)
+	h.Write(objName)
+	if !hmac.Equal(h.Sum(nil), mac) {
+		return nil, tpm2.TPMRCIntegrity
+	}
+	cfbDecrypt(tpm2.KDFa(crypto.SHA256, seed, "STORAGE", objName, nil, 128), enc)
+	return enc, nil
+}
+
+// hmacKey reads the key out of a TPM2B(TPMT_SENSITIVE) of a KEYEDHASH object.
+func hmacKey(s []byte) ([]byte, error) {
+	field := func() ([]byte, error) {
+		if len(s) < 2 || int(binary.BigEndian.Uint16(s)) > len(s)-2 {
+			return nil, fmt.Errorf("sensitive area truncated: %w", tpm2.TPMRCSize)
+		}
+		n := int(binary.BigEndian.Uint16(s))
+		f := s[2 : 2+n]
+		s = s[2+n:]
+		return f, nil
+	}
+	all, err := field()
+	if err != nil {
+		return nil, err
+	}
+	s = all
+	if len(s) < 2 || binary.BigEndian.Uint16(s) != 0x0008 {
+		return nil, errors.New("the sensitive area is not a KEYEDHASH object")
+	}
+	s = s[2:]
+	if _, err := field(); err != nil { // authValue
+		return nil, err
+	}
+	if _, err := field(); err != nil { // seedValue
+		return nil, err
+	}
+	return field()
+}
+
+// name is nameAlg SHA-256 ‖ SHA-256(TPMT_PUBLIC).
+func name(tpmtPublic []byte) []byte {
+	sum := sha256.Sum256(tpmtPublic)
+	return append([]byte{0x00, 0x0b}, sum[:]...)
+}
+
+func cfbDecrypt(key, b []byte) {
+	c, _ := aes.NewCipher(key)
+	//lint:ignore SA1019 the TPM's wrapping format is AES-CFB; integrity comes from its HMAC.
+	cipher.NewCFBDecrypter(c, make([]byte, aes.BlockSize)).XORKeyStream(b, b)
+}
