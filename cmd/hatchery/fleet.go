@@ -9,6 +9,7 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -30,10 +31,11 @@ func fleetCmd() *cobra.Command {
 func fleetSimulateCmd() *cobra.Command {
 	var o struct {
 		devices, concurrency, keyPool, mqttPort int
+		rate                                    float64
 		attestation, prefix                     string
 		replicas                                []string
 		serverPIDs                              []int
-		skipEnroll, connect                     bool
+		skipEnroll, connect, x25519             bool
 	}
 	cmd := &cobra.Command{
 		Use:   "simulate",
@@ -58,6 +60,11 @@ the CPU milliseconds per registration of the server (from its own accounting in
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
+			if os.Getenv("GOGC") == "" {
+				// A short-lived load tool: trade memory for CPU, which the
+				// server on the same machine needs.
+				debug.SetGCPercent(400)
+			}
 			site, err := loadSite(cmd)
 			if err != nil {
 				return err
@@ -65,6 +72,9 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			att := map[string]string{"tpm": dps.AttestationTPM, "symmetrickey": dps.AttestationSymmetricKey}[strings.ToLower(o.attestation)]
 			if att == "" {
 				return fmt.Errorf("--attestation %q: use tpm or symmetrickey", o.attestation)
+			}
+			if att == dps.AttestationTPM && o.skipEnroll {
+				return errors.New("--skip-enroll works with symmetric keys only: simulated TPMs get new keys on each run")
 			}
 			pem, err := os.ReadFile(site.CACertificate)
 			if err != nil {
@@ -111,7 +121,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
 					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
 					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
-					Connect: o.connect, HubPort: o.mqttPort}
+					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(len(endpoints))}
 				if i == 0 {
 					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
 				}
@@ -134,12 +144,14 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.IntVar(&o.devices, "devices", 1000, "how many devices")
 	f.StringVar(&o.attestation, "attestation", "symmetrickey", "tpm or symmetrickey")
 	f.IntVar(&o.concurrency, "concurrency", 64, "devices registering at once")
+	f.Float64Var(&o.rate, "rate", 0, "start this many devices per second instead of as many as --concurrency allows")
 	f.IntVar(&o.keyPool, "key-pool", 64, "TPM: endorsement/storage key pairs shared among the devices")
 	f.StringVar(&o.prefix, "prefix", "sim-", "registration ID prefix")
 	f.BoolVar(&o.skipEnroll, "skip-enroll", false, "the devices are enrolled already (by a run with the same --prefix)")
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
 	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
+	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
 }
@@ -184,7 +196,7 @@ func merge(rs []*loadgen.FleetResult) *loadgen.FleetResult {
 
 func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	rows := [][2]string{
-		{"Devices", fmt.Sprintf("%d %s, %d at a time", r.Devices, r.Attestation, r.Concurrency)},
+		{"Devices", fmt.Sprintf("%d %s, %d at a time%s", r.Devices, r.Attestation, r.Concurrency, rateText(r.Rate))},
 		{"Enrollments in the service", strconv.Itoa(r.Enrolled)},
 		{"Provisioned", fmt.Sprintf("%d in %.1f s: %.0f registrations/s", r.Provisioned, r.Seconds, r.PerSecond)},
 		{"Latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
@@ -212,6 +224,13 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 		return errors.New(strconv.Itoa(failed) + " devices were not provisioned")
 	}
 	return nil
+}
+
+func rateText(rate float64) string {
+	if rate <= 0 {
+		return ""
+	}
+	return fmt.Sprintf(", started at %.0f/s", rate)
 }
 
 func msText(ms float64) string {

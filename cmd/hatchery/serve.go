@@ -128,7 +128,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err != nil {
 		return err
 	}
-	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: host, MinVersion: tls.VersionTLS12}}
+	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: host, MinVersion: tls.VersionTLS12}, Local: hubSvc}
 	dpsSvc, err := dps.Open(ctx, st, registry, host)
 	if err != nil {
 		return err

@@ -70,7 +70,7 @@ func (s *Service) allocate(ctx context.Context, a allocation) (*allocated, error
 
 // candidates are the linked hubs the enrollment may use.
 func (s *Service) candidates(ctx context.Context, a allocation) ([]*LinkedHub, error) {
-	hubs, err := s.LinkedHubs(ctx)
+	hubs, err := s.cachedHubs(ctx)
 	if err != nil {
 		return nil, err
 	}
@@ -285,6 +285,7 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 // UnlinkHub removes a linked hub; devices already there stay.
 func (s *Service) UnlinkHub(ctx context.Context, host string) error {
 	err := s.store.Delete(ctx, kindLinkedHub, strings.ToLower(host), "")
+	s.forgetHubs()
 	if errors.Is(err, store.ErrNotFound) {
 		return azerr.New(404201, "NotFound", "no linked hub %q: `hatchery hub list` shows them", host)
 	}

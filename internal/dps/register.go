@@ -128,14 +128,24 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	if err := s.Throttle.device(regID, s.Now()); err != nil {
 		return nil, err
 	}
-	op, _, err := get[Operation](ctx, s.store, kindOperation, opID, azerr.New(404201, "NotFound", "no operation %q", opID))
+	notFound := azerr.New(404201, "NotFound", "no operation %q for registration %q: register again", opID, regID)
+	rec, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, notFound)
 	if err != nil {
 		return nil, err
 	}
-	if op.RegistrationState == nil || op.RegistrationState.RegistrationID != regID {
-		return nil, azerr.New(404201, "NotFound", "no operation %q for registration %q", opID, regID)
+	if rec.OperationID == "" || rec.OperationID != opID {
+		return nil, notFound
 	}
-	return op, nil
+	rec.ETag = etag
+	return &Operation{OperationID: opID, Status: rec.Status, RegistrationState: &rec.RegistrationState}, nil
+}
+
+// registrationRecord is a registration as stored: its state and the
+// operation that produced it, which the device polls. Only a device's
+// latest operation is kept.
+type registrationRecord struct {
+	RegistrationState
+	OperationID string `json:"lastOperationId,omitempty"`
 }
 
 // AuthenticateDevice checks a device's credentials, as its requests will
@@ -421,17 +431,13 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	} else {
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
-	body, _ := json.Marshal(state)
+	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
+	body, _ := json.Marshal(registrationRecord{*state, op.OperationID})
 	d, err := s.store.Put(ctx, store.Doc{Kind: kindRegistration, ID: regID, Body: body}, "")
 	if err != nil {
 		return nil, err
 	}
 	state.ETag = d.ETag
-	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	opBody, _ := json.Marshal(op)
-	if _, err := s.store.Create(ctx, store.Doc{Kind: kindOperation, ID: op.OperationID, Body: opBody}); err != nil {
-		return nil, err
-	}
 	return op, nil
 }
 
@@ -447,7 +453,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *Registratio
 	}
 	var prevHub *LinkedHub
 	if prev != nil {
-		hubs, err := s.LinkedHubs(ctx)
+		hubs, err := s.cachedHubs(ctx)
 		if err != nil {
 			return nil, err
 		}
@@ -522,6 +528,33 @@ func (s *Service) LinkedHubs(ctx context.Context) ([]*LinkedHub, error) {
 	return hubs, err
 }
 
+// linkedHubsTTL bounds how stale the linked hubs a registration sees may
+// be: a change made through another replica counts within this time.
+const linkedHubsTTL = 2 * time.Second
+
+// cachedHubs are the linked hubs as registrations see them: read from the
+// store at most every linkedHubsTTL, as every registration needs them.
+func (s *Service) cachedHubs(ctx context.Context) ([]*LinkedHub, error) {
+	s.hubs.Lock()
+	defer s.hubs.Unlock()
+	if now := time.Now(); now.Before(s.hubs.until) {
+		return s.hubs.list, nil
+	}
+	hubs, err := s.LinkedHubs(ctx)
+	if err != nil {
+		return nil, err
+	}
+	s.hubs.list, s.hubs.until = hubs, time.Now().Add(linkedHubsTTL)
+	return hubs, nil
+}
+
+// forgetHubs makes the next registration read the linked hubs afresh.
+func (s *Service) forgetHubs() {
+	s.hubs.Lock()
+	s.hubs.until = time.Time{}
+	s.hubs.Unlock()
+}
+
 // LinkHub adds or replaces a linked hub.
 func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 	cs, err := sas.ParseConnectionString(h.ConnectionString)
@@ -533,5 +566,6 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 	}
 	body, _ := json.Marshal(h)
 	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
+	s.forgetHubs()
 	return err
 }

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
@@ -25,7 +26,6 @@ const (
 	kindEnrollment   = "dps.enrollment"
 	kindGroup        = "dps.enrollmentGroup"
 	kindRegistration = "dps.registration"
-	kindOperation    = "dps.operation"
 	kindChallenge    = "dps.challenge"
 	kindLinkedHub    = "dps.linkedHub"
 	kindSettings     = "dps.settings"
@@ -61,7 +61,12 @@ type Service struct {
 	ChallengeTTL time.Duration
 	// CAs resolves X.509 groups' caReferences; nil allows only inline
 	// signingCertificates.
-	CAs CAStore
+	CAs  CAStore
+	hubs struct { // linked hubs, cached for registrations
+		sync.Mutex
+		list  []*LinkedHub
+		until time.Time
+	}
 	// Throttle limits device traffic; nil is no limit.
 	Throttle *Throttle
 	// Webhooks calls custom allocation webhooks (default http.DefaultClient),

@@ -1,6 +1,7 @@
 // Package hubclient calls an IoT hub's registry REST API with a shared
 // access policy's connection string. The provisioning service reaches every
-// linked hub this way, Hatchery's own or any compatible one.
+// linked hub this way, Hatchery's own or any compatible one — except the
+// hub served by its own process, which it writes to directly.
 package hubclient
 
 import (
@@ -9,6 +10,7 @@ import (
 	"encoding/json"
 	"net/http"
 	"net/url"
+	"strings"
 	"sync"
 
 	"github.com/hatchery/hatchery/internal/azclient"
@@ -17,7 +19,16 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 )
 
-// Client talks to one hub.
+// registry is what the provisioning service does to a hub.
+type registry interface {
+	GetDevice(ctx context.Context, id string) (*hub.Device, error)
+	PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error)
+	GetTwin(ctx context.Context, id string) (*hub.Twin, error)
+	// SetTwin merges p into the twin, or replaces tags and desired properties.
+	SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error
+}
+
+// Client talks to one hub over its REST API.
 type Client struct{ rest *azclient.Client }
 
 // New makes a client for the hub of connString; endpoint overrides
@@ -57,20 +68,50 @@ func (c *Client) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
 	return &t, c.do(ctx, http.MethodGet, "/twins/"+url.PathEscape(id), "", nil, &t)
 }
 
-// PatchTwin merges tags and desired properties into a twin.
-func (c *Client) PatchTwin(ctx context.Context, id string, patch any) (*hub.Twin, error) {
-	var t hub.Twin
-	return &t, c.do(ctx, http.MethodPatch, "/twins/"+url.PathEscape(id), "*", patch, &t)
+// SetTwin PATCHes (merges) or PUTs (replaces) a twin.
+func (c *Client) SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error {
+	method := http.MethodPatch
+	if replace {
+		method = http.MethodPut
+	}
+	return c.do(ctx, method, "/twins/"+url.PathEscape(id), "*", p, nil)
 }
 
-// Pool keeps one client per linked hub and implements dps.Registry.
+// local is the hub of this process, reached without a network round trip.
+type local struct{ h *hub.Service }
+
+func (l local) GetDevice(ctx context.Context, id string) (*hub.Device, error) {
+	return l.h.GetIdentity(ctx, hub.Ref{Device: id})
+}
+
+func (l local) PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error) {
+	return l.h.PutIdentity(ctx, hub.Ref{Device: d.DeviceID}, ifMatch, d)
+}
+
+func (l local) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
+	return l.h.GetTwin(ctx, hub.Ref{Device: id})
+}
+
+func (l local) SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error {
+	_, err := l.h.UpdateTwin(ctx, hub.Ref{Device: id}, "", p, replace)
+	return err
+}
+
+// Pool reaches the linked hubs and implements dps.Registry: one REST
+// client per hub, and Local, when set, directly.
 type Pool struct {
-	TLS     *tls.Config
+	TLS *tls.Config
+	// Local is the hub served by this process (on every replica, the same
+	// hub on the same database).
+	Local   *hub.Service
 	mu      sync.Mutex
 	clients map[string]*Client
 }
 
-func (p *Pool) client(h dps.LinkedHub) (*Client, error) {
+func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
+	if p.Local != nil && strings.EqualFold(h.HostName, p.Local.Host()) {
+		return local{p.Local}, nil
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	key := h.ConnectionString + "|" + h.Endpoint
@@ -91,7 +132,7 @@ func (p *Pool) client(h dps.LinkedHub) (*Client, error) {
 // UpsertDevice creates the device with its initial twin, or, if it exists,
 // updates its keys and capabilities and leaves its twin as it is.
 func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevice) error {
-	c, err := p.client(h)
+	c, err := p.registry(h)
 	if err != nil {
 		return err
 	}
@@ -119,20 +160,16 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	if len(d.Tags) == 0 && len(d.Desired) == 0 {
 		return nil
 	}
-	patch := map[string]any{}
-	if len(d.Tags) > 0 {
-		patch["tags"] = d.Tags
+	patch, err := twinPatch(d.Tags, d.Desired, false)
+	if err != nil {
+		return err
 	}
-	if len(d.Desired) > 0 {
-		patch["properties"] = map[string]any{"desired": d.Desired}
-	}
-	_, err = c.PatchTwin(ctx, d.DeviceID, patch)
-	return err
+	return c.SetTwin(ctx, d.DeviceID, patch, false)
 }
 
 // ReadTwin returns a device's tags and desired properties.
 func (p *Pool) ReadTwin(ctx context.Context, h dps.LinkedHub, deviceID string) (*dps.InitialTwin, error) {
-	c, err := p.client(h)
+	c, err := p.registry(h)
 	if err != nil {
 		return nil, err
 	}
@@ -146,20 +183,42 @@ func (p *Pool) ReadTwin(ctx context.Context, h dps.LinkedHub, deviceID string) (
 // ReplaceTwin sets a device's tags and desired properties to t's (the
 // registry drops $metadata and $version from what it is given).
 func (p *Pool) ReplaceTwin(ctx context.Context, h dps.LinkedHub, deviceID string, t *dps.InitialTwin) error {
-	c, err := p.client(h)
+	c, err := p.registry(h)
 	if err != nil {
 		return err
 	}
-	body := map[string]any{"tags": orEmpty(t.Tags), "properties": map[string]any{"desired": json.RawMessage("{}")}}
+	var desired json.RawMessage
 	if t.Properties != nil {
-		body["properties"] = map[string]any{"desired": orEmpty(t.Properties.Desired)}
+		desired = t.Properties.Desired
 	}
-	return c.do(ctx, http.MethodPut, "/twins/"+url.PathEscape(deviceID), "*", body, nil)
+	patch, err := twinPatch(t.Tags, desired, true)
+	if err != nil {
+		return err
+	}
+	return c.SetTwin(ctx, deviceID, patch, true)
 }
 
-func orEmpty(raw json.RawMessage) json.RawMessage {
-	if len(raw) == 0 || string(raw) == "null" {
-		return json.RawMessage("{}")
+// twinPatch makes a twin patch of JSON tags and desired properties; a
+// merge leaves out desired properties it does not change.
+func twinPatch(tags, desired json.RawMessage, replace bool) (*hub.TwinPatch, error) {
+	p := &hub.TwinPatch{Tags: map[string]any{}}
+	if err := decodeObject(tags, &p.Tags); err != nil {
+		return nil, err
 	}
-	return raw
+	if replace || !isNull(desired) {
+		p.Properties = &hub.DesiredPatch{Desired: map[string]any{}}
+		if err := decodeObject(desired, &p.Properties.Desired); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+func isNull(raw json.RawMessage) bool { return len(raw) == 0 || string(raw) == "null" }
+
+func decodeObject(raw json.RawMessage, to *map[string]any) error {
+	if isNull(raw) {
+		return nil
+	}
+	return json.Unmarshal(raw, to)
 }

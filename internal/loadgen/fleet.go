@@ -42,13 +42,20 @@ type FleetConfig struct {
 	// Seed derives the symmetric keys, so a fleet enrolled once can be
 	// provisioned again (SkipEnroll) by another run.
 	Seed        []byte
-	Concurrency int  // devices registering at once
-	KeyPool     int  // TPM: EK/SRK pairs generated and shared among the devices
-	SkipEnroll  bool // the fleet is enrolled already
-	Connect     bool // each provisioned device connects to its hub over MQTT
-	HubPort     int  // the hub's MQTT port (8883)
-	ServerPIDs  []int
-	Progress    io.Writer // progress bars; nil draws none
+	Concurrency int // devices registering at once
+	// Rate, when positive, starts devices at this many per second (an open
+	// loop, as a fleet powering up does) instead of as fast as Concurrency
+	// allows.
+	Rate       float64
+	KeyPool    int  // TPM: EK/SRK pairs generated and shared among the devices
+	SkipEnroll bool // the fleet is enrolled already
+	Connect    bool // each provisioned device connects to its hub over MQTT
+	HubPort    int  // the hub's MQTT port (8883)
+	ServerPIDs []int
+	Progress   io.Writer // progress bars; nil draws none
+	// X25519Only offers only an X25519 key share, as device TLS stacks
+	// without ML-KEM do, instead of Go's default hybrid.
+	X25519Only bool
 }
 
 // FleetResult is what a run measured.
@@ -56,6 +63,7 @@ type FleetResult struct {
 	Devices     int     `json:"devices"`
 	Attestation string  `json:"attestation"`
 	Concurrency int     `json:"concurrency"`
+	Rate        float64 `json:"rate,omitempty"`
 	Enrolled    int     `json:"enrolledBefore"` // enrollments in the service before the run
 	EnrollPerS  float64 `json:"enrollmentsPerSecond,omitempty"`
 	Provisioned int     `json:"provisioned"`
@@ -78,7 +86,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	if cfg.Devices <= 0 || cfg.Concurrency <= 0 {
 		return nil, errors.New("devices and concurrency must be positive")
 	}
-	res := &FleetResult{Devices: cfg.Devices, Attestation: cfg.Attestation, Concurrency: cfg.Concurrency, Errors: map[string]int{}}
+	res := &FleetResult{Devices: cfg.Devices, Attestation: cfg.Attestation, Concurrency: cfg.Concurrency, Rate: cfg.Rate, Errors: map[string]int{}}
 	devs, err := newSimDevices(cfg)
 	if err != nil {
 		return nil, err
@@ -128,7 +136,18 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 			}
 		}()
 	}
+	var tick *time.Ticker
+	if cfg.Rate > 0 {
+		tick = time.NewTicker(time.Duration(float64(time.Second) / cfg.Rate))
+		defer tick.Stop()
+	}
 	for _, d := range devs {
+		if tick != nil {
+			select {
+			case <-tick.C:
+			case <-ctx.Done():
+			}
+		}
 		select {
 		case jobs <- d:
 		case <-ctx.Done():
@@ -251,6 +270,9 @@ func countEnrollments(ctx context.Context, svc *azclient.Client) (int, error) {
 func (d *simDevice) register(ctx context.Context, cfg FleetConfig) (*dpsapi.RegistrationState, error) {
 	conf := cfg.TLS.Clone()
 	conf.NextProtos = nil // HTTP/1.1, as device SDKs speak it
+	if cfg.X25519Only {
+		conf.CurvePreferences = []tls.CurveID{tls.X25519}
+	}
 	tr := &http.Transport{TLSClientConfig: conf, MaxIdleConnsPerHost: 1}
 	defer tr.CloseIdleConnections()
 	c := &provisioning.Client{Endpoint: cfg.Endpoint, IDScope: cfg.IDScope, RegistrationID: d.regID,

@@ -51,7 +51,7 @@ func newEnvAt(t testing.TB, dbPath string) *env {
 	if e.hub, err = hub.Open(ctx, st, host); err != nil {
 		t.Fatal(err)
 	}
-	if e.dps, err = dps.Open(ctx, st, &hubclient.Pool{TLS: e.tls}, host); err != nil {
+	if e.dps, err = dps.Open(ctx, st, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host); err != nil {
 		t.Fatal(err)
 	}
 	e.dps.CAs = e.hub
