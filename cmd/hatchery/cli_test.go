@@ -23,9 +23,10 @@ import (
 
 // cli runs the built binary the way an operator does.
 type cli struct {
-	t       *testing.T
-	bin     string
-	dataDir string
+	t        *testing.T
+	bin      string
+	dataDir  string
+	mqttPort int
 }
 
 func (c *cli) run(args ...string) (string, error) {
@@ -62,9 +63,10 @@ func startServe(t *testing.T) *cli {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
 	port := freePort(t)
+	c.mqttPort = freePort(t)
 	var log bytes.Buffer
 	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port),
-		"--mqtt-port", strconv.Itoa(freePort(t)))
+		"--mqtt-port", strconv.Itoa(c.mqttPort))
 	srv.Stdout, srv.Stderr = &log, &log
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
@@ -343,4 +345,35 @@ func grepLines(out string, words ...string) []string {
 		}
 	}
 	return found
+}
+
+// The fleet simulator enrolls, provisions and connects simulated devices of
+// both kinds against the running server, and says so.
+func TestFleetSimulate(t *testing.T) {
+	c := startServe(t)
+	run := func(args ...string) map[string]any {
+		t.Helper()
+		var r map[string]any
+		out := c.ok(append([]string{"fleet", "simulate", "-o", "json", "--concurrency", "4"}, args...)...)
+		if err := json.Unmarshal([]byte(out[strings.Index(out, "{"):]), &r); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+		return r
+	}
+	r := run("--devices", "30", "--rate", "200")
+	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil {
+		t.Fatalf("symmetric-key fleet: %v", r)
+	}
+	if r := run("--devices", "30", "--skip-enroll"); r["provisioned"] != float64(30) || r["enrolledBefore"] != float64(30) {
+		t.Fatalf("the same fleet again: %v", r)
+	}
+	r = run("--devices", "4", "--attestation", "tpm", "--key-pool", "2", "--prefix", "tpm-", "--connect", "--mqtt-port", strconv.Itoa(c.mqttPort))
+	if r["provisioned"] != float64(4) || r["connected"] != float64(4) {
+		t.Fatalf("TPM fleet: %v", r)
+	}
+	// Devices nobody enrolled fail, by kind.
+	out, err := c.run("fleet", "simulate", "--devices", "3", "--skip-enroll", "--prefix", "ghost-")
+	if err == nil || !strings.Contains(out, "Failed: HTTP 401 (errorCode 401002):") {
+		t.Fatalf("unenrolled fleet: %v\n%s", err, out)
+	}
 }
