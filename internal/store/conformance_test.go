@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // The conformance suite: what every Store answers, run against each
@@ -821,8 +823,8 @@ func testEventCursor(t *testing.T, replicas []Store) {
 func BenchmarkPutGet(b *testing.B) {
 	b.Run("sqlite", func(b *testing.B) { benchPutGet(b, sqliteBackend) })
 	b.Run("postgres", func(b *testing.B) {
-		pg := startPostgres(b)
-		benchPutGet(b, backend{name: "postgres", newDB: pg.newDatabase, exec: pg.exec})
+		pg := testutil.StartPostgres(b)
+		benchPutGet(b, backend{name: "postgres", newDB: pg.NewDatabase, exec: pg.Exec})
 	})
 }
 
