@@ -43,4 +43,3 @@ func TestOpenPostgresURL(t *testing.T) {
 		t.Errorf("the error shows the password: %v", err)
 	}
 }
-
