@@ -23,10 +23,10 @@ import (
 
 // cli runs the built binary the way an operator does.
 type cli struct {
-	t        *testing.T
-	bin      string
-	dataDir  string
-	mqttPort int
+	t                   *testing.T
+	bin                 string
+	dataDir             string
+	httpsPort, mqttPort int
 }
 
 func (c *cli) run(args ...string) (string, error) {
@@ -56,17 +56,25 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-func startServe(t *testing.T) *cli {
-	t.Helper()
-	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+func startServe(t *testing.T) *cli { return startServeOn(t) }
+
+func (c *cli) build() {
 	if out, err := exec.Command("go", "build", "-o", c.bin, ".").CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
+		c.t.Fatalf("build: %v\n%s", err, out)
 	}
+}
+
+// serve starts `hatchery serve` on c's data directory with free ports and
+// waits for it; it returns the HTTPS port.
+func (c *cli) serve(extra ...string) int {
+	t := c.t
+	t.Helper()
 	port := freePort(t)
 	c.mqttPort = freePort(t)
 	var log bytes.Buffer
-	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port),
-		"--mqtt-port", strconv.Itoa(c.mqttPort))
+	args := append([]string{"serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port),
+		"--mqtt-port", strconv.Itoa(c.mqttPort)}, extra...)
+	srv := exec.Command(c.bin, args...)
 	srv.Stdout, srv.Stderr = &log, &log
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
@@ -82,7 +90,7 @@ func startServe(t *testing.T) *cli {
 		if conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port)); err == nil {
 			conn.Close()
 			if _, err := os.Stat(filepath.Join(c.dataDir, endpointFile)); err == nil {
-				return c
+				return port
 			}
 		}
 		if time.Now().After(deadline) {

@@ -36,6 +36,9 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 		return nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
 	database, _ := cmd.Flags().GetString("database")
+	if ep.ExternalDatabase && database == "" {
+		return nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
+	}
 	st, err := store.Open(cmd.Context(), database, dir)
 	if err != nil {
 		return nil, err

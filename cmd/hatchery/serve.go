@@ -35,6 +35,9 @@ type endpoint struct {
 	HostName  string `json:"hostName"`
 	HTTPSPort int    `json:"httpsPort"`
 	CACert    string `json:"caCertificate"`
+	// ExternalDatabase says the server keeps its state in PostgreSQL, not
+	// in the data directory (the URL, with its password, is not written).
+	ExternalDatabase bool `json:"externalDatabase,omitempty"`
 }
 
 func (e endpoint) url() string {
@@ -145,7 +148,7 @@ func serve(ctx context.Context, o serveOptions) error {
 			return err
 		}
 	}
-	ep, _ := json.MarshalIndent(endpoint{HostName: host, HTTPSPort: port, CACert: files.CACert}, "", "  ")
+	ep, _ := json.MarshalIndent(endpoint{HostName: host, HTTPSPort: port, CACert: files.CACert, ExternalDatabase: database != ""}, "", "  ")
 	if err := os.WriteFile(filepath.Join(dir, endpointFile), ep, 0o644); err != nil {
 		return err
 	}

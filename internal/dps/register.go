@@ -11,6 +11,7 @@ import (
 	"io"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -133,7 +134,7 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	if err != nil {
 		return nil, err
 	}
-	if rec.OperationID == "" || rec.OperationID != opID {
+	if !slices.Contains(rec.Operations, opID) {
 		return nil, notFound
 	}
 	rec.ETag = etag
@@ -141,11 +142,10 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 }
 
 // registrationRecord is a registration as stored: its state and the
-// operation that produced it, which the device polls. Only a device's
-// latest operation is kept.
+// device's recent operations, newest first, which it polls.
 type registrationRecord struct {
 	RegistrationState
-	OperationID string `json:"lastOperationId,omitempty"`
+	Operations []string `json:"operations,omitempty"`
 }
 
 // AuthenticateDevice checks a device's credentials, as its requests will
@@ -432,13 +432,46 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
 	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	body, _ := json.Marshal(registrationRecord{*state, op.OperationID})
-	d, err := s.store.Put(ctx, store.Doc{Kind: kindRegistration, ID: regID, Body: body}, "")
+	etag, err := s.record(ctx, state, op.OperationID)
 	if err != nil {
 		return nil, err
 	}
-	state.ETag = d.ETag
+	state.ETag = etag
 	return op, nil
+}
+
+// recentOperations is how many of a device's operations stay answerable:
+// a device that retried while its first request was still running may poll
+// either. All of them answer with the latest state, the one in the hub.
+const recentOperations = 16
+
+// record stores a registration and its operation, keeping the IDs of the
+// device's recent operations; concurrent registrations of one device (on
+// any replica) each add theirs.
+func (s *Service) record(ctx context.Context, state *RegistrationState, opID string) (string, error) {
+	for {
+		old, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, state.RegistrationID, nil)
+		if err != nil {
+			return "", err
+		}
+		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
+		if old != nil {
+			rec.Operations = append(rec.Operations, old.Operations...)
+			rec.Operations = rec.Operations[:min(len(rec.Operations), recentOperations)]
+		}
+		body, _ := json.Marshal(rec)
+		doc := store.Doc{Kind: kindRegistration, ID: state.RegistrationID, Body: body}
+		var d store.Doc
+		if old == nil {
+			d, err = s.store.Create(ctx, doc)
+		} else {
+			d, err = s.store.Put(ctx, doc, etag)
+		}
+		if errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) {
+			continue // another registration of this device wrote first: add to it
+		}
+		return d.ETag, err
+	}
 }
 
 // place chooses the device's hub and writes the device there. A device

@@ -1,0 +1,154 @@
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/json"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/softtpm"
+	"github.com/hatchery/hatchery/internal/testutil"
+	"github.com/hatchery/hatchery/internal/tpm"
+)
+
+// Two `hatchery serve` replicas on one PostgreSQL database serve one
+// device whose requests alternate between them: the TPM challenge from one,
+// the signed registration to the other, the poll to the first. Concurrent
+// retries of one device leave one registration and one hub identity.
+func TestReplicasOnOneDatabase(t *testing.T) {
+	dsn := testutil.StartPostgres(t).NewDatabase(t)
+	a := startServeOn(t, "--database", dsn)
+	// The replicas share the PKI: the CA clients trust and the certificate.
+	tlsDir := filepath.Join(a.dataDir, "tls")
+	b := &cli{t: t, bin: a.bin, dataDir: t.TempDir()}
+	if out, err := exec.Command("cp", "-a", tlsDir, b.dataDir).CombinedOutput(); err != nil {
+		t.Fatalf("copying the PKI: %v %s", err, out)
+	}
+	portB := b.serve("--database", dsn)
+	// The CLI needs the database too, and says so.
+	if out, err := a.run("info"); err == nil || !strings.Contains(out, "pass the same --database") {
+		t.Fatalf("info without --database: %v %s", err, out)
+	}
+	t.Setenv("HATCHERY_DATABASE", dsn)
+	var info siteInfo
+	if err := json.Unmarshal([]byte(a.ok("info", "-o", "json")), &info); err != nil {
+		t.Fatal(err)
+	}
+	if out := b.ok("info", "-o", "json"); !strings.Contains(out, info.IDScope) {
+		t.Fatalf("the replicas have different ID scopes: %s vs %s", info.IDScope, out)
+	}
+	caPEM, _ := os.ReadFile(filepath.Join(tlsDir, "ca.pem"))
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	tlsConf := &tls.Config{RootCAs: roots, ServerName: "localhost"}
+
+	// Each request on a new connection, to replica A, B, A, …
+	var turn atomic.Int64
+	replicas := []string{"127.0.0.1:" + strconv.Itoa(a.httpsPort), "127.0.0.1:" + strconv.Itoa(portB)}
+	var mu sync.Mutex
+	var hits []string
+	alternating := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf, DisableKeepAlives: true,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			addr := replicas[turn.Add(1)%2]
+			mu.Lock()
+			hits = append(hits, addr)
+			mu.Unlock()
+			return (&net.Dialer{}).DialContext(ctx, network, addr)
+		}}}
+	device := func(id string) *provisioning.Client {
+		return &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: id, HTTP: alternating, MaxPolls: 5}
+	}
+
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := softtpm.New(keys)
+	ek, _ := dev.EndorsementKey()
+	a.ok("enrollment", "create", "--attestation-type", "tpm", "--registration-id", "rep-tpm", "--endorsement-key", base64.StdEncoding.EncodeToString(ek))
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	res, err := device("rep-tpm").RegisterTPM(context.Background(), dev, handle)
+	if err != nil {
+		t.Fatalf("TPM registration across replicas: %v", err)
+	}
+	if len(hits) < 3 || hits[0] == hits[1] || hits[1] == hits[2] {
+		t.Fatalf("the requests did not alternate between the replicas: %v", hits)
+	}
+	// The hub key the device received works on the other replica's hub endpoint.
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	hc, err := hubdevice.Dial(ctx, hubdevice.Options{Host: "localhost", Port: b.mqttPort, DeviceID: res.DeviceID, TLS: tlsConf,
+		Sign: func(aud string, exp time.Time) (string, error) {
+			return sas.BuildSigned(func(d []byte) ([]byte, error) { return dev.HMAC(handle, d) }, aud, "", exp)
+		}})
+	if err != nil {
+		t.Fatalf("the provisioned TPM device on replica B's hub endpoint: %v", err)
+	}
+	hc.Close()
+
+	// Concurrent retries of one symmetric-key device, through both replicas.
+	var e struct {
+		Attestation struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"attestation"`
+	}
+	if err := json.Unmarshal([]byte(a.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "rep-sym", "-o", "json")), &e); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
+	var wg sync.WaitGroup
+	errs := make(chan error, 8)
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			_, err := device("rep-sym").RegisterSymmetricKey(context.Background(), key)
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Errorf("a concurrent registration failed: %v", err)
+		}
+	}
+	var regs []map[string]any
+	if err := json.Unmarshal([]byte(b.ok("registration", "list", "-o", "json")), &regs); err != nil {
+		t.Fatal(err)
+	}
+	if len(regs) != 2 {
+		t.Fatalf("%d registration records for two devices: %v", len(regs), regs)
+	}
+	var devices []map[string]any
+	if err := json.Unmarshal([]byte(b.ok("device", "list", "-o", "json")), &devices); err != nil {
+		t.Fatal(err)
+	}
+	if len(devices) != 2 {
+		t.Fatalf("%d hub identities for two devices: %v", len(devices), devices)
+	}
+}
+
+// startServeOn builds the binary and starts one server with extra flags.
+func startServeOn(t *testing.T, extra ...string) *cli {
+	t.Helper()
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	c.build()
+	c.httpsPort = c.serve(extra...)
+	return c
+}
