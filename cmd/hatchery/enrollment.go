@@ -304,7 +304,7 @@ func enrollmentCmd() *cobra.Command {
 	}}
 	idFlag(del)
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
-		all, err := queryAll[dps.Enrollment](cmd, dpsClient, "/enrollments/query")
+		all, err := queryAll[dps.Enrollment](cmd, dpsClient, "/enrollments/query", "*")
 		if err != nil {
 			return err
 		}
@@ -433,7 +433,7 @@ func putEnrollment[T any](cmd *cobra.Command, path string, update bool, fresh *T
 }
 
 // queryAll follows continuation tokens to the end.
-func queryAll[T any](cmd *cobra.Command, svc service, path string) ([]*T, error) {
+func queryAll[T any](cmd *cobra.Command, svc service, path, query string) ([]*T, error) {
 	c, err := svc(cmd)
 	if err != nil {
 		return nil, err
@@ -446,7 +446,7 @@ func queryAll[T any](cmd *cobra.Command, svc service, path string) ([]*T, error)
 		if cont != "" {
 			h["x-ms-continuation"] = cont
 		}
-		resp, err := c.DoHeaders(cmd.Context(), "POST", path, "", h, map[string]string{"query": "*"}, &page)
+		resp, err := c.DoHeaders(cmd.Context(), "POST", path, "", h, map[string]string{"query": query}, &page)
 		if err != nil {
 			return nil, err
 		}

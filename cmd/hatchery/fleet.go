@@ -31,6 +31,7 @@ func fleetCmd() *cobra.Command {
 func fleetSimulateCmd() *cobra.Command {
 	var o struct {
 		devices, concurrency, keyPool, mqttPort int
+		retries                                 int
 		rate                                    float64
 		attestation, prefix                     string
 		replicas                                []string
@@ -121,7 +122,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
 					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
 					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
-					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(len(endpoints))}
+					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(len(endpoints)), Retries: o.retries}
 				if i == 0 {
 					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
 				}
@@ -151,6 +152,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
 	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
+	f.IntVar(&o.retries, "retries", 0, "how often a device whose registration failed tries again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
@@ -180,6 +182,7 @@ func merge(rs []*loadgen.FleetResult) *loadgen.FleetResult {
 			m.Devices += r.Devices
 			m.Provisioned += r.Provisioned
 			m.Connected += r.Connected
+			m.Retried += r.Retried
 			m.Concurrency += r.Concurrency
 			m.Latency.Max = max(m.Latency.Max, r.Latency.Max)
 			m.Latency.P99 = max(m.Latency.P99, r.Latency.P99) // the worst replica's
@@ -205,6 +208,9 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	}
 	if r.EnrollPerS > 0 {
 		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
+	}
+	if r.Retried > 0 {
+		rows = append(rows, [2]string{"Registrations tried again", strconv.Itoa(r.Retried)})
 	}
 	if r.Connected > 0 {
 		rows = append(rows, [2]string{"Connected to the hub", strconv.Itoa(r.Connected)})

@@ -51,7 +51,7 @@ func groupCmd() *cobra.Command {
 	}}
 	idFlag(del)
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
-		all, err := queryAll[dps.EnrollmentGroup](cmd, dpsClient, "/enrollmentGroups/query")
+		all, err := queryAll[dps.EnrollmentGroup](cmd, dpsClient, "/enrollmentGroups/query", "*")
 		if err != nil {
 			return err
 		}
@@ -111,7 +111,7 @@ func registrationCmd() *cobra.Command {
 		if gid == "" {
 			gid = "*"
 		}
-		all, err := queryAll[dps.RegistrationState](cmd, dpsClient, "/registrations/"+url.PathEscape(gid)+"/query")
+		all, err := queryAll[dps.RegistrationState](cmd, dpsClient, "/registrations/"+url.PathEscape(gid)+"/query", "*")
 		if err != nil {
 			return err
 		}

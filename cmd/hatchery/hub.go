@@ -98,12 +98,12 @@ func deviceCmd() *cobra.Command {
 		return c
 	}
 	list := &cobra.Command{Use: "list", Short: "List devices", RunE: func(cmd *cobra.Command, _ []string) error {
-		ds, err := call[[]hub.Device](cmd, hubClient, "GET", "/devices?top=1000", "", nil)
+		ds, err := queryAll[hub.Twin](cmd, hubClient, "/devices/query", "SELECT * FROM devices")
 		if err != nil {
 			return err
 		}
-		rows := make([][]string, 0, len(*ds))
-		for _, d := range *ds {
+		rows := make([][]string, 0, len(ds))
+		for _, d := range ds {
 			rows = append(rows, []string{d.DeviceID, d.Status, strconv.FormatBool(d.Capabilities.IoTEdge), d.ConnectionState})
 		}
 		return renderTable(cmd, ds, []string{"DEVICE ID", "STATUS", "EDGE", "CONNECTION"}, rows)

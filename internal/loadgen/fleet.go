@@ -53,6 +53,9 @@ type FleetConfig struct {
 	HubPort    int  // the hub's MQTT port (8883)
 	ServerPIDs []int
 	Progress   io.Writer // progress bars; nil draws none
+	// Retries is how often a device whose registration failed tries again
+	// (after 1, 2, 4 … seconds), as real devices do.
+	Retries int
 	// X25519Only offers only an X25519 key share, as device TLS stacks
 	// without ML-KEM do, instead of Go's default hybrid.
 	X25519Only bool
@@ -71,6 +74,7 @@ type FleetResult struct {
 	PerSecond   float64 `json:"registrationsPerSecond"`
 	Latency     Latency `json:"latency"`
 	Connected   int     `json:"connected,omitempty"`
+	Retried     int     `json:"retried,omitempty"` // registrations tried again after a failure
 	// Errors counts failed devices by kind.
 	Errors map[string]int `json:"errors"`
 	// ServerCPUPerReg and SimCPUPerReg are CPU milliseconds per
@@ -106,7 +110,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	sim0 := selfCPU()
 	var hist Histogram
 	var mu sync.Mutex
-	var connected atomic.Int64
+	var connected, retried atomic.Int64
 	bar := newBar(cfg.Progress, "provisioning", len(devs))
 	jobs := make(chan *simDevice)
 	var wg sync.WaitGroup
@@ -118,6 +122,14 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 			for d := range jobs {
 				t0 := time.Now()
 				state, err := d.register(ctx, cfg)
+				for attempt := 0; err != nil && attempt < cfg.Retries && ctx.Err() == nil; attempt++ {
+					retried.Add(1)
+					select {
+					case <-time.After(time.Second << attempt):
+					case <-ctx.Done():
+					}
+					state, err = d.register(ctx, cfg)
+				}
 				if err == nil {
 					hist.Record(time.Since(t0))
 					if cfg.Connect {
@@ -161,6 +173,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	res.Provisioned = int(res.Latency.Count)
 	res.PerSecond = float64(res.Provisioned) / res.Seconds
 	res.Connected = int(connected.Load())
+	res.Retried = int(retried.Load())
 	if res.Provisioned > 0 {
 		if server1 := serverCPU(cfg.ServerPIDs); server0 >= 0 && server1 >= 0 {
 			res.ServerCPUPerReg = (server1 - server0) * 1000 / float64(res.Provisioned)
