@@ -28,6 +28,7 @@ import (
 	"strconv"
 	"syscall"
 
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
 	"github.com/pelletier/go-toml/v2"
@@ -173,7 +174,7 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	}
 	slog.Info("aziot-tpmd serving", "socket", s.socket, "tcti", s.tcti,
 		"identityHandle", fmt.Sprintf("0x%08x", tpm.IdentityHandle(s.authKeyIndex)),
-		"registrationId", tpm.RegistrationID(ek), "uid", os.Getuid())
+		"registrationId", attest.RegistrationID(ek), "uid", os.Getuid())
 	err = tpmservice.ServeListener(ctx, l, tpmservice.NewServer(dev, s.authKeyIndex))
 	slog.Info("aziot-tpmd stopped")
 	return err

@@ -14,8 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/testutil"
-	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
@@ -119,7 +119,7 @@ func TestRun(t *testing.T) {
 	if err := <-exited; err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(logs.String(), "registrationId="+tpm.RegistrationID(ek)) || !strings.Contains(logs.String(), "identityHandle=0x81000100") {
+	if !strings.Contains(logs.String(), "registrationId="+attest.RegistrationID(ek)) || !strings.Contains(logs.String(), "identityHandle=0x81000100") {
 		t.Errorf("startup log:\n%s", logs.String())
 	}
 	if _, err := os.Stat(sock); err == nil {

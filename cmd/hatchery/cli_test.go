@@ -228,7 +228,7 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--initial-twin-tags", "{bad"}, "not valid JSON"},
 		{[]string{"enrollment", "create", "--registration-id", "x"}, "--attestation-type is required"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "tpm", "--endorsement-key", "AAAA"}, "endorsementKey is not a TPM2B_PUBLIC"},
-		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "tpm"}, "individual enrollments only"},
+		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "tpm"}, "ekCertificateAuthorities"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--certificate-path", devPath}, "need --attestation-type x509"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "x509", "--certificate-path", caPath + ".missing"}, "no such file"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--certificate-path", devPath}, "not a CA certificate"},

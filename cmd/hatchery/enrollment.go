@@ -229,8 +229,17 @@ func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestat
 	if !paths && !names {
 		return nil
 	}
+	if att.Type == dps.AttestationTPM && !f.individual && paths && !names {
+		// A TPM group: the manufacturers' CA certificates.
+		certs, err := f.readCertificates()
+		if err != nil {
+			return err
+		}
+		att.TPM = &dps.TPMAttestation{EKCertificateAuthorities: certs}
+		return nil
+	}
 	if att.Type != dps.AttestationX509 || att.X509 == nil {
-		return fmt.Errorf("--certificate-path and --ca-name need --attestation-type x509")
+		return fmt.Errorf("--certificate-path and --ca-name need --attestation-type x509 (or tpm, for a group of TPMs with EK certificates)")
 	}
 	if names {
 		if paths {
@@ -240,6 +249,20 @@ func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestat
 		att.X509.CAReferences = &dps.X509CAReferences{Primary: f.caName, Secondary: f.secondaryCAName}
 		return nil
 	}
+	certs, err := f.readCertificates()
+	if err != nil {
+		return err
+	}
+	if f.individual {
+		att.X509.ClientCertificates = certs
+	} else {
+		att.X509.SigningCertificates, att.X509.CAReferences = certs, nil
+	}
+	return nil
+}
+
+// readCertificates reads --certificate-path and --secondary-certificate-path.
+func (f *enrollmentFlags) readCertificates() (*dps.X509Certificates, error) {
 	certs := &dps.X509Certificates{}
 	for _, p := range []struct {
 		path string
@@ -250,16 +273,11 @@ func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestat
 		}
 		pem, err := os.ReadFile(p.path)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		*p.to = &dps.X509CertificateWithInfo{Certificate: string(pem)}
 	}
-	if f.individual {
-		att.X509.ClientCertificates = certs
-	} else {
-		att.X509.SigningCertificates, att.X509.CAReferences = certs, nil
-	}
-	return nil
+	return certs, nil
 }
 
 func enrollmentCmd() *cobra.Command {

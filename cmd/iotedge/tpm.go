@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/spf13/cobra"
 )
@@ -50,9 +51,9 @@ func provisionInfo(w io.Writer, tcti, output string, legacy bool) error {
 	if err != nil {
 		return err
 	}
-	id := tpm.RegistrationID(ek)
+	id := attest.RegistrationID(ek)
 	if legacy {
-		id = tpm.LegacyRegistrationID(ek)
+		id = attest.LegacyRegistrationID(ek)
 	}
 	key := base64.StdEncoding.EncodeToString(ek)
 	if output == "json" {

@@ -10,10 +10,13 @@ import (
 	"crypto/hmac"
 	"crypto/rsa"
 	"crypto/sha256"
+	"encoding/base32"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -197,4 +200,19 @@ func cfb(key, b []byte) {
 	c, _ := aes.NewCipher(key) // key is always 16 bytes
 	//lint:ignore SA1019 the TPM's wrapping format is AES-CFB; integrity comes from its HMAC.
 	cipher.NewCFBEncrypter(c, make([]byte, aes.BlockSize)).XORKeyStream(b, b)
+}
+
+// RegistrationID is the registration ID of the seed script: lowercase hex of
+// SHA-256 over the EK's TPM2B_PUBLIC, size prefix included.
+func RegistrationID(ekPub []byte) string {
+	sum := sha256.Sum256(ekPub)
+	return hex.EncodeToString(sum[:])
+}
+
+// LegacyRegistrationID is the registration ID of the C SDK's
+// tpm_device_provision and of the Node SDK: the same digest in RFC 4648
+// base32, lowercased, without padding.
+func LegacyRegistrationID(ekPub []byte) string {
+	sum := sha256.Sum256(ekPub)
+	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
 }

@@ -61,6 +61,9 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		}
 		return checkKey("attestation.symmetricKey.secondaryKey", k.SecondaryKey)
 	case AttestationTPM:
+		if group {
+			return nil // checkTPMGroup has checked it
+		}
 		if att.TPM == nil || att.TPM.EndorsementKey == "" {
 			return azerr.BadRequest("attestation.tpm.endorsementKey is required for a TPM enrollment: " +
 				"read it on the device with `iotedge tpm provision-info`")
@@ -209,8 +212,9 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	}
 	g.EnrollmentGroupID = id
 	if g.Attestation.Type == AttestationTPM {
-		return nil, azerr.BadRequest("enrollment group %q: TPM attestation works with individual enrollments only; "+
-			"create one enrollment per device with its endorsement key, or use a symmetricKey group", id)
+		if err := checkTPMGroup(g.Attestation.TPM); err != nil {
+			return nil, err
+		}
 	}
 	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
 		return nil, err

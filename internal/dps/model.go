@@ -92,10 +92,12 @@ type Attestation struct {
 	SymmetricKey *SymmetricKeyAttestation `json:"symmetricKey,omitempty"`
 }
 
-// TPMAttestation holds base64 TPM2B_PUBLIC encodings.
+// TPMAttestation holds base64 TPM2B_PUBLIC encodings (individual
+// enrollments) or the CA certificates of TPM manufacturers (groups).
 type TPMAttestation struct {
-	EndorsementKey string `json:"endorsementKey"`
-	StorageRootKey string `json:"storageRootKey,omitempty"`
+	EndorsementKey           string            `json:"endorsementKey,omitempty"`
+	StorageRootKey           string            `json:"storageRootKey,omitempty"`
+	EKCertificateAuthorities *X509Certificates `json:"ekCertificateAuthorities,omitempty"`
 }
 
 // SymmetricKeyAttestation holds base64 keys.

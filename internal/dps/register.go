@@ -44,13 +44,18 @@ type registerBody struct {
 	TPM            *struct {
 		EndorsementKey string `json:"endorsementKey"`
 		StorageRootKey string `json:"storageRootKey"`
+		// EndorsementKeyCertificate (base64 DER, a Hatchery extension)
+		// lets a device of a TPM group register without an enrollment.
+		EndorsementKeyCertificate string `json:"endorsementKeyCertificate,omitempty"`
 	} `json:"tpm"`
 	Payload json.RawMessage `json:"payload"`
 }
 
-// challenge is a pending TPM challenge: the key the device must sign with.
+// challenge is a pending TPM challenge: the key the device must sign with,
+// and for a device of a TPM group, the group its EK certificate chains to.
 type challenge struct {
 	Key            string    `json:"key"`
+	Group          string    `json:"group,omitempty"`
 	EndorsementKey string    `json:"endorsementKey"`
 	StorageRootKey string    `json:"storageRootKey"`
 	Expires        time.Time `json:"expires"`
@@ -200,13 +205,6 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if body.TPM == nil || body.TPM.EndorsementKey == "" {
 		return nil, unauthorized(regID, "no SharedAccessSignature in the Authorization header")
 	}
-	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, unauthorized(regID, "no TPM enrollment has this registration ID"))
-	if err != nil {
-		return nil, err
-	}
-	if e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil {
-		return nil, unauthorized(regID, "the enrollment does not use TPM attestation")
-	}
 	ek, err := decodeEK("tpm.endorsementKey", body.TPM.EndorsementKey)
 	if err != nil {
 		return nil, err
@@ -215,16 +213,34 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err != nil {
 		return nil, err
 	}
-	enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
-	if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
-		return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
+	if err != nil {
+		return nil, err
+	}
+	group := ""
+	switch {
+	case e == nil && body.TPM.EndorsementKeyCertificate != "":
+		g, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
+		if err != nil {
+			return nil, err
+		}
+		group = g.EnrollmentGroupID
+	case e == nil:
+		return nil, unauthorized(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
+	case e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil:
+		return nil, unauthorized(regID, "the enrollment does not use TPM attestation")
+	default:
+		enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
+		if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
+			return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
+		}
 	}
 	key := s.newKey()
 	blob, err := s.activationBlob(ek, srk, key)
 	if err != nil {
 		return nil, err
 	}
-	c := challenge{Key: key, EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
+	c := challenge{Key: key, Group: group, EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
 		Expires: s.Now().Add(s.ChallengeTTL)}
 	doc, _ := json.Marshal(c)
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindChallenge, ID: regID, Body: doc}, ""); err != nil {
@@ -287,7 +303,28 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		}
 		return nil, unauthorized(regID, "the enrollment's attestation is not supported")
 	}
+	if c, _, err := get[challenge](ctx, s.store, kindChallenge, regID, nil); err != nil {
+		return nil, err
+	} else if c != nil && c.Group != "" {
+		return s.authenticateTPMGroup(ctx, regID, tok, c, now)
+	}
 	return s.authenticateGroup(ctx, regID, tok, now)
+}
+
+// authenticateTPMGroup verifies the token of a TPM group's device against
+// its pending challenge.
+func (s *Service) authenticateTPMGroup(ctx context.Context, regID string, tok *sas.Token, c *challenge, now time.Time) (*attestation, error) {
+	if now.After(c.Expires) {
+		return nil, unauthorized(regID, "no TPM challenge is pending: send the registration without Authorization first")
+	}
+	if err := tok.Verify(now, sas.Keys(c.Key)...); err != nil {
+		return nil, unauthorized(regID, err.Error())
+	}
+	g, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, c.Group, unauthorized(regID, "its TPM group was deleted"))
+	if err != nil {
+		return nil, err
+	}
+	return &attestation{group: g, challenge: c}, nil
 }
 
 // authenticateGroup finds the symmetric-key group whose derived key signed tok.

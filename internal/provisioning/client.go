@@ -49,6 +49,13 @@ type TPM interface {
 	HMAC(handle uint32, data []byte) ([]byte, error)
 }
 
+// EKCertificate is what a TPM with a manufacturer's EK certificate has;
+// the certificate lets a device of a TPM group register without an
+// enrollment of its own.
+type EKCertificate interface {
+	EndorsementCertificate() ([]byte, error) // DER; nil if there is none
+}
+
 // Error is a registration the service refused or failed.
 type Error struct {
 	Status    int
@@ -91,6 +98,11 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dpsapi
 	tpmBody := map[string]string{
 		"endorsementKey": base64.StdEncoding.EncodeToString(ek),
 		"storageRootKey": base64.StdEncoding.EncodeToString(srk),
+	}
+	if ec, ok := t.(EKCertificate); ok {
+		if cert, err := ec.EndorsementCertificate(); err == nil && len(cert) > 0 {
+			tpmBody["endorsementKeyCertificate"] = base64.StdEncoding.EncodeToString(cert)
+		}
 	}
 	status, body, _, err := c.send(ctx, http.MethodPut, c.path("/register"), "", c.body(tpmBody))
 	if err != nil {

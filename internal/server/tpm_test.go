@@ -11,6 +11,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
@@ -28,7 +29,7 @@ func TestTPMRegistrationWithGoClient(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	regID := tpm.RegistrationID(ek)
+	regID := attest.RegistrationID(ek)
 	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, DeviceID: "tpm-edge-1",
 		Attestation:  dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}},
 		Capabilities: &dps.Capabilities{IoTEdge: true},
@@ -107,7 +108,7 @@ func TestTPMDeviceConnectsOverMQTT(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	regID := tpm.RegistrationID(ek)
+	regID := attest.RegistrationID(ek)
 	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, DeviceID: "tpm-mqtt",
 		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
 	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)

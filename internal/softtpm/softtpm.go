@@ -14,10 +14,13 @@ import (
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/subtle"
+	"crypto/x509"
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"math/big"
 	"sync"
+	"time"
 
 	"github.com/google/go-tpm/tpm2"
 )
@@ -28,6 +31,20 @@ import (
 type Keys struct {
 	ek, srk       *rsa.PrivateKey
 	ekPub, srkPub []byte // TPM2B_PUBLIC
+	ekCert        []byte // DER, if the "manufacturer" issued one
+}
+
+// Certify issues the EK a certificate from a manufacturer CA, as TPM
+// makers do at production.
+func (k *Keys) Certify(ca *x509.Certificate, caKey crypto.Signer) error {
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), NotBefore: time.Now().Add(-time.Hour),
+		NotAfter: time.Now().AddDate(10, 0, 0), KeyUsage: x509.KeyUsageKeyEncipherment}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.ek.PublicKey, caKey)
+	if err != nil {
+		return err
+	}
+	k.ekCert = der
+	return nil
 }
 
 // Object attributes of the EK (the TCG default template) and the SRK.
@@ -87,6 +104,9 @@ func New(keys *Keys) *TPM { return &TPM{keys: keys, hmac: map[uint32][]byte{}} }
 
 // EndorsementKey returns the EK's TPM2B_PUBLIC.
 func (t *TPM) EndorsementKey() ([]byte, error) { return t.keys.ekPub, nil }
+
+// EndorsementCertificate returns the EK certificate (DER), nil if none.
+func (t *TPM) EndorsementCertificate() ([]byte, error) { return t.keys.ekCert, nil }
 
 // StorageRootKey returns the SRK's TPM2B_PUBLIC.
 func (t *TPM) StorageRootKey() ([]byte, error) { return t.keys.srkPub, nil }

@@ -5,13 +5,9 @@
 package tpm
 
 import (
-	"crypto/sha256"
-	"encoding/base32"
 	"encoding/binary"
-	"encoding/hex"
 	"errors"
 	"fmt"
-	"strings"
 	"sync"
 
 	"github.com/google/go-tpm/tpm2"
@@ -279,21 +275,6 @@ func splitBlob(blob []byte) (blobParts, error) {
 		return blobParts{}, fmt.Errorf("activation blob: %d unexpected bytes after the URI data", len(rest))
 	}
 	return blobParts{parts[0], parts[1], parts[2], parts[3], parts[4]}, nil
-}
-
-// RegistrationID is the registration ID of the seed script: lowercase hex of
-// SHA-256 over the EK's TPM2B_PUBLIC, size prefix included.
-func RegistrationID(ekPub []byte) string {
-	sum := sha256.Sum256(ekPub)
-	return hex.EncodeToString(sum[:])
-}
-
-// LegacyRegistrationID is the registration ID of the C SDK's
-// tpm_device_provision and of the Node SDK: the same digest in RFC 4648
-// base32, lowercased, without padding.
-func LegacyRegistrationID(ekPub []byte) string {
-	sum := sha256.Sum256(ekPub)
-	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
 }
 
 // sized prefixes b with its u16 size, making a TPM2B.

@@ -206,15 +206,7 @@ func TestLockout(t *testing.T) {
 	}
 }
 
-func TestRegistrationID(t *testing.T) {
-	ek := []byte("abc")
-	// SHA-256("abc"), in hex and in base32 (from Python's base64.b32encode).
-	if got, want := RegistrationID(ek), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"; got != want {
-		t.Errorf("RegistrationID = %s, want %s", got, want)
-	}
-	if got, want := LegacyRegistrationID(ek), "xj4bnp4pahh6uqkbidpf3lrceoyagyndsylxvhfucd7wd4qacwwq"; got != want {
-		t.Errorf("LegacyRegistrationID = %s, want %s", got, want)
-	}
+func TestIdentityHandle(t *testing.T) {
 	if IdentityHandle(DefaultAuthKeyIndex) != 0x81000100 {
 		t.Error("IdentityHandle(DefaultAuthKeyIndex) != 0x81000100")
 	}

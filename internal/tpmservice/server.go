@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
 
@@ -136,7 +137,7 @@ func (s *Server) endorsementKey([]byte) (any, error) {
 	if err != nil {
 		return nil, tpmError(err, 0)
 	}
-	return endorsementKeyResponse{ek, tpm.RegistrationID(ek)}, nil
+	return endorsementKeyResponse{ek, attest.RegistrationID(ek)}, nil
 }
 
 func (s *Server) storageRootKey([]byte) (any, error) {

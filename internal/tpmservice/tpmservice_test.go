@@ -137,7 +137,7 @@ func TestService(t *testing.T) {
 	}
 	status, body := raw(t, sock, "GET", "/endorsement-key", "")
 	var rsp endorsementKeyResponse
-	if status != 200 || json.Unmarshal(body, &rsp) != nil || rsp.RegistrationID != tpm.RegistrationID(ek) || !bytes.Equal(rsp.EndorsementKey, ek) {
+	if status != 200 || json.Unmarshal(body, &rsp) != nil || rsp.RegistrationID != attest.RegistrationID(ek) || !bytes.Equal(rsp.EndorsementKey, ek) {
 		t.Errorf("GET /endorsement-key: %d %s", status, body)
 	}
 

@@ -1,0 +1,82 @@
+package dps
+
+import (
+	"context"
+	"crypto/rsa"
+	"crypto/x509"
+	"encoding/asn1"
+	"fmt"
+	"slices"
+	"strings"
+
+	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/azerr"
+)
+
+// A TPM group trusts TPM manufacturers' CA certificates: a device whose
+// endorsement key comes with a certificate chaining to one of them is
+// provisioned without an enrollment of its own, under the registration ID
+// its EK determines. (The hosted service has no such groups.)
+
+// checkTPMGroup validates a TPM group's CA certificates.
+func checkTPMGroup(a *TPMAttestation) error {
+	if a == nil || a.EKCertificateAuthorities == nil {
+		return azerr.BadRequest("a TPM enrollment group needs attestation.tpm.ekCertificateAuthorities.primary.certificate: " +
+			"the TPM manufacturer's CA certificate (PEM) that signs its devices' EK certificates; " +
+			"for one device, create an individual enrollment with its endorsement key")
+	}
+	if a.EndorsementKey != "" {
+		return azerr.BadRequest("a TPM enrollment group takes no endorsementKey: its devices present EK certificates")
+	}
+	return fillCertificates("attestation.tpm.ekCertificateAuthorities", a.EKCertificateAuthorities, true)
+}
+
+// ekCertExtensions are extensions EK certificates mark critical that Go's
+// verifier does not know and that add no constraint on the chain: subject
+// alternative names of directoryName form hold the TPM's manufacturer,
+// model and version (TCG EK Credential Profile).
+var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
+
+// tpmGroup finds the TPM group whose CA certificate signed the device's EK
+// certificate, after checking that the certificate is for this EK and that
+// the registration ID is the one the EK determines.
+func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
+	cert, err := ParseCertificate(certB64)
+	if err != nil {
+		return nil, azerr.BadRequest("tpm.endorsementKeyCertificate: %v", err)
+	}
+	pub, _ := attest.ParsePublic(ek) // checked by the caller
+	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
+	if !ok || !certKey.Equal(pub.Key()) {
+		return nil, unauthorized(regID, "the EK certificate is for another key than the endorsement key sent")
+	}
+	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
+		return nil, unauthorized(regID, fmt.Sprintf("a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
+	}
+	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
+		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
+	})
+	var found *EnrollmentGroup
+	err = s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
+			return true
+		}
+		roots := x509.NewCertPool()
+		for _, ca := range g.Attestation.TPM.EKCertificateAuthorities.certificates() {
+			roots.AddCert(ca)
+		}
+		if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: s.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+			found = g
+			return false
+		}
+		return true
+	})
+	if err != nil {
+		return nil, err
+	}
+	if found == nil {
+		return nil, unauthorized(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
+			") does not chain to the CA of any TPM enrollment group")
+	}
+	return found, nil
+}

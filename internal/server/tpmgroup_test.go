@@ -1,0 +1,119 @@
+package server
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"math/big"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/softtpm"
+	"github.com/hatchery/hatchery/internal/tpm"
+)
+
+// manufacturerCA is a TPM maker's CA, which signs EK certificates.
+func manufacturerCA(t *testing.T, name string) (*x509.Certificate, *ecdsa.PrivateKey) {
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(5, 0, 0),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, _ := x509.ParseCertificate(der)
+	return c, key
+}
+
+// A TPM group trusts a manufacturer's CA: a TPM whose EK certificate it
+// signed registers under the ID its EK determines, with no enrollment.
+func TestTPMGroupByEKCertificate(t *testing.T) {
+	e := newEnv(t)
+	ca, caKey := manufacturerCA(t, "Acme TPM CA")
+	var g dps.EnrollmentGroup
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+			Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(tls.Certificate{Leaf: ca})}}}},
+		Capabilities: &dps.Capabilities{IoTEdge: true}, InitialTwin: &dps.InitialTwin{Tags: []byte(`{"maker":"acme"}`)}}, &g); err != nil {
+		t.Fatal(err)
+	}
+	newTPM := func(signer *x509.Certificate, signerKey *ecdsa.PrivateKey) (*softtpm.TPM, string) {
+		keys, err := softtpm.NewKeys()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if signer != nil {
+			if err := keys.Certify(signer, signerKey); err != nil {
+				t.Fatal(err)
+			}
+		}
+		dev := softtpm.New(keys)
+		ek, _ := dev.EndorsementKey()
+		return dev, attest.RegistrationID(ek)
+	}
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+
+	dev, regID := newTPM(ca, caKey)
+	res, err := e.device(regID).RegisterTPM(ctx, dev, handle)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Status != "assigned" || res.DeviceID != regID || res.EnrollmentGroupID != "acme-tpms" {
+		t.Fatalf("result %+v", res)
+	}
+	if tw := mustTwin(t, e, regID, ""); string(tw.Tags) != `{"maker":"acme"}` || !tw.Capabilities.IoTEdge {
+		t.Fatalf("twin %s %+v", tw.Tags, tw.Capabilities)
+	}
+	// The hub key arrived inside the TPM: the device's token works on the hub.
+	addr := e.startMQTT()
+	tlsConf := e.tls.Clone()
+	tlsConf.ServerName = "example.com"
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: regID, TLS: tlsConf,
+		Sign: func(aud string, exp time.Time) (string, error) {
+			return sas.BuildSigned(func(data []byte) ([]byte, error) { return dev.HMAC(handle, data) }, aud, "", exp)
+		}})
+	if err != nil {
+		t.Fatalf("hub connection: %v", err)
+	}
+	c.Close()
+
+	// Refused: another maker's certificate, no certificate, an ID the EK does not determine.
+	other, otherKey := manufacturerCA(t, "Other TPM CA")
+	before := e.counts()
+	for what, tc := range map[string]struct {
+		signer    *x509.Certificate
+		signerKey *ecdsa.PrivateKey
+		id        string
+		want      string
+	}{
+		"another maker's CA": {other, otherKey, "", "does not chain to the CA of any TPM enrollment group"},
+		"no EK certificate":  {nil, nil, "", "sent no EK certificate"},
+		"a chosen ID":        {ca, caKey, "my-favourite-id", "registers as the ID its EK determines"},
+	} {
+		d, id := newTPM(tc.signer, tc.signerKey)
+		if tc.id != "" {
+			id = tc.id
+		}
+		_, err := e.device(id).RegisterTPM(ctx, d, handle)
+		if err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	if after := e.counts(); after["dps.registration"] != before["dps.registration"] || after["hub.device"] != before["hub.device"] {
+		t.Fatalf("refused TPMs changed the store: %v → %v", before, after)
+	}
+	// A TPM group without CA certificates is refused.
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/bad", "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationTPM}}, nil); err == nil ||
+		!strings.Contains(err.Error(), "ekCertificateAuthorities") {
+		t.Fatalf("TPM group without CAs: %v", err)
+	}
+}
