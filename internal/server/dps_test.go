@@ -174,7 +174,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"bad registration ID", "PUT", reg("UPPER%20space"), tok("x", key, time.Minute), `{}`, 400, "not valid"},
 		{"no api-version", "PUT", "/" + scope + "/registrations/dev-1/register", tok("dev-1", key, time.Minute), `{}`, 400, "api-version"},
 		{"wrong scope", "PUT", "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", tok("dev-1", key, time.Minute), `{}`, 404, "no API"},
-		{"TPM group", "PUT", "/enrollmentGroups/g1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAAA"}}}`, 400, "individual enrollments only"},
+		{"TPM group", "PUT", "/enrollmentGroups/g1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAAA"}}}`, 400, "needs attestation.tpm.ekCertificateAuthorities"},
 		{"malformed EK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAEC"}}}`, 400, "endorsementKey is not a TPM2B_PUBLIC"},
 		{"EK not base64", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"!!"}}}`, 400, "not base64"},
 		{"malformed SRK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"` + testEK(t) + `","storageRootKey":"AAAA"}}}`, 400, "storageRootKey"},

@@ -7,11 +7,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
-	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
