@@ -69,6 +69,47 @@ func (d *Device) EndorsementKey() ([]byte, error) {
 	return pub, nil
 }
 
+// EKCertIndex is the NV index of the RSA EK certificate (TCG EK Credential
+// Profile), where TPM makers store the certificate they issued.
+const EKCertIndex = 0x01c00002
+
+// EndorsementCertificate returns the EK certificate (DER) its maker stored
+// in NV, or nil when there is none.
+func (d *Device) EndorsementCertificate() ([]byte, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	pub, err := tpm2.NVReadPublic{NVIndex: tpm2.TPMHandle(EKCertIndex)}.Execute(d.tpm)
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fail("reading the EK certificate's NV index", err)
+	}
+	nv, err := pub.NVPublic.Contents()
+	if err != nil {
+		return nil, fail("reading the EK certificate's NV index", err)
+	}
+	index := tpm2.AuthHandle{Handle: tpm2.TPMHandle(EKCertIndex), Name: pub.NVName, Auth: tpm2.PasswordAuth(nil)}
+	var cert []byte
+	for off := uint16(0); off < nv.DataSize; {
+		n := min(nv.DataSize-off, maxNVRead)
+		rsp, err := tpm2.NVRead{AuthHandle: index, NVIndex: tpm2.NamedHandle{Handle: index.Handle, Name: index.Name}, Size: n, Offset: off}.Execute(d.tpm)
+		if err != nil {
+			return nil, fail("reading the EK certificate", err)
+		}
+		cert = append(cert, rsp.Data.Buffer...)
+		off += uint16(len(rsp.Data.Buffer))
+		if len(rsp.Data.Buffer) == 0 {
+			break
+		}
+	}
+	return cert, nil
+}
+
+// maxNVRead is a size every TPM reads in one TPM2_NV_Read (MAX_NV_BUFFER_SIZE
+// is at least 512).
+const maxNVRead = 512
+
 // StorageRootKey returns the SRK's TPM2B_PUBLIC, creating and persisting the
 // SRK under the owner hierarchy when absent.
 func (d *Device) StorageRootKey() ([]byte, error) {

@@ -38,6 +38,14 @@ func (c *Client) EndorsementKey() ([]byte, error) {
 	return rsp.EndorsementKey, err
 }
 
+// EndorsementCertificate returns the EK certificate (DER) the TPM's maker
+// stored, nil when there is none.
+func (c *Client) EndorsementCertificate() ([]byte, error) {
+	var rsp endorsementCertificateResponse
+	err := c.do("GET", "/endorsement-certificate", nil, &rsp)
+	return rsp.Certificate, err
+}
+
 // StorageRootKey returns the SRK's TPM2B_PUBLIC.
 func (c *Client) StorageRootKey() ([]byte, error) {
 	var rsp storageRootKeyResponse

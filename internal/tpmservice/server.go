@@ -5,6 +5,7 @@
 //
 //	GET  /endorsement-key  → {"endorsementKey": b64 TPM2B_PUBLIC, "registrationId": hex}
 //	GET  /storage-root-key → {"storageRootKey": b64 TPM2B_PUBLIC}
+//	GET  /endorsement-certificate → {"certificate": b64 DER} ({} without one)
 //	POST /import {"blob": b64}  → {}  (into the identity handle only)
 //	POST /sign   {"data": b64}  → {"digest": b64 HMAC-SHA256}
 //
@@ -48,6 +49,9 @@ type (
 	storageRootKeyResponse struct {
 		StorageRootKey []byte `json:"storageRootKey"`
 	}
+	endorsementCertificateResponse struct {
+		Certificate []byte `json:"certificate,omitempty"` // DER; absent when the TPM has none
+	}
 	importRequest struct {
 		Blob   []byte  `json:"blob"`
 		Handle *uint32 `json:"handle,omitempty"` // absent: the identity handle
@@ -86,10 +90,11 @@ type route struct {
 func NewServer(dev TPM, authKeyIndex uint32) *Server {
 	s := &Server{dev: dev, handle: tpm.IdentityHandle(authKeyIndex), log: slog.Default()}
 	s.routes = map[string]route{
-		"/endorsement-key":  {"GET", s.endorsementKey},
-		"/storage-root-key": {"GET", s.storageRootKey},
-		"/import":           {"POST", s.importBlob},
-		"/sign":             {"POST", s.sign},
+		"/endorsement-key":         {"GET", s.endorsementKey},
+		"/endorsement-certificate": {"GET", s.endorsementCertificate},
+		"/storage-root-key":        {"GET", s.storageRootKey},
+		"/import":                  {"POST", s.importBlob},
+		"/sign":                    {"POST", s.sign},
 	}
 	return s
 }
@@ -111,7 +116,7 @@ func statusError(status int, format string, args ...any) error {
 func (s *Server) answer(r *request) response {
 	rt, ok := s.routes[r.path]
 	if !ok {
-		return response{status: 404, v: errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /storage-root-key, /import and /sign", r.path)}}
+		return response{status: 404, v: errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /endorsement-certificate, /storage-root-key, /import and /sign", r.path)}}
 	}
 	if r.method != rt.method {
 		return response{status: 405, allow: rt.method, v: errorResponse{fmt.Sprintf("%s %s: use %s", r.method, r.path, rt.method)}}
@@ -138,6 +143,20 @@ func (s *Server) endorsementKey([]byte) (any, error) {
 		return nil, tpmError(err, 0)
 	}
 	return endorsementKeyResponse{ek, attest.RegistrationID(ek)}, nil
+}
+
+func (s *Server) endorsementCertificate([]byte) (any, error) {
+	ec, ok := s.dev.(interface{ EndorsementCertificate() ([]byte, error) })
+	if !ok {
+		return endorsementCertificateResponse{}, nil
+	}
+	s.mu.Lock()
+	cert, err := ec.EndorsementCertificate()
+	s.mu.Unlock()
+	if err != nil {
+		return nil, tpmError(err, 0)
+	}
+	return endorsementCertificateResponse{cert}, nil
 }
 
 func (s *Server) storageRootKey([]byte) (any, error) {
