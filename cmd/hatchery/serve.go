@@ -90,31 +90,30 @@ func serveCmd() *cobra.Command {
 }
 
 func serve(ctx context.Context, o serveOptions) error {
-	dir, database, host, listen, certFile, keyFile, port, mqttPort := o.dir, o.database, o.host, o.listen, o.certFile, o.keyFile, o.port, o.mqttPort
-	if host == "" {
+	if o.host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
 	}
-	if (certFile == "") != (keyFile == "") {
+	if (o.certFile == "") != (o.keyFile == "") {
 		return errors.New("--tls-cert and --tls-key go together")
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return fmt.Errorf("creating data directory: %w", err)
 	}
-	files := pki.FilesIn(dir)
-	if err := pki.Ensure(files, []string{host, "localhost", "127.0.0.1", "::1"}); err != nil {
+	files := pki.FilesIn(o.dir)
+	if err := pki.Ensure(files, []string{o.host, "localhost", "127.0.0.1", "::1"}); err != nil {
 		return err
 	}
-	if certFile == "" {
-		certFile, keyFile = files.ServerCert, files.ServerKey
+	if o.certFile == "" {
+		o.certFile, o.keyFile = files.ServerCert, files.ServerKey
 	}
-	tlsConfig, err := pki.ServerTLS(certFile, keyFile)
+	tlsConfig, err := pki.ServerTLS(o.certFile, o.keyFile)
 	if err != nil {
 		return err
 	}
 	// Devices with X.509 identities present client certificates on both
 	// ports; the services, not the TLS layer, decide whether to trust them.
 	tlsConfig.ClientAuth = tls.RequestClientCert
-	st, err := store.Open(ctx, database, dir)
+	st, err := store.Open(ctx, o.database, o.dir)
 	if err != nil {
 		return err
 	}
@@ -127,12 +126,12 @@ func serve(ctx context.Context, o serveOptions) error {
 	if caPEM, err := os.ReadFile(files.CACert); err == nil {
 		roots.AppendCertsFromPEM(caPEM)
 	}
-	hubSvc, err := hub.Open(ctx, st, host)
+	hubSvc, err := hub.Open(ctx, st, o.host)
 	if err != nil {
 		return err
 	}
-	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: host, MinVersion: tls.VersionTLS12}, Local: hubSvc}
-	dpsSvc, err := dps.Open(ctx, st, registry, host)
+	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: o.host, MinVersion: tls.VersionTLS12}, Local: hubSvc}
+	dpsSvc, err := dps.Open(ctx, st, registry, o.host)
 	if err != nil {
 		return err
 	}
@@ -143,24 +142,24 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	} else if len(hubs) == 0 {
 		// The hub in this process is linked by default, reached over loopback.
-		if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: host, ConnectionString: hubSvc.OwnerConnectionString(),
-			Endpoint: "https://127.0.0.1:" + strconv.Itoa(port), AllocationWeight: 1, ApplyAllocationPolicy: true}); err != nil {
+		if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: o.host, ConnectionString: hubSvc.OwnerConnectionString(),
+			Endpoint: "https://127.0.0.1:" + strconv.Itoa(o.port), AllocationWeight: 1, ApplyAllocationPolicy: true}); err != nil {
 			return err
 		}
 	}
-	ep, _ := json.MarshalIndent(endpoint{HostName: host, HTTPSPort: port, CACert: files.CACert, ExternalDatabase: database != ""}, "", "  ")
-	if err := os.WriteFile(filepath.Join(dir, endpointFile), ep, 0o644); err != nil {
+	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
+	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
 		return err
 	}
 
-	ln, err := net.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(port)))
+	ln, err := net.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.port)))
 	if err != nil {
-		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", port, err)
+		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", o.port, err)
 	}
-	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(listen, strconv.Itoa(mqttPort)), tlsConfig)
+	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.mqttPort)), tlsConfig)
 	if err != nil {
 		ln.Close()
-		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", mqttPort, err)
+		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", o.mqttPort, err)
 	}
 	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
 	go func() {
@@ -181,7 +180,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		_ = devices.Close()
 		_ = srv.Shutdown(shut)
 	}()
-	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", host, "idScope", dpsSvc.IDScope(), "dataDir", dir)
+	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
