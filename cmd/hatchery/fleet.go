@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -109,13 +110,11 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			if err != nil {
 				return err
 			}
-			results := make([]*loadgen.FleetResult, 0, len(endpoints))
-			// One simulator run per replica, devices split between them, at once.
-			type outcome struct {
-				r   *loadgen.FleetResult
-				err error
-			}
-			done := make(chan outcome, len(endpoints))
+			// One simulator run per replica, devices split between them, at
+			// once; the first counts the servers' CPU.
+			results := make([]*loadgen.FleetResult, len(endpoints))
+			errs := make([]error, len(endpoints))
+			var wg sync.WaitGroup
 			per := (o.devices + len(endpoints) - 1) / len(endpoints)
 			for i, e := range endpoints {
 				n := min(per, o.devices-i*per)
@@ -126,17 +125,15 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				if i == 0 {
 					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
 				}
+				wg.Add(1)
 				go func() {
-					r, err := loadgen.Fleet(ctx, cfg)
-					done <- outcome{r, err}
+					defer wg.Done()
+					results[i], errs[i] = loadgen.Fleet(ctx, cfg)
 				}()
 			}
-			for range endpoints {
-				out := <-done
-				if out.err != nil {
-					return out.err
-				}
-				results = append(results, out.r)
+			wg.Wait()
+			if err := errors.Join(errs...); err != nil {
+				return err
 			}
 			return renderFleet(cmd, merge(results))
 		},
