@@ -219,6 +219,12 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("JSON import: %s", out)
 	}
 
+	badCSV := filepath.Join(dir, "bad.csv")
+	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\n"), 0o644)
+	if out, err := c.run("enrollment", "import", "--file", badCSV); err == nil || !strings.Contains(out, "imported 1 of 2") || !strings.Contains(out, "line 3: ") {
+		t.Errorf("import of a CSV with a broken quote: %v\n%s", err, out)
+	}
+
 	// Mistakes get errors that say what to do, and exit non-zero.
 	for _, tc := range []struct {
 		args []string

@@ -118,6 +118,11 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			per := (o.devices + len(endpoints) - 1) / len(endpoints)
 			for i, e := range endpoints {
 				n := min(per, o.devices-i*per)
+				if n <= 0 {
+					endpoints = endpoints[:i] // more replicas than devices
+					results, errs = results[:i], errs[:i]
+					break
+				}
 				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
 					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
 					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,

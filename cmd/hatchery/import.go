@@ -117,11 +117,15 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 		if errors.Is(err, io.EOF) {
 			return rows, nil
 		}
-		line, _ := r.FieldPos(0)
 		if err != nil {
+			line := 0
+			if pe, ok := errors.AsType[*csv.ParseError](err); ok {
+				line = pe.StartLine
+			}
 			rows = append(rows, importRow{line: line, err: err})
 			continue
 		}
+		line, _ := r.FieldPos(0)
 		get := func(name string) string {
 			if i, ok := col[name]; ok && i < len(rec) {
 				return strings.TrimSpace(rec[i])

@@ -6,11 +6,14 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"io"
+	"log/slog"
 	"math"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"strings"
 	"time"
 
@@ -75,7 +78,10 @@ func (s *Service) candidates(ctx context.Context, a allocation) ([]*LinkedHub, e
 		return nil, err
 	}
 	named := a.hubs
-	if a.policy == PolicyStatic && a.static != "" {
+	// iotHubHostName, the older way to name one hub, pins the device under
+	// static allocation and under the default (hashed) when no iotHubs are
+	// named.
+	if a.static != "" && (a.policy == PolicyStatic || (a.policy == PolicyHashed && len(a.hubs) == 0)) {
 		named = []string{a.static}
 	}
 	var out []*LinkedHub
@@ -184,27 +190,30 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 		names[i] = h.HostName
 	}
 	body, _ := json.Marshal(map[string]any{
-		a.enrollmentField:      a.enrollment,
+		a.enrollmentField:      withoutSecrets(a.enrollment),
 		"deviceRuntimeContext": a.runtime,
 		"linkedHubs":           names,
 	})
+	// What the device and the logs see names the webhook without its query,
+	// where function keys travel.
+	where := webhookName(a.webhook.WebhookURL)
 	fail := func(format string, args ...any) error {
-		return azerr.New(400207, "CustomAllocationFailed", "custom allocation webhook %s: "+format, append([]any{a.webhook.WebhookURL}, args...)...)
+		return azerr.New(400207, "CustomAllocationFailed", "custom allocation webhook %s: "+format, append([]any{where}, args...)...)
 	}
 	timeout := cmp.Or(s.WebhookTimeout, 10*time.Second)
-	ctx, cancel := context.WithTimeout(ctx, timeout)
+	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, a.webhook.WebhookURL, bytes.NewReader(body))
+	req, err := http.NewRequestWithContext(wctx, http.MethodPost, a.webhook.WebhookURL, bytes.NewReader(body))
 	if err != nil {
-		return nil, fail("%v", err)
+		return nil, fail("the URL is not usable")
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := s.webhookClient().Do(req)
-	if errors.Is(err, context.DeadlineExceeded) {
+	if err != nil && ctx.Err() == nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
 		return nil, fail("no answer within %s", timeout)
 	}
 	if err != nil {
-		return nil, fail("%v", err)
+		return nil, fail("unreachable (%v)", errors.Unwrap(err))
 	}
 	defer resp.Body.Close()
 	raw, err := io.ReadAll(io.LimitReader(resp.Body, 1<<20))
@@ -212,7 +221,8 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 		return nil, fail("reading the answer: %v", err)
 	}
 	if resp.StatusCode/100 != 2 {
-		return nil, fail("answered HTTP %d: %.200s", resp.StatusCode, raw)
+		slog.Warn("custom allocation webhook failed", "webhook", where, "status", resp.StatusCode, "answer", fmt.Sprintf("%.200s", raw))
+		return nil, fail("answered HTTP %d", resp.StatusCode)
 	}
 	var out struct {
 		IoTHubHostName string          `json:"iotHubHostName"`
@@ -228,14 +238,41 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	for _, h := range cands {
 		if strings.EqualFold(h.HostName, out.IoTHubHostName) {
 			if out.InitialTwin != nil {
-				if err := checkObject("initialTwin.tags", out.InitialTwin.Tags); err != nil {
-					return nil, fail("%v", err)
+				if err := checkTwin(out.InitialTwin); err != nil {
+					return nil, fail("%v", azerr.As(err).Message)
 				}
 			}
 			return &allocated{hub: h, twin: out.InitialTwin, payload: out.Payload}, nil
 		}
 	}
 	return nil, fail("it chose %q, which is not among the enrollment's linked hubs %v", out.IoTHubHostName, names)
+}
+
+// webhookName is a webhook's URL without query and fragment.
+func webhookName(raw string) string {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "(unparsable URL)"
+	}
+	u.RawQuery, u.Fragment, u.User = "", "", nil
+	return u.String()
+}
+
+// withoutSecrets is an enrollment as a webhook sees it: its attestation
+// reduced to the type, as the hosted service sends it, since a group key
+// would let the receiver derive every device's key.
+func withoutSecrets(e any) any {
+	switch v := e.(type) {
+	case *Enrollment:
+		c := *v
+		c.Attestation = Attestation{Type: v.Attestation.Type}
+		return &c
+	case *EnrollmentGroup:
+		c := *v
+		c.Attestation = Attestation{Type: v.Attestation.Type}
+		return &c
+	}
+	return e
 }
 
 func (s *Service) webhookClient() *http.Client {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"net"
 	"net/url"
 	"strings"
 
@@ -35,13 +36,8 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		*caps = &Capabilities{}
 	}
 	if twin != nil {
-		if err := checkObject("initialTwin.tags", twin.Tags); err != nil {
+		if err := checkTwin(twin); err != nil {
 			return err
-		}
-		if twin.Properties != nil {
-			if err := checkObject("initialTwin.properties.desired", twin.Properties.Desired); err != nil {
-				return err
-			}
 		}
 	}
 	switch att.Type {
@@ -98,9 +94,25 @@ func checkAllocation(policy string, hubs []string, static string, custom *Custom
 		return azerr.BadRequest("allocationPolicy custom needs customAllocationDefinition.webhookUrl: the URL the service asks which hub to use")
 	case custom != nil && custom.WebhookURL != "":
 		u, err := url.Parse(custom.WebhookURL)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return azerr.BadRequest("customAllocationDefinition.webhookUrl %q is not an http(s) URL", custom.WebhookURL)
+		if err != nil || u.Host == "" || (u.Scheme != "https" && !(u.Scheme == "http" && isLoopback(u.Hostname()))) {
+			return azerr.BadRequest("customAllocationDefinition.webhookUrl must be an https URL (http only on this machine, for localhost)")
 		}
+	}
+	return nil
+}
+
+func isLoopback(host string) bool {
+	ip := net.ParseIP(host)
+	return host == "localhost" || (ip != nil && ip.IsLoopback())
+}
+
+// checkTwin checks that an initial twin's tags and desired properties are objects.
+func checkTwin(twin *InitialTwin) error {
+	if err := checkObject("initialTwin.tags", twin.Tags); err != nil {
+		return err
+	}
+	if twin.Properties != nil {
+		return checkObject("initialTwin.properties.desired", twin.Properties.Desired)
 	}
 	return nil
 }

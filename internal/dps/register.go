@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"cmp"
 	"context"
 	"crypto/x509"
 	"encoding/base64"
@@ -54,8 +55,12 @@ type registerBody struct {
 // challenge is a pending TPM challenge: the key the device must sign with,
 // and for a device of a TPM group, the group its EK certificate chains to.
 type challenge struct {
-	Key            string    `json:"key"`
-	Group          string    `json:"group,omitempty"`
+	Key   string `json:"key"`
+	Group string `json:"group,omitempty"`
+	// HubKey is the hub key the registration answering this challenge
+	// gets: chosen once, so that concurrent retries write the same key to
+	// the hub whichever answer the device keeps.
+	HubKey         string    `json:"hubKey,omitempty"`
 	EndorsementKey string    `json:"endorsementKey"`
 	StorageRootKey string    `json:"storageRootKey"`
 	Expires        time.Time `json:"expires"`
@@ -240,7 +245,7 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err != nil {
 		return nil, err
 	}
-	c := challenge{Key: key, Group: group, EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
+	c := challenge{Key: key, Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
 		Expires: s.Now().Add(s.ChallengeTTL)}
 	doc, _ := json.Marshal(c)
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindChallenge, ID: regID, Body: doc}, ""); err != nil {
@@ -395,6 +400,17 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	if prev != nil && prev.Status != StatusAssigned {
 		prev = nil // nothing to reprovision from
 	}
+	// A group's credentials do not reach devices that another enrollment
+	// provisioned: a certificate or key of group B whose registration ID
+	// happens to be a device of group A must not take it over.
+	if att.group != nil && prev != nil && !strings.EqualFold(prev.EnrollmentGroupID, att.group.EnrollmentGroupID) {
+		how := "its individual enrollment"
+		if prev.EnrollmentGroupID != "" {
+			how = "enrollment group " + prev.EnrollmentGroupID
+		}
+		return nil, unauthorized(regID, fmt.Sprintf("the device was provisioned through %s, not group %s: to move it, delete its registration record (DELETE /registrations/%s)",
+			how, att.group.EnrollmentGroupID, regID))
+	}
 
 	dev := HubDevice{DeviceID: regID}
 	var (
@@ -425,7 +441,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	case att.challenge != nil:
 		// A fresh hub key, delivered wrapped to this TPM: it never exists
 		// outside the TPM on the device.
-		dev.PrimaryKey, dev.SecondaryKey = s.newKey(), s.newKey()
+		dev.PrimaryKey, dev.SecondaryKey = cmp.Or(att.challenge.HubKey, s.newKey()), s.newKey()
 		ek, _ := base64.StdEncoding.DecodeString(att.challenge.EndorsementKey)
 		srk, _ := base64.StdEncoding.DecodeString(att.challenge.StorageRootKey)
 		blob, err := s.activationBlob(ek, srk, dev.PrimaryKey)
@@ -486,7 +502,7 @@ const recentOperations = 16
 // device's recent operations; concurrent registrations of one device (on
 // any replica) each add theirs.
 func (s *Service) record(ctx context.Context, state *RegistrationState, opID string) (string, error) {
-	for {
+	for attempt := 0; ; attempt++ {
 		old, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, state.RegistrationID, nil)
 		if err != nil {
 			return "", err
@@ -504,8 +520,11 @@ func (s *Service) record(ctx context.Context, state *RegistrationState, opID str
 		} else {
 			d, err = s.store.Put(ctx, doc, etag)
 		}
-		if errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) {
-			continue // another registration of this device wrote first: add to it
+		// Another registration of this device wrote first (or the record was
+		// deleted meanwhile): read again and add to what is there.
+		retry := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
+		if retry && attempt < 20 && ctx.Err() == nil {
+			continue
 		}
 		return d.ETag, err
 	}

@@ -132,7 +132,11 @@ func fillCertificates(field string, cs *X509Certificates, ca bool) error {
 	if cs.Primary == nil || cs.Primary.Certificate == "" {
 		return azerr.BadRequest("%s.primary.certificate is required: the certificate's PEM", field)
 	}
-	for name, c := range map[string]*X509CertificateWithInfo{"primary": cs.Primary, "secondary": cs.Secondary} {
+	for _, nc := range []struct {
+		name string
+		c    *X509CertificateWithInfo
+	}{{"primary", cs.Primary}, {"secondary", cs.Secondary}} {
+		name, c := nc.name, nc.c
 		if c == nil {
 			continue
 		}
@@ -227,7 +231,7 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 			roots.AddCert(ca)
 		}
 		chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
-			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
+			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
 		if err == nil {
 			return &attestation{group: g, certificate: leaf, signer: chains[0][len(chains[0])-1]}, nil
 		}

@@ -171,7 +171,7 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			return azerr.PreconditionFailed("%s was changed since etag %s: read it again", r, ifMatch)
 		}
 		revoked = in.Status == "disabled" && rec.Device.Status != "disabled" ||
-			in.Authentication.SymmetricKey != rec.Device.Authentication.SymmetricKey
+			!sameCredentials(in.Authentication, rec.Device.Authentication)
 		if rec.Device.Status != in.Status {
 			rec.Device.StatusUpdatedTime = now
 		}
@@ -208,6 +208,20 @@ func (s *Service) ensureEdgeModules(ctx context.Context, device string) error {
 		}
 	}
 	return nil
+}
+
+// sameCredentials reports whether two authentications admit the same
+// credentials: sessions opened with the old ones end when they change.
+func sameCredentials(a, b Authentication) bool {
+	str := func(p *string) string {
+		if p == nil {
+			return ""
+		}
+		return strings.ToLower(*p)
+	}
+	return a.Type == b.Type && a.SymmetricKey == b.SymmetricKey &&
+		str(a.X509Thumbprint.PrimaryThumbprint) == str(b.X509Thumbprint.PrimaryThumbprint) &&
+		str(a.X509Thumbprint.SecondaryThumbprint) == str(b.X509Thumbprint.SecondaryThumbprint)
 }
 
 // normalizeIdentity fills defaults and checks keys, as the hosted registry does.

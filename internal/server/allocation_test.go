@@ -3,11 +3,13 @@ package server
 import (
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -135,11 +137,17 @@ func TestCustomAllocationWebhook(t *testing.T) {
 	e := newEnv(t)
 	e.secondHub(t, "hub2.test")
 	e.dps.WebhookTimeout = time.Second
+	var mu sync.Mutex // the handler may outlive a timed-out call
 	var got map[string]any
 	answer := `{"iotHubHostName":"hub2.test","initialTwin":{"tags":{"chosenBy":"webhook"}},"payload":{"greeting":"hi"}}`
+	setAnswer := func(a string) { mu.Lock(); answer = a; mu.Unlock() }
+	request := func() map[string]any { mu.Lock(); defer mu.Unlock(); return got }
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		body, _ := io.ReadAll(r.Body)
+		mu.Lock()
 		_ = json.Unmarshal(body, &got)
+		answer := answer
+		mu.Unlock()
 		switch answer {
 		case "slow":
 			time.Sleep(2 * time.Second)
@@ -153,14 +161,19 @@ func TestCustomAllocationWebhook(t *testing.T) {
 
 	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "custom-1", AllocationPolicy: dps.PolicyCustom,
 		IoTHubs:                    []string{host, "hub2.test"},
-		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"}})
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL + "/alloc?code=S3CRET", APIVersion: "2021-10-01"}})
 	res, err := register()
 	if err != nil || res.AssignedHub != "hub2.test" || string(res.Payload) != `{"greeting":"hi"}` {
 		t.Fatalf("custom: %+v %v", res, err)
 	}
-	rc, _ := got["deviceRuntimeContext"].(map[string]any)
-	if rc["registrationId"] != "custom-1" || got["individualEnrollment"] == nil || len(got["linkedHubs"].([]any)) != 2 {
-		t.Fatalf("webhook request %v", got)
+	req := request()
+	rc, _ := req["deviceRuntimeContext"].(map[string]any)
+	if rc["registrationId"] != "custom-1" || req["individualEnrollment"] == nil || len(req["linkedHubs"].([]any)) != 2 {
+		t.Fatalf("webhook request %v", req)
+	}
+	// The webhook learns the attestation type, not the device's keys.
+	if att := req["individualEnrollment"].(map[string]any)["attestation"]; fmt.Sprint(att) != "map[type:symmetricKey]" {
+		t.Fatalf("the webhook was sent the attestation %v", att)
 	}
 	// On re-registration the webhook learns where the device is.
 	for _, tc := range []struct{ answer, want string }{
@@ -170,14 +183,24 @@ func TestCustomAllocationWebhook(t *testing.T) {
 		{"500", "answered HTTP 500"},
 		{"slow", "no answer within 1s"},
 	} {
-		answer = tc.answer
+		setAnswer(tc.answer)
 		res, err := register()
 		if err == nil || res == nil || res.Status != "failed" || !strings.Contains(res.ErrorMessage, tc.want) || res.ErrorCode != 400207 {
 			t.Errorf("webhook answering %s: %+v %v", tc.answer, res, err)
 		}
+		if res != nil && strings.Contains(res.ErrorMessage, "S3CRET") {
+			t.Errorf("the device is told the webhook's key: %s", res.ErrorMessage)
+		}
 	}
-	if rc, _ := got["deviceRuntimeContext"].(map[string]any); rc["currentIotHubHostName"] != nil {
-		t.Logf("after a failed registration there is no current hub: %v", rc)
+	// A desired-properties answer that is not an object is refused before
+	// anything is written to the hub.
+	setAnswer(`{"iotHubHostName":"hub2.test","initialTwin":{"properties":{"desired":[1]}}}`)
+	if res, _ := register(); res == nil || res.ErrorCode != 400207 || !strings.Contains(res.ErrorMessage, "desired must be a JSON object") {
+		t.Errorf("webhook answering desired properties that are not an object: %+v", res)
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/plain-http", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey},
+		AllocationPolicy: dps.PolicyCustom, CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: "http://webhooks.example/alloc"}}, nil); err == nil {
+		t.Error("a plain-http webhook on another host was accepted")
 	}
 }
 
@@ -241,5 +264,15 @@ func TestReprovisionPolicies(t *testing.T) {
 	}
 	if got := tagsOn(e.hubAPI); got != `{"stage":"initial"}` {
 		t.Fatalf("reset tags %s", got)
+	}
+}
+
+// iotHubHostName alone pins the device, as it always has.
+func TestIoTHubHostNamePins(t *testing.T) {
+	e := newEnv(t)
+	e.secondHub(t, "hub2.test")
+	res, err := e.symDevice(t, &dps.Enrollment{RegistrationID: "pinned-1", IoTHubHostName: "hub2.test"})()
+	if err != nil || res.AssignedHub != "hub2.test" {
+		t.Fatalf("%+v %v", res, err)
 	}
 }

@@ -6,7 +6,8 @@ package server
 //
 //	CONNECT   username  {idScope}/registrations/{registrationId}/api-version=…&ClientVersion=…
 //	          client ID {registrationId}
-//	          password  SAS token, sr={idScope}/registrations/{registrationId}, skn=registration
+//	          password  SAS token, sr={idScope}/registrations/{registrationId}, skn=registration;
+//	                    none for X.509 devices, which present their certificate in TLS
 //	SUBSCRIBE $dps/registrations/res/#
 //	PUBLISH   $dps/registrations/PUT/iotdps-register/?$rid={rid}
 //	          body {"registrationId": "...", "payload": <any JSON>}
@@ -14,9 +15,10 @@ package server
 //	replies   $dps/registrations/res/{status}/?$rid={rid}[&retry-after={seconds}]
 //	          202 + the operation while assigning, 200 once done, else the DPS error body.
 //
-// Only symmetric-key attestation (individual and group-derived) is served:
-// the token is checked at CONNECT and, through dps.Service, again with every
-// request, exactly as the HTTPS API checks its Authorization header.
+// Symmetric-key and X.509 attestation are served (TPM needs the HTTPS
+// challenge): the credentials are checked at CONNECT and, through
+// dps.Service, again with every request, exactly as the HTTPS API checks
+// its Authorization header and client certificate.
 
 import (
 	"context"

@@ -143,6 +143,17 @@ func TestX509GroupEnrollment(t *testing.T) {
 			t.Errorf("%s: %v", what, err)
 		}
 	}
+	// Another group's certificate for the same name does not take node-7 over.
+	otherRoot := newCert(t, "Other Root", true, nil)
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/other-fleet", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(otherRoot)}}}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	_, err = e.x509Device("node-7", newCert(t, "node-7", false, &otherRoot)).RegisterX509(ctx)
+	if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, "provisioned through enrollment group fleet") {
+		t.Fatalf("takeover by another group: %v", err)
+	}
 	// A disabled group refuses its devices.
 	g.ProvisioningStatus = "disabled"
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &g, nil); err != nil {

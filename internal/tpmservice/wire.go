@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net"
 	"strconv"
 	"strings"
@@ -25,8 +26,7 @@ const (
 	maxHeader     = 8 << 10
 	headerTimeout = 10 * time.Second
 	bodyTimeout   = 30 * time.Second
-	// A TPM operation may take a minute when a simulator is slow (the tpm
-	// package's network timeout).
+	// writeTimeout bounds writing an answer to a client that reads slowly.
 	writeTimeout = 2 * time.Minute
 	idleTimeout  = 5 * time.Minute
 )
@@ -216,8 +216,10 @@ func ServeListener(ctx context.Context, l net.Listener, s *Server) error {
 			conns[c] = b
 		}
 	}
+	var closeOnce sync.Once
+	closeListener := func() { closeOnce.Do(func() { l.Close() }) }
 	stop := context.AfterFunc(ctx, func() {
-		l.Close()
+		closeListener()
 		mu.Lock()
 		defer mu.Unlock()
 		for c, inFlight := range conns {
@@ -228,12 +230,21 @@ func ServeListener(ctx context.Context, l net.Listener, s *Server) error {
 	})
 	defer stop()
 	var err error
-	for {
+	for backoff := 5 * time.Millisecond; ; {
 		var c net.Conn
 		c, err = l.Accept()
+		if err != nil && ctx.Err() == nil && !errors.Is(err, net.ErrClosed) {
+			// Out of file descriptors, an aborted connection: wait and go
+			// on, as net/http does, rather than take the TPM service down.
+			slog.Warn("accepting a connection failed", "error", err, "retry", backoff)
+			time.Sleep(backoff)
+			backoff = min(backoff*2, time.Second)
+			continue
+		}
 		if err != nil {
 			break
 		}
+		backoff = 5 * time.Millisecond
 		mu.Lock()
 		conns[c] = false
 		mu.Unlock()
@@ -246,7 +257,7 @@ func ServeListener(ctx context.Context, l net.Listener, s *Server) error {
 			mu.Unlock()
 		}()
 	}
-	l.Close()
+	closeListener()
 	done := make(chan struct{})
 	go func() { wg.Wait(); close(done) }()
 	select {

@@ -57,10 +57,13 @@ func (k *moduleKeys) key(module string) ([]byte, error) {
 	dev := k.dev()
 	id := dev.HubHostName + "/" + dev.DeviceID + "/" + module
 	k.mu.Lock()
-	defer k.mu.Unlock()
-	if key, ok := k.keys[id]; ok {
+	key, ok := k.keys[id]
+	k.mu.Unlock()
+	if ok {
 		return key, nil
 	}
+	// Fetched without the lock, so one module's slow fetch does not hold
+	// up the others' signing; two fetches of one module get the same key.
 	conf, err := k.tls()
 	if err != nil {
 		return nil, err
@@ -83,10 +86,12 @@ func (k *moduleKeys) key(module string) ([]byte, error) {
 	if err != nil {
 		return nil, fmt.Errorf("reading module %s's identity from the hub: %w", module, err)
 	}
-	key, err := base64.StdEncoding.DecodeString(m.Authentication.SymmetricKey.PrimaryKey)
+	key, err = base64.StdEncoding.DecodeString(m.Authentication.SymmetricKey.PrimaryKey)
 	if err != nil || len(key) == 0 {
 		return nil, fmt.Errorf("the hub's identity of module %s has no symmetric key", module)
 	}
+	k.mu.Lock()
+	defer k.mu.Unlock()
 	if k.keys == nil {
 		k.keys = map[string][]byte{}
 	}
