@@ -216,3 +216,27 @@ func LegacyRegistrationID(ekPub []byte) string {
 	sum := sha256.Sum256(ekPub)
 	return strings.ToLower(base32.StdEncoding.WithPadding(base32.NoPadding).EncodeToString(sum[:]))
 }
+
+// SplitBlob splits an activation blob into its parts A to E (credential
+// blob, credential secret, duplicate, symmetric seed, public area), without
+// their size prefixes. The trailing part F is optional: devices accept what
+// any service sends.
+func SplitBlob(blob []byte) ([5][]byte, error) {
+	names := [...]string{"credential blob", "credential secret", "duplicate", "symmetric seed", "public area", "URI data"}
+	var parts [len(names)][]byte
+	rest := blob
+	for i, name := range names {
+		if i == len(names)-1 && len(rest) == 0 {
+			break
+		}
+		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
+			return [5][]byte{}, fmt.Errorf("activation blob: %s (part %c) truncated at byte %d of %d", name, 'A'+i, len(blob)-len(rest), len(blob))
+		}
+		n := 2 + int(binary.BigEndian.Uint16(rest))
+		parts[i], rest = rest[2:n], rest[n:]
+	}
+	if len(rest) != 0 {
+		return [5][]byte{}, fmt.Errorf("activation blob: %d unexpected bytes after the URI data", len(rest))
+	}
+	return [5][]byte(parts[:5]), nil
+}

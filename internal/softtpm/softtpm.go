@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"github.com/google/go-tpm/tpm2"
+
+	"github.com/hatchery/hatchery/internal/attest"
 )
 
 // Keys are a device's endorsement and storage root keys. Generating an
@@ -128,7 +130,7 @@ func (t *TPM) HMAC(handle uint32, data []byte) ([]byte, error) {
 // bound to the SRK's Name, and imports the duplicated key (C, D, E) under
 // the SRK with the credential as its inner wrapping key, at handle.
 func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
-	parts, err := split(blob)
+	parts, err := attest.SplitBlob(blob)
 	if err != nil {
 		return err
 	}
@@ -168,23 +170,6 @@ func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
 	t.hmac[handle] = key
 	t.mu.Unlock()
 	return nil
-}
-
-// split reads the blob's five or six TPM2B parts.
-func split(blob []byte) ([][]byte, error) {
-	var parts [][]byte
-	for rest := blob; len(rest) > 0; {
-		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
-			return nil, fmt.Errorf("activation blob: part %c truncated", 'A'+len(parts))
-		}
-		n := int(binary.BigEndian.Uint16(rest))
-		parts = append(parts, rest[2:2+n])
-		rest = rest[2+n:]
-	}
-	if len(parts) != 5 && len(parts) != 6 {
-		return nil, fmt.Errorf("activation blob: %d parts, want 5 or 6", len(parts))
-	}
-	return parts, nil
 }
 
 // unseal undoes attest's seal: the seed from secret with k, then the HMAC

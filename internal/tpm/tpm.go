@@ -12,6 +12,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/hatchery/hatchery/internal/attest"
 )
 
 const (
@@ -299,23 +301,8 @@ type blobParts struct {
 // splitBlob splits an activation blob into its TPM2B parts. The trailing
 // TPM2B_DATA (F) is optional here: devices must accept what any service sends.
 func splitBlob(blob []byte) (blobParts, error) {
-	names := [...]string{"credential blob", "credential secret", "duplicate", "symmetric seed", "public area", "URI data"}
-	var parts [len(names)][]byte
-	rest := blob
-	for i, name := range names {
-		if i == len(names)-1 && len(rest) == 0 {
-			break
-		}
-		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
-			return blobParts{}, fmt.Errorf("activation blob: %s (part %c) truncated at byte %d of %d", name, 'A'+i, len(blob)-len(rest), len(blob))
-		}
-		n := 2 + int(binary.BigEndian.Uint16(rest))
-		parts[i], rest = rest[2:n], rest[n:]
-	}
-	if len(rest) != 0 {
-		return blobParts{}, fmt.Errorf("activation blob: %d unexpected bytes after the URI data", len(rest))
-	}
-	return blobParts{parts[0], parts[1], parts[2], parts[3], parts[4]}, nil
+	p, err := attest.SplitBlob(blob)
+	return blobParts{p[0], p[1], p[2], p[3], p[4]}, err
 }
 
 // sized prefixes b with its u16 size, making a TPM2B.

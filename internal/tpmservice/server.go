@@ -15,7 +15,6 @@
 package tpmservice
 
 import (
-	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -230,15 +229,8 @@ func decode(body []byte, v any) error {
 // parts, PROTOCOL.md §2) before it takes the TPM: malformed input is the
 // caller's fault (400), unlike what the TPM refuses (422).
 func checkBlob(blob []byte) error {
-	parts := 0
-	for rest := blob; len(rest) > 0; parts++ {
-		if len(rest) < 2 || int(binary.BigEndian.Uint16(rest)) > len(rest)-2 {
-			return statusError(400, "activation blob: part %c truncated at byte %d of %d", 'A'+parts, len(blob)-len(rest), len(blob))
-		}
-		rest = rest[2+int(binary.BigEndian.Uint16(rest)):]
-	}
-	if parts != 5 && parts != 6 {
-		return statusError(400, "activation blob: %d parts, want 5 or 6 (A to E, and F optionally)", parts)
+	if _, err := attest.SplitBlob(blob); err != nil {
+		return &httpError{400, err}
 	}
 	return nil
 }
