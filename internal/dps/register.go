@@ -247,8 +247,7 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	}
 	c := challenge{Key: key, Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
 		Expires: s.Now().Add(s.ChallengeTTL)}
-	doc, _ := json.Marshal(c)
-	if _, err := s.store.Put(ctx, store.Doc{Kind: kindChallenge, ID: regID, Body: doc}, ""); err != nil {
+	if err := s.addChallenge(ctx, regID, c); err != nil {
 		return nil, err
 	}
 	return &Challenge{Message: "Unauthorized", AuthenticationKey: base64.StdEncoding.EncodeToString(blob), KeyName: "registration"}, nil
@@ -288,15 +287,9 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 	if e != nil {
 		switch e.Attestation.Type {
 		case AttestationTPM:
-			c, _, err := get[challenge](ctx, s.store, kindChallenge, regID, nil)
+			c, err := s.answeredChallenge(ctx, regID, tok, now)
 			if err != nil {
 				return nil, err
-			}
-			if c == nil || now.After(c.Expires) {
-				return nil, unauthorized(regID, "no TPM challenge is pending: send the registration without Authorization first")
-			}
-			if err := tok.Verify(now, sas.Keys(c.Key)...); err != nil {
-				return nil, unauthorized(regID, err.Error())
 			}
 			return &attestation{enrollment: e, challenge: c}, nil
 		case AttestationSymmetricKey:
@@ -308,28 +301,81 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		}
 		return nil, unauthorized(regID, "the enrollment's attestation is not supported")
 	}
-	if c, _, err := get[challenge](ctx, s.store, kindChallenge, regID, nil); err != nil {
-		return nil, err
-	} else if c != nil && c.Group != "" {
-		return s.authenticateTPMGroup(ctx, regID, tok, c, now)
+	// A TPM group's device has a challenge naming its group; other group
+	// devices have none.
+	c, err := s.answeredChallenge(ctx, regID, tok, now)
+	switch {
+	case err == nil && c.Group != "":
+		g, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, c.Group, unauthorized(regID, "its TPM group was deleted"))
+		if err != nil {
+			return nil, err
+		}
+		return &attestation{group: g, challenge: c}, nil
+	case err != nil && azerr.As(err).Status() >= 500:
+		return nil, err // the store failed
 	}
 	return s.authenticateGroup(ctx, regID, tok, now)
 }
 
-// authenticateTPMGroup verifies the token of a TPM group's device against
-// its pending challenge.
-func (s *Service) authenticateTPMGroup(ctx context.Context, regID string, tok *sas.Token, c *challenge, now time.Time) (*attestation, error) {
-	if now.After(c.Expires) {
-		return nil, unauthorized(regID, "no TPM challenge is pending: send the registration without Authorization first")
+// pendingChallenges are a TPM device's unanswered challenges. A few are
+// kept, newest first, so that someone who knows the device's EK (which is
+// public) cannot void the challenge the device is answering by asking for
+// another.
+type pendingChallenges struct {
+	Pending []challenge `json:"pending"`
+}
+
+const maxPendingChallenges = 4
+
+// addChallenge records c among regID's pending challenges, dropping expired
+// ones; concurrent requests (on any replica) each add theirs.
+func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) error {
+	for attempt := 0; ; attempt++ {
+		old, etag, err := get[pendingChallenges](ctx, s.store, kindChallenge, regID, nil)
+		if err != nil {
+			return err
+		}
+		p := pendingChallenges{Pending: []challenge{c}}
+		if old != nil {
+			for _, o := range old.Pending {
+				if len(p.Pending) < maxPendingChallenges && s.Now().Before(o.Expires) {
+					p.Pending = append(p.Pending, o)
+				}
+			}
+		}
+		body, _ := json.Marshal(p)
+		doc := store.Doc{Kind: kindChallenge, ID: regID, Body: body}
+		if old == nil {
+			_, err = s.store.Create(ctx, doc)
+		} else {
+			_, err = s.store.Put(ctx, doc, etag)
+		}
+		retry := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
+		if !retry || attempt == 20 || ctx.Err() != nil {
+			return err
+		}
 	}
-	if err := tok.Verify(now, sas.Keys(c.Key)...); err != nil {
-		return nil, unauthorized(regID, err.Error())
-	}
-	g, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, c.Group, unauthorized(regID, "its TPM group was deleted"))
+}
+
+// answeredChallenge is the pending challenge whose key signed tok.
+func (s *Service) answeredChallenge(ctx context.Context, regID string, tok *sas.Token, now time.Time) (*challenge, error) {
+	p, _, err := get[pendingChallenges](ctx, s.store, kindChallenge, regID, nil)
 	if err != nil {
 		return nil, err
 	}
-	return &attestation{group: g, challenge: c}, nil
+	var lastErr error = errors.New("no TPM challenge is pending: send the registration without Authorization first")
+	if p != nil {
+		for i := range p.Pending {
+			c := &p.Pending[i]
+			if now.After(c.Expires) {
+				continue
+			}
+			if lastErr = tok.Verify(now, sas.Keys(c.Key)...); lastErr == nil {
+				return c, nil
+			}
+		}
+	}
+	return nil, unauthorized(regID, lastErr.Error())
 }
 
 // authenticateGroup finds the symmetric-key group whose derived key signed tok.

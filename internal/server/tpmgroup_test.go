@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"crypto/x509/pkix"
+	"encoding/base64"
 	"math/big"
 	"strings"
 	"testing"
@@ -115,5 +116,41 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/bad", "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationTPM}}, nil); err == nil ||
 		!strings.Contains(err.Error(), "ekCertificateAuthorities") {
 		t.Fatalf("TPM group without CAs: %v", err)
+	}
+}
+
+// Someone who knows a TPM's EK (it is public) and asks for a challenge in
+// its name does not void the challenge the device is answering.
+func TestChallengeNotVoidedByAStranger(t *testing.T) {
+	e := newEnv(t)
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev := softtpm.New(keys)
+	ek, _ := dev.EndorsementKey()
+	srk, _ := dev.StorageRootKey()
+	regID := attest.RegistrationID(ek)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
+	body := `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
+		`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) + `"}}`
+	st, mine := e.raw("PUT", path, "", body)
+	if st != 401 {
+		t.Fatalf("challenge: %d %v", st, mine)
+	}
+	if st, _ := e.raw("PUT", path, "", body); st != 401 { // the stranger's
+		t.Fatalf("second challenge: %d", st)
+	}
+	blob, _ := base64.StdEncoding.DecodeString(mine["authenticationKey"].(string))
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	if err := dev.ImportActivationBlob(blob, handle); err != nil {
+		t.Fatal(err)
+	}
+	tok, _ := sas.BuildSigned(func(d []byte) ([]byte, error) { return dev.HMAC(handle, d) },
+		e.dps.IDScope()+"/registrations/"+regID, "registration", time.Now().Add(time.Minute))
+	if st, b := e.raw("PUT", path, tok, `{"registrationId":"`+regID+`"}`); st != 202 {
+		t.Fatalf("answering the first challenge after a second one: %d %v", st, b)
 	}
 }
