@@ -118,8 +118,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			per := (o.devices + len(endpoints) - 1) / len(endpoints)
 			for i, e := range endpoints {
 				n := min(per, o.devices-i*per)
-				if n <= 0 {
-					endpoints = endpoints[:i] // more replicas than devices
+				if n <= 0 { // more replicas than devices
 					results, errs = results[:i], errs[:i]
 					break
 				}
