@@ -246,3 +246,30 @@ func TestRegistrationID(t *testing.T) {
 		t.Errorf("LegacyRegistrationID = %s, want %s", got, want)
 	}
 }
+
+// SplitBlob takes any bytes without panicking, and the parts it returns,
+// re-encoded, are the blob up to the optional part F.
+func FuzzSplitBlob(f *testing.F) {
+	ek, srk := fixture(f, "ek.pub"), fixture(f, "srk.pub")
+	blob, err := ActivationBlob(ek, srk, []byte("0123456789abcdef"), rand.Reader)
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Add(blob)
+	f.Add(blob[:len(blob)-2])
+	f.Add([]byte{0, 1})
+	f.Fuzz(func(t *testing.T, b []byte) {
+		parts, err := SplitBlob(b)
+		if err != nil {
+			return
+		}
+		var re []byte
+		for _, p := range parts {
+			re = append(re, byte(len(p)>>8), byte(len(p)))
+			re = append(re, p...)
+		}
+		if !bytes.HasPrefix(b, re) {
+			t.Fatalf("the parts are not the blob's")
+		}
+	})
+}
