@@ -155,7 +155,7 @@ func readResponse(br *bufio.Reader) (int, []byte, error) {
 	proto, rest, _ := strings.Cut(line, " ")
 	code, _, _ := strings.Cut(rest, " ")
 	status, err := strconv.Atoi(code)
-	if !strings.HasPrefix(proto, "HTTP/1.") || err != nil {
+	if !strings.HasPrefix(proto, "HTTP/1.") || err != nil || status < 100 || status > 599 {
 		return 0, nil, fmt.Errorf("malformed status line %q", line)
 	}
 	length := -1

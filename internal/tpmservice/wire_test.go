@@ -74,3 +74,15 @@ func FuzzReadRequest(f *testing.F) {
 		}
 	})
 }
+
+func FuzzReadResponse(f *testing.F) {
+	f.Add("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n{}\n")
+	f.Add("HTTP/1.1 409 Conflict\r\nContent-Length: 99\r\n\r\n{}")
+	f.Add("HTTP/1.1 -5 Odd\r\nContent-Length: 0\r\n\r\n")
+	f.Fuzz(func(t *testing.T, in string) {
+		status, body, err := readResponse(bufio.NewReader(strings.NewReader(in)))
+		if err == nil && (status < 100 || status > 599 || len(body) > 1<<20) {
+			t.Fatalf("accepted status %d with %d bytes", status, len(body))
+		}
+	})
+}
