@@ -485,8 +485,8 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 
 	switch {
 	case att.challenge != nil:
-		// A fresh hub key, delivered wrapped to this TPM: it never exists
-		// outside the TPM on the device.
+		// The hub key chosen with the challenge, delivered wrapped to this
+		// TPM: on the device it never exists outside the TPM.
 		dev.PrimaryKey, dev.SecondaryKey = cmp.Or(att.challenge.HubKey, s.newKey()), s.newKey()
 		ek, _ := base64.StdEncoding.DecodeString(att.challenge.EndorsementKey)
 		srk, _ := base64.StdEncoding.DecodeString(att.challenge.StorageRootKey)
