@@ -330,11 +330,7 @@ const maxPendingChallenges = 4
 // addChallenge records c among regID's pending challenges, dropping expired
 // ones; concurrent requests (on any replica) each add theirs.
 func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) error {
-	for attempt := 0; ; attempt++ {
-		old, etag, err := get[pendingChallenges](ctx, s.store, kindChallenge, regID, nil)
-		if err != nil {
-			return err
-		}
+	_, err := modify(ctx, s.store, kindChallenge, regID, func(old *pendingChallenges) pendingChallenges {
 		p := pendingChallenges{Pending: []challenge{c}}
 		if old != nil {
 			for _, o := range old.Pending {
@@ -343,18 +339,9 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) e
 				}
 			}
 		}
-		body, _ := json.Marshal(p)
-		doc := store.Doc{Kind: kindChallenge, ID: regID, Body: body}
-		if old == nil {
-			_, err = s.store.Create(ctx, doc)
-		} else {
-			_, err = s.store.Put(ctx, doc, etag)
-		}
-		retry := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
-		if !retry || attempt == 20 || ctx.Err() != nil {
-			return err
-		}
-	}
+		return p
+	})
+	return err
 }
 
 // answeredChallenge is the pending challenge whose key signed tok.
@@ -548,32 +535,14 @@ const recentOperations = 16
 // device's recent operations; concurrent registrations of one device (on
 // any replica) each add theirs.
 func (s *Service) record(ctx context.Context, state *RegistrationState, opID string) (string, error) {
-	for attempt := 0; ; attempt++ {
-		old, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, state.RegistrationID, nil)
-		if err != nil {
-			return "", err
-		}
+	return modify(ctx, s.store, kindRegistration, state.RegistrationID, func(old *registrationRecord) registrationRecord {
 		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
 		if old != nil {
 			rec.Operations = append(rec.Operations, old.Operations...)
 			rec.Operations = rec.Operations[:min(len(rec.Operations), recentOperations)]
 		}
-		body, _ := json.Marshal(rec)
-		doc := store.Doc{Kind: kindRegistration, ID: state.RegistrationID, Body: body}
-		var d store.Doc
-		if old == nil {
-			d, err = s.store.Create(ctx, doc)
-		} else {
-			d, err = s.store.Put(ctx, doc, etag)
-		}
-		// Another registration of this device wrote first (or the record was
-		// deleted meanwhile): read again and add to what is there.
-		retry := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
-		if retry && attempt < 20 && ctx.Err() == nil {
-			continue
-		}
-		return d.ETag, err
-	}
+		return rec
+	})
 }
 
 // place chooses the device's hub and writes the device there. A device

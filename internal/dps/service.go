@@ -142,6 +142,31 @@ func get[T any](ctx context.Context, st store.Store, kind, id string, notFound e
 	return v, d.ETag, nil
 }
 
+// modify stores what change makes of the document kind/id (nil when there
+// is none) and returns its new etag. When another writer gets there first
+// (on any replica), or deletes it meanwhile, it reads again and applies
+// change to what is there, a bounded number of times.
+func modify[T any](ctx context.Context, st store.Store, kind, id string, change func(old *T) T) (string, error) {
+	for attempt := 0; ; attempt++ {
+		old, etag, err := get[T](ctx, st, kind, id, nil)
+		if err != nil {
+			return "", err
+		}
+		body, _ := json.Marshal(change(old))
+		doc := store.Doc{Kind: kind, ID: id, Body: body}
+		var d store.Doc
+		if old == nil {
+			d, err = st.Create(ctx, doc)
+		} else {
+			d, err = st.Put(ctx, doc, etag)
+		}
+		raced := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
+		if !raced || attempt == 20 || ctx.Err() != nil {
+			return d.ETag, err
+		}
+	}
+}
+
 // storeErr maps a conditional-write failure to the protocol's error.
 func storeErr(err error, what string) error {
 	switch {
