@@ -1,14 +1,9 @@
 package server
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
+	"crypto"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"math/big"
 	"strings"
 	"testing"
 	"time"
@@ -21,39 +16,25 @@ import (
 	"github.com/hatchery/hatchery/internal/tpm"
 )
 
-// manufacturerCA is a TPM maker's CA, which signs EK certificates.
-func manufacturerCA(t *testing.T, name string) (*x509.Certificate, *ecdsa.PrivateKey) {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(5, 0, 0),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return c, key
-}
-
 // A TPM group trusts a manufacturer's CA: a TPM whose EK certificate it
 // signed registers under the ID its EK determines, with no enrollment.
 func TestTPMGroupByEKCertificate(t *testing.T) {
 	e := newEnv(t)
-	ca, caKey := manufacturerCA(t, "Acme TPM CA")
+	ca := newCert(t, "Acme TPM CA", true, nil) // the TPM maker's CA, which signs EK certificates
 	var g dps.EnrollmentGroup
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", &dps.EnrollmentGroup{
 		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
-			Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(tls.Certificate{Leaf: ca})}}}},
+			Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}},
 		Capabilities: &dps.Capabilities{IoTEdge: true}, InitialTwin: &dps.InitialTwin{Tags: []byte(`{"maker":"acme"}`)}}, &g); err != nil {
 		t.Fatal(err)
 	}
-	newTPM := func(signer *x509.Certificate, signerKey *ecdsa.PrivateKey) (*softtpm.TPM, string) {
+	newTPM := func(signer *tls.Certificate) (*softtpm.TPM, string) {
 		keys, err := softtpm.NewKeys()
 		if err != nil {
 			t.Fatal(err)
 		}
 		if signer != nil {
-			if err := keys.Certify(signer, signerKey); err != nil {
+			if err := keys.Certify(signer.Leaf, signer.PrivateKey.(crypto.Signer)); err != nil {
 				t.Fatal(err)
 			}
 		}
@@ -63,7 +44,7 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	}
 	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
 
-	dev, regID := newTPM(ca, caKey)
+	dev, regID := newTPM(&ca)
 	res, err := e.device(regID).RegisterTPM(ctx, dev, handle)
 	if err != nil {
 		t.Fatal(err)
@@ -88,19 +69,18 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	c.Close()
 
 	// Refused: another maker's certificate, no certificate, an ID the EK does not determine.
-	other, otherKey := manufacturerCA(t, "Other TPM CA")
+	other := newCert(t, "Other TPM CA", true, nil)
 	before := e.counts()
 	for what, tc := range map[string]struct {
-		signer    *x509.Certificate
-		signerKey *ecdsa.PrivateKey
-		id        string
-		want      string
+		signer *tls.Certificate
+		id     string
+		want   string
 	}{
-		"another maker's CA": {other, otherKey, "", "does not chain to the CA of any TPM enrollment group"},
-		"no EK certificate":  {nil, nil, "", "sent no EK certificate"},
-		"a chosen ID":        {ca, caKey, "my-favourite-id", "registers as the ID its EK determines"},
+		"another maker's CA": {&other, "", "does not chain to the CA of any TPM enrollment group"},
+		"no EK certificate":  {nil, "", "sent no EK certificate"},
+		"a chosen ID":        {&ca, "my-favourite-id", "registers as the ID its EK determines"},
 	} {
-		d, id := newTPM(tc.signer, tc.signerKey)
+		d, id := newTPM(tc.signer)
 		if tc.id != "" {
 			id = tc.id
 		}
