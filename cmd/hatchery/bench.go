@@ -2,12 +2,9 @@ package main
 
 import (
 	"context"
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net"
-	"net/url"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -75,23 +72,12 @@ in its event stream. Progress goes to stderr, the figures to stdout
 			if err != nil {
 				return err
 			}
-			ep, err := url.Parse(site.ServiceEndpoint)
+			lb, err := site.loopback()
 			if err != nil {
 				return err
 			}
-			httpsPort := ep.Port()
-			if httpsPort == "" {
-				httpsPort = "443"
-			}
-			caPEM, err := os.ReadFile(site.CACertificate)
-			if err != nil {
-				return fmt.Errorf("reading the CA certificate: %w", err)
-			}
-			roots := x509.NewCertPool()
-			roots.AppendCertsFromPEM(caPEM)
-			// Loopback only, whatever host name the installation serves.
-			registry, err := azclient.New(site.HubConnectionString, "https://"+net.JoinHostPort("127.0.0.1", httpsPort), "2021-04-12",
-				&tls.Config{RootCAs: roots, ServerName: site.HubHostName, MinVersion: tls.VersionTLS12})
+			caPEM := lb.caPEM
+			registry, err := azclient.New(site.HubConnectionString, lb.url, "2021-04-12", lb.tls)
 			if err != nil {
 				return err
 			}

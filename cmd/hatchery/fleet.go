@@ -1,11 +1,8 @@
 package main
 
 import (
-	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
-	"net"
 	"net/url"
 	"os"
 	"os/signal"
@@ -78,21 +75,14 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			if att == dps.AttestationTPM && o.skipEnroll {
 				return errors.New("--skip-enroll works with symmetric keys only: simulated TPMs get new keys on each run")
 			}
-			pem, err := os.ReadFile(site.CACertificate)
-			if err != nil {
-				return fmt.Errorf("reading the CA certificate: %w", err)
-			}
-			roots := x509.NewCertPool()
-			roots.AppendCertsFromPEM(pem)
-			ep, err := url.Parse(site.ServiceEndpoint)
+			lb, err := site.loopback()
 			if err != nil {
 				return err
 			}
-			// Loopback, whatever name the installation serves.
-			tlsConf := &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}
+			tlsConf := lb.tls
 			endpoints := o.replicas
 			if len(endpoints) == 0 {
-				endpoints = []string{"https://" + net.JoinHostPort("127.0.0.1", portOf(ep))}
+				endpoints = []string{lb.url}
 			}
 			pids := o.serverPIDs
 			if len(pids) == 0 {
@@ -157,13 +147,6 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
-}
-
-func portOf(u *url.URL) string {
-	if p := u.Port(); p != "" {
-		return p
-	}
-	return "443"
 }
 
 func mustAtoi(s string) int { n, _ := strconv.Atoi(s); return n }

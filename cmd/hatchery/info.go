@@ -1,8 +1,12 @@
 package main
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
+	"net"
+	"net/url"
 	"os"
 	"path/filepath"
 
@@ -82,4 +86,36 @@ func infoCmd() *cobra.Command {
 			})
 		},
 	}
+}
+
+// loopback is how the load tools reach the installation's server on this
+// machine: 127.0.0.1 on its HTTPS port, trusting its CA, with the host
+// name it serves.
+type loopback struct {
+	url   string // https://127.0.0.1:PORT
+	tls   *tls.Config
+	caPEM []byte
+}
+
+func (s *siteInfo) loopback() (*loopback, error) {
+	ep, err := url.Parse(s.ServiceEndpoint)
+	if err != nil {
+		return nil, err
+	}
+	caPEM, err := os.ReadFile(s.CACertificate)
+	if err != nil {
+		return nil, fmt.Errorf("reading the CA certificate: %w", err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	return &loopback{url: "https://" + net.JoinHostPort("127.0.0.1", portOf(ep)), caPEM: caPEM,
+		tls: &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}}, nil
+}
+
+// portOf is u's port, 443 when it names none.
+func portOf(u *url.URL) string {
+	if p := u.Port(); p != "" {
+		return p
+	}
+	return "443"
 }
