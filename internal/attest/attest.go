@@ -116,12 +116,12 @@ func ActivationBlob(ekPub, srkPub, key []byte, rnd io.Reader) ([]byte, error) {
 
 	// The Names are hashed from the bytes as sent, never re-encoded: a Name
 	// that differs by one bit fails with TPM_RC_INTEGRITY.
-	srkName := name(srkPub[2:])
+	srkName := Name(srkPub[2:])
 	pubE := sha256.New()
 	pubE.Write(seedValue)
 	pubE.Write(key)
 	public := append(append(make([]byte, 0, len(idKeyPublicPrefix)+sha256.Size), idKeyPublicPrefix...), pubE.Sum(nil)...)
-	idName := name(public)
+	idName := Name(public)
 
 	// innerData = TPM2B_DIGEST(SHA-256(sensitive2B ‖ Name)) ‖ sensitive2B,
 	// sensitive2B = TPM2B(TPMT_SENSITIVE{KEYEDHASH, authValue, seedValue, key}).
@@ -189,8 +189,8 @@ func seal(blob []byte, rnd io.Reader, to *rsa.PublicKey, label string, seed, nam
 	return append(blob, secret...), nil
 }
 
-// name is the TPM Name of an object: nameAlg SHA-256 ‖ SHA-256(TPMT_PUBLIC).
-func name(tpmtPublic []byte) []byte {
+// Name is the TPM Name of an object: nameAlg SHA-256 ‖ SHA-256(TPMT_PUBLIC).
+func Name(tpmtPublic []byte) []byte {
 	sum := sha256.Sum256(tpmtPublic)
 	return append([]byte{0x00, 0x0b}, sum[:]...)
 }

@@ -136,7 +136,7 @@ func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
 	}
 	credBlob, secretE, dup, secretS, pub := parts[0], parts[1], parts[2], parts[3], parts[4]
 
-	cred, err := unseal(t.keys.ek, "IDENTITY\x00", secretE, credBlob, name(t.keys.srkPub[2:]))
+	cred, err := unseal(t.keys.ek, "IDENTITY\x00", secretE, credBlob, attest.Name(t.keys.srkPub[2:]))
 	if err != nil {
 		return fmt.Errorf("activating the credential: %w", err)
 	}
@@ -145,7 +145,7 @@ func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
 	}
 	innerKey := cred[2:]
 
-	idName := name(pub)
+	idName := attest.Name(pub)
 	inner, err := unseal(t.keys.srk, "DUPLICATE\x00", secretS, dup, idName)
 	if err != nil {
 		return fmt.Errorf("importing the key: %w", err)
@@ -220,12 +220,6 @@ func hmacKey(s []byte) ([]byte, error) {
 		return nil, err
 	}
 	return field()
-}
-
-// name is nameAlg SHA-256 ‖ SHA-256(TPMT_PUBLIC).
-func name(tpmtPublic []byte) []byte {
-	sum := sha256.Sum256(tpmtPublic)
-	return append([]byte{0x00, 0x0b}, sum[:]...)
 }
 
 func cfbDecrypt(key, b []byte) {
