@@ -2,14 +2,7 @@ package main
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/json"
-	"encoding/pem"
-	"math/big"
 	"net"
 	"os"
 	"os/exec"
@@ -19,6 +12,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // cli runs the built binary the way an operator does.
@@ -144,12 +139,12 @@ func TestOperatorCLI(t *testing.T) {
 	}
 
 	// X.509: a device certificate individually, a CA inline or by name for a group.
-	ca, caKey := testCert(t, "Fleet CA", nil, nil)
-	dev, _ := testCert(t, "cam-1", ca, caKey)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
+	dev := testutil.NewCert(t, "cam-1", false, &ca)
 	dir := t.TempDir()
 	caPath, devPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "dev.pem")
-	writePEM(t, caPath, ca)
-	writePEM(t, devPath, dev)
+	testutil.WritePEM(t, ca, caPath, "")
+	testutil.WritePEM(t, dev, devPath, "")
 	if out := c.ok("enrollment", "create", "--registration-id", "cam-1", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") {
 		t.Errorf("x509 enrollment: %s", out)
 	}
@@ -319,31 +314,6 @@ func TestHubCLI(t *testing.T) {
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
 	c.ok("device", "delete", "--device-id", "edge-1")
-}
-
-// testCert makes a P-256 certificate for cn, a CA when parent is nil.
-func testCert(t *testing.T, cn string, parent *x509.Certificate, parentKey *ecdsa.PrivateKey) (*x509.Certificate, *ecdsa.PrivateKey) {
-	t.Helper()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
-	if parent == nil {
-		tmpl.IsCA, tmpl.BasicConstraintsValid, tmpl.KeyUsage = true, true, x509.KeyUsageCertSign
-		parent, parentKey = tmpl, key
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, _ := x509.ParseCertificate(der)
-	return c, key
-}
-
-func writePEM(t *testing.T, path string, c *x509.Certificate) {
-	t.Helper()
-	if err := os.WriteFile(path, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw}), 0o644); err != nil {
-		t.Fatal(err)
-	}
 }
 
 // grepLines returns the lines of out holding every word.

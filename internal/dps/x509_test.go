@@ -1,28 +1,14 @@
 package dps
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/pem"
-	"math/big"
 	"testing"
-	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
-func testCertDER(t testing.TB) []byte {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(7), Subject: pkix.Name{CommonName: "dev-1"},
-		NotBefore: time.Now(), NotAfter: time.Now().Add(time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return der
-}
+func testCertDER(t testing.TB) []byte { return testutil.NewCert(t, "dev-1", false, nil).Leaf.Raw }
 
 // The three spellings clients send all read as the same certificate.
 func TestParseCertificateForms(t *testing.T) {

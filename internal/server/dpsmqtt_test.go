@@ -16,6 +16,7 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // startDPSMQTT serves the device endpoint with DPS registrations on loopback.
@@ -319,7 +320,7 @@ func TestDPSOverMQTTRefusals(t *testing.T) {
 
 	// An X.509 device nobody enrolled is refused at CONNECT; a session with
 	// neither token nor certificate is told what to send.
-	cert := newCert(t, "x509-dev", false, nil)
+	cert := testutil.NewCert(t, "x509-dev", false, nil)
 	if _, code := e.dialDPS(t, addr, dpsUsername(scope, "x509-dev"), "x509-dev", "", &cert); code != mqtt.RefusedNotAuthorized {
 		t.Fatalf("unenrolled X.509 device: CONNACK %d", code)
 	}

@@ -13,6 +13,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // deviceAPI is a registry client authenticated as a device: with a client
@@ -40,9 +41,9 @@ func (e *env) putX509Device(t *testing.T, id string, cert tls.Certificate, edge 
 func TestEdgeDeviceScopeModules(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
-	cert := newCert(t, "gw-1", false, nil)
+	cert := testutil.NewCert(t, "gw-1", false, nil)
 	e.putX509Device(t, "gw-1", cert, true)
-	leafOnly := newCert(t, "leaf-1", false, nil)
+	leafOnly := testutil.NewCert(t, "leaf-1", false, nil)
 	e.putX509Device(t, "leaf-1", leafOnly, false)
 	e.newDevice("other", true)
 

@@ -2,19 +2,13 @@ package server
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
-	"math/big"
 	"net/url"
 	"strings"
 	"testing"
@@ -25,6 +19,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // startMQTT serves the hub's device endpoint on loopback.
@@ -239,27 +234,6 @@ func TestMQTTDisableDisconnects(t *testing.T) {
 	within(t, c.Done(), "disconnect of the disabled device")
 }
 
-// newCert makes a certificate for cn signed by parent (self-signed when nil).
-func newCert(t *testing.T, cn string, isCA bool, parent *tls.Certificate) tls.Certificate {
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
-		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
-	if isCA {
-		tmpl.IsCA, tmpl.BasicConstraintsValid, tmpl.KeyUsage = true, true, x509.KeyUsageCertSign
-	}
-	signer, signerKey := tmpl, any(key)
-	if parent != nil {
-		signer, signerKey = parent.Leaf, parent.PrivateKey
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, signer, &key.PublicKey, signerKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, _ := x509.ParseCertificate(der)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}
-}
-
 func (e *env) dialCert(addr, device, module string, cert tls.Certificate) (*hubdevice.Client, error) {
 	conf := e.tls.Clone()
 	conf.ServerName = "example.com"
@@ -274,7 +248,7 @@ func TestMQTTX509Devices(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
 
-	self := newCert(t, "self-1", false, nil)
+	self := testutil.NewCert(t, "self-1", false, nil)
 	sum := sha256.Sum256(self.Leaf.Raw)
 	tp := hex.EncodeToString(sum[:])
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/self-1", "", map[string]any{"authentication": map[string]any{
@@ -286,16 +260,16 @@ func TestMQTTX509Devices(t *testing.T) {
 		t.Fatalf("self-signed device: %v", err)
 	}
 	c.Close()
-	if _, err := e.dialCert(addr, "self-1", "", newCert(t, "self-1", false, nil)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+	if _, err := e.dialCert(addr, "self-1", "", testutil.NewCert(t, "self-1", false, nil)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("another certificate with the same CN: %v", err)
 	}
 
-	ca := newCert(t, "Fleet CA", true, nil)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
 	caPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ca.Leaf.Raw})
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/ca-1", "", map[string]any{"authentication": map[string]any{"type": "certificateAuthority"}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	devCert := newCert(t, "ca-1", false, &ca)
+	devCert := testutil.NewCert(t, "ca-1", false, &ca)
 	// Until the CA is uploaded and verified, the device is refused.
 	if _, err := e.dialCert(addr, "ca-1", "", devCert); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("CA not yet trusted: %v", err)
@@ -309,7 +283,7 @@ func TestMQTTX509Devices(t *testing.T) {
 	}
 	c.Close()
 	// A certificate from the CA for another CN does not pass as ca-1.
-	if _, err := e.dialCert(addr, "ca-1", "", newCert(t, "someone-else", false, &ca)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
+	if _, err := e.dialCert(addr, "ca-1", "", testutil.NewCert(t, "someone-else", false, &ca)); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("wrong CN: %v", err)
 	}
 	// Bad input to the registry.

@@ -13,6 +13,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/softtpm"
+	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
 
@@ -20,7 +21,7 @@ import (
 // signed registers under the ID its EK determines, with no enrollment.
 func TestTPMGroupByEKCertificate(t *testing.T) {
 	e := newEnv(t)
-	ca := newCert(t, "Acme TPM CA", true, nil) // the TPM maker's CA, which signs EK certificates
+	ca := testutil.NewCert(t, "Acme TPM CA", true, nil) // the TPM maker's CA, which signs EK certificates
 	var g dps.EnrollmentGroup
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", &dps.EnrollmentGroup{
 		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
@@ -69,7 +70,7 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	c.Close()
 
 	// Refused: another maker's certificate, no certificate, an ID the EK does not determine.
-	other := newCert(t, "Other TPM CA", true, nil)
+	other := testutil.NewCert(t, "Other TPM CA", true, nil)
 	before := e.counts()
 	for what, tc := range map[string]struct {
 		signer *tls.Certificate

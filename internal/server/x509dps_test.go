@@ -13,6 +13,7 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 func certPEM(c tls.Certificate) string {
@@ -39,7 +40,7 @@ func (e *env) x509Device(regID string, cert tls.Certificate) *provisioning.Clien
 func TestX509IndividualEnrollment(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
-	cert := newCert(t, "cam-01", false, nil)
+	cert := testutil.NewCert(t, "cam-01", false, nil)
 	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "cam-01", Capabilities: &dps.Capabilities{IoTEdge: true},
 		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
 			ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(cert)}}}}})
@@ -77,9 +78,9 @@ func TestX509IndividualEnrollment(t *testing.T) {
 		cert        tls.Certificate
 		want        string
 	}{
-		{"another certificate with the same CN", "cam-01", newCert(t, "cam-01", false, nil), "not the one enrolled"},
-		{"registration ID other than the CN", "cam-01", newCert(t, "cam-02", false, nil), "subject CN is \"cam-02\""},
-		{"no enrollment", "cam-09", newCert(t, "cam-09", false, nil), "does not chain"},
+		{"another certificate with the same CN", "cam-01", testutil.NewCert(t, "cam-01", false, nil), "not the one enrolled"},
+		{"registration ID other than the CN", "cam-01", testutil.NewCert(t, "cam-02", false, nil), "subject CN is \"cam-02\""},
+		{"no enrollment", "cam-09", testutil.NewCert(t, "cam-09", false, nil), "does not chain"},
 	} {
 		_, err := e.x509Device(tc.regID, tc.cert).RegisterX509(ctx)
 		var pe *provisioning.Error
@@ -98,8 +99,8 @@ func TestX509IndividualEnrollment(t *testing.T) {
 func TestX509GroupEnrollment(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startDPSMQTT()
-	root := newCert(t, "Fleet Root", true, nil)
-	inter := newCert(t, "Fleet Intermediate", true, &root)
+	root := testutil.NewCert(t, "Fleet Root", true, nil)
+	inter := testutil.NewCert(t, "Fleet Intermediate", true, &root)
 	var g dps.EnrollmentGroup
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{
 		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
@@ -109,7 +110,7 @@ func TestX509GroupEnrollment(t *testing.T) {
 	}
 
 	// A device whose certificate the intermediate signed, sending the chain.
-	leaf := withChain(newCert(t, "node-7", false, &inter), inter)
+	leaf := withChain(testutil.NewCert(t, "node-7", false, &inter), inter)
 	res, err := e.x509Device("node-7", leaf).RegisterX509(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -128,29 +129,29 @@ func TestX509GroupEnrollment(t *testing.T) {
 	hc.Close()
 
 	// Over MQTT too, as the Python and Embedded C SDKs register.
-	mqttLeaf := withChain(newCert(t, "node-8", false, &inter), inter)
+	mqttLeaf := withChain(testutil.NewCert(t, "node-8", false, &inter), inter)
 	if st := e.registerOverMQTT(t, addr, "node-8", nil, &mqttLeaf, `null`); st["deviceId"] != "node-8" || st["status"] != "assigned" {
 		t.Fatalf("MQTT registration state %v", st)
 	}
 
 	// Without the intermediate in the chain, or from another CA: refused.
-	other := newCert(t, "Other CA", true, nil)
+	other := testutil.NewCert(t, "Other CA", true, nil)
 	for what, c := range map[string]tls.Certificate{
-		"chain without the intermediate": newCert(t, "node-9", false, &inter),
-		"another CA":                     newCert(t, "node-9", false, &other),
+		"chain without the intermediate": testutil.NewCert(t, "node-9", false, &inter),
+		"another CA":                     testutil.NewCert(t, "node-9", false, &other),
 	} {
 		if _, err := e.x509Device("node-9", c).RegisterX509(ctx); azerrStatus(err) != 401 {
 			t.Errorf("%s: %v", what, err)
 		}
 	}
 	// Another group's certificate for the same name does not take node-7 over.
-	otherRoot := newCert(t, "Other Root", true, nil)
+	otherRoot := testutil.NewCert(t, "Other Root", true, nil)
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/other-fleet", "", &dps.EnrollmentGroup{
 		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
 			SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(otherRoot)}}}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	_, err = e.x509Device("node-7", newCert(t, "node-7", false, &otherRoot)).RegisterX509(ctx)
+	_, err = e.x509Device("node-7", testutil.NewCert(t, "node-7", false, &otherRoot)).RegisterX509(ctx)
 	if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, "provisioned through enrollment group fleet") {
 		t.Fatalf("takeover by another group: %v", err)
 	}
@@ -168,7 +169,7 @@ func TestX509GroupEnrollment(t *testing.T) {
 // must be verified to be trusted.
 func TestX509GroupCAReference(t *testing.T) {
 	e := newEnv(t)
-	ca := newCert(t, "Line CA", true, nil)
+	ca := testutil.NewCert(t, "Line CA", true, nil)
 	put := func(verified bool) {
 		if err := e.hubAPI.Do(ctx, "PUT", "/certificates/line-ca", "", &hub.Certificate{Properties: hub.CertificateProperties{
 			Certificate: certPEM(ca), IsVerified: verified}}, nil); err != nil {
@@ -185,7 +186,7 @@ func TestX509GroupCAReference(t *testing.T) {
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line", "", group, nil); err != nil {
 		t.Fatal(err)
 	}
-	dev := newCert(t, "line-dev-1", false, &ca)
+	dev := testutil.NewCert(t, "line-dev-1", false, &ca)
 	if _, err := e.x509Device("line-dev-1", dev).RegisterX509(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -200,8 +201,8 @@ func TestX509GroupCAReference(t *testing.T) {
 
 func TestX509EnrollmentBadInput(t *testing.T) {
 	e := newEnv(t)
-	leaf := newCert(t, "dev", false, nil)
-	ca := newCert(t, "CA", true, nil)
+	leaf := testutil.NewCert(t, "dev", false, nil)
+	ca := testutil.NewCert(t, "CA", true, nil)
 	certs := func(pemText string) *dps.X509Certificates {
 		return &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: pemText}}
 	}

@@ -1,13 +1,9 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/base64"
-	"encoding/pem"
 	"math/big"
 	"os"
 	"os/exec"
@@ -18,6 +14,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
 
@@ -33,24 +30,20 @@ func TestTPMGroupProvisioning(t *testing.T) {
 
 	// The maker's CA and the EK certificate, in NV at the TCG index.
 	dir := t.TempDir()
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Example TPM Manufacturer CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(1, 0, 0), IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	ca, _ := x509.ParseCertificate(caDER)
+	ca := testutil.NewCert(t, "Example TPM Manufacturer CA", true, nil)
 	ek, _ := base64.StdEncoding.DecodeString(ekB64)
 	pub, err := attest.ParsePublic(ek)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ekCert, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{SerialNumber: big.NewInt(2), NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().AddDate(1, 0, 0), KeyUsage: x509.KeyUsageKeyEncipherment}, ca, pub.Key(), caKey)
+		NotAfter: time.Now().AddDate(1, 0, 0), KeyUsage: x509.KeyUsageKeyEncipherment}, ca.Leaf, pub.Key(), ca.PrivateKey)
 	if err != nil {
 		t.Fatal(err)
 	}
 	certFile, caFile := filepath.Join(dir, "ek.der"), filepath.Join(dir, "ca.pem")
 	_ = os.WriteFile(certFile, ekCert, 0o600)
-	_ = os.WriteFile(caFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}), 0o600)
+	testutil.WritePEM(t, ca, caFile, "")
 	index := "0x" + strconv.FormatUint(tpm.EKCertIndex, 16)
 	for _, args := range [][]string{
 		{"tpm2_nvdefine", "-C", "o", "-s", strconv.Itoa(len(ekCert)), "-a", "ownerread|ownerwrite|authread|authwrite|no_da", index},

@@ -1,22 +1,15 @@
 package e2e
 
 import (
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
-	"math/big"
 	"net/http"
-	"os"
 	"path/filepath"
 	"testing"
-	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/moby/mobytest"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // pkiFiles writes a CA and a device certificate signed by it, as an
@@ -24,27 +17,12 @@ import (
 // identity_cert/identity_pk.
 func pkiFiles(t *testing.T, dir, deviceCN string) (caPath, certPath, keyPath string, dev *x509.Certificate) {
 	t.Helper()
-	write := func(name, typ string, der []byte) string {
-		p := filepath.Join(dir, name)
-		if err := os.WriteFile(p, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	caKey, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	caTmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "Edge Fleet CA"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign}
-	caDER, _ := x509.CreateCertificate(rand.Reader, caTmpl, caTmpl, &caKey.PublicKey, caKey)
-	ca, _ := x509.ParseCertificate(caDER)
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: deviceCN},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}
-	der, _ := x509.CreateCertificate(rand.Reader, tmpl, ca, &key.PublicKey, caKey)
-	dev, _ = x509.ParseCertificate(der)
-	keyDER, _ := x509.MarshalPKCS8PrivateKey(key)
-	return write("ca.pem", "CERTIFICATE", caDER), write("device.pem", "CERTIFICATE", der), write("device.key", "PRIVATE KEY", keyDER), dev
+	ca := testutil.NewCert(t, "Edge Fleet CA", true, nil)
+	cert := testutil.NewCert(t, deviceCN, false, &ca)
+	caPath, certPath, keyPath = filepath.Join(dir, "ca.pem"), filepath.Join(dir, "device.pem"), filepath.Join(dir, "device.key")
+	testutil.WritePEM(t, ca, caPath, "")
+	testutil.WritePEM(t, cert, certPath, keyPath)
+	return caPath, certPath, keyPath, cert.Leaf
 }
 
 // An X.509 device of an enrollment group provisions with its certificate
