@@ -61,11 +61,7 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
 			return true
 		}
-		roots := x509.NewCertPool()
-		for _, ca := range g.Attestation.TPM.EKCertificateAuthorities.certificates() {
-			roots.AddCert(ca)
-		}
-		if _, err := cert.Verify(x509.VerifyOptions{Roots: roots, CurrentTime: s.Now(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err == nil {
+		if chainsTo(cert, nil, g.Attestation.TPM.EKCertificateAuthorities.certificates(), s.Now(), x509.ExtKeyUsageAny) != nil {
 			found = g
 			return false
 		}

@@ -226,18 +226,26 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 		return nil, err
 	}
 	for _, g := range groups {
-		roots, anchors := x509.NewCertPool(), s.groupCAs(ctx, g.Attestation.X509)
-		for _, ca := range anchors {
-			roots.AddCert(ca)
-		}
-		chains, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
-			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}})
-		if err == nil {
-			return &attestation{group: g, certificate: leaf, signer: chains[0][len(chains[0])-1]}, nil
+		if ca := chainsTo(leaf, inter, s.groupCAs(ctx, g.Attestation.X509), now, x509.ExtKeyUsageClientAuth); ca != nil {
+			return &attestation{group: g, certificate: leaf, signer: ca}, nil
 		}
 	}
 	return nil, unauthorized(regID, "no individual enrollment has this registration ID and the client certificate "+
 		"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
+}
+
+// chainsTo returns the CA of cas that cert chains to now (through the
+// intermediates inter, which may be nil), allowing usage; nil if none.
+func chainsTo(cert *x509.Certificate, inter *x509.CertPool, cas []*x509.Certificate, now time.Time, usage x509.ExtKeyUsage) *x509.Certificate {
+	roots := x509.NewCertPool()
+	for _, ca := range cas {
+		roots.AddCert(ca)
+	}
+	chains, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{usage}})
+	if err != nil {
+		return nil
+	}
+	return chains[0][len(chains[0])-1]
 }
 
 // groupCAs returns the CA certificates a group trusts.
