@@ -205,6 +205,7 @@ func (s *Service) DeleteEnrollment(ctx context.Context, id, ifMatch string) erro
 	if err != nil {
 		return err
 	}
+	s.recentOperations.forget(id)
 	return storeErr(s.store.Delete(ctx, kindEnrollment, id, ifMatch), "enrollment "+id)
 }
 
@@ -306,6 +307,7 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	if err != nil {
 		return err
 	}
+	s.recentOperations.forget(id)
 	return storeErr(s.store.Delete(ctx, kindRegistration, id, ifMatch), "registration "+id)
 }
 

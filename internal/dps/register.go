@@ -73,6 +73,8 @@ type attestation struct {
 	group      *EnrollmentGroup
 	deviceKey  string // symmetric-key devices: the key they proved
 	challenge  *challenge
+	// keys are those the device's SAS token verified under.
+	keys [][]byte
 	// X.509 devices: their certificate, and for group members the CA it chained to.
 	certificate, signer *x509.Certificate
 }
@@ -132,6 +134,14 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	regID, err := s.checkScope(scope, regID)
 	if err != nil {
 		return nil, err
+	}
+	// The device's own operation, just answered here, proven the same way.
+	if a, ok := s.recentOperations.get(regID, s.Now()); ok && a.op.OperationID == opID && a.proof.accepts(scope, regID, cred, s.Now()) {
+		if err := s.Throttle.device(regID, s.Now()); err != nil {
+			return nil, err
+		}
+		op := a.op
+		return &op, nil
 	}
 	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
 		return nil, err
@@ -291,13 +301,14 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 			if err != nil {
 				return nil, err
 			}
-			return &attestation{enrollment: e, challenge: c}, nil
+			return &attestation{enrollment: e, challenge: c, keys: sas.Keys(c.Key)}, nil
 		case AttestationSymmetricKey:
 			k := e.Attestation.SymmetricKey
-			if err := tok.Verify(now, sas.Keys(k.PrimaryKey, k.SecondaryKey)...); err != nil {
+			keys := sas.Keys(k.PrimaryKey, k.SecondaryKey)
+			if err := tok.Verify(now, keys...); err != nil {
 				return nil, unauthorized(regID, err.Error())
 			}
-			return &attestation{enrollment: e}, nil
+			return &attestation{enrollment: e, keys: keys}, nil
 		}
 		return nil, unauthorized(regID, "the enrollment's attestation is not supported")
 	}
@@ -310,7 +321,7 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		if err != nil {
 			return nil, err
 		}
-		return &attestation{group: g, challenge: c}, nil
+		return &attestation{group: g, challenge: c, keys: sas.Keys(c.Key)}, nil
 	case err != nil && azerr.As(err).Status() >= 500:
 		return nil, err // the store failed
 	}
@@ -330,26 +341,45 @@ const maxPendingChallenges = 4
 // addChallenge records c among regID's pending challenges, dropping expired
 // ones; concurrent requests (on any replica) each add theirs.
 func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) error {
-	_, err := modify(ctx, s.store, kindChallenge, regID, func(old *pendingChallenges) pendingChallenges {
-		p := pendingChallenges{Pending: []challenge{c}}
+	var written pendingChallenges
+	_, err := modify(ctx, s.store, kindChallenge, regID, nil, func(old *pendingChallenges) pendingChallenges {
+		written = pendingChallenges{Pending: []challenge{c}}
 		if old != nil {
 			for _, o := range old.Pending {
-				if len(p.Pending) < maxPendingChallenges && s.Now().Before(o.Expires) {
-					p.Pending = append(p.Pending, o)
+				if len(written.Pending) < maxPendingChallenges && s.Now().Before(o.Expires) {
+					written.Pending = append(written.Pending, o)
 				}
 			}
 		}
-		return p
+		return written
 	})
+	if err == nil {
+		s.recentChallenges.put(regID, written, s.Now())
+	}
 	return err
 }
 
-// answeredChallenge is the pending challenge whose key signed tok.
+// answeredChallenge is the pending challenge whose key signed tok: one this
+// replica issued lately, else one in the store (issued by any replica).
 func (s *Service) answeredChallenge(ctx context.Context, regID string, tok *sas.Token, now time.Time) (*challenge, error) {
+	if p, ok := s.recentChallenges.get(regID, now); ok {
+		if c, err := p.answeredBy(tok, now); err == nil {
+			return c, nil
+		}
+	}
 	p, _, err := get[pendingChallenges](ctx, s.store, kindChallenge, regID, nil)
 	if err != nil {
 		return nil, err
 	}
+	c, err := p.answeredBy(tok, now)
+	if err != nil {
+		return nil, unauthorized(regID, err.Error())
+	}
+	return c, nil
+}
+
+// answeredBy is the unexpired challenge whose key signed tok.
+func (p *pendingChallenges) answeredBy(tok *sas.Token, now time.Time) (*challenge, error) {
 	var lastErr error = errors.New("no TPM challenge is pending: send the registration without Authorization first")
 	if p != nil {
 		for i := range p.Pending {
@@ -362,7 +392,7 @@ func (s *Service) answeredChallenge(ctx context.Context, regID string, tok *sas.
 			}
 		}
 	}
-	return nil, unauthorized(regID, lastErr.Error())
+	return nil, lastErr
 }
 
 // authenticateGroup finds the symmetric-key group whose derived key signed tok.
@@ -380,7 +410,7 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 		}
 		err := tok.Verify(now, derived...)
 		if err == nil {
-			found = &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0])}
+			found = &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0]), keys: derived}
 			return false
 		}
 		if errors.Is(err, sas.ErrExpired) {
@@ -423,9 +453,13 @@ func (s *Service) eachGroup(ctx context.Context, f func(*EnrollmentGroup) bool) 
 func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string, att *attestation, payload json.RawMessage) (*Operation, error) {
 	now := s.Now().UTC()
 	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now, Payload: payload}
-	prev, _, err := get[RegistrationState](ctx, s.store, kindRegistration, regID, nil)
+	read, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
 	if err != nil {
 		return nil, err
+	}
+	var prev *RegistrationState
+	if read != nil {
+		prev = &read.RegistrationState
 	}
 	if prev != nil && prev.CreatedDateTimeUtc != nil {
 		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
@@ -518,11 +552,10 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
 	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	etag, err := s.record(ctx, state, op.OperationID)
-	if err != nil {
+	if state.ETag, err = s.record(ctx, state, op.OperationID, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
-	state.ETag = etag
+	s.recentOperations.put(regID, answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}, s.Now())
 	return op, nil
 }
 
@@ -533,9 +566,9 @@ const recentOperations = 16
 
 // record stores a registration and its operation, keeping the IDs of the
 // device's recent operations; concurrent registrations of one device (on
-// any replica) each add theirs.
-func (s *Service) record(ctx context.Context, state *RegistrationState, opID string) (string, error) {
-	return modify(ctx, s.store, kindRegistration, state.RegistrationID, func(old *registrationRecord) registrationRecord {
+// any replica) each add theirs. read is the record as assign found it.
+func (s *Service) record(ctx context.Context, state *RegistrationState, opID string, read *current[registrationRecord]) (string, error) {
+	return modify(ctx, s.store, kindRegistration, state.RegistrationID, read, func(old *registrationRecord) registrationRecord {
 		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
 		if old != nil {
 			rec.Operations = append(rec.Operations, old.Operations...)

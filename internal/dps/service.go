@@ -61,8 +61,11 @@ type Service struct {
 	ChallengeTTL time.Duration
 	// CAs resolves X.509 groups' caReferences; nil allows only inline
 	// signingCertificates.
-	CAs  CAStore
-	hubs struct { // linked hubs, cached for registrations
+	CAs CAStore
+	// What this replica wrote lately for devices registering.
+	recentChallenges *recent[pendingChallenges]
+	recentOperations *recent[answered]
+	hubs             struct { // linked hubs, cached for registrations
 		sync.Mutex
 		list  []*LinkedHub
 		until time.Time
@@ -78,7 +81,8 @@ type Service struct {
 // Open loads the service's settings from st, creating an ID scope and the
 // provisioningserviceowner policy on first start.
 func Open(ctx context.Context, st store.Store, registry Registry, host string) (*Service, error) {
-	s := &Service{store: st, registry: registry, host: host, Now: time.Now, Rand: rand.Reader, ChallengeTTL: time.Hour}
+	s := &Service{store: st, registry: registry, host: host, Now: time.Now, Rand: rand.Reader, ChallengeTTL: time.Hour,
+		recentChallenges: newRecent[pendingChallenges](), recentOperations: newRecent[answered]()}
 	err := store.LoadOrCreate(ctx, st, kindSettings, "service", func() any {
 		var b [4]byte
 		_, _ = rand.Read(b[:])
@@ -142,28 +146,41 @@ func get[T any](ctx context.Context, st store.Store, kind, id string, notFound e
 	return v, d.ETag, nil
 }
 
+// current is a document as a caller read it: its value (nil when there was
+// none) and etag.
+type current[T any] struct {
+	val  *T
+	etag string
+}
+
 // modify stores what change makes of the document kind/id (nil when there
-// is none) and returns its new etag. When another writer gets there first
-// (on any replica), or deletes it meanwhile, it reads again and applies
-// change to what is there, a bounded number of times.
-func modify[T any](ctx context.Context, st store.Store, kind, id string, change func(old *T) T) (string, error) {
+// is none) and returns its new etag. read is the document as the caller
+// already read it, or nil to read it here. When another writer gets there
+// first (on any replica), or deletes it meanwhile, it reads again and
+// applies change to what is there, a bounded number of times.
+func modify[T any](ctx context.Context, st store.Store, kind, id string, read *current[T], change func(old *T) T) (string, error) {
 	for attempt := 0; ; attempt++ {
-		old, etag, err := get[T](ctx, st, kind, id, nil)
-		if err != nil {
-			return "", err
+		if read == nil {
+			old, etag, err := get[T](ctx, st, kind, id, nil)
+			if err != nil {
+				return "", err
+			}
+			read = &current[T]{old, etag}
 		}
-		body, _ := json.Marshal(change(old))
+		body, _ := json.Marshal(change(read.val))
 		doc := store.Doc{Kind: kind, ID: id, Body: body}
 		var d store.Doc
-		if old == nil {
+		var err error
+		if read.val == nil {
 			d, err = st.Create(ctx, doc)
 		} else {
-			d, err = st.Put(ctx, doc, etag)
+			d, err = st.Put(ctx, doc, read.etag)
 		}
 		raced := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
 		if !raced || attempt == 20 || ctx.Err() != nil {
 			return d.ETag, err
 		}
+		read = nil
 	}
 }
 

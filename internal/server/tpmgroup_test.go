@@ -104,19 +104,8 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 // its name does not void the challenge the device is answering.
 func TestChallengeNotVoidedByAStranger(t *testing.T) {
 	e := newEnv(t)
-	keys, err := softtpm.NewKeys()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dev := softtpm.New(keys)
-	ek, _ := dev.EndorsementKey()
-	srk, _ := dev.StorageRootKey()
-	regID := attest.RegistrationID(ek)
-	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
-		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	dev, regID, body := e.enrollSoftTPM()
 	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
-	body := `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
-		`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) + `"}}`
 	st, mine := e.raw("PUT", path, "", body)
 	if st != 401 {
 		t.Fatalf("challenge: %d %v", st, mine)
@@ -134,4 +123,22 @@ func TestChallengeNotVoidedByAStranger(t *testing.T) {
 	if st, b := e.raw("PUT", path, tok, `{"registrationId":"`+regID+`"}`); st != 202 {
 		t.Fatalf("answering the first challenge after a second one: %d %v", st, b)
 	}
+}
+
+// enrollSoftTPM enrolls a new software TPM individually; it returns the
+// TPM, its registration ID and the body of its registration PUT.
+func (e *env) enrollSoftTPM() (dev *softtpm.TPM, regID, body string) {
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	dev = softtpm.New(keys)
+	ek, _ := dev.EndorsementKey()
+	srk, _ := dev.StorageRootKey()
+	regID = attest.RegistrationID(ek)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	body = `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
+		`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) + `"}}`
+	return dev, regID, body
 }

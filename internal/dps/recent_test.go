@@ -1,0 +1,41 @@
+package dps
+
+import (
+	"fmt"
+	"testing"
+	"time"
+)
+
+func TestRecent(t *testing.T) {
+	r := newRecent[int]()
+	now := time.Unix(1_800_000_000, 0)
+	r.put("a", 1, now)
+	if v, ok := r.get("a", now.Add(recentTTL-time.Second)); !ok || v != 1 {
+		t.Fatalf("a = %d, %v", v, ok)
+	}
+	if _, ok := r.get("a", now.Add(recentTTL)); ok {
+		t.Fatal("an entry outlived its TTL")
+	}
+	r.forget("a")
+	if _, ok := r.get("a", now); ok {
+		t.Fatal("a forgotten entry is remembered")
+	}
+
+	// Capacity: the oldest entries make room, but a key put again since
+	// keeps its newer value when its old slot is reused.
+	r.put("b", 1, now)
+	r.put("c", 1, now)
+	r.put("b", 2, now)
+	for i := range recentCapacity - 1 { // up to the slot before b's newer one
+		r.put(fmt.Sprint("x", i), i, now)
+	}
+	if _, ok := r.get("c", now); ok {
+		t.Fatal("the oldest entry was kept beyond capacity")
+	}
+	if v, ok := r.get("b", now); !ok || v != 2 {
+		t.Fatalf("b put again = %d, %v; want its newer value", v, ok)
+	}
+	if len(r.items) > recentCapacity {
+		t.Fatalf("%d entries held, capacity %d", len(r.items), recentCapacity)
+	}
+}
