@@ -322,7 +322,7 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 // UnlinkHub removes a linked hub; devices already there stay.
 func (s *Service) UnlinkHub(ctx context.Context, host string) error {
 	err := s.store.Delete(ctx, kindLinkedHub, strings.ToLower(host), "")
-	s.forgetHubs()
+	s.hubs.forget()
 	if errors.Is(err, store.ErrNotFound) {
 		return azerr.New(404201, "NotFound", "no linked hub %q: `hatchery hub list` shows them", host)
 	}

@@ -250,6 +250,7 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	g.ETag = ""
 	body, _ := json.Marshal(g)
 	d, err := s.store.Put(ctx, store.Doc{Kind: kindGroup, ID: id, Body: body}, ifMatch)
+	s.groups.forget()
 	if err != nil {
 		return nil, storeErr(err, "enrollment group "+id)
 	}
@@ -278,7 +279,9 @@ func (s *Service) DeleteGroup(ctx context.Context, id, ifMatch string) error {
 	if err != nil {
 		return err
 	}
-	return storeErr(s.store.Delete(ctx, kindGroup, id, ifMatch), "enrollment group "+id)
+	err = s.store.Delete(ctx, kindGroup, id, ifMatch)
+	s.groups.forget()
+	return storeErr(err, "enrollment group "+id)
 }
 
 // ListGroups pages through enrollment groups.

@@ -429,22 +429,26 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 
 // eachGroup calls f with every enrollment group until f returns false.
 func (s *Service) eachGroup(ctx context.Context, f func(*EnrollmentGroup) bool) error {
-	after := ""
-	for {
-		groups, next, err := s.ListGroups(ctx, after, 1000)
-		if err != nil {
-			return err
-		}
-		for _, g := range groups {
-			if !f(g) {
-				return nil
+	groups, err := s.groups.get(func() (all []*EnrollmentGroup, err error) {
+		for after := ""; ; {
+			var page []*EnrollmentGroup
+			if page, after, err = s.ListGroups(ctx, after, 1000); err != nil {
+				return nil, err
+			}
+			if all = append(all, page...); after == "" {
+				return all, nil
 			}
 		}
-		if next == "" {
+	})
+	if err != nil {
+		return err
+	}
+	for _, g := range groups {
+		if !f(g) {
 			return nil
 		}
-		after = next
 	}
+	return nil
 }
 
 // assign allocates the device to a hub, creates or updates it there
@@ -665,31 +669,9 @@ func (s *Service) LinkedHubs(ctx context.Context) ([]*LinkedHub, error) {
 	return hubs, err
 }
 
-// linkedHubsTTL bounds how stale the linked hubs a registration sees may
-// be: a change made through another replica counts within this time.
-const linkedHubsTTL = 2 * time.Second
-
-// cachedHubs are the linked hubs as registrations see them: read from the
-// store at most every linkedHubsTTL, as every registration needs them.
+// cachedHubs are the linked hubs as registrations see them.
 func (s *Service) cachedHubs(ctx context.Context) ([]*LinkedHub, error) {
-	s.hubs.Lock()
-	defer s.hubs.Unlock()
-	if now := time.Now(); now.Before(s.hubs.until) {
-		return s.hubs.list, nil
-	}
-	hubs, err := s.LinkedHubs(ctx)
-	if err != nil {
-		return nil, err
-	}
-	s.hubs.list, s.hubs.until = hubs, time.Now().Add(linkedHubsTTL)
-	return hubs, nil
-}
-
-// forgetHubs makes the next registration read the linked hubs afresh.
-func (s *Service) forgetHubs() {
-	s.hubs.Lock()
-	s.hubs.until = time.Time{}
-	s.hubs.Unlock()
+	return s.hubs.get(func() ([]*LinkedHub, error) { return s.LinkedHubs(ctx) })
 }
 
 // LinkHub adds or replaces a linked hub.
@@ -703,6 +685,6 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 	}
 	body, _ := json.Marshal(h)
 	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
-	s.forgetHubs()
+	s.hubs.forget()
 	return err
 }

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"regexp"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
@@ -65,11 +64,9 @@ type Service struct {
 	// What this replica wrote lately for devices registering.
 	recentChallenges *recent[pendingChallenges]
 	recentOperations *recent[answered]
-	hubs             struct { // linked hubs, cached for registrations
-		sync.Mutex
-		list  []*LinkedHub
-		until time.Time
-	}
+	// What every registration consults.
+	hubs   listCache[LinkedHub]
+	groups listCache[EnrollmentGroup]
 	// Throttle limits device traffic; nil is no limit.
 	Throttle *Throttle
 	// Webhooks calls custom allocation webhooks (default http.DefaultClient),

@@ -99,3 +99,36 @@ func (p proof) accepts(scope, regID string, cred Credentials, now time.Time) boo
 	tok, err := sas.Parse(cred.Authorization)
 	return err == nil && len(p.keys) > 0 && tok.AudienceIs(scope+"/registrations/"+regID) && tok.Verify(now, p.keys...) == nil
 }
+
+// listCache holds documents of a kind that every registration consults
+// (linked hubs, enrollment groups), read from the store at most every
+// listCacheTTL. A change made through this replica counts at once (its
+// writer calls forget), one made through another within listCacheTTL.
+// The documents are shared: callers must not change them.
+type listCache[T any] struct {
+	mu    sync.Mutex
+	list  []*T
+	until time.Time
+}
+
+const listCacheTTL = 2 * time.Second
+
+func (c *listCache[T]) get(read func() ([]*T, error)) ([]*T, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if time.Now().Before(c.until) {
+		return c.list, nil
+	}
+	l, err := read()
+	if err != nil {
+		return nil, err
+	}
+	c.list, c.until = l, time.Now().Add(listCacheTTL)
+	return l, nil
+}
+
+func (c *listCache[T]) forget() {
+	c.mu.Lock()
+	c.until = time.Time{}
+	c.mu.Unlock()
+}

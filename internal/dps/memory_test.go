@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"errors"
 	"fmt"
 	"testing"
 	"time"
@@ -37,5 +38,37 @@ func TestRecent(t *testing.T) {
 	}
 	if len(r.items) > recentCapacity {
 		t.Fatalf("%d entries held, capacity %d", len(r.items), recentCapacity)
+	}
+}
+
+func TestListCache(t *testing.T) {
+	var c listCache[int]
+	reads := 0
+	read := func() ([]*int, error) {
+		reads++
+		if reads == 3 {
+			return nil, errors.New("store down")
+		}
+		return []*int{&reads}, nil
+	}
+	for range 3 {
+		if _, err := c.get(read); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if reads != 1 {
+		t.Fatalf("%d reads within the TTL, want 1", reads)
+	}
+	c.forget()
+	c.get(read)
+	if reads != 2 {
+		t.Fatal("forget did not make the next get read")
+	}
+	c.forget()
+	if _, err := c.get(read); err == nil {
+		t.Fatal("a failed read was not reported")
+	}
+	if _, err := c.get(read); err != nil || reads != 4 {
+		t.Fatalf("after a failed read: %v, %d reads; want a fresh read", err, reads)
 	}
 }
