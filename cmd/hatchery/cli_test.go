@@ -355,6 +355,12 @@ func TestFleetSimulate(t *testing.T) {
 	if r["provisioned"] != float64(4) || r["connected"] != float64(4) {
 		t.Fatalf("TPM fleet: %v", r)
 	}
+	// Runs split between replicas (here the same server twice) count and
+	// measure only once all have enrolled: 30 + 4 + 40 enrollments.
+	url := "https://127.0.0.1:" + strconv.Itoa(c.httpsPort)
+	if r := run("--devices", "40", "--prefix", "rep-", "--replicas", url+","+url); r["provisioned"] != float64(40) || r["enrolledBefore"] != float64(74) {
+		t.Fatalf("fleet split between replicas: %v", r)
+	}
 	// Devices nobody enrolled fail, by kind.
 	out, err := c.run("fleet", "simulate", "--devices", "3", "--skip-enroll", "--prefix", "ghost-")
 	if err == nil || !strings.Contains(out, "Failed: HTTP 401 (errorCode 401002):") {

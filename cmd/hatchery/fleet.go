@@ -1,12 +1,14 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -101,17 +103,20 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				return err
 			}
 			// One simulator run per replica, devices split between them, at
-			// once; the first counts the servers' CPU.
-			results := make([]*loadgen.FleetResult, len(endpoints))
-			errs := make([]error, len(endpoints))
-			var wg sync.WaitGroup
+			// once; the first counts the servers' CPU. The runs register
+			// only when all have enrolled; one failing stops the others.
 			per := (o.devices + len(endpoints) - 1) / len(endpoints)
-			for i, e := range endpoints {
+			runs := min(len(endpoints), (o.devices+per-1)/per) // not more than there are devices for
+			results := make([]*loadgen.FleetResult, runs)
+			errs := make([]error, runs)
+			ctx, cancel := context.WithCancel(ctx)
+			defer cancel()
+			var wg, enrolled sync.WaitGroup
+			enrolled.Add(runs)
+			allEnrolled := make(chan struct{})
+			go func() { enrolled.Wait(); close(allEnrolled) }()
+			for i, e := range endpoints[:runs] {
 				n := min(per, o.devices-i*per)
-				if n <= 0 { // more replicas than devices
-					results, errs = results[:i], errs[:i]
-					break
-				}
 				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
 					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
 					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
@@ -119,14 +124,29 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				if i == 0 {
 					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
 				}
+				cfg.Enrolled = func(ctx context.Context) error {
+					enrolled.Done()
+					select {
+					case <-allEnrolled:
+						return nil
+					case <-ctx.Done():
+						return ctx.Err()
+					}
+				}
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
-					results[i], errs[i] = loadgen.Fleet(ctx, cfg)
+					if results[i], errs[i] = loadgen.Fleet(ctx, cfg); errs[i] != nil {
+						cancel()
+					}
 				}()
 			}
 			wg.Wait()
-			if err := errors.Join(errs...); err != nil {
+			// The runs that were stopped because another failed say only that.
+			if failed := slices.DeleteFunc(errs, func(err error) bool { return err == nil || errors.Is(err, context.Canceled) }); len(failed) > 0 {
+				return errors.Join(failed...)
+			}
+			if err := ctx.Err(); err != nil {
 				return err
 			}
 			return renderFleet(cmd, merge(results))

@@ -59,6 +59,11 @@ type FleetConfig struct {
 	// X25519Only offers only an X25519 key share, as device TLS stacks
 	// without ML-KEM do, instead of Go's default hybrid.
 	X25519Only bool
+	// Enrolled, when set, is called once the run's devices are enrolled,
+	// before anything is counted or measured; runs against the same
+	// servers wait in it for each other, so that no run's figures include
+	// another's enrollment.
+	Enrolled func(context.Context) error
 }
 
 // FleetResult is what a run measured.
@@ -101,6 +106,11 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 			return nil, err
 		}
 		res.EnrollPerS = float64(len(devs)) / time.Since(start).Seconds()
+	}
+	if cfg.Enrolled != nil {
+		if err := cfg.Enrolled(ctx); err != nil {
+			return nil, err
+		}
 	}
 	if res.Enrolled, err = countEnrollments(ctx, cfg.Service); err != nil {
 		return nil, err
