@@ -133,7 +133,13 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("enrollment-group", "list"); !strings.Contains(out, "line-3") {
 		t.Errorf("group list: %s", out)
 	}
+	if out := c.ok("enrollment-group", "show", "--group-id", "line-3"); len(grepLines(out, "Group ID", "line-3")) != 1 {
+		t.Errorf("group show: %s", out)
+	}
 	c.ok("enrollment-group", "delete", "--group-id", "line-3")
+	if out, err := c.run("enrollment-group", "show", "--group-id", "line-3"); err == nil {
+		t.Errorf("a deleted group is shown: %s", out)
+	}
 	if out := c.ok("registration", "list"); !strings.Contains(out, "REGISTRATION ID") {
 		t.Errorf("registration list: %s", out)
 	}
@@ -152,6 +158,9 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("x509 group: %s", out)
 	}
 	c.ok("certificate", "create", "--name", "fleet-ca", "--path", caPath, "--verified")
+	if out := c.ok("certificate", "show", "--name", "fleet-ca"); !strings.Contains(out, "CN=Fleet CA") {
+		t.Errorf("certificate show: %s", out)
+	}
 	if out := c.ok("enrollment-group", "create", "--group-id", "cams-2", "--attestation-type", "x509", "--ca-name", "fleet-ca"); !strings.Contains(out, "fleet-ca") {
 		t.Errorf("x509 group by CA name: %s", out)
 	}
@@ -350,6 +359,13 @@ func TestFleetSimulate(t *testing.T) {
 	}
 	if r := run("--devices", "30", "--skip-enroll"); r["provisioned"] != float64(30) || r["enrolledBefore"] != float64(30) {
 		t.Fatalf("the same fleet again: %v", r)
+	}
+	if out := c.ok("registration", "show", "--registration-id", "sim-0-7"); len(grepLines(out, "Status", "assigned")) != 1 {
+		t.Errorf("registration show: %s", out)
+	}
+	c.ok("registration", "delete", "--registration-id", "sim-0-7")
+	if out, err := c.run("registration", "show", "--registration-id", "sim-0-7"); err == nil || !strings.Contains(out, "has not registered") {
+		t.Errorf("a deleted registration record: %v %s", err, out)
 	}
 	r = run("--devices", "4", "--attestation", "tpm", "--key-pool", "2", "--prefix", "tpm-", "--connect", "--mqtt-port", strconv.Itoa(c.mqttPort))
 	if r["provisioned"] != float64(4) || r["connected"] != float64(4) {

@@ -49,6 +49,38 @@ func send(cmd *cobra.Command, svc service, method, path, ifMatch string, in any)
 	return c.Do(cmd.Context(), method, path, ifMatch, in, nil)
 }
 
+// resource is one kind of thing a service keeps, as its show and delete
+// commands see it.
+type resource struct {
+	svc   service
+	path  func() string        // the resource's path, from the parsed flags
+	flags func(*cobra.Command) // adds the flags that name it
+	// ifMatch is what delete sends: "*" where the API requires If-Match.
+	ifMatch string
+}
+
+// showCmd is `show`: the resource, fetched and presented by view.
+func showCmd[T any](r resource, short string, view func(*cobra.Command, *T) error) *cobra.Command {
+	c := &cobra.Command{Use: "show", Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+		out, err := call[T](cmd, r.svc, "GET", r.path(), "", nil)
+		if err != nil {
+			return err
+		}
+		return view(cmd, out)
+	}}
+	r.flags(c)
+	return c
+}
+
+// deleteCmd is `delete`.
+func (r resource) deleteCmd(short string) *cobra.Command {
+	c := &cobra.Command{Use: "delete", Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+		return send(cmd, r.svc, "DELETE", r.path(), r.ifMatch, nil)
+	}}
+	r.flags(c)
+	return c
+}
+
 func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersion string) (*azclient.Client, error) {
 	site, err := loadSite(cmd)
 	if err != nil {
@@ -309,18 +341,9 @@ func enrollmentCmd() *cobra.Command {
 		f.register(c, true)
 		return c
 	}
-	show := &cobra.Command{Use: "show", Short: "Show an enrollment and its registration state", RunE: func(cmd *cobra.Command, _ []string) error {
-		e, err := call[dps.Enrollment](cmd, dpsClient, "GET", "/enrollments/"+url.PathEscape(regID), "", nil)
-		if err != nil {
-			return err
-		}
-		return showEnrollment(cmd, e)
-	}}
-	idFlag(show)
-	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, dpsClient, "DELETE", "/enrollments/"+url.PathEscape(regID), "", nil)
-	}}
-	idFlag(del)
+	enrollment := resource{svc: dpsClient, path: func() string { return "/enrollments/" + url.PathEscape(regID) }, flags: idFlag}
+	show := showCmd(enrollment, "Show an enrollment and its registration state", showEnrollment)
+	del := enrollment.deleteCmd("Delete an enrollment")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
 		all, err := queryAll[dps.Enrollment](cmd, dpsClient, "/enrollments/query", "*")
 		if err != nil {

@@ -38,18 +38,9 @@ func groupCmd() *cobra.Command {
 		f.register(c, false)
 		return c
 	}
-	show := &cobra.Command{Use: "show", Short: "Show an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
-		g, err := call[dps.EnrollmentGroup](cmd, dpsClient, "GET", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil)
-		if err != nil {
-			return err
-		}
-		return showGroup(cmd, g)
-	}}
-	idFlag(show)
-	del := &cobra.Command{Use: "delete", Short: "Delete an enrollment group", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, dpsClient, "DELETE", "/enrollmentGroups/"+url.PathEscape(groupID), "", nil)
-	}}
-	idFlag(del)
+	group := resource{svc: dpsClient, path: func() string { return "/enrollmentGroups/" + url.PathEscape(groupID) }, flags: idFlag}
+	show := showCmd(group, "Show an enrollment group", showGroup)
+	del := group.deleteCmd("Delete an enrollment group")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
 		all, err := queryAll[dps.EnrollmentGroup](cmd, dpsClient, "/enrollmentGroups/query", "*")
 		if err != nil {
@@ -88,24 +79,19 @@ func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
 func registrationCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "registration", Short: "Show device registration records"}
 	var regID, groupID string
-	show := &cobra.Command{Use: "show", Short: "Show a device's registration", RunE: func(cmd *cobra.Command, _ []string) error {
-		r, err := call[dps.RegistrationState](cmd, dpsClient, "GET", "/registrations/"+url.PathEscape(regID), "", nil)
-		if err != nil {
-			return err
-		}
+	registration := resource{svc: dpsClient, path: func() string { return "/registrations/" + url.PathEscape(regID) },
+		flags: func(c *cobra.Command) {
+			c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
+			_ = c.MarkFlagRequired("registration-id")
+		}}
+	show := showCmd(registration, "Show a device's registration", func(cmd *cobra.Command, r *dps.RegistrationState) error {
 		return render(cmd, r, [][2]string{
 			{"Registration ID", r.RegistrationID}, {"Status", r.Status}, {"Substatus", orDash(r.Substatus)},
 			{"Device ID", orDash(r.DeviceID)}, {"Assigned hub", orDash(r.AssignedHub)},
 			{"Last updated", fmt.Sprint(r.LastUpdatedDateTimeUtc)}, {"Error", orDash(r.ErrorMessage)},
 		})
-	}}
-	show.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
-	_ = show.MarkFlagRequired("registration-id")
-	del := &cobra.Command{Use: "delete", Short: "Delete a device's registration record", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, dpsClient, "DELETE", "/registrations/"+url.PathEscape(regID), "", nil)
-	}}
-	del.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
-	_ = del.MarkFlagRequired("registration-id")
+	})
+	del := registration.deleteCmd("Delete a device's registration record")
 	listCmd := &cobra.Command{Use: "list", Short: "List registrations (of one group with --group-id)", RunE: func(cmd *cobra.Command, _ []string) error {
 		gid := groupID
 		if gid == "" {

@@ -70,18 +70,9 @@ func deviceCmd() *cobra.Command {
 	create.Flags().StringVar(&authMethod, "auth-method", "shared_private_key", "shared_private_key, x509_thumbprint or x509_ca")
 	create.Flags().StringVar(&primaryTP, "primary-thumbprint", "", "with x509_thumbprint: the SHA-1 or SHA-256 thumbprint of the device's certificate")
 	create.Flags().StringVar(&secondaryTP, "secondary-thumbprint", "", "with x509_thumbprint: a second thumbprint")
-	get := &cobra.Command{Use: "show", Short: "Show a device", RunE: func(cmd *cobra.Command, _ []string) error {
-		d, err := call[hub.Device](cmd, hubClient, "GET", identityPath("/devices/", id, ""), "", nil)
-		if err != nil {
-			return err
-		}
-		return show(cmd, d)
-	}}
-	idFlag(get)
-	del := &cobra.Command{Use: "delete", Short: "Delete a device and its modules", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, hubClient, "DELETE", identityPath("/devices/", id, ""), "*", nil)
-	}}
-	idFlag(del)
+	device := resource{svc: hubClient, path: func() string { return identityPath("/devices/", id, "") }, flags: idFlag, ifMatch: "*"}
+	get := showCmd(device, "Show a device", show)
+	del := device.deleteCmd("Delete a device and its modules")
 	setStatus := func(use, status, short string) *cobra.Command {
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
 			d, err := call[hub.Device](cmd, hubClient, "GET", identityPath("/devices/", id, ""), "", nil)
@@ -259,18 +250,9 @@ func deploymentCmd() *cobra.Command {
 	create.Flags().BoolVar(&layered, "layered", false, "a layered deployment, added on top of the base one")
 	_ = create.MarkFlagRequired("content")
 	_ = create.MarkFlagRequired("target-condition")
-	show := &cobra.Command{Use: "show", Short: "Show a deployment and its metrics", RunE: func(cmd *cobra.Command, _ []string) error {
-		out, err := call[hub.Configuration](cmd, hubClient, "GET", "/configurations/"+url.PathEscape(id), "", nil)
-		if err != nil {
-			return err
-		}
-		return showOne(cmd, out)
-	}}
-	idFlag(show)
-	del := &cobra.Command{Use: "delete", Short: "Delete a deployment", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, hubClient, "DELETE", "/configurations/"+url.PathEscape(id), "*", nil)
-	}}
-	idFlag(del)
+	deployment := resource{svc: hubClient, path: func() string { return "/configurations/" + url.PathEscape(id) }, flags: idFlag, ifMatch: "*"}
+	show := showCmd(deployment, "Show a deployment and its metrics", showOne)
+	del := deployment.deleteCmd("Delete a deployment")
 	list := &cobra.Command{Use: "list", Short: "List deployments with their metrics", RunE: func(cmd *cobra.Command, _ []string) error {
 		cs, err := call[[]hub.Configuration](cmd, hubClient, "GET", "/configurations", "", nil)
 		if err != nil {
@@ -402,18 +384,9 @@ func certificateCmd() *cobra.Command {
 	create.Flags().StringVar(&path, "path", "", "the CA certificate (PEM)")
 	create.Flags().BoolVar(&verified, "verified", false, "trust it for device authentication (you vouch that you hold its key)")
 	_ = create.MarkFlagRequired("path")
-	get := &cobra.Command{Use: "show", Short: "Show a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
-		out, err := call[hub.Certificate](cmd, hubClient, "GET", "/certificates/"+url.PathEscape(name), "", nil)
-		if err != nil {
-			return err
-		}
-		return show(cmd, out)
-	}}
-	nameFlag(get)
-	del := &cobra.Command{Use: "delete", Short: "Delete a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, hubClient, "DELETE", "/certificates/"+url.PathEscape(name), "", nil)
-	}}
-	nameFlag(del)
+	certificate := resource{svc: hubClient, path: func() string { return "/certificates/" + url.PathEscape(name) }, flags: nameFlag}
+	get := showCmd(certificate, "Show a CA certificate", show)
+	del := certificate.deleteCmd("Delete a CA certificate")
 	cmd.AddCommand(create, get, del)
 	return cmd
 }
