@@ -11,7 +11,8 @@ import (
 // Throttle bounds device traffic so that an overloaded or misbehaving fleet
 // is told to come back later (429 with Retry-After, which the SDKs honour)
 // instead of slowing everyone: registrations in total per second, and the
-// authenticated requests of each registration ID. A zero rate is no limit.
+// requests of each registration ID (authenticated ones, and challenges for
+// enrolled TPMs). A zero rate is no limit.
 type Throttle struct {
 	global  bucket
 	perID   map[string]*bucket
@@ -73,7 +74,8 @@ func (t *Throttle) registration(now time.Time) error {
 	return nil
 }
 
-// device admits one authenticated request of regID.
+// device admits one request of regID: authenticated, or a challenge for
+// an enrolled TPM (or a TPM group's).
 func (t *Throttle) device(regID string, now time.Time) error {
 	if t == nil || t.idRate <= 0 {
 		return nil
