@@ -250,11 +250,6 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 			return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
 		}
 	}
-	// EKs are public: anyone may ask for a device's challenge, and each
-	// costs RSA work and a write. They count against the device's allowance.
-	if err := s.Throttle.device(regID, s.Now()); err != nil {
-		return nil, err
-	}
 	key := s.newKey()
 	blob, err := s.activationBlob(ek, srk, key)
 	if err != nil {

@@ -11,8 +11,7 @@ import (
 // Throttle bounds device traffic so that an overloaded or misbehaving fleet
 // is told to come back later (429 with Retry-After, which the SDKs honour)
 // instead of slowing everyone: registrations in total per second, and the
-// requests of each registration ID (authenticated ones, and challenges for
-// enrolled TPMs). A zero rate is no limit.
+// authenticated requests of each registration ID. A zero rate is no limit.
 type Throttle struct {
 	global  bucket
 	perID   map[string]*bucket
@@ -74,8 +73,7 @@ func (t *Throttle) registration(now time.Time) error {
 	return nil
 }
 
-// device admits one request of regID: authenticated, or a challenge for
-// an enrolled TPM (or a TPM group's).
+// device admits one authenticated request of regID.
 func (t *Throttle) device(regID string, now time.Time) error {
 	if t == nil || t.idRate <= 0 {
 		return nil

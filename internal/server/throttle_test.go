@@ -2,13 +2,11 @@ package server
 
 import (
 	"net/http"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/sas"
-	"github.com/hatchery/hatchery/internal/tpm"
 )
 
 // Past its burst a device is told to retry later, with Retry-After; the
@@ -67,33 +65,5 @@ func TestThrottledDevice(t *testing.T) {
 	}
 	if codes[429] == 0 || codes[202] == 0 {
 		t.Fatalf("three registrations in an instant at 1/s: %v", codes)
-	}
-}
-
-// A TPM's EK is public, so anyone can ask for its challenge: challenges
-// count against the device's allowance, so that replaying them does not buy
-// unbounded RSA work and writes. Unenrolled IDs get their 401 as before.
-func TestTPMChallengesThrottledPerDevice(t *testing.T) {
-	e := newEnv(t)
-	e.dps.Throttle = dps.NewThrottle(0, 1, 3)
-	dev, regID, body := e.enrollSoftTPM()
-	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
-	codes := map[int]int{}
-	for range 6 {
-		st, _ := e.raw("PUT", path, "", body)
-		codes[st]++
-	}
-	if codes[401] != 3 || codes[429] != 3 {
-		t.Fatalf("six challenges at once with a burst of 3: %v", codes)
-	}
-	stranger := strings.Replace(body, `"registrationId":"`+regID+`"`, `"registrationId":"nobody"`, 1)
-	for range 6 {
-		if st, _ := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/nobody/register?api-version=2021-06-01", "", stranger); st != 401 {
-			t.Fatalf("challenge for an unenrolled ID: HTTP %d, want 401", st)
-		}
-	}
-	// The device itself waits as told and registers.
-	if _, err := e.device(regID).RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)); err != nil {
-		t.Fatalf("the device did not get through: %v", err)
 	}
 }
