@@ -170,6 +170,7 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create 
 	} else {
 		d, err = s.store.Put(ctx, doc, ifMatch)
 	}
+	s.recentOperations.forget(id) // its keys or certificate may have changed
 	if errors.Is(err, store.ErrExists) {
 		return nil, azerr.New(409203, "Conflict", "enrollment %s exists already: use mode update to replace it", id)
 	}
@@ -205,8 +206,9 @@ func (s *Service) DeleteEnrollment(ctx context.Context, id, ifMatch string) erro
 	if err != nil {
 		return err
 	}
+	err = s.store.Delete(ctx, kindEnrollment, id, ifMatch)
 	s.recentOperations.forget(id)
-	return storeErr(s.store.Delete(ctx, kindEnrollment, id, ifMatch), "enrollment "+id)
+	return storeErr(err, "enrollment "+id)
 }
 
 // ListEnrollments pages through individual enrollments in ID order.
@@ -310,8 +312,9 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	if err != nil {
 		return err
 	}
+	err = s.store.Delete(ctx, kindRegistration, id, ifMatch)
 	s.recentOperations.forget(id)
-	return storeErr(s.store.Delete(ctx, kindRegistration, id, ifMatch), "registration "+id)
+	return storeErr(err, "registration "+id)
 }
 
 // ListRegistrations pages through registration records; groupID "" or "*" means all.

@@ -15,7 +15,8 @@ import (
 // back to the same replica within milliseconds, and is then answered without
 // reading those documents back from the store. The store stays the record:
 // a miss (another replica, an entry expired or pushed out by newer ones)
-// reads it.
+// reads it. Entries are kept only briefly, as changes made through other
+// replicas do not reach them.
 type recent[V any] struct {
 	mu    sync.Mutex
 	ttl   time.Duration
@@ -30,15 +31,25 @@ type recentItem[V any] struct {
 	slot    int // where in ring the key was last put
 }
 
-// How much a replica remembers: a few seconds' worth of registrations at
-// full speed, a few megabytes at most.
+// recentCapacity is how many devices a replica remembers: a few seconds'
+// worth of registrations at full speed, a few megabytes (see remembered).
+const recentCapacity = 4096
+
+// How long a replica remembers. A device answers its challenge as soon as
+// its TPM has activated the credential, and the enrollment is read again
+// then, so a challenge may be remembered for long. A device polls as soon
+// as its PUT is answered; an operation is remembered only briefly, because
+// answering the poll from memory does not see what another replica did
+// since: a rotated key, a deleted enrollment, group or registration record,
+// or a newer registration of the same device (the store would answer with
+// that one's state).
 const (
-	recentCapacity = 4096
-	recentTTL      = time.Minute
+	challengeMemory = time.Minute
+	operationMemory = 5 * time.Second
 )
 
-func newRecent[V any]() *recent[V] {
-	return &recent[V]{ttl: recentTTL, items: map[string]recentItem[V]{}, ring: make([]string, recentCapacity)}
+func newRecent[V any](ttl time.Duration) *recent[V] {
+	return &recent[V]{ttl: ttl, items: map[string]recentItem[V]{}, ring: make([]string, recentCapacity)}
 }
 
 func (r *recent[V]) put(key string, v V, now time.Time) {
@@ -77,6 +88,19 @@ func (r *recent[V]) forget(key string) {
 type answered struct {
 	op    Operation
 	proof proof
+}
+
+// maxRemembered bounds what one remembered operation may hold of what the
+// device or a webhook chose (payload, certificate); larger ones are
+// answered from the store, so that the memory stays small.
+const maxRemembered = 8 << 10
+
+func (a *answered) small() bool {
+	n := len(a.op.RegistrationState.Payload)
+	if a.proof.certificate != nil {
+		n += len(a.proof.certificate.Raw)
+	}
+	return n <= maxRemembered
 }
 
 // proof is what a device authenticated with: the keys its SAS token

@@ -8,7 +8,8 @@ import (
 )
 
 func TestRecent(t *testing.T) {
-	r := newRecent[int]()
+	const recentTTL = time.Minute
+	r := newRecent[int](recentTTL)
 	now := time.Unix(1_800_000_000, 0)
 	r.put("a", 1, now)
 	if v, ok := r.get("a", now.Add(recentTTL-time.Second)); !ok || v != 1 {
@@ -70,5 +71,17 @@ func TestListCache(t *testing.T) {
 	}
 	if _, err := c.get(read); err != nil || reads != 4 {
 		t.Fatalf("after a failed read: %v, %d reads; want a fresh read", err, reads)
+	}
+}
+
+// Operations carrying large payloads or certificates are not remembered.
+func TestRememberedSize(t *testing.T) {
+	a := answered{op: Operation{RegistrationState: &RegistrationState{Payload: []byte(`{"a":1}`)}}}
+	if !a.small() {
+		t.Fatal("a small operation is not remembered")
+	}
+	a.op.RegistrationState.Payload = make([]byte, maxRemembered+1)
+	if a.small() {
+		t.Fatal("an operation with a large payload is remembered")
 	}
 }

@@ -559,14 +559,17 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	if state.ETag, err = s.record(ctx, state, op.OperationID, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
-	s.recentOperations.put(regID, answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}, s.Now())
+	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
+		s.recentOperations.put(regID, a, s.Now())
+	}
 	return op, nil
 }
 
-// recentOperations is how many of a device's operations stay answerable:
+// recordedOperations is how many of a device's operations stay answerable:
 // a device that retried while its first request was still running may poll
-// either. All of them answer with the latest state, the one in the hub.
-const recentOperations = 16
+// either. From the store, all of them answer with the latest state, the one
+// in the hub.
+const recordedOperations = 16
 
 // record stores a registration and its operation, keeping the IDs of the
 // device's recent operations; concurrent registrations of one device (on
@@ -576,7 +579,7 @@ func (s *Service) record(ctx context.Context, state *RegistrationState, opID str
 		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
 		if old != nil {
 			rec.Operations = append(rec.Operations, old.Operations...)
-			rec.Operations = rec.Operations[:min(len(rec.Operations), recentOperations)]
+			rec.Operations = rec.Operations[:min(len(rec.Operations), recordedOperations)]
 		}
 		return rec
 	})

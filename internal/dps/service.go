@@ -79,7 +79,7 @@ type Service struct {
 // provisioningserviceowner policy on first start.
 func Open(ctx context.Context, st store.Store, registry Registry, host string) (*Service, error) {
 	s := &Service{store: st, registry: registry, host: host, Now: time.Now, Rand: rand.Reader, ChallengeTTL: time.Hour,
-		recentChallenges: newRecent[pendingChallenges](), recentOperations: newRecent[answered]()}
+		recentChallenges: newRecent[pendingChallenges](challengeMemory), recentOperations: newRecent[answered](operationMemory)}
 	err := store.LoadOrCreate(ctx, st, kindSettings, "service", func() any {
 		var b [4]byte
 		_, _ = rand.Read(b[:])

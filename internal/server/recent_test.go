@@ -40,8 +40,9 @@ func (c *readCounter) take() map[string]int {
 // A TPM device's signed PUT and its poll, coming back to the replica that
 // answered its previous request, are checked against what that replica
 // remembers instead of documents read back from the store, and just as
-// strictly: a wrong key, another device's token or a deleted registration
-// get what they would from the store.
+// strictly: a wrong key or another device's token are refused, and after
+// its enrollment is changed or its registration deleted through this
+// replica, the poll is answered from the store again.
 func TestRegistrationRemembersDeviceState(t *testing.T) {
 	e := newEnv(t)
 	st := &readCounter{Store: e.st, reads: map[string]int{}}
@@ -93,6 +94,21 @@ func TestRegistrationRemembersDeviceState(t *testing.T) {
 		if _, err := poll(auth); azerr.As(err).Status() != 401 {
 			t.Errorf("%s token: %v, want 401", name, err)
 		}
+	}
+	en, err := svc.GetEnrollment(ctx, regID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	en.ETag, en.ProvisioningStatus = "", "disabled"
+	if _, err := svc.PutEnrollment(ctx, regID, "", en); err != nil {
+		t.Fatal(err)
+	}
+	st.take()
+	if _, err := poll(tok); err != nil {
+		t.Fatal(err)
+	}
+	if r := st.take(); r["dps.registration"] != 1 {
+		t.Fatalf("poll after the enrollment changed read %v: want the registration record from the store", r)
 	}
 	if err := svc.DeleteRegistration(ctx, regID, ""); err != nil {
 		t.Fatal(err)
