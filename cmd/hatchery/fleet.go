@@ -102,6 +102,9 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			if err != nil {
 				return err
 			}
+			if o.devices <= 0 || o.concurrency <= 0 {
+				return errors.New("--devices and --concurrency must be positive")
+			}
 			// One simulator run per replica, devices split between them, at
 			// once; the first counts the servers' CPU. The runs register
 			// only when all have enrolled; one failing stops the others.
@@ -117,15 +120,17 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			go func() { enrolled.Wait(); close(allEnrolled) }()
 			for i, e := range endpoints[:runs] {
 				n := min(per, o.devices-i*per)
+				var once sync.Once
+				arrived := func() { once.Do(enrolled.Done) } // at the barrier, or out of the run
 				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
 					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
-					Concurrency: max(o.concurrency/len(endpoints), 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
-					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(len(endpoints)), Retries: o.retries}
+					Concurrency: max(o.concurrency/runs, 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
+					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(runs), Retries: o.retries}
 				if i == 0 {
 					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
 				}
 				cfg.Enrolled = func(ctx context.Context) error {
-					enrolled.Done()
+					arrived()
 					select {
 					case <-allEnrolled:
 						return nil
@@ -136,6 +141,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				wg.Add(1)
 				go func() {
 					defer wg.Done()
+					defer arrived()
 					if results[i], errs[i] = loadgen.Fleet(ctx, cfg); errs[i] != nil {
 						cancel()
 					}
