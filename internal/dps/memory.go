@@ -15,8 +15,8 @@ import (
 // back to the same replica within milliseconds, and is then answered without
 // reading those documents back from the store. The store stays the record:
 // a miss (another replica, an entry expired or pushed out by newer ones)
-// reads it. Entries are kept only briefly, as changes made through other
-// replicas do not reach them.
+// reads it. Changes made through other replicas do not reach this memory,
+// hence its short lifetimes (challengeMemory, operationMemory).
 type recent[V any] struct {
 	mu    sync.Mutex
 	ttl   time.Duration
@@ -32,7 +32,7 @@ type recentItem[V any] struct {
 }
 
 // recentCapacity is how many devices a replica remembers: a few seconds'
-// worth of registrations at full speed, a few megabytes (see remembered).
+// worth of registrations at full speed, a few megabytes (see maxRemembered).
 const recentCapacity = 4096
 
 // How long a replica remembers. A device answers its challenge as soon as
