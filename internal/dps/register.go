@@ -135,19 +135,21 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 	if err != nil {
 		return nil, err
 	}
-	// The device's own operation, just answered here, proven the same way.
-	if a, ok := s.recentOperations.get(regID, s.Now()); ok && a.op.OperationID == opID && a.proof.accepts(scope, regID, cred, s.Now()) {
-		if err := s.Throttle.device(regID, s.Now()); err != nil {
+	// The device's own operation, just answered here, proven the same way;
+	// else the credentials and the operation are checked against the store.
+	now := s.Now()
+	a, remembered := s.recentOperations.get(regID, now)
+	remembered = remembered && a.op.OperationID == opID && a.proof.accepts(scope, regID, cred, now)
+	if !remembered {
+		if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
 			return nil, err
 		}
-		op := a.op
-		return &op, nil
 	}
-	if _, err := s.authenticate(ctx, scope, regID, cred); err != nil {
+	if err := s.Throttle.device(regID, now); err != nil {
 		return nil, err
 	}
-	if err := s.Throttle.device(regID, s.Now()); err != nil {
-		return nil, err
+	if remembered {
+		return &a.op, nil // a copy
 	}
 	notFound := azerr.New(404201, "NotFound", "no operation %q for registration %q: register again", opID, regID)
 	rec, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, notFound)
