@@ -6,9 +6,10 @@
 #     into docs/fleet-scale.png with gnuplot);
 #   - a 100,000-device fleet enrolled and provisioned from scratch, a
 #     10,000-device TPM fleet, and latency at 1,000 registrations/s.
-#   - server CPU per TPM registration with the server saturated: confined
-#     to a quarter of a CPU, as the simulator's RSA work cannot drive it
-#     any harder on two vCPUs (needs root for the cgroup).
+#   - server CPU per TPM registration, the server on a vCPU of its own and
+#     the simulator on the other, then the server saturated inside a quarter
+#     of a CPU, as the simulator's RSA work cannot drive it any harder on two
+#     vCPUs (needs root for the cgroup).
 # Needs PostgreSQL's server binaries (Debian's postgresql) and gnuplot; run
 # as root or as a user that can run them. Takes about ten minutes; PARTS
 # chooses some of: sqlite postgres-1 postgres-2 totals tpm-cpu.
@@ -43,10 +44,11 @@ start_pg() {
   run_pg psql -h 127.0.0.1 -p 55432 -U postgres -qc "CREATE DATABASE $1" >/dev/null
 }
 
-# serve DIR PORT MQTT [flags…]: a server in the background, once it listens.
+# serve DIR PORT MQTT [flags…]: a server in the background, once it listens
+# (on the CPU $server_cpu only, when set).
 serve() {
   local dir=$1 port=$2 mqtt=$3; shift 3
-  "$bin" serve --data-dir "$dir" --hostname localhost --https-port "$port" --mqtt-port "$mqtt" --log-level error "$@" &
+  ${server_cpu:+taskset -c "$server_cpu"} "$bin" serve --data-dir "$dir" --hostname localhost --https-port "$port" --mqtt-port "$mqtt" --log-level error "$@" &
   pids+=($!)
   for _ in $(seq 100); do
     if (exec 3<>/dev/tcp/127.0.0.1/"$port") 2>/dev/null; then return; fi
@@ -101,6 +103,14 @@ fi
 
 # TPM registrations against a server saturated within a CPU quota of 25 %.
 if want tpm-cpu; then
+  tpm_fleet() { # DIR OUT [taskset prefix…]
+    local dir=$1 json=$2; shift 2
+    "$@" "$bin" fleet simulate --data-dir "$dir" --devices 3000 --attestation tpm --concurrency 32 --key-pool 8 \
+      --x25519 --server-pid "${pids[0]}" -o json 2>/dev/null >"$json"
+  }
+  server_cpu=1 serve "$work/tpm-pinned" 9443 9883
+  tpm_fleet "$work/tpm-pinned" "$out/tpm-cpu-pinned.json" taskset -c 0
+  stop_all
   serve "$work/tpm-cpu" 9443 9883
   if [ -d /sys/fs/cgroup/cpu ]; then # cgroup v1
     cg=/sys/fs/cgroup/cpu/hatchery-bench
@@ -110,8 +120,7 @@ if want tpm-cpu; then
     mkdir -p "$cg" && echo "25000 100000" >"$cg/cpu.max"
   fi
   echo "${pids[0]}" >"$cg/cgroup.procs"
-  "$bin" fleet simulate --data-dir "$work/tpm-cpu" --devices 3000 --attestation tpm --concurrency 32 --key-pool 8 \
-    --x25519 --server-pid "${pids[0]}" -o json 2>/dev/null >"$out/tpm-cpu.json"
+  tpm_fleet "$work/tpm-cpu" "$out/tpm-cpu.json"
   stop_all
   rmdir "$cg"
 fi
