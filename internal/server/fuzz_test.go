@@ -1,0 +1,73 @@
+package server
+
+import (
+	"net/url"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/sas"
+)
+
+// Whatever a device sends to the registration endpoint, the server answers
+// with a 4xx, a TPM challenge or an operation — never a 5xx — and stores
+// nothing unless it answered with a challenge or an operation.
+func FuzzRegistrationRequest(f *testing.F) {
+	e := newEnv(f)
+	_, tpmID, tpmBody := e.enrollSoftTPM()
+	sym := e.putEnrollment(&dps.Enrollment{RegistrationID: "sym-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	symTok := sas.Build(sas.Keys(sym.Attestation.SymmetricKey.PrimaryKey)[0], e.dps.IDScope()+"/registrations/sym-1", "registration", time.Now().Add(time.Hour))
+	for _, seed := range []struct{ regID, auth, body string }{
+		{tpmID, "", tpmBody},
+		{"sym-1", symTok, `{"registrationId":"sym-1","payload":{"a":1}}`},
+		{"sym-1", symTok, `{"registrationId":"other"}`},
+		{"sym-1", "SharedAccessSignature sr=x&sig=y&se=1&skn=registration", ""},
+		{tpmID, "", `{"tpm":{"endorsementKey":"AAAA","storageRootKey":"AAAA"}}`},
+		{tpmID, "", `{"tpm":{"endorsementKey":"not base64"}}`},
+		{"nobody", "", `{"registrationId":123}`},
+		{"Upper.Case", "", `{`},
+		{"sym-1", symTok, `{"payload":` + `[[[[[[[[[[[[[[[[[[[[` + `]]]]]]]]]]]]]]]]]]]]}`},
+	} {
+		f.Add(seed.regID, seed.auth, seed.body)
+	}
+	kinds := []string{"dps.enrollment", "dps.enrollmentGroup", "dps.registration", "dps.challenge", "hub.device"}
+	counts := func(t *testing.T) map[string]int {
+		out := map[string]int{}
+		for _, k := range kinds {
+			n, err := e.st.Count(ctx, k)
+			if err != nil {
+				t.Fatal(err)
+			}
+			out[k] = n
+		}
+		return out
+	}
+	f.Fuzz(func(t *testing.T, regID, auth, body string) {
+		if strings.ContainsFunc(auth, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }) {
+			t.Skip("not a value an HTTP client can send in a header")
+		}
+		e.t = t
+		before := counts(t)
+		st, answer := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/"+url.PathEscape(regID)+"/register?api-version=2021-06-01", auth, body)
+		if st >= 500 {
+			t.Fatalf("HTTP %d %v", st, answer)
+		}
+		after := counts(t)
+		switch {
+		case st == 401 && answer["authenticationKey"] != nil: // a challenge, kept
+			after["dps.challenge"] = before["dps.challenge"]
+		case st == 202: // a registration, and perhaps a new device
+			after["dps.registration"], after["hub.device"] = before["dps.registration"], before["hub.device"]
+		default:
+			if answer["message"] == nil && answer["Message"] == nil {
+				t.Errorf("HTTP %d without a message: %v", st, answer)
+			}
+		}
+		for _, k := range kinds {
+			if after[k] != before[k] {
+				t.Fatalf("HTTP %d changed the %s count from %d to %d", st, k, before[k], after[k])
+			}
+		}
+	})
+}
