@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"net/url"
 	"strings"
 	"testing"
@@ -68,6 +69,54 @@ func FuzzRegistrationRequest(f *testing.F) {
 			if after[k] != before[k] {
 				t.Fatalf("HTTP %d changed the %s count from %d to %d", st, k, before[k], after[k])
 			}
+		}
+	})
+}
+
+// A poll is answered only for the device's own operation and only to its
+// own token, whether from the replica's memory or from the store: fuzzed
+// registration IDs, operation IDs and tokens never get another device's
+// operation, and never a 5xx.
+func FuzzOperationStatus(f *testing.F) {
+	e := newEnv(f)
+	sym := e.putEnrollment(&dps.Enrollment{RegistrationID: "sym-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key := sas.Keys(sym.Attestation.SymmetricKey.PrimaryKey)[0]
+	other := e.putEnrollment(&dps.Enrollment{RegistrationID: "sym-2", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	otherKey := sas.Keys(other.Attestation.SymmetricKey.PrimaryKey)[0]
+	scope := e.dps.IDScope()
+	tok := sas.Build(key, scope+"/registrations/sym-1", "registration", time.Now().Add(time.Hour))
+	otherTok := sas.Build(otherKey, scope+"/registrations/sym-2", "registration", time.Now().Add(time.Hour))
+	register := func(id, tok string) string {
+		st, op := e.raw("PUT", "/"+scope+"/registrations/"+id+"/register?api-version=2021-06-01", tok, `{"registrationId":"`+id+`"}`)
+		if st != 202 {
+			f.Fatalf("registering %s: HTTP %d %v", id, st, op)
+		}
+		return op["operationId"].(string)
+	}
+	op, otherOp := register("sym-1", tok), register("sym-2", otherTok)
+	legit, _ := sas.Parse(tok)
+	for _, seed := range [][3]string{
+		{"sym-1", op, tok}, {"SYM-1", op, tok}, {"sym-1", otherOp, tok}, {"sym-2", op, tok},
+		{"sym-2", otherOp, tok}, {"sym-1", op, otherTok}, {"sym-1", op, ""}, {"sym-1", "", tok},
+		{"sym-1", op, strings.Replace(tok, "sig=", "sig=A", 1)},
+	} {
+		f.Add(seed[0], seed[1], seed[2])
+	}
+	f.Fuzz(func(t *testing.T, regID, opID, auth string) {
+		if strings.ContainsFunc(auth, func(r rune) bool { return r < 0x20 && r != '\t' || r == 0x7f }) {
+			t.Skip("not a value an HTTP client can send in a header")
+		}
+		e.t = t
+		st, answer := e.raw("GET", "/"+scope+"/registrations/"+url.PathEscape(regID)+"/operations/"+url.PathEscape(opID)+"?api-version=2021-06-01", auth, "")
+		if st >= 500 {
+			t.Fatalf("HTTP %d %v", st, answer)
+		}
+		if st != 200 {
+			return
+		}
+		got, err := sas.Parse(auth)
+		if !strings.EqualFold(regID, "sym-1") || opID != op || err != nil || !bytes.Equal(got.Signature, legit.Signature) {
+			t.Fatalf("poll of %q, operation %q answered to token %q: %v", regID, opID, auth, answer)
 		}
 	})
 }
