@@ -256,7 +256,8 @@ func TestEncodeRejects(t *testing.T) {
 	}
 }
 
-// allocated returns the bytes f allocates on the heap.
+// allocated returns the bytes f allocates on the heap (and whatever other
+// goroutines allocate meanwhile).
 func allocated(f func()) uint64 {
 	var before, after runtime.MemStats
 	runtime.ReadMemStats(&before)
@@ -265,11 +266,21 @@ func allocated(f func()) uint64 {
 	return after.TotalAlloc - before.TotalAlloc
 }
 
+// leastAllocated is the least a repeatable f allocates in a few runs: other
+// goroutines of the test binary allocate now and then, rarely in every run.
+func leastAllocated(f func()) uint64 {
+	least := allocated(f)
+	for range 4 {
+		least = min(least, allocated(f))
+	}
+	return least
+}
+
 func TestReadPacketLimitCheckedBeforeAllocating(t *testing.T) {
 	// Declares the protocol's largest packet; the limit is 1 MiB.
 	in := bs(0x30, 0xff, 0xff, 0xff, 0x7f, 0, 1, 'a')
 	var err error
-	n := allocated(func() {
+	n := leastAllocated(func() {
 		_, err = ReadPacket(bufio.NewReaderSize(bytes.NewReader(in), 16), 1<<20)
 	})
 	if !errors.Is(err, ErrPacketTooLarge) {
@@ -284,7 +295,7 @@ func TestReadPacketAllocationFollowsData(t *testing.T) {
 	// Declares 4 MiB (within the 8 MiB limit) but sends 100 bytes.
 	in := append(bs(0x30, 0x80, 0x80, 0x80, 0x02, 0, 1, 'a'), make([]byte, 100)...)
 	var err error
-	n := allocated(func() {
+	n := leastAllocated(func() {
 		_, err = ReadPacket(bufio.NewReaderSize(bytes.NewReader(in), 16), 8<<20)
 	})
 	if !errors.Is(err, io.ErrUnexpectedEOF) {
