@@ -93,9 +93,6 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := s.Throttle.registration(s.Now()); err != nil {
-		return nil, nil, err
-	}
 	var body registerBody
 	if len(strings.TrimSpace(string(req.Body))) > 0 {
 		if err := json.Unmarshal(req.Body, &body); err != nil {
@@ -114,6 +111,11 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 		return nil, nil, err
 	}
 	if err := s.Throttle.device(regID, s.Now()); err != nil {
+		return nil, nil, err
+	}
+	// The global rate counts only requests that will do real work, so that
+	// a flood of bad ones cannot make real devices wait.
+	if err := s.Throttle.registration(s.Now()); err != nil {
 		return nil, nil, err
 	}
 	if att.status() == "disabled" {
@@ -251,6 +253,9 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
 			return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
 		}
+	}
+	if err := s.Throttle.registration(s.Now()); err != nil {
+		return nil, err
 	}
 	key := s.newKey()
 	blob, err := s.activationBlob(ek, srk, key)

@@ -59,7 +59,8 @@ func throttled(what string, wait time.Duration) error {
 	return e
 }
 
-// registration admits one registration attempt.
+// registration admits one registration attempt that will do real work: an
+// authenticated one, or a challenge for an enrolled TPM.
 func (t *Throttle) registration(now time.Time) error {
 	if t == nil {
 		return nil

@@ -67,3 +67,27 @@ func TestThrottledDevice(t *testing.T) {
 		t.Fatalf("three registrations in an instant at 1/s: %v", codes)
 	}
 }
+
+// Requests that fail authentication do not count against the global rate:
+// a flood of them cannot make real devices wait.
+func TestBadRequestsDoNotTakeTheGlobalRate(t *testing.T) {
+	e := newEnv(t)
+	e.dps.Throttle = dps.NewThrottle(1, 0, 1)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "real-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	real := sas.Build(mustBase64(t, en.Attestation.SymmetricKey.PrimaryKey), e.dps.IDScope()+"/registrations/real-1", "registration", time.Now().Add(time.Minute))
+	forged := sas.Build([]byte("0123456789abcdef0123456789abcdef"), e.dps.IDScope()+"/registrations/real-1", "registration", time.Now().Add(time.Minute))
+	for _, req := range []struct{ id, auth, body string }{
+		{"real-1", forged, `{"registrationId":"real-1"}`},
+		{"nobody", forged, `{"registrationId":"nobody"}`},
+		{"nobody", "", `{"registrationId":"nobody","tpm":{"endorsementKey":"AAAA"}}`},
+	} {
+		for range 5 {
+			if st, body := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/"+req.id+"/register?api-version=2021-06-01", req.auth, req.body); st == 429 || st < 400 {
+				t.Fatalf("bad request for %s: HTTP %d %v", req.id, st, body)
+			}
+		}
+	}
+	if st, body := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/real-1/register?api-version=2021-06-01", real, `{"registrationId":"real-1"}`); st != 202 {
+		t.Fatalf("a real device after fifteen bad requests at a global rate of 1/s: HTTP %d %v", st, body)
+	}
+}
