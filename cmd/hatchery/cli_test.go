@@ -22,6 +22,7 @@ type cli struct {
 	bin                 string
 	dataDir             string
 	httpsPort, mqttPort int
+	serverPID           int // the last server serve started
 }
 
 func (c *cli) run(args ...string) (string, error) {
@@ -42,15 +43,6 @@ func (c *cli) ok(args ...string) string {
 	return out
 }
 
-func freePort(t *testing.T) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 func startServe(t *testing.T) *cli { return startServeOn(t) }
 
 func (c *cli) build() {
@@ -64,16 +56,17 @@ func (c *cli) build() {
 func (c *cli) serve(extra ...string) int {
 	t := c.t
 	t.Helper()
-	port := freePort(t)
-	c.mqttPort = freePort(t)
-	var log bytes.Buffer
+	port := testutil.FreePort(t)
+	c.mqttPort = testutil.FreePort(t)
+	log := &testutil.SyncBuffer{}
 	args := append([]string{"serve", "--data-dir", c.dataDir, "--hostname", "localhost", "--https-port", strconv.Itoa(port),
 		"--mqtt-port", strconv.Itoa(c.mqttPort)}, extra...)
 	srv := exec.Command(c.bin, args...)
-	srv.Stdout, srv.Stderr = &log, &log
+	srv.Stdout, srv.Stderr = log, log
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
+	c.serverPID = srv.Process.Pid
 	t.Cleanup(func() {
 		_ = srv.Process.Signal(syscall.SIGTERM)
 		_ = srv.Wait()

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // Killed with SIGKILL in the middle of provisioning a 10,000-device fleet
@@ -23,7 +25,7 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 	}
 	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
 	c.build()
-	https, mqtt := freePort(t), freePort(t)
+	https, mqtt := testutil.FreePort(t), testutil.FreePort(t)
 	start := func() *exec.Cmd {
 		srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost",
 			"--https-port", strconv.Itoa(https), "--mqtt-port", strconv.Itoa(mqtt), "--log-level", "error")

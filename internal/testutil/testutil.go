@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -108,7 +109,7 @@ func StartSWTPM(t testing.TB) string {
 		exited := make(chan error, 1)
 		go func() { exited <- cmd.Wait() }()
 		if lastErr = waitAnswer(port, exited); lastErr == nil {
-			t.Cleanup(func() { stop(t, cmd, exited) })
+			t.Cleanup(func() { StopProcess(t, cmd, exited) })
 			return fmt.Sprintf("swtpm:host=127.0.0.1,port=%d", port)
 		}
 		cmd.Process.Kill()
@@ -181,14 +182,33 @@ func waitAnswer(port int, exited <-chan error) error {
 	}
 }
 
-// stop ends swtpm with SIGTERM, and kills it if it lingers.
-func stop(t testing.TB, cmd *exec.Cmd, exited <-chan error) {
+// StopProcess ends a started command with SIGTERM, and kills it if it
+// lingers; exited receives what cmd.Wait returned.
+func StopProcess(t testing.TB, cmd *exec.Cmd, exited <-chan error) {
 	cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-exited:
 	case <-time.After(5 * time.Second):
-		t.Logf("swtpm (pid %d) ignored SIGTERM; killing it", cmd.Process.Pid)
+		t.Logf("%s (pid %d) ignored SIGTERM; killing it", filepath.Base(cmd.Path), cmd.Process.Pid)
 		cmd.Process.Kill()
 		<-exited
 	}
+}
+
+// SyncBuffer collects a process's output while the test reads it.
+type SyncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *SyncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *SyncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
 }

@@ -5,7 +5,6 @@ package e2e
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -57,30 +56,13 @@ func bin(t testing.TB, name string) string {
 type proc struct {
 	name string
 	cmd  *exec.Cmd
-	out  *syncBuffer
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
+	out  *testutil.SyncBuffer
 }
 
 // start runs a command in the background until the test ends.
 func start(t testing.TB, name string, env []string, args ...string) *proc {
 	t.Helper()
-	p := &proc{name: name, out: &syncBuffer{}}
+	p := &proc{name: name, out: &testutil.SyncBuffer{}}
 	p.cmd = exec.Command(args[0], args[1:]...)
 	p.cmd.Env = append(os.Environ(), env...)
 	p.cmd.Stdout, p.cmd.Stderr = p.out, p.out
@@ -148,15 +130,6 @@ func eventually(t testing.TB, timeout time.Duration, f func() string) {
 	}
 }
 
-func freePort(t testing.TB) int {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
-}
-
 // site is a running `hatchery serve`.
 type site struct {
 	t        testing.TB
@@ -170,7 +143,7 @@ type site struct {
 }
 
 func startSite(t testing.TB) *site {
-	s := &site{t: t, dataDir: t.TempDir(), https: freePort(t), mqtt: freePort(t)}
+	s := &site{t: t, dataDir: t.TempDir(), https: testutil.FreePort(t), mqtt: testutil.FreePort(t)}
 	s.start()
 	if err := json.Unmarshal([]byte(s.hatchery("info", "--output", "json")), s); err != nil {
 		t.Fatal(err)

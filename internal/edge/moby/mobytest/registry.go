@@ -11,8 +11,6 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -61,7 +59,7 @@ func StartRegistry(t testing.TB) (addr, user, password string) {
 		if err := os.WriteFile(config, []byte(registryConfig(addr, filepath.Join(dir, "storage"), htpasswd)), 0o600); err != nil {
 			t.Fatal(err)
 		}
-		out := &syncBuffer{}
+		out := &testutil.SyncBuffer{}
 		cmd := exec.Command("docker-registry", "serve", config)
 		cmd.Stdout, cmd.Stderr = out, out
 		if err := cmd.Start(); err != nil {
@@ -71,7 +69,7 @@ func StartRegistry(t testing.TB) (addr, user, password string) {
 		go func() { exited <- cmd.Wait() }()
 		if lastErr = waitRegistry(addr, exited); lastErr == nil {
 			t.Cleanup(func() {
-				stopRegistry(t, cmd, exited)
+				testutil.StopProcess(t, cmd, exited)
 				if t.Failed() {
 					t.Logf("docker-registry on %s logged:\n%s", addr, tail(out.String(), 8000))
 				}
@@ -174,39 +172,9 @@ func waitRegistry(addr string, exited <-chan error) error {
 	}
 }
 
-// stopRegistry ends the registry with SIGTERM, and kills it if it lingers.
-func stopRegistry(t testing.TB, cmd *exec.Cmd, exited <-chan error) {
-	cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-exited:
-	case <-time.After(5 * time.Second):
-		t.Logf("docker-registry (pid %d) ignored SIGTERM; killing it", cmd.Process.Pid)
-		cmd.Process.Kill()
-		<-exited
-	}
-}
-
 func tail(s string, n int) string {
 	if len(s) > n {
 		return "..." + s[len(s)-n:]
 	}
 	return s
-}
-
-// syncBuffer collects a process's output while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
