@@ -535,18 +535,20 @@ func testEventFields(t *testing.T, b backend) {
 	}
 }
 
-// Concurrent appends: every event stored once, each appender's numbers
+// Concurrent appends, which the backends batch into shared transactions:
+// every event stored once, sequence numbers unique and each appender's
 // increasing, every caller told the number its own event got.
 func testAppendEventConcurrent(t *testing.T, b backend) {
 	ctx := context.Background()
 	s := b.fresh(t)
-	const appenders, each = 16, 50
+	const appenders, each = 64, 100
 	seqs := make([][]int64, appenders)
 	var wg sync.WaitGroup
 	for a := range appenders {
 		wg.Go(func() {
 			for i := range each {
-				seq, err := s.AppendEvent(ctx, Event{DeviceID: fmt.Sprintf("d%02d", a), Body: []byte(strconv.Itoa(i)), Enqueued: time.Now()})
+				seq, err := s.AppendEvent(ctx, Event{DeviceID: fmt.Sprintf("d%02d", a),
+					Properties: map[string]string{"i": strconv.Itoa(i)}, Body: []byte(strconv.Itoa(i)), Enqueued: time.Now()})
 				if err != nil {
 					t.Error(err)
 					return
@@ -570,12 +572,17 @@ func testAppendEventConcurrent(t *testing.T, b backend) {
 		}
 		bySeq[e.Seq] = e
 	}
+	seen := map[int64]bool{}
 	for a, ss := range seqs {
 		for i, seq := range ss {
+			if seen[seq] {
+				t.Fatalf("sequence number %d returned twice", seq)
+			}
+			seen[seq] = true
 			if i > 0 && seq <= ss[i-1] {
 				t.Fatalf("appender %d: seq %d after %d", a, seq, ss[i-1])
 			}
-			if e := bySeq[seq]; e.DeviceID != fmt.Sprintf("d%02d", a) || string(e.Body) != strconv.Itoa(i) {
+			if e, ok := bySeq[seq]; !ok || e.DeviceID != fmt.Sprintf("d%02d", a) || e.Properties["i"] != strconv.Itoa(i) || string(e.Body) != strconv.Itoa(i) {
 				t.Fatalf("appender %d event %d: seq %d holds %+v", a, i, seq, e)
 			}
 		}
