@@ -20,19 +20,7 @@ import (
 )
 
 // startDPSMQTT serves the device endpoint with DPS registrations on loopback.
-func (e *env) startDPSMQTT() string {
-	e.t.Helper()
-	conf := e.ts.TLS.Clone()
-	conf.ClientAuth = tls.RequestClientCert
-	ln, err := tls.Listen("tcp", "127.0.0.1:0", conf)
-	if err != nil {
-		e.t.Fatal(err)
-	}
-	srv := &mqtt.Server{Handler: NewDeviceEndpointWithDPS(e.hub, e.dps)}
-	go func() { _ = srv.Serve(ln) }()
-	e.t.Cleanup(func() { _ = srv.Close() })
-	return ln.Addr().String()
-}
+func (e *env) startDPSMQTT() string { return e.serveMQTT(NewDeviceEndpointWithDPS(e.hub, e.dps)) }
 
 // dpsClient is a minimal registration client on the raw MQTT codec, doing
 // what the SDKs' MQTT provisioning transports do.

@@ -23,7 +23,10 @@ import (
 )
 
 // startMQTT serves the hub's device endpoint on loopback.
-func (e *env) startMQTT() string {
+func (e *env) startMQTT() string { return e.serveMQTT(NewDeviceEndpoint(e.hub)) }
+
+// serveMQTT serves h over TLS on loopback until the test ends.
+func (e *env) serveMQTT(h mqtt.Handler) string {
 	e.t.Helper()
 	conf := e.ts.TLS.Clone()
 	conf.ClientAuth = tls.RequestClientCert
@@ -31,7 +34,7 @@ func (e *env) startMQTT() string {
 	if err != nil {
 		e.t.Fatal(err)
 	}
-	srv := &mqtt.Server{Handler: NewDeviceEndpoint(e.hub)}
+	srv := &mqtt.Server{Handler: h}
 	go func() { _ = srv.Serve(ln) }()
 	e.t.Cleanup(func() { _ = srv.Close() })
 	return ln.Addr().String()
