@@ -18,7 +18,6 @@ const { Registry } = require('azure-iothub');
 
 const h = require('./helpers');
 
-const CALL_MS = 15000; // one service call
 const REGISTER_MS = 45000; // a whole device registration (PUT + polling)
 const TEST_MS = 60000;
 
@@ -41,12 +40,8 @@ const edgeDesired = { telemetryInterval: 30 };
 const groupTags = { fleet: 'group-derived', region: 'lab' };
 
 // Filled as the tests go.
-const state = {};
-
-function need(key, what) {
-  assert.ok(state[key] !== undefined, `depends on an earlier step that failed: ${what}`);
-  return state[key];
-}
+const { state, need } = h.steps();
+const { call } = h;
 
 let svc;
 let registry;
@@ -55,10 +50,6 @@ before(() => {
   svc = ProvisioningServiceClient.fromConnectionString(info.provisioningServiceConnectionString);
   registry = Registry.fromConnectionString(info.hubConnectionString);
 });
-
-function call(what, fn) {
-  return h.within(CALL_MS, what, fn);
-}
 
 async function mustRefuse(what, fn, expectedStatus) {
   const err = await h.rejection(call(what, fn), what);

@@ -19,7 +19,6 @@ const { Mqtt: DeviceMqtt } = require('azure-iot-device-mqtt');
 
 const h = require('./helpers');
 
-const CALL_MS = 15000; // one SDK call
 const REGISTER_MS = 45000; // a whole registration (connect, PUT, polls)
 const TEST_MS = 60000;
 
@@ -35,32 +34,14 @@ const individualKeys = { primaryKey: h.randomKey(), secondaryKey: h.randomKey() 
 const groupKeys = { primaryKey: h.randomKey(64), secondaryKey: h.randomKey(64) };
 
 // Filled as the tests go.
-const state = {};
-
-function need(key, what) {
-  assert.ok(state[key] !== undefined, `depends on an earlier step that failed: ${what}`);
-  return state[key];
-}
+const { state, need } = h.steps();
+const { call, sdk } = h;
 
 let svc;
 
 before(() => {
   svc = ProvisioningServiceClient.fromConnectionString(info.provisioningServiceConnectionString);
 });
-
-function call(what, fn) {
-  return h.within(CALL_MS, what, fn);
-}
-
-// An SDK call that must succeed; a failure names what the server answered.
-async function sdk(what, fn) {
-  try {
-    return await call(what, fn);
-  } catch (err) {
-    if (err instanceof assert.AssertionError || /no answer within/.test(err.message)) throw err;
-    assert.fail(`${what}: ${h.describeError(err)}`);
-  }
-}
 
 function register(registrationId, key, payload) {
   const security = new SymmetricKeySecurityClient(registrationId, key);

@@ -55,6 +55,35 @@ async function within(ms, what, fn) {
   }
 }
 
+// How long one SDK or HTTPS call may take.
+const CALL_MS = 15000;
+
+// One SDK or HTTPS call, bounded by CALL_MS.
+function call(what, fn) {
+  return within(CALL_MS, what, fn);
+}
+
+// An SDK call that must succeed; a failure names what the server answered.
+async function sdk(what, fn) {
+  try {
+    return await call(what, fn);
+  } catch (err) {
+    if (err instanceof assert.AssertionError || /no answer within/.test(err.message)) throw err;
+    assert.fail(`${what}: ${describeError(err)}`);
+  }
+}
+
+// What the steps of a test file hand on to later ones: state, and need,
+// which fails a step whose earlier step did not leave what it needs.
+function steps() {
+  const state = {};
+  const need = (key, what) => {
+    assert.ok(state[key] !== undefined, `depends on an earlier step that failed: ${what}`);
+    return state[key];
+  };
+  return { state, need };
+}
+
 // Awaits a promise that must reject, and returns the error.
 async function rejection(promise, what) {
   try {
@@ -80,4 +109,6 @@ function describeError(err) {
     (body !== undefined ? ` body=${typeof body === 'string' ? body : JSON.stringify(body)}` : '');
 }
 
-module.exports = { loadInfo, bareHost, uniqueSuffix, randomKey, deriveDeviceKey, within, rejection, statusOf, describeError };
+module.exports = {
+  loadInfo, bareHost, uniqueSuffix, randomKey, deriveDeviceKey, within, CALL_MS, call, sdk, steps, rejection, statusOf, describeError,
+};

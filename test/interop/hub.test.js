@@ -22,7 +22,6 @@ const { Mqtt } = require('azure-iot-device-mqtt');
 
 const h = require('./helpers');
 
-const CALL_MS = 15000; // one SDK or HTTPS call
 const EVENT_MS = 10000; // a device-side event (desired patch, method, C2D message) to arrive
 const TEST_MS = 60000;
 const API_VERSION = '2021-04-12';
@@ -42,12 +41,8 @@ const deviceKeys = { primaryKey: h.randomKey(), secondaryKey: h.randomKey() };
 const edgeKeys = { primaryKey: h.randomKey(), secondaryKey: h.randomKey() };
 
 // Filled as the tests go.
-const state = {};
-
-function need(key, what) {
-  assert.ok(state[key] !== undefined, `depends on an earlier step that failed: ${what}`);
-  return state[key];
-}
+const { state, need } = h.steps();
+const { call, sdk } = h;
 
 let registry;
 let service;
@@ -56,20 +51,6 @@ before(() => {
   registry = Registry.fromConnectionString(info.hubConnectionString);
   service = ServiceClient.fromConnectionString(info.hubConnectionString);
 });
-
-function call(what, fn) {
-  return h.within(CALL_MS, what, fn);
-}
-
-// An SDK call that must succeed; a failure names what the server answered.
-async function sdk(what, fn) {
-  try {
-    return await call(what, fn);
-  } catch (err) {
-    if (err instanceof assert.AssertionError || /no answer within/.test(err.message)) throw err;
-    assert.fail(`${what}: ${h.describeError(err)}`);
-  }
-}
 
 async function mustRefuse(what, fn, expectedStatus) {
   const err = await h.rejection(call(what, fn), what);

@@ -25,7 +25,6 @@ const { Mqtt: DeviceMqtt } = require('azure-iot-device-mqtt');
 
 const h = require('./helpers');
 
-const CALL_MS = 15000;
 const REGISTER_MS = 45000;
 const TEST_MS = 60000;
 
@@ -37,14 +36,10 @@ const groupId = `interop-x509-group-${suffix}`;
 const groupMemberId = `interop-x509-member-${suffix}`;
 const strangerId = `interop-x509-stranger-${suffix}`;
 
-const state = {};
+const { state, need } = h.steps();
+const { sdk } = h;
 let dir;
 let svc;
-
-function need(key, what) {
-  assert.ok(state[key] !== undefined, `depends on an earlier step that failed: ${what}`);
-  return state[key];
-}
 
 function openssl(...args) {
   execFileSync('openssl', args, { cwd: dir, stdio: ['ignore', 'ignore', 'pipe'] });
@@ -70,15 +65,6 @@ before(() => {
 after(() => {
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
-
-async function sdk(what, fn) {
-  try {
-    return await h.within(CALL_MS, what, fn);
-  } catch (err) {
-    if (err instanceof assert.AssertionError || /no answer within/.test(err.message)) throw err;
-    assert.fail(`${what}: ${h.describeError(err)}`);
-  }
-}
 
 function register(registrationId, x509, Transport) {
   const client = ProvisioningDeviceClient.create(h.bareHost(info.provisioningHost), info.idScope, new Transport(),
@@ -106,7 +92,7 @@ async function useHub(result, x509) {
     await sdk('sendEvent', () => client.sendEvent(new Message(JSON.stringify({ attestation: 'x509' }))));
   } finally {
     try {
-      await h.within(CALL_MS, 'close', () => client.close());
+      await h.call('close', () => client.close());
     } catch {
       // the test already failed or the connection is gone
     }
