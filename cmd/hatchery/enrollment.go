@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 
 	"github.com/spf13/cobra"
 
@@ -18,14 +19,21 @@ import (
 
 // dpsClient reaches the provisioning service API of the installation in
 // --data-dir, as an operator's tool would: over HTTPS with the owner policy.
-func dpsClient(cmd *cobra.Command) (*azclient.Client, error) {
-	return siteClient(cmd, func(s *siteInfo) string { return s.ProvisioningServiceConnectionString }, "2021-10-01")
-}
+func dpsClient(cmd *cobra.Command) (*azclient.Client, error) { return siteClient(cmd, provisioningAPI) }
 
 // hubClient reaches the hub's service API with the iothubowner policy.
-func hubClient(cmd *cobra.Command) (*azclient.Client, error) {
-	return siteClient(cmd, func(s *siteInfo) string { return s.HubConnectionString }, "2021-04-12")
+func hubClient(cmd *cobra.Command) (*azclient.Client, error) { return siteClient(cmd, hubAPI) }
+
+// serviceAPI is one of the installation's service APIs.
+type serviceAPI struct {
+	apiVersion string
+	connString func(*siteInfo) string
 }
+
+var (
+	provisioningAPI = &serviceAPI{"2021-10-01", func(s *siteInfo) string { return s.ProvisioningServiceConnectionString }}
+	hubAPI          = &serviceAPI{"2021-04-12", func(s *siteInfo) string { return s.HubConnectionString }}
+)
 
 // service is how a command reaches one of the installation's services.
 type service func(*cobra.Command) (*azclient.Client, error)
@@ -81,7 +89,25 @@ func (r resource) deleteCmd(short string) *cobra.Command {
 	return c
 }
 
-func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersion string) (*azclient.Client, error) {
+// clients are the clients commands made, so that a command sending several
+// requests loads the installation once and keeps its connection.
+var clients = struct {
+	sync.Mutex
+	m map[clientKey]*azclient.Client
+}{m: map[clientKey]*azclient.Client{}}
+
+type clientKey struct {
+	cmd *cobra.Command
+	api *serviceAPI
+}
+
+func siteClient(cmd *cobra.Command, api *serviceAPI) (*azclient.Client, error) {
+	clients.Lock()
+	defer clients.Unlock()
+	key := clientKey{cmd, api}
+	if c := clients.m[key]; c != nil {
+		return c, nil
+	}
 	site, err := loadSite(cmd)
 	if err != nil {
 		return nil, err
@@ -93,7 +119,11 @@ func siteClient(cmd *cobra.Command, connString func(*siteInfo) string, apiVersio
 	if pem, err := os.ReadFile(site.CACertificate); err == nil {
 		roots.AppendCertsFromPEM(pem)
 	}
-	return azclient.New(connString(site), site.ServiceEndpoint, apiVersion, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+	c, err := azclient.New(api.connString(site), site.ServiceEndpoint, api.apiVersion, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+	if err == nil {
+		clients.m[key] = c
+	}
+	return c, err
 }
 
 // enrollmentFlags are the flags create and update share.
