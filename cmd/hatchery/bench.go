@@ -207,7 +207,7 @@ func renderBench(cmd *cobra.Command, r benchReport) error {
 	if jsonOutput(cmd) {
 		return printJSON(r)
 	}
-	n := func(v int64) string { return commas(v) }
+	n := func(v int64) string { return loadgen.Thousands(v) }
 	lat := func(l loadgen.Latency) string {
 		return fmt.Sprintf("p50 %.2f ms, p99 %.2f ms, max %.2f ms (%s samples)", l.P50, l.P99, l.Max, n(int64(l.Count)))
 	}
@@ -262,16 +262,4 @@ func renderBench(cmd *cobra.Command, r benchReport) error {
 		return errors.New("acknowledged telemetry is missing from the event stream")
 	}
 	return nil
-}
-
-// commas formats n with thousands separators.
-func commas(n int64) string {
-	s := strconv.FormatInt(n, 10)
-	if n < 0 {
-		return "-" + commas(-n)
-	}
-	for i := len(s) - 3; i > 0; i -= 3 {
-		s = s[:i] + "," + s[i:]
-	}
-	return s
 }

@@ -509,21 +509,5 @@ func queryAll[T any](cmd *cobra.Command, svc service, path, query string) ([]*T,
 	if err != nil {
 		return nil, err
 	}
-	var all []*T
-	cont := ""
-	for {
-		var page []*T
-		h := map[string]string{"x-ms-max-item-count": "1000"}
-		if cont != "" {
-			h["x-ms-continuation"] = cont
-		}
-		resp, err := c.DoHeaders(cmd.Context(), "POST", path, "", h, map[string]string{"query": query}, &page)
-		if err != nil {
-			return nil, err
-		}
-		all = append(all, page...)
-		if cont = resp.Get("x-ms-continuation"); cont == "" {
-			return all, nil
-		}
-	}
+	return azclient.QueryAll[T](cmd.Context(), c, path, query)
 }

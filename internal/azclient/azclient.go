@@ -87,6 +87,29 @@ func (c *Client) Do(ctx context.Context, method, path, ifMatch string, in, out a
 	return err
 }
 
+// QueryAll pages through a query endpoint — POST path with {"query":
+// query}, 1,000 items a page, following x-ms-continuation — and returns
+// every item.
+func QueryAll[T any](ctx context.Context, c *Client, path, query string) ([]*T, error) {
+	var all []*T
+	cont := ""
+	for {
+		var page []*T
+		h := map[string]string{"x-ms-max-item-count": "1000"}
+		if cont != "" {
+			h["x-ms-continuation"] = cont
+		}
+		resp, err := c.DoHeaders(ctx, "POST", path, "", h, map[string]string{"query": query}, &page)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, page...)
+		if cont = resp.Get("x-ms-continuation"); cont == "" {
+			return all, nil
+		}
+	}
+}
+
 // DoHeaders is Do with extra request headers, returning the response headers.
 func (c *Client) DoHeaders(ctx context.Context, method, path, ifMatch string, headers map[string]string, in, out any) (http.Header, error) {
 	var body io.Reader

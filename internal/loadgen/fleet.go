@@ -2,8 +2,6 @@ package loadgen
 
 import (
 	"context"
-	"crypto/hmac"
-	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
 	"errors"
@@ -64,6 +62,9 @@ type FleetConfig struct {
 	// servers wait in it for each other, so that no run's figures include
 	// another's enrollment.
 	Enrolled func(context.Context) error
+	// Uncounted leaves the enrollments uncounted (Enrolled 0), for runs
+	// beside one that counts them.
+	Uncounted bool
 }
 
 // FleetResult is what a run measured.
@@ -112,8 +113,12 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 			return nil, err
 		}
 	}
-	if res.Enrolled, err = countEnrollments(ctx, cfg.Service); err != nil {
-		return nil, err
+	if !cfg.Uncounted {
+		all, err := azclient.QueryAll[struct{}](ctx, cfg.Service, "/enrollments/query", "*")
+		if err != nil {
+			return nil, err
+		}
+		res.Enrolled = len(all)
 	}
 
 	server0 := serverCPU(cfg.ServerPIDs)
@@ -230,9 +235,7 @@ func newSimDevices(cfg FleetConfig) ([]*simDevice, error) {
 		if pool != nil {
 			d.tpm = softtpm.New(pool[i%len(pool)])
 		} else {
-			m := hmac.New(sha256.New, cfg.Seed)
-			m.Write([]byte(d.regID))
-			d.key = m.Sum(nil)
+			d.key = sas.DeriveDeviceKey(cfg.Seed, d.regID)
 		}
 		devs[i] = d
 	}
@@ -269,26 +272,6 @@ func enrollFleet(ctx context.Context, cfg FleetConfig, devs []*simDevice) error 
 	return nil
 }
 
-// countEnrollments counts the service's individual enrollments.
-func countEnrollments(ctx context.Context, svc *azclient.Client) (int, error) {
-	n, cont := 0, ""
-	for {
-		var page []struct{}
-		h := map[string]string{"x-ms-max-item-count": "1000"}
-		if cont != "" {
-			h["x-ms-continuation"] = cont
-		}
-		hdr, err := svc.DoHeaders(ctx, "POST", "/enrollments/query", "", h, map[string]string{"query": "*"}, &page)
-		if err != nil {
-			return 0, err
-		}
-		n += len(page)
-		if cont = hdr.Get("x-ms-continuation"); cont == "" {
-			return n, nil
-		}
-	}
-}
-
 // register provisions the device over a TLS connection of its own.
 func (d *simDevice) register(ctx context.Context, cfg FleetConfig) (*dpsapi.RegistrationState, error) {
 	conf := cfg.TLS.Clone()
@@ -308,20 +291,17 @@ func (d *simDevice) register(ctx context.Context, cfg FleetConfig) (*dpsapi.Regi
 
 // connect opens the provisioned device's hub session and closes it.
 func (d *simDevice) connect(ctx context.Context, cfg FleetConfig, st *dpsapi.RegistrationState) error {
-	sign := func(data []byte) ([]byte, error) {
-		m := hmac.New(sha256.New, d.key)
-		m.Write(data)
-		return m.Sum(nil), nil
-	}
+	token := func(aud string, exp time.Time) (string, error) { return sas.Build(d.key, aud, "", exp), nil }
 	if d.tpm != nil {
-		sign = func(data []byte) ([]byte, error) {
-			return d.tpm.HMAC(tpm.IdentityHandle(tpm.DefaultAuthKeyIndex), data)
+		token = func(aud string, exp time.Time) (string, error) {
+			return sas.BuildSigned(func(data []byte) ([]byte, error) {
+				return d.tpm.HMAC(tpm.IdentityHandle(tpm.DefaultAuthKeyIndex), data)
+			}, aud, "", exp)
 		}
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: st.AssignedHub, Port: cfg.HubPort, DeviceID: st.DeviceID, TLS: cfg.TLS,
-		Sign: func(aud string, exp time.Time) (string, error) { return sas.BuildSigned(sign, aud, "", exp) }})
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: st.AssignedHub, Port: cfg.HubPort, DeviceID: st.DeviceID, TLS: cfg.TLS, Sign: token})
 	if err != nil {
 		return fmt.Errorf("hub: %w", err)
 	}

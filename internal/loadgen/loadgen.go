@@ -240,7 +240,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 		if res.Memory.BeforeKiB, err = RSSKiB(cfg.ServerPID); err != nil {
 			return res, err
 		}
-		r.log("server pid %d: RSS %s KiB before connecting", cfg.ServerPID, thousands(res.Memory.BeforeKiB))
+		r.log("server pid %d: RSS %s KiB before connecting", cfg.ServerPID, Thousands(res.Memory.BeforeKiB))
 	}
 	cpu0 := r.cpuNow()
 	if res.Connect, err = r.connect(ctx); err != nil {
@@ -251,7 +251,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	if cfg.ServerPID > 0 {
 		m := res.Memory
 		m.ConnectedKiB, _ = RSSKiB(cfg.ServerPID)
-		r.log("RSS %s KiB with %s connections; idling %s", thousands(m.ConnectedKiB), thousands(int64(res.Connect.Established)), cfg.Settle)
+		r.log("RSS %s KiB with %s connections; idling %s", Thousands(m.ConnectedKiB), Thousands(int64(res.Connect.Established)), cfg.Settle)
 		if err := sleep(ctx, cfg.Settle); err != nil {
 			return res, err
 		}
@@ -261,7 +261,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			m.PerConnectionKiB = float64(m.SettledKiB-m.BeforeKiB) / n
 			m.PerConnectionConnectedKiB = float64(m.ConnectedKiB-m.BeforeKiB) / n
 		}
-		r.log("RSS %s KiB after %s idle: %.1f KiB per connection", thousands(m.SettledKiB), cfg.Settle, m.PerConnectionKiB)
+		r.log("RSS %s KiB after %s idle: %.1f KiB per connection", Thousands(m.SettledKiB), cfg.Settle, m.PerConnectionKiB)
 	}
 	if res.Connect.Established == 0 {
 		return res, fmt.Errorf("no connection was established: %s", strings.Join(res.Connect.Errors, "; "))
@@ -294,13 +294,13 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 func (r *runner) provision(ctx context.Context) (ProvisionResult, error) {
 	n := r.cfg.Devices
 	r.log("provisioning %s devices %s … %s through the registry API, %d requests at a time",
-		thousands(int64(n)), DeviceID(r.cfg.Prefix, 0), DeviceID(r.cfg.Prefix, n-1), r.cfg.ProvisionConcurrency)
+		Thousands(int64(n)), DeviceID(r.cfg.Prefix, 0), DeviceID(r.cfg.Prefix, n-1), r.cfg.ProvisionConcurrency)
 	var created, existing, updated, failed atomic.Int64
 	var errs errSample
 	start := time.Now()
-	stop := r.every(time.Second, func() {
+	stop := every(time.Second, func() {
 		d := created.Load() + existing.Load() + updated.Load()
-		r.log("  %s/%s devices ready (%.0f/s)", thousands(d), thousands(int64(n)), float64(d)/time.Since(start).Seconds())
+		r.log("  %s/%s devices ready (%.0f/s)", Thousands(d), Thousands(int64(n)), float64(d)/time.Since(start).Seconds())
 	})
 	sem := make(chan struct{}, r.cfg.ProvisionConcurrency)
 	var wg sync.WaitGroup
@@ -367,7 +367,7 @@ func (r *runner) connect(ctx context.Context) (ConnectResult, error) {
 	n := r.cfg.Devices
 	workers := (n + r.cfg.PerWorker - 1) / r.cfg.PerWorker
 	r.log("connecting %s devices over TLS to %s from %d worker processes, %d connections being set up at a time",
-		thousands(int64(n)), r.cfg.MQTTAddr, workers, r.cfg.ConnectConcurrency)
+		Thousands(int64(n)), r.cfg.MQTTAddr, workers, r.cfg.ConnectConcurrency)
 	start := time.Now()
 	first := 0
 	for w := range workers {
@@ -408,7 +408,7 @@ func (r *runner) connect(ctx context.Context) (ConnectResult, error) {
 				up += p.Connected
 				failed += p.Failed
 			}
-			r.log("  %s/%s connected, %d failed (%.0f/s)", thousands(int64(up)), thousands(int64(n)), failed, float64(up)/time.Since(start).Seconds())
+			r.log("  %s/%s connected, %d failed (%.0f/s)", Thousands(int64(up)), Thousands(int64(n)), failed, float64(up)/time.Since(start).Seconds())
 		case t := <-r.reports:
 			switch {
 			case t.eof != nil:
@@ -434,7 +434,7 @@ func (r *runner) connect(ctx context.Context) (ConnectResult, error) {
 	res.Seconds = time.Since(start).Seconds()
 	res.PerSecond = float64(res.Established) / res.Seconds
 	res.Errors = errs
-	r.log("connected %s of %s in %.1f s (%.0f/s), %d failed", thousands(int64(res.Established)), thousands(int64(n)), res.Seconds, res.PerSecond, res.Failed)
+	r.log("connected %s of %s in %.1f s (%.0f/s), %d failed", Thousands(int64(res.Established)), Thousands(int64(n)), res.Seconds, res.PerSecond, res.Failed)
 	for _, e := range errs {
 		r.log("  connection error: %s", e)
 	}
@@ -487,7 +487,7 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 	if r.cfg.Rate > 0 {
 		rate = fmt.Sprintf("%.0f messages/s in total", r.cfg.Rate)
 	}
-	r.log("telemetry: QoS 1 from %s connections for %s, %s", thousands(int64(conns)), d, rate)
+	r.log("telemetry: QoS 1 from %s connections for %s, %s", Thousands(int64(conns)), d, rate)
 	if r.cfg.FanoutUnderLoad > 0 {
 		r.warm(ctx, 16)
 	}
@@ -535,7 +535,7 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 				n += a
 			}
 			el := time.Since(start)
-			r.log("  %2.0f s of %s: %s acknowledged (%.0f/s)", el.Seconds(), d, thousands(n), float64(n)/el.Seconds())
+			r.log("  %2.0f s of %s: %s acknowledged (%.0f/s)", el.Seconds(), d, Thousands(n), float64(n)/el.Seconds())
 		case <-timeout:
 			return nil, nil, fmt.Errorf("telemetry: %d of %d workers reported within %s", got, len(r.procs), d+2*time.Minute)
 		case t := <-r.reports:
@@ -587,9 +587,9 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		res.ServerDiskBytesPerMessage = float64(res.ServerDiskWriteBytes) / float64(total)
 	}
 	r.log("telemetry: %s acknowledged in %.1f s = %.0f messages/s (+%s in flight at the end, %d failed); ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms",
-		thousands(res.Acked), res.Seconds, res.PerSecond, thousands(res.AckedLate), res.Failed, res.Latency.P50, res.Latency.P99, res.Latency.Max)
+		Thousands(res.Acked), res.Seconds, res.PerSecond, Thousands(res.AckedLate), res.Failed, res.Latency.P50, res.Latency.P99, res.Latency.Max)
 	if res.ServerDiskWriteBytes > 0 {
-		r.log("  server storage writes: %s MiB, %.0f bytes per message", thousands(res.ServerDiskWriteBytes>>20), res.ServerDiskBytesPerMessage)
+		r.log("  server storage writes: %s MiB, %.0f bytes per message", Thousands(res.ServerDiskWriteBytes>>20), res.ServerDiskBytesPerMessage)
 	}
 	if c := res.CPU; c != nil {
 		r.log("  CPU over %.1f s × %d cores: server %.1f s, load generator %.1f s, other processes %.1f s, idle %.1f s",
@@ -614,7 +614,7 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		}
 		res.Stored = n
 		res.Missing = max(acked-res.Stored, 0)
-		r.log("store: %s of the run's messages stored (%s acknowledged), counted in %.1f s", thousands(res.Stored), thousands(acked), time.Since(t0).Seconds())
+		r.log("store: %s of the run's messages stored (%s acknowledged), counted in %.1f s", Thousands(res.Stored), Thousands(acked), time.Since(t0).Seconds())
 		if r.cfg.VerifyStream {
 			t0 := time.Now()
 			n, err := r.countStream(ctx, seqBefore)
@@ -622,9 +622,9 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 				return res, underLoad, err
 			}
 			res.StoredStream = n
-			r.log("event stream API: %s of the run's messages read back in %.1f s", thousands(n), time.Since(t0).Seconds())
+			r.log("event stream API: %s of the run's messages read back in %.1f s", Thousands(n), time.Since(t0).Seconds())
 			if n != res.Stored {
-				r.log("ERROR: the event stream API shows %s of the run's messages, the store %s", thousands(n), thousands(res.Stored))
+				r.log("ERROR: the event stream API shows %s of the run's messages, the store %s", Thousands(n), Thousands(res.Stored))
 			}
 		}
 		if res.Missing > 0 {
@@ -858,7 +858,7 @@ func (r *runner) cleanup(ctx context.Context) int {
 			break
 		}
 	}
-	r.log("deleting %s devices", thousands(int64(r.cfg.Devices)))
+	r.log("deleting %s devices", Thousands(int64(r.cfg.Devices)))
 	var deleted atomic.Int64
 	sem := make(chan struct{}, r.cfg.ProvisionConcurrency)
 	var wg sync.WaitGroup
@@ -974,7 +974,7 @@ func CPUSeconds(pid int) (float64, error) {
 }
 
 // every runs f each period until the returned stop is called.
-func (r *runner) every(period time.Duration, f func()) (stop func()) {
+func every(period time.Duration, f func()) (stop func()) {
 	done := make(chan struct{})
 	var wg sync.WaitGroup
 	wg.Go(func() {
@@ -1006,8 +1006,8 @@ func sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// thousands formats n with comma separators.
-func thousands(n int64) string {
+// Thousands formats n with comma separators.
+func Thousands(n int64) string {
 	s := strconv.FormatInt(n, 10)
 	neg := strings.HasPrefix(s, "-")
 	s = strings.TrimPrefix(s, "-")

@@ -150,8 +150,8 @@ func TestHistogram(t *testing.T) {
 
 func TestThousands(t *testing.T) {
 	for n, want := range map[int64]string{0: "0", 999: "999", 1000: "1,000", 19000: "19,000", 1234567: "1,234,567", -2500: "-2,500"} {
-		if got := thousands(n); got != want {
-			t.Errorf("thousands(%d) = %q", n, got)
+		if got := Thousands(n); got != want {
+			t.Errorf("Thousands(%d) = %q", n, got)
 		}
 	}
 }

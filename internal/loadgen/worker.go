@@ -164,33 +164,14 @@ func RunWorker(ctx context.Context, in io.Reader, out io.Writer) error {
 	return sc.Err() // the coordinator closed stdin: disconnect and end
 }
 
-// reportEverySecond sends what progress says every second until the
-// returned function is called.
-func (w *worker) reportEverySecond(progress func() report) (stop func()) {
-	done := make(chan struct{})
-	go func() {
-		t := time.NewTicker(time.Second)
-		defer t.Stop()
-		for {
-			select {
-			case <-done:
-				return
-			case <-t.C:
-				w.send(progress())
-			}
-		}
-	}()
-	return func() { close(done) }
-}
-
 // connect opens the worker's connections, reporting progress every second.
 func (w *worker) connect(ctx context.Context) {
 	n := w.cfg.Count
 	w.clients = make([]*hubdevice.Client, n)
 	var connected, failed atomic.Int64
 	var errs errSample
-	stop := w.reportEverySecond(func() report {
-		return report{Type: "progress", Connected: int(connected.Load()), Failed: int(failed.Load())}
+	stop := every(time.Second, func() {
+		w.send(report{Type: "progress", Connected: int(connected.Load()), Failed: int(failed.Load())})
 	})
 	sem := make(chan struct{}, max(w.cfg.Concurrency, 1))
 	var wg sync.WaitGroup
@@ -311,8 +292,8 @@ func (w *worker) telemetry(ctx context.Context, d time.Duration, rate float64) {
 	props := url.Values{"$.ct": {"application/json"}, "$.ce": {"utf-8"}, "benchRun": {w.cfg.Run}}
 	start := time.Now()
 	deadline := start.Add(d)
-	defer w.reportEverySecond(func() report {
-		return report{Type: "telemetry-progress", Acked: acked.Load(), SendFail: failed.Load()}
+	defer every(time.Second, func() {
+		w.send(report{Type: "telemetry-progress", Acked: acked.Load(), SendFail: failed.Load()})
 	})()
 	var wg sync.WaitGroup
 	for _, c := range live {
