@@ -71,20 +71,26 @@ func (s *Service) AuthorizeService(header string) error {
 // resource must be this hub's device or module, signed by one of its keys;
 // a disabled device is refused like a bad key.
 func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) error {
+	_, err := s.deviceByToken(ctx, r, token)
+	return err
+}
+
+// deviceByToken is AuthenticateDevice, returning the device's record.
+func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (*record, error) {
 	tok, err := sas.Parse(token)
 	if err != nil {
-		return azerr.Unauthorized("%v", err)
+		return nil, azerr.Unauthorized("%v", err)
 	}
 	want := s.host + "/devices/" + r.Device
 	if r.Module != "" && !tok.AudienceIs(want) {
 		want += "/modules/" + r.Module
 	}
 	if !tok.AudienceIs(want) {
-		return azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
+		return nil, azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
 	}
 	dev, id, err := s.connecting(ctx, r)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	// A module authenticates with its own keys, or with the device's (a
 	// device-scoped token, as the edge runtime's modules use).
@@ -93,9 +99,9 @@ func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) e
 		keys = append(keys, sas.Keys(dev.Device.Authentication.SymmetricKey.PrimaryKey, dev.Device.Authentication.SymmetricKey.SecondaryKey)...)
 	}
 	if err := tok.Verify(s.Now(), keys...); err != nil {
-		return azerr.Unauthorized("%s: %v", r, err)
+		return nil, azerr.Unauthorized("%s: %v", r, err)
 	}
-	return enabled(dev)
+	return dev, enabled(dev)
 }
 
 // AuthorizeEdgeDevice checks that an IoT Edge device, with its own SAS
@@ -104,16 +110,13 @@ func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) e
 // modules' identities with.
 func (s *Service) AuthorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
 	r := Ref{Device: device}
+	var dev *record
 	var err error
 	if token == "" && len(chain) > 0 {
-		err = s.AuthenticateX509(ctx, r, chain)
+		dev, err = s.deviceByCertificate(ctx, r, chain)
 	} else {
-		err = s.AuthenticateDevice(ctx, r, token)
+		dev, err = s.deviceByToken(ctx, r, token)
 	}
-	if err != nil {
-		return err
-	}
-	dev, _, err := s.load(ctx, r)
 	if err != nil {
 		return err
 	}

@@ -140,17 +140,23 @@ func thumbprints(c *x509.Certificate) []string {
 // selfSigned device by its registered thumbprints, a certificateAuthority
 // device by a chain to a verified CA with the device ID as subject CN.
 func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Certificate) error {
+	_, err := s.deviceByCertificate(ctx, r, chain)
+	return err
+}
+
+// deviceByCertificate is AuthenticateX509, returning the device's record.
+func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.Certificate) (*record, error) {
 	if len(chain) == 0 {
-		return azerr.Unauthorized("no client certificate and no SAS token")
+		return nil, azerr.Unauthorized("no client certificate and no SAS token")
 	}
 	dev, id, err := s.connecting(ctx, r)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	leaf := chain[0]
 	now := s.Now()
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
-		return azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
+		return nil, azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
 	}
 	// A module without a certificate of its own is authenticated by its
 	// device's, as device keys authenticate modules (edge runtimes of
@@ -168,12 +174,12 @@ func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Cer
 			}
 		}
 		if !ok {
-			return azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
+			return nil, azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
 		}
 	case "certificateAuthority":
 		roots, err := s.verifiedCAs(ctx)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		inter := x509.NewCertPool()
 		for _, c := range chain[1:] {
@@ -181,13 +187,13 @@ func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Cer
 		}
 		if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
 			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-			return azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
+			return nil, azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
 		}
 		if leaf.Subject.CommonName != r.String() && leaf.Subject.CommonName != r.Device {
-			return azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
+			return nil, azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
 		}
 	default:
-		return azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
+		return nil, azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
 	}
-	return enabled(dev)
+	return dev, enabled(dev)
 }
