@@ -61,13 +61,22 @@ func As(err error) *Error {
 // WriteDPS writes err in the Device Provisioning Service shape.
 func WriteDPS(w http.ResponseWriter, err error, trackingID string) {
 	e := As(err)
-	write(w, e, map[string]any{
+	write(w, e, DPSBody(e, trackingID))
+}
+
+// DPSBody is e in the Device Provisioning Service shape, over any transport.
+func DPSBody(e *Error, trackingID string) map[string]any {
+	return map[string]any{
 		"errorCode":    e.Code,
 		"trackingId":   trackingID,
 		"message":      e.Message,
 		"timestampUtc": time.Now().UTC().Format(time.RFC3339Nano),
-	})
+	}
 }
+
+// RetryAfterSeconds is RetryAfter in whole seconds, rounded up, as
+// Retry-After carries it; 0 when there is none.
+func (e *Error) RetryAfterSeconds() int { return int(e.RetryAfter.Seconds() + 0.999) }
 
 // WriteHub writes err in the IoT Hub shape ("ErrorCode:Name;message").
 func WriteHub(w http.ResponseWriter, err error, trackingID string) {
@@ -83,7 +92,7 @@ func WriteHub(w http.ResponseWriter, err error, trackingID string) {
 func write(w http.ResponseWriter, e *Error, body map[string]any) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	if e.RetryAfter > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(int(e.RetryAfter.Seconds()+0.999)))
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfterSeconds()))
 	}
 	w.WriteHeader(e.Status())
 	_ = json.NewEncoder(w).Encode(body)

@@ -224,13 +224,8 @@ func (d *DeviceEndpoint) replyDPSError(c *mqtt.Conn, rid string, err error) erro
 	}
 	topic := dpsResponsePrefix + strconv.Itoa(e.Status()) + "/?$rid=" + rid
 	if e.RetryAfter > 0 {
-		topic += "&retry-after=" + strconv.Itoa(int(e.RetryAfter.Seconds()+0.999))
+		topic += "&retry-after=" + strconv.Itoa(e.RetryAfterSeconds())
 	}
-	body, _ := json.Marshal(map[string]any{
-		"errorCode":    e.Code,
-		"trackingId":   trackingID(),
-		"message":      e.Message,
-		"timestampUtc": time.Now().UTC().Format(time.RFC3339Nano),
-	})
+	body, _ := json.Marshal(azerr.DPSBody(e, trackingID()))
 	return d.reply(c, topic, body)
 }
