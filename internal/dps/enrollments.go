@@ -58,7 +58,7 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		return checkKey("attestation.symmetricKey.secondaryKey", k.SecondaryKey)
 	case AttestationTPM:
 		if group {
-			return nil // checkTPMGroup has checked it
+			return checkTPMGroup(att.TPM)
 		}
 		if att.TPM == nil || att.TPM.EndorsementKey == "" {
 			return azerr.BadRequest("attestation.tpm.endorsementKey is required for a TPM enrollment: " +
@@ -226,11 +226,6 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 		return nil, azerr.BadRequest("enrollmentGroupId %q in the body differs from %q in the URL", g.EnrollmentGroupID, id)
 	}
 	g.EnrollmentGroupID = id
-	if g.Attestation.Type == AttestationTPM {
-		if err := checkTPMGroup(g.Attestation.TPM); err != nil {
-			return nil, err
-		}
-	}
 	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
 		return nil, err
 	}
