@@ -175,8 +175,8 @@ type deviceRuntimeContext struct {
 	CurrentIoTHubHostName string          `json:"currentIotHubHostName,omitempty"`
 	CurrentDeviceID       string          `json:"currentDeviceId,omitempty"`
 	TPM                   *TPMAttestation `json:"tpm,omitempty"`
-	X509                  json.RawMessage `json:"x509,omitempty"`
-	SymmetricKey          json.RawMessage `json:"symmetricKey,omitempty"`
+	X509                  *X509Result     `json:"x509,omitempty"`
+	SymmetricKey          *SymKeyResult   `json:"symmetricKey,omitempty"`
 	Payload               json.RawMessage `json:"payload,omitempty"`
 }
 

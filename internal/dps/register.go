@@ -538,16 +538,16 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 			state.X509.EnrollmentGroupID = att.group.EnrollmentGroupID
 			state.X509.SigningCertificateInfo = CertificateInfo(att.signer)
 		}
-		alloc.runtime.X509, _ = json.Marshal(state.X509)
+		alloc.runtime.X509 = state.X509
 	case att.group != nil:
 		dev.PrimaryKey = att.deviceKey
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}
-		alloc.runtime.SymmetricKey, _ = json.Marshal(state.SymmetricKey)
+		alloc.runtime.SymmetricKey = state.SymmetricKey
 	default:
 		k := att.enrollment.Attestation.SymmetricKey
 		dev.PrimaryKey, dev.SecondaryKey = k.PrimaryKey, k.SecondaryKey
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID}
-		alloc.runtime.SymmetricKey, _ = json.Marshal(state.SymmetricKey)
+		alloc.runtime.SymmetricKey = state.SymmetricKey
 	}
 	if prev != nil {
 		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.AssignedHub, prev.DeviceID
