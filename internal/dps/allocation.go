@@ -235,17 +235,26 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	if out.IoTHubHostName == "" {
 		return nil, fail("the answer names no iotHubHostName")
 	}
-	for _, h := range cands {
-		if strings.EqualFold(h.HostName, out.IoTHubHostName) {
-			if out.InitialTwin != nil {
-				if err := checkTwin(out.InitialTwin); err != nil {
-					return nil, fail("%v", azerr.As(err).Message)
-				}
-			}
-			return &allocated{hub: h, twin: out.InitialTwin, payload: out.Payload}, nil
+	h := hubNamed(cands, out.IoTHubHostName)
+	if h == nil {
+		return nil, fail("it chose %q, which is not among the enrollment's linked hubs %v", out.IoTHubHostName, names)
+	}
+	if out.InitialTwin != nil {
+		if err := checkTwin(out.InitialTwin); err != nil {
+			return nil, fail("%v", azerr.As(err).Message)
 		}
 	}
-	return nil, fail("it chose %q, which is not among the enrollment's linked hubs %v", out.IoTHubHostName, names)
+	return &allocated{hub: h, twin: out.InitialTwin, payload: out.Payload}, nil
+}
+
+// hubNamed is the hub of hubs with the host name host, in any case; nil if none.
+func hubNamed(hubs []*LinkedHub, host string) *LinkedHub {
+	for _, h := range hubs {
+		if strings.EqualFold(h.HostName, host) {
+			return h
+		}
+	}
+	return nil
 }
 
 // webhookName is a webhook's URL without query and fragment.

@@ -608,11 +608,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *Registratio
 		if err != nil {
 			return nil, err
 		}
-		for _, h := range hubs {
-			if strings.EqualFold(h.HostName, prev.AssignedHub) {
-				prevHub = h
-			}
-		}
+		prevHub = hubNamed(hubs, prev.AssignedHub)
 	}
 	if prevHub != nil && !repro.UpdateHubAssignment {
 		state.Substatus = "reprovisionedToInitialAssignment"
