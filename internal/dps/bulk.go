@@ -41,14 +41,14 @@ type BulkError struct {
 // Bulk applies one operation to many enrollments. Each succeeds or fails on
 // its own: the result lists the failures, in request order.
 func (s *Service) Bulk(ctx context.Context, op *BulkOperation) (*BulkResult, error) {
-	mode := op.Mode
-	switch strings.ToLower(mode) {
+	mode := strings.ToLower(op.Mode)
+	switch mode {
 	case "create", "update", "updateifmatchetag", "delete":
 	default:
 		return nil, azerr.BadRequest("mode %q is not valid: use create, update, updateIfMatchETag or delete", op.Mode)
 	}
 	if len(op.Enrollments) == 0 {
-		return nil, azerr.BadRequest("enrollments is empty: give the enrollments to %s", mode)
+		return nil, azerr.BadRequest("enrollments is empty: give the enrollments to %s", op.Mode)
 	}
 	if len(op.Enrollments) > MaxBulk {
 		return nil, azerr.BadRequest("%d enrollments in one bulk operation: send at most %d at a time", len(op.Enrollments), MaxBulk)
@@ -59,7 +59,7 @@ func (s *Service) Bulk(ctx context.Context, op *BulkOperation) (*BulkResult, err
 			e = &Enrollment{}
 		}
 		var err error
-		switch strings.ToLower(mode) {
+		switch mode {
 		case "create":
 			_, err = s.putEnrollment(ctx, e.RegistrationID, "", true, e)
 		case "update":

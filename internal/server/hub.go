@@ -1,7 +1,6 @@
 package server
 
 import (
-	"crypto/x509"
 	"encoding/json"
 	"net/http"
 	"strconv"
@@ -69,11 +68,8 @@ func (a *api) hubServiceOrEdgeDevice(h handler) http.HandlerFunc {
 		if tok, perr := sas.Parse(header); perr == nil && tok.KeyName != "" {
 			err = a.hub.AuthorizeService(header)
 		} else {
-			var chain []*x509.Certificate
-			if r.TLS != nil {
-				chain = r.TLS.PeerCertificates
-			}
-			err = a.hub.AuthorizeEdgeDevice(r.Context(), r.PathValue("id"), header, chain)
+			cred := deviceCredentials(r)
+			err = a.hub.AuthorizeEdgeDevice(r.Context(), r.PathValue("id"), cred.Authorization, cred.Certificates)
 		}
 		if err != nil {
 			return err
