@@ -11,6 +11,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/certtext"
 )
 
 // A TPM group trusts TPM manufacturers' CA certificates: a device whose
@@ -41,7 +42,7 @@ var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
 // certificate, after checking that the certificate is for this EK and that
 // the registration ID is the one the EK determines.
 func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
-	cert, err := ParseCertificate(certB64)
+	cert, err := certtext.Parse(certB64)
 	if err != nil {
 		return nil, azerr.BadRequest("tpm.endorsementKeyCertificate: %v", err)
 	}

@@ -2,19 +2,14 @@ package dps
 
 import (
 	"context"
-	"crypto/sha1"
-	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
-	"encoding/base64"
-	"encoding/hex"
-	"encoding/pem"
-	"errors"
 	"fmt"
 	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/certtext"
 )
 
 // X509Attestation is an enrollment's certificates: an individual
@@ -53,37 +48,12 @@ type CAStore interface {
 	VerifiedCA(ctx context.Context, name string) (*x509.Certificate, error)
 }
 
-// ParseCertificate reads a certificate as clients send it: PEM, base64 of
-// PEM, or base64 of DER.
-func ParseCertificate(s string) (*x509.Certificate, error) {
-	s = strings.TrimSpace(s)
-	if !strings.HasPrefix(s, "-----") {
-		raw, err := base64.StdEncoding.DecodeString(s)
-		if err != nil {
-			return nil, errors.New("not a PEM certificate nor base64: give the PEM file's contents")
-		}
-		if c, err := x509.ParseCertificate(raw); err == nil {
-			return c, nil
-		}
-		s = string(raw)
-	}
-	b, _ := pem.Decode([]byte(s))
-	if b == nil || b.Type != "CERTIFICATE" {
-		return nil, errors.New("no PEM CERTIFICATE block: give the certificate file's contents (-----BEGIN CERTIFICATE-----)")
-	}
-	c, err := x509.ParseCertificate(b.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("the certificate does not parse: %v", err)
-	}
-	return c, nil
-}
-
 // CertificateInfo describes c.
 func CertificateInfo(c *x509.Certificate) *X509CertificateInfo {
-	s1, s256 := sha1.Sum(c.Raw), sha256.Sum256(c.Raw)
+	s1, s256 := certtext.Thumbprints(c)
 	return &X509CertificateInfo{
 		SubjectName: c.Subject.String(), IssuerName: c.Issuer.String(),
-		SHA1Thumbprint: strings.ToUpper(hex.EncodeToString(s1[:])), SHA256Thumbprint: strings.ToUpper(hex.EncodeToString(s256[:])),
+		SHA1Thumbprint: s1, SHA256Thumbprint: s256,
 		NotBeforeUtc: c.NotBefore.UTC(), NotAfterUtc: c.NotAfter.UTC(),
 		SerialNumber: strings.ToUpper(c.SerialNumber.Text(16)), Version: c.Version,
 	}
@@ -143,7 +113,7 @@ func fillCertificates(field string, cs *X509Certificates, ca bool) error {
 		if c.Certificate == "" {
 			return azerr.BadRequest("%s.%s.certificate is empty: give the certificate's PEM or leave %s out", field, name, name)
 		}
-		cert, err := ParseCertificate(c.Certificate)
+		cert, err := certtext.Parse(c.Certificate)
 		if err != nil {
 			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
 		}
@@ -166,7 +136,7 @@ func (cs *X509Certificates) certificates() []*x509.Certificate {
 		if c == nil {
 			continue
 		}
-		if cert, err := ParseCertificate(c.Certificate); err == nil {
+		if cert, err := certtext.Parse(c.Certificate); err == nil {
 			out = append(out, cert)
 		}
 	}

@@ -2,11 +2,7 @@ package hub
 
 import (
 	"context"
-	"crypto/sha1"
-	"crypto/sha256"
 	"crypto/x509"
-	"encoding/base64"
-	"encoding/hex"
 	"encoding/json"
 	"encoding/pem"
 	"errors"
@@ -14,6 +10,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -39,26 +36,12 @@ type CertificateProperties struct {
 	Certificate string    `json:"certificate"` // PEM
 }
 
-// parseCertificate reads a PEM or base64 DER certificate.
-func parseCertificate(s string) (*x509.Certificate, error) {
-	der := []byte(nil)
-	if b, _ := pem.Decode([]byte(s)); b != nil {
-		der = b.Bytes
-	} else if raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s)); err == nil {
-		der = raw
-	}
-	if der == nil {
-		return nil, errors.New("not a PEM or base64 DER certificate")
-	}
-	return x509.ParseCertificate(der)
-}
-
 // PutCertificate stores a CA certificate.
 func (s *Service) PutCertificate(ctx context.Context, name string, c *Certificate) (*Certificate, error) {
 	if !idPattern.MatchString(name) {
 		return nil, azerr.BadRequest("certificate name %q is not valid: use 1 to 128 letters, digits or -._", name)
 	}
-	cert, err := parseCertificate(c.Properties.Certificate)
+	cert, err := certtext.Parse(c.Properties.Certificate)
 	if err != nil {
 		return nil, azerr.BadRequest("properties.certificate: %v", err)
 	}
@@ -66,9 +49,9 @@ func (s *Service) PutCertificate(ctx context.Context, name string, c *Certificat
 		return nil, azerr.BadRequest("properties.certificate is not a CA certificate (basicConstraints CA:TRUE): devices' certificates must chain to a CA")
 	}
 	now := s.Now().UTC()
-	sum := sha1.Sum(cert.Raw)
+	thumbprint, _ := certtext.Thumbprints(cert)
 	out := &Certificate{Name: name, ETag: newETag(), Properties: CertificateProperties{
-		Subject: cert.Subject.String(), Expiry: cert.NotAfter, Thumbprint: strings.ToUpper(hex.EncodeToString(sum[:])),
+		Subject: cert.Subject.String(), Expiry: cert.NotAfter, Thumbprint: thumbprint,
 		IsVerified: c.Properties.IsVerified, Created: now, Updated: now,
 		Certificate: string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})),
 	}}
@@ -110,7 +93,7 @@ func (s *Service) VerifiedCA(ctx context.Context, name string) (*x509.Certificat
 	if !c.Properties.IsVerified {
 		return nil, azerr.BadRequest("CA certificate %q is not verified: upload it again with `hatchery certificate create --name %s --path CA.pem --verified`", name, name)
 	}
-	return parseCertificate(c.Properties.Certificate)
+	return certtext.Parse(c.Properties.Certificate)
 }
 
 // verifiedCAs is the pool of verified CA certificates.
@@ -127,13 +110,6 @@ func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
 		}
 	}
 	return pool, nil
-}
-
-// thumbprints returns the SHA-1 and SHA-256 thumbprints of a certificate,
-// hex, as IoT Hub compares them (case-insensitively).
-func thumbprints(c *x509.Certificate) []string {
-	s1, s256 := sha1.Sum(c.Raw), sha256.Sum256(c.Raw)
-	return []string{hex.EncodeToString(s1[:]), hex.EncodeToString(s256[:])}
 }
 
 // AuthenticateX509 checks a device's TLS client certificate chain: a
@@ -169,7 +145,8 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 	case "selfSigned":
 		ok := false
 		for _, want := range []*string{auth.X509Thumbprint.PrimaryThumbprint, auth.X509Thumbprint.SecondaryThumbprint} {
-			for _, got := range thumbprints(leaf) {
+			s1, s256 := certtext.Thumbprints(leaf)
+			for _, got := range []string{s1, s256} {
 				ok = ok || (want != nil && strings.EqualFold(strings.ReplaceAll(*want, ":", ""), got))
 			}
 		}

@@ -1,0 +1,46 @@
+// Package certtext reads certificates as operators and SDKs write them into
+// JSON and files — PEM (after any other text, as openssl may put there),
+// base64 of PEM, base64 of DER — and names them by thumbprint, as Azure does.
+package certtext
+
+import (
+	"crypto/sha1"
+	"crypto/sha256"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"strings"
+)
+
+// Parse reads one certificate in any of the spellings above.
+func Parse(s string) (*x509.Certificate, error) {
+	s = strings.TrimSpace(s)
+	if !strings.HasPrefix(s, "-----") && !strings.Contains(s, "-----BEGIN") {
+		raw, err := base64.StdEncoding.DecodeString(s)
+		if err != nil {
+			return nil, errors.New("not a PEM certificate nor base64: give the PEM file's contents")
+		}
+		if c, err := x509.ParseCertificate(raw); err == nil {
+			return c, nil
+		}
+		s = string(raw) // base64 of PEM
+	}
+	b, _ := pem.Decode([]byte(s))
+	if b == nil || b.Type != "CERTIFICATE" {
+		return nil, errors.New("no PEM CERTIFICATE block: give the certificate file's contents (-----BEGIN CERTIFICATE-----)")
+	}
+	c, err := x509.ParseCertificate(b.Bytes)
+	if err != nil {
+		return nil, fmt.Errorf("the certificate does not parse: %v", err)
+	}
+	return c, nil
+}
+
+// Thumbprints are c's SHA-1 and SHA-256 thumbprints, upper-case hex.
+func Thumbprints(c *x509.Certificate) (sha1Hex, sha256Hex string) {
+	s1, s256 := sha1.Sum(c.Raw), sha256.Sum256(c.Raw)
+	return strings.ToUpper(hex.EncodeToString(s1[:])), strings.ToUpper(hex.EncodeToString(s256[:]))
+}
