@@ -185,20 +185,19 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	var groups []*EnrollmentGroup
+	var found *attestation
 	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
-		if g.Attestation.Type == AttestationX509 && g.Attestation.X509 != nil {
-			groups = append(groups, g)
+		if g.Attestation.Type != AttestationX509 || g.Attestation.X509 == nil {
+			return true
+		}
+		if ca := chainsTo(leaf, inter, s.groupCAs(ctx, g.Attestation.X509), now, x509.ExtKeyUsageClientAuth); ca != nil {
+			found = &attestation{group: g, certificate: leaf, signer: ca}
+			return false
 		}
 		return true
 	})
-	if err != nil {
-		return nil, err
-	}
-	for _, g := range groups {
-		if ca := chainsTo(leaf, inter, s.groupCAs(ctx, g.Attestation.X509), now, x509.ExtKeyUsageClientAuth); ca != nil {
-			return &attestation{group: g, certificate: leaf, signer: ca}, nil
-		}
+	if err != nil || found != nil {
+		return found, err
 	}
 	return nil, unauthorized(regID, "no individual enrollment has this registration ID and the client certificate "+
 		"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
