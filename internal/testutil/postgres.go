@@ -3,8 +3,6 @@ package testutil
 import (
 	"context"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"os/user"
@@ -158,20 +156,4 @@ func (pg *Postgres) Exec(tb testing.TB, dsn, sql string) {
 	if _, err := conn.Exec(ctx, sql); err != nil {
 		tb.Fatalf("%s: %v", sql, err)
 	}
-}
-
-// FreePort returns a port of 127.0.0.1 that was free a moment ago, below
-// Linux's ephemeral range so that no outgoing connection holds it.
-func FreePort(tb testing.TB) int {
-	tb.Helper()
-	for range 200 {
-		port := 10000 + rand.IntN(22000)
-		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
-		if err == nil {
-			l.Close()
-			return port
-		}
-	}
-	tb.Fatal("found no free port on 127.0.0.1")
-	return 0
 }

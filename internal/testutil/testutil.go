@@ -125,21 +125,40 @@ func StartSWTPM(t testing.TB) string {
 // The listeners are closed when the test ends.
 func ListenPair(t testing.TB) (n, n1 net.Listener) {
 	t.Helper()
-	// Ports below Linux's ephemeral range (32768 up), so that outgoing
-	// connections, of which a load test may leave thousands, never hold them.
+	l, l1 := listenLow(t, 2)
+	t.Cleanup(func() { l.Close(); l1.Close() })
+	return l, l1
+}
+
+// FreePort returns a port of 127.0.0.1 that was free a moment ago.
+func FreePort(t testing.TB) int {
+	t.Helper()
+	l, _ := listenLow(t, 1)
+	l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// listenLow listens on one free port of 127.0.0.1 (n 1), or on two adjacent
+// ones (n 2; the second listener is nil otherwise). The ports are below
+// Linux's ephemeral range (32768 up), so that outgoing connections, of
+// which a load test may leave thousands, never hold them.
+func listenLow(t testing.TB, n int) (l, l1 net.Listener) {
+	t.Helper()
 	for range 200 {
 		port := 10000 + rand.IntN(22000)
 		l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port)))
 		if err != nil {
 			continue
 		}
+		if n == 1 {
+			return l, nil
+		}
 		if l1, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(port+1))); err == nil {
-			t.Cleanup(func() { l.Close(); l1.Close() })
 			return l, l1
 		}
 		l.Close()
 	}
-	t.Fatal("found no two adjacent free ports on 127.0.0.1")
+	t.Fatalf("found no %d adjacent free ports on 127.0.0.1", n)
 	return nil, nil
 }
 

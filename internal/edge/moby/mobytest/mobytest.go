@@ -36,10 +36,7 @@ type Env struct {
 // New connects to the engine at $HATCHERY_MOBY_URI or the default socket.
 func New(t testing.TB) *Env {
 	t.Helper()
-	uri := os.Getenv("HATCHERY_MOBY_URI")
-	if uri == "" {
-		uri = moby.DefaultURI
-	}
+	uri := engineURI()
 	e, err := moby.New(uri)
 	if err != nil {
 		t.Fatal(err)

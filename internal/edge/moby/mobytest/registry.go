@@ -49,12 +49,7 @@ func StartRegistry(t testing.TB) (addr, user, password string) {
 	// registry's bind; then the registry exits and other ports are tried.
 	var lastErr error
 	for range 5 {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr = l.Addr().String()
-		l.Close()
+		addr = net.JoinHostPort("127.0.0.1", strconv.Itoa(testutil.FreePort(t)))
 		config := filepath.Join(dir, "config.yml")
 		if err := os.WriteFile(config, []byte(registryConfig(addr, filepath.Join(dir, "storage"), htpasswd)), 0o600); err != nil {
 			t.Fatal(err)
