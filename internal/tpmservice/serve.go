@@ -1,7 +1,6 @@
 package tpmservice
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -17,15 +16,6 @@ import (
 
 // DefaultSocket is where aziot-tpmd listens and clients look for it.
 const DefaultSocket = "/run/aziot/tpmd.sock"
-
-// Serve listens on socketPath as Listen does and serves s until ctx is done.
-func Serve(ctx context.Context, socketPath string, s *Server, group string) error {
-	l, err := Listen(socketPath, group)
-	if err != nil {
-		return err
-	}
-	return ServeListener(ctx, l, s)
-}
 
 // Listen creates the Unix socket socketPath, replacing a stale one, with
 // mode 0660 and, when group is not empty and exists, that group: only the
