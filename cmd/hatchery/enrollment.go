@@ -349,10 +349,11 @@ func enrollmentCmd() *cobra.Command {
 		c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID")
 		_ = c.MarkFlagRequired("registration-id")
 	}
+	enrollment := resource{svc: dpsClient, path: func() string { return "/enrollments/" + url.PathEscape(regID) }, flags: idFlag}
 	put := func(use, short string, update bool) *cobra.Command {
 		var f enrollmentFlags
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			out, err := putEnrollment(cmd, "/enrollments/"+url.PathEscape(regID), update, &dps.Enrollment{RegistrationID: regID},
+			out, err := putEnrollment(cmd, enrollment.path(), update, &dps.Enrollment{RegistrationID: regID},
 				func(e *dps.Enrollment) string { return e.ETag },
 				func(e *dps.Enrollment) error {
 					if update {
@@ -371,7 +372,6 @@ func enrollmentCmd() *cobra.Command {
 		f.register(c, true)
 		return c
 	}
-	enrollment := resource{svc: dpsClient, path: func() string { return "/enrollments/" + url.PathEscape(regID) }, flags: idFlag}
 	show := showCmd(enrollment, "Show an enrollment and its registration state", showEnrollment)
 	del := enrollment.deleteCmd("Delete an enrollment")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
@@ -387,7 +387,7 @@ func enrollmentCmd() *cobra.Command {
 	}}
 	cmd.AddCommand(put("create", "Create an individual enrollment", false), put("update", "Change an individual enrollment", true), show, del, listCmd, importCmd(),
 		rotateCmd(idFlag, func(cmd *cobra.Command, which string) error {
-			out, err := putEnrollment(cmd, "/enrollments/"+url.PathEscape(regID), true, &dps.Enrollment{},
+			out, err := putEnrollment(cmd, enrollment.path(), true, &dps.Enrollment{},
 				func(e *dps.Enrollment) string { return e.ETag },
 				func(e *dps.Enrollment) error { e.RegistrationState = nil; return regenerate(&e.Attestation, which) })
 			if err != nil {

@@ -17,10 +17,11 @@ func groupCmd() *cobra.Command {
 		c.Flags().StringVar(&groupID, "group-id", "", "the enrollment group's ID")
 		_ = c.MarkFlagRequired("group-id")
 	}
+	group := resource{svc: dpsClient, path: func() string { return "/enrollmentGroups/" + url.PathEscape(groupID) }, flags: idFlag}
 	put := func(use, short string, update bool) *cobra.Command {
 		var f enrollmentFlags
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			out, err := putEnrollment(cmd, "/enrollmentGroups/"+url.PathEscape(groupID), update, &dps.EnrollmentGroup{EnrollmentGroupID: groupID},
+			out, err := putEnrollment(cmd, group.path(), update, &dps.EnrollmentGroup{EnrollmentGroupID: groupID},
 				func(g *dps.EnrollmentGroup) string { return g.ETag },
 				func(g *dps.EnrollmentGroup) error {
 					if !update && !cmd.Flags().Changed("attestation-type") {
@@ -38,7 +39,6 @@ func groupCmd() *cobra.Command {
 		f.register(c, false)
 		return c
 	}
-	group := resource{svc: dpsClient, path: func() string { return "/enrollmentGroups/" + url.PathEscape(groupID) }, flags: idFlag}
 	show := showCmd(group, "Show an enrollment group", showGroup)
 	del := group.deleteCmd("Delete an enrollment group")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
@@ -54,7 +54,7 @@ func groupCmd() *cobra.Command {
 	}}
 	cmd.AddCommand(put("create", "Create a symmetric-key enrollment group", false), put("update", "Change an enrollment group", true), show, del, listCmd,
 		rotateCmd(idFlag, func(cmd *cobra.Command, which string) error {
-			out, err := putEnrollment(cmd, "/enrollmentGroups/"+url.PathEscape(groupID), true, &dps.EnrollmentGroup{},
+			out, err := putEnrollment(cmd, group.path(), true, &dps.EnrollmentGroup{},
 				func(g *dps.EnrollmentGroup) string { return g.ETag },
 				func(g *dps.EnrollmentGroup) error { return regenerate(&g.Attestation, which) })
 			if err != nil {

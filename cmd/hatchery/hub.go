@@ -75,12 +75,12 @@ func deviceCmd() *cobra.Command {
 	del := device.deleteCmd("Delete a device and its modules")
 	setStatus := func(use, status, short string) *cobra.Command {
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			d, err := call[hub.Device](cmd, hubClient, "GET", identityPath("/devices/", id, ""), "", nil)
+			d, err := call[hub.Device](cmd, hubClient, "GET", device.path(), "", nil)
 			if err != nil {
 				return err
 			}
 			d.Status = status
-			if d, err = call[hub.Device](cmd, hubClient, "PUT", identityPath("/devices/", id, ""), "*", d); err != nil {
+			if d, err = call[hub.Device](cmd, hubClient, "PUT", device.path(), "*", d); err != nil {
 				return err
 			}
 			return show(cmd, d)
