@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -27,6 +28,11 @@ type X509Attestation struct {
 type X509Certificates struct {
 	Primary   *X509CertificateWithInfo `json:"primary,omitempty"`
 	Secondary *X509CertificateWithInfo `json:"secondary,omitempty"`
+
+	// The certificates parsed, once: a cached group's CAs serve every
+	// registration of its devices.
+	parseOnce sync.Once
+	parsed    []*x509.Certificate
 }
 
 // X509CertificateWithInfo is a certificate (PEM, or base64 of PEM or DER, as
@@ -126,21 +132,23 @@ func fillCertificates(field string, cs *X509Certificates, ca bool) error {
 	return nil
 }
 
-// certificates returns the parsed certificates of a primary/secondary pair.
+// certificates returns the parsed certificates of a primary/secondary pair
+// as stored (it is not for one still being filled in).
 func (cs *X509Certificates) certificates() []*x509.Certificate {
-	var out []*x509.Certificate
 	if cs == nil {
 		return nil
 	}
-	for _, c := range []*X509CertificateWithInfo{cs.Primary, cs.Secondary} {
-		if c == nil {
-			continue
+	cs.parseOnce.Do(func() {
+		for _, c := range []*X509CertificateWithInfo{cs.Primary, cs.Secondary} {
+			if c == nil {
+				continue
+			}
+			if cert, err := certtext.Parse(c.Certificate); err == nil {
+				cs.parsed = append(cs.parsed, cert)
+			}
 		}
-		if cert, err := certtext.Parse(c.Certificate); err == nil {
-			out = append(out, cert)
-		}
-	}
-	return out
+	})
+	return cs.parsed
 }
 
 // x509Identity checks what a device's certificate says about it: the
