@@ -8,15 +8,6 @@ import (
 	"testing"
 )
 
-func open(t *testing.T) *SQLite {
-	s, err := OpenSQLite(filepath.Join(t.TempDir(), "h.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { s.Close() })
-	return s
-}
-
 // sqliteBackend gives the conformance suite a new database file per test.
 var sqliteBackend = backend{
 	name:  "sqlite",
