@@ -9,7 +9,7 @@
 #   - server CPU per TPM registration, the server on a vCPU of its own and
 #     the simulator on the other, then the server saturated inside a quarter
 #     of a CPU, as the simulator's RSA work cannot drive it any harder on two
-#     vCPUs (needs root for the cgroup).
+#     vCPUs (needs root for the cgroup); the same for scripts/httpsfloor.
 # Needs PostgreSQL's server binaries (Debian's postgresql) and gnuplot; run
 # as root or as a user that can run them. Takes about ten minutes; PARTS
 # chooses some of: sqlite postgres-1 postgres-2 totals tpm-cpu.
@@ -101,26 +101,52 @@ if want postgres-2; then
   stop_all
 fi
 
-# TPM registrations against a server saturated within a CPU quota of 25 %.
+# TPM registrations: the server on a vCPU of its own at the rate the
+# simulator on the other can drive, then saturated within a CPU quota of
+# 25 %; and the same for scripts/httpsfloor, which only moves the bytes of
+# a TPM registration over HTTPS, the floor under any Go server's figure.
 if want tpm-cpu; then
+  floor=$(dirname "$bin")/httpsfloor
+  go build -o "$floor" ./scripts/httpsfloor
   tpm_fleet() { # DIR OUT [taskset prefix…]
     local dir=$1 json=$2; shift 2
     "$@" "$bin" fleet simulate --data-dir "$dir" --devices 3000 --attestation tpm --concurrency 32 --key-pool 8 \
       --x25519 --server-pid "${pids[0]}" -o json 2>/dev/null >"$json"
   }
+  floor_serve() {
+    ${server_cpu:+taskset -c "$server_cpu"} "$floor" -serve -cert "$work/floor.der" &
+    pids+=($!)
+    for _ in $(seq 100); do [ -s "$work/floor.der" ] && return; sleep 0.1; done
+    echo "httpsfloor did not start" >&2; exit 1
+  }
+  floor_clients() { # OUT RATE [taskset prefix…] (RATE 0: as fast as it answers)
+    local json=$1 rate=$2; shift 2
+    "$@" "$floor" -cert "$work/floor.der" -server-pid "${pids[0]}" -rate "$rate" >"$json"
+    rm -f "$work/floor.der"
+  }
+  quota() { # PID: into a cgroup of a quarter CPU
+    if [ -d /sys/fs/cgroup/cpu ]; then # cgroup v1
+      cg=/sys/fs/cgroup/cpu/hatchery-bench
+      mkdir -p "$cg" && echo 100000 >"$cg/cpu.cfs_period_us" && echo 25000 >"$cg/cpu.cfs_quota_us"
+    else # cgroup v2
+      cg=/sys/fs/cgroup/hatchery-bench
+      mkdir -p "$cg" && echo "25000 100000" >"$cg/cpu.max"
+    fi
+    echo "$1" >"$cg/cgroup.procs"
+  }
   server_cpu=1 serve "$work/tpm-pinned" 9443 9883
   tpm_fleet "$work/tpm-pinned" "$out/tpm-cpu-pinned.json" taskset -c 0
   stop_all
+  server_cpu=1 floor_serve
+  floor_clients "$out/floor-pinned.json" "$(jq .registrationsPerSecond "$out/tpm-cpu-pinned.json")" taskset -c 0
+  stop_all
   serve "$work/tpm-cpu" 9443 9883
-  if [ -d /sys/fs/cgroup/cpu ]; then # cgroup v1
-    cg=/sys/fs/cgroup/cpu/hatchery-bench
-    mkdir -p "$cg" && echo 100000 >"$cg/cpu.cfs_period_us" && echo 25000 >"$cg/cpu.cfs_quota_us"
-  else # cgroup v2
-    cg=/sys/fs/cgroup/hatchery-bench
-    mkdir -p "$cg" && echo "25000 100000" >"$cg/cpu.max"
-  fi
-  echo "${pids[0]}" >"$cg/cgroup.procs"
+  quota "${pids[0]}"
   tpm_fleet "$work/tpm-cpu" "$out/tpm-cpu.json"
+  stop_all
+  floor_serve
+  quota "${pids[0]}"
+  floor_clients "$out/floor.json" 0
   stop_all
   rmdir "$cg"
 fi
