@@ -89,6 +89,12 @@ func checkContent(c *ConfigContent, layered bool) error {
 			if k == "properties.desired" && !bytes.HasPrefix(bytes.TrimSpace(v), []byte("{")) {
 				return azerr.BadRequest("content.modulesContent.%s.properties.desired must be a JSON object", mod)
 			}
+			if slices.Contains(strings.Split(k, "."), "") {
+				return azerr.BadRequest("content.modulesContent.%s: key %q has an empty property name between dots", mod, k)
+			}
+		}
+		if len(entries) == 0 {
+			return azerr.BadRequest("content.modulesContent.%s is empty: give it \"properties.desired\" (or \"properties.desired.<path>\" entries in a layered deployment), or leave the module out", mod)
 		}
 	}
 	if !layered {

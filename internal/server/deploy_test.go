@@ -120,6 +120,8 @@ func TestDeploymentsTargetTags(t *testing.T) {
 	}
 
 	// Bad deployments are refused with what to fix, and change nothing.
+	emptyModule := manifest("x")
+	emptyModule["modulesContent"].(map[string]any)["sensor"] = map[string]any{}
 	for _, tc := range []struct {
 		body map[string]any
 		want string
@@ -128,6 +130,8 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
+		{map[string]any{"content": emptyModule, "targetCondition": "*"}, "modulesContent.sensor is empty"},
+		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired..x": 1}}}, "targetCondition": "*"}, "empty property name"},
 	} {
 		err := e.hubAPI.Do(ctx, "PUT", "/configurations/bad", "", tc.body, nil)
 		if ae := azerr.As(err); ae.Status() != 400 || !strings.Contains(err.Error(), tc.want) {

@@ -110,7 +110,7 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 			err = h(w, r)
 		}
 		if err != nil {
-			azerr.WriteDPS(w, err, trackingID())
+			azerr.WriteDPS(w, err, failureID(r, err))
 		}
 	}
 }

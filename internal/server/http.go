@@ -3,6 +3,7 @@
 package server
 
 import (
+	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
@@ -99,6 +100,17 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	w.Header().Set("Content-Type", "application/json; charset=utf-8")
 	w.WriteHeader(status)
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// failureID is the tracking ID of a failed request's answer. An error that
+// is not an API error reaches the client only as "internal server error",
+// so it is logged under that ID.
+func failureID(r *http.Request, err error) string {
+	id := trackingID()
+	if _, ok := errors.AsType[*azerr.Error](err); !ok && !errors.Is(err, context.Canceled) {
+		slog.Error("request failed", "method", r.Method, "path", r.URL.Path, "trackingId", id, "error", err)
+	}
+	return id
 }
 
 func trackingID() string {

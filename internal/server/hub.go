@@ -85,7 +85,7 @@ func (a *api) hubHandler(h handler) http.HandlerFunc {
 			err = h(w, r)
 		}
 		if err != nil {
-			azerr.WriteHub(w, err, trackingID())
+			azerr.WriteHub(w, err, failureID(r, err))
 		}
 	}
 }
