@@ -128,6 +128,18 @@ type ReprovisionPolicy struct {
 	MigrateDeviceData   bool `json:"migrateDeviceData"`
 }
 
+// UnmarshalJSON takes a flag the JSON leaves out as true, Azure's default,
+// so {"migrateDeviceData": false} still lets the device move hubs.
+func (p *ReprovisionPolicy) UnmarshalJSON(b []byte) error {
+	type plain ReprovisionPolicy
+	v := plain{UpdateHubAssignment: true, MigrateDeviceData: true}
+	if err := json.Unmarshal(b, &v); err != nil {
+		return err
+	}
+	*p = ReprovisionPolicy(v)
+	return nil
+}
+
 // CustomAllocationDefinition names an allocation webhook.
 type CustomAllocationDefinition struct {
 	WebhookURL string `json:"webhookUrl"`
