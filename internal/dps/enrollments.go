@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -143,6 +144,9 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create 
 		return nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", e.RegistrationID, id)
 	}
 	e.RegistrationID = id
+	if e.DeviceID != "" && !hubid.Valid(e.DeviceID) {
+		return nil, azerr.BadRequest("deviceId %q is not valid in IoT Hub: use %s, or leave it out to use the registration ID", e.DeviceID, hubid.Rule)
+	}
 	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
 		return nil, err
 	}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub/query"
+	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -79,7 +80,7 @@ func checkContent(c *ConfigContent, layered bool) error {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
 	}
 	for mod, entries := range c.ModulesContent {
-		if !idPattern.MatchString(mod) {
+		if !hubid.Valid(mod) {
 			return azerr.BadRequest("content.modulesContent: %q is not a module ID", mod)
 		}
 		for k, v := range entries {

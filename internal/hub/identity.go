@@ -9,10 +9,10 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"regexp"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -42,14 +42,12 @@ func (r Ref) kind() string {
 // id is the document ID; '/' appears in neither device nor module IDs.
 func (r Ref) id() string { return r.String() }
 
-var idPattern = regexp.MustCompile(`^[A-Za-z0-9\-.+%_#*?!(),:=@$']{1,128}$`)
-
 func (r Ref) check() error {
-	if !idPattern.MatchString(r.Device) {
-		return azerr.New(400012, "ArgumentInvalid", "device ID %q is not valid: use 1 to 128 letters, digits or -.+%%_#*?!(),:=@$'", r.Device)
+	if !hubid.Valid(r.Device) {
+		return azerr.New(400012, "ArgumentInvalid", "device ID %q is not valid: use %s", r.Device, hubid.Rule)
 	}
-	if r.Module != "" && !idPattern.MatchString(r.Module) {
-		return azerr.New(400012, "ArgumentInvalid", "module ID %q is not valid: use 1 to 128 letters, digits or -.+%%_#*?!(),:=@$'", r.Module)
+	if r.Module != "" && !hubid.Valid(r.Module) {
+		return azerr.New(400012, "ArgumentInvalid", "module ID %q is not valid: use %s", r.Module, hubid.Rule)
 	}
 	return nil
 }

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/certtext"
+	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -38,8 +39,8 @@ type CertificateProperties struct {
 
 // PutCertificate stores a CA certificate.
 func (s *Service) PutCertificate(ctx context.Context, name string, c *Certificate) (*Certificate, error) {
-	if !idPattern.MatchString(name) {
-		return nil, azerr.BadRequest("certificate name %q is not valid: use 1 to 128 letters, digits or -._", name)
+	if !hubid.Valid(name) {
+		return nil, azerr.BadRequest("certificate name %q is not valid: use %s", name, hubid.Rule)
 	}
 	cert, err := certtext.Parse(c.Properties.Certificate)
 	if err != nil {

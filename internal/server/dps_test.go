@@ -181,6 +181,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"wrong field type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":5}}`, 400, "wrong type"},
 		{"no attestation", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{}`, 400, "attestation.type is required"},
 		{"short key", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAA"}}}`, 400, "16 to 64 bytes"},
+		{"device ID not valid in a hub", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"deviceId":"bad device/id"}`, 400, "deviceId \"bad device/id\" is not valid"},
 		{"tags not an object", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"initialTwin":{"tags":[1]}}`, 400, "JSON object"},
 		{"no service token", "GET", "/enrollments/dev-1?api-version=2021-10-01", "", ``, 401, "no Authorization"},
 		{"device token on service API", "GET", "/enrollments/dev-1?api-version=2021-10-01", tok("dev-1", key, time.Minute), ``, 401, "is for another resource"},
