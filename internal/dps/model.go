@@ -170,4 +170,7 @@ type HubDevice struct {
 	IoTEdge      bool
 	Tags         json.RawMessage
 	Desired      json.RawMessage
+	// NoTakeover refuses to replace an existing device whose credentials
+	// differ from these (ErrDeviceTaken).
+	NoTakeover bool
 }

@@ -514,6 +514,10 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 	alloc.enrollment, alloc.deviceID = enroll, dev.DeviceID
 	dev.IoTEdge = caps != nil && caps.IoTEdge
+	// Devices of a symmetric-key or X.509 group choose their registration
+	// IDs, so one the group has not provisioned before must not seize a
+	// hub device made another way (TPM group IDs derive from the EK).
+	dev.NoTakeover = att.group != nil && att.challenge == nil && prev == nil
 
 	switch {
 	case att.challenge != nil:
@@ -554,6 +558,10 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 
 	hub, err := s.place(ctx, alloc, prev, repro, twin, &dev, state)
+	if errors.Is(err, ErrDeviceTaken) {
+		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
+			dev.DeviceID, att.group.EnrollmentGroupID))
+	}
 	if err != nil {
 		slog.Warn("assignment failed", "registrationId", regID, "error", err)
 		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil

@@ -30,6 +30,10 @@ const (
 	kindSettings     = "dps.settings"
 )
 
+// ErrDeviceTaken is UpsertDevice's answer when HubDevice.NoTakeover kept it
+// from replacing a device with other credentials.
+var ErrDeviceTaken = errors.New("the hub has a device of that ID with other credentials")
+
 // Registry writes devices into a linked hub through its registry API.
 type Registry interface {
 	// UpsertDevice creates the device with its initial twin, or updates

@@ -6,6 +6,7 @@ package hubclient
 
 import (
 	"context"
+	"crypto/subtle"
 	"crypto/tls"
 	"encoding/json"
 	"net/http"
@@ -150,6 +151,9 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 		if err != nil {
 			return err
 		}
+		if d.NoTakeover && !sameCredentials(existing.Authentication, auth) {
+			return dps.ErrDeviceTaken
+		}
 		dev.Status, dev.StatusReason = existing.Status, existing.StatusReason
 		if auth.Type == "sas" && dev.Authentication.SymmetricKey.SecondaryKey == "" && existing.Authentication.Type == "sas" {
 			dev.Authentication.SymmetricKey.SecondaryKey = existing.Authentication.SymmetricKey.SecondaryKey
@@ -165,6 +169,20 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 		return err
 	}
 	return c.SetTwin(ctx, d.DeviceID, patch, false)
+}
+
+// sameCredentials reports whether a and b let in the same device: the same
+// primary key or the same certificate.
+func sameCredentials(a, b hub.Authentication) bool {
+	switch {
+	case a.Type != b.Type:
+		return false
+	case a.Type == "sas":
+		return subtle.ConstantTimeCompare([]byte(a.SymmetricKey.PrimaryKey), []byte(b.SymmetricKey.PrimaryKey)) == 1
+	case a.X509Thumbprint.PrimaryThumbprint != nil && b.X509Thumbprint.PrimaryThumbprint != nil:
+		return strings.EqualFold(*a.X509Thumbprint.PrimaryThumbprint, *b.X509Thumbprint.PrimaryThumbprint)
+	}
+	return false
 }
 
 // ReadTwin returns a device's tags and desired properties.

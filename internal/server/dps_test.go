@@ -16,6 +16,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
@@ -125,6 +126,37 @@ func TestGroupDerivedKey(t *testing.T) {
 	// A key derived for another registration ID does not pass.
 	if _, err := e.device("sensor-18").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err == nil {
 		t.Fatal("key of sensor-17 registered sensor-18")
+	}
+
+	// The group key holder picks registration IDs, but cannot seize hub
+	// devices made otherwise: one created in the hub, one an individual
+	// enrollment provisioned under another registration ID.
+	if _, err := e.hub.PutIdentity(ctx, hub.Ref{Device: "plc-9"}, "", &hub.Device{}); err != nil {
+		t.Fatal(err)
+	}
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "sensor-a", DeviceID: "gw-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	ak, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	if _, err := e.device("sensor-a").RegisterSymmetricKey(ctx, ak); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"plc-9", "gw-1"} {
+		before, _ := e.hub.GetIdentity(ctx, hub.Ref{Device: id})
+		_, err := e.device(id).RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, id))
+		if pe, ok := errors.AsType[*provisioning.Error](err); !ok || pe.Status != 401 || !strings.Contains(pe.Message, "did not provision") {
+			t.Fatalf("group registration of hub device %s: %v, want 401 saying the group did not provision it", id, err)
+		}
+		after, _ := e.hub.GetIdentity(ctx, hub.Ref{Device: id})
+		if after.Authentication.SymmetricKey != before.Authentication.SymmetricKey {
+			t.Fatalf("hub device %s's keys changed", id)
+		}
+	}
+	// With its registration record deleted, a group device still gets its
+	// own hub device back: the credentials there are its own.
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/sensor-17", "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := e.device("sensor-17").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err != nil || res.DeviceID != "sensor-17" {
+		t.Fatalf("sensor-17 registering again: %+v %v", res, err)
 	}
 }
 
