@@ -130,7 +130,8 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err != nil {
 		return err
 	}
-	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, ServerName: o.host, MinVersion: tls.VersionTLS12}, Local: hubSvc}
+	// Each linked hub is verified by the name in its endpoint URL.
+	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, Local: hubSvc}
 	dpsSvc, err := dps.Open(ctx, st, registry, o.host)
 	if err != nil {
 		return err

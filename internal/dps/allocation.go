@@ -14,10 +14,12 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"regexp"
 	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -306,6 +308,9 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 		if err != nil {
 			return nil, err
 		}
+		if old.Endpoint != h.Endpoint {
+			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint, where that key's tokens go", host)
+		}
 		h.ConnectionString = old.ConnectionString
 	}
 	if !strings.EqualFold(h.HostName, host) {
@@ -326,6 +331,40 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 		return nil, err
 	}
 	return h, nil
+}
+
+// hostNamePattern is a DNS name (or an IPv4 address), as hubs are named.
+var hostNamePattern = regexp.MustCompile(`^(?i)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$`)
+
+// LinkHub adds or replaces a linked hub. Its connection string must be a
+// registry policy's for that very hub, and its endpoint, if any, https:
+// registrations send the hub tokens signed with that key.
+func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
+	cs, err := sas.ParseConnectionString(h.ConnectionString)
+	if err != nil {
+		return azerr.BadRequest("linked hub %s: %v", h.HostName, err)
+	}
+	if h.HostName == "" {
+		h.HostName = cs.HostName
+	}
+	switch {
+	case len(h.HostName) > 253 || !hostNamePattern.MatchString(h.HostName):
+		return azerr.BadRequest("linked hub %q: hostName must be a DNS name such as hub1.example.com", h.HostName)
+	case !strings.EqualFold(cs.HostName, h.HostName):
+		return azerr.BadRequest("linked hub %s: the connection string is for HostName=%s: give this hub's own", h.HostName, cs.HostName)
+	case cs.KeyName == "":
+		return azerr.BadRequest("linked hub %s: the connection string is a device's: give a registry policy's, with SharedAccessKeyName (e.g. iothubowner)", h.HostName)
+	}
+	if h.Endpoint != "" {
+		u, err := url.Parse(h.Endpoint)
+		if err != nil || u.Scheme != "https" || u.Host == "" || u.User != nil || u.RawQuery != "" || u.Fragment != "" || strings.Trim(u.Path, "/") != "" {
+			return azerr.BadRequest("linked hub %s: endpoint %q must be an https URL of a host and port, such as https://%s:8443", h.HostName, h.Endpoint, h.HostName)
+		}
+	}
+	body, _ := json.Marshal(h)
+	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
+	s.hubs.forget()
+	return err
 }
 
 // UnlinkHub removes a linked hub; devices already there stay.

@@ -19,7 +19,6 @@ import (
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/sas"
-	"github.com/hatchery/hatchery/internal/store"
 )
 
 // Credentials are what a device proves itself with: a SAS token in the
@@ -686,19 +685,4 @@ func (s *Service) LinkedHubs(ctx context.Context) ([]*LinkedHub, error) {
 // cachedHubs are the linked hubs as registrations see them.
 func (s *Service) cachedHubs(ctx context.Context) ([]*LinkedHub, error) {
 	return s.hubs.get(func() ([]*LinkedHub, error) { return s.LinkedHubs(ctx) })
-}
-
-// LinkHub adds or replaces a linked hub.
-func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
-	cs, err := sas.ParseConnectionString(h.ConnectionString)
-	if err != nil {
-		return azerr.BadRequest("linked hub %s: %v", h.HostName, err)
-	}
-	if h.HostName == "" {
-		h.HostName = cs.HostName
-	}
-	body, _ := json.Marshal(h)
-	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
-	s.hubs.forget()
-	return err
 }

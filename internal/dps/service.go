@@ -204,9 +204,8 @@ func (s *Service) newKey() string {
 
 // checkKey validates a base64 symmetric key, as Azure does: 16 to 64 bytes.
 func checkKey(field, k string) error {
-	b, err := base64.StdEncoding.DecodeString(k)
-	if err != nil || len(b) < 16 || len(b) > 64 {
-		return azerr.BadRequest("%s must be a base64 key of 16 to 64 bytes", field)
+	if !sas.ValidKey(k) {
+		return azerr.BadRequest("%s must be %s", field, sas.KeyRule)
 	}
 	return nil
 }

@@ -245,8 +245,8 @@ func normalizeIdentity(d *Device, module bool) error {
 			a.SymmetricKey.SecondaryKey = sas.NewKey()
 		}
 		for name, k := range map[string]string{"primaryKey": a.SymmetricKey.PrimaryKey, "secondaryKey": a.SymmetricKey.SecondaryKey} {
-			if b, err := base64.StdEncoding.DecodeString(k); err != nil || len(b) < 16 || len(b) > 64 {
-				return azerr.BadRequest("authentication.symmetricKey.%s must be a base64 key of 16 to 64 bytes", name)
+			if !sas.ValidKey(k) {
+				return azerr.BadRequest("authentication.symmetricKey.%s must be %s", name, sas.KeyRule)
 			}
 		}
 	case "selfSigned":

@@ -17,16 +17,28 @@ type ConnectionString struct {
 	Key      []byte
 }
 
+// KeyRule says what ValidKey accepts, for error messages.
+const KeyRule = "a base64 key of 16 to 64 bytes"
+
+// ValidKey reports whether k is a shared access key of a size Azure
+// accepts.
+func ValidKey(k string) bool {
+	b, err := base64.StdEncoding.DecodeString(k)
+	return err == nil && validKeySize(len(b))
+}
+
+func validKeySize(n int) bool { return n >= 16 && n <= 64 }
+
 // ParseConnectionString parses and checks a connection string.
 func ParseConnectionString(s string) (*ConnectionString, error) {
 	cs := &ConnectionString{}
-	for _, part := range strings.Split(strings.TrimSpace(s), ";") {
+	for i, part := range strings.Split(strings.TrimSpace(s), ";") {
 		if part == "" {
 			continue
 		}
 		k, v, ok := strings.Cut(part, "=")
-		if !ok {
-			return nil, fmt.Errorf("connection string part %q is not Key=Value", part)
+		if !ok { // not quoted: it may be a key pasted without its name
+			return nil, fmt.Errorf("connection string part %d is not Key=Value", i+1)
 		}
 		switch strings.ToLower(k) {
 		case "hostname":
@@ -39,8 +51,8 @@ func ParseConnectionString(s string) (*ConnectionString, error) {
 			cs.ModuleID = v
 		case "sharedaccesskey":
 			key, err := base64.StdEncoding.DecodeString(v)
-			if err != nil {
-				return nil, fmt.Errorf("connection string SharedAccessKey is not base64: %v", err)
+			if err != nil || !validKeySize(len(key)) {
+				return nil, fmt.Errorf("connection string SharedAccessKey must be %s", KeyRule)
 			}
 			cs.Key = key
 		}

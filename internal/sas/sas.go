@@ -40,10 +40,10 @@ func Parse(s string) (*Token, error) {
 	}
 	t := &Token{}
 	var haveSig, haveSe, haveSr bool
-	for _, field := range strings.Split(s, "&") {
+	for i, field := range strings.Split(s, "&") {
 		k, v, ok := strings.Cut(field, "=")
-		if !ok {
-			return nil, fmt.Errorf("SAS token field %q has no '='", field)
+		if !ok { // not quoted: it may be a key sent in the token's place
+			return nil, fmt.Errorf("SAS token field %d has no '=': use sr=…&sig=…&se=…", i+1)
 		}
 		switch k {
 		case "sr":

@@ -99,10 +99,23 @@ func TestConnectionString(t *testing.T) {
 	if err != nil || again.String() != cs.String() {
 		t.Fatalf("round trip: %v %v", again, err)
 	}
-	for _, bad := range []string{"", "HostName=h", "HostName=h;SharedAccessKey=!!", "SharedAccessKey=AAAA;SharedAccessKeyName=x", "HostName=h;SharedAccessKey=AAAA", "junk"} {
+	for _, bad := range []string{"", "HostName=h", "HostName=h;SharedAccessKey=!!", "SharedAccessKey=AAAA;SharedAccessKeyName=x", "HostName=h;SharedAccessKey=AAAA", "junk",
+		"HostName=h;SharedAccessKeyName=x;SharedAccessKey=AAAA"} { // a 3-byte key
 		if _, err := ParseConnectionString(bad); err == nil {
 			t.Errorf("ParseConnectionString(%q) accepted", bad)
 		}
+	}
+}
+
+// TestErrorsDoNotEchoKeys: a key pasted where a token or a Key=Value part
+// belongs must not reach the error, which may be logged.
+func TestErrorsDoNotEchoKeys(t *testing.T) {
+	k := strings.TrimRight(base64.StdEncoding.EncodeToString(key), "=")
+	if _, err := Parse("SharedAccessSignature " + k); err == nil || strings.Contains(err.Error(), k) {
+		t.Errorf("Parse error %v", err)
+	}
+	if _, err := ParseConnectionString("HostName=h;DeviceId=d;" + k); err == nil || strings.Contains(err.Error(), k) {
+		t.Errorf("ParseConnectionString error %v", err)
 	}
 }
 

@@ -188,6 +188,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		cs, _ := sas.ParseConnectionString(p)
 		return sas.Build(cs.Key, host, cs.KeyName, time.Now().Add(time.Minute))
 	}()
+	hubKey := base64.StdEncoding.EncodeToString(make([]byte, 32))
 	before := e.counts()
 
 	cases := []struct {
@@ -215,6 +216,12 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"short key", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAA"}}}`, 400, "16 to 64 bytes"},
 		{"device ID not valid in a hub", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"deviceId":"bad device/id"}`, 400, "deviceId \"bad device/id\" is not valid"},
 		{"tags not an object", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"initialTwin":{"tags":[1]}}`, 400, "JSON object"},
+		{"linked hub not a DNS name", "PUT", "/linkedHubs/bad%20host!?api-version=2021-10-01", owner, `{"connectionString":"HostName=bad host!;SharedAccessKeyName=iothubowner;SharedAccessKey=` + hubKey + `"}`, 400, "must be a DNS name"},
+		{"linked hub with another hub's connection string", "PUT", "/linkedHubs/other.example?api-version=2021-10-01", owner, `{"connectionString":"HostName=evil.example;SharedAccessKeyName=iothubowner;SharedAccessKey=` + hubKey + `"}`, 400, "is for HostName=evil.example"},
+		{"linked hub with a device's connection string", "PUT", "/linkedHubs/other.example?api-version=2021-10-01", owner, `{"connectionString":"HostName=other.example;DeviceId=d1;SharedAccessKey=` + hubKey + `"}`, 400, "registry policy's"},
+		{"linked hub with a short key", "PUT", "/linkedHubs/other.example?api-version=2021-10-01", owner, `{"connectionString":"HostName=other.example;SharedAccessKeyName=iothubowner;SharedAccessKey=AAAA"}`, 400, "16 to 64 bytes"},
+		{"linked hub over plain HTTP", "PUT", "/linkedHubs/other.example?api-version=2021-10-01", owner, `{"connectionString":"HostName=other.example;SharedAccessKeyName=iothubowner;SharedAccessKey=` + hubKey + `","endpoint":"http://other.example:8080"}`, 400, "must be an https URL"},
+		{"linked hub's endpoint moved without its key", "PUT", "/linkedHubs/" + host + "?api-version=2021-10-01", owner, `{"connectionString":"HostName=` + host + `;SharedAccessKeyName=iothubowner;SharedAccessKey=<hidden>","endpoint":"https://elsewhere.example"}`, 400, "to change its endpoint"},
 		{"no service token", "GET", "/enrollments/dev-1?api-version=2021-10-01", "", ``, 401, "no Authorization"},
 		{"device token on service API", "GET", "/enrollments/dev-1?api-version=2021-10-01", tok("dev-1", key, time.Minute), ``, 401, "is for another resource"},
 		{"unknown enrollment", "GET", "/enrollments/ghost?api-version=2021-10-01", owner, ``, 404, "no enrollment"},

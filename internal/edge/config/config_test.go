@@ -311,12 +311,13 @@ func TestFromConnectionString(t *testing.T) {
 	for cs, want := range map[string]string{
 		"":                        "connection string has no HostName",
 		"HostName=hub;DeviceId=d": "connection string has no SharedAccessKey",
-		"HostName=hub;DeviceId=d;SharedAccessKey=%%%":                           "SharedAccessKey is not base64",
-		"HostName=hub;SharedAccessKey=c2VjcmV0":                                 "names neither a SharedAccessKeyName nor a DeviceId",
-		"HostName=hub;SharedAccessKeyName=iothubowner;SharedAccessKey=c2VjcmV0": "is a service connection string",
-		"HostName=hub;DeviceId=d;ModuleId=m;SharedAccessKey=c2VjcmV0":           "is a module's",
-		"HostName=hub/x;DeviceId=d;SharedAccessKey=c2VjcmV0":                    `HostName "hub/x" is not a host name`,
-		"HostName=hub;DeviceId=d d;SharedAccessKey=c2VjcmV0":                    `DeviceId "d d" has characters IoT Hub does not allow`,
+		"HostName=hub;DeviceId=d;SharedAccessKey=%%%":                                           "SharedAccessKey must be a base64 key of 16 to 64 bytes",
+		"HostName=hub;DeviceId=d;SharedAccessKey=c2VjcmV0":                                      "SharedAccessKey must be a base64 key of 16 to 64 bytes",
+		"HostName=hub;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0":                                 "names neither a SharedAccessKeyName nor a DeviceId",
+		"HostName=hub;SharedAccessKeyName=iothubowner;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0": "is a service connection string",
+		"HostName=hub;DeviceId=d;ModuleId=m;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0":           "is a module's",
+		"HostName=hub/x;DeviceId=d;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0":                    `HostName "hub/x" is not a host name`,
+		"HostName=hub;DeviceId=d d;SharedAccessKey=c2VjcmV0c2VjcmV0c2VjcmV0":                    `DeviceId "d d" has characters IoT Hub does not allow`,
 	} {
 		_, err := FromConnectionString(cs)
 		if err == nil || !strings.Contains(err.Error(), want) || !strings.Contains(err.Error(), "expected HostName=") {
