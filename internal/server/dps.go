@@ -2,9 +2,11 @@ package server
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"strconv"
 	"strings"
 
@@ -201,8 +203,8 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 			return "", 0, azerr.BadRequest("query body is not valid JSON: %v", err)
 		}
 	}
-	if q.Query != "" && strings.TrimSpace(q.Query) != "*" && !strings.EqualFold(strings.TrimSpace(q.Query), "select * from enrollments") {
-		return "", 0, azerr.BadRequest("query %q is not supported: use \"*\" to list everything", q.Query)
+	if q.Query != "" && strings.TrimSpace(q.Query) != "*" && !selectAll.MatchString(q.Query) {
+		return "", 0, azerr.BadRequest("query %q is not supported: use \"*\" or \"SELECT * FROM enrollments\" to list everything", q.Query)
 	}
 	limit = 100
 	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
@@ -212,8 +214,19 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 		}
 		limit = n
 	}
-	return r.Header.Get("x-ms-continuation"), limit, nil
+	if v := r.Header.Get("x-ms-continuation"); v != "" {
+		b, err := base64.RawURLEncoding.DecodeString(v)
+		if err != nil || len(b) == 0 {
+			return "", 0, azerr.BadRequest("x-ms-continuation %.40q is not a token of this service: send the one the previous page came with, or none to start", v)
+		}
+		after = string(b)
+	}
+	return after, limit, nil
 }
+
+// selectAll is the query the service SDKs' samples send: every item of a
+// collection, without conditions.
+var selectAll = regexp.MustCompile(`(?i)^\s*select\s+\*\s+from\s+[a-z]+\s*$`)
 
 // query answers a query endpoint: one page of list, with the continuation
 // token and item type headers the service SDKs read.
@@ -227,8 +240,8 @@ func query[T any](itemType string, list func(ctx context.Context, after string, 
 		if err != nil {
 			return err
 		}
-		if next != "" {
-			w.Header().Set("x-ms-continuation", next)
+		if next != "" { // opaque, so that a garbled one is told apart
+			w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
 		}
 		w.Header().Set("x-ms-item-type", itemType)
 		if items == nil {

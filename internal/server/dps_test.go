@@ -294,6 +294,21 @@ func TestQueryPaging(t *testing.T) {
 	if strings.Join(ids, ",") != "a,b,c,d,e" {
 		t.Fatalf("paged ids %v", ids)
 	}
+	// The SDK samples' query works on every collection; a garbled
+	// continuation token is refused rather than starting over.
+	for _, path := range []string{"/enrollments/query", "/enrollmentGroups/query"} {
+		var page []json.RawMessage
+		if _, err := e.dpsAPI.DoHeaders(ctx, "POST", path, "", nil, map[string]string{"query": "SELECT * FROM enrollmentGroups"}, &page); err != nil {
+			t.Fatalf("%s: %v", path, err)
+		}
+	}
+	h := map[string]string{"x-ms-continuation": "%%%garbage"}
+	if _, err := e.dpsAPI.DoHeaders(ctx, "POST", "/enrollments/query", "", h, map[string]string{"query": "*"}, nil); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "previous page") {
+		t.Fatalf("garbled continuation token: %v", err)
+	}
+	if _, err := e.dpsAPI.DoHeaders(ctx, "POST", "/enrollments/query", "", nil, map[string]string{"query": "SELECT * FROM enrollments WHERE x = 1"}, nil); azerr.As(err).Status() != 400 {
+		t.Fatalf("query with a condition: %v", err)
+	}
 }
 
 // The hub's registry refuses what the hosted one refuses.
