@@ -17,7 +17,9 @@ const (
 	kindC2D = "hub.c2d"
 	// maxC2DQueue is the hosted hub's limit of pending messages per device.
 	maxC2DQueue = 50
-	c2dTTL      = time.Hour
+	// maxC2DSize is the hosted hub's limit of a message's body.
+	maxC2DSize = 64 << 10
+	c2dTTL     = time.Hour
 )
 
 // C2DMessage is a cloud-to-device message waiting for its device.
@@ -32,6 +34,9 @@ type C2DMessage struct {
 
 // SendC2D queues a message for a device and tells its connection, if any.
 func (s *Service) SendC2D(ctx context.Context, device string, props map[string]string, body []byte) (*C2DMessage, error) {
+	if len(body) > maxC2DSize {
+		return nil, azerr.New(413001, "MessageTooLarge", "the message body is %d bytes: cloud-to-device messages carry at most %d", len(body), maxC2DSize)
+	}
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}

@@ -132,6 +132,12 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"k": "v"}, []byte("hello")); err != nil {
 		t.Fatal(err)
 	}
+	if _, err := e.hub.SendC2D(ctx, "d1", nil, make([]byte, 64<<10+1)); azerr.As(err).Status() != 413 {
+		t.Fatalf("a message over 64 KiB: %v, want 413", err)
+	}
+	if pending, _ := e.hub.PendingC2D(ctx, "d1"); len(pending) != 1 {
+		t.Fatalf("%d messages pending, want the one of 5 bytes", len(pending))
+	}
 	c2d := make(chan url.Values, 1)
 	if err := c.OnC2D(ctx, func(props url.Values, body []byte) {
 		if string(body) == "hello" {
