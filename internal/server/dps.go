@@ -3,7 +3,6 @@ package server
 import (
 	"context"
 	"encoding/base64"
-	"encoding/json"
 	"net/http"
 	"net/netip"
 	"regexp"
@@ -199,8 +198,8 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	if body, err := readBody(r); err != nil {
 		return "", 0, err
 	} else if len(strings.TrimSpace(string(body))) > 0 {
-		if err := json.Unmarshal(body, &q); err != nil {
-			return "", 0, azerr.BadRequest("query body is not valid JSON: %v", err)
+		if err := decodeJSON(body, &q); err != nil {
+			return "", 0, err
 		}
 	}
 	if q.Query != "" && strings.TrimSpace(q.Query) != "*" && !selectAll.MatchString(q.Query) {
