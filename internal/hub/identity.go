@@ -184,8 +184,8 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 	if err != nil {
 		return nil, err
 	}
-	if revoked && r.Module == "" {
-		s.revoke(r.Device)
+	if revoked {
+		s.revoke(r)
 	}
 	if r.Module == "" && in.Capabilities.IoTEdge {
 		if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
@@ -309,9 +309,7 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		}
 		return err
 	}
-	if r.Module == "" {
-		s.revoke(r.Device)
-	}
+	s.revoke(r)
 	return nil
 }
 

@@ -28,7 +28,7 @@ type Service struct {
 
 	desiredWatchers watchers[Ref, func(patch []byte)]
 	c2dWatchers     watchers[string, func()]
-	revoked         watchers[string, func()] // per device: its access ended (disabled, deleted, keys changed)
+	revoked         watchers[string, func(module string)] // per device: its or a module's access ended (disabled, deleted, keys changed)
 
 	mu      sync.Mutex
 	methods map[Ref]*MethodHandler // the connection answering each device's methods
@@ -165,12 +165,20 @@ func (s *Service) Events(ctx context.Context, deviceID string, after int64, limi
 	return s.store.Events(ctx, deviceID, after, limit)
 }
 
-// OnRevoked calls f when device's access ends — it is disabled or deleted,
-// or its keys change — so connections authenticated before are closed.
-func (s *Service) OnRevoked(device string, f func()) (cancel func()) { return s.revoked.add(device, f) }
+// OnRevoked calls f when r's access ends — it, or the device of a module,
+// is disabled or deleted, or its keys change — so connections
+// authenticated before are closed.
+func (s *Service) OnRevoked(r Ref, f func()) (cancel func()) {
+	return s.revoked.add(r.Device, func(module string) {
+		if module == "" || module == r.Module {
+			f()
+		}
+	})
+}
 
-func (s *Service) revoke(device string) {
-	for _, f := range s.revoked.get(device) {
-		(*f)()
+// revoke ends the access of r: of a module, or of a device and its modules.
+func (s *Service) revoke(r Ref) {
+	for _, f := range s.revoked.get(r.Device) {
+		(*f)(r.Module)
 	}
 }

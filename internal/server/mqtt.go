@@ -99,8 +99,9 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
-	// A device disabled or deleted while connected is cut off, as in the hosted hub.
-	sess.onClose(d.hub.OnRevoked(r.Device, func() { go c.Close() }))
+	// A device or module disabled, deleted or given new keys while
+	// connected is cut off, as in the hosted hub.
+	sess.onClose(d.hub.OnRevoked(r, func() { go c.Close() }))
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c

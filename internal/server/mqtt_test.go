@@ -227,8 +227,10 @@ func TestMQTTModuleTwin(t *testing.T) {
 	}
 }
 
-// Disabling a connected device ends its connection.
-func TestMQTTDisableDisconnects(t *testing.T) {
+// Connections end with the access they were opened with: a module's when
+// its keys change or it is deleted, the device's (and its modules') when
+// it is disabled.
+func TestMQTTRevocationDisconnects(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
 	d := e.newDevice("d1", false)
@@ -236,11 +238,43 @@ func TestMQTTDisableDisconnects(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	module := func() *hub.Device {
+		var m hub.Device
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/m1", "", &hub.Device{}, &m); err != nil {
+			t.Fatal(err)
+		}
+		return &m
+	}
+	dialModule := func(m *hub.Device) *hubdevice.Client {
+		mc, err := e.dial(addr, "d1", "m1", m.Authentication.SymmetricKey.PrimaryKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return mc
+	}
+	m := module()
+	mc := dialModule(m)
+	m.Authentication.SymmetricKey.PrimaryKey = base64.StdEncoding.EncodeToString(make([]byte, 32))
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/m1", "*", m, nil); err != nil {
+		t.Fatal(err)
+	}
+	within(t, mc.Done(), "disconnect of the module whose keys changed")
+	mc = dialModule(m)
+	if err := e.hubAPI.Do(ctx, "DELETE", "/devices/d1/modules/m1", "*", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	within(t, mc.Done(), "disconnect of the deleted module")
+	if _, err := c.PatchReported(ctx, map[string]any{"alive": true}); err != nil {
+		t.Fatalf("the device lost its connection with its module: %v", err)
+	}
+
+	mc = dialModule(module())
 	d.Status = "disabled"
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "*", d, nil); err != nil {
 		t.Fatal(err)
 	}
 	within(t, c.Done(), "disconnect of the disabled device")
+	within(t, mc.Done(), "disconnect of the disabled device's module")
 }
 
 func (e *env) dialCert(addr, device, module string, cert tls.Certificate) (*hubdevice.Client, error) {
