@@ -39,9 +39,9 @@ func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}}
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
-			sas.NewPolicy("iothubowner", "RegistryWrite, ServiceConnect, DeviceConnect"),
-			sas.NewPolicy("service", "ServiceConnect"),
-			sas.NewPolicy("registryReadWrite", "RegistryWrite"),
+			sas.NewPolicy("iothubowner", sas.RegistryWrite+", "+sas.ServiceConnect+", DeviceConnect"),
+			sas.NewPolicy("service", sas.ServiceConnect),
+			sas.NewPolicy("registryReadWrite", sas.RegistryWrite),
 		}}
 	}, &s.settings)
 	if err != nil {
@@ -55,14 +55,30 @@ func (s *Service) Host() string { return s.host }
 
 // OwnerConnectionString is the iothubowner connection string.
 func (s *Service) OwnerConnectionString() string {
-	p := s.settings.Policies[0]
-	return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey
+	cs, _ := s.PolicyConnectionString("iothubowner")
+	return cs
+}
+
+// PolicyConnectionString is the connection string of the shared access
+// policy named name: iothubowner, service (ServiceConnect) or
+// registryReadWrite (RegistryWrite).
+func (s *Service) PolicyConnectionString(name string) (string, bool) {
+	for _, p := range s.settings.Policies {
+		if p.KeyName == name {
+			return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey, true
+		}
+	}
+	return "", false
 }
 
 // AuthorizeService checks a service-API Authorization header.
-func (s *Service) AuthorizeService(header string) error {
-	if _, err := sas.AuthorizeService(header, s.host, s.settings.Policies, s.Now()); err != nil {
+func (s *Service) AuthorizeService(header, right string) error {
+	p, err := sas.AuthorizeService(header, s.host, s.settings.Policies, s.Now())
+	if err != nil {
 		return azerr.Unauthorized("%v", err)
+	}
+	if !p.Grants(right) {
+		return azerr.Unauthorized("shared access policy %q has the rights %q, and this request needs %s: use iothubowner or a policy with %s", p.KeyName, p.Rights, right, right)
 	}
 	return nil
 }

@@ -18,6 +18,24 @@ type Policy struct {
 	Rights       string `json:"rights"`
 }
 
+// Rights of hub policies, as Azure names them.
+const (
+	RegistryRead   = "RegistryRead"
+	RegistryWrite  = "RegistryWrite" // includes RegistryRead
+	ServiceConnect = "ServiceConnect"
+)
+
+// Grants reports whether the policy's rights include right.
+func (p *Policy) Grants(right string) bool {
+	for r := range strings.SplitSeq(p.Rights, ",") {
+		r = strings.TrimSpace(r)
+		if strings.EqualFold(r, right) || right == RegistryRead && strings.EqualFold(r, RegistryWrite) {
+			return true
+		}
+	}
+	return false
+}
+
 // NewPolicy makes a policy with two fresh 32-byte keys.
 func NewPolicy(name, rights string) Policy {
 	return Policy{KeyName: name, PrimaryKey: NewKey(), SecondaryKey: NewKey(), Rights: rights}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
@@ -326,6 +327,21 @@ func TestHubRegistry(t *testing.T) {
 	err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "", map[string]any{"deviceId": "d1"}, nil)
 	if ae := azerr.As(err); ae.Status() != 409 {
 		t.Fatalf("duplicate create: %v", err)
+	}
+	// Each policy reaches what its rights name: "service" the twins and
+	// messages, "registryReadWrite" the identities.
+	for policy, allowed := range map[string][2]bool{"service": {false, true}, "registryReadWrite": {true, false}} {
+		cs, _ := e.hub.PolicyConnectionString(policy)
+		c, err := azclient.New(cs, e.ts.URL, "2021-04-12", e.tls)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, path := range []string{"/devices/d1", "/twins/d1"} {
+			err := c.Do(ctx, "GET", path, "", nil, nil)
+			if allowed[i] && err != nil || !allowed[i] && (azerr.As(err).Status() != 401 || !strings.Contains(err.Error(), "this request needs")) {
+				t.Errorf("GET %s with policy %s: %v (allowed: %v)", path, policy, err, allowed[i])
+			}
+		}
 	}
 	var tw hub.Twin
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "", map[string]any{"tags": map[string]any{"a": 1, "b": map[string]any{"c": 2}}}, &tw); err != nil {

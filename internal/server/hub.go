@@ -14,27 +14,27 @@ import (
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
-	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(h)) }
+	service := func(right, pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(right, h)) }
 	h := a.hub
 	// Module identities are also managed by their edge device itself.
-	edgeScope := func(pattern string, hd handler) { mux.HandleFunc(pattern, a.hubServiceOrEdgeDevice(hd)) }
-	for prefix, route := range map[string]func(string, handler){"/devices/{id}": service, "/devices/{id}/modules/{mid}": edgeScope} {
-		route("PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
+	edgeScope := func(right, pattern string, hd handler) { mux.HandleFunc(pattern, a.hubServiceOrEdgeDevice(right, hd)) }
+	for prefix, route := range map[string]func(string, string, handler){"/devices/{id}": service, "/devices/{id}/modules/{mid}": edgeScope} {
+		route(sas.RegistryWrite, "PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
 			return h.PutIdentity(r.Context(), ref(r), ifMatch(r), d)
 		}))
-		route("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetIdentity(r.Context(), ref(r)) }))
-		route("DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
+		route(sas.RegistryRead, "GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetIdentity(r.Context(), ref(r)) }))
+		route(sas.RegistryWrite, "DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
 	}
-	service("GET /devices", a.listDevices)
-	edgeScope("GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
+	service(sas.RegistryRead, "GET /devices", a.listDevices)
+	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
-		service("GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))
+		service(sas.ServiceConnect, "GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))
 		for method, replace := range map[string]bool{"PATCH": false, "PUT": true} {
-			service(method+" "+prefix, withBody(func(r *http.Request, p *hub.TwinPatch) (any, error) {
+			service(sas.ServiceConnect, method+" "+prefix, withBody(func(r *http.Request, p *hub.TwinPatch) (any, error) {
 				return h.UpdateTwin(r.Context(), ref(r), ifMatch(r), p, replace)
 			}))
 		}
-		service("POST "+prefix+"/methods", withBody(func(r *http.Request, m *hub.MethodRequest) (any, error) {
+		service(sas.ServiceConnect, "POST "+prefix+"/methods", withBody(func(r *http.Request, m *hub.MethodRequest) (any, error) {
 			return h.InvokeMethod(r.Context(), ref(r), m)
 		}))
 	}
@@ -48,10 +48,11 @@ func ref(r *http.Request) hub.Ref {
 	return hub.Ref{Device: r.PathValue("id"), Module: r.PathValue("mid")}
 }
 
-// hubService wraps a service-API handler: it requires a hub policy token.
-func (a *api) hubService(h handler) http.HandlerFunc {
+// hubService wraps a service-API handler: it requires a token of a hub
+// policy with right.
+func (a *api) hubService(right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
-		if err := a.hub.AuthorizeService(r.Header.Get("Authorization")); err != nil {
+		if err := a.hub.AuthorizeService(r.Header.Get("Authorization"), right); err != nil {
 			return err
 		}
 		return h(w, r)
@@ -61,12 +62,12 @@ func (a *api) hubService(h handler) http.HandlerFunc {
 // hubServiceOrEdgeDevice admits a hub policy token (one naming its policy
 // with skn) or the edge device of the path, by its own token or client
 // certificate.
-func (a *api) hubServiceOrEdgeDevice(h handler) http.HandlerFunc {
+func (a *api) hubServiceOrEdgeDevice(right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
 		header := r.Header.Get("Authorization")
 		var err error
 		if tok, perr := sas.Parse(header); perr == nil && tok.KeyName != "" {
-			err = a.hub.AuthorizeService(header)
+			err = a.hub.AuthorizeService(header, right)
 		} else {
 			cred := deviceCredentials(r)
 			err = a.hub.AuthorizeEdgeDevice(r.Context(), r.PathValue("id"), cred.Authorization, cred.Certificates)
@@ -135,27 +136,27 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) routesDeployments(mux *http.ServeMux) {
-	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(h)) }
+	service := func(right, pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(right, h)) }
 	h := a.hub
 	id := func(r *http.Request) string { return r.PathValue("id") }
-	service("PUT /configurations/{id}", withBody(func(r *http.Request, c *hub.Configuration) (any, error) {
+	service(sas.RegistryWrite, "PUT /configurations/{id}", withBody(func(r *http.Request, c *hub.Configuration) (any, error) {
 		return h.PutConfiguration(r.Context(), id(r), ifMatch(r), c)
 	}))
-	service("GET /configurations/{id}", reply(func(r *http.Request) (any, error) { return h.GetConfiguration(r.Context(), id(r)) }))
-	service("DELETE /configurations/{id}", noContent(func(r *http.Request) error { return h.DeleteConfiguration(r.Context(), id(r), ifMatch(r)) }))
-	service("GET /configurations", reply(func(r *http.Request) (any, error) { return h.ListConfigurations(r.Context()) }))
-	service("POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
+	service(sas.RegistryRead, "GET /configurations/{id}", reply(func(r *http.Request) (any, error) { return h.GetConfiguration(r.Context(), id(r)) }))
+	service(sas.RegistryWrite, "DELETE /configurations/{id}", noContent(func(r *http.Request) error { return h.DeleteConfiguration(r.Context(), id(r), ifMatch(r)) }))
+	service(sas.RegistryRead, "GET /configurations", reply(func(r *http.Request) (any, error) { return h.ListConfigurations(r.Context()) }))
+	service(sas.RegistryWrite, "POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
 		return nil, h.ApplyContent(r.Context(), id(r), c)
 	}))
-	service("POST /devices/query", a.queryTwins)
-	service("POST /devices/{id}/messages/deviceBound", a.sendC2D)
-	service("GET /events", a.events)
+	service(sas.RegistryRead, "POST /devices/query", a.queryTwins)
+	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
+	service(sas.ServiceConnect, "GET /events", a.events)
 	name := func(r *http.Request) string { return r.PathValue("name") }
-	service("PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
+	service(sas.RegistryWrite, "PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
 		return h.PutCertificate(r.Context(), name(r), c)
 	}))
-	service("GET /certificates/{name}", reply(func(r *http.Request) (any, error) { return h.GetCertificate(r.Context(), name(r)) }))
-	service("DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
+	service(sas.RegistryRead, "GET /certificates/{name}", reply(func(r *http.Request) (any, error) { return h.GetCertificate(r.Context(), name(r)) }))
+	service(sas.RegistryWrite, "DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
 }
 
 // queryTwins is POST /devices/query; paging as the service SDKs expect it,
