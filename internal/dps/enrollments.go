@@ -11,6 +11,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // enrollmentDefaults fills what Azure fills and validates the rest. The
@@ -109,22 +110,34 @@ func isLoopback(host string) bool {
 
 // checkTwin checks that an initial twin's tags and desired properties are objects.
 func checkTwin(twin *InitialTwin) error {
-	if err := checkObject("initialTwin.tags", twin.Tags); err != nil {
+	if err := checkObject("initialTwin.tags", twin.Tags, twindoc.TagsLimit); err != nil {
 		return err
 	}
 	if twin.Properties != nil {
-		return checkObject("initialTwin.properties.desired", twin.Properties.Desired)
+		return checkObject("initialTwin.properties.desired", twin.Properties.Desired, twindoc.PropertiesLimit)
 	}
 	return nil
 }
 
-// checkObject accepts an absent value, null or a JSON object.
-func checkObject(field string, raw json.RawMessage) error {
+// checkObject accepts an absent value, null or a JSON object that IoT Hub
+// would take as a twin document of at most limit.
+func checkObject(field string, raw json.RawMessage, limit int) error {
 	t := strings.TrimSpace(string(raw))
-	if t == "" || t == "null" || strings.HasPrefix(t, "{") {
+	if t == "" || t == "null" {
 		return nil
 	}
-	return azerr.BadRequest("%s must be a JSON object", field)
+	var doc map[string]any
+	if !strings.HasPrefix(t, "{") || json.Unmarshal(raw, &doc) != nil {
+		return azerr.BadRequest("%s must be a JSON object", field)
+	}
+	err := twindoc.Check(field, doc)
+	if err == nil {
+		err = twindoc.CheckSize(field, doc, limit)
+	}
+	if err != nil {
+		return azerr.BadRequest("%v", err)
+	}
+	return nil
 }
 
 // PutEnrollment creates or replaces an individual enrollment. ifMatch is the

@@ -18,6 +18,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub/query"
 	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 const kindConfiguration = "hub.configuration"
@@ -87,11 +88,8 @@ func checkContent(c *ConfigContent, layered bool) error {
 			if k != "properties.desired" && !strings.HasPrefix(k, "properties.desired.") {
 				return azerr.BadRequest("content.modulesContent.%s: key %q must be \"properties.desired\" or start with \"properties.desired.\"", mod, k)
 			}
-			if k == "properties.desired" && !bytes.HasPrefix(bytes.TrimSpace(v), []byte("{")) {
-				return azerr.BadRequest("content.modulesContent.%s.properties.desired must be a JSON object", mod)
-			}
-			if slices.Contains(strings.Split(k, "."), "") {
-				return azerr.BadRequest("content.modulesContent.%s: key %q has an empty property name between dots", mod, k)
+			if err := checkEntry(mod, k, v); err != nil {
+				return err
 			}
 		}
 		if len(entries) == 0 {
@@ -103,6 +101,35 @@ func checkContent(c *ConfigContent, layered bool) error {
 			if _, ok := c.ModulesContent[m]["properties.desired"]; !ok {
 				return azerr.BadRequest("content.modulesContent.%s.properties.desired is required in a base deployment (or make every entry a \"properties.desired.<path>\" for a layered one)", m)
 			}
+		}
+	}
+	return nil
+}
+
+// checkEntry checks one entry of a module's content against the twin
+// rules: "properties.desired" an object the module twin can hold, or
+// "properties.desired.<path>" a path of valid property names.
+func checkEntry(mod, key string, value json.RawMessage) error {
+	where := "content.modulesContent." + mod + "." + key
+	for _, name := range strings.Split(key, ".")[2:] {
+		if err := twindoc.CheckName(name); err != nil {
+			return azerr.BadRequest("content.modulesContent.%s: in key %q, property name %q %v", mod, key, name, err)
+		}
+	}
+	var v any
+	if err := json.Unmarshal(value, &v); err != nil {
+		return azerr.BadRequest("%s: %v", where, err)
+	}
+	doc, isObject := v.(map[string]any)
+	if key == "properties.desired" && !isObject {
+		return azerr.BadRequest("%s must be a JSON object", where)
+	}
+	if isObject {
+		if err := twindoc.Check(where, doc); err != nil {
+			return azerr.BadRequest("%v", err)
+		}
+		if err := twindoc.CheckSize(where, doc, twindoc.PropertiesLimit); err != nil {
+			return azerr.BadRequest("%v", err)
 		}
 	}
 	return nil

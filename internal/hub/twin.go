@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // GetTwin returns a device or module twin.
@@ -22,6 +23,17 @@ func (s *Service) GetTwin(ctx context.Context, r Ref) (*Twin, error) {
 // properties by the back end. Connected devices hear of desired changes.
 func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *TwinPatch, replace bool) (*Twin, error) {
 	now := s.Now().UTC()
+	setsDesired := p.Properties != nil && (p.Properties.Desired != nil || replace)
+	var desired map[string]any
+	if setsDesired {
+		desired = withoutMeta(p.Properties.Desired)
+	}
+	if err := checkPatch("tags", p.Tags); err != nil {
+		return nil, err
+	}
+	if err := checkPatch("properties.desired", desired); err != nil {
+		return nil, err
+	}
 	var notify map[string]any
 	rec, err := s.update(ctx, r, func(rec *record) error {
 		notify = nil
@@ -32,12 +44,19 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			rec.Tags = map[string]any{}
 		}
 		mergePatch(rec.Tags, p.Tags)
-		if p.Properties != nil && (p.Properties.Desired != nil || replace) {
-			desired := withoutMeta(p.Properties.Desired)
+		if p.Tags != nil || replace {
+			if err := checkSize("tags", rec.Tags, twindoc.TagsLimit); err != nil {
+				return err
+			}
+		}
+		if setsDesired {
 			if replace {
 				rec.Desired = map[string]any{}
 			}
 			mergePatch(rec.Desired, desired)
+			if err := checkSize("properties.desired", rec.Desired, twindoc.PropertiesLimit); err != nil {
+				return err
+			}
 			rec.DesiredVersion++
 			rec.DesiredUpdated = now
 			notify = desired
@@ -65,8 +84,15 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 // the new reported version.
 func (s *Service) UpdateReported(ctx context.Context, r Ref, patch map[string]any) (int64, error) {
 	now := s.Now().UTC()
+	patch = withoutMeta(patch)
+	if err := checkPatch("properties.reported", patch); err != nil {
+		return 0, err
+	}
 	rec, err := s.update(ctx, r, func(rec *record) error {
-		mergePatch(rec.Reported, withoutMeta(patch))
+		mergePatch(rec.Reported, patch)
+		if err := checkSize("properties.reported", rec.Reported, twindoc.PropertiesLimit); err != nil {
+			return err
+		}
 		rec.ReportedVersion++
 		rec.ReportedUpdated = now
 		rec.TwinVersion++
@@ -109,6 +135,23 @@ func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
 	for _, f := range ws {
 		(*f)(body)
 	}
+}
+
+// checkPatch applies IoT Hub's rules for names and shapes to a client's
+// twin patch.
+func checkPatch(where string, patch map[string]any) error {
+	if err := twindoc.Check(where, patch); err != nil {
+		return azerr.BadRequest("%v", err)
+	}
+	return nil
+}
+
+// checkSize refuses a change that would grow a twin document past limit.
+func checkSize(where string, doc map[string]any, limit int) error {
+	if err := twindoc.CheckSize(where, doc, limit); err != nil {
+		return azerr.BadRequest("%v", err)
+	}
+	return nil
 }
 
 // withoutMeta drops the read-only $version and $metadata a client may echo back.

@@ -131,7 +131,8 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
 		{map[string]any{"content": emptyModule, "targetCondition": "*"}, "modulesContent.sensor is empty"},
-		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired..x": 1}}}, "targetCondition": "*"}, "empty property name"},
+		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired..x": 1}}}, "targetCondition": "*"}, `property name "" is empty`},
+		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired.a$b": 1}}}, "targetCondition": "*"}, `property name "a$b" contains`},
 	} {
 		err := e.hubAPI.Do(ctx, "PUT", "/configurations/bad", "", tc.body, nil)
 		if ae := azerr.As(err); ae.Status() != 400 || !strings.Contains(err.Error(), tc.want) {

@@ -218,6 +218,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"no attestation", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{}`, 400, "attestation.type is required"},
 		{"short key", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAA"}}}`, 400, "16 to 64 bytes"},
 		{"device ID not valid in a hub", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"deviceId":"bad device/id"}`, 400, "deviceId \"bad device/id\" is not valid"},
+		{"initial twin property name with a dot", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"initialTwin":{"properties":{"desired":{"a.b":1}}}}`, 400, `initialTwin.properties.desired: property name "a.b"`},
 		{"tags not an object", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"initialTwin":{"tags":[1]}}`, 400, "JSON object"},
 		{"linked hub not a DNS name", "PUT", "/linkedHubs/bad%20host!?api-version=2021-10-01", owner, `{"connectionString":"HostName=bad host!;SharedAccessKeyName=iothubowner;SharedAccessKey=` + hubKey + `"}`, 400, "must be a DNS name"},
 		{"linked hub with another hub's connection string", "PUT", "/linkedHubs/other.example?api-version=2021-10-01", owner, `{"connectionString":"HostName=evil.example;SharedAccessKeyName=iothubowner;SharedAccessKey=` + hubKey + `"}`, 400, "is for HostName=evil.example"},
@@ -355,6 +356,25 @@ func TestHubRegistry(t *testing.T) {
 	}
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "stale", map[string]any{"tags": map[string]any{"x": 1}}, nil); azerr.As(err).Status() != 412 {
 		t.Fatalf("stale twin patch: %v", err)
+	}
+	// Twin documents follow IoT Hub's rules, checked before anything changes.
+	for _, c := range []struct {
+		patch map[string]any
+		want  string
+	}{
+		{map[string]any{"properties": map[string]any{"desired": map[string]any{"a.b": 1}}}, `property name "a.b" contains '.'`},
+		{map[string]any{"tags": map[string]any{"site": map[string]any{"$x": 1}}}, `tags.site: property name "$x"`},
+		{map[string]any{"tags": map[string]any{"big": strings.Repeat("x", 4000), "big2": strings.Repeat("x", 4000), "big3": strings.Repeat("x", 4000)}}, "at most 8192 (8 KiB)"},
+	} {
+		if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "", c.patch, nil); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("twin patch %v: %v, want 400 with %q", c.patch, err, c.want)
+		}
+	}
+	if _, err := e.hub.UpdateReported(ctx, hub.Ref{Device: "d1"}, map[string]any{"bad name": 1}); azerr.As(err).Status() != 400 {
+		t.Errorf("reported property with a space: %v", err)
+	}
+	if after, _ := e.hub.GetTwin(ctx, hub.Ref{Device: "d1"}); after.ETag != tw.ETag {
+		t.Fatalf("refused twin patches changed the twin: %s -> %s", tw.ETag, after.ETag)
 	}
 	// An edge device gets its $edgeAgent and $edgeHub modules; module twins work like device twins.
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/edge1", "", map[string]any{"capabilities": map[string]any{"iotEdge": true}}, nil); err != nil {

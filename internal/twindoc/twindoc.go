@@ -1,0 +1,123 @@
+// Package twindoc holds IoT Hub's rules for the documents of a twin — tags,
+// desired and reported properties: which property names it accepts, how
+// deep objects nest, how long strings are and how large each document may
+// grow. The hub enforces them on every write from a client, the
+// provisioning service on an enrollment's initial twin.
+package twindoc
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+	"unicode/utf8"
+)
+
+// Size limits of the hosted hub, counted as Size counts.
+const (
+	TagsLimit       = 8 << 10
+	PropertiesLimit = 32 << 10
+)
+
+const (
+	maxDepth  = 10
+	maxName   = 1 << 10
+	maxString = 4 << 10
+)
+
+// Check validates a document or a patch of one that a client wrote; where
+// names it in errors ("tags", "properties.desired").
+func Check(where string, doc map[string]any) error { return check(where, doc, 1) }
+
+func check(where string, m map[string]any, depth int) error {
+	if depth > maxDepth {
+		return fmt.Errorf("%s nests objects deeper than %d levels", where, maxDepth)
+	}
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		if err := CheckName(k); err != nil {
+			return fmt.Errorf("%s: property name %q %v", where, k, err)
+		}
+		if err := checkValue(where+"."+k, m[k], depth); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func checkValue(where string, v any, depth int) error {
+	switch v := v.(type) {
+	case map[string]any:
+		return check(where, v, depth+1)
+	case []any:
+		for i, e := range v {
+			if err := checkValue(fmt.Sprintf("%s[%d]", where, i), e, depth); err != nil {
+				return err
+			}
+		}
+	case string:
+		if len(v) > maxString {
+			return fmt.Errorf("%s is a string of %d bytes: twin strings hold at most %d", where, len(v), maxString)
+		}
+	}
+	return nil
+}
+
+// CheckName is nil when IoT Hub accepts name as a property name, else says
+// why not.
+func CheckName(name string) error {
+	switch {
+	case name == "":
+		return fmt.Errorf("is empty")
+	case len(name) > maxName:
+		return fmt.Errorf("is longer than %d bytes", maxName)
+	case !utf8.ValidString(name):
+		return fmt.Errorf("is not UTF-8")
+	case strings.ContainsAny(name, ". $"):
+		return fmt.Errorf("contains '.', '$' or a space, which twin property names cannot")
+	case strings.ContainsFunc(name, isControl):
+		return fmt.Errorf("contains a control character")
+	}
+	return nil
+}
+
+// isControl is a Unicode control character of the C0 or C1 set.
+func isControl(r rune) bool { return r < 0x20 || r >= 0x7f && r <= 0x9f }
+
+// Size counts a document as the hosted hub does against its limits: each
+// property's name and value, strings by their UTF-8 bytes, numbers as 8
+// bytes and booleans as 4, objects and arrays by what they hold.
+func Size(doc map[string]any) int {
+	n := 0
+	for k, v := range doc {
+		n += len(k) + valueSize(v)
+	}
+	return n
+}
+
+func valueSize(v any) int {
+	switch v := v.(type) {
+	case map[string]any:
+		return Size(v)
+	case []any:
+		n := 0
+		for _, e := range v {
+			n += valueSize(e)
+		}
+		return n
+	case string:
+		return len(v)
+	case bool:
+		return 4
+	case nil:
+		return 0
+	}
+	return 8 // a number
+}
+
+// CheckSize is nil when doc, the whole document where names, fits limit.
+func CheckSize(where string, doc map[string]any, limit int) error {
+	if n := Size(doc); n > limit {
+		return fmt.Errorf("%s would be %d bytes, and IoT Hub holds at most %d (%d KiB)", where, n, limit, limit>>10)
+	}
+	return nil
+}
