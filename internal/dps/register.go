@@ -256,14 +256,14 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err := s.Throttle.registration(s.Now()); err != nil {
 		return nil, err
 	}
-	key := s.newKey()
-	blob, err := s.activationBlob(ek, srk, key)
+	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
+		Expires: s.Now().Add(s.ChallengeTTL)}
+	issued, err := s.addChallenge(ctx, regID, c)
 	if err != nil {
 		return nil, err
 	}
-	c := challenge{Key: key, Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
-		Expires: s.Now().Add(s.ChallengeTTL)}
-	if err := s.addChallenge(ctx, regID, c); err != nil {
+	blob, err := s.activationBlob(ek, srk, issued.Key)
+	if err != nil {
 		return nil, err
 	}
 	return &Challenge{Message: "Unauthorized", AuthenticationKey: base64.StdEncoding.EncodeToString(blob), KeyName: "registration"}, nil
@@ -334,10 +334,12 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 	return s.authenticateGroup(ctx, regID, tok, now)
 }
 
-// pendingChallenges are a TPM device's unanswered challenges. A few are
-// kept, newest first, so that someone who knows the device's EK (which is
-// public) cannot void the challenge the device is answering by asking for
-// another.
+// pendingChallenges are a TPM device's unanswered challenges, newest
+// first. Since EKs are public, anyone may ask for a challenge in a device's
+// name: a request with the EK and SRK of a pending challenge gets that
+// challenge's key again (wrapped anew), so replaying the device's request
+// cannot void the challenge it is answering; and a few challenges for
+// other SRKs are kept besides.
 type pendingChallenges struct {
 	Pending []challenge `json:"pending"`
 }
@@ -345,24 +347,35 @@ type pendingChallenges struct {
 const maxPendingChallenges = 4
 
 // addChallenge records c among regID's pending challenges, dropping expired
-// ones; concurrent requests (on any replica) each add theirs.
-func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) error {
+// ones, and returns the challenge to send: c, or the pending one for the
+// same EK and SRK. Concurrent requests (on any replica) each add theirs.
+func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) (challenge, error) {
 	var written pendingChallenges
 	_, err := modify(ctx, s.store, kindChallenge, regID, nil, func(old *pendingChallenges) pendingChallenges {
 		written = pendingChallenges{Pending: []challenge{c}}
-		if old != nil {
-			for _, o := range old.Pending {
-				if len(written.Pending) < maxPendingChallenges && s.Now().Before(o.Expires) {
-					written.Pending = append(written.Pending, o)
-				}
+		if old == nil {
+			return written
+		}
+		reused := false
+		for _, o := range old.Pending {
+			switch {
+			case !s.Now().Before(o.Expires):
+			case !reused && o.EndorsementKey == c.EndorsementKey && o.StorageRootKey == c.StorageRootKey:
+				// The same device asking again: the same key, until it
+				// expires, and a hub key of this registration's own.
+				o.HubKey, reused = c.HubKey, true
+				written.Pending[0] = o
+			case len(written.Pending) < maxPendingChallenges:
+				written.Pending = append(written.Pending, o)
 			}
 		}
 		return written
 	})
-	if err == nil {
-		s.recentChallenges.put(regID, written, s.Now())
+	if err != nil {
+		return challenge{}, err
 	}
-	return err
+	s.recentChallenges.put(regID, written, s.Now())
+	return written.Pending[0], nil
 }
 
 // answeredChallenge is the pending challenge whose key signed tok: one this

@@ -100,8 +100,9 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	}
 }
 
-// Someone who knows a TPM's EK (it is public) and asks for a challenge in
-// its name does not void the challenge the device is answering.
+// Someone who knows a TPM's EK (it is public) and replays the device's
+// request for a challenge does not void the challenge the device is
+// answering, however often.
 func TestChallengeNotVoidedByAStranger(t *testing.T) {
 	e := newEnv(t)
 	dev, regID, body := e.enrollSoftTPM()
@@ -110,8 +111,10 @@ func TestChallengeNotVoidedByAStranger(t *testing.T) {
 	if st != 401 {
 		t.Fatalf("challenge: %d %v", st, mine)
 	}
-	if st, _ := e.raw("PUT", path, "", body); st != 401 { // the stranger's
-		t.Fatalf("second challenge: %d", st)
+	for range 10 { // the stranger's, more than the pending challenges kept
+		if st, _ := e.raw("PUT", path, "", body); st != 401 {
+			t.Fatalf("stranger's challenge: %d", st)
+		}
 	}
 	blob, _ := base64.StdEncoding.DecodeString(mine["authenticationKey"].(string))
 	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
