@@ -24,8 +24,11 @@ type siteInfo struct {
 	ProvisioningServiceConnectionString string `json:"provisioningServiceConnectionString"`
 	HubHostName                         string `json:"hubHostName"`
 	HubConnectionString                 string `json:"hubConnectionString"`
-	CACertificate                       string `json:"caCertificate"`
-	ServiceEndpoint                     string `json:"serviceEndpoint"`
+	// Least-privilege policies: twins, methods and messages; identities.
+	HubServiceConnectionString  string `json:"hubServiceConnectionString"`
+	HubRegistryConnectionString string `json:"hubRegistryConnectionString"`
+	CACertificate               string `json:"caCertificate"`
+	ServiceEndpoint             string `json:"serviceEndpoint"`
 }
 
 // loadSite reads the installation in dataDir, as left by `serve`.
@@ -56,12 +59,16 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 	if err != nil {
 		return nil, err
 	}
+	service, _ := h.PolicyConnectionString("service")
+	registry, _ := h.PolicyConnectionString("registryReadWrite")
 	return &siteInfo{
 		IDScope:                             d.IDScope(),
 		ProvisioningHost:                    ep.url(),
 		ProvisioningServiceConnectionString: d.OwnerConnectionString(),
 		HubHostName:                         h.Host(),
 		HubConnectionString:                 h.OwnerConnectionString(),
+		HubServiceConnectionString:          service,
+		HubRegistryConnectionString:         registry,
 		CACertificate:                       ep.CACert,
 		ServiceEndpoint:                     ep.url(),
 	}, nil
@@ -82,6 +89,8 @@ func infoCmd() *cobra.Command {
 				{"Provisioning service connection string", info.ProvisioningServiceConnectionString},
 				{"Hub host name", info.HubHostName},
 				{"Hub connection string", info.HubConnectionString},
+				{"Hub service connection string", info.HubServiceConnectionString},
+				{"Hub registry connection string", info.HubRegistryConnectionString},
 				{"CA certificate (trust_bundle_cert)", info.CACertificate},
 			})
 		},
