@@ -119,6 +119,26 @@ func (ck *checker) validate(c *Config) {
 	if n := c.MobyRuntime.Network; !networkPattern.MatchString(n) {
 		ck.errorf("moby_runtime.network", "network %q is not a valid Docker network name (letters, digits, _ . -)", n)
 	}
+	if c.ParentHostname != "" {
+		ck.errorf("parent_hostname", "%s: nested edge is not supported; a Hatchery edge device connects to its hub directly, so remove it", ck.pos.name("parent_hostname"))
+	}
+	if !ck.pos.yaml { // a 1.1 config.yaml had to have them
+		for _, u := range unused {
+			if ck.pos.has(u.path) {
+				ck.warnAt(ck.pos.pos(u.path), "%s is an Azure IoT Edge setting that Hatchery does not use (%s); it is ignored", u.path, u.why)
+			}
+		}
+	}
+}
+
+// unused are the settings that Hatchery checks, so that an Azure
+// config.toml stays valid, but does not act on, with why.
+var unused = []struct{ path, why string }{
+	{"hostname", "modules reach the hub directly, not a gateway on this device"},
+	{"homedir", "the runtime keeps its state in directories of its own"},
+	{"agent", "the edge agent runs inside iotedged, not as a container"},
+	{"connect", "iotedged serves its APIs on sockets of its own"},
+	{"listen", "iotedged serves its APIs on sockets of its own"},
 }
 
 // placeholders are the template's stand-ins for values only the user knows,
