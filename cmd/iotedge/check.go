@@ -5,15 +5,17 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
 	"net/url"
 	"os"
-	"regexp"
+	"slices"
 	"time"
 
+	"github.com/pelletier/go-toml/v2"
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/edge/config"
@@ -218,14 +220,47 @@ func newCheckCmd() *cobra.Command {
 	return c
 }
 
-// secrets in a config.toml that a support bundle must not carry.
-var secretPattern = regexp.MustCompile(`(?m)^(\s*(value|connection_string|password)\s*=\s*).*$`)
+// secretKeys name the config.toml values a support bundle must not carry:
+// keys (symmetric_key, device_id_pk … = { value = … }), connection strings
+// and registry passwords, wherever they are written.
+var secretKeys = []string{"value", "connection_string", "password"}
+
+// redactedConfig is config.toml with every secret replaced, re-encoded from
+// its parsed form so that no way of writing a value (inline tables, dotted
+// keys, multi-line strings) slips through; a file that does not parse is
+// left out, as nothing in it can be told apart.
+func redactedConfig(data []byte) ([]byte, error) {
+	var doc map[string]any
+	if err := toml.Unmarshal(data, &doc); err != nil {
+		return nil, errors.New("config.toml does not parse, so it is left out: run 'iotedge check' for where")
+	}
+	redact(doc)
+	return toml.Marshal(doc)
+}
+
+func redact(v any) {
+	switch v := v.(type) {
+	case map[string]any:
+		for k, e := range v {
+			if slices.Contains(secretKeys, k) {
+				v[k] = "<redacted>"
+			} else {
+				redact(e)
+			}
+		}
+	case []any:
+		for _, e := range v {
+			redact(e)
+		}
+	}
+}
 
 func newSupportBundleCmd() *cobra.Command {
 	var out string
 	c := &cobra.Command{Use: "support-bundle", Short: "Collect configuration, status, checks and logs into a zip file", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			f, err := os.Create(out)
+			// Logs and status may still say more than the world should read.
+			f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
 			if err != nil {
 				return err
 			}
@@ -243,10 +278,13 @@ func newSupportBundleCmd() *cobra.Command {
 			defer cancel()
 			put("config.toml", func(w io.Writer) error {
 				b, err := os.ReadFile(configPath())
+				if err == nil {
+					b, err = redactedConfig(b)
+				}
 				if err != nil {
 					return err
 				}
-				_, err = w.Write(secretPattern.ReplaceAll(b, []byte(`${1}"<redacted>"`)))
+				_, err = w.Write(b)
 				return err
 			})
 			put("check.json", func(w io.Writer) error { return printJSON(w, runChecks(ctx)) })

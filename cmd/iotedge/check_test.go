@@ -46,3 +46,31 @@ func TestCheckIdentityCert(t *testing.T) {
 		}
 	}
 }
+
+// TestRedactedConfig: no way of writing a secret reaches a support bundle.
+func TestRedactedConfig(t *testing.T) {
+	in := `[provisioning]
+source = "manual"
+connection_string = "HostName=h;DeviceId=d;SharedAccessKey=SECRET1"
+
+[provisioning.authentication]
+method = "sas"
+device_id_pk = { value = "SECRET2" }
+
+[provisioning.attestation]
+symmetric_key.value = """SECRET3"""
+
+[agent.config]
+auth = { serveraddress = "r.example", username = "edge", password = 'SECRET4' }
+`
+	out, err := redactedConfig([]byte(in))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.Contains(string(out), "SECRET") || !strings.Contains(string(out), "r.example") || !strings.Contains(string(out), "<redacted>") {
+		t.Fatalf("redacted config:\n%s", out)
+	}
+	if out, err := redactedConfig([]byte("connection_string = \"SECRET5\n")); err == nil || strings.Contains(err.Error()+string(out), "SECRET") {
+		t.Fatalf("a config that does not parse: %v %s", err, out)
+	}
+}
