@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/url"
@@ -94,6 +95,19 @@ func NewClient(uri string) (*Client, error) {
 	return &Client{http: &http.Client{Transport: tr}, base: "http://iotedged"}, nil
 }
 
+// dialError says what to do when the daemon's socket cannot be reached.
+func dialError(err error) error {
+	var op *net.OpError
+	switch {
+	case !errors.As(err, &op):
+		return err
+	case errors.Is(op.Err, fs.ErrPermission):
+		return fmt.Errorf("this user may not talk to the IoT Edge daemon (%v): run the command with sudo, "+
+			"or join the group that may with `sudo usermod -aG iotedge $USER` and log in again", op.Err)
+	}
+	return fmt.Errorf("%w (%v): start it with `sudo systemctl start iotedged`, or run `iotedged` in the foreground", ErrNotRunning, op.Err)
+}
+
 // ErrNotRunning says the daemon is not listening.
 var ErrNotRunning = errors.New("the IoT Edge daemon is not running")
 
@@ -121,11 +135,7 @@ func (c *Client) stream(ctx context.Context, method, path string, in any) (io.Re
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
-		var op *net.OpError
-		if errors.As(err, &op) {
-			return nil, fmt.Errorf("%w (%v): start it with `sudo systemctl start iotedged`, or run `iotedged` in the foreground", ErrNotRunning, op.Err)
-		}
-		return nil, err
+		return nil, dialError(err)
 	}
 	if resp.StatusCode >= 300 {
 		defer resp.Body.Close()
