@@ -405,25 +405,23 @@ func (ck *checker) tpm(t *TPM) {
 		ck.errorf("tpm.auth_key_index", "auth_key_index 0x%X is out of range: it is an offset from 0x81000000 and must be %s",
 			uint32(t.AuthKeyIndex), describe(keyIndexType))
 	}
-	if warn, err := checkTCTI(t.TCTI); err != nil {
+	if err := checkTCTI(t.TCTI); err != nil {
 		ck.errorf("tpm.tcti", "%v", err)
-	} else if warn != "" {
-		ck.warnAt(ck.pos.pos("tpm.tcti"), "%s", warn)
 	}
 }
 
 // checkTCTI checks a tpm2-tss TCTI string with the tpm package's own parser,
 // before the runtime tries to open it.
-func checkTCTI(s string) (warning string, err error) {
+func checkTCTI(s string) error {
 	name, conf, _ := strings.Cut(s, ":")
 	switch {
 	case name == "tabrmd":
-		return fmt.Sprintf("tcti %q is accepted but Hatchery cannot use the tpm2-abrmd resource manager: "+
-			`use tcti = "device" (the kernel's resource manager, /dev/tpmrm0)`, s), nil
+		return fmt.Errorf("tcti %q: Hatchery cannot use the tpm2-abrmd resource manager; "+
+			`use tcti = "device" (the kernel's resource manager, /dev/tpmrm0)`, s)
 	case name == "device" && conf != "" && !strings.HasPrefix(conf, "/"):
-		return "", fmt.Errorf("tcti %q: the device must be an absolute path, as in \"device:/dev/tpmrm0\"", s)
+		return fmt.Errorf("tcti %q: the device must be an absolute path, as in \"device:/dev/tpmrm0\"", s)
 	}
-	return "", tpm.CheckTCTI(s)
+	return tpm.CheckTCTI(s)
 }
 
 func (ck *checker) agent(a *Agent) {
