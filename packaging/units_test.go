@@ -125,6 +125,9 @@ func TestTPMServiceUnit(t *testing.T) {
 
 func TestEdgeDaemonUnit(t *testing.T) {
 	u := readUnit(t, "iotedged.service")
+	if got := u.one(t, "Install", "Alias"); got != "iotedge.service" { // 1.1 documents restart "iotedge"
+		t.Errorf("Alias=%s", got)
+	}
 	bin, flags := execFlags(t, u)
 	if bin != "/usr/bin/iotedged" {
 		t.Errorf("ExecStart runs %s", bin)

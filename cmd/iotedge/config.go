@@ -121,7 +121,7 @@ func newConfigImportCmd() *cobra.Command {
 			return writeNew(out, cfg, force)
 		},
 	}
-	c.Flags().StringVarP(&in, "config-file", "i", "/etc/iotedge/config.yaml", "the 1.1 configuration to import")
+	c.Flags().StringVarP(&in, "config-file", "i", config.LegacyPath, "the 1.1 configuration to import")
 	c.Flags().StringVarP(&out, "out-config-file", "o", configPath(), "where to write config.toml")
 	c.Flags().BoolVar(&force, "force", false, "overwrite an existing config.toml")
 	return c

@@ -247,11 +247,18 @@ type Warning struct {
 
 func (w Warning) String() string { return prefixed(w.Pos, w.Msg) }
 
+// LegacyPath is where IoT Edge 1.1 kept its configuration.
+var LegacyPath = "/etc/iotedge/config.yaml"
+
 // Load reads and parses a config.toml.
 func Load(path string) (*Config, []Warning, error) {
 	data, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
+		if _, err := os.Stat(LegacyPath); err == nil {
+			return nil, nil, fmt.Errorf("%s does not exist, but %s of IoT Edge 1.1 does: convert it with 'sudo iotedge config import', "+
+				"then run 'sudo iotedge config apply'", path, LegacyPath)
+		}
 		template := filepath.Join(filepath.Dir(path), "config.toml.edge.template")
 		return nil, nil, fmt.Errorf("%s does not exist: create it from the template with 'sudo cp %s %s', then edit it", path, template, path)
 	case errors.Is(err, fs.ErrPermission):

@@ -289,6 +289,15 @@ func TestLoad(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("Load of a missing file: %v; want it to say %q", err, want)
 	}
+	// After IoT Edge 1.1, the way forward is importing its config.yaml.
+	LegacyPath = filepath.Join(dir, "config.yaml")
+	defer func() { LegacyPath = "/etc/iotedge/config.yaml" }()
+	if err := os.WriteFile(LegacyPath, []byte("provisioning:\n  source: manual\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := Load(filepath.Join(dir, "config.toml")); err == nil || !strings.Contains(err.Error(), "sudo iotedge config import") {
+		t.Errorf("Load with only a 1.1 config.yaml: %v", err)
+	}
 	path := filepath.Join(dir, "config.toml")
 	if err := os.WriteFile(path, []byte("auto_reprovisioning_mode = \"AlwaysOnStartup\"\n"), 0o600); err != nil {
 		t.Fatal(err)
