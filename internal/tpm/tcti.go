@@ -1,6 +1,7 @@
 package tpm
 
 import (
+	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -8,6 +9,8 @@ import (
 	"io/fs"
 	"net"
 	"os"
+	"os/user"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"syscall"
@@ -154,12 +157,54 @@ func deviceError(path string, err error) error {
 	case errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("TPM device %s: no such device: is a TPM 2.0 present and its kernel driver loaded? (for a simulator use swtpm:host=H,port=P)", path)
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("TPM device %s: permission denied: run as a member of group/user aziottpm, "+
+		return fmt.Errorf("TPM device %s: permission denied%s: run as a member of group/user aziottpm, "+
 			`or install the udev rule 'KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="aziottpm", MODE="0660"' `+
-			"in /etc/udev/rules.d/tpmaccess.rules and run 'udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm'", path)
+			"in /etc/udev/rules.d/tpmaccess.rules and run 'udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm'%s",
+			path, describeDevice(path), otherRules())
 	default:
 		return fmt.Errorf("TPM device %s: %w", path, err)
 	}
+}
+
+// describeDevice says who may open the device file now, as " (it is MODE
+// OWNER:GROUP)".
+func describeDevice(path string) string {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return ""
+	}
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if !ok {
+		return ""
+	}
+	owner, group := strconv.Itoa(int(st.Uid)), strconv.Itoa(int(st.Gid))
+	if u, err := user.LookupId(owner); err == nil {
+		owner = u.Username
+	}
+	if g, err := user.LookupGroupId(group); err == nil {
+		group = g.Name
+	}
+	return fmt.Sprintf(" (it is %s %s:%s)", fi.Mode().Perm(), owner, group)
+}
+
+// udevRulesDir holds administrators' udev rules, which run after the
+// packaged ones: one setting the TPM's owner or mode there (the IoT Edge
+// 1.1 documents' OWNER="iotedge", MODE="0600") decides who may open it.
+var udevRulesDir = "/etc/udev/rules.d"
+
+// otherRules names the rules files there that mention the TPM.
+func otherRules() string {
+	files, _ := filepath.Glob(filepath.Join(udevRulesDir, "*.rules"))
+	var tpm []string
+	for _, f := range files {
+		if b, err := os.ReadFile(f); err == nil && bytes.Contains(bytes.ToLower(b), []byte("tpm")) {
+			tpm = append(tpm, f)
+		}
+	}
+	if len(tpm) == 0 {
+		return ""
+	}
+	return "; these rules files also set up the TPM, and the last rule to set its owner or mode wins: " + strings.Join(tpm, ", ")
 }
 
 // fileTPM is a kernel TPM device: write a command, read its response.

@@ -70,10 +70,20 @@ func TestOpenErrors(t *testing.T) {
 		}
 	}
 
-	// Root opens any device file, so the message is checked directly.
-	err := deviceError("/dev/tpmrm0", &fs.PathError{Op: "open", Path: "/dev/tpmrm0", Err: fs.ErrPermission})
-	for _, want := range []string{"permission denied", "aziottpm", `KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="aziottpm", MODE="0660"`,
-		"/etc/udev/rules.d/tpmaccess.rules", "udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm"} {
+	// Root opens any device file, so the message is checked directly; it
+	// says who may open the device now and which rules files may decide.
+	dir := t.TempDir()
+	device, rules := filepath.Join(dir, "tpmrm0"), filepath.Join(dir, "tpmaccess.rules")
+	for f, body := range map[string]string{device: "", rules: `KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="iotedge", MODE="0600"`} {
+		if err := os.WriteFile(f, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	udevRulesDir = dir
+	defer func() { udevRulesDir = "/etc/udev/rules.d" }()
+	err := deviceError(device, &fs.PathError{Op: "open", Path: device, Err: fs.ErrPermission})
+	for _, want := range []string{"permission denied (it is -rw------- root:root)", "aziottpm", `KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="aziottpm", MODE="0660"`,
+		"/etc/udev/rules.d/tpmaccess.rules", "udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm", "the last rule to set its owner or mode wins: " + rules} {
 		if !strings.Contains(err.Error(), want) {
 			t.Errorf("permission error %q lacks %q", err, want)
 		}
