@@ -47,6 +47,9 @@ func main() {
 type settings struct {
 	tcti, socket, group, config, user, logLevel string
 	authKeyIndex                                uint32
+	// unused says why there is nothing to serve: the configuration
+	// provisions the device without a TPM.
+	unused string
 }
 
 func parseArgs(args []string, stderr io.Writer) (settings, error) {
@@ -79,11 +82,14 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 	if err != nil {
 		return s, err
 	}
-	if c.TCTI != nil && !set["tcti"] {
-		s.tcti = *c.TCTI
+	if t := c.TPM; t.TCTI != nil && !set["tcti"] {
+		s.tcti = *t.TCTI
 	}
-	if c.AuthKeyIndex != nil && !set["auth-key-index"] {
-		s.authKeyIndex = uint32(*c.AuthKeyIndex)
+	if t := c.TPM; t.AuthKeyIndex != nil && !set["auth-key-index"] {
+		s.authKeyIndex = uint32(*t.AuthKeyIndex)
+	}
+	if p := c.Provisioning; p.Source != "" && !(p.Source == "dps" && p.Attestation.Method == "tpm") && !set["tcti"] {
+		s.unused = fmt.Sprintf("%s provisions the device with source %q and attestation method %q, not with DPS and the TPM", s.config, p.Source, p.Attestation.Method)
 	}
 	// The persistent range is 0x81000000-0x817FFFFF; the EK and SRK are
 	// refused too, since replacing them changes the device's identity.
@@ -93,8 +99,20 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 	return s, nil
 }
 
-// tpmTable is the [tpm] table of config.toml; the rest of the file is
-// the edge daemon's business.
+// fileConfig is what aziot-tpmd reads of config.toml: the [tpm] table, and
+// whether provisioning uses the TPM at all; the rest is the edge daemon's
+// business.
+type fileConfig struct {
+	Provisioning struct {
+		Source      string `toml:"source"`
+		Attestation struct {
+			Method string `toml:"method"`
+		} `toml:"attestation"`
+	} `toml:"provisioning"`
+	TPM tpmTable `toml:"tpm"`
+}
+
+// tpmTable is the [tpm] table of config.toml.
 type tpmTable struct {
 	TCTI         *string   `toml:"tcti"`
 	AuthKeyIndex *keyIndex `toml:"auth_key_index"`
@@ -113,28 +131,26 @@ func (k *keyIndex) UnmarshalText(b []byte) error {
 	return nil
 }
 
-// readConfig returns the [tpm] table of path, empty when path is absent.
-func readConfig(path string) (tpmTable, error) {
-	var c struct {
-		TPM tpmTable `toml:"tpm"`
-	}
+// readConfig reads path, empty when path is absent.
+func readConfig(path string) (fileConfig, error) {
+	var c fileConfig
 	b, err := os.ReadFile(path)
 	switch {
 	case path == "" || errors.Is(err, fs.ErrNotExist):
-		return c.TPM, nil
+		return c, nil
 	case errors.Is(err, fs.ErrPermission):
-		return c.TPM, fmt.Errorf("config %s: permission denied: make it readable by this service's user, or pass --tcti and --auth-key-index with --config ''", path)
+		return c, fmt.Errorf("config %s: permission denied: make it readable by this service's user, or pass --tcti and --auth-key-index with --config ''", path)
 	case err != nil:
-		return c.TPM, fmt.Errorf("config: %w", err)
+		return c, fmt.Errorf("config: %w", err)
 	}
 	if err := toml.Unmarshal(b, &c); err != nil {
 		if de, ok := errors.AsType[*toml.DecodeError](err); ok {
 			row, col := de.Position()
-			return c.TPM, fmt.Errorf("config %s:%d:%d: %w", path, row, col, err)
+			return c, fmt.Errorf("config %s:%d:%d: %w", path, row, col, err)
 		}
-		return c.TPM, fmt.Errorf("config %s: %w", path, err)
+		return c, fmt.Errorf("config %s: %w", path, err)
 	}
-	return c.TPM, nil
+	return c, nil
 }
 
 func run(ctx context.Context, args []string, stderr io.Writer) error {
@@ -150,6 +166,10 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 		return fmt.Errorf("--log-level: %w", err)
 	}
 	slog.SetDefault(slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level})))
+	if s.unused != "" { // a clean exit: systemd does not restart it
+		slog.Info("aziot-tpmd has nothing to serve: " + s.unused)
+		return nil
+	}
 
 	dev, err := tpm.Open(s.tcti)
 	if err != nil {

@@ -66,6 +66,32 @@ auth_key_index = 0x101
 		}
 	}
 
+	// A device provisioned without the TPM leaves aziot-tpmd nothing to do:
+	// it exits cleanly instead of failing on a TPM it does not need.
+	manual := writeConfig(t, "[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=a2V5\"\n")
+	dpsTPM := writeConfig(t, "[provisioning]\nsource = \"dps\"\n[provisioning.attestation]\nmethod = \"tpm\"\n")
+	for _, tc := range []struct {
+		args   []string
+		unused bool
+	}{
+		{[]string{"--config", manual}, true},
+		{[]string{"--config", dpsTPM}, false},
+		{[]string{"--config", manual, "--tcti", "device"}, false},
+		{[]string{"--config", str}, false}, // not provisioned yet
+	} {
+		if s, err := parseArgs(tc.args, io.Discard); err != nil || (s.unused != "") != tc.unused {
+			t.Errorf("%q: unused %q (%v), want unused %v", tc.args, s.unused, err, tc.unused)
+		}
+	}
+	var logs bytes.Buffer
+	if err := run(context.Background(), []string{"--config", manual, "--tcti", "device:/nonexistent"}, &logs); err == nil {
+		t.Error("an explicit --tcti that cannot be opened did not fail")
+	}
+	logs.Reset()
+	if err := run(context.Background(), []string{"--config", manual, "--socket", filepath.Join(t.TempDir(), "s")}, &logs); err != nil || !strings.Contains(logs.String(), "nothing to serve") {
+		t.Errorf("run with a manual configuration: %v\n%s", err, logs.String())
+	}
+
 	bad := writeConfig(t, "[tpm]\ntcti = \"device\"\nauth_key_index = = 3\n")
 	for _, tc := range []struct {
 		args []string

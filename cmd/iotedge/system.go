@@ -111,6 +111,9 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 		case underSystemd():
 			out, _ := exec.Command("systemctl", "is-active", svc).Output()
 			state = map[string]string{"active": "Running", "activating": "Starting", "inactive": "Stopped", "failed": "Failed"}[strings.TrimSpace(string(out))]
+			if svc == "aziot-tpmd" && state == "Stopped" && stErr == nil && st.Provisioning.Method != "tpm" {
+				state = "Not used" // it exits when the device provisions without the TPM
+			}
 		case svc == "iotedged" && stErr == nil:
 			state = "Running"
 		case svc == "aziot-tpmd" && stErr == nil:
