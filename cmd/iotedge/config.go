@@ -42,9 +42,12 @@ func newConfigApplyCmd() *cobra.Command {
 			if file == "" {
 				file = target
 			}
-			_, ws, err := config.Load(file)
+			cfg, ws, err := config.Load(file)
 			printWarnings(ws)
 			if err != nil {
+				return err
+			}
+			if err := checkDaemonAccess(cfg); err != nil {
 				return err
 			}
 			if abs, _ := filepath.Abs(file); abs != absPath(target) {
@@ -162,8 +165,8 @@ func absPath(p string) string {
 // hold keys.
 func shareWithServices(path string) error {
 	g, err := user.LookupGroup("iotedge")
-	if err != nil {
-		return nil // no service accounts on this machine: root runs everything
+	if err != nil { // no service accounts on this machine: root runs everything
+		return os.Chmod(path, 0o600)
 	}
 	gid, _ := strconv.Atoi(g.Gid)
 	if err := os.Chown(path, 0, gid); err != nil {

@@ -9,7 +9,6 @@ import (
 	"io/fs"
 	"net"
 	"os"
-	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -18,6 +17,8 @@ import (
 
 	"github.com/google/go-tpm/tpm2"
 	"github.com/google/go-tpm/tpm2/transport"
+
+	"github.com/hatchery/hatchery/internal/fileowner"
 )
 
 // tctiForms lists what Open accepts, for error messages.
@@ -173,18 +174,7 @@ func describeDevice(path string) string {
 	if err != nil {
 		return ""
 	}
-	st, ok := fi.Sys().(*syscall.Stat_t)
-	if !ok {
-		return ""
-	}
-	owner, group := strconv.Itoa(int(st.Uid)), strconv.Itoa(int(st.Gid))
-	if u, err := user.LookupId(owner); err == nil {
-		owner = u.Username
-	}
-	if g, err := user.LookupGroupId(group); err == nil {
-		group = g.Name
-	}
-	return fmt.Sprintf(" (it is %s %s:%s)", fi.Mode().Perm(), owner, group)
+	return " (it is " + fileowner.Describe(fi) + ")"
 }
 
 // udevRulesDir holds administrators' udev rules, which run after the
