@@ -151,7 +151,7 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 		if err != nil {
 			return err
 		}
-		if d.NoTakeover && !sameCredentials(existing.Authentication, auth) {
+		if d.NoTakeover && !samePrimary(existing.Authentication, auth) {
 			return dps.ErrDeviceTaken
 		}
 		dev.Status, dev.StatusReason = existing.Status, existing.StatusReason
@@ -171,9 +171,9 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	return c.SetTwin(ctx, d.DeviceID, patch, false)
 }
 
-// sameCredentials reports whether a and b let in the same device: the same
+// samePrimary reports whether a and b let in the same device: the same
 // primary key or the same certificate.
-func sameCredentials(a, b hub.Authentication) bool {
+func samePrimary(a, b hub.Authentication) bool {
 	switch {
 	case a.Type != b.Type:
 		return false
