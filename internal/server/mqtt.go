@@ -40,9 +40,30 @@ type session struct {
 	deliverMu sync.Mutex // one C2D delivery at a time
 	mu        sync.Mutex
 	cancels   []func()
+	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
 	methods   map[string]chan methodAnswer // by $rid
 	nextRID   atomic.Uint64
 }
+
+// watch reports whether filter's watcher is to be started: the first time
+// only, so that repeated SUBSCRIBEs cannot pile up watchers.
+func (s *session) watch(filter string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.watching[filter] {
+		return false
+	}
+	if s.watching == nil {
+		s.watching = map[string]bool{}
+	}
+	s.watching[filter] = true
+	return true
+}
+
+// desiredQueue is how many desired-property patches may wait for a device
+// that is slow to read; one that falls further behind is disconnected,
+// and reads its twin again when it reconnects.
+const desiredQueue = 64
 
 type methodAnswer struct {
 	status  int
@@ -234,30 +255,60 @@ func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
 	case "$iothub/twin/res/#":
 		return min(qos, 1)
 	case "$iothub/twin/PATCH/properties/desired/#":
-		s.onClose(d.hub.WatchDesired(s.ref, func(patch []byte) {
-			v := struct {
-				Version int64 `json:"$version"`
-			}{}
-			_ = json.Unmarshal(patch, &v)
-			_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
-		}))
+		if s.watch(filter) {
+			d.sendDesired(c, s)
+		}
 		return min(qos, 1)
 	case "$iothub/methods/POST/#":
-		s.onClose(d.hub.ServeMethods(s.ref, func(ctx context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
-			return d.callMethod(ctx, c, s, name, payload)
-		}))
+		if s.watch(filter) {
+			s.onClose(d.hub.ServeMethods(s.ref, func(ctx context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
+				return d.callMethod(ctx, c, s, name, payload)
+			}))
+		}
 		return 0
 	case s.own() + "messages/devicebound/#":
 		if s.ref.Module != "" {
 			break
 		}
-		deliver := func() { go d.deliverC2D(c, s) }
-		s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
-		deliver() // what waited while the device was away
+		if s.watch(filter) {
+			deliver := func() { go d.deliverC2D(c, s) }
+			s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
+			deliver() // what waited while the device was away
+		}
 		return 1
 	}
 	slog.Info("mqtt subscription refused", "identity", s.ref.String(), "filter", filter)
 	return mqtt.SubscribeFailure
+}
+
+// sendDesired forwards the device's desired-property patches, in order,
+// from a goroutine of the connection's own: whoever changes the twin never
+// waits for a device that does not read.
+func (d *DeviceEndpoint) sendDesired(c *mqtt.Conn, s *session) {
+	queue, done := make(chan []byte, desiredQueue), make(chan struct{})
+	cancel := d.hub.WatchDesired(s.ref, func(patch []byte) {
+		select {
+		case queue <- patch:
+		default:
+			slog.Info("mqtt: device not reading its desired properties; disconnecting", "identity", s.ref.String())
+			go c.Close()
+		}
+	})
+	s.onClose(func() { cancel(); close(done) })
+	go func() {
+		for {
+			select {
+			case patch := <-queue:
+				v := struct {
+					Version int64 `json:"$version"`
+				}{}
+				_ = json.Unmarshal(patch, &v)
+				_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
+			case <-done:
+				return
+			}
+		}
+	}()
 }
 
 // Unsubscribe needs nothing: watchers end with the connection.
@@ -274,8 +325,17 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 		delete(s.methods, rid)
 		s.mu.Unlock()
 	}()
-	if err := c.Send("$iothub/methods/POST/"+url.PathEscape(name)+"/?$rid="+rid, payload, 0, nil); err != nil {
-		return 0, nil, err
+	// The caller's timeout holds even while a device that does not read
+	// keeps the write waiting.
+	sent := make(chan error, 1)
+	go func() { sent <- c.Send("$iothub/methods/POST/"+url.PathEscape(name)+"/?$rid="+rid, payload, 0, nil) }()
+	select {
+	case err := <-sent:
+		if err != nil {
+			return 0, nil, err
+		}
+	case <-ctx.Done():
+		return 0, nil, ctx.Err()
 	}
 	select {
 	case a := <-ch:

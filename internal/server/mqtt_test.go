@@ -11,6 +11,7 @@ import (
 	"errors"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -337,5 +338,36 @@ func TestMQTTX509Devices(t *testing.T) {
 	leafPEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: self.Leaf.Raw})
 	if err := e.hubAPI.Do(ctx, "PUT", "/certificates/leaf", "", map[string]any{"properties": map[string]any{"certificate": string(leafPEM)}}, nil); azerr.As(err).Status() != 400 {
 		t.Fatalf("a leaf as CA: %v", err)
+	}
+}
+
+// A device that subscribes again and again gets one watcher, not one per
+// SUBSCRIBE: each desired patch arrives once, and the server keeps no pile
+// of watchers for it.
+func TestMQTTRepeatedSubscribe(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var got atomic.Int32
+	for range 5 {
+		if err := c.OnDesired(ctx, func([]byte) { got.Add(1) }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := e.hub.UpdateTwin(ctx, hub.Ref{Device: "d1"}, "", &hub.TwinPatch{Properties: &hub.DesiredPatch{Desired: map[string]any{"rate": 5}}}, false); err != nil {
+		t.Fatal(err)
+	}
+	// A round trip after the patch: by its answer, every copy sent has arrived.
+	time.Sleep(200 * time.Millisecond)
+	if _, err := c.GetTwin(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := got.Load(); n != 1 {
+		t.Fatalf("the desired patch arrived %d times", n)
 	}
 }
