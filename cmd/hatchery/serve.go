@@ -169,7 +169,9 @@ func serve(ctx context.Context, o serveOptions) error {
 		}
 	}()
 	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
-		ReadHeaderTimeout: 10 * time.Second, IdleTimeout: 2 * time.Minute,
+		// A request, body included, arrives within 30 s (SDK bodies are at
+		// most 1 MiB), so clients trickling bytes cannot hold connections.
+		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
 		// TLS handshake failures (port probes, untrusting clients) are noise at info level.
 		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
