@@ -53,6 +53,7 @@ type serveOptions struct {
 	port, mqttPort                                 int
 	registrationRate, deviceRate                   float64
 	deviceBurst                                    int
+	eventRetention                                 time.Duration
 }
 
 func serveCmd() *cobra.Command {
@@ -86,12 +87,16 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
+	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
 }
 
 func serve(ctx context.Context, o serveOptions) error {
 	if o.host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
+	}
+	if o.eventRetention < 0 {
+		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
 	}
 	if (o.certFile == "") != (o.keyFile == "") {
 		return errors.New("--tls-cert and --tls-key go together")
@@ -176,6 +181,9 @@ func serve(ctx context.Context, o serveOptions) error {
 		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
+	if o.eventRetention > 0 {
+		go hubSvc.ExpireEvents(ctx, o.eventRetention)
+	}
 	go func() {
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
+	"log/slog"
 	"sync"
 	"time"
 
@@ -174,6 +175,40 @@ func enabled(dev *record) error {
 // SendEvent appends a device-to-cloud message to the durable event stream.
 func (s *Service) SendEvent(ctx context.Context, r Ref, props map[string]string, body []byte) (int64, error) {
 	return s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: s.Now().UTC()})
+}
+
+// expiryBatch bounds one deletion, so that writers never wait long for it.
+const expiryBatch = 1000
+
+// DeleteExpiredEvents removes the events enqueued longer than retention
+// ago and says how many went.
+func (s *Service) DeleteExpiredEvents(ctx context.Context, retention time.Duration) (int64, error) {
+	var total int64
+	for {
+		n, err := s.store.DeleteEventsBefore(ctx, s.Now().Add(-retention), expiryBatch)
+		total += n
+		if err != nil || n < expiryBatch {
+			return total, err
+		}
+	}
+}
+
+// ExpireEvents deletes expired events every minute until ctx ends: like the
+// hosted hub's built-in endpoint, the stream keeps messages for a
+// retention time, so that devices cannot fill the disk for good.
+func (s *Service) ExpireEvents(ctx context.Context, retention time.Duration) {
+	tick := time.NewTicker(time.Minute)
+	defer tick.Stop()
+	for {
+		if _, err := s.DeleteExpiredEvents(ctx, retention); err != nil && ctx.Err() == nil {
+			slog.Warn("deleting expired device-to-cloud events", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
 }
 
 // Events reads the event stream.

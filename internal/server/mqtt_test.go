@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"net/url"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -369,5 +370,30 @@ func TestMQTTRepeatedSubscribe(t *testing.T) {
 	}
 	if n := got.Load(); n != 1 {
 		t.Fatalf("the desired patch arrived %d times", n)
+	}
+}
+
+// Device-to-cloud messages are kept for the retention time, then deleted in
+// batches; newer ones stay.
+func TestEventRetention(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("d1", false)
+	now := time.Now()
+	e.hub.Now = func() time.Time { return now.Add(-2 * time.Hour) }
+	for i := range 1001 { // more than one deletion batch
+		if _, err := e.hub.SendEvent(ctx, hub.Ref{Device: "d1"}, nil, []byte(strconv.Itoa(i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.hub.Now = func() time.Time { return now }
+	if _, err := e.hub.SendEvent(ctx, hub.Ref{Device: "d1"}, nil, []byte("fresh")); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := e.hub.DeleteExpiredEvents(ctx, time.Hour); err != nil || n != 1001 {
+		t.Fatalf("deleted %d, %v; want the 1001 older than an hour", n, err)
+	}
+	left, err := e.hub.Events(ctx, "d1", 0, 10)
+	if err != nil || len(left) != 1 || string(left[0].Body) != "fresh" {
+		t.Fatalf("left %+v, %v", left, err)
 	}
 }

@@ -64,6 +64,7 @@ func runConformance(t *testing.T, b backend) {
 		{"DeleteRace", testDeleteRace},
 		{"Events", testEvents},
 		{"EventFields", testEventFields},
+		{"DeleteEventsBefore", testDeleteEventsBefore},
 		{"AppendEventConcurrent", testAppendEventConcurrent},
 		{"AppendEventCanceled", testAppendEventCanceled},
 		{"AppendEventClosed", testAppendEventClosed},
@@ -493,6 +494,32 @@ func testEvents(t *testing.T, b backend) {
 	}
 	if every, err := s.Events(ctx, "", 0, -1); err != nil || len(every) != 3 {
 		t.Fatalf("negative limit (no limit): %d events, %v", len(every), err)
+	}
+}
+
+// Expired events go, oldest first and at most limit at a time; newer ones stay.
+func testDeleteEventsBefore(t *testing.T, b backend) {
+	ctx := context.Background()
+	s := b.fresh(t)
+	if n, err := s.DeleteEventsBefore(ctx, time.Now(), 10); err != nil || n != 0 {
+		t.Fatalf("no events: deleted %d, %v", n, err)
+	}
+	start := time.Now().Add(-time.Hour)
+	for i := range 5 {
+		if _, err := s.AppendEvent(ctx, Event{DeviceID: "d1", Body: []byte{byte(i)}, Enqueued: start.Add(time.Duration(i) * time.Minute)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cutoff := start.Add(3*time.Minute - time.Second) // the first three are older
+	if n, err := s.DeleteEventsBefore(ctx, cutoff, 2); err != nil || n != 2 {
+		t.Fatalf("first batch: deleted %d, %v", n, err)
+	}
+	if n, err := s.DeleteEventsBefore(ctx, cutoff, 2); err != nil || n != 1 {
+		t.Fatalf("second batch: deleted %d, %v", n, err)
+	}
+	left, _ := s.Events(ctx, "", 0, 10)
+	if len(left) != 2 || left[0].Body[0] != 3 || left[1].Body[0] != 4 {
+		t.Fatalf("left %+v", left)
 	}
 }
 

@@ -253,6 +253,17 @@ func (p *Postgres) insertEvents(as []*pendingEvent) error {
 	})
 }
 
+// DeleteEventsBefore deletes from the oldest event on, which seq finds by
+// its key: events are appended in time order.
+func (p *Postgres) DeleteEventsBefore(ctx context.Context, t time.Time, limit int) (int64, error) {
+	tag, err := p.pool.Exec(ctx, `DELETE FROM events WHERE seq IN
+		(SELECT seq FROM (SELECT seq, enqueued FROM events ORDER BY seq LIMIT $1) oldest WHERE enqueued < $2)`, limit, t)
+	if err != nil {
+		return 0, err
+	}
+	return tag.RowsAffected(), nil
+}
+
 func (p *Postgres) Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error) {
 	q := `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE seq>$1 ORDER BY seq LIMIT $2`
 	args := []any{after, limitArg(limit)}

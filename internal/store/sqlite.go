@@ -233,6 +233,19 @@ func (s *SQLite) insertEvents(ps []*pendingEvent) error {
 	return tx.Commit()
 }
 
+// DeleteEventsBefore deletes from the oldest event on, which seq finds by
+// its key: events are appended in time order.
+func (s *SQLite) DeleteEventsBefore(ctx context.Context, t time.Time, limit int) (int64, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	res, err := s.db.ExecContext(ctx, `DELETE FROM events WHERE seq IN
+		(SELECT seq FROM (SELECT seq, enqueued FROM events ORDER BY seq LIMIT ?) WHERE enqueued < ?)`, limit, t.UnixMilli())
+	if err != nil {
+		return 0, err
+	}
+	return res.RowsAffected()
+}
+
 func (s *SQLite) Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error) {
 	q := `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE seq>? ORDER BY seq LIMIT ?`
 	args := []any{after, limit}

@@ -57,6 +57,9 @@ type Store interface {
 	AppendEvent(ctx context.Context, e Event) (int64, error)
 	// Events returns events with Seq > after, oldest first; deviceID "" means all.
 	Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error)
+	// DeleteEventsBefore removes up to limit of the oldest events enqueued
+	// before t, and says how many it removed.
+	DeleteEventsBefore(ctx context.Context, t time.Time, limit int) (int64, error)
 	Close() error
 }
 
