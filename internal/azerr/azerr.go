@@ -38,6 +38,14 @@ func BadRequest(format string, args ...any) *Error {
 func Unauthorized(format string, args ...any) *Error {
 	return New(401002, "IotHubUnauthorizedAccess", format, args...)
 }
+
+// Throttled is a 429 whose Retry-After says when to come back: at least a
+// second, as Retry-After carries whole seconds.
+func Throttled(what string, wait time.Duration) *Error {
+	e := New(429001, "ThrottlingException", "%s: retry after %s", what, wait.Round(time.Second).String())
+	e.RetryAfter = max(wait, time.Second)
+	return e
+}
 func NotFound(name, format string, args ...any) *Error {
 	return New(404001, name, format, args...)
 }

@@ -38,12 +38,6 @@ func TestThrottle(t *testing.T) {
 	if err := th.registration(now.Add(500 * time.Millisecond)); err != nil {
 		t.Fatalf("half a second later, at 2/s: %v", err)
 	}
-	// Idle buckets are forgotten.
-	th.device("c", now)
-	th.sweep(now.Add(time.Hour))
-	if len(th.perID) != 0 {
-		t.Fatalf("%d buckets kept after an hour idle", len(th.perID))
-	}
 	var none *Throttle
 	if none.registration(now) != nil || none.device("a", now) != nil {
 		t.Fatal("a nil throttle limits")
