@@ -54,6 +54,7 @@ type serveOptions struct {
 	registrationRate, deviceRate                   float64
 	deviceBurst                                    int
 	eventRetention                                 time.Duration
+	messageKiBPerSecond                            float64
 }
 
 func serveCmd() *cobra.Command {
@@ -87,6 +88,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
+	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
 }
@@ -144,6 +146,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	// One set of CA certificates serves both: X.509 groups may reference them.
 	dpsSvc.CAs = hubSvc
 	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
+	hubSvc.MessageBytes = hub.NewMessageLimit(o.messageKiBPerSecond * 1024)
 	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
 		return err
 	} else if len(hubs) == 0 {

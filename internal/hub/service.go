@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/ratelimit"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -26,6 +27,9 @@ type Service struct {
 	host     string
 	settings Settings
 	Now      func() time.Time
+	// MessageBytes throttles each device's device-to-cloud messages
+	// (NewMessageLimit); nil is no limit.
+	MessageBytes *ratelimit.Keyed
 
 	desiredWatchers watchers[Ref, func(patch []byte)]
 	c2dWatchers     watchers[string, func()]
@@ -172,9 +176,27 @@ func enabled(dev *record) error {
 	return nil
 }
 
-// SendEvent appends a device-to-cloud message to the durable event stream.
+// MaxMessageSize is the hosted hub's largest device-to-cloud message.
+const MaxMessageSize = 256 << 10
+
+// SendEvent appends a device-to-cloud message to the durable event stream,
+// within the device's share of MessageBytes.
 func (s *Service) SendEvent(ctx context.Context, r Ref, props map[string]string, body []byte) (int64, error) {
-	return s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: s.Now().UTC()})
+	if len(body) > MaxMessageSize {
+		return 0, azerr.New(413002, "MessageTooLarge", "the message body is %d bytes: device-to-cloud messages carry at most %d", len(body), MaxMessageSize)
+	}
+	now := s.Now().UTC()
+	if ok, wait := s.MessageBytes.Take(r.Device, now, float64(len(body))); !ok {
+		return 0, azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)
+	}
+	return s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: now})
+}
+
+// NewMessageLimit lets each device (with its modules) send bytesPerSecond
+// of device-to-cloud messages on average, in bursts of 16 seconds' worth
+// and at least one message of the largest size; 0 is no limit.
+func NewMessageLimit(bytesPerSecond float64) *ratelimit.Keyed {
+	return ratelimit.NewKeyed(bytesPerSecond, max(16*bytesPerSecond, MaxMessageSize))
 }
 
 // expiryBatch bounds one deletion, so that writers never wait long for it.

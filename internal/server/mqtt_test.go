@@ -397,3 +397,36 @@ func TestEventRetention(t *testing.T) {
 		t.Fatalf("left %+v, %v", left, err)
 	}
 }
+
+// A device gets its share of device-to-cloud bytes: beyond it, HTTPS
+// answers 429 with Retry-After and MQTT ends the connection; no message is
+// larger than the hosted hub's 256 KiB.
+func TestDeviceMessageRate(t *testing.T) {
+	e := newEnv(t)
+	e.hub.MessageBytes = hub.NewMessageLimit(1024) // bursts of 256 KiB, the largest message
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	tok := sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Minute))
+	post := func(n int) (int, map[string]any) {
+		return e.raw("POST", "/devices/d1/messages/events?api-version=2020-09-30", tok, strings.Repeat("x", n))
+	}
+	if st, body := post(256<<10 + 1); st != 413 {
+		t.Fatalf("a message over 256 KiB: %d %v", st, body)
+	}
+	if st, body := post(200 << 10); st != 204 {
+		t.Fatalf("within the burst: %d %v", st, body)
+	}
+	if st, body := post(100 << 10); st != 429 {
+		t.Fatalf("beyond the burst: %d %v", st, body)
+	}
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SendEvent(ctx, make([]byte, 100<<10), nil)
+	within(t, c.Done(), "disconnect of the device over its rate")
+	if n, _ := e.hub.Events(ctx, "d1", 0, 10); len(n) != 1 {
+		t.Fatalf("%d messages stored, want the one within the limit", len(n))
+	}
+}
