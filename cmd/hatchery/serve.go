@@ -19,6 +19,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/hatchery/hatchery/internal/connlimit"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
@@ -55,6 +56,7 @@ type serveOptions struct {
 	deviceBurst                                    int
 	eventRetention                                 time.Duration
 	messageKiBPerSecond                            float64
+	maxHTTPSConns                                  int
 }
 
 func serveCmd() *cobra.Command {
@@ -88,6 +90,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
+	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once; more clients wait their turn, so that slow ones cannot take every file descriptor from the MQTT devices")
 	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
@@ -96,6 +99,9 @@ func serveCmd() *cobra.Command {
 func serve(ctx context.Context, o serveOptions) error {
 	if o.host == "" {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
+	}
+	if o.maxHTTPSConns < 1 {
+		return errors.New("--max-https-connections must be at least 1")
 	}
 	if o.eventRetention < 0 {
 		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
@@ -165,6 +171,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err != nil {
 		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", o.port, err)
 	}
+	ln = connlimit.Listen(ln, o.maxHTTPSConns)
 	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.mqttPort)), tlsConfig)
 	if err != nil {
 		ln.Close()
