@@ -331,10 +331,18 @@ func (s *Service) applyAll(ctx context.Context) error {
 			return err
 		}
 		for _, r := range recs {
-			if r.Device.Capabilities.IoTEdge {
-				if err := s.applyTo(ctx, r, cs); err != nil {
-					return err
-				}
+			if !r.Device.Capabilities.IoTEdge {
+				continue
+			}
+			// What does not fit one device (layers merging past a
+			// module twin's size) stays off that device only.
+			err := s.applyTo(ctx, r, cs)
+			switch {
+			case err == nil:
+			case azerr.As(err).Status() >= 500:
+				return err
+			default:
+				slog.Warn("deployments do not fit an edge device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
 			}
 		}
 		if next == "" {

@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -153,4 +154,38 @@ func mustTwin(t *testing.T, e *env, device, module string) *hub.Twin {
 		t.Fatal(err)
 	}
 	return tw
+}
+
+// Layers that merge past a module twin's 32 KiB on one device stay off that
+// device; the deployment itself is stored and reaches the others.
+func TestLayerTooLargeForOneDevice(t *testing.T) {
+	e := newEnv(t)
+	for id, tag := range map[string]string{"edge-a": "big", "edge-b": "small"} {
+		e.newDevice(id, true)
+		if err := e.hubAPI.Do(ctx, "PATCH", "/twins/"+id, "", map[string]any{"tags": map[string]any{"size": tag}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	strs := func(prefix string) map[string]any {
+		m := map[string]any{}
+		for i := range 5 {
+			m[prefix+strconv.Itoa(i)] = strings.Repeat("x", 4000)
+		}
+		return m
+	}
+	base := manifest("sensor:1")
+	base["modulesContent"].(map[string]any)["sensor"] = map[string]any{"properties.desired": strs("base")}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/base", "", map[string]any{"content": base, "targetCondition": "*"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	layer := map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired.more": strs("more")}}}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/layer", "", map[string]any{"content": layer, "targetCondition": "tags.size='big'"}, nil); err != nil {
+		t.Fatalf("a layer too large for one device: %v", err)
+	}
+	if got := mustTwin(t, e, "edge-a", "sensor"); strings.Contains(string(got.Properties.Desired), "more0") || !strings.Contains(string(got.Properties.Desired), "base0") {
+		t.Fatalf("edge-a's module twin took the oversized merge: %.80s", got.Properties.Desired)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/layer", "", nil, nil); err != nil {
+		t.Fatalf("the layer was not stored: %v", err)
+	}
 }
