@@ -265,11 +265,7 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("twin", "show", "--device-id", "edge-1"); !strings.Contains(out, `"environment": "prod"`) {
 		t.Errorf("twin show: %s", out)
 	}
-	manifest := filepath.Join(t.TempDir(), "manifest.json")
-	_ = os.WriteFile(manifest, []byte(`{"content":{"modulesContent":{
-		"$edgeAgent":{"properties.desired":{"schemaVersion":"1.1","runtime":{"type":"docker","settings":{}},"systemModules":{},
-			"modules":{"sensor":{"type":"docker","status":"running","restartPolicy":"always","settings":{"image":"sensor:1"}}}}},
-		"$edgeHub":{"properties.desired":{"schemaVersion":"1.1","routes":{}}}}}}`), 0o644)
+	manifest := "../../docs/examples/deployment.json" // the README's example
 	out := c.ok("deployment", "create", "--deployment-id", "prod-sensor", "--content", manifest,
 		"--target-condition", "tags.environment='prod'", "--priority", "10")
 	if !strings.Contains(out, "Targeted:             1") || !strings.Contains(out, "Applied:              1") {
@@ -278,7 +274,7 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("deployment", "list"); !strings.Contains(out, "prod-sensor") {
 		t.Errorf("deployment list: %s", out)
 	}
-	if out := c.ok("twin", "show", "--device-id", "edge-1", "--module-id", "$edgeAgent"); !strings.Contains(out, "sensor:1") {
+	if out := c.ok("twin", "show", "--device-id", "edge-1", "--module-id", "$edgeAgent"); !strings.Contains(out, "registry.local/sensor:1.0") {
 		t.Errorf("$edgeAgent twin: %s", out)
 	}
 	c.ok("edge", "set-modules", "--device-id", "edge-1", "--content", manifest)
