@@ -144,7 +144,11 @@ func TestOperatorCLI(t *testing.T) {
 	caPath, devPath := filepath.Join(dir, "ca.pem"), filepath.Join(dir, "dev.pem")
 	testutil.WritePEM(t, ca, caPath, "")
 	testutil.WritePEM(t, dev, devPath, "")
-	if out := c.ok("enrollment", "create", "--registration-id", "cam-1", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") {
+	// The registration ID is the certificate's CN: by default, and never another.
+	if out, err := c.run("enrollment", "create", "--registration-id", "cam-2", "--attestation-type", "x509", "--certificate-path", devPath); err == nil || !strings.Contains(out, `enroll it as "cam-1"`) {
+		t.Errorf("x509 enrollment under another registration ID: %v %s", err, out)
+	}
+	if out := c.ok("enrollment", "create", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") || !strings.Contains(out, "Registration ID:") || !strings.Contains(out, "cam-1") {
 		t.Errorf("x509 enrollment: %s", out)
 	}
 	if out := c.ok("enrollment-group", "create", "--group-id", "cams", "--attestation-type", "x509", "--certificate-path", caPath); !strings.Contains(out, "CN=Fleet CA") {
@@ -234,6 +238,7 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "tpm"}, "ekCertificateAuthorities"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--certificate-path", devPath}, "need --attestation-type x509"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "x509", "--certificate-path", caPath + ".missing"}, "no such file"},
+		{[]string{"enrollment", "create", "--attestation-type", "tpm", "--endorsement-key", "AAAA"}, "--registration-id is required"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--certificate-path", devPath}, "not a CA certificate"},
 		{[]string{"enrollment-group", "create", "--group-id", "g", "--attestation-type", "x509", "--ca-name", "ghost"}, "no certificate \"ghost\""},
 		{[]string{"hub", "unlink", "--hostname", "ghost.example"}, "no linked hub"},

@@ -4,6 +4,7 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/url"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/dps"
 )
 
@@ -323,6 +325,26 @@ func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestat
 	return nil
 }
 
+// certificateCN is the subject CN of the certificate at path, which an
+// X.509 device uses as its registration ID.
+func certificateCN(path string) (string, error) {
+	if path == "" {
+		return "", errors.New("--registration-id is required (with --certificate-path, it defaults to the certificate's CN)")
+	}
+	pem, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	c, err := certtext.Parse(string(pem))
+	if err != nil {
+		return "", fmt.Errorf("--certificate-path %s: %w", path, err)
+	}
+	if c.Subject.CommonName == "" {
+		return "", fmt.Errorf("--certificate-path %s has no subject CN: give --registration-id", path)
+	}
+	return c.Subject.CommonName, nil
+}
+
 // readCertificates reads --certificate-path and --secondary-certificate-path.
 func (f *enrollmentFlags) readCertificates() (*dps.X509Certificates, error) {
 	certs := &dps.X509Certificates{}
@@ -353,6 +375,13 @@ func enrollmentCmd() *cobra.Command {
 	put := func(use, short string, update bool) *cobra.Command {
 		var f enrollmentFlags
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
+			if regID == "" { // create: an X.509 device registers as its certificate's CN
+				cn, err := certificateCN(f.certPath)
+				if err != nil {
+					return err
+				}
+				regID = strings.ToLower(cn)
+			}
 			out, err := putEnrollment(cmd, enrollment.path(), update, &dps.Enrollment{RegistrationID: regID},
 				func(e *dps.Enrollment) string { return e.ETag },
 				func(e *dps.Enrollment) error {
@@ -368,7 +397,11 @@ func enrollmentCmd() *cobra.Command {
 			}
 			return showEnrollment(cmd, out)
 		}}
-		idFlag(c)
+		if update {
+			idFlag(c)
+		} else {
+			c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID (x509: default the certificate's CN)")
+		}
 		f.register(c, true)
 		return c
 	}

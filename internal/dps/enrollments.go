@@ -166,6 +166,9 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create 
 	if err := checkAllocation(e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
+	if err := checkRegistrationCN(e); err != nil {
+		return nil, err
+	}
 	if ifMatch == "" {
 		ifMatch = e.ETag
 	}

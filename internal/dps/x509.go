@@ -5,6 +5,7 @@ import (
 	"crypto/subtle"
 	"crypto/x509"
 	"fmt"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -159,15 +160,33 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 		return unauthorized(regID, fmt.Sprintf("the client certificate is valid from %s to %s, not now",
 			leaf.NotBefore.UTC().Format(time.RFC3339), leaf.NotAfter.UTC().Format(time.RFC3339)))
 	}
-	if strings.EqualFold(leaf.Subject.CommonName, regID) {
+	if namesRegistration(leaf, regID) {
 		return nil
 	}
-	for _, n := range leaf.DNSNames {
-		if strings.EqualFold(n, regID) {
-			return nil
+	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN", leaf.Subject.CommonName))
+}
+
+// namesRegistration reports whether a device certificate names regID, the
+// registration ID the device uses: as its subject CN, or as a DNS name.
+func namesRegistration(c *x509.Certificate, regID string) bool {
+	return strings.EqualFold(c.Subject.CommonName, regID) || slices.ContainsFunc(c.DNSNames, func(n string) bool { return strings.EqualFold(n, regID) })
+}
+
+// checkRegistrationCN refuses an individual X.509 enrollment whose
+// certificates name another registration ID, under which the device
+// would register and find no enrollment.
+func checkRegistrationCN(e *Enrollment) error {
+	x := e.Attestation.X509
+	if x == nil || x.ClientCertificates == nil {
+		return nil
+	}
+	for _, c := range x.ClientCertificates.certificates() {
+		if !namesRegistration(c, e.RegistrationID) {
+			return azerr.BadRequest("the certificate's subject CN %q is the registration ID its device registers with, not %q: enroll it as %q",
+				c.Subject.CommonName, e.RegistrationID, strings.ToLower(c.Subject.CommonName))
 		}
 	}
-	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN", leaf.Subject.CommonName))
+	return nil
 }
 
 // authenticateX509 finds the enrollment that trusts the device's TLS client
