@@ -312,7 +312,8 @@ func TestHubCLI(t *testing.T) {
 		}
 	}
 	if out := c.ok("device", "create", "--device-id", "x509-1", "--auth-method", "x509_thumbprint",
-		"--primary-thumbprint", strings.Repeat("ab", 32)); !strings.Contains(out, "selfSigned") {
+		"--primary-thumbprint", strings.Repeat("ab", 32)); !strings.Contains(out, "selfSigned") || strings.Contains(out, "Primary key") ||
+		len(grepLines(out, "Primary thumbprint", strings.Repeat("ab", 32))) != 1 {
 		t.Errorf("x509 device: %s", out)
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")

@@ -172,13 +172,13 @@ func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
 	what := "the device's certificate (PEM)"
 	if !individual {
 		what = "the CA certificate (PEM) that signs the devices' certificates"
-		fl.StringVar(&f.caName, "ca-name", "", "x509: a verified CA certificate uploaded with `hatchery certificate create`, instead of --certificate-path")
+		fl.StringVar(&f.caName, "ca-name", "", "x509: a verified CA certificate uploaded with 'hatchery certificate create', instead of --certificate-path")
 		fl.StringVar(&f.secondaryCAName, "secondary-ca-name", "", "x509: a second verified CA certificate")
 	}
 	fl.StringVar(&f.certPath, "certificate-path", "", "x509: "+what)
 	fl.StringVar(&f.secondaryCertPath, "secondary-certificate-path", "", "x509: a second certificate, to roll over to")
 	if individual {
-		fl.StringVar(&f.ek, "endorsement-key", "", "TPM endorsement key (base64 TPM2B_PUBLIC, from `iotedge tpm provision-info`)")
+		fl.StringVar(&f.ek, "endorsement-key", "", "TPM endorsement key (base64 TPM2B_PUBLIC, from 'iotedge tpm provision-info')")
 		fl.StringVar(&f.srk, "storage-root-key", "", "TPM storage root key (optional)")
 		fl.StringVar(&f.deviceID, "device-id", "", "device ID in the hub (default: the registration ID)")
 	}

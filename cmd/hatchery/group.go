@@ -52,7 +52,7 @@ func groupCmd() *cobra.Command {
 		}
 		return renderTable(cmd, all, []string{"GROUP ID", "ATTESTATION", "EDGE", "STATUS"}, rows)
 	}}
-	cmd.AddCommand(put("create", "Create a symmetric-key enrollment group", false), put("update", "Change an enrollment group", true), show, del, listCmd,
+	cmd.AddCommand(put("create", "Create an enrollment group: symmetric key (the default), X.509 CAs, or TPM makers' CAs", false), put("update", "Change an enrollment group", true), show, del, listCmd,
 		rotateCmd(idFlag, func(cmd *cobra.Command, which string) error {
 			out, err := putEnrollment(cmd, group.path(), true, &dps.EnrollmentGroup{},
 				func(g *dps.EnrollmentGroup) string { return g.ETag },

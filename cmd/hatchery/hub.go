@@ -41,11 +41,17 @@ func deviceCmd() *cobra.Command {
 		_ = c.MarkFlagRequired("device-id")
 	}
 	show := func(cmd *cobra.Command, d *hub.Device) error {
-		return render(cmd, d, [][2]string{
+		rows := [][2]string{
 			{"Device ID", d.DeviceID}, {"Status", d.Status}, {"IoT Edge", strconv.FormatBool(d.Capabilities.IoTEdge)},
 			{"Authentication", d.Authentication.Type}, {"Connection state", d.ConnectionState},
-			{"Primary key", d.Authentication.SymmetricKey.PrimaryKey},
-		})
+		}
+		switch a := d.Authentication; {
+		case a.Type == "sas":
+			rows = append(rows, [2]string{"Primary key", a.SymmetricKey.PrimaryKey})
+		case a.X509Thumbprint.PrimaryThumbprint != nil:
+			rows = append(rows, [2]string{"Primary thumbprint", *a.X509Thumbprint.PrimaryThumbprint})
+		}
+		return render(cmd, d, rows)
 	}
 	create := &cobra.Command{Use: "create", Short: "Create a device with generated keys", RunE: func(cmd *cobra.Command, _ []string) error {
 		in := hub.Device{DeviceID: id, Capabilities: hub.Capabilities{IoTEdge: edge}}

@@ -57,9 +57,13 @@ func (d *Daemon) mgmtHandler() http.Handler {
 		}
 		q := r.URL.Query()
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		out := flushWriter{w}
+		out := &flushWriter{w: w}
 		if err := e.Logs(r.Context(), r.PathValue("name"), moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
 			Since: q.Get("since"), Follow: q.Get("follow") == "true"}, out); err != nil {
+			if !out.wrote { // nothing streamed yet: a status the CLI exits with
+				writeError(w, http.StatusNotFound, err)
+				return
+			}
 			fmt.Fprintf(w, "error: %v\n", err)
 		}
 	})
@@ -127,9 +131,14 @@ func (d *Daemon) moduleEngine(name string) (*moby.Engine, error) {
 }
 
 // flushWriter flushes after each write, for following logs.
-type flushWriter struct{ w http.ResponseWriter }
+// flushWriter sends each write at once, as a log stream should.
+type flushWriter struct {
+	w     http.ResponseWriter
+	wrote bool
+}
 
-func (f flushWriter) Write(p []byte) (int, error) {
+func (f *flushWriter) Write(p []byte) (int, error) {
+	f.wrote = true
 	n, err := f.w.Write(p)
 	if fl, ok := f.w.(http.Flusher); ok {
 		fl.Flush()
