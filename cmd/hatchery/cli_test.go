@@ -95,7 +95,8 @@ func TestOperatorCLI(t *testing.T) {
 		t.Fatal(err)
 	}
 	if !strings.HasPrefix(info.IDScope, "0ne") || info.HubHostName != "localhost" || !strings.Contains(info.ProvisioningServiceConnectionString, "SharedAccessKeyName=provisioningserviceowner") ||
-		!strings.Contains(info.HubConnectionString, "SharedAccessKeyName=iothubowner") || !strings.HasPrefix(info.ProvisioningHost, "https://localhost:") {
+		!strings.Contains(info.HubConnectionString, "SharedAccessKeyName=iothubowner") || !strings.HasPrefix(info.ProvisioningHost, "https://localhost:") ||
+		info.HubMQTTPort != c.mqttPort {
 		t.Fatalf("info %+v", info)
 	}
 	if _, err := os.Stat(info.CACertificate); err != nil {

@@ -70,6 +70,9 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			if err != nil {
 				return err
 			}
+			if !cmd.Flags().Changed("mqtt-port") {
+				o.mqttPort = site.HubMQTTPort
+			}
 			att := map[string]string{"tpm": dps.AttestationTPM, "symmetrickey": dps.AttestationSymmetricKey}[strings.ToLower(o.attestation)]
 			if att == "" {
 				return fmt.Errorf("--attestation %q: use tpm or symmetrickey", o.attestation)
@@ -169,7 +172,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.StringVar(&o.prefix, "prefix", "sim-", "registration ID prefix")
 	f.BoolVar(&o.skipEnroll, "skip-enroll", false, "the devices are enrolled already (by a run with the same --prefix)")
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
-	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect")
+	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect (default: the installation's)")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
 	f.IntVar(&o.retries, "retries", 0, "how often a device whose registration failed tries again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
@@ -9,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 
 	"github.com/spf13/cobra"
 
@@ -23,6 +25,7 @@ type siteInfo struct {
 	ProvisioningHost                    string `json:"provisioningHost"`
 	ProvisioningServiceConnectionString string `json:"provisioningServiceConnectionString"`
 	HubHostName                         string `json:"hubHostName"`
+	HubMQTTPort                         int    `json:"hubMqttPort"`
 	HubConnectionString                 string `json:"hubConnectionString"`
 	// Least-privilege policies: twins, methods and messages; identities.
 	HubServiceConnectionString  string `json:"hubServiceConnectionString"`
@@ -66,6 +69,7 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 		ProvisioningHost:                    ep.url(),
 		ProvisioningServiceConnectionString: d.OwnerConnectionString(),
 		HubHostName:                         h.Host(),
+		HubMQTTPort:                         cmp.Or(ep.MQTTPort, 8883),
 		HubConnectionString:                 h.OwnerConnectionString(),
 		HubServiceConnectionString:          service,
 		HubRegistryConnectionString:         registry,
@@ -88,6 +92,7 @@ func infoCmd() *cobra.Command {
 				{"Provisioning endpoint (global_endpoint)", info.ProvisioningHost},
 				{"Provisioning service connection string", info.ProvisioningServiceConnectionString},
 				{"Hub host name", info.HubHostName},
+				{"Hub MQTT port", strconv.Itoa(info.HubMQTTPort)},
 				{"Hub connection string", info.HubConnectionString},
 				{"Hub service connection string", info.HubServiceConnectionString},
 				{"Hub registry connection string", info.HubRegistryConnectionString},

@@ -35,6 +35,7 @@ const endpointFile = "endpoint.json"
 type endpoint struct {
 	HostName  string `json:"hostName"`
 	HTTPSPort int    `json:"httpsPort"`
+	MQTTPort  int    `json:"mqttPort,omitempty"` // absent in files written before it was recorded: 8883
 	CACert    string `json:"caCertificate"`
 	// ExternalDatabase says the server keeps its state in PostgreSQL, not
 	// in the data directory (the URL, with its password, is not written).
@@ -162,7 +163,7 @@ func serve(ctx context.Context, o serveOptions) error {
 			return err
 		}
 	}
-	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
+	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
 	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
 		return err
 	}
