@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"net/url"
+	"os"
 	"sort"
 	"strconv"
 	"strings"
@@ -16,7 +17,7 @@ import (
 // `az iot dps linked-hub`).
 func hubCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "hub", Short: "Link the IoT hubs devices are assigned to (as `az iot dps linked-hub`)"}
-	var host, connString, endpoint string
+	var host, connString, endpoint, caPath string
 	var weight int
 	var apply bool
 	var latency map[string]string
@@ -43,6 +44,13 @@ func hubCmd() *cobra.Command {
 		if changed("endpoint") {
 			h.Endpoint = endpoint
 		}
+		if changed("ca-cert") {
+			pem, err := os.ReadFile(caPath)
+			if err != nil {
+				return fmt.Errorf("--ca-cert: %w", err)
+			}
+			h.CACertificate = string(pem)
+		}
 		if changed("allocation-weight") {
 			h.AllocationWeight = weight
 		}
@@ -68,6 +76,7 @@ func hubCmd() *cobra.Command {
 	link.Flags().StringVar(&host, "hostname", "", "the hub's host name, as devices reach it")
 	link.Flags().StringVar(&connString, "connection-string", "", "the hub's registry connection string (iothubowner or a policy with RegistryWrite); omit to change a linked hub's settings")
 	link.Flags().StringVar(&endpoint, "endpoint", "", "the registry's URL when not https://HOSTNAME (another port)")
+	link.Flags().StringVar(&caPath, "ca-cert", "", "PEM of the CA that signed the hub's TLS certificate, when the system does not trust it (another hatchery serve: its tls/ca.pem)")
 	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation")
 	link.Flags().BoolVar(&apply, "apply-allocation-policy", true, "allocate to this hub devices whose enrollment names no hubs")
 	link.Flags().StringToStringVar(&latency, "latency", nil, "geoLatency table: NETWORK=MS pairs, the latency from devices in each network to this hub, e.g. 10.1.0.0/16=20")

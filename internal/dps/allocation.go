@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -308,8 +309,8 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 		if err != nil {
 			return nil, err
 		}
-		if old.Endpoint != h.Endpoint {
-			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint, where that key's tokens go", host)
+		if old.Endpoint != h.Endpoint || old.CACertificate != h.CACertificate {
+			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint or CA certificate, which decide where that key's tokens go", host)
 		}
 		h.ConnectionString = old.ConnectionString
 	}
@@ -354,6 +355,9 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 		return azerr.BadRequest("linked hub %s: the connection string is for HostName=%s: give this hub's own", h.HostName, cs.HostName)
 	case cs.KeyName == "":
 		return azerr.BadRequest("linked hub %s: the connection string is a device's: give a registry policy's, with SharedAccessKeyName (e.g. iothubowner)", h.HostName)
+	}
+	if h.CACertificate != "" && !x509.NewCertPool().AppendCertsFromPEM([]byte(h.CACertificate)) {
+		return azerr.BadRequest("linked hub %s: caCertificate holds no PEM certificate: give the CA certificate that signed the hub's TLS certificate", h.HostName)
 	}
 	if h.Endpoint != "" {
 		u, err := url.Parse(h.Endpoint)

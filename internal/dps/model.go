@@ -152,7 +152,10 @@ type LinkedHub struct {
 	HostName         string `json:"hostName"`
 	ConnectionString string `json:"connectionString"`
 	// Endpoint overrides https://HostName for the registry API (another port).
-	Endpoint              string `json:"endpoint,omitempty"`
+	Endpoint string `json:"endpoint,omitempty"`
+	// CACertificate (PEM) is trusted for this hub's TLS certificate besides
+	// the system's CAs: another hatchery serve's own CA, say.
+	CACertificate         string `json:"caCertificate,omitempty"`
 	AllocationWeight      int    `json:"allocationWeight,omitempty"`
 	ApplyAllocationPolicy bool   `json:"applyAllocationPolicy"`
 	// LatencyMs is the geoLatency table: the latency from devices in each

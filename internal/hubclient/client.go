@@ -8,6 +8,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"net/http"
 	"net/url"
@@ -115,11 +116,26 @@ func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	key := h.ConnectionString + "|" + h.Endpoint
+	key := h.ConnectionString + "|" + h.Endpoint + "|" + h.CACertificate
 	if c, ok := p.clients[key]; ok {
 		return c, nil
 	}
-	c, err := New(h.ConnectionString, h.Endpoint, p.TLS)
+	conf := p.TLS
+	if h.CACertificate != "" { // trusted for this hub besides the pool's roots
+		conf = p.TLS.Clone()
+		if conf == nil {
+			conf = &tls.Config{MinVersion: tls.VersionTLS12}
+		}
+		if conf.RootCAs == nil {
+			conf.RootCAs, _ = x509.SystemCertPool()
+		}
+		if conf.RootCAs == nil {
+			conf.RootCAs = x509.NewCertPool()
+		}
+		conf.RootCAs = conf.RootCAs.Clone()
+		conf.RootCAs.AppendCertsFromPEM([]byte(h.CACertificate))
+	}
+	c, err := New(h.ConnectionString, h.Endpoint, conf)
 	if err != nil {
 		return nil, err
 	}

@@ -1,8 +1,11 @@
 package server
 
 import (
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"fmt"
 	"io"
 	"net/http"
@@ -14,6 +17,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
@@ -274,5 +278,45 @@ func TestIoTHubHostNamePins(t *testing.T) {
 	res, err := e.symDevice(t, &dps.Enrollment{RegistrationID: "pinned-1", IoTHubHostName: "hub2.test"})()
 	if err != nil || res.AssignedHub != "hub2.test" {
 		t.Fatalf("%+v %v", res, err)
+	}
+}
+
+// A linked hub whose TLS certificate the system does not trust (another
+// hatchery serve, with its own CA) is reached by trusting its CA for that
+// hub alone.
+func TestLinkedHubOwnCA(t *testing.T) {
+	e := newEnv(t)
+	e.secondHub(t, "hub2.test")
+	hubs, err := e.dps.LinkedHubs(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h2 dps.LinkedHub
+	for _, h := range hubs {
+		if h.HostName == "hub2.test" {
+			h2 = *h
+		}
+	}
+	// The test servers' certificate, the "CA" here, as a PEM.
+	ts := httptest.NewTLSServer(nil)
+	ts.Close()
+	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}))
+	pool := &hubclient.Pool{TLS: &tls.Config{RootCAs: x509.NewCertPool()}} // trusts nothing of its own
+	dev := dps.HubDevice{DeviceID: "d1", PrimaryKey: base64.StdEncoding.EncodeToString(make([]byte, 32))}
+	if err := pool.UpsertDevice(ctx, h2, dev); err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Fatalf("an untrusted hub: %v", err)
+	}
+	h2.CACertificate = caPEM
+	if err := pool.UpsertDevice(ctx, h2, dev); err != nil {
+		t.Fatalf("the hub's CA trusted for it: %v", err)
+	}
+	// The API keeps the key's destination with the key: a CA change needs it.
+	h2.ConnectionString = "HostName=hub2.test;SharedAccessKeyName=iothubowner;SharedAccessKey=" + dps.HiddenKey
+	if err := e.dpsAPI.Do(ctx, "PUT", "/linkedHubs/hub2.test", "", h2, nil); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "CA certificate") {
+		t.Fatalf("CA changed without the key: %v", err)
+	}
+	h2.CACertificate = "not a certificate"
+	if err := e.dps.LinkHub(ctx, h2); azerr.As(err).Status() != 400 {
+		t.Fatalf("a CA that is no PEM: %v", err)
 	}
 }
