@@ -61,6 +61,20 @@ func (e *env) newDevice(id string, edge bool) *hub.Device {
 	return &d
 }
 
+// mqttDevice starts the MQTT endpoint and connects a new device to it; the
+// connection closes with the test.
+func (e *env) mqttDevice(id string) (addr string, d *hub.Device, c *hubdevice.Client) {
+	e.t.Helper()
+	addr = e.startMQTT()
+	d = e.newDevice(id, false)
+	c, err := e.dial(addr, id, "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(c.Close)
+	return addr, d, c
+}
+
 func within[T any](t *testing.T, ch <-chan T, what string) T {
 	t.Helper()
 	select {
@@ -75,13 +89,7 @@ func within[T any](t *testing.T, ch <-chan T, what string) T {
 
 func TestMQTTDeviceEndpoint(t *testing.T) {
 	e := newEnv(t)
-	addr := e.startMQTT()
-	d := e.newDevice("d1", false)
-	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, _, c := e.mqttDevice("d1")
 	if got, _ := e.hub.GetIdentity(ctx, hub.Ref{Device: "d1"}); got.ConnectionState != "Connected" {
 		t.Fatalf("connection state %q", got.ConnectionState)
 	}
@@ -234,12 +242,7 @@ func TestMQTTModuleTwin(t *testing.T) {
 // it is disabled.
 func TestMQTTRevocationDisconnects(t *testing.T) {
 	e := newEnv(t)
-	addr := e.startMQTT()
-	d := e.newDevice("d1", false)
-	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
-	if err != nil {
-		t.Fatal(err)
-	}
+	addr, d, c := e.mqttDevice("d1")
 	module := func() *hub.Device {
 		var m hub.Device
 		if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/m1", "", &hub.Device{}, &m); err != nil {
@@ -347,13 +350,7 @@ func TestMQTTX509Devices(t *testing.T) {
 // of watchers for it.
 func TestMQTTRepeatedSubscribe(t *testing.T) {
 	e := newEnv(t)
-	addr := e.startMQTT()
-	d := e.newDevice("d1", false)
-	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	_, _, c := e.mqttDevice("d1")
 	var got atomic.Int32
 	for range 5 {
 		if err := c.OnDesired(ctx, func([]byte) { got.Add(1) }); err != nil {
