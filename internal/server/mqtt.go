@@ -13,6 +13,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/mqtt"
 )
@@ -207,8 +208,10 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 			return d.reply(c, "$iothub/twin/res/400/?$rid="+rid, nil)
 		}
 		v, err := d.hub.UpdateReported(ctx, s.ref, patch)
-		if err != nil {
-			return d.reply(c, "$iothub/twin/res/500/?$rid="+rid, nil)
+		if err != nil { // a patch IoT Hub refuses is the device's to fix, not to retry
+			e := azerr.As(err)
+			body, _ := json.Marshal(map[string]any{"errorCode": e.Code, "message": e.Message})
+			return d.reply(c, "$iothub/twin/res/"+strconv.Itoa(e.Status())+"/?$rid="+rid, body)
 		}
 		return d.reply(c, "$iothub/twin/res/204/?$rid="+rid+"&$version="+strconv.FormatInt(v, 10), nil)
 	case strings.HasPrefix(p.Topic, "$iothub/methods/res/"):

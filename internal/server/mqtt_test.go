@@ -107,6 +107,10 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if v, err := c.PatchReported(ctx, map[string]any{"firmware": "1.2"}); err != nil || v != 2 {
 		t.Fatalf("patch reported: %v %v", v, err)
 	}
+	// A patch the hub refuses is answered 400, which SDKs do not retry.
+	if _, err := c.PatchReported(ctx, map[string]any{"a.b": 1}); err == nil || !strings.Contains(err.Error(), "status 400") {
+		t.Fatalf("reported property name with a dot: %v", err)
+	}
 	tw, err := c.GetTwin(ctx)
 	if err != nil || !strings.Contains(string(tw.Reported), `"firmware":"1.2"`) {
 		t.Fatalf("twin %s %v", tw.Reported, err)
