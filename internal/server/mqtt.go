@@ -42,6 +42,7 @@ type session struct {
 	mu        sync.Mutex
 	cancels   []func()
 	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
+	c2dSent   map[string]bool              // C2D messages sent and not yet acknowledged, by store ID
 	methods   map[string]chan methodAnswer // by $rid
 	nextRID   atomic.Uint64
 }
@@ -59,6 +60,47 @@ func (s *session) watch(filter string) bool {
 	}
 	s.watching[filter] = true
 	return true
+}
+
+// startC2D claims a pending C2D message for sending; false if it was sent
+// on this connection and awaits its acknowledgement, as each new message's
+// notification reads the whole pending queue again. A send that fails
+// gives the claim back (endC2D).
+func (s *session) startC2D(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.c2dSent[id] {
+		return false
+	}
+	if s.c2dSent == nil {
+		s.c2dSent = map[string]bool{}
+	}
+	s.c2dSent[id] = true
+	return true
+}
+
+func (s *session) endC2D(id string) {
+	s.mu.Lock()
+	delete(s.c2dSent, id)
+	s.mu.Unlock()
+}
+
+// keepSentC2D forgets sent messages that are no longer pending: their
+// acknowledgement removed them from the queue. (Forgetting them when the
+// acknowledgement arrives instead could let a reading of the queue taken
+// just before send them again.)
+func (s *session) keepSentC2D(pending []*hub.C2DMessage) {
+	ids := make(map[string]bool, len(pending))
+	for _, m := range pending {
+		ids[m.ID] = true
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for id := range s.c2dSent {
+		if !ids[id] {
+			delete(s.c2dSent, id)
+		}
+	}
 }
 
 // desiredQueue is how many desired-property patches may wait for a device
@@ -353,14 +395,18 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
+	s.deliverMu.Lock()
+	defer s.deliverMu.Unlock()
 	msgs, err := d.hub.PendingC2D(ctx, s.ref.Device)
 	if err != nil {
 		slog.Warn("reading cloud-to-device messages", "device", s.ref.Device, "error", err)
 		return
 	}
-	s.deliverMu.Lock()
-	defer s.deliverMu.Unlock()
+	s.keepSentC2D(msgs)
 	for _, m := range msgs {
+		if !s.startC2D(m.ID) {
+			continue // sent on this connection, its acknowledgement awaited
+		}
 		bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + s.ref.Device + "/messages/deviceBound"}}
 		for k, v := range m.Properties {
 			if k != "messageId" {
@@ -384,6 +430,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 			err = send()
 		}
 		if err != nil {
+			s.endC2D(id)
 			slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 			return
 		}

@@ -12,6 +12,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -429,5 +430,40 @@ func TestDeviceMessageRate(t *testing.T) {
 	within(t, c.Done(), "disconnect of the device over its rate")
 	if n, _ := e.hub.Events(ctx, "d1", 0, 10); len(n) != 1 {
 		t.Fatalf("%d messages stored, want the one within the limit", len(n))
+	}
+}
+
+// A burst of cloud-to-device messages arrives once each: every new
+// message's notification reads the whole queue, and what was sent and not
+// yet acknowledged is not sent again.
+func TestC2DBurstDeliveredOnce(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("d1")
+	var mu sync.Mutex
+	got := map[string]int{}
+	all := make(chan struct{})
+	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		got[props.Get("$.mid")]++
+		if len(got) == 20 && got[props.Get("$.mid")] == 1 {
+			close(all)
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	for i := range 20 {
+		if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m" + strconv.Itoa(i)}, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	within(t, all, "all 20 messages")
+	time.Sleep(300 * time.Millisecond) // room for duplicates to arrive
+	mu.Lock()
+	defer mu.Unlock()
+	for id, n := range got {
+		if n != 1 {
+			t.Errorf("message %s arrived %d times", id, n)
+		}
 	}
 }
