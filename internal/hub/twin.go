@@ -50,6 +50,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			}
 		}
 		if setsDesired {
+			old := rec.Desired
 			if replace {
 				rec.Desired = map[string]any{}
 			}
@@ -61,7 +62,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			rec.DesiredUpdated = now
 			notify = desired
 			if replace {
-				notify = maps.Clone(rec.Desired)
+				notify = replacePatch(old, rec.Desired)
 			}
 		}
 		rec.TwinVersion++
@@ -160,6 +161,29 @@ func withoutMeta(m map[string]any) map[string]any {
 	delete(out, "$version")
 	delete(out, "$metadata")
 	return out
+}
+
+// replacePatch is the merge patch that turns old into new: new's values,
+// and null for whatever old has that new does not, at any depth — devices
+// merge the patches they hear, so a replaced document must say what went.
+func replacePatch(old, new map[string]any) map[string]any {
+	p := maps.Clone(new)
+	if p == nil {
+		p = map[string]any{}
+	}
+	for k, ov := range old {
+		nv, ok := new[k]
+		if !ok {
+			p[k] = nil
+			continue
+		}
+		om, oldIsObject := ov.(map[string]any)
+		nm, newIsObject := nv.(map[string]any)
+		if oldIsObject && newIsObject {
+			p[k] = replacePatch(om, nm)
+		}
+	}
+	return p
 }
 
 // mergePatch applies a JSON merge patch (RFC 7386): null removes a key.

@@ -467,3 +467,30 @@ func TestC2DBurstDeliveredOnce(t *testing.T) {
 		}
 	}
 }
+
+// A desired document replaced (as deployments do) reaches the device as a
+// merge patch that also says what was removed.
+func TestDesiredReplaceSaysWhatWent(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("d1")
+	patches := make(chan []byte, 4)
+	if err := c.OnDesired(ctx, func(p []byte) { patches <- p }); err != nil {
+		t.Fatal(err)
+	}
+	set := func(desired map[string]any, replace bool) {
+		if _, err := e.hub.UpdateTwin(ctx, hub.Ref{Device: "d1"}, "", &hub.TwinPatch{Properties: &hub.DesiredPatch{Desired: desired}}, replace); err != nil {
+			t.Fatal(err)
+		}
+	}
+	set(map[string]any{"a": 1, "b": map[string]any{"c": 1, "d": 2}}, false)
+	within(t, patches, "the first patch")
+	set(map[string]any{"b": map[string]any{"c": 1}}, true)
+	var got map[string]any
+	_ = json.Unmarshal(within(t, patches, "the replacing patch"), &got)
+	delete(got, "$version")
+	if want := `{"a":null,"b":{"c":1,"d":null}}`; mustJSON(got) != want {
+		t.Fatalf("replacing patch %s, want %s", mustJSON(got), want)
+	}
+}
+
+func mustJSON(v any) string { b, _ := json.Marshal(v); return string(b) }
