@@ -35,8 +35,9 @@ type Service struct {
 	c2dWatchers     watchers[string, func()]
 	revoked         watchers[string, func(module string)] // per device: its or a module's access ended (disabled, deleted, keys changed)
 
-	mu      sync.Mutex
-	methods map[Ref]*MethodHandler // the connection answering each device's methods
+	mu        sync.Mutex
+	methods   map[Ref]*MethodHandler // the connection answering each device's methods
+	twinLocks [64]sync.Mutex         // see twinLock
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.

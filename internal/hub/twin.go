@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"encoding/json"
+	"hash/fnv"
 	"maps"
 	"time"
 
@@ -35,6 +36,9 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		return nil, err
 	}
 	var notify map[string]any
+	// Devices apply desired patches in the order they hear them: one
+	// writer at a time per twin, notifying before the next commits.
+	unlock := s.twinLock(r)
 	rec, err := s.update(ctx, r, func(rec *record) error {
 		notify = nil
 		if !matches(ifMatch, rec.TwinETag) {
@@ -69,11 +73,12 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		rec.TwinETag = newETag()
 		return nil
 	})
+	if err == nil && notify != nil {
+		s.notifyDesired(r, notify, rec.DesiredVersion)
+	}
+	unlock()
 	if err != nil {
 		return nil, err
-	}
-	if notify != nil {
-		s.notifyDesired(r, notify, rec.DesiredVersion)
 	}
 	if r.Module == "" && (p.Tags != nil || replace) {
 		s.reapply(ctx, r) // the device may now match other deployments
@@ -161,6 +166,16 @@ func withoutMeta(m map[string]any) map[string]any {
 	delete(out, "$version")
 	delete(out, "$metadata")
 	return out
+}
+
+// twinLock serializes the desired-property writes of one twin (striped, so
+// the locks take no memory per device) and returns the unlock.
+func (s *Service) twinLock(r Ref) (unlock func()) {
+	h := fnv.New32a()
+	h.Write([]byte(r.String()))
+	m := &s.twinLocks[h.Sum32()%uint32(len(s.twinLocks))]
+	m.Lock()
+	return m.Unlock
 }
 
 // replacePatch is the merge patch that turns old into new: new's values,
