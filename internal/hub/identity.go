@@ -371,16 +371,29 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 }
 
 // SetConnected records a device's or module's connection state.
-func (s *Service) SetConnected(ctx context.Context, r Ref, connected bool) {
+func (s *Service) SetConnected(ctx context.Context, r Ref, connection string, connected bool) {
 	now := s.Now().UTC()
 	state := "Disconnected"
 	if connected {
 		state = "Connected"
 	}
-	if _, err := s.update(ctx, r, func(rec *record) error {
+	_, err := s.update(ctx, r, func(rec *record) error {
+		switch {
+		case connected:
+			rec.Connection = connection
+		case rec.Connection != connection:
+			return errNewerConnection
+		default:
+			rec.Connection = ""
+		}
 		rec.Device.ConnectionState, rec.Device.ConnectionStateUpdatedTime, rec.Device.LastActivityTime = state, now, now
 		return nil
-	}); err != nil {
+	})
+	if err != nil && !errors.Is(err, errNewerConnection) {
 		slog.Warn("recording connection state", "identity", r.String(), "error", err)
 	}
 }
+
+// errNewerConnection leaves the state of a device whose latest connection,
+// here or on another replica, is not the one that closed.
+var errNewerConnection = errors.New("the device has connected again since")

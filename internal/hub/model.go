@@ -106,6 +106,9 @@ type record struct {
 	ReportedUpdated time.Time      `json:"reportedUpdated"`
 	// Configurations are the deployments targeting the device.
 	Configurations map[string]ConfigStatus `json:"configurations,omitempty"`
+	// Connection names the device's latest connection (on any replica), so
+	// that an older one closing does not mark it disconnected.
+	Connection string `json:"connection,omitempty"`
 }
 
 // DesiredVersion reads $version from the desired document.

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -37,14 +38,15 @@ func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
 
 // session is what a connection is allowed to do and what it listens to.
 type session struct {
-	ref       hub.Ref
-	deliverMu sync.Mutex // one C2D delivery at a time
-	mu        sync.Mutex
-	cancels   []func()
-	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
-	c2dSent   map[string]bool              // C2D messages sent and not yet acknowledged, by store ID
-	methods   map[string]chan methodAnswer // by $rid
-	nextRID   atomic.Uint64
+	ref        hub.Ref
+	connection string     // this connection's name in the device record (SetConnected)
+	deliverMu  sync.Mutex // one C2D delivery at a time
+	mu         sync.Mutex
+	cancels    []func()
+	watching   map[string]bool              // filters whose watcher runs: one each, however often subscribed
+	c2dSent    map[string]bool              // C2D messages sent and not yet acknowledged, by store ID
+	methods    map[string]chan methodAnswer // by $rid
+	nextRID    atomic.Uint64
 }
 
 // watch reports whether filter's watcher is to be started: the first time
@@ -161,7 +163,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		return mqtt.RefusedNotAuthorized
 	}
-	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
+	sess := &session{ref: r, connection: rand.Text(), methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
 	// A device or module disabled, deleted or given new keys while
 	// connected is cut off, as in the hosted hub.
@@ -173,7 +175,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if old != nil {
 		old.Close() // as the hosted hub: a new connection replaces the old one
 	}
-	d.hub.SetConnected(ctx, r, true)
+	d.hub.SetConnected(ctx, r, sess.connection, true)
 	return mqtt.Accepted
 }
 
@@ -199,7 +201,7 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	if current {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		d.hub.SetConnected(ctx, s.ref, false)
+		d.hub.SetConnected(ctx, s.ref, s.connection, false)
 	}
 }
 
