@@ -44,7 +44,7 @@ type session struct {
 	mu         sync.Mutex
 	cancels    []func()
 	watching   map[string]bool              // filters whose watcher runs: one each, however often subscribed
-	c2dSent    map[string]bool              // C2D messages sent and not yet acknowledged, by store ID
+	c2dSent    map[string]bool              // C2D messages sent on this connection and still queued, by store ID
 	methods    map[string]chan methodAnswer // by $rid
 	nextRID    atomic.Uint64
 }
