@@ -195,6 +195,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	if o.eventRetention > 0 {
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}
+	go hubSvc.RelaySignals(ctx)
 	go func() {
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -62,10 +62,16 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
+	s.c2dArrivedHere(device)
+	s.publish("c2d", Ref{Device: device})
+	return m, nil
+}
+
+// c2dArrivedHere wakes this replica's connection of device, if it has it.
+func (s *Service) c2dArrivedHere(device string) {
 	for _, f := range s.c2dWatchers.get(device) {
 		(*f)()
 	}
-	return m, nil
 }
 
 // PendingC2D returns a device's unexpired messages, oldest first; expired

@@ -38,11 +38,15 @@ type Service struct {
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
 	twinLocks [64]sync.Mutex         // see twinLock
+
+	relay  store.Relay // to the other replicas; nil with SQLite
+	origin string      // this replica's name on the relay
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
-	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}}
+	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin()}
+	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
 			sas.NewPolicy("iothubowner", sas.RegistryWrite+", "+sas.ServiceConnect+", DeviceConnect"),
@@ -250,8 +254,14 @@ func (s *Service) OnRevoked(r Ref, f func()) (cancel func()) {
 	})
 }
 
-// revoke ends the access of r: of a module, or of a device and its modules.
+// revoke ends the access of r, on every replica: of a module, or of a
+// device and its modules.
 func (s *Service) revoke(r Ref) {
+	s.revokeHere(r)
+	s.publish("revoke", r)
+}
+
+func (s *Service) revokeHere(r Ref) {
 	for _, f := range s.revoked.get(r.Device) {
 		(*f)(r.Module)
 	}

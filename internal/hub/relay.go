@@ -1,0 +1,57 @@
+package hub
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"log/slog"
+)
+
+// Replicas on one database each hold some devices' connections. What one
+// replica does that a connection elsewhere must act on — cutting off a
+// revoked identity, delivering a new cloud-to-device message — it also
+// publishes on the store's relay, and every replica acts on what the others
+// publish. Desired patches and direct methods are not relayed yet.
+
+// relayed is a signal between replicas.
+type relayed struct {
+	Origin string `json:"o"`           // the replica that sent it, which ignores its own
+	Kind   string `json:"k"`           // "revoke" or "c2d"
+	Device string `json:"d"`           // device ID
+	Module string `json:"m,omitempty"` // for revoke: a module, or "" for the device and its modules
+}
+
+// newOrigin names this replica in its relay messages.
+func newOrigin() string { return rand.Text() }
+
+// publish tells the other replicas, if there are any; a failure only costs
+// the signal, so it is logged.
+func (s *Service) publish(kind string, r Ref) {
+	if s.relay == nil {
+		return
+	}
+	msg, _ := json.Marshal(relayed{Origin: s.origin, Kind: kind, Device: r.Device, Module: r.Module})
+	if err := s.relay.Publish(context.Background(), string(msg)); err != nil {
+		slog.Warn("telling the other replicas", "kind", kind, "identity", r.String(), "error", err)
+	}
+}
+
+// RelaySignals acts on the other replicas' signals until ctx ends; without
+// a relay (SQLite: one server) it returns at once.
+func (s *Service) RelaySignals(ctx context.Context) {
+	if s.relay == nil {
+		return
+	}
+	s.relay.Subscribe(ctx, func(msg string) {
+		var m relayed
+		if err := json.Unmarshal([]byte(msg), &m); err != nil || m.Origin == s.origin {
+			return
+		}
+		switch r := (Ref{Device: m.Device, Module: m.Module}); m.Kind {
+		case "revoke":
+			s.revokeHere(r)
+		case "c2d":
+			s.c2dArrivedHere(m.Device)
+		}
+	})
+}

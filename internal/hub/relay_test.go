@@ -1,0 +1,65 @@
+package hub
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/testutil"
+)
+
+// Two replicas on one PostgreSQL database: a device connected to one is
+// cut off, and hears of new cloud-to-device messages, when the change is
+// made through the other.
+func TestRelayBetweenReplicas(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dsn := testutil.StartPostgres(t).NewDatabase(t)
+	replica := func() *Service {
+		st, err := store.OpenPostgres(ctx, dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		s, err := Open(ctx, st, "hub.test")
+		if err != nil {
+			t.Fatal(err)
+		}
+		go s.RelaySignals(ctx)
+		return s
+	}
+	a, b := replica(), replica()
+	dev, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "", &Device{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The device's connection is on b.
+	c2d, revoked := make(chan struct{}, 100), make(chan struct{}, 1)
+	defer b.WatchC2D("d1", func() { c2d <- struct{}{} })()
+	defer b.OnRevoked(Ref{Device: "d1"}, func() { revoked <- struct{}{} })()
+
+	// Messages sent before b listens are lost: send until b hears one.
+	deadline := time.After(20 * time.Second)
+	for heard := false; !heard; {
+		if _, err := a.SendC2D(ctx, "d1", nil, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case <-c2d:
+			heard = true
+		case <-time.After(200 * time.Millisecond):
+		case <-deadline:
+			t.Fatal("b never heard of a cloud-to-device message sent through a")
+		}
+	}
+	dev.Status = "disabled"
+	if _, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "*", dev); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-revoked:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the device's connection on b was not cut off when a disabled it")
+	}
+}
