@@ -392,6 +392,9 @@ func (s *Service) SetConnected(ctx context.Context, r Ref, connection string, co
 	if err != nil && !errors.Is(err, errNewerConnection) {
 		slog.Warn("recording connection state", "identity", r.String(), "error", err)
 	}
+	if connected {
+		s.publish("connect", r)
+	}
 }
 
 // errNewerConnection leaves the state of a device whose latest connection,

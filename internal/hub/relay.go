@@ -9,16 +9,17 @@ import (
 
 // Replicas on one database each hold some devices' connections. What one
 // replica does that a connection elsewhere must act on — cutting off a
-// revoked identity, delivering a new cloud-to-device message — it also
-// publishes on the store's relay, and every replica acts on what the others
-// publish. Desired patches and direct methods are not relayed yet.
+// revoked identity, or one that connected again here, delivering a new
+// cloud-to-device message — it also publishes on the store's relay, and
+// every replica acts on what the others publish. Desired patches and direct
+// methods are not relayed yet.
 
 // relayed is a signal between replicas.
 type relayed struct {
 	Origin string `json:"o"`           // the replica that sent it, which ignores its own
-	Kind   string `json:"k"`           // "revoke" or "c2d"
+	Kind   string `json:"k"`           // "revoke", "connect" or "c2d"
 	Device string `json:"d"`           // device ID
-	Module string `json:"m,omitempty"` // for revoke: a module, or "" for the device and its modules
+	Module string `json:"m,omitempty"` // a module; for revoke, "" is the device and its modules
 }
 
 // newOrigin names this replica in its relay messages.
@@ -50,6 +51,10 @@ func (s *Service) RelaySignals(ctx context.Context) {
 		switch r := (Ref{Device: m.Device, Module: m.Module}); m.Kind {
 		case "revoke":
 			s.revokeHere(r)
+		case "connect":
+			for _, f := range s.reconnected.get(r) {
+				(*f)()
+			}
 		case "c2d":
 			s.c2dArrivedHere(m.Device)
 		}

@@ -9,9 +9,9 @@ import (
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
-// Two replicas on one PostgreSQL database: a device connected to one is
-// cut off, and hears of new cloud-to-device messages, when the change is
-// made through the other.
+// Two replicas on one PostgreSQL database: a device connected to one hears
+// of new cloud-to-device messages sent through the other, and is cut off
+// when it connects, or is disabled, through the other.
 func TestRelayBetweenReplicas(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
@@ -52,6 +52,15 @@ func TestRelayBetweenReplicas(t *testing.T) {
 		case <-deadline:
 			t.Fatal("b never heard of a cloud-to-device message sent through a")
 		}
+	}
+	// Connecting through a replaces the connection on b.
+	replaced := make(chan struct{}, 1)
+	defer b.OnConnectedElsewhere(Ref{Device: "d1"}, func() { replaced <- struct{}{} })()
+	a.SetConnected(ctx, Ref{Device: "d1"}, "through-a", true)
+	select {
+	case <-replaced:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the device's connection on b was not replaced when it connected through a")
 	}
 	dev.Status = "disabled"
 	if _, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "*", dev); err != nil {

@@ -34,6 +34,7 @@ type Service struct {
 	desiredWatchers watchers[Ref, func(patch []byte)]
 	c2dWatchers     watchers[string, func()]
 	revoked         watchers[string, func(module string)] // per device: its or a module's access ended (disabled, deleted, keys changed)
+	reconnected     watchers[Ref, func()]                 // the identity connected through another replica
 
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
@@ -252,6 +253,12 @@ func (s *Service) OnRevoked(r Ref, f func()) (cancel func()) {
 			f()
 		}
 	})
+}
+
+// OnConnectedElsewhere calls f when r connects through another replica:
+// as in the hosted hub, a new connection replaces the old one.
+func (s *Service) OnConnectedElsewhere(r Ref, f func()) (cancel func()) {
+	return s.reconnected.add(r, f)
 }
 
 // revoke ends the access of r, on every replica: of a module, or of a

@@ -168,6 +168,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	// A device or module disabled, deleted or given new keys while
 	// connected is cut off, as in the hosted hub.
 	sess.onClose(d.hub.OnRevoked(r, func() { go c.Close() }))
+	sess.onClose(d.hub.OnConnectedElsewhere(r, func() { go c.Close() }))
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c
