@@ -10,14 +10,15 @@ import (
 // Replicas on one database each hold some devices' connections. What one
 // replica does that a connection elsewhere must act on — cutting off a
 // revoked identity, or one that connected again here, delivering a new
-// cloud-to-device message — it also publishes on the store's relay, and
-// every replica acts on what the others publish. Desired patches and direct
-// methods are not relayed yet.
+// cloud-to-device message or desired-property change — it also publishes on the store's relay, and
+// every replica acts on what the others publish. A desired-property change
+// is relayed as a signal to read the twin (FollowDesired); direct methods
+// are not relayed yet.
 
 // relayed is a signal between replicas.
 type relayed struct {
 	Origin string `json:"o"`           // the replica that sent it, which ignores its own
-	Kind   string `json:"k"`           // "revoke", "connect" or "c2d"
+	Kind   string `json:"k"`           // "revoke", "connect", "c2d" or "desired"
 	Device string `json:"d"`           // device ID
 	Module string `json:"m,omitempty"` // a module; for revoke, "" is the device and its modules
 }
@@ -57,6 +58,10 @@ func (s *Service) RelaySignals(ctx context.Context) {
 			}
 		case "c2d":
 			s.c2dArrivedHere(m.Device)
+		case "desired":
+			for _, f := range s.desiredWatchers.get(r) {
+				(*f)(desiredChange{}) // read it: the patch itself is too large to relay
+			}
 		}
 	})
 }

@@ -53,6 +53,31 @@ func TestRelayBetweenReplicas(t *testing.T) {
 			t.Fatal("b never heard of a cloud-to-device message sent through a")
 		}
 	}
+	// Desired properties changed through a reach the device on b, as merge
+	// patches b works out from what it sent.
+	patches := make(chan string, 10)
+	defer b.FollowDesired(Ref{Device: "d1"}, func(p []byte) { patches <- string(p) }, func() { t.Error("overflow") })()
+	for _, step := range []struct {
+		desired map[string]any
+		replace bool
+		want    string
+	}{
+		{map[string]any{"x": 1}, false, `{"$version":2,"x":1}`},
+		{map[string]any{"y": 2}, true, `{"$version":3,"x":null,"y":2}`},
+	} {
+		if _, err := a.UpdateTwin(ctx, Ref{Device: "d1"}, "", &TwinPatch{Properties: &DesiredPatch{Desired: step.desired}}, step.replace); err != nil {
+			t.Fatal(err)
+		}
+		select {
+		case p := <-patches:
+			if p != step.want {
+				t.Fatalf("patch on b %s, want %s", p, step.want)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("no patch on b for %v", step.desired)
+		}
+	}
+
 	// Connecting through a replaces the connection on b.
 	replaced := make(chan struct{}, 1)
 	defer b.OnConnectedElsewhere(Ref{Device: "d1"}, func() { replaced <- struct{}{} })()

@@ -31,7 +31,7 @@ type Service struct {
 	// (NewMessageLimit); nil is no limit.
 	MessageBytes *ratelimit.Keyed
 
-	desiredWatchers watchers[Ref, func(patch []byte)]
+	desiredWatchers watchers[Ref, func(desiredChange)]
 	c2dWatchers     watchers[string, func()]
 	revoked         watchers[string, func(module string)] // per device: its or a module's access ended (disabled, deleted, keys changed)
 	reconnected     watchers[Ref, func()]                 // the identity connected through another replica

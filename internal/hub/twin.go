@@ -121,26 +121,13 @@ func (s *Service) DeviceTwinDocument(ctx context.Context, r Ref) ([]byte, error)
 	return json.Marshal(map[string]any{"desired": withVersion(rec.Desired, rec.DesiredVersion), "reported": withVersion(rec.Reported, rec.ReportedVersion)})
 }
 
-// WatchDesired calls f with each desired-property patch of r (the patch
-// with its $version, as the device protocol sends it) until cancel.
-func (s *Service) WatchDesired(r Ref, f func(patch []byte)) (cancel func()) {
-	return s.desiredWatchers.add(r, f)
-}
-
+// notifyDesired hands a committed patch to r's followers on this replica
+// and tells the other replicas that r's desired properties changed.
 func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
-	ws := s.desiredWatchers.get(r)
-	if len(ws) == 0 {
-		return
+	for _, f := range s.desiredWatchers.get(r) {
+		(*f)(desiredChange{patch: patch, version: version})
 	}
-	m := maps.Clone(patch)
-	if m == nil {
-		m = map[string]any{}
-	}
-	m["$version"] = version
-	body, _ := json.Marshal(m)
-	for _, f := range ws {
-		(*f)(body)
-	}
+	s.publish("desired", r)
 }
 
 // checkPatch applies IoT Hub's rules for names and shapes to a client's

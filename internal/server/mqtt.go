@@ -105,11 +105,6 @@ func (s *session) keepSentC2D(pending []*hub.C2DMessage) {
 	}
 }
 
-// desiredQueue is how many desired-property patches may wait for a device
-// that is slow to read; one that falls further behind is disconnected,
-// and reads its twin again when it reconnects.
-const desiredQueue = 64
-
 type methodAnswer struct {
 	status  int
 	payload json.RawMessage
@@ -329,34 +324,21 @@ func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
 	return mqtt.SubscribeFailure
 }
 
-// sendDesired forwards the device's desired-property patches, in order,
-// from a goroutine of the connection's own: whoever changes the twin never
-// waits for a device that does not read.
+// sendDesired forwards the device's desired-property patches in order,
+// from whichever replica the twin changes through; whoever changes it never
+// waits for a device that does not read: one that falls behind is cut off,
+// and reads its twin again when it reconnects.
 func (d *DeviceEndpoint) sendDesired(c *mqtt.Conn, s *session) {
-	queue, done := make(chan []byte, desiredQueue), make(chan struct{})
-	cancel := d.hub.WatchDesired(s.ref, func(patch []byte) {
-		select {
-		case queue <- patch:
-		default:
-			slog.Info("mqtt: device not reading its desired properties; disconnecting", "identity", s.ref.String())
-			go c.Close()
-		}
-	})
-	s.onClose(func() { cancel(); close(done) })
-	go func() {
-		for {
-			select {
-			case patch := <-queue:
-				v := struct {
-					Version int64 `json:"$version"`
-				}{}
-				_ = json.Unmarshal(patch, &v)
-				_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
-			case <-done:
-				return
-			}
-		}
-	}()
+	s.onClose(d.hub.FollowDesired(s.ref, func(patch []byte) {
+		v := struct {
+			Version int64 `json:"$version"`
+		}{}
+		_ = json.Unmarshal(patch, &v)
+		_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
+	}, func() {
+		slog.Info("mqtt: device not reading its desired properties; disconnecting", "identity", s.ref.String())
+		go c.Close()
+	}))
 }
 
 // Unsubscribe needs nothing: watchers end with the connection.
