@@ -51,7 +51,8 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	if len(req.MethodName) > 128 {
 		return nil, azerr.BadRequest("methodName is longer than 128 characters")
 	}
-	if _, _, err := s.load(ctx, r); err != nil {
+	rec, _, err := s.load(ctx, r)
+	if err != nil {
 		return nil, err
 	}
 	timeout := time.Duration(req.ResponseTimeoutInSeconds) * time.Second
@@ -64,8 +65,9 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	s.mu.Lock()
 	reg := s.methods[r]
 	s.mu.Unlock()
-	if reg == nil {
-		return nil, azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
+	notOnline := azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
+	if reg == nil && (s.relay == nil || rec.Device.ConnectionState != "Connected") {
+		return nil, notOnline
 	}
 	payload := req.Payload
 	if len(payload) == 0 {
@@ -73,15 +75,29 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	}
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	status, resp, err := (*reg)(ctx, req.MethodName, payload)
-	if errors.Is(err, context.DeadlineExceeded) {
-		return nil, azerr.New(504101, "GatewayTimeout", "%s did not answer method %q within %s", r, req.MethodName, timeout)
+	var status int
+	var resp json.RawMessage
+	if reg != nil {
+		status, resp, err = (*reg)(ctx, req.MethodName, payload)
+	} else { // connected through another replica
+		status, resp, err = s.invokeElsewhere(ctx, r, req.MethodName, payload, timeout)
 	}
 	if err != nil {
-		return nil, azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
+		return nil, methodError(r, req.MethodName, timeout, err)
 	}
 	if len(resp) == 0 {
 		resp = json.RawMessage("null")
 	}
 	return &MethodResult{Status: status, Payload: resp}, nil
+}
+
+// methodError is how a method call without an answer is reported.
+func methodError(r Ref, name string, timeout time.Duration, err error) *azerr.Error {
+	if e, ok := errors.AsType[*azerr.Error](err); ok {
+		return e
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return azerr.New(504101, "GatewayTimeout", "%s did not answer method %q within %s", r, name, timeout)
+	}
+	return azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
 }

@@ -12,15 +12,16 @@ import (
 // revoked identity, or one that connected again here, delivering a new
 // cloud-to-device message or desired-property change — it also publishes on the store's relay, and
 // every replica acts on what the others publish. A desired-property change
-// is relayed as a signal to read the twin (FollowDesired); direct methods
-// are not relayed yet.
+// is relayed as a signal to read the twin (FollowDesired), a direct method
+// as a call document the connection's replica answers (methodrelay.go).
 
 // relayed is a signal between replicas.
 type relayed struct {
 	Origin string `json:"o"`           // the replica that sent it, which ignores its own
-	Kind   string `json:"k"`           // "revoke", "connect", "c2d" or "desired"
+	Kind   string `json:"k"`           // "revoke", "connect", "c2d", "desired", "call" or "answered"
 	Device string `json:"d"`           // device ID
 	Module string `json:"m,omitempty"` // a module; for revoke, "" is the device and its modules
+	Call   string `json:"c,omitempty"` // for call and answered: the method call's ID
 }
 
 // newOrigin names this replica in its relay messages.
@@ -28,11 +29,13 @@ func newOrigin() string { return rand.Text() }
 
 // publish tells the other replicas, if there are any; a failure only costs
 // the signal, so it is logged.
-func (s *Service) publish(kind string, r Ref) {
+func (s *Service) publish(kind string, r Ref) { s.publishCall(kind, r, "") }
+
+func (s *Service) publishCall(kind string, r Ref, call string) {
 	if s.relay == nil {
 		return
 	}
-	msg, _ := json.Marshal(relayed{Origin: s.origin, Kind: kind, Device: r.Device, Module: r.Module})
+	msg, _ := json.Marshal(relayed{Origin: s.origin, Kind: kind, Device: r.Device, Module: r.Module, Call: call})
 	if err := s.relay.Publish(context.Background(), string(msg)); err != nil {
 		slog.Warn("telling the other replicas", "kind", kind, "identity", r.String(), "error", err)
 	}
@@ -58,6 +61,10 @@ func (s *Service) RelaySignals(ctx context.Context) {
 			}
 		case "c2d":
 			s.c2dArrivedHere(m.Device)
+		case "call":
+			go s.answerCall(r, m.Call)
+		case "answered":
+			s.callAnswered(m.Call)
 		case "desired":
 			for _, f := range s.desiredWatchers.get(r) {
 				(*f)(desiredChange{}) // read it: the patch itself is too large to relay

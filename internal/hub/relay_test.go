@@ -2,9 +2,11 @@ package hub
 
 import (
 	"context"
+	"encoding/json"
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
@@ -76,6 +78,20 @@ func TestRelayBetweenReplicas(t *testing.T) {
 		case <-time.After(10 * time.Second):
 			t.Fatalf("no patch on b for %v", step.desired)
 		}
+	}
+
+	// A direct method through a reaches the device on b, and its answer
+	// comes back; a device connected nowhere is not online.
+	if _, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping"}); azerr.As(err).Code != 404103 {
+		t.Fatalf("method for a device connected nowhere: %v", err)
+	}
+	b.SetConnected(ctx, Ref{Device: "d1"}, "on-b", true)
+	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
+		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
+	})()
+	res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`)})
+	if err != nil || res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
+		t.Fatalf("method through the other replica: %+v %v", res, err)
 	}
 
 	// Connecting through a replaces the connection on b.

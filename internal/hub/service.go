@@ -40,13 +40,14 @@ type Service struct {
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
 	twinLocks [64]sync.Mutex         // see twinLock
 
-	relay  store.Relay // to the other replicas; nil with SQLite
-	origin string      // this replica's name on the relay
+	relay  store.Relay              // to the other replicas; nil with SQLite
+	origin string                   // this replica's name on the relay
+	calls  map[string]chan struct{} // method calls relayed from here, awaiting answers (mu)
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
-	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin()}
+	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{}}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
