@@ -8,12 +8,13 @@ import (
 )
 
 // Replicas on one database each hold some devices' connections. What one
-// replica does that a connection elsewhere must act on — cutting off a
-// revoked identity, or one that connected again here, delivering a new
-// cloud-to-device message or desired-property change — it also publishes on the store's relay, and
-// every replica acts on what the others publish. A desired-property change
-// is relayed as a signal to read the twin (FollowDesired), a direct method
-// as a call document the connection's replica answers (methodrelay.go).
+// replica does that a connection elsewhere must act on — cutting off an
+// identity revoked, or connected again, here; a new cloud-to-device
+// message; a desired-property change; a direct method — it also publishes
+// on the store's relay, and every replica acts on what the others publish.
+// A desired-property change travels as a signal to read the twin
+// (FollowDesired), a direct method as a call document that the
+// connection's replica answers (methodrelay.go).
 
 // relayed is a signal between replicas.
 type relayed struct {
