@@ -252,6 +252,14 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
 			return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
 		}
+		// An enrolled SRK pins it too, so that nobody who knows the public
+		// EK can crowd the device's challenges out with other SRKs.
+		if k := e.Attestation.TPM.StorageRootKey; k != "" {
+			enrolledSRK, _ := base64.StdEncoding.DecodeString(k)
+			if same, err := attest.SameKey(srk, enrolledSRK); err != nil || !same {
+				return nil, unauthorized(regID, "the storage root key differs from the enrolled one")
+			}
+		}
 	}
 	if err := s.Throttle.registration(s.Now()); err != nil {
 		return nil, err

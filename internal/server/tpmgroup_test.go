@@ -4,6 +4,7 @@ import (
 	"crypto"
 	"crypto/tls"
 	"encoding/base64"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -144,4 +145,32 @@ func (e *env) enrollSoftTPM() (dev *softtpm.TPM, regID, body string) {
 	body = `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
 		`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) + `"}}`
 	return dev, regID, body
+}
+
+// An enrollment that names the device's SRK gives challenges for that SRK
+// only: nobody who knows the public EK can crowd the device's challenge out
+// with others.
+func TestEnrolledSRKPinsChallenges(t *testing.T) {
+	e := newEnv(t)
+	dev, regID, body := e.enrollSoftTPM()
+	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	otherSRK, _ := softtpm.New(keys).StorageRootKey()
+	ek, _ := dev.EndorsementKey()
+	srk, _ := dev.StorageRootKey()
+	enroll := func(srk []byte) {
+		e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+			TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek), StorageRootKey: base64.StdEncoding.EncodeToString(srk)}}})
+	}
+	enroll(otherSRK)
+	if st, b := e.raw("PUT", path, "", body); st != 401 || b["authenticationKey"] != nil || !strings.Contains(fmt.Sprint(b["message"]), "storage root key differs") {
+		t.Fatalf("challenge for an SRK other than the enrolled one: %d %v", st, b)
+	}
+	enroll(srk)
+	if st, b := e.raw("PUT", path, "", body); st != 401 || b["authenticationKey"] == nil {
+		t.Fatalf("challenge for the enrolled SRK: %d %v", st, b)
+	}
 }
