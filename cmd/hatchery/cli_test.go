@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/base64"
 	"encoding/json"
 	"net"
 	"os"
@@ -170,6 +171,19 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("hub", "list"); len(grepLines(out, "localhost", "3", "true", "10.0.0.0/8=20ms")) != 1 {
 		t.Errorf("hub list: %s", out)
 	}
+	// Linking checks the hub takes its connection string, and warns when not.
+	var site siteInfo
+	_ = json.Unmarshal([]byte(c.ok("info", "-o", "json")), &site)
+	if out := c.ok("hub", "link", "--hostname", "localhost", "--connection-string", site.HubConnectionString,
+		"--endpoint", site.ServiceEndpoint, "--ca-cert", site.CACertificate); strings.Contains(out, "warning") {
+		t.Errorf("linking a working hub warned: %s", out)
+	}
+	bogus := "HostName=bogus.example;SharedAccessKeyName=iothubowner;SharedAccessKey=" + base64.StdEncoding.EncodeToString(make([]byte, 32))
+	if out := c.ok("hub", "link", "--hostname", "bogus.example", "--connection-string", bogus, "--endpoint", "https://127.0.0.1:1",
+		"--apply-allocation-policy=false"); !strings.Contains(out, "warning: from this machine, hub bogus.example does not take its connection string") {
+		t.Errorf("linking an unreachable hub: %s", out)
+	}
+	c.ok("hub", "unlink", "--hostname", "bogus.example")
 	if out := c.ok("enrollment", "create", "--registration-id", "pinned", "--attestation-type", "symmetrickey", "--allocation-policy", "static",
 		"--iot-hub-host-name", "localhost", "--reprovision-policy", "never", "-o", "json"); !strings.Contains(out, `"updateHubAssignment": false`) {
 		t.Errorf("enrollment with allocation flags: %s", out)
