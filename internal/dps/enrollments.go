@@ -130,11 +130,7 @@ func checkObject(field string, raw json.RawMessage, limit int) error {
 	if !strings.HasPrefix(t, "{") || json.Unmarshal(raw, &doc) != nil {
 		return azerr.BadRequest("%s must be a JSON object", field)
 	}
-	err := twindoc.Check(field, doc)
-	if err == nil {
-		err = twindoc.CheckSize(field, doc, limit)
-	}
-	if err != nil {
+	if err := twindoc.CheckDocument(field, doc, limit); err != nil {
 		return azerr.BadRequest("%v", err)
 	}
 	return nil

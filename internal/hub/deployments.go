@@ -125,10 +125,7 @@ func checkEntry(mod, key string, value json.RawMessage) error {
 		return azerr.BadRequest("%s must be a JSON object", where)
 	}
 	if isObject {
-		if err := twindoc.Check(where, doc); err != nil {
-			return azerr.BadRequest("%v", err)
-		}
-		if err := twindoc.CheckSize(where, doc, twindoc.PropertiesLimit); err != nil {
+		if err := twindoc.CheckDocument(where, doc, twindoc.PropertiesLimit); err != nil {
 			return azerr.BadRequest("%v", err)
 		}
 	}

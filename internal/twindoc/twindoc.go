@@ -114,6 +114,15 @@ func valueSize(v any) int {
 	return 8 // a number
 }
 
+// CheckDocument is Check and CheckSize of a whole document written at once,
+// such as an initial twin or a deployment's module content.
+func CheckDocument(where string, doc map[string]any, limit int) error {
+	if err := Check(where, doc); err != nil {
+		return err
+	}
+	return CheckSize(where, doc, limit)
+}
+
 // CheckSize is nil when doc, the whole document where names, fits limit.
 func CheckSize(where string, doc map[string]any, limit int) error {
 	if n := Size(doc); n > limit {
