@@ -25,7 +25,7 @@ const desiredQueue = 64
 // whichever replica changes the twin: where a patch is missing (made
 // through another replica, or lost to a race) it reads the twin and sends
 // the patch from what it sent last. Until cancel.
-func (s *Service) FollowDesired(r Ref, send func(patch []byte), overflow func()) (cancel func()) {
+func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), overflow func()) (cancel func()) {
 	queue, done := make(chan desiredChange, desiredQueue), make(chan struct{})
 	stop := s.desiredWatchers.add(r, func(c desiredChange) {
 		select {
@@ -54,7 +54,7 @@ func (s *Service) FollowDesired(r Ref, send func(patch []byte), overflow func())
 type follower struct {
 	s       *Service
 	r       Ref
-	send    func([]byte)
+	send    func(patch []byte, version int64)
 	sent    map[string]any // the document as the device has it
 	version int64
 }
@@ -88,7 +88,7 @@ func (f *follower) emit(patch map[string]any, version int64) {
 	}
 	m["$version"] = version
 	body, _ := json.Marshal(m)
-	f.send(body)
+	f.send(body, version)
 }
 
 // desiredDocument reads r's desired properties and their version.

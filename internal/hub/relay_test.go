@@ -58,7 +58,7 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	// Desired properties changed through a reach the device on b, as merge
 	// patches b works out from what it sent.
 	patches := make(chan string, 10)
-	defer b.FollowDesired(Ref{Device: "d1"}, func(p []byte) { patches <- string(p) }, func() { t.Error("overflow") })()
+	defer b.FollowDesired(Ref{Device: "d1"}, func(p []byte, _ int64) { patches <- string(p) }, func() { t.Error("overflow") })()
 	for _, step := range []struct {
 		desired map[string]any
 		replace bool

@@ -329,12 +329,8 @@ func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
 // waits for a device that does not read: one that falls behind is cut off,
 // and reads its twin again when it reconnects.
 func (d *DeviceEndpoint) sendDesired(c *mqtt.Conn, s *session) {
-	s.onClose(d.hub.FollowDesired(s.ref, func(patch []byte) {
-		v := struct {
-			Version int64 `json:"$version"`
-		}{}
-		_ = json.Unmarshal(patch, &v)
-		_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(v.Version, 10), patch, 0, nil)
+	s.onClose(d.hub.FollowDesired(s.ref, func(patch []byte, version int64) {
+		_ = c.Send("$iothub/twin/PATCH/properties/desired/?$version="+strconv.FormatInt(version, 10), patch, 0, nil)
 	}, func() {
 		slog.Info("mqtt: device not reading its desired properties; disconnecting", "identity", s.ref.String())
 		go c.Close()
