@@ -80,6 +80,11 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 	if err != nil {
 		return nil, err
 	}
+	if notify != nil {
+		// Other replicas read the twin when told: the signal's order does
+		// not matter, so it waits for nobody's lock.
+		s.publish("desired", r)
+	}
 	if r.Module == "" && (p.Tags != nil || replace) {
 		s.reapply(ctx, r) // the device may now match other deployments
 	}
@@ -121,13 +126,11 @@ func (s *Service) DeviceTwinDocument(ctx context.Context, r Ref) ([]byte, error)
 	return json.Marshal(map[string]any{"desired": withVersion(rec.Desired, rec.DesiredVersion), "reported": withVersion(rec.Reported, rec.ReportedVersion)})
 }
 
-// notifyDesired hands a committed patch to r's followers on this replica
-// and tells the other replicas that r's desired properties changed.
+// notifyDesired hands a committed patch to r's followers on this replica.
 func (s *Service) notifyDesired(r Ref, patch map[string]any, version int64) {
 	for _, f := range s.desiredWatchers.get(r) {
 		(*f)(desiredChange{patch: patch, version: version})
 	}
-	s.publish("desired", r)
 }
 
 // checkPatch applies IoT Hub's rules for names and shapes to a client's
