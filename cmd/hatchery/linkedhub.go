@@ -3,10 +3,7 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
-	"errors"
 	"fmt"
-	"net/http"
 	"net/url"
 	"os"
 	"sort"
@@ -16,35 +13,12 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/hatchery/hatchery/internal/azclient"
-	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hubclient"
 )
 
 // hubCmd manages the hubs the provisioning service assigns devices to (as
 // `az iot dps linked-hub`).
-// probeHub asks a newly linked hub's registry for a device that most likely
-// does not exist: "not found" (or the device) proves the endpoint, its
-// certificate and the key.
-func probeHub(ctx context.Context, h *dps.LinkedHub) error {
-	roots, err := x509.SystemCertPool()
-	if err != nil {
-		roots = x509.NewCertPool()
-	}
-	roots.AppendCertsFromPEM([]byte(h.CACertificate))
-	c, err := azclient.New(h.ConnectionString, h.Endpoint, "2021-04-12", &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
-	if err != nil {
-		return err
-	}
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	defer cancel()
-	err = c.Do(ctx, "GET", "/devices/hatchery-link-check", "", nil, nil)
-	if e, ok := errors.AsType[*azerr.Error](err); ok && e.Status() == http.StatusNotFound {
-		return nil
-	}
-	return err
-}
-
 func hubCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "hub", Short: "Link the IoT hubs devices are assigned to (as `az iot dps linked-hub`)"}
 	var host, connString, endpoint, caPath string
@@ -102,7 +76,10 @@ func hubCmd() *cobra.Command {
 			return err
 		}
 		if changed("connection-string") {
-			if err := probeHub(cmd.Context(), h); err != nil {
+			ctx, cancel := context.WithTimeout(cmd.Context(), 10*time.Second)
+			defer cancel()
+			probe := &hubclient.Pool{TLS: &tls.Config{MinVersion: tls.VersionTLS12}} // the system's CAs, and --ca-cert
+			if err := probe.Check(ctx, *h); err != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "warning: from this machine, hub %s does not take its connection string (%v): "+
 					"devices allocated to it will fail until it does; check --connection-string, --endpoint and --ca-cert\n", host, err)
 			}

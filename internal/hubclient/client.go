@@ -146,6 +146,21 @@ func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
 	return c, nil
 }
 
+// Check asks h's registry for a device that most likely does not exist:
+// "not found" (or the device) proves the endpoint, its certificate and the
+// key.
+func (p *Pool) Check(ctx context.Context, h dps.LinkedHub) error {
+	c, err := p.registry(h)
+	if err != nil {
+		return err
+	}
+	_, err = c.GetDevice(ctx, "hatchery-link-check")
+	if azerr.As(err).Status() == http.StatusNotFound {
+		return nil
+	}
+	return err
+}
+
 // UpsertDevice creates the device with its initial twin, or, if it exists,
 // updates its keys and capabilities and leaves its twin as it is.
 func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevice) error {
