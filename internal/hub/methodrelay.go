@@ -23,8 +23,8 @@ type methodCall struct {
 	Name    string          `json:"name"`
 	Payload json.RawMessage `json:"payload"`
 	Timeout time.Duration   `json:"timeout"`
-	// The answer, once there is one: the device's, or why there is none.
-	Answered bool            `json:"answered,omitempty"`
+	// The answer, once the "answered" signal says there is one: the
+	// device's, or why there is none.
 	Status   int             `json:"status,omitempty"`
 	Response json.RawMessage `json:"response,omitempty"`
 	Error    *azerr.Error    `json:"error,omitempty"`
@@ -89,7 +89,7 @@ func (s *Service) answerCall(r Ref, id string) {
 	callCtx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 	status, resp, err := (*reg)(callCtx, c.Name, c.Payload)
-	c.Answered, c.Status, c.Response = true, status, resp
+	c.Status, c.Response = status, resp
 	if err != nil {
 		c.Error = methodError(r, c.Name, c.Timeout, err)
 	}
