@@ -15,11 +15,11 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"regexp"
 	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dnsname"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -334,9 +334,6 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 	return h, nil
 }
 
-// hostNamePattern is a DNS name (or an IPv4 address), as hubs are named.
-var hostNamePattern = regexp.MustCompile(`^(?i)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$`)
-
 // LinkHub adds or replaces a linked hub. Its connection string must be a
 // registry policy's for that very hub, and its endpoint, if any, https:
 // registrations send the hub tokens signed with that key.
@@ -349,7 +346,7 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 		h.HostName = cs.HostName
 	}
 	switch {
-	case len(h.HostName) > 253 || !hostNamePattern.MatchString(h.HostName):
+	case !dnsname.Valid(h.HostName):
 		return azerr.BadRequest("linked hub %q: hostName must be a DNS name such as hub1.example.com", h.HostName)
 	case !strings.EqualFold(cs.HostName, h.HostName):
 		return azerr.BadRequest("linked hub %s: the connection string is for HostName=%s: give this hub's own", h.HostName, cs.HostName)

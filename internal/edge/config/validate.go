@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"github.com/hatchery/hatchery/internal/dnsname"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"net"
 	"net/url"
@@ -361,28 +362,9 @@ func (ck *checker) fileRef(path, ref string) {
 }
 
 func (ck *checker) hostname(path, h string) {
-	if h != "" && net.ParseIP(h) == nil && !validHostname(h) {
+	if h != "" && net.ParseIP(h) == nil && !(len(h) <= 253 && dnsname.Valid(strings.TrimSuffix(h, "."))) {
 		ck.errorf(path, "%s %q is not a valid host name (letters, digits, '-' and '.')", ck.pos.name(path), h)
 	}
-}
-
-// validHostname follows RFC 1123: dot-separated labels of letters, digits
-// and inner hyphens.
-func validHostname(h string) bool {
-	if len(h) > 253 {
-		return false
-	}
-	for l := range strings.SplitSeq(strings.TrimSuffix(h, "."), ".") {
-		if l == "" || len(l) > 63 || l[0] == '-' || l[len(l)-1] == '-' {
-			return false
-		}
-		for _, r := range l {
-			if r != '-' && !('0' <= r && r <= '9') && !('a' <= r && r <= 'z') && !('A' <= r && r <= 'Z') {
-				return false
-			}
-		}
-	}
-	return true
 }
 
 func (ck *checker) uri(path, s string, schemes ...string) {
