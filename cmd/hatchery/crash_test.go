@@ -121,3 +121,47 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 		}
 	}
 }
+
+// Killed with devices connected, the server leaves them recorded
+// "Connected"; started again, it records them disconnected, as nothing is
+// connected to it, rather than for good.
+func TestKilledServerForgetsConnections(t *testing.T) {
+	c := startServe(t)
+	bench := exec.Command(c.bin, "bench", "mqtt", "--data-dir", c.dataDir, "--mqtt-port", strconv.Itoa(c.mqttPort),
+		"--devices", "5", "--per-worker", "5", "--duration", "0", "--settle", "5m", "--fanout", "0", "--fanout-under-load", "0")
+	if err := bench.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = bench.Process.Kill(); _ = bench.Wait() }()
+	states := func() map[string]int {
+		var devs []struct{ DeviceID, ConnectionState string }
+		if err := json.Unmarshal([]byte(c.ok("device", "list", "-o", "json")), &devs); err != nil {
+			t.Fatal(err)
+		}
+		n := map[string]int{}
+		for _, d := range devs {
+			n[d.ConnectionState]++
+		}
+		return n
+	}
+	waitFor := func(what string, ok func(map[string]int) bool) {
+		t.Helper()
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+			n := states()
+			if ok(n) {
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: devices by state %v", what, n)
+			}
+		}
+	}
+	waitFor("the devices connect", func(n map[string]int) bool { return n["Connected"] == 5 })
+	if err := syscall.Kill(c.serverPID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = bench.Process.Kill()
+	_ = bench.Wait()
+	c.serve()
+	waitFor("the server started again", func(n map[string]int) bool { return n["Disconnected"] == 5 })
+}

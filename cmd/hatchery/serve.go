@@ -196,7 +196,12 @@ func serve(ctx context.Context, o serveOptions) error {
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}
 	go hubSvc.RelaySignals(ctx)
+	go hubSvc.Heartbeat(ctx)
+	// Stopping closes the device connections, recording them disconnected,
+	// and lets requests in flight finish, before the store closes.
+	stopped := make(chan struct{})
 	go func() {
+		defer close(stopped)
 		<-ctx.Done()
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -207,5 +212,6 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}
+	<-stopped
 	return nil
 }

@@ -322,31 +322,22 @@ func (s *Service) applyAll(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	for after := ""; ; {
-		recs, next, err := s.scan(ctx, kindDevice, "", after, 500)
-		if err != nil {
-			return err
-		}
-		for _, r := range recs {
-			if !r.Device.Capabilities.IoTEdge {
-				continue
-			}
-			// What does not fit one device (layers merging past a
-			// module twin's size) stays off that device only.
-			err := s.applyTo(ctx, r, cs)
-			switch {
-			case err == nil:
-			case azerr.As(err).Status() >= 500:
-				return err
-			default:
-				slog.Warn("deployments do not fit an edge device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
-			}
-		}
-		if next == "" {
+	return s.eachRecord(ctx, kindDevice, func(r *record) error {
+		if !r.Device.Capabilities.IoTEdge {
 			return nil
 		}
-		after = next
-	}
+		// What does not fit one device (layers merging past a module
+		// twin's size) stays off that device only.
+		err := s.applyTo(ctx, r, cs)
+		switch {
+		case err == nil:
+		case azerr.As(err).Status() >= 500:
+			return err
+		default:
+			slog.Warn("deployments do not fit an edge device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
+		}
+		return nil
+	})
 }
 
 // reapply re-evaluates one device after its identity or twin changed.
@@ -484,41 +475,35 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 	type counts struct{ targeted, applied, ok, failed int64 }
 	n := make([]counts, len(cs))
 	var modules []map[string]any
-	for after := ""; ; {
-		recs, next, err := s.scan(ctx, kindDevice, "", after, 500)
-		if err != nil {
-			return err
-		}
-		for _, r := range recs {
-			for i, c := range cs {
-				st, ok := r.Configurations[c.ID]
-				if !ok {
-					continue
-				}
-				n[i].targeted++
-				if st.Status != "Applied" {
-					continue
-				}
-				n[i].applied++
-				agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
-				if err != nil {
-					continue
-				}
-				code, _ := lookup(agent.Reported, "lastDesiredStatus", "code").(float64)
-				ver, _ := agent.Reported["lastDesiredVersion"].(float64)
-				switch {
-				case int64(ver) != agent.DesiredVersion:
-				case code == 200:
-					n[i].ok++
-				case code >= 400:
-					n[i].failed++
-				}
+	err := s.eachRecord(ctx, kindDevice, func(r *record) error {
+		for i, c := range cs {
+			st, ok := r.Configurations[c.ID]
+			if !ok {
+				continue
+			}
+			n[i].targeted++
+			if st.Status != "Applied" {
+				continue
+			}
+			n[i].applied++
+			agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
+			if err != nil {
+				continue
+			}
+			code, _ := lookup(agent.Reported, "lastDesiredStatus", "code").(float64)
+			ver, _ := agent.Reported["lastDesiredVersion"].(float64)
+			switch {
+			case int64(ver) != agent.DesiredVersion:
+			case code == 200:
+				n[i].ok++
+			case code >= 400:
+				n[i].failed++
 			}
 		}
-		if next == "" {
-			break
-		}
-		after = next
+		return nil
+	})
+	if err != nil {
+		return err
 	}
 	for i, c := range cs {
 		c.SystemMetrics = Metrics{
@@ -569,19 +554,11 @@ func (s *Service) countQuery(ctx context.Context, q string, modules []map[string
 // allDocs returns every twin of a kind as queries see it.
 func (s *Service) allDocs(ctx context.Context, kind string) ([]map[string]any, error) {
 	var out []map[string]any
-	for after := ""; ; {
-		recs, next, err := s.scan(ctx, kind, "", after, 1000)
-		if err != nil {
-			return nil, err
-		}
-		for _, r := range recs {
-			out = append(out, r.twinDoc())
-		}
-		if next == "" {
-			return out, nil
-		}
-		after = next
-	}
+	err := s.eachRecord(ctx, kind, func(r *record) error {
+		out = append(out, r.twinDoc())
+		return nil
+	})
+	return out, err
 }
 
 func lookup(m map[string]any, path ...string) any {

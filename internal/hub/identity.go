@@ -8,7 +8,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -370,33 +369,22 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 	return out, next, nil
 }
 
-// SetConnected records a device's or module's connection state.
-func (s *Service) SetConnected(ctx context.Context, r Ref, connection string, connected bool) {
-	now := s.Now().UTC()
-	state := "Disconnected"
-	if connected {
-		state = "Connected"
-	}
-	_, err := s.update(ctx, r, func(rec *record) error {
-		switch {
-		case connected:
-			rec.Connection = connection
-		case rec.Connection != connection:
-			return errNewerConnection
-		default:
-			rec.Connection = ""
+// eachRecord calls f with every record of kind, in ID order, until f
+// returns an error.
+func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) error) error {
+	for after := ""; ; {
+		recs, next, err := s.scan(ctx, kind, "", after, 500)
+		if err != nil {
+			return err
 		}
-		rec.Device.ConnectionState, rec.Device.ConnectionStateUpdatedTime, rec.Device.LastActivityTime = state, now, now
-		return nil
-	})
-	if err != nil && !errors.Is(err, errNewerConnection) {
-		slog.Warn("recording connection state", "identity", r.String(), "error", err)
-	}
-	if connected {
-		s.publish("connect", r)
+		for _, r := range recs {
+			if err := f(r); err != nil {
+				return err
+			}
+		}
+		if next == "" {
+			return nil
+		}
+		after = next
 	}
 }
-
-// errNewerConnection leaves the state of a device whose latest connection,
-// here or on another replica, is not the one that closed.
-var errNewerConnection = errors.New("the device has connected again since")

@@ -23,8 +23,8 @@ type methodCall struct {
 	Name    string          `json:"name"`
 	Payload json.RawMessage `json:"payload"`
 	Timeout time.Duration   `json:"timeout"`
-	// The answer, once the "answered" signal says there is one: the
-	// device's, or why there is none.
+	// The answer, once there is one: the device's, or why there is none.
+	Answered bool            `json:"answered,omitempty"`
 	Status   int             `json:"status,omitempty"`
 	Response json.RawMessage `json:"response,omitempty"`
 	Error    *azerr.Error    `json:"error,omitempty"`
@@ -49,18 +49,20 @@ func (s *Service) invokeElsewhere(ctx context.Context, r Ref, name string, paylo
 		return 0, nil, err
 	}
 	s.publishCall("call", r, id)
-	select {
-	case <-answered:
-	case <-ctx.Done():
-		return 0, nil, ctx.Err()
-	}
-	d, err := s.store.Get(ctx, kindMethodCall, id)
-	if err != nil {
-		return 0, nil, err
-	}
 	var c methodCall
-	if err := json.Unmarshal(d.Body, &c); err != nil {
-		return 0, nil, err
+	for !c.Answered { // woken by "answered", or to look again after the relay lost signals
+		select {
+		case <-answered:
+		case <-ctx.Done():
+			return 0, nil, ctx.Err()
+		}
+		d, err := s.store.Get(ctx, kindMethodCall, id)
+		if err != nil {
+			return 0, nil, err
+		}
+		if err := json.Unmarshal(d.Body, &c); err != nil {
+			return 0, nil, err
+		}
 	}
 	if c.Error != nil {
 		return 0, nil, c.Error
@@ -89,7 +91,7 @@ func (s *Service) answerCall(r Ref, id string) {
 	callCtx, cancel := context.WithTimeout(ctx, c.Timeout)
 	defer cancel()
 	status, resp, err := (*reg)(callCtx, c.Name, c.Payload)
-	c.Status, c.Response = status, resp
+	c.Answered, c.Status, c.Response = true, status, resp
 	if err != nil {
 		c.Error = methodError(r, c.Name, c.Timeout, err)
 	}
@@ -106,12 +108,14 @@ func (s *Service) answerCall(r Ref, id string) {
 // callAnswered wakes the caller waiting here for call id, if any.
 func (s *Service) callAnswered(id string) {
 	s.mu.Lock()
-	ch := s.calls[id]
-	s.mu.Unlock()
-	if ch != nil {
-		select {
-		case ch <- struct{}{}:
-		default:
-		}
+	defer s.mu.Unlock()
+	s.wake(id)
+}
+
+// wake tells the caller waiting for call id to read it; s.mu is held.
+func (s *Service) wake(id string) {
+	select {
+	case s.calls[id] <- struct{}{}:
+	default: // already woken, or nobody waits (a nil channel)
 	}
 }

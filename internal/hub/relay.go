@@ -57,9 +57,7 @@ func (s *Service) RelaySignals(ctx context.Context) {
 		case "revoke":
 			s.revokeHere(r)
 		case "connect":
-			for _, f := range s.reconnected.get(r) {
-				(*f)()
-			}
+			s.connectedElsewhere(r)
 		case "c2d":
 			s.c2dArrivedHere(m.Device)
 		case "call":
@@ -71,5 +69,30 @@ func (s *Service) RelaySignals(ctx context.Context) {
 				(*f)(desiredChange{}) // read it: the patch itself is too large to relay
 			}
 		}
-	})
+	}, func() { s.catchUp(ctx) })
+}
+
+// catchUp does, from the store, what any signal the relay lost would have
+// made this replica do: connections whose records say they should have
+// ended end, and every connection looks for desired changes and messages.
+// Callers waiting for a relayed method look at its call again.
+func (s *Service) catchUp(ctx context.Context) {
+	slog.Info("relay between replicas: listening again; checking connections against the store")
+	for _, f := range s.desiredWatchers.all() {
+		(*f)(desiredChange{})
+	}
+	for _, f := range s.c2dWatchers.all() {
+		(*f)()
+	}
+	s.mu.Lock()
+	for id := range s.calls {
+		s.wake(id)
+	}
+	s.mu.Unlock()
+	for _, c := range s.conns.all() {
+		if ctx.Err() != nil {
+			return
+		}
+		s.recheck(ctx, *c)
+	}
 }

@@ -17,29 +17,15 @@ import (
 func TestRelayBetweenReplicas(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	dsn := testutil.StartPostgres(t).NewDatabase(t)
-	replica := func() *Service {
-		st, err := store.OpenPostgres(ctx, dsn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { st.Close() })
-		s, err := Open(ctx, st, "hub.test")
-		if err != nil {
-			t.Fatal(err)
-		}
-		go s.RelaySignals(ctx)
-		return s
-	}
+	replica := postgresReplicas(ctx, t)
 	a, b := replica(), replica()
 	dev, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "", &Device{})
 	if err != nil {
 		t.Fatal(err)
 	}
 	// The device's connection is on b.
-	c2d, revoked := make(chan struct{}, 100), make(chan struct{}, 1)
+	c2d := make(chan struct{}, 100)
 	defer b.WatchC2D("d1", func() { c2d <- struct{}{} })()
-	defer b.OnRevoked(Ref{Device: "d1"}, func() { revoked <- struct{}{} })()
 
 	// Messages sent before b listens are lost: send until b hears one.
 	deadline := time.After(20 * time.Second)
@@ -85,7 +71,9 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	if _, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping"}); azerr.As(err).Code != 404103 {
 		t.Fatalf("method for a device connected nowhere: %v", err)
 	}
-	b.SetConnected(ctx, Ref{Device: "d1"}, "on-b", true)
+	dropped := make(chan struct{}, 1)
+	drop := func() { dropped <- struct{}{} }
+	defer b.Attach(ctx, Ref{Device: "d1"}, drop)()
 	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
 		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
 	})()
@@ -95,21 +83,79 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	}
 
 	// Connecting through a replaces the connection on b.
-	replaced := make(chan struct{}, 1)
-	defer b.OnConnectedElsewhere(Ref{Device: "d1"}, func() { replaced <- struct{}{} })()
-	a.SetConnected(ctx, Ref{Device: "d1"}, "through-a", true)
+	defer a.Attach(ctx, Ref{Device: "d1"}, func() {})()
 	select {
-	case <-replaced:
+	case <-dropped:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the device's connection on b was not replaced when it connected through a")
 	}
+	defer b.Attach(ctx, Ref{Device: "d1"}, drop)()
 	dev.Status = "disabled"
 	if _, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "*", dev); err != nil {
 		t.Fatal(err)
 	}
 	select {
-	case <-revoked:
+	case <-dropped:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the device's connection on b was not cut off when a disabled it")
+	}
+}
+
+// postgresReplicas returns a function that starts replicas on one new
+// PostgreSQL database, each acting on the others' signals until ctx ends.
+func postgresReplicas(ctx context.Context, t *testing.T) func() *Service {
+	dsn := testutil.StartPostgres(t).NewDatabase(t)
+	return func() *Service {
+		st, err := store.OpenPostgres(ctx, dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { st.Close() })
+		s := openHub(t, st)
+		go s.RelaySignals(ctx)
+		return s
+	}
+}
+
+// A replica whose beat stands still for three of another's is taken for
+// dead, and its devices are recorded disconnected; one that beats is not.
+func TestStoppedReplicaOnPostgres(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	replica := postgresReplicas(ctx, t)
+	a, b := replica(), replica()
+	d1, d2 := Ref{Device: "d1"}, Ref{Device: "d2"}
+	newIdentity(t, a, d1)
+	newIdentity(t, a, d2)
+	a.Attach(ctx, d1, func() {})
+	defer b.Attach(ctx, d2, func() {})()
+	beatA := &beater{s: a, seen: map[string]stillBeat{}}
+	beatB := &beater{s: b, seen: map[string]stillBeat{}}
+	beat := func(bs ...*beater) {
+		t.Helper()
+		for _, x := range bs {
+			if err := x.beat(ctx); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	for range 2 * deadBeats {
+		beat(beatA, beatB)
+	}
+	if st := connectionState(t, b, d1); st != "Connected" {
+		t.Fatalf("a device of a replica that beats: %s", st)
+	}
+	for range deadBeats - 1 {
+		beat(beatB)
+	}
+	if st := connectionState(t, b, d1); st != "Connected" {
+		t.Fatalf("after %d beats of b without one of a: %s", deadBeats-1, st)
+	}
+	beat(beatB)
+	if st := connectionState(t, b, d1); st != "Disconnected" {
+		t.Fatalf("after %d beats of b without one of a: %s", deadBeats, st)
+	}
+	if st := connectionState(t, b, d2); st != "Connected" {
+		t.Fatalf("b's own device: %s", st)
 	}
 }

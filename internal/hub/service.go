@@ -33,8 +33,7 @@ type Service struct {
 
 	desiredWatchers watchers[Ref, func(desiredChange)]
 	c2dWatchers     watchers[string, func()]
-	revoked         watchers[string, func(module string)] // per device: its or a module's access ended (disabled, deleted, keys changed)
-	reconnected     watchers[Ref, func()]                 // the identity connected through another replica
+	conns           watchers[string, *connection] // this replica's connections, by device
 
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
@@ -243,34 +242,4 @@ func (s *Service) ExpireEvents(ctx context.Context, retention time.Duration) {
 // Events reads the event stream.
 func (s *Service) Events(ctx context.Context, deviceID string, after int64, limit int) ([]store.Event, error) {
 	return s.store.Events(ctx, deviceID, after, limit)
-}
-
-// OnRevoked calls f when r's access ends — it, or the device of a module,
-// is disabled or deleted, or its keys change — so connections
-// authenticated before are closed.
-func (s *Service) OnRevoked(r Ref, f func()) (cancel func()) {
-	return s.revoked.add(r.Device, func(module string) {
-		if module == "" || module == r.Module {
-			f()
-		}
-	})
-}
-
-// OnConnectedElsewhere calls f when r connects through another replica:
-// as in the hosted hub, a new connection replaces the old one.
-func (s *Service) OnConnectedElsewhere(r Ref, f func()) (cancel func()) {
-	return s.reconnected.add(r, f)
-}
-
-// revoke ends the access of r, on every replica: of a module, or of a
-// device and its modules.
-func (s *Service) revoke(r Ref) {
-	s.revokeHere(r)
-	s.publish("revoke", r)
-}
-
-func (s *Service) revokeHere(r Ref) {
-	for _, f := range s.revoked.get(r.Device) {
-		(*f)(r.Module)
-	}
 }

@@ -40,3 +40,13 @@ func (w *watchers[K, F]) get(k K) []*F {
 	defer w.mu.Unlock()
 	return w.m[k]
 }
+
+func (w *watchers[K, F]) all() []*F {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var out []*F
+	for _, fs := range w.m {
+		out = append(out, fs...)
+	}
+	return out
+}

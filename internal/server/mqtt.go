@@ -2,7 +2,6 @@ package server
 
 import (
 	"context"
-	"crypto/rand"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -38,15 +37,14 @@ func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
 
 // session is what a connection is allowed to do and what it listens to.
 type session struct {
-	ref        hub.Ref
-	connection string     // this connection's name in the device record (SetConnected)
-	deliverMu  sync.Mutex // one C2D delivery at a time
-	mu         sync.Mutex
-	cancels    []func()
-	watching   map[string]bool              // filters whose watcher runs: one each, however often subscribed
-	c2dSent    map[string]bool              // C2D messages sent on this connection and still queued, by store ID
-	methods    map[string]chan methodAnswer // by $rid
-	nextRID    atomic.Uint64
+	ref       hub.Ref
+	deliverMu sync.Mutex // one C2D delivery at a time
+	mu        sync.Mutex
+	cancels   []func()
+	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
+	c2dSent   map[string]bool              // C2D messages sent on this connection and still queued, by store ID
+	methods   map[string]chan methodAnswer // by $rid
+	nextRID   atomic.Uint64
 }
 
 // watch reports whether filter's watcher is to be started: the first time
@@ -158,12 +156,8 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		return mqtt.RefusedNotAuthorized
 	}
-	sess := &session{ref: r, connection: rand.Text(), methods: map[string]chan methodAnswer{}}
+	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
-	// A device or module disabled, deleted or given new keys while
-	// connected is cut off, as in the hosted hub.
-	sess.onClose(d.hub.OnRevoked(r, func() { go c.Close() }))
-	sess.onClose(d.hub.OnConnectedElsewhere(r, func() { go c.Close() }))
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c
@@ -171,7 +165,9 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if old != nil {
 		old.Close() // as the hosted hub: a new connection replaces the old one
 	}
-	d.hub.SetConnected(ctx, r, sess.connection, true)
+	// A device or module disabled, deleted or given new keys while
+	// connected is cut off, as in the hosted hub.
+	sess.onClose(d.hub.Attach(ctx, r, func() { go c.Close() }))
 	return mqtt.Accepted
 }
 
@@ -189,16 +185,10 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 		f()
 	}
 	d.mu.Lock()
-	current := d.sessions[s.ref] == c
-	if current {
+	if d.sessions[s.ref] == c {
 		delete(d.sessions, s.ref)
 	}
 	d.mu.Unlock()
-	if current {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		defer cancel()
-		d.hub.SetConnected(ctx, s.ref, s.connection, false)
-	}
 }
 
 // own is the topic prefix of the connection's identity.

@@ -528,22 +528,3 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 		last = v
 	}
 }
-
-// An older connection closing (here, or on another replica) does not mark
-// a device that has connected again as disconnected.
-func TestOlderConnectionCloses(t *testing.T) {
-	e := newEnv(t)
-	e.newDevice("d1", false)
-	r := hub.Ref{Device: "d1"}
-	state := func() string { d, _ := e.hub.GetIdentity(ctx, r); return d.ConnectionState }
-	e.hub.SetConnected(ctx, r, "first", true)
-	e.hub.SetConnected(ctx, r, "second", true)
-	e.hub.SetConnected(ctx, r, "first", false)
-	if s := state(); s != "Connected" {
-		t.Fatalf("after the older connection closed: %s", s)
-	}
-	e.hub.SetConnected(ctx, r, "second", false)
-	if s := state(); s != "Disconnected" {
-		t.Fatalf("after the latest connection closed: %s", s)
-	}
-}

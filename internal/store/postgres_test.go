@@ -4,6 +4,7 @@ import (
 	"context"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/testutil"
 )
@@ -42,4 +43,52 @@ func TestOpenPostgresURL(t *testing.T) {
 	if strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("the error shows the password: %v", err)
 	}
+}
+
+// A relay whose listening connection drops listens again and says that it
+// may have missed messages; what is published after that arrives.
+func TestRelayListensAgain(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	dsn := pg.NewDatabase(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	st, err := OpenPostgres(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	got, missed := make(chan string, 100), make(chan struct{}, 10)
+	go st.Subscribe(ctx, func(msg string) { got <- msg }, func() { missed <- struct{}{} })
+	// Publish until the listener hears: it starts listening on its own time.
+	heard := func(msg string) {
+		t.Helper()
+		deadline := time.After(20 * time.Second)
+		for {
+			if err := st.Publish(ctx, msg); err != nil {
+				t.Fatal(err)
+			}
+			select {
+			case m := <-got:
+				if m == msg {
+					return
+				}
+			case <-time.After(100 * time.Millisecond):
+			case <-deadline:
+				t.Fatalf("%q never arrived", msg)
+			}
+		}
+	}
+	heard("first")
+	select {
+	case <-missed:
+		t.Fatal("missed called on the first LISTEN")
+	default:
+	}
+	pg.Exec(t, dsn, `SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%' AND pid <> pg_backend_pid()`)
+	select {
+	case <-missed:
+	case <-time.After(20 * time.Second):
+		t.Fatal("missed not called after the listening connection was terminated")
+	}
+	heard("second")
 }

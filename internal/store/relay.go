@@ -16,9 +16,9 @@ type Relay interface {
 	// this one's included.
 	Publish(ctx context.Context, msg string) error
 	// Subscribe calls f with each message published until ctx ends,
-	// reconnecting when the connection drops; messages sent meanwhile are
-	// lost.
-	Subscribe(ctx context.Context, f func(msg string))
+	// reconnecting when the connection drops. Messages sent meanwhile are
+	// lost: once listening again it calls missed, in a goroutine of its own.
+	Subscribe(ctx context.Context, f func(msg string), missed func())
 }
 
 const relayChannel = "hatchery_relay"
@@ -30,9 +30,11 @@ func (p *Postgres) Publish(ctx context.Context, msg string) error {
 
 // Subscribe listens on a connection of its own, outside the pool, which it
 // holds for as long as it listens.
-func (p *Postgres) Subscribe(ctx context.Context, f func(msg string)) {
+func (p *Postgres) Subscribe(ctx context.Context, f func(msg string), missed func()) {
+	var listening func()
 	for ctx.Err() == nil {
-		if err := p.listen(ctx, f); err != nil && ctx.Err() == nil {
+		if err := p.listen(ctx, f, listening); err != nil && ctx.Err() == nil {
+			listening = missed // from the second time on
 			slog.Warn("relay between replicas: listening again in 1 s", "error", err)
 			select {
 			case <-ctx.Done():
@@ -42,7 +44,8 @@ func (p *Postgres) Subscribe(ctx context.Context, f func(msg string)) {
 	}
 }
 
-func (p *Postgres) listen(ctx context.Context, f func(msg string)) error {
+// listen calls listening, if any, once LISTEN is in place.
+func (p *Postgres) listen(ctx context.Context, f func(msg string), listening func()) error {
 	conn, err := pgx.ConnectConfig(ctx, p.pool.Config().ConnConfig.Copy())
 	if err != nil {
 		return err
@@ -50,6 +53,9 @@ func (p *Postgres) listen(ctx context.Context, f func(msg string)) error {
 	defer conn.Close(context.Background())
 	if _, err := conn.Exec(ctx, "LISTEN "+relayChannel); err != nil {
 		return err
+	}
+	if listening != nil {
+		go listening()
 	}
 	for {
 		n, err := conn.WaitForNotification(ctx)
