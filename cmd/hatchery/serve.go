@@ -157,7 +157,8 @@ func serve(ctx context.Context, o serveOptions) error {
 	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
 		return err
 	} else if len(hubs) == 0 {
-		// The hub in this process is linked by default, reached over loopback.
+		// The hub in this process is linked by default; hubclient.Pool calls
+		// it in process (docs/decisions/0004).
 		if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: o.host, ConnectionString: hubSvc.OwnerConnectionString(),
 			Endpoint: "https://127.0.0.1:" + strconv.Itoa(o.port), AllocationWeight: 1, ApplyAllocationPolicy: true}); err != nil {
 			return err

@@ -1,7 +1,10 @@
 // Package hubclient calls an IoT hub's registry REST API with a shared
 // access policy's connection string. The provisioning service reaches every
 // linked hub this way, Hatchery's own or any compatible one — except the
-// hub served by its own process, which it writes to directly.
+// hub served by its own process, which it calls in process, as the REST API
+// would: the connection string is checked as a token made from it would be,
+// and what the hub fills in does not show in what was passed
+// (docs/decisions/0004).
 package hubclient
 
 import (
@@ -14,11 +17,13 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
 )
 
 // registry is what the provisioning service does to a hub.
@@ -82,12 +87,25 @@ func (c *Client) SetTwin(ctx context.Context, id string, p *hub.TwinPatch, repla
 // local is the hub of this process, reached without a network round trip.
 type local struct{ h *hub.Service }
 
+// authorize refuses a connection string that the hub's REST API would
+// refuse a token of: unknown policy, wrong key, or no RegistryWrite.
+func (l local) authorize(connString string) error {
+	cs, err := sas.ParseConnectionString(connString)
+	if err != nil {
+		return err
+	}
+	return l.h.AuthorizeService(sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Minute)), sas.RegistryWrite)
+}
+
 func (l local) GetDevice(ctx context.Context, id string) (*hub.Device, error) {
 	return l.h.GetIdentity(ctx, hub.Ref{Device: id})
 }
 
+// PutDevice passes a copy: the hub fills in what the request leaves out
+// (a secondary key), which must not show in the caller's device.
 func (l local) PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error) {
-	return l.h.PutIdentity(ctx, hub.Ref{Device: d.DeviceID}, ifMatch, d)
+	in := *d
+	return l.h.PutIdentity(ctx, hub.Ref{Device: d.DeviceID}, ifMatch, &in)
 }
 
 func (l local) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
@@ -112,7 +130,11 @@ type Pool struct {
 
 func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
 	if p.Local != nil && strings.EqualFold(h.HostName, p.Local.Host()) {
-		return local{p.Local}, nil
+		l := local{p.Local}
+		if err := l.authorize(h.ConnectionString); err != nil {
+			return nil, err
+		}
+		return l, nil
 	}
 	p.mu.Lock()
 	defer p.mu.Unlock()

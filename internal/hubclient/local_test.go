@@ -1,0 +1,76 @@
+package hubclient
+
+import (
+	"context"
+	"net/http"
+	"path/filepath"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// The hub of this process, reached in process, behaves as its REST API:
+// a connection string it would refuse is refused; a device registering
+// again keeps the secondary key the hub gave it, and its connections.
+func TestLocalHubAsOverREST(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	h, err := hub.Open(ctx, st, "hub.local")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &Pool{Local: h}
+	service, _ := h.PolicyConnectionString("service")
+	for name, cs := range map[string]string{
+		"unknown policy":   "HostName=hub.local;SharedAccessKeyName=nobody;SharedAccessKey=" + sas.NewKey(),
+		"wrong key":        "HostName=hub.local;SharedAccessKeyName=iothubowner;SharedAccessKey=" + sas.NewKey(),
+		"no RegistryWrite": service,
+	} {
+		lh := dps.LinkedHub{HostName: "hub.local", ConnectionString: cs}
+		if err := p.Check(ctx, lh); azerr.As(err).Status() != http.StatusUnauthorized {
+			t.Errorf("%s: Check gave %v, want 401", name, err)
+		}
+		if err := p.UpsertDevice(ctx, lh, dps.HubDevice{DeviceID: "d0", PrimaryKey: sas.NewKey()}); azerr.As(err).Status() != http.StatusUnauthorized {
+			t.Errorf("%s: UpsertDevice gave %v, want 401", name, err)
+		}
+	}
+	if _, err := h.GetIdentity(ctx, hub.Ref{Device: "d0"}); azerr.As(err).Status() != http.StatusNotFound {
+		t.Fatalf("a refused connection string created a device: %v", err)
+	}
+
+	lh := dps.LinkedHub{HostName: "hub.local", ConnectionString: h.OwnerConnectionString()}
+	if err := p.Check(ctx, lh); err != nil {
+		t.Fatal(err)
+	}
+	d := dps.HubDevice{DeviceID: "d1", PrimaryKey: sas.NewKey()}
+	if err := p.UpsertDevice(ctx, lh, d); err != nil {
+		t.Fatal(err)
+	}
+	first, err := h.GetIdentity(ctx, hub.Ref{Device: "d1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dropped := false
+	defer h.Attach(ctx, hub.Ref{Device: "d1"}, func() { dropped = true })()
+	if err := p.UpsertDevice(ctx, lh, d); err != nil {
+		t.Fatal(err)
+	}
+	second, err := h.GetIdentity(ctx, hub.Ref{Device: "d1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a, b := first.Authentication.SymmetricKey.SecondaryKey, second.Authentication.SymmetricKey.SecondaryKey; a != b || a == "" {
+		t.Errorf("secondary key %q became %q when the device registered again", a, b)
+	}
+	if dropped {
+		t.Error("registering again with the same keys cut the device's connection off")
+	}
+}
