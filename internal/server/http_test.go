@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bufio"
 	"bytes"
 	"context"
 	"errors"
@@ -9,8 +10,10 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/hub"
 )
 
 // TestFailureIDLogsInternalErrors: an answer that says only "internal server
@@ -31,5 +34,39 @@ func TestFailureIDLogsInternalErrors(t *testing.T) {
 	failureID(r, fmt.Errorf("reading: %w", context.Canceled))
 	if log.Len() != 0 {
 		t.Fatalf("logged an API error or a hang-up:\n%s", log.String())
+	}
+}
+
+// GET /events?follow=true streams: an event stored after the request
+// arrives while the answer stays open (hatchery hub tail -f).
+func TestEventsFollowStreams(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("d1", false)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lines := make(chan string, 1)
+	go func() {
+		body, err := e.hubAPI.Stream(ctx, "/events?device=d1&follow=true")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer body.Close()
+		sc := bufio.NewScanner(body)
+		if sc.Scan() {
+			lines <- sc.Text()
+		}
+	}()
+	time.Sleep(300 * time.Millisecond) // the request is in, and has found nothing yet
+	if _, err := e.hub.SendEvent(ctx, hub.Ref{Device: "d1"}, nil, []byte(`{"n":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case line := <-lines:
+		if !strings.Contains(line, `"body":{"n":1}`) {
+			t.Fatalf("streamed event: %s", line)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("the event was not streamed while the answer stayed open")
 	}
 }

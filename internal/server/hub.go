@@ -240,7 +240,7 @@ func (a *api) events(w http.ResponseWriter, r *http.Request) error {
 	follow := q.Get("follow") == "true"
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	enc := json.NewEncoder(w)
-	flusher, _ := w.(http.Flusher)
+	rc := http.NewResponseController(w)
 	for {
 		evs, err := a.hub.Events(r.Context(), q.Get("device"), after, 500)
 		if err != nil {
@@ -252,8 +252,8 @@ func (a *api) events(w http.ResponseWriter, r *http.Request) error {
 				return nil // the reader went away
 			}
 		}
-		if flusher != nil {
-			flusher.Flush()
+		if err := rc.Flush(); err != nil {
+			return nil // the reader went away
 		}
 		if len(evs) == 500 {
 			continue
