@@ -32,6 +32,8 @@ type Handler interface {
 	Published(c *Conn, p *Publish) error
 	// Subscribe decides each topic filter: granted QoS (0/1) or 0x80 failure.
 	// The server never grants more than the requested QoS nor more than 1.
+	// The filter counts as subscribed while Subscribe runs, so that what it
+	// starts sending on it (MQTT permits that before the SUBACK) is sent.
 	Subscribe(c *Conn, filter string, qos byte) byte
 	// Unsubscribe is called for each filter of an UNSUBSCRIBE.
 	Unsubscribe(c *Conn, filter string)
@@ -645,6 +647,7 @@ func (c *Conn) handle(p Packet) error {
 	case *Subscribe:
 		codes := make([]byte, len(p.Subscriptions))
 		for i, sub := range p.Subscriptions {
+			undo := c.subscribe(sub.Filter, min(sub.QoS, 1))
 			g := h.Subscribe(c, sub.Filter, sub.QoS)
 			switch {
 			case g == SubscribeFailure:
@@ -656,7 +659,9 @@ func (c *Conn) handle(p Packet) error {
 				g = SubscribeFailure
 			}
 			codes[i] = g
-			if g != SubscribeFailure {
+			if g == SubscribeFailure {
+				undo()
+			} else {
 				c.subscribe(sub.Filter, g)
 			}
 		}
@@ -679,17 +684,21 @@ func (c *Conn) handle(p Packet) error {
 }
 
 // subscribe adds or replaces (section 3.8.4) a subscription.
-func (c *Conn) subscribe(filter string, qos byte) {
+// subscribe records filter at qos; undo puts back what there was before
+// (the filter at its former QoS, or nothing).
+func (c *Conn) subscribe(filter string, qos byte) (undo func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i := range c.subs {
 		if c.subs[i].filter == filter {
+			was := c.subs[i].qos
 			c.subs[i].qos = qos
-			return
+			return func() { c.subscribe(filter, was) }
 		}
 	}
 	// Clone: the filter aliases the SUBSCRIBE packet, which may be large.
 	c.subs = append(c.subs, subscription{filter: strings.Clone(filter), qos: qos})
+	return func() { c.unsubscribe(filter) }
 }
 
 func (c *Conn) unsubscribe(filter string) {

@@ -32,7 +32,8 @@ type closedEvent struct {
 // testHandler accepts password "secret", grants what is asked except filters
 // under "forbidden/", and records what happens.
 type testHandler struct {
-	published func(c *Conn, p *Publish) error // optional
+	published func(c *Conn, p *Publish) error             // optional
+	subscribe func(c *Conn, filter string, qos byte) byte // optional; else forbidden/ is refused
 
 	accepted chan *Conn
 	closed   chan closedEvent
@@ -66,6 +67,9 @@ func (h *testHandler) Published(c *Conn, p *Publish) error {
 }
 
 func (h *testHandler) Subscribe(c *Conn, filter string, qos byte) byte {
+	if h.subscribe != nil {
+		return h.subscribe(c, filter, qos)
+	}
 	if strings.HasPrefix(filter, "forbidden/") {
 		return SubscribeFailure
 	}
@@ -795,4 +799,51 @@ func TestHandlerPanicClosesOnlyThatConnection(t *testing.T) {
 	}
 	c2.write(&Publish{QoS: 1, PacketID: 1, Topic: "fine"})
 	readAs[*Puback](c2)
+}
+
+// What the handler sends on a filter while subscribing it reaches the
+// client (before the SUBACK, as MQTT permits); a filter refused on a second
+// SUBSCRIBE keeps what the first granted.
+func TestSendWhileSubscribing(t *testing.T) {
+	h := newTestHandler()
+	var sendErr error
+	refuse := false
+	h.subscribe = func(c *Conn, filter string, qos byte) byte {
+		switch {
+		case filter == "welcome/#":
+			sendErr = c.Send("welcome/1", []byte("hi"), 1, nil)
+		case refuse:
+			return SubscribeFailure
+		}
+		return qos
+	}
+	ts := startServer(t, h, false)
+	c, sc := ts.connected(t, h, "dev-1")
+	c.write(&Subscribe{PacketID: 1, Subscriptions: []Subscription{{"welcome/#", 1}}})
+	if p := readAs[*Publish](c); p.Topic != "welcome/1" || string(p.Payload) != "hi" || p.QoS != 1 {
+		t.Fatalf("sent while subscribing: %+v", p)
+	}
+	if ack := readAs[*Suback](c); ack.PacketID != 1 || !bytes.Equal(ack.ReturnCodes, []byte{1}) {
+		t.Fatalf("SUBACK %+v", ack)
+	}
+	if sendErr != nil {
+		t.Fatalf("Send while subscribing: %v", sendErr)
+	}
+
+	if codes := c.subscribe(2, Subscription{"flip/#", 1}); !bytes.Equal(codes, []byte{1}) {
+		t.Fatalf("first SUBSCRIBE: %v", codes)
+	}
+	refuse = true
+	if codes := c.subscribe(3, Subscription{"flip/#", 0}, Subscription{"new/#", 1}); !bytes.Equal(codes, []byte{0x80, 0x80}) {
+		t.Fatalf("refused SUBSCRIBE: %v", codes)
+	}
+	if !sc.Subscribed("flip/x") || sc.Subscribed("new/x") {
+		t.Fatal("a refused SUBSCRIBE changed the subscriptions")
+	}
+	if err := sc.Send("flip/x", []byte("q"), 1, nil); err != nil {
+		t.Fatal(err)
+	}
+	if p := readAs[*Publish](c); p.QoS != 1 {
+		t.Fatalf("a refused SUBSCRIBE changed the granted QoS: %+v", p)
+	}
 }

@@ -387,19 +387,11 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		id := m.ID
 		// Percent-encoding throughout: '+' for a space is a wildcard in MQTT.
 		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
-		send := func() error {
-			return c.Send(topic, m.Body, 1, func(err error) {
-				if err == nil {
-					_ = d.hub.CompleteC2D(context.Background(), id)
-				}
-			})
-		}
-		// The subscription is recorded just after Subscribe returns.
-		err := send()
-		for i := 0; errors.Is(err, mqtt.ErrNotSubscribed) && i < 20; i++ {
-			time.Sleep(5 * time.Millisecond)
-			err = send()
-		}
+		err := c.Send(topic, m.Body, 1, func(err error) {
+			if err == nil {
+				_ = d.hub.CompleteC2D(context.Background(), id)
+			}
+		})
 		if err != nil {
 			s.endC2D(id)
 			slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
