@@ -26,6 +26,13 @@ func (e *Error) Error() string { return e.Message }
 // Status is the HTTP status of the error.
 func (e *Error) Status() int { return e.Code / 1000 }
 
+// HasStatus reports whether err is an API error of the HTTP status; nil,
+// and errors of other kinds, are not (As would call them 500).
+func HasStatus(err error, status int) bool {
+	var e *Error
+	return errors.As(err, &e) && e.Status() == status
+}
+
 // New makes an error with a formatted message.
 func New(code int, name, format string, args ...any) *Error {
 	return &Error{Code: code, Name: name, Message: fmt.Sprintf(format, args...)}

@@ -94,7 +94,7 @@ func (s *Service) recheck(ctx context.Context, c *connection) {
 		}
 	}
 	switch {
-	case azerr.As(err).Status() == 404:
+	case azerr.HasStatus(err, 404):
 		c.drop()
 	case err != nil:
 		slog.Warn("checking a connection against its record", "identity", c.ref.String(), "error", err)

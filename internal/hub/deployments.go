@@ -346,14 +346,17 @@ func (s *Service) reapply(ctx context.Context, r Ref) {
 		return
 	}
 	rec, _, err := s.load(ctx, r)
-	if err != nil || !rec.Device.Capabilities.IoTEdge {
+	if err == nil && !rec.Device.Capabilities.IoTEdge {
 		return
 	}
-	cs, err := s.targets(ctx)
+	var cs []target
+	if err == nil {
+		cs, err = s.targets(ctx)
+	}
 	if err == nil {
 		err = s.applyTo(ctx, rec, cs)
 	}
-	if err != nil {
+	if err != nil && !azerr.HasStatus(err, 404) { // a device deleted meanwhile has nothing to apply
 		slog.Warn("applying deployments failed", "device", r.Device, "error", err)
 	}
 }
@@ -441,8 +444,10 @@ func (s *Service) ensureModules(ctx context.Context, device string, desired map[
 	}
 	for _, mod := range names {
 		m := Ref{Device: device, Module: mod}
-		if _, err := s.GetIdentity(ctx, m); azerr.As(err).Status() != 404 {
+		if _, err := s.GetIdentity(ctx, m); err == nil {
 			continue
+		} else if !azerr.HasStatus(err, 404) {
+			return err
 		}
 		if _, err := s.PutIdentity(ctx, m, "", &Device{ManagedBy: "iotEdge"}); err != nil && azerr.As(err).Status() != 409 {
 			return err

@@ -168,8 +168,8 @@ func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
 
 // missOrMismatch tells why a conditional write touched no row.
 func (s *SQLite) missOrMismatch(ctx context.Context, kind, id string) error {
-	if _, err := s.Get(ctx, kind, id); errors.Is(err, ErrNotFound) {
-		return ErrNotFound
+	if _, err := s.Get(ctx, kind, id); err != nil {
+		return err // ErrNotFound, or why it could not be read
 	}
 	return ErrPrecondition
 }
