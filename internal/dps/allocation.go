@@ -295,19 +295,49 @@ func (s *Service) webhookClient() *http.Client {
 }
 
 // HiddenKey stands for a linked hub's key in what the API shows; a PUT
-// that sends it back keeps the stored key.
+// that sends back the connection string so shown keeps the stored key.
 const HiddenKey = "<hidden>"
+
+// Redacted is the hub as the API shows it: HiddenKey for its key.
+func (h LinkedHub) Redacted() *LinkedHub {
+	h.ConnectionString = withKey(h.ConnectionString, HiddenKey)
+	return &h
+}
+
+// withKey is connString with key for the value of its SharedAccessKey.
+func withKey(connString, key string) string {
+	parts := strings.Split(connString, ";")
+	for i, p := range parts {
+		if name, _, ok := strings.Cut(p, "="); ok && strings.EqualFold(strings.TrimSpace(name), "SharedAccessKey") {
+			parts[i] = name + "=" + key
+		}
+	}
+	return strings.Join(parts, ";")
+}
+
+// hidesKey reports whether connString's key is HiddenKey.
+func hidesKey(connString string) bool {
+	for p := range strings.SplitSeq(connString, ";") {
+		if name, v, ok := strings.Cut(p, "="); ok && strings.EqualFold(strings.TrimSpace(name), "SharedAccessKey") {
+			return v == HiddenKey
+		}
+	}
+	return false
+}
 
 // PutLinkedHub links a hub, or changes one, checking its settings.
 func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (*LinkedHub, error) {
 	if h.HostName == "" {
 		h.HostName = host
 	}
-	if strings.HasSuffix(h.ConnectionString, "SharedAccessKey="+HiddenKey) {
+	if hidesKey(h.ConnectionString) {
 		old, _, err := get[LinkedHub](ctx, s.store, kindLinkedHub, strings.ToLower(host),
 			azerr.BadRequest("linked hub %s: give its connectionString with the key", host))
 		if err != nil {
 			return nil, err
+		}
+		if h.ConnectionString != old.Redacted().ConnectionString {
+			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change the connection string", host)
 		}
 		if old.Endpoint != h.Endpoint || old.CACertificate != h.CACertificate {
 			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint or CA certificate, which decide where that key's tokens go", host)

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"net/netip"
+	"strings"
 	"testing"
 )
 
@@ -62,6 +63,25 @@ func TestNearest(t *testing.T) {
 		}
 		if fmt.Sprint(got) != fmt.Sprint(tc.want) {
 			t.Errorf("%s: %v, want %v", tc.addr, got, tc.want)
+		}
+	}
+}
+
+// The API shows a linked hub without its key, wherever the key stands in
+// its connection string and however its name is written; only that form
+// keeps the stored key when sent back.
+func TestRedactedLinkedHub(t *testing.T) {
+	for in, want := range map[string]string{
+		"HostName=h;SharedAccessKeyName=p;SharedAccessKey=abc=": "HostName=h;SharedAccessKeyName=p;SharedAccessKey=" + HiddenKey,
+		"HostName=h;sharedaccesskey=abc=;SharedAccessKeyName=p": "HostName=h;sharedaccesskey=" + HiddenKey + ";SharedAccessKeyName=p",
+		"HostName=h;SharedAccessKeyName=p":                      "HostName=h;SharedAccessKeyName=p",
+	} {
+		got := LinkedHub{ConnectionString: in}.Redacted().ConnectionString
+		if got != want {
+			t.Errorf("%s shown as %s, want %s", in, got, want)
+		}
+		if hidesKey(in) || hidesKey(got) != strings.Contains(want, HiddenKey) {
+			t.Errorf("hidesKey wrong for %s or %s", in, got)
 		}
 	}
 }

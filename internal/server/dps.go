@@ -79,13 +79,13 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		if err != nil {
 			return nil, err
 		}
-		return redacted(out), nil
+		return out.Redacted(), nil
 	}))
 	service("GET /linkedHubs", reply(func(r *http.Request) (any, error) {
 		hubs, err := d.LinkedHubs(r.Context())
 		out := make([]*dps.LinkedHub, 0, len(hubs))
 		for _, h := range hubs {
-			out = append(out, redacted(h))
+			out = append(out, h.Redacted())
 		}
 		return out, err
 	}))
@@ -114,15 +114,6 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 			azerr.WriteDPS(w, err, failureID(r, err))
 		}
 	}
-}
-
-// redacted is a linked hub as the API shows it: without its key.
-func redacted(h *dps.LinkedHub) *dps.LinkedHub {
-	c := *h
-	if i := strings.Index(strings.ToLower(c.ConnectionString), "sharedaccesskey="); i >= 0 {
-		c.ConnectionString = c.ConnectionString[:i] + "SharedAccessKey=" + dps.HiddenKey
-	}
-	return &c
 }
 
 // deviceAddr is the client's address, for geoLatency allocation.
