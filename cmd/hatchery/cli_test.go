@@ -103,6 +103,12 @@ func TestOperatorCLI(t *testing.T) {
 	if _, err := os.Stat(info.CACertificate); err != nil {
 		t.Fatalf("CA certificate: %v", err)
 	}
+	// Help never shows the database URL of the environment: it has the password.
+	help := exec.Command(c.bin, "info", "--help")
+	help.Env = append(os.Environ(), "HATCHERY_DATABASE=postgres://u:s3cretpw@db/hatchery")
+	if out, err := help.CombinedOutput(); err != nil || strings.Contains(string(out), "s3cretpw") {
+		t.Fatalf("help with HATCHERY_DATABASE set: %v\n%s", err, out)
+	}
 
 	out := c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "Dev-1",
 		"--device-id", "edge-1", "--edge-enabled", "--initial-twin-tags", `{"environment":"prod"}`)

@@ -45,11 +45,11 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 	if err := json.Unmarshal(raw, &ep); err != nil {
 		return nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
-	database, _ := cmd.Flags().GetString("database")
-	if ep.ExternalDatabase && database == "" {
+	dsn := database(cmd)
+	if ep.ExternalDatabase && dsn == "" {
 		return nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
 	}
-	st, err := store.Open(cmd.Context(), database, dir)
+	st, err := store.Open(cmd.Context(), dsn, dir)
 	if err != nil {
 		return nil, err
 	}

@@ -18,8 +18,9 @@ func main() {
 	}
 	root.PersistentFlags().String("data-dir", defaultDataDir(), "directory holding the database, TLS material and settings")
 	root.PersistentFlags().StringP("output", "o", "table", "output format: table or json")
-	root.PersistentFlags().String("database", os.Getenv("HATCHERY_DATABASE"),
-		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: SQLite hatchery.db in --data-dir)")
+	// No default from HATCHERY_DATABASE here: help would print its password.
+	root.PersistentFlags().String("database", "",
+		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: $HATCHERY_DATABASE, else SQLite hatchery.db in --data-dir)")
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
 		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), fleetCmd(), benchCmd())
 	if err := root.Execute(); err != nil {
@@ -36,4 +37,12 @@ func defaultDataDir() string {
 		return home + "/.local/share/hatchery"
 	}
 	return "hatchery-data"
+}
+
+// database is the --database flag, or HATCHERY_DATABASE.
+func database(cmd *cobra.Command) string {
+	if d, _ := cmd.Flags().GetString("database"); d != "" {
+		return d
+	}
+	return os.Getenv("HATCHERY_DATABASE")
 }

@@ -71,7 +71,7 @@ func serveCmd() *cobra.Command {
 			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.dir, _ = cmd.Flags().GetString("data-dir")
-			o.database, _ = cmd.Flags().GetString("database")
+			o.database = database(cmd)
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
 				return fmt.Errorf("--log-level %q: use debug, info, warn or error", logLevel)

@@ -80,3 +80,30 @@ func TestSQLiteUnversionedDatabase(t *testing.T) {
 		t.Fatalf("schema version %d (%v), want %d", v, err, len(sqliteMigrations))
 	}
 }
+
+// The database holds every key: a new one is its owner's alone, however
+// open the directory and the umask.
+func TestSQLiteFileMode(t *testing.T) {
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(dir, "hatchery.db")
+	s, err := OpenSQLite(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	if _, err := s.Create(context.Background(), Doc{Kind: "k", ID: "1", Body: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{path, path + "-wal", path + "-shm"} {
+		fi, err := os.Stat(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v, want 0600", filepath.Base(f), fi.Mode().Perm())
+		}
+	}
+}
