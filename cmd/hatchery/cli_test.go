@@ -103,6 +103,16 @@ func TestOperatorCLI(t *testing.T) {
 	if _, err := os.Stat(info.CACertificate); err != nil {
 		t.Fatalf("CA certificate: %v", err)
 	}
+	// A second server on the same data directory is refused, and leaves the
+	// first one's endpoint.json alone.
+	endpointBefore, _ := os.ReadFile(filepath.Join(c.dataDir, endpointFile))
+	second := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--https-port", strconv.Itoa(testutil.FreePort(t)), "--mqtt-port", strconv.Itoa(testutil.FreePort(t)))
+	if out, err := second.CombinedOutput(); err == nil || !strings.Contains(string(out), "another hatchery serve (pid "+strconv.Itoa(c.serverPID)+")") {
+		t.Fatalf("a second server on the data directory: %v\n%s", err, out)
+	}
+	if after, _ := os.ReadFile(filepath.Join(c.dataDir, endpointFile)); !bytes.Equal(after, endpointBefore) {
+		t.Fatal("the refused server rewrote endpoint.json")
+	}
 	// Help never shows the database URL of the environment: it has the password.
 	help := exec.Command(c.bin, "info", "--help")
 	help.Env = append(os.Environ(), "HATCHERY_DATABASE=postgres://u:s3cretpw@db/hatchery")

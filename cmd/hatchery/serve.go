@@ -113,6 +113,16 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return fmt.Errorf("creating data directory: %w", err)
 	}
+	dir, err := filepath.Abs(o.dir) // endpoint.json's paths serve the CLI from anywhere
+	if err != nil {
+		return err
+	}
+	o.dir = dir
+	unlock, err := lockDataDir(o.dir)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	files := pki.FilesIn(o.dir)
 	if err := pki.Ensure(files, []string{o.host, "localhost", "127.0.0.1", "::1"}); err != nil {
 		return err
@@ -154,30 +164,25 @@ func serve(ctx context.Context, o serveOptions) error {
 	dpsSvc.CAs = hubSvc
 	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
 	hubSvc.MessageBytes = hub.NewMessageLimit(o.messageKiBPerSecond * 1024)
-	if hubs, err := dpsSvc.LinkedHubs(ctx); err != nil {
-		return err
-	} else if len(hubs) == 0 {
-		// The hub in this process is linked by default; hubclient.Pool calls
-		// it in process (docs/decisions/0004).
-		if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: o.host, ConnectionString: hubSvc.OwnerConnectionString(),
-			Endpoint: "https://127.0.0.1:" + strconv.Itoa(o.port), AllocationWeight: 1, ApplyAllocationPolicy: true}); err != nil {
-			return err
-		}
-	}
-	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
-	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
+	if err := linkOwnHub(ctx, dpsSvc, hubSvc, o.port); err != nil {
 		return err
 	}
-
 	ln, err := net.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.port)))
 	if err != nil {
-		return fmt.Errorf("listening on port %d: %w (ports below 1024 need root or CAP_NET_BIND_SERVICE; or pass --https-port)", o.port, err)
+		return fmt.Errorf("listening on port %d: %w (%spass --https-port to use another)", o.port, err, privilegedHint(o.port))
 	}
 	ln = connlimit.Listen(ln, o.maxHTTPSConns)
 	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.mqttPort)), tlsConfig)
 	if err != nil {
 		ln.Close()
-		return fmt.Errorf("listening on MQTT port %d: %w (pass --mqtt-port to use another)", o.mqttPort, err)
+		return fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
+	}
+	// Written once both ports are this server's: the CLI finds it by this file.
+	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
+	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
+		ln.Close()
+		mqttLn.Close()
+		return err
 	}
 	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
 	go func() {
@@ -198,16 +203,20 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	go hubSvc.RelaySignals(ctx)
 	go hubSvc.Heartbeat(ctx)
-	// Stopping closes the device connections, recording them disconnected,
-	// and lets requests in flight finish, before the store closes.
+	// Stopping lets requests in flight finish (a direct method among them
+	// needs its device still connected), then closes the device
+	// connections, recording them disconnected, before the store closes.
 	stopped := make(chan struct{})
 	go func() {
 		defer close(stopped)
 		<-ctx.Done()
+		slog.Info("hatchery stopping: finishing requests in flight for up to 5 s, then closing device connections")
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
+		if err := srv.Shutdown(shut); err != nil {
+			_ = srv.Close()
+		}
 		_ = devices.Close()
-		_ = srv.Shutdown(shut)
 	}()
 	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
@@ -215,4 +224,12 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	<-stopped
 	return nil
+}
+
+// privilegedHint explains a refused port below 1024.
+func privilegedHint(port int) string {
+	if port < 1024 {
+		return "ports below 1024 need root or CAP_NET_BIND_SERVICE; "
+	}
+	return ""
 }

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/pki"
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// A backup taken while the server runs holds what was just written (still
+// in SQLite's write-ahead log) and the CA; a server started on it has both.
+func TestBackupWhileServing(t *testing.T) {
+	c := startServe(t)
+	c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "kept-1")
+	to := filepath.Join(t.TempDir(), "backup")
+	c.ok("backup", "--to", to)
+	if out, err := c.run("backup", "--to", to); err == nil || !strings.Contains(out, "exists") {
+		t.Fatalf("a second backup into the same directory: %v\n%s", err, out)
+	}
+	for _, f := range []string{store.DefaultSQLiteFile, "tls/ca-key.pem", "tls/server-key.pem"} {
+		fi, err := os.Stat(filepath.Join(to, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fi.Mode().Perm() != 0o600 {
+			t.Errorf("%s has mode %v in the backup, want 0600", f, fi.Mode().Perm())
+		}
+	}
+	was, _ := os.ReadFile(pki.FilesIn(c.dataDir).CAKey)
+	if now, _ := os.ReadFile(pki.FilesIn(to).CAKey); !bytes.Equal(was, now) {
+		t.Fatal("the backup's CA key differs")
+	}
+
+	restored := &cli{t: t, bin: c.bin, dataDir: to}
+	restored.serve()
+	if out := restored.ok("enrollment", "list"); !strings.Contains(out, "kept-1") {
+		t.Fatalf("the restored server's enrollments:\n%s", out)
+	}
+	if now, _ := os.ReadFile(pki.FilesIn(to).CAKey); !bytes.Equal(was, now) {
+		t.Fatal("the restored server made a CA of its own")
+	}
+}
