@@ -47,7 +47,7 @@ copies the tls/ directory alone.`,
 			}
 			src, dst := pki.FilesIn(dir), pki.FilesIn(to)
 			for _, f := range [][2]string{{src.CACert, dst.CACert}, {src.CAKey, dst.CAKey}, {src.ServerCert, dst.ServerCert}, {src.ServerKey, dst.ServerKey}} {
-				if err := copyFile(f[0], f[1]); err != nil {
+				if err := copyFile(f[0], f[1]); err != nil && !errors.Is(err, os.ErrNotExist) { // none with --tls-cert
 					return err
 				}
 			}

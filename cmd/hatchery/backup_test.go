@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"strings"
@@ -42,5 +43,31 @@ func TestBackupWhileServing(t *testing.T) {
 	}
 	if now, _ := os.ReadFile(pki.FilesIn(to).CAKey); !bytes.Equal(was, now) {
 		t.Fatal("the restored server made a CA of its own")
+	}
+}
+
+// With the operator's certificate and its CA, the CLI and info trust that
+// CA, and no local CA is made.
+func TestOperatorCertificate(t *testing.T) {
+	op := pki.FilesIn(t.TempDir())
+	if err := pki.Ensure(op, []string{"localhost", "127.0.0.1"}); err != nil {
+		t.Fatal(err)
+	}
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	c.build()
+	if out, err := c.run("serve", "--tls-ca", op.CACert); err == nil || !strings.Contains(out, "--tls-ca goes with --tls-cert") {
+		t.Fatalf("--tls-ca alone: %v\n%s", err, out)
+	}
+	c.httpsPort = c.serve("--tls-cert", op.ServerCert, "--tls-key", op.ServerKey, "--tls-ca", op.CACert)
+	var info siteInfo
+	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
+		t.Fatal(err)
+	}
+	if info.CACertificate != op.CACert {
+		t.Fatalf("info's CA certificate %q, want the operator's %q", info.CACertificate, op.CACert)
+	}
+	c.ok("enrollment", "list")
+	if _, err := os.Stat(pki.FilesIn(c.dataDir).CAKey); err == nil {
+		t.Fatal("a local CA was made beside the operator's certificate")
 	}
 }

@@ -87,6 +87,10 @@ func infoCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
+			ca := info.CACertificate
+			if ca == "" {
+				ca = "none needed: --tls-cert chains to the system's CAs (else serve with --tls-ca)"
+			}
 			return render(cmd, info, [][2]string{
 				{"ID scope", info.IDScope},
 				{"Provisioning endpoint (global_endpoint)", info.ProvisioningHost},
@@ -96,7 +100,7 @@ func infoCmd() *cobra.Command {
 				{"Hub connection string", info.HubConnectionString},
 				{"Hub service connection string", info.HubServiceConnectionString},
 				{"Hub registry connection string", info.HubRegistryConnectionString},
-				{"CA certificate (trust_bundle_cert)", info.CACertificate},
+				{"CA certificate (trust_bundle_cert)", ca},
 			})
 		},
 	}
@@ -116,12 +120,17 @@ func (s *siteInfo) loopback() (*loopback, error) {
 	if err != nil {
 		return nil, err
 	}
-	caPEM, err := os.ReadFile(s.CACertificate)
+	roots, err := x509.SystemCertPool() // the server's --tls-cert may be a public CA's
 	if err != nil {
-		return nil, fmt.Errorf("reading the CA certificate: %w", err)
+		roots = x509.NewCertPool()
 	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
+	var caPEM []byte
+	if s.CACertificate != "" {
+		if caPEM, err = os.ReadFile(s.CACertificate); err != nil {
+			return nil, fmt.Errorf("reading the CA certificate: %w", err)
+		}
+		roots.AppendCertsFromPEM(caPEM)
+	}
 	return &loopback{url: "https://" + net.JoinHostPort("127.0.0.1", portOf(ep)), caPEM: caPEM,
 		tls: &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}}, nil
 }

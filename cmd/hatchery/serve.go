@@ -24,7 +24,6 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/mqtt"
-	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/server"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -51,13 +50,13 @@ func (e endpoint) url() string {
 
 // serveOptions are serve's flags.
 type serveOptions struct {
-	dir, database, host, listen, certFile, keyFile string
-	port, mqttPort                                 int
-	registrationRate, deviceRate                   float64
-	deviceBurst                                    int
-	eventRetention                                 time.Duration
-	messageKiBPerSecond                            float64
-	maxHTTPSConns                                  int
+	dir, database, host, listen, certFile, keyFile, caFile string
+	port, mqttPort                                         int
+	registrationRate, deviceRate                           float64
+	deviceBurst                                            int
+	eventRetention                                         time.Duration
+	messageKiBPerSecond                                    float64
+	maxHTTPSConns                                          int
 }
 
 func serveCmd() *cobra.Command {
@@ -87,6 +86,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringVar(&o.listen, "listen", "", "address to listen on (default: all addresses)")
 	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
+	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
@@ -110,6 +110,9 @@ func serve(ctx context.Context, o serveOptions) error {
 	if (o.certFile == "") != (o.keyFile == "") {
 		return errors.New("--tls-cert and --tls-key go together")
 	}
+	if o.caFile != "" && o.certFile == "" {
+		return errors.New("--tls-ca goes with --tls-cert: without it, the local CA issues the server certificate")
+	}
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return fmt.Errorf("creating data directory: %w", err)
 	}
@@ -123,20 +126,10 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer unlock()
-	files := pki.FilesIn(o.dir)
-	if err := pki.Ensure(files, []string{o.host, "localhost", "127.0.0.1", "::1"}); err != nil {
-		return err
-	}
-	if o.certFile == "" {
-		o.certFile, o.keyFile = files.ServerCert, files.ServerKey
-	}
-	tlsConfig, err := pki.ServerTLS(o.certFile, o.keyFile)
+	tlsConfig, caFile, err := serverTLS(o)
 	if err != nil {
 		return err
 	}
-	// Devices with X.509 identities present client certificates on both
-	// ports; the services, not the TLS layer, decide whether to trust them.
-	tlsConfig.ClientAuth = tls.RequestClientCert
 	st, err := store.Open(ctx, o.database, o.dir)
 	if err != nil {
 		return err
@@ -147,7 +140,7 @@ func serve(ctx context.Context, o serveOptions) error {
 	if err != nil {
 		roots = x509.NewCertPool()
 	}
-	if caPEM, err := os.ReadFile(files.CACert); err == nil {
+	if caPEM, err := os.ReadFile(caFile); err == nil {
 		roots.AppendCertsFromPEM(caPEM)
 	}
 	hubSvc, err := hub.Open(ctx, st, o.host)
@@ -178,7 +171,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		return fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
 	}
 	// Written once both ports are this server's: the CLI finds it by this file.
-	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: files.CACert, ExternalDatabase: o.database != ""}, "", "  ")
+	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: caFile, ExternalDatabase: o.database != ""}, "", "  ")
 	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
 		ln.Close()
 		mqttLn.Close()

@@ -37,21 +37,40 @@ func FilesIn(dir string) Files {
 	}
 }
 
+// RenewBefore is how long before it expires the server certificate the
+// local CA issued is issued again.
+const RenewBefore = 30 * 24 * time.Hour
+
 // Ensure creates the CA if absent, and a server certificate if absent, if
-// it does not cover every name in hosts, or if it expires within 30 days.
+// it is not the CA's, if it does not cover every name in hosts, or if it
+// expires within RenewBefore. Half a CA (a restore that missed a file) is
+// an error: a new one would leave every device trusting the old.
 func Ensure(f Files, hosts []string) error {
 	if err := os.MkdirAll(filepath.Dir(f.CACert), 0o700); err != nil {
 		return err
 	}
-	ca, caKey, err := loadPair(f.CACert, f.CAKey)
-	if errors.Is(err, os.ErrNotExist) {
+	_, certErr := os.Stat(f.CACert)
+	_, keyErr := os.Stat(f.CAKey)
+	var ca *x509.Certificate
+	var caKey *ecdsa.PrivateKey
+	var err error
+	switch certMissing, keyMissing := errors.Is(certErr, os.ErrNotExist), errors.Is(keyErr, os.ErrNotExist); {
+	case certMissing && keyMissing:
 		ca, caKey, err = newCA(f)
+	case certMissing != keyMissing:
+		present, missing := f.CAKey, f.CACert
+		if keyMissing {
+			present, missing = f.CACert, f.CAKey
+		}
+		return fmt.Errorf("local CA: %s is missing but %s is there: restore it from a backup (devices trust this CA); only deleting both starts a new CA, which every device must then be given", missing, present)
+	default:
+		ca, caKey, err = loadPair(f.CACert, f.CAKey)
 	}
 	if err != nil {
 		return fmt.Errorf("local CA in %s: %w", filepath.Dir(f.CACert), err)
 	}
-	if cert, _, err := loadPair(f.ServerCert, f.ServerKey); err == nil && covers(cert, hosts) &&
-		time.Until(cert.NotAfter) > 30*24*time.Hour {
+	if cert, _, err := loadPair(f.ServerCert, f.ServerKey); err == nil && cert.CheckSignatureFrom(ca) == nil &&
+		covers(cert, hosts) && time.Until(cert.NotAfter) > RenewBefore {
 		return nil
 	}
 	return newServerCert(f, ca, caKey, hosts)
@@ -92,6 +111,10 @@ func newCA(f Files) (*x509.Certificate, *ecdsa.PrivateKey, error) {
 }
 
 func newServerCert(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, hosts []string) error {
+	return newServerCertValid(f, ca, caKey, hosts, 365*24*time.Hour)
+}
+
+func newServerCertValid(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, hosts []string, valid time.Duration) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return err
@@ -100,7 +123,7 @@ func newServerCert(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, hosts
 		SerialNumber: serial(),
 		Subject:      pkix.Name{CommonName: hosts[0], Organization: []string{"Hatchery"}},
 		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().AddDate(1, 0, 0),
+		NotAfter:     time.Now().Add(valid),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 	}
@@ -116,15 +139,6 @@ func newServerCert(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, hosts
 		return err
 	}
 	return writePair(f.ServerCert, f.ServerKey, der, key)
-}
-
-// ServerTLS loads the server certificate with its CA chain.
-func ServerTLS(certFile, keyFile string) (*tls.Config, error) {
-	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
-	if err != nil {
-		return nil, fmt.Errorf("loading TLS certificate %s: %w", certFile, err)
-	}
-	return &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}, nil
 }
 
 // Pool reads a PEM bundle into a certificate pool.

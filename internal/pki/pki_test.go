@@ -4,7 +4,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"os"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestEnsureCoversHostsAndKeepsCA(t *testing.T) {
@@ -42,5 +44,111 @@ func TestEnsureCoversHostsAndKeepsCA(t *testing.T) {
 	leaf, _ = x509.ParseCertificate(pair.Certificate[0])
 	if leaf.VerifyHostname("other.example") != nil {
 		t.Fatal("server certificate not reissued for new host")
+	}
+}
+
+// Half a CA is refused and left as it is; a server certificate that is not
+// the CA's is issued again.
+func TestEnsureGuardsTheCA(t *testing.T) {
+	hosts := []string{"localhost"}
+	f := FilesIn(t.TempDir())
+	if err := Ensure(f, hosts); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := os.ReadFile(f.CAKey)
+	cert, _ := os.ReadFile(f.CACert)
+	os.Remove(f.CACert)
+	if err := Ensure(f, hosts); err == nil || !strings.Contains(err.Error(), "restore it") {
+		t.Fatalf("ca.pem missing: %v", err)
+	}
+	if now, _ := os.ReadFile(f.CAKey); string(now) != string(key) {
+		t.Fatal("the CA key was replaced")
+	}
+	os.WriteFile(f.CACert, cert, 0o644)
+	os.Remove(f.CAKey)
+	if err := Ensure(f, hosts); err == nil || !strings.Contains(err.Error(), "restore it") {
+		t.Fatalf("ca-key.pem missing: %v", err)
+	}
+	os.WriteFile(f.CAKey, key, 0o600)
+
+	// A server certificate of another CA, as a partial restore leaves it.
+	other := FilesIn(t.TempDir())
+	if err := Ensure(other, hosts); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range [][2]string{{other.ServerCert, f.ServerCert}, {other.ServerKey, f.ServerKey}} {
+		b, _ := os.ReadFile(p[0])
+		os.WriteFile(p[1], b, 0o600)
+	}
+	if err := Ensure(f, hosts); err != nil {
+		t.Fatal(err)
+	}
+	pool, _ := Pool(f.CACert)
+	pair, _ := tls.LoadX509KeyPair(f.ServerCert, f.ServerKey)
+	if _, err := pair.Leaf.Verify(x509.VerifyOptions{DNSName: "localhost", Roots: pool}); err != nil {
+		t.Fatalf("the server certificate is not the CA's: %v", err)
+	}
+}
+
+// The served certificate is issued again before it expires, and files an
+// operator replaces are served, without a restart.
+func TestServedRenewsAndReloads(t *testing.T) {
+	hosts := []string{"localhost"}
+	f := FilesIn(t.TempDir())
+	if err := Ensure(f, hosts); err != nil {
+		t.Fatal(err)
+	}
+	// Make the server certificate one that expires in ten days.
+	ca, caKey, err := loadPair(f.CACert, f.CAKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := newServerCertValid(f, ca, caKey, hosts, 10*24*time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	s, err := NewServed(f.ServerCert, f.ServerKey, func() error { return Ensure(f, hosts) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := s.Current().Leaf.NotAfter
+	if time.Until(first) > RenewBefore {
+		t.Fatal("the test certificate does not expire soon")
+	}
+	next := func() *x509.Certificate {
+		t.Helper()
+		s.mu.Lock()
+		s.checked = time.Time{} // a minute has passed
+		s.mu.Unlock()
+		c, err := s.Config().GetCertificate(&tls.ClientHelloInfo{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return c.Leaf
+	}
+	if leaf := next(); time.Until(leaf.NotAfter) < RenewBefore {
+		t.Fatalf("served a certificate expiring %v, after renewal", leaf.NotAfter)
+	}
+
+	// An operator's files, replaced while serving.
+	op := FilesIn(t.TempDir())
+	if err := Ensure(op, []string{"a.example"}); err != nil {
+		t.Fatal(err)
+	}
+	s, err = NewServed(op.ServerCert, op.ServerKey, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(op.ServerCert); err != nil {
+		t.Fatal(err)
+	}
+	if err := Ensure(op, []string{"b.example"}); err != nil {
+		t.Fatal(err)
+	}
+	if leaf := next(); leaf.VerifyHostname("b.example") != nil {
+		t.Fatalf("still serving %v after the files were replaced", leaf.DNSNames)
+	}
+	os.WriteFile(op.ServerCert, []byte("garbage"), 0o644)
+	if leaf := next(); leaf.VerifyHostname("b.example") != nil {
+		t.Fatal("a broken replacement replaced the certificate served")
 	}
 }
