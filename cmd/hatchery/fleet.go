@@ -96,8 +96,10 @@ the CPU milliseconds per registration of the server (from its own accounting in
 					if err != nil {
 						return fmt.Errorf("--replicas %q: %w", e, err)
 					}
-					if pid, _, err := loadgen.FindListener(mustAtoi(portOf(u))); err == nil {
-						pids = append(pids, pid)
+					if port, err := strconv.Atoi(portOf(u)); err == nil {
+						if pid, _, err := loadgen.FindListener(port); err == nil {
+							pids = append(pids, pid)
+						}
 					}
 				}
 			}
@@ -179,8 +181,6 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
 }
-
-func mustAtoi(s string) int { n, _ := strconv.Atoi(s); return n }
 
 // merge adds up the runs against several replicas; the first carries the
 // server CPU of all of them.

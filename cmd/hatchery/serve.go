@@ -177,10 +177,14 @@ func serve(ctx context.Context, o serveOptions) error {
 		mqttLn.Close()
 		return err
 	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
 	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
+	mqttErr := make(chan error, 1) // a failed MQTT port stops the server, which would be half there
 	go func() {
 		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {
-			slog.Error("mqtt endpoint stopped", "error", err)
+			mqttErr <- fmt.Errorf("the MQTT port stopped: %w", err)
+			stop()
 		}
 	}()
 	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
@@ -189,8 +193,6 @@ func serve(ctx context.Context, o serveOptions) error {
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
 		// TLS handshake failures (port probes, untrusting clients) are noise at info level.
 		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
-	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
-	defer stop()
 	if o.eventRetention > 0 {
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}
@@ -216,7 +218,12 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	<-stopped
-	return nil
+	select {
+	case err := <-mqttErr:
+		return err
+	default:
+		return nil
+	}
 }
 
 // privilegedHint explains a refused port below 1024.

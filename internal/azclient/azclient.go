@@ -65,9 +65,6 @@ func newClient(host, endpoint, apiVersion string, tlsConfig *tls.Config, token f
 		http: &http.Client{Transport: tr, Timeout: 30 * time.Second}}
 }
 
-// HostName is the service's host name.
-func (c *Client) HostName() string { return c.host }
-
 // authorize sets the Authorization header, if the client uses tokens.
 func (c *Client) authorize(req *http.Request, life time.Duration) error {
 	tok, err := c.token(life)

@@ -325,7 +325,8 @@ func hidesKey(connString string) bool {
 	return false
 }
 
-// PutLinkedHub links a hub, or changes one, checking its settings.
+// PutLinkedHub is the API's LinkHub: a connection string sent back as the
+// API shows it (Redacted) keeps the stored key.
 func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (*LinkedHub, error) {
 	if h.HostName == "" {
 		h.HostName = host
@@ -347,27 +348,29 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 	if !strings.EqualFold(h.HostName, host) {
 		return nil, azerr.BadRequest("hostName %q in the body differs from %q in the URL", h.HostName, host)
 	}
-	if h.AllocationWeight < 0 || h.AllocationWeight > 1000 {
-		return nil, azerr.BadRequest("allocationWeight %d: use 0 to 1000 (0 counts as 1)", h.AllocationWeight)
-	}
-	for network, ms := range h.LatencyMs {
-		if _, err := netip.ParsePrefix(network); err != nil {
-			return nil, azerr.BadRequest("latencyMs: %q is not a network in CIDR form such as 10.1.0.0/16", network)
-		}
-		if ms < 0 {
-			return nil, azerr.BadRequest("latencyMs[%q] = %d: latencies are not negative", network, ms)
-		}
-	}
 	if err := s.LinkHub(ctx, *h); err != nil {
 		return nil, err
 	}
 	return h, nil
 }
 
-// LinkHub adds or replaces a linked hub. Its connection string must be a
-// registry policy's for that very hub, and its endpoint, if any, https:
-// registrations send the hub tokens signed with that key.
+// LinkHub adds or replaces a linked hub, checking its settings. Its
+// connection string must be a registry policy's for that very hub, and its
+// endpoint, if any, https: registrations send the hub tokens signed with
+// that key.
 func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
+	if h.AllocationWeight < 0 || h.AllocationWeight > 1000 {
+		return azerr.BadRequest("allocationWeight %d: use 0 to 1000 (0 counts as 1)", h.AllocationWeight)
+	}
+	for network, ms := range h.LatencyMs {
+		if _, err := netip.ParsePrefix(network); err != nil {
+			return azerr.BadRequest("latencyMs: %q is not a network in CIDR form such as 10.1.0.0/16", network)
+		}
+		if ms < 0 {
+			return azerr.BadRequest("latencyMs[%q] = %d: latencies are not negative", network, ms)
+		}
+	}
+
 	cs, err := sas.ParseConnectionString(h.ConnectionString)
 	if err != nil {
 		return azerr.BadRequest("linked hub %s: %v", h.HostName, err)

@@ -101,9 +101,6 @@ func Open(ctx context.Context, st store.Store, registry Registry, host string) (
 // IDScope is the scope devices put in their configuration.
 func (s *Service) IDScope() string { return s.settings.IDScope }
 
-// Host is the service's host name.
-func (s *Service) Host() string { return s.host }
-
 // OwnerConnectionString is the provisioningserviceowner connection string.
 func (s *Service) OwnerConnectionString() string {
 	p := s.settings.Policies[0]

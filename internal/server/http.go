@@ -1,5 +1,6 @@
-// Package server is the HTTPS front end: it maps the Azure DPS and IoT Hub
-// REST APIs onto the dps and hub services, which hold the logic.
+// Package server is the front end: it maps the Azure DPS and IoT Hub REST
+// APIs (HTTPS) and device protocols (MQTT) onto the dps and hub services,
+// which hold the logic.
 package server
 
 import (

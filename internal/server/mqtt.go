@@ -228,7 +228,8 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 		rid := ridOf(p.Topic)
 		doc, err := d.hub.DeviceTwinDocument(ctx, s.ref)
 		if err != nil {
-			return d.reply(c, "$iothub/twin/res/500/?$rid="+rid, nil)
+			slog.Warn("reading a twin for its device", "identity", s.ref.String(), "error", err)
+			return d.reply(c, "$iothub/twin/res/"+strconv.Itoa(azerr.As(err).Status())+"/?$rid="+rid, nil)
 		}
 		return d.reply(c, "$iothub/twin/res/200/?$rid="+rid, doc)
 	case strings.HasPrefix(p.Topic, "$iothub/twin/PATCH/properties/reported/"):
@@ -389,7 +390,11 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
 		err := c.Send(topic, m.Body, 1, func(err error) {
 			if err == nil {
-				_ = d.hub.CompleteC2D(context.Background(), id)
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := d.hub.CompleteC2D(ctx, id); err != nil { // it stays queued, and comes again
+					slog.Warn("removing a delivered cloud-to-device message", "device", s.ref.Device, "error", err)
+				}
 			}
 		})
 		if err != nil {

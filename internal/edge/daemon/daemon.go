@@ -451,8 +451,15 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 		return
 	}
 	a.manifest = m
-	_ = os.MkdirAll(a.d.opts.StateDir, 0o700)
-	_ = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), tw.Desired, 0o600)
+	// Kept for starting without the hub; without it, a restart while the
+	// hub is away runs nothing until it is back.
+	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), tw.Desired, 0o600)
+	}
+	if err != nil {
+		slog.Warn("keeping the deployment for offline restarts", "error", err)
+	}
 }
 
 // apply reconciles and reports what changed.
