@@ -2,7 +2,6 @@ package main
 
 import (
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -17,6 +16,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/pki"
 )
 
 // dpsClient reaches the provisioning service API of the installation in
@@ -114,12 +114,9 @@ func siteClient(cmd *cobra.Command, api *serviceAPI) (*azclient.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := x509.SystemCertPool()
+	roots, err := pki.Roots(site.CACertificate)
 	if err != nil {
-		roots = x509.NewCertPool()
-	}
-	if pem, err := os.ReadFile(site.CACertificate); err == nil {
-		roots.AppendCertsFromPEM(pem)
+		return nil, err
 	}
 	c, err := azclient.New(api.connString(site), site.ServiceEndpoint, api.apiVersion, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
 	if err == nil {

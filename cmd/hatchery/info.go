@@ -3,7 +3,6 @@ package main
 import (
 	"cmp"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -16,6 +15,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -120,16 +120,13 @@ func (s *siteInfo) loopback() (*loopback, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := x509.SystemCertPool() // the server's --tls-cert may be a public CA's
+	roots, err := pki.Roots(s.CACertificate) // none with a --tls-cert of a public CA
 	if err != nil {
-		roots = x509.NewCertPool()
+		return nil, err
 	}
-	var caPEM []byte
+	var caPEM []byte // for the load tools' worker processes
 	if s.CACertificate != "" {
-		if caPEM, err = os.ReadFile(s.CACertificate); err != nil {
-			return nil, fmt.Errorf("reading the CA certificate: %w", err)
-		}
-		roots.AppendCertsFromPEM(caPEM)
+		caPEM, _ = os.ReadFile(s.CACertificate)
 	}
 	return &loopback{url: "https://" + net.JoinHostPort("127.0.0.1", portOf(ep)), caPEM: caPEM,
 		tls: &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}}, nil

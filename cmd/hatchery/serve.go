@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -24,6 +23,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/server"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -136,12 +136,9 @@ func serve(ctx context.Context, o serveOptions) error {
 	}
 	defer st.Close()
 
-	roots, err := x509.SystemCertPool()
+	roots, err := pki.Roots(caFile) // linked hubs may be other servers with this CA
 	if err != nil {
-		roots = x509.NewCertPool()
-	}
-	if caPEM, err := os.ReadFile(caFile); err == nil {
-		roots.AppendCertsFromPEM(caPEM)
+		return err
 	}
 	hubSvc, err := hub.Open(ctx, st, o.host)
 	if err != nil {

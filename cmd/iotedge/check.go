@@ -20,6 +20,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
@@ -57,14 +58,12 @@ func runChecks(ctx context.Context) []checkResult {
 	if cfg == nil {
 		cfg = config.Default()
 	}
-	roots, _ := x509.SystemCertPool()
-	if roots == nil {
-		roots = x509.NewCertPool()
-	}
+	roots, _ := pki.Roots()
 	if cfg.TrustBundleCert != "" {
-		pem, err := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
-		if err != nil || !roots.AppendCertsFromPEM(pem) {
+		if withBundle, err := pki.Roots(config.FilePath(cfg.TrustBundleCert)); err != nil {
 			add("trust-bundle", "trust bundle is readable", outcome{"error", fmt.Sprintf("trust_bundle_cert %s: %v", cfg.TrustBundleCert, err)})
+		} else {
+			roots = withBundle
 		}
 	}
 

@@ -141,6 +141,28 @@ func newServerCertValid(f Files, ca *x509.Certificate, caKey *ecdsa.PrivateKey, 
 	return writePair(f.ServerCert, f.ServerKey, der, key)
 }
 
+// Roots is the system's CA certificates and those of each PEM file named
+// ("" names none): what a client of a server with a private CA trusts.
+func Roots(files ...string) (*x509.CertPool, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil {
+		roots = x509.NewCertPool()
+	}
+	for _, f := range files {
+		if f == "" {
+			continue
+		}
+		pemBytes, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("reading CA certificates: %w", err)
+		}
+		if !roots.AppendCertsFromPEM(pemBytes) {
+			return nil, fmt.Errorf("%s holds no PEM certificate", f)
+		}
+	}
+	return roots, nil
+}
+
 // Pool reads a PEM bundle into a certificate pool.
 func Pool(file string) (*x509.CertPool, error) {
 	pemBytes, err := os.ReadFile(file)

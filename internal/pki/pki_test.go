@@ -152,3 +152,26 @@ func TestServedRenewsAndReloads(t *testing.T) {
 		t.Fatal("a broken replacement replaced the certificate served")
 	}
 }
+
+// Roots adds each named bundle to the system's, and says which one it
+// could not use.
+func TestRoots(t *testing.T) {
+	f := FilesIn(t.TempDir())
+	if err := Ensure(f, []string{"localhost"}); err != nil {
+		t.Fatal(err)
+	}
+	roots, err := Roots(f.CACert, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pair, _ := tls.LoadX509KeyPair(f.ServerCert, f.ServerKey)
+	if _, err := pair.Leaf.Verify(x509.VerifyOptions{DNSName: "localhost", Roots: roots}); err != nil {
+		t.Fatalf("the bundle's CA is not trusted: %v", err)
+	}
+	if _, err := Roots(f.CACert + ".missing"); err == nil || !strings.Contains(err.Error(), ".missing") {
+		t.Errorf("a missing bundle: %v", err)
+	}
+	if _, err := Roots(f.ServerKey); err == nil || !strings.Contains(err.Error(), "no PEM certificate") {
+		t.Errorf("a bundle without certificates: %v", err)
+	}
+}

@@ -9,7 +9,6 @@ import (
 	"cmp"
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -29,6 +28,7 @@ import (
 	"github.com/hatchery/hatchery/internal/edge/mgmt"
 	"github.com/hatchery/hatchery/internal/edge/moby"
 	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
@@ -288,19 +288,13 @@ func errText(err error) string {
 // trust builds the TLS settings devices use: the system roots plus
 // trust_bundle_cert.
 func trust(cfg *config.Config) (*http.Client, *tls.Config, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil {
-		roots = x509.NewCertPool()
-	}
+	var bundle string
 	if cfg.TrustBundleCert != "" {
-		path := config.FilePath(cfg.TrustBundleCert)
-		pem, err := os.ReadFile(path)
-		if err != nil {
-			return nil, nil, fmt.Errorf("trust_bundle_cert: %w", err)
-		}
-		if !roots.AppendCertsFromPEM(pem) {
-			return nil, nil, fmt.Errorf("trust_bundle_cert %s holds no PEM certificate", path)
-		}
+		bundle = config.FilePath(cfg.TrustBundleCert)
+	}
+	roots, err := pki.Roots(bundle)
+	if err != nil {
+		return nil, nil, fmt.Errorf("trust_bundle_cert: %w", err)
 	}
 	tlsConf := &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}
 	tr := http.DefaultTransport.(*http.Transport).Clone()
