@@ -196,13 +196,8 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	if q.Query != "" && strings.TrimSpace(q.Query) != "*" && !selectAll.MatchString(q.Query) {
 		return "", 0, azerr.BadRequest("query %q is not supported: use \"*\" or \"SELECT * FROM enrollments\" to list everything", q.Query)
 	}
-	limit = 100
-	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return "", 0, azerr.BadRequest("x-ms-max-item-count %q must be a positive number", v)
-		}
-		limit = n
+	if limit, err = maxItemCount(r); err != nil {
+		return "", 0, err
 	}
 	if v := r.Header.Get("x-ms-continuation"); v != "" {
 		b, err := base64.RawURLEncoding.DecodeString(v)

@@ -247,3 +247,17 @@ func answer(w http.ResponseWriter, out any) {
 	}
 	writeJSON(w, http.StatusOK, out)
 }
+
+// maxItemCount is a query page's size: x-ms-max-item-count, 100 without
+// it, at most 1000.
+func maxItemCount(r *http.Request) (int, error) {
+	v := r.Header.Get("x-ms-max-item-count")
+	if v == "" {
+		return 100, nil
+	}
+	n, err := strconv.Atoi(v)
+	if err != nil || n <= 0 {
+		return 0, azerr.BadRequest("x-ms-max-item-count %q must be a positive number", v)
+	}
+	return min(n, 1000), nil
+}

@@ -119,12 +119,7 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	props := map[string]string{}
-	for k, v := range r.Header {
-		if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok && len(v) > 0 {
-			props[name] = v[0]
-		}
-	}
+	props := appProperties(r.Header)
 	if ct := r.Header.Get("Content-Type"); ct != "" {
 		props["$.ct"] = ct
 	}
@@ -168,13 +163,9 @@ func (a *api) queryTwins(w http.ResponseWriter, r *http.Request) error {
 	if err := readJSON(r, &q); err != nil {
 		return err
 	}
-	limit := 100
-	if v := r.Header.Get("x-ms-max-item-count"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n <= 0 {
-			return azerr.BadRequest("x-ms-max-item-count %q must be a positive number", v)
-		}
-		limit = min(n, 1000)
+	limit, err := maxItemCount(r)
+	if err != nil {
+		return err
 	}
 	offset := 0
 	if c := r.Header.Get("x-ms-continuation"); c != "" {
@@ -207,12 +198,7 @@ func (a *api) sendC2D(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	props := map[string]string{}
-	for k, v := range r.Header {
-		if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok && len(v) > 0 {
-			props[name] = v[0]
-		}
-	}
+	props := appProperties(r.Header)
 	if id := r.Header.Get("iothub-messageid"); id != "" {
 		props["messageId"] = id
 	}
@@ -282,4 +268,16 @@ func eventJSON(e store.Event) map[string]any {
 		m["bodyBase64"] = e.Body
 	}
 	return m
+}
+
+// appProperties are a message's application properties, which HTTPS
+// carries as iothub-app-* headers.
+func appProperties(h http.Header) map[string]string {
+	props := map[string]string{}
+	for k, v := range h {
+		if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok && len(v) > 0 {
+			props[name] = v[0]
+		}
+	}
+	return props
 }
