@@ -239,7 +239,37 @@ func (s *Service) ExpireEvents(ctx context.Context, retention time.Duration) {
 	}
 }
 
-// Events reads the event stream.
-func (s *Service) Events(ctx context.Context, deviceID string, after int64, limit int) ([]store.Event, error) {
-	return s.store.Events(ctx, deviceID, after, limit)
+// Event is a device-to-cloud message as the event stream keeps it.
+type Event = store.Event
+
+// FollowEvents hands the event stream after sequence number after — of
+// device, or of all with "" — to emit, a page at a time, oldest first;
+// with follow it goes on with events as they are stored (on any replica:
+// it looks every 200 ms), until ctx ends. It ends without an error when
+// emit returns one: the reader went away.
+func (s *Service) FollowEvents(ctx context.Context, device string, after int64, follow bool, emit func([]Event) error) error {
+	const page = 500
+	for {
+		evs, err := s.store.Events(ctx, device, after, page)
+		if err != nil {
+			return err
+		}
+		if len(evs) > 0 {
+			after = evs[len(evs)-1].Seq
+		}
+		if err := emit(evs); err != nil {
+			return nil
+		}
+		switch {
+		case len(evs) == page:
+			continue
+		case !follow:
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
 }

@@ -100,7 +100,7 @@ func TestSymmetricKeyEnrollmentProvisionsEdgeDevice(t *testing.T) {
 	if st, _ := e.raw("POST", "/devices/other/messages/events?api-version=2020-09-30", tok, `{}`); st != 401 {
 		t.Fatalf("telemetry as another device: %d", st)
 	}
-	if evs, _ := e.hub.Events(ctx, "edge-device-01", 0, 10); len(evs) != 1 || string(evs[0].Body) != `{"t":1}` {
+	if evs, _ := e.st.Events(ctx, "edge-device-01", 0, 10); len(evs) != 1 || string(evs[0].Body) != `{"t":1}` {
 		t.Fatalf("events %+v", evs)
 	}
 }

@@ -5,12 +5,10 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
-	"github.com/hatchery/hatchery/internal/store"
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
@@ -223,41 +221,22 @@ func (a *api) events(w http.ResponseWriter, r *http.Request) error {
 		}
 		after = n
 	}
-	follow := q.Get("follow") == "true"
 	w.Header().Set("Content-Type", "application/x-ndjson")
 	enc := json.NewEncoder(w)
 	rc := http.NewResponseController(w)
-	for {
-		evs, err := a.hub.Events(r.Context(), q.Get("device"), after, 500)
-		if err != nil {
-			return err
-		}
+	return a.hub.FollowEvents(r.Context(), q.Get("device"), after, q.Get("follow") == "true", func(evs []hub.Event) error {
 		for _, e := range evs {
-			after = e.Seq
 			if err := enc.Encode(eventJSON(e)); err != nil {
-				return nil // the reader went away
+				return err
 			}
 		}
-		if err := rc.Flush(); err != nil {
-			return nil // the reader went away
-		}
-		if len(evs) == 500 {
-			continue
-		}
-		if !follow {
-			return nil
-		}
-		select {
-		case <-r.Context().Done():
-			return nil
-		case <-time.After(200 * time.Millisecond):
-		}
-	}
+		return rc.Flush()
+	})
 }
 
 // eventJSON is an event as the stream shows it; bodies that are JSON stay
 // JSON, others are base64.
-func eventJSON(e store.Event) map[string]any {
+func eventJSON(e hub.Event) map[string]any {
 	m := map[string]any{"sequenceNumber": e.Seq, "deviceId": e.DeviceID, "enqueuedTime": e.Enqueued.UTC(), "properties": e.Properties}
 	if e.ModuleID != "" {
 		m["moduleId"] = e.ModuleID

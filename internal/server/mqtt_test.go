@@ -99,7 +99,7 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if err := c.SendEvent(ctx, []byte(`{"temp":21}`), url.Values{"alert": {"no"}, "$.ct": {"application/json"}}); err != nil {
 		t.Fatal(err)
 	}
-	evs, _ := e.hub.Events(ctx, "d1", 0, 10)
+	evs, _ := e.st.Events(ctx, "d1", 0, 10)
 	if len(evs) != 1 || evs[0].Properties["alert"] != "no" || string(evs[0].Body) != `{"temp":21}` {
 		t.Fatalf("events %+v", evs)
 	}
@@ -195,7 +195,7 @@ func TestMQTTRefusals(t *testing.T) {
 		t.Fatal(err)
 	}
 	within(t, c.Done(), "disconnect after foreign topic")
-	if evs, _ := e.hub.Events(ctx, "d2", 0, 10); len(evs) != 0 {
+	if evs, _ := e.st.Events(ctx, "d2", 0, 10); len(evs) != 0 {
 		t.Fatal("event stored for another device")
 	}
 	// A disabled device is refused: the signal to reprovision.
@@ -394,7 +394,7 @@ func TestEventRetention(t *testing.T) {
 	if n, err := e.hub.DeleteExpiredEvents(ctx, time.Hour); err != nil || n != 1001 {
 		t.Fatalf("deleted %d, %v; want the 1001 older than an hour", n, err)
 	}
-	left, err := e.hub.Events(ctx, "d1", 0, 10)
+	left, err := e.st.Events(ctx, "d1", 0, 10)
 	if err != nil || len(left) != 1 || string(left[0].Body) != "fresh" {
 		t.Fatalf("left %+v, %v", left, err)
 	}
@@ -428,7 +428,7 @@ func TestDeviceMessageRate(t *testing.T) {
 	}
 	_ = c.SendEvent(ctx, make([]byte, 100<<10), nil)
 	within(t, c.Done(), "disconnect of the device over its rate")
-	if n, _ := e.hub.Events(ctx, "d1", 0, 10); len(n) != 1 {
+	if n, _ := e.st.Events(ctx, "d1", 0, 10); len(n) != 1 {
 		t.Fatalf("%d messages stored, want the one within the limit", len(n))
 	}
 }
