@@ -111,7 +111,8 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 			err = h(w, r)
 		}
 		if err != nil {
-			azerr.WriteDPS(w, err, failureID(r, err))
+			id, err := failure(r, err)
+			azerr.WriteDPS(w, err, id)
 		}
 	}
 }

@@ -17,11 +17,13 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // maxBody bounds request bodies; enrollments and twins are far smaller.
@@ -155,16 +157,27 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// failureID is the tracking ID of a failed request's answer. An error that
-// is not an API error reaches the client only as "internal server error",
-// so it is logged under that ID.
-func failureID(r *http.Request, err error) string {
+// failure is how the API answers err, and the tracking ID it carries.
+// Internal errors are logged under that ID. A full database, which fails
+// every write until the operator frees space, answers 503 with
+// Retry-After, so that clients back off, and is logged once a minute.
+func failure(r *http.Request, err error) (string, error) {
 	id := trackingID()
+	if errors.Is(err, store.ErrFull) {
+		if now := time.Now().Unix(); now-fullLogged.Load() >= 60 {
+			fullLogged.Store(now)
+			slog.Error("the database has no space left: writes fail until there is (free disk space, or lower --event-retention)", "error", err)
+		}
+		return id, &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
+	}
 	if _, ok := errors.AsType[*azerr.Error](err); !ok && !errors.Is(err, context.Canceled) {
 		slog.Error("request failed", "method", r.Method, "path", r.URL.Path, "trackingId", id, "error", err)
 	}
-	return id
+	return id, err
 }
+
+// fullLogged is when a full database was last logged (Unix seconds).
+var fullLogged atomic.Int64
 
 func trackingID() string {
 	var b [16]byte

@@ -14,26 +14,38 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
-// TestFailureIDLogsInternalErrors: an answer that says only "internal server
-// error" must leave its cause in the log under the tracking ID the client
-// saw; API errors and hang-ups say everything already.
-func TestFailureIDLogsInternalErrors(t *testing.T) {
+// An answer that says only "internal server error" leaves its cause in the
+// log under the tracking ID the client saw; API errors and hang-ups say
+// everything already. A full database answers 503 with Retry-After, and
+// is logged once however many requests fail on it.
+func TestFailureLogsInternalErrors(t *testing.T) {
 	var log bytes.Buffer
 	defer slog.SetDefault(slog.Default())
 	slog.SetDefault(slog.New(slog.NewTextHandler(&log, nil)))
 	r := httptest.NewRequest("PUT", "/configurations/x", nil)
 
-	id := failureID(r, fmt.Errorf("deployment x: %w", errors.New("unexpected end of JSON input")))
+	id, _ := failure(r, fmt.Errorf("deployment x: %w", errors.New("unexpected end of JSON input")))
 	if !strings.Contains(log.String(), "trackingId="+id) || !strings.Contains(log.String(), "unexpected end of JSON input") {
 		t.Fatalf("internal error not logged under %s:\n%s", id, log.String())
 	}
 	log.Reset()
-	failureID(r, azerr.BadRequest("targetCondition is required"))
-	failureID(r, fmt.Errorf("reading: %w", context.Canceled))
+	failure(r, azerr.BadRequest("targetCondition is required"))
+	failure(r, fmt.Errorf("reading: %w", context.Canceled))
 	if log.Len() != 0 {
 		t.Fatalf("logged an API error or a hang-up:\n%s", log.String())
+	}
+
+	for range 3 {
+		_, err := failure(r, fmt.Errorf("writing: %w: disk I/O", store.ErrFull))
+		if e := azerr.As(err); e.Status() != 503 || e.RetryAfter <= 0 {
+			t.Fatalf("a full database answered %+v", e)
+		}
+	}
+	if n := strings.Count(log.String(), "level=ERROR"); n != 1 {
+		t.Fatalf("a full database logged %d times:\n%s", n, log.String())
 	}
 }
 

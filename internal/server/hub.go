@@ -84,7 +84,8 @@ func (a *api) hubHandler(h handler) http.HandlerFunc {
 			err = h(w, r)
 		}
 		if err != nil {
-			azerr.WriteHub(w, err, failureID(r, err))
+			id, err := failure(r, err)
+			azerr.WriteHub(w, err, id)
 		}
 	}
 }

@@ -67,7 +67,7 @@ func (b *eventBatcher) append(ctx context.Context, e Event) (int64, error) {
 	b.mu.Unlock()
 	select {
 	case <-p.done:
-		return p.seq, p.err
+		return p.seq, full(p.err)
 	case <-ctx.Done():
 		return 0, ctx.Err()
 	}

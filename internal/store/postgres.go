@@ -108,7 +108,7 @@ func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
 	tag, err := p.pool.Exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
 	if err != nil {
-		return d, err
+		return d, full(err)
 	}
 	if tag.RowsAffected() == 0 {
 		return d, ErrExists
@@ -142,7 +142,7 @@ func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) 
 		tag, err = p.pool.Exec(ctx, pgUpdateIf, d.Kind, d.ID, d.ETag, d.Body, d.Updated, ifMatch)
 	}
 	if err != nil {
-		return d, err
+		return d, full(err)
 	}
 	if tag.RowsAffected() == 0 {
 		return d, p.missOrMismatch(ctx, d.Kind, d.ID)
@@ -159,7 +159,7 @@ func (p *Postgres) Delete(ctx context.Context, kind, id, ifMatch string) error {
 		tag, err = p.pool.Exec(ctx, pgDeleteIf, kind, id, ifMatch)
 	}
 	if err != nil {
-		return err
+		return full(err)
 	}
 	if tag.RowsAffected() == 0 {
 		return p.missOrMismatch(ctx, kind, id)

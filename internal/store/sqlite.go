@@ -141,7 +141,7 @@ func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
 	if err != nil && strings.Contains(err.Error(), "UNIQUE constraint") {
 		return d, ErrExists
 	}
-	return d, err
+	return d, full(err)
 }
 
 func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
@@ -159,7 +159,7 @@ func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
 	}
 	s.wmu.Unlock()
 	if err != nil {
-		return d, err
+		return d, full(err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return d, s.missOrMismatch(ctx, d.Kind, d.ID)
@@ -178,7 +178,7 @@ func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
 	}
 	s.wmu.Unlock()
 	if err != nil {
-		return err
+		return full(err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
 		return s.missOrMismatch(ctx, kind, id)

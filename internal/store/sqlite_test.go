@@ -3,9 +3,13 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/jackc/pgx/v5/pgconn"
 )
 
 // sqliteBackend gives the conformance suite a new database file per test.
@@ -104,6 +108,43 @@ func TestSQLiteFileMode(t *testing.T) {
 		}
 		if fi.Mode().Perm() != 0o600 {
 			t.Errorf("%s has mode %v, want 0600", filepath.Base(f), fi.Mode().Perm())
+		}
+	}
+}
+
+// A database without space says so as ErrFull, whichever backend: here
+// SQLite, held to a few pages, and PostgreSQL's SQLSTATE.
+func TestFullIsErrFull(t *testing.T) {
+	s, err := OpenSQLite(filepath.Join(t.TempDir(), "h.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	s.db.SetMaxOpenConns(1) // the page limit is the connection's
+	if _, err := s.db.Exec(`PRAGMA max_page_count = 16`); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := 0; ; i++ {
+		_, err := s.Create(ctx, Doc{Kind: "k", ID: fmt.Sprint(i), Body: make([]byte, 2000)})
+		if errors.Is(err, ErrFull) {
+			break
+		}
+		if err != nil || i > 1000 {
+			t.Fatalf("writing past the page limit: %v after %d documents", err, i)
+		}
+	}
+
+	for _, err := range []error{
+		fmt.Errorf("insert: %w", &pgconn.PgError{Code: "53100", Message: "could not extend file"}),
+	} {
+		if !errors.Is(full(err), ErrFull) {
+			t.Errorf("%v is not ErrFull", err)
+		}
+	}
+	for _, err := range []error{nil, errors.New("other"), &pgconn.PgError{Code: "23505"}} {
+		if errors.Is(full(err), ErrFull) {
+			t.Errorf("%v taken for ErrFull", err)
 		}
 	}
 }
