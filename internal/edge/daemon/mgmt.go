@@ -37,10 +37,12 @@ func (d *Daemon) mgmtHandler() http.Handler {
 	})
 	mux.HandleFunc("POST /modules/{name}/restart", func(w http.ResponseWriter, r *http.Request) {
 		e, err := d.moduleEngine(r.PathValue("name"))
-		if err == nil {
-			if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
-				err = e.Start(r.Context(), r.PathValue("name"))
-			}
+		if err != nil {
+			writeError(w, http.StatusNotFound, err)
+			return
+		}
+		if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
+			err = e.Start(r.Context(), r.PathValue("name"))
 		}
 		if err != nil {
 			writeError(w, http.StatusInternalServerError, err)
