@@ -98,20 +98,8 @@ func serveCmd() *cobra.Command {
 }
 
 func serve(ctx context.Context, o serveOptions) error {
-	if o.host == "" {
-		return errors.New("--hostname is empty: give the name devices will use to reach this server")
-	}
-	if o.maxHTTPSConns < 1 {
-		return errors.New("--max-https-connections must be at least 1")
-	}
-	if o.eventRetention < 0 {
-		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
-	}
-	if (o.certFile == "") != (o.keyFile == "") {
-		return errors.New("--tls-cert and --tls-key go together")
-	}
-	if o.caFile != "" && o.certFile == "" {
-		return errors.New("--tls-ca goes with --tls-cert: without it, the local CA issues the server certificate")
+	if err := o.check(); err != nil {
+		return err
 	}
 	if err := os.MkdirAll(o.dir, 0o700); err != nil {
 		return fmt.Errorf("creating data directory: %w", err)
@@ -135,37 +123,13 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer st.Close()
-
-	roots, err := pki.Roots(caFile) // linked hubs may be other servers with this CA
+	hubSvc, dpsSvc, err := openServices(ctx, o, st, caFile)
 	if err != nil {
 		return err
 	}
-	hubSvc, err := hub.Open(ctx, st, o.host)
+	ln, mqttLn, err := listen(o, tlsConfig)
 	if err != nil {
 		return err
-	}
-	// Each linked hub is verified by the name in its endpoint URL.
-	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, Local: hubSvc}
-	dpsSvc, err := dps.Open(ctx, st, registry, o.host)
-	if err != nil {
-		return err
-	}
-	// One set of CA certificates serves both: X.509 groups may reference them.
-	dpsSvc.CAs = hubSvc
-	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
-	hubSvc.MessageBytes = hub.NewMessageLimit(o.messageKiBPerSecond * 1024)
-	if err := linkOwnHub(ctx, dpsSvc, hubSvc, o.port); err != nil {
-		return err
-	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.port)))
-	if err != nil {
-		return fmt.Errorf("listening on port %d: %w (%spass --https-port to use another)", o.port, err, privilegedHint(o.port))
-	}
-	ln = connlimit.Listen(ln, o.maxHTTPSConns)
-	mqttLn, err := tls.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.mqttPort)), tlsConfig)
-	if err != nil {
-		ln.Close()
-		return fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
 	}
 	// Written once both ports are this server's: the CLI finds it by this file.
 	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: caFile, ExternalDatabase: o.database != ""}, "", "  ")
@@ -174,10 +138,73 @@ func serve(ctx context.Context, o serveOptions) error {
 		mqttLn.Close()
 		return err
 	}
+	return run(ctx, o, hubSvc, dpsSvc, tlsConfig, ln, mqttLn)
+}
+
+func (o *serveOptions) check() error {
+	switch {
+	case o.host == "":
+		return errors.New("--hostname is empty: give the name devices will use to reach this server")
+	case o.maxHTTPSConns < 1:
+		return errors.New("--max-https-connections must be at least 1")
+	case o.eventRetention < 0:
+		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
+	case (o.certFile == "") != (o.keyFile == ""):
+		return errors.New("--tls-cert and --tls-key go together")
+	case o.caFile != "" && o.certFile == "":
+		return errors.New("--tls-ca goes with --tls-cert: without it, the local CA issues the server certificate")
+	}
+	return nil
+}
+
+// openServices opens the hub and the provisioning service on st, the hub
+// linked to the provisioning service.
+func openServices(ctx context.Context, o serveOptions, st store.Store, caFile string) (*hub.Service, *dps.Service, error) {
+	roots, err := pki.Roots(caFile) // linked hubs may be other servers with this CA
+	if err != nil {
+		return nil, nil, err
+	}
+	hubSvc, err := hub.Open(ctx, st, o.host)
+	if err != nil {
+		return nil, nil, err
+	}
+	// Each linked hub is verified by the name in its endpoint URL.
+	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, Local: hubSvc}
+	dpsSvc, err := dps.Open(ctx, st, registry, o.host)
+	if err != nil {
+		return nil, nil, err
+	}
+	// One set of CA certificates serves both: X.509 groups may reference them.
+	dpsSvc.CAs = hubSvc
+	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
+	hubSvc.MessageBytes = hub.NewMessageLimit(o.messageKiBPerSecond * 1024)
+	if err := linkOwnHub(ctx, dpsSvc, hubSvc, o.port); err != nil {
+		return nil, nil, err
+	}
+	return hubSvc, dpsSvc, nil
+}
+
+// listen takes the HTTPS and the MQTT port.
+func listen(o serveOptions, tlsConfig *tls.Config) (https, mqttLn net.Listener, err error) {
+	https, err = net.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.port)))
+	if err != nil {
+		return nil, nil, fmt.Errorf("listening on port %d: %w (%spass --https-port to use another)", o.port, err, privilegedHint(o.port))
+	}
+	mqttLn, err = tls.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.mqttPort)), tlsConfig)
+	if err != nil {
+		https.Close()
+		return nil, nil, fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
+	}
+	return connlimit.Listen(https, o.maxHTTPSConns), mqttLn, nil
+}
+
+// run serves both ports and the background work until SIGINT or SIGTERM,
+// or until the MQTT port fails, which would leave the server half there.
+func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.Service, tlsConfig *tls.Config, ln, mqttLn net.Listener) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
-	mqttErr := make(chan error, 1) // a failed MQTT port stops the server, which would be half there
+	mqttErr := make(chan error, 1)
 	go func() {
 		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {
 			mqttErr <- fmt.Errorf("the MQTT port stopped: %w", err)
