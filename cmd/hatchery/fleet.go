@@ -1,18 +1,15 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"slices"
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -110,59 +107,15 @@ the CPU milliseconds per registration of the server (from its own accounting in
 			if o.devices <= 0 || o.concurrency <= 0 {
 				return errors.New("--devices and --concurrency must be positive")
 			}
-			// One simulator run per replica, devices split between them, at
-			// once; the first counts the servers' CPU. The runs register
-			// only when all have enrolled; one failing stops the others.
-			per := (o.devices + len(endpoints) - 1) / len(endpoints)
-			runs := min(len(endpoints), (o.devices+per-1)/per) // not more than there are devices for
-			results := make([]*loadgen.FleetResult, runs)
-			errs := make([]error, runs)
-			ctx, cancel := context.WithCancel(ctx)
-			defer cancel()
-			var wg, enrolled sync.WaitGroup
-			enrolled.Add(runs)
-			allEnrolled := make(chan struct{})
-			go func() { enrolled.Wait(); close(allEnrolled) }()
-			for i, e := range endpoints[:runs] {
-				n := min(per, o.devices-i*per)
-				var once sync.Once
-				arrived := func() { once.Do(enrolled.Done) } // at the barrier, or out of the run
-				cfg := loadgen.FleetConfig{Endpoint: e, IDScope: site.IDScope, Service: svc, TLS: tlsConf, Devices: n,
-					Attestation: att, Prefix: fmt.Sprintf("%s%d-", o.prefix, i), Seed: []byte(o.prefix),
-					Concurrency: max(o.concurrency/runs, 1), KeyPool: o.keyPool, SkipEnroll: o.skipEnroll,
-					Connect: o.connect, HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate / float64(runs), Retries: o.retries}
-				if i == 0 {
-					cfg.ServerPIDs, cfg.Progress = pids, cmd.ErrOrStderr()
-				} else {
-					cfg.Uncounted = true // the first run counts for all
-				}
-				cfg.Enrolled = func(ctx context.Context) error {
-					arrived()
-					select {
-					case <-allEnrolled:
-						return nil
-					case <-ctx.Done():
-						return ctx.Err()
-					}
-				}
-				wg.Add(1)
-				go func() {
-					defer wg.Done()
-					defer arrived()
-					if results[i], errs[i] = loadgen.Fleet(ctx, cfg); errs[i] != nil {
-						cancel()
-					}
-				}()
-			}
-			wg.Wait()
-			// The runs that were stopped because another failed say only that.
-			if failed := slices.DeleteFunc(errs, func(err error) bool { return err == nil || errors.Is(err, context.Canceled) }); len(failed) > 0 {
-				return errors.Join(failed...)
-			}
-			if err := ctx.Err(); err != nil {
+			res, err := loadgen.FleetAcross(ctx, loadgen.FleetConfig{IDScope: site.IDScope, Service: svc, TLS: tlsConf,
+				Devices: o.devices, Attestation: att, Prefix: o.prefix, Seed: []byte(o.prefix),
+				Concurrency: o.concurrency, KeyPool: o.keyPool, SkipEnroll: o.skipEnroll, Connect: o.connect,
+				HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate, Retries: o.retries,
+				ServerPIDs: pids, Progress: cmd.ErrOrStderr()}, endpoints)
+			if err != nil {
 				return err
 			}
-			return renderFleet(cmd, merge(results))
+			return renderFleet(cmd, res)
 		},
 	}
 	f := cmd.Flags()
@@ -180,36 +133,6 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
-}
-
-// merge adds up the runs against several replicas; the first carries the
-// server CPU of all of them.
-func merge(rs []*loadgen.FleetResult) *loadgen.FleetResult {
-	m := *rs[0]
-	m.Errors = map[string]int{}
-	var secs float64
-	for i, r := range rs {
-		for k, v := range r.Errors {
-			m.Errors[k] += v
-		}
-		secs = max(secs, r.Seconds)
-		if i > 0 {
-			m.Devices += r.Devices
-			m.Provisioned += r.Provisioned
-			m.Connected += r.Connected
-			m.Retried += r.Retried
-			m.Concurrency += r.Concurrency
-			m.Latency.Max = max(m.Latency.Max, r.Latency.Max)
-			m.Latency.P99 = max(m.Latency.P99, r.Latency.P99) // the worst replica's
-		}
-	}
-	if len(rs) > 1 {
-		m.SimCPUPerReg = rs[0].SimCPUPerReg // one process: its CPU covers every run
-		m.ServerCPUPerReg = rs[0].ServerCPUPerReg * float64(rs[0].Provisioned) / float64(max(m.Provisioned, 1))
-	}
-	m.Seconds = secs
-	m.PerSecond = float64(m.Provisioned) / secs
-	return &m
 }
 
 func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
