@@ -511,34 +511,79 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 
 	dev := HubDevice{DeviceID: regID}
-	var (
-		caps   *Capabilities
-		twin   *InitialTwin
-		repro  *ReprovisionPolicy
-		alloc  = allocation{runtime: deviceRuntimeContext{RegistrationID: regID, Payload: payload}, addr: req.Addr}
-		enroll any
-	)
+	alloc := allocation{runtime: deviceRuntimeContext{RegistrationID: regID, Payload: payload}, addr: req.Addr}
+	t := att.terms(&dev, &alloc)
+	if att.enrollment == nil {
+		state.EnrollmentGroupID = att.group.EnrollmentGroupID
+	}
+	// Devices of a symmetric-key or X.509 group choose their registration
+	// IDs, so one the group has not provisioned before must not seize a
+	// hub device made another way (TPM group IDs derive from the EK).
+	dev.NoTakeover = att.group != nil && att.challenge == nil && prev == nil
+	if err := s.hubCredentials(att, regID, &dev, state, &alloc); err != nil {
+		return nil, err
+	}
+	if prev != nil {
+		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.AssignedHub, prev.DeviceID
+	}
+
+	hub, err := s.place(ctx, alloc, prev, t.repro, t.twin, &dev, state)
+	if errors.Is(err, ErrDeviceTaken) {
+		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
+			dev.DeviceID, att.group.EnrollmentGroupID))
+	}
+	if err != nil {
+		slog.Warn("assignment failed", "registrationId", regID, "error", err)
+		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
+		state.ErrorCode = azerr.As(err).Code
+		state.ErrorMessage = "assigning the device to a hub failed: " + err.Error()
+	} else {
+		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
+	}
+	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
+	if state.ETag, err = s.record(ctx, state, op.OperationID, &current[registrationRecord]{read, etag}); err != nil {
+		return nil, err
+	}
+	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
+		s.recentOperations.put(regID, a, s.Now())
+	}
+	return op, nil
+}
+
+// enrollmentTerms are what the enrollment or group that attested a device
+// says of its registration beyond the hub device.
+type enrollmentTerms struct {
+	twin  *InitialTwin
+	repro *ReprovisionPolicy
+}
+
+// terms reads the attesting enrollment or group into dev and alloc.
+func (att *attestation) terms(dev *HubDevice, alloc *allocation) enrollmentTerms {
+	var caps *Capabilities
+	var t enrollmentTerms
+	var enroll any
 	if e := att.enrollment; e != nil {
 		if e.DeviceID != "" {
 			dev.DeviceID = e.DeviceID
 		}
-		caps, twin, repro = e.Capabilities, e.InitialTwin, e.ReprovisionPolicy
+		caps, t.twin, t.repro = e.Capabilities, e.InitialTwin, e.ReprovisionPolicy
 		alloc.policy, alloc.hubs, alloc.static, alloc.webhook = e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition
 		alloc.enrollmentField, enroll = "individualEnrollment", e
 	} else {
 		g := att.group
-		state.EnrollmentGroupID = g.EnrollmentGroupID
-		caps, twin, repro = g.Capabilities, g.InitialTwin, g.ReprovisionPolicy
+		caps, t.twin, t.repro = g.Capabilities, g.InitialTwin, g.ReprovisionPolicy
 		alloc.policy, alloc.hubs, alloc.static, alloc.webhook = g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition
 		alloc.enrollmentField, enroll = "enrollmentGroup", g
 	}
 	alloc.enrollment, alloc.deviceID = enroll, dev.DeviceID
 	dev.IoTEdge = caps != nil && caps.IoTEdge
-	// Devices of a symmetric-key or X.509 group choose their registration
-	// IDs, so one the group has not provisioned before must not seize a
-	// hub device made another way (TPM group IDs derive from the EK).
-	dev.NoTakeover = att.group != nil && att.challenge == nil && prev == nil
+	return t
+}
 
+// hubCredentials gives dev the credentials it will have in its hub, as it
+// attested, and says so in state and in what a custom allocation webhook
+// is told.
+func (s *Service) hubCredentials(att *attestation, regID string, dev *HubDevice, state *RegistrationState, alloc *allocation) error {
 	switch {
 	case att.challenge != nil:
 		// The hub key chosen with the challenge, delivered wrapped to this
@@ -548,7 +593,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		srk, _ := base64.StdEncoding.DecodeString(att.challenge.StorageRootKey)
 		blob, err := s.activationBlob(ek, srk, dev.PrimaryKey)
 		if err != nil {
-			return nil, err
+			return err
 		}
 		state.TPM = &TPMResult{AuthenticationKey: base64.StdEncoding.EncodeToString(blob)}
 		alloc.runtime.TPM = &TPMAttestation{EndorsementKey: att.challenge.EndorsementKey, StorageRootKey: att.challenge.StorageRootKey}
@@ -573,31 +618,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID}
 		alloc.runtime.SymmetricKey = state.SymmetricKey
 	}
-	if prev != nil {
-		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.AssignedHub, prev.DeviceID
-	}
-
-	hub, err := s.place(ctx, alloc, prev, repro, twin, &dev, state)
-	if errors.Is(err, ErrDeviceTaken) {
-		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
-			dev.DeviceID, att.group.EnrollmentGroupID))
-	}
-	if err != nil {
-		slog.Warn("assignment failed", "registrationId", regID, "error", err)
-		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
-		state.ErrorCode = azerr.As(err).Code
-		state.ErrorMessage = "assigning the device to a hub failed: " + err.Error()
-	} else {
-		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
-	}
-	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	if state.ETag, err = s.record(ctx, state, op.OperationID, &current[registrationRecord]{read, etag}); err != nil {
-		return nil, err
-	}
-	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
-		s.recentOperations.put(regID, a, s.Now())
-	}
-	return op, nil
+	return nil
 }
 
 // recordedOperations is how many of a device's operations stay answerable:
