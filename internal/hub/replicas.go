@@ -103,6 +103,16 @@ func (b *beater) beat(ctx context.Context) error {
 				continue
 			}
 		}
+		delete(b.seen, d.ID)
+		// Its document goes first, unless it beat meanwhile: from then on
+		// it learns, at its next beat, that it was taken for dead.
+		err := s.store.Delete(ctx, kindReplica, d.ID, d.ETag)
+		switch {
+		case errors.Is(err, store.ErrPrecondition), errors.Is(err, store.ErrNotFound):
+			continue // alive after all, or swept by another replica
+		case err != nil:
+			return err
+		}
 		n, err := s.disconnectReplica(ctx, d.ID)
 		if err != nil {
 			return err
@@ -110,11 +120,6 @@ func (b *beater) beat(ctx context.Context) error {
 		if n > 0 {
 			slog.Info("recorded disconnected the devices of a replica that stopped", "replica", d.ID, "devices", n)
 		}
-		// Unless it beat meanwhile: then it learns that it was taken for dead.
-		if err := s.store.Delete(ctx, kindReplica, d.ID, d.ETag); err != nil && !errors.Is(err, store.ErrPrecondition) && !errors.Is(err, store.ErrNotFound) {
-			return err
-		}
-		delete(b.seen, d.ID)
 	}
 	return nil
 }
