@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
-	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -13,34 +12,43 @@ import (
 
 // connection is a device's or module's live connection on this replica.
 type connection struct {
-	ref  Ref
-	id   string // its name in the record: this replica's origin, ".", a random part
-	drop func() // ends it
-
-	mu    sync.Mutex
-	creds *Authentication // what the record held once it was recorded connected; nil before
+	ref   Ref
+	id    string // its name in the record: this replica's origin, ".", a random part
+	grant Grant  // what it was authenticated against
+	drop  func() // ends it
 }
 
-// Attach records r connected through this replica, and calls drop when the
-// connection must end: r, or the device of a module, is disabled, deleted
-// or given new keys; r connects again through another replica, as a new
-// connection replaces the old one in the hosted hub; or the other replicas
-// took this one for dead. detach records r disconnected, unless it has
-// connected again since (here or elsewhere).
-func (s *Service) Attach(ctx context.Context, r Ref, drop func()) (detach func()) {
-	c := &connection{ref: r, id: s.origin + "." + rand.Text(), drop: drop}
+// Attach records r connected through this replica, authenticated against
+// g, and calls drop when the connection must end: r, or the device of a
+// module, is disabled, deleted or given new keys; r connects again through
+// another replica, as a new connection replaces the old one in the hosted
+// hub; or the other replicas took this one for dead. detach records r
+// disconnected, unless it has connected again since (here or elsewhere).
+// An error (the credentials changed since g, or the record could not be
+// written) leaves r unconnected.
+func (s *Service) Attach(ctx context.Context, r Ref, g Grant, drop func()) (detach func(), err error) {
+	c := &connection{ref: r, id: s.origin + "." + rand.Text(), grant: g, drop: drop}
 	cancel := s.conns.add(r.Device, c)
-	if rec := s.setConnected(ctx, r, c.id, true); rec != nil {
-		c.mu.Lock()
-		c.creds = &rec.Device.Authentication
-		c.mu.Unlock()
-	}
-	return func() {
+	detach = func() {
 		cancel()
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
 		s.setConnected(ctx, r, c.id, false)
 	}
+	if err := s.setConnected(ctx, r, c.id, true); err != nil {
+		cancel()
+		if azerr.HasStatus(err, 404) { // deleted since it authenticated
+			err = azerr.Unauthorized("%v", err)
+		}
+		return nil, err
+	}
+	// A change between the authentication and the watch above had nobody
+	// to tell.
+	if err := s.stillGranted(ctx, c); err != nil {
+		detach()
+		return nil, err
+	}
+	return detach, nil
 }
 
 // revoke ends the access of r, on every replica: of a module, or of a
@@ -75,43 +83,47 @@ func (s *Service) dropAll() {
 	}
 }
 
-// recheck ends c if its record says it should have been: what revoke and
-// connectedElsewhere do on a signal, from the record, for signals that
-// may have been lost.
+// recheck ends c if the records say it should have ended: what revoke and
+// connectedElsewhere do on a signal, from the store, for signals that may
+// have been lost.
 func (s *Service) recheck(ctx context.Context, c *connection) {
-	c.mu.Lock()
-	creds := c.creds
-	c.mu.Unlock()
-	if creds == nil {
-		return // still being recorded
-	}
-	rec, _, err := s.load(ctx, c.ref)
-	if err == nil && c.ref.Module != "" {
-		var dev *record
-		if dev, _, err = s.load(ctx, Ref{Device: c.ref.Device}); err == nil && dev.Device.Status == "disabled" {
-			c.drop()
-			return
-		}
-	}
-	switch {
-	case azerr.HasStatus(err, 404):
+	switch err := s.stillGranted(ctx, c); {
+	case err == nil:
+	case errors.Is(err, errNewerConnection), azerr.HasStatus(err, 401):
 		c.drop()
-	case err != nil:
+	default:
 		slog.Warn("checking a connection against its record", "identity", c.ref.String(), "error", err)
-	case rec.Device.Status == "disabled", !sameCredentials(*creds, rec.Device.Authentication), rec.Connection != c.id:
-		c.drop()
 	}
 }
 
-// setConnected records r's connection state and returns the record, or nil
-// when an older connection closed or the record could not be written.
-func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool) *record {
+// stillGranted is nil if c's records still admit it: its device and it
+// exist, the device is enabled, both have the credentials c was
+// authenticated against, and c is the identity's latest connection. Else
+// it is a 401, errNewerConnection, or why the records could not be read.
+func (s *Service) stillGranted(ctx context.Context, c *connection) error {
+	dev, id, err := s.connecting(ctx, c.ref)
+	switch {
+	case err != nil:
+		return err
+	case enabled(dev) != nil:
+		return enabled(dev)
+	case !sameCredentials(dev.Device.Authentication, c.grant.device), !sameCredentials(id.Device.Authentication, c.grant.identity):
+		return azerr.Unauthorized("%s: the credentials changed", c.ref)
+	case id.Connection != c.id:
+		return errNewerConnection
+	}
+	return nil
+}
+
+// setConnected records r's connection state. Recording an older
+// connection closed is errNewerConnection, and changes nothing.
+func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool) error {
 	now := s.Now().UTC()
 	state := "Disconnected"
 	if connected {
 		state = "Connected"
 	}
-	rec, err := s.update(ctx, r, func(rec *record) error {
+	_, err := s.update(ctx, r, func(rec *record) error {
 		switch {
 		case connected:
 			rec.Connection = connection
@@ -127,12 +139,12 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 		if !errors.Is(err, errNewerConnection) {
 			slog.Warn("recording connection state", "identity", r.String(), "error", err)
 		}
-		return nil
+		return err
 	}
 	if connected {
 		s.publish("connect", r)
 	}
-	return rec
+	return nil
 }
 
 // errNewerConnection leaves the state of a device whose latest connection,

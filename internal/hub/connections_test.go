@@ -6,6 +6,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -48,6 +49,20 @@ func connectionState(t *testing.T, s *Service, r Ref) string {
 	return d.ConnectionState
 }
 
+// attach connects r as a device authenticated a moment ago would be.
+func attach(t *testing.T, s *Service, r Ref, drop func()) (detach func()) {
+	t.Helper()
+	dev, id, err := s.connecting(context.Background(), r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	detach, err = s.Attach(context.Background(), r, grantOf(dev, id), drop)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return detach
+}
+
 // dropCounter is a connection's drop function that counts its calls.
 type dropCounter chan struct{}
 
@@ -65,12 +80,11 @@ func (d dropCounter) dropped() bool {
 // An older connection closing (here, or on another replica) does not mark
 // a device that has connected again as disconnected.
 func TestOlderConnectionCloses(t *testing.T) {
-	ctx := context.Background()
 	s := sqliteHub(t)
 	r := Ref{Device: "d1"}
 	newIdentity(t, s, r)
-	first := s.Attach(ctx, r, func() {})
-	second := s.Attach(ctx, r, func() {})
+	first := attach(t, s, r, func() {})
+	second := attach(t, s, r, func() {})
 	first()
 	if st := connectionState(t, s, r); st != "Connected" {
 		t.Fatalf("after the older connection closed: %s", st)
@@ -93,15 +107,15 @@ func TestStoppedReplicaDisconnects(t *testing.T) {
 	newIdentity(t, killed, m1)
 	newIdentity(t, killed, d2)
 	old := make(dropCounter, 10)
-	killed.Attach(ctx, d1, old.drop)
-	killed.Attach(ctx, m1, old.drop)
+	attach(t, killed, d1, old.drop)
+	attach(t, killed, m1, old.drop)
 	oldBeat := &beater{s: killed, seen: map[string]stillBeat{}}
 	if err := oldBeat.beat(ctx); err != nil {
 		t.Fatal(err)
 	}
 
 	next := openHub(t, killed.store)
-	defer next.Attach(ctx, d2, func() {})()
+	defer attach(t, next, d2, func() {})()
 	for _, r := range []Ref{d1, m1, d2} {
 		if st := connectionState(t, next, r); st != "Connected" {
 			t.Fatalf("%s before the next run's first beat: %s", r, st)
@@ -138,10 +152,12 @@ func TestCatchUpAfterLostSignals(t *testing.T) {
 	a := sqliteHub(t)
 	b := openHub(t, a.store)
 	refs := map[string]Ref{"disabled": {Device: "d1"}, "rekeyed": {Device: "d2"}, "deleted": {Device: "d3"},
-		"elsewhere": {Device: "d4"}, "device disabled": {Device: "d5", Module: "m"}, "kept": {Device: "d6"}, "kept module": {Device: "d6", Module: "m"}}
+		"elsewhere": {Device: "d4"}, "device disabled": {Device: "d5", Module: "m"}, "kept": {Device: "d6"}, "kept module": {Device: "d6", Module: "m"},
+		"device rekeyed": {Device: "d7", Module: "m"}}
 	devs := map[string]*Device{}
 	drops := map[string]dropCounter{}
-	newIdentity(t, a, Ref{Device: "d5"}) // not connected; its module is
+	newIdentity(t, a, Ref{Device: "d5"}) // not connected; their modules are
+	d7 := newIdentity(t, a, Ref{Device: "d7"})
 	for _, modules := range []bool{false, true} {
 		for name, r := range refs {
 			if (r.Module != "") == modules {
@@ -151,7 +167,7 @@ func TestCatchUpAfterLostSignals(t *testing.T) {
 	}
 	for name, r := range refs {
 		drops[name] = make(dropCounter, 1)
-		b.Attach(ctx, r, drops[name].drop)
+		attach(t, b, r, drops[name].drop)
 	}
 	disable := func(r Ref) {
 		d, err := a.GetIdentity(ctx, r)
@@ -170,10 +186,14 @@ func TestCatchUpAfterLostSignals(t *testing.T) {
 	if _, err := a.PutIdentity(ctx, refs["rekeyed"], "*", rekeyed); err != nil {
 		t.Fatal(err)
 	}
+	d7.Authentication.SymmetricKey.PrimaryKey = d7.Authentication.SymmetricKey.SecondaryKey // modules may sign with it
+	if _, err := a.PutIdentity(ctx, Ref{Device: "d7"}, "*", d7); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.DeleteIdentity(ctx, refs["deleted"], "*"); err != nil {
 		t.Fatal(err)
 	}
-	a.Attach(ctx, refs["elsewhere"], func() {})
+	attach(t, a, refs["elsewhere"], func() {})
 	for name, d := range drops {
 		if d.dropped() {
 			t.Fatalf("%s: dropped before b caught up", name)
@@ -206,5 +226,46 @@ func TestCatchUpAfterLostSignals(t *testing.T) {
 	case <-c2d:
 	default:
 		t.Error("cloud-to-device watchers not woken when catching up")
+	}
+}
+
+// What changes between a connection's authentication and its Attach —
+// new keys, a disabled or deleted device — had no connection to cut off:
+// Attach refuses it.
+func TestAttachChecksTheGrant(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	for name, change := range map[string]func(r Ref, d *Device){
+		"rekeyed": func(r Ref, d *Device) {
+			d.Authentication.SymmetricKey.PrimaryKey = d.Authentication.SymmetricKey.SecondaryKey
+			if _, err := s.PutIdentity(ctx, r, "*", d); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"disabled": func(r Ref, d *Device) {
+			d.Status = "disabled"
+			if _, err := s.PutIdentity(ctx, r, "*", d); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"deleted": func(r Ref, _ *Device) {
+			if err := s.DeleteIdentity(ctx, r, "*"); err != nil {
+				t.Fatal(err)
+			}
+		},
+	} {
+		r := Ref{Device: name}
+		d := newIdentity(t, s, r)
+		dev, id, err := s.connecting(ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		change(r, d)
+		if _, err := s.Attach(ctx, r, grantOf(dev, id), func() {}); !azerr.HasStatus(err, 401) {
+			t.Errorf("%s between authentication and Attach: %v", name, err)
+		}
+		if name != "deleted" && connectionState(t, s, r) != "Disconnected" {
+			t.Errorf("%s: the refused connection is recorded", name)
+		}
 	}
 }

@@ -77,7 +77,7 @@ func (s *Service) RelaySignals(ctx context.Context) {
 // ended end, and every connection looks for desired changes and messages.
 // Callers waiting for a relayed method look at its call again.
 func (s *Service) catchUp(ctx context.Context) {
-	slog.Info("relay between replicas: listening again; checking connections against the store")
+	slog.Debug("relay between replicas: listening; checking connections against the store")
 	for _, f := range s.desiredWatchers.all() {
 		(*f)(desiredChange{})
 	}

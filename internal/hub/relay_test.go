@@ -73,7 +73,7 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	}
 	dropped := make(chan struct{}, 1)
 	drop := func() { dropped <- struct{}{} }
-	defer b.Attach(ctx, Ref{Device: "d1"}, drop)()
+	defer attach(t, b, Ref{Device: "d1"}, drop)()
 	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
 		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
 	})()
@@ -83,13 +83,13 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	}
 
 	// Connecting through a replaces the connection on b.
-	defer a.Attach(ctx, Ref{Device: "d1"}, func() {})()
+	defer attach(t, a, Ref{Device: "d1"}, func() {})()
 	select {
 	case <-dropped:
 	case <-time.After(10 * time.Second):
 		t.Fatal("the device's connection on b was not replaced when it connected through a")
 	}
-	defer b.Attach(ctx, Ref{Device: "d1"}, drop)()
+	defer attach(t, b, Ref{Device: "d1"}, drop)()
 	dev.Status = "disabled"
 	if _, err := a.PutIdentity(ctx, Ref{Device: "d1"}, "*", dev); err != nil {
 		t.Fatal(err)
@@ -127,8 +127,8 @@ func TestStoppedReplicaOnPostgres(t *testing.T) {
 	d1, d2 := Ref{Device: "d1"}, Ref{Device: "d2"}
 	newIdentity(t, a, d1)
 	newIdentity(t, a, d2)
-	a.Attach(ctx, d1, func() {})
-	defer b.Attach(ctx, d2, func() {})()
+	attach(t, a, d1, func() {})
+	defer attach(t, b, d2, func() {})()
 	beatA := &beater{s: a, seen: map[string]stillBeat{}}
 	beatB := &beater{s: b, seen: map[string]stillBeat{}}
 	beat := func(bs ...*beater) {

@@ -94,30 +94,41 @@ func (s *Service) AuthorizeService(header, right string) error {
 	return nil
 }
 
+// Grant is what a connection was authenticated against: its device's
+// credentials and its own (a module may sign with either), as they were.
+type Grant struct{ device, identity Authentication }
+
+func grantOf(dev, id *record) Grant {
+	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication}
+}
+
 // AuthenticateDevice checks a device's (or module's) SAS token: the token's
 // resource must be this hub's device or module, signed by one of its keys;
 // a disabled device is refused like a bad key.
-func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) error {
-	_, err := s.deviceByToken(ctx, r, token)
-	return err
+func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) (Grant, error) {
+	dev, id, err := s.deviceByToken(ctx, r, token)
+	if err != nil {
+		return Grant{}, err
+	}
+	return grantOf(dev, id), nil
 }
 
-// deviceByToken is AuthenticateDevice, returning the device's record.
-func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (*record, error) {
+// deviceByToken is AuthenticateDevice, returning the device's record and
+// the identity's (the same for a device).
+func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (dev, id *record, err error) {
 	tok, err := sas.Parse(token)
 	if err != nil {
-		return nil, azerr.Unauthorized("%v", err)
+		return nil, nil, azerr.Unauthorized("%v", err)
 	}
 	want := s.host + "/devices/" + r.Device
 	if r.Module != "" && !tok.AudienceIs(want) {
 		want += "/modules/" + r.Module
 	}
 	if !tok.AudienceIs(want) {
-		return nil, azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
+		return nil, nil, azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
 	}
-	dev, id, err := s.connecting(ctx, r)
-	if err != nil {
-		return nil, err
+	if dev, id, err = s.connecting(ctx, r); err != nil {
+		return nil, nil, err
 	}
 	// A module authenticates with its own keys, or with the device's (a
 	// device-scoped token, as the edge runtime's modules use).
@@ -126,9 +137,9 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (*reco
 		keys = append(keys, sas.Keys(dev.Device.Authentication.SymmetricKey.PrimaryKey, dev.Device.Authentication.SymmetricKey.SecondaryKey)...)
 	}
 	if err := tok.Verify(s.Now(), keys...); err != nil {
-		return nil, azerr.Unauthorized("%s: %v", r, err)
+		return nil, nil, azerr.Unauthorized("%s: %v", r, err)
 	}
-	return dev, enabled(dev)
+	return dev, id, enabled(dev)
 }
 
 // AuthorizeEdgeDevice checks that an IoT Edge device, with its own SAS
@@ -140,9 +151,9 @@ func (s *Service) AuthorizeEdgeDevice(ctx context.Context, device, token string,
 	var dev *record
 	var err error
 	if token == "" && len(chain) > 0 {
-		dev, err = s.deviceByCertificate(ctx, r, chain)
+		dev, _, err = s.deviceByCertificate(ctx, r, chain)
 	} else {
-		dev, err = s.deviceByToken(ctx, r, token)
+		dev, _, err = s.deviceByToken(ctx, r, token)
 	}
 	if err != nil {
 		return err

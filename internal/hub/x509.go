@@ -116,24 +116,27 @@ func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
 // AuthenticateX509 checks a device's TLS client certificate chain: a
 // selfSigned device by its registered thumbprints, a certificateAuthority
 // device by a chain to a verified CA with the device ID as subject CN.
-func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Certificate) error {
-	_, err := s.deviceByCertificate(ctx, r, chain)
-	return err
+func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Certificate) (Grant, error) {
+	dev, id, err := s.deviceByCertificate(ctx, r, chain)
+	if err != nil {
+		return Grant{}, err
+	}
+	return grantOf(dev, id), nil
 }
 
-// deviceByCertificate is AuthenticateX509, returning the device's record.
-func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.Certificate) (*record, error) {
+// deviceByCertificate is AuthenticateX509, returning the device's record
+// and the identity's (the same for a device).
+func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.Certificate) (dev, id *record, err error) {
 	if len(chain) == 0 {
-		return nil, azerr.Unauthorized("no client certificate and no SAS token")
+		return nil, nil, azerr.Unauthorized("no client certificate and no SAS token")
 	}
-	dev, id, err := s.connecting(ctx, r)
-	if err != nil {
-		return nil, err
+	if dev, id, err = s.connecting(ctx, r); err != nil {
+		return nil, nil, err
 	}
 	leaf := chain[0]
 	now := s.Now()
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
-		return nil, azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
+		return nil, nil, azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
 	}
 	// A module without a certificate of its own is authenticated by its
 	// device's, as device keys authenticate modules (edge runtimes of
@@ -152,12 +155,12 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 			}
 		}
 		if !ok {
-			return nil, azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
+			return nil, nil, azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
 		}
 	case "certificateAuthority":
 		roots, err := s.verifiedCAs(ctx)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		inter := x509.NewCertPool()
 		for _, c := range chain[1:] {
@@ -165,13 +168,13 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 		}
 		if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
 			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-			return nil, azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
+			return nil, nil, azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
 		}
 		if leaf.Subject.CommonName != r.String() && leaf.Subject.CommonName != r.Device {
-			return nil, azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
+			return nil, nil, azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
 		}
 	default:
-		return nil, azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
+		return nil, nil, azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
 	}
-	return dev, enabled(dev)
+	return dev, id, enabled(dev)
 }

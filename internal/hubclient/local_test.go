@@ -2,9 +2,11 @@ package hubclient
 
 import (
 	"context"
+	"encoding/base64"
 	"net/http"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
@@ -59,7 +61,16 @@ func TestLocalHubAsOverREST(t *testing.T) {
 		t.Fatal(err)
 	}
 	dropped := false
-	defer h.Attach(ctx, hub.Ref{Device: "d1"}, func() { dropped = true })()
+	key, _ := base64.StdEncoding.DecodeString(first.Authentication.SymmetricKey.PrimaryKey)
+	grant, err := h.AuthenticateDevice(ctx, hub.Ref{Device: "d1"}, sas.Build(key, "hub.local/devices/d1", "", time.Now().Add(time.Hour)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	detach, err := h.Attach(ctx, hub.Ref{Device: "d1"}, grant, func() { dropped = true })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer detach()
 	if err := p.UpsertDevice(ctx, lh, d); err != nil {
 		t.Fatal(err)
 	}

@@ -111,7 +111,7 @@ func (a *api) listDevices(w http.ResponseWriter, r *http.Request) error {
 // as iothub-app-* headers, as the SDKs' HTTP transports send them.
 func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	id := ref(r)
-	if err := a.hub.AuthenticateDevice(r.Context(), id, r.Header.Get("Authorization")); err != nil {
+	if _, err := a.hub.AuthenticateDevice(r.Context(), id, r.Header.Get("Authorization")); err != nil {
 		return err
 	}
 	body, err := readBody(r)

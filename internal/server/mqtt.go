@@ -146,11 +146,12 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	var grant hub.Grant
 	var err error
 	if len(p.Password) == 0 && c.TLS() != nil {
-		err = d.hub.AuthenticateX509(ctx, r, c.TLS().PeerCertificates)
+		grant, err = d.hub.AuthenticateX509(ctx, r, c.TLS().PeerCertificates)
 	} else {
-		err = d.hub.AuthenticateDevice(ctx, r, string(p.Password))
+		grant, err = d.hub.AuthenticateDevice(ctx, r, string(p.Password))
 	}
 	if err != nil {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
@@ -167,7 +168,20 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	// A device or module disabled, deleted or given new keys while
 	// connected is cut off, as in the hosted hub.
-	sess.onClose(d.hub.Attach(ctx, r, func() { go c.Close() }))
+	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
+	if err != nil {
+		d.mu.Lock()
+		if d.sessions[r] == c {
+			delete(d.sessions, r)
+		}
+		d.mu.Unlock()
+		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
+		if azerr.HasStatus(err, 401) {
+			return mqtt.RefusedNotAuthorized
+		}
+		return mqtt.RefusedServerUnavailable
+	}
+	sess.onClose(detach)
 	return mqtt.Accepted
 }
 

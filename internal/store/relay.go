@@ -16,8 +16,9 @@ type Relay interface {
 	// this one's included.
 	Publish(ctx context.Context, msg string) error
 	// Subscribe calls f with each message published until ctx ends,
-	// reconnecting when the connection drops. Messages sent meanwhile are
-	// lost: once listening again it calls missed, in a goroutine of its own.
+	// reconnecting when the connection drops. Messages sent before it
+	// listens, or meanwhile, are lost: each time it starts listening it
+	// calls missed, in a goroutine of its own.
 	Subscribe(ctx context.Context, f func(msg string), missed func())
 }
 
@@ -31,10 +32,8 @@ func (p *Postgres) Publish(ctx context.Context, msg string) error {
 // Subscribe listens on a connection of its own, outside the pool, which it
 // holds for as long as it listens.
 func (p *Postgres) Subscribe(ctx context.Context, f func(msg string), missed func()) {
-	var listening func()
 	for ctx.Err() == nil {
-		if err := p.listen(ctx, f, listening); err != nil && ctx.Err() == nil {
-			listening = missed // from the second time on
+		if err := p.listen(ctx, f, missed); err != nil && ctx.Err() == nil {
 			slog.Warn("relay between replicas: listening again in 1 s", "error", err)
 			select {
 			case <-ctx.Done():
