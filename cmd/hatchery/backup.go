@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -31,36 +30,43 @@ copies the tls/ directory alone.`,
 			if to == "" {
 				return errors.New("--to is required: a directory that does not exist yet")
 			}
-			if _, err := os.Stat(to); err == nil {
-				return fmt.Errorf("%s exists: back up into a new directory", to)
-			}
-			raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
-			if err != nil {
+			if _, err := os.Stat(filepath.Join(dir, endpointFile)); err != nil {
 				return fmt.Errorf("no Hatchery installation in %s (%v)", dir, err)
 			}
-			var ep endpoint
-			if err := json.Unmarshal(raw, &ep); err != nil {
-				return fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
+			st, err := store.Open(cmd.Context(), database(cmd), dir)
+			if err != nil {
+				return err
 			}
-			if err := os.MkdirAll(filepath.Join(to, "tls"), 0o700); err != nil {
+			defer st.Close()
+			// A directory of its own, made here (not one someone else put
+			// there first): it holds the CA key and every device's keys.
+			if err := os.MkdirAll(filepath.Dir(filepath.Clean(to)), 0o755); err != nil {
+				return err
+			}
+			if err := os.Mkdir(to, 0o700); err != nil {
+				if errors.Is(err, os.ErrExist) {
+					return fmt.Errorf("%s exists: back up into a new directory", to)
+				}
+				return err
+			}
+			if err := os.Mkdir(filepath.Join(to, "tls"), 0o700); err != nil {
 				return err
 			}
 			src, dst := pki.FilesIn(dir), pki.FilesIn(to)
-			for _, f := range [][2]string{{src.CACert, dst.CACert}, {src.CAKey, dst.CAKey}, {src.ServerCert, dst.ServerCert}, {src.ServerKey, dst.ServerKey}} {
-				if err := copyFile(f[0], f[1]); err != nil && !errors.Is(err, os.ErrNotExist) { // none with --tls-cert
+			for _, f := range []struct {
+				from, to string
+				mode     os.FileMode
+			}{{src.CACert, dst.CACert, 0o644}, {src.CAKey, dst.CAKey, 0o600}, {src.ServerCert, dst.ServerCert, 0o644}, {src.ServerKey, dst.ServerKey, 0o600}} {
+				if err := copyFile(f.from, f.to, f.mode); err != nil && !errors.Is(err, os.ErrNotExist) { // none with --tls-cert
 					return err
 				}
 			}
-			if ep.ExternalDatabase || database(cmd) != "" {
+			lite, ok := st.(*store.SQLite)
+			if !ok {
 				fmt.Fprintf(cmd.OutOrStdout(), "copied the TLS material into %s; the state is in PostgreSQL: back it up with pg_dump\n", to)
 				return nil
 			}
-			db, err := store.OpenSQLite(filepath.Join(dir, store.DefaultSQLiteFile))
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			if err := db.BackupTo(cmd.Context(), filepath.Join(to, store.DefaultSQLiteFile)); err != nil {
+			if err := lite.BackupTo(cmd.Context(), filepath.Join(to, store.DefaultSQLiteFile)); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "backed up %s into %s: restore by serving with --data-dir %s\n", dir, to, to)
@@ -71,15 +77,19 @@ copies the tls/ directory alone.`,
 	return cmd
 }
 
-// copyFile copies a file with its mode (the keys' 0600).
-func copyFile(from, to string) error {
-	fi, err := os.Stat(from)
-	if err != nil {
-		return err
-	}
+// copyFile copies a file into a new one of mode.
+func copyFile(from, to string, mode os.FileMode) error {
 	data, err := os.ReadFile(from)
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(to, data, fi.Mode().Perm())
+	f, err := os.OpenFile(to, os.O_WRONLY|os.O_CREATE|os.O_EXCL, mode)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(data); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }

@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -69,5 +71,18 @@ func TestOperatorCertificate(t *testing.T) {
 	c.ok("enrollment", "list")
 	if _, err := os.Stat(pki.FilesIn(c.dataDir).CAKey); err == nil {
 		t.Fatal("a local CA was made beside the operator's certificate")
+	}
+}
+
+// A SQLite database named with --database is one server's too, whatever
+// data directory the second one is given.
+func TestSQLiteDatabaseLocked(t *testing.T) {
+	db := filepath.Join(t.TempDir(), "shared.db")
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	c.build()
+	c.serve("--database", db)
+	out, err := exec.Command(c.bin, "serve", "--data-dir", t.TempDir(), "--database", db, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "another hatchery serve (pid "+strconv.Itoa(c.serverPID)+") uses the database "+db) {
+		t.Fatalf("a second server on the database: %v\n%s", err, out)
 	}
 }

@@ -16,7 +16,6 @@ import (
 	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/dps"
-	"github.com/hatchery/hatchery/internal/pki"
 )
 
 // dpsClient reaches the provisioning service API of the installation in
@@ -114,7 +113,7 @@ func siteClient(cmd *cobra.Command, api *serviceAPI) (*azclient.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := pki.Roots(site.CACertificate)
+	roots, err := site.roots()
 	if err != nil {
 		return nil, err
 	}

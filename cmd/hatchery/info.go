@@ -3,6 +3,7 @@ package main
 import (
 	"cmp"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"fmt"
 	"net"
@@ -120,7 +121,7 @@ func (s *siteInfo) loopback() (*loopback, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := pki.Roots(s.CACertificate) // none with a --tls-cert of a public CA
+	roots, err := s.roots()
 	if err != nil {
 		return nil, err
 	}
@@ -138,4 +139,14 @@ func portOf(u *url.URL) string {
 		return p
 	}
 	return "443"
+}
+
+// roots is what the CLI trusts for the server's certificate: its CA alone,
+// so that no other CA's certificate for the host name receives the owner
+// tokens the CLI sends; the system's CAs for a --tls-cert without --tls-ca.
+func (s *siteInfo) roots() (*x509.CertPool, error) {
+	if s.CACertificate == "" {
+		return pki.Roots()
+	}
+	return pki.Pool(s.CACertificate)
 }

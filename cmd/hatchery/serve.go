@@ -109,7 +109,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	o.dir = dir
-	unlock, err := lockDataDir(o.dir)
+	unlock, err := lockFile(filepath.Join(o.dir, "serve.lock"), "data directory "+o.dir)
 	if err != nil {
 		return err
 	}
@@ -123,6 +123,13 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer st.Close()
+	if lite, ok := st.(*store.SQLite); ok && o.database != "" {
+		unlock, err := lockFile(lite.Path()+".lock", "database "+lite.Path())
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
 	hubSvc, dpsSvc, err := openServices(ctx, o, st, caFile)
 	if err != nil {
 		return err

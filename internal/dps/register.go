@@ -537,6 +537,9 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
 		state.ErrorCode = azerr.As(err).Code
 		state.ErrorMessage = "assigning the device to a hub failed: " + err.Error()
+		if azerr.HasStatus(err, 401) { // the linked hub's policy and rights are the operator's business
+			state.ErrorMessage = "assigning the device to a hub failed: the hub refused the provisioning service's credentials (the service's log says why)"
+		}
 	} else {
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}

@@ -18,7 +18,8 @@ import (
 
 // SQLite is the embedded default store: one file in the data directory.
 type SQLite struct {
-	db *sql.DB
+	db   *sql.DB
+	path string
 	// Statements are prepared once: parsing SQL costs more than running it.
 	get, insert, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
 
@@ -78,7 +79,7 @@ func OpenSQLite(path string) (*SQLite, error) {
 		db.Close()
 		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}
-	s := &SQLite{db: db}
+	s := &SQLite{db: db, path: path}
 	// SQLite refuses an event only for its own content: retry alone each time.
 	s.events = &eventBatcher{max: maxEventBatch, insert: s.insertEvents, retrySingly: func(error) bool { return true }}
 	for _, p := range []struct {
@@ -106,14 +107,21 @@ func OpenSQLite(path string) (*SQLite, error) {
 }
 
 // Close waits for appends already queued to be committed, then closes the database.
+// Path is the database file.
+func (s *SQLite) Path() string { return s.path }
+
 // BackupTo writes a consistent copy of the database, taken while others
 // keep writing, into path, a file that must not exist yet; the copy holds
 // every key too, so only its owner may read it.
 func (s *SQLite) BackupTo(ctx context.Context, path string) error {
-	if _, err := s.db.ExecContext(ctx, `VACUUM INTO ?`, path); err != nil {
+	// Made here, empty, its owner's alone: VACUUM INTO fills an empty file.
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
 		return err
 	}
-	return os.Chmod(path, 0o600)
+	f.Close()
+	_, err = s.db.ExecContext(ctx, `VACUUM INTO ?`, path)
+	return err
 }
 
 func (s *SQLite) Close() error {
