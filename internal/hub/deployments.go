@@ -165,9 +165,10 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 		if !matches(ifMatch, old.ETag) {
 			return nil, azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
 		}
-		// Azure allows only priority, labels and metrics to change.
-		if old.TargetCondition != c.TargetCondition || !jsonEqual(old.Content, c.Content) {
-			return nil, azerr.BadRequest("a deployment's content and target condition cannot change: create a new deployment with a higher priority")
+		// Azure keeps the ID and the content; the target condition,
+		// priority, labels and metrics may change.
+		if !jsonEqual(old.Content, c.Content) {
+			return nil, azerr.BadRequest("a deployment's content cannot change: create a new deployment with a higher priority")
 		}
 		c.CreatedTimeUtc = old.CreatedTimeUtc
 	case azerr.As(err).Status() == 404:

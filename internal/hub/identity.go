@@ -328,6 +328,28 @@ func (s *Service) ListDevices(ctx context.Context, top int) ([]*Device, error) {
 	return out, nil
 }
 
+// RegistryStatistics counts the hub's devices, as GET /statistics/devices.
+type RegistryStatistics struct {
+	TotalDeviceCount    int64 `json:"totalDeviceCount"`
+	EnabledDeviceCount  int64 `json:"enabledDeviceCount"`
+	DisabledDeviceCount int64 `json:"disabledDeviceCount"`
+}
+
+// Statistics counts the devices by status.
+func (s *Service) Statistics(ctx context.Context) (*RegistryStatistics, error) {
+	st := &RegistryStatistics{}
+	err := s.eachRecord(ctx, kindDevice, func(r *record) error {
+		st.TotalDeviceCount++
+		if r.Device.Status == "disabled" {
+			st.DisabledDeviceCount++
+		} else {
+			st.EnabledDeviceCount++
+		}
+		return nil
+	})
+	return st, err
+}
+
 // ListModules returns a device's module identities.
 func (s *Service) ListModules(ctx context.Context, device string) ([]*Device, error) {
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {

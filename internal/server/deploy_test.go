@@ -88,6 +88,27 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		t.Fatalf("layered: %s", tw.Properties.Desired)
 	}
 
+	// A deployment's target condition may change, its content not.
+	var cur hub.Configuration
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/prod-sensor", "", nil, &cur); err != nil {
+		t.Fatal(err)
+	}
+	cur.TargetCondition = "tags.environment='test'"
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/prod-sensor", cur.ETag, &cur, &c); err != nil || c.SystemMetrics.Results["targetedCount"] != 1 {
+		t.Fatalf("retargeted: %v %+v", err, c.SystemMetrics.Results)
+	}
+	if e.agentImage("edge-c") != "sensor:1" {
+		t.Fatalf("edge-c after the deployment was retargeted to it: %q", e.agentImage("edge-c"))
+	}
+	changed := map[string]any{"content": manifest("sensor:9"), "targetCondition": "tags.environment='test'", "priority": 10}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/prod-sensor", c.ETag, changed, nil); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "content cannot change") {
+		t.Fatalf("content changed: %v", err)
+	}
+	cur.ETag, cur.TargetCondition = c.ETag, "tags.environment='prod'"
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/prod-sensor", cur.ETag, &cur, nil); err != nil {
+		t.Fatal(err)
+	}
+
 	// Changing tags moves a device between deployments.
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge-c", "", map[string]any{"tags": map[string]any{"environment": "prod"}}, nil); err != nil {
 		t.Fatal(err)

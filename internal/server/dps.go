@@ -27,7 +27,7 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 	device("GET", "/registrations/{regId}/operations/{opId}", a.operationStatus)
 	device("POST", "/registrations/{regId}", a.deviceRegistrationStatus)
 
-	service := func(pattern string, h handler) { mux.HandleFunc(pattern, a.dpsHandler(true, h)) }
+	service := func(pattern string, h handler) { handle(mux, pattern, a.dpsHandler(true, h)) }
 	d := a.dps
 	id := func(r *http.Request) string { return r.PathValue("id") }
 	service("PUT /enrollments/{id}", withBody(func(r *http.Request, e *dps.Enrollment) (any, error) {

@@ -44,6 +44,17 @@ func New(d *dps.Service, h *hub.Service) http.Handler {
 	return logRequests(mux)
 }
 
+// handle registers pattern ("METHOD /path"), and the path in lower case
+// too: the hosted services match paths without regard to case, and SDKs
+// differ (the Node provisioning SDK posts to /enrollmentgroups/…).
+func handle(mux *http.ServeMux, pattern string, h http.HandlerFunc) {
+	mux.HandleFunc(pattern, h)
+	method, path, _ := strings.Cut(pattern, " ")
+	if lower := strings.ToLower(path); lower != path {
+		mux.HandleFunc(method+" "+lower, h)
+	}
+}
+
 type api struct {
 	dps *dps.Service
 	hub *hub.Service

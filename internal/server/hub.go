@@ -12,10 +12,10 @@ import (
 )
 
 func (a *api) routesHub(mux *http.ServeMux) {
-	service := func(right, pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(right, h)) }
+	service := func(right, pattern string, h handler) { handle(mux, pattern, a.hubService(right, h)) }
 	h := a.hub
 	// Module identities are also managed by their edge device itself.
-	edgeScope := func(right, pattern string, hd handler) { mux.HandleFunc(pattern, a.hubServiceOrEdgeDevice(right, hd)) }
+	edgeScope := func(right, pattern string, hd handler) { handle(mux, pattern, a.hubServiceOrEdgeDevice(right, hd)) }
 	for prefix, route := range map[string]func(string, string, handler){"/devices/{id}": service, "/devices/{id}/modules/{mid}": edgeScope} {
 		route(sas.RegistryWrite, "PUT "+prefix, withBody(func(r *http.Request, d *hub.Device) (any, error) {
 			return h.PutIdentity(r.Context(), ref(r), ifMatch(r), d)
@@ -24,6 +24,8 @@ func (a *api) routesHub(mux *http.ServeMux) {
 		route(sas.RegistryWrite, "DELETE "+prefix, noContent(func(r *http.Request) error { return h.DeleteIdentity(r.Context(), ref(r), ifMatch(r)) }))
 	}
 	service(sas.RegistryRead, "GET /devices", a.listDevices)
+	service(sas.RegistryRead, "GET /devices/{$}", a.listDevices) // Registry.list of the Node SDK
+	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
 		service(sas.ServiceConnect, "GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))
@@ -130,7 +132,7 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 }
 
 func (a *api) routesDeployments(mux *http.ServeMux) {
-	service := func(right, pattern string, h handler) { mux.HandleFunc(pattern, a.hubService(right, h)) }
+	service := func(right, pattern string, h handler) { handle(mux, pattern, a.hubService(right, h)) }
 	h := a.hub
 	id := func(r *http.Request) string { return r.PathValue("id") }
 	service(sas.RegistryWrite, "PUT /configurations/{id}", withBody(func(r *http.Request, c *hub.Configuration) (any, error) {
@@ -200,6 +202,13 @@ func (a *api) sendC2D(w http.ResponseWriter, r *http.Request) error {
 	props := appProperties(r.Header)
 	if id := r.Header.Get("iothub-messageid"); id != "" {
 		props["messageId"] = id
+	}
+	// System properties, under the names the device protocol gives them.
+	for header, name := range map[string]string{"iothub-correlationid": "$.cid", "Content-Type": "$.ct",
+		"Content-Encoding": "$.ce", "iothub-userid": "$.uid"} {
+		if v := r.Header.Get(header); v != "" {
+			props[name] = v
+		}
 	}
 	m, err := a.hub.SendC2D(r.Context(), r.PathValue("id"), props, body)
 	if err != nil {

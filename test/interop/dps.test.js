@@ -169,6 +169,12 @@ describe('enrollments through azure-iot-provisioning-service', () => {
     assert.deepEqual(got.initialTwin.tags, groupTags);
     assert.equal(got.etag, g.etag);
     state.group = got;
+
+    // The SDK posts to /enrollmentgroups/… in lower case, which the hosted service accepts too.
+    const { responseBody: mech } = await call('getEnrollmentGroupAttestationMechanism',
+      () => svc.getEnrollmentGroupAttestationMechanism(groupId));
+    assert.equal(mech.type, 'symmetricKey');
+    assert.equal(mech.symmetricKey.primaryKey, groupKeys.primaryKey);
   });
 
   it('queries individual enrollments page by page', { timeout: TEST_MS }, async () => {

@@ -209,6 +209,16 @@ describe('device registry and twins through azure-iothub', () => {
     state.staging = true;
   });
 
+  it('lists devices and counts them with Registry.list and getRegistryStatistics', { timeout: TEST_MS }, async () => {
+    need('staging', 'create the devices');
+    const { responseBody: list } = await sdk('Registry.list', () => registry.list());
+    const ids = list.map((d) => d.deviceId);
+    assert.ok(ids.includes(deviceId) && ids.includes(stagingId), `Registry.list gave ${JSON.stringify(ids)}`);
+    const { responseBody: stats } = await sdk('Registry.getRegistryStatistics', () => registry.getRegistryStatistics());
+    assert.ok(stats.totalDeviceCount >= 2 && stats.totalDeviceCount === stats.enabledDeviceCount + stats.disabledDeviceCount,
+      `statistics ${JSON.stringify(stats)}`);
+  });
+
   it('updates twin tags with Registry.updateTwin and Twin.update', { timeout: TEST_MS }, async () => {
     need('device', 'create device');
     const { responseBody: t0 } = await sdk('Registry.getTwin', () => registry.getTwin(deviceId));
@@ -380,7 +390,8 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
   }
 
   async function sendC2D(n, props) {
-    const headers = { 'Content-Type': 'application/json', 'iothub-messageid': `c2d-${n}-${suffix}` };
+    const headers = { 'Content-Type': 'application/json', 'iothub-messageid': `c2d-${n}-${suffix}`,
+      'iothub-correlationid': `corr-${n}` };
     for (const [k, v] of Object.entries(props)) headers[`iothub-app-${k}`] = v;
     const res = await hubRequest('POST', `/devices/${encodeURIComponent(deviceId)}/messages/deviceBound?api-version=${API_VERSION}`,
       { headers, body: JSON.stringify({ n, command: 'blink' }) });
@@ -395,6 +406,8 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
         body: JSON.parse(msg.data.toString('utf8')),
         properties: Object.fromEntries(msg.properties.propertyList.map((p) => [p.key, p.value])),
         to: msg.to,
+        correlationId: msg.correlationId,
+        contentType: msg.contentType,
       };
       Object.defineProperty(m, 'msg', { value: msg }); // not in JSON dumps
       c2d.received.push(m);
@@ -408,6 +421,9 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
     assert.equal(m1.properties.color, 'blue', `properties: ${JSON.stringify(m1.properties)}`);
     assert.equal(m1.properties.priority, 'high', `properties: ${JSON.stringify(m1.properties)}`);
     assert.equal(m1.to, `/devices/${deviceId}/messages/deviceBound`);
+    // System properties sent as the service API's headers reach the device as such.
+    assert.equal(m1.correlationId, 'corr-1');
+    assert.equal(m1.contentType, 'application/json');
     const completed = await sdk('client.complete', () => client.complete(m1.msg));
     assert.equal(completed && completed.constructor.name, 'MessageCompleted', `client.complete gave ${JSON.stringify(completed)}`);
 
