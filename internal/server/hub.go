@@ -25,6 +25,18 @@ func (a *api) routesHub(mux *http.ServeMux) {
 	}
 	service(sas.RegistryRead, "GET /devices", a.listDevices)
 	service(sas.RegistryRead, "GET /devices/{$}", a.listDevices) // Registry.list of the Node SDK
+	service(sas.RegistryWrite, "POST /devices", func(w http.ResponseWriter, r *http.Request) error {
+		var ops []hub.ImportDevice
+		if err := readJSON(r, &ops); err != nil {
+			return err
+		}
+		res, err := h.BulkIdentities(r.Context(), ops)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, res)
+		return nil
+	})
 	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {

@@ -209,6 +209,31 @@ describe('device registry and twins through azure-iothub', () => {
     state.staging = true;
   });
 
+  it('creates, updates and removes devices in bulk, reporting the ones that fail', { timeout: TEST_MS }, async () => {
+    const ids = [1, 2, 3].map((n) => `interop-hub-bulk-${n}-${suffix}`);
+    const { responseBody: added } = await sdk('Registry.addDevices', () => registry.addDevices(ids.map((deviceId) => ({ deviceId }))));
+    assert.equal(added.isSuccessful, true, `addDevices: ${JSON.stringify(added)}`);
+    const { responseBody: again } = await sdk('Registry.addDevices (again)', () => registry.addDevices([{ deviceId: ids[0] }]));
+    assert.equal(again.isSuccessful, false);
+    assert.equal(again.errors[0].deviceId, ids[0]);
+    assert.equal(again.errors[0].errorCode, 'DeviceAlreadyExists', `errors: ${JSON.stringify(again.errors)}`);
+
+    const { responseBody: d1 } = await sdk('Registry.get(bulk 1)', () => registry.get(ids[0]));
+    const { responseBody: updated } = await sdk('Registry.updateDevices (force)', () =>
+      registry.updateDevices([{ ...d1, status: 'disabled' }], true));
+    assert.equal(updated.isSuccessful, true, `updateDevices: ${JSON.stringify(updated)}`);
+    const { responseBody: got } = await sdk('Registry.get(bulk 1) after the update', () => registry.get(ids[0]));
+    assert.equal(got.status, 'disabled');
+    assert.equal(got.authentication.symmetricKey.primaryKey, d1.authentication.symmetricKey.primaryKey);
+    const { responseBody: stale } = await sdk('Registry.updateDevices (stale etag)', () =>
+      registry.updateDevices([{ ...d1, status: 'enabled' }], false));
+    assert.equal(stale.isSuccessful, false, `a stale etag: ${JSON.stringify(stale)}`);
+
+    const { responseBody: removed } = await sdk('Registry.removeDevices', () => registry.removeDevices(ids.map((deviceId) => ({ deviceId })), true));
+    assert.equal(removed.isSuccessful, true, `removeDevices: ${JSON.stringify(removed)}`);
+    await mustRefuse('Registry.get of a device removed in bulk', () => registry.get(ids[1]), 404);
+  });
+
   it('lists devices and counts them with Registry.list and getRegistryStatistics', { timeout: TEST_MS }, async () => {
     need('staging', 'create the devices');
     const { responseBody: list } = await sdk('Registry.list', () => registry.list());
