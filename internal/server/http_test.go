@@ -4,9 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
@@ -14,6 +16,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -80,5 +83,41 @@ func TestEventsFollowStreams(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("the event was not streamed while the answer stayed open")
+	}
+}
+
+// A batch from an HTTPS device transport (sendEventBatch) becomes one event
+// per message, each with its own properties; a malformed batch stores
+// nothing.
+func TestDeviceEventBatch(t *testing.T) {
+	e := newEnv(t)
+	d := e.newDevice("d1", false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	tok := sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Minute))
+	post := func(body string) int {
+		req, _ := http.NewRequest("POST", e.ts.URL+"/devices/d1/messages/events?api-version=2020-09-30", strings.NewReader(body))
+		req.Header.Set("Authorization", tok)
+		req.Header.Set("Content-Type", "application/vnd.microsoft.iothub.json")
+		resp, err := e.ts.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if st := post(`[{"body":"YQ==","properties":{"iothub-app-k":"1"}},{"body":"Yg=="}]`); st != 204 {
+		t.Fatalf("batch: HTTP %d", st)
+	}
+	for _, bad := range []string{`{"body":"YQ=="}`, `[{"body":"not base64!"}]`, `[{"body":"YQ==","properties":{"k":1}}]`} {
+		if st := post(bad); st != 400 {
+			t.Errorf("%s: HTTP %d", bad, st)
+		}
+	}
+	evs, err := e.st.Events(ctx, "d1", 0, 10)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 2 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" {
+		t.Fatalf("events %+v", evs)
 	}
 }

@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"mime"
 	"net/http"
 	"strconv"
 	"strings"
@@ -132,12 +133,44 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	ct := r.Header.Get("Content-Type")
+	if mt, _, _ := mime.ParseMediaType(ct); mt == batchType {
+		return a.deviceEventBatch(w, r, id, body)
+	}
 	props := appProperties(r.Header)
-	if ct := r.Header.Get("Content-Type"); ct != "" {
+	if ct != "" {
 		props["$.ct"] = ct
 	}
 	if _, err := a.hub.SendEvent(r.Context(), id, props, body); err != nil {
 		return err
+	}
+	w.WriteHeader(http.StatusNoContent)
+	return nil
+}
+
+// batchType is the content type of several messages sent in one request
+// (sendEventBatch of the HTTPS device transports).
+const batchType = "application/vnd.microsoft.iothub.json"
+
+// deviceEventBatch stores each message of a batch as an event of its own,
+// as the hosted hub does: a JSON array of {"body": base64, "properties":
+// {"iothub-app-name": value}}.
+func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Ref, body []byte) error {
+	var batch []struct {
+		Body       []byte            `json:"body"`
+		Properties map[string]string `json:"properties"`
+	}
+	if err := decodeJSON(body, &batch); err != nil {
+		return err
+	}
+	for _, m := range batch {
+		props := map[string]string{}
+		for k, v := range m.Properties {
+			props[strings.TrimPrefix(k, "iothub-app-")] = v
+		}
+		if _, err := a.hub.SendEvent(r.Context(), id, props, m.Body); err != nil {
+			return err
+		}
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
