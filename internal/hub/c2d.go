@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -30,6 +31,11 @@ type C2DMessage struct {
 	Body       []byte            `json:"body"`
 	Enqueued   time.Time         `json:"enqueuedTime"`
 	Expiry     time.Time         `json:"expiryTime"`
+	// A message received over HTTPS is locked, hidden from the next
+	// receive, until its device settles it or the lock expires.
+	LockToken     string    `json:"lockToken,omitempty"`
+	LockedUntil   time.Time `json:"lockedUntil"`
+	DeliveryCount int       `json:"deliveryCount,omitempty"`
 }
 
 // SendC2D queues a message for a device and tells its connection, if any.
@@ -111,4 +117,104 @@ func (s *Service) CompleteC2D(ctx context.Context, id string) error {
 // WatchC2D calls f whenever a message is queued for device, until cancel.
 func (s *Service) WatchC2D(device string, f func()) (cancel func()) {
 	return s.c2dWatchers.add(device, f)
+}
+
+// c2dLock is how long a message received over HTTPS stays hidden from the
+// next receive while its device works on it (the hosted hub's default).
+const c2dLock = time.Minute
+
+// ReceiveC2D locks the oldest message of device that is not locked and
+// returns it with its lock token, as the HTTPS device API receives: nil
+// when there is none.
+func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, string, error) {
+	msgs, err := s.PendingC2D(ctx, device)
+	if err != nil {
+		return nil, "", err
+	}
+	now := s.Now()
+	for _, m := range msgs {
+		if now.Before(m.LockedUntil) {
+			continue
+		}
+		var rnd [8]byte
+		_, _ = rand.Read(rnd[:])
+		m.LockToken, m.LockedUntil, m.DeliveryCount = hex.EncodeToString(rnd[:]), now.Add(c2dLock), m.DeliveryCount+1
+		err := s.putC2D(ctx, m, func(stored *C2DMessage) bool { return !now.Before(stored.LockedUntil) })
+		switch {
+		case errors.Is(err, errC2DTaken):
+			continue // received meanwhile by another request
+		case err != nil:
+			return nil, "", err
+		}
+		return m, strings.TrimPrefix(m.ID, device+"/") + "." + m.LockToken, nil
+	}
+	return nil, "", nil
+}
+
+// SettleC2D ends the lock of the message device received with token:
+// completing (or rejecting) removes it, abandoning puts it back in the
+// queue.
+func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon bool) error {
+	id, lock, _ := strings.Cut(token, ".")
+	lost := azerr.PreconditionFailed("the lock token %.60q holds no message of %s now (its lock expired, or it was settled): receive it again", token, device)
+	held := func(m *C2DMessage) bool { return lock != "" && m.LockToken == lock && s.Now().Before(m.LockedUntil) }
+	d, err := s.store.Get(ctx, kindC2D, device+"/"+id)
+	if errors.Is(err, store.ErrNotFound) || strings.Contains(id, "/") {
+		return lost
+	}
+	if err != nil {
+		return err
+	}
+	m := &C2DMessage{}
+	if err := json.Unmarshal(d.Body, m); err != nil {
+		return err
+	}
+	if !held(m) {
+		return lost
+	}
+	if abandon {
+		m.LockToken, m.LockedUntil = "", time.Time{}
+		if err := s.putC2D(ctx, m, held); err != nil {
+			if errors.Is(err, errC2DTaken) {
+				return lost
+			}
+			return err
+		}
+		s.c2dArrivedHere(device)
+		return nil
+	}
+	if err := s.store.Delete(ctx, kindC2D, d.ID, d.ETag); err != nil {
+		if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+			return lost
+		}
+		return err
+	}
+	return nil
+}
+
+// errC2DTaken is a message that changed since it was read.
+var errC2DTaken = errors.New("the message changed meanwhile")
+
+// putC2D writes m over the stored message if, as stored, it still passes ok.
+func (s *Service) putC2D(ctx context.Context, m *C2DMessage, ok func(stored *C2DMessage) bool) error {
+	d, err := s.store.Get(ctx, kindC2D, m.ID)
+	if errors.Is(err, store.ErrNotFound) {
+		return errC2DTaken
+	}
+	if err != nil {
+		return err
+	}
+	stored := &C2DMessage{}
+	if err := json.Unmarshal(d.Body, stored); err != nil {
+		return err
+	}
+	if !ok(stored) {
+		return errC2DTaken
+	}
+	body, _ := json.Marshal(m)
+	_, err = s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, d.ETag)
+	if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+		return errC2DTaken
+	}
+	return err
 }

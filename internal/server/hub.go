@@ -1,11 +1,13 @@
 package server
 
 import (
+	"cmp"
 	"encoding/json"
 	"mime"
 	"net/http"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
@@ -52,9 +54,83 @@ func (a *api) routesHub(mux *http.ServeMux) {
 		}))
 	}
 
-	// Device-facing HTTPS: telemetry, authenticated with the device's own token.
-	mux.HandleFunc("POST /devices/{id}/messages/events", a.hubHandler(a.deviceEvent))
-	mux.HandleFunc("POST /devices/{id}/modules/{mid}/messages/events", a.hubHandler(a.deviceEvent))
+	// Device-facing HTTPS: telemetry and cloud-to-device messages,
+	// authenticated with the device's own token or certificate.
+	handle(mux, "POST /devices/{id}/messages/events", a.hubHandler(a.deviceEvent))
+	handle(mux, "POST /devices/{id}/modules/{mid}/messages/events", a.hubHandler(a.deviceEvent))
+	handle(mux, "GET /devices/{id}/messages/deviceBound", a.hubHandler(a.receiveC2D))
+	handle(mux, "DELETE /devices/{id}/messages/deviceBound/{token}", a.hubHandler(a.settleC2D(false)))
+	handle(mux, "POST /devices/{id}/messages/deviceBound/{token}/abandon", a.hubHandler(a.settleC2D(true)))
+}
+
+// authenticateDevice checks the device (or module) of the path by its SAS
+// token or, without one, its client certificate.
+func (a *api) authenticateDevice(r *http.Request) error {
+	cred := deviceCredentials(r)
+	var err error
+	if cred.Authorization == "" && len(cred.Certificates) > 0 {
+		_, err = a.hub.AuthenticateX509(r.Context(), ref(r), cred.Certificates)
+	} else {
+		_, err = a.hub.AuthenticateDevice(r.Context(), ref(r), cred.Authorization)
+	}
+	return err
+}
+
+// receiveC2D is the HTTPS device API's receive: the oldest message not
+// being worked on, locked for a minute, its lock token in ETag; 204 when
+// there is none.
+func (a *api) receiveC2D(w http.ResponseWriter, r *http.Request) error {
+	if err := a.authenticateDevice(r); err != nil {
+		return err
+	}
+	m, token, err := a.hub.ReceiveC2D(r.Context(), r.PathValue("id"))
+	if err != nil {
+		return err
+	}
+	if m == nil {
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
+	h := w.Header()
+	h.Set("ETag", `"`+token+`"`)
+	h.Set("iothub-messageid", m.MessageID)
+	h.Set("iothub-to", "/devices/"+r.PathValue("id")+"/messages/deviceBound")
+	h.Set("iothub-enqueuedtime", m.Enqueued.UTC().Format(time.RFC1123))
+	h.Set("iothub-expiry", m.Expiry.UTC().Format(time.RFC1123))
+	h.Set("iothub-deliverycount", strconv.Itoa(m.DeliveryCount))
+	for k, v := range m.Properties {
+		switch k {
+		case "messageId":
+		case "$.cid":
+			h.Set("iothub-correlationid", v)
+		case "$.ct":
+			h.Set("Content-Type", v)
+		case "$.ce":
+			h.Set("Content-Encoding", v)
+		case "$.uid":
+			h.Set("iothub-userid", v)
+		default:
+			h.Set("iothub-app-"+k, v)
+		}
+	}
+	w.WriteHeader(http.StatusOK)
+	_, _ = w.Write(m.Body)
+	return nil
+}
+
+// settleC2D completes (DELETE, also with ?reject) or abandons (POST
+// …/abandon) a message received over HTTPS, by its lock token.
+func (a *api) settleC2D(abandon bool) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		if err := a.authenticateDevice(r); err != nil {
+			return err
+		}
+		if err := a.hub.SettleC2D(r.Context(), r.PathValue("id"), r.PathValue("token"), abandon); err != nil {
+			return err
+		}
+		w.WriteHeader(http.StatusNoContent)
+		return nil
+	}
 }
 
 func ref(r *http.Request) hub.Ref {
@@ -126,7 +202,7 @@ func (a *api) listDevices(w http.ResponseWriter, r *http.Request) error {
 // as iothub-app-* headers, as the SDKs' HTTP transports send them.
 func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	id := ref(r)
-	if _, err := a.hub.AuthenticateDevice(r.Context(), id, r.Header.Get("Authorization")); err != nil {
+	if err := a.authenticateDevice(r); err != nil {
 		return err
 	}
 	body, err := readBody(r)
@@ -138,8 +214,13 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 		return a.deviceEventBatch(w, r, id, body)
 	}
 	props := appProperties(r.Header)
-	if ct != "" {
+	// The SDKs' HTTPS transports give the message's content type and
+	// encoding as iothub-contenttype and iothub-contentencoding.
+	if ct := cmp.Or(r.Header.Get("iothub-contenttype"), ct); ct != "" {
 		props["$.ct"] = ct
+	}
+	if ce := r.Header.Get("iothub-contentencoding"); ce != "" {
+		props["$.ce"] = ce
 	}
 	if _, err := a.hub.SendEvent(r.Context(), id, props, body); err != nil {
 		return err

@@ -474,6 +474,53 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
   });
 });
 
+describe('device client over HTTPS (azure-iot-device + azure-iot-device-http)', () => {
+  const { Http } = require('azure-iot-device-http');
+  let client;
+  after(() => closeDevice(client));
+
+  it('sends a batch whose messages arrive as events of their own', { timeout: TEST_MS }, async () => {
+    need('staging', 'create the staging device');
+    const { responseBody: d } = await sdk('Registry.get(staging)', () => registry.get(stagingId));
+    client = DeviceClient.fromConnectionString(deviceConnectionString(stagingId, d.authentication.symmetricKey.primaryKey), Http);
+    client.on('error', () => {});
+    await sdk('open over HTTPS', () => client.open());
+    const a = new Message('first');
+    a.properties.add('n', '1');
+    await sdk('client.sendEventBatch', () => client.sendEventBatch([a, new Message('second')]));
+    const events = await deviceEvents(stagingId);
+    assert.equal(events.length, 2, `events: ${JSON.stringify(events)}`);
+    assert.equal(Buffer.from(events[0].bodyBase64, 'base64').toString(), 'first');
+    assert.equal(events[0].properties.n, '1', `properties: ${JSON.stringify(events[0].properties)}`);
+    assert.equal(Buffer.from(events[1].bodyBase64, 'base64').toString(), 'second');
+    state.httpClient = true;
+  });
+
+  it('receives a cloud-to-device message, abandons it, and completes it when it comes again', { timeout: TEST_MS }, async () => {
+    need('httpClient', 'open the HTTPS device client');
+    const received = [];
+    const next = (n) => h.within(EVENT_MS, `cloud-to-device message ${n} over HTTPS (got ${received.length})`,
+      () => new Promise((resolve) => {
+        const check = () => (received.length >= n ? resolve(received[n - 1]) : setTimeout(check, 50));
+        check();
+      }));
+    client.on('message', (msg) => received.push(msg));
+    const res = await hubRequest('POST', `/devices/${encodeURIComponent(stagingId)}/messages/deviceBound?api-version=${API_VERSION}`,
+      { headers: { 'iothub-messageid': `http-c2d-${suffix}`, 'iothub-correlationid': 'corr-http', 'iothub-app-color': 'green' }, body: 'ping' });
+    assert.ok(res.status >= 200 && res.status < 300, `POST deviceBound: HTTP ${res.status}: ${res.body}`);
+    const m1 = await next(1);
+    assert.equal(m1.messageId, `http-c2d-${suffix}`);
+    assert.equal(m1.correlationId, 'corr-http');
+    assert.equal(m1.data.toString(), 'ping');
+    assert.ok(m1.properties.propertyList.some((p) => p.value === 'green'), `properties: ${JSON.stringify(m1.properties)}`);
+    await sdk('client.abandon', () => client.abandon(m1));
+    const m2 = await next(2);
+    assert.equal(m2.messageId, m1.messageId, 'the abandoned message did not come again');
+    await sdk('client.complete', () => client.complete(m2));
+    await mustRefuse('client.complete of a settled message', () => client.complete(m2), 412);
+  });
+});
+
 describe('edge deployments through azure-iothub configurations', () => {
   const edgeAgentDesired = {
     schemaVersion: '1.1',

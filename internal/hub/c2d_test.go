@@ -1,0 +1,67 @@
+package hub
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/azerr"
+)
+
+// Over HTTPS a received message is locked: hidden from the next receive
+// until its device settles it, or the lock expires and it comes again.
+// Only the lock token of the current lock settles it.
+func TestReceiveC2DLocks(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	now := time.Now()
+	s.Now = func() time.Time { return now }
+	newIdentity(t, s, Ref{Device: "d1"})
+	for _, body := range []string{"one", "two"} {
+		if _, err := s.SendC2D(ctx, "d1", nil, []byte(body)); err != nil {
+			t.Fatal(err)
+		}
+		now = now.Add(time.Millisecond) // the queue's order is the time of sending
+	}
+	receive := func(want string) string {
+		t.Helper()
+		m, token, err := s.ReceiveC2D(ctx, "d1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		switch {
+		case want == "" && m != nil:
+			t.Fatalf("received %q, want nothing", m.Body)
+		case want != "" && (m == nil || string(m.Body) != want):
+			t.Fatalf("received %v, want %q", m, want)
+		}
+		return token
+	}
+	one := receive("one")
+	two := receive("two")
+	receive("")
+	for _, bad := range []string{"", "x", "x.y", "../d2/x.y", one + "0"} {
+		if err := s.SettleC2D(ctx, "d1", bad, false); !azerr.HasStatus(err, 412) {
+			t.Errorf("settled with %q: %v", bad, err)
+		}
+	}
+	if err := s.SettleC2D(ctx, "d1", one, true); err != nil { // abandoned: it comes again
+		t.Fatal(err)
+	}
+	one = receive("one")
+	now = now.Add(2 * c2dLock) // both locks expire
+	if err := s.SettleC2D(ctx, "d1", two, false); !azerr.HasStatus(err, 412) {
+		t.Fatalf("settled with an expired lock: %v", err)
+	}
+	receive("one")
+	two = receive("two")
+	if err := s.SettleC2D(ctx, "d1", two, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SettleC2D(ctx, "d1", two, false); !azerr.HasStatus(err, 412) {
+		t.Fatalf("completed twice: %v", err)
+	}
+	if msgs, _ := s.PendingC2D(ctx, "d1"); len(msgs) != 1 || string(msgs[0].Body) != "one" {
+		t.Fatalf("left in the queue: %v", msgs)
+	}
+}
