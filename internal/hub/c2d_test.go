@@ -48,7 +48,7 @@ func TestReceiveC2DLocks(t *testing.T) {
 	if err := s.SettleC2D(ctx, "d1", one, true); err != nil { // abandoned: it comes again
 		t.Fatal(err)
 	}
-	one = receive("one")
+	receive("one")
 	now = now.Add(2 * c2dLock) // both locks expire
 	if err := s.SettleC2D(ctx, "d1", two, false); !azerr.HasStatus(err, 412) {
 		t.Fatalf("settled with an expired lock: %v", err)
