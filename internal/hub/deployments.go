@@ -45,6 +45,7 @@ type Configuration struct {
 type ConfigContent struct {
 	ModulesContent map[string]map[string]json.RawMessage `json:"modulesContent,omitempty"`
 	DeviceContent  map[string]json.RawMessage            `json:"deviceContent,omitempty"`
+	ModuleContent  map[string]json.RawMessage            `json:"moduleContent,omitempty"`
 }
 
 // Metrics are named queries and their counts.
@@ -77,6 +78,9 @@ func (c *Configuration) layered() bool {
 // "properties.desired" or "properties.desired.<path>", never both kinds in
 // one deployment, and a base deployment carries $edgeAgent and $edgeHub.
 func checkContent(c *ConfigContent, layered bool) error {
+	if len(c.DeviceContent) > 0 || len(c.ModuleContent) > 0 {
+		return azerr.BadRequest("content.deviceContent and content.moduleContent (automatic device and module management) are not supported: this hub deploys IoT Edge modules (content.modulesContent); set other twins' desired properties with twin updates")
+	}
 	if len(c.ModulesContent) == 0 {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
 	}

@@ -149,6 +149,7 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		want string
 	}{
 		{map[string]any{"content": manifest("x"), "targetCondition": "tags.environment = "}, "targetCondition"},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "deviceContent"},
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
