@@ -142,11 +142,19 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (dev, 
 	return dev, id, enabled(dev)
 }
 
-// AuthorizeEdgeDevice checks that an IoT Edge device, with its own SAS
-// token or client certificate, manages identities under itself: the
+// AuthorizeServiceOrEdgeDevice admits a token of a hub policy (one naming
+// it with skn) with right, or the IoT Edge device itself, by its own SAS
+// token or client certificate, to manage identities under it: the
 // device-scope registry API the edge runtime creates and reads its
 // modules' identities with.
-func (s *Service) AuthorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
+func (s *Service) AuthorizeServiceOrEdgeDevice(ctx context.Context, device, header string, chain []*x509.Certificate, right string) error {
+	if tok, err := sas.Parse(header); err == nil && tok.KeyName != "" {
+		return s.AuthorizeService(header, right)
+	}
+	return s.authorizeEdgeDevice(ctx, device, header, chain)
+}
+
+func (s *Service) authorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
 	r := Ref{Device: device}
 	var dev *record
 	var err error

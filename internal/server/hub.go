@@ -148,20 +148,12 @@ func (a *api) hubService(right string, h handler) http.HandlerFunc {
 	})
 }
 
-// hubServiceOrEdgeDevice admits a hub policy token (one naming its policy
-// with skn) or the edge device of the path, by its own token or client
-// certificate.
+// hubServiceOrEdgeDevice admits a hub policy token with right, or the edge
+// device of the path.
 func (a *api) hubServiceOrEdgeDevice(right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
-		header := r.Header.Get("Authorization")
-		var err error
-		if tok, perr := sas.Parse(header); perr == nil && tok.KeyName != "" {
-			err = a.hub.AuthorizeService(header, right)
-		} else {
-			cred := deviceCredentials(r)
-			err = a.hub.AuthorizeEdgeDevice(r.Context(), r.PathValue("id"), cred.Authorization, cred.Certificates)
-		}
-		if err != nil {
+		cred := deviceCredentials(r)
+		if err := a.hub.AuthorizeServiceOrEdgeDevice(r.Context(), r.PathValue("id"), cred.Authorization, cred.Certificates, right); err != nil {
 			return err
 		}
 		return h(w, r)
