@@ -218,7 +218,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 			stop()
 		}
 	}()
-	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc), TLSConfig: tlsConfig,
+	srv := &http.Server{Handler: server.New(dpsSvc, hubSvc, devices), TLSConfig: tlsConfig,
 		// A request, body included, arrives within 30 s (SDK bodies are at
 		// most 1 MiB), so clients trickling bytes cannot hold connections.
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,

@@ -49,7 +49,7 @@ func TestRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts.Config.Handler = server.New(dpsSvc, hubSvc)
+	ts.Config.Handler = server.New(dpsSvc, hubSvc, nil)
 	ts.Config.ErrorLog = slog.NewLogLogger(slog.DiscardHandler, slog.LevelDebug)
 
 	ln, err := tls.Listen("tcp", "127.0.0.1:0", ts.TLS)

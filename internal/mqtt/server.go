@@ -148,18 +148,40 @@ func (s *Server) Serve(l net.Listener) error {
 			continue
 		}
 		delay = 0
-		c := newConn(s, nc)
-		s.mu.Lock()
-		if s.closed {
-			s.mu.Unlock()
-			nc.Close()
-			continue
-		}
-		s.conns[c] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go c.serve()
+		s.start(newConn(s, nc))
 	}
+}
+
+// ServeConn serves one connection accepted elsewhere — MQTT over WebSocket,
+// inside an HTTPS request, whose TLS is state — and returns at once.
+func (s *Server) ServeConn(nc net.Conn, state *tls.ConnectionState) error {
+	if s.Handler == nil {
+		return errors.New("mqtt: Server.Handler is nil")
+	}
+	c := newConn(s, nc)
+	c.tlsState = state
+	if !s.start(c) {
+		return ErrServerClosed
+	}
+	return nil
+}
+
+// start serves c, unless the server is closed.
+func (s *Server) start(c *Conn) bool {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		c.nc.Close()
+		return false
+	}
+	if s.conns == nil {
+		s.conns = make(map[*Conn]struct{})
+	}
+	s.conns[c] = struct{}{}
+	s.wg.Add(1)
+	s.mu.Unlock()
+	go c.serve()
+	return true
 }
 
 func (s *Server) isClosed() bool {
@@ -199,10 +221,11 @@ func (s *Server) Close() error {
 // Conn is one client connection.
 type Conn struct {
 	srv         *Server
-	nc          net.Conn  // what packets are read from and written to
-	raw         net.Conn  // the TCP connection under nc, closed without a TLS alert
-	tc          *tls.Conn // nil without TLS
-	clientID    string    // set before Authenticate, then immutable
+	nc          net.Conn             // what packets are read from and written to
+	raw         net.Conn             // the TCP connection under nc, closed without a TLS alert
+	tc          *tls.Conn            // nil without TLS of its own
+	tlsState    *tls.ConnectionState // the TLS a connection without tc is carried in (WebSocket over HTTPS)
+	clientID    string               // set before Authenticate, then immutable
 	readTimeout time.Duration
 	accepted    bool
 
@@ -249,7 +272,7 @@ func (c *Conn) RemoteAddr() net.Addr { return c.raw.RemoteAddr() }
 // X.509 authentication), or nil when the connection is not TLS.
 func (c *Conn) TLS() *tls.ConnectionState {
 	if c.tc == nil {
-		return nil
+		return c.tlsState
 	}
 	cs := c.tc.ConnectionState()
 	return &cs

@@ -41,7 +41,7 @@ func (e *env) secondHub(t *testing.T, name string) *azclient.Client {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ts := httptest.NewTLSServer(New(d, h))
+	ts := httptest.NewTLSServer(New(d, h, nil))
 	t.Cleanup(ts.Close)
 	if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: name, ConnectionString: h.OwnerConnectionString(), Endpoint: ts.URL,
 		ApplyAllocationPolicy: false}); err != nil {

@@ -61,7 +61,7 @@ func newEnvAt(t testing.TB, dbPath string) *env {
 			t.Fatal(err)
 		}
 	}
-	e.ts.Config.Handler = New(e.dps, e.hub)
+	e.ts.Config.Handler = New(e.dps, e.hub, nil)
 	if e.dpsAPI, err = azclient.New(e.dps.OwnerConnectionString(), e.ts.URL, "2021-10-01", e.tls); err != nil {
 		t.Fatal(err)
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -30,13 +31,17 @@ import (
 const maxBody = 1 << 20
 
 // New returns the handler serving both APIs on one port, as the Azure SDKs
-// hard-code 443 for both.
-func New(d *dps.Service, h *hub.Service) http.Handler {
+// hard-code 443 for both, and with devices, the hub's MQTT endpoint over
+// WebSocket there too.
+func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 	mux := http.NewServeMux()
 	a := &api{dps: d, hub: h}
 	a.routesDPS(mux)
 	a.routesHub(mux)
 	a.routesDeployments(mux)
+	if devices != nil {
+		mux.HandleFunc("GET /$iothub/websocket", mqttOverWebSocket(devices))
+	}
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
 			r.Method, r.URL.Path, d.IDScope()), trackingID())

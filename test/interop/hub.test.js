@@ -521,6 +521,36 @@ describe('device client over HTTPS (azure-iot-device + azure-iot-device-http)', 
   });
 });
 
+describe('device client over MQTT over WebSocket on 443 (azure-iot-device-mqtt MqttWs)', () => {
+  const { MqttWs } = require('azure-iot-device-mqtt');
+  let client;
+  after(() => closeDevice(client));
+
+  it('connects, reads its twin and sends telemetry', { timeout: TEST_MS }, async () => {
+    need('staging', 'create the staging device');
+    const { responseBody: d } = await sdk('Registry.get(staging)', () => registry.get(stagingId));
+    client = DeviceClient.fromConnectionString(deviceConnectionString(stagingId, d.authentication.symmetricKey.primaryKey), MqttWs);
+    client.on('error', () => {});
+    await sdk('open over MQTT over WebSocket', () => client.open());
+    const { responseBody: connected } = await sdk('Registry.get after open', () => registry.get(stagingId));
+    assert.equal(connected.connectionState, 'Connected');
+    const twin = await sdk('client.getTwin over WebSocket', () => client.getTwin());
+    assert.equal(twin.properties.desired.$version >= 1, true, `twin ${JSON.stringify(twin.properties.desired)}`);
+    const marker = crypto.randomUUID();
+    await sdk('client.sendEvent over WebSocket', () => client.sendEvent(new Message(JSON.stringify({ marker }))));
+    const events = await deviceEvents(stagingId);
+    assert.ok(events.some((e) => e.body && e.body.marker === marker), `telemetry over WebSocket missing: ${JSON.stringify(events)}`);
+  });
+
+  it('refuses a wrong key with UnauthorizedError', { timeout: TEST_MS }, async () => {
+    need('staging', 'create the staging device');
+    const bad = DeviceClient.fromConnectionString(deviceConnectionString(stagingId, Buffer.alloc(32, 7).toString('base64')), MqttWs);
+    bad.on('error', () => {});
+    const err = await h.rejection(call('open over WebSocket with a wrong key', () => bad.open()), 'open with a wrong key');
+    assert.equal(err.constructor.name, 'UnauthorizedError', `got ${h.describeError(err)}`);
+  });
+});
+
 describe('edge deployments through azure-iothub configurations', () => {
   const edgeAgentDesired = {
     schemaVersion: '1.1',

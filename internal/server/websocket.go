@@ -1,0 +1,38 @@
+package server
+
+import (
+	"context"
+	"net/http"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"github.com/hatchery/hatchery/internal/mqtt"
+)
+
+// mqttOverWebSocket serves the hub's MQTT device endpoint inside a
+// WebSocket on the HTTPS port (GET /$iothub/websocket, subprotocol mqtt),
+// as the SDKs' MqttWs transports connect from networks that let only 443
+// out. The MQTT server authenticates the connection as on 8883; a device's
+// client certificate comes from the HTTPS connection.
+func mqttOverWebSocket(devices *mqtt.Server) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		// The HTTP server's read and write deadlines would end the
+		// connection after its first 30 s: MQTT keep-alives take over.
+		rc := http.NewResponseController(w)
+		_ = rc.SetReadDeadline(time.Time{})
+		_ = rc.SetWriteDeadline(time.Time{})
+		ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{Subprotocols: []string{"mqtt"}})
+		if err != nil {
+			return // Accept answered the client
+		}
+		if ws.Subprotocol() != "mqtt" {
+			ws.Close(websocket.StatusPolicyViolation, "this endpoint speaks the mqtt subprotocol")
+			return
+		}
+		ws.SetReadLimit(2 * mqtt.DefaultMaxPacketSize) // a message holds a packet, or a few
+		if err := devices.ServeConn(websocket.NetConn(context.Background(), ws, websocket.MessageBinary), r.TLS); err != nil {
+			ws.Close(websocket.StatusGoingAway, "the server is stopping")
+		}
+	}
+}
