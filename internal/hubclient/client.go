@@ -126,18 +126,27 @@ type Pool struct {
 	Local   *hub.Service
 	mu      sync.Mutex
 	clients map[string]*Client
+	localOK map[string]bool // connection strings Local took
 }
 
 func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
 	if p.Local != nil && strings.EqualFold(h.HostName, p.Local.Host()) {
 		l := local{p.Local}
-		if err := l.authorize(h.ConnectionString); err != nil {
-			return nil, err
+		// The hub's policies do not change while it runs: a connection
+		// string it took once, it takes again.
+		if !p.localOK[h.ConnectionString] {
+			if err := l.authorize(h.ConnectionString); err != nil {
+				return nil, err
+			}
+			if p.localOK == nil {
+				p.localOK = map[string]bool{}
+			}
+			p.localOK[h.ConnectionString] = true
 		}
 		return l, nil
 	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
 	key := h.ConnectionString + "|" + h.Endpoint + "|" + h.CACertificate
 	if c, ok := p.clients[key]; ok {
 		return c, nil
