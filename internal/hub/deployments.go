@@ -12,6 +12,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -39,9 +40,12 @@ type Configuration struct {
 	ETag               string            `json:"etag"`
 }
 
-// ConfigContent is what a deployment sets: modulesContent maps a module
-// ID to {"properties.desired": {...}} (a base deployment) or to
-// {"properties.desired.<path>": value, ...} (a layered one).
+// ConfigContent is what a configuration sets. An IoT Edge deployment's
+// modulesContent maps a module ID to {"properties.desired": {...}} (a base
+// deployment) or to {"properties.desired.<path>": value, ...} (a layered
+// one); a device configuration's deviceContent maps
+// "properties.desired.<path>" to a value in the twins of the devices it
+// targets (automatic device management).
 type ConfigContent struct {
 	ModulesContent map[string]map[string]json.RawMessage `json:"modulesContent,omitempty"`
 	DeviceContent  map[string]json.RawMessage            `json:"deviceContent,omitempty"`
@@ -61,6 +65,10 @@ type ConfigStatus struct {
 
 var configIDPattern = regexp.MustCompile(`^[a-z0-9\-:+%_#*?!(),=@;$']{1,128}$`)
 
+// forDevices reports whether c configures device twins rather than
+// deploying edge modules.
+func (c *Configuration) forDevices() bool { return len(c.Content.DeviceContent) > 0 }
+
 // layered reports whether a deployment is layered: it sets paths below
 // properties.desired rather than whole documents.
 func (c *Configuration) layered() bool {
@@ -78,8 +86,21 @@ func (c *Configuration) layered() bool {
 // "properties.desired" or "properties.desired.<path>", never both kinds in
 // one deployment, and a base deployment carries $edgeAgent and $edgeHub.
 func checkContent(c *ConfigContent, layered bool) error {
-	if len(c.DeviceContent) > 0 || len(c.ModuleContent) > 0 {
-		return azerr.BadRequest("content.deviceContent and content.moduleContent (automatic device and module management) are not supported: this hub deploys IoT Edge modules (content.modulesContent); set other twins' desired properties with twin updates")
+	switch {
+	case len(c.ModuleContent) > 0:
+		return azerr.BadRequest("content.moduleContent (automatic module management) is not supported: deploy IoT Edge modules with content.modulesContent, or configure device twins with content.deviceContent")
+	case len(c.DeviceContent) > 0 && len(c.ModulesContent) > 0:
+		return azerr.BadRequest("a configuration has content.deviceContent or content.modulesContent, not both")
+	case len(c.DeviceContent) > 0:
+		for k, v := range c.DeviceContent {
+			if !strings.HasPrefix(k, "properties.desired.") {
+				return azerr.BadRequest("content.deviceContent: key %q must start with \"properties.desired.\"", k)
+			}
+			if err := checkEntry("content.deviceContent", k, v); err != nil {
+				return err
+			}
+		}
+		return nil
 	}
 	if len(c.ModulesContent) == 0 {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
@@ -92,7 +113,7 @@ func checkContent(c *ConfigContent, layered bool) error {
 			if k != "properties.desired" && !strings.HasPrefix(k, "properties.desired.") {
 				return azerr.BadRequest("content.modulesContent.%s: key %q must be \"properties.desired\" or start with \"properties.desired.\"", mod, k)
 			}
-			if err := checkEntry(mod, k, v); err != nil {
+			if err := checkEntry("content.modulesContent."+mod, k, v); err != nil {
 				return err
 			}
 		}
@@ -113,11 +134,11 @@ func checkContent(c *ConfigContent, layered bool) error {
 // checkEntry checks one entry of a module's content against the twin
 // rules: "properties.desired" an object the module twin can hold, or
 // "properties.desired.<path>" a path of valid property names.
-func checkEntry(mod, key string, value json.RawMessage) error {
-	where := "content.modulesContent." + mod + "." + key
+func checkEntry(in, key string, value json.RawMessage) error {
+	where := in + "." + key
 	for _, name := range strings.Split(key, ".")[2:] {
 		if err := twindoc.CheckName(name); err != nil {
-			return azerr.BadRequest("content.modulesContent.%s: in key %q, property name %q %v", mod, key, name, err)
+			return azerr.BadRequest("%s: in key %q, property name %q %v", in, key, name, err)
 		}
 	}
 	var v any
@@ -321,98 +342,71 @@ func withVersion(m map[string]any, v int64) map[string]any {
 	return out
 }
 
-// applyAll re-evaluates every edge device against the deployments.
+// applyAll re-evaluates every device against the configurations, after
+// one changed.
 func (s *Service) applyAll(ctx context.Context) error {
+	s.targetMemo.forget()
+	s.publish("configurations", Ref{})
 	cs, err := s.targets(ctx)
 	if err != nil {
 		return err
 	}
 	return s.eachRecord(ctx, kindDevice, func(r *record) error {
-		if !r.Device.Capabilities.IoTEdge {
-			return nil
-		}
-		// What does not fit one device (layers merging past a module
-		// twin's size) stays off that device only.
+		// What does not fit one device (layers merging past a
+		// module twin's size) stays off that device only.
 		err := s.applyTo(ctx, r, cs)
 		switch {
 		case err == nil:
 		case azerr.As(err).Status() >= 500:
 			return err
 		default:
-			slog.Warn("deployments do not fit an edge device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
+			slog.Warn("configurations do not fit a device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
 		}
 		return nil
 	})
 }
 
-// reapply re-evaluates one device after its identity or twin changed.
+// reapply re-evaluates one device after its identity or tags changed. It
+// runs on every such change, registrations with initial tags among them,
+// so it reads the configurations from a short memory (targetMemo).
 func (s *Service) reapply(ctx context.Context, r Ref) {
 	if r.Module != "" {
 		return
 	}
-	rec, _, err := s.load(ctx, r)
-	if err == nil && !rec.Device.Capabilities.IoTEdge {
+	cs, err := s.targetMemo.get(ctx, s.targets)
+	if err == nil && len(cs) == 0 {
 		return
 	}
-	var cs []target
+	var rec *record
 	if err == nil {
-		cs, err = s.targets(ctx)
+		rec, _, err = s.load(ctx, r)
 	}
 	if err == nil {
 		err = s.applyTo(ctx, rec, cs)
 	}
 	if err != nil && !azerr.HasStatus(err, 404) { // a device deleted meanwhile has nothing to apply
-		slog.Warn("applying deployments failed", "device", r.Device, "error", err)
+		slog.Warn("applying configurations failed", "device", r.Device, "error", err)
 	}
 }
 
-// applyTo computes what the deployments targeting one edge device give it
-// — the highest-priority base deployment (ties: the newest) with every
-// matching layered one on top, in priority order — and writes the module
-// twins' desired properties where they differ.
+// applyTo brings one device in line with the configurations that target
+// it — an edge device's module twins with its deployments (edgeDesired),
+// any device's own desired properties with its device configuration
+// (deviceDesired) — and records each configuration's status on it.
 func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	doc := rec.twinDoc()
-	var base *Configuration
-	var layers []*Configuration
 	status := map[string]ConfigStatus{}
-	for _, t := range ts {
-		c := t.Configuration
-		if !t.cond.Match(doc) {
-			continue
-		}
-		status[c.ID] = ConfigStatus{Status: "Targeted"}
-		if c.layered() {
-			layers = append(layers, c)
-		} else if base == nil || c.Priority > base.Priority || (c.Priority == base.Priority && c.CreatedTimeUtc.After(base.CreatedTimeUtc)) {
-			base = c
+	edge := rec.Device.Capabilities.IoTEdge
+	var modules map[string]map[string]any
+	if edge {
+		var err error
+		if modules, err = edgeDesired(doc, ts, status); err != nil {
+			return err
 		}
 	}
-	desired := map[string]map[string]any{}
-	if base != nil {
-		status[base.ID] = ConfigStatus{Status: "Applied"}
-		for mod, entries := range base.Content.ModulesContent {
-			var m map[string]any
-			if err := json.Unmarshal(entries["properties.desired"], &m); err != nil {
-				return fmt.Errorf("deployment %s, module %s: %w", base.ID, mod, err)
-			}
-			desired[mod] = m
-		}
-		sort.SliceStable(layers, func(i, j int) bool { return layers[i].Priority < layers[j].Priority })
-		for _, l := range layers {
-			status[l.ID] = ConfigStatus{Status: "Applied"}
-			for mod, entries := range l.Content.ModulesContent {
-				if desired[mod] == nil {
-					desired[mod] = map[string]any{}
-				}
-				for _, k := range slices.Sorted(maps.Keys(entries)) {
-					var v any
-					if err := json.Unmarshal(entries[k], &v); err != nil {
-						return fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
-					}
-					setPath(desired[mod], strings.Split(strings.TrimPrefix(strings.TrimPrefix(k, "properties.desired"), "."), "."), v)
-				}
-			}
-		}
+	own, err := deviceDesired(doc, ts, status)
+	if err != nil {
+		return err
 	}
 	dev := Ref{Device: rec.Device.DeviceID}
 	if !maps.Equal(status, rec.Configurations) {
@@ -420,23 +414,132 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			return err
 		}
 	}
-	if err := s.ensureModules(ctx, dev.Device, desired); err != nil {
+	if own != nil && !contains(rec.Desired, own) {
+		if _, err := s.UpdateTwin(ctx, dev, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); err != nil {
+			return err
+		}
+	}
+	if !edge {
+		return nil
+	}
+	if err := s.ensureModules(ctx, dev.Device, modules); err != nil {
 		return err
 	}
-	for _, mod := range slices.Sorted(maps.Keys(desired)) {
+	for _, mod := range slices.Sorted(maps.Keys(modules)) {
 		m := Ref{Device: dev.Device, Module: mod}
 		cur, _, err := s.load(ctx, m)
 		if err != nil {
 			return err
 		}
-		if jsonEqual(cur.Desired, desired[mod]) {
+		if jsonEqual(cur.Desired, modules[mod]) {
 			continue
 		}
-		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
+		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: modules[mod]}}, true); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// outranks reports whether configuration a wins over b on a device both
+// target: the higher priority, then the newer.
+func outranks(a, b *Configuration) bool {
+	return a.Priority > b.Priority || (a.Priority == b.Priority && a.CreatedTimeUtc.After(b.CreatedTimeUtc))
+}
+
+// deviceDesired is what the highest-ranked device configuration targeting
+// the twin doc sets in its desired properties, as a merge patch (nil for
+// none); status says which configurations target it and which applies.
+func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStatus) (map[string]any, error) {
+	var best *Configuration
+	for _, t := range ts {
+		c := t.Configuration
+		if !c.forDevices() || !t.cond.Match(doc) {
+			continue
+		}
+		status[c.ID] = ConfigStatus{Status: "Targeted"}
+		if best == nil || outranks(c, best) {
+			best = c
+		}
+	}
+	if best == nil {
+		return nil, nil
+	}
+	status[best.ID] = ConfigStatus{Status: "Applied"}
+	patch := map[string]any{}
+	for _, k := range slices.Sorted(maps.Keys(best.Content.DeviceContent)) {
+		var v any
+		if err := json.Unmarshal(best.Content.DeviceContent[k], &v); err != nil {
+			return nil, fmt.Errorf("configuration %s, %s: %w", best.ID, k, err)
+		}
+		setPath(patch, strings.Split(strings.TrimPrefix(k, "properties.desired."), "."), v)
+	}
+	return patch, nil
+}
+
+// contains reports whether doc already holds every value of patch.
+func contains(doc, patch map[string]any) bool {
+	for k, v := range patch {
+		if sub, ok := v.(map[string]any); ok {
+			have, ok := doc[k].(map[string]any)
+			if !ok || !contains(have, sub) {
+				return false
+			}
+		} else if !jsonEqual(doc[k], v) {
+			return false
+		}
+	}
+	return true
+}
+
+// edgeDesired computes what the deployments targeting an edge device's
+// twin doc give its modules — the highest-ranked base deployment with
+// every matching layered one on top, in priority order — and says in
+// status which target it and which apply.
+func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus) (map[string]map[string]any, error) {
+	var base *Configuration
+	var layers []*Configuration
+	for _, t := range ts {
+		c := t.Configuration
+		if c.forDevices() || !t.cond.Match(doc) {
+			continue
+		}
+		status[c.ID] = ConfigStatus{Status: "Targeted"}
+		if c.layered() {
+			layers = append(layers, c)
+		} else if base == nil || outranks(c, base) {
+			base = c
+		}
+	}
+	desired := map[string]map[string]any{}
+	if base == nil {
+		return desired, nil
+	}
+	status[base.ID] = ConfigStatus{Status: "Applied"}
+	for mod, entries := range base.Content.ModulesContent {
+		var m map[string]any
+		if err := json.Unmarshal(entries["properties.desired"], &m); err != nil {
+			return nil, fmt.Errorf("deployment %s, module %s: %w", base.ID, mod, err)
+		}
+		desired[mod] = m
+	}
+	sort.SliceStable(layers, func(i, j int) bool { return layers[i].Priority < layers[j].Priority })
+	for _, l := range layers {
+		status[l.ID] = ConfigStatus{Status: "Applied"}
+		for mod, entries := range l.Content.ModulesContent {
+			if desired[mod] == nil {
+				desired[mod] = map[string]any{}
+			}
+			for _, k := range slices.Sorted(maps.Keys(entries)) {
+				var v any
+				if err := json.Unmarshal(entries[k], &v); err != nil {
+					return nil, fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
+				}
+				setPath(desired[mod], strings.Split(strings.TrimPrefix(strings.TrimPrefix(k, "properties.desired"), "."), "."), v)
+			}
+		}
+	}
+	return desired, nil
 }
 
 // ensureModules gives an edge device an identity for each module its
@@ -496,6 +599,9 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 				continue
 			}
 			n[i].applied++
+			if c.forDevices() {
+				continue
+			}
 			agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
 			if err != nil {
 				continue
@@ -516,15 +622,16 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		return err
 	}
 	for i, c := range cs {
-		c.SystemMetrics = Metrics{
-			Queries: map[string]string{
-				"targetedCount":           "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true AND " + c.TargetCondition,
-				"appliedCount":            "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied'",
-				"reportedSuccessfulCount": "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied' AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code = 200",
-				"reportedFailedCount":     "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied' AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code != 200",
-			},
-			Results: map[string]int64{"targetedCount": n[i].targeted, "appliedCount": n[i].applied,
-				"reportedSuccessfulCount": n[i].ok, "reportedFailedCount": n[i].failed},
+		if c.forDevices() {
+			c.SystemMetrics = Metrics{
+				Queries: map[string]string{
+					"targetedCount": "SELECT deviceId FROM devices WHERE " + c.TargetCondition,
+					"appliedCount":  "SELECT deviceId FROM devices WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
+				},
+				Results: map[string]int64{"targetedCount": n[i].targeted, "appliedCount": n[i].applied},
+			}
+		} else {
+			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
 		}
 		if len(c.Metrics.Queries) > 0 {
 			if modules == nil {
@@ -540,6 +647,21 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		}
 	}
 	return nil
+}
+
+// edgeMetrics are a deployment's system metrics, the hosted hub's queries
+// with their counts.
+func edgeMetrics(c *Configuration, targeted, applied, ok, failed int64) Metrics {
+	agent := "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied'"
+	return Metrics{
+		Queries: map[string]string{
+			"targetedCount":           "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true AND " + c.TargetCondition,
+			"appliedCount":            agent,
+			"reportedSuccessfulCount": agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code = 200",
+			"reportedFailedCount":     agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code != 200",
+		},
+		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied, "reportedSuccessfulCount": ok, "reportedFailedCount": failed},
+	}
 }
 
 // countQuery counts the rows of a custom metric query.
@@ -643,4 +765,44 @@ func (s *Service) Query(ctx context.Context, q string, offset, limit int) ([]map
 		next = 0
 	}
 	return rows[offset:end], next, nil
+}
+
+// targetMemo keeps the configurations, ready for matching, for
+// targetMemoTTL: reapply runs on every tag change. A change through this
+// replica forgets them at once, one through another when its signal comes.
+type targetMemo struct {
+	mu  sync.Mutex
+	ts  []target
+	at  time.Time
+	gen int // counts forgets, so that a load begun before one is not kept
+	ok  bool
+}
+
+const targetMemoTTL = 2 * time.Second
+
+func (m *targetMemo) get(ctx context.Context, load func(context.Context) ([]target, error)) ([]target, error) {
+	m.mu.Lock()
+	if m.ok && time.Since(m.at) < targetMemoTTL {
+		defer m.mu.Unlock()
+		return m.ts, nil
+	}
+	gen := m.gen
+	m.mu.Unlock()
+	ts, err := load(ctx)
+	if err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	if m.gen == gen {
+		m.ts, m.at, m.ok = ts, time.Now(), true
+	}
+	m.mu.Unlock()
+	return ts, nil
+}
+
+func (m *targetMemo) forget() {
+	m.mu.Lock()
+	m.gen++
+	m.ok = false
+	m.mu.Unlock()
 }

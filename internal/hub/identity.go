@@ -158,8 +158,8 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
 				return nil, err
 			}
-			s.reapply(ctx, r)
 		}
+		s.reapply(ctx, r) // configurations targeting every device ("*") target it too
 		return rec.identityView(), nil
 	}
 	revoked := false

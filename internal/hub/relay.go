@@ -19,7 +19,7 @@ import (
 // relayed is a signal between replicas.
 type relayed struct {
 	Origin string `json:"o"`           // the replica that sent it, which ignores its own
-	Kind   string `json:"k"`           // "revoke", "connect", "c2d", "desired", "call" or "answered"
+	Kind   string `json:"k"`           // "revoke", "connect", "c2d", "desired", "call", "answered" or "configurations"
 	Device string `json:"d"`           // device ID
 	Module string `json:"m,omitempty"` // a module; for revoke, "" is the device and its modules
 	Call   string `json:"c,omitempty"` // for call and answered: the method call's ID
@@ -64,6 +64,8 @@ func (s *Service) RelaySignals(ctx context.Context) {
 			go s.answerCall(r, m.Call)
 		case "answered":
 			s.callAnswered(m.Call)
+		case "configurations":
+			s.targetMemo.forget()
 		case "desired":
 			for _, f := range s.desiredWatchers.get(r) {
 				(*f)(desiredChange{}) // read it: the patch itself is too large to relay

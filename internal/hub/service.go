@@ -34,6 +34,7 @@ type Service struct {
 	desiredWatchers watchers[Ref, func(desiredChange)]
 	c2dWatchers     watchers[string, func()]
 	conns           watchers[string, *connection] // this replica's connections, by device
+	targetMemo      targetMemo                    // the configurations, for reapply
 
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods

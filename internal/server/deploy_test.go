@@ -149,7 +149,9 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		want string
 	}{
 		{map[string]any{"content": manifest("x"), "targetCondition": "tags.environment = "}, "targetCondition"},
-		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "deviceContent"},
+		{map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "moduleContent"},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"fw": 1}}, "targetCondition": "*"}, `must start with "properties.desired."`},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}, "modulesContent": manifest("x")["modulesContent"]}, "targetCondition": "*"}, "not both"},
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
@@ -209,5 +211,92 @@ func TestLayerTooLargeForOneDevice(t *testing.T) {
 	}
 	if err := e.hubAPI.Do(ctx, "GET", "/configurations/layer", "", nil, nil); err != nil {
 		t.Fatalf("the layer was not stored: %v", err)
+	}
+}
+
+// Device configurations (automatic device management) set desired
+// properties in the twins of the devices they target: the highest
+// priority wins on each device, devices join as their tags change or
+// when they are created, and the metrics count them.
+func TestDeviceConfigurations(t *testing.T) {
+	e := newEnv(t)
+	tag := func(id, env string) {
+		t.Helper()
+		if err := e.hubAPI.Do(ctx, "PATCH", "/twins/"+id, "", map[string]any{"tags": map[string]any{"environment": env}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for id, env := range map[string]string{"s-a": "prod", "s-b": "prod", "s-c": "test"} {
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id, "", map[string]any{}, nil); err != nil {
+			t.Fatal(err)
+		}
+		tag(id, env)
+	}
+	desired := func(id string) map[string]any {
+		t.Helper()
+		var tw hub.Twin
+		if err := e.hubAPI.Do(ctx, "GET", "/twins/"+id, "", nil, &tw); err != nil {
+			t.Fatal(err)
+		}
+		var d map[string]any
+		_ = json.Unmarshal(tw.Properties.Desired, &d)
+		return d
+	}
+	firmware := func(id string) any {
+		fw, _ := desired(id)["firmware"].(map[string]any)
+		return fw["version"]
+	}
+	var c hub.Configuration
+	cfg := map[string]any{"content": map[string]any{"deviceContent": map[string]any{
+		"properties.desired.firmware.version": "1.2", "properties.desired.telemetry": map[string]any{"interval": 30}}},
+		"targetCondition": "tags.environment='prod'", "priority": 10}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/fw-12", "", cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.SystemMetrics.Results; r["targetedCount"] != 2 || r["appliedCount"] != 2 {
+		t.Fatalf("metrics %+v", r)
+	}
+	if firmware("s-a") != "1.2" || firmware("s-b") != "1.2" || firmware("s-c") != nil {
+		t.Fatalf("firmware a=%v b=%v c=%v", firmware("s-a"), firmware("s-b"), firmware("s-c"))
+	}
+	if tel, _ := desired("s-a")["telemetry"].(map[string]any); tel["interval"] != float64(30) {
+		t.Fatalf("telemetry %v", desired("s-a"))
+	}
+
+	// A higher priority wins where both target.
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/fw-13", "", map[string]any{"content": map[string]any{"deviceContent": map[string]any{
+		"properties.desired.firmware.version": "1.3"}}, "targetCondition": "deviceId='s-b'", "priority": 20}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if firmware("s-b") != "1.3" || firmware("s-a") != "1.2" {
+		t.Fatalf("priority: a=%v b=%v", firmware("s-a"), firmware("s-b"))
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/fw-12", "", nil, &c); err != nil || c.SystemMetrics.Results["targetedCount"] != 2 || c.SystemMetrics.Results["appliedCount"] != 1 {
+		t.Fatalf("fw-12 metrics with fw-13 on s-b: %v %+v", err, c.SystemMetrics.Results)
+	}
+
+	// Devices join as their tags change, or as they are created with them.
+	tag("s-c", "prod")
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/s-d", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	tag("s-d", "prod")
+	if firmware("s-c") != "1.2" || firmware("s-d") != "1.2" {
+		t.Fatalf("joined: c=%v d=%v", firmware("s-c"), firmware("s-d"))
+	}
+	var rows []map[string]any
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": "SELECT deviceId FROM devices WHERE configurations.[[fw-12]].status = 'Applied'"}, &rows); err != nil || len(rows) != 3 {
+		t.Fatalf("applied query: %v %v", err, rows)
+	}
+	// One for every device reaches a device created after it, untagged.
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/all", "", map[string]any{"content": map[string]any{"deviceContent": map[string]any{
+		"properties.desired.region": "eu"}}, "targetCondition": "*", "priority": 1}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/s-e", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if desired("s-e")["region"] != "eu" {
+		t.Fatalf("a new device: %v", desired("s-e"))
 	}
 }

@@ -678,3 +678,24 @@ describe('refusals on the MQTT endpoint', () => {
     }
   });
 });
+
+describe('device configurations through azure-iothub (automatic device management)', () => {
+  const cfgDeviceId = `interop-hub-cfg-${suffix}`;
+  const configurationId = `interop-fw-${suffix}`.toLowerCase();
+
+  it('sets the desired properties of the devices a configuration targets', { timeout: TEST_MS }, async () => {
+    await sdk('Registry.create(configured device)', () => registry.create({ deviceId: cfgDeviceId }));
+    const { responseBody: t } = await sdk('Registry.getTwin(configured device)', () => registry.getTwin(cfgDeviceId));
+    await sdk('Registry.updateTwin(tag)', () => registry.updateTwin(cfgDeviceId, { tags: { fleet: `fw-${suffix}` } }, t.etag));
+    await sdk('Registry.addConfiguration(deviceContent)', () => registry.addConfiguration({
+      id: configurationId, schemaVersion: '1.0', priority: 10,
+      targetCondition: `tags.fleet = 'fw-${suffix}'`,
+      content: { deviceContent: { 'properties.desired.firmware': { version: '1.2.3' } } },
+    }));
+    const { responseBody: twin } = await sdk('Registry.getTwin after the configuration', () => registry.getTwin(cfgDeviceId));
+    assert.deepEqual(twin.properties.desired.firmware, { version: '1.2.3' }, `desired ${JSON.stringify(twin.properties.desired)}`);
+    const { responseBody: c } = await sdk('Registry.getConfiguration', () => registry.getConfiguration(configurationId));
+    assert.equal(c.systemMetrics.results.appliedCount, 1, `metrics ${JSON.stringify(c.systemMetrics)}`);
+    await sdk('Registry.removeConfiguration', () => registry.removeConfiguration(configurationId));
+  });
+});
