@@ -31,35 +31,42 @@ func (p *Postgres) Publish(ctx context.Context, msg string) error {
 
 // Subscribe listens on a connection of its own, outside the pool, which it
 // holds for as long as it listens.
+// A dropped connection is reconnected after a second, and while the
+// database stays unreachable, after twice as long each time, up to 30 s.
 func (p *Postgres) Subscribe(ctx context.Context, f func(msg string), missed func()) {
+	delay := time.Second
 	for ctx.Err() == nil {
-		if err := p.listen(ctx, f, missed); err != nil && ctx.Err() == nil {
-			slog.Warn("relay between replicas: listening again in 1 s", "error", err)
-			select {
-			case <-ctx.Done():
-			case <-time.After(time.Second):
-			}
+		listened, err := p.listen(ctx, f, missed)
+		if err == nil || ctx.Err() != nil {
+			continue
 		}
+		if listened {
+			delay = time.Second
+		}
+		slog.Warn("relay between replicas: listening again", "in", delay.String(), "error", err)
+		select {
+		case <-ctx.Done():
+		case <-time.After(delay):
+		}
+		delay = min(2*delay, 30*time.Second)
 	}
 }
 
-// listen calls listening, if any, once LISTEN is in place.
-func (p *Postgres) listen(ctx context.Context, f func(msg string), listening func()) error {
+// listen calls listening once LISTEN is in place, and says whether it was.
+func (p *Postgres) listen(ctx context.Context, f func(msg string), listening func()) (listened bool, err error) {
 	conn, err := pgx.ConnectConfig(ctx, p.pool.Config().ConnConfig.Copy())
 	if err != nil {
-		return err
+		return false, err
 	}
 	defer conn.Close(context.Background())
 	if _, err := conn.Exec(ctx, "LISTEN "+relayChannel); err != nil {
-		return err
+		return false, err
 	}
-	if listening != nil {
-		go listening()
-	}
+	go listening()
 	for {
 		n, err := conn.WaitForNotification(ctx)
 		if err != nil {
-			return err
+			return true, err
 		}
 		f(n.Payload)
 	}
