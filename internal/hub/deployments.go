@@ -623,13 +623,7 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 	}
 	for i, c := range cs {
 		if c.forDevices() {
-			c.SystemMetrics = Metrics{
-				Queries: map[string]string{
-					"targetedCount": "SELECT deviceId FROM devices WHERE " + c.TargetCondition,
-					"appliedCount":  "SELECT deviceId FROM devices WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
-				},
-				Results: map[string]int64{"targetedCount": n[i].targeted, "appliedCount": n[i].applied},
-			}
+			c.SystemMetrics = deviceMetrics(c, n[i].targeted, n[i].applied)
 		} else {
 			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
 		}
@@ -647,6 +641,18 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		}
 	}
 	return nil
+}
+
+// deviceMetrics are a device configuration's system metrics, the hosted
+// hub's queries with their counts.
+func deviceMetrics(c *Configuration, targeted, applied int64) Metrics {
+	return Metrics{
+		Queries: map[string]string{
+			"targetedCount": "SELECT deviceId FROM devices WHERE " + c.TargetCondition,
+			"appliedCount":  "SELECT deviceId FROM devices WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
+		},
+		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
+	}
 }
 
 // edgeMetrics are a deployment's system metrics, the hosted hub's queries
