@@ -120,8 +120,12 @@ func (s *Service) WatchC2D(device string, f func()) (cancel func()) {
 }
 
 // c2dLock is how long a message received over HTTPS stays hidden from the
-// next receive while its device works on it (the hosted hub's default).
-const c2dLock = time.Minute
+// next receive while its device works on it, and maxC2DDeliveries how often
+// it is received before it is dropped (the hosted hub's defaults).
+const (
+	c2dLock          = time.Minute
+	maxC2DDeliveries = 10
+)
 
 // ReceiveC2D locks the oldest message of device that is not locked and
 // returns it with its lock token, as the HTTPS device API receives: nil
@@ -134,6 +138,10 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 	now := s.Now()
 	for _, m := range msgs {
 		if now.Before(m.LockedUntil) {
+			continue
+		}
+		if m.DeliveryCount >= maxC2DDeliveries { // as the hosted hub dead-letters it
+			_ = s.store.Delete(ctx, kindC2D, m.ID, "")
 			continue
 		}
 		var rnd [8]byte

@@ -100,6 +100,14 @@ func checkContent(c *ConfigContent, layered bool) error {
 				return err
 			}
 		}
+		// The paths and values together must fit a twin (depth, size).
+		patch, err := devicePatch(c.DeviceContent)
+		if err == nil {
+			err = twindoc.CheckDocument("content.deviceContent", patch, twindoc.PropertiesLimit)
+		}
+		if err != nil {
+			return azerr.BadRequest("%v", err)
+		}
 		return nil
 	}
 	if len(c.ModulesContent) == 0 {
@@ -404,23 +412,29 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			return err
 		}
 	}
-	own, err := deviceDesired(doc, ts, status)
+	own, applied, err := deviceDesired(doc, ts, status)
 	if err != nil {
 		return err
 	}
 	dev := Ref{Device: rec.Device.DeviceID}
+	// The device configuration first: one that does not fit this twin
+	// (past its size once merged) is only Targeted here.
+	var ownErr error
+	if own != nil && !contains(rec.Desired, own) {
+		if _, ownErr = s.UpdateTwin(ctx, dev, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); ownErr != nil {
+			if azerr.As(ownErr).Status() >= 500 {
+				return ownErr
+			}
+			status[applied] = ConfigStatus{Status: "Targeted"}
+		}
+	}
 	if !maps.Equal(status, rec.Configurations) {
 		if _, err := s.update(ctx, dev, func(r *record) error { r.Configurations = status; return nil }); err != nil {
 			return err
 		}
 	}
-	if own != nil && !contains(rec.Desired, own) {
-		if _, err := s.UpdateTwin(ctx, dev, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); err != nil {
-			return err
-		}
-	}
 	if !edge {
-		return nil
+		return ownErr
 	}
 	if err := s.ensureModules(ctx, dev.Device, modules); err != nil {
 		return err
@@ -438,7 +452,7 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			return err
 		}
 	}
-	return nil
+	return ownErr
 }
 
 // outranks reports whether configuration a wins over b on a device both
@@ -449,8 +463,9 @@ func outranks(a, b *Configuration) bool {
 
 // deviceDesired is what the highest-ranked device configuration targeting
 // the twin doc sets in its desired properties, as a merge patch (nil for
-// none); status says which configurations target it and which applies.
-func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStatus) (map[string]any, error) {
+// none), and that configuration's ID; status says which configurations
+// target it and which applies.
+func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStatus) (map[string]any, string, error) {
 	var best *Configuration
 	for _, t := range ts {
 		c := t.Configuration
@@ -463,14 +478,24 @@ func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStat
 		}
 	}
 	if best == nil {
-		return nil, nil
+		return nil, "", nil
 	}
 	status[best.ID] = ConfigStatus{Status: "Applied"}
+	patch, err := devicePatch(best.Content.DeviceContent)
+	if err != nil {
+		return nil, "", fmt.Errorf("configuration %s: %w", best.ID, err)
+	}
+	return patch, best.ID, nil
+}
+
+// devicePatch is a device configuration's content as a merge patch of
+// desired properties.
+func devicePatch(content map[string]json.RawMessage) (map[string]any, error) {
 	patch := map[string]any{}
-	for _, k := range slices.Sorted(maps.Keys(best.Content.DeviceContent)) {
+	for _, k := range slices.Sorted(maps.Keys(content)) {
 		var v any
-		if err := json.Unmarshal(best.Content.DeviceContent[k], &v); err != nil {
-			return nil, fmt.Errorf("configuration %s, %s: %w", best.ID, k, err)
+		if err := json.Unmarshal(content[k], &v); err != nil {
+			return nil, fmt.Errorf("%s: %w", k, err)
 		}
 		setPath(patch, strings.Split(strings.TrimPrefix(k, "properties.desired."), "."), v)
 	}

@@ -190,8 +190,8 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
 			return nil, err
 		}
-		s.reapply(ctx, r)
 	}
+	s.reapply(ctx, r) // an edge device no more, or one now, is targeted anew
 	return rec.identityView(), nil
 }
 

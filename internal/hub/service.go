@@ -208,15 +208,64 @@ const MaxMessageSize = 256 << 10
 // SendEvent appends a device-to-cloud message to the durable event stream,
 // within the device's share of MessageBytes.
 func (s *Service) SendEvent(ctx context.Context, r Ref, props map[string]string, body []byte) (int64, error) {
-	if len(body) > MaxMessageSize {
-		return 0, azerr.New(413002, "MessageTooLarge", "the message body is %d bytes: device-to-cloud messages carry at most %d", len(body), MaxMessageSize)
-	}
 	now := s.Now().UTC()
-	if ok, wait := s.MessageBytes.Take(r.Device, now, float64(len(body))); !ok {
-		return 0, azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)
+	if err := s.admit(r, now, Message{Properties: props, Body: body}); err != nil {
+		return 0, err
 	}
 	return s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: now})
 }
+
+// Message is a device-to-cloud message as a device sends it.
+type Message struct {
+	Properties map[string]string
+	Body       []byte
+}
+
+// MaxBatchSize bounds the messages of one batch together, as the hosted
+// hub's 256 KiB.
+const MaxBatchSize = 256 << 10
+
+// SendEvents stores a batch of a device's messages (the HTTPS device API's
+// sendEventBatch), admitted together: all, or, over a limit, none.
+func (s *Service) SendEvents(ctx context.Context, r Ref, msgs []Message) error {
+	now := s.Now().UTC()
+	if err := s.admit(r, now, msgs...); err != nil {
+		return err
+	}
+	for _, m := range msgs {
+		if _, err := s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: m.Properties, Body: m.Body, Enqueued: now}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// admit checks messages' sizes and takes them, together, from the
+// device's byte rate. Each costs its body and properties, and at least
+// minMessageCost, so that empty messages are not free.
+func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
+	var cost float64
+	for _, m := range msgs {
+		if len(m.Body) > MaxMessageSize {
+			return azerr.New(413002, "MessageTooLarge", "the message body is %d bytes: device-to-cloud messages carry at most %d", len(m.Body), MaxMessageSize)
+		}
+		n := len(m.Body)
+		for k, v := range m.Properties {
+			n += len(k) + len(v)
+		}
+		cost += float64(max(n, minMessageCost))
+	}
+	if len(msgs) > 1 && cost > MaxBatchSize {
+		return azerr.New(413002, "MessageTooLarge", "the batch is %.0f bytes: a batch carries at most %d", cost, MaxBatchSize)
+	}
+	if ok, wait := s.MessageBytes.Take(r.Device, now, cost); !ok {
+		return azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)
+	}
+	return nil
+}
+
+// minMessageCost is what the smallest message costs of a device's rate.
+const minMessageCost = 128
 
 // NewMessageLimit lets each device (with its modules) send bytesPerSecond
 // of device-to-cloud messages on average, in bursts of 16 seconds' worth

@@ -151,6 +151,7 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		{map[string]any{"content": manifest("x"), "targetCondition": "tags.environment = "}, "targetCondition"},
 		{map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "moduleContent"},
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"fw": 1}}, "targetCondition": "*"}, `must start with "properties.desired."`},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.a.b.c.d.e.f.g.h.i.j.k": 1}}, "targetCondition": "*"}, "deep"},
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}, "modulesContent": manifest("x")["modulesContent"]}, "targetCondition": "*"}, "not both"},
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},

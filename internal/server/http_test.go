@@ -113,11 +113,23 @@ func TestDeviceEventBatch(t *testing.T) {
 			t.Errorf("%s: HTTP %d", bad, st)
 		}
 	}
+	// A batch is admitted whole or not at all, empty messages not free.
+	empties := "[" + strings.Repeat(`{"body":""},`, 5000) + `{"body":""}]`
+	big := base64.StdEncoding.EncodeToString(make([]byte, 200<<10))
+	for what, body := range map[string]string{"5,001 empty messages": empties, "two of 200 KiB": `[{"body":"` + big + `"},{"body":"` + big + `"}]`} {
+		if st := post(body); st != 413 {
+			t.Errorf("%s: HTTP %d", what, st)
+		}
+	}
+	if st := post(`[{"body":"Yw==","properties":{"iothub-messageid":"m-3","iothub-app-k":"3"}}]`); st != 204 {
+		t.Fatalf("batch with a message ID: HTTP %d", st)
+	}
 	evs, err := e.st.Events(ctx, "d1", 0, 10)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(evs) != 2 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" {
+	if len(evs) != 3 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" ||
+		evs[2].Properties["$.mid"] != "m-3" || evs[2].Properties["k"] != "3" {
 		t.Fatalf("events %+v", evs)
 	}
 }

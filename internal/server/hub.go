@@ -7,7 +7,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
@@ -95,8 +94,8 @@ func (a *api) receiveC2D(w http.ResponseWriter, r *http.Request) error {
 	h.Set("ETag", `"`+token+`"`)
 	h.Set("iothub-messageid", m.MessageID)
 	h.Set("iothub-to", "/devices/"+r.PathValue("id")+"/messages/deviceBound")
-	h.Set("iothub-enqueuedtime", m.Enqueued.UTC().Format(time.RFC1123))
-	h.Set("iothub-expiry", m.Expiry.UTC().Format(time.RFC1123))
+	h.Set("iothub-enqueuedtime", m.Enqueued.UTC().Format(http.TimeFormat))
+	h.Set("iothub-expiry", m.Expiry.UTC().Format(http.TimeFormat))
 	h.Set("iothub-deliverycount", strconv.Itoa(m.DeliveryCount))
 	for k, v := range m.Properties {
 		switch k {
@@ -203,6 +202,9 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	}
 	ct := r.Header.Get("Content-Type")
 	if mt, _, _ := mime.ParseMediaType(ct); mt == batchType {
+		if len(body) > 2*hub.MaxBatchSize { // base64 and JSON around 256 KiB of messages
+			return azerr.New(413002, "MessageTooLarge", "the batch is %d bytes: a batch carries at most %d bytes of messages", len(body), hub.MaxBatchSize)
+		}
 		return a.deviceEventBatch(w, r, id, body)
 	}
 	props := appProperties(r.Header)
@@ -227,7 +229,7 @@ const batchType = "application/vnd.microsoft.iothub.json"
 
 // deviceEventBatch stores each message of a batch as an event of its own,
 // as the hosted hub does: a JSON array of {"body": base64, "properties":
-// {"iothub-app-name": value}}.
+// {"iothub-app-name": value, "iothub-messageid": …}}, admitted together.
 func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Ref, body []byte) error {
 	var batch []struct {
 		Body       []byte            `json:"body"`
@@ -236,18 +238,31 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 	if err := decodeJSON(body, &batch); err != nil {
 		return err
 	}
-	for _, m := range batch {
+	msgs := make([]hub.Message, len(batch))
+	for i, m := range batch {
 		props := map[string]string{}
 		for k, v := range m.Properties {
-			props[strings.TrimPrefix(k, "iothub-app-")] = v
+			if name, ok := strings.CutPrefix(k, "iothub-app-"); ok {
+				props[name] = v
+			} else if sys, ok := batchSystemProperties[strings.ToLower(k)]; ok {
+				props[sys] = v
+			} else {
+				props[k] = v
+			}
 		}
-		if _, err := a.hub.SendEvent(r.Context(), id, props, m.Body); err != nil {
-			return err
-		}
+		msgs[i] = hub.Message{Properties: props, Body: m.Body}
+	}
+	if err := a.hub.SendEvents(r.Context(), id, msgs); err != nil {
+		return err
 	}
 	w.WriteHeader(http.StatusNoContent)
 	return nil
 }
+
+// batchSystemProperties are the system properties the SDKs put among a
+// batched message's properties, by the names a stored event gives them.
+var batchSystemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
+	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce"}
 
 func (a *api) routesDeployments(mux *http.ServeMux) {
 	service := func(right, pattern string, h handler) { handle(mux, pattern, a.hubService(right, h)) }
@@ -322,8 +337,9 @@ func (a *api) sendC2D(w http.ResponseWriter, r *http.Request) error {
 		props["messageId"] = id
 	}
 	// System properties, under the names the device protocol gives them.
-	for header, name := range map[string]string{"iothub-correlationid": "$.cid", "Content-Type": "$.ct",
-		"Content-Encoding": "$.ce", "iothub-userid": "$.uid"} {
+	// (Content-Type is the request's, which clients set whatever the message.)
+	for header, name := range map[string]string{"iothub-correlationid": "$.cid", "iothub-contenttype": "$.ct",
+		"iothub-contentencoding": "$.ce", "iothub-userid": "$.uid"} {
 		if v := r.Header.Get(header); v != "" {
 			props[name] = v
 		}

@@ -389,7 +389,11 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		return
 	}
 	s.keepSentC2D(msgs)
+	now := time.Now()
 	for _, m := range msgs {
+		if now.Before(m.LockedUntil) {
+			continue // received over HTTPS, being worked on
+		}
 		if !s.startC2D(m.ID) {
 			continue // sent on this connection, its acknowledgement awaited
 		}

@@ -528,3 +528,37 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 		last = v
 	}
 }
+
+// A message a device received over HTTPS, and is working on, is not sent
+// to its MQTT connection too; the next one is.
+func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	for _, id := range []string{"m1", "m2"} {
+		if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": id}, []byte(id)); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(2 * time.Millisecond) // the queue's order is the time of sending
+	}
+	if m, _, err := e.hub.ReceiveC2D(ctx, "d1"); err != nil || m.MessageID != "m1" {
+		t.Fatalf("received over HTTPS: %v %v", m, err)
+	}
+	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	got := make(chan string, 10)
+	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
+		t.Fatal(err)
+	}
+	if id := within(t, got, "the message not locked"); id != "m2" {
+		t.Fatalf("MQTT got %s, which HTTPS holds", id)
+	}
+	select {
+	case id := <-got:
+		t.Fatalf("MQTT got %s too", id)
+	case <-time.After(300 * time.Millisecond):
+	}
+}

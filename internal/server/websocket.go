@@ -30,8 +30,10 @@ func mqttOverWebSocket(devices *mqtt.Server) http.HandlerFunc {
 			ws.Close(websocket.StatusPolicyViolation, "this endpoint speaks the mqtt subprotocol")
 			return
 		}
-		ws.SetReadLimit(2 * mqtt.DefaultMaxPacketSize) // a message holds a packet, or a few
-		if err := devices.ServeConn(websocket.NetConn(context.Background(), ws, websocket.MessageBinary), r.TLS); err != nil {
+		nc := websocket.NetConn(context.Background(), ws, websocket.MessageBinary)
+		// After NetConn, which lifts the limit: a message holds a packet, or a few.
+		ws.SetReadLimit(2 * int64(max(devices.MaxPacketSize, mqtt.DefaultMaxPacketSize)))
+		if err := devices.ServeConn(nc, r.TLS); err != nil {
 			ws.Close(websocket.StatusGoingAway, "the server is stopping")
 		}
 	}

@@ -415,7 +415,7 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
   }
 
   async function sendC2D(n, props) {
-    const headers = { 'Content-Type': 'application/json', 'iothub-messageid': `c2d-${n}-${suffix}`,
+    const headers = { 'Content-Type': 'application/json', 'iothub-contenttype': 'application/json', 'iothub-messageid': `c2d-${n}-${suffix}`,
       'iothub-correlationid': `corr-${n}` };
     for (const [k, v] of Object.entries(props)) headers[`iothub-app-${k}`] = v;
     const res = await hubRequest('POST', `/devices/${encodeURIComponent(deviceId)}/messages/deviceBound?api-version=${API_VERSION}`,
