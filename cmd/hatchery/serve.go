@@ -229,6 +229,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	}
 	go hubSvc.RelaySignals(ctx)
 	go hubSvc.Heartbeat(ctx)
+	go hubSvc.RunJobs(ctx)
 	// Stopping lets requests in flight finish (a direct method among them
 	// needs its device still connected), then closes the device
 	// connections, recording them disconnected, before the store closes.

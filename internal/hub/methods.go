@@ -55,12 +55,9 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	if err != nil {
 		return nil, err
 	}
-	timeout := time.Duration(req.ResponseTimeoutInSeconds) * time.Second
-	switch {
-	case req.ResponseTimeoutInSeconds == 0:
-		timeout = 30 * time.Second
-	case req.ResponseTimeoutInSeconds < 5 || req.ResponseTimeoutInSeconds > 300:
-		return nil, azerr.BadRequest("responseTimeoutInSeconds must be between 5 and 300")
+	timeout, err := req.timeout()
+	if err != nil {
+		return nil, err
 	}
 	s.mu.Lock()
 	reg := s.methods[r]
@@ -100,4 +97,16 @@ func methodError(r Ref, name string, timeout time.Duration, err error) *azerr.Er
 		return azerr.New(504101, "GatewayTimeout", "%s did not answer method %q within %s", r, name, timeout)
 	}
 	return azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
+}
+
+// timeout is how long a device has to answer: responseTimeoutInSeconds, 5
+// to 300, 30 if not given.
+func (req *MethodRequest) timeout() (time.Duration, error) {
+	switch {
+	case req.ResponseTimeoutInSeconds == 0:
+		return 30 * time.Second, nil
+	case req.ResponseTimeoutInSeconds < 5 || req.ResponseTimeoutInSeconds > 300:
+		return 0, azerr.BadRequest("responseTimeoutInSeconds must be between 5 and 300")
+	}
+	return time.Duration(req.ResponseTimeoutInSeconds) * time.Second, nil
 }

@@ -35,6 +35,7 @@ type Service struct {
 	c2dWatchers     watchers[string, func()]
 	conns           watchers[string, *connection] // this replica's connections, by device
 	targetMemo      targetMemo                    // the configurations, for reapply
+	jobsWake        chan struct{}                 // RunJobs looks for jobs at once
 
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
@@ -43,11 +44,14 @@ type Service struct {
 	relay  store.Relay              // to the other replicas; nil with SQLite
 	origin string                   // this replica's name on the relay
 	calls  map[string]chan struct{} // method calls relayed from here, awaiting answers (mu)
+
+	runningJobs map[string]bool // jobs this replica runs (mu)
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
-	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{}}
+	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{

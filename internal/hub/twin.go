@@ -29,10 +29,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 	if setsDesired {
 		desired = withoutMeta(p.Properties.Desired)
 	}
-	if err := checkPatch("tags", p.Tags); err != nil {
-		return nil, err
-	}
-	if err := checkPatch("properties.desired", desired); err != nil {
+	if err := checkTwinPatch(p); err != nil {
 		return nil, err
 	}
 	var notify map[string]any
@@ -237,4 +234,16 @@ func (r *record) twinView() *Twin {
 			Reported: props(r.Reported, r.ReportedVersion, r.ReportedUpdated),
 		},
 	}
+}
+
+// checkTwinPatch checks a patch's tags and desired properties against the
+// twin rules.
+func checkTwinPatch(p *TwinPatch) error {
+	if err := checkPatch("tags", p.Tags); err != nil {
+		return err
+	}
+	if p.Properties != nil {
+		return checkPatch("properties.desired", withoutMeta(p.Properties.Desired))
+	}
+	return nil
 }

@@ -39,6 +39,12 @@ func (a *api) routesHub(mux *http.ServeMux) {
 		writeJSON(w, http.StatusOK, res)
 		return nil
 	})
+	service(sas.RegistryWrite, "PUT /jobs/v2/{id}", withBody(func(r *http.Request, j *hub.Job) (any, error) {
+		return h.CreateJob(r.Context(), r.PathValue("id"), j)
+	}))
+	service(sas.RegistryRead, "GET /jobs/v2/{id}", reply(func(r *http.Request) (any, error) { return h.GetJob(r.Context(), r.PathValue("id")) }))
+	service(sas.RegistryWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
+	service(sas.RegistryRead, "GET /jobs/v2/query", a.queryJobs)
 	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
@@ -403,4 +409,23 @@ func appProperties(h http.Header) map[string]string {
 		}
 	}
 	return props
+}
+
+// queryJobs is GET /jobs/v2/query[?jobType=][&jobStatus=], paged as the
+// service SDKs page.
+func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
+	limit, err := maxItemCount(r)
+	if err != nil {
+		return err
+	}
+	q := r.URL.Query()
+	jobs, next, err := a.hub.QueryJobs(r.Context(), q.Get("jobType"), q.Get("jobStatus"), r.Header.Get("x-ms-continuation"), limit)
+	if err != nil {
+		return err
+	}
+	if next != "" {
+		w.Header().Set("x-ms-continuation", next)
+	}
+	writeJSON(w, http.StatusOK, jobs)
+	return nil
 }

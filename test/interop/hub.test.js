@@ -699,3 +699,35 @@ describe('device configurations through azure-iothub (automatic device managemen
     await sdk('Registry.removeConfiguration', () => registry.removeConfiguration(configurationId));
   });
 });
+
+describe('jobs through azure-iothub JobClient', () => {
+  it('schedules a twin update for the devices a condition selects, and reports it completed', { timeout: TEST_MS }, async () => {
+    const { JobClient } = require('azure-iothub');
+    const jobs = JobClient.fromConnectionString(info.hubConnectionString);
+    const jobDeviceId = `interop-hub-job-${suffix}`;
+    await sdk('Registry.create(job device)', () => registry.create({ deviceId: jobDeviceId }));
+    const { responseBody: t } = await sdk('Registry.getTwin(job device)', () => registry.getTwin(jobDeviceId));
+    await sdk('Registry.updateTwin(job tag)', () => registry.updateTwin(jobDeviceId, { tags: { wave: `w-${suffix}` } }, t.etag));
+
+    const jobId = `interop-job-${suffix}`;
+    await sdk('JobClient.scheduleTwinUpdate', () => jobs.scheduleTwinUpdate(jobId, `tags.wave = 'w-${suffix}'`,
+      { etag: '*', properties: { desired: { maintenance: { window: 'sunday' } } } }));
+    let job;
+    await h.within(EVENT_MS, `job ${jobId} completed (last: ${JSON.stringify(job)})`, async () => {
+      for (;;) {
+        ({ jobStatus: job } = await sdk('JobClient.getJob', () => jobs.getJob(jobId)));
+        if (job.status === 'completed' || job.status === 'failed') return;
+        await new Promise((r) => setTimeout(r, 100));
+      }
+    });
+    assert.equal(job.status, 'completed', JSON.stringify(job));
+    assert.equal(job.deviceJobStatistics.deviceCount, 1, JSON.stringify(job));
+    assert.equal(job.deviceJobStatistics.succeededCount, 1, JSON.stringify(job));
+    const { responseBody: twin } = await sdk('Registry.getTwin after the job', () => registry.getTwin(jobDeviceId));
+    assert.deepEqual(twin.properties.desired.maintenance, { window: 'sunday' });
+
+    const query = jobs.createQuery('scheduleUpdateTwin', 'completed');
+    const { result: page } = await sdk('JobClient query', () => query.next());
+    assert.ok(page.some((j) => j.jobId === jobId), `query gave ${JSON.stringify(page)}`);
+  });
+});
