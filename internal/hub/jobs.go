@@ -236,33 +236,53 @@ func (s *Service) RunJobs(ctx context.Context) {
 }
 
 // takeJobs starts each job that is due and that no replica runs: queued,
-// scheduled and started, or running under a lease that ran out.
+// scheduled and started, or running under a lease that ran out. Jobs
+// finished longer than jobRetention ago are deleted (the hosted hub keeps
+// them 30 days).
 func (s *Service) takeJobs(ctx context.Context) {
-	docs, err := s.store.List(ctx, kindJob, "", 1000)
-	if err != nil {
-		if ctx.Err() == nil {
-			slog.Warn("looking for jobs to run", "error", err)
+	now := s.Now().UTC()
+	for after := ""; ; {
+		docs, err := s.store.List(ctx, kindJob, after, 500)
+		if err != nil {
+			if ctx.Err() == nil {
+				slog.Warn("looking for jobs to run", "error", err)
+			}
+			return
 		}
+		for _, d := range docs {
+			s.takeJob(ctx, d, now)
+		}
+		if len(docs) < 500 {
+			return
+		}
+		after = docs[len(docs)-1].ID
+	}
+}
+
+const jobRetention = 30 * 24 * time.Hour
+
+func (s *Service) takeJob(ctx context.Context, d store.Doc, now time.Time) {
+	var rec jobRecord
+	if json.Unmarshal(d.Body, &rec) != nil {
 		return
 	}
-	now := s.Now().UTC()
-	for _, d := range docs {
-		var rec jobRecord
-		if json.Unmarshal(d.Body, &rec) != nil || rec.finished() || rec.StartTime.After(now) ||
-			(rec.Status == "running" && now.Before(rec.LeaseUntil)) || s.jobRunning(rec.JobID, false) {
-			continue
-		}
-		rec.Status, rec.Runner, rec.LeaseUntil = "running", s.origin, now.Add(jobLease)
-		body, _ := json.Marshal(rec)
-		if _, err := s.store.Put(ctx, store.Doc{Kind: kindJob, ID: d.ID, Body: body}, d.ETag); err != nil {
-			continue // another replica took it, or it changed
-		}
-		s.jobRunning(rec.JobID, true)
-		go func() {
-			defer s.jobDone(rec.JobID)
-			s.runJob(ctx, rec)
-		}()
+	if rec.finished() && rec.EndTime != nil && now.Sub(*rec.EndTime) > jobRetention {
+		_ = s.store.Delete(ctx, kindJob, d.ID, d.ETag)
+		return
 	}
+	if rec.finished() || rec.StartTime.After(now) || (rec.Status == "running" && now.Before(rec.LeaseUntil)) || s.jobRunning(rec.JobID, false) {
+		return
+	}
+	rec.Status, rec.Runner, rec.LeaseUntil = "running", s.origin, now.Add(jobLease)
+	body, _ := json.Marshal(rec)
+	if _, err := s.store.Put(ctx, store.Doc{Kind: kindJob, ID: d.ID, Body: body}, d.ETag); err != nil {
+		return // another replica took it, or it changed
+	}
+	s.jobRunning(rec.JobID, true)
+	go func() {
+		defer s.jobDone(rec.JobID)
+		s.runJob(ctx, rec)
+	}()
 }
 
 // jobRunning says whether this replica runs job id (a device call may
