@@ -229,7 +229,8 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	}
 	go hubSvc.RelaySignals(ctx)
 	go hubSvc.Heartbeat(ctx)
-	go hubSvc.RunJobs(ctx)
+	jobsStopped := make(chan struct{}) // jobs hand themselves back before the store closes
+	go func() { hubSvc.RunJobs(ctx); close(jobsStopped) }()
 	// Stopping lets requests in flight finish (a direct method among them
 	// needs its device still connected), then closes the device
 	// connections, recording them disconnected, before the store closes.
@@ -250,6 +251,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		return err
 	}
 	<-stopped
+	<-jobsStopped
 	select {
 	case err := <-mqttErr:
 		return err

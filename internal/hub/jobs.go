@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"log/slog"
+	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -15,15 +16,21 @@ import (
 
 // Jobs update the twins of, or call a direct method on, every device a
 // query condition selects (the jobs API v2 of JobClient.scheduleTwinUpdate
-// and scheduleDeviceMethod). A job is a document; a replica runs it under
-// a lease it renews, so that another takes it over if it stops.
+// and scheduleDeviceMethod). A job is a document, and while it is not
+// finished a small entry in a queue of its own, which every replica polls.
+// One replica runs it, in device ID order, saving the last device done: if
+// that replica dies (its heartbeat stops, replicas.go: no clocks are
+// compared) another goes on after that device, so the one device in
+// flight then may see the job twice.
 const (
 	kindJob        = "hub.job"
+	kindJobQueue   = "hub.jobqueue"
 	JobUpdateTwin  = "scheduleUpdateTwin"
 	JobCallMethod  = "scheduleDeviceMethod"
-	jobLease       = 30 * time.Second
 	jobPoll        = time.Second
+	jobSave        = 2 * time.Second // how often a runner saves its counts and looks for a cancel
 	maxJobDuration = 24 * time.Hour
+	jobRetention   = 30 * 24 * time.Hour // the hosted hub keeps finished jobs 30 days
 )
 
 // Job is a job as the API shows it.
@@ -53,14 +60,12 @@ type JobStatistics struct {
 	PendingCount   int64 `json:"pendingCount"`
 }
 
-// jobRecord is how a job is stored: the job, and who runs it until when.
+// jobRecord is how a job is stored: the job, the replica running it, and
+// the last device it did, after which a replica taking it over goes on.
 type jobRecord struct {
 	Job
-	Runner     string    `json:"runner,omitempty"`
-	LeaseUntil time.Time `json:"leaseUntil"`
-	// Done are the devices already done, so that a job taken over goes on
-	// where it stopped.
-	Done int64 `json:"done,omitempty"`
+	Runner string `json:"runner,omitempty"`
+	After  string `json:"after,omitempty"`
 }
 
 func (j *Job) finished() bool {
@@ -77,7 +82,7 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	}
 	switch j.Type {
 	case JobUpdateTwin:
-		if j.UpdateTwin == nil || (j.UpdateTwin.Tags == nil && j.UpdateTwin.Properties == nil) {
+		if u := j.UpdateTwin; u == nil || (len(u.Tags) == 0 && (u.Properties == nil || len(withoutMeta(u.Properties.Desired)) == 0)) {
 			return nil, azerr.BadRequest("a %s job needs updateTwin with tags or properties.desired", JobUpdateTwin)
 		}
 		if err := checkTwinPatch(j.UpdateTwin); err != nil {
@@ -86,18 +91,20 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 		j.CloudToDeviceMethod = nil
 	case JobCallMethod:
 		m := j.CloudToDeviceMethod
-		if m == nil || m.MethodName == "" {
+		if m == nil {
 			return nil, azerr.BadRequest("a %s job needs cloudToDeviceMethod with a methodName", JobCallMethod)
 		}
-		if _, err := m.timeout(); err != nil {
+		if err := m.check(); err != nil {
 			return nil, err
 		}
 		j.UpdateTwin = nil
 	default:
 		return nil, azerr.BadRequest("job type %q: use %s or %s", j.Type, JobUpdateTwin, JobCallMethod)
 	}
-	if _, err := query.ParseCondition(j.QueryCondition); err != nil {
+	if cond, err := query.ParseCondition(j.QueryCondition); err != nil {
 		return nil, azerr.BadRequest("queryCondition: %v", err)
+	} else if cond.From != query.Devices {
+		return nil, azerr.BadRequest("queryCondition: jobs select devices, not modules")
 	}
 	switch {
 	case j.MaxExecutionTimeInSeconds == 0:
@@ -111,6 +118,9 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	if j.StartTime.IsZero() || j.StartTime.Before(now) {
 		j.StartTime = now
 	}
+	if j.StartTime.After(now.Add(365 * 24 * time.Hour)) {
+		return nil, azerr.BadRequest("startTime %s is more than a year ahead", j.StartTime.Format(time.RFC3339))
+	}
 	j.Status = "queued"
 	if j.StartTime.After(now) {
 		j.Status = "scheduled"
@@ -120,6 +130,9 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 		if errors.Is(err, store.ErrExists) {
 			return nil, azerr.Conflict("JobAlreadyExists", "job %q exists: jobs cannot be changed, give a new ID", id)
 		}
+		return nil, err
+	}
+	if _, err := s.store.Put(ctx, store.Doc{Kind: kindJobQueue, ID: id, Body: []byte("{}")}, ""); err != nil {
 		return nil, err
 	}
 	s.wakeJobs()
@@ -143,12 +156,13 @@ func (s *Service) CancelJob(ctx context.Context, id string) (*Job, error) {
 			return false
 		}
 		now := s.Now().UTC()
-		r.Status, r.EndTime = "cancelled", &now
+		r.Status, r.EndTime, r.DeviceJobStatistics.RunningCount = "cancelled", &now, 0
 		return true
 	})
 	if err != nil {
 		return nil, err
 	}
+	s.dequeueJob(ctx, id)
 	return &rec.Job, nil
 }
 
@@ -220,12 +234,27 @@ func (s *Service) wakeJobs() {
 	}
 }
 
-// RunJobs runs the jobs that are due, on this replica, until ctx ends.
+// dequeueJob takes a finished job off the queue the replicas poll.
+func (s *Service) dequeueJob(ctx context.Context, id string) {
+	if err := s.store.Delete(ctx, kindJobQueue, id, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+		slog.Warn("taking a finished job off the queue", "job", id, "error", err)
+	}
+}
+
+// RunJobs runs the jobs that are due, on this replica, until ctx ends, and
+// then waits for the ones it runs to stop (handing them back to the queue).
 func (s *Service) RunJobs(ctx context.Context) {
+	var running sync.WaitGroup
+	defer running.Wait()
 	tick := time.NewTicker(jobPoll)
 	defer tick.Stop()
+	expired := time.Now()
 	for {
-		s.takeJobs(ctx)
+		s.takeJobs(ctx, &running)
+		if time.Since(expired) > time.Hour {
+			s.deleteExpiredJobs(ctx)
+			expired = time.Now()
+		}
 		select {
 		case <-ctx.Done():
 			return
@@ -235,22 +264,67 @@ func (s *Service) RunJobs(ctx context.Context) {
 	}
 }
 
-// takeJobs starts each job that is due and that no replica runs: queued,
-// scheduled and started, or running under a lease that ran out. Jobs
-// finished longer than jobRetention ago are deleted (the hosted hub keeps
-// them 30 days).
-func (s *Service) takeJobs(ctx context.Context) {
+// takeJobs starts each queued job that is due and that no live replica
+// runs.
+func (s *Service) takeJobs(ctx context.Context, running *sync.WaitGroup) {
+	queued, err := s.store.List(ctx, kindJobQueue, "", 1000)
+	if err != nil {
+		if ctx.Err() == nil {
+			slog.Warn("looking for jobs to run", "error", err)
+		}
+		return
+	}
 	now := s.Now().UTC()
+	for _, q := range queued {
+		rec, etag, err := s.loadJob(ctx, q.ID)
+		switch {
+		case azerr.HasStatus(err, 404):
+			s.dequeueJob(ctx, q.ID)
+			continue
+		case err != nil, s.jobRunning(q.ID, false), rec.StartTime.After(now):
+			continue
+		case rec.finished():
+			s.dequeueJob(ctx, q.ID)
+			continue
+		case rec.Runner != "" && s.replicaAlive(ctx, rec.Runner):
+			continue
+		}
+		rec.Status, rec.Runner = "running", s.origin
+		body, _ := json.Marshal(rec)
+		if _, err := s.store.Put(ctx, store.Doc{Kind: kindJob, ID: q.ID, Body: body}, etag); err != nil {
+			continue // another replica took it, or it changed
+		}
+		s.jobRunning(q.ID, true)
+		running.Go(func() {
+			defer s.jobDone(rec.JobID)
+			s.runJob(ctx, *rec)
+		})
+	}
+}
+
+// replicaAlive says whether the replica named origin still beats: its
+// heartbeat document is there (replicas.go deletes a silent one's).
+func (s *Service) replicaAlive(ctx context.Context, origin string) bool {
+	if origin == s.origin {
+		return true
+	}
+	_, err := s.store.Get(ctx, kindReplica, origin)
+	return !errors.Is(err, store.ErrNotFound)
+}
+
+// deleteExpiredJobs deletes jobs finished longer than jobRetention ago.
+func (s *Service) deleteExpiredJobs(ctx context.Context) {
+	now := s.Now()
 	for after := ""; ; {
 		docs, err := s.store.List(ctx, kindJob, after, 500)
 		if err != nil {
-			if ctx.Err() == nil {
-				slog.Warn("looking for jobs to run", "error", err)
-			}
 			return
 		}
 		for _, d := range docs {
-			s.takeJob(ctx, d, now)
+			var rec jobRecord
+			if json.Unmarshal(d.Body, &rec) == nil && rec.finished() && rec.EndTime != nil && now.Sub(*rec.EndTime) > jobRetention {
+				_ = s.store.Delete(ctx, kindJob, d.ID, d.ETag)
+			}
 		}
 		if len(docs) < 500 {
 			return
@@ -259,34 +333,8 @@ func (s *Service) takeJobs(ctx context.Context) {
 	}
 }
 
-const jobRetention = 30 * 24 * time.Hour
-
-func (s *Service) takeJob(ctx context.Context, d store.Doc, now time.Time) {
-	var rec jobRecord
-	if json.Unmarshal(d.Body, &rec) != nil {
-		return
-	}
-	if rec.finished() && rec.EndTime != nil && now.Sub(*rec.EndTime) > jobRetention {
-		_ = s.store.Delete(ctx, kindJob, d.ID, d.ETag)
-		return
-	}
-	if rec.finished() || rec.StartTime.After(now) || (rec.Status == "running" && now.Before(rec.LeaseUntil)) || s.jobRunning(rec.JobID, false) {
-		return
-	}
-	rec.Status, rec.Runner, rec.LeaseUntil = "running", s.origin, now.Add(jobLease)
-	body, _ := json.Marshal(rec)
-	if _, err := s.store.Put(ctx, store.Doc{Kind: kindJob, ID: d.ID, Body: body}, d.ETag); err != nil {
-		return // another replica took it, or it changed
-	}
-	s.jobRunning(rec.JobID, true)
-	go func() {
-		defer s.jobDone(rec.JobID)
-		s.runJob(ctx, rec)
-	}()
-}
-
-// jobRunning says whether this replica runs job id (a device call may
-// outlast the lease), marking it so when start.
+// jobRunning says whether this replica runs job id, marking it so when
+// start.
 func (s *Service) jobRunning(id string, start bool) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -302,68 +350,93 @@ func (s *Service) jobDone(id string) {
 	s.mu.Unlock()
 }
 
-// runJob does rec's work device by device, renewing its lease and saving
-// its counts as it goes, until it is done, cancelled, out of time, or
-// taken over.
+// runJob does rec's work, device by device in ID order after rec.After,
+// saving its counts and the last device done every jobSave, until it is
+// done, cancelled, out of time, or taken over; stopped by ctx (the server
+// stopping), it hands the job back to the queue.
 func (s *Service) runJob(ctx context.Context, rec jobRecord) {
-	var devices []Ref
 	cond, err := query.ParseCondition(rec.QueryCondition)
+	var devices []string
 	if err == nil {
 		err = s.eachRecord(ctx, kindDevice, func(r *record) error {
-			if cond.Match(r.twinDoc()) {
-				devices = append(devices, Ref{Device: r.Device.DeviceID})
+			if r.Device.DeviceID > rec.After && cond.Match(r.twinDoc()) {
+				devices = append(devices, r.Device.DeviceID)
 			}
 			return nil
 		})
 	}
 	stats := rec.DeviceJobStatistics
-	stats.DeviceCount = int64(len(devices))
-	deadline := rec.StartTime.Add(time.Duration(rec.MaxExecutionTimeInSeconds) * time.Second)
-	// save writes the counts and renews the lease; false: stop (cancelled,
-	// taken over, gone).
-	save := func(status, reason string, done int64) bool {
+	stats.DeviceCount = stats.SucceededCount + stats.FailedCount + int64(len(devices))
+	after := rec.After
+	// save writes the counts and the last device done, and says whether to
+	// go on: false once the job is cancelled, finished or taken over.
+	save := func(status, reason string) bool {
+		ctx := context.WithoutCancel(ctx)
 		out, err := s.updateJob(ctx, rec.JobID, func(r *jobRecord) bool {
 			if r.finished() || r.Runner != s.origin {
 				return false
 			}
-			now := s.Now().UTC()
-			r.DeviceJobStatistics, r.Done, r.LeaseUntil = stats, done, now.Add(jobLease)
-			r.Status, r.FailureReason = status, reason
-			if status != "running" {
+			r.DeviceJobStatistics, r.After, r.Status, r.FailureReason = stats, after, status, reason
+			switch status {
+			case "queued": // handed back
+				r.Runner = ""
+			case "completed", "failed":
+				now := s.Now().UTC()
 				r.EndTime = &now
 			}
 			return true
 		})
+		if err == nil && out.finished() {
+			s.dequeueJob(ctx, rec.JobID)
+		}
 		return err == nil && out.Runner == s.origin && !out.finished()
 	}
 	if err != nil {
-		save("failed", "selecting the devices: "+err.Error(), 0)
+		save("failed", "selecting the devices: "+err.Error())
 		return
 	}
-	saved := s.Now()
-	for i := rec.Done; i < int64(len(devices)); i++ {
-		if s.Now().After(deadline) {
-			save("failed", "the job ran past its maxExecutionTimeInSeconds", i)
-			return
+	deadline := rec.StartTime.Add(time.Duration(rec.MaxExecutionTimeInSeconds) * time.Second)
+	jobCtx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
+	stats.PendingCount = int64(len(devices))
+	if !save("running", "") {
+		return
+	}
+	saved := time.Now()
+	for _, id := range devices {
+		if jobCtx.Err() != nil {
+			break
 		}
-		stats.PendingCount, stats.RunningCount = int64(len(devices))-i-1, 1
-		if s.runJobOn(ctx, &rec.Job, devices[i]) {
+		stats.PendingCount, stats.RunningCount = stats.PendingCount-1, 1
+		if s.runJobOn(jobCtx, &rec.Job, Ref{Device: id}) {
 			stats.SucceededCount++
-		} else {
+		} else if jobCtx.Err() == nil {
 			stats.FailedCount++
+		} else {
+			stats.PendingCount++ // not done: the job stopped meanwhile
+			break
 		}
-		if time.Since(saved) > jobLease/3 {
-			if !save("running", "", i+1) {
+		stats.RunningCount, after = 0, id
+		if time.Since(saved) >= jobSave {
+			if !save("running", "") {
 				return
 			}
-			saved = s.Now()
+			saved = time.Now()
 		}
 	}
-	stats.PendingCount, stats.RunningCount = 0, 0
-	save("completed", "", int64(len(devices)))
+	stats.RunningCount = 0
+	switch {
+	case ctx.Err() != nil:
+		save("queued", "")
+	case jobCtx.Err() != nil:
+		save("failed", "the job ran past its maxExecutionTimeInSeconds")
+	default:
+		save("completed", "")
+	}
 }
 
-// runJobOn does a job's work on one device, and says whether it worked.
+// runJobOn does a job's work on one device, and says whether it worked:
+// a method job works when the device answers, whatever its status.
 func (s *Service) runJobOn(ctx context.Context, j *Job, r Ref) bool {
 	var err error
 	if j.Type == JobUpdateTwin {

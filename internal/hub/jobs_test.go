@@ -3,6 +3,9 @@ package hub
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -34,6 +37,9 @@ func TestJobs(t *testing.T) {
 		"bad query":    {Type: JobUpdateTwin, QueryCondition: "tags.env = ", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}},
 		"bad timeout":  {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{MethodName: "m", ResponseTimeoutInSeconds: 1}},
 		"bad property": {Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"a.b": 1}}},
+		"empty patch":  {Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Properties: &DesiredPatch{Desired: map[string]any{}}}},
+		"modules":      {Type: JobUpdateTwin, QueryCondition: "FROM devices.modules WHERE moduleId = 'm'", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}},
+		"long name":    {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{MethodName: strings.Repeat("m", 129)}},
 	} {
 		if _, err := s.CreateJob(ctx, "bad", j); !azerr.HasStatus(err, 400) {
 			t.Errorf("%s: %v", name, err)
@@ -95,5 +101,120 @@ func TestJobs(t *testing.T) {
 	jobs, _, err := s.QueryJobs(ctx, JobUpdateTwin, "completed", "", 100)
 	if err != nil || len(jobs) != 1 || jobs[0].JobID != "fw" {
 		t.Fatalf("query: %v %v", jobs, err)
+	}
+}
+
+// A job whose replica stopped is taken over by another, after the last
+// device it did, even where the job's own change makes earlier devices
+// fall out of its condition; one whose replica beats is left to it.
+func TestJobTakenOver(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	a := sqliteHub(t)
+	b := openHub(t, a.store)
+	for _, id := range []string{"d1", "d2", "d3", "d4"} {
+		newIdentity(t, a, Ref{Device: id})
+		if _, err := a.UpdateTwin(ctx, Ref{Device: id}, "*", &TwinPatch{Tags: map[string]any{"fw": "1.0"}}, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := (&beater{s: a, seen: map[string]stillBeat{}}).beat(ctx); err != nil {
+		t.Fatal(err)
+	}
+	job := func(id, runner string) {
+		t.Helper()
+		if _, err := a.CreateJob(ctx, id, &Job{Type: JobUpdateTwin, QueryCondition: "tags.fw = '1.0'",
+			UpdateTwin: &TwinPatch{Tags: map[string]any{"fw": "2.0"}}}); err != nil {
+			t.Fatal(err)
+		}
+		// As its runner left it: two devices done.
+		if _, err := a.updateJob(ctx, id, func(r *jobRecord) bool {
+			r.Status, r.Runner, r.After = "running", runner, "d2"
+			r.DeviceJobStatistics = JobStatistics{DeviceCount: 4, SucceededCount: 2, PendingCount: 2}
+			return true
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	job("alive", a.origin)
+	job("orphan", "GONEREPLICA")
+	var running sync.WaitGroup
+	b.takeJobs(ctx, &running)
+	running.Wait()
+	orphan, _ := b.GetJob(ctx, "orphan")
+	if st := orphan.DeviceJobStatistics; orphan.Status != "completed" || st.DeviceCount != 4 || st.SucceededCount != 4 {
+		t.Fatalf("the orphan job after the takeover: %+v", orphan)
+	}
+	for id, want := range map[string]string{"d1": "1.0", "d2": "1.0", "d3": "2.0", "d4": "2.0"} {
+		tw, _ := b.GetTwin(ctx, Ref{Device: id})
+		var tags map[string]any
+		_ = json.Unmarshal(tw.Tags, &tags)
+		if tags["fw"] != want {
+			t.Errorf("%s: fw %v, want %s (done before the takeover: d1, d2)", id, tags["fw"], want)
+		}
+	}
+	if alive, _ := b.GetJob(ctx, "alive"); alive.Status != "running" {
+		t.Fatalf("a job of a replica that beats was taken: %+v", alive)
+	}
+}
+
+// A cancel stops a running job within a save period; a server stopping
+// hands its job back to the queue rather than leaving it claimed.
+func TestJobCancelAndStop(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	var mu sync.Mutex
+	calls := 0
+	for i := range 20 {
+		r := Ref{Device: fmt.Sprintf("d%02d", i)}
+		newIdentity(t, s, r)
+		defer s.ServeMethods(r, func(ctx context.Context, _ string, _ json.RawMessage) (int, json.RawMessage, error) {
+			mu.Lock()
+			calls++
+			mu.Unlock()
+			time.Sleep(400 * time.Millisecond)
+			return 200, nil, nil
+		})()
+	}
+	count := func() int { mu.Lock(); defer mu.Unlock(); return calls }
+	method := &MethodRequest{MethodName: "slow"}
+
+	runCtx, stop := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() { s.RunJobs(runCtx); close(done) }()
+	if _, err := s.CreateJob(ctx, "cancelled", &Job{Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: method}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(500 * time.Millisecond)
+	if _, err := s.CancelJob(ctx, "cancelled"); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(3 * time.Second)
+	if n := count(); n >= 12 {
+		t.Fatalf("%d of 20 devices called after a cancel 0.5 s in", n)
+	}
+	j, _ := s.GetJob(ctx, "cancelled")
+	if j.Status != "cancelled" || j.DeviceJobStatistics.RunningCount != 0 {
+		t.Fatalf("cancelled job %+v", j)
+	}
+
+	if _, err := s.CreateJob(ctx, "handed-back", &Job{Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: method}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(700 * time.Millisecond)
+	stop()
+	within := time.After(5 * time.Second)
+	select {
+	case <-done:
+	case <-within:
+		t.Fatal("RunJobs did not return when stopped")
+	}
+	j, _ = s.GetJob(ctx, "handed-back")
+	if j.Status != "queued" || j.DeviceJobStatistics.SucceededCount == 0 || j.DeviceJobStatistics.SucceededCount == 20 {
+		t.Fatalf("a job of a stopped server: %+v", j)
+	}
+	rec, _, _ := s.loadJob(ctx, "handed-back")
+	if rec.Runner != "" {
+		t.Fatalf("still claimed by %q", rec.Runner)
 	}
 }

@@ -45,11 +45,8 @@ func (s *Service) ServeMethods(r Ref, h MethodHandler) (cancel func()) {
 
 // InvokeMethod calls a direct method on a connected device or module.
 func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (*MethodResult, error) {
-	if req.MethodName == "" {
-		return nil, azerr.BadRequest("methodName is required")
-	}
-	if len(req.MethodName) > 128 {
-		return nil, azerr.BadRequest("methodName is longer than 128 characters")
+	if err := req.check(); err != nil {
+		return nil, err
 	}
 	rec, _, err := s.load(ctx, r)
 	if err != nil {
@@ -97,6 +94,24 @@ func methodError(r Ref, name string, timeout time.Duration, err error) *azerr.Er
 		return azerr.New(504101, "GatewayTimeout", "%s did not answer method %q within %s", r, name, timeout)
 	}
 	return azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
+}
+
+// maxMethodPayload is the hosted hub's limit of a direct method's payload.
+const maxMethodPayload = 128 << 10
+
+// check refuses a request the hosted hub refuses: no name or one over 128
+// characters, a payload over 128 KiB, a timeout out of range.
+func (req *MethodRequest) check() error {
+	switch {
+	case req.MethodName == "":
+		return azerr.BadRequest("methodName is required")
+	case len(req.MethodName) > 128:
+		return azerr.BadRequest("methodName is longer than 128 characters")
+	case len(req.Payload) > maxMethodPayload:
+		return azerr.New(413001, "MessageTooLarge", "the payload is %d bytes: direct methods carry at most %d", len(req.Payload), maxMethodPayload)
+	}
+	_, err := req.timeout()
+	return err
 }
 
 // timeout is how long a device has to answer: responseTimeoutInSeconds, 5
