@@ -26,3 +26,10 @@ func full(err error) error {
 	}
 	return err
 }
+
+// busy reports whether SQLite refused err's statement for a lock another
+// connection held (SQLITE_BUSY), without waiting for it.
+func busy(err error) bool {
+	var lite *sqlite.Error
+	return errors.As(err, &lite) && lite.Code()&0xff == 5
+}

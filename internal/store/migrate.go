@@ -92,16 +92,8 @@ func migrateSQLite(ctx context.Context, db *sql.DB) error {
 		return err
 	}
 	pending, err := pendingMigrations("SQLite", current, sqliteMigrations)
-	if err != nil {
+	if err != nil || len(pending) == 0 {
 		return err
-	}
-	// A write that changes nothing, so that a file this user may not write
-	// is refused now rather than at every request.
-	if _, err := tx.ExecContext(ctx, `DELETE FROM schema_version WHERE version < 0`); err != nil {
-		return fmt.Errorf("%w: give the user running hatchery write access to the file, its directory and its -wal and -shm files", err)
-	}
-	if len(pending) == 0 {
-		return nil
 	}
 	for _, v := range pending {
 		if _, err := tx.ExecContext(ctx, sqliteMigrations[v-1]); err != nil {

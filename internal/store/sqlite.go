@@ -9,8 +9,10 @@ import (
 	"log/slog"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	_ "modernc.org/sqlite" // registers the pure-Go "sqlite" driver
@@ -62,6 +64,13 @@ func OpenSQLite(path string) (*SQLite, error) {
 		slog.Warn("the database holds every key and others may read it: chmod 600 it and its -wal and -shm files",
 			"file", path, "mode", fi.Mode().Perm().String())
 	}
+	// A file (or directory, for the -wal and -shm files) this user may not
+	// write is refused now rather than failing every request.
+	for _, p := range []string{path, filepath.Dir(path)} {
+		if err := syscall.Access(p, 2 /* W_OK */); err != nil {
+			return nil, fmt.Errorf("opening database %s: %s is not writable (%v): give the user running hatchery write access to the file, its directory and its -wal and -shm files", path, p, err)
+		}
+	}
 	q := url.Values{}
 	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
@@ -75,7 +84,14 @@ func OpenSQLite(path string) (*SQLite, error) {
 	// it ever closed open, so an unbounded pool leaks descriptors in bursts.
 	db.SetMaxOpenConns(16)
 	db.SetMaxIdleConns(16)
-	if err := migrateSQLite(context.Background(), db); err != nil {
+	// Processes opening a new file together can find it locked while one
+	// turns on WAL, which SQLite reports at once rather than waiting.
+	err = migrateSQLite(context.Background(), db)
+	for try := 0; try < 20 && busy(err); try++ {
+		time.Sleep(25 * time.Millisecond)
+		err = migrateSQLite(context.Background(), db)
+	}
+	if err != nil {
 		db.Close()
 		return nil, fmt.Errorf("opening database %s: %w", path, err)
 	}
