@@ -1,7 +1,6 @@
 package server
 
 import (
-	"cmp"
 	"encoding/json"
 	"mime"
 	"net/http"
@@ -103,17 +102,15 @@ func (a *api) receiveC2D(w http.ResponseWriter, r *http.Request) error {
 	h.Set("iothub-enqueuedtime", m.Enqueued.UTC().Format(http.TimeFormat))
 	h.Set("iothub-expiry", m.Expiry.UTC().Format(http.TimeFormat))
 	h.Set("iothub-deliverycount", strconv.Itoa(m.DeliveryCount))
+	headers := map[string]string{}
+	for header, name := range systemProperties {
+		headers[name] = header
+	}
 	for k, v := range m.Properties {
-		switch k {
-		case "messageId":
-		case "$.cid":
-			h.Set("iothub-correlationid", v)
-		case "$.ct":
-			h.Set("Content-Type", v)
-		case "$.ce":
-			h.Set("Content-Encoding", v)
-		case "$.uid":
-			h.Set("iothub-userid", v)
+		switch header, ok := headers[k]; {
+		case k == "messageId":
+		case ok:
+			h.Set(header, v)
 		default:
 			h.Set("iothub-app-"+k, v)
 		}
@@ -213,14 +210,9 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 		}
 		return a.deviceEventBatch(w, r, id, body)
 	}
-	props := appProperties(r.Header)
-	// The SDKs' HTTPS transports give the message's content type and
-	// encoding as iothub-contenttype and iothub-contentencoding.
-	if ct := cmp.Or(r.Header.Get("iothub-contenttype"), ct); ct != "" {
+	props := messageProperties(r.Header)
+	if _, ok := props["$.ct"]; !ok && ct != "" {
 		props["$.ct"] = ct
-	}
-	if ce := r.Header.Get("iothub-contentencoding"); ce != "" {
-		props["$.ce"] = ce
 	}
 	if _, err := a.hub.SendEvent(r.Context(), id, props, body); err != nil {
 		return err
@@ -250,7 +242,7 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 		for k, v := range m.Properties {
 			if name, ok := strings.CutPrefix(k, "iothub-app-"); ok {
 				props[name] = v
-			} else if sys, ok := batchSystemProperties[strings.ToLower(k)]; ok {
+			} else if sys, ok := systemProperties[strings.ToLower(k)]; ok {
 				props[sys] = v
 			} else {
 				props[k] = v
@@ -265,10 +257,23 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 	return nil
 }
 
-// batchSystemProperties are the system properties the SDKs put among a
-// batched message's properties, by the names a stored event gives them.
-var batchSystemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
-	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce"}
+// systemProperties are the system properties of a message that HTTPS
+// carries as headers (and a batch among a message's properties), by the
+// names a message keeps them under, as the MQTT topic gives them.
+var systemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
+	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid"}
+
+// messageProperties are a message's application properties (iothub-app-*
+// headers) and system properties.
+func messageProperties(h http.Header) map[string]string {
+	props := appProperties(h)
+	for header, name := range systemProperties {
+		if v := h.Get(header); v != "" {
+			props[name] = v
+		}
+	}
+	return props
+}
 
 func (a *api) routesDeployments(mux *http.ServeMux) {
 	service := func(right, pattern string, h handler) { handle(mux, pattern, a.hubService(right, h)) }
@@ -338,17 +343,12 @@ func (a *api) sendC2D(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	props := appProperties(r.Header)
-	if id := r.Header.Get("iothub-messageid"); id != "" {
+	// (Content-Type is the request's, which clients set whatever the
+	// message; iothub-contenttype is the message's.)
+	props := messageProperties(r.Header)
+	if id, ok := props["$.mid"]; ok {
+		delete(props, "$.mid")
 		props["messageId"] = id
-	}
-	// System properties, under the names the device protocol gives them.
-	// (Content-Type is the request's, which clients set whatever the message.)
-	for header, name := range map[string]string{"iothub-correlationid": "$.cid", "iothub-contenttype": "$.ct",
-		"iothub-contentencoding": "$.ce", "iothub-userid": "$.uid"} {
-		if v := r.Header.Get(header); v != "" {
-			props[name] = v
-		}
 	}
 	m, err := a.hub.SendC2D(r.Context(), r.PathValue("id"), props, body)
 	if err != nil {
