@@ -175,7 +175,7 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 	}
 	c.ID = id
 	if c.TargetCondition == "" {
-		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every edge device)")
+		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every device)")
 	}
 	if _, err := query.ParseCondition(c.TargetCondition); err != nil {
 		return nil, azerr.BadRequest("targetCondition: %v", err)
@@ -201,7 +201,7 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 		// Azure keeps the ID and the content; the target condition,
 		// priority, labels and metrics may change.
 		if !jsonEqual(old.Content, c.Content) {
-			return nil, azerr.BadRequest("a deployment's content cannot change: create a new deployment with a higher priority")
+			return nil, azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
 		}
 		c.CreatedTimeUtc = old.CreatedTimeUtc
 	case azerr.As(err).Status() == 404:

@@ -394,19 +394,32 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 // eachRecord calls f with every record of kind, in ID order, until f
 // returns an error.
 func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) error) error {
+	return s.eachDoc(ctx, kind, func(d store.Doc) error {
+		rec := &record{}
+		if err := json.Unmarshal(d.Body, rec); err != nil {
+			return fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
+		}
+		return f(rec)
+	})
+}
+
+// eachDoc calls f with every document of kind, in ID order, a page at a
+// time, until f returns an error.
+func (s *Service) eachDoc(ctx context.Context, kind string, f func(store.Doc) error) error {
+	const page = 500
 	for after := ""; ; {
-		recs, next, err := s.scan(ctx, kind, "", after, 500)
+		docs, err := s.store.List(ctx, kind, after, page)
 		if err != nil {
 			return err
 		}
-		for _, r := range recs {
-			if err := f(r); err != nil {
+		for _, d := range docs {
+			if err := f(d); err != nil {
 				return err
 			}
 		}
-		if next == "" {
+		if len(docs) < page {
 			return nil
 		}
-		after = next
+		after = docs[len(docs)-1].ID
 	}
 }

@@ -18,10 +18,10 @@ import (
 // query condition selects (the jobs API v2 of JobClient.scheduleTwinUpdate
 // and scheduleDeviceMethod). A job is a document, and while it is not
 // finished a small entry in a queue of its own, which every replica polls.
-// One replica runs it, in device ID order, saving the last device done: if
-// that replica dies (its heartbeat stops, replicas.go: no clocks are
-// compared) another goes on after that device, so the one device in
-// flight then may see the job twice.
+// One replica runs it, in device ID order, saving the last device done
+// every jobSave: if that replica dies (its heartbeat stops, replicas.go: no
+// clocks are compared) another goes on after that device, so the devices
+// done since the last save see the job twice.
 const (
 	kindJob        = "hub.job"
 	kindJobQueue   = "hub.jobqueue"
@@ -267,47 +267,41 @@ func (s *Service) RunJobs(ctx context.Context) {
 // takeJobs starts each queued job that is due and that no live replica
 // runs.
 func (s *Service) takeJobs(ctx context.Context, running *sync.WaitGroup) {
-	queued, err := s.store.List(ctx, kindJobQueue, "", 1000)
-	if err != nil {
-		if ctx.Err() == nil {
-			slog.Warn("looking for jobs to run", "error", err)
-		}
-		return
-	}
 	now := s.Now().UTC()
-	for _, q := range queued {
+	err := s.eachDoc(ctx, kindJobQueue, func(q store.Doc) error {
 		rec, etag, err := s.loadJob(ctx, q.ID)
 		switch {
 		case azerr.HasStatus(err, 404):
 			s.dequeueJob(ctx, q.ID)
-			continue
+			return nil
 		case err != nil, s.jobRunning(q.ID, false), rec.StartTime.After(now):
-			continue
+			return nil
 		case rec.finished():
 			s.dequeueJob(ctx, q.ID)
-			continue
-		case rec.Runner != "" && s.replicaAlive(ctx, rec.Runner):
-			continue
+			return nil
+		case rec.Runner != "" && rec.Runner != s.origin && s.replicaAlive(ctx, rec.Runner):
+			return nil // a runner of this replica's that stopped (a failed save) is not running: take it again
 		}
 		rec.Status, rec.Runner = "running", s.origin
 		body, _ := json.Marshal(rec)
 		if _, err := s.store.Put(ctx, store.Doc{Kind: kindJob, ID: q.ID, Body: body}, etag); err != nil {
-			continue // another replica took it, or it changed
+			return nil // another replica took it, or it changed
 		}
 		s.jobRunning(q.ID, true)
 		running.Go(func() {
 			defer s.jobDone(rec.JobID)
 			s.runJob(ctx, *rec)
 		})
+		return nil
+	})
+	if err != nil && ctx.Err() == nil {
+		slog.Warn("looking for jobs to run", "error", err)
 	}
 }
 
 // replicaAlive says whether the replica named origin still beats: its
 // heartbeat document is there (replicas.go deletes a silent one's).
 func (s *Service) replicaAlive(ctx context.Context, origin string) bool {
-	if origin == s.origin {
-		return true
-	}
 	_, err := s.store.Get(ctx, kindReplica, origin)
 	return !errors.Is(err, store.ErrNotFound)
 }
@@ -315,21 +309,17 @@ func (s *Service) replicaAlive(ctx context.Context, origin string) bool {
 // deleteExpiredJobs deletes jobs finished longer than jobRetention ago.
 func (s *Service) deleteExpiredJobs(ctx context.Context) {
 	now := s.Now()
-	for after := ""; ; {
-		docs, err := s.store.List(ctx, kindJob, after, 500)
-		if err != nil {
-			return
-		}
-		for _, d := range docs {
-			var rec jobRecord
-			if json.Unmarshal(d.Body, &rec) == nil && rec.finished() && rec.EndTime != nil && now.Sub(*rec.EndTime) > jobRetention {
-				_ = s.store.Delete(ctx, kindJob, d.ID, d.ETag)
+	err := s.eachDoc(ctx, kindJob, func(d store.Doc) error {
+		var rec jobRecord
+		if json.Unmarshal(d.Body, &rec) == nil && rec.finished() && rec.EndTime != nil && now.Sub(*rec.EndTime) > jobRetention {
+			if err := s.store.Delete(ctx, kindJob, d.ID, d.ETag); err != nil && !errors.Is(err, store.ErrPrecondition) {
+				return err
 			}
 		}
-		if len(docs) < 500 {
-			return
-		}
-		after = docs[len(docs)-1].ID
+		return nil
+	})
+	if err != nil && ctx.Err() == nil {
+		slog.Warn("deleting finished jobs", "error", err)
 	}
 }
 
@@ -391,7 +381,11 @@ func (s *Service) runJob(ctx context.Context, rec jobRecord) {
 		}
 		return err == nil && out.Runner == s.origin && !out.finished()
 	}
-	if err != nil {
+	switch {
+	case ctx.Err() != nil:
+		save("queued", "")
+		return
+	case err != nil:
 		save("failed", "selecting the devices: "+err.Error())
 		return
 	}

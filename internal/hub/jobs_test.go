@@ -218,3 +218,26 @@ func TestJobCancelAndStop(t *testing.T) {
 		t.Fatalf("still claimed by %q", rec.Runner)
 	}
 }
+
+// A job this replica's runner left running (a save that failed) is run
+// again by this replica, though it beats.
+func TestStrandedJobRunsAgain(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d1"})
+	if err := (&beater{s: s, seen: map[string]stillBeat{}}).beat(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateJob(ctx, "stranded", &Job{Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.updateJob(ctx, "stranded", func(r *jobRecord) bool { r.Status, r.Runner = "running", s.origin; return true }); err != nil {
+		t.Fatal(err)
+	}
+	var running sync.WaitGroup
+	s.takeJobs(ctx, &running)
+	running.Wait()
+	if j, _ := s.GetJob(ctx, "stranded"); j.Status != "completed" {
+		t.Fatalf("stranded job %+v", j)
+	}
+}

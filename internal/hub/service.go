@@ -260,7 +260,7 @@ func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
 		cost += float64(max(n, minMessageCost))
 	}
 	if len(msgs) > 1 && cost > MaxBatchSize {
-		return azerr.New(413002, "MessageTooLarge", "the batch is %.0f bytes: a batch carries at most %d", cost, MaxBatchSize)
+		return azerr.New(413002, "MessageTooLarge", "the batch counts as %.0f bytes (each message at least %d): a batch carries at most %d", cost, minMessageCost, MaxBatchSize)
 	}
 	if ok, wait := s.MessageBytes.Take(r.Device, now, cost); !ok {
 		return azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)

@@ -706,8 +706,7 @@ func (c *Conn) handle(p Packet) error {
 	return nil
 }
 
-// subscribe adds or replaces (section 3.8.4) a subscription.
-// subscribe records filter at qos; undo puts back what there was before
+// subscribe records filter at qos (adding or replacing, section 3.8.4); undo puts back what there was before
 // (the filter at its former QoS, or nothing).
 func (c *Conn) subscribe(filter string, qos byte) (undo func()) {
 	c.mu.Lock()

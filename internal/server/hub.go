@@ -240,7 +240,7 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 	for i, m := range batch {
 		props := map[string]string{}
 		for k, v := range m.Properties {
-			if name, ok := strings.CutPrefix(k, "iothub-app-"); ok {
+			if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok {
 				props[name] = v
 			} else if sys, ok := systemProperties[strings.ToLower(k)]; ok {
 				props[sys] = v

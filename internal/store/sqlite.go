@@ -122,7 +122,6 @@ func OpenSQLite(path string) (*SQLite, error) {
 	return s, nil
 }
 
-// Close waits for appends already queued to be committed, then closes the database.
 // Path is the database file.
 func (s *SQLite) Path() string { return s.path }
 
@@ -140,6 +139,7 @@ func (s *SQLite) BackupTo(ctx context.Context, path string) error {
 	return err
 }
 
+// Close waits for appends already queued to be committed, then closes the database.
 func (s *SQLite) Close() error {
 	s.events.close()
 	return s.db.Close()
