@@ -107,19 +107,28 @@ func grantOf(dev, id *record) Grant {
 	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication}
 }
 
-// AuthenticateDevice checks a device's (or module's) SAS token: the token's
-// resource must be this hub's device or module, signed by one of its keys;
-// a disabled device is refused like a bad key.
-func (s *Service) AuthenticateDevice(ctx context.Context, r Ref, token string) (Grant, error) {
-	dev, id, err := s.deviceByToken(ctx, r, token)
+// Authenticate checks a device (or module) by its SAS token or, without
+// one, the client certificate chain of its TLS connection (x509.go); a
+// disabled device is refused like a bad key.
+func (s *Service) Authenticate(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (Grant, error) {
+	dev, id, err := s.byCredentials(ctx, r, token, chain)
 	if err != nil {
 		return Grant{}, err
 	}
 	return grantOf(dev, id), nil
 }
 
-// deviceByToken is AuthenticateDevice, returning the device's record and
-// the identity's (the same for a device).
+// byCredentials is Authenticate, returning the device's record and the
+// identity's (the same for a device).
+func (s *Service) byCredentials(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (dev, id *record, err error) {
+	if token == "" && len(chain) > 0 {
+		return s.deviceByCertificate(ctx, r, chain)
+	}
+	return s.deviceByToken(ctx, r, token)
+}
+
+// deviceByToken checks a SAS token: its resource must be this hub's device
+// or module, signed by one of its keys (or, for a module, its device's).
 func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (dev, id *record, err error) {
 	tok, err := sas.Parse(token)
 	if err != nil {
@@ -160,14 +169,7 @@ func (s *Service) AuthorizeServiceOrEdgeDevice(ctx context.Context, device, head
 }
 
 func (s *Service) authorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
-	r := Ref{Device: device}
-	var dev *record
-	var err error
-	if token == "" && len(chain) > 0 {
-		dev, _, err = s.deviceByCertificate(ctx, r, chain)
-	} else {
-		dev, _, err = s.deviceByToken(ctx, r, token)
-	}
+	dev, _, err := s.byCredentials(ctx, Ref{Device: device}, token, chain)
 	if err != nil {
 		return err
 	}

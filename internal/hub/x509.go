@@ -113,19 +113,10 @@ func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
 	return pool, nil
 }
 
-// AuthenticateX509 checks a device's TLS client certificate chain: a
+// deviceByCertificate checks a device's TLS client certificate chain: a
 // selfSigned device by its registered thumbprints, a certificateAuthority
-// device by a chain to a verified CA with the device ID as subject CN.
-func (s *Service) AuthenticateX509(ctx context.Context, r Ref, chain []*x509.Certificate) (Grant, error) {
-	dev, id, err := s.deviceByCertificate(ctx, r, chain)
-	if err != nil {
-		return Grant{}, err
-	}
-	return grantOf(dev, id), nil
-}
-
-// deviceByCertificate is AuthenticateX509, returning the device's record
-// and the identity's (the same for a device).
+// device by a chain to a verified CA with the device ID as subject CN; it
+// returns the device's record and the identity's (the same for a device).
 func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.Certificate) (dev, id *record, err error) {
 	if len(chain) == 0 {
 		return nil, nil, azerr.Unauthorized("no client certificate and no SAS token")

@@ -62,7 +62,7 @@ func TestLocalHubAsOverREST(t *testing.T) {
 	}
 	dropped := false
 	key, _ := base64.StdEncoding.DecodeString(first.Authentication.SymmetricKey.PrimaryKey)
-	grant, err := h.AuthenticateDevice(ctx, hub.Ref{Device: "d1"}, sas.Build(key, "hub.local/devices/d1", "", time.Now().Add(time.Hour)))
+	grant, err := h.Authenticate(ctx, hub.Ref{Device: "d1"}, sas.Build(key, "hub.local/devices/d1", "", time.Now().Add(time.Hour)), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

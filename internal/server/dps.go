@@ -200,14 +200,24 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	if limit, err = maxItemCount(r); err != nil {
 		return "", 0, err
 	}
-	if v := r.Header.Get("x-ms-continuation"); v != "" {
-		b, err := base64.RawURLEncoding.DecodeString(v)
-		if err != nil || len(b) == 0 {
-			return "", 0, azerr.BadRequest("x-ms-continuation %.40q is not a token of this service: send the one the previous page came with, or none to start", v)
-		}
-		after = string(b)
+	if after, err = continuation(r); err != nil {
+		return "", 0, err
 	}
 	return after, limit, nil
+}
+
+// continuation is the item a page continues after, from the opaque
+// x-ms-continuation token of the page before ("" for the first).
+func continuation(r *http.Request) (string, error) {
+	v := r.Header.Get("x-ms-continuation")
+	if v == "" {
+		return "", nil
+	}
+	b, err := base64.RawURLEncoding.DecodeString(v)
+	if err != nil || len(b) == 0 {
+		return "", azerr.BadRequest("x-ms-continuation %.40q is not a token of this service: send the one the previous page came with, or none to start", v)
+	}
+	return string(b), nil
 }
 
 // selectAll is the query the service SDKs' samples send: every item of a

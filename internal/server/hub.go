@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/base64"
 	"encoding/json"
 	"mime"
 	"net/http"
@@ -71,12 +72,7 @@ func (a *api) routesHub(mux *http.ServeMux) {
 // token or, without one, its client certificate.
 func (a *api) authenticateDevice(r *http.Request) error {
 	cred := deviceCredentials(r)
-	var err error
-	if cred.Authorization == "" && len(cred.Certificates) > 0 {
-		_, err = a.hub.AuthenticateX509(r.Context(), ref(r), cred.Certificates)
-	} else {
-		_, err = a.hub.AuthenticateDevice(r.Context(), ref(r), cred.Authorization)
-	}
+	_, err := a.hub.Authenticate(r.Context(), ref(r), cred.Authorization, cred.Certificates)
 	return err
 }
 
@@ -419,12 +415,16 @@ func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	q := r.URL.Query()
-	jobs, next, err := a.hub.QueryJobs(r.Context(), q.Get("jobType"), q.Get("jobStatus"), r.Header.Get("x-ms-continuation"), limit)
+	after, err := continuation(r)
+	if err != nil {
+		return err
+	}
+	jobs, next, err := a.hub.QueryJobs(r.Context(), q.Get("jobType"), q.Get("jobStatus"), after, limit)
 	if err != nil {
 		return err
 	}
 	if next != "" {
-		w.Header().Set("x-ms-continuation", next)
+		w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
 	}
 	writeJSON(w, http.StatusOK, jobs)
 	return nil

@@ -2,6 +2,7 @@ package server
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -146,13 +147,11 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	var grant hub.Grant
-	var err error
-	if len(p.Password) == 0 && c.TLS() != nil {
-		grant, err = d.hub.AuthenticateX509(ctx, r, c.TLS().PeerCertificates)
-	} else {
-		grant, err = d.hub.AuthenticateDevice(ctx, r, string(p.Password))
+	var chain []*x509.Certificate
+	if c.TLS() != nil {
+		chain = c.TLS().PeerCertificates
 	}
+	grant, err := d.hub.Authenticate(ctx, r, string(p.Password), chain)
 	if err != nil {
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		return mqtt.RefusedNotAuthorized
@@ -389,7 +388,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		return
 	}
 	s.keepSentC2D(msgs)
-	now := time.Now()
+	now := d.hub.Now()
 	for _, m := range msgs {
 		if now.Before(m.LockedUntil) {
 			continue // received over HTTPS, being worked on
