@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"cmp"
 	"context"
+	"crypto/subtle"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -409,4 +410,46 @@ func (s *Service) UnlinkHub(ctx context.Context, host string) error {
 		return azerr.New(404201, "NotFound", "no linked hub %q: `hatchery hub list` shows them", host)
 	}
 	return err
+}
+
+// KeepOwnHubLinked links own, the hub served by this process, on first
+// start. Started again under another host name, that hub keeps its keys
+// but not its name: the link carrying its key under the former name moves
+// to the new one, with its weight and settings, or every registration to
+// it would fail; it returns the former name then. A hub the operator
+// unlinked stays unlinked.
+func (s *Service) KeepOwnHubLinked(ctx context.Context, own LinkedHub) (former string, err error) {
+	hubs, err := s.LinkedHubs(ctx)
+	if err != nil {
+		return "", err
+	}
+	if len(hubs) == 0 {
+		return "", s.LinkHub(ctx, own)
+	}
+	ownCS, err := sas.ParseConnectionString(own.ConnectionString)
+	if err != nil {
+		return "", err
+	}
+	for _, l := range hubs {
+		if strings.EqualFold(l.HostName, own.HostName) {
+			return "", nil
+		}
+	}
+	for _, l := range hubs {
+		cs, err := sas.ParseConnectionString(l.ConnectionString)
+		if err != nil || subtle.ConstantTimeCompare(cs.Key, ownCS.Key) != 1 {
+			continue
+		}
+		moved := *l
+		moved.HostName, moved.ConnectionString, moved.Endpoint = own.HostName, own.ConnectionString, own.Endpoint
+		if err := s.LinkHub(ctx, moved); err != nil {
+			return "", err
+		}
+		// Another replica starting under the new name may have moved it first.
+		if err := s.UnlinkHub(ctx, l.HostName); err != nil && !azerr.HasStatus(err, 404) {
+			return "", err
+		}
+		return l.HostName, nil
+	}
+	return "", nil
 }
