@@ -43,9 +43,9 @@ type Configuration struct {
 // ConfigContent is what a configuration sets. An IoT Edge deployment's
 // modulesContent maps a module ID to {"properties.desired": {...}} (a base
 // deployment) or to {"properties.desired.<path>": value, ...} (a layered
-// one); a device configuration's deviceContent maps
-// "properties.desired.<path>" to a value in the twins of the devices it
-// targets (automatic device management).
+// one); a device (module) configuration's deviceContent (moduleContent)
+// maps "properties.desired.<path>" to a value in the twins of the devices
+// (modules) it targets.
 type ConfigContent struct {
 	ModulesContent map[string]map[string]json.RawMessage `json:"modulesContent,omitempty"`
 	DeviceContent  map[string]json.RawMessage            `json:"deviceContent,omitempty"`
@@ -65,9 +65,12 @@ type ConfigStatus struct {
 
 var configIDPattern = regexp.MustCompile(`^[a-z0-9\-:+%_#*?!(),=@;$']{1,128}$`)
 
-// forDevices reports whether c configures device twins rather than
-// deploying edge modules.
+// forDevices and forModules report whether c configures device or module
+// twins (automatic device and module management) rather than deploying
+// edge modules.
 func (c *Configuration) forDevices() bool { return len(c.Content.DeviceContent) > 0 }
+func (c *Configuration) forModules() bool { return len(c.Content.ModuleContent) > 0 }
+func (c *Configuration) forEdge() bool    { return !c.forDevices() && !c.forModules() }
 
 // layered reports whether a deployment is layered: it sets paths below
 // properties.desired rather than whole documents.
@@ -86,29 +89,19 @@ func (c *Configuration) layered() bool {
 // "properties.desired" or "properties.desired.<path>", never both kinds in
 // one deployment, and a base deployment carries $edgeAgent and $edgeHub.
 func checkContent(c *ConfigContent, layered bool) error {
+	kinds := 0
+	for _, n := range []int{len(c.DeviceContent), len(c.ModuleContent), len(c.ModulesContent)} {
+		if n > 0 {
+			kinds++
+		}
+	}
 	switch {
-	case len(c.ModuleContent) > 0:
-		return azerr.BadRequest("content.moduleContent (automatic module management) is not supported: deploy IoT Edge modules with content.modulesContent, or configure device twins with content.deviceContent")
-	case len(c.DeviceContent) > 0 && len(c.ModulesContent) > 0:
-		return azerr.BadRequest("a configuration has content.deviceContent or content.modulesContent, not both")
+	case kinds > 1:
+		return azerr.BadRequest("a configuration has one of content.deviceContent, content.moduleContent and content.modulesContent")
 	case len(c.DeviceContent) > 0:
-		for k, v := range c.DeviceContent {
-			if !strings.HasPrefix(k, "properties.desired.") {
-				return azerr.BadRequest("content.deviceContent: key %q must start with \"properties.desired.\"", k)
-			}
-			if err := checkEntry("content.deviceContent", k, v); err != nil {
-				return err
-			}
-		}
-		// The paths and values together must fit a twin (depth, size).
-		patch, err := devicePatch(c.DeviceContent)
-		if err == nil {
-			err = twindoc.CheckDocument("content.deviceContent", patch, twindoc.PropertiesLimit)
-		}
-		if err != nil {
-			return azerr.BadRequest("%v", err)
-		}
-		return nil
+		return checkTwinContent("content.deviceContent", c.DeviceContent)
+	case len(c.ModuleContent) > 0:
+		return checkTwinContent("content.moduleContent", c.ModuleContent)
 	}
 	if len(c.ModulesContent) == 0 {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
@@ -135,6 +128,28 @@ func checkContent(c *ConfigContent, layered bool) error {
 				return azerr.BadRequest("content.modulesContent.%s.properties.desired is required in a base deployment (or make every entry a \"properties.desired.<path>\" for a layered one)", m)
 			}
 		}
+	}
+	return nil
+}
+
+// checkTwinContent checks a device or module configuration's content:
+// "properties.desired.<path>" keys whose paths and values together fit a
+// twin (depth, size).
+func checkTwinContent(where string, content map[string]json.RawMessage) error {
+	for k, v := range content {
+		if !strings.HasPrefix(k, "properties.desired.") {
+			return azerr.BadRequest("%s: key %q must start with \"properties.desired.\"", where, k)
+		}
+		if err := checkEntry(where, k, v); err != nil {
+			return err
+		}
+	}
+	patch, err := contentPatch(content)
+	if err == nil {
+		err = twindoc.CheckDocument(where, patch, twindoc.PropertiesLimit)
+	}
+	if err != nil {
+		return azerr.BadRequest("%v", err)
 	}
 	return nil
 }
@@ -177,8 +192,15 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 	if c.TargetCondition == "" {
 		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every device)")
 	}
-	if _, err := query.ParseCondition(c.TargetCondition); err != nil {
+	cond, err := query.ParseCondition(c.TargetCondition)
+	if err != nil {
 		return nil, azerr.BadRequest("targetCondition: %v", err)
+	}
+	switch {
+	case c.forModules() && cond.From != query.Modules:
+		return nil, azerr.BadRequest("targetCondition: a module configuration targets modules: write it as \"FROM devices.modules WHERE ...\"")
+	case !c.forModules() && cond.From != query.Devices:
+		return nil, azerr.BadRequest("targetCondition: this configuration targets devices, not modules (only moduleContent targets modules)")
 	}
 	if err := checkContent(&c.Content, c.layered()); err != nil {
 		return nil, err
@@ -359,28 +381,31 @@ func (s *Service) applyAll(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return s.eachRecord(ctx, kindDevice, func(r *record) error {
-		// What does not fit one device (layers merging past a
-		// module twin's size) stays off that device only.
-		err := s.applyTo(ctx, r, cs)
-		switch {
-		case err == nil:
-		case azerr.As(err).Status() >= 500:
+	for kind, apply := range map[string]func(context.Context, *record, []target) error{kindDevice: s.applyTo, kindModule: s.applyToModule} {
+		err := s.eachRecord(ctx, kind, func(r *record) error {
+			// What does not fit one twin (layers merging past a
+			// module twin's size) stays off that twin only.
+			err := apply(ctx, r, cs)
+			switch {
+			case err == nil:
+			case azerr.As(err).Status() >= 500:
+				return err
+			default:
+				slog.Warn("configurations do not fit a twin; it keeps what it had", "device", r.Device.DeviceID, "module", r.Device.ModuleID, "error", err)
+			}
+			return nil
+		})
+		if err != nil {
 			return err
-		default:
-			slog.Warn("configurations do not fit a device; it keeps what it had", "device", r.Device.DeviceID, "error", err)
 		}
-		return nil
-	})
+	}
+	return nil
 }
 
 // reapply re-evaluates one device after its identity or tags changed. It
 // runs on every such change, registrations with initial tags among them,
 // so it reads the configurations from a short memory (targetMemo).
 func (s *Service) reapply(ctx context.Context, r Ref) {
-	if r.Module != "" {
-		return
-	}
 	cs, err := s.targetMemo.get(ctx, s.targets)
 	if err == nil && len(cs) == 0 {
 		return
@@ -389,7 +414,11 @@ func (s *Service) reapply(ctx context.Context, r Ref) {
 	if err == nil {
 		rec, _, err = s.load(ctx, r)
 	}
-	if err == nil {
+	switch {
+	case err != nil:
+	case r.Module != "":
+		err = s.applyToModule(ctx, rec, cs)
+	default:
 		err = s.applyTo(ctx, rec, cs)
 	}
 	if err != nil && !azerr.HasStatus(err, 404) { // a device deleted meanwhile has nothing to apply
@@ -412,28 +441,13 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 			return err
 		}
 	}
-	own, applied, err := deviceDesired(doc, ts, status)
+	own, applied, err := configured(doc, ts, status, (*Configuration).forDevices)
 	if err != nil {
 		return err
 	}
 	dev := Ref{Device: rec.Device.DeviceID}
-	// The device configuration first: one that does not fit this twin
-	// (past its size once merged) is only Targeted here.
-	var ownErr error
-	if own != nil && !contains(rec.Desired, own) {
-		if _, ownErr = s.UpdateTwin(ctx, dev, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); ownErr != nil {
-			if azerr.As(ownErr).Status() >= 500 {
-				return ownErr
-			}
-			status[applied] = ConfigStatus{Status: "Targeted"}
-		}
-	}
-	if !maps.Equal(status, rec.Configurations) {
-		if _, err := s.update(ctx, dev, func(r *record) error { r.Configurations = status; return nil }); err != nil {
-			return err
-		}
-	}
-	if !edge {
+	ownErr := s.applyOwn(ctx, dev, rec, own, applied, status)
+	if !edge || (ownErr != nil && azerr.As(ownErr).Status() >= 500) {
 		return ownErr
 	}
 	if err := s.ensureModules(ctx, dev.Device, modules); err != nil {
@@ -455,21 +469,57 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	return ownErr
 }
 
+// applyOwn sets what a device or module configuration gives one twin,
+// then records the configurations' statuses there; a configuration that
+// does not fit the twin (past its size once merged) is only Targeted.
+func (s *Service) applyOwn(ctx context.Context, r Ref, rec *record, own map[string]any, applied string, status map[string]ConfigStatus) error {
+	var ownErr error
+	if own != nil && !contains(rec.Desired, own) {
+		if _, ownErr = s.UpdateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); ownErr != nil {
+			if azerr.As(ownErr).Status() >= 500 {
+				return ownErr
+			}
+			status[applied] = ConfigStatus{Status: "Targeted"}
+		}
+	}
+	if !maps.Equal(status, rec.Configurations) {
+		if _, err := s.update(ctx, r, func(r *record) error { r.Configurations = status; return nil }); err != nil {
+			return err
+		}
+	}
+	return ownErr
+}
+
+// applyToModule brings one module twin in line with the module
+// configurations that target it. Modules of IoT Edge deployments
+// (managedBy iotEdge) are the deployments' alone, as in the hosted hub.
+func (s *Service) applyToModule(ctx context.Context, rec *record, ts []target) error {
+	if rec.Device.ManagedBy == "iotEdge" {
+		return nil
+	}
+	status := map[string]ConfigStatus{}
+	own, applied, err := configured(rec.twinDoc(), ts, status, (*Configuration).forModules)
+	if err != nil {
+		return err
+	}
+	return s.applyOwn(ctx, Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}, rec, own, applied, status)
+}
+
 // outranks reports whether configuration a wins over b on a device both
 // target: the higher priority, then the newer.
 func outranks(a, b *Configuration) bool {
 	return a.Priority > b.Priority || (a.Priority == b.Priority && a.CreatedTimeUtc.After(b.CreatedTimeUtc))
 }
 
-// deviceDesired is what the highest-ranked device configuration targeting
-// the twin doc sets in its desired properties, as a merge patch (nil for
-// none), and that configuration's ID; status says which configurations
-// target it and which applies.
-func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStatus) (map[string]any, string, error) {
+// configured is what the highest-ranked configuration of a kind (device
+// or module configurations) targeting the twin doc sets in its desired
+// properties, as a merge patch (nil for none), and that configuration's
+// ID; status says which configurations target it and which applies.
+func configured(doc map[string]any, ts []target, status map[string]ConfigStatus, of func(*Configuration) bool) (map[string]any, string, error) {
 	var best *Configuration
 	for _, t := range ts {
 		c := t.Configuration
-		if !c.forDevices() || !t.cond.Match(doc) {
+		if !of(c) || !t.cond.Match(doc) {
 			continue
 		}
 		status[c.ID] = ConfigStatus{Status: "Targeted"}
@@ -481,16 +531,20 @@ func deviceDesired(doc map[string]any, ts []target, status map[string]ConfigStat
 		return nil, "", nil
 	}
 	status[best.ID] = ConfigStatus{Status: "Applied"}
-	patch, err := devicePatch(best.Content.DeviceContent)
+	content := best.Content.DeviceContent
+	if best.forModules() {
+		content = best.Content.ModuleContent
+	}
+	patch, err := contentPatch(content)
 	if err != nil {
 		return nil, "", fmt.Errorf("configuration %s: %w", best.ID, err)
 	}
 	return patch, best.ID, nil
 }
 
-// devicePatch is a device configuration's content as a merge patch of
-// desired properties.
-func devicePatch(content map[string]json.RawMessage) (map[string]any, error) {
+// contentPatch is a device or module configuration's content as a merge
+// patch of desired properties.
+func contentPatch(content map[string]json.RawMessage) (map[string]any, error) {
 	patch := map[string]any{}
 	for _, k := range slices.Sorted(maps.Keys(content)) {
 		var v any
@@ -526,7 +580,7 @@ func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus
 	var layers []*Configuration
 	for _, t := range ts {
 		c := t.Configuration
-		if c.forDevices() || !t.cond.Match(doc) {
+		if !c.forEdge() || !t.cond.Match(doc) {
 			continue
 		}
 		status[c.ID] = ConfigStatus{Status: "Targeted"}
@@ -646,10 +700,29 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 	if err != nil {
 		return err
 	}
+	if slices.ContainsFunc(cs, (*Configuration).forModules) {
+		err := s.eachRecord(ctx, kindModule, func(r *record) error {
+			for i, c := range cs {
+				if st, ok := r.Configurations[c.ID]; ok && c.forModules() {
+					n[i].targeted++
+					if st.Status == "Applied" {
+						n[i].applied++
+					}
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+	}
 	for i, c := range cs {
-		if c.forDevices() {
+		switch {
+		case c.forModules():
+			c.SystemMetrics = moduleMetrics(c, n[i].targeted, n[i].applied)
+		case c.forDevices():
 			c.SystemMetrics = deviceMetrics(c, n[i].targeted, n[i].applied)
-		} else {
+		default:
 			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
 		}
 		if len(c.Metrics.Queries) > 0 {
@@ -666,6 +739,17 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		}
 	}
 	return nil
+}
+
+// moduleMetrics are a module configuration's system metrics.
+func moduleMetrics(c *Configuration, targeted, applied int64) Metrics {
+	return Metrics{
+		Queries: map[string]string{
+			"targetedCount": "SELECT deviceId, moduleId " + c.TargetCondition,
+			"appliedCount":  "SELECT deviceId, moduleId FROM devices.modules WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
+		},
+		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
+	}
 }
 
 // deviceMetrics are a device configuration's system metrics, the hosted

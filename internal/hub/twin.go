@@ -82,8 +82,8 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		// not matter, so it waits for nobody's lock.
 		s.publish("desired", r)
 	}
-	if r.Module == "" && (p.Tags != nil || replace) {
-		s.reapply(ctx, r) // the device may now match other deployments
+	if p.Tags != nil || replace {
+		s.reapply(ctx, r) // the twin may now match other configurations
 	}
 	return rec.twinView(), nil
 }

@@ -149,10 +149,11 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		want string
 	}{
 		{map[string]any{"content": manifest("x"), "targetCondition": "tags.environment = "}, "targetCondition"},
-		{map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "moduleContent"},
+		{map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "*"}, "FROM devices.modules WHERE"},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}}, "targetCondition": "FROM devices.modules WHERE moduleId = 'm'"}, "targets devices, not modules"},
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"fw": 1}}, "targetCondition": "*"}, `must start with "properties.desired."`},
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.a.b.c.d.e.f.g.h.i.j.k": 1}}, "targetCondition": "*"}, "deep"},
-		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}, "modulesContent": manifest("x")["modulesContent"]}, "targetCondition": "*"}, "not both"},
+		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}, "modulesContent": manifest("x")["modulesContent"]}, "targetCondition": "*"}, "one of"},
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
@@ -299,5 +300,69 @@ func TestDeviceConfigurations(t *testing.T) {
 	}
 	if desired("s-e")["region"] != "eu" {
 		t.Fatalf("a new device: %v", desired("s-e"))
+	}
+}
+
+// Module configurations (automatic module management) set desired
+// properties in the module twins their condition selects, not in the edge
+// runtime's own modules; modules join as they are created or tagged.
+func TestModuleConfigurations(t *testing.T) {
+	e := newEnv(t)
+	for _, id := range []string{"md-1", "md-2"} {
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id, "", map[string]any{}, nil); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id+"/modules/sensor", "", map[string]any{}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	desired := func(device, module string) map[string]any {
+		t.Helper()
+		var tw hub.Twin
+		if err := e.hubAPI.Do(ctx, "GET", "/twins/"+device+"/modules/"+module, "", nil, &tw); err != nil {
+			t.Fatal(err)
+		}
+		var d map[string]any
+		_ = json.Unmarshal(tw.Properties.Desired, &d)
+		return d
+	}
+	var c hub.Configuration
+	cfg := map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.sampleRate": 10}},
+		"targetCondition": "FROM devices.modules WHERE moduleId = 'sensor'", "priority": 5}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/sensors", "", cfg, &c); err != nil {
+		t.Fatal(err)
+	}
+	if r := c.SystemMetrics.Results; r["targetedCount"] != 2 || r["appliedCount"] != 2 {
+		t.Fatalf("metrics %+v", r)
+	}
+	for _, d := range []string{"md-1", "md-2"} {
+		if desired(d, "sensor")["sampleRate"] != float64(10) {
+			t.Fatalf("%s/sensor: %v", d, desired(d, "sensor"))
+		}
+	}
+	// A module created afterwards is configured; another module is not.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/md-1/modules/other", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/md-3", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/md-3/modules/sensor", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if desired("md-3", "sensor")["sampleRate"] != float64(10) || desired("md-1", "other")["sampleRate"] != nil {
+		t.Fatalf("later modules: md-3/sensor %v, md-1/other %v", desired("md-3", "sensor"), desired("md-1", "other"))
+	}
+	// Module tags move a module in and out of a condition on them.
+	tagged := map[string]any{"content": map[string]any{"moduleContent": map[string]any{"properties.desired.mode": "eco"}},
+		"targetCondition": "FROM devices.modules WHERE tags.power = 'low'", "priority": 9}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/eco", "", tagged, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/md-1/modules/other", "", map[string]any{"tags": map[string]any{"power": "low"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if desired("md-1", "other")["mode"] != "eco" {
+		t.Fatalf("a module tagged into a configuration: %v", desired("md-1", "other"))
 	}
 }
