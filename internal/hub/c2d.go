@@ -166,15 +166,14 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 	id, lock, _ := strings.Cut(token, ".")
 	lost := azerr.PreconditionFailed("the lock token %.60q holds no message of %s now (its lock expired, or it was settled): receive it again", token, device)
 	held := func(m *C2DMessage) bool { return lock != "" && m.LockToken == lock && s.Now().Before(m.LockedUntil) }
-	d, err := s.store.Get(ctx, kindC2D, device+"/"+id)
-	if errors.Is(err, store.ErrNotFound) || strings.Contains(id, "/") {
+	if strings.Contains(id, "/") {
+		return lost
+	}
+	m, etag, err := s.loadC2D(ctx, device+"/"+id)
+	if errors.Is(err, store.ErrNotFound) {
 		return lost
 	}
 	if err != nil {
-		return err
-	}
-	m := &C2DMessage{}
-	if err := json.Unmarshal(d.Body, m); err != nil {
 		return err
 	}
 	if !held(m) {
@@ -191,7 +190,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		s.c2dArrivedHere(device)
 		return nil
 	}
-	if err := s.store.Delete(ctx, kindC2D, d.ID, d.ETag); err != nil {
+	if err := s.store.Delete(ctx, kindC2D, m.ID, etag); err != nil {
 		if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
 			return lost
 		}
@@ -203,24 +202,33 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 // errC2DTaken is a message that changed since it was read.
 var errC2DTaken = errors.New("the message changed meanwhile")
 
+// loadC2D reads the queued message of store ID id, and its etag.
+func (s *Service) loadC2D(ctx context.Context, id string) (*C2DMessage, string, error) {
+	d, err := s.store.Get(ctx, kindC2D, id)
+	if err != nil {
+		return nil, "", err
+	}
+	m := &C2DMessage{}
+	if err := json.Unmarshal(d.Body, m); err != nil {
+		return nil, "", err
+	}
+	return m, d.ETag, nil
+}
+
 // putC2D writes m over the stored message if, as stored, it still passes ok.
 func (s *Service) putC2D(ctx context.Context, m *C2DMessage, ok func(stored *C2DMessage) bool) error {
-	d, err := s.store.Get(ctx, kindC2D, m.ID)
+	stored, etag, err := s.loadC2D(ctx, m.ID)
 	if errors.Is(err, store.ErrNotFound) {
 		return errC2DTaken
 	}
 	if err != nil {
 		return err
 	}
-	stored := &C2DMessage{}
-	if err := json.Unmarshal(d.Body, stored); err != nil {
-		return err
-	}
 	if !ok(stored) {
 		return errC2DTaken
 	}
 	body, _ := json.Marshal(m)
-	_, err = s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, d.ETag)
+	_, err = s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, etag)
 	if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
 		return errC2DTaken
 	}

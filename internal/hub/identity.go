@@ -79,22 +79,36 @@ func (s *Service) load(ctx context.Context, r Ref) (*record, string, error) {
 // update reads, changes and writes a record, retrying when a concurrent
 // writer got there first.
 func (s *Service) update(ctx context.Context, r Ref, change func(*record) error) (*record, error) {
+	return modify(ctx, s.store, r.kind(), r.id(), r.String(), func() (*record, string, error) { return s.load(ctx, r) }, change)
+}
+
+// errUnchanged from a change given to modify leaves the document as read.
+var errUnchanged = errors.New("unchanged")
+
+// modify reads a JSON document with load, lets change alter it, and
+// writes it back on the etag it was read with, reading it again when
+// another writer got there first; it returns the document as written, or
+// as read when change says errUnchanged. what names it in the error when
+// the writers never let up.
+func modify[T any](ctx context.Context, st store.Store, kind, id, what string, load func() (*T, string, error), change func(*T) error) (*T, error) {
 	for range 16 {
-		rec, etag, err := s.load(ctx, r)
+		v, etag, err := load()
 		if err != nil {
 			return nil, err
 		}
-		if err := change(rec); err != nil {
+		if err := change(v); errors.Is(err, errUnchanged) {
+			return v, nil
+		} else if err != nil {
 			return nil, err
 		}
-		body, _ := json.Marshal(rec)
-		_, err = s.store.Put(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}, etag)
+		body, _ := json.Marshal(v)
+		_, err = st.Put(ctx, store.Doc{Kind: kind, ID: id, Body: body}, etag)
 		if errors.Is(err, store.ErrPrecondition) {
 			continue
 		}
-		return rec, err
+		return v, err
 	}
-	return nil, azerr.New(409002, "PreconditionFailed", "%s is being changed concurrently: retry", r)
+	return nil, azerr.New(409002, "PreconditionFailed", "%s is being changed concurrently: retry", what)
 }
 
 func newETag() string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"log/slog"
 	"sync"
 	"time"
@@ -208,22 +209,13 @@ func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, e
 // updateJob changes a job if change says so, retrying on concurrent
 // writes; it returns the job as it is.
 func (s *Service) updateJob(ctx context.Context, id string, change func(*jobRecord) bool) (*jobRecord, error) {
-	for range 16 {
-		rec, etag, err := s.loadJob(ctx, id)
-		if err != nil {
-			return nil, err
-		}
-		if !change(rec) {
-			return rec, nil
-		}
-		body, _ := json.Marshal(rec)
-		_, err = s.store.Put(ctx, store.Doc{Kind: kindJob, ID: id, Body: body}, etag)
-		if errors.Is(err, store.ErrPrecondition) {
-			continue
-		}
-		return rec, err
-	}
-	return nil, azerr.New(409002, "PreconditionFailed", "job %q is being changed concurrently: retry", id)
+	return modify(ctx, s.store, kindJob, id, fmt.Sprintf("job %q", id), func() (*jobRecord, string, error) { return s.loadJob(ctx, id) },
+		func(r *jobRecord) error {
+			if !change(r) {
+				return errUnchanged
+			}
+			return nil
+		})
 }
 
 // wakeJobs tells RunJobs to look for jobs now.
