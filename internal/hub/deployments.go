@@ -717,13 +717,10 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		}
 	}
 	for i, c := range cs {
-		switch {
-		case c.forModules():
-			c.SystemMetrics = moduleMetrics(c, n[i].targeted, n[i].applied)
-		case c.forDevices():
-			c.SystemMetrics = deviceMetrics(c, n[i].targeted, n[i].applied)
-		default:
+		if c.forEdge() {
 			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
+		} else {
+			c.SystemMetrics = twinMetrics(c, n[i].targeted, n[i].applied)
 		}
 		if len(c.Metrics.Queries) > 0 {
 			if modules == nil {
@@ -741,24 +738,18 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 	return nil
 }
 
-// moduleMetrics are a module configuration's system metrics.
-func moduleMetrics(c *Configuration, targeted, applied int64) Metrics {
-	return Metrics{
-		Queries: map[string]string{
-			"targetedCount": "SELECT deviceId, moduleId " + c.TargetCondition,
-			"appliedCount":  "SELECT deviceId, moduleId FROM devices.modules WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
-		},
-		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
+// twinMetrics are a device or module configuration's system metrics, the
+// hosted hub's queries with their counts. A module configuration's
+// condition names its collection ("FROM devices.modules WHERE …").
+func twinMetrics(c *Configuration, targeted, applied int64) Metrics {
+	sel, from, cond := "SELECT deviceId ", "FROM devices WHERE ", "FROM devices WHERE "+c.TargetCondition
+	if c.forModules() {
+		sel, from, cond = "SELECT deviceId, moduleId ", "FROM devices.modules WHERE ", c.TargetCondition
 	}
-}
-
-// deviceMetrics are a device configuration's system metrics, the hosted
-// hub's queries with their counts.
-func deviceMetrics(c *Configuration, targeted, applied int64) Metrics {
 	return Metrics{
 		Queries: map[string]string{
-			"targetedCount": "SELECT deviceId FROM devices WHERE " + c.TargetCondition,
-			"appliedCount":  "SELECT deviceId FROM devices WHERE configurations.[[" + c.ID + "]].status = 'Applied'",
+			"targetedCount": sel + cond,
+			"appliedCount":  sel + from + "configurations.[[" + c.ID + "]].status = 'Applied'",
 		},
 		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
 	}
