@@ -83,10 +83,17 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	}
 	switch j.Type {
 	case JobUpdateTwin:
-		if u := j.UpdateTwin; u == nil || (len(u.Tags) == 0 && (u.Properties == nil || len(withoutMeta(u.Properties.Desired)) == 0)) {
+		var tags, desired map[string]any
+		if u := j.UpdateTwin; u != nil {
+			tags = u.Tags
+			if u.Properties != nil {
+				desired = withoutMeta(u.Properties.Desired)
+			}
+		}
+		if len(tags) == 0 && len(desired) == 0 {
 			return nil, azerr.BadRequest("a %s job needs updateTwin with tags or properties.desired", JobUpdateTwin)
 		}
-		if err := checkTwinPatch(j.UpdateTwin); err != nil {
+		if err := checkTwinPatch(tags, desired); err != nil {
 			return nil, err
 		}
 		j.CloudToDeviceMethod = nil

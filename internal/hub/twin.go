@@ -29,7 +29,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 	if setsDesired {
 		desired = withoutMeta(p.Properties.Desired)
 	}
-	if err := checkTwinPatch(p); err != nil {
+	if err := checkTwinPatch(p.Tags, desired); err != nil {
 		return nil, err
 	}
 	var notify map[string]any
@@ -236,14 +236,11 @@ func (r *record) twinView() *Twin {
 	}
 }
 
-// checkTwinPatch checks a patch's tags and desired properties against the
-// twin rules.
-func checkTwinPatch(p *TwinPatch) error {
-	if err := checkPatch("tags", p.Tags); err != nil {
+// checkTwinPatch checks a patch's tags and desired properties (without
+// their metadata) against the twin rules.
+func checkTwinPatch(tags, desired map[string]any) error {
+	if err := checkPatch("tags", tags); err != nil {
 		return err
 	}
-	if p.Properties != nil {
-		return checkPatch("properties.desired", withoutMeta(p.Properties.Desired))
-	}
-	return nil
+	return checkPatch("properties.desired", desired)
 }
