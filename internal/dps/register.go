@@ -359,7 +359,7 @@ const maxPendingChallenges = 4
 // same EK and SRK. Concurrent requests (on any replica) each add theirs.
 func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) (challenge, error) {
 	var written pendingChallenges
-	_, err := modify(ctx, s.store, kindChallenge, regID, nil, func(old *pendingChallenges) pendingChallenges {
+	_, err := upsert(ctx, s.store, kindChallenge, regID, nil, func(old *pendingChallenges) pendingChallenges {
 		written = pendingChallenges{Pending: []challenge{c}}
 		if old == nil {
 			return written
@@ -634,7 +634,7 @@ const recordedOperations = 16
 // device's recent operations; concurrent registrations of one device (on
 // any replica) each add theirs. read is the record as assign found it.
 func (s *Service) record(ctx context.Context, state *RegistrationState, opID string, read *current[registrationRecord]) (string, error) {
-	return modify(ctx, s.store, kindRegistration, state.RegistrationID, read, func(old *registrationRecord) registrationRecord {
+	return upsert(ctx, s.store, kindRegistration, state.RegistrationID, read, func(old *registrationRecord) registrationRecord {
 		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
 		if old != nil {
 			rec.Operations = append(rec.Operations, old.Operations...)

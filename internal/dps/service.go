@@ -151,12 +151,12 @@ type current[T any] struct {
 	etag string
 }
 
-// modify stores what change makes of the document kind/id (nil when there
+// upsert stores what change makes of the document kind/id (nil when there
 // is none) and returns its new etag. read is the document as the caller
 // already read it, or nil to read it here. When another writer gets there
 // first (on any replica), or deletes it meanwhile, it reads again and
 // applies change to what is there, a bounded number of times.
-func modify[T any](ctx context.Context, st store.Store, kind, id string, read *current[T], change func(old *T) T) (string, error) {
+func upsert[T any](ctx context.Context, st store.Store, kind, id string, read *current[T], change func(old *T) T) (string, error) {
 	for attempt := 0; ; attempt++ {
 		if read == nil {
 			old, etag, err := get[T](ctx, st, kind, id, nil)
