@@ -19,10 +19,11 @@ import (
 // query condition selects (the jobs API v2 of JobClient.scheduleTwinUpdate
 // and scheduleDeviceMethod). A job is a document, and while it is not
 // finished a small entry in a queue of its own, which every replica polls.
-// One replica runs it, in device ID order, saving the last device done
-// every jobSave: if that replica dies (its heartbeat stops, replicas.go: no
-// clocks are compared) another goes on after that device, so the devices
-// done since the last save see the job twice.
+// One replica runs it, in device ID order, a batch of devices at a time,
+// saving the last device done every jobSave: if that replica dies (its
+// heartbeat stops, replicas.go: no clocks are compared) or stops, another
+// goes on after that device, so the devices done since the last save see
+// the job twice.
 const (
 	kindJob        = "hub.job"
 	kindJobQueue   = "hub.jobqueue"
@@ -339,7 +340,7 @@ func (s *Service) jobDone(id string) {
 	s.mu.Unlock()
 }
 
-// runJob does rec's work, device by device in ID order after rec.After,
+// runJob does rec's work, batch by batch in ID order after rec.After,
 // saving its counts and the last device done every jobSave, until it is
 // done, cancelled, out of time, or taken over; stopped by ctx (the server
 // stopping), it hands the job back to the queue.
@@ -396,21 +397,28 @@ func (s *Service) runJob(ctx context.Context, rec jobRecord) {
 		return
 	}
 	saved := time.Now()
-	for _, id := range devices {
-		if jobCtx.Err() != nil {
+	for len(devices) > 0 && jobCtx.Err() == nil {
+		batch := devices[:min(s.jobBatch, len(devices))]
+		stats.PendingCount, stats.RunningCount = stats.PendingCount-int64(len(batch)), int64(len(batch))
+		done := s.runJobBatch(jobCtx, &rec.Job, batch)
+		stats.RunningCount = 0
+		if ctx.Err() != nil {
+			// Handed back below: the next runner does this batch again.
+			stats.PendingCount += int64(len(batch))
 			break
 		}
-		stats.PendingCount, stats.RunningCount = stats.PendingCount-1, 1
-		if s.runJobOn(jobCtx, &rec.Job, Ref{Device: id}) {
-			stats.SucceededCount++
-		} else if jobCtx.Err() == nil {
-			stats.FailedCount++
-		} else {
-			stats.PendingCount++ // not done: the job stopped meanwhile
-			break
+		for _, d := range done {
+			switch d {
+			case jobSucceeded:
+				stats.SucceededCount++
+			case jobFailed:
+				stats.FailedCount++
+			default: // out of time
+				stats.PendingCount++
+			}
 		}
-		stats.RunningCount, after = 0, id
-		if time.Since(saved) >= jobSave {
+		devices, after = devices[len(batch):], batch[len(batch)-1]
+		if time.Since(saved) >= jobSave && jobCtx.Err() == nil {
 			if !save("running", "") {
 				return
 			}
@@ -428,17 +436,37 @@ func (s *Service) runJob(ctx context.Context, rec jobRecord) {
 	}
 }
 
-// runJobOn does a job's work on one device, and says whether it worked:
-// a method job works when the device answers, whatever its status.
-func (s *Service) runJobOn(ctx context.Context, j *Job, r Ref) bool {
-	var err error
-	if j.Type == JobUpdateTwin {
-		_, err = s.UpdateTwin(ctx, r, "*", j.UpdateTwin, false)
-	} else {
-		_, err = s.InvokeMethod(ctx, r, j.CloudToDeviceMethod)
+// What a job's work on one device came to.
+type jobOutcome uint8
+
+const (
+	jobStopped   jobOutcome = iota // ctx ended first
+	jobSucceeded                   // a method job succeeds when the device answers, whatever its status
+	jobFailed
+)
+
+// runJobBatch does a job's work on the devices at once, so that a method
+// job waits for its slow devices side by side, not one after another.
+func (s *Service) runJobBatch(ctx context.Context, j *Job, devices []string) []jobOutcome {
+	out := make([]jobOutcome, len(devices))
+	var wg sync.WaitGroup
+	for i, id := range devices {
+		wg.Go(func() {
+			var err error
+			if j.Type == JobUpdateTwin {
+				_, err = s.UpdateTwin(ctx, Ref{Device: id}, "*", j.UpdateTwin, false)
+			} else {
+				_, err = s.InvokeMethod(ctx, Ref{Device: id}, j.CloudToDeviceMethod)
+			}
+			switch {
+			case err == nil:
+				out[i] = jobSucceeded
+			case ctx.Err() == nil:
+				out[i] = jobFailed
+				slog.Debug("job on a device failed", "job", j.JobID, "device", id, "error", err)
+			}
+		})
 	}
-	if err != nil {
-		slog.Debug("job on a device failed", "job", j.JobID, "device", r.Device, "error", err)
-	}
-	return err == nil
+	wg.Wait()
+	return out
 }

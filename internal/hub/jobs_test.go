@@ -163,6 +163,7 @@ func TestJobTakenOver(t *testing.T) {
 func TestJobCancelAndStop(t *testing.T) {
 	ctx := context.Background()
 	s := sqliteHub(t)
+	s.jobBatch = 1 // the test counts calls of devices that each take 0.4 s
 	var mu sync.Mutex
 	calls := 0
 	for i := range 20 {
@@ -240,4 +241,48 @@ func TestStrandedJobRunsAgain(t *testing.T) {
 	if j, _ := s.GetJob(ctx, "stranded"); j.Status != "completed" {
 		t.Fatalf("stranded job %+v", j)
 	}
+}
+
+// A method job calls its devices side by side: each device here answers
+// only once every device has been called, which one call at a time would
+// never see before the first call's timeout.
+func TestJobCallsDevicesTogether(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := sqliteHub(t)
+	devices := []string{"d1", "d2", "d3"}
+	var called sync.WaitGroup
+	called.Add(len(devices))
+	all := make(chan struct{})
+	go func() { called.Wait(); close(all) }()
+	for _, id := range devices {
+		newIdentity(t, s, Ref{Device: id})
+		defer s.ServeMethods(Ref{Device: id}, func(ctx context.Context, _ string, _ json.RawMessage) (int, json.RawMessage, error) {
+			called.Done()
+			select {
+			case <-all:
+				return 200, nil, nil
+			case <-ctx.Done():
+				return 0, nil, ctx.Err()
+			}
+		})()
+	}
+	go s.RunJobs(ctx)
+	if _, err := s.CreateJob(ctx, "together", &Job{Type: JobCallMethod, QueryCondition: "*",
+		CloudToDeviceMethod: &MethodRequest{MethodName: "m", ResponseTimeoutInSeconds: 5}}); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); time.Now().Before(deadline); time.Sleep(20 * time.Millisecond) {
+		j, err := s.GetJob(ctx, "together")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.finished() {
+			if st := j.DeviceJobStatistics; j.Status != "completed" || st.SucceededCount != 3 || st.FailedCount != 0 {
+				t.Fatalf("job %+v", j)
+			}
+			return
+		}
+	}
+	t.Fatal("the job did not finish")
 }

@@ -46,12 +46,13 @@ type Service struct {
 	calls  map[string]chan struct{} // method calls relayed from here, awaiting answers (mu)
 
 	runningJobs map[string]bool // jobs this replica runs (mu)
+	jobBatch    int             // devices a job runner works on at once
 }
 
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
-		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}}
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, jobBatch: 32}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
