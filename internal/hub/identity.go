@@ -247,7 +247,16 @@ func normalizeIdentity(d *Device, module bool) error {
 	default:
 		return azerr.BadRequest("status %q is not valid: use enabled or disabled", d.Status)
 	}
+	// An identity keeps only the credentials of its type, as the hosted
+	// registry does: keys read back with a device and sent again with
+	// its new type "selfSigned" must not go on admitting SAS tokens.
 	a := &d.Authentication
+	if a.Type != "" && a.Type != "sas" {
+		a.SymmetricKey = SymmetricKey{}
+	}
+	if a.Type != "selfSigned" {
+		a.X509Thumbprint = X509Thumbprint{}
+	}
 	switch a.Type {
 	case "", "sas":
 		a.Type = "sas"

@@ -6,6 +6,8 @@ package hub
 import (
 	"encoding/json"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/sas"
 )
 
 // Device is a device identity, in the registry API's JSON shape; a module
@@ -32,6 +34,15 @@ type Authentication struct {
 	Type           string         `json:"type"`
 	SymmetricKey   SymmetricKey   `json:"symmetricKey"`
 	X509Thumbprint X509Thumbprint `json:"x509Thumbprint"`
+}
+
+// sasKeys are the keys SAS tokens for a may be signed with: none unless
+// it is of type sas, whatever keys it holds.
+func (a Authentication) sasKeys() [][]byte {
+	if a.Type != "sas" {
+		return nil
+	}
+	return sas.Keys(a.SymmetricKey.PrimaryKey, a.SymmetricKey.SecondaryKey)
 }
 
 // SymmetricKey holds base64 device keys.

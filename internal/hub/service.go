@@ -147,9 +147,12 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (dev, 
 	}
 	// A module authenticates with its own keys, or with the device's (a
 	// device-scoped token, as the edge runtime's modules use).
-	keys := sas.Keys(id.Device.Authentication.SymmetricKey.PrimaryKey, id.Device.Authentication.SymmetricKey.SecondaryKey)
+	keys := id.Device.Authentication.sasKeys()
 	if r.Module != "" {
-		keys = append(keys, sas.Keys(dev.Device.Authentication.SymmetricKey.PrimaryKey, dev.Device.Authentication.SymmetricKey.SecondaryKey)...)
+		keys = append(keys, dev.Device.Authentication.sasKeys()...)
+	}
+	if len(keys) == 0 {
+		return nil, nil, azerr.Unauthorized("%s authenticates with %s, not with SAS tokens", r, id.Device.Authentication.Type)
 	}
 	if err := tok.Verify(s.Now(), keys...); err != nil {
 		return nil, nil, azerr.Unauthorized("%s: %v", r, err)
