@@ -24,18 +24,26 @@ type connection struct {
 // another replica, as a new connection replaces the old one in the hosted
 // hub; or the other replicas took this one for dead. detach records r
 // disconnected, unless it has connected again since (here or elsewhere).
+// The connection also ends when the token or certificate it presented
+// expires, as in the hosted hub: clients connect again with a new one.
 // An error (the credentials changed since g, or the record could not be
 // written) leaves r unconnected.
 func (s *Service) Attach(ctx context.Context, r Ref, g Grant, drop func()) (detach func(), err error) {
 	c := &connection{ref: r, id: s.origin + "." + rand.Text(), grant: g, drop: drop}
 	cancel := s.conns.add(r.Device, c)
+	expiry := time.AfterFunc(g.until.Sub(s.Now()), func() {
+		slog.Debug("a connection's credentials expired", "identity", r.String())
+		drop()
+	})
 	detach = func() {
+		expiry.Stop()
 		cancel()
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
 		s.setConnected(ctx, r, c.id, false)
 	}
 	if err := s.setConnected(ctx, r, c.id, true); err != nil {
+		expiry.Stop()
 		cancel()
 		if azerr.HasStatus(err, 404) { // deleted since it authenticated
 			err = azerr.Unauthorized("%v", err)

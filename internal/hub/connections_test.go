@@ -269,3 +269,8 @@ func TestAttachChecksTheGrant(t *testing.T) {
 		}
 	}
 }
+
+// grantOf is a grant of dev's and id's credentials that does not expire.
+func grantOf(dev, id *record) Grant {
+	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication, until: time.Now().Add(time.Hour)}
+}

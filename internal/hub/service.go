@@ -101,40 +101,42 @@ func (s *Service) AuthorizeService(header, right string) error {
 }
 
 // Grant is what a connection was authenticated against: its device's
-// credentials and its own (a module may sign with either), as they were.
-type Grant struct{ device, identity Authentication }
-
-func grantOf(dev, id *record) Grant {
-	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication}
+// credentials and its own (a module may sign with either), as they were,
+// and when the token or certificate it presented expires.
+type Grant struct {
+	device, identity Authentication
+	until            time.Time
 }
 
 // Authenticate checks a device (or module) by its SAS token or, without
 // one, the client certificate chain of its TLS connection (x509.go); a
 // disabled device is refused like a bad key.
 func (s *Service) Authenticate(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (Grant, error) {
-	dev, id, err := s.byCredentials(ctx, r, token, chain)
+	dev, id, until, err := s.byCredentials(ctx, r, token, chain)
 	if err != nil {
 		return Grant{}, err
 	}
-	return grantOf(dev, id), nil
+	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication, until: until}, nil
 }
 
 // byCredentials is Authenticate, returning the device's record and the
-// identity's (the same for a device).
-func (s *Service) byCredentials(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (dev, id *record, err error) {
+// identity's (the same for a device), and when the credentials expire.
+func (s *Service) byCredentials(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (dev, id *record, until time.Time, err error) {
 	if token == "" && len(chain) > 0 {
-		return s.deviceByCertificate(ctx, r, chain)
+		dev, id, err = s.deviceByCertificate(ctx, r, chain)
+		return dev, id, chain[0].NotAfter, err
 	}
-	return s.deviceByToken(ctx, r, token)
+	tok, err := sas.Parse(token)
+	if err != nil {
+		return nil, nil, time.Time{}, azerr.Unauthorized("%v", err)
+	}
+	dev, id, err = s.deviceByToken(ctx, r, tok)
+	return dev, id, tok.Expiry, err
 }
 
 // deviceByToken checks a SAS token: its resource must be this hub's device
 // or module, signed by one of its keys (or, for a module, its device's).
-func (s *Service) deviceByToken(ctx context.Context, r Ref, token string) (dev, id *record, err error) {
-	tok, err := sas.Parse(token)
-	if err != nil {
-		return nil, nil, azerr.Unauthorized("%v", err)
-	}
+func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev, id *record, err error) {
 	want := s.host + "/devices/" + r.Device
 	if r.Module != "" && !tok.AudienceIs(want) {
 		want += "/modules/" + r.Module
@@ -173,7 +175,7 @@ func (s *Service) AuthorizeServiceOrEdgeDevice(ctx context.Context, device, head
 }
 
 func (s *Service) authorizeEdgeDevice(ctx context.Context, device, token string, chain []*x509.Certificate) error {
-	dev, _, err := s.byCredentials(ctx, Ref{Device: device}, token, chain)
+	dev, _, _, err := s.byCredentials(ctx, Ref{Device: device}, token, chain)
 	if err != nil {
 		return err
 	}

@@ -287,6 +287,29 @@ func TestMQTTRevocationDisconnects(t *testing.T) {
 	within(t, mc.Done(), "disconnect of the disabled device's module")
 }
 
+// A connection ends when the token it connected with expires, as in the
+// hosted hub; the client connects again with a new one.
+func TestMQTTTokenExpiryDisconnects(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	tlsConf := e.tls.Clone()
+	tlsConf.ServerName = "example.com"
+	c, err := hubdevice.Dial(ctx, hubdevice.Options{Host: host, Addr: addr, DeviceID: "d1", TLS: tlsConf, TokenLifetime: 2 * time.Second,
+		Sign: func(aud string, exp time.Time) (string, error) { return sas.Build(key, aud, "", exp), nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	within(t, c.Done(), "disconnect when the token expired")
+	again, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		t.Fatalf("connecting again with a new token: %v", err)
+	}
+	again.Close()
+}
+
 func (e *env) dialCert(addr, device, module string, cert tls.Certificate) (*hubdevice.Client, error) {
 	conf := e.tls.Clone()
 	conf.ServerName = "example.com"

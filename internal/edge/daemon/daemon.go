@@ -333,6 +333,7 @@ func (a *runner) run(ctx context.Context) error {
 	var client *hubdevice.Client
 	var clientDone <-chan struct{}
 	retry := time.After(0)
+	var renew <-chan time.Time // a new token before the hub ends the connection at the old one's expiry
 	backoff := time.Second
 	defer func() {
 		if client != nil {
@@ -361,7 +362,13 @@ func (a *runner) run(ctx context.Context) error {
 			if client != nil {
 				a.fetch(ctx, client)
 			}
+		case <-renew:
+			slog.Info("connecting to the hub again with a new token")
+			client.Close()
+			client, clientDone, renew = nil, nil, nil
+			retry = time.After(0)
 		case <-clientDone:
+			renew = nil
 			slog.Warn("lost the connection to the hub", "error", client.Err())
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", client.Err())) })
 			client, clientDone = nil, nil
@@ -386,12 +393,20 @@ func (a *runner) run(ctx context.Context) error {
 			}
 			backoff = time.Second
 			client, clientDone = c, c.Done()
+			if a.dev().Method != "x509" {
+				renew = time.After(hubTokenLifetime * 3 / 4)
+			}
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
 			a.reported = nil // report afresh on each connection
 			a.fetch(ctx, client)
 		}
 	}
 }
+
+// hubTokenLifetime is how long the agent's hub tokens last; the hub ends
+// a connection when its token expires, so the agent connects again with a
+// new one after three quarters of it.
+const hubTokenLifetime = time.Hour
 
 // connect opens the $edgeAgent session and subscribes to desired changes.
 func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Client, error) {
@@ -400,7 +415,7 @@ func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Cl
 	port := cmp.Or(a.d.opts.HubPort, 8883)
 	a.d.setStatus(func(s *mgmt.Status) { s.HubAddress = net.JoinHostPort(a.dev().HubHostName, strconv.Itoa(port)) })
 	o := hubdevice.Options{Host: a.dev().HubHostName, Port: port, DeviceID: a.dev().DeviceID, ModuleID: "$edgeAgent", TLS: a.tls,
-		Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }}
+		TokenLifetime: hubTokenLifetime, Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }}
 	if a.dev().Method == "x509" {
 		// The device's certificate authenticates its agent.
 		tlsConf, err := a.deviceTLS()
