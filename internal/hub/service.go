@@ -56,7 +56,7 @@ func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
-			sas.NewPolicy("iothubowner", sas.RegistryWrite+", "+sas.ServiceConnect+", DeviceConnect"),
+			sas.NewPolicy("iothubowner", sas.AllRights),
 			sas.NewPolicy("service", sas.ServiceConnect),
 			sas.NewPolicy("registryReadWrite", sas.RegistryWrite),
 		}}

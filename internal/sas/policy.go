@@ -23,10 +23,25 @@ const (
 	RegistryRead   = "RegistryRead"
 	RegistryWrite  = "RegistryWrite" // includes RegistryRead
 	ServiceConnect = "ServiceConnect"
+	DeviceConnect  = "DeviceConnect"
+	// AllRights is what changing the hub's trusted CA certificates needs:
+	// the hosted hub lets no shared access policy do that (it is its
+	// management plane); here only a policy with every right may.
+	AllRights = RegistryWrite + ", " + ServiceConnect + ", " + DeviceConnect
 )
 
-// Grants reports whether the policy's rights include right.
+// Grants reports whether the policy's rights include right, or each of a
+// comma-separated list of rights.
 func (p *Policy) Grants(right string) bool {
+	for r := range strings.SplitSeq(right, ",") {
+		if !p.grants(strings.TrimSpace(r)) {
+			return false
+		}
+	}
+	return true
+}
+
+func (p *Policy) grants(right string) bool {
 	for r := range strings.SplitSeq(p.Rights, ",") {
 		r = strings.TrimSpace(r)
 		if strings.EqualFold(r, right) || right == RegistryRead && strings.EqualFold(r, RegistryWrite) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"io"
 	"maps"
@@ -19,6 +20,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 var ctx = context.Background()
@@ -343,6 +345,13 @@ func TestHubRegistry(t *testing.T) {
 			if allowed[i] && err != nil || !allowed[i] && (azerr.As(err).Status() != 401 || !strings.Contains(err.Error(), "this request needs")) {
 				t.Errorf("GET %s with policy %s: %v (allowed: %v)", path, policy, err, allowed[i])
 			}
+		}
+		// The CAs that devices and enrollment groups are trusted by are
+		// the owner's to change.
+		cert := testutil.NewCert(t, "Some CA", true, nil)
+		ca := map[string]any{"properties": map[string]any{"certificate": string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Leaf.Raw})), "isVerified": true}}
+		if err := c.Do(ctx, "PUT", "/certificates/ca1", "", ca, nil); azerr.As(err).Status() != 401 {
+			t.Errorf("PUT /certificates with policy %s: %v", policy, err)
 		}
 	}
 	var tw hub.Twin

@@ -288,11 +288,11 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service(sas.ServiceConnect, "GET /events", a.events)
 	name := func(r *http.Request) string { return r.PathValue("name") }
-	service(sas.RegistryWrite, "PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
+	service(sas.AllRights, "PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
 		return h.PutCertificate(r.Context(), name(r), c)
 	}))
 	service(sas.RegistryRead, "GET /certificates/{name}", reply(func(r *http.Request) (any, error) { return h.GetCertificate(r.Context(), name(r)) }))
-	service(sas.RegistryWrite, "DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
+	service(sas.AllRights, "DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
 }
 
 // queryTwins is POST /devices/query; paging as the service SDKs expect it,
