@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -104,6 +105,22 @@ func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage,
 		out = append(out, m)
 	}
 	return out, nil
+}
+
+// dropC2D removes a deleted device's queue: a device created again under
+// its ID must not receive what was sent to the old one. A failure is
+// logged; the messages then expire.
+func (s *Service) dropC2D(ctx context.Context, device string) {
+	msgs, err := s.PendingC2D(ctx, device)
+	for _, m := range msgs {
+		if err = s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+			break
+		}
+		err = nil
+	}
+	if err != nil {
+		slog.Warn("removing a deleted device's cloud-to-device messages", "device", device, "error", err)
+	}
 }
 
 // CompleteC2D removes a delivered message.

@@ -305,34 +305,46 @@ func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
 	return rec.identityView(), nil
 }
 
-// DeleteIdentity removes a device (with its modules) or a module.
+// DeleteIdentity removes a device (with its modules and its queued
+// cloud-to-device messages) or a module. The modules go first, so that a
+// device re-created under the same ID never finds them; a twin or
+// connection write to the device meanwhile (which changes its document,
+// not its identity) only makes it try again.
 func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
-	rec, etag, err := s.load(ctx, r)
-	if err != nil {
-		return err
-	}
-	if !matches(ifMatch, rec.DeviceETag) {
-		return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
-	}
-	if r.Module == "" {
-		mods, err := s.ListModules(ctx, r.Device)
+	for range 16 {
+		rec, etag, err := s.load(ctx, r)
 		if err != nil {
 			return err
 		}
-		for _, m := range mods {
-			if err := s.store.Delete(ctx, kindModule, Ref{r.Device, m.ModuleID}.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+		if !matches(ifMatch, rec.DeviceETag) {
+			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
+		}
+		if r.Module == "" {
+			mods, err := s.ListModules(ctx, r.Device)
+			if err != nil {
 				return err
 			}
+			for _, m := range mods {
+				if err := s.store.Delete(ctx, kindModule, Ref{r.Device, m.ModuleID}.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+					return err
+				}
+				s.revoke(Ref{r.Device, m.ModuleID})
+			}
 		}
-	}
-	if err := s.store.Delete(ctx, r.kind(), r.id(), etag); err != nil {
+		err = s.store.Delete(ctx, r.kind(), r.id(), etag)
 		if errors.Is(err, store.ErrPrecondition) {
-			return azerr.PreconditionFailed("%s changed while being deleted: retry", r)
+			continue
 		}
-		return err
+		if err != nil {
+			return err
+		}
+		s.revoke(r)
+		if r.Module == "" {
+			s.dropC2D(ctx, r.Device)
+		}
+		return nil
 	}
-	s.revoke(r)
-	return nil
+	return azerr.PreconditionFailed("%s kept changing while being deleted: retry", r)
 }
 
 // ListDevices returns up to top devices.

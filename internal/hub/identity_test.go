@@ -8,6 +8,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // An identity admits only the credentials of its type: keys read back
@@ -61,4 +62,58 @@ func TestOnlyTheTypesCredentials(t *testing.T) {
 	if _, err := s.Authenticate(ctx, Ref{Device: "none"}, token(key, "none"), nil); !azerr.HasStatus(err, 401) {
 		t.Errorf("stored keys of a device of type none: %v", err)
 	}
+}
+
+// Deleting a device takes its queued messages with it, so that a device
+// created again under its ID does not receive them; and a twin written
+// meanwhile does not make a delete without If-Match fail halfway, the
+// modules gone and the device left.
+func TestDeleteDevice(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d"})
+	if _, err := s.SendC2D(ctx, "d", nil, []byte("for the old d")); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "d"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	newIdentity(t, s, Ref{Device: "d"})
+	if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+		t.Fatalf("the new d's queue: %v %v", msgs, err)
+	}
+
+	// The device's document changes (a reported property) between the
+	// delete reading it and deleting it.
+	hooked := &beforeDelete{Store: s.store}
+	s.store = hooked
+	newIdentity(t, s, Ref{Device: "busy"})
+	newIdentity(t, s, Ref{Device: "busy", Module: "m"})
+	hooked.kind, hooked.hook = kindDevice, func() {
+		if _, err := s.UpdateReported(ctx, Ref{Device: "busy"}, map[string]any{"x": 1}); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "busy"}, "*"); err != nil {
+		t.Fatalf("deleting a device whose twin was written meanwhile: %v", err)
+	}
+	if _, err := s.GetIdentity(ctx, Ref{Device: "busy"}); !azerr.HasStatus(err, 404) {
+		t.Fatalf("the device is still there: %v", err)
+	}
+}
+
+// beforeDelete runs hook, once, before the first deletion of a document of kind.
+type beforeDelete struct {
+	store.Store
+	kind string
+	hook func()
+}
+
+func (b *beforeDelete) Delete(ctx context.Context, kind, id, etag string) error {
+	if kind == b.kind && b.hook != nil {
+		h := b.hook
+		b.hook = nil
+		h()
+	}
+	return b.Store.Delete(ctx, kind, id, etag)
 }

@@ -131,6 +131,9 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 
 	// A direct method round trip.
 	if err := c.OnMethod(ctx, func(name string, payload []byte) (int, []byte) {
+		if name == "garble" {
+			return 200, []byte("not json {{")
+		}
 		return 200, []byte(`{"echo":` + string(payload) + `,"method":"` + name + `"}`)
 	}); err != nil {
 		t.Fatal(err)
@@ -141,6 +144,11 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	}
 	if res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method result %+v %s", res, res.Payload)
+	}
+	// An answer that is not JSON is the device's fault, said so at once.
+	err = e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "garble", "responseTimeoutInSeconds": 10}, &res)
+	if azerr.As(err).Status() != 502 || !strings.Contains(err.Error(), "not JSON") {
+		t.Fatalf("an answer that is not JSON: %v", err)
 	}
 
 	// Cloud-to-device: queued, delivered, acknowledged, removed.
