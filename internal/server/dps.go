@@ -195,7 +195,7 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 		}
 	}
 	if q.Query != "" && strings.TrimSpace(q.Query) != "*" && !selectAll.MatchString(q.Query) {
-		return "", 0, azerr.BadRequest("query %q is not supported: use \"*\" or \"SELECT * FROM enrollments\" to list everything", q.Query)
+		return "", 0, azerr.BadRequest("query %q is not supported: use \"*\", \"SELECT *\" or \"SELECT * FROM enrollments\" to list everything", q.Query)
 	}
 	if limit, err = maxItemCount(r); err != nil {
 		return "", 0, err
@@ -220,9 +220,10 @@ func continuation(r *http.Request) (string, error) {
 	return string(b), nil
 }
 
-// selectAll is the query the service SDKs' samples send: every item of a
-// collection, without conditions.
-var selectAll = regexp.MustCompile(`(?i)^\s*select\s+\*\s+from\s+[a-z]+\s*$`)
+// selectAll is the query the service SDKs' samples send ("SELECT * FROM
+// enrollments") or the Azure CLI ("SELECT *"): every item of a collection,
+// without conditions.
+var selectAll = regexp.MustCompile(`(?i)^\s*select\s+\*(\s+from\s+[a-z]+)?\s*$`)
 
 // query answers a query endpoint: one page of list, with the continuation
 // token and item type headers the service SDKs read.

@@ -301,12 +301,15 @@ func TestQueryPaging(t *testing.T) {
 	if strings.Join(ids, ",") != "a,b,c,d,e" {
 		t.Fatalf("paged ids %v", ids)
 	}
-	// The SDK samples' query works on every collection; a garbled
-	// continuation token is refused rather than starting over.
+	// The SDK samples' query, and the Azure CLI's ("SELECT *"), work on
+	// every collection; a garbled continuation token is refused rather
+	// than starting over.
 	for _, path := range []string{"/enrollments/query", "/enrollmentGroups/query"} {
-		var page []json.RawMessage
-		if _, err := e.dpsAPI.DoHeaders(ctx, "POST", path, "", nil, map[string]string{"query": "SELECT * FROM enrollmentGroups"}, &page); err != nil {
-			t.Fatalf("%s: %v", path, err)
+		for _, q := range []string{"SELECT * FROM enrollmentGroups", "SELECT *", "select *"} {
+			var page []json.RawMessage
+			if _, err := e.dpsAPI.DoHeaders(ctx, "POST", path, "", nil, map[string]string{"query": q}, &page); err != nil {
+				t.Fatalf("%s %q: %v", path, q, err)
+			}
 		}
 	}
 	h := map[string]string{"x-ms-continuation": "%%%garbage"}
