@@ -61,15 +61,15 @@ func (s *Service) Bulk(ctx context.Context, op *BulkOperation) (*BulkResult, err
 		var err error
 		switch mode {
 		case "create":
-			_, err = s.putEnrollment(ctx, e.RegistrationID, "", true, e)
-		case "update":
-			_, err = s.putEnrollment(ctx, e.RegistrationID, "", false, e)
+			_, err = s.putEnrollment(ctx, e.RegistrationID, "", e)
+		case "update": // whatever version is there, if any
+			_, err = s.putEnrollment(ctx, e.RegistrationID, anyOrNone, e)
 		case "updateifmatchetag":
 			if e.ETag == "" {
 				err = azerr.BadRequest("enrollment %s has no etag: updateIfMatchETag replaces only the version read", e.RegistrationID)
 				break
 			}
-			_, err = s.putEnrollment(ctx, e.RegistrationID, e.ETag, false, e)
+			_, err = s.putEnrollment(ctx, e.RegistrationID, e.ETag, e)
 		case "delete":
 			err = s.DeleteEnrollment(ctx, e.RegistrationID, e.ETag)
 		}

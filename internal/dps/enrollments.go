@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -137,14 +138,21 @@ func checkObject(field string, raw json.RawMessage, limit int) error {
 }
 
 // PutEnrollment creates or replaces an individual enrollment. ifMatch is the
-// If-Match header; the body's etag is used when the header is absent, as
-// the service SDKs send it there.
+// If-Match header, or else the body's etag (the service SDKs send it
+// there): without either it only creates, as the hosted service does, so
+// that nobody replaces an enrollment (and its keys) by mistake; "*"
+// replaces any version, an etag only that one.
 func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
-	return s.putEnrollment(ctx, id, ifMatch, false, e)
+	return s.putEnrollment(ctx, id, cmp.Or(ifMatch, e.ETag), e)
 }
 
-// putEnrollment writes e; create refuses to replace an existing one.
-func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create bool, e *Enrollment) (*Enrollment, error) {
+// anyOrNone is the ifMatch of putEnrollment that creates or replaces
+// whatever is there (bulk mode update); store.Put's is "".
+const anyOrNone = "\x00any or none"
+
+// putEnrollment writes e under ifMatch: "" only creates, anyOrNone
+// creates or replaces, "*" or an etag replaces.
+func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
 	id, err := NormalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
@@ -165,12 +173,9 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create 
 	if err := checkRegistrationCN(e); err != nil {
 		return nil, err
 	}
-	if ifMatch == "" {
-		ifMatch = e.ETag
-	}
 	now := s.Now().UTC()
 	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
-	if !create {
+	if ifMatch != "" {
 		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
 			return nil, err
 		} else if old != nil {
@@ -179,22 +184,24 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, create 
 	}
 	e.ETag = ""
 	body, _ := json.Marshal(e)
-	doc := store.Doc{Kind: kindEnrollment, ID: id, Body: body}
-	var d store.Doc
-	if create {
-		d, err = s.store.Create(ctx, doc)
-	} else {
-		d, err = s.store.Put(ctx, doc, ifMatch)
-	}
+	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, ifMatch)
 	s.recentOperations.forget(id) // its keys or certificate may have changed
-	if errors.Is(err, store.ErrExists) {
-		return nil, azerr.New(409203, "Conflict", "enrollment %s exists already: use mode update to replace it", id)
-	}
 	if err != nil {
 		return nil, storeErr(err, "enrollment "+id)
 	}
 	e.ETag = d.ETag
 	return e, nil
+}
+
+// putDoc writes d under putEnrollment's ifMatch rules.
+func putDoc(ctx context.Context, st store.Store, d store.Doc, ifMatch string) (store.Doc, error) {
+	switch ifMatch {
+	case "":
+		return st.Create(ctx, d)
+	case anyOrNone:
+		return st.Put(ctx, d, "")
+	}
+	return st.Put(ctx, d, ifMatch)
 }
 
 // GetEnrollment returns an enrollment with its registration state.
@@ -232,7 +239,8 @@ func (s *Service) ListEnrollments(ctx context.Context, after string, limit int) 
 	return list[Enrollment](ctx, s.store, kindEnrollment, after, limit, func(e *Enrollment, etag string) { e.ETag = etag })
 }
 
-// PutGroup creates or replaces an enrollment group.
+// PutGroup creates or replaces an enrollment group, under PutEnrollment's
+// If-Match rules.
 func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *EnrollmentGroup) (*EnrollmentGroup, error) {
 	id, err := NormalizeID("enrollment group ID", id)
 	if err != nil {
@@ -248,21 +256,19 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	if err := checkAllocation(g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
-	if ifMatch == "" {
-		ifMatch = g.ETag
-	}
+	ifMatch = cmp.Or(ifMatch, g.ETag)
 	now := s.Now().UTC()
-	g.LastUpdatedDateTimeUtc = &now
-	if old, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id, nil); err != nil {
-		return nil, err
-	} else if old != nil {
-		g.CreatedDateTimeUtc = old.CreatedDateTimeUtc
-	} else {
-		g.CreatedDateTimeUtc = &now
+	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc = &now, &now
+	if ifMatch != "" {
+		if old, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id, nil); err != nil {
+			return nil, err
+		} else if old != nil {
+			g.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+		}
 	}
 	g.ETag = ""
 	body, _ := json.Marshal(g)
-	d, err := s.store.Put(ctx, store.Doc{Kind: kindGroup, ID: id, Body: body}, ifMatch)
+	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindGroup, ID: id, Body: body}, ifMatch)
 	s.groups.forget()
 	if err != nil {
 		return nil, storeErr(err, "enrollment group "+id)

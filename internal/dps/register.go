@@ -483,7 +483,9 @@ func (s *Service) eachGroup(ctx context.Context, f func(*EnrollmentGroup) bool) 
 // its operation.
 func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string, att *attestation, payload json.RawMessage) (*Operation, error) {
 	now := s.Now().UTC()
-	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now, Payload: payload}
+	// The device's payload goes to a custom allocation webhook only; the
+	// result carries the webhook's payload, as in the hosted service.
+	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now}
 	read, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
 	if err != nil {
 		return nil, err

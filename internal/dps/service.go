@@ -189,6 +189,8 @@ func storeErr(err error, what string) error {
 		return azerr.PreconditionFailed("%s was changed since the etag in If-Match: read it again and retry", what)
 	case errors.Is(err, store.ErrNotFound):
 		return azerr.New(404201, "NotFound", "%s does not exist", what)
+	case errors.Is(err, store.ErrExists):
+		return azerr.New(409203, "Conflict", "%s exists already: to replace it, send its etag in If-Match (or \"*\" for any version)", what)
 	}
 	return err
 }

@@ -99,7 +99,7 @@ func TestRegistrationRemembersDeviceState(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	en.ETag, en.ProvisioningStatus = "", "disabled"
+	en.ProvisioningStatus = "disabled"
 	if _, err := svc.PutEnrollment(ctx, regID, "", en); err != nil {
 		t.Fatal(err)
 	}

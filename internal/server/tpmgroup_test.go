@@ -161,15 +161,19 @@ func TestEnrolledSRKPinsChallenges(t *testing.T) {
 	otherSRK, _ := softtpm.New(keys).StorageRootKey()
 	ek, _ := dev.EndorsementKey()
 	srk, _ := dev.StorageRootKey()
-	enroll := func(srk []byte) {
-		e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
-			TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek), StorageRootKey: base64.StdEncoding.EncodeToString(srk)}}})
+	enroll := func(srk []byte, ifMatch string) {
+		t.Helper()
+		en := &dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+			TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek), StorageRootKey: base64.StdEncoding.EncodeToString(srk)}}}
+		if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/"+regID, ifMatch, en, nil); err != nil {
+			t.Fatal(err)
+		}
 	}
-	enroll(otherSRK)
+	enroll(otherSRK, "*")
 	if st, b := e.raw("PUT", path, "", body); st != 401 || b["authenticationKey"] != nil || !strings.Contains(fmt.Sprint(b["message"]), "storage root key differs") {
 		t.Fatalf("challenge for an SRK other than the enrolled one: %d %v", st, b)
 	}
-	enroll(srk)
+	enroll(srk, "*")
 	if st, b := e.raw("PUT", path, "", body); st != 401 || b["authenticationKey"] == nil {
 		t.Fatalf("challenge for the enrolled SRK: %d %v", st, b)
 	}
