@@ -334,25 +334,40 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	return storeErr(err, "registration "+id)
 }
 
-// ListRegistrations pages through registration records; groupID "" or "*" means all.
+// ListRegistrations pages through registration records; groupID "" or "*"
+// means all. A page holds at most limit records; one filtered by group
+// reads at most maxScanPages pages of records, and may come back short
+// (even empty) with a continuation, so that no request reads the whole
+// fleet.
 func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, limit int) ([]*RegistrationState, string, error) {
+	all := groupID == "" || groupID == "*"
+	if limit <= 0 || limit > 1000 {
+		limit = 1000
+	}
 	var out []*RegistrationState
-	for {
+	for range maxScanPages {
 		page, next, err := list[RegistrationState](ctx, s.store, kindRegistration, after, limit, func(r *RegistrationState, etag string) { r.ETag, r.TPM = etag, nil })
 		if err != nil {
 			return nil, "", err
 		}
-		for _, r := range page {
-			if groupID == "" || groupID == "*" || strings.EqualFold(r.EnrollmentGroupID, groupID) {
-				out = append(out, r)
+		for i, r := range page {
+			if !all && !strings.EqualFold(r.EnrollmentGroupID, groupID) {
+				continue
+			}
+			out = append(out, r)
+			if len(out) == limit && (i < len(page)-1 || next != "") {
+				return out, r.RegistrationID, nil
 			}
 		}
-		if next == "" || len(out) >= limit {
-			return out, next, nil
+		if next == "" {
+			return out, "", nil
 		}
 		after = next
 	}
+	return out, after, nil
 }
+
+const maxScanPages = 10
 
 // list decodes one page of documents; the continuation is the last ID.
 func list[T any](ctx context.Context, st store.Store, kind, after string, limit int, setETag func(*T, string)) ([]*T, string, error) {

@@ -128,6 +128,36 @@ func TestGroupDerivedKey(t *testing.T) {
 	if err != nil || len(regs) != 1 {
 		t.Fatalf("group registrations %v %v", regs, err)
 	}
+	// Pages of a group's registrations hold at most the page size.
+	if _, err := e.dps.PutEnrollment(ctx, "alone", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, id := range []string{"sensor-20", "sensor-21", "sensor-22", "sensor-23"} {
+		if _, err := e.device(id).RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, id)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	alone, _ := e.dps.GetEnrollment(ctx, "alone")
+	lk, _ := base64.StdEncoding.DecodeString(alone.Attestation.SymmetricKey.PrimaryKey)
+	if _, err := e.device("alone").RegisterSymmetricKey(ctx, lk); err != nil {
+		t.Fatal(err)
+	}
+	var paged []string
+	for after, pages := "", 0; pages < 10; pages++ {
+		page, next, err := e.dps.ListRegistrations(ctx, "line-3", after, 2)
+		if err != nil || len(page) > 2 {
+			t.Fatalf("a page of 2: %d records, %v", len(page), err)
+		}
+		for _, r := range page {
+			paged = append(paged, r.RegistrationID)
+		}
+		if after = next; after == "" {
+			break
+		}
+	}
+	if strings.Join(paged, ",") != "sensor-17,sensor-20,sensor-21,sensor-22,sensor-23" {
+		t.Fatalf("the group's registrations in pages of 2: %v", paged)
+	}
 	// A key derived for another registration ID does not pass.
 	if _, err := e.device("sensor-18").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err == nil {
 		t.Fatal("key of sensor-17 registered sensor-18")
