@@ -118,6 +118,10 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 		return nil, nil, err
 	}
 	if att.status() == "disabled" {
+		if g := att.group; g != nil {
+			return nil, nil, azerr.Unauthorized("enrollment group %s, through which %q registers, is disabled: enable it with "+
+				"`hatchery enrollment-group update --group-id %s --provisioning-status enabled`", g.EnrollmentGroupID, regID, g.EnrollmentGroupID)
+		}
 		return nil, nil, azerr.Unauthorized("the enrollment of %q is disabled: enable it with "+
 			"`hatchery enrollment update --registration-id %s --provisioning-status enabled`", regID, regID)
 	}

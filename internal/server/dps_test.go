@@ -158,6 +158,19 @@ func TestGroupDerivedKey(t *testing.T) {
 	if strings.Join(paged, ",") != "sensor-17,sensor-20,sensor-21,sensor-22,sensor-23" {
 		t.Fatalf("the group's registrations in pages of 2: %v", paged)
 	}
+	// A disabled group says which group to enable, and how.
+	disabled := g
+	disabled.ProvisioningStatus = "disabled"
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line-3", "*", &disabled, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.device("sensor-30").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-30")); err == nil || !strings.Contains(err.Error(), "hatchery enrollment-group update --group-id line-3") {
+		t.Fatalf("registering through a disabled group: %v", err)
+	}
+	g.ETag = ""
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/line-3", "*", &g, nil); err != nil {
+		t.Fatal(err)
+	}
 	// A key derived for another registration ID does not pass.
 	if _, err := e.device("sensor-18").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err == nil {
 		t.Fatal("key of sensor-17 registered sensor-18")
