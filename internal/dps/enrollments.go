@@ -48,12 +48,13 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		if att.SymmetricKey == nil {
 			att.SymmetricKey = &SymmetricKeyAttestation{}
 		}
+		// Generated keys are 64 bytes, as the hosted service makes them.
 		k := att.SymmetricKey
 		if k.PrimaryKey == "" {
-			k.PrimaryKey = s.newKey()
+			k.PrimaryKey = s.randomKey(64)
 		}
 		if k.SecondaryKey == "" {
-			k.SecondaryKey = s.newKey()
+			k.SecondaryKey = s.randomKey(64)
 		}
 		if err := checkKey("attestation.symmetricKey.primaryKey", k.PrimaryKey); err != nil {
 			return err

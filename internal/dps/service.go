@@ -195,10 +195,15 @@ func storeErr(err error, what string) error {
 	return err
 }
 
-func (s *Service) newKey() string {
-	var b [32]byte
-	_, _ = io.ReadFull(s.Rand, b[:])
-	return base64.StdEncoding.EncodeToString(b[:])
+// newKey is a fresh 32-byte key (base64), the size of hub device keys and
+// of the keys a TPM imports.
+func (s *Service) newKey() string { return s.randomKey(32) }
+
+// randomKey is n random bytes in base64.
+func (s *Service) randomKey(n int) string {
+	b := make([]byte, n)
+	_, _ = io.ReadFull(s.Rand, b)
+	return base64.StdEncoding.EncodeToString(b)
 }
 
 // checkKey validates a base64 symmetric key, as Azure does: 16 to 64 bytes.

@@ -298,6 +298,9 @@ func TestBadInputChangesNothing(t *testing.T) {
 func TestIfMatch(t *testing.T) {
 	e := newEnv(t)
 	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "dev-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	if k, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey); len(k) != 64 {
+		t.Errorf("a generated enrollment key of %d bytes, want 64 as the hosted service makes them", len(k))
+	}
 	stale := en.ETag
 	en.DeviceID = "renamed"
 	var upd dps.Enrollment
