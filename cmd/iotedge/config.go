@@ -13,6 +13,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/starthint"
+	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
 func newConfigCmd() *cobra.Command {
@@ -79,6 +81,13 @@ func newConfigApplyCmd() *cobra.Command {
 				defer cancel()
 				if err := client.Reload(ctx); err != nil {
 					return fmt.Errorf("the configuration is valid but the daemon did not take it: %w", err)
+				}
+				// Without systemd nothing starts aziot-tpmd for it.
+				if p := cfg.Provisioning; p.Source == config.SourceDPS && p.Attestation.Method == "tpm" {
+					if _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); errors.Is(err, tpmservice.ErrNotRunning) {
+						fmt.Fprintf(os.Stderr, "warning: the device provisions with its TPM, and aziot-tpmd is not running: %s; the runtime retries until it answers\n",
+							starthint.Service("aziot-tpmd", "aziot-tpmd"))
+					}
 				}
 			}
 			fmt.Println("Done. Check the runtime with `iotedge system status`.")

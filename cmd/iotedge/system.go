@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -14,6 +15,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/edge/mgmt"
+	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
 func withTimeout(cmd *cobra.Command) (context.Context, context.CancelFunc) {
@@ -116,12 +118,16 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 			}
 		case svc == "iotedged" && stErr == nil:
 			state = "Running"
-		case svc == "aziot-tpmd" && stErr == nil:
-			state = "Running"
-			if !st.TPM.OK && st.TPM.Error != "" {
-				state = "Failed: " + st.TPM.Error
-			} else if st.Provisioning.Method != "tpm" {
+		case svc == "aziot-tpmd":
+			// Asked itself: the daemon's view is only as fresh as its last
+			// use of the TPM.
+			switch _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); {
+			case err == nil:
+				state = "Running"
+			case stErr == nil && st.Provisioning.Method != "" && st.Provisioning.Method != "tpm":
 				state = "Not used"
+			case !errors.Is(err, tpmservice.ErrNotRunning):
+				state = "Failed: " + err.Error()
 			}
 		}
 		fmt.Fprintf(tw, "    %s\t%s\n", svc, state)

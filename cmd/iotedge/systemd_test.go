@@ -206,6 +206,7 @@ func TestUnderSystemdWithoutRunningSystemd(t *testing.T) {
 func TestCommandsUseTheDaemonWithoutSystemd(t *testing.T) {
 	calls := fakeSystemd(t, false)
 	t.Setenv("IOTEDGE_NO_SYSTEMD", "")
+	t.Setenv("IOTEDGE_TPM_SOCKET", filepath.Join(t.TempDir(), "tpmd.sock")) // nobody listens
 	d := startFakeDaemon(t)
 
 	for _, c := range []struct {
@@ -217,6 +218,7 @@ func TestCommandsUseTheDaemonWithoutSystemd(t *testing.T) {
 		{[]string{"system", "stop"}, "POST /stop", ""},
 		{[]string{"system", "logs", "--tail", "5"}, "GET /logs?tail=5", ""},
 		{[]string{"system", "status"}, "GET /status", "iotedged      Running"},
+		{[]string{"system", "status"}, "GET /status", "aziot-tpmd    Down"}, // asked itself, not the daemon
 	} {
 		before := len(d.got())
 		out, err := iotedge(t, c.args...)

@@ -8,6 +8,8 @@ import (
 	"io/fs"
 	"net"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/starthint"
 )
 
 // Client reaches the TPM through aziot-tpmd. It has the method set of
@@ -69,6 +71,9 @@ func (c *Client) HMAC(handle uint32, data []byte) ([]byte, error) {
 	return rsp.Digest, nil
 }
 
+// ErrNotRunning says nothing listens on the service's socket.
+var ErrNotRunning = errors.New("aziot-tpmd is not running")
+
 func (c *Client) do(method, path string, body, out any) error {
 	var b []byte
 	if body != nil {
@@ -80,7 +85,7 @@ func (c *Client) do(method, path string, body, out any) error {
 	conn, err := net.DialTimeout("unix", c.socket, 5*time.Second)
 	switch {
 	case err != nil && isNotRunning(err):
-		return fmt.Errorf("aziot-tpmd is not running: start it with `systemctl start aziot-tpmd` (socket %s)", c.socket)
+		return fmt.Errorf("%w: %s (socket %s)", ErrNotRunning, starthint.Service("aziot-tpmd", "aziot-tpmd"), c.socket)
 	case errors.Is(err, fs.ErrPermission):
 		return fmt.Errorf("aziot-tpmd socket %s: permission denied: only the service's user and the socket's group (iotedge by default) may connect", c.socket)
 	case err != nil:

@@ -23,9 +23,11 @@ const DefaultSocket = "/run/aziot/tpmd.sock"
 // The socket is complete before it appears under its name, so no client
 // ever sees it with other permissions. Closing the listener removes it.
 func Listen(socketPath, group string) (net.Listener, error) {
+	// The directory is systemd's RuntimeDirectory=; without systemd it
+	// is made here, as iotedged makes its own.
 	dir := filepath.Dir(socketPath)
-	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-		return nil, fmt.Errorf("socket directory %s does not exist: create it (mkdir -p %s), or let systemd do it with RuntimeDirectory=%s", dir, dir, filepath.Base(dir))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("socket directory %s: %w (create it: mkdir -p %s)", dir, err, dir)
 	}
 	// The kernel's limit is 108 bytes with the NUL; the temporary name
 	// below is longer than socketPath by at most 12.

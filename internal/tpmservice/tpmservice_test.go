@@ -26,6 +26,7 @@ import (
 	"github.com/google/go-tpm/tpm2"
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/starthint"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
@@ -229,7 +230,7 @@ func TestClientNotRunning(t *testing.T) {
 	l.Close()
 	for _, sock := range []string{missing, stale} {
 		_, err := Dial(sock).StorageRootKey()
-		want := "aziot-tpmd is not running: start it with `systemctl start aziot-tpmd` (socket " + sock + ")"
+		want := "aziot-tpmd is not running: " + starthint.Service("aziot-tpmd", "aziot-tpmd") + " (socket " + sock + ")"
 		if err == nil || err.Error() != want {
 			t.Errorf("%s: got %v, want %q", filepath.Base(sock), err, want)
 		}
@@ -238,8 +239,15 @@ func TestClientNotRunning(t *testing.T) {
 
 func TestListen(t *testing.T) {
 	dir := t.TempDir()
-	if _, err := Listen(filepath.Join(dir, "no", "tpmd.sock"), ""); err == nil || !strings.Contains(err.Error(), "does not exist") {
-		t.Errorf("missing directory: %v", err)
+	other := t.TempDir()
+	made, err := Listen(filepath.Join(other, "new", "tpmd.sock"), "")
+	if err != nil {
+		t.Fatalf("a socket in a directory not made yet: %v", err)
+	}
+	made.Close()
+	os.WriteFile(filepath.Join(other, "notdir"), nil, 0o600)
+	if _, err := Listen(filepath.Join(other, "notdir", "tpmd.sock"), ""); err == nil || !strings.Contains(err.Error(), "socket directory") {
+		t.Errorf("a file where the directory goes: %v", err)
 	}
 	file := filepath.Join(dir, "file")
 	os.WriteFile(file, nil, 0o600)

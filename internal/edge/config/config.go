@@ -260,6 +260,10 @@ func Load(path string) (*Config, []Warning, error) {
 				"then run 'sudo iotedge config apply'", path, LegacyPath)
 		}
 		template := filepath.Join(filepath.Dir(path), "config.toml.edge.template")
+		if _, err := os.Stat(template); err != nil { // not installed from the package
+			return nil, nil, fmt.Errorf("%s does not exist: create it from packaging/config.toml.edge.template of the source tree "+
+				"(the package installs it as %s), then edit it", path, template)
+		}
 		return nil, nil, fmt.Errorf("%s does not exist: create it from the template with 'sudo cp %s %s', then edit it", path, template, path)
 	case errors.Is(err, fs.ErrPermission):
 		return nil, nil, fmt.Errorf("%s: permission denied: run as root (sudo)", path)

@@ -284,7 +284,15 @@ management_uri = "fd://aziot-edged.mgmt.socket"
 
 func TestLoad(t *testing.T) {
 	dir := t.TempDir()
+	// Without the package's template beside it, the source tree's.
 	_, _, err := Load(filepath.Join(dir, "config.toml"))
+	if err == nil || !strings.Contains(err.Error(), "packaging/config.toml.edge.template") {
+		t.Errorf("Load of a missing file, no template: %v", err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "config.toml.edge.template"), nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = Load(filepath.Join(dir, "config.toml"))
 	want := "sudo cp " + filepath.Join(dir, "config.toml.edge.template") + " " + filepath.Join(dir, "config.toml")
 	if err == nil || !strings.Contains(err.Error(), want) {
 		t.Errorf("Load of a missing file: %v; want it to say %q", err, want)

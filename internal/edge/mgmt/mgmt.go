@@ -16,6 +16,8 @@ import (
 	"net/url"
 	"strings"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/starthint"
 )
 
 // DefaultSocket is where the daemon listens unless told otherwise.
@@ -105,7 +107,7 @@ func dialError(err error) error {
 		return fmt.Errorf("this user may not talk to the IoT Edge daemon (%v): run the command with sudo, "+
 			"or join the group that may with `sudo usermod -aG iotedge $USER` and log in again", op.Err)
 	}
-	return fmt.Errorf("%w (%v): start it with `sudo systemctl start iotedged`, or run `iotedged` in the foreground", ErrNotRunning, op.Err)
+	return fmt.Errorf("%w (%v): %s", ErrNotRunning, op.Err, starthint.Service("iotedged", "iotedged"))
 }
 
 // ErrNotRunning says the daemon is not listening.

@@ -7,6 +7,8 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/hatchery/hatchery/internal/starthint"
 )
 
 // TestDialError: a socket the user may not open is not a stopped daemon.
@@ -17,7 +19,7 @@ func TestDialError(t *testing.T) {
 	if err := dialError(dial(syscall.EACCES)); errors.Is(err, ErrNotRunning) || !strings.Contains(err.Error(), "sudo usermod -aG iotedge") {
 		t.Errorf("permission denied: %v", err)
 	}
-	if err := dialError(dial(syscall.ENOENT)); !errors.Is(err, ErrNotRunning) || !strings.Contains(err.Error(), "systemctl start iotedged") {
+	if err := dialError(dial(syscall.ENOENT)); !errors.Is(err, ErrNotRunning) || !strings.Contains(err.Error(), starthint.Service("iotedged", "iotedged")) {
 		t.Errorf("no socket: %v", err)
 	}
 	other := errors.New("malformed HTTP response")

@@ -22,6 +22,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/starthint"
 )
 
 // Labels that mark the containers of an agent. The owner label's value is
@@ -157,7 +159,7 @@ func (e *Engine) transportError(ctx context.Context, err error) error {
 		if errors.Is(err, fs.ErrPermission) {
 			return fmt.Errorf("cannot reach the container engine at %s: %w; run as root or as a member of the docker group", e.uri, op)
 		}
-		return fmt.Errorf("cannot reach the container engine at %s: %w; is it running? Start it with `systemctl start docker`", e.uri, op)
+		return fmt.Errorf("cannot reach the container engine at %s: %w; is it running? %s", e.uri, op, starthint.Service("docker", "dockerd"))
 	}
 	return fmt.Errorf("container engine at %s: %w", e.uri, err)
 }

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/starthint"
 )
 
 func TestNewURI(t *testing.T) {
@@ -39,12 +41,13 @@ func TestPingUnreachable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	hint := starthint.Service("docker", "dockerd")
 	err = e.Ping(context.Background())
-	if err == nil || !strings.Contains(err.Error(), sock) || !strings.Contains(err.Error(), "systemctl start docker") {
-		t.Fatalf("Ping = %v, want an error naming %s and saying systemctl start docker", err, sock)
+	if err == nil || !strings.Contains(err.Error(), sock) || !strings.Contains(err.Error(), hint) {
+		t.Fatalf("Ping = %v, want an error naming %s and saying %s", err, sock, hint)
 	}
 	// Every call explains it, not only Ping.
-	if _, err := e.List(context.Background()); err == nil || !strings.Contains(err.Error(), "systemctl start docker") {
+	if _, err := e.List(context.Background()); err == nil || !strings.Contains(err.Error(), hint) {
 		t.Fatalf("List = %v", err)
 	}
 }
