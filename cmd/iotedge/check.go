@@ -265,8 +265,9 @@ func newSupportBundleCmd() *cobra.Command {
 			}
 			defer f.Close()
 			z := zip.NewWriter(f)
+			now := time.Now()
 			put := func(name string, write func(io.Writer) error) {
-				w, err := z.Create(name)
+				w, err := z.CreateHeader(&zip.FileHeader{Name: name, Method: zip.Deflate, Modified: now})
 				if err == nil {
 					if err := write(w); err != nil {
 						fmt.Fprintf(w, "\nerror: %v\n", err)

@@ -1,15 +1,18 @@
 package main
 
 import (
+	"archive/zip"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"io"
 	"math/big"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -72,5 +75,38 @@ auth = { serveraddress = "r.example", username = "edge", password = 'SECRET4' }
 	}
 	if out, err := redactedConfig([]byte("connection_string = \"SECRET5\n")); err == nil || strings.Contains(err.Error()+string(out), "SECRET") {
 		t.Fatalf("a config that does not parse: %v %s", err, out)
+	}
+}
+
+// The support bundle holds what it can collect, each file dated now (zip
+// entries without a date show as 1980), and says what it could not.
+func TestSupportBundle(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("IOTEDGE_CONFIG", filepath.Join(dir, "config.toml"))
+	t.Setenv("IOTEDGE_HOST", "unix://"+filepath.Join(dir, "mgmt.sock"))
+	t.Setenv("IOTEDGE_TPM_SOCKET", filepath.Join(dir, "tpmd.sock"))
+	out := filepath.Join(dir, "bundle.zip")
+	if msg, err := iotedge(t, "support-bundle", "--output", out); err != nil {
+		t.Fatalf("%v\n%s", err, msg)
+	}
+	z, err := zip.OpenReader(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer z.Close()
+	var names []string
+	for _, f := range z.File {
+		names = append(names, f.Name)
+		if d := time.Since(f.Modified); d < -time.Minute || d > time.Minute {
+			t.Errorf("%s dated %s", f.Name, f.Modified)
+		}
+	}
+	if !slices.Equal(names, []string{"config.toml", "check.json", "status.json", "logs/iotedged.log"}) {
+		t.Errorf("bundle holds %v", names)
+	}
+	f, _ := z.Open("status.json")
+	b, _ := io.ReadAll(f)
+	if !strings.Contains(string(b), "error:") {
+		t.Errorf("status.json of a daemon that does not run: %s", b)
 	}
 }
