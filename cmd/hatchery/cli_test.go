@@ -217,7 +217,7 @@ func TestOperatorCLI(t *testing.T) {
 		}
 		return e.Attestation.SymmetricKey.PrimaryKey, e.Attestation.SymmetricKey.SecondaryKey
 	}
-	p1, s1 := keys("enrollment", "show", "--registration-id", "pinned")
+	p1, s1 := keys("enrollment", "show", "--registration-id", "pinned", "--show-keys")
 	p2, s2 := keys("enrollment", "rotate-keys", "--registration-id", "pinned", "--key", "secondary")
 	if p2 != p1 || s2 == s1 || s2 == "" {
 		t.Errorf("rotating the secondary key: %s %s → %s %s", p1, s1, p2, s2)

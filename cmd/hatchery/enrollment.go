@@ -1,7 +1,10 @@
 package main
 
 import (
+	"cmp"
+	"crypto/rand"
 	"crypto/tls"
+	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -78,6 +81,25 @@ func showCmd[T any](r resource, short string, view func(*cobra.Command, *T) erro
 		return view(cmd, out)
 	}}
 	r.flags(c)
+	return c
+}
+
+// showWithKeys is showCmd for enrollments and groups, whose reads leave
+// their symmetric keys out: --show-keys fetches them from the attestation
+// mechanism, as `az iot dps enrollment show --show-keys` does.
+func showWithKeys[T any](r resource, short string, att func(*T) *dps.Attestation, view func(*cobra.Command, *T) error) *cobra.Command {
+	var keys bool
+	c := showCmd(r, short, func(cmd *cobra.Command, v *T) error {
+		if keys {
+			a, err := call[dps.Attestation](cmd, r.svc, "POST", r.path()+"/attestationmechanism", "", nil)
+			if err != nil {
+				return err
+			}
+			*att(v) = *a
+		}
+		return view(cmd, v)
+	})
+	c.Flags().BoolVar(&keys, "show-keys", false, "include the symmetric keys")
 	return c
 }
 
@@ -401,7 +423,7 @@ func enrollmentCmd() *cobra.Command {
 		f.register(c, true)
 		return c
 	}
-	show := showCmd(enrollment, "Show an enrollment and its registration state", showEnrollment)
+	show := showWithKeys(enrollment, "Show an enrollment and its registration state", func(e *dps.Enrollment) *dps.Attestation { return &e.Attestation }, showEnrollment)
 	del := enrollment.deleteCmd("Delete an enrollment")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollments", RunE: func(cmd *cobra.Command, _ []string) error {
 		all, err := queryAll[dps.Enrollment](cmd, dpsClient, "/enrollments/query", "*")
@@ -470,15 +492,18 @@ func rotateCmd(idFlag func(*cobra.Command), rotate func(cmd *cobra.Command, whic
 	return c
 }
 
-// regenerate empties one key, which the service then generates afresh.
+// regenerate gives one key a fresh value (64 bytes, as the service makes
+// them); the service keeps the other, which reads do not show.
 func regenerate(a *dps.Attestation, which string) error {
 	if a.SymmetricKey == nil {
 		return fmt.Errorf("the enrollment uses %s attestation: only symmetric keys rotate", a.Type)
 	}
+	b := make([]byte, 64)
+	_, _ = rand.Read(b)
 	if which == "primary" {
-		a.SymmetricKey.PrimaryKey = ""
+		a.SymmetricKey.PrimaryKey = base64.StdEncoding.EncodeToString(b)
 	} else {
-		a.SymmetricKey.SecondaryKey = ""
+		a.SymmetricKey.SecondaryKey = base64.StdEncoding.EncodeToString(b)
 	}
 	return nil
 }
@@ -499,7 +524,7 @@ func allocationText(policy, static string, hubs []string) string {
 func credentialRow(a dps.Attestation) [2]string {
 	switch {
 	case a.SymmetricKey != nil:
-		return [2]string{"Primary key", a.SymmetricKey.PrimaryKey}
+		return [2]string{"Primary key", cmp.Or(a.SymmetricKey.PrimaryKey, "(not shown: --show-keys shows it)")}
 	case a.TPM != nil:
 		return [2]string{"Endorsement key", a.TPM.EndorsementKey[:min(len(a.TPM.EndorsementKey), 24)] + "…"}
 	case a.X509 != nil:

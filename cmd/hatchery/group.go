@@ -39,7 +39,7 @@ func groupCmd() *cobra.Command {
 		f.register(c, false)
 		return c
 	}
-	show := showCmd(group, "Show an enrollment group", showGroup)
+	show := showWithKeys(group, "Show an enrollment group", func(g *dps.EnrollmentGroup) *dps.Attestation { return &g.Attestation }, showGroup)
 	del := group.deleteCmd("Delete an enrollment group")
 	listCmd := &cobra.Command{Use: "list", Short: "List enrollment groups", RunE: func(cmd *cobra.Command, _ []string) error {
 		all, err := queryAll[dps.EnrollmentGroup](cmd, dpsClient, "/enrollmentGroups/query", "*")

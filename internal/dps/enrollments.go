@@ -165,6 +165,16 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	if e.DeviceID != "" && !hubid.Valid(e.DeviceID) {
 		return nil, azerr.BadRequest("deviceId %q is not valid in IoT Hub: use %s, or leave it out to use the registration ID", e.DeviceID, hubid.Rule)
 	}
+	now := s.Now().UTC()
+	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
+	if ifMatch != "" {
+		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
+			return nil, err
+		} else if old != nil {
+			e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+			e.Attestation.keepKeys(old.Attestation)
+		}
+	}
 	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
 		return nil, err
 	}
@@ -173,15 +183,6 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	}
 	if err := checkRegistrationCN(e); err != nil {
 		return nil, err
-	}
-	now := s.Now().UTC()
-	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
-	if ifMatch != "" {
-		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
-			return nil, err
-		} else if old != nil {
-			e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
-		}
 	}
 	e.ETag = ""
 	body, _ := json.Marshal(e)
@@ -251,12 +252,6 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 		return nil, azerr.BadRequest("enrollmentGroupId %q in the body differs from %q in the URL", g.EnrollmentGroupID, id)
 	}
 	g.EnrollmentGroupID = id
-	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
-		return nil, err
-	}
-	if err := checkAllocation(g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
-		return nil, err
-	}
 	ifMatch = cmp.Or(ifMatch, g.ETag)
 	now := s.Now().UTC()
 	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc = &now, &now
@@ -265,7 +260,14 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 			return nil, err
 		} else if old != nil {
 			g.CreatedDateTimeUtc = old.CreatedDateTimeUtc
+			g.Attestation.keepKeys(old.Attestation)
 		}
+	}
+	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
+		return nil, err
+	}
+	if err := checkAllocation(g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
+		return nil, err
 	}
 	g.ETag = ""
 	body, _ := json.Marshal(g)

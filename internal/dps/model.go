@@ -5,6 +5,7 @@
 package dps
 
 import (
+	"cmp"
 	"encoding/json"
 	"time"
 
@@ -102,8 +103,44 @@ type TPMAttestation struct {
 
 // SymmetricKeyAttestation holds base64 keys.
 type SymmetricKeyAttestation struct {
-	PrimaryKey   string `json:"primaryKey"`
-	SecondaryKey string `json:"secondaryKey"`
+	PrimaryKey   string `json:"primaryKey,omitempty"`
+	SecondaryKey string `json:"secondaryKey,omitempty"`
+}
+
+// Redacted is e as reads and queries show it: without its symmetric keys,
+// which only its attestation mechanism (and the answer to a write) shows,
+// as in the hosted service.
+func (e Enrollment) Redacted() *Enrollment {
+	e.Attestation = e.Attestation.withoutKeys()
+	return &e
+}
+
+// Redacted is g as reads and queries show it (Enrollment.Redacted).
+func (g EnrollmentGroup) Redacted() *EnrollmentGroup {
+	g.Attestation = g.Attestation.withoutKeys()
+	return &g
+}
+
+func (a Attestation) withoutKeys() Attestation {
+	if a.SymmetricKey != nil {
+		a.SymmetricKey = &SymmetricKeyAttestation{}
+	}
+	return a
+}
+
+// keepKeys gives a, an update of stored, the stored symmetric keys it
+// leaves out: reads do not show them, so an enrollment read, changed and
+// written back keeps its keys. A new key is sent, not left out.
+func (a *Attestation) keepKeys(stored Attestation) {
+	if a.Type != AttestationSymmetricKey || stored.SymmetricKey == nil {
+		return
+	}
+	if a.SymmetricKey == nil {
+		a.SymmetricKey = &SymmetricKeyAttestation{}
+	}
+	k := a.SymmetricKey
+	k.PrimaryKey = cmp.Or(k.PrimaryKey, stored.SymmetricKey.PrimaryKey)
+	k.SecondaryKey = cmp.Or(k.SecondaryKey, stored.SymmetricKey.SecondaryKey)
 }
 
 // Capabilities of the device in its hub.

@@ -33,7 +33,13 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 	service("PUT /enrollments/{id}", withBody(func(r *http.Request, e *dps.Enrollment) (any, error) {
 		return d.PutEnrollment(r.Context(), id(r), ifMatch(r), e)
 	}))
-	service("GET /enrollments/{id}", reply(func(r *http.Request) (any, error) { return d.GetEnrollment(r.Context(), id(r)) }))
+	service("GET /enrollments/{id}", reply(func(r *http.Request) (any, error) {
+		e, err := d.GetEnrollment(r.Context(), id(r))
+		if err != nil {
+			return nil, err
+		}
+		return e.Redacted(), nil
+	}))
 	service("DELETE /enrollments/{id}", noContent(func(r *http.Request) error { return d.DeleteEnrollment(r.Context(), id(r), ifMatch(r)) }))
 	service("POST /enrollments/{id}/attestationmechanism", reply(func(r *http.Request) (any, error) {
 		e, err := d.GetEnrollment(r.Context(), id(r))
@@ -42,7 +48,7 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		}
 		return e.Attestation, nil
 	}))
-	service("POST /enrollments/query", query("Enrollment", d.ListEnrollments))
+	service("POST /enrollments/query", query("Enrollment", redactedPages(d.ListEnrollments, dps.Enrollment.Redacted)))
 	bulk := func(w http.ResponseWriter, r *http.Request) error {
 		var op dps.BulkOperation
 		// Up to dps.MaxBulk enrollments with certificates or endorsement keys.
@@ -62,7 +68,13 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 	service("PUT /enrollmentGroups/{id}", withBody(func(r *http.Request, g *dps.EnrollmentGroup) (any, error) {
 		return d.PutGroup(r.Context(), id(r), ifMatch(r), g)
 	}))
-	service("GET /enrollmentGroups/{id}", reply(func(r *http.Request) (any, error) { return d.GetGroup(r.Context(), id(r)) }))
+	service("GET /enrollmentGroups/{id}", reply(func(r *http.Request) (any, error) {
+		g, err := d.GetGroup(r.Context(), id(r))
+		if err != nil {
+			return nil, err
+		}
+		return g.Redacted(), nil
+	}))
 	service("DELETE /enrollmentGroups/{id}", noContent(func(r *http.Request) error { return d.DeleteGroup(r.Context(), id(r), ifMatch(r)) }))
 	service("POST /enrollmentGroups/{id}/attestationmechanism", reply(func(r *http.Request) (any, error) {
 		g, err := d.GetGroup(r.Context(), id(r))
@@ -71,7 +83,7 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		}
 		return g.Attestation, nil
 	}))
-	service("POST /enrollmentGroups/query", query("EnrollmentGroup", d.ListGroups))
+	service("POST /enrollmentGroups/query", query("EnrollmentGroup", redactedPages(d.ListGroups, dps.EnrollmentGroup.Redacted)))
 	// Linked hubs are managed in Azure's resource manager; here they are
 	// part of the service API, under the same policy.
 	service("PUT /linkedHubs/{id}", withBody(func(r *http.Request, h *dps.LinkedHub) (any, error) {
@@ -225,9 +237,23 @@ func continuation(r *http.Request) (string, error) {
 // without conditions.
 var selectAll = regexp.MustCompile(`(?i)^\s*select\s+\*(\s+from\s+[a-z]+)?\s*$`)
 
+// pages lists a collection a page at a time (querySpec's after and limit).
+type pages[T any] func(ctx context.Context, after string, limit int) ([]*T, string, error)
+
+// redactedPages is list with each item as redact shows it.
+func redactedPages[T any](list pages[T], redact func(T) *T) pages[T] {
+	return func(ctx context.Context, after string, limit int) ([]*T, string, error) {
+		items, next, err := list(ctx, after, limit)
+		for i, v := range items {
+			items[i] = redact(*v)
+		}
+		return items, next, err
+	}
+}
+
 // query answers a query endpoint: one page of list, with the continuation
 // token and item type headers the service SDKs read.
-func query[T any](itemType string, list func(ctx context.Context, after string, limit int) ([]*T, string, error)) handler {
+func query[T any](itemType string, list pages[T]) handler {
 	return func(w http.ResponseWriter, r *http.Request) error {
 		after, limit, err := querySpec(r)
 		if err != nil {

@@ -301,6 +301,25 @@ func TestIfMatch(t *testing.T) {
 	if k, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey); len(k) != 64 {
 		t.Errorf("a generated enrollment key of %d bytes, want 64 as the hosted service makes them", len(k))
 	}
+	// Reads and queries leave the keys out; the attestation mechanism has
+	// them; what a read shows, written back, keeps them.
+	var read dps.Enrollment
+	var mech dps.Attestation
+	var listed []dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "GET", "/enrollments/dev-1", "", nil, &read); err != nil || read.Attestation.SymmetricKey == nil || *read.Attestation.SymmetricKey != (dps.SymmetricKeyAttestation{}) {
+		t.Fatalf("a read shows keys: %v %+v", err, read.Attestation.SymmetricKey)
+	}
+	if err := e.dpsAPI.Do(ctx, "POST", "/enrollments/query", "", map[string]string{"query": "*"}, &listed); err != nil || len(listed) != 1 || listed[0].Attestation.SymmetricKey.PrimaryKey != "" {
+		t.Fatalf("a query shows keys: %v %+v", err, listed)
+	}
+	if err := e.dpsAPI.Do(ctx, "POST", "/enrollments/dev-1/attestationmechanism", "", nil, &mech); err != nil || *mech.SymmetricKey != *en.Attestation.SymmetricKey {
+		t.Fatalf("attestation mechanism: %v %+v", err, mech.SymmetricKey)
+	}
+	var rewritten dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/dev-1", "", &read, &rewritten); err != nil || *rewritten.Attestation.SymmetricKey != *en.Attestation.SymmetricKey {
+		t.Fatalf("a read written back: %v %+v, want the keys kept", err, rewritten.Attestation.SymmetricKey)
+	}
+	en = &rewritten
 	stale := en.ETag
 	en.DeviceID = "renamed"
 	var upd dps.Enrollment

@@ -127,6 +127,10 @@ describe('enrollments through azure-iot-provisioning-service', () => {
     need('edgeCreated', 'create symmetric-key enrollment');
     const { responseBody: current } = await call('getIndividualEnrollment(edge)', () => svc.getIndividualEnrollment(edgeId));
     assert.equal(current.etag, state.edgeCreated.etag);
+    assert.equal(current.attestation.symmetricKey.primaryKey, undefined, 'a read shows no keys');
+    const { responseBody: mech } = await call('getIndividualEnrollmentAttestationMechanism(edge)', () =>
+      svc.getIndividualEnrollmentAttestationMechanism(edgeId));
+    assert.equal(mech.symmetricKey.primaryKey, edgeKeys.primaryKey);
     const staleEtag = current.etag;
 
     const update = JSON.parse(JSON.stringify(current));
@@ -168,7 +172,8 @@ describe('enrollments through azure-iot-provisioning-service', () => {
 
     const { responseBody: got } = await call('getEnrollmentGroup', () => svc.getEnrollmentGroup(groupId));
     assert.equal(got.enrollmentGroupId, groupId);
-    assert.equal(got.attestation.symmetricKey.primaryKey, groupKeys.primaryKey);
+    assert.equal(got.attestation.type, 'symmetricKey');
+    assert.equal(got.attestation.symmetricKey.primaryKey, undefined, 'a read shows no keys: the attestation mechanism does');
     assert.deepEqual(got.initialTwin.tags, groupTags);
     assert.equal(got.etag, g.etag);
     state.group = got;
