@@ -275,6 +275,7 @@ func TestOperatorCLI(t *testing.T) {
 		{[]string{"hub", "unlink", "--hostname", "ghost.example"}, "no linked hub"},
 		{[]string{"enrollment", "rotate-keys", "--registration-id", "cam-1", "--key", "primary"}, "only symmetric keys rotate"},
 		{[]string{"enrollment", "rotate-keys", "--registration-id", "pinned", "--key", "both"}, "use primary or secondary"},
+		{[]string{"enrollment", "create", "--registration-id", "pinned", "--attestation-type", "symmetrickey"}, "exists already: to replace it, send its etag in If-Match (or \"*\" for any version) (HTTP 409); the update command changes it"},
 		{[]string{"hub", "link", "--hostname", "ghost.example", "--allocation-weight", "2"}, "is not linked"},
 		{[]string{"hub", "link", "--hostname", "localhost", "--latency", "10.0.0.0=5"}, "CIDR"},
 		{[]string{"enrollment", "create", "--registration-id", "x", "--attestation-type", "symmetrickey", "--reprovision-policy", "sometimes"}, "use reprovisionandmigratedata"},

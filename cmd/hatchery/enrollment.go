@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/azclient"
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/dps"
 )
@@ -554,7 +555,11 @@ func putEnrollment[T any](cmd *cobra.Command, path string, update bool, fresh *T
 	if err := edit(v); err != nil {
 		return nil, err
 	}
-	return call[T](cmd, dpsClient, "PUT", path, etag(v), v)
+	out, err := call[T](cmd, dpsClient, "PUT", path, etag(v), v)
+	if !update && azerr.HasStatus(err, 409) {
+		return nil, fmt.Errorf("%w; the update command changes it", err)
+	}
+	return out, err
 }
 
 // queryAll follows continuation tokens to the end.
