@@ -722,6 +722,11 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 		} else {
 			c.SystemMetrics = twinMetrics(c, n[i].targeted, n[i].applied)
 		}
+		// Empty, not null, where there are none, as the SDKs iterate them.
+		if c.Metrics.Queries == nil {
+			c.Metrics.Queries = map[string]string{}
+		}
+		c.Metrics.Results = map[string]int64{}
 		if len(c.Metrics.Queries) > 0 {
 			if modules == nil {
 				var err error
@@ -729,7 +734,6 @@ func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
 					return err
 				}
 			}
-			c.Metrics.Results = map[string]int64{}
 			for name, q := range c.Metrics.Queries {
 				c.Metrics.Results[name] = s.countQuery(ctx, q, modules)
 			}

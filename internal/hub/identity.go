@@ -385,6 +385,23 @@ func (s *Service) Statistics(ctx context.Context) (*RegistryStatistics, error) {
 	return st, err
 }
 
+// ServiceStatistics is GET /statistics/service.
+type ServiceStatistics struct {
+	ConnectedDeviceCount int64 `json:"connectedDeviceCount"`
+}
+
+// ServiceStatistics counts the connected devices.
+func (s *Service) ServiceStatistics(ctx context.Context) (*ServiceStatistics, error) {
+	st := &ServiceStatistics{}
+	err := s.eachRecord(ctx, kindDevice, func(r *record) error {
+		if r.Device.ConnectionState == "Connected" {
+			st.ConnectedDeviceCount++
+		}
+		return nil
+	})
+	return st, err
+}
+
 // ListModules returns a device's module identities.
 func (s *Service) ListModules(ctx context.Context, device string) ([]*Device, error) {
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {

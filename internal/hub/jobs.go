@@ -176,27 +176,35 @@ func (s *Service) CancelJob(ctx context.Context, id string) (*Job, error) {
 }
 
 // QueryJobs lists jobs, of a type and status if given (GET
-// /jobs/v2/query), page by page after the job ID after.
+// /jobs/v2/query), page by page after the job ID after. A page holds at
+// most limit jobs; it reads at most ten times that many, and may come
+// back short with a continuation, so that no request reads every job.
 func (s *Service) QueryJobs(ctx context.Context, jobType, status, after string, limit int) ([]*Job, string, error) {
-	docs, err := s.store.List(ctx, kindJob, after, limit)
-	if err != nil {
-		return nil, "", err
-	}
 	out := []*Job{}
-	for _, d := range docs {
-		var rec jobRecord
-		if err := json.Unmarshal(d.Body, &rec); err != nil {
+	for range 10 {
+		docs, err := s.store.List(ctx, kindJob, after, limit)
+		if err != nil {
 			return nil, "", err
 		}
-		if (jobType == "" || rec.Type == jobType) && (status == "" || rec.Status == status) {
+		for i, d := range docs {
+			var rec jobRecord
+			if err := json.Unmarshal(d.Body, &rec); err != nil {
+				return nil, "", err
+			}
+			if (jobType != "" && rec.Type != jobType) || (status != "" && rec.Status != status) {
+				continue
+			}
 			out = append(out, &rec.Job)
+			if len(out) == limit && (i < len(docs)-1 || len(docs) == limit) {
+				return out, d.ID, nil
+			}
 		}
+		if len(docs) < limit {
+			return out, "", nil
+		}
+		after = docs[len(docs)-1].ID
 	}
-	next := ""
-	if len(docs) == limit {
-		next = docs[len(docs)-1].ID
-	}
-	return out, next, nil
+	return out, after, nil
 }
 
 func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, error) {

@@ -102,6 +102,14 @@ func TestJobs(t *testing.T) {
 	if err != nil || len(jobs) != 1 || jobs[0].JobID != "fw" {
 		t.Fatalf("query: %v %v", jobs, err)
 	}
+	// A page of one holds the first job that matches, not the first job.
+	jobs, next, err := s.QueryJobs(ctx, JobCallMethod, "", "", 1)
+	if err != nil || len(jobs) != 1 || jobs[0].JobID != "reboot" {
+		t.Fatalf("a page of one method job: %v %v", jobs, err)
+	}
+	if jobs, _, err := s.QueryJobs(ctx, JobCallMethod, "", next, 1); err != nil || len(jobs) != 0 {
+		t.Fatalf("the page after the last method job: %v %v", jobs, err)
+	}
 }
 
 // A job whose replica stopped is taken over by another, after the last

@@ -61,6 +61,11 @@ func TestDeploymentsTargetTags(t *testing.T) {
 	if c.SystemMetrics.Results["targetedCount"] != 2 || c.SystemMetrics.Results["appliedCount"] != 2 {
 		t.Fatalf("metrics %+v", c.SystemMetrics.Results)
 	}
+	// No custom metrics are empty objects, not null: the SDKs iterate them.
+	var raw map[string]json.RawMessage
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/prod-sensor", "", nil, &raw); err != nil || string(raw["metrics"]) != `{"queries":{},"results":{}}` {
+		t.Fatalf("metrics of a deployment without custom ones: %v %s", err, raw["metrics"])
+	}
 	if e.agentImage("edge-a") != "sensor:1" || e.agentImage("edge-b") != "sensor:1" || e.agentImage("edge-c") != "" {
 		t.Fatalf("images a=%q b=%q c=%q", e.agentImage("edge-a"), e.agentImage("edge-b"), e.agentImage("edge-c"))
 	}

@@ -46,6 +46,7 @@ func (a *api) routesHub(mux *http.ServeMux) {
 	service(sas.RegistryWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
 	service(sas.RegistryRead, "GET /jobs/v2/query", a.queryJobs)
 	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
+	service(sas.ServiceConnect, "GET /statistics/service", reply(func(r *http.Request) (any, error) { return h.ServiceStatistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
 	for _, prefix := range []string{"/twins/{id}", "/twins/{id}/modules/{mid}"} {
 		service(sas.ServiceConnect, "GET "+prefix, reply(func(r *http.Request) (any, error) { return h.GetTwin(r.Context(), ref(r)) }))

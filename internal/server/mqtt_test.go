@@ -145,6 +145,12 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method result %+v %s", res, res.Payload)
 	}
+	// The service statistics (of the .NET, Python and Java service SDKs)
+	// count the connected device.
+	var stats hub.ServiceStatistics
+	if err := e.hubAPI.Do(ctx, "GET", "/statistics/service", "", nil, &stats); err != nil || stats.ConnectedDeviceCount != 1 {
+		t.Fatalf("service statistics: %v %+v", err, stats)
+	}
 	// An answer that is not JSON is the device's fault, said so at once.
 	err = e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "garble", "responseTimeoutInSeconds": 10}, &res)
 	if azerr.As(err).Status() != 502 || !strings.Contains(err.Error(), "not JSON") {
