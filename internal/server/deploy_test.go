@@ -145,6 +145,22 @@ func TestDeploymentsTargetTags(t *testing.T) {
 	if len(rows) != 2 {
 		t.Fatalf("query rows %v", rows)
 	}
+	// A row is the whole twin, as GET /twins shows it, and conditions
+	// reach every field of it.
+	var twin map[string]any
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/edge-a", "", nil, &twin); err != nil {
+		t.Fatal(err)
+	}
+	rows = nil
+	q := "SELECT * FROM devices WHERE deviceId = 'edge-a' AND authenticationType = 'sas' AND statusUpdateTime > '2000-01-01' AND cloudToDeviceMessageCount = 0"
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": q}, &rows); err != nil || len(rows) != 1 {
+		t.Fatalf("%s: %v %v", q, err, rows)
+	}
+	for k, v := range twin {
+		if got, _ := json.Marshal(rows[0][k]); string(got) != mustJSON(v) {
+			t.Errorf("query row's %s: %s, GET /twins: %s", k, got, mustJSON(v))
+		}
+	}
 
 	// Bad deployments are refused with what to fix, and change nothing.
 	emptyModule := manifest("x")
