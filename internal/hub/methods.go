@@ -56,12 +56,15 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	reg := s.methods[r]
-	s.mu.Unlock()
-	notOnline := azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
-	if reg == nil && (s.relay == nil || rec.Device.ConnectionState != "Connected") {
-		return nil, notOnline
+	reg, online := s.methodTarget(rec, r)
+	if !online && req.ConnectTimeoutInSeconds > 0 {
+		reg, online, err = s.awaitMethodTarget(ctx, r, time.Duration(req.ConnectTimeoutInSeconds)*time.Second)
+		if err != nil {
+			return nil, err
+		}
+	}
+	if !online {
+		return nil, azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
 	}
 	payload := req.Payload
 	if len(payload) == 0 {
@@ -85,6 +88,44 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	return &MethodResult{Status: status, Payload: resp}, nil
 }
 
+// methodTarget is the connection here that answers r's methods, if any,
+// and whether r can be called: through it, or through the replica the
+// record (rec) says it is connected to.
+func (s *Service) methodTarget(rec *record, r Ref) (*MethodHandler, bool) {
+	s.mu.Lock()
+	reg := s.methods[r]
+	s.mu.Unlock()
+	return reg, reg != nil || s.relay != nil && rec.Device.ConnectionState == "Connected"
+}
+
+// awaitMethodTarget waits up to wait (connectTimeoutInSeconds) for r to
+// come online, looking every methodPoll.
+func (s *Service) awaitMethodTarget(ctx context.Context, r Ref, wait time.Duration) (*MethodHandler, bool, error) {
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	tick := time.NewTicker(methodPoll)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil, false, nil
+		case <-tick.C:
+		}
+		rec, _, err := s.load(ctx, r)
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, false, nil
+			}
+			return nil, false, err
+		}
+		if reg, online := s.methodTarget(rec, r); online {
+			return reg, true, nil
+		}
+	}
+}
+
+const methodPoll = 250 * time.Millisecond
+
 // methodError is how a method call without an answer is reported.
 func methodError(r Ref, name string, timeout time.Duration, err error) *azerr.Error {
 	if e, ok := errors.AsType[*azerr.Error](err); ok {
@@ -101,6 +142,8 @@ const maxMethodPayload = 128 << 10
 
 // check refuses a request the hosted hub refuses: no name or one over 128
 // characters, a payload over 128 KiB, a timeout out of range.
+// connectTimeoutInSeconds is how long to wait for an offline device to
+// connect (0, the default: not at all).
 func (req *MethodRequest) check() error {
 	switch {
 	case req.MethodName == "":
@@ -109,6 +152,8 @@ func (req *MethodRequest) check() error {
 		return azerr.BadRequest("methodName is longer than 128 characters")
 	case len(req.Payload) > maxMethodPayload:
 		return azerr.New(413001, "MessageTooLarge", "the payload is %d bytes: direct methods carry at most %d", len(req.Payload), maxMethodPayload)
+	case req.ConnectTimeoutInSeconds < 0 || req.ConnectTimeoutInSeconds > 300:
+		return azerr.BadRequest("connectTimeoutInSeconds must be between 0 and 300")
 	}
 	_, err := req.timeout()
 	return err
