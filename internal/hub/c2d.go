@@ -171,6 +171,7 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 		case err != nil:
 			return nil, "", err
 		}
+		s.noteActivity(ctx, device)
 		return m, strings.TrimPrefix(m.ID, device+"/") + "." + m.LockToken, nil
 	}
 	return nil, "", nil

@@ -46,6 +46,7 @@ type Service struct {
 	calls  map[string]chan struct{} // method calls relayed from here, awaiting answers (mu)
 
 	runningJobs map[string]bool // jobs this replica runs (mu)
+	activity    activity        // when devices' lastActivityTime was last recorded here
 	jobBatch    int             // devices a job runner works on at once
 }
 
@@ -224,7 +225,11 @@ func (s *Service) SendEvent(ctx context.Context, r Ref, props map[string]string,
 	if err := s.admit(r, now, Message{Properties: props, Body: body}); err != nil {
 		return 0, err
 	}
-	return s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: now})
+	seq, err := s.store.AppendEvent(ctx, store.Event{DeviceID: r.Device, ModuleID: r.Module, Properties: props, Body: body, Enqueued: now})
+	if err == nil {
+		s.noteActivity(ctx, r.Device)
+	}
+	return seq, err
 }
 
 // Message is a device-to-cloud message as a device sends it.
@@ -249,6 +254,7 @@ func (s *Service) SendEvents(ctx context.Context, r Ref, msgs []Message) error {
 			return err
 		}
 	}
+	s.noteActivity(ctx, r.Device)
 	return nil
 }
 
