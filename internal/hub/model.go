@@ -120,6 +120,9 @@ type record struct {
 	// Connection names the device's latest connection (on any replica), so
 	// that an older one closing does not mark it disconnected.
 	Connection string `json:"connection,omitempty"`
+	// Session is what the identity subscribed to in its persistent
+	// session (MQTT's CleanSession 0), kept across its connections.
+	Session []Subscription `json:"session,omitempty"`
 }
 
 // DesiredVersion reads $version from the desired document.

@@ -103,11 +103,17 @@ func (s *Service) AuthorizeService(header, right string) error {
 
 // Grant is what a connection was authenticated against: its device's
 // credentials and its own (a module may sign with either), as they were,
-// and when the token or certificate it presented expires.
+// and when the token or certificate it presented expires; and the session
+// the identity kept.
 type Grant struct {
 	device, identity Authentication
 	until            time.Time
+	session          []Subscription
 }
+
+// Session is what the identity's persistent session was subscribed to
+// when it authenticated (KeepSession).
+func (g Grant) Session() []Subscription { return g.session }
 
 // Authenticate checks a device (or module) by its SAS token or, without
 // one, the client certificate chain of its TLS connection (x509.go); a
@@ -117,7 +123,7 @@ func (s *Service) Authenticate(ctx context.Context, r Ref, token string, chain [
 	if err != nil {
 		return Grant{}, err
 	}
-	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication, until: until}, nil
+	return Grant{device: dev.Device.Authentication, identity: id.Device.Authentication, until: until, session: id.Session}, nil
 }
 
 // byCredentials is Authenticate, returning the device's record and the

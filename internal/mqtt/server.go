@@ -23,7 +23,8 @@ type Handler interface {
 	// Authenticate is called for CONNECT; return 0 to accept, or a CONNACK
 	// return code (e.g. 5 not authorized, 4 bad username/password, 2
 	// identifier rejected). It may attach per-connection state with
-	// c.SetValue. An invalid code refuses with 5.
+	// c.SetValue, and resume a session the client kept (c.ResumeSession).
+	// An invalid code refuses with 5.
 	Authenticate(c *Conn, p *Connect) byte
 	// Published is called for each PUBLISH from the client. The server sends
 	// the PUBACK of a QoS 1 message only after Published returns nil; an error
@@ -63,8 +64,9 @@ const (
 
 // Server accepts MQTT 3.1.1 connections and hands their packets to Handler.
 // It implements QoS 0 and 1 only: a QoS 2 or retained PUBLISH from a client
-// closes the connection, QoS 2 subscriptions are granted QoS 1, and every
-// session is clean (CONNACK's session present is always 0).
+// closes the connection, and QoS 2 subscriptions are granted QoS 1. It keeps
+// no sessions itself: a Handler that keeps a client's subscriptions resumes
+// them with Conn.ResumeSession.
 type Server struct {
 	Handler        Handler
 	MaxPacketSize  int           // default DefaultMaxPacketSize (256 KiB + 8 KiB)
@@ -240,6 +242,7 @@ type Conn struct {
 	closed   bool
 	closeErr error
 	subs     []subscription
+	resume   []Subscription // what ResumeSession asked to subscribe again; nil: no session
 	inflight map[uint16]func(error) // QoS 1 packets sent, awaiting PUBACK
 	nextID   uint16
 	value    any
@@ -290,6 +293,17 @@ func (c *Conn) Value() any {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.value
+}
+
+// ResumeSession, called from Handler.Authenticate for a client that
+// connected with CleanSession 0, resumes the session the Handler kept for
+// it: the CONNACK says a session is present, and the server then subscribes
+// the client to subs again, calling Handler.Subscribe for each as for a
+// SUBSCRIBE (without a SUBACK), before it reads the client's next packet.
+func (c *Conn) ResumeSession(subs []Subscription) {
+	c.mu.Lock()
+	c.resume = append([]Subscription{}, subs...)
+	c.mu.Unlock()
 }
 
 // Close closes the connection; Handler.Closed then receives ErrConnClosed.
@@ -603,13 +617,20 @@ func (c *Conn) connect() error {
 		code = RefusedNotAuthorized
 	}
 	c.accepted = code == Accepted // from here on Closed must be called
-	if err := c.write(&Connack{ReturnCode: code}); err != nil {
+	c.mu.Lock()
+	resume := c.resume
+	c.resume = nil
+	c.mu.Unlock()
+	if err := c.write(&Connack{SessionPresent: code == Accepted && resume != nil, ReturnCode: code}); err != nil {
 		return err
 	}
 	if code != Accepted {
 		return fmt.Errorf("%w: CONNACK return code %d", errRefused, code)
 	}
 	c.nc.SetReadDeadline(time.Time{})
+	for _, sub := range resume {
+		c.grant(sub)
+	}
 	return nil
 }
 
@@ -670,23 +691,7 @@ func (c *Conn) handle(p Packet) error {
 	case *Subscribe:
 		codes := make([]byte, len(p.Subscriptions))
 		for i, sub := range p.Subscriptions {
-			undo := c.subscribe(sub.Filter, min(sub.QoS, 1))
-			g := h.Subscribe(c, sub.Filter, sub.QoS)
-			switch {
-			case g == SubscribeFailure:
-			case g <= 2:
-				g = min(g, sub.QoS, 1)
-			default:
-				c.srv.logger().Error("mqtt: Handler.Subscribe returned an invalid code; refusing the filter",
-					"code", g, "client_id", c.clientID, "filter", sub.Filter)
-				g = SubscribeFailure
-			}
-			codes[i] = g
-			if g == SubscribeFailure {
-				undo()
-			} else {
-				c.subscribe(sub.Filter, g)
-			}
+			codes[i] = c.grant(sub)
 		}
 		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: codes})
 	case *Unsubscribe:
@@ -708,6 +713,28 @@ func (c *Conn) handle(p Packet) error {
 
 // subscribe records filter at qos (adding or replacing, section 3.8.4); undo puts back what there was before
 // (the filter at its former QoS, or nothing).
+// grant asks the Handler about one filter, subscribes the client to it if
+// granted, and returns the SUBACK code.
+func (c *Conn) grant(sub Subscription) byte {
+	undo := c.subscribe(sub.Filter, min(sub.QoS, 1))
+	g := c.srv.Handler.Subscribe(c, sub.Filter, sub.QoS)
+	switch {
+	case g == SubscribeFailure:
+	case g <= 2:
+		g = min(g, sub.QoS, 1)
+	default:
+		c.srv.logger().Error("mqtt: Handler.Subscribe returned an invalid code; refusing the filter",
+			"code", g, "client_id", c.clientID, "filter", sub.Filter)
+		g = SubscribeFailure
+	}
+	if g == SubscribeFailure {
+		undo()
+	} else {
+		c.subscribe(sub.Filter, g)
+	}
+	return g
+}
+
 func (c *Conn) subscribe(filter string, qos byte) (undo func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

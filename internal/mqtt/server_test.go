@@ -34,6 +34,7 @@ type closedEvent struct {
 type testHandler struct {
 	published func(c *Conn, p *Publish) error             // optional
 	subscribe func(c *Conn, filter string, qos byte) byte // optional; else forbidden/ is refused
+	resume    []Subscription                               // optional: the session kept for CleanSession 0
 
 	accepted chan *Conn
 	closed   chan closedEvent
@@ -52,6 +53,9 @@ func (h *testHandler) Authenticate(c *Conn, p *Connect) byte {
 		return RefusedNotAuthorized
 	}
 	c.SetValue("device:" + p.ClientID)
+	if h.resume != nil && !p.CleanSession {
+		c.ResumeSession(h.resume)
+	}
 	h.accepted <- c
 	return Accepted
 }
@@ -845,5 +849,33 @@ func TestSendWhileSubscribing(t *testing.T) {
 	}
 	if p := readAs[*Publish](c); p.QoS != 1 {
 		t.Fatalf("a refused SUBSCRIBE changed the granted QoS: %+v", p)
+	}
+}
+
+// A session the Handler kept is resumed: CONNACK says so, and the client
+// is subscribed again to what the Handler still grants, without a SUBACK.
+func TestResumeSession(t *testing.T) {
+	h := newTestHandler()
+	h.resume = []Subscription{{"$iothub/methods/POST/#", 0}, {"forbidden/x", 1}}
+	ts := startServer(t, h, false)
+	c := ts.dial(t)
+	if ack := c.connect("dev-1", "secret", 60); ack.ReturnCode != Accepted || !ack.SessionPresent {
+		t.Fatalf("CONNACK %+v, want accepted with a session present", ack)
+	}
+	sc := h.waitAccepted(t)
+	if err := sc.Send("$iothub/methods/POST/reboot/?$rid=1", []byte("{}"), 0, nil); err != nil {
+		t.Fatalf("Send on a resumed subscription: %v", err)
+	}
+	if p := readAs[*Publish](c); p.Topic != "$iothub/methods/POST/reboot/?$rid=1" {
+		t.Fatalf("received %+v", p)
+	}
+	if err := sc.Send("forbidden/x", nil, 0, nil); err != ErrNotSubscribed {
+		t.Fatalf("Send on a resumed filter the handler refused: %v", err)
+	}
+
+	h.resume = nil
+	c2 := ts.dial(t)
+	if ack := c2.connect("dev-2", "secret", 60); ack.SessionPresent {
+		t.Fatalf("CONNACK %+v without a kept session", ack)
 	}
 }

@@ -22,9 +22,9 @@ import (
 // startDPSMQTT serves the device endpoint with DPS registrations on loopback.
 func (e *env) startDPSMQTT() string { return e.serveMQTT(NewDeviceEndpointWithDPS(e.hub, e.dps)) }
 
-// dpsClient is a minimal registration client on the raw MQTT codec, doing
-// what the SDKs' MQTT provisioning transports do.
-type dpsClient struct {
+// rawClient is a minimal client on the raw MQTT codec: a registration,
+// doing what the SDKs' MQTT provisioning transports do, or a device.
+type rawClient struct {
 	t      *testing.T
 	conn   net.Conn
 	rd     *bufio.Reader
@@ -39,7 +39,15 @@ type dpsReply struct {
 }
 
 // dialDPS connects as a registration; code is the CONNACK return code.
-func (e *env) dialDPS(t *testing.T, addr, username, clientID, password string, cert *tls.Certificate) (*dpsClient, byte) {
+func (e *env) dialDPS(t *testing.T, addr, username, clientID, password string, cert *tls.Certificate) (*rawClient, byte) {
+	t.Helper()
+	c := e.dialRaw(t, addr, cert)
+	return c, c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: clientID,
+		HasUsername: true, Username: username, HasPassword: password != "", Password: []byte(password)}).ReturnCode
+}
+
+// dialRaw opens a TLS connection to the MQTT endpoint at addr.
+func (e *env) dialRaw(t *testing.T, addr string, cert *tls.Certificate) *rawClient {
 	t.Helper()
 	conf := e.tls.Clone()
 	conf.ServerName = "example.com" // the test server's certificate
@@ -51,17 +59,21 @@ func (e *env) dialDPS(t *testing.T, addr, username, clientID, password string, c
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { conn.Close() })
-	c := &dpsClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
-	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: clientID,
-		HasUsername: true, Username: username, HasPassword: password != "", Password: []byte(password)})
-	ack, ok := c.read().(*mqtt.Connack)
-	if !ok {
-		t.Fatal("no CONNACK")
-	}
-	return c, ack.ReturnCode
+	return &rawClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
 }
 
-func (c *dpsClient) write(p mqtt.Packet) {
+// connect sends p and returns the CONNACK.
+func (c *rawClient) connect(p *mqtt.Connect) *mqtt.Connack {
+	c.t.Helper()
+	c.write(p)
+	ack, ok := c.read().(*mqtt.Connack)
+	if !ok {
+		c.t.Fatal("no CONNACK")
+	}
+	return ack
+}
+
+func (c *rawClient) write(p mqtt.Packet) {
 	c.t.Helper()
 	b, err := p.Encode(nil)
 	if err != nil {
@@ -74,7 +86,7 @@ func (c *dpsClient) write(p mqtt.Packet) {
 }
 
 // read returns the next packet; a closed connection fails the test.
-func (c *dpsClient) read() mqtt.Packet {
+func (c *rawClient) read() mqtt.Packet {
 	c.t.Helper()
 	p, err := c.tryRead()
 	if err != nil {
@@ -83,14 +95,14 @@ func (c *dpsClient) read() mqtt.Packet {
 	return p
 }
 
-func (c *dpsClient) tryRead() (mqtt.Packet, error) {
+func (c *rawClient) tryRead() (mqtt.Packet, error) {
 	_ = c.conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 	return mqtt.ReadPacket(c.rd, mqtt.DefaultMaxPacketSize)
 }
 
-func (c *dpsClient) id() uint16 { c.nextID++; return c.nextID }
+func (c *rawClient) id() uint16 { c.nextID++; return c.nextID }
 
-func (c *dpsClient) subscribe(filter string) byte {
+func (c *rawClient) subscribe(filter string) byte {
 	c.t.Helper()
 	id := c.id()
 	c.write(&mqtt.Subscribe{PacketID: id, Subscriptions: []mqtt.Subscription{{Filter: filter, QoS: 1}}})
@@ -101,13 +113,13 @@ func (c *dpsClient) subscribe(filter string) byte {
 	}
 }
 
-func (c *dpsClient) publish(topic string, body []byte) {
+func (c *rawClient) publish(topic string, body []byte) {
 	c.t.Helper()
 	c.write(&mqtt.Publish{QoS: 1, PacketID: c.id(), Topic: topic, Payload: body})
 }
 
 // request publishes at QoS 1 and returns the reply carrying the same $rid.
-func (c *dpsClient) request(topic, rid string, body []byte) dpsReply {
+func (c *rawClient) request(topic, rid string, body []byte) dpsReply {
 	c.t.Helper()
 	c.publish(topic, body)
 	for {
@@ -136,16 +148,16 @@ func (c *dpsClient) request(topic, rid string, body []byte) dpsReply {
 	}
 }
 
-func (c *dpsClient) register(rid string, body string) dpsReply {
+func (c *rawClient) register(rid string, body string) dpsReply {
 	return c.request("$dps/registrations/PUT/iotdps-register/?$rid="+rid, rid, []byte(body))
 }
 
-func (c *dpsClient) poll(rid, opID string) dpsReply {
+func (c *rawClient) poll(rid, opID string) dpsReply {
 	return c.request("$dps/registrations/GET/iotdps-get-operationstatus/?$rid="+rid+"&operationId="+url.QueryEscape(opID), rid, []byte(" "))
 }
 
 // closed waits for the server to end the connection.
-func (c *dpsClient) closed() bool {
+func (c *rawClient) closed() bool {
 	for {
 		if _, err := c.tryRead(); err != nil {
 			var ne net.Error

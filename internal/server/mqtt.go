@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -46,6 +47,34 @@ type session struct {
 	c2dSent   map[string]bool              // C2D messages sent on this connection and still queued, by store ID
 	methods   map[string]chan methodAnswer // by $rid
 	nextRID   atomic.Uint64
+	// kept is what a persistent session (CleanSession 0) is subscribed
+	// to, as the hub keeps it; nil for a clean session. Only the
+	// connection's packet handling touches it, one packet at a time.
+	kept       []hub.Subscription
+	persistent bool
+}
+
+// keep records in the hub that the session is subscribed to filter with
+// qos (mqtt.SubscribeFailure: no longer), for its next connection to
+// resume; a clean session keeps nothing.
+func (d *DeviceEndpoint) keep(s *session, filter string, qos byte) {
+	if !s.persistent {
+		return
+	}
+	kept := slices.DeleteFunc(slices.Clone(s.kept), func(k hub.Subscription) bool { return k.Filter == filter })
+	if qos != mqtt.SubscribeFailure {
+		kept = append(kept, hub.Subscription{Filter: filter, QoS: qos})
+	}
+	if slices.Equal(kept, s.kept) {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := d.hub.KeepSession(ctx, s.ref, kept); err != nil {
+		slog.Warn("keeping a device's MQTT session", "identity", s.ref.String(), "error", err)
+		return
+	}
+	s.kept = kept
 }
 
 // watch reports whether filter's watcher is to be started: the first time
@@ -181,6 +210,24 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 		return mqtt.RefusedServerUnavailable
 	}
 	sess.onClose(detach)
+	// A persistent session resumes what the identity subscribed to in its
+	// last one (the SDKs reconnect to renew their token without
+	// subscribing again); a clean one ends it.
+	switch kept := grant.Session(); {
+	case !p.CleanSession:
+		sess.persistent, sess.kept = true, kept
+		subs := make([]mqtt.Subscription, len(kept))
+		for i, k := range kept {
+			subs[i] = mqtt.Subscription{Filter: k.Filter, QoS: k.QoS}
+		}
+		if len(subs) > 0 {
+			c.ResumeSession(subs)
+		}
+	case len(kept) > 0:
+		if err := d.hub.KeepSession(ctx, r, nil); err != nil {
+			slog.Warn("ending a device's MQTT session", "identity", r.String(), "error", err)
+		}
+	}
 	return mqtt.Accepted
 }
 
@@ -298,6 +345,14 @@ func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
 		return d.subscribeDPS(c, ds, filter, qos)
 	}
 	s := sess(c)
+	g := d.subscribe(c, s, filter, qos)
+	if g != mqtt.SubscribeFailure {
+		d.keep(s, filter, g)
+	}
+	return g
+}
+
+func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos byte) byte {
 	switch filter {
 	case "$iothub/twin/res/#":
 		return min(qos, 1)
@@ -341,8 +396,13 @@ func (d *DeviceEndpoint) sendDesired(c *mqtt.Conn, s *session) {
 	}))
 }
 
-// Unsubscribe needs nothing: watchers end with the connection.
-func (d *DeviceEndpoint) Unsubscribe(*mqtt.Conn, string) {}
+// Unsubscribe takes the filter out of a persistent session; watchers end
+// with the connection.
+func (d *DeviceEndpoint) Unsubscribe(c *mqtt.Conn, filter string) {
+	if s := sess(c); s != nil {
+		d.keep(s, filter, mqtt.SubscribeFailure)
+	}
+}
 
 func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *session, name string, payload json.RawMessage) (int, json.RawMessage, error) {
 	rid := strconv.FormatUint(s.nextRID.Add(1), 16)

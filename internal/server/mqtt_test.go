@@ -324,6 +324,46 @@ func TestMQTTTokenExpiryDisconnects(t *testing.T) {
 	again.Close()
 }
 
+// A device that connects with CleanSession 0 finds what it subscribed to
+// in its last connection (the SDKs do not subscribe again when they
+// reconnect to renew a token); a clean session ends it.
+func TestMQTTPersistentSession(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	connect := func(clean bool) (*rawClient, *mqtt.Connack) {
+		c := e.dialRaw(t, addr, nil)
+		return c, c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: clean, KeepAlive: 60, ClientID: "d1",
+			HasUsername: true, Username: host + "/d1/?api-version=2021-04-12",
+			HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Hour)))})
+	}
+	c, ack := connect(false)
+	if ack.ReturnCode != mqtt.Accepted || ack.SessionPresent {
+		t.Fatalf("first CONNACK %+v", ack)
+	}
+	if g := c.subscribe("$iothub/twin/res/#"); g != 1 {
+		t.Fatalf("SUBACK %d", g)
+	}
+	c.conn.Close()
+
+	c, ack = connect(false)
+	if !ack.SessionPresent {
+		t.Fatalf("CONNACK %+v, want the session present", ack)
+	}
+	c.write(&mqtt.Publish{Topic: "$iothub/twin/GET/?$rid=7"})
+	if p, ok := c.read().(*mqtt.Publish); !ok || !strings.HasPrefix(p.Topic, "$iothub/twin/res/200/?$rid=7") {
+		t.Fatalf("twin GET without subscribing again: %+v", p)
+	}
+	c.conn.Close()
+
+	c, _ = connect(true)
+	c.conn.Close()
+	if _, ack = connect(false); ack.SessionPresent {
+		t.Fatalf("CONNACK %+v after a clean session, want none present", ack)
+	}
+}
+
 func (e *env) dialCert(addr, device, module string, cert tls.Certificate) (*hubdevice.Client, error) {
 	conf := e.tls.Clone()
 	conf.ServerName = "example.com"

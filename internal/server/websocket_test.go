@@ -43,7 +43,7 @@ func TestMQTTOverWebSocket(t *testing.T) {
 	}
 	conn := websocket.NetConn(context.Background(), ws, websocket.MessageBinary)
 	defer conn.Close()
-	c := &dpsClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
+	c := &rawClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
 	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: "ws-1",
 		HasUsername: true, Username: host + "/ws-1/?api-version=2021-04-12"})
 	if ack, ok := c.read().(*mqtt.Connack); !ok || ack.ReturnCode != mqtt.Accepted {

@@ -521,6 +521,55 @@ describe('device client over HTTPS (azure-iot-device + azure-iot-device-http)', 
   });
 });
 
+describe('a device client that renews its token (azure-iot-device SharedAccessKeyAuthenticationProvider)', () => {
+  const { SharedAccessKeyAuthenticationProvider } = require('azure-iot-device');
+  const renewingId = `interop-hub-renewing-${suffix}`;
+  let client;
+  after(() => closeDevice(client));
+
+  // The SDK connects with CleanSession 0 and renews its token by
+  // reconnecting without subscribing again; the hub closes a connection
+  // whose token expired. Its twin, methods and cloud-to-device messages
+  // must keep working across renewals: the hub resumes the session.
+  it('keeps its twin, methods and cloud-to-device messages across token renewals', { timeout: TEST_MS }, async () => {
+    const keys = { primaryKey: h.randomKey(), secondaryKey: h.randomKey() };
+    await sdk('Registry.create(renewing)', () => registry.create({ deviceId: renewingId, authentication: { symmetricKey: keys } }));
+    // 6 s tokens, renewed 3 s before they expire.
+    const auth = SharedAccessKeyAuthenticationProvider.fromConnectionString(deviceConnectionString(renewingId, keys.primaryKey), 6, 3);
+    let renewals = 0;
+    auth.on('newTokenAvailable', () => renewals++);
+    client = DeviceClient.fromAuthenticationProvider(auth, Mqtt);
+    client.on('error', () => {});
+    await sdk('open with a renewing token', () => client.open());
+    const twin = await sdk('client.getTwin', () => client.getTwin());
+    const value = crypto.randomInt(1000000);
+    const patches = waiter('desired patch after renewals', (p) => p && p.renewed === value);
+    twin.on('properties.desired', (p) => patches.push(JSON.parse(JSON.stringify(p))));
+    client.onDeviceMethod('ping', (request, response) => response.send(200, { pong: true }, () => {}));
+    const messages = waiter('cloud-to-device message after renewals', (m) => m === `after-${value}`);
+    client.on('message', (msg) => {
+      messages.push(msg.data.toString('utf8'));
+      client.complete(msg, () => {});
+    });
+    await roundTrip(client);
+
+    await new Promise((r) => setTimeout(r, 10000)); // past an expiry, through two renewals
+    assert.ok(renewals >= 2, `${renewals} token renewals in 10 s`);
+
+    const { result } = await sdk('Client.invokeDeviceMethod after renewals', () =>
+      service.invokeDeviceMethod(renewingId, { methodName: 'ping', payload: null, responseTimeoutInSeconds: 10 }));
+    assert.equal(result.status, 200, `result: ${JSON.stringify(result)}`);
+    await sdk('Registry.updateTwin after renewals', () => registry.updateTwin(renewingId, { properties: { desired: { renewed: value } } }, '*'));
+    await patches.wait();
+    const res = await hubRequest('POST', `/devices/${encodeURIComponent(renewingId)}/messages/deviceBound?api-version=${API_VERSION}`,
+      { headers: { 'Content-Type': 'text/plain' }, body: `after-${value}` });
+    assert.ok(res.status >= 200 && res.status < 300, `POST deviceBound: HTTP ${res.status}: ${res.body}`);
+    await messages.wait();
+    await sdk('reported patch after renewals', () => new Promise((resolve, reject) =>
+      twin.properties.reported.update({ renewed: value }, (err) => (err ? reject(err) : resolve()))));
+  });
+});
+
 describe('device client over MQTT over WebSocket on 443 (azure-iot-device-mqtt MqttWs)', () => {
   const { MqttWs } = require('azure-iot-device-mqtt');
   let client;
