@@ -242,7 +242,7 @@ type Conn struct {
 	closed   bool
 	closeErr error
 	subs     []subscription
-	resume   []Subscription // what ResumeSession asked to subscribe again; nil: no session
+	resume   []Subscription         // what ResumeSession asked to subscribe again; nil: no session
 	inflight map[uint16]func(error) // QoS 1 packets sent, awaiting PUBACK
 	nextID   uint16
 	value    any

@@ -34,7 +34,7 @@ type closedEvent struct {
 type testHandler struct {
 	published func(c *Conn, p *Publish) error             // optional
 	subscribe func(c *Conn, filter string, qos byte) byte // optional; else forbidden/ is refused
-	resume    []Subscription                               // optional: the session kept for CleanSession 0
+	resume    []Subscription                              // optional: the session kept for CleanSession 0
 
 	accepted chan *Conn
 	closed   chan closedEvent
