@@ -121,7 +121,7 @@ func TestDeviceEventBatch(t *testing.T) {
 			t.Errorf("%s: HTTP %d", what, st)
 		}
 	}
-	if st := post(`[{"body":"Yw==","properties":{"iothub-messageid":"m-3","iothub-app-k":"3"}}]`); st != 204 {
+	if st := post(`[{"body":"Yw==","properties":{"iothub-messageid":"m-3","iothub-app-k":"3","IoTHub-App-MyKey":"kept"}}]`); st != 204 {
 		t.Fatalf("batch with a message ID: HTTP %d", st)
 	}
 	evs, err := e.st.Events(ctx, "d1", 0, 10)
@@ -129,7 +129,7 @@ func TestDeviceEventBatch(t *testing.T) {
 		t.Fatal(err)
 	}
 	if len(evs) != 3 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" ||
-		evs[2].Properties["$.mid"] != "m-3" || evs[2].Properties["k"] != "3" {
+		evs[2].Properties["$.mid"] != "m-3" || evs[2].Properties["k"] != "3" || evs[2].Properties["MyKey"] != "kept" {
 		t.Fatalf("events %+v", evs)
 	}
 }

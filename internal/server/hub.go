@@ -237,8 +237,9 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 	for i, m := range batch {
 		props := map[string]string{}
 		for k, v := range m.Properties {
-			if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok {
-				props[name] = v
+			// The JSON keeps a property's case, which headers lose.
+			if len(k) > len(appPrefix) && strings.EqualFold(k[:len(appPrefix)], appPrefix) {
+				props[k[len(appPrefix):]] = v
 			} else if sys, ok := systemProperties[strings.ToLower(k)]; ok {
 				props[sys] = v
 			} else {
@@ -396,12 +397,16 @@ func eventJSON(e hub.Event) map[string]any {
 	return m
 }
 
+// appPrefix marks an application property among HTTPS headers.
+const appPrefix = "iothub-app-"
+
 // appProperties are a message's application properties, which HTTPS
-// carries as iothub-app-* headers.
+// carries as iothub-app-* headers; header names have no case (HTTP/2 sends
+// them in lower case), so the names come in lower case.
 func appProperties(h http.Header) map[string]string {
 	props := map[string]string{}
 	for k, v := range h {
-		if name, ok := strings.CutPrefix(strings.ToLower(k), "iothub-app-"); ok && len(v) > 0 {
+		if name, ok := strings.CutPrefix(strings.ToLower(k), appPrefix); ok && len(v) > 0 {
 			props[name] = v[0]
 		}
 	}

@@ -273,7 +273,8 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	defer cancel()
 	switch {
 	case strings.HasPrefix(p.Topic, s.own()+"messages/events/") || p.Topic+"/" == s.own()+"messages/events/":
-		bag := strings.TrimPrefix(strings.TrimPrefix(p.Topic, s.own()+"messages/events"), "/")
+		// The property bag may end in "/", as the Node SDK's output events do.
+		bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(p.Topic, s.own()+"messages/events"), "/"), "/")
 		props, err := url.ParseQuery(bag)
 		if err != nil {
 			return fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)

@@ -103,6 +103,16 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if len(evs) != 1 || evs[0].Properties["alert"] != "no" || string(evs[0].Body) != `{"temp":21}` {
 		t.Fatalf("events %+v", evs)
 	}
+	// A property bag may end in "/" (the Node SDK's output events).
+	if err := c.Publish("devices/d1/messages/events/%24.on=output1&Mode=Fast/", []byte("{}")); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(10 * time.Second); len(evs) < 2 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		evs, _ = e.st.Events(ctx, "d1", 0, 10)
+	}
+	if len(evs) != 2 || evs[1].Properties["$.on"] != "output1" || evs[1].Properties["Mode"] != "Fast" {
+		t.Fatalf("event with a trailing slash: %+v", evs)
+	}
 
 	// Reported properties, and the twin as the device reads it.
 	if v, err := c.PatchReported(ctx, map[string]any{"firmware": "1.2"}); err != nil || v != 2 {
