@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 )
@@ -150,6 +152,9 @@ func (req *MethodRequest) check() error {
 		return azerr.BadRequest("methodName is required")
 	case len(req.MethodName) > 128:
 		return azerr.BadRequest("methodName is longer than 128 characters")
+	case strings.ContainsAny(req.MethodName, "/?#+\x00") || !utf8.ValidString(req.MethodName):
+		// Devices read the name from an MQTT topic, as it is.
+		return azerr.BadRequest("methodName %q has a character a device's MQTT topic cannot carry (/ ? # + NUL)", req.MethodName)
 	case len(req.Payload) > maxMethodPayload:
 		return azerr.New(413001, "MessageTooLarge", "the payload is %d bytes: direct methods carry at most %d", len(req.Payload), maxMethodPayload)
 	case req.ConnectTimeoutInSeconds < 0 || req.ConnectTimeoutInSeconds > 300:

@@ -419,7 +419,7 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 	// The caller's timeout holds even while a device that does not read
 	// keeps the write waiting.
 	sent := make(chan error, 1)
-	go func() { sent <- c.Send("$iothub/methods/POST/"+url.PathEscape(name)+"/?$rid="+rid, payload, 0, nil) }()
+	go func() { sent <- c.Send("$iothub/methods/POST/"+name+"/?$rid="+rid, payload, 0, nil) }()
 	select {
 	case err := <-sent:
 		if err != nil {

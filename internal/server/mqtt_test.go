@@ -155,6 +155,15 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method result %+v %s", res, res.Payload)
 	}
+	// The name reaches the device as it is, in the topic; one a topic
+	// cannot carry is refused.
+	if err := e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "spa ce", "responseTimeoutInSeconds": 10}, &res); err != nil ||
+		string(res.Payload) != `{"echo":null,"method":"spa ce"}` {
+		t.Fatalf("method name with a space: %v %s", err, res.Payload)
+	}
+	if err := e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "a/b"}, nil); azerr.As(err).Status() != 400 {
+		t.Fatalf("method name with a slash: %v", err)
+	}
 	// The service statistics (of the .NET, Python and Java service SDKs)
 	// count the connected device.
 	var stats hub.ServiceStatistics
