@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"os/exec"
 	"strings"
@@ -126,6 +127,8 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 				state = "Running"
 			case stErr == nil && st.Provisioning.Method != "" && st.Provisioning.Method != "tpm":
 				state = "Not used"
+			case errors.Is(err, fs.ErrPermission):
+				state = "Unknown (this user may not ask it: run with sudo)"
 			case !errors.Is(err, tpmservice.ErrNotRunning):
 				state = "Failed: " + err.Error()
 			}

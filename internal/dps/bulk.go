@@ -61,15 +61,17 @@ func (s *Service) Bulk(ctx context.Context, op *BulkOperation) (*BulkResult, err
 		var err error
 		switch mode {
 		case "create":
-			_, err = s.putEnrollment(ctx, e.RegistrationID, "", e)
+			if _, err = s.putEnrollment(ctx, e.RegistrationID, write{}, e); azerr.HasStatus(err, 409) {
+				err = azerr.New(409203, "Conflict", "enrollment %s exists already: use mode update to replace it", e.RegistrationID)
+			}
 		case "update": // whatever version is there, if any
-			_, err = s.putEnrollment(ctx, e.RegistrationID, anyOrNone, e)
+			_, err = s.putEnrollment(ctx, e.RegistrationID, write{upsert: true}, e)
 		case "updateifmatchetag":
 			if e.ETag == "" {
 				err = azerr.BadRequest("enrollment %s has no etag: updateIfMatchETag replaces only the version read", e.RegistrationID)
 				break
 			}
-			_, err = s.putEnrollment(ctx, e.RegistrationID, e.ETag, e)
+			_, err = s.putEnrollment(ctx, e.RegistrationID, writeIf(e.ETag), e)
 		case "delete":
 			err = s.DeleteEnrollment(ctx, e.RegistrationID, e.ETag)
 		}

@@ -144,16 +144,24 @@ func checkObject(field string, raw json.RawMessage, limit int) error {
 // that nobody replaces an enrollment (and its keys) by mistake; "*"
 // replaces any version, an etag only that one.
 func (s *Service) PutEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
-	return s.putEnrollment(ctx, id, cmp.Or(ifMatch, e.ETag), e)
+	return s.putEnrollment(ctx, id, writeIf(cmp.Or(ifMatch, e.ETag)), e)
 }
 
-// anyOrNone is the ifMatch of putEnrollment that creates or replaces
-// whatever is there (bulk mode update); store.Put's is "".
-const anyOrNone = "\x00any or none"
+// write is how putEnrollment and PutGroup write: create only (ifMatch ""),
+// replace the version ifMatch names ("*": any), or, with upsert, create or
+// replace whatever is there (bulk mode update).
+type write struct {
+	ifMatch string
+	upsert  bool
+}
 
-// putEnrollment writes e under ifMatch: "" only creates, anyOrNone
-// creates or replaces, "*" or an etag replaces.
-func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enrollment) (*Enrollment, error) {
+func writeIf(ifMatch string) write { return write{ifMatch: ifMatch} }
+
+// replaces says whether the write may find a version to replace.
+func (w write) replaces() bool { return w.upsert || w.ifMatch != "" }
+
+// putEnrollment writes e as w says.
+func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enrollment) (*Enrollment, error) {
 	id, err := NormalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
@@ -167,7 +175,7 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	}
 	now := s.Now().UTC()
 	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
-	if ifMatch != "" {
+	if w.replaces() {
 		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
 			return nil, err
 		} else if old != nil {
@@ -186,7 +194,7 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	}
 	e.ETag = ""
 	body, _ := json.Marshal(e)
-	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, ifMatch)
+	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, w)
 	s.recentOperations.forget(id) // its keys or certificate may have changed
 	if err != nil {
 		return nil, storeErr(err, "enrollment "+id)
@@ -195,15 +203,15 @@ func (s *Service) putEnrollment(ctx context.Context, id, ifMatch string, e *Enro
 	return e, nil
 }
 
-// putDoc writes d under putEnrollment's ifMatch rules.
-func putDoc(ctx context.Context, st store.Store, d store.Doc, ifMatch string) (store.Doc, error) {
-	switch ifMatch {
-	case "":
-		return st.Create(ctx, d)
-	case anyOrNone:
+// putDoc writes d as w says.
+func putDoc(ctx context.Context, st store.Store, d store.Doc, w write) (store.Doc, error) {
+	switch {
+	case w.upsert:
 		return st.Put(ctx, d, "")
+	case w.ifMatch == "":
+		return st.Create(ctx, d)
 	}
-	return st.Put(ctx, d, ifMatch)
+	return st.Put(ctx, d, w.ifMatch)
 }
 
 // GetEnrollment returns an enrollment with its registration state.
@@ -252,10 +260,10 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 		return nil, azerr.BadRequest("enrollmentGroupId %q in the body differs from %q in the URL", g.EnrollmentGroupID, id)
 	}
 	g.EnrollmentGroupID = id
-	ifMatch = cmp.Or(ifMatch, g.ETag)
+	w := writeIf(cmp.Or(ifMatch, g.ETag))
 	now := s.Now().UTC()
 	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc = &now, &now
-	if ifMatch != "" {
+	if w.replaces() {
 		if old, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id, nil); err != nil {
 			return nil, err
 		} else if old != nil {
@@ -271,7 +279,7 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	}
 	g.ETag = ""
 	body, _ := json.Marshal(g)
-	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindGroup, ID: id, Body: body}, ifMatch)
+	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindGroup, ID: id, Body: body}, w)
 	s.groups.forget()
 	if err != nil {
 		return nil, storeErr(err, "enrollment group "+id)

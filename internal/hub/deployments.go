@@ -343,9 +343,10 @@ func (s *Service) configurations(ctx context.Context) ([]*Configuration, error) 
 	return out, nil
 }
 
-// twinDoc is the twin as queries see it: the fields of twinView, as
-// JSON would decode them (times as the strings it writes), built without
-// a JSON round trip as every query and target condition reads every twin.
+// twinDoc is the twin as queries see it: twinView's fields as JSON would
+// decode them (times as the strings it writes; empty tags and
+// configurations as empty objects), built without a JSON round trip, as
+// every query and target condition reads every twin.
 func (r *record) twinDoc() map[string]any {
 	cfg := map[string]any{}
 	for k, v := range r.Configurations {
@@ -358,6 +359,10 @@ func (r *record) twinDoc() map[string]any {
 		return *p
 	}
 	a := r.Device.Authentication
+	tags := r.Tags
+	if tags == nil {
+		tags = map[string]any{}
+	}
 	doc := map[string]any{
 		"deviceId": r.Device.DeviceID, "etag": r.TwinETag, "deviceEtag": r.DeviceETag,
 		"status": r.Device.Status, "statusUpdateTime": jsonTime(r.Device.StatusUpdatedTime),
@@ -366,7 +371,7 @@ func (r *record) twinDoc() map[string]any {
 		"authenticationType":        a.Type,
 		"x509Thumbprint":            map[string]any{"primaryThumbprint": thumb(a.X509Thumbprint.PrimaryThumbprint), "secondaryThumbprint": thumb(a.X509Thumbprint.SecondaryThumbprint)},
 		"version":                   float64(r.TwinVersion),
-		"tags":                      r.Tags,
+		"tags":                      tags,
 		"properties": map[string]any{
 			"desired":  withMetadata(withVersion(r.Desired, r.DesiredVersion), r.DesiredUpdated),
 			"reported": withMetadata(withVersion(r.Reported, r.ReportedVersion), r.ReportedUpdated),

@@ -20,7 +20,9 @@ type MethodRequest struct {
 	MethodName               string          `json:"methodName"`
 	Payload                  json.RawMessage `json:"payload"`
 	ResponseTimeoutInSeconds int             `json:"responseTimeoutInSeconds"`
-	ConnectTimeoutInSeconds  int             `json:"connectTimeoutInSeconds"`
+	// ConnectTimeoutInSeconds is how long to wait for an offline device
+	// to connect (0, the default: not at all).
+	ConnectTimeoutInSeconds int `json:"connectTimeoutInSeconds"`
 }
 
 // MethodResult is the answer of a direct method.
@@ -144,8 +146,6 @@ const maxMethodPayload = 128 << 10
 
 // check refuses a request the hosted hub refuses: no name or one over 128
 // characters, a payload over 128 KiB, a timeout out of range.
-// connectTimeoutInSeconds is how long to wait for an offline device to
-// connect (0, the default: not at all).
 func (req *MethodRequest) check() error {
 	switch {
 	case req.MethodName == "":

@@ -711,8 +711,6 @@ func (c *Conn) handle(p Packet) error {
 	return nil
 }
 
-// subscribe records filter at qos (adding or replacing, section 3.8.4); undo puts back what there was before
-// (the filter at its former QoS, or nothing).
 // grant asks the Handler about one filter, subscribes the client to it if
 // granted, and returns the SUBACK code.
 func (c *Conn) grant(sub Subscription) byte {
@@ -735,6 +733,8 @@ func (c *Conn) grant(sub Subscription) byte {
 	return g
 }
 
+// subscribe records filter at qos (adding or replacing, section 3.8.4); undo puts back what there was before
+// (the filter at its former QoS, or nothing).
 func (c *Conn) subscribe(filter string, qos byte) (undo func()) {
 	c.mu.Lock()
 	defer c.mu.Unlock()

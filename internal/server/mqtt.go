@@ -54,6 +54,24 @@ type session struct {
 	persistent bool
 }
 
+// withSubscription is kept with filter subscribed at qos
+// (mqtt.SubscribeFailure: not subscribed), changed in place, so that
+// resuming a session, or subscribing again, changes nothing.
+func withSubscription(kept []hub.Subscription, filter string, qos byte) []hub.Subscription {
+	kept = slices.Clone(kept)
+	i := slices.IndexFunc(kept, func(k hub.Subscription) bool { return k.Filter == filter })
+	switch {
+	case qos == mqtt.SubscribeFailure && i >= 0:
+		return slices.Delete(kept, i, i+1)
+	case qos == mqtt.SubscribeFailure:
+		return kept
+	case i >= 0:
+		kept[i].QoS = qos
+		return kept
+	}
+	return append(kept, hub.Subscription{Filter: filter, QoS: qos})
+}
+
 // keep records in the hub that the session is subscribed to filter with
 // qos (mqtt.SubscribeFailure: no longer), for its next connection to
 // resume; a clean session keeps nothing.
@@ -61,10 +79,7 @@ func (d *DeviceEndpoint) keep(s *session, filter string, qos byte) {
 	if !s.persistent {
 		return
 	}
-	kept := slices.DeleteFunc(slices.Clone(s.kept), func(k hub.Subscription) bool { return k.Filter == filter })
-	if qos != mqtt.SubscribeFailure {
-		kept = append(kept, hub.Subscription{Filter: filter, QoS: qos})
-	}
+	kept := withSubscription(s.kept, filter, qos)
 	if slices.Equal(kept, s.kept) {
 		return
 	}
@@ -347,9 +362,7 @@ func (d *DeviceEndpoint) Subscribe(c *mqtt.Conn, filter string, qos byte) byte {
 	}
 	s := sess(c)
 	g := d.subscribe(c, s, filter, qos)
-	if g != mqtt.SubscribeFailure {
-		d.keep(s, filter, g)
-	}
+	d.keep(s, filter, g) // a resumed filter refused now leaves the session
 	return g
 }
 

@@ -10,6 +10,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -380,6 +381,26 @@ func TestMQTTPersistentSession(t *testing.T) {
 	c.conn.Close()
 	if _, ack = connect(false); ack.SessionPresent {
 		t.Fatalf("CONNACK %+v after a clean session, want none present", ack)
+	}
+}
+
+// Resuming a session, or subscribing again, leaves what is kept as it
+// was, so that nothing is written; a refused filter leaves it.
+func TestWithSubscription(t *testing.T) {
+	kept := []hub.Subscription{{Filter: "a", QoS: 1}, {Filter: "b", QoS: 0}, {Filter: "c", QoS: 1}}
+	for _, k := range kept {
+		if got := withSubscription(kept, k.Filter, k.QoS); !slices.Equal(got, kept) {
+			t.Errorf("subscribing to %s again: %v", k.Filter, got)
+		}
+	}
+	if got := withSubscription(kept, "b", mqtt.SubscribeFailure); !slices.Equal(got, []hub.Subscription{{Filter: "a", QoS: 1}, {Filter: "c", QoS: 1}}) {
+		t.Errorf("b refused: %v", got)
+	}
+	if got := withSubscription(kept, "b", 1); got[1].QoS != 1 || len(got) != 3 || kept[1].QoS != 0 {
+		t.Errorf("b at QoS 1: %v (kept %v)", got, kept)
+	}
+	if got := withSubscription(kept, "d", 0); len(got) != 4 || got[3].Filter != "d" {
+		t.Errorf("d added: %v", got)
 	}
 }
 
