@@ -71,12 +71,14 @@ func (s *Service) invokeElsewhere(ctx context.Context, r Ref, name string, paylo
 }
 
 // answerCall calls a relayed method if this replica holds the connection,
-// and writes the answer into the call.
+// and writes the answer into the call; a connection here that has not
+// subscribed to methods (yet) answers DeviceNotOnline at once, rather than
+// leaving the caller to wait for its timeout.
 func (s *Service) answerCall(r Ref, id string) {
 	s.mu.Lock()
 	reg := s.methods[r]
 	s.mu.Unlock()
-	if reg == nil {
+	if reg == nil && !s.holds(r) {
 		return // the connection is elsewhere
 	}
 	ctx := context.Background()
@@ -88,12 +90,16 @@ func (s *Service) answerCall(r Ref, id string) {
 	if err := json.Unmarshal(d.Body, &c); err != nil {
 		return
 	}
-	callCtx, cancel := context.WithTimeout(ctx, c.Timeout)
-	defer cancel()
-	status, resp, err := (*reg)(callCtx, c.Name, c.Payload)
-	c.Answered, c.Status, c.Response = true, status, resp
-	if err != nil {
-		c.Error = methodError(r, c.Name, c.Timeout, err)
+	c.Answered = true
+	if reg == nil {
+		c.Error = notOnline(r)
+	} else {
+		callCtx, cancel := context.WithTimeout(ctx, c.Timeout)
+		defer cancel()
+		var err error
+		if c.Status, c.Response, err = (*reg)(callCtx, c.Name, c.Payload); err != nil {
+			c.Error = methodError(r, c.Name, c.Timeout, err)
+		}
 	}
 	body, _ := json.Marshal(c)
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindMethodCall, ID: id, Body: body}, "*"); err != nil {
@@ -103,6 +109,16 @@ func (s *Service) answerCall(r Ref, id string) {
 		return
 	}
 	s.publishCall("answered", r, id)
+}
+
+// holds says whether r's connection is on this replica.
+func (s *Service) holds(r Ref) bool {
+	for _, c := range s.conns.get(r.Device) {
+		if (*c).ref == r {
+			return true
+		}
+	}
+	return false
 }
 
 // callAnswered wakes the caller waiting here for call id, if any.

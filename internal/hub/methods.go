@@ -60,31 +60,51 @@ func (s *Service) InvokeMethod(ctx context.Context, r Ref, req *MethodRequest) (
 	if err != nil {
 		return nil, err
 	}
-	reg, online := s.methodTarget(rec, r)
-	if !online && req.ConnectTimeoutInSeconds > 0 {
-		reg, online, err = s.awaitMethodTarget(ctx, r, time.Duration(req.ConnectTimeoutInSeconds)*time.Second)
-		if err != nil {
-			return nil, err
-		}
-	}
-	if !online {
-		return nil, azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
-	}
 	payload := req.Payload
 	if len(payload) == 0 {
 		payload = json.RawMessage("null")
 	}
+	connectBy := time.Now().Add(time.Duration(req.ConnectTimeoutInSeconds) * time.Second)
+	reg, online := s.methodTarget(rec, r)
+	for {
+		if !online && time.Now().Before(connectBy) {
+			if reg, online, err = s.awaitMethodTarget(ctx, r, time.Until(connectBy)); err != nil {
+				return nil, err
+			}
+		}
+		if !online {
+			return nil, notOnline(r)
+		}
+		res, err := s.callMethod(ctx, r, reg, req.MethodName, payload, timeout)
+		// A device another replica records connected may not have
+		// subscribed to methods yet: within the connect timeout, wait on.
+		if e, ok := errors.AsType[*azerr.Error](err); ok && e.Code == notOnline(r).Code && time.Now().Before(connectBy) {
+			online = false
+			continue
+		}
+		return res, err
+	}
+}
+
+func notOnline(r Ref) *azerr.Error {
+	return azerr.New(404103, "DeviceNotOnline", "%s is not connected, or has not subscribed to direct methods", r)
+}
+
+// callMethod calls the method once: through reg, r's connection here, or
+// (reg nil) through the replica holding it.
+func (s *Service) callMethod(ctx context.Context, r Ref, reg *MethodHandler, name string, payload json.RawMessage, timeout time.Duration) (*MethodResult, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	var status int
 	var resp json.RawMessage
+	var err error
 	if reg != nil {
-		status, resp, err = (*reg)(ctx, req.MethodName, payload)
-	} else { // connected through another replica
-		status, resp, err = s.invokeElsewhere(ctx, r, req.MethodName, payload, timeout)
+		status, resp, err = (*reg)(ctx, name, payload)
+	} else {
+		status, resp, err = s.invokeElsewhere(ctx, r, name, payload, timeout)
 	}
 	if err != nil {
-		return nil, methodError(r, req.MethodName, timeout, err)
+		return nil, methodError(r, name, timeout, err)
 	}
 	if len(resp) == 0 {
 		resp = json.RawMessage("null")

@@ -74,9 +74,29 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	dropped := make(chan struct{}, 1)
 	drop := func() { dropped <- struct{}{} }
 	defer attach(t, b, Ref{Device: "d1"}, drop)()
+	// Connected on b but not (yet) subscribed to methods: b says so at
+	// once, rather than the caller waiting for its response timeout; and
+	// within a connect timeout the call waits for the subscription.
+	type result struct {
+		res *MethodResult
+		err error
+	}
+	call := func(req *MethodRequest) <-chan result {
+		out := make(chan result, 1)
+		go func() { res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, req); out <- result{res, err} }()
+		return out
+	}
+	if r := within(t, call(&MethodRequest{MethodName: "ping", ResponseTimeoutInSeconds: 120}), "an answer for a device not subscribed"); azerr.As(r.err).Code != 404103 {
+		t.Fatalf("method for a device on b not subscribed to methods: %+v %v", r.res, r.err)
+	}
+	waiting := call(&MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`), ConnectTimeoutInSeconds: 60})
+	time.Sleep(2 * methodPoll)
 	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
 		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
 	})()
+	if r := within(t, waiting, "the answer of a device that subscribed within the connect timeout"); r.err != nil || r.res.Status != 200 || string(r.res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
+		t.Fatalf("method through the other replica, waiting for its subscription: %+v %v", r.res, r.err)
+	}
 	res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`)})
 	if err != nil || res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method through the other replica: %+v %v", res, err)
@@ -158,4 +178,17 @@ func TestStoppedReplicaOnPostgres(t *testing.T) {
 	if st := connectionState(t, b, d2); st != "Connected" {
 		t.Fatalf("b's own device: %s", st)
 	}
+}
+
+// within is the first value from ch, failing the test after 20 s.
+func within[T any](t *testing.T, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no %s within 20 s", what)
+	}
+	var zero T
+	return zero
 }
