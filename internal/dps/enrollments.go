@@ -346,39 +346,30 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 }
 
 // ListRegistrations pages through registration records; groupID "" or "*"
-// means all. A page holds at most limit records; one filtered by group
-// reads at most maxScanPages pages of records, and may come back short
-// (even empty) with a continuation, so that no request reads the whole
-// fleet.
+// means all (store.FilteredPage: one filtered by group may come back short).
 func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, limit int) ([]*RegistrationState, string, error) {
-	all := groupID == "" || groupID == "*"
 	if limit <= 0 || limit > 1000 {
 		limit = 1000
 	}
+	all := groupID == "" || groupID == "*"
 	var out []*RegistrationState
-	for range maxScanPages {
-		page, next, err := list[RegistrationState](ctx, s.store, kindRegistration, after, limit, func(r *RegistrationState, etag string) { r.ETag, r.TPM = etag, nil })
-		if err != nil {
-			return nil, "", err
+	next, err := store.FilteredPage(ctx, s.store, kindRegistration, after, limit, 10, func(d store.Doc) (bool, error) {
+		r := &RegistrationState{}
+		if err := json.Unmarshal(d.Body, r); err != nil {
+			return false, errors.New("stored registration " + d.ID + " is corrupt")
 		}
-		for i, r := range page {
-			if !all && !strings.EqualFold(r.EnrollmentGroupID, groupID) {
-				continue
-			}
-			out = append(out, r)
-			if len(out) == limit && (i < len(page)-1 || next != "") {
-				return out, r.RegistrationID, nil
-			}
+		if !all && !strings.EqualFold(r.EnrollmentGroupID, groupID) {
+			return false, nil
 		}
-		if next == "" {
-			return out, "", nil
-		}
-		after = next
+		r.ETag, r.TPM = d.ETag, nil // the activation blob is for the device only
+		out = append(out, r)
+		return true, nil
+	})
+	if err != nil {
+		return nil, "", err
 	}
-	return out, after, nil
+	return out, next, nil
 }
-
-const maxScanPages = 10
 
 // list decodes one page of documents; the continuation is the last ID.
 func list[T any](ctx context.Context, st store.Store, kind, after string, limit int, setETag func(*T, string)) ([]*T, string, error) {

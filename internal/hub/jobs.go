@@ -176,35 +176,24 @@ func (s *Service) CancelJob(ctx context.Context, id string) (*Job, error) {
 }
 
 // QueryJobs lists jobs, of a type and status if given (GET
-// /jobs/v2/query), page by page after the job ID after. A page holds at
-// most limit jobs; it reads at most ten times that many, and may come
-// back short with a continuation, so that no request reads every job.
+// /jobs/v2/query), page by page after the job ID after (store.FilteredPage).
 func (s *Service) QueryJobs(ctx context.Context, jobType, status, after string, limit int) ([]*Job, string, error) {
 	out := []*Job{}
-	for range 10 {
-		docs, err := s.store.List(ctx, kindJob, after, limit)
-		if err != nil {
-			return nil, "", err
+	next, err := store.FilteredPage(ctx, s.store, kindJob, after, limit, 10, func(d store.Doc) (bool, error) {
+		var rec jobRecord
+		if err := json.Unmarshal(d.Body, &rec); err != nil {
+			return false, err
 		}
-		for i, d := range docs {
-			var rec jobRecord
-			if err := json.Unmarshal(d.Body, &rec); err != nil {
-				return nil, "", err
-			}
-			if (jobType != "" && rec.Type != jobType) || (status != "" && rec.Status != status) {
-				continue
-			}
-			out = append(out, &rec.Job)
-			if len(out) == limit && (i < len(docs)-1 || len(docs) == limit) {
-				return out, d.ID, nil
-			}
+		if (jobType != "" && rec.Type != jobType) || (status != "" && rec.Status != status) {
+			return false, nil
 		}
-		if len(docs) < limit {
-			return out, "", nil
-		}
-		after = docs[len(docs)-1].ID
+		out = append(out, &rec.Job)
+		return true, nil
+	})
+	if err != nil {
+		return nil, "", err
 	}
-	return out, after, nil
+	return out, next, nil
 }
 
 func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, error) {
