@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/daemon"
 )
@@ -26,6 +27,7 @@ func main() {
 	flag.IntVar(&o.HubPort, "hub-port", 8883, "the hub's MQTT port")
 	flag.IntVar(&o.HubHTTPSPort, "hub-https-port", 443, "the hub's HTTPS port (X.509 devices read their modules' identities there)")
 	flag.StringVar(&o.EngineOwner, "engine-owner", "agent", "the owner label of this runtime's containers")
+	flag.DurationVar(&o.HubTokenLifetime, "hub-token-lifetime", time.Hour, "how long the agent's hub tokens last; it connects again with a new one after three quarters of it")
 	flag.StringVar(&level, "log-level", "info", "debug, info, warn or error")
 	flag.Parse()
 

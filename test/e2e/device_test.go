@@ -60,12 +60,18 @@ func (d *device) startServices() {
 	d.startDaemon()
 }
 
+// hubTokenLifetime is the devices' hub token lifetime: a renewal every 9 s.
+const hubTokenLifetime = 12 * time.Second
+
 // startDaemon starts iotedged and waits for its management socket.
 func (d *device) startDaemon() {
 	t := d.t
 	d.daemon = start(t, "iotedged", nil, bin(t, "iotedged"), "--config", d.configPath, "--engine-owner", d.owner,
 		"--state-dir", filepath.Join(d.dir, "state"), "--run-dir", filepath.Join(d.dir, "run"),
-		"--tpm-socket", filepath.Join(d.dir, "tpmd.sock"), "--hub-port", strconv.Itoa(d.site.mqtt), "--hub-https-port", strconv.Itoa(d.site.https))
+		"--tpm-socket", filepath.Join(d.dir, "tpmd.sock"), "--hub-port", strconv.Itoa(d.site.mqtt), "--hub-https-port", strconv.Itoa(d.site.https),
+		// Short-lived hub tokens, so that the tests see the agent through
+		// renewals (the hub ends a connection whose token expired).
+		"--hub-token-lifetime", hubTokenLifetime.String())
 	eventually(t, 10*time.Second, func() string {
 		if _, err := os.Stat(filepath.Join(d.dir, "run", "mgmt.sock")); err != nil {
 			return "iotedged has not created its management socket"

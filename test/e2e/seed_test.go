@@ -101,6 +101,24 @@ func TestSeedFlow(t *testing.T) {
 	if out, err := d.iotedge("check"); err != nil {
 		t.Errorf("iotedge check: %v\n%s", err, out)
 	}
+
+	// 6. After the agent renewed its hub token (connecting again), a new
+	// deployment still reaches it.
+	eventually(t, 2*hubTokenLifetime, func() string {
+		if out := d.mustIotedge("system", "logs"); !strings.Contains(out, "connecting to the hub again with a new token") {
+			return "no token renewal in the system logs:\n" + out
+		}
+		return ""
+	})
+	writeManifest(t, manifest, map[string]any{"sensor": module(image, "always", "-print", "sensor v2")})
+	s.hatchery("deployment", "create", "--deployment-id", "prod-sensors-v2", "--content", manifest,
+		"--target-condition", "tags.environment='prod'", "--priority", "20")
+	eventually(t, 60*time.Second, func() string {
+		if out, _ := d.iotedge("logs", "sensor"); !strings.Contains(out, "sensor v2") {
+			return "iotedge logs sensor:\n" + out
+		}
+		return ""
+	})
 }
 
 // module is a deployment manifest entry running the test image.

@@ -49,6 +49,10 @@ type Options struct {
 	// EngineOwner labels the containers this daemon owns (default "agent");
 	// two runtimes sharing one engine need different owners.
 	EngineOwner string
+	// HubTokenLifetime is how long the agent's hub tokens last (default an
+	// hour): the hub ends a connection when its token expires, so the
+	// agent connects again with a new one after three quarters of it.
+	HubTokenLifetime time.Duration
 }
 
 // Daemon is the running runtime.
@@ -394,7 +398,7 @@ func (a *runner) run(ctx context.Context) error {
 			backoff = time.Second
 			client, clientDone = c, c.Done()
 			if a.dev().Method != "x509" {
-				renew = time.After(hubTokenLifetime * 3 / 4)
+				renew = time.After(a.tokenLifetime() * 3 / 4)
 			}
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
 			a.reported = nil // report afresh on each connection
@@ -403,10 +407,7 @@ func (a *runner) run(ctx context.Context) error {
 	}
 }
 
-// hubTokenLifetime is how long the agent's hub tokens last; the hub ends
-// a connection when its token expires, so the agent connects again with a
-// new one after three quarters of it.
-const hubTokenLifetime = time.Hour
+func (a *runner) tokenLifetime() time.Duration { return cmp.Or(a.d.opts.HubTokenLifetime, time.Hour) }
 
 // connect opens the $edgeAgent session and subscribes to desired changes.
 func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Client, error) {
@@ -415,7 +416,7 @@ func (a *runner) connect(ctx context.Context, kick chan struct{}) (*hubdevice.Cl
 	port := cmp.Or(a.d.opts.HubPort, 8883)
 	a.d.setStatus(func(s *mgmt.Status) { s.HubAddress = net.JoinHostPort(a.dev().HubHostName, strconv.Itoa(port)) })
 	o := hubdevice.Options{Host: a.dev().HubHostName, Port: port, DeviceID: a.dev().DeviceID, ModuleID: "$edgeAgent", TLS: a.tls,
-		TokenLifetime: hubTokenLifetime, Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }}
+		TokenLifetime: a.tokenLifetime(), Sign: func(aud string, exp time.Time) (string, error) { return a.ids.Token(a.dev(), aud, exp) }}
 	if a.dev().Method == "x509" {
 		// The device's certificate authenticates its agent.
 		tlsConf, err := a.deviceTLS()
