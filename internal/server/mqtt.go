@@ -48,7 +48,7 @@ type session struct {
 	methods   map[string]chan methodAnswer // by $rid
 	nextRID   atomic.Uint64
 	// kept is what a persistent session (CleanSession 0) is subscribed
-	// to, as the hub keeps it; nil for a clean session. Only the
+	// to, as the hub keeps it; a clean session keeps nothing. Only the
 	// connection's packet handling touches it, one packet at a time.
 	kept       []hub.Subscription
 	persistent bool
