@@ -86,7 +86,7 @@ func TestRelayBetweenReplicas(t *testing.T) {
 		go func() { res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, req); out <- result{res, err} }()
 		return out
 	}
-	if r := within(t, call(&MethodRequest{MethodName: "ping", ResponseTimeoutInSeconds: 120}), "an answer for a device not subscribed"); azerr.As(r.err).Code != 404103 {
+	if r := testutil.Within(t, call(&MethodRequest{MethodName: "ping", ResponseTimeoutInSeconds: 120}), "an answer for a device not subscribed"); azerr.As(r.err).Code != 404103 {
 		t.Fatalf("method for a device on b not subscribed to methods: %+v %v", r.res, r.err)
 	}
 	waiting := call(&MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`), ConnectTimeoutInSeconds: 60})
@@ -94,7 +94,7 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
 		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
 	})()
-	if r := within(t, waiting, "the answer of a device that subscribed within the connect timeout"); r.err != nil || r.res.Status != 200 || string(r.res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
+	if r := testutil.Within(t, waiting, "the answer of a device that subscribed within the connect timeout"); r.err != nil || r.res.Status != 200 || string(r.res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method through the other replica, waiting for its subscription: %+v %v", r.res, r.err)
 	}
 	res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`)})
@@ -178,17 +178,4 @@ func TestStoppedReplicaOnPostgres(t *testing.T) {
 	if st := connectionState(t, b, d2); st != "Connected" {
 		t.Fatalf("b's own device: %s", st)
 	}
-}
-
-// within is the first value from ch, failing the test after 20 s.
-func within[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(20 * time.Second):
-		t.Fatalf("no %s within 20 s", what)
-	}
-	var zero T
-	return zero
 }

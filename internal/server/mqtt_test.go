@@ -77,18 +77,6 @@ func (e *env) mqttDevice(id string) (addr string, d *hub.Device, c *hubdevice.Cl
 	return addr, d, c
 }
 
-func within[T any](t *testing.T, ch <-chan T, what string) T {
-	t.Helper()
-	select {
-	case v := <-ch:
-		return v
-	case <-time.After(10 * time.Second):
-		t.Fatalf("no %s within 10 s", what)
-	}
-	var zero T
-	return zero
-}
-
 func TestMQTTDeviceEndpoint(t *testing.T) {
 	e := newEnv(t)
 	_, _, c := e.mqttDevice("d1")
@@ -136,7 +124,7 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d1", "", map[string]any{"properties": map[string]any{"desired": map[string]any{"interval": 10}}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	if p := within(t, desired, "desired patch"); string(p) != `{"$version":2,"interval":10}` {
+	if p := testutil.Within(t, desired, "desired patch"); string(p) != `{"$version":2,"interval":10}` {
 		t.Fatalf("desired patch %s", p)
 	}
 
@@ -195,7 +183,7 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	if props := within(t, c2d, "cloud-to-device message"); props.Get("k") != "v" || props.Get("$.mid") == "" {
+	if props := testutil.Within(t, c2d, "cloud-to-device message"); props.Get("k") != "v" || props.Get("$.mid") == "" {
 		t.Fatalf("c2d props %v", props)
 	}
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
@@ -228,7 +216,7 @@ func TestMQTTRefusals(t *testing.T) {
 	if err := c.Publish("devices/d2/messages/events/", []byte("{}")); err != nil {
 		t.Fatal(err)
 	}
-	within(t, c.Done(), "disconnect after foreign topic")
+	testutil.Within(t, c.Done(), "disconnect after foreign topic")
 	if evs, _ := e.st.Events(ctx, "d2", 0, 10); len(evs) != 0 {
 		t.Fatal("event stored for another device")
 	}
@@ -302,12 +290,12 @@ func TestMQTTRevocationDisconnects(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/m1", "*", m, nil); err != nil {
 		t.Fatal(err)
 	}
-	within(t, mc.Done(), "disconnect of the module whose keys changed")
+	testutil.Within(t, mc.Done(), "disconnect of the module whose keys changed")
 	mc = dialModule(m)
 	if err := e.hubAPI.Do(ctx, "DELETE", "/devices/d1/modules/m1", "*", nil, nil); err != nil {
 		t.Fatal(err)
 	}
-	within(t, mc.Done(), "disconnect of the deleted module")
+	testutil.Within(t, mc.Done(), "disconnect of the deleted module")
 	if _, err := c.PatchReported(ctx, map[string]any{"alive": true}); err != nil {
 		t.Fatalf("the device lost its connection with its module: %v", err)
 	}
@@ -317,8 +305,8 @@ func TestMQTTRevocationDisconnects(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1", "*", d, nil); err != nil {
 		t.Fatal(err)
 	}
-	within(t, c.Done(), "disconnect of the disabled device")
-	within(t, mc.Done(), "disconnect of the disabled device's module")
+	testutil.Within(t, c.Done(), "disconnect of the disabled device")
+	testutil.Within(t, mc.Done(), "disconnect of the disabled device's module")
 }
 
 // A connection ends when the token it connected with expires, as in the
@@ -336,7 +324,7 @@ func TestMQTTTokenExpiryDisconnects(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	within(t, c.Done(), "disconnect when the token expired")
+	testutil.Within(t, c.Done(), "disconnect when the token expired")
 	again, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
 	if err != nil {
 		t.Fatalf("connecting again with a new token: %v", err)
@@ -544,7 +532,7 @@ func TestDeviceMessageRate(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = c.SendEvent(ctx, make([]byte, 100<<10), nil)
-	within(t, c.Done(), "disconnect of the device over its rate")
+	testutil.Within(t, c.Done(), "disconnect of the device over its rate")
 	if n, _ := e.st.Events(ctx, "d1", 0, 10); len(n) != 1 {
 		t.Fatalf("%d messages stored, want the one within the limit", len(n))
 	}
@@ -574,7 +562,7 @@ func TestC2DBurstDeliveredOnce(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	within(t, all, "all 20 messages")
+	testutil.Within(t, all, "all 20 messages")
 	time.Sleep(300 * time.Millisecond) // room for duplicates to arrive
 	mu.Lock()
 	defer mu.Unlock()
@@ -600,10 +588,10 @@ func TestDesiredReplaceSaysWhatWent(t *testing.T) {
 		}
 	}
 	set(map[string]any{"a": 1, "b": map[string]any{"c": 1, "d": 2}}, false)
-	within(t, patches, "the first patch")
+	testutil.Within(t, patches, "the first patch")
 	set(map[string]any{"b": map[string]any{"c": 1}}, true)
 	var got map[string]any
-	_ = json.Unmarshal(within(t, patches, "the replacing patch"), &got)
+	_ = json.Unmarshal(testutil.Within(t, patches, "the replacing patch"), &got)
 	delete(got, "$version")
 	if want := `{"a":null,"b":{"c":1,"d":null}}`; mustJSON(got) != want {
 		t.Fatalf("replacing patch %s, want %s", mustJSON(got), want)
@@ -638,7 +626,7 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 	wg.Wait()
 	last := int64(0)
 	for range 40 {
-		v := within(t, versions, "a desired patch")
+		v := testutil.Within(t, versions, "a desired patch")
 		if v <= last {
 			t.Fatalf("$version %d arrived after %d", v, last)
 		}
@@ -670,7 +658,7 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
 		t.Fatal(err)
 	}
-	if id := within(t, got, "the message not locked"); id != "m2" {
+	if id := testutil.Within(t, got, "the message not locked"); id != "m2" {
 		t.Fatalf("MQTT got %s, which HTTPS holds", id)
 	}
 	select {

@@ -231,3 +231,17 @@ func (b *SyncBuffer) String() string {
 	defer b.mu.Unlock()
 	return b.buf.String()
 }
+
+// Within is the first value from ch, failing the test when none comes
+// within 20 s.
+func Within[T any](t testing.TB, ch <-chan T, what string) T {
+	t.Helper()
+	select {
+	case v := <-ch:
+		return v
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no %s within 20 s", what)
+	}
+	var zero T
+	return zero
+}
