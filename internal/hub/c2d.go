@@ -47,7 +47,7 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}
-	pending, err := s.PendingC2D(ctx, device)
+	pending, err := s.queuedC2D(ctx, device)
 	if err != nil {
 		return nil, err
 	}
@@ -69,6 +69,7 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
+	s.countC2D(ctx, device, len(pending)+1)
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
@@ -82,8 +83,33 @@ func (s *Service) c2dArrivedHere(device string) {
 }
 
 // PendingC2D returns a device's unexpired messages, oldest first; expired
-// ones are dropped.
+// ones are dropped, and the device's cloudToDeviceMessageCount says how
+// many wait.
 func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
+	out, err := s.queuedC2D(ctx, device)
+	if err == nil {
+		s.countC2D(ctx, device, len(out))
+	}
+	return out, err
+}
+
+// countC2D records n as device's cloudToDeviceMessageCount, the messages
+// waiting for it, as the hosted hub shows them; it writes only a change.
+func (s *Service) countC2D(ctx context.Context, device string, n int) {
+	_, err := s.update(ctx, Ref{Device: device}, func(rec *record) error {
+		if rec.Device.CloudToDeviceMessageCount == n {
+			return errUnchanged
+		}
+		rec.Device.CloudToDeviceMessageCount = n
+		return nil
+	})
+	if err != nil && !azerr.HasStatus(err, 404) {
+		slog.Debug("counting a device's cloud-to-device messages", "device", device, "error", err)
+	}
+}
+
+// queuedC2D is PendingC2D without the count.
+func (s *Service) queuedC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
 	docs, err := s.store.List(ctx, kindC2D, device+"/", maxC2DQueue+1)
 	if err != nil {
 		return nil, err
@@ -111,7 +137,7 @@ func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage,
 // its ID must not receive what was sent to the old one. A failure is
 // logged; the messages then expire.
 func (s *Service) dropC2D(ctx context.Context, device string) {
-	msgs, err := s.PendingC2D(ctx, device)
+	msgs, err := s.queuedC2D(ctx, device)
 	for _, m := range msgs {
 		if err = s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 			break
@@ -128,6 +154,8 @@ func (s *Service) CompleteC2D(ctx context.Context, id string) error {
 	if err := s.store.Delete(ctx, kindC2D, id, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return err
 	}
+	device, _, _ := strings.Cut(id, "/")
+	_, _ = s.PendingC2D(ctx, device) // counts what still waits; the message is gone whatever this says
 	return nil
 }
 
@@ -214,6 +242,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		}
 		return err
 	}
+	_, _ = s.PendingC2D(ctx, device) // counts what still waits
 	return nil
 }
 

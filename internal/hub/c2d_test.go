@@ -65,3 +65,49 @@ func TestReceiveC2DLocks(t *testing.T) {
 		t.Fatalf("left in the queue: %v", msgs)
 	}
 }
+
+// A device's cloudToDeviceMessageCount is the messages waiting for it.
+func TestC2DCount(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d"})
+	count := func() int {
+		t.Helper()
+		d, err := s.GetIdentity(ctx, Ref{Device: "d"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.CloudToDeviceMessageCount
+	}
+	var sent []*C2DMessage
+	for i := range 3 {
+		m, err := s.SendC2D(ctx, "d", nil, []byte{byte(i)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		sent = append(sent, m)
+	}
+	if n := count(); n != 3 {
+		t.Fatalf("3 sent: count %d", n)
+	}
+	if err := s.CompleteC2D(ctx, sent[0].ID); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 2 {
+		t.Fatalf("one completed: count %d", n)
+	}
+	_, token, err := s.ReceiveC2D(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SettleC2D(ctx, "d", token, false); err != nil {
+		t.Fatal(err)
+	}
+	if n := count(); n != 1 {
+		t.Fatalf("one received and completed over HTTPS: count %d", n)
+	}
+	tw, _ := s.GetTwin(ctx, Ref{Device: "d"})
+	if tw.CloudToDeviceMessageCount != 1 {
+		t.Fatalf("the twin's count %d", tw.CloudToDeviceMessageCount)
+	}
+}
