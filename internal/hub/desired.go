@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"log/slog"
 	"maps"
+	"sync"
 	"time"
 )
 
@@ -21,42 +22,74 @@ const desiredQueue = 64
 
 // FollowDesired sends r's desired-property patches — each a JSON merge
 // patch with its $version, as the device protocol carries it — to send,
-// from a goroutine of its own, in $version order and without gaps,
-// whichever replica changes the twin: where a patch is missing (made
-// through another replica, or lost to a race) it reads the twin and sends
-// the patch from what it sent last. Until cancel.
+// from a goroutine of its own while there are any, in $version order and
+// without gaps, whichever replica changes the twin: where a patch is
+// missing (made through another replica, or lost to a race) it reads the
+// twin and sends the patch from what it sent last. Until cancel.
 func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), overflow func()) (cancel func()) {
-	queue, done := make(chan desiredChange, desiredQueue), make(chan struct{})
-	stop := s.desiredWatchers.add(r, func(c desiredChange) {
-		select {
-		case queue <- c:
-		default:
-			overflow()
-		}
-	})
+	f := &follower{s: s, r: r, send: send, overflow: overflow}
+	stop := s.desiredWatchers.add(r, f.push)
 	// After the watcher, so that no change falls between the two.
-	f := &follower{s: s, r: r, send: send}
 	f.sent, f.version, _ = s.desiredDocument(r)
-	go func() {
-		for {
-			select {
-			case c := <-queue:
-				f.handle(c)
-			case <-done:
-				return
-			}
-		}
-	}()
-	return func() { stop(); close(done) }
+	return func() {
+		stop()
+		f.mu.Lock()
+		f.stopped, f.queue = true, nil
+		f.mu.Unlock()
+	}
 }
 
-// follower is what one device has been sent of its desired properties.
+// follower is what one device has been sent of its desired properties,
+// and the changes waiting to be sent. No goroutine waits for a device
+// whose twin does not change: one drains the queue while it has changes.
 type follower struct {
-	s       *Service
-	r       Ref
-	send    func(patch []byte, version int64)
-	sent    map[string]any // the document as the device has it
-	version int64
+	s        *Service
+	r        Ref
+	send     func(patch []byte, version int64)
+	overflow func()
+	sent     map[string]any // the document as the device has it (drain only)
+	version  int64          // (drain only)
+
+	mu       sync.Mutex
+	queue    []desiredChange
+	draining bool
+	stopped  bool
+}
+
+// push queues c, starting a drain if none runs; beyond desiredQueue
+// waiting changes the device is too slow, and overflow is called.
+func (f *follower) push(c desiredChange) {
+	f.mu.Lock()
+	switch {
+	case f.stopped:
+		f.mu.Unlock()
+	case len(f.queue) >= desiredQueue:
+		f.mu.Unlock()
+		f.overflow()
+	case f.draining:
+		f.queue = append(f.queue, c)
+		f.mu.Unlock()
+	default:
+		f.queue, f.draining = append(f.queue, c), true
+		f.mu.Unlock()
+		go f.drain()
+	}
+}
+
+// drain handles the queued changes in order until there are none.
+func (f *follower) drain() {
+	for {
+		f.mu.Lock()
+		if len(f.queue) == 0 || f.stopped {
+			f.queue, f.draining = nil, false
+			f.mu.Unlock()
+			return
+		}
+		c := f.queue[0]
+		f.queue = f.queue[1:]
+		f.mu.Unlock()
+		f.handle(c)
+	}
 }
 
 func (f *follower) handle(c desiredChange) {
