@@ -29,8 +29,12 @@ const desiredQueue = 64
 func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), overflow func()) (cancel func()) {
 	f := &follower{s: s, r: r, send: send, overflow: overflow}
 	stop := s.desiredWatchers.add(r, f.push)
-	// After the watcher, so that no change falls between the two.
-	f.sent, f.version, _ = s.desiredDocument(r)
+	// After the watcher, so that no change falls between the two; on a
+	// goroutine of its own, as the store's deep stack would otherwise stay
+	// with the caller's (a connection's), 8 KiB and more per device.
+	read := make(chan struct{})
+	go func() { f.sent, f.version, _ = s.desiredDocument(r); close(read) }()
+	<-read
 	return func() {
 		stop()
 		f.mu.Lock()
