@@ -27,7 +27,8 @@ const desiredQueue = 64
 // missing (made through another replica, or lost to a race) it reads the
 // twin and sends the patch from what it sent last. Until cancel.
 func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), overflow func()) (cancel func()) {
-	f := &follower{s: s, r: r, send: send, overflow: overflow}
+	// Changes queue, undrained, until the first read below is done.
+	f := &follower{s: s, r: r, send: send, overflow: overflow, draining: true}
 	stop := s.desiredWatchers.add(r, f.push)
 	// After the watcher, so that no change falls between the two; on a
 	// goroutine of its own, as the store's deep stack would otherwise grow
@@ -36,6 +37,13 @@ func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), o
 	read := make(chan struct{})
 	go func() { f.sent, f.version, _ = s.desiredDocument(r); close(read) }()
 	<-read
+	f.mu.Lock()
+	waiting := len(f.queue) > 0
+	f.draining = waiting
+	f.mu.Unlock()
+	if waiting {
+		go f.drain()
+	}
 	return func() {
 		stop()
 		f.mu.Lock()
