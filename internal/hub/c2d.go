@@ -227,7 +227,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 	}
 	if abandon {
 		m.LockToken, m.LockedUntil = "", time.Time{}
-		if err := s.putC2D(ctx, m, held); err != nil {
+		if err := s.writeC2D(ctx, m, etag); err != nil { // held, as read with etag
 			if errors.Is(err, errC2DTaken) {
 				return lost
 			}
@@ -274,8 +274,14 @@ func (s *Service) putC2D(ctx context.Context, m *C2DMessage, ok func(stored *C2D
 	if !ok(stored) {
 		return errC2DTaken
 	}
+	return s.writeC2D(ctx, m, etag)
+}
+
+// writeC2D writes m over the stored message if it is still the version
+// of etag.
+func (s *Service) writeC2D(ctx context.Context, m *C2DMessage, etag string) error {
 	body, _ := json.Marshal(m)
-	_, err = s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, etag)
+	_, err := s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, etag)
 	if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
 		return errC2DTaken
 	}
