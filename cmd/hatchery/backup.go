@@ -30,10 +30,9 @@ copies the tls/ directory alone.`,
 			if to == "" {
 				return errors.New("--to is required: a directory that does not exist yet")
 			}
-			if _, err := os.Stat(filepath.Join(dir, endpointFile)); err != nil {
-				return fmt.Errorf("no Hatchery installation in %s (%v)", dir, err)
-			}
-			st, err := store.Open(cmd.Context(), database(cmd), dir)
+			// A server on PostgreSQL needs --database: opening the data
+			// directory's SQLite file instead would back up an empty one.
+			_, st, err := openSite(cmd)
 			if err != nil {
 				return err
 			}

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -84,5 +85,23 @@ func TestSQLiteDatabaseLocked(t *testing.T) {
 	out, err := exec.Command(c.bin, "serve", "--data-dir", t.TempDir(), "--database", db, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "another hatchery serve (pid "+strconv.Itoa(c.serverPID)+") uses the database "+db) {
 		t.Fatalf("a second server on the database: %v\n%s", err, out)
+	}
+}
+
+// The installation of a server on PostgreSQL, backed up without
+// --database, is refused, not backed up as the empty SQLite file that
+// opening its data directory would make.
+func TestBackupNeedsTheServersDatabase(t *testing.T) {
+	empty := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	empty.build()
+	if err := os.WriteFile(filepath.Join(empty.dataDir, endpointFile), []byte(`{"externalDatabase":true}`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	to := filepath.Join(t.TempDir(), "backup")
+	if out, err := empty.run("backup", "--to", to); err == nil || !strings.Contains(out, "PostgreSQL") {
+		t.Fatalf("backup without --database of a server on PostgreSQL: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(to); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a refused backup made %s: %v", to, err)
 	}
 }

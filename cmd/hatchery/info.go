@@ -35,22 +35,33 @@ type siteInfo struct {
 	ServiceEndpoint             string `json:"serviceEndpoint"`
 }
 
-// loadSite reads the installation in dataDir, as left by `serve`.
-func loadSite(cmd *cobra.Command) (*siteInfo, error) {
+// openSite reads the installation in the data directory, as left by
+// `serve`, and opens its store: the SQLite file there, or the PostgreSQL
+// database --database names, which a server on PostgreSQL needs.
+func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	dir, _ := cmd.Flags().GetString("data-dir")
 	raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
 	if err != nil {
-		return nil, fmt.Errorf("no Hatchery installation in %s (%v): start `hatchery serve --data-dir %s` first", dir, err, dir)
+		return nil, nil, fmt.Errorf("no Hatchery installation in %s (%v): start `hatchery serve --data-dir %s` first", dir, err, dir)
 	}
 	var ep endpoint
 	if err := json.Unmarshal(raw, &ep); err != nil {
-		return nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
+		return nil, nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
 	dsn := database(cmd)
 	if ep.ExternalDatabase && dsn == "" {
-		return nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
+		return nil, nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
 	}
 	st, err := store.Open(cmd.Context(), dsn, dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &ep, st, nil
+}
+
+// loadSite reads the installation in dataDir, as left by `serve`.
+func loadSite(cmd *cobra.Command) (*siteInfo, error) {
+	ep, st, err := openSite(cmd)
 	if err != nil {
 		return nil, err
 	}
