@@ -85,8 +85,13 @@ func merge(rs []*FleetResult) *FleetResult {
 		}
 	}
 	if len(rs) > 1 {
-		m.SimCPUPerReg = rs[0].SimCPUPerReg // one process: its CPU covers every run
-		m.ServerCPUPerReg = rs[0].ServerCPUPerReg * float64(rs[0].Provisioned) / float64(max(m.Provisioned, 1))
+		// The first run's CPU figures cover every run (one simulator
+		// process; the first run carries every server's), so they are
+		// spread over every run's registrations. The simulator's was left
+		// over the first run's alone, about len(rs) times too high.
+		share := float64(rs[0].Provisioned) / float64(max(m.Provisioned, 1))
+		m.SimCPUPerReg *= share
+		m.ServerCPUPerReg *= share
 	}
 	m.Seconds = secs
 	m.PerSecond = float64(m.Provisioned) / secs
