@@ -99,12 +99,8 @@ func (a *api) receiveC2D(w http.ResponseWriter, r *http.Request) error {
 	h.Set("iothub-enqueuedtime", m.Enqueued.UTC().Format(http.TimeFormat))
 	h.Set("iothub-expiry", m.Expiry.UTC().Format(http.TimeFormat))
 	h.Set("iothub-deliverycount", strconv.Itoa(m.DeliveryCount))
-	headers := map[string]string{}
-	for header, name := range systemProperties {
-		headers[name] = header
-	}
 	for k, v := range m.Properties {
-		switch header, ok := headers[k]; {
+		switch header, ok := systemHeaders[k]; {
 		case k == "messageId":
 		case ok:
 			h.Set(header, v)
@@ -260,6 +256,15 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 // names a message keeps them under, as the MQTT topic gives them.
 var systemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
 	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid"}
+
+// systemHeaders is systemProperties the other way round.
+var systemHeaders = func() map[string]string {
+	m := make(map[string]string, len(systemProperties))
+	for header, name := range systemProperties {
+		m[name] = header
+	}
+	return m
+}()
 
 // messageProperties are a message's application properties (iothub-app-*
 // headers) and system properties.

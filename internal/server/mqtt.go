@@ -217,11 +217,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	// connected is cut off, as in the hosted hub.
 	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
 	if err != nil {
-		d.mu.Lock()
-		if d.sessions[r] == c {
-			delete(d.sessions, r)
-		}
-		d.mu.Unlock()
+		d.forget(r, c)
 		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
 		if azerr.HasStatus(err, 401) {
 			return mqtt.RefusedNotAuthorized
@@ -263,11 +259,16 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	for _, f := range cancels {
 		f()
 	}
+	d.forget(s.ref, c)
+}
+
+// forget drops c as r's connection, unless another has replaced it.
+func (d *DeviceEndpoint) forget(r hub.Ref, c *mqtt.Conn) {
 	d.mu.Lock()
-	if d.sessions[s.ref] == c {
-		delete(d.sessions, s.ref)
+	defer d.mu.Unlock()
+	if d.sessions[r] == c {
+		delete(d.sessions, r)
 	}
-	d.mu.Unlock()
 }
 
 // own is the topic prefix of the connection's identity.
