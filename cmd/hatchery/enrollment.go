@@ -2,9 +2,7 @@ package main
 
 import (
 	"cmp"
-	"crypto/rand"
 	"crypto/tls"
-	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -20,6 +18,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/sas"
 )
 
 // dpsClient reaches the provisioning service API of the installation in
@@ -499,12 +498,10 @@ func regenerate(a *dps.Attestation, which string) error {
 	if a.SymmetricKey == nil {
 		return fmt.Errorf("the enrollment uses %s attestation: only symmetric keys rotate", a.Type)
 	}
-	b := make([]byte, 64)
-	_, _ = rand.Read(b)
 	if which == "primary" {
-		a.SymmetricKey.PrimaryKey = base64.StdEncoding.EncodeToString(b)
+		a.SymmetricKey.PrimaryKey = sas.NewKeyOf(64)
 	} else {
-		a.SymmetricKey.SecondaryKey = base64.StdEncoding.EncodeToString(b)
+		a.SymmetricKey.SecondaryKey = sas.NewKeyOf(64)
 	}
 	return nil
 }

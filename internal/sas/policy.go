@@ -57,10 +57,13 @@ func NewPolicy(name, rights string) Policy {
 }
 
 // NewKey returns a fresh base64 32-byte key.
-func NewKey() string {
-	var b [32]byte
-	_, _ = rand.Read(b[:])
-	return base64.StdEncoding.EncodeToString(b[:])
+func NewKey() string { return NewKeyOf(32) }
+
+// NewKeyOf returns a fresh base64 key of n bytes.
+func NewKeyOf(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return base64.StdEncoding.EncodeToString(b)
 }
 
 // Keys decodes a policy's or device's base64 keys, skipping empty ones.
