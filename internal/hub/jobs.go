@@ -266,12 +266,15 @@ func (s *Service) RunJobs(ctx context.Context) {
 func (s *Service) takeJobs(ctx context.Context, running *sync.WaitGroup) {
 	now := s.Now().UTC()
 	err := s.eachDoc(ctx, kindJobQueue, func(q store.Doc) error {
+		if s.jobRunning(q.ID, false) {
+			return nil // here: its runner dequeues it when done
+		}
 		rec, etag, err := s.loadJob(ctx, q.ID)
 		switch {
 		case azerr.HasStatus(err, 404):
 			s.dequeueJob(ctx, q.ID)
 			return nil
-		case err != nil, s.jobRunning(q.ID, false), rec.StartTime.After(now):
+		case err != nil, rec.StartTime.After(now):
 			return nil
 		case rec.finished():
 			s.dequeueJob(ctx, q.ID)
