@@ -30,13 +30,8 @@ func (s *Service) FollowDesired(r Ref, send func(patch []byte, version int64), o
 	// Changes queue, undrained, until the first read below is done.
 	f := &follower{s: s, r: r, send: send, overflow: overflow, draining: true}
 	stop := s.desiredWatchers.add(r, f.push)
-	// After the watcher, so that no change falls between the two; on a
-	// goroutine of its own, as the store's deep stack would otherwise grow
-	// the caller's (a connection's, idle from then on) by 8 KiB or more
-	// until garbage collections shrink it again.
-	read := make(chan struct{})
-	go func() { f.sent, f.version, _ = s.desiredDocument(r); close(read) }()
-	<-read
+	// After the watcher, so that no change falls between the two.
+	f.sent, f.version, _ = s.desiredDocument(r)
 	f.mu.Lock()
 	waiting := len(f.queue) > 0
 	f.draining = waiting

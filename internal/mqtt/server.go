@@ -696,7 +696,7 @@ func (c *Conn) handle(p Packet) error {
 		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: codes})
 	case *Unsubscribe:
 		for _, f := range p.Filters {
-			h.Unsubscribe(c, f)
+			offStack(func() struct{} { h.Unsubscribe(c, f); return struct{}{} })
 			c.unsubscribe(f)
 		}
 		return c.write(&Unsuback{PacketID: p.PacketID})
@@ -711,11 +711,37 @@ func (c *Conn) handle(p Packet) error {
 	return nil
 }
 
+// offStack runs a Handler method that may go deep (into a store, say) on
+// a goroutine of its own and waits for it, so that the connection's read
+// goroutine, which stays with the connection while it idles, does not keep
+// the grown stack (8 KiB and more per connection) until garbage
+// collections shrink it. A panic comes back with its stack, for guard.
+func offStack[T any](f func() T) T {
+	type result struct {
+		v        T
+		panicked any
+	}
+	done := make(chan result, 1)
+	go func() {
+		defer func() {
+			if r := recover(); r != nil {
+				done <- result{panicked: fmt.Sprintf("%v\n%s", r, debug.Stack())}
+			}
+		}()
+		done <- result{v: f()}
+	}()
+	r := <-done
+	if r.panicked != nil {
+		panic(r.panicked)
+	}
+	return r.v
+}
+
 // grant asks the Handler about one filter, subscribes the client to it if
 // granted, and returns the SUBACK code.
 func (c *Conn) grant(sub Subscription) byte {
 	undo := c.subscribe(sub.Filter, min(sub.QoS, 1))
-	g := c.srv.Handler.Subscribe(c, sub.Filter, sub.QoS)
+	g := offStack(func() byte { return c.srv.Handler.Subscribe(c, sub.Filter, sub.QoS) })
 	switch {
 	case g == SubscribeFailure:
 	case g <= 2:

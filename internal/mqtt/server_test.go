@@ -863,6 +863,10 @@ func TestResumeSession(t *testing.T) {
 		t.Fatalf("CONNACK %+v, want accepted with a session present", ack)
 	}
 	sc := h.waitAccepted(t)
+	// The server reads the client's next packet once the session is
+	// resumed: a PINGRESP says it is.
+	c.write(&Pingreq{})
+	readAs[*Pingresp](c)
 	if err := sc.Send("$iothub/methods/POST/reboot/?$rid=1", []byte("{}"), 0, nil); err != nil {
 		t.Fatalf("Send on a resumed subscription: %v", err)
 	}

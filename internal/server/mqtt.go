@@ -85,11 +85,7 @@ func (d *DeviceEndpoint) keep(s *session, filter string, qos byte) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// Off the connection's stack, which the store's deep one would grow
-	// until garbage collections shrink it again (see hub.FollowDesired).
-	written := make(chan error, 1)
-	go func() { written <- d.hub.KeepSession(ctx, s.ref, kept) }()
-	if err := <-written; err != nil {
+	if err := d.hub.KeepSession(ctx, s.ref, kept); err != nil {
 		slog.Warn("keeping a device's MQTT session", "identity", s.ref.String(), "error", err)
 		return
 	}
