@@ -19,6 +19,10 @@ type Error struct {
 	Message string
 	// RetryAfter, when set, is sent as the Retry-After header.
 	RetryAfter time.Duration
+	// Reason says why a request was refused in more detail than its client
+	// may learn (whether a device or enrollment exists). It is never sent:
+	// the service logs it with the answer's tracking ID.
+	Reason string
 }
 
 func (e *Error) Error() string { return e.Message }
@@ -44,6 +48,23 @@ func BadRequest(format string, args ...any) *Error {
 }
 func Unauthorized(format string, args ...any) *Error {
 	return New(401002, "IotHubUnauthorizedAccess", format, args...)
+}
+
+// Denied is a 401 for credentials that do not match what is stored. Its
+// client is told only the formatted message, the same whether the identity
+// exists or not, so that nobody can probe which ones do; why is its Reason.
+func Denied(why, format string, args ...any) *Error {
+	e := Unauthorized(format, args...)
+	e.Reason = why
+	return e
+}
+
+// Why is what the service logs about err: a refusal's Reason, else its text.
+func Why(err error) string {
+	if e, ok := errors.AsType[*Error](err); ok && e.Reason != "" {
+		return e.Reason
+	}
+	return err.Error()
 }
 
 // Throttled is a 429 whose Retry-After says when to come back: at least a

@@ -215,10 +215,18 @@ func (s *Service) checkScope(scope, regID string) (string, error) {
 	return NormalizeID("registration ID", regID)
 }
 
-// unauthorized is the answer for unknown devices and bad credentials alike,
-// so that callers cannot probe which registration IDs are enrolled.
+// unauthorized refuses a request for what the request itself shows (no
+// token, a token for another registration): the device is told why.
 func unauthorized(regID string, why string) error {
 	return azerr.Unauthorized("registration %q is not authorized: %s", regID, why)
+}
+
+// denied refuses credentials that do not match what is enrolled. Unknown
+// devices and bad credentials get the same answer, so that callers cannot
+// probe which registration IDs are enrolled; why goes to the service's log.
+func denied(regID string, why string) error {
+	return azerr.Denied(why, "registration %q is not authorized: check its credentials and its enrollment "+
+		"(the provisioning service's log says what did not match, under this answer's trackingId)", regID)
 }
 
 // challenge answers a TPM device's unauthenticated PUT with an activation
@@ -248,20 +256,20 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		}
 		group = g.EnrollmentGroupID
 	case e == nil:
-		return nil, unauthorized(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
+		return nil, denied(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
 	case e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil:
-		return nil, unauthorized(regID, "the enrollment does not use TPM attestation")
+		return nil, denied(regID, "the enrollment does not use TPM attestation")
 	default:
 		enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
 		if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
-			return nil, unauthorized(regID, "the endorsement key differs from the enrolled one")
+			return nil, denied(regID, "the endorsement key differs from the enrolled one")
 		}
 		// An enrolled SRK pins it too, so that nobody who knows the public
 		// EK can crowd the device's challenges out with other SRKs.
 		if k := e.Attestation.TPM.StorageRootKey; k != "" {
 			enrolledSRK, _ := base64.StdEncoding.DecodeString(k)
 			if same, err := attest.SameKey(srk, enrolledSRK); err != nil || !same {
-				return nil, unauthorized(regID, "the storage root key differs from the enrolled one")
+				return nil, denied(regID, "the storage root key differs from the enrolled one")
 			}
 		}
 	}
@@ -312,6 +320,9 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		return nil, unauthorized(regID, fmt.Sprintf("the token is for %q, not %q", tok.Audience, want))
 	}
 	now := s.Now()
+	if err := tok.Expired(now); err != nil {
+		return nil, unauthorized(regID, err.Error())
+	}
 	if e != nil {
 		switch e.Attestation.Type {
 		case AttestationTPM:
@@ -324,18 +335,18 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 			k := e.Attestation.SymmetricKey
 			keys := sas.Keys(k.PrimaryKey, k.SecondaryKey)
 			if err := tok.Verify(now, keys...); err != nil {
-				return nil, unauthorized(regID, err.Error())
+				return nil, denied(regID, err.Error())
 			}
 			return &attestation{enrollment: e, keys: keys}, nil
 		}
-		return nil, unauthorized(regID, "the enrollment's attestation is not supported")
+		return nil, denied(regID, "the enrollment's attestation is not supported")
 	}
 	// A TPM group's device has a challenge naming its group; other group
 	// devices have none.
 	c, err := s.answeredChallenge(ctx, regID, tok, now)
 	switch {
 	case err == nil && c.Group != "":
-		g, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, c.Group, unauthorized(regID, "its TPM group was deleted"))
+		g, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, c.Group, denied(regID, "its TPM group was deleted"))
 		if err != nil {
 			return nil, err
 		}
@@ -404,7 +415,7 @@ func (s *Service) answeredChallenge(ctx context.Context, regID string, tok *sas.
 	}
 	c, err := p.answeredBy(tok, now)
 	if err != nil {
-		return nil, unauthorized(regID, err.Error())
+		return nil, denied(regID, err.Error())
 	}
 	return c, nil
 }
@@ -426,9 +437,9 @@ func (p *pendingChallenges) answeredBy(tok *sas.Token, now time.Time) (*challeng
 	return nil, lastErr
 }
 
-// authenticateGroup finds the symmetric-key group whose derived key signed tok.
+// authenticateGroup finds the symmetric-key group whose derived key signed
+// tok (whose expiry the caller checked).
 func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.Token, now time.Time) (*attestation, error) {
-	var lastErr error = errors.New("no enrollment or enrollment group matches")
 	var found *attestation
 	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
 		if g.Attestation.Type != AttestationSymmetricKey || g.Attestation.SymmetricKey == nil {
@@ -439,13 +450,9 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 		for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
 			derived = append(derived, sas.DeriveDeviceKey(gk, regID))
 		}
-		err := tok.Verify(now, derived...)
-		if err == nil {
+		if tok.Verify(now, derived...) == nil {
 			found = &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0]), keys: derived}
 			return false
-		}
-		if errors.Is(err, sas.ErrExpired) {
-			lastErr = err
 		}
 		return true
 	})
@@ -453,7 +460,7 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 		return nil, err
 	}
 	if found == nil {
-		return nil, unauthorized(regID, lastErr.Error())
+		return nil, denied(regID, "no individual enrollment has this registration ID and no symmetric-key group's derived key signed the token")
 	}
 	return found, nil
 }

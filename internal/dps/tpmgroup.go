@@ -72,7 +72,7 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 		return nil, err
 	}
 	if found == nil {
-		return nil, unauthorized(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
+		return nil, denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
 			") does not chain to the CA of any TPM enrollment group")
 	}
 	return found, nil

@@ -199,14 +199,14 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 	}
 	if e != nil {
 		if e.Attestation.Type != AttestationX509 || e.Attestation.X509 == nil {
-			return nil, unauthorized(regID, "the device presented a certificate but its enrollment uses "+e.Attestation.Type+" attestation")
+			return nil, denied(regID, "the device presented a certificate but its enrollment uses "+e.Attestation.Type+" attestation")
 		}
 		for _, c := range e.Attestation.X509.ClientCertificates.certificates() {
 			if subtle.ConstantTimeCompare(c.Raw, leaf.Raw) == 1 {
 				return &attestation{enrollment: e, certificate: leaf}, nil
 			}
 		}
-		return nil, unauthorized(regID, "the client certificate is not the one enrolled (compare sha256 thumbprints with `hatchery enrollment show`)")
+		return nil, denied(regID, "the client certificate is not the one enrolled (compare sha256 thumbprints with `hatchery enrollment show`)")
 	}
 	inter := x509.NewCertPool()
 	for _, c := range chain[1:] {
@@ -226,7 +226,7 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 	if err != nil || found != nil {
 		return found, err
 	}
-	return nil, unauthorized(regID, "no individual enrollment has this registration ID and the client certificate "+
+	return nil, denied(regID, "no individual enrollment has this registration ID and the client certificate "+
 		"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
 }
 

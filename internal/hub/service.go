@@ -151,6 +151,9 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev
 	if !tok.AudienceIs(want) {
 		return nil, nil, azerr.Unauthorized("the token is for %q, not %q", tok.Audience, want)
 	}
+	if err := tok.Expired(s.Now()); err != nil {
+		return nil, nil, azerr.Unauthorized("%s: %v", r, err)
+	}
 	if dev, id, err = s.connecting(ctx, r); err != nil {
 		return nil, nil, err
 	}
@@ -161,10 +164,10 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev
 		keys = append(keys, dev.Device.Authentication.sasKeys()...)
 	}
 	if len(keys) == 0 {
-		return nil, nil, azerr.Unauthorized("%s authenticates with %s, not with SAS tokens", r, id.Device.Authentication.Type)
+		return nil, nil, denied(r, "it authenticates with "+id.Device.Authentication.Type+", not with SAS tokens")
 	}
 	if err := tok.Verify(s.Now(), keys...); err != nil {
-		return nil, nil, azerr.Unauthorized("%s: %v", r, err)
+		return nil, nil, denied(r, err.Error())
 	}
 	return dev, id, enabled(dev)
 }
@@ -198,7 +201,7 @@ func (s *Service) authorizeEdgeDevice(ctx context.Context, device, token string,
 func (s *Service) connecting(ctx context.Context, r Ref) (dev, id *record, err error) {
 	if dev, _, err = s.load(ctx, Ref{Device: r.Device}); err != nil {
 		if azerr.As(err).Status() == 404 {
-			return nil, nil, azerr.Unauthorized("device %q is not registered in this hub", r.Device)
+			return nil, nil, denied(r, "the device is not registered in this hub")
 		}
 		return nil, nil, err
 	}
@@ -207,13 +210,23 @@ func (s *Service) connecting(ctx context.Context, r Ref) (dev, id *record, err e
 	}
 	if id, _, err = s.load(ctx, r); err != nil {
 		if azerr.As(err).Status() == 404 {
-			return nil, nil, azerr.Unauthorized("module %s is not registered in this hub", r)
+			return nil, nil, denied(r, "the module is not registered in this hub")
 		}
 		return nil, nil, err
 	}
 	return dev, id, nil
 }
 
+// denied refuses credentials that do not match the registry. Unknown
+// identities and bad credentials get the same answer, so that nobody can
+// probe which devices exist; why goes to the hub's log.
+func denied(r Ref, why string) error {
+	return azerr.Denied(why, "%s is not authorized: check its credentials and that it is registered in this hub "+
+		"(the hub's log says what did not match, under this answer's tracking ID)", r)
+}
+
+// enabled refuses a disabled device. It is checked after the credentials,
+// so only the device itself learns it is disabled.
 func enabled(dev *record) error {
 	if dev.Device.Status != "enabled" {
 		return azerr.Unauthorized("device %q is disabled", dev.Device.DeviceID)

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"strings"
 	"time"
 
@@ -121,13 +122,13 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 	if len(chain) == 0 {
 		return nil, nil, azerr.Unauthorized("no client certificate and no SAS token")
 	}
-	if dev, id, err = s.connecting(ctx, r); err != nil {
-		return nil, nil, err
-	}
 	leaf := chain[0]
 	now := s.Now()
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return nil, nil, azerr.Unauthorized("%s: the client certificate is not valid now (%s to %s)", r, leaf.NotBefore, leaf.NotAfter)
+	}
+	if dev, id, err = s.connecting(ctx, r); err != nil {
+		return nil, nil, err
 	}
 	// A module without a certificate of its own is authenticated by its
 	// device's, as device keys authenticate modules (edge runtimes of
@@ -146,7 +147,7 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 			}
 		}
 		if !ok {
-			return nil, nil, azerr.Unauthorized("%s: the client certificate's thumbprint is not the registered one", r)
+			return nil, nil, denied(r, "the client certificate's thumbprint is not the registered one")
 		}
 	case "certificateAuthority":
 		roots, err := s.verifiedCAs(ctx)
@@ -159,13 +160,13 @@ func (s *Service) deviceByCertificate(ctx context.Context, r Ref, chain []*x509.
 		}
 		if _, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now,
 			KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
-			return nil, nil, azerr.Unauthorized("%s: the client certificate does not chain to a verified CA of this hub: %v", r, err)
+			return nil, nil, denied(r, "the client certificate does not chain to a verified CA of this hub: "+err.Error())
 		}
 		if leaf.Subject.CommonName != r.String() && leaf.Subject.CommonName != r.Device {
-			return nil, nil, azerr.Unauthorized("%s: the client certificate's subject CN is %q", r, leaf.Subject.CommonName)
+			return nil, nil, denied(r, fmt.Sprintf("the client certificate's subject CN is %q", leaf.Subject.CommonName))
 		}
 	default:
-		return nil, nil, azerr.Unauthorized("%s authenticates with %q, not a certificate", r, auth.Type)
+		return nil, nil, denied(r, fmt.Sprintf("it authenticates with %q, not a certificate", auth.Type))
 	}
 	return dev, id, enabled(dev)
 }

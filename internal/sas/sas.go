@@ -130,12 +130,20 @@ var (
 	ErrSignature = errors.New("SAS token signature does not match")
 )
 
+// Expired is ErrExpired, saying since when, if the token has expired by now.
+func (t *Token) Expired(now time.Time) error {
+	if !now.Before(t.Expiry) {
+		return fmt.Errorf("%w (se=%d is %s ago): sign a new one", ErrExpired, t.Expiry.Unix(), now.Sub(t.Expiry).Round(time.Second))
+	}
+	return nil
+}
+
 // Verify checks expiry, then the signature under each key (primary, then
 // secondary), comparing in constant time. Clients sign the sr text as they
 // encoded it; a few sign the decoded form, which is accepted too.
 func (t *Token) Verify(now time.Time, keys ...[]byte) error {
-	if !now.Before(t.Expiry) {
-		return fmt.Errorf("%w (se=%d is %s ago): sign a new one", ErrExpired, t.Expiry.Unix(), now.Sub(t.Expiry).Round(time.Second))
+	if err := t.Expired(now); err != nil {
+		return err
 	}
 	for _, key := range keys {
 		if len(key) == 0 {

@@ -246,7 +246,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 	}{
 		{"unknown registration", "PUT", reg("nobody"), tok("nobody", key, time.Minute), `{"registrationId":"nobody"}`, 401, "not authorized"},
 		{"disabled enrollment", "PUT", reg("dev-off"), tok("dev-off", key, time.Minute), `{"registrationId":"dev-off"}`, 401, "disabled"},
-		{"wrong key", "PUT", reg("dev-1"), tok("dev-1", []byte("0123456789abcdef0123456789abcdef"), time.Minute), `{}`, 401, "signature does not match"},
+		{"wrong key", "PUT", reg("dev-1"), tok("dev-1", []byte("0123456789abcdef0123456789abcdef"), time.Minute), `{}`, 401, "check its credentials"},
 		{"expired token", "PUT", reg("dev-1"), tok("dev-1", key, -time.Minute), `{}`, 401, "expired"},
 		{"token for another registration", "PUT", reg("dev-1"), tok("dev-off", key, time.Minute), `{}`, 401, "is for"},
 		{"malformed token", "PUT", reg("dev-1"), "SharedAccessSignature sr=x&se=1", `{}`, 401, "no sig"},
@@ -553,4 +553,63 @@ func testEK(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return base64.StdEncoding.EncodeToString(b)
+}
+
+// Credentials that do not match get one answer whether the registration
+// or device exists or not, so that nobody can probe which do; the operator
+// finds what did not match in the log, under the answer's tracking ID.
+// What the request alone shows (an expired token) is still said.
+func TestRefusalsDoNotRevealWhoExists(t *testing.T) {
+	log := captureLog(t)
+	e := newEnv(t)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "dev-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	e.newDevice("d1", false)
+	scope := e.dps.IDScope()
+	wrong := []byte("0123456789abcdef0123456789abcdef")
+
+	type answer struct {
+		status int
+		msg    string
+		id     string
+	}
+	ask := func(method, path, audience string, exp time.Duration) answer {
+		t.Helper()
+		st, body := e.raw(method, path, sas.Build(wrong, audience, "", time.Now().Add(exp)), `{}`)
+		msg, _ := body["message"].(string)
+		id, _ := body["trackingId"].(string)
+		if id == "" { // the hub's shape
+			id, _, _ = strings.Cut(strings.TrimPrefix(body["ExceptionMessage"].(string), "Tracking ID:"), "-TimeStamp")
+		}
+		return answer{st, msg, id}
+	}
+	register := func(id string, exp time.Duration) answer {
+		return ask("PUT", "/"+scope+"/registrations/"+id+"/register?api-version=2019-03-31", scope+"/registrations/"+id, exp)
+	}
+	telemetry := func(id string, exp time.Duration) answer {
+		return ask("POST", "/devices/"+id+"/messages/events?api-version=2020-09-30", host+"/devices/"+id, exp)
+	}
+	for _, c := range []struct {
+		what           string
+		known, unknown func() answer
+		reason         string
+	}{
+		{"registration", func() answer { return register("dev-1", time.Minute) }, func() answer { return register("dev-9", time.Minute) }, "signature does not match"},
+		{"hub device", func() answer { return telemetry("d1", time.Minute) }, func() answer { return telemetry("d9", time.Minute) }, "signature does not match"},
+	} {
+		log.Reset()
+		known, unknown := c.known(), c.unknown()
+		if known.status != 401 || unknown.status != 401 ||
+			strings.ReplaceAll(known.msg, "1", "9") != unknown.msg || !strings.Contains(known.msg, "check its credentials") {
+			t.Errorf("%s: a wrong key answered %d %q, an unknown ID %d %q", c.what, known.status, known.msg, unknown.status, unknown.msg)
+		}
+		if !strings.Contains(log.String(), "trackingId="+known.id) || !strings.Contains(log.String(), c.reason) {
+			t.Errorf("%s: the log does not say why %s was refused:\n%s", c.what, known.id, log.String())
+		}
+	}
+	if a := register("dev-9", -time.Minute); a.status != 401 || !strings.Contains(a.msg, "expired") {
+		t.Errorf("an expired token answered %d %q", a.status, a.msg)
+	}
+	if a := telemetry("d9", -time.Minute); a.status != 401 || !strings.Contains(a.msg, "expired") {
+		t.Errorf("an expired token answered %d %q", a.status, a.msg)
+	}
 }

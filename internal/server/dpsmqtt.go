@@ -124,7 +124,7 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 			slog.Warn("dps mqtt connection refused: authentication failed", "registrationId", regID, "error", err)
 			return mqtt.RefusedServerUnavailable
 		}
-		return refuse(azerr.As(err).Message)
+		return refuse(azerr.Why(err))
 	}
 	c.SetValue(s)
 	return mqtt.Accepted
@@ -218,14 +218,17 @@ func (d *DeviceEndpoint) replyDPS(c *mqtt.Conn, status int, rid string, retryAft
 // replyDPSError sends err in the shape of azerr.WriteDPS, with the HTTP
 // status in the topic; throttling adds retry-after as the Retry-After header.
 func (d *DeviceEndpoint) replyDPSError(c *mqtt.Conn, rid string, err error) error {
-	e := azerr.As(err)
-	if e.Status() >= 500 {
-		slog.Warn("dps mqtt request failed", "clientId", c.ClientID(), "error", err)
+	e, id := azerr.As(err), trackingID()
+	switch {
+	case e.Status() >= 500:
+		slog.Warn("dps mqtt request failed", "clientId", c.ClientID(), "trackingId", id, "error", err)
+	case e.Reason != "":
+		slog.Info("dps mqtt request refused", "clientId", c.ClientID(), "trackingId", id, "reason", e.Reason)
 	}
 	topic := dpsResponsePrefix + strconv.Itoa(e.Status()) + "/?$rid=" + rid
 	if e.RetryAfter > 0 {
 		topic += "&retry-after=" + strconv.Itoa(e.RetryAfterSeconds())
 	}
-	body, _ := json.Marshal(azerr.DPSBody(e, trackingID()))
+	body, _ := json.Marshal(azerr.DPSBody(e, id))
 	return d.reply(c, topic, body)
 }

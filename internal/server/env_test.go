@@ -3,6 +3,7 @@ package server
 import (
 	"context"
 	"crypto/tls"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
@@ -14,6 +15,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 const host = "hatchery.test"
@@ -87,4 +89,13 @@ func (e *env) counts() map[string]int {
 		out[k] = n
 	}
 	return out
+}
+
+// captureLog sends the default logger to a buffer until the test ends.
+func captureLog(t testing.TB) *testutil.SyncBuffer {
+	b := &testutil.SyncBuffer{}
+	old := slog.Default()
+	slog.SetDefault(slog.New(slog.NewTextHandler(b, nil)))
+	t.Cleanup(func() { slog.SetDefault(old) })
+	return b
 }

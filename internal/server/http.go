@@ -174,7 +174,8 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 }
 
 // failure is how the API answers err, and the tracking ID it carries.
-// Internal errors are logged under that ID. A full database, which fails
+// Internal errors, and why a refused request was refused, are logged under
+// that ID. A full database, which fails
 // every write until the operator frees space, answers 503 with
 // Retry-After, so that clients back off, and is logged once a minute.
 func failure(r *http.Request, err error) (string, error) {
@@ -186,7 +187,11 @@ func failure(r *http.Request, err error) (string, error) {
 		}
 		return id, &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
 	}
-	if _, ok := errors.AsType[*azerr.Error](err); !ok && !errors.Is(err, context.Canceled) {
+	e, ok := errors.AsType[*azerr.Error](err)
+	switch {
+	case ok && e.Reason != "":
+		slog.Info("request refused", "method", r.Method, "path", r.URL.Path, "trackingId", id, "reason", e.Reason)
+	case !ok && !errors.Is(err, context.Canceled):
 		slog.Error("request failed", "method", r.Method, "path", r.URL.Path, "trackingId", id, "error", err)
 	}
 	return id, err

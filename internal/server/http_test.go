@@ -2,12 +2,10 @@ package server
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"encoding/base64"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -25,9 +23,7 @@ import (
 // everything already. A full database answers 503 with Retry-After, and
 // is logged once however many requests fail on it.
 func TestFailureLogsInternalErrors(t *testing.T) {
-	var log bytes.Buffer
-	defer slog.SetDefault(slog.Default())
-	slog.SetDefault(slog.New(slog.NewTextHandler(&log, nil)))
+	log := captureLog(t)
 	r := httptest.NewRequest("PUT", "/configurations/x", nil)
 
 	id, _ := failure(r, fmt.Errorf("deployment x: %w", errors.New("unexpected end of JSON input")))
@@ -37,7 +33,7 @@ func TestFailureLogsInternalErrors(t *testing.T) {
 	log.Reset()
 	failure(r, azerr.BadRequest("targetCondition is required"))
 	failure(r, fmt.Errorf("reading: %w", context.Canceled))
-	if log.Len() != 0 {
+	if log.String() != "" {
 		t.Fatalf("logged an API error or a hang-up:\n%s", log.String())
 	}
 

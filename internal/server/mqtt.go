@@ -197,7 +197,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	grant, err := d.hub.Authenticate(ctx, r, string(p.Password), chain)
 	if err != nil {
-		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
+		slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
 		return mqtt.RefusedNotAuthorized
 	}
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
@@ -214,7 +214,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
 	if err != nil {
 		d.forget(r, c)
-		slog.Info("mqtt connection refused", "identity", r.String(), "reason", err.Error())
+		slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
 		if azerr.HasStatus(err, 401) {
 			return mqtt.RefusedNotAuthorized
 		}

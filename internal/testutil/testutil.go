@@ -214,7 +214,7 @@ func StopProcess(t testing.TB, cmd *exec.Cmd, exited <-chan error) {
 	}
 }
 
-// SyncBuffer collects a process's output while the test reads it.
+// SyncBuffer collects a process's (or logger's) output while the test reads it.
 type SyncBuffer struct {
 	mu  sync.Mutex
 	buf bytes.Buffer
@@ -230,6 +230,12 @@ func (b *SyncBuffer) String() string {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	return b.buf.String()
+}
+
+func (b *SyncBuffer) Reset() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.buf.Reset()
 }
 
 // Within is the first value from ch, failing the test when none comes
