@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"syscall"
@@ -323,6 +324,9 @@ func TestHubCLI(t *testing.T) {
 	}
 	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--data", `{"hello":1}`, "--props", "a=1"); !strings.Contains(out, "Message ID") {
 		t.Errorf("c2d send: %s", out)
+	}
+	if out := c.ok("c2d", "purge", "--device-id", "edge-1"); !regexp.MustCompile(`Messages purged:\s+1\b`).MatchString(out) {
+		t.Errorf("c2d purge: %s", out)
 	}
 	c.ok("events", "tail")
 	for _, tc := range []struct {

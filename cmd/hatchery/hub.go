@@ -330,7 +330,7 @@ func eventsCmd() *cobra.Command {
 }
 
 func c2dCmd() *cobra.Command {
-	cmd := &cobra.Command{Use: "c2d", Short: "Send cloud-to-device messages"}
+	cmd := &cobra.Command{Use: "c2d", Short: "Send cloud-to-device messages, or purge a device's queue"}
 	var id, data, props string
 	send := &cobra.Command{Use: "send", Short: "Queue a message for a device", RunE: func(cmd *cobra.Command, _ []string) error {
 		headers := map[string]string{}
@@ -353,11 +353,26 @@ func c2dCmd() *cobra.Command {
 		}
 		return render(cmd, out, [][2]string{{"Message ID", out["messageId"]}})
 	}}
-	send.Flags().StringVar(&id, "device-id", "", "the device")
 	send.Flags().StringVar(&data, "data", "{}", "the message body (JSON)")
 	send.Flags().StringVar(&props, "props", "", "application properties, key=value;key2=value2")
-	_ = send.MarkFlagRequired("device-id")
-	cmd.AddCommand(send)
+	purge := &cobra.Command{Use: "purge", Short: "Remove every message waiting for a device", RunE: func(cmd *cobra.Command, _ []string) error {
+		c, err := hubClient(cmd)
+		if err != nil {
+			return err
+		}
+		var out struct {
+			TotalMessagesPurged int `json:"totalMessagesPurged"`
+		}
+		if err := c.Do(cmd.Context(), "DELETE", "/devices/"+url.PathEscape(id)+"/commands", "", nil, &out); err != nil {
+			return err
+		}
+		return render(cmd, out, [][2]string{{"Messages purged", strconv.Itoa(out.TotalMessagesPurged)}})
+	}}
+	for _, c := range []*cobra.Command{send, purge} {
+		c.Flags().StringVar(&id, "device-id", "", "the device")
+		_ = c.MarkFlagRequired("device-id")
+		cmd.AddCommand(c)
+	}
 	return cmd
 }
 

@@ -137,16 +137,39 @@ func (s *Service) queuedC2D(ctx context.Context, device string) ([]*C2DMessage, 
 // its ID must not receive what was sent to the old one. A failure is
 // logged; the messages then expire.
 func (s *Service) dropC2D(ctx context.Context, device string) {
-	msgs, err := s.queuedC2D(ctx, device)
-	for _, m := range msgs {
-		if err = s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
-			break
-		}
-		err = nil
-	}
-	if err != nil {
+	if _, err := s.removeC2D(ctx, device); err != nil {
 		slog.Warn("removing a deleted device's cloud-to-device messages", "device", device, "error", err)
 	}
+}
+
+// PurgeC2D removes every message waiting for device, as the hosted hub's
+// purge does, and says how many there were.
+func (s *Service) PurgeC2D(ctx context.Context, device string) (int, error) {
+	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
+		return 0, err
+	}
+	n, err := s.removeC2D(ctx, device)
+	if err != nil {
+		return n, err
+	}
+	s.countC2D(ctx, device, 0)
+	return n, nil
+}
+
+// removeC2D deletes device's queued messages and counts those it deleted
+// (one a device settled meanwhile is not counted).
+func (s *Service) removeC2D(ctx context.Context, device string) (int, error) {
+	msgs, err := s.queuedC2D(ctx, device)
+	n := 0
+	for _, m := range msgs {
+		switch err := s.store.Delete(ctx, kindC2D, m.ID, ""); {
+		case err == nil:
+			n++
+		case !errors.Is(err, store.ErrNotFound):
+			return n, err
+		}
+	}
+	return n, err
 }
 
 // CompleteC2D removes a delivered message.

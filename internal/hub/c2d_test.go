@@ -111,3 +111,35 @@ func TestC2DCount(t *testing.T) {
 		t.Fatalf("the twin's count %d", tw.CloudToDeviceMessageCount)
 	}
 }
+
+// Purging removes every waiting message, those received over HTTPS and
+// not settled too, and says how many; the count on the device follows.
+func TestPurgeC2D(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d1"})
+	newIdentity(t, s, Ref{Device: "d2"})
+	for _, d := range []string{"d1", "d1", "d1", "d2"} {
+		if _, err := s.SendC2D(ctx, d, nil, []byte("x")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if m, _, err := s.ReceiveC2D(ctx, "d1"); err != nil || m == nil {
+		t.Fatalf("receive: %v %v", m, err)
+	}
+	if n, err := s.PurgeC2D(ctx, "d1"); err != nil || n != 3 {
+		t.Fatalf("purged %d: %v", n, err)
+	}
+	if m, _, err := s.ReceiveC2D(ctx, "d1"); err != nil || m != nil {
+		t.Fatalf("after the purge d1 received %v %v", m, err)
+	}
+	if d, err := s.GetIdentity(ctx, Ref{Device: "d1"}); err != nil || d.CloudToDeviceMessageCount != 0 {
+		t.Fatalf("d1 counts %d waiting: %v", d.CloudToDeviceMessageCount, err)
+	}
+	if left, err := s.PendingC2D(ctx, "d2"); err != nil || len(left) != 1 {
+		t.Fatalf("d2 has %d waiting: %v", len(left), err)
+	}
+	if _, err := s.PurgeC2D(ctx, "nobody"); !azerr.HasStatus(err, 404) {
+		t.Fatalf("purging an unknown device: %v", err)
+	}
+}

@@ -293,6 +293,13 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	}))
 	service(sas.RegistryRead, "POST /devices/query", a.queryTwins)
 	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
+	service(sas.ServiceConnect, "DELETE /devices/{id}/commands", reply(func(r *http.Request) (any, error) {
+		n, err := h.PurgeC2D(r.Context(), id(r))
+		if err != nil {
+			return nil, err
+		}
+		return map[string]any{"totalMessagesPurged": n, "deviceId": id(r), "moduleId": nil}, nil
+	}))
 	service(sas.ServiceConnect, "GET /events", a.events)
 	name := func(r *http.Request) string { return r.PathValue("name") }
 	service(sas.AllRights, "PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
