@@ -74,8 +74,10 @@ type attestation struct {
 	challenge  *challenge
 	// keys are those the device's SAS token verified under.
 	keys [][]byte
-	// X.509 devices: their certificate, and for group members the CA it chained to.
+	// X.509 devices: their certificate, and for group members the CA it
+	// chained to and the IDs of every group it chains to.
 	certificate, signer *x509.Certificate
+	matched             []string
 }
 
 func (a *attestation) status() string {
@@ -513,8 +515,11 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 	// A group's credentials do not reach devices that another enrollment
 	// provisioned: a certificate or key of group B whose registration ID
-	// happens to be a device of group A must not take it over.
-	if att.group != nil && prev != nil && !strings.EqualFold(prev.EnrollmentGroupID, att.group.EnrollmentGroupID) {
+	// happens to be a device of group A must not take it over. A
+	// certificate that group A trusts too may move to B (a group made for
+	// its intermediate CA), as may a TPM, whose EK names it.
+	if att.group != nil && prev != nil && !strings.EqualFold(prev.EnrollmentGroupID, att.group.EnrollmentGroupID) &&
+		att.challenge == nil && !slices.ContainsFunc(att.matched, func(id string) bool { return strings.EqualFold(id, prev.EnrollmentGroupID) }) {
 		how := "its individual enrollment"
 		if prev.EnrollmentGroupID != "" {
 			how = "enrollment group " + prev.EnrollmentGroupID

@@ -57,23 +57,18 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
 		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
 	})
-	var found *EnrollmentGroup
-	err = s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
 		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
-			return true
+			return nil, 0
 		}
-		if chainsTo(cert, nil, g.Attestation.TPM.EKCertificateAuthorities.certificates(), s.Now(), x509.ExtKeyUsageAny) != nil {
-			found = g
-			return false
-		}
-		return true
+		return chainsTo(cert, nil, g.Attestation.TPM.EKCertificateAuthorities.certificates(), s.Now(), x509.ExtKeyUsageAny)
 	})
 	if err != nil {
 		return nil, err
 	}
-	if found == nil {
+	if m.group == nil {
 		return nil, denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
-			") does not chain to the CA of any TPM enrollment group")
+			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM beside the root)")
 	}
-	return found, nil
+	return m.group, nil
 }

@@ -212,36 +212,67 @@ func (s *Service) authenticateX509(ctx context.Context, regID string, e *Enrollm
 	for _, c := range chain[1:] {
 		inter.AddCert(c)
 	}
-	var found *attestation
-	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
 		if g.Attestation.Type != AttestationX509 || g.Attestation.X509 == nil {
-			return true
+			return nil, 0
 		}
-		if ca := chainsTo(leaf, inter, s.groupCAs(ctx, g.Attestation.X509), now, x509.ExtKeyUsageClientAuth); ca != nil {
-			found = &attestation{group: g, certificate: leaf, signer: ca}
-			return false
-		}
-		return true
+		return chainsTo(leaf, inter, s.groupCAs(ctx, g.Attestation.X509), now, x509.ExtKeyUsageClientAuth)
 	})
-	if err != nil || found != nil {
-		return found, err
+	if err != nil {
+		return nil, err
 	}
-	return nil, denied(regID, "no individual enrollment has this registration ID and the client certificate "+
-		"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
+	if m.group == nil {
+		return nil, denied(regID, "no individual enrollment has this registration ID and the client certificate "+
+			"does not chain to the CA of any X.509 enrollment group (send the intermediate certificates in the TLS chain)")
+	}
+	return &attestation{group: m.group, certificate: leaf, signer: m.ca, matched: m.all}, nil
 }
 
 // chainsTo returns the CA of cas that cert chains to now (through the
-// intermediates inter, which may be nil), allowing usage; nil if none.
-func chainsTo(cert *x509.Certificate, inter *x509.CertPool, cas []*x509.Certificate, now time.Time, usage x509.ExtKeyUsage) *x509.Certificate {
+// intermediates inter, which may be nil), allowing usage, and the length
+// of the shortest such chain; nil if none.
+func chainsTo(cert *x509.Certificate, inter *x509.CertPool, cas []*x509.Certificate, now time.Time, usage x509.ExtKeyUsage) (*x509.Certificate, int) {
 	roots := x509.NewCertPool()
 	for _, ca := range cas {
 		roots.AddCert(ca)
 	}
 	chains, err := cert.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, CurrentTime: now, KeyUsages: []x509.ExtKeyUsage{usage}})
 	if err != nil {
-		return nil
+		return nil, 0
 	}
-	return chains[0][len(chains[0])-1]
+	shortest := slices.MinFunc(chains, func(a, b []*x509.Certificate) int { return len(a) - len(b) })
+	return shortest[len(shortest)-1], len(shortest)
+}
+
+// groupMatch is the group a device's certificate chose, the CA it chained
+// to there, and the IDs of every group it chains to.
+type groupMatch struct {
+	group *EnrollmentGroup
+	ca    *x509.Certificate
+	all   []string
+}
+
+// closestGroup finds, among the groups a certificate chains to (by
+// chain, which returns the group's CA and the chain's length, or nil), the
+// one whose CA is nearest to it, as the hosted service does: a group for an
+// intermediate CA comes before one for its root, so that disabling it
+// blocks that intermediate's devices whatever the root's group says. Among
+// groups as near, the first by ID.
+func (s *Service) closestGroup(ctx context.Context, chain func(*EnrollmentGroup) (*x509.Certificate, int)) (groupMatch, error) {
+	var m groupMatch
+	nearest := 0
+	err := s.eachGroup(ctx, func(g *EnrollmentGroup) bool {
+		ca, n := chain(g)
+		if ca == nil {
+			return true
+		}
+		m.all = append(m.all, g.EnrollmentGroupID)
+		if m.group == nil || n < nearest {
+			m.group, m.ca, nearest = g, ca, n
+		}
+		return true
+	})
+	return m, err
 }
 
 // groupCAs returns the CA certificates a group trusts.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/dpsapi"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/testutil"
@@ -162,6 +163,39 @@ func TestX509GroupEnrollment(t *testing.T) {
 	}
 	if _, err := e.x509Device("node-7", leaf).RegisterX509(ctx); azerrStatus(err) != 401 {
 		t.Errorf("disabled group: %v", err)
+	}
+}
+
+// A group for an intermediate CA comes before one for its root, whatever
+// their IDs, as in the hosted service: disabling it blocks that
+// intermediate's devices (the way to revoke it), and enabling it moves them
+// to it, since the root's group trusts their certificates too.
+func TestX509GroupOfTheNearestCA(t *testing.T) {
+	e := newEnv(t)
+	root := testutil.NewCert(t, "Fleet Root", true, nil)
+	inter := testutil.NewCert(t, "Fleet Intermediate", true, &root)
+	putGroup := func(id string, ca tls.Certificate, status, ifMatch string) {
+		t.Helper()
+		if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/"+id, ifMatch, &dps.EnrollmentGroup{ProvisioningStatus: status,
+			Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+				SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	register := func() (*dpsapi.RegistrationState, error) {
+		return e.x509Device("node-1", withChain(testutil.NewCert(t, "node-1", false, &inter), inter)).RegisterX509(ctx)
+	}
+	putGroup("a-root", root, "enabled", "")
+	if res, err := register(); err != nil || res.EnrollmentGroupID != "a-root" {
+		t.Fatalf("through the root's group: %+v %v", res, err)
+	}
+	putGroup("z-intermediate", inter, "disabled", "")
+	if _, err := register(); azerrStatus(err) != 401 || !strings.Contains(err.Error(), "z-intermediate") {
+		t.Fatalf("the intermediate's group disabled: %v", err)
+	}
+	putGroup("z-intermediate", inter, "enabled", "*")
+	if res, err := register(); err != nil || res.EnrollmentGroupID != "z-intermediate" {
+		t.Fatalf("through the intermediate's group: %+v %v", res, err)
 	}
 }
 
