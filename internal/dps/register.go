@@ -666,7 +666,9 @@ func (s *Service) record(ctx context.Context, state *RegistrationState, opID str
 // registering again follows the enrollment's reprovisionPolicy:
 // updateHubAssignment false keeps it on its hub; otherwise it goes where
 // the allocation says and its twin is carried over (migrateDeviceData) or
-// reset to the initial twin. state.Substatus records which happened.
+// reset to the initial twin, and a device that moved (to another hub or
+// device ID) is removed from where it was. state.Substatus records which
+// happened.
 func (s *Service) place(ctx context.Context, alloc allocation, prev *RegistrationState, repro *ReprovisionPolicy,
 	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, error) {
 	if repro == nil {
@@ -730,7 +732,18 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *Registratio
 	if keep == nil {
 		keep = &InitialTwin{}
 	}
-	return hub, s.registry.ReplaceTwin(ctx, *hub, dev.DeviceID, keep)
+	if err := s.registry.ReplaceTwin(ctx, *hub, dev.DeviceID, keep); err != nil {
+		return nil, err
+	}
+	if !sameDevice {
+		// As in the hosted service, the device leaves its former hub, where
+		// its credentials would otherwise go on admitting it.
+		if err := s.registry.DeleteDevice(ctx, *prevHub, prev.DeviceID); err != nil {
+			slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
+				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "deviceId", prev.DeviceID, "error", err)
+		}
+	}
+	return hub, nil
 }
 
 func (s *Service) operationID() string {

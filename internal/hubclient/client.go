@@ -30,6 +30,7 @@ import (
 type registry interface {
 	GetDevice(ctx context.Context, id string) (*hub.Device, error)
 	PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error)
+	DeleteDevice(ctx context.Context, id string) error
 	GetTwin(ctx context.Context, id string) (*hub.Twin, error)
 	// SetTwin merges p into the twin, or replaces tags and desired properties.
 	SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error
@@ -106,6 +107,10 @@ func (l local) GetDevice(ctx context.Context, id string) (*hub.Device, error) {
 func (l local) PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error) {
 	in := *d
 	return l.h.PutIdentity(ctx, hub.Ref{Device: d.DeviceID}, ifMatch, &in)
+}
+
+func (l local) DeleteDevice(ctx context.Context, id string) error {
+	return l.h.DeleteIdentity(ctx, hub.Ref{Device: id}, "*")
 }
 
 func (l local) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
@@ -245,6 +250,18 @@ func samePrimary(a, b hub.Authentication) bool {
 		return strings.EqualFold(*a.X509Thumbprint.PrimaryThumbprint, *b.X509Thumbprint.PrimaryThumbprint)
 	}
 	return false
+}
+
+// DeleteDevice removes a device from h; one already gone is no error.
+func (p *Pool) DeleteDevice(ctx context.Context, h dps.LinkedHub, deviceID string) error {
+	c, err := p.registry(h)
+	if err != nil {
+		return err
+	}
+	if err := c.DeleteDevice(ctx, deviceID); azerr.As(err).Status() != http.StatusNotFound {
+		return err
+	}
+	return nil
 }
 
 // ReadTwin returns a device's tags and desired properties.

@@ -256,11 +256,19 @@ func TestReprovisionPolicies(t *testing.T) {
 	if got := tagsOn(hub2); got != `{"site":"b7","stage":"field"}` {
 		t.Fatalf("migrated tags %s", got)
 	}
+	// It left the first hub, where its key would otherwise still admit it.
+	gone := func(c *azclient.Client) {
+		t.Helper()
+		if err := c.Do(ctx, "GET", "/devices/mover", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+			t.Fatalf("the former hub still has the device: %v", err)
+		}
+	}
+	gone(e.hubAPI)
 	// Never: stays on hub2 whatever the allocation says now.
 	if res := move(host, &dps.ReprovisionPolicy{}); res.AssignedHub != "hub2.test" || res.Substatus != "reprovisionedToInitialAssignment" {
 		t.Fatalf("never: %+v", res)
 	}
-	// Reset: back to the first hub, with the initial twin although the device was there before.
+	// Reset: back to the first hub, with the initial twin, not what it had on hub2.
 	setTags(hub2, `{"stage":"changed on hub2"}`)
 	res = move(host, &dps.ReprovisionPolicy{UpdateHubAssignment: true})
 	if res.AssignedHub != host || res.Substatus != "deviceDataReset" {
@@ -269,6 +277,7 @@ func TestReprovisionPolicies(t *testing.T) {
 	if got := tagsOn(e.hubAPI); got != `{"stage":"initial"}` {
 		t.Fatalf("reset tags %s", got)
 	}
+	gone(hub2)
 }
 
 // iotHubHostName alone pins the device, as it always has.
