@@ -27,23 +27,27 @@ func hubCmd() *cobra.Command {
 	var latency map[string]string
 	link := &cobra.Command{Use: "link", Short: "Link a hub, or change a linked one", RunE: func(cmd *cobra.Command, _ []string) error {
 		changed := cmd.Flags().Changed
-		h := &dps.LinkedHub{HostName: host, ConnectionString: connString, AllocationWeight: 1, ApplyAllocationPolicy: true}
-		if !changed("connection-string") {
-			// Changing a linked hub: start from its settings (the service
-			// keeps its key).
-			hubs, err := call[[]*dps.LinkedHub](cmd, dpsClient, "GET", "/linkedHubs", "", nil)
-			if err != nil {
-				return err
+		// Changing a linked hub starts from its settings, so that a new
+		// connection string (a rotated key) leaves the others as they are;
+		// without one, the service keeps its key.
+		hubs, err := call[[]*dps.LinkedHub](cmd, dpsClient, "GET", "/linkedHubs", "", nil)
+		if err != nil {
+			return err
+		}
+		var h *dps.LinkedHub
+		for _, old := range *hubs {
+			if strings.EqualFold(old.HostName, host) {
+				h = old
 			}
-			h = nil
-			for _, old := range *hubs {
-				if strings.EqualFold(old.HostName, host) {
-					h = old
-				}
-			}
-			if h == nil {
-				return fmt.Errorf("hub %s is not linked: link it with --connection-string", host)
-			}
+		}
+		switch {
+		case h == nil && !changed("connection-string"):
+			return fmt.Errorf("hub %s is not linked: link it with --connection-string", host)
+		case h == nil:
+			h = &dps.LinkedHub{HostName: host, AllocationWeight: 1, ApplyAllocationPolicy: true}
+		}
+		if changed("connection-string") {
+			h.ConnectionString = connString
 		}
 		if changed("endpoint") {
 			h.Endpoint = endpoint
