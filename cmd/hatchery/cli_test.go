@@ -239,12 +239,18 @@ func TestOperatorCLI(t *testing.T) {
 		"imp-2,,false,\n"+
 		"imp-3,fingerprint,,\n"+
 		"cam-1,symmetricKey,,\n"+
-		"imp-4,symmetricKey,maybe,\n"), 0o644)
+		"imp-4,symmetricKey,maybe,\n"+
+		"IMP-1,symmetricKey,false,\n"+
+		"imp-9\n"), 0o644)
 	out, err := c.run("enrollment", "import", "--file", csvPath)
-	for _, want := range []string{"imported 2 of 5", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already", "line 6: iotEdge \"maybe\""} {
-		if err == nil || !strings.Contains(out, want) {
-			t.Errorf("import output lacks %q (err %v):\n%s", want, err, out)
+	last := -1
+	for _, want := range []string{"imported 2 of 7", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already",
+		"line 6: iotEdge \"maybe\"", "line 7: registration ID IMP-1 repeats line 2", "line 8: has 1 of the header's 4 fields"} {
+		i := strings.Index(out, want)
+		if err == nil || i < last {
+			t.Errorf("import output lacks %q, or not in the file's order (err %v):\n%s", want, err, out)
 		}
+		last = i
 	}
 	if out := c.ok("enrollment", "show", "--registration-id", "imp-1"); !strings.Contains(out, `{"site":"b7"}`) {
 		t.Errorf("imported enrollment: %s", out)

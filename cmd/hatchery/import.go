@@ -7,8 +7,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -18,11 +20,11 @@ import (
 	"github.com/hatchery/hatchery/internal/progress"
 )
 
-// importRow is one enrollment of an import file, or why its line is unusable.
+// importRow is one enrollment of an import file, or why it is unusable.
 type importRow struct {
-	line int // 1-based line (CSV) or element (JSON) number
-	e    *dps.Enrollment
-	err  error
+	at  string // where in the file: "line 5" (CSV) or "element 3" (JSON)
+	e   *dps.Enrollment
+	err error
 }
 
 func importCmd() *cobra.Command {
@@ -42,8 +44,9 @@ its columns, in any order:
   iotEdge (true/false), tags (JSON object), provisioningStatus, iotHubHostName,
   allocationPolicy
 
-Rows that cannot be read or that the service refuses are listed with their line and
-the reason; the others are imported.`,
+Rows that cannot be read, repeat an earlier row's registration ID, or that the
+service refuses are listed with their line (CSV) or element (JSON) and the reason;
+the others are imported.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			rows, err := readImport(file)
 			if err != nil {
@@ -78,7 +81,7 @@ func readImportJSON(data []byte) ([]importRow, error) {
 	rows := make([]importRow, len(raw))
 	for i, r := range raw {
 		e := &dps.Enrollment{}
-		rows[i] = importRow{line: i + 1, e: e}
+		rows[i] = importRow{at: fmt.Sprintf("element %d", i+1), e: e}
 		if err := json.Unmarshal(r, e); err != nil {
 			rows[i].err = fmt.Errorf("not an enrollment: %v", err)
 		}
@@ -122,10 +125,15 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 			if pe, ok := errors.AsType[*csv.ParseError](err); ok {
 				line = pe.StartLine
 			}
-			rows = append(rows, importRow{line: line, err: err})
+			rows = append(rows, importRow{at: fmt.Sprintf("line %d", line), err: err})
 			continue
 		}
 		line, _ := r.FieldPos(0)
+		at := fmt.Sprintf("line %d", line)
+		if len(rec) < len(header) {
+			rows = append(rows, importRow{at: at, err: fmt.Errorf("has %d of the header's %d fields", len(rec), len(header))})
+			continue
+		}
 		get := func(name string) string {
 			if i, ok := col[name]; ok && i < len(rec) {
 				return strings.TrimSpace(rec[i])
@@ -133,7 +141,7 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 			return ""
 		}
 		e, err := csvEnrollment(get, dir)
-		rows = append(rows, importRow{line: line, e: e, err: err})
+		rows = append(rows, importRow{at: at, e: e, err: err})
 	}
 }
 
@@ -191,16 +199,25 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 	if batch < 1 || batch > dps.MaxBulk {
 		return fmt.Errorf("--batch %d: use 1 to %d", batch, dps.MaxBulk)
 	}
-	var failures []string
-	lineOf := map[string]int{}
+	// Failures are listed in the file's order, by row index.
+	failures := map[int]string{}
+	rowOf := map[string]int{}
 	var send []*dps.Enrollment
-	for _, r := range rows {
-		if r.err != nil {
-			failures = append(failures, fmt.Sprintf("line %d: %v", r.line, r.err))
-			continue
+	for i, r := range rows {
+		id := ""
+		if r.e != nil {
+			id = strings.ToLower(r.e.RegistrationID)
 		}
-		lineOf[strings.ToLower(r.e.RegistrationID)] = r.line
-		send = append(send, r.e)
+		first, repeated := rowOf[id]
+		switch {
+		case r.err != nil:
+			failures[i] = fmt.Sprintf("%s: %v", r.at, r.err)
+		case repeated && id != "":
+			failures[i] = fmt.Sprintf("%s: registration ID %s repeats %s", r.at, r.e.RegistrationID, rows[first].at)
+		default:
+			rowOf[id] = i
+			send = append(send, r.e)
+		}
 	}
 	bar := progress.New(cmd.ErrOrStderr(), "importing", len(send))
 	imported := 0
@@ -213,7 +230,8 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		}
 		imported += len(chunk) - len(res.Errors)
 		for _, f := range res.Errors {
-			failures = append(failures, fmt.Sprintf("line %d (%s): %s", lineOf[strings.ToLower(f.RegistrationID)], f.RegistrationID, f.ErrorStatus))
+			i := rowOf[strings.ToLower(f.RegistrationID)]
+			failures[i] = fmt.Sprintf("%s (%s): %s", rows[i].at, f.RegistrationID, f.ErrorStatus)
 		}
 		bar.Add(len(chunk))
 	}
@@ -222,8 +240,8 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
 	if len(failures) > 0 {
 		fmt.Fprintf(out, "%d failed:\n", len(failures))
-		for _, f := range failures {
-			fmt.Fprintln(out, "  "+f)
+		for _, i := range slices.Sorted(maps.Keys(failures)) {
+			fmt.Fprintln(out, "  "+failures[i])
 		}
 		return fmt.Errorf("%d of %d enrollments were not imported", len(failures), len(rows))
 	}

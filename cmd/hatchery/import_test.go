@@ -34,7 +34,7 @@ func FuzzReadImport(f *testing.F) {
 			}
 			for _, r := range rows {
 				if r.e == nil && r.err == nil {
-					t.Fatalf("%s: row %d has neither an enrollment nor an error", name, r.line)
+					t.Fatalf("%s: %s has neither an enrollment nor an error", name, r.at)
 				}
 			}
 		}
