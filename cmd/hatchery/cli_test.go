@@ -170,6 +170,9 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("enrollment", "create", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") || !strings.Contains(out, "Registration ID:") || !strings.Contains(out, "cam-1") {
 		t.Errorf("x509 enrollment: %s", out)
 	}
+	if out := c.ok("enrollment-group", "create", "--group-id", "tpms", "--attestation-type", "tpm", "--certificate-path", caPath); !strings.Contains(out, "CN=Fleet CA") {
+		t.Errorf("TPM group by its makers' CA: %s", out)
+	}
 	if out := c.ok("enrollment-group", "create", "--group-id", "cams", "--attestation-type", "x509", "--certificate-path", caPath); !strings.Contains(out, "CN=Fleet CA") {
 		t.Errorf("x509 group: %s", out)
 	}
@@ -207,6 +210,13 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("enrollment", "create", "--registration-id", "pinned", "--attestation-type", "symmetrickey", "--allocation-policy", "static",
 		"--iot-hub-host-name", "localhost", "--reprovision-policy", "never", "-o", "json"); !strings.Contains(out, `"updateHubAssignment": false`) {
 		t.Errorf("enrollment with allocation flags: %s", out)
+	}
+	if out := c.ok("enrollment", "show", "--registration-id", "pinned"); !strings.Contains(out, "static to localhost") {
+		t.Errorf("a static enrollment: %s", out)
+	}
+	// Another policy unpins it: iotHubHostName would go on pinning hashed allocation.
+	if out := c.ok("enrollment", "update", "--registration-id", "pinned", "--allocation-policy", "hashed"); !strings.Contains(out, "hashed among the linked hubs") {
+		t.Errorf("a static enrollment made hashed: %s", out)
 	}
 
 	// Key rotation replaces one key and keeps the other.

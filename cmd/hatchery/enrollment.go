@@ -286,6 +286,11 @@ func (f *enrollmentFlags) apply(cmd *cobra.Command, sh shared, deviceID *string)
 	}
 	if changed("allocation-policy") {
 		*sh.policy = f.policy
+		// The older iotHubHostName would go on pinning the device under
+		// hashed allocation: choosing another policy than static ends it.
+		if !strings.EqualFold(f.policy, dps.PolicyStatic) && !changed("iot-hub-host-name") {
+			*sh.hub = ""
+		}
 	}
 	if changed("iot-hubs") {
 		*sh.hubs = f.hubs
@@ -506,11 +511,13 @@ func regenerate(a *dps.Attestation, which string) error {
 	return nil
 }
 
-// allocationText describes the allocation policy and the hubs it uses.
+// allocationText describes the allocation policy and the hubs it uses,
+// as the service applies them (an iotHubHostName pins hashed allocation
+// when no iotHubs are named).
 func allocationText(policy, static string, hubs []string) string {
 	switch {
-	case policy == dps.PolicyStatic && static != "":
-		return policy + " to " + static
+	case static != "" && (policy == dps.PolicyStatic || policy == dps.PolicyHashed && len(hubs) == 0):
+		return "static to " + static
 	case len(hubs) > 0:
 		return policy + " among " + strings.Join(hubs, ", ")
 	}
@@ -523,12 +530,14 @@ func credentialRow(a dps.Attestation) [2]string {
 	switch {
 	case a.SymmetricKey != nil:
 		return [2]string{"Primary key", cmp.Or(a.SymmetricKey.PrimaryKey, "(not shown: --show-keys shows it)")}
+	case a.TPM != nil && a.TPM.EKCertificateAuthorities != nil: // a TPM group
+		return certificateRow(a.TPM.EKCertificateAuthorities)
 	case a.TPM != nil:
 		return [2]string{"Endorsement key", a.TPM.EndorsementKey[:min(len(a.TPM.EndorsementKey), 24)] + "…"}
 	case a.X509 != nil:
 		for _, cs := range []*dps.X509Certificates{a.X509.ClientCertificates, a.X509.SigningCertificates} {
-			if cs != nil && cs.Primary != nil && cs.Primary.Info != nil {
-				return [2]string{"Certificate", cs.Primary.Info.SubjectName + " (SHA-256 " + cs.Primary.Info.SHA256Thumbprint + ")"}
+			if row := certificateRow(cs); row[1] != "-" {
+				return row
 			}
 		}
 		if a.X509.CAReferences != nil {
@@ -536,6 +545,14 @@ func credentialRow(a dps.Attestation) [2]string {
 		}
 	}
 	return [2]string{"Credential", "-"}
+}
+
+// certificateRow shows the primary of cs by subject and thumbprint.
+func certificateRow(cs *dps.X509Certificates) [2]string {
+	if cs != nil && cs.Primary != nil && cs.Primary.Info != nil {
+		return [2]string{"Certificate", cs.Primary.Info.SubjectName + " (SHA-256 " + cs.Primary.Info.SHA256Thumbprint + ")"}
+	}
+	return [2]string{"Certificate", "-"}
 }
 
 // putEnrollment creates or updates an enrollment or group at path: an update

@@ -232,6 +232,15 @@ func continuation(r *http.Request) (string, error) {
 	return string(b), nil
 }
 
+// setContinuation gives a page the token of the page after it, the last
+// item's ID (none after the last page): opaque, so that a garbled one is
+// told apart.
+func setContinuation(w http.ResponseWriter, next string) {
+	if next != "" {
+		w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
+	}
+}
+
 // selectAll is the query the service SDKs' samples send ("SELECT * FROM
 // enrollments") or the Azure CLI ("SELECT *"): every item of a collection,
 // without conditions.
@@ -263,9 +272,7 @@ func query[T any](itemType string, list pages[T]) handler {
 		if err != nil {
 			return err
 		}
-		if next != "" { // opaque, so that a garbled one is told apart
-			w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
-		}
+		setContinuation(w, next)
 		w.Header().Set("x-ms-item-type", itemType)
 		if items == nil {
 			items = []*T{}

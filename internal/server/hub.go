@@ -1,7 +1,6 @@
 package server
 
 import (
-	"encoding/base64"
 	"encoding/json"
 	"mime"
 	"net/http"
@@ -441,9 +440,7 @@ func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	if next != "" {
-		w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
-	}
+	setContinuation(w, next)
 	writeJSON(w, http.StatusOK, jobs)
 	return nil
 }
