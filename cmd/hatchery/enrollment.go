@@ -314,6 +314,15 @@ func (f *enrollmentFlags) apply(cmd *cobra.Command, sh shared, deviceID *string)
 func (f *enrollmentFlags) applyX509(changed func(string) bool, att *dps.Attestation) error {
 	paths, names := changed("certificate-path") || changed("secondary-certificate-path"), changed("ca-name") || changed("secondary-ca-name")
 	if !paths && !names {
+		if changed("attestation-type") && att.Type == dps.AttestationTPM && !f.individual {
+			return fmt.Errorf("a TPM group needs --certificate-path, its TPM makers' CA certificates (root and intermediates) that EK certificates chain to")
+		}
+		if changed("attestation-type") && att.Type == dps.AttestationX509 {
+			if f.individual {
+				return fmt.Errorf("--attestation-type x509 needs --certificate-path, the device's certificate")
+			}
+			return fmt.Errorf("--attestation-type x509 needs --certificate-path (the CA's certificate) or --ca-name (one uploaded with `hatchery certificate create`)")
+		}
 		return nil
 	}
 	if att.Type == dps.AttestationTPM && !f.individual && paths && !names {
