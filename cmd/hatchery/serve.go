@@ -51,6 +51,7 @@ func (e endpoint) url() string {
 // serveOptions are serve's flags.
 type serveOptions struct {
 	dir, database, host, listen, certFile, keyFile, caFile string
+	webhookCA                                              string
 	port, mqttPort                                         int
 	registrationRate, deviceRate                           float64
 	deviceBurst                                            int
@@ -87,6 +88,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
+	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
@@ -184,6 +186,13 @@ func openServices(ctx context.Context, o serveOptions, st store.Store, caFile st
 	// One set of CA certificates serves both: X.509 groups may reference them.
 	dpsSvc.CAs = hubSvc
 	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
+	if o.webhookCA != "" {
+		webhookRoots, err := pki.Roots(o.webhookCA)
+		if err != nil {
+			return nil, nil, fmt.Errorf("--webhook-ca: %w", err)
+		}
+		dpsSvc.Webhooks = &http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: webhookRoots, MinVersion: tls.VersionTLS12}}}
+	}
 	hubSvc.MessageBytes = hub.NewMessageLimit(o.messageKiBPerSecond * 1024)
 	if err := linkOwnHub(ctx, dpsSvc, hubSvc, o.port); err != nil {
 		return nil, nil, err
