@@ -346,7 +346,13 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--data", `{"hello":1}`, "--props", "a=1"); !strings.Contains(out, "Message ID") {
 		t.Errorf("c2d send: %s", out)
 	}
-	if out := c.ok("c2d", "purge", "--device-id", "edge-1"); !regexp.MustCompile(`Messages purged:\s+1\b`).MatchString(out) {
+	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--ttl", "10m"); !strings.Contains(out, "Message ID") {
+		t.Errorf("c2d send --ttl: %s", out)
+	}
+	if out, err := c.run("c2d", "send", "--device-id", "edge-1", "--ttl", "100h"); err == nil || !strings.Contains(out, "must be in the next 48 hours") {
+		t.Errorf("c2d send with too long a ttl: %v %s", err, out)
+	}
+	if out := c.ok("c2d", "purge", "--device-id", "edge-1"); !regexp.MustCompile(`Messages purged:\s+2\b`).MatchString(out) {
 		t.Errorf("c2d purge: %s", out)
 	}
 	c.ok("events", "tail")

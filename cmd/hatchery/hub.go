@@ -8,6 +8,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -332,8 +333,12 @@ func eventsCmd() *cobra.Command {
 func c2dCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "c2d", Short: "Send cloud-to-device messages, or purge a device's queue"}
 	var id, data, props string
+	var ttl time.Duration
 	send := &cobra.Command{Use: "send", Short: "Queue a message for a device", RunE: func(cmd *cobra.Command, _ []string) error {
 		headers := map[string]string{}
+		if cmd.Flags().Changed("ttl") {
+			headers["iothub-expiry"] = time.Now().Add(ttl).UTC().Format(time.RFC3339)
+		}
 		if props != "" {
 			for _, kv := range strings.Split(props, ";") {
 				k, v, ok := strings.Cut(kv, "=")
@@ -355,6 +360,7 @@ func c2dCmd() *cobra.Command {
 	}}
 	send.Flags().StringVar(&data, "data", "{}", "the message body (JSON)")
 	send.Flags().StringVar(&props, "props", "", "application properties, key=value;key2=value2")
+	send.Flags().DurationVar(&ttl, "ttl", time.Hour, "how long the message waits for the device before it expires (at most 48h)")
 	purge := &cobra.Command{Use: "purge", Short: "Remove every message waiting for a device", RunE: func(cmd *cobra.Command, _ []string) error {
 		c, err := hubClient(cmd)
 		if err != nil {

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"strings"
 	"time"
 
@@ -21,7 +22,9 @@ const (
 	maxC2DQueue = 50
 	// maxC2DSize is the hosted hub's limit of a message's body.
 	maxC2DSize = 64 << 10
-	c2dTTL     = time.Hour
+	// c2dTTL is how long a message waits by default, maxC2DTTL at most.
+	c2dTTL    = time.Hour
+	maxC2DTTL = 48 * time.Hour
 )
 
 // C2DMessage is a cloud-to-device message waiting for its device.
@@ -56,11 +59,15 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 			"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
 	}
 	now := s.Now().UTC()
+	expiry, err := c2dExpiry(props, now)
+	if err != nil {
+		return nil, err
+	}
 	var rnd [4]byte
 	_, _ = rand.Read(rnd[:])
 	m := &C2DMessage{
 		ID:        fmt.Sprintf("%s/%020d%s", device, now.UnixNano(), hex.EncodeToString(rnd[:])),
-		MessageID: props["messageId"], Properties: props, Body: body, Enqueued: now, Expiry: now.Add(c2dTTL),
+		MessageID: props["messageId"], Properties: props, Body: body, Enqueued: now, Expiry: expiry,
 	}
 	if m.MessageID == "" {
 		m.MessageID = hex.EncodeToString(rnd[:]) + fmt.Sprint(now.UnixNano())
@@ -73,6 +80,27 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
+}
+
+// c2dExpiry is when a message sent now expires: at its "$.exp" system
+// property (taken out of props), an RFC 3339 or HTTP date within
+// maxC2DTTL, else after c2dTTL, the hosted hub's defaults.
+func c2dExpiry(props map[string]string, now time.Time) (time.Time, error) {
+	v, ok := props["$.exp"]
+	if !ok {
+		return now.Add(c2dTTL), nil
+	}
+	delete(props, "$.exp")
+	t, err := time.Parse(time.RFC3339, v)
+	if err != nil {
+		if t, err = http.ParseTime(v); err != nil {
+			return time.Time{}, azerr.BadRequest("expiry %q is not a time: give an RFC 3339 time such as %s", v, now.Add(time.Hour).Format(time.RFC3339))
+		}
+	}
+	if !t.After(now) || t.After(now.Add(maxC2DTTL)) {
+		return time.Time{}, azerr.BadRequest("expiry %s must be in the next %d hours", v, int(maxC2DTTL.Hours()))
+	}
+	return t.UTC(), nil
 }
 
 // c2dArrivedHere wakes this replica's connection of device, if it has it.

@@ -2,6 +2,7 @@ package hub
 
 import (
 	"context"
+	"net/http"
 	"testing"
 	"time"
 
@@ -141,5 +142,35 @@ func TestPurgeC2D(t *testing.T) {
 	}
 	if _, err := s.PurgeC2D(ctx, "nobody"); !azerr.HasStatus(err, 404) {
 		t.Fatalf("purging an unknown device: %v", err)
+	}
+}
+
+// A message may say when it expires (the iothub-expiry header, "$.exp"),
+// within 48 hours as in the hosted hub; it is dropped then.
+func TestC2DExpiry(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	now := time.Now().UTC().Truncate(time.Second)
+	s.Now = func() time.Time { return now }
+	newIdentity(t, s, Ref{Device: "d1"})
+	in10m := now.Add(10 * time.Minute)
+	m, err := s.SendC2D(ctx, "d1", map[string]string{"$.exp": in10m.Format(time.RFC3339), "k": "v"}, []byte("soon gone"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !m.Expiry.Equal(in10m) || m.Properties["$.exp"] != "" || m.Properties["k"] != "v" {
+		t.Fatalf("message %+v", m)
+	}
+	if m, err := s.SendC2D(ctx, "d1", nil, []byte("default")); err != nil || !m.Expiry.Equal(now.Add(time.Hour)) {
+		t.Fatalf("default expiry: %+v %v", m, err)
+	}
+	for _, bad := range []string{"tomorrow", now.Add(-time.Minute).Format(time.RFC3339), now.Add(49 * time.Hour).Format(http.TimeFormat)} {
+		if _, err := s.SendC2D(ctx, "d1", map[string]string{"$.exp": bad}, []byte("x")); !azerr.HasStatus(err, 400) {
+			t.Errorf("expiry %q: %v", bad, err)
+		}
+	}
+	now = now.Add(11 * time.Minute)
+	if left, err := s.PendingC2D(ctx, "d1"); err != nil || len(left) != 1 || string(left[0].Body) != "default" {
+		t.Fatalf("after 11 minutes: %v %v", left, err)
 	}
 }

@@ -254,7 +254,7 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 // carries as headers (and a batch among a message's properties), by the
 // names a message keeps them under, as the MQTT topic gives them.
 var systemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
-	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid"}
+	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid", "iothub-expiry": "$.exp"}
 
 // systemHeaders is systemProperties the other way round.
 var systemHeaders = func() map[string]string {
