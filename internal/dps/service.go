@@ -109,9 +109,10 @@ func (s *Service) OwnerConnectionString() string {
 	return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey
 }
 
-// AuthorizeService checks a service-API Authorization header.
-func (s *Service) AuthorizeService(header string) error {
-	if _, err := sas.AuthorizeService(header, s.host, s.settings.Policies, s.Now()); err != nil {
+// AuthorizeService checks a service-API Authorization header of a request
+// to path.
+func (s *Service) AuthorizeService(header, path string) error {
+	if _, err := sas.AuthorizeService(header, s.host, path, s.settings.Policies, s.Now()); err != nil {
 		return azerr.Unauthorized("%v", err)
 	}
 	return nil

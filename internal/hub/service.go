@@ -89,9 +89,10 @@ func (s *Service) PolicyConnectionString(name string) (string, bool) {
 	return "", false
 }
 
-// AuthorizeService checks a service-API Authorization header.
-func (s *Service) AuthorizeService(header, right string) error {
-	p, err := sas.AuthorizeService(header, s.host, s.settings.Policies, s.Now())
+// AuthorizeService checks a service-API Authorization header of a request
+// to path.
+func (s *Service) AuthorizeService(header, path, right string) error {
+	p, err := sas.AuthorizeService(header, s.host, path, s.settings.Policies, s.Now())
 	if err != nil {
 		return azerr.Unauthorized("%v", err)
 	}
@@ -177,9 +178,9 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev
 // token or client certificate, to manage identities under it: the
 // device-scope registry API the edge runtime creates and reads its
 // modules' identities with.
-func (s *Service) AuthorizeServiceOrEdgeDevice(ctx context.Context, device, header string, chain []*x509.Certificate, right string) error {
+func (s *Service) AuthorizeServiceOrEdgeDevice(ctx context.Context, device, path, header string, chain []*x509.Certificate, right string) error {
 	if tok, err := sas.Parse(header); err == nil && tok.KeyName != "" {
-		return s.AuthorizeService(header, right)
+		return s.AuthorizeService(header, path, right)
 	}
 	return s.authorizeEdgeDevice(ctx, device, header, chain)
 }

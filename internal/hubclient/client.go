@@ -95,7 +95,7 @@ func (l local) authorize(connString string) error {
 	if err != nil {
 		return err
 	}
-	return l.h.AuthorizeService(sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Minute)), sas.RegistryWrite)
+	return l.h.AuthorizeService(sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Minute)), "/devices", sas.RegistryWrite)
 }
 
 func (l local) GetDevice(ctx context.Context, id string) (*hub.Device, error) {

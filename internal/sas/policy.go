@@ -80,9 +80,12 @@ func Keys(b64 ...string) [][]byte {
 	return out
 }
 
-// AuthorizeService checks a service-API Authorization header: a token for
-// host (sr may carry a path below it), naming one of policies by skn.
-func AuthorizeService(header, host string, policies []Policy, now time.Time) (*Policy, error) {
+// AuthorizeService checks a service-API Authorization header for a request
+// to path: a token for host, naming one of policies by skn. A path in sr
+// narrows the token to what lies under it, segment by segment, as in Azure
+// (sr=HOST/devices/d1 reaches /devices/d1 and /devices/d1/modules/m, not
+// /devices/d2).
+func AuthorizeService(header, host, path string, policies []Policy, now time.Time) (*Policy, error) {
 	if header == "" {
 		return nil, fmt.Errorf("no Authorization header: send a SharedAccessSignature made from a shared access policy's connection string")
 	}
@@ -90,12 +93,12 @@ func AuthorizeService(header, host string, policies []Policy, now time.Time) (*P
 	if err != nil {
 		return nil, err
 	}
-	aud := normalize(tok.Audience)
-	if h, _, ok := strings.Cut(aud, "/"); ok {
-		aud = h
-	}
+	aud, scope, _ := strings.Cut(normalize(tok.Audience), "/")
 	if aud != normalize(host) && stripPort(aud) != normalize(host) {
 		return nil, fmt.Errorf("%w: sr=%q but this service is %q", ErrAudience, tok.Audience, host)
+	}
+	if req := strings.Trim(strings.ToLower(path), "/"); scope != "" && req != scope && !strings.HasPrefix(req, scope+"/") {
+		return nil, fmt.Errorf("%w: sr=%q reaches only what lies under /%s, not %s", ErrAudience, tok.Audience, scope, path)
 	}
 	for i := range policies {
 		p := &policies[i]

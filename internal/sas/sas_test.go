@@ -136,3 +136,31 @@ func FuzzParseConnectionString(f *testing.F) {
 	f.Add("HostName=h;DeviceId=d;SharedAccessKey=AAAA")
 	f.Fuzz(func(t *testing.T, s string) { _, _ = ParseConnectionString(s) })
 }
+
+// A path in sr narrows a service token to what lies under it, segment by
+// segment; a token for the host reaches everything.
+func TestAuthorizeServiceScope(t *testing.T) {
+	now := time.Now()
+	p := NewPolicy("iothubowner", "RegistryWrite")
+	key, _ := base64.StdEncoding.DecodeString(p.PrimaryKey)
+	tok := func(sr string) string { return Build(key, sr, p.KeyName, now.Add(time.Minute)) }
+	for _, c := range []struct {
+		sr, path string
+		ok       bool
+	}{
+		{"hub.example", "/devices/d1", true},
+		{"hub.example/", "/devices/d1", true},
+		{"hub.example/devices/d1", "/devices/d1", true},
+		{"hub.example/devices/d1", "/devices/d1/modules/m1", true},
+		{"Hub.Example/Devices/D1", "/devices/d1", true},
+		{"hub.example/devices/d1", "/devices/d2", false},
+		{"hub.example/devices/d1", "/devices/d10", false},
+		{"hub.example/devices/d1", "/twins/d1", false},
+		{"hub.example/devices", "/enrollments/x", false},
+	} {
+		_, err := AuthorizeService(tok(c.sr), "hub.example", c.path, []Policy{p}, now)
+		if (err == nil) != c.ok {
+			t.Errorf("sr=%s for %s: %v", c.sr, c.path, err)
+		}
+	}
+}

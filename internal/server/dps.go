@@ -117,7 +117,7 @@ func (a *api) dpsHandler(serviceAPI bool, h handler) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		err := checkAPIVersion(r)
 		if err == nil && serviceAPI {
-			err = a.dps.AuthorizeService(r.Header.Get("Authorization"))
+			err = a.dps.AuthorizeService(r.Header.Get("Authorization"), r.URL.Path)
 		}
 		if err == nil {
 			err = h(w, r)

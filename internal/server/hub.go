@@ -135,7 +135,7 @@ func ref(r *http.Request) hub.Ref {
 // policy with right.
 func (a *api) hubService(right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
-		if err := a.hub.AuthorizeService(r.Header.Get("Authorization"), right); err != nil {
+		if err := a.hub.AuthorizeService(r.Header.Get("Authorization"), r.URL.Path, right); err != nil {
 			return err
 		}
 		return h(w, r)
@@ -147,7 +147,7 @@ func (a *api) hubService(right string, h handler) http.HandlerFunc {
 func (a *api) hubServiceOrEdgeDevice(right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
 		cred := deviceCredentials(r)
-		if err := a.hub.AuthorizeServiceOrEdgeDevice(r.Context(), r.PathValue("id"), cred.Authorization, cred.Certificates, right); err != nil {
+		if err := a.hub.AuthorizeServiceOrEdgeDevice(r.Context(), r.PathValue("id"), r.URL.Path, cred.Authorization, cred.Certificates, right); err != nil {
 			return err
 		}
 		return h(w, r)
