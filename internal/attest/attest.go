@@ -42,6 +42,11 @@ func ParsePublic(tpm2bPublic []byte) (*Public, error) {
 	if len(pub.Modulus) != 256 {
 		return nil, fmt.Errorf("RSA modulus of %d bytes, want 256", len(pub.Modulus))
 	}
+	// 0 stands for 65537; any other must be odd and at least 3, or no key
+	// can be wrapped to it.
+	if e := pub.Exponent; e != 0 && (e < 3 || e%2 == 0 || e > 1<<31-1) {
+		return nil, fmt.Errorf("RSA exponent %d, want 0 (65537) or an odd number from 3 to 2^31-1", e)
+	}
 	if pub.Scheme != algNull {
 		return nil, fmt.Errorf("RSA scheme 0x%04x, want NULL as for any storage key", pub.Scheme)
 	}

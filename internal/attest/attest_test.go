@@ -70,6 +70,9 @@ func TestParsePublic(t *testing.T) {
 		{"signing", "not a restricted decryption key", edit(ek, func(b []byte) []byte { b[7] |= 0x04; return b })},
 		{"AES-256", "not AES-128-CFB", edit(ek, func(b []byte) []byte { b[47] = 0x00; return b })},
 		{"1024 bits", "1024 bits", edit(ek, func(b []byte) []byte { b[52], b[53] = 0x04, 0x00; return b })},
+		{"exponent 1", "RSA exponent 1", edit(ek, func(b []byte) []byte { b[57] = 1; return b })},
+		{"even exponent", "RSA exponent 65536", edit(ek, func(b []byte) []byte { b[55], b[56], b[57] = 1, 0, 0; return b })},
+		{"exponent past 2^31", "RSA exponent 4294967295", edit(ek, func(b []byte) []byte { b[54], b[55], b[56], b[57] = 0xff, 0xff, 0xff, 0xff; return b })},
 		{"short modulus", "modulus of 255 bytes", edit(ek, func(b []byte) []byte {
 			b[58], b[59] = 0x00, 0xff
 			return resize(b[:len(b)-1])

@@ -175,6 +175,9 @@ func (s *Service) OperationStatus(ctx context.Context, scope, regID, opID string
 type registrationRecord struct {
 	RegistrationState
 	Operations []string `json:"operations,omitempty"`
+	// StorageRootKey is the SRK a TPM device last registered with, whose
+	// challenges others cannot push out (keepPending).
+	StorageRootKey string `json:"storageRootKey,omitempty"`
 }
 
 // AuthenticateDevice checks a device's credentials, as its requests will
@@ -278,9 +281,21 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err := s.Throttle.registration(s.Now()); err != nil {
 		return nil, err
 	}
+	// The SRK the device registered with last keeps its challenge against
+	// requests for others (an enrolled SRK refuses them outright).
+	proven := ""
+	if e == nil || e.Attestation.TPM.StorageRootKey == "" {
+		rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+		if err != nil {
+			return nil, err
+		}
+		if rec != nil {
+			proven = rec.StorageRootKey
+		}
+	}
 	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
 		Expires: s.Now().Add(s.ChallengeTTL)}
-	issued, err := s.addChallenge(ctx, regID, c)
+	issued, err := s.addChallenge(ctx, regID, c, proven)
 	if err != nil {
 		return nil, err
 	}
@@ -374,7 +389,8 @@ const maxPendingChallenges = 4
 // addChallenge records c among regID's pending challenges, dropping expired
 // ones, and returns the challenge to send: c, or the pending one for the
 // same EK and SRK. Concurrent requests (on any replica) each add theirs.
-func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) (challenge, error) {
+// proven is the SRK the device last registered with, if any.
+func (s *Service) addChallenge(ctx context.Context, regID string, c challenge, proven string) (challenge, error) {
 	var written pendingChallenges
 	_, err := upsert(ctx, s.store, kindChallenge, regID, nil, func(old *pendingChallenges) pendingChallenges {
 		written = pendingChallenges{Pending: []challenge{c}}
@@ -390,10 +406,11 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) (
 				// expires, and a hub key of this registration's own.
 				o.HubKey, reused = c.HubKey, true
 				written.Pending[0] = o
-			case len(written.Pending) < maxPendingChallenges:
+			default:
 				written.Pending = append(written.Pending, o)
 			}
 		}
+		written.Pending = keepPending(written.Pending, proven)
 		return written
 	})
 	if err != nil {
@@ -401,6 +418,29 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge) (
 	}
 	s.recentChallenges.put(regID, written, s.Now())
 	return written.Pending[0], nil
+}
+
+// keepPending is at most maxPendingChallenges of pending, newest first,
+// the first (the one being sent) always among them. Since anyone who knows
+// the public EK may ask for challenges with other SRKs, the challenge for
+// the SRK the device last registered with (proven) is kept before newer
+// ones, so that such requests cannot push it out.
+func keepPending(pending []challenge, proven string) []challenge {
+	if len(pending) <= maxPendingChallenges {
+		return pending
+	}
+	kept := pending[:1:1]
+	for _, c := range pending[1:] {
+		if proven != "" && c.StorageRootKey == proven {
+			kept = append(kept, c)
+		}
+	}
+	for _, c := range pending[1:] {
+		if len(kept) < maxPendingChallenges && (proven == "" || c.StorageRootKey != proven) {
+			kept = append(kept, c)
+		}
+	}
+	return kept
 }
 
 // answeredChallenge is the pending challenge whose key signed tok: one this
@@ -424,19 +464,16 @@ func (s *Service) answeredChallenge(ctx context.Context, regID string, tok *sas.
 
 // answeredBy is the unexpired challenge whose key signed tok.
 func (p *pendingChallenges) answeredBy(tok *sas.Token, now time.Time) (*challenge, error) {
-	var lastErr error = errors.New("no TPM challenge is pending: send the registration without Authorization first")
 	if p != nil {
 		for i := range p.Pending {
 			c := &p.Pending[i]
-			if now.After(c.Expires) {
-				continue
-			}
-			if lastErr = tok.Verify(now, sas.Keys(c.Key)...); lastErr == nil {
+			if now.Before(c.Expires) && tok.Verify(now, sas.Keys(c.Key)...) == nil {
 				return c, nil
 			}
 		}
 	}
-	return nil, lastErr
+	return nil, errors.New("no pending TPM challenge's key signed the token: the challenge expired, or requests for other storage root keys pushed it out " +
+		"(the device registers again from the start; enrolling its storageRootKey stops such requests)")
 }
 
 // authenticateGroup finds the symmetric-key group whose derived key signed
@@ -562,7 +599,11 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
 	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	if state.ETag, err = s.record(ctx, state, op.OperationID, &current[registrationRecord]{read, etag}); err != nil {
+	srk := ""
+	if att.challenge != nil && state.Status == StatusAssigned {
+		srk = att.challenge.StorageRootKey
+	}
+	if state.ETag, err = s.record(ctx, state, op.OperationID, srk, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
@@ -650,13 +691,15 @@ const recordedOperations = 16
 
 // record stores a registration and its operation, keeping the IDs of the
 // device's recent operations; concurrent registrations of one device (on
-// any replica) each add theirs. read is the record as assign found it.
-func (s *Service) record(ctx context.Context, state *RegistrationState, opID string, read *current[registrationRecord]) (string, error) {
+// any replica) each add theirs. srk is the SRK a TPM device registered
+// with ("": the one recorded stays). read is the record as assign found it.
+func (s *Service) record(ctx context.Context, state *RegistrationState, opID, srk string, read *current[registrationRecord]) (string, error) {
 	return upsert(ctx, s.store, kindRegistration, state.RegistrationID, read, func(old *registrationRecord) registrationRecord {
-		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}}
+		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}, StorageRootKey: srk}
 		if old != nil {
 			rec.Operations = append(rec.Operations, old.Operations...)
 			rec.Operations = rec.Operations[:min(len(rec.Operations), recordedOperations)]
+			rec.StorageRootKey = cmp.Or(srk, old.StorageRootKey)
 		}
 		return rec
 	})

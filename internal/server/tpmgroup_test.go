@@ -181,3 +181,53 @@ func TestEnrolledSRKPinsChallenges(t *testing.T) {
 		t.Fatalf("challenge for the enrolled SRK: %d %v", st, b)
 	}
 }
+
+// Once a TPM has registered, requests for challenges with other SRKs (which
+// anyone who knows its public EK can make) cannot push out the challenge
+// for the SRK it registered with.
+func TestRegisteredSRKKeepsItsChallenge(t *testing.T) {
+	e := newEnv(t)
+	dev, regID, body := e.enrollSoftTPM()
+	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	ek, _ := dev.EndorsementKey()
+	strangerBody := func() string {
+		keys, err := softtpm.NewKeys()
+		if err != nil {
+			t.Fatal(err)
+		}
+		srk, _ := softtpm.New(keys).StorageRootKey()
+		return `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
+			`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) + `"}}`
+	}
+	strangers := make([]string, 2*4)
+	for i := range strangers {
+		strangers[i] = strangerBody()
+	}
+	register := func(flood []string) int {
+		t.Helper()
+		st, mine := e.raw("PUT", path, "", body)
+		if st != 401 {
+			t.Fatalf("challenge: %d %v", st, mine)
+		}
+		for _, b := range flood {
+			if st, _ := e.raw("PUT", path, "", b); st != 401 {
+				t.Fatalf("stranger's challenge: %d", st)
+			}
+		}
+		blob, _ := base64.StdEncoding.DecodeString(mine["authenticationKey"].(string))
+		if err := dev.ImportActivationBlob(blob, handle); err != nil {
+			t.Fatal(err)
+		}
+		tok, _ := sas.BuildSigned(func(d []byte) ([]byte, error) { return dev.HMAC(handle, d) },
+			e.dps.IDScope()+"/registrations/"+regID, "registration", time.Now().Add(time.Minute))
+		st, _ = e.raw("PUT", path, tok, body)
+		return st
+	}
+	if st := register(nil); st != 202 {
+		t.Fatalf("first registration: %d", st)
+	}
+	if st := register(strangers); st != 202 {
+		t.Fatalf("registering again while strangers asked for challenges with %d other SRKs: %d", len(strangers), st)
+	}
+}
