@@ -384,6 +384,9 @@ func TestFleetSimulate(t *testing.T) {
 		}
 		return r
 	}
+	if help := c.ok("fleet", "simulate", "--help"); !strings.Contains(help, "sim-0-0") || strings.Contains(help, "(default 8883)") {
+		t.Errorf("help:\n%s", help)
+	}
 	r := run("--devices", "30", "--rate", "200")
 	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil {
 		t.Fatalf("symmetric-key fleet: %v", r)

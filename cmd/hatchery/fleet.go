@@ -41,7 +41,8 @@ func fleetSimulateCmd() *cobra.Command {
 		Long: `Simulates --devices devices of the installation in --data-dir, served by a
 running ` + "`hatchery serve`" + ` on this machine:
 
-  1. enrolls them with the bulk API (sim-0, sim-1, …; skip with --skip-enroll);
+  1. enrolls them with the bulk API (sim-0-0, sim-0-1, …: --prefix, the
+     replica's number, the device's; skip with --skip-enroll);
   2. provisions them, --concurrency at a time, each over its own new TLS
      connection, as real devices do: TPM devices with a software TPM doing the
      device half of the attestation (two credential activations, four RSA-2048
@@ -127,7 +128,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.StringVar(&o.prefix, "prefix", "sim-", "registration ID prefix")
 	f.BoolVar(&o.skipEnroll, "skip-enroll", false, "the devices are enrolled already (by a run with the same --prefix)")
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
-	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect (default: the installation's)")
+	f.IntVar(&o.mqttPort, "mqtt-port", 0, "the hub's MQTT port, with --connect (default: the installation's)")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
 	f.IntVar(&o.retries, "retries", 0, "how often a device whose registration failed tries again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
