@@ -3,11 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -113,7 +114,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				Concurrency: o.concurrency, KeyPool: o.keyPool, SkipEnroll: o.skipEnroll, Connect: o.connect,
 				HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate, Retries: o.retries,
 				ServerPIDs: pids, Progress: cmd.ErrOrStderr()}, endpoints)
-			if err != nil {
+			if res == nil {
 				return err
 			}
 			return renderFleet(cmd, res)
@@ -137,13 +138,20 @@ the CPU milliseconds per registration of the server (from its own accounting in
 }
 
 func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
+	perReg, timed := "registration", ""
+	if r.Connect {
+		perReg, timed = "registration and hub connection", ", hub connections included"
+	}
 	rows := [][2]string{
-		{"Devices", fmt.Sprintf("%d %s, %d at a time%s", r.Devices, r.Attestation, r.Concurrency, rateText(r.Rate))},
+		{"Devices", fmt.Sprintf("%d %s, %d at a time%s", r.Devices, r.Attestation, r.Concurrency, rateText(r.Rate, r.StartedPerS))},
 		{"Enrollments in the service", strconv.Itoa(r.Enrolled)},
-		{"Provisioned", fmt.Sprintf("%d in %.1f s: %.0f registrations/s", r.Provisioned, r.Seconds, r.PerSecond)},
-		{"Latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
-		{"Server CPU per registration", orDash(msText(r.ServerCPUPerReg))},
-		{"Simulator CPU per registration", msText(r.SimCPUPerReg)},
+		{"Provisioned", fmt.Sprintf("%d in %.1f s%s: %.0f registrations/s", r.Provisioned, r.Seconds, timed, r.PerSecond)},
+		{"Registration latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
+		{"Server CPU per " + perReg, orDash(msText(r.ServerCPUPerReg))},
+		{"Simulator CPU per " + perReg, orDash(msText(r.SimCPUPerReg))},
+	}
+	if r.BehindRate() {
+		rows = append(rows, [2]string{"Warning", fmt.Sprintf("devices started at %.0f/s, not %.0f/s: every worker was busy; the latencies include the wait for one", r.StartedPerS, r.Rate)})
 	}
 	if r.EnrollPerS > 0 {
 		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
@@ -151,31 +159,45 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	if r.Retried > 0 {
 		rows = append(rows, [2]string{"Registrations tried again", strconv.Itoa(r.Retried)})
 	}
-	if r.Connected > 0 {
+	if r.Connect {
 		rows = append(rows, [2]string{"Connected to the hub", strconv.Itoa(r.Connected)})
 	}
-	kinds := make([]string, 0, len(r.Errors))
-	for k := range r.Errors {
-		kinds = append(kinds, k)
-	}
-	sort.Strings(kinds)
-	for _, k := range kinds {
-		rows = append(rows, [2]string{"Failed: " + k, strconv.Itoa(r.Errors[k])})
+	rows = append(rows, failureRows(r.Errors)...)
+	rows = append(rows, failureRows(r.HubErrors)...)
+	if r.Interrupted {
+		rows = append(rows, [2]string{"Interrupted", "the figures cover the devices done until then"})
 	}
 	if err := render(cmd, r, rows); err != nil {
 		return err
 	}
-	if failed := r.Devices - r.Provisioned; failed > 0 {
-		return errors.New(strconv.Itoa(failed) + " devices were not provisioned")
+	switch {
+	case r.Interrupted:
+		return errors.New("interrupted")
+	case r.Provisioned < r.Devices:
+		return errors.New(strconv.Itoa(r.Devices-r.Provisioned) + " devices were not provisioned")
+	case r.Connect && r.Connected < r.Provisioned:
+		return errors.New(strconv.Itoa(r.Provisioned-r.Connected) + " provisioned devices did not connect to their hub")
 	}
 	return nil
 }
 
-func rateText(rate float64) string {
+// failureRows lists failures by kind, sorted.
+func failureRows(kinds map[string]int) [][2]string {
+	var rows [][2]string
+	for _, k := range slices.Sorted(maps.Keys(kinds)) {
+		rows = append(rows, [2]string{"Failed: " + k, strconv.Itoa(kinds[k])})
+	}
+	return rows
+}
+
+func rateText(rate, started float64) string {
 	if rate <= 0 {
 		return ""
 	}
-	return fmt.Sprintf(", started at %.0f/s", rate)
+	if started <= 0 {
+		return fmt.Sprintf(", started at %.0f/s", rate)
+	}
+	return fmt.Sprintf(", started at %.0f/s (asked for %.0f/s)", started, rate)
 }
 
 func msText(ms float64) string {
