@@ -411,6 +411,9 @@ func TestFleetSimulate(t *testing.T) {
 		}
 		return r
 	}
+	if help := c.ok("fleet", "simulate", "--help"); !strings.Contains(help, "sim-0-0") || strings.Contains(help, "(default 8883)") {
+		t.Errorf("help:\n%s", help)
+	}
 	r := run("--devices", "30", "--rate", "200")
 	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil {
 		t.Fatalf("symmetric-key fleet: %v", r)
@@ -430,14 +433,51 @@ func TestFleetSimulate(t *testing.T) {
 		t.Fatalf("TPM fleet: %v", r)
 	}
 	// Runs split between replicas (here the same server twice) count and
-	// measure only once all have enrolled: 30 + 4 + 40 enrollments.
+	// measure only once all have enrolled: 30 + 4 + 40 enrollments. They
+	// report the whole fleet's rate, not a run's.
 	url := "https://127.0.0.1:" + strconv.Itoa(c.httpsPort)
-	if r := run("--devices", "40", "--prefix", "rep-", "--replicas", url+","+url); r["provisioned"] != float64(40) || r["enrolledBefore"] != float64(74) {
+	if r := run("--devices", "40", "--prefix", "rep-", "--replicas", url+","+url, "--rate", "400"); r["provisioned"] != float64(40) ||
+		r["enrolledBefore"] != float64(74) || r["rate"] != float64(400) || r["enrollmentsPerSecond"] == nil {
 		t.Fatalf("fleet split between replicas: %v", r)
 	}
 	// Devices nobody enrolled fail, by kind.
 	out, err := c.run("fleet", "simulate", "--devices", "3", "--skip-enroll", "--prefix", "ghost-")
 	if err == nil || !strings.Contains(out, "Failed: HTTP 401 (errorCode 401002):") {
 		t.Fatalf("unenrolled fleet: %v\n%s", err, out)
+	}
+	// Devices provisioned but not connected fail as hub failures.
+	out, err = c.run("fleet", "simulate", "--devices", "2", "--prefix", "nohub-", "--connect", "--mqtt-port", strconv.Itoa(testutil.FreePort(t)))
+	if err == nil || !strings.Contains(out, "Failed: hub: connection refused or reset:") || !strings.Contains(out, "2 provisioned devices did not connect") {
+		t.Fatalf("fleet without a hub: %v\n%s", err, out)
+	}
+
+	// Interrupted, it reports what it measured until then, and fails.
+	registered := func() int {
+		var regs []json.RawMessage
+		_ = json.Unmarshal([]byte(c.ok("registration", "list", "-o", "json")), &regs)
+		return len(regs)
+	}
+	before := registered()
+	var stdout bytes.Buffer
+	sim := exec.Command(c.bin, "fleet", "simulate", "--data-dir", c.dataDir, "--devices", "1000", "--rate", "50",
+		"--prefix", "stop-", "--replicas", url+","+url, "-o", "json")
+	sim.Stdout = &stdout
+	if err := sim.Start(); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(30 * time.Second); registered() < before+5; time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the fleet did not start registering")
+		}
+	}
+	if err := sim.Process.Signal(os.Interrupt); err != nil {
+		t.Fatal(err)
+	}
+	err = sim.Wait()
+	if err := json.Unmarshal(stdout.Bytes(), &r); err != nil {
+		t.Fatalf("%v\n%s", err, stdout.String())
+	}
+	if err == nil || r["interrupted"] != true || r["provisioned"].(float64) < 5 || r["provisioned"].(float64) >= 1000 {
+		t.Fatalf("interrupted fleet: %v %v", err, r)
 	}
 }

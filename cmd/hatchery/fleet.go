@@ -3,11 +3,12 @@ package main
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/url"
 	"os"
 	"os/signal"
 	"runtime/debug"
-	"sort"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -41,7 +42,8 @@ func fleetSimulateCmd() *cobra.Command {
 		Long: `Simulates --devices devices of the installation in --data-dir, served by a
 running ` + "`hatchery serve`" + ` on this machine:
 
-  1. enrolls them with the bulk API (sim-0, sim-1, …; skip with --skip-enroll);
+  1. enrolls them with the bulk API (sim-0-0, sim-0-1, …: --prefix, the
+     replica's number, the device's; skip with --skip-enroll);
   2. provisions them, --concurrency at a time, each over its own new TLS
      connection, as real devices do: TPM devices with a software TPM doing the
      device half of the attestation (two credential activations, four RSA-2048
@@ -112,7 +114,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				Concurrency: o.concurrency, KeyPool: o.keyPool, SkipEnroll: o.skipEnroll, Connect: o.connect,
 				HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate, Retries: o.retries,
 				ServerPIDs: pids, Progress: cmd.ErrOrStderr()}, endpoints)
-			if err != nil {
+			if res == nil {
 				return err
 			}
 			return renderFleet(cmd, res)
@@ -127,7 +129,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.StringVar(&o.prefix, "prefix", "sim-", "registration ID prefix")
 	f.BoolVar(&o.skipEnroll, "skip-enroll", false, "the devices are enrolled already (by a run with the same --prefix)")
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
-	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the hub's MQTT port, with --connect (default: the installation's)")
+	f.IntVar(&o.mqttPort, "mqtt-port", 0, "the hub's MQTT port, with --connect (default: the installation's)")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
 	f.IntVar(&o.retries, "retries", 0, "how often a device whose registration failed tries again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
@@ -136,13 +138,20 @@ the CPU milliseconds per registration of the server (from its own accounting in
 }
 
 func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
+	perReg, timed := "registration", ""
+	if r.Connect {
+		perReg, timed = "registration and hub connection", ", hub connections included"
+	}
 	rows := [][2]string{
-		{"Devices", fmt.Sprintf("%d %s, %d at a time%s", r.Devices, r.Attestation, r.Concurrency, rateText(r.Rate))},
+		{"Devices", fmt.Sprintf("%d %s, %d at a time%s", r.Devices, r.Attestation, r.Concurrency, rateText(r.Rate, r.StartedPerS))},
 		{"Enrollments in the service", strconv.Itoa(r.Enrolled)},
-		{"Provisioned", fmt.Sprintf("%d in %.1f s: %.0f registrations/s", r.Provisioned, r.Seconds, r.PerSecond)},
-		{"Latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
-		{"Server CPU per registration", orDash(msText(r.ServerCPUPerReg))},
-		{"Simulator CPU per registration", msText(r.SimCPUPerReg)},
+		{"Provisioned", fmt.Sprintf("%d in %.1f s%s: %.0f registrations/s", r.Provisioned, r.Seconds, timed, r.PerSecond)},
+		{"Registration latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
+		{"Server CPU per " + perReg, orDash(msText(r.ServerCPUPerReg))},
+		{"Simulator CPU per " + perReg, orDash(msText(r.SimCPUPerReg))},
+	}
+	if r.BehindRate() {
+		rows = append(rows, [2]string{"Warning", fmt.Sprintf("devices started at %.0f/s, not %.0f/s: every worker was busy; the latencies include the wait for one", r.StartedPerS, r.Rate)})
 	}
 	if r.EnrollPerS > 0 {
 		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
@@ -150,31 +159,45 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	if r.Retried > 0 {
 		rows = append(rows, [2]string{"Registrations tried again", strconv.Itoa(r.Retried)})
 	}
-	if r.Connected > 0 {
+	if r.Connect {
 		rows = append(rows, [2]string{"Connected to the hub", strconv.Itoa(r.Connected)})
 	}
-	kinds := make([]string, 0, len(r.Errors))
-	for k := range r.Errors {
-		kinds = append(kinds, k)
-	}
-	sort.Strings(kinds)
-	for _, k := range kinds {
-		rows = append(rows, [2]string{"Failed: " + k, strconv.Itoa(r.Errors[k])})
+	rows = append(rows, failureRows(r.Errors)...)
+	rows = append(rows, failureRows(r.HubErrors)...)
+	if r.Interrupted {
+		rows = append(rows, [2]string{"Interrupted", "the figures cover the devices done until then"})
 	}
 	if err := render(cmd, r, rows); err != nil {
 		return err
 	}
-	if failed := r.Devices - r.Provisioned; failed > 0 {
-		return errors.New(strconv.Itoa(failed) + " devices were not provisioned")
+	switch {
+	case r.Interrupted:
+		return errors.New("interrupted")
+	case r.Provisioned < r.Devices:
+		return errors.New(strconv.Itoa(r.Devices-r.Provisioned) + " devices were not provisioned")
+	case r.Connect && r.Connected < r.Provisioned:
+		return errors.New(strconv.Itoa(r.Provisioned-r.Connected) + " provisioned devices did not connect to their hub")
 	}
 	return nil
 }
 
-func rateText(rate float64) string {
+// failureRows lists failures by kind, sorted.
+func failureRows(kinds map[string]int) [][2]string {
+	var rows [][2]string
+	for _, k := range slices.Sorted(maps.Keys(kinds)) {
+		rows = append(rows, [2]string{"Failed: " + k, strconv.Itoa(kinds[k])})
+	}
+	return rows
+}
+
+func rateText(rate, started float64) string {
 	if rate <= 0 {
 		return ""
 	}
-	return fmt.Sprintf(", started at %.0f/s", rate)
+	if started <= 0 {
+		return fmt.Sprintf(", started at %.0f/s", rate)
+	}
+	return fmt.Sprintf(", started at %.0f/s (asked for %.0f/s)", started, rate)
 }
 
 func msText(ms float64) string {

@@ -11,8 +11,10 @@ import (
 // FleetAcross runs cfg's fleet against several replicas of one service at
 // once: one run per endpoint, the devices, concurrency and rate split
 // between them, registering only when every run has enrolled its devices.
-// The first run counts the servers' CPU (cfg.ServerPIDs) and draws the
-// progress; one run failing stops the others.
+// It counts the enrollments and measures time and CPU (cfg.ServerPIDs' and
+// its own) from then until every run is done; the first run draws the
+// progress; one run failing stops the others. Interrupted (ctx cancelled),
+// it returns what was measured until then with ctx's error.
 func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*FleetResult, error) {
 	if len(endpoints) == 0 || cfg.Devices <= 0 || cfg.Concurrency <= 0 {
 		return nil, errors.New("a fleet needs endpoints, devices and concurrency")
@@ -20,21 +22,35 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 	per := (cfg.Devices + len(endpoints) - 1) / len(endpoints)
 	runs := min(len(endpoints), (cfg.Devices+per-1)/per) // not more than there are devices for
 	results := make([]*FleetResult, runs)
-	errs := make([]error, runs)
-	ctx, cancel := context.WithCancel(ctx)
+	errs := make([]error, runs+1) // and counting the enrollments
+	runCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	var wg, enrolled sync.WaitGroup
 	enrolled.Add(runs)
 	allEnrolled := make(chan struct{})
-	go func() { enrolled.Wait(); close(allEnrolled) }()
+	var m *meter
+	var count int
+	wg.Go(func() {
+		enrolled.Wait()
+		if runCtx.Err() != nil {
+			return // a run ended before enrolling
+		}
+		if count, errs[runs] = countEnrollments(runCtx, cfg.Service); errs[runs] != nil {
+			cancel()
+			return
+		}
+		m = startMeter(cfg.ServerPIDs)
+		close(allEnrolled)
+	})
 	for i, e := range endpoints[:runs] {
 		var once sync.Once
 		arrived := func() { once.Do(enrolled.Done) } // at the barrier, or out of the run
 		run := cfg
 		run.Endpoint, run.Devices, run.Prefix = e, min(per, cfg.Devices-i*per), fmt.Sprintf("%s%d-", cfg.Prefix, i)
 		run.Concurrency, run.Rate = max(cfg.Concurrency/runs, 1), cfg.Rate/float64(runs)
+		run.ServerPIDs, run.Uncounted = nil, true // counted and measured here
 		if i > 0 {
-			run.ServerPIDs, run.Progress, run.Uncounted = nil, nil, true // the first run counts for all
+			run.Progress = nil
 		}
 		run.Enrolled = func(ctx context.Context) error {
 			arrived()
@@ -47,7 +63,7 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 		}
 		wg.Go(func() {
 			defer arrived()
-			if results[i], errs[i] = Fleet(ctx, run); errs[i] != nil {
+			if results[i], errs[i] = Fleet(runCtx, run); errs[i] != nil {
 				cancel()
 			}
 		})
@@ -57,43 +73,48 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 	if failed := slices.DeleteFunc(errs, func(err error) bool { return err == nil || errors.Is(err, context.Canceled) }); len(failed) > 0 {
 		return nil, errors.Join(failed...)
 	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
+	results = slices.DeleteFunc(results, func(r *FleetResult) bool { return r == nil })
+	if m == nil || len(results) == 0 { // interrupted before anything was measured
+		return nil, runCtx.Err()
 	}
-	return merge(results), nil
+	res := merge(results)
+	res.Rate, res.Enrolled = cfg.Rate, count
+	m.stop(res)
+	if err := ctx.Err(); err != nil {
+		res.Interrupted = true
+		return res, err
+	}
+	return res, nil
 }
 
-// merge adds up the runs against several replicas; the first carries the
-// server CPU of all of them.
+// merge adds up the runs against several replicas, all but their time and
+// CPU, which are measured across them.
 func merge(rs []*FleetResult) *FleetResult {
 	m := *rs[0]
-	m.Errors = map[string]int{}
-	var secs float64
-	for i, r := range rs {
+	m.Errors, m.HubErrors, m.Histogram = map[string]int{}, map[string]int{}, Snapshot{}
+	m.Devices, m.Concurrency, m.StartedPerS, m.Connected, m.Retried = 0, 0, 0, 0, 0
+	var enrollSecs float64
+	for _, r := range rs {
 		for k, v := range r.Errors {
 			m.Errors[k] += v
 		}
-		secs = max(secs, r.Seconds)
-		if i > 0 {
-			m.Devices += r.Devices
-			m.Provisioned += r.Provisioned
-			m.Connected += r.Connected
-			m.Retried += r.Retried
-			m.Concurrency += r.Concurrency
-			m.Latency.Max = max(m.Latency.Max, r.Latency.Max)
-			m.Latency.P99 = max(m.Latency.P99, r.Latency.P99) // the worst replica's
+		for k, v := range r.HubErrors {
+			m.HubErrors[k] += v
 		}
+		m.Histogram.Merge(r.Histogram)
+		m.Devices += r.Devices
+		m.Concurrency += r.Concurrency
+		m.StartedPerS += r.StartedPerS // the runs start together
+		m.Connected += r.Connected
+		m.Retried += r.Retried
+		enrollSecs = max(enrollSecs, r.EnrollSeconds)
 	}
-	if len(rs) > 1 {
-		// The first run's CPU figures cover every run (one simulator
-		// process; the first run carries every server's), so they are
-		// spread over every run's registrations. The simulator's was left
-		// over the first run's alone, about len(rs) times too high.
-		share := float64(rs[0].Provisioned) / float64(max(m.Provisioned, 1))
-		m.SimCPUPerReg *= share
-		m.ServerCPUPerReg *= share
+	m.Latency = m.Histogram.Summary()
+	m.Provisioned = int(m.Latency.Count)
+	// The runs enroll together: the fleet is enrolled when the slowest is.
+	m.EnrollSeconds, m.EnrollPerS = enrollSecs, 0
+	if enrollSecs > 0 {
+		m.EnrollPerS = float64(m.Devices) / enrollSecs
 	}
-	m.Seconds = secs
-	m.PerSecond = float64(m.Provisioned) / secs
 	return &m
 }

@@ -73,20 +73,43 @@ type FleetResult struct {
 	Attestation string  `json:"attestation"`
 	Concurrency int     `json:"concurrency"`
 	Rate        float64 `json:"rate,omitempty"`
-	Enrolled    int     `json:"enrolledBefore"` // enrollments in the service before the run
+	// StartedPerS is the rate devices actually started at, with a Rate:
+	// below it when every worker was busy.
+	StartedPerS float64 `json:"startedPerSecond,omitempty"`
+	// Enrolled counts the enrollments in the service once the run's own
+	// are made, before it registers any device.
+	Enrolled    int     `json:"enrolledBefore"`
 	EnrollPerS  float64 `json:"enrollmentsPerSecond,omitempty"`
 	Provisioned int     `json:"provisioned"`
 	Seconds     float64 `json:"seconds"`
 	PerSecond   float64 `json:"registrationsPerSecond"`
 	Latency     Latency `json:"latency"`
-	Connected   int     `json:"connected,omitempty"`
-	Retried     int     `json:"retried,omitempty"` // registrations tried again after a failure
-	// Errors counts failed devices by kind.
-	Errors map[string]int `json:"errors"`
+	// Connect says each provisioned device also connected to its hub;
+	// Seconds, PerSecond and the CPU figures then include the connections.
+	Connect   bool `json:"connect,omitempty"`
+	Connected int  `json:"connected,omitempty"`
+	Retried   int  `json:"retried,omitempty"` // registrations tried again after a failure
+	// Errors counts the devices that were not provisioned, by kind;
+	// HubErrors those provisioned that could not connect to their hub.
+	Errors    map[string]int `json:"errors"`
+	HubErrors map[string]int `json:"hubErrors,omitempty"`
 	// ServerCPUPerReg and SimCPUPerReg are CPU milliseconds per
 	// registration, from the processes' own accounting.
 	ServerCPUPerReg float64 `json:"serverCpuMsPerRegistration,omitempty"`
 	SimCPUPerReg    float64 `json:"simulatorCpuMsPerRegistration"`
+	// Interrupted says the run was stopped before every device was done:
+	// the figures cover the devices done until then.
+	Interrupted bool `json:"interrupted,omitempty"`
+
+	// Histogram and EnrollSeconds are what runs are merged from.
+	Histogram     Snapshot `json:"-"`
+	EnrollSeconds float64  `json:"-"`
+}
+
+// BehindRate says devices started well below the Rate asked for: the
+// workers were all busy, and the latencies include the wait for one.
+func (r *FleetResult) BehindRate() bool {
+	return r.Rate > 0 && r.StartedPerS > 0 && r.StartedPerS < 0.95*r.Rate
 }
 
 // Fleet enrolls the fleet with the bulk API (unless SkipEnroll) and
@@ -96,7 +119,8 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	if cfg.Devices <= 0 || cfg.Concurrency <= 0 {
 		return nil, errors.New("devices and concurrency must be positive")
 	}
-	res := &FleetResult{Devices: cfg.Devices, Attestation: cfg.Attestation, Concurrency: cfg.Concurrency, Rate: cfg.Rate, Errors: map[string]int{}}
+	res := &FleetResult{Devices: cfg.Devices, Attestation: cfg.Attestation, Concurrency: cfg.Concurrency, Rate: cfg.Rate,
+		Connect: cfg.Connect, Errors: map[string]int{}, HubErrors: map[string]int{}}
 	devs, err := newSimDevices(cfg)
 	if err != nil {
 		return nil, err
@@ -106,7 +130,8 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 		if err := enrollFleet(ctx, cfg, devs); err != nil {
 			return nil, err
 		}
-		res.EnrollPerS = float64(len(devs)) / time.Since(start).Seconds()
+		res.EnrollSeconds = time.Since(start).Seconds()
+		res.EnrollPerS = float64(len(devs)) / res.EnrollSeconds
 	}
 	if cfg.Enrolled != nil {
 		if err := cfg.Enrolled(ctx); err != nil {
@@ -114,88 +139,132 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 		}
 	}
 	if !cfg.Uncounted {
-		all, err := azclient.QueryAll[struct{}](ctx, cfg.Service, "/enrollments/query", "*")
-		if err != nil {
+		if res.Enrolled, err = countEnrollments(ctx, cfg.Service); err != nil {
 			return nil, err
 		}
-		res.Enrolled = len(all)
 	}
 
-	server0 := serverCPU(cfg.ServerPIDs)
-	sim0 := selfCPU()
+	m := startMeter(cfg.ServerPIDs)
 	var hist Histogram
 	var mu sync.Mutex
+	failed := func(kinds map[string]int, err error) {
+		mu.Lock()
+		kinds[errorKind(err)]++
+		mu.Unlock()
+	}
 	var connected, retried atomic.Int64
 	bar := newBar(cfg.Progress, "provisioning", len(devs))
-	jobs := make(chan *simDevice)
+	jobs := make(chan job)
 	var wg sync.WaitGroup
-	start := time.Now()
 	for range cfg.Concurrency {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for d := range jobs {
-				t0 := time.Now()
-				state, err := d.register(ctx, cfg)
+		wg.Go(func() {
+			for j := range jobs {
+				t0 := j.due
+				if t0.IsZero() {
+					t0 = time.Now()
+				}
+				state, err := j.d.register(ctx, cfg)
 				for attempt := 0; err != nil && attempt < cfg.Retries && ctx.Err() == nil; attempt++ {
 					retried.Add(1)
 					select {
 					case <-time.After(time.Second << attempt):
 					case <-ctx.Done():
 					}
-					state, err = d.register(ctx, cfg)
+					state, err = j.d.register(ctx, cfg)
 				}
-				if err == nil {
+				switch {
+				case err != nil:
+					failed(res.Errors, err)
+				case !cfg.Connect:
 					hist.Record(time.Since(t0))
-					if cfg.Connect {
-						err = d.connect(ctx, cfg, state)
-						if err == nil {
-							connected.Add(1)
-						}
+				default:
+					hist.Record(time.Since(t0))
+					if err := j.d.connect(ctx, cfg, state); err != nil {
+						failed(res.HubErrors, err)
+					} else {
+						connected.Add(1)
 					}
-				}
-				if err != nil {
-					mu.Lock()
-					res.Errors[errorKind(err)]++
-					mu.Unlock()
 				}
 				bar.Add(1)
 			}
-		}()
+		})
 	}
-	var tick *time.Ticker
-	if cfg.Rate > 0 {
-		tick = time.NewTicker(time.Duration(float64(time.Second) / cfg.Rate))
-		defer tick.Stop()
+	last := dispatch(ctx, devs, cfg.Rate, m.start, jobs)
+	wg.Wait()
+	bar.Done()
+	if cfg.Rate > 0 && len(devs) > 1 && last.After(m.start) {
+		res.StartedPerS = float64(len(devs)-1) / last.Sub(m.start).Seconds()
 	}
-	for _, d := range devs {
-		if tick != nil {
+	res.Histogram = hist.Snapshot()
+	res.Latency = res.Histogram.Summary()
+	res.Provisioned = int(res.Latency.Count)
+	res.Connected = int(connected.Load())
+	res.Retried = int(retried.Load())
+	m.stop(res)
+	return res, ctx.Err()
+}
+
+// countEnrollments counts the enrollments in the service.
+func countEnrollments(ctx context.Context, svc *azclient.Client) (int, error) {
+	all, err := azclient.QueryAll[struct{}](ctx, svc, "/enrollments/query", "*")
+	return len(all), err
+}
+
+// meter measures a fleet's provisioning: the wall time and the CPU the
+// servers and this process spend in it.
+type meter struct {
+	pids        []int
+	start       time.Time
+	server, sim float64 // CPU seconds at the start
+}
+
+func startMeter(serverPIDs []int) *meter {
+	return &meter{pids: serverPIDs, server: serverCPU(serverPIDs), sim: selfCPU(), start: time.Now()}
+}
+
+// stop sets res's time, rate and CPU per registration from its Provisioned.
+func (m *meter) stop(res *FleetResult) {
+	res.Seconds = time.Since(m.start).Seconds()
+	res.PerSecond = float64(res.Provisioned) / res.Seconds
+	res.ServerCPUPerReg, res.SimCPUPerReg = 0, 0
+	if res.Provisioned > 0 {
+		if server := serverCPU(m.pids); m.server >= 0 && server >= 0 {
+			res.ServerCPUPerReg = (server - m.server) * 1000 / float64(res.Provisioned)
+		}
+		res.SimCPUPerReg = (selfCPU() - m.sim) * 1000 / float64(res.Provisioned)
+	}
+}
+
+// job is a device to register and, at a set rate, when it is due.
+type job struct {
+	d   *simDevice
+	due time.Time
+}
+
+// dispatch hands the devices to the workers and closes jobs: as fast as they
+// take them, or with a rate, device i due at start + i/rate whether or not
+// a worker is free by then, so that its latency, timed from then, includes
+// any wait for one. It returns when it handed over the last device.
+func dispatch(ctx context.Context, devs []*simDevice, rate float64, start time.Time, jobs chan<- job) (last time.Time) {
+	defer close(jobs)
+	for i, d := range devs {
+		j := job{d: d}
+		if rate > 0 {
+			j.due = start.Add(time.Duration(float64(i) / rate * float64(time.Second)))
 			select {
-			case <-tick.C:
+			case <-time.After(time.Until(j.due)):
 			case <-ctx.Done():
+				return last
 			}
 		}
 		select {
-		case jobs <- d:
+		case jobs <- j:
+			last = time.Now()
 		case <-ctx.Done():
+			return last
 		}
 	}
-	close(jobs)
-	wg.Wait()
-	bar.Done()
-	res.Seconds = time.Since(start).Seconds()
-	res.Latency = hist.Snapshot().Summary()
-	res.Provisioned = int(res.Latency.Count)
-	res.PerSecond = float64(res.Provisioned) / res.Seconds
-	res.Connected = int(connected.Load())
-	res.Retried = int(retried.Load())
-	if res.Provisioned > 0 {
-		if server1 := serverCPU(cfg.ServerPIDs); server0 >= 0 && server1 >= 0 {
-			res.ServerCPUPerReg = (server1 - server0) * 1000 / float64(res.Provisioned)
-		}
-		res.SimCPUPerReg = (selfCPU() - sim0) * 1000 / float64(res.Provisioned)
-	}
-	return res, ctx.Err()
+	return last
 }
 
 // simDevice is one simulated device.
@@ -309,8 +378,13 @@ func (d *simDevice) connect(ctx context.Context, cfg FleetConfig, st *dpsapi.Reg
 	return nil
 }
 
-// errorKind groups a device's failure for the report.
+// errorKind groups a device's failure for the report; a hub connection's
+// failures are "hub: " and the kind of what failed.
 func errorKind(err error) string {
+	// Before the causes below, which a hub connection's failure wraps too.
+	if cause := errors.Unwrap(err); cause != nil && strings.HasPrefix(err.Error(), "hub: ") {
+		return "hub: " + errorKind(cause)
+	}
 	var pe *provisioning.Error
 	var ne net.Error
 	switch {
@@ -320,8 +394,6 @@ func errorKind(err error) string {
 		return "timeout"
 	case errors.Is(err, syscall.ECONNREFUSED), errors.Is(err, syscall.ECONNRESET):
 		return "connection refused or reset"
-	case strings.HasPrefix(err.Error(), "hub: "):
-		return "hub connection"
 	}
 	msg := err.Error()
 	if i := strings.LastIndex(msg, ": "); i >= 0 {

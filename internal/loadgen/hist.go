@@ -1,6 +1,7 @@
 package loadgen
 
 import (
+	"math"
 	"math/bits"
 	"slices"
 	"sync/atomic"
@@ -100,7 +101,7 @@ func (s Snapshot) Quantile(q float64) float64 {
 		idx = append(idx, i)
 	}
 	slices.Sort(idx)
-	rank := uint64(q*float64(total-1)) + 1
+	rank := uint64(nearestRank(q, int(total)))
 	var seen uint64
 	for _, i := range idx {
 		seen += s.Buckets[i]
@@ -111,6 +112,12 @@ func (s Snapshot) Quantile(q float64) float64 {
 		}
 	}
 	return float64(s.MaxUS) / 1000
+}
+
+// nearestRank is the 1-based rank of the q-quantile of n sorted values:
+// the smallest value with at least a fraction q of the values at or below it.
+func nearestRank(q float64, n int) int {
+	return min(max(int(math.Ceil(q*float64(n))), 1), n)
 }
 
 // Latency summarizes a distribution in milliseconds.
@@ -134,7 +141,7 @@ func summarize(ds []time.Duration) Latency {
 	s := slices.Clone(ds)
 	slices.Sort(s)
 	at := func(q float64) float64 {
-		return float64(s[int(q*float64(len(s)-1)+0.5)].Microseconds()) / 1000
+		return float64(s[nearestRank(q, len(s))-1].Microseconds()) / 1000
 	}
 	return Latency{Count: uint64(len(s)), P50: at(0.5), P99: at(0.99), Max: float64(s[len(s)-1].Microseconds()) / 1000}
 }

@@ -180,3 +180,30 @@ func TestLastSeq(t *testing.T) {
 		}
 	}
 }
+
+// Percentiles are nearest-rank, the same from the histogram and from a
+// sorted sample: of 1–4 ms, p50 is 2 ms and p99 4 ms.
+func TestNearestRank(t *testing.T) {
+	var h Histogram
+	var ds []time.Duration
+	for i := 1; i <= 4; i++ {
+		h.Record(time.Duration(i) * time.Millisecond)
+		ds = append(ds, time.Duration(i)*time.Millisecond)
+	}
+	near := func(got, want float64) bool { return got > want*0.96 && got < want*1.04 }
+	if l := h.Snapshot().Summary(); !near(l.P50, 2) || !near(l.P99, 4) {
+		t.Errorf("histogram %+v", l)
+	}
+	if l := summarize(ds); l.P50 != 2 || l.P99 != 4 {
+		t.Errorf("sample %+v", l)
+	}
+	for _, c := range []struct {
+		q    float64
+		n    int
+		want int
+	}{{0.5, 1, 1}, {0.99, 1, 1}, {0, 5, 1}, {0.5, 5, 3}, {0.99, 5, 5}, {1, 5, 5}, {0.99, 100, 99}, {0.5, 10, 5}} {
+		if got := nearestRank(c.q, c.n); got != c.want {
+			t.Errorf("nearestRank(%v, %d) = %d, want %d", c.q, c.n, got, c.want)
+		}
+	}
+}
