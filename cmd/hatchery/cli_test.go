@@ -170,6 +170,13 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("enrollment", "create", "--attestation-type", "x509", "--certificate-path", devPath); !strings.Contains(out, "CN=cam-1 (SHA-256 ") || !strings.Contains(out, "Registration ID:") || !strings.Contains(out, "cam-1") {
 		t.Errorf("x509 enrollment: %s", out)
 	}
+	// A DER file, as Windows and some makers export certificates, does too.
+	cam3 := testutil.NewCert(t, "cam-3", false, &ca)
+	derPath := filepath.Join(dir, "cam-3.der")
+	_ = os.WriteFile(derPath, cam3.Leaf.Raw, 0o644)
+	if out := c.ok("enrollment", "create", "--attestation-type", "x509", "--certificate-path", derPath); !strings.Contains(out, "CN=cam-3 (SHA-256 ") {
+		t.Errorf("x509 enrollment from a DER file: %s", out)
+	}
 	if out := c.ok("enrollment-group", "create", "--group-id", "tpms", "--attestation-type", "tpm", "--certificate-path", caPath); !strings.Contains(out, "CN=Fleet CA") {
 		t.Errorf("TPM group by its makers' CA: %s", out)
 	}
@@ -271,6 +278,16 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("JSON import: %s", out)
 	}
 
+	// A misspelt field is reported, not left out unseen; a spreadsheet's byte order mark is no column.
+	_ = os.WriteFile(jsonPath, []byte(`[{"registrationId":"imp-6","attestation":{"type":"symmetricKey"},"iotHubHostNmae":"x"}]`), 0o644)
+	if out, err := c.run("enrollment", "import", "--file", jsonPath); err == nil || !strings.Contains(out, `element 1: not an enrollment: json: unknown field "iotHubHostNmae"`) {
+		t.Errorf("JSON import with a misspelt field: %v %s", err, out)
+	}
+	bomCSV := filepath.Join(dir, "bom.csv")
+	_ = os.WriteFile(bomCSV, []byte("\ufeffregistrationId,attestation\nimp-8,symmetricKey\n"), 0o644)
+	if out := c.ok("enrollment", "import", "--file", bomCSV); !strings.Contains(out, "imported 1 of 1") {
+		t.Errorf("CSV with a byte order mark: %s", out)
+	}
 	badCSV := filepath.Join(dir, "bad.csv")
 	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\n"), 0o644)
 	if out, err := c.run("enrollment", "import", "--file", badCSV); err == nil || !strings.Contains(out, "imported 1 of 2") || !strings.Contains(out, "line 3: ") {

@@ -1,9 +1,12 @@
 package main
 
 import (
+	"bytes"
 	"cmp"
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
+	"encoding/pem"
 	"errors"
 	"fmt"
 	"net/url"
@@ -363,11 +366,11 @@ func certificateCN(path string) (string, error) {
 	if path == "" {
 		return "", errors.New("--registration-id is required (with --certificate-path, it defaults to the certificate's CN)")
 	}
-	pem, err := os.ReadFile(path)
+	pem, err := readCertificateFile(path)
 	if err != nil {
 		return "", err
 	}
-	c, err := certtext.Parse(string(pem))
+	c, err := certtext.Parse(pem)
 	if err != nil {
 		return "", fmt.Errorf("--certificate-path %s: %w", path, err)
 	}
@@ -375,6 +378,22 @@ func certificateCN(path string) (string, error) {
 		return "", fmt.Errorf("--certificate-path %s has no subject CN: give --registration-id", path)
 	}
 	return c.Subject.CommonName, nil
+}
+
+// readCertificateFile reads a certificate file as PEM text: a PEM file (or
+// bundle) as it is, a DER file (as Windows and some makers export them)
+// encoded.
+func readCertificateFile(path string) (string, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	if !bytes.Contains(data, []byte("-----BEGIN")) {
+		if c, err := x509.ParseCertificate(data); err == nil {
+			return string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})), nil
+		}
+	}
+	return string(data), nil
 }
 
 // readCertificates reads --certificate-path and --secondary-certificate-path.
@@ -387,11 +406,11 @@ func (f *enrollmentFlags) readCertificates() (*dps.X509Certificates, error) {
 		if p.path == "" {
 			continue
 		}
-		pem, err := os.ReadFile(p.path)
+		pem, err := readCertificateFile(p.path)
 		if err != nil {
 			return nil, err
 		}
-		*p.to = &dps.X509CertificateWithInfo{Certificate: string(pem)}
+		*p.to = &dps.X509CertificateWithInfo{Certificate: pem}
 	}
 	return certs, nil
 }

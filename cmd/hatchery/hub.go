@@ -396,11 +396,11 @@ func certificateCmd() *cobra.Command {
 			{"Expires", c.Properties.Expiry.Format("2006-01-02")}})
 	}
 	create := &cobra.Command{Use: "create", Short: "Upload a CA certificate", RunE: func(cmd *cobra.Command, _ []string) error {
-		pem, err := os.ReadFile(path)
+		pem, err := readCertificateFile(path)
 		if err != nil {
 			return err
 		}
-		in := hub.Certificate{Properties: hub.CertificateProperties{Certificate: string(pem), IsVerified: verified}}
+		in := hub.Certificate{Properties: hub.CertificateProperties{Certificate: pem, IsVerified: verified}}
 		out, err := call[hub.Certificate](cmd, hubClient, "PUT", "/certificates/"+url.PathEscape(name), "", in)
 		if err != nil {
 			return err

@@ -67,6 +67,7 @@ func readImport(path string) ([]importRow, error) {
 	if err != nil {
 		return nil, err
 	}
+	data = bytes.TrimPrefix(data, []byte("\ufeff")) // the byte order mark spreadsheets write
 	if strings.EqualFold(filepath.Ext(path), ".json") || bytes.HasPrefix(bytes.TrimSpace(data), []byte("[")) {
 		return readImportJSON(data)
 	}
@@ -82,7 +83,9 @@ func readImportJSON(data []byte) ([]importRow, error) {
 	for i, r := range raw {
 		e := &dps.Enrollment{}
 		rows[i] = importRow{at: fmt.Sprintf("element %d", i+1), e: e}
-		if err := json.Unmarshal(r, e); err != nil {
+		dec := json.NewDecoder(bytes.NewReader(r))
+		dec.DisallowUnknownFields() // a misspelt field would be left out unseen
+		if err := dec.Decode(e); err != nil {
 			rows[i].err = fmt.Errorf("not an enrollment: %v", err)
 		}
 	}
@@ -107,6 +110,9 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 			known = known || c == name
 		}
 		if !known {
+			if len(header) == 1 && strings.ContainsAny(h, ";\t") {
+				return nil, fmt.Errorf("the CSV header %q has one column: separate columns with commas, not semicolons or tabs", h)
+			}
 			return nil, fmt.Errorf("CSV column %q is not known: use %s", h, strings.Join(csvColumns, ", "))
 		}
 		col[name] = i
@@ -161,11 +167,11 @@ func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error)
 			if !filepath.IsAbs(path) {
 				path = filepath.Join(dir, path)
 			}
-			pem, err := os.ReadFile(path)
+			pem, err := readCertificateFile(path)
 			if err != nil {
 				return nil, fmt.Errorf("certificate: %w", err)
 			}
-			cert = string(pem)
+			cert = pem
 		}
 		e.Attestation = dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
 			ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: cert}}}}

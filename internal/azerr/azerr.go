@@ -70,8 +70,8 @@ func Why(err error) string {
 // Throttled is a 429 whose Retry-After says when to come back: at least a
 // second, as Retry-After carries whole seconds.
 func Throttled(what string, wait time.Duration) *Error {
-	e := New(429001, "ThrottlingException", "%s: retry after %s", what, wait.Round(time.Second).String())
-	e.RetryAfter = max(wait, time.Second)
+	e := &Error{Code: 429001, Name: "ThrottlingException", RetryAfter: max(wait, time.Second)}
+	e.Message = fmt.Sprintf("%s: retry after %ds", what, e.RetryAfterSeconds())
 	return e
 }
 func NotFound(name, format string, args ...any) *Error {

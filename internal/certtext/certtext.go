@@ -23,7 +23,11 @@ func Parse(s string) (*x509.Certificate, error) {
 		if err != nil {
 			return nil, errors.New("not a PEM certificate nor base64: give the PEM file's contents")
 		}
-		if c, err := x509.ParseCertificate(raw); err == nil {
+		if len(raw) > 0 && raw[0] == 0x30 { // an ASN.1 SEQUENCE: DER
+			c, err := x509.ParseCertificate(raw)
+			if err != nil {
+				return nil, fmt.Errorf("the base64 DER certificate does not parse: %v", err)
+			}
 			return c, nil
 		}
 		s = string(raw) // base64 of PEM

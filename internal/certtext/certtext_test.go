@@ -26,6 +26,9 @@ func TestParseForms(t *testing.T) {
 			t.Errorf("%s: %v", name, err)
 		}
 	}
+	if _, err := Parse(base64.StdEncoding.EncodeToString(der[:len(der)/2])); err == nil || !strings.Contains(err.Error(), "DER certificate does not parse") {
+		t.Errorf("truncated DER: %v", err)
+	}
 	for _, bad := range []string{"", "not base64!", base64.StdEncoding.EncodeToString([]byte("hello")),
 		"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"} {
 		if _, err := Parse(bad); err == nil {

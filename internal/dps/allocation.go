@@ -252,6 +252,21 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 }
 
 // hubNamed is the hub of hubs with the host name host, in any case; nil if none.
+// isLinked reports whether host is a linked hub: in the cached list, or,
+// linked lately on another replica, in the store.
+func (s *Service) isLinked(ctx context.Context, host string) (bool, error) {
+	for _, list := range []func(context.Context) ([]*LinkedHub, error){s.cachedHubs, s.LinkedHubs} {
+		hubs, err := list(ctx)
+		if err != nil {
+			return false, err
+		}
+		if hubNamed(hubs, host) != nil {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
 func hubNamed(hubs []*LinkedHub, host string) *LinkedHub {
 	for _, h := range hubs {
 		if strings.EqualFold(h.HostName, host) {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net"
 	"net/url"
+	"slices"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -89,8 +90,20 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 }
 
 // checkAllocation checks that the policy has what it needs: static a hub
-// to assign to, custom a webhook to ask.
-func checkAllocation(policy string, hubs []string, static string, custom *CustomAllocationDefinition) error {
+// to assign to, custom a webhook to ask; and that the hubs it names are
+// linked, as the hosted service does.
+func (s *Service) checkAllocation(ctx context.Context, policy string, hubs []string, static string, custom *CustomAllocationDefinition) error {
+	for _, h := range append(slices.Clip(hubs), static) {
+		if h == "" {
+			continue
+		}
+		if linked, err := s.isLinked(ctx, h); err != nil || !linked {
+			if err != nil {
+				return err
+			}
+			return azerr.BadRequest("hub %s is not linked to this service: link it first (`hatchery hub link --hostname %s --connection-string ...`)", h, h)
+		}
+	}
 	switch {
 	case policy == PolicyStatic && static == "" && len(hubs) != 1:
 		return azerr.BadRequest("allocationPolicy static needs the hub: set iotHubHostName (or exactly one iotHubs entry)")
@@ -186,7 +199,7 @@ func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enro
 	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
 		return nil, err
 	}
-	if err := checkAllocation(e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
+	if err := s.checkAllocation(ctx, e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
 	if err := checkRegistrationCN(e); err != nil {
@@ -274,7 +287,7 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
 		return nil, err
 	}
-	if err := checkAllocation(g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
+	if err := s.checkAllocation(ctx, g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
 		return nil, err
 	}
 	g.ETag = ""

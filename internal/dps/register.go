@@ -18,6 +18,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
@@ -96,8 +97,8 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 	}
 	var body registerBody
 	if len(strings.TrimSpace(string(req.Body))) > 0 {
-		if err := json.Unmarshal(req.Body, &body); err != nil {
-			return nil, nil, azerr.BadRequest("request body is not valid JSON: %v", err)
+		if err := jsonbody.Decode(req.Body, &body); err != nil {
+			return nil, nil, err
 		}
 	}
 	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, regID) {

@@ -220,9 +220,15 @@ func checkKey(field, k string) error {
 func decodeEK(field, b64 string) ([]byte, error) {
 	raw, err := base64.StdEncoding.DecodeString(b64)
 	if err != nil {
-		return nil, azerr.BadRequest("%s is not base64: %v", field, err)
+		return nil, azerr.BadRequest("%s is not base64: %v (write it on one line, as `base64 -w0` does)", field, err)
 	}
 	if _, err := attest.ParsePublic(raw); err != nil {
+		if len(raw) < 1<<16 {
+			if _, e := attest.ParsePublic(append([]byte{byte(len(raw) >> 8), byte(len(raw))}, raw...)); e == nil {
+				return nil, azerr.BadRequest("%s is a TPMT_PUBLIC without the 2-byte size of a TPM2B_PUBLIC: "+
+					"send what `tpm2_readpublic -o` writes in its default (tss) format", field)
+			}
+		}
 		return nil, azerr.BadRequest("%s is not a TPM2B_PUBLIC of an RSA-2048 storage key: %v "+
 			"(send the base64 of what `tpm2_readpublic -c 0x81010001 -o ek.pub` writes)", field, err)
 	}

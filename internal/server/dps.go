@@ -11,6 +11,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/jsonbody"
 )
 
 func (a *api) routesDPS(mux *http.ServeMux) {
@@ -202,7 +203,7 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	if body, err := readBody(r); err != nil {
 		return "", 0, err
 	} else if len(strings.TrimSpace(string(body))) > 0 {
-		if err := decodeJSON(body, &q); err != nil {
+		if err := jsonbody.Decode(body, &q); err != nil {
 			return "", 0, err
 		}
 	}

@@ -252,16 +252,19 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"malformed token", "PUT", reg("dev-1"), "SharedAccessSignature sr=x&se=1", `{}`, 401, "no sig"},
 		{"no token, no TPM", "PUT", reg("dev-1"), "", `{}`, 401, "no SharedAccessSignature"},
 		{"truncated JSON", "PUT", reg("dev-1"), tok("dev-1", key, time.Minute), `{"registrationId":"dev-`, 400, "not valid JSON"},
+		{"tpm of the wrong type", "PUT", reg("dev-1"), "", `{"registrationId":"dev-1","tpm":"AAAA"}`, 400, `field "tpm" has the wrong type: it must be an object, not a string`},
 		{"bad registration ID", "PUT", reg("UPPER%20space"), tok("x", key, time.Minute), `{}`, 400, "not valid"},
 		{"no api-version", "PUT", "/" + scope + "/registrations/dev-1/register", tok("dev-1", key, time.Minute), `{}`, 400, "api-version"},
 		{"wrong scope", "PUT", "/0neFFFFFFFF/registrations/dev-1/register?api-version=2019-03-31", tok("dev-1", key, time.Minute), `{}`, 404, "no API"},
 		{"TPM group", "PUT", "/enrollmentGroups/g1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAAA"}}}`, 400, "needs attestation.tpm.ekCertificateAuthorities"},
 		{"malformed EK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"AAEC"}}}`, 400, "endorsementKey is not a TPM2B_PUBLIC"},
+		{"EK without its size", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(testEKRaw(t)[2:]) + `"}}}`, 400, "TPMT_PUBLIC without the 2-byte size"},
 		{"EK not base64", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"!!"}}}`, 400, "not base64"},
 		{"malformed SRK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"` + testEK(t) + `","storageRootKey":"AAAA"}}}`, 400, "storageRootKey"},
 		{"wrong field type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":5}}`, 400, `field "attestation.type" has the wrong type: it must be a string, not a number`},
 		{"body of the wrong type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `[]`, 400, "the request body must be an object, not an array"},
 		{"bulk list of the wrong type", "POST", "/enrollments?api-version=2021-10-01", owner, `{"mode":"create","enrollments":{}}`, 400, `field "enrollments" has the wrong type: it must be an array, not an object`},
+		{"hub not linked", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"allocationPolicy":"static","iotHubHostName":"nohub.example"}`, 400, "hub nohub.example is not linked"},
 		{"no attestation", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{}`, 400, "attestation.type is required"},
 		{"short key", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey","symmetricKey":{"primaryKey":"AAAA"}}}`, 400, "16 to 64 bytes"},
 		{"device ID not valid in a hub", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"deviceId":"bad device/id"}`, 400, "deviceId \"bad device/id\" is not valid"},
@@ -547,12 +550,15 @@ func TestRestartKeepsOperations(t *testing.T) {
 }
 
 // testEK is a real EK TPM2B_PUBLIC read from a TPM once.
-func testEK(t *testing.T) string {
+func testEK(t *testing.T) string { return base64.StdEncoding.EncodeToString(testEKRaw(t)) }
+
+// testEKRaw is an EK's TPM2B_PUBLIC, as tpm2_readpublic writes it.
+func testEKRaw(t *testing.T) []byte {
 	b, err := os.ReadFile("../attest/testdata/ek.pub")
 	if err != nil {
 		t.Fatal(err)
 	}
-	return base64.StdEncoding.EncodeToString(b)
+	return b
 }
 
 // Credentials that do not match get one answer whether the registration

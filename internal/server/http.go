@@ -6,14 +6,12 @@ package server
 import (
 	"context"
 	"crypto/rand"
-	"encoding"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"io"
 	"log/slog"
 	"net/http"
-	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -23,6 +21,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -89,68 +88,7 @@ func readJSONMax(r *http.Request, v any, limit int64) error {
 	if err != nil {
 		return err
 	}
-	return decodeJSON(body, v)
-}
-
-// decodeJSON decodes a request body into v, saying what is wrong in the
-// API's terms rather than Go's.
-func decodeJSON(body []byte, v any) error {
-	err := json.Unmarshal(body, v)
-	var syn *json.SyntaxError
-	var typ *json.UnmarshalTypeError
-	switch {
-	case err == nil:
-		return nil
-	case errors.As(err, &syn):
-		return azerr.BadRequest("request body is not valid JSON at byte %d: %v", syn.Offset, err)
-	case errors.As(err, &typ) && typ.Field == "":
-		return azerr.BadRequest("the request body must be %s, not %s", jsonKind(typ.Type), article(typ.Value))
-	case errors.As(err, &typ):
-		return azerr.BadRequest("request body field %q has the wrong type: it must be %s, not %s", typ.Field, jsonKind(typ.Type), article(typ.Value))
-	}
-	return azerr.BadRequest("request body is not valid JSON: %v", err)
-}
-
-var textUnmarshaler = reflect.TypeFor[encoding.TextUnmarshaler]()
-
-// jsonKind names the JSON that a value of Go type t is read from.
-func jsonKind(t reflect.Type) string {
-	if t.Kind() == reflect.Pointer {
-		return jsonKind(t.Elem())
-	}
-	if reflect.PointerTo(t).Implements(textUnmarshaler) {
-		return "a string"
-	}
-	switch t.Kind() {
-	case reflect.Bool:
-		return "true or false"
-	case reflect.String:
-		return "a string"
-	case reflect.Int, reflect.Int8, reflect.Int16, reflect.Int32, reflect.Int64,
-		reflect.Uint, reflect.Uint8, reflect.Uint16, reflect.Uint32, reflect.Uint64:
-		return "a whole number"
-	case reflect.Float32, reflect.Float64:
-		return "a number"
-	case reflect.Slice:
-		if t.Elem().Kind() == reflect.Uint8 {
-			return "a base64 string"
-		}
-		return "an array"
-	case reflect.Array:
-		return "an array"
-	case reflect.Map, reflect.Struct:
-		return "an object"
-	}
-	return "a JSON value"
-}
-
-// article puts "a" or "an" before one of encoding/json's JSON type names
-// (string, number, object, array, bool).
-func article(jsonType string) string {
-	if strings.IndexByte("aeiou", jsonType[0]) >= 0 {
-		return "an " + jsonType
-	}
-	return "a " + jsonType
+	return jsonbody.Decode(body, v)
 }
 
 func readBody(r *http.Request) ([]byte, error) { return readBodyMax(r, maxBody) }

@@ -9,6 +9,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
@@ -225,7 +226,7 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 		Body       []byte            `json:"body"`
 		Properties map[string]string `json:"properties"`
 	}
-	if err := decodeJSON(body, &batch); err != nil {
+	if err := jsonbody.Decode(body, &batch); err != nil {
 		return err
 	}
 	msgs := make([]hub.Message, len(batch))
