@@ -120,3 +120,27 @@ func FuzzOperationStatus(f *testing.F) {
 		}
 	})
 }
+
+// MQTT usernames come before any authentication: whatever they hold, the
+// parsers name no empty identity and no identity holding a '/'.
+func FuzzMQTTUsernames(f *testing.F) {
+	for _, u := range []string{"hub.example/d1/?api-version=2021-04-12", "hub.example/d1/m1/?api-version=2021-04-12",
+		"hub.example/d1/api-version=2021-04-12", "0ne000/registrations/dev-1/api-version=2019-03-31", "//", "a/registrations//x", ""} {
+		f.Add(u)
+	}
+	f.Fuzz(func(t *testing.T, u string) {
+		if host, r, ok := parseUsername(u); ok {
+			for _, part := range []string{host, r.Device} {
+				if part == "" || strings.Contains(part, "/") {
+					t.Fatalf("%q: host %q, identity %+v", u, host, r)
+				}
+			}
+			if strings.Contains(r.Module, "/") {
+				t.Fatalf("%q: module %q", u, r.Module)
+			}
+		}
+		if scope, regID, ok := parseDPSUsername(u); ok && (scope == "" || regID == "" || strings.Contains(scope+regID, "/")) {
+			t.Fatalf("%q: scope %q, registration %q", u, scope, regID)
+		}
+	})
+}

@@ -166,6 +166,9 @@ func sess(c *mqtt.Conn) *session { s, _ := c.Value().(*session); return s }
 func parseUsername(u string) (host string, r hub.Ref, ok bool) {
 	path, _, _ := strings.Cut(u, "?")
 	parts := strings.Split(strings.TrimSuffix(path, "/"), "/")
+	if slices.Contains(parts, "") {
+		return "", hub.Ref{}, false
+	}
 	switch {
 	case len(parts) == 2:
 		return parts[0], hub.Ref{Device: parts[1]}, true

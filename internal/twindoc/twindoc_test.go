@@ -51,3 +51,38 @@ func TestSize(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Reported properties come straight from devices: whatever a patch holds,
+// the checks answer without panicking, and a patch they pass has only
+// names IoT Hub accepts and nests no deeper than it allows.
+func FuzzCheck(f *testing.F) {
+	for _, s := range []string{`{"a":{"b":[1,"x",{"c":null}]}}`, `{"a.b":1}`, `{"$x":1}`, `{"":1}`,
+		`{"a":{"a":{"a":{"a":{"a":{"a":{"a":{"a":{"a":{"a":{"a":1}}}}}}}}}}}`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var doc map[string]any
+		if json.Unmarshal(data, &doc) != nil {
+			return
+		}
+		if Check("properties.reported", doc) != nil {
+			return
+		}
+		var walk func(m map[string]any, depth int)
+		walk = func(m map[string]any, depth int) {
+			if depth > maxDepth {
+				t.Fatalf("%s passed nesting %d levels", data, depth)
+			}
+			for k, v := range m {
+				if CheckName(k) != nil {
+					t.Fatalf("%s passed with the name %q", data, k)
+				}
+				if sub, ok := v.(map[string]any); ok {
+					walk(sub, depth+1)
+				}
+			}
+		}
+		walk(doc, 1)
+		_ = CheckSize("properties.reported", doc, PropertiesLimit)
+	})
+}
