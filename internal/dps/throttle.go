@@ -13,16 +13,25 @@ import (
 // instead of slowing everyone: registrations in total per second, and the
 // authenticated requests of each registration ID. A zero rate is no limit.
 type Throttle struct {
-	mu     sync.Mutex // guards global
+	mu     sync.Mutex // guards global and retrySlot
 	global *ratelimit.Bucket
-	perID  *ratelimit.Keyed
+	// retrySlot is the latest time a refused registration was told to
+	// come back at: each one refused is told a later one, so that they
+	// return spread over time at the rate instead of all at once.
+	retrySlot time.Time
+	rate      float64
+	perID     *ratelimit.Keyed
 }
+
+// maxRegistrationWait bounds how far ahead refused registrations are sent.
+const maxRegistrationWait = time.Minute
 
 // NewThrottle allows registrationsPerSecond registrations in total (bursts
 // of a second's worth) and perDevicePerSecond requests per registration ID
 // (bursts of deviceBurst).
 func NewThrottle(registrationsPerSecond, perDevicePerSecond float64, deviceBurst int) *Throttle {
 	return &Throttle{
+		rate:   registrationsPerSecond,
 		global: ratelimit.NewBucket(registrationsPerSecond, max(registrationsPerSecond, 1)),
 		perID:  ratelimit.NewKeyed(perDevicePerSecond, float64(max(deviceBurst, 1))),
 	}
@@ -35,12 +44,20 @@ func (t *Throttle) registration(now time.Time) error {
 		return nil
 	}
 	t.mu.Lock()
+	defer t.mu.Unlock()
 	ok, wait := t.global.Take(now, 1)
-	t.mu.Unlock()
-	if !ok {
-		return azerr.Throttled("the provisioning service is at its registration rate limit", wait)
+	if ok {
+		return nil
 	}
-	return nil
+	slot := now.Add(wait)
+	if !t.retrySlot.Before(slot) { // taken: the next one after it
+		slot = t.retrySlot.Add(time.Duration(float64(time.Second) / t.rate))
+	}
+	if limit := now.Add(maxRegistrationWait); slot.After(limit) {
+		slot = limit
+	}
+	t.retrySlot = slot
+	return azerr.Throttled("the provisioning service is at its registration rate limit", t.retrySlot.Sub(now))
 }
 
 // device admits one authenticated request of regID.

@@ -43,3 +43,33 @@ func TestThrottle(t *testing.T) {
 		t.Fatal("a nil throttle limits")
 	}
 }
+
+// Registrations refused in a crowd are told to come back spread over time
+// at the rate, not all after the same second.
+func TestThrottleSpreadsRetries(t *testing.T) {
+	th := NewThrottle(5, 0, 1)
+	now := time.Unix(1_800_000_000, 0)
+	var waits []time.Duration
+	for range 5 + 20 {
+		if err := th.registration(now); err != nil {
+			waits = append(waits, azerr.As(err).RetryAfter)
+		}
+	}
+	if len(waits) != 20 {
+		t.Fatalf("%d refused, want 20", len(waits))
+	}
+	for i := 1; i < len(waits); i++ {
+		if waits[i] < waits[i-1] {
+			t.Fatalf("waits go back: %v", waits)
+		}
+	}
+	if first, last := waits[0], waits[len(waits)-1]; first > time.Second || last < 3*time.Second || last > 5*time.Second {
+		t.Fatalf("20 refused at 5/s are told %v … %v, want about 0.2 s … 4 s", first, last)
+	}
+	for range 1000 {
+		th.registration(now)
+	}
+	if err := th.registration(now); azerr.As(err).RetryAfter > maxRegistrationWait {
+		t.Fatalf("told to wait %v", azerr.As(err).RetryAfter)
+	}
+}
