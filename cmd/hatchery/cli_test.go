@@ -208,6 +208,9 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("hub", "list"); len(grepLines(out, "localhost", "3", "true", "10.0.0.0/8=20ms")) != 1 {
 		t.Errorf("a new connection string reset the hub's other settings: %s", out)
 	}
+	if out := c.ok("hub", "link", "--hostname", "localhost", "--clear-latency"); len(grepLines(out, "localhost", "3", "true", "-")) != 1 {
+		t.Errorf("hub link --clear-latency: %s", out)
+	}
 	bogus := "HostName=bogus.example;SharedAccessKeyName=iothubowner;SharedAccessKey=" + base64.StdEncoding.EncodeToString(make([]byte, 32))
 	if out := c.ok("hub", "link", "--hostname", "bogus.example", "--connection-string", bogus, "--endpoint", "https://127.0.0.1:1",
 		"--apply-allocation-policy=false"); !strings.Contains(out, "warning: from this machine, hub bogus.example does not take its connection string") {

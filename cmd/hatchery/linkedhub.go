@@ -23,7 +23,7 @@ func hubCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "hub", Short: "Link the IoT hubs devices are assigned to (as `az iot dps linked-hub`)"}
 	var host, connString, endpoint, caPath string
 	var weight int
-	var apply bool
+	var apply, clearLatency bool
 	var latency map[string]string
 	link := &cobra.Command{Use: "link", Short: "Link a hub, or change a linked one", RunE: func(cmd *cobra.Command, _ []string) error {
 		changed := cmd.Flags().Changed
@@ -65,6 +65,12 @@ func hubCmd() *cobra.Command {
 		if changed("apply-allocation-policy") {
 			h.ApplyAllocationPolicy = apply
 		}
+		if clearLatency {
+			if changed("latency") {
+				return fmt.Errorf("give --latency or --clear-latency, not both")
+			}
+			h.LatencyMs = nil
+		}
 		if changed("latency") {
 			h.LatencyMs = map[string]int{}
 			for network, v := range latency {
@@ -97,6 +103,7 @@ func hubCmd() *cobra.Command {
 	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation")
 	link.Flags().BoolVar(&apply, "apply-allocation-policy", true, "allocate to this hub devices whose enrollment names no hubs")
 	link.Flags().StringToStringVar(&latency, "latency", nil, "geoLatency table: NETWORK=MS pairs, the latency from devices in each network to this hub, e.g. 10.1.0.0/16=20")
+	link.Flags().BoolVar(&clearLatency, "clear-latency", false, "drop the hub's geoLatency table")
 	_ = link.MarkFlagRequired("hostname")
 
 	unlink := &cobra.Command{Use: "unlink", Short: "Unlink a hub (its devices stay there)", RunE: func(cmd *cobra.Command, _ []string) error {
