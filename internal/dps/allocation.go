@@ -251,7 +251,6 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	return &allocated{hub: h, twin: out.InitialTwin, payload: out.Payload}, nil
 }
 
-// hubNamed is the hub of hubs with the host name host, in any case; nil if none.
 // isLinked reports whether host is a linked hub: in the cached list, or,
 // linked lately on another replica, in the store.
 func (s *Service) isLinked(ctx context.Context, host string) (bool, error) {
@@ -267,6 +266,7 @@ func (s *Service) isLinked(ctx context.Context, host string) (bool, error) {
 	return false, nil
 }
 
+// hubNamed is the hub of hubs with the host name host, in any case; nil if none.
 func hubNamed(hubs []*LinkedHub, host string) *LinkedHub {
 	for _, h := range hubs {
 		if strings.EqualFold(h.HostName, host) {

@@ -294,8 +294,10 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 			proven = rec.StorageRootKey
 		}
 	}
-	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: body.TPM.EndorsementKey, StorageRootKey: body.TPM.StorageRootKey,
-		Expires: s.Now().Add(s.ChallengeTTL)}
+	// The keys are kept re-encoded, so that one key sent in other spellings
+	// (base64 with line breaks) is one key.
+	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: base64.StdEncoding.EncodeToString(ek),
+		StorageRootKey: base64.StdEncoding.EncodeToString(srk), Expires: s.Now().Add(s.ChallengeTTL)}
 	issued, err := s.addChallenge(ctx, regID, c, proven)
 	if err != nil {
 		return nil, err
@@ -376,11 +378,12 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 }
 
 // pendingChallenges are a TPM device's unanswered challenges, newest
-// first. Since EKs are public, anyone may ask for a challenge in a device's
-// name: a request with the EK and SRK of a pending challenge gets that
-// challenge's key again (wrapped anew), so replaying the device's request
-// cannot void the challenge it is answering; and a few challenges for
-// other SRKs are kept besides.
+// first but for the proven SRK's (keepPending). Since EKs are public,
+// anyone may ask for a challenge in a device's name: a request with the
+// EK and SRK of a pending challenge gets that challenge's key again
+// (wrapped anew), so replaying the device's request cannot void the
+// challenge it is answering; and a few challenges for other SRKs are kept
+// besides.
 type pendingChallenges struct {
 	Pending []challenge `json:"pending"`
 }
@@ -421,7 +424,7 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge, p
 	return written.Pending[0], nil
 }
 
-// keepPending is at most maxPendingChallenges of pending, newest first,
+// keepPending is at most maxPendingChallenges of pending (newest first),
 // the first (the one being sent) always among them. Since anyone who knows
 // the public EK may ask for challenges with other SRKs, the challenge for
 // the SRK the device last registered with (proven) is kept before newer
@@ -432,7 +435,7 @@ func keepPending(pending []challenge, proven string) []challenge {
 	}
 	kept := pending[:1:1]
 	for _, c := range pending[1:] {
-		if proven != "" && c.StorageRootKey == proven {
+		if proven != "" && c.StorageRootKey == proven && len(kept) < maxPendingChallenges {
 			kept = append(kept, c)
 		}
 	}

@@ -40,19 +40,21 @@ var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
 
 // tpmGroup finds the TPM group whose CA certificate signed the device's EK
 // certificate, after checking that the certificate is for this EK and that
-// the registration ID is the one the EK determines.
+// the registration ID is the one the EK determines. It is asked only for
+// IDs with no individual enrollment, so every refusal is denied's: one told
+// apart would say the ID is not enrolled.
 func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
 	cert, err := certtext.Parse(certB64)
 	if err != nil {
-		return nil, azerr.BadRequest("tpm.endorsementKeyCertificate: %v", err)
+		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
 	}
 	pub, _ := attest.ParsePublic(ek) // checked by the caller
 	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
 	if !ok || !certKey.Equal(pub.Key()) {
-		return nil, unauthorized(regID, "the EK certificate is for another key than the endorsement key sent")
+		return nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
 	}
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
-		return nil, unauthorized(regID, fmt.Sprintf("a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
+		return nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
 	}
 	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
 		return slices.ContainsFunc(ekCertExtensions, oid.Equal)

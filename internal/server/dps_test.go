@@ -553,8 +553,13 @@ func TestRestartKeepsOperations(t *testing.T) {
 func testEK(t *testing.T) string { return base64.StdEncoding.EncodeToString(testEKRaw(t)) }
 
 // testEKRaw is an EK's TPM2B_PUBLIC, as tpm2_readpublic writes it.
-func testEKRaw(t *testing.T) []byte {
-	b, err := os.ReadFile("../attest/testdata/ek.pub")
+func testEKRaw(t *testing.T) []byte { return testPublic(t, "ek.pub") }
+
+// otherEK is another key of the same kind (an SRK).
+func otherEK(t *testing.T) []byte { return testPublic(t, "srk.pub") }
+
+func testPublic(t *testing.T, name string) []byte {
+	b, err := os.ReadFile("../attest/testdata/" + name)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -611,6 +616,19 @@ func TestRefusalsDoNotRevealWhoExists(t *testing.T) {
 		if !strings.Contains(log.String(), "trackingId="+known.id) || !strings.Contains(log.String(), c.reason) {
 			t.Errorf("%s: the log does not say why %s was refused:\n%s", c.what, known.id, log.String())
 		}
+	}
+	// A TPM's request for a challenge, with an EK certificate for a TPM
+	// group: the enrolled ID (whose EK is another) and an unknown one alike.
+	challenge := func(id string) string {
+		_, body := e.raw("PUT", "/"+scope+"/registrations/"+id+"/register?api-version=2021-06-01", "",
+			`{"tpm":{"endorsementKey":"`+testEK(t)+`","storageRootKey":"`+testEK(t)+`","endorsementKeyCertificate":"x"}}`)
+		msg, _ := body["message"].(string)
+		return msg
+	}
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "tpm-1", Attestation: dps.Attestation{Type: dps.AttestationTPM,
+		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(otherEK(t))}}})
+	if known, unknown := challenge("tpm-1"), challenge("tpm-9"); strings.ReplaceAll(known, "1", "9") != unknown || !strings.Contains(known, "check its credentials") {
+		t.Errorf("TPM challenges: the enrolled ID got %q, an unknown one %q", known, unknown)
 	}
 	if a := register("dev-9", -time.Minute); a.status != 401 || !strings.Contains(a.msg, "expired") {
 		t.Errorf("an expired token answered %d %q", a.status, a.msg)
