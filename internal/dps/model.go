@@ -6,7 +6,10 @@ package dps
 
 import (
 	"cmp"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"strings"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/dpsapi"
@@ -213,4 +216,15 @@ type HubDevice struct {
 	// NoTakeover refuses to replace an existing device whose credentials
 	// differ from these (ErrDeviceTaken).
 	NoTakeover bool
+}
+
+// Credential is a short fingerprint of the credential the device proves
+// itself with in its hub (its primary key or certificate thumbprint), by
+// which a device is known to be still the one provisioned.
+func (d HubDevice) Credential() string { return CredentialOf(d.PrimaryKey, d.Thumbprint) }
+
+// CredentialOf is Credential of a device with primaryKey or thumbprint.
+func CredentialOf(primaryKey, thumbprint string) string {
+	sum := sha256.Sum256([]byte(primaryKey + "|" + strings.ToUpper(thumbprint)))
+	return hex.EncodeToString(sum[:8])
 }

@@ -179,6 +179,10 @@ type registrationRecord struct {
 	// StorageRootKey is the SRK a TPM device last registered with, whose
 	// challenges others cannot push out (keepPending).
 	StorageRootKey string `json:"storageRootKey,omitempty"`
+	// HubCredential is the fingerprint of the credential the device was
+	// given in its hub (HubDevice.Credential), so that when it moves, its
+	// former identity is deleted only if it is still that one.
+	HubCredential string `json:"hubCredential,omitempty"`
 }
 
 // AuthenticateDevice checks a device's credentials, as its requests will
@@ -544,10 +548,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	if err != nil {
 		return nil, err
 	}
-	var prev *RegistrationState
-	if read != nil {
-		prev = &read.RegistrationState
-	}
+	prev := read
 	if prev != nil && prev.CreatedDateTimeUtc != nil {
 		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
 	}
@@ -603,11 +604,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
 	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	srk := ""
-	if att.challenge != nil && state.Status == StatusAssigned {
-		srk = att.challenge.StorageRootKey
+	rec := registrationRecord{RegistrationState: *state, Operations: []string{op.OperationID}}
+	if state.Status == StatusAssigned {
+		rec.HubCredential = dev.Credential()
+		if att.challenge != nil {
+			rec.StorageRootKey = att.challenge.StorageRootKey
+		}
 	}
-	if state.ETag, err = s.record(ctx, state, op.OperationID, srk, &current[registrationRecord]{read, etag}); err != nil {
+	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
@@ -695,15 +699,16 @@ const recordedOperations = 16
 
 // record stores a registration and its operation, keeping the IDs of the
 // device's recent operations; concurrent registrations of one device (on
-// any replica) each add theirs. srk is the SRK a TPM device registered
-// with ("": the one recorded stays). read is the record as assign found it.
-func (s *Service) record(ctx context.Context, state *RegistrationState, opID, srk string, read *current[registrationRecord]) (string, error) {
-	return upsert(ctx, s.store, kindRegistration, state.RegistrationID, read, func(old *registrationRecord) registrationRecord {
-		rec := registrationRecord{RegistrationState: *state, Operations: []string{opID}, StorageRootKey: srk}
+// any replica) each add theirs. rec is the registration with its one
+// operation; what it leaves empty of an SRK and hub credential stays as
+// recorded. read is the record as assign found it.
+func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (string, error) {
+	return upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
 		if old != nil {
-			rec.Operations = append(rec.Operations, old.Operations...)
+			rec.Operations = append(rec.Operations[:1:1], old.Operations...)
 			rec.Operations = rec.Operations[:min(len(rec.Operations), recordedOperations)]
-			rec.StorageRootKey = cmp.Or(srk, old.StorageRootKey)
+			rec.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
+			rec.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
 		}
 		return rec
 	})
@@ -716,7 +721,7 @@ func (s *Service) record(ctx context.Context, state *RegistrationState, opID, sr
 // reset to the initial twin, and a device that moved (to another hub or
 // device ID) is removed from where it was. state.Substatus records which
 // happened.
-func (s *Service) place(ctx context.Context, alloc allocation, prev *RegistrationState, repro *ReprovisionPolicy,
+func (s *Service) place(ctx context.Context, alloc allocation, prev *registrationRecord, repro *ReprovisionPolicy,
 	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, error) {
 	if repro == nil {
 		repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
@@ -784,8 +789,14 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *Registratio
 	}
 	if !sameDevice {
 		// As in the hosted service, the device leaves its former hub, where
-		// its credentials would otherwise go on admitting it.
-		if err := s.registry.DeleteDevice(ctx, *prevHub, prev.DeviceID); err != nil {
+		// its credentials would otherwise go on admitting it; unless the
+		// identity there has other credentials now (a concurrent
+		// registration's, or a device made there since).
+		switch err := s.registry.DeleteDevice(ctx, *prevHub, prev.DeviceID, prev.HubCredential); {
+		case errors.Is(err, ErrDeviceTaken):
+			slog.Info("a reprovisioned device's former identity has other credentials now; it stays",
+				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "deviceId", prev.DeviceID)
+		case err != nil:
 			slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
 				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "deviceId", prev.DeviceID, "error", err)
 		}

@@ -43,8 +43,11 @@ type Registry interface {
 	ReadTwin(ctx context.Context, hub LinkedHub, deviceID string) (*InitialTwin, error)
 	// ReplaceTwin sets a device's tags and desired properties to t's.
 	ReplaceTwin(ctx context.Context, hub LinkedHub, deviceID string, t *InitialTwin) error
-	// DeleteDevice removes a device; one that does not exist is no error.
-	DeleteDevice(ctx context.Context, hub LinkedHub, deviceID string) error
+	// DeleteDevice removes a device if its credential is still the one of
+	// that fingerprint (HubDevice.Credential; "": whatever it is). One
+	// that does not exist is no error; one with another credential is
+	// ErrDeviceTaken.
+	DeleteDevice(ctx context.Context, hub LinkedHub, deviceID, credential string) error
 }
 
 // Settings are the service's identity: ID scope and access policies.

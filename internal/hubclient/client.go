@@ -30,7 +30,7 @@ import (
 type registry interface {
 	GetDevice(ctx context.Context, id string) (*hub.Device, error)
 	PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*hub.Device, error)
-	DeleteDevice(ctx context.Context, id string) error
+	DeleteDevice(ctx context.Context, id, ifMatch string) error
 	GetTwin(ctx context.Context, id string) (*hub.Twin, error)
 	// SetTwin merges p into the twin, or replaces tags and desired properties.
 	SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error
@@ -65,9 +65,9 @@ func (c *Client) PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (
 	return &out, c.do(ctx, http.MethodPut, "/devices/"+url.PathEscape(d.DeviceID), ifMatch, d, &out)
 }
 
-// DeleteDevice removes a device.
-func (c *Client) DeleteDevice(ctx context.Context, id string) error {
-	return c.do(ctx, http.MethodDelete, "/devices/"+url.PathEscape(id), "*", nil, nil)
+// DeleteDevice removes a device, if it is still the version of ifMatch ("*": any).
+func (c *Client) DeleteDevice(ctx context.Context, id, ifMatch string) error {
+	return c.do(ctx, http.MethodDelete, "/devices/"+url.PathEscape(id), ifMatch, nil, nil)
 }
 
 // GetTwin reads a device twin.
@@ -109,8 +109,8 @@ func (l local) PutDevice(ctx context.Context, d *hub.Device, ifMatch string) (*h
 	return l.h.PutIdentity(ctx, hub.Ref{Device: d.DeviceID}, ifMatch, &in)
 }
 
-func (l local) DeleteDevice(ctx context.Context, id string) error {
-	return l.h.DeleteIdentity(ctx, hub.Ref{Device: id}, "*")
+func (l local) DeleteDevice(ctx context.Context, id, ifMatch string) error {
+	return l.h.DeleteIdentity(ctx, hub.Ref{Device: id}, ifMatch)
 }
 
 func (l local) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
@@ -252,13 +252,33 @@ func samePrimary(a, b hub.Authentication) bool {
 	return false
 }
 
-// DeleteDevice removes a device from h; one already gone is no error.
-func (p *Pool) DeleteDevice(ctx context.Context, h dps.LinkedHub, deviceID string) error {
+// DeleteDevice removes a device from h if its credential is still the one
+// of that fingerprint ("": any); one already gone is no error, one with
+// other credentials dps.ErrDeviceTaken.
+func (p *Pool) DeleteDevice(ctx context.Context, h dps.LinkedHub, deviceID, credential string) error {
 	c, err := p.registry(h)
 	if err != nil {
 		return err
 	}
-	if err := c.DeleteDevice(ctx, deviceID); azerr.As(err).Status() != http.StatusNotFound {
+	d, err := c.GetDevice(ctx, deviceID)
+	if azerr.HasStatus(err, http.StatusNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	thumbprint := ""
+	if t := d.Authentication.X509Thumbprint.PrimaryThumbprint; t != nil {
+		thumbprint = *t
+	}
+	if credential != "" && dps.CredentialOf(d.Authentication.SymmetricKey.PrimaryKey, thumbprint) != credential {
+		return dps.ErrDeviceTaken
+	}
+	// The version read: a device changed since is left alone.
+	if err := c.DeleteDevice(ctx, deviceID, d.ETag); err != nil && !azerr.HasStatus(err, http.StatusNotFound) {
+		if azerr.HasStatus(err, http.StatusPreconditionFailed) {
+			return dps.ErrDeviceTaken
+		}
 		return err
 	}
 	return nil

@@ -278,6 +278,21 @@ func TestReprovisionPolicies(t *testing.T) {
 		t.Fatalf("reset tags %s", got)
 	}
 	gone(hub2)
+	// A former identity whose credentials changed since (someone else's
+	// now) stays where it is.
+	move("hub2.test", &dps.ReprovisionPolicy{UpdateHubAssignment: true})
+	var d hub.Device
+	if err := hub2.Do(ctx, "GET", "/devices/mover", "", nil, &d); err != nil {
+		t.Fatal(err)
+	}
+	d.Authentication.SymmetricKey.PrimaryKey = base64.StdEncoding.EncodeToString(make([]byte, 32))
+	if err := hub2.Do(ctx, "PUT", "/devices/mover", "*", &d, nil); err != nil {
+		t.Fatal(err)
+	}
+	move(host, &dps.ReprovisionPolicy{UpdateHubAssignment: true})
+	if err := hub2.Do(ctx, "GET", "/devices/mover", "", nil, &hub.Device{}); err != nil {
+		t.Fatalf("the identity with other credentials was deleted: %v", err)
+	}
 }
 
 // iotHubHostName alone pins the device, as it always has.
