@@ -704,13 +704,14 @@ const recordedOperations = 16
 // recorded. read is the record as assign found it.
 func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (string, error) {
 	return upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
+		r := rec // a fresh copy for each attempt
 		if old != nil {
-			rec.Operations = append(rec.Operations[:1:1], old.Operations...)
-			rec.Operations = rec.Operations[:min(len(rec.Operations), recordedOperations)]
-			rec.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
-			rec.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
+			r.Operations = append(rec.Operations[:1:1], old.Operations...)
+			r.Operations = r.Operations[:min(len(r.Operations), recordedOperations)]
+			r.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
+			r.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
 		}
-		return rec
+		return r
 	})
 }
 
