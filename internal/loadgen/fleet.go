@@ -172,17 +172,16 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 					}
 					state, err = j.d.register(ctx, cfg)
 				}
-				switch {
-				case err != nil:
+				if err != nil {
 					failed(res.Errors, err)
-				case !cfg.Connect:
+				} else {
 					hist.Record(time.Since(t0))
-				default:
-					hist.Record(time.Since(t0))
-					if err := j.d.connect(ctx, cfg, state); err != nil {
-						failed(res.HubErrors, err)
-					} else {
-						connected.Add(1)
+					if cfg.Connect {
+						if err := j.d.connect(ctx, cfg, state); err != nil {
+							failed(res.HubErrors, err)
+						} else {
+							connected.Add(1)
+						}
 					}
 				}
 				bar.Add(1)
