@@ -540,12 +540,11 @@ func regenerate(a *dps.Attestation, which string) error {
 }
 
 // allocationText describes the allocation policy and the hubs it uses,
-// as the service applies them (an iotHubHostName pins hashed allocation
-// when no iotHubs are named).
+// as the service applies them (dps.PinnedHub).
 func allocationText(policy, static string, hubs []string) string {
-	switch {
-	case static != "" && (policy == dps.PolicyStatic || policy == dps.PolicyHashed && len(hubs) == 0):
-		return "static to " + static
+	switch pinned := dps.PinnedHub(policy, static, hubs); {
+	case pinned != "":
+		return "static to " + pinned
 	case len(hubs) > 0:
 		return policy + " among " + strings.Join(hubs, ", ")
 	}

@@ -75,6 +75,16 @@ func (s *Service) allocate(ctx context.Context, a allocation) (*allocated, error
 	return &allocated{hub: weightedHash(a.deviceID, cands)}, nil
 }
 
+// PinnedHub is the hub an enrollment's iotHubHostName, the older way to
+// name one hub, pins its devices to: under static allocation, and under
+// the default (hashed) when no iotHubs are named; "" when it pins none.
+func PinnedHub(policy, iotHubHostName string, iotHubs []string) string {
+	if policy == PolicyStatic || (policy == PolicyHashed && len(iotHubs) == 0) {
+		return iotHubHostName
+	}
+	return ""
+}
+
 // candidates are the linked hubs the enrollment may use.
 func (s *Service) candidates(ctx context.Context, a allocation) ([]*LinkedHub, error) {
 	hubs, err := s.cachedHubs(ctx)
@@ -82,11 +92,8 @@ func (s *Service) candidates(ctx context.Context, a allocation) ([]*LinkedHub, e
 		return nil, err
 	}
 	named := a.hubs
-	// iotHubHostName, the older way to name one hub, pins the device under
-	// static allocation and under the default (hashed) when no iotHubs are
-	// named.
-	if a.static != "" && (a.policy == PolicyStatic || (a.policy == PolicyHashed && len(a.hubs) == 0)) {
-		named = []string{a.static}
+	if pinned := PinnedHub(a.policy, a.static, a.hubs); pinned != "" {
+		named = []string{pinned}
 	}
 	var out []*LinkedHub
 	for _, h := range hubs {
