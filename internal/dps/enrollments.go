@@ -97,10 +97,11 @@ func (s *Service) checkAllocation(ctx context.Context, policy string, hubs []str
 		if h == "" {
 			continue
 		}
-		if linked, err := s.isLinked(ctx, h); err != nil || !linked {
-			if err != nil {
-				return err
-			}
+		linked, err := s.isLinked(ctx, h)
+		if err != nil {
+			return err
+		}
+		if !linked {
 			return azerr.BadRequest("hub %s is not linked to this service: link it first (`hatchery hub link --hostname %s --connection-string ...`)", h, h)
 		}
 	}

@@ -275,13 +275,14 @@ func (p *Pool) DeleteDevice(ctx context.Context, h dps.LinkedHub, deviceID, cred
 		return dps.ErrDeviceTaken
 	}
 	// The version read: a device changed since is left alone.
-	if err := c.DeleteDevice(ctx, deviceID, d.ETag); err != nil && !azerr.HasStatus(err, http.StatusNotFound) {
-		if azerr.HasStatus(err, http.StatusPreconditionFailed) {
-			return dps.ErrDeviceTaken
-		}
+	switch err := c.DeleteDevice(ctx, deviceID, d.ETag); {
+	case azerr.HasStatus(err, http.StatusNotFound):
+		return nil
+	case azerr.HasStatus(err, http.StatusPreconditionFailed):
+		return dps.ErrDeviceTaken
+	default:
 		return err
 	}
-	return nil
 }
 
 // ReadTwin returns a device's tags and desired properties.
