@@ -188,6 +188,9 @@ func (s *Service) PurgeC2D(ctx context.Context, device string) (int, error) {
 // (one a device settled meanwhile is not counted).
 func (s *Service) removeC2D(ctx context.Context, device string) (int, error) {
 	msgs, err := s.queuedC2D(ctx, device)
+	if err != nil {
+		return 0, err
+	}
 	n := 0
 	for _, m := range msgs {
 		switch err := s.store.Delete(ctx, kindC2D, m.ID, ""); {
@@ -197,7 +200,7 @@ func (s *Service) removeC2D(ctx context.Context, device string) (int, error) {
 			return n, err
 		}
 	}
-	return n, err
+	return n, nil
 }
 
 // CompleteC2D removes a delivered message.
