@@ -187,6 +187,10 @@ func TestOperatorCLI(t *testing.T) {
 	if out := c.ok("certificate", "show", "--name", "fleet-ca"); !strings.Contains(out, "CN=Fleet CA") {
 		t.Errorf("certificate show: %s", out)
 	}
+	c.ok("certificate", "create", "--name", "pending-ca", "--path", caPath)
+	if out := c.ok("certificate", "list"); len(grepLines(out, "fleet-ca", "CN=Fleet CA", "true")) != 1 || len(grepLines(out, "pending-ca", "false")) != 1 {
+		t.Errorf("certificate list: %s", out)
+	}
 	if out := c.ok("enrollment-group", "create", "--group-id", "cams-2", "--attestation-type", "x509", "--ca-name", "fleet-ca"); !strings.Contains(out, "fleet-ca") {
 		t.Errorf("x509 group by CA name: %s", out)
 	}

@@ -414,6 +414,20 @@ func certificateCmd() *cobra.Command {
 	certificate := resource{svc: hubClient, path: func() string { return "/certificates/" + url.PathEscape(name) }, flags: nameFlag}
 	get := showCmd(certificate, "Show a CA certificate", show)
 	del := certificate.deleteCmd("Delete a CA certificate")
-	cmd.AddCommand(create, get, del)
+	list := &cobra.Command{Use: "list", Short: "List the CA certificates", RunE: func(cmd *cobra.Command, _ []string) error {
+		out, err := call[struct {
+			Value []hub.Certificate `json:"value"`
+		}](cmd, hubClient, "GET", "/certificates", "", nil)
+		if err != nil {
+			return err
+		}
+		rows := make([][]string, 0, len(out.Value))
+		for _, c := range out.Value {
+			p := c.Properties
+			rows = append(rows, []string{c.Name, p.Subject, p.Thumbprint, strconv.FormatBool(p.IsVerified), p.Expiry.Format("2006-01-02")})
+		}
+		return renderTable(cmd, out.Value, []string{"NAME", "SUBJECT", "THUMBPRINT", "VERIFIED", "EXPIRES"}, rows)
+	}}
+	cmd.AddCommand(create, get, del, list)
 	return cmd
 }

@@ -98,16 +98,32 @@ func (s *Service) VerifiedCA(ctx context.Context, name string) (*x509.Certificat
 	return certtext.Parse(c.Properties.Certificate)
 }
 
-// verifiedCAs is the pool of verified CA certificates.
-func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
+// ListCertificates returns the stored CA certificates, by name.
+func (s *Service) ListCertificates(ctx context.Context) ([]*Certificate, error) {
 	docs, err := s.store.List(ctx, kindCertificate, "", 1000)
 	if err != nil {
 		return nil, err
 	}
-	pool := x509.NewCertPool()
+	out := make([]*Certificate, 0, len(docs))
 	for _, d := range docs {
 		c := &Certificate{}
-		if json.Unmarshal(d.Body, c) == nil && c.Properties.IsVerified {
+		if err := json.Unmarshal(d.Body, c); err != nil {
+			return nil, fmt.Errorf("stored certificate %q is corrupt: %w", d.ID, err)
+		}
+		out = append(out, c)
+	}
+	return out, nil
+}
+
+// verifiedCAs is the pool of verified CA certificates.
+func (s *Service) verifiedCAs(ctx context.Context) (*x509.CertPool, error) {
+	cs, err := s.ListCertificates(ctx)
+	if err != nil {
+		return nil, err
+	}
+	pool := x509.NewCertPool()
+	for _, c := range cs {
+		if c.Properties.IsVerified {
 			pool.AppendCertsFromPEM([]byte(c.Properties.Certificate))
 		}
 	}

@@ -305,6 +305,11 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service(sas.AllRights, "PUT /certificates/{name}", withBody(func(r *http.Request, c *hub.Certificate) (any, error) {
 		return h.PutCertificate(r.Context(), name(r), c)
 	}))
+	// A list in the shape of Azure's certificate list description.
+	service(sas.RegistryRead, "GET /certificates", reply(func(r *http.Request) (any, error) {
+		cs, err := h.ListCertificates(r.Context())
+		return map[string]any{"value": cs}, err
+	}))
 	service(sas.RegistryRead, "GET /certificates/{name}", reply(func(r *http.Request) (any, error) { return h.GetCertificate(r.Context(), name(r)) }))
 	service(sas.AllRights, "DELETE /certificates/{name}", noContent(func(r *http.Request) error { return h.DeleteCertificate(r.Context(), name(r)) }))
 }
