@@ -64,6 +64,39 @@ func TestOnlyTheTypesCredentials(t *testing.T) {
 	}
 }
 
+// A device's key signs for all its modules, so a token made with it names
+// its module exactly: modules whose IDs differ by case alone stay apart
+// (the edge runtime signs each module's token with the device's key). A
+// key of the identity's own still admits a token lower-cased throughout,
+// as Azure's documentation has clients write it.
+func TestModuleIDsDifferingByCase(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	token := func(key, resource string) string {
+		k, _ := base64.StdEncoding.DecodeString(key)
+		return sas.Build(k, resource, "", time.Now().Add(time.Hour))
+	}
+	gw := newIdentity(t, s, Ref{Device: "gw"}).Authentication.SymmetricKey.PrimaryKey
+	newIdentity(t, s, Ref{Device: "gw", Module: "sensor"})
+	upper := newIdentity(t, s, Ref{Device: "gw", Module: "Sensor"}).Authentication.SymmetricKey.PrimaryKey
+	for _, c := range []struct {
+		ref      Ref
+		key, aud string
+		ok       bool
+	}{
+		{Ref{Device: "gw", Module: "sensor"}, gw, "hub.test/devices/gw/modules/sensor", true},
+		{Ref{Device: "gw", Module: "Sensor"}, gw, "hub.test/devices/gw/modules/sensor", false},
+		{Ref{Device: "gw", Module: "Sensor"}, gw, "HUB.test/devices/gw/modules/Sensor", true},
+		{Ref{Device: "gw", Module: "Sensor"}, gw, "hub.test/devices/GW", false},
+		{Ref{Device: "gw", Module: "Sensor"}, upper, "hub.test/devices/gw/modules/sensor", true},
+	} {
+		_, err := s.Authenticate(ctx, c.ref, token(c.key, c.aud), nil)
+		if (err == nil) != c.ok {
+			t.Errorf("%s with a token for %s: %v", c.ref, c.aud, err)
+		}
+	}
+}
+
 // Deleting a device takes its queued messages with it, so that a device
 // created again under its ID does not receive them; and a twin written
 // meanwhile does not make a delete without If-Match fail halfway, the

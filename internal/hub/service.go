@@ -145,8 +145,9 @@ func (s *Service) byCredentials(ctx context.Context, r Ref, token string, chain 
 // deviceByToken checks a SAS token: its resource must be this hub's device
 // or module, signed by one of its keys (or, for a module, its device's).
 func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev, id *record, err error) {
-	want := s.host + "/devices/" + r.Device
-	if r.Module != "" && !tok.AudienceIs(want) {
+	device := s.host + "/devices/" + r.Device
+	want := device
+	if r.Module != "" && !tok.AudienceIs(device) {
 		want += "/modules/" + r.Module
 	}
 	if !tok.AudienceIs(want) {
@@ -159,9 +160,11 @@ func (s *Service) deviceByToken(ctx context.Context, r Ref, tok *sas.Token) (dev
 		return nil, nil, err
 	}
 	// A module authenticates with its own keys, or with the device's (a
-	// device-scoped token, as the edge runtime's modules use).
+	// device-scoped token, as the edge runtime's modules use). The device's
+	// key signs for all its modules, so then the token's path must name
+	// this one exactly: module IDs may differ by case alone.
 	keys := id.Device.Authentication.sasKeys()
-	if r.Module != "" {
+	if r.Module != "" && (tok.AudienceIsExactly(device) || tok.AudienceIsExactly(want)) {
 		keys = append(keys, dev.Device.Authentication.sasKeys()...)
 	}
 	if len(keys) == 0 {

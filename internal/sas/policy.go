@@ -93,11 +93,13 @@ func AuthorizeService(header, host, path string, policies []Policy, now time.Tim
 	if err != nil {
 		return nil, err
 	}
-	aud, scope, _ := strings.Cut(normalize(tok.Audience), "/")
-	if aud != normalize(host) && stripPort(aud) != normalize(host) {
+	// The scope is compared exactly: the policy's key signs for every
+	// device, so the path alone tells d1 from D1.
+	aud, scope := splitResource(tok.Audience)
+	if want, _ := splitResource(host); aud != want && stripPort(aud) != want {
 		return nil, fmt.Errorf("%w: sr=%q but this service is %q", ErrAudience, tok.Audience, host)
 	}
-	if req := strings.Trim(strings.ToLower(path), "/"); scope != "" && req != scope && !strings.HasPrefix(req, scope+"/") {
+	if req := strings.Trim(path, "/"); scope != "" && req != scope && !strings.HasPrefix(req, scope+"/") {
 		return nil, fmt.Errorf("%w: sr=%q reaches only what lies under /%s, not %s", ErrAudience, tok.Audience, scope, path)
 	}
 	for i := range policies {

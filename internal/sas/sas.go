@@ -159,16 +159,39 @@ func (t *Token) Verify(now time.Time, keys ...[]byte) error {
 
 // AudienceIs reports whether the token's resource is want, comparing
 // case-insensitively after URL-decoding and ignoring a trailing slash and a
-// leading scheme, as clients differ in all three.
+// leading scheme, as clients differ in all three (Azure's documentation has
+// them lower-case the whole resource URI).
 func (t *Token) AudienceIs(want string) bool {
-	return normalize(t.Audience) == normalize(want)
+	host, path := splitResource(t.Audience)
+	wantHost, wantPath := splitResource(want)
+	return host == wantHost && strings.EqualFold(path, wantPath)
 }
 
-func normalize(s string) string {
-	s = strings.ToLower(strings.TrimSpace(s))
-	s = strings.TrimPrefix(s, "https://")
-	s = strings.TrimPrefix(s, "amqps://")
-	return strings.TrimSuffix(s, "/")
+// AudienceIsExactly is AudienceIs with the path compared exactly: for a key
+// that signs for several identities (a device's, for its modules), the path
+// is all that tells them apart, and IDs may differ by case alone.
+func (t *Token) AudienceIsExactly(want string) bool { return SameResource(t.Audience, want) }
+
+// SameResource reports whether two resource URIs name the same resource:
+// hosts compared case-insensitively, paths exactly, a scheme and slashes
+// around the path ignored.
+func SameResource(a, b string) bool {
+	hostA, pathA := splitResource(a)
+	hostB, pathB := splitResource(b)
+	return hostA == hostB && pathA == pathB
+}
+
+// splitResource splits a resource URI into its host (lower-cased, without a
+// scheme) and its path (without the slashes around it).
+func splitResource(s string) (host, path string) {
+	s = strings.TrimSpace(s)
+	for _, scheme := range []string{"https://", "amqps://"} {
+		if len(s) >= len(scheme) && strings.EqualFold(s[:len(scheme)], scheme) {
+			s = s[len(scheme):]
+		}
+	}
+	host, path, _ = strings.Cut(s, "/")
+	return strings.ToLower(host), strings.Trim(path, "/")
 }
 
 // DeriveDeviceKey derives the key of a device in a symmetric-key enrollment
