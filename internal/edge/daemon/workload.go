@@ -14,12 +14,14 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/agent"
 	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/sas"
 )
 
 // Where modules find the workload API inside their container.
@@ -61,10 +63,19 @@ func (w *workload) socket(module string) (string, error) {
 	if _, ok := w.servers[module]; ok {
 		return dir, nil
 	}
+	// The sockets are open to anyone, as a module's user inside its
+	// container may be anyone; the directory above them keeps the host's
+	// other users out. A container reaches only its own, bind-mounted.
+	if err := os.MkdirAll(w.dir, 0o700); err != nil {
+		return "", err
+	}
+	if err := os.Chmod(w.dir, 0o700); err != nil {
+		return "", err
+	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err
 	}
-	ln, err := listenUnix(path, 0o666) // the module's user inside the container may be anyone
+	ln, err := listenUnix(path, 0o666)
 	if err != nil {
 		return "", err
 	}
@@ -115,10 +126,8 @@ func (w *workload) handler(module string) http.Handler {
 			writeError(rw, http.StatusServiceUnavailable, errors.New("the device is not provisioned yet"))
 			return
 		}
-		// Only tokens for the module's own identity: "{resource}\n{expiry}".
-		aud, _, _ := strings.Cut(string(data), "\n")
-		if dec, err := url.QueryUnescape(aud); err != nil || !strings.EqualFold(dec, prefix(module)) {
-			writeError(rw, http.StatusForbidden, fmt.Errorf("module %q may only sign tokens for %s", module, prefix(module)))
+		if err := tokenFor(string(data), prefix(module), time.Now()); err != nil {
+			writeError(rw, http.StatusForbidden, fmt.Errorf("module %q: %w", module, err))
 			return
 		}
 		digest, err := sign(module, data)
@@ -179,6 +188,30 @@ func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {
 		return err
 	}
 	return e.Engine.Create(ctx, s)
+}
+
+// maxTokenLifetime bounds the tokens a module may have signed: the
+// SDKs ask for an hour and renew.
+const maxTokenLifetime = 24 * time.Hour
+
+// tokenFor checks what a module asks to have signed: a SAS token's
+// "{resource}\n{expiry}" for its own identity (the device's key signs for
+// all its modules, so the resource must name this one exactly) that
+// expires within maxTokenLifetime.
+func tokenFor(data, resource string, now time.Time) error {
+	aud, se, ok := strings.Cut(data, "\n")
+	dec, err := url.QueryUnescape(aud)
+	if !ok || err != nil || !sas.SameResource(dec, resource) {
+		return fmt.Errorf("it may only have tokens for %s signed (\"{resource}\\n{expiry}\")", resource)
+	}
+	expiry, err := strconv.ParseInt(se, 10, 64)
+	if err != nil {
+		return fmt.Errorf("the token's expiry %q is not a Unix time in seconds", se)
+	}
+	if time.Unix(expiry, 0).After(now.Add(maxTokenLifetime)) {
+		return fmt.Errorf("the token would expire at %s: ask for one that expires within %s and renew it", time.Unix(expiry, 0).UTC().Format(time.RFC3339), maxTokenLifetime)
+	}
+	return nil
 }
 
 // listenUnix listens on a fresh socket file with the given mode.

@@ -1,0 +1,68 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/base64"
+	"encoding/json"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"path/filepath"
+	"strconv"
+	"testing"
+	"time"
+)
+
+// A module's socket signs only its own tokens, named exactly (module IDs
+// may differ by case alone and the device's key signs for all of them),
+// and only ones that expire within a day; the directory above the sockets
+// keeps the host's other users out.
+func TestWorkloadSignsOnlyTheModulesOwnTokens(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "workload")
+	w := newWorkload(dir)
+	defer w.close()
+	w.configure(func(string, []byte) ([]byte, error) { return []byte("digest"), nil },
+		func(m string) string { return "hub.test/devices/gw/modules/" + m }, nil)
+	moduleDir, err := w.socket("sensor")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(dir); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Errorf("the workload directory: %v %v, want 0700", fi.Mode(), err)
+	}
+	if fi, err := os.Stat(filepath.Join(moduleDir, "workload.sock")); err != nil || fi.Mode().Perm() != 0o666 {
+		t.Errorf("the module's socket: %v %v, want 0666", fi.Mode(), err)
+	}
+	client := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return (&net.Dialer{}).DialContext(ctx, "unix", filepath.Join(moduleDir, "workload.sock"))
+	}}}
+	sign := func(data string) int {
+		body, _ := json.Marshal(map[string]string{"keyId": "primary", "algo": "HMACSHA256", "data": base64.StdEncoding.EncodeToString([]byte(data))})
+		resp, err := client.Post("http://workload/modules/sensor/genid/1/sign", "application/json", bytes.NewReader(body))
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	hour := strconv.FormatInt(time.Now().Add(time.Hour).Unix(), 10)
+	week := strconv.FormatInt(time.Now().Add(7*24*time.Hour).Unix(), 10)
+	for _, c := range []struct {
+		data string
+		want int
+	}{
+		{url.QueryEscape("hub.test/devices/gw/modules/sensor") + "\n" + hour, http.StatusOK},
+		{url.QueryEscape("HUB.test/devices/gw/modules/sensor") + "\n" + hour, http.StatusOK},
+		{url.QueryEscape("hub.test/devices/gw/modules/Sensor") + "\n" + hour, http.StatusForbidden},
+		{url.QueryEscape("hub.test/devices/gw") + "\n" + hour, http.StatusForbidden},
+		{url.QueryEscape("hub.test/devices/gw/modules/sensor") + "\n" + week, http.StatusForbidden},
+		{url.QueryEscape("hub.test/devices/gw/modules/sensor") + "\nsoon", http.StatusForbidden},
+		{url.QueryEscape("hub.test/devices/gw/modules/sensor"), http.StatusForbidden},
+	} {
+		if got := sign(c.data); got != c.want {
+			t.Errorf("signing %q: HTTP %d, want %d", c.data, got, c.want)
+		}
+	}
+}
