@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"os"
 	"slices"
+	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
@@ -220,9 +221,10 @@ func newCheckCmd() *cobra.Command {
 }
 
 // secretKeys name the config.toml values a support bundle must not carry:
-// keys (symmetric_key, device_id_pk … = { value = … }), connection strings
-// and registry passwords, wherever they are written.
-var secretKeys = []string{"value", "connection_string", "password"}
+// keys (symmetric_key = "…" or { value = … }, device_id_pk …), connection
+// strings and registry passwords, wherever they are written. Any string
+// with a SharedAccessKey in it goes too, whatever its key is named.
+var secretKeys = []string{"value", "symmetric_key", "connection_string", "device_connection_string", "password"}
 
 // redactedConfig is config.toml with every secret replaced, re-encoded from
 // its parsed form so that no way of writing a value (inline tables, dotted
@@ -241,18 +243,24 @@ func redact(v any) {
 	switch v := v.(type) {
 	case map[string]any:
 		for k, e := range v {
-			if slices.Contains(secretKeys, k) {
+			if s, ok := e.(string); slices.Contains(secretKeys, k) || ok && hasKey(s) {
 				v[k] = "<redacted>"
 			} else {
 				redact(e)
 			}
 		}
 	case []any:
-		for _, e := range v {
-			redact(e)
+		for i, e := range v {
+			if s, ok := e.(string); ok && hasKey(s) {
+				v[i] = "<redacted>"
+			} else {
+				redact(e)
+			}
 		}
 	}
 }
+
+func hasKey(s string) bool { return strings.Contains(strings.ToLower(s), "sharedaccesskey=") }
 
 func newSupportBundleCmd() *cobra.Command {
 	var out string

@@ -65,6 +65,12 @@ symmetric_key.value = """SECRET3"""
 
 [agent.config]
 auth = { serveraddress = "r.example", username = "edge", password = 'SECRET4' }
+
+[old]
+symmetric_key = "SECRET6"
+device_connection_string = "HostName=h;DeviceId=d;SharedAccessKey=SECRET7"
+notes = ["HostName=h;DeviceId=d;sharedaccesskey=SECRET8"]
+comment = "HostName=h;DeviceId=d;SharedAccessKey=SECRET9"
 `
 	out, err := redactedConfig([]byte(in))
 	if err != nil {
