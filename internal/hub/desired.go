@@ -7,6 +7,8 @@ import (
 	"maps"
 	"sync"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // desiredChange is a committed desired-property patch of this replica, or,
@@ -104,7 +106,7 @@ func (f *follower) handle(c desiredChange) {
 	switch {
 	case c.version != 0 && c.version <= f.version: // already sent, within a later read
 	case c.version == f.version+1:
-		mergePatch(f.sent, c.patch)
+		twindoc.Merge(f.sent, c.patch)
 		f.emit(c.patch, c.version)
 	default: // a gap, or a change elsewhere: read what there is now
 		doc, version, err := f.s.desiredDocument(f.r)
@@ -115,7 +117,7 @@ func (f *follower) handle(c desiredChange) {
 		if version <= f.version {
 			return
 		}
-		patch := replacePatch(f.sent, doc)
+		patch := twindoc.ReplacePatch(f.sent, doc)
 		f.sent = doc
 		f.emit(patch, version)
 	}

@@ -44,7 +44,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		if replace {
 			rec.Tags = map[string]any{}
 		}
-		mergePatch(rec.Tags, p.Tags)
+		twindoc.Merge(rec.Tags, p.Tags)
 		if p.Tags != nil || replace {
 			if err := checkSize("tags", rec.Tags, twindoc.TagsLimit); err != nil {
 				return err
@@ -55,7 +55,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			if replace {
 				rec.Desired = map[string]any{}
 			}
-			mergePatch(rec.Desired, desired)
+			twindoc.Merge(rec.Desired, desired)
 			if err := checkSize("properties.desired", rec.Desired, twindoc.PropertiesLimit); err != nil {
 				return err
 			}
@@ -63,7 +63,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			rec.DesiredUpdated = now
 			notify = desired
 			if replace {
-				notify = replacePatch(old, rec.Desired)
+				notify = twindoc.ReplacePatch(old, rec.Desired)
 			}
 		}
 		rec.TwinVersion++
@@ -97,7 +97,7 @@ func (s *Service) UpdateReported(ctx context.Context, r Ref, patch map[string]an
 		return 0, err
 	}
 	rec, err := s.update(ctx, r, func(rec *record) error {
-		mergePatch(rec.Reported, patch)
+		twindoc.Merge(rec.Reported, patch)
 		if err := checkSize("properties.reported", rec.Reported, twindoc.PropertiesLimit); err != nil {
 			return err
 		}
@@ -163,48 +163,6 @@ func (s *Service) twinLock(r Ref) (unlock func()) {
 	m := &s.twinLocks[h.Sum32()%uint32(len(s.twinLocks))]
 	m.Lock()
 	return m.Unlock
-}
-
-// replacePatch is the merge patch that turns old into new: new's values,
-// and null for whatever old has that new does not, at any depth — devices
-// merge the patches they hear, so a replaced document must say what went.
-func replacePatch(old, new map[string]any) map[string]any {
-	p := maps.Clone(new)
-	if p == nil {
-		p = map[string]any{}
-	}
-	for k, ov := range old {
-		nv, ok := new[k]
-		if !ok {
-			p[k] = nil
-			continue
-		}
-		om, oldIsObject := ov.(map[string]any)
-		nm, newIsObject := nv.(map[string]any)
-		if oldIsObject && newIsObject {
-			p[k] = replacePatch(om, nm)
-		}
-	}
-	return p
-}
-
-// mergePatch applies a JSON merge patch (RFC 7386): null removes a key.
-func mergePatch(dst, patch map[string]any) {
-	for k, v := range patch {
-		switch pv := v.(type) {
-		case nil:
-			delete(dst, k)
-		case map[string]any:
-			sub, ok := dst[k].(map[string]any)
-			if !ok {
-				sub = map[string]any{}
-			}
-			mergePatch(sub, pv)
-			dst[k] = sub
-		default:
-			dst[k] = v
-		}
-	}
 }
 
 func (r *record) twinView() *Twin {

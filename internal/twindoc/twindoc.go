@@ -1,7 +1,7 @@
 // Package twindoc holds IoT Hub's rules for the documents of a twin — tags,
 // desired and reported properties: which property names it accepts, how
 // deep objects nest, how long strings are and how large each document may
-// grow. The hub enforces them on every write from a client, the
+// grow, and how patches merge into them. The hub enforces them on every write from a client, the
 // provisioning service on an enrollment's initial twin.
 package twindoc
 
@@ -129,4 +129,46 @@ func CheckSize(where string, doc map[string]any, limit int) error {
 		return fmt.Errorf("%s would be %d bytes, and IoT Hub holds at most %d (%d KiB)", where, n, limit, limit>>10)
 	}
 	return nil
+}
+
+// ReplacePatch is the merge patch that turns old into new: new's values,
+// and null for whatever old has that new does not, at any depth — devices
+// merge the patches they hear, so a replaced document must say what went.
+func ReplacePatch(old, new map[string]any) map[string]any {
+	p := maps.Clone(new)
+	if p == nil {
+		p = map[string]any{}
+	}
+	for k, ov := range old {
+		nv, ok := new[k]
+		if !ok {
+			p[k] = nil
+			continue
+		}
+		om, oldIsObject := ov.(map[string]any)
+		nm, newIsObject := nv.(map[string]any)
+		if oldIsObject && newIsObject {
+			p[k] = ReplacePatch(om, nm)
+		}
+	}
+	return p
+}
+
+// Merge applies a JSON merge patch (RFC 7386) to dst: null removes a key.
+func Merge(dst, patch map[string]any) {
+	for k, v := range patch {
+		switch pv := v.(type) {
+		case nil:
+			delete(dst, k)
+		case map[string]any:
+			sub, ok := dst[k].(map[string]any)
+			if !ok {
+				sub = map[string]any{}
+			}
+			Merge(sub, pv)
+			dst[k] = sub
+		default:
+			dst[k] = v
+		}
+	}
 }

@@ -2,6 +2,7 @@ package twindoc
 
 import (
 	"encoding/json"
+	"reflect"
 	"strings"
 	"testing"
 )
@@ -85,4 +86,21 @@ func FuzzCheck(f *testing.F) {
 		walk(doc, 1)
 		_ = CheckSize("properties.reported", doc, PropertiesLimit)
 	})
+}
+
+// A replace patch merged over the old document leaves the new one, at any
+// depth: an edge agent's report after a failure clears the failure's
+// description and a module that is gone, and keeps the rest.
+func TestReplacePatchMergesToTheNewDocument(t *testing.T) {
+	old := `{"lastDesiredStatus": {"code": 500, "description": "pulling image: no such host"},
+		"modules": {"sensor": {"runtimeStatus": "failed", "exitCode": 1}, "gone": {"runtimeStatus": "running"}},
+		"runtime": {"type": "docker"}}`
+	new := `{"lastDesiredStatus": {"code": 200},
+		"modules": {"sensor": {"runtimeStatus": "running"}, "added": {"settings": {"image": "a:1"}}},
+		"runtime": "replaced by a string"}`
+	twin := doc(t, old)
+	Merge(twin, ReplacePatch(doc(t, old), doc(t, new)))
+	if want := doc(t, new); !reflect.DeepEqual(twin, want) {
+		t.Errorf("merged:\n%v\nwant:\n%v", twin, want)
+	}
 }

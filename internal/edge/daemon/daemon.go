@@ -32,6 +32,7 @@ import (
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // Options locate the daemon's files.
@@ -484,25 +485,20 @@ func (a *runner) apply(ctx context.Context, c *hubdevice.Client) {
 	}
 }
 
-// report sends the reported properties when they changed; modules that
-// left the manifest are set to null so they leave the twin too.
+// report sends the reported properties when they changed. What the last
+// report had and this one lacks (a module that left the manifest, an error's
+// description) is set to null, so that it leaves the twin too.
 func (a *runner) report(ctx context.Context, c *hubdevice.Client, rep map[string]any) {
 	body, _ := json.Marshal(rep)
 	if bytes.Equal(body, a.reported) {
 		return
 	}
-	patch := rep
+	var patch any = rep
 	if a.reported != nil {
-		var prev map[string]any
+		var prev, now map[string]any
 		_ = json.Unmarshal(a.reported, &prev)
-		if mods, ok := prev["modules"].(map[string]any); ok {
-			now, _ := rep["modules"].(map[string]any)
-			for name := range mods {
-				if _, still := now[name]; !still && now != nil {
-					now[name] = nil
-				}
-			}
-		}
+		_ = json.Unmarshal(body, &now)
+		patch = twindoc.ReplacePatch(prev, now)
 	}
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
