@@ -1,8 +1,9 @@
 // Package twindoc holds IoT Hub's rules for the documents of a twin — tags,
 // desired and reported properties: which property names it accepts, how
-// deep objects nest, how long strings are and how large each document may
-// grow, and how patches merge into them. The hub enforces them on every write from a client, the
-// provisioning service on an enrollment's initial twin.
+// deep objects nest, how long strings are, how large each document may
+// grow, and how patches merge into them. The hub enforces them on every
+// write from a client, the provisioning service on an enrollment's initial
+// twin.
 package twindoc
 
 import (
