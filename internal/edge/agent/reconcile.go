@@ -19,6 +19,7 @@ import (
 type Engine interface {
 	EnsureNetwork(ctx context.Context, name string) error
 	List(ctx context.Context) ([]moby.ModuleState, error)
+	EnsureImage(ctx context.Context, s moby.ModuleSpec) error
 	Create(ctx context.Context, s moby.ModuleSpec) error
 	Start(ctx context.Context, name string) error
 	Stop(ctx context.Context, name string, timeout time.Duration) error
@@ -120,6 +121,12 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		r.hist[a.Name] = &History{}
 		return e.Create(ctx, r.spec(m, a.Module, network))
 	case Recreate:
+		// The new image first: a module whose new image cannot be had
+		// keeps running the old one.
+		spec := r.spec(m, a.Module, network)
+		if err := e.EnsureImage(ctx, spec); err != nil {
+			return err
+		}
 		r.hist[a.Name] = &History{} // a new container starts a new history
 		if err := e.Stop(ctx, a.Name, r.stopTimeout()); err != nil && !errors.Is(err, moby.ErrNotFound) {
 			return err
@@ -127,7 +134,7 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		if err := e.Remove(ctx, a.Name); err != nil && !errors.Is(err, moby.ErrNotFound) {
 			return err
 		}
-		return e.Create(ctx, r.spec(m, a.Module, network))
+		return e.Create(ctx, spec)
 	case Start:
 		// Recorded before the attempt: a start that fails waits out the
 		// backoff too.

@@ -167,7 +167,7 @@ func (e *Engine) Create(ctx context.Context, s ModuleSpec) error {
 	if err != nil {
 		return err
 	}
-	if err := e.ensureImage(ctx, s); err != nil {
+	if err := e.EnsureImage(ctx, s); err != nil {
 		return err
 	}
 	q := url.Values{"name": {s.Name}}

@@ -44,8 +44,8 @@ func normalize(ref string) string {
 	return ref + ":latest"
 }
 
-// ensureImage pulls s.Image when the engine lacks it and the policy allows.
-func (e *Engine) ensureImage(ctx context.Context, s ModuleSpec) error {
+// EnsureImage pulls s.Image when the engine lacks it and the policy allows.
+func (e *Engine) EnsureImage(ctx context.Context, s ModuleSpec) error {
 	ref := normalize(s.Image)
 	err := e.call(ctx, request{method: http.MethodGet, path: "/images/" + pathRef(ref) + "/json"}, nil)
 	if err == nil {
