@@ -348,6 +348,18 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("twin", "show", "--device-id", "edge-1"); !strings.Contains(out, `"environment": "prod"`) {
 		t.Errorf("twin show: %s", out)
 	}
+	c.ok("device", "create", "--device-id", "other")
+	var twins []struct{ DeviceID string }
+	if err := json.Unmarshal([]byte(c.ok("query", "-q", "SELECT * FROM devices WHERE tags.environment = 'prod'")), &twins); err != nil ||
+		len(twins) != 1 || twins[0].DeviceID != "edge-1" {
+		t.Errorf("query by tag: %v %+v", err, twins)
+	}
+	if out := c.ok("query", "-q", "SELECT COUNT() AS n FROM devices"); !strings.Contains(out, `"n": 2`) {
+		t.Errorf("count query: %s", out)
+	}
+	if out, err := c.run("query", "-q", "SELECT * FROM nowhere"); err == nil || !strings.Contains(out, "nowhere") {
+		t.Errorf("a query of no collection: %v %s", err, out)
+	}
 	manifest := "../../docs/examples/deployment.json" // the README's example
 	out := c.ok("deployment", "create", "--deployment-id", "prod-sensor", "--content", manifest,
 		"--target-condition", "tags.environment='prod'", "--priority", "10")

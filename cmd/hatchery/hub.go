@@ -112,6 +112,23 @@ func deviceCmd() *cobra.Command {
 	return cmd
 }
 
+func queryCmd() *cobra.Command {
+	var q string
+	cmd := &cobra.Command{Use: "query", Short: "Query the hub's twins with the IoT Hub query language (as `az iot hub query`)",
+		Example: `  hatchery query -q "SELECT * FROM devices WHERE tags.environment = 'prod'"
+  hatchery query -q "SELECT COUNT() AS n FROM devices WHERE connectionState = 'Connected'"`,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			rows, err := queryAll[json.RawMessage](cmd, hubClient, "/devices/query", q)
+			if err != nil {
+				return err
+			}
+			return printJSON(rows)
+		}}
+	cmd.Flags().StringVarP(&q, "query-command", "q", "", "the query")
+	_ = cmd.MarkFlagRequired("query-command")
+	return cmd
+}
+
 func twinCmd() *cobra.Command {
 	cmd := &cobra.Command{Use: "twin", Short: "Show and update device and module twins (as `az iot hub device-twin`)"}
 	var id, module, tags, desired string

@@ -22,7 +22,7 @@ func main() {
 	root.PersistentFlags().String("database", "",
 		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: $HATCHERY_DATABASE, else SQLite hatchery.db in --data-dir)")
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
-		deviceCmd(), twinCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), fleetCmd(), benchCmd(), backupCmd())
+		deviceCmd(), twinCmd(), queryCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), fleetCmd(), benchCmd(), backupCmd())
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)

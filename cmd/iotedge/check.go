@@ -96,9 +96,9 @@ func runChecks(ctx context.Context) []checkResult {
 		}
 	}
 	if hub == "" {
-		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS (8883)", outcome{"skipped", "the device has no hub yet"})
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", outcome{"skipped", "the device has no hub yet"})
 	} else {
-		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS (8883)", tlsReach(ctx, hub, "8883", roots))
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS at "+hub, tlsReach(ctx, hub, "8883", roots))
 	}
 	if e, err := moby.New(cfg.MobyRuntime.URI); err != nil {
 		add("container-engine", "container engine is reachable", outcome{"error", err.Error()})

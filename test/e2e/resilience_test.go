@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -183,7 +184,22 @@ func TestLegacyConfigImport(t *testing.T) {
 
 // Mistakes get clear messages, and the runtime keeps what runs.
 func TestBadInputKeepsTheRuntime(t *testing.T) {
-	_, d, _ := provisioned(t, "")
+	image := mobytest.New(t).Image("")
+	s, d, _ := provisioned(t, "")
+	deploy(t, s, "base", "10", map[string]any{"sensor": module(image, "always")})
+	d.waitModule("sensor", "running")
+
+	// A deployment whose image cannot be pulled: the module runs on with
+	// its old image, and the failure is reported; once the deployment is
+	// gone, the report is a plain success again.
+	deploy(t, s, "bad", "20", map[string]any{"sensor": module("127.0.0.1:1/nosuch:1.0", "always")})
+	waitAgentStatus(t, s, func(code int, desc string) bool { return code == 500 && strings.Contains(desc, "nosuch") })
+	if out, _ := run(t, nil, "docker", "inspect", "--format", "{{.State.Status}} {{.Config.Image}}", "sensor"); !strings.Contains(out, "running "+image) {
+		t.Errorf("the sensor container after a deployment it cannot pull: %s", out)
+	}
+	s.hatchery("deployment", "delete", "--deployment-id", "bad")
+	waitAgentStatus(t, s, func(code int, desc string) bool { return code == 200 && desc == "" })
+
 	good, _ := os.ReadFile(d.configPath)
 	d.writeConfig(strings.Replace(string(good), "\nmethod = \"tpm\"", "\nmethod = tpm", 1))
 	out, err := d.iotedge("config", "apply")
@@ -195,7 +211,16 @@ func TestBadInputKeepsTheRuntime(t *testing.T) {
 		t.Fatalf("apply with scope_id: %v\n%s", err, out)
 	}
 	d.waitStatus("Hub:          connected") // the daemon kept its configuration
+
+	// An ID scope DPS does not know: provisioning fails, and the status
+	// no longer claims the hub connection of the configuration before.
+	d.writeConfig(strings.Replace(string(good), s.IDScope, "0ne00000000", 1))
+	d.mustIotedge("config", "apply")
+	d.waitStatus("provisioning failed")
+	d.waitStatus("Hub:          not connected")
 	d.writeConfig(string(good))
+	d.mustIotedge("config", "apply")
+	d.waitStatus("Hub:          connected")
 
 	// The TPM service gone: check says so.
 	d.tpmd.stop()
@@ -249,4 +274,28 @@ symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }`))
 	d.mustIotedge("config", "apply")
 	d.waitStatus("manual-1 on hub localhost, provisioned by manual/sas")
 	d.waitStatus("Hub:          connected")
+}
+
+// waitAgentStatus waits for the $edgeAgent twin's reported
+// lastDesiredStatus to satisfy ok.
+func waitAgentStatus(t *testing.T, s *site, ok func(code int, description string) bool) {
+	t.Helper()
+	eventually(t, 60*time.Second, func() string {
+		out := s.hatchery("twin", "show", "--device-id", "edge-1", "--module-id", "$edgeAgent")
+		var tw struct {
+			Properties struct {
+				Reported struct {
+					LastDesiredStatus struct {
+						Code        int    `json:"code"`
+						Description string `json:"description"`
+					} `json:"lastDesiredStatus"`
+				} `json:"reported"`
+			} `json:"properties"`
+		}
+		_ = json.Unmarshal([]byte(out), &tw)
+		if st := tw.Properties.Reported.LastDesiredStatus; !ok(st.Code, st.Description) {
+			return fmt.Sprintf("$edgeAgent reports lastDesiredStatus %+v", st)
+		}
+		return ""
+	})
 }

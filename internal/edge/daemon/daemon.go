@@ -140,6 +140,13 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // cycle runs the runtime with one reading of the configuration.
 func (d *Daemon) cycle(ctx context.Context) error {
+	// Only a cycle's runner connects to the hub, and its connection ends
+	// with the cycle.
+	notConnected := func() {
+		d.setStatus(func(s *mgmt.Status) { s.Hub = mgmt.Connection{Error: "not connected", Since: time.Now().UTC()} })
+	}
+	notConnected()
+	defer notConnected()
 	cfg, warnings, err := config.Load(d.opts.ConfigPath)
 	var ws []string
 	for _, w := range warnings {
@@ -220,6 +227,7 @@ func (d *Daemon) cycle(ctx context.Context) error {
 // while it fails with no backup to fall back on.
 func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(context.Context) (*identity.Device, error)) (*identity.Device, error) {
 	for wait := 5 * time.Second; ; wait = min(wait*2, 2*time.Minute) {
+		asked := time.Now()
 		dev, err := get(ctx)
 		p := mgmt.Provisioning{Source: string(ids.Config.Provisioning.Source)}
 		if dev != nil {
@@ -229,6 +237,8 @@ func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(
 			p.Error = err.Error()
 			p.FromBackup = dev != nil
 			slog.Error("provisioning", "error", err)
+		} else if dev.Provisioned.Before(asked) {
+			slog.Info("running with the identity backup", "hub", dev.HubHostName, "deviceId", dev.DeviceID, "method", dev.Method, "provisioned", dev.Provisioned)
 		} else {
 			slog.Info("provisioned", "hub", dev.HubHostName, "deviceId", dev.DeviceID, "method", dev.Method)
 		}
