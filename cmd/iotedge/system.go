@@ -77,7 +77,11 @@ func newSystemCmd() *cobra.Command {
 		}}
 	reprovision := &cobra.Command{Use: "reprovision", Short: "Provision the device again through DPS", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return call(cmd, func(ctx context.Context, c *mgmt.Client) error { return c.Reprovision(ctx) })
+			if err := call(cmd, func(ctx context.Context, c *mgmt.Client) error { return c.Reprovision(ctx) }); err != nil {
+				return err
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), "Provisioning the device again: `iotedge system status` shows the outcome.")
+			return nil
 		}}
 	level := &cobra.Command{Use: "set-log-level LEVEL", Short: "Set the runtime's log level (debug, info, warn, error)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -83,6 +83,19 @@ func TestReprovisionAfterDisable(t *testing.T) {
 	s.hatchery("device", "enable", "--device-id", "edge-1")
 	d.waitStatus("Hub:          connected")
 	d.waitModule("sensor", "running")
+
+	// Asked to, it provisions again at once.
+	before := strings.Count(d.mustIotedge("system", "logs", "--tail", "100000"), "msg=provisioned")
+	if out := d.mustIotedge("system", "reprovision"); !strings.Contains(out, "Provisioning the device again") {
+		t.Errorf("system reprovision: %s", out)
+	}
+	eventually(t, 30*time.Second, func() string {
+		if n := strings.Count(d.mustIotedge("system", "logs", "--tail", "100000"), "msg=provisioned"); n <= before {
+			return fmt.Sprintf("system logs show %d provisionings, as before the request", n)
+		}
+		return ""
+	})
+	d.waitStatus("Hub:          connected")
 }
 
 // With DPS and the hub down at a restart, the device starts from its
