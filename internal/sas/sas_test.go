@@ -127,7 +127,20 @@ func FuzzParse(f *testing.F) {
 		tok, err := Parse(s)
 		if err == nil {
 			_ = tok.Verify(time.Unix(0, 0), key)
-			_ = tok.AudienceIs("x")
+			// A token's resource is its own, however it is spelt; the exact
+			// comparison never admits what the folding one refuses.
+			upper := strings.Map(func(r rune) rune {
+				if 'a' <= r && r <= 'z' {
+					return r - 'a' + 'A'
+				}
+				return r
+			}, tok.Audience)
+			if !tok.AudienceIsExactly(tok.Audience) || !tok.AudienceIs(upper) {
+				t.Errorf("%q is not its own resource", tok.Audience)
+			}
+			if tok.AudienceIsExactly(s) && !tok.AudienceIs(s) {
+				t.Errorf("%q: exactly %q but not ignoring case", tok.Audience, s)
+			}
 		}
 	})
 }
