@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"net"
 	"net/http"
 	"os"
@@ -151,4 +152,82 @@ func startServeOn(t *testing.T, extra ...string) *cli {
 	c.build()
 	c.httpsPort = c.serve(extra...)
 	return c
+}
+
+// While the database is out of reach, devices are told to come back later
+// (503 with Retry-After; CONNACK 3, server unavailable), not that their
+// credentials are wrong (CONNACK 5 makes edge devices provision again);
+// once it is back, the server serves again by itself.
+func TestDatabaseOutage(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	dsn := pg.NewDatabase(t)
+	c := startServeOn(t, "--database", dsn)
+	t.Setenv("HATCHERY_DATABASE", dsn)
+	var info siteInfo
+	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
+		t.Fatal(err)
+	}
+	var e struct {
+		Attestation struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"attestation"`
+	}
+	if err := json.Unmarshal([]byte(c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "dev-1", "-o", "json")), &e); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
+	caPEM, _ := os.ReadFile(filepath.Join(c.dataDir, "tls", "ca.pem"))
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(caPEM)
+	tlsConf := &tls.Config{RootCAs: roots, ServerName: "localhost"}
+	httpClient := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, "127.0.0.1:"+strconv.Itoa(c.httpsPort))
+		}}}
+	device := &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: "dev-1", HTTP: httpClient, MaxPolls: 5}
+	res, err := device.RegisterSymmetricKey(context.Background(), key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	connect := func() error {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		hc, err := hubdevice.Dial(ctx, hubdevice.Options{Host: "localhost", Port: c.mqttPort, DeviceID: res.DeviceID, TLS: tlsConf,
+			Sign: func(aud string, exp time.Time) (string, error) { return sas.Build(key, aud, "", exp), nil }})
+		if err == nil {
+			hc.Close()
+		}
+		return err
+	}
+	if err := connect(); err != nil {
+		t.Fatal(err)
+	}
+
+	pg.Stop(t)
+	if err := connect(); err == nil || errors.Is(err, hubdevice.ErrNotAuthorized) || !strings.Contains(err.Error(), "code 3") {
+		t.Errorf("connecting while the database is down: %v, want CONNACK 3", err)
+	}
+	req, _ := http.NewRequest("PUT", "https://localhost/"+info.IDScope+"/registrations/dev-1/register?api-version=2021-06-01", strings.NewReader(`{"registrationId":"dev-1"}`))
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Authorization", sas.Build(key, info.IDScope+"/registrations/dev-1", "registration", time.Now().Add(time.Hour)))
+	resp, err := httpClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Errorf("registering while the database is down: HTTP %d, Retry-After %q; want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+
+	pg.Start(t)
+	deadline := time.Now().Add(30 * time.Second)
+	for connect() != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the server did not serve devices again once the database was back")
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	if _, err := device.RegisterSymmetricKey(context.Background(), key); err != nil {
+		t.Errorf("registering once the database is back: %v", err)
+	}
 }

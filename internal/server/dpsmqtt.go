@@ -120,7 +120,10 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := svc.AuthenticateDevice(ctx, scope, regID, s.cred); err != nil {
-		if e := azerr.As(err); e.Status() >= 500 {
+		if unavailable(err) != nil { // logged there, once a period
+			return mqtt.RefusedServerUnavailable
+		}
+		if azerr.As(err).Status() >= 500 {
 			slog.Warn("dps mqtt connection refused: authentication failed", "registrationId", regID, "error", err)
 			return mqtt.RefusedServerUnavailable
 		}
@@ -218,9 +221,13 @@ func (d *DeviceEndpoint) replyDPS(c *mqtt.Conn, status int, rid string, retryAft
 // replyDPSError sends err in the shape of azerr.WriteDPS, with the HTTP
 // status in the topic; throttling adds retry-after as the Retry-After header.
 func (d *DeviceEndpoint) replyDPSError(c *mqtt.Conn, rid string, err error) error {
+	u := unavailable(err) // logged there, once a period
+	if u != nil {
+		err = u
+	}
 	e, id := azerr.As(err), trackingID()
 	switch {
-	case e.Status() >= 500:
+	case e.Status() >= 500 && u == nil:
 		slog.Warn("dps mqtt request failed", "clientId", c.ClientID(), "trackingId", id, "error", err)
 	case e.Reason != "":
 		slog.Info("dps mqtt request refused", "clientId", c.ClientID(), "trackingId", id, "reason", e.Reason)

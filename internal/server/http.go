@@ -113,17 +113,11 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // failure is how the API answers err, and the tracking ID it carries.
 // Internal errors, and why a refused request was refused, are logged under
-// that ID. A full database, which fails
-// every write until the operator frees space, answers 503 with
-// Retry-After, so that clients back off, and is logged once a minute.
+// that ID.
 func failure(r *http.Request, err error) (string, error) {
 	id := trackingID()
-	if errors.Is(err, store.ErrFull) {
-		if now := time.Now().Unix(); now-fullLogged.Load() >= 60 {
-			fullLogged.Store(now)
-			slog.Error("the database has no space left: writes fail until there is (free disk space, or lower --event-retention)", "error", err)
-		}
-		return id, &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
+	if u := unavailable(err); u != nil {
+		return id, u
 	}
 	e, ok := errors.AsType[*azerr.Error](err)
 	switch {
@@ -135,8 +129,31 @@ func failure(r *http.Request, err error) (string, error) {
 	return id, err
 }
 
-// fullLogged is when a full database was last logged (Unix seconds).
-var fullLogged atomic.Int64
+// unavailable is err as a 503 with Retry-After when the database is full
+// (every write fails until the operator frees space) or out of reach, so
+// that clients back off and retry rather than give up; nil otherwise. Each
+// condition is logged once a period, not once a request.
+func unavailable(err error) *azerr.Error {
+	switch {
+	case errors.Is(err, store.ErrFull):
+		logEvery(&fullLogged, time.Minute, "the database has no space left: writes fail until there is (free disk space, or lower --event-retention)", err)
+		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
+	case store.Unavailable(err):
+		logEvery(&unreachableLogged, 10*time.Second, "the database cannot be reached: requests are answered 503 until it can", err)
+		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot reach its database now: retry later", RetryAfter: 5 * time.Second}
+	}
+	return nil
+}
+
+// When a full or unreachable database was last logged (Unix seconds).
+var fullLogged, unreachableLogged atomic.Int64
+
+func logEvery(last *atomic.Int64, period time.Duration, msg string, err error) {
+	now := time.Now().Unix()
+	if prev := last.Load(); now-prev >= int64(period.Seconds()) && last.CompareAndSwap(prev, now) {
+		slog.Error(msg, "error", err)
+	}
+}
 
 func trackingID() string {
 	var b [16]byte

@@ -181,8 +181,10 @@ func parseUsername(u string) (host string, r hub.Ref, ok bool) {
 }
 
 // Authenticate accepts a device whose username names it on this hub, whose
-// client ID matches, and whose password is a valid SAS token for it. Every
-// refusal is "not authorized", the code edge devices reprovision on.
+// client ID matches, and whose password is a valid SAS token for it. A
+// refusal is "not authorized", the code edge devices reprovision on, only
+// when the credentials are at fault; when the hub could not check them
+// (its database out of reach), it is "server unavailable".
 func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if d.isDPSConnect(p) { // DPS registration session ({idScope}/registrations/{id}/…): dpsmqtt.go
 		return d.authenticateDPS(c, p)
@@ -200,8 +202,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	grant, err := d.hub.Authenticate(ctx, r, string(p.Password), chain)
 	if err != nil {
-		slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
-		return mqtt.RefusedNotAuthorized
+		return refusal(r, err)
 	}
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
@@ -217,11 +218,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
 	if err != nil {
 		d.forget(r, c)
-		slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
-		if azerr.HasStatus(err, 401) {
-			return mqtt.RefusedNotAuthorized
-		}
-		return mqtt.RefusedServerUnavailable
+		return refusal(r, err)
 	}
 	sess.onClose(detach)
 	// A persistent session resumes what the identity subscribed to in its
@@ -501,4 +498,18 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 			return
 		}
 	}
+}
+
+// refusal is the CONNACK code refusing r for err: "not authorized" when the
+// request was at fault, "server unavailable" when the hub failed.
+func refusal(r hub.Ref, err error) byte {
+	if unavailable(err) != nil { // logged there, once a period
+		return mqtt.RefusedServerUnavailable
+	}
+	if azerr.As(err).Status() >= 500 {
+		slog.Warn("mqtt connection refused: the hub could not check it", "identity", r.String(), "error", err)
+		return mqtt.RefusedServerUnavailable
+	}
+	slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
+	return mqtt.RefusedNotAuthorized
 }

@@ -1,8 +1,12 @@
 package store
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"strings"
 
 	"github.com/jackc/pgx/v5/pgconn"
 	"modernc.org/sqlite"
@@ -25,6 +29,28 @@ func full(err error) error {
 		return fmt.Errorf("%w: %w", ErrFull, err)
 	}
 	return err
+}
+
+// Unavailable reports whether err is the database out of reach — refusing
+// connections, not answering in time, or shutting down — rather than
+// something wrong with a request: a condition clients should retry later.
+func Unavailable(err error) bool {
+	var connect *pgconn.ConnectError
+	var netErr net.Error
+	var pg *pgconn.PgError
+	switch {
+	case err == nil:
+		return false
+	case errors.As(err, &pg):
+		// Class 08 is connection exceptions; 57P01–57P03, the server
+		// shutting down or starting up.
+		return strings.HasPrefix(pg.Code, "08") || pg.Code == "57P01" || pg.Code == "57P02" || pg.Code == "57P03"
+	case errors.As(err, &connect), errors.As(err, &netErr), pgconn.Timeout(err),
+		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStoreClosed),
+		errors.Is(err, io.ErrUnexpectedEOF): // a connection lost mid-answer
+		return true
+	}
+	return false
 }
 
 // busy reports whether SQLite refused err's statement for a lock another

@@ -21,6 +21,7 @@ import (
 type Postgres struct {
 	bin, dir, runAs string
 	port            int
+	running         bool
 	dbs             atomic.Int64
 }
 
@@ -76,7 +77,7 @@ func StartPostgres(tb testing.TB) *Postgres {
 			tb.Fatal(err)
 		}
 	}
-	data := filepath.Join(dir, "data")
+	data := pg.data()
 
 	// A linguistic default collation (ICU), where the server has it: the
 	// store must order IDs byte by byte regardless.
@@ -94,24 +95,52 @@ func StartPostgres(tb testing.TB) *Postgres {
 	var lastErr error
 	for range 5 {
 		pg.port = FreePort(tb)
-		opts := fmt.Sprintf("-h 127.0.0.1 -p %d -k %s -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300", pg.port, dir)
-		out, err := pg.command("pg_ctl", "-D", data, "-l", filepath.Join(dir, "log"), "-w", "-t", "60", "-o", opts, "start").CombinedOutput()
-		if err == nil {
-			lastErr = nil
+		if lastErr = pg.start(); lastErr == nil {
 			break
 		}
-		log, _ := os.ReadFile(filepath.Join(dir, "log"))
-		lastErr = fmt.Errorf("pg_ctl start: %v\n%s\nserver log:\n%s", err, out, log)
 	}
 	if lastErr != nil {
 		tb.Fatal(lastErr)
 	}
 	tb.Cleanup(func() {
-		if out, err := pg.command("pg_ctl", "-D", data, "-m", "immediate", "-w", "stop").CombinedOutput(); err != nil {
+		if out, err := pg.command("pg_ctl", "-D", pg.data(), "-m", "immediate", "-w", "stop").CombinedOutput(); err != nil && pg.running {
 			tb.Errorf("pg_ctl stop: %v\n%s", err, out)
 		}
 	})
 	return pg
+}
+
+func (pg *Postgres) data() string { return filepath.Join(pg.dir, "data") }
+
+// start starts the server on pg.port.
+func (pg *Postgres) start() error {
+	opts := fmt.Sprintf("-h 127.0.0.1 -p %d -k %s -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300", pg.port, pg.dir)
+	out, err := pg.command("pg_ctl", "-D", pg.data(), "-l", filepath.Join(pg.dir, "log"), "-w", "-t", "60", "-o", opts, "start").CombinedOutput()
+	if err != nil {
+		log, _ := os.ReadFile(filepath.Join(pg.dir, "log"))
+		return fmt.Errorf("pg_ctl start: %v\n%s\nserver log:\n%s", err, out, log)
+	}
+	pg.running = true
+	return nil
+}
+
+// Stop stops the server, as an outage would: clients' connections break.
+// (Fast, not immediate: with the cluster's asynchronous commits, a crash
+// would lose the last ones.)
+func (pg *Postgres) Stop(tb testing.TB) {
+	tb.Helper()
+	if out, err := pg.command("pg_ctl", "-D", pg.data(), "-m", "fast", "-w", "stop").CombinedOutput(); err != nil {
+		tb.Fatalf("pg_ctl stop: %v\n%s", err, out)
+	}
+	pg.running = false
+}
+
+// Start starts a stopped server again, on its port.
+func (pg *Postgres) Start(tb testing.TB) {
+	tb.Helper()
+	if err := pg.start(); err != nil {
+		tb.Fatal(err)
+	}
 }
 
 // command runs a PostgreSQL program as the cluster's owner.
