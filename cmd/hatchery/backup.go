@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -48,32 +49,52 @@ copies the tls/ directory alone.`,
 				}
 				return err
 			}
-			if err := os.Mkdir(filepath.Join(to, "tls"), 0o700); err != nil {
-				return err
+			msg, err := backup(cmd.Context(), dir, to, st)
+			if err != nil {
+				// Half a backup must not pass for one: served, it would
+				// come up as a new installation.
+				_ = os.RemoveAll(to)
+				return fmt.Errorf("backing up into %s: %w (nothing was kept there)", to, err)
 			}
-			src, dst := pki.FilesIn(dir), pki.FilesIn(to)
-			for _, f := range []struct {
-				from, to string
-				mode     os.FileMode
-			}{{src.CACert, dst.CACert, 0o644}, {src.CAKey, dst.CAKey, 0o600}, {src.ServerCert, dst.ServerCert, 0o644}, {src.ServerKey, dst.ServerKey, 0o600}} {
-				if err := copyFile(f.from, f.to, f.mode); err != nil && !errors.Is(err, os.ErrNotExist) { // none with --tls-cert
-					return err
-				}
-			}
-			lite, ok := st.(*store.SQLite)
-			if !ok {
-				fmt.Fprintf(cmd.OutOrStdout(), "copied the TLS material into %s; the state is in PostgreSQL: back it up with pg_dump\n", to)
-				return nil
-			}
-			if err := lite.BackupTo(cmd.Context(), filepath.Join(to, store.DefaultSQLiteFile)); err != nil {
-				return err
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "backed up %s into %s: restore by serving with --data-dir %s\n", dir, to, to)
+			fmt.Fprintln(cmd.OutOrStdout(), msg)
 			return nil
 		},
 	}
 	cmd.Flags().StringVar(&to, "to", "", "the new directory to write the backup into")
 	return cmd
+}
+
+// backup copies dir's TLS material and st (if SQLite) into the new
+// directory to, and says what it did.
+func backup(ctx context.Context, dir, to string, st store.Store) (string, error) {
+	if err := os.Mkdir(filepath.Join(to, "tls"), 0o700); err != nil {
+		return "", err
+	}
+	src, dst := pki.FilesIn(dir), pki.FilesIn(to)
+	copied := 0
+	for _, f := range []struct {
+		from, to string
+		mode     os.FileMode
+	}{{src.CACert, dst.CACert, 0o644}, {src.CAKey, dst.CAKey, 0o600}, {src.ServerCert, dst.ServerCert, 0o644}, {src.ServerKey, dst.ServerKey, 0o600}} {
+		switch err := copyFile(f.from, f.to, f.mode); {
+		case err == nil:
+			copied++
+		case !errors.Is(err, os.ErrNotExist):
+			return "", err
+		}
+	}
+	note := ""
+	if copied == 0 {
+		note = "; there is no local CA (the server uses --tls-cert): serve the backup with the same --tls-cert, --tls-key and --tls-ca"
+	}
+	lite, ok := st.(*store.SQLite)
+	if !ok {
+		return fmt.Sprintf("copied the TLS material into %s; the state is in PostgreSQL: back it up with pg_dump%s", to, note), nil
+	}
+	if err := lite.BackupTo(ctx, filepath.Join(to, store.DefaultSQLiteFile)); err != nil {
+		return "", fmt.Errorf("writing the database copy: %w", err)
+	}
+	return fmt.Sprintf("backed up %s into %s: restore by serving with --data-dir %s%s", dir, to, to, note), nil
 }
 
 // copyFile copies a file into a new one of mode.

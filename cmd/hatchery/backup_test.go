@@ -39,6 +39,36 @@ func TestBackupWhileServing(t *testing.T) {
 		t.Fatal("the backup's CA key differs")
 	}
 
+	// A restore without tls/ is refused: a new CA would be one no device
+	// trusts.
+	noTLS := filepath.Join(t.TempDir(), "no-tls")
+	if out, err := exec.Command("cp", "-a", to, noTLS).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	_ = os.RemoveAll(filepath.Join(noTLS, "tls"))
+	out, err := exec.Command(c.bin, "serve", "--data-dir", noTLS, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "has no local CA") || !strings.Contains(string(out), "--new-ca") {
+		t.Fatalf("serving a restore without tls/: %v\n%s", err, out)
+	}
+
+	// A backup that fails halfway leaves nothing that could pass for one.
+	broken := &cli{t: t, bin: c.bin, dataDir: filepath.Join(t.TempDir(), "broken")}
+	if out, err := exec.Command("cp", "-a", to, broken.dataDir).CombinedOutput(); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	_ = os.WriteFile(filepath.Join(broken.dataDir, endpointFile), []byte(`{}`), 0o600)
+	serverCert := pki.FilesIn(broken.dataDir).ServerCert
+	if err := errors.Join(os.Remove(serverCert), os.Mkdir(serverCert, 0o700)); err != nil {
+		t.Fatal(err)
+	}
+	half := filepath.Join(t.TempDir(), "half")
+	if out, err := broken.run("backup", "--to", half); err == nil || !strings.Contains(out, "nothing was kept") {
+		t.Fatalf("a backup that cannot read a file: %v\n%s", err, out)
+	}
+	if _, err := os.Stat(half); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("a failed backup left %s: %v", half, err)
+	}
+
 	restored := &cli{t: t, bin: c.bin, dataDir: to}
 	restored.serve()
 	if out := restored.ok("enrollment", "list"); !strings.Contains(out, "kept-1") {
@@ -73,6 +103,9 @@ func TestOperatorCertificate(t *testing.T) {
 	if _, err := os.Stat(pki.FilesIn(c.dataDir).CAKey); err == nil {
 		t.Fatal("a local CA was made beside the operator's certificate")
 	}
+	if out := c.ok("backup", "--to", filepath.Join(t.TempDir(), "backup")); !strings.Contains(out, "serve the backup with the same --tls-cert") {
+		t.Errorf("a backup without a local CA does not say how to serve it: %s", out)
+	}
 }
 
 // A SQLite database named with --database is one server's too, whatever
@@ -85,6 +118,14 @@ func TestSQLiteDatabaseLocked(t *testing.T) {
 	out, err := exec.Command(c.bin, "serve", "--data-dir", t.TempDir(), "--database", db, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
 	if err == nil || !strings.Contains(string(out), "another hatchery serve (pid "+strconv.Itoa(c.serverPID)+") uses the database "+db) {
 		t.Fatalf("a second server on the database: %v\n%s", err, out)
+	}
+	// The same for the database in a server's data directory.
+	d := &cli{t: t, bin: c.bin, dataDir: t.TempDir()}
+	d.serve()
+	own := filepath.Join(d.dataDir, store.DefaultSQLiteFile)
+	out, err = exec.Command(c.bin, "serve", "--data-dir", t.TempDir(), "--database", own, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "uses the database "+own) {
+		t.Fatalf("a second server on another's own database: %v\n%s", err, out)
 	}
 }
 

@@ -58,6 +58,7 @@ type serveOptions struct {
 	eventRetention                                         time.Duration
 	messageKiBPerSecond                                    float64
 	maxHTTPSConns                                          int
+	newCA                                                  bool
 }
 
 func serveCmd() *cobra.Command {
@@ -87,6 +88,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringVar(&o.listen, "listen", "", "address to listen on (default: all addresses)")
 	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
+	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "start a new local CA although the database already serves devices (they must then be given its certificate)")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
 	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -116,21 +118,26 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer unlock()
-	tlsConfig, caFile, err := serverTLS(o)
-	if err != nil {
-		return err
-	}
 	st, err := store.Open(ctx, o.database, o.dir)
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	if lite, ok := st.(*store.SQLite); ok && o.database != "" {
+	// The database file, not only the data directory: another server's
+	// --database may name this one's file.
+	if lite, ok := st.(*store.SQLite); ok {
 		unlock, err := lockFile(lite.Path()+".lock", "database "+lite.Path())
 		if err != nil {
 			return err
 		}
 		defer unlock()
+	}
+	if err := checkCA(ctx, o, st); err != nil {
+		return err
+	}
+	tlsConfig, caFile, err := serverTLS(o)
+	if err != nil {
+		return err
 	}
 	hubSvc, dpsSvc, err := openServices(ctx, o, st, caFile)
 	if err != nil {
@@ -164,6 +171,29 @@ func (o *serveOptions) check() error {
 		return errors.New("--tls-ca goes with --tls-cert: without it, the local CA issues the server certificate")
 	}
 	return nil
+}
+
+// checkCA refuses to start a new local CA for a database whose devices
+// trust another: a restore that left out tls/, or a data directory whose
+// tls/ was lost, would otherwise come up serving a certificate no device
+// accepts.
+func checkCA(ctx context.Context, o serveOptions, st store.Store) error {
+	if o.certFile != "" || o.newCA {
+		return nil
+	}
+	files := pki.FilesIn(o.dir)
+	_, certErr := os.Stat(files.CACert)
+	_, keyErr := os.Stat(files.CAKey)
+	if !errors.Is(certErr, os.ErrNotExist) || !errors.Is(keyErr, os.ErrNotExist) {
+		return nil // there, or half there, which pki.Ensure explains
+	}
+	existing, err := dps.Exists(ctx, st)
+	if err != nil || !existing {
+		return err
+	}
+	return fmt.Errorf("the database already serves devices, but %s has no local CA (ca.pem, ca-key.pem): "+
+		"restore tls/ from the backup or the old data directory, or serve with --tls-cert as before; "+
+		"--new-ca starts a new CA, which every device must then be given", filepath.Dir(files.CACert))
 }
 
 // openServices opens the hub and the provisioning service on st, the hub

@@ -103,6 +103,16 @@ func Open(ctx context.Context, st store.Store, registry Registry, host string) (
 	return s, nil
 }
 
+// Exists reports whether st already holds a provisioning service: the ID
+// scope devices are configured with, and what they were given to trust.
+func Exists(ctx context.Context, st store.Store) (bool, error) {
+	_, err := st.Get(ctx, kindSettings, "service")
+	if errors.Is(err, store.ErrNotFound) {
+		return false, nil
+	}
+	return err == nil, err
+}
+
 // IDScope is the scope devices put in their configuration.
 func (s *Service) IDScope() string { return s.settings.IDScope }
 
