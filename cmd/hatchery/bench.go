@@ -105,7 +105,7 @@ in its event stream. Progress goes to stderr, the figures to stdout
 			}
 			// The telemetry is counted in the store itself, opened beside the server.
 			dir, _ := cmd.Flags().GetString("data-dir")
-			st, err := store.Open(ctx, database(cmd), dir)
+			st, err := store.OpenCurrent(ctx, database(cmd), dir)
 			if err != nil {
 				return err
 			}

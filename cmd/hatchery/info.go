@@ -52,7 +52,7 @@ func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	if ep.ExternalDatabase && dsn == "" {
 		return nil, nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
 	}
-	st, err := store.Open(cmd.Context(), dsn, dir)
+	st, err := store.OpenCurrent(cmd.Context(), dsn, dir)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -71,6 +71,7 @@ func runConformance(t *testing.T, b backend) {
 		{"Reopen", testReopen},
 		{"ConcurrentOpen", testConcurrentOpen},
 		{"NewerSchemaRefused", testNewerSchemaRefused},
+		{"OlderSchemaUpgradedOnlyByTheServer", testOlderSchemaUpgradedOnlyByTheServer},
 		{"Replicas", testReplicas},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.test(t, b) })
@@ -735,6 +736,43 @@ func testNewerSchemaRefused(t *testing.T, b backend) {
 	if want := "schema version 99, newer than this hatchery knows"; !strings.Contains(err.Error(), want) {
 		t.Fatalf("error %q does not say %q", err, want)
 	}
+}
+
+// A database at an older schema version is upgraded by Open (the server),
+// never by OpenCurrent (the CLI, a backup), which says what to do instead;
+// one not served yet is refused by OpenCurrent too.
+func testOlderSchemaUpgradedOnlyByTheServer(t *testing.T, b backend) {
+	ctx := context.Background()
+	dsn := b.newDB(t)
+	if s, err := OpenCurrent(ctx, dsn, ""); err == nil || !strings.Contains(err.Error(), "not been served yet") {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("OpenCurrent of a new database: %v", err)
+	}
+	b.open(t, dsn).Close()
+	// This build's next migration, for the length of the test.
+	migrations := map[string]*[]string{"sqlite": &sqliteMigrations, "postgres": &postgresMigrations}[b.name]
+	saved := *migrations
+	*migrations = append(slices.Clone(saved), `CREATE TABLE upgraded (x integer)`)
+	t.Cleanup(func() { *migrations = saved })
+
+	if s, err := OpenCurrent(ctx, dsn, ""); err == nil || !strings.Contains(err.Error(), fmt.Sprintf("schema version %d, older than this hatchery's (%d)", len(saved), len(saved)+1)) {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("OpenCurrent of an older database: %v", err)
+	}
+	s, err := Open(ctx, dsn, "")
+	if err != nil {
+		t.Fatalf("Open of an older database: %v", err)
+	}
+	s.Close()
+	s, err = OpenCurrent(ctx, dsn, "")
+	if err != nil {
+		t.Fatalf("OpenCurrent once upgraded: %v", err)
+	}
+	s.Close()
 }
 
 // Two stores on one database, as two `hatchery serve` replicas: each sees

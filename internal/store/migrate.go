@@ -4,6 +4,7 @@ import (
 	"context"
 	"database/sql"
 	"fmt"
+	"log/slog"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -59,14 +60,25 @@ var (
 const postgresMigrationLock int64 = 0x6861746368657279
 
 // pendingMigrations returns the versions after current that this build
-// knows, or an error if the database is newer than this build.
-func pendingMigrations(backend string, current int, migrations []string) ([]int, error) {
-	if current > len(migrations) {
+// knows, or an error if the database is newer than this build, or older
+// and not to be upgraded.
+func pendingMigrations(backend string, current int, migrations []string, upgrade bool) ([]int, error) {
+	switch {
+	case current > len(migrations):
 		return nil, fmt.Errorf("the %s database has schema version %d, newer than this hatchery knows (%d): run a newer hatchery against it", backend, current, len(migrations))
+	case current < len(migrations) && !upgrade && current == 0:
+		return nil, fmt.Errorf("the %s database has not been served yet: start `hatchery serve` on it first", backend)
+	case current < len(migrations) && !upgrade:
+		return nil, fmt.Errorf("the %s database has schema version %d, older than this hatchery's (%d): "+
+			"`hatchery serve` of this version upgrades it once the servers of the old one have stopped "+
+			"(older versions cannot open it then); until then, use the hatchery that serves it", backend, current, len(migrations))
 	}
 	var out []int
 	for v := current + 1; v <= len(migrations); v++ {
 		out = append(out, v)
+	}
+	if len(out) > 0 && current > 0 {
+		slog.Info("upgrading the database schema", "backend", backend, "from", current, "to", len(migrations))
 	}
 	return out, nil
 }
@@ -75,7 +87,19 @@ func pendingMigrations(backend string, current int, migrations []string) ([]int,
 // begins IMMEDIATE (the DSN's _txlock), taking SQLite's write lock first: a
 // second process opening the same file waits for it (busy_timeout), then
 // finds the migrations applied.
-func migrateSQLite(ctx context.Context, db *sql.DB) error {
+func migrateSQLite(ctx context.Context, db *sql.DB, upgrade bool) error {
+	if !upgrade { // read without the write lock each transaction takes
+		var tables, current int
+		err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'`).Scan(&tables)
+		if err == nil && tables > 0 {
+			err = db.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = pendingMigrations("SQLite", current, sqliteMigrations, false)
+		return err
+	}
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
@@ -91,7 +115,7 @@ func migrateSQLite(ctx context.Context, db *sql.DB) error {
 	if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
 		return err
 	}
-	pending, err := pendingMigrations("SQLite", current, sqliteMigrations)
+	pending, err := pendingMigrations("SQLite", current, sqliteMigrations, true)
 	if err != nil || len(pending) == 0 {
 		return err
 	}
@@ -110,7 +134,20 @@ func migrateSQLite(ctx context.Context, db *sql.DB) error {
 // start together: a transaction-scoped advisory lock lets one migrate while
 // the others wait, then find nothing left to do. DDL is transactional on
 // PostgreSQL, so a failed migration leaves the previous version intact.
-func migratePostgres(ctx context.Context, pool *pgxpool.Pool) error {
+func migratePostgres(ctx context.Context, pool *pgxpool.Pool, upgrade bool) error {
+	if !upgrade {
+		var exists bool
+		var current int
+		err := pool.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists)
+		if err == nil && exists {
+			err = pool.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current)
+		}
+		if err != nil {
+			return err
+		}
+		_, err = pendingMigrations("PostgreSQL", current, postgresMigrations, false)
+		return err
+	}
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, postgresMigrationLock); err != nil {
 			return err
@@ -125,7 +162,7 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool) error {
 		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
 			return err
 		}
-		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations)
+		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations, true)
 		if err != nil {
 			return err
 		}

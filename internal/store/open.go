@@ -18,36 +18,49 @@ const DefaultSQLiteFile = "hatchery.db"
 //   - sqlite:PATH, sqlite://PATH or a plain file path — SQLite at PATH
 //     (relative to the working directory).
 //
-// Either way the schema is brought up to date before Open returns.
+// Either way the schema is brought up to date before Open returns: Open is
+// for the server. The CLI's commands use OpenCurrent.
 func Open(ctx context.Context, dsn, dataDir string) (Store, error) {
+	return open(ctx, dsn, dataDir, true)
+}
+
+// OpenCurrent is Open without the upgrade: a database at an older schema
+// version is refused. Upgrading is for a server of the new version to do,
+// once those of the old one have stopped, not for a command run beside them
+// (a backup taken before an upgrade, say).
+func OpenCurrent(ctx context.Context, dsn, dataDir string) (Store, error) {
+	return open(ctx, dsn, dataDir, false)
+}
+
+func open(ctx context.Context, dsn, dataDir string, upgrade bool) (Store, error) {
 	switch {
 	case dsn == "":
-		return openSQLitePath(filepath.Join(dataDir, DefaultSQLiteFile))
+		return openSQLitePath(filepath.Join(dataDir, DefaultSQLiteFile), upgrade)
 	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
-		p, err := OpenPostgres(ctx, dsn)
+		p, err := openPostgres(ctx, dsn, upgrade)
 		if err != nil {
 			return nil, err // not a nil *Postgres in a non-nil Store
 		}
 		return p, nil
 	case strings.HasPrefix(dsn, "sqlite://"):
-		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite://"))
+		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite://"), upgrade)
 	case strings.HasPrefix(dsn, "sqlite:"):
-		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite:"))
+		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite:"), upgrade)
 	case strings.Contains(dsn, "://"):
 		scheme, _, _ := strings.Cut(dsn, "://")
 		return nil, fmt.Errorf("database URL scheme %q is not supported: give a postgres:// URL or a SQLite file path", scheme)
 	case looksLikeKeywordDSN(dsn):
 		return nil, fmt.Errorf("database: this looks like a PostgreSQL keyword/value connection string: give it as a URL, postgres://user:password@host:5432/dbname")
 	default:
-		return openSQLitePath(dsn)
+		return openSQLitePath(dsn, upgrade)
 	}
 }
 
-func openSQLitePath(path string) (Store, error) {
+func openSQLitePath(path string, upgrade bool) (Store, error) {
 	if path == "" {
 		return nil, fmt.Errorf("database: the SQLite URL names no file: give sqlite:/path/to/hatchery.db")
 	}
-	s, err := OpenSQLite(path)
+	s, err := openSQLite(path, upgrade)
 	if err != nil {
 		return nil, err
 	}

@@ -54,8 +54,16 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
 `
 
-// OpenSQLite opens (creating if needed) the database file at path.
-func OpenSQLite(path string) (*SQLite, error) {
+// OpenSQLite opens (creating if needed) the database file at path and
+// brings its schema up to date.
+func OpenSQLite(path string) (*SQLite, error) { return openSQLite(path, true) }
+
+// openSQLite is OpenSQLite; without upgrade, a database at an older schema
+// version is refused rather than upgraded.
+func openSQLite(path string, upgrade bool) (*SQLite, error) {
+	if _, err := os.Stat(path); !upgrade && errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("the SQLite database %s does not exist: it has not been served yet (start `hatchery serve` on it first)", path)
+	}
 	// The database holds every key: only its owner may read it (SQLite
 	// gives its -wal and -shm files the database's mode).
 	if f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600); err == nil {
@@ -86,10 +94,10 @@ func OpenSQLite(path string) (*SQLite, error) {
 	db.SetMaxIdleConns(16)
 	// Processes opening a new file together can find it locked while one
 	// turns on WAL, which SQLite reports at once rather than waiting.
-	err = migrateSQLite(context.Background(), db)
+	err = migrateSQLite(context.Background(), db, upgrade)
 	for try := 0; try < 20 && busy(err); try++ {
 		time.Sleep(25 * time.Millisecond)
-		err = migrateSQLite(context.Background(), db)
+		err = migrateSQLite(context.Background(), db, upgrade)
 	}
 	if err != nil {
 		db.Close()
