@@ -95,6 +95,29 @@ func TestOlderConnectionCloses(t *testing.T) {
 	}
 }
 
+// A replica whose first beats could not be written (its database full or
+// out of reach as it started) has not been taken for dead once it can write
+// them: it keeps its connections.
+func TestFirstBeatFailing(t *testing.T) {
+	s := sqliteHub(t)
+	r := Ref{Device: "d1"}
+	newIdentity(t, s, r)
+	drops := make(dropCounter, 1)
+	defer attach(t, s, r, drops.drop)()
+	b := &beater{s: s, seen: map[string]stillBeat{}}
+	failing, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := b.beat(failing); err == nil {
+		t.Fatal("a beat with its context ended was written")
+	}
+	if err := b.beat(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if drops.dropped() {
+		t.Fatal("a replica whose first beat failed took itself for dead and dropped its connections")
+	}
+}
+
 // A server killed with its devices connected leaves them recorded
 // "Connected"; its next run records them disconnected at its first beat,
 // and leaves alone those connected to itself. The killed one, were it to

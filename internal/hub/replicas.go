@@ -50,10 +50,11 @@ func (s *Service) Heartbeat(ctx context.Context) {
 }
 
 type beater struct {
-	s     *Service
-	n     int64
-	since time.Time
-	seen  map[string]stillBeat // the other replicas' beats
+	s       *Service
+	n       int64
+	written bool // a beat of this replica's is in the store
+	since   time.Time
+	seen    map[string]stillBeat // the other replicas' beats
 }
 
 // stillBeat is another replica's last beat, and for how many of this
@@ -68,10 +69,11 @@ func (b *beater) beat(ctx context.Context) error {
 	b.n++
 	body, _ := json.Marshal(heartbeat{Beat: b.n, Since: b.since})
 	doc := store.Doc{Kind: kindReplica, ID: s.origin, Body: body}
-	if b.n == 1 {
+	if !b.written { // the first beat, or none has been written yet
 		if _, err := s.store.Put(ctx, doc, ""); err != nil {
 			return err
 		}
+		b.written = true
 	} else if _, err := s.store.Put(ctx, doc, "*"); errors.Is(err, store.ErrNotFound) {
 		// The others took this replica for dead (it could not write for a
 		// while) and recorded its devices disconnected: end their
