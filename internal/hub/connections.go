@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"errors"
 	"log/slog"
+	"maps"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -40,7 +41,11 @@ func (s *Service) Attach(ctx context.Context, r Ref, g Grant, drop func()) (deta
 		cancel()
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		s.setConnected(ctx, r, c.id, false)
+		if err := s.setConnected(ctx, r, c.id, false); err != nil && !errors.Is(err, errNewerConnection) {
+			s.mu.Lock()
+			s.unrecorded[r] = c.id // for the next beat to record
+			s.mu.Unlock()
+		}
 	}
 	if err := s.setConnected(ctx, r, c.id, true); err != nil {
 		expiry.Stop()
@@ -151,6 +156,27 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 	}
 	if connected {
 		s.publish("connect", r)
+	}
+	return nil
+}
+
+// recordClosed records disconnected the connections whose end could not be
+// recorded when they closed (the database out of reach, or full), which
+// would otherwise stay "Connected" until the device connects again.
+func (s *Service) recordClosed(ctx context.Context) error {
+	s.mu.Lock()
+	pending := maps.Clone(s.unrecorded)
+	s.mu.Unlock()
+	for r, id := range pending {
+		err := s.setConnected(ctx, r, id, false)
+		if err != nil && !errors.Is(err, errNewerConnection) && !azerr.HasStatus(err, 404) {
+			return err
+		}
+		s.mu.Lock()
+		if s.unrecorded[r] == id {
+			delete(s.unrecorded, r)
+		}
+		s.mu.Unlock()
 	}
 	return nil
 }

@@ -179,3 +179,38 @@ func TestStoppedReplicaOnPostgres(t *testing.T) {
 		t.Fatalf("b's own device: %s", st)
 	}
 }
+
+// A connection that closes while the database is out of reach is recorded
+// disconnected at the first beat after it is back, not left "Connected"
+// until the device connects again.
+func TestClosedDuringOutageRecordedLater(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	pg := testutil.StartPostgres(t)
+	st, err := store.OpenPostgres(ctx, pg.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	s := openHub(t, st)
+	r := Ref{Device: "d1"}
+	newIdentity(t, s, r)
+	detach := attach(t, s, r, func() {})
+	b := &beater{s: s, seen: map[string]stillBeat{}}
+	if err := b.beat(ctx); err != nil {
+		t.Fatal(err)
+	}
+
+	pg.Stop(t)
+	detach()
+	pg.Start(t)
+	if st := connectionState(t, s, r); st != "Connected" {
+		t.Fatalf("before the next beat: %s (was the close recorded after all?)", st)
+	}
+	if err := b.beat(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if st := connectionState(t, s, r); st != "Disconnected" {
+		t.Fatalf("after the beat: %s", st)
+	}
+}

@@ -86,6 +86,9 @@ func (b *beater) beat(ctx context.Context) error {
 	} else if err != nil {
 		return err
 	}
+	if err := s.recordClosed(ctx); err != nil {
+		return err
+	}
 	docs, err := s.store.List(ctx, kindReplica, "", 1000)
 	if err != nil {
 		return err

@@ -46,6 +46,7 @@ type Service struct {
 	calls  map[string]chan struct{} // method calls relayed from here, awaiting answers (mu)
 
 	runningJobs map[string]bool // jobs this replica runs (mu)
+	unrecorded  map[Ref]string  // connections closed whose end could not be recorded yet (mu)
 	activity    activity        // when devices' lastActivityTime was last recorded here
 	jobBatch    int             // devices a job runner works on at once
 }
@@ -53,7 +54,7 @@ type Service struct {
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
-		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, jobBatch: 32}
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
