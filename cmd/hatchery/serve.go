@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -13,6 +14,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -26,6 +28,7 @@ import (
 	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/server"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/tlsrefusal"
 )
 
 // endpointFile records where `serve` listens, for `info` and the CLI.
@@ -230,6 +233,18 @@ func openServices(ctx context.Context, o serveOptions, st store.Store, caFile st
 	return hubSvc, dpsSvc, nil
 }
 
+// httpErrorLog is the HTTPS server's error log. Its TLS handshake
+// failures (port probes, scanners) are noise at info level, but for
+// clients refusing the certificate, which tlsrefusal warns of.
+type httpErrorLog struct{}
+
+func (httpErrorLog) Write(p []byte) (int, error) {
+	if line := strings.TrimSpace(string(p)); !tlsrefusal.Note("https", errors.New(line)) {
+		slog.Debug(line)
+	}
+	return len(p), nil
+}
+
 // listen takes the HTTPS and the MQTT port.
 func listen(o serveOptions, tlsConfig *tls.Config) (https, mqttLn net.Listener, err error) {
 	https, err = net.Listen("tcp", net.JoinHostPort(o.listen, strconv.Itoa(o.port)))
@@ -261,8 +276,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		// A request, body included, arrives within 30 s (SDK bodies are at
 		// most 1 MiB), so clients trickling bytes cannot hold connections.
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
-		// TLS handshake failures (port probes, untrusting clients) are noise at info level.
-		ErrorLog: slog.NewLogLogger(slog.Default().Handler(), slog.LevelDebug)}
+		ErrorLog: log.New(httpErrorLog{}, "", 0)}
 	if o.eventRetention > 0 {
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}

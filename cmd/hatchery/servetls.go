@@ -44,7 +44,8 @@ func serverTLS(o serveOptions) (*tls.Config, string, error) {
 				return nil, "", fmt.Errorf("--tls-ca: %w", err)
 			}
 		}
-		checkOperatorCert(served.Current(), o.host, roots)
+		served.Check = func(c *tls.Certificate) { checkOperatorCert(c, o.host, roots) }
+		served.Check(served.Current())
 	}
 	conf := served.Config()
 	// Devices with X.509 identities present client certificates on both
@@ -54,7 +55,8 @@ func serverTLS(o serveOptions) (*tls.Config, string, error) {
 }
 
 // checkOperatorCert warns of what would fail handshakes with --tls-cert:
-// it is served as given, and replaced files are read within a minute.
+// it is served as given, and replaced files are read within a minute (and
+// checked again then, and daily).
 func checkOperatorCert(cert *tls.Certificate, host string, roots *x509.CertPool) {
 	leaf := cert.Leaf
 	switch left := time.Until(leaf.NotAfter); {

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/tlsrefusal"
 )
 
 // Handler gives the server its application semantics (for Hatchery, those of
@@ -544,7 +546,8 @@ func (c *Conn) logClose(reason error) {
 		log.Info("mqtt: connection closed", append(attrs, "reason", reason)...)
 	case errors.Is(reason, errHandler), errors.Is(reason, errPanic):
 		log.Warn("mqtt: connection closed", append(attrs, "reason", reason)...)
-	default: // network errors, TLS handshake failures, scanners
+	case tlsrefusal.Note("mqtt", reason): // the client does not accept the certificate
+	default: // network errors, other TLS handshake failures, scanners
 		log.Debug("mqtt: connection closed", append(attrs, "reason", reason)...)
 	}
 }

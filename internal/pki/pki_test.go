@@ -138,6 +138,8 @@ func TestServedRenewsAndReloads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var checked []string // the certificates Check was shown
+	s.Check = func(c *tls.Certificate) { checked = append(checked, c.Leaf.DNSNames[0]) }
 	if err := os.Remove(op.ServerCert); err != nil {
 		t.Fatal(err)
 	}
@@ -146,6 +148,12 @@ func TestServedRenewsAndReloads(t *testing.T) {
 	}
 	if leaf := next(); leaf.VerifyHostname("b.example") != nil {
 		t.Fatalf("still serving %v after the files were replaced", leaf.DNSNames)
+	}
+	next()
+	s.vetted = s.vetted.Add(-25 * time.Hour) // a day has passed
+	next()
+	if strings.Join(checked, " ") != "b.example b.example" {
+		t.Errorf("Check was shown %v, want the replacement when loaded and a day later", checked)
 	}
 	os.WriteFile(op.ServerCert, []byte("garbage"), 0o644)
 	if leaf := next(); leaf.VerifyHostname("b.example") != nil {

@@ -16,11 +16,16 @@ import (
 type Served struct {
 	certFile, keyFile string
 	renew             func() error // nil: the operator's files
+	// Check, if set, warns of what is wrong with a certificate: it is
+	// called for each one loaded, and once a day for the one served (which
+	// comes nearer its expiry).
+	Check func(*tls.Certificate)
 
 	mu      sync.Mutex
 	cert    *tls.Certificate
 	stamp   string // the files' modification times, as last read
 	checked time.Time
+	vetted  time.Time // when Check last ran
 }
 
 // NewServed loads certFile and keyFile; renew, if not nil, rewrites them
@@ -31,6 +36,14 @@ func NewServed(certFile, keyFile string, renew func() error) (*Served, error) {
 		return nil, err
 	}
 	return s, nil
+}
+
+// vet runs Check on the certificate served, if it is due.
+func (s *Served) vet(loaded bool) {
+	if s.Check != nil && (loaded || time.Since(s.vetted) >= 24*time.Hour) {
+		s.vetted = time.Now()
+		s.Check(s.cert)
+	}
 }
 
 // Config is a server TLS configuration that serves the certificate.
@@ -64,6 +77,7 @@ func (s *Served) refresh() {
 		}
 	}
 	if stamp(s.certFile, s.keyFile) == s.stamp {
+		s.vet(false)
 		return
 	}
 	if err := s.load(); err != nil {
@@ -72,6 +86,7 @@ func (s *Served) refresh() {
 		return
 	}
 	slog.Info("server certificate loaded", "file", s.certFile, "expires", s.cert.Leaf.NotAfter)
+	s.vet(true)
 }
 
 func (s *Served) load() error {
