@@ -69,8 +69,18 @@ func TestBackupWhileServing(t *testing.T) {
 		t.Fatalf("a failed backup left %s: %v", half, err)
 	}
 
+	// Served from a directory others may read, with a CA key others may
+	// read (a careless copy), the server says so.
+	if err := errors.Join(os.Chmod(to, 0o755), os.Chmod(pki.FilesIn(to).CAKey, 0o644)); err != nil {
+		t.Fatal(err)
+	}
 	restored := &cli{t: t, bin: c.bin, dataDir: to}
 	restored.serve()
+	for _, want := range []string{"the data directory holds the CA key", "the local CA's key may be read by others"} {
+		if !strings.Contains(restored.serverLog.String(), want) {
+			t.Errorf("the server's log does not warn %q:\n%s", want, restored.serverLog.String())
+		}
+	}
 	if out := restored.ok("enrollment", "list"); !strings.Contains(out, "kept-1") {
 		t.Fatalf("the restored server's enrollments:\n%s", out)
 	}

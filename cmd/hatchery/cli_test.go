@@ -24,7 +24,8 @@ type cli struct {
 	bin                 string
 	dataDir             string
 	httpsPort, mqttPort int
-	serverPID           int // the last server serve started
+	serverPID           int                  // the last server serve started
+	serverLog           *testutil.SyncBuffer // its output
 }
 
 func (c *cli) run(args ...string) (string, error) {
@@ -68,7 +69,7 @@ func (c *cli) serve(extra ...string) int {
 	if err := srv.Start(); err != nil {
 		t.Fatal(err)
 	}
-	c.serverPID = srv.Process.Pid
+	c.serverPID, c.serverLog = srv.Process.Pid, log
 	t.Cleanup(func() {
 		_ = srv.Process.Signal(syscall.SIGTERM)
 		_ = srv.Wait()

@@ -218,6 +218,17 @@ func TestDatabaseOutage(t *testing.T) {
 	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
 		t.Errorf("registering while the database is down: HTTP %d, Retry-After %q; want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
 	}
+	health := func() int {
+		resp, err := httpClient.Get("https://localhost/healthz")
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return resp.StatusCode
+	}
+	if st := health(); st != http.StatusServiceUnavailable {
+		t.Errorf("/healthz while the database is down: HTTP %d", st)
+	}
 
 	pg.Start(t)
 	deadline := time.Now().Add(30 * time.Second)
@@ -229,5 +240,8 @@ func TestDatabaseOutage(t *testing.T) {
 	}
 	if _, err := device.RegisterSymmetricKey(context.Background(), key); err != nil {
 		t.Errorf("registering once the database is back: %v", err)
+	}
+	if st := health(); st != http.StatusOK {
+		t.Errorf("/healthz once the database is back: HTTP %d", st)
 	}
 }

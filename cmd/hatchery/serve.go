@@ -116,6 +116,10 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	o.dir = dir
+	if fi, err := os.Stat(o.dir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		slog.Warn("the data directory holds the CA key and every device's keys, and others may read it: chmod 700 it",
+			"dir", o.dir, "mode", fi.Mode().Perm().String())
+	}
 	unlock, err := lockFile(filepath.Join(o.dir, "serve.lock"), "data directory "+o.dir)
 	if err != nil {
 		return err

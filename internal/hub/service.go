@@ -51,6 +51,13 @@ type Service struct {
 	jobBatch    int             // devices a job runner works on at once
 }
 
+// Ready reports why the hub cannot serve now (its database out of reach),
+// or nil: what a load balancer's health check asks.
+func (s *Service) Ready(ctx context.Context) error {
+	_, err := s.store.Get(ctx, kindSettings, "hub")
+	return err
+}
+
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},

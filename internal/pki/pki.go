@@ -13,6 +13,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/big"
 	"net"
 	"os"
@@ -65,6 +66,10 @@ func Ensure(f Files, hosts []string) error {
 		return fmt.Errorf("local CA: %s is missing but %s is there: restore it from a backup (devices trust this CA); only deleting both starts a new CA, which every device must then be given", missing, present)
 	default:
 		ca, caKey, err = loadPair(f.CACert, f.CAKey)
+		if fi, statErr := os.Stat(f.CAKey); statErr == nil && fi.Mode().Perm()&0o077 != 0 {
+			slog.Warn("the local CA's key may be read by others, who could then impersonate this server: chmod 600 it",
+				"file", f.CAKey, "mode", fi.Mode().Perm().String())
+		}
 	}
 	if err != nil {
 		return fmt.Errorf("local CA in %s: %w", filepath.Dir(f.CACert), err)

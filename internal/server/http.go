@@ -41,6 +41,18 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 	if devices != nil {
 		mux.HandleFunc("GET /$iothub/websocket", mqttOverWebSocket(devices))
 	}
+	// For load balancers and monitoring: 200 while the server can reach
+	// its database, 503 when not. It needs no credentials and tells
+	// nothing else.
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, r *http.Request) {
+		ctx, cancel := context.WithTimeout(r.Context(), 5*time.Second)
+		defer cancel()
+		if err := h.Ready(ctx); err != nil {
+			writeJSON(w, http.StatusServiceUnavailable, map[string]string{"status": "unavailable", "reason": "the database cannot be reached"})
+			return
+		}
+		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
+	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
 			r.Method, r.URL.Path, d.IDScope()), trackingID())
