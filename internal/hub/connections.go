@@ -41,13 +41,13 @@ func (s *Service) Attach(ctx context.Context, r Ref, g Grant, drop func()) (deta
 		cancel()
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		if err := s.setConnected(ctx, r, c.id, false); err != nil && !errors.Is(err, errNewerConnection) {
+		if err := s.setConnected(ctx, r, c.id, false, ""); err != nil && !errors.Is(err, errNewerConnection) {
 			s.mu.Lock()
 			s.unrecorded[r] = c.id // for the next beat to record
 			s.mu.Unlock()
 		}
 	}
-	if err := s.setConnected(ctx, r, c.id, true); err != nil {
+	if err := s.setConnected(ctx, r, c.id, true, g.ModelID); err != nil {
 		expiry.Stop()
 		cancel()
 		if azerr.HasStatus(err, 404) { // deleted since it authenticated
@@ -128,9 +128,10 @@ func (s *Service) stillGranted(ctx context.Context, c *connection) error {
 	return nil
 }
 
-// setConnected records r's connection state. Recording an older
-// connection closed is errNewerConnection, and changes nothing.
-func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool) error {
+// setConnected records r's connection state, and the model a connecting
+// device announced, if any. Recording an older connection closed is
+// errNewerConnection, and changes nothing.
+func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool, modelID string) error {
 	now := s.Now().UTC()
 	state := "Disconnected"
 	if connected {
@@ -140,6 +141,9 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 		switch {
 		case connected:
 			rec.Connection = connection
+			if modelID != "" {
+				rec.ModelID = modelID
+			}
 		case rec.Connection != connection:
 			return errNewerConnection
 		default:
@@ -168,7 +172,7 @@ func (s *Service) recordClosed(ctx context.Context) error {
 	pending := maps.Clone(s.unrecorded)
 	s.mu.Unlock()
 	for r, id := range pending {
-		err := s.setConnected(ctx, r, id, false)
+		err := s.setConnected(ctx, r, id, false, "")
 		if err != nil && !errors.Is(err, errNewerConnection) && !azerr.HasStatus(err, 404) {
 			return err
 		}

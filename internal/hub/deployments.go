@@ -364,7 +364,7 @@ func (r *record) twinDoc() map[string]any {
 		tags = map[string]any{}
 	}
 	doc := map[string]any{
-		"deviceId": r.Device.DeviceID, "etag": r.TwinETag, "deviceEtag": r.DeviceETag,
+		"deviceId": r.Device.DeviceID, "modelId": r.ModelID, "etag": r.TwinETag, "deviceEtag": r.DeviceETag,
 		"status": r.Device.Status, "statusUpdateTime": jsonTime(r.Device.StatusUpdatedTime),
 		"connectionState": r.Device.ConnectionState, "lastActivityTime": jsonTime(r.Device.LastActivityTime),
 		"cloudToDeviceMessageCount": float64(r.Device.CloudToDeviceMessageCount),

@@ -66,6 +66,7 @@ type Capabilities struct {
 type Twin struct {
 	DeviceID                  string          `json:"deviceId"`
 	ModuleID                  string          `json:"moduleId,omitempty"`
+	ModelID                   string          `json:"modelId"` // its Plug and Play model, "" if it announced none
 	ETag                      string          `json:"etag"`
 	DeviceETag                string          `json:"deviceEtag"`
 	Status                    string          `json:"status"`
@@ -120,6 +121,8 @@ type record struct {
 	// Connection names the device's latest connection (on any replica), so
 	// that an older one closing does not mark it disconnected.
 	Connection string `json:"connection,omitempty"`
+	// ModelID is the Plug and Play model the device last announced.
+	ModelID string `json:"modelId,omitempty"`
 	// Session is what the identity subscribed to in its persistent
 	// session (MQTT's CleanSession 0), kept across its connections.
 	Session []Subscription `json:"session,omitempty"`

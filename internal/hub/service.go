@@ -118,6 +118,9 @@ type Grant struct {
 	device, identity Authentication
 	until            time.Time
 	session          []Subscription
+	// ModelID is the IoT Plug and Play model the device announced as it
+	// connected (MQTT's model-id), which Attach records in its twin.
+	ModelID string
 }
 
 // Session is what the identity's persistent session was subscribed to

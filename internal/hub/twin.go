@@ -181,7 +181,7 @@ func (r *record) twinView() *Twin {
 		tags = []byte("{}")
 	}
 	return &Twin{
-		DeviceID: r.Device.DeviceID, ModuleID: r.Device.ModuleID, ETag: r.TwinETag, DeviceETag: r.DeviceETag,
+		DeviceID: r.Device.DeviceID, ModuleID: r.Device.ModuleID, ModelID: r.ModelID, ETag: r.TwinETag, DeviceETag: r.DeviceETag,
 		Status: r.Device.Status, StatusUpdateTime: r.Device.StatusUpdatedTime,
 		ConnectionState: r.Device.ConnectionState, LastActivityTime: r.Device.LastActivityTime,
 		CloudToDeviceMessageCount: r.Device.CloudToDeviceMessageCount,

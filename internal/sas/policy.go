@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"fmt"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 )
@@ -28,13 +29,17 @@ const (
 	// the hosted hub lets no shared access policy do that (it is its
 	// management plane); here only a policy with every right may.
 	AllRights = RegistryWrite + ", " + ServiceConnect + ", " + DeviceConnect
+	// TwinQuery is what querying twins needs: Azure lets back ends that
+	// work with twins (ServiceConnect) query them too.
+	TwinQuery = RegistryRead + " or " + ServiceConnect
 )
 
-// Grants reports whether the policy's rights include right, or each of a
-// comma-separated list of rights.
+// Grants reports whether the policy's rights include right: each of a
+// comma-separated list of rights, each of which may be alternatives
+// ("RegistryRead or ServiceConnect").
 func (p *Policy) Grants(right string) bool {
 	for r := range strings.SplitSeq(right, ",") {
-		if !p.grants(strings.TrimSpace(r)) {
+		if !slices.ContainsFunc(strings.Split(r, " or "), func(alt string) bool { return p.grants(strings.TrimSpace(alt)) }) {
 			return false
 		}
 	}

@@ -129,14 +129,12 @@ func FuzzMQTTUsernames(f *testing.F) {
 		f.Add(u)
 	}
 	f.Fuzz(func(t *testing.T, u string) {
-		if host, r, ok := parseUsername(u); ok {
-			for _, part := range []string{host, r.Device} {
-				if part == "" || strings.Contains(part, "/") {
-					t.Fatalf("%q: host %q, identity %+v", u, host, r)
-				}
-			}
-			if strings.Contains(r.Module, "/") {
-				t.Fatalf("%q: module %q", u, r.Module)
+		// The client ID the SDKs send with the username: its identity.
+		host, path, _ := strings.Cut(u, "/")
+		clientID, _, _ := strings.Cut(strings.TrimSuffix(strings.Split(path, "/?")[0], "/"), "/api-version=")
+		if got, r, _, ok := parseUsername(u, clientID); ok {
+			if got != host || got == "" || strings.Contains(got, "/") || r.Device == "" || strings.Contains(r.Device+r.Module, "/") || r.String() != clientID {
+				t.Fatalf("%q with client ID %q: host %q, identity %+v", u, clientID, got, r)
 			}
 		}
 		if scope, regID, ok := parseDPSUsername(u); ok && (scope == "" || regID == "" || strings.Contains(scope+regID, "/")) {

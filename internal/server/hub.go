@@ -291,7 +291,7 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service(sas.RegistryWrite, "POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
 		return nil, h.ApplyContent(r.Context(), id(r), c)
 	}))
-	service(sas.RegistryRead, "POST /devices/query", a.queryTwins)
+	service(sas.TwinQuery, "POST /devices/query", a.queryTwins)
 	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service(sas.ServiceConnect, "DELETE /devices/{id}/commands", reply(func(r *http.Request) (any, error) {
 		n, err := h.PurgeC2D(r.Context(), id(r))

@@ -161,23 +161,39 @@ func (s *session) onClose(f func()) {
 
 func sess(c *mqtt.Conn) *session { s, _ := c.Value().(*session); return s }
 
-// parseUsername reads "{hub}/{device}/?api-version=…" or
-// "{hub}/{device}/{module}/?api-version=…".
-func parseUsername(u string) (host string, r hub.Ref, ok bool) {
-	path, _, _ := strings.Cut(u, "?")
-	parts := strings.Split(strings.TrimSuffix(path, "/"), "/")
-	if slices.Contains(parts, "") {
-		return "", hub.Ref{}, false
+// parseUsername reads "{hub}/{clientID}/?api-version=…[&model-id=…]",
+// clientID being "{device}" or "{device}/{module}" as the CONNECT's client
+// ID says (device IDs may hold '?', which the SDKs do not encode; they may
+// not hold '/'). Some clients leave out the '?'. It returns the hub, the
+// identity and the query (where a Plug and Play device announces its model).
+func parseUsername(u, clientID string) (host string, r hub.Ref, query url.Values, ok bool) {
+	host, rest, _ := strings.Cut(u, "/")
+	device, module, hasModule := strings.Cut(clientID, "/")
+	rest, found := strings.CutPrefix(rest, clientID)
+	if host == "" || device == "" || hasModule && (module == "" || strings.Contains(module, "/")) || !found {
+		return "", hub.Ref{}, nil, false
 	}
-	switch {
-	case len(parts) == 2:
-		return parts[0], hub.Ref{Device: parts[1]}, true
-	case len(parts) == 3 && strings.HasPrefix(parts[2], "api-version="):
-		return parts[0], hub.Ref{Device: parts[1]}, true // some clients omit the '?'
-	case len(parts) == 3:
-		return parts[0], hub.Ref{Device: parts[1], Module: parts[2]}, true
+	if rest != "" && !strings.HasPrefix(rest, "/") {
+		return "", hub.Ref{}, nil, false
 	}
-	return "", hub.Ref{}, false
+	rest = strings.TrimPrefix(rest, "/")
+	if rest != "" {
+		q := strings.TrimPrefix(rest, "?")
+		if !strings.HasPrefix(q, "api-version=") && !strings.Contains(q, "&api-version=") {
+			return "", hub.Ref{}, nil, false
+		}
+		// Split by hand: url.ParseQuery drops a pair with a ';', and model
+		// IDs ("dtmi:com:example:Thermostat;1") go unencoded.
+		query = url.Values{}
+		for pair := range strings.SplitSeq(q, "&") {
+			k, v, _ := strings.Cut(pair, "=")
+			if dec, err := url.QueryUnescape(v); err == nil {
+				v = dec
+			}
+			query.Add(k, v)
+		}
+	}
+	return host, hub.Ref{Device: device, Module: module}, query, true
 }
 
 // Authenticate accepts a device whose username names it on this hub, whose
@@ -189,8 +205,8 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if d.isDPSConnect(p) { // DPS registration session ({idScope}/registrations/{id}/…): dpsmqtt.go
 		return d.authenticateDPS(c, p)
 	}
-	host, r, ok := parseUsername(p.Username)
-	if !ok || !strings.EqualFold(host, d.hub.Host()) || p.ClientID != r.String() {
+	host, r, query, ok := parseUsername(p.Username, p.ClientID)
+	if !ok || !strings.EqualFold(host, d.hub.Host()) {
 		slog.Info("mqtt connection refused", "clientId", p.ClientID, "reason", "username must be {hub}/{deviceId}/?api-version=… with the client ID the device ID")
 		return mqtt.RefusedNotAuthorized
 	}
@@ -204,6 +220,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if err != nil {
 		return refusal(r, err)
 	}
+	grant.ModelID = query.Get("model-id")
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
 	d.mu.Lock()
@@ -474,7 +491,8 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		if !s.startC2D(m.ID) {
 			continue // sent on this connection, its acknowledgement awaited
 		}
-		bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + s.ref.Device + "/messages/deviceBound"}}
+		bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + s.ref.Device + "/messages/deviceBound"},
+			"$.exp": {m.Expiry.UTC().Format(time.RFC3339Nano)}}
 		for k, v := range m.Properties {
 			if k != "messageId" {
 				bag.Set(k, v)

@@ -667,3 +667,32 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 	case <-time.After(300 * time.Millisecond):
 	}
 }
+
+// Usernames as the SDKs write them: with or without the '?', a device ID
+// holding '?', a module, and a Plug and Play model ID left unencoded.
+func TestParseUsername(t *testing.T) {
+	for _, c := range []struct {
+		username, clientID string
+		device, module     string
+		model              string
+		ok                 bool
+	}{
+		{"h.example/d1/?api-version=2021-04-12", "d1", "d1", "", "", true},
+		{"h.example/d1/api-version=2020-09-30&model-id=dtmi:com:example:Thermostat;1&DeviceClientType=x%2F1", "d1", "d1", "", "dtmi:com:example:Thermostat;1", true},
+		{"h.example/d?1/?api-version=2021-04-12", "d?1", "d?1", "", "", true},
+		{"h.example/d1/m1/?api-version=2021-04-12&model-id=dtmi%3Aa%3Bb%3B2", "d1/m1", "d1", "m1", "dtmi:a;b;2", true},
+		{"h.example/d1", "d1", "d1", "", "", true},
+		{"h.example/d1/m1/?api-version=2021-04-12", "d1", "", "", "", false}, // the module's username, the device's client ID
+		{"h.example/d10/?api-version=2021-04-12", "d1", "", "", "", false},
+		{"h.example/d1/?model-id=x", "d1", "", "", "", false},
+		{"h.example/d1?api-version=2021-04-12", "d1", "", "", "", false},
+		{"/d1/?api-version=2021-04-12", "d1", "", "", "", false},
+		{"h.example//?api-version=2021-04-12", "", "", "", "", false},
+		{"h.example/d1//?api-version=2021-04-12", "d1/", "", "", "", false},
+	} {
+		_, r, q, ok := parseUsername(c.username, c.clientID)
+		if ok != c.ok || ok && (r.Device != c.device || r.Module != c.module || q.Get("model-id") != c.model) {
+			t.Errorf("%q with client ID %q: %+v, model %q, ok %v", c.username, c.clientID, r, q.Get("model-id"), ok)
+		}
+	}
+}

@@ -404,6 +404,24 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
       service.invokeDeviceMethod(stagingId, { methodName: 'reboot', payload: {}, responseTimeoutInSeconds: 5 }), 404);
   });
 
+  it('records the Plug and Play model a device announces, for a device ID with a "?" too', { timeout: TEST_MS }, async () => {
+    need('device', 'create device');
+    const id = `pnp?-${suffix}`;
+    const { responseBody: d } = await sdk('Registry.create (Plug and Play)', () => registry.create({ deviceId: id }));
+    const pnp = DeviceClient.fromConnectionString(deviceConnectionString(id, d.authentication.symmetricKey.primaryKey), Mqtt);
+    pnp.on('error', () => {});
+    try {
+      await sdk('setOptions({ modelId })', () => pnp.setOptions({ modelId: 'dtmi:com:example:Thermostat;1' }));
+      await sdk('open the Plug and Play device', () => pnp.open());
+      const { responseBody: twin } = await sdk('Registry.getTwin (Plug and Play)', () => registry.getTwin(id));
+      assert.equal(twin.modelId, 'dtmi:com:example:Thermostat;1');
+      const { responseBody: plain } = await sdk('Registry.getTwin', () => registry.getTwin(deviceId));
+      assert.equal(plain.modelId, '', 'a device that announced no model');
+    } finally {
+      await closeDevice(pnp);
+    }
+  });
+
   // Every message the device receives, in order, as {messageId, body, properties, to, msg}.
   const c2d = { received: [], waiters: [] };
 
@@ -442,6 +460,9 @@ describe('device client over MQTT (azure-iot-device + azure-iot-device-mqtt)', (
     await sendC2D(1, { color: 'blue', priority: 'high' });
     const m1 = await awaitC2D('cloud-to-device message 1', (m) => m.body.n === 1);
     assert.equal(m1.messageId, `c2d-1-${suffix}`);
+    // It expires an hour after it was sent, unless the sender said otherwise.
+    const expires = Date.parse(m1.msg.expiryTimeUtc) - Date.now();
+    assert.ok(expires > 50 * 60e3 && expires <= 60 * 60e3, `expiryTimeUtc: ${m1.msg.expiryTimeUtc}`);
     assert.deepEqual(m1.body, { n: 1, command: 'blink' });
     assert.equal(m1.properties.color, 'blue', `properties: ${JSON.stringify(m1.properties)}`);
     assert.equal(m1.properties.priority, 'high', `properties: ${JSON.stringify(m1.properties)}`);
