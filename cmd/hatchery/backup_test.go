@@ -2,6 +2,8 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"os"
@@ -154,5 +156,29 @@ func TestBackupNeedsTheServersDatabase(t *testing.T) {
 	}
 	if _, err := os.Stat(to); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("a refused backup made %s: %v", to, err)
+	}
+}
+
+// --tls-name adds names and addresses to the local CA's certificate, such
+// as the LAN address devices use (pki.Ensure issues it again when a name
+// is added to a running installation's).
+func TestLocalCertificateNames(t *testing.T) {
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	c.build()
+	if out, err := c.run("serve", "--tls-name", "gw.lan", "--tls-cert", "x.pem", "--tls-key", "x-key.pem"); err == nil || !strings.Contains(out, "--tls-name is for the local CA") {
+		t.Fatalf("--tls-name with --tls-cert: %v\n%s", err, out)
+	}
+	leaf := func() *x509.Certificate {
+		pair, err := tls.LoadX509KeyPair(pki.FilesIn(c.dataDir).ServerCert, pki.FilesIn(c.dataDir).ServerKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pair.Leaf
+	}
+	c.serve("--tls-name", "192.0.2.10,gw.lan", "--tls-name", "gw2.lan")
+	for _, name := range []string{"localhost", "192.0.2.10", "gw.lan", "gw2.lan"} {
+		if err := leaf().VerifyHostname(name); err != nil {
+			t.Errorf("the server certificate does not name %s: %v", name, err)
+		}
 	}
 }

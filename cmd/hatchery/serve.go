@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -62,6 +63,7 @@ type serveOptions struct {
 	messageKiBPerSecond                                    float64
 	maxHTTPSConns                                          int
 	newCA                                                  bool
+	tlsNames                                               []string
 }
 
 func serveCmd() *cobra.Command {
@@ -91,6 +93,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringVar(&o.listen, "listen", "", "address to listen on (default: all addresses)")
 	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
+	cmd.Flags().StringSliceVar(&o.tlsNames, "tls-name", nil, "another host name or IP address devices reach this server by, for the local CA's certificate (repeat, or separate with commas)")
 	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "start a new local CA although the database already serves devices (they must then be given its certificate)")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
 	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
@@ -176,6 +179,10 @@ func (o *serveOptions) check() error {
 		return errors.New("--tls-cert and --tls-key go together")
 	case o.caFile != "" && o.certFile == "":
 		return errors.New("--tls-ca goes with --tls-cert: without it, the local CA issues the server certificate")
+	case len(o.tlsNames) > 0 && o.certFile != "":
+		return errors.New("--tls-name is for the local CA's certificate: with --tls-cert, the names are your certificate's")
+	case slices.Contains(o.tlsNames, ""):
+		return errors.New("--tls-name is empty: give a host name or an IP address")
 	}
 	return nil
 }

@@ -22,7 +22,7 @@ func serverTLS(o serveOptions) (*tls.Config, string, error) {
 	var err error
 	if o.certFile == "" {
 		files := pki.FilesIn(o.dir)
-		hosts := []string{o.host, "localhost", "127.0.0.1", "::1"}
+		hosts := append([]string{o.host, "localhost", "127.0.0.1", "::1"}, o.tlsNames...)
 		renew := func() error { return pki.Ensure(files, hosts) }
 		if err := renew(); err != nil {
 			return nil, "", err
