@@ -120,14 +120,14 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	if err := svc.AuthenticateDevice(ctx, scope, regID, s.cred); err != nil {
-		if unavailable(err) != nil { // logged there, once a period
-			return mqtt.RefusedServerUnavailable
-		}
-		if azerr.As(err).Status() >= 500 {
+		code, logged := connackFor(err)
+		switch {
+		case code == mqtt.RefusedNotAuthorized:
+			return refuse(azerr.Why(err))
+		case !logged:
 			slog.Warn("dps mqtt connection refused: authentication failed", "registrationId", regID, "error", err)
-			return mqtt.RefusedServerUnavailable
 		}
-		return refuse(azerr.Why(err))
+		return code
 	}
 	c.SetValue(s)
 	return mqtt.Accepted

@@ -173,13 +173,14 @@ func parseUsername(u, clientID string) (host string, r hub.Ref, query url.Values
 	if host == "" || device == "" || hasModule && (module == "" || strings.Contains(module, "/")) || !found {
 		return "", hub.Ref{}, nil, false
 	}
-	if rest != "" && !strings.HasPrefix(rest, "/") {
+	if rest != "" && !strings.HasPrefix(rest, "/") && !strings.HasPrefix(rest, "?") {
 		return "", hub.Ref{}, nil, false
 	}
 	rest = strings.TrimPrefix(rest, "/")
 	if rest != "" {
 		q := strings.TrimPrefix(rest, "?")
-		if !strings.HasPrefix(q, "api-version=") && !strings.Contains(q, "&api-version=") {
+		first, _, _ := strings.Cut(q, "=")
+		if strings.ContainsAny(first, "/?") || !strings.HasPrefix(q, "api-version=") && !strings.Contains(q, "&api-version=") {
 			return "", hub.Ref{}, nil, false
 		}
 		// Split by hand: url.ParseQuery drops a pair with a ';', and model
@@ -518,16 +519,31 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	}
 }
 
-// refusal is the CONNACK code refusing r for err: "not authorized" when the
-// request was at fault, "server unavailable" when the hub failed.
+// refusal is the CONNACK code refusing r for err, logged.
 func refusal(r hub.Ref, err error) byte {
-	if unavailable(err) != nil { // logged there, once a period
-		return mqtt.RefusedServerUnavailable
-	}
-	if azerr.As(err).Status() >= 500 {
+	code, logged := connackFor(err)
+	switch {
+	case code == mqtt.RefusedNotAuthorized:
+		slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
+	case !logged:
 		slog.Warn("mqtt connection refused: the hub could not check it", "identity", r.String(), "error", err)
-		return mqtt.RefusedServerUnavailable
 	}
-	slog.Info("mqtt connection refused", "identity", r.String(), "reason", azerr.Why(err))
-	return mqtt.RefusedNotAuthorized
+	return code
+}
+
+// connackFor is the CONNACK code refusing a connection for err: "not
+// authorized" only when the connection itself was at fault (its
+// credentials, a 4xx), as edge devices provision again on that code;
+// "server unavailable", which they retry, when the service failed or was
+// busy (5xx, and the retryable 409, 412 and 429). logged says that the
+// failure was logged already (a database out of reach, once a period).
+func connackFor(err error) (code byte, logged bool) {
+	if unavailable(err) != nil {
+		return mqtt.RefusedServerUnavailable, true
+	}
+	switch st := azerr.As(err).Status(); {
+	case st == 409, st == 412, st == 429, st >= 500:
+		return mqtt.RefusedServerUnavailable, false
+	}
+	return mqtt.RefusedNotAuthorized, false
 }

@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"net/url"
 	"slices"
 	"strconv"
@@ -685,7 +686,8 @@ func TestParseUsername(t *testing.T) {
 		{"h.example/d1/m1/?api-version=2021-04-12", "d1", "", "", "", false}, // the module's username, the device's client ID
 		{"h.example/d10/?api-version=2021-04-12", "d1", "", "", "", false},
 		{"h.example/d1/?model-id=x", "d1", "", "", "", false},
-		{"h.example/d1?api-version=2021-04-12", "d1", "", "", "", false},
+		{"h.example/d1?api-version=2021-04-12", "d1", "d1", "", "", true},
+		{"h.example/d1/m1/?x=1&api-version=1", "d1", "", "", "", false},
 		{"/d1/?api-version=2021-04-12", "d1", "", "", "", false},
 		{"h.example//?api-version=2021-04-12", "", "", "", "", false},
 		{"h.example/d1//?api-version=2021-04-12", "d1/", "", "", "", false},
@@ -693,6 +695,26 @@ func TestParseUsername(t *testing.T) {
 		_, r, q, ok := parseUsername(c.username, c.clientID)
 		if ok != c.ok || ok && (r.Device != c.device || r.Module != c.module || q.Get("model-id") != c.model) {
 			t.Errorf("%q with client ID %q: %+v, model %q, ok %v", c.username, c.clientID, r, q.Get("model-id"), ok)
+		}
+	}
+}
+
+// Only a connection at fault is "not authorized", on which edge devices
+// provision again; what a retry may cure is "server unavailable".
+func TestConnackFor(t *testing.T) {
+	for _, c := range []struct {
+		err  error
+		want byte
+	}{
+		{azerr.Unauthorized("bad key"), mqtt.RefusedNotAuthorized},
+		{azerr.BadRequest("bad username"), mqtt.RefusedNotAuthorized},
+		{azerr.New(409002, "PreconditionFailed", "being changed concurrently: retry"), mqtt.RefusedServerUnavailable},
+		{azerr.Throttled("too many", time.Second), mqtt.RefusedServerUnavailable},
+		{errors.New("a failure of the service's own"), mqtt.RefusedServerUnavailable},
+		{fmt.Errorf("reading: %w", context.DeadlineExceeded), mqtt.RefusedServerUnavailable},
+	} {
+		if got, _ := connackFor(c.err); got != c.want {
+			t.Errorf("%v: CONNACK %d, want %d", c.err, got, c.want)
 		}
 	}
 }

@@ -39,7 +39,7 @@ func Unavailable(err error) bool {
 	var netErr net.Error
 	var pg *pgconn.PgError
 	switch {
-	case err == nil:
+	case err == nil, errors.Is(err, context.Canceled): // the client went away: pgx calls that a timeout too
 		return false
 	case errors.As(err, &pg):
 		// Class 08 is connection exceptions; 57P01–57P03, the server
