@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // connection is a device's or module's live connection on this replica.
@@ -166,15 +167,23 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 
 // recordClosed records disconnected the connections whose end could not be
 // recorded when they closed (the database out of reach, or full), which
-// would otherwise stay "Connected" until the device connects again.
-func (s *Service) recordClosed(ctx context.Context) error {
+// would otherwise stay "Connected" until the device connects again. It
+// works for at most budget, and stops at a database still out of reach,
+// leaving the rest for the next call; a record that cannot be written for
+// another reason is given up, with the reason logged.
+func (s *Service) recordClosed(ctx context.Context, budget time.Duration) {
 	s.mu.Lock()
 	pending := maps.Clone(s.unrecorded)
 	s.mu.Unlock()
+	ctx, cancel := context.WithTimeout(ctx, budget)
+	defer cancel()
 	for r, id := range pending {
 		err := s.setConnected(ctx, r, id, false, "")
+		if ctx.Err() != nil || store.Unavailable(err) || errors.Is(err, store.ErrFull) {
+			return
+		}
 		if err != nil && !errors.Is(err, errNewerConnection) && !azerr.HasStatus(err, 404) {
-			return err
+			slog.Warn("giving up recording a closed connection", "identity", r.String(), "error", err)
 		}
 		s.mu.Lock()
 		if s.unrecorded[r] == id {
@@ -182,7 +191,6 @@ func (s *Service) recordClosed(ctx context.Context) error {
 		}
 		s.mu.Unlock()
 	}
-	return nil
 }
 
 // errNewerConnection leaves the state of a device whose latest connection,

@@ -95,11 +95,20 @@ func TestOlderConnectionCloses(t *testing.T) {
 	}
 }
 
-// A replica whose first beats could not be written (its database full or
+// A server whose first beats could not be written (its database full or
 // out of reach as it started) has not been taken for dead once it can write
-// them: it keeps its connections.
+// them: it keeps its connections. And its first beat that works still
+// records disconnected at once the devices of the run before it.
 func TestFirstBeatFailing(t *testing.T) {
-	s := sqliteHub(t)
+	killed := sqliteHub(t)
+	old := Ref{Device: "old"}
+	newIdentity(t, killed, old)
+	attach(t, killed, old, func() {})
+	if err := (&beater{s: killed, seen: map[string]stillBeat{}}).beat(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+
+	s := openHub(t, killed.store)
 	r := Ref{Device: "d1"}
 	newIdentity(t, s, r)
 	drops := make(dropCounter, 1)
@@ -114,7 +123,10 @@ func TestFirstBeatFailing(t *testing.T) {
 		t.Fatal(err)
 	}
 	if drops.dropped() {
-		t.Fatal("a replica whose first beat failed took itself for dead and dropped its connections")
+		t.Fatal("a server whose first beat failed took itself for dead and dropped its connections")
+	}
+	if st := connectionState(t, s, old); st != "Disconnected" {
+		t.Errorf("the previous run's device after the first beat that worked: %s", st)
 	}
 }
 

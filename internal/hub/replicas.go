@@ -53,6 +53,7 @@ type beater struct {
 	s       *Service
 	n       int64
 	written bool // a beat of this replica's is in the store
+	listed  bool // the other replicas' beats have been read once
 	since   time.Time
 	seen    map[string]stillBeat // the other replicas' beats
 }
@@ -86,9 +87,9 @@ func (b *beater) beat(ctx context.Context) error {
 	} else if err != nil {
 		return err
 	}
-	if err := s.recordClosed(ctx); err != nil {
-		return err
-	}
+	// Within a beat's time, so that the beats go on: a replica busy for
+	// longer would be taken for dead.
+	s.recordClosed(ctx, beatInterval/2)
 	docs, err := s.store.List(ctx, kindReplica, "", 1000)
 	if err != nil {
 		return err
@@ -97,7 +98,7 @@ func (b *beater) beat(ctx context.Context) error {
 		if d.ID == s.origin {
 			continue
 		}
-		if s.relay != nil || b.n > 1 {
+		if s.relay != nil || b.listed {
 			prev, ok := b.seen[d.ID]
 			if !ok || prev.body != string(d.Body) {
 				b.seen[d.ID] = stillBeat{body: string(d.Body)}
@@ -126,6 +127,7 @@ func (b *beater) beat(ctx context.Context) error {
 			slog.Info("recorded disconnected the devices of a replica that stopped", "replica", d.ID, "devices", n)
 		}
 	}
+	b.listed = true
 	return nil
 }
 

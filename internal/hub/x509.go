@@ -7,6 +7,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 	"time"
 
@@ -98,7 +99,9 @@ func (s *Service) VerifiedCA(ctx context.Context, name string) (*x509.Certificat
 	return certtext.Parse(c.Properties.Certificate)
 }
 
-// ListCertificates returns the stored CA certificates, by name.
+// ListCertificates returns the stored CA certificates, by name. One that
+// cannot be read is left out, and logged, rather than failing every X.509
+// device's authentication.
 func (s *Service) ListCertificates(ctx context.Context) ([]*Certificate, error) {
 	docs, err := s.store.List(ctx, kindCertificate, "", 1000)
 	if err != nil {
@@ -108,7 +111,8 @@ func (s *Service) ListCertificates(ctx context.Context) ([]*Certificate, error) 
 	for _, d := range docs {
 		c := &Certificate{}
 		if err := json.Unmarshal(d.Body, c); err != nil {
-			return nil, fmt.Errorf("stored certificate %q is corrupt: %w", d.ID, err)
+			slog.Error("a stored CA certificate is corrupt: left out (upload it again)", "name", d.ID, "error", err)
+			continue
 		}
 		out = append(out, c)
 	}
