@@ -44,8 +44,7 @@ func serverTLS(o serveOptions) (*tls.Config, string, error) {
 				return nil, "", fmt.Errorf("--tls-ca: %w", err)
 			}
 		}
-		served.Check = func(c *tls.Certificate) { checkOperatorCert(c, o.host, roots) }
-		served.Check(served.Current())
+		served.Vet(func(c *tls.Certificate) { checkOperatorCert(c, o.host, roots) })
 	}
 	conf := served.Config()
 	// Devices with X.509 identities present client certificates on both

@@ -16,10 +16,7 @@ import (
 type Served struct {
 	certFile, keyFile string
 	renew             func() error // nil: the operator's files
-	// Check, if set, warns of what is wrong with a certificate: it is
-	// called for each one loaded, and once a day for the one served (which
-	// comes nearer its expiry).
-	Check func(*tls.Certificate)
+	check             func(*tls.Certificate)
 
 	mu      sync.Mutex
 	cert    *tls.Certificate
@@ -38,11 +35,21 @@ func NewServed(certFile, keyFile string, renew func() error) (*Served, error) {
 	return s, nil
 }
 
-// vet runs Check on the certificate served, if it is due.
+// Vet has check warn of what is wrong with the certificate served: now,
+// for each one loaded from then on, and once a day (it comes nearer its
+// expiry).
+func (s *Served) Vet(check func(*tls.Certificate)) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.check = check
+	s.vet(true)
+}
+
+// vet runs check on the certificate served, if it is due.
 func (s *Served) vet(loaded bool) {
-	if s.Check != nil && (loaded || time.Since(s.vetted) >= 24*time.Hour) {
+	if s.check != nil && (loaded || time.Since(s.vetted) >= 24*time.Hour) {
 		s.vetted = time.Now()
-		s.Check(s.cert)
+		s.check(s.cert)
 	}
 }
 
