@@ -128,27 +128,31 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer unlock()
-	st, err := store.Open(ctx, o.database, o.dir)
-	if err != nil {
-		return err
-	}
-	defer st.Close()
 	// The database file, not only the data directory: another server's
 	// --database may name this one's file.
-	if lite, ok := st.(*store.SQLite); ok {
-		unlock, err := lockFile(lite.Path()+".lock", "database "+lite.Path())
+	if path, err := store.SQLitePath(o.database, o.dir); err != nil {
+		return err
+	} else if path != "" {
+		unlock, err := lockFile(path+".lock", "database "+path)
 		if err != nil {
 			return err
 		}
 		defer unlock()
 	}
-	if err := checkCA(ctx, o, st); err != nil {
+	// Whatever refuses to start does so before the database is opened,
+	// which upgrades its schema for good.
+	if err := checkCA(ctx, o); err != nil {
 		return err
 	}
 	tlsConfig, caFile, err := serverTLS(o)
 	if err != nil {
 		return err
 	}
+	st, err := store.Open(ctx, o.database, o.dir)
+	if err != nil {
+		return err
+	}
+	defer st.Close()
 	hubSvc, dpsSvc, err := openServices(ctx, o, st, caFile)
 	if err != nil {
 		return err
@@ -191,7 +195,7 @@ func (o *serveOptions) check() error {
 // trust another: a restore that left out tls/, or a data directory whose
 // tls/ was lost, would otherwise come up serving a certificate no device
 // accepts.
-func checkCA(ctx context.Context, o serveOptions, st store.Store) error {
+func checkCA(ctx context.Context, o serveOptions) error {
 	if o.certFile != "" || o.newCA {
 		return nil
 	}
@@ -201,9 +205,20 @@ func checkCA(ctx context.Context, o serveOptions, st store.Store) error {
 	if !errors.Is(certErr, os.ErrNotExist) || !errors.Is(keyErr, os.ErrNotExist) {
 		return nil // there, or half there, which pki.Ensure explains
 	}
-	existing, err := dps.Exists(ctx, st)
-	if err != nil || !existing {
+	// Read as it is: one of an older version has devices too.
+	st, err := store.OpenCurrent(ctx, o.database, o.dir)
+	switch {
+	case errors.Is(err, store.ErrNotServed):
+		return nil // a new installation
+	case errors.Is(err, store.ErrOlderSchema):
+	case err != nil:
 		return err
+	default:
+		existing, err := dps.Exists(ctx, st)
+		st.Close()
+		if err != nil || !existing {
+			return err
+		}
 	}
 	return fmt.Errorf("the database already serves devices, but %s has no local CA (ca.pem, ca-key.pem): "+
 		"restore tls/ from the backup or the old data directory, or serve with --tls-cert as before; "+

@@ -3,6 +3,7 @@ package store
 import (
 	"context"
 	"database/sql"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
@@ -59,6 +60,12 @@ var (
 // of one database between processes: "hatchery" in ASCII.
 const postgresMigrationLock int64 = 0x6861746368657279
 
+// What OpenCurrent refuses.
+var (
+	ErrNotServed   = errors.New("has not been served yet")
+	ErrOlderSchema = errors.New("older than this hatchery's")
+)
+
 // pendingMigrations returns the versions after current that this build
 // knows, or an error if the database is newer than this build, or older
 // and not to be upgraded.
@@ -67,11 +74,11 @@ func pendingMigrations(backend string, current int, migrations []string, upgrade
 	case current > len(migrations):
 		return nil, fmt.Errorf("the %s database has schema version %d, newer than this hatchery knows (%d): run a newer hatchery against it", backend, current, len(migrations))
 	case current < len(migrations) && !upgrade && current == 0:
-		return nil, fmt.Errorf("the %s database has not been served yet: start `hatchery serve` on it first", backend)
+		return nil, fmt.Errorf("the %s database %w: start `hatchery serve` on it first", backend, ErrNotServed)
 	case current < len(migrations) && !upgrade:
-		return nil, fmt.Errorf("the %s database has schema version %d, older than this hatchery's (%d): "+
+		return nil, fmt.Errorf("the %s database has schema version %d, %w (%d): "+
 			"`hatchery serve` of this version upgrades it once the servers of the old one have stopped "+
-			"(older versions cannot open it then); until then, use the hatchery that serves it", backend, current, len(migrations))
+			"(older versions cannot open it then); until then, use the hatchery that serves it", backend, current, ErrOlderSchema, len(migrations))
 	}
 	var out []int
 	for v := current + 1; v <= len(migrations); v++ {

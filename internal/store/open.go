@@ -33,38 +33,51 @@ func OpenCurrent(ctx context.Context, dsn, dataDir string) (Store, error) {
 }
 
 func open(ctx context.Context, dsn, dataDir string, upgrade bool) (Store, error) {
-	switch {
-	case dsn == "":
-		return openSQLitePath(filepath.Join(dataDir, DefaultSQLiteFile), upgrade)
-	case strings.HasPrefix(dsn, "postgres://"), strings.HasPrefix(dsn, "postgresql://"):
+	if isPostgres(dsn) {
 		p, err := openPostgres(ctx, dsn, upgrade)
 		if err != nil {
 			return nil, err // not a nil *Postgres in a non-nil Store
 		}
 		return p, nil
-	case strings.HasPrefix(dsn, "sqlite://"):
-		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite://"), upgrade)
-	case strings.HasPrefix(dsn, "sqlite:"):
-		return openSQLitePath(strings.TrimPrefix(dsn, "sqlite:"), upgrade)
-	case strings.Contains(dsn, "://"):
-		scheme, _, _ := strings.Cut(dsn, "://")
-		return nil, fmt.Errorf("database URL scheme %q is not supported: give a postgres:// URL or a SQLite file path", scheme)
-	case looksLikeKeywordDSN(dsn):
-		return nil, fmt.Errorf("database: this looks like a PostgreSQL keyword/value connection string: give it as a URL, postgres://user:password@host:5432/dbname")
-	default:
-		return openSQLitePath(dsn, upgrade)
 	}
-}
-
-func openSQLitePath(path string, upgrade bool) (Store, error) {
-	if path == "" {
-		return nil, fmt.Errorf("database: the SQLite URL names no file: give sqlite:/path/to/hatchery.db")
+	path, err := SQLitePath(dsn, dataDir)
+	if err != nil {
+		return nil, err
 	}
 	s, err := openSQLite(path, upgrade)
 	if err != nil {
 		return nil, err
 	}
 	return s, nil
+}
+
+func isPostgres(dsn string) bool {
+	return strings.HasPrefix(dsn, "postgres://") || strings.HasPrefix(dsn, "postgresql://")
+}
+
+// SQLitePath is the SQLite file dsn names, as Open reads it; "" for a
+// PostgreSQL URL.
+func SQLitePath(dsn, dataDir string) (string, error) {
+	path := dsn
+	switch {
+	case isPostgres(dsn):
+		return "", nil
+	case dsn == "":
+		return filepath.Join(dataDir, DefaultSQLiteFile), nil
+	case strings.HasPrefix(dsn, "sqlite://"):
+		path = strings.TrimPrefix(dsn, "sqlite://")
+	case strings.HasPrefix(dsn, "sqlite:"):
+		path = strings.TrimPrefix(dsn, "sqlite:")
+	case strings.Contains(dsn, "://"):
+		scheme, _, _ := strings.Cut(dsn, "://")
+		return "", fmt.Errorf("database URL scheme %q is not supported: give a postgres:// URL or a SQLite file path", scheme)
+	case looksLikeKeywordDSN(dsn):
+		return "", fmt.Errorf("database: this looks like a PostgreSQL keyword/value connection string: give it as a URL, postgres://user:password@host:5432/dbname")
+	}
+	if path == "" {
+		return "", fmt.Errorf("database: the SQLite URL names no file: give sqlite:/path/to/hatchery.db")
+	}
+	return path, nil
 }
 
 // looksLikeKeywordDSN tells "host=db dbname=hatchery" from a file path, so

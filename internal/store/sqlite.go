@@ -62,7 +62,7 @@ func OpenSQLite(path string) (*SQLite, error) { return openSQLite(path, true) }
 // version is refused rather than upgraded.
 func openSQLite(path string, upgrade bool) (*SQLite, error) {
 	if _, err := os.Stat(path); !upgrade && errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("the SQLite database %s does not exist: it has not been served yet (start `hatchery serve` on it first)", path)
+		return nil, fmt.Errorf("the SQLite database %s does not exist: it %w (start `hatchery serve` on it first)", path, ErrNotServed)
 	}
 	// The database holds every key: only its owner may read it (SQLite
 	// gives its -wal and -shm files the database's mode).
