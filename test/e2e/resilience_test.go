@@ -210,7 +210,12 @@ func TestBadInputKeepsTheRuntime(t *testing.T) {
 	if out, _ := run(t, nil, "docker", "inspect", "--format", "{{.State.Status}} {{.Config.Image}}", "sensor"); !strings.Contains(out, "running "+image) {
 		t.Errorf("the sensor container after a deployment it cannot pull: %s", out)
 	}
+	// Also when the deployment goes while the daemon is down, so that its
+	// first report after starting is the success.
+	d.daemon.stop()
 	s.hatchery("deployment", "delete", "--deployment-id", "bad")
+	_ = os.Remove(filepath.Join(d.dir, "run", "mgmt.sock"))
+	d.startDaemon()
 	waitAgentStatus(t, s, func(code int, desc string) bool { return code == 200 && desc == "" })
 
 	good, _ := os.ReadFile(d.configPath)

@@ -412,7 +412,7 @@ func (a *runner) run(ctx context.Context) error {
 				renew = time.After(a.tokenLifetime() * 3 / 4)
 			}
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
-			a.reported = nil // report afresh on each connection
+			a.reported = nil // report afresh on each connection, over what the twin holds (fetch)
 			a.fetch(ctx, client)
 		}
 	}
@@ -456,6 +456,11 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 	if err != nil {
 		slog.Warn("reading the $edgeAgent twin", "error", err)
 		return
+	}
+	// The next report replaces what the twin holds, so that what an agent
+	// reported before a restart or a lost connection does not linger.
+	if a.reported == nil {
+		a.reported = withoutVersion(tw.Reported)
 	}
 	m, err := agent.ParseManifest(tw.Desired)
 	var me *agent.Error
@@ -517,6 +522,19 @@ func (a *runner) report(ctx context.Context, c *hubdevice.Client, rep map[string
 		return
 	}
 	a.reported = body
+}
+
+// withoutVersion is a twin's reported document without its $version, as
+// report compares and patches it; nil if it does not read.
+func withoutVersion(reported []byte) []byte {
+	var doc map[string]any
+	if json.Unmarshal(reported, &doc) != nil || doc == nil {
+		return nil
+	}
+	delete(doc, "$version")
+	delete(doc, "$metadata")
+	b, _ := json.Marshal(doc)
+	return b
 }
 
 // reprovision runs DPS again; if the identity changed, the modules are
