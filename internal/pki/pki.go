@@ -63,7 +63,7 @@ func Ensure(f Files, hosts []string) error {
 		if keyMissing {
 			present, missing = f.CACert, f.CAKey
 		}
-		return fmt.Errorf("local CA: %s is missing but %s is there: restore it from a backup (devices trust this CA); only deleting both starts a new CA, which every device must then be given", missing, present)
+		return fmt.Errorf("local CA: %s is missing but %s is there: restore it from a backup (devices trust this CA); only deleting both (and, for a database that serves devices, serving with --new-ca) starts a new CA, which every device must then be given", missing, present)
 	default:
 		ca, caKey, err = loadPair(f.CACert, f.CAKey)
 		if fi, statErr := os.Stat(f.CAKey); statErr == nil && fi.Mode().Perm()&0o077 != 0 {

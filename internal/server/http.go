@@ -125,7 +125,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 
 // failure is how the API answers err, and the tracking ID it carries.
 // Internal errors, and why a refused request was refused, are logged under
-// that ID.
+// that ID; a database full or out of reach, once a period (unavailable).
 func failure(r *http.Request, err error) (string, error) {
 	id := trackingID()
 	if u := unavailable(err); u != nil {
