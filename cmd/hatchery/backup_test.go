@@ -181,4 +181,9 @@ func TestLocalCertificateNames(t *testing.T) {
 			t.Errorf("the server certificate does not name %s: %v", name, err)
 		}
 	}
+	// info shows what the server presents.
+	want := "gw.lan, gw2.lan, 127.0.0.1, ::1, 192.0.2.10; expires " + leaf().NotAfter.UTC().Format("2006-01-02")
+	if out := c.ok("info"); len(grepLines(out, "Server certificate:", "localhost, ", want)) != 1 {
+		t.Errorf("info does not show the served certificate's names and expiry (%s):\n%s", want, out)
+	}
 }

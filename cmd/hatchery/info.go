@@ -10,7 +10,10 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -33,6 +36,40 @@ type siteInfo struct {
 	HubRegistryConnectionString string `json:"hubRegistryConnectionString"`
 	CACertificate               string `json:"caCertificate"`
 	ServiceEndpoint             string `json:"serviceEndpoint"`
+	// The certificate the server presents now (info asks it), for the
+	// names devices may use and when it must be replaced.
+	ServerCertificate *servedCertificate `json:"serverCertificate,omitempty"`
+}
+
+type servedCertificate struct {
+	Names   []string  `json:"names"`
+	Expires time.Time `json:"expires"`
+}
+
+// served asks the server on this machine for the certificate it presents;
+// nil when it does not answer. The handshake only reads the certificate,
+// so it is not verified here.
+func (s *siteInfo) served() *servedCertificate {
+	ep, err := url.Parse(s.ServiceEndpoint)
+	if err != nil {
+		return nil
+	}
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 2 * time.Second}, Config: &tls.Config{InsecureSkipVerify: true, ServerName: ep.Hostname()}}
+	conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", cmp.Or(ep.Port(), "443")))
+	if err != nil {
+		return nil
+	}
+	defer conn.Close()
+	certs := conn.(*tls.Conn).ConnectionState().PeerCertificates
+	if len(certs) == 0 {
+		return nil
+	}
+	leaf := certs[0]
+	names := slices.Clone(leaf.DNSNames)
+	for _, ip := range leaf.IPAddresses {
+		names = append(names, ip.String())
+	}
+	return &servedCertificate{Names: names, Expires: leaf.NotAfter.UTC()}
 }
 
 // openSite reads the installation in the data directory, as left by
@@ -103,6 +140,10 @@ func infoCmd() *cobra.Command {
 			if ca == "" {
 				ca = "none needed: --tls-cert chains to the system's CAs (else serve with --tls-ca)"
 			}
+			served := "the server does not answer on this machine"
+			if info.ServerCertificate = info.served(); info.ServerCertificate != nil {
+				served = strings.Join(info.ServerCertificate.Names, ", ") + "; expires " + info.ServerCertificate.Expires.Format("2006-01-02")
+			}
 			return render(cmd, info, [][2]string{
 				{"ID scope", info.IDScope},
 				{"Provisioning endpoint (global_endpoint)", info.ProvisioningHost},
@@ -113,6 +154,7 @@ func infoCmd() *cobra.Command {
 				{"Hub service connection string", info.HubServiceConnectionString},
 				{"Hub registry connection string", info.HubRegistryConnectionString},
 				{"CA certificate (trust_bundle_cert)", ca},
+				{"Server certificate", served},
 			})
 		},
 	}
