@@ -544,11 +544,10 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	// The device's payload goes to a custom allocation webhook only; the
 	// result carries the webhook's payload, as in the hosted service.
 	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now}
-	read, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+	prev, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
 	if err != nil {
 		return nil, err
 	}
-	prev := read
 	if prev != nil && prev.CreatedDateTimeUtc != nil {
 		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
 	}
@@ -611,7 +610,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 			rec.StorageRootKey = att.challenge.StorageRootKey
 		}
 	}
-	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
+	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{prev, etag}); err != nil {
 		return nil, err
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
