@@ -200,9 +200,7 @@ func checkCA(ctx context.Context, o serveOptions) error {
 		return nil
 	}
 	files := pki.FilesIn(o.dir)
-	_, certErr := os.Stat(files.CACert)
-	_, keyErr := os.Stat(files.CAKey)
-	if !errors.Is(certErr, os.ErrNotExist) || !errors.Is(keyErr, os.ErrNotExist) {
+	if !files.NoCA() {
 		return nil // there, or half there, which pki.Ensure explains
 	}
 	// Read as it is: one of an older version has devices too.

@@ -27,6 +27,20 @@ type Files struct {
 	CACert, CAKey, ServerCert, ServerKey string
 }
 
+// NoCA reports whether neither of the local CA's files exists: a new
+// installation, or one whose tls/ was lost.
+func (f Files) NoCA() bool {
+	cert, key := f.missingCA()
+	return cert && key
+}
+
+// missingCA says which of the local CA's files do not exist.
+func (f Files) missingCA() (cert, key bool) {
+	_, certErr := os.Stat(f.CACert)
+	_, keyErr := os.Stat(f.CAKey)
+	return errors.Is(certErr, os.ErrNotExist), errors.Is(keyErr, os.ErrNotExist)
+}
+
 // FilesIn names the files under dir/tls.
 func FilesIn(dir string) Files {
 	d := filepath.Join(dir, "tls")
@@ -50,12 +64,10 @@ func Ensure(f Files, hosts []string) error {
 	if err := os.MkdirAll(filepath.Dir(f.CACert), 0o700); err != nil {
 		return err
 	}
-	_, certErr := os.Stat(f.CACert)
-	_, keyErr := os.Stat(f.CAKey)
 	var ca *x509.Certificate
 	var caKey *ecdsa.PrivateKey
 	var err error
-	switch certMissing, keyMissing := errors.Is(certErr, os.ErrNotExist), errors.Is(keyErr, os.ErrNotExist); {
+	switch certMissing, keyMissing := f.missingCA(); {
 	case certMissing && keyMissing:
 		ca, caKey, err = newCA(f)
 	case certMissing != keyMissing:
