@@ -165,36 +165,39 @@ func sess(c *mqtt.Conn) *session { s, _ := c.Value().(*session); return s }
 // clientID being "{device}" or "{device}/{module}" as the CONNECT's client
 // ID says (device IDs may hold '?', which the SDKs do not encode; they may
 // not hold '/'). Some clients leave out the '?'. It returns the hub, the
-// identity and the query (where a Plug and Play device announces its model).
-func parseUsername(u, clientID string) (host string, r hub.Ref, query url.Values, ok bool) {
+// identity and the raw query (where a Plug and Play device announces its
+// model: announcedModel).
+func parseUsername(u, clientID string) (host string, r hub.Ref, query string, ok bool) {
 	host, rest, _ := strings.Cut(u, "/")
 	device, module, hasModule := strings.Cut(clientID, "/")
 	rest, found := strings.CutPrefix(rest, clientID)
 	if host == "" || device == "" || hasModule && (module == "" || strings.Contains(module, "/")) || !found {
-		return "", hub.Ref{}, nil, false
+		return "", hub.Ref{}, "", false
 	}
 	if rest != "" && !strings.HasPrefix(rest, "/") && !strings.HasPrefix(rest, "?") {
-		return "", hub.Ref{}, nil, false
+		return "", hub.Ref{}, "", false
 	}
 	rest = strings.TrimPrefix(rest, "/")
 	if rest != "" {
 		q := strings.TrimPrefix(rest, "?")
 		first, _, _ := strings.Cut(q, "=")
 		if strings.ContainsAny(first, "/?") || !strings.HasPrefix(q, "api-version=") && !strings.Contains(q, "&api-version=") {
-			return "", hub.Ref{}, nil, false
+			return "", hub.Ref{}, "", false
 		}
-		// Split by hand: url.ParseQuery drops a pair with a ';', and model
-		// IDs ("dtmi:com:example:Thermostat;1") go unencoded.
-		query = url.Values{}
-		for pair := range strings.SplitSeq(q, "&") {
-			k, v, _ := strings.Cut(pair, "=")
-			if dec, err := url.QueryUnescape(v); err == nil {
-				v = dec
-			}
-			query.Add(k, v)
-		}
+		query = q
 	}
 	return host, hub.Ref{Device: device, Module: module}, query, true
+}
+
+// announcedModel is the model-id of a username's query. Not through
+// url.ParseQuery, which drops a pair with a ';': the Node SDK sends model
+// IDs ("dtmi:com:example:Thermostat;1") unencoded, others encode them.
+func announcedModel(query string) string {
+	m := rawParam(query, "model-id")
+	if dec, err := url.QueryUnescape(m); err == nil {
+		return dec
+	}
+	return m
 }
 
 // Authenticate accepts a device whose username names it on this hub, whose
@@ -221,7 +224,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if err != nil {
 		return refusal(r, err)
 	}
-	grant.ModelID = query.Get("model-id")
+	grant.ModelID = announcedModel(query)
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
 	d.mu.Lock()

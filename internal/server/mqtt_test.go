@@ -693,8 +693,8 @@ func TestParseUsername(t *testing.T) {
 		{"h.example/d1//?api-version=2021-04-12", "d1/", "", "", "", false},
 	} {
 		_, r, q, ok := parseUsername(c.username, c.clientID)
-		if ok != c.ok || ok && (r.Device != c.device || r.Module != c.module || q.Get("model-id") != c.model) {
-			t.Errorf("%q with client ID %q: %+v, model %q, ok %v", c.username, c.clientID, r, q.Get("model-id"), ok)
+		if ok != c.ok || ok && (r.Device != c.device || r.Module != c.module || announcedModel(q) != c.model) {
+			t.Errorf("%q with client ID %q: %+v, model %q, ok %v", c.username, c.clientID, r, announcedModel(q), ok)
 		}
 	}
 }
