@@ -55,7 +55,7 @@ func (s *siteInfo) served() *servedCertificate {
 		return nil
 	}
 	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 2 * time.Second}, Config: &tls.Config{InsecureSkipVerify: true, ServerName: ep.Hostname()}}
-	conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", cmp.Or(ep.Port(), "443")))
+	conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", portOf(ep)))
 	if err != nil {
 		return nil
 	}

@@ -103,15 +103,7 @@ func TestReplicasOnOneDatabase(t *testing.T) {
 	hc.Close()
 
 	// Concurrent retries of one symmetric-key device, through both replicas.
-	var e struct {
-		Attestation struct {
-			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
-		} `json:"attestation"`
-	}
-	if err := json.Unmarshal([]byte(a.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "rep-sym", "-o", "json")), &e); err != nil {
-		t.Fatal(err)
-	}
-	key, _ := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
+	key := a.symmetricKeyEnrollment("rep-sym")
 	var wg sync.WaitGroup
 	errs := make(chan error, 8)
 	for range 8 {
@@ -167,22 +159,15 @@ func TestDatabaseOutage(t *testing.T) {
 	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
 		t.Fatal(err)
 	}
-	var e struct {
-		Attestation struct {
-			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
-		} `json:"attestation"`
-	}
-	if err := json.Unmarshal([]byte(c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "dev-1", "-o", "json")), &e); err != nil {
+	key := c.symmetricKeyEnrollment("dev-1")
+	lb, err := info.loopback()
+	if err != nil {
 		t.Fatal(err)
 	}
-	key, _ := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
-	caPEM, _ := os.ReadFile(filepath.Join(c.dataDir, "tls", "ca.pem"))
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(caPEM)
-	tlsConf := &tls.Config{RootCAs: roots, ServerName: "localhost"}
+	tlsConf := lb.tls
 	httpClient := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: tlsConf,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
-			return (&net.Dialer{}).DialContext(ctx, network, "127.0.0.1:"+strconv.Itoa(c.httpsPort))
+			return (&net.Dialer{}).DialContext(ctx, network, strings.TrimPrefix(lb.url, "https://"))
 		}}}
 	device := &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: "dev-1", HTTP: httpClient, MaxPolls: 5}
 	res, err := device.RegisterSymmetricKey(context.Background(), key)
@@ -244,4 +229,22 @@ func TestDatabaseOutage(t *testing.T) {
 	if st := health(); st != http.StatusOK {
 		t.Errorf("/healthz once the database is back: HTTP %d", st)
 	}
+}
+
+// symmetricKeyEnrollment enrolls regID with a symmetric key, and returns it.
+func (c *cli) symmetricKeyEnrollment(regID string) []byte {
+	c.t.Helper()
+	var e struct {
+		Attestation struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"attestation"`
+	}
+	if err := json.Unmarshal([]byte(c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", regID, "-o", "json")), &e); err != nil {
+		c.t.Fatal(err)
+	}
+	key, err := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return key
 }
