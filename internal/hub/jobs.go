@@ -13,6 +13,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub/query"
 	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // Jobs update the twins of, or call a direct method on, every device a
@@ -88,7 +89,7 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 		if u := j.UpdateTwin; u != nil {
 			tags = u.Tags
 			if u.Properties != nil {
-				desired = withoutMeta(u.Properties.Desired)
+				desired = twindoc.WithoutMeta(u.Properties.Desired)
 			}
 		}
 		if len(tags) == 0 && len(desired) == 0 {

@@ -27,7 +27,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 	setsDesired := p.Properties != nil && (p.Properties.Desired != nil || replace)
 	var desired map[string]any
 	if setsDesired {
-		desired = withoutMeta(p.Properties.Desired)
+		desired = twindoc.WithoutMeta(p.Properties.Desired)
 	}
 	if err := checkTwinPatch(p.Tags, desired); err != nil {
 		return nil, err
@@ -92,7 +92,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 // the new reported version.
 func (s *Service) UpdateReported(ctx context.Context, r Ref, patch map[string]any) (int64, error) {
 	now := s.Now().UTC()
-	patch = withoutMeta(patch)
+	patch = twindoc.WithoutMeta(patch)
 	if err := checkPatch("properties.reported", patch); err != nil {
 		return 0, err
 	}
@@ -145,14 +145,6 @@ func checkSize(where string, doc map[string]any, limit int) error {
 		return azerr.BadRequest("%v", err)
 	}
 	return nil
-}
-
-// withoutMeta drops the read-only $version and $metadata a client may echo back.
-func withoutMeta(m map[string]any) map[string]any {
-	out := maps.Clone(m)
-	delete(out, "$version")
-	delete(out, "$metadata")
-	return out
 }
 
 // twinLock serializes the desired-property writes of one twin (striped, so

@@ -132,6 +132,15 @@ func CheckSize(where string, doc map[string]any, limit int) error {
 	return nil
 }
 
+// WithoutMeta is a property document without the read-only $version and
+// $metadata that a twin read carries and a client may echo back.
+func WithoutMeta(m map[string]any) map[string]any {
+	out := maps.Clone(m)
+	delete(out, "$version")
+	delete(out, "$metadata")
+	return out
+}
+
 // ReplacePatch is the merge patch that turns old into new: new's values,
 // and null for whatever old has that new does not, at any depth — devices
 // merge the patches they hear, so a replaced document must say what went.

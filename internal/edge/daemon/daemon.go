@@ -531,9 +531,7 @@ func withoutVersion(reported []byte) []byte {
 	if json.Unmarshal(reported, &doc) != nil || doc == nil {
 		return nil
 	}
-	delete(doc, "$version")
-	delete(doc, "$metadata")
-	b, _ := json.Marshal(doc)
+	b, _ := json.Marshal(twindoc.WithoutMeta(doc))
 	return b
 }
 
