@@ -55,16 +55,6 @@ func repoRoot(t testing.TB) string {
 	return root
 }
 
-// missing fails the test under CI=true, where every tool must be
-// installed, and skips it elsewhere.
-func missing(t testing.TB, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf(format, args...)
-	}
-	t.Skipf(format, args...)
-}
-
 // buildDeb builds the package once for all the tests and returns its path.
 func buildDeb(t testing.TB) string {
 	t.Helper()

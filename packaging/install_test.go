@@ -47,7 +47,7 @@ mount -t tmpfs -o mode=0755 tmpfs "$r/run"
 func requireRoot(t *testing.T) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		missing(t, "installing the package in a scratch root needs root (mount, chroot): run the tests as root")
+		testutil.Missing(t, "installing the package in a scratch root needs root (mount, chroot): run the tests as root")
 	}
 	for _, c := range []string{"unshare", "chroot", "nsenter"} {
 		testutil.Require(t, c, "util-linux")
@@ -128,7 +128,7 @@ exec chroot "$r" /bin/sh /hatchery-test/steps.sh
 	out, err := exec.Command("unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", w).CombinedOutput()
 	if err != nil {
 		if bytes.Contains(out, []byte("mount")) && !bytes.Contains(out, []byte("dpkg")) {
-			missing(t, "cannot mount an overlay of / here: %v\n%s", err, out)
+			testutil.Missing(t, "cannot mount an overlay of / here: %v\n%s", err, out)
 		}
 		t.Fatalf("install in an overlay: %v\n%s", err, out)
 	}
@@ -228,11 +228,11 @@ func bootSystemd(t *testing.T, w string, dockerSock bool) *bootedSystemd {
 	t.Helper()
 	systemd := "/lib/systemd/systemd"
 	if _, err := os.Stat(systemd); err != nil {
-		missing(t, "%s is missing: install the Debian package systemd", systemd)
+		testutil.Missing(t, "%s is missing: install the Debian package systemd", systemd)
 	}
 	cgRoot := cgroup2Root()
 	if cgRoot == "" {
-		missing(t, "no cgroup2 hierarchy is mounted: systemd cannot run in a namespace here")
+		testutil.Missing(t, "no cgroup2 hierarchy is mounted: systemd cannot run in a namespace here")
 	}
 	// systemd gets a cgroup of its own, which its cgroup namespace makes
 	// its root.
@@ -312,7 +312,7 @@ exec chroot "$r" /usr/bin/env container=hatchery-test ` + systemd + ` --system -
 		case err := <-exited:
 			exited <- err
 			if strings.Contains(out.String(), "mount") {
-				missing(t, "cannot boot systemd in namespaces here: %v\n%s", err, out.String())
+				testutil.Missing(t, "cannot boot systemd in namespaces here: %v\n%s", err, out.String())
 			}
 			t.Fatalf("systemd did not start: %v\n%s", err, out.String())
 		default:

@@ -5,7 +5,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io/fs"
 	"net"
 	"net/url"
 	"os"
@@ -78,7 +80,10 @@ func (s *siteInfo) served() *servedCertificate {
 func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	dir, _ := cmd.Flags().GetString("data-dir")
 	raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
-	if err != nil {
+	switch {
+	case errors.Is(err, fs.ErrPermission):
+		return nil, nil, fmt.Errorf("the installation in %s is not yours to read (%v): run the command as root, or as the user who serves it", dir, err)
+	case err != nil:
 		return nil, nil, fmt.Errorf("no Hatchery installation in %s (%v): start `hatchery serve --data-dir %s` first", dir, err, dir)
 	}
 	var ep endpoint

@@ -29,7 +29,30 @@ func main() {
 	}
 }
 
-func defaultDataDir() string {
+// packagedDataDir is where the Debian package's hatchery service keeps
+// its state, as user hatchery.
+const packagedDataDir = "/var/lib/hatchery"
+
+// defaultDataDir is $HATCHERY_DATA_DIR, else the user's own data directory
+// when it exists, else the package's service's (`sudo hatchery enrollment
+// list` on a machine that runs it), else the user's own, to be created.
+func defaultDataDir() string { return preferPackaged(userDataDir(), packagedDataDir) }
+
+func preferPackaged(own, packaged string) string {
+	if os.Getenv("HATCHERY_DATA_DIR") != "" {
+		return own
+	}
+	if _, err := os.Stat(own); err != nil {
+		if _, err := os.Stat(packaged); err == nil {
+			return packaged
+		}
+	}
+	return own
+}
+
+// userDataDir is serve's default data directory: the package's belongs to
+// its service.
+func userDataDir() string {
 	if d := os.Getenv("HATCHERY_DATA_DIR"); d != "" {
 		return d
 	}

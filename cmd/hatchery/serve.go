@@ -23,10 +23,12 @@ import (
 
 	"github.com/hatchery/hatchery/internal/connlimit"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/fileowner"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/pki"
+	"github.com/hatchery/hatchery/internal/sdnotify"
 	"github.com/hatchery/hatchery/internal/server"
 	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/tlsrefusal"
@@ -76,7 +78,6 @@ func serveCmd() *cobra.Command {
 			"On first start it creates the data directory, a local CA and a server certificate\n" +
 			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			o.dir, _ = cmd.Flags().GetString("data-dir")
 			o.database = database(cmd)
 			var level slog.Level
 			if err := level.UnmarshalText([]byte(logLevel)); err != nil {
@@ -86,6 +87,8 @@ func serveCmd() *cobra.Command {
 			return serve(cmd.Context(), o)
 		},
 	}
+	// Its own --data-dir: the CLI's default may be the package's service's.
+	cmd.Flags().StringVar(&o.dir, "data-dir", userDataDir(), "directory holding the database, TLS material and settings")
 	h, _ := os.Hostname()
 	cmd.Flags().StringVar(&o.host, "hostname", h, "host name devices and SDKs use for the provisioning service and the hub")
 	cmd.Flags().IntVar(&o.port, "https-port", 443, "HTTPS port (the Azure SDKs expect 443)")
@@ -119,7 +122,14 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	o.dir = dir
-	if fi, err := os.Stat(o.dir); err == nil && fi.Mode().Perm()&0o077 != 0 {
+	fi, err := os.Stat(o.dir)
+	if err != nil {
+		return err
+	}
+	if err := rootMayServe(o.dir, fi); err != nil {
+		return err
+	}
+	if fi.Mode().Perm()&0o077 != 0 {
 		slog.Warn("the data directory holds the CA key and every device's keys, and others may read it: chmod 700 it",
 			"dir", o.dir, "mode", fi.Mode().Perm().String())
 	}
@@ -169,6 +179,22 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	return run(ctx, o, hubSvc, dpsSvc, tlsConfig, ln, mqttLn)
+}
+
+// rootMayServe keeps root from serving a data directory that another
+// user's server serves, such as the package's service, user hatchery, in
+// /var/lib/hatchery: the files root would create there (locks, a renewed
+// certificate) would keep that server from starting again.
+func rootMayServe(dir string, fi os.FileInfo) error {
+	st, ok := fi.Sys().(*syscall.Stat_t)
+	if os.Geteuid() != 0 || !ok || st.Uid == 0 {
+		return nil
+	}
+	hint := "run serve as that user, or serve another --data-dir"
+	if dir == packagedDataDir {
+		hint = "it is the hatchery service's: `sudo systemctl start hatchery` serves it, as user hatchery"
+	}
+	return fmt.Errorf("the data directory %s is not root's (%s): %s", dir, fileowner.Describe(fi), hint)
 }
 
 func (o *serveOptions) check() error {
@@ -315,6 +341,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	go func() {
 		defer close(stopped)
 		<-ctx.Done()
+		_ = sdnotify.Stopping()
 		slog.Info("hatchery stopping: finishing requests in flight for up to 5 s, then closing device connections")
 		shut, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -324,6 +351,9 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		_ = devices.Close()
 	}()
 	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
+	if err := sdnotify.Ready(); err != nil {
+		slog.Warn("could not tell systemd the server is ready", "err", err)
+	}
 	if err := srv.ServeTLS(ln, "", ""); !errors.Is(err, http.ErrServerClosed) {
 		return err
 	}

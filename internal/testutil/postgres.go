@@ -51,14 +51,14 @@ func StartPostgres(tb testing.TB) *Postgres {
 	tb.Helper()
 	bin := pgBinDir()
 	if bin == "" {
-		missing(tb, "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin: install the Debian package postgresql (apt-get install postgresql)")
+		Missing(tb, "PostgreSQL server binaries (initdb, pg_ctl) not found under /usr/lib/postgresql/*/bin: install the Debian package postgresql (apt-get install postgresql)")
 	}
 	pg := &Postgres{bin: bin}
 	var uid, gid int = -1, -1
 	if os.Geteuid() == 0 {
 		u, err := user.Lookup("postgres")
 		if err != nil {
-			missing(tb, "running as root, and there is no postgres user to run PostgreSQL as (the Debian package postgresql creates it): %v", err)
+			Missing(tb, "running as root, and there is no postgres user to run PostgreSQL as (the Debian package postgresql creates it): %v", err)
 		}
 		pg.runAs = "postgres"
 		uid, _ = strconv.Atoi(u.Uid)

@@ -27,18 +27,17 @@ func Require(t testing.TB, command, hint string) {
 	if _, err := exec.LookPath(command); err == nil {
 		return
 	}
-	missing(t, "%s is not on PATH: install the Debian package %s (apt-get install %s)", command, hint, hint)
+	Missing(t, "%s is not on PATH: install the Debian package %s (apt-get install %s)", command, hint, hint)
 }
 
-// missing fails the test under CI=true, where every dependency must be
-// installed, and skips it elsewhere.
-func missing(t testing.TB, format string, args ...any) {
+// Missing fails the test under CI=true, where every dependency must be
+// installed and the tests run as root, and skips it elsewhere, saying so.
+func Missing(t testing.TB, format string, args ...any) {
 	t.Helper()
 	if os.Getenv("CI") == "true" {
 		t.Fatalf(format, args...)
-	} else {
-		t.Skipf(format, args...)
 	}
+	t.Skipf(format+" (under CI=true this fails)", args...)
 }
 
 // SeedsDir returns the directory of the seed documents: $HATCHERY_SEEDS, or
@@ -65,7 +64,7 @@ func SeedsDir(t testing.TB) string {
 		dir = filepath.Join(root, "..", "shared", "seeds")
 	}
 	if fi, err := os.Stat(dir); err != nil || !fi.IsDir() {
-		missing(t, "seed documents not found at %s: set HATCHERY_SEEDS to their directory", dir)
+		Missing(t, "seed documents not found at %s: set HATCHERY_SEEDS to their directory", dir)
 	}
 	return dir
 }

@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 //go:embed testdata/modbin/main.go
@@ -44,7 +45,7 @@ func New(t testing.TB) *Env {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := e.Ping(ctx); err != nil {
-		missing(t, "%v (Debian package docker.io; scripts/install-test-deps.sh starts dockerd)", err)
+		testutil.Missing(t, "%v (Debian package docker.io; scripts/install-test-deps.sh starts dockerd)", err)
 	}
 	e.Owner = "test-" + ID()
 	env := &Env{Engine: e, t: t}
@@ -57,16 +58,6 @@ func ID() string {
 	b := make([]byte, 4)
 	rand.Read(b)
 	return hex.EncodeToString(b)
-}
-
-// missing fails the test under CI=true, where the engine must run, and
-// skips it elsewhere (the pattern of internal/testutil).
-func missing(t testing.TB, format string, args ...any) {
-	t.Helper()
-	if os.Getenv("CI") == "true" {
-		t.Fatalf(format, args...)
-	}
-	t.Skipf(format, args...)
 }
 
 // Image imports the modbin image as hatchery-test/modbin:<tag> (random
@@ -137,7 +128,7 @@ func rootfs(t testing.TB) []byte {
 	t.Helper()
 	gotool, err := exec.LookPath("go")
 	if err != nil {
-		missing(t, "building the test module image needs the go command on PATH")
+		testutil.Missing(t, "building the test module image needs the go command on PATH")
 	}
 	built.once.Do(func() { built.tar, built.err = buildRootfs(gotool) })
 	if built.err != nil {

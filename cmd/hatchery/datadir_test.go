@@ -1,0 +1,120 @@
+package main
+
+import (
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
+)
+
+func TestDefaultDataDir(t *testing.T) {
+	t.Setenv("HATCHERY_DATA_DIR", "")
+	dir := t.TempDir()
+	own, packaged := filepath.Join(dir, "own"), filepath.Join(dir, "packaged")
+	if got := preferPackaged(own, packaged); got != own {
+		t.Errorf("neither exists: %s, want the user's own, to be created", got)
+	}
+	if err := os.Mkdir(packaged, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if got := preferPackaged(own, packaged); got != packaged {
+		t.Errorf("only the package's exists: %s, want it", got)
+	}
+	if err := os.Mkdir(own, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if got := preferPackaged(own, packaged); got != own {
+		t.Errorf("both exist: %s, want the user's own", got)
+	}
+	t.Setenv("HATCHERY_DATA_DIR", filepath.Join(dir, "named"))
+	if got := preferPackaged(filepath.Join(dir, "named"), packaged); got != filepath.Join(dir, "named") {
+		t.Errorf("HATCHERY_DATA_DIR: %s, want it", got)
+	}
+}
+
+// Root serving another user's data directory would leave it files that
+// user's server cannot open: serve refuses, and touches nothing there.
+func TestRootServingAnotherUsersDataDir(t *testing.T) {
+	if os.Geteuid() != 0 {
+		testutil.Missing(t, "giving a data directory to another user needs root: run the tests as root")
+	}
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: filepath.Join(t.TempDir(), "data")}
+	c.build()
+	if err := os.Mkdir(c.dataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chown(c.dataDir, 65534, 65534); err != nil {
+		t.Fatal(err)
+	}
+	out, err := c.run("serve", "--hostname", "localhost", "--https-port", strconv.Itoa(testutil.FreePort(t)),
+		"--mqtt-port", strconv.Itoa(testutil.FreePort(t)))
+	if err == nil || !strings.Contains(out, "is not root's") || !strings.Contains(out, "run serve as that user") {
+		t.Errorf("serve as root on a directory of uid 65534: %v\n%s", err, out)
+	}
+	if left, _ := os.ReadDir(c.dataDir); len(left) > 0 {
+		t.Errorf("serve left %d files in the directory it refused, %s first", len(left), left[0].Name())
+	}
+}
+
+// Under systemd (Type=notify), serve says when its ports are open and when
+// it stops, over the socket $NOTIFY_SOCKET names.
+func TestServeNotifiesSystemd(t *testing.T) {
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: filepath.Join(t.TempDir(), "data")}
+	c.build()
+	sock := filepath.Join(t.TempDir(), "notify")
+	notes, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer notes.Close()
+	port := testutil.FreePort(t)
+	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "localhost",
+		"--https-port", strconv.Itoa(port), "--mqtt-port", strconv.Itoa(testutil.FreePort(t)))
+	srv.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock)
+	log := &testutil.SyncBuffer{}
+	srv.Stdout, srv.Stderr = log, log
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer func() {
+		_ = srv.Process.Kill()
+		_ = srv.Wait()
+		if t.Failed() {
+			t.Logf("server log:\n%s", log.String())
+		}
+	}()
+	receive := func() string {
+		_ = notes.SetReadDeadline(time.Now().Add(30 * time.Second))
+		b := make([]byte, 256)
+		n, err := notes.Read(b)
+		if err != nil {
+			t.Fatalf("waiting for serve's notification: %v", err)
+		}
+		return string(b[:n])
+	}
+	if got := receive(); got != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", got)
+	}
+	// Ready means ready: the port answers and the CLI finds the server.
+	conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(port))
+	if err != nil {
+		t.Fatalf("READY=1, but the HTTPS port refuses: %v", err)
+	}
+	conn.Close()
+	if _, err := os.Stat(filepath.Join(c.dataDir, endpointFile)); err != nil {
+		t.Fatalf("READY=1 before %s was written: %v", endpointFile, err)
+	}
+	if err := srv.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if got := receive(); got != "STOPPING=1" {
+		t.Errorf("after SIGTERM %q, want STOPPING=1", got)
+	}
+}
