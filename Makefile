@@ -33,8 +33,9 @@ $(STATICCHECK):
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./internal/...
 
-# The device runtime as a Debian package (dist/hatchery-iotedge_*.deb):
-# binaries, systemd units, udev rule, config template, users and groups.
+# The Debian packages: dist/hatchery_*.deb (the server as a systemd service,
+# and the CLI) and dist/hatchery-iotedge_*.deb (the device runtime: binaries,
+# systemd units, udev rule, config template, users and groups).
 # VERSION=... overrides the version; see packaging/README.md.
 .PHONY: deb
 deb:

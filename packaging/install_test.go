@@ -1,13 +1,14 @@
 package packaging
 
-// The package installed for real, without touching this machine: dpkg runs
-// in a chroot on an overlay of / (writes land in a scratch directory) in a
-// private mount namespace. TestInstallWithoutSystemd runs the maintainer
-// scripts as on a machine without systemd; TestSeedFlowUnderSystemd boots
-// systemd in its own namespaces (pid, mount, network: only loopback) on
-// such an overlay and runs the seed's steps against the installed units:
-// a swtpm TPM, a Hatchery service, `iotedge config apply`, `system status`
-// and `system logs`, an upgrade, `system stop` and a purge.
+// The packages installed for real, without touching this machine: dpkg
+// runs in a chroot on an overlay of / (writes land in a scratch directory)
+// in a private mount namespace. TestInstallWithoutSystemd runs the
+// maintainer scripts as on a machine without systemd;
+// TestSeedFlowUnderSystemd boots systemd in its own namespaces (pid, mount,
+// network: only loopback) on such an overlay and runs the seed's steps
+// against the installed units: a swtpm TPM, the hatchery service as the
+// package starts it, `iotedge config apply`, `system status` and `system
+// logs`, an upgrade, `system stop` and a purge.
 // Both need root (mount, chroot, namespaces).
 
 import (
@@ -28,8 +29,9 @@ import (
 )
 
 // overlaySetup mounts an overlay of / at $w/root, with $w/upper taking the
-// writes, and copies the package there as /hatchery-test/pkg.deb. It runs
-// in a private mount namespace: the mounts vanish with it.
+// writes, and copies the packages there as /hatchery-test/{hatchery,
+// iotedge}.deb. It runs in a private mount namespace: the mounts vanish
+// with it.
 const overlaySetup = `set -eu
 w=$1
 mount --make-rprivate /
@@ -37,8 +39,7 @@ mkdir -p "$w/upper" "$w/work" "$w/root"
 mount -t overlay overlay -o "lowerdir=/,upperdir=$w/upper,workdir=$w/work" "$w/root"
 r=$w/root
 mkdir -p "$r/hatchery-test"
-cp "$w/pkg.deb" "$r/hatchery-test/pkg.deb"
-if [ -f "$w/hatchery" ]; then cp "$w/hatchery" "$r/hatchery-test/hatchery"; fi
+cp "$w/hatchery.deb" "$w/iotedge.deb" "$r/hatchery-test/"
 mount -t proc proc "$r/proc"
 mount -t tmpfs -o mode=0755 tmpfs "$r/run"
 `
@@ -54,19 +55,21 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// scratch returns a directory for an overlay, with the package in it.
+// scratch returns a directory for an overlay, with the packages in it.
 func scratch(t *testing.T) string {
 	t.Helper()
 	w, err := os.MkdirTemp(debDir, "overlay")
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := os.ReadFile(buildDeb(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(filepath.Join(w, "pkg.deb"), b, 0o644); err != nil {
-		t.Fatal(err)
+	for pkg, name := range map[string]string{"hatchery": "hatchery.deb", "hatchery-iotedge": "iotedge.deb"} {
+		b, err := os.ReadFile(buildDeb(t, pkg))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(w, name), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
 	}
 	return w
 }
@@ -91,7 +94,7 @@ func TestInstallWithoutSystemd(t *testing.T) {
 cd /hatchery-test
 pkg() { dpkg --force-depends "$@" >>dpkg.log 2>&1 || { echo "dpkg $*: failed"; cat dpkg.log; exit 1; }; }
 st() { stat -c '%U:%G:%a' "$1" 2>/dev/null || echo absent; }
-pkg -i pkg.deb
+pkg -i iotedge.deb
 echo "user.iotedge=$(getent passwd iotedge | cut -d: -f6,7)"
 echo "user.aziottpm=$(getent passwd aziottpm | cut -d: -f6,7)"
 echo "groups.iotedge=$(id -nG iotedge)"
@@ -104,7 +107,7 @@ echo "stat.udev=$(st /lib/udev/rules.d/70-hatchery-aziottpm.rules)"
 # configure (here a reinstall) gives both to the services.
 cp /etc/aziot/config.toml.edge.template /etc/aziot/config.toml
 touch /var/lib/aziot/edged/device_info.json
-pkg -i pkg.deb
+pkg -i iotedge.deb
 echo "reinstall.users=$(grep -c -E '^(iotedge|aziottpm):' /etc/passwd)"
 echo "stat.config=$(st /etc/aziot/config.toml)"
 echo "stat.backup=$(st /var/lib/aziot/edged/device_info.json)"
@@ -117,6 +120,26 @@ echo "purged.template=$(st /etc/aziot/config.toml.edge.template)"
 echo "purged.config=$(st /etc/aziot/config.toml)"
 echo "purged.state=$(st /var/lib/aziot)"
 echo "purged.user=$(getent passwd iotedge >/dev/null && echo kept || echo gone)"
+
+# The service: installed, enabled, not started (no systemd runs here).
+pkg -i hatchery.deb
+echo "user.hatchery=$(getent passwd hatchery | cut -d: -f6,7)"
+echo "stat.data=$(st /var/lib/hatchery)"
+echo "stat.default=$(st /etc/default/hatchery)"
+echo "enabled.hatchery=$(test -L /etc/systemd/system/multi-user.target.wants/hatchery.service && echo yes)"
+# State a server left as root goes to the service at the next configure.
+touch /var/lib/hatchery/hatchery.db
+pkg -i hatchery.deb
+echo "stat.db=$(st /var/lib/hatchery/hatchery.db)"
+# Root's CLI finds the service's installation (an empty one: no endpoint.json).
+echo "cli.dir=$(HOME=/nonexistent hatchery info 2>&1 | grep -o '/var/lib/hatchery' | head -n 1)"
+pkg -r hatchery
+echo "removed.hatchery=$(st /usr/bin/hatchery)"
+echo "removed.data=$(st /var/lib/hatchery)"
+pkg -P hatchery
+echo "purged.data=$(st /var/lib/hatchery)"
+echo "purged.default=$(st /etc/default/hatchery)"
+echo "purged.enabled=$(st /etc/systemd/system/multi-user.target.wants/hatchery.service)"
 `
 	if err := os.WriteFile(filepath.Join(w, "steps.sh"), []byte(steps), 0o755); err != nil {
 		t.Fatal(err)
@@ -151,6 +174,17 @@ exec chroot "$r" /bin/sh /hatchery-test/steps.sh
 		"purged.config":    "absent",
 		"purged.state":     "absent",
 		"purged.user":      "kept",
+		"user.hatchery":    "/nonexistent:/usr/sbin/nologin",
+		"stat.data":        "hatchery:hatchery:700",
+		"stat.default":     "root:hatchery:640",
+		"enabled.hatchery": "yes",
+		"stat.db":          "hatchery:hatchery:644",
+		"cli.dir":          "/var/lib/hatchery",
+		"removed.hatchery": "absent",
+		"removed.data":     "hatchery:hatchery:700",
+		"purged.data":      "absent",
+		"purged.default":   "absent",
+		"purged.enabled":   "absent",
 	} {
 		if got[k] != want {
 			t.Errorf("%s: %q, want %q", k, got[k], want)
@@ -253,7 +287,7 @@ mount -t devpts -o newinstance,ptmxmode=0666 devpts "$r/dev/pts"
 ln -s pts/ptmx "$r/dev/ptmx"; ln -s /proc/self/fd "$r/dev/fd"
 ` + bind + `ip link set lo up 2>/dev/null || true
 echo hatchery-test >"$r/etc/hostname"
-chroot "$r" dpkg --force-depends -i /hatchery-test/pkg.deb >"$w/dpkg.log" 2>&1 || { cat "$w/dpkg.log"; exit 1; }
+chroot "$r" dpkg --force-depends -i /hatchery-test/iotedge.deb >"$w/dpkg.log" 2>&1 || { cat "$w/dpkg.log"; exit 1; }
 # Only what the test needs starts: journald. Docker's units are masked (the
 # machine's engine, when it runs, is bound in above).
 cat >"$r/etc/systemd/system/hatchery-test.target" <<EOF
@@ -352,18 +386,24 @@ func TestSeedFlowUnderSystemd(t *testing.T) {
 	requireRoot(t)
 	testutil.Require(t, "swtpm", "swtpm")
 	w := scratch(t)
-	testutil.Run(t, exec.Command("go", "build", "-o", filepath.Join(w, "hatchery"), filepath.Join(repoRoot(t), "cmd", "hatchery")))
 	engine := dockerAnswers()
 	s := bootSystemd(t, w, engine)
 
-	// A TPM and a Hatchery service, on the namespace's loopback.
+	// A TPM, and the hatchery service as its package installs and starts
+	// it: under the machine's host name, which the device here cannot
+	// resolve, so /etc/default/hatchery names localhost. Type=notify: once
+	// systemctl returns, the CLI finds the server.
 	const tcti = "swtpm:host=127.0.0.1,port=2321"
-	const hatchery = "/hatchery-test/hatchery --data-dir /var/lib/hatchery-test"
 	s.must(`mkdir -p /var/lib/swtpm-test
 systemd-run --quiet --unit=swtpm-test swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-test \
   --server type=tcp,port=2321,bindaddr=127.0.0.1 --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 \
   --flags not-need-init,startup-clear
-systemd-run --quiet --unit=hatchery-serve ` + hatchery + ` serve --hostname localhost`)
+rm -rf /root/.local/share/hatchery
+dpkg --force-depends -i /hatchery-test/hatchery.deb
+systemctl is-active hatchery
+sed -i 's/^HATCHERY_SERVE_OPTS=.*/HATCHERY_SERVE_OPTS="--hostname localhost"/' /etc/default/hatchery
+systemctl restart hatchery`)
+	const hatchery = "hatchery" // as root, on the service's /var/lib/hatchery
 
 	// The seed: the TPM's registration ID and EK, then the enrollment.
 	var info struct{ RegistrationID, EndorsementKey string }
@@ -371,7 +411,6 @@ systemd-run --quiet --unit=hatchery-serve ` + hatchery + ` serve --hostname loca
 	if err := json.Unmarshal([]byte(out), &info); err != nil {
 		t.Fatalf("provision-info: %v\n%s", err, out)
 	}
-	s.eventually(hatchery+" enrollment list", "", 30*time.Second)
 	s.must(fmt.Sprintf("%s enrollment create --attestation-type tpm --registration-id %s --endorsement-key %s --device-id edge-lab-01 --edge-enabled",
 		hatchery, info.RegistrationID, info.EndorsementKey))
 	var svc struct{ IDScope, ProvisioningHost, CACertificate string }
@@ -425,18 +464,28 @@ echo "mgmt.sock=$(st /var/run/iotedge/mgmt.sock)"
 echo "state=$(st /var/lib/aziot/edged)"
 echo "config=$(st /etc/aziot/config.toml)"
 echo "enabled=$(systemctl is-enabled aziot-tpmd iotedged | tr '\n' ' ')"
+echo "hatchery.user=$(stat -c %U /proc/$(systemctl show -p MainPID --value hatchery))"
+echo "hatchery.enabled=$(systemctl is-enabled hatchery)"
+echo "hatchery.data=$(st /var/lib/hatchery)"
+echo "hatchery.db=$(st /var/lib/hatchery/hatchery.db)"
+echo "hatchery.ca=$(st /var/lib/hatchery/tls/ca-key.pem)"
 setpriv --reuid nobody --regid nogroup --groups "$(getent group iotedge | cut -d: -f3)" iotedge list >/dev/null 2>&1 && echo member=ok || echo member=refused
 setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>&1 && echo other=ok || echo other=refused
 `)))
 	for k, want := range map[string]string{
-		"tpmd.user":  "aziottpm",
-		"edged.user": "iotedge",
-		"tpmd.sock":  "aziottpm:iotedge:660",
-		"mgmt.sock":  "iotedge:iotedge:660",
-		"state":      "iotedge:iotedge:700",
-		"enabled":    "enabled enabled ",
-		"member":     "ok",
-		"other":      "refused",
+		"tpmd.user":        "aziottpm",
+		"edged.user":       "iotedge",
+		"tpmd.sock":        "aziottpm:iotedge:660",
+		"mgmt.sock":        "iotedge:iotedge:660",
+		"state":            "iotedge:iotedge:700",
+		"enabled":          "enabled enabled ",
+		"hatchery.user":    "hatchery",
+		"hatchery.enabled": "enabled",
+		"hatchery.data":    "hatchery:hatchery:700",
+		"hatchery.db":      "hatchery:hatchery:600",
+		"hatchery.ca":      "hatchery:hatchery:600",
+		"member":           "ok",
+		"other":            "refused",
 	} {
 		if got[k] != want {
 			t.Errorf("%s: %q, want %q", k, got[k], want)
@@ -446,7 +495,7 @@ setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>
 
 	// An upgrade restarts the running services.
 	pids := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged")
-	s.must("dpkg --force-depends -i /hatchery-test/pkg.deb")
+	s.must("dpkg --force-depends -i /hatchery-test/iotedge.deb")
 	s.eventually("systemctl is-active aziot-tpmd iotedged", "active\nactive", 20*time.Second)
 	if after := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged"); after == pids {
 		t.Errorf("the upgrade did not restart the services: main PIDs %q", strings.Fields(after))
@@ -466,6 +515,31 @@ test -e /var/lib/aziot && echo state=present || echo state=gone
 	for k, want := range map[string]string{"unit": "gone", "links": "gone", "state": "gone"} {
 		if got[k] != want {
 			t.Errorf("after purge, %s: %q, want %q", k, got[k], want)
+		}
+	}
+
+	// The service: an upgrade restarts it (a new main PID, ready again),
+	// keeping the operator's /etc/default/hatchery; a purge stops it and
+	// removes its state.
+	pid := s.must("systemctl show -p MainPID --value hatchery")
+	s.must("dpkg --force-depends -i /hatchery-test/hatchery.deb")
+	if after := s.must("systemctl show -p MainPID --value hatchery"); after == pid || strings.TrimSpace(after) == "0" {
+		t.Errorf("the upgrade did not restart hatchery: main PID %s, then %s", strings.TrimSpace(pid), strings.TrimSpace(after))
+	}
+	if out := s.must(hatchery + " enrollment list"); !strings.Contains(out, info.RegistrationID) {
+		t.Errorf("after the upgrade, the enrollment is gone:\n%s", out)
+	}
+	if out := s.must("grep ^HATCHERY_SERVE_OPTS /etc/default/hatchery"); !strings.Contains(out, "--hostname localhost") {
+		t.Errorf("the upgrade replaced the operator's /etc/default/hatchery: %s", out)
+	}
+	s.must("dpkg -P hatchery")
+	got = keyValues([]byte(s.must(`echo "active=$(systemctl is-active hatchery)"
+test -e /var/lib/hatchery && echo state=present || echo state=gone
+test -e /etc/default/hatchery && echo default=present || echo default=gone
+`)))
+	for k, want := range map[string]string{"active": "inactive", "state": "gone", "default": "gone"} {
+		if got[k] != want {
+			t.Errorf("after purging hatchery, %s: %q, want %q", k, got[k], want)
 		}
 	}
 }

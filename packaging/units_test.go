@@ -55,25 +55,47 @@ func (u unit) one(t *testing.T, section, key string) string {
 	return v[0]
 }
 
-// execFlags parses ExecStart into the binary and its --flag value pairs.
-func execFlags(t *testing.T, u unit) (string, map[string]string) {
+// expect checks the [Service] settings of unit name against want.
+func (u unit) expect(t *testing.T, name string, want map[string]string) {
 	t.Helper()
-	f := strings.Fields(u.one(t, "Service", "ExecStart"))
-	flags := map[string]string{}
-	for i := 1; i < len(f); i += 2 {
+	for k, v := range want {
+		if got := u.one(t, "Service", k); got != v {
+			t.Errorf("%s %s: %q, want %q", name, k, got, v)
+		}
+	}
+}
+
+// execFlags parses ExecStart into the binary, its subcommand (if any) and
+// its --flag value pairs; $VARIABLES (from an EnvironmentFile) are left out.
+func execFlags(t *testing.T, u unit) (bin, sub string, flags map[string]string) {
+	t.Helper()
+	var f []string
+	for _, w := range strings.Fields(u.one(t, "Service", "ExecStart")) {
+		if !strings.HasPrefix(w, "$") {
+			f = append(f, w)
+		}
+	}
+	i := 1
+	if len(f) > 1 && !strings.HasPrefix(f[1], "-") {
+		sub, i = f[1], 2
+	}
+	flags = map[string]string{}
+	for ; i < len(f); i += 2 {
 		if !strings.HasPrefix(f[i], "--") || i+1 == len(f) {
 			t.Fatalf("ExecStart %q: want --flag value pairs", f)
 		}
 		flags[strings.TrimPrefix(f[i], "--")] = f[i+1]
 	}
-	return f[0], flags
+	return f[0], sub, flags
 }
 
 func TestTPMServiceUnit(t *testing.T) {
 	u := readUnit(t, "aziot-tpmd.service")
-	bin, flags := execFlags(t, u)
-	for k, want := range map[string]string{
-		"ExecStart=":           "/usr/bin/aziot-tpmd",
+	bin, _, flags := execFlags(t, u)
+	if bin != "/usr/bin/aziot-tpmd" {
+		t.Errorf("ExecStart runs %s", bin)
+	}
+	u.expect(t, "aziot-tpmd.service", map[string]string{
 		"User":                 "aziottpm",
 		"Group":                "aziottpm",
 		"SupplementaryGroups":  "iotedge",
@@ -85,15 +107,7 @@ func TestTPMServiceUnit(t *testing.T) {
 		"PrivateTmp":           "yes",
 		"DevicePolicy":         "closed",
 		"Restart":              "on-failure",
-	} {
-		got := bin
-		if k != "ExecStart=" {
-			got = u.one(t, "Service", k)
-		}
-		if got != want {
-			t.Errorf("aziot-tpmd.service %s: %q, want %q", k, got, want)
-		}
-	}
+	})
 	for _, dev := range []string{"/dev/tpmrm0 rw", "/dev/tpm0 rw"} {
 		if !slices.Contains(u["Service"]["DeviceAllow"], dev) {
 			t.Errorf("DeviceAllow: %q, want %q", u["Service"]["DeviceAllow"], dev)
@@ -128,11 +142,11 @@ func TestEdgeDaemonUnit(t *testing.T) {
 	if got := u.one(t, "Install", "Alias"); got != "iotedge.service" { // 1.1 documents restart "iotedge"
 		t.Errorf("Alias=%s", got)
 	}
-	bin, flags := execFlags(t, u)
+	bin, _, flags := execFlags(t, u)
 	if bin != "/usr/bin/iotedged" {
 		t.Errorf("ExecStart runs %s", bin)
 	}
-	for k, want := range map[string]string{
+	u.expect(t, "iotedged.service", map[string]string{
 		"User":                 "iotedge",
 		"Group":                "iotedge",
 		"SupplementaryGroups":  "docker",
@@ -142,11 +156,7 @@ func TestEdgeDaemonUnit(t *testing.T) {
 		"Restart":              "on-failure",
 		"NoNewPrivileges":      "yes",
 		"ProtectSystem":        "strict",
-	} {
-		if got := u.one(t, "Service", k); got != want {
-			t.Errorf("iotedged.service %s: %q, want %q", k, got, want)
-		}
-	}
+	})
 	for _, k := range []string{"Wants", "After"} {
 		deps := strings.Fields(strings.Join(u["Unit"][k], " "))
 		for _, want := range []string{"docker.service", "aziot-tpmd.service"} {
@@ -171,14 +181,61 @@ func TestEdgeDaemonUnit(t *testing.T) {
 	}
 }
 
+func TestServiceUnit(t *testing.T) {
+	u := readUnit(t, "hatchery.service")
+	bin, sub, flags := execFlags(t, u)
+	if bin != "/usr/bin/hatchery" || sub != "serve" {
+		t.Errorf("ExecStart runs %s %s, want /usr/bin/hatchery serve", bin, sub)
+	}
+	u.expect(t, "hatchery.service", map[string]string{
+		"Type":                  "notify", // serve says READY=1 (internal/sdnotify)
+		"User":                  "hatchery",
+		"Group":                 "hatchery",
+		"StateDirectory":        "hatchery",
+		"StateDirectoryMode":    "0700",
+		"EnvironmentFile":       "-/etc/default/hatchery",
+		"AmbientCapabilities":   "CAP_NET_BIND_SERVICE",
+		"CapabilityBoundingSet": "CAP_NET_BIND_SERVICE",
+		"Restart":               "on-failure",
+		"NoNewPrivileges":       "yes",
+		"ProtectSystem":         "strict",
+		"ProtectHome":           "yes",
+		"PrivateTmp":            "yes",
+		"PrivateDevices":        "yes",
+	})
+	// The CLI's default, when root has no data directory of its own.
+	if want := "/var/lib/" + u.one(t, "Service", "StateDirectory"); flags["data-dir"] != want {
+		t.Errorf("hatchery serve --data-dir %q, want %q", flags["data-dir"], want)
+	}
+	if !strings.Contains(u.one(t, "Service", "ExecStart"), "$HATCHERY_SERVE_OPTS") {
+		t.Error("ExecStart does not pass $HATCHERY_SERVE_OPTS, which /etc/default/hatchery sets")
+	}
+	if got := u.one(t, "Install", "WantedBy"); got != "multi-user.target" {
+		t.Errorf("WantedBy=%s", got)
+	}
+}
+
+// unitPackages is which package holds each unit.
+var unitPackages = map[string]string{
+	"hatchery.service":   "hatchery",
+	"aziot-tpmd.service": "hatchery-iotedge",
+	"iotedged.service":   "hatchery-iotedge",
+}
+
 // Every flag the units pass exists in the binary they run.
 func TestUnitFlagsExist(t *testing.T) {
-	dir := extracted(t)
-	flagRE := regexp.MustCompile(`(?m)^\s+-([a-z-]+)`)
-	for _, name := range []string{"aziot-tpmd.service", "iotedged.service"} {
-		bin, flags := execFlags(t, readUnit(t, name))
+	// "  -config string" (package flag), "      --data-dir string" and
+	// "  -o, --output string" (cobra).
+	flagRE := regexp.MustCompile(`(?m)^\s+(?:-[a-zA-Z], )?--?([a-z][a-z-]*)`)
+	for name, pkg := range unitPackages {
+		dir := extracted(t, pkg)
+		bin, sub, flags := execFlags(t, readUnit(t, name))
+		args := []string{"-h"}
+		if sub != "" {
+			args = []string{sub, "-h"}
+		}
 		// -h prints the flags; the exit status does not matter.
-		out, _ := exec.Command(filepath.Join(dir, bin), "-h").CombinedOutput()
+		out, _ := exec.Command(filepath.Join(dir, bin), args...).CombinedOutput()
 		known := map[string]bool{}
 		for _, m := range flagRE.FindAllStringSubmatch(string(out), -1) {
 			known[m[1]] = true
@@ -192,15 +249,15 @@ func TestUnitFlagsExist(t *testing.T) {
 }
 
 // systemd-analyze verify reads the units as systemd would, with ExecStart
-// pointed at the package's binaries; any message fails the test.
+// pointed at the packages' binaries; any message fails the test.
 func TestUnitsVerify(t *testing.T) {
 	if _, err := exec.LookPath("systemd-analyze"); err != nil {
 		t.Skip("systemd-analyze is not on PATH (Debian package systemd): unit files not verified")
 	}
-	dir := extracted(t)
 	units := t.TempDir()
 	var paths []string
-	for _, name := range []string{"aziot-tpmd.service", "iotedged.service"} {
+	for name, pkg := range unitPackages {
+		dir := extracted(t, pkg)
 		b, err := os.ReadFile(filepath.Join(dir, "lib/systemd/system", name))
 		if err != nil {
 			t.Fatal(err)

@@ -1,24 +1,36 @@
 #!/usr/bin/env bash
-# Builds the device runtime's Debian package, hatchery-iotedge: iotedge,
-# iotedged and aziot-tpmd, their systemd units, the udev rule for the TPM,
-# the config template and the maintainer scripts (packaging/).
+# Builds Hatchery's Debian packages from packaging/:
+#   hatchery          the provisioning service and hub (hatchery serve, as a
+#                     systemd service of user hatchery) and the operator's CLI;
+#   hatchery-iotedge  the device runtime: iotedge, iotedged and aziot-tpmd,
+#                     their systemd units, the udev rule for the TPM and the
+#                     config template.
 #
-#   scripts/build-deb.sh [OUTDIR]         (default dist; `make deb` runs it)
+#   scripts/build-deb.sh [OUTDIR [PACKAGE...]]   (default dist and both;
+#                                                `make deb` runs it)
 #
 # Environment: VERSION (default from `git describe --tags`, else
 # 1.5.0~git<commit time>.<commit>), GOARCH (default go env GOARCH; GOARM
 # for arm), MAINTAINER, GO, SOURCE_DATE_EPOCH (default the commit's time).
 # Needs only go and dpkg-deb; downloads nothing but Go modules the build
-# would download anyway. Prints the path of the .deb on the last line.
+# would download anyway. Prints the path of each .deb, one per line, last.
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 outdir=${1:-dist}
+shift || true
+packages=("$@")
+[ ${#packages[@]} -gt 0 ] || packages=(hatchery hatchery-iotedge)
 GO=${GO:-go}
-pkg=hatchery-iotedge
 
 die() { echo "build-deb: $*" >&2; exit 1; }
+for pkg in "${packages[@]}"; do
+	case "$pkg" in
+	hatchery | hatchery-iotedge) ;;
+	*) die "no package $pkg: hatchery or hatchery-iotedge" ;;
+	esac
+done
 command -v "$GO" >/dev/null 2>&1 || die "$GO is not on PATH"
 command -v dpkg-deb >/dev/null 2>&1 || die "dpkg-deb is not on PATH (Debian package dpkg)"
 
@@ -54,25 +66,12 @@ export SOURCE_DATE_EPOCH
 MAINTAINER=${MAINTAINER:-Hatchery maintainers <maintainers@hatchery.invalid>}
 
 umask 022
+mkdir -p "$outdir"
+outdir=$(cd "$outdir" && pwd)
 stage=$(mktemp -d "${TMPDIR:-/tmp}/build-deb.XXXXXX")
 trap 'rm -rf "$stage"' EXIT
-root=$stage/root
-mkdir -p "$root/DEBIAN"
 
-for cmd in iotedge iotedged aziot-tpmd; do
-	CGO_ENABLED=0 GOOS=linux GOARCH=$goarch "$GO" build -trimpath \
-		-ldflags "-s -w -X main.Version=$VERSION" -o "$root/usr/bin/$cmd" "./cmd/$cmd"
-done
-
-install -D -m 0644 packaging/systemd/aziot-tpmd.service "$root/lib/systemd/system/aziot-tpmd.service"
-install -D -m 0644 packaging/systemd/iotedged.service "$root/lib/systemd/system/iotedged.service"
-install -D -m 0644 packaging/udev/70-hatchery-aziottpm.rules "$root/lib/udev/rules.d/70-hatchery-aziottpm.rules"
-install -D -m 0644 packaging/config.toml.edge.template "$root/etc/aziot/config.toml.edge.template"
-doc=$root/usr/share/doc/$pkg
-install -D -m 0644 packaging/debian/README.Debian "$doc/README.Debian"
-
-# copyright: the project's stanza, then the Go modules linked into the
-# binaries, with the license their LICENSE file names.
+# license_of prints the license(s) of the Go module whose source is in $1.
 license_of() {
 	local f l=
 	if [ -z "$1" ] || [ ! -d "$1" ]; then echo "unknown (module source not found)"; return; fi
@@ -81,45 +80,80 @@ license_of() {
 	grep -q 'Apache License' "$f" && l="$l${l:+ and }Apache-2.0"
 	grep -q 'Mozilla Public License' "$f" && l="$l${l:+ and }MPL-2.0"
 	grep -q 'Permission is hereby granted, free of charge' "$f" && l="$l${l:+ and }MIT"
-	grep -q 'Permission to use, copy, modify, and/or distribute' "$f" && l="$l${l:+ and }ISC"
+	grep -Eq 'Permission to use, copy, modify, and(/or)? distribute' "$f" && l="$l${l:+ and }ISC"
 	if grep -q 'Neither the name' "$f"; then l="$l${l:+ and }BSD-3-Clause"
 	elif grep -q 'Redistribution and use in source and binary forms' "$f"; then l="$l${l:+ and }BSD-2-Clause"
 	fi
 	echo "${l:-see $(basename "$f") of the module}"
 }
-{
-	cat packaging/debian/copyright
-	echo
-	echo "Files: usr/bin/*"
-	echo "Copyright: the Go Authors"
-	echo "License: BSD-3-Clause"
-	echo "Comment: the binaries are statically linked with the Go $("$GO" env GOVERSION | sed 's/^go//') standard library"
-	echo "  and these Go modules (module version: license):"
-	CGO_ENABLED=0 GOOS=linux GOARCH=$goarch "$GO" list -deps \
-		-f '{{with .Module}}{{if not .Main}}{{.Path}} {{.Version}} {{.Dir}}{{end}}{{end}}' \
-		./cmd/iotedge ./cmd/iotedged ./cmd/aziot-tpmd | sort -u |
-		while read -r path version dir; do
-			echo "  $path $version: $(license_of "$dir")"
-		done
-} >"$doc/copyright"
-chmod 0644 "$doc/copyright"
 
-# Control area.
-sed -e "s|@VERSION@|$VERSION|" -e "s|@ARCH@|$arch|" -e "s|@MAINTAINER@|$MAINTAINER|" \
-	-e "s|@INSTALLED_SIZE@|$(du -sk --exclude=DEBIAN "$root" | cut -f1)|" \
-	packaging/debian/control.in >"$root/DEBIAN/control"
-install -m 0644 packaging/debian/conffiles "$root/DEBIAN/conffiles"
-for s in postinst prerm postrm; do
-	install -m 0755 "packaging/debian/$s" "$root/DEBIAN/$s"
+# build_package PACKAGE: the commands it holds and the files beside them,
+# then its control area; prints the .deb's path.
+build_package() {
+	local pkg=$1 root=$stage/$1 cmds cmd s
+	case "$pkg" in
+	hatchery) cmds=(hatchery) ;;
+	hatchery-iotedge) cmds=(iotedge iotedged aziot-tpmd) ;;
+	esac
+	mkdir -p "$root/DEBIAN"
+	for cmd in "${cmds[@]}"; do
+		CGO_ENABLED=0 GOOS=linux GOARCH=$goarch "$GO" build -trimpath \
+			-ldflags "-s -w -X main.Version=$VERSION" -o "$root/usr/bin/$cmd" "./cmd/$cmd"
+	done
+	case "$pkg" in
+	hatchery)
+		install -D -m 0644 packaging/systemd/hatchery.service "$root/lib/systemd/system/hatchery.service"
+		install -D -m 0644 packaging/default/hatchery "$root/etc/default/hatchery"
+		;;
+	hatchery-iotedge)
+		install -D -m 0644 packaging/systemd/aziot-tpmd.service "$root/lib/systemd/system/aziot-tpmd.service"
+		install -D -m 0644 packaging/systemd/iotedged.service "$root/lib/systemd/system/iotedged.service"
+		install -D -m 0644 packaging/udev/70-hatchery-aziottpm.rules "$root/lib/udev/rules.d/70-hatchery-aziottpm.rules"
+		install -D -m 0644 packaging/config.toml.edge.template "$root/etc/aziot/config.toml.edge.template"
+		;;
+	esac
+	local doc=$root/usr/share/doc/$pkg
+	install -D -m 0644 "packaging/debian/$pkg/README.Debian" "$doc/README.Debian"
+
+	# copyright: the project's stanza, then the Go modules linked into the
+	# binaries, with the license their LICENSE file names.
+	{
+		cat packaging/debian/copyright
+		echo
+		echo "Files: usr/bin/*"
+		echo "Copyright: the Go Authors"
+		echo "License: BSD-3-Clause"
+		echo "Comment: the binaries are statically linked with the Go $("$GO" env GOVERSION | sed 's/^go//') standard library"
+		echo "  and these Go modules (module version: license):"
+		CGO_ENABLED=0 GOOS=linux GOARCH=$goarch "$GO" list -deps \
+			-f '{{with .Module}}{{if not .Main}}{{.Path}} {{.Version}} {{.Dir}}{{end}}{{end}}' \
+			"${cmds[@]/#/./cmd/}" | sort -u |
+			while read -r path version dir; do
+				echo "  $path $version: $(license_of "$dir")"
+			done
+	} >"$doc/copyright"
+	chmod 0644 "$doc/copyright"
+
+	# Control area.
+	sed -e "s|@VERSION@|$VERSION|" -e "s|@ARCH@|$arch|" -e "s|@MAINTAINER@|$MAINTAINER|" \
+		-e "s|@INSTALLED_SIZE@|$(du -sk --exclude=DEBIAN "$root" | cut -f1)|" \
+		"packaging/debian/$pkg/control.in" >"$root/DEBIAN/control"
+	install -m 0644 "packaging/debian/$pkg/conffiles" "$root/DEBIAN/conffiles"
+	for s in postinst prerm postrm; do
+		install -m 0755 "packaging/debian/$pkg/$s" "$root/DEBIAN/$s"
+	done
+	(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
+		xargs -0 md5sum) >"$root/DEBIAN/md5sums"
+	chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/md5sums"
+
+	find "$root" -type d -exec chmod 0755 {} +
+	find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
+
+	local deb=$outdir/${pkg}_${VERSION#*:}_$arch.deb
+	dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
+	echo "$deb"
+}
+
+for pkg in "${packages[@]}"; do
+	build_package "$pkg"
 done
-(cd "$root" && find . -path ./DEBIAN -prune -o -type f -printf '%P\0' | sort -z |
-	xargs -0 md5sum) >"$root/DEBIAN/md5sums"
-chmod 0644 "$root/DEBIAN/control" "$root/DEBIAN/md5sums"
-
-find "$root" -type d -exec chmod 0755 {} +
-find "$root" -exec touch -h -d "@$SOURCE_DATE_EPOCH" {} +
-
-mkdir -p "$outdir"
-deb=$(cd "$outdir" && pwd)/${pkg}_${VERSION#*:}_$arch.deb
-dpkg-deb --root-owner-group -Zxz --build "$root" "$deb" >/dev/null
-echo "$deb"

@@ -9,9 +9,14 @@ import (
 	"github.com/spf13/cobra"
 )
 
+// Version is set at build time (-ldflags "-X main.Version=..."), as the
+// Debian package does.
+var Version = "dev"
+
 func main() {
 	root := &cobra.Command{
 		Use:           "hatchery",
+		Version:       Version,
 		Short:         "Provision IoT edge devices with TPM attestation, on your own infrastructure",
 		SilenceUsage:  true,
 		SilenceErrors: true,

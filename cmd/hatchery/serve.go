@@ -350,7 +350,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		}
 		_ = devices.Close()
 	}()
-	slog.Info("hatchery serving", "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
+	slog.Info("hatchery serving", "version", Version, "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
 	if err := sdnotify.Ready(); err != nil {
 		slog.Warn("could not tell systemd the server is ready", "err", err)
 	}
