@@ -26,6 +26,22 @@ import (
 type Postgres struct {
 	pool   *pgxpool.Pool
 	events *eventBatcher // appends waiting for the group commit
+	// opTimeout bounds each operation, waiting for a connection included.
+	opTimeout time.Duration
+}
+
+// pgOpTimeout is how long one operation may take before it fails as the
+// database out of reach (Unavailable: 503, MQTT CONNACK 3). A server that
+// stops answering — a network black hole, a stopped process — would
+// otherwise hold every request until the kernel gives up on the
+// connection, a quarter of an hour later. Healthy operations are
+// single-row statements, pages of at most a thousand rows and batches of
+// a thousand inserts, which take milliseconds.
+const pgOpTimeout = 30 * time.Second
+
+// bound is ctx limited to one operation's time.
+func (p *Postgres) bound(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, p.opTimeout)
 }
 
 // defaultPostgresConns is the pool size unless the URL sets pool_max_conns:
@@ -63,7 +79,7 @@ func openPostgres(ctx context.Context, dsn string, upgrade bool) (*Postgres, err
 		pool.Close()
 		return nil, fmt.Errorf("opening database %s: %w", where, err)
 	}
-	p := &Postgres{pool: pool}
+	p := &Postgres{pool: pool, opTimeout: pgOpTimeout}
 	p.events = &eventBatcher{max: pgMaxEventBatch, insert: p.insertEvents, retrySingly: func(err error) bool {
 		var refused *pgconn.PgError // the server refused a statement: not a lost connection
 		return errors.As(err, &refused)
@@ -97,6 +113,8 @@ func limitArg(limit int) any {
 }
 
 func (p *Postgres) Get(ctx context.Context, kind, id string) (Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	d := Doc{Kind: kind, ID: id}
 	err := p.pool.QueryRow(ctx, `SELECT etag, body, updated FROM docs WHERE kind=$1 AND id=$2`, kind, id).
 		Scan(&d.ETag, &d.Body, &d.Updated)
@@ -110,6 +128,8 @@ func (p *Postgres) Get(ctx context.Context, kind, id string) (Doc, error) {
 // any number of processes, meet at the primary key: the first insert to
 // commit wins, the others wait for it and then insert nothing.
 func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	d.ETag, d.Updated = NewETag(), time.Now()
 	tag, err := p.pool.Exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
@@ -136,6 +156,8 @@ const (
 )
 
 func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	d.ETag, d.Updated = NewETag(), time.Now()
 	var tag pgconn.CommandTag
 	var err error
@@ -157,6 +179,8 @@ func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) 
 }
 
 func (p *Postgres) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	var tag pgconn.CommandTag
 	var err error
 	if ifMatch == "" || ifMatch == "*" {
@@ -189,6 +213,8 @@ func (p *Postgres) missOrMismatch(ctx context.Context, kind, id string) error {
 }
 
 func (p *Postgres) List(ctx context.Context, kind, after string, limit int) ([]Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	rows, err := p.pool.Query(ctx, `SELECT id, etag, body, updated FROM docs WHERE kind=$1 AND id>$2 ORDER BY id LIMIT $3`,
 		kind, after, limitArg(limit))
 	if err != nil {
@@ -207,6 +233,8 @@ func (p *Postgres) List(ctx context.Context, kind, after string, limit int) ([]D
 }
 
 func (p *Postgres) Count(ctx context.Context, kind string) (int, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	var n int
 	err := p.pool.QueryRow(ctx, `SELECT count(*) FROM docs WHERE kind=$1`, kind).Scan(&n)
 	return n, err
@@ -234,7 +262,8 @@ func (p *Postgres) AppendEvent(ctx context.Context, e Event) (int64, error) {
 // insertEvents inserts the events in one transaction, in order, and sets
 // their seq. The inserts travel as one pipelined batch.
 func (p *Postgres) insertEvents(as []*pendingEvent) error {
-	ctx := context.Background() // the batch is not any one caller's
+	ctx, cancel := p.bound(context.Background()) // the batch is not any one caller's
+	defer cancel()
 	return pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
 		// The lock is its own statement, before the batch: pgx prepares a
 		// batch's statements before running any, and preparing the INSERT
@@ -262,6 +291,8 @@ func (p *Postgres) insertEvents(as []*pendingEvent) error {
 // DeleteEventsBefore deletes from the oldest event on, which seq finds by
 // its key: events are appended in time order.
 func (p *Postgres) DeleteEventsBefore(ctx context.Context, t time.Time, limit int) (int64, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	tag, err := p.pool.Exec(ctx, `DELETE FROM events WHERE seq IN
 		(SELECT seq FROM (SELECT seq, enqueued FROM events ORDER BY seq LIMIT $1) oldest WHERE enqueued < $2)`, limit, t)
 	if err != nil {
@@ -271,6 +302,8 @@ func (p *Postgres) DeleteEventsBefore(ctx context.Context, t time.Time, limit in
 }
 
 func (p *Postgres) Events(ctx context.Context, deviceID string, after int64, limit int) ([]Event, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	q := `SELECT seq, device_id, module_id, properties, body, enqueued FROM events WHERE seq>$1 ORDER BY seq LIMIT $2`
 	args := []any{after, limitArg(limit)}
 	if deviceID != "" {

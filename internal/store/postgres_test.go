@@ -93,3 +93,52 @@ func TestRelayListensAgain(t *testing.T) {
 	}
 	heard("second")
 }
+
+// A server that stops answering, its connections left open, fails each
+// operation as unavailable within the operation's bound rather than
+// holding it until the kernel gives up on the connection; once it answers
+// again, so does the store.
+func TestPostgresThatStopsAnswering(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	ctx := context.Background()
+	st, err := OpenPostgres(ctx, pg.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	st.opTimeout = 2 * time.Second
+	if _, err := st.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+
+	pg.Freeze(t)
+	for name, op := range map[string]func() error{
+		"Get":    func() error { _, err := st.Get(ctx, "k", "a"); return err },
+		"Put":    func() error { _, err := st.Put(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}, ""); return err },
+		"List":   func() error { _, err := st.List(ctx, "k", "", 10); return err },
+		"Append": func() error { _, err := st.AppendEvent(ctx, Event{DeviceID: "d", Body: []byte("x")}); return err },
+	} {
+		start := time.Now()
+		err := op()
+		took := time.Since(start)
+		if !Unavailable(err) {
+			t.Errorf("%s on a server that does not answer: %v, want an error Unavailable reports", name, err)
+		}
+		if took > 10*time.Second {
+			t.Errorf("%s took %v with a bound of %v", name, took, st.opTimeout)
+		}
+	}
+
+	pg.Thaw(t)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		_, err := st.Get(ctx, "k", "a")
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the store did not recover once the server answered again: %v", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}

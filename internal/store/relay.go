@@ -25,6 +25,8 @@ type Relay interface {
 const relayChannel = "hatchery_relay"
 
 func (p *Postgres) Publish(ctx context.Context, msg string) error {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
 	_, err := p.pool.Exec(ctx, `SELECT pg_notify($1, $2)`, relayChannel, msg)
 	return err
 }

@@ -9,7 +9,9 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -140,6 +142,47 @@ func (pg *Postgres) Start(tb testing.TB) {
 	tb.Helper()
 	if err := pg.start(); err != nil {
 		tb.Fatal(err)
+	}
+}
+
+// Freeze stops the server's processes where they are (SIGSTOP), as a
+// network black hole or a hung host would: connections stay open, and
+// nothing answers on them. Thaw undoes it; the test's cleanup thaws too.
+func (pg *Postgres) Freeze(tb testing.TB) {
+	tb.Helper()
+	pg.signalAll(tb, syscall.SIGSTOP)
+	tb.Cleanup(func() { pg.signalAll(tb, syscall.SIGCONT) })
+}
+
+// Thaw lets a frozen server run again.
+func (pg *Postgres) Thaw(tb testing.TB) {
+	tb.Helper()
+	pg.signalAll(tb, syscall.SIGCONT)
+}
+
+// signalAll signals the postmaster and every process it started.
+func (pg *Postgres) signalAll(tb testing.TB, sig syscall.Signal) {
+	tb.Helper()
+	b, err := os.ReadFile(filepath.Join(pg.data(), "postmaster.pid"))
+	if err != nil {
+		tb.Fatalf("the server's pid: %v", err)
+	}
+	first, _, _ := strings.Cut(string(b), "\n")
+	postmaster, err := strconv.Atoi(strings.TrimSpace(first))
+	if err != nil {
+		tb.Fatalf("postmaster.pid: %q", first)
+	}
+	pids := []int{postmaster}
+	children, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", postmaster, postmaster))
+	for _, f := range strings.Fields(string(children)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			pids = append(pids, pid)
+		}
+	}
+	for _, pid := range pids {
+		if err := syscall.Kill(pid, sig); err != nil {
+			tb.Errorf("signal %v to %d: %v", sig, pid, err)
+		}
 	}
 }
 
