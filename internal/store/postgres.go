@@ -1,10 +1,12 @@
 package store
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"strings"
 	"time"
@@ -67,6 +69,13 @@ func openPostgres(ctx context.Context, dsn string, upgrade bool) (*Postgres, err
 	if !strings.Contains(dsn, "pool_max_conns") {
 		cfg.MaxConns = max(cfg.MaxConns, defaultPostgresConns)
 	}
+	// A server gone without a word (a black hole, a host that died) is
+	// noticed on idle connections too, the relay's listening one among
+	// them, within half a minute rather than Go's default 2.5.
+	cfg.ConnConfig.DialFunc = (&net.Dialer{
+		Timeout:         cmp.Or(cfg.ConnConfig.ConnectTimeout, 10*time.Second),
+		KeepAliveConfig: net.KeepAliveConfig{Enable: true, Idle: 15 * time.Second, Interval: 5 * time.Second, Count: 3},
+	}).DialContext
 	pool, err := pgxpool.NewWithConfig(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)

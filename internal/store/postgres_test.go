@@ -2,7 +2,9 @@ package store
 
 import (
 	"context"
+	"net"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -140,5 +142,49 @@ func TestPostgresThatStopsAnswering(t *testing.T) {
 			t.Fatalf("the store did not recover once the server answered again: %v", err)
 		}
 		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+// The store's connections probe an idle server: 15 s of silence, then
+// three probes 5 s apart.
+func TestPostgresConnectionsKeepAlive(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	st, err := OpenPostgres(context.Background(), pg.NewDatabase(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	c, err := st.pool.Acquire(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Release()
+	tcp, ok := c.Conn().PgConn().Conn().(*net.TCPConn)
+	if !ok {
+		t.Fatalf("the connection is a %T, not TCP", c.Conn().PgConn().Conn())
+	}
+	raw, err := tcp.SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]int{}
+	_ = raw.Control(func(fd uintptr) {
+		for name, opt := range map[string][2]int{
+			"SO_KEEPALIVE":  {syscall.SOL_SOCKET, syscall.SO_KEEPALIVE},
+			"TCP_KEEPIDLE":  {syscall.IPPROTO_TCP, syscall.TCP_KEEPIDLE},
+			"TCP_KEEPINTVL": {syscall.IPPROTO_TCP, syscall.TCP_KEEPINTVL},
+			"TCP_KEEPCNT":   {syscall.IPPROTO_TCP, syscall.TCP_KEEPCNT},
+		} {
+			v, err := syscall.GetsockoptInt(int(fd), opt[0], opt[1])
+			if err != nil {
+				t.Errorf("%s: %v", name, err)
+			}
+			got[name] = v
+		}
+	})
+	for name, want := range map[string]int{"SO_KEEPALIVE": 1, "TCP_KEEPIDLE": 15, "TCP_KEEPINTVL": 5, "TCP_KEEPCNT": 3} {
+		if got[name] != want {
+			t.Errorf("%s = %d, want %d", name, got[name], want)
+		}
 	}
 }
