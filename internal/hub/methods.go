@@ -106,7 +106,12 @@ func (s *Service) callMethod(ctx context.Context, r Ref, reg *MethodHandler, nam
 	if err != nil {
 		return nil, methodError(r, name, timeout, err)
 	}
-	if len(resp) == 0 {
+	switch {
+	case len(resp) > maxMethodPayload:
+		return nil, azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with %d bytes: an answer carries at most %d, as a request does", r, name, len(resp), maxMethodPayload)
+	case len(resp) > 0 && !json.Valid(resp):
+		return nil, azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with a payload that is not JSON: a method's answer must be JSON (a string in quotes, an object, ...)", r, name)
+	case len(resp) == 0:
 		resp = json.RawMessage("null")
 	}
 	return &MethodResult{Status: status, Payload: resp}, nil
@@ -161,7 +166,8 @@ func methodError(r Ref, name string, timeout time.Duration, err error) *azerr.Er
 	return azerr.New(404103, "DeviceNotOnline", "%s: %v", r, err)
 }
 
-// maxMethodPayload is the hosted hub's limit of a direct method's payload.
+// maxMethodPayload is the hosted hub's limit of a direct method's payload,
+// its request's and its answer's.
 const maxMethodPayload = 128 << 10
 
 // check refuses a request the hosted hub refuses: no name or one over 128

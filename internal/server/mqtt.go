@@ -465,9 +465,6 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 	}
 	select {
 	case a := <-ch:
-		if len(a.payload) > 0 && !json.Valid(a.payload) {
-			return 0, nil, azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with a payload that is not JSON: a method's answer must be JSON (a string in quotes, an object, ...)", s.ref, name)
-		}
 		return a.status, a.payload, nil
 	case <-ctx.Done():
 		return 0, nil, ctx.Err()

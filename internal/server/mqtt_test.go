@@ -131,8 +131,11 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 
 	// A direct method round trip.
 	if err := c.OnMethod(ctx, func(name string, payload []byte) (int, []byte) {
-		if name == "garble" {
+		switch name {
+		case "garble":
 			return 200, []byte("not json {{")
+		case "flood": // a JSON string one byte over 128 KiB
+			return 200, []byte(`"` + strings.Repeat("x", 128<<10-1) + `"`)
 		}
 		return 200, []byte(`{"echo":` + string(payload) + `,"method":"` + name + `"}`)
 	}); err != nil {
@@ -164,6 +167,11 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	err = e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "garble", "responseTimeoutInSeconds": 10}, &res)
 	if azerr.As(err).Status() != 502 || !strings.Contains(err.Error(), "not JSON") {
 		t.Fatalf("an answer that is not JSON: %v", err)
+	}
+	// So is one over the hosted hub's 128 KiB, a request's limit too.
+	err = e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "flood", "responseTimeoutInSeconds": 10}, &res)
+	if azerr.As(err).Status() != 502 || !strings.Contains(err.Error(), "at most 131072") {
+		t.Fatalf("an answer over 128 KiB: %v", err)
 	}
 
 	// Cloud-to-device: queued, delivered, acknowledged, removed.
