@@ -51,6 +51,21 @@ type SymmetricKey struct {
 	SecondaryKey string `json:"secondaryKey"`
 }
 
+// MarshalJSON writes a key there is none of as null, as the hosted hub
+// does for X.509 and CA-signed devices ("" reads as an empty key).
+func (k SymmetricKey) MarshalJSON() ([]byte, error) {
+	orNull := func(s string) *string {
+		if s == "" {
+			return nil
+		}
+		return &s
+	}
+	return json.Marshal(struct {
+		PrimaryKey   *string `json:"primaryKey"`
+		SecondaryKey *string `json:"secondaryKey"`
+	}{orNull(k.PrimaryKey), orNull(k.SecondaryKey)})
+}
+
 // X509Thumbprint holds certificate thumbprints (hex SHA-1 or SHA-256).
 type X509Thumbprint struct {
 	PrimaryThumbprint   *string `json:"primaryThumbprint"`

@@ -422,6 +422,16 @@ func TestMQTTX509Devices(t *testing.T) {
 		"type": "selfSigned", "x509Thumbprint": map[string]any{"primaryThumbprint": strings.ToUpper(tp)}}}, nil); err != nil {
 		t.Fatal(err)
 	}
+	// It has no symmetric keys: null, as the hosted hub answers, not "".
+	var shape struct {
+		Authentication struct{ SymmetricKey map[string]any } `json:"authentication"`
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/self-1", "", nil, &shape); err != nil {
+		t.Fatal(err)
+	}
+	if k := shape.Authentication.SymmetricKey; len(k) != 2 || k["primaryKey"] != nil || k["secondaryKey"] != nil {
+		t.Errorf("an X.509 device's symmetricKey: %v, want both keys null", k)
+	}
 	c, err := e.dialCert(addr, "self-1", "", self)
 	if err != nil {
 		t.Fatalf("self-signed device: %v", err)
