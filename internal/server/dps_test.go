@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"net/http"
@@ -453,6 +454,13 @@ func TestHubRegistry(t *testing.T) {
 		// Either may query twins, as in Azure.
 		if err := c.Do(ctx, "POST", "/devices/query", "", map[string]any{"query": "SELECT * FROM devices"}, nil); err != nil {
 			t.Errorf("twin query with policy %s: %v", policy, err)
+		}
+		// But not with a token scoped to a device, though one named
+		// "query" has the query's path.
+		pcs, _ := sas.ParseConnectionString(cs)
+		scoped := sas.Build(pcs.Key, pcs.HostName+"/devices/query", pcs.KeyName, time.Now().Add(time.Hour))
+		if st, m := e.raw("POST", "/devices/query?api-version=2021-04-12", scoped, `{"query":"SELECT * FROM devices"}`); st != 401 || !strings.Contains(fmt.Sprint(m), "acts on the whole hub") {
+			t.Errorf("twin query with a token for devices/query of policy %s: HTTP %d %v", policy, st, m)
 		}
 		// The CAs that devices and enrollment groups are trusted by are
 		// the owner's to change.

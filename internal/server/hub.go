@@ -135,8 +135,21 @@ func ref(r *http.Request) hub.Ref {
 // hubService wraps a service-API handler: it requires a token of a hub
 // policy with right.
 func (a *api) hubService(right string, h handler) http.HandlerFunc {
+	return a.hubServiceOn(func(r *http.Request) string { return r.URL.Path }, right, h)
+}
+
+// hubServiceWide is hubService for a route that acts on the whole hub
+// though its path lies under /devices/, the twin query's: a token scoped
+// to a device named "query" (sr=HOST/devices/query) does not reach it.
+func (a *api) hubServiceWide(right string, h handler) http.HandlerFunc {
+	return a.hubServiceOn(func(*http.Request) string { return "/" }, right, h)
+}
+
+// hubServiceOn admits a hub policy token with right whose scope covers the
+// resource path of the request.
+func (a *api) hubServiceOn(resource func(*http.Request) string, right string, h handler) http.HandlerFunc {
 	return a.hubHandler(func(w http.ResponseWriter, r *http.Request) error {
-		if err := a.hub.AuthorizeService(r.Header.Get("Authorization"), r.URL.Path, right); err != nil {
+		if err := a.hub.AuthorizeService(r.Header.Get("Authorization"), resource(r), right); err != nil {
 			return err
 		}
 		return h(w, r)
@@ -291,7 +304,7 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service(sas.RegistryWrite, "POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
 		return nil, h.ApplyContent(r.Context(), id(r), c)
 	}))
-	service(sas.TwinQuery, "POST /devices/query", a.queryTwins)
+	handle(mux, "POST /devices/query", a.hubServiceWide(sas.TwinQuery, a.queryTwins))
 	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service(sas.ServiceConnect, "DELETE /devices/{id}/commands", reply(func(r *http.Request) (any, error) {
 		n, err := h.PurgeC2D(r.Context(), id(r))
