@@ -54,8 +54,10 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		id := trackingID()
+		noteTrackingID(r, id)
 		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
-			r.Method, r.URL.Path, d.IDScope()), trackingID())
+			r.Method, r.URL.Path, d.IDScope()), id)
 	})
 	return logRequests(mux)
 }
@@ -128,6 +130,7 @@ func writeJSON(w http.ResponseWriter, status int, v any) {
 // that ID; a database full or out of reach, once a period (unavailable).
 func failure(r *http.Request, err error) (string, error) {
 	id := trackingID()
+	noteTrackingID(r, id)
 	if u := unavailable(err); u != nil {
 		return id, u
 	}
@@ -188,14 +191,37 @@ func (s *statusRecorder) WriteHeader(code int) {
 // flush a stream.
 func (s *statusRecorder) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
-// logRequests logs method, path and status; never headers, which carry tokens.
+// accessNote is what a request's access-log line learns as it is served:
+// the tracking ID of an error answer, which the client sees.
+type accessNote struct{ trackingID string }
+
+type accessNoteKey struct{}
+
+// logRequests logs, at debug level, method, path, status and the tracking
+// ID of an error; never headers, which carry tokens. Below debug level it
+// costs nothing.
 func logRequests(next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !slog.Default().Enabled(r.Context(), slog.LevelDebug) {
+			next.ServeHTTP(w, r)
+			return
+		}
 		start := time.Now()
-		rec := &statusRecorder{ResponseWriter: w, status: 200}
-		next.ServeHTTP(rec, r)
-		slog.Debug("http", "method", r.Method, "path", r.URL.Path, "status", rec.status, "ms", strconv.FormatInt(time.Since(start).Milliseconds(), 10))
+		rec, note := &statusRecorder{ResponseWriter: w, status: 200}, &accessNote{}
+		next.ServeHTTP(rec, r.WithContext(context.WithValue(r.Context(), accessNoteKey{}, note)))
+		attrs := []any{"method", r.Method, "path", r.URL.Path, "status", rec.status, "ms", strconv.FormatInt(time.Since(start).Milliseconds(), 10)}
+		if note.trackingID != "" {
+			attrs = append(attrs, "trackingId", note.trackingID)
+		}
+		slog.Debug("http", attrs...)
 	})
+}
+
+// noteTrackingID gives the access log the tracking ID of r's error answer.
+func noteTrackingID(r *http.Request, id string) {
+	if n, ok := r.Context().Value(accessNoteKey{}).(*accessNote); ok {
+		n.trackingID = id
+	}
 }
 
 // ifMatch reads If-Match without the quotes some SDKs put around etags

@@ -6,6 +6,7 @@ import (
 	"encoding/base64"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // An answer that says only "internal server error" leaves its cause in the
@@ -127,5 +129,38 @@ func TestDeviceEventBatch(t *testing.T) {
 	if len(evs) != 3 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" ||
 		evs[2].Properties["$.mid"] != "m-3" || evs[2].Properties["k"] != "3" || evs[2].Properties["MyKey"] != "kept" {
 		t.Fatalf("events %+v", evs)
+	}
+}
+
+// At debug level each request has a line, and an error's carries the
+// tracking ID its answer shows the client; below it there is none.
+func TestAccessLog(t *testing.T) {
+	b := &testutil.SyncBuffer{}
+	old := slog.Default()
+	t.Cleanup(func() { slog.SetDefault(old) })
+	slog.SetDefault(slog.New(slog.NewTextHandler(b, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	e := newEnv(t)
+
+	st, body := e.raw("GET", "/nowhere", "", "")
+	id, _ := body["trackingId"].(string)
+	if st != 404 || id == "" {
+		t.Fatalf("GET /nowhere: HTTP %d %v", st, body)
+	}
+	if want := `path=/nowhere status=404`; !strings.Contains(b.String(), want) || !strings.Contains(b.String(), "trackingId="+id) {
+		t.Errorf("the access log lacks %q with trackingId=%s:\n%s", want, id, b.String())
+	}
+	b.Reset()
+	if st, _ := e.raw("GET", "/healthz", "", ""); st != 200 {
+		t.Fatalf("GET /healthz: HTTP %d", st)
+	}
+	if line := b.String(); !strings.Contains(line, "path=/healthz status=200") || strings.Contains(line, "trackingId") {
+		t.Errorf("a success's access line: %q", line)
+	}
+
+	slog.SetDefault(slog.New(slog.NewTextHandler(b, nil)))
+	b.Reset()
+	e.raw("GET", "/nowhere", "", "")
+	if strings.Contains(b.String(), "msg=http") {
+		t.Errorf("an access line at info level: %s", b.String())
 	}
 }
