@@ -42,24 +42,30 @@ func (s *Service) Attach(ctx context.Context, r Ref, g Grant, drop func()) (deta
 		cancel()
 		ctx, done := context.WithTimeout(context.Background(), 10*time.Second)
 		defer done()
-		if err := s.setConnected(ctx, r, c.id, false, ""); err != nil && !errors.Is(err, errNewerConnection) {
+		if err := s.setConnected(ctx, r, c.id, false, "", nil); err != nil && !errors.Is(err, errNewerConnection) {
 			s.mu.Lock()
 			s.unrecorded[r] = c.id // for the next beat to record
 			s.mu.Unlock()
 		}
 	}
-	if err := s.setConnected(ctx, r, c.id, true, g.ModelID); err != nil {
+	// The record is written as read after the watch above was set: a
+	// change between the authentication and the watch, which had nobody to
+	// tell, is seen there, and refuses the connection.
+	if err := s.setConnected(ctx, r, c.id, true, g.ModelID, func(rec *record) error {
+		dev := rec
+		if r.Module != "" {
+			var err error
+			if dev, _, err = s.load(ctx, Ref{Device: r.Device}); err != nil {
+				return err
+			}
+		}
+		return c.admittedBy(dev, rec)
+	}); err != nil {
 		expiry.Stop()
 		cancel()
 		if azerr.HasStatus(err, 404) { // deleted since it authenticated
 			err = azerr.Unauthorized("%v", err)
 		}
-		return nil, err
-	}
-	// A change between the authentication and the watch above had nobody
-	// to tell.
-	if err := s.stillGranted(ctx, c); err != nil {
-		detach()
 		return nil, err
 	}
 	return detach, nil
@@ -110,29 +116,41 @@ func (s *Service) recheck(ctx context.Context, c *connection) {
 	}
 }
 
-// stillGranted is nil if c's records still admit it: its device and it
-// exist, the device is enabled, both have the credentials c was
-// authenticated against, and c is the identity's latest connection. Else
-// it is a 401, errNewerConnection, or why the records could not be read.
+// stillGranted is nil if c's records still admit it (admittedBy) and c is
+// the identity's latest connection. Else it is a 401, errNewerConnection,
+// or why the records could not be read.
 func (s *Service) stillGranted(ctx context.Context, c *connection) error {
 	dev, id, err := s.connecting(ctx, c.ref)
-	switch {
-	case err != nil:
+	if err != nil {
 		return err
-	case enabled(dev) != nil:
-		return enabled(dev)
-	case !sameCredentials(dev.Device.Authentication, c.grant.device), !sameCredentials(id.Device.Authentication, c.grant.identity):
-		return azerr.Unauthorized("%s: the credentials changed", c.ref)
-	case id.Connection != c.id:
+	}
+	if err := c.admittedBy(dev, id); err != nil {
+		return err
+	}
+	if id.Connection != c.id {
 		return errNewerConnection
 	}
 	return nil
 }
 
+// admittedBy is nil if dev and id, c's device and identity (the same for a
+// device), admit it: the device is enabled, and both have the credentials
+// c was authenticated against.
+func (c *connection) admittedBy(dev, id *record) error {
+	switch {
+	case enabled(dev) != nil:
+		return enabled(dev)
+	case !sameCredentials(dev.Device.Authentication, c.grant.device), !sameCredentials(id.Device.Authentication, c.grant.identity):
+		return azerr.Unauthorized("%s: the credentials changed", c.ref)
+	}
+	return nil
+}
+
 // setConnected records r's connection state, and the model a connecting
-// device announced, if any. Recording an older connection closed is
+// device announced, if any; a connection is recorded only if admit, given
+// the record as read, says nil. Recording an older connection closed is
 // errNewerConnection, and changes nothing.
-func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool, modelID string) error {
+func (s *Service) setConnected(ctx context.Context, r Ref, connection string, connected bool, modelID string, admit func(*record) error) error {
 	now := s.Now().UTC()
 	state := "Disconnected"
 	if connected {
@@ -141,6 +159,9 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 	_, err := s.update(ctx, r, func(rec *record) error {
 		switch {
 		case connected:
+			if err := admit(rec); err != nil {
+				return err
+			}
 			rec.Connection = connection
 			if modelID != "" {
 				rec.ModelID = modelID
@@ -154,7 +175,7 @@ func (s *Service) setConnected(ctx context.Context, r Ref, connection string, co
 		return nil
 	})
 	if err != nil {
-		if !errors.Is(err, errNewerConnection) {
+		if !errors.Is(err, errNewerConnection) && !azerr.HasStatus(err, 401) && !azerr.HasStatus(err, 404) {
 			slog.Warn("recording connection state", "identity", r.String(), "error", err)
 		}
 		return err
@@ -178,7 +199,7 @@ func (s *Service) recordClosed(ctx context.Context, budget time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, budget)
 	defer cancel()
 	for r, id := range pending {
-		err := s.setConnected(ctx, r, id, false, "")
+		err := s.setConnected(ctx, r, id, false, "", nil)
 		if ctx.Err() != nil || store.Unavailable(err) || errors.Is(err, store.ErrFull) {
 			return
 		}

@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -301,6 +302,40 @@ func TestAttachChecksTheGrant(t *testing.T) {
 		}
 		if name != "deleted" && connectionState(t, s, r) != "Disconnected" {
 			t.Errorf("%s: the refused connection is recorded", name)
+		}
+	}
+	// A module: its own record, and its device's.
+	for name, change := range map[string]func(dev, mod Ref){
+		"module rekeyed": func(_, mod Ref) {
+			m, _ := s.GetIdentity(ctx, mod)
+			m.Authentication.SymmetricKey.PrimaryKey = m.Authentication.SymmetricKey.SecondaryKey
+			if _, err := s.PutIdentity(ctx, mod, "*", m); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"device disabled": func(dev, _ Ref) {
+			d, _ := s.GetIdentity(ctx, dev)
+			d.Status = "disabled"
+			if _, err := s.PutIdentity(ctx, dev, "*", d); err != nil {
+				t.Fatal(err)
+			}
+		},
+		"device deleted": func(dev, _ Ref) {
+			if err := s.DeleteIdentity(ctx, dev, "*"); err != nil {
+				t.Fatal(err)
+			}
+		},
+	} {
+		dev, mod := Ref{Device: strings.ReplaceAll(name, " ", "-")}, Ref{Device: strings.ReplaceAll(name, " ", "-"), Module: "m1"}
+		newIdentity(t, s, dev)
+		newIdentity(t, s, mod)
+		devRec, modRec, err := s.connecting(ctx, mod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		change(dev, mod)
+		if _, err := s.Attach(ctx, mod, grantOf(devRec, modRec), func() {}); !azerr.HasStatus(err, 401) {
+			t.Errorf("%s between the module's authentication and Attach: %v", name, err)
 		}
 	}
 }

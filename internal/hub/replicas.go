@@ -138,7 +138,7 @@ func (s *Service) disconnectReplica(ctx context.Context, origin string) (int, er
 	for _, kind := range []string{kindDevice, kindModule} {
 		err := s.eachRecord(ctx, kind, func(rec *record) error {
 			if rec.Connection != "" && replicaOf(rec.Connection) == origin &&
-				s.setConnected(ctx, Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}, rec.Connection, false, "") == nil {
+				s.setConnected(ctx, Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}, rec.Connection, false, "", nil) == nil {
 				n++
 			}
 			return nil
