@@ -407,7 +407,7 @@ func withMetadata(doc map[string]any, updated time.Time) map[string]any {
 // applyAll re-evaluates every device against the configurations, after
 // one changed.
 func (s *Service) applyAll(ctx context.Context) error {
-	s.targetMemo.forget()
+	s.configurationsChanged()
 	s.publish("configurations", Ref{})
 	cs, err := s.targets(ctx)
 	if err != nil {
@@ -438,7 +438,7 @@ func (s *Service) applyAll(ctx context.Context) error {
 // runs on every such change, registrations with initial tags among them,
 // so it reads the configurations from a short memory (targetMemo).
 func (s *Service) reapply(ctx context.Context, r Ref) {
-	cs, err := s.targetMemo.get(ctx, s.targets)
+	cs, err := s.targetMemo.get(ctx, r, s.targets)
 	if err == nil && len(cs) == 0 {
 		return
 	}
@@ -909,6 +909,24 @@ func (s *Service) Query(ctx context.Context, q string, offset, limit int) ([]map
 	return rows[offset:end], next, nil
 }
 
+// configurationsChanged forgets the configurations reapply remembers, and
+// evaluates again, in the background, the identities it evaluated lately:
+// the configurations may have changed, through another replica, before
+// their records were written and after that replica's sweep passed them by.
+func (s *Service) configurationsChanged() {
+	refs := s.targetMemo.forget()
+	if len(refs) == 0 {
+		return
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		for _, r := range refs {
+			s.reapply(ctx, r)
+		}
+	}()
+}
+
 // targetMemo keeps the configurations, ready for matching, for
 // targetMemoTTL: reapply runs on every tag change. A change through this
 // replica forgets them at once, one through another when its signal comes.
@@ -918,13 +936,36 @@ type targetMemo struct {
 	at  time.Time
 	gen int // counts forgets, so that a load begun before one is not kept
 	ok  bool
+	// used says when each identity was last evaluated against the memo,
+	// over the last targetMemoUse: forget hands them back.
+	used   map[Ref]time.Time
+	pruned time.Time
 }
 
-const targetMemoTTL = 2 * time.Second
+const (
+	targetMemoTTL = 2 * time.Second
+	// targetMemoUse covers the memo's life, the signal's way from another
+	// replica and writing a record after evaluating it.
+	targetMemoUse = 5 * time.Second
+)
 
-func (m *targetMemo) get(ctx context.Context, load func(context.Context) ([]target, error)) ([]target, error) {
+// get is the configurations, to evaluate r against.
+func (m *targetMemo) get(ctx context.Context, r Ref, load func(context.Context) ([]target, error)) ([]target, error) {
+	now := time.Now()
 	m.mu.Lock()
-	if m.ok && time.Since(m.at) < targetMemoTTL {
+	if m.used == nil {
+		m.used = map[Ref]time.Time{}
+	}
+	m.used[r] = now
+	if now.Sub(m.pruned) > targetMemoUse {
+		for u, at := range m.used {
+			if now.Sub(at) > targetMemoUse {
+				delete(m.used, u)
+			}
+		}
+		m.pruned = now
+	}
+	if m.ok && now.Sub(m.at) < targetMemoTTL {
 		defer m.mu.Unlock()
 		return m.ts, nil
 	}
@@ -942,9 +983,19 @@ func (m *targetMemo) get(ctx context.Context, load func(context.Context) ([]targ
 	return ts, nil
 }
 
-func (m *targetMemo) forget() {
+// forget drops the configurations, and returns the identities evaluated
+// against the memo over the last targetMemoUse.
+func (m *targetMemo) forget() []Ref {
 	m.mu.Lock()
+	defer m.mu.Unlock()
 	m.gen++
 	m.ok = false
-	m.mu.Unlock()
+	var recent []Ref
+	for r, at := range m.used {
+		if time.Since(at) <= targetMemoUse {
+			recent = append(recent, r)
+		}
+	}
+	clear(m.used)
+	return recent
 }

@@ -65,7 +65,7 @@ func (s *Service) RelaySignals(ctx context.Context) {
 		case "answered":
 			s.callAnswered(m.Call)
 		case "configurations":
-			s.targetMemo.forget()
+			s.configurationsChanged()
 		case "desired":
 			for _, f := range s.desiredWatchers.get(r) {
 				(*f)(desiredChange{}) // read it: the patch itself is too large to relay
