@@ -493,6 +493,20 @@ setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>
 	}
 	t.Logf("/etc/aziot/config.toml after config apply: %s", got["config"])
 
+	// The service's backup, restored as `hatchery backup` says: the
+	// enrollment is there, the service serves it.
+	out = s.must(hatchery + " backup --to /var/backups/hatchery-test")
+	_, restore, _ := strings.Cut(out, "`")
+	restore, _, _ = strings.Cut(restore, "`")
+	if !strings.Contains(restore, "systemctl stop hatchery") {
+		t.Fatalf("backup of /var/lib/hatchery does not say how to restore it in place:\n%s", out)
+	}
+	s.must(hatchery + " enrollment delete --registration-id " + info.RegistrationID)
+	s.must(restore)
+	if out := s.must(hatchery + " enrollment list"); !strings.Contains(out, info.RegistrationID) {
+		t.Errorf("after the restore, the enrollment is not there:\n%s", out)
+	}
+
 	// An upgrade restarts the running services.
 	pids := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged")
 	s.must("dpkg --force-depends -i /hatchery-test/iotedge.deb")

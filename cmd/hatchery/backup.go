@@ -94,7 +94,17 @@ func backup(ctx context.Context, dir, to string, st store.Store) (string, error)
 	if err := lite.BackupTo(ctx, filepath.Join(to, store.DefaultSQLiteFile)); err != nil {
 		return "", fmt.Errorf("writing the database copy: %w", err)
 	}
-	return fmt.Sprintf("backed up %s into %s: restore by serving with --data-dir %s%s", dir, to, to, note), nil
+	return fmt.Sprintf("backed up %s into %s: %s%s", dir, to, restoreHint(dir, to), note), nil
+}
+
+// restoreHint says how to restore the backup in to of dir: the package's
+// service serves one data directory, as its user.
+func restoreHint(dir, to string) string {
+	if dir != packagedDataDir {
+		return "restore by serving with --data-dir " + to
+	}
+	return fmt.Sprintf("restore with `systemctl stop hatchery && mv %[1]s %[1]s.old && cp -a %[2]s %[1]s && chown -R hatchery:hatchery %[1]s && systemctl start hatchery`",
+		packagedDataDir, to)
 }
 
 // copyFile copies a file into a new one of mode.

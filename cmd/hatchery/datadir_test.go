@@ -118,3 +118,17 @@ func TestServeNotifiesSystemd(t *testing.T) {
 		t.Errorf("after SIGTERM %q, want STOPPING=1", got)
 	}
 }
+
+// A backup of the package's service's directory is restored in place, as
+// its user's; any other by serving it.
+func TestRestoreHint(t *testing.T) {
+	if got := restoreHint("/srv/h", "/backups/h1"); got != "restore by serving with --data-dir /backups/h1" {
+		t.Errorf("another directory: %q", got)
+	}
+	got := restoreHint(packagedDataDir, "/backups/h1")
+	for _, want := range []string{"systemctl stop hatchery", "cp -a /backups/h1 /var/lib/hatchery", "chown -R hatchery:hatchery /var/lib/hatchery", "systemctl start hatchery"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("the service's directory: %q lacks %q", got, want)
+		}
+	}
+}
