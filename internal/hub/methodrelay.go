@@ -97,11 +97,19 @@ func (s *Service) answerCall(r Ref, id string) {
 		callCtx, cancel := context.WithTimeout(ctx, c.Timeout)
 		defer cancel()
 		var err error
-		if c.Status, c.Response, err = (*reg)(callCtx, c.Name, c.Payload); err != nil {
-			c.Error = methodError(r, c.Name, c.Timeout, err)
+		c.Status, c.Response, err = (*reg)(callCtx, c.Name, c.Payload)
+		if err == nil { // checked here: an answer that is not JSON cannot be stored as one
+			err = checkAnswer(r, c.Name, c.Response)
+		}
+		if err != nil {
+			c.Status, c.Response, c.Error = 0, nil, methodError(r, c.Name, c.Timeout, err)
 		}
 	}
-	body, _ := json.Marshal(c)
+	body, err := json.Marshal(c)
+	if err != nil {
+		slog.Warn("answering a relayed direct method", "identity", r.String(), "error", err)
+		return
+	}
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindMethodCall, ID: id, Body: body}, "*"); err != nil {
 		if !errors.Is(err, store.ErrNotFound) {
 			slog.Warn("answering a relayed direct method", "identity", r.String(), "error", err)

@@ -103,18 +103,28 @@ func (s *Service) callMethod(ctx context.Context, r Ref, reg *MethodHandler, nam
 	} else {
 		status, resp, err = s.invokeElsewhere(ctx, r, name, payload, timeout)
 	}
+	if err == nil {
+		err = checkAnswer(r, name, resp)
+	}
 	if err != nil {
 		return nil, methodError(r, name, timeout, err)
 	}
-	switch {
-	case len(resp) > maxMethodPayload:
-		return nil, azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with %d bytes: an answer carries at most %d, as a request does", r, name, len(resp), maxMethodPayload)
-	case len(resp) > 0 && !json.Valid(resp):
-		return nil, azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with a payload that is not JSON: a method's answer must be JSON (a string in quotes, an object, ...)", r, name)
-	case len(resp) == 0:
+	if len(resp) == 0 {
 		resp = json.RawMessage("null")
 	}
 	return &MethodResult{Status: status, Payload: resp}, nil
+}
+
+// checkAnswer refuses a device's answer the hosted hub refuses: over 128
+// KiB, as a request, or not JSON. It is the device's fault, said at once.
+func checkAnswer(r Ref, name string, resp json.RawMessage) error {
+	switch {
+	case len(resp) > maxMethodPayload:
+		return azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with %d bytes: an answer carries at most %d, as a request does", r, name, len(resp), maxMethodPayload)
+	case len(resp) > 0 && !json.Valid(resp):
+		return azerr.New(502101, "InvalidResponseWhileProxying", "%s answered method %q with a payload that is not JSON: a method's answer must be JSON (a string in quotes, an object, ...)", r, name)
+	}
+	return nil
 }
 
 // methodTarget is the connection here that answers r's methods, if any,

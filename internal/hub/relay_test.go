@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"encoding/json"
+	"strings"
 	"testing"
 	"time"
 
@@ -92,6 +93,12 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	waiting := call(&MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`), ConnectTimeoutInSeconds: 60})
 	time.Sleep(2 * methodPoll)
 	defer b.ServeMethods(Ref{Device: "d1"}, func(_ context.Context, name string, payload json.RawMessage) (int, json.RawMessage, error) {
+		switch name {
+		case "garble":
+			return 200, json.RawMessage("not json {{"), nil
+		case "flood":
+			return 200, json.RawMessage(`"` + strings.Repeat("x", maxMethodPayload) + `"`), nil
+		}
 		return 200, json.RawMessage(`{"echo":` + string(payload) + `,"method":"` + name + `"}`), nil
 	})()
 	if r := testutil.Within(t, waiting, "the answer of a device that subscribed within the connect timeout"); r.err != nil || r.res.Status != 200 || string(r.res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
@@ -100,6 +107,14 @@ func TestRelayBetweenReplicas(t *testing.T) {
 	res, err := a.InvokeMethod(ctx, Ref{Device: "d1"}, &MethodRequest{MethodName: "ping", Payload: json.RawMessage(`{"n":1}`)})
 	if err != nil || res.Status != 200 || string(res.Payload) != `{"echo":{"n":1},"method":"ping"}` {
 		t.Fatalf("method through the other replica: %+v %v", res, err)
+	}
+	// An answer the hub refuses is refused at once through the other
+	// replica too, not waited for until the timeout.
+	for name, want := range map[string]string{"garble": "not JSON", "flood": "at most 131072"} {
+		r := testutil.Within(t, call(&MethodRequest{MethodName: name, ResponseTimeoutInSeconds: 120}), "the answer to "+name)
+		if azerr.As(r.err).Code != 502101 || !strings.Contains(r.err.Error(), want) {
+			t.Errorf("method %s through the other replica: %+v %v, want 502101 saying %q", name, r.res, r.err, want)
+		}
 	}
 
 	// Connecting through a replaces the connection on b.
