@@ -105,11 +105,7 @@ func AuthorizeService(header, host, path string, policies []Policy, now time.Tim
 		return nil, fmt.Errorf("%w: sr=%q but this service is %q", ErrAudience, tok.Audience, host)
 	}
 	if req := strings.Trim(path, "/"); scope != "" && req != scope && !strings.HasPrefix(req, scope+"/") {
-		what := path
-		if req == "" {
-			what = "what acts on the whole hub: use a token for the hub itself (sr=" + aud + ")"
-		}
-		return nil, fmt.Errorf("%w: sr=%q reaches only what lies under /%s, not %s", ErrAudience, tok.Audience, scope, what)
+		return nil, fmt.Errorf("%w: sr=%q reaches only what lies under /%s, not %s", ErrAudience, tok.Audience, scope, path)
 	}
 	for i := range policies {
 		p := &policies[i]

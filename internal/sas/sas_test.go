@@ -169,8 +169,8 @@ func TestAuthorizeServiceScope(t *testing.T) {
 		{"hub.example/devices/d1", "/devices/d10", false},
 		{"hub.example/devices/d1", "/twins/d1", false},
 		{"hub.example/devices", "/enrollments/x", false},
-		{"hub.example", "/", true},                // a route on the whole hub
-		{"hub.example/devices/query", "/", false}, // a device named "query" is not the twin query
+		{"hub.example/devices", "/devices", true},        // the twin query's resource
+		{"hub.example/devices/query", "/devices", false}, // a device named "query" is not the twin query
 	} {
 		_, err := AuthorizeService(tok(c.sr), "hub.example", c.path, []Policy{p}, now)
 		if (err == nil) != c.ok {

@@ -138,11 +138,12 @@ func (a *api) hubService(right string, h handler) http.HandlerFunc {
 	return a.hubServiceOn(func(r *http.Request) string { return r.URL.Path }, right, h)
 }
 
-// hubServiceWide is hubService for a route that acts on the whole hub
-// though its path lies under /devices/, the twin query's: a token scoped
-// to a device named "query" (sr=HOST/devices/query) does not reach it.
-func (a *api) hubServiceWide(right string, h handler) http.HandlerFunc {
-	return a.hubServiceOn(func(*http.Request) string { return "/" }, right, h)
+// hubServiceAllDevices is hubService for a route on every device though
+// its path names one, the twin query's: a token for the hub or for
+// HOST/devices reaches it, one scoped to a device named "query"
+// (sr=HOST/devices/query) does not.
+func (a *api) hubServiceAllDevices(right string, h handler) http.HandlerFunc {
+	return a.hubServiceOn(func(*http.Request) string { return "/devices" }, right, h)
 }
 
 // hubServiceOn admits a hub policy token with right whose scope covers the
@@ -304,7 +305,7 @@ func (a *api) routesDeployments(mux *http.ServeMux) {
 	service(sas.RegistryWrite, "POST /devices/{id}/applyConfigurationContent", withBody(func(r *http.Request, c *hub.ConfigContent) (any, error) {
 		return nil, h.ApplyContent(r.Context(), id(r), c)
 	}))
-	handle(mux, "POST /devices/query", a.hubServiceWide(sas.TwinQuery, a.queryTwins))
+	handle(mux, "POST /devices/query", a.hubServiceAllDevices(sas.TwinQuery, a.queryTwins))
 	service(sas.ServiceConnect, "POST /devices/{id}/messages/deviceBound", a.sendC2D)
 	service(sas.ServiceConnect, "DELETE /devices/{id}/commands", reply(func(r *http.Request) (any, error) {
 		n, err := h.PurgeC2D(r.Context(), id(r))
