@@ -390,18 +390,22 @@ func TestSeedFlowUnderSystemd(t *testing.T) {
 	s := bootSystemd(t, w, engine)
 
 	// A TPM, and the hatchery service as its package installs and starts
-	// it: under the machine's host name, which the device here cannot
-	// resolve, so /etc/default/hatchery names localhost. Type=notify: once
-	// systemctl returns, the CLI finds the server.
+	// it (a container image's policy-rc.d, which forbids starting services,
+	// is taken out of the overlay): under the machine's host name, which
+	// the device here cannot resolve, so /etc/default/hatchery names
+	// localhost. Type=notify: once systemctl returns, the CLI finds the
+	// server.
 	const tcti = "swtpm:host=127.0.0.1,port=2321"
 	s.must(`mkdir -p /var/lib/swtpm-test
 systemd-run --quiet --unit=swtpm-test swtpm socket --tpm2 --tpmstate dir=/var/lib/swtpm-test \
   --server type=tcp,port=2321,bindaddr=127.0.0.1 --ctrl type=tcp,port=2322,bindaddr=127.0.0.1 \
   --flags not-need-init,startup-clear
-rm -rf /root/.local/share/hatchery
-dpkg --force-depends -i /hatchery-test/hatchery.deb
-systemctl is-active hatchery
-sed -i 's/^HATCHERY_SERVE_OPTS=.*/HATCHERY_SERVE_OPTS="--hostname localhost"/' /etc/default/hatchery
+rm -rf /root/.local/share/hatchery /usr/sbin/policy-rc.d
+dpkg --force-depends -i /hatchery-test/hatchery.deb`)
+	if out, _ := s.run("systemctl is-active hatchery"); out != "active\n" {
+		t.Errorf("the package did not start its service: %q", out)
+	}
+	s.must(`sed -i 's/^HATCHERY_SERVE_OPTS=.*/HATCHERY_SERVE_OPTS="--hostname localhost"/' /etc/default/hatchery
 systemctl restart hatchery`)
 	const hatchery = "hatchery" // as root, on the service's /var/lib/hatchery
 
@@ -545,6 +549,21 @@ test -e /var/lib/aziot && echo state=present || echo state=gone
 	}
 	if out := s.must("grep ^HATCHERY_SERVE_OPTS /etc/default/hatchery"); !strings.Contains(out, "--hostname localhost") {
 		t.Errorf("the upgrade replaced the operator's /etc/default/hatchery: %s", out)
+	}
+	// Removed (prerm stops it) and installed again: running again, unless
+	// policy-rc.d forbids starting services (as container images' does).
+	// Disabled by the operator: an upgrade leaves it so.
+	s.must("dpkg -r hatchery && printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && dpkg --force-depends -i /hatchery-test/hatchery.deb")
+	if out, _ := s.run("systemctl is-active hatchery"); out != "inactive\n" {
+		t.Errorf("hatchery installed again under a policy-rc.d that forbids starts: %q, want inactive", out)
+	}
+	s.must("rm /usr/sbin/policy-rc.d && dpkg -r hatchery && dpkg --force-depends -i /hatchery-test/hatchery.deb")
+	if out, _ := s.run("systemctl is-active hatchery"); out != "active\n" {
+		t.Errorf("hatchery removed and installed again: %q, want active", out)
+	}
+	s.must("systemctl disable --now hatchery && dpkg --force-depends -i /hatchery-test/hatchery.deb")
+	if out, _ := s.run("systemctl is-active hatchery; systemctl is-enabled hatchery"); out != "inactive\ndisabled\n" {
+		t.Errorf("hatchery disabled, then upgraded: %q, want inactive and disabled", out)
 	}
 	s.must("dpkg -P hatchery")
 	got = keyValues([]byte(s.must(`echo "active=$(systemctl is-active hatchery)"
