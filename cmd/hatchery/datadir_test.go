@@ -27,15 +27,25 @@ func TestDefaultDataDir(t *testing.T) {
 	if got := preferPackaged(own, packaged); got != packaged {
 		t.Errorf("only the package's exists: %s, want it", got)
 	}
+	// A server that never served the user's own (it failed to listen:
+	// the service has the ports) leaves it without endpoint.json.
 	if err := os.Mkdir(own, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	if got := preferPackaged(own, packaged); got != own {
-		t.Errorf("both exist: %s, want the user's own", got)
+	if got := preferPackaged(own, packaged); got != packaged {
+		t.Errorf("the user's own never served: %s, want the package's", got)
 	}
-	t.Setenv("HATCHERY_DATA_DIR", filepath.Join(dir, "named"))
-	if got := preferPackaged(filepath.Join(dir, "named"), packaged); got != filepath.Join(dir, "named") {
-		t.Errorf("HATCHERY_DATA_DIR: %s, want it", got)
+	if err := os.WriteFile(filepath.Join(own, endpointFile), []byte("{}"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if got := preferPackaged(own, packaged); got != own {
+		t.Errorf("both served: %s, want the user's own", got)
+	}
+	// HATCHERY_DATA_DIR names the directory, served or not.
+	named := filepath.Join(dir, "named")
+	t.Setenv("HATCHERY_DATA_DIR", named)
+	if got := defaultDataDir(); got != named {
+		t.Errorf("HATCHERY_DATA_DIR=%s: %s", named, got)
 	}
 }
 

@@ -79,6 +79,11 @@ func (s *siteInfo) served() *servedCertificate {
 // database --database names, which a server on PostgreSQL needs.
 func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	dir, _ := cmd.Flags().GetString("data-dir")
+	if !cmd.Flags().Changed("data-dir") && os.Getenv("HATCHERY_DATA_DIR") == "" && dir != packagedDataDir {
+		if _, err := os.Stat(filepath.Join(packagedDataDir, endpointFile)); err == nil {
+			fmt.Fprintf(cmd.ErrOrStderr(), "note: using %s; the hatchery service's installation is %s (--data-dir %s)\n", dir, packagedDataDir, packagedDataDir)
+		}
+	}
 	raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
 	switch {
 	case errors.Is(err, fs.ErrPermission):

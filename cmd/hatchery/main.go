@@ -5,6 +5,7 @@ package main
 import (
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 )
@@ -39,15 +40,16 @@ func main() {
 const packagedDataDir = "/var/lib/hatchery"
 
 // defaultDataDir is $HATCHERY_DATA_DIR, else the user's own data directory
-// when it exists, else the package's service's (`sudo hatchery enrollment
-// list` on a machine that runs it), else the user's own, to be created.
+// when a server has served it, else the package's service's (`sudo
+// hatchery enrollment list` on a machine that runs it) when it exists,
+// else the user's own, to be created.
 func defaultDataDir() string { return preferPackaged(userDataDir(), packagedDataDir) }
 
 func preferPackaged(own, packaged string) string {
 	if os.Getenv("HATCHERY_DATA_DIR") != "" {
 		return own
 	}
-	if _, err := os.Stat(own); err != nil {
+	if _, err := os.Stat(filepath.Join(own, endpointFile)); err != nil {
 		if _, err := os.Stat(packaged); err == nil {
 			return packaged
 		}

@@ -84,15 +84,32 @@ func (b *eventBatcher) run() {
 			b.mu.Unlock()
 			return
 		}
-		if len(batch) > b.max {
-			b.queue = append([]*pendingEvent(nil), batch[b.max:]...)
-			batch = batch[:b.max]
+		if n := batchLen(batch, b.max); n < len(batch) {
+			b.queue = append([]*pendingEvent(nil), batch[n:]...)
+			batch = batch[:n]
 		} else {
 			b.queue = nil
 		}
 		b.mu.Unlock()
 		b.write(batch)
 	}
+}
+
+// maxBatchBytes bounds the bodies of one batch, as max bounds their number:
+// a thousand messages of 256 KiB would be one transaction of 256 MiB, long
+// enough to fail as the database out of reach (pgOpTimeout).
+const maxBatchBytes = 8 << 20
+
+// batchLen is how many of the queued events, from the first, the next
+// batch takes: at most max, and at most maxBatchBytes of bodies unless
+// the first alone is more.
+func batchLen(queue []*pendingEvent, max int) int {
+	n, size := 0, 0
+	for n < len(queue) && n < max && (n == 0 || size+len(queue[n].Body) <= maxBatchBytes) {
+		size += len(queue[n].Body)
+		n++
+	}
+	return n
 }
 
 // write commits a batch and answers each caller.

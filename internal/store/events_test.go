@@ -75,3 +75,32 @@ func BenchmarkAppendEventManyDevices(b *testing.B) {
 		}
 	})
 }
+
+// A batch takes at most max events, and at most maxBatchBytes of bodies,
+// but always one.
+func TestBatchLen(t *testing.T) {
+	events := func(sizes ...int) []*pendingEvent {
+		var q []*pendingEvent
+		for _, n := range sizes {
+			q = append(q, &pendingEvent{Event: Event{Body: make([]byte, n)}})
+		}
+		return q
+	}
+	const big = maxBatchBytes / 2
+	for _, c := range []struct {
+		sizes []int
+		max   int
+		want  int
+	}{
+		{[]int{1, 1, 1}, 2, 2},
+		{[]int{1, 1, 1}, 10, 3},
+		{[]int{big, big, 1}, 10, 2},
+		{[]int{big, big + 1, 1}, 10, 1},
+		{[]int{3 * big, 1}, 10, 1},
+		{nil, 10, 0},
+	} {
+		if got := batchLen(events(c.sizes...), c.max); got != c.want {
+			t.Errorf("batchLen(%v, %d) = %d, want %d", c.sizes, c.max, got, c.want)
+		}
+	}
+}

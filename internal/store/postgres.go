@@ -37,8 +37,9 @@ type Postgres struct {
 // stops answering — a network black hole, a stopped process — would
 // otherwise hold every request until the kernel gives up on the
 // connection, a quarter of an hour later. Healthy operations are
-// single-row statements, pages of at most a thousand rows and batches of
-// a thousand inserts, which take milliseconds.
+// single-row statements, pages of at most a thousand rows and event
+// batches of at most a thousand messages and 8 MiB (maxBatchBytes): well
+// within it. Waiting for a pooled connection counts too.
 const pgOpTimeout = 30 * time.Second
 
 // bound is ctx limited to one operation's time.
