@@ -142,3 +142,16 @@ func TestRestoreHint(t *testing.T) {
 		}
 	}
 }
+
+// The CLI reaches the server on this machine at the address it listens
+// on: the host name devices use need not resolve here.
+func TestCLIWithUnresolvableHostName(t *testing.T) {
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: filepath.Join(t.TempDir(), "data")}
+	c.build()
+	c.serve("--hostname", "hatchery.invalid", "--listen", "127.0.0.1")
+	c.ok("enrollment", "list")
+	c.ok("query", "-q", "SELECT * FROM devices")
+	if out := c.ok("info"); !strings.Contains(out, "hatchery.invalid") || strings.Contains(out, "does not answer") {
+		t.Errorf("info does not show the certificate the server presents:\n%s", out)
+	}
+}

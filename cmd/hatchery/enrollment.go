@@ -3,7 +3,6 @@ package main
 import (
 	"bytes"
 	"cmp"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"encoding/pem"
@@ -138,11 +137,11 @@ func siteClient(cmd *cobra.Command, api *serviceAPI) (*azclient.Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	roots, err := site.roots()
+	lb, err := site.loopback()
 	if err != nil {
 		return nil, err
 	}
-	c, err := azclient.New(api.connString(site), site.ServiceEndpoint, api.apiVersion, &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12})
+	c, err := azclient.New(api.connString(site), lb.url, api.apiVersion, lb.tls)
 	if err == nil {
 		clients.m[key] = c
 	}

@@ -41,6 +41,8 @@ type siteInfo struct {
 	// The certificate the server presents now (info asks it), for the
 	// names devices may use and when it must be replaced.
 	ServerCertificate *servedCertificate `json:"serverCertificate,omitempty"`
+
+	listen string // the server's --listen address, "" for all
 }
 
 type servedCertificate struct {
@@ -57,7 +59,7 @@ func (s *siteInfo) served() *servedCertificate {
 		return nil
 	}
 	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 2 * time.Second}, Config: &tls.Config{InsecureSkipVerify: true, ServerName: ep.Hostname()}}
-	conn, err := d.Dial("tcp", net.JoinHostPort("127.0.0.1", portOf(ep)))
+	conn, err := d.Dial("tcp", s.local(portOf(ep)))
 	if err != nil {
 		return nil
 	}
@@ -134,6 +136,7 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 		HubRegistryConnectionString:         registry,
 		CACertificate:                       ep.CACert,
 		ServiceEndpoint:                     ep.url(),
+		listen:                              ep.Listen,
 	}, nil
 }
 
@@ -170,13 +173,23 @@ func infoCmd() *cobra.Command {
 	}
 }
 
-// loopback is how the load tools reach the installation's server on this
-// machine: 127.0.0.1 on its HTTPS port, trusting its CA, with the host
-// name it serves.
+// loopback is how the CLI and the load tools reach the installation's
+// server on this machine: the address it listens on (127.0.0.1 when it
+// listens on all), trusting its CA, with the host name it serves — which
+// need not resolve here (split DNS, a name only devices use).
 type loopback struct {
 	url   string // https://127.0.0.1:PORT
 	tls   *tls.Config
 	caPEM []byte
+}
+
+// local is the server's address on this machine, on port.
+func (s *siteInfo) local(port string) string {
+	host := s.listen
+	if ip := net.ParseIP(host); host == "" || ip != nil && ip.IsUnspecified() {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
 }
 
 func (s *siteInfo) loopback() (*loopback, error) {
@@ -192,7 +205,7 @@ func (s *siteInfo) loopback() (*loopback, error) {
 	if s.CACertificate != "" {
 		caPEM, _ = os.ReadFile(s.CACertificate)
 	}
-	return &loopback{url: "https://" + net.JoinHostPort("127.0.0.1", portOf(ep)), caPEM: caPEM,
+	return &loopback{url: "https://" + s.local(portOf(ep)), caPEM: caPEM,
 		tls: &tls.Config{RootCAs: roots, ServerName: ep.Hostname(), MinVersion: tls.VersionTLS12}}, nil
 }
 

@@ -45,6 +45,10 @@ type endpoint struct {
 	// ExternalDatabase says the server keeps its state in PostgreSQL, not
 	// in the data directory (the URL, with its password, is not written).
 	ExternalDatabase bool `json:"externalDatabase,omitempty"`
+	// Listen is the address serve listens on, "" for all of them: where
+	// the CLI on this machine reaches it, whether or not the host name
+	// resolves here.
+	Listen string `json:"listen,omitempty"`
 }
 
 func (e endpoint) url() string {
@@ -172,7 +176,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	// Written once both ports are this server's: the CLI finds it by this file.
-	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: caFile, ExternalDatabase: o.database != ""}, "", "  ")
+	ep, _ := json.MarshalIndent(endpoint{HostName: o.host, HTTPSPort: o.port, MQTTPort: o.mqttPort, CACert: caFile, ExternalDatabase: o.database != "", Listen: o.listen}, "", "  ")
 	if err := os.WriteFile(filepath.Join(o.dir, endpointFile), ep, 0o644); err != nil {
 		ln.Close()
 		mqttLn.Close()
