@@ -155,3 +155,29 @@ func TestCLIWithUnresolvableHostName(t *testing.T) {
 		t.Errorf("info does not show the certificate the server presents:\n%s", out)
 	}
 }
+
+// The CLI reads the service's database URL from its defaults file, as
+// systemd does, since sudo does not pass on an operator's environment.
+func TestEnvFileValue(t *testing.T) {
+	f := filepath.Join(t.TempDir(), "hatchery")
+	if err := os.WriteFile(f, []byte(`# Options of the hatchery service
+HATCHERY_SERVE_OPTS="--hostname h.example"
+#HATCHERY_DATABASE=postgres://commented@db/x
+HATCHERY_DATABASE=postgres://first@db/x
+ HATCHERY_DATABASE = "postgres://hatchery:p=w@db/hatchery"
+`), 0o640); err != nil {
+		t.Fatal(err)
+	}
+	for key, want := range map[string]string{
+		"HATCHERY_DATABASE":   "postgres://hatchery:p=w@db/hatchery", // the last, unquoted, '=' in the value kept
+		"HATCHERY_SERVE_OPTS": "--hostname h.example",
+		"HATCHERY_NONE":       "",
+	} {
+		if got := envFileValue(f, key); got != want {
+			t.Errorf("%s = %q, want %q", key, got, want)
+		}
+	}
+	if got := envFileValue(filepath.Join(t.TempDir(), "missing"), "HATCHERY_DATABASE"); got != "" {
+		t.Errorf("a missing file: %q", got)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 )
@@ -69,10 +70,44 @@ func userDataDir() string {
 	return "hatchery-data"
 }
 
-// database is the --database flag, or HATCHERY_DATABASE.
+// database is the --database flag, or HATCHERY_DATABASE; for the package's
+// service's directory, else the HATCHERY_DATABASE its defaults file sets
+// (which `sudo` does not pass on from an operator's shell).
 func database(cmd *cobra.Command) string {
 	if d, _ := cmd.Flags().GetString("database"); d != "" {
 		return d
 	}
-	return os.Getenv("HATCHERY_DATABASE")
+	if d := os.Getenv("HATCHERY_DATABASE"); d != "" {
+		return d
+	}
+	if dir, _ := cmd.Flags().GetString("data-dir"); dir == packagedDataDir {
+		return envFileValue(packagedDefaults, "HATCHERY_DATABASE")
+	}
+	return ""
+}
+
+// packagedDefaults is the package's service's environment file.
+const packagedDefaults = "/etc/default/hatchery"
+
+// envFileValue is key's value in a systemd environment file (KEY=VALUE
+// lines, the value perhaps in quotes; # starts a comment), "" if unset or
+// unreadable.
+func envFileValue(path, key string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return ""
+	}
+	value := ""
+	for _, line := range strings.Split(string(b), "\n") {
+		k, v, ok := strings.Cut(strings.TrimSpace(line), "=")
+		if !ok || strings.TrimSpace(k) != key {
+			continue
+		}
+		v = strings.TrimSpace(v)
+		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+			v = v[1 : len(v)-1]
+		}
+		value = v // the last assignment wins, as in systemd
+	}
+	return value
 }
