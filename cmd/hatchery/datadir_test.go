@@ -154,6 +154,14 @@ func TestCLIWithUnresolvableHostName(t *testing.T) {
 	if out := c.ok("info"); !strings.Contains(out, "hatchery.invalid") || strings.Contains(out, "does not answer") {
 		t.Errorf("info does not show the certificate the server presents:\n%s", out)
 	}
+	// The CA certificate, to copy to devices.
+	want, err := os.ReadFile(filepath.Join(c.dataDir, "tls", "ca.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if out := c.ok("info", "--ca-pem"); out != string(want) {
+		t.Errorf("info --ca-pem printed %q, want tls/ca.pem", out)
+	}
 }
 
 // The CLI reads the service's database URL from its defaults file, as

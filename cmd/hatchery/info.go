@@ -141,12 +141,26 @@ func loadSite(cmd *cobra.Command) (*siteInfo, error) {
 }
 
 func infoCmd() *cobra.Command {
-	return &cobra.Command{
+	var caPEM bool
+	cmd := &cobra.Command{
 		Use:   "info",
 		Short: "Print the ID scope, endpoints, connection strings and CA certificate path",
+		Example: `  hatchery info
+  sudo hatchery info --ca-pem | ssh edge-01 'sudo tee /etc/aziot/hatchery-ca.pem'`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			info, err := loadSite(cmd)
 			if err != nil {
+				return err
+			}
+			if caPEM {
+				if info.CACertificate == "" {
+					return errors.New("there is no CA certificate to give devices: the server's --tls-cert chains to the system's CAs")
+				}
+				b, err := os.ReadFile(info.CACertificate)
+				if err != nil {
+					return err
+				}
+				_, err = cmd.OutOrStdout().Write(b)
 				return err
 			}
 			ca := info.CACertificate
@@ -171,6 +185,8 @@ func infoCmd() *cobra.Command {
 			})
 		},
 	}
+	cmd.Flags().BoolVar(&caPEM, "ca-pem", false, "print the CA certificate devices trust (PEM), to copy to them, instead")
+	return cmd
 }
 
 // loopback is how the CLI and the load tools reach the installation's
