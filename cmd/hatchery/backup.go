@@ -21,7 +21,7 @@ func backupCmd() *cobra.Command {
 		Long: `Backup writes a consistent copy of the SQLite database (taken while the server
 runs) and the tls/ directory, whose CA key devices' trust depends on, into DIR,
 a new directory. To restore, stop the server and serve with --data-dir DIR (or
-move DIR into place).
+move DIR into place); for the package's service, backup prints the commands.
 
 With PostgreSQL (--database), back up the database with pg_dump; backup then
 copies the tls/ directory alone.`,
