@@ -52,6 +52,20 @@ func TestBackupWhileServing(t *testing.T) {
 	if err == nil || !strings.Contains(string(out), "has no local CA") || !strings.Contains(string(out), "--new-ca") {
 		t.Fatalf("serving a restore without tls/: %v\n%s", err, out)
 	}
+	// So is one whose tls/ holds another CA (as a replica's own, made at
+	// its first start, would); --new-ca makes that CA the database's.
+	otherCA := &cli{t: t, bin: c.bin, dataDir: noTLS}
+	if err := pki.Ensure(pki.FilesIn(noTLS), []string{"localhost"}); err != nil {
+		t.Fatal(err)
+	}
+	out, err = exec.Command(c.bin, "serve", "--data-dir", noTLS, "--https-port", "0", "--mqtt-port", "0").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "trust another local CA") || !strings.Contains(string(out), "--new-ca") {
+		t.Fatalf("serving a restore with another CA: %v\n%s", err, out)
+	}
+	otherCA.serve("--new-ca")
+	if out := otherCA.ok("enrollment", "list"); !strings.Contains(out, "kept-1") {
+		t.Fatalf("the database served with --new-ca:\n%s", out)
+	}
 
 	// A backup that fails halfway leaves nothing that could pass for one.
 	broken := &cli{t: t, bin: c.bin, dataDir: filepath.Join(t.TempDir(), "broken")}

@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/softtpm"
@@ -35,6 +36,16 @@ func TestReplicasOnOneDatabase(t *testing.T) {
 	dsn := testutil.StartPostgres(t).NewDatabase(t)
 	a := startServeOn(t, "--database", dsn)
 	// The replicas share the PKI: the CA clients trust and the certificate.
+	// One with a CA of its own (as a package's first start makes) is
+	// refused.
+	own := t.TempDir()
+	if err := pki.Ensure(pki.FilesIn(own), []string{"localhost"}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command(a.bin, "serve", "--data-dir", own, "--database", dsn, "--hostname", "localhost",
+		"--https-port", "0", "--mqtt-port", "0").CombinedOutput(); err == nil || !strings.Contains(string(out), "trust another local CA") {
+		t.Fatalf("a replica with a CA of its own: %v\n%s", err, out)
+	}
 	tlsDir := filepath.Join(a.dataDir, "tls")
 	b := &cli{t: t, bin: a.bin, dataDir: t.TempDir()}
 	if out, err := exec.Command("cp", "-a", tlsDir, b.dataDir).CombinedOutput(); err != nil {

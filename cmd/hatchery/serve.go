@@ -167,6 +167,9 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer st.Close()
+	if err := recordCA(ctx, st, o); err != nil {
+		return err
+	}
 	hubSvc, dpsSvc, err := openServices(ctx, o, st, caFile)
 	if err != nil {
 		return err
@@ -219,38 +222,6 @@ func (o *serveOptions) check() error {
 		return errors.New("--tls-name is empty: give a host name or an IP address")
 	}
 	return nil
-}
-
-// checkCA refuses to start a new local CA for a database whose devices
-// trust another: a restore that left out tls/, or a data directory whose
-// tls/ was lost, would otherwise come up serving a certificate no device
-// accepts.
-func checkCA(ctx context.Context, o serveOptions) error {
-	if o.certFile != "" || o.newCA {
-		return nil
-	}
-	files := pki.FilesIn(o.dir)
-	if !files.NoCA() {
-		return nil // there, or half there, which pki.Ensure explains
-	}
-	// Read as it is: one of an older version has devices too.
-	st, err := store.OpenCurrent(ctx, o.database, o.dir)
-	switch {
-	case errors.Is(err, store.ErrNotServed):
-		return nil // a new installation
-	case errors.Is(err, store.ErrOlderSchema):
-	case err != nil:
-		return err
-	default:
-		existing, err := dps.Exists(ctx, st)
-		st.Close()
-		if err != nil || !existing {
-			return err
-		}
-	}
-	return fmt.Errorf("the database already serves devices, but %s has no local CA (ca.pem, ca-key.pem): "+
-		"restore tls/ from the backup or the old data directory, or serve with --tls-cert as before; "+
-		"--new-ca starts a new CA, which every device must then be given", filepath.Dir(files.CACert))
 }
 
 // openServices opens the hub and the provisioning service on st, the hub
