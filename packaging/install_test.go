@@ -417,13 +417,14 @@ systemctl restart hatchery`)
 	}
 	s.must(fmt.Sprintf("%s enrollment create --attestation-type tpm --registration-id %s --endorsement-key %s --device-id edge-lab-01 --edge-enabled",
 		hatchery, info.RegistrationID, info.EndorsementKey))
-	var svc struct{ IDScope, ProvisioningHost, CACertificate string }
+	var svc struct{ IDScope, ProvisioningHost string }
 	if err := json.Unmarshal([]byte(s.must(hatchery+" info --output json")), &svc); err != nil {
 		t.Fatal(err)
 	}
 
-	// The device: the template, the DPS-TPM block, config apply.
-	s.must(fmt.Sprintf(`cp %s /etc/aziot/hatchery-ca.pem
+	// The device: the CA certificate as README.Debian copies it, the
+	// template, the DPS-TPM block, config apply.
+	s.must(fmt.Sprintf(`%s info --ca-pem | tee /etc/aziot/hatchery-ca.pem >/dev/null
 cp /etc/aziot/config.toml.edge.template /etc/aziot/config.toml
 cat >>/etc/aziot/config.toml <<EOF
 trust_bundle_cert = "file:///etc/aziot/hatchery-ca.pem"
@@ -439,7 +440,7 @@ registration_id = "%s"
 
 [tpm]
 tcti = "%s"
-EOF`, svc.CACertificate, svc.ProvisioningHost, svc.IDScope, info.RegistrationID, tcti))
+EOF`, hatchery, svc.ProvisioningHost, svc.IDScope, info.RegistrationID, tcti))
 	if out := s.must("iotedge config apply"); !strings.Contains(out, "Restarting the IoT Edge services") {
 		t.Errorf("config apply did not take the systemd path:\n%s", out)
 	}
