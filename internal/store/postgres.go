@@ -40,7 +40,7 @@ type Postgres struct {
 // single-row statements, pages of at most a thousand rows and event
 // batches of at most a thousand messages and 8 MiB (maxBatchBytes): well
 // within it. Waiting for a pooled connection counts too.
-const pgOpTimeout = 30 * time.Second
+var pgOpTimeout = 30 * time.Second // a variable for tests
 
 // bound is ctx limited to one operation's time.
 func (p *Postgres) bound(ctx context.Context) (context.Context, context.CancelFunc) {
@@ -81,8 +81,16 @@ func openPostgres(ctx context.Context, dsn string, upgrade bool) (*Postgres, err
 	if err != nil {
 		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)
 	}
-	if err := pool.Ping(ctx); err != nil {
+	// The first answer is bounded like any operation: a server that takes
+	// connections and says nothing would hold the start for good. The
+	// migrations after it are not (a large table may take minutes).
+	ping, cancel := context.WithTimeout(ctx, pgOpTimeout)
+	defer cancel()
+	if err := pool.Ping(ping); err != nil {
 		pool.Close()
+		if errors.Is(ping.Err(), context.DeadlineExceeded) {
+			return nil, fmt.Errorf("PostgreSQL at %s took connections but did not answer within %v: %w", where, pgOpTimeout, err)
+		}
 		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)
 	}
 	if err := migratePostgres(ctx, pool, upgrade); err != nil {

@@ -188,3 +188,25 @@ func TestPostgresConnectionsKeepAlive(t *testing.T) {
 		}
 	}
 }
+
+// Opening a database whose server takes connections and says nothing
+// fails within the operation's bound, rather than holding a start for good.
+func TestOpenPostgresThatDoesNotAnswer(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	dsn := pg.NewDatabase(t)
+	defer func(was time.Duration) { pgOpTimeout = was }(pgOpTimeout)
+	pgOpTimeout = 2 * time.Second
+	pg.Freeze(t)
+	start := time.Now()
+	st, err := OpenPostgres(context.Background(), dsn)
+	if err == nil {
+		st.Close()
+		t.Fatal("opened a database whose server does not answer")
+	}
+	if !Unavailable(err) || !strings.Contains(err.Error(), "did not answer within 2s") {
+		t.Errorf("open: %v, want the database out of reach, said so", err)
+	}
+	if took := time.Since(start); took > 15*time.Second {
+		t.Errorf("open took %v with a bound of %v", took, pgOpTimeout)
+	}
+}
