@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -112,7 +111,7 @@ in its event stream. Progress goes to stderr, the figures to stdout
 			defer st.Close()
 			cfg := loadgen.Config{
 				Devices: o.devices, PerWorker: o.perWorker, Prefix: o.prefix,
-				HubHost: site.HubHostName, MQTTAddr: net.JoinHostPort("127.0.0.1", strconv.Itoa(o.mqttPort)), CAPEM: caPEM,
+				HubHost: site.HubHostName, MQTTAddr: site.local(strconv.Itoa(o.mqttPort)), CAPEM: caPEM,
 				Registry: registry, KeySeed: sas.DeriveDeviceKey(owner.Key, "hatchery bench mqtt"),
 				ProvisionConcurrency: o.provisionConc, ConnectConcurrency: o.connectConc, KeepAlive: o.keepAlive, Settle: o.settle, CloseRate: o.closeRate, X25519Only: o.x25519,
 				ServerPID: pid, Events: st,

@@ -81,7 +81,7 @@ func (s *siteInfo) served() *servedCertificate {
 // database --database names, which a server on PostgreSQL needs.
 func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	dir, _ := cmd.Flags().GetString("data-dir")
-	if !cmd.Flags().Changed("data-dir") && os.Getenv("HATCHERY_DATA_DIR") == "" && dir != packagedDataDir {
+	if !cmd.Flags().Changed("data-dir") && os.Getenv("HATCHERY_DATA_DIR") == "" && filepath.Clean(dir) != packagedDataDir {
 		if _, err := os.Stat(filepath.Join(packagedDataDir, endpointFile)); err == nil {
 			fmt.Fprintf(cmd.ErrOrStderr(), "note: using %s; the hatchery service's installation is %s (--data-dir %s)\n", dir, packagedDataDir, packagedDataDir)
 		}
@@ -98,6 +98,11 @@ func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 		return nil, nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
 	dsn := database(cmd)
+	if ep.ExternalDatabase && dsn == "" && filepath.Clean(dir) == packagedDataDir {
+		// The package's service's URL, which sudo does not pass on from
+		// an operator's shell.
+		dsn = envFileValue(packagedDefaults, "HATCHERY_DATABASE")
+	}
 	if ep.ExternalDatabase && dsn == "" {
 		return nil, nil, fmt.Errorf("the server of %s keeps its state in PostgreSQL: pass the same --database (or set HATCHERY_DATABASE)", dir)
 	}

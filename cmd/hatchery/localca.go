@@ -9,6 +9,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
 
@@ -54,20 +55,23 @@ func checkCA(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer st.Close()
+	recorded, err := recordedCA(ctx, st)
+	if err != nil {
+		return err
+	}
 	if files.NoCA() {
 		existing, err := dps.Exists(ctx, st)
-		if err != nil || !existing {
+		if err != nil || !existing && recorded == "" {
 			return err
 		}
 		return noCAError(files)
 	}
 	ours, err := caFingerprint(files.CACert)
-	if err != nil {
+	switch {
+	case err != nil:
 		return nil // half there, or unreadable, which pki.Ensure explains
-	}
-	recorded, err := recordedCA(ctx, st)
-	if err != nil || recorded == "" || recorded == ours {
-		return err
+	case recorded == "" || recorded == ours:
+		return nil
 	}
 	return fmt.Errorf("the database's devices trust another local CA (SHA-256 %.16s…) than %s (SHA-256 %.16s…): "+
 		"copy tls/ from a server of this database (another replica, the backup) into %s, or serve with --tls-cert as the others do; "+
@@ -95,15 +99,17 @@ func recordCA(ctx context.Context, st store.Store, o serveOptions) error {
 	}
 	body, _ := json.Marshal(localCARecord{SHA256: ours})
 	doc := store.Doc{Kind: kindLocalCA, ID: localCAID, Body: body}
-	if o.newCA {
-		_, err := st.Put(ctx, doc, "")
-		return err
-	}
 	if _, err := st.Create(ctx, doc); !errors.Is(err, store.ErrExists) {
 		return err
 	}
 	recorded, err := recordedCA(ctx, st)
 	if err != nil || recorded == ours {
+		return err
+	}
+	if o.newCA {
+		slog.Warn("--new-ca: this server's local CA is now the one the database's devices trust; give every device its certificate, and serve without --new-ca from now on",
+			"ca", files.CACert, "sha256", ours[:16])
+		_, err := st.Put(ctx, doc, "")
 		return err
 	}
 	return fmt.Errorf("another server of this database recorded its local CA first (SHA-256 %.16s…): copy its tls/ into %s",

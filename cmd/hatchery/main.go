@@ -70,20 +70,12 @@ func userDataDir() string {
 	return "hatchery-data"
 }
 
-// database is the --database flag, or HATCHERY_DATABASE; for the package's
-// service's directory, else the HATCHERY_DATABASE its defaults file sets
-// (which `sudo` does not pass on from an operator's shell).
+// database is the --database flag, or HATCHERY_DATABASE.
 func database(cmd *cobra.Command) string {
 	if d, _ := cmd.Flags().GetString("database"); d != "" {
 		return d
 	}
-	if d := os.Getenv("HATCHERY_DATABASE"); d != "" {
-		return d
-	}
-	if dir, _ := cmd.Flags().GetString("data-dir"); dir == packagedDataDir {
-		return envFileValue(packagedDefaults, "HATCHERY_DATABASE")
-	}
-	return ""
+	return os.Getenv("HATCHERY_DATABASE")
 }
 
 // packagedDefaults is the package's service's environment file.

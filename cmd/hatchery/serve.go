@@ -101,7 +101,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringVar(&o.certFile, "tls-cert", "", "server certificate PEM (default: issued by the local CA)")
 	cmd.Flags().StringVar(&o.keyFile, "tls-key", "", "server key PEM, with --tls-cert")
 	cmd.Flags().StringSliceVar(&o.tlsNames, "tls-name", nil, "another host name or IP address devices reach this server by, for the local CA's certificate (repeat, or separate with commas)")
-	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "start a new local CA although the database already serves devices (they must then be given its certificate)")
+	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "make this server's local CA the one the database's devices trust, although they trust another: a new one if tls/ has none, else the one there (every device must then be given its certificate); for one start, not to keep in the options")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
 	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
@@ -198,7 +198,7 @@ func rootMayServe(dir string, fi os.FileInfo) error {
 		return nil
 	}
 	hint := "run serve as that user, or serve another --data-dir"
-	if dir == packagedDataDir {
+	if filepath.Clean(dir) == packagedDataDir {
 		hint = "it is the hatchery service's: `sudo systemctl start hatchery` serves it, as user hatchery"
 	}
 	return fmt.Errorf("the data directory %s is not root's (%s): %s", dir, fileowner.Describe(fi), hint)

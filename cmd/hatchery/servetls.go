@@ -23,9 +23,16 @@ func serverTLS(o serveOptions) (*tls.Config, string, error) {
 	if o.certFile == "" {
 		files := pki.FilesIn(o.dir)
 		hosts := append([]string{o.host, "localhost", "127.0.0.1", "::1"}, o.tlsNames...)
-		renew := func() error { return pki.Ensure(files, hosts) }
-		if err := renew(); err != nil {
+		if err := pki.Ensure(files, hosts); err != nil {
 			return nil, "", err
+		}
+		// Renewing issues the server certificate again; it never makes a
+		// new CA under a running server, whose devices trust this one.
+		renew := func() error {
+			if files.NoCA() {
+				return fmt.Errorf("the local CA is gone from %s: restore tls/ from a backup (devices trust that CA)", filepath.Dir(files.CACert))
+			}
+			return pki.Ensure(files, hosts)
 		}
 		if served, err = pki.NewServed(files.ServerCert, files.ServerKey, renew); err != nil {
 			return nil, "", err
