@@ -50,7 +50,9 @@ func checkCA(ctx context.Context, o serveOptions) error {
 		if files.NoCA() {
 			return noCAError(files)
 		}
-		return nil // an older version recorded no CA
+		// No version before this one recorded a CA; once the schema
+		// changes after it, this must read the record without upgrading.
+		return nil
 	case err != nil:
 		return err
 	}
