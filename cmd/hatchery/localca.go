@@ -41,18 +41,12 @@ func checkCA(ctx context.Context, o serveOptions) error {
 		return nil
 	}
 	files := pki.FilesIn(o.dir)
-	// Read as it is: one of an older version has devices too.
-	st, err := store.OpenCurrent(ctx, o.database, o.dir)
+	// Read as it is, not upgraded: one of an older version has devices
+	// too, and its record.
+	st, err := store.OpenToRead(ctx, o.database, o.dir)
 	switch {
 	case errors.Is(err, store.ErrNotServed):
 		return nil // a new installation
-	case errors.Is(err, store.ErrOlderSchema):
-		if files.NoCA() {
-			return noCAError(files)
-		}
-		// No version before this one recorded a CA; once the schema
-		// changes after it, this must read the record without upgrading.
-		return nil
 	case err != nil:
 		return err
 	}

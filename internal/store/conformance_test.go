@@ -739,18 +739,25 @@ func testNewerSchemaRefused(t *testing.T, b backend) {
 }
 
 // A database at an older schema version is upgraded by Open (the server),
-// never by OpenCurrent (the CLI, a backup), which says what to do instead;
-// one not served yet is refused by OpenCurrent too.
+// never by OpenCurrent (the CLI, a backup), which says what to do instead,
+// nor by OpenToRead, which reads its documents as they are; one not served
+// yet is refused by both.
 func testOlderSchemaUpgradedOnlyByTheServer(t *testing.T, b backend) {
 	ctx := context.Background()
 	dsn := b.newDB(t)
-	if s, err := OpenCurrent(ctx, dsn, ""); err == nil || !strings.Contains(err.Error(), "not been served yet") {
-		if s != nil {
-			s.Close()
+	for name, open := range map[string]func(context.Context, string, string) (Store, error){"OpenCurrent": OpenCurrent, "OpenToRead": OpenToRead} {
+		if s, err := open(ctx, dsn, ""); err == nil || !strings.Contains(err.Error(), "not been served yet") {
+			if s != nil {
+				s.Close()
+			}
+			t.Fatalf("%s of a new database: %v", name, err)
 		}
-		t.Fatalf("OpenCurrent of a new database: %v", err)
 	}
-	b.open(t, dsn).Close()
+	served := b.open(t, dsn)
+	if _, err := served.Create(ctx, doc("k", "kept", `1`)); err != nil {
+		t.Fatal(err)
+	}
+	served.Close()
 	// This build's next migration, for the length of the test.
 	migrations := map[string]*[]string{"sqlite": &sqliteMigrations, "postgres": &postgresMigrations}[b.name]
 	saved := *migrations
@@ -763,7 +770,21 @@ func testOlderSchemaUpgradedOnlyByTheServer(t *testing.T, b backend) {
 		}
 		t.Fatalf("OpenCurrent of an older database: %v", err)
 	}
-	s, err := Open(ctx, dsn, "")
+	s, err := OpenToRead(ctx, dsn, "")
+	if err != nil {
+		t.Fatalf("OpenToRead of an older database: %v", err)
+	}
+	if d, err := s.Get(ctx, "k", "kept"); err != nil || string(d.Body) != `1` {
+		t.Errorf("OpenToRead of an older database reads %q, %v", d.Body, err)
+	}
+	s.Close()
+	if s, err := OpenCurrent(ctx, dsn, ""); err == nil || !strings.Contains(err.Error(), "older than this hatchery's") {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("OpenToRead upgraded the database: OpenCurrent says %v", err)
+	}
+	s, err = Open(ctx, dsn, "")
 	if err != nil {
 		t.Fatalf("Open of an older database: %v", err)
 	}

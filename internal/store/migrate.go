@@ -66,16 +66,27 @@ var (
 	ErrOlderSchema = errors.New("older than this hatchery's")
 )
 
+// schemaMode is what opening a database does with an older schema version.
+type schemaMode int
+
+const (
+	refuseOlder  schemaMode = iota // OpenCurrent: the CLI beside a running server
+	upgradeOlder                   // Open: the server
+	readOlder                      // OpenToRead: documents read before the server upgrades
+)
+
 // pendingMigrations returns the versions after current that this build
-// knows, or an error if the database is newer than this build, or older
-// and not to be upgraded.
-func pendingMigrations(backend string, current int, migrations []string, upgrade bool) ([]int, error) {
+// knows and mode applies, or an error if the database is newer than this
+// build, not served yet (but to upgrade), or older and to be refused.
+func pendingMigrations(backend string, current int, migrations []string, mode schemaMode) ([]int, error) {
 	switch {
 	case current > len(migrations):
 		return nil, fmt.Errorf("the %s database has schema version %d, newer than this hatchery knows (%d): run a newer hatchery against it", backend, current, len(migrations))
-	case current < len(migrations) && !upgrade && current == 0:
+	case current < len(migrations) && mode != upgradeOlder && current == 0:
 		return nil, fmt.Errorf("the %s database %w: start `hatchery serve` on it first", backend, ErrNotServed)
-	case current < len(migrations) && !upgrade:
+	case current < len(migrations) && mode == readOlder:
+		return nil, nil // every version has the documents
+	case current < len(migrations) && mode == refuseOlder:
 		return nil, fmt.Errorf("the %s database has schema version %d, %w (%d): "+
 			"`hatchery serve` of this version upgrades it once the servers of the old one have stopped "+
 			"(older versions cannot open it then); until then, use the hatchery that serves it", backend, current, ErrOlderSchema, len(migrations))
@@ -94,8 +105,8 @@ func pendingMigrations(backend string, current int, migrations []string, upgrade
 // begins IMMEDIATE (the DSN's _txlock), taking SQLite's write lock first: a
 // second process opening the same file waits for it (busy_timeout), then
 // finds the migrations applied.
-func migrateSQLite(ctx context.Context, db *sql.DB, upgrade bool) error {
-	if !upgrade { // read without the write lock each transaction takes
+func migrateSQLite(ctx context.Context, db *sql.DB, mode schemaMode) error {
+	if mode != upgradeOlder { // read without the write lock each transaction takes
 		var tables, current int
 		err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'`).Scan(&tables)
 		if err == nil && tables > 0 {
@@ -104,7 +115,7 @@ func migrateSQLite(ctx context.Context, db *sql.DB, upgrade bool) error {
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("SQLite", current, sqliteMigrations, false)
+		_, err = pendingMigrations("SQLite", current, sqliteMigrations, mode)
 		return err
 	}
 	tx, err := db.BeginTx(ctx, nil)
@@ -122,7 +133,7 @@ func migrateSQLite(ctx context.Context, db *sql.DB, upgrade bool) error {
 	if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
 		return err
 	}
-	pending, err := pendingMigrations("SQLite", current, sqliteMigrations, true)
+	pending, err := pendingMigrations("SQLite", current, sqliteMigrations, mode)
 	if err != nil || len(pending) == 0 {
 		return err
 	}
@@ -141,8 +152,8 @@ func migrateSQLite(ctx context.Context, db *sql.DB, upgrade bool) error {
 // start together: a transaction-scoped advisory lock lets one migrate while
 // the others wait, then find nothing left to do. DDL is transactional on
 // PostgreSQL, so a failed migration leaves the previous version intact.
-func migratePostgres(ctx context.Context, pool *pgxpool.Pool, upgrade bool) error {
-	if !upgrade {
+func migratePostgres(ctx context.Context, pool *pgxpool.Pool, mode schemaMode) error {
+	if mode != upgradeOlder {
 		var exists bool
 		var current int
 		err := pool.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists)
@@ -152,7 +163,7 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool, upgrade bool) erro
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("PostgreSQL", current, postgresMigrations, false)
+		_, err = pendingMigrations("PostgreSQL", current, postgresMigrations, mode)
 		return err
 	}
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
@@ -169,7 +180,7 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool, upgrade bool) erro
 		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
 			return err
 		}
-		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations, true)
+		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations, mode)
 		if err != nil {
 			return err
 		}

@@ -21,7 +21,7 @@ const DefaultSQLiteFile = "hatchery.db"
 // Either way the schema is brought up to date before Open returns: Open is
 // for the server. The CLI's commands use OpenCurrent.
 func Open(ctx context.Context, dsn, dataDir string) (Store, error) {
-	return open(ctx, dsn, dataDir, true)
+	return open(ctx, dsn, dataDir, upgradeOlder)
 }
 
 // OpenCurrent is Open without the upgrade: a database at an older schema
@@ -29,12 +29,19 @@ func Open(ctx context.Context, dsn, dataDir string) (Store, error) {
 // once those of the old one have stopped, not for a command run beside them
 // (a backup taken before an upgrade, say).
 func OpenCurrent(ctx context.Context, dsn, dataDir string) (Store, error) {
-	return open(ctx, dsn, dataDir, false)
+	return open(ctx, dsn, dataDir, refuseOlder)
 }
 
-func open(ctx context.Context, dsn, dataDir string, upgrade bool) (Store, error) {
+// OpenToRead is OpenCurrent that also reads a database at an older schema
+// version, as it is: for the server to look at its documents (which every
+// version has) before it decides to upgrade it. Not for writing.
+func OpenToRead(ctx context.Context, dsn, dataDir string) (Store, error) {
+	return open(ctx, dsn, dataDir, readOlder)
+}
+
+func open(ctx context.Context, dsn, dataDir string, mode schemaMode) (Store, error) {
 	if isPostgres(dsn) {
-		p, err := openPostgres(ctx, dsn, upgrade)
+		p, err := openPostgres(ctx, dsn, mode)
 		if err != nil {
 			return nil, err // not a nil *Postgres in a non-nil Store
 		}
@@ -44,7 +51,7 @@ func open(ctx context.Context, dsn, dataDir string, upgrade bool) (Store, error)
 	if err != nil {
 		return nil, err
 	}
-	s, err := openSQLite(path, upgrade)
+	s, err := openSQLite(path, mode)
 	if err != nil {
 		return nil, err
 	}

@@ -56,12 +56,12 @@ const defaultPostgresConns = 16
 // and brings its schema up to date. pgx's URL parameters apply
 // (sslmode, pool_max_conns, default_query_exec_mode=exec behind PgBouncer, ...).
 func OpenPostgres(ctx context.Context, dsn string) (*Postgres, error) {
-	return openPostgres(ctx, dsn, true)
+	return openPostgres(ctx, dsn, upgradeOlder)
 }
 
-// openPostgres is OpenPostgres; without upgrade, a database at an older
-// schema version is refused rather than upgraded.
-func openPostgres(ctx context.Context, dsn string, upgrade bool) (*Postgres, error) {
+// openPostgres is OpenPostgres, with mode for a database at an older
+// schema version.
+func openPostgres(ctx context.Context, dsn string, mode schemaMode) (*Postgres, error) {
 	where := redactDSN(dsn)
 	cfg, err := pgxpool.ParseConfig(dsn)
 	if err != nil {
@@ -93,7 +93,7 @@ func openPostgres(ctx context.Context, dsn string, upgrade bool) (*Postgres, err
 		}
 		return nil, fmt.Errorf("connecting to PostgreSQL at %s: %w", where, err)
 	}
-	if err := migratePostgres(ctx, pool, upgrade); err != nil {
+	if err := migratePostgres(ctx, pool, mode); err != nil {
 		pool.Close()
 		return nil, fmt.Errorf("opening database %s: %w", where, err)
 	}

@@ -56,12 +56,12 @@ CREATE INDEX IF NOT EXISTS events_device ON events (device_id, seq);
 
 // OpenSQLite opens (creating if needed) the database file at path and
 // brings its schema up to date.
-func OpenSQLite(path string) (*SQLite, error) { return openSQLite(path, true) }
+func OpenSQLite(path string) (*SQLite, error) { return openSQLite(path, upgradeOlder) }
 
-// openSQLite is OpenSQLite; without upgrade, a database at an older schema
-// version is refused rather than upgraded.
-func openSQLite(path string, upgrade bool) (*SQLite, error) {
-	if _, err := os.Stat(path); !upgrade && errors.Is(err, os.ErrNotExist) {
+// openSQLite is OpenSQLite, with mode for a database at an older schema
+// version.
+func openSQLite(path string, mode schemaMode) (*SQLite, error) {
+	if _, err := os.Stat(path); mode != upgradeOlder && errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("the SQLite database %s does not exist: it %w (start `hatchery serve` on it first)", path, ErrNotServed)
 	}
 	// The database holds every key: only its owner may read it (SQLite
@@ -94,10 +94,10 @@ func openSQLite(path string, upgrade bool) (*SQLite, error) {
 	db.SetMaxIdleConns(16)
 	// Processes opening a new file together can find it locked while one
 	// turns on WAL, which SQLite reports at once rather than waiting.
-	err = migrateSQLite(context.Background(), db, upgrade)
+	err = migrateSQLite(context.Background(), db, mode)
 	for try := 0; try < 20 && busy(err); try++ {
 		time.Sleep(25 * time.Millisecond)
-		err = migrateSQLite(context.Background(), db, upgrade)
+		err = migrateSQLite(context.Background(), db, mode)
 	}
 	if err != nil {
 		db.Close()
