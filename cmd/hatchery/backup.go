@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/spf13/cobra"
 
@@ -103,8 +104,18 @@ func restoreHint(dir, to string) string {
 	if filepath.Clean(dir) != packagedDataDir {
 		return "restore by serving with --data-dir " + to
 	}
-	return fmt.Sprintf("restore with `systemctl stop hatchery && mv %[1]s %[1]s.old && cp -a %[2]s %[1]s && chown -R hatchery:hatchery %[1]s && systemctl start hatchery`",
-		packagedDataDir, to)
+	return fmt.Sprintf("restore with `systemctl stop hatchery && mv %[1]s %[1]s.before-restore-$(date +%%s) && cp -a %[2]s %[1]s && chown -R hatchery:hatchery %[1]s && systemctl start hatchery`",
+		packagedDataDir, shellQuote(to))
+}
+
+// shellQuote is s as one word of a POSIX shell command.
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("/._-+:=@%,", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // copyFile copies a file into a new one of mode.

@@ -141,6 +141,12 @@ func TestRestoreHint(t *testing.T) {
 			t.Errorf("the service's directory: %q lacks %q", got, want)
 		}
 	}
+	// A path is one word of the command, whatever it holds.
+	for path, want := range map[string]string{"/b/h 1": `'/b/h 1'`, "/b/it's": `'/b/it'\''s'`, "/b/h-1.x": "/b/h-1.x"} {
+		if got := shellQuote(path); got != want {
+			t.Errorf("shellQuote(%q) = %s, want %s", path, got, want)
+		}
+	}
 }
 
 // The CLI reaches the server on this machine at the address it listens
