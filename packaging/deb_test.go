@@ -52,7 +52,7 @@ var packages = []debPackage{
 		},
 		conffile: "/etc/default/hatchery",
 		control:  map[string]string{"Section": "net", "Suggests": "postgresql"},
-		depends:  []string{"adduser"},
+		depends:  []string{"adduser", "init-system-helpers"}, // deb-systemd-invoke
 	},
 	{
 		name:     "hatchery-iotedge",
