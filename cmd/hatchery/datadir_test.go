@@ -179,12 +179,16 @@ HATCHERY_SERVE_OPTS="--hostname h.example"
 #HATCHERY_DATABASE=postgres://commented@db/x
 HATCHERY_DATABASE=postgres://first@db/x
  HATCHERY_DATABASE = "postgres://hatchery:p=w@db/hatchery"
+QUOTED="a \"quoted\" \\ value"
+SINGLE='no \escapes'
 `), 0o640); err != nil {
 		t.Fatal(err)
 	}
 	for key, want := range map[string]string{
 		"HATCHERY_DATABASE":   "postgres://hatchery:p=w@db/hatchery", // the last, unquoted, '=' in the value kept
 		"HATCHERY_SERVE_OPTS": "--hostname h.example",
+		"QUOTED":              `a "quoted" \ value`,
+		"SINGLE":              `no \escapes`,
 		"HATCHERY_NONE":       "",
 	} {
 		if got := envFileValue(f, key); got != want {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -81,9 +82,12 @@ func database(cmd *cobra.Command) string {
 // packagedDefaults is the package's service's environment file.
 const packagedDefaults = "/etc/default/hatchery"
 
+// unescapeRe matches a backslash and the character it escapes.
+var unescapeRe = regexp.MustCompile(`\\(.)`)
+
 // envFileValue is key's value in a systemd environment file (KEY=VALUE
-// lines, the value perhaps in quotes; # starts a comment), "" if unset or
-// unreadable.
+// lines, the value perhaps in quotes, with backslash escapes inside double
+// ones; # starts a comment), "" if unset or unreadable.
 func envFileValue(path, key string) string {
 	b, err := os.ReadFile(path)
 	if err != nil {
@@ -96,8 +100,12 @@ func envFileValue(path, key string) string {
 			continue
 		}
 		v = strings.TrimSpace(v)
-		if len(v) >= 2 && (v[0] == '"' || v[0] == '\'') && v[len(v)-1] == v[0] {
+		switch {
+		case len(v) >= 2 && v[0] == '\'' && v[len(v)-1] == '\'':
 			v = v[1 : len(v)-1]
+		case len(v) >= 2 && v[0] == '"' && v[len(v)-1] == '"':
+			// Inside double quotes a backslash escapes the next character.
+			v = unescapeRe.ReplaceAllString(v[1:len(v)-1], "$1")
 		}
 		value = v // the last assignment wins, as in systemd
 	}
