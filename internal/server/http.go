@@ -54,10 +54,9 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		id := trackingID()
-		noteTrackingID(r, id)
-		azerr.WriteDPS(w, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
-			r.Method, r.URL.Path, d.IDScope()), id)
+		id, err := failure(r, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
+			r.Method, r.URL.Path, d.IDScope()))
+		azerr.WriteDPS(w, err, id)
 	})
 	return logRequests(mux)
 }
