@@ -101,7 +101,7 @@ func backup(ctx context.Context, dir, to string, st store.Store) (string, error)
 // restoreHint says how to restore the backup in to of dir: the package's
 // service serves one data directory, as its user.
 func restoreHint(dir, to string) string {
-	if filepath.Clean(dir) != packagedDataDir {
+	if !isPackagedDataDir(dir) {
 		return "restore by serving with --data-dir " + to
 	}
 	return fmt.Sprintf("restore with `systemctl stop hatchery && mv %[1]s %[1]s.before-restore-$(date +%%s) && cp -a %[2]s %[1]s && chown -R hatchery:hatchery %[1]s && systemctl start hatchery`",

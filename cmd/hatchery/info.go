@@ -81,7 +81,7 @@ func (s *siteInfo) served() *servedCertificate {
 // database --database names, which a server on PostgreSQL needs.
 func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	dir, _ := cmd.Flags().GetString("data-dir")
-	if !cmd.Flags().Changed("data-dir") && os.Getenv("HATCHERY_DATA_DIR") == "" && filepath.Clean(dir) != packagedDataDir {
+	if !cmd.Flags().Changed("data-dir") && os.Getenv("HATCHERY_DATA_DIR") == "" && !isPackagedDataDir(dir) {
 		if _, err := os.Stat(filepath.Join(packagedDataDir, endpointFile)); err == nil {
 			fmt.Fprintf(cmd.ErrOrStderr(), "note: using %s; the hatchery service's installation is %s (--data-dir %s)\n", dir, packagedDataDir, packagedDataDir)
 		}
@@ -98,7 +98,7 @@ func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 		return nil, nil, fmt.Errorf("%s is corrupt: %v", filepath.Join(dir, endpointFile), err)
 	}
 	dsn := database(cmd)
-	if ep.ExternalDatabase && dsn == "" && filepath.Clean(dir) == packagedDataDir {
+	if ep.ExternalDatabase && dsn == "" && isPackagedDataDir(dir) {
 		// The package's service's URL, which sudo does not pass on from
 		// an operator's shell.
 		dsn = envFileValue(packagedDefaults, "HATCHERY_DATABASE")

@@ -41,6 +41,10 @@ func main() {
 // its state, as user hatchery.
 const packagedDataDir = "/var/lib/hatchery"
 
+// isPackagedDataDir reports whether dir is the package's service's, however
+// it is spelled.
+func isPackagedDataDir(dir string) bool { return filepath.Clean(dir) == packagedDataDir }
+
 // defaultDataDir is $HATCHERY_DATA_DIR, else the user's own data directory
 // when a server has served it, else the package's service's (`sudo
 // hatchery enrollment list` on a machine that runs it) when it exists,

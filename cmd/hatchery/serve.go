@@ -198,7 +198,7 @@ func rootMayServe(dir string, fi os.FileInfo) error {
 		return nil
 	}
 	hint := "run serve as that user, or serve another --data-dir"
-	if filepath.Clean(dir) == packagedDataDir {
+	if isPackagedDataDir(dir) {
 		hint = "it is the hatchery service's: `sudo systemctl start hatchery` serves it, as user hatchery"
 	}
 	return fmt.Errorf("the data directory %s is not root's (%s): %s", dir, fileowner.Describe(fi), hint)
