@@ -71,7 +71,9 @@ type challenge struct {
 type attestation struct {
 	enrollment *Enrollment
 	group      *EnrollmentGroup
-	deviceKey  string // symmetric-key devices: the key they proved
+	// deviceKeys are a symmetric-key group device's keys, derived from the
+	// group's primary and secondary keys (either may sign its tokens).
+	deviceKeys [2]string
 	challenge  *challenge
 	// keys are those the device's SAS token verified under.
 	keys [][]byte
@@ -267,20 +269,9 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		group = g.EnrollmentGroupID
 	case e == nil:
 		return nil, denied(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
-	case e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil:
-		return nil, denied(regID, "the enrollment does not use TPM attestation")
 	default:
-		enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
-		if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
-			return nil, denied(regID, "the endorsement key differs from the enrolled one")
-		}
-		// An enrolled SRK pins it too, so that nobody who knows the public
-		// EK can crowd the device's challenges out with other SRKs.
-		if k := e.Attestation.TPM.StorageRootKey; k != "" {
-			enrolledSRK, _ := base64.StdEncoding.DecodeString(k)
-			if same, err := attest.SameKey(srk, enrolledSRK); err != nil || !same {
-				return nil, denied(regID, "the storage root key differs from the enrolled one")
-			}
+		if err := enrolledTPM(regID, e, ek, srk); err != nil {
+			return nil, err
 		}
 	}
 	if err := s.Throttle.registration(s.Now()); err != nil {
@@ -311,6 +302,26 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		return nil, err
 	}
 	return &Challenge{Message: "Unauthorized", AuthenticationKey: base64.StdEncoding.EncodeToString(blob), KeyName: "registration"}, nil
+}
+
+// enrolledTPM checks a TPM's keys against its individual enrollment. An
+// enrolled SRK pins it too, so that nobody who knows the public EK can
+// crowd the device's challenges out with other SRKs.
+func enrolledTPM(regID string, e *Enrollment, ek, srk []byte) error {
+	if e.Attestation.Type != AttestationTPM || e.Attestation.TPM == nil {
+		return denied(regID, "the enrollment does not use TPM attestation")
+	}
+	enrolled, _ := base64.StdEncoding.DecodeString(e.Attestation.TPM.EndorsementKey)
+	if same, err := attest.SameKey(ek, enrolled); err != nil || !same {
+		return denied(regID, "the endorsement key differs from the enrolled one")
+	}
+	if k := e.Attestation.TPM.StorageRootKey; k != "" {
+		enrolledSRK, _ := base64.StdEncoding.DecodeString(k)
+		if same, err := attest.SameKey(srk, enrolledSRK); err != nil || !same {
+			return denied(regID, "the storage root key differs from the enrolled one")
+		}
+	}
+	return nil
 }
 
 func (s *Service) activationBlob(ek, srk []byte, keyB64 string) ([]byte, error) {
@@ -352,6 +363,13 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		case AttestationTPM:
 			c, err := s.answeredChallenge(ctx, regID, tok, now)
 			if err != nil {
+				return nil, err
+			}
+			// The enrollment may have changed since the challenge was
+			// issued: a TPM it no longer names is not admitted.
+			ek, _ := base64.StdEncoding.DecodeString(c.EndorsementKey)
+			srk, _ := base64.StdEncoding.DecodeString(c.StorageRootKey)
+			if err := enrolledTPM(regID, e, ek, srk); err != nil {
 				return nil, err
 			}
 			return &attestation{enrollment: e, challenge: c, keys: sas.Keys(c.Key)}, nil
@@ -494,11 +512,13 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 		}
 		k := g.Attestation.SymmetricKey
 		var derived [][]byte
-		for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
+		var encoded [2]string
+		for i, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
 			derived = append(derived, sas.DeriveDeviceKey(gk, regID))
+			encoded[i] = base64.StdEncoding.EncodeToString(derived[i])
 		}
 		if tok.Verify(now, derived...) == nil {
-			found = &attestation{group: g, deviceKey: base64.StdEncoding.EncodeToString(derived[0]), keys: derived}
+			found = &attestation{group: g, deviceKeys: encoded, keys: derived}
 			return false
 		}
 		return true
@@ -678,7 +698,9 @@ func (s *Service) hubCredentials(att *attestation, regID string, dev *HubDevice,
 		}
 		alloc.runtime.X509 = state.X509
 	case att.group != nil:
-		dev.PrimaryKey = att.deviceKey
+		// Both, as in the hosted service: a device that signs with its
+		// secondary key while the group's primary is rotated keeps working.
+		dev.PrimaryKey, dev.SecondaryKey = att.deviceKeys[0], att.deviceKeys[1]
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}
 		alloc.runtime.SymmetricKey = state.SymmetricKey
 	default:

@@ -124,6 +124,12 @@ func TestGroupDerivedKey(t *testing.T) {
 	if res.DeviceID != "sensor-17" || res.EnrollmentGroupID != "line-3" {
 		t.Fatalf("%+v", res)
 	}
+	// The hub holds both derived keys: the one the device proved (here the
+	// secondary's) signs its hub tokens too.
+	hubTok := sas.Build(sas.DeriveDeviceKey(gk, "sensor-17"), host+"/devices/sensor-17", "", time.Now().Add(time.Minute))
+	if st, body := e.raw("POST", "/devices/sensor-17/messages/events?api-version=2020-09-30", hubTok, `{"t":1}`); st != 204 {
+		t.Fatalf("telemetry signed with the secondary-derived key: %d %v", st, body)
+	}
 	regs, _, err := e.dps.ListRegistrations(ctx, "line-3", "", 10)
 	if err != nil || len(regs) != 1 {
 		t.Fatalf("group registrations %v %v", regs, err)

@@ -12,6 +12,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/softtpm"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
@@ -139,5 +140,49 @@ func TestTPMDeviceConnectsOverMQTT(t *testing.T) {
 	}
 	if _, err := hubdevice.Dial(ctx, opts); !errors.Is(err, hubdevice.ErrNotAuthorized) {
 		t.Fatalf("disabled TPM device: %v", err)
+	}
+}
+
+// A challenge answered after the operator enrolled another TPM under the
+// registration ID admits nothing: the replaced TPM gets no hub key.
+func TestTPMChallengeOfAReplacedTPM(t *testing.T) {
+	e := newEnv(t)
+	newTPM := func() (*softtpm.TPM, string, string) {
+		k, err := softtpm.NewKeys()
+		if err != nil {
+			t.Fatal(err)
+		}
+		d := softtpm.New(k)
+		ek, _ := d.EndorsementKey()
+		srk, _ := d.StorageRootKey()
+		return d, base64.StdEncoding.EncodeToString(ek), base64.StdEncoding.EncodeToString(srk)
+	}
+	replaced, ek1, srk1 := newTPM()
+	_, ek2, _ := newTPM()
+	const regID = "device-42"
+	e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: ek1}}})
+	path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
+	st, ch := e.raw("PUT", path, "", `{"registrationId":"`+regID+`","tpm":{"endorsementKey":"`+ek1+`","storageRootKey":"`+srk1+`"}}`)
+	if st != 401 || ch["authenticationKey"] == nil {
+		t.Fatalf("challenge: %d %v", st, ch)
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/"+regID, "*", &dps.Enrollment{RegistrationID: regID,
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: ek2}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	blob, _ := base64.StdEncoding.DecodeString(ch["authenticationKey"].(string))
+	h := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	if err := replaced.ImportActivationBlob(blob, h); err != nil {
+		t.Fatal(err)
+	}
+	tok, err := sas.BuildSigned(func(d []byte) ([]byte, error) { return replaced.HMAC(h, d) }, e.dps.IDScope()+"/registrations/"+regID, "registration", time.Now().Add(time.Minute))
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := e.counts()
+	st, body := e.raw("PUT", path, tok, `{"registrationId":"`+regID+`"}`)
+	wantError(t, st, body, 401, "not authorized")
+	if after := e.counts(); after["dps.registration"] != before["dps.registration"] || after["hub.device"] != before["hub.device"] {
+		t.Fatalf("a refused registration was stored: %v → %v", before, after)
 	}
 }
