@@ -274,6 +274,12 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 			return nil, err
 		}
 	}
+	// Anyone who knows an enrolled EK may ask for challenges: its
+	// registration ID's allowance goes first, so that such requests cannot
+	// spend everyone's.
+	if err := s.Throttle.device(regID, s.Now()); err != nil {
+		return nil, err
+	}
 	if err := s.Throttle.registration(s.Now()); err != nil {
 		return nil, err
 	}

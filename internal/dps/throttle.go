@@ -60,7 +60,8 @@ func (t *Throttle) registration(now time.Time) error {
 	return azerr.Throttled("the provisioning service is at its registration rate limit", t.retrySlot.Sub(now))
 }
 
-// device admits one authenticated request of regID.
+// device admits one request of regID: an authenticated one, or one for a
+// TPM challenge.
 func (t *Throttle) device(regID string, now time.Time) error {
 	if t == nil {
 		return nil

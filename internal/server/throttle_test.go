@@ -1,6 +1,7 @@
 package server
 
 import (
+	"encoding/base64"
 	"net/http"
 	"testing"
 	"time"
@@ -89,5 +90,27 @@ func TestBadRequestsDoNotTakeTheGlobalRate(t *testing.T) {
 	}
 	if st, body := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/real-1/register?api-version=2021-06-01", real, `{"registrationId":"real-1"}`); st != 202 {
 		t.Fatalf("a real device after fifteen bad requests at a global rate of 1/s: HTTP %d %v", st, body)
+	}
+}
+
+// Anyone who knows an enrolled TPM's EK may ask for its challenges; such a
+// flood spends that registration ID's allowance, not everyone's.
+func TestChallengeFloodKeepsToItsDevice(t *testing.T) {
+	e := newEnv(t)
+	e.dps.Throttle = dps.NewThrottle(20, 1, 10)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "tpm-1", Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: testEK(t)}}})
+	ask := `{"registrationId":"tpm-1","tpm":{"endorsementKey":"` + testEK(t) + `","storageRootKey":"` + base64.StdEncoding.EncodeToString(otherEK(t)) + `"}}`
+	codes := map[int]int{}
+	for range 50 {
+		st, _ := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/tpm-1/register?api-version=2021-06-01", "", ask)
+		codes[st]++
+	}
+	if codes[401] != 10 || codes[429] != 40 {
+		t.Fatalf("50 challenge requests for one TPM with a burst of 10: %v, want 10 challenges and 40 refusals", codes)
+	}
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "real-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	real := sas.Build(mustBase64(t, en.Attestation.SymmetricKey.PrimaryKey), e.dps.IDScope()+"/registrations/real-1", "registration", time.Now().Add(time.Minute))
+	if st, body := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/real-1/register?api-version=2021-06-01", real, `{"registrationId":"real-1"}`); st != 202 {
+		t.Fatalf("another device after the flood: HTTP %d %v", st, body)
 	}
 }
