@@ -42,6 +42,13 @@ func ParsePublic(tpm2bPublic []byte) (*Public, error) {
 	if len(pub.Modulus) != 256 {
 		return nil, fmt.Errorf("RSA modulus of %d bytes, want 256", len(pub.Modulus))
 	}
+	// A real RSA-2048 modulus is the product of two odd 1024-bit primes: its
+	// top bit is set and it is odd. Anything else (zeros, a tiny number in 256
+	// bytes) could be enrolled but never wrapped to, failing only at the
+	// device's first registration.
+	if pub.Modulus[0]&0x80 == 0 || pub.Modulus[len(pub.Modulus)-1]&1 == 0 {
+		return nil, errors.New("RSA modulus is not a 2048-bit RSA key (want its top bit set and an odd number): the key was not read from a TPM")
+	}
 	// 0 stands for 65537; any other must be odd and at least 3, or no key
 	// can be wrapped to it.
 	if e := pub.Exponent; e != 0 && (e < 3 || e%2 == 0 || e > 1<<31-1) {

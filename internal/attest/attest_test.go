@@ -73,6 +73,9 @@ func TestParsePublic(t *testing.T) {
 		{"exponent 1", "RSA exponent 1", edit(ek, func(b []byte) []byte { b[57] = 1; return b })},
 		{"even exponent", "RSA exponent 65536", edit(ek, func(b []byte) []byte { b[55], b[56], b[57] = 1, 0, 0; return b })},
 		{"exponent past 2^31", "RSA exponent 4294967295", edit(ek, func(b []byte) []byte { b[54], b[55], b[56], b[57] = 0xff, 0xff, 0xff, 0xff; return b })},
+		{"zero modulus", "RSA modulus is not a 2048-bit RSA key", edit(ek, func(b []byte) []byte { clear(b[60:]); return b })},
+		{"small modulus", "RSA modulus is not a 2048-bit RSA key", edit(ek, func(b []byte) []byte { b[60] &^= 0x80; return b })},
+		{"even modulus", "RSA modulus is not a 2048-bit RSA key", edit(ek, func(b []byte) []byte { b[len(b)-1] &^= 1; return b })},
 		{"short modulus", "modulus of 255 bytes", edit(ek, func(b []byte) []byte {
 			b[58], b[59] = 0x00, 0xff
 			return resize(b[:len(b)-1])
