@@ -6,6 +6,7 @@
 package softtpm
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/aes"
 	"crypto/cipher"
@@ -162,7 +163,7 @@ func (t *TPM) ImportActivationBlob(blob []byte, handle uint32) error {
 	if subtle.ConstantTimeCompare(h.Sum(nil), inner[2:2+sha256.Size]) != 1 {
 		return fmt.Errorf("importing the key: inner integrity: %w", tpm2.TPMRCIntegrity)
 	}
-	key, err := hmacKey(sensitive)
+	key, err := importable(pub, sensitive)
 	if err != nil {
 		return fmt.Errorf("importing the key: %w", err)
 	}
@@ -193,33 +194,70 @@ func unseal(k *rsa.PrivateKey, label string, secret, sealed, objName []byte) ([]
 	return enc, nil
 }
 
-// hmacKey reads the key out of a TPM2B(TPMT_SENSITIVE) of a KEYEDHASH object.
-func hmacKey(s []byte) ([]byte, error) {
-	field := func() ([]byte, error) {
-		if len(s) < 2 || int(binary.BigEndian.Uint16(s)) > len(s)-2 {
-			return nil, fmt.Errorf("sensitive area truncated: %w", tpm2.TPMRCSize)
-		}
-		n := int(binary.BigEndian.Uint16(s))
-		f := s[2 : 2+n]
-		s = s[2+n:]
-		return f, nil
+// importable checks the imported key's public and sensitive areas as
+// TPM2_Import and the device's later TPM2_HMAC do (PROTOCOL.md §2), and
+// returns the HMAC key.
+func importable(pub, sensitive []byte) ([]byte, error) {
+	p, err := tpm2.Unmarshal[tpm2.TPMTPublic](pub)
+	if err != nil || len(tpm2.Marshal(p)) != len(pub) {
+		return nil, fmt.Errorf("public area does not decode as one TPMT_PUBLIC: %w", tpm2.TPMRCSize)
 	}
-	all, err := field()
+	if p.Type != tpm2.TPMAlgKeyedHash || p.NameAlg != tpm2.TPMAlgSHA256 {
+		return nil, fmt.Errorf("public area of type 0x%04x, nameAlg 0x%04x: want KEYEDHASH with SHA-256: %w", p.Type, p.NameAlg, tpm2.TPMRCType)
+	}
+	// A duplicated object may not be fixed to a TPM or parent; signing with
+	// the empty password needs sign and userWithAuth.
+	if a := p.ObjectAttributes; a.FixedTPM || a.FixedParent || !a.SignEncrypt || !a.UserWithAuth {
+		return nil, fmt.Errorf("attributes 0x%08x: want sign and userWithAuth, neither fixedTPM nor fixedParent: %w", tpm2.Marshal(a), tpm2.TPMRCAttributes)
+	}
+	// The device reads the HMAC hash from the scheme.
+	parms, _ := p.Parameters.KeyedHashDetail()
+	if hm, err := parms.Scheme.Details.HMAC(); parms.Scheme.Scheme != tpm2.TPMAlgHMAC || err != nil || hm.HashAlg != tpm2.TPMAlgSHA256 {
+		return nil, fmt.Errorf("scheme is not HMAC with SHA-256: %w", tpm2.TPMRCScheme)
+	}
+	typ, fields, err := sensitiveArea(sensitive)
 	if err != nil {
 		return nil, err
 	}
-	s = all
-	if len(s) < 2 || binary.BigEndian.Uint16(s) != 0x0008 {
-		return nil, errors.New("the sensitive area is not a KEYEDHASH object")
+	authValue, seedValue, key := fields[0], fields[1], fields[2]
+	switch {
+	case typ != uint16(tpm2.TPMAlgKeyedHash):
+		return nil, fmt.Errorf("sensitive area of type 0x%04x, public area KEYEDHASH: %w", typ, tpm2.TPMRCType)
+	case len(authValue) != 0:
+		return nil, fmt.Errorf("the key has an authValue, but the device signs with the empty password: %w", tpm2.TPMRCAuthFail)
+	case len(seedValue) != sha256.Size:
+		return nil, fmt.Errorf("seedValue of %d bytes, want %d: %w", len(seedValue), sha256.Size, tpm2.TPMRCKeySize)
 	}
-	s = s[2:]
-	if _, err := field(); err != nil { // authValue
-		return nil, err
+	// The public area must be bound to the secret: unique = H(seedValue ‖ key).
+	unique, _ := p.Unique.KeyedHash()
+	h := sha256.New()
+	h.Write(seedValue)
+	h.Write(key)
+	if !bytes.Equal(h.Sum(nil), unique.Buffer) {
+		return nil, fmt.Errorf("unique is not SHA-256(seedValue ‖ key): %w", tpm2.TPMRCBinding)
 	}
-	if _, err := field(); err != nil { // seedValue
-		return nil, err
+	return key, nil
+}
+
+// sensitiveArea splits a TPM2B(TPMT_SENSITIVE) of a symmetric object into
+// its type and its authValue, seedValue and key.
+func sensitiveArea(b []byte) (typ uint16, fields [3][]byte, err error) {
+	malformed := fmt.Errorf("sensitive area malformed: %w", tpm2.TPMRCSize)
+	if len(b) < 4 || int(binary.BigEndian.Uint16(b)) != len(b)-2 {
+		return 0, fields, malformed
 	}
-	return field()
+	typ, b = binary.BigEndian.Uint16(b[2:]), b[4:]
+	for i := range fields {
+		if len(b) < 2 || int(binary.BigEndian.Uint16(b)) > len(b)-2 {
+			return 0, fields, malformed
+		}
+		n := 2 + int(binary.BigEndian.Uint16(b))
+		fields[i], b = b[2:n], b[n:]
+	}
+	if len(b) != 0 {
+		return 0, fields, malformed
+	}
+	return typ, fields, nil
 }
 
 func cfbDecrypt(key, b []byte) {
