@@ -15,8 +15,22 @@ import (
 	"strings"
 )
 
-// Parse reads one certificate in any of the spellings above.
+// Parse reads one certificate in any of the spellings above: of a PEM
+// bundle, the first.
 func Parse(s string) (*x509.Certificate, error) {
+	cs, err := parse(s, 1)
+	if err != nil {
+		return nil, err
+	}
+	return cs[0], nil
+}
+
+// ParseAll reads every certificate of a PEM bundle, in order (or the one
+// that base64 of DER holds). Any other PEM block in it is an error.
+func ParseAll(s string) ([]*x509.Certificate, error) { return parse(s, -1) }
+
+// parse reads at most max certificates (all if max < 0), at least one.
+func parse(s string, max int) ([]*x509.Certificate, error) {
 	s = strings.TrimSpace(s)
 	if !strings.HasPrefix(s, "-----") && !strings.Contains(s, "-----BEGIN") {
 		raw, err := base64.StdEncoding.DecodeString(s)
@@ -28,19 +42,28 @@ func Parse(s string) (*x509.Certificate, error) {
 			if err != nil {
 				return nil, fmt.Errorf("the base64 DER certificate does not parse: %v", err)
 			}
-			return c, nil
+			return []*x509.Certificate{c}, nil
 		}
 		s = string(raw) // base64 of PEM
 	}
-	b, _ := pem.Decode([]byte(s))
-	if b == nil || b.Type != "CERTIFICATE" {
-		return nil, errors.New("no PEM CERTIFICATE block: give the certificate file's contents (-----BEGIN CERTIFICATE-----)")
+	var out []*x509.Certificate
+	for rest := []byte(s); len(out) != max; {
+		b, r := pem.Decode(rest)
+		switch {
+		case b == nil && len(out) == 0, len(out) == 0 && b.Type != "CERTIFICATE":
+			return nil, errors.New("no PEM CERTIFICATE block: give the certificate file's contents (-----BEGIN CERTIFICATE-----)")
+		case b == nil:
+			return out, nil
+		case b.Type != "CERTIFICATE":
+			return nil, fmt.Errorf("PEM block %d is a %s, not a CERTIFICATE: give certificates only", len(out)+1, b.Type)
+		}
+		c, err := x509.ParseCertificate(b.Bytes)
+		if err != nil {
+			return nil, fmt.Errorf("certificate %d of the PEM does not parse: %v", len(out)+1, err)
+		}
+		out, rest = append(out, c), r
 	}
-	c, err := x509.ParseCertificate(b.Bytes)
-	if err != nil {
-		return nil, fmt.Errorf("the certificate does not parse: %v", err)
-	}
-	return c, nil
+	return out, nil
 }
 
 // Thumbprints are c's SHA-1 and SHA-256 thumbprints, upper-case hex.

@@ -63,7 +63,7 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		return checkKey("attestation.symmetricKey.secondaryKey", k.SecondaryKey)
 	case AttestationTPM:
 		if group {
-			return checkTPMGroup(att.TPM)
+			return checkTPMGroup(att.TPM, s.Now())
 		}
 		if att.TPM == nil || att.TPM.EndorsementKey == "" {
 			return azerr.BadRequest("attestation.tpm.endorsementKey is required for a TPM enrollment: " +

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -20,7 +21,7 @@ import (
 // its EK determines. (The hosted service has no such groups.)
 
 // checkTPMGroup validates a TPM group's CA certificates.
-func checkTPMGroup(a *TPMAttestation) error {
+func checkTPMGroup(a *TPMAttestation, now time.Time) error {
 	if a == nil || a.EKCertificateAuthorities == nil {
 		return azerr.BadRequest("a TPM enrollment group needs attestation.tpm.ekCertificateAuthorities.primary.certificate: " +
 			"the TPM manufacturer's CA certificate (PEM) that signs its devices' EK certificates; " +
@@ -29,7 +30,7 @@ func checkTPMGroup(a *TPMAttestation) error {
 	if a.EndorsementKey != "" {
 		return azerr.BadRequest("a TPM enrollment group takes no endorsementKey: its devices present EK certificates")
 	}
-	return fillCertificates("attestation.tpm.ekCertificateAuthorities", a.EKCertificateAuthorities, true)
+	return fillCertificates("attestation.tpm.ekCertificateAuthorities", a.EKCertificateAuthorities, caBundle, now)
 }
 
 // ekCertExtensions are extensions EK certificates mark critical that Go's
@@ -63,14 +64,15 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
 			return nil, 0
 		}
-		return chainsTo(cert, nil, g.Attestation.TPM.EKCertificateAuthorities.certificates(), s.Now(), x509.ExtKeyUsageAny)
+		cas := g.Attestation.TPM.EKCertificateAuthorities
+		return chainsTo(cert, cas.intermediates(), cas.certificates(), s.Now(), x509.ExtKeyUsageAny)
 	})
 	if err != nil {
 		return nil, err
 	}
 	if m.group == nil {
 		return nil, denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
-			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM beside the root)")
+			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
 	}
 	return m.group, nil
 }

@@ -31,9 +31,11 @@ type X509Certificates struct {
 	Secondary *X509CertificateWithInfo `json:"secondary,omitempty"`
 
 	// The certificates parsed, once: a cached group's CAs serve every
-	// registration of its devices.
+	// registration of its devices. bundled holds the certificates after
+	// the first of each PEM.
 	parseOnce sync.Once
 	parsed    []*x509.Certificate
+	bundled   *x509.CertPool
 }
 
 // X509CertificateWithInfo is a certificate (PEM, or base64 of PEM or DER, as
@@ -77,7 +79,7 @@ func (s *Service) checkX509(ctx context.Context, a *X509Attestation, group bool)
 			return azerr.BadRequest("attestation.x509 of an individual enrollment takes clientCertificates (the device's certificate), " +
 				"not signingCertificates or caReferences: those belong to enrollment groups")
 		}
-		return fillCertificates("attestation.x509.clientCertificates", a.ClientCertificates, false)
+		return fillCertificates("attestation.x509.clientCertificates", a.ClientCertificates, deviceCert, s.Now())
 	}
 	switch {
 	case a.ClientCertificates != nil:
@@ -86,7 +88,7 @@ func (s *Service) checkX509(ctx context.Context, a *X509Attestation, group bool)
 	case a.SigningCertificates != nil && a.CAReferences != nil:
 		return azerr.BadRequest("attestation.x509 takes signingCertificates or caReferences, not both")
 	case a.SigningCertificates != nil:
-		return fillCertificates("attestation.x509.signingCertificates", a.SigningCertificates, true)
+		return fillCertificates("attestation.x509.signingCertificates", a.SigningCertificates, caCert, s.Now())
 	case a.CAReferences != nil && a.CAReferences.Primary != "":
 		for _, name := range []string{a.CAReferences.Primary, a.CAReferences.Secondary} {
 			if name == "" {
@@ -105,7 +107,16 @@ func (s *Service) checkX509(ctx context.Context, a *X509Attestation, group bool)
 		"(the PEM of the root or intermediate CA that signs the devices' certificates) or caReferences.primary")
 }
 
-func fillCertificates(field string, cs *X509Certificates, ca bool) error {
+// certRole is what the PEMs of a certificate field hold.
+type certRole int
+
+const (
+	deviceCert certRole = iota // one device certificate
+	caCert                     // one CA certificate
+	caBundle                   // a CA certificate, then intermediate CAs that chain to it
+)
+
+func fillCertificates(field string, cs *X509Certificates, role certRole, now time.Time) error {
 	if cs.Primary == nil || cs.Primary.Certificate == "" {
 		return azerr.BadRequest("%s.primary.certificate is required: the certificate's PEM", field)
 	}
@@ -120,15 +131,39 @@ func fillCertificates(field string, cs *X509Certificates, ca bool) error {
 		if c.Certificate == "" {
 			return azerr.BadRequest("%s.%s.certificate is empty: give the certificate's PEM or leave %s out", field, name, name)
 		}
-		cert, err := certtext.Parse(c.Certificate)
+		certs, err := certtext.ParseAll(c.Certificate)
 		if err != nil {
 			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
 		}
-		if ca && !cert.IsCA {
-			return azerr.BadRequest("%s.%s.certificate is not a CA certificate (basicConstraints CA:TRUE): "+
-				"a group trusts the CA that signs its devices' certificates", field, name)
+		if role != caBundle {
+			certs = certs[:1] // a device's PEM may carry its chain: the first is the one
 		}
-		c.Info = CertificateInfo(cert)
+		for _, cert := range certs {
+			if role != deviceCert && !cert.IsCA {
+				return azerr.BadRequest("%s.%s.certificate: %q is not a CA certificate (basicConstraints CA:TRUE): "+
+					"a group trusts the CA that signs its devices' certificates", field, name, cert.Subject.String())
+			}
+		}
+		if err := checkBundle(certs, now); err != nil {
+			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
+		}
+		c.Info = CertificateInfo(certs[0])
+	}
+	return nil
+}
+
+// checkBundle checks that the certificates after the first chain to it
+// now, through each other: only then can they serve as intermediates.
+func checkBundle(certs []*x509.Certificate, now time.Time) error {
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	for _, c := range certs[1:] {
+		if ca, _ := chainsTo(c, inter, certs[:1], now, x509.ExtKeyUsageAny); ca == nil {
+			return fmt.Errorf("%q does not chain to the first certificate, %q, or is not valid now: "+
+				"put the CA the group trusts first and after it only intermediate CAs it issued", c.Subject.String(), certs[0].Subject.String())
+		}
 	}
 	return nil
 }
@@ -139,17 +174,39 @@ func (cs *X509Certificates) certificates() []*x509.Certificate {
 	if cs == nil {
 		return nil
 	}
+	cs.parse()
+	return cs.parsed
+}
+
+// intermediates returns the certificates after the first of each PEM: a
+// TPM group's intermediate CAs, which EK certificates chain through.
+func (cs *X509Certificates) intermediates() *x509.CertPool {
+	cs.parse()
+	return cs.bundled
+}
+
+func (cs *X509Certificates) parse() {
 	cs.parseOnce.Do(func() {
+		cs.bundled = x509.NewCertPool()
 		for _, c := range []*X509CertificateWithInfo{cs.Primary, cs.Secondary} {
 			if c == nil {
 				continue
 			}
-			if cert, err := certtext.Parse(c.Certificate); err == nil {
-				cs.parsed = append(cs.parsed, cert)
+			certs, err := certtext.ParseAll(c.Certificate)
+			if err != nil {
+				// Stored when only the first PEM block was read.
+				cert, err := certtext.Parse(c.Certificate)
+				if err != nil {
+					continue
+				}
+				certs = []*x509.Certificate{cert}
+			}
+			cs.parsed = append(cs.parsed, certs[0])
+			for _, inter := range certs[1:] {
+				cs.bundled.AddCert(inter)
 			}
 		}
 	})
-	return cs.parsed
 }
 
 // x509Identity checks what a device's certificate says about it: the

@@ -103,6 +103,51 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	}
 }
 
+// TPM makers issue EK certificates from intermediate CAs that devices do
+// not send: a TPM group's PEM carries them after the CA it trusts, and one
+// that does not chain to that CA is refused.
+func TestTPMGroupIntermediates(t *testing.T) {
+	e := newEnv(t)
+	root := testutil.NewCert(t, "Acme Root", true, nil)
+	inter := testutil.NewCert(t, "Acme TPM Intermediate", true, &root)
+	stranger := testutil.NewCert(t, "Someone Else", true, nil)
+	group := func(pem string) error {
+		return e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme", "", &dps.EnrollmentGroup{
+			Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+				Primary: &dps.X509CertificateWithInfo{Certificate: pem}}}}}, nil)
+	}
+	leaf := testutil.NewCert(t, "not a CA", false, &root)
+	for what, tc := range map[string]struct{ pem, want string }{
+		"intermediate first":   {certPEM(inter) + certPEM(root), `"CN=Acme Root" does not chain to the first certificate`},
+		"unrelated CA":         {certPEM(root) + certPEM(stranger), `"CN=Someone Else" does not chain`},
+		"a device certificate": {certPEM(root) + certPEM(leaf), `"CN=not a CA" is not a CA certificate`},
+	} {
+		if err := group(tc.pem); err == nil || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	if n := e.counts()["dps.enrollmentGroup"]; n != 0 {
+		t.Fatalf("refused groups stored: %d", n)
+	}
+
+	if err := group(certPEM(root) + certPEM(inter)); err != nil {
+		t.Fatal(err)
+	}
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := keys.Certify(inter.Leaf, inter.PrivateKey.(crypto.Signer)); err != nil {
+		t.Fatal(err)
+	}
+	dev := softtpm.New(keys)
+	ek, _ := dev.EndorsementKey()
+	res, err := e.device(attest.RegistrationID(ek)).RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
+	if err != nil || res.EnrollmentGroupID != "acme" {
+		t.Fatalf("TPM certified by the intermediate: %+v, %v", res, err)
+	}
+}
+
 // Someone who knows a TPM's EK (it is public) and replays the device's
 // request for a challenge does not void the challenge the device is
 // answering, however often.
