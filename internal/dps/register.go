@@ -789,25 +789,31 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *registratio
 	}
 	// Registering again: the device may exist on the new hub already, so
 	// its twin is set explicitly — the old one, or the initial one.
-	keep := twin
+	sameDevice := strings.EqualFold(hub.HostName, prevHub.HostName) && dev.DeviceID == prev.DeviceID
+	keep, movedAlready := twin, false
 	state.Substatus = "deviceDataReset"
 	if repro.MigrateDeviceData {
 		state.Substatus = "deviceDataMigrated"
 		old, err := s.registry.ReadTwin(ctx, *prevHub, prev.DeviceID)
-		if err != nil {
+		switch {
+		case err == nil:
+			keep = old
+		case !sameDevice && azerr.HasStatus(err, 404):
+			// A concurrent registration from the same record moved the
+			// device and its twin already, and removed the former
+			// identity: resetting the twin now would lose what it carried.
+			movedAlready = true
+		default:
 			slog.Warn("reading the twin to migrate failed; the device starts from its initial twin",
 				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "error", err)
 			state.Substatus = "deviceDataReset"
-		} else {
-			keep = old
 		}
 	}
 	if err := s.registry.UpsertDevice(ctx, *hub, *dev); err != nil {
 		return nil, err
 	}
-	sameDevice := strings.EqualFold(hub.HostName, prevHub.HostName) && dev.DeviceID == prev.DeviceID
-	if sameDevice && state.Substatus == "deviceDataMigrated" {
-		return hub, nil // the data is where it was
+	if (sameDevice || movedAlready) && state.Substatus == "deviceDataMigrated" {
+		return hub, nil // the data is where it was, or where the other registration put it
 	}
 	if keep == nil {
 		keep = &InitialTwin{}

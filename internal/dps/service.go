@@ -39,7 +39,8 @@ type Registry interface {
 	// UpsertDevice creates the device with its initial twin, or updates
 	// the credentials and capabilities of an existing one.
 	UpsertDevice(ctx context.Context, hub LinkedHub, d HubDevice) error
-	// ReadTwin returns a device's tags and desired properties.
+	// ReadTwin returns a device's tags and desired properties; of a device
+	// that does not exist, an azerr.Error of status 404.
 	ReadTwin(ctx context.Context, hub LinkedHub, deviceID string) (*InitialTwin, error)
 	// ReplaceTwin sets a device's tags and desired properties to t's.
 	ReplaceTwin(ctx context.Context, hub LinkedHub, deviceID string, t *InitialTwin) error

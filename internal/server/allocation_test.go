@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -292,6 +293,59 @@ func TestReprovisionPolicies(t *testing.T) {
 	move(host, &dps.ReprovisionPolicy{UpdateHubAssignment: true})
 	if err := hub2.Do(ctx, "GET", "/devices/mover", "", nil, &hub.Device{}); err != nil {
 		t.Fatalf("the identity with other credentials was deleted: %v", err)
+	}
+}
+
+// Two registrations of a device that moves, read from the same record: the
+// later to reach the hub finds the former identity gone with its twin
+// migrated, and leaves that twin as it is.
+func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
+	e := newEnv(t)
+	en := &dps.Enrollment{RegistrationID: "mover", DeviceID: "old-id"}
+	register := e.symDevice(t, en)
+	if _, err := register(); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/old-id", "", map[string]any{"tags": map[string]any{"site": "b7"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// The first call of the webhook waits until the second registration is done.
+	var calls atomic.Int32
+	waiting, release := make(chan struct{}), make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			close(waiting)
+			<-release
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	defer hook.Close()
+	cur, err := e.dps.GetEnrollment(ctx, "mover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.DeviceID, cur.AllocationPolicy, cur.RegistrationState = "new-id", dps.PolicyCustom, nil
+	cur.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"}
+	e.putEnrollment(cur)
+
+	first := make(chan *dps.RegistrationState)
+	go func() {
+		res, err := register()
+		if err != nil {
+			t.Error(err)
+		}
+		first <- res
+	}()
+	<-waiting
+	if res, err := register(); err != nil || res.DeviceID != "new-id" || res.Substatus != "deviceDataMigrated" {
+		t.Fatalf("second registration: %+v %v", res, err)
+	}
+	close(release)
+	if res := <-first; res == nil || res.DeviceID != "new-id" || res.Substatus != "deviceDataMigrated" {
+		t.Fatalf("first registration: %+v", res)
+	}
+	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
+		t.Fatalf("the migrated twin became %s", tags)
 	}
 }
 
