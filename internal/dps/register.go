@@ -185,6 +185,34 @@ type registrationRecord struct {
 	// given in its hub (HubDevice.Credential), so that when it moves, its
 	// former identity is deleted only if it is still that one.
 	HubCredential string `json:"hubCredential,omitempty"`
+	// Kept is, while the device's latest registration failed, where its
+	// last successful one put it: the next registration reprovisions from
+	// there rather than as a new device.
+	Kept *assignment `json:"keptAssignment,omitempty"`
+}
+
+// assignment is where a registration put the device.
+type assignment struct {
+	Hub               string `json:"hub"`
+	DeviceID          string `json:"deviceId"`
+	EnrollmentGroupID string `json:"enrollmentGroupId,omitempty"`
+	HubCredential     string `json:"-"` // the record's
+}
+
+// lastAssignment is where the device's last successful registration put
+// it; nil if none did.
+func (r *registrationRecord) lastAssignment() *assignment {
+	switch {
+	case r == nil:
+		return nil
+	case r.Status == StatusAssigned:
+		return &assignment{Hub: r.AssignedHub, DeviceID: r.DeviceID, EnrollmentGroupID: r.EnrollmentGroupID, HubCredential: r.HubCredential}
+	case r.Kept != nil:
+		a := *r.Kept
+		a.HubCredential = r.HubCredential
+		return &a
+	}
+	return nil
 }
 
 // AuthenticateDevice checks a device's credentials, as its requests will
@@ -570,16 +598,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	// The device's payload goes to a custom allocation webhook only; the
 	// result carries the webhook's payload, as in the hosted service.
 	state := &RegistrationState{RegistrationID: regID, CreatedDateTimeUtc: &now, LastUpdatedDateTimeUtc: &now}
-	prev, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+	read, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
 	if err != nil {
 		return nil, err
 	}
-	if prev != nil && prev.CreatedDateTimeUtc != nil {
-		state.CreatedDateTimeUtc = prev.CreatedDateTimeUtc
+	if read != nil && read.CreatedDateTimeUtc != nil {
+		state.CreatedDateTimeUtc = read.CreatedDateTimeUtc
 	}
-	if prev != nil && prev.Status != StatusAssigned {
-		prev = nil // nothing to reprovision from
-	}
+	prev := read.lastAssignment() // what to reprovision from
 	// A group's credentials do not reach devices that another enrollment
 	// provisioned: a certificate or key of group B whose registration ID
 	// happens to be a device of group A must not take it over. A
@@ -609,7 +635,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		return nil, err
 	}
 	if prev != nil {
-		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.AssignedHub, prev.DeviceID
+		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.Hub, prev.DeviceID
 	}
 
 	hub, err := s.place(ctx, alloc, prev, t.repro, t.twin, &dev, state)
@@ -636,7 +662,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 			rec.StorageRootKey = att.challenge.StorageRootKey
 		}
 	}
-	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{prev, etag}); err != nil {
+	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
@@ -728,7 +754,8 @@ const recordedOperations = 16
 // device's recent operations; concurrent registrations of one device (on
 // any replica) each add theirs. rec is the registration with its one
 // operation; what it leaves empty of an SRK and hub credential stays as
-// recorded. read is the record as assign found it.
+// recorded, and a failed one keeps the last assignment. read is the record
+// as assign found it.
 func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (string, error) {
 	return upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
 		r := rec // a fresh copy for each attempt
@@ -737,6 +764,9 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 			r.Operations = r.Operations[:min(len(r.Operations), recordedOperations)]
 			r.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
 			r.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
+		}
+		if r.Status != StatusAssigned {
+			r.Kept = old.lastAssignment()
 		}
 		return r
 	})
@@ -749,7 +779,7 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 // reset to the initial twin, and a device that moved (to another hub or
 // device ID) is removed from where it was. state.Substatus records which
 // happened.
-func (s *Service) place(ctx context.Context, alloc allocation, prev *registrationRecord, repro *ReprovisionPolicy,
+func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment, repro *ReprovisionPolicy,
 	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, error) {
 	if repro == nil {
 		repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
@@ -760,7 +790,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *registratio
 		if err != nil {
 			return nil, err
 		}
-		prevHub = hubNamed(hubs, prev.AssignedHub)
+		prevHub = hubNamed(hubs, prev.Hub)
 	}
 	if prevHub != nil && !repro.UpdateHubAssignment {
 		state.Substatus = "reprovisionedToInitialAssignment"

@@ -296,30 +296,27 @@ func TestReprovisionPolicies(t *testing.T) {
 	}
 }
 
-// Two registrations of a device that moves, read from the same record: the
-// later to reach the hub finds the former identity gone with its twin
-// migrated, and leaves that twin as it is.
-func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
-	e := newEnv(t)
-	en := &dps.Enrollment{RegistrationID: "mover", DeviceID: "old-id"}
-	register := e.symDevice(t, en)
+// mover registers a device as old-id and gives it a tag, then has its
+// enrollment name it new-id, allocated by a webhook that answers with the
+// HTTP status status() returns (with this hub, on 200). It returns the
+// function that registers the device.
+func (e *env) mover(t *testing.T, status func() int) func() (*dps.RegistrationState, error) {
+	t.Helper()
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "mover", DeviceID: "old-id"})
 	if _, err := register(); err != nil {
 		t.Fatal(err)
 	}
 	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/old-id", "", map[string]any{"tags": map[string]any{"site": "b7"}}, nil); err != nil {
 		t.Fatal(err)
 	}
-	// The first call of the webhook waits until the second registration is done.
-	var calls atomic.Int32
-	waiting, release := make(chan struct{}), make(chan struct{})
 	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if calls.Add(1) == 1 {
-			close(waiting)
-			<-release
+		if st := status(); st != http.StatusOK {
+			http.Error(w, "busy", st)
+			return
 		}
 		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
 	}))
-	defer hook.Close()
+	t.Cleanup(hook.Close)
 	cur, err := e.dps.GetEnrollment(ctx, "mover")
 	if err != nil {
 		t.Fatal(err)
@@ -327,7 +324,24 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	cur.DeviceID, cur.AllocationPolicy, cur.RegistrationState = "new-id", dps.PolicyCustom, nil
 	cur.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"}
 	e.putEnrollment(cur)
+	return register
+}
 
+// Two registrations of a device that moves, read from the same record: the
+// later to reach the hub finds the former identity gone with its twin
+// migrated, and leaves that twin as it is.
+func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
+	e := newEnv(t)
+	// The first call of the webhook waits until the second registration is done.
+	var calls atomic.Int32
+	waiting, release := make(chan struct{}), make(chan struct{})
+	register := e.mover(t, func() int {
+		if calls.Add(1) == 1 {
+			close(waiting)
+			<-release
+		}
+		return http.StatusOK
+	})
 	first := make(chan *dps.RegistrationState)
 	go func() {
 		res, err := register()
@@ -346,6 +360,32 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
 		t.Fatalf("the migrated twin became %s", tags)
+	}
+}
+
+// A registration that fails leaves the device where it was: the next one
+// moves it from there, with its twin, and removes the former identity.
+func TestFailedRegistrationKeepsAssignment(t *testing.T) {
+	e := newEnv(t)
+	var calls atomic.Int32
+	register := e.mover(t, func() int {
+		if calls.Add(1) == 1 {
+			return http.StatusServiceUnavailable
+		}
+		return http.StatusOK
+	})
+	if res, _ := register(); res == nil || res.Status != "failed" || res.AssignedHub != "" {
+		t.Fatalf("registration while the webhook fails: %+v", res)
+	}
+	res, err := register()
+	if err != nil || res.DeviceID != "new-id" || res.Substatus != "deviceDataMigrated" {
+		t.Fatalf("registration after a failed one: %+v %v", res, err)
+	}
+	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
+		t.Fatalf("the twin became %s", tags)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Fatalf("the former identity stays, with its keys: %v", err)
 	}
 }
 
