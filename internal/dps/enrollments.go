@@ -354,9 +354,18 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	if err != nil {
 		return err
 	}
-	err = s.store.Delete(ctx, kindRegistration, id, ifMatch)
+	rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, id, nil)
+	if err != nil {
+		return err
+	}
+	if err = s.store.Delete(ctx, kindRegistration, id, ifMatch); err != nil {
+		return storeErr(err, "registration "+id)
+	}
 	s.recentOperations.forget(id)
-	return storeErr(err, "registration "+id)
+	if rec != nil && rec.EndorsementKeyID != "" {
+		return s.freeEK(ctx, id, rec.EndorsementKeyID)
+	}
+	return nil
 }
 
 // ListRegistrations pages through registration records; groupID "" or "*"

@@ -185,6 +185,9 @@ type registrationRecord struct {
 	// given in its hub (HubDevice.Credential), so that when it moves, its
 	// former identity is deleted only if it is still that one.
 	HubCredential string `json:"hubCredential,omitempty"`
+	// EndorsementKeyID names the EK of a TPM group's device (ekKeyID),
+	// whose claim on this registration ID it holds.
+	EndorsementKeyID string `json:"endorsementKeyId,omitempty"`
 	// Kept is, while the device's latest registration failed, where its
 	// last successful one put it: the next registration reprovisions from
 	// there rather than as a new device.
@@ -606,6 +609,10 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.CreatedDateTimeUtc = read.CreatedDateTimeUtc
 	}
 	prev := read.lastAssignment() // what to reprovision from
+	ekKey, err := s.tpmIdentity(ctx, regID, att, read)
+	if err != nil {
+		return nil, err
+	}
 	// A group's credentials do not reach devices that another enrollment
 	// provisioned: a certificate or key of group B whose registration ID
 	// happens to be a device of group A must not take it over. A
@@ -655,7 +662,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.Status, state.AssignedHub, state.DeviceID = StatusAssigned, hub.HostName, dev.DeviceID
 	}
 	op := &Operation{OperationID: s.operationID(), Status: state.Status, RegistrationState: state}
-	rec := registrationRecord{RegistrationState: *state, Operations: []string{op.OperationID}}
+	rec := registrationRecord{RegistrationState: *state, Operations: []string{op.OperationID}, EndorsementKeyID: ekKey}
 	if state.Status == StatusAssigned {
 		rec.HubCredential = dev.Credential()
 		if att.challenge != nil {
@@ -764,6 +771,7 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 			r.Operations = r.Operations[:min(len(r.Operations), recordedOperations)]
 			r.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
 			r.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
+			r.EndorsementKeyID = cmp.Or(rec.EndorsementKeyID, old.EndorsementKeyID)
 		}
 		if r.Status != StatusAssigned {
 			r.Kept = old.lastAssignment()

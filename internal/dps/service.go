@@ -26,6 +26,7 @@ const (
 	kindGroup        = "dps.enrollmentGroup"
 	kindRegistration = "dps.registration"
 	kindChallenge    = "dps.challenge"
+	kindTPMKey       = "dps.tpmKey"
 	kindLinkedHub    = "dps.linkedHub"
 	kindSettings     = "dps.settings"
 )

@@ -3,8 +3,13 @@ package dps
 import (
 	"context"
 	"crypto/rsa"
+	"crypto/sha256"
 	"crypto/x509"
 	"encoding/asn1"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
@@ -13,6 +18,7 @@ import (
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/certtext"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // A TPM group trusts TPM manufacturers' CA certificates: a device whose
@@ -75,4 +81,76 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
 	}
 	return m.group, nil
+}
+
+// A TPM activates credentials for its EK whatever else the public area it
+// reports says (attributes, authPolicy, the exponent as 0 or 65537), and the
+// registration ID hashes all of it, in two spellings: one TPM could register
+// as many IDs. So a TPM group's device claims its ID by its key, at its first
+// authenticated registration (a challenge is for anyone who knows the public
+// EK), and registers as no other while the registration record lives.
+
+// ekClaim is the registration ID a TPM group's device registered as.
+type ekClaim struct {
+	RegistrationID string `json:"registrationId"`
+}
+
+// ekKeyID names an EK by its key: the hash of its modulus.
+func ekKeyID(ek []byte) (string, error) {
+	pub, err := attest.ParsePublic(ek)
+	if err != nil {
+		return "", fmt.Errorf("the challenge's endorsement key: %w", err)
+	}
+	sum := sha256.Sum256(pub.Modulus)
+	return hex.EncodeToString(sum[:]), nil
+}
+
+// tpmIdentity has a TPM group's device claim regID for its EK, unless its
+// record shows it did so before, and returns the EK's key ID; "" for other
+// devices.
+func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestation, read *registrationRecord) (string, error) {
+	if att.group == nil || att.challenge == nil {
+		return "", nil
+	}
+	ek, _ := base64.StdEncoding.DecodeString(att.challenge.EndorsementKey)
+	keyID, err := ekKeyID(ek)
+	if err != nil {
+		return "", err
+	}
+	if read != nil && read.EndorsementKeyID == keyID {
+		return keyID, nil
+	}
+	body, _ := json.Marshal(ekClaim{RegistrationID: regID})
+	for range 3 { // a claim freed meanwhile is claimed again
+		_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
+		if !errors.Is(err, store.ErrExists) {
+			return keyID, err
+		}
+		c, _, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
+		switch {
+		case err != nil:
+			return "", err
+		case c == nil:
+			continue
+		case !strings.EqualFold(c.RegistrationID, regID):
+			return "", unauthorized(regID, fmt.Sprintf("this TPM registered as %s already, and a TPM group's device registers under one ID: "+
+				"to register it as %s, delete the registration record of %s (DELETE /registrations/%s)", c.RegistrationID, regID, c.RegistrationID, c.RegistrationID))
+		}
+		return keyID, nil
+	}
+	return "", azerr.New(409203, "Conflict", "the claim of this TPM's registration ID changed while it was made: register again")
+}
+
+// freeEK drops the claim of the EK keyID on regID, whose registration
+// record was deleted, so that its TPM may register under another ID.
+func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
+	c, etag, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
+	if err != nil || c == nil || !strings.EqualFold(c.RegistrationID, regID) {
+		return err
+	}
+	if err := s.store.Delete(ctx, kindTPMKey, keyID, etag); err != nil && !errors.Is(err, store.ErrNotFound) {
+		return fmt.Errorf("registration %s is deleted, but freeing its TPM to register under another ID failed (%w): "+
+			"the TPM can still register as %s; delete that registration again once it has", regID, err, regID)
+	}
+	return nil
 }

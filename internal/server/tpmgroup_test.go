@@ -1,9 +1,11 @@
 package server
 
 import (
+	"bytes"
 	"crypto"
 	"crypto/tls"
 	"encoding/base64"
+	"encoding/binary"
 	"strings"
 	"testing"
 	"time"
@@ -16,6 +18,29 @@ import (
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
+
+// certifiedTPM is a new software TPM with an EK certificate from signer
+// (none if nil).
+func certifiedTPM(t *testing.T, signer *tls.Certificate) *softtpm.TPM {
+	t.Helper()
+	keys, err := softtpm.NewKeys()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if signer != nil {
+		if err := keys.Certify(signer.Leaf, signer.PrivateKey.(crypto.Signer)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return softtpm.New(keys)
+}
+
+// putTPMGroup creates a TPM group trusting the CA certificates of pem.
+func (e *env) putTPMGroup(id, pem string) error {
+	return e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/"+id, "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+			Primary: &dps.X509CertificateWithInfo{Certificate: pem}}}}}, nil)
+}
 
 // A TPM group trusts a manufacturer's CA: a TPM whose EK certificate it
 // signed registers under the ID its EK determines, with no enrollment.
@@ -30,16 +55,7 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 		t.Fatal(err)
 	}
 	newTPM := func(signer *tls.Certificate) (*softtpm.TPM, string) {
-		keys, err := softtpm.NewKeys()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if signer != nil {
-			if err := keys.Certify(signer.Leaf, signer.PrivateKey.(crypto.Signer)); err != nil {
-				t.Fatal(err)
-			}
-		}
-		dev := softtpm.New(keys)
+		dev := certifiedTPM(t, signer)
 		ek, _ := dev.EndorsementKey()
 		return dev, attest.RegistrationID(ek)
 	}
@@ -103,6 +119,72 @@ func TestTPMGroupByEKCertificate(t *testing.T) {
 	}
 }
 
+// reportsEK is a TPM that reports its EK's public area as ek: the same key
+// in another encoding, which the TPM activates credentials for all the same.
+type reportsEK struct {
+	*softtpm.TPM
+	ek []byte
+}
+
+func (r reportsEK) EndorsementKey() ([]byte, error) { return r.ek, nil }
+
+// A TPM group's device registers under one registration ID, whatever
+// encodings of its EK and spellings of the ID it tries, until its
+// registration record is deleted.
+func TestTPMGroupOneIDPerTPM(t *testing.T) {
+	e := newEnv(t)
+	ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
+	if err := e.putTPMGroup("acme-tpms", certPEM(ca)); err != nil {
+		t.Fatal(err)
+	}
+	dev := certifiedTPM(t, &ca)
+	ek, _ := dev.EndorsementKey()
+	handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+	register := func(ek []byte, id string) error {
+		t.Helper()
+		_, err := e.device(id).RegisterTPM(ctx, reportsEK{dev, ek}, handle)
+		return err
+	}
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	if err := register(ek, hexID); err != nil {
+		t.Fatal(err)
+	}
+	// Offsets in the EK's TPM2B_PUBLIC: attributes 6, exponent 54.
+	explicitExponent := bytes.Clone(ek)
+	binary.BigEndian.PutUint32(explicitExponent[54:], 65537)
+	noDA := bytes.Clone(ek)
+	binary.BigEndian.PutUint32(noDA[6:], binary.BigEndian.Uint32(noDA[6:])|0x400)
+	before := e.counts()
+	for what, tc := range map[string]struct {
+		ek []byte
+		id string
+	}{
+		"the base32 ID":         {ek, base32ID},
+		"exponent 65537":        {explicitExponent, attest.RegistrationID(explicitExponent)},
+		"another attribute set": {noDA, attest.LegacyRegistrationID(noDA)},
+	} {
+		if err := register(tc.ek, tc.id); err == nil || !strings.Contains(err.Error(), "this TPM registered as "+hexID+" already") {
+			t.Errorf("%s: %v", what, err)
+		}
+	}
+	if after := e.counts(); after["dps.registration"] != before["dps.registration"] || after["hub.device"] != before["hub.device"] {
+		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
+	}
+	// Registering again as itself still works; deleting its record frees the TPM.
+	if err := register(ek, hexID); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := register(ek, base32ID); err != nil {
+		t.Fatalf("after its registration record was deleted: %v", err)
+	}
+	if err := register(ek, hexID); err == nil || !strings.Contains(err.Error(), "this TPM registered as "+base32ID+" already") {
+		t.Errorf("the first ID, after the TPM moved to the second: %v", err)
+	}
+}
+
 // TPM makers issue EK certificates from intermediate CAs that devices do
 // not send: a TPM group's PEM carries them after the CA it trusts, and one
 // that does not chain to that CA is refused.
@@ -111,18 +193,13 @@ func TestTPMGroupIntermediates(t *testing.T) {
 	root := testutil.NewCert(t, "Acme Root", true, nil)
 	inter := testutil.NewCert(t, "Acme TPM Intermediate", true, &root)
 	stranger := testutil.NewCert(t, "Someone Else", true, nil)
-	group := func(pem string) error {
-		return e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme", "", &dps.EnrollmentGroup{
-			Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
-				Primary: &dps.X509CertificateWithInfo{Certificate: pem}}}}}, nil)
-	}
 	leaf := testutil.NewCert(t, "not a CA", false, &root)
 	for what, tc := range map[string]struct{ pem, want string }{
 		"intermediate first":   {certPEM(inter) + certPEM(root), `"CN=Acme Root" does not chain to the first certificate`},
 		"unrelated CA":         {certPEM(root) + certPEM(stranger), `"CN=Someone Else" does not chain`},
 		"a device certificate": {certPEM(root) + certPEM(leaf), `"CN=not a CA" is not a CA certificate`},
 	} {
-		if err := group(tc.pem); err == nil || !strings.Contains(err.Error(), tc.want) {
+		if err := e.putTPMGroup("acme", tc.pem); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v", what, err)
 		}
 	}
@@ -130,17 +207,10 @@ func TestTPMGroupIntermediates(t *testing.T) {
 		t.Fatalf("refused groups stored: %d", n)
 	}
 
-	if err := group(certPEM(root) + certPEM(inter)); err != nil {
+	if err := e.putTPMGroup("acme", certPEM(root)+certPEM(inter)); err != nil {
 		t.Fatal(err)
 	}
-	keys, err := softtpm.NewKeys()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := keys.Certify(inter.Leaf, inter.PrivateKey.(crypto.Signer)); err != nil {
-		t.Fatal(err)
-	}
-	dev := softtpm.New(keys)
+	dev := certifiedTPM(t, &inter)
 	ek, _ := dev.EndorsementKey()
 	res, err := e.device(attest.RegistrationID(ek)).RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
 	if err != nil || res.EnrollmentGroupID != "acme" {
