@@ -210,8 +210,8 @@ func (cs *X509Certificates) parse() {
 }
 
 // x509Identity checks what a device's certificate says about it: the
-// registration ID is its subject CN (or a DNS name, which some SDKs
-// prefer), and it must be valid now.
+// registration ID is its subject CN (or its first DNS name, which the C#
+// SDK prefers), and it must be valid now.
 func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return unauthorized(regID, fmt.Sprintf("the client certificate is valid from %s to %s, not now",
@@ -220,13 +220,17 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if namesRegistration(leaf, regID) {
 		return nil
 	}
-	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN", leaf.Subject.CommonName))
+	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN (or its first DNS name)", leaf.Subject.CommonName))
 }
 
 // namesRegistration reports whether a device certificate names regID, the
-// registration ID the device uses: as its subject CN, or as a DNS name.
+// registration ID the device uses: as its subject CN, as the hosted
+// service takes it, or as its first DNS name, as the C# SDK derives it
+// (X509Certificate2.GetNameInfo(DnsName)). Not any DNS name: one
+// certificate would be as many devices as it lists names, and names such
+// as "gateway" or "localhost", listed by many, anyone's.
 func namesRegistration(c *x509.Certificate, regID string) bool {
-	return strings.EqualFold(c.Subject.CommonName, regID) || slices.ContainsFunc(c.DNSNames, func(n string) bool { return strings.EqualFold(n, regID) })
+	return strings.EqualFold(c.Subject.CommonName, regID) || len(c.DNSNames) > 0 && strings.EqualFold(c.DNSNames[0], regID)
 }
 
 // checkRegistrationCN refuses an individual X.509 enrollment whose

@@ -166,6 +166,34 @@ func TestX509GroupEnrollment(t *testing.T) {
 	}
 }
 
+// A device certificate names one device: its subject CN, or its first DNS
+// name (as the C# SDK derives the registration ID), not any name it lists.
+func TestX509RegistrationIDIsTheCN(t *testing.T) {
+	e := newEnv(t)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	cert := testutil.NewCertNames(t, "cam-01", []string{"cam-01.plant.local", "gateway", "localhost"}, false, &ca)
+	for _, id := range []string{"cam-01", "cam-01.plant.local"} {
+		if _, err := e.x509Device(id, cert).RegisterX509(ctx); err != nil {
+			t.Errorf("as %s: %v", id, err)
+		}
+	}
+	before := e.counts()
+	for _, id := range []string{"gateway", "localhost"} {
+		_, err := e.x509Device(id, cert).RegisterX509(ctx)
+		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, `subject CN is "cam-01"`) {
+			t.Errorf("as %s, a later DNS name: %v", id, err)
+		}
+	}
+	if after := e.counts(); !maps.Equal(before, after) {
+		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
+	}
+}
+
 // A group for an intermediate CA comes before one for its root, whatever
 // their IDs, as in the hosted service: disabling it blocks that
 // intermediate's devices (the way to revoke it), and enabling it moves them

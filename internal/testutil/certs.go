@@ -19,8 +19,14 @@ import (
 // parent signs it (self-signed when nil).
 func NewCert(t testing.TB, cn string, isCA bool, parent *tls.Certificate) tls.Certificate {
 	t.Helper()
+	return NewCertNames(t, cn, nil, isCA, parent)
+}
+
+// NewCertNames is NewCert with DNS names in its subject alternative names.
+func NewCertNames(t testing.TB, cn string, dnsNames []string, isCA bool, parent *tls.Certificate) tls.Certificate {
+	t.Helper()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn}, DNSNames: dnsNames,
 		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour),
 		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}, KeyUsage: x509.KeyUsageDigitalSignature}
 	if isCA {
