@@ -345,28 +345,19 @@ func (a *runner) run(ctx context.Context) error {
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
-	var client *hubdevice.Client
-	var clientDone <-chan struct{}
+	var hub hubConn
 	retry := time.After(0)
-	var renew <-chan time.Time // a new token before the hub ends the connection at the old one's expiry
 	backoff := time.Second
-	defer func() {
-		if client != nil {
-			client.Close()
-		}
-	}()
+	defer hub.drop()
 	for {
-		a.apply(ctx, client)
+		a.apply(ctx, hub.client)
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-a.d.reloadCh:
 			return errReload
 		case <-a.d.reprovCh:
-			if client != nil {
-				client.Close()
-				client, clientDone = nil, nil
-			}
+			hub.drop()
 			if err := a.reprovision(ctx); err != nil {
 				return err
 			}
@@ -374,19 +365,18 @@ func (a *runner) run(ctx context.Context) error {
 		case <-tick.C:
 			a.d.checkEngine(ctx)
 		case <-kick:
-			if client != nil {
-				a.fetch(ctx, client)
+			if hub.client != nil {
+				a.fetch(ctx, hub.client)
 			}
-		case <-renew:
+		case <-hub.renew:
 			slog.Info("connecting to the hub again with a new token")
-			client.Close()
-			client, clientDone, renew = nil, nil, nil
+			hub.drop()
 			retry = time.After(0)
-		case <-clientDone:
-			renew = nil
-			slog.Warn("lost the connection to the hub", "error", client.Err())
-			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", client.Err())) })
-			client, clientDone = nil, nil
+		case <-hub.done:
+			err := hub.client.Err()
+			slog.Warn("lost the connection to the hub", "error", err)
+			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", err)) })
+			hub.drop()
 			retry = time.After(backoff)
 		case <-retry:
 			retry = nil
@@ -407,15 +397,33 @@ func (a *runner) run(ctx context.Context) error {
 				continue
 			}
 			backoff = time.Second
-			client, clientDone = c, c.Done()
+			hub = hubConn{client: c, done: c.Done()}
 			if a.dev().Method != "x509" {
-				renew = time.After(a.tokenLifetime() * 3 / 4)
+				hub.renew = time.After(a.tokenLifetime() * 3 / 4)
 			}
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
 			a.reported = nil // report afresh on each connection, over what the twin holds (fetch)
-			a.fetch(ctx, client)
+			a.fetch(ctx, hub.client)
 		}
 	}
+}
+
+// hubConn is the agent's connection to the hub and what ends it.
+type hubConn struct {
+	client *hubdevice.Client
+	done   <-chan struct{}
+	// renew fires for a new token before the hub ends the connection at
+	// the old one's expiry.
+	renew <-chan time.Time
+}
+
+// drop closes the connection, if any, with its renewal: a renewal left
+// armed would close a connection that is no longer there.
+func (h *hubConn) drop() {
+	if h.client != nil {
+		h.client.Close()
+	}
+	*h = hubConn{}
 }
 
 func (a *runner) tokenLifetime() time.Duration { return cmp.Or(a.d.opts.HubTokenLifetime, time.Hour) }
