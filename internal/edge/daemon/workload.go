@@ -85,6 +85,18 @@ func (w *workload) socket(module string) (string, error) {
 	return dir, nil
 }
 
+// release stops serving module's socket: a module that left the
+// deployment must not keep having tokens signed for its identity.
+func (w *workload) release(module string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if s, ok := w.servers[module]; ok {
+		_ = s.Close() // removes the socket file
+		delete(w.servers, module)
+	}
+	_ = os.RemoveAll(filepath.Join(w.dir, module))
+}
+
 func (w *workload) close() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -177,6 +189,16 @@ func (e decorated) Start(ctx context.Context, name string) error {
 		return fmt.Errorf("workload socket for %s: %w", name, err)
 	}
 	return e.Engine.Start(ctx, name)
+}
+
+// Remove releases the module's socket with its container (a recreated
+// module gets it again from Create).
+func (e decorated) Remove(ctx context.Context, name string) error {
+	err := e.Engine.Remove(ctx, name)
+	if err == nil || errors.Is(err, moby.ErrNotFound) {
+		e.w.release(name)
+	}
+	return err
 }
 
 func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {

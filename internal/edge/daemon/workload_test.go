@@ -10,6 +10,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
@@ -115,5 +116,35 @@ func TestWorkloadServesExistingContainers(t *testing.T) {
 	}
 	if !stub.started["filter"] {
 		t.Error("the socket of a module was not there when it started")
+	}
+}
+
+func (e *engineStub) Remove(_ context.Context, name string) error {
+	e.containers = slices.DeleteFunc(e.containers, func(n string) bool { return n == name })
+	return nil
+}
+
+// A module removed from the deployment loses its socket: the device's key
+// must not go on signing tokens for an identity it no longer runs.
+func TestWorkloadReleasesRemovedModules(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "workload")
+	w := newWorkload(dir)
+	defer w.close()
+	stub := &engineStub{containers: []string{"sensor", "filter"}, started: map[string]bool{}}
+	e := decorated{Engine: stub, w: w}
+	if _, err := e.List(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Remove(context.Background(), "sensor"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := net.Dial("unix", filepath.Join(dir, "sensor", "workload.sock")); err == nil {
+		c.Close()
+		t.Error("the removed module's socket still answers")
+	}
+	if c, err := net.Dial("unix", filepath.Join(dir, "filter", "workload.sock")); err != nil {
+		t.Errorf("the remaining module's socket: %v", err)
+	} else {
+		c.Close()
 	}
 }
