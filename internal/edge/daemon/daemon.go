@@ -329,7 +329,10 @@ type runner struct {
 	modKeys *moduleKeys
 
 	manifest *agent.Manifest
-	reported []byte // last report sent
+	// manifestErr is why the hub's desired document was rejected; nil
+	// when manifest is the hub's.
+	manifestErr error
+	reported    []byte // last report sent
 }
 
 const manifestFile = "manifest.json"
@@ -474,17 +477,18 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 	var me *agent.Error
 	if errors.As(err, &me) && me.Code == 417 {
 		slog.Info("no deployment targets this device yet")
+		a.manifestErr = nil
 		a.report(ctx, c, agent.Reported(nil, nil, nil, nil))
 		return
 	}
 	if err != nil {
 		// Report the error and keep running the last good deployment.
 		slog.Error("the deployment manifest is not valid", "error", err)
-		rep := a.rec.Report(ctx, a.manifest, err)
-		a.report(ctx, c, rep)
+		a.manifestErr = err
+		a.report(ctx, c, a.rec.Report(ctx, a.manifest, err))
 		return
 	}
-	a.manifest = m
+	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
@@ -501,6 +505,12 @@ func (a *runner) apply(ctx context.Context, c *hubdevice.Client) {
 	reported, err := a.rec.Apply(ctx, a.manifest)
 	if err != nil {
 		slog.Warn("applying the deployment", "error", err)
+	}
+	if a.manifestErr != nil {
+		// The hub's document was rejected: that stays its status, over
+		// the last good deployment's that still runs, until a valid one
+		// arrives.
+		reported = a.rec.Report(ctx, a.manifest, a.manifestErr)
 	}
 	a.d.setModules(reported)
 	if c != nil {

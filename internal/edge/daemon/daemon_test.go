@@ -1,8 +1,11 @@
 package daemon
 
 import (
+	"context"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/agent"
 )
 
 // A connection dropped (as `iotedge system reprovision` drops it) takes its
@@ -18,5 +21,28 @@ func TestDroppedHubConnNeverRenews(t *testing.T) {
 	case <-h.done:
 		t.Fatal("a dropped connection still reports its end")
 	case <-time.After(50 * time.Millisecond):
+	}
+}
+
+func (e *engineStub) EnsureNetwork(context.Context, string) error { return nil }
+
+// A rejected desired document stays the deployment's status while the last
+// good deployment runs on: the agent's next pass used to report that one's
+// success over it.
+func TestRejectedManifestStaysReported(t *testing.T) {
+	good, err := agent.ParseManifest([]byte(`{"$version": 3, "schemaVersion": "1.1", "runtime": {"type": "docker", "settings": {}},
+		"modules": {}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, rejected := agent.ParseManifest([]byte(`{"$version": 4, "schemaVersion": "9.0", "modules": {}}`))
+	d := New(Options{})
+	a := &runner{d: d, manifest: good, manifestErr: rejected,
+		rec: &agent.Reconciler{Engine: &engineStub{}}}
+	for range 2 { // the loop applies again and again
+		a.apply(context.Background(), nil)
+	}
+	if dep := d.status.Deployment; dep.Code != 412 || dep.Version != 4 {
+		t.Errorf("deployment status %+v, want the rejected document's 412 for version 4", dep)
 	}
 }
