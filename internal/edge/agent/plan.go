@@ -42,6 +42,9 @@ type History struct {
 	LastStart   time.Time // the agent's last start attempt, on its clock
 	LastRestart time.Time
 	Err         string // the last failure applying the module; "" after success
+	// Resume: the runtime stopped the module when it shut down, and
+	// starts it again as soon as it can.
+	Resume bool
 }
 
 // Restart timing, as Azure IoT Edge's agent does it.
@@ -112,6 +115,8 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 		return nil
 	case neverStarted(st):
 		return []Action{act(Start, "status is running")}
+	case h != nil && h.Resume && !active(st.State):
+		return []Action{act(Start, "the runtime stopped it when it shut down")}
 	default:
 		return restart(m, st, h, now)
 	}

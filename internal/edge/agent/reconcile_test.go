@@ -273,3 +273,44 @@ func TestReportedShape(t *testing.T) {
 		t.Errorf("report: %s", b)
 	}
 }
+
+// The runtime stops its modules when it shuts down and starts them again
+// when it starts, whatever their restartPolicy (never here) and without a
+// restart's backoff; a module the deployment stopped meanwhile stays so.
+func TestStopAllAndResume(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a, b, c := mod("a", StatusRunning, Never, 0), mod("b", StatusRunning, OnFailure, 0), mod("c", StatusStopped, Always, 0)
+	m := manifest(a, b, c)
+	if _, err := r.Apply(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	stopped, err := r.StopAll(ctx)
+	if err != nil || strings.Join(stopped, ",") != "a,b" {
+		t.Fatalf("StopAll: %v, %v; want a and b (c never ran)", stopped, err)
+	}
+	for _, n := range stopped {
+		if st := fe.containers[n].State; st != "exited" {
+			t.Errorf("%s after StopAll: %s", n, st)
+		}
+	}
+
+	// The next start: a new reconciler, as in a new process.
+	clock = clock.Add(time.Second)
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	r.Resume(stopped...)
+	b.Status = StatusStopped
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil {
+		t.Fatal(err)
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, start a" {
+		t.Errorf("calls after the restart: %s, want a started and b (now stopped) left", got)
+	}
+	fe.exit("a", 0)
+	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil || fe.containers["a"].State != "exited" {
+		t.Errorf("a resumed once, then kept to restartPolicy never: %v, %s", err, fe.containers["a"].State)
+	}
+}

@@ -335,7 +335,11 @@ type runner struct {
 	reported    []byte // last report sent
 }
 
-const manifestFile = "manifest.json"
+const (
+	manifestFile = "manifest.json"
+	// stoppedFile lists the modules the runtime stopped when it shut down.
+	stoppedFile = "stopped.json"
+)
 
 // run reconciles the modules, from the hub's twin when connected and from
 // the last manifest when not, so modules keep running offline.
@@ -345,6 +349,7 @@ func (a *runner) run(ctx context.Context) error {
 			a.manifest = m
 		}
 	}
+	a.resume()
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
@@ -356,6 +361,7 @@ func (a *runner) run(ctx context.Context) error {
 		a.apply(ctx, hub.client)
 		select {
 		case <-ctx.Done():
+			a.stopModules()
 			return nil
 		case <-a.d.reloadCh:
 			return errReload
@@ -409,6 +415,49 @@ func (a *runner) run(ctx context.Context) error {
 			a.fetch(ctx, hub.client)
 		}
 	}
+}
+
+// stopModules stops the modules as the runtime shuts down (`iotedge system
+// stop`, systemd's SIGTERM), and notes which for resume. A reload does not
+// come here: its modules run on.
+func (a *runner) stopModules() {
+	// The run's context is over; the stop has the modules' stop timeout
+	// and a little more.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stopped, err := a.rec.StopAll(ctx)
+	if err != nil {
+		slog.Warn("stopping the modules", "error", err)
+	}
+	if len(stopped) == 0 {
+		return
+	}
+	slog.Info("stopped the modules", "modules", stopped)
+	b, _ := json.Marshal(stopped)
+	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, stoppedFile), b, 0o600)
+	}
+	if err != nil {
+		slog.Warn("noting the stopped modules: they start again only by their restartPolicy", "error", err)
+	}
+}
+
+// resume starts again the modules the runtime stopped when it last shut
+// down, as Azure's runtime does when it starts.
+func (a *runner) resume() {
+	path := filepath.Join(a.d.opts.StateDir, stoppedFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	_ = os.Remove(path)
+	var names []string
+	if err := json.Unmarshal(b, &names); err != nil {
+		slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
+		return
+	}
+	a.rec.Resume(names...)
 }
 
 // hubConn is the agent's connection to the hub and what ends it.
