@@ -116,7 +116,7 @@ func (ck *checker) validate(c *Config) {
 	if v := c.Listen.MinTLSVersion; v != "" && !slices.Contains(tlsVersions, strings.ToLower(v)) {
 		ck.errorf("listen.min_tls_version", `min_tls_version %q is not valid: write "tls1.0", "tls1.1" or "tls1.2"`, v)
 	}
-	ck.uri("moby_runtime.uri", c.MobyRuntime.URI, "unix", "tcp", "http", "https")
+	ck.mobyURI(c.MobyRuntime.URI)
 	if n := c.MobyRuntime.Network; !networkPattern.MatchString(n) {
 		ck.errorf("moby_runtime.network", "network %q is not a valid Docker network name (letters, digits, _ . -)", n)
 	}
@@ -380,6 +380,18 @@ func (ck *checker) uri(path, s string, schemes ...string) {
 	case u.Scheme != "unix" && u.Host == "":
 		ck.errorf(path, "%s %q has no host", ck.pos.name(path), s)
 	}
+}
+
+// mobyURI checks moby_runtime.uri: the runtime reaches the engine through
+// its unix socket only, so an Azure config.toml's tcp:// engine is refused
+// here rather than when the daemon starts.
+func (ck *checker) mobyURI(s string) {
+	const path = "moby_runtime.uri"
+	if u, err := url.Parse(s); err == nil && slices.Contains([]string{"tcp", "http", "https"}, u.Scheme) {
+		ck.errorf(path, "%s %q: the runtime reaches the Moby engine only through its unix socket; write uri = \"unix:///var/run/docker.sock\" (dockerd listens there by default; with -H tcp://..., add -H unix:///var/run/docker.sock)", ck.pos.name(path), s)
+		return
+	}
+	ck.uri(path, s, "unix")
 }
 
 func (ck *checker) tpm(t *TPM) {
