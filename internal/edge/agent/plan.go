@@ -165,9 +165,9 @@ func wantsRestart(policy string, st moby.ModuleState) bool {
 		return false
 	}
 	switch policy {
-	case Always, OnUnhealthy:
+	case Always:
 		return true
-	case OnFailure:
+	case OnFailure, OnUnhealthy: // Azure's OnUnhealthy covers failures, not clean exits
 		return failed(st)
 	}
 	return false

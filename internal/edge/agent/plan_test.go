@@ -145,7 +145,11 @@ func TestPlan(t *testing.T) {
 			now: t0.Add(time.Minute), want: "stop unhealthy, start unhealthy #1", status: RuntimeRunning},
 		{name: "on-unhealthy, healthy", desired: manifest(unhealthy), current: []moby.ModuleState{with(running(unhealthy, t0), func(s *moby.ModuleState) { s.Health = "healthy" })},
 			now: t0.Add(time.Minute), want: ""},
-		{name: "on-unhealthy, exited", desired: manifest(unhealthy), current: []moby.ModuleState{exited(unhealthy, 0, t0, t0)}, now: t0.Add(time.Minute), want: "start unhealthy #1"},
+		// As on-failure once it has exited: a clean exit is no failure.
+		{name: "on-unhealthy, failed", desired: manifest(unhealthy), current: []moby.ModuleState{exited(unhealthy, 1, t0, t0)}, now: t0.Add(time.Minute),
+			want: "start unhealthy #1", status: RuntimeBackoff},
+		{name: "on-unhealthy, done", desired: manifest(unhealthy), current: []moby.ModuleState{exited(unhealthy, 0, t0, t0)}, now: t0.Add(time.Hour),
+			want: "", status: RuntimeStopped},
 		{name: "always ignores health", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Health = "unhealthy" })},
 			now: t0.Add(time.Minute), want: ""},
 	} {
