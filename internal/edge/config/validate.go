@@ -117,9 +117,7 @@ func (ck *checker) validate(c *Config) {
 		ck.errorf("listen.min_tls_version", `min_tls_version %q is not valid: write "tls1.0", "tls1.1" or "tls1.2"`, v)
 	}
 	ck.mobyURI(c.MobyRuntime.URI)
-	if n := c.MobyRuntime.Network; !networkPattern.MatchString(n) {
-		ck.errorf("moby_runtime.network", "network %q is not a valid Docker network name (letters, digits, _ . -)", n)
-	}
+	ck.network(c.MobyRuntime.Network)
 	if c.ParentHostname != "" {
 		ck.errorf("parent_hostname", "%s: nested edge is not supported; a Hatchery edge device connects to its hub directly, so remove it", ck.pos.name("parent_hostname"))
 	}
@@ -379,6 +377,23 @@ func (ck *checker) uri(path, s string, schemes ...string) {
 		ck.errorf(path, "%s %q must name an absolute socket path, such as unix:///var/run/docker.sock", ck.pos.name(path), s)
 	case u.Scheme != "unix" && u.Host == "":
 		ck.errorf(path, "%s %q has no host", ck.pos.name(path), s)
+	}
+}
+
+// network checks moby_runtime.network. The runtime creates a plain bridge
+// network, or uses the one of that name the engine has: an IPv6 network
+// or IPAM settings that it would not apply are refused, not ignored, as
+// modules would run without the addresses the user asked for.
+func (ck *checker) network(n MobyNetwork) {
+	const path = "moby_runtime.network"
+	if !networkPattern.MatchString(n.Name) {
+		ck.errorf(path, "network %q is not a valid Docker network name (letters, digits, _ . -)", n.Name)
+		return
+	}
+	if n.IPv6 || n.IPAM != nil {
+		ck.errorf(path, "%s: the runtime does not create IPv6 networks or apply ipam settings; create the network yourself "+
+			"(docker network create --ipv6 --subnet <subnet> %s), then leave only its name here (%s): the runtime uses the network the engine has",
+			ck.pos.name(path), n.Name, ck.pos.assign(path, fmt.Sprintf("%q", n.Name)))
 	}
 }
 
