@@ -57,7 +57,14 @@ func runChecks(ctx context.Context) []checkResult {
 		add("config-toml-well-formed", "config.toml is well-formed", outcome{"ok", ""})
 	}
 	if cfg == nil {
-		cfg = config.Default()
+		// Checking against defaults would report on a configuration the
+		// runtime does not have.
+		skip := outcome{"skipped", "config.toml does not parse"}
+		add("tpm", "TPM is reachable and permissions are right", skip)
+		checkDaemon(ctx, add)
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", skip)
+		add("container-engine", "container engine is reachable", skip)
+		return out
 	}
 	roots, _ := pki.Roots()
 	if cfg.TrustBundleCert != "" {
@@ -87,15 +94,7 @@ func runChecks(ctx context.Context) []checkResult {
 			add("clock", "the clock is in step with the provisioning service", checkClock(ctx, u, roots))
 		}
 	}
-	hub := ""
-	if c, err := mgmtClient(); err == nil {
-		if st, err := c.Status(ctx); err == nil {
-			hub = st.HubAddress
-		} else {
-			add("daemon", "the IoT Edge daemon is running", outcome{"error", err.Error()})
-		}
-	}
-	if hub == "" {
+	if hub := checkDaemon(ctx, add); hub == "" {
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", outcome{"skipped", "the device has no hub yet"})
 	} else {
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS at "+hub, tlsReach(ctx, hub, "8883", roots))
@@ -108,6 +107,21 @@ func runChecks(ctx context.Context) []checkResult {
 		add("container-engine", "container engine is reachable", outcome{"ok", ""})
 	}
 	return out
+}
+
+// checkDaemon adds an error if the daemon does not answer, and returns the
+// hub it connects to, "" if none.
+func checkDaemon(ctx context.Context, add func(id, name string, o outcome)) (hub string) {
+	c, err := mgmtClient()
+	if err != nil {
+		return ""
+	}
+	st, err := c.Status(ctx)
+	if err != nil {
+		add("daemon", "the IoT Edge daemon is running", outcome{"error", err.Error()})
+		return ""
+	}
+	return st.HubAddress
 }
 
 // identityFiles are the X.509 identity of the configuration, if it has one.
