@@ -169,7 +169,11 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	switch a.Kind {
 	case Create:
 		r.hist[a.Name] = &History{}
-		return e.Create(ctx, r.spec(m, a.Module, network))
+		spec := r.spec(m, a.Module, network)
+		if err := e.EnsureImage(ctx, spec); err != nil {
+			return err
+		}
+		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
 		// keeps running the old one.

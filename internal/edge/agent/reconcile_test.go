@@ -153,7 +153,8 @@ func TestReconciler(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, create b, start b, create a, start a" {
+	// Each new container's image is pulled (imagePullPolicy on-create).
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull myacr.azurecr.io/b:1, create b, start b, pull img:1, create a, start a" {
 		t.Errorf("calls: %s", got)
 	}
 	if auth := fe.specs["b"].Auth; auth == nil || auth.Username != "u2" {
