@@ -215,7 +215,7 @@ func newLogsCmd() *cobra.Command {
 			return err
 		}}
 	c.Flags().StringVar(&tail, "tail", "all", "number of lines from the end")
-	c.Flags().StringVar(&since, "since", "", "only lines since a time (RFC 3339) or duration (e.g. 10m)")
+	c.Flags().StringVar(&since, "since", "", "only lines since a time (RFC 3339, Unix) or a duration back from now (90 minutes, 1 day, 6h)")
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines")
 	return c
 }
