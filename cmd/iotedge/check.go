@@ -201,6 +201,7 @@ func checkClock(ctx context.Context, u *url.URL, roots *x509.CertPool) outcome {
 
 func newCheckCmd() *cobra.Command {
 	var output string
+	var verbose bool
 	c := &cobra.Command{Use: "check", Short: "Diagnose configuration and connectivity", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
@@ -231,6 +232,7 @@ func newCheckCmd() *cobra.Command {
 			return nil
 		}}
 	c.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	c.Flags().BoolVar(&verbose, "verbose", false, "as Azure's iotedge takes it; every check's details are shown anyway")
 	return c
 }
 
@@ -277,7 +279,7 @@ func redact(v any) {
 func hasKey(s string) bool { return strings.Contains(strings.ToLower(s), "sharedaccesskey=") }
 
 func newSupportBundleCmd() *cobra.Command {
-	var out string
+	var out, since string
 	c := &cobra.Command{Use: "support-bundle", Short: "Collect configuration, status, checks and logs into a zip file", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Logs and status may still say more than the world should read.
@@ -331,7 +333,7 @@ func newSupportBundleCmd() *cobra.Command {
 				if ms, err := client.Modules(ctx); err == nil {
 					for _, m := range ms {
 						put("logs/"+m.Name+".log", func(w io.Writer) error {
-							body, err := client.ModuleLogs(ctx, m.Name, "1000", "", false)
+							body, err := client.ModuleLogs(ctx, m.Name, "1000", since, false)
 							if err != nil {
 								return err
 							}
@@ -349,5 +351,6 @@ func newSupportBundleCmd() *cobra.Command {
 			return nil
 		}}
 	c.Flags().StringVarP(&out, "output", "o", "support_bundle.zip", "the zip file to write")
+	c.Flags().StringVar(&since, "since", "1 day", "modules' log lines since a time (RFC 3339, Unix) or a duration back from now (90 minutes, 6h); the daemon's log gives its last 5000 lines")
 	return c
 }

@@ -111,8 +111,13 @@ func (d *Daemon) mgmtHandler() http.Handler {
 	mux.HandleFunc("PUT /log-level", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Level string }
 		var lvl slog.Level
-		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || lvl.UnmarshalText([]byte(strings.ToLower(req.Level))) != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use debug, info, warn or error", req.Level))
+		err := json.NewDecoder(r.Body).Decode(&req)
+		name := strings.ToLower(req.Level)
+		if name == "trace" { // Azure's finest level; debug is the daemon's
+			name = "debug"
+		}
+		if err != nil || lvl.UnmarshalText([]byte(name)) != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use trace, debug, info, warn or error", req.Level))
 			return
 		}
 		d.opts.Level.Set(lvl)
