@@ -129,6 +129,12 @@ func (d *Daemon) mgmtHandler() http.Handler {
 
 // moduleEngine returns the engine if name is one of the agent's modules.
 func (d *Daemon) moduleEngine(name string) (*moby.Engine, error) {
+	switch name { // Azure runs these as containers; here they are not modules
+	case "edgeAgent":
+		return nil, errors.New("edgeAgent runs inside iotedged, not as a container: `iotedge system logs` shows its log, `iotedge system restart` restarts it")
+	case "edgeHub":
+		return nil, errors.New("edgeHub does not run on this device: modules connect to the IoT hub directly")
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if !slices.ContainsFunc(d.modules, func(m mgmt.Module) bool { return m.Name == name }) || d.engine == nil {

@@ -24,6 +24,23 @@ func TestUnknownModuleIsNotFound(t *testing.T) {
 	}
 }
 
+// edgeAgent is no module here, but Azure's users ask for it as one: the
+// answer says what to use instead.
+func TestEdgeAgentIsNoModule(t *testing.T) {
+	h := (&Daemon{}).mgmtHandler()
+	for _, c := range []struct{ method, path, want string }{
+		{"POST", "/modules/edgeAgent/restart", "iotedge system restart"},
+		{"GET", "/modules/edgeAgent/logs", "iotedge system logs"},
+		{"GET", "/modules/edgeHub/logs", "modules connect to the IoT hub directly"},
+	} {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(c.method, c.path, nil))
+		if w.Code != http.StatusNotFound || !strings.Contains(w.Body.String(), c.want) {
+			t.Errorf("%s %s: %d %s, want 404 saying %q", c.method, c.path, w.Code, w.Body.String(), c.want)
+		}
+	}
+}
+
 // Azure's trace is the finest level: here, debug.
 func TestLogLevelTrace(t *testing.T) {
 	d := &Daemon{opts: Options{Level: new(slog.LevelVar)}}
