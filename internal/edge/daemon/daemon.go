@@ -213,7 +213,6 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
@@ -224,7 +223,8 @@ func (d *Daemon) cycle(ctx context.Context) error {
 }
 
 // provision obtains the identity with get (Start or Provision), retrying
-// while it fails with no backup to fall back on.
+// while it fails with no backup to fall back on; the runtime is running
+// again once it has one, also after `iotedge system reprovision`.
 func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(context.Context) (*identity.Device, error)) (*identity.Device, error) {
 	for wait := 5 * time.Second; ; wait = min(wait*2, 2*time.Minute) {
 		asked := time.Now()
@@ -244,6 +244,7 @@ func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(
 		}
 		d.setStatus(func(s *mgmt.Status) { s.Provisioning = p })
 		if dev != nil {
+			d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
 			return dev, nil
 		}
 		d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "provisioning failed", time.Now().UTC() })

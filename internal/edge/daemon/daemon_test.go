@@ -2,10 +2,13 @@ package daemon
 
 import (
 	"context"
+	"errors"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/agent"
+	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/edge/identity"
 )
 
 // A connection dropped (as `iotedge system reprovision` drops it) takes its
@@ -44,5 +47,26 @@ func TestRejectedManifestStaysReported(t *testing.T) {
 	}
 	if dep := d.status.Deployment; dep.Code != 412 || dep.Version != 4 {
 		t.Errorf("deployment status %+v, want the rejected document's 412 for version 4", dep)
+	}
+}
+
+// A provisioning that failed before it succeeded (as a reprovision while
+// DPS is away) leaves the runtime running, not "provisioning failed".
+func TestProvisionRecoversTheRunningState(t *testing.T) {
+	d := New(Options{})
+	ids := &identity.Manager{Config: &config.Config{}}
+	tries := 0
+	get := func(context.Context) (*identity.Device, error) {
+		if tries++; tries == 1 {
+			signal(d.reprovCh) // try again at once, not after the backoff
+			return nil, errors.New("DPS is unreachable")
+		}
+		return &identity.Device{DeviceID: "edge-1", HubHostName: "hub.test", Provisioned: time.Now()}, nil
+	}
+	if _, err := d.provision(context.Background(), ids, get); err != nil {
+		t.Fatal(err)
+	}
+	if tries != 2 || d.status.State != "running" {
+		t.Errorf("after %d tries the state is %q, want running", tries, d.status.State)
 	}
 }
