@@ -57,7 +57,14 @@ func runChecks(ctx context.Context) []checkResult {
 		add("config-toml-well-formed", "config.toml is well-formed", outcome{"ok", ""})
 	}
 	if cfg == nil {
-		cfg = config.Default()
+		// Checking against defaults would report on a configuration the
+		// runtime does not have.
+		skip := outcome{"skipped", "config.toml does not parse"}
+		add("tpm", "TPM is reachable and permissions are right", skip)
+		checkDaemon(ctx, add)
+		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", skip)
+		add("container-engine", "container engine is reachable", skip)
+		return out
 	}
 	roots, _ := pki.Roots()
 	if cfg.TrustBundleCert != "" {
@@ -87,15 +94,7 @@ func runChecks(ctx context.Context) []checkResult {
 			add("clock", "the clock is in step with the provisioning service", checkClock(ctx, u, roots))
 		}
 	}
-	hub := ""
-	if c, err := mgmtClient(); err == nil {
-		if st, err := c.Status(ctx); err == nil {
-			hub = st.HubAddress
-		} else {
-			add("daemon", "the IoT Edge daemon is running", outcome{"error", err.Error()})
-		}
-	}
-	if hub == "" {
+	if hub := checkDaemon(ctx, add); hub == "" {
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", outcome{"skipped", "the device has no hub yet"})
 	} else {
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS at "+hub, tlsReach(ctx, hub, "8883", roots))
@@ -108,6 +107,21 @@ func runChecks(ctx context.Context) []checkResult {
 		add("container-engine", "container engine is reachable", outcome{"ok", ""})
 	}
 	return out
+}
+
+// checkDaemon adds an error if the daemon does not answer, and returns the
+// hub it connects to, "" if none.
+func checkDaemon(ctx context.Context, add func(id, name string, o outcome)) (hub string) {
+	c, err := mgmtClient()
+	if err != nil {
+		return ""
+	}
+	st, err := c.Status(ctx)
+	if err != nil {
+		add("daemon", "the IoT Edge daemon is running", outcome{"error", err.Error()})
+		return ""
+	}
+	return st.HubAddress
 }
 
 // identityFiles are the X.509 identity of the configuration, if it has one.
@@ -187,6 +201,7 @@ func checkClock(ctx context.Context, u *url.URL, roots *x509.CertPool) outcome {
 
 func newCheckCmd() *cobra.Command {
 	var output string
+	var verbose bool
 	c := &cobra.Command{Use: "check", Short: "Diagnose configuration and connectivity", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
@@ -217,6 +232,7 @@ func newCheckCmd() *cobra.Command {
 			return nil
 		}}
 	c.Flags().StringVarP(&output, "output", "o", "text", "text or json")
+	c.Flags().BoolVar(&verbose, "verbose", false, "as Azure's iotedge takes it; every check's details are shown anyway")
 	return c
 }
 
@@ -263,7 +279,7 @@ func redact(v any) {
 func hasKey(s string) bool { return strings.Contains(strings.ToLower(s), "sharedaccesskey=") }
 
 func newSupportBundleCmd() *cobra.Command {
-	var out string
+	var out, since string
 	c := &cobra.Command{Use: "support-bundle", Short: "Collect configuration, status, checks and logs into a zip file", Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			// Logs and status may still say more than the world should read.
@@ -317,7 +333,7 @@ func newSupportBundleCmd() *cobra.Command {
 				if ms, err := client.Modules(ctx); err == nil {
 					for _, m := range ms {
 						put("logs/"+m.Name+".log", func(w io.Writer) error {
-							body, err := client.ModuleLogs(ctx, m.Name, "1000", "", false)
+							body, err := client.ModuleLogs(ctx, m.Name, "1000", since, false)
 							if err != nil {
 								return err
 							}
@@ -335,5 +351,6 @@ func newSupportBundleCmd() *cobra.Command {
 			return nil
 		}}
 	c.Flags().StringVarP(&out, "output", "o", "support_bundle.zip", "the zip file to write")
+	c.Flags().StringVar(&since, "since", "1 day", "modules' log lines since a time (RFC 3339, Unix) or a duration back from now (90 minutes, 6h); the daemon's log gives its last 5000 lines")
 	return c
 }

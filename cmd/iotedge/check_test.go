@@ -116,3 +116,27 @@ func TestSupportBundle(t *testing.T) {
 		t.Errorf("status.json of a daemon that does not run: %s", b)
 	}
 }
+
+// A config.toml that does not parse leaves the checks that read it
+// skipped, rather than run against defaults the runtime does not use.
+func TestChecksSkippedWhenConfigDoesNotParse(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("IOTEDGE_CONFIG", filepath.Join(dir, "config.toml"))
+	t.Setenv("IOTEDGE_HOST", "unix://"+filepath.Join(dir, "mgmt.sock"))
+	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte("[provisioning]\nsource = dps\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, r := range runChecks(t.Context()) {
+		switch r.ID {
+		case "config-toml-well-formed":
+			if r.Result != "error" {
+				t.Errorf("%s: %s, want error", r.ID, r.Result)
+			}
+		case "daemon": // it does not need the configuration
+		default:
+			if r.Result != "skipped" || r.Details != "config.toml does not parse" {
+				t.Errorf("%s: %s (%s), want skipped as config.toml does not parse", r.ID, r.Result, r.Details)
+			}
+		}
+	}
+}

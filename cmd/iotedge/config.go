@@ -133,9 +133,12 @@ func newConfigImportCmd() *cobra.Command {
 			return writeNew(out, cfg, force)
 		},
 	}
-	c.Flags().StringVarP(&in, "config-file", "i", config.LegacyPath, "the 1.1 configuration to import")
+	c.Flags().StringVarP(&in, "config-file", "c", config.LegacyPath, "the 1.1 configuration to import")
+	// -i, this CLI's shorthand before it took Azure's -c.
+	c.Flags().StringVarP(&in, "in-config-file", "i", config.LegacyPath, "the 1.1 configuration to import")
+	_ = c.Flags().MarkHidden("in-config-file")
 	c.Flags().StringVarP(&out, "out-config-file", "o", configPath(), "where to write config.toml")
-	c.Flags().BoolVar(&force, "force", false, "overwrite an existing config.toml")
+	c.Flags().BoolVarP(&force, "force", "f", false, "overwrite an existing config.toml")
 	return c
 }
 
@@ -156,7 +159,7 @@ func newConfigMPCmd() *cobra.Command {
 	}
 	c.Flags().StringVarP(&cs, "connection-string", "c", "", "the device connection string")
 	c.Flags().StringVarP(&out, "out-config-file", "o", configPath(), "where to write config.toml")
-	c.Flags().BoolVar(&force, "force", false, "overwrite an existing config.toml")
+	c.Flags().BoolVarP(&force, "force", "f", false, "overwrite an existing config.toml")
 	_ = c.MarkFlagRequired("connection-string")
 	return c
 }

@@ -83,7 +83,7 @@ func newSystemCmd() *cobra.Command {
 			fmt.Fprintln(cmd.OutOrStdout(), "Provisioning the device again: `iotedge system status` shows the outcome.")
 			return nil
 		}}
-	level := &cobra.Command{Use: "set-log-level LEVEL", Short: "Set the runtime's log level (debug, info, warn, error)", Args: cobra.ExactArgs(1),
+	level := &cobra.Command{Use: "set-log-level LEVEL", Short: "Set the runtime's log level (trace, debug, info, warn, error)", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return call(cmd, func(ctx context.Context, c *mgmt.Client) error { return c.SetLogLevel(ctx, args[0]) })
 		}}
@@ -215,7 +215,7 @@ func newLogsCmd() *cobra.Command {
 			return err
 		}}
 	c.Flags().StringVar(&tail, "tail", "all", "number of lines from the end")
-	c.Flags().StringVar(&since, "since", "", "only lines since a time (RFC 3339) or duration (e.g. 10m)")
+	c.Flags().StringVar(&since, "since", "", "only lines since a time (RFC 3339, Unix) or a duration back from now (90 minutes, 1 day, 6h)")
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines")
 	return c
 }

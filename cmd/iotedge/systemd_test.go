@@ -122,6 +122,8 @@ func startFakeDaemon(t *testing.T) *fakeDaemon {
 				Provisioning: mgmt.Provisioning{Source: "manual", DeviceID: "dev1", HubHostName: "hub"}})
 		case "/logs":
 			_, _ = io.WriteString(w, "daemon log line\n")
+		case "/modules":
+			_ = json.NewEncoder(w).Encode([]mgmt.Module{{Name: "sensor", Status: "running"}})
 		default:
 			w.WriteHeader(http.StatusNoContent)
 		}

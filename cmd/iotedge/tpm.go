@@ -1,14 +1,18 @@
 package main
 
 import (
+	"cmp"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"os"
 
 	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/tpm"
+	"github.com/hatchery/hatchery/internal/tpmservice"
 	"github.com/spf13/cobra"
 )
 
@@ -23,34 +27,58 @@ func newTPMCmd() *cobra.Command {
 			"creating the endorsement and storage root keys first when the TPM has none.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if env := os.Getenv("TPM2TOOLS_TCTI"); env != "" && !cmd.Flags().Changed("tcti") {
-				tcti = env
+			if output != "text" && output != "json" {
+				return fmt.Errorf("--output %q: want text or json", output)
 			}
-			return provisionInfo(cmd.OutOrStdout(), tcti, output, legacy)
+			ek, err := endorsementKey(tcti, cmd.Flags().Changed("tcti"))
+			if err != nil {
+				return err
+			}
+			return provisionInfo(cmd.OutOrStdout(), ek, output, legacy)
 		},
 	}
-	info.Flags().StringVar(&tcti, "tcti", "device", `TPM to use, as a tpm2-tss TCTI string: "device", "device:/dev/tpm0", "swtpm:host=H,port=P" or "mssim:host=H,port=P"; when not given, $TPM2TOOLS_TCTI if set`)
+	info.Flags().StringVar(&tcti, "tcti", "device", `TPM to use, as a tpm2-tss TCTI string: "device", "device:/dev/tpm0", "swtpm:host=H,port=P" or "mssim:host=H,port=P"; `+
+		`when not given, the runtime's TPM through aziot-tpmd if it runs, else $TPM2TOOLS_TCTI, else config.toml's [tpm] tcti`)
 	info.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	info.Flags().BoolVar(&legacy, "legacy-registration-id", false, "print the base32 registration ID of the C and Node.js SDKs instead of the hex one")
 	cmd.AddCommand(info)
 	return cmd
 }
 
-// provisionInfo prints what an operator needs to enroll the device; the
-// text layout is the seed script's (shared/seeds/tpm-provision-info.sh).
-func provisionInfo(w io.Writer, tcti, output string, legacy bool) error {
-	if output != "text" && output != "json" {
-		return fmt.Errorf("--output %q: want text or json", output)
+// endorsementKey reads the EK from the TPM tcti names when given, or else
+// the TPM the runtime uses: through aziot-tpmd when it answers (it holds
+// the TPM, and the CLI's user may not be allowed to), else as
+// $TPM2TOOLS_TCTI or config.toml say.
+func endorsementKey(tcti string, given bool) ([]byte, error) {
+	if !given {
+		ek, err := tpmservice.Dial(tpmSocket()).EndorsementKey()
+		var answer *tpmservice.Error
+		if err == nil || errors.As(err, &answer) {
+			return ek, err
+		}
+		tcti = cmp.Or(os.Getenv("TPM2TOOLS_TCTI"), configTCTI(), tcti)
 	}
 	dev, err := tpm.Open(tcti)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	defer dev.Close()
-	ek, err := dev.EndorsementKey()
+	return dev.EndorsementKey()
+}
+
+// configTCTI is config.toml's [tpm] tcti; "" when config.toml does not
+// load (the caller falls back to the default device).
+func configTCTI() string {
+	cfg, _, err := config.Load(configPath())
 	if err != nil {
-		return err
+		return ""
 	}
+	return cfg.TPM.TCTI
+}
+
+// provisionInfo prints what an operator needs to enroll the device; the
+// text layout is the seed script's (shared/seeds/tpm-provision-info.sh).
+func provisionInfo(w io.Writer, ek []byte, output string, legacy bool) error {
 	id := attest.RegistrationID(ek)
 	if legacy {
 		id = attest.LegacyRegistrationID(ek)
@@ -64,6 +92,6 @@ func provisionInfo(w io.Writer, tcti, output string, legacy bool) error {
 			EndorsementKey string `json:"endorsementKey"`
 		}{id, key})
 	}
-	_, err = fmt.Fprintf(w, "Gathering the registration information...\n\nRegistration Id:\n%s\n\nEndorsement Key:\n%s\n", id, key)
+	_, err := fmt.Fprintf(w, "Gathering the registration information...\n\nRegistration Id:\n%s\n\nEndorsement Key:\n%s\n", id, key)
 	return err
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/base32"
 	"encoding/base64"
@@ -13,6 +14,8 @@ import (
 	"testing"
 
 	"github.com/hatchery/hatchery/internal/testutil"
+	"github.com/hatchery/hatchery/internal/tpm"
+	"github.com/hatchery/hatchery/internal/tpmservice"
 )
 
 // iotedge runs the CLI in-process and returns its standard output.
@@ -132,5 +135,44 @@ func TestProvisionInfoErrors(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%v: got %v, want an error containing %q", tc.args, err, tc.want)
 		}
+	}
+}
+
+// Without --tcti, provision-info reads the runtime's TPM: through
+// aziot-tpmd when it runs, else config.toml's [tpm] tcti (when
+// $TPM2TOOLS_TCTI is not set).
+func TestProvisionInfoUsesTheRuntimesTPM(t *testing.T) {
+	configured, served := testutil.StartSWTPM(t), testutil.StartSWTPM(t)
+	want := map[string]string{configured: runProvisionInfo(t, configured), served: runProvisionInfo(t, served)}
+	if want[configured] == want[served] {
+		t.Fatal("two swtpm instances have the same EK")
+	}
+	dir := t.TempDir()
+	cfg := filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(cfg, []byte("[tpm]\ntcti = \""+configured+"\"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	t.Setenv("IOTEDGE_CONFIG", cfg)
+	t.Setenv("TPM2TOOLS_TCTI", "")
+	t.Setenv("IOTEDGE_TPM_SOCKET", filepath.Join(dir, "tpmd.sock")) // nobody listens yet
+	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want[configured] {
+		t.Errorf("without aziot-tpmd: %v\n%s\nwant the TPM of config.toml's tcti:\n%s", err, got, want[configured])
+	}
+
+	dev, err := tpm.Open(served)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	l, err := tpmservice.Listen(filepath.Join(dir, "tpmd.sock"), "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- tpmservice.ServeListener(ctx, l, tpmservice.NewServer(dev, tpm.DefaultAuthKeyIndex)) }()
+	defer func() { cancel(); <-done }()
+	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want[served] {
+		t.Errorf("with aziot-tpmd: %v\n%s\nwant the TPM aziot-tpmd serves:\n%s", err, got, want[served])
 	}
 }

@@ -77,13 +77,15 @@ type Module struct {
 }
 
 // ConfigHash identifies what the container is made from: a module whose
-// hash changes is recreated.
+// hash changes is recreated. Version is in it as a new version is how a
+// deployment asks for a module to be updated, say to pull its tag again.
 func (m *Module) ConfigHash() string {
 	b, _ := json.Marshal(struct {
+		Version       string
 		Image         string
 		CreateOptions json.RawMessage
 		Env           map[string]string // marshalled with sorted keys
-	}{m.Image, m.CreateOptions, m.Env})
+	}{m.Version, m.Image, m.CreateOptions, m.Env})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:16])
 }

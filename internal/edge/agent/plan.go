@@ -42,6 +42,9 @@ type History struct {
 	LastStart   time.Time // the agent's last start attempt, on its clock
 	LastRestart time.Time
 	Err         string // the last failure applying the module; "" after success
+	// Resume: the runtime stopped the module when it shut down, and
+	// starts it again as soon as it can.
+	Resume bool
 }
 
 // Restart timing, as Azure IoT Edge's agent does it.
@@ -102,7 +105,7 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	case !exists:
 		acts = append(acts, act(Create, "new module"))
 	case st.ConfigHash != m.ConfigHash():
-		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
+		acts = append(acts, act(Recreate, "its version, image, createOptions or env changed"))
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
 	case m.Status == StatusStopped:
@@ -112,6 +115,8 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 		return nil
 	case neverStarted(st):
 		return []Action{act(Start, "status is running")}
+	case h != nil && h.Resume && !active(st.State):
+		return []Action{act(Start, "the runtime stopped it when it shut down")}
 	default:
 		return restart(m, st, h, now)
 	}
@@ -160,9 +165,9 @@ func wantsRestart(policy string, st moby.ModuleState) bool {
 		return false
 	}
 	switch policy {
-	case Always, OnUnhealthy:
+	case Always:
 		return true
-	case OnFailure:
+	case OnFailure, OnUnhealthy: // Azure's OnUnhealthy covers failures, not clean exits
 		return failed(st)
 	}
 	return false

@@ -114,12 +114,66 @@ func (r *Reconciler) Report(ctx context.Context, m *Manifest, err error) map[str
 	return Reported(m, current, r.hist, err)
 }
 
+// StopAll stops every running module, each with the stop timeout, as the
+// runtime does when it shuts down; it returns those it stopped, for Resume
+// after the next start.
+func (r *Reconciler) StopAll(ctx context.Context) ([]string, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	current, err := r.Engine.List(ctx)
+	if err != nil {
+		return nil, err
+	}
+	var (
+		wg      sync.WaitGroup
+		mu      sync.Mutex
+		stopped []string
+		errs    []error
+	)
+	for _, st := range current {
+		if !active(st.State) {
+			continue
+		}
+		wg.Go(func() { // at once: a shutdown has a deadline, and modules are many
+			err := r.Engine.Stop(ctx, st.Name, r.stopTimeout())
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				errs = append(errs, err)
+				return
+			}
+			stopped = append(stopped, st.Name)
+		})
+	}
+	wg.Wait()
+	slices.Sort(stopped)
+	return stopped, errors.Join(errs...)
+}
+
+// Resume has the next Apply start the named modules at once, whatever
+// their restartPolicy, if the deployment still wants them running: they
+// are the ones StopAll stopped when the runtime last shut down.
+func (r *Reconciler) Resume(names ...string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.hist == nil {
+		r.hist = map[string]*History{}
+	}
+	for _, n := range names {
+		r.history(n).Resume = true
+	}
+}
+
 func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network string, now time.Time) error {
 	e := r.Engine
 	switch a.Kind {
 	case Create:
 		r.hist[a.Name] = &History{}
-		return e.Create(ctx, r.spec(m, a.Module, network))
+		spec := r.spec(m, a.Module, network)
+		if err := e.EnsureImage(ctx, spec); err != nil {
+			return err
+		}
+		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
 		// keeps running the old one.
@@ -139,7 +193,7 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		// Recorded before the attempt: a start that fails waits out the
 		// backoff too.
 		h := r.history(a.Name)
-		h.LastStart = now
+		h.LastStart, h.Resume = now, false
 		if a.Restart > 0 {
 			h.Restarts, h.LastRestart = a.Restart, now
 		}

@@ -153,7 +153,8 @@ func TestReconciler(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, create b, start b, create a, start a" {
+	// Each new container's image is pulled (imagePullPolicy on-create).
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull myacr.azurecr.io/b:1, create b, start b, pull img:1, create a, start a" {
 		t.Errorf("calls: %s", got)
 	}
 	if auth := fe.specs["b"].Auth; auth == nil || auth.Username != "u2" {
@@ -271,5 +272,46 @@ func TestReportedShape(t *testing.T) {
 	}
 	if !strings.Contains(string(b), `"platform":{"architecture":`) || !strings.Contains(string(b), `"edgeAgent":{"runtimeStatus":"running"`) {
 		t.Errorf("report: %s", b)
+	}
+}
+
+// The runtime stops its modules when it shuts down and starts them again
+// when it starts, whatever their restartPolicy (never here) and without a
+// restart's backoff; a module the deployment stopped meanwhile stays so.
+func TestStopAllAndResume(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a, b, c := mod("a", StatusRunning, Never, 0), mod("b", StatusRunning, OnFailure, 0), mod("c", StatusStopped, Always, 0)
+	m := manifest(a, b, c)
+	if _, err := r.Apply(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	stopped, err := r.StopAll(ctx)
+	if err != nil || strings.Join(stopped, ",") != "a,b" {
+		t.Fatalf("StopAll: %v, %v; want a and b (c never ran)", stopped, err)
+	}
+	for _, n := range stopped {
+		if st := fe.containers[n].State; st != "exited" {
+			t.Errorf("%s after StopAll: %s", n, st)
+		}
+	}
+
+	// The next start: a new reconciler, as in a new process.
+	clock = clock.Add(time.Second)
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	r.Resume(stopped...)
+	b.Status = StatusStopped
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil {
+		t.Fatal(err)
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, start a" {
+		t.Errorf("calls after the restart: %s, want a started and b (now stopped) left", got)
+	}
+	fe.exit("a", 0)
+	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil || fe.containers["a"].State != "exited" {
+		t.Errorf("a resumed once, then kept to restartPolicy never: %v, %s", err, fe.containers["a"].State)
 	}
 }

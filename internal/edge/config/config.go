@@ -182,9 +182,28 @@ type Listen struct {
 
 // MobyRuntime is [moby_runtime].
 type MobyRuntime struct {
-	URI     string `toml:"uri" yaml:"uri"`
-	Network string `toml:"network" yaml:"network"`
+	URI     string      `toml:"uri" yaml:"uri"`
+	Network MobyNetwork `toml:"network,inline" yaml:"network"`
 }
+
+// MobyNetwork is moby_runtime.network: the name of the modules' network,
+// written as a string or, as Azure documents for an IPv6 network, as a
+// table of name, ipv6 and ipam.
+type MobyNetwork struct {
+	Name string `toml:"name" yaml:"name"`
+	IPv6 bool   `toml:"ipv6" yaml:"ipv6"`
+	IPAM any    `toml:"ipam" yaml:"ipam"` // only checked for: see validate
+}
+
+// UnmarshalText reads the string form, network = "<name>".
+func (n *MobyNetwork) UnmarshalText(b []byte) error {
+	n.Name = string(b)
+	return nil
+}
+
+// MarshalText writes the string form: a valid configuration has no other
+// settings.
+func (n MobyNetwork) MarshalText() ([]byte, error) { return []byte(n.Name), nil }
 
 // Defaults that Azure IoT Edge applies when a key is left out.
 const (
@@ -202,7 +221,7 @@ func Default() *Config {
 		AutoReprovisioningMode: Dynamic,
 		Provisioning:           Provisioning{Source: SourceNone},
 		TPM:                    TPM{TCTI: DefaultTCTI, AuthKeyIndex: DefaultAuthKeyIndex},
-		MobyRuntime:            MobyRuntime{URI: DefaultMobyURI, Network: DefaultMobyNetwork},
+		MobyRuntime:            MobyRuntime{URI: DefaultMobyURI, Network: MobyNetwork{Name: DefaultMobyNetwork}},
 	}
 }
 

@@ -162,7 +162,7 @@ func TestParseDPSTPM(t *testing.T) {
 		Connect: Connect{WorkloadURI: "unix:///var/run/iotedge/workload.sock", ManagementURI: "unix:///var/run/iotedge/mgmt.sock"},
 		Listen: Listen{WorkloadURI: "fd://aziot-edged.workload.socket", ManagementURI: "fd://aziot-edged.mgmt.socket",
 			MinTLSVersion: "tls1.2"},
-		MobyRuntime: MobyRuntime{URI: DefaultMobyURI, Network: "edge-net"},
+		MobyRuntime: MobyRuntime{URI: DefaultMobyURI, Network: MobyNetwork{Name: "edge-net"}},
 	}
 	if !reflect.DeepEqual(c, want) {
 		t.Errorf("got  %#v\nwant %#v", c, want)
@@ -186,7 +186,7 @@ registration_id = "r"
 	}
 	if c.AutoReprovisioningMode != Dynamic || c.Provisioning.GlobalEndpoint != DefaultGlobalEndpoint ||
 		c.TPM.TCTI != "device" || c.TPM.AuthKeyIndex != 256 ||
-		c.MobyRuntime.URI != "unix:///var/run/docker.sock" || c.MobyRuntime.Network != "azure-iot-edge" {
+		c.MobyRuntime.URI != "unix:///var/run/docker.sock" || c.MobyRuntime.Network.Name != "azure-iot-edge" {
 		t.Errorf("defaults not applied: %+v", c)
 	}
 }
@@ -201,6 +201,18 @@ func TestMisplacedModeHonoured(t *testing.T) {
 		if c.AutoReprovisioningMode != want {
 			t.Errorf("%s: auto_reprovisioning_mode = %q, want %q", file, c.AutoReprovisioningMode, want)
 		}
+	}
+}
+
+// Azure's table form of moby_runtime.network gives its name, and renders
+// back as the plain string form.
+func TestNetworkTable(t *testing.T) {
+	c, _ := mustParse(t, "testdata/toml/network-table.toml")
+	if c.MobyRuntime.Network.Name != "edge-net" {
+		t.Errorf("network name %q, want edge-net", c.MobyRuntime.Network.Name)
+	}
+	if out := string(c.TOML()); !strings.Contains(out, "network = \"edge-net\"\n") {
+		t.Errorf("rendered:\n%s", out)
 	}
 }
 
@@ -411,7 +423,7 @@ func TestTemplate(t *testing.T) {
 	tpmSection := strings.Index(filled, "# TPM\n")
 	all := uncommentSettings(filled[:p]) + filled[p:tpmSection] + uncommentSettings(filled[tpmSection:])
 	c, warns, err = Parse("config.toml", []byte(all))
-	if err != nil || len(warns) > 0 || c.MobyRuntime.Network != "azure-iot-edge" {
+	if err != nil || len(warns) > 0 || c.MobyRuntime.Network.Name != "azure-iot-edge" {
 		t.Errorf("template settings uncommented: %v %v\n%s", err, warns, all)
 	}
 

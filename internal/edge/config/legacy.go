@@ -68,7 +68,7 @@ type legacyCertificates struct {
 
 type legacyMoby struct {
 	URI          string         `yaml:"uri"`
-	Network      string         `yaml:"network"`
+	Network      MobyNetwork    `yaml:"network"`
 	ContentTrust map[string]any `yaml:"content_trust"`
 }
 
@@ -219,7 +219,8 @@ func (ck *checker) convert(lc *legacyConfig) *Config {
 		c.Agent.Config.CreateOptions = opts
 	}
 	c.MobyRuntime.URI = cmp.Or(lc.MobyRuntime.URI, DefaultMobyURI)
-	c.MobyRuntime.Network = cmp.Or(lc.MobyRuntime.Network, DefaultMobyNetwork)
+	c.MobyRuntime.Network = lc.MobyRuntime.Network
+	c.MobyRuntime.Network.Name = cmp.Or(c.MobyRuntime.Network.Name, DefaultMobyNetwork)
 
 	lp, p := &lc.Provisioning, &c.Provisioning
 	a := lp.Attestation

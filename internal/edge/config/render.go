@@ -2,6 +2,7 @@ package config
 
 import (
 	"bytes"
+	"encoding"
 	"fmt"
 	"maps"
 	"reflect"
@@ -94,6 +95,9 @@ func value(v reflect.Value) string {
 	switch {
 	case v.Type() == reflect.TypeFor[KeyIndex]():
 		return fmt.Sprintf("0x%X", v.Uint())
+	case v.Type().Implements(reflect.TypeFor[encoding.TextMarshaler]()):
+		b, _ := v.Interface().(encoding.TextMarshaler).MarshalText()
+		return quote(string(b))
 	case v.Kind() == reflect.String:
 		return quote(v.String())
 	case v.Kind() == reflect.Struct:

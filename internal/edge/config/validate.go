@@ -116,10 +116,8 @@ func (ck *checker) validate(c *Config) {
 	if v := c.Listen.MinTLSVersion; v != "" && !slices.Contains(tlsVersions, strings.ToLower(v)) {
 		ck.errorf("listen.min_tls_version", `min_tls_version %q is not valid: write "tls1.0", "tls1.1" or "tls1.2"`, v)
 	}
-	ck.uri("moby_runtime.uri", c.MobyRuntime.URI, "unix", "tcp", "http", "https")
-	if n := c.MobyRuntime.Network; !networkPattern.MatchString(n) {
-		ck.errorf("moby_runtime.network", "network %q is not a valid Docker network name (letters, digits, _ . -)", n)
-	}
+	ck.mobyURI(c.MobyRuntime.URI)
+	ck.network(c.MobyRuntime.Network)
 	if c.ParentHostname != "" {
 		ck.errorf("parent_hostname", "%s: nested edge is not supported; a Hatchery edge device connects to its hub directly, so remove it", ck.pos.name("parent_hostname"))
 	}
@@ -380,6 +378,35 @@ func (ck *checker) uri(path, s string, schemes ...string) {
 	case u.Scheme != "unix" && u.Host == "":
 		ck.errorf(path, "%s %q has no host", ck.pos.name(path), s)
 	}
+}
+
+// network checks moby_runtime.network. The runtime creates a plain bridge
+// network, or uses the one of that name the engine has: an IPv6 network
+// or IPAM settings that it would not apply are refused, not ignored, as
+// modules would run without the addresses the user asked for.
+func (ck *checker) network(n MobyNetwork) {
+	const path = "moby_runtime.network"
+	if !networkPattern.MatchString(n.Name) {
+		ck.errorf(path, "network %q is not a valid Docker network name (letters, digits, _ . -)", n.Name)
+		return
+	}
+	if n.IPv6 || n.IPAM != nil {
+		ck.errorf(path, "%s: the runtime does not create IPv6 networks or apply ipam settings; create the network yourself "+
+			"(docker network create --ipv6 --subnet <subnet> %s), then leave only its name here (%s): the runtime uses the network the engine has",
+			ck.pos.name(path), n.Name, ck.pos.assign(path, fmt.Sprintf("%q", n.Name)))
+	}
+}
+
+// mobyURI checks moby_runtime.uri: the runtime reaches the engine through
+// its unix socket only, so an Azure config.toml's tcp:// engine is refused
+// here rather than when the daemon starts.
+func (ck *checker) mobyURI(s string) {
+	const path = "moby_runtime.uri"
+	if u, err := url.Parse(s); err == nil && slices.Contains([]string{"tcp", "http", "https"}, u.Scheme) {
+		ck.errorf(path, "%s %q: the runtime reaches the Moby engine only through its unix socket; write uri = \"unix:///var/run/docker.sock\" (dockerd listens there by default; with -H tcp://..., add -H unix:///var/run/docker.sock)", ck.pos.name(path), s)
+		return
+	}
+	ck.uri(path, s, "unix")
 }
 
 func (ck *checker) tpm(t *TPM) {

@@ -213,18 +213,18 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
-	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network}
+	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
 	return a.run(ctx)
 }
 
 // provision obtains the identity with get (Start or Provision), retrying
-// while it fails with no backup to fall back on.
+// while it fails with no backup to fall back on; the runtime is running
+// again once it has one, also after `iotedge system reprovision`.
 func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(context.Context) (*identity.Device, error)) (*identity.Device, error) {
 	for wait := 5 * time.Second; ; wait = min(wait*2, 2*time.Minute) {
 		asked := time.Now()
@@ -244,6 +244,7 @@ func (d *Daemon) provision(ctx context.Context, ids *identity.Manager, get func(
 		}
 		d.setStatus(func(s *mgmt.Status) { s.Provisioning = p })
 		if dev != nil {
+			d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "running", time.Now().UTC() })
 			return dev, nil
 		}
 		d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "provisioning failed", time.Now().UTC() })
@@ -329,10 +330,17 @@ type runner struct {
 	modKeys *moduleKeys
 
 	manifest *agent.Manifest
-	reported []byte // last report sent
+	// manifestErr is why the hub's desired document was rejected; nil
+	// when manifest is the hub's.
+	manifestErr error
+	reported    []byte // last report sent
 }
 
-const manifestFile = "manifest.json"
+const (
+	manifestFile = "manifest.json"
+	// stoppedFile lists the modules the runtime stopped when it shut down.
+	stoppedFile = "stopped.json"
+)
 
 // run reconciles the modules, from the hub's twin when connected and from
 // the last manifest when not, so modules keep running offline.
@@ -342,31 +350,24 @@ func (a *runner) run(ctx context.Context) error {
 			a.manifest = m
 		}
 	}
+	a.resume()
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
-	var client *hubdevice.Client
-	var clientDone <-chan struct{}
+	var hub hubConn
 	retry := time.After(0)
-	var renew <-chan time.Time // a new token before the hub ends the connection at the old one's expiry
 	backoff := time.Second
-	defer func() {
-		if client != nil {
-			client.Close()
-		}
-	}()
+	defer hub.drop()
 	for {
-		a.apply(ctx, client)
+		a.apply(ctx, hub.client)
 		select {
 		case <-ctx.Done():
+			a.stopModules()
 			return nil
 		case <-a.d.reloadCh:
 			return errReload
 		case <-a.d.reprovCh:
-			if client != nil {
-				client.Close()
-				client, clientDone = nil, nil
-			}
+			hub.drop()
 			if err := a.reprovision(ctx); err != nil {
 				return err
 			}
@@ -374,19 +375,18 @@ func (a *runner) run(ctx context.Context) error {
 		case <-tick.C:
 			a.d.checkEngine(ctx)
 		case <-kick:
-			if client != nil {
-				a.fetch(ctx, client)
+			if hub.client != nil {
+				a.fetch(ctx, hub.client)
 			}
-		case <-renew:
+		case <-hub.renew:
 			slog.Info("connecting to the hub again with a new token")
-			client.Close()
-			client, clientDone, renew = nil, nil, nil
+			hub.drop()
 			retry = time.After(0)
-		case <-clientDone:
-			renew = nil
-			slog.Warn("lost the connection to the hub", "error", client.Err())
-			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", client.Err())) })
-			client, clientDone = nil, nil
+		case <-hub.done:
+			err := hub.client.Err()
+			slog.Warn("lost the connection to the hub", "error", err)
+			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(fmt.Errorf("disconnected: %v", err)) })
+			hub.drop()
 			retry = time.After(backoff)
 		case <-retry:
 			retry = nil
@@ -407,15 +407,76 @@ func (a *runner) run(ctx context.Context) error {
 				continue
 			}
 			backoff = time.Second
-			client, clientDone = c, c.Done()
+			hub = hubConn{client: c, done: c.Done()}
 			if a.dev().Method != "x509" {
-				renew = time.After(a.tokenLifetime() * 3 / 4)
+				hub.renew = time.After(a.tokenLifetime() * 3 / 4)
 			}
 			a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(nil) })
 			a.reported = nil // report afresh on each connection, over what the twin holds (fetch)
-			a.fetch(ctx, client)
+			a.fetch(ctx, hub.client)
 		}
 	}
+}
+
+// stopModules stops the modules as the runtime shuts down (`iotedge system
+// stop`, systemd's SIGTERM), and notes which for resume. A reload does not
+// come here: its modules run on.
+func (a *runner) stopModules() {
+	// The run's context is over; the stop has the modules' stop timeout
+	// and a little more.
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	stopped, err := a.rec.StopAll(ctx)
+	if err != nil {
+		slog.Warn("stopping the modules", "error", err)
+	}
+	if len(stopped) == 0 {
+		return
+	}
+	slog.Info("stopped the modules", "modules", stopped)
+	b, _ := json.Marshal(stopped)
+	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
+	if err == nil {
+		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, stoppedFile), b, 0o600)
+	}
+	if err != nil {
+		slog.Warn("noting the stopped modules: they start again only by their restartPolicy", "error", err)
+	}
+}
+
+// resume starts again the modules the runtime stopped when it last shut
+// down, as Azure's runtime does when it starts.
+func (a *runner) resume() {
+	path := filepath.Join(a.d.opts.StateDir, stoppedFile)
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return
+	}
+	_ = os.Remove(path)
+	var names []string
+	if err := json.Unmarshal(b, &names); err != nil {
+		slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
+		return
+	}
+	a.rec.Resume(names...)
+}
+
+// hubConn is the agent's connection to the hub and what ends it.
+type hubConn struct {
+	client *hubdevice.Client
+	done   <-chan struct{}
+	// renew fires for a new token before the hub ends the connection at
+	// the old one's expiry.
+	renew <-chan time.Time
+}
+
+// drop closes the connection, if any, with its renewal: a renewal left
+// armed would close a connection that is no longer there.
+func (h *hubConn) drop() {
+	if h.client != nil {
+		h.client.Close()
+	}
+	*h = hubConn{}
 }
 
 func (a *runner) tokenLifetime() time.Duration { return cmp.Or(a.d.opts.HubTokenLifetime, time.Hour) }
@@ -466,17 +527,18 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 	var me *agent.Error
 	if errors.As(err, &me) && me.Code == 417 {
 		slog.Info("no deployment targets this device yet")
+		a.manifestErr = nil
 		a.report(ctx, c, agent.Reported(nil, nil, nil, nil))
 		return
 	}
 	if err != nil {
 		// Report the error and keep running the last good deployment.
 		slog.Error("the deployment manifest is not valid", "error", err)
-		rep := a.rec.Report(ctx, a.manifest, err)
-		a.report(ctx, c, rep)
+		a.manifestErr = err
+		a.report(ctx, c, a.rec.Report(ctx, a.manifest, err))
 		return
 	}
-	a.manifest = m
+	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
@@ -493,6 +555,12 @@ func (a *runner) apply(ctx context.Context, c *hubdevice.Client) {
 	reported, err := a.rec.Apply(ctx, a.manifest)
 	if err != nil {
 		slog.Warn("applying the deployment", "error", err)
+	}
+	if a.manifestErr != nil {
+		// The hub's document was rejected: that stays its status, over
+		// the last good deployment's that still runs, until a valid one
+		// arrives.
+		reported = a.rec.Report(ctx, a.manifest, a.manifestErr)
 	}
 	a.d.setModules(reported)
 	if c != nil {

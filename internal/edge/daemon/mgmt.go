@@ -111,8 +111,13 @@ func (d *Daemon) mgmtHandler() http.Handler {
 	mux.HandleFunc("PUT /log-level", func(w http.ResponseWriter, r *http.Request) {
 		var req struct{ Level string }
 		var lvl slog.Level
-		if err := json.NewDecoder(r.Body).Decode(&req); err != nil || lvl.UnmarshalText([]byte(strings.ToLower(req.Level))) != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use debug, info, warn or error", req.Level))
+		err := json.NewDecoder(r.Body).Decode(&req)
+		name := strings.ToLower(req.Level)
+		if name == "trace" { // Azure's finest level; debug is the daemon's
+			name = "debug"
+		}
+		if err != nil || lvl.UnmarshalText([]byte(name)) != nil {
+			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use trace, debug, info, warn or error", req.Level))
 			return
 		}
 		d.opts.Level.Set(lvl)
@@ -124,6 +129,12 @@ func (d *Daemon) mgmtHandler() http.Handler {
 
 // moduleEngine returns the engine if name is one of the agent's modules.
 func (d *Daemon) moduleEngine(name string) (*moby.Engine, error) {
+	switch name { // Azure runs these as containers; here they are not modules
+	case "edgeAgent":
+		return nil, errors.New("edgeAgent runs inside iotedged, not as a container: `iotedge system logs` shows its log, `iotedge system restart` restarts it")
+	case "edgeHub":
+		return nil, errors.New("edgeHub does not run on this device: modules connect to the IoT hub directly")
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if !slices.ContainsFunc(d.modules, func(m mgmt.Module) bool { return m.Name == name }) || d.engine == nil {

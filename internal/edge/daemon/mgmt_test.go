@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -20,5 +21,37 @@ func TestUnknownModuleIsNotFound(t *testing.T) {
 		if w.Code != http.StatusNotFound || !strings.Contains(w.Body.String(), `no module \"nosuch\"`) {
 			t.Errorf("%s %s: %d %s", req.Method, req.URL.Path, w.Code, w.Body.String())
 		}
+	}
+}
+
+// edgeAgent is no module here, but Azure's users ask for it as one: the
+// answer says what to use instead.
+func TestEdgeAgentIsNoModule(t *testing.T) {
+	h := (&Daemon{}).mgmtHandler()
+	for _, c := range []struct{ method, path, want string }{
+		{"POST", "/modules/edgeAgent/restart", "iotedge system restart"},
+		{"GET", "/modules/edgeAgent/logs", "iotedge system logs"},
+		{"GET", "/modules/edgeHub/logs", "modules connect to the IoT hub directly"},
+	} {
+		w := httptest.NewRecorder()
+		h.ServeHTTP(w, httptest.NewRequest(c.method, c.path, nil))
+		if w.Code != http.StatusNotFound || !strings.Contains(w.Body.String(), c.want) {
+			t.Errorf("%s %s: %d %s, want 404 saying %q", c.method, c.path, w.Code, w.Body.String(), c.want)
+		}
+	}
+}
+
+// Azure's trace is the finest level: here, debug.
+func TestLogLevelTrace(t *testing.T) {
+	d := &Daemon{opts: Options{Level: new(slog.LevelVar)}}
+	for level, want := range map[string]int{`"trace"`: http.StatusNoContent, `"TRACE"`: http.StatusNoContent, `"verbose"`: http.StatusBadRequest} {
+		w := httptest.NewRecorder()
+		d.mgmtHandler().ServeHTTP(w, httptest.NewRequest("PUT", "/log-level", strings.NewReader(`{"level": `+level+`}`)))
+		if w.Code != want {
+			t.Errorf("level %s: %d %s, want %d", level, w.Code, w.Body.String(), want)
+		}
+	}
+	if d.opts.Level.Level() != slog.LevelDebug {
+		t.Errorf("level after trace: %v, want debug", d.opts.Level.Level())
 	}
 }

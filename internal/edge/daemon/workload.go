@@ -85,6 +85,18 @@ func (w *workload) socket(module string) (string, error) {
 	return dir, nil
 }
 
+// release stops serving module's socket: a module that left the
+// deployment must not keep having tokens signed for its identity.
+func (w *workload) release(module string) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if s, ok := w.servers[module]; ok {
+		_ = s.Close() // removes the socket file
+		delete(w.servers, module)
+	}
+	_ = os.RemoveAll(filepath.Join(w.dir, module))
+}
+
 func (w *workload) close() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -152,6 +164,41 @@ type decorated struct {
 	agent.Engine
 	w   *workload
 	env func(module string) map[string]string
+}
+
+// List serves the socket of every container it returns: a daemon that
+// restarted (or a device that rebooted) finds its modules' containers
+// already made, so Create, which serves a new module's socket, never runs
+// for them.
+func (e decorated) List(ctx context.Context) ([]moby.ModuleState, error) {
+	states, err := e.Engine.List(ctx)
+	for _, st := range states {
+		// Not an error of the listing: the module's own Start reports it.
+		if _, serr := e.w.socket(st.Name); serr != nil {
+			slog.Warn("serving a module's workload socket", "module", st.Name, "error", serr)
+		}
+	}
+	return states, err
+}
+
+// Start serves the module's socket first, so that the directory Docker
+// bind-mounts is the workload's own and not one Docker makes, root's and
+// empty, when the source is missing (as after a reboot).
+func (e decorated) Start(ctx context.Context, name string) error {
+	if _, err := e.w.socket(name); err != nil {
+		return fmt.Errorf("workload socket for %s: %w", name, err)
+	}
+	return e.Engine.Start(ctx, name)
+}
+
+// Remove releases the module's socket with its container (a recreated
+// module gets it again from Create).
+func (e decorated) Remove(ctx context.Context, name string) error {
+	err := e.Engine.Remove(ctx, name)
+	if err == nil || errors.Is(err, moby.ErrNotFound) {
+		e.w.release(name)
+	}
+	return err
 }
 
 func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {

@@ -10,9 +10,13 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/agent"
+	"github.com/hatchery/hatchery/internal/edge/moby"
 )
 
 // A module's socket signs only its own tokens, named exactly (module IDs
@@ -64,5 +68,83 @@ func TestWorkloadSignsOnlyTheModulesOwnTokens(t *testing.T) {
 		if got := sign(c.data); got != c.want {
 			t.Errorf("signing %q: HTTP %d, want %d", c.data, got, c.want)
 		}
+	}
+}
+
+// engineStub is an engine that already has containers, as after a restart
+// of the daemon or a reboot; Start records whether the module's socket was
+// there for Docker to bind-mount.
+type engineStub struct {
+	agent.Engine
+	containers []string
+	socketAt   func(module string) string
+	started    map[string]bool // module → its socket existed at Start
+}
+
+func (e *engineStub) List(context.Context) ([]moby.ModuleState, error) {
+	var out []moby.ModuleState
+	for _, n := range e.containers {
+		out = append(out, moby.ModuleState{Name: n, State: "running"})
+	}
+	return out, nil
+}
+
+func (e *engineStub) Start(_ context.Context, name string) error {
+	_, err := os.Stat(e.socketAt(name))
+	e.started[name] = err == nil
+	return nil
+}
+
+// Containers the daemon did not create in this run (it restarted; the
+// device rebooted) get their sockets back: those listed, and those it
+// starts, before Docker would make the bind mount's source itself.
+func TestWorkloadServesExistingContainers(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "workload")
+	w := newWorkload(dir)
+	defer w.close()
+	sock := func(m string) string { return filepath.Join(dir, m, "workload.sock") }
+	stub := &engineStub{containers: []string{"sensor"}, socketAt: sock, started: map[string]bool{}}
+	e := decorated{Engine: stub, w: w}
+	if _, err := e.List(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sock("sensor")); err != nil {
+		t.Errorf("a listed container's socket: %v", err)
+	}
+	if err := e.Start(context.Background(), "filter"); err != nil {
+		t.Fatal(err)
+	}
+	if !stub.started["filter"] {
+		t.Error("the socket of a module was not there when it started")
+	}
+}
+
+func (e *engineStub) Remove(_ context.Context, name string) error {
+	e.containers = slices.DeleteFunc(e.containers, func(n string) bool { return n == name })
+	return nil
+}
+
+// A module removed from the deployment loses its socket: the device's key
+// must not go on signing tokens for an identity it no longer runs.
+func TestWorkloadReleasesRemovedModules(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "workload")
+	w := newWorkload(dir)
+	defer w.close()
+	stub := &engineStub{containers: []string{"sensor", "filter"}, started: map[string]bool{}}
+	e := decorated{Engine: stub, w: w}
+	if _, err := e.List(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Remove(context.Background(), "sensor"); err != nil {
+		t.Fatal(err)
+	}
+	if c, err := net.Dial("unix", filepath.Join(dir, "sensor", "workload.sock")); err == nil {
+		c.Close()
+		t.Error("the removed module's socket still answers")
+	}
+	if c, err := net.Dial("unix", filepath.Join(dir, "filter", "workload.sock")); err != nil {
+		t.Errorf("the remaining module's socket: %v", err)
+	} else {
+		c.Close()
 	}
 }

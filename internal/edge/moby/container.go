@@ -29,7 +29,8 @@ type ModuleSpec struct {
 	Labels map[string]string
 	// Network is attached unless createOptions sets HostConfig.NetworkMode.
 	Network string
-	// PullPolicy is "on-create" (pull when the image is missing) or "never".
+	// PullPolicy is "on-create" (EnsureImage pulls for each new
+	// container) or "never" (the engine must have the image).
 	PullPolicy string
 	Auth       *RegistryAuth
 	// ConfigHash is stored as a label so that a later change of the
@@ -158,7 +159,8 @@ func (e *Engine) List(ctx context.Context) ([]ModuleState, error) {
 }
 
 // Create makes the module's container (without starting it), pulling its
-// image first when it is missing and the pull policy allows.
+// image first when it is missing and the pull policy allows; EnsureImage
+// before it pulls as imagePullPolicy asks.
 func (e *Engine) Create(ctx context.Context, s ModuleSpec) error {
 	if s.Name == "" || s.Image == "" {
 		return fmt.Errorf("module %q: a container needs a name and an image", s.Name)
@@ -167,7 +169,7 @@ func (e *Engine) Create(ctx context.Context, s ModuleSpec) error {
 	if err != nil {
 		return err
 	}
-	if err := e.EnsureImage(ctx, s); err != nil {
+	if err := e.haveImage(ctx, s); err != nil {
 		return err
 	}
 	q := url.Values{"name": {s.Name}}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"net/http"
 	"net/url"
+	"strings"
 )
 
 // InspectRaw returns the engine's whole inspection of a container.
@@ -23,4 +24,19 @@ func (e *Engine) CreateForeign(ctx context.Context, name, image string, labels m
 // RemoveAny removes a container whoever owns it.
 func (e *Engine) RemoveAny(ctx context.Context, name string) error {
 	return e.call(ctx, request{method: http.MethodDelete, path: "/containers/" + url.PathEscape(name), query: url.Values{"force": {"1"}}}, nil)
+}
+
+// ImageID returns the ID of the image the engine has as ref.
+func (e *Engine) ImageID(ctx context.Context, ref string) (string, error) {
+	var img struct{ ID string }
+	err := e.call(ctx, request{method: http.MethodGet, path: "/images/" + pathRef(normalize(ref)) + "/json"}, &img)
+	return img.ID, err
+}
+
+// Tag gives the image src the further reference ref.
+func (e *Engine) Tag(ctx context.Context, src, ref string) error {
+	ref = normalize(ref)
+	i := strings.LastIndex(ref, ":")
+	q := url.Values{"repo": {ref[:i]}, "tag": {ref[i+1:]}}
+	return e.call(ctx, request{method: http.MethodPost, path: "/images/" + pathRef(normalize(src)) + "/tag", query: q}, nil)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"strings"
@@ -44,23 +45,48 @@ func normalize(ref string) string {
 	return ref + ":latest"
 }
 
-// EnsureImage pulls s.Image when the engine lacks it and the policy allows.
+// EnsureImage gets s.Image for a new container, as Azure's agent does:
+// with imagePullPolicy on-create (the default) it pulls, so that a tag
+// that moved is run at its new image, and falls back to the image the
+// engine has when the pull fails; with never, the engine must have it.
 func (e *Engine) EnsureImage(ctx context.Context, s ModuleSpec) error {
-	ref := normalize(s.Image)
-	err := e.call(ctx, request{method: http.MethodGet, path: "/images/" + pathRef(ref) + "/json"}, nil)
+	if s.PullPolicy == "never" {
+		return e.haveImage(ctx, s)
+	}
+	err := e.pull(ctx, normalize(s.Image), s.Auth)
 	if err == nil {
 		return nil
 	}
+	if local := e.imageHere(ctx, s); local == nil {
+		slog.Warn("pulling a module's image failed; using the copy the engine has", "module", s.Name, "image", s.Image, "error", err)
+		return nil
+	}
+	return fmt.Errorf("module %s: %w", s.Name, err)
+}
+
+// haveImage pulls s.Image only when the engine lacks it and the policy
+// allows.
+func (e *Engine) haveImage(ctx context.Context, s ModuleSpec) error {
+	err := e.imageHere(ctx, s)
 	if !errors.Is(err, ErrNotFound) {
-		return fmt.Errorf("module %s: looking up image %s: %w", s.Name, s.Image, err)
+		return err
 	}
 	if s.PullPolicy == "never" {
 		return fmt.Errorf("module %s: image %s %w on this device, and its imagePullPolicy is never: load it (docker load, docker pull) or set imagePullPolicy to on-create", s.Name, s.Image, ErrNotFound)
 	}
-	if err := e.pull(ctx, ref, s.Auth); err != nil {
+	if err := e.pull(ctx, normalize(s.Image), s.Auth); err != nil {
 		return fmt.Errorf("module %s: %w", s.Name, err)
 	}
 	return nil
+}
+
+// imageHere returns nil if the engine has s.Image, an ErrNotFound if not.
+func (e *Engine) imageHere(ctx context.Context, s ModuleSpec) error {
+	err := e.call(ctx, request{method: http.MethodGet, path: "/images/" + pathRef(normalize(s.Image)) + "/json"}, nil)
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return fmt.Errorf("module %s: looking up image %s: %w", s.Name, s.Image, err)
+	}
+	return err
 }
 
 // pull pulls ref from its registry.

@@ -6,17 +6,20 @@ import (
 	"encoding/binary"
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"net/url"
 	"strconv"
+	"strings"
 	"time"
+	"unicode"
 )
 
 // LogOptions are the options of `iotedge logs`.
 type LogOptions struct {
 	// Tail is the number of lines from the end, or "all" ("" = all).
 	Tail string
-	// Since is a duration back from now ("15m", "2h"), an RFC 3339 time
+	// Since is a duration back from now ("15m", "2h", "1 day"), an RFC 3339 time
 	// or a Unix timestamp ("" = from the start).
 	Since      string
 	Follow     bool
@@ -91,11 +94,57 @@ func sinceParam(s string, now time.Time) (string, error) {
 	if d, err := time.ParseDuration(s); err == nil {
 		return strconv.FormatInt(now.Add(-d).Unix(), 10), nil
 	}
+	if d, ok := humanDuration(s); ok {
+		return strconv.FormatInt(now.Add(-d).Unix(), 10), nil
+	}
 	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
 		return strconv.FormatInt(t.Unix(), 10), nil
 	}
 	if _, err := strconv.ParseFloat(s, 64); err == nil {
 		return s, nil
 	}
-	return "", fmt.Errorf("since %q: want a duration (15m, 2h), an RFC 3339 time or a Unix timestamp", s)
+	return "", fmt.Errorf("since %q: want a duration (90 minutes, 1 day, 6h, 2d 3h), an RFC 3339 time or a Unix timestamp", s)
+}
+
+// humanUnits are the units of the durations Azure's iotedge takes (Rust's
+// humantime): "1 day", "90 minutes", "1d", "2h 30m". M is a month.
+var humanUnits = map[string]time.Duration{
+	"ns": time.Nanosecond, "nsec": time.Nanosecond, "nanos": time.Nanosecond,
+	"us": time.Microsecond, "usec": time.Microsecond, "micros": time.Microsecond,
+	"ms": time.Millisecond, "msec": time.Millisecond, "millis": time.Millisecond,
+	"s": time.Second, "sec": time.Second, "secs": time.Second, "second": time.Second, "seconds": time.Second,
+	"m": time.Minute, "min": time.Minute, "mins": time.Minute, "minute": time.Minute, "minutes": time.Minute,
+	"h": time.Hour, "hr": time.Hour, "hrs": time.Hour, "hour": time.Hour, "hours": time.Hour,
+	"d": 24 * time.Hour, "day": 24 * time.Hour, "days": 24 * time.Hour,
+	"w": 7 * 24 * time.Hour, "week": 7 * 24 * time.Hour, "weeks": 7 * 24 * time.Hour,
+	"M": 2630016 * time.Second, "month": 2630016 * time.Second, "months": 2630016 * time.Second, // 30.44 days
+	"y": 31557600 * time.Second, "year": 31557600 * time.Second, "years": 31557600 * time.Second, // 365.25 days
+}
+
+// humanDuration parses a sum of whole numbers with units, as humantime does.
+func humanDuration(s string) (time.Duration, bool) {
+	var total time.Duration
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, false
+	}
+	for s != "" {
+		i := strings.IndexFunc(s, func(r rune) bool { return r < '0' || r > '9' })
+		if i <= 0 {
+			return 0, false // no number, or a number without a unit
+		}
+		n, err := strconv.ParseInt(s[:i], 10, 64)
+		s = strings.TrimLeft(s[i:], " ")
+		j := strings.IndexFunc(s, func(r rune) bool { return !unicode.IsLetter(r) })
+		if j < 0 {
+			j = len(s)
+		}
+		unit, ok := humanUnits[s[:j]]
+		if err != nil || !ok || n > int64(math.MaxInt64/unit) || total > math.MaxInt64-time.Duration(n)*unit {
+			return 0, false
+		}
+		total += time.Duration(n) * unit
+		s = strings.TrimLeft(s[j:], " ")
+	}
+	return total, true
 }

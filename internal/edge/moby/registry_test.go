@@ -1,6 +1,7 @@
 package moby_test
 
 import (
+	"context"
 	"encoding/json"
 	"strings"
 	"testing"
@@ -77,5 +78,45 @@ func TestPullFromRegistry(t *testing.T) {
 		} else if time.Now().After(deadline) {
 			t.Fatalf("logs: %q, want %q", got, want)
 		}
+	}
+}
+
+// With imagePullPolicy on-create, each new container's image is pulled,
+// so a tag that moved in the registry is run at its new image; when the
+// pull fails, the image the engine has is used.
+func TestOnCreatePullsEachTime(t *testing.T) {
+	e := mobytest.New(t)
+	addr, user, password := mobytest.StartRegistry(t)
+	ref := e.PushImage(addr, user, password)
+	ctx := ctxFor(t)
+	spec := moby.ModuleSpec{Name: "pulled-" + mobytest.ID(), Image: ref, PullPolicy: "on-create",
+		Auth: &moby.RegistryAuth{Username: user, Password: password, Address: addr}}
+	if err := e.EnsureImage(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	pushed, err := e.ImageID(ctx, ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Removing ref leaves this image behind if ref ends up elsewhere.
+	t.Cleanup(func() { _ = e.RemoveImage(context.Background(), pushed) })
+	// The engine's copy goes stale: ref now names another image here.
+	if err := e.Tag(ctx, e.Image(""), ref); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.EnsureImage(ctx, spec); err != nil {
+		t.Fatal(err)
+	}
+	if id, _ := e.ImageID(ctx, ref); id != pushed {
+		t.Errorf("after EnsureImage the engine has %s as %s, want the registry's %s: it did not pull", id, ref, pushed)
+	}
+
+	spec.Auth.Password = "wrong-" + mobytest.ID()
+	if err := e.EnsureImage(ctx, spec); err != nil {
+		t.Errorf("a failed pull with the image on the engine: %v, want the engine's copy used", err)
+	}
+	spec.Image = addr + "/hatchery-test/nosuch:1"
+	if err := e.EnsureImage(ctx, spec); err == nil {
+		t.Error("a failed pull of an image the engine lacks succeeded")
 	}
 }

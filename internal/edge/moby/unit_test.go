@@ -228,13 +228,22 @@ func TestSince(t *testing.T) {
 		"15m":                  "1699999100",
 		"2023-11-14T22:13:20Z": "1700000000",
 		"1699999999.5":         "1699999999.5",
+		// Azure's iotedge (humantime) spellings
+		"1 day":               "1699913600",
+		"90 minutes":          "1699994600",
+		"1d":                  "1699913600",
+		"6h":                  "1699978400",
+		"2days 3hours 2 mins": "1699816280",
+		"1M":                  "1697369984",
 	} {
 		if got, err := sinceParam(in, now); got != want || err != nil {
 			t.Errorf("sinceParam(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	if _, err := sinceParam("yesterday", now); err == nil {
-		t.Error("sinceParam(yesterday): no error")
+	for _, in := range []string{"yesterday", "1 fortnight", "day", "1d -2h", "99999999999y"} {
+		if _, err := sinceParam(in, now); err == nil {
+			t.Errorf("sinceParam(%q): no error", in)
+		}
 	}
 }
 
