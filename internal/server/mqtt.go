@@ -52,6 +52,11 @@ type session struct {
 	// connection's packet handling touches it, one packet at a time.
 	kept       []hub.Subscription
 	persistent bool
+	// unlocked delivers again when the lock of a message received over
+	// HTTPS runs out, which changes nothing a watcher hears of; none is
+	// started once the connection has closed (unlockClosed).
+	unlocked     *time.Timer
+	unlockClosed bool
 }
 
 // withSubscription is kept with filter subscribed at qos
@@ -122,6 +127,39 @@ func (s *session) startC2D(id string) bool {
 	}
 	s.c2dSent[id] = true
 	return true
+}
+
+// deliverWhenUnlocked has deliver run when the first lock among msgs that
+// holds at now runs out, replacing what it had scheduled before.
+func (s *session) deliverWhenUnlocked(msgs []*hub.C2DMessage, now time.Time, deliver func()) {
+	var first time.Time
+	for _, m := range msgs {
+		if now.Before(m.LockedUntil) && (first.IsZero() || m.LockedUntil.Before(first)) {
+			first = m.LockedUntil
+		}
+	}
+	if first.IsZero() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unlockClosed {
+		return
+	}
+	if s.unlocked != nil {
+		s.unlocked.Stop()
+	}
+	s.unlocked = time.AfterFunc(first.Sub(now), deliver)
+}
+
+// stopUnlocked ends deliverWhenUnlocked's schedule with the connection.
+func (s *session) stopUnlocked() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.unlockClosed = true
+	if s.unlocked != nil {
+		s.unlocked.Stop()
+	}
 }
 
 func (s *session) endC2D(id string) {
@@ -408,11 +446,16 @@ func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos 
 		if s.ref.Module != "" {
 			break
 		}
+		deliver := func() { go d.deliverC2D(c, s) }
 		if s.watch(filter) {
-			deliver := func() { go d.deliverC2D(c, s) }
 			s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
-			deliver() // what waited while the device was away
+			s.onClose(s.stopUnlocked)
 		}
+		// What waited while the device was away, or while it was not
+		// subscribed (the watcher outlives an UNSUBSCRIBE; the Node SDK
+		// unsubscribes and subscribes again as 'message' listeners come
+		// and go).
+		deliver()
 		return 1
 	}
 	slog.Info("mqtt subscription refused", "identity", s.ref.String(), "filter", filter)
@@ -485,6 +528,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	}
 	s.keepSentC2D(msgs)
 	now := d.hub.Now()
+	s.deliverWhenUnlocked(msgs, now, func() { d.deliverC2D(c, s) })
 	for _, m := range msgs {
 		if now.Before(m.LockedUntil) {
 			continue // received over HTTPS, being worked on
@@ -513,7 +557,9 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		})
 		if err != nil {
 			s.endC2D(id)
-			slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			if !errors.Is(err, mqtt.ErrNotSubscribed) { // unsubscribed: it waits for the next SUBSCRIBE
+				slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			}
 			return
 		}
 	}

@@ -654,7 +654,8 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 }
 
 // A message a device received over HTTPS, and is working on, is not sent
-// to its MQTT connection too; the next one is.
+// to its MQTT connection too; the next one is, and it follows when its
+// lock runs out.
 func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
@@ -665,9 +666,14 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 		}
 		time.Sleep(2 * time.Millisecond) // the queue's order is the time of sending
 	}
+	// m1 is received over HTTPS with a lock that runs out in 3 s (of the
+	// minute's lock), and nothing is queued or settled after that.
+	lockEnds := time.Now().Add(3 * time.Second)
+	e.hub.Now = func() time.Time { return time.Now().Add(-time.Minute + 3*time.Second) }
 	if m, _, err := e.hub.ReceiveC2D(ctx, "d1"); err != nil || m.MessageID != "m1" {
 		t.Fatalf("received over HTTPS: %v %v", m, err)
 	}
+	e.hub.Now = time.Now
 	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
 	if err != nil {
 		t.Fatal(err)
@@ -680,10 +686,34 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 	if id := testutil.Within(t, got, "the message not locked"); id != "m2" {
 		t.Fatalf("MQTT got %s, which HTTPS holds", id)
 	}
-	select {
-	case id := <-got:
-		t.Fatalf("MQTT got %s too", id)
-	case <-time.After(300 * time.Millisecond):
+	if id := testutil.Within(t, got, "the message whose lock ran out"); id != "m1" || time.Now().Before(lockEnds) {
+		t.Fatalf("MQTT got %s before m1's lock ran out at %s", id, lockEnds.Format(time.StampMilli))
+	}
+}
+
+// A message queued while the device was not subscribed arrives when it
+// subscribes again on the same connection, as the Node SDK does when its
+// 'message' listener is removed and added again.
+func TestC2DAfterSubscribingAgain(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("d1")
+	got := make(chan string, 10)
+	onC2D := func(props url.Values, _ []byte) { got <- props.Get("$.mid") }
+	if err := c.OnC2D(ctx, onC2D); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Unsubscribe(ctx, "devices/d1/messages/devicebound/#"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m1"}, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the watcher tries, and finds no subscription
+	if err := c.OnC2D(ctx, onC2D); err != nil {
+		t.Fatal(err)
+	}
+	if id := testutil.Within(t, got, "the message queued while unsubscribed"); id != "m1" {
+		t.Fatalf("got %s", id)
 	}
 }
 
