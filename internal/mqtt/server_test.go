@@ -609,6 +609,28 @@ func TestKeepAliveTimeout(t *testing.T) {
 	}
 }
 
+// A client whose packets span its writes keeps the server's read buffer
+// from running empty; each packet it starts still renews its keep-alive.
+func TestKeepAliveWhilePacketsSpanWrites(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	ts := startServer(t, h, false)
+	c := ts.dial(t)
+	if ack := c.connect("split", "secret", 1); ack.ReturnCode != Accepted {
+		t.Fatal(ack.ReturnCode)
+	}
+	// PINGREQs (C0 00), every write the end of one and the start of the
+	// next, for twice the 1.5 s keep-alive.
+	c.writeRaw([]byte{0xC0})
+	for range 8 {
+		time.Sleep(400 * time.Millisecond)
+		c.writeRaw([]byte{0x00, 0xC0})
+		readAs[*Pingresp](c)
+	}
+	c.writeRaw([]byte{0x00})
+	readAs[*Pingresp](c)
+}
+
 func TestConnectTimeout(t *testing.T) {
 	t.Parallel()
 	h := newTestHandler()
