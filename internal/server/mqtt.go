@@ -408,11 +408,11 @@ func (d *DeviceEndpoint) reply(c *mqtt.Conn, topic string, body []byte) error {
 	return nil
 }
 
-// ridOf reads the $rid of a request topic.
+// ridOf reads the $rid of a request topic as the device wrote it, for the
+// reply to echo: decoded, "a%23b" would put a wildcard in the reply topic.
 func ridOf(topic string) string {
 	_, q, _ := strings.Cut(topic, "?")
-	v, _ := url.ParseQuery(q)
-	return v.Get("$rid")
+	return rawParam(q, "$rid")
 }
 
 // Subscribe grants the device's own topics and starts what each implies.

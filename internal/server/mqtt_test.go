@@ -717,6 +717,37 @@ func TestC2DAfterSubscribingAgain(t *testing.T) {
 	}
 }
 
+// A request ID comes back as the device wrote it, escapes and all: decoded,
+// "%23" would be a wildcard the reply topic may not hold.
+func TestMQTTRequestIDEchoedRaw(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	c := e.dialRaw(t, addr, nil)
+	if code := c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: "d1",
+		HasUsername: true, Username: host + "/d1/?api-version=2021-04-12",
+		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Hour)))}).ReturnCode; code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	c.subscribe("$iothub/twin/res/#")
+	for _, rid := range []string{"a%26b", "a%23b", "a%2Bb", "7"} {
+		for _, topic := range []string{"$iothub/twin/GET/?$rid=" + rid, "$iothub/twin/PATCH/properties/reported/?$rid=" + rid} {
+			c.publish(topic, []byte(`{"x":1}`))
+			for {
+				p, ok := c.read().(*mqtt.Publish)
+				if !ok {
+					continue // the PUBACK
+				}
+				if _, q, _ := strings.Cut(p.Topic, "?"); rawParam(q, "$rid") != rid {
+					t.Errorf("%s: reply on %s", topic, p.Topic)
+				}
+				break
+			}
+		}
+	}
+}
+
 // Usernames as the SDKs write them: with or without the '?', a device ID
 // holding '?', a module, and a Plug and Play model ID left unencoded.
 func TestParseUsername(t *testing.T) {
