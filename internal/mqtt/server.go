@@ -64,6 +64,10 @@ const (
 	readBufferSize        = 1024
 )
 
+// DefaultMaxSubscribeFilters bounds the topic filters of one SUBSCRIBE: an
+// Azure IoT device holds four or five subscriptions in all.
+const DefaultMaxSubscribeFilters = 64
+
 // Server accepts MQTT 3.1.1 connections and hands their packets to Handler.
 // It implements QoS 0 and 1 only: a QoS 2 or retained PUBLISH from a client
 // closes the connection, and QoS 2 subscriptions are granted QoS 1. It keeps
@@ -75,6 +79,10 @@ type Server struct {
 	ConnectTimeout time.Duration // TLS handshake plus CONNECT; default 10 s
 	WriteTimeout   time.Duration // per packet write; a client slower than this is closed; default 10 s
 	Logger         *slog.Logger  // default slog.Default()
+
+	// MaxSubscribeFilters is how many topic filters one SUBSCRIBE may
+	// hold; one with more closes the connection. Default DefaultMaxSubscribeFilters.
+	MaxSubscribeFilters int
 
 	mu        sync.Mutex
 	closed    bool
@@ -88,6 +96,13 @@ func (s *Server) maxPacketSize() int {
 		return s.MaxPacketSize
 	}
 	return DefaultMaxPacketSize
+}
+
+func (s *Server) maxSubscribeFilters() int {
+	if s.MaxSubscribeFilters > 0 {
+		return s.MaxSubscribeFilters
+	}
+	return DefaultMaxSubscribeFilters
 }
 
 func (s *Server) connectTimeout() time.Duration {
@@ -634,9 +649,7 @@ func (c *Conn) connect() error {
 		return fmt.Errorf("%w: CONNACK return code %d", errRefused, code)
 	}
 	c.nc.SetReadDeadline(time.Time{})
-	for _, sub := range resume {
-		c.grant(sub)
-	}
+	c.grantAll(resume)
 	return nil
 }
 
@@ -714,11 +727,10 @@ func (c *Conn) handle(p Packet) error {
 		}
 		// A PUBACK for an unknown identifier is ignored, as a late duplicate.
 	case *Subscribe:
-		codes := make([]byte, len(p.Subscriptions))
-		for i, sub := range p.Subscriptions {
-			codes[i] = c.grant(sub)
+		if n, max := len(p.Subscriptions), c.srv.maxSubscribeFilters(); n > max {
+			return violation("SUBSCRIBE with %d topic filters: at most %d are accepted in one", n, max)
 		}
-		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: codes})
+		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: c.grantAll(p.Subscriptions)})
 	case *Unsubscribe:
 		for _, f := range p.Filters {
 			offStack(func() struct{} { h.Unsubscribe(c, f); return struct{}{} })
@@ -760,6 +772,27 @@ func offStack[T any](f func() T) T {
 		panic(r.panicked)
 	}
 	return r.v
+}
+
+// grantAll grants subs one by one and returns their SUBACK codes. What the
+// Handler refused is logged once, with a count and an example, however
+// many filters a client sends.
+func (c *Conn) grantAll(subs []Subscription) []byte {
+	codes := make([]byte, len(subs))
+	refused, example := 0, ""
+	for i, sub := range subs {
+		if codes[i] = c.grant(sub); codes[i] == SubscribeFailure {
+			if refused == 0 {
+				example = sub.Filter
+			}
+			refused++
+		}
+	}
+	if refused > 0 {
+		c.srv.logger().Info("mqtt: subscriptions refused", "client_id", c.clientID,
+			"refused", refused, "of", len(subs), "filter", quote(example))
+	}
+	return codes
 }
 
 // grant asks the Handler about one filter, subscribes the client to it if

@@ -15,10 +15,13 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // ---------------------------------------------------------------------------
@@ -414,6 +417,7 @@ func TestProtocolViolationsClose(t *testing.T) {
 		{"CONNACK from client", true, bs(0x20, 2, 0, 0), ErrProtocolViolation},
 		{"bad topic filter", true, raw(0x82, bs(0, 1), str("a/#/b"), bs(1)), ErrMalformed},
 		{"oversized PUBLISH", true, mustEncode(&Publish{Topic: "devices/d/messages/events/", Payload: make([]byte, 2000)}), ErrPacketTooLarge},
+		{"SUBSCRIBE with too many filters", true, mustEncode(&Subscribe{PacketID: 1, Subscriptions: filters("f/", DefaultMaxSubscribeFilters+1)}), ErrProtocolViolation},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -439,6 +443,35 @@ func TestProtocolViolationsClose(t *testing.T) {
 				t.Errorf("Published called %d times", n)
 			}
 		})
+	}
+}
+
+// filters is n subscriptions at QoS 1 to prefix followed by a number.
+func filters(prefix string, n int) []Subscription {
+	subs := make([]Subscription, n)
+	for i := range subs {
+		subs[i] = Subscription{Filter: prefix + strconv.Itoa(i), QoS: 1}
+	}
+	return subs
+}
+
+// Filters a Handler refuses are logged once a SUBSCRIBE, however many
+// there are, with a count and an example.
+func TestRefusedSubscriptionsLoggedOnce(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	var log testutil.SyncBuffer
+	ts := startServer(t, h, false, func(s *Server) { s.Logger = slog.New(slog.NewTextHandler(&log, nil)) })
+	c, _ := ts.connected(t, h, "d")
+	codes := c.subscribe(1, append(filters("forbidden/", DefaultMaxSubscribeFilters-1), Subscription{Filter: "allowed", QoS: 1})...)
+	if codes[0] != SubscribeFailure || codes[len(codes)-1] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	if n := strings.Count(log.String(), "subscriptions refused"); n != 1 {
+		t.Fatalf("%d log lines for one SUBSCRIBE:\n%s", n, log.String())
+	}
+	if want := `refused=63 of=64 filter="\"forbidden/0\""`; !strings.Contains(log.String(), want) {
+		t.Errorf("log %q lacks %s", log.String(), want)
 	}
 }
 

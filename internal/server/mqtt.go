@@ -458,8 +458,7 @@ func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos 
 		deliver()
 		return 1
 	}
-	slog.Info("mqtt subscription refused", "identity", s.ref.String(), "filter", filter)
-	return mqtt.SubscribeFailure
+	return mqtt.SubscribeFailure // logged by the server, once a SUBSCRIBE
 }
 
 // sendDesired forwards the device's desired-property patches in order,

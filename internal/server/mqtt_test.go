@@ -717,19 +717,26 @@ func TestC2DAfterSubscribingAgain(t *testing.T) {
 	}
 }
 
+// rawDevice connects a new device id with a SAS token on the raw codec.
+func (e *env) rawDevice(t *testing.T, addr, id string) *rawClient {
+	t.Helper()
+	d := e.newDevice(id, false)
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	c := e.dialRaw(t, addr, nil)
+	if code := c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: id,
+		HasUsername: true, Username: host + "/" + id + "/?api-version=2021-04-12",
+		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+id, "", time.Now().Add(time.Hour)))}).ReturnCode; code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	return c
+}
+
 // A request ID comes back as the device wrote it, escapes and all: decoded,
 // "%23" would be a wildcard the reply topic may not hold.
 func TestMQTTRequestIDEchoedRaw(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
-	d := e.newDevice("d1", false)
-	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
-	c := e.dialRaw(t, addr, nil)
-	if code := c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: "d1",
-		HasUsername: true, Username: host + "/d1/?api-version=2021-04-12",
-		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Hour)))}).ReturnCode; code != mqtt.Accepted {
-		t.Fatalf("CONNACK %d", code)
-	}
+	c := e.rawDevice(t, addr, "d1")
 	c.subscribe("$iothub/twin/res/#")
 	for _, rid := range []string{"a%26b", "a%23b", "a%2Bb", "7"} {
 		for _, topic := range []string{"$iothub/twin/GET/?$rid=" + rid, "$iothub/twin/PATCH/properties/reported/?$rid=" + rid} {
@@ -745,6 +752,26 @@ func TestMQTTRequestIDEchoedRaw(t *testing.T) {
 				break
 			}
 		}
+	}
+}
+
+// One SUBSCRIBE of many refused filters (another device's topics) is one
+// log line, not one a filter.
+func TestMQTTRefusedFiltersLoggedOnce(t *testing.T) {
+	log := captureLog(t)
+	e := newEnv(t)
+	addr := e.startMQTT()
+	c := e.rawDevice(t, addr, "d1")
+	subs := make([]mqtt.Subscription, 50)
+	for i := range subs {
+		subs[i] = mqtt.Subscription{Filter: "devices/d" + strconv.Itoa(i+2) + "/messages/devicebound/#", QoS: 1}
+	}
+	c.write(&mqtt.Subscribe{PacketID: 1, Subscriptions: subs})
+	if ack, ok := c.read().(*mqtt.Suback); !ok || len(ack.ReturnCodes) != 50 || ack.ReturnCodes[0] != mqtt.SubscribeFailure {
+		t.Fatalf("SUBACK %+v", ack)
+	}
+	if n := strings.Count(log.String(), "filter="); n != 1 {
+		t.Fatalf("%d log lines of refusals for one SUBSCRIBE:\n%s", n, log.String())
 	}
 }
 
