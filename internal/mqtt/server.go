@@ -31,7 +31,9 @@ type Handler interface {
 	// Published is called for each PUBLISH from the client. The server sends
 	// the PUBACK of a QoS 1 message only after Published returns nil; an error
 	// closes the connection (the server logs it and passes it to Closed).
-	// p.Payload is not reused by the server.
+	// p.Payload is not reused by the server. p.Retain is as the client set
+	// it: the server retains nothing, as Azure IoT Hub, which passes the
+	// flag on with the message.
 	Published(c *Conn, p *Publish) error
 	// Subscribe decides each topic filter: granted QoS (0/1) or 0x80 failure.
 	// The server never grants more than the requested QoS nor more than 1.
@@ -69,8 +71,9 @@ const (
 const DefaultMaxSubscribeFilters = 64
 
 // Server accepts MQTT 3.1.1 connections and hands their packets to Handler.
-// It implements QoS 0 and 1 only: a QoS 2 or retained PUBLISH from a client
-// closes the connection, and QoS 2 subscriptions are granted QoS 1. It keeps
+// It implements QoS 0 and 1 only: a QoS 2 PUBLISH from a client closes the
+// connection, and QoS 2 subscriptions are granted QoS 1. It retains no
+// messages: a retained PUBLISH is handled as any other. It keeps
 // no sessions itself: a Handler that keeps a client's subscriptions resumes
 // them with Conn.ResumeSession.
 type Server struct {
@@ -707,9 +710,6 @@ func (c *Conn) handle(p Packet) error {
 	case *Publish:
 		if p.QoS > 1 {
 			return violation("PUBLISH to %s with QoS %d: only QoS 0 and 1 are supported", quote(p.Topic), p.QoS)
-		}
-		if p.Retain {
-			return violation("PUBLISH to %s with RETAIN: retained messages are not supported", quote(p.Topic))
 		}
 		if err := h.Published(c, p); err != nil {
 			return fmt.Errorf("%w: PUBLISH to %s: %w", errHandler, quote(p.Topic), err)

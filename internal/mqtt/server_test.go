@@ -412,7 +412,6 @@ func TestProtocolViolationsClose(t *testing.T) {
 		{"second CONNECT", true, mustEncode(&Connect{ClientID: "x"}), ErrProtocolViolation},
 		{"reserved flags", true, bs(0xc1, 0), ErrMalformed},
 		{"QoS 2 PUBLISH", true, mustEncode(&Publish{QoS: 2, PacketID: 1, Topic: "devices/d/messages/events/"}), ErrProtocolViolation},
-		{"retained PUBLISH", true, mustEncode(&Publish{Retain: true, Topic: "devices/d/messages/events/"}), ErrProtocolViolation},
 		{"PUBREL", true, bs(0x62, 2, 0, 1), ErrMalformed},
 		{"CONNACK from client", true, bs(0x20, 2, 0, 0), ErrProtocolViolation},
 		{"bad topic filter", true, raw(0x82, bs(0, 1), str("a/#/b"), bs(1)), ErrMalformed},
@@ -443,6 +442,22 @@ func TestProtocolViolationsClose(t *testing.T) {
 				t.Errorf("Published called %d times", n)
 			}
 		})
+	}
+}
+
+// A retained PUBLISH is accepted, as Azure IoT Hub does, with its flag
+// passed to the Handler; nothing is retained.
+func TestRetainedPublishAccepted(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	ts := startServer(t, h, false)
+	c, _ := ts.connected(t, h, "d")
+	c.write(&Publish{QoS: 1, PacketID: 7, Retain: true, Topic: "devices/d/messages/events/", Payload: []byte("x")})
+	if ack := readAs[*Puback](c); ack.PacketID != 7 {
+		t.Fatalf("PUBACK for %d", ack.PacketID)
+	}
+	if pubs := h.publishedSoFar(); len(pubs) != 1 || !pubs[0].Retain {
+		t.Fatalf("published %+v", pubs)
 	}
 }
 

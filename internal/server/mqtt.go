@@ -354,9 +354,12 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 		if err != nil {
 			return fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
 		}
-		flat := make(map[string]string, len(props))
+		flat := make(map[string]string, len(props)+1)
 		for k, v := range props {
 			flat[k] = v[0]
+		}
+		if p.Retain { // nothing is retained; Azure IoT Hub says so in a property
+			flat["mqtt-retain"] = "true"
 		}
 		_, err = d.hub.SendEvent(ctx, s.ref, flat, p.Payload)
 		return err

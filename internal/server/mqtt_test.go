@@ -731,6 +731,20 @@ func (e *env) rawDevice(t *testing.T, addr, id string) *rawClient {
 	return c
 }
 
+// A retained telemetry message is accepted, not retained, and marked as
+// Azure IoT Hub marks it.
+func TestMQTTRetainedTelemetry(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	c.write(&mqtt.Publish{QoS: 1, PacketID: 1, Retain: true, Topic: "devices/d1/messages/events/a=b", Payload: []byte("{}")})
+	if _, ok := c.read().(*mqtt.Puback); !ok {
+		t.Fatal("no PUBACK")
+	}
+	if evs, _ := e.st.Events(ctx, "d1", 0, 10); len(evs) != 1 || evs[0].Properties["mqtt-retain"] != "true" || evs[0].Properties["a"] != "b" {
+		t.Fatalf("events %+v", evs)
+	}
+}
+
 // A request ID comes back as the device wrote it, escapes and all: decoded,
 // "%23" would be a wildcard the reply topic may not hold.
 func TestMQTTRequestIDEchoedRaw(t *testing.T) {
