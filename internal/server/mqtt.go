@@ -548,6 +548,17 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		id := m.ID
 		// Percent-encoding throughout: '+' for a space is a wildcard in MQTT.
 		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
+		if err := mqtt.ValidateTopicName(topic); err != nil {
+			// Never deliverable (queued before SendC2D bounded the
+			// properties): dropped, as the hosted hub dead-letters, so
+			// that it does not hold up the messages behind it.
+			slog.Warn("dropping a cloud-to-device message that cannot become an MQTT topic", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			if err := d.hub.CompleteC2D(ctx, id); err != nil {
+				slog.Warn("removing an undeliverable cloud-to-device message", "device", s.ref.Device, "error", err)
+			}
+			s.endC2D(id)
+			continue
+		}
 		err := c.Send(topic, m.Body, 1, func(err error) {
 			if err == nil {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)

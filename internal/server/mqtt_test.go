@@ -24,6 +24,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
@@ -653,6 +654,22 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 	}
 }
 
+// c2dReceiver connects d and subscribes it to its C2D messages, whose
+// message IDs come on the channel; the connection closes with the test.
+func (e *env) c2dReceiver(addr string, d *hub.Device) <-chan string {
+	e.t.Helper()
+	c, err := e.dial(addr, d.DeviceID, "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(c.Close)
+	got := make(chan string, 10)
+	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
+		e.t.Fatal(err)
+	}
+	return got
+}
+
 // A message a device received over HTTPS, and is working on, is not sent
 // to its MQTT connection too; the next one is, and it follows when its
 // lock runs out.
@@ -674,15 +691,7 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 		t.Fatalf("received over HTTPS: %v %v", m, err)
 	}
 	e.hub.Now = time.Now
-	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	got := make(chan string, 10)
-	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
-		t.Fatal(err)
-	}
+	got := e.c2dReceiver(addr, d)
 	if id := testutil.Within(t, got, "the message not locked"); id != "m2" {
 		t.Fatalf("MQTT got %s, which HTTPS holds", id)
 	}
@@ -786,6 +795,31 @@ func TestMQTTRefusedFiltersLoggedOnce(t *testing.T) {
 	}
 	if n := strings.Count(log.String(), "filter="); n != 1 {
 		t.Fatalf("%d log lines of refusals for one SUBSCRIBE:\n%s", n, log.String())
+	}
+}
+
+// A queued message that cannot become an MQTT topic is dropped, not left
+// to hold up the messages behind it until it expires.
+func TestC2DUndeliverableDropped(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	// Queued as SendC2D queues, before it bounded the properties.
+	now := time.Now().UTC()
+	bad, _ := json.Marshal(hub.C2DMessage{ID: "d1/00000000000000000001", MessageID: "huge",
+		Properties: map[string]string{"k": strings.Repeat("/", 30<<10)}, Body: []byte("x"), Enqueued: now, Expiry: now.Add(time.Hour)})
+	if _, err := e.st.Create(ctx, store.Doc{Kind: "hub.c2d", ID: "d1/00000000000000000001", Body: bad}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "fine"}, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	got := e.c2dReceiver(addr, d)
+	if id := testutil.Within(t, got, "the message behind the undeliverable one"); id != "fine" {
+		t.Fatalf("got %s", id)
+	}
+	if msgs, _ := e.hub.PendingC2D(ctx, "d1"); len(msgs) > 1 {
+		t.Fatalf("%d messages still queued", len(msgs))
 	}
 }
 
