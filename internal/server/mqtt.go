@@ -57,6 +57,9 @@ type session struct {
 	// started once the connection has closed (unlockClosed).
 	unlocked     *time.Timer
 	unlockClosed bool
+	// will is the telemetry the CONNECT's last will sends if the
+	// connection drops without DISCONNECT; nil: none.
+	will *hub.Message
 }
 
 // withSubscription is kept with filter subscribed at qos
@@ -258,12 +261,25 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if c.TLS() != nil {
 		chain = c.TLS().PeerCertificates
 	}
+	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
+	if p.Will != nil {
+		props, ok, err := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
+		if !ok || err != nil {
+			reason := fmt.Sprintf("the last will goes to %q: a will is telemetry, to %smessages/events/ with a property bag or none", p.Will.Topic, sess.own())
+			if err != nil {
+				reason = err.Error()
+			}
+			slog.Info("mqtt connection refused", "identity", r.String(), "reason", reason)
+			return mqtt.RefusedNotAuthorized
+		}
+		props["iothub-MessageType"] = "Will" // as Azure IoT Hub marks it
+		sess.will = &hub.Message{Properties: props, Body: p.Will.Payload}
+	}
 	grant, err := d.hub.Authenticate(ctx, r, string(p.Password), chain)
 	if err != nil {
 		return refusal(r, err)
 	}
 	grant.ModelID = announcedModel(query)
-	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
 	d.mu.Lock()
 	old := d.sessions[r]
@@ -301,7 +317,10 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	return mqtt.Accepted
 }
 
-// Closed releases what the connection listened to.
+// Closed releases what the connection listened to, and sends its last
+// will if it dropped without DISCONNECT: not when the hub ended it (a new
+// connection of the identity, its credentials revoked or expired) or the
+// server stops.
 func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	s := sess(c)
 	if s == nil {
@@ -315,6 +334,13 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 		f()
 	}
 	d.forget(s.ref, c)
+	if s.will != nil && err != nil && !errors.Is(err, mqtt.ErrConnClosed) && !errors.Is(err, mqtt.ErrServerClosed) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := d.hub.SendEvent(ctx, s.ref, s.will.Properties, s.will.Body); err != nil {
+			slog.Info("sending a device's last will", "identity", s.ref.String(), "error", err)
+		}
+	}
 }
 
 // forget drops c as r's connection, unless another has replaced it.
@@ -346,23 +372,14 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	s := sess(c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	switch {
-	case strings.HasPrefix(p.Topic, s.own()+"messages/events/") || p.Topic+"/" == s.own()+"messages/events/":
-		// The property bag may end in "/", as the Node SDK's output events do.
-		bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(p.Topic, s.own()+"messages/events"), "/"), "/")
-		props, err := url.ParseQuery(bag)
+	if props, ok, err := eventProps(s.own(), p.Topic, p.Retain); ok {
 		if err != nil {
-			return fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
+			return err
 		}
-		flat := make(map[string]string, len(props)+1)
-		for k, v := range props {
-			flat[k] = v[0]
-		}
-		if p.Retain { // nothing is retained; Azure IoT Hub says so in a property
-			flat["mqtt-retain"] = "true"
-		}
-		_, err = d.hub.SendEvent(ctx, s.ref, flat, p.Payload)
+		_, err = d.hub.SendEvent(ctx, s.ref, props, p.Payload)
 		return err
+	}
+	switch {
 	case strings.HasPrefix(p.Topic, "$iothub/twin/GET/"):
 		rid := ridOf(p.Topic)
 		doc, err := d.hub.DeviceTwinDocument(ctx, s.ref)
@@ -401,6 +418,30 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 		return nil
 	}
 	return fmt.Errorf("%w: %q (a device publishes to %smessages/events/ and $iothub/ topics)", errTopic, p.Topic, s.own())
+}
+
+// eventProps reads the property bag of topic if it is a telemetry topic of
+// the identity whose topics start with own (ok false if it is not one), with
+// mqtt-retain if it was published retained: nothing is retained, and Azure
+// IoT Hub says so in that property.
+func eventProps(own, topic string, retain bool) (props map[string]string, ok bool, err error) {
+	if !strings.HasPrefix(topic, own+"messages/events/") && topic+"/" != own+"messages/events/" {
+		return nil, false, nil
+	}
+	// The property bag may end in "/", as the Node SDK's output events do.
+	bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(topic, own+"messages/events"), "/"), "/")
+	values, err := url.ParseQuery(bag)
+	if err != nil {
+		return nil, true, fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
+	}
+	props = make(map[string]string, len(values)+2)
+	for k, v := range values {
+		props[k] = v[0]
+	}
+	if retain {
+		props["mqtt-retain"] = "true"
+	}
+	return props, true, nil
 }
 
 // reply sends a response topic; the device subscribed to $iothub/twin/res/#.

@@ -729,15 +729,55 @@ func TestC2DAfterSubscribingAgain(t *testing.T) {
 // rawDevice connects a new device id with a SAS token on the raw codec.
 func (e *env) rawDevice(t *testing.T, addr, id string) *rawClient {
 	t.Helper()
-	d := e.newDevice(id, false)
-	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
-	c := e.dialRaw(t, addr, nil)
-	if code := c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: id,
-		HasUsername: true, Username: host + "/" + id + "/?api-version=2021-04-12",
-		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+id, "", time.Now().Add(time.Hour)))}).ReturnCode; code != mqtt.Accepted {
+	c, code := e.rawConnect(t, addr, e.newDevice(id, false), nil)
+	if code != mqtt.Accepted {
 		t.Fatalf("CONNACK %d", code)
 	}
 	return c
+}
+
+// rawConnect connects d with a SAS token and will on the raw codec, and
+// returns the CONNACK code.
+func (e *env) rawConnect(t *testing.T, addr string, d *hub.Device, will *mqtt.Will) (*rawClient, byte) {
+	t.Helper()
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	c := e.dialRaw(t, addr, nil)
+	return c, c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: d.DeviceID, Will: will,
+		HasUsername: true, Username: host + "/" + d.DeviceID + "/?api-version=2021-04-12",
+		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+d.DeviceID, "", time.Now().Add(time.Hour)))}).ReturnCode
+}
+
+// A last will addressed to the device's telemetry is sent as telemetry,
+// marked iothub-MessageType=Will, when the connection drops without
+// DISCONNECT, and not after one; a will to any other topic is refused at
+// CONNECT.
+func TestMQTTLastWill(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	will := &mqtt.Will{Topic: "devices/d1/messages/events/state=lost", Payload: []byte("gone")}
+
+	c, code := e.rawConnect(t, addr, d, will)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	c.write(&mqtt.Disconnect{})
+	c.closed()
+	c, _ = e.rawConnect(t, addr, d, will)
+	c.conn.Close() // dropped
+	var evs []store.Event
+	for deadline := time.Now().Add(10 * time.Second); len(evs) == 0 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		evs, _ = e.st.Events(ctx, "d1", 0, 10)
+	}
+	if len(evs) != 1 || string(evs[0].Body) != "gone" || evs[0].Properties["iothub-MessageType"] != "Will" || evs[0].Properties["state"] != "lost" {
+		t.Fatalf("events %+v", evs)
+	}
+
+	for _, topic := range []string{"devices/d2/messages/events/", "$iothub/twin/GET/", "devices/d1/messages/devicebound/"} {
+		if _, code := e.rawConnect(t, addr, d, &mqtt.Will{Topic: topic}); code != mqtt.RefusedNotAuthorized {
+			t.Errorf("a will to %s: CONNACK %d", topic, code)
+		}
+	}
 }
 
 // A retained telemetry message is accepted, not retained, and marked as
