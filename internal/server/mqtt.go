@@ -39,14 +39,13 @@ func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
 
 // session is what a connection is allowed to do and what it listens to.
 type session struct {
-	ref       hub.Ref
-	deliverMu sync.Mutex // one C2D delivery at a time
-	mu        sync.Mutex
-	cancels   []func()
-	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
-	c2dSent   map[string]bool              // C2D messages sent on this connection and still queued, by store ID
-	methods   map[string]chan methodAnswer // by $rid
-	nextRID   atomic.Uint64
+	ref      hub.Ref
+	mu       sync.Mutex
+	cancels  []func()
+	watching map[string]bool              // filters whose watcher runs: one each, however often subscribed
+	c2dSent  map[string]bool              // C2D messages sent on this connection and still queued, by store ID
+	methods  map[string]chan methodAnswer // by $rid
+	nextRID  atomic.Uint64
 	// kept is what a persistent session (CleanSession 0) is subscribed
 	// to, as the hub keeps it; a clean session keeps nothing. Only the
 	// connection's packet handling touches it, one packet at a time.
@@ -60,6 +59,11 @@ type session struct {
 	// will is the telemetry the CONNECT's last will sends if the
 	// connection drops without DISCONNECT; nil: none.
 	will *hub.Message
+	// delivery is whether C2D delivery runs (deliveryRunning) and is
+	// asked for again meanwhile (deliveryAgain): one at a time, and
+	// however often it is asked for, by SUBSCRIBEs or new messages, one
+	// at most waits.
+	delivery atomic.Int32
 }
 
 // withSubscription is kept with filter subscribed at qos
@@ -490,7 +494,7 @@ func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos 
 		if s.ref.Module != "" {
 			break
 		}
-		deliver := func() { go d.deliverC2D(c, s) }
+		deliver := func() { d.deliverSoon(c, s) }
 		if s.watch(filter) {
 			s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
 			s.onClose(s.stopUnlocked)
@@ -557,13 +561,47 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 	}
 }
 
+const (
+	deliveryIdle = iota
+	deliveryRunning
+	deliveryAgain
+)
+
+// deliverSoon has deliverC2D run on a goroutine of its own, or, if it
+// runs already, run once more when it ends.
+func (d *DeviceEndpoint) deliverSoon(c *mqtt.Conn, s *session) {
+	for {
+		switch s.delivery.Load() {
+		case deliveryIdle:
+			if s.delivery.CompareAndSwap(deliveryIdle, deliveryRunning) {
+				go d.deliverUntilDone(c, s)
+				return
+			}
+		case deliveryRunning:
+			if s.delivery.CompareAndSwap(deliveryRunning, deliveryAgain) {
+				return
+			}
+		default: // asked for again already
+			return
+		}
+	}
+}
+
+func (d *DeviceEndpoint) deliverUntilDone(c *mqtt.Conn, s *session) {
+	for {
+		d.deliverC2D(c, s)
+		if s.delivery.CompareAndSwap(deliveryRunning, deliveryIdle) {
+			return
+		}
+		s.delivery.Store(deliveryRunning) // it was asked for again
+	}
+}
+
 // deliverC2D sends the device's pending messages at QoS 1; each is removed
 // from the queue when the device acknowledges it.
 func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s.deliverMu.Lock()
-	defer s.deliverMu.Unlock()
 	msgs, err := d.hub.PendingC2D(ctx, s.ref.Device)
 	if err != nil {
 		slog.Warn("reading cloud-to-device messages", "device", s.ref.Device, "error", err)
@@ -571,7 +609,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	}
 	s.keepSentC2D(msgs)
 	now := d.hub.Now()
-	s.deliverWhenUnlocked(msgs, now, func() { d.deliverC2D(c, s) })
+	s.deliverWhenUnlocked(msgs, now, func() { d.deliverSoon(c, s) })
 	for _, m := range msgs {
 		if now.Before(m.LockedUntil) {
 			continue // received over HTTPS, being worked on

@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -835,6 +836,29 @@ func TestMQTTRefusedFiltersLoggedOnce(t *testing.T) {
 	}
 	if n := strings.Count(log.String(), "filter="); n != 1 {
 		t.Fatalf("%d log lines of refusals for one SUBSCRIBE:\n%s", n, log.String())
+	}
+}
+
+// SUBSCRIBEs sent as fast as a device can send them start one queue
+// reading at a time, with one at most waiting, not a goroutine each.
+func TestC2DSubscribeFloodCoalesced(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	before := runtime.NumGoroutine()
+	subs := make([]mqtt.Subscription, mqtt.DefaultMaxSubscribeFilters)
+	for i := range subs {
+		subs[i] = mqtt.Subscription{Filter: "devices/d1/messages/devicebound/#", QoS: 1}
+	}
+	for i := range 64 {
+		c.write(&mqtt.Subscribe{PacketID: uint16(i + 1), Subscriptions: subs})
+	}
+	for acks := 0; acks < 64; {
+		if _, ok := c.read().(*mqtt.Suback); ok {
+			acks++
+		}
+	}
+	if n := runtime.NumGoroutine() - before; n > 1000 {
+		t.Fatalf("%d goroutines more after 4096 subscriptions", n)
 	}
 }
 
