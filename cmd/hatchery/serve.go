@@ -108,7 +108,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
-	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once; more clients wait their turn, so that slow ones cannot take every file descriptor from the MQTT devices")
+	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once; more clients wait their turn, so that slow ones cannot take every file descriptor from the MQTT devices (MQTT over WebSocket counts only until the upgrade)")
 	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
@@ -301,7 +301,15 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		// A request, body included, arrives within 30 s (SDK bodies are at
 		// most 1 MiB), so clients trickling bytes cannot hold connections.
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
-		ErrorLog: log.New(httpErrorLog{}, "", 0)}
+		ErrorLog: log.New(httpErrorLog{}, "", 0),
+		// A connection upgraded to MQTT over WebSocket leaves the HTTPS
+		// bound: it lasts as long as the device stays, and is an MQTT
+		// connection from then on, as one on the MQTT port.
+		ConnState: func(c net.Conn, s http.ConnState) {
+			if s == http.StateHijacked {
+				connlimit.Release(c)
+			}
+		}}
 	if o.eventRetention > 0 {
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}

@@ -40,6 +40,24 @@ func (l *listener) Close() error {
 	return l.Listener.Close()
 }
 
+// Release gives back the slot of c, or of the connection c wraps (as a
+// *tls.Conn does), before it closes: for a connection handed on to be
+// bounded elsewhere, as an HTTPS connection upgraded to a WebSocket that
+// carries MQTT. Closing it later gives back nothing more.
+func Release(c net.Conn) {
+	for {
+		switch v := c.(type) {
+		case *conn:
+			v.release()
+			return
+		case interface{ NetConn() net.Conn }:
+			c = v.NetConn()
+		default:
+			return
+		}
+	}
+}
+
 // conn gives its slot back when closed, however often it is closed.
 type conn struct {
 	net.Conn

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/http"
+	"net/url"
 	"strings"
 	"time"
 
@@ -22,6 +23,11 @@ const (
 	maxC2DQueue = 50
 	// maxC2DSize is the hosted hub's limit of a message's body.
 	maxC2DSize = 64 << 10
+	// maxC2DProps bounds a message's properties URL-encoded, as MQTT
+	// delivers them in the topic, which holds at most 65,535 bytes with
+	// the device ID and the hub's own properties: a message that cannot
+	// become a topic can never be delivered.
+	maxC2DProps = 60 << 10
 	// c2dTTL is how long a message waits by default, maxC2DTTL at most.
 	c2dTTL    = time.Hour
 	maxC2DTTL = 48 * time.Hour
@@ -46,6 +52,10 @@ type C2DMessage struct {
 func (s *Service) SendC2D(ctx context.Context, device string, props map[string]string, body []byte) (*C2DMessage, error) {
 	if len(body) > maxC2DSize {
 		return nil, azerr.New(413001, "MessageTooLarge", "the message body is %d bytes: cloud-to-device messages carry at most %d", len(body), maxC2DSize)
+	}
+	if n := encodedSize(props); n > maxC2DProps {
+		return nil, azerr.BadRequest("the message's properties take %d bytes URL-encoded: cloud-to-device properties may take at most %d "+
+			"(Azure IoT Hub limits a message to 64 KB with its properties): send fewer or shorter ones, or put them in the body", n, maxC2DProps)
 	}
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
@@ -80,6 +90,15 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
+}
+
+// encodedSize is the length of props as a URL query.
+func encodedSize(props map[string]string) int {
+	n := 0
+	for k, v := range props {
+		n += len(url.QueryEscape(k)) + len(url.QueryEscape(v)) + 2 // '=' and '&'
+	}
+	return n
 }
 
 // c2dExpiry is when a message sent now expires: at its "$.exp" system

@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"net/http"
+	"strings"
 	"testing"
 	"time"
 
@@ -172,5 +173,24 @@ func TestC2DExpiry(t *testing.T) {
 	now = now.Add(11 * time.Minute)
 	if left, err := s.PendingC2D(ctx, "d1"); err != nil || len(left) != 1 || string(left[0].Body) != "default" {
 		t.Fatalf("after 11 minutes: %v %v", left, err)
+	}
+}
+
+// A message whose properties could not be delivered in an MQTT topic is
+// refused, and not queued to hold up the device's others.
+func TestC2DPropertiesTooLarge(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d1"})
+	// 25 KB that URL-encode to 75 KB.
+	_, err := s.SendC2D(ctx, "d1", map[string]string{"k": strings.Repeat("/", 25<<10)}, []byte("x"))
+	if !azerr.HasStatus(err, 400) || !strings.Contains(err.Error(), "properties") {
+		t.Fatalf("properties of 75 KB encoded: %v", err)
+	}
+	if _, err := s.SendC2D(ctx, "d1", map[string]string{"k": strings.Repeat("a", 50<<10)}, []byte("x")); err != nil {
+		t.Fatalf("properties of 50 KB: %v", err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d1"); err != nil || len(msgs) != 1 {
+		t.Fatalf("queued: %d %v", len(msgs), err)
 	}
 }

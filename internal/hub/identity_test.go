@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"encoding/base64"
+	"strings"
 	"testing"
 	"time"
 
@@ -61,6 +62,17 @@ func TestOnlyTheTypesCredentials(t *testing.T) {
 	}
 	if _, err := s.Authenticate(ctx, Ref{Device: "none"}, token(key, "none"), nil); !azerr.HasStatus(err, 401) {
 		t.Errorf("stored keys of a device of type none: %v", err)
+	}
+}
+
+// A request with neither a token nor a certificate is told so, not that an
+// empty token is malformed.
+func TestNoCredentials(t *testing.T) {
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d"})
+	_, err := s.Authenticate(context.Background(), Ref{Device: "d"}, "", nil)
+	if !azerr.HasStatus(err, 401) || !strings.Contains(err.Error(), `no client certificate and no SAS token for "d"`) {
+		t.Fatalf("no credentials: %v", err)
 	}
 }
 

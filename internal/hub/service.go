@@ -5,6 +5,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"log/slog"
+	"strings"
 	"sync"
 	"time"
 
@@ -141,7 +142,10 @@ func (s *Service) Authenticate(ctx context.Context, r Ref, token string, chain [
 // byCredentials is Authenticate, returning the device's record and the
 // identity's (the same for a device), and when the credentials expire.
 func (s *Service) byCredentials(ctx context.Context, r Ref, token string, chain []*x509.Certificate) (dev, id *record, until time.Time, err error) {
-	if token == "" && len(chain) > 0 {
+	if strings.TrimSpace(token) == "" {
+		if len(chain) == 0 {
+			return nil, nil, time.Time{}, azerr.Unauthorized("no client certificate and no SAS token for %q: send a SAS token signed with its key (the HTTPS Authorization header, the MQTT password), or connect with its X.509 certificate", r)
+		}
 		dev, id, err = s.deviceByCertificate(ctx, r, chain)
 		return dev, id, chain[0].NotAfter, err
 	}

@@ -228,6 +228,8 @@ func (c *Client) readLoop() {
 		switch p := p.(type) {
 		case *mqtt.Puback:
 			c.ack(p.PacketID, nil)
+		case *mqtt.Unsuback:
+			c.ack(p.PacketID, nil)
 		case *mqtt.Suback:
 			var err error
 			for _, code := range p.ReturnCodes {
@@ -300,6 +302,17 @@ func (c *Client) subscribe(ctx context.Context, filter string, h func(*mqtt.Publ
 	c.mu.Unlock()
 	return c.await(ctx, func(id uint16) mqtt.Packet {
 		return &mqtt.Subscribe{PacketID: id, Subscriptions: []mqtt.Subscription{{Filter: filter, QoS: 1}}}
+	})
+}
+
+// Unsubscribe ends the subscription to filter, as subscribed by OnC2D,
+// OnDesired or OnMethod, and waits for the hub's ack.
+func (c *Client) Unsubscribe(ctx context.Context, filter string) error {
+	c.mu.Lock()
+	delete(c.subs, strings.TrimSuffix(filter, "#"))
+	c.mu.Unlock()
+	return c.await(ctx, func(id uint16) mqtt.Packet {
+		return &mqtt.Unsubscribe{PacketID: id, Filters: []string{filter}}
 	})
 }
 

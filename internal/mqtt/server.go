@@ -31,7 +31,9 @@ type Handler interface {
 	// Published is called for each PUBLISH from the client. The server sends
 	// the PUBACK of a QoS 1 message only after Published returns nil; an error
 	// closes the connection (the server logs it and passes it to Closed).
-	// p.Payload is not reused by the server.
+	// p.Payload is not reused by the server. p.Retain is as the client set
+	// it: the server retains nothing, as Azure IoT Hub, which passes the
+	// flag on with the message.
 	Published(c *Conn, p *Publish) error
 	// Subscribe decides each topic filter: granted QoS (0/1) or 0x80 failure.
 	// The server never grants more than the requested QoS nor more than 1.
@@ -64,9 +66,14 @@ const (
 	readBufferSize        = 1024
 )
 
+// DefaultMaxSubscribeFilters bounds the topic filters of one SUBSCRIBE: an
+// Azure IoT device holds four or five subscriptions in all.
+const DefaultMaxSubscribeFilters = 64
+
 // Server accepts MQTT 3.1.1 connections and hands their packets to Handler.
-// It implements QoS 0 and 1 only: a QoS 2 or retained PUBLISH from a client
-// closes the connection, and QoS 2 subscriptions are granted QoS 1. It keeps
+// It implements QoS 0 and 1 only: a QoS 2 PUBLISH from a client closes the
+// connection, and QoS 2 subscriptions are granted QoS 1. It retains no
+// messages: a retained PUBLISH is handled as any other. It keeps
 // no sessions itself: a Handler that keeps a client's subscriptions resumes
 // them with Conn.ResumeSession.
 type Server struct {
@@ -75,6 +82,10 @@ type Server struct {
 	ConnectTimeout time.Duration // TLS handshake plus CONNECT; default 10 s
 	WriteTimeout   time.Duration // per packet write; a client slower than this is closed; default 10 s
 	Logger         *slog.Logger  // default slog.Default()
+
+	// MaxSubscribeFilters is how many topic filters one SUBSCRIBE may
+	// hold; one with more closes the connection. Default DefaultMaxSubscribeFilters.
+	MaxSubscribeFilters int
 
 	mu        sync.Mutex
 	closed    bool
@@ -88,6 +99,13 @@ func (s *Server) maxPacketSize() int {
 		return s.MaxPacketSize
 	}
 	return DefaultMaxPacketSize
+}
+
+func (s *Server) maxSubscribeFilters() int {
+	if s.MaxSubscribeFilters > 0 {
+		return s.MaxSubscribeFilters
+	}
+	return DefaultMaxSubscribeFilters
 }
 
 func (s *Server) connectTimeout() time.Duration {
@@ -237,6 +255,9 @@ type Conn struct {
 	// while packets are buffered and returned when the connection idles.
 	br    *bufio.Reader
 	first [1]byte
+	// readBy is the keep-alive read deadline set last, as time since
+	// monoEpoch (monotonic, and smaller than a time.Time); 0: none.
+	readBy time.Duration
 
 	wmu sync.Mutex // serializes writes
 
@@ -631,9 +652,7 @@ func (c *Conn) connect() error {
 		return fmt.Errorf("%w: CONNACK return code %d", errRefused, code)
 	}
 	c.nc.SetReadDeadline(time.Time{})
-	for _, sub := range resume {
-		c.grant(sub)
-	}
+	c.grantAll(resume)
 	return nil
 }
 
@@ -642,19 +661,38 @@ func (c *Conn) connect() error {
 // then borrows a bufio.Reader until the buffered bytes are used up.
 func (c *Conn) readPacket() (Packet, error) {
 	max := c.srv.maxPacketSize()
+	c.renewReadDeadline()
 	if c.br != nil && c.br.Buffered() > 0 {
 		return ReadPacket(c.br, max)
 	}
 	c.releaseReader()
-	if c.accepted && c.readTimeout > 0 {
-		c.nc.SetReadDeadline(time.Now().Add(c.readTimeout))
-	}
 	if _, err := io.ReadFull(c.nc, c.first[:]); err != nil {
 		return nil, err
 	}
 	c.br = readerPool.Get().(*bufio.Reader)
 	c.br.Reset(c.nc)
 	return readPacket(c.first[0], c.br, max)
+}
+
+// monoEpoch is what readBy counts from.
+var monoEpoch = time.Now()
+
+// renewReadDeadline gives the client its keep-alive time again as a packet
+// starts, whether it waits to be read or is buffered already (a client
+// whose packets span its writes may never leave the buffer empty). A busy
+// connection renews only when the deadline moves by a tenth of that time,
+// sparing a poller update per packet: it ends after 1.35 to 1.5 times the
+// keep-alive, within MQTT's one and a half.
+func (c *Conn) renewReadDeadline() {
+	if !c.accepted || c.readTimeout <= 0 {
+		return
+	}
+	by := time.Since(monoEpoch) + c.readTimeout
+	if by-c.readBy < c.readTimeout/10 {
+		return
+	}
+	c.readBy = by
+	c.nc.SetReadDeadline(monoEpoch.Add(by))
 }
 
 func (c *Conn) releaseReader() {
@@ -673,9 +711,6 @@ func (c *Conn) handle(p Packet) error {
 		if p.QoS > 1 {
 			return violation("PUBLISH to %s with QoS %d: only QoS 0 and 1 are supported", quote(p.Topic), p.QoS)
 		}
-		if p.Retain {
-			return violation("PUBLISH to %s with RETAIN: retained messages are not supported", quote(p.Topic))
-		}
 		if err := h.Published(c, p); err != nil {
 			return fmt.Errorf("%w: PUBLISH to %s: %w", errHandler, quote(p.Topic), err)
 		}
@@ -692,11 +727,10 @@ func (c *Conn) handle(p Packet) error {
 		}
 		// A PUBACK for an unknown identifier is ignored, as a late duplicate.
 	case *Subscribe:
-		codes := make([]byte, len(p.Subscriptions))
-		for i, sub := range p.Subscriptions {
-			codes[i] = c.grant(sub)
+		if n, max := len(p.Subscriptions), c.srv.maxSubscribeFilters(); n > max {
+			return violation("SUBSCRIBE with %d topic filters: at most %d are accepted in one", n, max)
 		}
-		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: codes})
+		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: c.grantAll(p.Subscriptions)})
 	case *Unsubscribe:
 		for _, f := range p.Filters {
 			offStack(func() struct{} { h.Unsubscribe(c, f); return struct{}{} })
@@ -738,6 +772,27 @@ func offStack[T any](f func() T) T {
 		panic(r.panicked)
 	}
 	return r.v
+}
+
+// grantAll grants subs one by one and returns their SUBACK codes. What the
+// Handler refused is logged once, with a count and an example, however
+// many filters a client sends.
+func (c *Conn) grantAll(subs []Subscription) []byte {
+	codes := make([]byte, len(subs))
+	refused, example := 0, ""
+	for i, sub := range subs {
+		if codes[i] = c.grant(sub); codes[i] == SubscribeFailure {
+			if refused == 0 {
+				example = sub.Filter
+			}
+			refused++
+		}
+	}
+	if refused > 0 {
+		c.srv.logger().Info("mqtt: subscriptions refused", "client_id", c.clientID,
+			"refused", refused, "of", len(subs), "filter", quote(example))
+	}
+	return codes
 }
 
 // grant asks the Handler about one filter, subscribes the client to it if

@@ -15,10 +15,13 @@ import (
 	"log/slog"
 	"math/big"
 	"net"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // ---------------------------------------------------------------------------
@@ -409,11 +412,11 @@ func TestProtocolViolationsClose(t *testing.T) {
 		{"second CONNECT", true, mustEncode(&Connect{ClientID: "x"}), ErrProtocolViolation},
 		{"reserved flags", true, bs(0xc1, 0), ErrMalformed},
 		{"QoS 2 PUBLISH", true, mustEncode(&Publish{QoS: 2, PacketID: 1, Topic: "devices/d/messages/events/"}), ErrProtocolViolation},
-		{"retained PUBLISH", true, mustEncode(&Publish{Retain: true, Topic: "devices/d/messages/events/"}), ErrProtocolViolation},
 		{"PUBREL", true, bs(0x62, 2, 0, 1), ErrMalformed},
 		{"CONNACK from client", true, bs(0x20, 2, 0, 0), ErrProtocolViolation},
 		{"bad topic filter", true, raw(0x82, bs(0, 1), str("a/#/b"), bs(1)), ErrMalformed},
 		{"oversized PUBLISH", true, mustEncode(&Publish{Topic: "devices/d/messages/events/", Payload: make([]byte, 2000)}), ErrPacketTooLarge},
+		{"SUBSCRIBE with too many filters", true, mustEncode(&Subscribe{PacketID: 1, Subscriptions: filters("f/", DefaultMaxSubscribeFilters+1)}), ErrProtocolViolation},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -439,6 +442,51 @@ func TestProtocolViolationsClose(t *testing.T) {
 				t.Errorf("Published called %d times", n)
 			}
 		})
+	}
+}
+
+// A retained PUBLISH is accepted, as Azure IoT Hub does, with its flag
+// passed to the Handler; nothing is retained.
+func TestRetainedPublishAccepted(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	ts := startServer(t, h, false)
+	c, _ := ts.connected(t, h, "d")
+	c.write(&Publish{QoS: 1, PacketID: 7, Retain: true, Topic: "devices/d/messages/events/", Payload: []byte("x")})
+	if ack := readAs[*Puback](c); ack.PacketID != 7 {
+		t.Fatalf("PUBACK for %d", ack.PacketID)
+	}
+	if pubs := h.publishedSoFar(); len(pubs) != 1 || !pubs[0].Retain {
+		t.Fatalf("published %+v", pubs)
+	}
+}
+
+// filters is n subscriptions at QoS 1 to prefix followed by a number.
+func filters(prefix string, n int) []Subscription {
+	subs := make([]Subscription, n)
+	for i := range subs {
+		subs[i] = Subscription{Filter: prefix + strconv.Itoa(i), QoS: 1}
+	}
+	return subs
+}
+
+// Filters a Handler refuses are logged once a SUBSCRIBE, however many
+// there are, with a count and an example.
+func TestRefusedSubscriptionsLoggedOnce(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	var log testutil.SyncBuffer
+	ts := startServer(t, h, false, func(s *Server) { s.Logger = slog.New(slog.NewTextHandler(&log, nil)) })
+	c, _ := ts.connected(t, h, "d")
+	codes := c.subscribe(1, append(filters("forbidden/", DefaultMaxSubscribeFilters-1), Subscription{Filter: "allowed", QoS: 1})...)
+	if codes[0] != SubscribeFailure || codes[len(codes)-1] != 1 {
+		t.Fatalf("SUBACK %v", codes)
+	}
+	if n := strings.Count(log.String(), "subscriptions refused"); n != 1 {
+		t.Fatalf("%d log lines for one SUBSCRIBE:\n%s", n, log.String())
+	}
+	if want := `refused=63 of=64 filter="\"forbidden/0\""`; !strings.Contains(log.String(), want) {
+		t.Errorf("log %q lacks %s", log.String(), want)
 	}
 }
 
@@ -607,6 +655,28 @@ func TestKeepAliveTimeout(t *testing.T) {
 	if e := h.waitClosed(t); !errors.Is(e.err, ErrKeepAliveTimeout) {
 		t.Errorf("Closed with %v, want ErrKeepAliveTimeout", e.err)
 	}
+}
+
+// A client whose packets span its writes keeps the server's read buffer
+// from running empty; each packet it starts still renews its keep-alive.
+func TestKeepAliveWhilePacketsSpanWrites(t *testing.T) {
+	t.Parallel()
+	h := newTestHandler()
+	ts := startServer(t, h, false)
+	c := ts.dial(t)
+	if ack := c.connect("split", "secret", 1); ack.ReturnCode != Accepted {
+		t.Fatal(ack.ReturnCode)
+	}
+	// PINGREQs (C0 00), every write the end of one and the start of the
+	// next, for twice the 1.5 s keep-alive.
+	c.writeRaw([]byte{0xC0})
+	for range 8 {
+		time.Sleep(400 * time.Millisecond)
+		c.writeRaw([]byte{0x00, 0xC0})
+		readAs[*Pingresp](c)
+	}
+	c.writeRaw([]byte{0x00})
+	readAs[*Pingresp](c)
 }
 
 func TestConnectTimeout(t *testing.T) {

@@ -162,15 +162,31 @@ func (t *Token) Verify(now time.Time, keys ...[]byte) error {
 // leading scheme, as clients differ in all three (Azure's documentation has
 // them lower-case the whole resource URI).
 func (t *Token) AudienceIs(want string) bool {
-	host, path := splitResource(t.Audience)
 	wantHost, wantPath := splitResource(want)
-	return host == wantHost && strings.EqualFold(path, wantPath)
+	return t.audienceMatches(func(aud string) bool {
+		host, path := splitResource(aud)
+		return host == wantHost && strings.EqualFold(path, wantPath)
+	})
 }
 
 // AudienceIsExactly is AudienceIs with the path compared exactly: for a key
 // that signs for several identities (a device's, for its modules), the path
 // is all that tells them apart, and IDs may differ by case alone.
-func (t *Token) AudienceIsExactly(want string) bool { return SameResource(t.Audience, want) }
+func (t *Token) AudienceIsExactly(want string) bool {
+	return t.audienceMatches(func(aud string) bool { return SameResource(aud, want) })
+}
+
+// audienceMatches tries the decoded sr, then that decoded once more: the
+// C# SDK URL-encodes the device and module IDs in the resource and then the
+// whole resource again, and Azure accepts both forms. The signature covers
+// the sr as sent either way.
+func (t *Token) audienceMatches(match func(aud string) bool) bool {
+	if match(t.Audience) {
+		return true
+	}
+	twice, err := url.PathUnescape(t.Audience)
+	return err == nil && twice != t.Audience && match(twice)
+}
 
 // SameResource reports whether two resource URIs name the same resource:
 // hosts compared case-insensitively, paths exactly, a scheme and slashes

@@ -60,6 +60,32 @@ func TestClientEncodings(t *testing.T) {
 	}
 }
 
+// The C# SDK URL-encodes the device (and module) ID in the resource, then
+// the whole resource again, and signs that text: IDs with characters that
+// encoding changes decode twice to the identity they name.
+func TestDoubleEncodedAudience(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	se := now.Add(time.Minute).Unix()
+	for _, id := range []string{"a:b", "a@b", "a#b", "a$b", "a+b", "a%b", "a,b", "a=b", "a'b", "a?b", "plain"} {
+		sr := url.QueryEscape("hub.example/devices/" + url.QueryEscape(id) + "/modules/" + url.QueryEscape(id))
+		tok := "SharedAccessSignature sr=" + sr + "&sig=" + url.QueryEscape(base64.StdEncoding.EncodeToString(Sign(key, sr, se))) + "&se=" + strconv.FormatInt(se, 10)
+		p, err := Parse(tok)
+		if err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+		want := "hub.example/devices/" + id + "/modules/" + id
+		if !p.AudienceIs(want) || !p.AudienceIsExactly(want) {
+			t.Errorf("%s: audience %q does not match %q", id, p.Audience, want)
+		}
+		if err := p.Verify(now, key); err != nil {
+			t.Errorf("%s: %v", id, err)
+		}
+		if p.AudienceIs("hub.example/devices/" + id + "x/modules/" + id) {
+			t.Errorf("%s: audience %q matches another device", id, p.Audience)
+		}
+	}
+}
+
 func TestParseErrors(t *testing.T) {
 	for tok, want := range map[string]string{
 		"SharedAccessSignature sig=AAAA&se=1":                "no sr",

@@ -39,19 +39,31 @@ func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
 
 // session is what a connection is allowed to do and what it listens to.
 type session struct {
-	ref       hub.Ref
-	deliverMu sync.Mutex // one C2D delivery at a time
-	mu        sync.Mutex
-	cancels   []func()
-	watching  map[string]bool              // filters whose watcher runs: one each, however often subscribed
-	c2dSent   map[string]bool              // C2D messages sent on this connection and still queued, by store ID
-	methods   map[string]chan methodAnswer // by $rid
-	nextRID   atomic.Uint64
+	ref      hub.Ref
+	mu       sync.Mutex
+	cancels  []func()
+	watching map[string]bool              // filters whose watcher runs: one each, however often subscribed
+	c2dSent  map[string]bool              // C2D messages sent on this connection and still queued, by store ID
+	methods  map[string]chan methodAnswer // by $rid
+	nextRID  atomic.Uint64
 	// kept is what a persistent session (CleanSession 0) is subscribed
 	// to, as the hub keeps it; a clean session keeps nothing. Only the
 	// connection's packet handling touches it, one packet at a time.
 	kept       []hub.Subscription
 	persistent bool
+	// unlocked delivers again when the lock of a message received over
+	// HTTPS runs out, which changes nothing a watcher hears of; none is
+	// started once the connection has closed (unlockClosed).
+	unlocked     *time.Timer
+	unlockClosed bool
+	// will is the telemetry the CONNECT's last will sends if the
+	// connection drops without DISCONNECT; nil: none.
+	will *hub.Message
+	// delivery is whether C2D delivery runs (deliveryRunning) and is
+	// asked for again meanwhile (deliveryAgain): one at a time, and
+	// however often it is asked for, by SUBSCRIBEs or new messages, one
+	// at most waits.
+	delivery atomic.Int32
 }
 
 // withSubscription is kept with filter subscribed at qos
@@ -122,6 +134,39 @@ func (s *session) startC2D(id string) bool {
 	}
 	s.c2dSent[id] = true
 	return true
+}
+
+// deliverWhenUnlocked has deliver run when the first lock among msgs that
+// holds at now runs out, replacing what it had scheduled before.
+func (s *session) deliverWhenUnlocked(msgs []*hub.C2DMessage, now time.Time, deliver func()) {
+	var first time.Time
+	for _, m := range msgs {
+		if now.Before(m.LockedUntil) && (first.IsZero() || m.LockedUntil.Before(first)) {
+			first = m.LockedUntil
+		}
+	}
+	if first.IsZero() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.unlockClosed {
+		return
+	}
+	if s.unlocked != nil {
+		s.unlocked.Stop()
+	}
+	s.unlocked = time.AfterFunc(first.Sub(now), deliver)
+}
+
+// stopUnlocked ends deliverWhenUnlocked's schedule with the connection.
+func (s *session) stopUnlocked() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.unlockClosed = true
+	if s.unlocked != nil {
+		s.unlocked.Stop()
+	}
 }
 
 func (s *session) endC2D(id string) {
@@ -220,12 +265,25 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if c.TLS() != nil {
 		chain = c.TLS().PeerCertificates
 	}
+	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
+	if p.Will != nil {
+		props, ok, err := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
+		if !ok || err != nil {
+			reason := fmt.Sprintf("the last will goes to %q: a will is telemetry, to %smessages/events/ with a property bag or none", p.Will.Topic, sess.own())
+			if err != nil {
+				reason = err.Error()
+			}
+			slog.Info("mqtt connection refused", "identity", r.String(), "reason", reason)
+			return mqtt.RefusedNotAuthorized
+		}
+		props["iothub-MessageType"] = "Will" // as Azure IoT Hub marks it
+		sess.will = &hub.Message{Properties: props, Body: p.Will.Payload}
+	}
 	grant, err := d.hub.Authenticate(ctx, r, string(p.Password), chain)
 	if err != nil {
 		return refusal(r, err)
 	}
 	grant.ModelID = announcedModel(query)
-	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	c.SetValue(sess)
 	d.mu.Lock()
 	old := d.sessions[r]
@@ -263,7 +321,10 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	return mqtt.Accepted
 }
 
-// Closed releases what the connection listened to.
+// Closed releases what the connection listened to, and sends its last
+// will if it dropped without DISCONNECT: not when the hub ended it (a new
+// connection of the identity, its credentials revoked or expired) or the
+// server stops.
 func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	s := sess(c)
 	if s == nil {
@@ -277,6 +338,13 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 		f()
 	}
 	d.forget(s.ref, c)
+	if s.will != nil && err != nil && !errors.Is(err, mqtt.ErrConnClosed) && !errors.Is(err, mqtt.ErrServerClosed) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if _, err := d.hub.SendEvent(ctx, s.ref, s.will.Properties, s.will.Body); err != nil {
+			slog.Info("sending a device's last will", "identity", s.ref.String(), "error", err)
+		}
+	}
 }
 
 // forget drops c as r's connection, unless another has replaced it.
@@ -308,20 +376,14 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	s := sess(c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	switch {
-	case strings.HasPrefix(p.Topic, s.own()+"messages/events/") || p.Topic+"/" == s.own()+"messages/events/":
-		// The property bag may end in "/", as the Node SDK's output events do.
-		bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(p.Topic, s.own()+"messages/events"), "/"), "/")
-		props, err := url.ParseQuery(bag)
+	if props, ok, err := eventProps(s.own(), p.Topic, p.Retain); ok {
 		if err != nil {
-			return fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
+			return err
 		}
-		flat := make(map[string]string, len(props))
-		for k, v := range props {
-			flat[k] = v[0]
-		}
-		_, err = d.hub.SendEvent(ctx, s.ref, flat, p.Payload)
+		_, err = d.hub.SendEvent(ctx, s.ref, props, p.Payload)
 		return err
+	}
+	switch {
 	case strings.HasPrefix(p.Topic, "$iothub/twin/GET/"):
 		rid := ridOf(p.Topic)
 		doc, err := d.hub.DeviceTwinDocument(ctx, s.ref)
@@ -362,6 +424,30 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	return fmt.Errorf("%w: %q (a device publishes to %smessages/events/ and $iothub/ topics)", errTopic, p.Topic, s.own())
 }
 
+// eventProps reads the property bag of topic if it is a telemetry topic of
+// the identity whose topics start with own (ok false if it is not one), with
+// mqtt-retain if it was published retained: nothing is retained, and Azure
+// IoT Hub says so in that property.
+func eventProps(own, topic string, retain bool) (props map[string]string, ok bool, err error) {
+	if !strings.HasPrefix(topic, own+"messages/events/") && topic+"/" != own+"messages/events/" {
+		return nil, false, nil
+	}
+	// The property bag may end in "/", as the Node SDK's output events do.
+	bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(topic, own+"messages/events"), "/"), "/")
+	values, err := url.ParseQuery(bag)
+	if err != nil {
+		return nil, true, fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
+	}
+	props = make(map[string]string, len(values)+2)
+	for k, v := range values {
+		props[k] = v[0]
+	}
+	if retain {
+		props["mqtt-retain"] = "true"
+	}
+	return props, true, nil
+}
+
 // reply sends a response topic; the device subscribed to $iothub/twin/res/#.
 func (d *DeviceEndpoint) reply(c *mqtt.Conn, topic string, body []byte) error {
 	if err := c.Send(topic, body, 0, nil); err != nil && !errors.Is(err, mqtt.ErrNotSubscribed) {
@@ -370,11 +456,11 @@ func (d *DeviceEndpoint) reply(c *mqtt.Conn, topic string, body []byte) error {
 	return nil
 }
 
-// ridOf reads the $rid of a request topic.
+// ridOf reads the $rid of a request topic as the device wrote it, for the
+// reply to echo: decoded, "a%23b" would put a wildcard in the reply topic.
 func ridOf(topic string) string {
 	_, q, _ := strings.Cut(topic, "?")
-	v, _ := url.ParseQuery(q)
-	return v.Get("$rid")
+	return rawParam(q, "$rid")
 }
 
 // Subscribe grants the device's own topics and starts what each implies.
@@ -408,15 +494,19 @@ func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos 
 		if s.ref.Module != "" {
 			break
 		}
+		deliver := func() { d.deliverSoon(c, s) }
 		if s.watch(filter) {
-			deliver := func() { go d.deliverC2D(c, s) }
 			s.onClose(d.hub.WatchC2D(s.ref.Device, deliver))
-			deliver() // what waited while the device was away
+			s.onClose(s.stopUnlocked)
 		}
+		// What waited while the device was away, or while it was not
+		// subscribed (the watcher outlives an UNSUBSCRIBE; the Node SDK
+		// unsubscribes and subscribes again as 'message' listeners come
+		// and go).
+		deliver()
 		return 1
 	}
-	slog.Info("mqtt subscription refused", "identity", s.ref.String(), "filter", filter)
-	return mqtt.SubscribeFailure
+	return mqtt.SubscribeFailure // logged by the server, once a SUBSCRIBE
 }
 
 // sendDesired forwards the device's desired-property patches in order,
@@ -471,13 +561,47 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 	}
 }
 
+const (
+	deliveryIdle = iota
+	deliveryRunning
+	deliveryAgain
+)
+
+// deliverSoon has deliverC2D run on a goroutine of its own, or, if it
+// runs already, run once more when it ends.
+func (d *DeviceEndpoint) deliverSoon(c *mqtt.Conn, s *session) {
+	for {
+		switch s.delivery.Load() {
+		case deliveryIdle:
+			if s.delivery.CompareAndSwap(deliveryIdle, deliveryRunning) {
+				go d.deliverUntilDone(c, s)
+				return
+			}
+		case deliveryRunning:
+			if s.delivery.CompareAndSwap(deliveryRunning, deliveryAgain) {
+				return
+			}
+		default: // asked for again already
+			return
+		}
+	}
+}
+
+func (d *DeviceEndpoint) deliverUntilDone(c *mqtt.Conn, s *session) {
+	for {
+		d.deliverC2D(c, s)
+		if s.delivery.CompareAndSwap(deliveryRunning, deliveryIdle) {
+			return
+		}
+		s.delivery.Store(deliveryRunning) // it was asked for again
+	}
+}
+
 // deliverC2D sends the device's pending messages at QoS 1; each is removed
 // from the queue when the device acknowledges it.
 func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	s.deliverMu.Lock()
-	defer s.deliverMu.Unlock()
 	msgs, err := d.hub.PendingC2D(ctx, s.ref.Device)
 	if err != nil {
 		slog.Warn("reading cloud-to-device messages", "device", s.ref.Device, "error", err)
@@ -485,6 +609,7 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	}
 	s.keepSentC2D(msgs)
 	now := d.hub.Now()
+	s.deliverWhenUnlocked(msgs, now, func() { d.deliverSoon(c, s) })
 	for _, m := range msgs {
 		if now.Before(m.LockedUntil) {
 			continue // received over HTTPS, being worked on
@@ -502,6 +627,17 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		id := m.ID
 		// Percent-encoding throughout: '+' for a space is a wildcard in MQTT.
 		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
+		if err := mqtt.ValidateTopicName(topic); err != nil {
+			// Never deliverable (queued before SendC2D bounded the
+			// properties): dropped, as the hosted hub dead-letters, so
+			// that it does not hold up the messages behind it.
+			slog.Warn("dropping a cloud-to-device message that cannot become an MQTT topic", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			if err := d.hub.CompleteC2D(ctx, id); err != nil {
+				slog.Warn("removing an undeliverable cloud-to-device message", "device", s.ref.Device, "error", err)
+			}
+			s.endC2D(id)
+			continue
+		}
 		err := c.Send(topic, m.Body, 1, func(err error) {
 			if err == nil {
 				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -513,7 +649,9 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		})
 		if err != nil {
 			s.endC2D(id)
-			slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			if !errors.Is(err, mqtt.ErrNotSubscribed) { // unsubscribed: it waits for the next SUBSCRIBE
+				slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
+			}
 			return
 		}
 	}

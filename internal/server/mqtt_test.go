@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net/url"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -24,6 +25,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
@@ -653,8 +655,25 @@ func TestDesiredPatchesInOrder(t *testing.T) {
 	}
 }
 
+// c2dReceiver connects d and subscribes it to its C2D messages, whose
+// message IDs come on the channel; the connection closes with the test.
+func (e *env) c2dReceiver(addr string, d *hub.Device) <-chan string {
+	e.t.Helper()
+	c, err := e.dial(addr, d.DeviceID, "", d.Authentication.SymmetricKey.PrimaryKey)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	e.t.Cleanup(c.Close)
+	got := make(chan string, 10)
+	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
+		e.t.Fatal(err)
+	}
+	return got
+}
+
 // A message a device received over HTTPS, and is working on, is not sent
-// to its MQTT connection too; the next one is.
+// to its MQTT connection too; the next one is, and it follows when its
+// lock runs out.
 func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 	e := newEnv(t)
 	addr := e.startMQTT()
@@ -665,25 +684,206 @@ func TestC2DLockedOverHTTPSNotOverMQTT(t *testing.T) {
 		}
 		time.Sleep(2 * time.Millisecond) // the queue's order is the time of sending
 	}
+	// m1 is received over HTTPS with a lock that runs out in 3 s (of the
+	// minute's lock), and nothing is queued or settled after that.
+	lockEnds := time.Now().Add(3 * time.Second)
+	e.hub.Now = func() time.Time { return time.Now().Add(-time.Minute + 3*time.Second) }
 	if m, _, err := e.hub.ReceiveC2D(ctx, "d1"); err != nil || m.MessageID != "m1" {
 		t.Fatalf("received over HTTPS: %v %v", m, err)
 	}
-	c, err := e.dial(addr, "d1", "", d.Authentication.SymmetricKey.PrimaryKey)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	got := make(chan string, 10)
-	if err := c.OnC2D(ctx, func(props url.Values, _ []byte) { got <- props.Get("$.mid") }); err != nil {
-		t.Fatal(err)
-	}
+	e.hub.Now = time.Now
+	got := e.c2dReceiver(addr, d)
 	if id := testutil.Within(t, got, "the message not locked"); id != "m2" {
 		t.Fatalf("MQTT got %s, which HTTPS holds", id)
 	}
-	select {
-	case id := <-got:
-		t.Fatalf("MQTT got %s too", id)
-	case <-time.After(300 * time.Millisecond):
+	if id := testutil.Within(t, got, "the message whose lock ran out"); id != "m1" || time.Now().Before(lockEnds) {
+		t.Fatalf("MQTT got %s before m1's lock ran out at %s", id, lockEnds.Format(time.StampMilli))
+	}
+}
+
+// A message queued while the device was not subscribed arrives when it
+// subscribes again on the same connection, as the Node SDK does when its
+// 'message' listener is removed and added again.
+func TestC2DAfterSubscribingAgain(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("d1")
+	got := make(chan string, 10)
+	onC2D := func(props url.Values, _ []byte) { got <- props.Get("$.mid") }
+	if err := c.OnC2D(ctx, onC2D); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Unsubscribe(ctx, "devices/d1/messages/devicebound/#"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m1"}, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(200 * time.Millisecond) // the watcher tries, and finds no subscription
+	if err := c.OnC2D(ctx, onC2D); err != nil {
+		t.Fatal(err)
+	}
+	if id := testutil.Within(t, got, "the message queued while unsubscribed"); id != "m1" {
+		t.Fatalf("got %s", id)
+	}
+}
+
+// rawDevice connects a new device id with a SAS token on the raw codec.
+func (e *env) rawDevice(t *testing.T, addr, id string) *rawClient {
+	t.Helper()
+	c, code := e.rawConnect(t, addr, e.newDevice(id, false), nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	return c
+}
+
+// rawConnect connects d with a SAS token and will on the raw codec, and
+// returns the CONNACK code.
+func (e *env) rawConnect(t *testing.T, addr string, d *hub.Device, will *mqtt.Will) (*rawClient, byte) {
+	t.Helper()
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	c := e.dialRaw(t, addr, nil)
+	return c, c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: d.DeviceID, Will: will,
+		HasUsername: true, Username: host + "/" + d.DeviceID + "/?api-version=2021-04-12",
+		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+d.DeviceID, "", time.Now().Add(time.Hour)))}).ReturnCode
+}
+
+// A last will addressed to the device's telemetry is sent as telemetry,
+// marked iothub-MessageType=Will, when the connection drops without
+// DISCONNECT, and not after one; a will to any other topic is refused at
+// CONNECT.
+func TestMQTTLastWill(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	will := &mqtt.Will{Topic: "devices/d1/messages/events/state=lost", Payload: []byte("gone")}
+
+	c, code := e.rawConnect(t, addr, d, will)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	c.write(&mqtt.Disconnect{})
+	c.closed()
+	c, _ = e.rawConnect(t, addr, d, will)
+	c.conn.Close() // dropped
+	var evs []store.Event
+	for deadline := time.Now().Add(10 * time.Second); len(evs) == 0 && time.Now().Before(deadline); time.Sleep(10 * time.Millisecond) {
+		evs, _ = e.st.Events(ctx, "d1", 0, 10)
+	}
+	if len(evs) != 1 || string(evs[0].Body) != "gone" || evs[0].Properties["iothub-MessageType"] != "Will" || evs[0].Properties["state"] != "lost" {
+		t.Fatalf("events %+v", evs)
+	}
+
+	for _, topic := range []string{"devices/d2/messages/events/", "$iothub/twin/GET/", "devices/d1/messages/devicebound/"} {
+		if _, code := e.rawConnect(t, addr, d, &mqtt.Will{Topic: topic}); code != mqtt.RefusedNotAuthorized {
+			t.Errorf("a will to %s: CONNACK %d", topic, code)
+		}
+	}
+}
+
+// A retained telemetry message is accepted, not retained, and marked as
+// Azure IoT Hub marks it.
+func TestMQTTRetainedTelemetry(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	c.write(&mqtt.Publish{QoS: 1, PacketID: 1, Retain: true, Topic: "devices/d1/messages/events/a=b", Payload: []byte("{}")})
+	if _, ok := c.read().(*mqtt.Puback); !ok {
+		t.Fatal("no PUBACK")
+	}
+	if evs, _ := e.st.Events(ctx, "d1", 0, 10); len(evs) != 1 || evs[0].Properties["mqtt-retain"] != "true" || evs[0].Properties["a"] != "b" {
+		t.Fatalf("events %+v", evs)
+	}
+}
+
+// A request ID comes back as the device wrote it, escapes and all: decoded,
+// "%23" would be a wildcard the reply topic may not hold.
+func TestMQTTRequestIDEchoedRaw(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	c := e.rawDevice(t, addr, "d1")
+	c.subscribe("$iothub/twin/res/#")
+	for _, rid := range []string{"a%26b", "a%23b", "a%2Bb", "7"} {
+		for _, topic := range []string{"$iothub/twin/GET/?$rid=" + rid, "$iothub/twin/PATCH/properties/reported/?$rid=" + rid} {
+			c.publish(topic, []byte(`{"x":1}`))
+			for {
+				p, ok := c.read().(*mqtt.Publish)
+				if !ok {
+					continue // the PUBACK
+				}
+				if _, q, _ := strings.Cut(p.Topic, "?"); rawParam(q, "$rid") != rid {
+					t.Errorf("%s: reply on %s", topic, p.Topic)
+				}
+				break
+			}
+		}
+	}
+}
+
+// One SUBSCRIBE of many refused filters (another device's topics) is one
+// log line, not one a filter.
+func TestMQTTRefusedFiltersLoggedOnce(t *testing.T) {
+	log := captureLog(t)
+	e := newEnv(t)
+	addr := e.startMQTT()
+	c := e.rawDevice(t, addr, "d1")
+	subs := make([]mqtt.Subscription, 50)
+	for i := range subs {
+		subs[i] = mqtt.Subscription{Filter: "devices/d" + strconv.Itoa(i+2) + "/messages/devicebound/#", QoS: 1}
+	}
+	c.write(&mqtt.Subscribe{PacketID: 1, Subscriptions: subs})
+	if ack, ok := c.read().(*mqtt.Suback); !ok || len(ack.ReturnCodes) != 50 || ack.ReturnCodes[0] != mqtt.SubscribeFailure {
+		t.Fatalf("SUBACK %+v", ack)
+	}
+	if n := strings.Count(log.String(), "filter="); n != 1 {
+		t.Fatalf("%d log lines of refusals for one SUBSCRIBE:\n%s", n, log.String())
+	}
+}
+
+// SUBSCRIBEs sent as fast as a device can send them start one queue
+// reading at a time, with one at most waiting, not a goroutine each.
+func TestC2DSubscribeFloodCoalesced(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	before := runtime.NumGoroutine()
+	subs := make([]mqtt.Subscription, mqtt.DefaultMaxSubscribeFilters)
+	for i := range subs {
+		subs[i] = mqtt.Subscription{Filter: "devices/d1/messages/devicebound/#", QoS: 1}
+	}
+	for i := range 64 {
+		c.write(&mqtt.Subscribe{PacketID: uint16(i + 1), Subscriptions: subs})
+	}
+	for acks := 0; acks < 64; {
+		if _, ok := c.read().(*mqtt.Suback); ok {
+			acks++
+		}
+	}
+	if n := runtime.NumGoroutine() - before; n > 1000 {
+		t.Fatalf("%d goroutines more after 4096 subscriptions", n)
+	}
+}
+
+// A queued message that cannot become an MQTT topic is dropped, not left
+// to hold up the messages behind it until it expires.
+func TestC2DUndeliverableDropped(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	// Queued as SendC2D queues, before it bounded the properties.
+	now := time.Now().UTC()
+	bad, _ := json.Marshal(hub.C2DMessage{ID: "d1/00000000000000000001", MessageID: "huge",
+		Properties: map[string]string{"k": strings.Repeat("/", 30<<10)}, Body: []byte("x"), Enqueued: now, Expiry: now.Add(time.Hour)})
+	if _, err := e.st.Create(ctx, store.Doc{Kind: "hub.c2d", ID: "d1/00000000000000000001", Body: bad}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "fine"}, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	got := e.c2dReceiver(addr, d)
+	if id := testutil.Within(t, got, "the message behind the undeliverable one"); id != "fine" {
+		t.Fatalf("got %s", id)
+	}
+	if msgs, _ := e.hub.PendingC2D(ctx, "d1"); len(msgs) > 1 {
+		t.Fatalf("%d messages still queued", len(msgs))
 	}
 }
 
