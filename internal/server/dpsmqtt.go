@@ -137,13 +137,12 @@ func (s *dpsSession) unauthenticated() bool {
 	return s.cred.Authorization == "" && len(s.cred.Certificates) == 0
 }
 
-// subscribeDPS grants the response topic and nothing else.
-func (d *DeviceEndpoint) subscribeDPS(_ *mqtt.Conn, s *dpsSession, filter string, qos byte) byte {
+// subscribeDPS grants the response topic and nothing else (the MQTT
+// server logs what is refused, once a SUBSCRIBE).
+func (d *DeviceEndpoint) subscribeDPS(_ *mqtt.Conn, _ *dpsSession, filter string, qos byte) byte {
 	if filter == dpsResponseFilter {
 		return min(qos, 1)
 	}
-	slog.Info("dps mqtt subscription refused", "registrationId", s.regID, "filter", filter,
-		"reason", "a registration session subscribes to "+dpsResponseFilter+" only")
 	return mqtt.SubscribeFailure
 }
 
