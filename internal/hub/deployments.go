@@ -409,17 +409,13 @@ func withMetadata(doc map[string]any, updated time.Time) map[string]any {
 func (s *Service) applyAll(ctx context.Context) error {
 	s.configurationsChanged()
 	s.publish("configurations", Ref{})
-	cs, err := s.targets(ctx)
-	if err != nil {
-		return err
-	}
-	for kind, apply := range map[string]func(context.Context, *record, []target) error{kindDevice: s.applyTo, kindModule: s.applyToModule} {
+	for _, kind := range []string{kindDevice, kindModule} {
 		err := s.eachRecord(ctx, kind, func(r *record) error {
 			// What does not fit one twin (layers merging past a
 			// module twin's size) stays off that twin only.
-			err := apply(ctx, r, cs)
+			err := s.evaluate(ctx, Ref{Device: r.Device.DeviceID, Module: r.Device.ModuleID}, true)
 			switch {
-			case err == nil:
+			case err == nil, azerr.HasStatus(err, 404): // deleted meanwhile
 			case azerr.As(err).Status() >= 500:
 				return err
 			default:
@@ -434,28 +430,45 @@ func (s *Service) applyAll(ctx context.Context) error {
 	return nil
 }
 
-// reapply re-evaluates one device after its identity or tags changed. It
-// runs on every such change, registrations with initial tags among them,
-// so it reads the configurations from a short memory (targetMemo).
+// reapply re-evaluates one device after its identity or tags changed.
 func (s *Service) reapply(ctx context.Context, r Ref) {
-	cs, err := s.targetMemo.get(ctx, r, s.targets)
-	if err == nil && len(cs) == 0 {
-		return
-	}
-	var rec *record
-	if err == nil {
-		rec, _, err = s.load(ctx, r)
-	}
-	switch {
-	case err != nil:
-	case r.Module != "":
-		err = s.applyToModule(ctx, rec, cs)
-	default:
-		err = s.applyTo(ctx, rec, cs)
-	}
-	if err != nil && !azerr.HasStatus(err, 404) { // a device deleted meanwhile has nothing to apply
+	if err := s.evaluate(ctx, r, false); err != nil && !azerr.HasStatus(err, 404) { // a device deleted meanwhile has nothing to apply
 		slog.Warn("applying configurations failed", "device", r.Device, "error", err)
 	}
+}
+
+// evaluatingKey marks the context of a device's evaluation (its device
+// ID): what the evaluation writes needs no evaluation of its own.
+type evaluatingKey struct{}
+
+// evaluate brings one identity in line with the configurations; with
+// none, only when sweep says the last one may have just gone. It runs on
+// every tag change, registrations with initial tags among them, so it
+// reads the configurations from a short memory (targetMemo). Evaluations
+// of one device take turns, each reading the configurations and the
+// record once it has its turn: one begun before a configuration changed
+// (a sweep's, a tag change's) cannot write after one begun since, and so
+// leave the device evaluated against what no longer holds.
+func (s *Service) evaluate(ctx context.Context, r Ref, sweep bool) error {
+	if dev, _ := ctx.Value(evaluatingKey{}).(string); dev == r.Device {
+		return nil
+	}
+	m := stripe(s.evalLocks[:], r.Device)
+	m.Lock()
+	defer m.Unlock()
+	ctx = context.WithValue(ctx, evaluatingKey{}, r.Device)
+	cs, err := s.targetMemo.get(ctx, r, s.targets)
+	if err != nil || (len(cs) == 0 && !sweep) {
+		return err
+	}
+	rec, _, err := s.load(ctx, r)
+	switch {
+	case err != nil:
+		return err
+	case r.Module != "":
+		return s.applyToModule(ctx, rec, cs)
+	}
+	return s.applyTo(ctx, rec, cs)
 }
 
 // applyTo brings one device in line with the configurations that target
@@ -909,7 +922,7 @@ func (s *Service) Query(ctx context.Context, q string, offset, limit int) ([]map
 	return rows[offset:end], next, nil
 }
 
-// configurationsChanged forgets the configurations reapply remembers, and
+// configurationsChanged forgets the configurations evaluate remembers, and
 // evaluates again, in the background, the identities it evaluated lately:
 // the configurations may have changed, through another replica, before
 // their records were written and after that replica's sweep passed them by.
@@ -928,7 +941,7 @@ func (s *Service) configurationsChanged() {
 }
 
 // targetMemo keeps the configurations, ready for matching, for
-// targetMemoTTL: reapply runs on every tag change. A change through this
+// targetMemoTTL: evaluate runs on every tag change. A change through this
 // replica forgets them at once, one through another when its signal comes.
 type targetMemo struct {
 	mu  sync.Mutex

@@ -35,12 +35,13 @@ type Service struct {
 	desiredWatchers watchers[Ref, func(desiredChange)]
 	c2dWatchers     watchers[string, func()]
 	conns           watchers[string, *connection] // this replica's connections, by device
-	targetMemo      targetMemo                    // the configurations, for reapply
+	targetMemo      targetMemo                    // the configurations, for evaluate
 	jobsWake        chan struct{}                 // RunJobs looks for jobs at once
 
 	mu        sync.Mutex
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
 	twinLocks [64]sync.Mutex         // see twinLock
+	evalLocks [64]sync.Mutex         // see evaluate
 
 	relay  store.Relay              // to the other replicas; nil with SQLite
 	origin string                   // this replica's name on the relay

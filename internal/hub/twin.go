@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"hash/fnv"
 	"maps"
+	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -147,14 +148,20 @@ func checkSize(where string, doc map[string]any, limit int) error {
 	return nil
 }
 
-// twinLock serializes the desired-property writes of one twin (striped, so
-// the locks take no memory per device) and returns the unlock.
+// twinLock serializes the desired-property writes of one twin and returns
+// the unlock.
 func (s *Service) twinLock(r Ref) (unlock func()) {
-	h := fnv.New32a()
-	h.Write([]byte(r.String()))
-	m := &s.twinLocks[h.Sum32()%uint32(len(s.twinLocks))]
+	m := stripe(s.twinLocks[:], r.String())
 	m.Lock()
 	return m.Unlock
+}
+
+// stripe is key's lock among locks: striped, so that locks per device take
+// no memory per device.
+func stripe(locks []sync.Mutex, key string) *sync.Mutex {
+	h := fnv.New32a()
+	h.Write([]byte(key))
+	return &locks[h.Sum32()%uint32(len(locks))]
 }
 
 func (r *record) twinView() *Twin {
