@@ -2,6 +2,7 @@ package testutil
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -180,7 +181,9 @@ func (pg *Postgres) signalAll(tb testing.TB, sig syscall.Signal) {
 		}
 	}
 	for _, pid := range pids {
-		if err := syscall.Kill(pid, sig); err != nil {
+		// A process may have ended since the list was read: a backend
+		// the postmaster, continued first, has just reaped.
+		if err := syscall.Kill(pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
 			tb.Errorf("signal %v to %d: %v", sig, pid, err)
 		}
 	}
