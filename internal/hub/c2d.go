@@ -53,21 +53,6 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if len(body) > maxC2DSize {
 		return nil, azerr.New(413001, "MessageTooLarge", "the message body is %d bytes: cloud-to-device messages carry at most %d", len(body), maxC2DSize)
 	}
-	if n := encodedSize(props); n > maxC2DProps {
-		return nil, azerr.BadRequest("the message's properties take %d bytes URL-encoded: cloud-to-device properties may take at most %d "+
-			"(Azure IoT Hub limits a message to 64 KB with its properties): send fewer or shorter ones, or put them in the body", n, maxC2DProps)
-	}
-	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
-		return nil, err
-	}
-	pending, err := s.queuedC2D(ctx, device)
-	if err != nil {
-		return nil, err
-	}
-	if len(pending) >= maxC2DQueue {
-		return nil, azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
-			"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
-	}
 	now := s.Now().UTC()
 	expiry, err := c2dExpiry(props, now)
 	if err != nil {
@@ -82,6 +67,22 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if m.MessageID == "" {
 		m.MessageID = hex.EncodeToString(rnd[:]) + fmt.Sprint(now.UnixNano())
 	}
+	// Measured as MQTT will carry them, in the topic.
+	if n := len(m.PropertyBag(device)); n > maxC2DProps {
+		return nil, azerr.BadRequest("the message's properties take %d bytes URL-encoded: cloud-to-device properties may take at most %d "+
+			"(Azure IoT Hub limits a message to 64 KB with its properties): send fewer or shorter ones, or put them in the body", n, maxC2DProps)
+	}
+	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
+		return nil, err
+	}
+	pending, err := s.queuedC2D(ctx, device)
+	if err != nil {
+		return nil, err
+	}
+	if len(pending) >= maxC2DQueue {
+		return nil, azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
+			"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
+	}
 	doc, _ := json.Marshal(m)
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
@@ -92,13 +93,18 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	return m, nil
 }
 
-// encodedSize is the length of props as a URL query.
-func encodedSize(props map[string]string) int {
-	n := 0
-	for k, v := range props {
-		n += len(url.QueryEscape(k)) + len(url.QueryEscape(v)) + 2 // '=' and '&'
+// PropertyBag is m's properties with the hub's own ($.mid, $.to, $.exp),
+// URL-encoded as MQTT delivers them after devices/{id}/messages/devicebound/:
+// percent-encoding throughout, as '+' for a space would be a wildcard.
+func (m *C2DMessage) PropertyBag(device string) string {
+	bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + device + "/messages/deviceBound"},
+		"$.exp": {m.Expiry.UTC().Format(time.RFC3339Nano)}}
+	for k, v := range m.Properties {
+		if k != "messageId" {
+			bag.Set(k, v)
+		}
 	}
-	return n
+	return strings.ReplaceAll(bag.Encode(), "+", "%20")
 }
 
 // c2dExpiry is when a message sent now expires: at its "$.exp" system

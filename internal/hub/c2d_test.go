@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/mqtt"
 )
 
 // Over HTTPS a received message is locked: hidden from the next receive
@@ -187,10 +188,20 @@ func TestC2DPropertiesTooLarge(t *testing.T) {
 	if !azerr.HasStatus(err, 400) || !strings.Contains(err.Error(), "properties") {
 		t.Fatalf("properties of 75 KB encoded: %v", err)
 	}
-	if _, err := s.SendC2D(ctx, "d1", map[string]string{"k": strings.Repeat("a", 50<<10)}, []byte("x")); err != nil {
+	// Spaces go into a topic as %20, not as a query's '+'.
+	_, err = s.SendC2D(ctx, "d1", map[string]string{"k": strings.Repeat(" ", 30<<10)}, []byte("x"))
+	if !azerr.HasStatus(err, 400) || !strings.Contains(err.Error(), "properties") {
+		t.Fatalf("30 KB of spaces, 90 KB in a topic: %v", err)
+	}
+	m, err := s.SendC2D(ctx, "d1", map[string]string{"k": strings.Repeat("a", 50<<10)}, []byte("x"))
+	if err != nil {
 		t.Fatalf("properties of 50 KB: %v", err)
 	}
 	if msgs, err := s.PendingC2D(ctx, "d1"); err != nil || len(msgs) != 1 {
 		t.Fatalf("queued: %d %v", len(msgs), err)
+	}
+	// What was admitted fits the topic it is delivered in.
+	if err := mqtt.ValidateTopicName("devices/d1/messages/devicebound/" + m.PropertyBag("d1")); err != nil {
+		t.Fatalf("an admitted message's topic: %v", err)
 	}
 }

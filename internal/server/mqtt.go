@@ -617,16 +617,8 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		if !s.startC2D(m.ID) {
 			continue // sent on this connection, its acknowledgement awaited
 		}
-		bag := url.Values{"$.mid": {m.MessageID}, "$.to": {"/devices/" + s.ref.Device + "/messages/deviceBound"},
-			"$.exp": {m.Expiry.UTC().Format(time.RFC3339Nano)}}
-		for k, v := range m.Properties {
-			if k != "messageId" {
-				bag.Set(k, v)
-			}
-		}
 		id := m.ID
-		// Percent-encoding throughout: '+' for a space is a wildcard in MQTT.
-		topic := s.own() + "messages/devicebound/" + strings.ReplaceAll(bag.Encode(), "+", "%20")
+		topic := s.own() + "messages/devicebound/" + m.PropertyBag(s.ref.Device)
 		if err := mqtt.ValidateTopicName(topic); err != nil {
 			// Never deliverable (queued before SendC2D bounded the
 			// properties): dropped, as the hosted hub dead-letters, so
