@@ -407,7 +407,7 @@ func withMetadata(doc map[string]any, updated time.Time) map[string]any {
 // applyAll re-evaluates every device against the configurations, after
 // one changed.
 func (s *Service) applyAll(ctx context.Context) error {
-	s.configurationsChanged()
+	s.targetMemo.forget() // the sweep evaluates every identity again
 	s.publish("configurations", Ref{})
 	for _, kind := range []string{kindDevice, kindModule} {
 		err := s.eachRecord(ctx, kind, func(r *record) error {
@@ -934,7 +934,12 @@ func (s *Service) configurationsChanged() {
 	go func() {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
-		for _, r := range refs {
+		for i, r := range refs {
+			if ctx.Err() != nil {
+				slog.Warn("evaluating again the identities evaluated before another replica changed the configurations took too long; the rest wait for their next change",
+					"evaluated", i, "left", len(refs)-i)
+				return
+			}
 			s.reapply(ctx, r)
 		}
 	}()
