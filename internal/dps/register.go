@@ -609,7 +609,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.CreatedDateTimeUtc = read.CreatedDateTimeUtc
 	}
 	prev := read.lastAssignment() // what to reprovision from
-	ekKey, err := s.tpmIdentity(ctx, regID, att, read)
+	ekKey, err := s.tpmIdentity(ctx, regID, att)
 	if err != nil {
 		return nil, err
 	}
@@ -671,6 +671,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
+	}
+	if ekKey != "" {
+		// A DELETE of the record while this registration ran freed the
+		// claim, and the record is back: claim the ID again (unless the
+		// TPM took another meanwhile, which then keeps it).
+		if _, err := s.tpmIdentity(ctx, regID, att); err != nil && !azerr.HasStatus(err, 401) {
+			return nil, err
+		}
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
 		s.recentOperations.put(regID, a, s.Now())
