@@ -131,12 +131,9 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 		if c.Certificate == "" {
 			return azerr.BadRequest("%s.%s.certificate is empty: give the certificate's PEM or leave %s out", field, name, name)
 		}
-		certs, err := certtext.ParseAll(c.Certificate)
+		certs, err := readCertificates(c.Certificate, role)
 		if err != nil {
 			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
-		}
-		if role != caBundle {
-			certs = certs[:1] // a device's PEM may carry its chain: the first is the one
 		}
 		for _, cert := range certs {
 			if role != deviceCert && !cert.IsCA {
@@ -150,6 +147,20 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 		c.Info = CertificateInfo(certs[0])
 	}
 	return nil
+}
+
+// readCertificates reads a certificate field's PEM: all of a TPM group's
+// bundle, whose intermediates serve; of any other, the first certificate
+// alone, whatever follows it (its chain, its key, as PEM files carry them).
+func readCertificates(pemText string, role certRole) ([]*x509.Certificate, error) {
+	if role == caBundle {
+		return certtext.ParseAll(pemText)
+	}
+	c, err := certtext.Parse(pemText)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{c}, nil
 }
 
 // checkBundle checks that the certificates after the first chain to it
@@ -181,6 +192,9 @@ func (cs *X509Certificates) certificates() []*x509.Certificate {
 // intermediates returns the certificates after the first of each PEM: a
 // TPM group's intermediate CAs, which EK certificates chain through.
 func (cs *X509Certificates) intermediates() *x509.CertPool {
+	if cs == nil {
+		return nil
+	}
 	cs.parse()
 	return cs.bundled
 }
