@@ -234,7 +234,21 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if namesRegistration(leaf, regID) {
 		return nil
 	}
-	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN (or its first DNS name)", leaf.Subject.CommonName))
+	names, _ := registrationNames(leaf)
+	return unauthorized(regID, "the registration ID must be the client certificate's "+names)
+}
+
+// registrationNames are the registration IDs a device certificate names
+// (namesRegistration): described, for refusals of others, and quoted in
+// lower case, as an enrollment takes them.
+func registrationNames(c *x509.Certificate) (described, ids string) {
+	cn := c.Subject.CommonName
+	described, ids = fmt.Sprintf("subject CN %q", cn), fmt.Sprintf("%q", strings.ToLower(cn))
+	if len(c.DNSNames) > 0 && !strings.EqualFold(c.DNSNames[0], cn) {
+		described += fmt.Sprintf(" or its first DNS name %q", c.DNSNames[0])
+		ids += fmt.Sprintf(" or %q", strings.ToLower(c.DNSNames[0]))
+	}
+	return described, ids
 }
 
 // namesRegistration reports whether a device certificate names regID, the
@@ -257,8 +271,9 @@ func checkRegistrationCN(e *Enrollment) error {
 	}
 	for _, c := range x.ClientCertificates.certificates() {
 		if !namesRegistration(c, e.RegistrationID) {
-			return azerr.BadRequest("the certificate's subject CN %q is the registration ID its device registers with, not %q: enroll it as %q",
-				c.Subject.CommonName, e.RegistrationID, strings.ToLower(c.Subject.CommonName))
+			names, ids := registrationNames(c)
+			return azerr.BadRequest("the certificate's device registers with its %s as registration ID, not %q: enroll it as %s",
+				names, e.RegistrationID, ids)
 		}
 	}
 	return nil

@@ -81,7 +81,7 @@ func TestX509IndividualEnrollment(t *testing.T) {
 		want        string
 	}{
 		{"another certificate with the same CN", "cam-01", testutil.NewCert(t, "cam-01", false, nil), "check its credentials"},
-		{"registration ID other than the CN", "cam-01", testutil.NewCert(t, "cam-02", false, nil), "subject CN is \"cam-02\""},
+		{"registration ID other than the CN", "cam-01", testutil.NewCert(t, "cam-02", false, nil), "must be the client certificate's subject CN \"cam-02\""},
 		{"no enrollment", "cam-09", testutil.NewCert(t, "cam-09", false, nil), "check its credentials"},
 	} {
 		_, err := e.x509Device(tc.regID, tc.cert).RegisterX509(ctx)
@@ -168,7 +168,8 @@ func TestX509GroupEnrollment(t *testing.T) {
 }
 
 // A device certificate names one device: its subject CN, or its first DNS
-// name (as the C# SDK derives the registration ID), not any name it lists.
+// name (as the C# SDK derives the registration ID), not any name it lists;
+// refusals of others name both.
 func TestX509RegistrationIDIsTheCN(t *testing.T) {
 	e := newEnv(t)
 	ca := testutil.NewCert(t, "Fleet CA", true, nil)
@@ -183,12 +184,19 @@ func TestX509RegistrationIDIsTheCN(t *testing.T) {
 			t.Errorf("as %s: %v", id, err)
 		}
 	}
+	names := `subject CN "cam-01" or its first DNS name "cam-01.plant.local"`
 	before := e.counts()
 	for _, id := range []string{"gateway", "localhost"} {
 		_, err := e.x509Device(id, cert).RegisterX509(ctx)
-		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, `subject CN is "cam-01"`) {
+		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, names) {
 			t.Errorf("as %s, a later DNS name: %v", id, err)
 		}
+	}
+	// Nor is it enrolled under another.
+	err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/gateway", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(cert)}}}}}, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), names) || !strings.Contains(err.Error(), `enroll it as "cam-01" or "cam-01.plant.local"`) {
+		t.Errorf("enrolled as a later DNS name: %v", err)
 	}
 	if after := e.counts(); !maps.Equal(before, after) {
 		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
