@@ -348,24 +348,46 @@ func (s *Service) GetRegistration(ctx context.Context, id string) (*Registration
 	return r, nil
 }
 
-// DeleteRegistration forgets a device's registration record.
+// DeleteRegistration forgets a device's registration record, and frees
+// the TPM that claimed its ID. The record is deleted as read, so that the
+// claim freed is the one it held: a registration that adds one meanwhile
+// makes it read again.
 func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) error {
 	id, err := NormalizeID("registration ID", id)
 	if err != nil {
 		return err
 	}
-	rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, id, nil)
-	if err != nil {
-		return err
+	for attempt := 0; ; attempt++ {
+		rec, etag, err := get[registrationRecord](ctx, s.store, kindRegistration, id, nil)
+		if err != nil {
+			return err
+		}
+		if rec == nil {
+			keyID, err := s.orphanEK(ctx, id)
+			if err != nil {
+				return err
+			}
+			if keyID == "" {
+				return storeErr(store.ErrNotFound, "registration "+id)
+			}
+			return s.freeEK(ctx, id, keyID)
+		}
+		if ifMatch != "" && ifMatch != "*" && ifMatch != etag {
+			return storeErr(store.ErrPrecondition, "registration "+id)
+		}
+		err = s.store.Delete(ctx, kindRegistration, id, etag)
+		if (errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)) && attempt < 20 {
+			continue // changed or deleted meanwhile
+		}
+		if err != nil {
+			return storeErr(err, "registration "+id)
+		}
+		s.recentOperations.forget(id)
+		if rec.EndorsementKeyID != "" {
+			return s.freeEK(ctx, id, rec.EndorsementKeyID)
+		}
+		return nil
 	}
-	if err = s.store.Delete(ctx, kindRegistration, id, ifMatch); err != nil {
-		return storeErr(err, "registration "+id)
-	}
-	s.recentOperations.forget(id)
-	if rec != nil && rec.EndorsementKeyID != "" {
-		return s.freeEK(ctx, id, rec.EndorsementKeyID)
-	}
-	return nil
 }
 
 // ListRegistrations pages through registration records; groupID "" or "*"

@@ -609,7 +609,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		state.CreatedDateTimeUtc = read.CreatedDateTimeUtc
 	}
 	prev := read.lastAssignment() // what to reprovision from
-	ekKey, err := s.tpmIdentity(ctx, regID, att, read)
+	ekKey, err := s.tpmIdentity(ctx, regID, att)
 	if err != nil {
 		return nil, err
 	}
@@ -671,6 +671,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
+	}
+	if ekKey != "" {
+		// A DELETE of the record while this registration ran freed the
+		// claim, and the record is back: claim the ID again (unless the
+		// TPM took another meanwhile, which then keeps it).
+		if _, err := s.tpmIdentity(ctx, regID, att); err != nil && !azerr.HasStatus(err, 401) {
+			return nil, err
+		}
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
 		s.recentOperations.put(regID, a, s.Now())
@@ -837,10 +845,16 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		case err == nil:
 			keep = old
 		case !sameDevice && azerr.HasStatus(err, 404):
-			// A concurrent registration from the same record moved the
-			// device and its twin already, and removed the former
-			// identity: resetting the twin now would lose what it carried.
-			movedAlready = true
+			// The former identity is gone. If a concurrent registration
+			// from the same record moved the device and its twin already,
+			// resetting the twin now would lose what it carried; if the
+			// operator deleted it, there is nothing to migrate.
+			if movedAlready, err = s.movedMeanwhile(ctx, state.RegistrationID, prev); err != nil {
+				return nil, err
+			}
+			if !movedAlready {
+				state.Substatus = "deviceDataReset"
+			}
 		default:
 			slog.Warn("reading the twin to migrate failed; the device starts from its initial twin",
 				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "error", err)
@@ -874,6 +888,17 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		}
 	}
 	return hub, nil
+}
+
+// movedMeanwhile says whether another registration of regID recorded an
+// assignment other than prev since this one read the record.
+func (s *Service) movedMeanwhile(ctx context.Context, regID string, prev *assignment) (bool, error) {
+	rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+	if err != nil {
+		return false, err
+	}
+	now := rec.lastAssignment()
+	return now != nil && (!strings.EqualFold(now.Hub, prev.Hub) || now.DeviceID != prev.DeviceID), nil
 }
 
 func (s *Service) operationID() string {

@@ -105,10 +105,12 @@ func ekKeyID(ek []byte) (string, error) {
 	return hex.EncodeToString(sum[:]), nil
 }
 
-// tpmIdentity has a TPM group's device claim regID for its EK, unless its
-// record shows it did so before, and returns the EK's key ID; "" for other
-// devices.
-func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestation, read *registrationRecord) (string, error) {
+// tpmIdentity has a TPM group's device claim regID for its EK, or finds
+// that it did, and returns the EK's key ID; "" for other devices. The claim
+// is read every time rather than trusted from the registration record: a
+// registration that raced a DELETE of its record writes the record back
+// with the key ID of a claim that DELETE freed, and this claims it again.
+func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestation) (string, error) {
 	if att.group == nil || att.challenge == nil {
 		return "", nil
 	}
@@ -117,21 +119,20 @@ func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestatio
 	if err != nil {
 		return "", err
 	}
-	if read != nil && read.EndorsementKeyID == keyID {
-		return keyID, nil
-	}
 	body, _ := json.Marshal(ekClaim{RegistrationID: regID})
-	for range 3 { // a claim freed meanwhile is claimed again
-		_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
-		if !errors.Is(err, store.ErrExists) {
-			return keyID, err
-		}
+	for range 3 { // a claim made or freed meanwhile is read again
 		c, _, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
 		switch {
 		case err != nil:
 			return "", err
 		case c == nil:
-			continue
+			_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
+			if errors.Is(err, store.ErrExists) {
+				continue
+			}
+			if err != nil {
+				return "", err
+			}
 		case !strings.EqualFold(c.RegistrationID, regID):
 			return "", unauthorized(regID, fmt.Sprintf("this TPM registered as %s already, and a TPM group's device registers under one ID: "+
 				"to register it as %s, delete the registration record of %s (DELETE /registrations/%s)", c.RegistrationID, regID, c.RegistrationID, c.RegistrationID))
@@ -153,4 +154,32 @@ func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
 			"the TPM can still register as %s; delete that registration again once it has", regID, err, regID)
 	}
 	return nil
+}
+
+// orphanEK finds the key ID of a claim on regID that has no registration
+// record (a registration that failed before recording itself leaves one),
+// so that deleting regID's registration, as the refusal of the TPM's other
+// IDs advises, frees it. Only an ID of the forms an EK determines can have
+// a claim, and only a DELETE finding no record looks, so claims are read
+// one page after another rather than indexed by ID as well.
+func (s *Service) orphanEK(ctx context.Context, regID string) (string, error) {
+	if len(regID) != len(attest.RegistrationID(nil)) && len(regID) != len(attest.LegacyRegistrationID(nil)) {
+		return "", nil
+	}
+	for after := ""; ; {
+		docs, err := s.store.List(ctx, kindTPMKey, after, 1000)
+		if err != nil {
+			return "", err
+		}
+		for _, d := range docs {
+			var c ekClaim
+			if json.Unmarshal(d.Body, &c) == nil && strings.EqualFold(c.RegistrationID, regID) {
+				return d.ID, nil
+			}
+		}
+		if len(docs) < 1000 {
+			return "", nil
+		}
+		after = docs[len(docs)-1].ID
+	}
 }

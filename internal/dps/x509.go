@@ -131,12 +131,9 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 		if c.Certificate == "" {
 			return azerr.BadRequest("%s.%s.certificate is empty: give the certificate's PEM or leave %s out", field, name, name)
 		}
-		certs, err := certtext.ParseAll(c.Certificate)
+		certs, err := readCertificates(c.Certificate, role)
 		if err != nil {
 			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
-		}
-		if role != caBundle {
-			certs = certs[:1] // a device's PEM may carry its chain: the first is the one
 		}
 		for _, cert := range certs {
 			if role != deviceCert && !cert.IsCA {
@@ -150,6 +147,20 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 		c.Info = CertificateInfo(certs[0])
 	}
 	return nil
+}
+
+// readCertificates reads a certificate field's PEM: all of a TPM group's
+// bundle, whose intermediates serve; of any other, the first certificate
+// alone, whatever follows it (its chain, its key, as PEM files carry them).
+func readCertificates(pemText string, role certRole) ([]*x509.Certificate, error) {
+	if role == caBundle {
+		return certtext.ParseAll(pemText)
+	}
+	c, err := certtext.Parse(pemText)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{c}, nil
 }
 
 // checkBundle checks that the certificates after the first chain to it
@@ -181,6 +192,9 @@ func (cs *X509Certificates) certificates() []*x509.Certificate {
 // intermediates returns the certificates after the first of each PEM: a
 // TPM group's intermediate CAs, which EK certificates chain through.
 func (cs *X509Certificates) intermediates() *x509.CertPool {
+	if cs == nil {
+		return nil
+	}
 	cs.parse()
 	return cs.bundled
 }
@@ -220,7 +234,21 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if namesRegistration(leaf, regID) {
 		return nil
 	}
-	return unauthorized(regID, fmt.Sprintf("the client certificate's subject CN is %q: the registration ID must be the certificate's CN (or its first DNS name)", leaf.Subject.CommonName))
+	names, _ := registrationNames(leaf)
+	return unauthorized(regID, "the registration ID must be the client certificate's "+names)
+}
+
+// registrationNames are the registration IDs a device certificate names
+// (namesRegistration): described, for refusals of others, and quoted in
+// lower case, as an enrollment takes them.
+func registrationNames(c *x509.Certificate) (described, ids string) {
+	cn := c.Subject.CommonName
+	described, ids = fmt.Sprintf("subject CN %q", cn), fmt.Sprintf("%q", strings.ToLower(cn))
+	if len(c.DNSNames) > 0 && !strings.EqualFold(c.DNSNames[0], cn) {
+		described += fmt.Sprintf(" or its first DNS name %q", c.DNSNames[0])
+		ids += fmt.Sprintf(" or %q", strings.ToLower(c.DNSNames[0]))
+	}
+	return described, ids
 }
 
 // namesRegistration reports whether a device certificate names regID, the
@@ -243,8 +271,9 @@ func checkRegistrationCN(e *Enrollment) error {
 	}
 	for _, c := range x.ClientCertificates.certificates() {
 		if !namesRegistration(c, e.RegistrationID) {
-			return azerr.BadRequest("the certificate's subject CN %q is the registration ID its device registers with, not %q: enroll it as %q",
-				c.Subject.CommonName, e.RegistrationID, strings.ToLower(c.Subject.CommonName))
+			names, ids := registrationNames(c)
+			return azerr.BadRequest("the certificate's device registers with its %s as registration ID, not %q: enroll it as %s",
+				names, e.RegistrationID, ids)
 		}
 	}
 	return nil

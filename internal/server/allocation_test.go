@@ -363,6 +363,30 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 }
 
+// A moving device whose former identity the operator deleted has no data
+// to migrate: the identity it moves to, which may exist already, starts
+// from the initial twin, and the device is told its data was reset.
+func TestMoveFromDeletedIdentityResetsTwin(t *testing.T) {
+	e := newEnv(t)
+	register := e.mover(t, func() int { return http.StatusOK })
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/new-id", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/new-id", "", map[string]any{"tags": map[string]any{"site": "stale"}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.hubAPI.Do(ctx, "DELETE", "/devices/old-id", "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	res, err := register()
+	if err != nil || res.DeviceID != "new-id" || res.Substatus != "deviceDataReset" {
+		t.Fatalf("registration after the former identity was deleted: %+v %v", res, err)
+	}
+	if tags := string(mustTwin(t, e, "new-id", "").Tags); strings.Contains(tags, "stale") {
+		t.Fatalf("the identity moved to kept its twin: %s", tags)
+	}
+}
+
 // A registration that fails leaves the device where it was: the next one
 // moves it from there, with its twin, and removes the former identity.
 func TestFailedRegistrationKeepsAssignment(t *testing.T) {

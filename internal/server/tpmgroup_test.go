@@ -2,19 +2,30 @@ package server
 
 import (
 	"bytes"
+	"context"
 	"crypto"
+	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/hex"
+	"io"
+	"net/http"
+	"net/http/httptest"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/softtpm"
+	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpm"
 )
@@ -182,6 +193,151 @@ func TestTPMGroupOneIDPerTPM(t *testing.T) {
 	}
 	if err := register(ek, hexID); err == nil || !strings.Contains(err.Error(), "this TPM registered as "+base32ID+" already") {
 		t.Errorf("the first ID, after the TPM moved to the second: %v", err)
+	}
+}
+
+// groupTPM creates g as TPM group acme-tpms, trusting a new CA, and a TPM
+// with an EK certificate from that CA: it returns the EK and a function
+// that registers the TPM as id.
+func (e *env) groupTPM(t *testing.T, g *dps.EnrollmentGroup) (ek []byte, register func(id string) error) {
+	ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
+	g.Attestation = dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+		Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", g, nil); err != nil {
+		t.Fatal(err)
+	}
+	dev := certifiedTPM(t, &ca)
+	ek, _ = dev.EndorsementKey()
+	return ek, func(id string) error {
+		_, err := e.device(id).RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
+		return err
+	}
+}
+
+// A DELETE of a TPM group device's registration record while the device
+// registers again frees the TPM's claim, and the registration writes the
+// record back: it claims the ID again, so that the TPM does not register
+// under its other ID as well.
+func TestTPMGroupClaimOutlivesRacingDelete(t *testing.T) {
+	e := newEnv(t)
+	// While hold is set, the webhook's next call waits for release.
+	var hold atomic.Bool
+	waiting, release := make(chan struct{}), make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if hold.CompareAndSwap(true, false) {
+			close(waiting)
+			<-release
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{AllocationPolicy: dps.PolicyCustom,
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"}})
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	if err := register(hexID); err != nil {
+		t.Fatal(err)
+	}
+	hold.Store(true)
+	done := make(chan error)
+	go func() { done <- register(hexID) }()
+	<-waiting
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	close(release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), "this TPM registered as "+hexID+" already") {
+		t.Fatalf("the TPM's other ID, after its record was deleted during a registration and written back: %v", err)
+	}
+}
+
+// beforeDelete runs f before a store's first deletion of a registration
+// record.
+type beforeDelete struct {
+	store.Store
+	once sync.Once
+	f    func()
+}
+
+func (b *beforeDelete) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	if kind == "dps.registration" {
+		b.once.Do(b.f)
+	}
+	return b.Store.Delete(ctx, kind, id, ifMatch)
+}
+
+// A DELETE that read a registration record without a TPM's claim, while a
+// registration through a TPM group added one, frees that claim: the TPM
+// may register under its other ID.
+func TestTPMGroupDeleteFreesClaimAddedMeanwhile(t *testing.T) {
+	e := newEnv(t)
+	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	// Registered through an individual enrollment first, its record has no claim.
+	e.putEnrollment(&dps.Enrollment{RegistrationID: hexID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	if err := register(hexID); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/"+hexID, "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	// (As when the challenge the enrollment gave has expired: a pending
+	// one would be given again, naming no group.)
+	if err := e.st.Delete(ctx, "dps.challenge", hexID, ""); err != nil {
+		t.Fatal(err)
+	}
+	// Another replica deletes the record, which the group's registration
+	// changes between that replica's read and its delete.
+	replica, err := dps.Open(ctx, &beforeDelete{Store: e.st, f: func() {
+		if err := register(hexID); err != nil {
+			t.Error(err)
+		}
+	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := replica.DeleteRegistration(ctx, hexID, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.dps.GetRegistration(ctx, hexID); azerr.As(err).Status() != 404 {
+		t.Fatalf("the record after DELETE: %v", err)
+	}
+	if err := register(base32ID); err != nil {
+		t.Fatalf("the TPM's other ID, after its record was deleted: %v", err)
+	}
+}
+
+// A claim whose registration record is gone (a registration that failed
+// before recording itself leaves one) is freed by deleting that
+// registration, as the refusal of the TPM's other ID advises.
+func TestTPMGroupDeleteFreesClaimWithoutRecord(t *testing.T) {
+	e := newEnv(t)
+	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	pub, err := attest.ParsePublic(ek)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyID := sha256.Sum256(pub.Modulus)
+	if _, err := e.st.Create(ctx, store.Doc{Kind: "dps.tpmKey", ID: hex.EncodeToString(keyID[:]),
+		Body: []byte(`{"registrationId":"` + hexID + `"}`)}); err != nil {
+		t.Fatal(err)
+	}
+	advice := "DELETE /registrations/" + hexID
+	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), advice) {
+		t.Fatalf("the TPM's other ID: %v", err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); err != nil {
+		t.Fatalf("%s, with no record but the claim: %v", advice, err)
+	}
+	if err := register(base32ID); err != nil {
+		t.Fatalf("after %s: %v", advice, err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Fatalf("%s once the TPM claimed another ID: %v", advice, err)
 	}
 }
 

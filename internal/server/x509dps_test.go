@@ -2,6 +2,7 @@ package server
 
 import (
 	"crypto/tls"
+	"crypto/x509"
 	"encoding/pem"
 	"errors"
 	"maps"
@@ -80,7 +81,7 @@ func TestX509IndividualEnrollment(t *testing.T) {
 		want        string
 	}{
 		{"another certificate with the same CN", "cam-01", testutil.NewCert(t, "cam-01", false, nil), "check its credentials"},
-		{"registration ID other than the CN", "cam-01", testutil.NewCert(t, "cam-02", false, nil), "subject CN is \"cam-02\""},
+		{"registration ID other than the CN", "cam-01", testutil.NewCert(t, "cam-02", false, nil), "must be the client certificate's subject CN \"cam-02\""},
 		{"no enrollment", "cam-09", testutil.NewCert(t, "cam-09", false, nil), "check its credentials"},
 	} {
 		_, err := e.x509Device(tc.regID, tc.cert).RegisterX509(ctx)
@@ -167,7 +168,8 @@ func TestX509GroupEnrollment(t *testing.T) {
 }
 
 // A device certificate names one device: its subject CN, or its first DNS
-// name (as the C# SDK derives the registration ID), not any name it lists.
+// name (as the C# SDK derives the registration ID), not any name it lists;
+// refusals of others name both.
 func TestX509RegistrationIDIsTheCN(t *testing.T) {
 	e := newEnv(t)
 	ca := testutil.NewCert(t, "Fleet CA", true, nil)
@@ -182,12 +184,19 @@ func TestX509RegistrationIDIsTheCN(t *testing.T) {
 			t.Errorf("as %s: %v", id, err)
 		}
 	}
+	names := `subject CN "cam-01" or its first DNS name "cam-01.plant.local"`
 	before := e.counts()
 	for _, id := range []string{"gateway", "localhost"} {
 		_, err := e.x509Device(id, cert).RegisterX509(ctx)
-		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, `subject CN is "cam-01"`) {
+		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, names) {
 			t.Errorf("as %s, a later DNS name: %v", id, err)
 		}
+	}
+	// Nor is it enrolled under another.
+	err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/gateway", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(cert)}}}}}, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), names) || !strings.Contains(err.Error(), `enroll it as "cam-01" or "cam-01.plant.local"`) {
+		t.Errorf("enrolled as a later DNS name: %v", err)
 	}
 	if after := e.counts(); !maps.Equal(before, after) {
 		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
@@ -258,6 +267,56 @@ func TestX509GroupCAReference(t *testing.T) {
 	}
 	if _, err := e.x509Device("line-dev-1", dev).RegisterX509(ctx); azerrStatus(err) != 401 {
 		t.Fatalf("CA deleted: %v", err)
+	}
+}
+
+// keyPEM is c's private key as a PEM block, as it follows the certificate
+// in many PEM files.
+func keyPEM(t *testing.T, c tls.Certificate) string {
+	der, err := x509.MarshalPKCS8PrivateKey(c.PrivateKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}))
+}
+
+// A device's or a group's CA certificate is the first of its PEM, whatever
+// follows it: enrolled, saved again unchanged, and trusted. A TPM group's
+// PEM, whose later certificates serve as intermediates, holds certificates
+// only.
+func TestX509CertificateFieldReadsTheFirst(t *testing.T) {
+	e := newEnv(t)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
+	dev := testutil.NewCert(t, "cam-01", false, &ca)
+	damaged := "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
+	certs := func(pemText string) *dps.X509Certificates {
+		return &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: pemText}}
+	}
+	for what, pemText := range map[string]string{"its key": certPEM(dev) + keyPEM(t, dev), "a damaged block": certPEM(dev) + damaged} {
+		en := e.putEnrollment(&dps.Enrollment{RegistrationID: "cam-01", Attestation: dps.Attestation{Type: dps.AttestationX509,
+			X509: &dps.X509Attestation{ClientCertificates: certs(pemText)}}})
+		if info := en.Attestation.X509.ClientCertificates.Primary.Info; info == nil || info.SubjectName != "CN=cam-01" {
+			t.Fatalf("a device certificate followed by %s: %+v", what, info)
+		}
+		if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/cam-01", en.ETag, en, nil); err != nil {
+			t.Fatalf("saving again the enrollment of a certificate followed by %s: %v", what, err)
+		}
+		if _, err := e.x509Device("cam-01", dev).RegisterX509(ctx); err != nil {
+			t.Fatalf("a device enrolled with a certificate followed by %s: %v", what, err)
+		}
+		if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/cam-01", "*", nil, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{SigningCertificates: certs(certPEM(ca) + keyPEM(t, ca))}}}, nil); err != nil {
+		t.Fatalf("a CA certificate followed by its key: %v", err)
+	}
+	if res, err := e.x509Device("cam-02", testutil.NewCert(t, "cam-02", false, &ca)).RegisterX509(ctx); err != nil || res.EnrollmentGroupID != "fleet" {
+		t.Fatalf("a device of the group: %+v %v", res, err)
+	}
+	if err := e.putTPMGroup("acme-tpms", certPEM(ca)+keyPEM(t, ca)); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "PEM block 2 is a PRIVATE KEY") {
+		t.Fatalf("a TPM group's CA followed by its key: %v", err)
 	}
 }
 
