@@ -464,9 +464,11 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge, p
 		for _, o := range old.Pending {
 			switch {
 			case !s.Now().Before(o.Expires):
-			case !reused && o.EndorsementKey == c.EndorsementKey && o.StorageRootKey == c.StorageRootKey:
+			case !reused && o.EndorsementKey == c.EndorsementKey && o.StorageRootKey == c.StorageRootKey && o.Group == c.Group:
 				// The same device asking again: the same key, until it
-				// expires, and a hub key of this registration's own.
+				// expires, and a hub key of this registration's own. (One
+				// issued under an enrollment since deleted, or a group,
+				// does not serve the other.)
 				o.HubKey, reused = c.HubKey, true
 				written.Pending[0] = o
 			default:
