@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/subtle"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
 	"slices"
 	"strings"
@@ -145,6 +146,13 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 			return azerr.BadRequest("%s.%s.certificate: %v", field, name, err)
 		}
 		c.Info = CertificateInfo(certs[0])
+		// Kept as read: a private key pasted after the certificate, as
+		// PEM files carry them, is never stored or given back.
+		var kept []byte
+		for _, cert := range certs {
+			kept = append(kept, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
+		}
+		c.Certificate = string(kept)
 	}
 	return nil
 }

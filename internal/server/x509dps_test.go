@@ -298,6 +298,9 @@ func TestX509CertificateFieldReadsTheFirst(t *testing.T) {
 		if info := en.Attestation.X509.ClientCertificates.Primary.Info; info == nil || info.SubjectName != "CN=cam-01" {
 			t.Fatalf("a device certificate followed by %s: %+v", what, info)
 		}
+		if got := en.Attestation.X509.ClientCertificates.Primary.Certificate; got != certPEM(dev) {
+			t.Fatalf("a device certificate followed by %s is kept as %q, want the certificate alone", what, got)
+		}
 		if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/cam-01", en.ETag, en, nil); err != nil {
 			t.Fatalf("saving again the enrollment of a certificate followed by %s: %v", what, err)
 		}
@@ -308,9 +311,13 @@ func TestX509CertificateFieldReadsTheFirst(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
+	var g dps.EnrollmentGroup
 	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationX509,
-		X509: &dps.X509Attestation{SigningCertificates: certs(certPEM(ca) + keyPEM(t, ca))}}}, nil); err != nil {
+		X509: &dps.X509Attestation{SigningCertificates: certs(certPEM(ca) + keyPEM(t, ca))}}}, &g); err != nil {
 		t.Fatalf("a CA certificate followed by its key: %v", err)
+	}
+	if stored, err := e.st.Get(ctx, "dps.enrollmentGroup", "fleet"); err != nil || strings.Contains(string(stored.Body), "PRIVATE KEY") || g.Attestation.X509.SigningCertificates.Primary.Certificate != certPEM(ca) {
+		t.Fatalf("a CA's key pasted after its certificate was kept: %v", err)
 	}
 	if res, err := e.x509Device("cam-02", testutil.NewCert(t, "cam-02", false, &ca)).RegisterX509(ctx); err != nil || res.EnrollmentGroupID != "fleet" {
 		t.Fatalf("a device of the group: %+v %v", res, err)
