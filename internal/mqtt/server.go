@@ -2,6 +2,7 @@ package mqtt
 
 import (
 	"bufio"
+	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -258,6 +259,9 @@ type Conn struct {
 	// readBy is the keep-alive read deadline set last, as time since
 	// monoEpoch (monotonic, and smaller than a time.Time); 0: none.
 	readBy time.Duration
+	// refusedBefore: a subscription of this connection was refused, and
+	// logged at Info; later refusals are logged at Debug.
+	refusedBefore bool
 
 	wmu sync.Mutex // serializes writes
 
@@ -732,6 +736,9 @@ func (c *Conn) handle(p Packet) error {
 		}
 		return c.write(&Suback{PacketID: p.PacketID, ReturnCodes: c.grantAll(p.Subscriptions)})
 	case *Unsubscribe:
+		if n, max := len(p.Filters), c.srv.maxSubscribeFilters(); n > max {
+			return violation("UNSUBSCRIBE with %d topic filters: at most %d are accepted in one", n, max)
+		}
 		for _, f := range p.Filters {
 			offStack(func() struct{} { h.Unsubscribe(c, f); return struct{}{} })
 			c.unsubscribe(f)
@@ -789,7 +796,14 @@ func (c *Conn) grantAll(subs []Subscription) []byte {
 		}
 	}
 	if refused > 0 {
-		c.srv.logger().Info("mqtt: subscriptions refused", "client_id", c.clientID,
+		// The first refusal of a connection says why it fails; the
+		// client's retries would only repeat it.
+		level := slog.LevelInfo
+		if c.refusedBefore {
+			level = slog.LevelDebug
+		}
+		c.refusedBefore = true
+		c.srv.logger().Log(context.Background(), level, "mqtt: subscriptions refused", "client_id", c.clientID,
 			"refused", refused, "of", len(subs), "filter", quote(example))
 	}
 	return codes

@@ -417,6 +417,7 @@ func TestProtocolViolationsClose(t *testing.T) {
 		{"bad topic filter", true, raw(0x82, bs(0, 1), str("a/#/b"), bs(1)), ErrMalformed},
 		{"oversized PUBLISH", true, mustEncode(&Publish{Topic: "devices/d/messages/events/", Payload: make([]byte, 2000)}), ErrPacketTooLarge},
 		{"SUBSCRIBE with too many filters", true, mustEncode(&Subscribe{PacketID: 1, Subscriptions: filters("f/", DefaultMaxSubscribeFilters+1)}), ErrProtocolViolation},
+		{"UNSUBSCRIBE with too many filters", true, mustEncode(&Unsubscribe{PacketID: 1, Filters: filterNames(filters("f/", DefaultMaxSubscribeFilters+1))}), ErrProtocolViolation},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -488,6 +489,21 @@ func TestRefusedSubscriptionsLoggedOnce(t *testing.T) {
 	if want := `refused=63 of=64 filter="\"forbidden/0\""`; !strings.Contains(log.String(), want) {
 		t.Errorf("log %q lacks %s", log.String(), want)
 	}
+	// A client that keeps trying is heard once at Info.
+	for i := range 5 {
+		c.subscribe(uint16(2+i), Subscription{Filter: "forbidden/again", QoS: 1})
+	}
+	if n := strings.Count(log.String(), "subscriptions refused"); n != 1 {
+		t.Fatalf("%d log lines at Info for six refused SUBSCRIBEs:\n%s", n, log.String())
+	}
+}
+
+func filterNames(subs []Subscription) []string {
+	names := make([]string, len(subs))
+	for i, s := range subs {
+		names[i] = s.Filter
+	}
+	return names
 }
 
 func mustEncode(p Packet) []byte {
