@@ -64,6 +64,10 @@ type session struct {
 	// however often it is asked for, by SUBSCRIBEs or new messages, one
 	// at most waits.
 	delivery atomic.Int32
+	// c2dSubscribed: the device is subscribed to its devicebound topic
+	// (by its packet handling only, one packet at a time), so that a
+	// SUBSCRIBE repeated meanwhile reads no queue.
+	c2dSubscribed bool
 }
 
 // withSubscription is kept with filter subscribed at qos
@@ -248,7 +252,8 @@ func announcedModel(query string) string {
 // Authenticate accepts a device whose username names it on this hub, whose
 // client ID matches, and whose password is a valid SAS token for it. A
 // refusal is "not authorized", the code edge devices reprovision on, only
-// when the credentials are at fault; when the hub could not check them
+// when the credentials are at fault or the device asks for what it may not
+// do (a last will it could not publish); when the hub could not check them
 // (its database out of reach), it is "server unavailable".
 func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if d.isDPSConnect(p) { // DPS registration session ({idScope}/registrations/{id}/…): dpsmqtt.go
@@ -503,7 +508,10 @@ func (d *DeviceEndpoint) subscribe(c *mqtt.Conn, s *session, filter string, qos 
 		// subscribed (the watcher outlives an UNSUBSCRIBE; the Node SDK
 		// unsubscribes and subscribes again as 'message' listeners come
 		// and go).
-		deliver()
+		if !s.c2dSubscribed {
+			s.c2dSubscribed = true
+			deliver()
+		}
 		return 1
 	}
 	return mqtt.SubscribeFailure // logged by the server, once a SUBSCRIBE
@@ -527,6 +535,9 @@ func (d *DeviceEndpoint) sendDesired(c *mqtt.Conn, s *session) {
 func (d *DeviceEndpoint) Unsubscribe(c *mqtt.Conn, filter string) {
 	if s := sess(c); s != nil {
 		d.keep(s, filter, mqtt.SubscribeFailure)
+		if filter == s.own()+"messages/devicebound/#" {
+			s.c2dSubscribed = false
+		}
 	}
 }
 
