@@ -105,7 +105,11 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	case !exists:
 		acts = append(acts, act(Create, "new module"))
 	case st.ConfigHash != m.ConfigHash():
-		acts = append(acts, act(Recreate, "its version, image, createOptions or env changed"))
+		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
+	case st.HasVersion && st.Version != m.Version:
+		// A new version is how a deployment asks for an update, say to
+		// pull its tag again. A container without the label predates it.
+		acts = append(acts, act(Recreate, "its version changed"))
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
 	case m.Status == StatusStopped:

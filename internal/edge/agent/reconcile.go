@@ -222,6 +222,7 @@ func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleS
 		PullPolicy:    mod.ImagePullPolicy,
 		Auth:          registryAuth(m.Runtime.RegistryCredentials, mod.Image),
 		ConfigHash:    mod.ConfigHash(),
+		Version:       mod.Version,
 	}
 }
 

@@ -66,7 +66,8 @@ func (f *fakeEngine) Create(_ context.Context, s moby.ModuleSpec) error {
 	if f.containers[s.Name] != nil {
 		return fmt.Errorf("conflict: %s exists", s.Name)
 	}
-	f.containers[s.Name] = &moby.ModuleState{Name: s.Name, Image: s.Image, State: "created", ConfigHash: s.ConfigHash}
+	f.containers[s.Name] = &moby.ModuleState{Name: s.Name, Image: s.Image, State: "created", ConfigHash: s.ConfigHash,
+		Version: s.Version, HasVersion: true}
 	f.specs[s.Name] = s
 	return nil
 }
