@@ -19,7 +19,7 @@ import (
 type Engine interface {
 	EnsureNetwork(ctx context.Context, name string) error
 	List(ctx context.Context) ([]moby.ModuleState, error)
-	EnsureImage(ctx context.Context, s moby.ModuleSpec) error
+	EnsureImage(ctx context.Context, s moby.ModuleSpec, update bool) error
 	Create(ctx context.Context, s moby.ModuleSpec) error
 	Start(ctx context.Context, name string) error
 	Stop(ctx context.Context, name string, timeout time.Duration) error
@@ -170,15 +170,15 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	case Create:
 		r.hist[a.Name] = &History{}
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec); err != nil {
+		if err := e.EnsureImage(ctx, spec, false); err != nil {
 			return err
 		}
 		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
-		// keeps running the old one.
+		// keeps running the old one, and the next Apply tries again.
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec); err != nil {
+		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
 			return err
 		}
 		r.hist[a.Name] = &History{} // a new container starts a new history

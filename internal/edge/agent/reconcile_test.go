@@ -51,9 +51,12 @@ func (f *fakeEngine) List(context.Context) ([]moby.ModuleState, error) {
 	return out, nil
 }
 
-func (f *fakeEngine) EnsureImage(_ context.Context, s moby.ModuleSpec) error {
+func (f *fakeEngine) EnsureImage(_ context.Context, s moby.ModuleSpec, update bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if update {
+		return f.record("pull " + s.Image + " (update)")
+	}
 	return f.record("pull " + s.Image)
 }
 
@@ -212,22 +215,22 @@ func TestReconciler(t *testing.T) {
 	}
 	fe.takeCalls()
 
-	// A new image that cannot be pulled leaves the module running the old
-	// one; once it can be, the module is recreated with it.
-	a.Image = "img:2"
-	fe.fail["pull img:2"] = errors.New("pulling image img:2 from registry docker.io: no route")
+	// A new version whose image cannot be pulled leaves the module running
+	// the old one; once it can be, the module is recreated with it.
+	a.Image, a.Version = "img:2", "2"
+	fe.fail["pull img:2 (update)"] = errors.New("pulling image img:2 from registry docker.io: no route")
 	rep, err = r.Apply(ctx, m)
-	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
 		t.Errorf("a new image that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
 	}
 	if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 {
 		t.Errorf("the failed pull's report: %v", st)
 	}
-	delete(fe.fail, "pull img:2")
+	delete(fe.fail, "pull img:2 (update)")
 	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
 		t.Errorf("a once its image can be pulled: %v; %+v", err, fe.containers["a"])
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2, stop a, remove a, create a, start a" {
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2 (update), stop a, remove a, create a, start a" {
 		t.Errorf("recreating a: calls %s", got)
 	}
 
