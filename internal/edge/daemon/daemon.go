@@ -358,11 +358,17 @@ func (a *runner) run(ctx context.Context) error {
 	retry := time.After(0)
 	backoff := time.Second
 	defer hub.drop()
+	defer func() {
+		// However the run ended (a reprovision that was waiting for DPS
+		// returns the context's error), a shutdown stops the modules.
+		if ctx.Err() != nil {
+			a.stopModules()
+		}
+	}()
 	for {
 		a.apply(ctx, hub.client)
 		select {
 		case <-ctx.Done():
-			a.stopModules()
 			return nil
 		case <-a.d.reloadCh:
 			return errReload

@@ -3,6 +3,9 @@ package daemon
 import (
 	"context"
 	"errors"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -68,5 +71,52 @@ func TestProvisionRecoversTheRunningState(t *testing.T) {
 	}
 	if tries != 2 || d.status.State != "running" {
 		t.Errorf("after %d tries the state is %q, want running", tries, d.status.State)
+	}
+}
+
+func (e *engineStub) Stop(_ context.Context, name string, _ time.Duration) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.stopped = append(e.stopped, name)
+	return nil
+}
+
+// Stopping the runtime while a reprovision waits for DPS stops the modules
+// as any other shutdown does, and notes them for the next start.
+func TestShutdownDuringReprovisionStopsModules(t *testing.T) {
+	state := t.TempDir()
+	d := New(Options{StateDir: state, HubPort: 17391}) // nothing listens there
+	stub := &engineStub{containers: []string{"sensor"}}
+	// Provisioning is not configured: the reprovision fails and waits to retry.
+	a := &runner{d: d, cfg: &config.Config{}, ids: &identity.Manager{Config: &config.Config{}, StateDir: state},
+		rec: &agent.Reconciler{Engine: stub, Log: slog.New(slog.DiscardHandler)}}
+	a.devP.Store(&identity.Device{DeviceID: "edge-1", HubHostName: "127.0.0.1", Method: "sas"})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	signal(d.reprovCh)
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx) }()
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		d.mu.Lock()
+		state := d.status.State
+		d.mu.Unlock()
+		if state == "provisioning failed" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the reprovision did not start: state %q", state)
+		}
+	}
+	cancel()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("run did not return after the shutdown")
+	}
+	if stub.stoppedNames() != "sensor" {
+		t.Errorf("stopped %q at the shutdown, want sensor", stub.stoppedNames())
+	}
+	if b, err := os.ReadFile(filepath.Join(state, stoppedFile)); err != nil || string(b) != `["sensor"]` {
+		t.Errorf("%s: %s, %v; want the stopped module noted", stoppedFile, b, err)
 	}
 }

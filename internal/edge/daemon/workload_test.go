@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -79,6 +81,15 @@ type engineStub struct {
 	containers []string
 	socketAt   func(module string) string
 	started    map[string]bool // module → its socket existed at Start
+
+	mu      sync.Mutex
+	stopped []string
+}
+
+func (e *engineStub) stoppedNames() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return strings.Join(e.stopped, ",")
 }
 
 func (e *engineStub) List(context.Context) ([]moby.ModuleState, error) {
