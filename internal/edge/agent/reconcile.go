@@ -87,13 +87,19 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 		errs = append(errs, err)
 	}
 	for _, st := range current {
-		if h := r.hist[st.Name]; h != nil && ranLong(st, now) {
+		h := r.hist[st.Name]
+		if h != nil && ranLong(st, now) {
 			h.Restarts = 0
 		}
+		if h != nil && active(st.State) {
+			h.Resume = false // running again, whatever started it
+		}
 	}
-	for name := range r.hist {
-		if _, ok := m.Modules[name]; !ok {
+	for name, h := range r.hist {
+		if mod, ok := m.Modules[name]; !ok {
 			delete(r.hist, name)
+		} else if mod.Status == StatusStopped {
+			h.Resume = false
 		}
 	}
 	err = errors.Join(errs...)
@@ -162,6 +168,21 @@ func (r *Reconciler) Resume(names ...string) {
 	for _, n := range names {
 		r.history(n).Resume = true
 	}
+}
+
+// Resuming returns, sorted, the modules given to Resume that have not been
+// started since, and that the deployment still wants running.
+func (r *Reconciler) Resuming() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var names []string
+	for name, h := range r.hist {
+		if h.Resume {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names
 }
 
 func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network string, now time.Time) error {

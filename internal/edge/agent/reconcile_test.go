@@ -306,6 +306,10 @@ func TestStopAllAndResume(t *testing.T) {
 	clock = clock.Add(time.Second)
 	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
 	r.Resume(stopped...)
+	// No deployment yet (offline, none kept): both are still to resume.
+	if _, err := r.Apply(ctx, nil); err != nil || strings.Join(r.Resuming(), ",") != "a,b" {
+		t.Errorf("resuming without a deployment: %v, %v; want a and b", r.Resuming(), err)
+	}
 	b.Status = StatusStopped
 	fe.takeCalls()
 	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil {
@@ -313,6 +317,9 @@ func TestStopAllAndResume(t *testing.T) {
 	}
 	if got := fe.takeCalls(); got != "network azure-iot-edge, start a" {
 		t.Errorf("calls after the restart: %s, want a started and b (now stopped) left", got)
+	}
+	if left := r.Resuming(); len(left) != 0 {
+		t.Errorf("still to resume: %v, want none (a started, b stopped by the deployment)", left)
 	}
 	fe.exit("a", 0)
 	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil || fe.containers["a"].State != "exited" {

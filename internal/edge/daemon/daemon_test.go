@@ -12,6 +12,7 @@ import (
 	"github.com/hatchery/hatchery/internal/edge/agent"
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/edge/identity"
+	"github.com/hatchery/hatchery/internal/edge/moby"
 )
 
 // A connection dropped (as `iotedge system reprovision` drops it) takes its
@@ -118,5 +119,46 @@ func TestShutdownDuringReprovisionStopsModules(t *testing.T) {
 	}
 	if b, err := os.ReadFile(filepath.Join(state, stoppedFile)); err != nil || string(b) != `["sensor"]` {
 		t.Errorf("%s: %s, %v; want the stopped module noted", stoppedFile, b, err)
+	}
+}
+
+// The modules stopped at the last shutdown stay noted until they have been
+// started: a cycle that ends before it could start them (a reload while no
+// deployment is known yet) leaves them to the next, and a crash then to
+// the next process.
+func TestStoppedModulesKeptUntilStarted(t *testing.T) {
+	state := t.TempDir()
+	path := filepath.Join(state, stoppedFile)
+	if err := os.WriteFile(path, []byte(`["sensor"]`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	m, err := agent.ParseManifest([]byte(`{"$version": 3, "schemaVersion": "1.1", "runtime": {"type": "docker", "settings": {}},
+		"modules": {"sensor": {"version": "1.0", "type": "docker", "status": "running", "restartPolicy": "never", "settings": {"image": "img:1"}}}}`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sensor := m.Modules["sensor"]
+	// Exited cleanly when the runtime stopped it: restartPolicy never
+	// leaves it so; only the resume starts it.
+	stub := &engineStub{containers: []string{"sensor"}, started: map[string]bool{}, states: map[string]moby.ModuleState{
+		"sensor": {Name: "sensor", State: "exited", StartedAt: time.Now().Add(-time.Hour), FinishedAt: time.Now().Add(-time.Minute),
+			ConfigHash: sensor.ConfigHash(), Version: sensor.Version, HasVersion: true}}}
+	d := New(Options{StateDir: state})
+	cycle := func(m *agent.Manifest) {
+		a := &runner{d: d, manifest: m, rec: &agent.Reconciler{Engine: stub, Log: slog.New(slog.DiscardHandler)}}
+		a.resume()
+		a.apply(context.Background(), nil)
+	}
+
+	cycle(nil) // no deployment known yet; then a reload
+	if _, err := os.Stat(path); err != nil {
+		t.Fatalf("%s after a cycle that started nothing: %v; want it kept", stoppedFile, err)
+	}
+	cycle(m)
+	if !stub.started["sensor"] {
+		t.Error("the module stopped at the last shutdown was not started after a reload")
+	}
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("%s once every module in it started: %v; want it gone", stoppedFile, err)
 	}
 }

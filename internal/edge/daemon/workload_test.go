@@ -84,6 +84,8 @@ type engineStub struct {
 
 	mu      sync.Mutex
 	stopped []string
+	// states overrides a container's state, running by default.
+	states map[string]moby.ModuleState
 }
 
 func (e *engineStub) stoppedNames() string {
@@ -95,14 +97,26 @@ func (e *engineStub) stoppedNames() string {
 func (e *engineStub) List(context.Context) ([]moby.ModuleState, error) {
 	var out []moby.ModuleState
 	for _, n := range e.containers {
-		out = append(out, moby.ModuleState{Name: n, State: "running"})
+		st, ok := e.states[n]
+		if !ok {
+			st = moby.ModuleState{Name: n, State: "running"}
+		}
+		out = append(out, st)
 	}
 	return out, nil
 }
 
 func (e *engineStub) Start(_ context.Context, name string) error {
-	_, err := os.Stat(e.socketAt(name))
-	e.started[name] = err == nil
+	if e.socketAt != nil {
+		_, err := os.Stat(e.socketAt(name))
+		e.started[name] = err == nil
+	} else {
+		e.started[name] = true
+	}
+	if st, ok := e.states[name]; ok {
+		st.State = "running"
+		e.states[name] = st
+	}
 	return nil
 }
 
