@@ -565,31 +565,38 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 	if a.reported == nil {
 		a.reported = withoutVersion(tw.Reported)
 	}
-	m, err := agent.ParseManifest(tw.Desired)
-	var me *agent.Error
-	if errors.As(err, &me) && me.Code == 417 {
-		slog.Info("no deployment targets this device yet")
-		a.manifestErr = nil
-		a.report(ctx, c, agent.Reported(nil, nil, nil, nil))
-		return
+	if rep := a.takeDesired(ctx, tw.Desired); rep != nil {
+		a.report(ctx, c, rep)
 	}
+}
+
+// takeDesired makes the twin's desired document the manifest, or, when it
+// is rejected, keeps running the last good one and returns the report of
+// the rejection; that stays the deployment's status (apply) until a valid
+// document arrives.
+func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any {
+	m, err := agent.ParseManifest(desired)
 	if err != nil {
-		// Report the error and keep running the last good deployment.
-		slog.Error("the deployment manifest is not valid", "error", err)
+		var me *agent.Error
+		if errors.As(err, &me) && me.Code == 417 {
+			slog.Info("no deployment targets this device yet")
+		} else {
+			slog.Error("the deployment manifest is not valid", "error", err)
+		}
 		a.manifestErr = err
-		a.report(ctx, c, a.rec.Report(ctx, a.manifest, err))
-		return
+		return a.rec.Report(ctx, a.manifest, err)
 	}
 	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
 	if err == nil {
-		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), tw.Desired, 0o600)
+		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired, 0o600)
 	}
 	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)
 	}
+	return nil
 }
 
 // apply reconciles and reports what changed.

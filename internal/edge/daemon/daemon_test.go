@@ -35,22 +35,32 @@ func (e *engineStub) EnsureNetwork(context.Context, string) error { return nil }
 
 // A rejected desired document stays the deployment's status while the last
 // good deployment runs on: the agent's next pass used to report that one's
-// success over it.
+// success over it. An empty document (417) is rejected as the others are.
 func TestRejectedManifestStaysReported(t *testing.T) {
 	good, err := agent.ParseManifest([]byte(`{"$version": 3, "schemaVersion": "1.1", "runtime": {"type": "docker", "settings": {}},
 		"modules": {}}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, rejected := agent.ParseManifest([]byte(`{"$version": 4, "schemaVersion": "9.0", "modules": {}}`))
-	d := New(Options{})
-	a := &runner{d: d, manifest: good, manifestErr: rejected,
-		rec: &agent.Reconciler{Engine: &engineStub{}}}
-	for range 2 { // the loop applies again and again
-		a.apply(context.Background(), nil)
-	}
-	if dep := d.status.Deployment; dep.Code != 412 || dep.Version != 4 {
-		t.Errorf("deployment status %+v, want the rejected document's 412 for version 4", dep)
+	for _, tc := range []struct {
+		desired string
+		code    int
+	}{
+		{`{"$version": 4, "schemaVersion": "9.0", "modules": {}}`, 412},
+		{`{"$version": 4}`, 417},
+	} {
+		d := New(Options{})
+		a := &runner{d: d, manifest: good, rec: &agent.Reconciler{Engine: &engineStub{}}}
+		a.takeDesired(context.Background(), []byte(tc.desired))
+		for range 2 { // the loop applies again and again
+			a.apply(context.Background(), nil)
+		}
+		if dep := d.status.Deployment; dep.Code != tc.code || dep.Version != 4 {
+			t.Errorf("%s: deployment status %+v, want the rejected document's %d for version 4", tc.desired, dep, tc.code)
+		}
+		if a.manifest != good {
+			t.Errorf("%s: the last good deployment no longer runs", tc.desired)
+		}
 	}
 }
 
