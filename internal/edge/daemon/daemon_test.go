@@ -2,8 +2,12 @@ package daemon
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
+	"fmt"
 	"log/slog"
+	"math/rand/v2"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -13,21 +17,99 @@ import (
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/edge/identity"
 	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/pki"
+	"github.com/hatchery/hatchery/internal/server"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
-// A connection dropped (as `iotedge system reprovision` drops it) takes its
-// token renewal along: a renewal firing with no connection closed a nil
-// client and took the daemon down.
-func TestDroppedHubConnNeverRenews(t *testing.T) {
-	h := hubConn{done: make(chan struct{}), renew: time.After(0)}
-	h.drop()
-	h.drop() // dropping what is already dropped is harmless
+// A reprovision drops the hub connection; the token renewal armed for it
+// must go with it. It used to stay armed, and when it fired while the
+// agent could not connect again (here: the new identity's hub does not
+// answer), the daemon closed a nil client and crashed.
+func TestReprovisionDisarmsTheTokenRenewal(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	st, err := store.OpenSQLite(filepath.Join(dir, "hub.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	h, err := hub.Open(ctx, st, "localhost")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dev, err := h.PutIdentity(ctx, hub.Ref{Device: "edge-1"}, "", &hub.Device{Capabilities: hub.Capabilities{IoTEdge: true}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files := pki.FilesIn(dir)
+	if err := pki.Ensure(files, []string{"localhost"}); err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.LoadX509KeyPair(files.ServerCert, files.ServerKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots, err := pki.Pool(files.CACert)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ln net.Listener
+	port := 17000 + rand.IntN(1000)
+	for tries := 0; ; tries++ {
+		if ln, err = tls.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", port), &tls.Config{Certificates: []tls.Certificate{cert}}); err == nil {
+			break
+		} else if tries == 20 {
+			t.Fatal(err)
+		}
+		port = 17000 + rand.IntN(1000)
+	}
+	srv := &mqtt.Server{Handler: server.NewDeviceEndpoint(h)}
+	go func() { _ = srv.Serve(ln) }()
+	defer srv.Close()
+
+	key := dev.Authentication.SymmetricKey.PrimaryKey
+	cfg := &config.Config{Provisioning: config.Provisioning{Source: config.SourceManual,
+		ConnectionString: "HostName=localhost;DeviceId=edge-1;SharedAccessKey=" + key}}
+	ids := &identity.Manager{Config: cfg, StateDir: dir}
+	first, err := ids.Provision(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := New(Options{StateDir: dir, HubPort: port, HubTokenLifetime: time.Second}) // renewed after 750 ms
+	a := &runner{d: d, cfg: cfg, ids: ids, tls: &tls.Config{RootCAs: roots},
+		rec: &agent.Reconciler{Engine: &engineStub{}, Log: slog.New(slog.DiscardHandler)}}
+	a.devP.Store(first)
+	done := make(chan error, 1)
+	go func() { done <- a.run(ctx) }()
+	connected := func() bool {
+		d.mu.Lock()
+		defer d.mu.Unlock()
+		return d.status.Hub.OK
+	}
+	for deadline := time.Now().Add(10 * time.Second); !connected(); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the agent did not connect to the hub")
+		}
+	}
+	// The reprovision gives a hub that does not answer (nothing listens on
+	// 127.0.0.2), so the agent stays without a connection.
+	cfg.Provisioning.ConnectionString = "HostName=127.0.0.2;DeviceId=edge-1;SharedAccessKey=" + key
+	signal(d.reprovCh)
 	select {
-	case <-h.renew:
-		t.Fatal("the renewal of a dropped connection fired")
-	case <-h.done:
-		t.Fatal("a dropped connection still reports its end")
-	case <-time.After(50 * time.Millisecond):
+	case err := <-done:
+		t.Fatalf("the run ended: %v", err)
+	case <-time.After(2 * time.Second): // past the renewal, which must not fire
+	}
+	if a.dev().HubHostName != "127.0.0.2" {
+		t.Errorf("the reprovision did not happen: the hub is %s", a.dev().HubHostName)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("run: %v", err)
 	}
 }
 
