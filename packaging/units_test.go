@@ -152,10 +152,12 @@ func TestEdgeDaemonUnit(t *testing.T) {
 		"SupplementaryGroups":  "docker",
 		"RuntimeDirectory":     "iotedge",
 		"RuntimeDirectoryMode": "0755",
-		"StateDirectory":       "aziot/edged",
-		"Restart":              "on-failure",
-		"NoNewPrivileges":      "yes",
-		"ProtectSystem":        "strict",
+		// Modules that outlive a crash keep their workload bind mounts.
+		"RuntimeDirectoryPreserve": "restart",
+		"StateDirectory":           "aziot/edged",
+		"Restart":                  "on-failure",
+		"NoNewPrivileges":          "yes",
+		"ProtectSystem":            "strict",
 	})
 	for _, k := range []string{"Wants", "After"} {
 		deps := strings.Fields(strings.Join(u["Unit"][k], " "))

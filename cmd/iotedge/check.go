@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"net"
 	"net/http"
 	"net/url"
@@ -59,11 +60,17 @@ func runChecks(ctx context.Context) []checkResult {
 	if cfg == nil {
 		// Checking against defaults would report on a configuration the
 		// runtime does not have.
-		skip := outcome{"skipped", "config.toml does not parse"}
+		skip := outcome{"skipped", "config.toml cannot be used: " + err.Error()}
 		add("tpm", "TPM is reachable and permissions are right", skip)
 		checkDaemon(ctx, add)
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", skip)
-		add("container-engine", "container engine is reachable", skip)
+		if _, serr := os.Stat(path); errors.Is(serr, fs.ErrNotExist) {
+			// Without a file the runtime would use the default engine
+			// socket, which a new device needs working.
+			add("container-engine", "container engine is reachable", checkEngine(ctx, config.DefaultMobyURI))
+		} else {
+			add("container-engine", "container engine is reachable", skip)
+		}
 		return out
 	}
 	roots, _ := pki.Roots()
@@ -99,14 +106,20 @@ func runChecks(ctx context.Context) []checkResult {
 	} else {
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS at "+hub, tlsReach(ctx, hub, "8883", roots))
 	}
-	if e, err := moby.New(cfg.MobyRuntime.URI); err != nil {
-		add("container-engine", "container engine is reachable", outcome{"error", err.Error()})
-	} else if err := e.Ping(ctx); err != nil {
-		add("container-engine", "container engine is reachable", outcome{"error", err.Error()})
-	} else {
-		add("container-engine", "container engine is reachable", outcome{"ok", ""})
-	}
+	add("container-engine", "container engine is reachable", checkEngine(ctx, cfg.MobyRuntime.URI))
 	return out
+}
+
+// checkEngine pings the container engine at uri.
+func checkEngine(ctx context.Context, uri string) outcome {
+	e, err := moby.New(uri)
+	if err == nil {
+		err = e.Ping(ctx)
+	}
+	if err != nil {
+		return outcome{"error", err.Error()}
+	}
+	return outcome{"ok", ""}
 }
 
 // checkDaemon adds an error if the daemon does not answer, and returns the

@@ -16,6 +16,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/edge/config"
 )
 
 func TestCheckIdentityCert(t *testing.T) {
@@ -118,24 +120,36 @@ func TestSupportBundle(t *testing.T) {
 }
 
 // A config.toml that does not parse leaves the checks that read it
-// skipped, rather than run against defaults the runtime does not use.
-func TestChecksSkippedWhenConfigDoesNotParse(t *testing.T) {
-	dir := t.TempDir()
-	t.Setenv("IOTEDGE_CONFIG", filepath.Join(dir, "config.toml"))
-	t.Setenv("IOTEDGE_HOST", "unix://"+filepath.Join(dir, "mgmt.sock"))
-	if err := os.WriteFile(filepath.Join(dir, "config.toml"), []byte("[provisioning]\nsource = dps\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	for _, r := range runChecks(t.Context()) {
-		switch r.ID {
-		case "config-toml-well-formed":
-			if r.Result != "error" {
-				t.Errorf("%s: %s, want error", r.ID, r.Result)
+// skipped, rather than run against defaults the runtime does not use, and
+// says why; a missing one leaves the engine checked at its default socket.
+func TestChecksWithoutUsableConfig(t *testing.T) {
+	for _, content := range []string{"[provisioning]\nsource = dps\n", ""} {
+		dir := t.TempDir()
+		path := filepath.Join(dir, "config.toml")
+		t.Setenv("IOTEDGE_CONFIG", path)
+		t.Setenv("IOTEDGE_HOST", "unix://"+filepath.Join(dir, "mgmt.sock"))
+		if content != "" {
+			if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
+				t.Fatal(err)
 			}
-		case "daemon": // it does not need the configuration
-		default:
-			if r.Result != "skipped" || r.Details != "config.toml does not parse" {
-				t.Errorf("%s: %s (%s), want skipped as config.toml does not parse", r.ID, r.Result, r.Details)
+		}
+		_, _, loadErr := config.Load(path)
+		if loadErr == nil {
+			t.Fatalf("%q loads", content)
+		}
+		for _, r := range runChecks(t.Context()) {
+			switch {
+			case r.ID == "config-toml-well-formed":
+				if r.Result != "error" {
+					t.Errorf("%q: %s: %s, want error", content, r.ID, r.Result)
+				}
+			case r.ID == "daemon": // it does not need the configuration
+			case r.ID == "container-engine" && content == "":
+				if r.Result == "skipped" {
+					t.Errorf("without config.toml, %s: skipped (%s), want the default socket checked", r.ID, r.Details)
+				}
+			case r.Result != "skipped" || !strings.Contains(r.Details, loadErr.Error()):
+				t.Errorf("%q: %s: %s (%s), want skipped saying %q", content, r.ID, r.Result, r.Details, loadErr)
 			}
 		}
 	}

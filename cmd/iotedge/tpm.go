@@ -38,25 +38,28 @@ func newTPMCmd() *cobra.Command {
 		},
 	}
 	info.Flags().StringVar(&tcti, "tcti", "device", `TPM to use, as a tpm2-tss TCTI string: "device", "device:/dev/tpm0", "swtpm:host=H,port=P" or "mssim:host=H,port=P"; `+
-		`when not given, the runtime's TPM through aziot-tpmd if it runs, else $TPM2TOOLS_TCTI, else config.toml's [tpm] tcti`)
+		`when not given, $TPM2TOOLS_TCTI, else the runtime's TPM through aziot-tpmd if it runs, else config.toml's [tpm] tcti`)
 	info.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	info.Flags().BoolVar(&legacy, "legacy-registration-id", false, "print the base32 registration ID of the C and Node.js SDKs instead of the hex one")
 	cmd.AddCommand(info)
 	return cmd
 }
 
-// endorsementKey reads the EK from the TPM tcti names when given, or else
-// the TPM the runtime uses: through aziot-tpmd when it answers (it holds
-// the TPM, and the CLI's user may not be allowed to), else as
-// $TPM2TOOLS_TCTI or config.toml say.
+// endorsementKey reads the EK from the TPM the user names, with --tcti
+// (given) or $TPM2TOOLS_TCTI, or else from the TPM the runtime uses:
+// through aziot-tpmd when it answers (it holds the TPM, and the CLI's user
+// may not be allowed to), else as config.toml says, else tcti's default.
 func endorsementKey(tcti string, given bool) ([]byte, error) {
+	if env := os.Getenv("TPM2TOOLS_TCTI"); !given && env != "" {
+		tcti, given = env, true
+	}
 	if !given {
 		ek, err := tpmservice.Dial(tpmSocket()).EndorsementKey()
 		var answer *tpmservice.Error
 		if err == nil || errors.As(err, &answer) {
 			return ek, err
 		}
-		tcti = cmp.Or(os.Getenv("TPM2TOOLS_TCTI"), configTCTI(), tcti)
+		tcti = cmp.Or(configTCTI(), tcti)
 	}
 	dev, err := tpm.Open(tcti)
 	if err != nil {

@@ -138,9 +138,9 @@ func TestProvisionInfoErrors(t *testing.T) {
 	}
 }
 
-// Without --tcti, provision-info reads the runtime's TPM: through
-// aziot-tpmd when it runs, else config.toml's [tpm] tcti (when
-// $TPM2TOOLS_TCTI is not set).
+// Without --tcti or $TPM2TOOLS_TCTI, provision-info reads the runtime's
+// TPM: through aziot-tpmd when it runs, else config.toml's [tpm] tcti. A
+// TPM the user names wins over aziot-tpmd.
 func TestProvisionInfoUsesTheRuntimesTPM(t *testing.T) {
 	configured, served := testutil.StartSWTPM(t), testutil.StartSWTPM(t)
 	want := map[string]string{configured: runProvisionInfo(t, configured), served: runProvisionInfo(t, served)}
@@ -174,5 +174,12 @@ func TestProvisionInfoUsesTheRuntimesTPM(t *testing.T) {
 	defer func() { cancel(); <-done }()
 	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want[served] {
 		t.Errorf("with aziot-tpmd: %v\n%s\nwant the TPM aziot-tpmd serves:\n%s", err, got, want[served])
+	}
+	t.Setenv("TPM2TOOLS_TCTI", configured)
+	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want[configured] {
+		t.Errorf("with aziot-tpmd and TPM2TOOLS_TCTI: %v\n%s\nwant the TPM of TPM2TOOLS_TCTI:\n%s", err, got, want[configured])
+	}
+	if got := runProvisionInfo(t, configured); got != want[configured] {
+		t.Errorf("with aziot-tpmd and --tcti:\n%s\nwant the TPM of --tcti:\n%s", got, want[configured])
 	}
 }

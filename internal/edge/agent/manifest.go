@@ -77,15 +77,15 @@ type Module struct {
 }
 
 // ConfigHash identifies what the container is made from: a module whose
-// hash changes is recreated. Version is in it as a new version is how a
-// deployment asks for a module to be updated, say to pull its tag again.
+// hash changes is recreated. Version is not in it but in a label of its
+// own, so that containers labelled before versions were recorded keep
+// their hash (and are not all recreated by an upgrade).
 func (m *Module) ConfigHash() string {
 	b, _ := json.Marshal(struct {
-		Version       string
 		Image         string
 		CreateOptions json.RawMessage
 		Env           map[string]string // marshalled with sorted keys
-	}{m.Version, m.Image, m.CreateOptions, m.Env})
+	}{m.Image, m.CreateOptions, m.Env})
 	sum := sha256.Sum256(b)
 	return hex.EncodeToString(sum[:16])
 }

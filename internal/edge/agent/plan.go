@@ -28,7 +28,10 @@ type Action struct {
 	// Restart is, for a Start that restartPolicy asks for, which
 	// consecutive restart it is (1, 2, ...); 0 for other starts.
 	Restart int
-	Reason  string
+	// Update: a Recreate for a new version, whose image must be pulled
+	// (not taken from the engine's copy when the pull fails).
+	Update bool
+	Reason string
 }
 
 func (a Action) String() string { return fmt.Sprintf("%s %s: %s", a.Kind, a.Name, a.Reason) }
@@ -101,11 +104,18 @@ func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*Histor
 func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now time.Time) []Action {
 	act := func(k Kind, reason string) Action { return Action{Kind: k, Name: m.Name, Module: m, Reason: reason} }
 	var acts []Action
+	// A new version is how a deployment asks for an update, say to pull
+	// its tag again. A container without the label predates versions.
+	update := exists && st.HasVersion && st.Version != m.Version
 	switch {
 	case !exists:
 		acts = append(acts, act(Create, "new module"))
 	case st.ConfigHash != m.ConfigHash():
-		acts = append(acts, act(Recreate, "its version, image, createOptions or env changed"))
+		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
+		acts[0].Update = update
+	case update:
+		acts = append(acts, act(Recreate, "its version changed"))
+		acts[0].Update = true
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
 	case m.Status == StatusStopped:

@@ -28,11 +28,13 @@ func manifest(mods ...*Module) *Manifest {
 
 // exited is the state of m's container after a run from started to finished.
 func exited(m *Module, code int, started, finished time.Time) moby.ModuleState {
-	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "exited", ExitCode: code, StartedAt: started, FinishedAt: finished, ConfigHash: m.ConfigHash()}
+	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "exited", ExitCode: code, StartedAt: started, FinishedAt: finished, ConfigHash: m.ConfigHash(),
+		Version: m.Version, HasVersion: true}
 }
 
 func running(m *Module, started time.Time) moby.ModuleState {
-	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "running", StartedAt: started, ConfigHash: m.ConfigHash()}
+	return moby.ModuleState{Name: m.Name, Image: m.Image, State: "running", StartedAt: started, ConfigHash: m.ConfigHash(),
+		Version: m.Version, HasVersion: true}
 }
 
 func with(s moby.ModuleState, f func(*moby.ModuleState)) moby.ModuleState {
@@ -78,7 +80,8 @@ func TestPlan(t *testing.T) {
 	unhealthy := mod("unhealthy", StatusRunning, OnUnhealthy, 1)
 	stopped := mod("stopped", StatusStopped, Always, 1)
 	failedStart := func(m *Module) moby.ModuleState {
-		return moby.ModuleState{Name: m.Name, State: "created", ExitCode: 127, Error: `exec: "/x": no such file`, ConfigHash: m.ConfigHash()}
+		return moby.ModuleState{Name: m.Name, State: "created", ExitCode: 127, Error: `exec: "/x": no such file`, ConfigHash: m.ConfigHash(),
+			Version: m.Version, HasVersion: true}
 	}
 	for _, tc := range []struct {
 		name    string
@@ -103,6 +106,11 @@ func TestPlan(t *testing.T) {
 			current: []moby.ModuleState{running(a, t0)}, want: ""},
 		{name: "version changed", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })), current: []moby.ModuleState{running(a, t0)},
 			want: "recreate a, start a"},
+		{name: "version set", desired: manifest(changed(a, func(m *Module) { m.Version = "1" })), current: []moby.ModuleState{running(a, t0)},
+			want: "recreate a, start a"},
+		// A container made before versions were labelled is left alone.
+		{name: "no version label", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })}, want: ""},
 		{name: "stopped changed", desired: manifest(changed(stopped, func(m *Module) { m.Image = "img:2" })), current: []moby.ModuleState{running(stopped, t0)},
 			want: "recreate stopped"},
 		{name: "dead", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.State = "dead" })},
@@ -190,5 +198,18 @@ func TestPlanPure(t *testing.T) {
 	}
 	if after := fmt.Sprint(current, *hist["a"]); after != before {
 		t.Errorf("Plan changed its arguments:\n%s\n%s", before, after)
+	}
+}
+
+// The hash is what existing containers are labelled with: a change of its
+// formula recreates every module on every device that upgrades. This is
+// the value the agent has labelled containers with since it was written.
+func TestConfigHashUnchanged(t *testing.T) {
+	m := mod("a", StatusRunning, Always, 1)
+	m.Version = "1.0"
+	m.Env["X"] = "1"
+	m.CreateOptions = json.RawMessage(`{"Cmd":["x"]}`)
+	if got, want := m.ConfigHash(), "cda0149ee97a07052ba5e5c71de3ce92"; got != want {
+		t.Errorf("ConfigHash() = %s, want %s: containers labelled by earlier agents would all be recreated", got, want)
 	}
 }

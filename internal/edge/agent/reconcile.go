@@ -19,7 +19,7 @@ import (
 type Engine interface {
 	EnsureNetwork(ctx context.Context, name string) error
 	List(ctx context.Context) ([]moby.ModuleState, error)
-	EnsureImage(ctx context.Context, s moby.ModuleSpec) error
+	EnsureImage(ctx context.Context, s moby.ModuleSpec, update bool) error
 	Create(ctx context.Context, s moby.ModuleSpec) error
 	Start(ctx context.Context, name string) error
 	Stop(ctx context.Context, name string, timeout time.Duration) error
@@ -87,13 +87,19 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 		errs = append(errs, err)
 	}
 	for _, st := range current {
-		if h := r.hist[st.Name]; h != nil && ranLong(st, now) {
+		h := r.hist[st.Name]
+		if h != nil && ranLong(st, now) {
 			h.Restarts = 0
 		}
+		if h != nil && active(st.State) {
+			h.Resume = false // running again, whatever started it
+		}
 	}
-	for name := range r.hist {
-		if _, ok := m.Modules[name]; !ok {
+	for name, h := range r.hist {
+		if mod, ok := m.Modules[name]; !ok {
 			delete(r.hist, name)
+		} else if mod.Status == StatusStopped {
+			h.Resume = false
 		}
 	}
 	err = errors.Join(errs...)
@@ -164,21 +170,36 @@ func (r *Reconciler) Resume(names ...string) {
 	}
 }
 
+// Resuming returns, sorted, the modules given to Resume that have not been
+// started since, and that the deployment still wants running.
+func (r *Reconciler) Resuming() []string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	var names []string
+	for name, h := range r.hist {
+		if h.Resume {
+			names = append(names, name)
+		}
+	}
+	slices.Sort(names)
+	return names
+}
+
 func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network string, now time.Time) error {
 	e := r.Engine
 	switch a.Kind {
 	case Create:
 		r.hist[a.Name] = &History{}
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec); err != nil {
+		if err := e.EnsureImage(ctx, spec, false); err != nil {
 			return err
 		}
 		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
-		// keeps running the old one.
+		// keeps running the old one, and the next Apply tries again.
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec); err != nil {
+		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
 			return err
 		}
 		r.hist[a.Name] = &History{} // a new container starts a new history
@@ -222,6 +243,7 @@ func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleS
 		PullPolicy:    mod.ImagePullPolicy,
 		Auth:          registryAuth(m.Runtime.RegistryCredentials, mod.Image),
 		ConfigHash:    mod.ConfigHash(),
+		Version:       mod.Version,
 	}
 }
 

@@ -51,9 +51,12 @@ func (f *fakeEngine) List(context.Context) ([]moby.ModuleState, error) {
 	return out, nil
 }
 
-func (f *fakeEngine) EnsureImage(_ context.Context, s moby.ModuleSpec) error {
+func (f *fakeEngine) EnsureImage(_ context.Context, s moby.ModuleSpec, update bool) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	if update {
+		return f.record("pull " + s.Image + " (update)")
+	}
 	return f.record("pull " + s.Image)
 }
 
@@ -66,7 +69,8 @@ func (f *fakeEngine) Create(_ context.Context, s moby.ModuleSpec) error {
 	if f.containers[s.Name] != nil {
 		return fmt.Errorf("conflict: %s exists", s.Name)
 	}
-	f.containers[s.Name] = &moby.ModuleState{Name: s.Name, Image: s.Image, State: "created", ConfigHash: s.ConfigHash}
+	f.containers[s.Name] = &moby.ModuleState{Name: s.Name, Image: s.Image, State: "created", ConfigHash: s.ConfigHash,
+		Version: s.Version, HasVersion: true}
 	f.specs[s.Name] = s
 	return nil
 }
@@ -211,22 +215,22 @@ func TestReconciler(t *testing.T) {
 	}
 	fe.takeCalls()
 
-	// A new image that cannot be pulled leaves the module running the old
-	// one; once it can be, the module is recreated with it.
-	a.Image = "img:2"
-	fe.fail["pull img:2"] = errors.New("pulling image img:2 from registry docker.io: no route")
+	// A new version whose image cannot be pulled leaves the module running
+	// the old one; once it can be, the module is recreated with it.
+	a.Image, a.Version = "img:2", "2"
+	fe.fail["pull img:2 (update)"] = errors.New("pulling image img:2 from registry docker.io: no route")
 	rep, err = r.Apply(ctx, m)
-	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
 		t.Errorf("a new image that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
 	}
 	if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 {
 		t.Errorf("the failed pull's report: %v", st)
 	}
-	delete(fe.fail, "pull img:2")
+	delete(fe.fail, "pull img:2 (update)")
 	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
 		t.Errorf("a once its image can be pulled: %v; %+v", err, fe.containers["a"])
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2, stop a, remove a, create a, start a" {
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2 (update), stop a, remove a, create a, start a" {
 		t.Errorf("recreating a: calls %s", got)
 	}
 
@@ -302,6 +306,10 @@ func TestStopAllAndResume(t *testing.T) {
 	clock = clock.Add(time.Second)
 	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
 	r.Resume(stopped...)
+	// No deployment yet (offline, none kept): both are still to resume.
+	if _, err := r.Apply(ctx, nil); err != nil || strings.Join(r.Resuming(), ",") != "a,b" {
+		t.Errorf("resuming without a deployment: %v, %v; want a and b", r.Resuming(), err)
+	}
 	b.Status = StatusStopped
 	fe.takeCalls()
 	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil {
@@ -309,6 +317,9 @@ func TestStopAllAndResume(t *testing.T) {
 	}
 	if got := fe.takeCalls(); got != "network azure-iot-edge, start a" {
 		t.Errorf("calls after the restart: %s, want a started and b (now stopped) left", got)
+	}
+	if left := r.Resuming(); len(left) != 0 {
+		t.Errorf("still to resume: %v, want none (a started, b stopped by the deployment)", left)
 	}
 	fe.exit("a", 0)
 	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil || fe.containers["a"].State != "exited" {

@@ -112,4 +112,21 @@ func TestApplyRegistryCredentials(t *testing.T) {
 		t.Errorf("module with the registry's credentials: %v", mod)
 	}
 	waitLogs(t, e, name, "pulled\n")
+
+	// A new version whose pull fails keeps the container it has (the
+	// engine's copy of the image is no update) and reports the failure;
+	// the next Apply that can pull recreates it.
+	first := waitFor(t, e, name, "run", func(s moby.ModuleState) bool { return s.State == "running" })
+	bumped := registryDeployment(t, 4, name, image, map[string]any{"local": map[string]any{"username": user, "password": wrong, "address": addr}})
+	bumped.Modules[name].Version = "2.0"
+	check(bumped, 500, "pulling image "+image, "version 2.0")
+	if s := waitFor(t, e, name, "run", func(s moby.ModuleState) bool { return s.State == "running" }); s.ContainerID != first.ContainerID || s.Version != "1.0" {
+		t.Errorf("a new version whose image cannot be pulled: the container is %s of version %q, want the old %s of 1.0", s.ContainerID, s.Version, first.ContainerID)
+	}
+	fixed := registryDeployment(t, 5, name, image, map[string]any{"local": map[string]any{"username": user, "password": password, "address": addr}})
+	fixed.Modules[name].Version = "2.0"
+	check(fixed, 200)
+	if s := waitFor(t, e, name, "run", func(s moby.ModuleState) bool { return s.State == "running" }); s.ContainerID == first.ContainerID || s.Version != "2.0" {
+		t.Errorf("a new version once its image can be pulled: the container is %s of version %q, want a new one of 2.0", s.ContainerID, s.Version)
+	}
 }

@@ -3,6 +3,7 @@ package config
 import (
 	"cmp"
 	"errors"
+	"fmt"
 	"reflect"
 	"regexp"
 	"slices"
@@ -123,6 +124,23 @@ func ParseLegacyYAML(path string, data []byte) (*Config, []Warning, error) {
 }
 
 var legacyType = reflect.TypeFor[legacyConfig]()
+
+// UnmarshalYAML reads config.yaml's network: a name, or a mapping of name,
+// ipv6 and ipam. A number or boolean is refused rather than taken, as
+// UnmarshalText would, for a name.
+func (n *MobyNetwork) UnmarshalYAML(v *yaml.Node) error {
+	switch {
+	case v.Kind == yaml.ScalarNode && v.Tag == "!!str":
+		n.Name = v.Value
+		return nil
+	case v.Kind == yaml.MappingNode:
+		type fields MobyNetwork // without this method
+		return v.Decode((*fields)(n))
+	}
+	// A TypeError: reported with the file's other type errors, at its line.
+	return &yaml.TypeError{Errors: []string{fmt.Sprintf("line %d: network: %s is not a network name: write the name as a string, "+
+		`network: "azure-iot-edge", or a mapping of name, ipv6 and ipam`, v.Line, cmp.Or(v.Value, "this value"))}}
+}
 
 // yamlKeys reports unknown keys below the mapping n at key and records
 // where the known ones are.

@@ -153,6 +153,11 @@ type tomlWalker struct {
 func (w *tomlWalker) keyValue(table []string, kv *unstable.Node) {
 	key, line := w.keyOf(table, kv)
 	v := kv.Value()
+	// MobyNetwork's text form takes any scalar go-toml hands it as text.
+	if strings.Join(key, ".") == "moby_runtime.network" && v.Kind != unstable.String && v.Kind != unstable.InlineTable {
+		w.ck.errorAt(Pos{File: w.ck.pos.file, Line: line}, "moby_runtime.network = %s is not a network name: write the name as a string, "+
+			`network = "azure-iot-edge", or a table of name, ipv6 and ipam`, v.Data)
+	}
 	if w.key(key, line, v) && v.Kind == unstable.InlineTable {
 		for it := v.Children(); it.Next(); {
 			w.keyValue(key, it.Node())

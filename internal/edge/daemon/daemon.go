@@ -12,11 +12,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -68,6 +70,12 @@ type Daemon struct {
 	reprovCh chan struct{}
 	stopCh   chan struct{}
 	workload *workload
+
+	// resume lists the modules the runtime stopped when it last shut down
+	// and has not started since (stoppedFile); nil until read. It outlives
+	// a cycle, as a reload or a cycle that ends before an Apply starts
+	// them must not lose it. Only Run's goroutine uses it.
+	resume []string
 }
 
 // New makes a daemon.
@@ -358,11 +366,17 @@ func (a *runner) run(ctx context.Context) error {
 	retry := time.After(0)
 	backoff := time.Second
 	defer hub.drop()
+	defer func() {
+		// However the run ended (a reprovision that was waiting for DPS
+		// returns the context's error), a shutdown stops the modules.
+		if ctx.Err() != nil {
+			a.stopModules()
+		}
+	}()
 	for {
 		a.apply(ctx, hub.client)
 		select {
 		case <-ctx.Done():
-			a.stopModules()
 			return nil
 		case <-a.d.reloadCh:
 			return errReload
@@ -419,8 +433,9 @@ func (a *runner) run(ctx context.Context) error {
 }
 
 // stopModules stops the modules as the runtime shuts down (`iotedge system
-// stop`, systemd's SIGTERM), and notes which for resume. A reload does not
-// come here: its modules run on.
+// stop`, systemd's SIGTERM), and notes which for resume, with those still
+// to resume from the last shutdown. A reload does not come here: its
+// modules run on.
 func (a *runner) stopModules() {
 	// The run's context is over; the stop has the modules' stop timeout
 	// and a little more.
@@ -430,35 +445,62 @@ func (a *runner) stopModules() {
 	if err != nil {
 		slog.Warn("stopping the modules", "error", err)
 	}
-	if len(stopped) == 0 {
-		return
+	if len(stopped) > 0 {
+		slog.Info("stopped the modules", "modules", stopped)
 	}
-	slog.Info("stopped the modules", "modules", stopped)
-	b, _ := json.Marshal(stopped)
-	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
-	if err == nil {
-		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, stoppedFile), b, 0o600)
-	}
-	if err != nil {
-		slog.Warn("noting the stopped modules: they start again only by their restartPolicy", "error", err)
+	names := slices.Compact(slices.Sorted(slices.Values(append(stopped, a.d.resume...))))
+	if !slices.Equal(names, a.d.resume) {
+		a.d.noteResume(names)
 	}
 }
 
-// resume starts again the modules the runtime stopped when it last shut
-// down, as Azure's runtime does when it starts.
+// resume has the reconciler start again the modules the runtime stopped
+// when it last shut down, as Azure's runtime does when it starts.
 func (a *runner) resume() {
-	path := filepath.Join(a.d.opts.StateDir, stoppedFile)
-	b, err := os.ReadFile(path)
+	if a.d.resume == nil {
+		a.d.resume = []string{}
+		path := filepath.Join(a.d.opts.StateDir, stoppedFile)
+		if b, err := os.ReadFile(path); err == nil {
+			var names []string
+			if err := json.Unmarshal(b, &names); err != nil {
+				slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
+			}
+			a.d.resume = slices.Compact(slices.Sorted(slices.Values(names)))
+		}
+	}
+	a.rec.Resume(a.d.resume...)
+}
+
+// resumed forgets, on disk too, the modules the reconciler has started
+// since (or that left the deployment or were stopped by it); stoppedFile
+// goes once none is left.
+func (a *runner) resumed() {
+	if len(a.d.resume) == 0 {
+		return
+	}
+	if left := a.rec.Resuming(); !slices.Equal(left, a.d.resume) {
+		a.d.noteResume(left)
+	}
+}
+
+// noteResume keeps names as the modules to start at the next start.
+func (d *Daemon) noteResume(names []string) {
+	d.resume = names
+	path := filepath.Join(d.opts.StateDir, stoppedFile)
+	var err error
+	if len(names) == 0 {
+		if err = os.Remove(path); errors.Is(err, fs.ErrNotExist) {
+			err = nil
+		}
+	} else {
+		b, _ := json.Marshal(names)
+		if err = os.MkdirAll(d.opts.StateDir, 0o700); err == nil {
+			err = os.WriteFile(path, b, 0o600)
+		}
+	}
 	if err != nil {
-		return
+		slog.Warn("noting the modules to start again at the next start: those stopped at shutdown may start only by their restartPolicy", "path", path, "error", err)
 	}
-	_ = os.Remove(path)
-	var names []string
-	if err := json.Unmarshal(b, &names); err != nil {
-		slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
-		return
-	}
-	a.rec.Resume(names...)
 }
 
 // hubConn is the agent's connection to the hub and what ends it.
@@ -523,31 +565,38 @@ func (a *runner) fetch(ctx context.Context, c *hubdevice.Client) {
 	if a.reported == nil {
 		a.reported = withoutVersion(tw.Reported)
 	}
-	m, err := agent.ParseManifest(tw.Desired)
-	var me *agent.Error
-	if errors.As(err, &me) && me.Code == 417 {
-		slog.Info("no deployment targets this device yet")
-		a.manifestErr = nil
-		a.report(ctx, c, agent.Reported(nil, nil, nil, nil))
-		return
+	if rep := a.takeDesired(ctx, tw.Desired); rep != nil {
+		a.report(ctx, c, rep)
 	}
+}
+
+// takeDesired makes the twin's desired document the manifest, or, when it
+// is rejected, keeps running the last good one and returns the report of
+// the rejection; that stays the deployment's status (apply) until a valid
+// document arrives.
+func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any {
+	m, err := agent.ParseManifest(desired)
 	if err != nil {
-		// Report the error and keep running the last good deployment.
-		slog.Error("the deployment manifest is not valid", "error", err)
+		var me *agent.Error
+		if errors.As(err, &me) && me.Code == 417 {
+			slog.Info("no deployment targets this device yet")
+		} else {
+			slog.Error("the deployment manifest is not valid", "error", err)
+		}
 		a.manifestErr = err
-		a.report(ctx, c, a.rec.Report(ctx, a.manifest, err))
-		return
+		return a.rec.Report(ctx, a.manifest, err)
 	}
 	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
 	if err == nil {
-		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), tw.Desired, 0o600)
+		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired, 0o600)
 	}
 	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)
 	}
+	return nil
 }
 
 // apply reconciles and reports what changed.
@@ -556,6 +605,7 @@ func (a *runner) apply(ctx context.Context, c *hubdevice.Client) {
 	if err != nil {
 		slog.Warn("applying the deployment", "error", err)
 	}
+	a.resumed()
 	if a.manifestErr != nil {
 		// The hub's document was rejected: that stays its status, over
 		// the last good deployment's that still runs, until a valid one

@@ -14,6 +14,7 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -97,6 +98,13 @@ func (w *workload) release(module string) {
 	_ = os.RemoveAll(filepath.Join(w.dir, module))
 }
 
+// served returns the modules whose sockets are served.
+func (w *workload) served() []string {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return slices.Collect(maps.Keys(w.servers))
+}
+
 func (w *workload) close() {
 	w.mu.Lock()
 	defer w.mu.Unlock()
@@ -169,16 +177,28 @@ type decorated struct {
 // List serves the socket of every container it returns: a daemon that
 // restarted (or a device that rebooted) finds its modules' containers
 // already made, so Create, which serves a new module's socket, never runs
-// for them.
+// for them. It releases the socket of every module without a container,
+// whose container went without Remove seeing it go (a Remove that failed,
+// `docker rm`).
 func (e decorated) List(ctx context.Context) ([]moby.ModuleState, error) {
 	states, err := e.Engine.List(ctx)
+	if err != nil {
+		return states, err
+	}
+	listed := map[string]bool{}
 	for _, st := range states {
+		listed[st.Name] = true
 		// Not an error of the listing: the module's own Start reports it.
 		if _, serr := e.w.socket(st.Name); serr != nil {
 			slog.Warn("serving a module's workload socket", "module", st.Name, "error", serr)
 		}
 	}
-	return states, err
+	for _, m := range e.w.served() {
+		if !listed[m] {
+			e.w.release(m)
+		}
+	}
+	return states, nil
 }
 
 // Start serves the module's socket first, so that the directory Docker

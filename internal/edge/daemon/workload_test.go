@@ -12,6 +12,8 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -79,19 +81,42 @@ type engineStub struct {
 	containers []string
 	socketAt   func(module string) string
 	started    map[string]bool // module → its socket existed at Start
+
+	mu      sync.Mutex
+	stopped []string
+	// states overrides a container's state, running by default.
+	states map[string]moby.ModuleState
+}
+
+func (e *engineStub) stoppedNames() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return strings.Join(e.stopped, ",")
 }
 
 func (e *engineStub) List(context.Context) ([]moby.ModuleState, error) {
 	var out []moby.ModuleState
 	for _, n := range e.containers {
-		out = append(out, moby.ModuleState{Name: n, State: "running"})
+		st, ok := e.states[n]
+		if !ok {
+			st = moby.ModuleState{Name: n, State: "running"}
+		}
+		out = append(out, st)
 	}
 	return out, nil
 }
 
 func (e *engineStub) Start(_ context.Context, name string) error {
-	_, err := os.Stat(e.socketAt(name))
-	e.started[name] = err == nil
+	if e.socketAt != nil {
+		_, err := os.Stat(e.socketAt(name))
+		e.started[name] = err == nil
+	} else {
+		e.started[name] = true
+	}
+	if st, ok := e.states[name]; ok {
+		st.State = "running"
+		e.states[name] = st
+	}
 	return nil
 }
 
@@ -125,26 +150,37 @@ func (e *engineStub) Remove(_ context.Context, name string) error {
 }
 
 // A module removed from the deployment loses its socket: the device's key
-// must not go on signing tokens for an identity it no longer runs.
+// must not go on signing tokens for an identity it no longer runs. So does
+// one whose container went without Remove (a Remove that failed, then
+// `docker rm`), at the next listing.
 func TestWorkloadReleasesRemovedModules(t *testing.T) {
-	dir := filepath.Join(t.TempDir(), "workload")
-	w := newWorkload(dir)
-	defer w.close()
-	stub := &engineStub{containers: []string{"sensor", "filter"}, started: map[string]bool{}}
-	e := decorated{Engine: stub, w: w}
-	if _, err := e.List(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.Remove(context.Background(), "sensor"); err != nil {
-		t.Fatal(err)
-	}
-	if c, err := net.Dial("unix", filepath.Join(dir, "sensor", "workload.sock")); err == nil {
-		c.Close()
-		t.Error("the removed module's socket still answers")
-	}
-	if c, err := net.Dial("unix", filepath.Join(dir, "filter", "workload.sock")); err != nil {
-		t.Errorf("the remaining module's socket: %v", err)
-	} else {
-		c.Close()
+	for _, how := range []string{"removed", "gone"} {
+		dir := filepath.Join(t.TempDir(), "workload")
+		w := newWorkload(dir)
+		defer w.close()
+		stub := &engineStub{containers: []string{"sensor", "filter"}, started: map[string]bool{}}
+		e := decorated{Engine: stub, w: w}
+		if _, err := e.List(context.Background()); err != nil {
+			t.Fatal(err)
+		}
+		if how == "removed" {
+			if err := e.Remove(context.Background(), "sensor"); err != nil {
+				t.Fatal(err)
+			}
+		} else {
+			stub.containers = []string{"filter"}
+			if _, err := e.List(context.Background()); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if c, err := net.Dial("unix", filepath.Join(dir, "sensor", "workload.sock")); err == nil {
+			c.Close()
+			t.Errorf("the socket of a module whose container is %s still answers", how)
+		}
+		if c, err := net.Dial("unix", filepath.Join(dir, "filter", "workload.sock")); err != nil {
+			t.Errorf("the remaining module's socket: %v", err)
+		} else {
+			c.Close()
+		}
 	}
 }

@@ -36,6 +36,8 @@ type ModuleSpec struct {
 	// ConfigHash is stored as a label so that a later change of the
 	// module's configuration can be seen on the container.
 	ConfigHash string
+	// Version is the module's version, stored as a label of its own.
+	Version string
 }
 
 // ModuleState is what the engine says about a module's container.
@@ -54,6 +56,10 @@ type ModuleState struct {
 	FinishedAt time.Time // zero when never exited
 	Health     string    // healthy, unhealthy, starting, or "" without a health check
 	ConfigHash string
+	// Version is the module's version label; HasVersion is false for a
+	// container made before versions were labelled.
+	Version    string
+	HasVersion bool
 	// RestartCount is the engine's; the agent restarts modules itself, so
 	// it is 0 unless createOptions asked the engine to restart.
 	RestartCount int
@@ -92,6 +98,7 @@ func (c *inspected) state() ModuleState {
 		ConfigHash:   c.Config.Labels[ConfigHashLabel],
 		RestartCount: c.RestartCount,
 	}
+	s.Version, s.HasVersion = c.Config.Labels[VersionLabel]
 	if s.Name == "" {
 		s.Name = strings.TrimPrefix(c.Name, "/")
 	}
@@ -232,6 +239,7 @@ func createBody(s ModuleSpec, owner string) (map[string]any, error) {
 	labels[OwnerLabel] = owner
 	labels[ModuleLabel] = s.Name
 	labels[ConfigHashLabel] = s.ConfigHash
+	labels[VersionLabel] = s.Version
 	body["Labels"] = labels
 
 	hc := map[string]any{}

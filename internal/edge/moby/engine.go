@@ -33,6 +33,7 @@ const (
 	OwnerLabel      = "net.hatchery.edge.owner"
 	ModuleLabel     = "net.hatchery.edge.module"
 	ConfigHashLabel = "net.hatchery.edge.config-hash"
+	VersionLabel    = "net.hatchery.edge.module-version"
 )
 
 // Defaults of config.toml's [moby_runtime] and of the owner label.

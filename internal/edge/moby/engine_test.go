@@ -71,12 +71,13 @@ func TestLifecycle(t *testing.T) {
 		Env:        map[string]string{"A": "from-deployment", "C": "c"},
 		PullPolicy: "on-create", // present locally: no pull is tried
 		ConfigHash: "hash-1",
+		Version:    "1.0",
 	}
 	if err := e.Create(ctx, spec); err != nil {
 		t.Fatal(err)
 	}
 	s := waitState(t, e, name, "created")
-	if s.Image != image || s.ConfigHash != "hash-1" || !s.StartedAt.IsZero() {
+	if s.Image != image || s.ConfigHash != "hash-1" || s.Version != "1.0" || !s.HasVersion || !s.StartedAt.IsZero() {
 		t.Errorf("created: %+v", s)
 	}
 	if err := e.Start(ctx, name); err != nil {

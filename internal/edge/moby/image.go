@@ -47,15 +47,21 @@ func normalize(ref string) string {
 
 // EnsureImage gets s.Image for a new container, as Azure's agent does:
 // with imagePullPolicy on-create (the default) it pulls, so that a tag
-// that moved is run at its new image, and falls back to the image the
-// engine has when the pull fails; with never, the engine must have it.
-func (e *Engine) EnsureImage(ctx context.Context, s ModuleSpec) error {
+// that moved is run at its new image; with never, the engine must have it.
+// When the pull fails, the image the engine has is used, except for an
+// update (the deployment gave a module that has a container a new
+// version): that module keeps its old container until a pull succeeds,
+// rather than being recreated from a stale image as if it were updated.
+func (e *Engine) EnsureImage(ctx context.Context, s ModuleSpec, update bool) error {
 	if s.PullPolicy == "never" {
 		return e.haveImage(ctx, s)
 	}
 	err := e.pull(ctx, normalize(s.Image), s.Auth)
 	if err == nil {
 		return nil
+	}
+	if update {
+		return fmt.Errorf("module %s: version %s: %w; its container is left as it is until the image can be pulled", s.Name, s.Version, err)
 	}
 	if local := e.imageHere(ctx, s); local == nil {
 		slog.Warn("pulling a module's image failed; using the copy the engine has", "module", s.Name, "image", s.Image, "error", err)

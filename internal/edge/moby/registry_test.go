@@ -91,7 +91,7 @@ func TestOnCreatePullsEachTime(t *testing.T) {
 	ctx := ctxFor(t)
 	spec := moby.ModuleSpec{Name: "pulled-" + mobytest.ID(), Image: ref, PullPolicy: "on-create",
 		Auth: &moby.RegistryAuth{Username: user, Password: password, Address: addr}}
-	if err := e.EnsureImage(ctx, spec); err != nil {
+	if err := e.EnsureImage(ctx, spec, false); err != nil {
 		t.Fatal(err)
 	}
 	pushed, err := e.ImageID(ctx, ref)
@@ -104,7 +104,7 @@ func TestOnCreatePullsEachTime(t *testing.T) {
 	if err := e.Tag(ctx, e.Image(""), ref); err != nil {
 		t.Fatal(err)
 	}
-	if err := e.EnsureImage(ctx, spec); err != nil {
+	if err := e.EnsureImage(ctx, spec, false); err != nil {
 		t.Fatal(err)
 	}
 	if id, _ := e.ImageID(ctx, ref); id != pushed {
@@ -112,11 +112,15 @@ func TestOnCreatePullsEachTime(t *testing.T) {
 	}
 
 	spec.Auth.Password = "wrong-" + mobytest.ID()
-	if err := e.EnsureImage(ctx, spec); err != nil {
+	if err := e.EnsureImage(ctx, spec, false); err != nil {
 		t.Errorf("a failed pull with the image on the engine: %v, want the engine's copy used", err)
 	}
+	// An update must pull: the engine's copy is what the module runs now.
+	if err := e.EnsureImage(ctx, spec, true); err == nil || !strings.Contains(err.Error(), "left as it is") {
+		t.Errorf("a failed pull for an update: %v, want its error", err)
+	}
 	spec.Image = addr + "/hatchery-test/nosuch:1"
-	if err := e.EnsureImage(ctx, spec); err == nil {
+	if err := e.EnsureImage(ctx, spec, false); err == nil {
 		t.Error("a failed pull of an image the engine lacks succeeded")
 	}
 }

@@ -138,6 +138,7 @@ func TestCreateBody(t *testing.T) {
 		Labels:     map[string]string{"extra": "1"},
 		Network:    "azure-iot-edge",
 		ConfigHash: "h",
+		Version:    "1.2",
 	}
 	body, err := createBody(s, "agent")
 	if err != nil {
@@ -145,7 +146,7 @@ func TestCreateBody(t *testing.T) {
 	}
 	got, _ := json.Marshal(body)
 	want := `{"Cmd":["-x"],"Env":["B=kept","A=dep","C=c"],"HostConfig":{"Binds":["/a:/b"],"Memory":9007199254740993,"NetworkMode":"azure-iot-edge"},"Image":"img:1",` +
-		`"Labels":{"extra":"1","l":"v","net.hatchery.edge.config-hash":"h","net.hatchery.edge.module":"m1","net.hatchery.edge.owner":"agent"}}`
+		`"Labels":{"extra":"1","l":"v","net.hatchery.edge.config-hash":"h","net.hatchery.edge.module":"m1","net.hatchery.edge.module-version":"1.2","net.hatchery.edge.owner":"agent"}}`
 	if string(got) != want {
 		t.Errorf("body\n got %s\nwant %s", got, want)
 	}
