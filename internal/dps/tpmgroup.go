@@ -119,14 +119,13 @@ func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestatio
 	if err != nil {
 		return "", err
 	}
-	body, _ := json.Marshal(ekClaim{RegistrationID: regID})
 	for range 3 { // a claim made or freed meanwhile is read again
 		c, _, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
 		switch {
 		case err != nil:
 			return "", err
 		case c == nil:
-			_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
+			err := s.claimEK(ctx, regID, keyID)
 			if errors.Is(err, store.ErrExists) {
 				continue
 			}
@@ -142,8 +141,25 @@ func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestatio
 	return "", azerr.New(409203, "Conflict", "the claim of this TPM's registration ID changed while it was made: register again")
 }
 
+// claimEK stores the claim of the EK keyID on regID; ErrExists if the EK
+// has one.
+func (s *Service) claimEK(ctx context.Context, regID, keyID string) error {
+	body, _ := json.Marshal(ekClaim{RegistrationID: regID})
+	_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
+	return err
+}
+
 // freeEK drops the claim of the EK keyID on regID, whose registration
 // record was deleted, so that its TPM may register under another ID.
+//
+// A registration racing the DELETE may write the record back after it was
+// deleted; it re-checks its claim only after writing. If it writes after
+// the record is read again here, its re-check comes after the free and
+// claims the ID again; if before, the record read here is back, and this
+// claims the ID for it. Either way no record lives without its claim (one
+// written before the DELETE deleted made that delete, at the etag it read,
+// fail and read again). At worst a claim outlives its record, which
+// orphanEK finds.
 func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
 	c, etag, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
 	if err != nil || c == nil || !strings.EqualFold(c.RegistrationID, regID) {
@@ -152,6 +168,20 @@ func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
 	if err := s.store.Delete(ctx, kindTPMKey, keyID, etag); err != nil && !errors.Is(err, store.ErrNotFound) {
 		return fmt.Errorf("registration %s is deleted, but freeing its TPM to register under another ID failed (%w): "+
 			"the TPM can still register as %s; delete that registration again once it has", regID, err, regID)
+	}
+	rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+	if err != nil {
+		return fmt.Errorf("registration %s is deleted and its TPM freed, but reading it again, to see whether the device registered meanwhile, failed (%w): "+
+			"delete registration %s again", regID, err, regID)
+	}
+	if rec == nil || rec.EndorsementKeyID == "" {
+		return nil
+	}
+	// Written back meanwhile; a claim there now is this one's, re-made by
+	// the registration, or the TPM's for another ID, which it keeps.
+	if err := s.claimEK(ctx, regID, rec.EndorsementKeyID); err != nil && !errors.Is(err, store.ErrExists) {
+		return fmt.Errorf("registration %s was registered again while it was deleted, and claiming its TPM for it again failed (%w): "+
+			"delete registration %s and have the device register again", regID, err, regID)
 	}
 	return nil
 }

@@ -253,16 +253,32 @@ func TestTPMGroupClaimOutlivesRacingDelete(t *testing.T) {
 	}
 }
 
-// beforeDelete runs f before a store's first deletion of a registration
-// record.
+// replicaDeleting is another DPS replica on e's store that calls
+// register(id) before its first deletion of a document of kind.
+func (e *env) replicaDeleting(t *testing.T, kind string, register func(id string) error, id string) *dps.Service {
+	t.Helper()
+	replica, err := dps.Open(ctx, &beforeDelete{Store: e.st, kind: kind, f: func() {
+		if err := register(id); err != nil {
+			t.Error(err)
+		}
+	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return replica
+}
+
+// beforeDelete runs f before a store's first deletion of a document of
+// kind.
 type beforeDelete struct {
 	store.Store
+	kind string
 	once sync.Once
 	f    func()
 }
 
 func (b *beforeDelete) Delete(ctx context.Context, kind, id, ifMatch string) error {
-	if kind == "dps.registration" {
+	if kind == b.kind {
 		b.once.Do(b.f)
 	}
 	return b.Store.Delete(ctx, kind, id, ifMatch)
@@ -288,14 +304,7 @@ func TestTPMGroupDeleteFreesClaimAddedMeanwhile(t *testing.T) {
 	// device is given one of its own.)
 	// Another replica deletes the record, which the group's registration
 	// changes between that replica's read and its delete.
-	replica, err := dps.Open(ctx, &beforeDelete{Store: e.st, f: func() {
-		if err := register(hexID); err != nil {
-			t.Error(err)
-		}
-	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	replica := e.replicaDeleting(t, "dps.registration", register, hexID)
 	if err := replica.DeleteRegistration(ctx, hexID, ""); err != nil {
 		t.Fatal(err)
 	}
@@ -304,6 +313,28 @@ func TestTPMGroupDeleteFreesClaimAddedMeanwhile(t *testing.T) {
 	}
 	if err := register(base32ID); err != nil {
 		t.Fatalf("the TPM's other ID, after its record was deleted: %v", err)
+	}
+}
+
+// A registration that writes the record back after a DELETE removed it,
+// and finds its claim still there before the DELETE frees it, keeps its
+// ID: the DELETE sees the record back and claims the ID for it again.
+func TestTPMGroupDeleteReclaimsRecordWrittenBack(t *testing.T) {
+	e := newEnv(t)
+	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	if err := register(hexID); err != nil {
+		t.Fatal(err)
+	}
+	replica := e.replicaDeleting(t, "dps.tpmKey", register, hexID)
+	if err := replica.DeleteRegistration(ctx, hexID, ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.dps.GetRegistration(ctx, hexID); err != nil {
+		t.Fatalf("the record the registration wrote back: %v", err)
+	}
+	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), "this TPM registered as "+hexID+" already") {
+		t.Fatalf("the TPM's other ID, while the record of %s lives: %v", hexID, err)
 	}
 }
 
