@@ -647,7 +647,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		alloc.runtime.CurrentIoTHubHostName, alloc.runtime.CurrentDeviceID = prev.Hub, prev.DeviceID
 	}
 
-	hub, err := s.place(ctx, alloc, prev, t.repro, t.twin, &dev, state)
+	hub, former, err := s.place(ctx, alloc, prev, t.repro, t.twin, &dev, state)
 	if errors.Is(err, ErrDeviceTaken) {
 		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
 			dev.DeviceID, att.group.EnrollmentGroupID))
@@ -673,6 +673,9 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	}
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
+	}
+	if former != nil {
+		s.leave(ctx, regID, former)
 	}
 	if ekKey != "" {
 		// A DELETE of the record while this registration ran freed the
@@ -795,10 +798,10 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 // updateHubAssignment false keeps it on its hub; otherwise it goes where
 // the allocation says and its twin is carried over (migrateDeviceData) or
 // reset to the initial twin, and a device that moved (to another hub or
-// device ID) is removed from where it was. state.Substatus records which
-// happened.
+// device ID) is to be removed from where it was: place returns that former
+// identity. state.Substatus records which happened.
 func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment, repro *ReprovisionPolicy,
-	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, error) {
+	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, *formerIdentity, error) {
 	if repro == nil {
 		repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
 	}
@@ -806,17 +809,17 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 	if prev != nil {
 		hubs, err := s.cachedHubs(ctx)
 		if err != nil {
-			return nil, err
+			return nil, nil, err
 		}
 		prevHub = hubNamed(hubs, prev.Hub)
 	}
 	if prevHub != nil && !repro.UpdateHubAssignment {
 		state.Substatus = "reprovisionedToInitialAssignment"
-		return prevHub, s.registry.UpsertDevice(ctx, *prevHub, *dev)
+		return prevHub, nil, s.registry.UpsertDevice(ctx, *prevHub, *dev)
 	}
 	placed, err := s.allocate(ctx, alloc)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if placed.twin != nil {
 		twin = placed.twin // the webhook's choice
@@ -833,7 +836,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 	hub := placed.hub
 	if prevHub == nil {
 		state.Substatus = "initialAssignment"
-		return hub, s.registry.UpsertDevice(ctx, *hub, *dev)
+		return hub, nil, s.registry.UpsertDevice(ctx, *hub, *dev)
 	}
 	// Registering again: the device may exist on the new hub already, so
 	// its twin is set explicitly — the old one, or the initial one.
@@ -848,11 +851,12 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 			keep = old
 		case !sameDevice && azerr.HasStatus(err, 404):
 			// The former identity is gone. If a concurrent registration
-			// from the same record moved the device and its twin already,
+			// from the same record moved the device and its twin already
+			// (it deletes that identity only once its record says so),
 			// resetting the twin now would lose what it carried; if the
 			// operator deleted it, there is nothing to migrate.
 			if movedAlready, err = s.movedMeanwhile(ctx, state.RegistrationID, prev); err != nil {
-				return nil, err
+				return nil, nil, err
 			}
 			if !movedAlready {
 				state.Substatus = "deviceDataReset"
@@ -864,32 +868,46 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		}
 	}
 	if err := s.registry.UpsertDevice(ctx, *hub, *dev); err != nil {
-		return nil, err
+		return nil, nil, err
+	}
+	var former *formerIdentity
+	if !sameDevice {
+		former = &formerIdentity{hub: *prevHub, deviceID: prev.DeviceID, credential: prev.HubCredential}
 	}
 	if (sameDevice || movedAlready) && state.Substatus == "deviceDataMigrated" {
-		return hub, nil // the data is where it was, or where the other registration put it
+		return hub, former, nil // the data is where it was, or where the other registration put it
 	}
 	if keep == nil {
 		keep = &InitialTwin{}
 	}
 	if err := s.registry.ReplaceTwin(ctx, *hub, dev.DeviceID, keep); err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	if !sameDevice {
-		// As in the hosted service, the device leaves its former hub, where
-		// its credentials would otherwise go on admitting it; unless the
-		// identity there has other credentials now (a concurrent
-		// registration's, or a device made there since).
-		switch err := s.registry.DeleteDevice(ctx, *prevHub, prev.DeviceID, prev.HubCredential); {
-		case errors.Is(err, ErrDeviceTaken):
-			slog.Info("a reprovisioned device's former identity has other credentials now; it stays",
-				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "deviceId", prev.DeviceID)
-		case err != nil:
-			slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
-				"registrationId", state.RegistrationID, "hub", prevHub.HostName, "deviceId", prev.DeviceID, "error", err)
-		}
+	return hub, former, nil
+}
+
+// formerIdentity is where a device that moved was.
+type formerIdentity struct {
+	hub                  LinkedHub
+	deviceID, credential string
+}
+
+// leave removes a moved device from where it was, as the hosted service
+// does: its credentials there would otherwise go on admitting it; unless
+// the identity there has other credentials now (a concurrent
+// registration's, or a device made there since). It runs once the record
+// names where the device went, so that a concurrent registration finding
+// the identity gone finds the move recorded (and after a crash between the
+// two, the device is where the record says, with a leftover to delete).
+func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
+	switch err := s.registry.DeleteDevice(ctx, f.hub, f.deviceID, f.credential); {
+	case errors.Is(err, ErrDeviceTaken):
+		slog.Info("a reprovisioned device's former identity has other credentials now; it stays",
+			"registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID)
+	case err != nil:
+		slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
+			"registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID, "error", err)
 	}
-	return hub, nil
 }
 
 // movedMeanwhile says whether another registration of regID recorded an

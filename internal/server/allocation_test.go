@@ -1,6 +1,7 @@
 package server
 
 import (
+	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
@@ -22,6 +23,7 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
+	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -360,6 +362,60 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
 		t.Fatalf("the migrated twin became %s", tags)
+	}
+}
+
+// beforePut runs f before a store's first write over a document of kind.
+type beforePut struct {
+	store.Store
+	kind string
+	once sync.Once
+	f    func()
+}
+
+func (b *beforePut) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
+	if d.Kind == b.kind {
+		b.once.Do(b.f)
+	}
+	return b.Store.Put(ctx, d, ifMatch)
+}
+
+// A registration of a moving device that reaches the hub before another
+// has recorded the move finds the former identity, with its twin, still
+// there: the identity goes only once the record names where the device
+// went, so that one missing is never taken for a move not yet recorded.
+func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
+	e := newEnv(t)
+	register := e.mover(t, func() int { return http.StatusOK })
+	d, err := e.st.Get(ctx, "dps.enrollment", "mover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var en dps.Enrollment
+	if err := json.Unmarshal(d.Body, &en); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	// Another replica moves the device; this one registers it again just
+	// before that replica records the move.
+	replica, err := dps.Open(ctx, &beforePut{Store: e.st, kind: "dps.registration", f: func() {
+		if res, err := register(); err != nil || res.DeviceID != "new-id" {
+			t.Errorf("the registration while another recorded the move: %+v %v", res, err)
+		}
+	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	scope := replica.IDScope()
+	if _, _, err := replica.Register(ctx, dps.RegisterRequest{IDScope: scope, RegistrationID: "mover",
+		Credentials: dps.Credentials{Authorization: sas.Build(key, scope+"/registrations/mover", "registration", time.Now().Add(time.Minute))}}); err != nil {
+		t.Fatal(err)
+	}
+	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
+		t.Fatalf("the migrated twin became %s", tags)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Fatalf("the former identity stays, with its keys: %v", err)
 	}
 }
 
