@@ -240,6 +240,7 @@ func (s *Service) GetEnrollment(ctx context.Context, id string) (*Enrollment, er
 		return nil, err
 	}
 	e.ETag = etag
+	e.Attestation.certificatesOnly()
 	if r, retag, err := get[RegistrationState](ctx, s.store, kindRegistration, id, nil); err == nil && r != nil {
 		r.ETag, r.TPM = retag, nil
 		e.RegistrationState = r
@@ -260,7 +261,10 @@ func (s *Service) DeleteEnrollment(ctx context.Context, id, ifMatch string) erro
 
 // ListEnrollments pages through individual enrollments in ID order.
 func (s *Service) ListEnrollments(ctx context.Context, after string, limit int) ([]*Enrollment, string, error) {
-	return list[Enrollment](ctx, s.store, kindEnrollment, after, limit, func(e *Enrollment, etag string) { e.ETag = etag })
+	return list[Enrollment](ctx, s.store, kindEnrollment, after, limit, func(e *Enrollment, etag string) {
+		e.ETag = etag
+		e.Attestation.certificatesOnly()
+	})
 }
 
 // PutGroup creates or replaces an enrollment group, under PutEnrollment's
@@ -314,6 +318,7 @@ func (s *Service) GetGroup(ctx context.Context, id string) (*EnrollmentGroup, er
 		return nil, err
 	}
 	g.ETag = etag
+	g.Attestation.certificatesOnly()
 	return g, nil
 }
 
@@ -330,7 +335,10 @@ func (s *Service) DeleteGroup(ctx context.Context, id, ifMatch string) error {
 
 // ListGroups pages through enrollment groups.
 func (s *Service) ListGroups(ctx context.Context, after string, limit int) ([]*EnrollmentGroup, string, error) {
-	return list[EnrollmentGroup](ctx, s.store, kindGroup, after, limit, func(g *EnrollmentGroup, etag string) { g.ETag = etag })
+	return list[EnrollmentGroup](ctx, s.store, kindGroup, after, limit, func(g *EnrollmentGroup, etag string) {
+		g.ETag = etag
+		g.Attestation.certificatesOnly()
+	})
 }
 
 // GetRegistration returns a device's registration record.
@@ -416,8 +424,9 @@ func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, 
 	return out, next, nil
 }
 
-// list decodes one page of documents; the continuation is the last ID.
-func list[T any](ctx context.Context, st store.Store, kind, after string, limit int, setETag func(*T, string)) ([]*T, string, error) {
+// list decodes one page of documents, each finished by read with its etag;
+// the continuation is the last ID.
+func list[T any](ctx context.Context, st store.Store, kind, after string, limit int, read func(*T, string)) ([]*T, string, error) {
 	if limit <= 0 || limit > 1000 {
 		limit = 1000
 	}
@@ -431,7 +440,7 @@ func list[T any](ctx context.Context, st store.Store, kind, after string, limit 
 		if err := json.Unmarshal(d.Body, v); err != nil {
 			return nil, "", errors.New("stored " + kind + " " + d.ID + " is corrupt")
 		}
-		setETag(v, d.ETag)
+		read(v, d.ETag)
 		out = append(out, v)
 	}
 	next := ""

@@ -148,13 +148,63 @@ func fillCertificates(field string, cs *X509Certificates, role certRole, now tim
 		c.Info = CertificateInfo(certs[0])
 		// Kept as read: a private key pasted after the certificate, as
 		// PEM files carry them, is never stored or given back.
-		var kept []byte
-		for _, cert := range certs {
-			kept = append(kept, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
-		}
-		c.Certificate = string(kept)
+		c.Certificate = encodePEM(certs)
 	}
 	return nil
+}
+
+// encodePEM is the PEM of certs.
+func encodePEM(certs []*x509.Certificate) string {
+	var out []byte
+	for _, cert := range certs {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw})...)
+	}
+	return string(out)
+}
+
+// storedCertificates reads a stored certificate field: every certificate
+// of its PEM, or, where earlier versions stored the text as sent, the
+// first, whatever follows it (a private key pasted after it).
+func storedCertificates(text string) ([]*x509.Certificate, error) {
+	if certs, err := certtext.ParseAll(text); err == nil {
+		return certs, nil
+	}
+	cert, err := certtext.Parse(text)
+	if err != nil {
+		return nil, err
+	}
+	return []*x509.Certificate{cert}, nil
+}
+
+// certificatesOnly re-encodes the certificate fields of a stored
+// attestation as their certificates alone, for reads: earlier versions
+// stored the text as sent, and a private key pasted after a certificate
+// is never given back. (The next write of the enrollment stores it so.)
+// A field that does not parse, which no version stored, is left empty.
+func (a *Attestation) certificatesOnly() {
+	var fields []*X509Certificates
+	if a.X509 != nil {
+		fields = append(fields, a.X509.ClientCertificates, a.X509.SigningCertificates)
+	}
+	if a.TPM != nil {
+		fields = append(fields, a.TPM.EKCertificateAuthorities)
+	}
+	for _, cs := range fields {
+		if cs == nil {
+			continue
+		}
+		for _, c := range []*X509CertificateWithInfo{cs.Primary, cs.Secondary} {
+			if c == nil {
+				continue
+			}
+			certs, err := storedCertificates(c.Certificate)
+			if err != nil {
+				c.Certificate = ""
+				continue
+			}
+			c.Certificate = encodePEM(certs)
+		}
+	}
 }
 
 // readCertificates reads a certificate field's PEM: all of a TPM group's
@@ -214,14 +264,9 @@ func (cs *X509Certificates) parse() {
 			if c == nil {
 				continue
 			}
-			certs, err := certtext.ParseAll(c.Certificate)
+			certs, err := storedCertificates(c.Certificate)
 			if err != nil {
-				// Stored when only the first PEM block was read.
-				cert, err := certtext.Parse(c.Certificate)
-				if err != nil {
-					continue
-				}
-				certs = []*x509.Certificate{cert}
+				continue
 			}
 			cs.parsed = append(cs.parsed, certs[0])
 			for _, inter := range certs[1:] {

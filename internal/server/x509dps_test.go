@@ -1,8 +1,10 @@
 package server
 
 import (
+	"bytes"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"encoding/pem"
 	"errors"
 	"maps"
@@ -325,6 +327,71 @@ func TestX509CertificateFieldReadsTheFirst(t *testing.T) {
 	if err := e.putTPMGroup("acme-tpms", certPEM(ca)+keyPEM(t, ca)); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "PEM block 2 is a PRIVATE KEY") {
 		t.Fatalf("a TPM group's CA followed by its key: %v", err)
 	}
+}
+
+// An enrollment or group that an earlier version stored with the key
+// pasted after its certificate shows the certificate alone, to every read,
+// and is stored so at its next write.
+func TestStoredKeyAfterCertificateNotShown(t *testing.T) {
+	e := newEnv(t)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
+	dev := testutil.NewCert(t, "cam-01", false, &ca)
+	certs := func(c tls.Certificate) *dps.X509Certificates {
+		return &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(c)}}
+	}
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "cam-01", Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{ClientCertificates: certs(dev)}}})
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/fleet", "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{SigningCertificates: certs(ca)}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	// As an earlier version stored them: the text as sent.
+	for kind, id := range map[string]string{"dps.enrollment": "cam-01", "dps.enrollmentGroup": "fleet"} {
+		d, err := e.st.Get(ctx, kind, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := map[string]tls.Certificate{"dps.enrollment": dev, "dps.enrollmentGroup": ca}[kind]
+		d.Body = bytes.Replace(d.Body, jsonString(t, certPEM(c)), jsonString(t, certPEM(c)+keyPEM(t, c)), 1)
+		if !bytes.Contains(d.Body, []byte("PRIVATE KEY")) {
+			t.Fatalf("the key was not put in %s %s", kind, id)
+		}
+		if _, err := e.st.Put(ctx, d, d.ETag); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, r := range []struct{ method, path string }{
+		{"GET", "/enrollments/cam-01"}, {"POST", "/enrollments/cam-01/attestationmechanism"}, {"POST", "/enrollments/query"},
+		{"GET", "/enrollmentGroups/fleet"}, {"POST", "/enrollmentGroups/fleet/attestationmechanism"}, {"POST", "/enrollmentGroups/query"},
+	} {
+		var body json.RawMessage
+		if err := e.dpsAPI.Do(ctx, r.method, r.path, "", map[string]string{"query": "*"}, &body); err != nil {
+			t.Fatalf("%s %s: %v", r.method, r.path, err)
+		}
+		if strings.Contains(string(body), "PRIVATE KEY") || !strings.Contains(string(body), "BEGIN CERTIFICATE") {
+			t.Errorf("%s %s gives back the key, or no certificate", r.method, r.path)
+		}
+	}
+	var en dps.Enrollment
+	if err := e.dpsAPI.Do(ctx, "GET", "/enrollments/cam-01", "", nil, &en); err != nil {
+		t.Fatal(err)
+	}
+	en.ProvisioningStatus = "disabled"
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/cam-01", en.ETag, &en, nil); err != nil {
+		t.Fatal(err)
+	}
+	if d, err := e.st.Get(ctx, "dps.enrollment", "cam-01"); err != nil || bytes.Contains(d.Body, []byte("PRIVATE KEY")) {
+		t.Fatalf("the enrollment written again keeps the key: %v", err)
+	}
+}
+
+// jsonString is s as a JSON string.
+func jsonString(t *testing.T, s string) []byte {
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
 }
 
 func TestX509EnrollmentBadInput(t *testing.T) {
