@@ -371,7 +371,7 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 			return err
 		}
 		if rec == nil {
-			keyID, err := s.orphanEK(ctx, id)
+			keyID, err := s.claimedEK(ctx, id)
 			if err != nil {
 				return err
 			}
@@ -391,8 +391,14 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 			return storeErr(err, "registration "+id)
 		}
 		s.recentOperations.forget(id)
-		if rec.EndorsementKeyID != "" {
-			return s.freeEK(ctx, id, rec.EndorsementKeyID)
+		keyID := rec.EndorsementKeyID
+		if keyID == "" {
+			if keyID, err = s.claimedEK(ctx, id); err != nil {
+				return err
+			}
+		}
+		if keyID != "" {
+			return s.freeEK(ctx, id, keyID)
 		}
 		return nil
 	}

@@ -27,6 +27,7 @@ const (
 	kindRegistration = "dps.registration"
 	kindChallenge    = "dps.challenge"
 	kindTPMKey       = "dps.tpmKey"
+	kindTPMKeyOf     = "dps.tpmKeyOf"
 	kindLinkedHub    = "dps.linkedHub"
 	kindSettings     = "dps.settings"
 )

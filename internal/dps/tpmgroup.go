@@ -95,6 +95,14 @@ type ekClaim struct {
 	RegistrationID string `json:"registrationId"`
 }
 
+// ekOf names, under a registration ID, the EK key ID it hashes, so that a
+// DELETE finds the ID's claim without its record. An ID determines its EK
+// for good, so the index is written before each claim and never changes:
+// one outliving its claim points at a claim of another ID or at none.
+type ekOf struct {
+	KeyID string `json:"keyId"`
+}
+
 // ekKeyID names an EK by its key: the hash of its modulus.
 func ekKeyID(ek []byte) (string, error) {
 	pub, err := attest.ParsePublic(ek)
@@ -141,9 +149,13 @@ func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestatio
 	return "", azerr.New(409203, "Conflict", "the claim of this TPM's registration ID changed while it was made: register again")
 }
 
-// claimEK stores the claim of the EK keyID on regID; ErrExists if the EK
-// has one.
+// claimEK stores the claim of the EK keyID on regID, after its index;
+// ErrExists if the EK has one.
 func (s *Service) claimEK(ctx context.Context, regID, keyID string) error {
+	of, _ := json.Marshal(ekOf{KeyID: keyID})
+	if _, err := s.store.Put(ctx, store.Doc{Kind: kindTPMKeyOf, ID: regID, Body: of}, ""); err != nil {
+		return err
+	}
 	body, _ := json.Marshal(ekClaim{RegistrationID: regID})
 	_, err := s.store.Create(ctx, store.Doc{Kind: kindTPMKey, ID: keyID, Body: body})
 	return err
@@ -159,7 +171,7 @@ func (s *Service) claimEK(ctx context.Context, regID, keyID string) error {
 // claims the ID for it. Either way no record lives without its claim (one
 // written before the DELETE deleted made that delete, at the etag it read,
 // fail and read again). At worst a claim outlives its record, which
-// orphanEK finds.
+// claimedEK finds.
 func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
 	c, etag, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
 	if err != nil || c == nil || !strings.EqualFold(c.RegistrationID, regID) {
@@ -186,30 +198,21 @@ func (s *Service) freeEK(ctx context.Context, regID, keyID string) error {
 	return nil
 }
 
-// orphanEK finds the key ID of a claim on regID that has no registration
-// record (a registration that failed before recording itself leaves one),
-// so that deleting regID's registration, as the refusal of the TPM's other
-// IDs advises, frees it. Only an ID of the forms an EK determines can have
-// a claim, and only a DELETE finding no record looks, so claims are read
-// one page after another rather than indexed by ID as well.
-func (s *Service) orphanEK(ctx context.Context, regID string) (string, error) {
+// claimedEK finds the key ID of the EK that claims regID, "" if none does:
+// for a DELETE of a record that names none (a registration through a TPM
+// group that failed after claiming an ID leaves the claim without its
+// record, or with a record an individual enrollment wrote).
+func (s *Service) claimedEK(ctx context.Context, regID string) (string, error) {
 	if len(regID) != len(attest.RegistrationID(nil)) && len(regID) != len(attest.LegacyRegistrationID(nil)) {
-		return "", nil
+		return "", nil // only the forms an EK determines are claimed
 	}
-	for after := ""; ; {
-		docs, err := s.store.List(ctx, kindTPMKey, after, 1000)
-		if err != nil {
-			return "", err
-		}
-		for _, d := range docs {
-			var c ekClaim
-			if json.Unmarshal(d.Body, &c) == nil && strings.EqualFold(c.RegistrationID, regID) {
-				return d.ID, nil
-			}
-		}
-		if len(docs) < 1000 {
-			return "", nil
-		}
-		after = docs[len(docs)-1].ID
+	of, _, err := get[ekOf](ctx, s.store, kindTPMKeyOf, regID, nil)
+	if err != nil || of == nil {
+		return "", err
 	}
+	c, _, err := get[ekClaim](ctx, s.store, kindTPMKey, of.KeyID, nil)
+	if err != nil || c == nil || !strings.EqualFold(c.RegistrationID, regID) {
+		return "", err
+	}
+	return of.KeyID, nil
 }

@@ -4,11 +4,10 @@ import (
 	"bytes"
 	"context"
 	"crypto"
-	"crypto/sha256"
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
-	"encoding/hex"
+	"errors"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -284,6 +283,20 @@ func (b *beforeDelete) Delete(ctx context.Context, kind, id, ifMatch string) err
 	return b.Store.Delete(ctx, kind, id, ifMatch)
 }
 
+// registerIndividually registers the TPM of ek as id through an individual
+// enrollment, deleted then: its record names no claim.
+func (e *env) registerIndividually(t *testing.T, ek []byte, register func(id string) error, id string) {
+	t.Helper()
+	e.putEnrollment(&dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationTPM,
+		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
+	if err := register(id); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/"+id, "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // A DELETE that read a registration record without a TPM's claim, while a
 // registration through a TPM group added one, frees that claim: the TPM
 // may register under its other ID.
@@ -291,15 +304,7 @@ func TestTPMGroupDeleteFreesClaimAddedMeanwhile(t *testing.T) {
 	e := newEnv(t)
 	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
 	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
-	// Registered through an individual enrollment first, its record has no claim.
-	e.putEnrollment(&dps.Enrollment{RegistrationID: hexID, Attestation: dps.Attestation{Type: dps.AttestationTPM,
-		TPM: &dps.TPMAttestation{EndorsementKey: base64.StdEncoding.EncodeToString(ek)}}})
-	if err := register(hexID); err != nil {
-		t.Fatal(err)
-	}
-	if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollments/"+hexID, "", nil, nil); err != nil {
-		t.Fatal(err)
-	}
+	e.registerIndividually(t, ek, register, hexID)
 	// (The challenge the enrollment gave is pending still; the group's
 	// device is given one of its own.)
 	// Another replica deletes the record, which the group's registration
@@ -338,34 +343,75 @@ func TestTPMGroupDeleteReclaimsRecordWrittenBack(t *testing.T) {
 	}
 }
 
+// unlisted is a store that refuses to list documents of kind.
+type unlisted struct {
+	store.Store
+	kind string
+}
+
+func (u unlisted) List(ctx context.Context, kind, after string, limit int) ([]store.Doc, error) {
+	if kind == u.kind {
+		return nil, errors.New("listed " + kind)
+	}
+	return u.Store.List(ctx, kind, after, limit)
+}
+
 // A claim whose registration record is gone (a registration that failed
 // before recording itself leaves one) is freed by deleting that
-// registration, as the refusal of the TPM's other ID advises.
+// registration, as the refusal of the TPM's other ID advises; found by
+// the ID, not by reading every claim.
 func TestTPMGroupDeleteFreesClaimWithoutRecord(t *testing.T) {
 	e := newEnv(t)
 	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
 	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
-	pub, err := attest.ParsePublic(ek)
-	if err != nil {
+	if err := register(hexID); err != nil {
 		t.Fatal(err)
 	}
-	keyID := sha256.Sum256(pub.Modulus)
-	if _, err := e.st.Create(ctx, store.Doc{Kind: "dps.tpmKey", ID: hex.EncodeToString(keyID[:]),
-		Body: []byte(`{"registrationId":"` + hexID + `"}`)}); err != nil {
+	if err := e.st.Delete(ctx, "dps.registration", hexID, ""); err != nil {
 		t.Fatal(err)
 	}
 	advice := "DELETE /registrations/" + hexID
 	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), advice) {
 		t.Fatalf("the TPM's other ID: %v", err)
 	}
-	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); err != nil {
+	replica, err := dps.Open(ctx, unlisted{e.st, "dps.tpmKey"}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := replica.DeleteRegistration(ctx, hexID, ""); err != nil {
 		t.Fatalf("%s, with no record but the claim: %v", advice, err)
 	}
 	if err := register(base32ID); err != nil {
 		t.Fatalf("after %s: %v", advice, err)
 	}
-	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); azerr.As(err).Status() != 404 {
+	if err := replica.DeleteRegistration(ctx, hexID, ""); azerr.As(err).Status() != 404 {
 		t.Fatalf("%s once the TPM claimed another ID: %v", advice, err)
+	}
+}
+
+// A record written through an individual enrollment, while a registration
+// through a TPM group claimed the ID and failed before recording itself,
+// has no claim to name: deleting it frees the claim all the same.
+func TestTPMGroupDeleteFreesClaimRecordDoesNotName(t *testing.T) {
+	e := newEnv(t)
+	ek, register := e.groupTPM(t, &dps.EnrollmentGroup{})
+	hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	e.registerIndividually(t, ek, register, hexID)
+	individual, err := e.st.Get(ctx, "dps.registration", hexID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := register(hexID); err != nil { // through the group, which claims the ID
+		t.Fatal(err)
+	}
+	if _, err := e.st.Put(ctx, individual, ""); err != nil { // as if that registration had failed
+		t.Fatal(err)
+	}
+	if err := e.dpsAPI.Do(ctx, "DELETE", "/registrations/"+hexID, "", nil, nil); err != nil {
+		t.Fatal(err)
+	}
+	if err := register(base32ID); err != nil {
+		t.Fatalf("the TPM's other ID, after its record was deleted: %v", err)
 	}
 }
 
