@@ -371,9 +371,13 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 			return err
 		}
 		if rec == nil {
-			keyID, err := s.claimedEK(ctx, id)
-			if err != nil {
-				return err
+			// A claim left without its record is freed too, but not by a
+			// DELETE for a version of the record: If-Match finds none.
+			keyID := ""
+			if ifMatch == "" {
+				if keyID, err = s.claimedEK(ctx, id); err != nil {
+					return err
+				}
 			}
 			if keyID == "" {
 				return storeErr(store.ErrNotFound, "registration "+id)
@@ -384,7 +388,10 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 			return storeErr(store.ErrPrecondition, "registration "+id)
 		}
 		err = s.store.Delete(ctx, kindRegistration, id, etag)
-		if (errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)) && attempt < 20 {
+		if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+			if attempt == 20 { // (a stale If-Match is answered above)
+				return azerr.New(409203, "Conflict", "registration %s kept changing while it was being deleted (its device is registering): try again", id)
+			}
 			continue // changed or deleted meanwhile
 		}
 		if err != nil {

@@ -18,8 +18,10 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
@@ -211,6 +213,33 @@ func TestGroupDerivedKey(t *testing.T) {
 	}
 	if res, err := e.device("sensor-17").RegisterSymmetricKey(ctx, sas.DeriveDeviceKey(gk, "sensor-17")); err != nil || res.DeviceID != "sensor-17" {
 		t.Fatalf("sensor-17 registering again: %+v %v", res, err)
+	}
+}
+
+// keptChanging is a store in which a registration record has changed
+// whenever a conditional delete comes.
+type keptChanging struct{ store.Store }
+
+func (k keptChanging) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	if kind == "dps.registration" && ifMatch != "" {
+		return store.ErrPrecondition
+	}
+	return k.Store.Delete(ctx, kind, id, ifMatch)
+}
+
+// A DELETE of a registration record that changes at every try, sent
+// without If-Match, is told to try again, not that its etag is stale.
+func TestDeleteRegistrationKeptChanging(t *testing.T) {
+	e := newEnv(t)
+	if _, err := e.symDevice(t, &dps.Enrollment{RegistrationID: "busy-1"})(); err != nil {
+		t.Fatal(err)
+	}
+	replica, err := dps.Open(ctx, keptChanging{e.st}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := replica.DeleteRegistration(ctx, "busy-1", ""); azerr.As(err).Status() != 409 || !strings.Contains(err.Error(), "try again") {
+		t.Fatalf("a DELETE without If-Match of a record that kept changing: %v", err)
 	}
 }
 

@@ -378,6 +378,15 @@ func TestTPMGroupDeleteFreesClaimWithoutRecord(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A DELETE with If-Match is for a record: there is none to match.
+	for _, etag := range []string{`"AAAA"`, "*"} {
+		if err := replica.DeleteRegistration(ctx, hexID, etag); azerr.As(err).Status() != 404 {
+			t.Fatalf("%s with If-Match %s, with no record but the claim: %v", advice, etag, err)
+		}
+	}
+	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), advice) {
+		t.Fatalf("the TPM's other ID, after a DELETE with If-Match: %v", err)
+	}
 	if err := replica.DeleteRegistration(ctx, hexID, ""); err != nil {
 		t.Fatalf("%s, with no record but the claim: %v", advice, err)
 	}
