@@ -293,15 +293,20 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 
 // registrationNames are the registration IDs a device certificate names
 // (namesRegistration): described, for refusals of others, and quoted in
-// lower case, as an enrollment takes them.
+// lower case, as an enrollment takes them. An empty CN names none, and is
+// left out when there is a DNS name.
 func registrationNames(c *x509.Certificate) (described, ids string) {
-	cn := c.Subject.CommonName
-	described, ids = fmt.Sprintf("subject CN %q", cn), fmt.Sprintf("%q", strings.ToLower(cn))
+	cn, dns := c.Subject.CommonName, ""
 	if len(c.DNSNames) > 0 && !strings.EqualFold(c.DNSNames[0], cn) {
-		described += fmt.Sprintf(" or its first DNS name %q", c.DNSNames[0])
-		ids += fmt.Sprintf(" or %q", strings.ToLower(c.DNSNames[0]))
+		dns = c.DNSNames[0]
 	}
-	return described, ids
+	switch {
+	case dns == "":
+		return fmt.Sprintf("subject CN %q", cn), fmt.Sprintf("%q", strings.ToLower(cn))
+	case cn == "":
+		return fmt.Sprintf("first DNS name %q", dns), fmt.Sprintf("%q", strings.ToLower(dns))
+	}
+	return fmt.Sprintf("subject CN %q or its first DNS name %q", cn, dns), fmt.Sprintf("%q or %q", strings.ToLower(cn), strings.ToLower(dns))
 }
 
 // namesRegistration reports whether a device certificate names regID, the

@@ -200,6 +200,16 @@ func TestX509RegistrationIDIsTheCN(t *testing.T) {
 	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), names) || !strings.Contains(err.Error(), `enroll it as "cam-01" or "cam-01.plant.local"`) {
 		t.Errorf("enrolled as a later DNS name: %v", err)
 	}
+	// A certificate with no CN names its DNS name alone.
+	noCN := testutil.NewCertNames(t, "", []string{"cam-02.plant.local"}, false, &ca)
+	if _, err := e.x509Device("gateway", noCN).RegisterX509(ctx); err == nil || !strings.Contains(err.Error(), `certificate's first DNS name "cam-02.plant.local"`) {
+		t.Errorf("a certificate with no CN, as another ID: %v", err)
+	}
+	err = e.dpsAPI.Do(ctx, "PUT", "/enrollments/gateway", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(noCN)}}}}}, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `enroll it as "cam-02.plant.local"`) || strings.Contains(err.Error(), `""`) {
+		t.Errorf("a certificate with no CN, enrolled as another ID: %v", err)
+	}
 	if after := e.counts(); !maps.Equal(before, after) {
 		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
 	}
