@@ -48,6 +48,26 @@ type History struct {
 	// Resume: the runtime stopped the module when it shut down, and
 	// starts it again as soon as it can.
 	Resume bool
+	// Held is a recreate whose new image could not be had: the old
+	// container runs on meanwhile; nil when there is none.
+	Held *Held
+}
+
+// Held is a recreate of a module that could not get its new image.
+type Held struct {
+	For string // heldKey of the desired module it was for
+	Err string // why
+}
+
+// heldKey names what a recreate of m makes: a change of it is a new recreate.
+func heldKey(m *Module) string { return m.ConfigHash() + " " + m.Version }
+
+// held returns h's held recreate if it is for m as desired now.
+func held(m *Module, h *History) *Held {
+	if h == nil || h.Held == nil || h.Held.For != heldKey(m) {
+		return nil
+	}
+	return h.Held
 }
 
 // Restart timing, as Azure IoT Edge's agent does it.
@@ -118,6 +138,22 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 		acts[0].Update = true
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
+	default:
+		return keep(m, st, h, now)
+	}
+	if m.Status == StatusRunning {
+		acts = append(acts, act(Start, "status is running"))
+	}
+	return acts
+}
+
+// keep plans a module whose container stays as it is: it is stopped,
+// started, resumed or restarted as status and restartPolicy say.
+func keep(m *Module, st moby.ModuleState, h *History, now time.Time) []Action {
+	act := func(k Kind, reason string) Action { return Action{Kind: k, Name: m.Name, Module: m, Reason: reason} }
+	switch {
+	case st.State == "dead": // cannot be started; only a recreate helps
+		return nil
 	case m.Status == StatusStopped:
 		if active(st.State) {
 			return []Action{act(Stop, "status is stopped")}
@@ -127,13 +163,8 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 		return []Action{act(Start, "status is running")}
 	case h != nil && h.Resume && !active(st.State):
 		return []Action{act(Start, "the runtime stopped it when it shut down")}
-	default:
-		return restart(m, st, h, now)
 	}
-	if m.Status == StatusRunning {
-		acts = append(acts, act(Start, "status is running"))
-	}
-	return acts
+	return restart(m, st, h, now)
 }
 
 // restart applies restartPolicy to a module that has run.
@@ -189,6 +220,9 @@ func Status(m *Module, st *moby.ModuleState, h *History) (status, description st
 	desc := func(s string) string {
 		if h != nil && h.Err != "" {
 			return h.Err
+		}
+		if hd := held(m, h); hd != nil { // the old container's state, with why it is still the old one
+			return hd.Err
 		}
 		return s
 	}

@@ -65,20 +65,43 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 
 	var errs []error
 	failed := map[string]bool{}
-	for _, a := range Plan(m, current, r.hist, now) {
+	byName := map[string]moby.ModuleState{}
+	for _, st := range current {
+		byName[st.Name] = st
+	}
+	acts := Plan(m, current, r.hist, now)
+	for i := 0; i < len(acts); i++ {
+		a := acts[i]
 		if failed[a.Name] {
 			continue // its later steps depend on the failed one
 		}
 		r.log().Info("reconcile", "action", string(a.Kind), "module", a.Name, "reason", a.Reason)
-		if err := r.do(ctx, m, a, network, now); err != nil {
+		err := r.do(ctx, m, a, network, now)
+		if err != nil {
 			r.log().Error("reconcile", "action", string(a.Kind), "module", a.Name, "err", err)
-			failed[a.Name] = true
 			errs = append(errs, err)
+		}
+		var ie *imageError
+		switch {
+		case errors.As(err, &ie):
+			// Nothing was stopped: the old container runs on, and is
+			// started, restarted or resumed as if nothing had changed.
+			h := r.history(a.Name)
+			h.Held, h.Err = &Held{For: heldKey(a.Module), Err: err.Error()}, ""
+			j := i + 1
+			for j < len(acts) && acts[j].Name == a.Name {
+				j++
+			}
+			acts = slices.Replace(acts, i+1, j, keep(a.Module, byName[a.Name], r.hist[a.Name], now)...)
+		case err != nil:
+			failed[a.Name] = true
 			if a.Kind != Remove {
 				r.history(a.Name).Err = err.Error()
 			}
-		} else if h := r.hist[a.Name]; h != nil {
-			h.Err = ""
+		default:
+			if h := r.hist[a.Name]; h != nil {
+				h.Err = ""
+			}
 		}
 	}
 
@@ -200,7 +223,7 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		// keeps running the old one, and the next Apply tries again.
 		spec := r.spec(m, a.Module, network)
 		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
-			return err
+			return &imageError{err}
 		}
 		r.hist[a.Name] = &History{} // a new container starts a new history
 		if err := e.Stop(ctx, a.Name, r.stopTimeout()); err != nil && !errors.Is(err, moby.ErrNotFound) {
@@ -231,6 +254,12 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	}
 	return nil
 }
+
+// imageError is a Recreate's failure to get the new image, before it
+// touched the old container.
+type imageError struct{ error }
+
+func (e *imageError) Unwrap() error { return e.error }
 
 // spec is the container of module mod of manifest m.
 func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleSpec {

@@ -326,3 +326,56 @@ func TestStopAllAndResume(t *testing.T) {
 		t.Errorf("a resumed once, then kept to restartPolicy never: %v, %s", err, fe.containers["a"].State)
 	}
 }
+
+// A module whose new version cannot be pulled keeps its old container, which
+// restartPolicy still restarts and a restart of the runtime still resumes,
+// with the failed pull as the module's status, until the pull succeeds.
+func TestUpdateWithoutImageKeepsOldContainer(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	a.Version = "1"
+	if _, err := r.Apply(ctx, manifest(a)); err != nil {
+		t.Fatal(err)
+	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	fe.fail["pull img:1 (update)"] = errors.New("registry down")
+	fe.exit("a", 1)
+	clock = clock.Add(time.Minute)
+	fe.takeCalls()
+	rep, err := r.Apply(ctx, manifest(a2))
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:1 (update), start a" {
+		t.Errorf("the old container, crashed, while the update cannot be pulled: %v; calls %s", err, got)
+	}
+	if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeRunning || !strings.Contains(got["statusDescription"].(string), "registry down") {
+		t.Errorf("a reported: %v", got)
+	}
+
+	// The runtime stops and starts again: the module is resumed although
+	// its restartPolicy is never.
+	stopped, err := r.StopAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(time.Minute)
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	r.Resume(stopped...)
+	a2.RestartPolicy = Never
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(a2)); err == nil || fe.containers["a"].State != "running" || len(r.Resuming()) != 0 {
+		t.Errorf("resuming while the update cannot be pulled: %v; calls %s; a is %s", err, fe.takeCalls(), fe.containers["a"].State)
+	}
+
+	delete(fe.fail, "pull img:1 (update)")
+	clock = clock.Add(time.Minute)
+	fe.takeCalls()
+	rep, err = r.Apply(ctx, manifest(a2))
+	if got := fe.takeCalls(); err != nil || got != "network azure-iot-edge, pull img:1 (update), stop a, remove a, create a, start a" || fe.containers["a"].Version != "2" {
+		t.Errorf("once the update can be pulled: %v; calls %s", err, got)
+	}
+	if got := reportedModule(t, rep, "a"); got["statusDescription"] != "running" {
+		t.Errorf("a reported after the update: %v", got)
+	}
+}
