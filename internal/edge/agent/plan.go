@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -53,14 +56,27 @@ type History struct {
 	Held *Held
 }
 
-// Held is a recreate of a module that could not get its new image.
+// Held is a recreate of a module that could not get its new image. It is
+// tried again at Retry, Backoff(Fails-1) after the last attempt: an
+// unreachable registry is not asked every few seconds, each time holding
+// up the reconcile for a connection timeout.
 type Held struct {
-	For string // heldKey of the desired module it was for
-	Err string // why
+	For   string // heldKey of the desired module it was for
+	Auth  string // authKey of the credentials tried: new ones are tried at once
+	Err   string // why
+	Fails int
+	Retry time.Time
 }
 
 // heldKey names what a recreate of m makes: a change of it is a new recreate.
 func heldKey(m *Module) string { return m.ConfigHash() + " " + m.Version }
+
+// authKey is a digest of the registry credentials d gives for m's image.
+func authKey(d *Manifest, m *Module) string {
+	b, _ := json.Marshal(registryAuth(d.Runtime.RegistryCredentials, m.Image))
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
 
 // held returns h's held recreate if it is for m as desired now.
 func held(m *Module, h *History) *Held {
@@ -116,7 +132,12 @@ func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*Histor
 	}
 	for _, m := range desired.Ordered() {
 		st, ok := cur[m.Name]
-		acts = append(acts, planModule(m, st, ok, hist[m.Name], now)...)
+		h := hist[m.Name]
+		if hd := held(m, h); ok && hd != nil && hd.Auth == authKey(desired, m) && now.Before(hd.Retry) {
+			acts = append(acts, keep(m, st, h, now)...) // its recreate waits
+			continue
+		}
+		acts = append(acts, planModule(m, st, ok, h, now)...)
 	}
 	return acts
 }

@@ -83,6 +83,10 @@ func TestPlan(t *testing.T) {
 		return moby.ModuleState{Name: m.Name, State: "created", ExitCode: 127, Error: `exec: "/x": no such file`, ConfigHash: m.ConfigHash(),
 			Version: m.Version, HasVersion: true}
 	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	heldA2 := func(retry time.Time) map[string]*History {
+		return map[string]*History{"a": {Held: &Held{For: heldKey(a2), Auth: authKey(manifest(a2), a2), Err: "registry down", Retry: retry}}}
+	}
 	for _, tc := range []struct {
 		name    string
 		desired *Manifest
@@ -108,6 +112,18 @@ func TestPlan(t *testing.T) {
 			want: "recreate a, start a"},
 		{name: "version set", desired: manifest(changed(a, func(m *Module) { m.Version = "1" })), current: []moby.ModuleState{running(a, t0)},
 			want: "recreate a, start a"},
+		// A new version whose image could not be pulled waits out its backoff.
+		{name: "held update, waiting", desired: manifest(a2), current: []moby.ModuleState{exited(a, 1, t0, t0)}, hist: heldA2(t0.Add(time.Hour)),
+			now: t0.Add(time.Minute), want: "start a #1", status: RuntimeBackoff},
+		{name: "held update, due", desired: manifest(a2), current: []moby.ModuleState{running(a, t0)}, hist: heldA2(t0.Add(time.Hour)),
+			now: t0.Add(time.Hour), want: "recreate a, start a"},
+		{name: "held update, another version", desired: manifest(changed(a, func(m *Module) { m.Version = "3" })), current: []moby.ModuleState{running(a, t0)},
+			hist: heldA2(t0.Add(time.Hour)), now: t0.Add(time.Minute), want: "recreate a, start a"},
+		{name: "held update, new credentials", desired: func() *Manifest {
+			m := manifest(a2)
+			m.Runtime.RegistryCredentials = map[string]RegistryCredential{"hub": {Username: "u", Password: "p", Address: "docker.io"}}
+			return m
+		}(), current: []moby.ModuleState{running(a, t0)}, hist: heldA2(t0.Add(time.Hour)), now: t0.Add(time.Minute), want: "recreate a, start a"},
 		// A container made before versions were labelled is left alone.
 		{name: "no version label", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
 			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })}, want: ""},

@@ -42,8 +42,10 @@ type Reconciler struct {
 
 // Apply plans and carries out the changes that bring the engine to m, and
 // returns the $edgeAgent reported properties afterwards. A module whose
-// action fails is left for the next Apply; the others go on. The error
-// joins the failures, and the report then has code 500.
+// action fails is left for the next Apply; the others go on. A module
+// whose new image cannot be had keeps its container, and its recreate
+// waits out a backoff (History.Held). The error joins this Apply's
+// failures; the report has code 500 for them and for waiting recreates.
 func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -65,6 +67,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 
 	var errs []error
 	failed := map[string]bool{}
+	tried := map[string]bool{} // held recreates tried again
 	byName := map[string]moby.ModuleState{}
 	for _, st := range current {
 		byName[st.Name] = st
@@ -87,7 +90,13 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			// Nothing was stopped: the old container runs on, and is
 			// started, restarted or resumed as if nothing had changed.
 			h := r.history(a.Name)
-			h.Held, h.Err = &Held{For: heldKey(a.Module), Err: err.Error()}, ""
+			fails, auth := 1, authKey(m, a.Module)
+			if hd := held(a.Module, h); hd != nil && hd.Auth == auth {
+				fails = hd.Fails + 1
+			}
+			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1))}
+			h.Err = ""
+			tried[a.Name] = true
 			j := i + 1
 			for j < len(acts) && acts[j].Name == a.Name {
 				j++
@@ -125,8 +134,15 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			h.Resume = false
 		}
 	}
-	err = errors.Join(errs...)
-	return Reported(m, current, r.hist, err), err
+	// A held recreate fails the deployment until it is done, but is an
+	// error of Apply (which callers log) only when it was tried.
+	repErrs := slices.Clone(errs)
+	for _, mod := range m.Ordered() {
+		if hd := held(mod, r.hist[mod.Name]); hd != nil && !tried[mod.Name] {
+			repErrs = append(repErrs, errors.New(hd.Err))
+		}
+	}
+	return Reported(m, current, r.hist, errors.Join(repErrs...)), errors.Join(errs...)
 }
 
 // Report returns the reported properties for the modules of m as they run
@@ -220,7 +236,7 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
-		// keeps running the old one, and the next Apply tries again.
+		// keeps running the old one until a later Apply tries again.
 		spec := r.spec(m, a.Module, network)
 		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
 			return &imageError{err}

@@ -227,6 +227,7 @@ func TestReconciler(t *testing.T) {
 		t.Errorf("the failed pull's report: %v", st)
 	}
 	delete(fe.fail, "pull img:2 (update)")
+	clock = clock.Add(BackoffBase) // the pull is tried again after a backoff
 	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
 		t.Errorf("a once its image can be pulled: %v; %+v", err, fe.containers["a"])
 	}
@@ -377,5 +378,46 @@ func TestUpdateWithoutImageKeepsOldContainer(t *testing.T) {
 	}
 	if got := reportedModule(t, rep, "a"); got["statusDescription"] != "running" {
 		t.Errorf("a reported after the update: %v", got)
+	}
+}
+
+// An update whose image cannot be pulled is tried again after 10 s, 20 s,
+// ... 5 min, and at once for another version; it fails the deployment's
+// status meanwhile, but only an attempt is an error of Apply.
+func TestUpdateWithoutImageBacksOff(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	if _, err := r.Apply(ctx, manifest(a)); err != nil {
+		t.Fatal(err)
+	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	fe.fail["pull img:1 (update)"] = errors.New("registry down")
+	var pulls []string
+	for range 80 { // 400 s
+		fe.takeCalls()
+		rep, err := r.Apply(ctx, manifest(a2))
+		calls := fe.takeCalls()
+		if strings.Contains(calls, "pull") != (err != nil) {
+			t.Errorf("at %v: calls %s, error %v: want an error with each pull only", clock.Sub(t0), calls, err)
+		}
+		if strings.Contains(calls, "pull") {
+			pulls = append(pulls, clock.Sub(t0).String())
+		}
+		if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 || !strings.Contains(st["description"].(string), "registry down") {
+			t.Errorf("at %v: lastDesiredStatus %v", clock.Sub(t0), st)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got, want := strings.Join(pulls, " "), "0s 10s 30s 1m10s 2m30s 5m10s"; got != want {
+		t.Errorf("update pulls at %s, want %s", got, want)
+	}
+	a3 := changed(a, func(m *Module) { m.Version = "3" })
+	fe.takeCalls()
+	r.Apply(ctx, manifest(a3))
+	if got := fe.takeCalls(); !strings.Contains(got, "pull img:1 (update)") {
+		t.Errorf("another version is not pulled at once: %s", got)
 	}
 }
