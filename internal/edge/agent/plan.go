@@ -31,8 +31,9 @@ type Action struct {
 	// Restart is, for a Start that restartPolicy asks for, which
 	// consecutive restart it is (1, 2, ...); 0 for other starts.
 	Restart int
-	// Update: a Recreate for a new version, whose image must be pulled
-	// (not taken from the engine's copy when the pull fails).
+	// Update: a Recreate for a new version of the image the container
+	// runs, which must be pulled again (not taken from the engine's copy
+	// when the pull fails).
 	Update bool
 	Reason string
 }
@@ -147,16 +148,19 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	var acts []Action
 	// A new version is how a deployment asks for an update, say to pull
 	// its tag again. A container without the label predates versions.
-	update := exists && st.HasVersion && st.Version != m.Version
+	newVersion := exists && st.HasVersion && st.Version != m.Version
+	// Only the image the container runs must come from the registry: a
+	// new one may be a copy loaded on the device, as for a new module.
+	update := newVersion && moby.SameImage(st.Image, m.Image)
 	switch {
 	case !exists:
 		acts = append(acts, act(Create, "new module"))
 	case st.ConfigHash != m.ConfigHash():
 		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
 		acts[0].Update = update
-	case update:
+	case newVersion:
 		acts = append(acts, act(Recreate, "its version changed"))
-		acts[0].Update = true
+		acts[0].Update = update
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
 	default:

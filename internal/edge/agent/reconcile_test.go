@@ -217,22 +217,30 @@ func TestReconciler(t *testing.T) {
 
 	// A new version whose image cannot be pulled leaves the module running
 	// the old one; once it can be, the module is recreated with it.
-	a.Image, a.Version = "img:2", "2"
-	fe.fail["pull img:2 (update)"] = errors.New("pulling image img:2 from registry docker.io: no route")
+	a.Version = "2"
+	fe.fail["pull img:1 (update)"] = errors.New("pulling image img:1 from registry docker.io: no route")
 	rep, err = r.Apply(ctx, m)
-	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
-		t.Errorf("a new image that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:1 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Version != "" {
+		t.Errorf("a new version that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
 	}
 	if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 {
 		t.Errorf("the failed pull's report: %v", st)
 	}
-	delete(fe.fail, "pull img:2 (update)")
+	delete(fe.fail, "pull img:1 (update)")
 	clock = clock.Add(BackoffBase) // the pull is tried again after a backoff
-	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
+	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Version != "2" {
 		t.Errorf("a once its image can be pulled: %v; %+v", err, fe.containers["a"])
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2 (update), stop a, remove a, create a, start a" {
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:1 (update), stop a, remove a, create a, start a" {
 		t.Errorf("recreating a: calls %s", got)
+	}
+	// A new image with a new version may be a copy the engine has.
+	a.Image, a.Version = "img:2", "3"
+	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
+		t.Errorf("a new image: %v; %+v", err, fe.containers["a"])
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2, stop a, remove a, create a, start a" {
+		t.Errorf("recreating a with a new image: calls %s", got)
 	}
 
 	// Taken out of the deployment: stopped, removed, forgotten.
