@@ -52,6 +52,11 @@ type History struct {
 	// Resume: the runtime stopped the module when it shut down, and
 	// starts it again as soon as it can.
 	Resume bool
+	// Version is, for a container without the version label (made by an
+	// earlier agent), the version it is taken to be at; HasVersion says
+	// whether there is one (Reconciler.Previous).
+	Version    string
+	HasVersion bool
 	// Held is a recreate whose new image could not be had: the old
 	// container runs on meanwhile; nil when there is none.
 	Held *Held
@@ -148,7 +153,11 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	var acts []Action
 	// A new version is how a deployment asks for an update, say to pull
 	// its tag again. A container without the label predates versions.
-	newVersion := exists && st.HasVersion && st.Version != m.Version
+	version, hasVersion := st.Version, st.HasVersion
+	if !hasVersion && h != nil {
+		version, hasVersion = h.Version, h.HasVersion
+	}
+	newVersion := exists && hasVersion && version != m.Version
 	// Only the image the container runs must come from the registry: a
 	// new one may be a copy loaded on the device, as for a new module.
 	update := newVersion && moby.SameImage(st.Image, m.Image)

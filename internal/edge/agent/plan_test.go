@@ -135,6 +135,13 @@ func TestPlan(t *testing.T) {
 		// A container made before versions were labelled is left alone.
 		{name: "no version label", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
 			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })}, want: ""},
+		// ... unless the agent knows which version it was made from.
+		{name: "no version label, version known", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })},
+			hist:    map[string]*History{"a": {Version: "1", HasVersion: true}}, want: "recreate a (update), start a"},
+		{name: "no version label, same version", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })},
+			hist:    map[string]*History{"a": {Version: "2", HasVersion: true}}, want: ""},
 		{name: "stopped changed", desired: manifest(changed(stopped, func(m *Module) { m.Image = "img:2" })), current: []moby.ModuleState{running(stopped, t0)},
 			want: "recreate stopped"},
 		{name: "dead", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.State = "dead" })},

@@ -35,6 +35,11 @@ type Reconciler struct {
 	Network     string           // "": moby.DefaultNetwork
 	StopTimeout time.Duration    // before a stop kills; 0: 10 s
 	Log         *slog.Logger     // nil: slog.Default()
+	// Previous is the deployment the engine's containers were made from,
+	// when known (the runtime's saved one): a container made before
+	// versions were labelled is at its module's version there, if the
+	// configuration matches, else at the version first applied to it.
+	Previous *Manifest
 
 	mu   sync.Mutex
 	hist map[string]*History
@@ -71,6 +76,11 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 	byName := map[string]moby.ModuleState{}
 	for _, st := range current {
 		byName[st.Name] = st
+	}
+	for _, st := range current {
+		if mod, ok := m.Modules[st.Name]; ok && !st.HasVersion {
+			r.adopt(st, mod)
+		}
 	}
 	acts := Plan(m, current, r.hist, now)
 	for i := 0; i < len(acts); i++ {
@@ -269,6 +279,22 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		return e.Remove(ctx, a.Name)
 	}
 	return nil
+}
+
+// adopt notes the version of a container without the version label, so
+// that a later new version updates it, while one made from the desired
+// version is left as it is.
+func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
+	h := r.history(st.Name)
+	if h.HasVersion {
+		return
+	}
+	h.Version, h.HasVersion = mod.Version, true
+	if r.Previous != nil {
+		if prev, ok := r.Previous.Modules[st.Name]; ok && prev.ConfigHash() == st.ConfigHash {
+			h.Version = prev.Version
+		}
+	}
 }
 
 // imageError is a Recreate's failure to get the new image, before it

@@ -429,3 +429,46 @@ func TestUpdateWithoutImageBacksOff(t *testing.T) {
 		t.Errorf("another version is not pulled at once: %s", got)
 	}
 }
+
+// A container made by an earlier agent has no version label: it is taken
+// to be at the version of the deployment it was made from (Previous), or
+// else of the first one applied to it, so that it is not recreated by the
+// upgrade but is by a later new version.
+func TestUnlabelledContainerVersion(t *testing.T) {
+	clock := t0
+	ctx := context.Background()
+	v := func(version string) *Module {
+		m := mod("a", StatusRunning, Always, 0)
+		m.Version = version
+		return m
+	}
+	for _, tc := range []struct {
+		name     string
+		previous *Manifest
+		applied  []string // the versions applied in turn
+		want     []string // the calls of each Apply after the first's network
+	}{
+		{name: "previous deployment, new version", previous: manifest(v("1")), applied: []string{"2"},
+			want: []string{"pull img:1 (update), stop a, remove a, create a, start a"}},
+		{name: "previous deployment, same version", previous: manifest(v("2")), applied: []string{"2"}, want: []string{""}},
+		{name: "previous deployment of another image", previous: manifest(changed(v("1"), func(m *Module) { m.Image = "img:0" })), applied: []string{"2", "3"},
+			want: []string{"", "pull img:1 (update), stop a, remove a, create a, start a"}},
+		{name: "no previous deployment", applied: []string{"1", "1", "2"},
+			want: []string{"", "", "pull img:1 (update), stop a, remove a, create a, start a"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fe := newFakeEngine(func() time.Time { return clock })
+			fe.containers["a"] = &moby.ModuleState{Name: "a", Image: "img:1", State: "running", StartedAt: t0, ConfigHash: v("").ConfigHash()}
+			r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler), Previous: tc.previous}
+			for i, version := range tc.applied {
+				if _, err := r.Apply(ctx, manifest(v(version))); err != nil {
+					t.Fatal(err)
+				}
+				got := strings.TrimPrefix(strings.TrimPrefix(fe.takeCalls(), "network azure-iot-edge"), ", ")
+				if got != tc.want[i] {
+					t.Errorf("version %s applied: calls %q, want %q", version, got, tc.want[i])
+				}
+			}
+		})
+	}
+}

@@ -76,6 +76,10 @@ type Daemon struct {
 	// a cycle, as a reload or a cycle that ends before an Apply starts
 	// them must not lose it. Only Run's goroutine uses it.
 	resume []string
+	// previous is the deployment saved when the process started: the one
+	// that containers of an earlier agent, without version labels, were
+	// made from (agent.Reconciler.Previous). Later cycles save newer ones.
+	previous *agent.Manifest
 }
 
 // New makes a daemon.
@@ -117,6 +121,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer srv.Close()
 	d.workload = newWorkload(filepath.Join(d.opts.RunDir, "workload"))
 	defer d.workload.close()
+	d.previous = d.savedManifest()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -224,7 +229,8 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
-	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name}
+	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name,
+		Previous: d.previous}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
 	return a.run(ctx)
@@ -353,11 +359,7 @@ const (
 // run reconciles the modules, from the hub's twin when connected and from
 // the last manifest when not, so modules keep running offline.
 func (a *runner) run(ctx context.Context) error {
-	if raw, err := os.ReadFile(filepath.Join(a.d.opts.StateDir, manifestFile)); err == nil {
-		if m, err := agent.ParseManifest(raw); err == nil {
-			a.manifest = m
-		}
-	}
+	a.manifest = a.d.savedManifest()
 	a.resume()
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
@@ -430,6 +432,20 @@ func (a *runner) run(ctx context.Context) error {
 			a.fetch(ctx, hub.client)
 		}
 	}
+}
+
+// savedManifest is the last good deployment, kept for starting without the
+// hub; nil if there is none.
+func (d *Daemon) savedManifest() *agent.Manifest {
+	raw, err := os.ReadFile(filepath.Join(d.opts.StateDir, manifestFile))
+	if err != nil {
+		return nil
+	}
+	m, err := agent.ParseManifest(raw)
+	if err != nil {
+		return nil
+	}
+	return m
 }
 
 // stopModules stops the modules as the runtime shuts down (`iotedge system
