@@ -479,7 +479,12 @@ func (a *runner) resume() {
 		if b, err := os.ReadFile(path); err == nil {
 			var names []string
 			if err := json.Unmarshal(b, &names); err != nil {
-				slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
+				// Kept, it would be warned of at every start.
+				slog.Warn("the list of the modules stopped at the last shutdown is corrupt: removing it; they start only by their restartPolicy",
+					"path", path, "error", err)
+				if err := os.Remove(path); err != nil {
+					slog.Warn("removing a corrupt file", "path", path, "error", err)
+				}
 			}
 			a.d.resume = slices.Compact(slices.Sorted(slices.Values(names)))
 		}
@@ -511,12 +516,34 @@ func (d *Daemon) noteResume(names []string) {
 	} else {
 		b, _ := json.Marshal(names)
 		if err = os.MkdirAll(d.opts.StateDir, 0o700); err == nil {
-			err = os.WriteFile(path, b, 0o600)
+			err = writeFile(path, b)
 		}
 	}
 	if err != nil {
 		slog.Warn("noting the modules to start again at the next start: those stopped at shutdown may start only by their restartPolicy", "path", path, "error", err)
 	}
+}
+
+// writeFile replaces the file at path with one holding b: it is written
+// next to it and renamed over it, so that a power loss (the file is
+// written at shutdown) leaves the old file or the new, never a torn one.
+func writeFile(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // after a failure; gone after the rename
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	return err
 }
 
 // hubConn is the agent's connection to the hub and what ends it.
@@ -607,7 +634,7 @@ func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
 	if err == nil {
-		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired, 0o600)
+		err = writeFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
 	}
 	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)
