@@ -1,13 +1,13 @@
 package main
 
 import (
-	"cmp"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"os"
+	"strings"
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/edge/config"
@@ -30,7 +30,7 @@ func newTPMCmd() *cobra.Command {
 			if output != "text" && output != "json" {
 				return fmt.Errorf("--output %q: want text or json", output)
 			}
-			ek, err := endorsementKey(tcti, cmd.Flags().Changed("tcti"))
+			ek, err := endorsementKey(tcti, cmd.Flags().Changed("tcti"), cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -49,9 +49,18 @@ func newTPMCmd() *cobra.Command {
 // (given) or $TPM2TOOLS_TCTI, or else from the TPM the runtime uses:
 // through aziot-tpmd when it answers (it holds the TPM, and the CLI's user
 // may not be allowed to), else as config.toml says, else tcti's default.
-func endorsementKey(tcti string, given bool) ([]byte, error) {
+// A $TPM2TOOLS_TCTI of a kind this tool cannot open (tpm2-abrmd's
+// "tabrmd") is passed over with a note to warn: such users reached their
+// TPM through aziot-tpmd before the variable was read.
+func endorsementKey(tcti string, given bool, warn io.Writer) ([]byte, error) {
+	from := "--tcti"
 	if env := os.Getenv("TPM2TOOLS_TCTI"); !given && env != "" {
-		tcti, given = env, true
+		if kind, _, _ := strings.Cut(env, ":"); tpm.CheckTCTI(kind) != nil {
+			fmt.Fprintf(warn, "$TPM2TOOLS_TCTI is %q, a TCTI this tool cannot open (it opens device, swtpm and mssim): reading the runtime's TPM instead "+
+				"(name another with --tcti)\n", env)
+		} else {
+			tcti, given, from = env, true, "$TPM2TOOLS_TCTI"
+		}
 	}
 	if !given {
 		ek, err := tpmservice.Dial(tpmSocket()).EndorsementKey()
@@ -59,8 +68,19 @@ func endorsementKey(tcti string, given bool) ([]byte, error) {
 		if err == nil || errors.As(err, &answer) {
 			return ek, err
 		}
-		tcti = cmp.Or(configTCTI(), tcti)
+		from = ""
+		if c := configTCTI(); c != "" {
+			tcti, from = c, "config.toml's [tpm] tcti"
+		}
 	}
+	ek, err := readEK(tcti)
+	if err != nil && from != "" {
+		return nil, fmt.Errorf("%s: %w", from, err)
+	}
+	return ek, err
+}
+
+func readEK(tcti string) ([]byte, error) {
 	dev, err := tpm.Open(tcti)
 	if err != nil {
 		return nil, err

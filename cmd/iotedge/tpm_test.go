@@ -115,6 +115,13 @@ func TestProvisionInfoTCTIFromEnvironment(t *testing.T) {
 	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want {
 		t.Errorf("with TPM2TOOLS_TCTI: %v\n%s", err, got)
 	}
+	// Errors say where the TCTI came from.
+	for _, bad := range []string{"swtpm:port=x", "device:/nonexistent"} {
+		t.Setenv("TPM2TOOLS_TCTI", bad)
+		if _, err := iotedge(t, "tpm", "provision-info"); err == nil || !strings.HasPrefix(err.Error(), "$TPM2TOOLS_TCTI: ") {
+			t.Errorf("with TPM2TOOLS_TCTI=%s: %v, want an error naming the variable", bad, err)
+		}
+	}
 	// The flag wins over the environment.
 	if _, err := iotedge(t, "tpm", "provision-info", "--tcti", "device:/nonexistent"); err == nil ||
 		!strings.Contains(err.Error(), "/nonexistent: no such device") {
@@ -179,7 +186,14 @@ func TestProvisionInfoUsesTheRuntimesTPM(t *testing.T) {
 	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || got != want[configured] {
 		t.Errorf("with aziot-tpmd and TPM2TOOLS_TCTI: %v\n%s\nwant the TPM of TPM2TOOLS_TCTI:\n%s", err, got, want[configured])
 	}
+	// tpm2-abrmd's TCTI, which this tool cannot open: aziot-tpmd's TPM.
+	t.Setenv("TPM2TOOLS_TCTI", "tabrmd")
+	if got, err := iotedge(t, "tpm", "provision-info"); err != nil || !strings.HasSuffix(got, want[served]) ||
+		!strings.HasPrefix(got, `$TPM2TOOLS_TCTI is "tabrmd", a TCTI this tool cannot open`) {
+		t.Errorf("with aziot-tpmd and TPM2TOOLS_TCTI=tabrmd: %v\n%s\nwant a note, then the TPM aziot-tpmd serves:\n%s", err, got, want[served])
+	}
+	// The flag wins over both.
 	if got := runProvisionInfo(t, configured); got != want[configured] {
-		t.Errorf("with aziot-tpmd and --tcti:\n%s\nwant the TPM of --tcti:\n%s", got, want[configured])
+		t.Errorf("with aziot-tpmd, TPM2TOOLS_TCTI=tabrmd and --tcti:\n%s\nwant the TPM of --tcti:\n%s", got, want[configured])
 	}
 }

@@ -1,6 +1,9 @@
 package agent
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"fmt"
 	"slices"
 	"strings"
@@ -28,8 +31,9 @@ type Action struct {
 	// Restart is, for a Start that restartPolicy asks for, which
 	// consecutive restart it is (1, 2, ...); 0 for other starts.
 	Restart int
-	// Update: a Recreate for a new version, whose image must be pulled
-	// (not taken from the engine's copy when the pull fails).
+	// Update: a Recreate for a new version of the image the container
+	// runs, which must be pulled again (not taken from the engine's copy
+	// when the pull fails).
 	Update bool
 	Reason string
 }
@@ -48,6 +52,44 @@ type History struct {
 	// Resume: the runtime stopped the module when it shut down, and
 	// starts it again as soon as it can.
 	Resume bool
+	// Version is, for a container without the version label (made by an
+	// earlier agent), the version it is taken to be at; HasVersion says
+	// whether there is one (Reconciler.Previous).
+	Version    string
+	HasVersion bool
+	// Held is a recreate whose new image could not be had: the old
+	// container runs on meanwhile; nil when there is none.
+	Held *Held
+}
+
+// Held is a recreate of a module that could not get its new image. It is
+// tried again at Retry, Backoff(Fails-1) after the last attempt: an
+// unreachable registry is not asked every few seconds, each time holding
+// up the reconcile for a connection timeout.
+type Held struct {
+	For   string // heldKey of the desired module it was for
+	Auth  string // authKey of the credentials tried: new ones are tried at once
+	Err   string // why
+	Fails int
+	Retry time.Time
+}
+
+// heldKey names what a recreate of m makes: a change of it is a new recreate.
+func heldKey(m *Module) string { return m.ConfigHash() + " " + m.Version }
+
+// authKey is a digest of the registry credentials d gives for m's image.
+func authKey(d *Manifest, m *Module) string {
+	b, _ := json.Marshal(registryAuth(d.Runtime.RegistryCredentials, m.Image))
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:])
+}
+
+// held returns h's held recreate if it is for m as desired now.
+func held(m *Module, h *History) *Held {
+	if h == nil || h.Held == nil || h.Held.For != heldKey(m) {
+		return nil
+	}
+	return h.Held
 }
 
 // Restart timing, as Azure IoT Edge's agent does it.
@@ -96,7 +138,12 @@ func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*Histor
 	}
 	for _, m := range desired.Ordered() {
 		st, ok := cur[m.Name]
-		acts = append(acts, planModule(m, st, ok, hist[m.Name], now)...)
+		h := hist[m.Name]
+		if hd := held(m, h); ok && hd != nil && hd.Auth == authKey(desired, m) && now.Before(hd.Retry) {
+			acts = append(acts, keep(m, st, h, now)...) // its recreate waits
+			continue
+		}
+		acts = append(acts, planModule(m, st, ok, h, now)...)
 	}
 	return acts
 }
@@ -106,18 +153,41 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	var acts []Action
 	// A new version is how a deployment asks for an update, say to pull
 	// its tag again. A container without the label predates versions.
-	update := exists && st.HasVersion && st.Version != m.Version
+	version, hasVersion := st.Version, st.HasVersion
+	if !hasVersion && h != nil {
+		version, hasVersion = h.Version, h.HasVersion
+	}
+	newVersion := exists && hasVersion && version != m.Version
+	// Only the image the container runs must come from the registry: a
+	// new one may be a copy loaded on the device, as for a new module.
+	update := newVersion && moby.SameImage(st.Image, m.Image)
 	switch {
 	case !exists:
 		acts = append(acts, act(Create, "new module"))
 	case st.ConfigHash != m.ConfigHash():
 		acts = append(acts, act(Recreate, "its image, createOptions or env changed"))
 		acts[0].Update = update
-	case update:
+	case newVersion:
 		acts = append(acts, act(Recreate, "its version changed"))
-		acts[0].Update = true
+		acts[0].Update = update
 	case st.State == "dead":
 		acts = append(acts, act(Recreate, "the engine marked its container dead"))
+	default:
+		return keep(m, st, h, now)
+	}
+	if m.Status == StatusRunning {
+		acts = append(acts, act(Start, "status is running"))
+	}
+	return acts
+}
+
+// keep plans a module whose container stays as it is: it is stopped,
+// started, resumed or restarted as status and restartPolicy say.
+func keep(m *Module, st moby.ModuleState, h *History, now time.Time) []Action {
+	act := func(k Kind, reason string) Action { return Action{Kind: k, Name: m.Name, Module: m, Reason: reason} }
+	switch {
+	case st.State == "dead": // cannot be started; only a recreate helps
+		return nil
 	case m.Status == StatusStopped:
 		if active(st.State) {
 			return []Action{act(Stop, "status is stopped")}
@@ -127,13 +197,8 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 		return []Action{act(Start, "status is running")}
 	case h != nil && h.Resume && !active(st.State):
 		return []Action{act(Start, "the runtime stopped it when it shut down")}
-	default:
-		return restart(m, st, h, now)
 	}
-	if m.Status == StatusRunning {
-		acts = append(acts, act(Start, "status is running"))
-	}
-	return acts
+	return restart(m, st, h, now)
 }
 
 // restart applies restartPolicy to a module that has run.
@@ -189,6 +254,9 @@ func Status(m *Module, st *moby.ModuleState, h *History) (status, description st
 	desc := func(s string) string {
 		if h != nil && h.Err != "" {
 			return h.Err
+		}
+		if hd := held(m, h); hd != nil { // the old container's state, with why it is still the old one
+			return hd.Err
 		}
 		return s
 	}

@@ -56,6 +56,9 @@ func actions(acts []Action) string {
 		if a.Restart > 0 {
 			x += fmt.Sprintf(" #%d", a.Restart)
 		}
+		if a.Update {
+			x += " (update)"
+		}
 		s = append(s, x)
 	}
 	return strings.Join(s, ", ")
@@ -83,6 +86,10 @@ func TestPlan(t *testing.T) {
 		return moby.ModuleState{Name: m.Name, State: "created", ExitCode: 127, Error: `exec: "/x": no such file`, ConfigHash: m.ConfigHash(),
 			Version: m.Version, HasVersion: true}
 	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	heldA2 := func(retry time.Time) map[string]*History {
+		return map[string]*History{"a": {Held: &Held{For: heldKey(a2), Auth: authKey(manifest(a2), a2), Err: "registry down", Retry: retry}}}
+	}
 	for _, tc := range []struct {
 		name    string
 		desired *Manifest
@@ -105,12 +112,36 @@ func TestPlan(t *testing.T) {
 		{name: "policy changed only", desired: manifest(changed(a, func(m *Module) { m.RestartPolicy = Never })),
 			current: []moby.ModuleState{running(a, t0)}, want: ""},
 		{name: "version changed", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })), current: []moby.ModuleState{running(a, t0)},
-			want: "recreate a, start a"},
+			want: "recreate a (update), start a"},
 		{name: "version set", desired: manifest(changed(a, func(m *Module) { m.Version = "1" })), current: []moby.ModuleState{running(a, t0)},
-			want: "recreate a, start a"},
+			want: "recreate a (update), start a"},
+		{name: "version and env changed", desired: manifest(changed(a, func(m *Module) { m.Version, m.Env["X"] = "2", "1" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Image = "docker.io/library/img:1" })}, want: "recreate a (update), start a"},
+		// A new image may be a copy loaded on the device (docker load).
+		{name: "version and image changed", desired: manifest(changed(a, func(m *Module) { m.Version, m.Image = "2", "img:2" })),
+			current: []moby.ModuleState{running(a, t0)}, want: "recreate a, start a"},
+		// A new version whose image could not be pulled waits out its backoff.
+		{name: "held update, waiting", desired: manifest(a2), current: []moby.ModuleState{exited(a, 1, t0, t0)}, hist: heldA2(t0.Add(time.Hour)),
+			now: t0.Add(time.Minute), want: "start a #1", status: RuntimeBackoff},
+		{name: "held update, due", desired: manifest(a2), current: []moby.ModuleState{running(a, t0)}, hist: heldA2(t0.Add(time.Hour)),
+			now: t0.Add(time.Hour), want: "recreate a (update), start a"},
+		{name: "held update, another version", desired: manifest(changed(a, func(m *Module) { m.Version = "3" })), current: []moby.ModuleState{running(a, t0)},
+			hist: heldA2(t0.Add(time.Hour)), now: t0.Add(time.Minute), want: "recreate a (update), start a"},
+		{name: "held update, new credentials", desired: func() *Manifest {
+			m := manifest(a2)
+			m.Runtime.RegistryCredentials = map[string]RegistryCredential{"hub": {Username: "u", Password: "p", Address: "docker.io"}}
+			return m
+		}(), current: []moby.ModuleState{running(a, t0)}, hist: heldA2(t0.Add(time.Hour)), now: t0.Add(time.Minute), want: "recreate a (update), start a"},
 		// A container made before versions were labelled is left alone.
 		{name: "no version label", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
 			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })}, want: ""},
+		// ... unless the agent knows which version it was made from.
+		{name: "no version label, version known", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })},
+			hist:    map[string]*History{"a": {Version: "1", HasVersion: true}}, want: "recreate a (update), start a"},
+		{name: "no version label, same version", desired: manifest(changed(a, func(m *Module) { m.Version = "2" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Version, s.HasVersion = "", false })},
+			hist:    map[string]*History{"a": {Version: "2", HasVersion: true}}, want: ""},
 		{name: "stopped changed", desired: manifest(changed(stopped, func(m *Module) { m.Image = "img:2" })), current: []moby.ModuleState{running(stopped, t0)},
 			want: "recreate stopped"},
 		{name: "dead", desired: manifest(a), current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.State = "dead" })},

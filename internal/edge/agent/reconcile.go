@@ -35,6 +35,11 @@ type Reconciler struct {
 	Network     string           // "": moby.DefaultNetwork
 	StopTimeout time.Duration    // before a stop kills; 0: 10 s
 	Log         *slog.Logger     // nil: slog.Default()
+	// Previous is the deployment the engine's containers were made from,
+	// when known (the runtime's saved one): a container made before
+	// versions were labelled is at its module's version there, if the
+	// configuration matches, else at the version first applied to it.
+	Previous *Manifest
 
 	mu   sync.Mutex
 	hist map[string]*History
@@ -42,8 +47,10 @@ type Reconciler struct {
 
 // Apply plans and carries out the changes that bring the engine to m, and
 // returns the $edgeAgent reported properties afterwards. A module whose
-// action fails is left for the next Apply; the others go on. The error
-// joins the failures, and the report then has code 500.
+// action fails is left for the next Apply; the others go on. A module
+// whose new image cannot be had keeps its container, and its recreate
+// waits out a backoff (History.Held). The error joins this Apply's
+// failures; the report has code 500 for them and for waiting recreates.
 func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -65,20 +72,55 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 
 	var errs []error
 	failed := map[string]bool{}
-	for _, a := range Plan(m, current, r.hist, now) {
+	tried := map[string]bool{} // held recreates tried again
+	byName := map[string]moby.ModuleState{}
+	for _, st := range current {
+		byName[st.Name] = st
+	}
+	for _, st := range current {
+		if mod, ok := m.Modules[st.Name]; ok && !st.HasVersion {
+			r.adopt(st, mod)
+		}
+	}
+	acts := Plan(m, current, r.hist, now)
+	for i := 0; i < len(acts); i++ {
+		a := acts[i]
 		if failed[a.Name] {
 			continue // its later steps depend on the failed one
 		}
 		r.log().Info("reconcile", "action", string(a.Kind), "module", a.Name, "reason", a.Reason)
-		if err := r.do(ctx, m, a, network, now); err != nil {
+		err := r.do(ctx, m, a, network, now)
+		if err != nil {
 			r.log().Error("reconcile", "action", string(a.Kind), "module", a.Name, "err", err)
-			failed[a.Name] = true
 			errs = append(errs, err)
+		}
+		var ie *imageError
+		switch {
+		case errors.As(err, &ie):
+			// Nothing was stopped: the old container runs on, and is
+			// started, restarted or resumed as if nothing had changed.
+			h := r.history(a.Name)
+			fails, auth := 1, authKey(m, a.Module)
+			if hd := held(a.Module, h); hd != nil && hd.Auth == auth {
+				fails = hd.Fails + 1
+			}
+			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1))}
+			h.Err = ""
+			tried[a.Name] = true
+			j := i + 1
+			for j < len(acts) && acts[j].Name == a.Name {
+				j++
+			}
+			acts = slices.Replace(acts, i+1, j, keep(a.Module, byName[a.Name], r.hist[a.Name], now)...)
+		case err != nil:
+			failed[a.Name] = true
 			if a.Kind != Remove {
 				r.history(a.Name).Err = err.Error()
 			}
-		} else if h := r.hist[a.Name]; h != nil {
-			h.Err = ""
+		default:
+			if h := r.hist[a.Name]; h != nil {
+				h.Err = ""
+			}
 		}
 	}
 
@@ -102,8 +144,15 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			h.Resume = false
 		}
 	}
-	err = errors.Join(errs...)
-	return Reported(m, current, r.hist, err), err
+	// A held recreate fails the deployment until it is done, but is an
+	// error of Apply (which callers log) only when it was tried.
+	repErrs := slices.Clone(errs)
+	for _, mod := range m.Ordered() {
+		if hd := held(mod, r.hist[mod.Name]); hd != nil && !tried[mod.Name] {
+			repErrs = append(repErrs, errors.New(hd.Err))
+		}
+	}
+	return Reported(m, current, r.hist, errors.Join(repErrs...)), errors.Join(errs...)
 }
 
 // Report returns the reported properties for the modules of m as they run
@@ -197,10 +246,10 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
-		// keeps running the old one, and the next Apply tries again.
+		// keeps running the old one until a later Apply tries again.
 		spec := r.spec(m, a.Module, network)
 		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
-			return err
+			return &imageError{err}
 		}
 		r.hist[a.Name] = &History{} // a new container starts a new history
 		if err := e.Stop(ctx, a.Name, r.stopTimeout()); err != nil && !errors.Is(err, moby.ErrNotFound) {
@@ -231,6 +280,28 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	}
 	return nil
 }
+
+// adopt notes the version of a container without the version label, so
+// that a later new version updates it, while one made from the desired
+// version is left as it is.
+func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
+	h := r.history(st.Name)
+	if h.HasVersion {
+		return
+	}
+	h.Version, h.HasVersion = mod.Version, true
+	if r.Previous != nil {
+		if prev, ok := r.Previous.Modules[st.Name]; ok && prev.ConfigHash() == st.ConfigHash {
+			h.Version = prev.Version
+		}
+	}
+}
+
+// imageError is a Recreate's failure to get the new image, before it
+// touched the old container.
+type imageError struct{ error }
+
+func (e *imageError) Unwrap() error { return e.error }
 
 // spec is the container of module mod of manifest m.
 func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleSpec {

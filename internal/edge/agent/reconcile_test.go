@@ -217,21 +217,30 @@ func TestReconciler(t *testing.T) {
 
 	// A new version whose image cannot be pulled leaves the module running
 	// the old one; once it can be, the module is recreated with it.
-	a.Image, a.Version = "img:2", "2"
-	fe.fail["pull img:2 (update)"] = errors.New("pulling image img:2 from registry docker.io: no route")
+	a.Version = "2"
+	fe.fail["pull img:1 (update)"] = errors.New("pulling image img:1 from registry docker.io: no route")
 	rep, err = r.Apply(ctx, m)
-	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:2 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Image != "img:1" {
-		t.Errorf("a new image that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:1 (update)" || fe.containers["a"].State != "running" || fe.containers["a"].Version != "" {
+		t.Errorf("a new version that cannot be pulled: %v; calls %s; a %+v", err, got, fe.containers["a"])
 	}
 	if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 {
 		t.Errorf("the failed pull's report: %v", st)
 	}
-	delete(fe.fail, "pull img:2 (update)")
-	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
+	delete(fe.fail, "pull img:1 (update)")
+	clock = clock.Add(BackoffBase) // the pull is tried again after a backoff
+	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Version != "2" {
 		t.Errorf("a once its image can be pulled: %v; %+v", err, fe.containers["a"])
 	}
-	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2 (update), stop a, remove a, create a, start a" {
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:1 (update), stop a, remove a, create a, start a" {
 		t.Errorf("recreating a: calls %s", got)
+	}
+	// A new image with a new version may be a copy the engine has.
+	a.Image, a.Version = "img:2", "3"
+	if _, err = r.Apply(ctx, m); err != nil || fe.containers["a"].Image != "img:2" {
+		t.Errorf("a new image: %v; %+v", err, fe.containers["a"])
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:2, stop a, remove a, create a, start a" {
+		t.Errorf("recreating a with a new image: calls %s", got)
 	}
 
 	// Taken out of the deployment: stopped, removed, forgotten.
@@ -324,5 +333,142 @@ func TestStopAllAndResume(t *testing.T) {
 	fe.exit("a", 0)
 	if _, err := r.Apply(ctx, manifest(a, b, c)); err != nil || fe.containers["a"].State != "exited" {
 		t.Errorf("a resumed once, then kept to restartPolicy never: %v, %s", err, fe.containers["a"].State)
+	}
+}
+
+// A module whose new version cannot be pulled keeps its old container, which
+// restartPolicy still restarts and a restart of the runtime still resumes,
+// with the failed pull as the module's status, until the pull succeeds.
+func TestUpdateWithoutImageKeepsOldContainer(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	a.Version = "1"
+	if _, err := r.Apply(ctx, manifest(a)); err != nil {
+		t.Fatal(err)
+	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	fe.fail["pull img:1 (update)"] = errors.New("registry down")
+	fe.exit("a", 1)
+	clock = clock.Add(time.Minute)
+	fe.takeCalls()
+	rep, err := r.Apply(ctx, manifest(a2))
+	if got := fe.takeCalls(); err == nil || got != "network azure-iot-edge, pull img:1 (update), start a" {
+		t.Errorf("the old container, crashed, while the update cannot be pulled: %v; calls %s", err, got)
+	}
+	if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeRunning || !strings.Contains(got["statusDescription"].(string), "registry down") {
+		t.Errorf("a reported: %v", got)
+	}
+
+	// The runtime stops and starts again: the module is resumed although
+	// its restartPolicy is never.
+	stopped, err := r.StopAll(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	clock = clock.Add(time.Minute)
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	r.Resume(stopped...)
+	a2.RestartPolicy = Never
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(a2)); err == nil || fe.containers["a"].State != "running" || len(r.Resuming()) != 0 {
+		t.Errorf("resuming while the update cannot be pulled: %v; calls %s; a is %s", err, fe.takeCalls(), fe.containers["a"].State)
+	}
+
+	delete(fe.fail, "pull img:1 (update)")
+	clock = clock.Add(time.Minute)
+	fe.takeCalls()
+	rep, err = r.Apply(ctx, manifest(a2))
+	if got := fe.takeCalls(); err != nil || got != "network azure-iot-edge, pull img:1 (update), stop a, remove a, create a, start a" || fe.containers["a"].Version != "2" {
+		t.Errorf("once the update can be pulled: %v; calls %s", err, got)
+	}
+	if got := reportedModule(t, rep, "a"); got["statusDescription"] != "running" {
+		t.Errorf("a reported after the update: %v", got)
+	}
+}
+
+// An update whose image cannot be pulled is tried again after 10 s, 20 s,
+// ... 5 min, and at once for another version; it fails the deployment's
+// status meanwhile, but only an attempt is an error of Apply.
+func TestUpdateWithoutImageBacksOff(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	if _, err := r.Apply(ctx, manifest(a)); err != nil {
+		t.Fatal(err)
+	}
+	a2 := changed(a, func(m *Module) { m.Version = "2" })
+	fe.fail["pull img:1 (update)"] = errors.New("registry down")
+	var pulls []string
+	for range 80 { // 400 s
+		fe.takeCalls()
+		rep, err := r.Apply(ctx, manifest(a2))
+		calls := fe.takeCalls()
+		if strings.Contains(calls, "pull") != (err != nil) {
+			t.Errorf("at %v: calls %s, error %v: want an error with each pull only", clock.Sub(t0), calls, err)
+		}
+		if strings.Contains(calls, "pull") {
+			pulls = append(pulls, clock.Sub(t0).String())
+		}
+		if st := rep["lastDesiredStatus"].(map[string]any); st["code"] != 500 || !strings.Contains(st["description"].(string), "registry down") {
+			t.Errorf("at %v: lastDesiredStatus %v", clock.Sub(t0), st)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got, want := strings.Join(pulls, " "), "0s 10s 30s 1m10s 2m30s 5m10s"; got != want {
+		t.Errorf("update pulls at %s, want %s", got, want)
+	}
+	a3 := changed(a, func(m *Module) { m.Version = "3" })
+	fe.takeCalls()
+	r.Apply(ctx, manifest(a3))
+	if got := fe.takeCalls(); !strings.Contains(got, "pull img:1 (update)") {
+		t.Errorf("another version is not pulled at once: %s", got)
+	}
+}
+
+// A container made by an earlier agent has no version label: it is taken
+// to be at the version of the deployment it was made from (Previous), or
+// else of the first one applied to it, so that it is not recreated by the
+// upgrade but is by a later new version.
+func TestUnlabelledContainerVersion(t *testing.T) {
+	clock := t0
+	ctx := context.Background()
+	v := func(version string) *Module {
+		m := mod("a", StatusRunning, Always, 0)
+		m.Version = version
+		return m
+	}
+	for _, tc := range []struct {
+		name     string
+		previous *Manifest
+		applied  []string // the versions applied in turn
+		want     []string // the calls of each Apply after the first's network
+	}{
+		{name: "previous deployment, new version", previous: manifest(v("1")), applied: []string{"2"},
+			want: []string{"pull img:1 (update), stop a, remove a, create a, start a"}},
+		{name: "previous deployment, same version", previous: manifest(v("2")), applied: []string{"2"}, want: []string{""}},
+		{name: "previous deployment of another image", previous: manifest(changed(v("1"), func(m *Module) { m.Image = "img:0" })), applied: []string{"2", "3"},
+			want: []string{"", "pull img:1 (update), stop a, remove a, create a, start a"}},
+		{name: "no previous deployment", applied: []string{"1", "1", "2"},
+			want: []string{"", "", "pull img:1 (update), stop a, remove a, create a, start a"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fe := newFakeEngine(func() time.Time { return clock })
+			fe.containers["a"] = &moby.ModuleState{Name: "a", Image: "img:1", State: "running", StartedAt: t0, ConfigHash: v("").ConfigHash()}
+			r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler), Previous: tc.previous}
+			for i, version := range tc.applied {
+				if _, err := r.Apply(ctx, manifest(v(version))); err != nil {
+					t.Fatal(err)
+				}
+				got := strings.TrimPrefix(strings.TrimPrefix(fe.takeCalls(), "network azure-iot-edge"), ", ")
+				if got != tc.want[i] {
+					t.Errorf("version %s applied: calls %q, want %q", version, got, tc.want[i])
+				}
+			}
+		})
 	}
 }

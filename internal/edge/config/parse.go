@@ -37,8 +37,9 @@ var renamed = map[string]string{
 }
 
 var (
-	configType   = reflect.TypeFor[Config]()
-	keyIndexType = reflect.TypeFor[KeyIndex]()
+	configType      = reflect.TypeFor[Config]()
+	keyIndexType    = reflect.TypeFor[KeyIndex]()
+	mobyNetworkType = reflect.TypeFor[MobyNetwork]()
 )
 
 // Parse parses and validates a config.toml. path only names the file in
@@ -376,6 +377,8 @@ func describe(t reflect.Type) string {
 	switch {
 	case t == keyIndexType:
 		return "an integer from 0 to 0x7F_FF_FF, such as 0x100"
+	case t == mobyNetworkType: // a struct that also takes a string
+		return "a network name (string) or a table with name, ipv6, ipam"
 	case t.Kind() == reflect.String:
 		return "a quoted string"
 	case t.Kind() == reflect.Map && t.Elem().Kind() == reflect.String:

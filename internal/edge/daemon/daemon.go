@@ -76,6 +76,10 @@ type Daemon struct {
 	// a cycle, as a reload or a cycle that ends before an Apply starts
 	// them must not lose it. Only Run's goroutine uses it.
 	resume []string
+	// previous is the deployment saved when the process started: the one
+	// that containers of an earlier agent, without version labels, were
+	// made from (agent.Reconciler.Previous). Later cycles save newer ones.
+	previous *agent.Manifest
 }
 
 // New makes a daemon.
@@ -117,6 +121,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	defer srv.Close()
 	d.workload = newWorkload(filepath.Join(d.opts.RunDir, "workload"))
 	defer d.workload.close()
+	d.previous = d.savedManifest()
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -224,7 +229,8 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
-	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name}
+	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name,
+		Previous: d.previous}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
 	return a.run(ctx)
@@ -353,11 +359,7 @@ const (
 // run reconciles the modules, from the hub's twin when connected and from
 // the last manifest when not, so modules keep running offline.
 func (a *runner) run(ctx context.Context) error {
-	if raw, err := os.ReadFile(filepath.Join(a.d.opts.StateDir, manifestFile)); err == nil {
-		if m, err := agent.ParseManifest(raw); err == nil {
-			a.manifest = m
-		}
-	}
+	a.manifest = a.d.savedManifest()
 	a.resume()
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
@@ -432,6 +434,20 @@ func (a *runner) run(ctx context.Context) error {
 	}
 }
 
+// savedManifest is the last good deployment, kept for starting without the
+// hub; nil if there is none.
+func (d *Daemon) savedManifest() *agent.Manifest {
+	raw, err := os.ReadFile(filepath.Join(d.opts.StateDir, manifestFile))
+	if err != nil {
+		return nil
+	}
+	m, err := agent.ParseManifest(raw)
+	if err != nil {
+		return nil
+	}
+	return m
+}
+
 // stopModules stops the modules as the runtime shuts down (`iotedge system
 // stop`, systemd's SIGTERM), and notes which for resume, with those still
 // to resume from the last shutdown. A reload does not come here: its
@@ -463,7 +479,12 @@ func (a *runner) resume() {
 		if b, err := os.ReadFile(path); err == nil {
 			var names []string
 			if err := json.Unmarshal(b, &names); err != nil {
-				slog.Warn("reading the modules stopped at the last shutdown", "path", path, "error", err)
+				// Kept, it would be warned of at every start.
+				slog.Warn("the list of the modules stopped at the last shutdown is corrupt: removing it; they start only by their restartPolicy",
+					"path", path, "error", err)
+				if err := os.Remove(path); err != nil {
+					slog.Warn("removing a corrupt file", "path", path, "error", err)
+				}
 			}
 			a.d.resume = slices.Compact(slices.Sorted(slices.Values(names)))
 		}
@@ -495,12 +516,34 @@ func (d *Daemon) noteResume(names []string) {
 	} else {
 		b, _ := json.Marshal(names)
 		if err = os.MkdirAll(d.opts.StateDir, 0o700); err == nil {
-			err = os.WriteFile(path, b, 0o600)
+			err = writeFile(path, b)
 		}
 	}
 	if err != nil {
 		slog.Warn("noting the modules to start again at the next start: those stopped at shutdown may start only by their restartPolicy", "path", path, "error", err)
 	}
+}
+
+// writeFile replaces the file at path with one holding b: it is written
+// next to it and renamed over it, so that a power loss (the file is
+// written at shutdown) leaves the old file or the new, never a torn one.
+func writeFile(path string, b []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // after a failure; gone after the rename
+	_, err = f.Write(b)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	return err
 }
 
 // hubConn is the agent's connection to the hub and what ends it.
@@ -591,7 +634,7 @@ func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
 	if err == nil {
-		err = os.WriteFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired, 0o600)
+		err = writeFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
 	}
 	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)

@@ -254,3 +254,41 @@ func TestStoppedModulesKeptUntilStarted(t *testing.T) {
 		t.Errorf("%s once every module in it started: %v; want it gone", stoppedFile, err)
 	}
 }
+
+// The list of stopped modules is written at shutdown, when power may go:
+// it replaces the old file rather than writing over it, and a list that
+// cannot be read (torn by an earlier agent) is removed, not warned of at
+// every start.
+func TestStoppedFileReplacedNotOverwritten(t *testing.T) {
+	state := t.TempDir()
+	path := filepath.Join(state, stoppedFile)
+	if err := os.WriteFile(path, []byte(`["sens`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := New(Options{StateDir: state})
+	a := &runner{d: d, rec: &agent.Reconciler{Engine: &engineStub{}, Log: slog.New(slog.DiscardHandler)}}
+	a.resume()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) || len(d.resume) != 0 {
+		t.Errorf("a corrupt %s: %v, resuming %v; want it removed", stoppedFile, err, d.resume)
+	}
+
+	// A link to the file sees no write: the file is a new one.
+	old := filepath.Join(t.TempDir(), "old")
+	if err := os.WriteFile(old, []byte(`["a"]`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(path)
+	if err := os.Link(old, path); err != nil {
+		t.Fatal(err)
+	}
+	d.noteResume([]string{"a", "b"})
+	if b, err := os.ReadFile(old); err != nil || string(b) != `["a"]` {
+		t.Errorf("the old %s was written over: %s, %v", stoppedFile, b, err)
+	}
+	if b, err := os.ReadFile(path); err != nil || string(b) != `["a","b"]` {
+		t.Errorf("%s: %s, %v", stoppedFile, b, err)
+	}
+	if files, _ := os.ReadDir(state); len(files) != 1 {
+		t.Errorf("the state directory holds %v, want only %s", files, stoppedFile)
+	}
+}

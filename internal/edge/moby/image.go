@@ -45,13 +45,27 @@ func normalize(ref string) string {
 	return ref + ":latest"
 }
 
+// SameImage says whether references a and b name one image as the engine
+// reads them: "app" is "app:latest", and on Docker Hub "app" is
+// "docker.io/library/app".
+func SameImage(a, b string) bool { return canonical(a) == canonical(b) }
+
+func canonical(ref string) string {
+	ref = normalize(ref)
+	if Registry(ref) == "docker.io" {
+		ref = strings.TrimPrefix(strings.TrimPrefix(ref, "docker.io/"), "library/")
+	}
+	return ref
+}
+
 // EnsureImage gets s.Image for a new container, as Azure's agent does:
 // with imagePullPolicy on-create (the default) it pulls, so that a tag
 // that moved is run at its new image; with never, the engine must have it.
 // When the pull fails, the image the engine has is used, except for an
-// update (the deployment gave a module that has a container a new
-// version): that module keeps its old container until a pull succeeds,
-// rather than being recreated from a stale image as if it were updated.
+// update (the deployment gave a module a new version of the image its
+// container runs): that module keeps its old container until a pull
+// succeeds, rather than being recreated from a stale image as if it were
+// updated.
 func (e *Engine) EnsureImage(ctx context.Context, s ModuleSpec, update bool) error {
 	if s.PullPolicy == "never" {
 		return e.haveImage(ctx, s)

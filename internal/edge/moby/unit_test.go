@@ -221,6 +221,22 @@ func TestRegistry(t *testing.T) {
 			t.Errorf("normalize(%q) = %q, want %q", ref, got, want)
 		}
 	}
+	for _, c := range []struct {
+		a, b string
+		same bool
+	}{
+		{"app", "app:latest", true},
+		{"docker.io/library/app:2", "app:2", true},
+		{"library/app", "docker.io/app:latest", true},
+		{"r.io/app:2", "r.io/app:2", true},
+		{"app:2", "app:1", false},
+		{"r.io/app:2", "app:2", false},
+		{"localhost:5000/app", "localhost:5000/app:2", false},
+	} {
+		if got := SameImage(c.a, c.b); got != c.same {
+			t.Errorf("SameImage(%q, %q) = %v", c.a, c.b, got)
+		}
+	}
 }
 
 func TestSince(t *testing.T) {
