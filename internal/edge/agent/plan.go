@@ -74,8 +74,9 @@ type Held struct {
 	Retry time.Time
 }
 
-// heldKey names what a recreate of m makes: a change of it is a new recreate.
-func heldKey(m *Module) string { return m.ConfigHash() + " " + m.Version }
+// heldKey names what a recreate of m makes, and how its image is had: a
+// change of it is a new recreate.
+func heldKey(m *Module) string { return m.ConfigHash() + " " + m.Version + " " + m.ImagePullPolicy }
 
 // authKey is a digest of the registry credentials d gives for m's image.
 func authKey(d *Manifest, m *Module) string {
@@ -159,8 +160,9 @@ func planModule(m *Module, st moby.ModuleState, exists bool, h *History, now tim
 	}
 	newVersion := exists && hasVersion && version != m.Version
 	// Only the image the container runs must come from the registry: a
-	// new one may be a copy loaded on the device, as for a new module.
-	update := newVersion && moby.SameImage(st.Image, m.Image)
+	// new one may be a copy loaded on the device, as for a new module,
+	// and one pinned by digest is the image the engine has, if it has it.
+	update := newVersion && moby.SameImage(st.Image, m.Image) && !strings.Contains(m.Image, "@")
 	switch {
 	case !exists:
 		acts = append(acts, act(Create, "new module"))

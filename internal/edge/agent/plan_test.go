@@ -117,6 +117,9 @@ func TestPlan(t *testing.T) {
 			want: "recreate a (update), start a"},
 		{name: "version and env changed", desired: manifest(changed(a, func(m *Module) { m.Version, m.Env["X"] = "2", "1" })),
 			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Image = "docker.io/library/img:1" })}, want: "recreate a (update), start a"},
+		// An image pinned by digest is the one the engine has, if it has it.
+		{name: "version changed, image by digest", desired: manifest(changed(a, func(m *Module) { m.Version, m.Image = "2", "img@sha256:ab" })),
+			current: []moby.ModuleState{with(running(a, t0), func(s *moby.ModuleState) { s.Image = "img@sha256:ab" })}, want: "recreate a, start a"},
 		// A new image may be a copy loaded on the device (docker load).
 		{name: "version and image changed", desired: manifest(changed(a, func(m *Module) { m.Version, m.Image = "2", "img:2" })),
 			current: []moby.ModuleState{running(a, t0)}, want: "recreate a, start a"},

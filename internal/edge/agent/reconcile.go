@@ -138,10 +138,16 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 		}
 	}
 	for name, h := range r.hist {
-		if mod, ok := m.Modules[name]; !ok {
+		mod, ok := m.Modules[name]
+		switch {
+		case !ok:
 			delete(r.hist, name)
-		} else if mod.Status == StatusStopped {
+			continue
+		case mod.Status == StatusStopped:
 			h.Resume = false
+		}
+		if held(mod, h) == nil {
+			h.Held = nil // for what is no longer desired: it starts afresh if it is again
 		}
 	}
 	// A held recreate fails the deployment until it is done, but is an

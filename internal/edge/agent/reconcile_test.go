@@ -428,6 +428,26 @@ func TestUpdateWithoutImageBacksOff(t *testing.T) {
 	if got := fe.takeCalls(); !strings.Contains(got, "pull img:1 (update)") {
 		t.Errorf("another version is not pulled at once: %s", got)
 	}
+	// Back to the version that runs, then forward again: the hold was for
+	// what is no longer desired, and the new attempt starts afresh.
+	for range 6 { // held to its longest wait
+		clock = clock.Add(BackoffMax)
+		r.Apply(ctx, manifest(a3))
+	}
+	r.Apply(ctx, manifest(a))
+	fe.takeCalls()
+	clock = clock.Add(5 * time.Second)
+	r.Apply(ctx, manifest(a3))
+	if got := fe.takeCalls(); !strings.Contains(got, "pull img:1 (update)") {
+		t.Errorf("a version held before, desired again after going back, is not pulled at once: %s", got)
+	}
+	// A new way to get the image is tried at once too.
+	a3never := changed(a3, func(m *Module) { m.ImagePullPolicy = "never" })
+	fe.takeCalls()
+	r.Apply(ctx, manifest(a3never))
+	if got := fe.takeCalls(); !strings.Contains(got, "img:1") {
+		t.Errorf("a held recreate with another imagePullPolicy is not tried at once: %s", got)
+	}
 }
 
 // A container made by an earlier agent has no version label: it is taken

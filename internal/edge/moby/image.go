@@ -46,14 +46,14 @@ func normalize(ref string) string {
 }
 
 // SameImage says whether references a and b name one image as the engine
-// reads them: "app" is "app:latest", and on Docker Hub "app" is
-// "docker.io/library/app".
+// reads them: "app" is "app:latest", and on Docker Hub (docker.io, or
+// index.docker.io) "app" is "docker.io/library/app".
 func SameImage(a, b string) bool { return canonical(a) == canonical(b) }
 
 func canonical(ref string) string {
 	ref = normalize(ref)
-	if Registry(ref) == "docker.io" {
-		ref = strings.TrimPrefix(strings.TrimPrefix(ref, "docker.io/"), "library/")
+	if r := Registry(ref); r == "docker.io" || r == "index.docker.io" {
+		ref = strings.TrimPrefix(strings.TrimPrefix(ref, r+"/"), "library/")
 	}
 	return ref
 }

@@ -228,6 +228,7 @@ func TestRegistry(t *testing.T) {
 		{"app", "app:latest", true},
 		{"docker.io/library/app:2", "app:2", true},
 		{"library/app", "docker.io/app:latest", true},
+		{"index.docker.io/library/app:1", "app:1", true},
 		{"r.io/app:2", "r.io/app:2", true},
 		{"app:2", "app:1", false},
 		{"r.io/app:2", "app:2", false},
