@@ -378,7 +378,7 @@ func describe(t reflect.Type) string {
 	case t == keyIndexType:
 		return "an integer from 0 to 0x7F_FF_FF, such as 0x100"
 	case t == mobyNetworkType: // a struct that also takes a string
-		return "a network name (string) or a table with name, ipv6, ipam"
+		return `a network name (string) or a table with its name, such as [moby_runtime.network] name = "azure-iot-edge"`
 	case t.Kind() == reflect.String:
 		return "a quoted string"
 	case t.Kind() == reflect.Map && t.Elem().Kind() == reflect.String:

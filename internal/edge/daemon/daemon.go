@@ -485,6 +485,7 @@ func (a *runner) resume() {
 				if err := os.Remove(path); err != nil {
 					slog.Warn("removing a corrupt file", "path", path, "error", err)
 				}
+				names = nil // what it read before the error is not to be trusted either
 			}
 			a.d.resume = slices.Compact(slices.Sorted(slices.Values(names)))
 		}
@@ -542,6 +543,14 @@ func writeFile(path string, b []byte) error {
 	}
 	if err == nil {
 		err = os.Rename(f.Name(), path)
+	}
+	if err == nil {
+		// The rename itself lasts once the directory is synced: the file
+		// is written at shutdown, often just before the power goes.
+		if d, derr := os.Open(filepath.Dir(path)); derr == nil {
+			err = d.Sync()
+			d.Close()
+		}
 	}
 	return err
 }

@@ -262,14 +262,17 @@ func TestStoppedModulesKeptUntilStarted(t *testing.T) {
 func TestStoppedFileReplacedNotOverwritten(t *testing.T) {
 	state := t.TempDir()
 	path := filepath.Join(state, stoppedFile)
-	if err := os.WriteFile(path, []byte(`["sens`), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	d := New(Options{StateDir: state})
-	a := &runner{d: d, rec: &agent.Reconciler{Engine: &engineStub{}, Log: slog.New(slog.DiscardHandler)}}
-	a.resume()
-	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) || len(d.resume) != 0 {
-		t.Errorf("a corrupt %s: %v, resuming %v; want it removed", stoppedFile, err, d.resume)
+	// Torn, or of the wrong shape (which decodes in part).
+	for _, corrupt := range []string{`["sens`, `["a",1,"b"]`} {
+		if err := os.WriteFile(path, []byte(corrupt), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		d := New(Options{StateDir: state})
+		a := &runner{d: d, rec: &agent.Reconciler{Engine: &engineStub{}, Log: slog.New(slog.DiscardHandler)}}
+		a.resume()
+		if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) || len(d.resume) != 0 {
+			t.Errorf("a corrupt %s (%s): %v, resuming %q; want it removed and nothing resumed", stoppedFile, corrupt, err, d.resume)
+		}
 	}
 
 	// A link to the file sees no write: the file is a new one.
@@ -281,7 +284,7 @@ func TestStoppedFileReplacedNotOverwritten(t *testing.T) {
 	if err := os.Link(old, path); err != nil {
 		t.Fatal(err)
 	}
-	d.noteResume([]string{"a", "b"})
+	New(Options{StateDir: state}).noteResume([]string{"a", "b"})
 	if b, err := os.ReadFile(old); err != nil || string(b) != `["a"]` {
 		t.Errorf("the old %s was written over: %s, %v", stoppedFile, b, err)
 	}
