@@ -20,6 +20,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // Credentials are what a device proves itself with: a SAS token in the
@@ -674,16 +675,23 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
-	if former != nil {
-		s.leave(ctx, regID, former)
-	}
+	// The record is written: what it implies is done whether or not the
+	// device still waits for the answer.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
 	if ekKey != "" {
 		// A DELETE of the record while this registration ran freed the
-		// claim, and the record is back: claim the ID again (unless the
-		// TPM took another meanwhile, which then keeps it).
-		if _, err := s.tpmIdentity(ctx, regID, att); err != nil && !azerr.HasStatus(err, 401) {
+		// claim, and the record is back: claim the ID again. If the TPM
+		// took another ID meanwhile, this registration is undone.
+		if _, err := s.tpmIdentity(ctx, regID, att); err != nil {
+			if azerr.HasStatus(err, 401) && state.Status == StatusAssigned {
+				s.undo(ctx, regID, state.ETag, hub, &dev)
+			}
 			return nil, err
 		}
+	}
+	if former != nil {
+		s.leave(ctx, regID, former)
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
 		s.recentOperations.put(regID, a, s.Now())
@@ -900,6 +908,12 @@ type formerIdentity struct {
 // the identity gone finds the move recorded (and after a crash between the
 // two, the device is where the record says, with a leftover to delete).
 func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
+	// A later registration may have moved the device back meanwhile.
+	if rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil); err == nil {
+		if now := rec.lastAssignment(); now != nil && strings.EqualFold(now.Hub, f.hub.HostName) && now.DeviceID == f.deviceID {
+			return
+		}
+	}
 	switch err := s.registry.DeleteDevice(ctx, f.hub, f.deviceID, f.credential); {
 	case errors.Is(err, ErrDeviceTaken):
 		slog.Info("a reprovisioned device's former identity has other credentials now; it stays",
@@ -907,6 +921,19 @@ func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
 	case err != nil:
 		slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
 			"registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID, "error", err)
+	}
+}
+
+// undo takes back a registration whose TPM claimed another ID while it
+// ran: its record (as it wrote it, at etag) and its hub device, which would
+// otherwise admit the TPM under a second ID.
+func (s *Service) undo(ctx context.Context, regID, etag string, hub *LinkedHub, dev *HubDevice) {
+	if err := s.store.Delete(ctx, kindRegistration, regID, etag); err != nil && !errors.Is(err, store.ErrNotFound) {
+		slog.Warn("taking back the registration of a TPM that registered under another ID meanwhile", "registrationId", regID, "error", err)
+	}
+	if err := s.registry.DeleteDevice(ctx, *hub, dev.DeviceID, dev.Credential()); err != nil && !errors.Is(err, ErrDeviceTaken) {
+		slog.Warn("removing the hub device of a TPM that registered under another ID meanwhile; delete it there",
+			"registrationId", regID, "hub", hub.HostName, "deviceId", dev.DeviceID, "error", err)
 	}
 }
 

@@ -97,8 +97,9 @@ type ekClaim struct {
 
 // ekOf names, under a registration ID, the EK key ID it hashes, so that a
 // DELETE finds the ID's claim without its record. An ID determines its EK
-// for good, so the index is written before each claim and never changes:
-// one outliving its claim points at a claim of another ID or at none.
+// for good, so the index is written before each claim and never changes,
+// nor is deleted (freeing it could race a claim made again): one outliving
+// its claim points at a claim of another ID or at none.
 type ekOf struct {
 	KeyID string `json:"keyId"`
 }

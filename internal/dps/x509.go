@@ -287,14 +287,27 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if namesRegistration(leaf, regID) {
 		return nil
 	}
+	if why := nameless(leaf, regID); why != "" {
+		return unauthorized(regID, why)
+	}
 	names, _ := registrationNames(leaf)
 	return unauthorized(regID, "the registration ID must be the client certificate's "+names)
+}
+
+// nameless says how to fix a device certificate that names no registration
+// ID at all; "" for one that names one.
+func nameless(c *x509.Certificate, regID string) string {
+	if c.Subject.CommonName != "" || len(c.DNSNames) > 0 {
+		return ""
+	}
+	return fmt.Sprintf("the certificate names no registration ID (it has no subject CN and no DNS name): issue the device one with CN=%s", regID)
 }
 
 // registrationNames are the registration IDs a device certificate names
 // (namesRegistration): described, for refusals of others, and quoted in
 // lower case, as an enrollment takes them. An empty CN names none, and is
-// left out when there is a DNS name.
+// left out when there is a DNS name (a certificate naming neither is
+// nameless's).
 func registrationNames(c *x509.Certificate) (described, ids string) {
 	cn, dns := c.Subject.CommonName, ""
 	if len(c.DNSNames) > 0 && !strings.EqualFold(c.DNSNames[0], cn) {
@@ -329,6 +342,9 @@ func checkRegistrationCN(e *Enrollment) error {
 	}
 	for _, c := range x.ClientCertificates.certificates() {
 		if !namesRegistration(c, e.RegistrationID) {
+			if why := nameless(c, e.RegistrationID); why != "" {
+				return azerr.BadRequest("%s", why)
+			}
 			names, ids := registrationNames(c)
 			return azerr.BadRequest("the certificate's device registers with its %s as registration ID, not %q: enroll it as %s",
 				names, e.RegistrationID, ids)

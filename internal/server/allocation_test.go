@@ -387,15 +387,6 @@ func (b *beforePut) Put(ctx context.Context, d store.Doc, ifMatch string) (store
 func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
 	e := newEnv(t)
 	register := e.mover(t, func() int { return http.StatusOK })
-	d, err := e.st.Get(ctx, "dps.enrollment", "mover")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var en dps.Enrollment
-	if err := json.Unmarshal(d.Body, &en); err != nil {
-		t.Fatal(err)
-	}
-	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
 	// Another replica moves the device; this one registers it again just
 	// before that replica records the move.
 	replica, err := dps.Open(ctx, &beforePut{Store: e.st, kind: "dps.registration", f: func() {
@@ -406,9 +397,7 @@ func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	scope := replica.IDScope()
-	if _, _, err := replica.Register(ctx, dps.RegisterRequest{IDScope: scope, RegistrationID: "mover",
-		Credentials: dps.Credentials{Authorization: sas.Build(key, scope+"/registrations/mover", "registration", time.Now().Add(time.Minute))}}); err != nil {
+	if err := registerOn(ctx, replica, e.moverKey(t)); err != nil {
 		t.Fatal(err)
 	}
 	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
@@ -416,6 +405,135 @@ func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
 	}
 	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
 		t.Fatalf("the former identity stays, with its keys: %v", err)
+	}
+}
+
+// moverKey is the symmetric key mover's enrollment was given.
+func (e *env) moverKey(t *testing.T) []byte {
+	t.Helper()
+	d, err := e.st.Get(ctx, "dps.enrollment", "mover")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var en dps.Enrollment
+	if err := json.Unmarshal(d.Body, &en); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	return key
+}
+
+// registerOn registers mover through replica, under ctx.
+func registerOn(ctx context.Context, replica *dps.Service, key []byte) error {
+	scope := replica.IDScope()
+	_, _, err := replica.Register(ctx, dps.RegisterRequest{IDScope: scope, RegistrationID: "mover",
+		Credentials: dps.Credentials{Authorization: sas.Build(key, scope+"/registrations/mover", "registration", time.Now().Add(time.Minute))}})
+	return err
+}
+
+// cancelAfterRecord cancels a registration's context once its record is
+// written, as a device that gives up waiting does.
+type cancelAfterRecord struct {
+	store.Store
+	cancel func()
+}
+
+func (c cancelAfterRecord) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
+	out, err := c.Store.Put(ctx, d, ifMatch)
+	if d.Kind == "dps.registration" && err == nil {
+		c.cancel()
+	}
+	return out, err
+}
+
+// A moved device leaves its former identity, which holds its key, even when
+// it stops waiting for the answer once the move is recorded.
+func TestMovedDeviceLeavesWhenItStopsWaiting(t *testing.T) {
+	e := newEnv(t)
+	e.mover(t, func() int { return http.StatusOK })
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	replica, err := dps.Open(ctx, cancelAfterRecord{e.st, cancel}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	registerOn(rctx, replica, e.moverKey(t)) // the device went away: its answer does not matter
+	if r, err := e.dps.GetRegistration(ctx, "mover"); err != nil || r.DeviceID != "new-id" {
+		t.Fatalf("record %+v %v", r, err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Fatalf("the former identity stays, with the device's key: %v", err)
+	}
+}
+
+// hookedRegistry runs f before the first DeleteDevice (or, with onUpsert,
+// UpsertDevice) call.
+type hookedRegistry struct {
+	dps.Registry
+	onUpsert bool
+	once     sync.Once
+	f        func()
+}
+
+func (h *hookedRegistry) UpsertDevice(ctx context.Context, lh dps.LinkedHub, d dps.HubDevice) error {
+	if h.onUpsert {
+		h.once.Do(h.f)
+	}
+	return h.Registry.UpsertDevice(ctx, lh, d)
+}
+
+func (h *hookedRegistry) DeleteDevice(ctx context.Context, lh dps.LinkedHub, id, cred string) error {
+	if !h.onUpsert {
+		h.once.Do(h.f)
+	}
+	return h.Registry.DeleteDevice(ctx, lh, id, cred)
+}
+
+// afterPut runs f after a store's first write over a document of kind.
+type afterPut struct {
+	store.Store
+	kind string
+	once sync.Once
+	f    func()
+}
+
+func (a *afterPut) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
+	out, err := a.Store.Put(ctx, d, ifMatch)
+	if d.Kind == a.kind && err == nil {
+		a.once.Do(a.f)
+	}
+	return out, err
+}
+
+// A registration that moved a device leaves the former identity only if
+// the device has not moved back to it since the move was recorded.
+func TestLeaveSparesAnIdentityMovedBackTo(t *testing.T) {
+	e := newEnv(t)
+	register := e.mover(t, func() int { return http.StatusOK })
+	replica, err := dps.Open(ctx, &afterPut{Store: e.st, kind: "dps.registration", f: func() {
+		cur, err := e.dps.GetEnrollment(ctx, "mover")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		cur.DeviceID, cur.RegistrationState = "old-id", nil
+		e.putEnrollment(cur)
+		if res, err := register(); err != nil || res.DeviceID != "old-id" {
+			t.Errorf("moving back: %+v %v", res, err)
+		}
+	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := registerOn(ctx, replica, e.moverKey(t)); err != nil {
+		t.Fatal(err)
+	}
+	r, err := e.dps.GetRegistration(ctx, "mover")
+	if err != nil || r.DeviceID != "old-id" {
+		t.Fatalf("record %+v %v", r, err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); err != nil {
+		t.Fatalf("the record names old-id, which the earlier registration deleted: %v", err)
 	}
 }
 

@@ -7,6 +7,7 @@ import (
 	"crypto/tls"
 	"encoding/base64"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"io"
 	"net/http"
@@ -20,8 +21,10 @@ import (
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/hubdevice"
+	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/softtpm"
 	"github.com/hatchery/hatchery/internal/store"
@@ -583,5 +586,78 @@ func TestRegisteredSRKKeepsItsChallenge(t *testing.T) {
 	}
 	if st := register(strangers); st != 202 {
 		t.Fatalf("registering again while strangers asked for challenges with %d other SRKs: %d", len(strangers), st)
+	}
+}
+
+// A TPM group's device whose record is deleted while it registers (moving
+// hubs), and whose TPM registers under its other ID meanwhile, keeps one
+// ID: the registration that finds the claim taken is undone, record and hub
+// device, rather than answered "assigned".
+func TestTPMGroupRegistrationUndoneWhenTheTPMTookAnotherID(t *testing.T) {
+	for _, during := range []string{"placing", "leaving"} {
+		t.Run(during, func(t *testing.T) {
+			e := newEnv(t)
+			hub2 := e.secondHub(t, "hub2.test")
+			var calls atomic.Int32
+			hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				target := host
+				if calls.Add(1) == 2 { // the moving registration: the operator deletes its record meanwhile
+					target = "hub2.test"
+					var body struct {
+						DeviceRuntimeContext struct {
+							RegistrationID string `json:"registrationId"`
+						} `json:"deviceRuntimeContext"`
+					}
+					_ = json.NewDecoder(r.Body).Decode(&body)
+					if err := e.dps.DeleteRegistration(ctx, body.DeviceRuntimeContext.RegistrationID, ""); err != nil {
+						t.Error(err)
+					}
+				}
+				_, _ = io.WriteString(w, `{"iotHubHostName":"`+target+`"}`)
+			}))
+			t.Cleanup(hook.Close)
+			ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
+			g := &dps.EnrollmentGroup{AllocationPolicy: dps.PolicyCustom, IoTHubs: []string{host, "hub2.test"},
+				CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
+				Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+					Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}
+			if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", g, nil); err != nil {
+				t.Fatal(err)
+			}
+			dev := certifiedTPM(t, &ca)
+			ek, _ := dev.EndorsementKey()
+			hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+			via := func(url string, cl *http.Client, id string) error {
+				c := &provisioning.Client{Endpoint: url, IDScope: e.dps.IDScope(), RegistrationID: id, HTTP: cl, MaxPolls: 5}
+				_, err := c.RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
+				return err
+			}
+			if err := via(e.ts.URL, e.ts.Client(), hexID); err != nil {
+				t.Fatal(err)
+			}
+			// Another replica moves the device to hub2; while it does, the
+			// TPM registers as its other ID.
+			var otherErr error
+			reg := &hookedRegistry{Registry: &hubclient.Pool{TLS: e.tls, Local: e.hub}, onUpsert: during == "placing",
+				f: func() { otherErr = via(e.ts.URL, e.ts.Client(), base32ID) }}
+			replica, err := dps.Open(ctx, e.st, reg, host)
+			if err != nil {
+				t.Fatal(err)
+			}
+			replica.CAs = e.hub
+			ts2 := httptest.NewTLSServer(New(replica, e.hub, nil))
+			t.Cleanup(ts2.Close)
+			movErr := via(ts2.URL, ts2.Client(), hexID)
+			a, errA := e.dps.GetRegistration(ctx, hexID)
+			b, errB := e.dps.GetRegistration(ctx, base32ID)
+			if movErr == nil && otherErr == nil && errA == nil && errB == nil && a.Status == "assigned" && b.Status == "assigned" {
+				t.Fatalf("one TPM holds two IDs: %s on %s and %s on %s", hexID, a.AssignedHub, base32ID, b.AssignedHub)
+			}
+			if movErr != nil {
+				if err := hub2.Do(ctx, "GET", "/devices/"+hexID, "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+					t.Fatalf("the undone registration's hub device stays: %v", err)
+				}
+			}
+		})
 	}
 }

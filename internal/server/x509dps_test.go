@@ -210,6 +210,16 @@ func TestX509RegistrationIDIsTheCN(t *testing.T) {
 	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `enroll it as "cam-02.plant.local"`) || strings.Contains(err.Error(), `""`) {
 		t.Errorf("a certificate with no CN, enrolled as another ID: %v", err)
 	}
+	// One with neither names no ID at all.
+	nameless := testutil.NewCertNames(t, "", nil, false, &ca)
+	if _, err := e.x509Device("gateway", nameless).RegisterX509(ctx); err == nil || !strings.Contains(err.Error(), "names no registration ID") {
+		t.Errorf("a certificate with neither CN nor DNS name: %v", err)
+	}
+	err = e.dpsAPI.Do(ctx, "PUT", "/enrollments/gateway", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationX509,
+		X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(nameless)}}}}}, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "names no registration ID") || !strings.Contains(err.Error(), "CN=gateway") {
+		t.Errorf("a certificate with neither CN nor DNS name, enrolled: %v", err)
+	}
 	if after := e.counts(); !maps.Equal(before, after) {
 		t.Fatalf("refused registrations changed the store: %v → %v", before, after)
 	}
