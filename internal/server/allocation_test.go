@@ -365,19 +365,35 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 }
 
-// beforePut runs f before a store's first write over a document of kind.
-type beforePut struct {
+// storeHook runs f once, at the first write (op "put") or delete (op
+// "delete") of a document of kind: before it, or with after, once it
+// succeeded.
+type storeHook struct {
 	store.Store
-	kind string
-	once sync.Once
-	f    func()
+	kind, op string
+	after    bool
+	once     sync.Once
+	f        func()
 }
 
-func (b *beforePut) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
-	if d.Kind == b.kind {
-		b.once.Do(b.f)
+func (h *storeHook) at(op, kind string, after bool, err error) {
+	if op == h.op && kind == h.kind && after == h.after && err == nil {
+		h.once.Do(h.f)
 	}
-	return b.Store.Put(ctx, d, ifMatch)
+}
+
+func (h *storeHook) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
+	h.at("put", d.Kind, false, nil)
+	out, err := h.Store.Put(ctx, d, ifMatch)
+	h.at("put", d.Kind, true, err)
+	return out, err
+}
+
+func (h *storeHook) Delete(ctx context.Context, kind, id, ifMatch string) error {
+	h.at("delete", kind, false, nil)
+	err := h.Store.Delete(ctx, kind, id, ifMatch)
+	h.at("delete", kind, true, err)
+	return err
 }
 
 // A registration of a moving device that reaches the hub before another
@@ -389,7 +405,7 @@ func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
 	register := e.mover(t, func() int { return http.StatusOK })
 	// Another replica moves the device; this one registers it again just
 	// before that replica records the move.
-	replica, err := dps.Open(ctx, &beforePut{Store: e.st, kind: "dps.registration", f: func() {
+	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", f: func() {
 		if res, err := register(); err != nil || res.DeviceID != "new-id" {
 			t.Errorf("the registration while another recorded the move: %+v %v", res, err)
 		}
@@ -431,21 +447,6 @@ func registerOn(ctx context.Context, replica *dps.Service, key []byte) error {
 	return err
 }
 
-// cancelAfterRecord cancels a registration's context once its record is
-// written, as a device that gives up waiting does.
-type cancelAfterRecord struct {
-	store.Store
-	cancel func()
-}
-
-func (c cancelAfterRecord) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
-	out, err := c.Store.Put(ctx, d, ifMatch)
-	if d.Kind == "dps.registration" && err == nil {
-		c.cancel()
-	}
-	return out, err
-}
-
 // A moved device leaves its former identity, which holds its key, even when
 // it stops waiting for the answer once the move is recorded.
 func TestMovedDeviceLeavesWhenItStopsWaiting(t *testing.T) {
@@ -453,7 +454,9 @@ func TestMovedDeviceLeavesWhenItStopsWaiting(t *testing.T) {
 	e.mover(t, func() int { return http.StatusOK })
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	replica, err := dps.Open(ctx, cancelAfterRecord{e.st, cancel}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
+	// The device gives up once the record is written.
+	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: cancel},
+		&hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -489,28 +492,12 @@ func (h *hookedRegistry) DeleteDevice(ctx context.Context, lh dps.LinkedHub, id,
 	return h.Registry.DeleteDevice(ctx, lh, id, cred)
 }
 
-// afterPut runs f after a store's first write over a document of kind.
-type afterPut struct {
-	store.Store
-	kind string
-	once sync.Once
-	f    func()
-}
-
-func (a *afterPut) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
-	out, err := a.Store.Put(ctx, d, ifMatch)
-	if d.Kind == a.kind && err == nil {
-		a.once.Do(a.f)
-	}
-	return out, err
-}
-
 // A registration that moved a device leaves the former identity only if
 // the device has not moved back to it since the move was recorded.
 func TestLeaveSparesAnIdentityMovedBackTo(t *testing.T) {
 	e := newEnv(t)
 	register := e.mover(t, func() int { return http.StatusOK })
-	replica, err := dps.Open(ctx, &afterPut{Store: e.st, kind: "dps.registration", f: func() {
+	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: func() {
 		cur, err := e.dps.GetEnrollment(ctx, "mover")
 		if err != nil {
 			t.Error(err)

@@ -13,7 +13,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -259,7 +258,7 @@ func TestTPMGroupClaimOutlivesRacingDelete(t *testing.T) {
 // register(id) before its first deletion of a document of kind.
 func (e *env) replicaDeleting(t *testing.T, kind string, register func(id string) error, id string) *dps.Service {
 	t.Helper()
-	replica, err := dps.Open(ctx, &beforeDelete{Store: e.st, kind: kind, f: func() {
+	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: kind, op: "delete", f: func() {
 		if err := register(id); err != nil {
 			t.Error(err)
 		}
@@ -268,22 +267,6 @@ func (e *env) replicaDeleting(t *testing.T, kind string, register func(id string
 		t.Fatal(err)
 	}
 	return replica
-}
-
-// beforeDelete runs f before a store's first deletion of a document of
-// kind.
-type beforeDelete struct {
-	store.Store
-	kind string
-	once sync.Once
-	f    func()
-}
-
-func (b *beforeDelete) Delete(ctx context.Context, kind, id, ifMatch string) error {
-	if kind == b.kind {
-		b.once.Do(b.f)
-	}
-	return b.Store.Delete(ctx, kind, id, ifMatch)
 }
 
 // registerIndividually registers the TPM of ek as id through an individual
