@@ -672,26 +672,27 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 			rec.StorageRootKey = att.challenge.StorageRootKey
 		}
 	}
+	// From the record's write on, what it implies is done whether or not
+	// the device still waits for the answer.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+	defer cancel()
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
 		return nil, err
 	}
-	// The record is written: what it implies is done whether or not the
-	// device still waits for the answer.
-	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
-	defer cancel()
 	if ekKey != "" {
 		// A DELETE of the record while this registration ran freed the
 		// claim, and the record is back: claim the ID again. If the TPM
 		// took another ID meanwhile, this registration is undone.
-		if _, err := s.tpmIdentity(ctx, regID, att); err != nil {
-			if azerr.HasStatus(err, 401) && state.Status == StatusAssigned {
-				s.undo(ctx, regID, state.ETag, hub, &dev)
-			}
+		if _, err = s.tpmIdentity(ctx, regID, att); azerr.HasStatus(err, 401) {
+			s.undo(ctx, regID, state.ETag, hub, &dev)
 			return nil, err
 		}
 	}
 	if former != nil {
-		s.leave(ctx, regID, former)
+		s.leave(ctx, regID, former) // the record names where the device went
+	}
+	if err != nil {
+		return nil, err
 	}
 	if a := (answered{op: *op, proof: proof{keys: att.keys, certificate: att.certificate}}); a.small() {
 		s.recentOperations.put(regID, a, s.Now())
@@ -925,11 +926,16 @@ func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
 }
 
 // undo takes back a registration whose TPM claimed another ID while it
-// ran: its record (as it wrote it, at etag) and its hub device, which would
-// otherwise admit the TPM under a second ID.
+// ran: its record (as it wrote it, at etag) and its hub device (hub nil:
+// it made none), which would otherwise admit the TPM under a second ID.
 func (s *Service) undo(ctx context.Context, regID, etag string, hub *LinkedHub, dev *HubDevice) {
-	if err := s.store.Delete(ctx, kindRegistration, regID, etag); err != nil && !errors.Is(err, store.ErrNotFound) {
+	err := s.store.Delete(ctx, kindRegistration, regID, etag)
+	s.recentOperations.forget(regID)
+	if err != nil && !errors.Is(err, store.ErrNotFound) {
 		slog.Warn("taking back the registration of a TPM that registered under another ID meanwhile", "registrationId", regID, "error", err)
+	}
+	if hub == nil {
+		return
 	}
 	if err := s.registry.DeleteDevice(ctx, *hub, dev.DeviceID, dev.Credential()); err != nil && !errors.Is(err, ErrDeviceTaken) {
 		slog.Warn("removing the hub device of a TPM that registered under another ID meanwhile; delete it there",

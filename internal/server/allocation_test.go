@@ -365,9 +365,9 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 }
 
-// storeHook runs f once, at the first write (op "put") or delete (op
-// "delete") of a document of kind: before it, or with after, once it
-// succeeded.
+// storeHook runs f once, at the first write (op "put": a Put or a Create)
+// or delete (op "delete") of a document of kind: before it, or with after,
+// once it succeeded.
 type storeHook struct {
 	store.Store
 	kind, op string
@@ -385,6 +385,13 @@ func (h *storeHook) at(op, kind string, after bool, err error) {
 func (h *storeHook) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
 	h.at("put", d.Kind, false, nil)
 	out, err := h.Store.Put(ctx, d, ifMatch)
+	h.at("put", d.Kind, true, err)
+	return out, err
+}
+
+func (h *storeHook) Create(ctx context.Context, d store.Doc) (store.Doc, error) {
+	h.at("put", d.Kind, false, nil)
+	out, err := h.Store.Create(ctx, d)
 	h.at("put", d.Kind, true, err)
 	return out, err
 }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
@@ -572,6 +573,72 @@ func TestRegisteredSRKKeepsItsChallenge(t *testing.T) {
 	}
 }
 
+// movingGroupTPM is a TPM group whose custom allocation puts a device on
+// this hub, then, at its second registration, on hub2.test (which it
+// returns), calling moving with the registration ID first; and a TPM of the
+// group, registered once, as the ID its EK determines (hexID; base32ID is
+// its other spelling). register registers the TPM as id through the
+// service at url.
+type movingGroupTPM struct {
+	hub2            *azclient.Client
+	hexID, base32ID string
+	register        func(url string, cl *http.Client, id string) error
+}
+
+func (e *env) movingGroupTPM(t *testing.T, moving func(regID string)) *movingGroupTPM {
+	t.Helper()
+	m := &movingGroupTPM{hub2: e.secondHub(t, "hub2.test")}
+	var calls atomic.Int32
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		target := host
+		if calls.Add(1) == 2 {
+			target = "hub2.test"
+			var body struct {
+				DeviceRuntimeContext struct {
+					RegistrationID string `json:"registrationId"`
+				} `json:"deviceRuntimeContext"`
+			}
+			_ = json.NewDecoder(r.Body).Decode(&body)
+			moving(body.DeviceRuntimeContext.RegistrationID)
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+target+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
+	g := &dps.EnrollmentGroup{AllocationPolicy: dps.PolicyCustom, IoTHubs: []string{host, "hub2.test"},
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
+		Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+			Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", g, nil); err != nil {
+		t.Fatal(err)
+	}
+	dev := certifiedTPM(t, &ca)
+	ek, _ := dev.EndorsementKey()
+	m.hexID, m.base32ID = attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
+	m.register = func(url string, cl *http.Client, id string) error {
+		c := &provisioning.Client{Endpoint: url, IDScope: e.dps.IDScope(), RegistrationID: id, HTTP: cl, MaxPolls: 5}
+		_, err := c.RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
+		return err
+	}
+	if err := m.register(e.ts.URL, e.ts.Client(), m.hexID); err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// replicaOn serves another DPS replica over st and registry.
+func (e *env) replicaOn(t *testing.T, st store.Store, registry dps.Registry) *httptest.Server {
+	t.Helper()
+	replica, err := dps.Open(ctx, st, registry, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	replica.CAs = e.hub
+	ts := httptest.NewTLSServer(New(replica, e.hub, nil))
+	t.Cleanup(ts.Close)
+	return ts
+}
+
 // A TPM group's device whose record is deleted while it registers (moving
 // hubs), and whose TPM registers under its other ID meanwhile, keeps one
 // ID: the registration that finds the claim taken is undone, record and hub
@@ -580,67 +647,76 @@ func TestTPMGroupRegistrationUndoneWhenTheTPMTookAnotherID(t *testing.T) {
 	for _, during := range []string{"placing", "leaving"} {
 		t.Run(during, func(t *testing.T) {
 			e := newEnv(t)
-			hub2 := e.secondHub(t, "hub2.test")
-			var calls atomic.Int32
-			hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-				target := host
-				if calls.Add(1) == 2 { // the moving registration: the operator deletes its record meanwhile
-					target = "hub2.test"
-					var body struct {
-						DeviceRuntimeContext struct {
-							RegistrationID string `json:"registrationId"`
-						} `json:"deviceRuntimeContext"`
-					}
-					_ = json.NewDecoder(r.Body).Decode(&body)
-					if err := e.dps.DeleteRegistration(ctx, body.DeviceRuntimeContext.RegistrationID, ""); err != nil {
-						t.Error(err)
-					}
+			m := e.movingGroupTPM(t, func(regID string) { // the operator deletes the record meanwhile
+				if err := e.dps.DeleteRegistration(ctx, regID, ""); err != nil {
+					t.Error(err)
 				}
-				_, _ = io.WriteString(w, `{"iotHubHostName":"`+target+`"}`)
-			}))
-			t.Cleanup(hook.Close)
-			ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
-			g := &dps.EnrollmentGroup{AllocationPolicy: dps.PolicyCustom, IoTHubs: []string{host, "hub2.test"},
-				CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
-				Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
-					Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}
-			if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", g, nil); err != nil {
-				t.Fatal(err)
-			}
-			dev := certifiedTPM(t, &ca)
-			ek, _ := dev.EndorsementKey()
-			hexID, base32ID := attest.RegistrationID(ek), attest.LegacyRegistrationID(ek)
-			via := func(url string, cl *http.Client, id string) error {
-				c := &provisioning.Client{Endpoint: url, IDScope: e.dps.IDScope(), RegistrationID: id, HTTP: cl, MaxPolls: 5}
-				_, err := c.RegisterTPM(ctx, dev, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
-				return err
-			}
-			if err := via(e.ts.URL, e.ts.Client(), hexID); err != nil {
-				t.Fatal(err)
-			}
+			})
 			// Another replica moves the device to hub2; while it does, the
 			// TPM registers as its other ID.
 			var otherErr error
-			reg := &hookedRegistry{Registry: &hubclient.Pool{TLS: e.tls, Local: e.hub}, onUpsert: during == "placing",
-				f: func() { otherErr = via(e.ts.URL, e.ts.Client(), base32ID) }}
-			replica, err := dps.Open(ctx, e.st, reg, host)
-			if err != nil {
-				t.Fatal(err)
+			ts2 := e.replicaOn(t, e.st, &hookedRegistry{Registry: &hubclient.Pool{TLS: e.tls, Local: e.hub}, onUpsert: during == "placing",
+				f: func() { otherErr = m.register(e.ts.URL, e.ts.Client(), m.base32ID) }})
+			movErr := m.register(ts2.URL, ts2.Client(), m.hexID)
+			a, errA := e.dps.GetRegistration(ctx, m.hexID)
+			b, errB := e.dps.GetRegistration(ctx, m.base32ID)
+			refused := func(err error) bool {
+				pe, ok := errors.AsType[*provisioning.Error](err)
+				return ok && pe.Status == 401
 			}
-			replica.CAs = e.hub
-			ts2 := httptest.NewTLSServer(New(replica, e.hub, nil))
-			t.Cleanup(ts2.Close)
-			movErr := via(ts2.URL, ts2.Client(), hexID)
-			a, errA := e.dps.GetRegistration(ctx, hexID)
-			b, errB := e.dps.GetRegistration(ctx, base32ID)
-			if movErr == nil && otherErr == nil && errA == nil && errB == nil && a.Status == "assigned" && b.Status == "assigned" {
-				t.Fatalf("one TPM holds two IDs: %s on %s and %s on %s", hexID, a.AssignedHub, base32ID, b.AssignedHub)
-			}
-			if movErr != nil {
-				if err := hub2.Do(ctx, "GET", "/devices/"+hexID, "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+			switch during {
+			case "placing": // the other ID is claimed first: the move is undone
+				if !refused(movErr) || otherErr != nil || azerr.As(errA).Status() != 404 || errB != nil || b.Status != "assigned" {
+					t.Fatalf("the move: %v, record %+v %v; the other ID: %v, record %+v %v; want the move refused and taken back",
+						movErr, a, errA, otherErr, b, errB)
+				}
+				if err := m.hub2.Do(ctx, "GET", "/devices/"+m.hexID, "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
 					t.Fatalf("the undone registration's hub device stays: %v", err)
+				}
+			case "leaving": // the move claimed its ID again before leaving
+				if movErr != nil || errA != nil || a.AssignedHub != "hub2.test" || !refused(otherErr) || azerr.As(errB).Status() != 404 {
+					t.Fatalf("the move: %v, record %+v %v; the other ID: %v, record %+v %v; want the move done and the other ID refused",
+						movErr, a, errA, otherErr, b, errB)
 				}
 			}
 		})
+	}
+}
+
+// failClaimReads fails reads of TPM claims once a registration record has
+// been written.
+type failClaimReads struct {
+	store.Store
+	written atomic.Bool
+}
+
+func (f *failClaimReads) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {
+	out, err := f.Store.Put(ctx, d, ifMatch)
+	if d.Kind == "dps.registration" && err == nil {
+		f.written.Store(true)
+	}
+	return out, err
+}
+
+func (f *failClaimReads) Get(ctx context.Context, kind, id string) (store.Doc, error) {
+	if kind == "dps.tpmKey" && f.written.Load() {
+		return store.Doc{}, errors.New("the store is out of reach")
+	}
+	return f.Store.Get(ctx, kind, id)
+}
+
+// A moved TPM group device whose claim cannot be checked again after its
+// record names the new hub still leaves the former identity, which holds
+// its TPM's key.
+func TestTPMGroupMoveLeavesWhenTheClaimCannotBeChecked(t *testing.T) {
+	e := newEnv(t)
+	m := e.movingGroupTPM(t, func(string) {})
+	ts2 := e.replicaOn(t, &failClaimReads{Store: e.st}, &hubclient.Pool{TLS: e.tls, Local: e.hub})
+	m.register(ts2.URL, ts2.Client(), m.hexID) // fails, or not: the record is written either way
+	if a, err := e.dps.GetRegistration(ctx, m.hexID); err != nil || a.AssignedHub != "hub2.test" {
+		t.Fatalf("record %+v %v", a, err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/"+m.hexID, "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Fatalf("the record names hub2, and the former identity on %s stays, with the TPM's key: %v", host, err)
 	}
 }
