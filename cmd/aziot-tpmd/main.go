@@ -25,7 +25,9 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
+	"os/user"
 	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/hatchery/hatchery/internal/attest"
@@ -46,7 +48,9 @@ func main() {
 // settings are what the daemon runs with.
 type settings struct {
 	tcti, socket, group, config, user, logLevel string
-	authKeyIndex                                uint32
+	// principals are the users who may use the identity key (iotedged's).
+	principals   string
+	authKeyIndex uint32
 	// unused says why there is nothing to serve: the configuration
 	// provisions the device without a TPM.
 	unused string
@@ -66,7 +70,8 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 		return nil
 	})
 	flags.StringVar(&s.socket, "socket", tpmservice.DefaultSocket, "Unix socket to serve on")
-	flags.StringVar(&s.group, "group", "iotedge", `group given the socket, whose members may use the TPM ("" to keep the service's own)`)
+	flags.StringVar(&s.group, "group", "iotedge", `group given the socket, whose members may read the TPM's public keys ("" to keep the service's own)`)
+	flags.StringVar(&s.principals, "principals", "iotedge", "users, comma-separated, who may import into the identity key and sign with it, besides root and the service's own user: the device's identity is theirs")
 	flags.StringVar(&s.config, "config", "/etc/aziot/config.toml", "config file whose [tpm] table sets tcti and auth_key_index; flags override it; ignored when absent")
 	flags.StringVar(&s.user, "user", "", "when started as root: user to run as once the TPM is open and the socket exists (systemd's User= is the usual way)")
 	flags.StringVar(&s.logLevel, "log-level", "info", "debug, info, warn or error")
@@ -195,7 +200,30 @@ func run(ctx context.Context, args []string, stderr io.Writer) error {
 	slog.Info("aziot-tpmd serving", "socket", s.socket, "tcti", s.tcti,
 		"identityHandle", fmt.Sprintf("0x%08x", tpm.IdentityHandle(s.authKeyIndex)),
 		"registrationId", attest.RegistrationID(ek), "uid", os.Getuid())
-	err = tpmservice.ServeListener(ctx, l, tpmservice.NewServer(dev, s.authKeyIndex))
+	srv := tpmservice.NewServer(dev, s.authKeyIndex)
+	srv.Signers = principalUIDs(s.principals)
+	err = tpmservice.ServeListener(ctx, l, srv)
 	slog.Info("aziot-tpmd stopped")
 	return err
+}
+
+// principalUIDs are the uids of root, of the service's own user (who may
+// open the TPM anyway) and of the users names lists; one that does not
+// exist is left out, with a warning.
+func principalUIDs(names string) []uint32 {
+	uids := []uint32{0, uint32(os.Getuid())}
+	for _, name := range strings.Split(names, ",") {
+		if name = strings.TrimSpace(name); name == "" {
+			continue
+		}
+		u, err := user.Lookup(name)
+		if err != nil {
+			slog.Warn("a principal is not a user here: it may not use the identity key", "user", name, "error", err)
+			continue
+		}
+		if uid, err := strconv.ParseUint(u.Uid, 10, 32); err == nil {
+			uids = append(uids, uint32(uid))
+		}
+	}
+	return uids
 }

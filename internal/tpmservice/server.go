@@ -19,6 +19,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"time"
 
@@ -69,6 +70,12 @@ type (
 
 // Server answers the service's requests.
 type Server struct {
+	// Signers, when not nil, are the users (uids) who may import into the
+	// identity key and sign with it: the device's identity is theirs
+	// (iotedged's, and root's). Others who reach the socket — it is its
+	// group's, which CLI users join — read the public keys only.
+	Signers []uint32
+
 	// mu runs one TPM operation at a time whatever TPM implementation is
 	// behind: an activation is several commands that must not interleave.
 	mu     sync.Mutex
@@ -81,6 +88,8 @@ type Server struct {
 type route struct {
 	method string
 	fn     func(body []byte) (any, error)
+	// identity: the route uses the identity key, for Signers only.
+	identity bool
 }
 
 // NewServer serves dev, importing and signing only with the identity key at
@@ -89,11 +98,11 @@ type route struct {
 func NewServer(dev TPM, authKeyIndex uint32) *Server {
 	s := &Server{dev: dev, handle: tpm.IdentityHandle(authKeyIndex), log: slog.Default()}
 	s.routes = map[string]route{
-		"/endorsement-key":         {"GET", s.endorsementKey},
-		"/endorsement-certificate": {"GET", s.endorsementCertificate},
-		"/storage-root-key":        {"GET", s.storageRootKey},
-		"/import":                  {"POST", s.importBlob},
-		"/sign":                    {"POST", s.sign},
+		"/endorsement-key":         {"GET", s.endorsementKey, false},
+		"/endorsement-certificate": {"GET", s.endorsementCertificate, false},
+		"/storage-root-key":        {"GET", s.storageRootKey, false},
+		"/import":                  {"POST", s.importBlob, true},
+		"/sign":                    {"POST", s.sign, true},
 	}
 	return s
 }
@@ -110,15 +119,20 @@ func statusError(status int, format string, args ...any) error {
 	return &httpError{status, fmt.Errorf(format, args...)}
 }
 
-// answer routes a request, checks its method, runs it and shapes its
+// answer routes a request of the user uid (known: the connection said
+// who), checks its method and the user's right, runs it and shapes its
 // answer or error.
-func (s *Server) answer(r *request) response {
+func (s *Server) answer(r *request, uid uint32, known bool) response {
 	rt, ok := s.routes[r.path]
 	if !ok {
 		return response{status: 404, v: errorResponse{fmt.Sprintf("no endpoint %s: aziot-tpmd serves /endorsement-key, /endorsement-certificate, /storage-root-key, /import and /sign", r.path)}}
 	}
 	if r.method != rt.method {
 		return response{status: 405, allow: rt.method, v: errorResponse{fmt.Sprintf("%s %s: use %s", r.method, r.path, rt.method)}}
+	}
+	if rt.identity && !s.signer(uid, known) {
+		s.log.Warn("request refused: the user may not use the identity key", "path", r.path, "uid", uid)
+		return response{status: 403, v: errorResponse{fmt.Sprintf("user %d may not use the device's identity key: aziot-tpmd imports and signs for root and the users its --principals names (iotedged's)", uid)}}
 	}
 	start := time.Now()
 	v, err := rt.fn(r.body)
@@ -132,6 +146,11 @@ func (s *Server) answer(r *request) response {
 	}
 	s.log.Debug("request", "path", r.path, "duration", time.Since(start))
 	return response{status: 200, v: v}
+}
+
+// signer says whether user uid may use the identity key.
+func (s *Server) signer(uid uint32, known bool) bool {
+	return s.Signers == nil || known && slices.Contains(s.Signers, uid)
 }
 
 func (s *Server) endorsementKey([]byte) (any, error) {

@@ -43,6 +43,12 @@ const identity = 0x81000100 // tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
 // stops the service and waits for it.
 func serve(t *testing.T, dev TPM) (string, func()) {
 	t.Helper()
+	return serveFor(t, dev, nil)
+}
+
+// serveFor is serve with the identity key for signers alone (nil: anyone).
+func serveFor(t *testing.T, dev TPM, signers []uint32) (string, func()) {
+	t.Helper()
 	g, err := user.LookupGroupId(strconv.Itoa(os.Getgid()))
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +60,9 @@ func serve(t *testing.T, dev TPM) (string, func()) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- ServeListener(ctx, l, NewServer(dev, tpm.DefaultAuthKeyIndex)) }()
+	srv := NewServer(dev, tpm.DefaultAuthKeyIndex)
+	srv.Signers = signers
+	go func() { done <- ServeListener(ctx, l, srv) }()
 	stop := sync.OnceFunc(func() {
 		cancel()
 		if err := <-done; err != nil {
@@ -333,5 +341,25 @@ func TestTPMErrorStatus(t *testing.T) {
 		if err == nil || err.Error() != "aziot-tpmd: "+tc.err.Error() {
 			t.Errorf("got %v, want the TPM's message %q", err, tc.err)
 		}
+	}
+}
+
+// The identity key serves its signers alone, as the kernel names the
+// connecting process's user; anyone who reaches the socket (its group, which
+// CLI users join) reads the public keys.
+func TestIdentityKeyForSignersOnly(t *testing.T) {
+	me := uint32(os.Getuid())
+	sock, _ := serveFor(t, &fake{}, []uint32{me + 1})
+	c := Dial(sock)
+	if _, err := c.EndorsementKey(); err != nil {
+		t.Fatalf("the EK for anyone: %v", err)
+	}
+	_, err := c.HMAC(identity, []byte("hub/devices/d1\n1900000000"))
+	wantStatus(t, "signing as another user", err, http.StatusForbidden)
+	wantStatus(t, "importing as another user", c.ImportActivationBlob([]byte{0, 1}, identity), http.StatusForbidden)
+
+	sock, _ = serveFor(t, &fake{}, []uint32{me})
+	if _, err := Dial(sock).HMAC(identity, []byte("x")); err != nil {
+		t.Fatalf("signing as a signer: %v", err)
 	}
 }

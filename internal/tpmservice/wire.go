@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -279,6 +280,7 @@ func ServeListener(ctx context.Context, l net.Listener, s *Server) error {
 // serveConn answers the requests of one connection in turn.
 func (s *Server) serveConn(ctx context.Context, c net.Conn, busy func(net.Conn, bool)) {
 	defer c.Close()
+	uid, known := peerUID(c)
 	br := bufio.NewReader(c)
 	for ctx.Err() == nil {
 		r, err := readRequest(br, c)
@@ -291,7 +293,7 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, busy func(net.Conn, 
 			return
 		}
 		busy(c, true)
-		rsp := s.answer(r)
+		rsp := s.answer(r, uid, known)
 		closing := r.close || ctx.Err() != nil
 		_ = c.SetWriteDeadline(time.Now().Add(writeTimeout))
 		err = writeResponse(c, rsp, closing)
@@ -300,4 +302,25 @@ func (s *Server) serveConn(ctx context.Context, c net.Conn, busy func(net.Conn, 
 			return
 		}
 	}
+}
+
+// peerUID is the user of the process at the other end of a Unix socket
+// connection, as the kernel says (SO_PEERCRED); known false otherwise.
+func peerUID(c net.Conn) (uid uint32, known bool) {
+	uc, ok := c.(*net.UnixConn)
+	if !ok {
+		return 0, false
+	}
+	raw, err := uc.SyscallConn()
+	if err != nil {
+		return 0, false
+	}
+	var cred *syscall.Ucred
+	var cerr error
+	if err := raw.Control(func(fd uintptr) {
+		cred, cerr = syscall.GetsockoptUcred(int(fd), syscall.SOL_SOCKET, syscall.SO_PEERCRED)
+	}); err != nil || cerr != nil {
+		return 0, false
+	}
+	return cred.Uid, true
 }
