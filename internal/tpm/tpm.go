@@ -203,15 +203,23 @@ func (d *Device) importBlob(p blobParts, handle uint32) error {
 		return err
 	}
 	srk := tpm2.AuthHandle{Handle: SRKHandle, Name: srkName, Auth: tpm2.PasswordAuth(nil)}
-	// The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT).
-	policy := tpm2.Policy(tpm2.TPMAlgSHA256, 16, func(t transport.TPM, s tpm2.TPMISHPolicy, nonce tpm2.TPM2BNonce) error {
-		_, err := tpm2.PolicySecret{
-			AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
-			PolicySession: s,
-			NonceTPM:      nonce,
-		}.Execute(t)
-		return err
-	})
+	// The EK's authPolicy is PolicySecret(TPM_RH_ENDORSEMENT). The session
+	// is flushed whatever happens: one left behind by a failed policy (an
+	// endorsement hierarchy with a password) stays in the TPM, and three
+	// fill its session memory until it is reset.
+	policy, flush, err := tpm2.PolicySession(d.tpm, tpm2.TPMAlgSHA256, 16)
+	if err != nil {
+		return fmt.Errorf("starting the EK's policy session: %w", err)
+	}
+	defer flush()
+	_, err = tpm2.PolicySecret{
+		AuthHandle:    tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth(nil)},
+		PolicySession: policy.Handle(),
+		NonceTPM:      policy.NonceTPM(),
+	}.Execute(d.tpm)
+	if err != nil {
+		return fmt.Errorf("TPM2_PolicySecret for the EK (an endorsement hierarchy with a password is not supported: clear it with tpm2_changeauth -c e -p OLD): %w", err)
+	}
 	act, err := tpm2.ActivateCredential{
 		ActivateHandle: srk,
 		KeyHandle:      tpm2.AuthHandle{Handle: EKHandle, Name: ekName, Auth: policy},

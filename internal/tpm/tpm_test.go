@@ -12,6 +12,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/google/go-tpm/tpm2"
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
@@ -209,5 +210,45 @@ func TestLockout(t *testing.T) {
 func TestIdentityHandle(t *testing.T) {
 	if IdentityHandle(DefaultAuthKeyIndex) != 0x81000100 {
 		t.Error("IdentityHandle(DefaultAuthKeyIndex) != 0x81000100")
+	}
+}
+
+// An endorsement hierarchy with a password fails the EK's policy, saying
+// so, and leaves no session behind: three would fill swtpm's session
+// memory, and every later activation would fail until the TPM is reset.
+func TestFailedPolicyLeavesNoSession(t *testing.T) {
+	d := open(t)
+	ek, err := d.EndorsementKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srk, err := d.StorageRootKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	setAuth := func(old, new string) {
+		t.Helper()
+		_, err := tpm2.HierarchyChangeAuth{
+			AuthHandle: tpm2.AuthHandle{Handle: tpm2.TPMRHEndorsement, Auth: tpm2.PasswordAuth([]byte(old))},
+			NewAuth:    tpm2.TPM2BAuth{Buffer: []byte(new)},
+		}.Execute(d.tpm)
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	blob, err := attest.ActivationBlob(ek, srk, []byte("a key, thirty-two bytes long...."), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	handle := IdentityHandle(DefaultAuthKeyIndex)
+	setAuth("", "epass")
+	for range 5 {
+		if err := d.ImportActivationBlob(blob, handle); err == nil || !strings.Contains(err.Error(), "endorsement hierarchy with a password") {
+			t.Fatalf("with an endorsement password: %v", err)
+		}
+	}
+	setAuth("epass", "")
+	if err := d.ImportActivationBlob(blob, handle); err != nil {
+		t.Fatalf("once the password is cleared: %v", err)
 	}
 }
