@@ -266,11 +266,14 @@ func TestOperatorCLI(t *testing.T) {
 		"cam-1,symmetricKey,,\n"+
 		"imp-4,symmetricKey,maybe,\n"+
 		"IMP-1,symmetricKey,false,\n"+
-		"imp-9\n"), 0o644)
+		"imp-9\n"+
+		",symmetricKey,,\n"+
+		",symmetricKey,,\n"), 0o644)
 	out, err := c.run("enrollment", "import", "--file", csvPath)
 	last := -1
-	for _, want := range []string{"imported 2 of 7", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already",
-		"line 6: iotEdge \"maybe\"", "line 7: registration ID IMP-1 repeats line 2", "line 8: has 1 of the header's 4 fields"} {
+	for _, want := range []string{"imported 2 of 9", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already",
+		"line 6: iotEdge \"maybe\"", "line 7: registration ID IMP-1 repeats line 2", "line 8: has 1 of the header's 4 fields",
+		"line 9: no registrationId", "line 10: no registrationId"} {
 		i := strings.Index(out, want)
 		if err == nil || i < last {
 			t.Errorf("import output lacks %q, or not in the file's order (err %v):\n%s", want, err, out)

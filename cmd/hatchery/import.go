@@ -218,7 +218,9 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		switch {
 		case r.err != nil:
 			failures[i] = fmt.Sprintf("%s: %v", r.at, r.err)
-		case repeated && id != "":
+		case id == "":
+			failures[i] = fmt.Sprintf("%s: no registrationId: every enrollment needs one", r.at)
+		case repeated:
 			failures[i] = fmt.Sprintf("%s: registration ID %s repeats %s", r.at, r.e.RegistrationID, rows[first].at)
 		default:
 			rowOf[id] = i
@@ -232,7 +234,9 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		res, err := call[dps.BulkResult](cmd, dpsClient, "POST", "/enrollments", "", &dps.BulkOperation{Mode: mode, Enrollments: chunk})
 		if err != nil {
 			bar.Done()
-			return fmt.Errorf("after %d of %d enrollments: %w", imported, len(send), err)
+			reportImport(cmd.OutOrStdout(), rows, imported, failures)
+			return fmt.Errorf("stopped after %d enrollments, at %s: %w (those of the rows before it are in, and some of the %d after it may be: "+
+				"to finish, import the file again with --mode update)", imported, rows[rowOf[strings.ToLower(chunk[0].RegistrationID)]].at, err, len(chunk))
 		}
 		imported += len(chunk) - len(res.Errors)
 		for _, f := range res.Errors {
@@ -242,14 +246,22 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		bar.Add(len(chunk))
 	}
 	bar.Done()
-	out := cmd.OutOrStdout()
-	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
-	if len(failures) > 0 {
-		fmt.Fprintf(out, "%d failed:\n", len(failures))
-		for _, i := range slices.Sorted(maps.Keys(failures)) {
-			fmt.Fprintln(out, "  "+failures[i])
-		}
+	if reportImport(cmd.OutOrStdout(), rows, imported, failures) {
 		return fmt.Errorf("%d of %d enrollments were not imported", len(failures), len(rows))
 	}
 	return nil
+}
+
+// reportImport prints how many enrollments were imported and the rows that
+// failed, in the file's order; it says whether any did.
+func reportImport(out io.Writer, rows []importRow, imported int, failures map[int]string) bool {
+	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
+	if len(failures) == 0 {
+		return false
+	}
+	fmt.Fprintf(out, "%d failed:\n", len(failures))
+	for _, i := range slices.Sorted(maps.Keys(failures)) {
+		fmt.Fprintln(out, "  "+failures[i])
+	}
+	return true
 }
