@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/base64"
 	"encoding/json"
+	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -104,6 +105,15 @@ func TestOperatorCLI(t *testing.T) {
 	}
 	if _, err := os.Stat(info.CACertificate); err != nil {
 		t.Fatalf("CA certificate: %v", err)
+	}
+	// A typo fails, as a script needs it to, with the command meant.
+	for _, args := range [][]string{{"enrollment", "crate", "--registration-id", "x"}, {"hub", "lnk", "--hostname", "x"}} {
+		if out, err := c.run(args...); err == nil || !strings.Contains(out, fmt.Sprintf("unknown command %q", args[1])) || !strings.Contains(out, "did you mean") {
+			t.Errorf("hatchery %s: %v\n%s", strings.Join(args, " "), err, out)
+		}
+	}
+	if out, err := c.run("enrollment", "list", "-o", "yaml"); err == nil || !strings.Contains(out, `--output "yaml": use table or json`) {
+		t.Errorf("an output format there is none of: %v\n%s", err, out)
 	}
 	// A second server on the same data directory is refused, and leaves the
 	// first one's endpoint.json alone.

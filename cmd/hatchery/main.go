@@ -29,11 +29,42 @@ func main() {
 	// No default from HATCHERY_DATABASE here: help would print its password.
 	root.PersistentFlags().String("database", "",
 		"PostgreSQL URL postgres://user:pass@host/db shared by several replicas (default: $HATCHERY_DATABASE, else SQLite hatchery.db in --data-dir)")
+	root.PersistentPreRunE = func(cmd *cobra.Command, _ []string) error {
+		if o, _ := cmd.Flags().GetString("output"); o != "table" && o != "json" {
+			return fmt.Errorf("--output %q: use table or json", o)
+		}
+		return nil
+	}
 	root.AddCommand(serveCmd(), infoCmd(), enrollmentCmd(), groupCmd(), registrationCmd(),
 		deviceCmd(), twinCmd(), queryCmd(), methodCmd(), deploymentCmd(), edgeCmd(), eventsCmd(), c2dCmd(), certificateCmd(), hubCmd(), fleetCmd(), benchCmd(), backupCmd())
+	refuseUnknownSubcommands(root)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
 		os.Exit(1)
+	}
+}
+
+// refuseUnknownSubcommands has every command group below cmd (enrollment,
+// hub, ...) fail on a word that is none of its subcommands, as the root
+// does, instead of printing its help and succeeding: a script's typo must
+// not pass. The misspelt subcommand's own flags are no error of the group's.
+func refuseUnknownSubcommands(cmd *cobra.Command) {
+	for _, c := range cmd.Commands() {
+		if c.HasSubCommands() && !c.Runnable() {
+			c.FParseErrWhitelist.UnknownFlags = true
+			c.SuggestionsMinimumDistance = 2
+			c.RunE = func(c *cobra.Command, args []string) error {
+				if len(args) == 0 {
+					return c.Help()
+				}
+				hint := ""
+				if s := c.SuggestionsFor(args[0]); len(s) > 0 {
+					hint = fmt.Sprintf(" (did you mean %s?)", strings.Join(s, ", "))
+				}
+				return fmt.Errorf("unknown command %q for %q%s: `%s --help` lists its commands", args[0], c.CommandPath(), hint, c.CommandPath())
+			}
+		}
+		refuseUnknownSubcommands(c)
 	}
 }
 
