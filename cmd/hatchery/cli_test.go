@@ -396,8 +396,8 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--data", `{"hello":1}`, "--props", "a=1"); !strings.Contains(out, "Message ID") {
 		t.Errorf("c2d send: %s", out)
 	}
-	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--ttl", "10m"); !strings.Contains(out, "Message ID") {
-		t.Errorf("c2d send --ttl: %s", out)
+	if out := c.ok("c2d", "send", "--device-id", "edge-1", "--ttl", "10m", "--data", "hello"); !strings.Contains(out, "Message ID") {
+		t.Errorf("c2d send of text, with --ttl: %s", out)
 	}
 	if out, err := c.run("c2d", "send", "--device-id", "edge-1", "--ttl", "100h"); err == nil || !strings.Contains(out, "must be in the next 48 hours") {
 		t.Errorf("c2d send with too long a ttl: %v %s", err, out)
@@ -529,5 +529,27 @@ func TestFleetSimulate(t *testing.T) {
 	}
 	if err == nil || r["interrupted"] != true || r["provisioned"].(float64) < 5 || r["provisioned"].(float64) >= 1000 {
 		t.Fatalf("interrupted fleet: %v %v", err, r)
+	}
+}
+
+// A command whose server is down says what to start.
+func TestCLIServerNotRunning(t *testing.T) {
+	c := startServe(t)
+	if err := syscall.Kill(c.serverPID, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		conn, err := net.Dial("tcp", "127.0.0.1:"+strconv.Itoa(c.httpsPort))
+		if err != nil {
+			break // stopped
+		}
+		conn.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("the server did not stop")
+		}
+	}
+	out, err := c.run("enrollment", "list")
+	if err == nil || !strings.Contains(out, "is unreachable") || !strings.Contains(out, "is the server running? (hatchery serve --data-dir "+c.dataDir) {
+		t.Fatalf("a command with the server down: %v\n%s", err, out)
 	}
 }

@@ -369,13 +369,18 @@ func c2dCmd() *cobra.Command {
 		if err != nil {
 			return err
 		}
+		// JSON goes as JSON; anything else as the text it is, as az sends it.
+		var body any = json.RawMessage(data)
+		if !json.Valid([]byte(data)) {
+			body, headers["Content-Type"] = []byte(data), "text/plain; charset=utf-8"
+		}
 		var out map[string]string
-		if _, err := c.DoHeaders(cmd.Context(), "POST", "/devices/"+url.PathEscape(id)+"/messages/deviceBound", "", headers, json.RawMessage(data), &out); err != nil {
+		if _, err := c.DoHeaders(cmd.Context(), "POST", "/devices/"+url.PathEscape(id)+"/messages/deviceBound", "", headers, body, &out); err != nil {
 			return err
 		}
 		return render(cmd, out, [][2]string{{"Message ID", out["messageId"]}})
 	}}
-	send.Flags().StringVar(&data, "data", "{}", "the message body (JSON)")
+	send.Flags().StringVar(&data, "data", "{}", "the message body: JSON, or text")
 	send.Flags().StringVar(&props, "props", "", "application properties, key=value;key2=value2")
 	send.Flags().DurationVar(&ttl, "ttl", time.Hour, "how long the message waits for the device before it expires (at most 48h)")
 	purge := &cobra.Command{Use: "purge", Short: "Remove every message waiting for a device", RunE: func(cmd *cobra.Command, _ []string) error {

@@ -3,12 +3,14 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/spf13/cobra"
 )
 
@@ -40,6 +42,10 @@ func main() {
 	refuseUnknownSubcommands(root)
 	if err := root.Execute(); err != nil {
 		fmt.Fprintln(os.Stderr, "error:", err)
+		if e, ok := errors.AsType[*azerr.Error](err); ok && e.Name == "Unreachable" {
+			dir, _ := root.PersistentFlags().GetString("data-dir")
+			fmt.Fprintf(os.Stderr, "is the server running? (hatchery serve --data-dir %s, or the hatchery service)\n", dir)
+		}
 		os.Exit(1)
 	}
 }

@@ -110,7 +110,11 @@ func QueryAll[T any](ctx context.Context, c *Client, path, query string) ([]*T, 
 // DoHeaders is Do with extra request headers, returning the response headers.
 func (c *Client) DoHeaders(ctx context.Context, method, path, ifMatch string, headers map[string]string, in, out any) (http.Header, error) {
 	var body io.Reader
-	if in != nil {
+	switch in := in.(type) {
+	case nil:
+	case []byte: // sent as it is; headers say its Content-Type
+		body = bytes.NewReader(in)
+	default:
 		b, err := json.Marshal(in)
 		if err != nil {
 			return nil, err
