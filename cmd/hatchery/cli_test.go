@@ -294,9 +294,14 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("imported enrollment: %s", out)
 	}
 	jsonPath := filepath.Join(dir, "fleet.json")
-	_ = os.WriteFile(jsonPath, []byte(`[{"registrationId":"imp-1","attestation":{"type":"symmetricKey"}},{"registrationId":"imp-5","attestation":{"type":"symmetricKey"}}]`), 0o644)
+	// As the hosted service exports them, with its optionalDeviceInformation.
+	_ = os.WriteFile(jsonPath, []byte(`[{"registrationId":"imp-1","attestation":{"type":"symmetricKey"},"optionalDeviceInformation":null},`+
+		`{"registrationId":"imp-5","attestation":{"type":"symmetricKey"},"optionalDeviceInformation":{"model":"x1"}}]`), 0o644)
 	if out := c.ok("enrollment", "import", "--file", jsonPath, "--mode", "update", "--batch", "1"); !strings.Contains(out, "imported 2 of 2") {
 		t.Errorf("JSON import: %s", out)
+	}
+	if out := c.ok("enrollment", "show", "--registration-id", "imp-5", "-o", "json"); !strings.Contains(out, `"model": "x1"`) {
+		t.Errorf("an imported enrollment's optionalDeviceInformation: %s", out)
 	}
 
 	// A misspelt field is reported, not left out unseen; a spreadsheet's byte order mark is no column.

@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -186,6 +187,9 @@ func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enro
 	e.RegistrationID = id
 	if e.DeviceID != "" && !hubid.Valid(e.DeviceID) {
 		return nil, azerr.BadRequest("deviceId %q is not valid in IoT Hub: use %s, or leave it out to use the registration ID", e.DeviceID, hubid.Rule)
+	}
+	if info := bytes.TrimSpace(e.OptionalDeviceInformation); len(info) > 0 && info[0] != '{' && !bytes.Equal(info, []byte("null")) {
+		return nil, azerr.BadRequest("optionalDeviceInformation must be a JSON object, such as {\"model\": \"x1\"}")
 	}
 	now := s.Now().UTC()
 	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now

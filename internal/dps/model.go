@@ -69,6 +69,10 @@ type Enrollment struct {
 	RegistrationState          *RegistrationState          `json:"registrationState,omitempty"`
 	CreatedDateTimeUtc         *time.Time                  `json:"createdDateTimeUtc,omitempty"`
 	LastUpdatedDateTimeUtc     *time.Time                  `json:"lastUpdatedDateTimeUtc,omitempty"`
+	// OptionalDeviceInformation is what the hosted service keeps about the
+	// device (API 2021-10-01): a JSON object, kept and given back as sent,
+	// so that an export from it imports as it is.
+	OptionalDeviceInformation json.RawMessage `json:"optionalDeviceInformation,omitempty"`
 }
 
 // EnrollmentGroup is an enrollment group; devices derive their keys from it.

@@ -298,6 +298,7 @@ func TestBadInputChangesNothing(t *testing.T) {
 		{"malformed SRK", "PUT", "/enrollments/tpm-1?api-version=2021-10-01", owner, `{"attestation":{"type":"tpm","tpm":{"endorsementKey":"` + testEK(t) + `","storageRootKey":"AAAA"}}}`, 400, "storageRootKey"},
 		{"wrong field type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":5}}`, 400, `field "attestation.type" has the wrong type: it must be a string, not a number`},
 		{"body of the wrong type", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `[]`, 400, "the request body must be an object, not an array"},
+		{"device information not an object", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"optionalDeviceInformation":"x1"}`, 400, "optionalDeviceInformation must be a JSON object"},
 		{"bulk list of the wrong type", "POST", "/enrollments?api-version=2021-10-01", owner, `{"mode":"create","enrollments":{}}`, 400, `field "enrollments" has the wrong type: it must be an array, not an object`},
 		{"hub not linked", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{"attestation":{"type":"symmetricKey"},"allocationPolicy":"static","iotHubHostName":"nohub.example"}`, 400, "hub nohub.example is not linked"},
 		{"no attestation", "PUT", "/enrollments/x1?api-version=2021-10-01", owner, `{}`, 400, "attestation.type is required"},
