@@ -158,10 +158,14 @@ func deviceError(path string, err error) error {
 	case errors.Is(err, fs.ErrNotExist):
 		return fmt.Errorf("TPM device %s: no such device: is a TPM 2.0 present and its kernel driver loaded? (for a simulator use swtpm:host=H,port=P)", path)
 	case errors.Is(err, fs.ErrPermission):
-		return fmt.Errorf("TPM device %s: permission denied%s: run as a member of group/user aziottpm, "+
-			`or install the udev rule 'KERNEL=="tpmrm0", SUBSYSTEM=="tpmrm", OWNER="aziottpm", MODE="0660"' `+
+		// The rule for the device named: tpmrm0's subsystem is tpmrm, tpm0's tpm.
+		name := filepath.Base(path)
+		subsystem := strings.TrimRight(name, "0123456789")
+		return fmt.Errorf("TPM device %s: permission denied%s: the TPM is user aziottpm's, under which aziot-tpmd runs "+
+			"(a command run by hand reads it through aziot-tpmd, or with sudo); the package's rule gives tpmrm devices to that user, "+
+			`and for this one install 'KERNEL=="%s", SUBSYSTEM=="%s", OWNER="aziottpm", MODE="0660"' `+
 			"in /etc/udev/rules.d/tpmaccess.rules and run 'udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm'%s",
-			path, describeDevice(path), otherRules())
+			path, describeDevice(path), name, subsystem, otherRules())
 	default:
 		return fmt.Errorf("TPM device %s: %w", path, err)
 	}

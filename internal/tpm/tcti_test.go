@@ -88,6 +88,11 @@ func TestOpenErrors(t *testing.T) {
 			t.Errorf("permission error %q lacks %q", err, want)
 		}
 	}
+	// The raw device's rule is its own.
+	raw := filepath.Join(dir, "tpm0")
+	if err := deviceError(raw, &fs.PathError{Op: "open", Path: raw, Err: fs.ErrPermission}); !strings.Contains(err.Error(), `KERNEL=="tpm0", SUBSYSTEM=="tpm", OWNER="aziottpm"`) {
+		t.Errorf("permission error of tpm0: %v", err)
+	}
 }
 
 // response is a TPM response of n bytes: a header whose size field says n.
