@@ -411,6 +411,8 @@ func TestHubCLI(t *testing.T) {
 		t.Errorf("c2d purge: %s", out)
 	}
 	c.ok("events", "tail")
+	c.ok("events", "tail", "--device-id", "edge-1")
+	c.ok("events", "tail", "--device", "edge-1") // as first spelt
 	for _, tc := range []struct {
 		args []string
 		want string

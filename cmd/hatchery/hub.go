@@ -341,7 +341,10 @@ func eventsCmd() *cobra.Command {
 		}
 		return sc.Err()
 	}}
+	tail.Flags().StringVar(&device, "device-id", "", "only this device's events")
+	// --device, as it was first spelt; --device-id as everywhere else.
 	tail.Flags().StringVar(&device, "device", "", "only this device's events")
+	_ = tail.Flags().MarkHidden("device")
 	tail.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new events")
 	cmd.AddCommand(tail)
 	return cmd
