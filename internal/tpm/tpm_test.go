@@ -105,16 +105,23 @@ func hmacSHA256(key, data []byte) []byte {
 	return m.Sum(nil)
 }
 
-func TestImportActivationBlob(t *testing.T) {
-	d := open(t)
+// keysOf is d's EK and SRK, made if they are not there.
+func keysOf(t *testing.T, d *Device) (ek, srk []byte) {
+	t.Helper()
 	ek, err := d.EndorsementKey()
 	if err != nil {
 		t.Fatal(err)
 	}
-	srk, err := d.StorageRootKey()
+	srk, err = d.StorageRootKey()
 	if err != nil {
 		t.Fatal(err)
 	}
+	return ek, srk
+}
+
+func TestImportActivationBlob(t *testing.T) {
+	d := open(t)
+	ek, srk := keysOf(t, d)
 	handle := IdentityHandle(DefaultAuthKeyIndex)
 	short := []byte("example.azure-devices-provisioning.net/registrations/dev1\n1700000000")
 	long := bytes.Repeat([]byte("0123456789"), 300) // three TPM buffers
@@ -218,14 +225,7 @@ func TestIdentityHandle(t *testing.T) {
 // memory, and every later activation would fail until the TPM is reset.
 func TestFailedPolicyLeavesNoSession(t *testing.T) {
 	d := open(t)
-	ek, err := d.EndorsementKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	srk, err := d.StorageRootKey()
-	if err != nil {
-		t.Fatal(err)
-	}
+	ek, srk := keysOf(t, d)
 	setAuth := func(old, new string) {
 		t.Helper()
 		_, err := tpm2.HierarchyChangeAuth{
