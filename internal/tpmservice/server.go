@@ -11,7 +11,8 @@
 //
 // Errors are {"message": "..."} with a meaningful status code. /import and
 // /sign take an optional "handle", which must be the service's identity
-// handle: callers can never reach another key.
+// handle: callers can never reach another key; and they serve only the
+// users Server.Signers names (403 for others, whom the kernel names).
 package tpmservice
 
 import (
