@@ -29,6 +29,7 @@ import (
 	"github.com/hatchery/hatchery/internal/edge/identity"
 	"github.com/hatchery/hatchery/internal/edge/mgmt"
 	"github.com/hatchery/hatchery/internal/edge/moby"
+	"github.com/hatchery/hatchery/internal/edge/statefile"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/provisioning"
@@ -517,42 +518,12 @@ func (d *Daemon) noteResume(names []string) {
 	} else {
 		b, _ := json.Marshal(names)
 		if err = os.MkdirAll(d.opts.StateDir, 0o700); err == nil {
-			err = writeFile(path, b)
+			err = statefile.Replace(path, b)
 		}
 	}
 	if err != nil {
 		slog.Warn("noting the modules to start again at the next start: those stopped at shutdown may start only by their restartPolicy", "path", path, "error", err)
 	}
-}
-
-// writeFile replaces the file at path with one holding b: it is written
-// next to it and renamed over it, so that a power loss (the file is
-// written at shutdown) leaves the old file or the new, never a torn one.
-func writeFile(path string, b []byte) error {
-	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(f.Name()) // after a failure; gone after the rename
-	_, err = f.Write(b)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(f.Name(), path)
-	}
-	if err == nil {
-		// The rename itself lasts once the directory is synced: the file
-		// is written at shutdown, often just before the power goes.
-		if d, derr := os.Open(filepath.Dir(path)); derr == nil {
-			err = d.Sync()
-			d.Close()
-		}
-	}
-	return err
 }
 
 // hubConn is the agent's connection to the hub and what ends it.
@@ -643,7 +614,7 @@ func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any
 	// hub is away runs nothing until it is back.
 	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
 	if err == nil {
-		err = writeFile(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
+		err = statefile.Replace(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
 	}
 	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)

@@ -22,6 +22,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/edge/config"
+	"github.com/hatchery/hatchery/internal/edge/statefile"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/tpm"
@@ -84,11 +85,7 @@ func (m *Manager) save(d *Device) error {
 		return err
 	}
 	b, _ := json.MarshalIndent(d, "", "  ")
-	tmp := filepath.Join(m.StateDir, backupFile+".tmp")
-	if err := os.WriteFile(tmp, b, 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, filepath.Join(m.StateDir, backupFile))
+	return statefile.Replace(filepath.Join(m.StateDir, backupFile), b)
 }
 
 // Start returns the identity to run with at startup, following
