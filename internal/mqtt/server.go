@@ -53,6 +53,7 @@ var (
 	ErrServerClosed        = errors.New("mqtt: server closed")
 	ErrConnClosed          = errors.New("mqtt: connection closed")
 	ErrNotSubscribed       = errors.New("mqtt: client has no subscription matching the topic")
+	ErrTopicName           = errors.New("not a valid topic name")
 	ErrTooManyInflight     = errors.New("mqtt: all 65535 packet identifiers await PUBACK")
 	ErrProtocolViolation   = errors.New("mqtt: protocol violation")
 	ErrKeepAliveTimeout    = errors.New("mqtt: no packet from the client within 1.5 times its keepalive")
@@ -369,7 +370,7 @@ func (c *Conn) grantedLocked(topic string) (byte, bool) {
 // server's WriteTimeout closes the connection.
 func (c *Conn) Send(topic string, payload []byte, qos byte, onAck func(error)) error {
 	if err := ValidateTopicName(topic); err != nil {
-		return fmt.Errorf("mqtt: topic %s: %w", quote(topic), err)
+		return fmt.Errorf("mqtt: topic %s: %w: %w", quote(topic), ErrTopicName, err)
 	}
 	c.mu.Lock()
 	if c.closed {

@@ -630,7 +630,16 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		}
 		id := m.ID
 		topic := s.own() + "messages/devicebound/" + m.PropertyBag(s.ref.Device)
-		if err := mqtt.ValidateTopicName(topic); err != nil {
+		err := c.Send(topic, m.Body, 1, func(err error) {
+			if err == nil {
+				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+				defer cancel()
+				if err := d.hub.CompleteC2D(ctx, id); err != nil { // it stays queued, and comes again
+					slog.Warn("removing a delivered cloud-to-device message", "device", s.ref.Device, "error", err)
+				}
+			}
+		})
+		if errors.Is(err, mqtt.ErrTopicName) {
 			// Never deliverable (queued before SendC2D bounded the
 			// properties): dropped, as the hosted hub dead-letters, so
 			// that it does not hold up the messages behind it.
@@ -641,15 +650,6 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 			s.endC2D(id)
 			continue
 		}
-		err := c.Send(topic, m.Body, 1, func(err error) {
-			if err == nil {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
-				if err := d.hub.CompleteC2D(ctx, id); err != nil { // it stays queued, and comes again
-					slog.Warn("removing a delivered cloud-to-device message", "device", s.ref.Device, "error", err)
-				}
-			}
-		})
 		if err != nil {
 			s.endC2D(id)
 			if !errors.Is(err, mqtt.ErrNotSubscribed) { // unsubscribed: it waits for the next SUBSCRIBE
