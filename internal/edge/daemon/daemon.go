@@ -517,9 +517,7 @@ func (d *Daemon) noteResume(names []string) {
 		}
 	} else {
 		b, _ := json.Marshal(names)
-		if err = os.MkdirAll(d.opts.StateDir, 0o700); err == nil {
-			err = statefile.Replace(path, b)
-		}
+		err = statefile.Replace(path, b)
 	}
 	if err != nil {
 		slog.Warn("noting the modules to start again at the next start: those stopped at shutdown may start only by their restartPolicy", "path", path, "error", err)
@@ -612,11 +610,7 @@ func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any
 	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
-	err = os.MkdirAll(a.d.opts.StateDir, 0o700)
-	if err == nil {
-		err = statefile.Replace(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
-	}
-	if err != nil {
+	if err := statefile.Replace(filepath.Join(a.d.opts.StateDir, manifestFile), desired); err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)
 	}
 	return nil

@@ -81,9 +81,6 @@ func (m *Manager) Backup() (*Device, error) {
 }
 
 func (m *Manager) save(d *Device) error {
-	if err := os.MkdirAll(m.StateDir, 0o700); err != nil {
-		return err
-	}
 	b, _ := json.MarshalIndent(d, "", "  ")
 	return statefile.Replace(filepath.Join(m.StateDir, backupFile), b)
 }

@@ -8,10 +8,14 @@ import (
 	"path/filepath"
 )
 
-// Replace replaces the file at path with one holding b, mode 0600: it is
-// written next to it, synced and renamed over it, and the directory is
-// synced, for the rename itself to last.
+// Replace replaces the file at path with one holding b, mode 0600, making
+// its directory (0700) if need be: it is written next to it, synced and
+// renamed over it, and the directory is synced, for the rename itself to
+// last.
 func Replace(path string, b []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
 	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
 	if err != nil {
 		return err
