@@ -76,8 +76,6 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 	byName := map[string]moby.ModuleState{}
 	for _, st := range current {
 		byName[st.Name] = st
-	}
-	for _, st := range current {
 		if mod, ok := m.Modules[st.Name]; ok && !st.HasVersion {
 			r.adopt(st, mod)
 		}
@@ -111,7 +109,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			for j < len(acts) && acts[j].Name == a.Name {
 				j++
 			}
-			acts = slices.Replace(acts, i+1, j, keep(a.Module, byName[a.Name], r.hist[a.Name], now)...)
+			acts = slices.Replace(acts, i+1, j, keep(a.Module, byName[a.Name], h, now)...)
 		case err != nil:
 			failed[a.Name] = true
 			if a.Kind != Remove {
