@@ -72,11 +72,10 @@ type challenge struct {
 type attestation struct {
 	enrollment *Enrollment
 	group      *EnrollmentGroup
-	// deviceKeys are a symmetric-key group device's keys, derived from the
-	// group's primary and secondary keys (either may sign its tokens).
-	deviceKeys [2]string
 	challenge  *challenge
-	// keys are those the device's SAS token verified under.
+	// keys are those the device's SAS token verified under: for a
+	// symmetric-key group's device, the keys derived from the group's
+	// primary and secondary keys, in that order (either may sign).
 	keys [][]byte
 	// X.509 devices: their certificate, and for group members the CA it
 	// chained to and the IDs of every group it chains to.
@@ -552,13 +551,11 @@ func (s *Service) authenticateGroup(ctx context.Context, regID string, tok *sas.
 		}
 		k := g.Attestation.SymmetricKey
 		var derived [][]byte
-		var encoded [2]string
-		for i, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
+		for _, gk := range sas.Keys(k.PrimaryKey, k.SecondaryKey) {
 			derived = append(derived, sas.DeriveDeviceKey(gk, regID))
-			encoded[i] = base64.StdEncoding.EncodeToString(derived[i])
 		}
 		if tok.Verify(now, derived...) == nil {
-			found = &attestation{group: g, deviceKeys: encoded, keys: derived}
+			found = &attestation{group: g, keys: derived}
 			return false
 		}
 		return true
@@ -761,7 +758,10 @@ func (s *Service) hubCredentials(att *attestation, regID string, dev *HubDevice,
 	case att.group != nil:
 		// Both, as in the hosted service: a device that signs with its
 		// secondary key while the group's primary is rotated keeps working.
-		dev.PrimaryKey, dev.SecondaryKey = att.deviceKeys[0], att.deviceKeys[1]
+		dev.PrimaryKey = base64.StdEncoding.EncodeToString(att.keys[0])
+		if len(att.keys) > 1 {
+			dev.SecondaryKey = base64.StdEncoding.EncodeToString(att.keys[1])
+		}
 		state.SymmetricKey = &SymKeyResult{RegistrationID: regID, EnrollmentGroupID: att.group.EnrollmentGroupID}
 		alloc.runtime.SymmetricKey = state.SymmetricKey
 	default:
