@@ -680,7 +680,7 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		// A DELETE of the record while this registration ran freed the
 		// claim, and the record is back: claim the ID again. If the TPM
 		// took another ID meanwhile, this registration is undone.
-		if _, err = s.tpmIdentity(ctx, regID, att); azerr.HasStatus(err, 401) {
+		if err = s.claimID(ctx, regID, ekKey); azerr.HasStatus(err, 401) {
 			s.undo(ctx, regID, state.ETag, hub, &dev)
 			return nil, err
 		}

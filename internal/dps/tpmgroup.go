@@ -128,26 +128,31 @@ func (s *Service) tpmIdentity(ctx context.Context, regID string, att *attestatio
 	if err != nil {
 		return "", err
 	}
+	return keyID, s.claimID(ctx, regID, keyID)
+}
+
+// claimID has the EK keyID claim regID, or finds that it does.
+func (s *Service) claimID(ctx context.Context, regID, keyID string) error {
 	for range 3 { // a claim made or freed meanwhile is read again
 		c, _, err := get[ekClaim](ctx, s.store, kindTPMKey, keyID, nil)
 		switch {
 		case err != nil:
-			return "", err
+			return err
 		case c == nil:
 			err := s.claimEK(ctx, regID, keyID)
 			if errors.Is(err, store.ErrExists) {
 				continue
 			}
 			if err != nil {
-				return "", err
+				return err
 			}
 		case !strings.EqualFold(c.RegistrationID, regID):
-			return "", unauthorized(regID, fmt.Sprintf("this TPM registered as %s already, and a TPM group's device registers under one ID: "+
+			return unauthorized(regID, fmt.Sprintf("this TPM registered as %s already, and a TPM group's device registers under one ID: "+
 				"to register it as %s, delete the registration record of %s (DELETE /registrations/%s)", c.RegistrationID, regID, c.RegistrationID, c.RegistrationID))
 		}
-		return keyID, nil
+		return nil
 	}
-	return "", azerr.New(409203, "Conflict", "the claim of this TPM's registration ID changed while it was made: register again")
+	return azerr.New(409203, "Conflict", "the claim of this TPM's registration ID changed while it was made: register again")
 }
 
 // claimEK stores the claim of the EK keyID on regID, after its index;
