@@ -202,6 +202,11 @@ type assignment struct {
 	HubCredential     string `json:"-"` // the record's
 }
 
+// at says whether a puts the device on hub (named in any case) as deviceID.
+func (a *assignment) at(hub, deviceID string) bool {
+	return a != nil && strings.EqualFold(a.Hub, hub) && a.DeviceID == deviceID
+}
+
 // lastAssignment is where the device's last successful registration put
 // it; nil if none did.
 func (r *registrationRecord) lastAssignment() *assignment {
@@ -849,7 +854,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 	}
 	// Registering again: the device may exist on the new hub already, so
 	// its twin is set explicitly — the old one, or the initial one.
-	sameDevice := strings.EqualFold(hub.HostName, prevHub.HostName) && dev.DeviceID == prev.DeviceID
+	sameDevice := prev.at(hub.HostName, dev.DeviceID)
 	keep, movedAlready := twin, false
 	state.Substatus = "deviceDataReset"
 	if repro.MigrateDeviceData {
@@ -911,7 +916,7 @@ type formerIdentity struct {
 func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
 	// A later registration may have moved the device back meanwhile.
 	if rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil); err == nil {
-		if now := rec.lastAssignment(); now != nil && strings.EqualFold(now.Hub, f.hub.HostName) && now.DeviceID == f.deviceID {
+		if rec.lastAssignment().at(f.hub.HostName, f.deviceID) {
 			return
 		}
 	}
@@ -951,7 +956,7 @@ func (s *Service) movedMeanwhile(ctx context.Context, regID string, prev *assign
 		return false, err
 	}
 	now := rec.lastAssignment()
-	return now != nil && (!strings.EqualFold(now.Hub, prev.Hub) || now.DeviceID != prev.DeviceID), nil
+	return now != nil && !now.at(prev.Hub, prev.DeviceID), nil
 }
 
 func (s *Service) operationID() string {
