@@ -412,14 +412,11 @@ func TestMoveRecordedBeforeFormerIdentityGoes(t *testing.T) {
 	register := e.mover(t, func() int { return http.StatusOK })
 	// Another replica moves the device; this one registers it again just
 	// before that replica records the move.
-	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", f: func() {
+	replica := e.replica(t, &storeHook{Store: e.st, kind: "dps.registration", op: "put", f: func() {
 		if res, err := register(); err != nil || res.DeviceID != "new-id" {
 			t.Errorf("the registration while another recorded the move: %+v %v", res, err)
 		}
-	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	}}, e.pool())
 	if err := registerOn(ctx, replica, e.moverKey(t)); err != nil {
 		t.Fatal(err)
 	}
@@ -462,11 +459,7 @@ func TestMovedDeviceLeavesWhenItStopsWaiting(t *testing.T) {
 	rctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	// The device gives up once the record is written.
-	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: cancel},
-		&hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	replica := e.replica(t, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: cancel}, e.pool())
 	registerOn(rctx, replica, e.moverKey(t)) // the device went away: its answer does not matter
 	if r, err := e.dps.GetRegistration(ctx, "mover"); err != nil || r.DeviceID != "new-id" {
 		t.Fatalf("record %+v %v", r, err)
@@ -504,7 +497,7 @@ func (h *hookedRegistry) DeleteDevice(ctx context.Context, lh dps.LinkedHub, id,
 func TestLeaveSparesAnIdentityMovedBackTo(t *testing.T) {
 	e := newEnv(t)
 	register := e.mover(t, func() int { return http.StatusOK })
-	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: func() {
+	replica := e.replica(t, &storeHook{Store: e.st, kind: "dps.registration", op: "put", after: true, f: func() {
 		cur, err := e.dps.GetEnrollment(ctx, "mover")
 		if err != nil {
 			t.Error(err)
@@ -515,10 +508,7 @@ func TestLeaveSparesAnIdentityMovedBackTo(t *testing.T) {
 		if res, err := register(); err != nil || res.DeviceID != "old-id" {
 			t.Errorf("moving back: %+v %v", res, err)
 		}
-	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	}}, e.pool())
 	if err := registerOn(ctx, replica, e.moverKey(t)); err != nil {
 		t.Fatal(err)
 	}

@@ -18,7 +18,6 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
-	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -234,10 +233,7 @@ func TestDeleteRegistrationKeptChanging(t *testing.T) {
 	if _, err := e.symDevice(t, &dps.Enrollment{RegistrationID: "busy-1"})(); err != nil {
 		t.Fatal(err)
 	}
-	replica, err := dps.Open(ctx, keptChanging{e.st}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	replica := e.replica(t, keptChanging{e.st}, e.pool())
 	if err := replica.DeleteRegistration(ctx, "busy-1", ""); azerr.As(err).Status() != 409 || !strings.Contains(err.Error(), "try again") {
 		t.Fatalf("a DELETE without If-Match of a record that kept changing: %v", err)
 	}

@@ -79,6 +79,20 @@ func (e *env) device(regID string) *provisioning.Client {
 }
 
 // counts snapshots how many documents of each kind are stored.
+// pool reaches e's hub as the provisioning service does.
+func (e *env) pool() *hubclient.Pool { return &hubclient.Pool{TLS: e.tls, Local: e.hub} }
+
+// replica is another provisioning service replica over st (e's store, or
+// a wrapper of it), reaching hubs through registry.
+func (e *env) replica(t *testing.T, st store.Store, registry dps.Registry) *dps.Service {
+	t.Helper()
+	d, err := dps.Open(ctx, st, registry, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 func (e *env) counts() map[string]int {
 	out := map[string]int{}
 	for _, k := range []string{"dps.enrollment", "dps.enrollmentGroup", "dps.registration", "dps.operation", "dps.challenge", "hub.device"} {

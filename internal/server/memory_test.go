@@ -9,7 +9,6 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
-	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/tpm"
@@ -46,10 +45,7 @@ func (c *readCounter) take() map[string]int {
 func TestRegistrationRemembersDeviceState(t *testing.T) {
 	e := newEnv(t)
 	st := &readCounter{Store: e.st, reads: map[string]int{}}
-	svc, err := dps.Open(ctx, st, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	svc := e.replica(t, st, e.pool())
 	dev, regID, body := e.enrollSoftTPM()
 	scope := svc.IDScope()
 	req := dps.RegisterRequest{IDScope: scope, RegistrationID: regID, Body: []byte(body)}

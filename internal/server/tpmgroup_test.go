@@ -22,7 +22,6 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
-	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/hubdevice"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
@@ -259,14 +258,11 @@ func TestTPMGroupClaimOutlivesRacingDelete(t *testing.T) {
 // register(id) before its first deletion of a document of kind.
 func (e *env) replicaDeleting(t *testing.T, kind string, register func(id string) error, id string) *dps.Service {
 	t.Helper()
-	replica, err := dps.Open(ctx, &storeHook{Store: e.st, kind: kind, op: "delete", f: func() {
+	replica := e.replica(t, &storeHook{Store: e.st, kind: kind, op: "delete", f: func() {
 		if err := register(id); err != nil {
 			t.Error(err)
 		}
-	}}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	}}, e.pool())
 	return replica
 }
 
@@ -361,10 +357,7 @@ func TestTPMGroupDeleteFreesClaimWithoutRecord(t *testing.T) {
 	if err := register(base32ID); err == nil || !strings.Contains(err.Error(), advice) {
 		t.Fatalf("the TPM's other ID: %v", err)
 	}
-	replica, err := dps.Open(ctx, unlisted{e.st, "dps.tpmKey"}, &hubclient.Pool{TLS: e.tls, Local: e.hub}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	replica := e.replica(t, unlisted{e.st, "dps.tpmKey"}, e.pool())
 	// A DELETE with If-Match is for a record: there is none to match.
 	for _, etag := range []string{`"AAAA"`, "*"} {
 		if err := replica.DeleteRegistration(ctx, hexID, etag); azerr.As(err).Status() != 404 {
@@ -629,10 +622,7 @@ func (e *env) movingGroupTPM(t *testing.T, moving func(regID string)) *movingGro
 // replicaOn serves another DPS replica over st and registry.
 func (e *env) replicaOn(t *testing.T, st store.Store, registry dps.Registry) *httptest.Server {
 	t.Helper()
-	replica, err := dps.Open(ctx, st, registry, host)
-	if err != nil {
-		t.Fatal(err)
-	}
+	replica := e.replica(t, st, registry)
 	replica.CAs = e.hub
 	ts := httptest.NewTLSServer(New(replica, e.hub, nil))
 	t.Cleanup(ts.Close)
@@ -655,7 +645,7 @@ func TestTPMGroupRegistrationUndoneWhenTheTPMTookAnotherID(t *testing.T) {
 			// Another replica moves the device to hub2; while it does, the
 			// TPM registers as its other ID.
 			var otherErr error
-			ts2 := e.replicaOn(t, e.st, &hookedRegistry{Registry: &hubclient.Pool{TLS: e.tls, Local: e.hub}, onUpsert: during == "placing",
+			ts2 := e.replicaOn(t, e.st, &hookedRegistry{Registry: e.pool(), onUpsert: during == "placing",
 				f: func() { otherErr = m.register(e.ts.URL, e.ts.Client(), m.base32ID) }})
 			movErr := m.register(ts2.URL, ts2.Client(), m.hexID)
 			a, errA := e.dps.GetRegistration(ctx, m.hexID)
@@ -711,7 +701,7 @@ func (f *failClaimReads) Get(ctx context.Context, kind, id string) (store.Doc, e
 func TestTPMGroupMoveLeavesWhenTheClaimCannotBeChecked(t *testing.T) {
 	e := newEnv(t)
 	m := e.movingGroupTPM(t, func(string) {})
-	ts2 := e.replicaOn(t, &failClaimReads{Store: e.st}, &hubclient.Pool{TLS: e.tls, Local: e.hub})
+	ts2 := e.replicaOn(t, &failClaimReads{Store: e.st}, e.pool())
 	m.register(ts2.URL, ts2.Client(), m.hexID) // fails, or not: the record is written either way
 	if a, err := e.dps.GetRegistration(ctx, m.hexID); err != nil || a.AssignedHub != "hub2.test" {
 		t.Fatalf("record %+v %v", a, err)
