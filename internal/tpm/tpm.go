@@ -257,12 +257,20 @@ func (d *Device) importBlob(p blobParts, handle uint32) error {
 	return d.evictControl(tpm2.NamedHandle{Handle: loaded.ObjectHandle, Name: loaded.Name}, handle)
 }
 
+// ErrNoIdentityKey says the TPM holds no key at the identity handle: the
+// device has not been provisioned, or the TPM was cleared since, taking
+// the key with its storage hierarchy. Provisioning again imports a new one.
+var ErrNoIdentityKey = errors.New("the TPM holds no identity key")
+
 // HMAC returns TPM2_HMAC(SHA-256) of data with the persistent key at handle.
 // Data longer than one TPM buffer (1024 bytes) goes through an HMAC sequence.
 func (d *Device) HMAC(handle uint32, data []byte) ([]byte, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	sum, err := d.hmac(handle, data)
+	if errors.Is(err, tpm2.TPMRCHandle) {
+		return nil, fmt.Errorf("%w at 0x%08x: the device has not been provisioned, or the TPM was cleared since (%w)", ErrNoIdentityKey, handle, err)
+	}
 	return sum, fail(fmt.Sprintf("signing with the identity key at 0x%08x", handle), err)
 }
 

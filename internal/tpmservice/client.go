@@ -7,9 +7,11 @@ import (
 	"fmt"
 	"io/fs"
 	"net"
+	"net/http"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/starthint"
+	"github.com/hatchery/hatchery/internal/tpm"
 )
 
 // Client reaches the TPM through aziot-tpmd. It has the method set of
@@ -29,9 +31,13 @@ const callTimeout = 150 * time.Second
 type Error struct {
 	Status  int // HTTP status
 	Message string
+	// kind is the error the answer stands for, for errors.Is.
+	kind error
 }
 
 func (e *Error) Error() string { return "aziot-tpmd: " + e.Message }
+
+func (e *Error) Unwrap() error { return e.kind }
 
 // EndorsementKey returns the EK's TPM2B_PUBLIC.
 func (c *Client) EndorsementKey() ([]byte, error) {
@@ -66,6 +72,9 @@ func (c *Client) ImportActivationBlob(blob []byte, handle uint32) error {
 func (c *Client) HMAC(handle uint32, data []byte) ([]byte, error) {
 	var rsp signResponse
 	if err := c.do("POST", "/sign", signRequest{Data: data, Handle: &handle}, &rsp); err != nil {
+		if e, ok := errors.AsType[*Error](err); ok && e.Status == http.StatusConflict {
+			e.kind = tpm.ErrNoIdentityKey
+		}
 		return nil, err
 	}
 	return rsp.Digest, nil

@@ -220,8 +220,8 @@ func (s *Server) sign(body []byte) (any, error) {
 	s.mu.Lock()
 	digest, err := s.dev.HMAC(s.handle, req.Data)
 	s.mu.Unlock()
-	if errors.Is(err, tpm2.TPMRCHandle) {
-		return nil, statusError(409, "no identity key at 0x%08x yet: the device has not been provisioned (%w)", s.handle, err)
+	if errors.Is(err, tpm.ErrNoIdentityKey) {
+		return nil, statusError(409, "%w", err)
 	}
 	if err != nil {
 		return nil, tpmError(err, 0)

@@ -152,6 +152,12 @@ func TestService(t *testing.T) {
 
 	_, err = c.HMAC(identity, []byte("x"))
 	wantStatus(t, "HMAC before any import", err, http.StatusConflict)
+	if !errors.Is(err, tpm.ErrNoIdentityKey) {
+		t.Errorf("HMAC before any import: %v, want tpm.ErrNoIdentityKey, which makes the runtime provision again", err)
+	}
+	if _, err := direct.HMAC(identity, []byte("x")); !errors.Is(err, tpm.ErrNoIdentityKey) {
+		t.Errorf("HMAC before any import, direct: %v, want tpm.ErrNoIdentityKey", err)
+	}
 
 	data := []byte("myscope%2fregistrations%2fdevice-1\n1700000000")
 	long := bytes.Repeat([]byte("0123456789"), 300) // beyond one TPM buffer

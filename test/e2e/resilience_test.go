@@ -98,6 +98,28 @@ func TestReprovisionAfterDisable(t *testing.T) {
 	d.waitStatus("Hub:          connected")
 }
 
+// A cleared TPM (its owner reset it) has lost the identity key with its
+// storage hierarchy, so the identity backup is of no use: the runtime
+// provisions again, whatever auto_reprovisioning_mode says, and reconnects.
+func TestReprovisionAfterTPMClear(t *testing.T) {
+	_, d, _ := provisioned(t, "OnErrorOnly")
+	d.daemon.stop()
+	d.tpmd.stop()
+	must(t, nil, "tpm2_clear", "--tcti", d.tcti, "-c", "p")
+	for _, sock := range []string{"tpmd.sock", "run/mgmt.sock"} {
+		_ = os.Remove(filepath.Join(d.dir, sock))
+	}
+	d.startServices()
+	eventually(t, 30*time.Second, func() string {
+		out, _ := d.iotedge("system", "logs", "--tail", "100000")
+		if !strings.Contains(out, "no longer holds the device's identity key") || !strings.Contains(out, "msg=provisioned") {
+			return "system logs do not show provisioning again for the cleared TPM:\n" + out
+		}
+		return ""
+	})
+	d.waitStatus("Hub:          connected")
+}
+
 // With DPS and the hub down at a restart, the device starts from its
 // identity backup and runs its last deployment; it reconnects when they
 // come back.

@@ -49,7 +49,7 @@ const (
 	Dynamic ReprovisioningMode = "Dynamic"
 	// AlwaysOnStartup reprovisions whenever the runtime starts.
 	AlwaysOnStartup ReprovisioningMode = "AlwaysOnStartup"
-	// OnErrorOnly reprovisions only when the cached identity cannot be used.
+	// OnErrorOnly provisions only when there is no identity backup to use.
 	OnErrorOnly ReprovisioningMode = "OnErrorOnly"
 )
 

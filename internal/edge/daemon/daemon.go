@@ -411,10 +411,8 @@ func (a *runner) run(ctx context.Context) error {
 			if err != nil {
 				slog.Warn("cannot connect to the hub; modules keep running", "hub", a.dev().HubHostName, "error", err)
 				a.d.setStatus(func(s *mgmt.Status) { s.Hub = conn(err) })
-				if errors.Is(err, hubdevice.ErrNotAuthorized) && a.cfg.Provisioning.Source == config.SourceDPS &&
-					a.cfg.AutoReprovisioningMode == config.Dynamic {
-					// The device may have been disabled or moved to another hub.
-					slog.Warn("the hub refused the device's identity: provisioning again", "deviceId", a.dev().DeviceID)
+				if why := a.reprovisionFor(err); why != "" {
+					slog.Warn(why+": provisioning again", "deviceId", a.dev().DeviceID)
 					if err := a.reprovision(ctx); err != nil {
 						return err
 					}
@@ -672,6 +670,22 @@ func withoutVersion(reported []byte) []byte {
 
 // reprovision runs DPS again; if the identity changed, the modules are
 // recreated under the new one.
+// reprovisionFor says why a failed connection calls for provisioning
+// again, or "" when it does not.
+func (a *runner) reprovisionFor(err error) string {
+	switch {
+	case a.cfg.Provisioning.Source != config.SourceDPS:
+		return ""
+	case errors.Is(err, tpm.ErrNoIdentityKey):
+		// In every mode: the identity backup names a key that is gone.
+		return "the TPM no longer holds the device's identity key (was it cleared?)"
+	case errors.Is(err, hubdevice.ErrNotAuthorized) && a.cfg.AutoReprovisioningMode == config.Dynamic:
+		// The device may have been disabled or moved to another hub.
+		return "the hub refused the device's identity"
+	}
+	return ""
+}
+
 func (a *runner) reprovision(ctx context.Context) error {
 	old := *a.dev()
 	dev, err := a.d.provision(ctx, a.ids, a.ids.Provision)
