@@ -166,6 +166,13 @@ func deviceError(path string, err error) error {
 			`and for this one install 'KERNEL=="%s", SUBSYSTEM=="%s", OWNER="aziottpm", MODE="0660"' `+
 			"in /etc/udev/rules.d/tpmaccess.rules and run 'udevadm trigger --subsystem-match=tpm --subsystem-match=tpmrm'%s",
 			path, describeDevice(path), name, subsystem, otherRules())
+	case errors.Is(err, syscall.EBUSY):
+		msg := "TPM device " + path + ": busy: another program (tpm2-abrmd?) holds it open"
+		// /dev/tpmN admits one process at a time; /dev/tpmrmN is shared.
+		if n, ok := strings.CutPrefix(filepath.Base(path), "tpm"); ok && !strings.HasPrefix(n, "rm") {
+			msg += ", and it admits one at a time: use the kernel's resource manager, /dev/tpmrm" + n + ", which programs share"
+		}
+		return fmt.Errorf("%s (%w)", msg, err)
 	default:
 		return fmt.Errorf("TPM device %s: %w", path, err)
 	}

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"testing/iotest"
 
@@ -92,6 +93,11 @@ func TestOpenErrors(t *testing.T) {
 	raw := filepath.Join(dir, "tpm0")
 	if err := deviceError(raw, &fs.PathError{Op: "open", Path: raw, Err: fs.ErrPermission}); !strings.Contains(err.Error(), `KERNEL=="tpm0", SUBSYSTEM=="tpm", OWNER="aziottpm"`) {
 		t.Errorf("permission error of tpm0: %v", err)
+	}
+	busy := deviceError("/dev/tpm0", &fs.PathError{Op: "open", Path: "/dev/tpm0", Err: syscall.EBUSY})
+	if want := "TPM device /dev/tpm0: busy: another program (tpm2-abrmd?) holds it open, and it admits one at a time: " +
+		"use the kernel's resource manager, /dev/tpmrm0, which programs share"; !strings.Contains(busy.Error(), want) {
+		t.Errorf("busy error: %v, want %q", busy, want)
 	}
 }
 

@@ -335,6 +335,11 @@ func fail(what string, err error) error {
 	case errors.Is(err, tpm2.TPMRCLockout):
 		return fmt.Errorf("%s: the TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT) after too many failed authorizations: "+
 			"wait for the lockout to expire, or clear it with `tpm2_dictionarylockout --clear-lockout`: %w", what, err)
+	case errors.Is(err, tpm2.TPMRCObjectMemory), errors.Is(err, tpm2.TPMRCSessionMemory), errors.Is(err, tpm2.TPMRCMemory):
+		// Only without a resource manager do other programs' objects stay.
+		return fmt.Errorf("%s: the TPM has no room to load another object or session: another program left its own loaded "+
+			"(/dev/tpmrm0 flushes a program's objects when it exits; over /dev/tpm0 or a simulator, "+
+			"`tpm2_flushcontext --transient-object` and `tpm2_flushcontext --loaded-session` free them): %w", what, err)
 	default:
 		return fmt.Errorf("%s: %w", what, err)
 	}

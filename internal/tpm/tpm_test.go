@@ -214,6 +214,42 @@ func TestLockout(t *testing.T) {
 	}
 }
 
+// Objects another program left loaded fill a TPM without a resource
+// manager; the error says how to free them.
+func TestObjectMemoryFull(t *testing.T) {
+	d := open(t)
+	ek, err := d.EndorsementKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srk, err := d.StorageRootKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	blob, err := attest.ActivationBlob(ek, srk, []byte("the hub key"), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Require(t, "tpm2_createprimary", "tpm2-tools")
+	ctx := filepath.Join(t.TempDir(), "primary.ctx")
+	for i := 0; ; i++ {
+		if exec.Command("tpm2_createprimary", "-Q", "-C", "o", "-c", ctx).Run() != nil {
+			break
+		}
+		if i == 64 {
+			t.Fatal("the simulator loaded 64 primary keys without running out of room")
+		}
+	}
+	err = d.ImportActivationBlob(blob, IdentityHandle(0))
+	if err == nil || !strings.Contains(err.Error(), "tpm2_flushcontext --transient-object") {
+		t.Fatalf("import with the TPM's object memory full: got %v, want the remedy", err)
+	}
+	tool(t, "tpm2_flushcontext", "-t")
+	if err := d.ImportActivationBlob(blob, IdentityHandle(0)); err != nil {
+		t.Fatalf("import after flushing: %v", err)
+	}
+}
+
 func TestIdentityHandle(t *testing.T) {
 	if IdentityHandle(DefaultAuthKeyIndex) != 0x81000100 {
 		t.Error("IdentityHandle(DefaultAuthKeyIndex) != 0x81000100")
