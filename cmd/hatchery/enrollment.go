@@ -8,6 +8,7 @@ import (
 	"encoding/pem"
 	"errors"
 	"fmt"
+	"net/http"
 	"net/url"
 	"os"
 	"strconv"
@@ -585,21 +586,38 @@ func certificateRow(cs *dps.X509Certificates) [2]string {
 // starts from the stored one, edit applies the flags, and the PUT carries
 // the etag read, so a concurrent change is refused rather than overwritten.
 func putEnrollment[T any](cmd *cobra.Command, path string, update bool, fresh *T, etag func(*T) string, edit func(*T) error) (*T, error) {
-	v := fresh
 	if update {
-		var err error
-		if v, err = call[T](cmd, dpsClient, "GET", path, "", nil); err != nil {
-			return nil, err
-		}
+		return modify(cmd, dpsClient, path, etag, edit)
 	}
-	if err := edit(v); err != nil {
+	if err := edit(fresh); err != nil {
 		return nil, err
 	}
-	out, err := call[T](cmd, dpsClient, "PUT", path, etag(v), v)
-	if !update && azerr.HasStatus(err, 409) {
+	out, err := call[T](cmd, dpsClient, "PUT", path, "", fresh)
+	if azerr.HasStatus(err, 409) {
 		return nil, fmt.Errorf("%w; the update command changes it", err)
 	}
 	return out, err
+}
+
+// modify reads what path names, edits it and writes it back under the
+// ETag read, reading again when something changed it meanwhile: a change
+// made between the read and the write (a key rotated, a status set) is
+// never written over.
+func modify[T any](cmd *cobra.Command, svc service, path string, etag func(*T) string, edit func(*T) error) (*T, error) {
+	for attempt := 1; ; attempt++ {
+		v, err := call[T](cmd, svc, "GET", path, "", nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := edit(v); err != nil {
+			return nil, err
+		}
+		out, err := call[T](cmd, svc, "PUT", path, etag(v), v)
+		if azerr.HasStatus(err, http.StatusPreconditionFailed) && attempt < 5 {
+			continue
+		}
+		return out, err
+	}
 }
 
 // queryAll follows continuation tokens to the end.

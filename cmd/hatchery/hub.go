@@ -82,12 +82,9 @@ func deviceCmd() *cobra.Command {
 	del := device.deleteCmd("Delete a device and its modules")
 	setStatus := func(use, status, short string) *cobra.Command {
 		c := &cobra.Command{Use: use, Short: short, RunE: func(cmd *cobra.Command, _ []string) error {
-			d, err := call[hub.Device](cmd, hubClient, "GET", device.path(), "", nil)
+			d, err := modify(cmd, hubClient, device.path(), func(d *hub.Device) string { return d.ETag },
+				func(d *hub.Device) error { d.Status = status; return nil })
 			if err != nil {
-				return err
-			}
-			d.Status = status
-			if d, err = call[hub.Device](cmd, hubClient, "PUT", device.path(), "*", d); err != nil {
 				return err
 			}
 			return show(cmd, d)
