@@ -282,7 +282,7 @@ func TestOperatorCLI(t *testing.T) {
 	out, err := c.run("enrollment", "import", "--file", csvPath)
 	last := -1
 	for _, want := range []string{"imported 2 of 9", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already",
-		"line 6: iotEdge \"maybe\"", "line 7: registration ID IMP-1 repeats line 2", "line 8: has 1 of the header's 4 fields",
+		"line 6: iotEdge \"maybe\"", "line 7 (IMP-1): repeats line 2", "line 8: has 1 of the header's 4 fields",
 		"line 9: no registrationId", "line 10: no registrationId"} {
 		i := strings.Index(out, want)
 		if err == nil || i < last {
@@ -292,6 +292,14 @@ func TestOperatorCLI(t *testing.T) {
 	}
 	if out := c.ok("enrollment", "show", "--registration-id", "imp-1"); !strings.Contains(out, `{"site":"b7"}`) {
 		t.Errorf("imported enrollment: %s", out)
+	}
+	// -o json reports for scripts.
+	_ = os.WriteFile(csvPath, []byte("registrationId\nimp-1\nimp-10\n"), 0o644)
+	out, err = c.run("enrollment", "import", "--file", csvPath, "-o", "json")
+	var rep importReport
+	if jerr := json.NewDecoder(strings.NewReader(out[strings.Index(out, "{"):])).Decode(&rep); err == nil || jerr != nil || rep.Imported != 1 || rep.Total != 2 ||
+		len(rep.Failures) != 1 || rep.Failures[0].At != "line 2" || rep.Failures[0].RegistrationID != "imp-1" || !strings.Contains(rep.Failures[0].Error, "exists already") {
+		t.Errorf("import -o json: %v %v\n%s", err, jerr, out)
 	}
 	jsonPath := filepath.Join(dir, "fleet.json")
 	// As the hosted service exports them, with its optionalDeviceInformation.
@@ -313,6 +321,11 @@ func TestOperatorCLI(t *testing.T) {
 	_ = os.WriteFile(bomCSV, []byte("\ufeffregistrationId,attestation\nimp-8,symmetricKey\n"), 0o644)
 	if out := c.ok("enrollment", "import", "--file", bomCSV); !strings.Contains(out, "imported 1 of 1") {
 		t.Errorf("CSV with a byte order mark: %s", out)
+	}
+	twiceCSV := filepath.Join(dir, "twice.csv")
+	_ = os.WriteFile(twiceCSV, []byte("registrationId,deviceId,RegistrationID\nimp-11,d,imp-12\n"), 0o644)
+	if out, err := c.run("enrollment", "import", "--file", twiceCSV); err == nil || !strings.Contains(out, `CSV column "RegistrationID" appears twice (columns 1 and 3): keep one`) {
+		t.Errorf("import of a CSV naming a column twice: %v\n%s", err, out)
 	}
 	badCSV := filepath.Join(dir, "bad.csv")
 	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\n"), 0o644)

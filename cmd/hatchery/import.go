@@ -9,10 +9,12 @@ import (
 	"io"
 	"maps"
 	"os"
+	"os/signal"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/spf13/cobra"
 
@@ -46,7 +48,8 @@ its columns, in any order:
 
 Rows that cannot be read, repeat an earlier row's registration ID, or that the
 service refuses are listed with their line (CSV) or element (JSON) and the reason;
-the others are imported.`,
+the others are imported. -o json prints that report as JSON. An import cut short
+(Ctrl-C, the server gone) says from which row to finish.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			rows, err := readImport(file)
 			if err != nil {
@@ -114,6 +117,9 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 				return nil, fmt.Errorf("the CSV header %q has one column: separate columns with commas, not semicolons or tabs", h)
 			}
 			return nil, fmt.Errorf("CSV column %q is not known: use %s", h, strings.Join(csvColumns, ", "))
+		}
+		if first, dup := col[name]; dup {
+			return nil, fmt.Errorf("CSV column %q appears twice (columns %d and %d): keep one", h, first+1, i+1)
 		}
 		col[name] = i
 	}
@@ -194,8 +200,32 @@ func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error)
 	return e, nil
 }
 
+// importFailure is a row that was not imported.
+type importFailure struct {
+	At             string `json:"at"` // "line 5" or "element 3"
+	RegistrationID string `json:"registrationId,omitempty"`
+	Error          string `json:"error"`
+}
+
+func (f importFailure) String() string {
+	if f.RegistrationID != "" {
+		return fmt.Sprintf("%s (%s): %s", f.At, f.RegistrationID, f.Error)
+	}
+	return f.At + ": " + f.Error
+}
+
+// importReport is what an import did, as -o json prints it.
+type importReport struct {
+	Imported int             `json:"imported"`
+	Total    int             `json:"total"`
+	Failures []importFailure `json:"failures"` // in the file's order
+	// Stopped is why the import ended early, and where.
+	Stopped string `json:"stopped,omitempty"`
+}
+
 // runImport sends the readable rows in batches, drawing progress on
-// stderr, and reports every row that failed.
+// stderr, and reports every row that failed. An interrupt (Ctrl-C) ends it
+// with the report of what it did so far.
 func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) error {
 	switch mode {
 	case dps.BulkCreate, dps.BulkUpdate:
@@ -205,8 +235,12 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 	if batch < 1 || batch > dps.MaxBulk {
 		return fmt.Errorf("--batch %d: use 1 to %d", batch, dps.MaxBulk)
 	}
+	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	cmd.SetContext(ctx)
+
 	// Failures are listed in the file's order, by row index.
-	failures := map[int]string{}
+	failures := map[int]importFailure{}
 	rowOf := map[string]int{}
 	var send []*dps.Enrollment
 	for i, r := range rows {
@@ -217,36 +251,41 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		first, repeated := rowOf[id]
 		switch {
 		case r.err != nil:
-			failures[i] = fmt.Sprintf("%s: %v", r.at, r.err)
+			failures[i] = importFailure{At: r.at, Error: r.err.Error()}
 		case id == "":
-			failures[i] = fmt.Sprintf("%s: no registrationId: every enrollment needs one", r.at)
+			failures[i] = importFailure{At: r.at, Error: "no registrationId: every enrollment needs one"}
 		case repeated:
-			failures[i] = fmt.Sprintf("%s: registration ID %s repeats %s", r.at, r.e.RegistrationID, rows[first].at)
+			failures[i] = importFailure{At: r.at, RegistrationID: r.e.RegistrationID, Error: "repeats " + rows[first].at}
 		default:
 			rowOf[id] = i
 			send = append(send, r.e)
 		}
 	}
+	rep := importReport{Total: len(rows)}
 	bar := progress.New(cmd.ErrOrStderr(), "importing", len(send))
-	imported := 0
 	for start := 0; start < len(send); start += batch {
 		chunk := send[start:min(start+batch, len(send))]
 		res, err := call[dps.BulkResult](cmd, dpsClient, "POST", "/enrollments", "", &dps.BulkOperation{Mode: mode, Enrollments: chunk})
+		if ctx.Err() != nil {
+			err = errors.New("interrupted")
+		}
 		if err != nil {
 			bar.Done()
-			reportImport(cmd.OutOrStdout(), rows, imported, failures)
-			return fmt.Errorf("stopped after %d enrollments, at %s: %w (those of the rows before it are in, and some of the %d after it may be: "+
-				"to finish, import the file again with --mode update)", imported, rows[rowOf[strings.ToLower(chunk[0].RegistrationID)]].at, err, len(chunk))
+			at := rows[rowOf[strings.ToLower(chunk[0].RegistrationID)]].at
+			rep.Stopped = fmt.Sprintf("stopped after %d enrollments, at %s: %v (those of the rows before it are in, and some of the %d after it may be: "+
+				"to finish, import the file again with --mode update)", rep.Imported, at, err, len(chunk))
+			reportImport(cmd, rep, failures)
+			return errors.New(rep.Stopped)
 		}
-		imported += len(chunk) - len(res.Errors)
+		rep.Imported += len(chunk) - len(res.Errors)
 		for _, f := range res.Errors {
 			i := rowOf[strings.ToLower(f.RegistrationID)]
-			failures[i] = fmt.Sprintf("%s (%s): %s", rows[i].at, f.RegistrationID, f.ErrorStatus)
+			failures[i] = importFailure{At: rows[i].at, RegistrationID: f.RegistrationID, Error: f.ErrorStatus}
 		}
 		bar.Add(len(chunk))
 	}
 	bar.Done()
-	if reportImport(cmd.OutOrStdout(), rows, imported, failures) {
+	if reportImport(cmd, rep, failures) {
 		return fmt.Errorf("%d of %d enrollments were not imported", len(failures), len(rows))
 	}
 	return nil
@@ -254,14 +293,23 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 
 // reportImport prints how many enrollments were imported and the rows that
 // failed, in the file's order; it says whether any did.
-func reportImport(out io.Writer, rows []importRow, imported int, failures map[int]string) bool {
-	fmt.Fprintf(out, "imported %d of %d enrollments\n", imported, len(rows))
+func reportImport(cmd *cobra.Command, rep importReport, failures map[int]importFailure) bool {
+	rep.Failures = make([]importFailure, 0, len(failures))
+	for _, i := range slices.Sorted(maps.Keys(failures)) {
+		rep.Failures = append(rep.Failures, failures[i])
+	}
+	if jsonOutput(cmd) {
+		_ = printJSON(rep)
+		return len(failures) > 0
+	}
+	out := cmd.OutOrStdout()
+	fmt.Fprintf(out, "imported %d of %d enrollments\n", rep.Imported, rep.Total)
 	if len(failures) == 0 {
 		return false
 	}
 	fmt.Fprintf(out, "%d failed:\n", len(failures))
-	for _, i := range slices.Sorted(maps.Keys(failures)) {
-		fmt.Fprintln(out, "  "+failures[i])
+	for _, f := range rep.Failures {
+		fmt.Fprintln(out, "  "+f.String())
 	}
 	return true
 }

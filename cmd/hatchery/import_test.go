@@ -1,7 +1,16 @@
 package main
 
 import (
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
 	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // FuzzReadImport feeds arbitrary files to the import readers: they must not
@@ -39,4 +48,39 @@ func FuzzReadImport(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Ctrl-C during an import ends it with the report of what it did and where
+// to go on from.
+func TestImportInterrupted(t *testing.T) {
+	c := startServe(t)
+	var rows strings.Builder
+	rows.WriteString("registrationId\n")
+	const n = 30000
+	for i := range n {
+		fmt.Fprintf(&rows, "int-%d\n", i)
+	}
+	file := filepath.Join(t.TempDir(), "many.csv")
+	if err := os.WriteFile(file, []byte(rows.String()), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(c.bin, "enrollment", "import", "--file", file, "--batch", "10", "--data-dir", c.dataDir)
+	var stdout, stderr testutil.SyncBuffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	started := regexp.MustCompile(`importing \[[= ]*\] [1-9][0-9]*/`)
+	for deadline := time.Now().Add(30 * time.Second); !started.MatchString(stderr.String()); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the import has not started after 30 s:\n%s", stderr.String())
+		}
+	}
+	_ = cmd.Process.Signal(os.Interrupt)
+	err := cmd.Wait()
+	m := regexp.MustCompile(`imported (\d+) of 30000 enrollments`).FindStringSubmatch(stdout.String())
+	if err == nil || m == nil || m[1] == "30000" || !strings.Contains(stderr.String(), "interrupted (those of the rows before it are in") ||
+		!strings.Contains(stderr.String(), "import the file again with --mode update") {
+		t.Fatalf("interrupted import: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
+	}
 }
