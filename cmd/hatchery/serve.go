@@ -314,6 +314,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		go hubSvc.ExpireEvents(ctx, o.eventRetention)
 	}
 	go hubSvc.RelaySignals(ctx)
+	go dpsSvc.KeepLeaving(ctx)
 	go hubSvc.Heartbeat(ctx)
 	jobsStopped := make(chan struct{}) // jobs hand themselves back before the store closes
 	go func() { hubSvc.RunJobs(ctx); close(jobsStopped) }()

@@ -678,8 +678,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 	// the device still waits for the answer.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
 	defer cancel()
+	var note string
+	if former != nil {
+		if note, err = s.noteLeaving(ctx, regID, former); err != nil {
+			return nil, err
+		}
+	}
 	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
-		return nil, err
+		return nil, err // the note finds the record unchanged, and goes
 	}
 	if ekKey != "" {
 		// A DELETE of the record while this registration ran freed the
@@ -687,11 +693,14 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		// took another ID meanwhile, this registration is undone.
 		if err = s.claimID(ctx, regID, ekKey); azerr.HasStatus(err, 401) {
 			s.undo(ctx, regID, state.ETag, hub, &dev)
+			if former != nil {
+				s.dropNote(ctx, regID, former, note)
+			}
 			return nil, err
 		}
 	}
-	if former != nil {
-		s.leave(ctx, regID, former) // the record names where the device went
+	if former != nil && s.leave(ctx, regID, former) { // the record names where the device went
+		s.dropNote(ctx, regID, former, note)
 	}
 	if err != nil {
 		return nil, err
@@ -911,23 +920,30 @@ type formerIdentity struct {
 // the identity there has other credentials now (a concurrent
 // registration's, or a device made there since). It runs once the record
 // names where the device went, so that a concurrent registration finding
-// the identity gone finds the move recorded (and after a crash between the
-// two, the device is where the record says, with a leftover to delete).
-func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) {
+// the identity gone finds the move recorded (a note made before the record
+// finishes it after a crash between the two). It says whether it is done;
+// false means try again later.
+func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) bool {
 	// A later registration may have moved the device back meanwhile.
-	if rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil); err == nil {
-		if rec.lastAssignment().at(f.hub.HostName, f.deviceID) {
-			return
-		}
+	rec, _, err := get[registrationRecord](ctx, s.store, kindRegistration, regID, nil)
+	if err != nil {
+		slog.Warn("reading the record of a reprovisioned device; its former identity is deleted later",
+			"registrationId", regID, "error", err)
+		return false
+	}
+	if rec.lastAssignment().at(f.hub.HostName, f.deviceID) {
+		return true
 	}
 	switch err := s.registry.DeleteDevice(ctx, f.hub, f.deviceID, f.credential); {
 	case errors.Is(err, ErrDeviceTaken):
 		slog.Info("a reprovisioned device's former identity has other credentials now; it stays",
 			"registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID)
 	case err != nil:
-		slog.Warn("removing a reprovisioned device from its former hub failed; delete it there",
+		slog.Warn("removing a reprovisioned device from its former hub failed; it is tried again in a few minutes",
 			"registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID, "error", err)
+		return false
 	}
+	return true
 }
 
 // undo takes back a registration whose TPM claimed another ID while it

@@ -28,6 +28,7 @@ const (
 	kindChallenge    = "dps.challenge"
 	kindTPMKey       = "dps.tpmKey"
 	kindTPMKeyOf     = "dps.tpmKeyOf"
+	kindLeaving      = "dps.leaving"
 	kindLinkedHub    = "dps.linkedHub"
 	kindSettings     = "dps.settings"
 )

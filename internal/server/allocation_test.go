@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
@@ -466,6 +467,44 @@ func TestMovedDeviceLeavesWhenItStopsWaiting(t *testing.T) {
 	}
 	if err := e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
 		t.Fatalf("the former identity stays, with the device's key: %v", err)
+	}
+}
+
+// deleteFails is a registry whose deletes fail, as when a hub is down.
+type deleteFails struct{ dps.Registry }
+
+func (deleteFails) DeleteDevice(context.Context, dps.LinkedHub, string, string) error {
+	return errors.New("the hub is unreachable")
+}
+
+// A moved device's former identity that could not be deleted when the move
+// was recorded (its hub down, or the process gone before it got there) is
+// deleted later, from the note made before the record.
+func TestFormerIdentityDeletedLater(t *testing.T) {
+	e := newEnv(t)
+	e.mover(t, func() int { return http.StatusOK })
+	if err := registerOn(ctx, e.replica(t, e.st, deleteFails{e.pool()}), e.moverKey(t)); err != nil {
+		t.Fatal(err)
+	}
+	if r, err := e.dps.GetRegistration(ctx, "mover"); err != nil || r.DeviceID != "new-id" {
+		t.Fatalf("record %+v %v", r, err)
+	}
+	stays := func() bool { return e.hubAPI.Do(ctx, "GET", "/devices/old-id", "", nil, &hub.Device{}) == nil }
+	if !stays() {
+		t.Fatal("the former identity went although its hub could not be reached")
+	}
+	// Registrations in flight finish their own notes.
+	if n, err := e.dps.FinishLeaving(ctx, time.Minute); n != 0 || err != nil || !stays() {
+		t.Fatalf("a note of a moment ago was finished: %d %v", n, err)
+	}
+	if n, err := e.dps.FinishLeaving(ctx, 0); n != 1 || err != nil || stays() {
+		t.Fatalf("finishing the notes: %d %v; the former identity stays: %v", n, err, stays())
+	}
+	if n, err := e.dps.FinishLeaving(ctx, 0); n != 0 || err != nil {
+		t.Fatalf("a finished note was kept: %d %v", n, err)
+	}
+	if r, err := e.dps.GetRegistration(ctx, "mover"); err != nil || r.DeviceID != "new-id" {
+		t.Fatalf("record after: %+v %v", r, err)
 	}
 }
 
