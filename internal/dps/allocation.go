@@ -354,24 +354,28 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 	if h.HostName == "" {
 		h.HostName = host
 	}
-	if hidesKey(h.ConnectionString) {
-		old, _, err := get[LinkedHub](ctx, s.store, kindLinkedHub, strings.ToLower(host),
-			azerr.BadRequest("linked hub %s: give its connectionString with the key", host))
-		if err != nil {
-			return nil, err
-		}
-		if h.ConnectionString != old.Redacted().ConnectionString {
-			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change the connection string", host)
-		}
-		if old.Endpoint != h.Endpoint || old.CACertificate != h.CACertificate {
-			return nil, azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint or CA certificate, which decide where that key's tokens go", host)
-		}
-		h.ConnectionString = old.ConnectionString
-	}
 	if !strings.EqualFold(h.HostName, host) {
 		return nil, azerr.BadRequest("hostName %q in the body differs from %q in the URL", h.HostName, host)
 	}
-	if err := s.LinkHub(ctx, *h); err != nil {
+	if !hidesKey(h.ConnectionString) {
+		return h, s.LinkHub(ctx, *h)
+	}
+	// The key is the stored one's: of the version replaced, not of one
+	// read before another write changed it.
+	_, h, err := replaceDoc(ctx, s.store, kindLinkedHub, strings.ToLower(host), write{ifMatch: "*"}, h, func(h, old *LinkedHub) error {
+		switch {
+		case old == nil:
+			return azerr.BadRequest("linked hub %s: give its connectionString with the key", host)
+		case h.ConnectionString != old.Redacted().ConnectionString:
+			return azerr.BadRequest("linked hub %s: give its connectionString with the key to change the connection string", host)
+		case old.Endpoint != h.Endpoint || old.CACertificate != h.CACertificate:
+			return azerr.BadRequest("linked hub %s: give its connectionString with the key to change its endpoint or CA certificate, which decide where that key's tokens go", host)
+		}
+		h.ConnectionString = old.ConnectionString
+		return checkLinkedHub(h)
+	})
+	s.hubs.forget()
+	if err != nil {
 		return nil, err
 	}
 	return h, nil
@@ -382,6 +386,18 @@ func (s *Service) PutLinkedHub(ctx context.Context, host string, h *LinkedHub) (
 // endpoint, if any, https: registrations send the hub tokens signed with
 // that key.
 func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
+	if err := checkLinkedHub(&h); err != nil {
+		return err
+	}
+	body, _ := json.Marshal(h)
+	_, err := s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
+	s.hubs.forget()
+	return err
+}
+
+// checkLinkedHub checks h, and fills in its host name from its connection
+// string when it has none.
+func checkLinkedHub(h *LinkedHub) error {
 	if h.AllocationWeight < 0 || h.AllocationWeight > 1000 {
 		return azerr.BadRequest("allocationWeight %d: use 0 to 1000 (0 counts as 1)", h.AllocationWeight)
 	}
@@ -418,10 +434,7 @@ func (s *Service) LinkHub(ctx context.Context, h LinkedHub) error {
 			return azerr.BadRequest("linked hub %s: endpoint %q must be an https URL of a host and port, such as https://%s:8443", h.HostName, h.Endpoint, h.HostName)
 		}
 	}
-	body, _ := json.Marshal(h)
-	_, err = s.store.Put(ctx, store.Doc{Kind: kindLinkedHub, ID: strings.ToLower(h.HostName), Body: body}, "")
-	s.hubs.forget()
-	return err
+	return nil
 }
 
 // UnlinkHub removes a linked hub; devices already there stay.

@@ -192,27 +192,20 @@ func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enro
 		return nil, azerr.BadRequest("optionalDeviceInformation must be a JSON object, such as {\"model\": \"x1\"}")
 	}
 	now := s.Now().UTC()
-	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc = nil, &now, &now
-	if w.replaces() {
-		if old, _, err := get[Enrollment](ctx, s.store, kindEnrollment, id, nil); err != nil {
-			return nil, err
-		} else if old != nil {
+	e.RegistrationState, e.LastUpdatedDateTimeUtc, e.CreatedDateTimeUtc, e.ETag = nil, &now, &now, ""
+	d, e, err := replaceDoc(ctx, s.store, kindEnrollment, id, w, e, func(e, old *Enrollment) error {
+		if old != nil {
 			e.CreatedDateTimeUtc = old.CreatedDateTimeUtc
 			e.Attestation.keepKeys(old.Attestation)
 		}
-	}
-	if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
-		return nil, err
-	}
-	if err := s.checkAllocation(ctx, e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
-		return nil, err
-	}
-	if err := checkRegistrationCN(e); err != nil {
-		return nil, err
-	}
-	e.ETag = ""
-	body, _ := json.Marshal(e)
-	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindEnrollment, ID: id, Body: body}, w)
+		if err := s.enrollmentDefaults(ctx, false, &e.Attestation, &e.ProvisioningStatus, &e.ReprovisionPolicy, &e.AllocationPolicy, &e.Capabilities, e.InitialTwin); err != nil {
+			return err
+		}
+		if err := s.checkAllocation(ctx, e.AllocationPolicy, e.IoTHubs, e.IoTHubHostName, e.CustomAllocationDefinition); err != nil {
+			return err
+		}
+		return checkRegistrationCN(e)
+	})
 	s.recentOperations.forget(id) // its keys or certificate may have changed
 	if err != nil {
 		return nil, storeErr(err, "enrollment "+id)
@@ -222,14 +215,48 @@ func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enro
 }
 
 // putDoc writes d as w says.
-func putDoc(ctx context.Context, st store.Store, d store.Doc, w write) (store.Doc, error) {
-	switch {
-	case w.upsert:
-		return st.Put(ctx, d, "")
-	case w.ifMatch == "":
-		return st.Create(ctx, d)
+// replaceDoc writes v as w says, after complete has finished it against
+// the version it replaces (nil when it creates): v keeps what complete takes
+// from that version (the stored keys) only if that is the version replaced,
+// so where w leaves the version open ("*", upsert) it writes under the etag
+// read and reads again when another write came between — a key rotated
+// meanwhile is never brought back. It returns the document and v as
+// written.
+func replaceDoc[T any](ctx context.Context, st store.Store, kind, id string, w write, v *T, complete func(v, old *T) error) (store.Doc, *T, error) {
+	given, _ := json.Marshal(v)
+	for attempt := 1; ; attempt++ {
+		var old *T
+		etag := w.ifMatch
+		if w.replaces() {
+			var read string
+			var err error
+			if old, read, err = get[T](ctx, st, kind, id, nil); err != nil {
+				return store.Doc{}, nil, err
+			}
+			if old != nil && (w.upsert || w.ifMatch == "*") {
+				etag = read // the version complete saw
+			}
+		}
+		v = new(T) // each attempt completes the request as given
+		_ = json.Unmarshal(given, v)
+		if err := complete(v, old); err != nil {
+			return store.Doc{}, nil, err
+		}
+		body, _ := json.Marshal(v)
+		doc := store.Doc{Kind: kind, ID: id, Body: body}
+		var d store.Doc
+		var err error
+		if etag == "" {
+			d, err = st.Create(ctx, doc)
+		} else {
+			d, err = st.Put(ctx, doc, etag)
+		}
+		raced := etag != w.ifMatch || (w.upsert && etag == "")
+		if raced && attempt < 10 && (errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNotFound)) {
+			continue
+		}
+		return d, v, err
 	}
-	return st.Put(ctx, d, w.ifMatch)
 }
 
 // GetEnrollment returns an enrollment with its registration state.
@@ -284,24 +311,17 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 	g.EnrollmentGroupID = id
 	w := writeIf(cmp.Or(ifMatch, g.ETag))
 	now := s.Now().UTC()
-	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc = &now, &now
-	if w.replaces() {
-		if old, _, err := get[EnrollmentGroup](ctx, s.store, kindGroup, id, nil); err != nil {
-			return nil, err
-		} else if old != nil {
+	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc, g.ETag = &now, &now, ""
+	d, g, err := replaceDoc(ctx, s.store, kindGroup, id, w, g, func(g, old *EnrollmentGroup) error {
+		if old != nil {
 			g.CreatedDateTimeUtc = old.CreatedDateTimeUtc
 			g.Attestation.keepKeys(old.Attestation)
 		}
-	}
-	if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
-		return nil, err
-	}
-	if err := s.checkAllocation(ctx, g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition); err != nil {
-		return nil, err
-	}
-	g.ETag = ""
-	body, _ := json.Marshal(g)
-	d, err := putDoc(ctx, s.store, store.Doc{Kind: kindGroup, ID: id, Body: body}, w)
+		if err := s.enrollmentDefaults(ctx, true, &g.Attestation, &g.ProvisioningStatus, &g.ReprovisionPolicy, &g.AllocationPolicy, &g.Capabilities, g.InitialTwin); err != nil {
+			return err
+		}
+		return s.checkAllocation(ctx, g.AllocationPolicy, g.IoTHubs, g.IoTHubHostName, g.CustomAllocationDefinition)
+	})
 	s.groups.forget()
 	if err != nil {
 		return nil, storeErr(err, "enrollment group "+id)

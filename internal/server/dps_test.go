@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"maps"
 	"net/http"
@@ -680,5 +681,100 @@ func TestRefusalsDoNotRevealWhoExists(t *testing.T) {
 	}
 	if a := telemetry("d9", -time.Minute); a.status != 401 || !strings.Contains(a.msg, "expired") {
 		t.Errorf("an expired token answered %d %q", a.status, a.msg)
+	}
+}
+
+// A replace that keeps the stored keys (If-Match "*", or a bulk update) keeps
+// those of the version it replaces: a key rotated between its read and its
+// write stays rotated, for enrollments and groups alike.
+func TestReplaceKeepsKeysRotatedMeanwhile(t *testing.T) {
+	e := newEnv(t)
+	rotated := base64.StdEncoding.EncodeToString([]byte("a key rotated meanwhile, 32 byte"))
+	sym := dps.Attestation{Type: dps.AttestationSymmetricKey}
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "rot", Attestation: sym})
+	if _, err := e.dps.PutGroup(ctx, "rotg", "", &dps.EnrollmentGroup{Attestation: sym}); err != nil {
+		t.Fatal(err)
+	}
+	// rotate writes the new primary key through another replica, just before
+	// the replace under test writes.
+	rotate := func(kind string) func() {
+		return func() {
+			var err error
+			if kind == "dps.enrollment" {
+				cur, _ := e.dps.GetEnrollment(ctx, "rot")
+				cur.Attestation.SymmetricKey.PrimaryKey, cur.RegistrationState = rotated, nil
+				_, err = e.dps.PutEnrollment(ctx, "rot", cur.ETag, cur)
+			} else {
+				cur, _ := e.dps.GetGroup(ctx, "rotg")
+				cur.Attestation.SymmetricKey.PrimaryKey = rotated
+				_, err = e.dps.PutGroup(ctx, "rotg", cur.ETag, cur)
+			}
+			if err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	keyOf := func(kind string) string {
+		if kind == "dps.enrollment" {
+			en, _ := e.dps.GetEnrollment(ctx, "rot")
+			return en.Attestation.SymmetricKey.PrimaryKey + " " + en.ProvisioningStatus
+		}
+		g, _ := e.dps.GetGroup(ctx, "rotg")
+		return g.Attestation.SymmetricKey.PrimaryKey + " " + g.ProvisioningStatus
+	}
+	for _, tc := range []struct {
+		name, kind string
+		replace    func(*dps.Service) error
+	}{
+		{"enrollment, If-Match *", "dps.enrollment", func(r *dps.Service) error {
+			_, err := r.PutEnrollment(ctx, "rot", "*", &dps.Enrollment{Attestation: sym, ProvisioningStatus: "disabled"})
+			return err
+		}},
+		{"bulk update", "dps.enrollment", func(r *dps.Service) error {
+			res, err := r.Bulk(ctx, &dps.BulkOperation{Mode: dps.BulkUpdate, Enrollments: []*dps.Enrollment{{RegistrationID: "rot", Attestation: sym, ProvisioningStatus: "enabled"}}})
+			if err == nil && len(res.Errors) > 0 {
+				err = fmt.Errorf("%+v", res.Errors)
+			}
+			return err
+		}},
+		{"group, If-Match *", "dps.enrollmentGroup", func(r *dps.Service) error {
+			_, err := r.PutGroup(ctx, "rotg", "*", &dps.EnrollmentGroup{Attestation: sym, ProvisioningStatus: "disabled"})
+			return err
+		}},
+	} {
+		replica := e.replica(t, &storeHook{Store: e.st, kind: tc.kind, op: "put", f: rotate(tc.kind)}, e.pool())
+		if err := tc.replace(replica); err != nil {
+			t.Fatalf("%s: %v", tc.name, err)
+		}
+		if got := keyOf(tc.kind); !strings.HasPrefix(got, rotated+" ") || strings.HasSuffix(got, " ") {
+			t.Errorf("%s: primary key and status after the replace: %s; want the rotated key kept and the status written", tc.name, got)
+		}
+		rotated = base64.StdEncoding.EncodeToString([]byte("another rotation, of 32 bytes..." + tc.name)[:32])
+	}
+
+	// A linked hub sent back as the API shows it, its key hidden, keeps the
+	// key stored when it is written.
+	const lh = "hub9.test"
+	withKey := func(key string) string {
+		return "HostName=" + lh + ";SharedAccessKeyName=iothubowner;SharedAccessKey=" + key
+	}
+	if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: lh, ConnectionString: withKey(rotated)}); err != nil {
+		t.Fatal(err)
+	}
+	hubRotated := base64.StdEncoding.EncodeToString([]byte("the hub's key rotated meanwhile."))
+	replica := e.replica(t, &storeHook{Store: e.st, kind: "dps.linkedHub", op: "put", f: func() {
+		if err := e.dps.LinkHub(ctx, dps.LinkedHub{HostName: lh, ConnectionString: withKey(hubRotated)}); err != nil {
+			t.Error(err)
+		}
+	}}, e.pool())
+	shown := dps.LinkedHub{ConnectionString: withKey(rotated)}.Redacted().ConnectionString
+	if _, err := replica.PutLinkedHub(ctx, lh, &dps.LinkedHub{ConnectionString: shown, AllocationWeight: 7}); err != nil {
+		t.Fatal(err)
+	}
+	hubs, _ := e.dps.LinkedHubs(ctx)
+	for _, h := range hubs {
+		if h.HostName == lh && (h.ConnectionString != withKey(hubRotated) || h.AllocationWeight != 7) {
+			t.Errorf("linked hub after a write with its key hidden: %s weight %d; want the rotated key kept", h.ConnectionString, h.AllocationWeight)
+		}
 	}
 }
