@@ -279,10 +279,18 @@ func TestOperatorCLI(t *testing.T) {
 		"imp-9\n"+
 		",symmetricKey,,\n"+
 		",symmetricKey,,\n"), 0o644)
+	// Rows that cannot be read make the file import nothing, unless asked.
 	out, err := c.run("enrollment", "import", "--file", csvPath)
+	if err == nil || !strings.Contains(out, "imported 0 of 9") || !strings.Contains(out, "nothing was imported: 6 of 9 rows cannot be imported as they are") {
+		t.Errorf("import of a file with unreadable rows: %v\n%s", err, out)
+	}
+	if _, err := c.run("enrollment", "show", "--registration-id", "imp-1"); err == nil {
+		t.Error("a file with unreadable rows imported some")
+	}
+	out, err = c.run("enrollment", "import", "--file", csvPath, "--skip-invalid")
 	last := -1
 	for _, want := range []string{"imported 2 of 9", "line 4: attestation \"fingerprint\"", "line 5 (cam-1): enrollment cam-1 exists already",
-		"line 6: iotEdge \"maybe\"", "line 7 (IMP-1): repeats line 2", "line 8: has 1 of the header's 4 fields",
+		"line 6: iotEdge \"maybe\"", "line 7 (IMP-1): repeats line 2", "line 8: has 1 field where the header names 4 columns",
 		"line 9: no registrationId", "line 10: no registrationId"} {
 		i := strings.Index(out, want)
 		if err == nil || i < last {
@@ -329,8 +337,23 @@ func TestOperatorCLI(t *testing.T) {
 	}
 	badCSV := filepath.Join(dir, "bad.csv")
 	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\n"), 0o644)
-	if out, err := c.run("enrollment", "import", "--file", badCSV); err == nil || !strings.Contains(out, "imported 1 of 2") || !strings.Contains(out, "line 3: ") {
+	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\nimp-13,symmetricKey\nimp-14\n"), 0o644)
+	if out, err := c.run("enrollment", "import", "--file", badCSV, "--skip-invalid"); err == nil || !strings.Contains(out, "imported 1 of 2") ||
+		!strings.Contains(out, "line 3: a quoted field opened on this line is still open at line 5") {
 		t.Errorf("import of a CSV with a broken quote: %v\n%s", err, out)
+	}
+	for _, tc := range []struct{ name, file, want string }{
+		{"extra.csv", "registrationId,attestation\nimp-15,symmetricKey,extra\n", "line 2: has 3 fields where the header names 2 columns"},
+		{"one.json", `{"registrationId":"imp-16","attestation":{"type":"symmetricKey"}}`, "holds one object, not an array of enrollments: put the enrollments between [ and ]"},
+		{"comma.json", "[\n  {\"registrationId\":\"imp-17\"},\n  ,\n]", "not valid JSON at line 3, column 3"},
+		{"type.json", `[{"registrationId":"imp-18","attestation":{"type":"symmetricKey"},"capabilities":{"iotEdge":"yes"}}]`,
+			"element 1: not an enrollment: capabilities.iotEdge is a JSON string where the field takes a boolean (true or false)"},
+	} {
+		path := filepath.Join(dir, tc.name)
+		_ = os.WriteFile(path, []byte(tc.file), 0o644)
+		if out, err := c.run("enrollment", "import", "--file", path); err == nil || !strings.Contains(out, tc.want) {
+			t.Errorf("import of %s: %v, want %q in\n%s", tc.name, err, tc.want, out)
+		}
 	}
 
 	// Mistakes get errors that say what to do, and exit non-zero.

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strconv"
 	"strings"
@@ -32,6 +33,7 @@ type importRow struct {
 func importCmd() *cobra.Command {
 	var file, mode string
 	var batch int
+	var skipInvalid bool
 	c := &cobra.Command{
 		Use:   "import",
 		Short: "Create or update many individual enrollments from a CSV or JSON file",
@@ -46,21 +48,24 @@ its columns, in any order:
   iotEdge (true/false), tags (JSON object), provisioningStatus, iotHubHostName,
   allocationPolicy
 
-Rows that cannot be read, repeat an earlier row's registration ID, or that the
-service refuses are listed with their line (CSV) or element (JSON) and the reason;
-the others are imported. -o json prints that report as JSON. An import cut short
+A file with rows that cannot be read or repeat an earlier row's registration ID
+imports nothing: those rows are listed with their line (CSV) or element (JSON)
+and the reason (--skip-invalid imports the others). Rows the service refuses
+(one that exists already, with --mode create) are listed the same way; the
+others are imported. -o json prints that report as JSON. An import cut short
 (Ctrl-C, the server gone) says from which row to finish.`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			rows, err := readImport(file)
 			if err != nil {
 				return err
 			}
-			return runImport(cmd, rows, mode, batch)
+			return runImport(cmd, rows, mode, batch, skipInvalid)
 		},
 	}
 	c.Flags().StringVar(&file, "file", "", "the CSV or JSON file")
 	c.Flags().StringVar(&mode, "mode", "create", "create (refuse existing ones) or update (create or replace)")
 	c.Flags().IntVar(&batch, "batch", 1000, "enrollments per bulk request (at most 10000)")
+	c.Flags().BoolVar(&skipInvalid, "skip-invalid", false, "import the rows that can be read even when others cannot (by default such a file imports nothing)")
 	_ = c.MarkFlagRequired("file")
 	return c
 }
@@ -71,15 +76,22 @@ func readImport(path string) ([]importRow, error) {
 		return nil, err
 	}
 	data = bytes.TrimPrefix(data, []byte("\ufeff")) // the byte order mark spreadsheets write
-	if strings.EqualFold(filepath.Ext(path), ".json") || bytes.HasPrefix(bytes.TrimSpace(data), []byte("[")) {
+	if trimmed := bytes.TrimSpace(data); strings.EqualFold(filepath.Ext(path), ".json") || bytes.HasPrefix(trimmed, []byte("[")) || bytes.HasPrefix(trimmed, []byte("{")) {
 		return readImportJSON(data)
 	}
 	return readImportCSV(data, filepath.Dir(path))
 }
 
 func readImportJSON(data []byte) ([]importRow, error) {
+	if bytes.HasPrefix(bytes.TrimSpace(data), []byte("{")) {
+		return nil, errors.New("the JSON file holds one object, not an array of enrollments: put the enrollments between [ and ]")
+	}
 	var raw []json.RawMessage
 	if err := json.Unmarshal(data, &raw); err != nil {
+		if se, ok := errors.AsType[*json.SyntaxError](err); ok {
+			line, col := lineColumn(data, se.Offset)
+			return nil, fmt.Errorf("the JSON file is not valid JSON at line %d, column %d: %v", line, col, err)
+		}
 		return nil, fmt.Errorf("the JSON file is not an array of enrollments: %w", err)
 	}
 	rows := make([]importRow, len(raw))
@@ -88,11 +100,41 @@ func readImportJSON(data []byte) ([]importRow, error) {
 		rows[i] = importRow{at: fmt.Sprintf("element %d", i+1), e: e}
 		dec := json.NewDecoder(bytes.NewReader(r))
 		dec.DisallowUnknownFields() // a misspelt field would be left out unseen
-		if err := dec.Decode(e); err != nil {
+		err := dec.Decode(e)
+		if te, ok := errors.AsType[*json.UnmarshalTypeError](err); ok && te.Field != "" {
+			err = fmt.Errorf("%s is a JSON %s where the field takes a %s", te.Field, te.Value, jsonKind(te.Type.Kind()))
+		}
+		if err != nil {
 			rows[i].err = fmt.Errorf("not an enrollment: %v", err)
 		}
 	}
 	return rows, nil
+}
+
+// lineColumn is where the byte before offset (the one a JSON syntax error
+// was found at) lies in data, counting from 1.
+func lineColumn(data []byte, offset int64) (line, col int) {
+	if len(data) == 0 {
+		return 1, 1
+	}
+	before := data[:min(max(offset, 1), int64(len(data)))]
+	line = bytes.Count(before[:len(before)-1], []byte("\n")) + 1
+	return line, len(before) - 1 - bytes.LastIndexByte(before[:len(before)-1], '\n')
+}
+
+// jsonKind names what JSON value a Go kind decodes from.
+func jsonKind(k reflect.Kind) string {
+	switch k {
+	case reflect.Bool:
+		return "boolean (true or false)"
+	case reflect.String:
+		return "string"
+	case reflect.Slice, reflect.Array:
+		return "array"
+	case reflect.Map, reflect.Struct, reflect.Pointer:
+		return "object"
+	}
+	return "number"
 }
 
 var csvColumns = []string{"registrationid", "deviceid", "attestation", "endorsementkey", "storagerootkey", "primarykey",
@@ -136,14 +178,22 @@ func readImportCSV(data []byte, dir string) ([]importRow, error) {
 			line := 0
 			if pe, ok := errors.AsType[*csv.ParseError](err); ok {
 				line = pe.StartLine
+				if errors.Is(err, csv.ErrQuote) && pe.Line > pe.StartLine {
+					// The quote swallowed the lines after it.
+					err = fmt.Errorf("a quoted field opened on this line is still open at line %d, so the lines between are no rows of their own: close the quote (a quote inside a quoted field is written twice)", pe.Line)
+				}
 			}
 			rows = append(rows, importRow{at: fmt.Sprintf("line %d", line), err: err})
 			continue
 		}
 		line, _ := r.FieldPos(0)
 		at := fmt.Sprintf("line %d", line)
-		if len(rec) < len(header) {
-			rows = append(rows, importRow{at: at, err: fmt.Errorf("has %d of the header's %d fields", len(rec), len(header))})
+		if len(rec) != len(header) {
+			fields := fmt.Sprintf("%d fields", len(rec))
+			if len(rec) == 1 {
+				fields = "1 field"
+			}
+			rows = append(rows, importRow{at: at, err: fmt.Errorf("has %s where the header names %d columns", fields, len(header))})
 			continue
 		}
 		get := func(name string) string {
@@ -226,7 +276,7 @@ type importReport struct {
 // runImport sends the readable rows in batches, drawing progress on
 // stderr, and reports every row that failed. An interrupt (Ctrl-C) ends it
 // with the report of what it did so far.
-func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) error {
+func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int, skipInvalid bool) error {
 	switch mode {
 	case dps.BulkCreate, dps.BulkUpdate:
 	default:
@@ -262,6 +312,10 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int) err
 		}
 	}
 	rep := importReport{Total: len(rows)}
+	if len(failures) > 0 && !skipInvalid {
+		reportImport(cmd, rep, failures)
+		return fmt.Errorf("nothing was imported: %d of %d rows cannot be imported as they are; fix them, or pass --skip-invalid to import the others", len(failures), len(rows))
+	}
 	bar := progress.New(cmd.ErrOrStderr(), "importing", len(send))
 	for start := 0; start < len(send); start += batch {
 		chunk := send[start:min(start+batch, len(send))]
