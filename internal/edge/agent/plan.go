@@ -57,13 +57,13 @@ type History struct {
 	// whether there is one (Reconciler.Previous).
 	Version    string
 	HasVersion bool
-	// Held is a recreate whose new image could not be had: the old
-	// container runs on meanwhile; nil when there is none.
+	// Held is a create or recreate whose image could not be had (an old
+	// container runs on meanwhile); nil when there is none.
 	Held *Held
 }
 
-// Held is a recreate of a module that could not get its new image. It is
-// tried again at Retry, Backoff(Fails-1) after the last attempt: an
+// Held is a create or recreate of a module that could not get its image.
+// It is tried again at Retry, Backoff(Fails-1) after the last attempt: an
 // unreachable registry is not asked every few seconds, each time holding
 // up the reconcile for a connection timeout.
 type Held struct {
@@ -140,8 +140,10 @@ func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*Histor
 	for _, m := range desired.Ordered() {
 		st, ok := cur[m.Name]
 		h := hist[m.Name]
-		if hd := held(m, h); ok && hd != nil && hd.Auth == authKey(desired, m) && now.Before(hd.Retry) {
-			acts = append(acts, keep(m, st, h, now)...) // its recreate waits
+		if hd := held(m, h); hd != nil && hd.Auth == authKey(desired, m) && now.Before(hd.Retry) {
+			if ok {
+				acts = append(acts, keep(m, st, h, now)...) // its recreate waits
+			}
 			continue
 		}
 		acts = append(acts, planModule(m, st, ok, h, now)...)
@@ -265,6 +267,8 @@ func Status(m *Module, st *moby.ModuleState, h *History) (status, description st
 	switch {
 	case st == nil && h != nil && h.Err != "":
 		return RuntimeFailed, h.Err
+	case st == nil && held(m, h) != nil:
+		return RuntimeFailed, held(m, h).Err
 	case st == nil:
 		return RuntimeUnknown, "no container yet"
 	case st.State == "running" && st.Health == "unhealthy":

@@ -48,8 +48,8 @@ type Reconciler struct {
 // Apply plans and carries out the changes that bring the engine to m, and
 // returns the $edgeAgent reported properties afterwards. A module whose
 // action fails is left for the next Apply; the others go on. A module
-// whose new image cannot be had keeps its container, and its recreate
-// waits out a backoff (History.Held). The error joins this Apply's
+// whose image cannot be had keeps its container, if it has one, and its
+// create or recreate waits out a backoff (History.Held). The error joins this Apply's
 // failures; the report has code 500 for them and for waiting recreates.
 func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
 	r.mu.Lock()
@@ -109,7 +109,11 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			for j < len(acts) && acts[j].Name == a.Name {
 				j++
 			}
-			acts = slices.Replace(acts, i+1, j, keep(a.Module, byName[a.Name], h, now)...)
+			var then []Action // what the old container, if any, needs meanwhile
+			if st, exists := byName[a.Name]; exists {
+				then = keep(a.Module, st, h, now)
+			}
+			acts = slices.Replace(acts, i+1, j, then...)
 		case err != nil:
 			failed[a.Name] = true
 			if a.Kind != Remove {
@@ -242,11 +246,11 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	e := r.Engine
 	switch a.Kind {
 	case Create:
-		r.hist[a.Name] = &History{}
 		spec := r.spec(m, a.Module, network)
 		if err := e.EnsureImage(ctx, spec, false); err != nil {
-			return err
+			return &imageError{err}
 		}
+		r.hist[a.Name] = &History{}
 		return e.Create(ctx, spec)
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
@@ -301,8 +305,8 @@ func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
 	}
 }
 
-// imageError is a Recreate's failure to get the new image, before it
-// touched the old container.
+// imageError is a Create's or Recreate's failure to get the image, before
+// it touched any container.
 type imageError struct{ error }
 
 func (e *imageError) Unwrap() error { return e.error }

@@ -450,6 +450,42 @@ func TestUpdateWithoutImageBacksOff(t *testing.T) {
 	}
 }
 
+// A new module whose image cannot be had is tried again after 10 s, 20 s,
+// ... 5 min, as an update is, and reported failed with why meanwhile.
+func TestNewModuleWithoutImageBacksOff(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	fe.fail["pull img:1"] = errors.New("registry down")
+	var pulls []string
+	for range 80 { // 400 s
+		fe.takeCalls()
+		rep, err := r.Apply(ctx, manifest(a))
+		calls := fe.takeCalls()
+		if strings.Contains(calls, "pull") != (err != nil) || strings.Contains(calls, "create") {
+			t.Errorf("at %v: calls %s, error %v: want an error with each pull only, and no create", clock.Sub(t0), calls, err)
+		}
+		if strings.Contains(calls, "pull") {
+			pulls = append(pulls, clock.Sub(t0).String())
+		}
+		if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeFailed || !strings.Contains(got["statusDescription"].(string), "registry down") {
+			t.Errorf("at %v: a reported %v", clock.Sub(t0), got)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got, want := strings.Join(pulls, " "), "0s 10s 30s 1m10s 2m30s 5m10s"; got != want {
+		t.Errorf("pulls at %s, want %s", got, want)
+	}
+	delete(fe.fail, "pull img:1")
+	clock = clock.Add(BackoffMax)
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(a)); err != nil || fe.containers["a"] == nil || fe.containers["a"].State != "running" {
+		t.Errorf("once the image can be had: %v; calls %s", err, fe.takeCalls())
+	}
+}
+
 // A container made by an earlier agent has no version label: it is taken
 // to be at the version of the deployment it was made from (Previous), or
 // else of the first one applied to it, so that it is not recreated by the
