@@ -73,6 +73,15 @@ func newConfigApplyCmd() *cobra.Command {
 					return err
 				}
 			} else {
+				// Without systemd nothing starts aziot-tpmd, which is to
+				// start before iotedged: said first, also when iotedged
+				// is not running either.
+				if p := cfg.Provisioning; p.Source == config.SourceDPS && p.Attestation.Method == "tpm" {
+					if _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); errors.Is(err, tpmservice.ErrNotRunning) {
+						fmt.Fprintf(os.Stderr, "warning: the device provisions with its TPM, and aziot-tpmd is not running: %s; the runtime retries until it answers\n",
+							starthint.Service("aziot-tpmd", "aziot-tpmd"))
+					}
+				}
 				client, err := mgmtClient()
 				if err != nil {
 					return err
@@ -81,13 +90,6 @@ func newConfigApplyCmd() *cobra.Command {
 				defer cancel()
 				if err := client.Reload(ctx); err != nil {
 					return fmt.Errorf("the configuration is valid but the daemon did not take it: %w", err)
-				}
-				// Without systemd nothing starts aziot-tpmd for it.
-				if p := cfg.Provisioning; p.Source == config.SourceDPS && p.Attestation.Method == "tpm" {
-					if _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); errors.Is(err, tpmservice.ErrNotRunning) {
-						fmt.Fprintf(os.Stderr, "warning: the device provisions with its TPM, and aziot-tpmd is not running: %s; the runtime retries until it answers\n",
-							starthint.Service("aziot-tpmd", "aziot-tpmd"))
-					}
 				}
 			}
 			fmt.Println("Done. Check the runtime with `iotedge system status`.")
@@ -106,10 +108,14 @@ func writeNew(path string, cfg *config.Config, force bool) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	if err := os.WriteFile(path, cfg.TOML(), 0o600); err != nil {
+	if err := os.WriteFile(path, cfg.Used().TOML(), 0o600); err != nil {
 		return err
 	}
 	fmt.Printf("Wrote %s. Apply it with `sudo iotedge config apply`.\n", path)
+	if cfg.TrustBundleCert == "" {
+		fmt.Printf("It trusts the system's CA certificates only: for a hub whose certificate another CA issued (Hatchery's local CA),\n"+
+			"add trust_bundle_cert = \"file:///path/to/ca.pem\" at the top of %s first.\n", path)
+	}
 	return nil
 }
 

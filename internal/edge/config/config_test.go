@@ -248,16 +248,15 @@ func TestLegacyImport(t *testing.T) {
 	}
 
 	c, _ = mustParse(t, "testdata/yaml/certificates.yaml")
-	if c.TrustBundleCert != "/var/secrets/trusted-ca.pem" || c.Provisioning.ConnectionString == "" {
+	if c.TrustBundleCert != "file:///var/secrets/trusted-ca.pem" || c.Provisioning.ConnectionString == "" {
 		t.Errorf("trusted_ca_certs or connection string not imported: %+v", c)
 	}
 }
 
 func TestRenderedTOML(t *testing.T) {
 	c, _ := mustParse(t, "testdata/yaml/tpm.yaml")
-	got := string(c.TOML())
+	got := string(c.Used().TOML())
 	want := `# Edge runtime configuration. Apply changes with: sudo iotedge config apply
-hostname = "edge-lab-01"
 # When to provision again: Dynamic, AlwaysOnStartup or OnErrorOnly
 auto_reprovisioning_mode = "OnErrorOnly"
 
@@ -270,27 +269,13 @@ id_scope = "0ne5A1F09C2"
 [provisioning.attestation]
 method = "tpm"
 registration_id = "3f2b9c0d"
-
-# The edge agent module
-[agent]
-name = "edgeAgent"
-type = "docker"
-
-[agent.config]
-image = "mcr.microsoft.com/azureiotedge-agent:1.1"
-
-# Where modules reach the runtime's APIs
-[connect]
-workload_uri = "unix:///var/run/iotedge/workload.sock"
-management_uri = "unix:///var/run/iotedge/mgmt.sock"
-
-# Where the runtime serves its APIs
-[listen]
-workload_uri = "fd://aziot-edged.workload.socket"
-management_uri = "fd://aziot-edged.mgmt.socket"
 `
 	if got != want {
 		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+	// What it writes is a config.toml without warnings.
+	if _, warns, err := Parse("config.toml", []byte(got)); err != nil || len(warns) != 0 {
+		t.Errorf("the rendered config.toml: %v, warnings %v", err, warns)
 	}
 }
 

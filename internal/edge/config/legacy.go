@@ -223,6 +223,9 @@ func (ck *checker) convert(lc *legacyConfig) *Config {
 	c := Default()
 	c.Hostname, c.ParentHostname = lc.Hostname, lc.ParentHostname
 	c.TrustBundleCert = lc.Certificates.TrustedCACerts
+	if strings.HasPrefix(c.TrustBundleCert, "/") {
+		c.TrustBundleCert = "file://" + c.TrustBundleCert // config.toml's form
+	}
 	// homedir is not carried over: 1.4 and later keep their state apart
 	// from 1.1's, as Azure's import does.
 	c.Agent, c.Connect, c.Listen = lc.Agent, lc.Connect, lc.Listen

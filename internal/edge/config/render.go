@@ -23,6 +23,15 @@ func (c *Config) TOML() []byte {
 	return b.Bytes()
 }
 
+// Used is c without the settings Hatchery does not use (unused), which a
+// 1.1 config.yaml had to have: written into config.toml, they would be
+// warned of at every apply.
+func (c *Config) Used() *Config {
+	used, def := *c, Default()
+	used.Hostname, used.Homedir, used.Agent, used.Connect, used.Listen = def.Hostname, def.Homedir, def.Agent, def.Connect, def.Listen
+	return &used
+}
+
 // renderTable writes the keys of the struct v that differ from def, then its
 // sub-tables. A table with no keys of its own gets no header.
 func renderTable(b *bytes.Buffer, path, comment string, v, def reflect.Value) {
