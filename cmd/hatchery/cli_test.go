@@ -125,6 +125,31 @@ func TestOperatorCLI(t *testing.T) {
 	if after, _ := os.ReadFile(filepath.Join(c.dataDir, endpointFile)); !bytes.Equal(after, endpointBefore) {
 		t.Fatal("the refused server rewrote endpoint.json")
 	}
+	// A command run while the server is starting (it holds the data
+	// directory, endpoint.json not yet written) waits for it.
+	endpoint := filepath.Join(c.dataDir, endpointFile)
+	if err := os.Rename(endpoint, endpoint+".away"); err != nil {
+		t.Fatal(err)
+	}
+	early := exec.Command(c.bin, "info", "--data-dir", c.dataDir)
+	var earlyOut testutil.SyncBuffer
+	early.Stdout, early.Stderr = &earlyOut, &earlyOut
+	if err := early.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waited := make(chan error, 1)
+	go func() { waited <- early.Wait() }()
+	select {
+	case err := <-waited:
+		t.Fatalf("info before the server wrote endpoint.json did not wait: %v\n%s", err, earlyOut.String())
+	case <-time.After(700 * time.Millisecond):
+	}
+	if err := os.Rename(endpoint+".away", endpoint); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-waited; err != nil || !strings.Contains(earlyOut.String(), "waiting for the server starting in "+c.dataDir) || !strings.Contains(earlyOut.String(), "ID scope:") {
+		t.Errorf("info while the server starts: %v\n%s", err, earlyOut.String())
+	}
 	// Help never shows the database URL of the environment: it has the password.
 	help := exec.Command(c.bin, "info", "--help")
 	help.Env = append(os.Environ(), "HATCHERY_DATABASE=postgres://u:s3cretpw@db/hatchery")
@@ -150,7 +175,7 @@ func TestOperatorCLI(t *testing.T) {
 	if err := json.Unmarshal([]byte(c.ok("enrollment", "list", "-o", "json")), &listed); err != nil || len(listed) != 1 {
 		t.Fatalf("list json: %v %v", listed, err)
 	}
-	if out := c.ok("enrollment-group", "create", "--group-id", "line-3", "--initial-twin-tags", `{"line":3}`); !strings.Contains(out, "symmetricKey") {
+	if out := c.ok("enrollment-group", "create", "--group-id", "line-3", "--initial-twin-tags", `{"line":3}`); !strings.Contains(out, "symmetricKey") || len(grepLines(out, "Initial twin tags", `{"line":3}`)) != 1 {
 		t.Errorf("group create: %s", out)
 	}
 	if out := c.ok("enrollment-group", "list"); !strings.Contains(out, "line-3") {
@@ -404,6 +429,25 @@ func TestHubCLI(t *testing.T) {
 		t.Errorf("twin show: %s", out)
 	}
 	c.ok("device", "create", "--device-id", "other")
+	// The connection string `iotedge config mp -c` and the device SDKs take.
+	var other struct {
+		Authentication struct {
+			SymmetricKey struct{ PrimaryKey, SecondaryKey string }
+		}
+	}
+	if err := json.Unmarshal([]byte(c.ok("device", "show", "--device-id", "other", "-o", "json")), &other); err != nil {
+		t.Fatal(err)
+	}
+	keys := other.Authentication.SymmetricKey
+	if out := c.ok("device", "connection-string", "--device-id", "other"); out != "HostName=localhost;DeviceId=other;SharedAccessKey="+keys.PrimaryKey+"\n" {
+		t.Errorf("device connection-string: %q", out)
+	}
+	if out := c.ok("device", "connection-string", "--device-id", "other", "--key", "secondary", "-o", "json"); !strings.Contains(out, `"connectionString": "HostName=localhost;DeviceId=other;SharedAccessKey=`+keys.SecondaryKey+`"`) {
+		t.Errorf("device connection-string --key secondary -o json: %q", out)
+	}
+	if out, err := c.run("device", "connection-string", "--device-id", "other", "--key", "both"); err == nil || !strings.Contains(out, `--key "both": use primary or secondary`) {
+		t.Errorf("device connection-string --key both: %v %s", err, out)
+	}
 	var twins []struct{ DeviceID string }
 	if err := json.Unmarshal([]byte(c.ok("query", "-q", "SELECT * FROM devices WHERE tags.environment = 'prod'")), &twins); err != nil ||
 		len(twins) != 1 || twins[0].DeviceID != "edge-1" {
@@ -471,6 +515,9 @@ func TestHubCLI(t *testing.T) {
 		"--primary-thumbprint", strings.Repeat("ab", 32)); !strings.Contains(out, "selfSigned") || strings.Contains(out, "Primary key") ||
 		len(grepLines(out, "Primary thumbprint", strings.Repeat("ab", 32))) != 1 {
 		t.Errorf("x509 device: %s", out)
+	}
+	if out := c.ok("device", "connection-string", "--device-id", "x509-1"); out != "HostName=localhost;DeviceId=x509-1;x509=true\n" {
+		t.Errorf("an X.509 device's connection string: %q", out)
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
 	c.ok("device", "delete", "--device-id", "edge-1")

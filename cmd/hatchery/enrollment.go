@@ -487,10 +487,6 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 	if e.RegistrationState != nil {
 		reg = e.RegistrationState
 	}
-	tags := "{}"
-	if e.InitialTwin != nil && len(e.InitialTwin.Tags) > 0 {
-		tags = string(e.InitialTwin.Tags)
-	}
 	return render(cmd, e, [][2]string{
 		{"Registration ID", e.RegistrationID},
 		{"Device ID", orDash(e.DeviceID)},
@@ -498,7 +494,7 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		credentialRow(e.Attestation),
 		{"IoT Edge", strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge)},
 		{"Provisioning status", e.ProvisioningStatus},
-		{"Initial twin tags", tags},
+		{"Initial twin tags", initialTags(e.InitialTwin)},
 		{"Allocation", allocationText(e.AllocationPolicy, e.IoTHubHostName, e.IoTHubs)},
 		{"Registration status", reg.Status},
 		{"Substatus", orDash(reg.Substatus)},
@@ -506,6 +502,14 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
 	})
+}
+
+// initialTags is the tags an enrollment's initial twin gives, as JSON.
+func initialTags(t *dps.InitialTwin) string {
+	if t == nil || len(t.Tags) == 0 {
+		return "{}"
+	}
+	return string(t.Tags)
 }
 
 // rotateCmd is `rotate-keys`: one symmetric key replaced by a fresh one

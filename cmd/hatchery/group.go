@@ -72,6 +72,7 @@ func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
 		credentialRow(g.Attestation),
 		{"IoT Edge", strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge)},
 		{"Provisioning status", g.ProvisioningStatus},
+		{"Initial twin tags", initialTags(g.InitialTwin)},
 		{"Allocation", allocationText(g.AllocationPolicy, g.IoTHubHostName, g.IoTHubs)},
 	})
 }

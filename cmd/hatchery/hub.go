@@ -92,6 +92,37 @@ func deviceCmd() *cobra.Command {
 		idFlag(c)
 		return c
 	}
+	var keyName string
+	connString := &cobra.Command{Use: "connection-string", Short: "Print a device's connection string (as `az iot hub device-identity connection-string show`)",
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if keyName != "primary" && keyName != "secondary" {
+				return fmt.Errorf("--key %q: use primary or secondary", keyName)
+			}
+			d, err := call[hub.Device](cmd, hubClient, "GET", device.path(), "", nil)
+			if err != nil {
+				return err
+			}
+			site, err := loadSite(cmd)
+			if err != nil {
+				return err
+			}
+			cs := "HostName=" + site.HubHostName + ";DeviceId=" + d.DeviceID
+			switch a := d.Authentication; {
+			case a.Type != "sas":
+				cs += ";x509=true" // the device's certificate authenticates it
+			case keyName == "primary":
+				cs += ";SharedAccessKey=" + a.SymmetricKey.PrimaryKey
+			default:
+				cs += ";SharedAccessKey=" + a.SymmetricKey.SecondaryKey
+			}
+			if jsonOutput(cmd) {
+				return printJSON(map[string]string{"connectionString": cs})
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), cs)
+			return nil
+		}}
+	idFlag(connString)
+	connString.Flags().StringVar(&keyName, "key", "primary", "the key it carries: primary or secondary")
 	list := &cobra.Command{Use: "list", Short: "List devices", RunE: func(cmd *cobra.Command, _ []string) error {
 		ds, err := queryAll[hub.Twin](cmd, hubClient, "/devices/query", "SELECT * FROM devices")
 		if err != nil {
@@ -103,7 +134,7 @@ func deviceCmd() *cobra.Command {
 		}
 		return renderTable(cmd, ds, []string{"DEVICE ID", "STATUS", "EDGE", "CONNECTION"}, rows)
 	}}
-	cmd.AddCommand(create, get, del, list,
+	cmd.AddCommand(create, get, del, list, connString,
 		setStatus("disable", "disabled", "Disable a device: it can no longer connect"),
 		setStatus("enable", "enabled", "Enable a device"))
 	return cmd

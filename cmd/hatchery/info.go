@@ -86,7 +86,7 @@ func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 			fmt.Fprintf(cmd.ErrOrStderr(), "note: using %s; the hatchery service's installation is %s (--data-dir %s)\n", dir, packagedDataDir, packagedDataDir)
 		}
 	}
-	raw, err := os.ReadFile(filepath.Join(dir, endpointFile))
+	raw, err := readEndpoint(cmd, dir)
 	switch {
 	case errors.Is(err, fs.ErrPermission):
 		return nil, nil, fmt.Errorf("the installation in %s is not yours to read (%v): run the command as root, or as the user who serves it", dir, err)
@@ -246,4 +246,38 @@ func (s *siteInfo) roots() (*x509.CertPool, error) {
 		return pki.Roots()
 	}
 	return pki.Pool(s.CACertificate)
+}
+
+// startWait bounds how long a command waits for a server that is starting.
+const startWait = time.Minute
+
+// readEndpoint reads the data directory's endpoint.json, waiting for a
+// server that holds the directory but has not written it yet: one just
+// started (`make run &`, then a command) is not yet serving.
+func readEndpoint(cmd *cobra.Command, dir string) ([]byte, error) {
+	path := filepath.Join(dir, endpointFile)
+	raw, err := os.ReadFile(path)
+	if !errors.Is(err, fs.ErrNotExist) {
+		return raw, err
+	}
+	pid, starting := lockHeld(filepath.Join(dir, serveLock))
+	if !starting {
+		return nil, err
+	}
+	fmt.Fprintf(cmd.ErrOrStderr(), "waiting for the server starting in %s (pid %s)...\n", dir, pid)
+	tick := time.NewTicker(200 * time.Millisecond)
+	defer tick.Stop()
+	timeout := time.After(startWait)
+	for {
+		select {
+		case <-cmd.Context().Done():
+			return nil, cmd.Context().Err()
+		case <-timeout:
+			return nil, fmt.Errorf("the server in %s (pid %s) has not finished starting after %s: its log says why", dir, pid, startWait)
+		case <-tick.C:
+		}
+		if raw, err = os.ReadFile(path); !errors.Is(err, fs.ErrNotExist) {
+			return raw, err
+		}
+	}
 }

@@ -31,3 +31,20 @@ func lockFile(path, what string) (unlock func(), err error) {
 	_, _ = f.WriteAt([]byte(strconv.Itoa(os.Getpid())+"\n"), 0)
 	return func() { f.Close() }, nil
 }
+
+// serveLock is the data directory's lock file, held by its server.
+const serveLock = "serve.lock"
+
+// lockHeld says whether a process holds path's lock, and its pid.
+func lockHeld(path string) (pid string, held bool) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", false
+	}
+	defer f.Close()
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_SH|syscall.LOCK_NB); err != nil {
+		b, _ := os.ReadFile(path)
+		return strings.TrimSpace(string(b)), errors.Is(err, syscall.EWOULDBLOCK)
+	}
+	return "", false
+}

@@ -295,20 +295,14 @@ symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }`))
 	d.waitStatus("Hub:          connected")
 
 	// Manual: a device created in the hub, its connection string.
-	out = s.hatchery("device", "create", "--device-id", "manual-1", "--edge-enabled", "--output", "json")
-	var dev struct {
-		Authentication struct {
-			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
-		} `json:"authentication"`
-	}
-	if err := json.Unmarshal([]byte(out), &dev); err != nil {
-		t.Fatal(err)
-	}
-	cs := "HostName=localhost;DeviceId=manual-1;SharedAccessKey=" + dev.Authentication.SymmetricKey.PrimaryKey
+	s.hatchery("device", "create", "--device-id", "manual-1", "--edge-enabled")
+	cs := strings.TrimSpace(s.hatchery("device", "connection-string", "--device-id", "manual-1"))
 	if err := os.Remove(d.configPath); err != nil {
 		t.Fatal(err)
 	}
-	d.mustIotedge("config", "mp", "-c", cs, "-o", d.configPath)
+	if out := d.mustIotedge("config", "mp", "-c", cs, "-o", d.configPath); !strings.Contains(out, "add trust_bundle_cert") {
+		t.Errorf("config mp does not say the device trusts the system's CAs only:\n%s", out)
+	}
 	mp, _ := os.ReadFile(d.configPath)
 	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + "\"\n" + string(mp))
 	d.mustIotedge("config", "apply")
