@@ -39,12 +39,12 @@ func (a *api) routesHub(mux *http.ServeMux) {
 		writeJSON(w, http.StatusOK, res)
 		return nil
 	})
-	service(sas.RegistryWrite, "PUT /jobs/v2/{id}", withBody(func(r *http.Request, j *hub.Job) (any, error) {
+	service(sas.JobWrite, "PUT /jobs/v2/{id}", withBody(func(r *http.Request, j *hub.Job) (any, error) {
 		return h.CreateJob(r.Context(), r.PathValue("id"), j)
 	}))
-	service(sas.RegistryRead, "GET /jobs/v2/{id}", reply(func(r *http.Request) (any, error) { return h.GetJob(r.Context(), r.PathValue("id")) }))
-	service(sas.RegistryWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
-	service(sas.RegistryRead, "GET /jobs/v2/query", a.queryJobs)
+	service(sas.JobRead, "GET /jobs/v2/{id}", reply(func(r *http.Request) (any, error) { return h.GetJob(r.Context(), r.PathValue("id")) }))
+	service(sas.JobWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
+	service(sas.JobRead, "GET /jobs/v2/query", a.queryJobs)
 	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
 	service(sas.ServiceConnect, "GET /statistics/service", reply(func(r *http.Request) (any, error) { return h.ServiceStatistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
