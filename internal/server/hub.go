@@ -461,6 +461,8 @@ func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	setContinuation(w, next)
+	// The C# SDK reads a page's items by this type.
+	w.Header().Set("x-ms-item-type", "JobResponse")
 	writeJSON(w, http.StatusOK, jobs)
 	return nil
 }

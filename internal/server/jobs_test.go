@@ -59,3 +59,17 @@ func TestJobRights(t *testing.T) {
 		t.Errorf("cancelling with the service policy: %v %+v", err, got)
 	}
 }
+
+// A page of jobs names its items' type, as the C# SDK's query results need
+// (QueryResult reads x-ms-item-type; GetNextAsJobResponseAsync wants
+// JobResponse).
+func TestJobQueryItemType(t *testing.T) {
+	e := newEnv(t)
+	hdr, err := e.hubAPI.DoHeaders(ctx, "GET", "/jobs/v2/query", "", nil, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hdr.Get("x-ms-item-type"); got != "JobResponse" {
+		t.Fatalf("x-ms-item-type %q", got)
+	}
+}
