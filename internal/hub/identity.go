@@ -488,7 +488,13 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 // eachRecord calls f with every record of kind, in ID order, until f
 // returns an error.
 func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) error) error {
-	return s.eachDoc(ctx, kind, func(d store.Doc) error {
+	return s.eachRecordAfter(ctx, kind, "", f)
+}
+
+// eachRecordAfter is eachRecord from the first record whose ID is after
+// `after`.
+func (s *Service) eachRecordAfter(ctx context.Context, kind, after string, f func(*record) error) error {
+	return s.eachDocAfter(ctx, kind, after, func(d store.Doc) error {
 		rec := &record{}
 		if err := json.Unmarshal(d.Body, rec); err != nil {
 			return fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
@@ -500,8 +506,13 @@ func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) e
 // eachDoc calls f with every document of kind, in ID order, a page at a
 // time, until f returns an error.
 func (s *Service) eachDoc(ctx context.Context, kind string, f func(store.Doc) error) error {
+	return s.eachDocAfter(ctx, kind, "", f)
+}
+
+// eachDocAfter is eachDoc from the first document whose ID is after `after`.
+func (s *Service) eachDocAfter(ctx context.Context, kind, after string, f func(store.Doc) error) error {
 	const page = 500
-	for after := ""; ; {
+	for {
 		docs, err := s.store.List(ctx, kind, after, page)
 		if err != nil {
 			return err

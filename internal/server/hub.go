@@ -341,21 +341,15 @@ func (a *api) queryTwins(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	offset := 0
-	if c := r.Header.Get("x-ms-continuation"); c != "" {
-		n, err := strconv.Atoi(c)
-		if err != nil || n < 0 {
-			return azerr.BadRequest("x-ms-continuation %q is not a token this hub issued", c)
-		}
-		offset = n
-	}
-	rows, next, err := a.hub.Query(r.Context(), q.Query, offset, limit)
+	token, err := continuation(r)
 	if err != nil {
 		return err
 	}
-	if next > 0 {
-		w.Header().Set("x-ms-continuation", strconv.Itoa(next))
+	rows, next, err := a.hub.Query(r.Context(), q.Query, token, limit)
+	if err != nil {
+		return err
 	}
+	setContinuation(w, next)
 	w.Header().Set("x-ms-item-type", "Twin")
 	if rows == nil {
 		rows = []map[string]any{}
