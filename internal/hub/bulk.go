@@ -12,11 +12,14 @@ const MaxBulkIdentities = 100
 
 // ImportDevice is one identity of a bulk registry request (POST /devices):
 // a device or module as the registry shows it, with its ID as "id", what
-// to do with it, and for the IfMatchETag modes its etag.
+// to do with it, and for the IfMatchETag modes its etag; or, for the
+// updateTwin modes, a twin patch and the twin's etag.
 type ImportDevice struct {
 	Device
+	TwinPatch
 	ID         string `json:"id"`
 	ImportMode string `json:"importMode"`
+	TwinETag   string `json:"twinETag"`
 }
 
 // BulkResult answers a bulk registry request: the identities it failed
@@ -71,9 +74,24 @@ func (s *Service) BulkIdentities(ctx context.Context, ops []ImportDevice) (*Bulk
 }
 
 func (s *Service) importIdentity(ctx context.Context, r Ref, op ImportDevice) error {
+	mode := strings.ToLower(op.ImportMode)
+	switch {
+	case mode == "updatetwin":
+		_, err := s.UpdateTwin(ctx, r, "*", &op.TwinPatch, false)
+		return err
+	case mode == "updatetwinifmatchetag":
+		if op.TwinETag == "" {
+			return azerr.BadRequest("%s: updateTwinIfMatchETag needs the twin's twinETag", r)
+		}
+		_, err := s.UpdateTwin(ctx, r, op.TwinETag, &op.TwinPatch, false)
+		return err
+	case len(op.Tags) > 0 || op.Properties != nil && len(op.Properties.Desired) > 0 || op.TwinETag != "":
+		// Not dropped unseen: the other modes change the identity only.
+		return azerr.BadRequest("%s: tags, properties and twinETag go with importMode updateTwin or updateTwinIfMatchETag, not %q: send the twin update in a request of its own", r, op.ImportMode)
+	}
 	d := op.Device
 	d.DeviceID, d.ModuleID = r.Device, r.Module
-	switch strings.ToLower(op.ImportMode) {
+	switch mode {
 	case "create":
 		_, err := s.PutIdentity(ctx, r, "", &d)
 		return err
@@ -100,5 +118,5 @@ func (s *Service) importIdentity(ctx context.Context, r Ref, op ImportDevice) er
 		}
 		return s.DeleteIdentity(ctx, r, d.ETag)
 	}
-	return azerr.BadRequest("%s: importMode %q is not one of create, update, updateIfMatchETag, createOrUpdate, delete, deleteIfMatchETag", r, op.ImportMode)
+	return azerr.BadRequest("%s: importMode %q is not one of create, update, updateIfMatchETag, createOrUpdate, delete, deleteIfMatchETag, updateTwin, updateTwinIfMatchETag", r, op.ImportMode)
 }

@@ -893,33 +893,15 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 }
 
 // Query runs an IoT Hub query over device or module twins, returning one
-// page of rows from offset and the offset of the next page (0 at the end).
-func (s *Service) Query(ctx context.Context, q string, offset, limit int) ([]map[string]any, int, error) {
+// page of up to limit rows from where continuation (from the previous
+// page; "" to start) says, and the continuation of the next page ("" after
+// the last) (queryPage).
+func (s *Service) Query(ctx context.Context, q, continuation string, limit int) ([]map[string]any, string, error) {
 	parsed, err := query.Parse(q)
 	if err != nil {
-		return nil, 0, azerr.BadRequest("%v", err)
+		return nil, "", azerr.BadRequest("%v", err)
 	}
-	kind := kindDevice
-	if parsed.From == query.Modules {
-		kind = kindModule
-	}
-	docs, err := s.allDocs(ctx, kind)
-	if err != nil {
-		return nil, 0, err
-	}
-	rows, err := parsed.Run(docs)
-	if err != nil {
-		return nil, 0, azerr.BadRequest("%v", err)
-	}
-	if offset > len(rows) {
-		offset = len(rows)
-	}
-	end := min(offset+limit, len(rows))
-	next := end
-	if end == len(rows) {
-		next = 0
-	}
-	return rows[offset:end], next, nil
+	return s.queryPage(ctx, parsed, continuation, limit)
 }
 
 // configurationsChanged forgets the configurations evaluate remembers, and

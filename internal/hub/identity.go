@@ -151,6 +151,9 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			if _, _, err := s.load(ctx, Ref{Device: r.Device}); err != nil {
 				return nil, err
 			}
+			if err := s.checkModuleCount(ctx, r); err != nil {
+				return nil, err
+			}
 		}
 		rec := &record{Device: *in, DeviceETag: newETag(), TwinETag: newETag(), TwinVersion: 1,
 			Tags: map[string]any{}, Desired: map[string]any{}, Reported: map[string]any{},
@@ -207,6 +210,24 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 	}
 	s.reapply(ctx, r) // an edge device no more, or one now, is targeted anew
 	return rec.identityView(), nil
+}
+
+// MaxModules is how many module identities a device may have, as in the
+// hosted hub (IoT Hub quotas: 50 modules per device).
+const MaxModules = 50
+
+// checkModuleCount refuses to add the module r to a device that has
+// MaxModules already. (Creates racing each other may pass it together.)
+func (s *Service) checkModuleCount(ctx context.Context, r Ref) error {
+	prefix := r.Device + "/"
+	mods, _, err := s.scan(ctx, kindModule, prefix, prefix, MaxModules)
+	if err != nil {
+		return err
+	}
+	if len(mods) >= MaxModules {
+		return azerr.New(413003, "TooManyModulesOnDevice", "device %q has %d module identities, the most a device may have: delete one before adding %q", r.Device, MaxModules, r.Module)
+	}
+	return nil
 }
 
 // ensureEdgeModules gives an IoT Edge device its $edgeAgent and $edgeHub
@@ -320,15 +341,16 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
 		}
 		if r.Module == "" {
-			mods, err := s.ListModules(ctx, r.Device)
-			if err != nil {
-				return err
-			}
-			for _, m := range mods {
-				if err := s.store.Delete(ctx, kindModule, Ref{r.Device, m.ModuleID}.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+			err := s.eachModule(ctx, r.Device, func(m *record) error {
+				mr := Ref{r.Device, m.Device.ModuleID}
+				if err := s.store.Delete(ctx, kindModule, mr.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 					return err
 				}
-				s.revoke(Ref{r.Device, m.ModuleID})
+				s.revoke(mr)
+				return nil
+			})
+			if err != nil {
+				return err
 			}
 		}
 		err = s.store.Delete(ctx, r.kind(), r.id(), etag)
@@ -407,15 +429,35 @@ func (s *Service) ListModules(ctx context.Context, device string) ([]*Device, er
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}
-	recs, _, err := s.scan(ctx, kindModule, device+"/", device+"/", 1000)
+	out := []*Device{}
+	err := s.eachModule(ctx, device, func(r *record) error {
+		out = append(out, r.identityView())
+		return nil
+	})
 	if err != nil {
 		return nil, err
 	}
-	out := make([]*Device, len(recs))
-	for i, r := range recs {
-		out[i] = r.identityView()
-	}
 	return out, nil
+}
+
+// eachModule calls f with every module record of device, in ID order, a
+// page at a time: all of them, though a device may have only MaxModules,
+// as stores written before that limit may hold more.
+func (s *Service) eachModule(ctx context.Context, device string, f func(*record) error) error {
+	prefix := device + "/"
+	for after := prefix; after != ""; {
+		recs, next, err := s.scan(ctx, kindModule, prefix, after, 500)
+		if err != nil {
+			return err
+		}
+		for _, r := range recs {
+			if err := f(r); err != nil {
+				return err
+			}
+		}
+		after = next
+	}
+	return nil
 }
 
 // scan decodes up to limit records of kind with IDs after `after` that
@@ -446,7 +488,13 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 // eachRecord calls f with every record of kind, in ID order, until f
 // returns an error.
 func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) error) error {
-	return s.eachDoc(ctx, kind, func(d store.Doc) error {
+	return s.eachRecordAfter(ctx, kind, "", f)
+}
+
+// eachRecordAfter is eachRecord from the first record whose ID is after
+// `after`.
+func (s *Service) eachRecordAfter(ctx context.Context, kind, after string, f func(*record) error) error {
+	return s.eachDocAfter(ctx, kind, after, func(d store.Doc) error {
 		rec := &record{}
 		if err := json.Unmarshal(d.Body, rec); err != nil {
 			return fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
@@ -458,8 +506,13 @@ func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) e
 // eachDoc calls f with every document of kind, in ID order, a page at a
 // time, until f returns an error.
 func (s *Service) eachDoc(ctx context.Context, kind string, f func(store.Doc) error) error {
+	return s.eachDocAfter(ctx, kind, "", f)
+}
+
+// eachDocAfter is eachDoc from the first document whose ID is after `after`.
+func (s *Service) eachDocAfter(ctx context.Context, kind, after string, f func(store.Doc) error) error {
 	const page = 500
-	for after := ""; ; {
+	for {
 		docs, err := s.store.List(ctx, kind, after, page)
 		if err != nil {
 			return err

@@ -3,6 +3,8 @@ package hub
 import (
 	"context"
 	"encoding/base64"
+	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -144,6 +146,51 @@ func TestDeleteDevice(t *testing.T) {
 	}
 	if _, err := s.GetIdentity(ctx, Ref{Device: "busy"}); !azerr.HasStatus(err, 404) {
 		t.Fatalf("the device is still there: %v", err)
+	}
+}
+
+// A device has at most MaxModules module identities, whether created one
+// by one or in bulk; deleting it deletes every module it has, however many
+// a store written before that limit holds, so that none comes back, keys
+// and all, when the device ID is used again.
+func TestModuleLimit(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d"})
+	for i := range MaxModules {
+		newIdentity(t, s, Ref{Device: "d", Module: fmt.Sprint("m", i)})
+	}
+	_, err := s.PutIdentity(ctx, Ref{Device: "d", Module: "one-more"}, "", &Device{})
+	if e := azerr.As(err); e.Status() != 413 || e.Name != "TooManyModulesOnDevice" || !strings.Contains(e.Message, fmt.Sprint(MaxModules)) {
+		t.Fatalf("module %d: %v", MaxModules+1, err)
+	}
+	res, err := s.BulkIdentities(ctx, []ImportDevice{{ID: "d", Device: Device{ModuleID: "bulk"}, ImportMode: "create"}})
+	if err != nil || len(res.Errors) != 1 || res.Errors[0].ErrorCode != "TooManyModulesOnDevice" {
+		t.Fatalf("bulk module %d: %v %+v", MaxModules+1, err, res)
+	}
+	if mods, err := s.ListModules(ctx, "d"); err != nil || len(mods) != MaxModules {
+		t.Fatalf("%d modules, %v", len(mods), err)
+	}
+
+	// More modules than a page of any listing, as an older store may hold.
+	newIdentity(t, s, Ref{Device: "old"})
+	const many = 1100
+	for i := range many {
+		body, _ := json.Marshal(&record{Device: Device{DeviceID: "old", ModuleID: fmt.Sprintf("m%04d", i),
+			Authentication: Authentication{Type: "sas", SymmetricKey: SymmetricKey{PrimaryKey: sas.NewKey(), SecondaryKey: sas.NewKey()}}}})
+		if _, err := s.store.Create(ctx, store.Doc{Kind: kindModule, ID: fmt.Sprintf("old/m%04d", i), Body: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if mods, err := s.ListModules(ctx, "old"); err != nil || len(mods) != many {
+		t.Errorf("listed %d of %d modules: %v", len(mods), many, err)
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "old"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	newIdentity(t, s, Ref{Device: "old"})
+	if mods, err := s.ListModules(ctx, "old"); err != nil || len(mods) != 0 {
+		t.Fatalf("the device created again has %d modules: %v", len(mods), err)
 	}
 }
 

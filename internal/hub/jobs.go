@@ -119,7 +119,8 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	switch {
 	case j.MaxExecutionTimeInSeconds == 0:
 		j.MaxExecutionTimeInSeconds = 3600
-	case j.MaxExecutionTimeInSeconds < 0 || time.Duration(j.MaxExecutionTimeInSeconds)*time.Second > maxJobDuration:
+	// In seconds: a Duration of a large count of seconds overflows.
+	case j.MaxExecutionTimeInSeconds < 0 || j.MaxExecutionTimeInSeconds > int64(maxJobDuration/time.Second):
 		return nil, azerr.BadRequest("maxExecutionTimeInSeconds %d: give 1 to %d", j.MaxExecutionTimeInSeconds, int64(maxJobDuration/time.Second))
 	}
 	now := s.Now().UTC()

@@ -36,6 +36,8 @@ func TestJobs(t *testing.T) {
 		"no method":    {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{}},
 		"bad query":    {Type: JobUpdateTwin, QueryCondition: "tags.env = ", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}},
 		"bad timeout":  {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{MethodName: "m", ResponseTimeoutInSeconds: 1}},
+		"too long":     {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{MethodName: "m"}, MaxExecutionTimeInSeconds: 86401},
+		"overflowing":  {Type: JobCallMethod, QueryCondition: "*", CloudToDeviceMethod: &MethodRequest{MethodName: "m"}, MaxExecutionTimeInSeconds: 9223372037},
 		"bad property": {Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"a.b": 1}}},
 		"empty patch":  {Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Properties: &DesiredPatch{Desired: map[string]any{}}}},
 		"modules":      {Type: JobUpdateTwin, QueryCondition: "FROM devices.modules WHERE moduleId = 'm'", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}},

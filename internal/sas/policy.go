@@ -32,6 +32,11 @@ const (
 	// TwinQuery is what querying twins needs: Azure lets back ends that
 	// work with twins (ServiceConnect) query them too.
 	TwinQuery = RegistryRead + " or " + ServiceConnect
+	// JobWrite is what scheduling or cancelling a job needs: both kinds of
+	// job, twin updates and direct methods, do ServiceConnect's work.
+	JobWrite = ServiceConnect
+	// JobRead is what reading jobs needs: in Azure, either right.
+	JobRead = TwinQuery
 )
 
 // Grants reports whether the policy's rights include right: each of a

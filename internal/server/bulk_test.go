@@ -1,12 +1,15 @@
 package server
 
 import (
+	"encoding/json"
 	"fmt"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
+	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
@@ -80,4 +83,69 @@ func (e *env) serviceToken() string {
 		e.t.Fatal(err)
 	}
 	return sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Hour))
+}
+
+// Bulk twin updates, as RegistryManager.UpdateTwins2Async of the C# SDK
+// sends them, merge tags and desired properties as a twin PATCH does; the
+// IfMatchETag mode refuses a stale twin etag, device by device.
+func TestBulkTwinUpdates(t *testing.T) {
+	e := newEnv(t)
+	for _, id := range []string{"d4", "d5", "d6"} {
+		if err := e.hubAPI.Do(ctx, "PUT", "/devices/"+id, "", map[string]any{"deviceId": id}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.hubAPI.Do(ctx, "PATCH", "/twins/d4", "", map[string]any{"tags": map[string]any{"keep": 1}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	var d6 hub.Twin
+	if err := e.hubAPI.Do(ctx, "GET", "/twins/d6", "", nil, &d6); err != nil {
+		t.Fatal(err)
+	}
+	bulk := func(body string) string {
+		t.Helper()
+		var res hub.BulkResult
+		if err := e.hubAPI.Do(ctx, "POST", "/devices", "", json.RawMessage(body), &res); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, f := range res.Errors {
+			out = append(out, f.DeviceID+":"+f.ErrorCode)
+		}
+		if res.IsSuccessful != (len(out) == 0) {
+			t.Errorf("isSuccessful %v with errors %v", res.IsSuccessful, out)
+		}
+		return strings.Join(out, " ")
+	}
+	if failed := bulk(`[{"id":"d4","importMode":"UpdateTwin","tags":{"bulk":1},"properties":{"desired":{"x":2},"reported":{"r":1}}},
+		{"id":"d5","importMode":"UpdateTwinIfMatchETag","twinETag":"*","tags":{"bulk":1}},
+		{"id":"d6","importMode":"updateTwinIfMatchETag","twinETag":"stale","tags":{"bulk":1}},
+		{"id":"ghost","importMode":"updateTwin","tags":{"bulk":1}},
+		{"id":"new","importMode":"create","tags":{"bulk":1}}]`); failed != "d6:PreconditionFailed ghost:DeviceNotFound new:ArgumentInvalid" {
+		t.Fatalf("errors %q", failed)
+	}
+	twin := func(id string) (tags, desired string) {
+		t.Helper()
+		var tw hub.Twin
+		if err := e.hubAPI.Do(ctx, "GET", "/twins/"+id, "", nil, &tw); err != nil {
+			t.Fatal(err)
+		}
+		var d map[string]any
+		_ = json.Unmarshal(tw.Properties.Desired, &d)
+		return string(tw.Tags), fmt.Sprint(d["x"])
+	}
+	for id, want := range map[string][2]string{"d4": {`{"bulk":1,"keep":1}`, "2"}, "d5": {`{"bulk":1}`, "<nil>"}, "d6": {`{}`, "<nil>"}} {
+		if tags, x := twin(id); tags != want[0] || x != want[1] {
+			t.Errorf("%s: tags %s, desired x %s; want %s, %s", id, tags, x, want[0], want[1])
+		}
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/new", "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Errorf("a create refused for its twin fields created the device: %v", err)
+	}
+	if failed := bulk(`[{"id":"d6","importMode":"updateTwinIfMatchETag","twinETag":"` + d6.ETag + `","tags":{"bulk":2}}]`); failed != "" {
+		t.Fatalf("updateTwinIfMatchETag with the twin's etag: %s", failed)
+	}
+	if tags, _ := twin("d6"); tags != `{"bulk":2}` {
+		t.Errorf("d6 tags %s", tags)
+	}
 }

@@ -39,12 +39,12 @@ func (a *api) routesHub(mux *http.ServeMux) {
 		writeJSON(w, http.StatusOK, res)
 		return nil
 	})
-	service(sas.RegistryWrite, "PUT /jobs/v2/{id}", withBody(func(r *http.Request, j *hub.Job) (any, error) {
+	service(sas.JobWrite, "PUT /jobs/v2/{id}", withBody(func(r *http.Request, j *hub.Job) (any, error) {
 		return h.CreateJob(r.Context(), r.PathValue("id"), j)
 	}))
-	service(sas.RegistryRead, "GET /jobs/v2/{id}", reply(func(r *http.Request) (any, error) { return h.GetJob(r.Context(), r.PathValue("id")) }))
-	service(sas.RegistryWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
-	service(sas.RegistryRead, "GET /jobs/v2/query", a.queryJobs)
+	service(sas.JobRead, "GET /jobs/v2/{id}", reply(func(r *http.Request) (any, error) { return h.GetJob(r.Context(), r.PathValue("id")) }))
+	service(sas.JobWrite, "POST /jobs/v2/{id}/cancel", reply(func(r *http.Request) (any, error) { return h.CancelJob(r.Context(), r.PathValue("id")) }))
+	service(sas.JobRead, "GET /jobs/v2/query", a.queryJobs)
 	service(sas.RegistryRead, "GET /statistics/devices", reply(func(r *http.Request) (any, error) { return h.Statistics(r.Context()) }))
 	service(sas.ServiceConnect, "GET /statistics/service", reply(func(r *http.Request) (any, error) { return h.ServiceStatistics(r.Context()) }))
 	edgeScope(sas.RegistryRead, "GET /devices/{id}/modules", reply(func(r *http.Request) (any, error) { return h.ListModules(r.Context(), r.PathValue("id")) }))
@@ -341,21 +341,15 @@ func (a *api) queryTwins(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	offset := 0
-	if c := r.Header.Get("x-ms-continuation"); c != "" {
-		n, err := strconv.Atoi(c)
-		if err != nil || n < 0 {
-			return azerr.BadRequest("x-ms-continuation %q is not a token this hub issued", c)
-		}
-		offset = n
-	}
-	rows, next, err := a.hub.Query(r.Context(), q.Query, offset, limit)
+	token, err := continuation(r)
 	if err != nil {
 		return err
 	}
-	if next > 0 {
-		w.Header().Set("x-ms-continuation", strconv.Itoa(next))
+	rows, next, err := a.hub.Query(r.Context(), q.Query, token, limit)
+	if err != nil {
+		return err
 	}
+	setContinuation(w, next)
 	w.Header().Set("x-ms-item-type", "Twin")
 	if rows == nil {
 		rows = []map[string]any{}
@@ -461,6 +455,8 @@ func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
 		return err
 	}
 	setContinuation(w, next)
+	// The C# SDK reads a page's items by this type.
+	w.Header().Set("x-ms-item-type", "JobResponse")
 	writeJSON(w, http.StatusOK, jobs)
 	return nil
 }
