@@ -495,23 +495,33 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	if !edge || (ownErr != nil && azerr.As(ownErr).Status() >= 500) {
 		return ownErr
 	}
-	if err := s.ensureModules(ctx, dev.Device, modules); err != nil {
+	if err := s.setModules(ctx, dev.Device, modules); err != nil {
 		return err
 	}
-	for _, mod := range slices.Sorted(maps.Keys(modules)) {
-		m := Ref{Device: dev.Device, Module: mod}
+	return ownErr
+}
+
+// setModules gives an edge device's modules their identities and the
+// desired properties they are to have, replacing only those: module
+// configurations target module twins by their tags.
+func (s *Service) setModules(ctx context.Context, device string, desired map[string]map[string]any) error {
+	if err := s.ensureModules(ctx, device, desired); err != nil {
+		return err
+	}
+	for _, mod := range slices.Sorted(maps.Keys(desired)) {
+		m := Ref{Device: device, Module: mod}
 		cur, _, err := s.load(ctx, m)
 		if err != nil {
 			return err
 		}
-		if jsonEqual(cur.Desired, modules[mod]) {
+		if jsonEqual(cur.Desired, desired[mod]) {
 			continue
 		}
-		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: modules[mod]}}, true); err != nil {
+		if err := s.replaceDesired(ctx, m, desired[mod]); err != nil {
 			return err
 		}
 	}
-	return ownErr
+	return nil
 }
 
 // applyOwn sets what a device or module configuration gives one twin,
@@ -881,15 +891,7 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 		}
 		desired[mod] = d
 	}
-	if err := s.ensureModules(ctx, device, desired); err != nil {
-		return err
-	}
-	for _, mod := range slices.Sorted(maps.Keys(desired)) {
-		if _, err := s.UpdateTwin(ctx, Ref{Device: device, Module: mod}, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
-			return err
-		}
-	}
-	return nil
+	return s.setModules(ctx, device, desired)
 }
 
 // Query runs an IoT Hub query over device or module twins, returning one

@@ -387,3 +387,51 @@ func TestModuleConfigurations(t *testing.T) {
 		t.Fatalf("a module tagged into a configuration: %v", desired("md-1", "other"))
 	}
 }
+
+// Applying content to an edge device, or a deployment to it, sets its
+// module twins' desired properties only: their tags stay, for the module
+// configurations that target modules by them.
+func TestEdgeContentKeepsModuleTags(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", manifest("sensor:1"), nil); err != nil {
+		t.Fatal(err)
+	}
+	modules := []string{"$edgeAgent", "$edgeHub", "sensor"}
+	tag := func() {
+		t.Helper()
+		for _, m := range modules {
+			if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge2/modules/"+m, "", map[string]any{"tags": map[string]any{"owner": "team-a"}}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tagsKept := func(after string) {
+		t.Helper()
+		for _, m := range modules {
+			if tw := mustTwin(t, e, "edge2", m); string(tw.Tags) != `{"owner":"team-a"}` {
+				t.Errorf("%s: %s's tags %s", after, m, tw.Tags)
+			}
+		}
+	}
+	tag()
+	content := manifest("sensor:2")
+	content["modulesContent"].(map[string]any)["sensor"] = map[string]any{"properties.desired": map[string]any{"interval": 7}}
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", content, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge2") != "sensor:2" {
+		t.Fatalf("content applied again: image %q", e.agentImage("edge2"))
+	}
+	tagsKept("content applied again")
+	tag()
+	content = manifest("sensor:3")
+	content["modulesContent"].(map[string]any)["$edgeHub"] = map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.2", "routes": map[string]any{}}}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/dep1", "", map[string]any{"content": content, "targetCondition": "*"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge2") != "sensor:3" {
+		t.Fatalf("deployed: image %q", e.agentImage("edge2"))
+	}
+	tagsKept("deployed")
+}
