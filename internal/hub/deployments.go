@@ -107,8 +107,8 @@ func checkContent(c *ConfigContent, layered bool) error {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
 	}
 	for mod, entries := range c.ModulesContent {
-		if !hubid.Valid(mod) {
-			return azerr.BadRequest("content.modulesContent: %q is not a module ID", mod)
+		if err := checkModuleID("content.modulesContent", mod); err != nil {
+			return err
 		}
 		for k, v := range entries {
 			if k != "properties.desired" && !strings.HasPrefix(k, "properties.desired.") {
@@ -122,6 +122,9 @@ func checkContent(c *ConfigContent, layered bool) error {
 			return azerr.BadRequest("content.modulesContent.%s is empty: give it \"properties.desired\" (or \"properties.desired.<path>\" entries in a layered deployment), or leave the module out", mod)
 		}
 	}
+	if err := checkManifestModules(c.ModulesContent["$edgeAgent"]); err != nil {
+		return err
+	}
 	if !layered {
 		for _, m := range []string{"$edgeAgent", "$edgeHub"} {
 			if _, ok := c.ModulesContent[m]["properties.desired"]; !ok {
@@ -130,6 +133,40 @@ func checkContent(c *ConfigContent, layered bool) error {
 		}
 	}
 	return nil
+}
+
+// checkManifestModules checks the names of the modules $edgeAgent's
+// entries run: each becomes a module identity (ensureModules), so each
+// follows the rule for module IDs, stricter than that for property names.
+func checkManifestModules(entries map[string]json.RawMessage) error {
+	for _, k := range slices.Sorted(maps.Keys(entries)) {
+		var v any
+		_ = json.Unmarshal(entries[k], &v) // checkEntry has read it
+		manifest := map[string]any{}
+		setPath(manifest, desiredPath(k), v)
+		mods, _ := manifest["modules"].(map[string]any)
+		for _, m := range slices.Sorted(maps.Keys(mods)) {
+			if err := checkModuleID("content.modulesContent.$edgeAgent."+k, m); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// checkModuleID refuses a module name that cannot name a module identity.
+func checkModuleID(where, name string) error {
+	if !hubid.Valid(name) {
+		return azerr.BadRequest("%s: module name %q is not a valid module ID: use %s", where, name, hubid.Rule)
+	}
+	return nil
+}
+
+// desiredPath is the path below properties.desired that a content key
+// ("properties.desired" or "properties.desired.<path>") sets; [""] for the
+// whole document.
+func desiredPath(key string) []string {
+	return strings.Split(strings.TrimPrefix(strings.TrimPrefix(key, "properties.desired"), "."), ".")
 }
 
 // checkTwinContent checks a device or module configuration's content:
@@ -606,7 +643,7 @@ func contentPatch(content map[string]json.RawMessage) (map[string]any, error) {
 		if err := json.Unmarshal(content[k], &v); err != nil {
 			return nil, fmt.Errorf("%s: %w", k, err)
 		}
-		setPath(patch, strings.Split(strings.TrimPrefix(k, "properties.desired."), "."), v)
+		setPath(patch, desiredPath(k), v)
 	}
 	return patch, nil
 }
@@ -669,7 +706,7 @@ func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus
 				if err := json.Unmarshal(entries[k], &v); err != nil {
 					return nil, fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
 				}
-				setPath(desired[mod], strings.Split(strings.TrimPrefix(strings.TrimPrefix(k, "properties.desired"), "."), "."), v)
+				setPath(desired[mod], desiredPath(k), v)
 			}
 		}
 	}

@@ -435,3 +435,47 @@ func TestEdgeContentKeepsModuleTags(t *testing.T) {
 	}
 	tagsKept("deployed")
 }
+
+// A module the $edgeAgent manifest runs gets a module identity, so its name
+// follows the rule for module IDs: content naming one that cannot be is
+// refused whole, before any module is created or any status recorded.
+func TestManifestModuleNamesAreModuleIDs(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	module := map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "m:1"}}
+	base := manifest("sensor:1")
+	agent := base["modulesContent"].(map[string]any)["$edgeAgent"].(map[string]any)["properties.desired"].(map[string]any)
+	agent["modules"] = map[string]any{"good1": module, "good2": module, "m&1": module, "zz": module}
+	layer := func(key string, v any) map[string]any {
+		return map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{key: v}}}
+	}
+	for name, content := range map[string]map[string]any{
+		"base":           base,
+		"layer, module":  layer("properties.desired.modules.m&1", module),
+		"layer, setting": layer("properties.desired.modules.m&1.settings.image", "m:2"),
+		"layer, modules": layer("properties.desired.modules", map[string]any{"good1": module, "m&1": module}),
+	} {
+		err := e.hubAPI.Do(ctx, "PUT", "/configurations/dep3", "", map[string]any{"content": content, "targetCondition": "*"}, nil)
+		if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `"m&1" is not a valid module ID`) {
+			t.Errorf("%s: PUT /configurations: %v, want 400 naming m&1", name, err)
+		}
+	}
+	err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", base, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `"m&1" is not a valid module ID`) {
+		t.Errorf("applyConfigurationContent: %v, want 400 naming m&1", err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/dep3", "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Errorf("the refused deployment was stored: %v", err)
+	}
+	var mods []hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/edge2/modules", "", nil, &mods); err != nil || len(mods) != 2 {
+		var ids []string
+		for _, m := range mods {
+			ids = append(ids, m.ModuleID)
+		}
+		t.Errorf("modules after refused content: %v %v, want only $edgeAgent and $edgeHub", err, ids)
+	}
+	if tw := mustTwin(t, e, "edge2", ""); len(tw.Configurations) != 0 || e.agentImage("edge2") != "" {
+		t.Errorf("refused content reached the device: configurations %v, image %q", tw.Configurations, e.agentImage("edge2"))
+	}
+}
