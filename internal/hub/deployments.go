@@ -2,6 +2,7 @@ package hub
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -510,32 +511,43 @@ func (s *Service) evaluate(ctx context.Context, r Ref, sweep bool) error {
 
 // applyTo brings one device in line with the configurations that target
 // it — an edge device's module twins with its deployments (edgeDesired),
-// any device's own desired properties with its device configuration
-// (deviceDesired) — and records each configuration's status on it.
+// any device's own desired properties with its device configuration —
+// and then records each configuration's status on it: Applied only where
+// what the configuration gives is in place.
 func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	doc := rec.twinDoc()
+	dev := Ref{Device: rec.Device.DeviceID}
 	status := map[string]ConfigStatus{}
-	edge := rec.Device.Capabilities.IoTEdge
-	var modules map[string]map[string]any
-	if edge {
-		var err error
-		if modules, err = edgeDesired(doc, ts, status); err != nil {
+	var edgeErr error
+	if rec.Device.Capabilities.IoTEdge {
+		modules, err := edgeDesired(doc, ts, status)
+		if err != nil {
 			return err
+		}
+		if edgeErr = s.setModules(ctx, dev.Device, modules); edgeErr != nil {
+			if azerr.As(edgeErr).Status() >= 500 {
+				return edgeErr
+			}
+			// The device does not hold the deployments' merged modules.
+			for id, st := range status {
+				if st.Status == "Applied" {
+					status[id] = ConfigStatus{Status: "Targeted"}
+				}
+			}
 		}
 	}
 	own, applied, err := configured(doc, ts, status, (*Configuration).forDevices)
 	if err != nil {
 		return err
 	}
-	dev := Ref{Device: rec.Device.DeviceID}
 	ownErr := s.applyOwn(ctx, dev, rec, own, applied, status)
-	if !edge || (ownErr != nil && azerr.As(ownErr).Status() >= 500) {
+	if ownErr != nil && azerr.As(ownErr).Status() >= 500 {
 		return ownErr
 	}
-	if err := s.setModules(ctx, dev.Device, modules); err != nil {
+	if err := s.recordStatus(ctx, dev, rec, status); err != nil {
 		return err
 	}
-	return ownErr
+	return cmp.Or(edgeErr, ownErr)
 }
 
 // setModules gives an edge device's modules their identities and the
@@ -561,25 +573,28 @@ func (s *Service) setModules(ctx context.Context, device string, desired map[str
 	return nil
 }
 
-// applyOwn sets what a device or module configuration gives one twin,
-// then records the configurations' statuses there; a configuration that
-// does not fit the twin (past its size once merged) is only Targeted.
+// applyOwn sets what a device or module configuration gives one twin; a
+// configuration that does not fit the twin (past its size once merged) is
+// then only Targeted.
 func (s *Service) applyOwn(ctx context.Context, r Ref, rec *record, own map[string]any, applied string, status map[string]ConfigStatus) error {
-	var ownErr error
-	if own != nil && !contains(rec.Desired, own) {
-		if _, ownErr = s.UpdateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); ownErr != nil {
-			if azerr.As(ownErr).Status() >= 500 {
-				return ownErr
-			}
-			status[applied] = ConfigStatus{Status: "Targeted"}
-		}
+	if own == nil || contains(rec.Desired, own) {
+		return nil
 	}
-	if !maps.Equal(status, rec.Configurations) {
-		if _, err := s.update(ctx, r, func(r *record) error { r.Configurations = status; return nil }); err != nil {
-			return err
-		}
+	_, err := s.UpdateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false)
+	if err != nil && azerr.As(err).Status() < 500 {
+		status[applied] = ConfigStatus{Status: "Targeted"}
 	}
-	return ownErr
+	return err
+}
+
+// recordStatus keeps the configurations' statuses on twin r, last read as
+// rec.
+func (s *Service) recordStatus(ctx context.Context, r Ref, rec *record, status map[string]ConfigStatus) error {
+	if maps.Equal(status, rec.Configurations) {
+		return nil
+	}
+	_, err := s.update(ctx, r, func(r *record) error { r.Configurations = status; return nil })
+	return err
 }
 
 // applyToModule brings one module twin in line with the module
@@ -594,7 +609,15 @@ func (s *Service) applyToModule(ctx context.Context, rec *record, ts []target) e
 	if err != nil {
 		return err
 	}
-	return s.applyOwn(ctx, Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}, rec, own, applied, status)
+	r := Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}
+	ownErr := s.applyOwn(ctx, r, rec, own, applied, status)
+	if ownErr != nil && azerr.As(ownErr).Status() >= 500 {
+		return ownErr
+	}
+	if err := s.recordStatus(ctx, r, rec, status); err != nil {
+		return err
+	}
+	return ownErr
 }
 
 // outranks reports whether configuration a wins over b on a device both

@@ -235,6 +235,13 @@ func TestLayerTooLargeForOneDevice(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "GET", "/configurations/layer", "", nil, nil); err != nil {
 		t.Fatalf("the layer was not stored: %v", err)
 	}
+	// Statuses say what is in place: the layer is not, on edge-a.
+	if got := mustTwin(t, e, "edge-a", "").Configurations["layer"].Status; got != "Targeted" {
+		t.Errorf("edge-a's status of the layer it could not take: %q, want Targeted", got)
+	}
+	if got := mustTwin(t, e, "edge-b", "").Configurations["base"].Status; got != "Applied" {
+		t.Errorf("edge-b's status of the base: %q, want Applied", got)
+	}
 }
 
 // Device configurations (automatic device management) set desired
