@@ -513,14 +513,16 @@ func (s *Service) evaluate(ctx context.Context, r Ref, sweep bool) error {
 // it — an edge device's module twins with its deployments (edgeDesired),
 // any device's own desired properties with its device configuration —
 // and then records each configuration's status on it: Applied only where
-// what the configuration gives is in place.
+// what the configuration gives is in place. The deployments' statuses go
+// on its $edgeAgent twin too: the hosted hub keeps them there, and the
+// deployment metrics' queries read them there.
 func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	doc := rec.twinDoc()
 	dev := Ref{Device: rec.Device.DeviceID}
-	status := map[string]ConfigStatus{}
+	deployments := map[string]ConfigStatus{}
 	var edgeErr error
 	if rec.Device.Capabilities.IoTEdge {
-		modules, err := edgeDesired(doc, ts, status)
+		modules, err := edgeDesired(doc, ts, deployments)
 		if err != nil {
 			return err
 		}
@@ -529,13 +531,14 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 				return edgeErr
 			}
 			// The device does not hold the deployments' merged modules.
-			for id, st := range status {
+			for id, st := range deployments {
 				if st.Status == "Applied" {
-					status[id] = ConfigStatus{Status: "Targeted"}
+					deployments[id] = ConfigStatus{Status: "Targeted"}
 				}
 			}
 		}
 	}
+	status := maps.Clone(deployments)
 	own, applied, err := configured(doc, ts, status, (*Configuration).forDevices)
 	if err != nil {
 		return err
@@ -543,6 +546,21 @@ func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	ownErr := s.applyOwn(ctx, dev, rec, own, applied, status)
 	if ownErr != nil && azerr.As(ownErr).Status() >= 500 {
 		return ownErr
+	}
+	// A device no longer an edge device drops its deployments' statuses,
+	// on $edgeAgent's twin as on its own: $edgeAgent's first, as the
+	// device's own say whether there is still something to drop.
+	if rec.Device.Capabilities.IoTEdge || !maps.Equal(status, rec.Configurations) {
+		agent := Ref{Device: dev.Device, Module: "$edgeAgent"}
+		switch cur, _, err := s.load(ctx, agent); {
+		case azerr.HasStatus(err, 404):
+		case err != nil:
+			return err
+		default:
+			if err := s.recordStatus(ctx, agent, cur, deployments); err != nil {
+				return err
+			}
+		}
 	}
 	if err := s.recordStatus(ctx, dev, rec, status); err != nil {
 		return err

@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"maps"
 	"strconv"
 	"strings"
 	"testing"
@@ -484,5 +485,63 @@ func TestManifestModuleNamesAreModuleIDs(t *testing.T) {
 	}
 	if tw := mustTwin(t, e, "edge2", ""); len(tw.Configurations) != 0 || e.agentImage("edge2") != "" {
 		t.Errorf("refused content reached the device: configurations %v, image %q", tw.Configurations, e.agentImage("edge2"))
+	}
+}
+
+// An edge deployment's status on a device is on its $edgeAgent twin, as in
+// the hosted hub, where the deployment's metric queries find it.
+func TestDeploymentStatusOnEdgeAgent(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	statuses := func(module string) map[string]string {
+		t.Helper()
+		out := map[string]string{}
+		for id, st := range mustTwin(t, e, "edge2", module).Configurations {
+			out[id] = st.Status
+		}
+		return out
+	}
+	deploy := func(id string, priority int) {
+		t.Helper()
+		if err := e.hubAPI.Do(ctx, "PUT", "/configurations/"+id, "", map[string]any{"content": manifest(id), "targetCondition": "*", "priority": priority}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deploy("dep1", 1)
+	if got := statuses("$edgeAgent"); !maps.Equal(got, map[string]string{"dep1": "Applied"}) {
+		t.Fatalf("$edgeAgent's configurations %v", got)
+	}
+	var c hub.Configuration
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/dep1", "", nil, &c); err != nil {
+		t.Fatal(err)
+	}
+	var rows []map[string]any
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": c.SystemMetrics.Queries["appliedCount"]}, &rows); err != nil || len(rows) != 1 || c.SystemMetrics.Results["appliedCount"] != 1 {
+		t.Fatalf("appliedCount %d, its query %q: %v %v", c.SystemMetrics.Results["appliedCount"], c.SystemMetrics.Queries["appliedCount"], err, rows)
+	}
+
+	// A device configuration's status is the device twin's only; the
+	// device twin keeps the deployments' too.
+	deploy("dep2", 2)
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/fw", "", map[string]any{"content": map[string]any{"deviceContent": map[string]any{
+		"properties.desired.fw": "1.0"}}, "targetCondition": "*"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := statuses("$edgeAgent"); !maps.Equal(got, map[string]string{"dep1": "Targeted", "dep2": "Applied"}) {
+		t.Fatalf("$edgeAgent's configurations under two deployments %v", got)
+	}
+	if got := statuses(""); !maps.Equal(got, map[string]string{"dep1": "Targeted", "dep2": "Applied", "fw": "Applied"}) {
+		t.Fatalf("the device twin's configurations %v", got)
+	}
+
+	// A device no longer an edge device is no deployment's.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/edge2", "*", map[string]any{"capabilities": map[string]any{"iotEdge": false}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := statuses("$edgeAgent"); len(got) != 0 {
+		t.Fatalf("$edgeAgent's configurations once the device is not an edge device: %v", got)
+	}
+	if got := statuses(""); !maps.Equal(got, map[string]string{"fw": "Applied"}) {
+		t.Fatalf("the device twin's configurations once it is not an edge device: %v", got)
 	}
 }
