@@ -795,135 +795,120 @@ func setPath(doc map[string]any, path []string, v any) {
 	doc[path[len(path)-1]] = v
 }
 
-// countMetrics fills the system metrics and runs the custom metric queries.
+// countMetrics fills the system metrics and the custom metrics' results,
+// each the number of rows its query gives over the twins, so that running
+// a metric's query through /devices/query gives its count.
 func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
-	type counts struct{ targeted, applied, ok, failed int64 }
-	n := make([]counts, len(cs))
-	var modules []map[string]any
-	err := s.eachRecord(ctx, kindDevice, func(r *record) error {
-		for i, c := range cs {
-			st, ok := r.Configurations[c.ID]
-			if !ok {
-				continue
-			}
-			n[i].targeted++
-			if st.Status != "Applied" {
-				continue
-			}
-			n[i].applied++
-			if c.forDevices() {
-				continue
-			}
-			agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
-			if err != nil {
-				continue
-			}
-			code, _ := lookup(agent.Reported, "lastDesiredStatus", "code").(float64)
-			ver, _ := agent.Reported["lastDesiredVersion"].(float64)
-			switch {
-			case int64(ver) != agent.DesiredVersion:
-			case code == 200:
-				n[i].ok++
-			case code >= 400:
-				n[i].failed++
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return err
+	type result struct {
+		of   map[string]int64
+		name string
 	}
-	if slices.ContainsFunc(cs, (*Configuration).forModules) {
-		err := s.eachRecord(ctx, kindModule, func(r *record) error {
-			for i, c := range cs {
-				if st, ok := r.Configurations[c.ID]; ok && c.forModules() {
-					n[i].targeted++
-					if st.Status == "Applied" {
-						n[i].applied++
-					}
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-	}
-	for i, c := range cs {
-		if c.forEdge() {
-			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
-		} else {
-			c.SystemMetrics = twinMetrics(c, n[i].targeted, n[i].applied)
-		}
+	var qs []*query.Query
+	var results []result
+	for _, c := range cs {
+		c.SystemMetrics = Metrics{Queries: systemQueries(c), Results: map[string]int64{}}
 		// Empty, not null, where there are none, as the SDKs iterate them.
 		if c.Metrics.Queries == nil {
 			c.Metrics.Queries = map[string]string{}
 		}
 		c.Metrics.Results = map[string]int64{}
-		if len(c.Metrics.Queries) > 0 {
-			if modules == nil {
-				var err error
-				if modules, err = s.allDocs(ctx, kindModule); err != nil {
-					return err
+		for _, m := range []Metrics{c.SystemMetrics, c.Metrics} {
+			for name, text := range m.Queries {
+				m.Results[name] = 0
+				if q, err := query.Parse(text); err == nil { // custom ones were checked when stored
+					qs = append(qs, q)
+					results = append(results, result{m.Results, name})
 				}
 			}
-			for name, q := range c.Metrics.Queries {
-				c.Metrics.Results[name] = s.countQuery(ctx, q, modules)
-			}
 		}
+	}
+	counts, err := s.countRows(ctx, qs)
+	if err != nil {
+		return err
+	}
+	for i, n := range counts {
+		results[i].of[results[i].name] = n
 	}
 	return nil
 }
 
-// twinMetrics are a device or module configuration's system metrics, the
-// hosted hub's queries with their counts. A module configuration's
-// condition names its collection ("FROM devices.modules WHERE …").
-func twinMetrics(c *Configuration, targeted, applied int64) Metrics {
-	sel, from, cond := "SELECT deviceId ", "FROM devices WHERE ", "FROM devices WHERE "+c.TargetCondition
-	if c.forModules() {
-		sel, from, cond = "SELECT deviceId, moduleId ", "FROM devices.modules WHERE ", c.TargetCondition
+// systemQueries are a configuration's system metric queries, the hosted
+// hub's, written with its target condition parsed and printed back, so
+// that they run whatever form the condition took ("*", "FROM devices
+// WHERE ...") and keep its precedence within the WHERE clause.
+func systemQueries(c *Configuration) map[string]string {
+	cond, err := query.ParseCondition(c.TargetCondition)
+	if err != nil { // targets passes it by too
+		return map[string]string{}
 	}
-	return Metrics{
-		Queries: map[string]string{
-			"targetedCount": sel + cond,
-			"appliedCount":  sel + from + "configurations.[[" + c.ID + "]].status = 'Applied'",
-		},
-		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
-	}
-}
-
-// edgeMetrics are a deployment's system metrics, the hosted hub's queries
-// with their counts.
-func edgeMetrics(c *Configuration, targeted, applied, ok, failed int64) Metrics {
-	agent := "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied'"
-	return Metrics{
-		Queries: map[string]string{
-			"targetedCount":           "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true AND " + c.TargetCondition,
+	target := cond.Where()
+	applied := "configurations.[[" + c.ID + "]].status = 'Applied'"
+	if c.forEdge() {
+		targeted := "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true"
+		if target != "" {
+			targeted += " AND (" + target + ")"
+		}
+		agent := "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND " + applied
+		reported := agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code "
+		return map[string]string{
+			"targetedCount":           targeted,
 			"appliedCount":            agent,
-			"reportedSuccessfulCount": agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code = 200",
-			"reportedFailedCount":     agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code != 200",
-		},
-		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied, "reportedSuccessfulCount": ok, "reportedFailedCount": failed},
-	}
-}
-
-// countQuery counts the rows of a custom metric query.
-func (s *Service) countQuery(ctx context.Context, q string, modules []map[string]any) int64 {
-	parsed, err := query.Parse(q)
-	if err != nil {
-		return 0
-	}
-	docs := modules
-	if parsed.From == query.Devices {
-		if docs, err = s.allDocs(ctx, kindDevice); err != nil {
-			return 0
+			"reportedSuccessfulCount": reported + "= 200",
+			"reportedFailedCount":     reported + "!= 200",
 		}
 	}
-	rows, err := parsed.Run(docs)
-	if err != nil {
-		return 0
+	sel := "SELECT deviceId FROM devices"
+	if c.forModules() {
+		sel = "SELECT deviceId, moduleId FROM devices.modules"
 	}
-	return int64(len(rows))
+	targeted := sel
+	if target != "" {
+		targeted += " WHERE " + target
+	}
+	return map[string]string{"targetedCount": targeted, "appliedCount": sel + " WHERE " + applied}
+}
+
+// countRows counts the rows each query gives, as Query would, reading
+// each twin once for all of them; only aggregate queries, whose rows are
+// groups, keep the twins they read.
+func (s *Service) countRows(ctx context.Context, qs []*query.Query) ([]int64, error) {
+	n := make([]int64, len(qs))
+	for kind, from := range map[string]string{kindDevice: query.Devices, kindModule: query.Modules} {
+		var plain, agg []int
+		for i, q := range qs {
+			switch {
+			case q.From != from:
+			case q.IsAggregate():
+				agg = append(agg, i)
+			default:
+				plain = append(plain, i)
+			}
+		}
+		if len(plain)+len(agg) == 0 {
+			continue
+		}
+		var docs []map[string]any
+		err := s.eachRecord(ctx, kind, func(r *record) error {
+			doc := r.twinDoc()
+			for _, i := range plain {
+				if q := qs[i]; (q.Top < 0 || n[i] < int64(q.Top)) && q.Match(doc) {
+					n[i]++
+				}
+			}
+			if len(agg) > 0 {
+				docs = append(docs, doc)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, i := range agg {
+			rows, _ := qs[i].Run(docs) // a query that cannot run counts nothing
+			n[i] = int64(len(rows))
+		}
+	}
+	return n, nil
 }
 
 // allDocs returns every twin of a kind as queries see it.
@@ -934,18 +919,6 @@ func (s *Service) allDocs(ctx context.Context, kind string) ([]map[string]any, e
 		return nil
 	})
 	return out, err
-}
-
-func lookup(m map[string]any, path ...string) any {
-	var v any = m
-	for _, p := range path {
-		mm, ok := v.(map[string]any)
-		if !ok {
-			return nil
-		}
-		v = mm[p]
-	}
-	return v
 }
 
 // ApplyContent sets one edge device's module twins directly, as

@@ -545,3 +545,87 @@ func TestDeploymentStatusOnEdgeAgent(t *testing.T) {
 		t.Fatalf("the device twin's configurations once it is not an edge device: %v", got)
 	}
 }
+
+// Every metric a configuration reports is its query's row count: the query
+// text, run through /devices/query, gives the number reported, whatever
+// form the target condition takes.
+func TestMetricQueriesGiveTheirCounts(t *testing.T) {
+	e := newEnv(t)
+	for id, env := range map[string]string{"e1": "edge", "e2": "lab", "e3": "prod", "d1": "lab", "d2": ""} {
+		e.newDevice(id, id[0] == 'e')
+		if env != "" {
+			if err := e.hubAPI.Do(ctx, "PATCH", "/twins/"+id, "", map[string]any{"tags": map[string]any{"env": env}}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/sensor", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	edgeOrLab := "tags.env = 'edge' OR tags.env = 'lab'"
+	layer := map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired.lab": true}}}
+	fw := map[string]any{"deviceContent": map[string]any{"properties.desired.fw": "1.0"}}
+	for id, cfg := range map[string]map[string]any{
+		"all-edge":    {"content": manifest("sensor:1"), "targetCondition": "*", "priority": 1},
+		"edge-or-lab": {"content": manifest("sensor:2"), "targetCondition": edgeOrLab, "priority": 2},
+		"lab-layer":   {"content": layer, "targetCondition": "FROM devices WHERE tags.env = 'lab'"},
+		"fw-all":      {"content": fw, "targetCondition": "*", "priority": 1},
+		"fw-some":     {"content": fw, "targetCondition": edgeOrLab, "priority": 2},
+		"sensors": {"content": map[string]any{"moduleContent": map[string]any{"properties.desired.rate": 1}},
+			"targetCondition": "FROM devices.modules WHERE moduleId = 'sensor'"},
+	} {
+		if id == "edge-or-lab" {
+			cfg["metrics"] = map[string]any{"queries": map[string]string{
+				"codes": "SELECT properties.reported.lastDesiredStatus.code AS code, COUNT() AS n FROM devices.modules WHERE moduleId = '$edgeAgent' GROUP BY properties.reported.lastDesiredStatus.code",
+				"ok":    "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[edge-or-lab]].status = 'Applied' AND properties.reported.lastDesiredStatus.code = 200",
+			}}
+		}
+		if err := e.hubAPI.Do(ctx, "PUT", "/configurations/"+id, "", cfg, nil); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+	}
+	// e1's edge agent took its deployment; e2's failed to.
+	for id, code := range map[string]float64{"e1": 200, "e2": 500} {
+		if _, err := e.hub.UpdateReported(ctx, hub.Ref{Device: id, Module: "$edgeAgent"}, map[string]any{
+			"lastDesiredVersion": float64(mustTwin(t, e, id, "$edgeAgent").Properties.DesiredVersion()), "lastDesiredStatus": map[string]any{"code": code}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var cs []hub.Configuration
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations", "", nil, &cs); err != nil || len(cs) != 6 {
+		t.Fatalf("configurations: %v %d", err, len(cs))
+	}
+	got := map[string]int64{}
+	for _, c := range cs {
+		for _, m := range []hub.Metrics{c.SystemMetrics, c.Metrics} {
+			for name, q := range m.Queries {
+				var rows []map[string]any
+				if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": q}, &rows); err != nil {
+					t.Errorf("%s's %s query %q: %v", c.ID, name, q, err)
+					continue
+				}
+				if int64(len(rows)) != m.Results[name] {
+					t.Errorf("%s's %s is %d, its query %q gives %d rows", c.ID, name, m.Results[name], q, len(rows))
+				}
+				got[c.ID+" "+name] = m.Results[name]
+			}
+		}
+	}
+	for metric, want := range map[string]int64{
+		"all-edge targetedCount": 3, "all-edge appliedCount": 1,
+		"edge-or-lab targetedCount": 2, "edge-or-lab appliedCount": 2,
+		"edge-or-lab reportedSuccessfulCount": 1, "edge-or-lab reportedFailedCount": 1,
+		"edge-or-lab ok": 1, "edge-or-lab codes": 3,
+		"lab-layer targetedCount": 1, "lab-layer appliedCount": 1,
+		"fw-all targetedCount": 5, "fw-all appliedCount": 2,
+		"fw-some targetedCount": 3, "fw-some appliedCount": 3,
+		// The condition also matches the edge devices' sensor modules,
+		// which only their deployments configure.
+		"sensors targetedCount": 4, "sensors appliedCount": 1,
+	} {
+		if got[metric] != want {
+			t.Errorf("%s: %d, want %d", metric, got[metric], want)
+		}
+	}
+}
