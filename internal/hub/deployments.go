@@ -365,20 +365,18 @@ func (s *Service) targets(ctx context.Context) ([]target, error) {
 	return out, nil
 }
 
+// configurations loads every stored configuration, page by page.
 func (s *Service) configurations(ctx context.Context) ([]*Configuration, error) {
-	docs, err := s.store.List(ctx, kindConfiguration, "", 1000)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]*Configuration, 0, len(docs))
-	for _, d := range docs {
+	var out []*Configuration
+	err := s.eachDoc(ctx, kindConfiguration, func(d store.Doc) error {
 		c := &Configuration{}
 		if err := json.Unmarshal(d.Body, c); err != nil {
-			return nil, fmt.Errorf("stored configuration %q is corrupt: %w", d.ID, err)
+			return fmt.Errorf("stored configuration %q is corrupt: %w", d.ID, err)
 		}
 		out = append(out, c)
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
 // twinDoc is the twin as queries see it: twinView's fields as JSON would
