@@ -2,6 +2,7 @@ package hub
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -107,8 +108,8 @@ func checkContent(c *ConfigContent, layered bool) error {
 		return azerr.BadRequest("content.modulesContent is empty: a deployment sets at least $edgeAgent's desired properties")
 	}
 	for mod, entries := range c.ModulesContent {
-		if !hubid.Valid(mod) {
-			return azerr.BadRequest("content.modulesContent: %q is not a module ID", mod)
+		if err := checkModuleID("content.modulesContent", mod); err != nil {
+			return err
 		}
 		for k, v := range entries {
 			if k != "properties.desired" && !strings.HasPrefix(k, "properties.desired.") {
@@ -122,6 +123,9 @@ func checkContent(c *ConfigContent, layered bool) error {
 			return azerr.BadRequest("content.modulesContent.%s is empty: give it \"properties.desired\" (or \"properties.desired.<path>\" entries in a layered deployment), or leave the module out", mod)
 		}
 	}
+	if err := checkManifestModules(c.ModulesContent["$edgeAgent"]); err != nil {
+		return err
+	}
 	if !layered {
 		for _, m := range []string{"$edgeAgent", "$edgeHub"} {
 			if _, ok := c.ModulesContent[m]["properties.desired"]; !ok {
@@ -130,6 +134,40 @@ func checkContent(c *ConfigContent, layered bool) error {
 		}
 	}
 	return nil
+}
+
+// checkManifestModules checks the names of the modules $edgeAgent's
+// entries run: each becomes a module identity (ensureModules), so each
+// follows the rule for module IDs, stricter than that for property names.
+func checkManifestModules(entries map[string]json.RawMessage) error {
+	for _, k := range slices.Sorted(maps.Keys(entries)) {
+		var v any
+		_ = json.Unmarshal(entries[k], &v) // checkEntry has read it
+		manifest := map[string]any{}
+		setPath(manifest, desiredPath(k), v)
+		mods, _ := manifest["modules"].(map[string]any)
+		for _, m := range slices.Sorted(maps.Keys(mods)) {
+			if err := checkModuleID("content.modulesContent.$edgeAgent."+k, m); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// checkModuleID refuses a module name that cannot name a module identity.
+func checkModuleID(where, name string) error {
+	if !hubid.Valid(name) {
+		return azerr.BadRequest("%s: module name %q is not a valid module ID: use %s", where, name, hubid.Rule)
+	}
+	return nil
+}
+
+// desiredPath is the path below properties.desired that a content key
+// ("properties.desired" or "properties.desired.<path>") sets; [""] for the
+// whole document.
+func desiredPath(key string) []string {
+	return strings.Split(strings.TrimPrefix(strings.TrimPrefix(key, "properties.desired"), "."), ".")
 }
 
 // checkTwinContent checks a device or module configuration's content:
@@ -327,20 +365,18 @@ func (s *Service) targets(ctx context.Context) ([]target, error) {
 	return out, nil
 }
 
+// configurations loads every stored configuration, page by page.
 func (s *Service) configurations(ctx context.Context) ([]*Configuration, error) {
-	docs, err := s.store.List(ctx, kindConfiguration, "", 1000)
-	if err != nil {
-		return nil, err
-	}
-	out := make([]*Configuration, 0, len(docs))
-	for _, d := range docs {
+	var out []*Configuration
+	err := s.eachDoc(ctx, kindConfiguration, func(d store.Doc) error {
 		c := &Configuration{}
 		if err := json.Unmarshal(d.Body, c); err != nil {
-			return nil, fmt.Errorf("stored configuration %q is corrupt: %w", d.ID, err)
+			return fmt.Errorf("stored configuration %q is corrupt: %w", d.ID, err)
 		}
 		out = append(out, c)
-	}
-	return out, nil
+		return nil
+	})
+	return out, err
 }
 
 // twinDoc is the twin as queries see it: twinView's fields as JSON would
@@ -473,66 +509,108 @@ func (s *Service) evaluate(ctx context.Context, r Ref, sweep bool) error {
 
 // applyTo brings one device in line with the configurations that target
 // it — an edge device's module twins with its deployments (edgeDesired),
-// any device's own desired properties with its device configuration
-// (deviceDesired) — and records each configuration's status on it.
+// any device's own desired properties with its device configuration —
+// and then records each configuration's status on it: Applied only where
+// what the configuration gives is in place. The deployments' statuses go
+// on its $edgeAgent twin too: the hosted hub keeps them there, and the
+// deployment metrics' queries read them there.
 func (s *Service) applyTo(ctx context.Context, rec *record, ts []target) error {
 	doc := rec.twinDoc()
-	status := map[string]ConfigStatus{}
-	edge := rec.Device.Capabilities.IoTEdge
-	var modules map[string]map[string]any
-	if edge {
-		var err error
-		if modules, err = edgeDesired(doc, ts, status); err != nil {
+	dev := Ref{Device: rec.Device.DeviceID}
+	deployments := map[string]ConfigStatus{}
+	var edgeErr error
+	if rec.Device.Capabilities.IoTEdge {
+		modules, err := edgeDesired(doc, ts, deployments)
+		if err != nil {
 			return err
 		}
+		if edgeErr = s.setModules(ctx, dev.Device, modules); edgeErr != nil {
+			if azerr.As(edgeErr).Status() >= 500 {
+				return edgeErr
+			}
+			// The device does not hold the deployments' merged modules.
+			for id, st := range deployments {
+				if st.Status == "Applied" {
+					deployments[id] = ConfigStatus{Status: "Targeted"}
+				}
+			}
+		}
 	}
+	status := maps.Clone(deployments)
 	own, applied, err := configured(doc, ts, status, (*Configuration).forDevices)
 	if err != nil {
 		return err
 	}
-	dev := Ref{Device: rec.Device.DeviceID}
 	ownErr := s.applyOwn(ctx, dev, rec, own, applied, status)
-	if !edge || (ownErr != nil && azerr.As(ownErr).Status() >= 500) {
+	if ownErr != nil && azerr.As(ownErr).Status() >= 500 {
 		return ownErr
 	}
-	if err := s.ensureModules(ctx, dev.Device, modules); err != nil {
+	// A device no longer an edge device drops its deployments' statuses,
+	// on $edgeAgent's twin as on its own: $edgeAgent's first, as the
+	// device's own say whether there is still something to drop.
+	if rec.Device.Capabilities.IoTEdge || !maps.Equal(status, rec.Configurations) {
+		agent := Ref{Device: dev.Device, Module: "$edgeAgent"}
+		switch cur, _, err := s.load(ctx, agent); {
+		case azerr.HasStatus(err, 404):
+		case err != nil:
+			return err
+		default:
+			if err := s.recordStatus(ctx, agent, cur, deployments); err != nil {
+				return err
+			}
+		}
+	}
+	if err := s.recordStatus(ctx, dev, rec, status); err != nil {
 		return err
 	}
-	for _, mod := range slices.Sorted(maps.Keys(modules)) {
-		m := Ref{Device: dev.Device, Module: mod}
+	return cmp.Or(edgeErr, ownErr)
+}
+
+// setModules gives an edge device's modules their identities and the
+// desired properties they are to have, replacing only those: module
+// configurations target module twins by their tags.
+func (s *Service) setModules(ctx context.Context, device string, desired map[string]map[string]any) error {
+	if err := s.ensureModules(ctx, device, desired); err != nil {
+		return err
+	}
+	for _, mod := range slices.Sorted(maps.Keys(desired)) {
+		m := Ref{Device: device, Module: mod}
 		cur, _, err := s.load(ctx, m)
 		if err != nil {
 			return err
 		}
-		if jsonEqual(cur.Desired, modules[mod]) {
+		if jsonEqual(cur.Desired, desired[mod]) {
 			continue
 		}
-		if _, err := s.UpdateTwin(ctx, m, "", &TwinPatch{Properties: &DesiredPatch{Desired: modules[mod]}}, true); err != nil {
+		if err := s.replaceDesired(ctx, m, desired[mod]); err != nil {
 			return err
 		}
 	}
-	return ownErr
+	return nil
 }
 
-// applyOwn sets what a device or module configuration gives one twin,
-// then records the configurations' statuses there; a configuration that
-// does not fit the twin (past its size once merged) is only Targeted.
+// applyOwn sets what a device or module configuration gives one twin; a
+// configuration that does not fit the twin (past its size once merged) is
+// then only Targeted.
 func (s *Service) applyOwn(ctx context.Context, r Ref, rec *record, own map[string]any, applied string, status map[string]ConfigStatus) error {
-	var ownErr error
-	if own != nil && !contains(rec.Desired, own) {
-		if _, ownErr = s.UpdateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false); ownErr != nil {
-			if azerr.As(ownErr).Status() >= 500 {
-				return ownErr
-			}
-			status[applied] = ConfigStatus{Status: "Targeted"}
-		}
+	if own == nil || contains(rec.Desired, own) {
+		return nil
 	}
-	if !maps.Equal(status, rec.Configurations) {
-		if _, err := s.update(ctx, r, func(r *record) error { r.Configurations = status; return nil }); err != nil {
-			return err
-		}
+	_, err := s.UpdateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: own}}, false)
+	if err != nil && azerr.As(err).Status() < 500 {
+		status[applied] = ConfigStatus{Status: "Targeted"}
 	}
-	return ownErr
+	return err
+}
+
+// recordStatus keeps the configurations' statuses on twin r, last read as
+// rec.
+func (s *Service) recordStatus(ctx context.Context, r Ref, rec *record, status map[string]ConfigStatus) error {
+	if maps.Equal(status, rec.Configurations) {
+		return nil
+	}
+	_, err := s.update(ctx, r, func(r *record) error { r.Configurations = status; return nil })
+	return err
 }
 
 // applyToModule brings one module twin in line with the module
@@ -547,7 +625,15 @@ func (s *Service) applyToModule(ctx context.Context, rec *record, ts []target) e
 	if err != nil {
 		return err
 	}
-	return s.applyOwn(ctx, Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}, rec, own, applied, status)
+	r := Ref{Device: rec.Device.DeviceID, Module: rec.Device.ModuleID}
+	ownErr := s.applyOwn(ctx, r, rec, own, applied, status)
+	if ownErr != nil && azerr.As(ownErr).Status() >= 500 {
+		return ownErr
+	}
+	if err := s.recordStatus(ctx, r, rec, status); err != nil {
+		return err
+	}
+	return ownErr
 }
 
 // outranks reports whether configuration a wins over b on a device both
@@ -596,7 +682,7 @@ func contentPatch(content map[string]json.RawMessage) (map[string]any, error) {
 		if err := json.Unmarshal(content[k], &v); err != nil {
 			return nil, fmt.Errorf("%s: %w", k, err)
 		}
-		setPath(patch, strings.Split(strings.TrimPrefix(k, "properties.desired."), "."), v)
+		setPath(patch, desiredPath(k), v)
 	}
 	return patch, nil
 }
@@ -659,7 +745,7 @@ func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus
 				if err := json.Unmarshal(entries[k], &v); err != nil {
 					return nil, fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
 				}
-				setPath(desired[mod], strings.Split(strings.TrimPrefix(strings.TrimPrefix(k, "properties.desired"), "."), "."), v)
+				setPath(desired[mod], desiredPath(k), v)
 			}
 		}
 	}
@@ -707,135 +793,120 @@ func setPath(doc map[string]any, path []string, v any) {
 	doc[path[len(path)-1]] = v
 }
 
-// countMetrics fills the system metrics and runs the custom metric queries.
+// countMetrics fills the system metrics and the custom metrics' results,
+// each the number of rows its query gives over the twins, so that running
+// a metric's query through /devices/query gives its count.
 func (s *Service) countMetrics(ctx context.Context, cs []*Configuration) error {
-	type counts struct{ targeted, applied, ok, failed int64 }
-	n := make([]counts, len(cs))
-	var modules []map[string]any
-	err := s.eachRecord(ctx, kindDevice, func(r *record) error {
-		for i, c := range cs {
-			st, ok := r.Configurations[c.ID]
-			if !ok {
-				continue
-			}
-			n[i].targeted++
-			if st.Status != "Applied" {
-				continue
-			}
-			n[i].applied++
-			if c.forDevices() {
-				continue
-			}
-			agent, _, err := s.load(ctx, Ref{r.Device.DeviceID, "$edgeAgent"})
-			if err != nil {
-				continue
-			}
-			code, _ := lookup(agent.Reported, "lastDesiredStatus", "code").(float64)
-			ver, _ := agent.Reported["lastDesiredVersion"].(float64)
-			switch {
-			case int64(ver) != agent.DesiredVersion:
-			case code == 200:
-				n[i].ok++
-			case code >= 400:
-				n[i].failed++
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		return err
+	type result struct {
+		of   map[string]int64
+		name string
 	}
-	if slices.ContainsFunc(cs, (*Configuration).forModules) {
-		err := s.eachRecord(ctx, kindModule, func(r *record) error {
-			for i, c := range cs {
-				if st, ok := r.Configurations[c.ID]; ok && c.forModules() {
-					n[i].targeted++
-					if st.Status == "Applied" {
-						n[i].applied++
-					}
-				}
-			}
-			return nil
-		})
-		if err != nil {
-			return err
-		}
-	}
-	for i, c := range cs {
-		if c.forEdge() {
-			c.SystemMetrics = edgeMetrics(c, n[i].targeted, n[i].applied, n[i].ok, n[i].failed)
-		} else {
-			c.SystemMetrics = twinMetrics(c, n[i].targeted, n[i].applied)
-		}
+	var qs []*query.Query
+	var results []result
+	for _, c := range cs {
+		c.SystemMetrics = Metrics{Queries: systemQueries(c), Results: map[string]int64{}}
 		// Empty, not null, where there are none, as the SDKs iterate them.
 		if c.Metrics.Queries == nil {
 			c.Metrics.Queries = map[string]string{}
 		}
 		c.Metrics.Results = map[string]int64{}
-		if len(c.Metrics.Queries) > 0 {
-			if modules == nil {
-				var err error
-				if modules, err = s.allDocs(ctx, kindModule); err != nil {
-					return err
+		for _, m := range []Metrics{c.SystemMetrics, c.Metrics} {
+			for name, text := range m.Queries {
+				m.Results[name] = 0
+				if q, err := query.Parse(text); err == nil { // custom ones were checked when stored
+					qs = append(qs, q)
+					results = append(results, result{m.Results, name})
 				}
 			}
-			for name, q := range c.Metrics.Queries {
-				c.Metrics.Results[name] = s.countQuery(ctx, q, modules)
-			}
 		}
+	}
+	counts, err := s.countRows(ctx, qs)
+	if err != nil {
+		return err
+	}
+	for i, n := range counts {
+		results[i].of[results[i].name] = n
 	}
 	return nil
 }
 
-// twinMetrics are a device or module configuration's system metrics, the
-// hosted hub's queries with their counts. A module configuration's
-// condition names its collection ("FROM devices.modules WHERE …").
-func twinMetrics(c *Configuration, targeted, applied int64) Metrics {
-	sel, from, cond := "SELECT deviceId ", "FROM devices WHERE ", "FROM devices WHERE "+c.TargetCondition
-	if c.forModules() {
-		sel, from, cond = "SELECT deviceId, moduleId ", "FROM devices.modules WHERE ", c.TargetCondition
+// systemQueries are a configuration's system metric queries, the hosted
+// hub's, written with its target condition parsed and printed back, so
+// that they run whatever form the condition took ("*", "FROM devices
+// WHERE ...") and keep its precedence within the WHERE clause.
+func systemQueries(c *Configuration) map[string]string {
+	cond, err := query.ParseCondition(c.TargetCondition)
+	if err != nil { // targets passes it by too
+		return map[string]string{}
 	}
-	return Metrics{
-		Queries: map[string]string{
-			"targetedCount": sel + cond,
-			"appliedCount":  sel + from + "configurations.[[" + c.ID + "]].status = 'Applied'",
-		},
-		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied},
-	}
-}
-
-// edgeMetrics are a deployment's system metrics, the hosted hub's queries
-// with their counts.
-func edgeMetrics(c *Configuration, targeted, applied, ok, failed int64) Metrics {
-	agent := "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[" + c.ID + "]].status = 'Applied'"
-	return Metrics{
-		Queries: map[string]string{
-			"targetedCount":           "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true AND " + c.TargetCondition,
+	target := cond.Where()
+	applied := "configurations.[[" + c.ID + "]].status = 'Applied'"
+	if c.forEdge() {
+		targeted := "SELECT deviceId FROM devices WHERE capabilities.iotEdge = true"
+		if target != "" {
+			targeted += " AND (" + target + ")"
+		}
+		agent := "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND " + applied
+		reported := agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code "
+		return map[string]string{
+			"targetedCount":           targeted,
 			"appliedCount":            agent,
-			"reportedSuccessfulCount": agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code = 200",
-			"reportedFailedCount":     agent + " AND properties.desired.$version = properties.reported.lastDesiredVersion AND properties.reported.lastDesiredStatus.code != 200",
-		},
-		Results: map[string]int64{"targetedCount": targeted, "appliedCount": applied, "reportedSuccessfulCount": ok, "reportedFailedCount": failed},
-	}
-}
-
-// countQuery counts the rows of a custom metric query.
-func (s *Service) countQuery(ctx context.Context, q string, modules []map[string]any) int64 {
-	parsed, err := query.Parse(q)
-	if err != nil {
-		return 0
-	}
-	docs := modules
-	if parsed.From == query.Devices {
-		if docs, err = s.allDocs(ctx, kindDevice); err != nil {
-			return 0
+			"reportedSuccessfulCount": reported + "= 200",
+			"reportedFailedCount":     reported + "!= 200",
 		}
 	}
-	rows, err := parsed.Run(docs)
-	if err != nil {
-		return 0
+	sel := "SELECT deviceId FROM devices"
+	if c.forModules() {
+		sel = "SELECT deviceId, moduleId FROM devices.modules"
 	}
-	return int64(len(rows))
+	targeted := sel
+	if target != "" {
+		targeted += " WHERE " + target
+	}
+	return map[string]string{"targetedCount": targeted, "appliedCount": sel + " WHERE " + applied}
+}
+
+// countRows counts the rows each query gives, as Query would, reading
+// each twin once for all of them; only aggregate queries, whose rows are
+// groups, keep the twins they read.
+func (s *Service) countRows(ctx context.Context, qs []*query.Query) ([]int64, error) {
+	n := make([]int64, len(qs))
+	for kind, from := range map[string]string{kindDevice: query.Devices, kindModule: query.Modules} {
+		var plain, agg []int
+		for i, q := range qs {
+			switch {
+			case q.From != from:
+			case q.IsAggregate():
+				agg = append(agg, i)
+			default:
+				plain = append(plain, i)
+			}
+		}
+		if len(plain)+len(agg) == 0 {
+			continue
+		}
+		var docs []map[string]any
+		err := s.eachRecord(ctx, kind, func(r *record) error {
+			doc := r.twinDoc()
+			for _, i := range plain {
+				if q := qs[i]; (q.Top < 0 || n[i] < int64(q.Top)) && q.Match(doc) {
+					n[i]++
+				}
+			}
+			if len(agg) > 0 {
+				docs = append(docs, doc)
+			}
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, i := range agg {
+			rows, _ := qs[i].Run(docs) // a query that cannot run counts nothing
+			n[i] = int64(len(rows))
+		}
+	}
+	return n, nil
 }
 
 // allDocs returns every twin of a kind as queries see it.
@@ -846,18 +917,6 @@ func (s *Service) allDocs(ctx context.Context, kind string) ([]map[string]any, e
 		return nil
 	})
 	return out, err
-}
-
-func lookup(m map[string]any, path ...string) any {
-	var v any = m
-	for _, p := range path {
-		mm, ok := v.(map[string]any)
-		if !ok {
-			return nil
-		}
-		v = mm[p]
-	}
-	return v
 }
 
 // ApplyContent sets one edge device's module twins directly, as
@@ -881,15 +940,7 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 		}
 		desired[mod] = d
 	}
-	if err := s.ensureModules(ctx, device, desired); err != nil {
-		return err
-	}
-	for _, mod := range slices.Sorted(maps.Keys(desired)) {
-		if _, err := s.UpdateTwin(ctx, Ref{Device: device, Module: mod}, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired[mod]}}, true); err != nil {
-			return err
-		}
-	}
-	return nil
+	return s.setModules(ctx, device, desired)
 }
 
 // Query runs an IoT Hub query over device or module twins, returning one

@@ -3,8 +3,12 @@ package hub
 import (
 	"context"
 	"encoding/json"
+	"fmt"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // A device evaluated against configurations gone stale — changed through
@@ -48,5 +52,39 @@ func TestStaleConfigurationsAreEvaluatedAgain(t *testing.T) {
 			t.Fatalf("the device tagged against stale configurations never got fw 2.0: desired fw %v", fw())
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Configurations past a page of the store are listed and applied like the
+// first ones.
+func TestConfigurationsPastAPage(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	const stored = 1200
+	for i := range stored {
+		c := Configuration{ID: fmt.Sprintf("c%04d", i), TargetCondition: "tags.never = true",
+			Content: ConfigContent{DeviceContent: map[string]json.RawMessage{"properties.desired.fw": json.RawMessage(`"1.0"`)}}}
+		body, _ := json.Marshal(c)
+		if _, err := s.store.Create(ctx, store.Doc{Kind: kindConfiguration, ID: c.ID, Body: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := Ref{Device: "d"}
+	newIdentity(t, s, r)
+	last := &Configuration{TargetCondition: "*",
+		Content: ConfigContent{DeviceContent: map[string]json.RawMessage{"properties.desired.fw": json.RawMessage(`"2.0"`)}}}
+	if _, err := s.PutConfiguration(ctx, "zz-last", "", last); err != nil {
+		t.Fatal(err)
+	}
+	cs, err := s.ListConfigurations(ctx)
+	if err != nil || len(cs) != stored+1 || cs[stored].ID != "zz-last" {
+		t.Fatalf("listed %d configurations (%v), want %d ending with zz-last", len(cs), err, stored+1)
+	}
+	tw, err := s.GetTwin(ctx, r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(tw.Properties.Desired), `"fw":"2.0"`) || tw.Configurations["zz-last"].Status != "Applied" {
+		t.Fatalf("the last configuration did not apply: desired %s, configurations %v", tw.Properties.Desired, tw.Configurations)
 	}
 }

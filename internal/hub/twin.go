@@ -24,8 +24,21 @@ func (s *Service) GetTwin(ctx context.Context, r Ref) (*Twin, error) {
 // UpdateTwin is PATCH (merge) or PUT (replace) of tags and desired
 // properties by the back end. Connected devices hear of desired changes.
 func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *TwinPatch, replace bool) (*Twin, error) {
+	return s.updateTwin(ctx, r, ifMatch, p, replace, replace)
+}
+
+// replaceDesired replaces a twin's desired properties and nothing else, as
+// deployments do: its tags stay, for the conditions that target them.
+func (s *Service) replaceDesired(ctx context.Context, r Ref, desired map[string]any) error {
+	_, err := s.updateTwin(ctx, r, "", &TwinPatch{Properties: &DesiredPatch{Desired: desired}}, false, true)
+	return err
+}
+
+// updateTwin merges p into a twin, first emptying its tags and its
+// desired properties as replaceTags and replaceDesired say.
+func (s *Service) updateTwin(ctx context.Context, r Ref, ifMatch string, p *TwinPatch, replaceTags, replaceDesired bool) (*Twin, error) {
 	now := s.Now().UTC()
-	setsDesired := p.Properties != nil && (p.Properties.Desired != nil || replace)
+	setsDesired := p.Properties != nil && (p.Properties.Desired != nil || replaceDesired)
 	var desired map[string]any
 	if setsDesired {
 		desired = twindoc.WithoutMeta(p.Properties.Desired)
@@ -42,18 +55,18 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		if !matches(ifMatch, rec.TwinETag) {
 			return azerr.PreconditionFailed("twin of %s was changed since etag %s: read it again", r, ifMatch)
 		}
-		if replace {
+		if replaceTags {
 			rec.Tags = map[string]any{}
 		}
 		twindoc.Merge(rec.Tags, p.Tags)
-		if p.Tags != nil || replace {
+		if p.Tags != nil || replaceTags {
 			if err := checkSize("tags", rec.Tags, twindoc.TagsLimit); err != nil {
 				return err
 			}
 		}
 		if setsDesired {
 			old := rec.Desired
-			if replace {
+			if replaceDesired {
 				rec.Desired = map[string]any{}
 			}
 			twindoc.Merge(rec.Desired, desired)
@@ -63,7 +76,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 			rec.DesiredVersion++
 			rec.DesiredUpdated = now
 			notify = desired
-			if replace {
+			if replaceDesired {
 				notify = twindoc.ReplacePatch(old, rec.Desired)
 			}
 		}
@@ -83,7 +96,7 @@ func (s *Service) UpdateTwin(ctx context.Context, r Ref, ifMatch string, p *Twin
 		// not matter, so it waits for nobody's lock.
 		s.publish("desired", r)
 	}
-	if p.Tags != nil || replace {
+	if p.Tags != nil || replaceTags {
 		s.reapply(ctx, r) // the twin may now match other configurations
 	}
 	return rec.twinView(), nil

@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/json"
+	"maps"
 	"strconv"
 	"strings"
 	"testing"
@@ -235,6 +236,13 @@ func TestLayerTooLargeForOneDevice(t *testing.T) {
 	if err := e.hubAPI.Do(ctx, "GET", "/configurations/layer", "", nil, nil); err != nil {
 		t.Fatalf("the layer was not stored: %v", err)
 	}
+	// Statuses say what is in place: the layer is not, on edge-a.
+	if got := mustTwin(t, e, "edge-a", "").Configurations["layer"].Status; got != "Targeted" {
+		t.Errorf("edge-a's status of the layer it could not take: %q, want Targeted", got)
+	}
+	if got := mustTwin(t, e, "edge-b", "").Configurations["base"].Status; got != "Applied" {
+		t.Errorf("edge-b's status of the base: %q, want Applied", got)
+	}
 }
 
 // Device configurations (automatic device management) set desired
@@ -385,5 +393,239 @@ func TestModuleConfigurations(t *testing.T) {
 	}
 	if desired("md-1", "other")["mode"] != "eco" {
 		t.Fatalf("a module tagged into a configuration: %v", desired("md-1", "other"))
+	}
+}
+
+// Applying content to an edge device, or a deployment to it, sets its
+// module twins' desired properties only: their tags stay, for the module
+// configurations that target modules by them.
+func TestEdgeContentKeepsModuleTags(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", manifest("sensor:1"), nil); err != nil {
+		t.Fatal(err)
+	}
+	modules := []string{"$edgeAgent", "$edgeHub", "sensor"}
+	tag := func() {
+		t.Helper()
+		for _, m := range modules {
+			if err := e.hubAPI.Do(ctx, "PATCH", "/twins/edge2/modules/"+m, "", map[string]any{"tags": map[string]any{"owner": "team-a"}}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	tagsKept := func(after string) {
+		t.Helper()
+		for _, m := range modules {
+			if tw := mustTwin(t, e, "edge2", m); string(tw.Tags) != `{"owner":"team-a"}` {
+				t.Errorf("%s: %s's tags %s", after, m, tw.Tags)
+			}
+		}
+	}
+	tag()
+	content := manifest("sensor:2")
+	content["modulesContent"].(map[string]any)["sensor"] = map[string]any{"properties.desired": map[string]any{"interval": 7}}
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", content, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge2") != "sensor:2" {
+		t.Fatalf("content applied again: image %q", e.agentImage("edge2"))
+	}
+	tagsKept("content applied again")
+	tag()
+	content = manifest("sensor:3")
+	content["modulesContent"].(map[string]any)["$edgeHub"] = map[string]any{"properties.desired": map[string]any{"schemaVersion": "1.2", "routes": map[string]any{}}}
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/dep1", "", map[string]any{"content": content, "targetCondition": "*"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if e.agentImage("edge2") != "sensor:3" {
+		t.Fatalf("deployed: image %q", e.agentImage("edge2"))
+	}
+	tagsKept("deployed")
+}
+
+// A module the $edgeAgent manifest runs gets a module identity, so its name
+// follows the rule for module IDs: content naming one that cannot be is
+// refused whole, before any module is created or any status recorded.
+func TestManifestModuleNamesAreModuleIDs(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	module := map[string]any{"type": "docker", "status": "running", "restartPolicy": "always", "settings": map[string]any{"image": "m:1"}}
+	base := manifest("sensor:1")
+	agent := base["modulesContent"].(map[string]any)["$edgeAgent"].(map[string]any)["properties.desired"].(map[string]any)
+	agent["modules"] = map[string]any{"good1": module, "good2": module, "m&1": module, "zz": module}
+	layer := func(key string, v any) map[string]any {
+		return map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{key: v}}}
+	}
+	for name, content := range map[string]map[string]any{
+		"base":           base,
+		"layer, module":  layer("properties.desired.modules.m&1", module),
+		"layer, setting": layer("properties.desired.modules.m&1.settings.image", "m:2"),
+		"layer, modules": layer("properties.desired.modules", map[string]any{"good1": module, "m&1": module}),
+	} {
+		err := e.hubAPI.Do(ctx, "PUT", "/configurations/dep3", "", map[string]any{"content": content, "targetCondition": "*"}, nil)
+		if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `"m&1" is not a valid module ID`) {
+			t.Errorf("%s: PUT /configurations: %v, want 400 naming m&1", name, err)
+		}
+	}
+	err := e.hubAPI.Do(ctx, "POST", "/devices/edge2/applyConfigurationContent", "", base, nil)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), `"m&1" is not a valid module ID`) {
+		t.Errorf("applyConfigurationContent: %v, want 400 naming m&1", err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/dep3", "", nil, nil); azerr.As(err).Status() != 404 {
+		t.Errorf("the refused deployment was stored: %v", err)
+	}
+	var mods []hub.Device
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/edge2/modules", "", nil, &mods); err != nil || len(mods) != 2 {
+		var ids []string
+		for _, m := range mods {
+			ids = append(ids, m.ModuleID)
+		}
+		t.Errorf("modules after refused content: %v %v, want only $edgeAgent and $edgeHub", err, ids)
+	}
+	if tw := mustTwin(t, e, "edge2", ""); len(tw.Configurations) != 0 || e.agentImage("edge2") != "" {
+		t.Errorf("refused content reached the device: configurations %v, image %q", tw.Configurations, e.agentImage("edge2"))
+	}
+}
+
+// An edge deployment's status on a device is on its $edgeAgent twin, as in
+// the hosted hub, where the deployment's metric queries find it.
+func TestDeploymentStatusOnEdgeAgent(t *testing.T) {
+	e := newEnv(t)
+	e.newDevice("edge2", true)
+	statuses := func(module string) map[string]string {
+		t.Helper()
+		out := map[string]string{}
+		for id, st := range mustTwin(t, e, "edge2", module).Configurations {
+			out[id] = st.Status
+		}
+		return out
+	}
+	deploy := func(id string, priority int) {
+		t.Helper()
+		if err := e.hubAPI.Do(ctx, "PUT", "/configurations/"+id, "", map[string]any{"content": manifest(id), "targetCondition": "*", "priority": priority}, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	deploy("dep1", 1)
+	if got := statuses("$edgeAgent"); !maps.Equal(got, map[string]string{"dep1": "Applied"}) {
+		t.Fatalf("$edgeAgent's configurations %v", got)
+	}
+	var c hub.Configuration
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations/dep1", "", nil, &c); err != nil {
+		t.Fatal(err)
+	}
+	var rows []map[string]any
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": c.SystemMetrics.Queries["appliedCount"]}, &rows); err != nil || len(rows) != 1 || c.SystemMetrics.Results["appliedCount"] != 1 {
+		t.Fatalf("appliedCount %d, its query %q: %v %v", c.SystemMetrics.Results["appliedCount"], c.SystemMetrics.Queries["appliedCount"], err, rows)
+	}
+
+	// A device configuration's status is the device twin's only; the
+	// device twin keeps the deployments' too.
+	deploy("dep2", 2)
+	if err := e.hubAPI.Do(ctx, "PUT", "/configurations/fw", "", map[string]any{"content": map[string]any{"deviceContent": map[string]any{
+		"properties.desired.fw": "1.0"}}, "targetCondition": "*"}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := statuses("$edgeAgent"); !maps.Equal(got, map[string]string{"dep1": "Targeted", "dep2": "Applied"}) {
+		t.Fatalf("$edgeAgent's configurations under two deployments %v", got)
+	}
+	if got := statuses(""); !maps.Equal(got, map[string]string{"dep1": "Targeted", "dep2": "Applied", "fw": "Applied"}) {
+		t.Fatalf("the device twin's configurations %v", got)
+	}
+
+	// A device no longer an edge device is no deployment's.
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/edge2", "*", map[string]any{"capabilities": map[string]any{"iotEdge": false}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if got := statuses("$edgeAgent"); len(got) != 0 {
+		t.Fatalf("$edgeAgent's configurations once the device is not an edge device: %v", got)
+	}
+	if got := statuses(""); !maps.Equal(got, map[string]string{"fw": "Applied"}) {
+		t.Fatalf("the device twin's configurations once it is not an edge device: %v", got)
+	}
+}
+
+// Every metric a configuration reports is its query's row count: the query
+// text, run through /devices/query, gives the number reported, whatever
+// form the target condition takes.
+func TestMetricQueriesGiveTheirCounts(t *testing.T) {
+	e := newEnv(t)
+	for id, env := range map[string]string{"e1": "edge", "e2": "lab", "e3": "prod", "d1": "lab", "d2": ""} {
+		e.newDevice(id, id[0] == 'e')
+		if env != "" {
+			if err := e.hubAPI.Do(ctx, "PATCH", "/twins/"+id, "", map[string]any{"tags": map[string]any{"env": env}}, nil); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := e.hubAPI.Do(ctx, "PUT", "/devices/d1/modules/sensor", "", map[string]any{}, nil); err != nil {
+		t.Fatal(err)
+	}
+	edgeOrLab := "tags.env = 'edge' OR tags.env = 'lab'"
+	layer := map[string]any{"modulesContent": map[string]any{"sensor": map[string]any{"properties.desired.lab": true}}}
+	fw := map[string]any{"deviceContent": map[string]any{"properties.desired.fw": "1.0"}}
+	for id, cfg := range map[string]map[string]any{
+		"all-edge":    {"content": manifest("sensor:1"), "targetCondition": "*", "priority": 1},
+		"edge-or-lab": {"content": manifest("sensor:2"), "targetCondition": edgeOrLab, "priority": 2},
+		"lab-layer":   {"content": layer, "targetCondition": "FROM devices WHERE tags.env = 'lab'"},
+		"fw-all":      {"content": fw, "targetCondition": "*", "priority": 1},
+		"fw-some":     {"content": fw, "targetCondition": edgeOrLab, "priority": 2},
+		"sensors": {"content": map[string]any{"moduleContent": map[string]any{"properties.desired.rate": 1}},
+			"targetCondition": "FROM devices.modules WHERE moduleId = 'sensor'"},
+	} {
+		if id == "edge-or-lab" {
+			cfg["metrics"] = map[string]any{"queries": map[string]string{
+				"codes": "SELECT properties.reported.lastDesiredStatus.code AS code, COUNT() AS n FROM devices.modules WHERE moduleId = '$edgeAgent' GROUP BY properties.reported.lastDesiredStatus.code",
+				"ok":    "SELECT deviceId FROM devices.modules WHERE moduleId = '$edgeAgent' AND configurations.[[edge-or-lab]].status = 'Applied' AND properties.reported.lastDesiredStatus.code = 200",
+			}}
+		}
+		if err := e.hubAPI.Do(ctx, "PUT", "/configurations/"+id, "", cfg, nil); err != nil {
+			t.Fatalf("%s: %v", id, err)
+		}
+	}
+	// e1's edge agent took its deployment; e2's failed to.
+	for id, code := range map[string]float64{"e1": 200, "e2": 500} {
+		if _, err := e.hub.UpdateReported(ctx, hub.Ref{Device: id, Module: "$edgeAgent"}, map[string]any{
+			"lastDesiredVersion": float64(mustTwin(t, e, id, "$edgeAgent").Properties.DesiredVersion()), "lastDesiredStatus": map[string]any{"code": code}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	var cs []hub.Configuration
+	if err := e.hubAPI.Do(ctx, "GET", "/configurations", "", nil, &cs); err != nil || len(cs) != 6 {
+		t.Fatalf("configurations: %v %d", err, len(cs))
+	}
+	got := map[string]int64{}
+	for _, c := range cs {
+		for _, m := range []hub.Metrics{c.SystemMetrics, c.Metrics} {
+			for name, q := range m.Queries {
+				var rows []map[string]any
+				if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": q}, &rows); err != nil {
+					t.Errorf("%s's %s query %q: %v", c.ID, name, q, err)
+					continue
+				}
+				if int64(len(rows)) != m.Results[name] {
+					t.Errorf("%s's %s is %d, its query %q gives %d rows", c.ID, name, m.Results[name], q, len(rows))
+				}
+				got[c.ID+" "+name] = m.Results[name]
+			}
+		}
+	}
+	for metric, want := range map[string]int64{
+		"all-edge targetedCount": 3, "all-edge appliedCount": 1,
+		"edge-or-lab targetedCount": 2, "edge-or-lab appliedCount": 2,
+		"edge-or-lab reportedSuccessfulCount": 1, "edge-or-lab reportedFailedCount": 1,
+		"edge-or-lab ok": 1, "edge-or-lab codes": 3,
+		"lab-layer targetedCount": 1, "lab-layer appliedCount": 1,
+		"fw-all targetedCount": 5, "fw-all appliedCount": 2,
+		"fw-some targetedCount": 3, "fw-some appliedCount": 3,
+		// The condition also matches the edge devices' sensor modules,
+		// which only their deployments configure.
+		"sensors targetedCount": 4, "sensors appliedCount": 1,
+	} {
+		if got[metric] != want {
+			t.Errorf("%s: %d, want %d", metric, got[metric], want)
+		}
 	}
 }

@@ -380,20 +380,24 @@ func matches(x node, doc map[string]any) bool {
 
 // String returns the condition as text that ParseCondition reads back.
 func (c *Condition) String() string {
-	w := &writer{}
-	if c.explicit {
-		w.WriteString("FROM ")
-		w.WriteString(c.From)
-		if c.where != nil {
-			w.WriteString(" WHERE ")
-		}
-	} else if c.where == nil {
+	switch {
+	case c.explicit && c.where != nil:
+		return "FROM " + c.From + " WHERE " + c.Where()
+	case c.explicit:
+		return "FROM " + c.From
+	case c.where == nil:
 		return "*"
 	}
-	if c.where != nil {
-		c.where.write(w)
+	return c.Where()
+}
+
+// Where returns the condition without its FROM, as text for a query's
+// WHERE clause, or "" when it matches every document.
+func (c *Condition) Where() string {
+	if c.where == nil {
+		return ""
 	}
-	return w.String()
+	return exprString(c.where, false)
 }
 
 // String returns the query as text that Parse reads back.

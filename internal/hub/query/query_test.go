@@ -186,7 +186,7 @@ func TestConditionMatch(t *testing.T) {
 			from = c.From
 		}
 		if !c.MatchesAll() {
-			q, err := Parse("SELECT * FROM " + from + " WHERE " + strings.TrimPrefix(c.String(), "FROM devices WHERE "))
+			q, err := Parse("SELECT * FROM " + from + " WHERE " + c.Where())
 			if err != nil {
 				t.Errorf("%q as a query: %v", tc.cond, err)
 				continue
@@ -667,6 +667,15 @@ func TestString(t *testing.T) {
 	}
 	if c := q.Condition(); c.String() != "FROM devices WHERE tags.a = 'b'" || !c.Match(map[string]any{"tags": map[string]any{"a": "b"}}) {
 		t.Errorf("Condition() = %s", c)
+	}
+	for in, want := range map[string]string{"*": "", "FROM devices.modules": "", "FROM devices WHERE a=1 OR b=2": "a = 1 OR b = 2"} {
+		c, err := ParseCondition(in)
+		if err != nil {
+			t.Fatalf("%q: %v", in, err)
+		}
+		if c.Where() != want {
+			t.Errorf("%q's WHERE clause: %q, want %q", in, c.Where(), want)
+		}
 	}
 }
 
