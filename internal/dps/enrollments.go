@@ -214,7 +214,6 @@ func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enro
 	return e, nil
 }
 
-// putDoc writes d as w says.
 // replaceDoc writes v as w says, after complete has finished it against
 // the version it replaces (nil when it creates): v keeps what complete takes
 // from that version (the stored keys) only if that is the version replaced,
