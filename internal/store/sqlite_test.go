@@ -67,6 +67,39 @@ func TestOpenSQLite(t *testing.T) {
 	}
 }
 
+// A path is the file it names, whatever characters a URI would read
+// otherwise: the database is that file, and nothing is made beside it.
+func TestSQLitePathWithURICharacters(t *testing.T) {
+	ctx := context.Background()
+	for _, name := range []string{"site#1", "p%41", "a?b", "sp ace", "x%", "q=1&r"} {
+		root := t.TempDir()
+		dir := filepath.Join(root, name, "data")
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(ctx, "", dir)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		_, err = s.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)})
+		s.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if entries, _ := os.ReadDir(root); len(entries) != 1 || entries[0].Name() != name {
+			t.Errorf("%s: a file was made beside the data directory: %v", name, entries)
+		}
+		s, err = OpenCurrent(ctx, "sqlite:"+filepath.Join(dir, DefaultSQLiteFile), "")
+		if err != nil {
+			t.Fatalf("%s: reopening: %v", name, err)
+		}
+		if _, err := s.Get(ctx, "k", "a"); err != nil {
+			t.Errorf("%s: the document is not in %s: %v", name, filepath.Join(dir, DefaultSQLiteFile), err)
+		}
+		s.Close()
+	}
+}
+
 // A database made before schema versions existed is adopted as version 1.
 func TestSQLiteUnversionedDatabase(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "h.db")
