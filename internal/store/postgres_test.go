@@ -47,6 +47,35 @@ func TestOpenPostgresURL(t *testing.T) {
 	}
 }
 
+// Passwords stay out of the messages about a database URL, wherever the
+// URL carries them.
+func TestRedactDSN(t *testing.T) {
+	for _, dsn := range []string{
+		"postgres://hatch:S3cretPW@127.0.0.1:1/h",
+		"postgres://hatch@127.0.0.1:1/h?password=S3cretPW&sslmode=disable",
+		"postgresql://hatch@127.0.0.1:1/h?sslmode=disable&pass%77ord=S3cretPW",
+		"postgres://hatch@127.0.0.1:1/h?sslmode=disable&sslpassword=S3cretPW",
+		"postgres://hatch@127.0.0.1:1/h?password=S3c%zzretPW",
+		"postgres://hatch@127.0.0.1:1/h?password=S3c#retPW",
+	} {
+		if got := redactDSN(dsn); strings.Contains(got, "S3c") || strings.Contains(got, "retPW") {
+			t.Errorf("redactDSN(%q) = %q", dsn, got)
+		}
+	}
+	if got, want := redactDSN("postgres://hatch@db:5432/h?sslmode=disable&password=x"), "postgres://hatch@db:5432/h?sslmode=disable&password=xxxxx"; got != want {
+		t.Errorf("redactDSN = %q, want %q", got, want)
+	}
+	// Nothing listens on port 1: the error names the server, not the password.
+	s, err := Open(context.Background(), "postgres://hatch@127.0.0.1:1/h?password=S3cretPW&sslmode=disable&connect_timeout=5", t.TempDir())
+	if err == nil {
+		s.Close()
+		t.Fatal("opened a database where there is none")
+	}
+	if strings.Contains(err.Error(), "S3cretPW") || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Errorf("the error: %v", err)
+	}
+}
+
 // A relay says, each time it starts listening, that it may have missed
 // messages: when it first listens, and when it listens again after its
 // connection dropped; what is published after that arrives.
