@@ -2,11 +2,14 @@ package store
 
 import (
 	"context"
+	"errors"
 	"net"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/testutil"
 )
@@ -123,6 +126,46 @@ func TestRelayListensAgain(t *testing.T) {
 		t.Fatal("missed not called after the listening connection was terminated")
 	}
 	heard("second")
+}
+
+// A database that takes no writes — a standby, the old primary after a
+// failover — fails them as unavailable, and ReadOnly says why; it still
+// answers reads.
+func TestReadOnlyPostgresIsUnavailable(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	ctx := context.Background()
+	dsn := pg.NewDatabase(t)
+	st, err := OpenPostgres(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	// What a standby answers, for the sessions the store has open already.
+	pg.Exec(t, dsn, `ALTER SYSTEM SET default_transaction_read_only = on`)
+	pg.Exec(t, dsn, `SELECT pg_reload_conf()`)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, err = st.Put(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}, "")
+		if err != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	_, appendErr := st.AppendEvent(ctx, Event{DeviceID: "d", Body: []byte("x"), Enqueued: time.Now()})
+	for name, err := range map[string]error{"Put": err, "AppendEvent": appendErr} {
+		if !ReadOnly(err) || !Unavailable(err) {
+			t.Errorf("%s on a read-only database: %v, want an error ReadOnly and Unavailable report", name, err)
+		}
+	}
+	if _, err := st.Get(ctx, "k", "a"); err != nil {
+		t.Errorf("Get on a read-only database: %v", err)
+	}
+	for _, err := range []error{nil, errors.New("other"), &pgconn.PgError{Code: "23505"}} {
+		if ReadOnly(err) {
+			t.Errorf("%v taken for read-only", err)
+		}
+	}
 }
 
 // A server that stops answering, its connections left open, fails each
