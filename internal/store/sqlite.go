@@ -80,7 +80,9 @@ func openSQLite(path string, mode schemaMode) (*SQLite, error) {
 		}
 	}
 	q := url.Values{}
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	// WAL is not among them: it would be written into any file opened,
+	// before it is known to be Hatchery's (migrateSQLite turns it on).
+	for _, p := range []string{"synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
 	}
 	q.Set("_txlock", "immediate")

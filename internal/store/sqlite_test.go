@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -115,6 +116,31 @@ func TestSQLiteUnversionedDatabase(t *testing.T) {
 	var v int
 	if err := s.db.QueryRow(`SELECT max(version) FROM schema_version`).Scan(&v); err != nil || v != len(sqliteMigrations) {
 		t.Fatalf("schema version %d (%v), want %d", v, err, len(sqliteMigrations))
+	}
+}
+
+// A SQLite file of another application is not touched at all, its journal
+// mode included.
+func TestSQLiteForeignFileUnchanged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.db")
+	sqliteBackend.exec(t, path, `CREATE TABLE users (id integer PRIMARY KEY, name text); INSERT INTO users VALUES (1, 'a')`)
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := OpenSQLite(path); err == nil || !errors.Is(err, ErrForeign) {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("opening another application's database: %v", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Error("the refused database was changed")
+	}
+	for _, f := range []string{path + "-wal", path + "-shm"} {
+		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: %v, want none", f, err)
+		}
 	}
 }
 
