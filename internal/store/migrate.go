@@ -137,6 +137,15 @@ func (f found) check() error {
 	return nil
 }
 
+// current is the database's schema version. One made by a release before
+// schema_version existed, which has its tables, has migration 1's schema.
+func (f found) current() int {
+	if !f.versioned && f.tables > 0 {
+		return 1
+	}
+	return f.version
+}
+
 // inspectSQLite reads what the SQLite database holds, refusing one that is
 // not Hatchery's (check).
 func inspectSQLite(ctx context.Context, q interface {
@@ -181,7 +190,7 @@ func migrateSQLite(ctx context.Context, db *sql.DB, mode schemaMode) error {
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("SQLite", f.version, sqliteMigrations, mode)
+		_, err = pendingMigrations("SQLite", f.current(), sqliteMigrations, mode)
 		return err
 	}
 	if err := applySQLiteMigrations(ctx, db); err != nil {
@@ -237,7 +246,7 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool, mode schemaMode) e
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("PostgreSQL", f.version, postgresMigrations, mode)
+		_, err = pendingMigrations("PostgreSQL", f.current(), postgresMigrations, mode)
 		return err
 	}
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {

@@ -11,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // sqliteBackend gives the conformance suite a new database file per test.
@@ -101,16 +103,38 @@ func TestSQLitePathWithURICharacters(t *testing.T) {
 	}
 }
 
-// A database made before schema versions existed is adopted as version 1.
+// A database made before schema versions existed was served: the CLI reads
+// it as it is, at the version before versioning (migration 1's schema), and
+// the server adopts it as version 1.
 func TestSQLiteUnversionedDatabase(t *testing.T) {
+	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "h.db")
-	sqliteBackend.exec(t, path, schema+`INSERT INTO docs VALUES ('k', 'a', 'e', x'7b7d', 0);`)
+	testutil.SQLiteBeforeVersions(t, path, [3]string{"k", "a", `{}`})
+	for name, open := range map[string]func(context.Context, string, string) (Store, error){"OpenCurrent": OpenCurrent, "OpenToRead": OpenToRead} {
+		s, err := open(ctx, "sqlite:"+path, "")
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if d, err := s.Get(ctx, "k", "a"); err != nil || string(d.Body) != `{}` {
+			t.Errorf("%s: the document written before versioning: %+v %v", name, d, err)
+		}
+		s.Close()
+	}
+	if db, err := sql.Open("sqlite", path); err == nil {
+		var versioned int
+		err = db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'`).Scan(&versioned)
+		db.Close()
+		if err != nil || versioned != 0 {
+			t.Fatalf("the reads made schema_version (%v)", err)
+		}
+	}
+
 	s, err := OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if d, err := s.Get(context.Background(), "k", "a"); err != nil || d.ETag != "e" {
+	if d, err := s.Get(ctx, "k", "a"); err != nil || d.ETag != "etag-before-versions" {
 		t.Fatalf("the document written before versioning: %+v %v", d, err)
 	}
 	var v int
