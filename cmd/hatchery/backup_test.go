@@ -155,6 +155,33 @@ func TestSQLiteDatabaseLocked(t *testing.T) {
 	}
 }
 
+// A symlink to a server's database names that database: a second server
+// given the link is refused as if given the file.
+func TestSQLiteDatabaseLockedThroughSymlink(t *testing.T) {
+	dir := t.TempDir()
+	db := filepath.Join(dir, store.DefaultSQLiteFile)
+	if err := os.WriteFile(db, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	unlock, err := lockDatabase("", dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unlock()
+	link := filepath.Join(t.TempDir(), "link.db")
+	if err := os.Symlink(db, link); err != nil {
+		t.Fatal(err)
+	}
+	for _, dsn := range []string{link, "sqlite:" + link} {
+		if unlock, err := lockDatabase(dsn, t.TempDir()); err == nil || !strings.Contains(err.Error(), "uses the database "+db) {
+			if err == nil {
+				unlock()
+			}
+			t.Errorf("a second server on %s, a link to %s: %v", dsn, db, err)
+		}
+	}
+}
+
 // The installation of a server on PostgreSQL, backed up without
 // --database, is refused, not backed up as the empty SQLite file that
 // opening its data directory would make.

@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+	"errors"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
 	"github.com/hatchery/hatchery/internal/pki"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // checkCA and recordCA against a database that records a CA: the one it
@@ -55,5 +59,24 @@ func TestLocalCARecord(t *testing.T) {
 	o.newCA = false
 	if err := checkCA(ctx, o); err != nil {
 		t.Errorf("the recorded CA: %v", err)
+	}
+}
+
+// A database from before schema versions has served devices too: without
+// its tls/, the server refuses to start rather than make a new CA none of
+// them trusts, and records nothing.
+func TestLocalCAOfADatabaseFromBeforeVersions(t *testing.T) {
+	o := serveOptions{dir: t.TempDir()}
+	db := filepath.Join(o.dir, store.DefaultSQLiteFile)
+	testutil.SQLiteBeforeVersions(t, db, [3]string{"dps.settings", "service", `{"idScope":"0ne00000001"}`})
+	before, _ := os.ReadFile(db)
+	if err := checkCA(context.Background(), o); err == nil || !strings.Contains(err.Error(), "has no local CA") {
+		t.Fatalf("no tls/ for a database from before schema versions: %v", err)
+	}
+	if _, err := os.Stat(filepath.Dir(pki.FilesIn(o.dir).CACert)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("tls/ was made: %v", err)
+	}
+	if after, _ := os.ReadFile(db); string(after) != string(before) {
+		t.Error("the database was changed")
 	}
 }

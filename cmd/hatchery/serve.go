@@ -142,17 +142,11 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	defer unlock()
-	// The database file, not only the data directory: another server's
-	// --database may name this one's file.
-	if path, err := store.SQLitePath(o.database, o.dir); err != nil {
+	unlockDB, err := lockDatabase(o.database, o.dir)
+	if err != nil {
 		return err
-	} else if path != "" {
-		unlock, err := lockFile(path+".lock", "database "+path)
-		if err != nil {
-			return err
-		}
-		defer unlock()
 	}
+	defer unlockDB()
 	// Whatever refuses to start does so before the database is opened,
 	// which upgrades its schema for good.
 	if err := checkCA(ctx, o); err != nil {
@@ -186,6 +180,21 @@ func serve(ctx context.Context, o serveOptions) error {
 		return err
 	}
 	return run(ctx, o, hubSvc, dpsSvc, tlsConfig, ln, mqttLn)
+}
+
+// lockDatabase locks the SQLite file database names (nothing for
+// PostgreSQL), not only the data directory: another server's --database
+// may name this one's file, directly or by a symlink, so the lock is taken
+// beside the file the path resolves to.
+func lockDatabase(database, dir string) (unlock func(), err error) {
+	path, err := store.SQLitePath(database, dir)
+	if err != nil || path == "" {
+		return func() {}, err
+	}
+	if real, err := filepath.EvalSymlinks(path); err == nil { // a new file has no links yet
+		path = real
+	}
+	return lockFile(path+".lock", "database "+path)
 }
 
 // rootMayServe keeps root from serving a data directory that another

@@ -20,6 +20,8 @@ import (
 	"path/filepath"
 	"slices"
 	"time"
+
+	"github.com/hatchery/hatchery/internal/atomicfile"
 )
 
 // Files are the PEM files of a data directory's TLS material.
@@ -198,15 +200,23 @@ func serial() *big.Int {
 	return n
 }
 
+// writePair writes a key and its certificate, each whole or not at all. A
+// failure (a full disk) leaves neither new file: a key without its
+// certificate would read, at the next start, as half of a CA lost, to be
+// restored from a backup.
 func writePair(certFile, keyFile string, der []byte, key *ecdsa.PrivateKey) error {
 	keyDER, err := x509.MarshalECPrivateKey(key)
 	if err != nil {
 		return err
 	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
+	if err := atomicfile.Write(keyFile, pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: keyDER}), 0o600); err != nil {
 		return err
 	}
-	return os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644)
+	if err := atomicfile.Write(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o644); err != nil {
+		os.Remove(keyFile)
+		return err
+	}
+	return nil
 }
 
 func loadPair(certFile, keyFile string) (*x509.Certificate, *ecdsa.PrivateKey, error) {

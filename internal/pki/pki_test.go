@@ -4,7 +4,9 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -87,6 +89,39 @@ func TestEnsureGuardsTheCA(t *testing.T) {
 	pair, _ := tls.LoadX509KeyPair(f.ServerCert, f.ServerKey)
 	if _, err := pair.Leaf.Verify(x509.VerifyOptions{DNSName: "localhost", Roots: pool}); err != nil {
 		t.Fatalf("the server certificate is not the CA's: %v", err)
+	}
+}
+
+// A first start on a full disk leaves no TLS file behind, whichever write
+// fails: once there is space, the next start makes the CA, rather than
+// taking a key without its certificate for half of a CA lost. The process's
+// file size limit fails the writes as a full disk does (Go ignores
+// SIGXFSZ: the write returns EFBIG).
+func TestEnsureOnAFullDiskLeavesNothing(t *testing.T) {
+	var saved syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_FSIZE, &saved); err != nil {
+		t.Fatal(err)
+	}
+	// 0 fails the CA key's first byte, 100 its end; 400 lets the key
+	// (about 230 bytes) through and fails its certificate.
+	for _, limit := range []uint64{0, 100, 400} {
+		f := FilesIn(t.TempDir())
+		err := func() error {
+			if err := syscall.Setrlimit(syscall.RLIMIT_FSIZE, &syscall.Rlimit{Cur: limit, Max: saved.Max}); err != nil {
+				t.Fatal(err)
+			}
+			defer syscall.Setrlimit(syscall.RLIMIT_FSIZE, &saved)
+			return Ensure(f, []string{"localhost"})
+		}()
+		if err == nil {
+			t.Fatalf("limit %d: Ensure succeeded", limit)
+		}
+		if left, _ := os.ReadDir(filepath.Dir(f.CACert)); len(left) != 0 {
+			t.Errorf("limit %d: a failed Ensure (%v) left %v", limit, err, left)
+		}
+		if err := Ensure(f, []string{"localhost"}); err != nil {
+			t.Errorf("limit %d: once there is space: %v", limit, err)
+		}
 	}
 }
 

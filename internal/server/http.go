@@ -144,7 +144,7 @@ func failure(r *http.Request, err error) (string, error) {
 }
 
 // unavailable is err as a 503 with Retry-After when the database is full
-// (every write fails until the operator frees space) or out of reach, so
+// or read-only (every write fails until the operator acts) or out of reach, so
 // that clients back off and retry rather than give up; nil otherwise. Each
 // condition is logged once a period, not once a request.
 func unavailable(err error) *azerr.Error {
@@ -152,6 +152,9 @@ func unavailable(err error) *azerr.Error {
 	case errors.Is(err, store.ErrFull):
 		logEvery(&fullLogged, time.Minute, "the database has no space left: writes fail until there is (free disk space, or lower --event-retention)", err)
 		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
+	case store.ReadOnly(err):
+		logEvery(&readOnlyLogged, 10*time.Second, "the database is read-only (a standby? after a failover, point --database at the new primary): writes are answered 503 until it takes them", err)
+		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: 10 * time.Second}
 	case store.Unavailable(err):
 		logEvery(&unreachableLogged, 10*time.Second, "the database cannot be reached: requests are answered 503 until it can", err)
 		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot reach its database now: retry later", RetryAfter: 5 * time.Second}
@@ -159,8 +162,8 @@ func unavailable(err error) *azerr.Error {
 	return nil
 }
 
-// When a full or unreachable database was last logged (Unix seconds).
-var fullLogged, unreachableLogged atomic.Int64
+// When a full, read-only or unreachable database was last logged (Unix seconds).
+var fullLogged, readOnlyLogged, unreachableLogged atomic.Int64
 
 func logEvery(last *atomic.Int64, period time.Duration, msg string, err error) {
 	now := time.Now().Unix()

@@ -13,6 +13,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5/pgconn"
+
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
@@ -47,6 +49,18 @@ func TestFailureLogsInternalErrors(t *testing.T) {
 	}
 	if n := strings.Count(log.String(), "level=ERROR"); n != 1 {
 		t.Fatalf("a full database logged %d times:\n%s", n, log.String())
+	}
+
+	// A standby refuses every write, as the driver reports it.
+	log.Reset()
+	for range 3 {
+		_, err := failure(r, fmt.Errorf("writing: %w", &pgconn.PgError{Severity: "ERROR", Code: "25006", Message: "cannot execute INSERT in a read-only transaction"}))
+		if e := azerr.As(err); e.Status() != 503 || e.RetryAfter <= 0 {
+			t.Fatalf("a read-only database answered %+v", e)
+		}
+	}
+	if n := strings.Count(log.String(), "level=ERROR"); n != 1 || !strings.Contains(log.String(), "read-only") {
+		t.Fatalf("a read-only database logged %d times:\n%s", n, log.String())
 	}
 }
 

@@ -32,8 +32,9 @@ func full(err error) error {
 }
 
 // Unavailable reports whether err is the database out of reach — refusing
-// connections, not answering in time, or shutting down — rather than
-// something wrong with a request: a condition clients should retry later.
+// connections, not answering in time, or shutting down — or refusing every
+// write (ReadOnly), rather than something wrong with a request: a
+// condition clients should retry later.
 func Unavailable(err error) bool {
 	var connect *pgconn.ConnectError
 	var netErr net.Error
@@ -44,13 +45,21 @@ func Unavailable(err error) bool {
 	case errors.As(err, &pg):
 		// Class 08 is connection exceptions; 57P01–57P03, the server
 		// shutting down or starting up.
-		return strings.HasPrefix(pg.Code, "08") || pg.Code == "57P01" || pg.Code == "57P02" || pg.Code == "57P03"
+		return strings.HasPrefix(pg.Code, "08") || pg.Code == "57P01" || pg.Code == "57P02" || pg.Code == "57P03" || ReadOnly(err)
 	case errors.As(err, &connect), errors.As(err, &netErr), pgconn.Timeout(err),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStoreClosed),
 		errors.Is(err, io.ErrUnexpectedEOF): // a connection lost mid-answer
 		return true
 	}
 	return false
+}
+
+// ReadOnly reports whether err is a write the database refuses because it
+// takes none (SQLSTATE 25006): a PostgreSQL standby, such as the old
+// primary after a failover, or a database set default_transaction_read_only.
+func ReadOnly(err error) bool {
+	var pg *pgconn.PgError
+	return errors.As(err, &pg) && pg.Code == "25006"
 }
 
 // busy reports whether SQLite refused err's statement for a lock another

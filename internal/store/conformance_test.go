@@ -72,6 +72,7 @@ func runConformance(t *testing.T, b backend) {
 		{"ConcurrentOpen", testConcurrentOpen},
 		{"NewerSchemaRefused", testNewerSchemaRefused},
 		{"OlderSchemaUpgradedOnlyByTheServer", testOlderSchemaUpgradedOnlyByTheServer},
+		{"ForeignDatabaseRefused", testForeignDatabaseRefused},
 		{"Replicas", testReplicas},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.test(t, b) })
@@ -794,6 +795,32 @@ func testOlderSchemaUpgradedOnlyByTheServer(t *testing.T, b backend) {
 		t.Fatalf("OpenCurrent once upgraded: %v", err)
 	}
 	s.Close()
+}
+
+// A database of another application — no docs table, or a docs table of
+// its own — is refused however it is opened, with a message that names it,
+// and is left as it was: no Hatchery table added.
+func testForeignDatabaseRefused(t *testing.T, b backend) {
+	ctx := context.Background()
+	for _, tables := range []string{
+		`CREATE TABLE users (id integer PRIMARY KEY, name text)`,
+		`CREATE TABLE docs (id integer PRIMARY KEY, title text)`,
+	} {
+		dsn := b.newDB(t)
+		b.exec(t, dsn, tables)
+		for name, open := range map[string]func(context.Context, string, string) (Store, error){"Open": Open, "OpenCurrent": OpenCurrent, "OpenToRead": OpenToRead} {
+			s, err := open(ctx, dsn, "")
+			if err == nil {
+				s.Close()
+				t.Fatalf("%s of a database with %s succeeded", name, tables)
+			}
+			if !errors.Is(err, ErrForeign) || !strings.Contains(err.Error(), dsn) || !strings.Contains(err.Error(), "point --database at an empty database") {
+				t.Errorf("%s of a database with %s: %v", name, tables, err)
+			}
+		}
+		// Neither of Hatchery's other tables was made: making them succeeds.
+		b.exec(t, dsn, `CREATE TABLE schema_version (x integer); CREATE TABLE events (x integer)`)
+	}
 }
 
 // Two stores on one database, as two `hatchery serve` replicas: each sees

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -101,40 +103,126 @@ func pendingMigrations(backend string, current int, migrations []string, mode sc
 	return out, nil
 }
 
+// ErrForeign is a database that holds tables, but not Hatchery's: opening
+// it would add Hatchery's beside another application's.
+var ErrForeign = errors.New("not a Hatchery database")
+
+// found is what a database holds before it is migrated.
+type found struct {
+	tables    int      // tables (and views) of any application
+	docs      []string // the columns of a table named docs, if there is one
+	versioned bool     // schema_version exists
+	version   int      // the highest version schema_version records
+}
+
+// hatcheryDocs are the columns Hatchery's docs table has had in every version.
+var hatcheryDocs = []string{"kind", "id", "etag", "body", "updated"}
+
+// check refuses a database that is neither new (no tables) nor Hatchery's
+// (its docs table has Hatchery's columns: schema_version alone is a name
+// other tools use too), before anything is written to it.
+func (f found) check() error {
+	if f.tables == 0 {
+		return nil
+	}
+	for _, c := range hatcheryDocs {
+		if !slices.Contains(f.docs, c) {
+			what := "tables, but no docs table"
+			if len(f.docs) > 0 {
+				what = "a docs table without Hatchery's columns (" + strings.Join(hatcheryDocs, ", ") + ")"
+			}
+			return fmt.Errorf("%w (it has %s), left as it is: point --database at an empty database or a Hatchery one", ErrForeign, what)
+		}
+	}
+	return nil
+}
+
+// current is the database's schema version. One made by a release before
+// schema_version existed, which has its tables, has migration 1's schema.
+func (f found) current() int {
+	if !f.versioned && f.tables > 0 {
+		return 1
+	}
+	return f.version
+}
+
+// inspectSQLite reads what the SQLite database holds, refusing one that is
+// not Hatchery's (check).
+func inspectSQLite(ctx context.Context, q interface {
+	QueryRowContext(context.Context, string, ...any) *sql.Row
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}) (found, error) {
+	var f found
+	err := q.QueryRowContext(ctx, `SELECT count(*), count(*) FILTER (WHERE name = 'schema_version') FROM sqlite_master
+		WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\_%' ESCAPE '\'`).Scan(&f.tables, &f.versioned)
+	if err != nil {
+		return f, err
+	}
+	rows, err := q.QueryContext(ctx, `SELECT name FROM pragma_table_info('docs')`)
+	if err != nil {
+		return f, err
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var c string
+		if err := rows.Scan(&c); err != nil {
+			return f, err
+		}
+		f.docs = append(f.docs, c)
+	}
+	if err := rows.Err(); err != nil {
+		return f, err
+	}
+	if err := f.check(); err != nil || !f.versioned {
+		return f, err
+	}
+	err = q.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&f.version)
+	return f, err
+}
+
 // migrateSQLite brings the SQLite database up to date. The transaction
 // begins IMMEDIATE (the DSN's _txlock), taking SQLite's write lock first: a
 // second process opening the same file waits for it (busy_timeout), then
 // finds the migrations applied.
 func migrateSQLite(ctx context.Context, db *sql.DB, mode schemaMode) error {
 	if mode != upgradeOlder { // read without the write lock each transaction takes
-		var tables, current int
-		err := db.QueryRowContext(ctx, `SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'`).Scan(&tables)
-		if err == nil && tables > 0 {
-			err = db.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current)
-		}
+		f, err := inspectSQLite(ctx, db)
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("SQLite", current, sqliteMigrations, mode)
+		_, err = pendingMigrations("SQLite", f.current(), sqliteMigrations, mode)
 		return err
 	}
+	if err := applySQLiteMigrations(ctx, db); err != nil {
+		return err
+	}
+	// Only once the file is known to be Hatchery's: the journal mode is
+	// the file's, and stays.
+	_, err := db.ExecContext(ctx, `PRAGMA journal_mode = WAL`)
+	return err
+}
+
+// applySQLiteMigrations applies what the database lacks, in one transaction.
+func applySQLiteMigrations(ctx context.Context, db *sql.DB) error {
 	tx, err := db.BeginTx(ctx, nil)
 	if err != nil {
 		return err
 	}
 	defer tx.Rollback() // a no-op after Commit
+	f, err := inspectSQLite(ctx, tx)
+	if err != nil {
+		return err
+	}
+	// One from before schema_version is at version 0 here: migration 1,
+	// which makes only what is missing, adopts it.
+	pending, err := pendingMigrations("SQLite", f.version, sqliteMigrations, upgradeOlder)
+	if err != nil || len(pending) == 0 {
+		return err
+	}
 	if _, err := tx.ExecContext(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
 		version INTEGER PRIMARY KEY,
 		applied INTEGER NOT NULL
 	)`); err != nil {
-		return err
-	}
-	var current int
-	if err := tx.QueryRowContext(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
-		return err
-	}
-	pending, err := pendingMigrations("SQLite", current, sqliteMigrations, mode)
-	if err != nil || len(pending) == 0 {
 		return err
 	}
 	for _, v := range pending {
@@ -154,34 +242,29 @@ func migrateSQLite(ctx context.Context, db *sql.DB, mode schemaMode) error {
 // PostgreSQL, so a failed migration leaves the previous version intact.
 func migratePostgres(ctx context.Context, pool *pgxpool.Pool, mode schemaMode) error {
 	if mode != upgradeOlder {
-		var exists bool
-		var current int
-		err := pool.QueryRow(ctx, `SELECT to_regclass('schema_version') IS NOT NULL`).Scan(&exists)
-		if err == nil && exists {
-			err = pool.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current)
-		}
+		f, err := inspectPostgres(ctx, pool)
 		if err != nil {
 			return err
 		}
-		_, err = pendingMigrations("PostgreSQL", current, postgresMigrations, mode)
+		_, err = pendingMigrations("PostgreSQL", f.current(), postgresMigrations, mode)
 		return err
 	}
 	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, postgresMigrationLock); err != nil {
 			return err
 		}
+		f, err := inspectPostgres(ctx, tx)
+		if err != nil {
+			return err
+		}
+		pending, err := pendingMigrations("PostgreSQL", f.version, postgresMigrations, mode)
+		if err != nil || len(pending) == 0 {
+			return err
+		}
 		if _, err := tx.Exec(ctx, `CREATE TABLE IF NOT EXISTS schema_version (
 			version integer PRIMARY KEY,
 			applied timestamptz NOT NULL DEFAULT now()
 		)`); err != nil {
-			return err
-		}
-		var current int
-		if err := tx.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&current); err != nil {
-			return err
-		}
-		pending, err := pendingMigrations("PostgreSQL", current, postgresMigrations, mode)
-		if err != nil {
 			return err
 		}
 		for _, v := range pending {
@@ -194,4 +277,27 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool, mode schemaMode) e
 		}
 		return nil
 	})
+}
+
+// inspectPostgres reads what the PostgreSQL database holds, in the schemas
+// its unqualified names are looked up in (the search path), refusing one
+// that is not Hatchery's (check).
+func inspectPostgres(ctx context.Context, q interface {
+	QueryRow(context.Context, string, ...any) pgx.Row
+}) (found, error) {
+	var f found
+	err := q.QueryRow(ctx, `SELECT
+		(SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+			WHERE n.nspname = ANY (current_schemas(false)) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')),
+		(SELECT coalesce(array_agg(attname::text), '{}') FROM pg_attribute
+			WHERE attrelid = to_regclass('docs') AND attnum > 0 AND NOT attisdropped),
+		to_regclass('schema_version') IS NOT NULL`).Scan(&f.tables, &f.docs, &f.versioned)
+	if err != nil {
+		return f, err
+	}
+	if err := f.check(); err != nil || !f.versioned {
+		return f, err
+	}
+	err = q.QueryRow(ctx, `SELECT coalesce(max(version), 0) FROM schema_version`).Scan(&f.version)
+	return f, err
 }

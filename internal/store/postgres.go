@@ -105,12 +105,25 @@ func openPostgres(ctx context.Context, dsn string, mode schemaMode) (*Postgres, 
 	return p, nil
 }
 
-// redactDSN is the URL without its password, for error messages.
+// redactDSN is the URL without its passwords, for error messages: the
+// user's, and those pgx takes from the query (password, and sslpassword,
+// the client key's), however their names are escaped.
 func redactDSN(dsn string) string {
 	u, err := url.Parse(dsn)
 	if err != nil {
 		return "(unparsable URL)"
 	}
+	if u.RawQuery != "" {
+		pairs := strings.Split(u.RawQuery, "&")
+		for i, pair := range pairs {
+			key, _, _ := strings.Cut(pair, "=")
+			if name, err := url.QueryUnescape(key); err != nil || name == "password" || name == "sslpassword" {
+				pairs[i] = key + "=xxxxx"
+			}
+		}
+		u.RawQuery = strings.Join(pairs, "&")
+	}
+	u.Fragment, u.RawFragment = "", "" // the rest of a password with an unescaped #
 	return u.Redacted()
 }
 

@@ -2,11 +2,14 @@ package store
 
 import (
 	"context"
+	"errors"
 	"net"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/testutil"
 )
@@ -44,6 +47,35 @@ func TestOpenPostgresURL(t *testing.T) {
 	}
 	if strings.Contains(err.Error(), "s3cret") {
 		t.Errorf("the error shows the password: %v", err)
+	}
+}
+
+// Passwords stay out of the messages about a database URL, wherever the
+// URL carries them.
+func TestRedactDSN(t *testing.T) {
+	for _, dsn := range []string{
+		"postgres://hatch:S3cretPW@127.0.0.1:1/h",
+		"postgres://hatch@127.0.0.1:1/h?password=S3cretPW&sslmode=disable",
+		"postgresql://hatch@127.0.0.1:1/h?sslmode=disable&pass%77ord=S3cretPW",
+		"postgres://hatch@127.0.0.1:1/h?sslmode=disable&sslpassword=S3cretPW",
+		"postgres://hatch@127.0.0.1:1/h?password=S3c%zzretPW",
+		"postgres://hatch@127.0.0.1:1/h?password=S3c#retPW",
+	} {
+		if got := redactDSN(dsn); strings.Contains(got, "S3c") || strings.Contains(got, "retPW") {
+			t.Errorf("redactDSN(%q) = %q", dsn, got)
+		}
+	}
+	if got, want := redactDSN("postgres://hatch@db:5432/h?sslmode=disable&password=x"), "postgres://hatch@db:5432/h?sslmode=disable&password=xxxxx"; got != want {
+		t.Errorf("redactDSN = %q, want %q", got, want)
+	}
+	// Nothing listens on port 1: the error names the server, not the password.
+	s, err := Open(context.Background(), "postgres://hatch@127.0.0.1:1/h?password=S3cretPW&sslmode=disable&connect_timeout=5", t.TempDir())
+	if err == nil {
+		s.Close()
+		t.Fatal("opened a database where there is none")
+	}
+	if strings.Contains(err.Error(), "S3cretPW") || !strings.Contains(err.Error(), "127.0.0.1:1") {
+		t.Errorf("the error: %v", err)
 	}
 }
 
@@ -94,6 +126,46 @@ func TestRelayListensAgain(t *testing.T) {
 		t.Fatal("missed not called after the listening connection was terminated")
 	}
 	heard("second")
+}
+
+// A database that takes no writes — a standby, the old primary after a
+// failover — fails them as unavailable, and ReadOnly says why; it still
+// answers reads.
+func TestReadOnlyPostgresIsUnavailable(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	ctx := context.Background()
+	dsn := pg.NewDatabase(t)
+	st, err := OpenPostgres(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if _, err := st.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}); err != nil {
+		t.Fatal(err)
+	}
+	// What a standby answers, for the sessions the store has open already.
+	pg.Exec(t, dsn, `ALTER SYSTEM SET default_transaction_read_only = on`)
+	pg.Exec(t, dsn, `SELECT pg_reload_conf()`)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		_, err = st.Put(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)}, "")
+		if err != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	_, appendErr := st.AppendEvent(ctx, Event{DeviceID: "d", Body: []byte("x"), Enqueued: time.Now()})
+	for name, err := range map[string]error{"Put": err, "AppendEvent": appendErr} {
+		if !ReadOnly(err) || !Unavailable(err) {
+			t.Errorf("%s on a read-only database: %v, want an error ReadOnly and Unavailable report", name, err)
+		}
+	}
+	if _, err := st.Get(ctx, "k", "a"); err != nil {
+		t.Errorf("Get on a read-only database: %v", err)
+	}
+	for _, err := range []error{nil, errors.New("other"), &pgconn.PgError{Code: "23505"}} {
+		if ReadOnly(err) {
+			t.Errorf("%v taken for read-only", err)
+		}
+	}
 }
 
 // A server that stops answering, its connections left open, fails each

@@ -80,11 +80,13 @@ func openSQLite(path string, mode schemaMode) (*SQLite, error) {
 		}
 	}
 	q := url.Values{}
-	for _, p := range []string{"journal_mode(WAL)", "synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
+	// WAL is not among them: it would be written into any file opened,
+	// before it is known to be Hatchery's (migrateSQLite turns it on).
+	for _, p := range []string{"synchronous(NORMAL)", "busy_timeout(10000)", "foreign_keys(ON)"} {
 		q.Add("_pragma", p)
 	}
 	q.Set("_txlock", "immediate")
-	db, err := sql.Open("sqlite", "file:"+path+"?"+q.Encode())
+	db, err := sql.Open("sqlite", sqliteURI(path, q))
 	if err != nil {
 		return nil, err
 	}
@@ -128,6 +130,17 @@ func openSQLite(path string, mode schemaMode) (*SQLite, error) {
 		}
 	}
 	return s, nil
+}
+
+// sqliteURI is the driver's name for the file at path with the parameters
+// q. SQLite reads it as a URI, in which ?, # and % would end or change the
+// path: escaped, they are part of the file's name. Absolute, the path
+// cannot be taken for the URI's authority.
+func sqliteURI(path string, q url.Values) string {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	return (&url.URL{Scheme: "file", Path: path, RawQuery: q.Encode()}).String()
 }
 
 // Path is the database file.

@@ -1,6 +1,7 @@
 package store
 
 import (
+	"bytes"
 	"context"
 	"database/sql"
 	"errors"
@@ -10,6 +11,8 @@ import (
 	"testing"
 
 	"github.com/jackc/pgx/v5/pgconn"
+
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // sqliteBackend gives the conformance suite a new database file per test.
@@ -67,21 +70,101 @@ func TestOpenSQLite(t *testing.T) {
 	}
 }
 
-// A database made before schema versions existed is adopted as version 1.
+// A path is the file it names, whatever characters a URI would read
+// otherwise: the database is that file, and nothing is made beside it.
+func TestSQLitePathWithURICharacters(t *testing.T) {
+	ctx := context.Background()
+	for _, name := range []string{"site#1", "p%41", "a?b", "sp ace", "x%", "q=1&r"} {
+		root := t.TempDir()
+		dir := filepath.Join(root, name, "data")
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			t.Fatal(err)
+		}
+		s, err := Open(ctx, "", dir)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		_, err = s.Create(ctx, Doc{Kind: "k", ID: "a", Body: []byte(`{}`)})
+		s.Close()
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if entries, _ := os.ReadDir(root); len(entries) != 1 || entries[0].Name() != name {
+			t.Errorf("%s: a file was made beside the data directory: %v", name, entries)
+		}
+		s, err = OpenCurrent(ctx, "sqlite:"+filepath.Join(dir, DefaultSQLiteFile), "")
+		if err != nil {
+			t.Fatalf("%s: reopening: %v", name, err)
+		}
+		if _, err := s.Get(ctx, "k", "a"); err != nil {
+			t.Errorf("%s: the document is not in %s: %v", name, filepath.Join(dir, DefaultSQLiteFile), err)
+		}
+		s.Close()
+	}
+}
+
+// A database made before schema versions existed was served: the CLI reads
+// it as it is, at the version before versioning (migration 1's schema), and
+// the server adopts it as version 1.
 func TestSQLiteUnversionedDatabase(t *testing.T) {
+	ctx := context.Background()
 	path := filepath.Join(t.TempDir(), "h.db")
-	sqliteBackend.exec(t, path, schema+`INSERT INTO docs VALUES ('k', 'a', 'e', x'7b7d', 0);`)
+	testutil.SQLiteBeforeVersions(t, path, [3]string{"k", "a", `{}`})
+	for name, open := range map[string]func(context.Context, string, string) (Store, error){"OpenCurrent": OpenCurrent, "OpenToRead": OpenToRead} {
+		s, err := open(ctx, "sqlite:"+path, "")
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if d, err := s.Get(ctx, "k", "a"); err != nil || string(d.Body) != `{}` {
+			t.Errorf("%s: the document written before versioning: %+v %v", name, d, err)
+		}
+		s.Close()
+	}
+	if db, err := sql.Open("sqlite", path); err == nil {
+		var versioned int
+		err = db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'`).Scan(&versioned)
+		db.Close()
+		if err != nil || versioned != 0 {
+			t.Fatalf("the reads made schema_version (%v)", err)
+		}
+	}
+
 	s, err := OpenSQLite(path)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer s.Close()
-	if d, err := s.Get(context.Background(), "k", "a"); err != nil || d.ETag != "e" {
+	if d, err := s.Get(ctx, "k", "a"); err != nil || d.ETag != "etag-before-versions" {
 		t.Fatalf("the document written before versioning: %+v %v", d, err)
 	}
 	var v int
 	if err := s.db.QueryRow(`SELECT max(version) FROM schema_version`).Scan(&v); err != nil || v != len(sqliteMigrations) {
 		t.Fatalf("schema version %d (%v), want %d", v, err, len(sqliteMigrations))
+	}
+}
+
+// A SQLite file of another application is not touched at all, its journal
+// mode included.
+func TestSQLiteForeignFileUnchanged(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "app.db")
+	sqliteBackend.exec(t, path, `CREATE TABLE users (id integer PRIMARY KEY, name text); INSERT INTO users VALUES (1, 'a')`)
+	before, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s, err := OpenSQLite(path); err == nil || !errors.Is(err, ErrForeign) {
+		if s != nil {
+			s.Close()
+		}
+		t.Fatalf("opening another application's database: %v", err)
+	}
+	if after, _ := os.ReadFile(path); !bytes.Equal(before, after) {
+		t.Error("the refused database was changed")
+	}
+	for _, f := range []string{path + "-wal", path + "-shm"} {
+		if _, err := os.Stat(f); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("%s: %v, want none", f, err)
+		}
 	}
 }
 

@@ -1,0 +1,40 @@
+// Package atomicfile writes files that a crash, a full disk or a power loss
+// leaves as they were or as meant, never torn or empty.
+package atomicfile
+
+import (
+	"os"
+	"path/filepath"
+)
+
+// Write replaces the file at path with one holding b, mode perm: it is
+// written next to it, synced and renamed over it, and the directory is
+// synced, for the rename itself to last. A write that fails leaves path as
+// it was and nothing beside it.
+func Write(path string, b []byte, perm os.FileMode) error {
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(f.Name()) // after a failure; gone after the rename
+	err = f.Chmod(perm)
+	if err == nil {
+		_, err = f.Write(b)
+	}
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(f.Name(), path)
+	}
+	if err == nil {
+		if d, derr := os.Open(filepath.Dir(path)); derr == nil {
+			err = d.Sync()
+			d.Close()
+		}
+	}
+	return err
+}
