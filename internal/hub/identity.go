@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -173,6 +174,7 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		}
 		if r.Module == "" && in.Capabilities.IoTEdge {
 			if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
+				s.undoCreate(ctx, r, rec.DeviceETag)
 				return nil, err
 			}
 		}
@@ -240,6 +242,18 @@ func (s *Service) ensureEdgeModules(ctx context.Context, device string) error {
 		}
 	}
 	return nil
+}
+
+// undoCreate deletes the device r, with the modules it got, that a create
+// which failed after storing it made: its retry would be refused, as a
+// create of a device that exists, and an edge device without its agent's
+// identity never runs. One deleted, or created anew, or changed, since
+// (its identity etag no longer etag) is someone else's, and stays.
+func (s *Service) undoCreate(ctx context.Context, r Ref, etag string) {
+	err := s.DeleteIdentity(context.WithoutCancel(ctx), r, etag)
+	if err != nil && !azerr.HasStatus(err, 404) && !azerr.HasStatus(err, 412) {
+		slog.Error("undoing a device's create that failed halfway: delete it and create it again", "device", r.Device, "error", err)
+	}
 }
 
 // sameCredentials reports whether two authentications admit the same
