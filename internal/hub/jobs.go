@@ -137,13 +137,21 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 		j.Status = "scheduled"
 	}
 	body, _ := json.Marshal(jobRecord{Job: *j})
-	if _, err := s.store.Create(ctx, store.Doc{Kind: kindJob, ID: id, Body: body}); err != nil {
+	created, err := s.store.Create(ctx, store.Doc{Kind: kindJob, ID: id, Body: body})
+	if err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return nil, azerr.Conflict("JobAlreadyExists", "job %q exists: jobs cannot be changed, give a new ID", id)
 		}
 		return nil, err
 	}
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindJobQueue, ID: id, Body: []byte("{}")}, ""); err != nil {
+		// A job off the queue never runs, and its retry would be refused
+		// as a job that exists: take it back, unless it changed (a
+		// cancel) since.
+		err2 := s.store.Delete(context.WithoutCancel(ctx), kindJob, id, created.ETag)
+		if err2 != nil && !errors.Is(err2, store.ErrPrecondition) && !errors.Is(err2, store.ErrNotFound) {
+			slog.Error("taking back a job that could not be queued: it never runs; cancel it and give its work a new job ID", "job", id, "error", err2)
+		}
 		return nil, err
 	}
 	s.wakeJobs()
