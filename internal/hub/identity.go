@@ -44,10 +44,10 @@ func (r Ref) id() string { return r.String() }
 
 func (r Ref) check() error {
 	if !hubid.Valid(r.Device) {
-		return azerr.New(400012, "ArgumentInvalid", "device ID %q is not valid: use %s", r.Device, hubid.Rule)
+		return azerr.BadRequest("device ID %q is not valid: use %s", r.Device, hubid.Rule)
 	}
 	if r.Module != "" && !hubid.Valid(r.Module) {
-		return azerr.New(400012, "ArgumentInvalid", "module ID %q is not valid: use %s", r.Module, hubid.Rule)
+		return azerr.BadRequest("module ID %q is not valid: use %s", r.Module, hubid.Rule)
 	}
 	return nil
 }
@@ -109,7 +109,7 @@ func modify[T any](ctx context.Context, st store.Store, kind, id, what string, l
 		}
 		return v, err
 	}
-	return nil, azerr.New(409002, "PreconditionFailed", "%s is being changed concurrently: retry", what)
+	return nil, azerr.PreconditionFailed("%s is being changed concurrently: retry", what)
 }
 
 func newETag() string {
@@ -162,14 +162,13 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		rec.Device.DeviceID, rec.Device.ModuleID, rec.Device.GenerationID = r.Device, r.Module, generationID()
 		rec.Device.ConnectionState, rec.Device.StatusUpdatedTime = "Disconnected", now
 		body, _ := json.Marshal(rec)
-		if _, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}); err != nil {
-			if errors.Is(err, store.ErrExists) {
-				name := "DeviceAlreadyExists"
-				if r.Module != "" {
-					name = "ModuleAlreadyExistsOnDevice"
-				}
-				return nil, azerr.Conflict(name, "%s already exists: update it with If-Match", r)
-			}
+		_, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body})
+		switch {
+		case errors.Is(err, store.ErrExists) && r.Module != "":
+			return nil, azerr.New(409301, "ModuleAlreadyExistsOnDevice", "%s already exists: update it with If-Match", r)
+		case errors.Is(err, store.ErrExists):
+			return nil, azerr.Conflict("DeviceAlreadyExists", "%s already exists: update it with If-Match", r)
+		case err != nil:
 			return nil, err
 		}
 		if r.Module == "" && in.Capabilities.IoTEdge {

@@ -209,7 +209,7 @@ func (s *Service) QueryJobs(ctx context.Context, jobType, status, after string, 
 func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, error) {
 	d, err := s.store.Get(ctx, kindJob, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, "", azerr.NotFound("JobNotFound", "no job %q", id)
+		return nil, "", azerr.New(404002, "JobNotFound", "no job %q", id)
 	}
 	if err != nil {
 		return nil, "", err

@@ -307,7 +307,7 @@ func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
 	var cost float64
 	for _, m := range msgs {
 		if len(m.Body) > MaxMessageSize {
-			return azerr.New(413002, "MessageTooLarge", "the message body is %d bytes: device-to-cloud messages carry at most %d", len(m.Body), MaxMessageSize)
+			return azerr.MessageTooLarge("the message body is %d bytes: device-to-cloud messages carry at most %d", len(m.Body), MaxMessageSize)
 		}
 		n := len(m.Body)
 		for k, v := range m.Properties {
@@ -316,7 +316,7 @@ func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
 		cost += float64(max(n, minMessageCost))
 	}
 	if len(msgs) > 1 && cost > MaxBatchSize {
-		return azerr.New(413002, "MessageTooLarge", "the batch counts as %.0f bytes (each message at least %d): a batch carries at most %d", cost, minMessageCost, MaxBatchSize)
+		return azerr.MessageTooLarge("the batch counts as %.0f bytes (each message at least %d): a batch carries at most %d", cost, minMessageCost, MaxBatchSize)
 	}
 	if ok, wait := s.MessageBytes.Take(r.Device, now, cost); !ok {
 		return azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)
