@@ -227,6 +227,9 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 		return nil, azerr.BadRequest("id %q in the body differs from %q in the URL", c.ID, id)
 	}
 	c.ID = id
+	if c.Priority < 0 {
+		return nil, azerr.BadRequest("priority %d: a configuration's priority is 0 or more", c.Priority)
+	}
 	if c.TargetCondition == "" {
 		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every device)")
 	}
