@@ -80,6 +80,9 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	if !hubid.Valid(id) {
 		return nil, azerr.BadRequest("job ID %q is not valid: use %s", id, hubid.Rule)
 	}
+	if id == "query" {
+		return nil, azerr.BadRequest("job ID %q is not valid: GET /jobs/v2/query lists the jobs, so a job of that ID could never be read: give another ID", id)
+	}
 	if j.JobID != "" && j.JobID != id {
 		return nil, azerr.BadRequest("jobId %q in the body differs from %q in the URL", j.JobID, id)
 	}

@@ -50,6 +50,11 @@ func TestJobs(t *testing.T) {
 	if _, err := s.GetJob(ctx, "bad"); !azerr.HasStatus(err, 404) {
 		t.Fatalf("a refused job was stored: %v", err)
 	}
+	// GET /jobs/v2/query lists jobs: a job of that ID could not be read.
+	query := &Job{Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}}
+	if _, err := s.CreateJob(ctx, "query", query); !azerr.HasStatus(err, 400) || !strings.Contains(err.Error(), "/jobs/v2/query") {
+		t.Errorf("a job of ID query: %v", err)
+	}
 
 	wait := func(id string) *Job {
 		t.Helper()
