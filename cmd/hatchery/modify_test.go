@@ -39,7 +39,7 @@ func TestModifyKeepsAConcurrentChange(t *testing.T) {
 			ifMatch = append(ifMatch, strings.Trim(r.Header.Get("If-Match"), `"`))
 			if ifMatch[len(ifMatch)-1] != doc.ETag {
 				w.WriteHeader(http.StatusPreconditionFailed)
-				_, _ = w.Write([]byte(`{"errorCode":412002,"message":"the etag does not match"}`))
+				_, _ = w.Write([]byte(`{"errorCode":412001,"message":"the etag does not match"}`))
 				return
 			}
 			_ = json.NewDecoder(r.Body).Decode(&doc)

@@ -42,7 +42,8 @@ func New(code int, name, format string, args ...any) *Error {
 	return &Error{Code: code, Name: name, Message: fmt.Sprintf(format, args...)}
 }
 
-// Common errors.
+// Common errors, numbered as IoT Hub numbers them: the SDKs tell errors
+// apart by number (their ErrorCode).
 func BadRequest(format string, args ...any) *Error {
 	return New(400004, "ArgumentInvalid", format, args...)
 }
@@ -81,7 +82,10 @@ func Conflict(name, format string, args ...any) *Error {
 	return New(409001, name, format, args...)
 }
 func PreconditionFailed(format string, args ...any) *Error {
-	return New(412002, "PreconditionFailed", format, args...)
+	return New(412001, "PreconditionFailed", format, args...)
+}
+func MessageTooLarge(format string, args ...any) *Error {
+	return New(413001, "MessageTooLarge", format, args...)
 }
 
 // As returns err as an *Error, wrapping unknown errors as internal ones

@@ -206,7 +206,9 @@ func upsert[T any](ctx context.Context, st store.Store, kind, id string, read *c
 func storeErr(err error, what string) error {
 	switch {
 	case errors.Is(err, store.ErrPrecondition):
-		return azerr.PreconditionFailed("%s was changed since the etag in If-Match: read it again and retry", what)
+		// The provisioning service numbers its errors apart from the
+		// hub's (404201, 409203): this one stays as it was.
+		return azerr.New(412002, "PreconditionFailed", "%s was changed since the etag in If-Match: read it again and retry", what)
 	case errors.Is(err, store.ErrNotFound):
 		return azerr.New(404201, "NotFound", "%s does not exist", what)
 	case errors.Is(err, store.ErrExists):

@@ -51,7 +51,7 @@ type C2DMessage struct {
 // SendC2D queues a message for a device and tells its connection, if any.
 func (s *Service) SendC2D(ctx context.Context, device string, props map[string]string, body []byte) (*C2DMessage, error) {
 	if len(body) > maxC2DSize {
-		return nil, azerr.New(413001, "MessageTooLarge", "the message body is %d bytes: cloud-to-device messages carry at most %d", len(body), maxC2DSize)
+		return nil, azerr.MessageTooLarge("the message body is %d bytes: cloud-to-device messages carry at most %d", len(body), maxC2DSize)
 	}
 	now := s.Now().UTC()
 	expiry, err := c2dExpiry(props, now)
@@ -289,7 +289,7 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 // queue.
 func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon bool) error {
 	id, lock, _ := strings.Cut(token, ".")
-	lost := azerr.PreconditionFailed("the lock token %.60q holds no message of %s now (its lock expired, or it was settled): receive it again", token, device)
+	lost := azerr.New(412002, "DeviceMessageLockLost", "the lock token %.60q holds no message of %s now (its lock expired, or it was settled): receive it again", token, device)
 	held := func(m *C2DMessage) bool { return lock != "" && m.LockToken == lock && s.Now().Before(m.LockedUntil) }
 	if strings.Contains(id, "/") {
 		return lost

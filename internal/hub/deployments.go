@@ -227,6 +227,9 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 		return nil, azerr.BadRequest("id %q in the body differs from %q in the URL", c.ID, id)
 	}
 	c.ID = id
+	if c.Priority < 0 {
+		return nil, azerr.BadRequest("priority %d: a configuration's priority is 0 or more", c.Priority)
+	}
 	if c.TargetCondition == "" {
 		return nil, azerr.BadRequest("targetCondition is required, e.g. \"tags.environment='prod'\" (or \"*\" for every device)")
 	}
@@ -281,10 +284,17 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 	if err != nil {
 		return nil, err
 	}
+	// Stored, it is applied: what cannot be written now the periodic
+	// evaluation (EvaluateConfigurations) writes later, as the hosted hub
+	// applies configurations in the background. An error here would have
+	// the client retry a change made, refused then as one that exists.
 	if err := s.applyAll(ctx); err != nil {
-		return nil, err
+		slog.Warn("applying a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
 	}
-	return s.GetConfiguration(ctx, id)
+	if err := s.countMetrics(ctx, []*Configuration{c}); err != nil {
+		slog.Warn("counting a configuration's metrics", "configuration", id, "error", err)
+	}
+	return c, nil
 }
 
 func jsonEqual(a, b any) bool {
@@ -338,7 +348,10 @@ func (s *Service) DeleteConfiguration(ctx context.Context, id, ifMatch string) e
 	if err := s.store.Delete(ctx, kindConfiguration, id, etag); err != nil {
 		return err
 	}
-	return s.applyAll(ctx)
+	if err := s.applyAll(ctx); err != nil { // as in PutConfiguration
+		slog.Warn("withdrawing a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
+	}
+	return nil
 }
 
 // target is a deployment with its condition parsed once.
@@ -445,6 +458,43 @@ func withMetadata(doc map[string]any, updated time.Time) map[string]any {
 func (s *Service) applyAll(ctx context.Context) error {
 	s.targetMemo.forget() // the sweep evaluates every identity again
 	s.publish("configurations", Ref{})
+	return s.evaluateAll(ctx, slog.LevelWarn)
+}
+
+// configurationSweep is how often EvaluateConfigurations evaluates every
+// identity again: the hosted hub re-evaluates configurations about every
+// five minutes.
+const configurationSweep = 5 * time.Minute
+
+// EvaluateConfigurations evaluates every identity against the
+// configurations every s.configurationSweep, until ctx ends, so that one
+// a change left behind (a write that failed, a replica that stopped
+// halfway) converges. Every replica may run it: evaluating is idempotent.
+func (s *Service) EvaluateConfigurations(ctx context.Context) {
+	tick := time.NewTicker(s.configurationSweep)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		// What does not fit a twin was told when it changed.
+		if err := s.evaluateAll(ctx, slog.LevelDebug); err != nil && ctx.Err() == nil {
+			slog.Warn("evaluating the configurations again; the identities left behind follow at the next evaluation", "error", err)
+		}
+	}
+}
+
+// evaluateAll evaluates every device, then every module, against the
+// configurations, a page of records at a time and each identity under its
+// own lock only while it is evaluated. One that cannot be written does not
+// hold the others back: it returns, after them all, the first such
+// failure, and at once when the database is out of reach. What does not
+// fit a twin is logged at misfit.
+func (s *Service) evaluateAll(ctx context.Context, misfit slog.Level) error {
+	var failed int
+	var first error
 	for _, kind := range []string{kindDevice, kindModule} {
 		err := s.eachRecord(ctx, kind, func(r *record) error {
 			// What does not fit one twin (layers merging past a
@@ -452,16 +502,25 @@ func (s *Service) applyAll(ctx context.Context) error {
 			err := s.evaluate(ctx, Ref{Device: r.Device.DeviceID, Module: r.Device.ModuleID}, true)
 			switch {
 			case err == nil, azerr.HasStatus(err, 404): // deleted meanwhile
-			case azerr.As(err).Status() >= 500:
+			case ctx.Err() != nil, store.Unavailable(err):
 				return err
+			case azerr.As(err).Status() >= 500:
+				failed++
+				if first == nil {
+					first = err
+				}
+				slog.Debug("evaluating the configurations", "device", r.Device.DeviceID, "module", r.Device.ModuleID, "error", err)
 			default:
-				slog.Warn("configurations do not fit a twin; it keeps what it had", "device", r.Device.DeviceID, "module", r.Device.ModuleID, "error", err)
+				slog.Log(ctx, misfit, "configurations do not fit a twin; it keeps what it had", "device", r.Device.DeviceID, "module", r.Device.ModuleID, "error", err)
 			}
 			return nil
 		})
 		if err != nil {
 			return err
 		}
+	}
+	if first != nil {
+		return fmt.Errorf("%d of the identities could not be brought in line with the configurations; the first: %w", failed, first)
 	}
 	return nil
 }

@@ -88,3 +88,46 @@ func TestConfigurationsPastAPage(t *testing.T) {
 		t.Fatalf("the last configuration did not apply: desired %s, configurations %v", tw.Properties.Desired, tw.Configurations)
 	}
 }
+
+// A configuration is stored, and applied where it can be, though one
+// device cannot be written: that device gets it from the periodic
+// evaluation once it can.
+func TestConfigurationAppliedLaterWhereItFailed(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := sqliteHub(t)
+	for _, id := range []string{"d1", "d2", "d3"} {
+		newIdentity(t, s, Ref{Device: id})
+	}
+	st := failWrites(s.store, kindDevice, "d2")
+	s.store = st
+	cfg := &Configuration{TargetCondition: "*",
+		Content: ConfigContent{DeviceContent: map[string]json.RawMessage{"properties.desired.fw": json.RawMessage(`"2.0"`)}}}
+	if _, err := s.PutConfiguration(ctx, "fw", "", cfg); err != nil {
+		t.Fatalf("a configuration stored, but not applied to one device: %v", err)
+	}
+	applied := func(id string) bool {
+		tw, err := s.GetTwin(ctx, Ref{Device: id})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.Contains(string(tw.Properties.Desired), `"fw":"2.0"`) && tw.Configurations["fw"].Status == "Applied"
+	}
+	for _, id := range []string{"d1", "d3"} {
+		if !applied(id) {
+			t.Errorf("%s, which could be written, did not get the configuration", id)
+		}
+	}
+	if applied("d2") {
+		t.Fatal("d2 got the configuration, though it could not be written")
+	}
+
+	st.failing.Store(false)
+	s.configurationSweep = 50 * time.Millisecond
+	go s.EvaluateConfigurations(ctx)
+	for deadline := time.Now().Add(10 * time.Second); !applied("d2"); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("d2 never got the configuration")
+		}
+	}
+}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -43,10 +44,10 @@ func (r Ref) id() string { return r.String() }
 
 func (r Ref) check() error {
 	if !hubid.Valid(r.Device) {
-		return azerr.New(400012, "ArgumentInvalid", "device ID %q is not valid: use %s", r.Device, hubid.Rule)
+		return azerr.BadRequest("device ID %q is not valid: use %s", r.Device, hubid.Rule)
 	}
 	if r.Module != "" && !hubid.Valid(r.Module) {
-		return azerr.New(400012, "ArgumentInvalid", "module ID %q is not valid: use %s", r.Module, hubid.Rule)
+		return azerr.BadRequest("module ID %q is not valid: use %s", r.Module, hubid.Rule)
 	}
 	return nil
 }
@@ -108,7 +109,7 @@ func modify[T any](ctx context.Context, st store.Store, kind, id, what string, l
 		}
 		return v, err
 	}
-	return nil, azerr.New(409002, "PreconditionFailed", "%s is being changed concurrently: retry", what)
+	return nil, azerr.PreconditionFailed("%s is being changed concurrently: retry", what)
 }
 
 func newETag() string {
@@ -161,18 +162,18 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 		rec.Device.DeviceID, rec.Device.ModuleID, rec.Device.GenerationID = r.Device, r.Module, generationID()
 		rec.Device.ConnectionState, rec.Device.StatusUpdatedTime = "Disconnected", now
 		body, _ := json.Marshal(rec)
-		if _, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body}); err != nil {
-			if errors.Is(err, store.ErrExists) {
-				name := "DeviceAlreadyExists"
-				if r.Module != "" {
-					name = "ModuleAlreadyExistsOnDevice"
-				}
-				return nil, azerr.Conflict(name, "%s already exists: update it with If-Match", r)
-			}
+		_, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body})
+		switch {
+		case errors.Is(err, store.ErrExists) && r.Module != "":
+			return nil, azerr.New(409301, "ModuleAlreadyExistsOnDevice", "%s already exists: update it with If-Match", r)
+		case errors.Is(err, store.ErrExists):
+			return nil, azerr.Conflict("DeviceAlreadyExists", "%s already exists: update it with If-Match", r)
+		case err != nil:
 			return nil, err
 		}
 		if r.Module == "" && in.Capabilities.IoTEdge {
 			if err := s.ensureEdgeModules(ctx, r.Device); err != nil {
+				s.undoCreate(ctx, r, rec.DeviceETag)
 				return nil, err
 			}
 		}
@@ -240,6 +241,18 @@ func (s *Service) ensureEdgeModules(ctx context.Context, device string) error {
 		}
 	}
 	return nil
+}
+
+// undoCreate deletes the device r, with the modules it got, that a create
+// which failed after storing it made: its retry would be refused, as a
+// create of a device that exists, and an edge device without its agent's
+// identity never runs. One deleted, or created anew, or changed, since
+// (its identity etag no longer etag) is someone else's, and stays.
+func (s *Service) undoCreate(ctx context.Context, r Ref, etag string) {
+	err := s.DeleteIdentity(context.WithoutCancel(ctx), r, etag)
+	if err != nil && !azerr.HasStatus(err, 404) && !azerr.HasStatus(err, 412) {
+		slog.Error("undoing a device's create that failed halfway: delete it and create it again", "device", r.Device, "error", err)
+	}
 }
 
 // sameCredentials reports whether two authentications admit the same

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/base64"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"testing"
@@ -208,4 +209,53 @@ func (b *beforeDelete) Delete(ctx context.Context, kind, id, etag string) error 
 		h()
 	}
 	return b.Store.Delete(ctx, kind, id, etag)
+}
+
+// An edge device whose module identities cannot be stored is not created
+// at all, so that creating it again, once the store takes writes, gives it
+// its $edgeAgent and $edgeHub; a device someone else made under its ID
+// meanwhile is left as it is.
+func TestEdgeDeviceCreateFailingHalfway(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	st := failWrites(s.store, kindModule, "edge1/$edgeHub") // $edgeAgent is stored, $edgeHub not
+	s.store = st
+	edge := &Device{Capabilities: Capabilities{IoTEdge: true}}
+	if _, err := s.PutIdentity(ctx, Ref{Device: "edge1"}, "", edge); err == nil {
+		t.Fatal("the create succeeded without $edgeHub")
+	}
+	if _, err := s.GetIdentity(ctx, Ref{Device: "edge1"}); !azerr.HasStatus(err, 404) {
+		t.Fatalf("the device created halfway stays: %v", err)
+	}
+	if _, err := st.Get(ctx, kindModule, "edge1/$edgeAgent"); !errors.Is(err, store.ErrNotFound) {
+		t.Fatalf("its $edgeAgent stays: %v", err)
+	}
+	st.failing.Store(false)
+	if _, err := s.PutIdentity(ctx, Ref{Device: "edge1"}, "", edge); err != nil {
+		t.Fatalf("creating it again: %v", err)
+	}
+	for _, m := range []string{"$edgeAgent", "$edgeHub"} {
+		if _, err := s.GetIdentity(ctx, Ref{Device: "edge1", Module: m}); err != nil {
+			t.Errorf("%s: %v", m, err)
+		}
+	}
+
+	// Another client deletes the device and creates its own under that ID
+	// while the create is under way.
+	st = failWrites(st.Store, kindModule, "edge2/$edgeAgent")
+	s.store = st
+	other := openHub(t, st.Store)
+	var theirs *Device
+	st.before = func() {
+		if err := other.DeleteIdentity(ctx, Ref{Device: "edge2"}, ""); err != nil {
+			t.Error(err)
+		}
+		theirs = newIdentity(t, other, Ref{Device: "edge2"})
+	}
+	if _, err := s.PutIdentity(ctx, Ref{Device: "edge2"}, "", edge); err == nil {
+		t.Fatal("the create succeeded without $edgeAgent")
+	}
+	if d, err := s.GetIdentity(ctx, Ref{Device: "edge2"}); err != nil || d.GenerationID != theirs.GenerationID {
+		t.Fatalf("the device another client created meanwhile: %+v %v", d, err)
+	}
 }

@@ -80,6 +80,9 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 	if !hubid.Valid(id) {
 		return nil, azerr.BadRequest("job ID %q is not valid: use %s", id, hubid.Rule)
 	}
+	if id == "query" {
+		return nil, azerr.BadRequest("job ID %q is not valid: GET /jobs/v2/query lists the jobs, so a job of that ID could never be read: give another ID", id)
+	}
 	if j.JobID != "" && j.JobID != id {
 		return nil, azerr.BadRequest("jobId %q in the body differs from %q in the URL", j.JobID, id)
 	}
@@ -137,13 +140,21 @@ func (s *Service) CreateJob(ctx context.Context, id string, j *Job) (*Job, error
 		j.Status = "scheduled"
 	}
 	body, _ := json.Marshal(jobRecord{Job: *j})
-	if _, err := s.store.Create(ctx, store.Doc{Kind: kindJob, ID: id, Body: body}); err != nil {
+	created, err := s.store.Create(ctx, store.Doc{Kind: kindJob, ID: id, Body: body})
+	if err != nil {
 		if errors.Is(err, store.ErrExists) {
 			return nil, azerr.Conflict("JobAlreadyExists", "job %q exists: jobs cannot be changed, give a new ID", id)
 		}
 		return nil, err
 	}
 	if _, err := s.store.Put(ctx, store.Doc{Kind: kindJobQueue, ID: id, Body: []byte("{}")}, ""); err != nil {
+		// A job off the queue never runs, and its retry would be refused
+		// as a job that exists: take it back, unless it changed (a
+		// cancel) since.
+		err2 := s.store.Delete(context.WithoutCancel(ctx), kindJob, id, created.ETag)
+		if err2 != nil && !errors.Is(err2, store.ErrPrecondition) && !errors.Is(err2, store.ErrNotFound) {
+			slog.Error("taking back a job that could not be queued: it never runs; cancel it and give its work a new job ID", "job", id, "error", err2)
+		}
 		return nil, err
 	}
 	s.wakeJobs()
@@ -201,7 +212,7 @@ func (s *Service) QueryJobs(ctx context.Context, jobType, status, after string, 
 func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, error) {
 	d, err := s.store.Get(ctx, kindJob, id)
 	if errors.Is(err, store.ErrNotFound) {
-		return nil, "", azerr.NotFound("JobNotFound", "no job %q", id)
+		return nil, "", azerr.New(404002, "JobNotFound", "no job %q", id)
 	}
 	if err != nil {
 		return nil, "", err

@@ -50,6 +50,11 @@ func TestJobs(t *testing.T) {
 	if _, err := s.GetJob(ctx, "bad"); !azerr.HasStatus(err, 404) {
 		t.Fatalf("a refused job was stored: %v", err)
 	}
+	// GET /jobs/v2/query lists jobs: a job of that ID could not be read.
+	query := &Job{Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}}
+	if _, err := s.CreateJob(ctx, "query", query); !azerr.HasStatus(err, 400) || !strings.Contains(err.Error(), "/jobs/v2/query") {
+		t.Errorf("a job of ID query: %v", err)
+	}
 
 	wait := func(id string) *Job {
 		t.Helper()
@@ -295,4 +300,41 @@ func TestJobCallsDevicesTogether(t *testing.T) {
 		}
 	}
 	t.Fatal("the job did not finish")
+}
+
+// A job that cannot be queued is not created, so that creating it again,
+// once the store takes writes, queues it and it runs.
+func TestJobNotQueuedNotCreated(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "d1"})
+	st := failWrites(s.store, kindJobQueue, "")
+	s.store = st
+	job := func() *Job {
+		return &Job{Type: JobUpdateTwin, QueryCondition: "*", UpdateTwin: &TwinPatch{Tags: map[string]any{"x": 1}}}
+	}
+	if _, err := s.CreateJob(ctx, "job1", job()); err == nil {
+		t.Fatal("a job created without its queue entry")
+	}
+	if _, err := s.GetJob(ctx, "job1"); !azerr.HasStatus(err, 404) {
+		t.Fatalf("the job not queued stays: %v", err)
+	}
+	st.failing.Store(false)
+	if _, err := s.CreateJob(ctx, "job1", job()); err != nil {
+		t.Fatalf("creating it again: %v", err)
+	}
+	go s.RunJobs(ctx)
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		j, err := s.GetJob(ctx, "job1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if j.Status == "completed" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the job created again never ran: %+v", j)
+		}
+	}
 }

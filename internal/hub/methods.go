@@ -192,7 +192,7 @@ func (req *MethodRequest) check() error {
 		// Devices read the name from an MQTT topic, as it is.
 		return azerr.BadRequest("methodName %q has a character a device's MQTT topic cannot carry (/ ? # + NUL)", req.MethodName)
 	case len(req.Payload) > maxMethodPayload:
-		return azerr.New(413001, "MessageTooLarge", "the payload is %d bytes: direct methods carry at most %d", len(req.Payload), maxMethodPayload)
+		return azerr.MessageTooLarge("the payload is %d bytes: direct methods carry at most %d", len(req.Payload), maxMethodPayload)
 	case req.ConnectTimeoutInSeconds < 0 || req.ConnectTimeoutInSeconds > 300:
 		return azerr.BadRequest("connectTimeoutInSeconds must be between 0 and 300")
 	}

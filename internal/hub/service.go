@@ -51,6 +51,8 @@ type Service struct {
 	unrecorded  map[Ref]string  // connections closed whose end could not be recorded yet (mu)
 	activity    activity        // when devices' lastActivityTime was last recorded here
 	jobBatch    int             // devices a job runner works on at once
+	// configurationSweep is how often EvaluateConfigurations runs.
+	configurationSweep time.Duration
 }
 
 // Ready reports why the hub cannot serve now (its database out of reach),
@@ -63,7 +65,8 @@ func (s *Service) Ready(ctx context.Context) error {
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
-		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32}
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32,
+		configurationSweep: configurationSweep}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
 		return Settings{Policies: []sas.Policy{
@@ -304,7 +307,7 @@ func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
 	var cost float64
 	for _, m := range msgs {
 		if len(m.Body) > MaxMessageSize {
-			return azerr.New(413002, "MessageTooLarge", "the message body is %d bytes: device-to-cloud messages carry at most %d", len(m.Body), MaxMessageSize)
+			return azerr.MessageTooLarge("the message body is %d bytes: device-to-cloud messages carry at most %d", len(m.Body), MaxMessageSize)
 		}
 		n := len(m.Body)
 		for k, v := range m.Properties {
@@ -313,7 +316,7 @@ func (s *Service) admit(r Ref, now time.Time, msgs ...Message) error {
 		cost += float64(max(n, minMessageCost))
 	}
 	if len(msgs) > 1 && cost > MaxBatchSize {
-		return azerr.New(413002, "MessageTooLarge", "the batch counts as %.0f bytes (each message at least %d): a batch carries at most %d", cost, minMessageCost, MaxBatchSize)
+		return azerr.MessageTooLarge("the batch counts as %.0f bytes (each message at least %d): a batch carries at most %d", cost, minMessageCost, MaxBatchSize)
 	}
 	if ok, wait := s.MessageBytes.Take(r.Device, now, cost); !ok {
 		return azerr.Throttled("device "+r.Device+" sends more device-to-cloud bytes than it may", wait)

@@ -177,6 +177,7 @@ func TestDeploymentsTargetTags(t *testing.T) {
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.a.b.c.d.e.f.g.h.i.j.k": 1}}, "targetCondition": "*"}, "deep"},
 		{map[string]any{"content": map[string]any{"deviceContent": map[string]any{"properties.desired.fw": 1}, "modulesContent": manifest("x")["modulesContent"]}, "targetCondition": "*"}, "one of"},
 		{map[string]any{"content": manifest("x")}, "targetCondition is required"},
+		{map[string]any{"content": manifest("x"), "targetCondition": "*", "priority": -1}, "priority is 0 or more"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"properties.desired": map[string]any{}}}}, "targetCondition": "*"}, "$edgeHub"},
 		{map[string]any{"content": map[string]any{"modulesContent": map[string]any{"$edgeAgent": map[string]any{"desired": map[string]any{}}}}, "targetCondition": "*"}, "must be"},
 		{map[string]any{"content": emptyModule, "targetCondition": "*"}, "modulesContent.sensor is empty"},

@@ -111,7 +111,7 @@ func readBodyMax(r *http.Request, limit int64) ([]byte, error) {
 	if err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			return nil, azerr.New(413001, "MessageTooLarge", "request body is larger than %d bytes", limit)
+			return nil, azerr.MessageTooLarge("request body is larger than %d bytes", limit)
 		}
 		return nil, azerr.BadRequest("reading request body: %v", err)
 	}

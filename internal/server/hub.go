@@ -213,7 +213,7 @@ func (a *api) deviceEvent(w http.ResponseWriter, r *http.Request) error {
 	ct := r.Header.Get("Content-Type")
 	if mt, _, _ := mime.ParseMediaType(ct); mt == batchType {
 		if len(body) > 2*hub.MaxBatchSize { // base64 and JSON around 256 KiB of messages
-			return azerr.New(413002, "MessageTooLarge", "the batch is %d bytes: a batch carries at most %d bytes of messages", len(body), hub.MaxBatchSize)
+			return azerr.MessageTooLarge("the batch is %d bytes: a batch carries at most %d bytes of messages", len(body), hub.MaxBatchSize)
 		}
 		return a.deviceEventBatch(w, r, id, body)
 	}

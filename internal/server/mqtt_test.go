@@ -936,7 +936,7 @@ func TestConnackFor(t *testing.T) {
 	}{
 		{azerr.Unauthorized("bad key"), mqtt.RefusedNotAuthorized},
 		{azerr.BadRequest("bad username"), mqtt.RefusedNotAuthorized},
-		{azerr.New(409002, "PreconditionFailed", "being changed concurrently: retry"), mqtt.RefusedServerUnavailable},
+		{azerr.PreconditionFailed("being changed concurrently: retry"), mqtt.RefusedServerUnavailable},
 		{azerr.Throttled("too many", time.Second), mqtt.RefusedServerUnavailable},
 		{errors.New("a failure of the service's own"), mqtt.RefusedServerUnavailable},
 		{fmt.Errorf("reading: %w", context.DeadlineExceeded), mqtt.RefusedServerUnavailable},
