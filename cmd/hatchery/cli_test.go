@@ -424,9 +424,13 @@ func TestHubCLI(t *testing.T) {
 	if out := c.ok("device", "create", "--device-id", "edge-1", "--edge-enabled"); !strings.Contains(out, "IoT Edge:          true") {
 		t.Errorf("device create: %s", out)
 	}
-	c.ok("twin", "update", "--device-id", "edge-1", "--tags", `{"environment":"prod"}`)
-	if out := c.ok("twin", "show", "--device-id", "edge-1"); !strings.Contains(out, `"environment": "prod"`) {
+	// Numbers past 2^53 keep every digit, there and back.
+	c.ok("twin", "update", "--device-id", "edge-1", "--tags", `{"environment":"prod","serial":12345678901234567890}`)
+	if out := c.ok("twin", "show", "--device-id", "edge-1"); !strings.Contains(out, `"environment": "prod"`) || !strings.Contains(out, `"serial": 12345678901234567890`) {
 		t.Errorf("twin show: %s", out)
+	}
+	if out := c.ok("query", "-q", "SELECT tags.serial FROM devices WHERE tags.serial > 0"); !strings.Contains(out, `"serial": 12345678901234567890`) {
+		t.Errorf("query of a big number: %s", out)
 	}
 	c.ok("device", "create", "--device-id", "other")
 	// The connection string `iotedge config mp -c` and the device SDKs take.

@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/hatchery/hatchery/internal/hub"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // identityPath is the registry path of a device or one of its modules.
@@ -27,7 +28,7 @@ func identityPath(prefix, device, module string) string {
 // jsonFlag parses a JSON object given on the command line.
 func jsonFlag(name, value string) (map[string]any, error) {
 	var m map[string]any
-	if err := json.Unmarshal([]byte(value), &m); err != nil {
+	if err := twindoc.Unmarshal([]byte(value), &m); err != nil {
 		return nil, fmt.Errorf("--%s is not a JSON object (%v): write it like '{\"environment\":\"prod\"}'", name, err)
 	}
 	return m, nil

@@ -144,7 +144,7 @@ func checkObject(field string, raw json.RawMessage, limit int) error {
 		return nil
 	}
 	var doc map[string]any
-	if !strings.HasPrefix(t, "{") || json.Unmarshal(raw, &doc) != nil {
+	if !strings.HasPrefix(t, "{") || twindoc.Unmarshal(raw, &doc) != nil {
 		return azerr.BadRequest("%s must be a JSON object", field)
 	}
 	if err := twindoc.CheckDocument(field, doc, limit); err != nil {

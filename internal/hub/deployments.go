@@ -203,17 +203,21 @@ func checkEntry(in, key string, value json.RawMessage) error {
 		}
 	}
 	var v any
-	if err := json.Unmarshal(value, &v); err != nil {
+	if err := twindoc.Unmarshal(value, &v); err != nil {
 		return azerr.BadRequest("%s: %v", where, err)
 	}
 	doc, isObject := v.(map[string]any)
 	if key == "properties.desired" && !isObject {
 		return azerr.BadRequest("%s must be a JSON object", where)
 	}
+	var err error
 	if isObject {
-		if err := twindoc.CheckDocument(where, doc, twindoc.PropertiesLimit); err != nil {
-			return azerr.BadRequest("%v", err)
-		}
+		err = twindoc.CheckDocument(where, doc, twindoc.PropertiesLimit)
+	} else {
+		err = twindoc.CheckValue(where, v)
+	}
+	if err != nil {
+		return azerr.BadRequest("%v", err)
 	}
 	return nil
 }
@@ -738,7 +742,7 @@ func contentPatch(content map[string]json.RawMessage) (map[string]any, error) {
 	patch := map[string]any{}
 	for _, k := range slices.Sorted(maps.Keys(content)) {
 		var v any
-		if err := json.Unmarshal(content[k], &v); err != nil {
+		if err := twindoc.Unmarshal(content[k], &v); err != nil {
 			return nil, fmt.Errorf("%s: %w", k, err)
 		}
 		setPath(patch, desiredPath(k), v)
@@ -787,7 +791,7 @@ func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus
 	status[base.ID] = ConfigStatus{Status: "Applied"}
 	for mod, entries := range base.Content.ModulesContent {
 		var m map[string]any
-		if err := json.Unmarshal(entries["properties.desired"], &m); err != nil {
+		if err := twindoc.Unmarshal(entries["properties.desired"], &m); err != nil {
 			return nil, fmt.Errorf("deployment %s, module %s: %w", base.ID, mod, err)
 		}
 		desired[mod] = m
@@ -801,7 +805,7 @@ func edgeDesired(doc map[string]any, ts []target, status map[string]ConfigStatus
 			}
 			for _, k := range slices.Sorted(maps.Keys(entries)) {
 				var v any
-				if err := json.Unmarshal(entries[k], &v); err != nil {
+				if err := twindoc.Unmarshal(entries[k], &v); err != nil {
 					return nil, fmt.Errorf("deployment %s, module %s: %w", l.ID, mod, err)
 				}
 				setPath(desired[mod], desiredPath(k), v)
@@ -994,7 +998,7 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 	desired := map[string]map[string]any{}
 	for mod, entries := range c.ModulesContent {
 		var d map[string]any
-		if err := json.Unmarshal(entries["properties.desired"], &d); err != nil {
+		if err := twindoc.Unmarshal(entries["properties.desired"], &d); err != nil {
 			return azerr.BadRequest("modulesContent.%s.properties.desired: %v", mod, err)
 		}
 		desired[mod] = d

@@ -15,6 +15,7 @@ import (
 	"github.com/hatchery/hatchery/internal/hubid"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 const (
@@ -71,7 +72,7 @@ func (s *Service) load(ctx context.Context, r Ref) (*record, string, error) {
 		return nil, "", err
 	}
 	rec := &record{}
-	if err := json.Unmarshal(d.Body, rec); err != nil {
+	if err := twindoc.Unmarshal(d.Body, rec); err != nil {
 		return nil, "", fmt.Errorf("stored %s is corrupt: %w", r, err)
 	}
 	return rec, d.ETag, nil
@@ -486,7 +487,7 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 			return out, "", nil
 		}
 		rec := &record{}
-		if err := json.Unmarshal(d.Body, rec); err != nil {
+		if err := twindoc.Unmarshal(d.Body, rec); err != nil {
 			return nil, "", fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
 		}
 		out = append(out, rec)
@@ -509,7 +510,7 @@ func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) e
 func (s *Service) eachRecordAfter(ctx context.Context, kind, after string, f func(*record) error) error {
 	return s.eachDocAfter(ctx, kind, after, func(d store.Doc) error {
 		rec := &record{}
-		if err := json.Unmarshal(d.Body, rec); err != nil {
+		if err := twindoc.Unmarshal(d.Body, rec); err != nil {
 			return fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
 		}
 		return f(rec)

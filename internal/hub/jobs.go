@@ -194,7 +194,7 @@ func (s *Service) QueryJobs(ctx context.Context, jobType, status, after string, 
 	out := []*Job{}
 	next, err := store.FilteredPage(ctx, s.store, kindJob, after, limit, 10, func(d store.Doc) (bool, error) {
 		var rec jobRecord
-		if err := json.Unmarshal(d.Body, &rec); err != nil {
+		if err := twindoc.Unmarshal(d.Body, &rec); err != nil {
 			return false, err
 		}
 		if (jobType != "" && rec.Type != jobType) || (status != "" && rec.Status != status) {
@@ -218,7 +218,7 @@ func (s *Service) loadJob(ctx context.Context, id string) (*jobRecord, string, e
 		return nil, "", err
 	}
 	var rec jobRecord
-	if err := json.Unmarshal(d.Body, &rec); err != nil {
+	if err := twindoc.Unmarshal(d.Body, &rec); err != nil {
 		return nil, "", err
 	}
 	return &rec, d.ETag, nil

@@ -118,7 +118,8 @@ type DesiredPatch struct {
 }
 
 // record is how a device is stored: identity and twin in one document so
-// that they change together.
+// that they change together. It is read with twindoc.Unmarshal, for the
+// twin's numbers to keep every digit.
 type record struct {
 	Device          Device         `json:"device"`
 	DeviceETag      string         `json:"deviceEtag"`

@@ -24,6 +24,7 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // registry is what the provisioning service does to a hub.
@@ -338,5 +339,5 @@ func decodeObject(raw json.RawMessage, to *map[string]any) error {
 	if isNull(raw) {
 		return nil
 	}
-	return json.Unmarshal(raw, to)
+	return twindoc.Unmarshal(raw, to)
 }

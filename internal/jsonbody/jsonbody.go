@@ -11,12 +11,14 @@ import (
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // Decode decodes a request body into v, saying what is wrong in the API's
-// terms rather than Go's.
+// terms rather than Go's. Numbers in values of type any are json.Number
+// (twindoc.Unmarshal), so that twin documents keep them exactly.
 func Decode(body []byte, v any) error {
-	err := json.Unmarshal(body, v)
+	err := twindoc.Unmarshal(body, v)
 	var syn *json.SyntaxError
 	var typ *json.UnmarshalTypeError
 	switch {

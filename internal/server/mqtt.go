@@ -18,6 +18,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // DeviceEndpoint is the hub's MQTT front end: it maps the Azure IoT Hub
@@ -400,7 +401,7 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	case strings.HasPrefix(p.Topic, "$iothub/twin/PATCH/properties/reported/"):
 		rid := ridOf(p.Topic)
 		var patch map[string]any
-		if err := json.Unmarshal(p.Payload, &patch); err != nil || patch == nil {
+		if err := twindoc.Unmarshal(p.Payload, &patch); err != nil || patch == nil {
 			return d.reply(c, "$iothub/twin/res/400/?$rid="+rid, nil)
 		}
 		v, err := d.hub.UpdateReported(ctx, s.ref, patch)

@@ -1,15 +1,19 @@
 // Package twindoc holds IoT Hub's rules for the documents of a twin — tags,
 // desired and reported properties: which property names it accepts, how
 // deep objects nest, how long strings are, how large each document may
-// grow, and how patches merge into them. The hub enforces them on every
+// grow, how patches merge into them, and how they are decoded so that
+// numbers keep every digit (Unmarshal). The hub enforces them on every
 // write from a client, the provisioning service on an enrollment's initial
 // twin.
 package twindoc
 
 import (
+	"bytes"
+	"encoding/json"
 	"fmt"
 	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"unicode/utf8"
 )
@@ -24,11 +28,35 @@ const (
 	maxDepth  = 10
 	maxName   = 1 << 10
 	maxString = 4 << 10
+	// maxNumber bounds a number's text, kept as written though Size
+	// counts it as 8 bytes, so that what is stored stays near what is
+	// counted; it is far more than any double or 64-bit integer needs.
+	maxNumber = 64
 )
+
+// Unmarshal is json.Unmarshal, except that numbers in values of type any —
+// a twin's tags and properties — are json.Number: kept as written, where
+// float64 would change integers beyond 2^53.
+func Unmarshal(data []byte, v any) error {
+	dec := json.NewDecoder(bytes.NewReader(data))
+	dec.UseNumber()
+	err := dec.Decode(v)
+	if err == nil && len(bytes.TrimLeft(data[dec.InputOffset():], " \t\r\n")) == 0 {
+		return nil
+	}
+	if !json.Valid(data) {
+		return json.Unmarshal(data, v) // its syntax error, and it leaves v alone
+	}
+	return err
+}
 
 // Check validates a document or a patch of one that a client wrote; where
 // names it in errors ("tags", "properties.desired").
 func Check(where string, doc map[string]any) error { return check(where, doc, 1) }
+
+// CheckValue validates one value of a document, at where, as Check does
+// those of a whole one.
+func CheckValue(where string, v any) error { return checkValue(where, v, 1) }
 
 func check(where string, m map[string]any, depth int) error {
 	if depth > maxDepth {
@@ -58,6 +86,14 @@ func checkValue(where string, v any, depth int) error {
 	case string:
 		if len(v) > maxString {
 			return fmt.Errorf("%s is a string of %d bytes: twin strings hold at most %d", where, len(v), maxString)
+		}
+	case json.Number:
+		if len(v) > maxNumber {
+			return fmt.Errorf("%s is a number written in %d characters: twin numbers take at most %d", where, len(v), maxNumber)
+		}
+		// Queries compare numbers as doubles: one beyond them is refused.
+		if _, err := strconv.ParseFloat(string(v), 64); err != nil {
+			return fmt.Errorf("%s is %s, beyond the numbers twins hold (about ±1.8e308)", where, v)
 		}
 	}
 	return nil

@@ -2,6 +2,7 @@ package twindoc
 
 import (
 	"encoding/json"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -10,7 +11,7 @@ import (
 func doc(t *testing.T, s string) map[string]any {
 	t.Helper()
 	var m map[string]any
-	if err := json.Unmarshal([]byte(s), &m); err != nil {
+	if err := Unmarshal([]byte(s), &m); err != nil {
 		t.Fatal(err)
 	}
 	return m
@@ -29,8 +30,11 @@ func TestCheck(t *testing.T) {
 		`{"a\u0001":1}`:     "control character",
 		`{"a\u0085":1}`:     "control character",
 		`{"l":[{"b.c":1}]}`: `tags.l[0]: property name "b.c"`,
-		`{"s":"` + strings.Repeat("x", 4097) + `"}`: "tags.s is a string of 4097 bytes",
-		`{"` + strings.Repeat("k", 1025) + `":1}`:   "longer than 1024 bytes",
+		`{"s":"` + strings.Repeat("x", 4097) + `"}`:              "tags.s is a string of 4097 bytes",
+		`{"` + strings.Repeat("k", 1025) + `":1}`:                "longer than 1024 bytes",
+		`{"n":-1.7976931348623157e308,"i":18446744073709551615}`: "",
+		`{"n":{"m":1e309}}`:                                      "tags.n.m is 1e309, beyond the numbers",
+		`{"n":` + strings.Repeat("9", 65) + `}`:                  "tags.n is a number written in 65 characters",
 	} {
 		err := Check("tags", doc(t, body))
 		if want == "" && err != nil || want != "" && (err == nil || !strings.Contains(err.Error(), want)) {
@@ -63,7 +67,7 @@ func FuzzCheck(f *testing.F) {
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
 		var doc map[string]any
-		if json.Unmarshal(data, &doc) != nil {
+		if Unmarshal(data, &doc) != nil {
 			return
 		}
 		if Check("properties.reported", doc) != nil {
@@ -103,4 +107,52 @@ func TestReplacePatchMergesToTheNewDocument(t *testing.T) {
 	if want := doc(t, new); !reflect.DeepEqual(twin, want) {
 		t.Errorf("merged:\n%v\nwant:\n%v", twin, want)
 	}
+}
+
+// Numbers come out as they went in, however many digits; everything else
+// decodes, and fails, as json.Unmarshal has it.
+func TestUnmarshal(t *testing.T) {
+	const body = `{"tags":{"big":9007199254740993,"id":12345678901234567890,"f":1.50,"neg":-9223372036854775808}}`
+	var v struct{ Tags map[string]any }
+	if err := Unmarshal([]byte(body), &v); err != nil {
+		t.Fatal(err)
+	}
+	if b, _ := json.Marshal(v.Tags); string(b) != `{"big":9007199254740993,"f":1.50,"id":12345678901234567890,"neg":-9223372036854775808}` {
+		t.Fatalf("re-encoded: %s", b)
+	}
+	for _, in := range []string{``, ` `, `{`, `{"tags":{}} x`, `{"tags":{}}}`, `{"tags":[]}`, `{"tags":1}`, `[]`, `{"tags":{"a":01}}`} {
+		var got, want struct{ Tags map[string]any }
+		errGot, errWant := Unmarshal([]byte(in), &got), json.Unmarshal([]byte(in), &want)
+		if fmt.Sprint(errGot) != fmt.Sprint(errWant) || errWant == nil {
+			t.Errorf("Unmarshal(%q) = %v, json.Unmarshal says %v", in, errGot, errWant)
+		}
+	}
+	var m map[string]any
+	if err := Unmarshal([]byte(" {\"a\":1}\n\t "), &m); err != nil || m["a"] != json.Number("1") {
+		t.Fatalf("with spaces around: %v %#v", err, m)
+	}
+}
+
+// Unmarshal reads what json.Unmarshal reads, as the same values, and more
+// only where a number is beyond a double, which CheckValue then refuses.
+func FuzzUnmarshal(f *testing.F) {
+	for _, s := range []string{`{"a":9007199254740993}`, `[1e400]`, `{"a":-0.0e-2}`, `{"a" 1}`, `1 2`, ` {} `, `"\u00e9"`} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		var exact, float any
+		errExact, errFloat := Unmarshal(data, &exact), json.Unmarshal(data, &float)
+		switch {
+		case errFloat == nil && errExact != nil:
+			t.Fatalf("%q: %v, where json.Unmarshal reads it", data, errExact)
+		case errExact == nil && errFloat != nil && CheckValue("v", exact) == nil:
+			t.Fatalf("%q passes, where json.Unmarshal says %v", data, errFloat)
+		case errExact == nil && errFloat == nil:
+			b, _ := json.Marshal(exact)
+			var again any
+			if err := json.Unmarshal(b, &again); err != nil || !reflect.DeepEqual(again, float) {
+				t.Fatalf("%q read as %s: %v", data, b, err)
+			}
+		}
+	})
 }

@@ -1,9 +1,10 @@
 package query
 
 import (
-	"encoding/json"
 	"fmt"
 	"testing"
+
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 // benchTwin is a device twin of typical size, with metadata.
@@ -26,7 +27,7 @@ const benchTwin = `{
 
 func BenchmarkMatch(b *testing.B) {
 	var twin map[string]any
-	if err := json.Unmarshal([]byte(benchTwin), &twin); err != nil {
+	if err := twindoc.Unmarshal([]byte(benchTwin), &twin); err != nil {
 		b.Fatal(err)
 	}
 	for _, bc := range []struct{ name, cond string }{
@@ -64,7 +65,7 @@ func BenchmarkRunGroupBy(b *testing.B) {
 	docs := make([]map[string]any, 10000)
 	for i := range docs {
 		var d map[string]any
-		if err := json.Unmarshal([]byte(benchTwin), &d); err != nil {
+		if err := twindoc.Unmarshal([]byte(benchTwin), &d); err != nil {
 			b.Fatal(err)
 		}
 		d["deviceId"] = fmt.Sprint("device-", i)

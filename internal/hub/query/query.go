@@ -13,11 +13,14 @@
 // # Documents
 //
 // Twins are JSON documents decoded by encoding/json into map[string]any:
-// objects are map[string]any, arrays []any, numbers float64. Every number
-// is a float64, so integers beyond 2^53 lose precision; Go integer types
-// and json.Number in hand-built documents are accepted and compared as
-// float64 too. Numbers the package produces (COUNT, arithmetic, LENGTH...)
-// are float64.
+// objects are map[string]any, arrays []any, numbers json.Number (the hub
+// decodes with UseNumber, so that integers beyond 2^53 keep every digit)
+// or float64; Go integer types in hand-built documents are accepted too.
+// Numbers are compared, grouped and computed with as float64, so two
+// integers beyond 2^53 that round to the same double are equal here; a
+// number selected as it is (a path, MIN, MAX, a GROUP BY value) comes out
+// exactly as the document holds it. Numbers the package computes (COUNT,
+// SUM, arithmetic, LENGTH...) are float64.
 //
 // # Expressions
 //
@@ -71,6 +74,7 @@
 package query
 
 import (
+	"encoding/json"
 	"fmt"
 	"math"
 	"strconv"
@@ -623,8 +627,10 @@ func (a *acc) result(id fnID) (any, bool) {
 		if a.bad || a.n == 0 {
 			return nil, false
 		}
-		if f, ok := toNumber(a.best); ok {
-			return f, true
+		if _, exact := a.best.(json.Number); !exact {
+			if f, ok := toNumber(a.best); ok {
+				return f, true
+			}
 		}
 		return a.best, true
 	}

@@ -7,6 +7,8 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/hatchery/hatchery/internal/twindoc"
 )
 
 const deviceTwins = `[
@@ -40,10 +42,11 @@ const moduleTwins = `[
 {"deviceId": "edge-6", "moduleId": "$edgeAgent", "properties": {"reported": {}}}
 ]`
 
+// decode reads documents as the hub reads twins, numbers as json.Number.
 func decode(t testing.TB, s string) []map[string]any {
 	t.Helper()
 	var docs []map[string]any
-	if err := json.Unmarshal([]byte(s), &docs); err != nil {
+	if err := twindoc.Unmarshal([]byte(s), &docs); err != nil {
 		t.Fatal(err)
 	}
 	return docs
@@ -704,4 +707,30 @@ func ExampleQuery_Run() {
 	out, _ := json.Marshal(rows)
 	fmt.Println(string(out))
 	// Output: [{"n":1,"status":200},{"n":1,"status":417},{"n":1}]
+}
+
+// Twins hold numbers as json.Number: a number selected as it is comes out
+// with every digit, while conditions, grouping and arithmetic work with
+// doubles as before, so integers that round to one double are equal.
+func TestBigNumbers(t *testing.T) {
+	docs := decode(t, `[{"deviceId": "a", "tags": {"big": 9007199254740993}},
+		{"deviceId": "b", "tags": {"big": 12345678901234567890}}, {"deviceId": "c", "tags": {"big": 9007199254740992}}]`)
+	for query, want := range map[string]string{
+		"SELECT tags.big FROM devices":                                      `[{"big":9007199254740993},{"big":12345678901234567890},{"big":9007199254740992}]`,
+		"SELECT MIN(tags.big) AS lo, MAX(tags.big) AS hi FROM devices":      `[{"hi":12345678901234567890,"lo":9007199254740993}]`,
+		"SELECT tags.big, COUNT() AS n FROM devices GROUP BY tags.big":      `[{"big":9007199254740993,"n":2},{"big":12345678901234567890,"n":1}]`,
+		"SELECT deviceId FROM devices WHERE tags.big = 9007199254740993":    `[{"deviceId":"a"},{"deviceId":"c"}]`,
+		"SELECT deviceId FROM devices WHERE tags.big > 9007199254740993":    `[{"deviceId":"b"}]`,
+		"SELECT deviceId FROM devices WHERE tags.big IN [9007199254740992]": `[{"deviceId":"a"},{"deviceId":"c"}]`,
+		"SELECT tags.big + 0 AS sum FROM devices WHERE IS_NUMBER(tags.big)": `[{"sum":9007199254740992},{"sum":12345678901234567000},{"sum":9007199254740992}]`,
+	} {
+		q, err := Parse(query)
+		if err != nil {
+			t.Fatal(err)
+		}
+		rows, _ := q.Run(docs)
+		if got, _ := json.Marshal(rows); string(got) != want {
+			t.Errorf("%s\n got %s\nwant %s", query, got, want)
+		}
+	}
 }

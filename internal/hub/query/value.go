@@ -44,9 +44,9 @@ func kindOf(v any) kind {
 	return kOther
 }
 
-// toNumber converts any Go number (and json.Number) to float64. Documents
-// decoded by encoding/json hold float64; the others are accepted so that
-// hand-built documents behave too.
+// toNumber converts any Go number (and json.Number) to float64. Twins hold
+// json.Number or float64; the others are accepted so that hand-built
+// documents behave too.
 func toNumber(v any) (float64, bool) {
 	switch n := v.(type) {
 	case float64:
@@ -149,6 +149,12 @@ func compare(op cmpOp, a, b any) tri {
 	case float64:
 		if y, ok := b.(float64); ok {
 			return ordered(op, cmp.Compare(x, y))
+		}
+	case json.Number: // a twin's number, compared with a constant
+		if y, ok := b.(float64); ok {
+			if x, ok := toNumber(x); ok {
+				return ordered(op, cmp.Compare(x, y))
+			}
 		}
 	}
 	ka := kindOf(a)
