@@ -12,6 +12,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
+	"reflect"
 	"regexp"
 	"slices"
 	"strconv"
@@ -152,7 +154,7 @@ type (
 		Status          string                     `json:"status"`
 		RestartPolicy   string                     `json:"restartPolicy"`
 		ImagePullPolicy string                     `json:"imagePullPolicy"`
-		StartupOrder    *uint32                    `json:"startupOrder"`
+		StartupOrder    *wholeUint32               `json:"startupOrder"`
 		Env             map[string]*rawEnv         `json:"env"`
 		Settings        map[string]json.RawMessage `json:"settings"`
 	}
@@ -292,7 +294,7 @@ func parseModule(path, name string, b json.RawMessage, withPolicy bool) (*Module
 		return nil, fail("imagePullPolicy", "%q is not valid: use on-create or never", raw.ImagePullPolicy)
 	}
 	if raw.StartupOrder != nil {
-		m.StartupOrder = *raw.StartupOrder
+		m.StartupOrder = uint32(*raw.StartupOrder)
 	}
 
 	for _, k := range slices.Sorted(maps.Keys(raw.Env)) {
@@ -420,6 +422,23 @@ func jsonKind(v any) string {
 		return "a boolean"
 	}
 	return "a number"
+}
+
+// wholeUint32 is a whole number from 0 to 4294967295, written with or
+// without a zero fraction (1 or 1.0): the hub keeps numbers as written.
+type wholeUint32 uint32
+
+func (w *wholeUint32) UnmarshalJSON(b []byte) error {
+	f, err := strconv.ParseFloat(string(b), 64)
+	if err != nil || f != math.Trunc(f) || f < 0 || f > math.MaxUint32 {
+		what := "number " + string(b)
+		if err != nil { // named as encoding/json names them
+			what = map[byte]string{'"': "string", '{': "object", '[': "array", 't': "bool", 'f': "bool"}[b[0]]
+		}
+		return &json.UnmarshalTypeError{Value: what, Type: reflect.TypeFor[uint32]()}
+	}
+	*w = wholeUint32(f)
+	return nil
 }
 
 // decode unmarshals b into v; a failure becomes an Error naming the field

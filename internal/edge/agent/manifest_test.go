@@ -150,6 +150,7 @@ func TestParseManifestErrors(t *testing.T) {
 		{name: "startupOrder negative", edits: map[string]any{"modules.filter.startupOrder": -1}, code: 400, want: []string{"modules.filter.startupOrder", "0 to 4294967295"}},
 		{name: "startupOrder fraction", edits: map[string]any{"modules.filter.startupOrder": 1.5}, code: 400, want: []string{"modules.filter.startupOrder"}},
 		{name: "startupOrder big", edits: map[string]any{"modules.filter.startupOrder": 4294967296}, code: 400, want: []string{"modules.filter.startupOrder"}},
+		{name: "startupOrder string", edits: map[string]any{"modules.filter.startupOrder": "1"}, code: 400, want: []string{"modules.filter.startupOrder", "a JSON string is not valid here"}},
 		{name: "image missing", edits: map[string]any{"modules.filter.settings.image": nil}, code: 400, want: []string{"modules.filter.settings.image: required"}},
 		{name: "image spaces", edits: map[string]any{"modules.filter.settings.image": "a b"}, code: 400, want: []string{"modules.filter.settings.image"}},
 		{name: "settings missing", edits: map[string]any{"modules.filter.settings": nil}, code: 400, want: []string{"modules.filter.settings.image"}},
@@ -218,6 +219,7 @@ func TestParseManifestAccepts(t *testing.T) {
 		"empty createOptions": {"modules.filter.settings.createOptions": ""},
 		"no systemModules":    {"systemModules": nil},
 		"startupOrder max":    {"modules.filter.startupOrder": 4294967295},
+		"startupOrder 2.0":    {"modules.filter.startupOrder": json.Number("2.0")}, // numbers stay as written
 		"unknown keys":        {"modules.filter.x-custom": 1, "runtime.settings.other": "y"},
 	} {
 		doc := loadDeployment(t)
