@@ -311,9 +311,10 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 		}
 	}
 	// Anyone who knows an enrolled EK may ask for challenges: its
-	// registration ID's allowance goes first, so that such requests cannot
-	// spend everyone's.
-	if err := s.Throttle.device(regID, s.Now()); err != nil {
+	// registration ID's challenge allowance goes first, so that such
+	// requests cannot spend everyone's, nor the device's for the rest of
+	// its registration.
+	if err := s.Throttle.challenge(regID, s.Now()); err != nil {
 		return nil, err
 	}
 	if err := s.Throttle.registration(s.Now()); err != nil {

@@ -60,13 +60,23 @@ func (t *Throttle) registration(now time.Time) error {
 	return azerr.Throttled("the provisioning service is at its registration rate limit", t.retrySlot.Sub(now))
 }
 
-// device admits one request of regID: an authenticated one, or one for a
-// TPM challenge.
+// device admits one authenticated request of regID.
 func (t *Throttle) device(regID string, now time.Time) error {
+	return t.take(regID, regID, now)
+}
+
+// challenge admits one request for a TPM challenge of regID. It has an
+// allowance of its own: anyone who knows the TPM's public EK may spend it,
+// but not the device's own, with which it answers the challenge and polls.
+func (t *Throttle) challenge(regID string, now time.Time) error {
+	return t.take("challenge/"+regID, regID, now) // '/' is in no registration ID
+}
+
+func (t *Throttle) take(key, regID string, now time.Time) error {
 	if t == nil {
 		return nil
 	}
-	if ok, wait := t.perID.Take(regID, now, 1); !ok {
+	if ok, wait := t.perID.Take(key, now, 1); !ok {
 		return azerr.Throttled("registration "+regID+" sends requests too often", wait)
 	}
 	return nil

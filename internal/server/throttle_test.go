@@ -2,6 +2,7 @@ package server
 
 import (
 	"encoding/base64"
+	"encoding/json"
 	"net/http"
 	"testing"
 	"time"
@@ -107,6 +108,20 @@ func TestChallengeFloodKeepsToItsDevice(t *testing.T) {
 	}
 	if codes[401] != 10 || codes[429] != 40 {
 		t.Fatalf("50 challenge requests for one TPM with a burst of 10: %v, want 10 challenges and 40 refusals", codes)
+	}
+	// The device, holding a challenge, still answers it: the flood spent
+	// the challenge allowance, not the device's.
+	d, err := e.st.Get(ctx, "dps.challenge", "tpm-1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pending struct{ Pending []struct{ Key string } }
+	if err := json.Unmarshal(d.Body, &pending); err != nil || len(pending.Pending) == 0 {
+		t.Fatalf("pending challenges %s: %v", d.Body, err)
+	}
+	answer := sas.Build(mustBase64(t, pending.Pending[0].Key), e.dps.IDScope()+"/registrations/tpm-1", "registration", time.Now().Add(time.Minute))
+	if st, body := e.raw("PUT", "/"+e.dps.IDScope()+"/registrations/tpm-1/register?api-version=2021-06-01", answer, ask); st != 202 {
+		t.Fatalf("the device answering its challenge after the flood: HTTP %d %v", st, body)
 	}
 	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "real-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
 	real := sas.Build(mustBase64(t, en.Attestation.SymmetricKey.PrimaryKey), e.dps.IDScope()+"/registrations/real-1", "registration", time.Now().Add(time.Minute))
