@@ -311,10 +311,25 @@ func withoutSecrets(e any) any {
 }
 
 func (s *Service) webhookClient() *http.Client {
+	var c http.Client
 	if s.Webhooks != nil {
-		return s.Webhooks
+		c = *s.Webhooks
 	}
-	return http.DefaultClient
+	c.CheckRedirect = keepHTTPS
+	return &c
+}
+
+// keepHTTPS follows a webhook's redirects only where they stay on https:
+// its URL may carry a key (?code=), which a redirect to plain http would
+// send in clear.
+func keepHTTPS(req *http.Request, via []*http.Request) error {
+	switch {
+	case len(via) >= 10:
+		return errors.New("stopped after 10 redirects")
+	case via[0].URL.Scheme == "https" && req.URL.Scheme != "https":
+		return fmt.Errorf("it redirects to %s, not https: give the webhook's https URL", webhookName(req.URL.String()))
+	}
+	return nil
 }
 
 // HiddenKey stands for a linked hub's key in what the API shows; a PUT

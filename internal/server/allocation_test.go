@@ -212,6 +212,29 @@ func TestCustomAllocationWebhook(t *testing.T) {
 	}
 }
 
+// A webhook on https is not followed to plain http by a redirect, which
+// would send its URL's key in clear.
+func TestWebhookRedirectKeepsHTTPS(t *testing.T) {
+	e := newEnv(t)
+	var leaked atomic.Bool
+	plain := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		leaked.Store(true)
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	defer plain.Close()
+	secure := httptest.NewTLSServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, plain.URL+r.URL.RequestURI(), http.StatusFound)
+	}))
+	defer secure.Close()
+	e.dps.Webhooks = secure.Client()
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "redirected", AllocationPolicy: dps.PolicyCustom,
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: secure.URL + "/alloc?code=S3CRET", APIVersion: "2021-10-01"}})
+	res, err := register()
+	if err == nil || res == nil || res.Status != "failed" || !strings.Contains(res.ErrorMessage, "not https") || leaked.Load() {
+		t.Fatalf("a webhook redirecting to plain http: %+v %v; followed: %v", res, err, leaked.Load())
+	}
+}
+
 // A device registering again follows the reprovision policy.
 func TestReprovisionPolicies(t *testing.T) {
 	e := newEnv(t)
