@@ -108,7 +108,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
-	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once; more clients wait their turn, so that slow ones cannot take every file descriptor from the MQTT devices (MQTT over WebSocket counts only until the upgrade)")
+	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once, so that a flood of clients cannot take every file descriptor from the MQTT devices: past it, the connection idle longest (or still to send its first request) is closed for a new client, who waits only while every one is serving a request (MQTT over WebSocket counts only until the upgrade)")
 	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
@@ -290,7 +290,7 @@ func listen(o serveOptions, tlsConfig *tls.Config) (https, mqttLn net.Listener, 
 		https.Close()
 		return nil, nil, fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
 	}
-	return connlimit.Listen(https, o.maxHTTPSConns), mqttLn, nil
+	return connlimit.Listen("https", https, o.maxHTTPSConns), mqttLn, nil
 }
 
 // run serves both ports and the background work until SIGINT or SIGTERM,
@@ -311,11 +311,18 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		// most 1 MiB), so clients trickling bytes cannot hold connections.
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: log.New(httpErrorLog{}, "", 0),
-		// A connection upgraded to MQTT over WebSocket leaves the HTTPS
-		// bound: it lasts as long as the device stays, and is an MQTT
-		// connection from then on, as one on the MQTT port.
+		// At the HTTPS bound, a connection waiting for a request (idle
+		// keep-alive, or not yet sent its first) is closed for a new
+		// client; one serving a request is not. A connection upgraded to
+		// MQTT over WebSocket leaves the HTTPS bound: it lasts as long as
+		// the device stays, and is an MQTT connection from then on.
 		ConnState: func(c net.Conn, s http.ConnState) {
-			if s == http.StateHijacked {
+			switch s {
+			case http.StateActive:
+				connlimit.Active(c)
+			case http.StateIdle:
+				connlimit.Idle(c)
+			case http.StateHijacked:
 				connlimit.Release(c)
 			}
 		}}
