@@ -1,10 +1,11 @@
 // Package connlimit bounds how many connections a server holds open at
 // once, so that a flood of clients cannot take every file descriptor the
 // process has. Connections that have not earned their place — an HTTPS
-// connection waiting for a request, before its first or between two — are
-// evictable: at the bound, the one evictable longest is closed to make room
-// for a new client. Only when every connection is busy does a new client
-// wait for one to finish.
+// connection waiting for a request, before its first or between two; an
+// MQTT connection not authenticated — are evictable: at the bound, or at
+// the bound of evictable ones, the one evictable longest is closed to make
+// room for a new client. Only when every connection is kept does a new
+// client wait for one to finish (Wait), or get refused (Take).
 package connlimit
 
 import (
@@ -20,9 +21,10 @@ const logPeriod = time.Minute
 
 // Limiter bounds a set of connections.
 type Limiter struct {
-	name      string // for the log: which port
-	evictable string // for the log: what its evictable connections are
-	max       int
+	name         string // for the log: which port
+	evictable    string // for the log: what its evictable connections are
+	max          int
+	maxEvictable int
 
 	mu      sync.Mutex
 	open    int
@@ -30,16 +32,19 @@ type Limiter struct {
 	changed chan struct{} // closed when a slot is released or becomes evictable; nil: no one waits
 	evicted tally
 	waited  tally
+	refused tally
 }
 
-// NewLimiter bounds a set at max connections. name and evictable say in
-// its log which port it bounds and what its evictable connections are
-// ("https", "idle").
-func NewLimiter(name, evictable string, max int) *Limiter {
-	return &Limiter{name: name, evictable: evictable, max: max}
+// NewLimiter bounds a set at max connections, of which at most
+// maxEvictable are evictable. name and evictable say in its log which port
+// it bounds and what its evictable connections are ("mqtt",
+// "unauthenticated").
+func NewLimiter(name, evictable string, max, maxEvictable int) *Limiter {
+	return &Limiter{name: name, evictable: evictable, max: max, maxEvictable: maxEvictable}
 }
 
-// Slot is one connection's place in a Limiter.
+// Slot is one connection's place in a Limiter. The methods of a nil Slot
+// do nothing.
 type Slot struct {
 	l     *Limiter
 	close func()        // closes the connection to make room
@@ -48,8 +53,8 @@ type Slot struct {
 }
 
 // Wait takes a slot for a new connection, which close closes, evictable
-// from the start. At the bound it closes the connection evictable longest;
-// with none, it waits until a slot is released or becomes evictable, or
+// from the start. At either bound it closes the connection evictable
+// longest; with none, it waits until a slot is released or becomes evictable, or
 // until done is closed (and then returns net.ErrClosed).
 func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 	for waited := false; ; waited = true {
@@ -80,10 +85,28 @@ func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 	}
 }
 
+// Take takes a slot as Wait does, but returns nil at once rather than wait.
+// Refusals are logged at most once a logPeriod.
+func (l *Limiter) Take(close func()) *Slot {
+	l.mu.Lock()
+	s, victim := l.takeLocked(close)
+	var n int
+	var log bool
+	if s == nil {
+		n, log = l.refused.add()
+	}
+	l.mu.Unlock()
+	l.evict(victim)
+	if log {
+		slog.Warn(l.name+": at the connection limit: new connections refused", "refused", n, "limit", l.max)
+	}
+	return s
+}
+
 // takeLocked admits a new connection if there is room, or an evictable
 // connection to close for it (the victim, whose slot is released already).
 func (l *Limiter) takeLocked(close func()) (s, victim *Slot) {
-	if l.open >= l.max {
+	if l.open >= l.max || l.line.Len() >= l.maxEvictable {
 		front := l.line.Front()
 		if front == nil {
 			return nil, nil
@@ -108,13 +131,20 @@ func (l *Limiter) evict(victim *Slot) {
 	n, log := l.evicted.add()
 	l.mu.Unlock()
 	if log {
-		slog.Info(l.name+": closed "+l.evictable+" connections to make room for new ones", "closed", n, "limit", l.max)
+		attrs := []any{"closed", n, "limit", l.max}
+		if l.maxEvictable < l.max {
+			attrs = append(attrs, l.evictable+"Limit", l.maxEvictable)
+		}
+		slog.Info(l.name+": closed "+l.evictable+" connections to make room for new ones", attrs...)
 	}
 }
 
 // Evictable puts the connection at the back of the line of those that may
 // be closed to make room (an HTTPS connection waiting for a request).
 func (s *Slot) Evictable() {
+	if s == nil {
+		return
+	}
 	l := s.l
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -127,6 +157,9 @@ func (s *Slot) Evictable() {
 // Keep takes the connection out of the line of evictable ones (an HTTPS
 // connection serving a request).
 func (s *Slot) Keep() {
+	if s == nil {
+		return
+	}
 	l := s.l
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -138,6 +171,9 @@ func (s *Slot) Keep() {
 
 // Release gives the slot back; releasing it again does nothing.
 func (s *Slot) Release() {
+	if s == nil {
+		return
+	}
 	l := s.l
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -185,7 +221,7 @@ func (t *tally) add() (n int, log bool) {
 // connections are evictable until marked Active, and again once marked
 // Idle: http.Server's ConnState hook tells them apart. name is for the log.
 func Listen(name string, l net.Listener, n int) net.Listener {
-	return &listener{Listener: l, lim: NewLimiter(name, "idle", n), done: make(chan struct{})}
+	return &listener{Listener: l, lim: NewLimiter(name, "idle", n, n), done: make(chan struct{})}
 }
 
 type listener struct {
