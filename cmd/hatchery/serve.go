@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"os"
@@ -67,7 +68,7 @@ type serveOptions struct {
 	deviceBurst                                            int
 	eventRetention                                         time.Duration
 	messageKiBPerSecond                                    float64
-	maxHTTPSConns                                          int
+	maxHTTPSConns, maxMQTTConns, maxMQTTUnauthenticated    int
 	newCA                                                  bool
 	tlsNames                                               []string
 }
@@ -108,7 +109,9 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
-	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once; more clients wait their turn, so that slow ones cannot take every file descriptor from the MQTT devices (MQTT over WebSocket counts only until the upgrade)")
+	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once, so that a flood of clients cannot take every file descriptor from the MQTT devices: past it, the connection idle longest (or still to send its first request) is closed for a new client, who waits only while every one is serving a request (MQTT over WebSocket counts until the upgrade, then among --max-mqtt-connections)")
+	cmd.Flags().IntVar(&o.maxMQTTConns, "max-mqtt-connections", 0, "MQTT connections open at once, on the MQTT port and over WebSocket together; past it new ones are closed at once (default: the open-file limit less --max-https-connections and 256 for the rest)")
+	cmd.Flags().IntVar(&o.maxMQTTUnauthenticated, "max-mqtt-unauthenticated", 1024, "MQTT connections not authenticated open at once (yet to send CONNECT, or registration sessions without credentials): past it, or at --max-mqtt-connections, the oldest of them is closed for a new connection")
 	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
@@ -219,6 +222,10 @@ func (o *serveOptions) check() error {
 		return errors.New("--hostname is empty: give the name devices will use to reach this server")
 	case o.maxHTTPSConns < 1:
 		return errors.New("--max-https-connections must be at least 1")
+	case o.maxMQTTConns < 0:
+		return errors.New("--max-mqtt-connections must be at least 1, or 0 for what the open-file limit leaves")
+	case o.maxMQTTUnauthenticated < 1:
+		return errors.New("--max-mqtt-unauthenticated must be at least 1")
 	case o.eventRetention < 0:
 		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
 	case (o.certFile == "") != (o.keyFile == ""):
@@ -290,7 +297,7 @@ func listen(o serveOptions, tlsConfig *tls.Config) (https, mqttLn net.Listener, 
 		https.Close()
 		return nil, nil, fmt.Errorf("listening on MQTT port %d: %w (%spass --mqtt-port to use another)", o.mqttPort, err, privilegedHint(o.mqttPort))
 	}
-	return connlimit.Listen(https, o.maxHTTPSConns), mqttLn, nil
+	return connlimit.Listen("https", https, o.maxHTTPSConns), mqttLn, nil
 }
 
 // run serves both ports and the background work until SIGINT or SIGTERM,
@@ -298,7 +305,9 @@ func listen(o serveOptions, tlsConfig *tls.Config) (https, mqttLn net.Listener, 
 func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.Service, tlsConfig *tls.Config, ln, mqttLn net.Listener) error {
 	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default()}
+	maxMQTT := maxMQTTConns(o)
+	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default(),
+		MaxConns: maxMQTT, MaxUnauthenticated: o.maxMQTTUnauthenticated}
 	mqttErr := make(chan error, 1)
 	go func() {
 		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {
@@ -311,11 +320,18 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		// most 1 MiB), so clients trickling bytes cannot hold connections.
 		ReadHeaderTimeout: 10 * time.Second, ReadTimeout: 30 * time.Second, IdleTimeout: 2 * time.Minute,
 		ErrorLog: log.New(httpErrorLog{}, "", 0),
-		// A connection upgraded to MQTT over WebSocket leaves the HTTPS
-		// bound: it lasts as long as the device stays, and is an MQTT
-		// connection from then on, as one on the MQTT port.
+		// At the HTTPS bound, a connection waiting for a request (idle
+		// keep-alive, or not yet sent its first) is closed for a new
+		// client; one serving a request is not. A connection upgraded to
+		// MQTT over WebSocket leaves the HTTPS bound: it lasts as long as
+		// the device stays, and is an MQTT connection from then on.
 		ConnState: func(c net.Conn, s http.ConnState) {
-			if s == http.StateHijacked {
+			switch s {
+			case http.StateActive:
+				connlimit.Active(c)
+			case http.StateIdle:
+				connlimit.Idle(c)
+			case http.StateHijacked:
 				connlimit.Release(c)
 			}
 		}}
@@ -344,7 +360,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 		}
 		_ = devices.Close()
 	}()
-	slog.Info("hatchery serving", "version", Version, "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
+	slog.Info("hatchery serving", "version", Version, "https", ln.Addr().String(), "mqtt", mqttLn.Addr().String(), "maxMqttConnections", maxMQTT, "hostname", o.host, "idScope", dpsSvc.IDScope(), "dataDir", o.dir)
 	if err := sdnotify.Ready(); err != nil {
 		slog.Warn("could not tell systemd the server is ready", "err", err)
 	}
@@ -359,6 +375,35 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	default:
 		return nil
 	}
+}
+
+// fileReserve is what the open-file limit keeps beside the HTTPS and MQTT
+// connections: the database and its pool, the listeners, connections out
+// (linked hubs, webhooks), connections closed and not yet gone.
+const fileReserve = 256
+
+// maxMQTTConns is --max-mqtt-connections, or what the open-file limit
+// leaves beside --max-https-connections and fileReserve: a flood of MQTT
+// clients then meets its own bound rather than the process's, at which
+// every accept fails, HTTPS and MQTT alike.
+func maxMQTTConns(o serveOptions) int {
+	if o.maxMQTTConns > 0 {
+		return o.maxMQTTConns
+	}
+	// The Go runtime has raised the soft limit to the hard one already.
+	var l syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &l); err != nil {
+		slog.Warn("cannot read the open-file limit: MQTT connections are not bounded; set --max-mqtt-connections", "error", err)
+		return 0
+	}
+	files := int(min(l.Cur, math.MaxInt32))
+	n := files - o.maxHTTPSConns - fileReserve
+	if n < files/2 {
+		n = files / 2
+		slog.Warn("the open-file limit leaves little beside --max-https-connections: raise it (LimitNOFILE= for systemd) or lower --max-https-connections",
+			"openFiles", files, "maxHttpsConnections", o.maxHTTPSConns, "maxMqttConnections", n)
+	}
+	return n
 }
 
 // privilegedHint explains a refused port below 1024.

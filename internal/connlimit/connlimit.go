@@ -1,38 +1,250 @@
-// Package connlimit bounds how many connections a listener holds open at
-// once: past the bound, new clients wait in the kernel's backlog until a
-// connection closes, so that a flood of slow clients cannot take every file
-// descriptor the process has.
+// Package connlimit bounds how many connections a server holds open at
+// once, so that a flood of clients cannot take every file descriptor the
+// process has. Connections that have not earned their place — an HTTPS
+// connection waiting for a request, before its first or between two; an
+// MQTT connection not authenticated — are evictable: at the bound, or at
+// the bound of evictable ones, the one evictable longest is closed to make
+// room for a new client. Only when every connection is kept does a new
+// client wait for one to finish (Wait), or get refused (Take).
 package connlimit
 
 import (
+	"container/list"
+	"log/slog"
 	"net"
 	"sync"
+	"time"
 )
 
-// Listen wraps l so that at most n of its connections are open at once.
-func Listen(l net.Listener, n int) net.Listener {
-	return &listener{Listener: l, slots: make(chan struct{}, n), done: make(chan struct{})}
+// logPeriod is how often a limiter logs what it did, at most.
+const logPeriod = time.Minute
+
+// Limiter bounds a set of connections.
+type Limiter struct {
+	name         string // for the log: which port
+	evictable    string // for the log: what its evictable connections are
+	max          int
+	maxEvictable int
+
+	mu      sync.Mutex
+	open    int
+	line    list.List     // evictable *Slot, the longest evictable at the front
+	changed chan struct{} // closed when a slot is released or becomes evictable; nil: no one waits
+	evicted tally
+	waited  tally
+	refused tally
+}
+
+// NewLimiter bounds a set at max connections, of which at most
+// maxEvictable are evictable. name and evictable say in its log which port
+// it bounds and what its evictable connections are ("mqtt",
+// "unauthenticated").
+func NewLimiter(name, evictable string, max, maxEvictable int) *Limiter {
+	return &Limiter{name: name, evictable: evictable, max: max, maxEvictable: maxEvictable}
+}
+
+// Slot is one connection's place in a Limiter. The methods of a nil Slot
+// do nothing.
+type Slot struct {
+	l     *Limiter
+	close func()        // closes the connection to make room
+	elem  *list.Element // in l.line while evictable
+	held  bool
+}
+
+// Wait takes a slot for a new connection, which close closes, evictable
+// from the start. At either bound it closes the connection evictable
+// longest; with none, it waits until a slot is released or becomes evictable, or
+// until done is closed (and then returns net.ErrClosed).
+func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
+	for waited := false; ; waited = true {
+		l.mu.Lock()
+		if s, victim := l.takeLocked(close); s != nil {
+			l.mu.Unlock()
+			l.evict(victim)
+			return s, nil
+		}
+		if l.changed == nil {
+			l.changed = make(chan struct{})
+		}
+		changed := l.changed
+		var n int
+		var log bool
+		if !waited {
+			n, log = l.waited.add()
+		}
+		l.mu.Unlock()
+		if log {
+			slog.Warn(l.name+": every connection is busy at the connection limit: new clients wait", "times", n, "limit", l.max)
+		}
+		select {
+		case <-changed:
+		case <-done:
+			return nil, net.ErrClosed
+		}
+	}
+}
+
+// Take takes a slot as Wait does, but returns nil at once rather than wait.
+// Refusals are logged at most once a logPeriod.
+func (l *Limiter) Take(close func()) *Slot {
+	l.mu.Lock()
+	s, victim := l.takeLocked(close)
+	var n int
+	var log bool
+	if s == nil {
+		n, log = l.refused.add()
+	}
+	l.mu.Unlock()
+	l.evict(victim)
+	if log {
+		slog.Warn(l.name+": at the connection limit: new connections refused", "refused", n, "limit", l.max)
+	}
+	return s
+}
+
+// takeLocked admits a new connection if there is room, or an evictable
+// connection to close for it (the victim, whose slot is released already).
+func (l *Limiter) takeLocked(close func()) (s, victim *Slot) {
+	if l.open >= l.max || l.line.Len() >= l.maxEvictable {
+		front := l.line.Front()
+		if front == nil {
+			return nil, nil
+		}
+		victim = front.Value.(*Slot)
+		l.releaseLocked(victim)
+	}
+	s = &Slot{l: l, close: close, held: true}
+	l.open++
+	s.elem = l.line.PushBack(s)
+	return s, victim
+}
+
+// evict closes victim, if any, whose slot takeLocked released, and logs
+// such closings once a logPeriod.
+func (l *Limiter) evict(victim *Slot) {
+	if victim == nil {
+		return
+	}
+	victim.close()
+	l.mu.Lock()
+	n, log := l.evicted.add()
+	l.mu.Unlock()
+	if log {
+		attrs := []any{"closed", n, "limit", l.max}
+		if l.maxEvictable < l.max {
+			attrs = append(attrs, l.evictable+"Limit", l.maxEvictable)
+		}
+		slog.Info(l.name+": closed "+l.evictable+" connections to make room for new ones", attrs...)
+	}
+}
+
+// Evictable puts the connection at the back of the line of those that may
+// be closed to make room (an HTTPS connection waiting for a request).
+func (s *Slot) Evictable() {
+	if s == nil {
+		return
+	}
+	l := s.l
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.held && s.elem == nil {
+		s.elem = l.line.PushBack(s)
+		l.signalLocked()
+	}
+}
+
+// Keep takes the connection out of the line of evictable ones (an HTTPS
+// connection serving a request).
+func (s *Slot) Keep() {
+	if s == nil {
+		return
+	}
+	l := s.l
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if s.elem != nil {
+		l.line.Remove(s.elem)
+		s.elem = nil
+	}
+}
+
+// Release gives the slot back; releasing it again does nothing.
+func (s *Slot) Release() {
+	if s == nil {
+		return
+	}
+	l := s.l
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.releaseLocked(s)
+}
+
+func (l *Limiter) releaseLocked(s *Slot) {
+	if !s.held {
+		return
+	}
+	s.held = false
+	l.open--
+	if s.elem != nil {
+		l.line.Remove(s.elem)
+		s.elem = nil
+	}
+	l.signalLocked()
+}
+
+func (l *Limiter) signalLocked() {
+	if l.changed != nil {
+		close(l.changed)
+		l.changed = nil
+	}
+}
+
+// tally counts events to log them at most once a logPeriod, with how many
+// there were since the last time.
+type tally struct {
+	n    int
+	last time.Time
+}
+
+// add counts an event and says whether to log now, and how many to report.
+func (t *tally) add() (n int, log bool) {
+	t.n++
+	if now := time.Now(); now.Sub(t.last) >= logPeriod {
+		n, t.n, t.last = t.n, 0, now
+		return n, true
+	}
+	return 0, false
+}
+
+// Listen wraps l so that at most n of its connections are open at once. Its
+// connections are evictable until marked Active, and again once marked
+// Idle: http.Server's ConnState hook tells them apart. name is for the log.
+func Listen(name string, l net.Listener, n int) net.Listener {
+	return &listener{Listener: l, lim: NewLimiter(name, "idle", n, n), done: make(chan struct{})}
 }
 
 type listener struct {
 	net.Listener
-	slots     chan struct{}
+	lim       *Limiter
 	done      chan struct{}
 	closeOnce sync.Once
 }
 
+// Accept accepts a connection, then makes room for it: a client arriving
+// while every connection is busy is served once one is done with its
+// request, rather than closed.
 func (l *listener) Accept() (net.Conn, error) {
-	select {
-	case l.slots <- struct{}{}:
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-	c, err := l.Listener.Accept()
+	nc, err := l.Listener.Accept()
 	if err != nil {
-		<-l.slots
 		return nil, err
 	}
-	return &conn{Conn: c, release: sync.OnceFunc(func() { <-l.slots })}, nil
+	slot, err := l.lim.Wait(func() { nc.Close() }, l.done)
+	if err != nil {
+		nc.Close()
+		return nil, err
+	}
+	return &conn{Conn: nc, slot: slot}, nil
 }
 
 func (l *listener) Close() error {
@@ -40,20 +252,42 @@ func (l *listener) Close() error {
 	return l.Listener.Close()
 }
 
-// Release gives back the slot of c, or of the connection c wraps (as a
-// *tls.Conn does), before it closes: for a connection handed on to be
-// bounded elsewhere, as an HTTPS connection upgraded to a WebSocket that
-// carries MQTT. Closing it later gives back nothing more.
+// Idle marks c, or the connection it wraps (as a *tls.Conn does), as
+// waiting for a request: it may be closed to make room for a new client.
+func Idle(c net.Conn) {
+	if v := find(c); v != nil {
+		v.slot.Evictable()
+	}
+}
+
+// Active marks c, or the connection it wraps, as serving a request: it is
+// kept until it is done.
+func Active(c net.Conn) {
+	if v := find(c); v != nil {
+		v.slot.Keep()
+	}
+}
+
+// Release gives back the slot of c, or of the connection c wraps, before
+// it closes: for a connection handed on to be bounded elsewhere, as an
+// HTTPS connection upgraded to a WebSocket that carries MQTT. Closing it
+// later gives back nothing more.
 func Release(c net.Conn) {
+	if v := find(c); v != nil {
+		v.slot.Release()
+	}
+}
+
+// find returns the connection of a listener from Listen that c is or wraps.
+func find(c net.Conn) *conn {
 	for {
 		switch v := c.(type) {
 		case *conn:
-			v.release()
-			return
+			return v
 		case interface{ NetConn() net.Conn }:
 			c = v.NetConn()
 		default:
-			return
+			return nil
 		}
 	}
 }
@@ -61,11 +295,11 @@ func Release(c net.Conn) {
 // conn gives its slot back when closed, however often it is closed.
 type conn struct {
 	net.Conn
-	release func()
+	slot *Slot
 }
 
 func (c *conn) Close() error {
 	err := c.Conn.Close()
-	c.release()
+	c.slot.Release()
 	return err
 }

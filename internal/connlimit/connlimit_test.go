@@ -7,17 +7,22 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"testing"
 	"time"
 )
 
+// At the bound, a connection waiting for a request — its first, or the
+// next on a kept-alive connection — is closed for a new client, the one
+// waiting longest first; a new client waits only while every connection
+// is serving a request.
 func TestListen(t *testing.T) {
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := Listen(raw, 1)
-	accepted := make(chan net.Conn, 2)
+	l := Listen("test", raw, 2)
+	accepted := make(chan net.Conn, 4)
 	go func() {
 		for {
 			c, err := l.Accept()
@@ -28,27 +33,57 @@ func TestListen(t *testing.T) {
 			accepted <- c
 		}
 	}()
-	for range 2 {
+	dial := func() net.Conn {
 		c, err := net.Dial("tcp", raw.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
-		defer c.Close()
+		t.Cleanup(func() { c.Close() })
+		return c
 	}
-	first := <-accepted
-	select {
-	case <-accepted:
-		t.Fatal("a second connection was accepted while the first, at the bound of 1, was open")
-	case <-time.After(200 * time.Millisecond):
+	next := func(what string) net.Conn {
+		t.Helper()
+		select {
+		case c := <-accepted:
+			return c
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: not accepted", what)
+			return nil
+		}
 	}
-	first.Close()
-	first.Close() // a second close gives back nothing more
-	select {
-	case c := <-accepted:
-		c.Close()
-	case <-time.After(10 * time.Second):
-		t.Fatal("the waiting connection was not accepted once the first closed")
+	none := func(what string) {
+		t.Helper()
+		select {
+		case <-accepted:
+			t.Fatalf("%s: accepted", what)
+		case <-time.After(200 * time.Millisecond):
+		}
 	}
+	closedByServer := func(c net.Conn, what string) {
+		t.Helper()
+		c.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := c.Read(make([]byte, 1)); errors.Is(err, os.ErrDeadlineExceeded) || err == nil {
+			t.Fatalf("%s: still open (%v)", what, err)
+		}
+	}
+
+	aClient, bClient := dial(), dial()
+	a, _ := next("the first connection"), next("the second connection")
+	cClient := dial()
+	c := next("a third connection, while the first two wait for their first request")
+	closedByServer(aClient, "the connection waiting longest, once a third arrived")
+	Active(c)
+	dial()
+	Active(next("a fourth connection"))
+	closedByServer(bClient, "the second connection, once a fourth arrived")
+	a.Close() // closed to make room, it has given its slot back already
+
+	dial()
+	none("a connection while both at the bound serve a request")
+	Idle(c)
+	next("the waiting connection, once one at the bound went idle")
+	closedByServer(cClient, "the idle connection, for the waiting one")
+
 	l.Close()
 	if _, ok := <-accepted; ok {
 		t.Fatal("accepted after Close")
@@ -80,7 +115,7 @@ func TestReleaseHijacked(t *testing.T) {
 		rw.Flush()
 		hijacked <- c
 	}))
-	ts.Listener = Listen(raw, 1)
+	ts.Listener = Listen("test", raw, 1)
 	ts.Config.ConnState = func(c net.Conn, s http.ConnState) {
 		if s == http.StateHijacked {
 			Release(c)

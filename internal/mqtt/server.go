@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"os"
 	"runtime/debug"
@@ -15,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/connlimit"
 	"github.com/hatchery/hatchery/internal/tlsrefusal"
 )
 
@@ -58,7 +60,9 @@ var (
 	ErrProtocolViolation   = errors.New("mqtt: protocol violation")
 	ErrKeepAliveTimeout    = errors.New("mqtt: no packet from the client within 1.5 times its keepalive")
 	ErrConnectTimeout      = errors.New("mqtt: no CONNECT within the connect timeout")
+	ErrTooManyConnections  = errors.New("mqtt: at the connection limit")
 	errHandshakeIncomplete = errors.New("mqtt: connection ended before CONNECT")
+	errEvicted             = errors.New("mqtt: closed, unauthenticated, to make room for another connection")
 )
 
 // Defaults of Server fields left zero.
@@ -89,10 +93,22 @@ type Server struct {
 	// hold; one with more closes the connection. Default DefaultMaxSubscribeFilters.
 	MaxSubscribeFilters int
 
+	// MaxConns bounds the connections open at once, from every listener
+	// and ServeConn together: past it a new connection is closed at once.
+	// 0: no bound.
+	MaxConns int
+	// MaxUnauthenticated bounds the connections not authenticated: before
+	// CONNECT, in Authenticate, or accepted with Conn.MarkUnauthenticated.
+	// At this bound, or at MaxConns, the oldest of them is closed for a new
+	// connection, so that clients that never authenticate cannot keep
+	// devices out. 0: no bound but MaxConns.
+	MaxUnauthenticated int
+
 	mu        sync.Mutex
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[*Conn]struct{}
+	limiter   *connlimit.Limiter // nil without bounds
 	wg        sync.WaitGroup
 }
 
@@ -172,40 +188,60 @@ func (s *Server) Serve(l net.Listener) error {
 			continue
 		}
 		delay = 0
-		s.start(newConn(s, nc))
+		if c := newConn(s, nc); errors.Is(s.start(c), ErrTooManyConnections) {
+			c.raw.Close()
+		}
 	}
 }
 
 // ServeConn serves one connection accepted elsewhere — MQTT over WebSocket,
-// inside an HTTPS request, whose TLS is state — and returns at once.
+// inside an HTTPS request, whose TLS is state — and returns at once. It
+// counts against MaxConns as the listeners' connections do: past it,
+// ServeConn returns ErrTooManyConnections and leaves nc to the caller to
+// close. A connection that has a CloseNow method, as a WebSocket has, is
+// closed with it when the server ends it (as a TLS connection's TCP,
+// without an alert), and with Close when it ends of itself.
 func (s *Server) ServeConn(nc net.Conn, state *tls.ConnectionState) error {
 	if s.Handler == nil {
 		return errors.New("mqtt: Server.Handler is nil")
 	}
 	c := newConn(s, nc)
 	c.tlsState = state
-	if !s.start(c) {
-		return ErrServerClosed
-	}
-	return nil
+	return s.start(c)
 }
 
-// start serves c, unless the server is closed.
-func (s *Server) start(c *Conn) bool {
+// start serves c, unless the server is closed (ErrServerClosed; c is
+// closed) or has no room for it (ErrTooManyConnections).
+func (s *Server) start(c *Conn) error {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closed {
-		s.mu.Unlock()
 		c.nc.Close()
-		return false
+		return ErrServerClosed
+	}
+	if s.limiter == nil && (s.MaxConns > 0 || s.MaxUnauthenticated > 0) {
+		s.limiter = connlimit.NewLimiter("mqtt", "unauthenticated", orNoBound(s.MaxConns), orNoBound(s.MaxUnauthenticated))
+	}
+	if s.limiter != nil {
+		// Closed in the background: a WebSocket's close waits for the client.
+		if c.slot = s.limiter.Take(func() { go c.closeWith(errEvicted) }); c.slot == nil {
+			return ErrTooManyConnections
+		}
 	}
 	if s.conns == nil {
 		s.conns = make(map[*Conn]struct{})
 	}
 	s.conns[c] = struct{}{}
 	s.wg.Add(1)
-	s.mu.Unlock()
 	go c.serve()
-	return true
+	return nil
+}
+
+func orNoBound(n int) int {
+	if n > 0 {
+		return n
+	}
+	return math.MaxInt
 }
 
 func (s *Server) isClosed() bool {
@@ -246,12 +282,16 @@ func (s *Server) Close() error {
 type Conn struct {
 	srv         *Server
 	nc          net.Conn             // what packets are read from and written to
-	raw         net.Conn             // the TCP connection under nc, closed without a TLS alert
+	raw         net.Conn             // the TCP connection under nc, or nc closing at once: closed without a goodbye
 	tc          *tls.Conn            // nil without TLS of its own
 	tlsState    *tls.ConnectionState // the TLS a connection without tc is carried in (WebSocket over HTTPS)
 	clientID    string               // set before Authenticate, then immutable
 	readTimeout time.Duration
 	accepted    bool
+	// slot is the connection's place under the server's bounds (nil:
+	// none), evictable until it is authenticated.
+	slot            *connlimit.Slot
+	unauthenticated bool // accepted without credentials: MarkUnauthenticated
 
 	// Used only by the reading goroutine. br is borrowed from readerPool
 	// while packets are buffered and returned when the connection idles.
@@ -288,9 +328,24 @@ func newConn(s *Server, nc net.Conn) *Conn {
 	if tc, ok := nc.(*tls.Conn); ok {
 		c.tc = tc
 		c.raw = tc.NetConn()
+	} else if a, ok := nc.(nowCloser); ok {
+		c.raw = closingNow{nc, a}
 	}
 	return c
 }
+
+// nowCloser is a connection that can also close without its goodbye (a
+// WebSocket's close handshake), which a client that does not answer it
+// would keep open for seconds.
+type nowCloser interface{ CloseNow() error }
+
+// closingNow closes its connection at once.
+type closingNow struct {
+	net.Conn
+	a nowCloser
+}
+
+func (c closingNow) Close() error { return c.a.CloseNow() }
 
 // ClientID returns the client identifier of CONNECT (for Azure IoT Hub the
 // device ID, or "device/module").
@@ -333,6 +388,12 @@ func (c *Conn) ResumeSession(subs []Subscription) {
 	c.resume = append([]Subscription{}, subs...)
 	c.mu.Unlock()
 }
+
+// MarkUnauthenticated, called from Handler.Authenticate for a client it
+// accepts without knowing who it is, keeps the connection among the
+// unauthenticated ones that Server.MaxUnauthenticated bounds, the first to
+// be closed to make room for others.
+func (c *Conn) MarkUnauthenticated() { c.unauthenticated = true }
 
 // Close closes the connection; Handler.Closed then receives ErrConnClosed.
 func (c *Conn) Close() { c.closeWith(ErrConnClosed) }
@@ -517,8 +578,9 @@ func (c *Conn) finish(err error) {
 		// End TLS politely with close_notify (crypto/tls bounds it to 5 s).
 		c.tc.Close()
 	} else if ending {
-		c.raw.Close()
+		c.nc.Close()
 	}
+	c.slot.Release()
 	c.releaseReader()
 
 	c.mu.Lock()
@@ -646,6 +708,9 @@ func (c *Conn) connect() error {
 		code = RefusedNotAuthorized
 	}
 	c.accepted = code == Accepted // from here on Closed must be called
+	if c.accepted && !c.unauthenticated {
+		c.slot.Keep()
+	}
 	c.mu.Lock()
 	resume := c.resume
 	c.resume = nil

@@ -93,7 +93,8 @@ func (d *DeviceEndpoint) isDPSConnect(p *mqtt.Connect) bool {
 // certificate is verified now, so a wrong one is refused with CONNACK 5
 // ("not authorized", which the SDKs report as an authorization failure). A
 // session with neither is accepted so that its requests can be answered
-// with an error that says what to send.
+// with an error that says what to send, for a while and as long as the
+// server's bound of unauthenticated connections leaves it room.
 func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	svc := d.dpsEP.svc
 	scope, regID, _ := parseDPSUsername(p.Username)
@@ -113,6 +114,9 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	if s.unauthenticated() {
 		slog.Info("dps mqtt session without a SAS token or client certificate; its requests will be refused", "registrationId", regID)
+		// It is there only to be told what to send: it stays among the
+		// unauthenticated connections, which give way to new ones.
+		c.MarkUnauthenticated()
 		time.AfterFunc(dpsNoCredentialsGrace, c.Close)
 		c.SetValue(s)
 		return mqtt.Accepted
