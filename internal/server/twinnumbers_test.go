@@ -148,3 +148,26 @@ func TestInitialTwinAndContentNumbersKeepEveryDigit(t *testing.T) {
 	_, des, _ = e.twinJSON("big-1/modules/sensor")
 	mustHold(t, "deployed module desired", des, `"interval":`+big)
 }
+
+// A device's reported patch of arrays nested past the depth limit, or of
+// empty arrays that would count as nothing, is refused: stored, the first
+// could not be read back (taking down every list and query), the second
+// would grow the twin without bound.
+func TestReportedNestingAndEmptyArraysBounded(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("deep")
+	deep := `{"a":` + strings.Repeat("[", 9999) + strings.Repeat("]", 9999) + `}`
+	if _, err := c.PatchReported(ctx, json.RawMessage(deep)); err == nil || !strings.Contains(err.Error(), "status 400") {
+		t.Fatalf("reported arrays 9999 deep: %v, want 400", err)
+	}
+	empties := `{"e":[` + strings.Repeat("[],", 40000) + `[]]}`
+	if _, err := c.PatchReported(ctx, json.RawMessage(empties)); err == nil || !strings.Contains(err.Error(), "status 400") {
+		t.Fatalf("reported 40,001 empty arrays: %v, want 400 (past 32 KiB)", err)
+	}
+	if _, _, rep := e.twinJSON("deep"); strings.Contains(rep, "[[") || strings.Contains(rep, `"e"`) {
+		t.Fatalf("refused patches were stored: %.200s", rep)
+	}
+	if err := e.hubAPI.Do(ctx, "POST", "/devices/query", "", map[string]string{"query": "SELECT * FROM devices"}, &[]json.RawMessage{}); err != nil {
+		t.Fatalf("querying the hub after the refused patches: %v", err)
+	}
+}

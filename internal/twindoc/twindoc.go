@@ -60,7 +60,7 @@ func CheckValue(where string, v any) error { return checkValue(where, v, 1) }
 
 func check(where string, m map[string]any, depth int) error {
 	if depth > maxDepth {
-		return fmt.Errorf("%s nests objects deeper than %d levels", where, maxDepth)
+		return deepErr(where)
 	}
 	for _, k := range slices.Sorted(maps.Keys(m)) {
 		if err := CheckName(k); err != nil {
@@ -78,8 +78,13 @@ func checkValue(where string, v any, depth int) error {
 	case map[string]any:
 		return check(where, v, depth+1)
 	case []any:
+		// An array is a level too: arrays in arrays would otherwise nest
+		// without bound, past what the store can decode again.
+		if depth+1 > maxDepth {
+			return deepErr(where)
+		}
 		for i, e := range v {
-			if err := checkValue(fmt.Sprintf("%s[%d]", where, i), e, depth); err != nil {
+			if err := checkValue(fmt.Sprintf("%s[%d]", where, i), e, depth+1); err != nil {
 				return err
 			}
 		}
@@ -97,6 +102,10 @@ func checkValue(where string, v any, depth int) error {
 		}
 	}
 	return nil
+}
+
+func deepErr(where string) error {
+	return fmt.Errorf("%s nests objects and arrays deeper than %d levels", where, maxDepth)
 }
 
 // CheckName is nil when IoT Hub accepts name as a property name, else says
@@ -122,7 +131,9 @@ func isControl(r rune) bool { return r < 0x20 || r >= 0x7f && r <= 0x9f }
 
 // Size counts a document as the hosted hub does against its limits: each
 // property's name and value, strings by their UTF-8 bytes, numbers as 8
-// bytes and booleans as 4, objects and arrays by what they hold.
+// bytes and booleans as 4, objects and arrays by what they hold. Each
+// array element and null counts at least one byte, so that a document of
+// empty arrays cannot grow without bound while counting nothing.
 func Size(doc map[string]any) int {
 	n := 0
 	for k, v := range doc {
@@ -138,7 +149,7 @@ func valueSize(v any) int {
 	case []any:
 		n := 0
 		for _, e := range v {
-			n += valueSize(e)
+			n += max(valueSize(e), 1)
 		}
 		return n
 	case string:
@@ -146,7 +157,7 @@ func valueSize(v any) int {
 	case bool:
 		return 4
 	case nil:
-		return 0
+		return 1
 	}
 	return 8 // a number
 }

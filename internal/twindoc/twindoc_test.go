@@ -22,7 +22,10 @@ func TestCheck(t *testing.T) {
 	for body, want := range map[string]string{
 		`{"environment":"prod","site":{"floor":2,"wing":null},"list":[1,"x",{"k":true}]}`: "",
 		deep: "",
-		strings.Repeat(`{"a":`, 11) + "1" + strings.Repeat("}", 11): "deeper than 10",
+		strings.Repeat(`{"a":`, 11) + "1" + strings.Repeat("}", 11):             "deeper than 10",
+		`{"a":` + strings.Repeat("[", 9) + strings.Repeat("]", 9) + `}`:         "",
+		`{"a":` + strings.Repeat("[", 10) + strings.Repeat("]", 10) + `}`:       "nests objects and arrays deeper than 10",
+		`{"a":[{"b":` + strings.Repeat("[", 8) + strings.Repeat("]", 8) + `}]}`: "deeper than 10",
 		`{"a.b":1}`:         `property name "a.b" contains '.'`,
 		`{"$x":1}`:          `property name "$x" contains '.', '$'`,
 		`{"a":{" sp":1}}`:   `tags.a: property name " sp"`,
@@ -44,9 +47,14 @@ func TestCheck(t *testing.T) {
 }
 
 func TestSize(t *testing.T) {
-	// names and string values by their bytes, numbers 8, booleans 4.
-	if n := Size(doc(t, `{"ab":"xyz","n":1.5,"b":true,"o":{"c":[1,"de"]},"z":null}`)); n != 2+3+1+8+1+4+1+1+8+2+1 {
+	// names and string values by their bytes, numbers 8, booleans 4; a
+	// null, and an array element, at least 1.
+	if n := Size(doc(t, `{"ab":"xyz","n":1.5,"b":true,"o":{"c":[1,"de"]},"z":null}`)); n != 2+3+1+8+1+4+1+1+8+2+1+1 {
 		t.Fatalf("Size = %d", n)
+	}
+	// Empty arrays count, so that they cannot grow a twin without bound.
+	if n := Size(doc(t, `{"e":[[],[],{},null]}`)); n != 1+4 {
+		t.Fatalf("Size of empty arrays = %d, want 5", n)
 	}
 	big := map[string]any{"k": strings.Repeat("x", TagsLimit)}
 	if err := CheckSize("tags", big, TagsLimit); err == nil || !strings.Contains(err.Error(), "8 KiB") {
