@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"sync"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hubid"
@@ -486,11 +487,9 @@ func (s *Service) scan(ctx context.Context, kind, prefix, after string, limit in
 		if !strings.HasPrefix(d.ID, prefix) {
 			return out, "", nil
 		}
-		rec := &record{}
-		if err := twindoc.Unmarshal(d.Body, rec); err != nil {
-			return nil, "", fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
+		if rec := decodeListed(d); rec != nil {
+			out = append(out, rec)
 		}
-		out = append(out, rec)
 	}
 	next := ""
 	if len(docs) == limit {
@@ -509,12 +508,28 @@ func (s *Service) eachRecord(ctx context.Context, kind string, f func(*record) e
 // `after`.
 func (s *Service) eachRecordAfter(ctx context.Context, kind, after string, f func(*record) error) error {
 	return s.eachDocAfter(ctx, kind, after, func(d store.Doc) error {
-		rec := &record{}
-		if err := twindoc.Unmarshal(d.Body, rec); err != nil {
-			return fmt.Errorf("stored %s is corrupt: %w", d.ID, err)
+		if rec := decodeListed(d); rec != nil {
+			return f(rec)
 		}
-		return f(rec)
+		return nil
 	})
+}
+
+// corruptLogged holds the IDs of corrupt records already logged.
+var corruptLogged sync.Map
+
+// decodeListed decodes a record met in a list or scan; one that cannot be
+// decoded is left out (and logged once), so that it alone fails, not every
+// list, query and configuration of the hub.
+func decodeListed(d store.Doc) *record {
+	rec := &record{}
+	if err := twindoc.Unmarshal(d.Body, rec); err != nil {
+		if _, seen := corruptLogged.LoadOrStore(d.Kind+"/"+d.ID, true); !seen {
+			slog.Error("a stored identity is corrupt: left out of lists and queries (restore it from a backup)", "id", d.ID, "error", err)
+		}
+		return nil
+	}
+	return rec
 }
 
 // eachDoc calls f with every document of kind, in ID order, a page at a

@@ -1,0 +1,29 @@
+package hub
+
+import (
+	"context"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// A record that cannot be decoded (damaged, or written by a version with
+// looser rules) is left out of lists, queries and statistics: it alone
+// fails, not the whole hub.
+func TestCorruptRecordLeftOutOfLists(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	newIdentity(t, s, Ref{Device: "good"})
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindDevice, ID: "bad", Body: []byte(`{"deviceId":"bad","properties":[[[`)}); err != nil {
+		t.Fatal(err)
+	}
+	if ds, err := s.ListDevices(ctx, 100); err != nil || len(ds) != 1 || ds[0].DeviceID != "good" {
+		t.Errorf("list with a corrupt record: %v %v", ds, err)
+	}
+	if rows, _, err := s.Query(ctx, "SELECT deviceId FROM devices", "", 100); err != nil || len(rows) != 1 {
+		t.Errorf("query with a corrupt record: %v %v", rows, err)
+	}
+	if _, err := s.Statistics(ctx); err != nil {
+		t.Errorf("statistics with a corrupt record: %v", err)
+	}
+}
