@@ -52,6 +52,9 @@ func newConfigApplyCmd() *cobra.Command {
 			if err := checkDaemonAccess(cfg); err != nil {
 				return err
 			}
+			for _, w := range exposedKeys(cfg) {
+				fmt.Fprintln(os.Stderr, "warning:", w)
+			}
 			if abs, _ := filepath.Abs(file); abs != absPath(target) {
 				data, err := os.ReadFile(file)
 				if err != nil {
