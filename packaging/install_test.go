@@ -103,13 +103,18 @@ echo "stat.etc=$(st /etc/aziot)"
 echo "stat.template=$(st /etc/aziot/config.toml.edge.template)"
 echo "stat.state=$(st /var/lib/aziot/edged)"
 echo "stat.udev=$(st /lib/udev/rules.d/70-hatchery-aziottpm.rules)"
-# The seed's step, and state a daemon running as root left: the next
-# configure (here a reinstall) gives both to the services.
+# The seed's step, as an earlier package left it (readable by group
+# iotedge), and state a daemon running as root left: the next configure
+# (here a reinstall) gives config.toml to iotedged alone, aziot-tpmd its
+# settings, and the state to the services.
 cp /etc/aziot/config.toml.edge.template /etc/aziot/config.toml
+chown root:iotedge /etc/aziot/config.toml
+chmod 0640 /etc/aziot/config.toml
 touch /var/lib/aziot/edged/device_info.json
 pkg -i iotedge.deb
 echo "reinstall.users=$(grep -c -E '^(iotedge|aziottpm):' /etc/passwd)"
 echo "stat.config=$(st /etc/aziot/config.toml)"
+echo "stat.tpmd=$(st /etc/aziot/tpmd/config.toml)"
 echo "stat.backup=$(st /var/lib/aziot/edged/device_info.json)"
 pkg -r hatchery-iotedge
 echo "removed.bin=$(st /usr/bin/iotedge)"
@@ -118,6 +123,7 @@ echo "removed.state=$(st /var/lib/aziot/edged)"
 pkg -P hatchery-iotedge
 echo "purged.template=$(st /etc/aziot/config.toml.edge.template)"
 echo "purged.config=$(st /etc/aziot/config.toml)"
+echo "purged.tpmd=$(st /etc/aziot/tpmd)"
 echo "purged.state=$(st /var/lib/aziot)"
 echo "purged.user=$(getent passwd iotedge >/dev/null && echo kept || echo gone)"
 
@@ -165,13 +171,15 @@ exec chroot "$r" /bin/sh /hatchery-test/steps.sh
 		"stat.state":       "iotedge:iotedge:700",
 		"stat.udev":        "root:root:644",
 		"reinstall.users":  "2",
-		"stat.config":      "root:iotedge:640",
+		"stat.config":      "iotedge:root:600",
+		"stat.tpmd":        "root:root:644",
 		"stat.backup":      "iotedge:iotedge:644",
 		"removed.bin":      "absent",
 		"removed.template": "root:root:644", // a conffile stays until purge
 		"removed.state":    "iotedge:iotedge:700",
 		"purged.template":  "absent",
 		"purged.config":    "absent",
+		"purged.tpmd":      "absent",
 		"purged.state":     "absent",
 		"purged.user":      "kept",
 		"user.hatchery":    "/nonexistent:/usr/sbin/nologin",
@@ -468,6 +476,7 @@ echo "tpmd.sock=$(st /run/aziot/tpmd.sock)"
 echo "mgmt.sock=$(st /var/run/iotedge/mgmt.sock)"
 echo "state=$(st /var/lib/aziot/edged)"
 echo "config=$(st /etc/aziot/config.toml)"
+echo "tpmd.config=$(st /etc/aziot/tpmd/config.toml)"
 echo "enabled=$(systemctl is-enabled aziot-tpmd iotedged | tr '\n' ' ')"
 echo "hatchery.user=$(stat -c %U /proc/$(systemctl show -p MainPID --value hatchery))"
 echo "hatchery.enabled=$(systemctl is-enabled hatchery)"
@@ -476,6 +485,11 @@ echo "hatchery.db=$(st /var/lib/hatchery/hatchery.db)"
 echo "hatchery.ca=$(st /var/lib/hatchery/tls/ca-key.pem)"
 setpriv --reuid nobody --regid nogroup --groups "$(getent group iotedge | cut -d: -f3)" iotedge list >/dev/null 2>&1 && echo member=ok || echo member=refused
 setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>&1 && echo other=ok || echo other=refused
+# The device's keys are iotedged's: not the group's, nor aziot-tpmd's.
+setpriv --reuid nobody --regid nogroup --groups "$(getent group iotedge | cut -d: -f3)" cat /etc/aziot/config.toml >/dev/null 2>&1 && echo member.config=read || echo member.config=refused
+setpriv --reuid aziottpm --regid aziottpm --groups "$(getent group iotedge | cut -d: -f3)" cat /etc/aziot/config.toml >/dev/null 2>&1 && echo tpmd.reads=config || echo tpmd.reads=nothing
+setpriv --reuid nobody --regid nogroup --groups "$(getent group iotedge | cut -d: -f3)" iotedge check >/tmp/member-check 2>&1 && echo member.check=ok || echo member.check=failed
+grep -q "config.toml is well-formed - skipped" /tmp/member-check && grep -q "sudo iotedge check" /tmp/member-check && echo member.told=sudo
 `)))
 	for k, want := range map[string]string{
 		"tpmd.user":        "aziottpm",
@@ -491,12 +505,20 @@ setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>
 		"hatchery.ca":      "hatchery:hatchery:600",
 		"member":           "ok",
 		"other":            "refused",
+		"config":           "iotedge:root:600",
+		"tpmd.config":      "root:root:644",
+		"member.config":    "refused",
+		"tpmd.reads":       "nothing",
+		"member.check":     "ok",
+		"member.told":      "sudo",
 	} {
 		if got[k] != want {
 			t.Errorf("%s: %q, want %q", k, got[k], want)
 		}
 	}
-	t.Logf("/etc/aziot/config.toml after config apply: %s", got["config"])
+	if t.Failed() {
+		t.Logf("iotedge check as a member of group iotedge:\n%s", s.must("cat /tmp/member-check"))
+	}
 
 	// The service's backup, restored as `hatchery backup` says: the
 	// enrollment is there, the service serves it.
@@ -512,10 +534,19 @@ setpriv --reuid nobody --regid nogroup --clear-groups iotedge list >/dev/null 2>
 		t.Errorf("after the restore, the enrollment is not there:\n%s", out)
 	}
 
-	// An upgrade restarts the running services.
+	// An upgrade restarts the running services; from a package that had
+	// config.toml read by both (group iotedge, and no aziot-tpmd settings
+	// of its own), it gives config.toml to iotedged and aziot-tpmd its
+	// settings, without which it would not find the TPM.
+	s.must("chown root:iotedge /etc/aziot/config.toml && chmod 0640 /etc/aziot/config.toml && rm -r /etc/aziot/tpmd")
 	pids := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged")
 	s.must("dpkg --force-depends -i /hatchery-test/iotedge.deb")
 	s.eventually("systemctl is-active aziot-tpmd iotedged", "active\nactive", 20*time.Second)
+	s.eventually("journalctl -u aziot-tpmd -o cat --no-pager _PID=$(systemctl show -p MainPID --value aziot-tpmd) | grep 'aziot-tpmd serving'",
+		`tcti="`+tcti+`"`, 20*time.Second)
+	if got := s.must("stat -c '%U:%G:%a' /etc/aziot/config.toml /etc/aziot/tpmd/config.toml"); got != "iotedge:root:600\nroot:root:644\n" {
+		t.Errorf("after the upgrade, config.toml and aziot-tpmd's settings are %q", got)
+	}
 	if after := s.must("systemctl show -p MainPID --value aziot-tpmd iotedged"); after == pids {
 		t.Errorf("the upgrade did not restart the services: main PIDs %q", strings.Fields(after))
 	}

@@ -121,7 +121,9 @@ func TestTPMServiceUnit(t *testing.T) {
 		}
 	}
 	for k, want := range map[string]string{
-		"config": "/etc/aziot/config.toml",
+		// Not config.toml, which may hold the device's keys: what config
+		// apply writes for it.
+		"config": "/etc/aziot/tpmd/config.toml",
 		"socket": tpmservice.DefaultSocket,
 		"group":  "iotedge",
 	} {

@@ -13,6 +13,12 @@
 // so that it may give the socket to that group). --user is for other init
 // systems: started as root, it drops to that user once the TPM is open and
 // the socket exists.
+//
+// --config takes config.toml or, as the packaged unit gives it,
+// /etc/aziot/tpmd/config.toml, which `iotedge config apply` writes: of
+// either it reads the [tpm] table and whether provisioning uses the TPM.
+// config.toml may hold the device's keys, which only root and user iotedge
+// may read, so a service started as aziottpm is given the latter.
 package main
 
 import (
@@ -72,7 +78,7 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 	flags.StringVar(&s.socket, "socket", tpmservice.DefaultSocket, "Unix socket to serve on")
 	flags.StringVar(&s.group, "group", "iotedge", `group given the socket, whose members may read the TPM's public keys ("" to keep the service's own)`)
 	flags.StringVar(&s.principals, "principals", "iotedge", "users, comma-separated, who may import into the identity key and sign with it, besides root and the service's own user: the device's identity is theirs")
-	flags.StringVar(&s.config, "config", "/etc/aziot/config.toml", "config file whose [tpm] table sets tcti and auth_key_index; flags override it; ignored when absent")
+	flags.StringVar(&s.config, "config", "/etc/aziot/config.toml", "config.toml, or this service's settings that 'iotedge config apply' writes (/etc/aziot/tpmd/config.toml): its [tpm] table sets tcti and auth_key_index; flags override it; ignored when absent")
 	flags.StringVar(&s.user, "user", "", "when started as root: user to run as once the TPM is open and the socket exists (systemd's User= is the usual way)")
 	flags.StringVar(&s.logLevel, "log-level", "info", "debug, info, warn or error")
 	if err := flags.Parse(args); err != nil {
@@ -93,7 +99,9 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 	if t := c.TPM; t.AuthKeyIndex != nil && !set["auth-key-index"] {
 		s.authKeyIndex = uint32(*t.AuthKeyIndex)
 	}
-	if p := c.Provisioning; p.Source != "" && !(p.Source == "dps" && p.Attestation.Method == "tpm") && !set["tcti"] {
+	// A device not provisioned yet (no source, or "none") may still have
+	// its TPM read, to enroll it.
+	if p := c.Provisioning; p.Source != "" && p.Source != "none" && !(p.Source == "dps" && p.Attestation.Method == "tpm") && !set["tcti"] {
 		s.unused = fmt.Sprintf("%s provisions the device with source %q and attestation method %q, not with DPS and the TPM", s.config, p.Source, p.Attestation.Method)
 	}
 	// The persistent range is 0x81000000-0x817FFFFF; the EK and SRK are
@@ -144,7 +152,8 @@ func readConfig(path string) (fileConfig, error) {
 	case path == "" || errors.Is(err, fs.ErrNotExist):
 		return c, nil
 	case errors.Is(err, fs.ErrPermission):
-		return c, fmt.Errorf("config %s: permission denied: make it readable by this service's user, or pass --tcti and --auth-key-index with --config ''", path)
+		return c, fmt.Errorf("config %s: permission denied: pass --config /etc/aziot/tpmd/config.toml, which 'iotedge config apply' writes for this service "+
+			"(config.toml may hold the device's keys, which this service's user is not to read), or --tcti and --auth-key-index with --config ''", path)
 	case err != nil:
 		return c, fmt.Errorf("config: %w", err)
 	}

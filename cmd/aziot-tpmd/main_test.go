@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/attest"
+	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/testutil"
 	"github.com/hatchery/hatchery/internal/tpmservice"
 )
@@ -78,6 +79,7 @@ auth_key_index = 0x101
 		{[]string{"--config", dpsTPM}, false},
 		{[]string{"--config", manual, "--tcti", "device"}, false},
 		{[]string{"--config", str}, false}, // not provisioned yet
+		{[]string{"--config", writeConfig(t, "[provisioning]\nsource = \"none\"\n")}, false},
 	} {
 		if s, err := parseArgs(tc.args, io.Discard); err != nil || (s.unused != "") != tc.unused {
 			t.Errorf("%q: unused %q (%v), want unused %v", tc.args, s.unused, err, tc.unused)
@@ -105,6 +107,37 @@ auth_key_index = 0x101
 	} {
 		if _, err := parseArgs(tc.args, io.Discard); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: got %v, want an error with %q", tc.args, err, tc.want)
+		}
+	}
+}
+
+// What `iotedge config apply` writes for aziot-tpmd (the packaged unit's
+// --config) sets it up as config.toml itself would, without the keys
+// config.toml may hold.
+func TestSettingsFromConfigApply(t *testing.T) {
+	for _, text := range []string{
+		"[provisioning]\nsource = \"dps\"\nglobal_endpoint = \"https://edge-lab\"\nid_scope = \"0ne5A1F09C2\"\n" +
+			"[provisioning.attestation]\nmethod = \"tpm\"\nregistration_id = \"3f2b9c0d\"\n" +
+			"[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\nauth_key_index = \"0x00_01_02\"\n",
+		"[provisioning]\nsource = \"dps\"\nid_scope = \"0ne5A1F09C2\"\n" +
+			"[provisioning.attestation]\nmethod = \"symmetric_key\"\nregistration_id = \"sym-1\"\nsymmetric_key = { value = \"c2VjcmV0a2V5MTIzNDU2Nzg=\" }\n",
+		"[provisioning]\nsource = \"manual\"\nconnection_string = \"HostName=h;DeviceId=d;SharedAccessKey=c2VjcmV0a2V5MTIzNDU2Nzg=\"\n",
+		"[tpm]\ntcti = \"device:/dev/tpm0\"\n", // not provisioned yet
+	} {
+		full := writeConfig(t, text)
+		cfg, _, err := config.Load(full)
+		if err != nil {
+			t.Fatal(err)
+		}
+		applied := writeConfig(t, string(cfg.TPMDConfig(full)))
+		want, werr := parseArgs([]string{"--config", full}, io.Discard)
+		got, err := parseArgs([]string{"--config", applied}, io.Discard)
+		if err != nil || werr != nil || got.tcti != want.tcti || got.authKeyIndex != want.authKeyIndex || (got.unused == "") != (want.unused == "") {
+			t.Errorf("from config.toml\n%s: tcti %q index 0x%x unused %q (%v); from what config apply writes: tcti %q index 0x%x unused %q (%v)",
+				text, want.tcti, want.authKeyIndex, want.unused, werr, got.tcti, got.authKeyIndex, got.unused, err)
+		}
+		if b, _ := os.ReadFile(applied); bytes.Contains(b, []byte("c2VjcmV0a2V5MTIzNDU2Nzg=")) {
+			t.Errorf("what config apply writes for aziot-tpmd holds the device's key:\n%s", b)
 		}
 	}
 }

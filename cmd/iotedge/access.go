@@ -43,6 +43,15 @@ func daemonFiles(c *config.Config) map[string]string {
 	return files
 }
 
+// keySettings name the files that hold the device's keys: only user
+// iotedge may read them, not group iotedge, whose members are operators.
+var keySettings = map[string]bool{
+	"provisioning.attestation.symmetric_key.uri":   true,
+	"provisioning.attestation.identity_pk":         true,
+	"provisioning.authentication.device_id_pk.uri": true,
+	"provisioning.authentication.identity_pk":      true,
+}
+
 // checkDaemonAccess tells, before the daemon fails on it at start, which
 // of the files it reads the service user cannot; nil on a machine without
 // that user, where root runs everything.
@@ -62,7 +71,7 @@ func checkDaemonAccess(c *config.Config) error {
 	files := daemonFiles(c)
 	var problems []string
 	for _, setting := range slices.Sorted(maps.Keys(files)) {
-		if err := readableBy(files[setting], uid, gids); err != nil {
+		if err := readableBy(files[setting], uid, gids, keySettings[setting]); err != nil {
 			problems = append(problems, fmt.Sprintf("%s: %v", setting, err))
 		}
 	}
@@ -72,9 +81,31 @@ func checkDaemonAccess(c *config.Config) error {
 	return nil
 }
 
+// exposedKeys warns of each key file the configuration names that others
+// than its owner may read (group root aside): all who can read a key can
+// connect as the device.
+func exposedKeys(c *config.Config) []string {
+	files := daemonFiles(c)
+	var warnings []string
+	for _, setting := range slices.Sorted(maps.Keys(files)) {
+		path := files[setting]
+		fi, err := os.Stat(path)
+		if !keySettings[setting] || err != nil {
+			continue
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if mode := fi.Mode().Perm(); mode&0o004 != 0 || mode&0o040 != 0 && ok && st.Gid != 0 {
+			warnings = append(warnings, fmt.Sprintf("%s: %s is %s: others than user %s can read the device's key: 'sudo chown %s %s && sudo chmod 0600 %s'",
+				setting, path, fileowner.Describe(fi), serviceUser, serviceUser, path, path))
+		}
+	}
+	return warnings
+}
+
 // readableBy says why the user uid, in groups gids, cannot read path (nor
-// reach it through its directories); nil if it can.
-func readableBy(path string, uid int, gids []int) error {
+// reach it through its directories); nil if it can. A key is to be given
+// to the user, anything else may go to its group.
+func readableBy(path string, uid int, gids []int, key bool) error {
 	fi, err := os.Stat(path)
 	if errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("%s does not exist", path)
@@ -82,7 +113,12 @@ func readableBy(path string, uid int, gids []int) error {
 	if err != nil {
 		return err
 	}
-	if !permits(fi, uid, gids, 4) {
+	switch {
+	case permits(fi, uid, gids, 4):
+	case key:
+		return fmt.Errorf("%s is %s: it holds a key, so give it to the user alone with 'sudo chown %s %s && sudo chmod 0600 %s'",
+			path, fileowner.Describe(fi), serviceUser, path, path)
+	default:
 		return fmt.Errorf("%s is %s: give it to the group with 'sudo chgrp %s %s && sudo chmod g+r %s'",
 			path, fileowner.Describe(fi), serviceUser, path, path)
 	}

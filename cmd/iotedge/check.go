@@ -45,7 +45,10 @@ func runChecks(ctx context.Context) []checkResult {
 	}
 	path := configPath()
 	cfg, ws, err := config.Load(path)
+	unreadable := errors.Is(err, fs.ErrPermission) // it may hold keys: root's and iotedged's alone
 	switch {
+	case unreadable:
+		add("config-toml-well-formed", "config.toml is well-formed", outcome{"skipped", err.Error()})
 	case err != nil:
 		add("config-toml-well-formed", "config.toml is well-formed", outcome{"error", err.Error()})
 	case len(ws) > 0:
@@ -61,6 +64,9 @@ func runChecks(ctx context.Context) []checkResult {
 		// Checking against defaults would report on a configuration the
 		// runtime does not have.
 		skip := outcome{"skipped", "config.toml cannot be used: " + err.Error()}
+		if unreadable {
+			skip = outcome{"skipped", "it needs config.toml, which this user may not read: run 'sudo iotedge check'"}
+		}
 		add("tpm", "TPM is reachable and permissions are right", skip)
 		checkDaemon(ctx, add)
 		add("hub-connectivity", "IoT hub is reachable over MQTT/TLS", skip)
@@ -315,6 +321,9 @@ func newSupportBundleCmd() *cobra.Command {
 			defer cancel()
 			put("config.toml", func(w io.Writer) error {
 				b, err := os.ReadFile(configPath())
+				if errors.Is(err, fs.ErrPermission) {
+					return fmt.Errorf("%w: it may hold the device's keys; run 'sudo iotedge support-bundle' to include it, secrets redacted", err)
+				}
 				if err == nil {
 					b, err = redactedConfig(b)
 				}

@@ -12,6 +12,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/hatchery/hatchery/internal/atomicfile"
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/starthint"
 	"github.com/hatchery/hatchery/internal/tpmservice"
@@ -32,6 +33,7 @@ func printWarnings(ws []config.Warning) {
 
 func newConfigApplyCmd() *cobra.Command {
 	var file string
+	var noRestart bool
 	c := &cobra.Command{
 		Use:   "apply",
 		Short: "Check the configuration and (re)start the runtime with it",
@@ -52,17 +54,18 @@ func newConfigApplyCmd() *cobra.Command {
 			if err := checkDaemonAccess(cfg); err != nil {
 				return err
 			}
-			if abs, _ := filepath.Abs(file); abs != absPath(target) {
-				data, err := os.ReadFile(file)
-				if err != nil {
-					return err
-				}
-				if err := os.WriteFile(target, data, 0o600); err != nil {
-					return fmt.Errorf("installing %s as %s: %w", file, target, err)
-				}
+			for _, w := range exposedKeys(cfg) {
+				fmt.Fprintln(os.Stderr, "warning:", w)
 			}
-			if err := shareWithServices(target); err != nil {
+			data, err := os.ReadFile(file)
+			if err != nil {
 				return err
+			}
+			if err := installConfig(target, data, cfg, user.Lookup); err != nil {
+				return err
+			}
+			if noRestart {
+				return nil
 			}
 			if underSystemd() {
 				fmt.Println("Restarting the IoT Edge services...")
@@ -97,6 +100,7 @@ func newConfigApplyCmd() *cobra.Command {
 		},
 	}
 	c.Flags().StringVarP(&file, "config-file", "c", "", "the configuration to apply (default /etc/aziot/config.toml)")
+	c.Flags().BoolVar(&noRestart, "no-restart", false, "install the configuration for the services without (re)starting them")
 	return c
 }
 
@@ -170,25 +174,40 @@ func newConfigMPCmd() *cobra.Command {
 	return c
 }
 
-func absPath(p string) string {
-	a, err := filepath.Abs(p)
-	if err != nil {
-		return p
-	}
-	return a
+// tpmdConfigPath is where aziot-tpmd's settings go: tpmd/config.toml
+// beside config.toml, /etc/aziot/tpmd/config.toml as its unit reads it.
+func tpmdConfigPath(configPath string) string {
+	return filepath.Join(filepath.Dir(configPath), "tpmd", "config.toml")
 }
 
-// shareWithServices lets the runtime's services read the configuration:
-// they run as users of group iotedge; others may not read it, as it can
-// hold keys.
-func shareWithServices(path string) error {
-	g, err := user.LookupGroup("iotedge")
-	if err != nil { // no service accounts on this machine: root runs everything
-		return os.Chmod(path, 0o600)
+// installConfig makes data the configuration at target, and gives each
+// service what it reads of it. config.toml may hold the device's keys:
+// only root and the user iotedged runs as (root where that user does not
+// exist) may read it, never group iotedge, whose members (operators, and
+// aziot-tpmd's user) use the CLI and the TPM's public keys. aziot-tpmd
+// reads its settings, nothing secret, from a file of its own. Each file is
+// replaced, not rewritten, so that no one reads the new contents through
+// the old file, even one who opened it when it was readable to more.
+func installConfig(target string, data []byte, cfg *config.Config, lookup func(string) (*user.User, error)) error {
+	uid := 0
+	if u, err := lookup(serviceUser); err == nil {
+		if uid, err = strconv.Atoi(u.Uid); err != nil {
+			return fmt.Errorf("user %s: uid %q", serviceUser, u.Uid)
+		}
 	}
-	gid, _ := strconv.Atoi(g.Gid)
-	if err := os.Chown(path, 0, gid); err != nil {
-		return fmt.Errorf("giving %s to group iotedge: %w", path, err)
+	if err := atomicfile.WriteOwned(target, data, 0o600, uid, 0); err != nil {
+		return fmt.Errorf("installing %s: %w", target, err)
 	}
-	return os.Chmod(path, 0o640)
+	tpmd := tpmdConfigPath(target)
+	if err := os.MkdirAll(filepath.Dir(tpmd), 0o755); err != nil {
+		return err
+	}
+	// 0755 whatever root's umask: aziot-tpmd's user goes through it.
+	if err := os.Chmod(filepath.Dir(tpmd), 0o755); err != nil {
+		return err
+	}
+	if err := atomicfile.Write(tpmd, cfg.TPMDConfig(target), 0o644); err != nil {
+		return fmt.Errorf("writing aziot-tpmd's settings: %w", err)
+	}
+	return nil
 }

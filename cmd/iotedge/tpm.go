@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"strings"
 
@@ -13,6 +14,7 @@ import (
 	"github.com/hatchery/hatchery/internal/edge/config"
 	"github.com/hatchery/hatchery/internal/tpm"
 	"github.com/hatchery/hatchery/internal/tpmservice"
+	"github.com/pelletier/go-toml/v2"
 	"github.com/spf13/cobra"
 )
 
@@ -89,14 +91,26 @@ func readEK(tcti string) ([]byte, error) {
 	return dev.EndorsementKey()
 }
 
-// configTCTI is config.toml's [tpm] tcti; "" when config.toml does not
-// load (the caller falls back to the default device).
+// configTCTI is config.toml's [tpm] tcti or, for a user who may not read
+// config.toml, aziot-tpmd's copy of it; "" when neither loads (the caller
+// falls back to the default device).
 func configTCTI() string {
 	cfg, _, err := config.Load(configPath())
-	if err != nil {
+	if err == nil {
+		return cfg.TPM.TCTI
+	}
+	if !errors.Is(err, fs.ErrPermission) {
 		return ""
 	}
-	return cfg.TPM.TCTI
+	var tpmd struct {
+		TPM struct {
+			TCTI string `toml:"tcti"`
+		} `toml:"tpm"`
+	}
+	if b, err := os.ReadFile(tpmdConfigPath(configPath())); err == nil && toml.Unmarshal(b, &tpmd) == nil {
+		return tpmd.TPM.TCTI
+	}
+	return ""
 }
 
 // provisionInfo prints what an operator needs to enroll the device; the

@@ -12,12 +12,24 @@ import (
 // synced, for the rename itself to last. A write that fails leaves path as
 // it was and nothing beside it.
 func Write(path string, b []byte, perm os.FileMode) error {
+	return WriteOwned(path, b, perm, -1, -1)
+}
+
+// WriteOwned is Write of a file owned by uid and gid (-1 keeps the
+// writer's): owner and mode are set before b is written, so that no one
+// else ever reads b from it.
+func WriteOwned(path string, b []byte, perm os.FileMode, uid, gid int) error {
 	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".*.tmp")
 	if err != nil {
 		return err
 	}
 	defer os.Remove(f.Name()) // after a failure; gone after the rename
-	err = f.Chmod(perm)
+	if uid != -1 || gid != -1 {
+		err = f.Chown(uid, gid)
+	}
+	if err == nil {
+		err = f.Chmod(perm)
+	}
 	if err == nil {
 		_, err = f.Write(b)
 	}

@@ -48,16 +48,27 @@ func newDevice(t testing.TB, s *site) *device {
 // startServices starts the TPM service and the daemon, as the packaged
 // systemd units would; the daemon waits for a configuration.
 func (d *device) startServices() {
+	d.startTPMD("--tcti", d.tcti, "--config", d.configPath)
+	d.startDaemon()
+}
+
+// tpmdConfigPath is where `iotedge config apply` writes aziot-tpmd's
+// settings: beside config.toml, as /etc/aziot/tpmd/config.toml.
+func (d *device) tpmdConfigPath() string {
+	return filepath.Join(filepath.Dir(d.configPath), "tpmd", "config.toml")
+}
+
+// startTPMD starts aziot-tpmd with args and waits for its socket.
+func (d *device) startTPMD(args ...string) {
 	t := d.t
 	socket := filepath.Join(d.dir, "tpmd.sock")
-	d.tpmd = start(t, "aziot-tpmd", nil, bin(t, "aziot-tpmd"), "--tcti", d.tcti, "--socket", socket, "--config", d.configPath)
+	d.tpmd = start(t, "aziot-tpmd", nil, append([]string{bin(t, "aziot-tpmd"), "--socket", socket}, args...)...)
 	eventually(t, 10*time.Second, func() string {
 		if _, err := os.Stat(socket); err != nil {
 			return "aziot-tpmd has not created its socket"
 		}
 		return ""
 	})
-	d.startDaemon()
 }
 
 // hubTokenLifetime is the devices' hub token lifetime: a renewal every 9 s.

@@ -291,6 +291,7 @@ func TestSymmetricKeyAndManualProvisioning(t *testing.T) {
 registration_id = "sym-1"
 symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }`))
 	d.mustIotedge("config", "apply")
+	d.checkKeyKept(e.Attestation.SymmetricKey.PrimaryKey)
 	d.waitStatus("sym-1 on hub localhost, provisioned by dps/sas")
 	d.waitStatus("Hub:          connected")
 
@@ -306,8 +307,31 @@ symmetric_key = { value = "` + e.Attestation.SymmetricKey.PrimaryKey + `" }`))
 	mp, _ := os.ReadFile(d.configPath)
 	d.writeConfig(`trust_bundle_cert = "file://` + s.CA + "\"\n" + string(mp))
 	d.mustIotedge("config", "apply")
+	_, key, _ := strings.Cut(cs, "SharedAccessKey=")
+	d.checkKeyKept(key)
 	d.waitStatus("manual-1 on hub localhost, provisioned by manual/sas")
 	d.waitStatus("Hub:          connected")
+}
+
+// checkKeyKept checks that the applied config.toml, which holds key, is
+// for its owner alone, and that aziot-tpmd's settings, which do not, tell
+// it that this device does not use the TPM.
+func (d *device) checkKeyKept(key string) {
+	t := d.t
+	t.Helper()
+	if fi, err := os.Stat(d.configPath); err != nil {
+		t.Error(err)
+	} else if fi.Mode().Perm() != 0o600 {
+		t.Errorf("config.toml after config apply is %s, want 0600", fi.Mode().Perm())
+	}
+	b, err := os.ReadFile(d.tpmdConfigPath())
+	if err != nil || key == "" || strings.Contains(string(b), key) {
+		t.Fatalf("aziot-tpmd's settings (%v):\n%s", err, b)
+	}
+	out, err := run(t, nil, bin(t, "aziot-tpmd"), "--config", d.tpmdConfigPath(), "--socket", filepath.Join(d.dir, "unused.sock"))
+	if err != nil || !strings.Contains(out, "nothing to serve") {
+		t.Errorf("aziot-tpmd with the settings config apply wrote: %v\n%s", err, out)
+	}
 }
 
 // waitAgentStatus waits for the $edgeAgent twin's reported

@@ -44,11 +44,14 @@ func TestSeedFlow(t *testing.T) {
 	}
 
 	// 3. The runtime, config.toml from the template, `iotedge config apply`.
-	d.startServices()
+	// aziot-tpmd then starts as its packaged unit does: with the settings
+	// config apply wrote for it, as config.toml is not its to read.
+	d.startDaemon()
 	d.writeConfig(d.configFromTemplate(regID))
 	if out := d.mustIotedge("config", "apply"); !strings.Contains(out, "Done") {
 		t.Fatalf("config apply:\n%s", out)
 	}
+	d.startTPMD("--config", d.tpmdConfigPath())
 	eventually(t, 60*time.Second, func() string {
 		out, _ := d.iotedge("system", "status")
 		if !strings.Contains(out, "Hub:          connected") {

@@ -285,7 +285,8 @@ func Load(path string) (*Config, []Warning, error) {
 		}
 		return nil, nil, fmt.Errorf("%s does not exist: create it from the template with 'sudo cp %s %s', then edit it", path, template, path)
 	case errors.Is(err, fs.ErrPermission):
-		return nil, nil, fmt.Errorf("%s: permission denied: run as root (sudo)", path)
+		return nil, nil, fmt.Errorf("%s: %w: it may hold the device's keys, which only root and the runtime's service user may read: run as root (sudo)",
+			path, fs.ErrPermission)
 	case err != nil:
 		return nil, nil, err
 	}

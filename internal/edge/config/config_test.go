@@ -492,3 +492,41 @@ func FuzzParseLegacyYAML(f *testing.F) {
 		}
 	})
 }
+
+// aziot-tpmd's file holds its settings and whether the TPM is used, and
+// none of the device's keys.
+func TestTPMDConfig(t *testing.T) {
+	c, _, err := Parse("config.toml", []byte(`[provisioning]
+source = "dps"
+global_endpoint = "https://edge-lab"
+id_scope = "0ne5A1F09C2"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "sym-1"
+symmetric_key = { value = "c2VjcmV0a2V5MTIzNDU2Nzg=" }
+
+[tpm]
+tcti = "swtpm:host=127.0.0.1,port=2321"
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := `# aziot-tpmd's settings, from /etc/aziot/config.toml: change them there, then run sudo iotedge config apply
+
+# How the device gets its IoT hub identity
+[provisioning]
+source = "dps"
+
+[provisioning.attestation]
+method = "symmetric_key"
+
+# The TPM that holds the device's keys
+[tpm]
+tcti = "swtpm:host=127.0.0.1,port=2321"
+auth_key_index = 0x100
+`
+	if got := string(c.TPMDConfig("/etc/aziot/config.toml")); got != want {
+		t.Errorf("got:\n%s\nwant:\n%s", got, want)
+	}
+}

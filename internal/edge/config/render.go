@@ -23,6 +23,22 @@ func (c *Config) TOML() []byte {
 	return b.Bytes()
 }
 
+// TPMDConfig renders what aziot-tpmd reads of c, as a config.toml of its
+// own: the [tpm] table, and whether provisioning uses the TPM at all.
+// Nothing in it is secret, so that aziot-tpmd need not read config.toml,
+// which may hold the device's keys. source names the file it comes from.
+func (c *Config) TPMDConfig(source string) []byte {
+	var cut Config
+	cut.Provisioning.Source = c.Provisioning.Source
+	cut.Provisioning.Attestation.Method = c.Provisioning.Attestation.Method
+	cut.TPM = c.TPM
+	var b bytes.Buffer
+	fmt.Fprintf(&b, "# aziot-tpmd's settings, from %s: change them there, then run sudo iotedge config apply\n", source)
+	// Against an empty configuration, so that defaults are written too.
+	renderTable(&b, "", "", reflect.ValueOf(cut), reflect.ValueOf(Config{}))
+	return b.Bytes()
+}
+
 // Used is c without the settings Hatchery does not use (unused), which a
 // 1.1 config.yaml had to have: written into config.toml, they would be
 // warned of at every apply.
