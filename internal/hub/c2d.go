@@ -72,6 +72,11 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 		return nil, azerr.BadRequest("the message's properties take %d bytes URL-encoded: cloud-to-device properties may take at most %d "+
 			"(Azure IoT Hub limits a message to 64 KB with its properties): send fewer or shorter ones, or put them in the body", n, maxC2DProps)
 	}
+	// Sends to one device take turns on this replica, each seeing the
+	// queue as the one before left it.
+	lock := stripe(s.c2dLocks[:], device)
+	lock.Lock()
+	defer lock.Unlock()
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}
@@ -80,17 +85,36 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 		return nil, err
 	}
 	if len(pending) >= maxC2DQueue {
-		return nil, azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
-			"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
+		return nil, c2dQueueFull(device)
 	}
 	doc, _ := json.Marshal(m)
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
-	s.countC2D(ctx, device, len(pending)+1)
+	// Sends on other replicas may have queued meanwhile. Each reads the
+	// queue again once its message is in, so that of those that went over
+	// the limit the last to queue sees them all, and each takes its own
+	// message back.
+	queued, err := s.queuedC2D(ctx, device)
+	if err == nil && len(queued) > maxC2DQueue {
+		err = c2dQueueFull(device)
+	}
+	if err != nil {
+		if err := s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+			slog.Warn("taking back a cloud-to-device message the queue had no room for", "device", device, "error", err)
+		}
+		return nil, err
+	}
+	s.countC2D(ctx, device, len(queued))
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
+}
+
+// c2dQueueFull refuses a message to a device that has maxC2DQueue waiting.
+func c2dQueueFull(device string) error {
+	return azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
+		"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
 }
 
 // PropertyBag is m's properties with the hub's own ($.mid, $.to, $.exp),
@@ -161,30 +185,41 @@ func (s *Service) countC2D(ctx context.Context, device string, n int) {
 	}
 }
 
-// queuedC2D is PendingC2D without the count.
+// queuedC2D is PendingC2D without the count: every message, read a page
+// at a time.
 func (s *Service) queuedC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
-	docs, err := s.store.List(ctx, kindC2D, device+"/", maxC2DQueue+1)
-	if err != nil {
-		return nil, err
-	}
+	prefix := device + "/"
 	now := s.Now()
 	var out []*C2DMessage
-	for _, d := range docs {
-		if len(d.ID) <= len(device) || d.ID[:len(device)+1] != device+"/" {
-			break
-		}
-		m := &C2DMessage{}
-		if err := json.Unmarshal(d.Body, m); err != nil {
+	for after := prefix; ; {
+		docs, err := s.store.List(ctx, kindC2D, after, c2dPage)
+		if err != nil {
 			return nil, err
 		}
-		if now.After(m.Expiry) {
-			_ = s.store.Delete(ctx, kindC2D, d.ID, "")
-			continue
+		for _, d := range docs {
+			if !strings.HasPrefix(d.ID, prefix) {
+				return out, nil
+			}
+			m := &C2DMessage{}
+			if err := json.Unmarshal(d.Body, m); err != nil {
+				return nil, err
+			}
+			if now.After(m.Expiry) {
+				_ = s.store.Delete(ctx, kindC2D, d.ID, "")
+				continue
+			}
+			out = append(out, m)
 		}
-		out = append(out, m)
+		if len(docs) < c2dPage {
+			return out, nil
+		}
+		after = docs[len(docs)-1].ID
 	}
-	return out, nil
 }
+
+// c2dPage is how many messages queuedC2D reads at once: a full queue and
+// one more.
+const c2dPage = maxC2DQueue + 1
 
 // dropC2D removes a deleted device's queue: a device created again under
 // its ID must not receive what was sent to the old one. A failure is

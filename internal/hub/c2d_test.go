@@ -2,13 +2,18 @@ package hub
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // Over HTTPS a received message is locked: hidden from the next receive
@@ -203,5 +208,88 @@ func TestC2DPropertiesTooLarge(t *testing.T) {
 	// What was admitted fits the topic it is delivered in.
 	if err := mqtt.ValidateTopicName("devices/d1/messages/devicebound/" + m.PropertyBag("d1")); err != nil {
 		t.Fatalf("an admitted message's topic: %v", err)
+	}
+}
+
+// Concurrent sends to one device queue at most maxC2DQueue messages, on
+// one replica or several; each refused send is told the queue is full,
+// and takes nothing with it.
+func TestC2DQueueLimitConcurrent(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	other := openHub(t, s.store) // another replica, on the same database
+	for _, c := range []struct {
+		device   string
+		replicas []*Service
+	}{{"one", []*Service{s}}, {"two", []*Service{s, other}}} {
+		newIdentity(t, s, Ref{Device: c.device})
+		var wg sync.WaitGroup
+		var accepted atomic.Int32
+		for i := range 80 {
+			wg.Go(func() {
+				_, err := c.replicas[i%len(c.replicas)].SendC2D(ctx, c.device, nil, []byte("x"))
+				switch {
+				case err == nil:
+					accepted.Add(1)
+				case azerr.As(err).Code != 403004:
+					t.Errorf("send %d: %v, want 403004 when the queue is full", i, err)
+				}
+			})
+		}
+		wg.Wait()
+		msgs, err := s.PendingC2D(ctx, c.device)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := int(accepted.Load())
+		if len(msgs) != n || n > maxC2DQueue || len(c.replicas) == 1 && n != maxC2DQueue {
+			t.Errorf("%s replica(s): %d sends accepted, %d messages queued; the limit is %d", c.device, n, len(msgs), maxC2DQueue)
+		}
+	}
+}
+
+// queueOver stores n messages for device past SendC2D's limit, as a
+// queue filled before the limit held concurrent sends may hold them.
+func queueOver(t *testing.T, s *Service, device string, n int) {
+	t.Helper()
+	now := s.Now().UTC()
+	for i := range n {
+		m := C2DMessage{ID: fmt.Sprintf("%s/%020d", device, now.UnixNano()+int64(i)), MessageID: fmt.Sprint(i), Body: []byte("x"),
+			Enqueued: now, Expiry: now.Add(time.Hour)}
+		body, _ := json.Marshal(m)
+		if _, err := s.store.Create(context.Background(), store.Doc{Kind: kindC2D, ID: m.ID, Body: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Purging, and deleting the device, take every message of its queue,
+// however long it is.
+func TestC2DRemovalTakesWholeQueue(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	const many = 3*maxC2DQueue + 7
+	for _, d := range []string{"d", "d0", "e"} {
+		newIdentity(t, s, Ref{Device: d})
+	}
+	queueOver(t, s, "d", many)
+	queueOver(t, s, "d0", 1) // a device whose ID the first one's prefixes
+	if n, err := s.PurgeC2D(ctx, "d"); err != nil || n != many {
+		t.Fatalf("purged %d of %d: %v", n, many, err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+		t.Fatalf("%d left after the purge: %v", len(msgs), err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d0"); err != nil || len(msgs) != 1 {
+		t.Fatalf("d0 has %d waiting: %v", len(msgs), err)
+	}
+
+	queueOver(t, s, "e", many)
+	if err := s.DeleteIdentity(ctx, Ref{Device: "e"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	newIdentity(t, s, Ref{Device: "e"})
+	if msgs, err := s.PendingC2D(ctx, "e"); err != nil || len(msgs) != 0 {
+		t.Fatalf("the new e inherited %d messages: %v", len(msgs), err)
 	}
 }

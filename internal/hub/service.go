@@ -42,6 +42,7 @@ type Service struct {
 	methods   map[Ref]*MethodHandler // the connection answering each device's methods
 	twinLocks [64]sync.Mutex         // see twinLock
 	evalLocks [64]sync.Mutex         // see evaluate
+	c2dLocks  [64]sync.Mutex         // see SendC2D
 
 	relay  store.Relay              // to the other replicas; nil with SQLite
 	origin string                   // this replica's name on the relay
