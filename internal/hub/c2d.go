@@ -80,7 +80,7 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}
-	pending, err := s.queuedC2D(ctx, device)
+	pending, err := s.PendingC2D(ctx, device)
 	if err != nil {
 		return nil, err
 	}
@@ -91,21 +91,21 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
-	// Sends on other replicas may have queued meanwhile. Each reads the
+	// Sends on other replicas may have queued meanwhile. Each counts the
 	// queue again once its message is in, so that of those that went over
 	// the limit the last to queue sees them all, and each takes its own
 	// message back.
-	queued, err := s.queuedC2D(ctx, device)
-	if err == nil && len(queued) > maxC2DQueue {
+	n, err := s.recountC2D(ctx, device)
+	if err == nil && n > maxC2DQueue {
 		err = c2dQueueFull(device)
 	}
 	if err != nil {
 		if err := s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 			slog.Warn("taking back a cloud-to-device message the queue had no room for", "device", device, "error", err)
 		}
+		_, _ = s.recountC2D(ctx, device)
 		return nil, err
 	}
-	s.countC2D(ctx, device, len(queued))
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
@@ -160,58 +160,111 @@ func (s *Service) c2dArrivedHere(device string) {
 }
 
 // PendingC2D returns a device's unexpired messages, oldest first; expired
-// ones are dropped, and the device's cloudToDeviceMessageCount says how
-// many wait.
+// ones are dropped, and the device's cloudToDeviceMessageCount follows.
 func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
-	out, err := s.queuedC2D(ctx, device)
-	if err == nil {
-		s.countC2D(ctx, device, len(out))
+	out, dropped, err := s.queuedC2D(ctx, device)
+	if dropped {
+		_, _ = s.recountC2D(ctx, device)
 	}
 	return out, err
 }
 
-// countC2D records n as device's cloudToDeviceMessageCount, the messages
-// waiting for it, as the hosted hub shows them; it writes only a change.
-func (s *Service) countC2D(ctx context.Context, device string, n int) {
+// recountC2D records how many messages wait for device as its
+// cloudToDeviceMessageCount, as the hosted hub shows them, and returns
+// that number: every change of the queue is followed by one. It lists the
+// queue after reading the record, and writes on the version it read even
+// when the number is the same, so that of two recounts around a change,
+// on any replicas, the one that listed before the change cannot write
+// last without reading again. A failure is logged.
+func (s *Service) recountC2D(ctx context.Context, device string) (int, error) {
+	var msgs []*C2DMessage
 	_, err := s.update(ctx, Ref{Device: device}, func(rec *record) error {
-		if rec.Device.CloudToDeviceMessageCount == n {
-			return errUnchanged
-		}
-		rec.Device.CloudToDeviceMessageCount = n
-		return nil
+		var err error
+		msgs, _, err = s.queuedC2D(ctx, device)
+		rec.Device.CloudToDeviceMessageCount = len(msgs)
+		return err
 	})
-	if err != nil && !azerr.HasStatus(err, 404) {
-		slog.Debug("counting a device's cloud-to-device messages", "device", device, "error", err)
+	if err != nil {
+		if !azerr.HasStatus(err, 404) { // a deleted device has no queue to count
+			slog.Warn("counting a device's cloud-to-device messages", "device", device, "error", err)
+		}
+		return 0, err
 	}
+	s.recountAtExpiry(device, msgs)
+	return len(msgs), nil
+}
+
+// recountAtExpiry has device's queue counted again once the first of msgs
+// expires, as nothing else reads the queue of a device that stays away. A
+// replica keeps one timer a device, at the earliest expiry its counts saw:
+// counts may end out of order, and one more count costs less than one
+// missed.
+func (s *Service) recountAtExpiry(device string, msgs []*C2DMessage) {
+	var first time.Time
+	for _, m := range msgs {
+		if first.IsZero() || m.Expiry.Before(first) {
+			first = m.Expiry
+		}
+	}
+	if first.IsZero() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.c2dExpiry[device]
+	if old != nil && !old.at.After(first) {
+		return
+	}
+	if old != nil {
+		old.timer.Stop()
+	}
+	e := &expiryTimer{at: first}
+	e.timer = time.AfterFunc(first.Sub(s.Now()), func() {
+		s.mu.Lock()
+		if s.c2dExpiry[device] == e {
+			delete(s.c2dExpiry, device)
+		}
+		s.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, _ = s.recountC2D(ctx, device) // its listing drops what expired
+	})
+	s.c2dExpiry[device] = e
+}
+
+// expiryTimer is recountAtExpiry's timer of a device, and when it fires.
+type expiryTimer struct {
+	at    time.Time
+	timer *time.Timer
 }
 
 // queuedC2D is PendingC2D without the count: every message, read a page
-// at a time.
-func (s *Service) queuedC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
+// at a time; dropped says it dropped some.
+func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessage, dropped bool, err error) {
 	prefix := device + "/"
 	now := s.Now()
-	var out []*C2DMessage
 	for after := prefix; ; {
 		docs, err := s.store.List(ctx, kindC2D, after, c2dPage)
 		if err != nil {
-			return nil, err
+			return nil, dropped, err
 		}
 		for _, d := range docs {
 			if !strings.HasPrefix(d.ID, prefix) {
-				return out, nil
+				return out, dropped, nil
 			}
 			m := &C2DMessage{}
 			if err := json.Unmarshal(d.Body, m); err != nil {
-				return nil, err
+				return nil, dropped, err
 			}
 			if now.After(m.Expiry) {
 				_ = s.store.Delete(ctx, kindC2D, d.ID, "")
+				dropped = true
 				continue
 			}
 			out = append(out, m)
 		}
 		if len(docs) < c2dPage {
-			return out, nil
+			return out, dropped, nil
 		}
 		after = docs[len(docs)-1].ID
 	}
@@ -237,17 +290,14 @@ func (s *Service) PurgeC2D(ctx context.Context, device string) (int, error) {
 		return 0, err
 	}
 	n, err := s.removeC2D(ctx, device)
-	if err != nil {
-		return n, err
-	}
-	_, _ = s.PendingC2D(ctx, device) // counts what came meanwhile; the purge is done whatever this says
-	return n, nil
+	_, _ = s.recountC2D(ctx, device) // the purge is done, or done in part, whatever this says
+	return n, err
 }
 
 // removeC2D deletes device's queued messages and counts those it deleted
 // (one a device settled meanwhile is not counted).
 func (s *Service) removeC2D(ctx context.Context, device string) (int, error) {
-	msgs, err := s.queuedC2D(ctx, device)
+	msgs, _, err := s.queuedC2D(ctx, device)
 	if err != nil {
 		return 0, err
 	}
@@ -269,7 +319,7 @@ func (s *Service) CompleteC2D(ctx context.Context, id string) error {
 		return err
 	}
 	device, _, _ := strings.Cut(id, "/")
-	_, _ = s.PendingC2D(ctx, device) // counts what still waits; the message is gone whatever this says
+	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 
@@ -301,6 +351,7 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 		}
 		if m.DeliveryCount >= maxC2DDeliveries { // as the hosted hub dead-letters it
 			_ = s.store.Delete(ctx, kindC2D, m.ID, "")
+			_, _ = s.recountC2D(ctx, device)
 			continue
 		}
 		var rnd [8]byte
@@ -356,7 +407,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		}
 		return err
 	}
-	_, _ = s.PendingC2D(ctx, device) // counts what still waits
+	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 

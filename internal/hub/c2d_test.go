@@ -293,3 +293,95 @@ func TestC2DRemovalTakesWholeQueue(t *testing.T) {
 		t.Fatalf("the new e inherited %d messages: %v", len(msgs), err)
 	}
 }
+
+// A device's cloudToDeviceMessageCount is what its queue holds: after
+// sends and completions racing on two replicas, after a message is
+// dropped for having been delivered too often, and after one expires,
+// with no one reading the queue.
+func TestC2DCountIsTheQueue(t *testing.T) {
+	ctx := context.Background()
+	count := func(t *testing.T, s *Service) int {
+		t.Helper()
+		d, err := s.GetIdentity(ctx, Ref{Device: "d"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.CloudToDeviceMessageCount
+	}
+	t.Run("races", func(t *testing.T) {
+		s := sqliteHub(t)
+		replicas := []*Service{s, openHub(t, s.store)}
+		newIdentity(t, s, Ref{Device: "d"})
+		for round := range 5 { // a race goes one way or the other
+			var wg sync.WaitGroup
+			sent := make([]*C2DMessage, 40)
+			for i := range sent {
+				wg.Go(func() {
+					m, err := replicas[i%2].SendC2D(ctx, "d", nil, []byte("x"))
+					if err != nil {
+						t.Error(err)
+					}
+					sent[i] = m
+				})
+			}
+			wg.Wait()
+			if n := count(t, s); n != 40 {
+				t.Fatalf("round %d: 40 sent: count %d", round, n)
+			}
+			for i, m := range sent[:25] {
+				wg.Go(func() {
+					if err := replicas[i%2].CompleteC2D(ctx, m.ID); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if n := count(t, s); n != 15 {
+				t.Fatalf("round %d: 25 of 40 completed: count %d", round, n)
+			}
+			if _, err := s.PurgeC2D(ctx, "d"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	t.Run("dropped", func(t *testing.T) {
+		// Received over HTTPS and never settled: dropped at the next receive.
+		s := sqliteHub(t)
+		newIdentity(t, s, Ref{Device: "d"})
+		now := time.Now()
+		s.Now = func() time.Time { return now }
+		if _, err := s.SendC2D(ctx, "d", nil, []byte("never settled")); err != nil {
+			t.Fatal(err)
+		}
+		for i := range maxC2DDeliveries {
+			if m, _, err := s.ReceiveC2D(ctx, "d"); err != nil || m == nil {
+				t.Fatalf("receive %d: %v %v", i+1, m, err)
+			}
+			now = now.Add(2 * c2dLock)
+		}
+		if m, _, err := s.ReceiveC2D(ctx, "d"); err != nil || m != nil {
+			t.Fatalf("received %d times, then %v %v", maxC2DDeliveries, m, err)
+		}
+		if n := count(t, s); n != 0 {
+			t.Fatalf("the message dropped: count %d", n)
+		}
+	})
+	t.Run("expired", func(t *testing.T) {
+		s := sqliteHub(t)
+		newIdentity(t, s, Ref{Device: "d"})
+		exp := time.Now().Add(time.Second).UTC().Format(time.RFC3339Nano)
+		for _, props := range []map[string]string{{"$.exp": exp}, nil} {
+			if _, err := s.SendC2D(ctx, "d", props, []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := count(t, s); n != 2 {
+			t.Fatalf("2 sent: count %d", n)
+		}
+		for deadline := time.Now().Add(10 * time.Second); count(t, s) != 1; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("one of two messages expired: count %d", count(t, s))
+			}
+		}
+	})
+}
