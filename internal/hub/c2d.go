@@ -239,7 +239,7 @@ type expiryTimer struct {
 }
 
 // queuedC2D is PendingC2D without the count: every message, read a page
-// at a time; dropped says it dropped some.
+// at a time; dropped says it dropped some (deadC2D).
 func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessage, dropped bool, err error) {
 	prefix := device + "/"
 	now := s.Now()
@@ -256,7 +256,7 @@ func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessa
 			if err := json.Unmarshal(d.Body, m); err != nil {
 				return nil, dropped, err
 			}
-			if now.After(m.Expiry) {
+			if deadC2D(m, now) {
 				_ = s.store.Delete(ctx, kindC2D, d.ID, "")
 				dropped = true
 				continue
@@ -330,11 +330,43 @@ func (s *Service) WatchC2D(device string, f func()) (cancel func()) {
 
 // c2dLock is how long a message received over HTTPS stays hidden from the
 // next receive while its device works on it, and maxC2DDeliveries how often
-// it is received before it is dropped (the hosted hub's defaults).
+// it is delivered, over either, before it is dropped (the hosted hub's
+// defaults).
 const (
 	c2dLock          = time.Minute
 	maxC2DDeliveries = 10
 )
+
+// deadC2D says that m is to be dropped, as the hosted hub dead-letters a
+// message: it expired, or it was delivered maxC2DDeliveries times without
+// being completed, and no device works on it under a lock.
+func deadC2D(m *C2DMessage, now time.Time) bool {
+	return now.After(m.Expiry) || m.DeliveryCount >= maxC2DDeliveries && !now.Before(m.LockedUntil)
+}
+
+// countDelivery counts a delivery of the message of store ID id, on the
+// version stored, after deliver changes it (refusing with an error).
+func (s *Service) countDelivery(ctx context.Context, id string, deliver func(*C2DMessage) error) (*C2DMessage, error) {
+	load := func() (*C2DMessage, string, error) { return s.loadC2D(ctx, id) }
+	return modify(ctx, s.store, kindC2D, id, "cloud-to-device message "+id, load, func(m *C2DMessage) error {
+		if err := deliver(m); err != nil {
+			return err
+		}
+		m.DeliveryCount++
+		return nil
+	})
+}
+
+// DeliveredC2D counts a delivery over MQTT (a PUBLISH sent) of the message
+// of store ID id; one its device never acknowledges is dropped after
+// maxC2DDeliveries. A message acknowledged meanwhile is no error.
+func (s *Service) DeliveredC2D(ctx context.Context, id string) error {
+	_, err := s.countDelivery(ctx, id, func(*C2DMessage) error { return nil })
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	return err
+}
 
 // ReceiveC2D locks the oldest message of device that is not locked and
 // returns it with its lock token, as the HTTPS device API receives: nil
@@ -349,23 +381,23 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 		if now.Before(m.LockedUntil) {
 			continue
 		}
-		if m.DeliveryCount >= maxC2DDeliveries { // as the hosted hub dead-letters it
-			_ = s.store.Delete(ctx, kindC2D, m.ID, "")
-			_, _ = s.recountC2D(ctx, device)
-			continue
-		}
 		var rnd [8]byte
 		_, _ = rand.Read(rnd[:])
-		m.LockToken, m.LockedUntil, m.DeliveryCount = hex.EncodeToString(rnd[:]), now.Add(c2dLock), m.DeliveryCount+1
-		err := s.putC2D(ctx, m, func(stored *C2DMessage) bool { return !now.Before(stored.LockedUntil) })
+		got, err := s.countDelivery(ctx, m.ID, func(stored *C2DMessage) error {
+			if now.Before(stored.LockedUntil) || deadC2D(stored, now) {
+				return errC2DTaken
+			}
+			stored.LockToken, stored.LockedUntil = hex.EncodeToString(rnd[:]), now.Add(c2dLock)
+			return nil
+		})
 		switch {
-		case errors.Is(err, errC2DTaken):
-			continue // received meanwhile by another request
+		case errors.Is(err, errC2DTaken), errors.Is(err, store.ErrNotFound):
+			continue // received, settled or delivered for the last time meanwhile
 		case err != nil:
 			return nil, "", err
 		}
 		s.noteActivity(ctx, device)
-		return m, strings.TrimPrefix(m.ID, device+"/") + "." + m.LockToken, nil
+		return got, strings.TrimPrefix(got.ID, device+"/") + "." + got.LockToken, nil
 	}
 	return nil, "", nil
 }
@@ -425,21 +457,6 @@ func (s *Service) loadC2D(ctx context.Context, id string) (*C2DMessage, string, 
 		return nil, "", err
 	}
 	return m, d.ETag, nil
-}
-
-// putC2D writes m over the stored message if, as stored, it still passes ok.
-func (s *Service) putC2D(ctx context.Context, m *C2DMessage, ok func(stored *C2DMessage) bool) error {
-	stored, etag, err := s.loadC2D(ctx, m.ID)
-	if errors.Is(err, store.ErrNotFound) {
-		return errC2DTaken
-	}
-	if err != nil {
-		return err
-	}
-	if !ok(stored) {
-		return errC2DTaken
-	}
-	return s.writeC2D(ctx, m, etag)
 }
 
 // writeC2D writes m over the stored message if it is still the version

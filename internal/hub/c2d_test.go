@@ -385,3 +385,34 @@ func TestC2DCountIsTheQueue(t *testing.T) {
 		}
 	})
 }
+
+// Deliveries over MQTT and HTTPS count alike toward the message's last.
+func TestC2DDeliveriesOverBothTransports(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	now := time.Now()
+	s.Now = func() time.Time { return now }
+	newIdentity(t, s, Ref{Device: "d"})
+	m, err := s.SendC2D(ctx, "d", nil, []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range maxC2DDeliveries - 1 {
+		if err := s.DeliveredC2D(ctx, m.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, _, err := s.ReceiveC2D(ctx, "d"); err != nil || got == nil || got.DeliveryCount != maxC2DDeliveries {
+		t.Fatalf("the last delivery, over HTTPS: %+v %v", got, err)
+	}
+	now = now.Add(2 * c2dLock)
+	if got, _, err := s.ReceiveC2D(ctx, "d"); err != nil || got != nil {
+		t.Fatalf("received after %d deliveries: %+v %v", maxC2DDeliveries, got, err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+		t.Fatalf("%d still waiting: %v", len(msgs), err)
+	}
+	if err := s.DeliveredC2D(ctx, m.ID); err != nil {
+		t.Fatalf("counting a delivery of a message gone: %v", err)
+	}
+}
