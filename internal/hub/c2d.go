@@ -72,25 +72,49 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 		return nil, azerr.BadRequest("the message's properties take %d bytes URL-encoded: cloud-to-device properties may take at most %d "+
 			"(Azure IoT Hub limits a message to 64 KB with its properties): send fewer or shorter ones, or put them in the body", n, maxC2DProps)
 	}
+	// Sends to one device take turns on this replica, each seeing the
+	// queue as the one before left it.
+	lock := stripe(s.c2dLocks[:], device)
+	lock.Lock()
+	defer lock.Unlock()
 	if _, _, err := s.load(ctx, Ref{Device: device}); err != nil {
 		return nil, err
 	}
-	pending, err := s.queuedC2D(ctx, device)
+	pending, err := s.PendingC2D(ctx, device)
 	if err != nil {
 		return nil, err
 	}
 	if len(pending) >= maxC2DQueue {
-		return nil, azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
-			"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
+		return nil, c2dQueueFull(device)
 	}
 	doc, _ := json.Marshal(m)
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
-	s.countC2D(ctx, device, len(pending)+1)
+	// Sends on other replicas may have queued meanwhile. Each counts the
+	// queue again once its message is in, so that of those that went over
+	// the limit the last to queue sees them all, and each takes its own
+	// message back.
+	n, err := s.recountC2D(ctx, device)
+	if err == nil && n > maxC2DQueue {
+		err = c2dQueueFull(device)
+	}
+	if err != nil {
+		if err := s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+			slog.Warn("taking back a cloud-to-device message the queue had no room for", "device", device, "error", err)
+		}
+		_, _ = s.recountC2D(ctx, device)
+		return nil, err
+	}
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
+}
+
+// c2dQueueFull refuses a message to a device that has maxC2DQueue waiting.
+func c2dQueueFull(device string) error {
+	return azerr.New(403004, "DeviceMaximumQueueDepthExceeded",
+		"device %q already has %d cloud-to-device messages waiting: it must receive some first", device, maxC2DQueue)
 }
 
 // PropertyBag is m's properties with the hub's own ($.mid, $.to, $.exp),
@@ -136,55 +160,119 @@ func (s *Service) c2dArrivedHere(device string) {
 }
 
 // PendingC2D returns a device's unexpired messages, oldest first; expired
-// ones are dropped, and the device's cloudToDeviceMessageCount says how
-// many wait.
+// ones are dropped, and the device's cloudToDeviceMessageCount follows.
 func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
-	out, err := s.queuedC2D(ctx, device)
-	if err == nil {
-		s.countC2D(ctx, device, len(out))
+	out, dropped, err := s.queuedC2D(ctx, device)
+	if dropped {
+		_, _ = s.recountC2D(ctx, device)
 	}
 	return out, err
 }
 
-// countC2D records n as device's cloudToDeviceMessageCount, the messages
-// waiting for it, as the hosted hub shows them; it writes only a change.
-func (s *Service) countC2D(ctx context.Context, device string, n int) {
+// recountC2D records how many messages wait for device as its
+// cloudToDeviceMessageCount, as the hosted hub shows them, and returns
+// that number: every change of the queue is followed by one. It lists the
+// queue after reading the record, and writes on the version it read even
+// when the number is the same, so that of two recounts around a change,
+// on any replicas, the one that listed before the change cannot write
+// last without reading again. A failure is logged.
+func (s *Service) recountC2D(ctx context.Context, device string) (int, error) {
+	var msgs []*C2DMessage
 	_, err := s.update(ctx, Ref{Device: device}, func(rec *record) error {
-		if rec.Device.CloudToDeviceMessageCount == n {
-			return errUnchanged
-		}
-		rec.Device.CloudToDeviceMessageCount = n
-		return nil
+		var err error
+		msgs, _, err = s.queuedC2D(ctx, device)
+		rec.Device.CloudToDeviceMessageCount = len(msgs)
+		return err
 	})
-	if err != nil && !azerr.HasStatus(err, 404) {
-		slog.Debug("counting a device's cloud-to-device messages", "device", device, "error", err)
+	if err != nil {
+		if !azerr.HasStatus(err, 404) { // a deleted device has no queue to count
+			slog.Warn("counting a device's cloud-to-device messages", "device", device, "error", err)
+		}
+		return 0, err
+	}
+	s.recountAtExpiry(device, msgs)
+	return len(msgs), nil
+}
+
+// recountAtExpiry has device's queue counted again once the first of msgs
+// expires, as nothing else reads the queue of a device that stays away. A
+// replica keeps one timer a device, at the earliest expiry its counts saw:
+// counts may end out of order, and one more count costs less than one
+// missed.
+func (s *Service) recountAtExpiry(device string, msgs []*C2DMessage) {
+	var first time.Time
+	for _, m := range msgs {
+		if first.IsZero() || m.Expiry.Before(first) {
+			first = m.Expiry
+		}
+	}
+	if first.IsZero() {
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.c2dExpiry[device]
+	if old != nil && !old.at.After(first) {
+		return
+	}
+	if old != nil {
+		old.timer.Stop()
+	}
+	e := &expiryTimer{at: first}
+	e.timer = time.AfterFunc(first.Sub(s.Now()), func() {
+		s.mu.Lock()
+		if s.c2dExpiry[device] == e {
+			delete(s.c2dExpiry, device)
+		}
+		s.mu.Unlock()
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		_, _ = s.recountC2D(ctx, device) // its listing drops what expired
+	})
+	s.c2dExpiry[device] = e
+}
+
+// expiryTimer is recountAtExpiry's timer of a device, and when it fires.
+type expiryTimer struct {
+	at    time.Time
+	timer *time.Timer
+}
+
+// queuedC2D is PendingC2D without the count: every message, read a page
+// at a time; dropped says it dropped some (deadC2D).
+func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessage, dropped bool, err error) {
+	prefix := device + "/"
+	now := s.Now()
+	for after := prefix; ; {
+		docs, err := s.store.List(ctx, kindC2D, after, c2dPage)
+		if err != nil {
+			return nil, dropped, err
+		}
+		for _, d := range docs {
+			if !strings.HasPrefix(d.ID, prefix) {
+				return out, dropped, nil
+			}
+			m := &C2DMessage{}
+			if err := json.Unmarshal(d.Body, m); err != nil {
+				return nil, dropped, err
+			}
+			if deadC2D(m, now) {
+				_ = s.store.Delete(ctx, kindC2D, d.ID, "")
+				dropped = true
+				continue
+			}
+			out = append(out, m)
+		}
+		if len(docs) < c2dPage {
+			return out, dropped, nil
+		}
+		after = docs[len(docs)-1].ID
 	}
 }
 
-// queuedC2D is PendingC2D without the count.
-func (s *Service) queuedC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
-	docs, err := s.store.List(ctx, kindC2D, device+"/", maxC2DQueue+1)
-	if err != nil {
-		return nil, err
-	}
-	now := s.Now()
-	var out []*C2DMessage
-	for _, d := range docs {
-		if len(d.ID) <= len(device) || d.ID[:len(device)+1] != device+"/" {
-			break
-		}
-		m := &C2DMessage{}
-		if err := json.Unmarshal(d.Body, m); err != nil {
-			return nil, err
-		}
-		if now.After(m.Expiry) {
-			_ = s.store.Delete(ctx, kindC2D, d.ID, "")
-			continue
-		}
-		out = append(out, m)
-	}
-	return out, nil
-}
+// c2dPage is how many messages queuedC2D reads at once: a full queue and
+// one more.
+const c2dPage = maxC2DQueue + 1
 
 // dropC2D removes a deleted device's queue: a device created again under
 // its ID must not receive what was sent to the old one. A failure is
@@ -202,17 +290,14 @@ func (s *Service) PurgeC2D(ctx context.Context, device string) (int, error) {
 		return 0, err
 	}
 	n, err := s.removeC2D(ctx, device)
-	if err != nil {
-		return n, err
-	}
-	_, _ = s.PendingC2D(ctx, device) // counts what came meanwhile; the purge is done whatever this says
-	return n, nil
+	_, _ = s.recountC2D(ctx, device) // the purge is done, or done in part, whatever this says
+	return n, err
 }
 
 // removeC2D deletes device's queued messages and counts those it deleted
 // (one a device settled meanwhile is not counted).
 func (s *Service) removeC2D(ctx context.Context, device string) (int, error) {
-	msgs, err := s.queuedC2D(ctx, device)
+	msgs, _, err := s.queuedC2D(ctx, device)
 	if err != nil {
 		return 0, err
 	}
@@ -234,7 +319,7 @@ func (s *Service) CompleteC2D(ctx context.Context, id string) error {
 		return err
 	}
 	device, _, _ := strings.Cut(id, "/")
-	_, _ = s.PendingC2D(ctx, device) // counts what still waits; the message is gone whatever this says
+	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 
@@ -245,11 +330,43 @@ func (s *Service) WatchC2D(device string, f func()) (cancel func()) {
 
 // c2dLock is how long a message received over HTTPS stays hidden from the
 // next receive while its device works on it, and maxC2DDeliveries how often
-// it is received before it is dropped (the hosted hub's defaults).
+// it is delivered, over either, before it is dropped (the hosted hub's
+// defaults).
 const (
 	c2dLock          = time.Minute
 	maxC2DDeliveries = 10
 )
+
+// deadC2D says that m is to be dropped, as the hosted hub dead-letters a
+// message: it expired, or it was delivered maxC2DDeliveries times without
+// being completed, and no device works on it under a lock.
+func deadC2D(m *C2DMessage, now time.Time) bool {
+	return now.After(m.Expiry) || m.DeliveryCount >= maxC2DDeliveries && !now.Before(m.LockedUntil)
+}
+
+// countDelivery counts a delivery of the message of store ID id, on the
+// version stored, after deliver changes it (refusing with an error).
+func (s *Service) countDelivery(ctx context.Context, id string, deliver func(*C2DMessage) error) (*C2DMessage, error) {
+	load := func() (*C2DMessage, string, error) { return s.loadC2D(ctx, id) }
+	return modify(ctx, s.store, kindC2D, id, "cloud-to-device message "+id, load, func(m *C2DMessage) error {
+		if err := deliver(m); err != nil {
+			return err
+		}
+		m.DeliveryCount++
+		return nil
+	})
+}
+
+// DeliveredC2D counts a delivery over MQTT (a PUBLISH sent) of the message
+// of store ID id; one its device never acknowledges is dropped after
+// maxC2DDeliveries. A message acknowledged meanwhile is no error.
+func (s *Service) DeliveredC2D(ctx context.Context, id string) error {
+	_, err := s.countDelivery(ctx, id, func(*C2DMessage) error { return nil })
+	if errors.Is(err, store.ErrNotFound) {
+		return nil
+	}
+	return err
+}
 
 // ReceiveC2D locks the oldest message of device that is not locked and
 // returns it with its lock token, as the HTTPS device API receives: nil
@@ -264,22 +381,23 @@ func (s *Service) ReceiveC2D(ctx context.Context, device string) (*C2DMessage, s
 		if now.Before(m.LockedUntil) {
 			continue
 		}
-		if m.DeliveryCount >= maxC2DDeliveries { // as the hosted hub dead-letters it
-			_ = s.store.Delete(ctx, kindC2D, m.ID, "")
-			continue
-		}
 		var rnd [8]byte
 		_, _ = rand.Read(rnd[:])
-		m.LockToken, m.LockedUntil, m.DeliveryCount = hex.EncodeToString(rnd[:]), now.Add(c2dLock), m.DeliveryCount+1
-		err := s.putC2D(ctx, m, func(stored *C2DMessage) bool { return !now.Before(stored.LockedUntil) })
+		got, err := s.countDelivery(ctx, m.ID, func(stored *C2DMessage) error {
+			if now.Before(stored.LockedUntil) || deadC2D(stored, now) {
+				return errC2DTaken
+			}
+			stored.LockToken, stored.LockedUntil = hex.EncodeToString(rnd[:]), now.Add(c2dLock)
+			return nil
+		})
 		switch {
-		case errors.Is(err, errC2DTaken):
-			continue // received meanwhile by another request
+		case errors.Is(err, errC2DTaken), errors.Is(err, store.ErrNotFound):
+			continue // received, settled or delivered for the last time meanwhile
 		case err != nil:
 			return nil, "", err
 		}
 		s.noteActivity(ctx, device)
-		return m, strings.TrimPrefix(m.ID, device+"/") + "." + m.LockToken, nil
+		return got, strings.TrimPrefix(got.ID, device+"/") + "." + got.LockToken, nil
 	}
 	return nil, "", nil
 }
@@ -321,7 +439,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		}
 		return err
 	}
-	_, _ = s.PendingC2D(ctx, device) // counts what still waits
+	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 
@@ -339,21 +457,6 @@ func (s *Service) loadC2D(ctx context.Context, id string) (*C2DMessage, string, 
 		return nil, "", err
 	}
 	return m, d.ETag, nil
-}
-
-// putC2D writes m over the stored message if, as stored, it still passes ok.
-func (s *Service) putC2D(ctx context.Context, m *C2DMessage, ok func(stored *C2DMessage) bool) error {
-	stored, etag, err := s.loadC2D(ctx, m.ID)
-	if errors.Is(err, store.ErrNotFound) {
-		return errC2DTaken
-	}
-	if err != nil {
-		return err
-	}
-	if !ok(stored) {
-		return errC2DTaken
-	}
-	return s.writeC2D(ctx, m, etag)
 }
 
 // writeC2D writes m over the stored message if it is still the version

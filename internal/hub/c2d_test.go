@@ -2,13 +2,18 @@ package hub
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/mqtt"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
 // Over HTTPS a received message is locked: hidden from the next receive
@@ -203,5 +208,211 @@ func TestC2DPropertiesTooLarge(t *testing.T) {
 	// What was admitted fits the topic it is delivered in.
 	if err := mqtt.ValidateTopicName("devices/d1/messages/devicebound/" + m.PropertyBag("d1")); err != nil {
 		t.Fatalf("an admitted message's topic: %v", err)
+	}
+}
+
+// Concurrent sends to one device queue at most maxC2DQueue messages, on
+// one replica or several; each refused send is told the queue is full,
+// and takes nothing with it.
+func TestC2DQueueLimitConcurrent(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	other := openHub(t, s.store) // another replica, on the same database
+	for _, c := range []struct {
+		device   string
+		replicas []*Service
+	}{{"one", []*Service{s}}, {"two", []*Service{s, other}}} {
+		newIdentity(t, s, Ref{Device: c.device})
+		var wg sync.WaitGroup
+		var accepted atomic.Int32
+		for i := range 80 {
+			wg.Go(func() {
+				_, err := c.replicas[i%len(c.replicas)].SendC2D(ctx, c.device, nil, []byte("x"))
+				switch {
+				case err == nil:
+					accepted.Add(1)
+				case azerr.As(err).Code != 403004:
+					t.Errorf("send %d: %v, want 403004 when the queue is full", i, err)
+				}
+			})
+		}
+		wg.Wait()
+		msgs, err := s.PendingC2D(ctx, c.device)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n := int(accepted.Load())
+		if len(msgs) != n || n > maxC2DQueue || len(c.replicas) == 1 && n != maxC2DQueue {
+			t.Errorf("%s replica(s): %d sends accepted, %d messages queued; the limit is %d", c.device, n, len(msgs), maxC2DQueue)
+		}
+	}
+}
+
+// queueOver stores n messages for device past SendC2D's limit, as a
+// queue filled before the limit held concurrent sends may hold them.
+func queueOver(t *testing.T, s *Service, device string, n int) {
+	t.Helper()
+	now := s.Now().UTC()
+	for i := range n {
+		m := C2DMessage{ID: fmt.Sprintf("%s/%020d", device, now.UnixNano()+int64(i)), MessageID: fmt.Sprint(i), Body: []byte("x"),
+			Enqueued: now, Expiry: now.Add(time.Hour)}
+		body, _ := json.Marshal(m)
+		if _, err := s.store.Create(context.Background(), store.Doc{Kind: kindC2D, ID: m.ID, Body: body}); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// Purging, and deleting the device, take every message of its queue,
+// however long it is.
+func TestC2DRemovalTakesWholeQueue(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	const many = 3*maxC2DQueue + 7
+	for _, d := range []string{"d", "d0", "e"} {
+		newIdentity(t, s, Ref{Device: d})
+	}
+	queueOver(t, s, "d", many)
+	queueOver(t, s, "d0", 1) // a device whose ID the first one's prefixes
+	if n, err := s.PurgeC2D(ctx, "d"); err != nil || n != many {
+		t.Fatalf("purged %d of %d: %v", n, many, err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+		t.Fatalf("%d left after the purge: %v", len(msgs), err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d0"); err != nil || len(msgs) != 1 {
+		t.Fatalf("d0 has %d waiting: %v", len(msgs), err)
+	}
+
+	queueOver(t, s, "e", many)
+	if err := s.DeleteIdentity(ctx, Ref{Device: "e"}, ""); err != nil {
+		t.Fatal(err)
+	}
+	newIdentity(t, s, Ref{Device: "e"})
+	if msgs, err := s.PendingC2D(ctx, "e"); err != nil || len(msgs) != 0 {
+		t.Fatalf("the new e inherited %d messages: %v", len(msgs), err)
+	}
+}
+
+// A device's cloudToDeviceMessageCount is what its queue holds: after
+// sends and completions racing on two replicas, after a message is
+// dropped for having been delivered too often, and after one expires,
+// with no one reading the queue.
+func TestC2DCountIsTheQueue(t *testing.T) {
+	ctx := context.Background()
+	count := func(t *testing.T, s *Service) int {
+		t.Helper()
+		d, err := s.GetIdentity(ctx, Ref{Device: "d"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d.CloudToDeviceMessageCount
+	}
+	t.Run("races", func(t *testing.T) {
+		s := sqliteHub(t)
+		replicas := []*Service{s, openHub(t, s.store)}
+		newIdentity(t, s, Ref{Device: "d"})
+		for round := range 5 { // a race goes one way or the other
+			var wg sync.WaitGroup
+			sent := make([]*C2DMessage, 40)
+			for i := range sent {
+				wg.Go(func() {
+					m, err := replicas[i%2].SendC2D(ctx, "d", nil, []byte("x"))
+					if err != nil {
+						t.Error(err)
+					}
+					sent[i] = m
+				})
+			}
+			wg.Wait()
+			if n := count(t, s); n != 40 {
+				t.Fatalf("round %d: 40 sent: count %d", round, n)
+			}
+			for i, m := range sent[:25] {
+				wg.Go(func() {
+					if err := replicas[i%2].CompleteC2D(ctx, m.ID); err != nil {
+						t.Error(err)
+					}
+				})
+			}
+			wg.Wait()
+			if n := count(t, s); n != 15 {
+				t.Fatalf("round %d: 25 of 40 completed: count %d", round, n)
+			}
+			if _, err := s.PurgeC2D(ctx, "d"); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
+	t.Run("dropped", func(t *testing.T) {
+		// Received over HTTPS and never settled: dropped at the next receive.
+		s := sqliteHub(t)
+		newIdentity(t, s, Ref{Device: "d"})
+		now := time.Now()
+		s.Now = func() time.Time { return now }
+		if _, err := s.SendC2D(ctx, "d", nil, []byte("never settled")); err != nil {
+			t.Fatal(err)
+		}
+		for i := range maxC2DDeliveries {
+			if m, _, err := s.ReceiveC2D(ctx, "d"); err != nil || m == nil {
+				t.Fatalf("receive %d: %v %v", i+1, m, err)
+			}
+			now = now.Add(2 * c2dLock)
+		}
+		if m, _, err := s.ReceiveC2D(ctx, "d"); err != nil || m != nil {
+			t.Fatalf("received %d times, then %v %v", maxC2DDeliveries, m, err)
+		}
+		if n := count(t, s); n != 0 {
+			t.Fatalf("the message dropped: count %d", n)
+		}
+	})
+	t.Run("expired", func(t *testing.T) {
+		s := sqliteHub(t)
+		newIdentity(t, s, Ref{Device: "d"})
+		exp := time.Now().Add(time.Second).UTC().Format(time.RFC3339Nano)
+		for _, props := range []map[string]string{{"$.exp": exp}, nil} {
+			if _, err := s.SendC2D(ctx, "d", props, []byte("x")); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if n := count(t, s); n != 2 {
+			t.Fatalf("2 sent: count %d", n)
+		}
+		for deadline := time.Now().Add(10 * time.Second); count(t, s) != 1; time.Sleep(50 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("one of two messages expired: count %d", count(t, s))
+			}
+		}
+	})
+}
+
+// Deliveries over MQTT and HTTPS count alike toward the message's last.
+func TestC2DDeliveriesOverBothTransports(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	now := time.Now()
+	s.Now = func() time.Time { return now }
+	newIdentity(t, s, Ref{Device: "d"})
+	m, err := s.SendC2D(ctx, "d", nil, []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for range maxC2DDeliveries - 1 {
+		if err := s.DeliveredC2D(ctx, m.ID); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got, _, err := s.ReceiveC2D(ctx, "d"); err != nil || got == nil || got.DeliveryCount != maxC2DDeliveries {
+		t.Fatalf("the last delivery, over HTTPS: %+v %v", got, err)
+	}
+	now = now.Add(2 * c2dLock)
+	if got, _, err := s.ReceiveC2D(ctx, "d"); err != nil || got != nil {
+		t.Fatalf("received after %d deliveries: %+v %v", maxC2DDeliveries, got, err)
+	}
+	if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+		t.Fatalf("%d still waiting: %v", len(msgs), err)
+	}
+	if err := s.DeliveredC2D(ctx, m.ID); err != nil {
+		t.Fatalf("counting a delivery of a message gone: %v", err)
 	}
 }

@@ -39,9 +39,11 @@ type Service struct {
 	jobsWake        chan struct{}                 // RunJobs looks for jobs at once
 
 	mu        sync.Mutex
-	methods   map[Ref]*MethodHandler // the connection answering each device's methods
-	twinLocks [64]sync.Mutex         // see twinLock
-	evalLocks [64]sync.Mutex         // see evaluate
+	methods   map[Ref]*MethodHandler  // the connection answering each device's methods
+	twinLocks [64]sync.Mutex          // see twinLock
+	evalLocks [64]sync.Mutex          // see evaluate
+	c2dLocks  [64]sync.Mutex          // see SendC2D
+	c2dExpiry map[string]*expiryTimer // see recountAtExpiry (mu)
 
 	relay  store.Relay              // to the other replicas; nil with SQLite
 	origin string                   // this replica's name on the relay
@@ -65,7 +67,7 @@ func (s *Service) Ready(ctx context.Context) error {
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
-		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32,
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32, c2dExpiry: map[string]*expiryTimer{},
 		configurationSweep: configurationSweep}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {

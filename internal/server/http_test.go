@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -143,6 +144,70 @@ func TestDeviceEventBatch(t *testing.T) {
 	if len(evs) != 3 || string(evs[0].Body) != "a" || evs[0].Properties["k"] != "1" || string(evs[1].Body) != "b" ||
 		evs[2].Properties["$.mid"] != "m-3" || evs[2].Properties["k"] != "3" || evs[2].Properties["MyKey"] != "kept" {
 		t.Fatalf("events %+v", evs)
+	}
+}
+
+// A Plug and Play component's telemetry says its component, and an
+// interface ID its interface, in the same system properties whichever
+// transport carried it, as the event stream (hatchery events tail) shows:
+// over MQTT in the topic ($.sub, $.ifid), over HTTPS in headers the Node
+// SDK sends without the iothub-app- prefix (dt-subject) or with the hub's
+// own (iothub-interface-id), alone or in a batch.
+func TestTelemetrySubject(t *testing.T) {
+	e := newEnv(t)
+	_, d, c := e.mqttDevice("d1")
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	tok := sas.Build(key, host+"/devices/d1", "", time.Now().Add(time.Minute))
+	post := func(body string, header http.Header) {
+		t.Helper()
+		req, _ := http.NewRequest("POST", e.ts.URL+"/devices/d1/messages/events?api-version=2020-09-30", strings.NewReader(body))
+		req.Header = header
+		req.Header.Set("Authorization", tok)
+		resp, err := e.ts.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 204 {
+			t.Fatalf("%s: HTTP %d", body, resp.StatusCode)
+		}
+	}
+	post(`{"https":1}`, http.Header{"Dt-Subject": {"thermostat1"}, "Iothub-Interface-Id": {"urn:i"}, "Iothub-App-K": {"v"}})
+	post(`[{"body":"e30=","properties":{"dt-subject":"thermostat1","iothub-interface-id":"urn:i","iothub-app-k":"v"}}]`,
+		http.Header{"Content-Type": {"application/vnd.microsoft.iothub.json"}})
+	if err := c.Publish("devices/d1/messages/events/%24.ifid=urn%3Ai&k=v&%24.sub=thermostat1", []byte(`{"mqtt":1}`)); err != nil {
+		t.Fatal(err)
+	}
+	var events []map[string]any
+	for deadline := time.Now().Add(10 * time.Second); len(events) < 3; time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d events in the stream, want 3", len(events))
+		}
+		body, err := e.hubAPI.Stream(ctx, "/events?device=d1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		events = nil
+		for sc := bufio.NewScanner(body); sc.Scan(); {
+			var ev map[string]any
+			if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
+				t.Fatalf("event %s: %v", sc.Text(), err)
+			}
+			events = append(events, ev)
+		}
+		body.Close()
+	}
+	want := map[string]any{"$.sub": "thermostat1", "$.ifid": "urn:i", "k": "v"}
+	for _, ev := range events {
+		props, _ := ev["properties"].(map[string]any)
+		for k, v := range want {
+			if props[k] != v {
+				t.Errorf("event %v: property %s is %v, want %v", ev["body"], k, props[k], v)
+			}
+		}
+		if _, ok := props["dt-subject"]; ok {
+			t.Errorf("event %v: dt-subject kept as an application property", ev["body"])
+		}
 	}
 }
 

@@ -267,9 +267,12 @@ func (a *api) deviceEventBatch(w http.ResponseWriter, r *http.Request, id hub.Re
 
 // systemProperties are the system properties of a message that HTTPS
 // carries as headers (and a batch among a message's properties), by the
-// names a message keeps them under, as the MQTT topic gives them.
+// names a message keeps them under, as the MQTT topic gives them. A Plug
+// and Play component's name comes as dt-subject, which the SDKs send
+// without the iothub-app- prefix of an application property.
 var systemProperties = map[string]string{"iothub-messageid": "$.mid", "iothub-correlationid": "$.cid",
-	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid", "iothub-expiry": "$.exp"}
+	"iothub-contenttype": "$.ct", "iothub-contentencoding": "$.ce", "iothub-userid": "$.uid", "iothub-expiry": "$.exp",
+	"dt-subject": "$.sub", "iothub-interface-id": "$.ifid"}
 
 // systemHeaders is systemProperties the other way round.
 var systemHeaders = func() map[string]string {

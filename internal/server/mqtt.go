@@ -610,7 +610,8 @@ func (d *DeviceEndpoint) deliverUntilDone(c *mqtt.Conn, s *session) {
 }
 
 // deliverC2D sends the device's pending messages at QoS 1; each is removed
-// from the queue when the device acknowledges it.
+// from the queue when the device acknowledges it, and each sending counts
+// as a delivery.
 func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -657,6 +658,11 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 				slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 			}
 			return
+		}
+		// Sent, so delivered: a message no connection acknowledges is
+		// dropped after as many deliveries as over HTTPS.
+		if err := d.hub.DeliveredC2D(ctx, id); err != nil {
+			slog.Warn("counting a delivery of a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 		}
 	}
 }

@@ -897,6 +897,66 @@ func TestC2DUndeliverableDropped(t *testing.T) {
 	}
 }
 
+// A message the device never acknowledges is delivered again on each
+// connection, and dropped after as many deliveries as over HTTPS, as the
+// hosted hub dead-letters it; the messages behind it come then.
+func TestC2DUnacknowledgedDropped(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startMQTT()
+	d := e.newDevice("d1", false)
+	sent, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m1"}, []byte("x"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// connect subscribes, and returns the first message's ID (which may
+	// come before the SUBACK); it does not acknowledge it.
+	connect := func() (*rawClient, string) {
+		t.Helper()
+		c, code := e.rawConnect(t, addr, d, nil)
+		if code != mqtt.Accepted {
+			t.Fatalf("CONNACK %d", code)
+		}
+		c.write(&mqtt.Subscribe{PacketID: c.id(), Subscriptions: []mqtt.Subscription{{Filter: "devices/d1/messages/devicebound/#", QoS: 1}}})
+		for {
+			if p, ok := c.read().(*mqtt.Publish); ok {
+				props, _ := url.ParseQuery(strings.TrimPrefix(p.Topic, "devices/d1/messages/devicebound/"))
+				return c, props.Get("$.mid")
+			}
+		}
+	}
+	deliveries := func() int {
+		t.Helper()
+		doc, err := e.st.Get(ctx, "hub.c2d", sent.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var m hub.C2DMessage
+		_ = json.Unmarshal(doc.Body, &m)
+		return m.DeliveryCount
+	}
+	for i := 1; i <= 10; i++ {
+		c, id := connect()
+		if id != "m1" {
+			t.Fatalf("connection %d got %s", i, id)
+		}
+		for deadline := time.Now().Add(10 * time.Second); deliveries() != i; time.Sleep(10 * time.Millisecond) {
+			if time.Now().After(deadline) {
+				t.Fatalf("%d deliveries counted after %d", deliveries(), i)
+			}
+		}
+		c.conn.Close()
+	}
+	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m2"}, []byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, id := connect(); id != "m2" {
+		t.Fatalf("after 10 deliveries the next connection got %s", id)
+	}
+	if dev, _ := e.hub.GetIdentity(ctx, hub.Ref{Device: "d1"}); dev.CloudToDeviceMessageCount != 1 {
+		t.Fatalf("count %d, with m1 dropped and m2 waiting", dev.CloudToDeviceMessageCount)
+	}
+}
+
 // Usernames as the SDKs write them: with or without the '?', a device ID
 // holding '?', a module, and a Plug and Play model ID left unencoded.
 func TestParseUsername(t *testing.T) {
