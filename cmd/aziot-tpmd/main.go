@@ -18,7 +18,8 @@
 // /etc/aziot/tpmd/config.toml, which `iotedge config apply` writes: of
 // either it reads the [tpm] table and whether provisioning uses the TPM.
 // config.toml may hold the device's keys, which only root and user iotedge
-// may read, so a service started as aziottpm is given the latter.
+// may read, so a service started as aziottpm is given
+// /etc/aziot/tpmd/config.toml.
 package main
 
 import (

@@ -361,7 +361,6 @@ func TestOperatorCLI(t *testing.T) {
 		t.Errorf("import of a CSV naming a column twice: %v\n%s", err, out)
 	}
 	badCSV := filepath.Join(dir, "bad.csv")
-	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\n"), 0o644)
 	_ = os.WriteFile(badCSV, []byte("registrationId,attestation\nimp-6,symmetricKey\n\"imp-7,symmetricKey\nimp-13,symmetricKey\nimp-14\n"), 0o644)
 	if out, err := c.run("enrollment", "import", "--file", badCSV, "--skip-invalid"); err == nil || !strings.Contains(out, "imported 1 of 2") ||
 		!strings.Contains(out, "line 3: a quoted field opened on this line is still open at line 5") {
@@ -522,6 +521,9 @@ func TestHubCLI(t *testing.T) {
 	}
 	if out := c.ok("device", "connection-string", "--device-id", "x509-1"); out != "HostName=localhost;DeviceId=x509-1;x509=true\n" {
 		t.Errorf("an X.509 device's connection string: %q", out)
+	}
+	if out, err := c.run("device", "connection-string", "--device-id", "x509-1", "--key", "secondary"); err == nil || !strings.Contains(out, "leave out --key") {
+		t.Errorf("an X.509 device's connection string with --key: %v %s", err, out)
 	}
 	c.ok("deployment", "delete", "--deployment-id", "prod-sensor")
 	c.ok("device", "delete", "--device-id", "edge-1")

@@ -109,12 +109,16 @@ func deviceCmd() *cobra.Command {
 			}
 			cs := "HostName=" + site.HubHostName + ";DeviceId=" + d.DeviceID
 			switch a := d.Authentication; {
-			case a.Type != "sas":
-				cs += ";x509=true" // the device's certificate authenticates it
-			case keyName == "primary":
+			case a.Type == "sas" && keyName == "primary":
 				cs += ";SharedAccessKey=" + a.SymmetricKey.PrimaryKey
-			default:
+			case a.Type == "sas":
 				cs += ";SharedAccessKey=" + a.SymmetricKey.SecondaryKey
+			case a.Type != "selfSigned" && a.Type != "certificateAuthority":
+				return fmt.Errorf("device %s has no credentials (authentication type %q): it has no connection string", d.DeviceID, a.Type)
+			case cmd.Flags().Changed("key"):
+				return fmt.Errorf("device %s authenticates with a certificate, not a key: leave out --key", d.DeviceID)
+			default:
+				cs += ";x509=true" // the device's certificate authenticates it
 			}
 			if jsonOutput(cmd) {
 				return printJSON(map[string]string{"connectionString": cs})

@@ -279,5 +279,8 @@ func readEndpoint(cmd *cobra.Command, dir string) ([]byte, error) {
 		if raw, err = os.ReadFile(path); !errors.Is(err, fs.ErrNotExist) {
 			return raw, err
 		}
+		if _, starting := lockHeld(filepath.Join(dir, serveLock)); !starting {
+			return nil, fmt.Errorf("the server in %s (pid %s) stopped before it finished starting: its log says why", dir, pid)
+		}
 	}
 }

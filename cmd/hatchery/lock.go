@@ -7,6 +7,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // lockFile keeps a second `hatchery serve` off what one uses already — a
@@ -18,7 +19,14 @@ func lockFile(path, what string) (unlock func(), err error) {
 	if err != nil {
 		return nil, fmt.Errorf("locking the %s: %w", what, err)
 	}
-	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+	err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	// A command asking whether a server holds it (lockHeld) holds it for
+	// an instant: that is no server.
+	for end := time.Now().Add(200 * time.Millisecond); errors.Is(err, syscall.EWOULDBLOCK) && time.Now().Before(end); {
+		time.Sleep(10 * time.Millisecond)
+		err = syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+	}
+	if err != nil {
 		defer f.Close()
 		if errors.Is(err, syscall.EWOULDBLOCK) {
 			pid, _ := os.ReadFile(path)

@@ -140,7 +140,7 @@ func serve(ctx context.Context, o serveOptions) error {
 		slog.Warn("the data directory holds the CA key and every device's keys, and others may read it: chmod 700 it",
 			"dir", o.dir, "mode", fi.Mode().Perm().String())
 	}
-	unlock, err := lockFile(filepath.Join(o.dir, "serve.lock"), "data directory "+o.dir)
+	unlock, err := lockFile(filepath.Join(o.dir, serveLock), "data directory "+o.dir)
 	if err != nil {
 		return err
 	}

@@ -159,8 +159,9 @@ func (s *Service) c2dArrivedHere(device string) {
 	}
 }
 
-// PendingC2D returns a device's unexpired messages, oldest first; expired
-// ones are dropped, and the device's cloudToDeviceMessageCount follows.
+// PendingC2D returns a device's live messages, oldest first; expired and
+// dead-lettered ones are dropped, and the device's cloudToDeviceMessageCount
+// follows.
 func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
 	out, dropped, err := s.queuedC2D(ctx, device)
 	if dropped {

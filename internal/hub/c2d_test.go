@@ -242,7 +242,9 @@ func TestC2DQueueLimitConcurrent(t *testing.T) {
 			t.Fatal(err)
 		}
 		n := int(accepted.Load())
-		if len(msgs) != n || n > maxC2DQueue || len(c.replicas) == 1 && n != maxC2DQueue {
+		// Replicas racing at the limit may each take theirs back, but
+		// not all of them.
+		if len(msgs) != n || n > maxC2DQueue || n < maxC2DQueue-len(c.replicas)+1 {
 			t.Errorf("%s replica(s): %d sends accepted, %d messages queued; the limit is %d", c.device, n, len(msgs), maxC2DQueue)
 		}
 	}

@@ -2,6 +2,7 @@ package hub
 
 import (
 	"context"
+	"errors"
 	"testing"
 
 	"github.com/hatchery/hatchery/internal/store"
@@ -25,5 +26,16 @@ func TestCorruptRecordLeftOutOfLists(t *testing.T) {
 	}
 	if _, err := s.Statistics(ctx); err != nil {
 		t.Errorf("statistics with a corrupt record: %v", err)
+	}
+	// Deleting a device deletes its corrupt modules too: they would come
+	// back, keys and all, with a device made again under its ID.
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindModule, ID: "good/m1", Body: []byte(`{"moduleId":`)}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "good"}, "*"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.store.Get(ctx, kindModule, "good/m1"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a corrupt module of a deleted device: %v, want it gone", err)
 	}
 }

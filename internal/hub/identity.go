@@ -356,15 +356,7 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
 		}
 		if r.Module == "" {
-			err := s.eachModule(ctx, r.Device, func(m *record) error {
-				mr := Ref{r.Device, m.Device.ModuleID}
-				if err := s.store.Delete(ctx, kindModule, mr.id(), ""); err != nil && !errors.Is(err, store.ErrNotFound) {
-					return err
-				}
-				s.revoke(mr)
-				return nil
-			})
-			if err != nil {
+			if err := s.deleteModules(ctx, r.Device); err != nil {
 				return err
 			}
 		}
@@ -383,6 +375,30 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 	}
 	return azerr.PreconditionFailed("%s kept changing while being deleted: retry", r)
 }
+
+// deleteModules deletes every module of device by the document IDs the
+// store lists, not the records it decodes: one that cannot be decoded goes
+// too, rather than come back with a device made again under the same ID.
+func (s *Service) deleteModules(ctx context.Context, device string) error {
+	prefix := device + "/" // as Ref.id names modules
+	err := s.eachDocAfter(ctx, kindModule, prefix, func(d store.Doc) error {
+		if !strings.HasPrefix(d.ID, prefix) {
+			return errLastModule
+		}
+		if err := s.store.Delete(ctx, kindModule, d.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
+			return err
+		}
+		s.revoke(Ref{Device: device, Module: strings.TrimPrefix(d.ID, prefix)})
+		return nil
+	})
+	if errors.Is(err, errLastModule) {
+		return nil
+	}
+	return err
+}
+
+// errLastModule ends a walk of a device's modules at the next device's.
+var errLastModule = errors.New("past the device's modules")
 
 // ListDevices returns up to top devices.
 func (s *Service) ListDevices(ctx context.Context, top int) ([]*Device, error) {

@@ -120,13 +120,15 @@ func TestSQLiteUnversionedDatabase(t *testing.T) {
 		}
 		s.Close()
 	}
-	if db, err := sql.Open("sqlite", path); err == nil {
-		var versioned int
-		err = db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'`).Scan(&versioned)
-		db.Close()
-		if err != nil || versioned != 0 {
-			t.Fatalf("the reads made schema_version (%v)", err)
-		}
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var versioned int
+	err = db.QueryRow(`SELECT count(*) FROM sqlite_master WHERE name = 'schema_version'`).Scan(&versioned)
+	db.Close()
+	if err != nil || versioned != 0 {
+		t.Fatalf("the reads made schema_version (%v)", err)
 	}
 
 	s, err := OpenSQLite(path)

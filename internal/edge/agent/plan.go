@@ -85,7 +85,7 @@ func authKey(d *Manifest, m *Module) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// held returns h's held recreate if it is for m as desired now.
+// held returns h's held create or recreate if it is for m as desired now.
 func held(m *Module, h *History) *Held {
 	if h == nil || h.Held == nil || h.Held.For != heldKey(m) {
 		return nil

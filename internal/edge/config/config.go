@@ -49,7 +49,8 @@ const (
 	Dynamic ReprovisioningMode = "Dynamic"
 	// AlwaysOnStartup reprovisions whenever the runtime starts.
 	AlwaysOnStartup ReprovisioningMode = "AlwaysOnStartup"
-	// OnErrorOnly provisions only when there is no identity backup to use.
+	// OnErrorOnly provisions only when there is no identity backup to use
+	// (or its TPM key is gone).
 	OnErrorOnly ReprovisioningMode = "OnErrorOnly"
 )
 

@@ -668,8 +668,6 @@ func withoutVersion(reported []byte) []byte {
 	return b
 }
 
-// reprovision runs DPS again; if the identity changed, the modules are
-// recreated under the new one.
 // reprovisionFor says why a failed connection calls for provisioning
 // again, or "" when it does not.
 func (a *runner) reprovisionFor(err error) string {
@@ -686,6 +684,8 @@ func (a *runner) reprovisionFor(err error) string {
 	return ""
 }
 
+// reprovision runs DPS again; if the identity changed, the modules are
+// recreated under the new one.
 func (a *runner) reprovision(ctx context.Context) error {
 	old := *a.dev()
 	dev, err := a.d.provision(ctx, a.ids, a.ids.Provision)
