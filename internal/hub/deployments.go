@@ -499,8 +499,15 @@ func (s *Service) EvaluateConfigurations(ctx context.Context) {
 func (s *Service) evaluateAll(ctx context.Context, misfit slog.Level) error {
 	var failed int
 	var first error
+	ts, err := s.targets(ctx)
+	if err != nil {
+		return err
+	}
 	for _, kind := range []string{kindDevice, kindModule} {
 		err := s.eachRecord(ctx, kind, func(r *record) error {
+			if len(ts) == 0 && len(r.Configurations) == 0 {
+				return nil // nothing to apply, nothing to take back
+			}
 			// What does not fit one twin (layers merging past a
 			// module twin's size) stays off that twin only.
 			err := s.evaluate(ctx, Ref{Device: r.Device.DeviceID, Module: r.Device.ModuleID}, true)
