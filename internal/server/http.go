@@ -101,7 +101,7 @@ func readJSONMax(r *http.Request, v any, limit int64) error {
 	if err != nil {
 		return err
 	}
-	return jsonbody.Decode(body, v)
+	return jsonbody.DecodeTwin(body, v) // service bodies may carry twin documents
 }
 
 func readBody(r *http.Request) ([]byte, error) { return readBodyMax(r, maxBody) }
