@@ -633,12 +633,20 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 		id := m.ID
 		topic := s.own() + "messages/devicebound/" + m.PropertyBag(s.ref.Device)
 		err := c.Send(topic, m.Body, 1, func(err error) {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
 			if err == nil {
-				ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-				defer cancel()
 				if err := d.hub.CompleteC2D(ctx, id); err != nil { // it stays queued, and comes again
 					slog.Warn("removing a delivered cloud-to-device message", "device", s.ref.Device, "error", err)
 				}
+				return
+			}
+			// Delivered, but the connection ended before its PUBACK: a
+			// message no connection acknowledges is dropped after as many
+			// deliveries as over HTTPS. (An acknowledged one is gone, so
+			// only these need counting.)
+			if err := d.hub.DeliveredC2D(ctx, id); err != nil {
+				slog.Warn("counting a delivery of a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 			}
 		})
 		if errors.Is(err, mqtt.ErrTopicName) {
@@ -658,11 +666,6 @@ func (d *DeviceEndpoint) deliverC2D(c *mqtt.Conn, s *session) {
 				slog.Warn("delivering a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 			}
 			return
-		}
-		// Sent, so delivered: a message no connection acknowledges is
-		// dropped after as many deliveries as over HTTPS.
-		if err := d.hub.DeliveredC2D(ctx, id); err != nil {
-			slog.Warn("counting a delivery of a cloud-to-device message", "device", s.ref.Device, "messageId", m.MessageID, "error", err)
 		}
 	}
 }

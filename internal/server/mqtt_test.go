@@ -939,12 +939,12 @@ func TestC2DUnacknowledgedDropped(t *testing.T) {
 		if id != "m1" {
 			t.Fatalf("connection %d got %s", i, id)
 		}
+		c.conn.Close() // a delivery no PUBACK answered counts when its connection ends
 		for deadline := time.Now().Add(10 * time.Second); deliveries() != i; time.Sleep(10 * time.Millisecond) {
 			if time.Now().After(deadline) {
 				t.Fatalf("%d deliveries counted after %d", deliveries(), i)
 			}
 		}
-		c.conn.Close()
 	}
 	if _, err := e.hub.SendC2D(ctx, "d1", map[string]string{"messageId": "m2"}, []byte("x")); err != nil {
 		t.Fatal(err)
