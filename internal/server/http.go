@@ -151,15 +151,20 @@ func unavailable(err error) *azerr.Error {
 	switch {
 	case errors.Is(err, store.ErrFull):
 		logEvery(&fullLogged, time.Minute, "the database has no space left: writes fail until there is (free disk space, or lower --event-retention)", err)
-		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: time.Minute}
+		return retryLater("the service cannot store anything now", time.Minute)
 	case store.ReadOnly(err):
 		logEvery(&readOnlyLogged, 10*time.Second, "the database is read-only (a standby? after a failover, point --database at the new primary): writes are answered 503 until it takes them", err)
-		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot store anything now: retry later", RetryAfter: 10 * time.Second}
+		return retryLater("the service cannot store anything now", 10*time.Second)
 	case store.Unavailable(err):
 		logEvery(&unreachableLogged, 10*time.Second, "the database cannot be reached: requests are answered 503 until it can", err)
-		return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: "the service cannot reach its database now: retry later", RetryAfter: 5 * time.Second}
+		return retryLater("the service cannot reach its database now", 5*time.Second)
 	}
 	return nil
+}
+
+// retryLater is a 503 saying why, and when to retry.
+func retryLater(why string, after time.Duration) *azerr.Error {
+	return &azerr.Error{Code: 503001, Name: "ServiceUnavailable", Message: why + ": retry later", RetryAfter: after}
 }
 
 // When a full, read-only or unreachable database was last logged (Unix seconds).
