@@ -19,6 +19,7 @@ import (
 
 	"github.com/coder/websocket"
 
+	"github.com/hatchery/hatchery/internal/connlimit"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/sas"
 )
@@ -166,6 +167,17 @@ func TestMQTTConnectionLimits(t *testing.T) {
 	silent := must(overTLS()) // yet to send CONNECT
 	defer silent.Close()
 	r1 := must(registration(overTLS, "r1"))
+	// Connections still within their grace (a burst of devices part-way
+	// through TLS and CONNECT) are not closed for a newcomer, who is
+	// refused instead.
+	if _, err := device(overTLS, "d0"); err == nil {
+		t.Error("a device was let in at --max-mqtt-unauthenticated by closing a connection still in its grace")
+	}
+	silent.SetReadDeadline(time.Now().Add(200 * time.Millisecond))
+	if _, err := silent.Read(make([]byte, 1)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Errorf("a connection within its grace was closed for a newcomer: %v", err)
+	}
+	time.Sleep(connlimit.Grace + 500*time.Millisecond)
 	d1 := must(device(overTLS, "d1"))
 	if !closed(silent) {
 		t.Error("the oldest connection yet to send CONNECT is open although a device came at --max-mqtt-unauthenticated")

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -109,9 +110,9 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
 	cmd.Flags().Float64Var(&o.deviceRate, "device-rate", 1, "requests per second one registration ID may make after its burst (0: no limit)")
 	cmd.Flags().IntVar(&o.deviceBurst, "device-burst", 10, "requests one registration ID may make at once")
-	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once, so that a flood of clients cannot take every file descriptor from the MQTT devices: past it, the connection idle longest (or still to send its first request) is closed for a new client, who waits only while every one is serving a request (MQTT over WebSocket counts until the upgrade, then among --max-mqtt-connections)")
+	cmd.Flags().IntVar(&o.maxHTTPSConns, "max-https-connections", 4096, "HTTPS connections open at once, so that a flood of clients cannot take every file descriptor from the MQTT devices: past it, the connection idle longest (or still to send its first request) is closed for a new client once it has been idle 5 s, and the new client waits while none has (MQTT over WebSocket counts until the upgrade, then among --max-mqtt-connections)")
 	cmd.Flags().IntVar(&o.maxMQTTConns, "max-mqtt-connections", 0, "MQTT connections open at once, on the MQTT port and over WebSocket together; past it new ones are closed at once (default: the open-file limit less --max-https-connections and 256 for the rest)")
-	cmd.Flags().IntVar(&o.maxMQTTUnauthenticated, "max-mqtt-unauthenticated", 1024, "MQTT connections not authenticated open at once (yet to send CONNECT, or registration sessions without credentials): past it, or at --max-mqtt-connections, the oldest of them is closed for a new connection")
+	cmd.Flags().IntVar(&o.maxMQTTUnauthenticated, "max-mqtt-unauthenticated", 0, "MQTT connections not authenticated open at once (yet to send CONNECT, or registration sessions without credentials): past it, or at --max-mqtt-connections, the oldest of them (if it has been so for 5 s) is closed for a new connection, which is refused otherwise; 0: a quarter of --max-mqtt-connections, at least 1024")
 	cmd.Flags().Float64Var(&o.messageKiBPerSecond, "device-message-rate", 64, "KiB per second of device-to-cloud messages one device may send on average, in bursts of 16 s worth; beyond it HTTPS answers 429 and MQTT disconnects (0: no limit)")
 	cmd.Flags().DurationVar(&o.eventRetention, "event-retention", 24*time.Hour, "how long device-to-cloud messages are kept for readers of the event stream (0: forever)")
 	return cmd
@@ -224,8 +225,8 @@ func (o *serveOptions) check() error {
 		return errors.New("--max-https-connections must be at least 1")
 	case o.maxMQTTConns < 0:
 		return errors.New("--max-mqtt-connections must be at least 1, or 0 for what the open-file limit leaves")
-	case o.maxMQTTUnauthenticated < 1:
-		return errors.New("--max-mqtt-unauthenticated must be at least 1")
+	case o.maxMQTTUnauthenticated < 0:
+		return errors.New("--max-mqtt-unauthenticated must be at least 1, or 0 for a quarter of --max-mqtt-connections")
 	case o.eventRetention < 0:
 		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
 	case (o.certFile == "") != (o.keyFile == ""):
@@ -307,7 +308,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	defer stop()
 	maxMQTT := maxMQTTConns(o)
 	devices := &mqtt.Server{Handler: server.NewDeviceEndpointWithDPS(hubSvc, dpsSvc), Logger: slog.Default(),
-		MaxConns: maxMQTT, MaxUnauthenticated: o.maxMQTTUnauthenticated}
+		MaxConns: maxMQTT, MaxUnauthenticated: cmp.Or(o.maxMQTTUnauthenticated, max(maxMQTT/4, 1024))}
 	mqttErr := make(chan error, 1)
 	go func() {
 		if err := devices.Serve(mqttLn); err != nil && !errors.Is(err, mqtt.ErrServerClosed) {

@@ -4,8 +4,8 @@
 // connection waiting for a request, before its first or between two; an
 // MQTT connection not authenticated — are evictable: at the bound, or at
 // the bound of evictable ones, the one evictable longest is closed to make
-// room for a new client. Only when every connection is kept does a new
-// client wait for one to finish (Wait), or get refused (Take).
+// room for a new client, once it has been so for Grace. While none has, a
+// new client waits (Wait) or is refused (Take).
 package connlimit
 
 import (
@@ -18,6 +18,13 @@ import (
 
 // logPeriod is how often a limiter logs what it did, at most.
 const logPeriod = time.Minute
+
+// Grace is how long a connection stays evictable before it may be closed
+// to make room: longer than a client under load takes for its TLS
+// handshake and its first request or CONNECT, so that a burst of clients
+// does not close its own members part-way, and shorter than the servers'
+// 10 s for them.
+var Grace = 5 * time.Second
 
 // Limiter bounds a set of connections.
 type Limiter struct {
@@ -49,13 +56,15 @@ type Slot struct {
 	l     *Limiter
 	close func()        // closes the connection to make room
 	elem  *list.Element // in l.line while evictable
+	since time.Time     // when it became evictable
 	held  bool
 }
 
 // Wait takes a slot for a new connection, which close closes, evictable
 // from the start. At either bound it closes the connection evictable
-// longest; with none, it waits until a slot is released or becomes evictable, or
-// until done is closed (and then returns net.ErrClosed).
+// longest, once it has been for Grace; with none, it waits until a slot is
+// released or one has been evictable that long, or until done is closed
+// (and then returns net.ErrClosed).
 func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 	for waited := false; ; waited = true {
 		l.mu.Lock()
@@ -68,6 +77,10 @@ func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 			l.changed = make(chan struct{})
 		}
 		changed := l.changed
+		var ripe <-chan time.Time // when the longest evictable may be closed
+		if front := l.line.Front(); front != nil {
+			ripe = time.After(time.Until(front.Value.(*Slot).since.Add(Grace)))
+		}
 		var n int
 		var log bool
 		if !waited {
@@ -79,6 +92,7 @@ func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 		}
 		select {
 		case <-changed:
+		case <-ripe:
 		case <-done:
 			return nil, net.ErrClosed
 		}
@@ -103,18 +117,20 @@ func (l *Limiter) Take(close func()) *Slot {
 	return s
 }
 
-// takeLocked admits a new connection if there is room, or an evictable
-// connection to close for it (the victim, whose slot is released already).
+// takeLocked admits a new connection if there is room, or a connection
+// evictable for Grace to close for it (the victim, whose slot is released
+// already).
 func (l *Limiter) takeLocked(close func()) (s, victim *Slot) {
+	now := time.Now()
 	if l.open >= l.max || l.line.Len() >= l.maxEvictable {
 		front := l.line.Front()
-		if front == nil {
+		if front == nil || now.Sub(front.Value.(*Slot).since) < Grace {
 			return nil, nil
 		}
 		victim = front.Value.(*Slot)
 		l.releaseLocked(victim)
 	}
-	s = &Slot{l: l, close: close, held: true}
+	s = &Slot{l: l, close: close, held: true, since: now}
 	l.open++
 	s.elem = l.line.PushBack(s)
 	return s, victim
@@ -149,7 +165,7 @@ func (s *Slot) Evictable() {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if s.held && s.elem == nil {
-		s.elem = l.line.PushBack(s)
+		s.elem, s.since = l.line.PushBack(s), time.Now()
 		l.signalLocked()
 	}
 }

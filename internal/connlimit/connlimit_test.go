@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"sync/atomic"
 	"testing"
 	"time"
 )
@@ -17,6 +18,8 @@ import (
 // waiting longest first; a new client waits only while every connection
 // is serving a request.
 func TestListen(t *testing.T) {
+	defer func(g time.Duration) { Grace = g }(Grace)
+	Grace = 0 // TestGrace has it
 	raw, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -142,4 +145,27 @@ func TestReleaseHijacked(t *testing.T) {
 		t.Fatalf("a request while the upgraded connection stays open, at the bound of 1: %v", err)
 	}
 	resp.Body.Close()
+}
+
+// A connection within its grace is not closed for a newcomer, who is
+// refused (Take) or waits (Wait); once past it, it is.
+func TestGrace(t *testing.T) {
+	defer func(g time.Duration) { Grace = g }(Grace)
+	Grace = 300 * time.Millisecond
+	l := NewLimiter("test", "idle", 1, 1)
+	var closed atomic.Bool
+	first := l.Take(func() { closed.Store(true) })
+	if first == nil {
+		t.Fatal("the first connection was refused")
+	}
+	if l.Take(func() {}) != nil || closed.Load() {
+		t.Fatal("a connection within its grace was closed for a newcomer")
+	}
+	start := time.Now()
+	if _, err := l.Wait(func() {}, nil); err != nil || !closed.Load() {
+		t.Fatalf("a waiting newcomer: %v, the first closed: %v", err, closed.Load())
+	}
+	if waited := time.Since(start); waited < 200*time.Millisecond {
+		t.Errorf("the newcomer waited %s, less than the first connection's grace", waited)
+	}
 }
