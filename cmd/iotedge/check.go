@@ -255,12 +255,6 @@ func newCheckCmd() *cobra.Command {
 	return c
 }
 
-// secretKeys name the config.toml values a support bundle must not carry:
-// keys (symmetric_key = "…" or { value = … }, device_id_pk …), connection
-// strings and registry passwords, wherever they are written. Any string
-// with a SharedAccessKey in it goes too, whatever its key is named.
-var secretKeys = []string{"value", "symmetric_key", "connection_string", "device_connection_string", "password"}
-
 // redactedConfig is config.toml with every secret replaced, re-encoded from
 // its parsed form so that no way of writing a value (inline tables, dotted
 // keys, multi-line strings) slips through; a file that does not parse is
@@ -278,7 +272,7 @@ func redact(v any) {
 	switch v := v.(type) {
 	case map[string]any:
 		for k, e := range v {
-			if s, ok := e.(string); slices.Contains(secretKeys, k) || ok && hasKey(s) {
+			if s, ok := e.(string); slices.Contains(config.SecretKeys, k) || ok && hasKey(s) {
 				v[k] = "<redacted>"
 			} else {
 				redact(e)

@@ -104,6 +104,16 @@ func newConfigApplyCmd() *cobra.Command {
 	return c
 }
 
+// realPath is the file a symlink at path names (path when it names none):
+// a file written by rename replaces the link's target, not the link, which
+// would leave the key readable where the link pointed.
+func realPath(path string) string {
+	if p, err := filepath.EvalSymlinks(path); err == nil {
+		return p
+	}
+	return path
+}
+
 // writeNew writes a generated config.toml, refusing to overwrite.
 func writeNew(path string, cfg *config.Config, force bool) error {
 	if _, err := os.Stat(path); err == nil && !force {
@@ -112,7 +122,8 @@ func writeNew(path string, cfg *config.Config, force bool) error {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return err
 	}
-	if err := os.WriteFile(path, cfg.Used().TOML(), 0o600); err != nil {
+	// It may hold keys: 0600 even over an existing file of another mode.
+	if err := atomicfile.Write(realPath(path), cfg.Used().TOML(), 0o600); err != nil {
 		return err
 	}
 	fmt.Printf("Wrote %s. Apply it with `sudo iotedge config apply`.\n", path)
@@ -195,7 +206,7 @@ func installConfig(target string, data []byte, cfg *config.Config, lookup func(s
 			return fmt.Errorf("user %s: uid %q", serviceUser, u.Uid)
 		}
 	}
-	if err := atomicfile.WriteOwned(target, data, 0o600, uid, 0); err != nil {
+	if err := atomicfile.WriteOwned(realPath(target), data, 0o600, uid, 0); err != nil {
 		return fmt.Errorf("installing %s: %w", target, err)
 	}
 	tpmd := tpmdConfigPath(target)

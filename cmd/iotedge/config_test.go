@@ -245,3 +245,39 @@ func TestOperatorCannotReadConfig(t *testing.T) {
 		t.Errorf("tpm provision-info as an operator: %v\n%s\nwant:\n%s", err, out, want)
 	}
 }
+
+// A config.toml that is a symlink keeps its link: the file it names is
+// replaced, 0600, so that the key is not left readable there; a generated
+// one written over an existing file of another mode is 0600 too.
+func TestConfigThroughSymlinkAndForce(t *testing.T) {
+	cfg, data, key := keyConfig(t, t.TempDir())
+	dir := t.TempDir()
+	real, link := filepath.Join(dir, "persist.toml"), filepath.Join(dir, "config.toml")
+	if err := os.WriteFile(real, []byte("# before\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(real, link); err != nil {
+		t.Fatal(err)
+	}
+	if err := installConfig(link, data, cfg, fakeServiceUser); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Lstat(link); err != nil || fi.Mode()&os.ModeSymlink == 0 {
+		t.Errorf("the link was replaced: %v %v", fi.Mode(), err)
+	}
+	b, _ := os.ReadFile(real)
+	if fi, _ := os.Stat(real); fi.Mode().Perm() != 0o600 || !strings.Contains(string(b), key) {
+		t.Errorf("the file the link names: mode %v, holds the key: %v", fi.Mode().Perm(), strings.Contains(string(b), key))
+	}
+
+	generated := filepath.Join(dir, "mp.toml")
+	if err := os.WriteFile(generated, nil, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeNew(generated, cfg, true); err != nil {
+		t.Fatal(err)
+	}
+	if fi, _ := os.Stat(generated); fi.Mode().Perm() != 0o600 {
+		t.Errorf("a generated config.toml written over a 0644 file is %v", fi.Mode().Perm())
+	}
+}

@@ -530,3 +530,23 @@ auth_key_index = 0x100
 		t.Errorf("got:\n%s\nwant:\n%s", got, want)
 	}
 }
+
+// A key written without quotes is named as wrong without being repeated:
+// check messages travel in support bundles.
+func TestUnquotedKeyNotEchoed(t *testing.T) {
+	_, _, err := Parse("config.toml", []byte(`[provisioning]
+source = "dps"
+global_endpoint = "https://edge-lab"
+id_scope = "0ne5A1F09C2"
+
+[provisioning.attestation]
+method = "symmetric_key"
+registration_id = "sym-1"
+
+[provisioning.attestation.symmetric_key]
+value = c2VjcmV0a2V5MTIzNDU2Nzg
+`))
+	if err == nil || !strings.Contains(err.Error(), `the value of value must be quoted: value = "..."`) || strings.Contains(err.Error(), "c2VjcmV0") {
+		t.Errorf("an unquoted key: %v", err)
+	}
+}

@@ -341,6 +341,12 @@ var bareAssignment = regexp.MustCompile(`^\s*([A-Za-z0-9_\-."]+)\s*=\s*([A-Za-z0
 // rawAssignment matches any single-line key = value.
 var rawAssignment = regexp.MustCompile(`^\s*[A-Za-z0-9_\-."]+\s*=\s*([^#{\[]*?)\s*(?:#.*)?$`)
 
+// SecretKeys name the config.toml values no message or support bundle may
+// carry: keys (symmetric_key = "…" or { value = … }), connection strings
+// and registry passwords, wherever they are written. (A bundle leaves out
+// any string with a SharedAccessKey in it too, whatever its key is named.)
+var SecretKeys = []string{"value", "symmetric_key", "connection_string", "device_connection_string", "password"}
+
 // decodeError translates a TOML syntax or type error.
 func (ck *checker) decodeError(data []byte, de *toml.DecodeError) error {
 	line, col := de.Position()
@@ -352,7 +358,11 @@ func (ck *checker) decodeError(data []byte, de *toml.DecodeError) error {
 		if m := bareAssignment.FindStringSubmatch(text); m != nil {
 			k := strings.Trim(m[1], `"`)
 			k = k[strings.LastIndexByte(k, '.')+1:]
-			return &Error{at, fmt.Sprintf("the value of %s must be quoted: %s = %s", k, m[1], quote(canonical(k, m[2])))}
+			v := quote(canonical(k, m[2]))
+			if slices.Contains(SecretKeys, k) {
+				v = `"..."` // the key itself stays out of messages, which support bundles carry
+			}
+			return &Error{at, fmt.Sprintf("the value of %s must be quoted: %s = %s", k, m[1], v)}
 		}
 		at.Column = col
 		return &Error{at, "invalid TOML: " + msg}
