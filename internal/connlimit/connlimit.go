@@ -17,7 +17,7 @@ import (
 )
 
 // logPeriod is how often a limiter logs what it did, at most.
-const logPeriod = time.Minute
+var logPeriod = time.Minute
 
 // Grace is how long a connection stays evictable before it may be closed
 // to make room: longer than a client under load takes for its TLS
@@ -47,7 +47,21 @@ type Limiter struct {
 // it bounds and what its evictable connections are ("mqtt",
 // "unauthenticated").
 func NewLimiter(name, evictable string, max, maxEvictable int) *Limiter {
-	return &Limiter{name: name, evictable: evictable, max: max, maxEvictable: maxEvictable}
+	l := &Limiter{name: name, evictable: evictable, max: max, maxEvictable: maxEvictable}
+	l.waited.report = func(n int) {
+		slog.Warn(name+": every connection is busy at the connection limit: new clients wait", "times", n, "limit", max)
+	}
+	l.refused.report = func(n int) {
+		slog.Warn(name+": at the connection limit: new connections refused", "refused", n, "limit", max)
+	}
+	l.evicted.report = func(n int) {
+		attrs := []any{"closed", n, "limit", max}
+		if maxEvictable < max {
+			attrs = append(attrs, evictable+"Limit", maxEvictable)
+		}
+		slog.Info(name+": closed "+evictable+" connections to make room for new ones", attrs...)
+	}
+	return l
 }
 
 // Slot is one connection's place in a Limiter. The methods of a nil Slot
@@ -81,14 +95,9 @@ func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 		if front := l.line.Front(); front != nil {
 			ripe = time.After(time.Until(front.Value.(*Slot).since.Add(Grace)))
 		}
-		var n int
-		var log bool
-		if !waited {
-			n, log = l.waited.add()
-		}
 		l.mu.Unlock()
-		if log {
-			slog.Warn(l.name+": every connection is busy at the connection limit: new clients wait", "times", n, "limit", l.max)
+		if !waited {
+			l.waited.count()
 		}
 		select {
 		case <-changed:
@@ -104,15 +113,10 @@ func (l *Limiter) Wait(close func(), done <-chan struct{}) (*Slot, error) {
 func (l *Limiter) Take(close func()) *Slot {
 	l.mu.Lock()
 	s, victim := l.takeLocked(close)
-	var n int
-	var log bool
-	if s == nil {
-		n, log = l.refused.add()
-	}
 	l.mu.Unlock()
 	l.evict(victim)
-	if log {
-		slog.Warn(l.name+": at the connection limit: new connections refused", "refused", n, "limit", l.max)
+	if s == nil {
+		l.refused.count()
 	}
 	return s
 }
@@ -143,16 +147,7 @@ func (l *Limiter) evict(victim *Slot) {
 		return
 	}
 	victim.close()
-	l.mu.Lock()
-	n, log := l.evicted.add()
-	l.mu.Unlock()
-	if log {
-		attrs := []any{"closed", n, "limit", l.max}
-		if l.maxEvictable < l.max {
-			attrs = append(attrs, l.evictable+"Limit", l.maxEvictable)
-		}
-		slog.Info(l.name+": closed "+l.evictable+" connections to make room for new ones", attrs...)
-	}
+	l.evicted.count()
 }
 
 // Evictable puts the connection at the back of the line of those that may
@@ -216,21 +211,43 @@ func (l *Limiter) signalLocked() {
 	}
 }
 
-// tally counts events to log them at most once a logPeriod, with how many
-// there were since the last time.
+// tally counts events to report them at most once a logPeriod: the first
+// of a quiet period at once, those after it together when the period ends.
 type tally struct {
-	n    int
-	last time.Time
+	report func(n int)
+
+	mu      sync.Mutex
+	n       int
+	last    time.Time
+	pending bool // a report is due at last+logPeriod
 }
 
-// add counts an event and says whether to log now, and how many to report.
-func (t *tally) add() (n int, log bool) {
+func (t *tally) count() {
+	t.mu.Lock()
 	t.n++
-	if now := time.Now(); now.Sub(t.last) >= logPeriod {
-		n, t.n, t.last = t.n, 0, now
-		return n, true
+	now := time.Now()
+	if now.Sub(t.last) >= logPeriod {
+		n := t.n
+		t.n, t.last = 0, now
+		t.mu.Unlock()
+		t.report(n)
+		return
 	}
-	return 0, false
+	if !t.pending {
+		t.pending = true
+		time.AfterFunc(t.last.Add(logPeriod).Sub(now), t.flush)
+	}
+	t.mu.Unlock()
+}
+
+func (t *tally) flush() {
+	t.mu.Lock()
+	n := t.n
+	t.n, t.last, t.pending = 0, time.Now(), false
+	t.mu.Unlock()
+	if n > 0 {
+		t.report(n)
+	}
 }
 
 // Listen wraps l so that at most n of its connections are open at once. Its

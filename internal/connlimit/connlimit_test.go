@@ -169,3 +169,26 @@ func TestGrace(t *testing.T) {
 		t.Errorf("the newcomer waited %s, less than the first connection's grace", waited)
 	}
 }
+
+// The first event of a quiet period is reported at once, the others of the
+// period together at its end, none lost.
+func TestTallyReportsEveryEvent(t *testing.T) {
+	defer func(p time.Duration) { logPeriod = p }(logPeriod)
+	logPeriod = 100 * time.Millisecond
+	reports := make(chan int, 10)
+	tl := tally{report: func(n int) { reports <- n }}
+	for range 5 {
+		tl.count()
+	}
+	if n := <-reports; n != 1 {
+		t.Fatalf("first report: %d events, want 1", n)
+	}
+	select {
+	case n := <-reports:
+		if n != 4 {
+			t.Fatalf("second report: %d events, want the other 4", n)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("the events after the first were never reported")
+	}
+}
