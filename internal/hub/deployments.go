@@ -508,9 +508,18 @@ func (s *Service) evaluateAll(ctx context.Context, misfit slog.Level) error {
 			if len(ts) == 0 && len(r.Configurations) == 0 {
 				return nil // nothing to apply, nothing to take back
 			}
+			ref := Ref{Device: r.Device.DeviceID, Module: r.Device.ModuleID}
+			if len(ts) == 0 && ref.Module == "$edgeAgent" && r.Device.ManagedBy == "iotEdge" {
+				// Its statuses are its device's deployments', which the
+				// device's evaluation writes: one that read them before
+				// another replica took the last deployment back may have
+				// written them here after, and the device, with none of
+				// its own left, was passed by above.
+				ref.Module = ""
+			}
 			// What does not fit one twin (layers merging past a
 			// module twin's size) stays off that twin only.
-			err := s.evaluate(ctx, Ref{Device: r.Device.DeviceID, Module: r.Device.ModuleID}, true)
+			err := s.evaluate(ctx, ref, true)
 			switch {
 			case err == nil, azerr.HasStatus(err, 404): // deleted meanwhile
 			case ctx.Err() != nil, store.Unavailable(err):
@@ -1043,7 +1052,11 @@ func (s *Service) configurationsChanged() {
 					"evaluated", i, "left", len(refs)-i)
 				return
 			}
-			s.reapply(ctx, r)
+			// The last configuration may be what went: its statuses
+			// are to be taken back all the same.
+			if err := s.evaluate(ctx, r, true); err != nil && !azerr.HasStatus(err, 404) {
+				slog.Warn("applying configurations failed", "device", r.Device, "error", err)
+			}
 		}
 	}()
 }

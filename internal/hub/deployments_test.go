@@ -4,7 +4,9 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -129,5 +131,97 @@ func TestConfigurationAppliedLaterWhereItFailed(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatal("d2 never got the configuration")
 		}
+	}
+}
+
+// blockGet holds, once armed, the first read of the document (kind, id):
+// it closes reached and waits for release to be closed.
+type blockGet struct {
+	store.Store
+	kind, id string
+	reached  chan struct{}
+	release  chan struct{}
+	once     sync.Once
+	armed    bool
+}
+
+func (b *blockGet) Get(ctx context.Context, kind, id string) (store.Doc, error) {
+	if b.armed && kind == b.kind && id == b.id {
+		b.once.Do(func() { close(b.reached); <-b.release })
+	}
+	return b.Store.Get(ctx, kind, id)
+}
+
+// Replica a evaluates edge device e against deployment c while replica b
+// deletes c, the last configuration, and takes its statuses back off e: a
+// then writes c Applied on e's $edgeAgent twin. The re-evaluation b's
+// change signals to a, and the periodic passes, take it back.
+func TestLastDeletedDeploymentLeavesTheAgentTwin(t *testing.T) {
+	ctx := context.Background()
+	b := sqliteHub(t)
+	bg := &blockGet{Store: b.store, kind: kindModule, id: "e/$edgeAgent", reached: make(chan struct{}), release: make(chan struct{})}
+	a := openHub(t, bg)
+	e := Ref{Device: "e"}
+	agent := Ref{Device: "e", Module: "$edgeAgent"}
+	if _, err := a.PutIdentity(ctx, e, "", &Device{Capabilities: Capabilities{IoTEdge: true}}); err != nil {
+		t.Fatal(err)
+	}
+	dep := &Configuration{TargetCondition: "*", Content: ConfigContent{ModulesContent: map[string]map[string]json.RawMessage{
+		"$edgeAgent": {"properties.desired": json.RawMessage(`{"schemaVersion":"1.1","modules":{}}`)},
+		"$edgeHub":   {"properties.desired": json.RawMessage(`{"schemaVersion":"1.1","routes":{}}`)},
+	}}}
+	if _, err := a.PutConfiguration(ctx, "c", "", dep); err != nil {
+		t.Fatal(err)
+	}
+	status := func(r Ref) map[string]ConfigStatus {
+		rec, _, err := b.load(ctx, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rec.Configurations
+	}
+	if st := status(agent); st["c"].Status != "Applied" {
+		t.Fatalf("c on $edgeAgent, once created: %v", st)
+	}
+
+	bg.armed = true
+	done := make(chan error)
+	go func() { done <- a.evaluate(ctx, e, true) }()
+	<-bg.reached
+	if err := b.DeleteConfiguration(ctx, "c", ""); err != nil {
+		t.Fatal(err)
+	}
+	close(bg.release)
+	if err := <-done; err != nil {
+		t.Fatal(err)
+	}
+	if len(status(agent)) == 0 {
+		t.Fatal("a's evaluation, begun before the delete, wrote nothing on $edgeAgent: the race was not run")
+	}
+
+	a.configurationsChanged() // b's change, signalled to a
+	deadline := time.Now().Add(5 * time.Second)
+	for len(status(agent)) != 0 && time.Now().Before(deadline) {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if st := status(agent); len(st) != 0 {
+		t.Errorf("after the signal, deleted c is still %v on e's $edgeAgent twin", st)
+	}
+
+	// The periodic pass alone takes it back too.
+	if _, err := b.update(ctx, agent, func(r *record) error {
+		r.Configurations = map[string]ConfigStatus{"c": {Status: "Applied"}}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if err := b.evaluateAll(ctx, slog.LevelWarn); err != nil {
+		t.Fatal(err)
+	}
+	if st := status(agent); len(st) != 0 {
+		t.Errorf("after the periodic pass, deleted c is still %v on e's $edgeAgent twin", st)
+	}
+	if st := status(e); len(st) != 0 {
+		t.Errorf("e's own statuses: %v", st)
 	}
 }

@@ -163,6 +163,11 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			DesiredVersion: 1, ReportedVersion: 1, DesiredUpdated: now, ReportedUpdated: now}
 		rec.Device.DeviceID, rec.Device.ModuleID, rec.Device.GenerationID = r.Device, r.Module, generationID()
 		rec.Device.ConnectionState, rec.Device.StatusUpdatedTime = "Disconnected", now
+		if r.Module == "" {
+			if err := s.deleteLeftModules(ctx, r.Device); err != nil {
+				return nil, err
+			}
+		}
 		body, _ := json.Marshal(rec)
 		_, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body})
 		switch {
@@ -342,10 +347,13 @@ func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
 }
 
 // DeleteIdentity removes a device (with its modules and its queued
-// cloud-to-device messages) or a module. The modules go first, so that a
-// device re-created under the same ID never finds them; a twin or
-// connection write to the device meanwhile (which changes its document,
-// not its identity) only makes it try again.
+// cloud-to-device messages) or a module. The device goes first, under the
+// etag read, and its modules only once it has gone: a delete that does not
+// delete the device (another client changed it meanwhile) leaves them
+// with it. A twin or connection write to the device meanwhile (which
+// changes its document, not its identity) only makes it try again. Modules
+// left by a delete cut short between the two are removed by the create of
+// a device under the same ID.
 func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
 	for range 16 {
 		rec, etag, err := s.load(ctx, r)
@@ -354,11 +362,6 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		}
 		if !matches(ifMatch, rec.DeviceETag) {
 			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
-		}
-		if r.Module == "" {
-			if err := s.deleteModules(ctx, r.Device); err != nil {
-				return err
-			}
 		}
 		err = s.store.Delete(ctx, r.kind(), r.id(), etag)
 		if errors.Is(err, store.ErrPrecondition) {
@@ -371,7 +374,12 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		if r.Module == "" {
 			s.dropC2D(ctx, r.Device)
 		}
-		return nil
+		if r.Module != "" {
+			return nil
+		}
+		// The device has gone: its modules go too, even if the caller
+		// gives up now.
+		return s.deleteModules(context.WithoutCancel(ctx), r.Device)
 	}
 	return azerr.PreconditionFailed("%s kept changing while being deleted: retry", r)
 }
@@ -395,6 +403,21 @@ func (s *Service) deleteModules(ctx context.Context, device string) error {
 		return nil
 	}
 	return err
+}
+
+// deleteLeftModules deletes the module documents under the ID of device,
+// which does not exist: those of a device whose delete stopped after the
+// device had gone, before its modules had. A device created under that ID
+// must not find them.
+func (s *Service) deleteLeftModules(ctx context.Context, device string) error {
+	_, err := s.store.Get(ctx, kindDevice, device)
+	switch {
+	case err == nil:
+		return nil // the create is refused, as of a device that exists
+	case !errors.Is(err, store.ErrNotFound):
+		return err
+	}
+	return s.deleteModules(ctx, device)
 }
 
 // errLastModule ends a walk of a device's modules at the next device's.

@@ -195,7 +195,8 @@ func TestModuleLimit(t *testing.T) {
 	}
 }
 
-// beforeDelete runs hook, once, before the first deletion of a document of kind.
+// beforeDelete runs hook, once, before the first deletion of a document of
+// kind (of any kind, when kind is empty).
 type beforeDelete struct {
 	store.Store
 	kind string
@@ -203,7 +204,7 @@ type beforeDelete struct {
 }
 
 func (b *beforeDelete) Delete(ctx context.Context, kind, id, etag string) error {
-	if kind == b.kind && b.hook != nil {
+	if (b.kind == "" || kind == b.kind) && b.hook != nil {
 		h := b.hook
 		b.hook = nil
 		h()
@@ -257,5 +258,60 @@ func TestEdgeDeviceCreateFailingHalfway(t *testing.T) {
 	}
 	if d, err := s.GetIdentity(ctx, Ref{Device: "edge2"}); err != nil || d.GenerationID != theirs.GenerationID {
 		t.Fatalf("the device another client created meanwhile: %+v %v", d, err)
+	}
+}
+
+// The undo of an edge device's failed create leaves the device, and its
+// modules with it, when another client updates the device before the undo
+// deletes anything: that client was told the device has its $edgeAgent
+// and $edgeHub, and an edge device without them never runs.
+func TestUndoneCreateKeepsTheModulesOfTheDeviceItKeeps(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	st := failWrites(s.store, kindModule, "e/$edgeHub") // $edgeAgent is stored, $edgeHub not
+	bd := &beforeDelete{Store: st}
+	s.store = bd
+	other := openHub(t, st.Store)
+	edge := &Device{Capabilities: Capabilities{IoTEdge: true}}
+	bd.hook = func() {
+		st.failing.Store(false)
+		if _, err := other.PutIdentity(ctx, Ref{Device: "e"}, "*", edge); err != nil {
+			t.Errorf("the other client's update: %v", err)
+		}
+	}
+	if _, err := s.PutIdentity(ctx, Ref{Device: "e"}, "", edge); err == nil {
+		t.Fatal("the create succeeded without $edgeHub")
+	}
+	if _, err := other.GetIdentity(ctx, Ref{Device: "e"}); err != nil {
+		t.Fatalf("the device the other client updated: %v", err)
+	}
+	for _, m := range []string{"$edgeAgent", "$edgeHub"} {
+		if _, err := other.GetIdentity(ctx, Ref{Device: "e", Module: m}); err != nil {
+			t.Errorf("the device kept has no %s: %v", m, err)
+		}
+	}
+}
+
+// Modules a delete left behind, stopped after the device had gone, are not
+// the modules of a device created again under its ID.
+func TestCreateRemovesModulesLeftUnderItsID(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	body, _ := json.Marshal(&record{Device: Device{DeviceID: "gone", ModuleID: "m",
+		Authentication: Authentication{Type: "sas", SymmetricKey: SymmetricKey{PrimaryKey: sas.NewKey(), SecondaryKey: sas.NewKey()}}}})
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindModule, ID: "gone/m", Body: body}); err != nil {
+		t.Fatal(err)
+	}
+	newIdentity(t, s, Ref{Device: "gone"})
+	if mods, err := s.ListModules(ctx, "gone"); err != nil || len(mods) != 0 {
+		t.Fatalf("the device created has %d modules: %v", len(mods), err)
+	}
+	// A create refused, as of a device that exists, takes none of its modules.
+	newIdentity(t, s, Ref{Device: "gone", Module: "m"})
+	if _, err := s.PutIdentity(ctx, Ref{Device: "gone"}, "", &Device{}); !azerr.HasStatus(err, 409) {
+		t.Fatalf("creating it again: %v", err)
+	}
+	if _, err := s.GetIdentity(ctx, Ref{Device: "gone", Module: "m"}); err != nil {
+		t.Fatalf("its module, after a create refused: %v", err)
 	}
 }
