@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	mathrand "math/rand/v2"
 	"net/http"
 	"net/url"
 	"strings"
@@ -91,21 +92,27 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
 		return nil, err
 	}
-	// Sends on other replicas may have queued meanwhile. Each counts the
+	// The message is in: what follows must not stop halfway because the
+	// sender went away, or a send answered with an error would stay queued.
+	ctx, cancel := afterCommit(ctx)
+	defer cancel()
+	// Sends on other replicas may have queued meanwhile. Each lists the
 	// queue again once its message is in, so that of those that went over
 	// the limit the last to queue sees them all, and each takes its own
-	// message back.
-	n, err := s.recountC2D(ctx, device)
-	if err == nil && n > maxC2DQueue {
+	// message back. The limit is decided on that listing, not on writing
+	// the count: a count that loses its races is left to the next one.
+	msgs, _, err := s.queuedC2D(ctx, device)
+	if err == nil && len(msgs) > maxC2DQueue {
 		err = c2dQueueFull(device)
 	}
 	if err != nil {
 		if err := s.store.Delete(ctx, kindC2D, m.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 			slog.Warn("taking back a cloud-to-device message the queue had no room for", "device", device, "error", err)
 		}
-		_, _ = s.recountC2D(ctx, device)
+		s.countC2D(ctx, device)
 		return nil, err
 	}
+	s.countC2D(ctx, device)
 	s.c2dArrivedHere(device)
 	s.publish("c2d", Ref{Device: device})
 	return m, nil
@@ -165,9 +172,45 @@ func (s *Service) c2dArrivedHere(device string) {
 func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage, error) {
 	out, dropped, err := s.queuedC2D(ctx, device)
 	if dropped {
-		_, _ = s.recountC2D(ctx, device)
+		ctx, cancel := afterCommit(ctx)
+		defer cancel()
+		s.countC2D(ctx, device)
 	}
 	return out, err
+}
+
+// afterCommit is the context of what follows a write that committed: not
+// cancelled when the caller goes away, as a client disconnecting then must
+// not leave the change half done, yet bounded.
+func afterCommit(ctx context.Context) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+}
+
+// countC2D is recountC2D that does not fail what it follows: a count
+// that loses its races on the device record to other writers is tried
+// again a few times after a pause, then left to SweepC2D.
+func (s *Service) countC2D(ctx context.Context, device string) {
+	wait := 10 * time.Millisecond
+	for try := 0; ; try++ {
+		_, err := s.recountC2D(ctx, device)
+		if err == nil || azerr.HasStatus(err, 404) {
+			s.mu.Lock()
+			delete(s.c2dStale, device)
+			s.mu.Unlock()
+			return
+		}
+		if !azerr.HasStatus(err, 412) || try == 3 || ctx.Err() != nil {
+			s.mu.Lock()
+			s.c2dStale[device] = true
+			s.mu.Unlock()
+			return
+		}
+		select {
+		case <-ctx.Done():
+		case <-time.After(wait + time.Duration(mathrand.Int64N(int64(wait)))):
+		}
+		wait *= 2
+	}
 }
 
 // recountC2D records how many messages wait for device as its
@@ -176,7 +219,8 @@ func (s *Service) PendingC2D(ctx context.Context, device string) ([]*C2DMessage,
 // queue after reading the record, and writes on the version it read even
 // when the number is the same, so that of two recounts around a change,
 // on any replicas, the one that listed before the change cannot write
-// last without reading again. A failure is logged.
+// last without reading again. A failure is logged; one of losing the
+// races on the record only at debug level, as countC2D tries again.
 func (s *Service) recountC2D(ctx context.Context, device string) (int, error) {
 	var msgs []*C2DMessage
 	_, err := s.update(ctx, Ref{Device: device}, func(rec *record) error {
@@ -186,7 +230,11 @@ func (s *Service) recountC2D(ctx context.Context, device string) (int, error) {
 		return err
 	})
 	if err != nil {
-		if !azerr.HasStatus(err, 404) { // a deleted device has no queue to count
+		switch {
+		case azerr.HasStatus(err, 404): // a deleted device has no queue to count
+		case azerr.HasStatus(err, 412): // other writers won: counted again later
+			slog.Debug("counting a device's cloud-to-device messages", "device", device, "error", err)
+		default:
 			slog.Warn("counting a device's cloud-to-device messages", "device", device, "error", err)
 		}
 		return 0, err
@@ -228,7 +276,7 @@ func (s *Service) recountAtExpiry(device string, msgs []*C2DMessage) {
 		s.mu.Unlock()
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		_, _ = s.recountC2D(ctx, device) // its listing drops what expired
+		s.countC2D(ctx, device) // its listing drops what expired
 	})
 	s.c2dExpiry[device] = e
 }
@@ -276,9 +324,12 @@ func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessa
 const c2dPage = maxC2DQueue + 1
 
 // dropC2D removes a deleted device's queue: a device created again under
-// its ID must not receive what was sent to the old one. A failure is
-// logged; the messages then expire.
+// its ID must not receive what was sent to the old one. It follows the
+// delete even when the caller goes away. A failure is logged; the messages
+// then expire.
 func (s *Service) dropC2D(ctx context.Context, device string) {
+	ctx, cancel := afterCommit(ctx)
+	defer cancel()
 	if _, err := s.removeC2D(ctx, device); err != nil {
 		slog.Warn("removing a deleted device's cloud-to-device messages", "device", device, "error", err)
 	}
@@ -291,7 +342,9 @@ func (s *Service) PurgeC2D(ctx context.Context, device string) (int, error) {
 		return 0, err
 	}
 	n, err := s.removeC2D(ctx, device)
-	_, _ = s.recountC2D(ctx, device) // the purge is done, or done in part, whatever this says
+	ctx, cancel := afterCommit(ctx)
+	defer cancel()
+	s.countC2D(ctx, device) // the purge is done, or done in part, whatever this says
 	return n, err
 }
 
@@ -320,7 +373,9 @@ func (s *Service) CompleteC2D(ctx context.Context, id string) error {
 		return err
 	}
 	device, _, _ := strings.Cut(id, "/")
-	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
+	ctx, cancel := afterCommit(ctx)
+	defer cancel()
+	s.countC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 
@@ -440,7 +495,9 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		}
 		return err
 	}
-	_, _ = s.recountC2D(ctx, device) // the message is gone whatever this says
+	ctx, cancel := afterCommit(ctx)
+	defer cancel()
+	s.countC2D(ctx, device) // the message is gone whatever this says
 	return nil
 }
 
@@ -469,4 +526,81 @@ func (s *Service) writeC2D(ctx context.Context, m *C2DMessage, etag string) erro
 		return errC2DTaken
 	}
 	return err
+}
+
+// c2dSweep is how often SweepC2D goes through the queues.
+const c2dSweep = 5 * time.Minute
+
+// SweepC2D goes through every device's queue now and every c2dSweep,
+// until ctx ends, on any replica (each pass is safe to run on several at
+// once): the in-memory timers of recountAtExpiry end with their process,
+// and a device that stays away would keep its expired messages, stored
+// and counted, until it or a sender came back.
+func (s *Service) SweepC2D(ctx context.Context) {
+	tick := time.NewTicker(c2dSweep)
+	defer tick.Stop()
+	for {
+		if err := s.sweepC2D(ctx); err != nil && ctx.Err() == nil {
+			slog.Warn("going through the cloud-to-device queues; the rest follow at the next pass", "error", err)
+		}
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+	}
+}
+
+// sweepC2D reads every queued message, a page at a time, drops those
+// that are dead (deadC2D), and counts again each device whose queue it
+// changed, or whose count could not be written here before. With no
+// message queued it is a single read.
+func (s *Service) sweepC2D(ctx context.Context) error {
+	const page = 500
+	s.mu.Lock()
+	recount := make(map[string]bool, len(s.c2dStale))
+	for d := range s.c2dStale {
+		recount[d] = true
+	}
+	s.mu.Unlock()
+	var failed error
+	for after := ""; ; {
+		docs, err := s.store.List(ctx, kindC2D, after, page)
+		if err != nil {
+			failed = err
+			break
+		}
+		now := s.Now()
+		for _, d := range docs {
+			m := &C2DMessage{}
+			if err := json.Unmarshal(d.Body, m); err != nil {
+				continue // not for this pass to judge
+			}
+			if !deadC2D(m, now) {
+				continue
+			}
+			// On the version read: one received meanwhile stays.
+			switch err := s.store.Delete(ctx, kindC2D, d.ID, d.ETag); {
+			case err == nil:
+				device, _, _ := strings.Cut(d.ID, "/")
+				recount[device] = true
+			case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrPrecondition):
+			default:
+				if failed == nil {
+					failed = err
+				}
+			}
+		}
+		if len(docs) < page || ctx.Err() != nil {
+			break
+		}
+		after = docs[len(docs)-1].ID
+	}
+	for device := range recount {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		s.countC2D(ctx, device)
+	}
+	return failed
 }

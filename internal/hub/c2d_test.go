@@ -418,3 +418,207 @@ func TestC2DDeliveriesOverBothTransports(t *testing.T) {
 		t.Fatalf("counting a delivery of a message gone: %v", err)
 	}
 }
+
+// The count of a device that stays away follows its queue even when the
+// replica that counted it last stops, its timers with it: the periodic
+// pass of any replica drops what expired and counts the queue again.
+func TestC2DSweepAfterRestart(t *testing.T) {
+	ctx := context.Background()
+	a := sqliteHub(t)
+	now := time.Now().UTC()
+	a.Now = func() time.Time { return now }
+	newIdentity(t, a, Ref{Device: "d"})
+	newIdentity(t, a, Ref{Device: "e"})
+	if _, err := a.SendC2D(ctx, "d", map[string]string{"$.exp": now.Add(time.Minute).Format(time.RFC3339Nano)}, []byte("soon gone")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.SendC2D(ctx, "e", nil, []byte("stays")); err != nil {
+		t.Fatal(err)
+	}
+	a.mu.Lock() // a stops: its timers end with it
+	for _, e := range a.c2dExpiry {
+		e.timer.Stop()
+	}
+	a.mu.Unlock()
+	counting := &countingStore{Store: a.store}
+	b := openHub(t, counting)
+	b.Now = func() time.Time { return now.Add(2 * time.Minute) }
+	if err := b.sweepC2D(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for dev, want := range map[string]int{"d": 0, "e": 1} {
+		d, err := b.GetIdentity(ctx, Ref{Device: dev})
+		if err != nil {
+			t.Fatal(err)
+		}
+		docs, err := b.store.List(ctx, kindC2D, dev+"/", 10)
+		if err != nil {
+			t.Fatal(err)
+		}
+		stored := 0
+		for _, doc := range docs {
+			if strings.HasPrefix(doc.ID, dev+"/") {
+				stored++
+			}
+		}
+		if d.CloudToDeviceMessageCount != want || stored != want {
+			t.Errorf("%s: count %d, %d stored, want %d", dev, d.CloudToDeviceMessageCount, stored, want)
+		}
+	}
+	// With nothing to drop, a pass only lists the queues.
+	counting.gets.Store(0)
+	if err := b.sweepC2D(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if n := counting.gets.Load(); n != 0 {
+		t.Errorf("a pass with nothing to drop read %d documents one by one", n)
+	}
+}
+
+// cancelAfter cancels a context once a store call matching when has
+// returned, as a client going away then cancels its request's.
+type cancelAfter struct {
+	store.Store
+	cancel func()
+	when   atomic.Value // func(op, kind string) bool
+}
+
+func (c *cancelAfter) after(op, kind string) {
+	if f, _ := c.when.Load().(func(op, kind string) bool); f != nil && f(op, kind) {
+		c.cancel()
+	}
+}
+
+func (c *cancelAfter) Create(ctx context.Context, d store.Doc) (store.Doc, error) {
+	r, err := c.Store.Create(ctx, d)
+	c.after("create", d.Kind)
+	return r, err
+}
+
+func (c *cancelAfter) Delete(ctx context.Context, kind, id, etag string) error {
+	err := c.Store.Delete(ctx, kind, id, etag)
+	c.after("delete", kind)
+	return err
+}
+
+// What follows a committed write is done even when the caller goes away
+// right after it: a device deleted then does not leave its queue to one
+// created again under its ID, and a send whose message is in is not
+// answered with an error while its message stays queued.
+func TestC2DFollowUpOutlivesCaller(t *testing.T) {
+	never := func(string, string) bool { return false }
+	t.Run("delete", func(t *testing.T) {
+		ca := &cancelAfter{Store: sqliteHub(t).store}
+		s := openHub(t, ca)
+		newIdentity(t, s, Ref{Device: "d"})
+		if _, err := s.SendC2D(context.Background(), "d", nil, []byte("for the old d")); err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ca.cancel = cancel
+		ca.when.Store(func(op, kind string) bool { return op == "delete" && kind == kindDevice })
+		if err := s.DeleteIdentity(ctx, Ref{Device: "d"}, ""); err != nil {
+			t.Fatal(err)
+		}
+		ca.when.Store(never)
+		newIdentity(t, s, Ref{Device: "d"})
+		if msgs, err := s.PendingC2D(context.Background(), "d"); err != nil || len(msgs) != 0 {
+			t.Errorf("the new d has %d message(s) of the old one (%v)", len(msgs), err)
+		}
+	})
+	t.Run("send", func(t *testing.T) {
+		ca := &cancelAfter{Store: sqliteHub(t).store}
+		s := openHub(t, ca)
+		newIdentity(t, s, Ref{Device: "d"})
+		ctx, cancel := context.WithCancel(context.Background())
+		ca.cancel = cancel
+		ca.when.Store(func(op, kind string) bool { return op == "create" && kind == kindC2D })
+		_, err := s.SendC2D(ctx, "d", nil, []byte("x"))
+		ca.when.Store(never)
+		msgs, err2 := s.PendingC2D(context.Background(), "d")
+		if err2 != nil {
+			t.Fatal(err2)
+		}
+		d, err2 := s.GetIdentity(context.Background(), Ref{Device: "d"})
+		if err2 != nil {
+			t.Fatal(err2)
+		}
+		if err != nil || len(msgs) != 1 || d.CloudToDeviceMessageCount != 1 {
+			t.Errorf("send: %v; %d queued, count %d", err, len(msgs), d.CloudToDeviceMessageCount)
+		}
+	})
+	t.Run("complete", func(t *testing.T) {
+		ca := &cancelAfter{Store: sqliteHub(t).store}
+		s := openHub(t, ca)
+		newIdentity(t, s, Ref{Device: "d"})
+		m, err := s.SendC2D(context.Background(), "d", nil, []byte("x"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		ca.cancel = cancel
+		ca.when.Store(func(op, kind string) bool { return op == "delete" && kind == kindC2D })
+		if err := s.CompleteC2D(ctx, m.ID); err != nil {
+			t.Fatal(err)
+		}
+		ca.when.Store(never)
+		if d, err := s.GetIdentity(context.Background(), Ref{Device: "d"}); err != nil || d.CloudToDeviceMessageCount != 0 {
+			t.Errorf("count after the only message was completed: %d (%v)", d.CloudToDeviceMessageCount, err)
+		}
+	})
+}
+
+// On PostgreSQL, two replicas sending to one device, each message
+// completed at once, with reported properties written meanwhile: no send
+// is refused because writing the device's count lost its races, and the
+// count ends as the queue.
+func TestC2DSendsNotRefusedForTheCount(t *testing.T) {
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	replica := postgresReplicas(ctx, t)
+	reps := []*Service{replica(), replica()}
+	newIdentity(t, reps[0], Ref{Device: "d"})
+	var wg sync.WaitGroup
+	var ok, failed atomic.Int32
+	stop := time.Now().Add(5 * time.Second)
+	for w := range 4 {
+		wg.Go(func() {
+			s := reps[w%2]
+			for time.Now().Before(stop) {
+				m, err := s.SendC2D(ctx, "d", nil, []byte("x"))
+				if err != nil {
+					failed.Add(1)
+					t.Logf("send: %v", err)
+					continue
+				}
+				ok.Add(1)
+				if err := s.CompleteC2D(ctx, m.ID); err != nil {
+					t.Error(err)
+				}
+			}
+		})
+	}
+	wg.Go(func() {
+		for i := 0; time.Now().Before(stop); i++ {
+			if _, err := reps[i%2].UpdateReported(ctx, Ref{Device: "d"}, map[string]any{"i": i}); err != nil && !azerr.HasStatus(err, 412) {
+				t.Errorf("reported: %v", err)
+			}
+		}
+	})
+	wg.Wait()
+	if failed.Load() > 0 {
+		t.Errorf("%d of %d sends refused", failed.Load(), failed.Load()+ok.Load())
+	}
+	for _, s := range reps {
+		if err := s.sweepC2D(ctx); err != nil { // counts left to the pass
+			t.Fatal(err)
+		}
+	}
+	msgs, err := reps[0].PendingC2D(ctx, "d")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d, err := reps[0].GetIdentity(ctx, Ref{Device: "d"}); err != nil || d.CloudToDeviceMessageCount != len(msgs) {
+		t.Errorf("count %d, queue %d (%v)", d.CloudToDeviceMessageCount, len(msgs), err)
+	}
+}

@@ -44,6 +44,7 @@ type Service struct {
 	evalLocks [64]sync.Mutex          // see evaluate
 	c2dLocks  [64]sync.Mutex          // see SendC2D
 	c2dExpiry map[string]*expiryTimer // see recountAtExpiry (mu)
+	c2dStale  map[string]bool         // devices whose count could not be written (mu); see SweepC2D
 
 	relay  store.Relay              // to the other replicas; nil with SQLite
 	origin string                   // this replica's name on the relay
@@ -67,7 +68,7 @@ func (s *Service) Ready(ctx context.Context) error {
 // Open loads the hub's settings, creating the iothubowner policy on first start.
 func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 	s := &Service{store: st, host: host, Now: time.Now, methods: map[Ref]*MethodHandler{}, origin: newOrigin(), calls: map[string]chan struct{}{},
-		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32, c2dExpiry: map[string]*expiryTimer{},
+		jobsWake: make(chan struct{}, 1), runningJobs: map[string]bool{}, unrecorded: map[Ref]string{}, jobBatch: 32, c2dExpiry: map[string]*expiryTimer{}, c2dStale: map[string]bool{},
 		configurationSweep: configurationSweep}
 	s.relay, _ = st.(store.Relay)
 	err := store.LoadOrCreate(ctx, st, kindSettings, "hub", func() any {
