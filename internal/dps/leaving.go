@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/periodic"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -98,16 +99,8 @@ func (s *Service) FinishLeaving(ctx context.Context, age time.Duration) (int, er
 // KeepLeaving runs FinishLeaving every few minutes until ctx ends.
 func (s *Service) KeepLeaving(ctx context.Context) {
 	const every, age = 5 * time.Minute, 2 * time.Minute // a registration's post-record steps take at most 30 s
-	tick := time.NewTicker(every)
-	defer tick.Stop()
-	for {
-		if _, err := s.FinishLeaving(ctx, age); err != nil && ctx.Err() == nil {
-			slog.Warn("deleting reprovisioned devices' former identities", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-	}
+	periodic.Run(ctx, every, "deleting reprovisioned devices' former identities", func(ctx context.Context) error {
+		_, err := s.FinishLeaving(ctx, age)
+		return err
+	})
 }

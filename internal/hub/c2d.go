@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/periodic"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -537,18 +538,7 @@ const c2dSweep = 5 * time.Minute
 // and a device that stays away would keep its expired messages, stored
 // and counted, until it or a sender came back.
 func (s *Service) SweepC2D(ctx context.Context) {
-	tick := time.NewTicker(c2dSweep)
-	defer tick.Stop()
-	for {
-		if err := s.sweepC2D(ctx); err != nil && ctx.Err() == nil {
-			slog.Warn("going through the cloud-to-device queues; the rest follow at the next pass", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-	}
+	periodic.Run(ctx, c2dSweep, "going through the cloud-to-device queues; the rest follow at the next pass", s.sweepC2D)
 }
 
 // sweepC2D reads every queued message, a page at a time, drops those

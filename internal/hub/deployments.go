@@ -19,6 +19,7 @@ import (
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub/query"
 	"github.com/hatchery/hatchery/internal/hubid"
+	"github.com/hatchery/hatchery/internal/periodic"
 	"github.com/hatchery/hatchery/internal/store"
 	"github.com/hatchery/hatchery/internal/twindoc"
 )
@@ -475,19 +476,15 @@ const configurationSweep = 5 * time.Minute
 // a change left behind (a write that failed, a replica that stopped
 // halfway) converges. Every replica may run it: evaluating is idempotent.
 func (s *Service) EvaluateConfigurations(ctx context.Context) {
-	tick := time.NewTicker(s.configurationSweep)
-	defer tick.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-		// What does not fit a twin was told when it changed.
-		if err := s.evaluateAll(ctx, slog.LevelDebug); err != nil && ctx.Err() == nil {
-			slog.Warn("evaluating the configurations again; the identities left behind follow at the next evaluation", "error", err)
-		}
+	select { // a start has just evaluated what it changed
+	case <-ctx.Done():
+		return
+	case <-time.After(s.configurationSweep):
 	}
+	periodic.Run(ctx, s.configurationSweep, "evaluating the configurations again; the identities left behind follow at the next evaluation",
+		func(ctx context.Context) error {
+			return s.evaluateAll(ctx, slog.LevelDebug) // what does not fit a twin was told when it changed
+		})
 }
 
 // evaluateAll evaluates every device, then every module, against the

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/periodic"
 	"github.com/hatchery/hatchery/internal/store"
 )
 
@@ -35,18 +36,7 @@ type heartbeat struct {
 // Heartbeat beats until ctx ends.
 func (s *Service) Heartbeat(ctx context.Context) {
 	b := beater{s: s, since: s.Now().UTC(), seen: map[string]stillBeat{}}
-	tick := time.NewTicker(beatInterval)
-	defer tick.Stop()
-	for {
-		if err := b.beat(ctx); err != nil && ctx.Err() == nil {
-			slog.Warn("recording this replica alive", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-	}
+	periodic.Run(ctx, beatInterval, "recording this replica alive", b.beat)
 }
 
 type beater struct {

@@ -4,12 +4,12 @@ import (
 	"context"
 	"crypto/x509"
 	"fmt"
-	"log/slog"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/periodic"
 	"github.com/hatchery/hatchery/internal/ratelimit"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -357,18 +357,10 @@ func (s *Service) DeleteExpiredEvents(ctx context.Context, retention time.Durati
 // hosted hub's built-in endpoint, the stream keeps messages for a
 // retention time, so that devices cannot fill the disk for good.
 func (s *Service) ExpireEvents(ctx context.Context, retention time.Duration) {
-	tick := time.NewTicker(time.Minute)
-	defer tick.Stop()
-	for {
-		if _, err := s.DeleteExpiredEvents(ctx, retention); err != nil && ctx.Err() == nil {
-			slog.Warn("deleting expired device-to-cloud events", "error", err)
-		}
-		select {
-		case <-ctx.Done():
-			return
-		case <-tick.C:
-		}
-	}
+	periodic.Run(ctx, time.Minute, "deleting expired device-to-cloud events", func(ctx context.Context) error {
+		_, err := s.DeleteExpiredEvents(ctx, retention)
+		return err
+	})
 }
 
 // Event is a device-to-cloud message as the event stream keeps it.
