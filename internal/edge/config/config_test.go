@@ -493,10 +493,9 @@ func FuzzParseLegacyYAML(f *testing.F) {
 	})
 }
 
-// aziot-tpmd's file holds its settings and whether the TPM is used, and
-// none of the device's keys.
-func TestTPMDConfig(t *testing.T) {
-	c, _, err := Parse("config.toml", []byte(`[provisioning]
+// symmetricKeyDPS is a config.toml's DPS symmetric-key provisioning, but
+// for the key.
+const symmetricKeyDPS = `[provisioning]
 source = "dps"
 global_endpoint = "https://edge-lab"
 id_scope = "0ne5A1F09C2"
@@ -504,7 +503,12 @@ id_scope = "0ne5A1F09C2"
 [provisioning.attestation]
 method = "symmetric_key"
 registration_id = "sym-1"
-symmetric_key = { value = "c2VjcmV0a2V5MTIzNDU2Nzg=" }
+`
+
+// aziot-tpmd's file holds its settings and whether the TPM is used, and
+// none of the device's keys.
+func TestTPMDConfig(t *testing.T) {
+	c, _, err := Parse("config.toml", []byte(symmetricKeyDPS+`symmetric_key = { value = "c2VjcmV0a2V5MTIzNDU2Nzg=" }
 
 [tpm]
 tcti = "swtpm:host=127.0.0.1,port=2321"
@@ -534,15 +538,7 @@ auth_key_index = 0x100
 // A key written without quotes is named as wrong without being repeated:
 // check messages travel in support bundles.
 func TestUnquotedKeyNotEchoed(t *testing.T) {
-	_, _, err := Parse("config.toml", []byte(`[provisioning]
-source = "dps"
-global_endpoint = "https://edge-lab"
-id_scope = "0ne5A1F09C2"
-
-[provisioning.attestation]
-method = "symmetric_key"
-registration_id = "sym-1"
-
+	_, _, err := Parse("config.toml", []byte(symmetricKeyDPS+`
 [provisioning.attestation.symmetric_key]
 value = c2VjcmV0a2V5MTIzNDU2Nzg
 `))
