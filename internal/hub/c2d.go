@@ -291,33 +291,24 @@ type expiryTimer struct {
 // queuedC2D is PendingC2D without the count: every message, read a page
 // at a time; dropped says it dropped some (deadC2D).
 func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessage, dropped bool, err error) {
-	prefix := device + "/"
 	now := s.Now()
-	for after := prefix; ; {
-		docs, err := s.store.List(ctx, kindC2D, after, c2dPage)
-		if err != nil {
-			return nil, dropped, err
+	err = s.eachDocUnder(ctx, kindC2D, device+"/", c2dPage, func(d store.Doc) error {
+		m := &C2DMessage{}
+		if err := json.Unmarshal(d.Body, m); err != nil {
+			return err
 		}
-		for _, d := range docs {
-			if !strings.HasPrefix(d.ID, prefix) {
-				return out, dropped, nil
-			}
-			m := &C2DMessage{}
-			if err := json.Unmarshal(d.Body, m); err != nil {
-				return nil, dropped, err
-			}
-			if deadC2D(m, now) {
-				_ = s.store.Delete(ctx, kindC2D, d.ID, "")
-				dropped = true
-				continue
-			}
-			out = append(out, m)
+		if deadC2D(m, now) {
+			_ = s.store.Delete(ctx, kindC2D, d.ID, "")
+			dropped = true
+			return nil
 		}
-		if len(docs) < c2dPage {
-			return out, dropped, nil
-		}
-		after = docs[len(docs)-1].ID
+		out = append(out, m)
+		return nil
+	})
+	if err != nil {
+		return nil, dropped, err
 	}
+	return out, dropped, nil
 }
 
 // c2dPage is how many messages queuedC2D reads at once: a full queue and
@@ -546,7 +537,6 @@ func (s *Service) SweepC2D(ctx context.Context) {
 // changed, or whose count could not be written here before. With no
 // message queued it is a single read.
 func (s *Service) sweepC2D(ctx context.Context) error {
-	const page = 500
 	s.mu.Lock()
 	recount := make(map[string]bool, len(s.c2dStale))
 	for d := range s.c2dStale {
@@ -554,37 +544,26 @@ func (s *Service) sweepC2D(ctx context.Context) error {
 	}
 	s.mu.Unlock()
 	var failed error
-	for after := ""; ; {
-		docs, err := s.store.List(ctx, kindC2D, after, page)
-		if err != nil {
-			failed = err
-			break
+	err := s.eachDoc(ctx, kindC2D, func(d store.Doc) error {
+		m := &C2DMessage{}
+		if err := json.Unmarshal(d.Body, m); err != nil || !deadC2D(m, s.Now()) {
+			return nil // alive, or not for this pass to judge
 		}
-		now := s.Now()
-		for _, d := range docs {
-			m := &C2DMessage{}
-			if err := json.Unmarshal(d.Body, m); err != nil {
-				continue // not for this pass to judge
-			}
-			if !deadC2D(m, now) {
-				continue
-			}
-			// On the version read: one received meanwhile stays.
-			switch err := s.store.Delete(ctx, kindC2D, d.ID, d.ETag); {
-			case err == nil:
-				device, _, _ := strings.Cut(d.ID, "/")
-				recount[device] = true
-			case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrPrecondition):
-			default:
-				if failed == nil {
-					failed = err
-				}
+		// On the version read: one received meanwhile stays.
+		switch err := s.store.Delete(ctx, kindC2D, d.ID, d.ETag); {
+		case err == nil:
+			device, _, _ := strings.Cut(d.ID, "/")
+			recount[device] = true
+		case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrPrecondition):
+		default:
+			if failed == nil {
+				failed = err
 			}
 		}
-		if len(docs) < page || ctx.Err() != nil {
-			break
-		}
-		after = docs[len(docs)-1].ID
+		return ctx.Err()
+	})
+	if err != nil {
+		failed = err
 	}
 	for device := range recount {
 		if ctx.Err() != nil {

@@ -389,20 +389,13 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 // too, rather than come back with a device made again under the same ID.
 func (s *Service) deleteModules(ctx context.Context, device string) error {
 	prefix := device + "/" // as Ref.id names modules
-	err := s.eachDocAfter(ctx, kindModule, prefix, func(d store.Doc) error {
-		if !strings.HasPrefix(d.ID, prefix) {
-			return errLastModule
-		}
+	return s.eachDocUnder(ctx, kindModule, prefix, docPage, func(d store.Doc) error {
 		if err := s.store.Delete(ctx, kindModule, d.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
 			return err
 		}
 		s.revoke(Ref{Device: device, Module: strings.TrimPrefix(d.ID, prefix)})
 		return nil
 	})
-	if errors.Is(err, errLastModule) {
-		return nil
-	}
-	return err
 }
 
 // deleteLeftModules deletes the module documents under the ID of device,
@@ -425,9 +418,6 @@ func (s *Service) deleteLeftModules(ctx context.Context, device string) error {
 	}
 	return s.deleteModules(ctx, device)
 }
-
-// errLastModule ends a walk of a device's modules at the next device's.
-var errLastModule = errors.New("past the device's modules")
 
 // ListDevices returns up to top devices.
 func (s *Service) ListDevices(ctx context.Context, top int) ([]*Device, error) {
@@ -585,13 +575,31 @@ func (s *Service) eachDoc(ctx context.Context, kind string, f func(store.Doc) er
 
 // eachDocAfter is eachDoc from the first document whose ID is after `after`.
 func (s *Service) eachDocAfter(ctx context.Context, kind, after string, f func(store.Doc) error) error {
-	const page = 500
+	return s.walk(ctx, kind, after, "", docPage, f)
+}
+
+// eachDocUnder calls f with every document of kind whose ID starts with
+// prefix (a device's modules, its messages), in ID order, page at a time,
+// until f returns an error.
+func (s *Service) eachDocUnder(ctx context.Context, kind, prefix string, page int, f func(store.Doc) error) error {
+	return s.walk(ctx, kind, prefix, prefix, page, f)
+}
+
+// docPage is how many documents a walk reads at once.
+const docPage = 500
+
+// walk calls f with the documents of kind after `after` whose IDs start
+// with prefix, in ID order, page at a time, until f returns an error.
+func (s *Service) walk(ctx context.Context, kind, after, prefix string, page int, f func(store.Doc) error) error {
 	for {
 		docs, err := s.store.List(ctx, kind, after, page)
 		if err != nil {
 			return err
 		}
 		for _, d := range docs {
+			if !strings.HasPrefix(d.ID, prefix) {
+				return nil
+			}
 			if err := f(d); err != nil {
 				return err
 			}
