@@ -90,7 +90,12 @@ func (s *Service) SendC2D(ctx context.Context, device string, props map[string]s
 		return nil, c2dQueueFull(device)
 	}
 	doc, _ := json.Marshal(m)
-	if _, err := s.store.Create(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}); err != nil {
+	// Under its device: a message sent while the device is deleted goes
+	// with it, or is refused, and never waits for a device created again.
+	switch _, err := s.store.CreateUnder(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: doc}, kindDevice, device); {
+	case errors.Is(err, store.ErrNotFound):
+		return nil, Ref{Device: device}.notFound()
+	case err != nil:
 		return nil, err
 	}
 	// The message is in: what follows must not stop halfway because the
@@ -314,18 +319,6 @@ func (s *Service) queuedC2D(ctx context.Context, device string) (out []*C2DMessa
 // c2dPage is how many messages queuedC2D reads at once: a full queue and
 // one more.
 const c2dPage = maxC2DQueue + 1
-
-// dropC2D removes a deleted device's queue: a device created again under
-// its ID must not receive what was sent to the old one. It follows the
-// delete even when the caller goes away. A failure is logged; the messages
-// then expire.
-func (s *Service) dropC2D(ctx context.Context, device string) {
-	ctx, cancel := afterCommit(ctx)
-	defer cancel()
-	if _, err := s.removeC2D(ctx, device); err != nil {
-		slog.Warn("removing a deleted device's cloud-to-device messages", "device", device, "error", err)
-	}
-}
 
 // PurgeC2D removes every message waiting for device, as the hosted hub's
 // purge does, and says how many there were.

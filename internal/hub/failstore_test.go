@@ -12,7 +12,7 @@ import (
 // errNoSpace is what a database out of space answers a write.
 var errNoSpace = fmt.Errorf("%w: could not extend file", store.ErrFull)
 
-// failingStore refuses, while failing is set, the writes (Create and Put)
+// failingStore refuses, while failing is set, the writes (Create, CreateUnder and Put)
 // of documents of kind — only of the one whose ID is id, when id is set —
 // as a database out of space does. before, when set, runs once, just
 // before the first write it refuses.
@@ -46,6 +46,13 @@ func (f *failingStore) Create(ctx context.Context, d store.Doc) (store.Doc, erro
 		return store.Doc{}, errNoSpace
 	}
 	return f.Store.Create(ctx, d)
+}
+
+func (f *failingStore) CreateUnder(ctx context.Context, d store.Doc, parentKind, parentID string) (store.Doc, error) {
+	if f.refuses(d.Kind, d.ID) {
+		return store.Doc{}, errNoSpace
+	}
+	return f.Store.CreateUnder(ctx, d, parentKind, parentID)
 }
 
 func (f *failingStore) Put(ctx context.Context, d store.Doc, ifMatch string) (store.Doc, error) {

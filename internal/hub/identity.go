@@ -163,18 +163,23 @@ func (s *Service) PutIdentity(ctx context.Context, r Ref, ifMatch string, in *De
 			DesiredVersion: 1, ReportedVersion: 1, DesiredUpdated: now, ReportedUpdated: now}
 		rec.Device.DeviceID, rec.Device.ModuleID, rec.Device.GenerationID = r.Device, r.Module, generationID()
 		rec.Device.ConnectionState, rec.Device.StatusUpdatedTime = "Disconnected", now
-		if r.Module == "" {
-			if err := s.deleteLeftModules(ctx, r.Device); err != nil {
-				return nil, err
-			}
-		}
 		body, _ := json.Marshal(rec)
-		_, err := s.store.Create(ctx, store.Doc{Kind: r.kind(), ID: r.id(), Body: body})
+		doc := store.Doc{Kind: r.kind(), ID: r.id(), Body: body}
+		var err error
+		if r.Module == "" {
+			_, err = s.store.Create(ctx, doc)
+		} else {
+			// Under its device: a module whose device is being deleted
+			// goes with it, or is refused.
+			_, err = s.store.CreateUnder(ctx, doc, kindDevice, r.Device)
+		}
 		switch {
 		case errors.Is(err, store.ErrExists) && r.Module != "":
 			return nil, azerr.New(409301, "ModuleAlreadyExistsOnDevice", "%s already exists: update it with If-Match", r)
 		case errors.Is(err, store.ErrExists):
 			return nil, azerr.Conflict("DeviceAlreadyExists", "%s already exists: update it with If-Match", r)
+		case errors.Is(err, store.ErrNotFound):
+			return nil, Ref{Device: r.Device}.notFound()
 		case err != nil:
 			return nil, err
 		}
@@ -346,14 +351,10 @@ func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
 	return rec.identityView(), nil
 }
 
-// DeleteIdentity removes a device (with its modules and its queued
-// cloud-to-device messages) or a module. The device goes first, under the
-// etag read, and its modules only once it has gone: a delete that does not
-// delete the device (another client changed it meanwhile) leaves them
-// with it. A twin or connection write to the device meanwhile (which
-// changes its document, not its identity) only makes it try again. Modules
-// left by a delete cut short between the two are removed by the create of
-// a device under the same ID.
+// DeleteIdentity removes a device, with its modules and its queued
+// cloud-to-device messages in the same transaction, or a module. It deletes
+// under the etag read: a twin or connection write meanwhile (which changes
+// the document, not the identity) only makes it try again.
 func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
 	for range 16 {
 		rec, etag, err := s.load(ctx, r)
@@ -363,7 +364,12 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		if !matches(ifMatch, rec.DeviceETag) {
 			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
 		}
-		err = s.store.Delete(ctx, r.kind(), r.id(), etag)
+		var gone []store.Doc
+		if r.Module != "" {
+			err = s.store.Delete(ctx, r.kind(), r.id(), etag)
+		} else {
+			gone, err = s.store.DeleteTree(ctx, kindDevice, r.Device, etag, kindModule, kindC2D)
+		}
 		if errors.Is(err, store.ErrPrecondition) {
 			continue
 		}
@@ -371,52 +377,14 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 			return err
 		}
 		s.revoke(r)
-		if r.Module == "" {
-			s.dropC2D(ctx, r.Device)
+		for _, d := range gone {
+			if d.Kind == kindModule {
+				s.revoke(Ref{Device: r.Device, Module: strings.TrimPrefix(d.ID, r.Device+"/")})
+			}
 		}
-		if r.Module != "" {
-			return nil
-		}
-		// The device has gone: its modules go too, even if the caller
-		// gives up now.
-		return s.deleteModules(context.WithoutCancel(ctx), r.Device)
+		return nil
 	}
 	return azerr.PreconditionFailed("%s kept changing while being deleted: retry", r)
-}
-
-// deleteModules deletes every module of device by the document IDs the
-// store lists, not the records it decodes: one that cannot be decoded goes
-// too, rather than come back with a device made again under the same ID.
-func (s *Service) deleteModules(ctx context.Context, device string) error {
-	prefix := device + "/" // as Ref.id names modules
-	return s.eachDocUnder(ctx, kindModule, prefix, docPage, func(d store.Doc) error {
-		if err := s.store.Delete(ctx, kindModule, d.ID, ""); err != nil && !errors.Is(err, store.ErrNotFound) {
-			return err
-		}
-		s.revoke(Ref{Device: device, Module: strings.TrimPrefix(d.ID, prefix)})
-		return nil
-	})
-}
-
-// deleteLeftModules deletes the module documents under the ID of device,
-// which does not exist: those of a device whose delete stopped after the
-// device had gone, before its modules had. A device created under that ID
-// must not find them.
-func (s *Service) deleteLeftModules(ctx context.Context, device string) error {
-	// Almost always there are none: one listing says so, on the path
-	// every new device takes.
-	docs, err := s.store.List(ctx, kindModule, device+"/", 1)
-	if err != nil || len(docs) == 0 || !strings.HasPrefix(docs[0].ID, device+"/") {
-		return err
-	}
-	_, err = s.store.Get(ctx, kindDevice, device)
-	switch {
-	case err == nil:
-		return nil // the create is refused, as of a device that exists
-	case !errors.Is(err, store.ErrNotFound):
-		return err
-	}
-	return s.deleteModules(ctx, device)
 }
 
 // ListDevices returns up to top devices.

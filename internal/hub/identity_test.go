@@ -204,12 +204,75 @@ type beforeDelete struct {
 }
 
 func (b *beforeDelete) Delete(ctx context.Context, kind, id, etag string) error {
+	b.before(kind)
+	return b.Store.Delete(ctx, kind, id, etag)
+}
+
+func (b *beforeDelete) DeleteTree(ctx context.Context, kind, id, etag string, under ...string) ([]store.Doc, error) {
+	b.before(kind)
+	return b.Store.DeleteTree(ctx, kind, id, etag, under...)
+}
+
+func (b *beforeDelete) before(kind string) {
 	if (b.kind == "" || kind == b.kind) && b.hook != nil {
 		h := b.hook
 		b.hook = nil
 		h()
 	}
-	return b.Store.Delete(ctx, kind, id, etag)
+}
+
+// beforeCreateUnder runs hook, once, before the first CreateUnder.
+type beforeCreateUnder struct {
+	store.Store
+	hook func()
+}
+
+func (b *beforeCreateUnder) CreateUnder(ctx context.Context, d store.Doc, parentKind, parentID string) (store.Doc, error) {
+	if h := b.hook; h != nil {
+		b.hook = nil
+		h()
+	}
+	return b.Store.CreateUnder(ctx, d, parentKind, parentID)
+}
+
+// A module or a cloud-to-device message created while its device is being
+// deleted (after the create found the device, before it stored anything)
+// is refused, not left for a device created again under the same ID.
+func TestCreateUnderADeviceBeingDeleted(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	hooked := &beforeCreateUnder{Store: s.store}
+	s.store = hooked
+	for name, create := range map[string]func() error{
+		"a module": func() error {
+			_, err := s.PutIdentity(ctx, Ref{Device: "d", Module: "m"}, "", &Device{})
+			return err
+		},
+		"a message": func() error {
+			_, err := s.SendC2D(ctx, "d", nil, []byte("for the old d"))
+			return err
+		},
+	} {
+		newIdentity(t, s, Ref{Device: "d"})
+		hooked.hook = func() {
+			if err := s.DeleteIdentity(ctx, Ref{Device: "d"}, ""); err != nil {
+				t.Error(err)
+			}
+		}
+		if err := create(); !azerr.HasStatus(err, 404) {
+			t.Fatalf("%s created under a device deleted meanwhile: %v", name, err)
+		}
+		newIdentity(t, s, Ref{Device: "d"})
+		if mods, err := s.ListModules(ctx, "d"); err != nil || len(mods) != 0 {
+			t.Fatalf("the new d has modules %v: %v", mods, err)
+		}
+		if msgs, err := s.PendingC2D(ctx, "d"); err != nil || len(msgs) != 0 {
+			t.Fatalf("the new d's queue: %v %v", msgs, err)
+		}
+		if err := s.DeleteIdentity(ctx, Ref{Device: "d"}, ""); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // An edge device whose module identities cannot be stored is not created
@@ -289,29 +352,5 @@ func TestUndoneCreateKeepsTheModulesOfTheDeviceItKeeps(t *testing.T) {
 		if _, err := other.GetIdentity(ctx, Ref{Device: "e", Module: m}); err != nil {
 			t.Errorf("the device kept has no %s: %v", m, err)
 		}
-	}
-}
-
-// Modules a delete left behind, stopped after the device had gone, are not
-// the modules of a device created again under its ID.
-func TestCreateRemovesModulesLeftUnderItsID(t *testing.T) {
-	ctx := context.Background()
-	s := sqliteHub(t)
-	body, _ := json.Marshal(&record{Device: Device{DeviceID: "gone", ModuleID: "m",
-		Authentication: Authentication{Type: "sas", SymmetricKey: SymmetricKey{PrimaryKey: sas.NewKey(), SecondaryKey: sas.NewKey()}}}})
-	if _, err := s.store.Create(ctx, store.Doc{Kind: kindModule, ID: "gone/m", Body: body}); err != nil {
-		t.Fatal(err)
-	}
-	newIdentity(t, s, Ref{Device: "gone"})
-	if mods, err := s.ListModules(ctx, "gone"); err != nil || len(mods) != 0 {
-		t.Fatalf("the device created has %d modules: %v", len(mods), err)
-	}
-	// A create refused, as of a device that exists, takes none of its modules.
-	newIdentity(t, s, Ref{Device: "gone", Module: "m"})
-	if _, err := s.PutIdentity(ctx, Ref{Device: "gone"}, "", &Device{}); !azerr.HasStatus(err, 409) {
-		t.Fatalf("creating it again: %v", err)
-	}
-	if _, err := s.GetIdentity(ctx, Ref{Device: "gone", Module: "m"}); err != nil {
-		t.Fatalf("its module, after a create refused: %v", err)
 	}
 }

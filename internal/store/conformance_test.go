@@ -56,6 +56,9 @@ func runConformance(t *testing.T, b backend) {
 		{"PutRules", testPutRules},
 		{"DeleteRules", testDeleteRules},
 		{"KindsAreSeparate", testKindsAreSeparate},
+		{"DeleteTree", testDeleteTree},
+		{"CreateUnder", testCreateUnder},
+		{"CreateUnderRacingDeleteTree", testCreateUnderRacingDeleteTree},
 		{"ListOrder", testListOrder},
 		{"BodiesVerbatim", testBodiesVerbatim},
 		{"Timestamps", testTimestamps},
@@ -237,6 +240,123 @@ func testKindsAreSeparate(t *testing.T, b backend) {
 	}
 	if _, err := s.Get(ctx, "enrollment", "x"); err != nil {
 		t.Fatalf("deleting device x deleted enrollment x: %v", err)
+	}
+}
+
+// DeleteTree removes the document and those of the kinds named whose IDs
+// begin with its ID and a slash, and nothing else; a refused one removes
+// nothing.
+func testDeleteTree(t *testing.T, b backend) {
+	ctx := context.Background()
+	s := b.fresh(t)
+	parent, _ := s.Create(ctx, doc("dev", "d", `{}`))
+	under := []Doc{doc("mod", "d/a", `1`), doc("mod", "d/b/c", `2`), doc("msg", "d/1", `3`)}
+	besides := []Doc{doc("mod", "d0", `4`), doc("mod", "d-x/a", `5`), doc("mod", "d2/a", `6`),
+		doc("mod", "d", `7`), doc("other", "d/a", `8`), doc("dev", "d/a", `9`)}
+	for _, d := range append(slices.Clone(under), besides...) {
+		if _, err := s.Create(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := s.DeleteTree(ctx, "dev", "d", "stale", "mod", "msg"); !errors.Is(err, ErrPrecondition) {
+		t.Fatalf("DeleteTree with a stale etag: %v", err)
+	}
+	if _, err := s.DeleteTree(ctx, "dev", "missing", "", "mod", "msg"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("DeleteTree of a missing document: %v", err)
+	}
+	for _, d := range append([]Doc{parent}, under...) {
+		if _, err := s.Get(ctx, d.Kind, d.ID); err != nil {
+			t.Fatalf("a refused DeleteTree removed %s %s: %v", d.Kind, d.ID, err)
+		}
+	}
+	gone, err := s.DeleteTree(ctx, "dev", "d", parent.ETag, "mod", "msg")
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := func(d Doc) string { return d.Kind + " " + d.ID }
+	var got, want []string
+	for _, d := range gone {
+		got = append(got, key(d))
+	}
+	for _, d := range under {
+		want = append(want, key(d))
+	}
+	slices.Sort(got)
+	slices.Sort(want)
+	if !slices.Equal(got, want) {
+		t.Fatalf("DeleteTree says it removed %q, want %q", got, want)
+	}
+	for _, d := range append([]Doc{parent}, under...) {
+		if _, err := s.Get(ctx, d.Kind, d.ID); !errors.Is(err, ErrNotFound) {
+			t.Errorf("%s %s is still there: %v", d.Kind, d.ID, err)
+		}
+	}
+	for _, d := range besides {
+		if _, err := s.Get(ctx, d.Kind, d.ID); err != nil {
+			t.Errorf("%s %s, not under d, was removed: %v", d.Kind, d.ID, err)
+		}
+	}
+}
+
+// CreateUnder stores a document only while its parent exists.
+func testCreateUnder(t *testing.T, b backend) {
+	ctx := context.Background()
+	s := b.fresh(t)
+	if _, err := s.CreateUnder(ctx, doc("mod", "d/a", `1`), "dev", "d"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("CreateUnder a missing parent: %v", err)
+	}
+	if _, err := s.Get(ctx, "mod", "d/a"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("a refused CreateUnder stored its document: %v", err)
+	}
+	if _, err := s.Create(ctx, doc("dev", "d", `{}`)); err != nil {
+		t.Fatal(err)
+	}
+	d, err := s.CreateUnder(ctx, doc("mod", "d/a", `1`), "dev", "d")
+	if err != nil || d.ETag == "" {
+		t.Fatalf("CreateUnder: %+v %v", d, err)
+	}
+	if got, err := s.Get(ctx, "mod", "d/a"); err != nil || got.ETag != d.ETag || string(got.Body) != `1` {
+		t.Fatalf("the document created: %+v %v", got, err)
+	}
+	if _, err := s.CreateUnder(ctx, doc("mod", "d/a", `2`), "dev", "d"); !errors.Is(err, ErrExists) {
+		t.Fatalf("CreateUnder of a taken ID: %v", err)
+	}
+	if _, err := s.DeleteTree(ctx, "dev", "d", "", "mod"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateUnder(ctx, doc("mod", "d/b", `3`), "dev", "d"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("CreateUnder a deleted parent: %v", err)
+	}
+}
+
+// Creates under a document racing its DeleteTree: each either lands
+// before it, and is removed with it, or is refused; none outlives the
+// parent.
+func testCreateUnderRacingDeleteTree(t *testing.T, b backend) {
+	ctx := context.Background()
+	s := b.fresh(t)
+	const creators = 8
+	for round := range 20 {
+		parent := "p" + strconv.Itoa(round)
+		if _, err := s.Create(ctx, doc("dev", parent, `{}`)); err != nil {
+			t.Fatal(err)
+		}
+		var gone []Doc
+		created := countWins(t, creators+1, func(i int) error {
+			if i == creators {
+				var err error
+				gone, err = s.DeleteTree(ctx, "dev", parent, "", "mod")
+				return err
+			}
+			_, err := s.CreateUnder(ctx, doc("mod", parent+"/"+strconv.Itoa(i), `1`), "dev", parent)
+			return err
+		}, ErrNotFound) - 1
+		if len(gone) != created {
+			t.Fatalf("round %d: %d created, %d removed with their parent", round, created, len(gone))
+		}
+		if left, err := s.List(ctx, "mod", parent+"/", creators); err != nil || len(left) != 0 {
+			t.Fatalf("round %d: %d documents outlived their parent: %v", round, len(left), err)
+		}
 	}
 }
 

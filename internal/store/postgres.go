@@ -173,6 +173,73 @@ func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
 	return d, nil
 }
 
+// CreateUnder holds a key-share lock on the parent while it inserts: a
+// DeleteTree deleting the parent waits for it to commit, and then deletes
+// the new document with the others; one that deleted the parent first makes
+// the lock find no row, and nothing is inserted.
+func (p *Postgres) CreateUnder(ctx context.Context, d Doc, parentKind, parentID string) (Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
+	d.ETag, d.Updated = NewETag(), time.Now()
+	tag, err := p.pool.Exec(ctx, `WITH parent AS (SELECT 1 FROM docs WHERE kind=$6 AND id=$7 FOR KEY SHARE)
+		INSERT INTO docs (kind, id, etag, body, updated) SELECT $1,$2,$3,$4,$5 FROM parent
+		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated, parentKind, parentID)
+	if err != nil {
+		return d, full(err)
+	}
+	if tag.RowsAffected() > 0 {
+		return d, nil
+	}
+	if _, err := p.Get(ctx, d.Kind, d.ID); err == nil {
+		return d, ErrExists
+	}
+	return d, ErrNotFound
+}
+
+// DeleteTree deletes the parent, then its documents under it, in two
+// statements of one transaction: the second, run under a snapshot of its
+// own (read committed), sees a CreateUnder that the first waited for.
+func (p *Postgres) DeleteTree(ctx context.Context, kind, id, ifMatch string, under ...string) ([]Doc, error) {
+	ctx, cancel := p.bound(ctx)
+	defer cancel()
+	tx, err := p.pool.BeginTx(ctx, pgx.TxOptions{IsoLevel: pgx.ReadCommitted})
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback(ctx)
+	var tag pgconn.CommandTag
+	if ifMatch == "" || ifMatch == "*" {
+		tag, err = tx.Exec(ctx, pgDelete, kind, id)
+	} else {
+		tag, err = tx.Exec(ctx, pgDeleteIf, kind, id, ifMatch)
+	}
+	if err != nil {
+		return nil, full(err)
+	}
+	if tag.RowsAffected() == 0 {
+		tx.Rollback(ctx)
+		return nil, p.missOrMismatch(ctx, kind, id)
+	}
+	lo, hi := subtree(id)
+	rows, err := tx.Query(ctx, `DELETE FROM docs WHERE kind = ANY($1) AND id>=$2 AND id<$3 RETURNING kind, id`, under, lo, hi)
+	if err != nil {
+		return nil, full(err)
+	}
+	var gone []Doc
+	for rows.Next() {
+		var d Doc
+		if err := rows.Scan(&d.Kind, &d.ID); err != nil {
+			rows.Close()
+			return nil, err
+		}
+		gone = append(gone, d)
+	}
+	if rows.Close(); rows.Err() != nil {
+		return nil, full(rows.Err())
+	}
+	return gone, full(tx.Commit(ctx))
+}
+
 // The conditional writes are single statements whose WHERE clause is the
 // condition. Two writers holding one etag cannot both succeed: the second
 // UPDATE waits for the first's row lock, rechecks the row as committed and

@@ -23,7 +23,7 @@ type SQLite struct {
 	db   *sql.DB
 	path string
 	// Statements are prepared once: parsing SQL costs more than running it.
-	get, insert, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
+	get, insert, insertUnder, upsert, update, updateIf, del, delIf, list, count, appendEvent *sql.Stmt
 
 	events *eventBatcher // appends waiting for the group commit
 	// wmu is held by this process's writes (documents and event batches)
@@ -114,6 +114,8 @@ func openSQLite(path string, mode schemaMode) (*SQLite, error) {
 	}{
 		{&s.get, `SELECT etag, body, updated FROM docs WHERE kind=? AND id=?`},
 		{&s.insert, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)`},
+		{&s.insertUnder, `INSERT INTO docs (kind, id, etag, body, updated) SELECT ?,?,?,?,?
+			WHERE EXISTS (SELECT 1 FROM docs WHERE kind=? AND id=?)`},
 		{&s.upsert, `INSERT INTO docs (kind, id, etag, body, updated) VALUES (?,?,?,?,?)
 			ON CONFLICT (kind, id) DO UPDATE SET etag=excluded.etag, body=excluded.body, updated=excluded.updated`},
 		{&s.update, `UPDATE docs SET etag=?, body=?, updated=? WHERE kind=? AND id=?`},
@@ -189,6 +191,25 @@ func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
 	return d, full(err)
 }
 
+// CreateUnder is one statement: SQLite runs one writer at a time, so no
+// DeleteTree can come between its check of the parent and its insert.
+func (s *SQLite) CreateUnder(ctx context.Context, d Doc, parentKind, parentID string) (Doc, error) {
+	d.ETag, d.Updated = NewETag(), time.Now()
+	s.wmu.Lock()
+	res, err := s.insertUnder.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli(), parentKind, parentID)
+	s.wmu.Unlock()
+	switch {
+	case err != nil && strings.Contains(err.Error(), "UNIQUE constraint"):
+		return d, ErrExists
+	case err != nil:
+		return d, full(err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		return d, ErrNotFound
+	}
+	return d, nil
+}
+
 func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
 	d.ETag, d.Updated = NewETag(), time.Now()
 	var res sql.Result
@@ -229,6 +250,49 @@ func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
 		return s.missOrMismatch(ctx, kind, id)
 	}
 	return nil
+}
+
+func (s *SQLite) DeleteTree(ctx context.Context, kind, id, ifMatch string, under ...string) ([]Doc, error) {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback()
+	del := s.del
+	args := []any{kind, id}
+	if ifMatch != "" && ifMatch != "*" {
+		del, args = s.delIf, append(args, ifMatch)
+	}
+	res, err := tx.StmtContext(ctx, del).ExecContext(ctx, args...)
+	if err != nil {
+		return nil, full(err)
+	}
+	if n, _ := res.RowsAffected(); n == 0 {
+		tx.Rollback()
+		return nil, s.missOrMismatch(ctx, kind, id)
+	}
+	lo, hi := subtree(id)
+	var gone []Doc
+	for _, k := range under {
+		rows, err := tx.QueryContext(ctx, `DELETE FROM docs WHERE kind=? AND id>=? AND id<? RETURNING id`, k, lo, hi)
+		if err != nil {
+			return nil, full(err)
+		}
+		for rows.Next() {
+			d := Doc{Kind: k}
+			if err := rows.Scan(&d.ID); err != nil {
+				rows.Close()
+				return nil, err
+			}
+			gone = append(gone, d)
+		}
+		if err := rows.Close(); err != nil {
+			return nil, full(err)
+		}
+	}
+	return gone, full(tx.Commit())
 }
 
 // missOrMismatch tells why a conditional write touched no row.

@@ -50,6 +50,16 @@ type Store interface {
 	Put(ctx context.Context, d Doc, ifMatch string) (Doc, error)
 	// Delete removes a document under the same ifMatch rules as Put.
 	Delete(ctx context.Context, kind, id, ifMatch string) error
+	// CreateUnder stores a new document d beneath the document
+	// parentKind/parentID (d.ID must be parentID + "/" + ...), only while
+	// that one exists: ErrNotFound if it does not, ErrExists if d's ID is
+	// taken. Against a DeleteTree of the parent it either lands first, and
+	// is deleted with it, or finds the parent gone.
+	CreateUnder(ctx context.Context, d Doc, parentKind, parentID string) (Doc, error)
+	// DeleteTree removes a document as Delete does and, in the same
+	// transaction, every document of the kinds under whose ID begins with
+	// id + "/". It returns those it removed, without their bodies.
+	DeleteTree(ctx context.Context, kind, id, ifMatch string, under ...string) ([]Doc, error)
 	// List returns up to limit documents of kind with IDs after `after`, in ID order.
 	List(ctx context.Context, kind, after string, limit int) ([]Doc, error)
 	// Count returns how many documents of kind there are.
@@ -62,6 +72,10 @@ type Store interface {
 	DeleteEventsBefore(ctx context.Context, t time.Time, limit int) (int64, error)
 	Close() error
 }
+
+// subtree is the range of IDs under id: those from id+"/" up to, not
+// including, id+"0" ('0' follows '/'), compared byte by byte.
+func subtree(id string) (lo, hi string) { return id + "/", id + "0" }
 
 // NewETag returns a fresh opaque etag.
 func NewETag() string {
