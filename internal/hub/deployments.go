@@ -1019,18 +1019,6 @@ func (s *Service) ApplyContent(ctx context.Context, device string, c *ConfigCont
 	return s.setModules(ctx, device, desired)
 }
 
-// Query runs an IoT Hub query over device or module twins, returning one
-// page of up to limit rows from where continuation (from the previous
-// page; "" to start) says, and the continuation of the next page ("" after
-// the last) (queryPage).
-func (s *Service) Query(ctx context.Context, q, continuation string, limit int) ([]map[string]any, string, error) {
-	parsed, err := query.Parse(q)
-	if err != nil {
-		return nil, "", azerr.BadRequest("%v", err)
-	}
-	return s.queryPage(ctx, parsed, continuation, limit)
-}
-
 // configurationsChanged forgets the configurations evaluate remembers, and
 // evaluates again, in the background, the identities it evaluated lately:
 // the configurations may have changed, through another replica, before

@@ -23,6 +23,18 @@ type queryCursor struct {
 // errEnough stops a walk over the twins once a page is full.
 var errEnough = errors.New("enough")
 
+// Query runs an IoT Hub query over device or module twins, returning one
+// page of up to limit rows from where continuation (from the previous
+// page; "" to start) says, and the continuation of the next page ("" after
+// the last) (queryPage).
+func (s *Service) Query(ctx context.Context, q, continuation string, limit int) ([]map[string]any, string, error) {
+	parsed, err := query.Parse(q)
+	if err != nil {
+		return nil, "", azerr.BadRequest("%v", err)
+	}
+	return s.queryPage(ctx, parsed, continuation, limit)
+}
+
 // queryPage is a page of q's rows (Query).
 func (s *Service) queryPage(ctx context.Context, q *query.Query, continuation string, limit int) ([]map[string]any, string, error) {
 	kind := kindDevice
