@@ -546,3 +546,19 @@ value = c2VjcmV0a2V5MTIzNDU2Nzg
 		t.Errorf("an unquoted key: %v", err)
 	}
 }
+
+// A secret of the wrong type (a number TOML parses) is not repeated either.
+func TestMistypedSecretNotEchoed(t *testing.T) {
+	_, _, err := Parse("config.toml", []byte(`[agent.config.auth]
+serveraddress = "example.azurecr.io"
+username = "u"
+password = 987654321
+`))
+	if err == nil || !strings.Contains(err.Error(), `the value of password must be a quoted string: password = "..."`) || strings.Contains(err.Error(), "987654321") {
+		t.Errorf("a mistyped password: %v", err)
+	}
+	_, _, err = Parse("config.toml", []byte("hostname = 12345\n"))
+	if err == nil || !strings.Contains(err.Error(), `hostname = "12345"`) {
+		t.Errorf("a mistyped hostname is shown quoted: %v", err)
+	}
+}

@@ -377,7 +377,11 @@ func (ck *checker) decodeError(data []byte, de *toml.DecodeError) error {
 	}
 	want := describe(t)
 	if m := rawAssignment.FindStringSubmatch(text); m != nil && t.Kind() == reflect.String {
-		want += fmt.Sprintf(": %s = %s", name, quote(strings.Trim(m[1], `'"`)))
+		v := quote(strings.Trim(m[1], `'"`))
+		if slices.Contains(SecretKeys, name) {
+			v = `"..."` // as for a syntax error: a secret stays out of messages
+		}
+		want += fmt.Sprintf(": %s = %s", name, v)
 	}
 	return &Error{at, fmt.Sprintf("the value of %s must be %s", name, want)}
 }
