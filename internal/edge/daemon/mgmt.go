@@ -36,9 +36,18 @@ func (d *Daemon) mgmtHandler() http.Handler {
 		writeJSON(w, ms)
 	})
 	mux.HandleFunc("POST /modules/{name}/restart", func(w http.ResponseWriter, r *http.Request) {
-		e, err := d.moduleEngine(r.PathValue("name"))
+		name := r.PathValue("name")
+		e, err := d.moduleEngine(name)
 		if err != nil {
 			writeError(w, http.StatusNotFound, err)
+			return
+		}
+		d.mu.Lock()
+		stopped := d.stopped[name]
+		d.mu.Unlock()
+		if stopped { // the reconciler would stop it again within seconds
+			writeError(w, http.StatusConflict, fmt.Errorf("module %s's desired status is stopped: the agent keeps it stopped; "+
+				"set its status to \"running\" in the deployment to start it", name))
 			return
 		}
 		if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
