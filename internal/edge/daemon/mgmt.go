@@ -70,7 +70,7 @@ func (d *Daemon) mgmtHandler() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		out := &flushWriter{w: w}
 		if err := e.Logs(r.Context(), r.PathValue("name"), moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
-			Since: q.Get("since"), Follow: q.Get("follow") == "true"}, out); err != nil {
+			Since: q.Get("since"), Until: q.Get("until"), Follow: q.Get("follow") == "true"}, out); err != nil {
 			if !out.wrote { // nothing streamed yet: a status the CLI exits with
 				writeError(w, http.StatusNotFound, err)
 				return
