@@ -49,7 +49,8 @@ type Reconciler struct {
 // returns the $edgeAgent reported properties afterwards. A module whose
 // action fails is left for the next Apply; the others go on. A module
 // whose image cannot be had keeps its container, if it has one, and its
-// create or recreate waits out a backoff (History.Held). The error joins this Apply's
+// create or recreate waits out a backoff (History.Held), as does one
+// whose container the engine would not create. The error joins this Apply's
 // failures; the report has code 500 for them and for waiting recreates.
 func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
 	r.mu.Lock()
@@ -87,22 +88,31 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			continue // its later steps depend on the failed one
 		}
 		r.log().Info("reconcile", "action", string(a.Kind), "module", a.Name, "reason", a.Reason)
+		var prev *Held // do may start a new history: the hold's count must outlive it
+		if a.Module != nil {
+			prev = held(a.Module, r.hist[a.Name])
+		}
 		err := r.do(ctx, m, a, network, now)
 		if err != nil {
 			r.log().Error("reconcile", "action", string(a.Kind), "module", a.Name, "err", err)
 			errs = append(errs, err)
 		}
 		var ie *imageError
+		var ce *createError
 		switch {
-		case errors.As(err, &ie):
-			// Nothing was stopped: the old container runs on, and is
-			// started, restarted or resumed as if nothing had changed.
+		case errors.As(err, &ie), errors.As(err, &ce):
+			// Held, not tried again at the next pass: each try of a
+			// create may pull, and logs its failure. After an image
+			// failure nothing was stopped: the old container runs on, and
+			// is started, restarted or resumed as if nothing had changed.
+			// After a create failure there is no container.
 			h := r.history(a.Name)
 			fails, auth := 1, authKey(m, a.Module)
-			if hd := held(a.Module, h); hd != nil && hd.Auth == auth {
-				fails = hd.Fails + 1
+			if prev != nil && prev.Auth == auth {
+				fails = prev.Fails + 1
 			}
-			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1))}
+			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1)),
+				Pulled: ce != nil}
 			h.Err = ""
 			tried[a.Name] = true
 			j := i + 1
@@ -110,7 +120,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 				j++
 			}
 			var then []Action // what the old container, if any, needs meanwhile
-			if st, exists := byName[a.Name]; exists {
+			if st, exists := byName[a.Name]; exists && ce == nil {
 				then = keep(a.Module, st, h, now)
 			}
 			acts = slices.Replace(acts, i+1, j, then...)
@@ -247,11 +257,16 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	switch a.Kind {
 	case Create:
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec, false); err != nil {
-			return &imageError{err}
+		if !r.pulled(m, a.Module) {
+			if err := e.EnsureImage(ctx, spec, false); err != nil {
+				return &imageError{err}
+			}
 		}
 		r.hist[a.Name] = &History{}
-		return e.Create(ctx, spec)
+		if err := e.Create(ctx, spec); err != nil {
+			return &createError{err}
+		}
+		return nil
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
 		// keeps running the old one until a later Apply tries again.
@@ -266,7 +281,10 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		if err := e.Remove(ctx, a.Name); err != nil && !errors.Is(err, moby.ErrNotFound) {
 			return err
 		}
-		return e.Create(ctx, spec)
+		if err := e.Create(ctx, spec); err != nil {
+			return &createError{err}
+		}
+		return nil
 	case Start:
 		// Recorded before the attempt: a start that fails waits out the
 		// backoff too.
@@ -310,6 +328,21 @@ func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
 type imageError struct{ error }
 
 func (e *imageError) Unwrap() error { return e.error }
+
+// createError is a Create's or Recreate's failure to make the container
+// once it had the image (a name taken by a container not the runtime's,
+// createOptions the engine rejects); a Recreate's old container is gone.
+type createError struct{ error }
+
+func (e *createError) Unwrap() error { return e.error }
+
+// pulled: mod's create is held after a failure that came after its image
+// was got, one backoff ago at most, so the retry need not pull again (the
+// engine's Create still pulls an image that went missing meanwhile).
+func (r *Reconciler) pulled(m *Manifest, mod *Module) bool {
+	hd := held(mod, r.hist[mod.Name])
+	return hd != nil && hd.Pulled && hd.Auth == authKey(m, mod)
+}
 
 // spec is the container of module mod of manifest m.
 func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleSpec {

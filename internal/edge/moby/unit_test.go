@@ -128,6 +128,28 @@ func TestPullErrors(t *testing.T) {
 	}
 }
 
+// A name taken by a container this runtime did not make is named as
+// such, with how to free it.
+func TestCreateNameConflict(t *testing.T) {
+	e := fakeEngine(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Api-Version", "1.41")
+		switch {
+		case r.URL.Path == "/_ping", strings.HasSuffix(r.URL.Path, "/json"):
+			fmt.Fprint(w, `{}`)
+		case strings.HasSuffix(r.URL.Path, "/containers/create"):
+			w.WriteHeader(http.StatusConflict)
+			fmt.Fprint(w, `{"message":"Conflict. The container name \"/sensor\" is already in use by container \"0123\"."}`)
+		default:
+			t.Errorf("unexpected %s %s", r.Method, r.URL)
+		}
+	}))
+	err := e.Create(context.Background(), ModuleSpec{Name: "sensor", Image: "img:1", PullPolicy: "on-create"})
+	if err == nil || !strings.Contains(err.Error(), "a container named sensor exists that this runtime did not create") ||
+		!strings.Contains(err.Error(), "docker rm -f sensor") {
+		t.Errorf("Create = %v", err)
+	}
+}
+
 func TestCreateBody(t *testing.T) {
 	s := ModuleSpec{
 		Name:  "m1",
