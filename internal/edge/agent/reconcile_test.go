@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -598,5 +599,55 @@ func TestFailedCreateBacksOff(t *testing.T) {
 	clock = clock.Add(5 * time.Second)
 	if _, err := r.Apply(ctx, manifest(b2)); err != nil || fe.containers["b"] == nil || fe.containers["b"].State != "running" {
 		t.Errorf("b after its backoff: %v; calls %s", err, fe.takeCalls())
+	}
+}
+
+// allow_elevated_docker_permissions = false: containers are made without
+// Privileged and CapAdd, with a warning at each create (not each pass);
+// turning it on or off recreates the modules that ask for them, and only
+// those.
+func TestDenyElevated(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	var logs bytes.Buffer
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, DenyElevated: true,
+		Log: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	ctx := context.Background()
+	priv := mod("priv", StatusRunning, Always, 0)
+	priv.CreateOptions = json.RawMessage(`{"HostConfig":{"Binds":["/data:/data"],"CapAdd":["NET_ADMIN"],"Memory":9007199254740993,"Privileged":true}}`)
+	plain := mod("plain", StatusRunning, Always, 0)
+	plain.CreateOptions = json.RawMessage(`{"HostConfig":{"CapAdd":[],"Privileged":false}}`)
+	m := manifest(priv, plain)
+	for range 3 {
+		if _, err := r.Apply(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got := string(fe.specs["priv"].CreateOptions); got != `{"HostConfig":{"Binds":["/data:/data"],"Memory":9007199254740993}}` {
+		t.Errorf("priv created with %s", got)
+	}
+	if got := string(fe.specs["plain"].CreateOptions); got != string(plain.CreateOptions) {
+		t.Errorf("plain created with %s", got)
+	}
+	if n := strings.Count(logs.String(), "allow_elevated_docker_permissions"); n != 1 ||
+		!strings.Contains(logs.String(), "HostConfig.Privileged and HostConfig.CapAdd") || !strings.Contains(logs.String(), "module=priv") {
+		t.Errorf("want one warning naming priv and what was dropped; got:\n%s", logs.String())
+	}
+	if m.Modules["priv"] != priv || !strings.Contains(string(priv.CreateOptions), "Privileged") {
+		t.Error("the deployment itself was changed")
+	}
+
+	// The setting turned on (a new reconciler, as after a config apply).
+	fe.takeCalls()
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	if _, err := r.Apply(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:1, stop priv, remove priv, create priv, start priv" {
+		t.Errorf("allowing elevated permissions: calls %s", got)
+	}
+	if got := string(fe.specs["priv"].CreateOptions); !strings.Contains(got, `"Privileged":true`) {
+		t.Errorf("priv recreated with %s", got)
 	}
 }

@@ -234,7 +234,7 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
 	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name,
-		Previous: d.previous}
+		Previous: d.previous, DenyElevated: !cfg.AllowElevatedDockerPermissions}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
 	return a.run(ctx)
