@@ -349,7 +349,7 @@ func newSupportBundleCmd() *cobra.Command {
 				if ms, err := client.Modules(ctx); err == nil {
 					for _, m := range ms {
 						put("logs/"+m.Name+".log", func(w io.Writer) error {
-							body, err := client.ModuleLogs(ctx, m.Name, "1000", since, false)
+							body, err := client.ModuleLogs(ctx, m.Name, "1000", since, "", false)
 							if err != nil {
 								return err
 							}

@@ -44,6 +44,12 @@ func TestAzureSpellings(t *testing.T) {
 	if !slices.Contains(d.got(), "GET /modules/sensor/logs?since=6h&tail=1000") {
 		t.Errorf("support-bundle --since 6h asked the daemon %q", d.got())
 	}
+	if msg, err := iotedge(t, "logs", "sensor", "--since", "2h", "--until", "1h"); err != nil {
+		t.Errorf("logs --until: %v\n%s", err, msg)
+	}
+	if !slices.Contains(d.got(), "GET /modules/sensor/logs?since=2h&tail=all&until=1h") {
+		t.Errorf("logs --until 1h asked the daemon %q", d.got())
+	}
 	if msg, err := iotedge(t, "system", "set-log-level", "trace"); err != nil || !slices.Contains(d.got(), "PUT /log-level") {
 		t.Errorf("system set-log-level trace: %v\n%s", err, msg)
 	}

@@ -198,7 +198,7 @@ func newListCmd() *cobra.Command {
 }
 
 func newLogsCmd() *cobra.Command {
-	var tail, since string
+	var tail, since, until string
 	var follow bool
 	c := &cobra.Command{Use: "logs MODULE", Short: "Show a module's logs", Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -206,7 +206,7 @@ func newLogsCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			body, err := client.ModuleLogs(cmd.Context(), args[0], tail, since, follow)
+			body, err := client.ModuleLogs(cmd.Context(), args[0], tail, since, until, follow)
 			if err != nil {
 				return err
 			}
@@ -216,6 +216,7 @@ func newLogsCmd() *cobra.Command {
 		}}
 	c.Flags().StringVar(&tail, "tail", "all", "number of lines from the end")
 	c.Flags().StringVar(&since, "since", "", "only lines since a time (RFC 3339, Unix) or a duration back from now (90 minutes, 1 day, 6h)")
+	c.Flags().StringVar(&until, "until", "", "only lines until a time (RFC 3339, Unix) or a duration back from now (90 minutes, 1 day, 6h)")
 	c.Flags().BoolVarP(&follow, "follow", "f", false, "keep printing new lines")
 	return c
 }

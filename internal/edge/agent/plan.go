@@ -57,21 +57,27 @@ type History struct {
 	// whether there is one (Reconciler.Previous).
 	Version    string
 	HasVersion bool
-	// Held is a create or recreate whose image could not be had (an old
-	// container runs on meanwhile); nil when there is none.
+	// Held is a create or recreate that failed, for want of its image
+	// (an old container runs on meanwhile) or in the engine's create;
+	// nil when there is none.
 	Held *Held
 }
 
-// Held is a create or recreate of a module that could not get its image.
-// It is tried again at Retry, Backoff(Fails-1) after the last attempt: an
-// unreachable registry is not asked every few seconds, each time holding
-// up the reconcile for a connection timeout.
+// Held is a create or recreate of a module that could not get its image,
+// or whose container the engine would not create. It is tried again at
+// Retry, Backoff(Fails-1) after the last attempt: an unreachable registry
+// is not asked every few seconds, each time holding up the reconcile for
+// a connection timeout, nor a registry pulled from every few seconds for
+// a create that fails after the pull.
 type Held struct {
 	For   string // heldKey of the desired module it was for
 	Auth  string // authKey of the credentials tried: new ones are tried at once
 	Err   string // why
 	Fails int
 	Retry time.Time
+	// Pulled: the image was got and the create failed; the retry creates
+	// without pulling again.
+	Pulled bool
 }
 
 // heldKey names what a recreate of m makes, and how its image is had: a

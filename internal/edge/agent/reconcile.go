@@ -1,8 +1,10 @@
 package agent
 
 import (
+	"bytes"
 	"cmp"
 	"context"
+	"encoding/json"
 	"errors"
 	"log/slog"
 	"maps"
@@ -40,16 +42,24 @@ type Reconciler struct {
 	// versions were labelled is at its module's version there, if the
 	// configuration matches, else at the version first applied to it.
 	Previous *Manifest
+	// DenyElevated is config.toml's allow_elevated_docker_permissions =
+	// false: modules' containers are made without the createOptions
+	// HostConfig.Privileged and HostConfig.CapAdd, as Azure IoT Edge makes
+	// them. Their config hash is that of what is created, so that a change
+	// of the setting recreates the modules it concerns.
+	DenyElevated bool
 
-	mu   sync.Mutex
-	hist map[string]*History
+	mu      sync.Mutex
+	hist    map[string]*History
+	dropped map[string][]string // this Apply's modules' dropped properties, for do's warning
 }
 
 // Apply plans and carries out the changes that bring the engine to m, and
 // returns the $edgeAgent reported properties afterwards. A module whose
 // action fails is left for the next Apply; the others go on. A module
 // whose image cannot be had keeps its container, if it has one, and its
-// create or recreate waits out a backoff (History.Held). The error joins this Apply's
+// create or recreate waits out a backoff (History.Held), as does one
+// whose container the engine would not create. The error joins this Apply's
 // failures; the report has code 500 for them and for waiting recreates.
 func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, error) {
 	r.mu.Lock()
@@ -60,6 +70,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 	if m == nil { // no deployment yet: leave the engine alone
 		return Reported(nil, nil, r.hist, nil), nil
 	}
+	m, r.dropped = r.effective(m)
 	now := r.now()
 	network := cmp.Or(r.Network, moby.DefaultNetwork)
 	if err := r.Engine.EnsureNetwork(ctx, network); err != nil {
@@ -87,22 +98,31 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			continue // its later steps depend on the failed one
 		}
 		r.log().Info("reconcile", "action", string(a.Kind), "module", a.Name, "reason", a.Reason)
+		var prev *Held // do may start a new history: the hold's count must outlive it
+		if a.Module != nil {
+			prev = held(a.Module, r.hist[a.Name])
+		}
 		err := r.do(ctx, m, a, network, now)
 		if err != nil {
 			r.log().Error("reconcile", "action", string(a.Kind), "module", a.Name, "err", err)
 			errs = append(errs, err)
 		}
 		var ie *imageError
+		var ce *createError
 		switch {
-		case errors.As(err, &ie):
-			// Nothing was stopped: the old container runs on, and is
-			// started, restarted or resumed as if nothing had changed.
+		case errors.As(err, &ie), errors.As(err, &ce):
+			// Held, not tried again at the next pass: each try of a
+			// create may pull, and logs its failure. After an image
+			// failure nothing was stopped: the old container runs on, and
+			// is started, restarted or resumed as if nothing had changed.
+			// After a create failure there is no container.
 			h := r.history(a.Name)
 			fails, auth := 1, authKey(m, a.Module)
-			if hd := held(a.Module, h); hd != nil && hd.Auth == auth {
-				fails = hd.Fails + 1
+			if prev != nil && prev.Auth == auth {
+				fails = prev.Fails + 1
 			}
-			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1))}
+			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1)),
+				Pulled: ce != nil}
 			h.Err = ""
 			tried[a.Name] = true
 			j := i + 1
@@ -110,7 +130,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 				j++
 			}
 			var then []Action // what the old container, if any, needs meanwhile
-			if st, exists := byName[a.Name]; exists {
+			if st, exists := byName[a.Name]; exists && ce == nil {
 				then = keep(a.Module, st, h, now)
 			}
 			acts = slices.Replace(acts, i+1, j, then...)
@@ -170,6 +190,9 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 func (r *Reconciler) Report(ctx context.Context, m *Manifest, err error) map[string]any {
 	r.mu.Lock()
 	defer r.mu.Unlock()
+	if m != nil {
+		m, _ = r.effective(m) // held creates are keyed on the effective config
+	}
 	current, lerr := r.Engine.List(ctx)
 	if lerr != nil && err == nil {
 		err = lerr
@@ -246,15 +269,22 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 	e := r.Engine
 	switch a.Kind {
 	case Create:
+		r.warnDropped(a.Name)
 		spec := r.spec(m, a.Module, network)
-		if err := e.EnsureImage(ctx, spec, false); err != nil {
-			return &imageError{err}
+		if !r.pulled(m, a.Module) {
+			if err := e.EnsureImage(ctx, spec, false); err != nil {
+				return &imageError{err}
+			}
 		}
 		r.hist[a.Name] = &History{}
-		return e.Create(ctx, spec)
+		if err := e.Create(ctx, spec); err != nil {
+			return &createError{err}
+		}
+		return nil
 	case Recreate:
 		// The new image first: a module whose new image cannot be had
 		// keeps running the old one until a later Apply tries again.
+		r.warnDropped(a.Name)
 		spec := r.spec(m, a.Module, network)
 		if err := e.EnsureImage(ctx, spec, a.Update); err != nil {
 			return &imageError{err}
@@ -266,7 +296,10 @@ func (r *Reconciler) do(ctx context.Context, m *Manifest, a Action, network stri
 		if err := e.Remove(ctx, a.Name); err != nil && !errors.Is(err, moby.ErrNotFound) {
 			return err
 		}
-		return e.Create(ctx, spec)
+		if err := e.Create(ctx, spec); err != nil {
+			return &createError{err}
+		}
+		return nil
 	case Start:
 		// Recorded before the attempt: a start that fails waits out the
 		// backoff too.
@@ -299,9 +332,102 @@ func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
 	}
 	h.Version, h.HasVersion = mod.Version, true
 	if r.Previous != nil {
-		if prev, ok := r.Previous.Modules[st.Name]; ok && prev.ConfigHash() == st.ConfigHash {
+		if prev, ok := r.Previous.Modules[st.Name]; ok && r.unprivileged(prev).ConfigHash() == st.ConfigHash {
 			h.Version = prev.Version
 		}
+	}
+}
+
+// elevated are the HostConfig properties DenyElevated drops: they give a
+// container the host's devices or kernel capabilities.
+var elevated = []string{"Privileged", "CapAdd"}
+
+// effective returns m as its containers are made: with DenyElevated, the
+// modules that ask for elevated properties are copies without them, and
+// dropped names those properties by module. m itself is not changed.
+func (r *Reconciler) effective(m *Manifest) (*Manifest, map[string][]string) {
+	if !r.DenyElevated {
+		return m, nil
+	}
+	var out *Manifest
+	dropped := map[string][]string{}
+	for name, mod := range m.Modules {
+		c, d := unprivileged(mod)
+		if d == nil {
+			continue
+		}
+		if out == nil {
+			cp := *m
+			cp.Modules = maps.Clone(m.Modules)
+			out = &cp
+		}
+		out.Modules[name], dropped[name] = c, d
+	}
+	if out == nil {
+		return m, nil
+	}
+	return out, dropped
+}
+
+// unprivileged is mod as DenyElevated has it made.
+func (r *Reconciler) unprivileged(mod *Module) *Module {
+	if !r.DenyElevated {
+		return mod
+	}
+	c, _ := unprivileged(mod)
+	return c
+}
+
+// unprivileged returns mod without the elevated properties it asks for,
+// and their names; mod itself and nil when it asks for none. A false
+// Privileged or an empty CapAdd grants nothing and is kept, so that such
+// a module is not recreated for the setting.
+func unprivileged(mod *Module) (*Module, []string) {
+	if len(mod.CreateOptions) == 0 {
+		return mod, nil
+	}
+	var opts map[string]any
+	dec := json.NewDecoder(bytes.NewReader(mod.CreateOptions))
+	dec.UseNumber() // Memory and the like keep every digit
+	if dec.Decode(&opts) != nil {
+		return mod, nil // the create refuses it, saying why
+	}
+	hc, _ := opts["HostConfig"].(map[string]any)
+	var dropped []string
+	for _, k := range elevated {
+		switch v := hc[k].(type) {
+		case nil:
+			continue
+		case bool:
+			if !v {
+				continue
+			}
+		case []any:
+			if len(v) == 0 {
+				continue
+			}
+		}
+		delete(hc, k)
+		dropped = append(dropped, k)
+	}
+	if dropped == nil {
+		return mod, nil
+	}
+	b, err := json.Marshal(opts)
+	if err != nil {
+		return mod, nil
+	}
+	c := *mod
+	c.CreateOptions = b
+	return &c, dropped
+}
+
+// warnDropped says, at each create of a module, which of its properties
+// DenyElevated dropped.
+func (r *Reconciler) warnDropped(name string) {
+	if d := r.dropped[name]; d != nil {
+		r.log().Warn("allow_elevated_docker_permissions = false in config.toml: the module's container is created without createOptions' "+
+			"HostConfig."+strings.Join(d, " and HostConfig."), "module", name)
 	}
 }
 
@@ -310,6 +436,21 @@ func (r *Reconciler) adopt(st moby.ModuleState, mod *Module) {
 type imageError struct{ error }
 
 func (e *imageError) Unwrap() error { return e.error }
+
+// createError is a Create's or Recreate's failure to make the container
+// once it had the image (a name taken by a container not the runtime's,
+// createOptions the engine rejects); a Recreate's old container is gone.
+type createError struct{ error }
+
+func (e *createError) Unwrap() error { return e.error }
+
+// pulled: mod's create is held after a failure that came after its image
+// was got, one backoff ago at most, so the retry need not pull again (the
+// engine's Create still pulls an image that went missing meanwhile).
+func (r *Reconciler) pulled(m *Manifest, mod *Module) bool {
+	hd := held(mod, r.hist[mod.Name])
+	return hd != nil && hd.Pulled && hd.Auth == authKey(m, mod)
+}
 
 // spec is the container of module mod of manifest m.
 func (r *Reconciler) spec(m *Manifest, mod *Module, network string) moby.ModuleSpec {

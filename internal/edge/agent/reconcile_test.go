@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -197,7 +198,7 @@ func TestReconciler(t *testing.T) {
 	}
 
 	// A module that cannot be created is reported failed, and the others
-	// carry on; it is retried on the next Apply.
+	// carry on; it is retried after a backoff, without pulling again.
 	c := mod("c", StatusRunning, Always, 0)
 	m = manifest(a, b, c)
 	fe.fail["create c"] = errors.New("module c: pulling image img:1 from registry docker.io: no route")
@@ -209,11 +210,19 @@ func TestReconciler(t *testing.T) {
 		t.Errorf("c: %v", got)
 	}
 	delete(fe.fail, "create c")
+	fe.takeCalls()
+	rep, _ = r.Apply(ctx, m)
+	if got := fe.takeCalls(); strings.Contains(got, " c") || reportedModule(t, rep, "c")["runtimeStatus"] != RuntimeFailed {
+		t.Errorf("c during its backoff: calls %s, %v", got, reportedModule(t, rep, "c"))
+	}
+	clock = clock.Add(BackoffBase)
 	rep, err = r.Apply(ctx, m)
 	if got := reportedModule(t, rep, "c"); err != nil || got["runtimeStatus"] != RuntimeRunning || got["statusDescription"] != "running" {
 		t.Errorf("c retried: %v, %v", err, got)
 	}
-	fe.takeCalls()
+	if got := fe.takeCalls(); got != "network azure-iot-edge, create c, start c" {
+		t.Errorf("c retried: calls %s", got)
+	}
 
 	// A new version whose image cannot be pulled leaves the module running
 	// the old one; once it can be, the module is recreated with it.
@@ -526,5 +535,119 @@ func TestUnlabelledContainerVersion(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// A module whose container the engine will not create (its name taken by
+// a container not the runtime's, createOptions it rejects) is held with
+// the backoff of a missing image: not pulled and logged every pass. The
+// retries create without pulling again; a new config is tried at once.
+func TestFailedCreateBacksOff(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	ctx := context.Background()
+	a := mod("a", StatusRunning, Always, 0)
+	fe.fail["create a"] = errors.New("module a: a container named a exists")
+	var creates []string
+	pulls := 0
+	for range 80 { // 400 s
+		rep, err := r.Apply(ctx, manifest(a))
+		calls := fe.takeCalls()
+		if strings.Contains(calls, "create") != (err != nil) {
+			t.Errorf("at %v: calls %s, error %v: want an error with each create only", clock.Sub(t0), calls, err)
+		}
+		if strings.Contains(calls, "create") {
+			creates = append(creates, clock.Sub(t0).String())
+		}
+		pulls += strings.Count(calls, "pull")
+		if got := reportedModule(t, rep, "a"); got["runtimeStatus"] != RuntimeFailed || !strings.Contains(got["statusDescription"].(string), "a container named a exists") {
+			t.Errorf("at %v: a reported %v", clock.Sub(t0), got)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got, want := strings.Join(creates, " "), "0s 10s 30s 1m10s 2m30s 5m10s"; got != want {
+		t.Errorf("creates at %s, want %s", got, want)
+	}
+	if pulls != 1 {
+		t.Errorf("%d pulls, want 1: a retried create has its image", pulls)
+	}
+	a2 := changed(a, func(m *Module) { m.Env = map[string]string{"X": "1"} })
+	r.Apply(ctx, manifest(a2))
+	if got := fe.takeCalls(); !strings.Contains(got, "pull img:1, create a") {
+		t.Errorf("a new config is not tried at once: %s", got)
+	}
+
+	// A recreate whose create fails leaves no container, and is held too.
+	b := mod("b", StatusRunning, Always, 0)
+	if _, err := r.Apply(ctx, manifest(b)); err != nil {
+		t.Fatal(err)
+	}
+	b2 := changed(b, func(m *Module) { m.Env = map[string]string{"X": "1"} })
+	fe.fail["create b"] = errors.New("module b: bad createOptions")
+	fe.takeCalls()
+	if _, err := r.Apply(ctx, manifest(b2)); err == nil {
+		t.Error("a failed recreate is no error")
+	}
+	clock = clock.Add(5 * time.Second)
+	fe.takeCalls()
+	rep, _ := r.Apply(ctx, manifest(b2))
+	if got := fe.takeCalls(); got != "network azure-iot-edge" || reportedModule(t, rep, "b")["runtimeStatus"] != RuntimeFailed {
+		t.Errorf("a recreate that failed, within its backoff: calls %s, %v", got, reportedModule(t, rep, "b"))
+	}
+	delete(fe.fail, "create b")
+	clock = clock.Add(5 * time.Second)
+	if _, err := r.Apply(ctx, manifest(b2)); err != nil || fe.containers["b"] == nil || fe.containers["b"].State != "running" {
+		t.Errorf("b after its backoff: %v; calls %s", err, fe.takeCalls())
+	}
+}
+
+// allow_elevated_docker_permissions = false: containers are made without
+// Privileged and CapAdd, with a warning at each create (not each pass);
+// turning it on or off recreates the modules that ask for them, and only
+// those.
+func TestDenyElevated(t *testing.T) {
+	clock := t0
+	fe := newFakeEngine(func() time.Time { return clock })
+	var logs bytes.Buffer
+	r := &Reconciler{Engine: fe, Now: func() time.Time { return clock }, DenyElevated: true,
+		Log: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelWarn}))}
+	ctx := context.Background()
+	priv := mod("priv", StatusRunning, Always, 0)
+	priv.CreateOptions = json.RawMessage(`{"HostConfig":{"Binds":["/data:/data"],"CapAdd":["NET_ADMIN"],"Memory":9007199254740993,"Privileged":true}}`)
+	plain := mod("plain", StatusRunning, Always, 0)
+	plain.CreateOptions = json.RawMessage(`{"HostConfig":{"CapAdd":[],"Privileged":false}}`)
+	m := manifest(priv, plain)
+	for range 3 {
+		if _, err := r.Apply(ctx, m); err != nil {
+			t.Fatal(err)
+		}
+		clock = clock.Add(5 * time.Second)
+	}
+	if got := string(fe.specs["priv"].CreateOptions); got != `{"HostConfig":{"Binds":["/data:/data"],"Memory":9007199254740993}}` {
+		t.Errorf("priv created with %s", got)
+	}
+	if got := string(fe.specs["plain"].CreateOptions); got != string(plain.CreateOptions) {
+		t.Errorf("plain created with %s", got)
+	}
+	if n := strings.Count(logs.String(), "allow_elevated_docker_permissions"); n != 1 ||
+		!strings.Contains(logs.String(), "HostConfig.Privileged and HostConfig.CapAdd") || !strings.Contains(logs.String(), "module=priv") {
+		t.Errorf("want one warning naming priv and what was dropped; got:\n%s", logs.String())
+	}
+	if m.Modules["priv"] != priv || !strings.Contains(string(priv.CreateOptions), "Privileged") {
+		t.Error("the deployment itself was changed")
+	}
+
+	// The setting turned on (a new reconciler, as after a config apply).
+	fe.takeCalls()
+	r = &Reconciler{Engine: fe, Now: func() time.Time { return clock }, Log: slog.New(slog.DiscardHandler)}
+	if _, err := r.Apply(ctx, m); err != nil {
+		t.Fatal(err)
+	}
+	if got := fe.takeCalls(); got != "network azure-iot-edge, pull img:1, stop priv, remove priv, create priv, start priv" {
+		t.Errorf("allowing elevated permissions: calls %s", got)
+	}
+	if got := string(fe.specs["priv"].CreateOptions); !strings.Contains(got, `"Privileged":true`) {
+		t.Errorf("priv recreated with %s", got)
 	}
 }

@@ -31,6 +31,9 @@ type Config struct {
 	TrustBundleCert        string             `toml:"trust_bundle_cert" comment:"CA certificates that modules and the runtime trust (file:// URI)"`
 	AutoReprovisioningMode ReprovisioningMode `toml:"auto_reprovisioning_mode" comment:"When to provision again: Dynamic, AlwaysOnStartup or OnErrorOnly"`
 	Homedir                string             `toml:"homedir"`
+	// AllowElevatedDockerPermissions false has modules' containers made
+	// without createOptions' HostConfig.Privileged and HostConfig.CapAdd.
+	AllowElevatedDockerPermissions bool `toml:"allow_elevated_docker_permissions" comment:"false: modules' containers are made without createOptions' HostConfig.Privileged and CapAdd"`
 
 	Provisioning Provisioning `toml:"provisioning" comment:"How the device gets its IoT hub identity"`
 	TPM          TPM          `toml:"tpm" comment:"The TPM that holds the device's keys"`
@@ -220,9 +223,12 @@ const (
 func Default() *Config {
 	return &Config{
 		AutoReprovisioningMode: Dynamic,
-		Provisioning:           Provisioning{Source: SourceNone},
-		TPM:                    TPM{TCTI: DefaultTCTI, AuthKeyIndex: DefaultAuthKeyIndex},
-		MobyRuntime:            MobyRuntime{URI: DefaultMobyURI, Network: MobyNetwork{Name: DefaultMobyNetwork}},
+		// As Azure IoT Edge: createOptions may ask for elevated rights
+		// unless the device's owner says otherwise.
+		AllowElevatedDockerPermissions: true,
+		Provisioning:                   Provisioning{Source: SourceNone},
+		TPM:                            TPM{TCTI: DefaultTCTI, AuthKeyIndex: DefaultAuthKeyIndex},
+		MobyRuntime:                    MobyRuntime{URI: DefaultMobyURI, Network: MobyNetwork{Name: DefaultMobyNetwork}},
 	}
 }
 

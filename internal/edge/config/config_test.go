@@ -138,9 +138,10 @@ func TestParseDPSTPM(t *testing.T) {
 		}
 	}
 	want := &Config{
-		Hostname:               "edge-lab-01",
-		TrustBundleCert:        "file:///etc/aziot/hatchery-ca.pem",
-		AutoReprovisioningMode: AlwaysOnStartup,
+		Hostname:                       "edge-lab-01",
+		TrustBundleCert:                "file:///etc/aziot/hatchery-ca.pem",
+		AutoReprovisioningMode:         AlwaysOnStartup,
+		AllowElevatedDockerPermissions: true,
 		Provisioning: Provisioning{
 			Source:         SourceDPS,
 			GlobalEndpoint: "https://edge-lab",
@@ -544,5 +545,40 @@ value = c2VjcmV0a2V5MTIzNDU2Nzg
 `))
 	if err == nil || !strings.Contains(err.Error(), `the value of value must be quoted: value = "..."`) || strings.Contains(err.Error(), "c2VjcmV0") {
 		t.Errorf("an unquoted key: %v", err)
+	}
+}
+
+// A secret of the wrong type (a number TOML parses) is not repeated either.
+func TestMistypedSecretNotEchoed(t *testing.T) {
+	_, _, err := Parse("config.toml", []byte(`[agent.config.auth]
+serveraddress = "example.azurecr.io"
+username = "u"
+password = 987654321
+`))
+	if err == nil || !strings.Contains(err.Error(), `the value of password must be a quoted string: password = "..."`) || strings.Contains(err.Error(), "987654321") {
+		t.Errorf("a mistyped password: %v", err)
+	}
+	_, _, err = Parse("config.toml", []byte("hostname = 12345\n"))
+	if err == nil || !strings.Contains(err.Error(), `hostname = "12345"`) {
+		t.Errorf("a mistyped hostname is shown quoted: %v", err)
+	}
+}
+
+// allow_elevated_docker_permissions is read (true unless written false),
+// kept by rendering, and a value of another type is named as wrong.
+func TestAllowElevatedDockerPermissions(t *testing.T) {
+	c, warns, err := Parse("config.toml", []byte("allow_elevated_docker_permissions = false\n"))
+	if err != nil || len(warns) != 1 || c.AllowElevatedDockerPermissions { // the warning: no provisioning
+		t.Errorf("= false: %+v, %v, %v", c, warns, err)
+	}
+	if !strings.Contains(string(c.TOML()), "allow_elevated_docker_permissions = false") {
+		t.Errorf("rendered without it:\n%s", c.TOML())
+	}
+	if c, _, err = Parse("config.toml", nil); err != nil || !c.AllowElevatedDockerPermissions {
+		t.Errorf("the default: %v, %v", c.AllowElevatedDockerPermissions, err)
+	}
+	_, _, err = Parse("config.toml", []byte("allow_elevated_docker_permissions = \"no\"\n"))
+	if err == nil || !strings.Contains(err.Error(), "allow_elevated_docker_permissions must be true or false") {
+		t.Errorf("a string: %v", err)
 	}
 }

@@ -17,7 +17,7 @@ import (
 // ignored are the Azure IoT Edge settings that Hatchery accepts, so that an
 // Azure config.toml keeps working, but does not act on: a warning says so.
 var ignored = []string{
-	"allow_elevated_docker_permissions", "prefer_module_identity_cache",
+	"prefer_module_identity_cache",
 	"cloud_timeout_sec", "cloud_retries", "manifest_trust_bundle_cert",
 	"imported_master_encryption_key", "additional_info",
 	"aziot_keys", "preloaded_keys", "cert_issuance", "preloaded_certs",
@@ -377,7 +377,11 @@ func (ck *checker) decodeError(data []byte, de *toml.DecodeError) error {
 	}
 	want := describe(t)
 	if m := rawAssignment.FindStringSubmatch(text); m != nil && t.Kind() == reflect.String {
-		want += fmt.Sprintf(": %s = %s", name, quote(strings.Trim(m[1], `'"`)))
+		v := quote(strings.Trim(m[1], `'"`))
+		if slices.Contains(SecretKeys, name) {
+			v = `"..."` // as for a syntax error: a secret stays out of messages
+		}
+		want += fmt.Sprintf(": %s = %s", name, v)
 	}
 	return &Error{at, fmt.Sprintf("the value of %s must be %s", name, want)}
 }
@@ -391,6 +395,8 @@ func describe(t reflect.Type) string {
 		return `a network name (string) or a table with its name, such as [moby_runtime.network] name = "azure-iot-edge"`
 	case t.Kind() == reflect.String:
 		return "a quoted string"
+	case t.Kind() == reflect.Bool:
+		return "true or false, unquoted"
 	case t.Kind() == reflect.Map && t.Elem().Kind() == reflect.String:
 		return `a table of quoted strings, such as { NAME = "value" }`
 	case t.Kind() == reflect.Struct:

@@ -63,9 +63,12 @@ type Options struct {
 type Daemon struct {
 	opts Options
 
-	mu       sync.Mutex
-	status   mgmt.Status
-	modules  []mgmt.Module
+	mu      sync.Mutex
+	status  mgmt.Status
+	modules []mgmt.Module
+	// stopped are the modules the deployment wants stopped: a restart
+	// on request would only be undone by the next reconcile.
+	stopped  map[string]bool
 	engine   *moby.Engine
 	reloadCh chan struct{}
 	reprovCh chan struct{}
@@ -231,7 +234,7 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}
 	a.rec = &agent.Reconciler{Engine: decorated{Engine: engine, w: d.workload, env: a.moduleEnv}, Network: cfg.MobyRuntime.Network.Name,
-		Previous: d.previous}
+		Previous: d.previous, DenyElevated: !cfg.AllowElevatedDockerPermissions}
 	bundle, _ := os.ReadFile(config.FilePath(cfg.TrustBundleCert))
 	d.workload.configure(a.signModule, a.moduleResource, bundle)
 	return a.run(ctx)
@@ -707,9 +710,13 @@ func (a *runner) reprovision(ctx context.Context) error {
 // setModules keeps the rows of `iotedge list` from a report.
 func (d *Daemon) setModules(rep map[string]any) {
 	var rows []mgmt.Module
+	stopped := map[string]bool{}
 	mods, _ := rep["modules"].(map[string]any)
 	for name, v := range mods {
 		m, _ := v.(map[string]any)
+		if m["status"] == agent.StatusStopped {
+			stopped[name] = true
+		}
 		image, _ := m["settings"].(map[string]any)["image"].(string)
 		status, _ := m["runtimeStatus"].(string)
 		desc, _ := m["statusDescription"].(string)
@@ -720,7 +727,7 @@ func (d *Daemon) setModules(rep map[string]any) {
 	desc, _ := status["description"].(string)
 	version, _ := rep["lastDesiredVersion"].(int64)
 	d.mu.Lock()
-	d.modules = rows
+	d.modules, d.stopped = rows, stopped
 	d.status.Deployment = mgmt.Deployment{Version: version, Code: code, Description: desc}
 	d.mu.Unlock()
 }

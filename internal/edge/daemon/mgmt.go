@@ -36,9 +36,18 @@ func (d *Daemon) mgmtHandler() http.Handler {
 		writeJSON(w, ms)
 	})
 	mux.HandleFunc("POST /modules/{name}/restart", func(w http.ResponseWriter, r *http.Request) {
-		e, err := d.moduleEngine(r.PathValue("name"))
+		name := r.PathValue("name")
+		e, err := d.moduleEngine(name)
 		if err != nil {
 			writeError(w, http.StatusNotFound, err)
+			return
+		}
+		d.mu.Lock()
+		stopped := d.stopped[name]
+		d.mu.Unlock()
+		if stopped { // the reconciler would stop it again within seconds
+			writeError(w, http.StatusConflict, fmt.Errorf("module %s's desired status is stopped: the agent keeps it stopped; "+
+				"set its status to \"running\" in the deployment to start it", name))
 			return
 		}
 		if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
@@ -61,7 +70,7 @@ func (d *Daemon) mgmtHandler() http.Handler {
 		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		out := &flushWriter{w: w}
 		if err := e.Logs(r.Context(), r.PathValue("name"), moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
-			Since: q.Get("since"), Follow: q.Get("follow") == "true"}, out); err != nil {
+			Since: q.Get("since"), Until: q.Get("until"), Follow: q.Get("follow") == "true"}, out); err != nil {
 			if !out.wrote { // nothing streamed yet: a status the CLI exits with
 				writeError(w, http.StatusNotFound, err)
 				return

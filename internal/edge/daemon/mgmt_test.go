@@ -6,6 +6,8 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/hatchery/hatchery/internal/edge/moby"
 )
 
 // A module the daemon does not run is 404 to every module request, so the
@@ -53,5 +55,24 @@ func TestLogLevelTrace(t *testing.T) {
 	}
 	if d.opts.Level.Level() != slog.LevelDebug {
 		t.Errorf("level after trace: %v, want debug", d.opts.Level.Level())
+	}
+}
+
+// A module the deployment wants stopped is not restarted on request: the
+// reconciler would stop it again within seconds, after the CLI said it
+// had restarted.
+func TestRestartRefusedForStoppedModule(t *testing.T) {
+	e, err := moby.New("unix:///nonexistent/docker.sock")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Daemon{engine: e}
+	d.setModules(map[string]any{"modules": map[string]any{
+		"sensor": map[string]any{"status": "stopped", "runtimeStatus": "stopped", "settings": map[string]any{"image": "img"}},
+	}})
+	w := httptest.NewRecorder()
+	d.mgmtHandler().ServeHTTP(w, httptest.NewRequest("POST", "/modules/sensor/restart", nil))
+	if w.Code != http.StatusConflict || !strings.Contains(w.Body.String(), `module sensor's desired status is stopped`) {
+		t.Errorf("restarting a module desired stopped: %d %s", w.Code, w.Body.String())
 	}
 }

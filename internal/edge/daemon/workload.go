@@ -244,11 +244,21 @@ func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {
 			return fmt.Errorf("module %s createOptions: %w", s.Name, err)
 		}
 	}
-	hc, _ := opts["HostConfig"].(map[string]any)
-	if hc == nil {
-		hc = map[string]any{}
+	// Checked, not asserted: a mistyped HostConfig or Binds would else be
+	// replaced by the socket's bind alone, and the module would start
+	// without its volumes.
+	hc := map[string]any{}
+	if v, ok := opts["HostConfig"]; ok && v != nil {
+		if hc, ok = v.(map[string]any); !ok {
+			return fmt.Errorf("module %s: createOptions.HostConfig must be an object", s.Name)
+		}
 	}
-	binds, _ := hc["Binds"].([]any)
+	var binds []any
+	if v, ok := hc["Binds"]; ok && v != nil {
+		if binds, ok = v.([]any); !ok {
+			return fmt.Errorf(`module %s: createOptions.HostConfig.Binds must be a list of "source:target[:options]" strings, such as ["/data:/data"]`, s.Name)
+		}
+	}
 	hc["Binds"] = append(binds, dir+":"+filepath.Dir(workloadInContainer))
 	opts["HostConfig"] = hc
 	if s.CreateOptions, err = json.Marshal(opts); err != nil {

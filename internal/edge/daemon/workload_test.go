@@ -85,7 +85,8 @@ type engineStub struct {
 	mu      sync.Mutex
 	stopped []string
 	// states overrides a container's state, running by default.
-	states map[string]moby.ModuleState
+	states  map[string]moby.ModuleState
+	created []moby.ModuleSpec
 }
 
 func (e *engineStub) stoppedNames() string {
@@ -182,5 +183,38 @@ func TestWorkloadReleasesRemovedModules(t *testing.T) {
 		} else {
 			c.Close()
 		}
+	}
+}
+
+func (e *engineStub) Create(_ context.Context, s moby.ModuleSpec) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.created = append(e.created, s)
+	return nil
+}
+
+// A mistyped HostConfig or Binds is refused, not replaced by the workload
+// socket's bind (which would start the module without its volumes).
+func TestWorkloadRefusesMistypedBinds(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "workload")
+	w := newWorkload(dir)
+	defer w.close()
+	stub := &engineStub{started: map[string]bool{}}
+	e := decorated{Engine: stub, w: w, env: func(string) map[string]string { return nil }}
+	for opts, want := range map[string]string{
+		`{"HostConfig":{"Binds":"/data:/data"}}`: "createOptions.HostConfig.Binds must be a list",
+		`{"HostConfig":["/data:/data"]}`:         "createOptions.HostConfig must be an object",
+	} {
+		err := e.Create(context.Background(), moby.ModuleSpec{Name: "sensor", Image: "img", CreateOptions: []byte(opts)})
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("createOptions %s: %v, want %q", opts, err, want)
+		}
+	}
+	if len(stub.created) != 0 {
+		t.Errorf("created despite bad createOptions: %+v", stub.created)
+	}
+	err := e.Create(context.Background(), moby.ModuleSpec{Name: "sensor", Image: "img", CreateOptions: []byte(`{"HostConfig":{"Binds":["/data:/data"]}}`)})
+	if err != nil || len(stub.created) != 1 || !strings.Contains(string(stub.created[0].CreateOptions), `"Binds":["/data:/data","`) {
+		t.Errorf("good Binds: %v, %+v", err, stub.created)
 	}
 }

@@ -181,9 +181,12 @@ func (c *Client) SetLogLevel(ctx context.Context, level string) error {
 	return c.do(ctx, "PUT", "/log-level", map[string]string{"level": level}, nil)
 }
 
-// ModuleLogs streams a module's logs.
-func (c *Client) ModuleLogs(ctx context.Context, module, tail, since string, follow bool) (io.ReadCloser, error) {
+// ModuleLogs streams a module's logs; until "" is to now.
+func (c *Client) ModuleLogs(ctx context.Context, module, tail, since, until string, follow bool) (io.ReadCloser, error) {
 	q := url.Values{"tail": {tail}, "since": {since}}
+	if until != "" {
+		q.Set("until", until)
+	}
 	if follow {
 		q.Set("follow", "true")
 	}

@@ -181,6 +181,14 @@ func (e *Engine) Create(ctx context.Context, s ModuleSpec) error {
 	}
 	q := url.Values{"name": {s.Name}}
 	err = e.call(ctx, request{method: http.MethodPost, path: "/containers/create", query: q, json: body}, nil)
+	var api *APIError
+	if errors.As(err, &api) && api.Status == http.StatusConflict {
+		// The runtime's own containers are listed and recreated, so the
+		// name is another's: say whose and how to free it, but leave it.
+		return fmt.Errorf("module %s: a container named %s exists that this runtime did not create (as Azure IoT Edge's "+
+			"edgeAgent leaves its modules' containers): remove it with `docker rm -f %s` and the module is created at the next try: %w",
+			s.Name, s.Name, s.Name, err)
+	}
 	if err != nil {
 		return fmt.Errorf("module %s: creating its container: %w", s.Name, err)
 	}

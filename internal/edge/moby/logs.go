@@ -21,7 +21,9 @@ type LogOptions struct {
 	Tail string
 	// Since is a duration back from now ("15m", "2h", "1 day"), an RFC 3339 time
 	// or a Unix timestamp ("" = from the start).
-	Since      string
+	Since string
+	// Until, in the same forms, ends the lines at a time ("" = to now).
+	Until      string
 	Follow     bool
 	Timestamps bool
 }
@@ -37,11 +39,18 @@ func (e *Engine) Logs(ctx context.Context, name string, opts LogOptions, w io.Wr
 		q.Set("tail", opts.Tail)
 	}
 	if opts.Since != "" {
-		since, err := sinceParam(opts.Since, time.Now())
+		since, err := timeParam("since", opts.Since, time.Now())
 		if err != nil {
 			return err
 		}
 		q.Set("since", since)
+	}
+	if opts.Until != "" {
+		until, err := timeParam("until", opts.Until, time.Now())
+		if err != nil {
+			return err
+		}
+		q.Set("until", until)
 	}
 	if opts.Follow {
 		q.Set("follow", "1")
@@ -89,8 +98,9 @@ func demux(w io.Writer, r io.Reader) error {
 	}
 }
 
-// sinceParam turns Since into the Unix time the engine wants.
-func sinceParam(s string, now time.Time) (string, error) {
+// timeParam turns Since or Until (flag names which) into the Unix time
+// the engine wants.
+func timeParam(flag, s string, now time.Time) (string, error) {
 	if d, err := time.ParseDuration(s); err == nil {
 		return strconv.FormatInt(now.Add(-d).Unix(), 10), nil
 	}
@@ -103,7 +113,7 @@ func sinceParam(s string, now time.Time) (string, error) {
 	if _, err := strconv.ParseFloat(s, 64); err == nil {
 		return s, nil
 	}
-	return "", fmt.Errorf("since %q: want a duration (90 minutes, 1 day, 6h, 2d 3h), an RFC 3339 time or a Unix timestamp", s)
+	return "", fmt.Errorf("%s %q: want a duration (90 minutes, 1 day, 6h, 2d 3h), an RFC 3339 time or a Unix timestamp", flag, s)
 }
 
 // humanUnits are the units of the durations Azure's iotedge takes (Rust's

@@ -128,6 +128,28 @@ func TestPullErrors(t *testing.T) {
 	}
 }
 
+// A name taken by a container this runtime did not make is named as
+// such, with how to free it.
+func TestCreateNameConflict(t *testing.T) {
+	e := fakeEngine(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Api-Version", "1.41")
+		switch {
+		case r.URL.Path == "/_ping", strings.HasSuffix(r.URL.Path, "/json"):
+			fmt.Fprint(w, `{}`)
+		case strings.HasSuffix(r.URL.Path, "/containers/create"):
+			w.WriteHeader(http.StatusConflict)
+			fmt.Fprint(w, `{"message":"Conflict. The container name \"/sensor\" is already in use by container \"0123\"."}`)
+		default:
+			t.Errorf("unexpected %s %s", r.Method, r.URL)
+		}
+	}))
+	err := e.Create(context.Background(), ModuleSpec{Name: "sensor", Image: "img:1", PullPolicy: "on-create"})
+	if err == nil || !strings.Contains(err.Error(), "a container named sensor exists that this runtime did not create") ||
+		!strings.Contains(err.Error(), "docker rm -f sensor") {
+		t.Errorf("Create = %v", err)
+	}
+}
+
 func TestCreateBody(t *testing.T) {
 	s := ModuleSpec{
 		Name:  "m1",
@@ -254,14 +276,25 @@ func TestSince(t *testing.T) {
 		"2days 3hours 2 mins": "1699816280",
 		"1M":                  "1697369984",
 	} {
-		if got, err := sinceParam(in, now); got != want || err != nil {
-			t.Errorf("sinceParam(%q) = %q, %v; want %q", in, got, err, want)
+		if got, err := timeParam("since", in, now); got != want || err != nil {
+			t.Errorf("timeParam(since, %q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
 	for _, in := range []string{"yesterday", "1 fortnight", "day", "1d -2h", "99999999999y"} {
-		if _, err := sinceParam(in, now); err == nil {
-			t.Errorf("sinceParam(%q): no error", in)
+		if _, err := timeParam("since", in, now); err == nil {
+			t.Errorf("timeParam(since, %q): no error", in)
 		}
+	}
+}
+
+// --until takes --since's forms, and its errors name it.
+func TestUntil(t *testing.T) {
+	now := time.Unix(1_700_000_000, 0)
+	if got, err := timeParam("until", "1h", now); got != "1699996400" || err != nil {
+		t.Errorf("timeParam(until, 1h) = %q, %v", got, err)
+	}
+	if _, err := timeParam("until", "later", now); err == nil || !strings.HasPrefix(err.Error(), `until "later"`) {
+		t.Errorf("timeParam(until, later): %v", err)
 	}
 }
 
