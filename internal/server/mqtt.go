@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -239,15 +238,11 @@ func parseUsername(u, clientID string) (host string, r hub.Ref, query string, ok
 	return host, hub.Ref{Device: device, Module: module}, query, true
 }
 
-// announcedModel is the model-id of a username's query. Not through
-// url.ParseQuery, which drops a pair with a ';': the Node SDK sends model
-// IDs ("dtmi:com:example:Thermostat;1") unencoded, others encode them.
+// announcedModel is the model-id of a username's query, decoded if encoded:
+// the Node SDK sends model IDs ("dtmi:com:example:Thermostat;1") unencoded,
+// others encode them (rawPairs).
 func announcedModel(query string) string {
-	m := rawParam(query, "model-id")
-	if dec, err := url.QueryUnescape(m); err == nil {
-		return dec
-	}
-	return m
+	return unescapeOr(rawParam(query, "model-id"))
 }
 
 // Authenticate accepts a device whose username names it on this hub, whose
@@ -273,12 +268,9 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	if p.Will != nil {
-		props, ok, err := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
-		if !ok || err != nil {
+		props, ok := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
+		if !ok {
 			reason := fmt.Sprintf("the last will goes to %q: a will is telemetry, to %smessages/events/ with a property bag or none", p.Will.Topic, sess.own())
-			if err != nil {
-				reason = err.Error()
-			}
 			slog.Info("mqtt connection refused", "identity", r.String(), "reason", reason)
 			return mqtt.RefusedNotAuthorized
 		}
@@ -382,11 +374,8 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	s := sess(c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if props, ok, err := eventProps(s.own(), p.Topic, p.Retain); ok {
-		if err != nil {
-			return err
-		}
-		_, err = d.hub.SendEvent(ctx, s.ref, props, p.Payload)
+	if props, ok := eventProps(s.own(), p.Topic, p.Retain); ok {
+		_, err := d.hub.SendEvent(ctx, s.ref, props, p.Payload)
 		return err
 	}
 	switch {
@@ -434,24 +423,28 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 // the identity whose topics start with own (ok false if it is not one), with
 // mqtt-retain if it was published retained: nothing is retained, and Azure
 // IoT Hub says so in that property.
-func eventProps(own, topic string, retain bool) (props map[string]string, ok bool, err error) {
+func eventProps(own, topic string, retain bool) (props map[string]string, ok bool) {
 	if !strings.HasPrefix(topic, own+"messages/events/") && topic+"/" != own+"messages/events/" {
-		return nil, false, nil
+		return nil, false
 	}
 	// The property bag may end in "/", as the Node SDK's output events do.
+	// Read leniently (rawPairs): a bag the SDKs would have encoded is
+	// still telemetry, and refusing it would disconnect the device, whose
+	// QoS 1 publish then comes back on every reconnect.
 	bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(topic, own+"messages/events"), "/"), "/")
-	values, err := url.ParseQuery(bag)
-	if err != nil {
-		return nil, true, fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
-	}
-	props = make(map[string]string, len(values)+2)
-	for k, v := range values {
-		props[k] = v[0]
+	props = map[string]string{}
+	for k, v := range rawPairs(bag) {
+		if k = unescapeOr(k); k == "" {
+			continue
+		}
+		if _, dup := props[k]; !dup { // the first of a repeated name, as before
+			props[k] = unescapeOr(v)
+		}
 	}
 	if retain {
 		props["mqtt-retain"] = "true"
 	}
-	return props, true, nil
+	return props, true
 }
 
 // reply sends a response topic; the device subscribed to $iothub/twin/res/#.

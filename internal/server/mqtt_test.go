@@ -805,6 +805,37 @@ func TestMQTTRetainedTelemetry(t *testing.T) {
 	}
 }
 
+// A property bag left unencoded, as Embedded C and hand-written firmware
+// send it, is telemetry with its properties as written, not a reason to
+// disconnect; escapes that are valid are decoded.
+func TestMQTTUnencodedPropertyBag(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	for i, tc := range []struct {
+		bag  string
+		want map[string]string
+	}{
+		{"model=dtmi:com:x;1", map[string]string{"model": "dtmi:com:x;1"}},
+		{"a=100%", map[string]string{"a": "100%"}},
+		{"b=%2Fx&c=50%&d", map[string]string{"b": "/x", "c": "50%", "d": ""}},
+	} {
+		id := uint16(i + 1)
+		c.write(&mqtt.Publish{QoS: 1, PacketID: id, Topic: "devices/d1/messages/events/" + tc.bag, Payload: []byte("{}")})
+		if ack, ok := c.read().(*mqtt.Puback); !ok || ack.PacketID != id {
+			t.Fatalf("%s: no PUBACK", tc.bag)
+		}
+		evs, _ := e.st.Events(ctx, "d1", 0, 10)
+		if len(evs) != i+1 {
+			t.Fatalf("%s: %d events, want %d", tc.bag, len(evs), i+1)
+		}
+		for k, v := range tc.want {
+			if got, ok := evs[i].Properties[k]; !ok || got != v {
+				t.Errorf("%s: property %s = %q, want %q (%v)", tc.bag, k, got, v, evs[i].Properties)
+			}
+		}
+	}
+}
+
 // A request ID comes back as the device wrote it, escapes and all: decoded,
 // "%23" would be a wildcard the reply topic may not hold.
 func TestMQTTRequestIDEchoedRaw(t *testing.T) {
