@@ -30,11 +30,22 @@ type DeviceEndpoint struct {
 
 	mu       sync.Mutex
 	sessions map[hub.Ref]*mqtt.Conn
+	idLocks  map[hub.Ref]*identityLock // lockIdentity's, while held or waited for
+
+	// hooks, for tests, run in Authenticate; nil in service.
+	hooks *endpointHooks
+}
+
+// endpointHooks let a test hold a connection at a point of Authenticate, to
+// interleave another with it.
+type endpointHooks struct {
+	beforeSwap   func(*mqtt.Conn) // authenticated, before it replaces the identity's connection
+	beforeAttach func(*mqtt.Conn) // it replaced it, before the hub records it connected
 }
 
 // NewDeviceEndpoint returns the mqtt.Handler of the hub's device endpoint.
 func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
-	return &DeviceEndpoint{hub: h, sessions: map[hub.Ref]*mqtt.Conn{}}
+	return &DeviceEndpoint{hub: h, sessions: map[hub.Ref]*mqtt.Conn{}, idLocks: map[hub.Ref]*identityLock{}}
 }
 
 // session is what a connection is allowed to do and what it listens to.
@@ -283,6 +294,19 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	grant.ModelID = announcedModel(query)
 	c.SetValue(sess)
+	if d.hooks != nil {
+		d.hooks.beforeSwap(c)
+	}
+	// Replacing the identity's connection and recording the new one are
+	// one step per identity, so the hub records connections in the order
+	// they replace each other: else an older connection could record
+	// itself after the newer one that replaced it, and its end then record
+	// the identity disconnected while the newer one lives.
+	unlock := d.lockIdentity(r)
+	if c.IsClosed() { // closed while it authenticated: the live connection stays
+		unlock()
+		return mqtt.RefusedServerUnavailable
+	}
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c
@@ -290,13 +314,18 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if old != nil {
 		old.Close() // as the hosted hub: a new connection replaces the old one
 	}
+	if d.hooks != nil {
+		d.hooks.beforeAttach(c)
+	}
 	// A device or module disabled, deleted or given new keys while
 	// connected is cut off, as in the hosted hub.
 	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
 	if err != nil {
 		d.forget(r, c)
+		unlock()
 		return refusal(r, err)
 	}
+	unlock()
 	sess.onClose(detach)
 	// A persistent session resumes what the identity subscribed to in its
 	// last one (the SDKs reconnect to renew their token without
@@ -342,6 +371,33 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 		if _, err := d.hub.SendEvent(ctx, s.ref, s.will.Properties, s.will.Body); err != nil {
 			slog.Info("sending a device's last will", "identity", s.ref.String(), "error", err)
 		}
+	}
+}
+
+// identityLock serializes the connects of one identity.
+type identityLock struct {
+	mu      sync.Mutex
+	holders int // holding or waiting: the lock is dropped at 0
+}
+
+// lockIdentity locks r's connects, and returns the unlock.
+func (d *DeviceEndpoint) lockIdentity(r hub.Ref) (unlock func()) {
+	d.mu.Lock()
+	l := d.idLocks[r]
+	if l == nil {
+		l = &identityLock{}
+		d.idLocks[r] = l
+	}
+	l.holders++
+	d.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		d.mu.Lock()
+		if l.holders--; l.holders == 0 {
+			delete(d.idLocks, r)
+		}
+		d.mu.Unlock()
 	}
 }
 
