@@ -283,6 +283,16 @@ func (c *Client) await(ctx context.Context, build func(id uint16) mqtt.Packet) e
 	id := c.nextID
 	c.acks[id] = ch
 	c.mu.Unlock()
+	// Unanswered (timed out, or the write failed), the entry would stay for
+	// the life of the connection, and a later request given the same ID
+	// once the IDs wrap would find it; answered, ack already removed it.
+	defer func() {
+		c.mu.Lock()
+		if c.acks[id] == ch {
+			delete(c.acks, id)
+		}
+		c.mu.Unlock()
+	}()
 	if err := c.write(build(id)); err != nil {
 		return err
 	}
@@ -337,6 +347,13 @@ func (c *Client) request(ctx context.Context, topic string, body []byte) (respon
 	rid := strconv.FormatUint(c.rid, 10)
 	c.twin[rid] = ch
 	c.mu.Unlock()
+	defer func() { // unanswered, as in await
+		c.mu.Lock()
+		if c.twin[rid] == ch {
+			delete(c.twin, rid)
+		}
+		c.mu.Unlock()
+	}()
 	if err := c.write(&mqtt.Publish{Topic: topic + "?$rid=" + rid, Payload: body}); err != nil {
 		return response{}, err
 	}

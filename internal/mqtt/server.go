@@ -398,6 +398,15 @@ func (c *Conn) MarkUnauthenticated() { c.unauthenticated = true }
 // Close closes the connection; Handler.Closed then receives ErrConnClosed.
 func (c *Conn) Close() { c.closeWith(ErrConnClosed) }
 
+// IsClosed reports whether the connection has been closed, by Close or by
+// the server (to make room for another, or stopping): an Authenticate still
+// running for it need not act for a client that can no longer be answered.
+func (c *Conn) IsClosed() bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.closed
+}
+
 // Subscribed reports whether the client has a subscription matching topic.
 func (c *Conn) Subscribed(topic string) bool {
 	c.mu.Lock()

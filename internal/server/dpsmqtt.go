@@ -24,6 +24,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"iter"
 	"log/slog"
 	"net/url"
 	"strconv"
@@ -199,12 +200,40 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 // rawParam returns a query parameter as the client wrote it, so that the
 // reply echoes the request ID byte for byte (a client may match it as text).
 func rawParam(rawQuery, name string) string {
-	for _, kv := range strings.Split(rawQuery, "&") {
-		if k, v, _ := strings.Cut(kv, "="); k == name {
+	for k, v := range rawPairs(rawQuery) {
+		if k == name {
 			return v
 		}
 	}
 	return ""
+}
+
+// rawPairs yields a query's name=value pairs as written: split on '&', each
+// on its first '='. Not url.ParseQuery, which refuses a ';' or a bad escape:
+// Embedded C and hand-written firmware send values such as model IDs
+// ("dtmi:com:example:Thermostat;1") or "100%" unencoded, and IoT Hub takes
+// them.
+func rawPairs(rawQuery string) iter.Seq2[string, string] {
+	return func(yield func(string, string) bool) {
+		for kv := range strings.SplitSeq(rawQuery, "&") {
+			if kv == "" {
+				continue
+			}
+			k, v, _ := strings.Cut(kv, "=")
+			if !yield(k, v) {
+				return
+			}
+		}
+	}
+}
+
+// unescapeOr decodes a query name or value, or returns it as written when it
+// is not a valid escape ("100%"): such a client did not encode it.
+func unescapeOr(s string) string {
+	if dec, err := url.QueryUnescape(s); err == nil {
+		return dec
+	}
+	return s
 }
 
 // replyDPS sends a response to the device's $dps/registrations/res/# subscription.

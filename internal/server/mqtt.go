@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"slices"
 	"strconv"
 	"strings"
@@ -31,11 +30,22 @@ type DeviceEndpoint struct {
 
 	mu       sync.Mutex
 	sessions map[hub.Ref]*mqtt.Conn
+	idLocks  map[hub.Ref]*identityLock // lockIdentity's, while held or waited for
+
+	// hooks, for tests, run in Authenticate; nil in service.
+	hooks *endpointHooks
+}
+
+// endpointHooks let a test hold a connection at a point of Authenticate, to
+// interleave another with it.
+type endpointHooks struct {
+	beforeSwap   func(*mqtt.Conn) // authenticated, before it replaces the identity's connection
+	beforeAttach func(*mqtt.Conn) // it replaced it, before the hub records it connected
 }
 
 // NewDeviceEndpoint returns the mqtt.Handler of the hub's device endpoint.
 func NewDeviceEndpoint(h *hub.Service) *DeviceEndpoint {
-	return &DeviceEndpoint{hub: h, sessions: map[hub.Ref]*mqtt.Conn{}}
+	return &DeviceEndpoint{hub: h, sessions: map[hub.Ref]*mqtt.Conn{}, idLocks: map[hub.Ref]*identityLock{}}
 }
 
 // session is what a connection is allowed to do and what it listens to.
@@ -239,15 +249,11 @@ func parseUsername(u, clientID string) (host string, r hub.Ref, query string, ok
 	return host, hub.Ref{Device: device, Module: module}, query, true
 }
 
-// announcedModel is the model-id of a username's query. Not through
-// url.ParseQuery, which drops a pair with a ';': the Node SDK sends model
-// IDs ("dtmi:com:example:Thermostat;1") unencoded, others encode them.
+// announcedModel is the model-id of a username's query, decoded if encoded:
+// the Node SDK sends model IDs ("dtmi:com:example:Thermostat;1") unencoded,
+// others encode them (rawPairs).
 func announcedModel(query string) string {
-	m := rawParam(query, "model-id")
-	if dec, err := url.QueryUnescape(m); err == nil {
-		return dec
-	}
-	return m
+	return unescapeOr(rawParam(query, "model-id"))
 }
 
 // Authenticate accepts a device whose username names it on this hub, whose
@@ -273,12 +279,9 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
 	if p.Will != nil {
-		props, ok, err := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
-		if !ok || err != nil {
+		props, ok := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
+		if !ok {
 			reason := fmt.Sprintf("the last will goes to %q: a will is telemetry, to %smessages/events/ with a property bag or none", p.Will.Topic, sess.own())
-			if err != nil {
-				reason = err.Error()
-			}
 			slog.Info("mqtt connection refused", "identity", r.String(), "reason", reason)
 			return mqtt.RefusedNotAuthorized
 		}
@@ -291,6 +294,19 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	grant.ModelID = announcedModel(query)
 	c.SetValue(sess)
+	if d.hooks != nil {
+		d.hooks.beforeSwap(c)
+	}
+	// Replacing the identity's connection and recording the new one are
+	// one step per identity, so the hub records connections in the order
+	// they replace each other: else an older connection could record
+	// itself after the newer one that replaced it, and its end then record
+	// the identity disconnected while the newer one lives.
+	unlock := d.lockIdentity(r)
+	if c.IsClosed() { // closed while it authenticated: the live connection stays
+		unlock()
+		return mqtt.RefusedServerUnavailable
+	}
 	d.mu.Lock()
 	old := d.sessions[r]
 	d.sessions[r] = c
@@ -298,13 +314,18 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if old != nil {
 		old.Close() // as the hosted hub: a new connection replaces the old one
 	}
+	if d.hooks != nil {
+		d.hooks.beforeAttach(c)
+	}
 	// A device or module disabled, deleted or given new keys while
 	// connected is cut off, as in the hosted hub.
 	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
 	if err != nil {
 		d.forget(r, c)
+		unlock()
 		return refusal(r, err)
 	}
+	unlock()
 	sess.onClose(detach)
 	// A persistent session resumes what the identity subscribed to in its
 	// last one (the SDKs reconnect to renew their token without
@@ -353,6 +374,33 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	}
 }
 
+// identityLock serializes the connects of one identity.
+type identityLock struct {
+	mu      sync.Mutex
+	holders int // holding or waiting: the lock is dropped at 0
+}
+
+// lockIdentity locks r's connects, and returns the unlock.
+func (d *DeviceEndpoint) lockIdentity(r hub.Ref) (unlock func()) {
+	d.mu.Lock()
+	l := d.idLocks[r]
+	if l == nil {
+		l = &identityLock{}
+		d.idLocks[r] = l
+	}
+	l.holders++
+	d.mu.Unlock()
+	l.mu.Lock()
+	return func() {
+		l.mu.Unlock()
+		d.mu.Lock()
+		if l.holders--; l.holders == 0 {
+			delete(d.idLocks, r)
+		}
+		d.mu.Unlock()
+	}
+}
+
 // forget drops c as r's connection, unless another has replaced it.
 func (d *DeviceEndpoint) forget(r hub.Ref, c *mqtt.Conn) {
 	d.mu.Lock()
@@ -382,11 +430,8 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	s := sess(c)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	if props, ok, err := eventProps(s.own(), p.Topic, p.Retain); ok {
-		if err != nil {
-			return err
-		}
-		_, err = d.hub.SendEvent(ctx, s.ref, props, p.Payload)
+	if props, ok := eventProps(s.own(), p.Topic, p.Retain); ok {
+		_, err := d.hub.SendEvent(ctx, s.ref, props, p.Payload)
 		return err
 	}
 	switch {
@@ -434,24 +479,28 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 // the identity whose topics start with own (ok false if it is not one), with
 // mqtt-retain if it was published retained: nothing is retained, and Azure
 // IoT Hub says so in that property.
-func eventProps(own, topic string, retain bool) (props map[string]string, ok bool, err error) {
+func eventProps(own, topic string, retain bool) (props map[string]string, ok bool) {
 	if !strings.HasPrefix(topic, own+"messages/events/") && topic+"/" != own+"messages/events/" {
-		return nil, false, nil
+		return nil, false
 	}
 	// The property bag may end in "/", as the Node SDK's output events do.
+	// Read leniently (rawPairs): a bag the SDKs would have encoded is
+	// still telemetry, and refusing it would disconnect the device, whose
+	// QoS 1 publish then comes back on every reconnect.
 	bag := strings.TrimSuffix(strings.TrimPrefix(strings.TrimPrefix(topic, own+"messages/events"), "/"), "/")
-	values, err := url.ParseQuery(bag)
-	if err != nil {
-		return nil, true, fmt.Errorf("telemetry property bag %q is not URL-encoded: %w", bag, err)
-	}
-	props = make(map[string]string, len(values)+2)
-	for k, v := range values {
-		props[k] = v[0]
+	props = map[string]string{}
+	for k, v := range rawPairs(bag) {
+		if k = unescapeOr(k); k == "" {
+			continue
+		}
+		if _, dup := props[k]; !dup { // the first of a repeated name, as before
+			props[k] = unescapeOr(v)
+		}
 	}
 	if retain {
 		props["mqtt-retain"] = "true"
 	}
-	return props, true, nil
+	return props, true
 }
 
 // reply sends a response topic; the device subscribed to $iothub/twin/res/#.

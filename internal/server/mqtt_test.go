@@ -741,11 +741,177 @@ func (e *env) rawDevice(t *testing.T, addr, id string) *rawClient {
 // returns the CONNACK code.
 func (e *env) rawConnect(t *testing.T, addr string, d *hub.Device, will *mqtt.Will) (*rawClient, byte) {
 	t.Helper()
-	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
 	c := e.dialRaw(t, addr, nil)
-	return c, c.connect(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: d.DeviceID, Will: will,
+	return c, c.connect(sasConnect(d, will)).ReturnCode
+}
+
+// sasConnect is d's CONNECT with a SAS token and will.
+func sasConnect(d *hub.Device, will *mqtt.Will) *mqtt.Connect {
+	key, _ := base64.StdEncoding.DecodeString(d.Authentication.SymmetricKey.PrimaryKey)
+	return &mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: d.DeviceID, Will: will,
 		HasUsername: true, Username: host + "/" + d.DeviceID + "/?api-version=2021-04-12",
-		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+d.DeviceID, "", time.Now().Add(time.Hour)))}).ReturnCode
+		HasPassword: true, Password: []byte(sas.Build(key, host+"/devices/"+d.DeviceID, "", time.Now().Add(time.Hour)))}
+}
+
+// closedSignal is the device endpoint, telling which connections it has
+// seen the end of.
+type closedSignal struct {
+	*DeviceEndpoint
+	closed chan *mqtt.Conn
+}
+
+func (h closedSignal) Closed(c *mqtt.Conn, err error) {
+	h.DeviceEndpoint.Closed(c, err)
+	h.closed <- c
+}
+
+// overlapping serves h and starts a connection of d, for the test's hooks
+// to hold in Authenticate; it returns the endpoint's address and a channel
+// closed when that connection's client has seen it end.
+func (e *env) overlapping(t *testing.T, d *hub.Device, h closedSignal) (addr string, ended <-chan struct{}) {
+	t.Helper()
+	addr = e.serveMQTT(h)
+	a := e.dialRaw(t, addr, nil)
+	a.write(sasConnect(d, nil))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			if _, err := a.tryRead(); err != nil {
+				return
+			}
+		}
+	}()
+	return addr, done
+}
+
+func (e *env) identityState(t *testing.T, id string) string {
+	t.Helper()
+	got, err := e.hub.GetIdentity(ctx, hub.Ref{Device: id})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got.ConnectionState
+}
+
+// waitClosed waits for the endpoint to have handled the end of c.
+func waitClosed(t *testing.T, h closedSignal, c *mqtt.Conn) {
+	t.Helper()
+	for {
+		select {
+		case got := <-h.closed:
+			if got == c {
+				return
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("the connection's end was not handled")
+		}
+	}
+}
+
+// Of two overlapping connections of one identity, the newer is recorded
+// connected, though the older replaced the identity's connection first and
+// would record itself after it; the older one's end leaves the record be.
+func TestMQTTOverlappingConnectsRecordTheLatest(t *testing.T) {
+	e := newEnv(t)
+	d := e.newDevice("d1", false)
+	h := closedSignal{NewDeviceEndpoint(e.hub), make(chan *mqtt.Conn, 4)}
+	var mu sync.Mutex
+	var aConn, bConn *mqtt.Conn
+	aIn, bIn, bAccepted := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	h.hooks = &endpointHooks{
+		beforeSwap: func(c *mqtt.Conn) {
+			mu.Lock()
+			defer mu.Unlock()
+			if aConn == nil {
+				aConn = c
+				close(aIn)
+			} else {
+				bConn = c
+				close(bIn)
+			}
+		},
+		beforeAttach: func(c *mqtt.Conn) {
+			mu.Lock()
+			isA := c == aConn
+			mu.Unlock()
+			if isA { // hold A until B is through, or cannot get through
+				<-bIn
+				select {
+				case <-bAccepted:
+				case <-time.After(time.Second):
+				}
+			}
+		},
+	}
+	addr, aEnded := e.overlapping(t, d, h)
+	<-aIn
+	b, code := e.rawConnect(t, addr, d, nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("B: CONNACK %d", code)
+	}
+	close(bAccepted)
+	<-aEnded
+	waitClosed(t, h, aConn)
+	if s := e.identityState(t, "d1"); s != "Connected" {
+		t.Fatalf("with B connected and A gone: %s", s)
+	}
+	b.write(&mqtt.Publish{QoS: 1, PacketID: 1, Topic: "devices/d1/messages/events/", Payload: []byte("{}")})
+	if _, ok := b.read().(*mqtt.Puback); !ok {
+		t.Fatal("B: no PUBACK")
+	}
+	b.write(&mqtt.Disconnect{})
+	waitClosed(t, h, bConn)
+	if s := e.identityState(t, "d1"); s != "Disconnected" {
+		t.Fatalf("after B disconnected: %s", s)
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if n := len(h.idLocks); n != 0 {
+		t.Fatalf("%d identity locks kept after the connects", n)
+	}
+}
+
+// A connection closed while it authenticates (the server making room, or
+// stopping) does not replace the identity's live one.
+func TestMQTTClosedConnectReplacesNothing(t *testing.T) {
+	e := newEnv(t)
+	d := e.newDevice("d1", false)
+	h := closedSignal{NewDeviceEndpoint(e.hub), make(chan *mqtt.Conn, 4)}
+	var mu sync.Mutex
+	var aConn *mqtt.Conn
+	aIn, bAccepted := make(chan struct{}), make(chan struct{})
+	h.hooks = &endpointHooks{
+		beforeSwap: func(c *mqtt.Conn) {
+			mu.Lock()
+			first := aConn == nil
+			if first {
+				aConn = c
+			}
+			mu.Unlock()
+			if first { // B connects meanwhile; then A is closed
+				close(aIn)
+				<-bAccepted
+				c.Close()
+			}
+		},
+		beforeAttach: func(*mqtt.Conn) {},
+	}
+	addr, aEnded := e.overlapping(t, d, h)
+	<-aIn
+	b, code := e.rawConnect(t, addr, d, nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("B: CONNACK %d", code)
+	}
+	close(bAccepted)
+	<-aEnded
+	b.write(&mqtt.Publish{QoS: 1, PacketID: 1, Topic: "devices/d1/messages/events/", Payload: []byte("{}")})
+	if _, ok := b.read().(*mqtt.Puback); !ok {
+		t.Fatal("B: no PUBACK")
+	}
+	if s := e.identityState(t, "d1"); s != "Connected" {
+		t.Fatalf("with B connected: %s", s)
+	}
 }
 
 // A last will addressed to the device's telemetry is sent as telemetry,
@@ -802,6 +968,37 @@ func TestMQTTRetainedTelemetry(t *testing.T) {
 	}
 	if evs, _ := e.st.Events(ctx, "d1", 0, 10); len(evs) != 1 || evs[0].Properties["mqtt-retain"] != "true" || evs[0].Properties["a"] != "b" {
 		t.Fatalf("events %+v", evs)
+	}
+}
+
+// A property bag left unencoded, as Embedded C and hand-written firmware
+// send it, is telemetry with its properties as written, not a reason to
+// disconnect; escapes that are valid are decoded.
+func TestMQTTUnencodedPropertyBag(t *testing.T) {
+	e := newEnv(t)
+	c := e.rawDevice(t, e.startMQTT(), "d1")
+	for i, tc := range []struct {
+		bag  string
+		want map[string]string
+	}{
+		{"model=dtmi:com:x;1", map[string]string{"model": "dtmi:com:x;1"}},
+		{"a=100%", map[string]string{"a": "100%"}},
+		{"b=%2Fx&c=50%&d", map[string]string{"b": "/x", "c": "50%", "d": ""}},
+	} {
+		id := uint16(i + 1)
+		c.write(&mqtt.Publish{QoS: 1, PacketID: id, Topic: "devices/d1/messages/events/" + tc.bag, Payload: []byte("{}")})
+		if ack, ok := c.read().(*mqtt.Puback); !ok || ack.PacketID != id {
+			t.Fatalf("%s: no PUBACK", tc.bag)
+		}
+		evs, _ := e.st.Events(ctx, "d1", 0, 10)
+		if len(evs) != i+1 {
+			t.Fatalf("%s: %d events, want %d", tc.bag, len(evs), i+1)
+		}
+		for k, v := range tc.want {
+			if got, ok := evs[i].Properties[k]; !ok || got != v {
+				t.Errorf("%s: property %s = %q, want %q (%v)", tc.bag, k, got, v, evs[i].Properties)
+			}
+		}
 	}
 }
 

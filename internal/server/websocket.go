@@ -3,8 +3,11 @@ package server
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"net/http"
+	"os"
+	"sync/atomic"
 	"time"
 
 	"github.com/coder/websocket"
@@ -32,7 +35,7 @@ func mqttOverWebSocket(devices *mqtt.Server) http.HandlerFunc {
 			ws.Close(websocket.StatusPolicyViolation, "this endpoint speaks the mqtt subprotocol")
 			return
 		}
-		nc := wsStream{websocket.NetConn(context.Background(), ws, websocket.MessageBinary), ws}
+		nc := &wsStream{Conn: websocket.NetConn(context.Background(), ws, websocket.MessageBinary), ws: ws}
 		// After NetConn, which lifts the limit: a message holds a packet, or a few.
 		ws.SetReadLimit(2 * int64(max(devices.MaxPacketSize, mqtt.DefaultMaxPacketSize)))
 		switch err := devices.ServeConn(nc, r.TLS); {
@@ -48,9 +51,61 @@ func mqttOverWebSocket(devices *mqtt.Server) http.HandlerFunc {
 // at once when it ends the connection itself (to make room for another,
 // say): a client that does not answer the close handshake would keep the
 // connection open for seconds.
+//
+// It also reports a passed deadline as a TCP or TLS connection does, with
+// os.ErrDeadlineExceeded, which the MQTT server looks for to tell a client
+// silent past its keep-alive or not reading from a broken connection: the
+// WebSocket's stream says context.DeadlineExceeded, or context.Canceled
+// when the deadline cut a read or write short.
 type wsStream struct {
 	net.Conn
-	ws *websocket.Conn
+	ws              *websocket.Conn
+	readBy, writeBy atomic.Int64 // deadlines in Unix nanoseconds; 0 for none
 }
 
-func (s wsStream) CloseNow() error { return s.ws.CloseNow() }
+func (s *wsStream) CloseNow() error { return s.ws.CloseNow() }
+
+func (s *wsStream) Read(p []byte) (int, error) {
+	n, err := s.Conn.Read(p)
+	return n, timedOut(err, &s.readBy)
+}
+
+func (s *wsStream) Write(p []byte) (int, error) {
+	n, err := s.Conn.Write(p)
+	return n, timedOut(err, &s.writeBy)
+}
+
+func (s *wsStream) SetDeadline(t time.Time) error {
+	s.readBy.Store(unixNano(t))
+	s.writeBy.Store(unixNano(t))
+	return s.Conn.SetDeadline(t)
+}
+
+func (s *wsStream) SetReadDeadline(t time.Time) error {
+	s.readBy.Store(unixNano(t))
+	return s.Conn.SetReadDeadline(t)
+}
+
+func (s *wsStream) SetWriteDeadline(t time.Time) error {
+	s.writeBy.Store(unixNano(t))
+	return s.Conn.SetWriteDeadline(t)
+}
+
+func unixNano(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.UnixNano()
+}
+
+// timedOut is err as os.ErrDeadlineExceeded if it is the stream's context
+// ending and the deadline by has passed.
+func timedOut(err error, by *atomic.Int64) error {
+	if err == nil || !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	if d := by.Load(); d == 0 || time.Now().UnixNano() < d {
+		return err // closed, not timed out
+	}
+	return fmt.Errorf("%w (%w)", os.ErrDeadlineExceeded, err)
+}
