@@ -18,6 +18,7 @@ import (
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -65,6 +66,10 @@ type challenge struct {
 	EndorsementKey string    `json:"endorsementKey"`
 	StorageRootKey string    `json:"storageRootKey"`
 	Expires        time.Time `json:"expires"`
+	// EndorsementKeyCertificate is a TPM group's device's EK certificate
+	// (base64 DER), checked against the group again when the device
+	// answers (stillTrusts).
+	EndorsementKeyCertificate string `json:"endorsementKeyCertificate,omitempty"`
 }
 
 // attestation is what authentication found: the enrollment (or group) the
@@ -295,7 +300,7 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err != nil {
 		return nil, err
 	}
-	group := ""
+	group, ekCert := "", ""
 	switch {
 	case e == nil && body.TPM.EndorsementKeyCertificate != "":
 		g, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
@@ -303,6 +308,8 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 			return nil, err
 		}
 		group = g.EnrollmentGroupID
+		cert, _ := certtext.Parse(body.TPM.EndorsementKeyCertificate) // parsed by tpmGroup
+		ekCert = base64.StdEncoding.EncodeToString(cert.Raw)
 	case e == nil:
 		return nil, denied(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
 	default:
@@ -335,7 +342,7 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	// The keys are kept re-encoded, so that one key sent in other spellings
 	// (base64 with line breaks) is one key.
 	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: base64.StdEncoding.EncodeToString(ek),
-		StorageRootKey: base64.StdEncoding.EncodeToString(srk), Expires: s.Now().Add(s.ChallengeTTL)}
+		StorageRootKey: base64.StdEncoding.EncodeToString(srk), Expires: s.Now().Add(s.ChallengeTTL), EndorsementKeyCertificate: ekCert}
 	issued, err := s.addChallenge(ctx, regID, c, proven)
 	if err != nil {
 		return nil, err
@@ -435,6 +442,9 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		if err != nil {
 			return nil, err
 		}
+		if err := s.stillTrusts(regID, g, c); err != nil {
+			return nil, err
+		}
 		return &attestation{group: g, challenge: c, keys: sas.Keys(c.Key)}, nil
 	case err != nil && azerr.As(err).Status() >= 500:
 		return nil, err // the store failed
@@ -476,6 +486,7 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge, p
 				// issued under an enrollment since deleted, or a group,
 				// does not serve the other.)
 				o.HubKey, reused = c.HubKey, true
+				o.EndorsementKeyCertificate = c.EndorsementKeyCertificate // the one just checked
 				written.Pending[0] = o
 			default:
 				written.Pending = append(written.Pending, o)

@@ -51,9 +51,9 @@ var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
 // IDs with no individual enrollment, so every refusal is denied's: one told
 // apart would say the ID is not enrolled.
 func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
-	cert, err := certtext.Parse(certB64)
+	cert, err := ekCertificate(regID, certB64)
 	if err != nil {
-		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
+		return nil, err
 	}
 	pub, _ := attest.ParsePublic(ek) // checked by the caller
 	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
@@ -63,24 +63,63 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
 		return nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
 	}
-	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
-		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
-	})
 	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
-		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
-			return nil, 0
-		}
-		cas := g.Attestation.TPM.EKCertificateAuthorities
-		return chainsTo(cert, cas.intermediates(), cas.certificates(), s.Now(), x509.ExtKeyUsageAny)
+		return s.tpmGroupTrusts(g, cert)
 	})
 	if err != nil {
 		return nil, err
 	}
 	if m.group == nil {
-		return nil, denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
-			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
+		return nil, notChaining(regID, cert)
 	}
 	return m.group, nil
+}
+
+// stillTrusts checks, when a TPM group's device answers its challenge, that
+// the challenge's group still trusts its EK certificate: a CA removed from
+// the group (or a group re-created with other CAs) stops devices that were
+// challenged before, as it stops new ones.
+func (s *Service) stillTrusts(regID string, g *EnrollmentGroup, c *challenge) error {
+	if c.EndorsementKeyCertificate == "" {
+		return denied(regID, "the TPM challenge predates EK certificates kept with challenges: register again for a new challenge")
+	}
+	cert, err := ekCertificate(regID, c.EndorsementKeyCertificate)
+	if err != nil {
+		return err
+	}
+	if ca, _ := s.tpmGroupTrusts(g, cert); ca == nil {
+		return notChaining(regID, cert)
+	}
+	return nil
+}
+
+// ekCertificate parses a device's EK certificate (base64 DER or PEM) for
+// chain verification.
+func ekCertificate(regID, certB64 string) (*x509.Certificate, error) {
+	cert, err := certtext.Parse(certB64)
+	if err != nil {
+		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
+	}
+	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
+		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
+	})
+	return cert, nil
+}
+
+// tpmGroupTrusts is the CA of TPM group g that cert chains to, and how far
+// (closestGroup); nil if g is no TPM group or cert chains to none of its CAs.
+func (s *Service) tpmGroupTrusts(g *EnrollmentGroup, cert *x509.Certificate) (*x509.Certificate, int) {
+	if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
+		return nil, 0
+	}
+	cas := g.Attestation.TPM.EKCertificateAuthorities
+	return chainsTo(cert, cas.intermediates(), cas.certificates(), s.Now(), x509.ExtKeyUsageAny)
+}
+
+// notChaining refuses an EK certificate that no TPM group trusts.
+func notChaining(regID string, cert *x509.Certificate) error {
+	return denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
+		") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
 }
 
 // A TPM activates credentials for its EK whatever else the public area it
