@@ -830,11 +830,11 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 
 // place chooses the device's hub and writes the device there. A device
 // registering again follows the enrollment's reprovisionPolicy:
-// updateHubAssignment false keeps it on its hub; otherwise it goes where
-// the allocation says and its twin is carried over (migrateDeviceData) or
-// reset to the initial twin, and a device that moved (to another hub or
-// device ID) is to be removed from where it was: place returns that former
-// identity. state.Substatus records which happened.
+// updateHubAssignment false keeps it on its hub, as the device it was;
+// otherwise it goes where the allocation says and its twin is carried over
+// (migrateDeviceData) or reset to the initial twin, and a device that moved
+// (to another hub or device ID) is to be removed from where it was: place
+// returns that former identity. state.Substatus records which happened.
 func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment, repro *ReprovisionPolicy,
 	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, *formerIdentity, error) {
 	if repro == nil {
@@ -849,6 +849,11 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		prevHub = hubNamed(hubs, prev.Hub)
 	}
 	if prevHub != nil && !repro.UpdateHubAssignment {
+		// Never reprovisioned: the device stays the identity it was, even
+		// if the enrollment's deviceId changed since; writing the new one
+		// would leave a second device beside the old, whose credentials
+		// still work.
+		dev.DeviceID = prev.DeviceID
 		state.Substatus = "reprovisionedToInitialAssignment"
 		return prevHub, nil, s.registry.UpsertDevice(ctx, *prevHub, *dev)
 	}

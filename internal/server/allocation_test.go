@@ -80,6 +80,39 @@ func (e *env) updateLinkedHub(t *testing.T, name string, edit func(*dps.LinkedHu
 
 // symDevice enrolls regID with a symmetric key and returns a function that
 // registers it.
+// With reprovisionPolicy "never" (updateHubAssignment false), a device
+// registering again stays the identity it was: a deviceId the operator
+// changed in the enrollment since does not create a second device beside
+// the old one.
+func TestNeverReprovisionKeepsTheDeviceID(t *testing.T) {
+	e := newEnv(t)
+	en := &dps.Enrollment{RegistrationID: "keeper", DeviceID: "keeper-old", ReprovisionPolicy: &dps.ReprovisionPolicy{}}
+	register := e.symDevice(t, en)
+	if res, err := register(); err != nil || res.DeviceID != "keeper-old" {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	cur, err := e.dps.GetEnrollment(ctx, "keeper")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.DeviceID, cur.RegistrationState = "keeper-new", nil
+	e.putEnrollment(cur)
+	before := e.counts()["hub.device"]
+	res, err := register()
+	if err != nil || res.DeviceID != "keeper-old" || res.AssignedHub != host || res.Substatus != "reprovisionedToInitialAssignment" {
+		t.Fatalf("registering again: %+v %v", res, err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/keeper-new", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Errorf("a second device was created: %v", err)
+	}
+	if after := e.counts()["hub.device"]; after != before {
+		t.Errorf("%d hub devices, then %d", before, after)
+	}
+	if rec, err := e.dps.GetRegistration(ctx, "keeper"); err != nil || rec.DeviceID != "keeper-old" {
+		t.Errorf("registration record %+v %v", rec, err)
+	}
+}
+
 func (e *env) symDevice(t *testing.T, en *dps.Enrollment) func() (*dps.RegistrationState, error) {
 	t.Helper()
 	en.Attestation = dps.Attestation{Type: dps.AttestationSymmetricKey}
