@@ -667,6 +667,12 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
 			dev.DeviceID, att.group.EnrollmentGroupID))
 	}
+	if err != nil && ctx.Err() != nil {
+		// The device hung up (a slow webhook, say): nobody waits for this
+		// failure, and recording it would show a device assigned before
+		// as failed.
+		return nil, err
+	}
 	if err != nil {
 		slog.Warn("assignment failed", "registrationId", regID, "error", err)
 		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
