@@ -18,7 +18,6 @@ import (
 
 	"github.com/hatchery/hatchery/internal/attest"
 	"github.com/hatchery/hatchery/internal/azerr"
-	"github.com/hatchery/hatchery/internal/certtext"
 	"github.com/hatchery/hatchery/internal/jsonbody"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -303,13 +302,11 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	group, ekCert := "", ""
 	switch {
 	case e == nil && body.TPM.EndorsementKeyCertificate != "":
-		g, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
+		g, cert, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
 		if err != nil {
 			return nil, err
 		}
-		group = g.EnrollmentGroupID
-		cert, _ := certtext.Parse(body.TPM.EndorsementKeyCertificate) // parsed by tpmGroup
-		ekCert = base64.StdEncoding.EncodeToString(cert.Raw)
+		group, ekCert = g.EnrollmentGroupID, base64.StdEncoding.EncodeToString(cert.Raw)
 	case e == nil:
 		return nil, denied(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
 	default:

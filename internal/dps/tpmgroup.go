@@ -46,33 +46,33 @@ func checkTPMGroup(a *TPMAttestation, now time.Time) error {
 var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
 
 // tpmGroup finds the TPM group whose CA certificate signed the device's EK
-// certificate, after checking that the certificate is for this EK and that
-// the registration ID is the one the EK determines. It is asked only for
-// IDs with no individual enrollment, so every refusal is denied's: one told
-// apart would say the ID is not enrolled.
-func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
+// certificate (returned parsed), after checking that the certificate is for
+// this EK and that the registration ID is the one the EK determines. It is
+// asked only for IDs with no individual enrollment, so every refusal is
+// denied's: one told apart would say the ID is not enrolled.
+func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, *x509.Certificate, error) {
 	cert, err := ekCertificate(regID, certB64)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	pub, _ := attest.ParsePublic(ek) // checked by the caller
 	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
 	if !ok || !certKey.Equal(pub.Key()) {
-		return nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
+		return nil, nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
 	}
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
-		return nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
+		return nil, nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
 	}
 	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
 		return s.tpmGroupTrusts(g, cert)
 	})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	if m.group == nil {
-		return nil, notChaining(regID, cert)
+		return nil, nil, notChaining(regID, cert)
 	}
-	return m.group, nil
+	return m.group, cert, nil
 }
 
 // stillTrusts checks, when a TPM group's device answers its challenge, that
