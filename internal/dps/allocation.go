@@ -223,6 +223,11 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	if err != nil && ctx.Err() == nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
 		return nil, fail("no answer within %s", timeout)
 	}
+	if err != nil && ctx.Err() != nil {
+		// The device hung up: not the webhook's failure (assign records
+		// nothing of it).
+		return nil, fmt.Errorf("custom allocation webhook %s: the device's request ended: %w", where, context.Cause(ctx))
+	}
 	if err != nil {
 		return nil, fail("unreachable (%v)", errors.Unwrap(err))
 	}

@@ -15,8 +15,8 @@ const (
 	BulkDelete            = "delete"
 )
 
-// MaxBulk bounds the enrollments of one bulk operation. The hosted service
-// takes 10; importing a fleet wants far more per round trip.
+// MaxBulk bounds the enrollments (or groups) of one bulk operation. The
+// hosted service takes 10; importing a fleet wants far more per round trip.
 const MaxBulk = 10000
 
 // BulkOperation is the body of POST /enrollments.
@@ -38,51 +38,120 @@ type BulkError struct {
 	ErrorStatus    string `json:"errorStatus"`
 }
 
+// BulkGroupOperation is the body of POST /enrollmentGroups.
+type BulkGroupOperation struct {
+	Mode             string             `json:"mode"`
+	EnrollmentGroups []*EnrollmentGroup `json:"enrollmentGroups"`
+}
+
+// BulkGroupResult says which groups of a bulk operation failed, and why.
+type BulkGroupResult struct {
+	IsSuccessful bool              `json:"isSuccessful"`
+	Errors       []*BulkGroupError `json:"errors"`
+}
+
+// BulkGroupError is one group's failure.
+type BulkGroupError struct {
+	EnrollmentGroupID string `json:"enrollmentGroupId"`
+	ErrorCode         int    `json:"errorCode"`
+	ErrorStatus       string `json:"errorStatus"`
+}
+
 // Bulk applies one operation to many enrollments. Each succeeds or fails on
 // its own: the result lists the failures, in request order.
 func (s *Service) Bulk(ctx context.Context, op *BulkOperation) (*BulkResult, error) {
-	mode := strings.ToLower(op.Mode)
-	switch mode {
+	errs, err := runBulk(ctx, op.Mode, "enrollments", op.Enrollments, bulkItems[Enrollment]{
+		what: "enrollment",
+		key:  func(e *Enrollment) (string, string) { return e.RegistrationID, e.ETag },
+		put: func(ctx context.Context, id string, w write, e *Enrollment) error {
+			_, err := s.putEnrollment(ctx, id, w, e)
+			return err
+		},
+		delete: s.DeleteEnrollment,
+	}, func(id string, code int, status string) *BulkError {
+		return &BulkError{RegistrationID: id, ErrorCode: code, ErrorStatus: status}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &BulkResult{IsSuccessful: len(errs) == 0, Errors: errs}, nil
+}
+
+// BulkGroups applies one operation to many enrollment groups, as Bulk does
+// to enrollments.
+func (s *Service) BulkGroups(ctx context.Context, op *BulkGroupOperation) (*BulkGroupResult, error) {
+	errs, err := runBulk(ctx, op.Mode, "enrollmentGroups", op.EnrollmentGroups, bulkItems[EnrollmentGroup]{
+		what: "enrollment group",
+		key:  func(g *EnrollmentGroup) (string, string) { return g.EnrollmentGroupID, g.ETag },
+		put: func(ctx context.Context, id string, w write, g *EnrollmentGroup) error {
+			_, err := s.putGroup(ctx, id, w, g)
+			return err
+		},
+		delete: s.DeleteGroup,
+	}, func(id string, code int, status string) *BulkGroupError {
+		return &BulkGroupError{EnrollmentGroupID: id, ErrorCode: code, ErrorStatus: status}
+	})
+	if err != nil {
+		return nil, err
+	}
+	return &BulkGroupResult{IsSuccessful: len(errs) == 0, Errors: errs}, nil
+}
+
+// bulkItems is how a bulk operation reads and writes one kind of item.
+type bulkItems[T any] struct {
+	what   string                     // "enrollment", in messages
+	key    func(*T) (id, etag string) // the item's ID and the etag it carries
+	put    func(context.Context, string, write, *T) error
+	delete func(ctx context.Context, id, ifMatch string) error
+}
+
+// runBulk applies the operation of mode to each of items (listed under
+// field in the request) on its own, and returns the failures, made by
+// failure, in request order. A store failure fails the whole operation,
+// which the caller retries.
+func runBulk[T, E any](ctx context.Context, mode, field string, items []*T, ops bulkItems[T], failure func(id string, code int, status string) E) ([]E, error) {
+	m := strings.ToLower(mode)
+	switch m {
 	case "create", "update", "updateifmatchetag", "delete":
 	default:
-		return nil, azerr.BadRequest("mode %q is not valid: use create, update, updateIfMatchETag or delete", op.Mode)
+		return nil, azerr.BadRequest("mode %q is not valid: use create, update, updateIfMatchETag or delete", mode)
 	}
-	if len(op.Enrollments) == 0 {
-		return nil, azerr.BadRequest("enrollments is empty: give the enrollments to %s", op.Mode)
+	if len(items) == 0 {
+		return nil, azerr.BadRequest("%s is empty: give the %ss to %s", field, ops.what, mode)
 	}
-	if len(op.Enrollments) > MaxBulk {
-		return nil, azerr.BadRequest("%d enrollments in one bulk operation: send at most %d at a time", len(op.Enrollments), MaxBulk)
+	if len(items) > MaxBulk {
+		return nil, azerr.BadRequest("%d %ss in one bulk operation: send at most %d at a time", len(items), ops.what, MaxBulk)
 	}
-	res := &BulkResult{IsSuccessful: true, Errors: []*BulkError{}}
-	for _, e := range op.Enrollments {
-		if e == nil {
-			e = &Enrollment{}
+	errs := []E{}
+	for _, item := range items {
+		if item == nil {
+			item = new(T)
 		}
+		id, etag := ops.key(item)
 		var err error
-		switch mode {
+		switch m {
 		case "create":
-			if _, err = s.putEnrollment(ctx, e.RegistrationID, write{}, e); azerr.HasStatus(err, 409) {
-				err = azerr.New(409203, "Conflict", "enrollment %s exists already: use mode update to replace it", e.RegistrationID)
+			if err = ops.put(ctx, id, write{}, item); azerr.HasStatus(err, 409) {
+				err = azerr.New(409203, "Conflict", "%s %s exists already: use mode update to replace it", ops.what, id)
 			}
 		case "update": // whatever version is there, if any
-			_, err = s.putEnrollment(ctx, e.RegistrationID, write{upsert: true}, e)
+			err = ops.put(ctx, id, write{upsert: true}, item)
 		case "updateifmatchetag":
-			if e.ETag == "" {
-				err = azerr.BadRequest("enrollment %s has no etag: updateIfMatchETag replaces only the version read", e.RegistrationID)
+			if etag == "" {
+				err = azerr.BadRequest("%s %s has no etag: updateIfMatchETag replaces only the version read", ops.what, id)
 				break
 			}
-			_, err = s.putEnrollment(ctx, e.RegistrationID, writeIf(e.ETag), e)
+			err = ops.put(ctx, id, writeIf(etag), item)
 		case "delete":
-			err = s.DeleteEnrollment(ctx, e.RegistrationID, e.ETag)
+			err = ops.delete(ctx, id, etag)
 		}
 		if err != nil {
 			ae := azerr.As(err)
 			if ae.Status() >= 500 {
-				return nil, err // the store failed: the caller retries the whole operation
+				return nil, err
 			}
-			res.IsSuccessful = false
-			res.Errors = append(res.Errors, &BulkError{RegistrationID: e.RegistrationID, ErrorCode: ae.Code, ErrorStatus: ae.Message})
+			errs = append(errs, failure(id, ae.Code, ae.Message))
 		}
 	}
-	return res, nil
+	return errs, nil
 }

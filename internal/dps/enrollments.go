@@ -300,6 +300,11 @@ func (s *Service) ListEnrollments(ctx context.Context, after string, limit int) 
 // PutGroup creates or replaces an enrollment group, under PutEnrollment's
 // If-Match rules.
 func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *EnrollmentGroup) (*EnrollmentGroup, error) {
+	return s.putGroup(ctx, id, writeIf(cmp.Or(ifMatch, g.ETag)), g)
+}
+
+// putGroup writes g as w says.
+func (s *Service) putGroup(ctx context.Context, id string, w write, g *EnrollmentGroup) (*EnrollmentGroup, error) {
 	id, err := NormalizeID("enrollment group ID", id)
 	if err != nil {
 		return nil, err
@@ -308,7 +313,6 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 		return nil, azerr.BadRequest("enrollmentGroupId %q in the body differs from %q in the URL", g.EnrollmentGroupID, id)
 	}
 	g.EnrollmentGroupID = id
-	w := writeIf(cmp.Or(ifMatch, g.ETag))
 	now := s.Now().UTC()
 	g.LastUpdatedDateTimeUtc, g.CreatedDateTimeUtc, g.ETag = &now, &now, ""
 	d, g, err := replaceDoc(ctx, s.store, kindGroup, id, w, g, func(g, old *EnrollmentGroup) error {

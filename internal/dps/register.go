@@ -65,6 +65,10 @@ type challenge struct {
 	EndorsementKey string    `json:"endorsementKey"`
 	StorageRootKey string    `json:"storageRootKey"`
 	Expires        time.Time `json:"expires"`
+	// EndorsementKeyCertificate is a TPM group's device's EK certificate
+	// (base64 DER), checked against the group again when the device
+	// answers (stillTrusts).
+	EndorsementKeyCertificate string `json:"endorsementKeyCertificate,omitempty"`
 }
 
 // attestation is what authentication found: the enrollment (or group) the
@@ -295,14 +299,14 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	if err != nil {
 		return nil, err
 	}
-	group := ""
+	group, ekCert := "", ""
 	switch {
 	case e == nil && body.TPM.EndorsementKeyCertificate != "":
-		g, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
+		g, cert, err := s.tpmGroup(ctx, regID, ek, body.TPM.EndorsementKeyCertificate)
 		if err != nil {
 			return nil, err
 		}
-		group = g.EnrollmentGroupID
+		group, ekCert = g.EnrollmentGroupID, base64.StdEncoding.EncodeToString(cert.Raw)
 	case e == nil:
 		return nil, denied(regID, "no TPM enrollment has this registration ID (and the device sent no EK certificate for a TPM group)")
 	default:
@@ -335,7 +339,7 @@ func (s *Service) challenge(ctx context.Context, regID string, body *registerBod
 	// The keys are kept re-encoded, so that one key sent in other spellings
 	// (base64 with line breaks) is one key.
 	c := challenge{Key: s.newKey(), Group: group, HubKey: s.newKey(), EndorsementKey: base64.StdEncoding.EncodeToString(ek),
-		StorageRootKey: base64.StdEncoding.EncodeToString(srk), Expires: s.Now().Add(s.ChallengeTTL)}
+		StorageRootKey: base64.StdEncoding.EncodeToString(srk), Expires: s.Now().Add(s.ChallengeTTL), EndorsementKeyCertificate: ekCert}
 	issued, err := s.addChallenge(ctx, regID, c, proven)
 	if err != nil {
 		return nil, err
@@ -435,6 +439,9 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 		if err != nil {
 			return nil, err
 		}
+		if err := s.stillTrusts(regID, g, c); err != nil {
+			return nil, err
+		}
 		return &attestation{group: g, challenge: c, keys: sas.Keys(c.Key)}, nil
 	case err != nil && azerr.As(err).Status() >= 500:
 		return nil, err // the store failed
@@ -476,6 +483,7 @@ func (s *Service) addChallenge(ctx context.Context, regID string, c challenge, p
 				// issued under an enrollment since deleted, or a group,
 				// does not serve the other.)
 				o.HubKey, reused = c.HubKey, true
+				o.EndorsementKeyCertificate = c.EndorsementKeyCertificate // the one just checked
 				written.Pending[0] = o
 			default:
 				written.Pending = append(written.Pending, o)
@@ -656,6 +664,12 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
 			dev.DeviceID, att.group.EnrollmentGroupID))
 	}
+	if err != nil && ctx.Err() != nil {
+		// The device hung up (a slow webhook, say): nobody waits for this
+		// failure, and recording it would show a device assigned before
+		// as failed.
+		return nil, err
+	}
 	if err != nil {
 		slog.Warn("assignment failed", "registrationId", regID, "error", err)
 		state.Status, state.Substatus, state.TPM = StatusFailed, "", nil
@@ -819,11 +833,11 @@ func (s *Service) record(ctx context.Context, rec registrationRecord, read *curr
 
 // place chooses the device's hub and writes the device there. A device
 // registering again follows the enrollment's reprovisionPolicy:
-// updateHubAssignment false keeps it on its hub; otherwise it goes where
-// the allocation says and its twin is carried over (migrateDeviceData) or
-// reset to the initial twin, and a device that moved (to another hub or
-// device ID) is to be removed from where it was: place returns that former
-// identity. state.Substatus records which happened.
+// updateHubAssignment false keeps it on its hub, as the device it was;
+// otherwise it goes where the allocation says and its twin is carried over
+// (migrateDeviceData) or reset to the initial twin, and a device that moved
+// (to another hub or device ID) is to be removed from where it was: place
+// returns that former identity. state.Substatus records which happened.
 func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment, repro *ReprovisionPolicy,
 	twin *InitialTwin, dev *HubDevice, state *RegistrationState) (*LinkedHub, *formerIdentity, error) {
 	if repro == nil {
@@ -838,6 +852,11 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		prevHub = hubNamed(hubs, prev.Hub)
 	}
 	if prevHub != nil && !repro.UpdateHubAssignment {
+		// Never reprovisioned: the device stays the identity it was, even
+		// if the enrollment's deviceId changed since; writing the new one
+		// would leave a second device beside the old, whose credentials
+		// still work.
+		dev.DeviceID = prev.DeviceID
 		state.Substatus = "reprovisionedToInitialAssignment"
 		return prevHub, nil, s.registry.UpsertDevice(ctx, *prevHub, *dev)
 	}

@@ -46,41 +46,80 @@ func checkTPMGroup(a *TPMAttestation, now time.Time) error {
 var ekCertExtensions = []asn1.ObjectIdentifier{{2, 5, 29, 17}, {2, 5, 29, 9}}
 
 // tpmGroup finds the TPM group whose CA certificate signed the device's EK
-// certificate, after checking that the certificate is for this EK and that
-// the registration ID is the one the EK determines. It is asked only for
-// IDs with no individual enrollment, so every refusal is denied's: one told
-// apart would say the ID is not enrolled.
-func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, error) {
-	cert, err := certtext.Parse(certB64)
+// certificate (returned parsed), after checking that the certificate is for
+// this EK and that the registration ID is the one the EK determines. It is
+// asked only for IDs with no individual enrollment, so every refusal is
+// denied's: one told apart would say the ID is not enrolled.
+func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64 string) (*EnrollmentGroup, *x509.Certificate, error) {
+	cert, err := ekCertificate(regID, certB64)
 	if err != nil {
-		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
+		return nil, nil, err
 	}
 	pub, _ := attest.ParsePublic(ek) // checked by the caller
 	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
 	if !ok || !certKey.Equal(pub.Key()) {
-		return nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
+		return nil, nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
 	}
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
-		return nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
+		return nil, nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
+	}
+	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
+		return s.tpmGroupTrusts(g, cert)
+	})
+	if err != nil {
+		return nil, nil, err
+	}
+	if m.group == nil {
+		return nil, nil, notChaining(regID, cert)
+	}
+	return m.group, cert, nil
+}
+
+// stillTrusts checks, when a TPM group's device answers its challenge, that
+// the challenge's group still trusts its EK certificate: a CA removed from
+// the group (or a group re-created with other CAs) stops devices that were
+// challenged before, as it stops new ones.
+func (s *Service) stillTrusts(regID string, g *EnrollmentGroup, c *challenge) error {
+	if c.EndorsementKeyCertificate == "" {
+		return denied(regID, "the TPM challenge predates EK certificates kept with challenges: register again for a new challenge")
+	}
+	cert, err := ekCertificate(regID, c.EndorsementKeyCertificate)
+	if err != nil {
+		return err
+	}
+	if ca, _ := s.tpmGroupTrusts(g, cert); ca == nil {
+		return notChaining(regID, cert)
+	}
+	return nil
+}
+
+// ekCertificate parses a device's EK certificate (base64 DER or PEM) for
+// chain verification.
+func ekCertificate(regID, certB64 string) (*x509.Certificate, error) {
+	cert, err := certtext.Parse(certB64)
+	if err != nil {
+		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
 	}
 	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
 		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
 	})
-	m, err := s.closestGroup(ctx, func(g *EnrollmentGroup) (*x509.Certificate, int) {
-		if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
-			return nil, 0
-		}
-		cas := g.Attestation.TPM.EKCertificateAuthorities
-		return chainsTo(cert, cas.intermediates(), cas.certificates(), s.Now(), x509.ExtKeyUsageAny)
-	})
-	if err != nil {
-		return nil, err
+	return cert, nil
+}
+
+// tpmGroupTrusts is the CA of TPM group g that cert chains to, and how far
+// (closestGroup); nil if g is no TPM group or cert chains to none of its CAs.
+func (s *Service) tpmGroupTrusts(g *EnrollmentGroup, cert *x509.Certificate) (*x509.Certificate, int) {
+	if g.Attestation.Type != AttestationTPM || g.Attestation.TPM == nil {
+		return nil, 0
 	}
-	if m.group == nil {
-		return nil, denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
-			") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
-	}
-	return m.group, nil
+	cas := g.Attestation.TPM.EKCertificateAuthorities
+	return chainsTo(cert, cas.intermediates(), cas.certificates(), s.Now(), x509.ExtKeyUsageAny)
+}
+
+// notChaining refuses an EK certificate that no TPM group trusts.
+func notChaining(regID string, cert *x509.Certificate) error {
+	return denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
+		") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
 }
 
 // A TPM activates credentials for its EK whatever else the public area it

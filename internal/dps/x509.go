@@ -277,8 +277,8 @@ func (cs *X509Certificates) parse() {
 }
 
 // x509Identity checks what a device's certificate says about it: the
-// registration ID is its subject CN (or its first DNS name, which the C#
-// SDK prefers), and it must be valid now.
+// registration ID is the one it names (registrationName), and it must be
+// valid now.
 func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 	if now.Before(leaf.NotBefore) || now.After(leaf.NotAfter) {
 		return unauthorized(regID, fmt.Sprintf("the client certificate is valid from %s to %s, not now",
@@ -297,39 +297,45 @@ func x509Identity(regID string, leaf *x509.Certificate, now time.Time) error {
 // nameless says how to fix a device certificate that names no registration
 // ID at all; "" for one that names one.
 func nameless(c *x509.Certificate, regID string) string {
-	if c.Subject.CommonName != "" || len(c.DNSNames) > 0 {
+	if registrationName(c) != "" {
 		return ""
 	}
 	return fmt.Sprintf("the certificate names no registration ID (it has no subject CN and no DNS name): issue the device one with CN=%s", regID)
 }
 
-// registrationNames are the registration IDs a device certificate names
-// (namesRegistration): described, for refusals of others, and quoted in
-// lower case, as an enrollment takes them. An empty CN names none, and is
-// left out when there is a DNS name (a certificate naming neither is
-// nameless's).
+// registrationNames describes the registration ID a device certificate
+// names (registrationName), for refusals of others, and quotes it in lower
+// case, as an enrollment takes it. A certificate naming none is nameless's.
 func registrationNames(c *x509.Certificate) (described, ids string) {
-	cn, dns := c.Subject.CommonName, ""
-	if len(c.DNSNames) > 0 && !strings.EqualFold(c.DNSNames[0], cn) {
-		dns = c.DNSNames[0]
+	id := strings.ToLower(registrationName(c))
+	if c.Subject.CommonName != "" {
+		return fmt.Sprintf("subject CN %q", c.Subject.CommonName), fmt.Sprintf("%q", id)
 	}
-	switch {
-	case dns == "":
-		return fmt.Sprintf("subject CN %q", cn), fmt.Sprintf("%q", strings.ToLower(cn))
-	case cn == "":
-		return fmt.Sprintf("first DNS name %q", dns), fmt.Sprintf("%q", strings.ToLower(dns))
+	return fmt.Sprintf("first DNS name %q (it has no subject CN)", registrationName(c)), fmt.Sprintf("%q", id)
+}
+
+// registrationName is the one registration ID a device certificate names:
+// its subject CN, as the hosted service takes it; only a certificate
+// without one is named by its first DNS name, as the C# SDK derives the ID
+// (X509Certificate2.GetNameInfo(DnsName)), which works for certificates
+// whose CN and first DNS name agree. Never both: a certificate with CN=A
+// and DNS:B would be two devices, and registering as B would take B's
+// registration and hub identity over. "" when it names none.
+func registrationName(c *x509.Certificate) string {
+	if c.Subject.CommonName != "" {
+		return c.Subject.CommonName
 	}
-	return fmt.Sprintf("subject CN %q or its first DNS name %q", cn, dns), fmt.Sprintf("%q or %q", strings.ToLower(cn), strings.ToLower(dns))
+	if len(c.DNSNames) > 0 {
+		return c.DNSNames[0]
+	}
+	return ""
 }
 
 // namesRegistration reports whether a device certificate names regID, the
-// registration ID the device uses: as its subject CN, as the hosted
-// service takes it, or as its first DNS name, as the C# SDK derives it
-// (X509Certificate2.GetNameInfo(DnsName)). Not any DNS name: one
-// certificate would be as many devices as it lists names, and names such
-// as "gateway" or "localhost", listed by many, anyone's.
+// registration ID the device uses (registrationName).
 func namesRegistration(c *x509.Certificate, regID string) bool {
-	return strings.EqualFold(c.Subject.CommonName, regID) || len(c.DNSNames) > 0 && strings.EqualFold(c.DNSNames[0], regID)
+	name := registrationName(c)
+	return name != "" && strings.EqualFold(name, regID)
 }
 
 // checkRegistrationCN refuses an individual X.509 enrollment whose

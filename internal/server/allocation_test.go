@@ -78,6 +78,39 @@ func (e *env) updateLinkedHub(t *testing.T, name string, edit func(*dps.LinkedHu
 	t.Fatalf("%s is not linked", name)
 }
 
+// With reprovisionPolicy "never" (updateHubAssignment false), a device
+// registering again stays the identity it was: a deviceId the operator
+// changed in the enrollment since does not create a second device beside
+// the old one.
+func TestNeverReprovisionKeepsTheDeviceID(t *testing.T) {
+	e := newEnv(t)
+	en := &dps.Enrollment{RegistrationID: "keeper", DeviceID: "keeper-old", ReprovisionPolicy: &dps.ReprovisionPolicy{}}
+	register := e.symDevice(t, en)
+	if res, err := register(); err != nil || res.DeviceID != "keeper-old" {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	cur, err := e.dps.GetEnrollment(ctx, "keeper")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cur.DeviceID, cur.RegistrationState = "keeper-new", nil
+	e.putEnrollment(cur)
+	before := e.counts()["hub.device"]
+	res, err := register()
+	if err != nil || res.DeviceID != "keeper-old" || res.AssignedHub != host || res.Substatus != "reprovisionedToInitialAssignment" {
+		t.Fatalf("registering again: %+v %v", res, err)
+	}
+	if err := e.hubAPI.Do(ctx, "GET", "/devices/keeper-new", "", nil, &hub.Device{}); azerr.As(err).Status() != 404 {
+		t.Errorf("a second device was created: %v", err)
+	}
+	if after := e.counts()["hub.device"]; after != before {
+		t.Errorf("%d hub devices, then %d", before, after)
+	}
+	if rec, err := e.dps.GetRegistration(ctx, "keeper"); err != nil || rec.DeviceID != "keeper-old" {
+		t.Errorf("registration record %+v %v", rec, err)
+	}
+}
+
 // symDevice enrolls regID with a symmetric key and returns a function that
 // registers it.
 func (e *env) symDevice(t *testing.T, en *dps.Enrollment) func() (*dps.RegistrationState, error) {
@@ -680,5 +713,48 @@ func TestLinkedHubOwnCA(t *testing.T) {
 	h2.CACertificate = "not a certificate"
 	if err := e.dps.LinkHub(ctx, h2); azerr.As(err).Status() != 400 {
 		t.Fatalf("a CA that is no PEM: %v", err)
+	}
+}
+
+// A device that hangs up while a slow custom allocation webhook runs
+// leaves its registration record as it was: nothing waits for that
+// failure, and a device assigned before does not show as failed.
+func TestCustomAllocationDeviceHangsUp(t *testing.T) {
+	e := newEnv(t)
+	var calls atomic.Int32
+	reached, release := make(chan struct{}), make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) > 1 {
+			close(reached)
+			<-release // slow: until the test is done with it
+
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	t.Cleanup(func() { close(release) })
+	out := e.putEnrollment(&dps.Enrollment{RegistrationID: "hangs-up", AllocationPolicy: dps.PolicyCustom,
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
+		Attestation:                dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(out.Attestation.SymmetricKey.PrimaryKey)
+	if res, err := e.device("hangs-up").RegisterSymmetricKey(ctx, key); err != nil || res.Status != "assigned" {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	before, err := e.dps.GetRegistration(ctx, "hangs-up")
+	if err != nil {
+		t.Fatal(err)
+	}
+	rctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() { <-reached; cancel() }()
+	scope := e.dps.IDScope()
+	_, _, err = e.dps.Register(rctx, dps.RegisterRequest{IDScope: scope, RegistrationID: "hangs-up",
+		Credentials: dps.Credentials{Authorization: sas.Build(key, scope+"/registrations/hangs-up", "registration", time.Now().Add(time.Minute))}})
+	if !errors.Is(err, context.Canceled) {
+		t.Errorf("the registration the device hung up on: %v", err)
+	}
+	after, err := e.dps.GetRegistration(ctx, "hangs-up")
+	if err != nil || after.Status != "assigned" || after.ETag != before.ETag {
+		t.Fatalf("the record became %+v (%v); it was %+v", after, err, before)
 	}
 }

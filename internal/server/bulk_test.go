@@ -76,6 +76,84 @@ func TestBulkEnrollments(t *testing.T) {
 	}
 }
 
+// Enrollment groups take the same bulk operation, with per-group errors
+// named by enrollmentGroupId, under the policy of single group writes.
+func TestBulkEnrollmentGroups(t *testing.T) {
+	e := newEnv(t)
+	sym := func(id string) *dps.EnrollmentGroup {
+		return &dps.EnrollmentGroup{EnrollmentGroupID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
+	}
+	bulk := func(mode string, gs ...*dps.EnrollmentGroup) string {
+		t.Helper()
+		var res dps.BulkGroupResult
+		if err := e.dpsAPI.Do(ctx, "POST", "/enrollmentGroups", "", &dps.BulkGroupOperation{Mode: mode, EnrollmentGroups: gs}, &res); err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, f := range res.Errors {
+			out = append(out, fmt.Sprintf("%s:%d", f.EnrollmentGroupID, f.ErrorCode))
+		}
+		if res.IsSuccessful != (len(out) == 0) || res.Errors == nil {
+			t.Errorf("isSuccessful %v with errors %v", res.IsSuccessful, res.Errors)
+		}
+		return strings.Join(out, " ")
+	}
+	if failed := bulk("create", sym("g-1"), sym("g-2"), sym("bad/id")); failed != "bad/id:400208" {
+		t.Fatalf("create: %s", failed)
+	}
+	if n, _ := e.st.Count(ctx, "dps.enrollmentGroup"); n != 2 {
+		t.Fatalf("%d groups after create", n)
+	}
+	if failed := bulk("create", sym("g-1"), sym("g-3")); failed != "g-1:409203" {
+		t.Fatalf("create over an existing one: %s", failed)
+	}
+	stored, _ := e.dps.GetGroup(ctx, "g-2")
+	edge := sym("g-2")
+	edge.Capabilities = &dps.Capabilities{IoTEdge: true}
+	if failed := bulk("update", edge, sym("g-4")); failed != "" {
+		t.Fatalf("update: %s", failed)
+	}
+	if got, _ := e.dps.GetGroup(ctx, "g-2"); !got.Capabilities.IoTEdge || got.Attestation.SymmetricKey.PrimaryKey != stored.Attestation.SymmetricKey.PrimaryKey {
+		t.Fatalf("updated group %+v", got)
+	}
+	stale, noETag := sym("g-2"), sym("g-3")
+	stale.ETag = stored.ETag
+	if failed := bulk("updateIfMatchETag", stale, noETag); !strings.HasPrefix(failed, "g-2:412") || !strings.Contains(failed, " g-3:400") {
+		t.Fatalf("updateIfMatchETag with a stale etag and none: %s", failed)
+	}
+	current, _ := e.dps.GetGroup(ctx, "g-2")
+	fresh := sym("g-2")
+	fresh.ETag = current.ETag
+	if failed := bulk("updateIfMatchETag", fresh); failed != "" {
+		t.Fatalf("updateIfMatchETag with the current etag: %s", failed)
+	}
+	if got, _ := e.dps.GetGroup(ctx, "g-2"); got.Capabilities != nil && got.Capabilities.IoTEdge {
+		t.Fatal("updateIfMatchETag did not replace the group")
+	}
+	if failed := bulk("delete", sym("g-1"), sym("g-3"), sym("ghost")); failed != "ghost:404201" {
+		t.Fatalf("delete: %s", failed)
+	}
+	if n, _ := e.st.Count(ctx, "dps.enrollmentGroup"); n != 2 {
+		t.Fatalf("%d groups after delete", n)
+	}
+	for what, body := range map[string]string{
+		"unknown mode": `{"mode":"merge","enrollmentGroups":[{"enrollmentGroupId":"x"}]}`,
+		"no rows":      `{"mode":"create","enrollmentGroups":[]}`,
+		"not JSON":     `{"mode":`,
+	} {
+		if st, _ := e.raw("POST", "/enrollmentGroups?api-version=2021-10-01", e.serviceToken(), body); st != 400 {
+			t.Errorf("%s: HTTP %d", what, st)
+		}
+	}
+	// As for single group writes, a token is needed.
+	if st, _ := e.raw("POST", "/enrollmentGroups?api-version=2021-10-01", "", `{"mode":"delete","enrollmentGroups":[{"enrollmentGroupId":"g-2"}]}`); st != 401 {
+		t.Errorf("without a token: HTTP %d", st)
+	}
+	if n, _ := e.st.Count(ctx, "dps.enrollmentGroup"); n != 2 {
+		t.Fatalf("%d groups after an unauthorized delete", n)
+	}
+}
+
 // serviceToken is a provisioningserviceowner token for raw requests.
 func (e *env) serviceToken() string {
 	cs, err := sas.ParseConnectionString(e.dps.OwnerConnectionString())

@@ -50,22 +50,15 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 		return e.Attestation, nil
 	}))
 	service("POST /enrollments/query", query("Enrollment", redactedPages(d.ListEnrollments, dps.Enrollment.Redacted)))
-	bulk := func(w http.ResponseWriter, r *http.Request) error {
-		var op dps.BulkOperation
-		// Up to dps.MaxBulk enrollments with certificates or endorsement keys.
-		if err := readJSONMax(r, &op, 64<<20); err != nil {
-			return err
-		}
-		res, err := d.Bulk(r.Context(), &op)
-		if err != nil {
-			return err
-		}
-		writeJSON(w, http.StatusOK, res)
-		return nil
-	}
+	bulk := bulkHandler(d.Bulk)
 	// The Node service SDK posts to /enrollments/ with the slash.
 	service("POST /enrollments", bulk)
 	service("POST /enrollments/{$}", bulk)
+	// The same bulk operation on enrollment groups, under the policy of
+	// their single writes.
+	bulkGroups := bulkHandler(d.BulkGroups)
+	service("POST /enrollmentGroups", bulkGroups)
+	service("POST /enrollmentGroups/{$}", bulkGroups)
 	service("PUT /enrollmentGroups/{id}", withBody(func(r *http.Request, g *dps.EnrollmentGroup) (any, error) {
 		return d.PutGroup(r.Context(), id(r), ifMatch(r), g)
 	}))
@@ -110,6 +103,23 @@ func (a *api) routesDPS(mux *http.ServeMux) {
 			return d.ListRegistrations(ctx, id(r), after, limit)
 		})(w, r)
 	})
+}
+
+// bulkHandler serves a bulk operation on enrollments or groups.
+func bulkHandler[Op, Res any](run func(context.Context, *Op) (Res, error)) handler {
+	return func(w http.ResponseWriter, r *http.Request) error {
+		var op Op
+		// Up to dps.MaxBulk items with certificates or endorsement keys.
+		if err := readJSONMax(r, &op, 64<<20); err != nil {
+			return err
+		}
+		res, err := run(r.Context(), &op)
+		if err != nil {
+			return err
+		}
+		writeJSON(w, http.StatusOK, res)
+		return nil
+	}
 }
 
 // dpsHandler checks api-version (and, for the service API, the policy

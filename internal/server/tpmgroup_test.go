@@ -710,3 +710,69 @@ func TestTPMGroupMoveLeavesWhenTheClaimCannotBeChecked(t *testing.T) {
 		t.Fatalf("the record names hub2, and the former identity on %s stays, with the TPM's key: %v", host, err)
 	}
 }
+
+// A TPM group's device that got its challenge before its manufacturer's CA
+// stopped being trusted (removed from the group, or the group re-created
+// with other CAs) is refused when it answers, as a new one would be.
+func TestTPMGroupChallengeRecheckedOnAnswer(t *testing.T) {
+	for _, change := range []string{"CA removed", "group re-created"} {
+		t.Run(change, func(t *testing.T) {
+			e := newEnv(t)
+			ca := testutil.NewCert(t, "Acme TPM CA", true, nil)
+			other := testutil.NewCert(t, "Other TPM CA", true, nil)
+			if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", &dps.EnrollmentGroup{
+				Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EKCertificateAuthorities: &dps.X509Certificates{
+					Primary:   &dps.X509CertificateWithInfo{Certificate: certPEM(ca)},
+					Secondary: &dps.X509CertificateWithInfo{Certificate: certPEM(other)}}}}}, nil); err != nil {
+				t.Fatal(err)
+			}
+			dev := certifiedTPM(t, &ca)
+			ek, _ := dev.EndorsementKey()
+			srk, _ := dev.StorageRootKey()
+			ekCert, _ := dev.EndorsementCertificate()
+			regID := attest.RegistrationID(ek)
+			path := "/" + e.dps.IDScope() + "/registrations/" + regID + "/register?api-version=2021-06-01"
+			body := `{"registrationId":"` + regID + `","tpm":{"endorsementKey":"` + base64.StdEncoding.EncodeToString(ek) +
+				`","storageRootKey":"` + base64.StdEncoding.EncodeToString(srk) +
+				`","endorsementKeyCertificate":"` + base64.StdEncoding.EncodeToString(ekCert) + `"}}`
+			st, ch := e.raw("PUT", path, "", body)
+			if st != 401 || ch["authenticationKey"] == nil {
+				t.Fatalf("challenge: %d %v", st, ch)
+			}
+			switch change {
+			case "CA removed":
+				var g dps.EnrollmentGroup
+				if err := e.dpsAPI.Do(ctx, "GET", "/enrollmentGroups/acme-tpms", "", nil, &g); err != nil {
+					t.Fatal(err)
+				}
+				g.Attestation.TPM.EKCertificateAuthorities.Primary.Certificate = certPEM(other)
+				g.Attestation.TPM.EKCertificateAuthorities.Secondary = nil
+				if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/acme-tpms", "", &g, nil); err != nil {
+					t.Fatal(err)
+				}
+			case "group re-created":
+				if err := e.dpsAPI.Do(ctx, "DELETE", "/enrollmentGroups/acme-tpms", "", nil, nil); err != nil {
+					t.Fatal(err)
+				}
+				if err := e.putTPMGroup("acme-tpms", certPEM(other)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			blob, _ := base64.StdEncoding.DecodeString(ch["authenticationKey"].(string))
+			handle := tpm.IdentityHandle(tpm.DefaultAuthKeyIndex)
+			if err := dev.ImportActivationBlob(blob, handle); err != nil {
+				t.Fatal(err)
+			}
+			tok, _ := sas.BuildSigned(func(d []byte) ([]byte, error) { return dev.HMAC(handle, d) },
+				e.dps.IDScope()+"/registrations/"+regID, "registration", time.Now().Add(time.Minute))
+			log := captureLog(t)
+			before := e.counts()
+			if st, b := e.raw("PUT", path, tok, `{"registrationId":"`+regID+`"}`); st != 401 || !strings.Contains(log.String(), "does not chain to the CA of any TPM enrollment group") {
+				t.Fatalf("answering a challenge after the group stopped trusting the EK's CA: %d %v\n%s", st, b, log)
+			}
+			if after := e.counts(); after["dps.registration"] != before["dps.registration"] || after["hub.device"] != before["hub.device"] {
+				t.Fatalf("the refused registration changed the store: %v → %v", before, after)
+			}
+		})
+	}
+}

@@ -170,8 +170,8 @@ func TestX509GroupEnrollment(t *testing.T) {
 }
 
 // A device certificate names one device: its subject CN, or its first DNS
-// name (as the C# SDK derives the registration ID), not any name it lists;
-// refusals of others name both.
+// name only when it has no CN (as the C# SDK derives the registration ID),
+// not any name it lists; refusals of others name it.
 func TestX509RegistrationIDIsTheCN(t *testing.T) {
 	e := newEnv(t)
 	ca := testutil.NewCert(t, "Fleet CA", true, nil)
@@ -181,24 +181,22 @@ func TestX509RegistrationIDIsTheCN(t *testing.T) {
 		t.Fatal(err)
 	}
 	cert := testutil.NewCertNames(t, "cam-01", []string{"cam-01.plant.local", "gateway", "localhost"}, false, &ca)
-	for _, id := range []string{"cam-01", "cam-01.plant.local"} {
-		if _, err := e.x509Device(id, cert).RegisterX509(ctx); err != nil {
-			t.Errorf("as %s: %v", id, err)
-		}
+	if _, err := e.x509Device("cam-01", cert).RegisterX509(ctx); err != nil {
+		t.Errorf("as cam-01: %v", err)
 	}
-	names := `subject CN "cam-01" or its first DNS name "cam-01.plant.local"`
+	names := `subject CN "cam-01"`
 	before := e.counts()
-	for _, id := range []string{"gateway", "localhost"} {
+	for _, id := range []string{"cam-01.plant.local", "gateway", "localhost"} {
 		_, err := e.x509Device(id, cert).RegisterX509(ctx)
 		if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, names) {
-			t.Errorf("as %s, a later DNS name: %v", id, err)
+			t.Errorf("as %s, a DNS name of a certificate with a CN: %v", id, err)
 		}
 	}
 	// Nor is it enrolled under another.
 	err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/gateway", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationX509,
 		X509: &dps.X509Attestation{ClientCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(cert)}}}}}, nil)
-	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), names) || !strings.Contains(err.Error(), `enroll it as "cam-01" or "cam-01.plant.local"`) {
-		t.Errorf("enrolled as a later DNS name: %v", err)
+	if azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), names) || !strings.Contains(err.Error(), `enroll it as "cam-01"`) || strings.Contains(err.Error(), "plant.local") {
+		t.Errorf("enrolled as a DNS name of a certificate with a CN: %v", err)
 	}
 	// A certificate with no CN names its DNS name alone.
 	noCN := testutil.NewCertNames(t, "", []string{"cam-02.plant.local"}, false, &ca)
@@ -459,4 +457,39 @@ func azerrStatus(err error) int {
 		return pe.Status
 	}
 	return 0
+}
+
+// A group member's certificate registers under its CN only: one that also
+// lists another device's ID as its DNS name cannot take that device's
+// registration and hub identity.
+func TestX509DNSNameDoesNotTakeAnotherDevice(t *testing.T) {
+	e := newEnv(t)
+	ca := testutil.NewCert(t, "Fleet CA", true, nil)
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/x-fleet", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationX509, X509: &dps.X509Attestation{
+			SigningCertificates: &dps.X509Certificates{Primary: &dps.X509CertificateWithInfo{Certificate: certPEM(ca)}}}}}, nil); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := e.x509Device("x-dev4", testutil.NewCert(t, "x-dev4", false, &ca)).RegisterX509(ctx); err != nil {
+		t.Fatal(err)
+	}
+	var before json.RawMessage
+	if err := e.dpsAPI.Do(ctx, "GET", "/registrations/x-dev4", "", nil, &before); err != nil {
+		t.Fatal(err)
+	}
+	dev5 := testutil.NewCertNames(t, "x-dev5", []string{"x-dev4"}, false, &ca)
+	_, err := e.x509Device("x-dev4", dev5).RegisterX509(ctx)
+	if pe := (*provisioning.Error)(nil); !errors.As(err, &pe) || pe.Status != 401 || !strings.Contains(pe.Message, `subject CN "x-dev5"`) {
+		t.Fatalf("x-dev5's certificate as x-dev4: %v", err)
+	}
+	var after json.RawMessage
+	if err := e.dpsAPI.Do(ctx, "GET", "/registrations/x-dev4", "", nil, &after); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Errorf("x-dev4's registration changed: %s → %s", before, after)
+	}
+	if res, err := e.x509Device("x-dev5", dev5).RegisterX509(ctx); err != nil || res.DeviceID != "x-dev5" {
+		t.Fatalf("x-dev5: %+v %v", res, err)
+	}
 }
