@@ -50,14 +50,14 @@ func (d *Daemon) mgmtHandler() http.Handler {
 				"set its status to \"running\" in the deployment to start it", name))
 			return
 		}
-		if err = e.Stop(r.Context(), r.PathValue("name"), 10*time.Second); err == nil {
-			err = e.Start(r.Context(), r.PathValue("name"))
+		if err = e.Stop(r.Context(), name, 10*time.Second); err == nil {
+			err = e.Start(r.Context(), name)
 		}
 		if err != nil {
 			writeError(w, http.StatusInternalServerError, err)
 			return
 		}
-		slog.Info("module restarted on request", "module", r.PathValue("name"))
+		slog.Info("module restarted on request", "module", name)
 		w.WriteHeader(http.StatusNoContent)
 	})
 	mux.HandleFunc("GET /modules/{name}/logs", func(w http.ResponseWriter, r *http.Request) {
