@@ -199,3 +199,14 @@ SINGLE='no \escapes'
 		t.Errorf("a missing file: %q", got)
 	}
 }
+
+// A command given a database but no replica's data directory says where
+// to run it: the database alone does not say where the service is.
+func TestCLIDatabaseWithoutReplicaDir(t *testing.T) {
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: filepath.Join(t.TempDir(), "admin")}
+	c.build()
+	out, err := c.run("enrollment", "list", "--database", "postgres://hatchery@db.invalid/hatchery")
+	if err == nil || !strings.Contains(out, "with --database, run the command beside a replica, with its --data-dir") {
+		t.Fatalf("a command with --database and no data directory: %v\n%s", err, out)
+	}
+}

@@ -90,6 +90,11 @@ func openSite(cmd *cobra.Command) (*endpoint, store.Store, error) {
 	switch {
 	case errors.Is(err, fs.ErrPermission):
 		return nil, nil, fmt.Errorf("the installation in %s is not yours to read (%v): run the command as root, or as the user who serves it", dir, err)
+	case err != nil && database(cmd) != "":
+		// The database holds the state; the endpoint and the CA that
+		// vouches for it are a replica's files.
+		return nil, nil, fmt.Errorf("no Hatchery installation in %s (%v): with --database, run the command beside a replica, "+
+			"with its --data-dir (its endpoint.json and tls/ say where and how to reach the service)", dir, err)
 	case err != nil:
 		return nil, nil, fmt.Errorf("no Hatchery installation in %s (%v): start `hatchery serve --data-dir %s` first", dir, err, dir)
 	}
