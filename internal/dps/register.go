@@ -844,6 +844,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
 	}
 	var prevHub *LinkedHub
+	var err error
 	if prev != nil {
 		hubs, err := s.cachedHubs(ctx)
 		if err != nil {
@@ -858,7 +859,8 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		// still work.
 		dev.DeviceID = prev.DeviceID
 		state.Substatus = "reprovisionedToInitialAssignment"
-		return prevHub, nil, s.registry.UpsertDevice(ctx, *prevHub, *dev)
+		state.GenerationID, err = s.registry.UpsertDevice(ctx, *prevHub, *dev)
+		return prevHub, nil, err
 	}
 	placed, err := s.allocate(ctx, alloc)
 	if err != nil {
@@ -879,7 +881,8 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 	hub := placed.hub
 	if prevHub == nil {
 		state.Substatus = "initialAssignment"
-		return hub, nil, s.registry.UpsertDevice(ctx, *hub, *dev)
+		state.GenerationID, err = s.registry.UpsertDevice(ctx, *hub, *dev)
+		return hub, nil, err
 	}
 	// Registering again: the device may exist on the new hub already, so
 	// its twin is set explicitly — the old one, or the initial one.
@@ -910,7 +913,7 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 			state.Substatus = "deviceDataReset"
 		}
 	}
-	if err := s.registry.UpsertDevice(ctx, *hub, *dev); err != nil {
+	if state.GenerationID, err = s.registry.UpsertDevice(ctx, *hub, *dev); err != nil {
 		return nil, nil, err
 	}
 	var former *formerIdentity

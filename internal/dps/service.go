@@ -40,8 +40,10 @@ var ErrDeviceTaken = errors.New("the hub has a device of that ID with other cred
 // Registry writes devices into a linked hub through its registry API.
 type Registry interface {
 	// UpsertDevice creates the device with its initial twin, or updates
-	// the credentials and capabilities of an existing one.
-	UpsertDevice(ctx context.Context, hub LinkedHub, d HubDevice) error
+	// the credentials and capabilities of an existing one, and returns the
+	// device's generation ID, which tells it from one deleted and created
+	// again under the same ID.
+	UpsertDevice(ctx context.Context, hub LinkedHub, d HubDevice) (generationID string, err error)
 	// ReadTwin returns a device's tags and desired properties; of a device
 	// that does not exist, an azerr.Error of status 404.
 	ReadTwin(ctx context.Context, hub LinkedHub, deviceID string) (*InitialTwin, error)

@@ -200,10 +200,10 @@ func (p *Pool) Check(ctx context.Context, h dps.LinkedHub) error {
 
 // UpsertDevice creates the device with its initial twin, or, if it exists,
 // updates its keys and capabilities and leaves its twin as it is.
-func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevice) error {
+func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevice) (string, error) {
 	c, err := p.registry(h)
 	if err != nil {
-		return err
+		return "", err
 	}
 	auth := hub.Authentication{Type: "sas", SymmetricKey: hub.SymmetricKey{PrimaryKey: d.PrimaryKey, SecondaryKey: d.SecondaryKey}}
 	if d.Thumbprint != "" {
@@ -211,32 +211,36 @@ func (p *Pool) UpsertDevice(ctx context.Context, h dps.LinkedHub, d dps.HubDevic
 	}
 	dev := &hub.Device{DeviceID: d.DeviceID, Status: "enabled", Authentication: auth, Capabilities: hub.Capabilities{IoTEdge: d.IoTEdge}}
 	// Most registrations are of new devices: try to create first.
-	if _, err := c.PutDevice(ctx, dev, ""); err != nil {
+	created, err := c.PutDevice(ctx, dev, "")
+	if err != nil {
 		if azerr.As(err).Status() != http.StatusConflict {
-			return err
+			return "", err
 		}
 		existing, err := c.GetDevice(ctx, d.DeviceID)
 		if err != nil {
-			return err
+			return "", err
 		}
 		if d.NoTakeover && !samePrimary(existing.Authentication, auth) {
-			return dps.ErrDeviceTaken
+			return "", dps.ErrDeviceTaken
 		}
 		dev.Status, dev.StatusReason = existing.Status, existing.StatusReason
 		if auth.Type == "sas" && dev.Authentication.SymmetricKey.SecondaryKey == "" && existing.Authentication.Type == "sas" {
 			dev.Authentication.SymmetricKey.SecondaryKey = existing.Authentication.SymmetricKey.SecondaryKey
 		}
-		_, err = c.PutDevice(ctx, dev, "*")
-		return err
+		updated, err := c.PutDevice(ctx, dev, "*")
+		if err != nil {
+			return "", err
+		}
+		return updated.GenerationID, nil
 	}
 	if len(d.Tags) == 0 && len(d.Desired) == 0 {
-		return nil
+		return created.GenerationID, nil
 	}
 	patch, err := twinPatch(d.Tags, d.Desired, false)
 	if err != nil {
-		return err
+		return "", err
 	}
-	return c.SetTwin(ctx, d.DeviceID, patch, false)
+	return created.GenerationID, c.SetTwin(ctx, d.DeviceID, patch, false)
 }
 
 // samePrimary reports whether a and b let in the same device: the same

@@ -40,7 +40,7 @@ func TestLocalHubAsOverREST(t *testing.T) {
 		if err := p.Check(ctx, lh); azerr.As(err).Status() != http.StatusUnauthorized {
 			t.Errorf("%s: Check gave %v, want 401", name, err)
 		}
-		if err := p.UpsertDevice(ctx, lh, dps.HubDevice{DeviceID: "d0", PrimaryKey: sas.NewKey()}); azerr.As(err).Status() != http.StatusUnauthorized {
+		if _, err := p.UpsertDevice(ctx, lh, dps.HubDevice{DeviceID: "d0", PrimaryKey: sas.NewKey()}); azerr.As(err).Status() != http.StatusUnauthorized {
 			t.Errorf("%s: UpsertDevice gave %v, want 401", name, err)
 		}
 	}
@@ -53,12 +53,16 @@ func TestLocalHubAsOverREST(t *testing.T) {
 		t.Fatal(err)
 	}
 	d := dps.HubDevice{DeviceID: "d1", PrimaryKey: sas.NewKey()}
-	if err := p.UpsertDevice(ctx, lh, d); err != nil {
+	gen, err := p.UpsertDevice(ctx, lh, d)
+	if err != nil {
 		t.Fatal(err)
 	}
 	first, err := h.GetIdentity(ctx, hub.Ref{Device: "d1"})
 	if err != nil {
 		t.Fatal(err)
+	}
+	if gen == "" || gen != first.GenerationID {
+		t.Fatalf("UpsertDevice gave generation ID %q, the device has %q", gen, first.GenerationID)
 	}
 	dropped := false
 	key, _ := base64.StdEncoding.DecodeString(first.Authentication.SymmetricKey.PrimaryKey)
@@ -71,8 +75,8 @@ func TestLocalHubAsOverREST(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer detach()
-	if err := p.UpsertDevice(ctx, lh, d); err != nil {
-		t.Fatal(err)
+	if again, err := p.UpsertDevice(ctx, lh, d); err != nil || again != gen {
+		t.Fatalf("updating the device: generation ID %q (was %q): %v", again, gen, err)
 	}
 	second, err := h.GetIdentity(ctx, hub.Ref{Device: "d1"})
 	if err != nil {

@@ -573,7 +573,7 @@ type hookedRegistry struct {
 	f        func()
 }
 
-func (h *hookedRegistry) UpsertDevice(ctx context.Context, lh dps.LinkedHub, d dps.HubDevice) error {
+func (h *hookedRegistry) UpsertDevice(ctx context.Context, lh dps.LinkedHub, d dps.HubDevice) (string, error) {
 	if h.onUpsert {
 		h.once.Do(h.f)
 	}
@@ -698,11 +698,11 @@ func TestLinkedHubOwnCA(t *testing.T) {
 	caPEM := string(pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: ts.Certificate().Raw}))
 	pool := &hubclient.Pool{TLS: &tls.Config{RootCAs: x509.NewCertPool()}} // trusts nothing of its own
 	dev := dps.HubDevice{DeviceID: "d1", PrimaryKey: base64.StdEncoding.EncodeToString(make([]byte, 32))}
-	if err := pool.UpsertDevice(ctx, h2, dev); err == nil || !strings.Contains(err.Error(), "certificate") {
+	if _, err := pool.UpsertDevice(ctx, h2, dev); err == nil || !strings.Contains(err.Error(), "certificate") {
 		t.Fatalf("an untrusted hub: %v", err)
 	}
 	h2.CACertificate = caPEM
-	if err := pool.UpsertDevice(ctx, h2, dev); err != nil {
+	if _, err := pool.UpsertDevice(ctx, h2, dev); err != nil {
 		t.Fatalf("the hub's CA trusted for it: %v", err)
 	}
 	// The API keeps the key's destination with the key: a CA change needs it.

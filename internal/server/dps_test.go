@@ -83,6 +83,10 @@ func TestSymmetricKeyEnrollmentProvisionsEdgeDevice(t *testing.T) {
 	if !d.Capabilities.IoTEdge || d.Authentication.SymmetricKey.PrimaryKey != en.Attestation.SymmetricKey.PrimaryKey {
 		t.Fatalf("hub device %+v", d)
 	}
+	// The result names that device by its generation, as the hosted service does.
+	if d.GenerationID == "" || res.GenerationID != d.GenerationID {
+		t.Fatalf("registration result generationId %q, the hub device's %q", res.GenerationID, d.GenerationID)
+	}
 	var tw hub.Twin
 	if err := e.hubAPI.Do(ctx, "GET", "/twins/edge-device-01", "", nil, &tw); err != nil {
 		t.Fatal(err)
@@ -95,7 +99,8 @@ func TestSymmetricKeyEnrollmentProvisionsEdgeDevice(t *testing.T) {
 	if err := e.dpsAPI.Do(ctx, "GET", "/enrollments/edge-01", "", nil, &got); err != nil {
 		t.Fatal(err)
 	}
-	if got.RegistrationState == nil || got.RegistrationState.Status != "assigned" || got.RegistrationState.DeviceID != "edge-device-01" {
+	if got.RegistrationState == nil || got.RegistrationState.Status != "assigned" || got.RegistrationState.DeviceID != "edge-device-01" ||
+		got.RegistrationState.GenerationID != d.GenerationID {
 		t.Fatalf("registration state %+v", got.RegistrationState)
 	}
 	// The device's own token works against the hub for that device only.
