@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"maps"
+	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/hub/query"
@@ -103,4 +105,65 @@ func queryDigest(q *query.Query) string {
 	h := fnv.New64a()
 	h.Write([]byte(q.String()))
 	return fmt.Sprintf("%016x", h.Sum64())
+}
+
+// twinDoc is the twin as queries see it: twinView's fields as JSON would
+// decode them (times as the strings it writes; empty tags and
+// configurations as empty objects), built without a JSON round trip, as
+// every query and target condition reads every twin.
+func (r *record) twinDoc() map[string]any {
+	cfg := map[string]any{}
+	for k, v := range r.Configurations {
+		cfg[k] = map[string]any{"status": v.Status}
+	}
+	thumb := func(p *string) any {
+		if p == nil {
+			return nil
+		}
+		return *p
+	}
+	a := r.Device.Authentication
+	tags := r.Tags
+	if tags == nil {
+		tags = map[string]any{}
+	}
+	doc := map[string]any{
+		"deviceId": r.Device.DeviceID, "modelId": r.ModelID, "etag": r.TwinETag, "deviceEtag": r.DeviceETag,
+		"status": r.Device.Status, "statusUpdateTime": jsonTime(r.Device.StatusUpdatedTime),
+		"connectionState": r.Device.ConnectionState, "lastActivityTime": jsonTime(r.Device.LastActivityTime),
+		"cloudToDeviceMessageCount": float64(r.Device.CloudToDeviceMessageCount),
+		"authenticationType":        a.Type,
+		"x509Thumbprint":            map[string]any{"primaryThumbprint": thumb(a.X509Thumbprint.PrimaryThumbprint), "secondaryThumbprint": thumb(a.X509Thumbprint.SecondaryThumbprint)},
+		"version":                   float64(r.TwinVersion),
+		"tags":                      tags,
+		"properties": map[string]any{
+			"desired":  withMetadata(withVersion(r.Desired, r.DesiredVersion), r.DesiredUpdated),
+			"reported": withMetadata(withVersion(r.Reported, r.ReportedVersion), r.ReportedUpdated),
+		},
+		"capabilities":   map[string]any{"iotEdge": r.Device.Capabilities.IoTEdge},
+		"configurations": cfg,
+	}
+	if r.Device.ModuleID != "" {
+		doc["moduleId"] = r.Device.ModuleID
+	}
+	return doc
+}
+
+// jsonTime is t as encoding/json writes it.
+func jsonTime(t time.Time) string { return t.Format(time.RFC3339Nano) }
+
+// withVersion is a property document as devices read it, with its $version.
+func withVersion(m map[string]any, v int64) map[string]any {
+	out := maps.Clone(m)
+	if out == nil {
+		out = map[string]any{}
+	}
+	out["$version"] = float64(v)
+	return out
+}
+
+// withMetadata adds what the service side reads besides (twinView).
+func withMetadata(doc map[string]any, updated time.Time) map[string]any {
+	doc["$metadata"] = map[string]any{"$lastUpdated": jsonTime(updated)}
+	return doc
 }
