@@ -15,6 +15,16 @@ func Write(path string, b []byte, perm os.FileMode) error {
 	return WriteOwned(path, b, perm, -1, -1)
 }
 
+// WritePrivate is Write of a file only its owner may read (0600), in a
+// directory made (0700) if need be: a state file, such as the edge
+// runtime's identity backup.
+func WritePrivate(path string, b []byte) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	return Write(path, b, 0o600)
+}
+
 // WriteOwned is Write of a file owned by uid and gid (-1 keeps the
 // writer's): owner and mode are set before b is written, so that no one
 // else ever reads b from it.

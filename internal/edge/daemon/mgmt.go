@@ -19,121 +19,135 @@ import (
 // mgmtHandler is the management API the iotedge CLI calls.
 func (d *Daemon) mgmtHandler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /status", func(w http.ResponseWriter, r *http.Request) {
-		d.mu.Lock()
-		s := d.status
-		d.mu.Unlock()
-		writeJSON(w, s)
-	})
-	mux.HandleFunc("GET /modules", func(w http.ResponseWriter, r *http.Request) {
-		d.mu.Lock()
-		ms := slices.Clone(d.modules)
-		d.mu.Unlock()
-		slices.SortFunc(ms, func(a, b mgmt.Module) int { return cmp.Compare(a.Name, b.Name) })
-		if ms == nil {
-			ms = []mgmt.Module{}
-		}
-		writeJSON(w, ms)
-	})
-	mux.HandleFunc("POST /modules/{name}/restart", func(w http.ResponseWriter, r *http.Request) {
-		name := r.PathValue("name")
-		e, err := d.moduleEngine(name)
-		if err != nil {
-			writeError(w, http.StatusNotFound, err)
-			return
-		}
-		d.mu.Lock()
-		stopped := d.stopped[name]
-		d.mu.Unlock()
-		if stopped { // the reconciler would stop it again within seconds
-			writeError(w, http.StatusConflict, fmt.Errorf("module %s's desired status is stopped: the agent keeps it stopped; "+
-				"set its status to \"running\" in the deployment to start it", name))
-			return
-		}
-		if err = e.Stop(r.Context(), name, 10*time.Second); err == nil {
-			err = e.Start(r.Context(), name)
-		}
-		if err != nil {
-			writeError(w, http.StatusInternalServerError, err)
-			return
-		}
-		slog.Info("module restarted on request", "module", name)
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("GET /modules/{name}/logs", func(w http.ResponseWriter, r *http.Request) {
-		e, err := d.moduleEngine(r.PathValue("name"))
-		if err != nil {
-			writeError(w, http.StatusNotFound, err)
-			return
-		}
-		q := r.URL.Query()
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		out := &flushWriter{w: w}
-		if err := e.Logs(r.Context(), r.PathValue("name"), moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
-			Since: q.Get("since"), Until: q.Get("until"), Follow: q.Get("follow") == "true"}, out); err != nil {
-			if !out.wrote { // nothing streamed yet: a status the CLI exits with
-				writeError(w, http.StatusNotFound, err)
-				return
-			}
-			fmt.Fprintf(w, "error: %v\n", err)
-		}
-	})
-	mux.HandleFunc("GET /logs", func(w http.ResponseWriter, r *http.Request) {
-		tail, err := strconv.Atoi(cmp.Or(r.URL.Query().Get("tail"), "200"))
-		if err != nil || tail < 0 {
-			writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines"))
-			return
-		}
-		w.Header().Set("Content-Type", "text/plain; charset=utf-8")
-		var seq uint64
-		for {
-			lines, next, more := d.opts.Logs.Since(seq, tail)
-			for _, l := range lines {
-				fmt.Fprintln(w, l)
-			}
-			if f, ok := w.(http.Flusher); ok {
-				f.Flush()
-			}
-			seq = next
-			if r.URL.Query().Get("follow") != "true" {
-				return
-			}
-			select { // (seq 0 means nothing was written: the next read takes it all)
-			case <-r.Context().Done():
-				return
-			case <-more:
-			}
-		}
-	})
-	mux.HandleFunc("POST /reload", func(w http.ResponseWriter, r *http.Request) {
-		signal(d.reloadCh)
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("POST /reprovision", func(w http.ResponseWriter, r *http.Request) {
-		signal(d.reprovCh)
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("POST /stop", func(w http.ResponseWriter, r *http.Request) {
-		signal(d.stopCh)
-		w.WriteHeader(http.StatusNoContent)
-	})
-	mux.HandleFunc("PUT /log-level", func(w http.ResponseWriter, r *http.Request) {
-		var req struct{ Level string }
-		var lvl slog.Level
-		err := json.NewDecoder(r.Body).Decode(&req)
-		name := strings.ToLower(req.Level)
-		if name == "trace" { // Azure's finest level; debug is the daemon's
-			name = "debug"
-		}
-		if err != nil || lvl.UnmarshalText([]byte(name)) != nil {
-			writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use trace, debug, info, warn or error", req.Level))
-			return
-		}
-		d.opts.Level.Set(lvl)
-		slog.Info("log level changed", "level", lvl.String())
-		w.WriteHeader(http.StatusNoContent)
-	})
+	mux.HandleFunc("GET /status", d.handleStatus)
+	mux.HandleFunc("GET /modules", d.handleModules)
+	mux.HandleFunc("POST /modules/{name}/restart", d.handleRestart)
+	mux.HandleFunc("GET /modules/{name}/logs", d.handleModuleLogs)
+	mux.HandleFunc("GET /logs", d.handleLogs)
+	mux.HandleFunc("POST /reload", signalling(d.reloadCh))
+	mux.HandleFunc("POST /reprovision", signalling(d.reprovCh))
+	mux.HandleFunc("POST /stop", signalling(d.stopCh))
+	mux.HandleFunc("PUT /log-level", d.handleLogLevel)
 	return mux
+}
+
+func (d *Daemon) handleStatus(w http.ResponseWriter, r *http.Request) {
+	d.mu.Lock()
+	s := d.status
+	d.mu.Unlock()
+	writeJSON(w, s)
+}
+
+func (d *Daemon) handleModules(w http.ResponseWriter, r *http.Request) {
+	d.mu.Lock()
+	ms := slices.Clone(d.modules)
+	d.mu.Unlock()
+	slices.SortFunc(ms, func(a, b mgmt.Module) int { return cmp.Compare(a.Name, b.Name) })
+	if ms == nil {
+		ms = []mgmt.Module{}
+	}
+	writeJSON(w, ms)
+}
+
+func (d *Daemon) handleRestart(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	e, err := d.moduleEngine(name)
+	if err != nil {
+		writeError(w, http.StatusNotFound, err)
+		return
+	}
+	d.mu.Lock()
+	stopped := d.stopped[name]
+	d.mu.Unlock()
+	if stopped { // the reconciler would stop it again within seconds
+		writeError(w, http.StatusConflict, fmt.Errorf("module %s's desired status is stopped: the agent keeps it stopped; "+
+			"set its status to \"running\" in the deployment to start it", name))
+		return
+	}
+	if err = e.Stop(r.Context(), name, 10*time.Second); err == nil {
+		err = e.Start(r.Context(), name)
+	}
+	if err != nil {
+		writeError(w, http.StatusInternalServerError, err)
+		return
+	}
+	slog.Info("module restarted on request", "module", name)
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (d *Daemon) handleModuleLogs(w http.ResponseWriter, r *http.Request) {
+	name := r.PathValue("name")
+	e, err := d.moduleEngine(name)
+	if err != nil {
+		writeError(w, http.StatusNotFound, err)
+		return
+	}
+	q := r.URL.Query()
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	out := &flushWriter{w: w}
+	if err := e.Logs(r.Context(), name, moby.LogOptions{Tail: cmp.Or(q.Get("tail"), "all"),
+		Since: q.Get("since"), Until: q.Get("until"), Follow: q.Get("follow") == "true"}, out); err != nil {
+		if !out.wrote { // nothing streamed yet: a status the CLI exits with
+			writeError(w, http.StatusNotFound, err)
+			return
+		}
+		fmt.Fprintf(w, "error: %v\n", err)
+	}
+}
+
+// handleLogs is the daemon's own log, from its ring of recent lines.
+func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request) {
+	tail, err := strconv.Atoi(cmp.Or(r.URL.Query().Get("tail"), "200"))
+	if err != nil || tail < 0 {
+		writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines"))
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	var seq uint64
+	for {
+		lines, next, more := d.opts.Logs.Since(seq, tail)
+		for _, l := range lines {
+			fmt.Fprintln(w, l)
+		}
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+		seq = next
+		if r.URL.Query().Get("follow") != "true" {
+			return
+		}
+		select { // (seq 0 means nothing was written: the next read takes it all)
+		case <-r.Context().Done():
+			return
+		case <-more:
+		}
+	}
+}
+
+// signalling answers a request by signalling ch, which the daemon's loop
+// acts on.
+func signalling(ch chan struct{}) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		signal(ch)
+		w.WriteHeader(http.StatusNoContent)
+	}
+}
+
+func (d *Daemon) handleLogLevel(w http.ResponseWriter, r *http.Request) {
+	var req struct{ Level string }
+	var lvl slog.Level
+	err := json.NewDecoder(r.Body).Decode(&req)
+	name := strings.ToLower(req.Level)
+	if name == "trace" { // Azure's finest level; debug is the daemon's
+		name = "debug"
+	}
+	if err != nil || lvl.UnmarshalText([]byte(name)) != nil {
+		writeError(w, http.StatusBadRequest, fmt.Errorf("log level %q: use trace, debug, info, warn or error", req.Level))
+		return
+	}
+	d.opts.Level.Set(lvl)
+	slog.Info("log level changed", "level", lvl.String())
+	w.WriteHeader(http.StatusNoContent)
 }
 
 // moduleEngine returns the engine if name is one of the agent's modules.

@@ -21,8 +21,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/atomicfile"
 	"github.com/hatchery/hatchery/internal/edge/config"
-	"github.com/hatchery/hatchery/internal/edge/statefile"
 	"github.com/hatchery/hatchery/internal/provisioning"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/tpm"
@@ -82,7 +82,7 @@ func (m *Manager) Backup() (*Device, error) {
 
 func (m *Manager) save(d *Device) error {
 	b, _ := json.MarshalIndent(d, "", "  ")
-	return statefile.Replace(filepath.Join(m.StateDir, backupFile), b)
+	return atomicfile.WritePrivate(filepath.Join(m.StateDir, backupFile), b)
 }
 
 // Start returns the identity to run with at startup, following
