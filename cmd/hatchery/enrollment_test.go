@@ -1,0 +1,85 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/provisioning"
+)
+
+// register provisions regID with key against c's server.
+func (c *cli) register(regID string, key []byte) {
+	c.t.Helper()
+	var info siteInfo
+	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
+		c.t.Fatal(err)
+	}
+	lb, err := info.loopback()
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	httpClient := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: lb.tls,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			return (&net.Dialer{}).DialContext(ctx, network, strings.TrimPrefix(lb.url, "https://"))
+		}}}
+	device := &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: regID, HTTP: httpClient, MaxPolls: 5}
+	if _, err := device.RegisterSymmetricKey(context.Background(), key); err != nil {
+		c.t.Fatalf("registering %s: %v", regID, err)
+	}
+}
+
+// Write commands show what a read shows: the device's registration, every
+// setting their flags set, and the key a rotation made.
+func TestEnrollmentWriteOutputs(t *testing.T) {
+	c := startServe(t)
+	c.register("wr-1", c.symmetricKeyEnrollment("wr-1"))
+	for _, args := range [][]string{
+		{"enrollment", "update", "--registration-id", "wr-1", "--initial-twin-tags", `{"a":1}`},
+		{"enrollment", "rotate-keys", "--registration-id", "wr-1", "--key", "secondary"},
+	} {
+		out := c.ok(args...)
+		if len(grepLines(out, "Registration status:", "assigned")) != 1 || len(grepLines(out, "Registration status:", "unassigned")) != 0 ||
+			len(grepLines(out, "Assigned hub:", "localhost")) != 1 || len(grepLines(out, "Assigned device ID:", "wr-1")) != 1 {
+			t.Errorf("hatchery %s shows the device unassigned:\n%s", strings.Join(args, " "), out)
+		}
+	}
+	// The rotated key is shown, for enrollments and groups alike.
+	c.ok("enrollment-group", "create", "--group-id", "wr-g")
+	for _, id := range [][]string{{"enrollment", "--registration-id", "wr-1"}, {"enrollment-group", "--group-id", "wr-g"}} {
+		out := c.ok(id[0], "rotate-keys", id[1], id[2], "--key", "secondary")
+		var e struct {
+			Attestation struct {
+				SymmetricKey struct{ SecondaryKey string } `json:"symmetricKey"`
+			} `json:"attestation"`
+		}
+		if err := json.Unmarshal([]byte(c.ok(id[0], "show", id[1], id[2], "--show-keys", "-o", "json")), &e); err != nil {
+			t.Fatal(err)
+		}
+		if key := e.Attestation.SymmetricKey.SecondaryKey; key == "" || len(grepLines(out, "Secondary key:", key)) != 1 {
+			t.Errorf("%s rotate-keys --key secondary does not show the new key %s:\n%s", id[0], key, out)
+		}
+	}
+
+	// show has a row for each setting the flags set.
+	for _, kind := range []string{"enrollment", "enrollment-group"} {
+		args := []string{kind, "create", "--registration-id", "set-1"}
+		if kind == "enrollment-group" {
+			args = []string{kind, "create", "--group-id", "set-g"}
+		}
+		c.ok(append(args, "--attestation-type", "symmetrickey", "--reprovision-policy", "reprovisionandresetdata",
+			"--allocation-policy", "custom", "--webhook-url", "https://alloc.example/pick", "--initial-twin-properties", `{ "interval": 30 }`)...)
+		args[1] = "show"
+		out := c.ok(args...)
+		for _, row := range [][]string{{"Reprovision policy:", "reprovisionandresetdata"}, {"Webhook URL:", "https://alloc.example/pick"},
+			{"Initial desired properties:", `{"interval":30}`}} {
+			if len(grepLines(out, row...)) != 1 {
+				t.Errorf("%s show lacks %q:\n%s", kind, row, out)
+			}
+		}
+	}
+}
