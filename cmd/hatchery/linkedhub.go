@@ -100,7 +100,7 @@ func hubCmd() *cobra.Command {
 	link.Flags().StringVar(&connString, "connection-string", "", "the hub's registry connection string (iothubowner or a policy with RegistryWrite); omit to change a linked hub's settings")
 	link.Flags().StringVar(&endpoint, "endpoint", "", "the registry's URL when not https://HOSTNAME (another port)")
 	link.Flags().StringVar(&caPath, "ca-cert", "", "PEM of the CA that signed the hub's TLS certificate, when the system does not trust it (another hatchery serve: its tls/ca.pem)")
-	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation")
+	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation, 1 to 1000 (0 means the default, 1)")
 	link.Flags().BoolVar(&apply, "apply-allocation-policy", true, "allocate to this hub devices whose enrollment names no hubs")
 	link.Flags().StringToStringVar(&latency, "latency", nil, "geoLatency table: NETWORK=MS pairs, the latency from devices in each network to this hub, e.g. 10.1.0.0/16=20")
 	link.Flags().BoolVar(&clearLatency, "clear-latency", false, "drop the hub's geoLatency table")
