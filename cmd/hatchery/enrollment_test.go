@@ -2,9 +2,12 @@ package main
 
 import (
 	"context"
+	"encoding/base64"
 	"encoding/json"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +17,13 @@ import (
 
 // register provisions regID with key against c's server.
 func (c *cli) register(regID string, key []byte) {
+	c.t.Helper()
+	if err := c.tryRegister(regID, key); err != nil {
+		c.t.Fatalf("registering %s: %v", regID, err)
+	}
+}
+
+func (c *cli) tryRegister(regID string, key []byte) error {
 	c.t.Helper()
 	var info siteInfo
 	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
@@ -28,9 +38,8 @@ func (c *cli) register(regID string, key []byte) {
 			return (&net.Dialer{}).DialContext(ctx, network, strings.TrimPrefix(lb.url, "https://"))
 		}}}
 	device := &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: regID, HTTP: httpClient, MaxPolls: 5}
-	if _, err := device.RegisterSymmetricKey(context.Background(), key); err != nil {
-		c.t.Fatalf("registering %s: %v", regID, err)
-	}
+	_, err = device.RegisterSymmetricKey(context.Background(), key)
+	return err
 }
 
 // Write commands show what a read shows: the device's registration, every
@@ -81,5 +90,35 @@ func TestEnrollmentWriteOutputs(t *testing.T) {
 				t.Errorf("%s show lacks %q:\n%s", kind, row, out)
 			}
 		}
+	}
+}
+
+// serve --webhook-timeout bounds the custom allocation webhook's answer.
+func TestServeWebhookTimeout(t *testing.T) {
+	c := startServeOn(t, "--webhook-timeout", "300ms")
+	if out, err := exec.Command(c.bin, "serve", "--data-dir", t.TempDir(), "--webhook-timeout", "0").CombinedOutput(); err == nil ||
+		!strings.Contains(string(out), "--webhook-timeout must be more than 0") {
+		t.Errorf("serve --webhook-timeout 0: %v\n%s", err, out)
+	}
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(3 * time.Second):
+		case <-r.Context().Done():
+		}
+	}))
+	defer slow.Close()
+	var e struct {
+		Attestation struct {
+			SymmetricKey struct{ PrimaryKey string } `json:"symmetricKey"`
+		} `json:"attestation"`
+	}
+	out := c.ok("enrollment", "create", "--attestation-type", "symmetrickey", "--registration-id", "slow-1",
+		"--allocation-policy", "custom", "--webhook-url", slow.URL, "-o", "json")
+	if err := json.Unmarshal([]byte(out), &e); err != nil {
+		t.Fatal(err)
+	}
+	key, _ := base64.StdEncoding.DecodeString(e.Attestation.SymmetricKey.PrimaryKey)
+	if err := c.tryRegister("slow-1", key); err == nil || !strings.Contains(err.Error(), "no answer within 300ms") {
+		t.Errorf("registering through a webhook slower than --webhook-timeout: %v", err)
 	}
 }
