@@ -122,3 +122,23 @@ func TestServeWebhookTimeout(t *testing.T) {
 		t.Errorf("registering through a webhook slower than --webhook-timeout: %v", err)
 	}
 }
+
+// Unlinking a hub that enrollments still name warns, with how many.
+func TestUnlinkWarnsOfEnrollmentsNamingTheHub(t *testing.T) {
+	c := startServe(t)
+	link := func() {
+		bogus := "HostName=far.example;SharedAccessKeyName=iothubowner;SharedAccessKey=" + base64.StdEncoding.EncodeToString(make([]byte, 32))
+		c.ok("hub", "link", "--hostname", "far.example", "--connection-string", bogus, "--endpoint", "https://127.0.0.1:1", "--apply-allocation-policy=false")
+	}
+	link()
+	if out := c.ok("hub", "unlink", "--hostname", "far.example"); strings.Contains(out, "warning") {
+		t.Errorf("unlinking a hub nothing names warned: %s", out)
+	}
+	link()
+	c.ok("enrollment", "create", "--registration-id", "far-1", "--attestation-type", "symmetrickey", "--allocation-policy", "static", "--iot-hub-host-name", "far.example")
+	c.ok("enrollment", "create", "--registration-id", "near-1", "--attestation-type", "symmetrickey")
+	c.ok("enrollment-group", "create", "--group-id", "far-g", "--iot-hubs", "far.example,localhost")
+	if out := c.ok("hub", "unlink", "--hostname", "far.example"); !strings.Contains(out, "warning: 1 enrollment and 1 enrollment group still name hub far.example") {
+		t.Errorf("unlinking a hub enrollments name: %s", out)
+	}
+}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hubclient"
 )
@@ -107,7 +109,10 @@ func hubCmd() *cobra.Command {
 	_ = link.MarkFlagRequired("hostname")
 
 	unlink := &cobra.Command{Use: "unlink", Short: "Unlink a hub (its devices stay there)", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, dpsClient, "DELETE", "/linkedHubs/"+url.PathEscape(host), "", nil)
+		if err := send(cmd, dpsClient, "DELETE", "/linkedHubs/"+url.PathEscape(host), "", nil); err != nil {
+			return err
+		}
+		return warnNamingHub(cmd, host)
 	}}
 	unlink.Flags().StringVar(&host, "hostname", "", "the linked hub's host name")
 	_ = unlink.MarkFlagRequired("hostname")
@@ -134,4 +139,60 @@ func renderHubs(cmd *cobra.Command, hubs []*dps.LinkedHub) error {
 		rows = append(rows, []string{h.HostName, strconv.Itoa(max(h.AllocationWeight, 1)), strconv.FormatBool(h.ApplyAllocationPolicy), orDash(strings.Join(lat, ","))})
 	}
 	return renderTable(cmd, hubs, []string{"HOST NAME", "WEIGHT", "APPLY ALLOCATION", "LATENCY"}, rows)
+}
+
+// namingCap bounds the count of enrollments warnNamingHub reports, so
+// that unlinking stays quick with a large fleet's enrollments.
+const namingCap = 1000
+
+// warnNamingHub warns when enrollments or groups still name an unlinked
+// hub: their devices fail to register until they are changed.
+func warnNamingHub(cmd *cobra.Command, host string) error {
+	enrollments, err := countNaming(cmd, "/enrollments/query", host, enrollmentShared)
+	if err != nil {
+		return err
+	}
+	groups, err := countNaming(cmd, "/enrollmentGroups/query", host, groupShared)
+	if err != nil {
+		return err
+	}
+	var named []string
+	for _, c := range []struct {
+		n          int
+		one, other string
+	}{{enrollments, "enrollment", "enrollments"}, {groups, "enrollment group", "enrollment groups"}} {
+		switch {
+		case c.n >= namingCap:
+			named = append(named, fmt.Sprintf("at least %d %s", namingCap, c.other))
+		case c.n == 1:
+			named = append(named, "1 "+c.one)
+		case c.n > 1:
+			named = append(named, fmt.Sprintf("%d %s", c.n, c.other))
+		}
+	}
+	if len(named) > 0 {
+		fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s still name hub %s (iotHubHostName or iotHubs): their devices cannot be assigned there; "+
+			"change them (update --iot-hubs or --allocation-policy) or link the hub again\n", strings.Join(named, " and "), host)
+	}
+	return nil
+}
+
+// countNaming counts, up to namingCap, the enrollments or groups that
+// query path lists whose allocation names host.
+func countNaming[T any](cmd *cobra.Command, path, host string, fields func(*T) shared) (int, error) {
+	c, err := dpsClient(cmd)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	err = azclient.QueryPages(cmd.Context(), c, path, "*", func(page []*T) bool {
+		for _, v := range page {
+			sh := fields(v)
+			if strings.EqualFold(*sh.hub, host) || slices.ContainsFunc(*sh.hubs, func(h string) bool { return strings.EqualFold(h, host) }) {
+				n++
+			}
+		}
+		return n < namingCap
+	})
+	return n, err
 }
