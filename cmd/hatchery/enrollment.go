@@ -186,7 +186,7 @@ var reprovisionPolicies = map[string]dps.ReprovisionPolicy{
 	"never":                     {UpdateHubAssignment: false, MigrateDeviceData: false},
 }
 
-func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
+func (f *enrollmentFlags) register(cmd *cobra.Command, individual, update bool) {
 	f.individual = individual
 	fl := cmd.Flags()
 	fl.StringVar(&f.attType, "attestation-type", "", "tpm, symmetrickey or x509")
@@ -207,8 +207,12 @@ func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
 	fl.StringVar(&f.tags, "initial-twin-tags", "", `initial twin tags as JSON, e.g. '{"environment":"prod"}'`)
 	fl.StringVar(&f.props, "initial-twin-properties", "", "initial desired properties as JSON")
 	fl.StringVar(&f.status, "provisioning-status", "", "enabled or disabled")
-	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key (default: generated)")
-	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key (default: generated)")
+	keyDefault := "(default: generated)"
+	if update {
+		keyDefault = "(default: kept; rotate-keys makes a new one)"
+	}
+	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key "+keyDefault)
+	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key "+keyDefault)
 	fl.StringVar(&f.hub, "iot-hub-host-name", "", "assign to this linked hub (static allocation)")
 	fl.StringVar(&f.policy, "allocation-policy", "", "hashed, static, geoLatency or custom")
 	fl.StringSliceVar(&f.hubs, "iot-hubs", nil, "the linked hubs to allocate among (default: those that apply allocation policies)")
@@ -453,7 +457,7 @@ func enrollmentCmd() *cobra.Command {
 		} else {
 			c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID (x509: default the certificate's CN)")
 		}
-		f.register(c, true)
+		f.register(c, true, update)
 		return c
 	}
 	show := showWithKeys(enrollment, "Show an enrollment and its registration state", func(e *dps.Enrollment) *dps.Attestation { return &e.Attestation }, showEnrollment)

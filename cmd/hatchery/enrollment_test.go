@@ -8,11 +8,15 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os/exec"
+	"path/filepath"
+	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/provisioning"
+	"github.com/hatchery/hatchery/internal/testutil"
 )
 
 // register provisions regID with key against c's server.
@@ -140,5 +144,51 @@ func TestUnlinkWarnsOfEnrollmentsNamingTheHub(t *testing.T) {
 	c.ok("enrollment-group", "create", "--group-id", "far-g", "--iot-hubs", "far.example,localhost")
 	if out := c.ok("hub", "unlink", "--hostname", "far.example"); !strings.Contains(out, "warning: 1 enrollment and 1 enrollment group still name hub far.example") {
 		t.Errorf("unlinking a hub enrollments name: %s", out)
+	}
+}
+
+// Small CLI consistencies: flag names shared across commands, help that
+// fits the command, names listed once.
+func TestCLIDetails(t *testing.T) {
+	c := &cli{t: t, bin: filepath.Join(t.TempDir(), "hatchery"), dataDir: t.TempDir()}
+	c.build()
+	// serve with --hostname 127.0.0.1, as c.serve does not.
+	port, mqtt := testutil.FreePort(t), testutil.FreePort(t)
+	srv := exec.Command(c.bin, "serve", "--data-dir", c.dataDir, "--hostname", "127.0.0.1", "--https-port", strconv.Itoa(port), "--mqtt-port", strconv.Itoa(mqtt))
+	log := &testutil.SyncBuffer{}
+	srv.Stdout, srv.Stderr = log, log
+	if err := srv.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = srv.Process.Signal(syscall.SIGTERM); _ = srv.Wait() })
+	var info siteInfo
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(50 * time.Millisecond) {
+		out, err := c.run("info", "-o", "json")
+		if err == nil && json.Unmarshal([]byte(out), &info) == nil && info.ServerCertificate != nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("server did not start: %s\n%s", out, log.String())
+		}
+	}
+	seen := map[string]bool{}
+	for _, n := range info.ServerCertificate.Names {
+		if seen[n] {
+			t.Errorf("info lists the server certificate's name %s twice: %v", n, info.ServerCertificate.Names)
+		}
+		seen[n] = true
+	}
+
+	ca := testutil.NewCert(t, "Detail CA", true, nil)
+	caPath := filepath.Join(t.TempDir(), "ca.pem")
+	testutil.WritePEM(t, ca, caPath, "")
+	c.ok("certificate", "create", "--name", "detail-ca", "--certificate-path", caPath)
+	if out, err := c.run("certificate", "create", "--name", "none"); err == nil || !strings.Contains(out, "path") {
+		t.Errorf("certificate create without a file: %v %s", err, out)
+	}
+	for _, kind := range []string{"enrollment", "enrollment-group"} {
+		if out := c.ok(kind, "update", "--help"); strings.Contains(out, "(default: generated)") {
+			t.Errorf("%s update --help says keys are generated:\n%s", kind, out)
+		}
 	}
 }

@@ -36,7 +36,7 @@ func groupCmd() *cobra.Command {
 			return showGroup(cmd, out)
 		}}
 		idFlag(c)
-		f.register(c, false)
+		f.register(c, false, update)
 		return c
 	}
 	show := showWithKeys(group, "Show an enrollment group", func(g *dps.EnrollmentGroup) *dps.Attestation { return &g.Attestation }, showGroup)
