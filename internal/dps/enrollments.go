@@ -451,13 +451,21 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	}
 }
 
-// ListRegistrations pages through registration records; groupID "" or "*"
-// means all (store.FilteredPage: one filtered by group may come back short).
+// ListRegistrations pages through registration records of one enrollment
+// group, which must exist; groupID "" or "*" means all (store.FilteredPage:
+// one filtered by group may come back short).
 func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, limit int) ([]*RegistrationState, string, error) {
 	if limit <= 0 || limit > 1000 {
 		limit = 1000
 	}
 	all := groupID == "" || groupID == "*"
+	if !all {
+		// A group that does not exist is an error (404), as in Azure, not
+		// a group without devices.
+		if _, err := s.GetGroup(ctx, groupID); err != nil {
+			return nil, "", err
+		}
+	}
 	var out []*RegistrationState
 	next, err := store.FilteredPage(ctx, s.store, kindRegistration, after, limit, 10, func(d store.Doc) (bool, error) {
 		r := &RegistrationState{}
