@@ -186,7 +186,7 @@ var reprovisionPolicies = map[string]dps.ReprovisionPolicy{
 	"never":                     {UpdateHubAssignment: false, MigrateDeviceData: false},
 }
 
-func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
+func (f *enrollmentFlags) register(cmd *cobra.Command, individual, update bool) {
 	f.individual = individual
 	fl := cmd.Flags()
 	fl.StringVar(&f.attType, "attestation-type", "", "tpm, symmetrickey or x509")
@@ -207,8 +207,12 @@ func (f *enrollmentFlags) register(cmd *cobra.Command, individual bool) {
 	fl.StringVar(&f.tags, "initial-twin-tags", "", `initial twin tags as JSON, e.g. '{"environment":"prod"}'`)
 	fl.StringVar(&f.props, "initial-twin-properties", "", "initial desired properties as JSON")
 	fl.StringVar(&f.status, "provisioning-status", "", "enabled or disabled")
-	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key (default: generated)")
-	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key (default: generated)")
+	keyDefault := "(default: generated)"
+	if update {
+		keyDefault = "(default: kept; rotate-keys makes a new one)"
+	}
+	fl.StringVar(&f.primary, "primary-key", "", "symmetric primary key "+keyDefault)
+	fl.StringVar(&f.secondary, "secondary-key", "", "symmetric secondary key "+keyDefault)
 	fl.StringVar(&f.hub, "iot-hub-host-name", "", "assign to this linked hub (static allocation)")
 	fl.StringVar(&f.policy, "allocation-policy", "", "hashed, static, geoLatency or custom")
 	fl.StringSliceVar(&f.hubs, "iot-hubs", nil, "the linked hubs to allocate among (default: those that apply allocation policies)")
@@ -446,14 +450,14 @@ func enrollmentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return showEnrollment(cmd, out)
+			return showWrittenEnrollment(cmd, out)
 		}}
 		if update {
 			idFlag(c)
 		} else {
 			c.Flags().StringVar(&regID, "registration-id", "", "the device's registration ID (x509: default the certificate's CN)")
 		}
-		f.register(c, true)
+		f.register(c, true, update)
 		return c
 	}
 	show := showWithKeys(enrollment, "Show an enrollment and its registration state", func(e *dps.Enrollment) *dps.Attestation { return &e.Attestation }, showEnrollment)
@@ -477,9 +481,25 @@ func enrollmentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			return showEnrollment(cmd, out)
+			return showWrittenEnrollment(cmd, out)
 		}))
 	return cmd
+}
+
+// showWrittenEnrollment shows an enrollment as a write answered it. That
+// answer has no registration state, so the table reads it, as a read of
+// the enrollment would have it; JSON stays the API's answer.
+func showWrittenEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
+	if !jsonOutput(cmd) {
+		r, err := call[dps.RegistrationState](cmd, dpsClient, "GET", "/registrations/"+url.PathEscape(e.RegistrationID), "", nil)
+		switch {
+		case err == nil:
+			e.RegistrationState = r
+		case !azerr.HasStatus(err, http.StatusNotFound): // not registered: unassigned
+			return err
+		}
+	}
+	return showEnrollment(cmd, e)
 }
 
 func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
@@ -487,21 +507,38 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 	if e.RegistrationState != nil {
 		reg = e.RegistrationState
 	}
-	return render(cmd, e, [][2]string{
+	rows := [][2]string{
 		{"Registration ID", e.RegistrationID},
 		{"Device ID", orDash(e.DeviceID)},
 		{"Attestation", e.Attestation.Type},
-		credentialRow(e.Attestation),
-		{"IoT Edge", strconv.FormatBool(e.Capabilities != nil && e.Capabilities.IoTEdge)},
-		{"Provisioning status", e.ProvisioningStatus},
-		{"Initial twin tags", initialTags(e.InitialTwin)},
-		{"Allocation", allocationText(e.AllocationPolicy, e.IoTHubHostName, e.IoTHubs)},
+	}
+	rows = append(rows, credentialRows(e.Attestation)...)
+	rows = append(rows, settingRows(enrollmentShared(e))...)
+	return render(cmd, e, append(rows, [][2]string{
 		{"Registration status", reg.Status},
 		{"Substatus", orDash(reg.Substatus)},
 		{"Assigned device ID", orDash(reg.DeviceID)},
 		{"Assigned hub", orDash(reg.AssignedHub)},
 		{"Error", orDash(reg.ErrorMessage)},
-	})
+	}...))
+}
+
+// settingRows shows the settings enrollments and groups share, each one
+// the create and update flags set.
+func settingRows(sh shared) [][2]string {
+	custom := "-"
+	if c := *sh.custom; c != nil && c.WebhookURL != "" {
+		custom = c.WebhookURL + " (API " + c.APIVersion + ")"
+	}
+	return [][2]string{
+		{"IoT Edge", strconv.FormatBool(*sh.caps != nil && (*sh.caps).IoTEdge)},
+		{"Provisioning status", *sh.status},
+		{"Initial twin tags", initialTags(*sh.twin)},
+		{"Initial desired properties", initialDesired(*sh.twin)},
+		{"Allocation", allocationText(*sh.policy, *sh.hub, *sh.hubs)},
+		{"Webhook URL", custom},
+		{"Reprovision policy", reprovisionName(*sh.repro)},
+	}
 }
 
 // initialTags is the tags an enrollment's initial twin gives, as JSON.
@@ -509,7 +546,37 @@ func initialTags(t *dps.InitialTwin) string {
 	if t == nil || len(t.Tags) == 0 {
 		return "{}"
 	}
-	return string(t.Tags)
+	return compactJSON(t.Tags)
+}
+
+// initialDesired is the desired properties an initial twin gives, as JSON.
+func initialDesired(t *dps.InitialTwin) string {
+	if t == nil || t.Properties == nil || len(t.Properties.Desired) == 0 {
+		return "{}"
+	}
+	return compactJSON(t.Properties.Desired)
+}
+
+// compactJSON is raw on one line, as a table row needs it.
+func compactJSON(raw json.RawMessage) string {
+	var b bytes.Buffer
+	if json.Compact(&b, raw) != nil {
+		return string(raw)
+	}
+	return b.String()
+}
+
+// reprovisionName is the CLI's name for p (reprovisionPolicies).
+func reprovisionName(p *dps.ReprovisionPolicy) string {
+	switch {
+	case p == nil:
+		return "-"
+	case !p.UpdateHubAssignment: // the device stays: its data has nowhere to migrate
+		return "never"
+	case p.MigrateDeviceData:
+		return "reprovisionandmigratedata"
+	}
+	return "reprovisionandresetdata"
 }
 
 // rotateCmd is `rotate-keys`: one symmetric key replaced by a fresh one
@@ -555,27 +622,32 @@ func allocationText(policy, static string, hubs []string) string {
 	return policy + " among the linked hubs"
 }
 
-// credentialRow shows what a device proves itself with: the primary key,
+// credentialRows show what a device proves itself with: the symmetric
+// keys (both where the answer has them, as after a rotation of either),
 // or the primary certificate (a group's CA) by subject and thumbprint.
-func credentialRow(a dps.Attestation) [2]string {
+func credentialRows(a dps.Attestation) [][2]string {
 	switch {
 	case a.SymmetricKey != nil:
-		return [2]string{"Primary key", cmp.Or(a.SymmetricKey.PrimaryKey, "(not shown: --show-keys shows it)")}
+		rows := [][2]string{{"Primary key", cmp.Or(a.SymmetricKey.PrimaryKey, "(not shown: --show-keys shows it)")}}
+		if a.SymmetricKey.SecondaryKey != "" {
+			rows = append(rows, [2]string{"Secondary key", a.SymmetricKey.SecondaryKey})
+		}
+		return rows
 	case a.TPM != nil && a.TPM.EKCertificateAuthorities != nil: // a TPM group
-		return certificateRow(a.TPM.EKCertificateAuthorities)
+		return [][2]string{certificateRow(a.TPM.EKCertificateAuthorities)}
 	case a.TPM != nil:
-		return [2]string{"Endorsement key", a.TPM.EndorsementKey[:min(len(a.TPM.EndorsementKey), 24)] + "…"}
+		return [][2]string{{"Endorsement key", a.TPM.EndorsementKey[:min(len(a.TPM.EndorsementKey), 24)] + "…"}}
 	case a.X509 != nil:
 		for _, cs := range []*dps.X509Certificates{a.X509.ClientCertificates, a.X509.SigningCertificates} {
 			if row := certificateRow(cs); row[1] != "-" {
-				return row
+				return [][2]string{row}
 			}
 		}
 		if a.X509.CAReferences != nil {
-			return [2]string{"CA certificate", a.X509.CAReferences.Primary}
+			return [][2]string{{"CA certificate", a.X509.CAReferences.Primary}}
 		}
 	}
-	return [2]string{"Credential", "-"}
+	return [][2]string{{"Credential", "-"}}
 }
 
 // certificateRow shows the primary of cs by subject and thumbprint.

@@ -36,7 +36,7 @@ func groupCmd() *cobra.Command {
 			return showGroup(cmd, out)
 		}}
 		idFlag(c)
-		f.register(c, false)
+		f.register(c, false, update)
 		return c
 	}
 	show := showWithKeys(group, "Show an enrollment group", func(g *dps.EnrollmentGroup) *dps.Attestation { return &g.Attestation }, showGroup)
@@ -66,15 +66,8 @@ func groupCmd() *cobra.Command {
 }
 
 func showGroup(cmd *cobra.Command, g *dps.EnrollmentGroup) error {
-	return render(cmd, g, [][2]string{
-		{"Group ID", g.EnrollmentGroupID},
-		{"Attestation", g.Attestation.Type},
-		credentialRow(g.Attestation),
-		{"IoT Edge", strconv.FormatBool(g.Capabilities != nil && g.Capabilities.IoTEdge)},
-		{"Provisioning status", g.ProvisioningStatus},
-		{"Initial twin tags", initialTags(g.InitialTwin)},
-		{"Allocation", allocationText(g.AllocationPolicy, g.IoTHubHostName, g.IoTHubs)},
-	})
+	rows := append([][2]string{{"Group ID", g.EnrollmentGroupID}, {"Attestation", g.Attestation.Type}}, credentialRows(g.Attestation)...)
+	return render(cmd, g, append(rows, settingRows(groupShared(g))...))
 }
 
 func registrationCmd() *cobra.Command {

@@ -467,8 +467,11 @@ func certificateCmd() *cobra.Command {
 	}}
 	nameFlag(create)
 	create.Flags().StringVar(&path, "path", "", "the CA certificate (PEM)")
+	// The enrollment commands name their certificate files so.
+	create.Flags().StringVar(&path, "certificate-path", "", "the same as --path")
 	create.Flags().BoolVar(&verified, "verified", false, "trust it for device authentication (you vouch that you hold its key)")
-	_ = create.MarkFlagRequired("path")
+	create.MarkFlagsOneRequired("path", "certificate-path")
+	create.MarkFlagsMutuallyExclusive("path", "certificate-path")
 	certificate := resource{svc: hubClient, path: func() string { return "/certificates/" + url.PathEscape(name) }, flags: nameFlag}
 	get := showCmd(certificate, "Show a CA certificate", show)
 	del := certificate.deleteCmd("Delete a CA certificate")

@@ -316,7 +316,11 @@ func runImport(cmd *cobra.Command, rows []importRow, mode string, batch int, ski
 		reportImport(cmd, rep, failures)
 		return fmt.Errorf("nothing was imported: %d of %d rows cannot be imported as they are; fix them, or pass --skip-invalid to import the others", len(failures), len(rows))
 	}
-	bar := progress.New(cmd.ErrOrStderr(), "importing", len(send))
+	barTo := cmd.ErrOrStderr()
+	if jsonOutput(cmd) { // a script's run: the report is all it wants
+		barTo = io.Discard
+	}
+	bar := progress.New(barTo, "importing", len(send))
 	for start := 0; start < len(send); start += batch {
 		chunk := send[start:min(start+batch, len(send))]
 		res, err := call[dps.BulkResult](cmd, dpsClient, "POST", "/enrollments", "", &dps.BulkOperation{Mode: mode, Enrollments: chunk})

@@ -70,8 +70,9 @@ func TestImportInterrupted(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	started := regexp.MustCompile(`importing \[[= ]*\] [1-9][0-9]*/`)
-	for deadline := time.Now().Add(30 * time.Second); !started.MatchString(stderr.String()); time.Sleep(10 * time.Millisecond) {
+	// Off a terminal there is no progress bar: the first enrollment in says it has started.
+	started := func() bool { _, err := c.run("enrollment", "show", "--registration-id", "int-0"); return err == nil }
+	for deadline := time.Now().Add(30 * time.Second); !started(); time.Sleep(10 * time.Millisecond) {
 		if time.Now().After(deadline) {
 			t.Fatalf("the import has not started after 30 s:\n%s", stderr.String())
 		}

@@ -71,7 +71,10 @@ func (s *siteInfo) served() *servedCertificate {
 	leaf := certs[0]
 	names := slices.Clone(leaf.DNSNames)
 	for _, ip := range leaf.IPAddresses {
-		names = append(names, ip.String())
+		// A certificate for an IP address may name it as a DNS name too.
+		if !slices.Contains(names, ip.String()) {
+			names = append(names, ip.String())
+		}
 	}
 	return &servedCertificate{Names: names, Expires: leaf.NotAfter.UTC()}
 }

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/url"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hubclient"
 )
@@ -100,14 +102,17 @@ func hubCmd() *cobra.Command {
 	link.Flags().StringVar(&connString, "connection-string", "", "the hub's registry connection string (iothubowner or a policy with RegistryWrite); omit to change a linked hub's settings")
 	link.Flags().StringVar(&endpoint, "endpoint", "", "the registry's URL when not https://HOSTNAME (another port)")
 	link.Flags().StringVar(&caPath, "ca-cert", "", "PEM of the CA that signed the hub's TLS certificate, when the system does not trust it (another hatchery serve: its tls/ca.pem)")
-	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation")
+	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation, 1 to 1000 (0 means the default, 1)")
 	link.Flags().BoolVar(&apply, "apply-allocation-policy", true, "allocate to this hub devices whose enrollment names no hubs")
 	link.Flags().StringToStringVar(&latency, "latency", nil, "geoLatency table: NETWORK=MS pairs, the latency from devices in each network to this hub, e.g. 10.1.0.0/16=20")
 	link.Flags().BoolVar(&clearLatency, "clear-latency", false, "drop the hub's geoLatency table")
 	_ = link.MarkFlagRequired("hostname")
 
 	unlink := &cobra.Command{Use: "unlink", Short: "Unlink a hub (its devices stay there)", RunE: func(cmd *cobra.Command, _ []string) error {
-		return send(cmd, dpsClient, "DELETE", "/linkedHubs/"+url.PathEscape(host), "", nil)
+		if err := send(cmd, dpsClient, "DELETE", "/linkedHubs/"+url.PathEscape(host), "", nil); err != nil {
+			return err
+		}
+		return warnNamingHub(cmd, host)
 	}}
 	unlink.Flags().StringVar(&host, "hostname", "", "the linked hub's host name")
 	_ = unlink.MarkFlagRequired("hostname")
@@ -134,4 +139,60 @@ func renderHubs(cmd *cobra.Command, hubs []*dps.LinkedHub) error {
 		rows = append(rows, []string{h.HostName, strconv.Itoa(max(h.AllocationWeight, 1)), strconv.FormatBool(h.ApplyAllocationPolicy), orDash(strings.Join(lat, ","))})
 	}
 	return renderTable(cmd, hubs, []string{"HOST NAME", "WEIGHT", "APPLY ALLOCATION", "LATENCY"}, rows)
+}
+
+// namingCap bounds the count of enrollments warnNamingHub reports, so
+// that unlinking stays quick with a large fleet's enrollments.
+const namingCap = 1000
+
+// warnNamingHub warns when enrollments or groups still name an unlinked
+// hub: their devices fail to register until they are changed.
+func warnNamingHub(cmd *cobra.Command, host string) error {
+	enrollments, err := countNaming(cmd, "/enrollments/query", host, enrollmentShared)
+	if err != nil {
+		return err
+	}
+	groups, err := countNaming(cmd, "/enrollmentGroups/query", host, groupShared)
+	if err != nil {
+		return err
+	}
+	var named []string
+	for _, c := range []struct {
+		n          int
+		one, other string
+	}{{enrollments, "enrollment", "enrollments"}, {groups, "enrollment group", "enrollment groups"}} {
+		switch {
+		case c.n >= namingCap:
+			named = append(named, fmt.Sprintf("at least %d %s", namingCap, c.other))
+		case c.n == 1:
+			named = append(named, "1 "+c.one)
+		case c.n > 1:
+			named = append(named, fmt.Sprintf("%d %s", c.n, c.other))
+		}
+	}
+	if len(named) > 0 {
+		fmt.Fprintf(cmd.ErrOrStderr(), "warning: %s still name hub %s (iotHubHostName or iotHubs): their devices cannot be assigned there; "+
+			"change them (update --iot-hubs or --allocation-policy) or link the hub again\n", strings.Join(named, " and "), host)
+	}
+	return nil
+}
+
+// countNaming counts, up to namingCap, the enrollments or groups that
+// query path lists whose allocation names host.
+func countNaming[T any](cmd *cobra.Command, path, host string, fields func(*T) shared) (int, error) {
+	c, err := dpsClient(cmd)
+	if err != nil {
+		return 0, err
+	}
+	n := 0
+	err = azclient.QueryPages(cmd.Context(), c, path, "*", func(page []*T) bool {
+		for _, v := range page {
+			sh := fields(v)
+			if strings.EqualFold(*sh.hub, host) || slices.ContainsFunc(*sh.hubs, func(h string) bool { return strings.EqualFold(h, host) }) {
+				n++
+			}
+		}
+		return n < namingCap
+	})
+	return n, err
 }

@@ -68,6 +68,7 @@ type serveOptions struct {
 	registrationRate, deviceRate                           float64
 	deviceBurst                                            int
 	eventRetention                                         time.Duration
+	webhookTimeout                                         time.Duration
 	messageKiBPerSecond                                    float64
 	maxHTTPSConns, maxMQTTConns, maxMQTTUnauthenticated    int
 	newCA                                                  bool
@@ -105,6 +106,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringSliceVar(&o.tlsNames, "tls-name", nil, "another host name or IP address devices reach this server by, for the local CA's certificate (repeat, or separate with commas)")
 	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "make this server's local CA the one the database's devices trust, although they trust another: a new one if tls/ has none, else the one there (every device must then be given its certificate); for one start, not to keep in the options")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
+	cmd.Flags().DurationVar(&o.webhookTimeout, "webhook-timeout", 10*time.Second, "how long a custom allocation webhook has to answer, each time a device registers (the device is polling meanwhile)")
 	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
@@ -227,6 +229,8 @@ func (o *serveOptions) check() error {
 		return errors.New("--max-mqtt-connections must be at least 1, or 0 for what the open-file limit leaves")
 	case o.maxMQTTUnauthenticated < 0:
 		return errors.New("--max-mqtt-unauthenticated must be at least 1, or 0 for a quarter of --max-mqtt-connections")
+	case o.webhookTimeout <= 0:
+		return errors.New("--webhook-timeout must be more than 0: give a duration such as 10s")
 	case o.eventRetention < 0:
 		return errors.New("--event-retention is negative: give a duration such as 24h, or 0 to keep messages forever")
 	case (o.certFile == "") != (o.keyFile == ""):
@@ -261,6 +265,7 @@ func openServices(ctx context.Context, o serveOptions, st store.Store, caFile st
 	// One set of CA certificates serves both: X.509 groups may reference them.
 	dpsSvc.CAs = hubSvc
 	dpsSvc.Throttle = dps.NewThrottle(o.registrationRate, o.deviceRate, o.deviceBurst)
+	dpsSvc.WebhookTimeout = o.webhookTimeout
 	if o.webhookCA != "" {
 		webhookRoots, err := pki.Roots(o.webhookCA)
 		if err != nil {

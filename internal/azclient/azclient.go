@@ -89,6 +89,16 @@ func (c *Client) Do(ctx context.Context, method, path, ifMatch string, in, out a
 // every item.
 func QueryAll[T any](ctx context.Context, c *Client, path, query string) ([]*T, error) {
 	var all []*T
+	err := QueryPages(ctx, c, path, query, func(page []*T) bool {
+		all = append(all, page...)
+		return true
+	})
+	return all, err
+}
+
+// QueryPages sends the query and gives each page of the answer to more,
+// following continuation tokens until more returns false or none is left.
+func QueryPages[T any](ctx context.Context, c *Client, path, query string, more func([]*T) bool) error {
 	cont := ""
 	for {
 		var page []*T
@@ -98,11 +108,13 @@ func QueryAll[T any](ctx context.Context, c *Client, path, query string) ([]*T, 
 		}
 		resp, err := c.DoHeaders(ctx, "POST", path, "", h, map[string]string{"query": query}, &page)
 		if err != nil {
-			return nil, err
+			return err
 		}
-		all = append(all, page...)
+		if !more(page) {
+			return nil
+		}
 		if cont = resp.Get("x-ms-continuation"); cont == "" {
-			return all, nil
+			return nil
 		}
 	}
 }

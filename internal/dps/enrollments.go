@@ -20,21 +20,22 @@ import (
 // enrollmentDefaults fills what Azure fills and validates the rest. The
 // fields both kinds share are passed by pointer so one check serves both.
 func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attestation, status *string, repro **ReprovisionPolicy, alloc *string, caps **Capabilities, twin *InitialTwin) error {
-	switch *status {
-	case "":
+	// Enum values are taken in any case, as attestation types are, and
+	// stored in their canonical spelling, which the rest of the service
+	// compares against.
+	if *status == "" {
 		*status = "enabled"
-	case "enabled", "disabled":
-	default:
+	}
+	if !canonicalize(status, "enabled", "disabled") {
 		return azerr.BadRequest("provisioningStatus %q is not valid: use \"enabled\" or \"disabled\"", *status)
 	}
 	if *repro == nil {
 		*repro = &ReprovisionPolicy{UpdateHubAssignment: true, MigrateDeviceData: true}
 	}
-	switch *alloc {
-	case "":
-		*alloc = "hashed"
-	case "hashed", "static", "geoLatency", "custom":
-	default:
+	if *alloc == "" {
+		*alloc = PolicyHashed
+	}
+	if !canonicalize(alloc, PolicyHashed, PolicyStatic, PolicyGeoLatency, PolicyCustom) {
 		return azerr.BadRequest("allocationPolicy %q is not valid: use hashed, static, geoLatency or custom", *alloc)
 	}
 	if *caps == nil {
@@ -88,6 +89,18 @@ func (s *Service) enrollmentDefaults(ctx context.Context, group bool, att *Attes
 		return azerr.BadRequest("attestation.type is required: tpm, symmetricKey or x509")
 	}
 	return azerr.BadRequest("attestation.type %q is not valid: use tpm, symmetricKey or x509", att.Type)
+}
+
+// canonicalize replaces *v with the one of names it equals but for case,
+// and reports whether there was one.
+func canonicalize(v *string, names ...string) bool {
+	for _, n := range names {
+		if strings.EqualFold(*v, n) {
+			*v = n
+			return true
+		}
+	}
+	return false
 }
 
 // checkAllocation checks that the policy has what it needs: static a hub
@@ -438,13 +451,21 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 	}
 }
 
-// ListRegistrations pages through registration records; groupID "" or "*"
-// means all (store.FilteredPage: one filtered by group may come back short).
+// ListRegistrations pages through registration records of one enrollment
+// group, which must exist; groupID "" or "*" means all (store.FilteredPage:
+// one filtered by group may come back short).
 func (s *Service) ListRegistrations(ctx context.Context, groupID, after string, limit int) ([]*RegistrationState, string, error) {
 	if limit <= 0 || limit > 1000 {
 		limit = 1000
 	}
 	all := groupID == "" || groupID == "*"
+	if !all {
+		// A group that does not exist is an error (404), as in Azure, not
+		// a group without devices.
+		if _, err := s.GetGroup(ctx, groupID); err != nil {
+			return nil, "", err
+		}
+	}
 	var out []*RegistrationState
 	next, err := store.FilteredPage(ctx, s.store, kindRegistration, after, limit, 10, func(d store.Doc) (bool, error) {
 		r := &RegistrationState{}

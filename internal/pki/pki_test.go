@@ -13,7 +13,7 @@ import (
 
 func TestEnsureCoversHostsAndKeepsCA(t *testing.T) {
 	f := FilesIn(t.TempDir())
-	if err := Ensure(f, []string{"edge.example", "localhost", "127.0.0.1"}); err != nil {
+	if err := Ensure(f, []string{"edge.example", "localhost", "127.0.0.1", "127.0.0.1"}); err != nil {
 		t.Fatal(err)
 	}
 	ca1, _ := os.ReadFile(f.CACert)
@@ -26,6 +26,9 @@ func TestEnsureCoversHostsAndKeepsCA(t *testing.T) {
 		t.Fatal(err)
 	}
 	leaf, _ := x509.ParseCertificate(pair.Certificate[0])
+	if len(leaf.IPAddresses) != 1 {
+		t.Errorf("an address given twice is in the certificate as %v", leaf.IPAddresses)
+	}
 	for _, h := range []string{"edge.example", "localhost", "127.0.0.1"} {
 		if _, err := leaf.Verify(x509.VerifyOptions{DNSName: h, Roots: pool}); err != nil {
 			t.Errorf("%s: %v", h, err)

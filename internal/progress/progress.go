@@ -4,6 +4,7 @@ package progress
 import (
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -19,8 +20,13 @@ type Bar struct {
 	mu         sync.Mutex
 }
 
-// New draws an empty bar for total items.
+// New draws an empty bar for total items on w, if w is a terminal: in a
+// file or a pipe the redrawn frames would only be noise, so there the bar
+// draws nothing.
 func New(w io.Writer, what string, total int) *Bar {
+	if !isTerminal(w) {
+		w = io.Discard
+	}
 	b := &Bar{w: w, what: what, total: total, start: time.Now()}
 	b.draw()
 	return b
@@ -54,4 +60,13 @@ func (b *Bar) Done() {
 	defer b.mu.Unlock()
 	b.draw()
 	fmt.Fprintln(b.w)
+}
+
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
 }

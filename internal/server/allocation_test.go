@@ -758,3 +758,31 @@ func TestCustomAllocationDeviceHangsUp(t *testing.T) {
 		t.Fatalf("the record became %+v (%v); it was %+v", after, err, before)
 	}
 }
+
+// Enum values are taken in any case, as attestation types are, and kept
+// in the spelling the rest of the service compares against.
+func TestEnumsInAnyCase(t *testing.T) {
+	e := newEnv(t)
+	for policy, want := range map[string]string{"geolatency": dps.PolicyGeoLatency, "Hashed": dps.PolicyHashed, "STATIC": dps.PolicyStatic} {
+		in := &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}, AllocationPolicy: policy, ProvisioningStatus: "Disabled"}
+		if policy == "STATIC" {
+			in.IoTHubHostName = host
+		}
+		var out dps.Enrollment
+		if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/case-"+want, "", in, &out); err != nil {
+			t.Fatalf("allocationPolicy %q: %v", policy, err)
+		}
+		if out.AllocationPolicy != want || out.ProvisioningStatus != "disabled" {
+			t.Errorf("allocationPolicy %q stored as %q, provisioningStatus as %q", policy, out.AllocationPolicy, out.ProvisioningStatus)
+		}
+	}
+	var g dps.EnrollmentGroup
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollmentGroups/case-g", "", &dps.EnrollmentGroup{
+		Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}, AllocationPolicy: "GeoLatency"}, &g); err != nil || g.AllocationPolicy != dps.PolicyGeoLatency {
+		t.Errorf("a group's allocationPolicy \"GeoLatency\": %q %v", g.AllocationPolicy, err)
+	}
+	if err := e.dpsAPI.Do(ctx, "PUT", "/enrollments/case-bad", "", &dps.Enrollment{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey},
+		AllocationPolicy: "nearest"}, nil); err == nil || !strings.Contains(err.Error(), `allocationPolicy "nearest" is not valid`) {
+		t.Errorf("an unknown allocationPolicy: %v", err)
+	}
+}

@@ -171,6 +171,11 @@ func TestGroupDerivedKey(t *testing.T) {
 	if strings.Join(paged, ",") != "sensor-17,sensor-20,sensor-21,sensor-22,sensor-23" {
 		t.Fatalf("the group's registrations in pages of 2: %v", paged)
 	}
+	// A group that does not exist is not found, as in Azure, rather than empty.
+	if err := e.dpsAPI.Do(ctx, "POST", "/registrations/no-such-group/query", "", map[string]string{"query": "*"}, nil); azerr.As(err).Status() != 404 ||
+		!strings.Contains(err.Error(), `no enrollment group "no-such-group"`) {
+		t.Errorf("the registrations of a group that does not exist: %v", err)
+	}
 	// A disabled group says which group to enable, and how.
 	disabled := g
 	disabled.ProvisioningStatus = "disabled"
