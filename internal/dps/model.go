@@ -1,6 +1,7 @@
-// Package dps is the Device Provisioning Service: enrollments, device
-// attestation (TPM, symmetric key), allocation to a linked hub and the
-// registration records. It knows nothing of HTTP; internal/server maps its
+// Package dps is the Device Provisioning Service: enrollments and
+// enrollment groups, device attestation (TPM, symmetric key, X.509, TPM
+// groups by EK certificate), allocation to a linked hub, reprovisioning
+// and the registration records. It knows nothing of HTTP; internal/server maps its
 // calls and errors onto the Azure DPS REST API.
 package dps
 

@@ -1,5 +1,8 @@
-// Package hub is the IoT hub: the device registry, device twins and the
-// device-to-cloud event stream. It knows nothing of HTTP or MQTT; the
+// Package hub is the IoT hub: the device and module registry, twins and
+// their queries, the device-to-cloud event stream, cloud-to-device
+// messages, direct methods, jobs, configurations (automatic device
+// management and IoT Edge deployments), and the relay that lets replicas
+// reach each other's devices. It knows nothing of HTTP or MQTT; the
 // protocol front ends in internal/server call it.
 package hub
 

@@ -128,7 +128,7 @@ func str(s string) []byte { return appendString(nil, s) }
 
 func bs(b ...byte) []byte { return b }
 
-// connectBody is a valid CONNECT body up to (and without) the payload.
+// connectHeader is a valid CONNECT body up to (and without) the payload.
 func connectHeader(name string, level, flags byte) []byte {
 	return bytes.Join([][]byte{str(name), bs(level, flags, 0, 60)}, nil)
 }
