@@ -125,7 +125,7 @@ func (s *Service) IDScope() string { return s.settings.IDScope }
 // OwnerConnectionString is the provisioningserviceowner connection string.
 func (s *Service) OwnerConnectionString() string {
 	p := s.settings.Policies[0]
-	return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey
+	return sas.PolicyConnectionString(s.host, p.KeyName, p.PrimaryKey)
 }
 
 // AuthorizeService checks a service-API Authorization header of a request

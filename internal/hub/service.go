@@ -99,7 +99,7 @@ func (s *Service) OwnerConnectionString() string {
 func (s *Service) PolicyConnectionString(name string) (string, bool) {
 	for _, p := range s.settings.Policies {
 		if p.KeyName == name {
-			return "HostName=" + s.host + ";SharedAccessKeyName=" + p.KeyName + ";SharedAccessKey=" + p.PrimaryKey, true
+			return sas.PolicyConnectionString(s.host, p.KeyName, p.PrimaryKey), true
 		}
 	}
 	return "", false

@@ -69,6 +69,13 @@ func ParseConnectionString(s string) (*ConnectionString, error) {
 	return cs, nil
 }
 
+// PolicyConnectionString is the connection string of a shared access
+// policy of the service at host, whose key is keyB64 (base64, as policies
+// keep it).
+func PolicyConnectionString(host, keyName, keyB64 string) string {
+	return "HostName=" + host + ";SharedAccessKeyName=" + keyName + ";SharedAccessKey=" + keyB64
+}
+
 // String renders the connection string in the usual field order.
 func (c *ConnectionString) String() string {
 	var b strings.Builder

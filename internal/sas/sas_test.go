@@ -125,6 +125,9 @@ func TestConnectionString(t *testing.T) {
 	if err != nil || again.String() != cs.String() {
 		t.Fatalf("round trip: %v %v", again, err)
 	}
+	if p := PolicyConnectionString("h.example", "iothubowner", base64.StdEncoding.EncodeToString(key)); p != cs.String() {
+		t.Fatalf("PolicyConnectionString: %q, want %q", p, cs.String())
+	}
 	for _, bad := range []string{"", "HostName=h", "HostName=h;SharedAccessKey=!!", "SharedAccessKey=AAAA;SharedAccessKeyName=x", "HostName=h;SharedAccessKey=AAAA", "junk",
 		"HostName=h;SharedAccessKeyName=x;SharedAccessKey=AAAA"} { // a 3-byte key
 		if _, err := ParseConnectionString(bad); err == nil {
