@@ -114,6 +114,8 @@ func modify[T any](ctx context.Context, st store.Store, kind, id, what string, l
 	return nil, azerr.PreconditionFailed("%s is being changed concurrently: retry", what)
 }
 
+// newETag is a fresh identity or twin etag: eight bytes, base64, the shape
+// of IoT Hub's ("AAAAAAAAAAE="), not the store's document etags.
 func newETag() string {
 	var b [8]byte
 	_, _ = rand.Read(b[:])
