@@ -111,29 +111,17 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 		var ce *createError
 		switch {
 		case errors.As(err, &ie), errors.As(err, &ce):
-			// Held, not tried again at the next pass: each try of a
-			// create may pull, and logs its failure. After an image
-			// failure nothing was stopped: the old container runs on, and
-			// is started, restarted or resumed as if nothing had changed.
-			// After a create failure there is no container.
-			h := r.history(a.Name)
-			fails, auth := 1, authKey(m, a.Module)
-			if prev != nil && prev.Auth == auth {
-				fails = prev.Fails + 1
-			}
-			h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1)),
-				Pulled: ce != nil}
-			h.Err = ""
+			// After an image failure nothing was stopped: the old
+			// container runs on, and is started, restarted or resumed as
+			// if nothing had changed. After a create failure there is no
+			// container.
+			h := r.hold(m, a, prev, err, ce != nil, now)
 			tried[a.Name] = true
-			j := i + 1
-			for j < len(acts) && acts[j].Name == a.Name {
-				j++
-			}
 			var then []Action // what the old container, if any, needs meanwhile
 			if st, exists := byName[a.Name]; exists && ce == nil {
 				then = keep(a.Module, st, h, now)
 			}
-			acts = slices.Replace(acts, i+1, j, then...)
+			acts = replaceRest(acts, i, then)
 		case err != nil:
 			failed[a.Name] = true
 			if a.Kind != Remove {
@@ -150,6 +138,47 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 	if err != nil {
 		errs = append(errs, err)
 	}
+	r.settle(m, current, now)
+	// A held recreate fails the deployment until it is done, but is an
+	// error of Apply (which callers log) only when it was tried.
+	repErrs := slices.Clone(errs)
+	for _, mod := range m.Ordered() {
+		if hd := held(mod, r.hist[mod.Name]); hd != nil && !tried[mod.Name] {
+			repErrs = append(repErrs, errors.New(hd.Err))
+		}
+	}
+	return Reported(m, current, r.hist, errors.Join(repErrs...)), errors.Join(errs...)
+}
+
+// hold holds back a's create or recreate, which failed with err for want
+// of its image or, once it had it (pulled), in the engine's create: it is
+// tried again after a backoff, not at the next pass, as each try may pull
+// and logs its failure.
+func (r *Reconciler) hold(m *Manifest, a Action, prev *Held, err error, pulled bool, now time.Time) *History {
+	h := r.history(a.Name)
+	fails, auth := 1, authKey(m, a.Module)
+	if prev != nil && prev.Auth == auth {
+		fails = prev.Fails + 1
+	}
+	h.Held = &Held{For: heldKey(a.Module), Auth: auth, Err: err.Error(), Fails: fails, Retry: now.Add(Backoff(fails - 1)), Pulled: pulled}
+	h.Err = ""
+	return h
+}
+
+// replaceRest replaces the actions after acts[i] for the same module,
+// which depended on it, with then.
+func replaceRest(acts []Action, i int, then []Action) []Action {
+	j := i + 1
+	for j < len(acts) && acts[j].Name == acts[i].Name {
+		j++
+	}
+	return slices.Replace(acts, i+1, j, then...)
+}
+
+// settle brings the histories up to date after a pass, from the containers
+// as they now are: restart counts reset after a long run, resumes done,
+// and modules no longer desired forgotten.
+func (r *Reconciler) settle(m *Manifest, current []moby.ModuleState, now time.Time) {
 	for _, st := range current {
 		h := r.hist[st.Name]
 		if h != nil && ranLong(st, now) {
@@ -172,15 +201,6 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			h.Held = nil // for what is no longer desired: it starts afresh if it is again
 		}
 	}
-	// A held recreate fails the deployment until it is done, but is an
-	// error of Apply (which callers log) only when it was tried.
-	repErrs := slices.Clone(errs)
-	for _, mod := range m.Ordered() {
-		if hd := held(mod, r.hist[mod.Name]); hd != nil && !tried[mod.Name] {
-			repErrs = append(repErrs, errors.New(hd.Err))
-		}
-	}
-	return Reported(m, current, r.hist, errors.Join(repErrs...)), errors.Join(errs...)
 }
 
 // Report returns the reported properties for the modules of m as they run
