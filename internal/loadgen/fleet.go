@@ -270,10 +270,11 @@ func (m *meter) stop(res *FleetResult) {
 	res.ServerCPUPerReg, res.SimCPUPerReg, res.ServerCPUNote = 0, 0, ""
 	if res.Provisioned > 0 {
 		switch server := serverCPU(m.pids); {
-		case m.server < 0:
+		case len(m.pids) == 0:
 			res.ServerCPUNote = "server process not found: pass --server-pid"
-		case server < 0:
-			// Its CPU until it ended is lost with it.
+		case m.server < 0 || server < 0:
+			// Found when the simulator started, it ended: its CPU until then is
+			// lost with it, and the new process's is not all the run's.
 			res.ServerCPUNote = "server process changed during the run"
 		default:
 			res.ServerCPUPerReg = (server - m.server) * 1000 / float64(res.Provisioned)
