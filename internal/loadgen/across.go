@@ -35,7 +35,7 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 		if runCtx.Err() != nil {
 			return // a run ended before enrolling
 		}
-		if count, errs[runs] = countEnrollments(runCtx, cfg.Service); errs[runs] != nil {
+		if count, errs[runs] = countEnrollments(runCtx, cfg.Service, cfg.Retries); errs[runs] != nil {
 			cancel()
 			return
 		}

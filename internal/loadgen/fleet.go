@@ -152,7 +152,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 		}
 	}
 	if !cfg.Uncounted {
-		if res.Enrolled, err = countEnrollments(ctx, cfg.Service); err != nil {
+		if res.Enrolled, err = countEnrollments(ctx, cfg.Service, cfg.Retries); err != nil {
 			return nil, err
 		}
 	}
@@ -243,10 +243,15 @@ func (t *throttling) throttled(wait time.Duration) {
 	t.wait.Add(int64(wait))
 }
 
-// countEnrollments counts the enrollments in the service.
-func countEnrollments(ctx context.Context, svc *azclient.Client) (int, error) {
-	all, err := azclient.QueryAll[struct{}](ctx, svc, "/enrollments/query", "*")
-	return len(all), err
+// countEnrollments counts the enrollments in the service, tried again as
+// the bulk calls before it are.
+func countEnrollments(ctx context.Context, svc *azclient.Client, retries int) (n int, err error) {
+	err = withRetries(ctx, retries, new(atomic.Int64), func() error {
+		all, err := azclient.QueryAll[struct{}](ctx, svc, "/enrollments/query", "*")
+		n = len(all)
+		return err
+	})
+	return n, err
 }
 
 // meter measures a fleet's provisioning: the wall time and the CPU the

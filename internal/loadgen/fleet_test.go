@@ -70,7 +70,8 @@ func TestErrorKindHub(t *testing.T) {
 }
 
 // --retries covers each step a server restarting interrupts: a bulk
-// enrollment call cut off, a hub refusing connections for a while; and the
+// enrollment call cut off, counting the enrollments, a hub refusing
+// connections for a while; and the
 // 429s a device waits out are counted, not just slower.
 func TestFleetRetriesAndThrottling(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -119,14 +120,20 @@ func TestFleetRetriesAndThrottling(t *testing.T) {
 		go func() { _ = devices.Serve(ln) }()
 	}
 
-	var enrolls, registers atomic.Int32
+	var enrolls, queries, registers atomic.Int32
+	cutOff := func(w http.ResponseWriter) {
+		conn, _, _ := w.(http.Hijacker).Hijack()
+		conn.Close()
+	}
 	api := server.New(dpsSvc, hubSvc, nil)
 	ts.Config.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		switch {
 		case r.Method == http.MethodPost && strings.HasSuffix(r.URL.Path, "/enrollments") && enrolls.Add(1) == 1:
 			api.ServeHTTP(httptest.NewRecorder(), r) // written, and the answer lost
-			conn, _, _ := w.(http.Hijacker).Hijack()
-			conn.Close()
+			cutOff(w)
+			return
+		case strings.HasSuffix(r.URL.Path, "/enrollments/query") && queries.Add(1) == 1:
+			cutOff(w)
 			return
 		case r.Method == http.MethodPut && strings.HasSuffix(r.URL.Path, "/register") && registers.Add(1) == 1:
 			w.Header().Set("Retry-After", "1")
@@ -151,7 +158,7 @@ func TestFleetRetriesAndThrottling(t *testing.T) {
 	if res.Provisioned != 2 || res.Connected != 2 || len(res.Errors) != 0 || len(res.HubErrors) != 0 {
 		t.Fatalf("provisioned %d, connected %d, errors %v, hub errors %v", res.Provisioned, res.Connected, res.Errors, res.HubErrors)
 	}
-	if res.EnrollRetried != 1 || res.ConnectRetried == 0 || res.Throttled != 1 || res.ThrottledWait < 0.9 {
+	if res.Enrolled != 2 || res.EnrollRetried != 1 || res.ConnectRetried == 0 || res.Throttled != 1 || res.ThrottledWait < 0.9 {
 		t.Fatalf("enrollment calls retried %d, hub connections %d, throttled %d (%.1f s)",
 			res.EnrollRetried, res.ConnectRetried, res.Throttled, res.ThrottledWait)
 	}
