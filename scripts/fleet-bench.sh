@@ -12,17 +12,39 @@
 #     vCPUs (needs root for the cgroup); the same for scripts/httpsfloor.
 # Needs go, PostgreSQL's server binaries (Debian's postgresql; runuser when
 # root), jq, bc, taskset (util-linux), python3 and gnuplot (for
-# scripts/plot-fleet.sh); run as root or as a user that can run them.
+# scripts/plot-fleet.sh), and root for tpm-cpu; it checks them first.
 # Takes about ten minutes; PARTS chooses some of: sqlite postgres-1
 # postgres-2 totals tpm-cpu. The ports are FLEET_HTTPS_PORT (9443),
 # FLEET_MQTT_PORT (9883), FLEET_HTTPS_PORT2 and FLEET_MQTT_PORT2 (9444, 9884:
-# the second replica), FLEET_PG_PORT (55432) and FLEET_FLOOR_PORT (9444).
+# the second replica), FLEET_PG_PORT (55432) and FLEET_FLOOR_PORT (9445).
 set -euo pipefail
 parts=" ${PARTS:-sqlite postgres-1 postgres-2 totals tpm-cpu} "
 want() { [[ $parts == *" $1 "* ]]; }
 https_port=${FLEET_HTTPS_PORT:-9443} mqtt_port=${FLEET_MQTT_PORT:-9883}
 https_port2=${FLEET_HTTPS_PORT2:-9444} mqtt_port2=${FLEET_MQTT_PORT2:-9884}
-pg_port=${FLEET_PG_PORT:-55432} floor_port=${FLEET_FLOOR_PORT:-9444}
+pg_port=${FLEET_PG_PORT:-55432} floor_port=${FLEET_FLOOR_PORT:-9445}
+
+# What the chosen parts need, checked now rather than after minutes of
+# measuring. need CMD PACKAGE: CMD, from Debian's PACKAGE.
+missing=()
+need() { command -v "$1" >/dev/null || missing+=("$1 ($2)"); }
+need go golang-go
+need python3 python3
+need gnuplot gnuplot-nox # scripts/plot-fleet.sh, at the end
+if want totals; then need bc bc; fi
+if want tpm-cpu; then need jq jq; need taskset util-linux; fi
+if want postgres-1 || want postgres-2; then
+  compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || missing+=("PostgreSQL's initdb (postgresql)")
+fi
+if ((${#missing[@]})); then
+  printf 'fleet-bench: missing %s\n' "${missing[@]}" >&2
+  echo "fleet-bench: install the Debian packages named in parentheses" >&2
+  exit 1
+fi
+if want tpm-cpu && [ "$(id -u)" != 0 ]; then
+  echo "fleet-bench: PARTS tpm-cpu puts the server in a CPU cgroup, which needs root: run as root, or leave tpm-cpu out of PARTS" >&2
+  exit 1
+fi
 cd "$(dirname "$0")/.."
 out=docs/fleet
 mkdir -p "$out"

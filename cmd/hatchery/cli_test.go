@@ -565,7 +565,8 @@ func TestFleetSimulate(t *testing.T) {
 		t.Errorf("help:\n%s", help)
 	}
 	r := run("--devices", "30", "--rate", "200")
-	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil {
+	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil ||
+		r["throttled"] != float64(0) || r["serverCpuNote"] != nil {
 		t.Fatalf("symmetric-key fleet: %v", r)
 	}
 	if r := run("--devices", "30", "--skip-enroll"); r["provisioned"] != float64(30) || r["enrolledBefore"] != float64(30) {

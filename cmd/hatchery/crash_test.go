@@ -4,22 +4,26 @@ import (
 	"bytes"
 	"encoding/json"
 	"net"
+	"net/url"
 	"os/exec"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/testutil"
 )
 
-// Killed with SIGKILL in the middle of provisioning a 10,000-device fleet
-// and started again, the server loses nothing: the devices retry, and in the
-// end every one is assigned, with one registration record and one hub
-// identity each, and every enrollment is there.
+// Killed with SIGKILL in the middle of enrolling a 10,000-device fleet with
+// the bulk API, and again in the middle of provisioning it, and started
+// again each time, the server loses nothing: the simulator tries again, and
+// in the end every enrollment is there once, every device is assigned once,
+// to a hub identity of its own that no other registration names, and has
+// connected to it with the credentials it holds.
 func TestKillDuringFleetProvisioning(t *testing.T) {
+	const devices = 10000
 	if testing.Short() {
 		t.Skip("provisions 10,000 devices")
 	}
@@ -46,80 +50,159 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 		_ = srv.Process.Signal(syscall.SIGTERM)
 		_ = srv.Wait()
 	})
+	kill := func() {
+		t.Helper()
+		if err := srv.Process.Signal(syscall.SIGKILL); err != nil {
+			t.Fatal(err)
+		}
+		_ = srv.Wait()
+		time.Sleep(500 * time.Millisecond) // clients see the server gone
+		srv = start()
+	}
+	var info siteInfo
+	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
+		t.Fatal(err)
+	}
+	lb, err := info.loopback()
+	if err != nil {
+		t.Fatal(err)
+	}
+	svc, err := azclient.New(info.ProvisioningServiceConnectionString, lb.url, "2021-10-01", lb.tls)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// count counts what a service query lists, cheaply enough to watch the
+	// run closely; -1 while the server does not answer.
+	count := func(path string) int {
+		all, err := azclient.QueryAll[struct{}](t.Context(), svc, path, "*")
+		if err != nil {
+			return -1
+		}
+		return len(all)
+	}
+	var out, stderr bytes.Buffer // stderr: progress, and why it failed
+	simDone := make(chan error, 1)
+	killWhen := func(what, path string, from int) {
+		t.Helper()
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+			select {
+			case err := <-simDone:
+				t.Fatalf("fleet simulate ended while %s: %v\n%s%s", what, err, out.String(), tail(stderr.String()))
+			default:
+			}
+			n := count(path)
+			if n >= devices {
+				t.Fatalf("%s was done before the server could be killed", what)
+			}
+			if n >= from {
+				kill()
+				return
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not get under way: %d", what, n)
+			}
+		}
+	}
 
-	const devices = 10000
-	var out bytes.Buffer
 	sim := exec.Command(c.bin, "fleet", "simulate", "--data-dir", c.dataDir, "--devices", strconv.Itoa(devices),
-		"--concurrency", "64", "--retries", "6", "-o", "json")
-	sim.Stdout = &out
+		"--concurrency", "64", "--retries", "6", "--connect", "-o", "json")
+	sim.Stdout, sim.Stderr = &out, &stderr
 	if err := sim.Start(); err != nil {
 		t.Fatal(err)
 	}
-	// Kill the server once provisioning is well under way.
-	for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(100 * time.Millisecond) {
-		var n struct{ Count int }
-		if raw, err := c.run("registration", "list", "-o", "json"); err == nil {
-			var regs []json.RawMessage
-			_ = json.Unmarshal([]byte(raw), &regs)
-			n.Count = len(regs)
-		}
-		if n.Count >= devices/5 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("provisioning did not get under way")
-		}
+	t.Cleanup(func() { _ = sim.Process.Kill() }) // if the test ends first
+	go func() { simDone <- sim.Wait() }()
+	// Each bulk call writes 1,000 enrollments: this kill cuts one short.
+	killWhen("enrolling", "/enrollments/query", devices/4+devices/20)
+	killWhen("provisioning", "/registrations/"+url.PathEscape("*")+"/query", devices/5)
+	if err := <-simDone; err != nil {
+		t.Fatalf("fleet simulate: %v\n%s%s", err, out.String(), tail(stderr.String()))
 	}
-	if err := srv.Process.Signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
+	var r struct {
+		Provisioned, Connected, Retried, EnrollRetried int
+		ServerCPUNote                                  string
 	}
-	_ = srv.Wait()
-	time.Sleep(500 * time.Millisecond) // devices see the server gone
-	srv = start()
-
-	if err := sim.Wait(); err != nil {
-		t.Fatalf("fleet simulate: %v\n%s", err, out.String())
-	}
-	var r map[string]any
 	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
-	if r["provisioned"] != float64(devices) || r["retried"] == nil {
-		t.Fatalf("after the restart: %v", r)
+	if r.Provisioned != devices || r.Connected != devices || r.Retried == 0 || r.EnrollRetried == 0 ||
+		r.ServerCPUNote != "server process changed during the run" {
+		t.Fatalf("after the restarts: %s", out.String())
 	}
-	count := func(args ...string) map[string]int {
+
+	list := func(args ...string) []map[string]string {
 		var items []map[string]any
 		if err := json.Unmarshal([]byte(c.ok(append(args, "-o", "json")...)), &items); err != nil {
 			t.Fatal(err)
 		}
-		seen := map[string]int{}
+		var rows []map[string]string // the string fields
 		for _, it := range items {
-			id, _ := it["registrationId"].(string)
-			if id == "" {
-				id, _ = it["deviceId"].(string)
+			row := map[string]string{}
+			for k, v := range it {
+				if s, ok := v.(string); ok {
+					row[k] = s
+				}
 			}
-			seen[id]++
-			if s, ok := it["status"].(string); ok && strings.Contains(strings.Join(args, " "), "registration") && s != "assigned" {
-				t.Errorf("%s is %s", id, s)
-			}
+			rows = append(rows, row)
 		}
-		return seen
+		return rows
 	}
-	for what, args := range map[string][]string{
-		"enrollments":   {"enrollment", "list"},
-		"registrations": {"registration", "list"},
-		"hub devices":   {"device", "list"},
-	} {
-		seen := count(args...)
-		if len(seen) != devices {
-			t.Errorf("%d %s for %d devices", len(seen), what, devices)
+	want := map[string]bool{}
+	for i := range devices {
+		want["sim-0-"+strconv.Itoa(i)] = true
+	}
+	// once checks that rows name each of want by key exactly once.
+	once := func(what, key string, rows []map[string]string) {
+		t.Helper()
+		seen := map[string]int{}
+		for _, row := range rows {
+			seen[row[key]]++
 		}
 		for id, n := range seen {
-			if n != 1 {
-				t.Errorf("%s: %s listed %d times", what, id, n)
+			if n != 1 || !want[id] {
+				t.Errorf("%s: %q listed %d times", what, id, n)
 			}
 		}
+		if len(seen) != len(want) {
+			t.Errorf("%d %s for %d devices", len(seen), what, len(want))
+		}
 	}
+	once("enrollments", "registrationId", list("enrollment", "list"))
+	regs := list("registration", "list")
+	once("registrations", "registrationId", regs)
+	hubDevices := list("device", "list")
+	once("hub devices", "deviceId", hubDevices)
+
+	// Each registration names a hub identity, and no two the same one: with
+	// as many of each, every hub device is some registration's.
+	exists := map[string]bool{}
+	for _, d := range hubDevices {
+		exists[d["deviceId"]] = true
+	}
+	named := map[string]string{}
+	for _, reg := range regs {
+		id, dev := reg["registrationId"], reg["deviceId"]
+		if reg["status"] != "assigned" {
+			t.Errorf("%s is %s", id, reg["status"])
+		}
+		// A registration whose answer the kill lost is made again, and
+		// finds the device it made: its twin is carried over.
+		if sub := reg["substatus"]; sub != "initialAssignment" && sub != "deviceDataMigrated" {
+			t.Errorf("%s: substatus %q", id, sub)
+		}
+		if reg["assignedHub"] != info.HubHostName || !exists[dev] {
+			t.Errorf("%s is assigned to %s/%s, which does not exist", id, reg["assignedHub"], dev)
+		}
+		if other, ok := named[dev]; ok {
+			t.Errorf("%s and %s are both hub device %s", other, id, dev)
+		}
+		named[dev] = id
+	}
+}
+
+// tail is the end of a long output.
+func tail(s string) string {
+	return s[max(len(s)-500, 0):]
 }
 
 // Killed with devices connected, the server leaves them recorded

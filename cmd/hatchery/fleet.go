@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"maps"
@@ -131,7 +132,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.BoolVar(&o.connect, "connect", false, "connect each provisioned device to its hub over MQTT")
 	f.IntVar(&o.mqttPort, "mqtt-port", 0, "the hub's MQTT port, with --connect (default: the installation's)")
 	f.StringSliceVar(&o.replicas, "replicas", nil, "service URLs of several replicas (default: the installation's, over loopback)")
-	f.IntVar(&o.retries, "retries", 0, "how often a device whose registration failed tries again, after 1, 2, 4 … s")
+	f.IntVar(&o.retries, "retries", 0, "how often a failed bulk enrollment call, registration or hub connection is tried again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
 	return cmd
@@ -147,7 +148,7 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 		{"Enrollments in the service", strconv.Itoa(r.Enrolled)},
 		{"Provisioned", fmt.Sprintf("%d in %.1f s%s: %.0f registrations/s", r.Provisioned, r.Seconds, timed, r.PerSecond)},
 		{"Registration latency", fmt.Sprintf("p50 %.1f ms, p99 %.1f ms, max %.1f ms", r.Latency.P50, r.Latency.P99, r.Latency.Max)},
-		{"Server CPU per " + perReg, orDash(msText(r.ServerCPUPerReg))},
+		{"Server CPU per " + perReg, orDash(cmp.Or(msText(r.ServerCPUPerReg), r.ServerCPUNote))},
 		{"Simulator CPU per " + perReg, orDash(msText(r.SimCPUPerReg))},
 	}
 	if r.BehindRate() {
@@ -156,8 +157,16 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	if r.EnrollPerS > 0 {
 		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
 	}
-	if r.Retried > 0 {
-		rows = append(rows, [2]string{"Registrations tried again", strconv.Itoa(r.Retried)})
+	if r.Throttled > 0 {
+		rows = append(rows, [2]string{"Throttled (HTTP 429)", fmt.Sprintf("%d answers, %.1f s waited out", r.Throttled, r.ThrottledWait)})
+	}
+	for _, n := range []struct {
+		what string
+		n    int
+	}{{"Bulk enrollment calls tried again", r.EnrollRetried}, {"Registrations tried again", r.Retried}, {"Hub connections tried again", r.ConnectRetried}} {
+		if n.n > 0 {
+			rows = append(rows, [2]string{n.what, strconv.Itoa(n.n)})
+		}
 	}
 	if r.Connect {
 		rows = append(rows, [2]string{"Connected to the hub", strconv.Itoa(r.Connected)})

@@ -35,7 +35,7 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 		if runCtx.Err() != nil {
 			return // a run ended before enrolling
 		}
-		if count, errs[runs] = countEnrollments(runCtx, cfg.Service); errs[runs] != nil {
+		if count, errs[runs] = countEnrollments(runCtx, cfg.Service, cfg.Retries); errs[runs] != nil {
 			cancel()
 			return
 		}
@@ -93,6 +93,7 @@ func merge(rs []*FleetResult) *FleetResult {
 	m := *rs[0]
 	m.Errors, m.HubErrors, m.Histogram = map[string]int{}, map[string]int{}, Snapshot{}
 	m.Devices, m.Concurrency, m.StartedPerS, m.Connected, m.Retried = 0, 0, 0, 0, 0
+	m.EnrollRetried, m.ConnectRetried, m.Throttled, m.ThrottledWait = 0, 0, 0, 0
 	var enrollSecs float64
 	for _, r := range rs {
 		for k, v := range r.Errors {
@@ -107,6 +108,10 @@ func merge(rs []*FleetResult) *FleetResult {
 		m.StartedPerS += r.StartedPerS // the runs start together
 		m.Connected += r.Connected
 		m.Retried += r.Retried
+		m.EnrollRetried += r.EnrollRetried
+		m.ConnectRetried += r.ConnectRetried
+		m.Throttled += r.Throttled
+		m.ThrottledWait += r.ThrottledWait
 		enrollSecs = max(enrollSecs, r.EnrollSeconds)
 	}
 	m.Latency = m.Histogram.Summary()

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -51,8 +52,9 @@ type FleetConfig struct {
 	HubPort    int  // the hub's MQTT port (8883)
 	ServerPIDs []int
 	Progress   io.Writer // progress bars; nil draws none
-	// Retries is how often a device whose registration failed tries again
-	// (after 1, 2, 4 … seconds), as real devices do.
+	// Retries is how often a failed bulk enrollment call, registration or
+	// hub connection is tried again (after 1, 2, 4 … seconds), as real
+	// devices do.
 	Retries int
 	// X25519Only offers only an X25519 key share, as device TLS stacks
 	// without ML-KEM do, instead of Go's default hybrid.
@@ -89,6 +91,15 @@ type FleetResult struct {
 	Connect   bool `json:"connect,omitempty"`
 	Connected int  `json:"connected,omitempty"`
 	Retried   int  `json:"retried,omitempty"` // registrations tried again after a failure
+	// EnrollRetried and ConnectRetried count bulk enrollment calls and hub
+	// connections tried again after a failure.
+	EnrollRetried  int `json:"enrollRetried,omitempty"`
+	ConnectRetried int `json:"connectRetried,omitempty"`
+	// Throttled counts the 429 answers the devices got, and ThrottledWait
+	// the seconds they spent waiting them out: throttling shows only in
+	// the latencies otherwise, as devices wait and try again.
+	Throttled     int     `json:"throttled"`
+	ThrottledWait float64 `json:"throttledWaitSeconds"`
 	// Errors counts the devices that were not provisioned, by kind;
 	// HubErrors those provisioned that could not connect to their hub.
 	Errors    map[string]int `json:"errors"`
@@ -97,6 +108,8 @@ type FleetResult struct {
 	// registration, from the processes' own accounting.
 	ServerCPUPerReg float64 `json:"serverCpuMsPerRegistration,omitempty"`
 	SimCPUPerReg    float64 `json:"simulatorCpuMsPerRegistration"`
+	// ServerCPUNote says why ServerCPUPerReg is missing.
+	ServerCPUNote string `json:"serverCpuNote,omitempty"`
 	// Interrupted says the run was stopped before every device was done:
 	// the figures cover the devices done until then.
 	Interrupted bool `json:"interrupted,omitempty"`
@@ -127,7 +140,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	}
 	if !cfg.SkipEnroll {
 		start := time.Now()
-		if err := enrollFleet(ctx, cfg, devs); err != nil {
+		if res.EnrollRetried, err = enrollFleet(ctx, cfg, devs); err != nil {
 			return nil, err
 		}
 		res.EnrollSeconds = time.Since(start).Seconds()
@@ -139,7 +152,7 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 		}
 	}
 	if !cfg.Uncounted {
-		if res.Enrolled, err = countEnrollments(ctx, cfg.Service); err != nil {
+		if res.Enrolled, err = countEnrollments(ctx, cfg.Service, cfg.Retries); err != nil {
 			return nil, err
 		}
 	}
@@ -152,7 +165,8 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 		kinds[errorKind(err)]++
 		mu.Unlock()
 	}
-	var connected, retried atomic.Int64
+	var connected, retried, connectRetried atomic.Int64
+	var th throttling
 	bar := newBar(cfg.Progress, "provisioning", len(devs))
 	jobs := make(chan job)
 	var wg sync.WaitGroup
@@ -163,21 +177,18 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 				if t0.IsZero() {
 					t0 = time.Now()
 				}
-				state, err := j.d.register(ctx, cfg)
-				for attempt := 0; err != nil && attempt < cfg.Retries && ctx.Err() == nil; attempt++ {
-					retried.Add(1)
-					select {
-					case <-time.After(time.Second << attempt):
-					case <-ctx.Done():
-					}
-					state, err = j.d.register(ctx, cfg)
-				}
+				var state *dpsapi.RegistrationState
+				err := withRetries(ctx, cfg.Retries, &retried, func() (err error) {
+					state, err = j.d.register(ctx, cfg, &th)
+					return err
+				})
 				if err != nil {
 					failed(res.Errors, err)
 				} else {
 					hist.Record(time.Since(t0))
 					if cfg.Connect {
-						if err := j.d.connect(ctx, cfg, state); err != nil {
+						// A hub restarting meanwhile refuses it for a while.
+						if err := withRetries(ctx, cfg.Retries, &connectRetried, func() error { return j.d.connect(ctx, cfg, state) }); err != nil {
 							failed(res.HubErrors, err)
 						} else {
 							connected.Add(1)
@@ -199,14 +210,48 @@ func Fleet(ctx context.Context, cfg FleetConfig) (*FleetResult, error) {
 	res.Provisioned = int(res.Latency.Count)
 	res.Connected = int(connected.Load())
 	res.Retried = int(retried.Load())
+	res.ConnectRetried = int(connectRetried.Load())
+	res.Throttled, res.ThrottledWait = int(th.answers.Load()), time.Duration(th.wait.Load()).Seconds()
 	m.stop(res)
 	return res, ctx.Err()
 }
 
-// countEnrollments counts the enrollments in the service.
-func countEnrollments(ctx context.Context, svc *azclient.Client) (int, error) {
-	all, err := azclient.QueryAll[struct{}](ctx, svc, "/enrollments/query", "*")
-	return len(all), err
+// withRetries calls f until it succeeds, tried again at most retries times
+// after 1, 2, 4 … seconds, each counted in retried; interrupted, it
+// returns f's last error.
+func withRetries(ctx context.Context, retries int, retried *atomic.Int64, f func() error) error {
+	err := f()
+	for attempt := 0; err != nil && attempt < retries && ctx.Err() == nil; attempt++ {
+		retried.Add(1)
+		select {
+		case <-time.After(time.Second << attempt):
+		case <-ctx.Done():
+			return err
+		}
+		err = f()
+	}
+	return err
+}
+
+// throttling counts the 429 answers devices waited out, and the wait.
+type throttling struct {
+	answers, wait atomic.Int64 // wait in nanoseconds
+}
+
+func (t *throttling) throttled(wait time.Duration) {
+	t.answers.Add(1)
+	t.wait.Add(int64(wait))
+}
+
+// countEnrollments counts the enrollments in the service, tried again as
+// the bulk calls before it are.
+func countEnrollments(ctx context.Context, svc *azclient.Client, retries int) (n int, err error) {
+	err = withRetries(ctx, retries, new(atomic.Int64), func() error {
+		all, err := azclient.QueryAll[struct{}](ctx, svc, "/enrollments/query", "*")
+		n = len(all)
+		return err
+	})
+	return n, err
 }
 
 // meter measures a fleet's provisioning: the wall time and the CPU the
@@ -218,16 +263,25 @@ type meter struct {
 }
 
 func startMeter(serverPIDs []int) *meter {
-	return &meter{pids: serverPIDs, server: serverCPU(serverPIDs), sim: selfCPU(), start: time.Now()}
+	// Replicas' URLs may reach one process: count its CPU once.
+	pids := slices.Compact(slices.Sorted(slices.Values(serverPIDs)))
+	return &meter{pids: pids, server: serverCPU(pids), sim: selfCPU(), start: time.Now()}
 }
 
 // stop sets res's time, rate and CPU per registration from its Provisioned.
 func (m *meter) stop(res *FleetResult) {
 	res.Seconds = time.Since(m.start).Seconds()
 	res.PerSecond = float64(res.Provisioned) / res.Seconds
-	res.ServerCPUPerReg, res.SimCPUPerReg = 0, 0
+	res.ServerCPUPerReg, res.SimCPUPerReg, res.ServerCPUNote = 0, 0, ""
 	if res.Provisioned > 0 {
-		if server := serverCPU(m.pids); m.server >= 0 && server >= 0 {
+		switch server := serverCPU(m.pids); {
+		case len(m.pids) == 0:
+			res.ServerCPUNote = "server process not found: pass --server-pid"
+		case m.server < 0 || server < 0:
+			// Found when the simulator started, it ended: its CPU until then is
+			// lost with it, and the new process's is not all the run's.
+			res.ServerCPUNote = "server process changed during the run"
+		default:
 			res.ServerCPUPerReg = (server - m.server) * 1000 / float64(res.Provisioned)
 		}
 		res.SimCPUPerReg = (selfCPU() - m.sim) * 1000 / float64(res.Provisioned)
@@ -310,11 +364,16 @@ func newSimDevices(cfg FleetConfig) ([]*simDevice, error) {
 	return devs, nil
 }
 
-// enrollFleet creates (or replaces) the devices' enrollments with the bulk API.
-func enrollFleet(ctx context.Context, cfg FleetConfig, devs []*simDevice) error {
+// enrollFleet creates (or replaces) the devices' enrollments with the bulk
+// API, and returns how often a bulk call was tried again. Each enrollment
+// of a call is written on its own, so a call that failed (the server
+// restarting) may have written some: mode update writes them again as
+// they are, with the keys the devices hold.
+func enrollFleet(ctx context.Context, cfg FleetConfig, devs []*simDevice) (int, error) {
 	const batch = 1000
 	bar := newBar(cfg.Progress, "enrolling", len(devs))
 	defer bar.Done()
+	var retried atomic.Int64
 	for at := 0; at < len(devs); at += batch {
 		var es []*dps.Enrollment
 		for _, d := range devs[at:min(at+batch, len(devs))] {
@@ -329,19 +388,22 @@ func enrollFleet(ctx context.Context, cfg FleetConfig, devs []*simDevice) error 
 			es = append(es, e)
 		}
 		var out dps.BulkResult
-		if err := cfg.Service.Do(ctx, "POST", "/enrollments", "", &dps.BulkOperation{Mode: dps.BulkUpdate, Enrollments: es}, &out); err != nil {
-			return fmt.Errorf("enrolling: %w", err)
+		if err := withRetries(ctx, cfg.Retries, &retried, func() error {
+			out = dps.BulkResult{}
+			return cfg.Service.Do(ctx, "POST", "/enrollments", "", &dps.BulkOperation{Mode: dps.BulkUpdate, Enrollments: es}, &out)
+		}); err != nil {
+			return int(retried.Load()), fmt.Errorf("enrolling: %w", err)
 		}
 		if !out.IsSuccessful && len(out.Errors) > 0 {
-			return fmt.Errorf("enrolling %s: %s", out.Errors[0].RegistrationID, out.Errors[0].ErrorStatus)
+			return int(retried.Load()), fmt.Errorf("enrolling %s: %s", out.Errors[0].RegistrationID, out.Errors[0].ErrorStatus)
 		}
 		bar.Add(len(es))
 	}
-	return nil
+	return int(retried.Load()), nil
 }
 
 // register provisions the device over a TLS connection of its own.
-func (d *simDevice) register(ctx context.Context, cfg FleetConfig) (*dpsapi.RegistrationState, error) {
+func (d *simDevice) register(ctx context.Context, cfg FleetConfig, th *throttling) (*dpsapi.RegistrationState, error) {
 	conf := cfg.TLS.Clone()
 	conf.NextProtos = nil // HTTP/1.1, as device SDKs speak it
 	if cfg.X25519Only {
@@ -350,7 +412,7 @@ func (d *simDevice) register(ctx context.Context, cfg FleetConfig) (*dpsapi.Regi
 	tr := &http.Transport{TLSClientConfig: conf, MaxIdleConnsPerHost: 1}
 	defer tr.CloseIdleConnections()
 	c := &provisioning.Client{Endpoint: cfg.Endpoint, IDScope: cfg.IDScope, RegistrationID: d.regID,
-		HTTP: &http.Client{Transport: tr, Timeout: time.Minute}}
+		HTTP: &http.Client{Transport: tr, Timeout: time.Minute}, Throttled: th.throttled}
 	if d.tpm != nil {
 		return c.RegisterTPM(ctx, d.tpm, tpm.IdentityHandle(tpm.DefaultAuthKeyIndex))
 	}

@@ -39,6 +39,10 @@ type Client struct {
 	TokenLifetime time.Duration
 	// MaxPolls bounds the operation polling.
 	MaxPolls int
+	// Throttled, when set, is told of each 429 answer and how long the
+	// client waits before it asks again (0 when it gives up), so that
+	// throttling a client absorbs can be reported.
+	Throttled func(wait time.Duration)
 }
 
 // TPM is what registration needs of a TPM (internal/tpm.Device has it).
@@ -225,12 +229,21 @@ func (c *Client) token(sign signer) (string, error) {
 func (c *Client) send(ctx context.Context, method, path, auth string, body []byte) (int, []byte, http.Header, error) {
 	for attempt := 1; ; attempt++ {
 		status, data, hdr, err := c.sendOnce(ctx, method, path, auth, body)
-		if err != nil || status != http.StatusTooManyRequests || attempt == 10 {
+		if err != nil || status != http.StatusTooManyRequests {
 			return status, data, hdr, err
 		}
 		wait := time.Second
 		if s, err := strconv.Atoi(hdr.Get("Retry-After")); err == nil && s > 0 && s <= 60 {
 			wait = time.Duration(s) * time.Second
+		}
+		if attempt == 10 {
+			wait = 0
+		}
+		if c.Throttled != nil {
+			c.Throttled(wait)
+		}
+		if wait == 0 {
+			return status, data, hdr, err
 		}
 		select {
 		case <-ctx.Done():
