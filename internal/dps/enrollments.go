@@ -190,7 +190,7 @@ func (w write) replaces() bool { return w.upsert || w.ifMatch != "" }
 
 // putEnrollment writes e as w says.
 func (s *Service) putEnrollment(ctx context.Context, id string, w write, e *Enrollment) (*Enrollment, error) {
-	id, err := NormalizeID("registration ID", id)
+	id, err := normalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
 	}
@@ -273,7 +273,7 @@ func replaceDoc[T any](ctx context.Context, st store.Store, kind, id string, w w
 
 // GetEnrollment returns an enrollment with its registration state.
 func (s *Service) GetEnrollment(ctx context.Context, id string) (*Enrollment, error) {
-	id, err := NormalizeID("registration ID", id)
+	id, err := normalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
 	}
@@ -293,7 +293,7 @@ func (s *Service) GetEnrollment(ctx context.Context, id string) (*Enrollment, er
 
 // DeleteEnrollment removes an enrollment (and so the device's right to register).
 func (s *Service) DeleteEnrollment(ctx context.Context, id, ifMatch string) error {
-	id, err := NormalizeID("registration ID", id)
+	id, err := normalizeID("registration ID", id)
 	if err != nil {
 		return err
 	}
@@ -318,7 +318,7 @@ func (s *Service) PutGroup(ctx context.Context, id, ifMatch string, g *Enrollmen
 
 // putGroup writes g as w says.
 func (s *Service) putGroup(ctx context.Context, id string, w write, g *EnrollmentGroup) (*EnrollmentGroup, error) {
-	id, err := NormalizeID("enrollment group ID", id)
+	id, err := normalizeID("enrollment group ID", id)
 	if err != nil {
 		return nil, err
 	}
@@ -348,7 +348,7 @@ func (s *Service) putGroup(ctx context.Context, id string, w write, g *Enrollmen
 
 // GetGroup returns an enrollment group.
 func (s *Service) GetGroup(ctx context.Context, id string) (*EnrollmentGroup, error) {
-	id, err := NormalizeID("enrollment group ID", id)
+	id, err := normalizeID("enrollment group ID", id)
 	if err != nil {
 		return nil, err
 	}
@@ -364,7 +364,7 @@ func (s *Service) GetGroup(ctx context.Context, id string) (*EnrollmentGroup, er
 
 // DeleteGroup removes an enrollment group.
 func (s *Service) DeleteGroup(ctx context.Context, id, ifMatch string) error {
-	id, err := NormalizeID("enrollment group ID", id)
+	id, err := normalizeID("enrollment group ID", id)
 	if err != nil {
 		return err
 	}
@@ -383,7 +383,7 @@ func (s *Service) ListGroups(ctx context.Context, after string, limit int) ([]*E
 
 // GetRegistration returns a device's registration record.
 func (s *Service) GetRegistration(ctx context.Context, id string) (*RegistrationState, error) {
-	id, err := NormalizeID("registration ID", id)
+	id, err := normalizeID("registration ID", id)
 	if err != nil {
 		return nil, err
 	}
@@ -401,7 +401,7 @@ func (s *Service) GetRegistration(ctx context.Context, id string) (*Registration
 // claim freed is the one it held: a registration that adds one meanwhile
 // makes it read again.
 func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) error {
-	id, err := NormalizeID("registration ID", id)
+	id, err := normalizeID("registration ID", id)
 	if err != nil {
 		return err
 	}

@@ -241,7 +241,7 @@ func (s *Service) checkScope(scope, regID string) (string, error) {
 	if !strings.EqualFold(scope, s.settings.IDScope) {
 		return "", azerr.New(404201, "NotFound", "ID scope %q is not this service's (%s): check id_scope in the device configuration", scope, s.settings.IDScope)
 	}
-	return NormalizeID("registration ID", regID)
+	return normalizeID("registration ID", regID)
 }
 
 // unauthorized refuses a request for what the request itself shows (no

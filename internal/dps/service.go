@@ -139,9 +139,9 @@ func (s *Service) AuthorizeService(header, path string) error {
 
 var registrationIDPattern = regexp.MustCompile(`^[a-z0-9\-._:]{1,128}$`)
 
-// NormalizeID checks a registration or group ID and lowercases it: IDs are
+// normalizeID checks a registration or group ID and lowercases it: IDs are
 // case-insensitive.
-func NormalizeID(what, id string) (string, error) {
+func normalizeID(what, id string) (string, error) {
 	l := strings.ToLower(id)
 	if !registrationIDPattern.MatchString(l) {
 		return "", azerr.New(400208, "ArgumentInvalid",

@@ -1,5 +1,13 @@
-// Package loadgen drives the hub's MQTT device endpoint as a fleet would,
-// for `hatchery bench mqtt`. A coordinator (Run) provisions devices through
+// Package loadgen drives the service as a fleet of devices would, for the
+// two load commands.
+//
+// `hatchery fleet simulate` (Fleet, in fleet.go) enrolls simulated devices
+// with the bulk API and provisions them over HTTPS, each on a TLS
+// connection of its own, TPM devices with a software TPM, and reports
+// registrations per second, latencies and CPU per registration.
+//
+// `hatchery bench mqtt` drives the hub's MQTT device endpoint. A
+// coordinator (Run) provisions devices through
 // the registry REST API and starts worker processes (RunWorker), each
 // holding up to several thousand TLS connections; it then measures the
 // server's memory per idle connection, telemetry throughput into the
@@ -68,7 +76,7 @@ type Config struct {
 	MQTTAddr string   // the MQTT endpoint on loopback, host:port
 	CAPEM    []byte   // the CA that issued the server certificate
 	Registry Registry // the hub's REST API, with a registry-write policy
-	KeySeed  []byte   // device keys are derived from it (DeviceKeys)
+	KeySeed  []byte   // device keys are derived from it (deviceKeys)
 
 	ProvisionConcurrency int           // registry requests at once
 	ConnectConcurrency   int           // connections being set up at once, over all workers
@@ -233,11 +241,11 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	}
 	if cfg.ServerPID > 0 {
 		res.Memory = &MemoryResult{ServerPID: cfg.ServerPID}
-		res.Memory.OpenFilesLimit, _ = OpenFilesLimit(cfg.ServerPID)
+		res.Memory.OpenFilesLimit, _ = openFilesLimit(cfg.ServerPID)
 		if l := res.Memory.OpenFilesLimit; l > 0 && l < cfg.Devices+64 {
 			r.log("warning: the server may open only %d files, fewer than %d connections need", l, cfg.Devices)
 		}
-		if res.Memory.BeforeKiB, err = RSSKiB(cfg.ServerPID); err != nil {
+		if res.Memory.BeforeKiB, err = rssKiB(cfg.ServerPID); err != nil {
 			return res, err
 		}
 		r.log("server pid %d: RSS %s KiB before connecting", cfg.ServerPID, Thousands(res.Memory.BeforeKiB))
@@ -250,12 +258,12 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 	res.Connect.CPU = r.cpuSince(cpu0)
 	if cfg.ServerPID > 0 {
 		m := res.Memory
-		m.ConnectedKiB, _ = RSSKiB(cfg.ServerPID)
+		m.ConnectedKiB, _ = rssKiB(cfg.ServerPID)
 		r.log("RSS %s KiB with %s connections; idling %s", Thousands(m.ConnectedKiB), Thousands(int64(res.Connect.Established)), cfg.Settle)
 		if err := sleep(ctx, cfg.Settle); err != nil {
 			return res, err
 		}
-		m.SettledKiB, _ = RSSKiB(cfg.ServerPID)
+		m.SettledKiB, _ = rssKiB(cfg.ServerPID)
 		m.SettleSeconds = cfg.Settle.Seconds()
 		if n := float64(res.Connect.Established); n > 0 {
 			m.PerConnectionKiB = float64(m.SettledKiB-m.BeforeKiB) / n
@@ -271,7 +279,7 @@ func Run(ctx context.Context, cfg Config) (*Result, error) {
 			return res, err
 		}
 		if cfg.ServerPID > 0 {
-			res.Memory.AfterTelemetryKiB, _ = RSSKiB(cfg.ServerPID)
+			res.Memory.AfterTelemetryKiB, _ = rssKiB(cfg.ServerPID)
 		}
 	}
 	if cfg.FanoutSamples > 0 {
@@ -340,7 +348,7 @@ func (r *runner) provision(ctx context.Context) (ProvisionResult, error) {
 }
 
 func (r *runner) ensureDevice(ctx context.Context, id string) (string, error) {
-	primary, secondary := DeviceKeys(r.cfg.KeySeed, id)
+	primary, secondary := deviceKeys(r.cfg.KeySeed, id)
 	want := hub.Device{DeviceID: id, Status: "enabled",
 		Authentication: hub.Authentication{Type: "sas", SymmetricKey: hub.SymmetricKey{PrimaryKey: primary, SecondaryKey: secondary}}}
 	path := "/devices/" + url.PathEscape(id)
@@ -492,7 +500,7 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		r.warm(ctx, 16)
 	}
 	cpu0 := r.cpuNow()
-	io0, ioErr := WriteBytes(r.cfg.ServerPID)
+	io0, ioErr := writeBytes(r.cfg.ServerPID)
 	for w, enc := range r.encs {
 		share := 0.0
 		if r.cfg.Rate > 0 {
@@ -571,7 +579,7 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		}
 	}
 	res.CPU = r.cpuSince(cpu0)
-	if io1, err := WriteBytes(r.cfg.ServerPID); err == nil && ioErr == nil {
+	if io1, err := writeBytes(r.cfg.ServerPID); err == nil && ioErr == nil {
 		res.ServerDiskWriteBytes = io1 - io0
 	}
 	res.Seconds = last.Sub(first).Seconds()

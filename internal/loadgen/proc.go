@@ -10,8 +10,8 @@ import (
 	"strings"
 )
 
-// RSSKiB reads a process's resident set size (VmRSS) from /proc.
-func RSSKiB(pid int) (int64, error) {
+// rssKiB reads a process's resident set size (VmRSS) from /proc.
+func rssKiB(pid int) (int64, error) {
 	v, err := procStatus(pid, "VmRSS")
 	if err != nil {
 		return 0, err
@@ -37,8 +37,8 @@ func procStatus(pid int, field string) (string, error) {
 	return "", fmt.Errorf("/proc/%d/status has no %s", pid, field)
 }
 
-// OpenFilesLimit reads a process's soft limit on open files from /proc.
-func OpenFilesLimit(pid int) (int, error) {
+// openFilesLimit reads a process's soft limit on open files from /proc.
+func openFilesLimit(pid int) (int, error) {
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
 	if err != nil {
 		return 0, err
@@ -94,9 +94,9 @@ func FindListener(port int) (pid int, cmdline string, err error) {
 	return 0, "", fmt.Errorf("a socket listens on TCP port %d but its process is not readable (another user's?): pass --server-pid", port)
 }
 
-// WriteBytes reads the bytes a process has caused to be written to storage
+// writeBytes reads the bytes a process has caused to be written to storage
 // (write_bytes of /proc/PID/io).
-func WriteBytes(pid int) (int64, error) {
+func writeBytes(pid int) (int64, error) {
 	if pid <= 0 {
 		return 0, fmt.Errorf("no process")
 	}

@@ -69,9 +69,9 @@ type report struct {
 // DeviceID names device i of a run.
 func DeviceID(prefix string, i int) string { return fmt.Sprintf("%s%06d", prefix, i) }
 
-// DeviceKeys are a device's primary and secondary keys (base64), derived
+// deviceKeys are a device's primary and secondary keys (base64), derived
 // from the seed as an enrollment group derives its devices' keys.
-func DeviceKeys(seed []byte, id string) (primary, secondary string) {
+func deviceKeys(seed []byte, id string) (primary, secondary string) {
 	return base64.StdEncoding.EncodeToString(sas.DeriveDeviceKey(seed, id)),
 		base64.StdEncoding.EncodeToString(sas.DeriveDeviceKey(seed, id+"/secondary"))
 }
@@ -204,7 +204,7 @@ func (w *worker) connect(ctx context.Context) {
 // reporting the run's benchmark patches as they arrive.
 func (w *worker) dial(ctx context.Context, i int) (*hubdevice.Client, error) {
 	id := DeviceID(w.cfg.Prefix, i)
-	primary, _ := DeviceKeys(w.cfg.KeySeed, id)
+	primary, _ := deviceKeys(w.cfg.KeySeed, id)
 	key, _ := base64.StdEncoding.DecodeString(primary)
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()

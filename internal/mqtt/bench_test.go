@@ -49,7 +49,7 @@ func BenchmarkEncodePublish(b *testing.B) {
 
 func BenchmarkMatchTopic(b *testing.B) {
 	for b.Loop() {
-		MatchTopic("devices/dev-000123/messages/devicebound/#", "devices/dev-000123/messages/devicebound/%24.mid=42&%24.to=%2Fdevices%2Fdev-000123")
+		matchTopic("devices/dev-000123/messages/devicebound/#", "devices/dev-000123/messages/devicebound/%24.mid=42&%24.to=%2Fdevices%2Fdev-000123")
 	}
 }
 

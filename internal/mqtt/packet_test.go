@@ -333,8 +333,8 @@ func TestReadPublishAllocations(t *testing.T) {
 
 func TestTopicValidation(t *testing.T) {
 	for _, f := range []string{"#", "+", "a/#", "+/+", "/", "//", "a//b", "$iothub/twin/res/#", "+/tennis/#", "sport/+/player1", "日本/+"} {
-		if err := ValidateTopicFilter(f); err != nil {
-			t.Errorf("ValidateTopicFilter(%q) = %v, want nil", f, err)
+		if err := validateTopicFilter(f); err != nil {
+			t.Errorf("validateTopicFilter(%q) = %v, want nil", f, err)
 		}
 	}
 	for f, want := range map[string]string{
@@ -346,8 +346,8 @@ func TestTopicValidation(t *testing.T) {
 		"a\x00": "contains U+0000",
 		"\xff":  "invalid UTF-8",
 	} {
-		if err := ValidateTopicFilter(f); err == nil || err.Error() != want {
-			t.Errorf("ValidateTopicFilter(%q) = %v, want %s", f, err, want)
+		if err := validateTopicFilter(f); err == nil || err.Error() != want {
+			t.Errorf("validateTopicFilter(%q) = %v, want %s", f, err, want)
 		}
 	}
 	for _, n := range []string{"a", "/", "$iothub/twin/GET/?$rid=1", "devices/d/messages/events/a=b&c=d"} {
@@ -398,8 +398,8 @@ func TestMatchTopic(t *testing.T) {
 		{"a", "A", false},
 	}
 	for _, tt := range tests {
-		if got := MatchTopic(tt.filter, tt.topic); got != tt.want {
-			t.Errorf("MatchTopic(%q, %q) = %v, want %v", tt.filter, tt.topic, got, tt.want)
+		if got := matchTopic(tt.filter, tt.topic); got != tt.want {
+			t.Errorf("matchTopic(%q, %q) = %v, want %v", tt.filter, tt.topic, got, tt.want)
 		}
 	}
 }

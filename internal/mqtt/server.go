@@ -420,7 +420,7 @@ func (c *Conn) grantedLocked(topic string) (byte, bool) {
 	var qos byte
 	found := false
 	for _, s := range c.subs {
-		if MatchTopic(s.filter, topic) {
+		if matchTopic(s.filter, topic) {
 			found = true
 			qos = max(qos, s.qos)
 		}

@@ -20,8 +20,8 @@ func ValidateTopicName(name string) error {
 	return nil
 }
 
-// ValidateTopicFilter reports why filter cannot be a SUBSCRIBE topic filter, or nil.
-func ValidateTopicFilter(filter string) error {
+// validateTopicFilter reports why filter cannot be a SUBSCRIBE topic filter, or nil.
+func validateTopicFilter(filter string) error {
 	if len(filter) > maxStringLength {
 		return errors.New("topic filter is longer than 65535 bytes")
 	}
@@ -96,10 +96,10 @@ func topicFilterReason(f string) string {
 	return ""
 }
 
-// MatchTopic reports whether topic (a valid topic name) matches filter (a
+// matchTopic reports whether topic (a valid topic name) matches filter (a
 // valid topic filter). Topics starting with '$' are not matched by filters
 // starting with a wildcard (section 4.7.2).
-func MatchTopic(filter, topic string) bool {
+func matchTopic(filter, topic string) bool {
 	if topic != "" && topic[0] == '$' && filter != "" && (filter[0] == '+' || filter[0] == '#') {
 		return false
 	}

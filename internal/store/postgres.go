@@ -161,7 +161,7 @@ func (p *Postgres) Get(ctx context.Context, kind, id string) (Doc, error) {
 func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	tag, err := p.pool.Exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
 	if err != nil {
@@ -180,7 +180,7 @@ func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
 func (p *Postgres) CreateUnder(ctx context.Context, d Doc, parentKind, parentID string) (Doc, error) {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	tag, err := p.pool.Exec(ctx, `WITH parent AS (SELECT 1 FROM docs WHERE kind=$6 AND id=$7 FOR KEY SHARE)
 		INSERT INTO docs (kind, id, etag, body, updated) SELECT $1,$2,$3,$4,$5 FROM parent
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated, parentKind, parentID)
@@ -256,7 +256,7 @@ const (
 func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	var tag pgconn.CommandTag
 	var err error
 	switch ifMatch {

@@ -181,7 +181,7 @@ func (s *SQLite) Get(ctx context.Context, kind, id string) (Doc, error) {
 }
 
 func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	s.wmu.Lock()
 	_, err := s.insert.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
 	s.wmu.Unlock()
@@ -194,7 +194,7 @@ func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
 // CreateUnder is one statement: SQLite runs one writer at a time, so no
 // DeleteTree can come between its check of the parent and its insert.
 func (s *SQLite) CreateUnder(ctx context.Context, d Doc, parentKind, parentID string) (Doc, error) {
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	s.wmu.Lock()
 	res, err := s.insertUnder.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli(), parentKind, parentID)
 	s.wmu.Unlock()
@@ -211,7 +211,7 @@ func (s *SQLite) CreateUnder(ctx context.Context, d Doc, parentKind, parentID st
 }
 
 func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
-	d.ETag, d.Updated = NewETag(), time.Now()
+	d.ETag, d.Updated = newETag(), time.Now()
 	var res sql.Result
 	var err error
 	s.wmu.Lock()

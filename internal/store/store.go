@@ -77,8 +77,8 @@ type Store interface {
 // including, id+"0" ('0' follows '/'), compared byte by byte.
 func subtree(id string) (lo, hi string) { return id + "/", id + "0" }
 
-// NewETag returns a fresh opaque etag.
-func NewETag() string {
+// newETag returns a fresh opaque etag.
+func newETag() string {
 	var b [9]byte
 	_, _ = rand.Read(b[:])
 	return base64.StdEncoding.EncodeToString(b[:])

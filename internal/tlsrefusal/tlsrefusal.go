@@ -24,7 +24,7 @@ var (
 // last warning, if it is a client's alert ending a handshake, and reports
 // whether it was one. where names the port ("https", "mqtt").
 func Note(where string, err error) bool {
-	if err == nil || !IsRefusal(err.Error()) {
+	if err == nil || !isRefusal(err.Error()) {
 		return false
 	}
 	n := refused.Add(1)
@@ -37,6 +37,6 @@ func Note(where string, err error) bool {
 	return true
 }
 
-// IsRefusal reports whether a handshake error text is an alert the client
+// isRefusal reports whether a handshake error text is an alert the client
 // sent ("remote error: tls: …"), as crypto/tls words it.
-func IsRefusal(text string) bool { return strings.Contains(text, "remote error: tls:") }
+func isRefusal(text string) bool { return strings.Contains(text, "remote error: tls:") }

@@ -18,7 +18,7 @@ import (
 	"unicode/utf8"
 )
 
-// Size limits of the hosted hub, counted as Size counts.
+// Size limits of the hosted hub, counted as size counts.
 const (
 	TagsLimit       = 8 << 10
 	PropertiesLimit = 32 << 10
@@ -28,7 +28,7 @@ const (
 	maxDepth  = 10
 	maxName   = 1 << 10
 	maxString = 4 << 10
-	// maxNumber bounds a number's text, kept as written though Size
+	// maxNumber bounds a number's text, kept as written though size
 	// counts it as 8 bytes, so that what is stored stays near what is
 	// counted; it is far more than any double or 64-bit integer needs.
 	maxNumber = 64
@@ -129,12 +129,12 @@ func CheckName(name string) error {
 // isControl is a Unicode control character of the C0 or C1 set.
 func isControl(r rune) bool { return r < 0x20 || r >= 0x7f && r <= 0x9f }
 
-// Size counts a document as the hosted hub does against its limits: each
+// size counts a document as the hosted hub does against its limits: each
 // property's name and value, strings by their UTF-8 bytes, numbers as 8
 // bytes and booleans as 4, objects and arrays by what they hold. Each
 // array element and null counts at least one byte, so that a document of
 // empty arrays cannot grow without bound while counting nothing.
-func Size(doc map[string]any) int {
+func size(doc map[string]any) int {
 	n := 0
 	for k, v := range doc {
 		n += len(k) + valueSize(v)
@@ -145,7 +145,7 @@ func Size(doc map[string]any) int {
 func valueSize(v any) int {
 	switch v := v.(type) {
 	case map[string]any:
-		return Size(v)
+		return size(v)
 	case []any:
 		n := 0
 		for _, e := range v {
@@ -173,7 +173,7 @@ func CheckDocument(where string, doc map[string]any, limit int) error {
 
 // CheckSize is nil when doc, the whole document where names, fits limit.
 func CheckSize(where string, doc map[string]any, limit int) error {
-	if n := Size(doc); n > limit {
+	if n := size(doc); n > limit {
 		return fmt.Errorf("%s would be %d bytes, and IoT Hub holds at most %d (%d KiB)", where, n, limit, limit>>10)
 	}
 	return nil

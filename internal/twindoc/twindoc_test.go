@@ -49,16 +49,16 @@ func TestCheck(t *testing.T) {
 func TestSize(t *testing.T) {
 	// names and string values by their bytes, numbers 8, booleans 4; a
 	// null, and an array element, at least 1.
-	if n := Size(doc(t, `{"ab":"xyz","n":1.5,"b":true,"o":{"c":[1,"de"]},"z":null}`)); n != 2+3+1+8+1+4+1+1+8+2+1+1 {
-		t.Fatalf("Size = %d", n)
+	if n := size(doc(t, `{"ab":"xyz","n":1.5,"b":true,"o":{"c":[1,"de"]},"z":null}`)); n != 2+3+1+8+1+4+1+1+8+2+1+1 {
+		t.Fatalf("size = %d", n)
 	}
 	// Empty arrays count, so that they cannot grow a twin without bound.
-	if n := Size(doc(t, `{"e":[[],[],{},null]}`)); n != 1+4 {
-		t.Fatalf("Size of empty arrays = %d, want 5", n)
+	if n := size(doc(t, `{"e":[[],[],{},null]}`)); n != 1+4 {
+		t.Fatalf("size of empty arrays = %d, want 5", n)
 	}
 	big := map[string]any{"k": strings.Repeat("x", TagsLimit)}
 	if err := CheckSize("tags", big, TagsLimit); err == nil || !strings.Contains(err.Error(), "8 KiB") {
-		t.Fatalf("CheckSize of %d bytes: %v", Size(big), err)
+		t.Fatalf("CheckSize of %d bytes: %v", size(big), err)
 	}
 	if err := CheckSize("tags", doc(t, `{"a":1}`), TagsLimit); err != nil {
 		t.Fatal(err)

@@ -124,11 +124,11 @@ const (
 	RuntimeFailed  = "failed"
 )
 
-// Plan returns the actions that bring the engine's containers (current:
+// plan returns the actions that bring the engine's containers (current:
 // this agent's only) to the desired manifest at time now: removals first,
 // then each module in startup order. It changes nothing; the caller
 // records starts and restarts in hist. A nil manifest plans nothing.
-func Plan(desired *Manifest, current []moby.ModuleState, hist map[string]*History, now time.Time) []Action {
+func plan(desired *Manifest, current []moby.ModuleState, hist map[string]*History, now time.Time) []Action {
 	if desired == nil {
 		return nil
 	}

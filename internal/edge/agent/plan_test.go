@@ -198,9 +198,9 @@ func TestPlan(t *testing.T) {
 			now: t0.Add(time.Minute), want: ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			t.Parallel() // Plan must only read its arguments: -race checks it
-			if got := actions(Plan(tc.desired, tc.current, tc.hist, tc.now)); got != tc.want {
-				t.Errorf("Plan = %q, want %q", got, tc.want)
+			t.Parallel() // plan must only read its arguments: -race checks it
+			if got := actions(plan(tc.desired, tc.current, tc.hist, tc.now)); got != tc.want {
+				t.Errorf("plan = %q, want %q", got, tc.want)
 			}
 			if tc.status == "" {
 				return
@@ -219,19 +219,19 @@ func TestPlan(t *testing.T) {
 	}
 }
 
-// Plan leaves its inputs alone.
+// plan leaves its inputs alone.
 func TestPlanPure(t *testing.T) {
 	a := mod("a", StatusRunning, Always, 1)
 	current := []moby.ModuleState{{Name: "old", State: "running"}, exited(a, 1, t0, t0)} // unsorted
 	hist := map[string]*History{"a": {Restarts: 2, LastStart: t0}}
 	before := fmt.Sprint(current, *hist["a"])
 	for range 2 {
-		if got := actions(Plan(manifest(a), current, hist, t0.Add(time.Hour))); got != "remove old, start a #3" {
-			t.Fatalf("Plan = %q", got)
+		if got := actions(plan(manifest(a), current, hist, t0.Add(time.Hour))); got != "remove old, start a #3" {
+			t.Fatalf("plan = %q", got)
 		}
 	}
 	if after := fmt.Sprint(current, *hist["a"]); after != before {
-		t.Errorf("Plan changed its arguments:\n%s\n%s", before, after)
+		t.Errorf("plan changed its arguments:\n%s\n%s", before, after)
 	}
 }
 

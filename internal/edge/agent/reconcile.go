@@ -91,7 +91,7 @@ func (r *Reconciler) Apply(ctx context.Context, m *Manifest) (map[string]any, er
 			r.adopt(st, mod)
 		}
 	}
-	acts := Plan(m, current, r.hist, now)
+	acts := plan(m, current, r.hist, now)
 	for i := 0; i < len(acts); i++ {
 		a := acts[i]
 		if failed[a.Name] {
