@@ -7,9 +7,9 @@
 // registrations per second, latencies and CPU per registration.
 //
 // `hatchery bench mqtt` drives the hub's MQTT device endpoint. A
-// coordinator (Run) provisions devices through
-// the registry REST API and starts worker processes (RunWorker), each
-// holding up to several thousand TLS connections; it then measures the
+// coordinator (Run) provisions devices through the registry REST API and
+// starts worker processes (RunWorker), each holding up to several thousand
+// TLS connections; it then measures the
 // server's memory per idle connection, telemetry throughput into the
 // durable event stream, and how long a desired-property change takes to
 // reach a connected device.
