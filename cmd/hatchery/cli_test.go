@@ -564,10 +564,15 @@ func TestFleetSimulate(t *testing.T) {
 	if help := c.ok("fleet", "simulate", "--help"); !strings.Contains(help, "sim-0-0") || strings.Contains(help, "(default 8883)") {
 		t.Errorf("help:\n%s", help)
 	}
-	r := run("--devices", "30", "--rate", "200")
+	r := run("--devices", "30", "--rate", "200", "--probe", "20ms")
 	if r["provisioned"] != float64(30) || len(r["errors"].(map[string]any)) != 0 || r["serverCpuMsPerRegistration"] == nil ||
 		r["throttled"] != float64(0) || r["serverCpuNote"] != nil {
 		t.Fatalf("symmetric-key fleet: %v", r)
+	}
+	// The operator's request timed while the devices registered (30 at
+	// 200/s take 150 ms: a few, each answered).
+	if p, _ := r["probe"].(map[string]any); p == nil || p["count"].(float64) < 1 || r["probeErrors"] != nil {
+		t.Fatalf("probe: %v", r)
 	}
 	if r := run("--devices", "30", "--skip-enroll"); r["provisioned"] != float64(30) || r["enrolledBefore"] != float64(30) {
 		t.Fatalf("the same fleet again: %v", r)

@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -32,6 +33,7 @@ func fleetSimulateCmd() *cobra.Command {
 		devices, concurrency, keyPool, mqttPort int
 		retries                                 int
 		rate                                    float64
+		probe                                   time.Duration
 		attestation, prefix                     string
 		replicas                                []string
 		serverPIDs                              []int
@@ -55,7 +57,8 @@ It reports registrations per second, latency percentiles, failures by kind and
 the CPU milliseconds per registration of the server (from its own accounting in
 /proc) and of the simulator. RSA key generation is slow, so TPM devices share
 --key-pool endorsement/storage key pairs; the server's work is the same.
---replicas spreads devices over several servers on one database.`,
+--replicas spreads devices over several servers on one database. --probe times
+an operator's request (reading an enrollment) while the devices register.`,
 		Example: `  hatchery fleet simulate --data-dir /tmp/hb --devices 10000 --attestation tpm
   hatchery fleet simulate --data-dir /tmp/hb --devices 100000 --concurrency 256 -o json`,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -114,7 +117,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 				Devices: o.devices, Attestation: att, Prefix: o.prefix, Seed: []byte(o.prefix),
 				Concurrency: o.concurrency, KeyPool: o.keyPool, SkipEnroll: o.skipEnroll, Connect: o.connect,
 				HubPort: o.mqttPort, X25519Only: o.x25519, Rate: o.rate, Retries: o.retries,
-				ServerPIDs: pids, Progress: cmd.ErrOrStderr()}, endpoints)
+				ServerPIDs: pids, Progress: cmd.ErrOrStderr(), Probe: o.probe}, endpoints)
 			if res == nil {
 				return err
 			}
@@ -135,6 +138,7 @@ the CPU milliseconds per registration of the server (from its own accounting in
 	f.IntVar(&o.retries, "retries", 0, "how often a failed bulk enrollment call, registration or hub connection is tried again, after 1, 2, 4 … s")
 	f.BoolVar(&o.x25519, "x25519", false, "offer only an X25519 key share, as device TLS stacks without ML-KEM do")
 	f.IntSliceVar(&o.serverPIDs, "server-pid", nil, "server processes whose CPU to count (default: those listening on the service ports)")
+	f.DurationVar(&o.probe, "probe", 0, "time a service API request (reading an enrollment) this often while the devices register, e.g. 100ms")
 	return cmd
 }
 
@@ -156,6 +160,13 @@ func renderFleet(cmd *cobra.Command, r *loadgen.FleetResult) error {
 	}
 	if r.EnrollPerS > 0 {
 		rows = append(rows, [2]string{"Enrollment (bulk)", fmt.Sprintf("%.0f/s", r.EnrollPerS)})
+	}
+	if p := r.Probe; p != nil || r.ProbeErrors > 0 {
+		text := fmt.Sprintf("%d failed", r.ProbeErrors)
+		if p != nil {
+			text = fmt.Sprintf("%d requests: p50 %.1f ms, p99 %.1f ms, max %.1f ms; %s", p.Count, p.P50, p.P99, p.Max, text)
+		}
+		rows = append(rows, [2]string{"Service API while registering", text})
 	}
 	if r.Throttled > 0 {
 		rows = append(rows, [2]string{"Throttled (HTTP 429)", fmt.Sprintf("%d answers, %.1f s waited out", r.Throttled, r.ThrottledWait)})

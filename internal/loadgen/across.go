@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"slices"
 	"sync"
+	"sync/atomic"
+	"time"
 )
 
 // FleetAcross runs cfg's fleet against several replicas of one service at
@@ -42,6 +44,10 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 		m = startMeter(cfg.ServerPIDs)
 		close(allEnrolled)
 	})
+	var pr *prober
+	if cfg.Probe > 0 {
+		pr = startProbe(runCtx, cfg, allEnrolled)
+	}
 	for i, e := range endpoints[:runs] {
 		var once sync.Once
 		arrived := func() { once.Do(enrolled.Done) } // at the barrier, or out of the run
@@ -69,6 +75,7 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 		})
 	}
 	wg.Wait()
+	probed, probeErrors := pr.stop()
 	// The runs that were stopped because another failed say only that.
 	if failed := slices.DeleteFunc(errs, func(err error) bool { return err == nil || errors.Is(err, context.Canceled) }); len(failed) > 0 {
 		return nil, errors.Join(failed...)
@@ -79,6 +86,7 @@ func FleetAcross(ctx context.Context, cfg FleetConfig, endpoints []string) (*Fle
 	}
 	res := merge(results)
 	res.Rate, res.Enrolled = cfg.Rate, count
+	res.Probe, res.ProbeErrors = probed, probeErrors
 	m.stop(res)
 	if err := ctx.Err(); err != nil {
 		res.Interrupted = true
@@ -122,4 +130,61 @@ func merge(rs []*FleetResult) *FleetResult {
 		m.EnrollPerS = float64(m.Devices) / enrollSecs
 	}
 	return &m
+}
+
+// prober times a service API request every FleetConfig.Probe while the
+// devices register.
+type prober struct {
+	hist   Histogram
+	errors atomic.Int64
+	done   chan struct{}
+	ended  sync.WaitGroup
+}
+
+// startProbe starts probing once the fleet is enrolled (from then on the
+// device read exists), until stop.
+func startProbe(ctx context.Context, cfg FleetConfig, enrolled <-chan struct{}) *prober {
+	p := &prober{done: make(chan struct{})}
+	path := "/enrollments/" + cfg.Prefix + "0-0" // the first run's first device
+	p.ended.Go(func() {
+		select {
+		case <-enrolled:
+		case <-p.done:
+			return
+		}
+		tick := time.NewTicker(cfg.Probe)
+		defer tick.Stop()
+		for {
+			t0 := time.Now()
+			if err := cfg.Service.Do(ctx, "GET", path, "", nil, nil); err != nil {
+				p.errors.Add(1)
+			} else {
+				p.hist.Record(time.Since(t0))
+			}
+			select {
+			case <-tick.C:
+			case <-p.done:
+				return
+			case <-ctx.Done():
+				return
+			}
+		}
+	})
+	return p
+}
+
+// stop ends the probing and returns its latencies (nil without a probe or
+// an answer) and how many probes failed.
+func (p *prober) stop() (*Latency, int) {
+	if p == nil {
+		return nil, 0
+	}
+	close(p.done)
+	p.ended.Wait()
+	s := p.hist.Snapshot()
+	if s.Count() == 0 {
+		return nil, int(p.errors.Load())
+	}
+	l := s.Summary()
+	return &l, int(p.errors.Load())
 }

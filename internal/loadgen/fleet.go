@@ -67,6 +67,10 @@ type FleetConfig struct {
 	// Uncounted leaves the enrollments uncounted (Enrolled 0), for runs
 	// beside one that counts them.
 	Uncounted bool
+	// Probe, when positive, is how often FleetAcross times a service API
+	// request (reading one device's enrollment) while the devices
+	// register: how the service answers its operators under the load.
+	Probe time.Duration
 }
 
 // FleetResult is what a run measured.
@@ -110,6 +114,10 @@ type FleetResult struct {
 	SimCPUPerReg    float64 `json:"simulatorCpuMsPerRegistration"`
 	// ServerCPUNote says why ServerCPUPerReg is missing.
 	ServerCPUNote string `json:"serverCpuNote,omitempty"`
+	// Probe times the service API requests made while the devices
+	// registered (FleetConfig.Probe); ProbeErrors counts those that failed.
+	Probe       *Latency `json:"probe,omitempty"`
+	ProbeErrors int      `json:"probeErrors,omitempty"`
 	// Interrupted says the run was stopped before every device was done:
 	// the figures cover the devices done until then.
 	Interrupted bool `json:"interrupted,omitempty"`
