@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -406,10 +405,8 @@ func unprivileged(mod *Module) (*Module, []string) {
 	if len(mod.CreateOptions) == 0 {
 		return mod, nil
 	}
-	var opts map[string]any
-	dec := json.NewDecoder(bytes.NewReader(mod.CreateOptions))
-	dec.UseNumber() // Memory and the like keep every digit
-	if dec.Decode(&opts) != nil {
+	opts, err := moby.DecodeCreateOptions(mod.CreateOptions)
+	if err != nil {
 		return mod, nil // the create refuses it, saying why
 	}
 	hc, _ := opts["HostConfig"].(map[string]any)

@@ -651,3 +651,29 @@ func TestDenyElevated(t *testing.T) {
 		t.Errorf("priv recreated with %s", got)
 	}
 }
+
+// The engine reads createOptions' keys whatever their case, so the setting
+// does too: "hostConfig": {"privileged": true} is dropped as
+// HostConfig.Privileged is.
+func TestDenyElevatedWhateverTheCase(t *testing.T) {
+	for _, opts := range []string{
+		`{"hostConfig":{"privileged":true}}`,
+		`{"HOSTCONFIG":{"Privileged":true,"capAdd":["SYS_ADMIN"]}}`,
+		`{"HostConfig":{"PRIVILEGED":true,"Binds":["/d:/d"]}}`,
+	} {
+		m := mod("m", StatusRunning, Always, 0)
+		m.CreateOptions = json.RawMessage(opts)
+		c, dropped := unprivileged(m)
+		if len(dropped) == 0 || strings.Contains(strings.ToLower(string(c.CreateOptions)), "privileged") ||
+			strings.Contains(strings.ToLower(string(c.CreateOptions)), "capadd") {
+			t.Errorf("%s: created with %s, dropped %v", opts, c.CreateOptions, dropped)
+		}
+	}
+	// Two spellings of HostConfig are the create's to refuse: nothing is
+	// dropped from either here, and the engine is never asked.
+	m := mod("m", StatusRunning, Always, 0)
+	m.CreateOptions = json.RawMessage(`{"HostConfig":{},"hostConfig":{"Privileged":true}}`)
+	if _, err := moby.DecodeCreateOptions(m.CreateOptions); err == nil || !strings.Contains(err.Error(), `keep one, spelled "HostConfig"`) {
+		t.Errorf("two spellings of HostConfig: %v", err)
+	}
+}

@@ -1,7 +1,6 @@
 package daemon
 
 import (
-	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
@@ -236,13 +235,9 @@ func (e decorated) Create(ctx context.Context, s moby.ModuleSpec) error {
 		}
 	}
 	s.Env = env
-	opts := map[string]any{}
-	if len(s.CreateOptions) > 0 {
-		dec := json.NewDecoder(bytes.NewReader(s.CreateOptions))
-		dec.UseNumber() // Memory, NanoCpus and the like must keep every digit
-		if err := dec.Decode(&opts); err != nil {
-			return fmt.Errorf("module %s createOptions: %w", s.Name, err)
-		}
+	opts, err := moby.DecodeCreateOptions(s.CreateOptions)
+	if err != nil {
+		return fmt.Errorf("module %s: %w", s.Name, err)
 	}
 	// Checked, not asserted: a mistyped HostConfig or Binds would else be
 	// replaced by the socket's bind alone, and the module would start

@@ -1,7 +1,6 @@
 package moby
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -198,13 +197,9 @@ func (e *Engine) Create(ctx context.Context, s ModuleSpec) error {
 // createBody merges the module's createOptions with its image, env, labels
 // and network into a Docker create body.
 func createBody(s ModuleSpec, owner string) (map[string]any, error) {
-	body := map[string]any{}
-	if len(bytes.TrimSpace(s.CreateOptions)) > 0 {
-		dec := json.NewDecoder(bytes.NewReader(s.CreateOptions))
-		dec.UseNumber() // keep large integers (Memory, NanoCpus) exact
-		if err := dec.Decode(&body); err != nil || body == nil {
-			return nil, fmt.Errorf("module %s: createOptions must be a JSON object (a Docker create body): %v", s.Name, err)
-		}
+	body, err := DecodeCreateOptions(s.CreateOptions)
+	if err != nil {
+		return nil, fmt.Errorf("module %s: %w", s.Name, err)
 	}
 	bad := func(field, want string) error {
 		return fmt.Errorf("module %s: createOptions.%s must be %s", s.Name, field, want)

@@ -150,6 +150,30 @@ func TestCreateNameConflict(t *testing.T) {
 	}
 }
 
+// The keys the runtime sets or reads count whatever their case, as they
+// do to the engine: createOptions spelled otherwise can neither override
+// the image, the labels or the network, nor keep an engine restart
+// policy.
+func TestCreateBodyWhateverTheCase(t *testing.T) {
+	s := ModuleSpec{Name: "m1", Image: "img:1", Network: "azure-iot-edge", ConfigHash: "h",
+		CreateOptions: json.RawMessage(`{"image":"other","labels":{"` + OwnerLabel + `":"spoof"},"env":["A=a"],
+			"hostConfig":{"restartPolicy":{"Name":"always"},"networkMode":""}}`)}
+	body, err := createBody(s, "agent")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, _ := json.Marshal(body)
+	want := `{"Env":["A=a"],"HostConfig":{"NetworkMode":"azure-iot-edge"},"Image":"img:1",` +
+		`"Labels":{"net.hatchery.edge.config-hash":"h","net.hatchery.edge.module":"m1","net.hatchery.edge.module-version":"","net.hatchery.edge.owner":"agent"}}`
+	if string(got) != want {
+		t.Errorf("body\n got %s\nwant %s", got, want)
+	}
+	s.CreateOptions = json.RawMessage(`{"Env":["A=a"],"ENV":["B=b"]}`)
+	if _, err := createBody(s, "agent"); err == nil || !strings.Contains(err.Error(), `createOptions has ["ENV" "Env"], which the engine takes for one key: keep one, spelled "Env"`) {
+		t.Errorf("two spellings of Env: %v", err)
+	}
+}
+
 func TestCreateBody(t *testing.T) {
 	s := ModuleSpec{
 		Name:  "m1",
