@@ -45,8 +45,10 @@ its columns, in any order:
 
   registrationId (required), deviceId, attestation (tpm, symmetricKey or x509),
   endorsementKey, storageRootKey, primaryKey, secondaryKey, certificate (a PEM file),
-  iotEdge (true/false), tags (JSON object), provisioningStatus, iotHubHostName,
-  allocationPolicy
+  iotEdge (true/false), tags and desired (JSON objects: the initial twin),
+  provisioningStatus, allocationPolicy, iotHubHostName, iotHubs (host names
+  separated by spaces or semicolons), webhookUrl (custom allocation),
+  reprovisionPolicy (reprovisionandmigratedata, reprovisionandresetdata or never)
 
 A file with rows that cannot be read or repeat an earlier row's registration ID
 imports nothing: those rows are listed with their line (CSV) or element (JSON)
@@ -138,7 +140,8 @@ func jsonKind(k reflect.Kind) string {
 }
 
 var csvColumns = []string{"registrationid", "deviceid", "attestation", "endorsementkey", "storagerootkey", "primarykey",
-	"secondarykey", "certificate", "iotedge", "tags", "provisioningstatus", "iothubhostname", "allocationpolicy"}
+	"secondarykey", "certificate", "iotedge", "tags", "desired", "provisioningstatus", "allocationpolicy", "iothubhostname",
+	"iothubs", "webhookurl", "reprovisionpolicy"}
 
 func readImportCSV(data []byte, dir string) ([]importRow, error) {
 	r := csv.NewReader(bytes.NewReader(data))
@@ -241,13 +244,46 @@ func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error)
 		}
 		e.Capabilities = &dps.Capabilities{IoTEdge: edge}
 	}
-	if v := get("tags"); v != "" {
-		if !json.Valid([]byte(v)) || !strings.HasPrefix(v, "{") {
-			return nil, fmt.Errorf(`tags %q is not a JSON object such as {"environment":"prod"}`, v)
+	tags, err := jsonObject(get, "tags", `{"environment":"prod"}`)
+	if err != nil {
+		return nil, err
+	}
+	desired, err := jsonObject(get, "desired", `{"telemetryInterval":10}`)
+	if err != nil {
+		return nil, err
+	}
+	if tags != nil || desired != nil {
+		e.InitialTwin = &dps.InitialTwin{Tags: tags}
+		if desired != nil {
+			e.InitialTwin.Properties = &dps.InitialTwinDesired{Desired: desired}
 		}
-		e.InitialTwin = &dps.InitialTwin{Tags: json.RawMessage(v)}
+	}
+	if v := get("iothubs"); v != "" {
+		e.IoTHubs = strings.FieldsFunc(v, func(r rune) bool { return r == ';' || r == ' ' })
+	}
+	if v := get("webhookurl"); v != "" {
+		e.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: v, APIVersion: "2021-10-01"}
+	}
+	if v := get("reprovisionpolicy"); v != "" {
+		p, ok := reprovisionPolicies[strings.ToLower(v)]
+		if !ok {
+			return nil, fmt.Errorf("reprovisionPolicy %q: use reprovisionandmigratedata, reprovisionandresetdata or never", v)
+		}
+		e.ReprovisionPolicy = &p
 	}
 	return e, nil
+}
+
+// jsonObject is the CSV field column as a JSON object, nil when empty.
+func jsonObject(get func(string) string, column, example string) (json.RawMessage, error) {
+	v := get(column)
+	if v == "" {
+		return nil, nil
+	}
+	if !json.Valid([]byte(v)) || !strings.HasPrefix(strings.TrimSpace(v), "{") {
+		return nil, fmt.Errorf("%s %q is not a JSON object such as %s", column, v, example)
+	}
+	return json.RawMessage(v), nil
 }
 
 // importFailure is a row that was not imported.

@@ -85,3 +85,28 @@ func TestImportInterrupted(t *testing.T) {
 		t.Fatalf("interrupted import: %v\nstdout:\n%s\nstderr:\n%s", err, stdout.String(), stderr.String())
 	}
 }
+
+// A CSV row sets every setting the enrollment flags do: the initial twin's
+// desired properties, linked hubs, a webhook and a reprovision policy.
+func TestImportCSVSettings(t *testing.T) {
+	rows, err := readImportCSV([]byte("registrationId,allocationPolicy,iotHubs,webhookUrl,reprovisionPolicy,tags,desired\n"+
+		`cam-1,custom,hub-a.example;hub-b.example,https://alloc.example/api,never,"{""site"":""a""}","{""interval"":10}"`+"\n"+
+		"cam-2,,,,sometimes,,\n"+
+		`cam-3,,,,,,"[1]"`+"\n"), t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := rows[0].e
+	if rows[0].err != nil || e.AllocationPolicy != "custom" || strings.Join(e.IoTHubs, ",") != "hub-a.example,hub-b.example" ||
+		e.CustomAllocationDefinition == nil || e.CustomAllocationDefinition.WebhookURL != "https://alloc.example/api" ||
+		e.ReprovisionPolicy == nil || e.ReprovisionPolicy.UpdateHubAssignment || e.InitialTwin == nil ||
+		string(e.InitialTwin.Tags) != `{"site":"a"}` || e.InitialTwin.Properties == nil || string(e.InitialTwin.Properties.Desired) != `{"interval":10}` {
+		t.Fatalf("row 1: %+v %v", e, rows[0].err)
+	}
+	if err := rows[1].err; err == nil || !strings.Contains(err.Error(), `reprovisionPolicy "sometimes": use reprovisionandmigratedata, reprovisionandresetdata or never`) {
+		t.Errorf("row 2: %v", err)
+	}
+	if err := rows[2].err; err == nil || !strings.Contains(err.Error(), `desired "[1]" is not a JSON object`) {
+		t.Errorf("row 3: %v", err)
+	}
+}
