@@ -65,6 +65,10 @@ func TestSeedFlow(t *testing.T) {
 			t.Errorf("system status lacks %q:\n%s", want, status)
 		}
 	}
+	// The seed's check that the runtime runs: edgeAgent in `iotedge list`.
+	if out := d.mustIotedge("list"); len(grep(out, "edgeAgent", "running")) != 1 {
+		t.Errorf("iotedge list before any deployment:\n%s", out)
+	}
 
 	// 4. The enrollment shows "assigned" and the device ID.
 	out = s.hatchery("enrollment", "show", "--registration-id", regID)

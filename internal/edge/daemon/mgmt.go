@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"net/http"
 	"slices"
 	"strconv"
@@ -40,17 +41,35 @@ func (d *Daemon) handleStatus(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleModules(w http.ResponseWriter, r *http.Request) {
 	d.mu.Lock()
-	ms := slices.Clone(d.modules)
+	ms := append(slices.Clone(d.modules), agentRow(d.status))
 	d.mu.Unlock()
 	slices.SortFunc(ms, func(a, b mgmt.Module) int { return cmp.Compare(a.Name, b.Name) })
-	if ms == nil {
-		ms = []mgmt.Module{}
-	}
 	writeJSON(w, ms)
+}
+
+// agentName is the edge agent's module name, as Azure's `iotedge` shows it.
+const agentName = "edgeAgent"
+
+// agentRow is the edge agent's row of `iotedge list`, as in Azure, where it
+// is a container operators look for there (the seed's first check after
+// provisioning): here it runs inside iotedged, up once the device is
+// provisioned and its deployment followed.
+func agentRow(s mgmt.Status) mgmt.Module {
+	row := mgmt.Module{Name: agentName, Status: "running", Description: "running inside iotedged", Config: "iotedged"}
+	if s.State != "running" {
+		row.Status, row.Description = "stopped", "iotedged is "+s.State
+	}
+	return row
 }
 
 func (d *Daemon) handleRestart(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if name == agentName { // as restarting Azure's agent container: the deployment read again
+		signal(d.reloadCh)
+		slog.Info("edge agent restarted on request: reading the configuration and the deployment again")
+		w.WriteHeader(http.StatusNoContent)
+		return
+	}
 	e, err := d.moduleEngine(name)
 	if err != nil {
 		writeError(w, http.StatusNotFound, err)
@@ -77,6 +96,10 @@ func (d *Daemon) handleRestart(w http.ResponseWriter, r *http.Request) {
 
 func (d *Daemon) handleModuleLogs(w http.ResponseWriter, r *http.Request) {
 	name := r.PathValue("name")
+	if name == agentName { // the agent's log is the daemon's
+		d.handleLogs(w, r)
+		return
+	}
 	e, err := d.moduleEngine(name)
 	if err != nil {
 		writeError(w, http.StatusNotFound, err)
@@ -97,9 +120,12 @@ func (d *Daemon) handleModuleLogs(w http.ResponseWriter, r *http.Request) {
 
 // handleLogs is the daemon's own log, from its ring of recent lines.
 func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request) {
-	tail, err := strconv.Atoi(cmp.Or(r.URL.Query().Get("tail"), "200"))
+	tail, err := math.MaxInt, error(nil) // "all", as `iotedge logs` asks by default
+	if t := r.URL.Query().Get("tail"); t != "all" {
+		tail, err = strconv.Atoi(cmp.Or(t, "200"))
+	}
 	if err != nil || tail < 0 {
-		writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines"))
+		writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines, or all"))
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -152,9 +178,7 @@ func (d *Daemon) handleLogLevel(w http.ResponseWriter, r *http.Request) {
 
 // moduleEngine returns the engine if name is one of the agent's modules.
 func (d *Daemon) moduleEngine(name string) (*moby.Engine, error) {
-	switch name { // Azure runs these as containers; here they are not modules
-	case "edgeAgent":
-		return nil, errors.New("edgeAgent runs inside iotedged, not as a container: `iotedge system logs` shows its log, `iotedge system restart` restarts it")
+	switch name { // Azure runs it as a container; here it is not a module
 	case "edgeHub":
 		return nil, errors.New("edgeHub does not run on this device: modules connect to the IoT hub directly")
 	}

@@ -1,12 +1,14 @@
 package daemon
 
 import (
+	"encoding/json"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"strings"
 	"testing"
 
+	"github.com/hatchery/hatchery/internal/edge/mgmt"
 	"github.com/hatchery/hatchery/internal/edge/moby"
 )
 
@@ -26,20 +28,46 @@ func TestUnknownModuleIsNotFound(t *testing.T) {
 	}
 }
 
-// edgeAgent is no module here, but Azure's users ask for it as one: the
-// answer says what to use instead.
-func TestEdgeAgentIsNoModule(t *testing.T) {
-	h := (&Daemon{}).mgmtHandler()
-	for _, c := range []struct{ method, path, want string }{
-		{"POST", "/modules/edgeAgent/restart", "iotedge system restart"},
-		{"GET", "/modules/edgeAgent/logs", "iotedge system logs"},
-		{"GET", "/modules/edgeHub/logs", "modules connect to the IoT hub directly"},
-	} {
+// edgeAgent runs inside the daemon, but Azure's users look for it as a
+// module: `iotedge list` shows it, running once the device is provisioned
+// (the seed's first check), `iotedge logs edgeAgent` shows the daemon's
+// log, and `iotedge restart edgeAgent` reads the deployment again. edgeHub
+// does not run here, and says so.
+func TestEdgeAgentAsAModule(t *testing.T) {
+	logs := NewLogBuffer(10)
+	logs.Write([]byte("msg=one\nmsg=two\n"))
+	d := New(Options{Logs: logs})
+	h := d.mgmtHandler()
+	get := func(method, path string) *httptest.ResponseRecorder {
 		w := httptest.NewRecorder()
-		h.ServeHTTP(w, httptest.NewRequest(c.method, c.path, nil))
-		if w.Code != http.StatusNotFound || !strings.Contains(w.Body.String(), c.want) {
-			t.Errorf("%s %s: %d %s, want 404 saying %q", c.method, c.path, w.Code, w.Body.String(), c.want)
-		}
+		h.ServeHTTP(w, httptest.NewRequest(method, path, nil))
+		return w
+	}
+	var ms []mgmt.Module
+	if w := get("GET", "/modules"); json.Unmarshal(w.Body.Bytes(), &ms) != nil || len(ms) != 1 ||
+		ms[0] != (mgmt.Module{Name: "edgeAgent", Status: "stopped", Description: "iotedged is starting", Config: "iotedged"}) {
+		t.Errorf("modules while starting: %s", w.Body.String())
+	}
+	d.setStatus(func(s *mgmt.Status) { s.State = "running" })
+	d.setModules(map[string]any{"modules": map[string]any{
+		"sensor": map[string]any{"status": "running", "runtimeStatus": "running", "settings": map[string]any{"image": "img"}}}})
+	if w := get("GET", "/modules"); json.Unmarshal(w.Body.Bytes(), &ms) != nil || len(ms) != 2 ||
+		ms[0].Name != "edgeAgent" || ms[0].Status != "running" || ms[1].Name != "sensor" {
+		t.Errorf("modules once provisioned: %s", w.Body.String())
+	}
+	if w := get("GET", "/modules/edgeAgent/logs?tail=all"); w.Code != http.StatusOK || w.Body.String() != "msg=one\nmsg=two\n" {
+		t.Errorf("edgeAgent's logs: %d %q", w.Code, w.Body.String())
+	}
+	if w := get("POST", "/modules/edgeAgent/restart"); w.Code != http.StatusNoContent {
+		t.Errorf("restarting edgeAgent: %d %s", w.Code, w.Body.String())
+	}
+	select {
+	case <-d.reloadCh:
+	default:
+		t.Error("restarting edgeAgent did not read the deployment again")
+	}
+	if w := get("GET", "/modules/edgeHub/logs"); w.Code != http.StatusNotFound || !strings.Contains(w.Body.String(), "modules connect to the IoT hub directly") {
+		t.Errorf("edgeHub's logs: %d %s", w.Code, w.Body.String())
 	}
 }
 
