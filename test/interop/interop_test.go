@@ -8,7 +8,8 @@
 //	go test ./test/interop/ -v -count=1
 //
 // It needs Node.js ≥ 20 and npm; the SDKs are installed from package-lock.json with
-// `npm ci --ignore-scripts` when node_modules is missing or out of date.
+// `npm ci --ignore-scripts` when node_modules is missing or out of date. tpm.test.js also
+// needs swtpm, which the harness starts (without it, those tests alone skip).
 // With CI=true a missing dependency fails the test instead of skipping it.
 package interop
 
@@ -101,6 +102,9 @@ func TestAzureSDKInterop(t *testing.T) {
 		"NODE_EXTRA_CA_CERTS="+info.CACertificate,
 		"NO_COLOR=1",
 	)
+	if addr := startSWTPM(t); addr != "" {
+		cmd.Env = append(cmd.Env, "HATCHERY_SWTPM="+addr)
+	}
 	if err := runLogged(t, "node", cmd); err != nil {
 		t.Fatalf("node %s: %v (output above)", strings.Join(args, " "), err)
 	}
@@ -114,6 +118,26 @@ func requireTool(t *testing.T, name string) string {
 		testutil.Missing(t, "%s not found on PATH: %s", name, installHint)
 	}
 	return p
+}
+
+// startSWTPM starts a software TPM for tpm.test.js and returns the host:port of its
+// command channel. Without swtpm, CI=true fails; elsewhere only tpm.test.js skips its
+// tests (it sees no HATCHERY_SWTPM), so the other SDK tests still run.
+func startSWTPM(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("swtpm"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("swtpm is not on PATH: install the Debian package swtpm (apt-get install swtpm)")
+		}
+		t.Logf("swtpm is not on PATH: the TPM attestation tests skip; install the Debian package swtpm (apt-get install swtpm)")
+		return ""
+	}
+	tcti := testutil.StartSWTPM(t)
+	var port int
+	if _, err := fmt.Sscanf(tcti, "swtpm:host=127.0.0.1,port=%d", &port); err != nil {
+		t.Fatalf("unexpected TCTI %q from testutil.StartSWTPM: %v", tcti, err)
+	}
+	return net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 }
 
 func requireNodeVersion(t *testing.T, node string) {
