@@ -349,6 +349,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	go hubSvc.Heartbeat(ctx)
 	go hubSvc.EvaluateConfigurations(ctx)
 	go hubSvc.SweepC2D(ctx)
+	go hubSvc.SweepLeftovers(ctx)
 	jobsStopped := make(chan struct{}) // jobs hand themselves back before the store closes
 	go func() { hubSvc.RunJobs(ctx); close(jobsStopped) }()
 	// Stopping lets requests in flight finish (a direct method among them
