@@ -84,7 +84,9 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 	simDone := make(chan error, 1)
 	killWhen := func(what, path string, from int) {
 		t.Helper()
-		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		// Each look is a full query: not so often that it crowds the server
+		// and the simulator on a small machine.
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 			select {
 			case err := <-simDone:
 				t.Fatalf("fleet simulate ended while %s: %v\n%s%s", what, err, out.String(), tail(stderr.String()))
