@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -127,8 +128,10 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
+	// The server found as the simulator started was killed while it
+	// enrolled, before the CPU meter read it.
 	if r.Provisioned != devices || r.Connected != devices || r.Retried == 0 || r.EnrollRetried == 0 ||
-		r.ServerCPUNote != "server process changed during the run" {
+		!strings.HasPrefix(r.ServerCPUNote, "server process could not be read: ") {
 		t.Fatalf("after the restarts: %s", out.String())
 	}
 

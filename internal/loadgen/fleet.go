@@ -289,7 +289,8 @@ func (m *meter) stop(res *FleetResult) {
 		case len(m.pids) == 0:
 			res.ServerCPUNote = "server process not found: pass --server-pid"
 		case m.unread != nil:
-			res.ServerCPUNote = "server process could not be read: " + m.unread.Error() + ": check --server-pid"
+			// Given wrong, or ended before the registrations began.
+			res.ServerCPUNote = "server process could not be read: " + m.unread.Error()
 		case err != nil:
 			// Found when the simulator started, it ended: its CPU until then is
 			// lost with it, and the new process's is not all the run's.
