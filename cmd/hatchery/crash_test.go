@@ -8,6 +8,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -84,7 +85,9 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 	simDone := make(chan error, 1)
 	killWhen := func(what, path string, from int) {
 		t.Helper()
-		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		// Each look is a full query: not so often that it crowds the server
+		// and the simulator on a small machine.
+		for deadline := time.Now().Add(60 * time.Second); ; time.Sleep(200 * time.Millisecond) {
 			select {
 			case err := <-simDone:
 				t.Fatalf("fleet simulate ended while %s: %v\n%s%s", what, err, out.String(), tail(stderr.String()))
@@ -125,8 +128,10 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 	if err := json.Unmarshal(out.Bytes(), &r); err != nil {
 		t.Fatalf("%v\n%s", err, out.String())
 	}
+	// The server found as the simulator started was killed while it
+	// enrolled, before the CPU meter read it.
 	if r.Provisioned != devices || r.Connected != devices || r.Retried == 0 || r.EnrollRetried == 0 ||
-		r.ServerCPUNote != "server process changed during the run" {
+		!strings.HasPrefix(r.ServerCPUNote, "server process could not be read: ") {
 		t.Fatalf("after the restarts: %s", out.String())
 	}
 

@@ -369,10 +369,25 @@ func showWrittenEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 		case err == nil:
 			e.RegistrationState = r
 		case !azerr.HasStatus(err, http.StatusNotFound): // not registered: unassigned
-			return err
+			// The enrollment is written: failing now would have a retry
+			// told it exists.
+			fmt.Fprintf(cmd.ErrOrStderr(), "warning: enrollment %s is written, but its registration could not be read (%v): "+
+				"see it with `hatchery enrollment show --registration-id %s`\n", e.RegistrationID, err, e.RegistrationID)
+			return render(cmd, e, enrollmentRows(e))
 		}
 	}
 	return showEnrollment(cmd, e)
+}
+
+// enrollmentRows are what an enrollment says, without its registration.
+func enrollmentRows(e *dps.Enrollment) [][2]string {
+	rows := [][2]string{
+		{"Registration ID", e.RegistrationID},
+		{"Device ID", orDash(e.DeviceID)},
+		{"Attestation", e.Attestation.Type},
+	}
+	rows = append(rows, credentialRows(e.Attestation)...)
+	return append(rows, settingRows(enrollmentShared(e))...)
 }
 
 func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
@@ -380,14 +395,7 @@ func showEnrollment(cmd *cobra.Command, e *dps.Enrollment) error {
 	if e.RegistrationState != nil {
 		reg = e.RegistrationState
 	}
-	rows := [][2]string{
-		{"Registration ID", e.RegistrationID},
-		{"Device ID", orDash(e.DeviceID)},
-		{"Attestation", e.Attestation.Type},
-	}
-	rows = append(rows, credentialRows(e.Attestation)...)
-	rows = append(rows, settingRows(enrollmentShared(e))...)
-	return render(cmd, e, append(rows, [][2]string{
+	return render(cmd, e, append(enrollmentRows(e), [][2]string{
 		{"Registration status", reg.Status},
 		{"Substatus", orDash(reg.Substatus)},
 		{"Assigned device ID", orDash(reg.DeviceID)},

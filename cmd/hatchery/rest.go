@@ -17,7 +17,8 @@ import (
 
 // dpsClient reaches the provisioning service API of the installation in
 // --data-dir, as an operator's tool would: over HTTPS with the owner policy.
-func dpsClient(cmd *cobra.Command) (*azclient.Client, error) { return siteClient(cmd, provisioningAPI) }
+// A variable so tests can point it at a server that fails on purpose.
+var dpsClient = func(cmd *cobra.Command) (*azclient.Client, error) { return siteClient(cmd, provisioningAPI) }
 
 // hubClient reaches the hub's service API with the iothubowner policy.
 func hubClient(cmd *cobra.Command) (*azclient.Client, error) { return siteClient(cmd, hubAPI) }

@@ -106,7 +106,7 @@ func serveCmd() *cobra.Command {
 	cmd.Flags().StringSliceVar(&o.tlsNames, "tls-name", nil, "another host name or IP address devices reach this server by, for the local CA's certificate (repeat, or separate with commas)")
 	cmd.Flags().BoolVar(&o.newCA, "new-ca", false, "make this server's local CA the one the database's devices trust, although they trust another: a new one if tls/ has none, else the one there (every device must then be given its certificate); for one start, not to keep in the options")
 	cmd.Flags().StringVar(&o.caFile, "tls-ca", "", "with --tls-cert: the CA certificate PEM that issued it, which devices and the CLI trust (default: the system's CAs)")
-	cmd.Flags().DurationVar(&o.webhookTimeout, "webhook-timeout", 10*time.Second, "how long a custom allocation webhook has to answer, each time a device registers (the device is polling meanwhile)")
+	cmd.Flags().DurationVar(&o.webhookTimeout, "webhook-timeout", 10*time.Second, "how long a custom allocation webhook has to answer, each time a device registers (the device's registration request waits for it)")
 	cmd.Flags().StringVar(&o.webhookCA, "webhook-ca", "", "PEM of the CA certificates that custom allocation webhooks' TLS certificates come from, trusted besides the system's")
 	cmd.Flags().StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	cmd.Flags().Float64Var(&o.registrationRate, "registration-rate", 10000, "device registrations admitted per second in total, beyond which devices are told to retry later (0: no limit)")
@@ -349,6 +349,7 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	go hubSvc.Heartbeat(ctx)
 	go hubSvc.EvaluateConfigurations(ctx)
 	go hubSvc.SweepC2D(ctx)
+	go hubSvc.SweepLeftovers(ctx)
 	jobsStopped := make(chan struct{}) // jobs hand themselves back before the store closes
 	go func() { hubSvc.RunJobs(ctx); close(jobsStopped) }()
 	// Stopping lets requests in flight finish (a direct method among them

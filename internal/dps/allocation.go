@@ -2,7 +2,6 @@ package dps
 
 import (
 	"bytes"
-	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -15,7 +14,6 @@ import (
 	"net/netip"
 	"net/url"
 	"strings"
-	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 )
@@ -206,7 +204,7 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	fail := func(format string, args ...any) error {
 		return azerr.New(400207, "CustomAllocationFailed", "custom allocation webhook %s: "+format, append([]any{where}, args...)...)
 	}
-	timeout := cmp.Or(s.WebhookTimeout, 10*time.Second)
+	timeout := s.WebhookTimeoutOrDefault()
 	wctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	req, err := http.NewRequestWithContext(wctx, http.MethodPost, a.webhook.WebhookURL, bytes.NewReader(body))
@@ -215,13 +213,17 @@ func (s *Service) custom(ctx context.Context, a allocation, cands []*LinkedHub) 
 	}
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := s.webhookClient().Do(req)
-	if err != nil && ctx.Err() == nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
-		return nil, fail("no answer within %s", timeout)
-	}
-	if err != nil && ctx.Err() != nil {
+	if err != nil && errors.Is(ctx.Err(), context.Canceled) {
 		// The device hung up: not the webhook's failure (assign records
 		// nothing of it).
 		return nil, fmt.Errorf("custom allocation webhook %s: the device's request ended: %w", where, context.Cause(ctx))
+	}
+	if err != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		// The request's own bound came first: still the webhook's slowness.
+		return nil, fail("no answer before the registration request timed out")
+	}
+	if err != nil && errors.Is(wctx.Err(), context.DeadlineExceeded) {
+		return nil, fail("no answer within %s", timeout)
 	}
 	if err != nil {
 		return nil, fail("unreachable (%v)", errors.Unwrap(err))

@@ -73,10 +73,11 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 		return nil, unauthorized(regID, fmt.Sprintf("the hub already has a device %s with other credentials, which group %s did not provision: delete that device from its hub to let the group provision it",
 			dev.DeviceID, att.group.EnrollmentGroupID))
 	}
-	if err != nil && ctx.Err() != nil {
+	if err != nil && errors.Is(ctx.Err(), context.Canceled) {
 		// The device hung up (a slow webhook, say): nobody waits for this
 		// failure, and recording it would show a device assigned before
-		// as failed.
+		// as failed. An UpsertDevice on a new hub may have succeeded while
+		// the record still names the old one: the next registration repairs it.
 		return nil, err
 	}
 	if err != nil {

@@ -1,6 +1,7 @@
 package dps
 
 import (
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/base64"
@@ -85,9 +86,16 @@ type Service struct {
 	// Throttle limits device traffic; nil is no limit.
 	Throttle *Throttle
 	// Webhooks calls custom allocation webhooks (default http.DefaultClient),
-	// each bounded by WebhookTimeout (default 10 s: the device is polling).
+	// each bounded by WebhookTimeout (default 10 s). Register calls the
+	// webhook inside the device's request, which waits for it.
 	Webhooks       *http.Client
 	WebhookTimeout time.Duration
+}
+
+// WebhookTimeoutOrDefault is how long a custom allocation webhook has to
+// answer: WebhookTimeout, or 10 s when it is not set.
+func (s *Service) WebhookTimeoutOrDefault() time.Duration {
+	return cmp.Or(s.WebhookTimeout, 10*time.Second)
 }
 
 // Open loads the service's settings from st, creating an ID scope and the

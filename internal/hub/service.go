@@ -20,6 +20,9 @@ const kindSettings = "hub.settings"
 // Settings are the hub's access policies.
 type Settings struct {
 	Policies []sas.Policy `json:"policies"`
+	// LeftoversSwept records that SweepLeftovers went through the
+	// database; a new one has nothing to sweep.
+	LeftoversSwept bool `json:"leftoversSwept,omitempty"`
 }
 
 // Service is one IoT hub.
@@ -76,7 +79,7 @@ func Open(ctx context.Context, st store.Store, host string) (*Service, error) {
 			sas.NewPolicy("iothubowner", sas.AllRights),
 			sas.NewPolicy("service", sas.ServiceConnect),
 			sas.NewPolicy("registryReadWrite", sas.RegistryWrite),
-		}}
+		}, LeftoversSwept: true}
 	}, &s.settings)
 	if err != nil {
 		return nil, fmt.Errorf("loading hub settings: %w", err)

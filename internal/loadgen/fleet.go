@@ -268,12 +268,15 @@ type meter struct {
 	pids        []int
 	start       time.Time
 	server, sim float64 // CPU seconds at the start
+	unread      error   // why the server's CPU could not be read at the start
 }
 
 func startMeter(serverPIDs []int) *meter {
 	// Replicas' URLs may reach one process: count its CPU once.
 	pids := slices.Compact(slices.Sorted(slices.Values(serverPIDs)))
-	return &meter{pids: pids, server: serverCPU(pids), sim: selfCPU(), start: time.Now()}
+	m := &meter{pids: pids, sim: selfCPU(), start: time.Now()}
+	m.server, m.unread = serverCPU(pids)
+	return m
 }
 
 // stop sets res's time, rate and CPU per registration from its Provisioned.
@@ -282,10 +285,13 @@ func (m *meter) stop(res *FleetResult) {
 	res.PerSecond = float64(res.Provisioned) / res.Seconds
 	res.ServerCPUPerReg, res.SimCPUPerReg, res.ServerCPUNote = 0, 0, ""
 	if res.Provisioned > 0 {
-		switch server := serverCPU(m.pids); {
+		switch server, err := serverCPU(m.pids); {
 		case len(m.pids) == 0:
 			res.ServerCPUNote = "server process not found: pass --server-pid"
-		case m.server < 0 || server < 0:
+		case m.unread != nil:
+			// Given wrong, or ended before the registrations began.
+			res.ServerCPUNote = "server process could not be read: " + m.unread.Error()
+		case err != nil:
 			// Found when the simulator started, it ended: its CPU until then is
 			// lost with it, and the new process's is not all the run's.
 			res.ServerCPUNote = "server process changed during the run"
@@ -472,19 +478,17 @@ func errorKind(err error) string {
 }
 
 // serverCPU sums the servers' CPU seconds; -1 if unknown.
-func serverCPU(pids []int) float64 {
-	if len(pids) == 0 {
-		return -1
-	}
+// serverCPU sums the CPU seconds of the server processes.
+func serverCPU(pids []int) (float64, error) {
 	sum := 0.0
 	for _, p := range pids {
 		c, err := CPUSeconds(p)
 		if err != nil {
-			return -1
+			return 0, err // names the process's /proc file
 		}
 		sum += c
 	}
-	return sum
+	return sum, nil
 }
 
 func selfCPU() float64 {

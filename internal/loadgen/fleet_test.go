@@ -187,3 +187,18 @@ func TestMeterServerChanged(t *testing.T) {
 		t.Fatalf("server CPU %v, note %q", res.ServerCPUPerReg, res.ServerCPUNote)
 	}
 }
+
+// A server process that could not be read at the start is said to be
+// so, not to have changed during the run.
+func TestMeterServerUnreadable(t *testing.T) {
+	cmd := exec.Command("true")
+	if err := cmd.Run(); err != nil {
+		t.Skip(err)
+	}
+	m := startMeter([]int{cmd.Process.Pid}) // gone already
+	res := &FleetResult{Provisioned: 1}
+	m.stop(res)
+	if res.ServerCPUPerReg != 0 || !strings.HasPrefix(res.ServerCPUNote, "server process could not be read: ") {
+		t.Fatalf("server CPU %v, note %q", res.ServerCPUPerReg, res.ServerCPUNote)
+	}
+}

@@ -786,3 +786,33 @@ func TestEnumsInAnyCase(t *testing.T) {
 		t.Errorf("an unknown allocationPolicy: %v", err)
 	}
 }
+
+// A registration request that times out while the webhook runs is the
+// webhook's failure, recorded as such; only a cancelled request (the
+// device hung up) leaves the record alone.
+func TestCustomAllocationRequestDeadline(t *testing.T) {
+	e := newEnv(t)
+	e.dps.WebhookTimeout = 5 * time.Second
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(2 * time.Second):
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	out := e.putEnrollment(&dps.Enrollment{RegistrationID: "deadline", AllocationPolicy: dps.PolicyCustom,
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
+		Attestation:                dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(out.Attestation.SymmetricKey.PrimaryKey)
+	rctx, cancel := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancel()
+	scope := e.dps.IDScope()
+	_, _, _ = e.dps.Register(rctx, dps.RegisterRequest{IDScope: scope, RegistrationID: "deadline",
+		Credentials: dps.Credentials{Authorization: sas.Build(key, scope+"/registrations/deadline", "registration", time.Now().Add(time.Minute))}})
+	st, err := e.dps.GetRegistration(ctx, "deadline")
+	if err != nil || st.Status != "failed" || st.ErrorCode != 400207 || !strings.Contains(st.ErrorMessage, "timed out") {
+		t.Fatalf("the registration whose request timed out: %+v %v", st, err)
+	}
+}

@@ -21,6 +21,7 @@ package server
 // its Authorization header and client certificate.
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -50,6 +51,16 @@ const (
 // dpsEndpoint serves DPS registration sessions on the device endpoint.
 type dpsEndpoint struct {
 	svc *dps.Service
+	// hubWrites is how long a registration may take beyond its custom
+	// allocation webhook (default 30 s): the hub writes and the record.
+	hubWrites time.Duration
+}
+
+// requestTimeout bounds a registration request: the webhook's own bound
+// plus the hub writes, so a slow webhook fails as the webhook's and not as
+// a request cut short.
+func (e *dpsEndpoint) requestTimeout() time.Duration {
+	return e.svc.WebhookTimeoutOrDefault() + cmp.Or(e.hubWrites, 30*time.Second)
 }
 
 // dpsSession is the state of a registration connection.
@@ -170,7 +181,7 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: no SAS token in the MQTT password and no TLS client certificate: "+
 			"send a SAS token (sr={idScope}/registrations/{registrationId}, skn=registration) as the password, or connect with the device's X.509 certificate", s.regID))
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), d.dpsEP.requestTimeout())
 	defer cancel()
 	if register {
 		op, ch, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,

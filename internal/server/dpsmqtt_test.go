@@ -6,7 +6,10 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
+	"io"
 	"net"
+	"net/http"
+	"net/http/httptest"
 	"net/url"
 	"strconv"
 	"strings"
@@ -363,5 +366,32 @@ func TestDPSUsernameDispatch(t *testing.T) {
 	}
 	if !d.isDPSConnect(&mqtt.Connect{Username: dpsUsername(e.dps.IDScope(), "r1")}) {
 		t.Error("a DPS session not recognized")
+	}
+}
+
+// A registration over MQTT waits as long as the custom allocation webhook
+// may take, and more: the request's bound derives from WebhookTimeout, so
+// a webhook slower than the room for the hub writes still assigns.
+func TestDPSOverMQTTSlowWebhook(t *testing.T) {
+	e := newEnv(t)
+	e.dps.WebhookTimeout = 5 * time.Second
+	d := NewDeviceEndpointWithDPS(e.hub, e.dps)
+	d.dpsEP.hubWrites = 300 * time.Millisecond
+	addr := e.serveMQTT(d)
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(time.Second):
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "mqtt-slow-hook", AllocationPolicy: dps.PolicyCustom,
+		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
+		Attestation:                dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	if st := e.registerOverMQTT(t, addr, "mqtt-slow-hook", key, nil, `null`); st["status"] != "assigned" || st["assignedHub"] != host {
+		t.Fatalf("registration state %v", st)
 	}
 }

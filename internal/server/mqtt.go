@@ -223,35 +223,10 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if d.hooks != nil {
 		d.hooks.beforeSwap(c)
 	}
-	// Replacing the identity's connection and recording the new one are
-	// one step per identity, so the hub records connections in the order
-	// they replace each other: else an older connection could record
-	// itself after the newer one that replaced it, and its end then record
-	// the identity disconnected while the newer one lives.
-	unlock := d.lockIdentity(r)
-	if c.IsClosed() { // closed while it authenticated: the live connection stays
-		unlock()
-		return mqtt.RefusedServerUnavailable
+	detach, refused, ok := d.swapIn(ctx, c, r, grant)
+	if !ok {
+		return refused
 	}
-	d.mu.Lock()
-	old := d.sessions[r]
-	d.sessions[r] = c
-	d.mu.Unlock()
-	if old != nil {
-		old.Close() // as the hosted hub: a new connection replaces the old one
-	}
-	if d.hooks != nil {
-		d.hooks.beforeAttach(c)
-	}
-	// A device or module disabled, deleted or given new keys while
-	// connected is cut off, as in the hosted hub.
-	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
-	if err != nil {
-		d.forget(r, c)
-		unlock()
-		return refusal(r, err)
-	}
-	unlock()
 	sess.onClose(detach)
 	// A persistent session resumes what the identity subscribed to in its
 	// last one (the SDKs reconnect to renew their token without
@@ -304,6 +279,40 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 type identityLock struct {
 	mu      sync.Mutex
 	holders int // holding or waiting: the lock is dropped at 0
+}
+
+// swapIn makes c the identity's connection and records it connected.
+// Replacing the identity's connection and recording the new one are one
+// step per identity, so the hub records connections in the order they
+// replace each other: else an older connection could record itself after
+// the newer one that replaced it, and its end then record the identity
+// disconnected while the newer one lives. The unlock is deferred: a hook,
+// Close or Attach that panics (mqtt recovers it) must not leave the
+// identity's later connects waiting forever.
+func (d *DeviceEndpoint) swapIn(ctx context.Context, c *mqtt.Conn, r hub.Ref, grant hub.Grant) (detach func(), refused byte, ok bool) {
+	unlock := d.lockIdentity(r)
+	defer unlock()
+	if c.IsClosed() { // closed while it authenticated: the live connection stays
+		return nil, mqtt.RefusedServerUnavailable, false
+	}
+	d.mu.Lock()
+	old := d.sessions[r]
+	d.sessions[r] = c
+	d.mu.Unlock()
+	if old != nil {
+		old.Close() // as the hosted hub: a new connection replaces the old one
+	}
+	if d.hooks != nil {
+		d.hooks.beforeAttach(c)
+	}
+	// A device or module disabled, deleted or given new keys while
+	// connected is cut off, as in the hosted hub.
+	detach, err := d.hub.Attach(ctx, r, grant, func() { go c.Close() })
+	if err != nil {
+		d.forget(r, c)
+		return nil, refusal(r, err), false
+	}
+	return detach, 0, true
 }
 
 // lockIdentity locks r's connects, and returns the unlock.

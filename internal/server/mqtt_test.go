@@ -1203,3 +1203,39 @@ func TestConnackFor(t *testing.T) {
 		}
 	}
 }
+
+// A connect that panics while it holds its identity's lock (mqtt recovers
+// it) releases the lock: the identity's next connect gets through.
+func TestMQTTConnectPanicReleasesIdentity(t *testing.T) {
+	e := newEnv(t)
+	d := e.newDevice("d1", false)
+	h := NewDeviceEndpoint(e.hub)
+	var panicked atomic.Bool
+	h.hooks = &endpointHooks{
+		beforeSwap: func(*mqtt.Conn) {},
+		beforeAttach: func(*mqtt.Conn) {
+			if !panicked.Swap(true) {
+				panic("a hook that fails once")
+			}
+		},
+	}
+	addr := e.serveMQTT(h)
+	t.Cleanup(func() { // a lock left held would keep the server from stopping
+		if t.Failed() {
+			h.mu.Lock()
+			for _, l := range h.idLocks {
+				l.mu.TryLock()
+				l.mu.Unlock()
+			}
+			h.mu.Unlock()
+		}
+	})
+	a := e.dialRaw(t, addr, nil)
+	a.write(sasConnect(d, nil))
+	if p, err := a.tryRead(); err == nil {
+		t.Fatalf("the connect that panicked was answered %#v", p)
+	}
+	if _, code := e.rawConnect(t, addr, d, nil); code != mqtt.Accepted {
+		t.Fatalf("the next connect: CONNACK %d", code)
+	}
+}

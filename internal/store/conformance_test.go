@@ -327,6 +327,13 @@ func testCreateUnder(t *testing.T, b backend) {
 	if _, err := s.CreateUnder(ctx, doc("mod", "d/b", `3`), "dev", "d"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("CreateUnder a deleted parent: %v", err)
 	}
+	// A missing parent is the answer even when a leftover holds the ID.
+	if _, err := s.Create(ctx, doc("mod", "d/a", `4`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateUnder(ctx, doc("mod", "d/a", `5`), "dev", "d"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("CreateUnder a missing parent, over a leftover: %v", err)
+	}
 }
 
 // Creates under a document racing its DeleteTree: each either lands

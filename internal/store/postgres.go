@@ -190,6 +190,11 @@ func (p *Postgres) CreateUnder(ctx context.Context, d Doc, parentKind, parentID 
 	if tag.RowsAffected() > 0 {
 		return d, nil
 	}
+	// The parent first: a missing one is the answer even when a leftover
+	// holds the child's ID, as with SQLite.
+	if _, err := p.Get(ctx, parentKind, parentID); err != nil {
+		return d, err
+	}
 	if _, err := p.Get(ctx, d.Kind, d.ID); err == nil {
 		return d, ErrExists
 	}

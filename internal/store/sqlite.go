@@ -288,7 +288,9 @@ func (s *SQLite) DeleteTree(ctx context.Context, kind, id, ifMatch string, under
 			}
 			gone = append(gone, d)
 		}
-		if err := rows.Close(); err != nil {
+		// A delete that failed part-way ends the rows early: commit
+		// nothing, or the parent would go with children left behind.
+		if err := errors.Join(rows.Err(), rows.Close()); err != nil {
 			return nil, full(err)
 		}
 	}

@@ -233,3 +233,26 @@ func TestFullIsErrFull(t *testing.T) {
 		}
 	}
 }
+
+// A DeleteTree whose delete of the documents under the parent fails
+// part-way commits nothing: the parent stays with them.
+func TestSQLiteDeleteTreeFailingUnder(t *testing.T) {
+	ctx := context.Background()
+	path := sqliteBackend.newDB(t)
+	s := sqliteBackend.open(t, path)
+	for _, d := range []Doc{doc("dev", "d", `{}`), doc("mod", "d/a", `1`), doc("mod", "d/b", `2`)} {
+		if _, err := s.Create(ctx, d); err != nil {
+			t.Fatal(err)
+		}
+	}
+	sqliteBackend.exec(t, path, `CREATE TRIGGER refuse BEFORE DELETE ON docs WHEN old.id = 'd/b' BEGIN SELECT RAISE(ABORT, 'refused'); END`)
+	if _, err := s.DeleteTree(ctx, "dev", "d", "", "mod"); err == nil {
+		t.Fatal("DeleteTree succeeded with a delete under the parent refused")
+	}
+	for _, id := range []string{"d", "d/a", "d/b"} {
+		kind := map[bool]string{true: "dev", false: "mod"}[id == "d"]
+		if _, err := s.Get(ctx, kind, id); err != nil {
+			t.Errorf("%s %s after the failed DeleteTree: %v", kind, id, err)
+		}
+	}
+}

@@ -1,0 +1,120 @@
+package hub
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"time"
+
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// leftoversSwept is the settings' field that records the sweep of
+// leftovers; the rest of the settings are kept as they are when it is set.
+const leftoversSwept = "leftoversSwept"
+
+// SweepLeftovers removes, once per database, the modules and queued
+// cloud-to-device messages of devices that no longer exist: deletes of
+// earlier versions could stop between a device and what it held, and a
+// device created again under its ID would find them. Deletes are atomic
+// now, so once the settings record the sweep no later start walks again.
+// A failed sweep is tried again a minute later.
+func (s *Service) SweepLeftovers(ctx context.Context) {
+	for {
+		err := s.sweepLeftovers(ctx)
+		if err == nil || ctx.Err() != nil {
+			return
+		}
+		slog.Warn("removing what deleted devices left behind failed; trying again in a minute", "error", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(time.Minute):
+		}
+	}
+}
+
+func (s *Service) sweepLeftovers(ctx context.Context) error {
+	if done, _, _, err := s.leftoversSwept(ctx); err != nil || done {
+		return err
+	}
+	counts := map[string]int{}
+	for _, kind := range []string{kindModule, kindC2D} {
+		// IDs come in order, so a device's documents are together: its
+		// existence is read once for them.
+		var device string
+		var exists bool
+		err := s.eachDoc(ctx, kind, func(d store.Doc) error {
+			dev, rest, _ := strings.Cut(d.ID, "/")
+			if dev != device {
+				device = dev
+				switch _, err := s.store.Get(ctx, kindDevice, dev); {
+				case err == nil:
+					exists = true
+				case errors.Is(err, store.ErrNotFound):
+					exists = false
+				default:
+					return err
+				}
+			}
+			if exists {
+				return nil
+			}
+			// Under the etag read: a document written since is not a leftover.
+			switch err := s.store.Delete(ctx, kind, d.ID, d.ETag); {
+			case err == nil:
+				counts[kind]++
+				if kind == kindModule {
+					s.revoke(Ref{Device: dev, Module: rest})
+				}
+			case errors.Is(err, store.ErrNotFound), errors.Is(err, store.ErrPrecondition):
+			default:
+				return err
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("going through %s documents: %w", kind, err)
+		}
+	}
+	if counts[kindModule]+counts[kindC2D] > 0 {
+		slog.Info("removed what deleted devices left behind", "modules", counts[kindModule], "messages", counts[kindC2D])
+	}
+	// Replicas sweeping at once each record it; a write that finds the
+	// settings changed reads them again.
+	for range 16 {
+		done, settings, etag, err := s.leftoversSwept(ctx)
+		if err != nil || done {
+			return err
+		}
+		settings[leftoversSwept] = json.RawMessage("true")
+		body, err := json.Marshal(settings)
+		if err != nil {
+			return err
+		}
+		_, err = s.store.Put(ctx, store.Doc{Kind: kindSettings, ID: "hub", Body: body}, etag)
+		if !errors.Is(err, store.ErrPrecondition) {
+			return err
+		}
+	}
+	return errors.New("the hub settings kept changing while recording the sweep of leftovers: it runs again at the next start")
+}
+
+// leftoversSwept reads the settings: whether they record the sweep, and
+// their fields and etag to record it under.
+func (s *Service) leftoversSwept(ctx context.Context) (bool, map[string]json.RawMessage, string, error) {
+	d, err := s.store.Get(ctx, kindSettings, "hub")
+	if err != nil {
+		return false, nil, "", fmt.Errorf("reading the hub settings: %w", err)
+	}
+	var settings map[string]json.RawMessage
+	if err := json.Unmarshal(d.Body, &settings); err != nil {
+		return false, nil, "", fmt.Errorf("reading the hub settings: %w", err)
+	}
+	var done bool
+	_ = json.Unmarshal(settings[leftoversSwept], &done)
+	return done, settings, d.ETag, nil
+}

@@ -1,0 +1,79 @@
+package hub
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"path/filepath"
+	"testing"
+
+	"github.com/hatchery/hatchery/internal/store"
+)
+
+// Modules and messages of deleted devices, left by earlier versions, are
+// removed once; a live device's stay, and a second start does not walk.
+func TestSweepLeftovers(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	s := openHub(t, st)
+	// The settings as an earlier version wrote them: no sweep recorded.
+	d, err := st.Get(ctx, kindSettings, "hub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var settings map[string]json.RawMessage
+	if err := json.Unmarshal(d.Body, &settings); err != nil || settings[leftoversSwept] == nil {
+		t.Fatalf("a new hub's settings %s do not record the sweep (%v)", d.Body, err)
+	}
+	delete(settings, leftoversSwept)
+	d.Body, _ = json.Marshal(settings)
+	if _, err := st.Put(ctx, d, d.ETag); err != nil {
+		t.Fatal(err)
+	}
+	leave := func(kind, id string) {
+		t.Helper()
+		if _, err := st.Create(ctx, store.Doc{Kind: kind, ID: id, Body: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	leave(kindModule, "gone/m1")
+	leave(kindModule, "gone/m2")
+	leave(kindC2D, "gone/msg1")
+	leave(kindC2D, "zgone/msg1")
+	newIdentity(t, s, Ref{Device: "live"})
+	newIdentity(t, s, Ref{Device: "live", Module: "m1"})
+	if _, err := s.SendC2D(ctx, "live", nil, []byte("hi")); err != nil {
+		t.Fatal(err)
+	}
+
+	if err := s.sweepLeftovers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, doc := range []struct{ kind, id string }{{kindModule, "gone/m1"}, {kindModule, "gone/m2"}, {kindC2D, "gone/msg1"}, {kindC2D, "zgone/msg1"}} {
+		if _, err := st.Get(ctx, doc.kind, doc.id); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("leftover %s %s: %v", doc.kind, doc.id, err)
+		}
+	}
+	if _, err := s.GetIdentity(ctx, Ref{Device: "live", Module: "m1"}); err != nil {
+		t.Errorf("the live device's module: %v", err)
+	}
+	if msgs, err := st.List(ctx, kindC2D, "live/", 10); err != nil || len(msgs) != 1 {
+		t.Errorf("the live device's messages: %d %v", len(msgs), err)
+	}
+	// Recorded: the next start (another replica's too) does not walk.
+	leave(kindModule, "gone/m3")
+	if err := openHub(t, st).sweepLeftovers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := st.Get(ctx, kindModule, "gone/m3"); err != nil {
+		t.Errorf("a second sweep walked again: %v", err)
+	}
+	// The settings' policies were kept.
+	if s2 := openHub(t, st); len(s2.settings.Policies) != len(s.settings.Policies) || !s2.settings.LeftoversSwept {
+		t.Errorf("settings after the sweep: %+v", s2.settings)
+	}
+}
