@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"unicode"
 
 	"github.com/spf13/cobra"
 
@@ -47,7 +48,7 @@ its columns, in any order:
   endorsementKey, storageRootKey, primaryKey, secondaryKey, certificate (a PEM file),
   iotEdge (true/false), tags and desired (JSON objects: the initial twin),
   provisioningStatus, allocationPolicy, iotHubHostName, iotHubs (host names
-  separated by spaces or semicolons), webhookUrl (custom allocation),
+  separated by semicolons or spaces), webhookUrl (custom allocation),
   reprovisionPolicy (reprovisionandmigratedata, reprovisionandresetdata or never)
 
 A file with rows that cannot be read or repeat an earlier row's registration ID
@@ -259,7 +260,7 @@ func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error)
 		}
 	}
 	if v := get("iothubs"); v != "" {
-		e.IoTHubs = strings.FieldsFunc(v, func(r rune) bool { return r == ';' || r == ' ' })
+		e.IoTHubs = strings.FieldsFunc(v, func(r rune) bool { return r == ';' || unicode.IsSpace(r) })
 	}
 	if v := get("webhookurl"); v != "" {
 		e.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: v, APIVersion: "2021-10-01"}

@@ -256,6 +256,9 @@ func openServices(ctx context.Context, o serveOptions, st store.Store, caFile st
 	if err != nil {
 		return nil, nil, err
 	}
+	if err := hubSvc.SweepLeftovers(ctx); err != nil {
+		return nil, nil, err
+	}
 	// Each linked hub is verified by the name in its endpoint URL.
 	registry := &hubclient.Pool{TLS: &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12}, Local: hubSvc}
 	dpsSvc, err := dps.Open(ctx, st, registry, o.host)
@@ -349,7 +352,6 @@ func run(ctx context.Context, o serveOptions, hubSvc *hub.Service, dpsSvc *dps.S
 	go hubSvc.Heartbeat(ctx)
 	go hubSvc.EvaluateConfigurations(ctx)
 	go hubSvc.SweepC2D(ctx)
-	go hubSvc.SweepLeftovers(ctx)
 	jobsStopped := make(chan struct{}) // jobs hand themselves back before the store closes
 	go func() { hubSvc.RunJobs(ctx); close(jobsStopped) }()
 	// Stopping lets requests in flight finish (a direct method among them

@@ -348,6 +348,9 @@ func newSupportBundleCmd() *cobra.Command {
 				})
 				if ms, err := client.Modules(ctx); err == nil {
 					for _, m := range ms {
+						if m.Name == "edgeAgent" {
+							continue // its log is iotedged's, above
+						}
 						put("logs/"+m.Name+".log", func(w io.Writer) error {
 							body, err := client.ModuleLogs(ctx, m.Name, "1000", since, "", false)
 							if err != nil {

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"time"
 
 	"github.com/hatchery/hatchery/internal/store"
 )
@@ -21,20 +20,13 @@ const leftoversSwept = "leftoversSwept"
 // earlier versions could stop between a device and what it held, and a
 // device created again under its ID would find them. Deletes are atomic
 // now, so once the settings record the sweep no later start walks again.
-// A failed sweep is tried again a minute later.
-func (s *Service) SweepLeftovers(ctx context.Context) {
-	for {
-		err := s.sweepLeftovers(ctx)
-		if err == nil || ctx.Err() != nil {
-			return
-		}
-		slog.Warn("removing what deleted devices left behind failed; trying again in a minute", "error", err)
-		select {
-		case <-ctx.Done():
-			return
-		case <-time.After(time.Minute):
-		}
+// The server runs it before it serves, so that no device is created under
+// a leftover's ID while the sweep has not yet passed it.
+func (s *Service) SweepLeftovers(ctx context.Context) error {
+	if err := s.sweepLeftovers(ctx); err != nil {
+		return fmt.Errorf("removing what deletes of devices left behind (once, after an upgrade): %w", err)
 	}
+	return nil
 }
 
 func (s *Service) sweepLeftovers(ctx context.Context) error {
@@ -43,25 +35,26 @@ func (s *Service) sweepLeftovers(ctx context.Context) error {
 	}
 	counts := map[string]int{}
 	for _, kind := range []string{kindModule, kindC2D} {
-		// IDs come in order, so a device's documents are together: its
-		// existence is read once for them.
+		// IDs come in order, so a device's documents are together: once
+		// it exists, the rest of them are its. While it does not, it is
+		// asked again for each: a device created since (by a replica of an
+		// earlier version serving meanwhile) owns those listed after.
 		var device string
 		var exists bool
 		err := s.eachDoc(ctx, kind, func(d store.Doc) error {
 			dev, rest, _ := strings.Cut(d.ID, "/")
 			if dev != device {
-				device = dev
-				switch _, err := s.store.Get(ctx, kindDevice, dev); {
-				case err == nil:
-					exists = true
-				case errors.Is(err, store.ErrNotFound):
-					exists = false
-				default:
-					return err
-				}
+				device, exists = dev, false
 			}
 			if exists {
 				return nil
+			}
+			switch _, err := s.store.Get(ctx, kindDevice, dev); {
+			case err == nil:
+				exists = true
+				return nil
+			case !errors.Is(err, store.ErrNotFound):
+				return err
 			}
 			// Under the etag read: a document written since is not a leftover.
 			switch err := s.store.Delete(ctx, kind, d.ID, d.ETag); {
@@ -100,7 +93,7 @@ func (s *Service) sweepLeftovers(ctx context.Context) error {
 			return err
 		}
 	}
-	return errors.New("the hub settings kept changing while recording the sweep of leftovers: it runs again at the next start")
+	return errors.New("the hub settings kept changing while the sweep was being recorded: start again")
 }
 
 // leftoversSwept reads the settings: whether they record the sweep, and

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -20,20 +21,7 @@ func TestSweepLeftovers(t *testing.T) {
 	}
 	t.Cleanup(func() { st.Close() })
 	s := openHub(t, st)
-	// The settings as an earlier version wrote them: no sweep recorded.
-	d, err := st.Get(ctx, kindSettings, "hub")
-	if err != nil {
-		t.Fatal(err)
-	}
-	var settings map[string]json.RawMessage
-	if err := json.Unmarshal(d.Body, &settings); err != nil || settings[leftoversSwept] == nil {
-		t.Fatalf("a new hub's settings %s do not record the sweep (%v)", d.Body, err)
-	}
-	delete(settings, leftoversSwept)
-	d.Body, _ = json.Marshal(settings)
-	if _, err := st.Put(ctx, d, d.ETag); err != nil {
-		t.Fatal(err)
-	}
+	unrecordSweep(t, st)
 	leave := func(kind, id string) {
 		t.Helper()
 		if _, err := st.Create(ctx, store.Doc{Kind: kind, ID: id, Body: []byte(`{}`)}); err != nil {
@@ -75,5 +63,75 @@ func TestSweepLeftovers(t *testing.T) {
 	// The settings' policies were kept.
 	if s2 := openHub(t, st); len(s2.settings.Policies) != len(s.settings.Policies) || !s2.settings.LeftoversSwept {
 		t.Errorf("settings after the sweep: %+v", s2.settings)
+	}
+}
+
+// listHook runs after, once, before the second listing of modules.
+type listHook struct {
+	store.Store
+	calls int
+	after func()
+}
+
+func (l *listHook) List(ctx context.Context, kind, after string, limit int) ([]store.Doc, error) {
+	if kind == kindModule {
+		if l.calls++; l.calls == 2 {
+			l.after()
+		}
+	}
+	return l.Store.List(ctx, kind, after, limit)
+}
+
+// A device created under a leftover's ID while the sweep walks (by a
+// replica serving meanwhile) keeps the modules listed after that: the
+// sweep asks again, for each, whether their device exists.
+func TestSweepLeftoversSparesADeviceCreatedMeanwhile(t *testing.T) {
+	ctx := context.Background()
+	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	s := openHub(t, st)
+	other := openHub(t, st)
+	for i := range docPage + 1 { // two pages
+		if _, err := st.Create(ctx, store.Doc{Kind: kindModule, ID: fmt.Sprintf("gone/m%04d", i), Body: []byte(`{}`)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.store = &listHook{Store: st, after: func() {
+		newIdentity(t, other, Ref{Device: "gone"})
+		newIdentity(t, other, Ref{Device: "gone", Module: "zz"})
+	}}
+	unrecordSweep(t, st)
+	if err := s.sweepLeftovers(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := other.GetIdentity(ctx, Ref{Device: "gone", Module: "zz"}); err != nil {
+		t.Errorf("the module of the device created meanwhile: %v", err)
+	}
+	if _, err := st.Get(ctx, kindModule, "gone/m0000"); !errors.Is(err, store.ErrNotFound) {
+		t.Errorf("a leftover listed before the device came: %v", err)
+	}
+}
+
+// unrecordSweep makes the hub's settings in st as an earlier version wrote
+// them, without the sweep recorded, after checking that a new hub's do
+// record it.
+func unrecordSweep(t *testing.T, st store.Store) {
+	t.Helper()
+	ctx := context.Background()
+	d, err := st.Get(ctx, kindSettings, "hub")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var settings map[string]json.RawMessage
+	if err := json.Unmarshal(d.Body, &settings); err != nil || settings[leftoversSwept] == nil {
+		t.Fatalf("a new hub's settings %s do not record the sweep (%v)", d.Body, err)
+	}
+	delete(settings, leftoversSwept)
+	d.Body, _ = json.Marshal(settings)
+	if _, err := st.Put(ctx, d, d.ETag); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -118,14 +118,21 @@ func (d *Daemon) handleModuleLogs(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// handleLogs is the daemon's own log, from its ring of recent lines.
+// handleLogs is the daemon's own log, from its ring of recent lines, those
+// of a time window when since or until (as `iotedge logs` takes them) say.
 func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request) {
+	q := r.URL.Query()
 	tail, err := math.MaxInt, error(nil) // "all", as `iotedge logs` asks by default
-	if t := r.URL.Query().Get("tail"); t != "all" {
+	if t := q.Get("tail"); t != "all" {
 		tail, err = strconv.Atoi(cmp.Or(t, "200"))
 	}
 	if err != nil || tail < 0 {
 		writeError(w, http.StatusBadRequest, errors.New("tail must be a number of lines, or all"))
+		return
+	}
+	window, err := logWindow(q.Get("since"), q.Get("until"), time.Now())
+	if err != nil {
+		writeError(w, http.StatusBadRequest, err)
 		return
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
@@ -133,13 +140,15 @@ func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request) {
 	for {
 		lines, next, more := d.opts.Logs.Since(seq, tail)
 		for _, l := range lines {
-			fmt.Fprintln(w, l)
+			if window.holds(l) {
+				fmt.Fprintln(w, l)
+			}
 		}
 		if f, ok := w.(http.Flusher); ok {
 			f.Flush()
 		}
 		seq = next
-		if r.URL.Query().Get("follow") != "true" {
+		if q.Get("follow") != "true" {
 			return
 		}
 		select { // (seq 0 means nothing was written: the next read takes it all)
@@ -148,6 +157,38 @@ func (d *Daemon) handleLogs(w http.ResponseWriter, r *http.Request) {
 		case <-more:
 		}
 	}
+}
+
+// timeWindow is the times from since to until; a zero end is open.
+type timeWindow struct{ since, until time.Time }
+
+func logWindow(since, until string, now time.Time) (timeWindow, error) {
+	var tw timeWindow
+	var err error
+	if since != "" {
+		if tw.since, err = moby.LogTime("since", since, now); err != nil {
+			return tw, err
+		}
+	}
+	if until != "" {
+		tw.until, err = moby.LogTime("until", until, now)
+	}
+	return tw, err
+}
+
+// holds reports whether the log line, as slog's text handler writes it
+// ("time=2026-11-25T03:10:00.123Z level=INFO ..."), falls in the window; a
+// line without a time falls in an open one only.
+func (tw timeWindow) holds(line string) bool {
+	if tw.since.IsZero() && tw.until.IsZero() {
+		return true
+	}
+	stamp, _, _ := strings.Cut(strings.TrimPrefix(line, "time="), " ")
+	t, err := time.Parse(time.RFC3339Nano, stamp)
+	if err != nil {
+		return false
+	}
+	return (tw.since.IsZero() || !t.Before(tw.since)) && (tw.until.IsZero() || !t.After(tw.until))
 }
 
 // signalling answers a request by signalling ch, which the daemon's loop

@@ -58,6 +58,20 @@ func TestEdgeAgentAsAModule(t *testing.T) {
 	if w := get("GET", "/modules/edgeAgent/logs?tail=all"); w.Code != http.StatusOK || w.Body.String() != "msg=one\nmsg=two\n" {
 		t.Errorf("edgeAgent's logs: %d %q", w.Code, w.Body.String())
 	}
+	// --since and --until pick lines by their time, as for a module.
+	logs.Write([]byte("time=2026-11-25T01:00:00.000Z msg=early\ntime=2026-11-25T02:00:00.000Z msg=late\n"))
+	for query, want := range map[string]string{
+		"since=2026-11-25T01:30:00Z":                           "time=2026-11-25T02:00:00.000Z msg=late\n",
+		"until=2026-11-25T01:30:00Z":                           "time=2026-11-25T01:00:00.000Z msg=early\n",
+		"since=1795570200&until=2026-11-25T02:00:00Z&tail=all": "time=2026-11-25T02:00:00.000Z msg=late\n", // 01:30 as a Unix time
+	} {
+		if w := get("GET", "/modules/edgeAgent/logs?"+query); w.Code != http.StatusOK || w.Body.String() != want {
+			t.Errorf("edgeAgent's logs with %s: %d %q, want %q", query, w.Code, w.Body.String(), want)
+		}
+	}
+	if w := get("GET", "/modules/edgeAgent/logs?since=yesterday"); w.Code != http.StatusBadRequest || !strings.Contains(w.Body.String(), "since") {
+		t.Errorf("a bad --since: %d %s", w.Code, w.Body.String())
+	}
 	if w := get("POST", "/modules/edgeAgent/restart"); w.Code != http.StatusNoContent {
 		t.Errorf("restarting edgeAgent: %d %s", w.Code, w.Body.String())
 	}

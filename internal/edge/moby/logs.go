@@ -101,19 +101,33 @@ func demux(w io.Writer, r io.Reader) error {
 // timeParam turns Since or Until (flag names which) into the Unix time
 // the engine wants.
 func timeParam(flag, s string, now time.Time) (string, error) {
-	if d, err := time.ParseDuration(s); err == nil {
-		return strconv.FormatInt(now.Add(-d).Unix(), 10), nil
-	}
-	if d, ok := humanDuration(s); ok {
-		return strconv.FormatInt(now.Add(-d).Unix(), 10), nil
-	}
-	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
-		return strconv.FormatInt(t.Unix(), 10), nil
-	}
 	if _, err := strconv.ParseFloat(s, 64); err == nil {
 		return s, nil
 	}
-	return "", fmt.Errorf("%s %q: want a duration (90 minutes, 1 day, 6h, 2d 3h), an RFC 3339 time or a Unix timestamp", flag, s)
+	t, err := LogTime(flag, s, now)
+	if err != nil {
+		return "", err
+	}
+	return strconv.FormatInt(t.Unix(), 10), nil
+}
+
+// LogTime is the time `iotedge logs --since` or `--until` (flag names
+// which) means by s: a duration back from now (6h, 90 minutes, 2d 3h), an
+// RFC 3339 time or a Unix timestamp.
+func LogTime(flag, s string, now time.Time) (time.Time, error) {
+	if d, err := time.ParseDuration(s); err == nil {
+		return now.Add(-d), nil
+	}
+	if d, ok := humanDuration(s); ok {
+		return now.Add(-d), nil
+	}
+	if t, err := time.Parse(time.RFC3339Nano, s); err == nil {
+		return t, nil
+	}
+	if f, err := strconv.ParseFloat(s, 64); err == nil {
+		return time.Unix(0, int64(f*1e9)), nil
+	}
+	return time.Time{}, fmt.Errorf("%s %q: want a duration (90 minutes, 1 day, 6h, 2d 3h), an RFC 3339 time or a Unix timestamp", flag, s)
 }
 
 // humanUnits are the units of the durations Azure's iotedge takes (Rust's
