@@ -11,7 +11,6 @@ import (
 	"net/http/httptest"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -21,11 +20,8 @@ import (
 
 	"github.com/hatchery/hatchery/internal/azclient"
 	"github.com/hatchery/hatchery/internal/dps"
-	"github.com/hatchery/hatchery/internal/hub"
-	"github.com/hatchery/hatchery/internal/hubclient"
 	"github.com/hatchery/hatchery/internal/mqtt"
 	"github.com/hatchery/hatchery/internal/server"
-	"github.com/hatchery/hatchery/internal/store"
 )
 
 // At a rate, each device is due at its own time whether or not a worker is
@@ -77,23 +73,8 @@ func TestFleetRetriesAndThrottling(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	const host = "127.0.0.1" // the httptest certificate's, and dialable
-	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	hubSvc, err := hub.Open(ctx, st, host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ts := httptest.NewUnstartedServer(nil)
-	ts.StartTLS()
-	t.Cleanup(ts.Close)
+	_, hubSvc, dpsSvc, ts := inProcessService(ctx, t, host)
 	clientTLS := ts.Client().Transport.(*http.Transport).TLSClientConfig
-	dpsSvc, err := dps.Open(ctx, st, &hubclient.Pool{TLS: clientTLS, Local: hubSvc}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
 	if err := dpsSvc.LinkHub(ctx, dps.LinkedHub{HostName: host, ConnectionString: hubSvc.OwnerConnectionString(),
 		Endpoint: ts.URL, ApplyAllocationPolicy: true}); err != nil {
 		t.Fatal(err)

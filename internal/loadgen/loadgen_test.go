@@ -31,24 +31,8 @@ const host = "example.com"
 func TestRun(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
-	dbPath := filepath.Join(t.TempDir(), "hatchery.db")
-	st, err := store.OpenSQLite(dbPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	hubSvc, err := hub.Open(ctx, st, host)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ts := httptest.NewUnstartedServer(nil)
-	ts.StartTLS()
-	t.Cleanup(ts.Close)
+	st, hubSvc, dpsSvc, ts := inProcessService(ctx, t, host)
 	clientTLS := ts.Client().Transport.(*http.Transport).TLSClientConfig
-	dpsSvc, err := dps.Open(ctx, st, &hubclient.Pool{TLS: clientTLS}, host)
-	if err != nil {
-		t.Fatal(err)
-	}
 	ts.Config.Handler = server.New(dpsSvc, hubSvc, nil)
 	ts.Config.ErrorLog = slog.NewLogLogger(slog.DiscardHandler, slog.LevelDebug)
 
@@ -110,6 +94,32 @@ func TestRun(t *testing.T) {
 	if n, _ := st.Count(ctx, "hub.device"); n != 0 {
 		t.Fatalf("%d devices left", n)
 	}
+}
+
+// inProcessService opens a hub and a provisioning service, named host, on
+// a new SQLite store, with the provisioning service writing the hub in
+// process, and a TLS test server, started without a handler, whose client
+// trusts it.
+func inProcessService(ctx context.Context, t *testing.T, host string) (*store.SQLite, *hub.Service, *dps.Service, *httptest.Server) {
+	t.Helper()
+	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { st.Close() })
+	hubSvc, err := hub.Open(ctx, st, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := httptest.NewUnstartedServer(nil)
+	ts.StartTLS()
+	t.Cleanup(ts.Close)
+	clientTLS := ts.Client().Transport.(*http.Transport).TLSClientConfig
+	dpsSvc, err := dps.Open(ctx, st, &hubclient.Pool{TLS: clientTLS, Local: hubSvc}, host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return st, hubSvc, dpsSvc, ts
 }
 
 // inProcessWorker runs RunWorker on pipes, as the worker process would.

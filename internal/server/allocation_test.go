@@ -793,15 +793,7 @@ func TestEnumsInAnyCase(t *testing.T) {
 func TestCustomAllocationRequestDeadline(t *testing.T) {
 	e := newEnv(t)
 	e.dps.WebhookTimeout = 5 * time.Second
-	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-time.After(2 * time.Second):
-		case <-r.Context().Done():
-			return
-		}
-		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
-	}))
-	t.Cleanup(hook.Close)
+	hook := slowWebhook(t, 2*time.Second)
 	out := e.putEnrollment(&dps.Enrollment{RegistrationID: "deadline", AllocationPolicy: dps.PolicyCustom,
 		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
 		Attestation:                dps.Attestation{Type: dps.AttestationSymmetricKey}})
@@ -815,4 +807,19 @@ func TestCustomAllocationRequestDeadline(t *testing.T) {
 	if err != nil || st.Status != "failed" || st.ErrorCode != 400207 || !strings.Contains(st.ErrorMessage, "timed out") {
 		t.Fatalf("the registration whose request timed out: %+v %v", st, err)
 	}
+}
+
+// slowWebhook is a custom allocation webhook that answers the test hub
+// after delay, unless its caller gives up first.
+func slowWebhook(t *testing.T, delay time.Duration) *httptest.Server {
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(delay):
+		case <-r.Context().Done():
+			return
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
+	}))
+	t.Cleanup(hook.Close)
+	return hook
 }

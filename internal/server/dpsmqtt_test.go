@@ -6,10 +6,7 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"io"
 	"net"
-	"net/http"
-	"net/http/httptest"
 	"net/url"
 	"strconv"
 	"strings"
@@ -378,15 +375,7 @@ func TestDPSOverMQTTSlowWebhook(t *testing.T) {
 	d := NewDeviceEndpointWithDPS(e.hub, e.dps)
 	d.dpsEP.hubWrites = 300 * time.Millisecond
 	addr := e.serveMQTT(d)
-	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		select {
-		case <-time.After(time.Second):
-		case <-r.Context().Done():
-			return
-		}
-		_, _ = io.WriteString(w, `{"iotHubHostName":"`+host+`"}`)
-	}))
-	t.Cleanup(hook.Close)
+	hook := slowWebhook(t, time.Second)
 	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "mqtt-slow-hook", AllocationPolicy: dps.PolicyCustom,
 		CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL, APIVersion: "2021-10-01"},
 		Attestation:                dps.Attestation{Type: dps.AttestationSymmetricKey}})
