@@ -526,17 +526,55 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 		}()
 	}
 	start := time.Now()
-	var hist Snapshot
-	var first, last time.Time
-	got := 0
+	hist, first, last, err := r.collectTelemetry(ctx, res, start)
+	if err != nil {
+		return nil, nil, err
+	}
+	res.CPU = r.cpuSince(cpu0)
+	if io1, err := writeBytes(r.cfg.ServerPID); err == nil && ioErr == nil {
+		res.ServerDiskWriteBytes = io1 - io0
+	}
+	res.Seconds = last.Sub(first).Seconds()
+	if res.Seconds <= 0 {
+		res.Seconds = time.Since(start).Seconds()
+	}
+	res.PerSecond = float64(res.Acked) / res.Seconds
+	res.Latency = hist.Summary()
+	if total := res.Acked + res.AckedLate; total > 0 && res.CPU != nil && res.CPU.Server > 0 {
+		res.ServerCPUPerMessageUS = res.CPU.Server * 1e6 / float64(total)
+	}
+	if total := res.Acked + res.AckedLate; total > 0 {
+		res.ServerDiskBytesPerMessage = float64(res.ServerDiskWriteBytes) / float64(total)
+	}
+	r.logTelemetry(res)
+	if fanDone != nil {
+		<-fanDone
+		if underLoad != nil {
+			r.log("fan-out under load: %d/%d received; p50 %.2f ms, p99 %.2f ms, max %.2f ms",
+				underLoad.Received, underLoad.Sent, underLoad.Latency.P50, underLoad.Latency.P99, underLoad.Latency.Max)
+		}
+	}
+	if r.cfg.Events != nil {
+		if err := r.verifyStored(ctx, res, seqBefore); err != nil {
+			return res, underLoad, err
+		}
+	}
+	return res, underLoad, nil
+}
+
+// collectTelemetry gathers every worker's telemetry report into res, and
+// the merged latencies and the span the workers sent over; it logs the
+// progress they report every 5 s meanwhile.
+func (r *runner) collectTelemetry(ctx context.Context, res *TelemetryResult, start time.Time) (hist Snapshot, first, last time.Time, err error) {
+	d := r.cfg.Telemetry
 	timeout := time.After(d + 2*time.Minute)
 	progress := make([]int64, len(r.procs))
 	tick := time.NewTicker(5 * time.Second)
 	defer tick.Stop()
-	for got < len(r.procs) {
+	for got := 0; got < len(r.procs); {
 		select {
 		case <-ctx.Done():
-			return nil, nil, ctx.Err()
+			return hist, first, last, ctx.Err()
 		case <-tick.C:
 			var n int64
 			for _, a := range progress {
@@ -545,10 +583,10 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 			el := time.Since(start)
 			r.log("  %2.0f s of %s: %s acknowledged (%.0f/s)", el.Seconds(), d, Thousands(n), float64(n)/el.Seconds())
 		case <-timeout:
-			return nil, nil, fmt.Errorf("telemetry: %d of %d workers reported within %s", got, len(r.procs), d+2*time.Minute)
+			return hist, first, last, fmt.Errorf("telemetry: %d of %d workers reported within %s", got, len(r.procs), d+2*time.Minute)
 		case t := <-r.reports:
 			if t.eof != nil {
-				return nil, nil, fmt.Errorf("worker %d ended during telemetry: %w", t.w, t.eof)
+				return hist, first, last, fmt.Errorf("worker %d ended during telemetry: %w", t.w, t.eof)
 			}
 			if t.r.Type == "telemetry-progress" {
 				progress[t.w] = t.r.Acked
@@ -578,22 +616,11 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 			}
 		}
 	}
-	res.CPU = r.cpuSince(cpu0)
-	if io1, err := writeBytes(r.cfg.ServerPID); err == nil && ioErr == nil {
-		res.ServerDiskWriteBytes = io1 - io0
-	}
-	res.Seconds = last.Sub(first).Seconds()
-	if res.Seconds <= 0 {
-		res.Seconds = time.Since(start).Seconds()
-	}
-	res.PerSecond = float64(res.Acked) / res.Seconds
-	res.Latency = hist.Summary()
-	if total := res.Acked + res.AckedLate; total > 0 && res.CPU != nil && res.CPU.Server > 0 {
-		res.ServerCPUPerMessageUS = res.CPU.Server * 1e6 / float64(total)
-	}
-	if total := res.Acked + res.AckedLate; total > 0 {
-		res.ServerDiskBytesPerMessage = float64(res.ServerDiskWriteBytes) / float64(total)
-	}
+	return hist, first, last, nil
+}
+
+// logTelemetry logs what the telemetry phase measured.
+func (r *runner) logTelemetry(res *TelemetryResult) {
 	r.log("telemetry: %s acknowledged in %.1f s = %.0f messages/s (+%s in flight at the end, %d failed); ack latency p50 %.1f ms, p99 %.1f ms, max %.1f ms",
 		Thousands(res.Acked), res.Seconds, res.PerSecond, Thousands(res.AckedLate), res.Failed, res.Latency.P50, res.Latency.P99, res.Latency.Max)
 	if res.ServerDiskWriteBytes > 0 {
@@ -606,40 +633,36 @@ func (r *runner) telemetry(ctx context.Context, conns int) (*TelemetryResult, *F
 	for _, e := range res.Errors {
 		r.log("  send error: %s", e)
 	}
-	if fanDone != nil {
-		<-fanDone
-		if underLoad != nil {
-			r.log("fan-out under load: %d/%d received; p50 %.2f ms, p99 %.2f ms, max %.2f ms",
-				underLoad.Received, underLoad.Sent, underLoad.Latency.P50, underLoad.Latency.P99, underLoad.Latency.Max)
-		}
-	}
+}
+
+// verifyStored counts the run's messages in the store, and through the
+// event stream API with VerifyStream, against those acknowledged.
+func (r *runner) verifyStored(ctx context.Context, res *TelemetryResult, seqBefore int64) error {
 	acked := res.Acked + res.AckedLate
-	if r.cfg.Events != nil {
+	t0 := time.Now()
+	n, err := r.countStored(ctx, seqBefore)
+	if err != nil {
+		return fmt.Errorf("counting the stored events: %w", err)
+	}
+	res.Stored = n
+	res.Missing = max(acked-res.Stored, 0)
+	r.log("store: %s of the run's messages stored (%s acknowledged), counted in %.1f s", Thousands(res.Stored), Thousands(acked), time.Since(t0).Seconds())
+	if r.cfg.VerifyStream {
 		t0 := time.Now()
-		n, err := r.countStored(ctx, seqBefore)
+		n, err := r.countStream(ctx, seqBefore)
 		if err != nil {
-			return res, underLoad, fmt.Errorf("counting the stored events: %w", err)
+			return err
 		}
-		res.Stored = n
-		res.Missing = max(acked-res.Stored, 0)
-		r.log("store: %s of the run's messages stored (%s acknowledged), counted in %.1f s", Thousands(res.Stored), Thousands(acked), time.Since(t0).Seconds())
-		if r.cfg.VerifyStream {
-			t0 := time.Now()
-			n, err := r.countStream(ctx, seqBefore)
-			if err != nil {
-				return res, underLoad, err
-			}
-			res.StoredStream = n
-			r.log("event stream API: %s of the run's messages read back in %.1f s", Thousands(n), time.Since(t0).Seconds())
-			if n != res.Stored {
-				r.log("ERROR: the event stream API shows %s of the run's messages, the store %s", Thousands(n), Thousands(res.Stored))
-			}
-		}
-		if res.Missing > 0 {
-			r.log("ERROR: %d acknowledged messages are not in the store", res.Missing)
+		res.StoredStream = n
+		r.log("event stream API: %s of the run's messages read back in %.1f s", Thousands(n), time.Since(t0).Seconds())
+		if n != res.Stored {
+			r.log("ERROR: the event stream API shows %s of the run's messages, the store %s", Thousands(n), Thousands(res.Stored))
 		}
 	}
-	return res, underLoad, nil
+	if res.Missing > 0 {
+		r.log("ERROR: %d acknowledged messages are not in the store", res.Missing)
+	}
+	return nil
 }
 
 // lastSeq finds the last sequence number of the event stream with
