@@ -38,27 +38,34 @@ func (e *env) startWebSocket(t *testing.T, cert tls.Certificate) func(protocols 
 	}
 }
 
-// MQTT over WebSocket on the HTTPS port is the device endpoint of 8883: an
-// X.509 device is authenticated by the certificate it gave the HTTPS
-// connection; another subprotocol is refused.
-func TestMQTTOverWebSocket(t *testing.T) {
+// wsDevice connects the X.509 device ws-1 over MQTT over WebSocket, with
+// keepAlive, and returns it, connected, and the dial for more.
+func wsDevice(t *testing.T, keepAlive uint16) (*rawClient, func(protocols ...string) (*websocket.Conn, error)) {
+	t.Helper()
 	e := newEnv(t)
 	cert := testutil.NewCert(t, "ws-1", false, nil)
 	e.putX509Device(t, "ws-1", cert, false)
 	dial := e.startWebSocket(t, cert)
-
 	ws, err := dial("mqtt")
 	if err != nil {
 		t.Fatal(err)
 	}
 	conn := websocket.NetConn(context.Background(), ws, websocket.MessageBinary)
-	defer conn.Close()
+	t.Cleanup(func() { conn.Close() })
 	c := &rawClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
-	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 60, ClientID: "ws-1",
+	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: keepAlive, ClientID: "ws-1",
 		HasUsername: true, Username: host + "/ws-1/?api-version=2021-04-12"})
 	if ack, ok := c.read().(*mqtt.Connack); !ok || ack.ReturnCode != mqtt.Accepted {
 		t.Fatalf("CONNACK %+v", ack)
 	}
+	return c, dial
+}
+
+// MQTT over WebSocket on the HTTPS port is the device endpoint of 8883: an
+// X.509 device is authenticated by the certificate it gave the HTTPS
+// connection; another subprotocol is refused.
+func TestMQTTOverWebSocket(t *testing.T) {
+	c, dial := wsDevice(t, 60)
 	if code := c.subscribe("$iothub/twin/res/#"); code == mqtt.SubscribeFailure {
 		t.Fatal("twin responses refused over WebSocket")
 	}
@@ -80,21 +87,7 @@ func TestMQTTOverWebSocket(t *testing.T) {
 // TCP is, for the keep-alive (logged at Info), not a network error.
 func TestMQTTOverWebSocketKeepAlive(t *testing.T) {
 	log := captureLog(t)
-	e := newEnv(t)
-	cert := testutil.NewCert(t, "ws-1", false, nil)
-	e.putX509Device(t, "ws-1", cert, false)
-	ws, err := e.startWebSocket(t, cert)("mqtt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	conn := websocket.NetConn(context.Background(), ws, websocket.MessageBinary)
-	defer conn.Close()
-	c := &rawClient{t: t, conn: conn, rd: bufio.NewReader(conn)}
-	c.write(&mqtt.Connect{ProtocolLevel: 4, CleanSession: true, KeepAlive: 1, ClientID: "ws-1",
-		HasUsername: true, Username: host + "/ws-1/?api-version=2021-04-12"})
-	if ack, ok := c.read().(*mqtt.Connack); !ok || ack.ReturnCode != mqtt.Accepted {
-		t.Fatalf("CONNACK %+v", ack)
-	}
+	c, _ := wsDevice(t, 1)
 	if _, err := c.tryRead(); err == nil {
 		t.Fatal("a packet, not the connection closed for the keep-alive")
 	}
