@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"cmp"
 	"encoding/csv"
 	"encoding/json"
 	"errors"
@@ -48,7 +49,8 @@ its columns, in any order:
   endorsementKey, storageRootKey, primaryKey, secondaryKey, certificate (a PEM file),
   iotEdge (true/false), tags and desired (JSON objects: the initial twin),
   provisioningStatus, allocationPolicy, iotHubHostName, iotHubs (host names
-  separated by semicolons or spaces), webhookUrl (custom allocation),
+  separated by semicolons or spaces), webhookUrl and webhookApiVersion
+  (custom allocation; the version 2021-10-01 by default),
   reprovisionPolicy (reprovisionandmigratedata, reprovisionandresetdata or never)
 
 A file with rows that cannot be read or repeat an earlier row's registration ID
@@ -142,7 +144,7 @@ func jsonKind(k reflect.Kind) string {
 
 var csvColumns = []string{"registrationid", "deviceid", "attestation", "endorsementkey", "storagerootkey", "primarykey",
 	"secondarykey", "certificate", "iotedge", "tags", "desired", "provisioningstatus", "allocationpolicy", "iothubhostname",
-	"iothubs", "webhookurl", "reprovisionpolicy"}
+	"iothubs", "webhookurl", "webhookapiversion", "reprovisionpolicy"}
 
 func readImportCSV(data []byte, dir string) ([]importRow, error) {
 	r := csv.NewReader(bytes.NewReader(data))
@@ -263,7 +265,7 @@ func csvEnrollment(get func(string) string, dir string) (*dps.Enrollment, error)
 		e.IoTHubs = strings.FieldsFunc(v, func(r rune) bool { return r == ';' || unicode.IsSpace(r) })
 	}
 	if v := get("webhookurl"); v != "" {
-		e.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: v, APIVersion: "2021-10-01"}
+		e.CustomAllocationDefinition = &dps.CustomAllocationDefinition{WebhookURL: v, APIVersion: cmp.Or(get("webhookapiversion"), "2021-10-01")}
 	}
 	if v := get("reprovisionpolicy"); v != "" {
 		p, ok := reprovisionPolicies[strings.ToLower(v)]

@@ -89,16 +89,17 @@ func TestImportInterrupted(t *testing.T) {
 // A CSV row sets every setting the enrollment flags do: the initial twin's
 // desired properties, linked hubs, a webhook and a reprovision policy.
 func TestImportCSVSettings(t *testing.T) {
-	rows, err := readImportCSV([]byte("registrationId,allocationPolicy,iotHubs,webhookUrl,reprovisionPolicy,tags,desired\n"+
-		`cam-1,custom,hub-a.example;hub-b.example,https://alloc.example/api,never,"{""site"":""a""}","{""interval"":10}"`+"\n"+
-		"cam-2,,,,sometimes,,\n"+
-		`cam-3,,,,,,"[1]"`+"\n"), t.TempDir())
+	rows, err := readImportCSV([]byte("registrationId,allocationPolicy,iotHubs,webhookUrl,webhookApiVersion,reprovisionPolicy,tags,desired\n"+
+		`cam-1,custom,hub-a.example;hub-b.example,https://alloc.example/api,2019-03-31,never,"{""site"":""a""}","{""interval"":10}"`+"\n"+
+		"cam-2,,,,,sometimes,,\n"+
+		`cam-3,,,,,,,"[1]"`+"\n"), t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	e := rows[0].e
 	if rows[0].err != nil || e.AllocationPolicy != "custom" || strings.Join(e.IoTHubs, ",") != "hub-a.example,hub-b.example" ||
 		e.CustomAllocationDefinition == nil || e.CustomAllocationDefinition.WebhookURL != "https://alloc.example/api" ||
+		e.CustomAllocationDefinition.APIVersion != "2019-03-31" ||
 		e.ReprovisionPolicy == nil || e.ReprovisionPolicy.UpdateHubAssignment || e.InitialTwin == nil ||
 		string(e.InitialTwin.Tags) != `{"site":"a"}` || e.InitialTwin.Properties == nil || string(e.InitialTwin.Properties.Desired) != `{"interval":10}` {
 		t.Fatalf("row 1: %+v %v", e, rows[0].err)
