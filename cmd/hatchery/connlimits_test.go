@@ -27,6 +27,14 @@ import (
 // loopback is where and how this machine reaches c's server.
 func (c *cli) loopback() *loopback {
 	c.t.Helper()
+	_, lb := c.site()
+	return lb
+}
+
+// site is what `hatchery info` says of c's installation, and where and how
+// this machine reaches its server.
+func (c *cli) site() (siteInfo, *loopback) {
+	c.t.Helper()
 	var info siteInfo
 	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
 		c.t.Fatal(err)
@@ -35,7 +43,7 @@ func (c *cli) loopback() *loopback {
 	if err != nil {
 		c.t.Fatal(err)
 	}
-	return lb
+	return info, lb
 }
 
 // Idle keep-alive connections filling --max-https-connections do not keep a

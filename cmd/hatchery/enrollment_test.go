@@ -29,20 +29,13 @@ func (c *cli) register(regID string, key []byte) {
 
 func (c *cli) tryRegister(regID string, key []byte) error {
 	c.t.Helper()
-	var info siteInfo
-	if err := json.Unmarshal([]byte(c.ok("info", "-o", "json")), &info); err != nil {
-		c.t.Fatal(err)
-	}
-	lb, err := info.loopback()
-	if err != nil {
-		c.t.Fatal(err)
-	}
+	info, lb := c.site()
 	httpClient := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{TLSClientConfig: lb.tls,
 		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
 			return (&net.Dialer{}).DialContext(ctx, network, strings.TrimPrefix(lb.url, "https://"))
 		}}}
 	device := &provisioning.Client{Endpoint: "https://localhost", IDScope: info.IDScope, RegistrationID: regID, HTTP: httpClient, MaxPolls: 5}
-	_, err = device.RegisterSymmetricKey(context.Background(), key)
+	_, err := device.RegisterSymmetricKey(context.Background(), key)
 	return err
 }
 
