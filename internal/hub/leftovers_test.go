@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"testing"
 
 	"github.com/hatchery/hatchery/internal/store"
@@ -15,12 +14,8 @@ import (
 // removed once; a live device's stay, and a second start does not walk.
 func TestSweepLeftovers(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	s := openHub(t, st)
+	s := sqliteHub(t)
+	st := s.store
 	unrecordSweep(t, st)
 	leave := func(kind, id string) {
 		t.Helper()
@@ -87,12 +82,8 @@ func (l *listHook) List(ctx context.Context, kind, after string, limit int) ([]s
 // sweep asks again, for each, whether their device exists.
 func TestSweepLeftoversSparesADeviceCreatedMeanwhile(t *testing.T) {
 	ctx := context.Background()
-	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
-	s := openHub(t, st)
+	s := sqliteHub(t)
+	st := s.store
 	other := openHub(t, st)
 	for i := range docPage + 1 { // two pages
 		if _, err := st.Create(ctx, store.Doc{Kind: kindModule, ID: fmt.Sprintf("gone/m%04d", i), Body: []byte(`{}`)}); err != nil {
