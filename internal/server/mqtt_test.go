@@ -785,6 +785,22 @@ func (e *env) overlapping(t *testing.T, d *hub.Device, h closedSignal) (addr str
 	return addr, done
 }
 
+// connectWhileHeld connects B, a second client of d, once the first (A,
+// from overlapping) is held in its connect (held closed), lets A go on
+// (closing release) once B is accepted, and returns B when A's client has
+// seen its connection end.
+func (e *env) connectWhileHeld(t *testing.T, addr string, d *hub.Device, held <-chan struct{}, release chan struct{}, aEnded <-chan struct{}) *rawClient {
+	t.Helper()
+	<-held
+	b, code := e.rawConnect(t, addr, d, nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("B: CONNACK %d", code)
+	}
+	close(release)
+	<-aEnded
+	return b
+}
+
 func (e *env) identityState(t *testing.T, id string) string {
 	t.Helper()
 	got, err := e.hub.GetIdentity(ctx, hub.Ref{Device: id})
@@ -845,13 +861,7 @@ func TestMQTTOverlappingConnectsRecordTheLatest(t *testing.T) {
 		},
 	}
 	addr, aEnded := e.overlapping(t, d, h)
-	<-aIn
-	b, code := e.rawConnect(t, addr, d, nil)
-	if code != mqtt.Accepted {
-		t.Fatalf("B: CONNACK %d", code)
-	}
-	close(bAccepted)
-	<-aEnded
+	b := e.connectWhileHeld(t, addr, d, aIn, bAccepted, aEnded)
 	waitClosed(t, h, aConn)
 	if s := e.identityState(t, "d1"); s != "Connected" {
 		t.Fatalf("with B connected and A gone: %s", s)
@@ -898,13 +908,7 @@ func TestMQTTClosedConnectReplacesNothing(t *testing.T) {
 		beforeAttach: func(*mqtt.Conn) {},
 	}
 	addr, aEnded := e.overlapping(t, d, h)
-	<-aIn
-	b, code := e.rawConnect(t, addr, d, nil)
-	if code != mqtt.Accepted {
-		t.Fatalf("B: CONNACK %d", code)
-	}
-	close(bAccepted)
-	<-aEnded
+	b := e.connectWhileHeld(t, addr, d, aIn, bAccepted, aEnded)
 	b.write(&mqtt.Publish{QoS: 1, PacketID: 1, Topic: "devices/d1/messages/events/", Payload: []byte("{}")})
 	if _, ok := b.read().(*mqtt.Puback); !ok {
 		t.Fatal("B: no PUBACK")
