@@ -78,22 +78,19 @@ func (s *Service) sweepLeftovers(ctx context.Context) error {
 	}
 	// Replicas sweeping at once each record it; a write that finds the
 	// settings changed reads them again.
-	for range 16 {
-		done, settings, etag, err := s.leftoversSwept(ctx)
-		if err != nil || done {
-			return err
-		}
-		settings[leftoversSwept] = json.RawMessage("true")
-		body, err := json.Marshal(settings)
-		if err != nil {
-			return err
-		}
-		_, err = s.store.Put(ctx, store.Doc{Kind: kindSettings, ID: "hub", Body: body}, etag)
-		if !errors.Is(err, store.ErrPrecondition) {
-			return err
-		}
-	}
-	return errors.New("the hub settings kept changing while the sweep was being recorded: start again")
+	_, err := modify(ctx, s.store, kindSettings, "hub", "the hub settings",
+		func() (*map[string]json.RawMessage, string, error) {
+			_, settings, etag, err := s.leftoversSwept(ctx)
+			return &settings, etag, err
+		},
+		func(settings *map[string]json.RawMessage) error {
+			if swept((*settings)[leftoversSwept]) {
+				return errUnchanged
+			}
+			(*settings)[leftoversSwept] = json.RawMessage("true")
+			return nil
+		})
+	return err
 }
 
 // leftoversSwept reads the settings: whether they record the sweep, and
@@ -107,7 +104,12 @@ func (s *Service) leftoversSwept(ctx context.Context) (bool, map[string]json.Raw
 	if err := json.Unmarshal(d.Body, &settings); err != nil {
 		return false, nil, "", fmt.Errorf("reading the hub settings: %w", err)
 	}
+	return swept(settings[leftoversSwept]), settings, d.ETag, nil
+}
+
+// swept is whether the settings' leftoversSwept field records the sweep.
+func swept(field json.RawMessage) bool {
 	var done bool
-	_ = json.Unmarshal(settings[leftoversSwept], &done)
-	return done, settings, d.ETag, nil
+	_ = json.Unmarshal(field, &done)
+	return done
 }
