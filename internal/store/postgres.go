@@ -212,12 +212,8 @@ func (p *Postgres) DeleteTree(ctx context.Context, kind, id, ifMatch string, und
 		return nil, err
 	}
 	defer tx.Rollback(ctx)
-	var tag pgconn.CommandTag
-	if ifMatch == "" || ifMatch == "*" {
-		tag, err = tx.Exec(ctx, pgDelete, kind, id)
-	} else {
-		tag, err = tx.Exec(ctx, pgDeleteIf, kind, id, ifMatch)
-	}
+	stmt, args := pgDeletion(kind, id, ifMatch)
+	tag, err := tx.Exec(ctx, stmt, args...)
 	if err != nil {
 		return nil, full(err)
 	}
@@ -281,16 +277,20 @@ func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) 
 	return d, nil
 }
 
+// pgDeletion is the statement, and its arguments, that deletes kind/id
+// under ifMatch ("" and "*" whatever its etag).
+func pgDeletion(kind, id, ifMatch string) (string, []any) {
+	if ifMatch == "" || ifMatch == "*" {
+		return pgDelete, []any{kind, id}
+	}
+	return pgDeleteIf, []any{kind, id, ifMatch}
+}
+
 func (p *Postgres) Delete(ctx context.Context, kind, id, ifMatch string) error {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
-	var tag pgconn.CommandTag
-	var err error
-	if ifMatch == "" || ifMatch == "*" {
-		tag, err = p.pool.Exec(ctx, pgDelete, kind, id)
-	} else {
-		tag, err = p.pool.Exec(ctx, pgDeleteIf, kind, id, ifMatch)
-	}
+	stmt, args := pgDeletion(kind, id, ifMatch)
+	tag, err := p.pool.Exec(ctx, stmt, args...)
 	if err != nil {
 		return full(err)
 	}

@@ -185,7 +185,7 @@ func (s *SQLite) Create(ctx context.Context, d Doc) (Doc, error) {
 	s.wmu.Lock()
 	_, err := s.insert.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli())
 	s.wmu.Unlock()
-	if err != nil && strings.Contains(err.Error(), "UNIQUE constraint") {
+	if uniqueViolation(err) {
 		return d, ErrExists
 	}
 	return d, full(err)
@@ -199,7 +199,7 @@ func (s *SQLite) CreateUnder(ctx context.Context, d Doc, parentKind, parentID st
 	res, err := s.insertUnder.ExecContext(ctx, d.Kind, d.ID, d.ETag, d.Body, d.Updated.UnixMilli(), parentKind, parentID)
 	s.wmu.Unlock()
 	switch {
-	case err != nil && strings.Contains(err.Error(), "UNIQUE constraint"):
+	case uniqueViolation(err):
 		return d, ErrExists
 	case err != nil:
 		return d, full(err)
@@ -234,14 +234,9 @@ func (s *SQLite) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) {
 }
 
 func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
-	var res sql.Result
-	var err error
+	del, args := s.deletion(kind, id, ifMatch)
 	s.wmu.Lock()
-	if ifMatch == "" || ifMatch == "*" {
-		res, err = s.del.ExecContext(ctx, kind, id)
-	} else {
-		res, err = s.delIf.ExecContext(ctx, kind, id, ifMatch)
-	}
+	res, err := del.ExecContext(ctx, args...)
 	s.wmu.Unlock()
 	if err != nil {
 		return full(err)
@@ -252,6 +247,15 @@ func (s *SQLite) Delete(ctx context.Context, kind, id, ifMatch string) error {
 	return nil
 }
 
+// deletion is the statement, and its arguments, that deletes kind/id under
+// ifMatch ("" and "*" whatever its etag).
+func (s *SQLite) deletion(kind, id, ifMatch string) (*sql.Stmt, []any) {
+	if ifMatch == "" || ifMatch == "*" {
+		return s.del, []any{kind, id}
+	}
+	return s.delIf, []any{kind, id, ifMatch}
+}
+
 func (s *SQLite) DeleteTree(ctx context.Context, kind, id, ifMatch string, under ...string) ([]Doc, error) {
 	s.wmu.Lock()
 	defer s.wmu.Unlock()
@@ -260,11 +264,7 @@ func (s *SQLite) DeleteTree(ctx context.Context, kind, id, ifMatch string, under
 		return nil, err
 	}
 	defer tx.Rollback()
-	del := s.del
-	args := []any{kind, id}
-	if ifMatch != "" && ifMatch != "*" {
-		del, args = s.delIf, append(args, ifMatch)
-	}
+	del, args := s.deletion(kind, id, ifMatch)
 	res, err := tx.StmtContext(ctx, del).ExecContext(ctx, args...)
 	if err != nil {
 		return nil, full(err)
@@ -295,6 +295,12 @@ func (s *SQLite) DeleteTree(ctx context.Context, kind, id, ifMatch string, under
 		}
 	}
 	return gone, full(tx.Commit())
+}
+
+// uniqueViolation is whether err is an insert refused for a document ID
+// taken.
+func uniqueViolation(err error) bool {
+	return err != nil && strings.Contains(err.Error(), "UNIQUE constraint")
 }
 
 // missOrMismatch tells why a conditional write touched no row.
