@@ -191,8 +191,8 @@ func TestKillDuringFleetProvisioning(t *testing.T) {
 			t.Errorf("%s is %s", id, reg["status"])
 		}
 		// A registration whose answer the kill lost is made again, and
-		// finds the device it made: its twin is carried over.
-		if sub := reg["substatus"]; sub != "initialAssignment" && sub != "deviceDataMigrated" {
+		// finds the device it made, on the same hub.
+		if sub := reg["substatus"]; sub != "initialAssignment" && sub != "reprovisionedToInitialAssignment" {
 			t.Errorf("%s: substatus %q", id, sub)
 		}
 		if reg["assignedHub"] != info.HubHostName || !exists[dev] {

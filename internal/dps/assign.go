@@ -109,9 +109,19 @@ func (s *Service) assign(ctx context.Context, req RegisterRequest, regID string,
 			return nil, err
 		}
 	}
-	if state.ETag, err = s.record(ctx, rec, &current[registrationRecord]{read, etag}); err != nil {
+	written, recETag, err := s.record(ctx, rec, &current[registrationRecord]{read, etag})
+	if err != nil {
 		return nil, err // the note finds the record unchanged, and goes
 	}
+	if state.Status == StatusAssigned && !written.lastAssignment().at(hub.HostName, dev.DeviceID) {
+		// Another registration of the device placed it elsewhere meanwhile
+		// and stands: the device is told what it was, and the identity made
+		// here goes, unless the record names it by now.
+		*state = written.RegistrationState
+		op.Status = state.Status
+		s.leaveNoted(ctx, regID, &formerIdentity{hub: *hub, deviceID: dev.DeviceID, credential: dev.Credential()})
+	}
+	state.ETag = recETag
 	if ekKey != "" {
 		// A DELETE of the record while this registration ran freed the
 		// claim, and the record is back: claim the ID again. If the TPM
@@ -223,22 +233,36 @@ const recordedOperations = 16
 // any replica) each add theirs. rec is the registration with its one
 // operation; what it leaves empty of an SRK and hub credential stays as
 // recorded, and a failed one keeps the last assignment. read is the record
-// as assign found it.
-func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (string, error) {
-	return upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
-		r := rec // a fresh copy for each attempt
-		if old != nil {
+// as assign found it. An assignment another registration recorded since
+// then stands, wherever it put the device (retries answered differently by
+// a custom webhook or by geoLatency, replicas whose lists of hubs differ
+// for a moment): rec adds only its operation to it, so that the device is
+// on one hub. record returns what it wrote.
+func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (registrationRecord, string, error) {
+	var written registrationRecord
+	attempt := 0
+	etag, err := upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
+		r := rec               // a fresh copy for each attempt
+		changed := attempt > 0 // the first attempt writes over read
+		attempt++
+		switch {
+		case changed && r.Status == StatusAssigned && old != nil && old.Status == StatusAssigned && !old.lastAssignment().at(r.AssignedHub, r.DeviceID):
+			r = *old
 			r.Operations = append(rec.Operations[:1:1], old.Operations...)
-			r.Operations = r.Operations[:min(len(r.Operations), recordedOperations)]
+		case old != nil:
+			r.Operations = append(rec.Operations[:1:1], old.Operations...)
 			r.StorageRootKey = cmp.Or(rec.StorageRootKey, old.StorageRootKey)
 			r.HubCredential = cmp.Or(rec.HubCredential, old.HubCredential)
 			r.EndorsementKeyID = cmp.Or(rec.EndorsementKeyID, old.EndorsementKeyID)
 		}
+		r.Operations = r.Operations[:min(len(r.Operations), recordedOperations)]
 		if r.Status != StatusAssigned {
 			r.Kept = old.lastAssignment()
 		}
+		written = r
 		return r
 	})
+	return written, etag, err
 }
 
 // place chooses the device's hub and writes the device there. A device
@@ -269,6 +293,16 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 		// still work.
 		dev.DeviceID = prev.DeviceID
 		state.Substatus = "reprovisionedToInitialAssignment"
+		if alloc.policy == PolicyCustom {
+			// As in the hosted service, the webhook is still asked, with
+			// only the device's hub to choose, for the payload it may
+			// give the device; the initial twin does not apply.
+			placed, err := s.custom(ctx, alloc, []*LinkedHub{prevHub})
+			if err != nil {
+				return nil, nil, err
+			}
+			state.Payload = placed.payload
+		}
 		state.GenerationID, err = s.registry.UpsertDevice(ctx, *prevHub, *dev)
 		return prevHub, nil, err
 	}
@@ -330,8 +364,13 @@ func (s *Service) place(ctx context.Context, alloc allocation, prev *assignment,
 	if !sameDevice {
 		former = &formerIdentity{hub: *prevHub, deviceID: prev.DeviceID, credential: prev.HubCredential}
 	}
-	if (sameDevice || movedAlready) && state.Substatus == "deviceDataMigrated" {
-		return hub, former, nil // the data is where it was, or where the other registration put it
+	if sameDevice && state.Substatus == "deviceDataMigrated" {
+		// Back on the hub it was on, as the device it was: nothing moved.
+		state.Substatus = "reprovisionedToInitialAssignment"
+		return hub, former, nil
+	}
+	if movedAlready && state.Substatus == "deviceDataMigrated" {
+		return hub, former, nil // the data is where the other registration put it
 	}
 	if keep == nil {
 		keep = &InitialTwin{}
@@ -377,6 +416,18 @@ func (s *Service) leave(ctx context.Context, regID string, f *formerIdentity) bo
 		return false
 	}
 	return true
+}
+
+// leaveNoted leaves f after the record was written, noting it first so
+// that FinishLeaving deletes it if this cannot.
+func (s *Service) leaveNoted(ctx context.Context, regID string, f *formerIdentity) {
+	note, err := s.noteLeaving(ctx, regID, f)
+	if err != nil {
+		slog.Warn("noting an identity to delete", "registrationId", regID, "hub", f.hub.HostName, "deviceId", f.deviceID, "error", err)
+	}
+	if s.leave(ctx, regID, f) && err == nil {
+		s.dropNote(ctx, regID, f, note)
+	}
 }
 
 // undo takes back a registration whose TPM claimed another ID while it

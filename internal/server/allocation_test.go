@@ -293,6 +293,10 @@ func TestReprovisionPolicies(t *testing.T) {
 		return string(tw.Tags)
 	}
 	setTags(e.hubAPI, `{"stage":"field","site":"b7"}`)
+	// Again to the same hub: nothing moves, as the hosted service says.
+	if res, err := register(); err != nil || res.Substatus != "reprovisionedToInitialAssignment" || tagsOn(e.hubAPI) != `{"site":"b7","stage":"field"}` {
+		t.Fatalf("registering again to the same hub: %+v %v", res, err)
+	}
 
 	move := func(to string, policy *dps.ReprovisionPolicy) *dps.RegistrationState {
 		t.Helper()
@@ -419,6 +423,113 @@ func TestConcurrentMoveKeepsMigratedTwin(t *testing.T) {
 	}
 	if tags := string(mustTwin(t, e, "new-id", "").Tags); tags != `{"site":"b7"}` {
 		t.Fatalf("the migrated twin became %s", tags)
+	}
+}
+
+// Two registrations of one device whose webhook sends them to different
+// hubs, the slower one's answer recorded second: the device ends on one hub,
+// the one recorded first, with its twin, and both are told that hub.
+func TestRacingPlacementsLeaveOneIdentity(t *testing.T) {
+	for _, tc := range []struct{ name, fast, slow string }{
+		{"the faster moves", "hub2.test", host},
+		{"the faster stays", host, "hub2.test"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t)
+			hub2 := e.secondHub(t, "hub2.test")
+			var calls atomic.Int32
+			waiting, release := make(chan struct{}), make(chan struct{})
+			hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				to := tc.fast
+				switch calls.Add(1) {
+				case 1:
+					to = host
+				case 2: // the slow registration, which waits for the fast one
+					close(waiting)
+					<-release
+					to = tc.slow
+				}
+				_, _ = io.WriteString(w, `{"iotHubHostName":"`+to+`"}`)
+			}))
+			defer hook.Close()
+			register := e.symDevice(t, &dps.Enrollment{RegistrationID: "racer", AllocationPolicy: dps.PolicyCustom,
+				IoTHubs: []string{host, "hub2.test"}, CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL}})
+			if res, err := register(); err != nil || res.AssignedHub != host {
+				t.Fatalf("first registration: %+v %v", res, err)
+			}
+			if err := e.hubAPI.Do(ctx, "PATCH", "/twins/racer", "", map[string]any{"tags": map[string]any{"site": "b7"}}, nil); err != nil {
+				t.Fatal(err)
+			}
+			slow := make(chan *dps.RegistrationState)
+			go func() {
+				res, err := register()
+				if err != nil {
+					t.Error(err)
+				}
+				slow <- res
+			}()
+			<-waiting
+			fast, err := register()
+			if err != nil || fast.AssignedHub != tc.fast {
+				t.Fatalf("the faster registration: %+v %v", fast, err)
+			}
+			close(release)
+			if res := <-slow; res == nil || res.AssignedHub != tc.fast || res.Status != "assigned" {
+				t.Fatalf("the slower registration was answered %+v; the faster one's hub is %s", res, tc.fast)
+			}
+			if rec, err := e.dps.GetRegistration(ctx, "racer"); err != nil || rec.AssignedHub != tc.fast {
+				t.Fatalf("record %+v %v", rec, err)
+			}
+			on := map[string]*azclient.Client{host: e.hubAPI, "hub2.test": hub2}
+			for name, c := range on {
+				err := c.Do(ctx, "GET", "/devices/racer", "", nil, &hub.Device{})
+				if name == tc.fast && err != nil {
+					t.Errorf("the device is not on %s, where it was assigned: %v", name, err)
+				}
+				if name != tc.fast && azerr.As(err).Status() != 404 {
+					t.Errorf("the device is on %s too, with keys that work: %v", name, err)
+				}
+			}
+			var tw hub.Twin
+			if err := on[tc.fast].Do(ctx, "GET", "/twins/racer", "", nil, &tw); err != nil || string(tw.Tags) != `{"site":"b7"}` {
+				t.Errorf("twin on %s: %s %v", tc.fast, tw.Tags, err)
+			}
+		})
+	}
+}
+
+// A device never reprovisioned still has its custom webhook asked, with
+// only its hub to choose, and gets the payload the webhook gives it.
+func TestNeverReprovisionedAsksWebhookForPayload(t *testing.T) {
+	e := newEnv(t)
+	e.secondHub(t, "hub2.test")
+	var mu sync.Mutex
+	var hubs []any
+	var calls int
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		var req map[string]any
+		_ = json.NewDecoder(r.Body).Decode(&req)
+		mu.Lock()
+		hubs, _ = req["linkedHubs"].([]any)
+		calls++
+		n := calls
+		mu.Unlock()
+		_, _ = fmt.Fprintf(w, `{"iotHubHostName":%q,"payload":{"call":%d}}`, host, n)
+	}))
+	defer hook.Close()
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "kept", AllocationPolicy: dps.PolicyCustom, ReprovisionPolicy: &dps.ReprovisionPolicy{},
+		IoTHubs: []string{host, "hub2.test"}, CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL}})
+	if res, err := register(); err != nil || string(res.Payload) != `{"call":1}` {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	res, err := register()
+	if err != nil || string(res.Payload) != `{"call":2}` || res.Substatus != "reprovisionedToInitialAssignment" {
+		t.Fatalf("registering again: %+v %v", res, err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if fmt.Sprint(hubs) != "["+host+"]" {
+		t.Errorf("the webhook was offered %v, not only the device's hub", hubs)
 	}
 }
 
