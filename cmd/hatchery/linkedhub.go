@@ -99,7 +99,7 @@ func hubCmd() *cobra.Command {
 		return renderHubs(cmd, []*dps.LinkedHub{out})
 	}}
 	link.Flags().StringVar(&host, "hostname", "", "the hub's host name, as devices reach it")
-	link.Flags().StringVar(&connString, "connection-string", "", "the hub's registry connection string (iothubowner or a policy with RegistryWrite); omit to change a linked hub's settings")
+	link.Flags().StringVar(&connString, "connection-string", "", "the hub's connection string (iothubowner, or a policy with RegistryWrite and ServiceConnect); omit to change a linked hub's settings")
 	link.Flags().StringVar(&endpoint, "endpoint", "", "the registry's URL when not https://HOSTNAME (another port)")
 	link.Flags().StringVar(&caPath, "ca-cert", "", "PEM of the CA that signed the hub's TLS certificate, when the system does not trust it (another hatchery serve: its tls/ca.pem)")
 	link.Flags().IntVar(&weight, "allocation-weight", 1, "the hub's share of devices under hashed allocation, 1 to 1000 (0 means the default, 1)")

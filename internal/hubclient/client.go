@@ -87,16 +87,22 @@ func (c *Client) SetTwin(ctx context.Context, id string, p *hub.TwinPatch, repla
 }
 
 // local is the hub of this process, reached without a network round trip.
-type local struct{ h *hub.Service }
+// Each call needs the right its REST route needs, of the linked hub's
+// connection string.
+type local struct {
+	h    *hub.Service
+	need func(right string) error
+}
 
 // authorize refuses a connection string that the hub's REST API would
-// refuse a token of: unknown policy, wrong key, or no RegistryWrite.
-func (l local) authorize(connString string) error {
+// refuse a token of for right: unknown policy, wrong key, or a policy
+// without the right.
+func authorize(h *hub.Service, connString, right string) error {
 	cs, err := sas.ParseConnectionString(connString)
 	if err != nil {
 		return err
 	}
-	return l.h.AuthorizeService(sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Minute)), "/devices", sas.RegistryWrite)
+	return h.AuthorizeService(sas.Build(cs.Key, cs.HostName, cs.KeyName, time.Now().Add(time.Minute)), "/devices", right)
 }
 
 func (l local) GetDevice(ctx context.Context, id string) (*hub.Device, error) {
@@ -115,10 +121,16 @@ func (l local) DeleteDevice(ctx context.Context, id, ifMatch string) error {
 }
 
 func (l local) GetTwin(ctx context.Context, id string) (*hub.Twin, error) {
+	if err := l.need(sas.ServiceConnect); err != nil {
+		return nil, err
+	}
 	return l.h.GetTwin(ctx, hub.Ref{Device: id})
 }
 
 func (l local) SetTwin(ctx context.Context, id string, p *hub.TwinPatch, replace bool) error {
+	if err := l.need(sas.ServiceConnect); err != nil {
+		return err
+	}
 	_, err := l.h.UpdateTwin(ctx, hub.Ref{Device: id}, "", p, replace)
 	return err
 }
@@ -132,27 +144,42 @@ type Pool struct {
 	Local   *hub.Service
 	mu      sync.Mutex
 	clients map[string]*Client
-	localOK map[string]bool // connection strings Local took
+	localOK map[string]bool // rights and connection strings Local took
+}
+
+// allowedLocally checks connString for right against Local. The hub's
+// policies do not change while it runs: what it took once, it takes again.
+func (p *Pool) allowedLocally(connString, right string) error {
+	key := right + "\n" + connString
+	p.mu.Lock()
+	ok := p.localOK[key]
+	p.mu.Unlock()
+	if ok {
+		return nil
+	}
+	if err := authorize(p.Local, connString, right); err != nil {
+		return err
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.localOK == nil {
+		p.localOK = map[string]bool{}
+	}
+	p.localOK[key] = true
+	return nil
 }
 
 func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
+	if p.Local != nil && strings.EqualFold(h.HostName, p.Local.Host()) {
+		// Every registration writes the device: a string without the
+		// right fails at once, as its first REST call would.
+		if err := p.allowedLocally(h.ConnectionString, sas.RegistryWrite); err != nil {
+			return nil, err
+		}
+		return local{p.Local, func(right string) error { return p.allowedLocally(h.ConnectionString, right) }}, nil
+	}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.Local != nil && strings.EqualFold(h.HostName, p.Local.Host()) {
-		l := local{p.Local}
-		// The hub's policies do not change while it runs: a connection
-		// string it took once, it takes again.
-		if !p.localOK[h.ConnectionString] {
-			if err := l.authorize(h.ConnectionString); err != nil {
-				return nil, err
-			}
-			if p.localOK == nil {
-				p.localOK = map[string]bool{}
-			}
-			p.localOK[h.ConnectionString] = true
-		}
-		return l, nil
-	}
 	key := h.ConnectionString + "|" + h.Endpoint + "|" + h.CACertificate
 	if c, ok := p.clients[key]; ok {
 		return c, nil
@@ -183,19 +210,22 @@ func (p *Pool) registry(h dps.LinkedHub) (registry, error) {
 	return c, nil
 }
 
-// Check asks h's registry for a device that most likely does not exist:
-// "not found" (or the device) proves the endpoint, its certificate and the
-// key.
+// Check asks h for the identity and the twin of a device that most likely
+// does not exist: "not found" (or the device) proves the endpoint, its
+// certificate, the key and the rights provisioning needs, RegistryWrite
+// and ServiceConnect (for initial twins and migrated ones).
 func (p *Pool) Check(ctx context.Context, h dps.LinkedHub) error {
 	c, err := p.registry(h)
 	if err != nil {
 		return err
 	}
-	_, err = c.GetDevice(ctx, "hatchery-link-check")
-	if azerr.As(err).Status() == http.StatusNotFound {
-		return nil
+	if _, err = c.GetDevice(ctx, "hatchery-link-check"); err != nil && azerr.As(err).Status() != http.StatusNotFound {
+		return err
 	}
-	return err
+	if _, err = c.GetTwin(ctx, "hatchery-link-check"); err != nil && azerr.As(err).Status() != http.StatusNotFound {
+		return err
+	}
+	return nil
 }
 
 // UpsertDevice creates the device with its initial twin, or, if it exists,

@@ -5,6 +5,7 @@ import (
 	"encoding/base64"
 	"net/http"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -46,6 +47,30 @@ func TestLocalHubAsOverREST(t *testing.T) {
 	}
 	if _, err := h.GetIdentity(ctx, hub.Ref{Device: "d0"}); azerr.As(err).Status() != http.StatusNotFound {
 		t.Fatalf("a refused connection string created a device: %v", err)
+	}
+	// Twins need ServiceConnect, as over REST: a registry policy's string
+	// writes devices, not their tags and desired properties.
+	registry, _ := h.PolicyConnectionString("registryReadWrite")
+	rw := dps.LinkedHub{HostName: "hub.local", ConnectionString: registry}
+	if err := p.Check(ctx, rw); azerr.As(err).Status() != http.StatusUnauthorized {
+		t.Errorf("registryReadWrite: Check gave %v, want 401", err)
+	}
+	if _, err := p.UpsertDevice(ctx, rw, dps.HubDevice{DeviceID: "d2", PrimaryKey: sas.NewKey()}); err != nil {
+		t.Fatalf("registryReadWrite writing a device: %v", err)
+	}
+	if _, err := p.UpsertDevice(ctx, rw, dps.HubDevice{DeviceID: "d3", PrimaryKey: sas.NewKey(), Tags: []byte(`{"owner":"dps"}`)}); azerr.As(err).Status() != http.StatusUnauthorized {
+		t.Errorf("registryReadWrite writing a new device's tags: %v, want 401", err)
+	}
+	if err := p.ReplaceTwin(ctx, rw, "d2", &dps.InitialTwin{Tags: []byte(`{"owner":"dps"}`)}); azerr.As(err).Status() != http.StatusUnauthorized {
+		t.Errorf("registryReadWrite replacing a twin: %v, want 401", err)
+	}
+	if _, err := p.ReadTwin(ctx, rw, "d2"); azerr.As(err).Status() != http.StatusUnauthorized {
+		t.Errorf("registryReadWrite reading a twin: %v, want 401", err)
+	}
+	for _, id := range []string{"d2", "d3"} {
+		if tw, err := h.GetTwin(ctx, hub.Ref{Device: id}); err != nil || strings.Contains(string(tw.Tags), "dps") {
+			t.Errorf("%s's twin after refused writes: %s %v", id, tw.Tags, err)
+		}
 	}
 
 	lh := dps.LinkedHub{HostName: "hub.local", ConnectionString: h.OwnerConnectionString()}
