@@ -13,8 +13,9 @@ import (
 	"github.com/hatchery/hatchery/internal/sas"
 )
 
-func TestBulkEnrollments(t *testing.T) {
-	e := newEnv(t)
+func TestBulkEnrollments(t *testing.T) { testBulkEnrollments(t, newEnv(t)) }
+
+func testBulkEnrollments(t *testing.T, e *env) {
 	sym := func(id string) *dps.Enrollment {
 		return &dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
 	}
@@ -78,8 +79,9 @@ func TestBulkEnrollments(t *testing.T) {
 
 // Enrollment groups take the same bulk operation, with per-group errors
 // named by enrollmentGroupId, under the policy of single group writes.
-func TestBulkEnrollmentGroups(t *testing.T) {
-	e := newEnv(t)
+func TestBulkEnrollmentGroups(t *testing.T) { testBulkEnrollmentGroups(t, newEnv(t)) }
+
+func testBulkEnrollmentGroups(t *testing.T, e *env) {
 	sym := func(id string) *dps.EnrollmentGroup {
 		return &dps.EnrollmentGroup{EnrollmentGroupID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
 	}

@@ -422,8 +422,9 @@ func TestIfMatch(t *testing.T) {
 	}
 }
 
-func TestQueryPaging(t *testing.T) {
-	e := newEnv(t)
+func TestQueryPaging(t *testing.T) { testQueryPaging(t, newEnv(t)) }
+
+func testQueryPaging(t *testing.T, e *env) {
 	for _, id := range []string{"a", "b", "c", "d", "e"} {
 		e.putEnrollment(&dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
 	}
