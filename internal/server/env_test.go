@@ -85,6 +85,7 @@ func TestOnPostgres(t *testing.T) {
 		test func(*testing.T, *env)
 	}{
 		{"QueryPaging", testQueryPaging},
+		{"ContinuationTokens", testContinuationTokens},
 		{"BulkEnrollments", testBulkEnrollments},
 		{"BulkEnrollmentGroups", testBulkEnrollmentGroups},
 	} {
