@@ -88,6 +88,7 @@ func TestOnPostgres(t *testing.T) {
 		{"ContinuationTokens", testContinuationTokens},
 		{"BulkEnrollments", testBulkEnrollments},
 		{"BulkEnrollmentGroups", testBulkEnrollmentGroups},
+		{"BulkStopped", testBulkStopped},
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.test(t, newEnvAt(t, pg.NewDatabase(t))) })
 	}
