@@ -11,10 +11,12 @@ import (
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
+	"github.com/hatchery/hatchery/internal/store"
 )
 
-func TestBulkEnrollments(t *testing.T) {
-	e := newEnv(t)
+func TestBulkEnrollments(t *testing.T) { testBulkEnrollments(t, newEnv(t)) }
+
+func testBulkEnrollments(t *testing.T, e *env) {
 	sym := func(id string) *dps.Enrollment {
 		return &dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
 	}
@@ -78,8 +80,9 @@ func TestBulkEnrollments(t *testing.T) {
 
 // Enrollment groups take the same bulk operation, with per-group errors
 // named by enrollmentGroupId, under the policy of single group writes.
-func TestBulkEnrollmentGroups(t *testing.T) {
-	e := newEnv(t)
+func TestBulkEnrollmentGroups(t *testing.T) { testBulkEnrollmentGroups(t, newEnv(t)) }
+
+func testBulkEnrollmentGroups(t *testing.T, e *env) {
 	sym := func(id string) *dps.EnrollmentGroup {
 		return &dps.EnrollmentGroup{EnrollmentGroupID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
 	}
@@ -151,6 +154,39 @@ func TestBulkEnrollmentGroups(t *testing.T) {
 	}
 	if n, _ := e.st.Count(ctx, "dps.enrollmentGroup"); n != 2 {
 		t.Fatalf("%d groups after an unauthorized delete", n)
+	}
+}
+
+// A bulk operation stopped by a failure of the service's own (here a
+// corrupt stored enrollment) says which item stopped it and how many before
+// it were applied, which stay so, for the client to resume from it.
+func TestBulkStopped(t *testing.T) { testBulkStopped(t, newEnv(t)) }
+
+func testBulkStopped(t *testing.T, e *env) {
+	sym := func(id string) *dps.Enrollment {
+		return &dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}
+	}
+	for _, id := range []string{"s-1", "s-2", "s-3"} {
+		e.putEnrollment(sym(id))
+	}
+	if _, err := e.st.Put(ctx, store.Doc{Kind: "dps.enrollment", ID: "s-2", Body: []byte(`{"corrupt`)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	edge := func(id string) *dps.Enrollment {
+		en := sym(id)
+		en.Capabilities = &dps.Capabilities{IoTEdge: true}
+		return en
+	}
+	err := e.dpsAPI.Do(ctx, "POST", "/enrollments", "", &dps.BulkOperation{Mode: "update",
+		Enrollments: []*dps.Enrollment{edge("s-1"), edge("bad/id"), edge("s-2"), edge("s-3")}}, nil)
+	if want := `stopped at item 2 (enrollment "s-2"): of the 2 before it, 1 were applied and 1 refused`; azerr.As(err).Status() != 500 || !strings.Contains(err.Error(), want) {
+		t.Fatalf("bulk update over a corrupt enrollment: %v, want a 500 that says %q", err, want)
+	}
+	if got, _ := e.dps.GetEnrollment(ctx, "s-1"); got == nil || got.Capabilities == nil || !got.Capabilities.IoTEdge {
+		t.Error("the item before the failure was not applied")
+	}
+	if got, _ := e.dps.GetEnrollment(ctx, "s-3"); got == nil || got.Capabilities != nil && got.Capabilities.IoTEdge {
+		t.Error("the item after the failure was applied")
 	}
 }
 

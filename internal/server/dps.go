@@ -8,6 +8,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"unicode/utf8"
 
 	"github.com/hatchery/hatchery/internal/azerr"
 	"github.com/hatchery/hatchery/internal/dps"
@@ -229,28 +230,45 @@ func querySpec(r *http.Request) (after string, limit int, err error) {
 	return after, limit, nil
 }
 
-// continuation is the item a page continues after, from the opaque
-// x-ms-continuation token of the page before ("" for the first).
+// maxAfter bounds the item a continuation token names: well over any ID
+// (128 characters; a twin query's cursor carries a module's two and a
+// digest), so that a forged token reaches no store.
+const maxAfter = 1024
+
+// continuation is the item a page of the collection at r's path continues
+// after, from the opaque x-ms-continuation token of the page before (""
+// for the first). A token names its collection (setContinuation): one from
+// another collection, a registration query of another group among them,
+// is refused, as are IDs no store holds (not UTF-8, with NUL, too long),
+// which PostgreSQL would refuse with a 500 rather than a clear 400.
 func continuation(r *http.Request) (string, error) {
 	v := r.Header.Get("x-ms-continuation")
 	if v == "" {
 		return "", nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(v)
-	if err != nil || len(b) == 0 {
+	scope, after, found := strings.Cut(string(b), "\x00")
+	if err != nil || !found || after == "" || len(after) > maxAfter || !utf8.ValidString(after) || strings.ContainsRune(after, 0) {
 		return "", azerr.BadRequest("x-ms-continuation %.40q is not a token of this service: send the one the previous page came with, or none to start", v)
 	}
-	return string(b), nil
+	if want := continuationScope(r); scope != want {
+		return "", azerr.BadRequest("x-ms-continuation is a token of %.80q, not of %q: send the one the previous page of this query came with, or none to start", scope, want)
+	}
+	return after, nil
 }
 
-// setContinuation gives a page the token of the page after it, the last
-// item's ID (none after the last page): opaque, so that a garbled one is
-// told apart.
-func setContinuation(w http.ResponseWriter, next string) {
+// setContinuation gives a page the token of the page after it, its
+// collection and the last item's ID (none after the last page): opaque,
+// so that a garbled one is told apart.
+func setContinuation(w http.ResponseWriter, r *http.Request, next string) {
 	if next != "" {
-		w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(next)))
+		w.Header().Set("x-ms-continuation", base64.RawURLEncoding.EncodeToString([]byte(continuationScope(r)+"\x00"+next)))
 	}
 }
+
+// continuationScope is the collection a query at r lists: its path,
+// without case, as group IDs are.
+func continuationScope(r *http.Request) string { return strings.ToLower(r.URL.Path) }
 
 // selectAll is the query the service SDKs' samples send ("SELECT * FROM
 // enrollments") or the Azure CLI ("SELECT *"): every item of a collection,
@@ -283,7 +301,7 @@ func query[T any](itemType string, list pages[T]) handler {
 		if err != nil {
 			return err
 		}
-		setContinuation(w, next)
+		setContinuation(w, r, next)
 		w.Header().Set("x-ms-item-type", itemType)
 		if items == nil {
 			items = []*T{}

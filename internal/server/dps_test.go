@@ -422,8 +422,9 @@ func TestIfMatch(t *testing.T) {
 	}
 }
 
-func TestQueryPaging(t *testing.T) {
-	e := newEnv(t)
+func TestQueryPaging(t *testing.T) { testQueryPaging(t, newEnv(t)) }
+
+func testQueryPaging(t *testing.T, e *env) {
 	for _, id := range []string{"a", "b", "c", "d", "e"} {
 		e.putEnrollment(&dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
 	}
@@ -463,6 +464,69 @@ func TestQueryPaging(t *testing.T) {
 	}
 	if _, err := e.dpsAPI.DoHeaders(ctx, "POST", "/enrollments/query", "", nil, map[string]string{"query": "SELECT * FROM enrollments WHERE x = 1"}, nil); azerr.As(err).Status() != 400 {
 		t.Fatalf("query with a condition: %v", err)
+	}
+}
+
+// A continuation token continues only the collection it came from, a
+// group's registrations those of that group; one forged to name an ID no
+// store holds (not UTF-8, with NUL, too long) is refused as clearly on
+// every store (PostgreSQL would fail it as a 500).
+func TestContinuationTokens(t *testing.T) { testContinuationTokens(t, newEnv(t)) }
+
+func testContinuationTokens(t *testing.T, e *env) {
+	for _, id := range []string{"a", "b"} {
+		e.putEnrollment(&dps.Enrollment{RegistrationID: id, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	}
+	for _, g := range []string{"ga", "gb"} {
+		if _, err := e.dps.PutGroup(ctx, g, "", &dps.EnrollmentGroup{Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}}); err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range []string{g + "-1", g + "-2"} {
+			if _, err := e.st.Create(ctx, store.Doc{Kind: "dps.registration", ID: r, Body: []byte(`{"registrationId":"` + r + `","enrollmentGroupId":"` + g + `"}`)}); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	page := func(path, token string) (string, error) {
+		t.Helper()
+		h := map[string]string{"x-ms-max-item-count": "1", "x-ms-continuation": token}
+		hdr, err := e.dpsAPI.DoHeaders(ctx, "POST", path, "", h, map[string]string{"query": "*"}, nil)
+		return hdr.Get("x-ms-continuation"), err
+	}
+	tokens := map[string]string{}
+	for _, path := range []string{"/enrollments/query", "/enrollmentGroups/query", "/registrations/ga/query", "/registrations/gb/query"} {
+		token, err := page(path, "")
+		if err != nil || token == "" {
+			t.Fatalf("%s: first page: %v, continuation %q", path, err, token)
+		}
+		if _, err := page(path, token); err != nil {
+			t.Fatalf("%s: its own token: %v", path, err)
+		}
+		tokens[path] = token
+	}
+	if _, err := page("/registrations/GA/query", tokens["/registrations/ga/query"]); err != nil {
+		t.Fatalf("a group's token, the group named in capitals: %v", err)
+	}
+	for _, c := range []struct{ from, to string }{
+		{"/registrations/ga/query", "/enrollments/query"},
+		{"/registrations/ga/query", "/registrations/gb/query"},
+		{"/enrollments/query", "/enrollmentGroups/query"},
+	} {
+		if _, err := page(c.to, tokens[c.from]); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "previous page") {
+			t.Errorf("%s with a token of %s: %v, want 400", c.to, c.from, err)
+		}
+	}
+	forge := func(s string) string { return base64.RawURLEncoding.EncodeToString([]byte(s)) }
+	for _, token := range []string{
+		forge("\x00"), forge("\xff"), forge("a\x00b"), forge("é"), // raw IDs, as tokens were
+		forge("/enrollments/query\x00\xff"),
+		forge("/enrollments/query\x00a\x00b"),
+		forge("/enrollments/query\x00"),
+		forge("/enrollments/query\x00" + strings.Repeat("a", 2000)),
+	} {
+		if _, err := page("/enrollments/query", token); azerr.As(err).Status() != 400 || !strings.Contains(err.Error(), "previous page") {
+			t.Errorf("forged token %.40q: %v, want 400", token, err)
+		}
 	}
 }
 

@@ -20,11 +20,12 @@ import (
 
 const host = "hatchery.test"
 
-// env is a running server on loopback with a real SQLite store.
+// env is a running server on loopback with a real store: SQLite, or
+// PostgreSQL (newEnvAt).
 type env struct {
 	t      testing.TB
 	ts     *httptest.Server
-	st     *store.SQLite
+	st     store.Store
 	dps    *dps.Service
 	hub    *hub.Service
 	tls    *tls.Config
@@ -36,10 +37,12 @@ func newEnv(t testing.TB) *env {
 	return newEnvAt(t, filepath.Join(t.TempDir(), "h.db"))
 }
 
-func newEnvAt(t testing.TB, dbPath string) *env {
+// newEnvAt is newEnv on the database dsn names, as store.Open takes it: a
+// SQLite file's path or a PostgreSQL URL (pgDatabase).
+func newEnvAt(t testing.TB, dsn string) *env {
 	t.Helper()
 	ctx := context.Background()
-	st, err := store.OpenSQLite(dbPath)
+	st, err := store.Open(ctx, dsn, "")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -71,6 +74,24 @@ func newEnvAt(t testing.TB, dbPath string) *env {
 		t.Fatal(err)
 	}
 	return e
+}
+
+// TestOnPostgres runs the API tests whose answers depend on the store on
+// PostgreSQL too, each on its own database of one server.
+func TestOnPostgres(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	for _, tc := range []struct {
+		name string
+		test func(*testing.T, *env)
+	}{
+		{"QueryPaging", testQueryPaging},
+		{"ContinuationTokens", testContinuationTokens},
+		{"BulkEnrollments", testBulkEnrollments},
+		{"BulkEnrollmentGroups", testBulkEnrollmentGroups},
+		{"BulkStopped", testBulkStopped},
+	} {
+		t.Run(tc.name, func(t *testing.T) { tc.test(t, newEnvAt(t, pg.NewDatabase(t))) })
+	}
 }
 
 func (e *env) device(regID string) *provisioning.Client {

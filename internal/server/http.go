@@ -131,7 +131,7 @@ func failure(r *http.Request, err error) (string, error) {
 	id := trackingID()
 	noteTrackingID(r, id)
 	if u := unavailable(err); u != nil {
-		return id, u
+		return id, stoppedAt(err, u)
 	}
 	e, ok := errors.AsType[*azerr.Error](err)
 	switch {
@@ -140,7 +140,20 @@ func failure(r *http.Request, err error) (string, error) {
 	case !ok && !errors.Is(err, context.Canceled):
 		slog.Error("request failed", "method", r.Method, "path", r.URL.Path, "trackingId", id, "error", err)
 	}
-	return id, err
+	return id, stoppedAt(err, err)
+}
+
+// stoppedAt is answer, what the client is sent for err, saying too how far
+// the bulk operation err stopped got: the items before the one that failed
+// stay applied, and the client must know to resume from it.
+func stoppedAt(err, answer error) error {
+	stopped, ok := errors.AsType[*dps.BulkStoppedError](err)
+	if !ok {
+		return answer
+	}
+	a := *azerr.As(answer)
+	a.Message = stopped.Progress() + ": " + a.Message
+	return &a
 }
 
 // unavailable is err as a 503 with Retry-After when the database is full

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -62,6 +63,29 @@ func TestFailureLogsInternalErrors(t *testing.T) {
 	}
 	if n := strings.Count(log.String(), "level=ERROR"); n != 1 || !strings.Contains(log.String(), "read-only") {
 		t.Fatalf("a read-only database logged %d times:\n%s", n, log.String())
+	}
+}
+
+// A bulk operation stopped by the database says where it stopped whatever
+// the answer: a 503 to retry (a serialization failure among them) or a 500,
+// whose cause is still logged.
+func TestFailureSaysWhereBulkStopped(t *testing.T) {
+	log := captureLog(t)
+	r := httptest.NewRequest("POST", "/enrollments", nil)
+	for _, tc := range []struct {
+		cause  error
+		status int
+	}{
+		{&pgconn.PgError{Severity: "ERROR", Code: "40001", Message: "could not serialize access"}, 503},
+		{errors.New("stored enrollment b is corrupt"), 500},
+	} {
+		_, err := failure(r, &dps.BulkStoppedError{Index: 1, Applied: 1, What: "enrollment", ID: "b", Err: tc.cause})
+		if e := azerr.As(err); e.Status() != tc.status || !strings.Contains(e.Message, `stopped at item 1 (enrollment "b")`) {
+			t.Errorf("%v: answered %d %q, want %d saying where it stopped", tc.cause, e.Status(), e.Message, tc.status)
+		}
+	}
+	if !strings.Contains(log.String(), "stored enrollment b is corrupt") {
+		t.Errorf("the cause of the 500 not logged:\n%s", log.String())
 	}
 }
 

@@ -352,7 +352,7 @@ func (a *api) queryTwins(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	setContinuation(w, next)
+	setContinuation(w, r, next)
 	w.Header().Set("x-ms-item-type", "Twin")
 	if rows == nil {
 		rows = []map[string]any{}
@@ -457,7 +457,7 @@ func (a *api) queryJobs(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
-	setContinuation(w, next)
+	setContinuation(w, r, next)
 	// The C# SDK reads a page's items by this type.
 	w.Header().Set("x-ms-item-type", "JobResponse")
 	writeJSON(w, http.StatusOK, jobs)

@@ -33,8 +33,9 @@ func full(err error) error {
 
 // Unavailable reports whether err is the database out of reach — refusing
 // connections, not answering in time, or shutting down — or refusing every
-// write (ReadOnly), rather than something wrong with a request: a
-// condition clients should retry later.
+// write (ReadOnly), or aborting a transaction that a retry would pass
+// (serialization failure, deadlock), rather than something wrong with a
+// request: a condition clients should retry later.
 func Unavailable(err error) bool {
 	var connect *pgconn.ConnectError
 	var netErr net.Error
@@ -44,8 +45,13 @@ func Unavailable(err error) bool {
 		return false
 	case errors.As(err, &pg):
 		// Class 08 is connection exceptions; 57P01–57P03, the server
-		// shutting down or starting up.
-		return strings.HasPrefix(pg.Code, "08") || pg.Code == "57P01" || pg.Code == "57P02" || pg.Code == "57P03" || ReadOnly(err)
+		// shutting down or starting up; 40001 and 40P01, a serialization
+		// failure and a deadlock.
+		switch pg.Code {
+		case "57P01", "57P02", "57P03", "40001", "40P01":
+			return true
+		}
+		return strings.HasPrefix(pg.Code, "08") || ReadOnly(err)
 	case errors.As(err, &connect), errors.As(err, &netErr), pgconn.Timeout(err),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStoreClosed),
 		errors.Is(err, io.ErrUnexpectedEOF): // a connection lost mid-answer

@@ -249,7 +249,10 @@ func migratePostgres(ctx context.Context, pool *pgxpool.Pool, mode schemaMode) e
 		_, err = pendingMigrations("PostgreSQL", f.current(), postgresMigrations, mode)
 		return err
 	}
-	return pgx.BeginFunc(ctx, pool, func(tx pgx.Tx) error {
+	// READ COMMITTED, whatever the session's default: each statement after
+	// the lock must see what the replica that held it committed, not a
+	// snapshot taken before the wait.
+	return pgx.BeginTxFunc(ctx, pool, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `SELECT pg_advisory_xact_lock($1)`, postgresMigrationLock); err != nil {
 			return err
 		}

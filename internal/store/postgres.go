@@ -67,6 +67,12 @@ func openPostgres(ctx context.Context, dsn string, mode schemaMode) (*Postgres, 
 	if err != nil {
 		return nil, fmt.Errorf("database URL %s: %w", where, err)
 	}
+	// Every conditional write is one statement that must see the row's
+	// latest committed version, as READ COMMITTED does: under a stricter
+	// database or role default it would fail with a serialization error
+	// rather than ErrPrecondition. Sessions set it themselves, the relay's
+	// too (it copies this configuration).
+	cfg.ConnConfig.RuntimeParams["default_transaction_isolation"] = "read committed"
 	if !strings.Contains(dsn, "pool_max_conns") {
 		cfg.MaxConns = max(cfg.MaxConns, defaultPostgresConns)
 	}

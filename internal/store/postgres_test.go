@@ -282,3 +282,26 @@ func TestOpenPostgresThatDoesNotAnswer(t *testing.T) {
 		t.Errorf("open took %v with a bound of %v", took, pgOpTimeout)
 	}
 }
+
+// A database (or role) whose default isolation is stricter than READ
+// COMMITTED changes nothing: replicas opening together migrate once, and
+// racing conditional writes lose with ErrPrecondition, not a
+// serialization failure.
+func TestPostgresStricterDefaultIsolation(t *testing.T) {
+	pg := testutil.StartPostgres(t)
+	for _, iso := range []string{"repeatable read", "serializable"} {
+		t.Run(iso, func(t *testing.T) {
+			b := backend{name: "postgres", exec: pg.Exec, newDB: func(tb testing.TB) string {
+				dsn := pg.NewDatabase(tb)
+				pg.Exec(tb, dsn, `DO $$ BEGIN EXECUTE format('ALTER DATABASE %I SET default_transaction_isolation TO '''||'`+iso+`'||'''', current_database()); END $$`)
+				return dsn
+			}}
+			t.Run("ConcurrentOpen", func(t *testing.T) { testConcurrentOpen(t, b) })
+			t.Run("PutRace", func(t *testing.T) { testPutRace(t, b) })
+			t.Run("DeleteRace", func(t *testing.T) { testDeleteRace(t, b) })
+		})
+	}
+	if err := (&pgconn.PgError{Code: "40001"}); !Unavailable(err) {
+		t.Errorf("a serialization failure is not retryable: Unavailable(%v) = false", err)
+	}
+}
