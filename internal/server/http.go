@@ -168,6 +168,8 @@ func unavailable(err error) *azerr.Error {
 	case store.ReadOnly(err):
 		logEvery(&readOnlyLogged, 10*time.Second, "the database is read-only (a standby? after a failover, point --database at the new primary): writes are answered 503 until it takes them", err)
 		return retryLater("the service cannot store anything now", 10*time.Second)
+	case store.Contended(err):
+		return retryLater("the database gave way to a concurrent write", time.Second)
 	case store.Unavailable(err):
 		logEvery(&unreachableLogged, 10*time.Second, "the database cannot be reached: requests are answered 503 until it can", err)
 		return retryLater("the service cannot reach its database now", 5*time.Second)

@@ -87,6 +87,14 @@ func TestFailureSaysWhereBulkStopped(t *testing.T) {
 	if !strings.Contains(log.String(), "stored enrollment b is corrupt") {
 		t.Errorf("the cause of the 500 not logged:\n%s", log.String())
 	}
+	// A conflict is no outage: it is neither logged nor told as one.
+	if strings.Contains(log.String(), "cannot be reached") {
+		t.Errorf("a serialization failure was logged as the database out of reach:\n%s", log.String())
+	}
+	_, err := failure(r, &pgconn.PgError{Severity: "ERROR", Code: "40P01", Message: "deadlock detected"})
+	if e := azerr.As(err); e.Status() != 503 || e.RetryAfter <= 0 || strings.Contains(e.Message, "cannot reach") {
+		t.Errorf("a deadlock answered %d %q (Retry-After %v)", e.Status(), e.Message, e.RetryAfter)
+	}
 }
 
 // GET /events?follow=true streams: an event stored after the request

@@ -45,19 +45,26 @@ func Unavailable(err error) bool {
 		return false
 	case errors.As(err, &pg):
 		// Class 08 is connection exceptions; 57P01–57P03, the server
-		// shutting down or starting up; 40001 and 40P01, a serialization
-		// failure and a deadlock.
+		// shutting down or starting up.
 		switch pg.Code {
-		case "57P01", "57P02", "57P03", "40001", "40P01":
+		case "57P01", "57P02", "57P03":
 			return true
 		}
-		return strings.HasPrefix(pg.Code, "08") || ReadOnly(err)
+		return strings.HasPrefix(pg.Code, "08") || ReadOnly(err) || Contended(err)
 	case errors.As(err, &connect), errors.As(err, &netErr), pgconn.Timeout(err),
 		errors.Is(err, context.DeadlineExceeded), errors.Is(err, errStoreClosed),
 		errors.Is(err, io.ErrUnexpectedEOF): // a connection lost mid-answer
 		return true
 	}
 	return false
+}
+
+// Contended reports whether err is a transaction PostgreSQL aborted for
+// another's sake, which a retry would pass: a serialization failure
+// (40001) or a deadlock (40P01).
+func Contended(err error) bool {
+	var pg *pgconn.PgError
+	return errors.As(err, &pg) && (pg.Code == "40001" || pg.Code == "40P01")
 }
 
 // ReadOnly reports whether err is a write the database refuses because it
