@@ -121,7 +121,7 @@ type BulkStoppedError struct {
 
 // Progress is what the operation did before it stopped, and what to do.
 func (e *BulkStoppedError) Progress() string {
-	return fmt.Sprintf("bulk operation stopped at item %d (%s %q): of the %d before it, %d were applied and %d refused; it and those after it were not: send them again from it",
+	return fmt.Sprintf("bulk operation stopped at item %d (%s %q), which was not done, nor those after it (items before it: %d, applied %d, refused %d): send them again from it",
 		e.Index, e.What, e.ID, e.Index, e.Applied, e.Index-e.Applied)
 }
 

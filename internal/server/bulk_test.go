@@ -179,7 +179,7 @@ func testBulkStopped(t *testing.T, e *env) {
 	}
 	err := e.dpsAPI.Do(ctx, "POST", "/enrollments", "", &dps.BulkOperation{Mode: "update",
 		Enrollments: []*dps.Enrollment{edge("s-1"), edge("bad/id"), edge("s-2"), edge("s-3")}}, nil)
-	if want := `stopped at item 2 (enrollment "s-2"): of the 2 before it, 1 were applied and 1 refused`; azerr.As(err).Status() != 500 || !strings.Contains(err.Error(), want) {
+	if want := `stopped at item 2 (enrollment "s-2"), which was not done, nor those after it (items before it: 2, applied 1, refused 1)`; azerr.As(err).Status() != 500 || !strings.Contains(err.Error(), want) {
 		t.Fatalf("bulk update over a corrupt enrollment: %v, want a 500 that says %q", err, want)
 	}
 	if got, _ := e.dps.GetEnrollment(ctx, "s-1"); got == nil || got.Capabilities == nil || !got.Capabilities.IoTEdge {
