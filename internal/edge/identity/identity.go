@@ -34,6 +34,11 @@ type Device struct {
 	DeviceID    string `json:"deviceId"`
 	Method      string `json:"method"`        // tpm, sas or x509
 	Key         string `json:"key,omitempty"` // base64 hub key of sas devices; TPM keys stay in the TPM
+	// HubKeyBlob is a TPM device's hub key as the provisioning service
+	// wrapped it for this TPM (base64), which only the TPM can open: a
+	// registration that fails after its challenge was imported into the
+	// identity handle puts the hub key back from it.
+	HubKeyBlob string `json:"hubKeyBlob,omitempty"`
 	// CertFile and KeyFile are an x509 device's certificate and key (PEM
 	// files, named by identity_cert and identity_pk).
 	CertFile    string    `json:"certFile,omitempty"`
@@ -180,11 +185,12 @@ func (m *Manager) dps(ctx context.Context, d *Device) error {
 		if m.TPM == nil {
 			return errors.New("TPM attestation needs the TPM service (aziot-tpmd)")
 		}
-		rs, err := client.RegisterTPM(ctx, m.TPM, tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex)))
+		handle := tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex))
+		rs, err := client.RegisterTPM(ctx, m.TPM, handle)
 		if err != nil {
-			return err
+			return m.restoreHubKey(handle, err)
 		}
-		d.HubHostName, d.DeviceID, d.Method = rs.AssignedHub, rs.DeviceID, "tpm"
+		d.HubHostName, d.DeviceID, d.Method, d.HubKeyBlob = rs.AssignedHub, rs.DeviceID, "tpm", rs.TPM.AuthenticationKey
 	case config.MethodSymmetricKey:
 		key, err := readKey(p.Attestation.SymmetricKey)
 		if err != nil {
@@ -213,6 +219,25 @@ func (m *Manager) dps(ctx context.Context, d *Device) error {
 		return fmt.Errorf("DPS attestation %q is not supported: use tpm, symmetric_key or x509", p.Attestation.Method)
 	}
 	return nil
+}
+
+// restoreHubKey puts the backup's hub key back at handle after a TPM
+// registration failed: the challenge it imported there replaced it, and
+// the backup the device falls back on signs at handle. It returns failed,
+// saying so when the hub key could not be restored.
+func (m *Manager) restoreHubKey(handle uint32, failed error) error {
+	backup, err := m.Backup()
+	if err != nil || backup.Method != "tpm" || backup.HubKeyBlob == "" {
+		return failed
+	}
+	blob, err := base64.StdEncoding.DecodeString(backup.HubKeyBlob)
+	if err == nil {
+		err = m.TPM.ImportActivationBlob(blob, handle)
+	}
+	if err != nil {
+		return fmt.Errorf("%w (and the identity backup's hub key could not be put back in the TPM: %v; the device needs a registration to succeed)", failed, err)
+	}
+	return failed
 }
 
 // useCertificate makes d an x509 device with the certificate and key the
