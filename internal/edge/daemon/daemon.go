@@ -74,6 +74,9 @@ type Daemon struct {
 	// that containers of an earlier agent, without version labels, were
 	// made from (agent.Reconciler.Previous). Later cycles save newer ones.
 	previous *agent.Manifest
+	// provisioned says a cycle of this process had an identity. Only Run's
+	// goroutine uses it.
+	provisioned bool
 }
 
 // New makes a daemon.
@@ -216,10 +219,18 @@ func (d *Daemon) cycle(ctx context.Context) error {
 	}
 
 	d.setStatus(func(s *mgmt.Status) { s.State, s.Since = "provisioning", time.Now().UTC() })
-	dev, err := d.provision(ctx, ids, ids.Start)
+	// AlwaysOnStartup provisions when the process starts; a reload (`iotedge
+	// restart edgeAgent`, a cycle after a failed one) keeps the identity
+	// while the provisioning settings do.
+	start := ids.Start
+	if d.provisioned {
+		start = ids.Resume
+	}
+	dev, err := d.provision(ctx, ids, start)
 	if err != nil {
 		return err
 	}
+	d.provisioned = true
 	a := &runner{d: d, cfg: cfg, ids: ids, tls: tlsConf}
 	a.devP.Store(dev)
 	a.modKeys = &moduleKeys{dev: a.dev, tls: a.deviceTLS, httpsPort: cmp.Or(d.opts.HubHTTPSPort, 443)}

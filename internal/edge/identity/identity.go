@@ -95,15 +95,25 @@ func (m *Manager) save(d *Device) error {
 // back to the backup when DPS is unreachable); the other modes use the
 // backup when there is one.
 func (m *Manager) Start(ctx context.Context) (*Device, error) {
-	backup, backupErr := m.Backup()
-	if backupErr == nil && m.Config.AutoReprovisioningMode != config.AlwaysOnStartup {
-		return backup, nil
+	if m.Config.AutoReprovisioningMode != config.AlwaysOnStartup {
+		return m.Resume(ctx)
 	}
+	backup, backupErr := m.Backup()
 	d, err := m.Provision(ctx)
 	if err != nil && backupErr == nil {
 		return backup, fmt.Errorf("provisioning failed, running from the identity backup: %w", err)
 	}
 	return d, err
+}
+
+// Resume returns the backup when it belongs to the current settings, and
+// provisions otherwise: for a runtime that reloads rather than starts, as
+// Azure's does when only its agent restarts.
+func (m *Manager) Resume(ctx context.Context) (*Device, error) {
+	if backup, err := m.Backup(); err == nil {
+		return backup, nil
+	}
+	return m.Provision(ctx)
 }
 
 // Provision obtains a fresh identity and saves it as the backup.

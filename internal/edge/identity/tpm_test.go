@@ -21,7 +21,8 @@ import (
 
 // A TPM device whose registration fails after its challenge was imported
 // (here: its enrollment disabled) runs from its identity backup, whose hub
-// key is back in the TPM: the tokens it signs are still the hub's.
+// key is back in the TPM: the tokens it signs are still the hub's. Under
+// AlwaysOnStartup only a start registers again, not a reload (Resume).
 func TestFailedTPMRegistrationKeepsBackupKey(t *testing.T) {
 	ctx := context.Background()
 	st, err := store.OpenSQLite(filepath.Join(t.TempDir(), "hatchery.db"))
@@ -86,6 +87,10 @@ func TestFailedTPMRegistrationKeepsBackupKey(t *testing.T) {
 	cur.ProvisioningStatus = "disabled"
 	if _, err := d.PutEnrollment(ctx, regID, "*", cur); err != nil {
 		t.Fatal(err)
+	}
+	// A reload resumes with the backup, without registering again.
+	if dev, err := m.Resume(ctx); err != nil || dev.DeviceID != "edge-1" {
+		t.Fatalf("resuming: %+v %v", dev, err)
 	}
 	dev, err = m.Start(ctx)
 	if err == nil || !strings.Contains(err.Error(), "identity backup") || dev == nil {
