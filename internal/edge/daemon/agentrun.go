@@ -48,6 +48,9 @@ type runner struct {
 
 const (
 	manifestFile = "manifest.json"
+	// ownerFile names the identity (hub/device) whose deployment
+	// manifestFile is, and whose environment its modules were made with.
+	ownerFile = "manifest.owner"
 	// stoppedFile lists the modules the runtime stopped when it shut down.
 	stoppedFile = "stopped.json"
 )
@@ -56,6 +59,7 @@ const (
 // the last manifest when not, so modules keep running offline.
 func (a *runner) run(ctx context.Context) error {
 	a.manifest = a.d.savedManifest()
+	a.forgetOtherOwner(ctx)
 	a.resume()
 	kick := make(chan struct{}, 1)
 	tick := time.NewTicker(5 * time.Second)
@@ -303,10 +307,44 @@ func (a *runner) takeDesired(ctx context.Context, desired []byte) map[string]any
 	a.manifest, a.manifestErr = m, nil
 	// Kept for starting without the hub; without it, a restart while the
 	// hub is away runs nothing until it is back.
-	if err := atomicfile.WritePrivate(filepath.Join(a.d.opts.StateDir, manifestFile), desired); err != nil {
+	err = atomicfile.WritePrivate(filepath.Join(a.d.opts.StateDir, manifestFile), desired)
+	if err == nil {
+		err = atomicfile.WritePrivate(filepath.Join(a.d.opts.StateDir, ownerFile), []byte(owner(a.dev())))
+	}
+	if err != nil {
 		slog.Warn("keeping the deployment for offline restarts", "error", err)
 	}
 	return nil
+}
+
+// owner names the identity modules made for dev carry in their environment.
+func owner(dev *identity.Device) string { return dev.HubHostName + "/" + dev.DeviceID }
+
+// forgetOtherOwner removes the modules and the saved deployment of an
+// identity the device no longer has: one it was given while the runtime
+// was stopped (a new connection string, another registration ID, a move to
+// another hub under AlwaysOnStartup). Their containers carry the old
+// identity, whose tokens the workload socket no longer signs.
+func (a *runner) forgetOtherOwner(ctx context.Context) {
+	saved, err := os.ReadFile(filepath.Join(a.d.opts.StateDir, ownerFile))
+	if err != nil || string(saved) == owner(a.dev()) {
+		return // none recorded (an earlier runtime's deployment): kept
+	}
+	slog.Info("the device's identity changed while the runtime was stopped: recreating its modules",
+		"was", string(saved), "hub", a.dev().HubHostName, "deviceId", a.dev().DeviceID)
+	a.forgetModules(ctx)
+}
+
+// forgetModules removes every module and the saved deployment, which the
+// twin of the device's new identity replaces.
+func (a *runner) forgetModules(ctx context.Context) {
+	if _, err := a.rec.Apply(ctx, &agent.Manifest{Modules: map[string]*agent.Module{}}); err != nil {
+		slog.Warn("removing the old identity's modules", "error", err)
+	}
+	a.manifest = nil
+	for _, f := range []string{manifestFile, ownerFile} {
+		_ = os.Remove(filepath.Join(a.d.opts.StateDir, f))
+	}
 }
 
 // apply reconciles and reports what changed.
@@ -388,13 +426,9 @@ func (a *runner) reprovision(ctx context.Context) error {
 		return err
 	}
 	a.devP.Store(dev)
-	if dev.HubHostName != old.HubHostName || dev.DeviceID != old.DeviceID {
+	if owner(dev) != owner(&old) {
 		slog.Info("the device's identity changed: recreating its modules", "hub", dev.HubHostName, "deviceId", dev.DeviceID)
-		if _, err := a.rec.Apply(ctx, &agent.Manifest{Modules: map[string]*agent.Module{}}); err != nil {
-			slog.Warn("removing the old identity's modules", "error", err)
-		}
-		a.manifest = nil
-		_ = os.Remove(filepath.Join(a.d.opts.StateDir, manifestFile))
+		a.forgetModules(ctx)
 	}
 	return nil
 }

@@ -295,3 +295,37 @@ func TestStoppedFileReplacedNotOverwritten(t *testing.T) {
 		t.Errorf("the state directory holds %v, want only %s", files, stoppedFile)
 	}
 }
+
+// A device given another identity while the runtime was stopped does not
+// start the old identity's modules again: their containers carry its hub
+// and device ID, whose tokens the workload socket no longer signs. The new
+// identity's twin brings the deployment back.
+func TestIdentityChangedWhileStoppedRecreatesModules(t *testing.T) {
+	state := t.TempDir()
+	desired := []byte(`{"$version": 3, "schemaVersion": "1.1", "runtime": {"type": "docker", "settings": {}},
+		"modules": {"sensor": {"version": "1.0", "type": "docker", "status": "running", "restartPolicy": "always", "settings": {"image": "img:1"}}}}`)
+	d := New(Options{StateDir: state})
+	stub := &engineStub{containers: []string{"sensor"}, started: map[string]bool{}}
+	a := &runner{d: d, rec: &agent.Reconciler{Engine: stub, Log: slog.New(slog.DiscardHandler)}}
+	a.devP.Store(&identity.Device{DeviceID: "edge-a", HubHostName: "hub.test"})
+	if rep := a.takeDesired(context.Background(), desired); rep != nil {
+		t.Fatalf("the deployment was rejected: %v", rep)
+	}
+
+	// The same identity keeps its deployment and its modules.
+	a = &runner{d: d, rec: &agent.Reconciler{Engine: stub, Log: slog.New(slog.DiscardHandler)}}
+	a.devP.Store(&identity.Device{DeviceID: "edge-a", HubHostName: "hub.test"})
+	a.manifest = d.savedManifest()
+	a.forgetOtherOwner(context.Background())
+	if a.manifest == nil || len(stub.containers) != 1 {
+		t.Fatalf("the same identity lost its deployment (%v) or modules (%v)", a.manifest, stub.containers)
+	}
+	// Another one does not.
+	a = &runner{d: d, rec: &agent.Reconciler{Engine: stub, Log: slog.New(slog.DiscardHandler)}}
+	a.devP.Store(&identity.Device{DeviceID: "edge-b", HubHostName: "hub.test"})
+	a.manifest = d.savedManifest()
+	a.forgetOtherOwner(context.Background())
+	if a.manifest != nil || d.savedManifest() != nil || len(stub.containers) != 0 {
+		t.Errorf("after the identity changed: deployment %v, saved %v, containers %v; want none", a.manifest, d.savedManifest(), stub.containers)
+	}
+}
