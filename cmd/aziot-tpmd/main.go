@@ -105,12 +105,7 @@ func parseArgs(args []string, stderr io.Writer) (settings, error) {
 	if p := c.Provisioning; p.Source != "" && p.Source != "none" && !(p.Source == "dps" && p.Attestation.Method == "tpm") && !set["tcti"] {
 		s.unused = fmt.Sprintf("%s provisions the device with source %q and attestation method %q, not with DPS and the TPM", s.config, p.Source, p.Attestation.Method)
 	}
-	// The persistent range is 0x81000000-0x817FFFFF; the EK and SRK are
-	// refused too, since replacing them changes the device's identity.
-	if h := tpm.IdentityHandle(s.authKeyIndex); s.authKeyIndex > 0x7FFFFF || h == tpm.EKHandle || h == tpm.SRKHandle {
-		return s, fmt.Errorf("auth_key_index 0x%x: want 0 to 0x7fffff, other than 0x1 (the SRK) and 0x10001 (the EK)", s.authKeyIndex)
-	}
-	return s, nil
+	return s, tpm.CheckAuthKeyIndex(s.authKeyIndex)
 }
 
 // fileConfig is what aziot-tpmd reads of config.toml: the [tpm] table, and

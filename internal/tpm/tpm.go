@@ -26,6 +26,16 @@ const (
 // the config's auth_key_index.
 func IdentityHandle(authKeyIndex uint32) uint32 { return 0x81000000 + authKeyIndex }
 
+// CheckAuthKeyIndex refuses an auth_key_index outside the persistent range
+// (0x81000000-0x817FFFFF) or at the EK or SRK, which an identity key would
+// replace, changing the device's identity.
+func CheckAuthKeyIndex(i uint32) error {
+	if h := IdentityHandle(i); i > 0x7FFFFF || h == EKHandle || h == SRKHandle {
+		return fmt.Errorf("auth_key_index 0x%x: want 0 to 0x7fffff, other than 0x1 (the SRK) and 0x10001 (the EK)", i)
+	}
+	return nil
+}
+
 // maxBuffer is TPM2B_MAX_BUFFER's capacity on PC-client TPMs; longer HMAC
 // input goes through a sequence.
 const maxBuffer = 1024

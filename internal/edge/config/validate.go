@@ -142,7 +142,14 @@ var unused = []struct{ path, why string }{
 
 // placeholders are the template's stand-ins for values only the user knows,
 // which would otherwise pass for real ones until DPS or the hub refused them.
-var placeholders = []string{"DPS_ID_SCOPE_HERE", "REGISTRATION_ID_HERE", "HUB_HOST_NAME", "DEVICE_ID"}
+var placeholders = []string{"DPS_ID_SCOPE_HERE", "SCOPE_ID_HERE", "REGISTRATION_ID_HERE", "HUB_HOST_NAME", "DEVICE_ID"}
+
+// isPlaceholder says whether v is placeholder p, or holds it as a value of
+// a connection string ("HostName=HUB_HOST_NAME;…"): a real value that only
+// contains it (registration_id = "MY_DEVICE_ID_1") is not one.
+func isPlaceholder(v, p string) bool {
+	return v == p || strings.Contains(v, "="+p+";") || strings.HasSuffix(v, "="+p)
+}
 
 func (ck *checker) placeholders(path string, v reflect.Value) {
 	switch v.Kind() {
@@ -152,7 +159,7 @@ func (ck *checker) placeholders(path string, v reflect.Value) {
 		}
 	case reflect.String:
 		for _, p := range placeholders {
-			if strings.Contains(v.String(), p) {
+			if isPlaceholder(v.String(), p) {
 				ck.errorf(path, "%s is still the template's %s: replace it with your own value", ck.pos.name(path), p)
 				return
 			}
@@ -359,9 +366,12 @@ func (ck *checker) fileRef(path, ref string) {
 	}
 }
 
+// hostname warns of a name that is not a host name: Hatchery does not use
+// hostname, and a 1.1 config.yaml had to have one, often the machine's
+// name with an underscore in it.
 func (ck *checker) hostname(path, h string) {
 	if h != "" && net.ParseIP(h) == nil && !(len(h) <= 253 && dnsname.Valid(strings.TrimSuffix(h, "."))) {
-		ck.errorf(path, "%s %q is not a valid host name (letters, digits, '-' and '.')", ck.pos.name(path), h)
+		ck.warnAt(ck.pos.pos(path), "%s %q is not a valid host name (letters, digits, '-' and '.')", ck.pos.name(path), h)
 	}
 }
 
@@ -413,6 +423,8 @@ func (ck *checker) tpm(t *TPM) {
 	if t.AuthKeyIndex > maxKeyIndex {
 		ck.errorf("tpm.auth_key_index", "auth_key_index 0x%X is out of range: it is an offset from 0x81000000 and must be %s",
 			uint32(t.AuthKeyIndex), describe(keyIndexType))
+	} else if err := tpm.CheckAuthKeyIndex(uint32(t.AuthKeyIndex)); err != nil {
+		ck.errorf("tpm.auth_key_index", "%v: aziot-tpmd refuses it", err)
 	}
 	if err := checkTCTI(t.TCTI); err != nil {
 		ck.errorf("tpm.tcti", "%v", err)
