@@ -110,6 +110,9 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 		return err
 	}
 	st, stErr := client.Status(ctx)
+	// Known only once the device is provisioned: before that, the TPM
+	// service may be what it waits for.
+	tpmUnused := stErr == nil && st.Provisioning.Method != "" && st.Provisioning.Method != "tpm"
 	tw := tabwriter.NewWriter(w, 0, 4, 4, ' ', 0)
 	fmt.Fprintln(w, "System services:")
 	for _, svc := range services {
@@ -118,7 +121,7 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 		case underSystemd():
 			out, _ := exec.Command("systemctl", "is-active", svc).Output()
 			state = map[string]string{"active": "Running", "activating": "Starting", "inactive": "Stopped", "failed": "Failed"}[strings.TrimSpace(string(out))]
-			if svc == "aziot-tpmd" && state == "Stopped" && stErr == nil && st.Provisioning.Method != "tpm" {
+			if svc == "aziot-tpmd" && state == "Stopped" && tpmUnused {
 				state = "Not used" // it exits when the device provisions without the TPM
 			}
 		case svc == "iotedged" && stErr == nil:
@@ -129,7 +132,7 @@ func systemStatus(ctx context.Context, w io.Writer) error {
 			switch _, err := tpmservice.Dial(tpmSocket()).EndorsementKey(); {
 			case err == nil:
 				state = "Running"
-			case stErr == nil && st.Provisioning.Method != "" && st.Provisioning.Method != "tpm":
+			case tpmUnused:
 				state = "Not used"
 			case errors.Is(err, fs.ErrPermission):
 				state = "Unknown (this user may not ask it: run with sudo)"
