@@ -220,6 +220,8 @@ func FuzzParsePublic(f *testing.F) {
 	f.Add(splice(44, 50, 0x00, 0x0a, 0x00, 0x0b)) // symmetric XOR
 	f.Add(splice(50, 52, 0x00, 0x15))             // scheme RSAES
 	f.Add(splice(50, 52, 0x00, 0x17, 0x00, 0x0b)) // scheme OAEP(SHA-256)
+	// The exponent spelled out rather than 0 (the default), as some TPMs report it.
+	f.Add(edit(ek, func(b []byte) []byte { binary.BigEndian.PutUint32(b[54:], 65537); return b }))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		// Whatever the hand decoder accepts, go-tpm decodes to the same key
 		// and re-encodes to exactly the same bytes: one TPMT_PUBLIC, no more.

@@ -1,10 +1,12 @@
 package dps
 
 import (
+	"bytes"
 	"context"
 	"crypto/rsa"
 	"crypto/sha256"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/asn1"
 	"encoding/base64"
 	"encoding/hex"
@@ -56,8 +58,11 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 		return nil, nil, err
 	}
 	pub, _ := attest.ParsePublic(ek) // checked by the caller
-	certKey, ok := cert.PublicKey.(*rsa.PublicKey)
-	if !ok || !certKey.Equal(pub.Key()) {
+	certKey, err := ekCertKey(cert)
+	if err != nil {
+		return nil, nil, denied(regID, err.Error())
+	}
+	if !certKey.Equal(pub.Key()) {
 		return nil, nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
 	}
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
@@ -93,17 +98,92 @@ func (s *Service) stillTrusts(regID string, g *EnrollmentGroup, c *challenge) er
 	return nil
 }
 
-// ekCertificate parses a device's EK certificate (base64 DER or PEM) for
-// chain verification.
+// ekCertificate parses a device's EK certificate for chain verification,
+// and checks that it is one.
 func ekCertificate(regID, certB64 string) (*x509.Certificate, error) {
-	cert, err := certtext.Parse(certB64)
+	cert, err := parseEKCertificate(certB64)
 	if err != nil {
 		return nil, denied(regID, "tpm.endorsementKeyCertificate: "+err.Error())
 	}
 	cert.UnhandledCriticalExtensions = slices.DeleteFunc(slices.Clone(cert.UnhandledCriticalExtensions), func(oid asn1.ObjectIdentifier) bool {
 		return slices.ContainsFunc(ekCertExtensions, oid.Equal)
 	})
+	if err := ekCertificateUse(cert); err != nil {
+		return nil, denied(regID, err.Error())
+	}
 	return cert, nil
+}
+
+// parseEKCertificate reads PEM, or base64 of an EK certificate NV index's
+// contents, which may hold the maker's padding or TCG header around the
+// DER (as devices that do not strip them send it).
+func parseEKCertificate(s string) (*x509.Certificate, error) {
+	raw, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
+	if err != nil || bytes.Contains(raw, []byte("-----BEGIN")) {
+		return certtext.Parse(s)
+	}
+	const fix = ": send the certificate the TPM's maker stored in NV index 0x01c00002 (tpm2_nvread 0x01c00002)"
+	der, err := attest.EKCertificateDER(raw)
+	if err != nil {
+		return nil, errors.New(err.Error() + fix)
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("the EK certificate is no X.509 certificate (%v)"+fix, err)
+	}
+	return cert, nil
+}
+
+// Object identifiers of EK certificates (TCG EK Credential Profile).
+var (
+	oidEKCertificate = asn1.ObjectIdentifier{2, 23, 133, 8, 1} // tcg-kp-EKCertificate
+	oidKeyUsage      = asn1.ObjectIdentifier{2, 5, 29, 15}
+	oidExtKeyUsage   = asn1.ObjectIdentifier{2, 5, 29, 37}
+	// id-RSAES-OAEP: Infineon's EK certificates name their key's algorithm
+	// so, for which Go parses no key.
+	oidRSAESOAEP = asn1.ObjectIdentifier{1, 2, 840, 113549, 1, 1, 7}
+)
+
+// ekCertificateUse refuses a certificate of the group's CA that is not an
+// EK certificate: a TLS certificate's key, say, lives in software, and its
+// holder could answer challenges as a TPM. Makers may omit the extended key
+// usage, so only one present must name EK certificates.
+func ekCertificateUse(cert *x509.Certificate) error {
+	has := func(oid asn1.ObjectIdentifier) bool {
+		return slices.ContainsFunc(cert.Extensions, func(e pkix.Extension) bool { return e.Id.Equal(oid) })
+	}
+	const why = ", so it is no EK certificate (TCG EK Credential Profile): send the certificate the TPM's maker stored in NV index 0x01c00002"
+	switch {
+	case cert.IsCA:
+		return errors.New("the EK certificate is a CA certificate" + why)
+	case has(oidKeyUsage) && cert.KeyUsage&x509.KeyUsageKeyEncipherment == 0:
+		return errors.New("the EK certificate's key usage lacks keyEncipherment" + why)
+	case has(oidExtKeyUsage) && !slices.ContainsFunc(cert.UnknownExtKeyUsage, oidEKCertificate.Equal):
+		return errors.New("the EK certificate's extended key usage lacks tcg-kp-EKCertificate (2.23.133.8.1)" + why)
+	}
+	return nil
+}
+
+// ekCertKey is the RSA key of an EK certificate.
+func ekCertKey(cert *x509.Certificate) (*rsa.PublicKey, error) {
+	if k, ok := cert.PublicKey.(*rsa.PublicKey); ok {
+		return k, nil
+	}
+	var spki struct {
+		Algorithm pkix.AlgorithmIdentifier
+		Key       asn1.BitString
+	}
+	if _, err := asn1.Unmarshal(cert.RawSubjectPublicKeyInfo, &spki); err != nil {
+		return nil, fmt.Errorf("the EK certificate's subject public key info does not parse (%v)", err)
+	}
+	if !spki.Algorithm.Algorithm.Equal(oidRSAESOAEP) {
+		return nil, fmt.Errorf("the EK certificate's key is of algorithm %v, not RSA as the endorsement key sent", spki.Algorithm.Algorithm)
+	}
+	k, err := x509.ParsePKCS1PublicKey(spki.Key.RightAlign())
+	if err != nil {
+		return nil, fmt.Errorf("the EK certificate's RSAES-OAEP key does not parse as an RSA public key (%v)", err)
+	}
+	return k, nil
 }
 
 // tpmGroupTrusts is the CA of TPM group g that cert chains to, and how far
@@ -119,7 +199,17 @@ func (s *Service) tpmGroupTrusts(g *EnrollmentGroup, cert *x509.Certificate) (*x
 // notChaining refuses an EK certificate that no TPM group trusts.
 func notChaining(regID string, cert *x509.Certificate) error {
 	return denied(regID, "no individual enrollment, and the EK certificate (issuer "+strings.TrimSpace(cert.Issuer.String())+
-		") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)")
+		") does not chain to the CA of any TPM enrollment group (when its issuer is an intermediate CA, put it in the group's PEM after the root)"+sha1Note(cert))
+}
+
+// sha1Note says why an EK certificate signed with SHA-1 chains to no group
+// (Go verifies no SHA-1 signatures, which can be forged).
+func sha1Note(cert *x509.Certificate) string {
+	switch cert.SignatureAlgorithm {
+	case x509.SHA1WithRSA, x509.ECDSAWithSHA1, x509.DSAWithSHA1:
+		return "; it is signed with SHA-1, which this service does not verify as SHA-1 signatures can be forged: create an individual enrollment with the device's endorsement key instead"
+	}
+	return ""
 }
 
 // A TPM activates credentials for its EK whatever else the public area it

@@ -16,6 +16,8 @@ import (
 	"crypto/sha256"
 	"crypto/subtle"
 	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -38,10 +40,14 @@ type Keys struct {
 }
 
 // Certify issues the EK a certificate from a manufacturer CA, as TPM
-// makers do at production.
+// makers do at production (TCG EK Credential Profile): for key
+// encipherment and EK certificates only, with an empty subject and the TPM
+// named in a critical subject alternative name.
 func (k *Keys) Certify(ca *x509.Certificate, caKey crypto.Signer) error {
 	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), NotBefore: time.Now().Add(-time.Hour),
-		NotAfter: time.Now().AddDate(10, 0, 0), KeyUsage: x509.KeyUsageKeyEncipherment}
+		NotAfter: time.Now().AddDate(10, 0, 0), KeyUsage: x509.KeyUsageKeyEncipherment, BasicConstraintsValid: true,
+		UnknownExtKeyUsage: []asn1.ObjectIdentifier{{2, 23, 133, 8, 1}}, // tcg-kp-EKCertificate
+		ExtraExtensions:    []pkix.Extension{{Id: asn1.ObjectIdentifier{2, 5, 29, 17}, Critical: true, Value: tpmSAN}}}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca, &k.ek.PublicKey, caKey)
 	if err != nil {
 		return err
@@ -49,6 +55,19 @@ func (k *Keys) Certify(ca *x509.Certificate, caKey crypto.Signer) error {
 	k.ekCert = der
 	return nil
 }
+
+// tpmSAN is a subject alternative name of one directoryName holding the
+// TPM's manufacturer, model and firmware version (tcg-at-tpmManufacturer,
+// -tpmModel, -tpmVersion).
+var tpmSAN = func() []byte {
+	name, _ := asn1.Marshal(pkix.RDNSequence{{
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 1}, Value: "id:53575450"}, // "SWTP"
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 2}, Value: "softtpm"},
+		{Type: asn1.ObjectIdentifier{2, 23, 133, 2, 3}, Value: "id:00010000"},
+	}})
+	san, _ := asn1.Marshal([]asn1.RawValue{{Class: asn1.ClassContextSpecific, Tag: 4, IsCompound: true, Bytes: name}})
+	return san
+}()
 
 // Object attributes of the EK (the TCG default template) and the SRK.
 const (

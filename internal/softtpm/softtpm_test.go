@@ -126,6 +126,23 @@ func cfbEncrypt(t *testing.T, key, b []byte) {
 	cipher.NewCFBEncrypter(c, make([]byte, aes.BlockSize)).XORKeyStream(b, b)
 }
 
+// object is the HMAC key of PROTOCOL.md §2 with seed and key.
+func object(seed, key []byte) (tpm2.TPMTPublic, tpm2.TPMTSensitive) {
+	unique := sha256.Sum256(append(bytes.Clone(seed), key...))
+	return tpm2.TPMTPublic{
+			Type:             tpm2.TPMAlgKeyedHash,
+			NameAlg:          tpm2.TPMAlgSHA256,
+			ObjectAttributes: tpm2.TPMAObject{SignEncrypt: true, UserWithAuth: true, NoDA: true},
+			Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgKeyedHash, &tpm2.TPMSKeyedHashParms{Scheme: tpm2.TPMTKeyedHashScheme{
+				Scheme: tpm2.TPMAlgHMAC, Details: tpm2.NewTPMUSchemeKeyedHash(tpm2.TPMAlgHMAC, &tpm2.TPMSSchemeHMAC{HashAlg: tpm2.TPMAlgSHA256})}}),
+			Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BDigest{Buffer: unique[:]}),
+		}, tpm2.TPMTSensitive{
+			SensitiveType: tpm2.TPMAlgKeyedHash,
+			SeedValue:     tpm2.TPM2BDigest{Buffer: seed},
+			Sensitive:     tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BSensitiveData{Buffer: key}),
+		}
+}
+
 // TestImportChecksTheObject feeds blobs whose wraps are all sound but whose
 // key a real TPM refuses at TPM2_Import, or could not sign with.
 func TestImportChecksTheObject(t *testing.T) {
@@ -136,21 +153,6 @@ func TestImportChecksTheObject(t *testing.T) {
 	dev := New(keys)
 	key, seed := []byte("0123456789abcdef0123456789abcdef"), make([]byte, 32)
 	rand.Read(seed)
-	object := func(seed, key []byte) (tpm2.TPMTPublic, tpm2.TPMTSensitive) {
-		unique := sha256.Sum256(append(bytes.Clone(seed), key...))
-		return tpm2.TPMTPublic{
-				Type:             tpm2.TPMAlgKeyedHash,
-				NameAlg:          tpm2.TPMAlgSHA256,
-				ObjectAttributes: tpm2.TPMAObject{SignEncrypt: true, UserWithAuth: true, NoDA: true},
-				Parameters: tpm2.NewTPMUPublicParms(tpm2.TPMAlgKeyedHash, &tpm2.TPMSKeyedHashParms{Scheme: tpm2.TPMTKeyedHashScheme{
-					Scheme: tpm2.TPMAlgHMAC, Details: tpm2.NewTPMUSchemeKeyedHash(tpm2.TPMAlgHMAC, &tpm2.TPMSSchemeHMAC{HashAlg: tpm2.TPMAlgSHA256})}}),
-				Unique: tpm2.NewTPMUPublicID(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BDigest{Buffer: unique[:]}),
-			}, tpm2.TPMTSensitive{
-				SensitiveType: tpm2.TPMAlgKeyedHash,
-				SeedValue:     tpm2.TPM2BDigest{Buffer: seed},
-				Sensitive:     tpm2.NewTPMUSensitiveComposite(tpm2.TPMAlgKeyedHash, &tpm2.TPM2BSensitiveData{Buffer: key}),
-			}
-	}
 	// The object of PROTOCOL.md §2, wrapped by wrapObject, is imported.
 	pub, sens := object(seed, key)
 	if err := dev.ImportActivationBlob(wrapObject(t, keys, pub, sens), 0x81000100); err != nil {
@@ -192,4 +194,31 @@ func TestImportChecksTheObject(t *testing.T) {
 			}
 		})
 	}
+}
+
+func FuzzImportable(f *testing.F) {
+	pub, sens := object(make([]byte, 32), []byte("0123456789abcdef0123456789abcdef"))
+	sens2B := tpm2.Marshal(tpm2.TPM2BData{Buffer: tpm2.Marshal(sens)})
+	f.Add(tpm2.Marshal(pub), sens2B)
+	f.Add(tpm2.Marshal(pub), sens2B[:len(sens2B)-1])
+	f.Add(tpm2.Marshal(pub)[:20], []byte{0, 4, 0, 8, 0, 0})
+	f.Add([]byte{0, 8, 0, 0x0b, 0, 4, 4, 0x40, 0, 0, 0, 5, 0, 0x0b, 0, 0x20}, []byte{0, 2, 0, 8})
+	f.Fuzz(func(t *testing.T, pub, sensitive []byte) {
+		// Whatever it accepts go-tpm decodes to the same key, and re-encodes
+		// to the same bytes: one TPMT_SENSITIVE, no more.
+		key, err := importable(pub, sensitive)
+		if err != nil {
+			return
+		}
+		ref, err := tpm2.Unmarshal[tpm2.TPMTSensitive](sensitive[2:])
+		if err != nil {
+			t.Fatalf("accepted %x, which go-tpm refuses: %v", sensitive, err)
+		}
+		if !bytes.Equal(tpm2.Marshal(ref), sensitive[2:]) {
+			t.Errorf("accepted %x, which re-encodes as %x", sensitive, tpm2.Marshal(ref))
+		}
+		if bits, _ := ref.Sensitive.Bits(); !bytes.Equal(bits.Buffer, key) {
+			t.Errorf("key %x, go-tpm's %x", key, bits.Buffer)
+		}
+	})
 }

@@ -86,7 +86,8 @@ func (d *Device) EndorsementKey() ([]byte, error) {
 const EKCertIndex = 0x01c00002
 
 // EndorsementCertificate returns the EK certificate (DER) its maker stored
-// in NV, or nil when there is none.
+// in NV, without the padding or TCG header makers put around it, or nil
+// when there is none.
 func (d *Device) EndorsementCertificate() ([]byte, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -114,6 +115,11 @@ func (d *Device) EndorsementCertificate() ([]byte, error) {
 		if len(rsp.Data.Buffer) == 0 {
 			break
 		}
+	}
+	// Contents that are no certificate go as they are: the service says
+	// what is wrong with them, and an individual enrollment needs none.
+	if der, err := attest.EKCertificateDER(cert); err == nil {
+		return der, nil
 	}
 	return cert, nil
 }

@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -286,5 +287,35 @@ func TestFailedPolicyLeavesNoSession(t *testing.T) {
 	setAuth("epass", "")
 	if err := d.ImportActivationBlob(blob, handle); err != nil {
 		t.Fatalf("once the password is cleared: %v", err)
+	}
+}
+
+// The EK certificate comes back as DER however its maker stored it: the
+// index sized larger and padded, or the TCG header before the DER.
+func TestEndorsementCertificateForms(t *testing.T) {
+	d := open(t)
+	if c, err := d.EndorsementCertificate(); c != nil || err != nil {
+		t.Fatalf("with no index: %x, %v", c, err)
+	}
+	der := testutil.NewCert(t, "EK", false, nil).Leaf.Raw
+	erased := bytes.Repeat([]byte{0xff}, 1024)
+	for what, tc := range map[string]struct{ nv, want []byte }{
+		"DER":                   {der, der},
+		"padded with 00":        {append(bytes.Clone(der), make([]byte, 1024-len(der))...), der},
+		"padded with FF":        {append(bytes.Clone(der), erased[len(der):]...), der},
+		"behind the TCG header": {append([]byte{0x10, 0x01, 0x00, byte(len(der) >> 8), byte(len(der))}, der...), der},
+		"no certificate":        {erased, erased}, // as it is, for the service to say so
+	} {
+		file := filepath.Join(t.TempDir(), "nv")
+		if err := os.WriteFile(file, tc.nv, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		// As TPM makers define it: platform-written, readable without a password.
+		tool(t, "tpm2_nvdefine", "-Q", "-C", "p", "-s", fmt.Sprint(len(tc.nv)), "-a", "ppwrite|writedefine|ppread|ownerread|authread|no_da|platformcreate", "0x01c00002")
+		tool(t, "tpm2_nvwrite", "-Q", "-C", "p", "-i", file, "0x01c00002")
+		if got, err := d.EndorsementCertificate(); err != nil || !bytes.Equal(got, tc.want) {
+			t.Errorf("%s: %x, %v", what, got, err)
+		}
+		tool(t, "tpm2_nvundefine", "-Q", "-C", "p", "0x01c00002")
 	}
 }
