@@ -254,37 +254,7 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 			return nil, azerr.BadRequest("metrics.queries.%s: %v", name, err)
 		}
 	}
-	now := s.Now().UTC()
-	old, etag, err := s.loadConfiguration(ctx, id)
-	switch {
-	case err == nil:
-		if ifMatch == "" {
-			return nil, azerr.Conflict("ConfigurationAlreadyExists", "configuration %q already exists: update it with If-Match", id)
-		}
-		if !matches(ifMatch, old.ETag) {
-			return nil, azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
-		}
-		// Azure keeps the ID and the content; the target condition,
-		// priority, labels and metrics may change.
-		if !jsonEqual(old.Content, c.Content) {
-			return nil, azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
-		}
-		c.CreatedTimeUtc = old.CreatedTimeUtc
-	case azerr.As(err).Status() == 404:
-		c.CreatedTimeUtc, etag = now, ""
-	default:
-		return nil, err
-	}
-	c.LastUpdatedTimeUtc, c.ETag = now, newETag()
-	c.SystemMetrics, c.Metrics.Results = Metrics{}, nil
-	body, _ := json.Marshal(c)
-	doc := store.Doc{Kind: kindConfiguration, ID: id, Body: body}
-	if etag == "" {
-		_, err = s.store.Create(ctx, doc)
-	} else {
-		_, err = s.store.Put(ctx, doc, etag)
-	}
-	if err != nil {
+	if err := s.storeConfiguration(ctx, id, ifMatch, c); err != nil {
 		return nil, err
 	}
 	// Stored, it is applied: what cannot be written now the periodic
@@ -298,6 +268,48 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 		slog.Warn("counting a configuration's metrics", "configuration", id, "error", err)
 	}
 	return c, nil
+}
+
+// storeConfiguration creates or updates configuration id as c. A write that
+// loses to a concurrent one reads again, so that the answer is what Azure
+// gives (409, 412, 400) rather than a store error.
+func (s *Service) storeConfiguration(ctx context.Context, id, ifMatch string, c *Configuration) error {
+	for range 16 {
+		now := s.Now().UTC()
+		old, etag, err := s.loadConfiguration(ctx, id)
+		switch {
+		case err == nil:
+			if ifMatch == "" {
+				return azerr.Conflict("ConfigurationAlreadyExists", "configuration %q already exists: update it with If-Match", id)
+			}
+			if !matches(ifMatch, old.ETag) {
+				return azerr.PreconditionFailed("configuration %q was changed since etag %s: read it again", id, ifMatch)
+			}
+			// Azure keeps the ID and the content; the target condition,
+			// priority, labels and metrics may change.
+			if !jsonEqual(old.Content, c.Content) {
+				return azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
+			}
+			c.CreatedTimeUtc = old.CreatedTimeUtc
+		case azerr.As(err).Status() == 404:
+			c.CreatedTimeUtc, etag = now, ""
+		default:
+			return err
+		}
+		c.LastUpdatedTimeUtc, c.ETag = now, newETag()
+		c.SystemMetrics, c.Metrics.Results = Metrics{}, nil
+		body, _ := json.Marshal(c)
+		doc := store.Doc{Kind: kindConfiguration, ID: id, Body: body}
+		if etag == "" {
+			_, err = s.store.Create(ctx, doc)
+		} else {
+			_, err = s.store.Put(ctx, doc, etag)
+		}
+		if !raced(err) && !errors.Is(err, store.ErrExists) {
+			return err
+		}
+	}
+	return azerr.PreconditionFailed("configuration %q is being changed concurrently: retry", id)
 }
 
 func jsonEqual(a, b any) bool {
@@ -340,21 +352,30 @@ func (s *Service) ListConfigurations(ctx context.Context) ([]*Configuration, err
 }
 
 // DeleteConfiguration removes a deployment; devices fall back to what else targets them.
+// A delete that loses to a concurrent write reads again: deleted meanwhile,
+// it is 404 ConfigurationNotFound, not a store error.
 func (s *Service) DeleteConfiguration(ctx context.Context, id, ifMatch string) error {
-	c, etag, err := s.loadConfiguration(ctx, id)
-	if err != nil {
-		return err
+	for range 16 {
+		c, etag, err := s.loadConfiguration(ctx, id)
+		if err != nil {
+			return err
+		}
+		if !matches(ifMatch, c.ETag) {
+			return azerr.PreconditionFailed("configuration %q was changed since etag %s: read it again", id, ifMatch)
+		}
+		err = s.store.Delete(ctx, kindConfiguration, id, etag)
+		if raced(err) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := s.applyAll(ctx); err != nil { // as in PutConfiguration
+			slog.Warn("withdrawing a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
+		}
+		return nil
 	}
-	if !matches(ifMatch, c.ETag) {
-		return azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
-	}
-	if err := s.store.Delete(ctx, kindConfiguration, id, etag); err != nil {
-		return err
-	}
-	if err := s.applyAll(ctx); err != nil { // as in PutConfiguration
-		slog.Warn("withdrawing a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
-	}
-	return nil
+	return azerr.PreconditionFailed("configuration %q kept changing while being deleted: retry", id)
 }
 
 // configurations loads every stored configuration, page by page.
