@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math/big"
 	"regexp"
 	"slices"
 	"strings"
@@ -312,10 +313,48 @@ func (s *Service) storeConfiguration(ctx context.Context, id, ifMatch string, c 
 	return azerr.PreconditionFailed("configuration %q is being changed concurrently: retry", id)
 }
 
+// jsonEqual reports whether a and b are the same JSON value, however
+// written: clients' JSON libraries order keys, escape strings and spell
+// numbers (1.0, 1, 1e0) each their own way when they send back what they read.
 func jsonEqual(a, b any) bool {
+	var va, vb any
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
-	return bytes.Equal(ja, jb)
+	if twindoc.Unmarshal(ja, &va) != nil || twindoc.Unmarshal(jb, &vb) != nil {
+		return bytes.Equal(ja, jb)
+	}
+	return sameValue(va, vb)
+}
+
+// sameValue compares decoded JSON, numbers (json.Number) by value.
+func sameValue(a, b any) bool {
+	switch x := a.(type) {
+	case map[string]any:
+		y, ok := b.(map[string]any)
+		if !ok || len(x) != len(y) {
+			return false
+		}
+		for k, v := range x {
+			if w, ok := y[k]; !ok || !sameValue(v, w) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		y, ok := b.([]any)
+		return ok && slices.EqualFunc(x, y, sameValue)
+	case json.Number:
+		y, ok := b.(json.Number)
+		if !ok || x == y {
+			return ok
+		}
+		// At 256 bits, numbers of up to 64 digits (twindoc's longest) that
+		// differ stay apart; Float, unlike Rat, parses 1e999999999 cheaply.
+		fx, _, errx := big.ParseFloat(string(x), 10, 256, big.ToNearestEven)
+		fy, _, erry := big.ParseFloat(string(y), 10, 256, big.ToNearestEven)
+		return errx == nil && erry == nil && fx.Cmp(fy) == 0
+	}
+	return a == b
 }
 
 func (s *Service) loadConfiguration(ctx context.Context, id string) (*Configuration, string, error) {
