@@ -147,7 +147,7 @@ func failure(r *http.Request, err error) (string, error) {
 // the bulk operation err stopped got: the items before the one that failed
 // stay applied, and the client must know to resume from it.
 func stoppedAt(err, answer error) error {
-	stopped, ok := errors.AsType[*dps.BulkStoppedError](err)
+	stopped, ok := errors.AsType[*azerr.BulkStoppedError](err)
 	if !ok {
 		return answer
 	}

@@ -17,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/azerr"
-	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -79,7 +78,7 @@ func TestFailureSaysWhereBulkStopped(t *testing.T) {
 		{&pgconn.PgError{Severity: "ERROR", Code: "40001", Message: "could not serialize access"}, 503},
 		{errors.New("stored enrollment b is corrupt"), 500},
 	} {
-		_, err := failure(r, &dps.BulkStoppedError{Index: 1, Applied: 1, What: "enrollment", ID: "b", Err: tc.cause})
+		_, err := failure(r, &azerr.BulkStoppedError{Index: 1, Applied: 1, What: "enrollment", ID: "b", Err: tc.cause})
 		if e := azerr.As(err); e.Status() != tc.status || !strings.Contains(e.Message, `stopped at item 1 (enrollment "b")`) {
 			t.Errorf("%v: answered %d %q, want %d saying where it stopped", tc.cause, e.Status(), e.Message, tc.status)
 		}
