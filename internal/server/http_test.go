@@ -274,3 +274,45 @@ func TestAccessLog(t *testing.T) {
 		t.Errorf("an access line at info level: %s", b.String())
 	}
 }
+
+// A request no route serves is answered in the shape its service's SDKs
+// parse (the hub's {"Message":"ErrorCode:…"}, the provisioning service's
+// {"errorCode":…}), and a known path asked with a method it does not serve
+// is 405 with the methods it does.
+func TestUnservedRequestsAnswerInTheirServicesShape(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		allow        string
+		hub          bool
+	}{
+		{"DELETE", "/twins/d1", 405, "GET, PUT, PATCH", true},
+		{"GET", "/twins/d1/methods", 405, "POST", true},
+		{"GET", "/twins/d1/modules/m/methods", 405, "POST", true},
+		{"PATCH", "/configurations/c1", 405, "GET, PUT, DELETE", true},
+		{"GET", "/devices/d1/nothing", 404, "", true},
+		{"GET", "/jobs/v1/j", 404, "", true},
+		{"DELETE", "/enrollments", 405, "POST", false},
+		{"PUT", "/enrollments/e1/attestationmechanism", 405, "POST", false},
+		{"GET", "/nothing/here", 404, "", false},
+	} {
+		rec := httptest.NewRecorder()
+		e.ts.Config.Handler.ServeHTTP(rec, httptest.NewRequest(tc.method, tc.path+"?api-version=2021-04-12", nil))
+		var body struct {
+			HubMessage string `json:"Message"`
+			ErrorCode  int    `json:"errorCode"`
+			Message    string `json:"message"`
+		}
+		_ = json.Unmarshal(rec.Body.Bytes(), &body)
+		name := map[int]string{404: "NotFound", 405: "MethodNotAllowed"}[tc.status]
+		switch {
+		case rec.Code != tc.status || rec.Header().Get("Allow") != tc.allow:
+			t.Errorf("%s %s: %d, Allow %q; want %d, Allow %q", tc.method, tc.path, rec.Code, rec.Header().Get("Allow"), tc.status, tc.allow)
+		case body.ErrorCode != tc.status*1000+1 || !strings.Contains(body.Message, tc.path):
+			t.Errorf("%s %s: %s, want errorCode %d and a message naming the path", tc.method, tc.path, rec.Body, tc.status*1000+1)
+		case tc.hub != strings.HasPrefix(body.HubMessage, "ErrorCode:"+name+";"):
+			t.Errorf("%s %s: %s, want it in the %s shape", tc.method, tc.path, rec.Body, map[bool]string{true: "hub's", false: "provisioning service's"}[tc.hub])
+		}
+	}
+}
