@@ -137,3 +137,25 @@ func write(w http.ResponseWriter, e *Error, body map[string]any) {
 	w.WriteHeader(e.Status())
 	_ = json.NewEncoder(w).Encode(body)
 }
+
+// BulkStoppedError is a bulk operation (the provisioning service's, the
+// hub registry's) stopped by a failure of the service's own (a 5xx, such
+// as the database out of reach) at one item: the items before it were
+// done (applied, or refused on their own) and stay so, it and those after
+// it were not. Its message says so, for the client to resume from the item.
+type BulkStoppedError struct {
+	Index   int    // the item's, from 0
+	Applied int    // of the items before it
+	What    string // "enrollment", "device"
+	ID      string // the item's
+	Err     error  // why
+}
+
+// Progress is what the operation did before it stopped, and what to do.
+func (e *BulkStoppedError) Progress() string {
+	return fmt.Sprintf("bulk operation stopped at item %d (%s %q), which was not done, nor those after it (items before it: %d, applied %d, refused %d): send them again from it",
+		e.Index, e.What, e.ID, e.Index, e.Applied, e.Index-e.Applied)
+}
+
+func (e *BulkStoppedError) Error() string { return e.Progress() + ": " + e.Err.Error() }
+func (e *BulkStoppedError) Unwrap() error { return e.Err }

@@ -2,7 +2,6 @@ package dps
 
 import (
 	"context"
-	"fmt"
 	"strings"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -106,32 +105,10 @@ type bulkItems[T any] struct {
 	delete func(ctx context.Context, id, ifMatch string) error
 }
 
-// BulkStoppedError is a bulk operation stopped by a failure of the
-// service's own (a 5xx, such as the database out of reach) at one item:
-// the items before it were done (applied, or refused on their own) and
-// stay so, it and those after it were not. Its message says so, for the
-// client to resume from the item.
-type BulkStoppedError struct {
-	Index   int    // the item's, from 0
-	Applied int    // of the items before it
-	What    string // "enrollment", "enrollment group"
-	ID      string // the item's
-	Err     error  // why
-}
-
-// Progress is what the operation did before it stopped, and what to do.
-func (e *BulkStoppedError) Progress() string {
-	return fmt.Sprintf("bulk operation stopped at item %d (%s %q), which was not done, nor those after it (items before it: %d, applied %d, refused %d): send them again from it",
-		e.Index, e.What, e.ID, e.Index, e.Applied, e.Index-e.Applied)
-}
-
-func (e *BulkStoppedError) Error() string { return e.Progress() + ": " + e.Err.Error() }
-func (e *BulkStoppedError) Unwrap() error { return e.Err }
-
 // runBulk applies the operation of mode to each of items (listed under
 // field in the request) on its own, and returns the failures, made by
 // failure, in request order. A store failure stops the whole operation
-// (BulkStoppedError), which the caller retries from the item it names.
+// (azerr.BulkStoppedError), which the caller retries from the item it names.
 func runBulk[T, E any](ctx context.Context, mode, field string, items []*T, ops bulkItems[T], failure func(id string, code int, status string) E) ([]E, error) {
 	m := strings.ToLower(mode)
 	switch m {
@@ -171,7 +148,7 @@ func runBulk[T, E any](ctx context.Context, mode, field string, items []*T, ops 
 		if err != nil {
 			ae := azerr.As(err)
 			if ae.Status() >= 500 {
-				return nil, &BulkStoppedError{Index: i, Applied: i - len(errs), What: ops.what, ID: id, Err: err}
+				return nil, &azerr.BulkStoppedError{Index: i, Applied: i - len(errs), What: ops.what, ID: id, Err: err}
 			}
 			errs = append(errs, failure(id, ae.Code, ae.Message))
 		}

@@ -40,7 +40,8 @@ type BulkError struct {
 
 // BulkIdentities creates, updates or deletes up to MaxBulkIdentities
 // identities, each on its own, as the hosted registry does: one failing
-// does not stop the others.
+// does not stop the others. A failure of the service's own (5xx) stops
+// them all, with an azerr.BulkStoppedError saying where.
 func (s *Service) BulkIdentities(ctx context.Context, ops []ImportDevice) (*BulkResult, error) {
 	if len(ops) == 0 || len(ops) > MaxBulkIdentities {
 		return nil, azerr.BadRequest("a bulk registry request carries 1 to %d identities, not %d", MaxBulkIdentities, len(ops))
@@ -57,15 +58,19 @@ func (s *Service) BulkIdentities(ctx context.Context, ops []ImportDevice) (*Bulk
 		seen[r] = true
 	}
 	res := &BulkResult{Errors: []BulkError{}, Warnings: []BulkError{}}
-	for _, op := range ops {
+	for i, op := range ops {
 		r := Ref{Device: op.ID, Module: op.ModuleID}
 		err := s.importIdentity(ctx, r, op)
 		if err == nil {
 			continue
 		}
 		e := azerr.As(err)
-		if e.Status() >= 500 {
-			return nil, err // the store, not this identity
+		if e.Status() >= 500 { // the store, not this identity: say what was done
+			what := "device"
+			if r.Module != "" {
+				what = "module"
+			}
+			return nil, &azerr.BulkStoppedError{Index: i, Applied: i - len(res.Errors), What: what, ID: r.String(), Err: err}
 		}
 		res.Errors = append(res.Errors, BulkError{DeviceID: r.Device, ModuleID: r.Module, ErrorCode: e.Name, ErrorStatus: e.Message})
 	}

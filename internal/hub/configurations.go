@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
+	"math/big"
 	"regexp"
 	"slices"
 	"strings"
@@ -254,37 +255,7 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 			return nil, azerr.BadRequest("metrics.queries.%s: %v", name, err)
 		}
 	}
-	now := s.Now().UTC()
-	old, etag, err := s.loadConfiguration(ctx, id)
-	switch {
-	case err == nil:
-		if ifMatch == "" {
-			return nil, azerr.Conflict("ConfigurationAlreadyExists", "configuration %q already exists: update it with If-Match", id)
-		}
-		if !matches(ifMatch, old.ETag) {
-			return nil, azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
-		}
-		// Azure keeps the ID and the content; the target condition,
-		// priority, labels and metrics may change.
-		if !jsonEqual(old.Content, c.Content) {
-			return nil, azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
-		}
-		c.CreatedTimeUtc = old.CreatedTimeUtc
-	case azerr.As(err).Status() == 404:
-		c.CreatedTimeUtc, etag = now, ""
-	default:
-		return nil, err
-	}
-	c.LastUpdatedTimeUtc, c.ETag = now, newETag()
-	c.SystemMetrics, c.Metrics.Results = Metrics{}, nil
-	body, _ := json.Marshal(c)
-	doc := store.Doc{Kind: kindConfiguration, ID: id, Body: body}
-	if etag == "" {
-		_, err = s.store.Create(ctx, doc)
-	} else {
-		_, err = s.store.Put(ctx, doc, etag)
-	}
-	if err != nil {
+	if err := s.storeConfiguration(ctx, id, ifMatch, c); err != nil {
 		return nil, err
 	}
 	// Stored, it is applied: what cannot be written now the periodic
@@ -300,10 +271,90 @@ func (s *Service) PutConfiguration(ctx context.Context, id, ifMatch string, c *C
 	return c, nil
 }
 
+// storeConfiguration creates or updates configuration id as c. A write that
+// loses to a concurrent one reads again, so that the answer is what Azure
+// gives (409, 412, 400) rather than a store error.
+func (s *Service) storeConfiguration(ctx context.Context, id, ifMatch string, c *Configuration) error {
+	for range 16 {
+		now := s.Now().UTC()
+		old, etag, err := s.loadConfiguration(ctx, id)
+		switch {
+		case err == nil:
+			if ifMatch == "" {
+				return azerr.Conflict("ConfigurationAlreadyExists", "configuration %q already exists: update it with If-Match", id)
+			}
+			if !matches(ifMatch, old.ETag) {
+				return azerr.PreconditionFailed("configuration %q was changed since etag %s: read it again", id, ifMatch)
+			}
+			// Azure keeps the ID and the content; the target condition,
+			// priority, labels and metrics may change.
+			if !jsonEqual(old.Content, c.Content) {
+				return azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
+			}
+			c.CreatedTimeUtc = old.CreatedTimeUtc
+		case azerr.As(err).Status() == 404:
+			c.CreatedTimeUtc, etag = now, ""
+		default:
+			return err
+		}
+		c.LastUpdatedTimeUtc, c.ETag = now, newETag()
+		c.SystemMetrics, c.Metrics.Results = Metrics{}, nil
+		body, _ := json.Marshal(c)
+		doc := store.Doc{Kind: kindConfiguration, ID: id, Body: body}
+		if etag == "" {
+			_, err = s.store.Create(ctx, doc)
+		} else {
+			_, err = s.store.Put(ctx, doc, etag)
+		}
+		if !raced(err) && !errors.Is(err, store.ErrExists) {
+			return err
+		}
+	}
+	return azerr.PreconditionFailed("configuration %q is being changed concurrently: retry", id)
+}
+
+// jsonEqual reports whether a and b are the same JSON value, however
+// written: clients' JSON libraries order keys, escape strings and spell
+// numbers (1.0, 1, 1e0) each their own way when they send back what they read.
 func jsonEqual(a, b any) bool {
+	var va, vb any
 	ja, _ := json.Marshal(a)
 	jb, _ := json.Marshal(b)
-	return bytes.Equal(ja, jb)
+	if twindoc.Unmarshal(ja, &va) != nil || twindoc.Unmarshal(jb, &vb) != nil {
+		return bytes.Equal(ja, jb)
+	}
+	return sameValue(va, vb)
+}
+
+// sameValue compares decoded JSON, numbers (json.Number) by value.
+func sameValue(a, b any) bool {
+	switch x := a.(type) {
+	case map[string]any:
+		y, ok := b.(map[string]any)
+		if !ok || len(x) != len(y) {
+			return false
+		}
+		for k, v := range x {
+			if w, ok := y[k]; !ok || !sameValue(v, w) {
+				return false
+			}
+		}
+		return true
+	case []any:
+		y, ok := b.([]any)
+		return ok && slices.EqualFunc(x, y, sameValue)
+	case json.Number:
+		y, ok := b.(json.Number)
+		if !ok || x == y {
+			return ok
+		}
+		// At 256 bits, numbers of up to 64 digits (twindoc's longest) that
+		// differ stay apart; Float, unlike Rat, parses 1e999999999 cheaply.
+		fx, _, errx := big.ParseFloat(string(x), 10, 256, big.ToNearestEven)
+		fy, _, erry := big.ParseFloat(string(y), 10, 256, big.ToNearestEven)
+		return errx == nil && erry == nil && fx.Cmp(fy) == 0
+	}
+	return a == b
 }
 
 func (s *Service) loadConfiguration(ctx context.Context, id string) (*Configuration, string, error) {
@@ -340,21 +391,30 @@ func (s *Service) ListConfigurations(ctx context.Context) ([]*Configuration, err
 }
 
 // DeleteConfiguration removes a deployment; devices fall back to what else targets them.
+// A delete that loses to a concurrent write reads again: deleted meanwhile,
+// it is 404 ConfigurationNotFound, not a store error.
 func (s *Service) DeleteConfiguration(ctx context.Context, id, ifMatch string) error {
-	c, etag, err := s.loadConfiguration(ctx, id)
-	if err != nil {
-		return err
+	for range 16 {
+		c, etag, err := s.loadConfiguration(ctx, id)
+		if err != nil {
+			return err
+		}
+		if !matches(ifMatch, c.ETag) {
+			return azerr.PreconditionFailed("configuration %q was changed since etag %s: read it again", id, ifMatch)
+		}
+		err = s.store.Delete(ctx, kindConfiguration, id, etag)
+		if raced(err) {
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := s.applyAll(ctx); err != nil { // as in PutConfiguration
+			slog.Warn("withdrawing a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
+		}
+		return nil
 	}
-	if !matches(ifMatch, c.ETag) {
-		return azerr.PreconditionFailed("configuration %q was changed since etag %s", id, ifMatch)
-	}
-	if err := s.store.Delete(ctx, kindConfiguration, id, etag); err != nil {
-		return err
-	}
-	if err := s.applyAll(ctx); err != nil { // as in PutConfiguration
-		slog.Warn("withdrawing a configuration: the identities left behind follow at the next periodic evaluation", "configuration", id, "error", err)
-	}
-	return nil
+	return azerr.PreconditionFailed("configuration %q kept changing while being deleted: retry", id)
 }
 
 // configurations loads every stored configuration, page by page.

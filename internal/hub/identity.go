@@ -85,6 +85,12 @@ func (s *Service) update(ctx context.Context, r Ref, change func(*record) error)
 	return modify(ctx, s.store, r.kind(), r.id(), r.String(), func() (*record, string, error) { return s.load(ctx, r) }, change)
 }
 
+// raced reports whether a write on an etag lost to another writer, which
+// changed or deleted the document after it was read.
+func raced(err error) bool {
+	return errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
+}
+
 // errUnchanged from a change given to modify leaves the document as read.
 var errUnchanged = errors.New("unchanged")
 
@@ -106,8 +112,8 @@ func modify[T any](ctx context.Context, st store.Store, kind, id, what string, l
 		}
 		body, _ := json.Marshal(v)
 		_, err = st.Put(ctx, store.Doc{Kind: kind, ID: id, Body: body}, etag)
-		if errors.Is(err, store.ErrPrecondition) {
-			continue
+		if raced(err) {
+			continue // read again: what load says now (404, say) is the answer
 		}
 		return v, err
 	}
@@ -356,7 +362,8 @@ func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
 // DeleteIdentity removes a device, with its modules and its queued
 // cloud-to-device messages in the same transaction, or a module. It deletes
 // under the etag read: a twin or connection write meanwhile (which changes
-// the document, not the identity) only makes it try again.
+// the document, not the identity) only makes it try again, and a delete
+// meanwhile finds it gone (404), never a store error.
 func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
 	for range 16 {
 		rec, etag, err := s.load(ctx, r)
@@ -372,8 +379,8 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		} else {
 			gone, err = s.store.DeleteTree(ctx, kindDevice, r.Device, etag, kindModule, kindC2D)
 		}
-		if errors.Is(err, store.ErrPrecondition) {
-			continue
+		if raced(err) {
+			continue // deleted meanwhile, load says 404
 		}
 		if err != nil {
 			return err

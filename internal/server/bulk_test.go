@@ -190,6 +190,30 @@ func testBulkStopped(t *testing.T, e *env) {
 	}
 }
 
+// The hub's bulk registry request, stopped likewise by a corrupt stored
+// device, says where it stopped and what it applied before.
+func TestHubBulkStopped(t *testing.T) {
+	e := newEnv(t)
+	for _, id := range []string{"d0", "d1", "d2", "d3"} {
+		e.newDevice(id, false)
+	}
+	if _, err := e.st.Put(ctx, store.Doc{Kind: "hub.device", ID: "d2", Body: []byte(`{"corrupt`)}, ""); err != nil {
+		t.Fatal(err)
+	}
+	disable := func(id, mode string) map[string]any {
+		return map[string]any{"id": id, "importMode": mode, "status": "disabled"}
+	}
+	err := e.hubAPI.Do(ctx, "POST", "/devices", "", []any{disable("d1", "update"), disable("d0", "create"), disable("d2", "update"), disable("d3", "update")}, nil)
+	if want := `stopped at item 2 (device "d2"), which was not done, nor those after it (items before it: 2, applied 1, refused 1)`; azerr.As(err).Status() != 500 || !strings.Contains(err.Error(), want) {
+		t.Fatalf("bulk update over a corrupt device: %v, want a 500 that says %q", err, want)
+	}
+	for id, want := range map[string]string{"d1": "disabled", "d3": "enabled"} {
+		if d, err := e.hub.GetIdentity(ctx, hub.Ref{Device: id}); err != nil || d.Status != want {
+			t.Errorf("%s after the stopped bulk request: %+v, %v; want it %s", id, d, err, want)
+		}
+	}
+}
+
 // serviceToken is a provisioningserviceowner token for raw requests.
 func (e *env) serviceToken() string {
 	cs, err := sas.ParseConnectionString(e.dps.OwnerConnectionString())

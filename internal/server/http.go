@@ -54,11 +54,51 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		id, err := failure(r, azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
-			r.Method, r.URL.Path, d.IDScope()))
-		azerr.WriteDPS(w, err, id)
+		hubPath := isHubPath(r.URL.Path)
+		var err error
+		if allow := allowedMethods(mux, r); len(allow) > 0 {
+			w.Header().Set("Allow", strings.Join(allow, ", "))
+			err = azerr.New(405001, "MethodNotAllowed", "%s is not served at %s: use %s", r.Method, r.URL.Path, strings.Join(allow, " or "))
+		} else if hubPath {
+			err = azerr.NotFound("NotFound", "no API at %s %s: the hub's service APIs are under /devices, /twins, /jobs/v2, /configurations and /statistics", r.Method, r.URL.Path)
+		} else {
+			err = azerr.NotFound("NotFound", "no API at %s %s: device registration is under /%s/registrations/, the service APIs under /enrollments, /enrollmentGroups, /registrations, /devices and /twins",
+				r.Method, r.URL.Path, d.IDScope())
+		}
+		id, err := failure(r, err)
+		// In the shape the service's SDKs parse: theirs differ.
+		if hubPath {
+			azerr.WriteHub(w, err, id)
+		} else {
+			azerr.WriteDPS(w, err, id)
+		}
 	})
 	return logRequests(mux)
+}
+
+// hubRoots are the first path segments of the hub's APIs; the others are
+// the provisioning service's.
+var hubRoots = map[string]bool{"devices": true, "twins": true, "jobs": true, "configurations": true,
+	"statistics": true, "messages": true, "certificates": true, "events": true, "$iothub": true}
+
+func isHubPath(path string) bool {
+	root, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	return hubRoots[strings.ToLower(root)]
+}
+
+// allowedMethods lists the methods mux serves at r's path other than the
+// catch-all: none for a path it does not know. ServeMux would answer 405
+// itself, but the catch-all matches every method first.
+func allowedMethods(mux *http.ServeMux, r *http.Request) []string {
+	var allow []string
+	for _, m := range []string{"GET", "PUT", "POST", "PATCH", "DELETE"} {
+		probe := *r
+		probe.Method = m
+		if _, pattern := mux.Handler(&probe); pattern != "" && pattern != "/" {
+			allow = append(allow, m)
+		}
+	}
+	return allow
 }
 
 // handle registers pattern ("METHOD /path"), and the path in lower case
@@ -147,7 +187,7 @@ func failure(r *http.Request, err error) (string, error) {
 // the bulk operation err stopped got: the items before the one that failed
 // stay applied, and the client must know to resume from it.
 func stoppedAt(err, answer error) error {
-	stopped, ok := errors.AsType[*dps.BulkStoppedError](err)
+	stopped, ok := errors.AsType[*azerr.BulkStoppedError](err)
 	if !ok {
 		return answer
 	}

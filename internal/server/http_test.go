@@ -17,7 +17,6 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/azerr"
-	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -79,7 +78,7 @@ func TestFailureSaysWhereBulkStopped(t *testing.T) {
 		{&pgconn.PgError{Severity: "ERROR", Code: "40001", Message: "could not serialize access"}, 503},
 		{errors.New("stored enrollment b is corrupt"), 500},
 	} {
-		_, err := failure(r, &dps.BulkStoppedError{Index: 1, Applied: 1, What: "enrollment", ID: "b", Err: tc.cause})
+		_, err := failure(r, &azerr.BulkStoppedError{Index: 1, Applied: 1, What: "enrollment", ID: "b", Err: tc.cause})
 		if e := azerr.As(err); e.Status() != tc.status || !strings.Contains(e.Message, `stopped at item 1 (enrollment "b")`) {
 			t.Errorf("%v: answered %d %q, want %d saying where it stopped", tc.cause, e.Status(), e.Message, tc.status)
 		}
@@ -273,5 +272,47 @@ func TestAccessLog(t *testing.T) {
 	e.raw("GET", "/nowhere", "", "")
 	if strings.Contains(b.String(), "msg=http") {
 		t.Errorf("an access line at info level: %s", b.String())
+	}
+}
+
+// A request no route serves is answered in the shape its service's SDKs
+// parse (the hub's {"Message":"ErrorCode:…"}, the provisioning service's
+// {"errorCode":…}), and a known path asked with a method it does not serve
+// is 405 with the methods it does.
+func TestUnservedRequestsAnswerInTheirServicesShape(t *testing.T) {
+	e := newEnv(t)
+	for _, tc := range []struct {
+		method, path string
+		status       int
+		allow        string
+		hub          bool
+	}{
+		{"DELETE", "/twins/d1", 405, "GET, PUT, PATCH", true},
+		{"GET", "/twins/d1/methods", 405, "POST", true},
+		{"GET", "/twins/d1/modules/m/methods", 405, "POST", true},
+		{"PATCH", "/configurations/c1", 405, "GET, PUT, DELETE", true},
+		{"GET", "/devices/d1/nothing", 404, "", true},
+		{"GET", "/jobs/v1/j", 404, "", true},
+		{"DELETE", "/enrollments", 405, "POST", false},
+		{"PUT", "/enrollments/e1/attestationmechanism", 405, "POST", false},
+		{"GET", "/nothing/here", 404, "", false},
+	} {
+		rec := httptest.NewRecorder()
+		e.ts.Config.Handler.ServeHTTP(rec, httptest.NewRequest(tc.method, tc.path+"?api-version=2021-04-12", nil))
+		var body struct {
+			HubMessage string `json:"Message"`
+			ErrorCode  int    `json:"errorCode"`
+			Message    string `json:"message"`
+		}
+		_ = json.Unmarshal(rec.Body.Bytes(), &body)
+		name := map[int]string{404: "NotFound", 405: "MethodNotAllowed"}[tc.status]
+		switch {
+		case rec.Code != tc.status || rec.Header().Get("Allow") != tc.allow:
+			t.Errorf("%s %s: %d, Allow %q; want %d, Allow %q", tc.method, tc.path, rec.Code, rec.Header().Get("Allow"), tc.status, tc.allow)
+		case body.ErrorCode != tc.status*1000+1 || !strings.Contains(body.Message, tc.path):
+			t.Errorf("%s %s: %s, want errorCode %d and a message naming the path", tc.method, tc.path, rec.Body, tc.status*1000+1)
+		case tc.hub != strings.HasPrefix(body.HubMessage, "ErrorCode:"+name+";"):
+			t.Errorf("%s %s: %s, want it in the %s shape", tc.method, tc.path, rec.Body, map[bool]string{true: "hub's", false: "provisioning service's"}[tc.hub])
+		}
 	}
 }
