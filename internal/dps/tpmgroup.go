@@ -63,7 +63,9 @@ func (s *Service) tpmGroup(ctx context.Context, regID string, ek []byte, certB64
 		return nil, nil, denied(regID, err.Error())
 	}
 	if !certKey.Equal(pub.Key()) {
-		return nil, nil, denied(regID, "the EK certificate is for another key than the endorsement key sent")
+		return nil, nil, denied(regID, "the EK certificate is for another key than the endorsement key sent "+
+			"(an EK persisted from another template than the TCG default, as the Azure C and Node SDKs create it, is not the key the maker certified: "+
+			"evict it with `tpm2_evictcontrol -C o -c 0x81010001` and let the runtime create it again)")
 	}
 	if regID != attest.RegistrationID(ek) && regID != attest.LegacyRegistrationID(ek) {
 		return nil, nil, denied(regID, fmt.Sprintf("no individual enrollment, and a TPM group's device registers as the ID its EK determines, %s", attest.RegistrationID(ek)))
