@@ -132,7 +132,7 @@ in its event stream. Progress goes to stderr, the figures to stdout
 	f.IntVar(&o.devices, "devices", 1000, "device connections to open (the hub issue's target is 19000)")
 	f.IntVar(&o.perWorker, "per-worker", 9000, "at most this many connections per worker process (each needs as many open files)")
 	f.StringVar(&o.prefix, "device-prefix", "bench-", "device IDs are this prefix and a six-digit number")
-	f.IntVar(&o.mqttPort, "mqtt-port", 8883, "the MQTT port of the running hatchery serve, connected to on 127.0.0.1 (default: the installation's)")
+	f.IntVar(&o.mqttPort, "mqtt-port", 0, "the MQTT port of the running hatchery serve, connected to on 127.0.0.1 (default: the installation's)")
 	f.IntVar(&o.serverPID, "server-pid", 0, "the server process, for its memory (default: the process listening on --mqtt-port)")
 	f.BoolVar(&o.x25519, "x25519-only", false, "devices offer only an X25519 TLS key share (as OpenSSL before 3.5 and most embedded TLS stacks), not Go's default X25519MLKEM768")
 	f.IntVar(&o.provisionConc, "provision-concurrency", 32, "registry requests in flight while provisioning")

@@ -83,7 +83,8 @@ func serveCmd() *cobra.Command {
 		Short: "Run the provisioning service and the IoT hub",
 		Long: "Runs the Device Provisioning Service and the IoT hub on one HTTPS port.\n" +
 			"On first start it creates the data directory, a local CA and a server certificate\n" +
-			"for --hostname, localhost and 127.0.0.1, the ID scope and the access policies.",
+			"for --hostname, localhost, the loopback addresses and --tls-name's names, the ID scope\n" +
+			"and the access policies.",
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			o.database = database(cmd)
 			var level slog.Level

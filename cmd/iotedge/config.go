@@ -126,7 +126,11 @@ func writeNew(path string, cfg *config.Config, force bool) error {
 	if err := atomicfile.Write(realPath(path), cfg.Used().TOML(), 0o600); err != nil {
 		return err
 	}
-	fmt.Printf("Wrote %s. Apply it with `sudo iotedge config apply`.\n", path)
+	apply := "sudo iotedge config apply"
+	if path != configPath() {
+		apply += " -c " + path
+	}
+	fmt.Printf("Wrote %s. Apply it with `%s`.\n", path, apply)
 	if cfg.TrustBundleCert == "" {
 		fmt.Printf("It trusts the system's CA certificates only: for a hub whose certificate another CA issued (Hatchery's local CA),\n"+
 			"add trust_bundle_cert = \"file:///path/to/ca.pem\" at the top of %s first.\n", path)
