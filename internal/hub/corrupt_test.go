@@ -3,6 +3,7 @@ package hub
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 
 	"github.com/hatchery/hatchery/internal/store"
@@ -38,4 +39,33 @@ func TestCorruptRecordLeftOutOfLists(t *testing.T) {
 	if _, err := s.store.Get(ctx, kindModule, "good/m1"); !errors.Is(err, store.ErrNotFound) {
 		t.Errorf("a corrupt module of a deleted device: %v, want it gone", err)
 	}
+}
+
+// A corrupt record can be deleted unconditionally (If-Match: *), with what
+// is under it, so that its ID can be used again; a delete on an etag, which
+// nobody can have read from it, is refused.
+func TestCorruptRecordDeleted(t *testing.T) {
+	ctx := context.Background()
+	s := sqliteHub(t)
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindDevice, ID: "bad", Body: []byte(`{"deviceId":"bad","properties":[[[`)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.store.Create(ctx, store.Doc{Kind: kindModule, ID: "bad/m1", Body: []byte(`{"moduleId":"m1"}`)}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GetIdentity(ctx, Ref{Device: "bad"}); err == nil || !strings.Contains(err.Error(), "If-Match: *") {
+		t.Fatalf("reading a corrupt device: %v, want it said how to delete it", err)
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "bad"}, `"some-etag"`); err == nil {
+		t.Fatal("a corrupt device was deleted on an etag")
+	}
+	if err := s.DeleteIdentity(ctx, Ref{Device: "bad"}, "*"); err != nil {
+		t.Fatalf("deleting a corrupt device unconditionally: %v", err)
+	}
+	for _, d := range []struct{ kind, id string }{{kindDevice, "bad"}, {kindModule, "bad/m1"}} {
+		if _, err := s.store.Get(ctx, d.kind, d.id); !errors.Is(err, store.ErrNotFound) {
+			t.Errorf("%s %s after the delete: %v, want it gone", d.kind, d.id, err)
+		}
+	}
+	newIdentity(t, s, Ref{Device: "bad"})
 }

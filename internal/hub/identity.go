@@ -74,10 +74,14 @@ func (s *Service) load(ctx context.Context, r Ref) (*record, string, error) {
 	}
 	rec := &record{}
 	if err := twindoc.Unmarshal(d.Body, rec); err != nil {
-		return nil, "", fmt.Errorf("stored %s is corrupt: %w", r, err)
+		return nil, d.ETag, fmt.Errorf("stored %s is corrupt (%w: restore it from a backup, or delete it with If-Match: *): %w", r, errCorrupt, err)
 	}
 	return rec, d.ETag, nil
 }
+
+// errCorrupt marks a stored record that does not decode; load returns its
+// etag with it, so that it can still be deleted.
+var errCorrupt = errors.New("it does not decode")
 
 // update reads, changes and writes a record, retrying when a concurrent
 // writer got there first.
@@ -367,10 +371,12 @@ func (s *Service) GetIdentity(ctx context.Context, r Ref) (*Device, error) {
 func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) error {
 	for range 16 {
 		rec, etag, err := s.load(ctx, r)
-		if err != nil {
+		switch {
+		case errors.Is(err, errCorrupt) && matches(ifMatch, ""):
+			// Unconditional: a record nobody can read can still go.
+		case err != nil:
 			return err
-		}
-		if !matches(ifMatch, rec.DeviceETag) {
+		case !matches(ifMatch, rec.DeviceETag):
 			return azerr.PreconditionFailed("%s was changed since etag %s", r, ifMatch)
 		}
 		var gone []store.Doc
