@@ -451,3 +451,49 @@ func TestDPSOverMQTTPublishBeforeSubscribe(t *testing.T) {
 		t.Fatalf("register after subscribing: %d %v", r.status, r.body)
 	}
 }
+
+// Throttling over MQTT: the reply topic carries the status and retry-after,
+// and a device that waits that long registers.
+func TestDPSOverMQTTThrottled(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	scope := e.dps.IDScope()
+	session := func(regID string) *rawClient {
+		en := e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+		key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+		c, code := e.dialDPS(t, addr, dpsUsername(scope, regID), regID, dpsToken(scope, regID, key), nil)
+		if code != mqtt.Accepted {
+			t.Fatalf("%s: CONNACK %d", regID, code)
+		}
+		c.subscribe("$dps/registrations/res/#")
+		return c
+	}
+	body := func(regID string) string { return `{"registrationId":"` + regID + `"}` }
+	for _, tc := range []struct {
+		what            string
+		throttle        *dps.Throttle
+		device, spender string // the spender's registration spends the allowance
+	}{
+		{"per device", dps.NewThrottle(0, 1, 1), "busy-1", "busy-1"},
+		{"global", dps.NewThrottle(1, 0, 1), "busy-2", "calm-2"},
+	} {
+		e.dps.Throttle = tc.throttle
+		c := session(tc.device)
+		spender := c
+		if tc.spender != tc.device {
+			spender = session(tc.spender)
+		}
+		if r := spender.register("1", body(tc.spender)); r.status != 202 {
+			t.Fatalf("%s: first registration: %d %v", tc.what, r.status, r.body)
+		}
+		r := c.register("2", body(tc.device))
+		wait, err := strconv.Atoi(r.query.Get("retry-after"))
+		if r.status != 429 || r.body["errorCode"] != float64(429001) || err != nil || wait < 1 {
+			t.Fatalf("%s: throttled registration: %d %v %v, want 429 with retry-after", tc.what, r.status, r.query, r.body)
+		}
+		time.Sleep(time.Duration(wait) * time.Second)
+		if r := c.register("3", body(tc.device)); r.status != 202 {
+			t.Fatalf("%s: registration after retry-after=%d: %d %v", tc.what, wait, r.status, r.body)
+		}
+	}
+}
