@@ -196,8 +196,9 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	_, rawQuery, _ := strings.Cut(p.Topic, "?")
 	q, _ := url.ParseQuery(rawQuery)
 	rid := rawParam(rawQuery, "$rid")
-	// A reply nobody receives: the registration is not done, so that it
-	// spends no throttling allowance and writes nothing the device never hears of.
+	// Without the response subscription the reply would reach nobody: do
+	// no work, which would spend throttling allowance and write records
+	// the device never hears of.
 	if !c.Subscribed(dpsResponsePrefix + "200/?$rid=" + rid) {
 		if !s.toldUnsubscribed.Swap(true) {
 			slog.Info("dps mqtt request ignored: subscribe to "+dpsResponseFilter+" before publishing", "registrationId", s.regID, "topic", p.Topic)
@@ -205,7 +206,9 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 		return nil
 	}
 	if s.unauthenticated() && register && dps.CarriesTPM(p.Payload) {
-		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: %s", s.regID, tpmOverMQTT))
+		err := azerr.Unauthorized("registration %q is not authorized: %s", s.regID, tpmOverMQTT)
+		err.Reason = tpmOverMQTT // logged
+		return d.replyDPSError(c, rid, err)
 	}
 	if s.unauthenticated() {
 		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: no SAS token in the MQTT password and no TLS client certificate: "+

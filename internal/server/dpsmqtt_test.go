@@ -416,6 +416,9 @@ func TestDPSOverMQTTRefusesTPM(t *testing.T) {
 	if n := e.counts()["dps.challenge"]; n != 0 {
 		t.Fatalf("%d challenges issued over MQTT", n)
 	}
+	if n := strings.Count(logs.String(), "reason=\"TPM attestation is not supported over MQTT"); n != 2 {
+		t.Fatalf("the reason logged %d times, want at CONNECT and for the request:\n%s", n, logs)
+	}
 }
 
 // A request published before the response subscription would be answered
