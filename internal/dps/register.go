@@ -85,7 +85,7 @@ func (s *Service) Register(ctx context.Context, req RegisterRequest) (*Operation
 		}
 	}
 	if body.RegistrationID != "" && !strings.EqualFold(body.RegistrationID, regID) {
-		return nil, nil, azerr.BadRequest("registrationId %q in the body differs from %q in the URL", body.RegistrationID, regID)
+		return nil, nil, azerr.BadRequest("registrationId %q in the body differs from %q in the request path (HTTPS) or MQTT username: send the same registration ID in both", body.RegistrationID, regID)
 	}
 	if req.Authorization == "" && len(req.Certificates) == 0 {
 		ch, err := s.challenge(ctx, regID, &body)
@@ -235,6 +235,25 @@ func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID str
 	}
 	r.ETag = etag
 	return r, nil
+}
+
+// TPMEnrolled reports whether regID's individual enrollment attests with a
+// TPM. Such a device registers over HTTPS: as in Azure, the MQTT API serves
+// no TPM attestation (its challenge is an HTTP 401 with a body).
+func (s *Service) TPMEnrolled(ctx context.Context, scope, regID string) (bool, error) {
+	regID, err := s.checkScope(scope, regID)
+	if err != nil {
+		return false, err
+	}
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
+	return e != nil && e.Attestation.Type == AttestationTPM, err
+}
+
+// CarriesTPM reports whether a registration request's body carries tpm: the
+// device means to attest with a TPM.
+func CarriesTPM(body []byte) bool {
+	var b registerBody
+	return json.Unmarshal(body, &b) == nil && b.TPM != nil
 }
 
 func (s *Service) checkScope(scope, regID string) (string, error) {

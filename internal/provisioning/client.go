@@ -33,7 +33,8 @@ type Client struct {
 	IDScope        string
 	RegistrationID string
 	HTTP           *http.Client
-	// Payload is sent with the registration and echoed in the result.
+	// Payload is sent with the registration for a custom allocation
+	// webhook; the result's payload is the webhook's, not this one.
 	Payload json.RawMessage
 	// TokenLifetime is how long each SAS token is valid.
 	TokenLifetime time.Duration
@@ -183,14 +184,10 @@ func (c *Client) registerSigned(ctx context.Context, sign signer, tpmBody map[st
 		if i >= polls {
 			return nil, fmt.Errorf("registration still %q after %d polls", op.Status, polls)
 		}
-		wait := time.Second
-		if s, err := strconv.Atoi(hdr.Get("Retry-After")); err == nil && s >= 0 && s < 60 {
-			wait = time.Duration(s) * time.Second
-		}
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(wait):
+		case <-after(retryAfter(hdr, time.Second)):
 		}
 		status, body, hdr, err = c.send(ctx, http.MethodGet, c.path("/operations/"+url.PathEscape(op.OperationID)), auth, nil)
 		if err != nil {
@@ -232,10 +229,7 @@ func (c *Client) send(ctx context.Context, method, path, auth string, body []byt
 		if err != nil || status != http.StatusTooManyRequests {
 			return status, data, hdr, err
 		}
-		wait := time.Second
-		if s, err := strconv.Atoi(hdr.Get("Retry-After")); err == nil && s > 0 && s <= 60 {
-			wait = time.Duration(s) * time.Second
-		}
+		wait := max(retryAfter(hdr, time.Second), time.Second) // 0 would not wait at all
 		if attempt == 10 {
 			wait = 0
 		}
@@ -248,9 +242,21 @@ func (c *Client) send(ctx context.Context, method, path, auth string, body []byt
 		select {
 		case <-ctx.Done():
 			return 0, nil, nil, ctx.Err()
-		case <-time.After(wait):
+		case <-after(wait):
 		}
 	}
+}
+
+// after is time.After, which tests replace so as not to sleep.
+var after = time.After
+
+// retryAfter reads a Retry-After in seconds, or returns def if there is none
+// or it is over a minute: a device that waits that long looks hung.
+func retryAfter(h http.Header, def time.Duration) time.Duration {
+	if s, err := strconv.Atoi(h.Get("Retry-After")); err == nil && s >= 0 && s <= 60 {
+		return time.Duration(s) * time.Second
+	}
+	return def
 }
 
 func (c *Client) sendOnce(ctx context.Context, method, path, auth string, body []byte) (int, []byte, http.Header, error) {

@@ -16,15 +16,11 @@ import (
 )
 
 func (a *api) routesDPS(mux *http.ServeMux) {
-	// The device API is registered under the literal ID scope: a wildcard
-	// first segment would clash with /registrations/{id}/query.
+	// The device API is registered under the literal ID scope (a wildcard
+	// first segment would clash with /registrations/{id}/query); the
+	// catch-all routes it in any other case (withCanonicalScope).
 	scope := "/" + a.dps.IDScope()
-	device := func(method, path string, h handler) {
-		mux.HandleFunc(method+" "+scope+path, a.dpsHandler(false, h))
-		if lower := strings.ToLower(scope); lower != scope {
-			mux.HandleFunc(method+" "+lower+path, a.dpsHandler(false, h))
-		}
-	}
+	device := func(method, path string, h handler) { mux.HandleFunc(method+" "+scope+path, a.dpsHandler(false, h)) }
 	device("PUT", "/registrations/{regId}/register", a.register)
 	device("GET", "/registrations/{regId}/operations/{opId}", a.operationStatus)
 	device("POST", "/registrations/{regId}", a.deviceRegistrationStatus)

@@ -15,8 +15,9 @@ package server
 //	replies   $dps/registrations/res/{status}/?$rid={rid}[&retry-after={seconds}]
 //	          202 + the operation while assigning, 200 once done, else the DPS error body.
 //
-// Symmetric-key and X.509 attestation are served (TPM needs the HTTPS
-// challenge): the credentials are checked at CONNECT and, through
+// Symmetric-key and X.509 attestation are served; TPM attestation is not,
+// as in Azure (its challenge is an HTTPS 401), and is refused saying so.
+// The credentials are checked at CONNECT and, through
 // dps.Service, again with every request, exactly as the HTTPS API checks
 // its Authorization header and client certificate.
 
@@ -30,6 +31,7 @@ import (
 	"net/url"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/hatchery/hatchery/internal/azerr"
@@ -46,6 +48,7 @@ const (
 	// dpsNoCredentialsGrace bounds how long a session without credentials
 	// stays open: long enough to be told why it cannot register.
 	dpsNoCredentialsGrace = 30 * time.Second
+	tpmOverMQTT           = "TPM attestation is not supported over MQTT: register over HTTPS"
 )
 
 // dpsEndpoint serves DPS registration sessions on the device endpoint.
@@ -69,6 +72,9 @@ type dpsSession struct {
 	// cred is the CONNECT password (a SAS token) or the TLS client
 	// certificate chain; empty when the device sent neither.
 	cred dps.Credentials
+	// toldUnsubscribed is set once a request without the response
+	// subscription has been logged: a device retrying it logs once.
+	toldUnsubscribed atomic.Bool
 }
 
 // NewDeviceEndpointWithDPS returns the device endpoint that also accepts
@@ -135,7 +141,20 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	if err := svc.AuthenticateDevice(ctx, scope, regID, s.cred); err != nil {
+	// Before authenticating: a TPM device's token fails for want of a
+	// challenge, which would hide the reason.
+	var tpm bool
+	var err error
+	if s.cred.Authorization != "" {
+		tpm, err = svc.TPMEnrolled(ctx, scope, regID)
+	}
+	if tpm {
+		return refuse(tpmOverMQTT)
+	}
+	if err == nil {
+		err = svc.AuthenticateDevice(ctx, scope, regID, s.cred)
+	}
+	if err != nil {
 		code, logged := connackFor(err)
 		switch {
 		case code == mqtt.RefusedNotAuthorized:
@@ -177,6 +196,20 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	_, rawQuery, _ := strings.Cut(p.Topic, "?")
 	q, _ := url.ParseQuery(rawQuery)
 	rid := rawParam(rawQuery, "$rid")
+	// Without the response subscription the reply would reach nobody: do
+	// no work, which would spend throttling allowance and write records
+	// the device never hears of.
+	if !c.Subscribed(dpsResponsePrefix + "200/?$rid=" + rid) {
+		if !s.toldUnsubscribed.Swap(true) {
+			slog.Info("dps mqtt request ignored: subscribe to "+dpsResponseFilter+" before publishing", "registrationId", s.regID, "topic", p.Topic)
+		}
+		return nil
+	}
+	if s.unauthenticated() && register && dps.CarriesTPM(p.Payload) {
+		err := azerr.Unauthorized("registration %q is not authorized: %s", s.regID, tpmOverMQTT)
+		err.Reason = tpmOverMQTT // logged
+		return d.replyDPSError(c, rid, err)
+	}
 	if s.unauthenticated() {
 		return d.replyDPSError(c, rid, azerr.Unauthorized("registration %q is not authorized: no SAS token in the MQTT password and no TLS client certificate: "+
 			"send a SAS token (sr={idScope}/registrations/{registrationId}, skn=registration) as the password, or connect with the device's X.509 certificate", s.regID))
@@ -184,11 +217,9 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 	ctx, cancel := context.WithTimeout(context.Background(), d.dpsEP.requestTimeout())
 	defer cancel()
 	if register {
-		op, ch, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,
+		// No challenge comes back: the session has credentials.
+		op, _, err := svc.Register(ctx, dps.RegisterRequest{IDScope: svc.IDScope(), RegistrationID: s.regID,
 			Credentials: s.cred, Body: p.Payload, Addr: deviceAddr(c.RemoteAddr().String())})
-		if err == nil && ch != nil {
-			err = azerr.Unauthorized("registration %q is not authorized: TPM attestation is not supported over MQTT: register over HTTPS", s.regID)
-		}
 		if err != nil {
 			return d.replyDPSError(c, rid, err)
 		}

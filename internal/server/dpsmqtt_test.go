@@ -302,7 +302,7 @@ func TestDPSOverMQTTRefusals(t *testing.T) {
 		t.Fatalf("unknown operation: %d %v", r.status, r.body)
 	}
 	r = c.register("b", `{"registrationId":"not-me"}`)
-	if r.status != 400 || r.body["errorCode"] != float64(400004) {
+	if msg, _ := r.body["message"].(string); r.status != 400 || r.body["errorCode"] != float64(400004) || !strings.Contains(msg, "MQTT username") {
 		t.Fatalf("other registrationId in the body: %d %v", r.status, r.body)
 	}
 	// A disabled enrollment: the session authenticated, the registration is refused.
@@ -382,5 +382,121 @@ func TestDPSOverMQTTSlowWebhook(t *testing.T) {
 	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
 	if st := e.registerOverMQTT(t, addr, "mqtt-slow-hook", key, nil, `null`); st["status"] != "assigned" || st["assignedHub"] != host {
 		t.Fatalf("registration state %v", st)
+	}
+}
+
+// TPM attestation is not served over MQTT, as in Azure: a TPM device is
+// told so, and not that its token or credentials are wrong.
+func TestDPSOverMQTTRefusesTPM(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	scope := e.dps.IDScope()
+	logs := captureLog(t)
+	e.putEnrollment(&dps.Enrollment{RegistrationID: "tpm-mqtt", Attestation: dps.Attestation{Type: dps.AttestationTPM, TPM: &dps.TPMAttestation{EndorsementKey: testEK(t)}}})
+
+	// With a SAS token: refused at CONNECT, the reason logged.
+	tok := dpsToken(scope, "tpm-mqtt", []byte("0123456789abcdef0123456789abcdef"))
+	if _, code := e.dialDPS(t, addr, dpsUsername(scope, "tpm-mqtt"), "tpm-mqtt", tok, nil); code != mqtt.RefusedNotAuthorized {
+		t.Fatalf("TPM enrollment with a SAS token: CONNACK %d, want 5", code)
+	}
+	if !strings.Contains(logs.String(), "TPM attestation is not supported over MQTT: register over HTTPS") {
+		t.Fatalf("the refusal's reason is not logged:\n%s", logs)
+	}
+
+	// Without credentials, asking with its TPM as over HTTPS: told to use HTTPS.
+	c, code := e.dialDPS(t, addr, dpsUsername(scope, "tpm-mqtt"), "tpm-mqtt", "", nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("session without credentials: CONNACK %d", code)
+	}
+	c.subscribe("$dps/registrations/res/#")
+	r := c.register("1", `{"registrationId":"tpm-mqtt","tpm":{"endorsementKey":"`+testEK(t)+`"}}`)
+	if msg, _ := r.body["message"].(string); r.status != 401 || !strings.Contains(msg, "TPM attestation is not supported over MQTT: register over HTTPS") {
+		t.Fatalf("TPM registration without credentials: %d %v", r.status, r.body)
+	}
+	if n := e.counts()["dps.challenge"]; n != 0 {
+		t.Fatalf("%d challenges issued over MQTT", n)
+	}
+	if n := strings.Count(logs.String(), "reason=\"TPM attestation is not supported over MQTT"); n != 2 {
+		t.Fatalf("the reason logged %d times, want at CONNECT and for the request:\n%s", n, logs)
+	}
+}
+
+// A request published before the response subscription would be answered
+// to nobody: it is not done (no throttling spent, nothing written), and
+// the log says why, once.
+func TestDPSOverMQTTPublishBeforeSubscribe(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	scope := e.dps.IDScope()
+	logs := captureLog(t)
+	e.dps.Throttle = dps.NewThrottle(0, 1, 1) // one request: a done one would leave the next throttled
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "eager-1", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+	c, code := e.dialDPS(t, addr, dpsUsername(scope, "eager-1"), "eager-1", dpsToken(scope, "eager-1", key), nil)
+	if code != mqtt.Accepted {
+		t.Fatalf("CONNACK %d", code)
+	}
+	for range 2 {
+		c.publish("$dps/registrations/PUT/iotdps-register/?$rid=early", []byte(`{"registrationId":"eager-1"}`))
+		if _, ok := c.read().(*mqtt.Puback); !ok {
+			t.Fatal("no PUBACK for the early request")
+		}
+	}
+	if n := e.counts()["dps.registration"] + e.counts()["hub.device"]; n != 0 {
+		t.Fatalf("%d records written by a request answered to nobody", n)
+	}
+	const want = "request ignored: subscribe to $dps/registrations/res/# before publishing"
+	if n := strings.Count(logs.String(), want); n != 1 {
+		t.Fatalf("logged %d times, want once:\n%s", n, logs)
+	}
+	c.subscribe("$dps/registrations/res/#")
+	if r := c.register("1", `{"registrationId":"eager-1"}`); r.status != 202 {
+		t.Fatalf("register after subscribing: %d %v", r.status, r.body)
+	}
+}
+
+// Throttling over MQTT: the reply topic carries the status and retry-after,
+// and a device that waits that long registers.
+func TestDPSOverMQTTThrottled(t *testing.T) {
+	e := newEnv(t)
+	addr := e.startDPSMQTT()
+	scope := e.dps.IDScope()
+	session := func(regID string) *rawClient {
+		en := e.putEnrollment(&dps.Enrollment{RegistrationID: regID, Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+		key, _ := base64.StdEncoding.DecodeString(en.Attestation.SymmetricKey.PrimaryKey)
+		c, code := e.dialDPS(t, addr, dpsUsername(scope, regID), regID, dpsToken(scope, regID, key), nil)
+		if code != mqtt.Accepted {
+			t.Fatalf("%s: CONNACK %d", regID, code)
+		}
+		c.subscribe("$dps/registrations/res/#")
+		return c
+	}
+	body := func(regID string) string { return `{"registrationId":"` + regID + `"}` }
+	for _, tc := range []struct {
+		what            string
+		throttle        *dps.Throttle
+		device, spender string // the spender's registration spends the allowance
+	}{
+		{"per device", dps.NewThrottle(0, 1, 1), "busy-1", "busy-1"},
+		{"global", dps.NewThrottle(1, 0, 1), "busy-2", "calm-2"},
+	} {
+		e.dps.Throttle = tc.throttle
+		c := session(tc.device)
+		spender := c
+		if tc.spender != tc.device {
+			spender = session(tc.spender)
+		}
+		if r := spender.register("1", body(tc.spender)); r.status != 202 {
+			t.Fatalf("%s: first registration: %d %v", tc.what, r.status, r.body)
+		}
+		r := c.register("2", body(tc.device))
+		wait, err := strconv.Atoi(r.query.Get("retry-after"))
+		if r.status != 429 || r.body["errorCode"] != float64(429001) || err != nil || wait < 1 {
+			t.Fatalf("%s: throttled registration: %d %v %v, want 429 with retry-after", tc.what, r.status, r.query, r.body)
+		}
+		time.Sleep(time.Duration(wait) * time.Second)
+		if r := c.register("3", body(tc.device)); r.status != 202 {
+			t.Fatalf("%s: registration after retry-after=%d: %d %v", tc.what, wait, r.status, r.body)
+		}
 	}
 }

@@ -54,6 +54,12 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 		writeJSON(w, http.StatusOK, map[string]string{"status": "ok"})
 	})
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		// The device API is registered under the ID scope as configured;
+		// devices may spell it in any case, as over MQTT.
+		if r2 := withCanonicalScope(r, d.IDScope()); r2 != nil {
+			mux.ServeHTTP(w, r2)
+			return
+		}
 		hubPath := isHubPath(r.URL.Path)
 		var err error
 		if allow := allowedMethods(mux, r); len(allow) > 0 {
@@ -76,14 +82,34 @@ func New(d *dps.Service, h *hub.Service, devices *mqtt.Server) http.Handler {
 	return logRequests(mux)
 }
 
+// withCanonicalScope returns r with its first path segment spelled as scope
+// if it is scope in another case, else nil.
+func withCanonicalScope(r *http.Request, scope string) *http.Request {
+	first := firstSegment(r.URL.Path)
+	if first == scope || !strings.EqualFold(first, scope) {
+		return nil
+	}
+	u := *r.URL
+	u.Path = "/" + scope + r.URL.Path[1+len(first):]
+	if u.RawPath != "" { // its escapes in the registration ID kept
+		u.RawPath = "/" + scope + u.RawPath[1+len(firstSegment(u.RawPath)):]
+	}
+	r2 := r.Clone(r.Context())
+	r2.URL = &u
+	return r2
+}
+
 // hubRoots are the first path segments of the hub's APIs; the others are
 // the provisioning service's.
 var hubRoots = map[string]bool{"devices": true, "twins": true, "jobs": true, "configurations": true,
 	"statistics": true, "messages": true, "certificates": true, "events": true, "$iothub": true}
 
-func isHubPath(path string) bool {
-	root, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
-	return hubRoots[strings.ToLower(root)]
+func isHubPath(path string) bool { return hubRoots[strings.ToLower(firstSegment(path))] }
+
+// firstSegment returns the first segment of a path that starts with "/".
+func firstSegment(path string) string {
+	first, _, _ := strings.Cut(strings.TrimPrefix(path, "/"), "/")
+	return first
 }
 
 // allowedMethods lists the methods mux serves at r's path other than the

@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgconn"
 
 	"github.com/hatchery/hatchery/internal/azerr"
+	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/hub"
 	"github.com/hatchery/hatchery/internal/sas"
 	"github.com/hatchery/hatchery/internal/store"
@@ -314,5 +315,27 @@ func TestUnservedRequestsAnswerInTheirServicesShape(t *testing.T) {
 		case tc.hub != strings.HasPrefix(body.HubMessage, "ErrorCode:"+name+";"):
 			t.Errorf("%s %s: %s, want it in the %s shape", tc.method, tc.path, rec.Body, map[bool]string{true: "hub's", false: "provisioning service's"}[tc.hub])
 		}
+	}
+}
+
+// Devices may spell the ID scope in any case over HTTPS, as over MQTT;
+// other paths are routed as before.
+func TestIDScopeInAnyCase(t *testing.T) {
+	e := newEnv(t)
+	en := e.putEnrollment(&dps.Enrollment{RegistrationID: "scope-case", Attestation: dps.Attestation{Type: dps.AttestationSymmetricKey}})
+	scope := e.dps.IDScope()
+	tok := sas.Build(mustBase64(t, en.Attestation.SymmetricKey.PrimaryKey), scope+"/registrations/scope-case", "registration", time.Now().Add(time.Minute))
+	for _, s := range []string{strings.ToUpper(scope), strings.ToLower(scope), scope} {
+		if st, body := e.raw("PUT", "/"+s+"/registrations/scope-case/register?api-version=2021-06-01", tok, `{"registrationId":"scope-case"}`); st != 202 {
+			t.Errorf("register under ID scope %s: HTTP %d %v", s, st, body)
+		}
+	}
+	rec := httptest.NewRecorder()
+	e.ts.Config.Handler.ServeHTTP(rec, httptest.NewRequest("DELETE", "/"+strings.ToUpper(scope)+"/registrations/scope-case/register?api-version=2021-06-01", nil))
+	if rec.Code != 405 || rec.Header().Get("Allow") != "PUT" {
+		t.Errorf("DELETE under the upper-case ID scope: %d, Allow %q; want 405, Allow PUT", rec.Code, rec.Header().Get("Allow"))
+	}
+	if st, _ := e.raw("GET", "/0NE00000000/registrations/scope-case/register?api-version=2021-06-01", tok, ""); st != 404 {
+		t.Errorf("another ID scope: HTTP %d, want 404", st)
 	}
 }
