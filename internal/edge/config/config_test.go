@@ -413,8 +413,12 @@ func TestTemplate(t *testing.T) {
 		t.Errorf("template settings uncommented: %v %v\n%s", err, warns, all)
 	}
 
-	// The mistake the seed's block invites: uncommenting its last line.
-	mistake := strings.Replace(filled, "# auto_reprovisioning_mode = Dynamic", "auto_reprovisioning_mode = Dynamic", 1)
+	// The mistake the seed's block invites (the template leaves its line
+	// out): uncommenting its last line, within [provisioning.attestation].
+	if strings.Contains(filled, "# auto_reprovisioning_mode = Dynamic") {
+		t.Error("the template invites the seed's mistake: its auto_reprovisioning_mode line sits in [provisioning.attestation], unquoted")
+	}
+	mistake := strings.Replace(filled, "\nregistration_id = \"3f2b9c0d\"", "\nregistration_id = \"3f2b9c0d\"\nauto_reprovisioning_mode = Dynamic", 1)
 	if _, _, err := Parse("config.toml", []byte(mistake)); err == nil ||
 		!strings.Contains(err.Error(), `the value of auto_reprovisioning_mode must be quoted: auto_reprovisioning_mode = "Dynamic"`) {
 		t.Errorf("unquoted mode: %v", err)
