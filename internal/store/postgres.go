@@ -67,12 +67,6 @@ func openPostgres(ctx context.Context, dsn string, mode schemaMode) (*Postgres, 
 	if err != nil {
 		return nil, fmt.Errorf("database URL %s: %w", where, err)
 	}
-	// Every conditional write is one statement that must see the row's
-	// latest committed version, as READ COMMITTED does: under a stricter
-	// database or role default it would fail with a serialization error
-	// rather than ErrPrecondition. Sessions set it themselves, the relay's
-	// too (it copies this configuration).
-	cfg.ConnConfig.RuntimeParams["default_transaction_isolation"] = "read committed"
 	if !strings.Contains(dsn, "pool_max_conns") {
 		cfg.MaxConns = max(cfg.MaxConns, defaultPostgresConns)
 	}
@@ -168,7 +162,7 @@ func (p *Postgres) Create(ctx context.Context, d Doc) (Doc, error) {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
 	d.ETag, d.Updated = newETag(), time.Now()
-	tag, err := p.pool.Exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
+	tag, err := p.exec(ctx, `INSERT INTO docs (kind, id, etag, body, updated) VALUES ($1,$2,$3,$4,$5)
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
 	if err != nil {
 		return d, full(err)
@@ -187,7 +181,7 @@ func (p *Postgres) CreateUnder(ctx context.Context, d Doc, parentKind, parentID 
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
 	d.ETag, d.Updated = newETag(), time.Now()
-	tag, err := p.pool.Exec(ctx, `WITH parent AS (SELECT 1 FROM docs WHERE kind=$6 AND id=$7 FOR KEY SHARE)
+	tag, err := p.exec(ctx, `WITH parent AS (SELECT 1 FROM docs WHERE kind=$6 AND id=$7 FOR KEY SHARE)
 		INSERT INTO docs (kind, id, etag, body, updated) SELECT $1,$2,$3,$4,$5 FROM parent
 		ON CONFLICT (kind, id) DO NOTHING`, d.Kind, d.ID, d.ETag, d.Body, d.Updated, parentKind, parentID)
 	if err != nil {
@@ -247,6 +241,22 @@ func (p *Postgres) DeleteTree(ctx context.Context, kind, id, ifMatch string, und
 	return gone, full(tx.Commit(ctx))
 }
 
+// exec runs one statement in a transaction of its own. Under READ
+// COMMITTED, the default, a conditional write that waited for another's
+// row sees it as committed; under a stricter database or role default it
+// fails with a serialization error instead, and run again, with a snapshot
+// of its own, it sees the row so. (A session setting would do as well but
+// not through PgBouncer, which refuses startup parameters it does not know
+// and shares server sessions among clients.)
+func (p *Postgres) exec(ctx context.Context, stmt string, args ...any) (pgconn.CommandTag, error) {
+	for attempt := 1; ; attempt++ {
+		tag, err := p.pool.Exec(ctx, stmt, args...)
+		if !Contended(err) || attempt == 5 || ctx.Err() != nil {
+			return tag, err
+		}
+	}
+}
+
 // The conditional writes are single statements whose WHERE clause is the
 // condition. Two writers holding one etag cannot both succeed: the second
 // UPDATE waits for the first's row lock, rechecks the row as committed and
@@ -268,11 +278,11 @@ func (p *Postgres) Put(ctx context.Context, d Doc, ifMatch string) (Doc, error) 
 	var err error
 	switch ifMatch {
 	case "":
-		tag, err = p.pool.Exec(ctx, pgUpsert, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
+		tag, err = p.exec(ctx, pgUpsert, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
 	case "*":
-		tag, err = p.pool.Exec(ctx, pgUpdate, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
+		tag, err = p.exec(ctx, pgUpdate, d.Kind, d.ID, d.ETag, d.Body, d.Updated)
 	default:
-		tag, err = p.pool.Exec(ctx, pgUpdateIf, d.Kind, d.ID, d.ETag, d.Body, d.Updated, ifMatch)
+		tag, err = p.exec(ctx, pgUpdateIf, d.Kind, d.ID, d.ETag, d.Body, d.Updated, ifMatch)
 	}
 	if err != nil {
 		return d, full(err)
@@ -296,7 +306,7 @@ func (p *Postgres) Delete(ctx context.Context, kind, id, ifMatch string) error {
 	ctx, cancel := p.bound(ctx)
 	defer cancel()
 	stmt, args := pgDeletion(kind, id, ifMatch)
-	tag, err := p.pool.Exec(ctx, stmt, args...)
+	tag, err := p.exec(ctx, stmt, args...)
 	if err != nil {
 		return full(err)
 	}
@@ -373,7 +383,7 @@ func (p *Postgres) AppendEvent(ctx context.Context, e Event) (int64, error) {
 func (p *Postgres) insertEvents(as []*pendingEvent) error {
 	ctx, cancel := p.bound(context.Background()) // the batch is not any one caller's
 	defer cancel()
-	return pgx.BeginFunc(ctx, p.pool, func(tx pgx.Tx) error {
+	return pgx.BeginTxFunc(ctx, p.pool, pgx.TxOptions{IsoLevel: pgx.ReadCommitted}, func(tx pgx.Tx) error {
 		// The lock is its own statement, before the batch: pgx prepares a
 		// batch's statements before running any, and preparing the INSERT
 		// takes a lock on events that would then be held while waiting for
