@@ -292,6 +292,8 @@ func (s *Service) storeConfiguration(ctx context.Context, id, ifMatch string, c 
 				return azerr.BadRequest("a configuration's content cannot change: create a new one with a higher priority")
 			}
 			c.CreatedTimeUtc = old.CreatedTimeUtc
+		case azerr.As(err).Status() == 404 && strings.Trim(ifMatch, `"`) != "" && strings.Trim(ifMatch, `"`) != "*":
+			return err // an update of a version that is gone (deleted meanwhile), not a create
 		case azerr.As(err).Status() == 404:
 			c.CreatedTimeUtc, etag = now, ""
 		default:

@@ -107,7 +107,14 @@ func TestConcurrentWritesAnswerAsAzure(t *testing.T) {
 				_, err := s.PutConfiguration(ctx, "fw", "*", raceConfig())
 				return err
 			},
-			""}, // created again, as a PUT finding none does
+			""}, // created again, as a PUT "*" finding none does
+		{"an update on an etag of a configuration meanwhile deleted", kindConfiguration, "fw",
+			func(s *Service) error { return s.DeleteConfiguration(ctx, "fw", "*") },
+			func(s *Service, etag string) error {
+				_, err := s.PutConfiguration(ctx, "fw", etag, raceConfig())
+				return err
+			},
+			"ConfigurationNotFound"}, // that version is gone: not brought back
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s := sqliteHub(t)
