@@ -237,16 +237,23 @@ const recordedOperations = 16
 // then stands, wherever it put the device (retries answered differently by
 // a custom webhook or by geoLatency, replicas whose lists of hubs differ
 // for a moment): rec adds only its operation to it, so that the device is
-// on one hub. record returns what it wrote.
+// on one hub. So does a failure recorded since, when the assignment it
+// keeps is not the one read (a third registration moved the device
+// before it): the device, told of the failure, registers again. record
+// returns what it wrote.
 func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (registrationRecord, string, error) {
+	prev := read.val.lastAssignment()
 	var written registrationRecord
 	attempt := 0
 	etag, err := upsert(ctx, s.store, kindRegistration, rec.RegistrationID, read, func(old *registrationRecord) registrationRecord {
 		r := rec               // a fresh copy for each attempt
 		changed := attempt > 0 // the first attempt writes over read
 		attempt++
+		won := old.lastAssignment()
+		placedElsewhere := won != nil && !won.at(r.AssignedHub, r.DeviceID) &&
+			(old.Status == StatusAssigned || prev == nil || !won.at(prev.Hub, prev.DeviceID))
 		switch {
-		case changed && r.Status == StatusAssigned && old != nil && old.Status == StatusAssigned && !old.lastAssignment().at(r.AssignedHub, r.DeviceID):
+		case changed && r.Status == StatusAssigned && placedElsewhere:
 			r = *old
 			r.Operations = append(rec.Operations[:1:1], old.Operations...)
 		case old != nil:

@@ -498,6 +498,66 @@ func TestRacingPlacementsLeaveOneIdentity(t *testing.T) {
 	}
 }
 
+// A registration that placed a device while another moved it elsewhere and
+// a third then failed (its record keeping where the second put it) does not
+// write over that failure: the device ends where the second put it, on one
+// hub, and is told of the failure, so that it registers again.
+func TestRacingPlacementAfterAFailureLeavesOneIdentity(t *testing.T) {
+	e := newEnv(t)
+	hubs := map[string]*azclient.Client{host: e.hubAPI, "hub2.test": e.secondHub(t, "hub2.test"), "hub3.test": e.secondHub(t, "hub3.test")}
+	var calls atomic.Int32
+	waiting, release := make(chan struct{}), make(chan struct{})
+	hook := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		to := host
+		switch calls.Add(1) {
+		case 2: // the slow registration, to hub2
+			close(waiting)
+			<-release
+			to = "hub2.test"
+		case 3: // moves the device to hub3 meanwhile
+			to = "hub3.test"
+		case 4: // fails
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = io.WriteString(w, `{"iotHubHostName":"`+to+`"}`)
+	}))
+	defer hook.Close()
+	register := e.symDevice(t, &dps.Enrollment{RegistrationID: "racer", AllocationPolicy: dps.PolicyCustom,
+		IoTHubs: []string{host, "hub2.test", "hub3.test"}, CustomAllocationDefinition: &dps.CustomAllocationDefinition{WebhookURL: hook.URL}})
+	if res, err := register(); err != nil || res.AssignedHub != host {
+		t.Fatalf("first registration: %+v %v", res, err)
+	}
+	slow := make(chan *dps.RegistrationState)
+	go func() {
+		res, _ := register()
+		slow <- res
+	}()
+	<-waiting
+	if res, err := register(); err != nil || res.AssignedHub != "hub3.test" {
+		t.Fatalf("the move to hub3: %+v %v", res, err)
+	}
+	if res, _ := register(); res == nil || res.Status != "failed" {
+		t.Fatalf("the failing registration: %+v", res)
+	}
+	close(release)
+	if res := <-slow; res == nil || res.Status != "failed" {
+		t.Errorf("the slow registration was answered %+v, want the failure recorded before it", res)
+	}
+	for name, c := range hubs {
+		err := c.Do(ctx, "GET", "/devices/racer", "", nil, &hub.Device{})
+		if name == "hub3.test" && err != nil {
+			t.Errorf("the device is not on hub3, where the record keeps it: %v", err)
+		}
+		if name != "hub3.test" && azerr.As(err).Status() != 404 {
+			t.Errorf("the device is on %s too, with keys that work: %v", name, err)
+		}
+	}
+	if res, err := register(); err != nil || res.AssignedHub == "" {
+		t.Errorf("registering again: %+v %v", res, err)
+	}
+}
+
 // A device never reprovisioned still has its custom webhook asked, with
 // only its hub to choose, and gets the payload the webhook gives it.
 func TestNeverReprovisionedAsksWebhookForPayload(t *testing.T) {
