@@ -125,25 +125,35 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dpsapi
 		return nil, fmt.Errorf("challenge authenticationKey is not base64: %w", err)
 	}
 	if err := t.ImportActivationBlob(blob, handle); err != nil {
-		return nil, fmt.Errorf("activating the provisioning service's challenge in the TPM: %w", err)
+		return nil, challengeImported{fmt.Errorf("activating the provisioning service's challenge in the TPM: %w", err)}
 	}
 	sign := func(data []byte) ([]byte, error) { return t.HMAC(handle, data) }
 	state, err := c.registerSigned(ctx, sign, tpmBody)
 	if err != nil {
-		return nil, err
+		return nil, challengeImported{err}
 	}
 	if state.TPM == nil || state.TPM.AuthenticationKey == "" {
-		return nil, errors.New("the registration result carries no tpm.authenticationKey for the hub key")
+		return nil, challengeImported{errors.New("the registration result carries no tpm.authenticationKey for the hub key")}
 	}
 	hubBlob, err := base64.StdEncoding.DecodeString(state.TPM.AuthenticationKey)
 	if err != nil {
-		return nil, fmt.Errorf("result authenticationKey is not base64: %w", err)
+		return nil, challengeImported{fmt.Errorf("result authenticationKey is not base64: %w", err)}
 	}
 	if err := t.ImportActivationBlob(hubBlob, handle); err != nil {
-		return nil, fmt.Errorf("importing the hub key into the TPM: %w", err)
+		return nil, challengeImported{fmt.Errorf("importing the hub key into the TPM: %w", err)}
 	}
 	return state, nil
 }
+
+// challengeImported is a TPM registration's failure once the challenge's
+// import began at its handle: the key that was there may be gone.
+type challengeImported struct{ error }
+
+func (e challengeImported) Unwrap() error { return e.error }
+
+// ChallengeImported reports whether err is a TPM registration's failure
+// after it began replacing the key at its handle with the challenge's.
+func ChallengeImported(err error) bool { return errors.As(err, new(challengeImported)) }
 
 // registerSigned sends the authenticated registration and polls it to the
 // end; without a signer the TLS client certificate authenticates it.

@@ -197,8 +197,11 @@ func (m *Manager) dps(ctx context.Context, d *Device) error {
 		}
 		handle := tpm.IdentityHandle(uint32(m.Config.TPM.AuthKeyIndex))
 		rs, err := client.RegisterTPM(ctx, m.TPM, handle)
-		if err != nil {
+		if provisioning.ChallengeImported(err) {
 			return m.restoreHubKey(handle, err)
+		}
+		if err != nil {
+			return err
 		}
 		d.HubHostName, d.DeviceID, d.Method, d.HubKeyBlob = rs.AssignedHub, rs.DeviceID, "tpm", rs.TPM.AuthenticationKey
 	case config.MethodSymmetricKey:

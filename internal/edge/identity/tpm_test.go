@@ -51,7 +51,7 @@ func TestFailedTPMRegistrationKeepsBackupKey(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	tpm := softtpm.New(keys)
+	tpm := &countingTPM{TPM: softtpm.New(keys)}
 	ek, _ := tpm.EndorsementKey()
 	regID := attest.RegistrationID(ek)
 	enrollment := &dps.Enrollment{RegistrationID: regID, DeviceID: "edge-1",
@@ -99,4 +99,21 @@ func TestFailedTPMRegistrationKeepsBackupKey(t *testing.T) {
 	if err := accepted(dev); err != nil {
 		t.Fatalf("the backup's tokens are refused after a failed registration: %v", err)
 	}
+	// A registration that fails before its challenge leaves the TPM alone.
+	ts.Close()
+	before := tpm.imports
+	if dev, err := m.Start(ctx); err == nil || dev == nil || tpm.imports != before {
+		t.Fatalf("start with the service gone: %+v %v; %d imports into the TPM, want none", dev, err, tpm.imports-before)
+	}
+}
+
+// countingTPM counts the keys imported into the TPM.
+type countingTPM struct {
+	*softtpm.TPM
+	imports int
+}
+
+func (c *countingTPM) ImportActivationBlob(blob []byte, handle uint32) error {
+	c.imports++
+	return c.TPM.ImportActivationBlob(blob, handle)
 }
