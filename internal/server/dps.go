@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"context"
 	"encoding/base64"
 	"net/http"
@@ -243,8 +244,10 @@ func continuation(r *http.Request) (string, error) {
 		return "", nil
 	}
 	b, err := base64.RawURLEncoding.DecodeString(v)
-	scope, after, found := strings.Cut(string(b), "\x00")
-	if err != nil || !found || after == "" || len(after) > maxAfter || !utf8.ValidString(after) || strings.ContainsRune(after, 0) {
+	// Split at the last NUL: the item holds none, the path may (%00).
+	i := bytes.LastIndexByte(b, 0)
+	scope, after := string(b[:max(i, 0)]), string(b[i+1:])
+	if err != nil || i < 0 || after == "" || len(after) > maxAfter || !utf8.ValidString(after) {
 		return "", azerr.BadRequest("x-ms-continuation %.40q is not a token of this service: send the one the previous page came with, or none to start", v)
 	}
 	if want := continuationScope(r); scope != want {

@@ -2,10 +2,12 @@ package server
 
 import (
 	"bytes"
+	"net/http/httptest"
 	"net/url"
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"github.com/hatchery/hatchery/internal/dps"
 	"github.com/hatchery/hatchery/internal/sas"
@@ -139,6 +141,35 @@ func FuzzMQTTUsernames(f *testing.F) {
 		}
 		if scope, regID, ok := parseDPSUsername(u); ok && (scope == "" || regID == "" || strings.Contains(scope+regID, "/")) {
 			t.Fatalf("%q: scope %q, registration %q", u, scope, regID)
+		}
+	})
+}
+
+// Whatever x-ms-continuation a client sends, it is refused or names an item
+// a store can hold (UTF-8, no NUL, bounded) of the collection paged, and a
+// token the server made gives back the item it was made for.
+func FuzzContinuation(f *testing.F) {
+	for _, seed := range []string{"", "AA", "_w", "L2Vucm9sbG1lbnRzL3F1ZXJ5AGE", "bm90IGEgdG9rZW4"} {
+		f.Add(seed, "/enrollments/query", "dev-1")
+	}
+	f.Fuzz(func(t *testing.T, token, path, item string) {
+		if !strings.HasPrefix(path, "/") || strings.ContainsAny(path, "?#") {
+			return
+		}
+		r := httptest.NewRequest("POST", "http://h/", nil)
+		r.URL.Path = path
+		r.Header.Set("x-ms-continuation", token)
+		if after, err := continuation(r); err == nil && (len(after) > maxAfter || !utf8.ValidString(after) || strings.ContainsRune(after, 0) || token != "" && after == "") {
+			t.Fatalf("token %q gave item %q", token, after)
+		}
+		if item == "" || len(item) > maxAfter || !utf8.ValidString(item) || strings.ContainsRune(item, 0) {
+			return
+		}
+		w := httptest.NewRecorder()
+		setContinuation(w, r, item)
+		r.Header.Set("x-ms-continuation", w.Header().Get("x-ms-continuation"))
+		if after, err := continuation(r); err != nil || after != item {
+			t.Fatalf("the token made for %q at %s gave %q, %v", item, path, after, err)
 		}
 	})
 }
