@@ -239,8 +239,8 @@ const recordedOperations = 16
 // for a moment): rec adds only its operation to it, so that the device is
 // on one hub. So does a failure recorded since, when the assignment it
 // keeps is not the one read (a third registration moved the device
-// before it): the device, told of the failure, registers again. record
-// returns what it wrote.
+// before it): the device, told of the failure, registers again
+// (docs/decisions/0006). record returns what it wrote.
 func (s *Service) record(ctx context.Context, rec registrationRecord, read *current[registrationRecord]) (registrationRecord, string, error) {
 	prev := read.val.lastAssignment()
 	var written registrationRecord
