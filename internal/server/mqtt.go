@@ -355,6 +355,31 @@ func (s *session) own() string {
 
 var errTopic = errors.New("topic is not one a device may publish to")
 
+// maxEventBackpressure is how long a device over its message rate is held
+// before its message is taken (and acknowledged), rather than
+// disconnected: the SDKs would reconnect at once, and again, each time
+// with a TLS handshake, while their method calls and messages wait.
+const maxEventBackpressure = 30 * time.Second
+
+// sendEvent stores a device's telemetry message, holding the connection
+// (it reads nothing meanwhile, the PUBACK waits) while the device is over
+// its rate, as the hosted hub slows a device down. Only a device whose
+// wait would be longer still is disconnected.
+func (d *DeviceEndpoint) sendEvent(r hub.Ref, props map[string]string, body []byte) error {
+	held := time.Duration(0)
+	for {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		_, err := d.hub.SendEvent(ctx, r, props, body)
+		cancel()
+		e, throttled := errors.AsType[*azerr.Error](err)
+		if !throttled || e.Code != 429001 || held+e.RetryAfter > maxEventBackpressure {
+			return err
+		}
+		time.Sleep(e.RetryAfter)
+		held += e.RetryAfter
+	}
+}
+
 // Published handles telemetry, twin requests and method answers. Anything
 // else, including another device's topics, closes the connection, as the
 // hosted hub does.
@@ -366,8 +391,7 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	if props, ok := eventProps(s.own(), p.Topic, p.Retain); ok {
-		_, err := d.hub.SendEvent(ctx, s.ref, props, p.Payload)
-		return err
+		return d.sendEvent(s.ref, props, p.Payload)
 	}
 	switch {
 	case strings.HasPrefix(p.Topic, "$iothub/twin/GET/"):

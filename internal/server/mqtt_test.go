@@ -527,7 +527,8 @@ func TestEventRetention(t *testing.T) {
 }
 
 // A device gets its share of device-to-cloud bytes: beyond it, HTTPS
-// answers 429 with Retry-After and MQTT ends the connection; no message is
+// answers 429 with Retry-After, and MQTT holds the message until the rate
+// allows it, or, for longer than 30 s, ends the connection; no message is
 // larger than the hosted hub's 256 KiB.
 func TestDeviceMessageRate(t *testing.T) {
 	e := newEnv(t)
@@ -556,6 +557,31 @@ func TestDeviceMessageRate(t *testing.T) {
 	testutil.Within(t, c.Done(), "disconnect of the device over its rate")
 	if n, _ := e.st.Events(ctx, "d1", 0, 10); len(n) != 1 {
 		t.Fatalf("%d messages stored, want the one within the limit", len(n))
+	}
+
+	// A short wait holds the message, and the connection stays: the SDKs
+	// would reconnect at once, again and again.
+	e.hub.MessageBytes = hub.NewMessageLimit(64 << 10) // bursts of 1 MiB
+	_, _, c2 := e.mqttDevice("d2")
+	for range 4 {
+		if err := c2.SendEvent(ctx, make([]byte, 256<<10-1024), nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	start := time.Now()
+	if err := c2.SendEvent(ctx, make([]byte, 128<<10), nil); err != nil {
+		t.Fatalf("the message beyond the burst: %v", err)
+	}
+	if waited := time.Since(start); waited < time.Second {
+		t.Errorf("the message beyond the burst was taken after %v, not held", waited)
+	}
+	select {
+	case <-c2.Done():
+		t.Fatal("the device over its rate for a moment was disconnected")
+	default:
+	}
+	if n, _ := e.st.Events(ctx, "d2", 0, 10); len(n) != 5 {
+		t.Errorf("%d messages stored, want all 5", len(n))
 	}
 }
 
