@@ -56,6 +56,7 @@ type session struct {
 	watching map[string]bool              // filters whose watcher runs: one each, however often subscribed
 	c2dSent  map[string]bool              // C2D messages sent on this connection and still queued, by store ID
 	methods  map[string]chan methodAnswer // by $rid
+	gone     chan struct{}                // closed with the connection: calls waiting on it end
 	nextRID  atomic.Uint64
 	// kept is what a persistent session (CleanSession 0) is subscribed
 	// to, as the hub keeps it; a clean session keeps nothing. Only the
@@ -203,7 +204,7 @@ func (d *DeviceEndpoint) Authenticate(c *mqtt.Conn, p *mqtt.Connect) byte {
 	if c.TLS() != nil {
 		chain = c.TLS().PeerCertificates
 	}
-	sess := &session{ref: r, methods: map[string]chan methodAnswer{}}
+	sess := &session{ref: r, methods: map[string]chan methodAnswer{}, gone: make(chan struct{})}
 	if p.Will != nil {
 		props, ok := eventProps(sess.own(), p.Will.Topic, p.Will.Retain)
 		if !ok {
@@ -265,6 +266,13 @@ func (d *DeviceEndpoint) Closed(c *mqtt.Conn, err error) {
 	for _, f := range cancels {
 		f()
 	}
+	s.mu.Lock()
+	select {
+	case <-s.gone:
+	default:
+		close(s.gone)
+	}
+	s.mu.Unlock()
 	d.forget(s.ref, c)
 	if s.will != nil && err != nil && !errors.Is(err, mqtt.ErrConnClosed) && !errors.Is(err, mqtt.ErrServerClosed) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -576,6 +584,8 @@ func (d *DeviceEndpoint) callMethod(ctx context.Context, c *mqtt.Conn, s *sessio
 	select {
 	case a := <-ch:
 		return a.status, a.payload, nil
+	case <-s.gone: // the caller need not wait out its timeout
+		return 0, nil, azerr.New(404103, "DeviceNotOnline", "%s disconnected before it answered method %q", s.ref, name)
 	case <-ctx.Done():
 		return 0, nil, ctx.Err()
 	}

@@ -1269,3 +1269,25 @@ func TestMQTTConnectPanicReleasesIdentity(t *testing.T) {
 		t.Fatalf("the next connect: CONNACK %d", code)
 	}
 }
+
+// A device that disconnects with a method call pending ends the call at
+// once, DeviceNotOnline, rather than leaving the caller its whole timeout
+// and a 504 saying the device did not answer.
+func TestMethodEndsWhenDeviceDisconnects(t *testing.T) {
+	e := newEnv(t)
+	_, _, c := e.mqttDevice("d1")
+	done := make(chan struct{})
+	defer close(done)
+	if err := c.OnMethod(ctx, func(string, []byte) (int, []byte) {
+		c.Close() // as a device renewing its token mid-call does
+		<-done
+		return 200, nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	err := e.hubAPI.Do(ctx, "POST", "/twins/d1/methods", "", map[string]any{"methodName": "slow", "responseTimeoutInSeconds": 20}, nil)
+	if e := azerr.As(err); e.Code != 404103 || time.Since(start) > 10*time.Second {
+		t.Fatalf("a method whose device disconnected: %v after %v, want DeviceNotOnline at once", err, time.Since(start))
+	}
+}
