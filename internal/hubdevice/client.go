@@ -397,7 +397,11 @@ func (c *Client) PatchReported(ctx context.Context, patch any) (int64, error) {
 		return 0, err
 	}
 	if r.status/100 != 2 {
-		return 0, fmt.Errorf("the hub refused the reported properties with status %d", r.status)
+		var e struct {
+			Message string `json:"message"`
+		}
+		_ = json.Unmarshal(r.body, &e)
+		return 0, fmt.Errorf("the hub refused the reported properties with status %d: %s", r.status, e.Message)
 	}
 	return strconv.ParseInt(r.query.Get("$version"), 10, 64)
 }

@@ -413,10 +413,14 @@ func (d *DeviceEndpoint) Published(c *mqtt.Conn, p *mqtt.Publish) error {
 	case strings.HasPrefix(p.Topic, "$iothub/twin/PATCH/properties/reported/"):
 		rid := ridOf(p.Topic)
 		var patch map[string]any
-		if err := twindoc.Unmarshal(p.Payload, &patch); err != nil || patch == nil {
-			return d.reply(c, "$iothub/twin/res/400/?$rid="+rid, nil)
+		var err error
+		if err = twindoc.Unmarshal(p.Payload, &patch); err != nil || patch == nil {
+			err = azerr.BadRequest("the reported-properties patch must be a JSON object, such as {\"firmware\":\"1.2\"}")
 		}
-		v, err := d.hub.UpdateReported(ctx, s.ref, patch)
+		var v int64
+		if err == nil {
+			v, err = d.hub.UpdateReported(ctx, s.ref, patch)
+		}
 		if err != nil { // a patch IoT Hub refuses is the device's to fix, not to retry
 			e := azerr.As(err)
 			body, _ := json.Marshal(map[string]any{"errorCode": e.Code, "message": e.Message})
