@@ -110,11 +110,11 @@ func TestMQTTDeviceEndpoint(t *testing.T) {
 	if v, err := c.PatchReported(ctx, map[string]any{"firmware": "1.2"}); err != nil || v != 2 {
 		t.Fatalf("patch reported: %v %v", v, err)
 	}
-	// A patch the hub refuses is answered 400, which SDKs do not retry.
 	// A patch that is no JSON object is refused saying so.
 	if _, err := c.PatchReported(ctx, []int{1, 2}); err == nil || !strings.Contains(err.Error(), "must be a JSON object") {
 		t.Fatalf("a reported patch that is an array: %v", err)
 	}
+	// A patch the hub refuses is answered 400, which SDKs do not retry.
 	if _, err := c.PatchReported(ctx, map[string]any{"a.b": 1}); err == nil || !strings.Contains(err.Error(), "status 400") {
 		t.Fatalf("reported property name with a dot: %v", err)
 	}
