@@ -406,7 +406,10 @@ func (c *Client) PatchReported(ctx context.Context, patch any) (int64, error) {
 	return strconv.ParseInt(r.query.Get("$version"), 10, 64)
 }
 
-// OnDesired subscribes to desired-property patches.
+// OnDesired subscribes to desired-property patches. f runs on the
+// connection's read loop, in order: it must not block, nor wait for an
+// answer of the hub (PatchReported, GetTwin), which that loop reads —
+// hand such work to a goroutine.
 func (c *Client) OnDesired(ctx context.Context, f func(patch []byte)) error {
 	return c.subscribe(ctx, "$iothub/twin/PATCH/properties/desired/#", func(p *mqtt.Publish) { f(p.Payload) })
 }
@@ -423,7 +426,8 @@ func (c *Client) OnMethod(ctx context.Context, f func(name string, payload []byt
 	})
 }
 
-// OnC2D subscribes to cloud-to-device messages.
+// OnC2D subscribes to cloud-to-device messages. f runs on the
+// connection's read loop, as OnDesired's does, under the same rule.
 func (c *Client) OnC2D(ctx context.Context, f func(props url.Values, body []byte)) error {
 	prefix := "devices/" + c.opts.DeviceID + "/messages/devicebound/"
 	return c.subscribe(ctx, prefix+"#", func(p *mqtt.Publish) {
