@@ -207,14 +207,30 @@ func (r *registrationRecord) lastAssignment() *assignment {
 // AuthenticateDevice checks a device's credentials, as its requests will
 // be checked, without counting against its request allowance: for sessions
 // (MQTT) that authenticate once and then send requests.
+//
+// As in Azure, such sessions serve no TPM attestation (its challenge is an
+// HTTPS 401): a device of a TPM enrollment is refused saying so, before its
+// token, which no challenge could have keyed, hides the reason.
 func (s *Service) AuthenticateDevice(ctx context.Context, scope, regID string, cred Credentials) error {
 	regID, err := s.checkScope(scope, regID)
 	if err != nil {
 		return err
 	}
-	_, err = s.authenticate(ctx, scope, regID, cred)
+	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
+	if err != nil {
+		return err
+	}
+	if e != nil && e.Attestation.Type == AttestationTPM && cred.Authorization != "" {
+		err := azerr.Unauthorized("registration %q is not authorized: %s", regID, TPMOverMQTT)
+		err.Reason = TPMOverMQTT
+		return err
+	}
+	_, err = s.authenticateAs(ctx, scope, regID, e, cred)
 	return err
 }
+
+// TPMOverMQTT says why a TPM device's MQTT session cannot register.
+const TPMOverMQTT = "TPM attestation is not supported over MQTT: register over HTTPS"
 
 // DeviceRegistrationStatus answers a device asking for its registration record.
 func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID string, cred Credentials) (*RegistrationState, error) {
@@ -235,18 +251,6 @@ func (s *Service) DeviceRegistrationStatus(ctx context.Context, scope, regID str
 	}
 	r.ETag = etag
 	return r, nil
-}
-
-// TPMEnrolled reports whether regID's individual enrollment attests with a
-// TPM. Such a device registers over HTTPS: as in Azure, the MQTT API serves
-// no TPM attestation (its challenge is an HTTP 401 with a body).
-func (s *Service) TPMEnrolled(ctx context.Context, scope, regID string) (bool, error) {
-	regID, err := s.checkScope(scope, regID)
-	if err != nil {
-		return false, err
-	}
-	e, _, err := get[Enrollment](ctx, s.store, kindEnrollment, regID, nil)
-	return e != nil && e.Attestation.Type == AttestationTPM, err
 }
 
 // CarriesTPM reports whether a registration request's body carries tpm: the
@@ -285,6 +289,12 @@ func (s *Service) authenticate(ctx context.Context, scope, regID string, cred Cr
 	if err != nil {
 		return nil, err
 	}
+	return s.authenticateAs(ctx, scope, regID, e, cred)
+}
+
+// authenticateAs is authenticate with regID's individual enrollment read
+// (nil: none).
+func (s *Service) authenticateAs(ctx context.Context, scope, regID string, e *Enrollment, cred Credentials) (*attestation, error) {
 	if cred.Authorization == "" && len(cred.Certificates) > 0 {
 		return s.authenticateX509(ctx, regID, e, cred.Certificates)
 	}

@@ -48,7 +48,6 @@ const (
 	// dpsNoCredentialsGrace bounds how long a session without credentials
 	// stays open: long enough to be told why it cannot register.
 	dpsNoCredentialsGrace = 30 * time.Second
-	tpmOverMQTT           = "TPM attestation is not supported over MQTT: register over HTTPS"
 )
 
 // dpsEndpoint serves DPS registration sessions on the device endpoint.
@@ -141,20 +140,7 @@ func (d *DeviceEndpoint) authenticateDPS(c *mqtt.Conn, p *mqtt.Connect) byte {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	// Before authenticating: a TPM device's token fails for want of a
-	// challenge, which would hide the reason.
-	var tpm bool
-	var err error
-	if s.cred.Authorization != "" {
-		tpm, err = svc.TPMEnrolled(ctx, scope, regID)
-	}
-	if tpm {
-		return refuse(tpmOverMQTT)
-	}
-	if err == nil {
-		err = svc.AuthenticateDevice(ctx, scope, regID, s.cred)
-	}
-	if err != nil {
+	if err := svc.AuthenticateDevice(ctx, scope, regID, s.cred); err != nil {
 		code, logged := connackFor(err)
 		switch {
 		case code == mqtt.RefusedNotAuthorized:
@@ -206,8 +192,8 @@ func (d *DeviceEndpoint) publishedDPS(c *mqtt.Conn, s *dpsSession, p *mqtt.Publi
 		return nil
 	}
 	if s.unauthenticated() && register && dps.CarriesTPM(p.Payload) {
-		err := azerr.Unauthorized("registration %q is not authorized: %s", s.regID, tpmOverMQTT)
-		err.Reason = tpmOverMQTT // logged
+		err := azerr.Unauthorized("registration %q is not authorized: %s", s.regID, dps.TPMOverMQTT)
+		err.Reason = dps.TPMOverMQTT // logged
 		return d.replyDPSError(c, rid, err)
 	}
 	if s.unauthenticated() {
