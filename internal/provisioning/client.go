@@ -124,23 +124,33 @@ func (c *Client) RegisterTPM(ctx context.Context, t TPM, handle uint32) (*dpsapi
 	if err != nil {
 		return nil, fmt.Errorf("challenge authenticationKey is not base64: %w", err)
 	}
+	state, err := c.answerChallenge(ctx, t, handle, blob, tpmBody)
+	if err != nil {
+		return nil, challengeImported{err}
+	}
+	return state, nil
+}
+
+// answerChallenge imports the challenge at handle, registers with a token
+// signed by it, and imports the hub key the result carries there.
+func (c *Client) answerChallenge(ctx context.Context, t TPM, handle uint32, blob []byte, tpmBody map[string]string) (*dpsapi.RegistrationState, error) {
 	if err := t.ImportActivationBlob(blob, handle); err != nil {
-		return nil, challengeImported{fmt.Errorf("activating the provisioning service's challenge in the TPM: %w", err)}
+		return nil, fmt.Errorf("activating the provisioning service's challenge in the TPM: %w", err)
 	}
 	sign := func(data []byte) ([]byte, error) { return t.HMAC(handle, data) }
 	state, err := c.registerSigned(ctx, sign, tpmBody)
 	if err != nil {
-		return nil, challengeImported{err}
+		return nil, err
 	}
 	if state.TPM == nil || state.TPM.AuthenticationKey == "" {
-		return nil, challengeImported{errors.New("the registration result carries no tpm.authenticationKey for the hub key")}
+		return nil, errors.New("the registration result carries no tpm.authenticationKey for the hub key")
 	}
 	hubBlob, err := base64.StdEncoding.DecodeString(state.TPM.AuthenticationKey)
 	if err != nil {
-		return nil, challengeImported{fmt.Errorf("result authenticationKey is not base64: %w", err)}
+		return nil, fmt.Errorf("result authenticationKey is not base64: %w", err)
 	}
 	if err := t.ImportActivationBlob(hubBlob, handle); err != nil {
-		return nil, challengeImported{fmt.Errorf("importing the hub key into the TPM: %w", err)}
+		return nil, fmt.Errorf("importing the hub key into the TPM: %w", err)
 	}
 	return state, nil
 }
