@@ -264,7 +264,7 @@ func replaceDoc[T any](ctx context.Context, st store.Store, kind, id string, w w
 			d, err = st.Put(ctx, doc, etag)
 		}
 		raced := etag != w.ifMatch || (w.upsert && etag == "")
-		if raced && attempt < 10 && (errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrNotFound)) {
+		if raced && attempt < 10 && store.Raced(err) {
 			continue
 		}
 		return d, v, err
@@ -428,7 +428,7 @@ func (s *Service) DeleteRegistration(ctx context.Context, id, ifMatch string) er
 			return storeErr(store.ErrPrecondition, "registration "+id)
 		}
 		err = s.store.Delete(ctx, kindRegistration, id, etag)
-		if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+		if store.Raced(err) {
 			if attempt == 20 { // (a stale If-Match is answered above)
 				return azerr.New(409203, "Conflict", "registration %s kept changing while it was being deleted (its device is registering): try again", id)
 			}

@@ -204,8 +204,7 @@ func upsert[T any](ctx context.Context, st store.Store, kind, id string, read *c
 		} else {
 			d, err = st.Put(ctx, doc, read.etag)
 		}
-		raced := errors.Is(err, store.ErrExists) || errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
-		if !raced || attempt == 20 || ctx.Err() != nil {
+		if !store.Raced(err) || attempt == 20 || ctx.Err() != nil {
 			return d.ETag, err
 		}
 		read = nil

@@ -475,7 +475,7 @@ func (s *Service) SettleC2D(ctx context.Context, device, token string, abandon b
 		return nil
 	}
 	if err := s.store.Delete(ctx, kindC2D, m.ID, etag); err != nil {
-		if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+		if store.Raced(err) {
 			return lost
 		}
 		return err
@@ -507,7 +507,7 @@ func (s *Service) loadC2D(ctx context.Context, id string) (*C2DMessage, string, 
 func (s *Service) writeC2D(ctx context.Context, m *C2DMessage, etag string) error {
 	body, _ := json.Marshal(m)
 	_, err := s.store.Put(ctx, store.Doc{Kind: kindC2D, ID: m.ID, Body: body}, etag)
-	if errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound) {
+	if store.Raced(err) {
 		return errC2DTaken
 	}
 	return err

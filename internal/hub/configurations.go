@@ -308,7 +308,7 @@ func (s *Service) storeConfiguration(ctx context.Context, id, ifMatch string, c 
 		} else {
 			_, err = s.store.Put(ctx, doc, etag)
 		}
-		if !raced(err) && !errors.Is(err, store.ErrExists) {
+		if !store.Raced(err) {
 			return err
 		}
 	}
@@ -405,7 +405,7 @@ func (s *Service) DeleteConfiguration(ctx context.Context, id, ifMatch string) e
 			return azerr.PreconditionFailed("configuration %q was changed since etag %s: read it again", id, ifMatch)
 		}
 		err = s.store.Delete(ctx, kindConfiguration, id, etag)
-		if raced(err) {
+		if store.Raced(err) {
 			continue
 		}
 		if err != nil {

@@ -89,12 +89,6 @@ func (s *Service) update(ctx context.Context, r Ref, change func(*record) error)
 	return modify(ctx, s.store, r.kind(), r.id(), r.String(), func() (*record, string, error) { return s.load(ctx, r) }, change)
 }
 
-// raced reports whether a write on an etag lost to another writer, which
-// changed or deleted the document after it was read.
-func raced(err error) bool {
-	return errors.Is(err, store.ErrPrecondition) || errors.Is(err, store.ErrNotFound)
-}
-
 // errUnchanged from a change given to modify leaves the document as read.
 var errUnchanged = errors.New("unchanged")
 
@@ -116,7 +110,7 @@ func modify[T any](ctx context.Context, st store.Store, kind, id, what string, l
 		}
 		body, _ := json.Marshal(v)
 		_, err = st.Put(ctx, store.Doc{Kind: kind, ID: id, Body: body}, etag)
-		if raced(err) {
+		if store.Raced(err) {
 			continue // read again: what load says now (404, say) is the answer
 		}
 		return v, err
@@ -385,7 +379,7 @@ func (s *Service) DeleteIdentity(ctx context.Context, r Ref, ifMatch string) err
 		} else {
 			gone, err = s.store.DeleteTree(ctx, kindDevice, r.Device, etag, kindModule, kindC2D)
 		}
-		if raced(err) {
+		if store.Raced(err) {
 			continue // deleted meanwhile, load says 404
 		}
 		if err != nil {

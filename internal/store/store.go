@@ -21,6 +21,13 @@ var (
 	ErrPrecondition = errors.New("etag does not match")
 )
 
+// Raced reports whether a conditional write lost to another writer, which
+// changed, deleted or created the document after it was read: reading it
+// again tells what to do.
+func Raced(err error) bool {
+	return errors.Is(err, ErrPrecondition) || errors.Is(err, ErrNotFound) || errors.Is(err, ErrExists)
+}
+
 // Doc is one stored document.
 type Doc struct {
 	Kind    string
